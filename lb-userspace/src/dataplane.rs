@@ -1,0 +1,356 @@
+//! The only module that touches aya: loading and attaching the XDP program, pinning, and typed
+//! handles on its maps.
+
+use std::{
+    fs,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::{Path, PathBuf},
+    ptr,
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, ArrayOfMaps, DevMapHash, HashMap, Map, MapData, PerCpuArray},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+    },
+};
+use lb_common::{
+    BALANCER_PROGRAM, Backend, Counters, FlowKey, FlowValue, MAGLEV_INNER_FLAGS, VipInfo, VipKey,
+    map_names,
+};
+
+use crate::net::Interface;
+
+/// The XDP object, built by build.rs for the BPF target and embedded in the binary.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// Where sluice pins its state unless told otherwise.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/sluice";
+/// The program that only passes packets (labs attach it on the peer of a veth).
+pub const PASS_PROGRAM: &str = "sluice_pass";
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The bpffs layout of one attachment: `<root>/<iface>/{link, maps/<NAME>}`.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    dir: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: &Path, iface: &str) -> Self {
+        Self {
+            dir: root.join(iface),
+        }
+    }
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn maps_dir(&self) -> PathBuf {
+        self.dir.join("maps")
+    }
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+    pub fn link(&self) -> PathBuf {
+        self.dir.join("link")
+    }
+    /// True when a persistent attachment (`sluice attach`) lives here.
+    pub fn has_link(&self) -> bool {
+        self.link().exists()
+    }
+    pub fn has_maps(&self) -> bool {
+        self.map(map_names::VIPS).exists()
+    }
+
+    /// Checks that the root is on a bpffs and creates the directories.
+    pub fn prepare(&self) -> anyhow::Result<()> {
+        let root = self.dir.parent().unwrap_or(&self.dir);
+        let probe = if root.exists() {
+            root
+        } else {
+            root.parent().unwrap_or(root)
+        };
+        if !is_bpffs(probe) {
+            bail!(
+                "{} is not on a BPF filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf` \
+                 (or pass --pin-dir DIR on a bpffs)",
+                probe.display()
+            );
+        }
+        fs::create_dir_all(self.maps_dir())
+            .with_context(|| format!("creating {}", self.maps_dir().display()))
+    }
+
+    /// Removes the map pins and the directories (the link pin must already be gone).
+    pub fn remove(&self) -> anyhow::Result<()> {
+        for name in map_names::ALL {
+            let path = self.map(name);
+            if path.exists() {
+                fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+            }
+        }
+        for dir in [self.maps_dir(), self.dir.clone()] {
+            if dir.exists() {
+                fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs fills the zeroed struct; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c_path.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+/// Loads the object (maps created, or reused from `pins`; programs verified, not attached).
+pub fn load(pins: Option<&PinLayout>, flow_table_size: u32) -> anyhow::Result<Ebpf> {
+    let paths: Vec<(&str, PathBuf)> = match pins {
+        Some(p) => map_names::ALL.iter().map(|n| (*n, p.map(n))).collect(),
+        None => Vec::new(),
+    };
+    let mut loader = EbpfLoader::new();
+    loader.map_max_entries(map_names::FLOWS, flow_table_size);
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(OBJECT).map_err(|e| {
+        if e.to_string().contains("Operation not permitted") {
+            anyhow!("loading the XDP program: permission denied: sluice needs root (CAP_BPF, CAP_NET_ADMIN); run it with sudo")
+        } else {
+            anyhow!("loading the XDP program: {e}")
+        }
+    })?;
+    for name in [BALANCER_PROGRAM, PASS_PROGRAM] {
+        xdp_program(&mut ebpf, name)?
+            .load()
+            .map_err(|e| anyhow!("verifying {name}: {}", program_error(&e)))?;
+    }
+    Ok(ebpf)
+}
+
+pub fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Xdp> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+        .try_into()
+        .map_err(|e| anyhow!("program {name} is not XDP: {e}"))
+}
+
+fn program_error(e: &ProgramError) -> String {
+    match e {
+        ProgramError::LoadError { io_error, verifier_log } => {
+            format!("{io_error}\n{verifier_log}")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Attaches `program` to `iface` and returns the link (detached when dropped unless pinned).
+pub fn attach(
+    ebpf: &mut Ebpf,
+    program: &str,
+    iface: &Interface,
+    generic: bool,
+) -> anyhow::Result<FdLink> {
+    let prog = xdp_program(ebpf, program)?;
+    let mode = if generic {
+        XdpMode::Skb
+    } else {
+        XdpMode::Driver
+    };
+    let id = prog.attach(iface.index, mode).map_err(|e| {
+        let detail = e.to_string();
+        if detail.contains("Device or resource busy") || detail.contains("EBUSY") {
+            anyhow!(
+                "interface {} already has an XDP program (see `ip link show {}`): detach it first (`sluice detach --iface {}` if it is sluice's)",
+                iface.name, iface.name, iface.name
+            )
+        } else if !generic && (detail.contains("not supported") || detail.contains("Invalid argument")) {
+            anyhow!(
+                "native XDP is not available on {}: {detail}; rerun with --generic to use the slower generic (skb) mode",
+                iface.name
+            )
+        } else {
+            anyhow!("attaching XDP to {}: {detail}", iface.name)
+        }
+    })?;
+    let link = prog
+        .take_link(id)
+        .map_err(|e| anyhow!("taking the XDP link of {}: {e}", iface.name))?;
+    FdLink::try_from(link).map_err(|e| {
+        anyhow!("the kernel attached {} without a BPF link ({e}); sluice needs kernel >= 5.9", iface.name)
+    })
+}
+
+/// Detaches a pinned attachment and removes its pins.
+pub fn detach_pinned(pins: &PinLayout) -> anyhow::Result<()> {
+    if !pins.has_link() && !pins.has_maps() {
+        bail!(
+            "nothing attached: no sluice state in {} (see `ls {}`)",
+            pins.dir().display(),
+            pins.dir().parent().unwrap_or(pins.dir()).display()
+        );
+    }
+    if pins.has_link() {
+        let link = PinnedLink::from_pin(pins.link())
+            .map_err(|e| anyhow!("opening the pinned link {}: {e}", pins.link().display()))?;
+        // Unpinning drops the last reference: the kernel detaches the program.
+        drop(link.unpin().context("unpinning the XDP link")?);
+    }
+    pins.remove()
+}
+
+/// Typed handles on every map, from a freshly loaded object or from pins.
+pub struct Maps {
+    pub vips: HashMap<MapData, VipKey, VipInfo>,
+    pub maglev: ArrayOfMaps<MapData>,
+    pub backends: Array<MapData, Backend>,
+    pub flows: HashMap<MapData, FlowKey, FlowValue>,
+    pub tx_ports: DevMapHash<MapData>,
+    pub vip_stats: PerCpuArray<MapData, Counters>,
+    pub backend_stats: PerCpuArray<MapData, Counters>,
+    pub global_stats: PerCpuArray<MapData, u64>,
+}
+
+impl Maps {
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        Self::open(|name| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the object"))
+        })
+    }
+
+    pub fn from_pins(pins: &PinLayout) -> anyhow::Result<Self> {
+        if !pins.has_maps() {
+            bail!(
+                "no sluice maps pinned in {}: is sluice attached there? (`sluice attach` or `sluice run`, and the same --pin-dir)",
+                pins.maps_dir().display()
+            );
+        }
+        Self::open(|name| {
+            let path = pins.map(name);
+            let data = MapData::from_pin(&path)
+                .map_err(|e| anyhow!("opening {}: {e}", path.display()))?;
+            Map::from_map_data(data).map_err(|e| anyhow!("map {name}: {e}"))
+        })
+    }
+
+    fn open(mut take: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
+        macro_rules! typed {
+            ($name:expr) => {
+                take($name)?
+                    .try_into()
+                    .map_err(|e| anyhow!("map {} has an unexpected layout: {e}", $name))?
+            };
+        }
+        Ok(Self {
+            vips: typed!(map_names::VIPS),
+            maglev: typed!(map_names::MAGLEV),
+            backends: typed!(map_names::BACKENDS),
+            flows: typed!(map_names::FLOWS),
+            tx_ports: typed!(map_names::TX_PORTS),
+            vip_stats: typed!(map_names::VIP_STATS),
+            backend_stats: typed!(map_names::BACKEND_STATS),
+            global_stats: typed!(map_names::GLOBAL_STATS),
+        })
+    }
+
+    /// Reads a VIP's Maglev table (slot -> backend id).
+    pub fn maglev_table(&self, vip_id: u32, size: u32) -> anyhow::Result<Vec<u32>> {
+        let inner: MapData = self
+            .maglev
+            .get(&vip_id, 0)
+            .map_err(|e| anyhow!("reading the Maglev table of VIP #{vip_id}: {e}"))?;
+        let mapping = MaglevMapping::new(&inner, size, libc::PROT_READ)?;
+        Ok(mapping.read())
+    }
+}
+
+/// Creates a Maglev table holding `slots` (written through mmap in one copy) and swaps it into
+/// the VIP's outer slot: the one atomic step packets can observe.
+pub fn install_maglev_table(maps: &mut Maps, vip_id: u32, slots: &[u32]) -> anyhow::Result<()> {
+    let size = u32::try_from(slots.len()).context("Maglev table too large")?;
+    let obj = aya_obj::Map::new_from_params(
+        aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
+        4,
+        4,
+        size,
+        MAGLEV_INNER_FLAGS,
+    );
+    let inner = MapData::create(obj, "sluice_maglev", None)
+        .map_err(|e| anyhow!("creating a Maglev table of {size} slots: {e}"))?;
+    {
+        let mut mapping = MaglevMapping::new(&inner, size, libc::PROT_READ | libc::PROT_WRITE)?;
+        mapping.write(slots);
+    }
+    maps.maglev
+        .set(vip_id, &inner, 0)
+        .map_err(|e| anyhow!("swapping in the Maglev table of VIP #{vip_id}: {e}"))
+}
+
+/// An mmap of an array map's values (`BPF_F_MMAPABLE`). The kernel lays array elements out
+/// with a stride of the value size rounded up to 8 bytes: slot i of a u32 table is at 8 * i.
+struct MaglevMapping {
+    addr: *mut libc::c_void,
+    len: usize,
+    slots: usize,
+}
+
+const ARRAY_STRIDE: usize = 8;
+
+impl MaglevMapping {
+    fn new(map: &MapData, slots: u32, prot: libc::c_int) -> anyhow::Result<Self> {
+        let slots = slots as usize;
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let len = (slots * ARRAY_STRIDE).div_ceil(page) * page;
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: a fresh shared mapping of the map's value area, of the map's rounded size.
+        let addr = unsafe { libc::mmap(ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
+        if addr == libc::MAP_FAILED {
+            bail!("mmap of a Maglev table: {}", std::io::Error::last_os_error());
+        }
+        Ok(Self { addr, len, slots })
+    }
+
+    fn elements(&self) -> &[u64] {
+        // SAFETY: the mapping holds `slots` 8-byte elements and lives as long as self.
+        unsafe { std::slice::from_raw_parts(self.addr as *const u64, self.slots) }
+    }
+
+    fn read(&self) -> Vec<u32> {
+        // The u32 value sits in the first four bytes of each element.
+        self.elements()
+            .iter()
+            .map(|e| u32::from_ne_bytes(e.to_ne_bytes()[..4].try_into().unwrap_or_default()))
+            .collect()
+    }
+
+    fn write(&mut self, slots: &[u32]) {
+        // SAFETY: as above, mapped writable by `new` when called with PROT_WRITE.
+        let elements =
+            unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u64, self.slots) };
+        for (element, slot) in elements.iter_mut().zip(slots) {
+            let mut bytes = [0u8; 8];
+            bytes[..4].copy_from_slice(&slot.to_ne_bytes());
+            *element = u64::from_ne_bytes(bytes);
+        }
+    }
+}
+
+impl Drop for MaglevMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
+}

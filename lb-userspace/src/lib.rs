@@ -1,0 +1,10 @@
+//! sluice's control plane. Data flows one way:
+//! config / Kubernetes -> `model` (desired state) -> `reconcile` -> `dataplane` (BPF maps) -> XDP.
+//! Only `dataplane` touches aya.
+
+pub mod config;
+pub mod maglev;
+pub mod model;
+pub mod dataplane;
+pub mod net;
+pub mod reconcile;

@@ -1,0 +1,420 @@
+//! The desired state of the load balancer: what every source (the static config, Kubernetes)
+//! produces and what `reconcile` consumes. Plain data, validated by whoever builds it, so that
+//! nothing downstream re-checks addresses or ranges.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use lb_common::{DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, IPPROTO_TCP, IPPROTO_UDP};
+use serde::{Serialize, Serializer};
+
+/// A string that is not a valid [`Protocol`], [`MacAddr`] or [`VipAddr`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParseError {
+    what: &'static str,
+    input: String,
+    expected: &'static str,
+}
+
+impl ParseError {
+    fn new(what: &'static str, input: &str, expected: &'static str) -> Self {
+        Self {
+            what,
+            input: input.to_owned(),
+            expected,
+        }
+    }
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid {} {:?}: expected {}",
+            self.what, self.input, self.expected
+        )
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+/// L4 protocol of a VIP. Ordered as their IP protocol numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// IP protocol number, as in the IPv4 header and `VipKey::proto`.
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => IPPROTO_TCP,
+            Self::Udp => IPPROTO_UDP,
+        }
+    }
+
+    const fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("tcp") {
+            Ok(Self::Tcp)
+        } else if s.eq_ignore_ascii_case("udp") {
+            Ok(Self::Udp)
+        } else {
+            Err(ParseError::new("protocol", s, "tcp or udp"))
+        }
+    }
+}
+
+/// An Ethernet address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// Group (multicast or broadcast) address: the I/G bit, the first bit on the wire, is set.
+    pub const fn is_multicast(self) -> bool {
+        self.0[0] & 0x01 != 0
+    }
+
+    pub fn is_zero(self) -> bool {
+        self.0 == [0; 6]
+    }
+
+    /// An address one station can own, so a valid destination for a forwarded frame.
+    pub fn is_unicast(self) -> bool {
+        !self.is_multicast() && !self.is_zero()
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = ParseError;
+
+    /// Six two-digit hex bytes separated by `:` or `-` (not mixed), in either case.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let invalid = || ParseError::new("MAC address", s, "six hex bytes like 02:00:00:00:00:01");
+        let separator = if s.contains('-') { '-' } else { ':' };
+        let mut mac = [0u8; 6];
+        let mut parts = s.split(separator);
+        for byte in &mut mac {
+            let part = parts.next().ok_or_else(invalid)?;
+            // from_str_radix alone would take "+f" or "f": insist on exactly two hex digits.
+            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid());
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| invalid())?;
+        }
+        if parts.next().is_some() {
+            return Err(invalid());
+        }
+        Ok(Self(mac))
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// What a client connects to: one VIP of the load balancer. Ordered by address, port, protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct VipAddr {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for VipAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol)
+    }
+}
+
+impl FromStr for VipAddr {
+    type Err = ParseError;
+
+    /// `ADDRESS:PORT[/PROTOCOL]`, as displayed; the protocol defaults to tcp like in the config.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let invalid = || {
+            ParseError::new(
+                "VIP",
+                s,
+                "ADDRESS:PORT[/tcp|udp] with a port from 1 to 65535, like 10.0.0.10:80/tcp",
+            )
+        };
+        let (endpoint, protocol) = match s.split_once('/') {
+            Some((endpoint, protocol)) => (endpoint, protocol.parse().map_err(|_| invalid())?),
+            None => (s, Protocol::Tcp),
+        };
+        let (addr, port) = endpoint.split_once(':').ok_or_else(invalid)?;
+        let addr = addr.parse().map_err(|_| invalid())?;
+        let port = port
+            .parse()
+            .ok()
+            .filter(|&port| port != 0)
+            .ok_or_else(invalid)?;
+        Ok(Self {
+            addr,
+            port,
+            protocol,
+        })
+    }
+}
+
+/// One real server behind a VIP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Backend {
+    pub addr: Ipv4Addr,
+    /// Next-hop MAC; `None` means resolve it from the kernel's neighbour table.
+    pub mac: Option<MacAddr>,
+    /// Relative share of new flows; 0 takes none.
+    pub weight: u32,
+    /// Keeps serving its established flows but takes no new ones.
+    pub drain: bool,
+}
+
+impl Backend {
+    /// Whether the backend gets Maglev slots. One that doesn't still serves the flows already
+    /// pinned to it in the connection table.
+    pub fn takes_new_flows(&self) -> bool {
+        !self.drain && self.weight > 0
+    }
+}
+
+/// A VIP and the backends that serve it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Vip {
+    pub key: VipAddr,
+    /// Sorted by address, one entry per address. May be empty: the VIP's traffic is then
+    /// dropped and counted rather than passed to the host.
+    pub backends: Vec<Backend>,
+}
+
+/// Table sizes: changing one rebuilds the table, so they are global, not per VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Settings {
+    /// Slots of every VIP's Maglev table (prime).
+    pub maglev_table_size: u32,
+    /// Entries of the connection table.
+    pub flow_table_size: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            maglev_table_size: DEFAULT_MAGLEV_SIZE,
+            flow_table_size: DEFAULT_FLOW_TABLE_SIZE,
+        }
+    }
+}
+
+/// Everything the load balancer should be doing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Desired {
+    pub settings: Settings,
+    /// Sorted by key, one entry per key.
+    pub vips: Vec<Vip>,
+}
+
+impl Desired {
+    pub fn vip(&self, key: &VipAddr) -> Option<&Vip> {
+        self.vips
+            .binary_search_by(|vip| vip.key.cmp(key))
+            .ok()
+            .map(|i| &self.vips[i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_parses_any_case_and_displays_lowercase() {
+        assert_eq!("TCP".parse(), Ok(Protocol::Tcp));
+        assert_eq!("Udp".parse(), Ok(Protocol::Udp));
+        assert_eq!(Protocol::Udp.to_string(), "udp");
+        assert_eq!(Protocol::Tcp.number(), 6);
+        assert_eq!(Protocol::Udp.number(), 17);
+        let err = "sctp".parse::<Protocol>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"invalid protocol "sctp": expected tcp or udp"#
+        );
+    }
+
+    #[test]
+    fn mac_round_trips_and_accepts_dashes() {
+        let mac: MacAddr = "02:00:00:00:01:0A".parse().unwrap();
+        assert_eq!(mac, MacAddr([2, 0, 0, 0, 1, 10]));
+        assert_eq!(mac.to_string(), "02:00:00:00:01:0a");
+        assert_eq!("02-00-00-00-01-0a".parse(), Ok(mac));
+    }
+
+    #[test]
+    fn mac_rejects_malformed_input() {
+        for bad in [
+            "",
+            "zz:00",
+            "02:00:00:00:01",
+            "02:00:00:00:01:02:03",
+            "2:00:00:00:01:02",
+            "002:00:00:00:01:02",
+            "02:00:00:00:01:+2",
+            "02-00:00:00:01:02",
+            "02:00:00:00:01:02:",
+        ] {
+            let err = bad.parse::<MacAddr>().unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("expected six hex bytes like 02:00:00:00:00:01")
+            );
+        }
+    }
+
+    #[test]
+    fn mac_classes() {
+        assert!(MacAddr([2, 0, 0, 0, 0, 1]).is_unicast());
+        assert!(MacAddr([1, 0, 0x5e, 0, 0, 1]).is_multicast());
+        assert!(MacAddr([0xff; 6]).is_multicast());
+        assert!(MacAddr([0; 6]).is_zero());
+        assert!(!MacAddr([0; 6]).is_unicast());
+    }
+
+    #[test]
+    fn vip_addr_round_trips_and_defaults_to_tcp() {
+        let vip: VipAddr = "10.0.0.10:80/udp".parse().unwrap();
+        let expected = VipAddr {
+            addr: Ipv4Addr::new(10, 0, 0, 10),
+            port: 80,
+            protocol: Protocol::Udp,
+        };
+        assert_eq!(vip, expected);
+        assert_eq!(vip.to_string(), "10.0.0.10:80/udp");
+        let tcp: VipAddr = "10.0.0.10:80".parse().unwrap();
+        assert_eq!(tcp.protocol, Protocol::Tcp);
+        for bad in [
+            "10.0.0.10",
+            "10.0.0.10:0",
+            "10.0.0.10:65536",
+            "10.0.0.10:80/icmp",
+            "x:80",
+            ":80/tcp",
+        ] {
+            assert!(bad.parse::<VipAddr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn vip_addr_orders_by_addr_then_port_then_protocol() {
+        let key = |s: &str| s.parse::<VipAddr>().unwrap();
+        let mut keys = [
+            key("10.0.0.2:53/tcp"),
+            key("10.0.0.1:80/udp"),
+            key("10.0.0.1:80/tcp"),
+            key("10.0.0.1:443"),
+        ];
+        keys.sort();
+        let shown: Vec<String> = keys.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "10.0.0.1:80/tcp",
+                "10.0.0.1:80/udp",
+                "10.0.0.1:443/tcp",
+                "10.0.0.2:53/tcp"
+            ]
+        );
+    }
+
+    #[test]
+    fn takes_new_flows_needs_weight_and_no_drain() {
+        let backend = Backend {
+            addr: Ipv4Addr::new(10, 0, 1, 1),
+            mac: None,
+            weight: 1,
+            drain: false,
+        };
+        assert!(backend.takes_new_flows());
+        assert!(
+            !Backend {
+                weight: 0,
+                ..backend.clone()
+            }
+            .takes_new_flows()
+        );
+        assert!(
+            !Backend {
+                drain: true,
+                ..backend
+            }
+            .takes_new_flows()
+        );
+    }
+
+    #[test]
+    fn serializes_to_readable_json() {
+        let desired = Desired {
+            settings: Settings::default(),
+            vips: vec![Vip {
+                key: "10.0.0.10:80/tcp".parse().unwrap(),
+                backends: vec![Backend {
+                    addr: Ipv4Addr::new(10, 0, 1, 2),
+                    mac: Some(MacAddr([2, 0, 0, 0, 1, 2])),
+                    weight: 3,
+                    drain: false,
+                }],
+            }],
+        };
+        let json = serde_json::to_value(&desired).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "settings": {"maglev_table_size": 65537, "flow_table_size": 1048576},
+                "vips": [{
+                    "key": {"addr": "10.0.0.10", "port": 80, "protocol": "tcp"},
+                    "backends": [{"addr": "10.0.1.2", "mac": "02:00:00:00:01:02", "weight": 3, "drain": false}],
+                }],
+            })
+        );
+    }
+
+    #[test]
+    fn desired_finds_vips_by_key() {
+        let vip = |s: &str| Vip {
+            key: s.parse().unwrap(),
+            backends: Vec::new(),
+        };
+        let desired = Desired {
+            settings: Settings::default(),
+            vips: vec![vip("10.0.0.1:80"), vip("10.0.0.2:80")],
+        };
+        assert!(desired.vip(&"10.0.0.2:80/tcp".parse().unwrap()).is_some());
+        assert!(desired.vip(&"10.0.0.2:80/udp".parse().unwrap()).is_none());
+    }
+}

