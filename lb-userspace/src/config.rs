@@ -52,16 +52,19 @@ const TOP_KEYS: &[&str] = &["maglev_table_size", "flow_table_size", "vips"];
 const VIP_KEYS: &[&str] = &["address", "port", "protocol", "backends"];
 const BACKEND_KEYS: &[&str] = &["address", "mac", "weight", "drain"];
 
-const SYNTAX_HINT: &str = "check the indentation (spaces only, each child indented under its key) and the `key: value` and `- item` forms";
+const SYNTAX_HINT: &str = "check the indentation (spaces only, each child indented under its \
+     key) and the `key: value` and `- item` forms";
 const PORT_HINT: &str = "use a port from 1 to 65535";
 const WEIGHT_HINT: &str =
-    "use 0 to 10000, a share relative to the other backends (0 takes no new flows)";
-const FLOW_TABLE_HINT: &str = "use 1024 to 67108864 entries, about the number of concurrent flows";
+    "a weight is a share relative to the other backends; 0 takes no new flows";
+const FLOW_TABLE_HINT: &str = "size it to about the number of concurrent flows";
 const MAC_HINT: &str = "or leave out mac to resolve it from the kernel's neighbour table";
+const UNICAST_MAC_HINT: &str =
+    "use the backend's own MAC, or leave out mac to resolve it from the kernel's neighbour table";
 
 /// A config that cannot be used, and where it goes wrong. Displays as one line:
-/// `{origin}:{line}: {field}: {problem}; {what to do}` (line and field are left out when there
-/// is none, as for an unreadable file or a YAML syntax error).
+/// `{origin}:{line}: {field}: {problem}; {what to do}`. An unreadable file has no line and a
+/// YAML syntax error no field; those parts are then left out.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigError {
     origin: String,
@@ -271,32 +274,36 @@ impl Checker<'_> {
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']))
         };
         let mut content_seen = false;
+        // Line of the `...` that closed the document.
         let mut ended_on = None;
-        for (index, line) in text.lines().enumerate() {
-            let trimmed = line.trim();
-            let is_content = !trimmed.is_empty() && !trimmed.starts_with('#');
-            let second = if is_marker(line, "---") {
-                let inline_content = line[3..].trim_start();
-                let second = content_seen || ended_on.is_some();
-                content_seen |= !inline_content.is_empty() && !inline_content.starts_with('#');
-                second
+        for (number, line) in (1..).zip(text.lines()) {
+            let (starts_document, rest) = if is_marker(line, "---") {
+                (true, line[3..].trim_start())
             } else if is_marker(line, "...") {
-                ended_on = ended_on.or(content_seen.then_some(index + 1));
-                false
-            } else if is_content && !(line.starts_with('%') && !content_seen) {
-                content_seen = true;
-                ended_on.is_some()
+                if content_seen {
+                    ended_on.get_or_insert(number);
+                }
+                continue;
+            } else if line.starts_with('%') && !content_seen {
+                continue; // A directive, like `%YAML 1.2`.
             } else {
-                false
+                (false, line.trim_start())
             };
-            if second {
-                return Err(self.error(
-                    Some(index + 1),
-                    "",
-                    format!("a second YAML document starts here{}", line_note(ended_on)),
-                    "keep the whole config in one document: remove the `---` or `...` separator",
-                ));
-            }
+            let has_content = !rest.is_empty() && !rest.starts_with('#');
+            let problem = if starts_document && (content_seen || ended_on.is_some()) {
+                "a second YAML document starts here".to_owned()
+            } else if let Some(end) = ended_on.filter(|_| has_content) {
+                format!("content after the end of the document (`...` on line {end})")
+            } else {
+                content_seen |= has_content;
+                continue;
+            };
+            return Err(self.error(
+                Some(number),
+                "",
+                problem,
+                "keep the whole config in one YAML document: remove the `---` or `...` separator",
+            ));
         }
         Ok(())
     }
@@ -355,11 +362,14 @@ impl Checker<'_> {
 
     fn desired(&self, root: &Node) -> Result<Desired> {
         // A key missing from an empty file is missing from its first line.
-        let line = node_line(root).filter(|_| root.as_mapping().is_some_and(|top| !top.is_empty()));
+        let line = match root.as_mapping() {
+            Some(top) if !top.is_empty() => node_line(root),
+            _ => Some(1),
+        };
         let root = Field {
             node: root,
             path: String::new(),
-            line: line.or(Some(1)),
+            line,
         };
         let top = self.fields(&root, TOP_KEYS)?;
         let settings = Settings {
@@ -421,14 +431,15 @@ impl Checker<'_> {
         };
         let key = VipAddr {
             addr,
-            port: port as u16,
+            port: port as u16, // In 1..=65535.
             protocol,
         };
 
         let backends_field = self.require(
             &fields,
             "backends",
-            "add `backends:` with one `- address: ...` entry per backend (`backends: []` drops the VIP's traffic)",
+            "add `backends:` with one `- address: ...` entry per backend \
+             (`backends: []` drops the VIP's traffic)",
         )?;
         let items = self.list(
             &backends_field,
@@ -444,7 +455,8 @@ impl Checker<'_> {
                 return Err(self.error_at(
                     item,
                     format!("more than {MAX_BACKENDS} backends over all VIPs"),
-                    "that is the size of the backend table; spread the VIPs over several load balancers",
+                    "that is the size of the backend table; spread the VIPs over several \
+                     load balancers",
                 ));
             }
             self.unique(
@@ -459,7 +471,8 @@ impl Checker<'_> {
                     return Err(self.error_at(
                         item,
                         format!(
-                            "{taking_new_flows} backends take new flows but maglev_table_size is only {}",
+                            "{taking_new_flows} backends take new flows but maglev_table_size \
+                             is only {}",
                             settings.maglev_table_size
                         ),
                         "raise maglev_table_size to a prime over 100 times the number of backends",
@@ -488,9 +501,10 @@ impl Checker<'_> {
             None => DEFAULT_WEIGHT,
         };
         let drain = match fields.get("drain") {
-            Some(field) => {
-                self.boolean(&field, "true keeps established flows and takes no new ones")?
-            }
+            Some(field) => self.boolean(
+                &field,
+                "write true (keep established flows, take no new ones) or false",
+            )?,
             None => false,
         };
         Ok(Backend {
@@ -658,11 +672,15 @@ impl Checker<'_> {
             return Err(self.error_at(
                 field,
                 format!("{mac} is a multicast address"),
-                "use the backend's own (unicast) MAC, or leave out mac to resolve it",
+                UNICAST_MAC_HINT,
             ));
         }
         if mac.is_zero() {
-            return Err(self.error_at(field, "00:00:00:00:00:00 is not an address", MAC_HINT));
+            return Err(self.error_at(
+                field,
+                "00:00:00:00:00:00 is not a station's address",
+                UNICAST_MAC_HINT,
+            ));
         }
         Ok(mac)
     }
@@ -671,7 +689,7 @@ impl Checker<'_> {
         let size = self.number(
             field,
             MIN_MAGLEV_SIZE..=MAX_MAGLEV_SIZE,
-            "use a prime from 7 to 1000003, such as 65537",
+            &format!("use a prime such as {DEFAULT_MAGLEV_SIZE}"),
         )?;
         if is_prime(size) {
             return Ok(size);
@@ -683,7 +701,10 @@ impl Checker<'_> {
         Err(self.error_at(
             field,
             format!("{size} is not prime"),
-            format!("use a prime such as {next}: Maglev needs one so that every backend can reach every slot"),
+            format!(
+                "use a prime such as {next} (Maglev needs one so that every backend can reach \
+                 every slot)"
+            ),
         ))
     }
 }
@@ -895,7 +916,8 @@ mod tests {
             "",
             "second YAML document",
         );
-        assert_error(&["vips: []", "...", "vips: []"], 3, "", "(line 2)");
+        assert_error(&["vips: []", "...", "vips: []"], 3, "", "(`...` on line 2)");
+        assert_error(&["vips: []", "--- # again"], 2, "", "second YAML document");
         assert!(parse(&yaml(&["%YAML 1.2", "---", "vips: []", "..."]), "x").is_ok());
     }
 
@@ -1122,7 +1144,7 @@ mod tests {
             &with(5, &["        mac: 00:00:00:00:00:00"]),
             6,
             "vips[0].backends[0].mac",
-            "not an address",
+            "not a station's address",
         );
     }
 

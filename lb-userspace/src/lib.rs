@@ -8,3 +8,4 @@ pub mod model;
 pub mod dataplane;
 pub mod net;
 pub mod reconcile;
+pub mod inspect;

@@ -4,8 +4,9 @@
 //! Every backend walks its own permutation of the slots, `offset, offset + skip, ...` modulo
 //! the table size, and in its turn claims the first slot of it still free. The table is a pure
 //! function of the backends' ids, weights and the size: load balancers that never talk to each
-//! other build the same table and so send a flow to the same backend, and a change of one
-//! backend moves about 1/N of the slots, nearly all of them its own.
+//! other build the same table and so send a flow to the same backend. A change of one backend
+//! moves its own 1/N of the slots and some more, a share that grows with N / size (at 65537
+//! slots about 0.02/N more for 10 backends, 0.57/N for 100): keep the size over 100 x N.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -142,8 +143,9 @@ pub fn build_table(backends: &[MaglevBackend], size: u32) -> Vec<u32> {
         .map(|&index| Permutation::new(backends[index as usize].id, size))
         .collect();
     let mut turns_taken = vec![0u64; by_id.len()];
-    // Who moves next: (round, position in id order), earliest first. A heap instead of scanning
-    // every backend each round keeps light backends next to a heavy one at O(size log N).
+    // Who moves next: (round, position in id order), earliest first. With one heavy backend
+    // among light ones most rounds place a single slot, so scanning every backend each round
+    // would cost O(size x N); the heap keeps it O(size log N).
     let mut schedule: BinaryHeap<Reverse<(u64, usize)>> = by_id
         .iter()
         .enumerate()

@@ -398,7 +398,10 @@ mod tests {
                 "settings": {"maglev_table_size": 65537, "flow_table_size": 1048576},
                 "vips": [{
                     "key": {"addr": "10.0.0.10", "port": 80, "protocol": "tcp"},
-                    "backends": [{"addr": "10.0.1.2", "mac": "02:00:00:00:01:02", "weight": 3, "drain": false}],
+                    "backends": [
+                        {"addr": "10.0.1.2", "mac": "02:00:00:00:01:02",
+                         "weight": 3, "drain": false},
+                    ],
                 }],
             })
         );

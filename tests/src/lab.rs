@@ -665,6 +665,25 @@ http {{
         Ok(v.get(0).and_then(|l| l.get("xdp")).is_some())
     }
 
+    /// Waits (at most `timeout`) until the lb's interface has (`attached`) or has no XDP program;
+    /// returns how long that took. Detaching by unpinning a link is not immediate: the kernel
+    /// releases the link (and frees the interface's XDP slot) a moment after the last reference.
+    pub fn wait_xdp(&self, attached: bool, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            if self.xdp_attached()? == attached {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() >= timeout {
+                bail!(
+                    "{} on the lb's {NS_IFACE} after {timeout:?}",
+                    if attached { "still no XDP program" } else { "XDP program still attached" }
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The `ip -j -d link show` entry of the lb's interface (shows the XDP mode and program id).
     pub fn lb_link_json(&self) -> Result<serde_json::Value> {
         let out = self.ip(&self.lb, &["-j", "-d", "link", "show", "dev", NS_IFACE])?;

@@ -1,0 +1,378 @@
+//! The read side: what the maps hold, as rows for humans (aligned tables) and machines (JSON).
+//! Every reader works on pinned maps, so it runs in another process than the one that attached.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use anyhow::{Context as _, anyhow};
+use lb_common::{Counters, GlobalCounter, IPPROTO_TCP, IPPROTO_UDP, backend_state};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::{
+    dataplane::Maps,
+    model::{MacAddr, Protocol, VipAddr},
+    reconcile::{Current, addr_from_raw, vip_key},
+};
+
+/// Output format of `sluice inspect`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+/// A view: JSON for machines, and the same rows as a table for humans.
+pub struct View {
+    pub json: Value,
+    pub table: String,
+}
+
+impl View {
+    pub fn render(&self, format: Format) -> String {
+        match format {
+            Format::Json => {
+                serde_json::to_string_pretty(&self.json).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+            }
+            Format::Table => self.table.clone(),
+        }
+    }
+}
+
+fn vip_addr(key: &lb_common::VipKey) -> VipAddr {
+    VipAddr {
+        addr: addr_from_raw(key.addr),
+        port: u16::from_be(key.port),
+        protocol: match key.proto {
+            IPPROTO_UDP => Protocol::Udp,
+            _ => Protocol::Tcp,
+        },
+    }
+}
+
+fn state_name(state: u32) -> &'static str {
+    match state {
+        backend_state::ACTIVE => "active",
+        backend_state::DRAINING => "draining",
+        _ => "empty",
+    }
+}
+
+fn sum(maps_values: aya::maps::PerCpuValues<Counters>) -> Counters {
+    maps_values.iter().fold(Counters::default(), |acc, c| Counters {
+        packets: acc.packets + c.packets,
+        bytes: acc.bytes + c.bytes,
+    })
+}
+
+#[derive(Serialize)]
+struct BackendRow {
+    vip: String,
+    address: String,
+    slot: u32,
+    state: &'static str,
+    weight: u32,
+    mac: String,
+    ifindex: u32,
+    packets: u64,
+    bytes: u64,
+}
+
+#[derive(Serialize)]
+struct VipRow {
+    vip: String,
+    id: u32,
+    live_backends: u32,
+    backends: usize,
+    table_size: u32,
+    packets: u64,
+    bytes: u64,
+}
+
+/// VIP rows and, per VIP, its backend rows, in VIP order.
+fn collect(maps: &Maps) -> anyhow::Result<Vec<(VipRow, Vec<BackendRow>)>> {
+    let current = Current::read(maps)?;
+    let mut by_vip: BTreeMap<u32, Vec<BackendRow>> = BTreeMap::new();
+    for (slot, value) in &current.slots {
+        let c = sum(maps.backend_stats.get(slot, 0).context("reading BACKEND_STATS")?);
+        by_vip.entry(value.vip_id).or_default().push(BackendRow {
+            vip: String::new(),
+            address: addr_from_raw(value.addr).to_string(),
+            slot: *slot,
+            state: state_name(value.state),
+            weight: value.weight,
+            mac: MacAddr(value.dst_mac).to_string(),
+            ifindex: value.ifindex,
+            packets: c.packets,
+            bytes: c.bytes,
+        });
+    }
+    let mut rows: Vec<(VipAddr, VipRow, Vec<BackendRow>)> = Vec::new();
+    for (key, info) in &current.vips {
+        let vip = vip_addr(key);
+        let c = sum(maps.vip_stats.get(&info.id, 0).context("reading VIP_STATS")?);
+        let mut backends = by_vip.remove(&info.id).unwrap_or_default();
+        backends.sort_by_key(|b| b.address.parse::<std::net::Ipv4Addr>().ok());
+        for b in &mut backends {
+            b.vip = vip.to_string();
+        }
+        rows.push((
+            vip,
+            VipRow {
+                vip: vip.to_string(),
+                id: info.id,
+                live_backends: info.live_backends,
+                backends: backends.len(),
+                table_size: info.table_size,
+                packets: c.packets,
+                bytes: c.bytes,
+            },
+            backends,
+        ));
+    }
+    rows.sort_by_key(|(vip, _, _)| *vip);
+    Ok(rows.into_iter().map(|(_, v, b)| (v, b)).collect())
+}
+
+pub fn vips(maps: &Maps) -> anyhow::Result<View> {
+    let rows: Vec<VipRow> = collect(maps)?.into_iter().map(|(v, _)| v).collect();
+    let table = render_table(
+        &["VIP", "ID", "LIVE/BACKENDS", "TABLE", "PACKETS", "BYTES"],
+        rows.iter().map(|r| {
+            vec![
+                r.vip.clone(),
+                r.id.to_string(),
+                format!("{}/{}", r.live_backends, r.backends),
+                r.table_size.to_string(),
+                r.packets.to_string(),
+                r.bytes.to_string(),
+            ]
+        }),
+    );
+    Ok(View {
+        json: json!({ "vips": rows }),
+        table,
+    })
+}
+
+pub fn backends(maps: &Maps) -> anyhow::Result<View> {
+    let rows: Vec<BackendRow> = collect(maps)?.into_iter().flat_map(|(_, b)| b).collect();
+    let table = render_table(
+        &["VIP", "BACKEND", "SLOT", "STATE", "WEIGHT", "MAC", "IFINDEX", "PACKETS", "BYTES"],
+        rows.iter().map(|r| {
+            vec![
+                r.vip.clone(),
+                r.address.clone(),
+                r.slot.to_string(),
+                r.state.to_owned(),
+                r.weight.to_string(),
+                r.mac.clone(),
+                r.ifindex.to_string(),
+                r.packets.to_string(),
+                r.bytes.to_string(),
+            ]
+        }),
+    );
+    Ok(View {
+        json: json!({ "backends": rows }),
+        table,
+    })
+}
+
+pub fn stats(maps: &Maps) -> anyhow::Result<View> {
+    let mut global = serde_json::Map::new();
+    let mut table = String::new();
+    let mut global_rows = Vec::new();
+    for counter in GlobalCounter::ALL {
+        let v: u64 = maps
+            .global_stats
+            .get(&(counter as u32), 0)
+            .context("reading GLOBAL_STATS")?
+            .iter()
+            .sum();
+        global.insert(counter.name().to_owned(), json!(v));
+        global_rows.push(vec![counter.name().to_owned(), v.to_string()]);
+    }
+    table.push_str(&render_table(&["COUNTER", "PACKETS"], global_rows.into_iter()));
+    table.push('\n');
+
+    let rows = collect(maps)?;
+    let mut vips_json = Vec::new();
+    let mut lines = Vec::new();
+    for (vip, backends) in &rows {
+        let total: u64 = backends.iter().map(|b| b.packets).sum();
+        lines.push(vec![
+            vip.vip.clone(),
+            "(all)".into(),
+            String::new(),
+            vip.packets.to_string(),
+            vip.bytes.to_string(),
+            String::new(),
+        ]);
+        for b in backends {
+            let share = if total == 0 {
+                0.0
+            } else {
+                100.0 * b.packets as f64 / total as f64
+            };
+            lines.push(vec![
+                String::new(),
+                b.address.clone(),
+                b.state.to_owned(),
+                b.packets.to_string(),
+                b.bytes.to_string(),
+                format!("{share:.1}%"),
+            ]);
+        }
+        vips_json.push(json!({
+            "vip": vip.vip,
+            "packets": vip.packets,
+            "bytes": vip.bytes,
+            "backends": backends.iter().map(|b| json!({
+                "address": b.address,
+                "state": b.state,
+                "packets": b.packets,
+                "bytes": b.bytes,
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    table.push_str(&render_table(
+        &["VIP", "BACKEND", "STATE", "PACKETS", "BYTES", "SHARE"],
+        lines.into_iter(),
+    ));
+    Ok(View {
+        json: json!({ "global": global, "vips": vips_json }),
+        table,
+    })
+}
+
+/// How a VIP's Maglev table divides its slots among the backends.
+pub fn maglev(maps: &Maps, vip: &VipAddr) -> anyhow::Result<View> {
+    let info = maps
+        .vips
+        .get(&vip_key(vip), 0)
+        .map_err(|_| anyhow!("VIP {vip} is not configured (`sluice inspect vips` lists them)"))?;
+    let table = maps.maglev_table(info.id, info.table_size)?;
+    let current = Current::read(maps)?;
+    let mut counts: BTreeMap<u32, u64> = BTreeMap::new();
+    for slot in &table {
+        *counts.entry(*slot).or_default() += 1;
+    }
+    let mut rows = Vec::new();
+    for (slot, count) in &counts {
+        let (address, weight) = match current.slots.get(slot) {
+            Some(b) => (addr_from_raw(b.addr).to_string(), b.weight),
+            None => ("(none)".to_owned(), 0),
+        };
+        rows.push(json!({
+            "backend": address,
+            "slot": slot,
+            "weight": weight,
+            "table_slots": count,
+            "share": *count as f64 / table.len().max(1) as f64,
+        }));
+    }
+    let text = render_table(
+        &["BACKEND", "WEIGHT", "TABLE SLOTS", "SHARE"],
+        rows.iter().map(|r| {
+            vec![
+                r["backend"].as_str().unwrap_or_default().to_owned(),
+                r["weight"].to_string(),
+                r["table_slots"].to_string(),
+                format!("{:.2}%", r["share"].as_f64().unwrap_or_default() * 100.0),
+            ]
+        }),
+    );
+    Ok(View {
+        json: json!({ "vip": vip.to_string(), "table_size": info.table_size, "backends": rows }),
+        table: format!("{vip}: Maglev table of {} slots\n{text}", info.table_size),
+    })
+}
+
+/// Connection-table entries, at most `limit` of them (the table can hold millions).
+pub fn flows(maps: &Maps, limit: usize) -> anyhow::Result<View> {
+    let current = Current::read(maps)?;
+    let mut rows = Vec::new();
+    let mut total = 0usize;
+    for entry in maps.flows.iter() {
+        let Ok((key, value)) = entry else {
+            continue; // evicted while we walked the table
+        };
+        total += 1;
+        if rows.len() >= limit {
+            continue;
+        }
+        let proto = match key.proto {
+            IPPROTO_TCP => "tcp",
+            IPPROTO_UDP => "udp",
+            _ => "?",
+        };
+        let backend = current
+            .slots
+            .get(&value.backend)
+            .map(|b| addr_from_raw(b.addr).to_string())
+            .unwrap_or_else(|| "(removed)".into());
+        rows.push(json!({
+            "client": format!("{}:{}", addr_from_raw(key.src), u16::from_be(key.sport)),
+            "vip": format!("{}:{}/{proto}", addr_from_raw(key.dst), u16::from_be(key.dport)),
+            "backend": backend,
+        }));
+    }
+    let mut table = render_table(
+        &["CLIENT", "VIP", "BACKEND"],
+        rows.iter().map(|r| {
+            ["client", "vip", "backend"]
+                .iter()
+                .map(|k| r[*k].as_str().unwrap_or_default().to_owned())
+                .collect()
+        }),
+    );
+    let _ = write!(table, "{} of {total} flows shown", rows.len());
+    Ok(View {
+        json: json!({ "total": total, "shown": rows.len(), "flows": rows }),
+        table,
+    })
+}
+
+/// Left-aligned columns separated by two spaces.
+pub fn render_table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = rows.collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(cell);
+            } else {
+                let _ = write!(l, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in &rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_columns_align() {
+        let t = render_table(
+            &["A", "LONGER"],
+            vec![vec!["xxxx".to_owned(), "1".to_owned()], vec!["y".to_owned(), "22".to_owned()]]
+                .into_iter(),
+        );
+        assert_eq!(t, "A     LONGER\nxxxx  1\ny     22\n");
+    }
+}
