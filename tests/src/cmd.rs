@@ -122,7 +122,15 @@ pub fn terminate(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
     wait_timeout(child, Duration::from_secs(5)).ok().flatten()
 }
 
-/// Whether a process with this id exists (a zombie counts).
+/// Whether a process with this id exists and is not a zombie (a killed process whose parent has not
+/// reaped it yet holds no resources: its sockets, namespaces and mounts are already released).
 pub fn pid_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
 }

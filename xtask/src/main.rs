@@ -1,1 +1,102 @@
-fn main() {}
+//! `cargo xtask <command>`: sluice's demo lab, its whole test suite and its benchmark.
+//! The `./x` script installs the toolchains first and then calls these.
+
+mod bench;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use sluice_tests::{BackendSpec, Lab, LabConfig, require_root};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build a namespace lab, attach sluice, send real requests and show how they spread.
+    Demo {
+        /// HTTP requests to send (each a new TCP connection).
+        #[arg(long, default_value_t = 3000)]
+        requests: usize,
+        #[arg(long, default_value_t = 3)]
+        backends: usize,
+    },
+    /// Every test: formatting, clippy, unit, packet fixtures and real-packet lab tests.
+    Test,
+    /// ns/packet of the XDP program's paths, measured with BPF_PROG_TEST_RUN.
+    Bench {
+        /// Runs per path (more is steadier).
+        #[arg(long, default_value_t = 1_000_000)]
+        repeat: u32,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Demo { requests, backends } => demo(requests, backends),
+        Cmd::Test => test(),
+        Cmd::Bench { repeat } => bench::run(repeat),
+    }
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    eprintln!("+ cargo {}", args.join(" "));
+    let status = Command::new(env!("CARGO"))
+        .args(args)
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// The sluice binary the lab runs: built first, found next to the test executables.
+fn build_sluice() -> anyhow::Result<()> {
+    cargo(&["build", "--package", "lb-userspace", "--bin", "sluice"])
+}
+
+fn test() -> anyhow::Result<()> {
+    require_root();
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    build_sluice()?;
+    cargo(&["test", "--workspace", "--no-fail-fast"])?;
+    eprintln!("all tests passed");
+    Ok(())
+}
+
+fn demo(requests: usize, backends: usize) -> anyhow::Result<()> {
+    require_root();
+    build_sluice()?;
+    println!("building the lab: client, load balancer, switch and {backends} backends in network namespaces");
+    let lab = Lab::build(LabConfig {
+        backends,
+        udp: false,
+    })?;
+    let specs: Vec<BackendSpec> = (0..backends).map(BackendSpec::active).collect();
+    lab.attach(&specs)?;
+    println!(
+        "sluice attached (native XDP) on {} in {}; VIP {} -> {} backends",
+        lab.lb_iface(),
+        lab.lb_ns(),
+        lab.vip(),
+        backends
+    );
+    println!("sending {requests} HTTP requests from the client, one TCP connection each ...");
+    let answers = lab.curl_vip(requests)?;
+    println!("{} answers received\n", answers.len());
+    let out = lab.sluice_ok(&["inspect", "stats"])?;
+    println!("$ sluice inspect stats\n{}", String::from_utf8_lossy(&out.stdout));
+    let out = lab.sluice_ok(&["inspect", "maglev", &format!("{}:80/tcp", lab.vip())])?;
+    println!("$ sluice inspect maglev {}:80/tcp\n{}", lab.vip(), String::from_utf8_lossy(&out.stdout));
+    lab.detach()?;
+    drop(lab);
+    println!("lab torn down");
+    Ok(())
+}
