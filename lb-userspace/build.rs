@@ -6,8 +6,8 @@ fn main() -> anyhow::Result<()> {
     // bpf-linker must be built against the same LLVM major as this nightly (LLVM 22):
     // a floating `nightly` breaks the link. Overridable for toolchain experiments.
     println!("cargo::rerun-if-env-changed=SLUICE_EBPF_TOOLCHAIN");
-    let toolchain = std::env::var("SLUICE_EBPF_TOOLCHAIN")
-        .unwrap_or_else(|_| "nightly-2026-08-05".to_owned());
+    let toolchain =
+        std::env::var("SLUICE_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly-2026-08-05".to_owned());
     let metadata = cargo_metadata_root()?;
     let root_dir = format!("{metadata}/lb-ebpf");
     aya_build::build_ebpf(
@@ -18,7 +18,9 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::Custom(&toolchain),
     )
-    .context("building the XDP programs (run ./x test or scripts/bootstrap.sh to install the toolchain)")
+    .context(
+        "building the XDP programs (run ./x test or scripts/bootstrap.sh to install the toolchain)",
+    )
 }
 
 /// The workspace root: lb-userspace's parent directory.

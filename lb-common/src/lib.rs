@@ -27,6 +27,48 @@ pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// Flags of every inner Maglev array (the kernel requires them equal to the template's).
 pub const MAGLEV_INNER_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
 
+/// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists for the connection table, so inserting a new flow
+/// does not take a lock shared by all CPUs.
+pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
+/// Bits of the VIP address filter: a packet whose destination's bit is clear is for no VIP, and
+/// is passed after one inlined array read instead of a hash lookup.
+pub const VIP_FILTER_BITS: u32 = 4096;
+
+/// The VIP address filter: one bit per hash bucket of destination addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipFilter {
+    pub words: [u64; (VIP_FILTER_BITS / 64) as usize],
+}
+
+impl Default for VipFilter {
+    fn default() -> Self {
+        Self {
+            words: [0; (VIP_FILTER_BITS / 64) as usize],
+        }
+    }
+}
+
+impl VipFilter {
+    /// Bit of a destination address (raw, network order), by Fibonacci hashing.
+    #[inline(always)]
+    pub const fn bit(addr: u32) -> u32 {
+        addr.wrapping_mul(0x9e37_79b1) >> (32 - VIP_FILTER_BITS.trailing_zeros())
+    }
+
+    #[inline(always)]
+    pub const fn may_contain(&self, addr: u32) -> bool {
+        let bit = Self::bit(addr);
+        self.words[(bit / 64) as usize] & (1 << (bit % 64)) != 0
+    }
+
+    pub fn insert(&mut self, addr: u32) {
+        let bit = Self::bit(addr);
+        self.words[(bit / 64) as usize] |= 1 << (bit % 64);
+    }
+}
+
 /// Names of the maps, as the loader and `sluice inspect` look them up (and as pinned in bpffs).
 pub mod map_names {
     pub const VIPS: &str = "VIPS";
@@ -37,7 +79,9 @@ pub mod map_names {
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
-    pub const ALL: [&str; 8] = [
+    pub const VIP_FILTER: &str = "VIP_FILTER";
+    pub const ALL: [&str; 9] = [
+        VIP_FILTER,
         VIPS,
         MAGLEV,
         BACKENDS,
@@ -104,6 +148,9 @@ pub struct Backend {
     pub weight: u32,
     pub dst_mac: [u8; 6],
     pub src_mac: [u8; 6],
+    /// The VIP this slot serves: an established packet is forwarded only when its own
+    /// (address, port, protocol) matches, which lets it skip the VIP lookup safely.
+    pub vip: VipKey,
 }
 
 /// Key of the `FLOWS` connection table (network order, as in the packet).
@@ -191,10 +238,11 @@ impl GlobalCounter {
 // The layouts are an ABI between two compilers: pin them.
 const _: () = assert!(size_of::<VipKey>() == 8);
 const _: () = assert!(size_of::<VipInfo>() == 16);
-const _: () = assert!(size_of::<Backend>() == 32);
+const _: () = assert!(size_of::<Backend>() == 40);
 const _: () = assert!(size_of::<FlowKey>() == 16);
 const _: () = assert!(size_of::<FlowValue>() == 8);
 const _: () = assert!(size_of::<Counters>() == 16);
+const _: () = assert!(size_of::<VipFilter>() == 512);
 
 /// Seed of the flow hash. Every load balancer must use the same one so that they all pick the
 /// same backend for a flow (a fixed constant, not a per-boot random).
@@ -216,8 +264,14 @@ pub const fn flow_hash(src: u32, dst: u32, ports: u32, proto: u32) -> u32 {
 
 #[inline(always)]
 const fn hash_round(h: u32, k: u32) -> u32 {
-    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
@@ -251,4 +305,5 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::VipFilter {}
 }

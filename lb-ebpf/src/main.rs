@@ -22,9 +22,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Backend, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, FlowKey,
-    FlowValue, GlobalCounter, MAGLEV_INNER_FLAGS, MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, NO_BACKEND, VipInfo, VipKey,
-    backend_state,
+    BPF_F_NO_COMMON_LRU, Backend, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, FlowKey,
+    FlowValue, GlobalCounter, MAGLEV_INNER_FLAGS, MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, NO_BACKEND,
+    VipFilter, VipInfo, VipKey, backend_state,
 };
 use packet::{EthHdr, Parsed};
 
@@ -50,8 +50,16 @@ static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 /// The connection table: 5-tuple -> backend id. Consulted first, so a flow keeps its backend
 /// through every table change. Resized by the loader from the config.
 #[btf_map]
-static FLOWS: LruHashMap<FlowKey, FlowValue, { DEFAULT_FLOW_TABLE_SIZE as usize }> =
-    LruHashMap::new();
+static FLOWS: LruHashMap<
+    FlowKey,
+    FlowValue,
+    { DEFAULT_FLOW_TABLE_SIZE as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();
+
+/// Bitmap of VIP destination addresses (one element): lets non-VIP traffic skip the hash lookup.
+#[btf_map]
+static VIP_FILTER: Array<VipFilter, 1> = Array::new();
 
 /// Egress ifindex -> device, for backends behind another interface than the ingress one.
 #[btf_map]
@@ -86,44 +94,62 @@ fn balance(ctx: &XdpContext) -> (u32, GlobalCounter) {
         Parsed::NotForUs => return (xdp_action::XDP_PASS, GlobalCounter::Passed),
         Parsed::Malformed => return (xdp_action::XDP_DROP, GlobalCounter::DropMalformed),
     };
+    match VIP_FILTER.get(0) {
+        Some(filter) if filter.may_contain(flow.key.dst) => {}
+        _ => return (xdp_action::XDP_PASS, GlobalCounter::Passed),
+    }
     let vip_key = VipKey {
         addr: flow.key.dst,
         port: flow.key.dport,
         proto: flow.key.proto,
         _pad: 0,
     };
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+
+    // Fast path: an established flow whose backend still serves this very VIP.
+    if let Some((id, backend)) = established_backend(&flow.key, &vip_key) {
+        count(GlobalCounter::FlowHit);
+        add(&VIP_STATS, backend.vip_id, bytes);
+        if flow.fragment {
+            return (xdp_action::XDP_DROP, GlobalCounter::DropFragment);
+        }
+        add(&BACKEND_STATS, id, bytes);
+        return forward(ctx, &backend);
+    }
+
     let Some(vip) = VIPS.get_ptr(&vip_key) else {
         return (xdp_action::XDP_PASS, GlobalCounter::Passed);
     };
     // SAFETY: a hash value pointer stays valid for this program run (RCU).
     let vip = unsafe { *vip };
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
     add(&VIP_STATS, vip.id, bytes);
     if flow.fragment {
         // A fragment's ports cannot be trusted to hash the same as the rest of its datagram.
         return (xdp_action::XDP_DROP, GlobalCounter::DropFragment);
     }
-
-    let Some((backend_id, backend)) = pick_backend(&flow.key, &vip) else {
+    count(GlobalCounter::FlowMiss);
+    let Some((id, backend)) = pick_backend(&flow.key, &vip) else {
         return (xdp_action::XDP_DROP, GlobalCounter::DropNoBackend);
     };
-    add(&BACKEND_STATS, backend_id, bytes);
+    add(&BACKEND_STATS, id, bytes);
     forward(ctx, &backend)
 }
 
-/// The established backend from the connection table, or a new Maglev pick recorded there.
+/// The connection table's backend for this flow, if its slot still serves this VIP. A slot
+/// that was freed (backend or VIP removed) or reused by another VIP does not match: the flow
+/// takes the slow path and re-hashes (or passes, if its VIP is gone).
+#[inline(always)]
+fn established_backend(key: &FlowKey, vip_key: &VipKey) -> Option<(u32, Backend)> {
+    let entry = FLOWS.get_ptr(key)?;
+    // SAFETY: read once, by value; a concurrent LRU eviction only makes it stale.
+    let id = unsafe { (*entry).backend };
+    let backend = *BACKENDS.get(id)?;
+    (backend.state != backend_state::EMPTY && backend.vip == *vip_key).then_some((id, backend))
+}
+
+/// A new Maglev pick for the flow, recorded in the connection table.
 #[inline(always)]
 fn pick_backend(key: &FlowKey, vip: &VipInfo) -> Option<(u32, Backend)> {
-    if let Some(entry) = FLOWS.get_ptr(key) {
-        // SAFETY: read once, by value; a concurrent LRU eviction only makes it stale.
-        let id = unsafe { (*entry).backend };
-        if let Some(backend) = live_backend(id, vip.id) {
-            count(GlobalCounter::FlowHit);
-            return Some((id, backend));
-        }
-        // Its backend was removed from this VIP: the flow is re-hashed below.
-    }
-    count(GlobalCounter::FlowMiss);
     if vip.live_backends == 0 || vip.table_size == 0 {
         return None;
     }
@@ -132,7 +158,10 @@ fn pick_backend(key: &FlowKey, vip: &VipInfo) -> Option<(u32, Backend)> {
     if id == NO_BACKEND {
         return None;
     }
-    let backend = live_backend(id, vip.id)?;
+    let backend = *BACKENDS.get(id)?;
+    if backend.state != backend_state::ACTIVE || backend.vip_id != vip.id {
+        return None;
+    }
     let value = FlowValue {
         backend: id,
         _reserved: 0,
@@ -141,13 +170,6 @@ fn pick_backend(key: &FlowKey, vip: &VipInfo) -> Option<(u32, Backend)> {
     // and then the flow is still forwarded (Maglev picks the same backend next time).
     let _ = FLOWS.insert(key, &value, 0);
     Some((id, backend))
-}
-
-/// The backend slot `id` if it is in use by the VIP `vip_id`.
-#[inline(always)]
-fn live_backend(id: u32, vip_id: u32) -> Option<Backend> {
-    let backend = *BACKENDS.get(id)?;
-    (backend.state != backend_state::EMPTY && backend.vip_id == vip_id).then_some(backend)
 }
 
 /// L2 direct server return: the frame goes to the backend's MAC from ours, IP header untouched.

@@ -18,8 +18,8 @@ use aya::{
     },
 };
 use lb_common::{
-    BALANCER_PROGRAM, Backend, Counters, FlowKey, FlowValue, MAGLEV_INNER_FLAGS, VipInfo, VipKey,
-    map_names,
+    BALANCER_PROGRAM, Backend, Counters, FlowKey, FlowValue, MAGLEV_INNER_FLAGS, VipFilter,
+    VipInfo, VipKey, map_names,
 };
 
 use crate::net::Interface;
@@ -148,7 +148,10 @@ pub fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut
 
 fn program_error(e: &ProgramError) -> String {
     match e {
-        ProgramError::LoadError { io_error, verifier_log } => {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
             format!("{io_error}\n{verifier_log}")
         }
         other => other.to_string(),
@@ -188,7 +191,10 @@ pub fn attach(
         .take_link(id)
         .map_err(|e| anyhow!("taking the XDP link of {}: {e}", iface.name))?;
     FdLink::try_from(link).map_err(|e| {
-        anyhow!("the kernel attached {} without a BPF link ({e}); sluice needs kernel >= 5.9", iface.name)
+        anyhow!(
+            "the kernel attached {} without a BPF link ({e}); sluice needs kernel >= 5.9",
+            iface.name
+        )
     })
 }
 
@@ -220,6 +226,7 @@ pub struct Maps {
     pub vip_stats: PerCpuArray<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
     pub global_stats: PerCpuArray<MapData, u64>,
+    pub vip_filter: Array<MapData, VipFilter>,
 }
 
 impl Maps {
@@ -239,8 +246,8 @@ impl Maps {
         }
         Self::open(|name| {
             let path = pins.map(name);
-            let data = MapData::from_pin(&path)
-                .map_err(|e| anyhow!("opening {}: {e}", path.display()))?;
+            let data =
+                MapData::from_pin(&path).map_err(|e| anyhow!("opening {}: {e}", path.display()))?;
             Map::from_map_data(data).map_err(|e| anyhow!("map {name}: {e}"))
         })
     }
@@ -262,6 +269,7 @@ impl Maps {
             vip_stats: typed!(map_names::VIP_STATS),
             backend_stats: typed!(map_names::BACKEND_STATS),
             global_stats: typed!(map_names::GLOBAL_STATS),
+            vip_filter: typed!(map_names::VIP_FILTER),
         })
     }
 
@@ -318,7 +326,10 @@ impl MaglevMapping {
         // SAFETY: a fresh shared mapping of the map's value area, of the map's rounded size.
         let addr = unsafe { libc::mmap(ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
         if addr == libc::MAP_FAILED {
-            bail!("mmap of a Maglev table: {}", std::io::Error::last_os_error());
+            bail!(
+                "mmap of a Maglev table: {}",
+                std::io::Error::last_os_error()
+            );
         }
         Ok(Self { addr, len, slots })
     }
@@ -338,8 +349,7 @@ impl MaglevMapping {
 
     fn write(&mut self, slots: &[u32]) {
         // SAFETY: as above, mapped writable by `new` when called with PROT_WRITE.
-        let elements =
-            unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u64, self.slots) };
+        let elements = unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u64, self.slots) };
         for (element, slot) in elements.iter_mut().zip(slots) {
             let mut bytes = [0u8; 8];
             bytes[..4].copy_from_slice(&slot.to_ne_bytes());

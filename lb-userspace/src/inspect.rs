@@ -30,9 +30,8 @@ pub struct View {
 impl View {
     pub fn render(&self, format: Format) -> String {
         match format {
-            Format::Json => {
-                serde_json::to_string_pretty(&self.json).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
-            }
+            Format::Json => serde_json::to_string_pretty(&self.json)
+                .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")),
             Format::Table => self.table.clone(),
         }
     }
@@ -58,10 +57,12 @@ fn state_name(state: u32) -> &'static str {
 }
 
 fn sum(maps_values: aya::maps::PerCpuValues<Counters>) -> Counters {
-    maps_values.iter().fold(Counters::default(), |acc, c| Counters {
-        packets: acc.packets + c.packets,
-        bytes: acc.bytes + c.bytes,
-    })
+    maps_values
+        .iter()
+        .fold(Counters::default(), |acc, c| Counters {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+        })
 }
 
 #[derive(Serialize)]
@@ -93,7 +94,10 @@ fn collect(maps: &Maps) -> anyhow::Result<Vec<(VipRow, Vec<BackendRow>)>> {
     let current = Current::read(maps)?;
     let mut by_vip: BTreeMap<u32, Vec<BackendRow>> = BTreeMap::new();
     for (slot, value) in &current.slots {
-        let c = sum(maps.backend_stats.get(slot, 0).context("reading BACKEND_STATS")?);
+        let c = sum(maps
+            .backend_stats
+            .get(slot, 0)
+            .context("reading BACKEND_STATS")?);
         by_vip.entry(value.vip_id).or_default().push(BackendRow {
             vip: String::new(),
             address: addr_from_raw(value.addr).to_string(),
@@ -109,7 +113,10 @@ fn collect(maps: &Maps) -> anyhow::Result<Vec<(VipRow, Vec<BackendRow>)>> {
     let mut rows: Vec<(VipAddr, VipRow, Vec<BackendRow>)> = Vec::new();
     for (key, info) in &current.vips {
         let vip = vip_addr(key);
-        let c = sum(maps.vip_stats.get(&info.id, 0).context("reading VIP_STATS")?);
+        let c = sum(maps
+            .vip_stats
+            .get(&info.id, 0)
+            .context("reading VIP_STATS")?);
         let mut backends = by_vip.remove(&info.id).unwrap_or_default();
         backends.sort_by_key(|b| b.address.parse::<std::net::Ipv4Addr>().ok());
         for b in &mut backends {
@@ -157,7 +164,9 @@ pub fn vips(maps: &Maps) -> anyhow::Result<View> {
 pub fn backends(maps: &Maps) -> anyhow::Result<View> {
     let rows: Vec<BackendRow> = collect(maps)?.into_iter().flat_map(|(_, b)| b).collect();
     let table = render_table(
-        &["VIP", "BACKEND", "SLOT", "STATE", "WEIGHT", "MAC", "IFINDEX", "PACKETS", "BYTES"],
+        &[
+            "VIP", "BACKEND", "SLOT", "STATE", "WEIGHT", "MAC", "IFINDEX", "PACKETS", "BYTES",
+        ],
         rows.iter().map(|r| {
             vec![
                 r.vip.clone(),
@@ -192,7 +201,10 @@ pub fn stats(maps: &Maps) -> anyhow::Result<View> {
         global.insert(counter.name().to_owned(), json!(v));
         global_rows.push(vec![counter.name().to_owned(), v.to_string()]);
     }
-    table.push_str(&render_table(&["COUNTER", "PACKETS"], global_rows.into_iter()));
+    table.push_str(&render_table(
+        &["COUNTER", "PACKETS"],
+        global_rows.into_iter(),
+    ));
     table.push('\n');
 
     let rows = collect(maps)?;
@@ -370,8 +382,11 @@ mod tests {
     fn table_columns_align() {
         let t = render_table(
             &["A", "LONGER"],
-            vec![vec!["xxxx".to_owned(), "1".to_owned()], vec!["y".to_owned(), "22".to_owned()]]
-                .into_iter(),
+            vec![
+                vec!["xxxx".to_owned(), "1".to_owned()],
+                vec!["y".to_owned(), "22".to_owned()],
+            ]
+            .into_iter(),
         );
         assert_eq!(t, "A     LONGER\nxxxx  1\ny     22\n");
     }

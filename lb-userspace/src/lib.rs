@@ -3,9 +3,9 @@
 //! Only `dataplane` touches aya.
 
 pub mod config;
+pub mod dataplane;
+pub mod inspect;
 pub mod maglev;
 pub mod model;
-pub mod dataplane;
 pub mod net;
 pub mod reconcile;
-pub mod inspect;

@@ -63,7 +63,13 @@ enum Command {
         /// The attached interface (needed when several are attached).
         #[arg(long, global = true)]
         iface: Option<String>,
-        #[arg(short = 'o', long = "output", value_enum, default_value = "table", global = true)]
+        #[arg(
+            short = 'o',
+            long = "output",
+            value_enum,
+            default_value = "table",
+            global = true
+        )]
         format: Format,
         #[command(subcommand)]
         what: InspectWhat,
@@ -157,7 +163,9 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
 fn require_root() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("sluice needs root (CAP_BPF and CAP_NET_ADMIN) to load XDP programs and read their maps: run it with sudo");
+        bail!(
+            "sluice needs root (CAP_BPF and CAP_NET_ADMIN) to load XDP programs and read their maps: run it with sudo"
+        );
     }
     Ok(())
 }
@@ -173,7 +181,10 @@ fn prepare(config: &Path, iface: &str) -> anyhow::Result<(Desired, Interface)> {
 fn load_fresh(pins: &PinLayout, desired: &Desired) -> anyhow::Result<(aya::Ebpf, Maps)> {
     pins.prepare()?;
     if pins.has_maps() {
-        info!("adopting the maps pinned in {} (their flows are kept)", pins.maps_dir().display());
+        info!(
+            "adopting the maps pinned in {} (their flows are kept)",
+            pins.maps_dir().display()
+        );
     }
     let mut ebpf = dataplane::load(Some(pins), desired.settings.flow_table_size)?;
     let maps = Maps::from_ebpf(&mut ebpf)?;
@@ -190,7 +201,8 @@ fn run(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> anyho
         );
     }
     // Signals are caught before anything is attached, so no signal can leave state behind.
-    let mut signals = Signals::new([SIGHUP, SIGINT, SIGTERM]).context("installing signal handlers")?;
+    let mut signals =
+        Signals::new([SIGHUP, SIGINT, SIGTERM]).context("installing signal handlers")?;
     let (mut ebpf, mut maps) = load_fresh(&pins, &desired)?;
     let summary = reconcile::reconcile(&mut maps, &iface, &desired)?;
     info!("{}: {summary}", config.display());
@@ -290,7 +302,9 @@ fn attached_iface(pin_root: &Path, iface: Option<String>) -> anyhow::Result<Stri
             "sluice is not attached anywhere under {} (start it with `sluice run` or `sluice attach`, or pass the same --pin-dir)",
             pin_root.display()
         ),
-        many => bail!("sluice is attached to several interfaces ({}): choose one with --iface", many.join(", ")),
+        many => bail!(
+            "sluice is attached to several interfaces ({}): choose one with --iface",
+            many.join(", ")
+        ),
     }
 }
-

@@ -24,7 +24,9 @@ impl Interface {
         let base = format!("/sys/class/net/{name}");
         let index = fs::read_to_string(format!("{base}/ifindex"))
             .map_err(|_| {
-                anyhow!("interface {name:?} not found in this network namespace (`ip link` lists them)")
+                anyhow!(
+                    "interface {name:?} not found in this network namespace (`ip link` lists them)"
+                )
             })?
             .trim()
             .parse()
@@ -61,7 +63,8 @@ pub fn resolve_neighbour(addr: Ipv4Addr, timeout: Duration) -> anyhow::Result<Ne
     if let Some(n) = neighbour(addr)? {
         return Ok(n);
     }
-    let socket = UdpSocket::bind("0.0.0.0:0").context("opening a UDP socket to resolve a neighbour")?;
+    let socket =
+        UdpSocket::bind("0.0.0.0:0").context("opening a UDP socket to resolve a neighbour")?;
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         // The kernel answers "no route" for unreachable addresses: that is an answer too.
@@ -101,7 +104,8 @@ fn parse_arp_table(table: &str, addr: Ipv4Addr) -> Option<Neighbour> {
 mod tests {
     use super::*;
 
-    const TABLE: &str = "IP address       HW type     Flags       HW address            Mask     Device
+    const TABLE: &str =
+        "IP address       HW type     Flags       HW address            Mask     Device
 10.0.0.11        0x1         0x2         02:5c:00:00:00:01     *        veth0
 10.0.0.12        0x1         0x0         00:00:00:00:00:00     *        veth0
 ";

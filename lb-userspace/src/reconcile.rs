@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use aya::maps::{MapError, PerCpuValues};
 use lb_common::{
-    Backend as SlotValue, Counters, MAX_BACKENDS, MAX_VIPS, NO_BACKEND, VipInfo, VipKey,
+    Backend as SlotValue, Counters, MAX_BACKENDS, MAX_VIPS, NO_BACKEND, VipFilter, VipInfo, VipKey,
     backend_state,
 };
 
@@ -163,9 +163,10 @@ fn plan(current: &Current, iface: &Interface, desired: &Desired) -> anyhow::Resu
         let (id, is_new, old_info) = match current.vips.get(&key) {
             Some(info) => (info.id, false, Some(*info)),
             None => {
-                let id = allocate(&mut used_vip_ids, &mut next_vip_id, MAX_VIPS).ok_or_else(|| {
-                    anyhow!("{}: no free VIP id: at most {MAX_VIPS} VIPs", vip.key)
-                })?;
+                let id =
+                    allocate(&mut used_vip_ids, &mut next_vip_id, MAX_VIPS).ok_or_else(|| {
+                        anyhow!("{}: no free VIP id: at most {MAX_VIPS} VIPs", vip.key)
+                    })?;
                 (id, true, None)
             }
         };
@@ -271,7 +272,12 @@ fn effective_weight(slot: &SlotValue) -> u32 {
 }
 
 /// Where and how the program sends this backend's packets.
-fn slot_value(iface: &Interface, vip: &Vip, backend: &Backend, vip_id: u32) -> anyhow::Result<SlotValue> {
+fn slot_value(
+    iface: &Interface,
+    vip: &Vip,
+    backend: &Backend,
+    vip_id: u32,
+) -> anyhow::Result<SlotValue> {
     let (dst_mac, egress) = match backend.mac {
         // A configured MAC is on the attached interface's L2 segment.
         Some(mac) => (mac, iface.clone()),
@@ -303,6 +309,7 @@ fn slot_value(iface: &Interface, vip: &Vip, backend: &Backend, vip_id: u32) -> a
         weight: backend.weight,
         dst_mac: dst_mac.0,
         src_mac: egress.mac.0,
+        vip: vip_key(&vip.key),
     })
 }
 
@@ -333,7 +340,17 @@ fn apply(maps: &mut Maps, plan: Plan) -> anyhow::Result<Summary> {
             .with_context(|| format!("writing backend slot {slot}"))?;
     }
 
-    // 3. Tables (one atomic swap each), then the VIP entries that point at them.
+    // 3. The address filter admits every VIP address, old and new, before any VIP is added...
+    let desired_filter = vip_filter(plan.vips.iter().map(|v| &v.key));
+    let widened = vip_filter(
+        plan.vips
+            .iter()
+            .map(|v| &v.key)
+            .chain(plan.removed_vips.iter().map(|(k, _)| k)),
+    );
+    write_filter(maps, &widened)?;
+
+    // 4. Tables (one atomic swap each), then the VIP entries that point at them.
     for vip in &plan.vips {
         if vip.rebuild_table {
             let inputs: Vec<MaglevBackend> = vip
@@ -365,7 +382,7 @@ fn apply(maps: &mut Maps, plan: Plan) -> anyhow::Result<Summary> {
             .with_context(|| format!("writing VIP #{}", vip.id))?;
     }
 
-    // 4. What is gone: VIP entries first (no packet can reach their tables after this), then
+    // 5. What is gone: VIP entries first (no packet can reach their tables after this), then
     //    the slots (flows pointing at them re-hash on their next packet).
     for (key, id) in &plan.removed_vips {
         match maps.vips.remove(key) {
@@ -382,11 +399,38 @@ fn apply(maps: &mut Maps, plan: Plan) -> anyhow::Result<Summary> {
             .with_context(|| format!("clearing backend slot {slot}"))?;
         summary.backends_removed += 1;
     }
+    // 6. ... and only the remaining ones after the removals.
+    if desired_filter != widened {
+        write_filter(maps, &desired_filter)?;
+    }
     Ok(summary)
 }
 
+fn vip_filter<'a>(keys: impl Iterator<Item = &'a VipKey>) -> VipFilter {
+    let mut filter = VipFilter::default();
+    for key in keys {
+        filter.insert(key.addr);
+    }
+    filter
+}
+
+/// Rewrites the filter. Bits that stay set are rewritten with the same value, so no packet can
+/// see a VIP's bit clear while its entry exists.
+fn write_filter(maps: &mut Maps, filter: &VipFilter) -> anyhow::Result<()> {
+    if maps.vip_filter.get(&0, 0).ok().as_ref() == Some(filter) {
+        return Ok(());
+    }
+    maps.vip_filter
+        .set(0, filter, 0)
+        .context("writing the VIP address filter")
+}
+
 fn cpu_count(maps: &Maps) -> anyhow::Result<usize> {
-    Ok(maps.vip_stats.get(&0, 0).context("reading VIP_STATS")?.len())
+    Ok(maps
+        .vip_stats
+        .get(&0, 0)
+        .context("reading VIP_STATS")?
+        .len())
 }
 
 fn zeros(cpus: usize) -> anyhow::Result<PerCpuValues<Counters>> {

@@ -29,7 +29,9 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Output> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("cannot start `{what}` (is the program installed and on PATH?)"))?;
+        .with_context(|| {
+            format!("cannot start `{what}` (is the program installed and on PATH?)")
+        })?;
     let mut out = child.stdout.take().expect("piped stdout");
     let mut err = child.stderr.take().expect("piped stderr");
     let out_reader = thread::spawn(move || {
@@ -56,7 +58,11 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Output> {
     };
     let stdout = out_reader.join().unwrap_or_default();
     let stderr = err_reader.join().unwrap_or_default();
-    Ok(Output { status, stdout, stderr })
+    Ok(Output {
+        status,
+        stdout,
+        stderr,
+    })
 }
 
 /// Like [`run`], and fails (with the command line and its stderr) unless it exits with status 0.

@@ -67,44 +67,67 @@ impl LongConn {
         .with_context(|| format!("opening a long-lived connection from {ns} to {target}"))?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_millis(50)))?;
-        let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let local = stream
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let state = Arc::new(Mutex::new(LongConnReport {
             target: format!("{local} -> {target}"),
             running: true,
             ..Default::default()
         }));
-        let mut client = Client { stream, buf: Vec::new(), seq: 0 };
+        let mut client = Client {
+            stream,
+            buf: Vec::new(),
+            seq: 0,
+        };
         // The first echo is synchronous so that the caller knows the backend on return.
         client.step(&state);
         {
             let s = state.lock().unwrap();
             if !s.errors.is_empty() {
-                bail!("long-lived connection {}: first echo failed: {}", s.target, s.errors.join("; "));
+                bail!(
+                    "long-lived connection {}: first echo failed: {}",
+                    s.target,
+                    s.errors.join("; ")
+                );
             }
         }
         let (stop, st) = (stop_flag, state.clone());
         let stop2 = stop.clone();
-        let handle = thread::Builder::new().name("long-conn".into()).spawn(move || {
-            let started = Instant::now();
-            while !stop2.load(Ordering::SeqCst) && started.elapsed() < max_duration {
-                sleep_unless(&stop2, interval);
-                if stop2.load(Ordering::SeqCst) {
-                    break;
+        let handle = thread::Builder::new()
+            .name("long-conn".into())
+            .spawn(move || {
+                let started = Instant::now();
+                while !stop2.load(Ordering::SeqCst) && started.elapsed() < max_duration {
+                    sleep_unless(&stop2, interval);
+                    if stop2.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if !client.step(&st) {
+                        break;
+                    }
                 }
-                if !client.step(&st) {
-                    break;
-                }
-            }
-            let mut s = st.lock().unwrap();
-            s.running = false;
-            s.elapsed = started.elapsed();
-        })?;
-        Ok(LongConn { stop, state, handle: Some(handle) })
+                let mut s = st.lock().unwrap();
+                s.running = false;
+                s.elapsed = started.elapsed();
+            })?;
+        Ok(LongConn {
+            stop,
+            state,
+            handle: Some(handle),
+        })
     }
 
     /// The backend that answered the first echo.
     pub fn backend(&self) -> String {
-        self.state.lock().unwrap().backends.first().cloned().unwrap_or_default()
+        self.state
+            .lock()
+            .unwrap()
+            .backends
+            .first()
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The report so far (the connection keeps running).
@@ -120,13 +143,21 @@ impl LongConn {
         loop {
             let s = self.snapshot();
             if !s.errors.is_empty() {
-                bail!("long-lived connection {} failed: {}", s.target, s.errors.join("; "));
+                bail!(
+                    "long-lived connection {} failed: {}",
+                    s.target,
+                    s.errors.join("; ")
+                );
             }
             if s.echoed >= target {
                 return Ok(s);
             }
             if !s.running {
-                bail!("long-lived connection {} stopped after {} echoes", s.target, s.echoed);
+                bail!(
+                    "long-lived connection {} stopped after {} echoes",
+                    s.target,
+                    s.echoed
+                );
             }
             if Instant::now() >= deadline {
                 return Err(anyhow!(
@@ -184,7 +215,11 @@ impl Client {
         let line = format!("seq {}\n", self.seq);
         state.lock().unwrap().sent += 1;
         if let Err(e) = self.stream.write_all(line.as_bytes()) {
-            state.lock().unwrap().errors.push(format!("seq {}: send failed: {e}", self.seq));
+            state
+                .lock()
+                .unwrap()
+                .errors
+                .push(format!("seq {}: send failed: {e}", self.seq));
             return false;
         }
         let deadline = Instant::now() + ECHO_TIMEOUT;
@@ -194,20 +229,36 @@ impl Client {
                 break String::from_utf8_lossy(&l).into_owned();
             }
             if Instant::now() >= deadline {
-                state.lock().unwrap().errors.push(format!("seq {}: no echo within {ECHO_TIMEOUT:?}", self.seq));
+                state
+                    .lock()
+                    .unwrap()
+                    .errors
+                    .push(format!("seq {}: no echo within {ECHO_TIMEOUT:?}", self.seq));
                 // The echo may still come; later lines would then mismatch, and that is recorded.
                 return true;
             }
             let mut chunk = [0u8; 512];
             match self.stream.read(&mut chunk) {
                 Ok(0) => {
-                    state.lock().unwrap().errors.push(format!("seq {}: connection closed by peer", self.seq));
+                    state
+                        .lock()
+                        .unwrap()
+                        .errors
+                        .push(format!("seq {}: connection closed by peer", self.seq));
                     return false;
                 }
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) => {}
                 Err(e) => {
-                    state.lock().unwrap().errors.push(format!("seq {}: receive failed: {e}", self.seq));
+                    state
+                        .lock()
+                        .unwrap()
+                        .errors
+                        .push(format!("seq {}: receive failed: {e}", self.seq));
                     return false;
                 }
             }
@@ -218,7 +269,10 @@ impl Client {
             Some(backend) if !backend.is_empty() && !backend.contains(' ') => {
                 if s.backends.is_empty() || !s.backends.iter().any(|b| b == backend) {
                     if !s.backends.is_empty() {
-                        let msg = format!("seq {}: backend changed from {} to {backend}", self.seq, s.backends[0]);
+                        let msg = format!(
+                            "seq {}: backend changed from {} to {backend}",
+                            self.seq, s.backends[0]
+                        );
                         s.errors.push(msg);
                     }
                     s.backends.push(backend.to_string());

@@ -71,13 +71,25 @@ impl Harness {
 
     /// Runs one frame `repeat` times in the kernel; also returns the average ns per run.
     pub fn run_repeat(&mut self, frame: &[u8], repeat: u32) -> anyhow::Result<(u32, Vec<u8>, u64)> {
-        let prog = dataplane::xdp_program(&mut self.ebpf, BALANCER_PROGRAM)?;
+        self.run_program(BALANCER_PROGRAM, frame, repeat)
+    }
+
+    /// As [`Self::run_repeat`] for any XDP program of the object (e.g. the pass-only baseline).
+    pub fn run_program(
+        &mut self,
+        program: &str,
+        frame: &[u8],
+        repeat: u32,
+    ) -> anyhow::Result<(u32, Vec<u8>, u64)> {
+        let prog = dataplane::xdp_program(&mut self.ebpf, program)?;
         let mut out = vec![0u8; frame.len() + 256];
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
         opts.data_out = Some(&mut out);
         opts.repeat = repeat;
-        let result = prog.test_run(opts).map_err(|e| anyhow!("BPF_PROG_TEST_RUN: {e}"))?;
+        let result = prog
+            .test_run(opts)
+            .map_err(|e| anyhow!("BPF_PROG_TEST_RUN: {e}"))?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value, out, result.duration.as_nanos() as u64))
     }

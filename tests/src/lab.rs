@@ -57,7 +57,10 @@ pub struct LabConfig {
 
 impl Default for LabConfig {
     fn default() -> Self {
-        LabConfig { backends: 3, udp: true }
+        LabConfig {
+            backends: 3,
+            udp: true,
+        }
     }
 }
 
@@ -73,12 +76,20 @@ pub struct BackendSpec {
 impl BackendSpec {
     /// Weight 1, not draining.
     pub fn active(index: usize) -> BackendSpec {
-        BackendSpec { index, weight: 1, drain: false }
+        BackendSpec {
+            index,
+            weight: 1,
+            drain: false,
+        }
     }
 
     /// Weight 1, draining.
     pub fn drained(index: usize) -> BackendSpec {
-        BackendSpec { index, weight: 1, drain: true }
+        BackendSpec {
+            index,
+            weight: 1,
+            drain: true,
+        }
     }
 }
 
@@ -102,7 +113,11 @@ pub struct CurlResult {
 pub fn sluice_binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("SLUICE_BIN") {
         let p = PathBuf::from(p);
-        ensure!(p.is_file(), "SLUICE_BIN={} is not a file: build sluice or fix the variable", p.display());
+        ensure!(
+            p.is_file(),
+            "SLUICE_BIN={} is not a file: build sluice or fix the variable",
+            p.display()
+        );
         return Ok(p);
     }
     let exe = std::env::current_exe().context("cannot find the running executable")?;
@@ -121,7 +136,11 @@ pub fn sluice_binary() -> Result<PathBuf> {
     bail!(
         "sluice binary missing: looked for {} (set SLUICE_BIN, or build it first with \
          `cargo build -p lb-userspace --bin sluice` in the same profile as the tests)",
-        tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" and ")
+        tried
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" and ")
     )
 }
 
@@ -232,7 +251,8 @@ impl Lab {
             seq: AtomicU32::new(0),
         };
         // On error `lab` is dropped here, which removes whatever was built.
-        lab.setup().with_context(|| format!("building lab {}", lab.id))?;
+        lab.setup()
+            .with_context(|| format!("building lab {}", lab.id))?;
         Ok(lab)
     }
 
@@ -245,8 +265,10 @@ impl Lab {
         fs::create_dir_all(&self.pin_dir)?;
         fs::create_dir_all(&self.peer_pin_dir)?;
 
-        let all: Vec<String> =
-            [self.sw.clone(), self.client.clone(), self.lb.clone()].into_iter().chain(self.backends.clone()).collect();
+        let all: Vec<String> = [self.sw.clone(), self.client.clone(), self.lb.clone()]
+            .into_iter()
+            .chain(self.backends.clone())
+            .collect();
         for ns in &all {
             cmd::sh(&["ip", "netns", "add", ns])?;
             self.namespaces.push(ns.clone());
@@ -259,16 +281,34 @@ impl Lab {
 
         // (namespace, switch-side name, address, mac, prefix)
         let mut ends = vec![
-            (self.client.clone(), "sw-c".to_string(), self.client_addr(), self.mac(1, 0)),
-            (self.lb.clone(), self.lb_peer_iface().to_string(), self.lb_addr(), self.mac(2, 0)),
+            (
+                self.client.clone(),
+                "sw-c".to_string(),
+                self.client_addr(),
+                self.mac(1, 0),
+            ),
+            (
+                self.lb.clone(),
+                self.lb_peer_iface().to_string(),
+                self.lb_addr(),
+                self.mac(2, 0),
+            ),
         ];
         for i in 0..self.cfg.backends {
-            ends.push((self.backends[i].clone(), format!("sw-b{i}"), self.backend_addr(i), self.backend_macs[i].clone()));
+            ends.push((
+                self.backends[i].clone(),
+                format!("sw-b{i}"),
+                self.backend_addr(i),
+                self.backend_macs[i].clone(),
+            ));
         }
         for (ns, sw_if, addr, mac) in &ends {
             self.ip(
                 &sw,
-                &["link", "add", sw_if, "type", "veth", "peer", "name", NS_IFACE, "address", mac, "netns", ns],
+                &[
+                    "link", "add", sw_if, "type", "veth", "peer", "name", NS_IFACE, "address", mac,
+                    "netns", ns,
+                ],
             )?;
             self.ip(&sw, &["link", "set", sw_if, "master", "br0"])?;
             // Checksum offload off on both ends: a veth that sends into a native XDP path must
@@ -288,11 +328,24 @@ impl Lab {
             "net.ipv4.conf.default.rp_filter=0",
             "net.ipv4.conf.eth0.rp_filter=0",
         ];
-        self.sysctl(&sw, &["net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"])?;
+        self.sysctl(
+            &sw,
+            &[
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+            ],
+        )?;
         let client = self.client.clone();
         self.sysctl(
             &client,
-            &[&common[..], &["net.ipv4.conf.all.accept_redirects=0", "net.ipv4.conf.eth0.accept_redirects=0"]].concat(),
+            &[
+                &common[..],
+                &[
+                    "net.ipv4.conf.all.accept_redirects=0",
+                    "net.ipv4.conf.eth0.accept_redirects=0",
+                ],
+            ]
+            .concat(),
         )?;
         // Only XDP may move VIP packets on: with ip_forward=0 the lb's kernel drops them.
         let lb = self.lb.clone();
@@ -309,7 +362,18 @@ impl Lab {
             .concat(),
         )?;
         let vip32 = format!("{}/32", self.vip);
-        self.ip(&client, &["route", "add", &vip32, "via", &self.lb_addr().to_string(), "dev", NS_IFACE])?;
+        self.ip(
+            &client,
+            &[
+                "route",
+                "add",
+                &vip32,
+                "via",
+                &self.lb_addr().to_string(),
+                "dev",
+                NS_IFACE,
+            ],
+        )?;
 
         for i in 0..self.cfg.backends {
             let ns = self.backends[i].clone();
@@ -334,7 +398,8 @@ impl Lab {
             self.exec_ok(&ns, &["nft", "-f", &rules.to_string_lossy()])?;
             let child = self.start_nginx(i)?;
             self.nginx.push(child);
-            let servers = BackendServers::start(&ns, &self.backend_name(i), self.backend_addr(i), self.vip)?;
+            let servers =
+                BackendServers::start(&ns, &self.backend_name(i), self.backend_addr(i), self.vip)?;
             self.servers.push(servers);
         }
         for i in 0..self.cfg.backends {
@@ -379,7 +444,18 @@ http {{
         fs::write(d.join("nginx.conf"), conf)?;
         let log = fs::File::create(d.join("stderr.log"))?;
         Command::new("ip")
-            .args(["netns", "exec", &self.backends[i], "nginx", "-p", &p(""), "-c", &p("nginx.conf"), "-e", &p("error.log")])
+            .args([
+                "netns",
+                "exec",
+                &self.backends[i],
+                "nginx",
+                "-p",
+                &p(""),
+                "-c",
+                &p("nginx.conf"),
+                "-e",
+                &p("error.log"),
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -395,7 +471,11 @@ http {{
                 let d = self.dir.join(format!("nginx-{}", self.backend_name(i)));
                 let log = fs::read_to_string(d.join("error.log")).unwrap_or_default()
                     + &fs::read_to_string(d.join("stderr.log")).unwrap_or_default();
-                bail!("nginx of {} exited ({status}): {}", self.backend_name(i), log.trim());
+                bail!(
+                    "nginx of {} exited ({status}): {}",
+                    self.backend_name(i),
+                    log.trim()
+                );
             }
             let up = netns::run_in(&self.backends[i], move || {
                 Ok(std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
@@ -404,7 +484,10 @@ http {{
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                bail!("nginx of {} does not listen on {addr} after 10 s", self.backend_name(i));
+                bail!(
+                    "nginx of {} does not listen on {addr} after 10 s",
+                    self.backend_name(i)
+                );
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -436,7 +519,9 @@ http {{
         Ipv4Addr::new(self.net[0], self.net[1], self.net[2], 10 + i as u8)
     }
     pub fn backend_addrs(&self) -> Vec<Ipv4Addr> {
-        (0..self.cfg.backends).map(|i| self.backend_addr(i)).collect()
+        (0..self.cfg.backends)
+            .map(|i| self.backend_addr(i))
+            .collect()
     }
     pub fn backend_macs(&self) -> Vec<String> {
         self.backend_macs.clone()
@@ -447,7 +532,10 @@ http {{
     }
     /// The backend index of a name like "b2".
     pub fn backend_index(&self, name: &str) -> Option<usize> {
-        name.strip_prefix('b')?.parse().ok().filter(|&i| i < self.cfg.backends)
+        name.strip_prefix('b')?
+            .parse()
+            .ok()
+            .filter(|&i| i < self.cfg.backends)
     }
     pub fn backends(&self) -> usize {
         self.cfg.backends
@@ -483,23 +571,35 @@ http {{
         &self.peer_pin_dir
     }
     fn mac(&self, role: u8, i: u8) -> String {
-        format!("02:5c:{:02x}:{:02x}:{role:02x}:{i:02x}", self.net[1], self.net[2])
+        format!(
+            "02:5c:{:02x}:{:02x}:{role:02x}:{i:02x}",
+            self.net[1], self.net[2]
+        )
     }
 
     // ----- commands -----
 
     /// Runs `cmd` inside namespace `ns` (`ip netns exec`), with the default timeout; any exit status.
     pub fn exec(&self, ns: &str, argv: &[&str]) -> Result<Output> {
-        cmd::run(Command::new("ip").args(["netns", "exec", ns]).args(argv), DEFAULT_TIMEOUT)
+        cmd::run(
+            Command::new("ip").args(["netns", "exec", ns]).args(argv),
+            DEFAULT_TIMEOUT,
+        )
     }
 
     /// Like [`Lab::exec`], failing unless the command exits 0.
     pub fn exec_ok(&self, ns: &str, argv: &[&str]) -> Result<Output> {
-        cmd::run_ok(Command::new("ip").args(["netns", "exec", ns]).args(argv), DEFAULT_TIMEOUT)
+        cmd::run_ok(
+            Command::new("ip").args(["netns", "exec", ns]).args(argv),
+            DEFAULT_TIMEOUT,
+        )
     }
 
     fn ip(&self, ns: &str, args: &[&str]) -> Result<Output> {
-        cmd::run_ok(Command::new("ip").args(["-n", ns]).args(args), DEFAULT_TIMEOUT)
+        cmd::run_ok(
+            Command::new("ip").args(["-n", ns]).args(args),
+            DEFAULT_TIMEOUT,
+        )
     }
 
     fn sysctl(&self, ns: &str, settings: &[&str]) -> Result<()> {
@@ -526,9 +626,16 @@ http {{
         if self.cfg.udp {
             ports.push((UDP_PORT, "udp"));
         }
-        let mut y = format!("# sluice config written by the sluice-tests lab {}\nvips:\n", self.id);
+        let mut y = format!(
+            "# sluice config written by the sluice-tests lab {}\nvips:\n",
+            self.id
+        );
         for (port, proto) in ports {
-            writeln!(y, "  - address: {}\n    port: {port}\n    protocol: {proto}", self.vip)?;
+            writeln!(
+                y,
+                "  - address: {}\n    port: {port}\n    protocol: {proto}",
+                self.vip
+            )?;
             if backends.is_empty() {
                 y.push_str("    backends: []\n");
                 continue;
@@ -545,7 +652,10 @@ http {{
                 )?;
             }
         }
-        let path = self.dir.join(format!("config-{}.yaml", self.seq.fetch_add(1, Ordering::SeqCst)));
+        let path = self.dir.join(format!(
+            "config-{}.yaml",
+            self.seq.fetch_add(1, Ordering::SeqCst)
+        ));
         fs::write(&path, y).with_context(|| format!("writing {}", path.display()))?;
         Ok(path)
     }
@@ -578,7 +688,12 @@ http {{
         self.ensure_peer_xdp()?;
         let bin = sluice_binary()?;
         cmd::run(
-            Command::new("ip").args(["netns", "exec", &self.lb]).arg(&bin).arg("--pin-dir").arg(&self.pin_dir).args(args),
+            Command::new("ip")
+                .args(["netns", "exec", &self.lb])
+                .arg(&bin)
+                .arg("--pin-dir")
+                .arg(&self.pin_dir)
+                .args(args),
             SLUICE_TIMEOUT,
         )
     }
@@ -602,7 +717,13 @@ http {{
     /// second call applies the difference). Returns the config's path.
     pub fn attach(&self, backends: &[BackendSpec]) -> Result<PathBuf> {
         let config = self.write_config(backends)?;
-        self.sluice_ok(&["attach", "--config", &config.to_string_lossy(), "--iface", NS_IFACE])?;
+        self.sluice_ok(&[
+            "attach",
+            "--config",
+            &config.to_string_lossy(),
+            "--iface",
+            NS_IFACE,
+        ])?;
         Ok(config)
     }
 
@@ -618,10 +739,17 @@ http {{
     pub fn spawn_sluice(&self, args: &[&str]) -> Result<SluiceProcess> {
         self.ensure_peer_xdp()?;
         let bin = sluice_binary()?;
-        let log = self.dir.join(format!("sluice-{}.log", self.seq.fetch_add(1, Ordering::SeqCst)));
+        let log = self.dir.join(format!(
+            "sluice-{}.log",
+            self.seq.fetch_add(1, Ordering::SeqCst)
+        ));
         let f = fs::File::create(&log)?;
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.lb]).arg(&bin).arg("--pin-dir").arg(&self.pin_dir).args(args);
+        c.args(["netns", "exec", &self.lb])
+            .arg(&bin)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(args);
         let what = cmd::describe(&c);
         let child = c
             .stdin(Stdio::null())
@@ -636,17 +764,32 @@ http {{
     /// until an XDP program is attached to the lb's interface.
     pub fn run_sluice(&self, backends: &[BackendSpec], timeout: Duration) -> Result<SluiceProcess> {
         let config = self.write_config(backends)?;
-        let mut p = self.spawn_sluice(&["run", "--config", &config.to_string_lossy(), "--iface", NS_IFACE])?;
+        let mut p = self.spawn_sluice(&[
+            "run",
+            "--config",
+            &config.to_string_lossy(),
+            "--iface",
+            NS_IFACE,
+        ])?;
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = p.try_wait()? {
-                bail!("`{}` exited early ({status}): {}", p.what, p.log_text().trim());
+                bail!(
+                    "`{}` exited early ({status}): {}",
+                    p.what,
+                    p.log_text().trim()
+                );
             }
             if self.xdp_attached()? {
                 return Ok(p);
             }
             if Instant::now() >= deadline {
-                bail!("`{}`: no XDP program on {} after {timeout:?}; log: {}", p.what, NS_IFACE, p.log_text().trim());
+                bail!(
+                    "`{}`: no XDP program on {} after {timeout:?}; log: {}",
+                    p.what,
+                    NS_IFACE,
+                    p.log_text().trim()
+                );
             }
             thread::sleep(Duration::from_millis(50));
         }
@@ -655,13 +798,15 @@ http {{
     /// `sluice inspect stats -o json`, parsed.
     pub fn stats(&self) -> Result<serde_json::Value> {
         let out = self.sluice_ok(&["inspect", "stats", "--iface", NS_IFACE, "-o", "json"])?;
-        serde_json::from_slice(&out.stdout).context("`sluice inspect stats -o json` did not print JSON")
+        serde_json::from_slice(&out.stdout)
+            .context("`sluice inspect stats -o json` did not print JSON")
     }
 
     /// Whether the lb's interface has an XDP program (from `ip -j link show`).
     pub fn xdp_attached(&self) -> Result<bool> {
         let out = self.ip(&self.lb, &["-j", "link", "show", "dev", NS_IFACE])?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("ip -j link show: not JSON")?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("ip -j link show: not JSON")?;
         Ok(v.get(0).and_then(|l| l.get("xdp")).is_some())
     }
 
@@ -677,7 +822,11 @@ http {{
             if start.elapsed() >= timeout {
                 bail!(
                     "{} on the lb's {NS_IFACE} after {timeout:?}",
-                    if attached { "still no XDP program" } else { "XDP program still attached" }
+                    if attached {
+                        "still no XDP program"
+                    } else {
+                        "XDP program still attached"
+                    }
                 );
             }
             thread::sleep(Duration::from_millis(20));
@@ -687,8 +836,11 @@ http {{
     /// The `ip -j -d link show` entry of the lb's interface (shows the XDP mode and program id).
     pub fn lb_link_json(&self) -> Result<serde_json::Value> {
         let out = self.ip(&self.lb, &["-j", "-d", "link", "show", "dev", NS_IFACE])?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("ip -j link show: not JSON")?;
-        v.get(0).cloned().ok_or_else(|| anyhow!("ip -j link show {NS_IFACE}: empty"))
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("ip -j link show: not JSON")?;
+        v.get(0)
+            .cloned()
+            .ok_or_else(|| anyhow!("ip -j link show {NS_IFACE}: empty"))
     }
 
     /// Every pinned object (file) under [`Lab::pin_dir`], recursively; empty directories are ignored.
@@ -722,21 +874,23 @@ http {{
         let url = format!("http://{host}:{HTTP_PORT}/?req=[1-{n}]");
         let timeout = Duration::from_secs(30) + Duration::from_millis(20 * n as u64);
         let out = cmd::run(
-            Command::new("ip").args(["netns", "exec", &self.client]).args([
-                "curl",
-                "--silent",
-                "--show-error",
-                "--parallel",
-                "--parallel-max",
-                "16",
-                "--connect-timeout",
-                "3",
-                "--max-time",
-                "10",
-                "--header",
-                "Connection: close",
-                &url,
-            ]),
+            Command::new("ip")
+                .args(["netns", "exec", &self.client])
+                .args([
+                    "curl",
+                    "--silent",
+                    "--show-error",
+                    "--parallel",
+                    "--parallel-max",
+                    "16",
+                    "--connect-timeout",
+                    "3",
+                    "--max-time",
+                    "10",
+                    "--header",
+                    "Connection: close",
+                    &url,
+                ]),
             timeout,
         )?;
         let bodies: Vec<String> = String::from_utf8_lossy(&out.stdout)
@@ -772,7 +926,12 @@ http {{
     /// `first_port + k` (each from its own socket). Returns, per request, the name of the backend
     /// that answered, or None when no answer came in three tries of 500 ms. Bounded: at most ~1.5 s
     /// per request and 120 s in all.
-    pub fn udp(&self, target: SocketAddrV4, n: usize, first_port: u16) -> Result<Vec<Option<String>>> {
+    pub fn udp(
+        &self,
+        target: SocketAddrV4,
+        n: usize,
+        first_port: u16,
+    ) -> Result<Vec<Option<String>>> {
         ensure!(
             first_port as usize + n <= 65536 && first_port > 0,
             "udp: source ports {first_port}..{} do not fit",
@@ -788,7 +947,9 @@ http {{
                 }
                 let port = first_port + k as u16;
                 let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
-                    .with_context(|| format!("bind UDP source port {port} in the client namespace"))?;
+                    .with_context(|| {
+                        format!("bind UDP source port {port} in the client namespace")
+                    })?;
                 sock.connect(target)?;
                 sock.set_read_timeout(Some(Duration::from_millis(500)))?;
                 let msg = format!("q{k}");
@@ -817,7 +978,13 @@ http {{
     pub fn long_conn(&self, target: SocketAddrV4) -> Result<LongConn> {
         let stop = Arc::new(AtomicBool::new(false));
         self.stop_flags.lock().unwrap().push(stop.clone());
-        LongConn::open(&self.client, target, Duration::from_millis(100), Duration::from_secs(300), stop)
+        LongConn::open(
+            &self.client,
+            target,
+            Duration::from_millis(100),
+            Duration::from_secs(300),
+            stop,
+        )
     }
 
     /// A long-lived connection to VIP:7000 (see [`Lab::long_conn`]).
@@ -840,7 +1007,9 @@ http {{
 
     /// VIP packets seen by each backend.
     pub fn backend_hits(&self) -> Result<Vec<u64>> {
-        (0..self.cfg.backends).map(|i| Ok(self.backend_counters(i)?.packets())).collect()
+        (0..self.cfg.backends)
+            .map(|i| Ok(self.backend_counters(i)?.packets()))
+            .collect()
     }
 
     /// Zeroes every backend's VIP counters.
@@ -859,7 +1028,15 @@ http {{
         self.sysctl(&self.lb, &["net.ipv4.ip_forward=1"])?;
         self.ip(
             &self.lb,
-            &["route", "replace", &format!("{}/32", self.vip), "via", &self.backend_addr(i).to_string(), "dev", NS_IFACE],
+            &[
+                "route",
+                "replace",
+                &format!("{}/32", self.vip),
+                "via",
+                &self.backend_addr(i).to_string(),
+                "dev",
+                NS_IFACE,
+            ],
         )?;
         Ok(())
     }
@@ -896,7 +1073,10 @@ http {{
         for ns in self.namespaces.iter().rev() {
             kill_ns_processes(ns, me);
             if let Err(e) = cmd::sh(&["ip", "netns", "del", ns]) {
-                eprintln!("sluice lab {}: cannot delete namespace {ns}: {e:#}", self.id);
+                eprintln!(
+                    "sluice lab {}: cannot delete namespace {ns}: {e:#}",
+                    self.id
+                );
             }
         }
         self.namespaces.clear();
@@ -906,7 +1086,11 @@ http {{
         }
         if let Err(e) = fs::remove_dir_all(&self.dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
-                eprintln!("sluice lab {}: cannot remove {}: {e}", self.id, self.dir.display());
+                eprintln!(
+                    "sluice lab {}: cannot remove {}: {e}",
+                    self.id,
+                    self.dir.display()
+                );
             }
         }
     }
@@ -942,7 +1126,8 @@ impl SluiceProcess {
     }
     /// SIGTERM, wait up to `grace`, then SIGKILL. Returns the exit status.
     pub fn stop(mut self, grace: Duration) -> Result<ExitStatus> {
-        cmd::terminate(&mut self.child, grace).ok_or_else(|| anyhow!("`{}` did not exit after SIGKILL", self.what))
+        cmd::terminate(&mut self.child, grace)
+            .ok_or_else(|| anyhow!("`{}` did not exit after SIGKILL", self.what))
     }
 }
 
@@ -959,9 +1144,17 @@ fn first_lines(s: &str, n: usize) -> String {
 /// SIGKILLs every process whose network namespace is `ns` (never `me`), and waits briefly for them.
 fn kill_ns_processes(ns: &str, me: u32) {
     let pids = |ns: &str| -> Vec<u32> {
-        cmd::run(Command::new("ip").args(["netns", "pids", ns]), Duration::from_secs(10))
-            .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect())
-            .unwrap_or_default()
+        cmd::run(
+            Command::new("ip").args(["netns", "pids", ns]),
+            Duration::from_secs(10),
+        )
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
     };
     for _round in 0..3 {
         let list: Vec<u32> = pids(ns).into_iter().filter(|&p| p != me).collect();
@@ -979,11 +1172,17 @@ fn kill_ns_processes(ns: &str, me: u32) {
 }
 
 fn unmount(p: &Path) {
-    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else { return };
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
     // SAFETY: umount2 with a valid C string; MNT_DETACH never blocks on busy mounts.
     let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
     if rc != 0 {
-        eprintln!("sluice lab: cannot unmount {}: {}", p.display(), std::io::Error::last_os_error());
+        eprintln!(
+            "sluice lab: cannot unmount {}: {}",
+            p.display(),
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -995,7 +1194,9 @@ fn lab_ns_pid(name: &str) -> Option<u32> {
     let _n: u32 = parts.next()?.parse().ok()?;
     let role = parts.next()?;
     let known = matches!(role, "sw" | "c" | "lb")
-        || role.strip_prefix('b').is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()));
+        || role
+            .strip_prefix('b')
+            .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()));
     known.then_some(pid)
 }
 
@@ -1013,23 +1214,37 @@ fn lab_dir_pid(name: &str) -> Option<u32> {
 fn cleanup_stale() {
     let me = std::process::id();
     let dead = |pid: u32| pid != me && !cmd::pid_alive(pid);
-    if let Ok(out) = cmd::run(Command::new("ip").args(["netns", "list"]), Duration::from_secs(10)) {
+    if let Ok(out) = cmd::run(
+        Command::new("ip").args(["netns", "list"]),
+        Duration::from_secs(10),
+    ) {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let Some(name) = line.split_whitespace().next() else { continue };
+            let Some(name) = line.split_whitespace().next() else {
+                continue;
+            };
             if lab_ns_pid(name).is_some_and(dead) {
                 eprintln!("sluice lab: removing namespace {name} left by a dead test process");
                 kill_ns_processes(name, me);
-                let _ = cmd::run(Command::new("ip").args(["netns", "del", name]), Duration::from_secs(10));
+                let _ = cmd::run(
+                    Command::new("ip").args(["netns", "del", name]),
+                    Duration::from_secs(10),
+                );
             }
         }
     }
     let tmp = std::env::temp_dir();
     if let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") {
         for line in mountinfo.lines() {
-            let Some(mp) = line.split(' ').nth(4) else { continue };
+            let Some(mp) = line.split(' ').nth(4) else {
+                continue;
+            };
             let mp = Path::new(mp);
-            let Ok(rel) = mp.strip_prefix(&tmp) else { continue };
-            let Some(first) = rel.components().next() else { continue };
+            let Ok(rel) = mp.strip_prefix(&tmp) else {
+                continue;
+            };
+            let Some(first) = rel.components().next() else {
+                continue;
+            };
             if lab_dir_pid(&first.as_os_str().to_string_lossy()).is_some_and(dead) {
                 unmount(mp);
             }

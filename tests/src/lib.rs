@@ -12,7 +12,10 @@ pub mod nft;
 pub mod servers;
 
 pub use conn::{LongConn, LongConnReport};
-pub use lab::{BackendSpec, CurlResult, HTTP_PORT, Lab, LabConfig, SluiceProcess, UDP_FIRST_PORT, require_root, sluice_binary};
+pub use lab::{
+    BackendSpec, CurlResult, HTTP_PORT, Lab, LabConfig, SluiceProcess, UDP_FIRST_PORT,
+    require_root, sluice_binary,
+};
 pub use nft::VipCounters;
 pub use servers::{ECHO_PORT, UDP_PORT};
 pub mod fixtures;

@@ -20,8 +20,12 @@ pub fn path(name: &str) -> PathBuf {
 /// Moves the calling thread into network namespace `name`. Only call this on a thread you own.
 pub fn enter(name: &str) -> Result<()> {
     let p = path(name);
-    let f = File::open(&p)
-        .with_context(|| format!("cannot open network namespace {} (does it exist?)", p.display()))?;
+    let f = File::open(&p).with_context(|| {
+        format!(
+            "cannot open network namespace {} (does it exist?)",
+            p.display()
+        )
+    })?;
     // SAFETY: setns on a valid fd; CLONE_NEWNET only changes this thread's network namespace.
     let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
     if rc != 0 {

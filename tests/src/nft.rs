@@ -56,16 +56,21 @@ pub fn ruleset(vip: Ipv4Addr) -> String {
 /// Reads the counters of namespace `ns`.
 pub fn read(ns: &str) -> Result<VipCounters> {
     let out = cmd::run_ok(
-        Command::new("ip").args(["netns", "exec", ns, "nft", "-j", "list", "counters", "table", "inet", TABLE]),
+        Command::new("ip").args([
+            "netns", "exec", ns, "nft", "-j", "list", "counters", "table", "inet", TABLE,
+        ]),
         cmd::DEFAULT_TIMEOUT,
     )?;
-    parse(&String::from_utf8_lossy(&out.stdout)).with_context(|| format!("reading nft counters in {ns}"))
+    parse(&String::from_utf8_lossy(&out.stdout))
+        .with_context(|| format!("reading nft counters in {ns}"))
 }
 
 /// Zeroes the counters of namespace `ns`.
 pub fn reset(ns: &str) -> Result<()> {
     cmd::run_ok(
-        Command::new("ip").args(["netns", "exec", ns, "nft", "reset", "counters", "table", "inet", TABLE]),
+        Command::new("ip").args([
+            "netns", "exec", ns, "nft", "reset", "counters", "table", "inet", TABLE,
+        ]),
         cmd::DEFAULT_TIMEOUT,
     )?;
     Ok(())
@@ -81,7 +86,9 @@ pub fn parse(json: &str) -> Result<VipCounters> {
     let mut c = VipCounters::default();
     let mut found = 0;
     for item in items {
-        let Some(counter) = item.get("counter") else { continue };
+        let Some(counter) = item.get("counter") else {
+            continue;
+        };
         let name = counter.get("name").and_then(|n| n.as_str()).unwrap_or("");
         let packets = counter.get("packets").and_then(|p| p.as_u64()).unwrap_or(0);
         let slot = match name {
@@ -95,7 +102,9 @@ pub fn parse(json: &str) -> Result<VipCounters> {
         found += 1;
     }
     if found != 4 {
-        return Err(anyhow!("expected 4 counters in table inet {TABLE}, found {found}: {json}"));
+        return Err(anyhow!(
+            "expected 4 counters in table inet {TABLE}, found {found}: {json}"
+        ));
     }
     Ok(c)
 }
@@ -112,7 +121,15 @@ mod tests {
           {"counter": {"family": "inet", "name": "vip_syn", "table": "sluicelab", "handle": 3, "packets": 2, "bytes": 120}},
           {"counter": {"family": "inet", "name": "vip_udp", "table": "sluicelab", "handle": 4, "packets": 0, "bytes": 0}}]}"#;
         let c = parse(json).unwrap();
-        assert_eq!(c, VipCounters { ttl64: 7, ttl_other: 1, syn: 2, udp: 0 });
+        assert_eq!(
+            c,
+            VipCounters {
+                ttl64: 7,
+                ttl_other: 1,
+                syn: 2,
+                udp: 0
+            }
+        );
         assert_eq!(c.packets(), 8);
     }
 }

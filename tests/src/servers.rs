@@ -76,7 +76,11 @@ impl BackendServers {
                     .spawn(move || serve_echo(echo, &name, &stop, &stats))?,
             );
         }
-        Ok(BackendServers { stop, threads, stats })
+        Ok(BackendServers {
+            stop,
+            threads,
+            stats,
+        })
     }
 
     /// Stops every thread and waits for them (each notices within ~200 ms).
@@ -96,7 +100,10 @@ impl Drop for BackendServers {
 
 fn serve_udp(sock: UdpSocket, name: &str, stop: &AtomicBool, stats: &ServerStats) {
     let started = Instant::now();
-    if sock.set_read_timeout(Some(Duration::from_millis(100))).is_err() {
+    if sock
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .is_err()
+    {
         return;
     }
     let mut buf = [0u8; 2048];
@@ -107,7 +114,11 @@ fn serve_udp(sock: UdpSocket, name: &str, stop: &AtomicBool, stats: &ServerStats
                     stats.udp_answered.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
             Err(_) => thread::sleep(Duration::from_millis(10)),
         }
     }
@@ -128,11 +139,18 @@ fn serve_echo(listener: TcpListener, name: &str, stop: &Arc<AtomicBool>, stats: 
                 }
                 stats.echo_conns.fetch_add(1, Ordering::Relaxed);
                 active.fetch_add(1, Ordering::SeqCst);
-                let (stop, stats, conn_active, name) = (stop.clone(), stats.clone(), active.clone(), name.to_string());
-                let spawned = thread::Builder::new().name(format!("echo-{name}-conn")).spawn(move || {
-                    let _ = echo_conn(stream, &name, &stop, &stats, started);
-                    conn_active.fetch_sub(1, Ordering::SeqCst);
-                });
+                let (stop, stats, conn_active, name) = (
+                    stop.clone(),
+                    stats.clone(),
+                    active.clone(),
+                    name.to_string(),
+                );
+                let spawned = thread::Builder::new()
+                    .name(format!("echo-{name}-conn"))
+                    .spawn(move || {
+                        let _ = echo_conn(stream, &name, &stop, &stats, started);
+                        conn_active.fetch_sub(1, Ordering::SeqCst);
+                    });
                 match spawned {
                     Ok(h) => conns.push(h),
                     Err(_) => {
@@ -174,7 +192,11 @@ fn echo_conn(
                 stats.echo_lines.fetch_add(1, Ordering::Relaxed);
                 line.clear();
             }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
             Err(e) => return Err(e),
         }
     }

@@ -14,7 +14,8 @@ use sluice_tests::{
 fn harness(protocol: Protocol, backends: &[(u8, u32, bool)]) -> Harness {
     require_root();
     let mut h = Harness::new().expect("load the XDP object");
-    h.apply(&desired(protocol, backends)).expect("program the maps");
+    h.apply(&desired(protocol, backends))
+        .expect("program the maps");
     h
 }
 
@@ -31,12 +32,18 @@ fn assert_forwarded(h: &mut Harness, input: &[u8]) -> u8 {
 fn assert_verdict_untouched(h: &mut Harness, input: &[u8], verdict: u32) {
     let (action, out) = h.run(input).expect("test run");
     assert_eq!(action, verdict);
-    assert_eq!(out, input, "a frame that is not forwarded is left untouched");
+    assert_eq!(
+        out, input,
+        "a frame that is not forwarded is left untouched"
+    );
 }
 
 #[test]
 fn syn_to_vip_is_forwarded_by_mac_rewrite() {
-    let mut h = harness(Protocol::Tcp, &[(0, 1, false), (1, 1, false), (2, 1, false)]);
+    let mut h = harness(
+        Protocol::Tcp,
+        &[(0, 1, false), (1, 1, false), (2, 1, false)],
+    );
     let syn = Frame::tcp(40000, TCP_SYN).bytes();
     let b = assert_forwarded(&mut h, &syn);
     assert!(b < 3);
@@ -50,7 +57,10 @@ fn syn_to_vip_is_forwarded_by_mac_rewrite() {
 
 #[test]
 fn flows_spread_over_all_backends() {
-    let mut h = harness(Protocol::Tcp, &[(0, 1, false), (1, 1, false), (2, 1, false)]);
+    let mut h = harness(
+        Protocol::Tcp,
+        &[(0, 1, false), (1, 1, false), (2, 1, false)],
+    );
     let mut hits = [0u32; 3];
     for sport in 0..3000u16 {
         let b = assert_forwarded(&mut h, &Frame::tcp(10000 + sport, TCP_SYN).bytes());
@@ -58,24 +68,42 @@ fn flows_spread_over_all_backends() {
     }
     // 3000 flows over 3 equal backends: each within 15% of 1000 (binomial sd ~26).
     for (i, n) in hits.iter().enumerate() {
-        assert!((850..=1150).contains(n), "backend {i} got {n} of 3000: {hits:?}");
+        assert!(
+            (850..=1150).contains(n),
+            "backend {i} got {n} of 3000: {hits:?}"
+        );
     }
 }
 
 #[test]
 fn established_flow_keeps_backend_through_table_changes() {
-    let mut h = harness(Protocol::Tcp, &[(0, 1, false), (1, 1, false), (2, 1, false)]);
-    let flows: Vec<Vec<u8>> = (0..200u16).map(|p| Frame::tcp(20000 + p, TCP_SYN).bytes()).collect();
+    let mut h = harness(
+        Protocol::Tcp,
+        &[(0, 1, false), (1, 1, false), (2, 1, false)],
+    );
+    let flows: Vec<Vec<u8>> = (0..200u16)
+        .map(|p| Frame::tcp(20000 + p, TCP_SYN).bytes())
+        .collect();
     let before: Vec<u8> = flows.iter().map(|f| assert_forwarded(&mut h, f)).collect();
 
     // Add two backends and remove none: every established flow stays where it was.
     h.apply(&desired(
         Protocol::Tcp,
-        &[(0, 1, false), (1, 1, false), (2, 1, false), (3, 1, false), (4, 1, false)],
+        &[
+            (0, 1, false),
+            (1, 1, false),
+            (2, 1, false),
+            (3, 1, false),
+            (4, 1, false),
+        ],
     ))
     .unwrap();
     for (f, b) in flows.iter().zip(&before) {
-        assert_eq!(assert_forwarded(&mut h, f), *b, "established flow moved after an add");
+        assert_eq!(
+            assert_forwarded(&mut h, f),
+            *b,
+            "established flow moved after an add"
+        );
     }
 
     // Remove backend 2: only its flows move, the others stay.
@@ -97,7 +125,10 @@ fn established_flow_keeps_backend_through_table_changes() {
 #[test]
 fn new_flows_after_adding_a_backend_move_about_one_in_n() {
     // Without the connection table (fresh flows), adding a 4th backend moves ~1/4 of flows.
-    let mut h = harness(Protocol::Udp, &[(0, 1, false), (1, 1, false), (2, 1, false)]);
+    let mut h = harness(
+        Protocol::Udp,
+        &[(0, 1, false), (1, 1, false), (2, 1, false)],
+    );
     let n = 2000u16;
     let before: Vec<u8> = (0..n)
         .map(|p| assert_forwarded(&mut h, &Frame::udp(30000 + p, b"x").bytes()))
@@ -111,33 +142,57 @@ fn new_flows_after_adding_a_backend_move_about_one_in_n() {
         .filter(|p| assert_forwarded(&mut h, &Frame::udp(50000 + p, b"x").bytes()) == 3)
         .count();
     let share = moved as f64 / n as f64;
-    assert!((0.20..0.30).contains(&share), "new backend took {share:.3} of new flows");
+    assert!(
+        (0.20..0.30).contains(&share),
+        "new backend took {share:.3} of new flows"
+    );
     // Old flows keep their backends (connection table).
     for (p, b) in before.iter().enumerate() {
-        assert_eq!(assert_forwarded(&mut h, &Frame::udp(30000 + p as u16, b"x").bytes()), *b);
+        assert_eq!(
+            assert_forwarded(&mut h, &Frame::udp(30000 + p as u16, b"x").bytes()),
+            *b
+        );
     }
 }
 
 #[test]
 fn drained_backend_keeps_flows_gets_no_new_ones() {
-    let mut h = harness(Protocol::Tcp, &[(0, 1, false), (1, 1, false), (2, 1, false)]);
-    let flows: Vec<Vec<u8>> = (0..300u16).map(|p| Frame::tcp(1000 + p, TCP_SYN).bytes()).collect();
+    let mut h = harness(
+        Protocol::Tcp,
+        &[(0, 1, false), (1, 1, false), (2, 1, false)],
+    );
+    let flows: Vec<Vec<u8>> = (0..300u16)
+        .map(|p| Frame::tcp(1000 + p, TCP_SYN).bytes())
+        .collect();
     let before: Vec<u8> = flows.iter().map(|f| assert_forwarded(&mut h, f)).collect();
     assert!(before.contains(&1));
-    h.apply(&desired(Protocol::Tcp, &[(0, 1, false), (1, 1, true), (2, 1, false)]))
-        .unwrap();
+    h.apply(&desired(
+        Protocol::Tcp,
+        &[(0, 1, false), (1, 1, true), (2, 1, false)],
+    ))
+    .unwrap();
     for (f, b) in flows.iter().zip(&before) {
-        assert_eq!(assert_forwarded(&mut h, f), *b, "drain must keep established flows");
+        assert_eq!(
+            assert_forwarded(&mut h, f),
+            *b,
+            "drain must keep established flows"
+        );
     }
     for p in 0..1000u16 {
         let b = assert_forwarded(&mut h, &Frame::tcp(5000 + p, TCP_SYN).bytes());
         assert_ne!(b, 1, "a drained backend got a new flow");
     }
     // Weight 0 is the same as drain.
-    h.apply(&desired(Protocol::Tcp, &[(0, 1, false), (1, 0, false), (2, 1, false)]))
-        .unwrap();
+    h.apply(&desired(
+        Protocol::Tcp,
+        &[(0, 1, false), (1, 0, false), (2, 1, false)],
+    ))
+    .unwrap();
     for p in 0..500u16 {
-        assert_ne!(assert_forwarded(&mut h, &Frame::tcp(7000 + p, TCP_SYN).bytes()), 1);
+        assert_ne!(
+            assert_forwarded(&mut h, &Frame::tcp(7000 + p, TCP_SYN).bytes()),
+            1
+        );
     }
 }
 
@@ -149,7 +204,10 @@ fn weights_are_honoured() {
         hits[assert_forwarded(&mut h, &Frame::udp(p, b"w").bytes()) as usize] += 1;
     }
     let share = f64::from(hits[1]) / 4000.0;
-    assert!((0.72..0.78).contains(&share), "weight 3 of 4 got {share:.3}: {hits:?}");
+    assert!(
+        (0.72..0.78).contains(&share),
+        "weight 3 of 4 got {share:.3}: {hits:?}"
+    );
 }
 
 #[test]
@@ -195,7 +253,10 @@ fn ipv4_options_are_skipped() {
     let with_options = f.bytes();
     let b = assert_forwarded(&mut h, &with_options);
     // Same 5-tuple without options hits the same connection-table entry.
-    assert_eq!(assert_forwarded(&mut h, &Frame::tcp(4242, TCP_ACK).bytes()), b);
+    assert_eq!(
+        assert_forwarded(&mut h, &Frame::tcp(4242, TCP_ACK).bytes()),
+        b
+    );
     // The longest header: 40 bytes of options.
     f.ip_options = vec![1; 40];
     f.sport = 4243;
@@ -208,7 +269,10 @@ fn truncated_headers_at_every_layer() {
     let full = Frame::tcp(5555, TCP_SYN).bytes();
     // Frames shorter than an Ethernet header cannot be fed to BPF_PROG_TEST_RUN (the kernel
     // refuses them with EINVAL); the program's bounds check passes them to the kernel.
-    assert!(h.run(&full[..13]).is_err(), "the kernel accepted a 13-byte XDP test frame");
+    assert!(
+        h.run(&full[..13]).is_err(),
+        "the kernel accepted a 13-byte XDP test frame"
+    );
     // Cut inside the IPv4 header, inside the TCP header: dropped as malformed.
     let mut dropped = 0;
     for len in [14usize, 20, 33, 34, 40, 53] {
@@ -228,7 +292,12 @@ fn truncated_headers_at_every_layer() {
     doff[14 + 20 + 12] = 0xf0;
     let mut version = full.clone();
     version[14] = 0x65;
-    for (name, f) in [("tot_len", long), ("ihl", short_ihl), ("doff", doff), ("version", version)] {
+    for (name, f) in [
+        ("tot_len", long),
+        ("ihl", short_ihl),
+        ("doff", doff),
+        ("version", version),
+    ] {
         let (action, _) = h.run(&f).unwrap();
         assert_eq!(action, XDP_DROP, "{name}");
     }
@@ -263,7 +332,10 @@ fn vip_without_backend_drops_and_counts() {
     assert_eq!(h.counter(GlobalCounter::DropNoBackend).unwrap(), 1);
     // All backends draining: same for new flows.
     h.apply(&desired(Protocol::Tcp, &[(0, 1, true)])).unwrap();
-    assert_eq!(h.run(&Frame::tcp(7778, TCP_SYN).bytes()).unwrap().0, XDP_DROP);
+    assert_eq!(
+        h.run(&Frame::tcp(7778, TCP_SYN).bytes()).unwrap().0,
+        XDP_DROP
+    );
     assert_eq!(h.counter(GlobalCounter::DropNoBackend).unwrap(), 2);
 }
 
@@ -299,6 +371,11 @@ fn removed_vip_passes_and_readded_vip_forwards() {
 #[test]
 fn reconcile_is_idempotent() {
     let mut h = harness(Protocol::Tcp, &[(0, 1, false), (1, 2, false)]);
-    let s = h.apply(&desired(Protocol::Tcp, &[(0, 1, false), (1, 2, false)])).unwrap();
-    assert!(s.is_empty(), "a second apply of the same config changed {s}");
+    let s = h
+        .apply(&desired(Protocol::Tcp, &[(0, 1, false), (1, 2, false)]))
+        .unwrap();
+    assert!(
+        s.is_empty(),
+        "a second apply of the same config changed {s}"
+    );
 }

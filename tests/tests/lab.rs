@@ -10,7 +10,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use sluice_tests::{BackendSpec, ECHO_PORT, Lab, LabConfig, UDP_FIRST_PORT, UDP_PORT, require_root};
+use sluice_tests::{
+    BackendSpec, ECHO_PORT, Lab, LabConfig, UDP_FIRST_PORT, UDP_PORT, require_root,
+};
 
 /// Spread tolerance: every backend's share must be within ±30% of the mean. With equal weights a
 /// Maglev table gives each backend ~1/N of the table, and random source ports make each request a
@@ -20,7 +22,11 @@ const SPREAD_TOLERANCE: f64 = 0.30;
 
 fn build(backends: usize) -> Lab {
     require_root();
-    Lab::build(LabConfig { backends, udp: true }).expect("building the lab")
+    Lab::build(LabConfig {
+        backends,
+        udp: true,
+    })
+    .expect("building the lab")
 }
 
 fn all_active(n: usize) -> Vec<BackendSpec> {
@@ -31,7 +37,9 @@ fn all_active(n: usize) -> Vec<BackendSpec> {
 fn tally<'a>(lab: &Lab, names: impl IntoIterator<Item = &'a String>) -> Result<Vec<usize>> {
     let mut counts = vec![0; lab.backends()];
     for n in names {
-        let i = lab.backend_index(n).with_context(|| format!("answer {n:?} is not a lab backend"))?;
+        let i = lab
+            .backend_index(n)
+            .with_context(|| format!("answer {n:?} is not a lab backend"))?;
         counts[i] += 1;
     }
     Ok(counts)
@@ -40,8 +48,15 @@ fn tally<'a>(lab: &Lab, names: impl IntoIterator<Item = &'a String>) -> Result<V
 fn assert_spread(what: &str, counts: &[usize], among: &[usize]) -> Result<()> {
     let total: usize = among.iter().map(|&i| counts[i]).sum();
     let mean = total as f64 / among.len() as f64;
-    let dist: BTreeMap<String, usize> = counts.iter().enumerate().map(|(i, &c)| (format!("b{i}"), c)).collect();
-    println!("{what}: {total} answers, distribution {dist:?}, mean {mean:.1}, tolerance ±{:.0}%", SPREAD_TOLERANCE * 100.0);
+    let dist: BTreeMap<String, usize> = counts
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| (format!("b{i}"), c))
+        .collect();
+    println!(
+        "{what}: {total} answers, distribution {dist:?}, mean {mean:.1}, tolerance ±{:.0}%",
+        SPREAD_TOLERANCE * 100.0
+    );
     for &i in among {
         let dev = (counts[i] as f64 - mean).abs() / mean;
         ensure!(
@@ -60,16 +75,25 @@ fn assert_only_xdp(lab: &Lab) -> Result<()> {
     for i in 0..lab.backends() {
         let c = lab.backend_counters(i)?;
         println!("b{i} VIP counters: {c:?}");
-        ensure!(c.ttl_other == 0, "b{i} got {} VIP packets with TTL != 64: not forwarded by XDP ({c:?})", c.ttl_other);
+        ensure!(
+            c.ttl_other == 0,
+            "b{i} got {} VIP packets with TTL != 64: not forwarded by XDP ({c:?})",
+            c.ttl_other
+        );
     }
     Ok(())
 }
 
 fn native_xdp_mode(lab: &Lab) -> Result<()> {
     let link = lab.lb_link_json()?;
-    let xdp = link.get("xdp").with_context(|| format!("no XDP program on the lb's {}: {link}", lab.lb_iface()))?;
+    let xdp = link
+        .get("xdp")
+        .with_context(|| format!("no XDP program on the lb's {}: {link}", lab.lb_iface()))?;
     // IFLA_XDP_ATTACHED: 1 = driver (native), 2 = generic (skb), 3 = hardware.
-    ensure!(xdp.get("mode").and_then(|m| m.as_u64()) == Some(1), "XDP on the lb is not in native (driver) mode: {xdp}");
+    ensure!(
+        xdp.get("mode").and_then(|m| m.as_u64()) == Some(1),
+        "XDP on the lb is not in native (driver) mode: {xdp}"
+    );
     Ok(())
 }
 
@@ -89,19 +113,42 @@ fn lab_builds_and_backends_serve() -> Result<()> {
     );
     for (i, addr) in lab.backend_addrs().into_iter().enumerate() {
         let r = lab.curl(addr, 5)?;
-        ensure!(r.failures == 0, "HTTP to b{i} at {addr}: {} failures: {}", r.failures, r.stderr);
-        ensure!(r.bodies.iter().all(|b| *b == format!("b{i}")), "HTTP to {addr} answered {:?}", r.bodies);
+        ensure!(
+            r.failures == 0,
+            "HTTP to b{i} at {addr}: {} failures: {}",
+            r.failures,
+            r.stderr
+        );
+        ensure!(
+            r.bodies.iter().all(|b| *b == format!("b{i}")),
+            "HTTP to {addr} answered {:?}",
+            r.bodies
+        );
 
-        let udp = lab.udp(SocketAddrV4::new(addr, UDP_PORT), 5, UDP_FIRST_PORT + 100 * i as u16)?;
-        ensure!(udp.iter().all(|a| a.as_deref() == Some(format!("b{i}").as_str())), "UDP to {addr} answered {udp:?}");
+        let udp = lab.udp(
+            SocketAddrV4::new(addr, UDP_PORT),
+            5,
+            UDP_FIRST_PORT + 100 * i as u16,
+        )?;
+        ensure!(
+            udp.iter()
+                .all(|a| a.as_deref() == Some(format!("b{i}").as_str())),
+            "UDP to {addr} answered {udp:?}"
+        );
 
         let conn = lab.long_conn(SocketAddrV4::new(addr, ECHO_PORT))?;
         conn.wait_echoes(3, Duration::from_secs(5))?;
         let report = conn.finish();
-        ensure!(report.is_clean() && report.backends == [format!("b{i}")], "echo via {addr}: {report:?}");
+        ensure!(
+            report.is_clean() && report.backends == [format!("b{i}")],
+            "echo via {addr}: {report:?}"
+        );
     }
     // Direct traffic is not VIP traffic.
-    ensure!(lab.backend_hits()? == vec![0, 0, 0], "VIP counters moved without VIP traffic");
+    ensure!(
+        lab.backend_hits()? == vec![0, 0, 0],
+        "VIP counters moved without VIP traffic"
+    );
     // Every veth sends with checksum offload off (needed for native XDP paths).
     let k = lab.exec_ok(lab.client_ns(), &["ethtool", "-k", lab.lb_iface()])?;
     ensure!(
@@ -121,25 +168,44 @@ fn lab_kernel_routing_shows_ttl63_and_dsr_replies() -> Result<()> {
     let lab = build(3);
     lab.kernel_route_vip_via(1)?;
     let bodies = lab.curl_vip(20)?;
-    ensure!(bodies.iter().all(|b| b == "b1"), "kernel-routed HTTP answered {bodies:?}");
+    ensure!(
+        bodies.iter().all(|b| b == "b1"),
+        "kernel-routed HTTP answered {bodies:?}"
+    );
     let udp = lab.udp_vip(10, UDP_FIRST_PORT)?;
-    ensure!(udp.iter().all(|a| a.as_deref() == Some("b1")), "kernel-routed UDP answered {udp:?}");
+    ensure!(
+        udp.iter().all(|a| a.as_deref() == Some("b1")),
+        "kernel-routed UDP answered {udp:?}"
+    );
     let conn = lab.long_conn_vip()?;
     conn.wait_echoes(3, Duration::from_secs(5))?;
     let report = conn.finish();
-    ensure!(report.is_clean() && report.backends == ["b1"], "kernel-routed echo: {report:?}");
+    ensure!(
+        report.is_clean() && report.backends == ["b1"],
+        "kernel-routed echo: {report:?}"
+    );
 
     let c = lab.backend_counters(1)?;
     println!("b1 VIP counters with kernel routing: {c:?}");
-    ensure!(c.ttl64 == 0 && c.ttl_other > 0, "kernel-routed packets must arrive with TTL 63: {c:?}");
+    ensure!(
+        c.ttl64 == 0 && c.ttl_other > 0,
+        "kernel-routed packets must arrive with TTL 63: {c:?}"
+    );
     ensure!(c.syn >= 21 && c.udp >= 10, "SYN/UDP counters: {c:?}");
     for i in [0, 2] {
-        ensure!(lab.backend_counters(i)?.packets() == 0, "b{i} got VIP packets");
+        ensure!(
+            lab.backend_counters(i)?.packets() == 0,
+            "b{i} got VIP packets"
+        );
     }
 
     lab.kernel_route_vip_off()?;
     let r = lab.curl(lab.vip(), 2)?;
-    ensure!(r.failures == 2, "the VIP answered with ip_forward=0 and no XDP: {:?}", r.bodies);
+    ensure!(
+        r.failures == 2,
+        "the VIP answered with ip_forward=0 and no XDP: {:?}",
+        r.bodies
+    );
     Ok(())
 }
 
@@ -151,7 +217,9 @@ fn lab_drop_leaves_nothing_behind() -> Result<()> {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
     let mounted = |p: &Path| -> bool {
-        std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().contains(&*p.to_string_lossy())
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .contains(&*p.to_string_lossy())
     };
 
     let lab = build(3);
@@ -159,19 +227,35 @@ fn lab_drop_leaves_nothing_behind() -> Result<()> {
     let nginx = lab.nginx_pids();
     let dir = lab.dir().to_path_buf();
     let before = listed()?;
-    ensure!(namespaces.len() == 6, "expected sw, c, lb and 3 backends: {namespaces:?}");
+    ensure!(
+        namespaces.len() == 6,
+        "expected sw, c, lb and 3 backends: {namespaces:?}"
+    );
     for ns in &namespaces {
-        ensure!(before.lines().any(|l| l.split_whitespace().next() == Some(ns)), "{ns} missing from ip netns list");
+        ensure!(
+            before
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(ns)),
+            "{ns} missing from ip netns list"
+        );
     }
     ensure!(mounted(&dir.join("bpffs")), "bpffs not mounted");
     drop(lab);
 
     let after = listed()?;
     for ns in &namespaces {
-        ensure!(!after.lines().any(|l| l.split_whitespace().next() == Some(ns)), "{ns} left behind:\n{after}");
+        ensure!(
+            !after
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(ns)),
+            "{ns} left behind:\n{after}"
+        );
     }
     for pid in nginx {
-        ensure!(!Path::new(&format!("/proc/{pid}")).exists(), "nginx {pid} still running");
+        ensure!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "nginx {pid} still running"
+        );
     }
     ensure!(!mounted(&dir.join("bpffs")), "bpffs mount left behind");
     ensure!(!dir.exists(), "{} left behind", dir.display());
@@ -188,7 +272,12 @@ fn lab_drop_leaves_nothing_behind() -> Result<()> {
     let names = rx.recv()?;
     let after = listed()?;
     for ns in &names {
-        ensure!(!after.lines().any(|l| l.split_whitespace().next() == Some(ns)), "{ns} left behind after a panic");
+        ensure!(
+            !after
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(ns)),
+            "{ns} left behind after a panic"
+        );
     }
     Ok(())
 }
@@ -210,13 +299,42 @@ fn tcp_spreads_over_backends() -> Result<()> {
     assert_only_xdp(&lab)?;
     for (i, &answers) in counts.iter().enumerate() {
         let c = lab.backend_counters(i)?;
-        ensure!(c.syn >= answers as u64, "b{i} answered {answers} connections but saw only {} SYNs", c.syn);
+        ensure!(
+            c.syn >= answers as u64,
+            "b{i} answered {answers} connections but saw only {} SYNs",
+            c.syn
+        );
     }
 
     let stats = lab.stats()?;
     println!("sluice stats: {stats}");
-    let tx = stats["global"]["tx"].as_u64().context("stats: global.tx missing")?;
-    ensure!(tx >= requests as u64, "stats: global.tx = {tx} for {requests} connections");
+    let tx = stats["global"]["tx"]
+        .as_u64()
+        .context("stats: global.tx missing")?;
+    ensure!(
+        tx >= requests as u64,
+        "stats: global.tx = {tx} for {requests} connections"
+    );
+    // sluice's per-backend counters for tcp/80 against what each backend received (nft, TTL 64):
+    // the same packets counted at both ends. Counters were zeroed at attach (sluice) and right
+    // after it (nft), with no traffic in between; a little slack for frames lost on the way.
+    let vip80 = format!("{}:80/tcp", lab.vip());
+    let entry = stats["vips"]
+        .as_array()
+        .and_then(|v| v.iter().find(|e| e["vip"] == vip80.as_str()))
+        .with_context(|| format!("stats: no entry for {vip80}"))?;
+    for (i, addr) in lab.backend_addrs().into_iter().enumerate() {
+        let sluice = entry["backends"]
+            .as_array()
+            .and_then(|v| v.iter().find(|b| b["address"] == addr.to_string().as_str()))
+            .and_then(|b| b["packets"].as_u64())
+            .with_context(|| format!("stats: {vip80} has no packet count for {addr}"))?;
+        let seen = lab.backend_counters(i)?.ttl64;
+        ensure!(
+            sluice >= seen && sluice - seen <= sluice / 50,
+            "b{i}: sluice counted {sluice} packets to it, the backend received {seen}"
+        );
+    }
     Ok(())
 }
 
@@ -237,7 +355,11 @@ fn udp_spreads() -> Result<()> {
     assert_only_xdp(&lab)?;
     for (i, &n) in counts.iter().enumerate() {
         let c = lab.backend_counters(i)?;
-        ensure!(c.udp >= n as u64, "b{i} answered {n} datagrams but counted {} VIP datagrams", c.udp);
+        ensure!(
+            c.udp >= n as u64,
+            "b{i} answered {n} datagrams but counted {} VIP datagrams",
+            c.udp
+        );
     }
 
     let status = sluice.stop(Duration::from_secs(10))?;
@@ -250,8 +372,13 @@ fn established_tcp_survives_other_backend_changes() -> Result<()> {
     let lab = build(4);
     lab.attach(&all_active(3))?;
     let conn = lab.long_conn_vip()?;
-    let serving = lab.backend_index(&conn.backend()).context("long connection's backend")?;
-    println!("long connection {} is served by b{serving}", conn.snapshot().target);
+    let serving = lab
+        .backend_index(&conn.backend())
+        .context("long connection's backend")?;
+    println!(
+        "long connection {} is served by b{serving}",
+        conn.snapshot().target
+    );
     conn.wait_echoes(5, Duration::from_secs(5))?;
 
     // Add b3: the table changes, the connection must not.
@@ -259,21 +386,37 @@ fn established_tcp_survives_other_backend_changes() -> Result<()> {
     conn.wait_echoes(10, Duration::from_secs(5))?;
     let counts = tally(&lab, &lab.curl_vip(300)?)?;
     println!("after adding b3: {counts:?}");
-    ensure!(counts[3] > 0, "b3 was added but got none of 300 new connections: {counts:?}");
+    ensure!(
+        counts[3] > 0,
+        "b3 was added but got none of 300 new connections: {counts:?}"
+    );
 
     // Remove a backend other than the serving one.
     let removed = (0..4).find(|&i| i != serving).unwrap();
-    let remaining: Vec<BackendSpec> = (0..4).filter(|&i| i != removed).map(BackendSpec::active).collect();
+    let remaining: Vec<BackendSpec> = (0..4)
+        .filter(|&i| i != removed)
+        .map(BackendSpec::active)
+        .collect();
     lab.attach(&remaining)?;
     conn.wait_echoes(10, Duration::from_secs(5))?;
     let counts = tally(&lab, &lab.curl_vip(300)?)?;
     println!("after removing b{removed}: {counts:?}");
-    ensure!(counts[removed] == 0, "b{removed} was removed but got new connections: {counts:?}");
+    ensure!(
+        counts[removed] == 0,
+        "b{removed} was removed but got new connections: {counts:?}"
+    );
 
     let report = conn.finish();
     println!("long connection: {report:?}");
-    ensure!(report.is_clean(), "the established connection was disturbed: {report:?}");
-    ensure!(report.backends == [format!("b{serving}")], "it moved: {:?}", report.backends);
+    ensure!(
+        report.is_clean(),
+        "the established connection was disturbed: {report:?}"
+    );
+    ensure!(
+        report.backends == [format!("b{serving}")],
+        "it moved: {:?}",
+        report.backends
+    );
     ensure!(report.echoed >= 26, "too few echoes: {report:?}");
     assert_only_xdp(&lab)?;
     Ok(())
@@ -284,18 +427,33 @@ fn drained_backend_keeps_connection_gets_no_new() -> Result<()> {
     let lab = build(3);
     lab.attach(&all_active(3))?;
     let conn = lab.long_conn_vip()?;
-    let drained = lab.backend_index(&conn.backend()).context("long connection's backend")?;
-    println!("long connection {} is served by b{drained}; draining it", conn.snapshot().target);
+    let drained = lab
+        .backend_index(&conn.backend())
+        .context("long connection's backend")?;
+    println!(
+        "long connection {} is served by b{drained}; draining it",
+        conn.snapshot().target
+    );
     conn.wait_echoes(5, Duration::from_secs(5))?;
 
-    let specs: Vec<BackendSpec> =
-        (0..3).map(|i| if i == drained { BackendSpec::drained(i) } else { BackendSpec::active(i) }).collect();
+    let specs: Vec<BackendSpec> = (0..3)
+        .map(|i| {
+            if i == drained {
+                BackendSpec::drained(i)
+            } else {
+                BackendSpec::active(i)
+            }
+        })
+        .collect();
     lab.attach(&specs)?;
     conn.wait_echoes(10, Duration::from_secs(5))?;
 
     let counts = tally(&lab, &lab.curl_vip(300)?)?;
     println!("300 new connections with b{drained} draining: {counts:?}");
-    ensure!(counts[drained] == 0, "drained b{drained} got new connections: {counts:?}");
+    ensure!(
+        counts[drained] == 0,
+        "drained b{drained} got new connections: {counts:?}"
+    );
     for i in (0..3).filter(|&i| i != drained) {
         ensure!(counts[i] > 0, "b{i} got no new connections: {counts:?}");
     }
@@ -303,8 +461,15 @@ fn drained_backend_keeps_connection_gets_no_new() -> Result<()> {
 
     let report = conn.finish();
     println!("long connection: {report:?}");
-    ensure!(report.is_clean(), "the drained backend's connection was disturbed: {report:?}");
-    ensure!(report.backends == [format!("b{drained}")], "it moved: {:?}", report.backends);
+    ensure!(
+        report.is_clean(),
+        "the drained backend's connection was disturbed: {report:?}"
+    );
+    ensure!(
+        report.backends == [format!("b{drained}")],
+        "it moved: {:?}",
+        report.backends
+    );
     assert_only_xdp(&lab)?;
     Ok(())
 }
@@ -317,17 +482,30 @@ fn teardown_detach() -> Result<()> {
     native_xdp_mode(&lab)?;
     let pins = lab.pins()?;
     println!("pins after attach: {pins:?}");
-    ensure!(!pins.is_empty(), "attach pinned nothing in {}", lab.pin_dir().display());
+    ensure!(
+        !pins.is_empty(),
+        "attach pinned nothing in {}",
+        lab.pin_dir().display()
+    );
     let bodies = lab.curl_vip(30)?;
     ensure!(bodies.len() == 30, "VIP not served after attach");
 
     lab.detach()?;
     // The kernel frees an unpinned link a moment later: allow a short grace.
-    let took = lab.wait_xdp(false, Duration::from_secs(3)).with_context(|| format!("after detach: {}", lab.lb_link_json().unwrap_or_default()))?;
-    println!("XDP gone from {} {took:?} after detach returned", lab.lb_iface());
+    let took = lab
+        .wait_xdp(false, Duration::from_secs(3))
+        .with_context(|| format!("after detach: {}", lab.lb_link_json().unwrap_or_default()))?;
+    println!(
+        "XDP gone from {} {took:?} after detach returned",
+        lab.lb_iface()
+    );
     let pins = lab.pins()?;
     ensure!(pins.is_empty(), "pins left after detach: {pins:?}");
     let r = lab.curl(lab.vip(), 2)?;
-    ensure!(r.failures == 2, "the VIP still answers after detach: {:?}", r.bodies);
+    ensure!(
+        r.failures == 2,
+        "the VIP still answers after detach: {:?}",
+        r.bodies
+    );
     Ok(())
 }

@@ -64,7 +64,14 @@ fn build_sluice() -> anyhow::Result<()> {
 fn test() -> anyhow::Result<()> {
     require_root();
     cargo(&["fmt", "--all", "--check"])?;
-    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     build_sluice()?;
     cargo(&["test", "--workspace", "--no-fail-fast"])?;
     eprintln!("all tests passed");
@@ -74,7 +81,9 @@ fn test() -> anyhow::Result<()> {
 fn demo(requests: usize, backends: usize) -> anyhow::Result<()> {
     require_root();
     build_sluice()?;
-    println!("building the lab: client, load balancer, switch and {backends} backends in network namespaces");
+    println!(
+        "building the lab: client, load balancer, switch and {backends} backends in network namespaces"
+    );
     let lab = Lab::build(LabConfig {
         backends,
         udp: false,
@@ -92,9 +101,16 @@ fn demo(requests: usize, backends: usize) -> anyhow::Result<()> {
     let answers = lab.curl_vip(requests)?;
     println!("{} answers received\n", answers.len());
     let out = lab.sluice_ok(&["inspect", "stats"])?;
-    println!("$ sluice inspect stats\n{}", String::from_utf8_lossy(&out.stdout));
+    println!(
+        "$ sluice inspect stats\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let out = lab.sluice_ok(&["inspect", "maglev", &format!("{}:80/tcp", lab.vip())])?;
-    println!("$ sluice inspect maglev {}:80/tcp\n{}", lab.vip(), String::from_utf8_lossy(&out.stdout));
+    println!(
+        "$ sluice inspect maglev {}:80/tcp\n{}",
+        lab.vip(),
+        String::from_utf8_lossy(&out.stdout)
+    );
     lab.detach()?;
     drop(lab);
     println!("lab torn down");
