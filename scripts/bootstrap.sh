@@ -44,9 +44,14 @@ install_toolchains() {
     rustup toolchain install "$STABLE" --profile minimal --component rustfmt,clippy
   }
   rustup toolchain list | grep -q "^${NIGHTLY}-" || {
-    log "rustup: installing ${NIGHTLY} with rust-src"
-    rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src
+    log "rustup: installing ${NIGHTLY} with rust-src and clippy"
+    rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src,clippy
   }
+  local installed
+  installed=$(rustup component list --toolchain "$NIGHTLY" --installed)
+  for c in rust-src clippy; do
+    grep -q "^$c" <<<"$installed" || rustup component add --toolchain "$NIGHTLY" "$c"
+  done
 }
 
 install_bpf_linker() {

@@ -1084,14 +1084,14 @@ http {{
             unmount(&self.bpffs);
             self.bpffs_mounted = false;
         }
-        if let Err(e) = fs::remove_dir_all(&self.dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                eprintln!(
-                    "sluice lab {}: cannot remove {}: {e}",
-                    self.id,
-                    self.dir.display()
-                );
-            }
+        if let Err(e) = fs::remove_dir_all(&self.dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!(
+                "sluice lab {}: cannot remove {}: {e}",
+                self.id,
+                self.dir.display()
+            );
         }
     }
 }

@@ -78,6 +78,35 @@ fn test() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn clippy_ebpf() -> anyhow::Result<()> {
+    let toolchain =
+        std::env::var("SLUICE_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly-2026-08-05".into());
+    let args = [
+        "run",
+        &toolchain,
+        "cargo",
+        "clippy",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ];
+    eprintln!("+ (lb-ebpf) rustup {}", args.join(" "));
+    let status = Command::new("rustup")
+        .args(args)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../lb-ebpf"))
+        .status()
+        .context("running clippy on lb-ebpf")?;
+    if !status.success() {
+        bail!("clippy on lb-ebpf failed ({status})");
+    }
+    Ok(())
+}
+
 fn demo(requests: usize, backends: usize) -> anyhow::Result<()> {
     require_root();
     build_sluice()?;

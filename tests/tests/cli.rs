@@ -1,0 +1,173 @@
+//! The `sluice` command's answers to bad input: one line naming what and where, a non-zero exit
+//! status, no panic, no backtrace, and nothing attached.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use sluice_tests::{require_root, sluice_binary};
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("sluice-cli-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Self(dir)
+    }
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn sluice(args: &[&str]) -> Output {
+    Command::new(sluice_binary().expect("sluice binary"))
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run sluice")
+}
+
+/// Fails unless the command failed with exactly one line on stderr containing every `needle`.
+fn assert_one_line_error(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success: {stderr}"
+    );
+    assert_eq!(out.status.code(), Some(1), "exit status; stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line of error expected, got:\n{stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "{needle:?} missing from: {stderr}");
+    }
+    for forbidden in ["panicked", "backtrace", "RUST_BACKTRACE"] {
+        assert!(!stderr.contains(forbidden), "{forbidden:?} in: {stderr}");
+    }
+}
+
+const VALID: &str = "vips:
+  - address: 10.99.0.1
+    port: 80
+    backends:
+      - address: 10.99.1.1
+        mac: 02:00:00:00:00:01
+";
+
+fn attach(config: &Path, iface: &str, pin_dir: &Path) -> Output {
+    sluice(&[
+        "--pin-dir",
+        &pin_dir.display().to_string(),
+        "attach",
+        "--config",
+        &config.display().to_string(),
+        "--iface",
+        iface,
+    ])
+}
+
+#[test]
+fn config_errors_name_file_line_and_field() {
+    require_root();
+    let dir = TempDir::new("config");
+    let cases = [
+        (
+            "dup.yaml",
+            "vips:\n  - address: 10.99.0.1\n    port: 80\n    backends: []\n  - address: 10.99.0.1\n    port: 80\n    backends: []\n",
+            vec!["dup.yaml:5", "vips[1]", "duplicates vips[0]"],
+        ),
+        (
+            "mac.yaml",
+            "vips:\n  - address: 10.99.0.1\n    port: 80\n    backends:\n      - address: 10.99.1.1\n        mac: zz:00\n",
+            vec!["mac.yaml:6", "vips[0].backends[0].mac", "zz:00"],
+        ),
+        (
+            "addr.yaml",
+            "vips:\n  - address: 10.99.0.300\n    port: 80\n    backends: []\n",
+            vec!["addr.yaml:2", "vips[0].address", "10.99.0.300"],
+        ),
+        (
+            "port.yaml",
+            "vips:\n  - address: 10.99.0.1\n    port: 0\n    backends: []\n",
+            vec!["port.yaml:3", "vips[0].port"],
+        ),
+    ];
+    for (name, text, needles) in cases {
+        let path = dir.write(name, text);
+        let out = attach(&path, "lo", &dir.0);
+        assert_one_line_error(&out, &needles);
+    }
+    let out = attach(&dir.0.join("missing.yaml"), "lo", &dir.0);
+    assert_one_line_error(&out, &["missing.yaml"]);
+}
+
+#[test]
+fn unknown_interface() {
+    require_root();
+    let dir = TempDir::new("iface");
+    let config = dir.write("ok.yaml", VALID);
+    let out = attach(&config, "nosuchif0", &dir.0);
+    assert_one_line_error(&out, &["\"nosuchif0\" not found"]);
+}
+
+#[test]
+fn pin_dir_not_on_bpffs() {
+    require_root();
+    let dir = TempDir::new("bpffs");
+    let config = dir.write("ok.yaml", VALID);
+    // The temp dir is on an ordinary filesystem, not a bpffs.
+    let out = attach(&config, "lo", &dir.0.join("pins"));
+    assert_one_line_error(&out, &["not on a BPF filesystem", "mount -t bpf"]);
+}
+
+#[test]
+fn not_root() {
+    require_root();
+    let dir = TempDir::new("root");
+    let config = dir.write("ok.yaml", VALID);
+    let _ = Command::new("chmod")
+        .args(["-R", "a+rx"])
+        .arg(&dir.0)
+        .status();
+    let bin = sluice_binary().expect("sluice binary");
+    // The binary sits under root's target dir; run a world-readable copy as nobody.
+    let copy = dir.0.join("sluice");
+    std::fs::copy(&bin, &copy).expect("copy sluice");
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(&copy)
+        .args(["attach", "--config"])
+        .arg(&config)
+        .args(["--iface", "lo"])
+        .output()
+        .expect("setpriv");
+    assert_one_line_error(&out, &["needs root", "sudo"]);
+}
+
+#[test]
+fn inspect_without_attachment_says_what_to_do() {
+    require_root();
+    let dir = TempDir::new("inspect");
+    let out = sluice(&[
+        "--pin-dir",
+        &dir.0.display().to_string(),
+        "inspect",
+        "stats",
+    ]);
+    assert_one_line_error(&out, &["not attached", "sluice run"]);
+}
