@@ -20,7 +20,7 @@ need_root() {
 apt_packages=(
   llvm-22-dev libpolly-22-dev libzstd-dev          # bpf-linker build and run time
   iproute2 ethtool iputils-ping tcpdump curl bpftool # namespace lab
-  nginx-light python3                                 # HTTP backends in the lab
+  nginx-light python3 nftables procps                 # lab: HTTP backends, TTL counters, sysctl
 )
 
 install_apt() {
