@@ -509,3 +509,66 @@ fn teardown_detach() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn run_reloads_on_sighup_and_cleans_up_on_sigterm() -> Result<()> {
+    let lab = build(3);
+    let sluice = lab.run_sluice(&all_active(3), Duration::from_secs(60))?;
+    // Rewrite the running config (run_sluice's first config file) with b0 drained, and signal.
+    let running = lab.dir().join("config-0.yaml");
+    ensure!(
+        running.is_file(),
+        "{} is not the running config",
+        running.display()
+    );
+    let drained = lab.write_config(&[
+        BackendSpec::drained(0),
+        BackendSpec::active(1),
+        BackendSpec::active(2),
+    ])?;
+    std::fs::copy(&drained, &running)?;
+    let pid = sluice.pid().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()?;
+    ensure!(status.success(), "kill -HUP {pid}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let drained = loop {
+        let out = lab.sluice_ok(&["inspect", "backends", "-o", "json"])?;
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let b0 = lab.backend_addr(0).to_string();
+        let draining = json["backends"].as_array().is_some_and(|rows| {
+            rows.iter()
+                .any(|r| r["address"] == b0.as_str() && r["state"] == "draining")
+        });
+        if draining || std::time::Instant::now() > deadline {
+            break draining;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(
+        drained,
+        "b0 not draining after SIGHUP; log:\n{}",
+        sluice.log_text()
+    );
+    // New connections avoid the drained backend.
+    let counts = tally(&lab, &lab.curl_vip(300)?)?;
+    ensure!(
+        counts[0] == 0,
+        "drained b0 got {} of 300 new connections",
+        counts[0]
+    );
+
+    let status = sluice.stop(Duration::from_secs(10))?;
+    ensure!(
+        status.success(),
+        "sluice run exited with {status} after SIGTERM"
+    );
+    lab.wait_xdp(false, Duration::from_secs(3))?;
+    ensure!(
+        lab.pins()?.is_empty(),
+        "pins left after sluice run exited: {:?}",
+        lab.pins()?
+    );
+    Ok(())
+}
