@@ -31,28 +31,25 @@ struct Cli {
     command: Command,
 }
 
+/// What `run` and `attach` both take.
+#[derive(clap::Args)]
+struct AttachArgs {
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long)]
+    iface: String,
+    /// Use generic (skb) XDP when the driver has no native XDP: slower, but works anywhere.
+    #[arg(long)]
+    generic: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Attach to an interface and balance until SIGINT/SIGTERM; SIGHUP re-reads the config.
-    Run {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long)]
-        iface: String,
-        /// Use generic (skb) XDP when the driver has no native XDP: slower, but works anywhere.
-        #[arg(long)]
-        generic: bool,
-    },
+    Run(AttachArgs),
     /// Attach persistently (pinned link and maps) and exit; the program keeps forwarding.
     /// Run it again with a changed config to apply the difference.
-    Attach {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long)]
-        iface: String,
-        #[arg(long)]
-        generic: bool,
-    },
+    Attach(AttachArgs),
     /// Detach a persistent attachment and remove its pins.
     Detach {
         #[arg(long)]
@@ -119,16 +116,8 @@ fn main() -> ExitCode {
 
 fn execute(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run {
-            config,
-            iface,
-            generic,
-        } => run(&cli.pin_dir, &config, &iface, generic),
-        Command::Attach {
-            config,
-            iface,
-            generic,
-        } => attach(&cli.pin_dir, &config, &iface, generic),
+        Command::Run(a) => run(&cli.pin_dir, &a.config, &a.iface, a.generic),
+        Command::Attach(a) => attach(&cli.pin_dir, &a.config, &a.iface, a.generic),
         Command::Detach { iface } => {
             require_root()?;
             dataplane::detach_pinned(&PinLayout::new(&cli.pin_dir, &iface))?;
