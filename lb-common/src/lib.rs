@@ -10,6 +10,10 @@ pub const MAX_VIPS: u32 = 1024;
 /// Most backend slots in all. A slot is one backend of one VIP, so that removing a backend from
 /// one VIP re-hashes exactly that VIP's flows and nothing else.
 pub const MAX_BACKENDS: u32 = 16384;
+/// Most client prefixes over all VIPs' source ranges.
+pub const MAX_SOURCE_RANGES: u32 = 16384;
+/// Most load-balancer source prefixes and local addresses a decapsulator accepts.
+pub const MAX_DECAP_ADDRS: u32 = 256;
 /// Most interfaces a backend can be reached through by `XDP_REDIRECT`.
 pub const MAX_TX_PORTS: u32 = 64;
 /// Maglev lookup table size per VIP (prime). The Maglev paper keeps M > 100 x N backends.
@@ -51,19 +55,21 @@ impl Default for VipFilter {
 }
 
 impl VipFilter {
-    /// Bit of a destination address (raw, network order), by Fibonacci hashing.
+    /// Bit of a destination address (raw words, network order), by Fibonacci hashing of the
+    /// words folded together (an IPv4 address has words 1-3 zero, so it folds to itself).
     #[inline(always)]
-    pub const fn bit(addr: u32) -> u32 {
-        addr.wrapping_mul(0x9e37_79b1) >> (32 - VIP_FILTER_BITS.trailing_zeros())
+    pub const fn bit(addr: &Addr) -> u32 {
+        let folded = addr[0] ^ addr[1] ^ addr[2] ^ addr[3];
+        folded.wrapping_mul(0x9e37_79b1) >> (32 - VIP_FILTER_BITS.trailing_zeros())
     }
 
     #[inline(always)]
-    pub const fn may_contain(&self, addr: u32) -> bool {
+    pub const fn may_contain(&self, addr: &Addr) -> bool {
         let bit = Self::bit(addr);
         self.words[(bit / 64) as usize] & (1 << (bit % 64)) != 0
     }
 
-    pub fn insert(&mut self, addr: u32) {
+    pub fn insert(&mut self, addr: &Addr) {
         let bit = Self::bit(addr);
         self.words[(bit / 64) as usize] |= 1 << (bit % 64);
     }
@@ -80,8 +86,12 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
     pub const VIP_FILTER: &str = "VIP_FILTER";
-    pub const ALL: [&str; 9] = [
+    pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+    pub const ALL: [&str; 11] = [
         VIP_FILTER,
+        VIP_ADDRS,
+        SOURCE_RANGES,
         VIPS,
         MAGLEV,
         BACKENDS,
@@ -93,20 +103,124 @@ pub mod map_names {
     ];
 }
 
+/// Names of the decapsulator's maps (its own object, pinned under `<pin-dir>/<iface>/decap/`).
+pub mod decap_map_names {
+    pub const DECAP_SOURCES: &str = "DECAP_SOURCES";
+    pub const DECAP_LOCAL: &str = "DECAP_LOCAL";
+    pub const DECAP_STATS: &str = "DECAP_STATS";
+    pub const ALL: [&str; 3] = [DECAP_SOURCES, DECAP_LOCAL, DECAP_STATS];
+}
+
 /// Name of the balancer's XDP entry point in the object file.
 pub const BALANCER_PROGRAM: &str = "sluice_balancer";
+/// Name of the backend-side decapsulator's XDP entry point (in its own object).
+pub const DECAP_PROGRAM: &str = "sluice_decap";
 
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_IPV6: u8 = 41;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
-/// Key of the `VIPS` hash: addresses and ports exactly as they sit in the packet (network order).
+/// Address families as stored in keys.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// An IPv4 or IPv6 address as its raw words sit in the packet (network order). IPv4 uses
+/// word 0 and leaves words 1-3 zero; keys carry the family beside it, so `2001:db8::` and
+/// an IPv4 address with the same first word never collide.
+pub type Addr = [u32; 4];
+
+/// Bytes added in front of a packet by encapsulation.
+pub const IPIP_OVERHEAD: u32 = 20;
+pub const IP6IP6_OVERHEAD: u32 = 40;
+
+/// Key of the `VIPS` hash: address and port exactly as they sit in the packet (network order).
+/// `VIP_ADDRS` uses the same key with port and proto 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct VipKey {
-    pub addr: u32,
+    pub addr: Addr,
     pub port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+}
+
+impl VipKey {
+    /// The `VIP_ADDRS` key of this VIP's address.
+    #[inline(always)]
+    pub const fn address_only(&self) -> Self {
+        Self {
+            addr: self.addr,
+            port: 0,
+            proto: 0,
+            family: self.family,
+        }
+    }
+}
+
+/// [`VipInfo::flags`].
+pub mod vip_flags {
+    /// Session affinity by client address: the Maglev hash ignores the ports.
+    pub const AFFINITY: u32 = 1;
+    /// New flows are admitted only from the VIP's prefixes in `SOURCE_RANGES`.
+    pub const SOURCE_RANGES: u32 = 2;
+}
+
+/// The data of an LPM trie key (the prefix length precedes it, as aya's `lpm_trie::Key` lays
+/// out): a 32-bit scope, then an address. The scope is matched in full, so one trie holds
+/// prefixes of many scopes: `SOURCE_RANGES` scopes by VIP id (a VIP's allowed client
+/// prefixes), `DECAP_SOURCES` by family (load balancers' outer source prefixes).
+/// `DECAP_LOCAL` (this node's addresses, exact match) uses it as a hash key. IPv4 uses
+/// `addr[0..4]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ScopedAddr {
+    /// Big-endian, so that its bits are the first ones the trie matches.
+    pub scope_be: u32,
+    pub addr: [u8; 16],
+}
+
+impl ScopedAddr {
+    /// Prefix length of a key matching the scope and the first `addr_bits` of the address.
+    pub const fn prefix_len(addr_bits: u32) -> u32 {
+        32 + addr_bits
+    }
+}
+
+/// Slots of the decapsulator's `DECAP_STATS` per-CPU array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapCounter {
+    /// Not an encapsulated packet for this node: handed to the kernel untouched.
+    Passed = 0,
+    /// Outer header stripped, inner packet handed to the kernel.
+    Decapsulated = 1,
+    /// Dropped: encapsulated, for this node, but the outer source is not a configured load balancer.
+    DropSource = 2,
+    /// Dropped: encapsulated but truncated or inconsistent.
+    DropMalformed = 3,
+}
+
+impl DecapCounter {
+    pub const COUNT: u32 = 4;
+    pub const ALL: [DecapCounter; Self::COUNT as usize] = [
+        Self::Passed,
+        Self::Decapsulated,
+        Self::DropSource,
+        Self::DropMalformed,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Passed => "passed",
+            Self::Decapsulated => "decapsulated",
+            Self::DropSource => "drop_source",
+            Self::DropMalformed => "drop_malformed",
+        }
+    }
 }
 
 /// Value of the `VIPS` hash.
@@ -131,12 +245,27 @@ pub mod backend_state {
     pub const DRAINING: u32 = 2;
 }
 
+/// [`Backend::mode`]: how a backend's packets are forwarded.
+pub mod forward_mode {
+    /// L2 direct server return: MAC rewrite, IP header untouched.
+    pub const L2: u8 = 0;
+    /// Wrapped in an outer IPv4 header (IPIP, or IPv6-in-IPv4 for an IPv6 VIP).
+    pub const IPIP_V4: u8 = 1;
+    /// Wrapped in an outer IPv6 header (IP6IP6, or IPv4-in-IPv6 for an IPv4 VIP).
+    pub const IPIP_V6: u8 = 2;
+}
+
 /// Value of the `BACKENDS` array: where and how to send a packet of this backend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
-    /// Backend address (network order); informational for the L2 path.
-    pub addr: u32,
+    /// Backend (node) address, raw; the outer destination in encapsulation mode.
+    pub addr: Addr,
+    /// Base of the outer source address range (encapsulation mode).
+    pub encap_src: Addr,
+    /// Host-order mask of the last 32 bits of `encap_src` that vary per flow, so that the
+    /// backend's NIC spreads the flows over its receive queues (RSS hashes the outer header).
+    pub encap_src_vary: u32,
     /// The VIP this slot belongs to: a flow entry pointing at a slot reused by another VIP
     /// must not follow it.
     pub vip_id: u32,
@@ -146,6 +275,13 @@ pub struct Backend {
     pub state: u32,
     /// Maglev weight as configured (the program ignores it; the control plane diffs on it).
     pub weight: u32,
+    /// One of [`forward_mode`].
+    pub mode: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`] of `addr`.
+    pub family: u8,
+    /// Egress MTU: a packet that would exceed it once encapsulated gets an ICMP "too big" back.
+    pub mtu: u16,
+    /// Next hop's MAC (the backend's own in L2 mode).
     pub dst_mac: [u8; 6],
     pub src_mac: [u8; 6],
     /// The VIP this slot serves: an established packet is forwarded only when its own
@@ -157,12 +293,13 @@ pub struct Backend {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
-    pub src: u32,
-    pub dst: u32,
+    pub src: Addr,
+    pub dst: Addr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    pub family: u8,
+    pub _pad: [u8; 2],
 }
 
 /// Value of the `FLOWS` connection table.
@@ -195,18 +332,33 @@ pub enum GlobalCounter {
     /// Connection-table hit / miss (VIP traffic only).
     FlowHit = 3,
     FlowMiss = 4,
-    /// Dropped: an IPv4, TCP or UDP header that is truncated or inconsistent.
+    /// Dropped: an IP, TCP, UDP or ICMP header that is truncated or inconsistent.
     DropMalformed = 5,
     /// Dropped: a new flow for a VIP without a backend that takes new flows.
     DropNoBackend = 6,
-    /// Dropped: an IPv4 fragment of a VIP flow (fragments cannot be hashed to a backend).
+    /// Dropped: a fragment for a VIP address (fragments cannot be hashed to a backend).
     DropFragment = 7,
     /// Dropped: the backend's egress interface is not in `TX_PORTS`, or a map was missing.
     DropInternal = 8,
+    /// Dropped: a packet for a VIP address whose L4 header lies beyond the IPv6 extension
+    /// headers sluice walks (or behind one it cannot walk, such as ESP).
+    DropUnparsed = 9,
+    /// Dropped: a new flow from a client outside the VIP's source ranges.
+    DropSourceRange = 10,
+    /// Dropped: too big once encapsulated, and the sender forbade fragmentation too late to
+    /// tell it (IPv4 without DF).
+    DropTooBig = 11,
+    /// Answered: an ICMP echo request to a VIP address.
+    IcmpEchoReply = 12,
+    /// Answered: ICMP "fragmentation needed" / ICMPv6 "packet too big" to a client whose
+    /// packet would exceed the egress MTU once encapsulated.
+    IcmpTooBigSent = 13,
+    /// Forwarded: an ICMP error about a VIP flow, to the backend that owns the flow.
+    IcmpErrorForwarded = 14,
 }
 
 impl GlobalCounter {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 15;
     pub const ALL: [GlobalCounter; Self::COUNT as usize] = [
         Self::Passed,
         Self::Tx,
@@ -217,6 +369,12 @@ impl GlobalCounter {
         Self::DropNoBackend,
         Self::DropFragment,
         Self::DropInternal,
+        Self::DropUnparsed,
+        Self::DropSourceRange,
+        Self::DropTooBig,
+        Self::IcmpEchoReply,
+        Self::IcmpTooBigSent,
+        Self::IcmpErrorForwarded,
     ];
 
     /// Stable name, used by `sluice inspect stats` and its JSON.
@@ -231,15 +389,22 @@ impl GlobalCounter {
             Self::DropNoBackend => "drop_no_backend",
             Self::DropFragment => "drop_fragment",
             Self::DropInternal => "drop_internal",
+            Self::DropUnparsed => "drop_unparsed",
+            Self::DropSourceRange => "drop_source_range",
+            Self::DropTooBig => "drop_too_big",
+            Self::IcmpEchoReply => "icmp_echo_reply",
+            Self::IcmpTooBigSent => "icmp_too_big_sent",
+            Self::IcmpErrorForwarded => "icmp_error_forwarded",
         }
     }
 }
 
 // The layouts are an ABI between two compilers: pin them.
-const _: () = assert!(size_of::<VipKey>() == 8);
+const _: () = assert!(size_of::<VipKey>() == 20);
 const _: () = assert!(size_of::<VipInfo>() == 16);
-const _: () = assert!(size_of::<Backend>() == 40);
-const _: () = assert!(size_of::<FlowKey>() == 16);
+const _: () = assert!(size_of::<Backend>() == 88);
+const _: () = assert!(size_of::<FlowKey>() == 40);
+const _: () = assert!(size_of::<ScopedAddr>() == 20);
 const _: () = assert!(size_of::<FlowValue>() == 8);
 const _: () = assert!(size_of::<Counters>() == 16);
 const _: () = assert!(size_of::<VipFilter>() == 512);
@@ -250,13 +415,22 @@ pub const FLOW_HASH_SEED: u32 = 0x5eed_1ce5;
 
 /// Hash of a flow's 5-tuple, as the XDP program computes it (murmur3-style 32-bit mixing).
 /// Inputs are the raw header words in network order; `ports` is `sport << 16 | dport` of the
-/// raw big-endian fields as loaded. User space calls the same function to predict a flow's
-/// backend, so the two never disagree.
+/// raw big-endian fields as loaded (0 for session affinity by client address). An IPv4 flow
+/// hashes only word 0 of each address, so IPv4 costs what it did before IPv6 existed. User
+/// space calls the same function to predict a flow's backend, so the two never disagree.
 #[inline(always)]
-pub const fn flow_hash(src: u32, dst: u32, ports: u32, proto: u32) -> u32 {
+pub const fn flow_hash(src: &Addr, dst: &Addr, ports: u32, proto: u32, family: u8) -> u32 {
     let mut h = FLOW_HASH_SEED;
-    h = hash_round(h, src);
-    h = hash_round(h, dst);
+    h = hash_round(h, src[0]);
+    h = hash_round(h, dst[0]);
+    if family == FAMILY_V6 {
+        h = hash_round(h, src[1]);
+        h = hash_round(h, src[2]);
+        h = hash_round(h, src[3]);
+        h = hash_round(h, dst[1]);
+        h = hash_round(h, dst[2]);
+        h = hash_round(h, dst[3]);
+    }
     h = hash_round(h, ports);
     h = hash_round(h, proto);
     hash_finish(h ^ 16)
@@ -290,9 +464,12 @@ impl FlowKey {
         ((self.sport as u32) << 16) | self.dport as u32
     }
 
+    /// The Maglev hash of this flow; `affinity` leaves the ports out, so every connection of
+    /// one client lands on one backend.
     #[inline(always)]
-    pub const fn hash(&self) -> u32 {
-        flow_hash(self.src, self.dst, self.ports_word(), self.proto as u32)
+    pub const fn hash(&self, affinity: bool) -> u32 {
+        let ports = if affinity { 0 } else { self.ports_word() };
+        flow_hash(&self.src, &self.dst, ports, self.proto as u32, self.family)
     }
 }
 
@@ -306,4 +483,5 @@ mod pod {
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::VipFilter {}
+    unsafe impl aya::Pod for super::ScopedAddr {}
 }

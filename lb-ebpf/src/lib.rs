@@ -1,3 +1,6 @@
-//! Empty: the programs are the `lb-ebpf` binary target (see main.rs). This target only lets
-//! lb-userspace declare a build-dependency so cargo rebuilds it when the eBPF code changes.
+//! Code shared by sluice's two XDP objects: the balancer (`main.rs`) and the backend-side
+//! decapsulator (`decap.rs`). Built only for the BPF target.
 #![no_std]
+
+pub mod csum;
+pub mod packet;

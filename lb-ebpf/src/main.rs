@@ -1,32 +1,45 @@
-//! sluice's XDP programs.
+//! sluice's balancer object.
 //!
 //! `sluice_balancer`, one pass per packet, each step an inlined function that either decides the
 //! packet's fate or hands it on (Katran's shape):
 //!
-//!   parse (Ethernet / IPv4 / TCP|UDP) -> VIP lookup -> connection table -> Maglev pick -> L2 forward
+//!   parse (Ethernet / IPv4|IPv6 / TCP|UDP|ICMP) -> VIP address filter -> connection table
+//!     -> VIP lookup -> source ranges -> Maglev pick -> forward (L2 rewrite | IPIP/IP6IP6 encap)
 //!
+//! Also: echo requests to a VIP address are answered; ICMP errors quoting a VIP flow go to the
+//! backend that owns the flow; a packet too big to encapsulate gets ICMP "too big" back.
 //! Not for a VIP: `XDP_PASS`, untouched. For a VIP: rewritten and sent with `XDP_TX` or
-//! `XDP_REDIRECT`, or dropped and counted by reason. No per-packet logging; every loop-free.
+//! `XDP_REDIRECT`, or dropped and counted by reason. No per-packet logging; loops are bounded.
 //!
 //! `sluice_pass`: returns `XDP_PASS`. A veth only delivers `XDP_TX` frames when its peer has an
 //! XDP program; labs attach this one there (`sluice xdp-pass`).
 #![no_std]
 #![no_main]
 
-mod packet;
-
 use aya_ebpf::{
     bindings::xdp_action,
-    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{
+        Array, ArrayOfMaps, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key,
+    },
+    helpers::{bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
 use lb_common::{
-    BPF_F_NO_COMMON_LRU, Backend, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, FlowKey,
-    FlowValue, GlobalCounter, MAGLEV_INNER_FLAGS, MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, NO_BACKEND,
-    VipFilter, VipInfo, VipKey, backend_state,
+    BPF_F_NO_COMMON_LRU, Backend, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE,
+    FAMILY_V4, FlowKey, FlowValue, GlobalCounter, IP6IP6_OVERHEAD, IPIP_OVERHEAD, IPPROTO_ICMP,
+    IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6, MAGLEV_INNER_FLAGS, MAX_BACKENDS,
+    MAX_SOURCE_RANGES, MAX_TX_PORTS, MAX_VIPS, NO_BACKEND, ScopedAddr, VipFilter, VipInfo, VipKey,
+    backend_state, forward_mode, vip_flags,
 };
-use packet::{EthHdr, Parsed};
+use lb_ebpf::{
+    csum,
+    packet::{
+        self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, Flow, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY,
+        ICMP_FRAG_NEEDED, ICMP_HLEN, ICMPV6_ECHO_REPLY, ICMPV6_PKT_TOOBIG, IPV4_HLEN, IPV6_HLEN,
+        IcmpHdr, Ipv4Hdr, Ipv6Hdr, L3, Parsed,
+    },
+};
 
 const MAX_VIPS_: usize = MAX_VIPS as usize;
 
@@ -61,6 +74,15 @@ static FLOWS: LruHashMap<
 #[btf_map]
 static VIP_FILTER: Array<VipFilter, 1> = Array::new();
 
+/// Every VIP address (port and protocol 0) -> number of VIPs on it: answers "is this packet
+/// for a VIP at all" for packets without ports (echo requests, fragments).
+#[btf_map]
+static VIP_ADDRS: HashMap<VipKey, u32, MAX_VIPS_> = HashMap::new();
+
+/// (VIP id, client prefix) -> 1: the clients a VIP with `vip_flags::SOURCE_RANGES` admits.
+#[btf_map]
+static SOURCE_RANGES: LpmTrie<ScopedAddr, u8, { MAX_SOURCE_RANGES as usize }> = LpmTrie::new();
+
 /// Egress ifindex -> device, for backends behind another interface than the ingress one.
 #[btf_map]
 static TX_PORTS: DevMapHash<{ MAX_TX_PORTS as usize }> = DevMapHash::new();
@@ -89,32 +111,48 @@ pub fn sluice_pass(_ctx: XdpContext) -> u32 {
 /// The whole decision: the XDP action and the global counter that records why.
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> (u32, GlobalCounter) {
-    let flow = match packet::parse(ctx) {
-        Parsed::Flow(flow) => flow,
-        Parsed::NotForUs => return (xdp_action::XDP_PASS, GlobalCounter::Passed),
-        Parsed::Malformed => return (xdp_action::XDP_DROP, GlobalCounter::DropMalformed),
-    };
+    match packet::parse(ctx) {
+        Parsed::Flow(flow) => balance_flow(ctx, &flow),
+        Parsed::EchoRequest(l3) if is_vip_address(&l3) => echo_reply(ctx, &l3),
+        Parsed::IcmpError(flow) => icmp_error(ctx, &flow),
+        Parsed::NoL4 { l3, fragment } if is_vip_address(&l3) => {
+            // Katran's policy: fragments of a VIP flow cannot be hashed (no ports in later
+            // ones), so none is forwarded, and none can reach a wrong backend.
+            let reason = if fragment {
+                GlobalCounter::DropFragment
+            } else {
+                GlobalCounter::DropUnparsed
+            };
+            (xdp_action::XDP_DROP, reason)
+        }
+        Parsed::Malformed => (xdp_action::XDP_DROP, GlobalCounter::DropMalformed),
+        _ => (xdp_action::XDP_PASS, GlobalCounter::Passed),
+    }
+}
+
+/// A TCP or UDP packet: established flow, else new flow, else not ours.
+#[inline(always)]
+fn balance_flow(ctx: &XdpContext, flow: &Flow) -> (u32, GlobalCounter) {
     match VIP_FILTER.get(0) {
-        Some(filter) if filter.may_contain(flow.key.dst) => {}
+        Some(filter) if filter.may_contain(&flow.key.dst) => {}
         _ => return (xdp_action::XDP_PASS, GlobalCounter::Passed),
     }
-    let vip_key = VipKey {
-        addr: flow.key.dst,
-        port: flow.key.dport,
-        proto: flow.key.proto,
-        _pad: 0,
-    };
+    if flow.l3.first_fragment {
+        return if is_vip_address(&flow.l3) {
+            (xdp_action::XDP_DROP, GlobalCounter::DropFragment)
+        } else {
+            (xdp_action::XDP_PASS, GlobalCounter::Passed)
+        };
+    }
+    let vip_key = vip_key_of(&flow.key);
     let bytes = (ctx.data_end() - ctx.data()) as u64;
 
     // Fast path: an established flow whose backend still serves this very VIP.
     if let Some((id, backend)) = established_backend(&flow.key, &vip_key) {
         count(GlobalCounter::FlowHit);
         add(&VIP_STATS, backend.vip_id, bytes);
-        if flow.fragment {
-            return (xdp_action::XDP_DROP, GlobalCounter::DropFragment);
-        }
         add(&BACKEND_STATS, id, bytes);
-        return forward(ctx, &backend);
+        return forward(ctx, &flow.l3, &flow.key, &backend);
     }
 
     let Some(vip) = VIPS.get_ptr(&vip_key) else {
@@ -123,16 +161,51 @@ fn balance(ctx: &XdpContext) -> (u32, GlobalCounter) {
     // SAFETY: a hash value pointer stays valid for this program run (RCU).
     let vip = unsafe { *vip };
     add(&VIP_STATS, vip.id, bytes);
-    if flow.fragment {
-        // A fragment's ports cannot be trusted to hash the same as the rest of its datagram.
-        return (xdp_action::XDP_DROP, GlobalCounter::DropFragment);
-    }
     count(GlobalCounter::FlowMiss);
-    let Some((id, backend)) = pick_backend(&flow.key, &vip) else {
+    if vip.flags & vip_flags::SOURCE_RANGES != 0 && !source_admitted(&flow.key, vip.id) {
+        return (xdp_action::XDP_DROP, GlobalCounter::DropSourceRange);
+    }
+    let Some((id, backend)) = pick_backend(&flow.key, &vip, true) else {
         return (xdp_action::XDP_DROP, GlobalCounter::DropNoBackend);
     };
     add(&BACKEND_STATS, id, bytes);
-    forward(ctx, &backend)
+    forward(ctx, &flow.l3, &flow.key, &backend)
+}
+
+#[inline(always)]
+fn vip_key_of(key: &FlowKey) -> VipKey {
+    VipKey {
+        addr: key.dst,
+        port: key.dport,
+        proto: key.proto,
+        family: key.family,
+    }
+}
+
+/// Is the packet's destination a VIP address (any port)? The filter answers most "no"s.
+#[inline(always)]
+fn is_vip_address(l3: &L3) -> bool {
+    match VIP_FILTER.get(0) {
+        Some(filter) if filter.may_contain(&l3.dst) => {}
+        _ => return false,
+    }
+    VIP_ADDRS.get_ptr(&l3.dst_key()).is_some()
+}
+
+/// Is the client inside one of the VIP's source ranges?
+#[inline(always)]
+fn source_admitted(key: &FlowKey, vip_id: u32) -> bool {
+    let bits = if key.family == FAMILY_V4 { 32 } else { 128 };
+    // SAFETY: [u32; 4] and [u8; 16] have the same size; bytes keep the packet's order.
+    let addr: [u8; 16] = unsafe { core::mem::transmute(key.src) };
+    let lookup = Key::new(
+        ScopedAddr::prefix_len(bits),
+        ScopedAddr {
+            scope_be: vip_id.to_be(),
+            addr,
+        },
+    );
+    SOURCE_RANGES.get(&lookup).is_some()
 }
 
 /// The connection table's backend for this flow, if its slot still serves this VIP. A slot
@@ -147,13 +220,13 @@ fn established_backend(key: &FlowKey, vip_key: &VipKey) -> Option<(u32, Backend)
     (backend.state != backend_state::EMPTY && backend.vip == *vip_key).then_some((id, backend))
 }
 
-/// A new Maglev pick for the flow, recorded in the connection table.
+/// A Maglev pick for the flow, recorded in the connection table when `record` is set.
 #[inline(always)]
-fn pick_backend(key: &FlowKey, vip: &VipInfo) -> Option<(u32, Backend)> {
+fn pick_backend(key: &FlowKey, vip: &VipInfo, record: bool) -> Option<(u32, Backend)> {
     if vip.live_backends == 0 || vip.table_size == 0 {
         return None;
     }
-    let slot = key.hash() % vip.table_size;
+    let slot = key.hash(vip.flags & vip_flags::AFFINITY != 0) % vip.table_size;
     let id = *MAGLEV.get_value(vip.id, &slot)?;
     if id == NO_BACKEND {
         return None;
@@ -162,19 +235,36 @@ fn pick_backend(key: &FlowKey, vip: &VipInfo) -> Option<(u32, Backend)> {
     if backend.state != backend_state::ACTIVE || backend.vip_id != vip.id {
         return None;
     }
-    let value = FlowValue {
-        backend: id,
-        _reserved: 0,
-    };
-    // A full table evicts its least recently used entry; insert fails only on memory pressure,
-    // and then the flow is still forwarded (Maglev picks the same backend next time).
-    let _ = FLOWS.insert(key, &value, 0);
+    if record {
+        let value = FlowValue {
+            backend: id,
+            _reserved: 0,
+        };
+        // A full table evicts its least recently used entry; insert fails only on memory
+        // pressure, and then the flow is still forwarded (Maglev picks the same backend).
+        let _ = FLOWS.insert(key, &value, 0);
+    }
     Some((id, backend))
 }
 
-/// L2 direct server return: the frame goes to the backend's MAC from ours, IP header untouched.
+/// Sends the packet on to `backend`: L2 rewrite or encapsulation, then out.
 #[inline(always)]
-fn forward(ctx: &XdpContext, backend: &Backend) -> (u32, GlobalCounter) {
+fn forward(ctx: &XdpContext, l3: &L3, key: &FlowKey, backend: &Backend) -> (u32, GlobalCounter) {
+    if backend.mode != forward_mode::L2 {
+        let outer_v4 = backend.mode == forward_mode::IPIP_V4;
+        let overhead = if outer_v4 {
+            IPIP_OVERHEAD
+        } else {
+            IP6IP6_OVERHEAD
+        };
+        let mtu = backend.mtu as u32;
+        if mtu != 0 && l3.len as u32 + overhead > mtu {
+            return too_big(ctx, l3, mtu - overhead);
+        }
+        if encapsulate(ctx, l3, key, backend, outer_v4).is_none() {
+            return (xdp_action::XDP_DROP, GlobalCounter::DropInternal);
+        }
+    }
     let Some(eth) = packet::ptr_at_mut::<EthHdr>(ctx, 0) else {
         return (xdp_action::XDP_DROP, GlobalCounter::DropMalformed);
     };
@@ -189,6 +279,302 @@ fn forward(ctx: &XdpContext, backend: &Backend) -> (u32, GlobalCounter) {
     match TX_PORTS.redirect(backend.ifindex, 0) {
         Ok(action) => (action, GlobalCounter::Redirected),
         Err(_) => (xdp_action::XDP_DROP, GlobalCounter::DropInternal),
+    }
+}
+
+/// Per-flow entropy for the outer header: the outer source's varied bits and the IPv6 flow
+/// label, so that the backend's NIC (RSS) and the routers (ECMP) spread the flows.
+#[inline(always)]
+fn flow_entropy(key: &FlowKey) -> u32 {
+    (key.src[0] ^ key.src[3] ^ key.ports_word()).wrapping_mul(0x9e37_79b1)
+}
+
+/// Puts an outer IPv4 or IPv6 header in front of the IP packet (the Ethernet header is
+/// rewritten by the caller). `None` if the headroom could not grow.
+#[inline(always)]
+fn encapsulate(
+    ctx: &XdpContext,
+    l3: &L3,
+    key: &FlowKey,
+    backend: &Backend,
+    outer_v4: bool,
+) -> Option<()> {
+    let overhead = if outer_v4 { IPV4_HLEN } else { IPV6_HLEN };
+    // SAFETY: the helper only moves data's start; every pointer is re-derived after it.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(overhead as i32)) } != 0 {
+        return None;
+    }
+    let entropy = flow_entropy(key);
+    let inner_proto = if l3.family == FAMILY_V4 {
+        IPPROTO_IPIP
+    } else {
+        IPPROTO_IPV6
+    };
+    let mut src = backend.encap_src;
+    let last = if outer_v4 { 0 } else { 3 };
+    let base = u32::from_be(src[last]);
+    src[last] = ((base & !backend.encap_src_vary) | (entropy & backend.encap_src_vary)).to_be();
+
+    let eth = packet::ptr_at_mut::<EthHdr>(ctx, 0)?;
+    if outer_v4 {
+        let mut ip = Ipv4Hdr {
+            version_ihl: 0x45,
+            tos: 0,
+            tot_len: ((l3.len + IPV4_HLEN) as u16).to_be(),
+            id: 0,
+            frag_off: 0,
+            ttl: 64,
+            protocol: inner_proto,
+            check: 0,
+            saddr: src[0],
+            daddr: backend.addr[0],
+        };
+        // SAFETY: a packed(2) 20-byte header is ten 16-bit words.
+        ip.check = csum::of_words(unsafe { &*(&ip as *const Ipv4Hdr as *const [u16; 10]) });
+        let out = packet::ptr_at_mut::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+        // SAFETY: bounds checked by ptr_at_mut; unaligned-safe writes.
+        unsafe {
+            (*eth).proto = ETH_P_IP.to_be();
+            core::ptr::write_unaligned(out, ip);
+        }
+    } else {
+        let ip = Ipv6Hdr {
+            vtc_flow: ((6u32 << 28) | (entropy >> 12)).to_be(),
+            payload_len: (l3.len as u16).to_be(),
+            nexthdr: inner_proto,
+            hop_limit: 64,
+            saddr: src,
+            daddr: backend.addr,
+        };
+        let out = packet::ptr_at_mut::<Ipv6Hdr>(ctx, ETH_HLEN)?;
+        // SAFETY: bounds checked by ptr_at_mut; unaligned-safe writes.
+        unsafe {
+            (*eth).proto = ETH_P_IPV6.to_be();
+            core::ptr::write_unaligned(out, ip);
+        }
+    }
+    Some(())
+}
+
+/// Bytes of the offending packet quoted in an ICMP "too big": its IP header (options
+/// included) and the start of its L4 header, which is what the sender needs to find its socket.
+const QUOTE_V4: usize = 68;
+const QUOTE_V6: usize = 128;
+
+/// The packet does not fit the egress MTU once encapsulated: tell the client (PMTU
+/// discovery), as a router on the path would. IPv4 without DF may not be told, only dropped.
+#[inline(always)]
+fn too_big(ctx: &XdpContext, l3: &L3, mtu: u32) -> (u32, GlobalCounter) {
+    if !l3.dont_fragment {
+        return (xdp_action::XDP_DROP, GlobalCounter::DropTooBig);
+    }
+    let sent = if l3.family == FAMILY_V4 {
+        too_big_v4(ctx, l3, mtu)
+    } else {
+        too_big_v6(ctx, l3, mtu)
+    };
+    match sent {
+        Some(()) => (xdp_action::XDP_TX, GlobalCounter::IcmpTooBigSent),
+        None => (xdp_action::XDP_DROP, GlobalCounter::DropInternal),
+    }
+}
+
+/// Reuses the frame for the ICMP message: grows the head by the new IP and ICMP headers, so
+/// the offending IP packet's start lands right after them as the quote, then trims the tail.
+/// Returns the MACs to swap in.
+#[inline(always)]
+fn make_room_for_icmp(
+    ctx: &XdpContext,
+    headers: usize,
+    quote: usize,
+) -> Option<([u8; 6], [u8; 6])> {
+    let eth = packet::ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    let macs = unsafe { ((*eth).dst, (*eth).src) };
+    // SAFETY: the helpers only move data's start and end; pointers are re-derived after.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(headers as i32)) } != 0 {
+        return None;
+    }
+    let len = ctx.data_end() - ctx.data();
+    let want = ETH_HLEN + headers + quote;
+    if len < want || unsafe { bpf_xdp_adjust_tail(ctx.ctx, want as i32 - len as i32) } != 0 {
+        return None;
+    }
+    Some(macs)
+}
+
+#[inline(always)]
+fn write_reply_eth(ctx: &XdpContext, macs: ([u8; 6], [u8; 6]), proto: u16) -> Option<()> {
+    let eth = packet::ptr_at_mut::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe {
+        (*eth).dst = macs.1;
+        (*eth).src = macs.0;
+        (*eth).proto = proto.to_be();
+    }
+    Some(())
+}
+
+#[inline(always)]
+fn too_big_v4(ctx: &XdpContext, l3: &L3, mtu: u32) -> Option<()> {
+    const HEADERS: usize = IPV4_HLEN + ICMP_HLEN;
+    let macs = make_room_for_icmp(ctx, HEADERS, QUOTE_V4)?;
+    write_reply_eth(ctx, macs, ETH_P_IP)?;
+    let mut ip = Ipv4Hdr {
+        version_ihl: 0x45,
+        tos: 0,
+        tot_len: ((HEADERS + QUOTE_V4) as u16).to_be(),
+        id: 0,
+        frag_off: 0,
+        ttl: 64,
+        protocol: IPPROTO_ICMP,
+        check: 0,
+        saddr: l3.dst[0],
+        daddr: l3.src[0],
+    };
+    // SAFETY: a packed(2) 20-byte header is ten 16-bit words.
+    ip.check = csum::of_words(unsafe { &*(&ip as *const Ipv4Hdr as *const [u16; 10]) });
+    let out = packet::ptr_at_mut::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe { core::ptr::write_unaligned(out, ip) };
+    let icmp = IcmpHdr {
+        kind: ICMP_DEST_UNREACH,
+        code: ICMP_FRAG_NEEDED,
+        checksum: 0,
+        rest: [0, (mtu as u16).to_be()],
+    };
+    icmp_sum::<{ ICMP_HLEN + QUOTE_V4 }>(ctx, ETH_HLEN + IPV4_HLEN, icmp, 0)
+}
+
+#[inline(always)]
+fn too_big_v6(ctx: &XdpContext, l3: &L3, mtu: u32) -> Option<()> {
+    const HEADERS: usize = IPV6_HLEN + ICMP_HLEN;
+    let macs = make_room_for_icmp(ctx, HEADERS, QUOTE_V6)?;
+    write_reply_eth(ctx, macs, ETH_P_IPV6)?;
+    let ip = Ipv6Hdr {
+        vtc_flow: (6u32 << 28).to_be(),
+        payload_len: ((ICMP_HLEN + QUOTE_V6) as u16).to_be(),
+        nexthdr: IPPROTO_ICMPV6,
+        hop_limit: 64,
+        saddr: l3.dst,
+        daddr: l3.src,
+    };
+    let out = packet::ptr_at_mut::<Ipv6Hdr>(ctx, ETH_HLEN)?;
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe { core::ptr::write_unaligned(out, ip) };
+    let icmp = IcmpHdr {
+        kind: ICMPV6_PKT_TOOBIG,
+        code: 0,
+        checksum: 0,
+        // The 32-bit MTU field: high half zero (MTUs here fit 16 bits).
+        rest: [0, (mtu as u16).to_be()],
+    };
+    // The ICMPv6 checksum covers a pseudo-header: addresses, length, next header.
+    let (s, d) = (l3.src, l3.dst);
+    let mut pseudo = s[0] as u64 + s[1] as u64 + s[2] as u64 + s[3] as u64;
+    pseudo += d[0] as u64 + d[1] as u64 + d[2] as u64 + d[3] as u64;
+    pseudo += (((ICMP_HLEN + QUOTE_V6) as u32).to_be()) as u64;
+    pseudo += ((IPPROTO_ICMPV6 as u32).to_be()) as u64;
+    icmp_sum::<{ ICMP_HLEN + QUOTE_V6 }>(ctx, ETH_HLEN + IPV6_HLEN, icmp, pseudo)
+}
+
+/// Writes the ICMP header at `off` and its checksum over the header and the `N - 8` quoted
+/// bytes after it (plus `pseudo`, a partial sum of 32-bit words as loaded).
+#[inline(always)]
+fn icmp_sum<const N: usize>(
+    ctx: &XdpContext,
+    off: usize,
+    icmp: IcmpHdr,
+    pseudo: u64,
+) -> Option<()> {
+    let hdr = packet::ptr_at_mut::<IcmpHdr>(ctx, off)?;
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe { core::ptr::write_unaligned(hdr, icmp) };
+    let body = packet::ptr_at_mut::<[u8; N]>(ctx, off)?;
+    // SAFETY: `body` spans N bytes of the packet, checked above; N is a multiple of 4.
+    let partial = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, body as *mut u32, N as u32, 0) };
+    if partial < 0 {
+        return None;
+    }
+    let sum = !csum::fold(pseudo + partial as u64);
+    // SAFETY: bounds checked by ptr_at_mut above.
+    unsafe { (*hdr).checksum = sum };
+    Some(())
+}
+
+/// Answers an echo request to a VIP address in place: swap addresses, reset the TTL, turn the
+/// request into a reply (checksums patched incrementally), and send it back out.
+#[inline(always)]
+fn echo_reply(ctx: &XdpContext, l3: &L3) -> (u32, GlobalCounter) {
+    match echo_rewrite(ctx, l3) {
+        Some(()) => (xdp_action::XDP_TX, GlobalCounter::IcmpEchoReply),
+        None => (xdp_action::XDP_DROP, GlobalCounter::DropMalformed),
+    }
+}
+
+#[inline(always)]
+fn echo_rewrite(ctx: &XdpContext, l3: &L3) -> Option<()> {
+    let eth = packet::ptr_at_mut::<EthHdr>(ctx, 0)?;
+    let icmp = packet::ptr_at_mut::<IcmpHdr>(ctx, l3.l4_off)?;
+    // SAFETY: bounds checked by ptr_at_mut; header pointers are within the frame.
+    unsafe {
+        let (dst, src) = ((*eth).dst, (*eth).src);
+        (*eth).dst = src;
+        (*eth).src = dst;
+        let reply = if l3.family == FAMILY_V4 {
+            let ip = packet::ptr_at_mut::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+            (*ip).saddr = l3.dst[0];
+            (*ip).daddr = l3.src[0];
+            // TTL shares a 16-bit word with the protocol.
+            let old = u16::from_ne_bytes([(*ip).ttl, (*ip).protocol]);
+            (*ip).ttl = 64;
+            let new = u16::from_ne_bytes([64, (*ip).protocol]);
+            (*ip).check = csum::replace16((*ip).check, old, new);
+            ICMP_ECHO_REPLY
+        } else {
+            let ip = packet::ptr_at_mut::<Ipv6Hdr>(ctx, ETH_HLEN)?;
+            (*ip).saddr = l3.dst;
+            (*ip).daddr = l3.src;
+            (*ip).hop_limit = 64;
+            ICMPV6_ECHO_REPLY
+        };
+        // Swapping source and destination leaves the ICMPv6 pseudo-header sum unchanged.
+        let old = u16::from_ne_bytes([(*icmp).kind, (*icmp).code]);
+        (*icmp).kind = reply;
+        let new = u16::from_ne_bytes([reply, (*icmp).code]);
+        (*icmp).checksum = csum::replace16((*icmp).checksum, old, new);
+    }
+    Some(())
+}
+
+/// An ICMP error about a VIP flow (a router could not deliver a backend's reply, or asks for
+/// a smaller MTU): hand it to the backend that owns the flow, so its TCP stack hears it.
+#[inline(always)]
+fn icmp_error(ctx: &XdpContext, flow: &Flow) -> (u32, GlobalCounter) {
+    match VIP_FILTER.get(0) {
+        Some(filter) if filter.may_contain(&flow.key.dst) => {}
+        _ => return (xdp_action::XDP_PASS, GlobalCounter::Passed),
+    }
+    let vip_key = vip_key_of(&flow.key);
+    let backend = match established_backend(&flow.key, &vip_key) {
+        Some((_, backend)) => backend,
+        None => {
+            let Some(vip) = VIPS.get_ptr(&vip_key) else {
+                return (xdp_action::XDP_PASS, GlobalCounter::Passed);
+            };
+            // SAFETY: a hash value pointer stays valid for this program run (RCU).
+            let vip = unsafe { *vip };
+            // Not in the table (another load balancer took the flow): Maglev picks the
+            // backend every load balancer would.
+            match pick_backend(&flow.key, &vip, false) {
+                Some((_, backend)) => backend,
+                None => return (xdp_action::XDP_DROP, GlobalCounter::DropNoBackend),
+            }
+        }
+    };
+    match forward(ctx, &flow.l3, &flow.key, &backend) {
+        (xdp_action::XDP_DROP, reason) => (xdp_action::XDP_DROP, reason),
+        (action, _) => (action, GlobalCounter::IcmpErrorForwarded),
     }
 }
 

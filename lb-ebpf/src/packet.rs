@@ -1,14 +1,43 @@
-//! Header parsing with the bounds checks the verifier needs. Headers are read through
-//! `packed(2)` structs: after the 14-byte Ethernet header, IPv4 and L4 fields are only 2-byte
-//! aligned, and 2-byte loads are what the hardware and the verifier both accept.
+//! Header layouts and parsing, with the bounds checks the verifier needs. Headers are read
+//! through `packed(2)` structs: after the 14-byte Ethernet header, IP and L4 fields are only
+//! 2-byte aligned, and 2-byte loads are what the hardware and the verifier both accept.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{FlowKey, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{
+    Addr, FAMILY_V4, FAMILY_V6, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    VipKey,
+};
 
 pub const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-/// More-fragments flag and fragment offset bits of `frag_off`.
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const IPV4_HLEN: usize = 20;
+pub const IPV6_HLEN: usize = 40;
+/// More-fragments flag and fragment offset bits of IPv4 `frag_off`.
 const IP_MF_OFFSET: u16 = 0x3fff;
+const IP_OFFSET: u16 = 0x1fff;
+pub const IP_DF: u16 = 0x4000;
+
+/// IPv6 extension headers walked before giving up on finding the L4 header. Real traffic
+/// carries at most one or two; a longer chain addressed to a VIP is dropped and counted.
+const MAX_IPV6_EXT_HEADERS: usize = 6;
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+pub const ICMPV6_PKT_TOOBIG: u8 = 2;
+pub const ICMPV6_TIME_EXCEED: u8 = 3;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
+pub const ICMP_HLEN: usize = 8;
 
 #[repr(C)]
 pub struct EthHdr {
@@ -31,6 +60,17 @@ pub struct Ipv4Hdr {
     pub daddr: u32,
 }
 
+#[repr(C, packed(2))]
+pub struct Ipv6Hdr {
+    /// Version (4 bits), traffic class (8), flow label (20), big-endian.
+    pub vtc_flow: u32,
+    pub payload_len: u16,
+    pub nexthdr: u8,
+    pub hop_limit: u8,
+    pub saddr: Addr,
+    pub daddr: Addr,
+}
+
 /// The first eight bytes of TCP and UDP: ports, then (UDP) length or (TCP) sequence number.
 #[repr(C, packed(2))]
 pub struct PortsHdr {
@@ -40,23 +80,71 @@ pub struct PortsHdr {
     pub _rest: u16,
 }
 
+/// ICMP and ICMPv6 share this 8-byte header layout.
+#[repr(C, packed(2))]
+pub struct IcmpHdr {
+    pub kind: u8,
+    pub code: u8,
+    pub checksum: u16,
+    /// Echo: identifier and sequence. Errors: unused / next-hop MTU (v4), MTU (v6).
+    pub rest: [u16; 2],
+}
+
 const TCP_MIN_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 /// Byte 12 of the TCP header holds the data offset (header length in words) in its top nibble.
 const TCP_DOFF_BYTE: usize = 12;
 
+/// What the IP layer says about a packet.
+#[derive(Clone, Copy)]
+pub struct L3 {
+    pub family: u8,
+    pub src: Addr,
+    pub dst: Addr,
+    /// The L4 protocol (after any IPv6 extension headers).
+    pub proto: u8,
+    /// Offset of the IP header and of the L4 header from the frame's start.
+    pub l4_off: usize,
+    /// Length of the IP packet, header included (Ethernet padding excluded).
+    pub len: usize,
+    /// A first fragment: ports present, but the datagram is split.
+    pub first_fragment: bool,
+    /// IPv4 "don't fragment" (IPv6 routers never fragment: always true).
+    pub dont_fragment: bool,
+}
+
+impl L3 {
+    /// The VIP_ADDRS key of the destination.
+    #[inline(always)]
+    pub fn dst_key(&self) -> VipKey {
+        VipKey {
+            addr: self.dst,
+            port: 0,
+            proto: 0,
+            family: self.family,
+        }
+    }
+}
+
 pub struct Flow {
     pub key: FlowKey,
-    /// IPv4 first fragment (ports present but the datagram is split).
-    pub fragment: bool,
+    pub l3: L3,
 }
 
 pub enum Parsed {
-    /// A TCP or UDP packet over IPv4 with its 5-tuple.
+    /// A TCP or UDP packet with its 5-tuple.
     Flow(Flow),
-    /// Not IPv4 TCP/UDP (ARP, IPv6, ICMP, ...) or a non-first fragment: the kernel's business.
+    /// An ICMP or ICMPv6 echo request (answered when it is for a VIP address).
+    EchoRequest(L3),
+    /// An ICMP error quoting a TCP or UDP packet; `key` is the quoted flow turned around to
+    /// the client -> VIP direction, the way the connection table knows it.
+    IcmpError(Flow),
+    /// A packet whose L4 header is not available: a later fragment, or an IPv6 extension
+    /// chain sluice does not walk to its end. Dropped if it is for a VIP address.
+    NoL4 { l3: L3, fragment: bool },
+    /// Not TCP/UDP/ICMP over IP (ARP, other protocols, other ICMP types): the kernel's business.
     NotForUs,
-    /// Truncated or inconsistent IPv4/TCP/UDP headers: the kernel would discard it too.
+    /// Truncated or inconsistent headers: the kernel would discard it too.
     Malformed,
 }
 
@@ -74,18 +162,34 @@ pub fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     ptr_at::<T>(ctx, offset).map(|p| p as *mut T)
 }
 
+/// The Ethernet protocol of the frame, or `None` if it is shorter than an Ethernet header.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Parsed {
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        // Shorter than an Ethernet header: not a frame we could forward.
-        return Parsed::NotForUs;
-    };
+pub fn eth_proto(ctx: &XdpContext) -> Option<u16> {
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at.
-    if unsafe { (*eth).proto } != ETH_P_IP.to_be() {
-        return Parsed::NotForUs;
+    Some(u16::from_be(unsafe { (*eth).proto }))
+}
+
+/// The IP layer of a frame: `Err` carries the verdict when there is no usable IP header.
+/// `Ok` with a fragment or an unwalked chain is reported through `L3` and `NoL4`.
+#[inline(always)]
+pub fn parse_l3(ctx: &XdpContext, offset: usize) -> Result<(L3, bool), Parsed> {
+    let Some(proto) = eth_proto(ctx) else {
+        // Shorter than an Ethernet header: not a frame we could forward.
+        return Err(Parsed::NotForUs);
+    };
+    match proto {
+        ETH_P_IP => parse_ipv4(ctx, offset),
+        ETH_P_IPV6 => parse_ipv6(ctx, offset),
+        _ => Err(Parsed::NotForUs),
     }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
-        return Parsed::Malformed;
+}
+
+/// Returns the L3 facts and whether the L4 header is present (not a later fragment).
+#[inline(always)]
+pub fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<(L3, bool), Parsed> {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, offset) else {
+        return Err(Parsed::Malformed);
     };
     // SAFETY: bounds checked by ptr_at; fields are read by value from a packed struct.
     let (version_ihl, tot_len, frag_off, protocol, saddr, daddr) = unsafe {
@@ -99,54 +203,264 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
         )
     };
     let ihl = ((version_ihl & 0x0f) as usize) * 4;
-    if version_ihl >> 4 != 4 || ihl < core::mem::size_of::<Ipv4Hdr>() || tot_len < ihl {
-        return Parsed::Malformed;
+    if version_ihl >> 4 != 4 || ihl < IPV4_HLEN || tot_len < ihl {
+        return Err(Parsed::Malformed);
     }
     // The IP datagram must fit in the frame (a frame may carry Ethernet padding after it).
-    if ctx.data() + ETH_HLEN + tot_len > ctx.data_end() {
-        return Parsed::Malformed;
-    }
-    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
-        return Parsed::NotForUs;
+    if ctx.data() + offset + tot_len > ctx.data_end() {
+        return Err(Parsed::Malformed);
     }
     let fragment = frag_off & IP_MF_OFFSET != 0;
-    if fragment && frag_off & 0x1fff != 0 {
-        // A later fragment has no L4 header: nothing to hash on.
-        return Parsed::NotForUs;
-    }
-
-    let l4 = ETH_HLEN + ihl;
-    let l4_len = tot_len - ihl;
-    let Some(ports) = ptr_at::<PortsHdr>(ctx, l4) else {
-        return Parsed::Malformed;
+    let l3 = L3 {
+        family: FAMILY_V4,
+        src: [saddr, 0, 0, 0],
+        dst: [daddr, 0, 0, 0],
+        proto: protocol,
+        l4_off: offset + ihl,
+        len: tot_len,
+        first_fragment: fragment,
+        dont_fragment: frag_off & IP_DF != 0,
     };
+    Ok((l3, frag_off & IP_OFFSET == 0))
+}
+
+/// Walks at most [`MAX_IPV6_EXT_HEADERS`] extension headers to the L4 header. A chain that
+/// does not end within them reports `has_l4 = false` with `proto` set to the unwalked header.
+#[inline(always)]
+pub fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<(L3, bool), Parsed> {
+    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, offset) else {
+        return Err(Parsed::Malformed);
+    };
+    // SAFETY: bounds checked by ptr_at; fields are read by value from a packed struct.
+    let (vtc_flow, payload_len, mut next, saddr, daddr) = unsafe {
+        (
+            u32::from_be((*ip).vtc_flow),
+            u16::from_be((*ip).payload_len) as usize,
+            (*ip).nexthdr,
+            (*ip).saddr,
+            (*ip).daddr,
+        )
+    };
+    // Jumbograms (payload_len 0 with a hop-by-hop option) do not occur on these links.
+    if vtc_flow >> 28 != 6 || ctx.data() + offset + IPV6_HLEN + payload_len > ctx.data_end() {
+        return Err(Parsed::Malformed);
+    }
+    let mut l3 = L3 {
+        family: FAMILY_V6,
+        src: saddr,
+        dst: daddr,
+        proto: next,
+        l4_off: offset + IPV6_HLEN,
+        len: IPV6_HLEN + payload_len,
+        first_fragment: false,
+        dont_fragment: true,
+    };
+    let end = offset + IPV6_HLEN + payload_len;
+    let mut off = offset + IPV6_HLEN;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        let hdr_len = match next {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT => {
+                let Some(ext) = ptr_at::<[u8; 4]>(ctx, off) else {
+                    return Err(Parsed::Malformed);
+                };
+                // SAFETY: bounds checked by ptr_at.
+                let ext = unsafe { *ext };
+                let len = match next {
+                    NEXTHDR_FRAGMENT => {
+                        let frag = u16::from_be_bytes([ext[2], ext[3]]);
+                        if frag & !7 != 0 {
+                            // A later fragment: the L4 header is in the first one.
+                            l3.proto = ext[0];
+                            l3.l4_off = off + 8;
+                            return Ok((l3, false));
+                        }
+                        l3.first_fragment = frag & 1 != 0;
+                        8
+                    }
+                    NEXTHDR_AUTH => (ext[1] as usize + 2) * 4,
+                    _ => (ext[1] as usize + 1) * 8,
+                };
+                next = ext[0];
+                len
+            }
+            _ => {
+                l3.proto = next;
+                l3.l4_off = off;
+                return if off > end {
+                    Err(Parsed::Malformed)
+                } else {
+                    Ok((l3, true))
+                };
+            }
+        };
+        off += hdr_len;
+        if off > end {
+            return Err(Parsed::Malformed);
+        }
+    }
+    match next {
+        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT => {
+            l3.proto = next;
+            l3.l4_off = off;
+            Ok((l3, false))
+        }
+        _ => {
+            l3.proto = next;
+            l3.l4_off = off;
+            Ok((l3, true))
+        }
+    }
+}
+
+/// Ports of a TCP or UDP header at `l3.l4_off`, checked against the IP length.
+#[inline(always)]
+fn parse_ports(ctx: &XdpContext, l3: &L3, l4_len: usize) -> Option<(u16, u16)> {
+    let l4 = l3.l4_off;
+    let ports = ptr_at::<PortsHdr>(ctx, l4)?;
     // SAFETY: bounds checked by ptr_at.
     let (sport, dport, udp_len) = unsafe { ((*ports).source, (*ports).dest, (*ports).udp_len) };
-    if protocol == IPPROTO_TCP {
-        let Some(doff) = ptr_at::<u8>(ctx, l4 + TCP_DOFF_BYTE) else {
-            return Parsed::Malformed;
-        };
+    if l3.proto == IPPROTO_TCP {
+        let doff = ptr_at::<u8>(ctx, l4 + TCP_DOFF_BYTE)?;
         // SAFETY: bounds checked by ptr_at.
         let tcp_hlen = ((unsafe { *doff } >> 4) as usize) * 4;
         if l4_len < TCP_MIN_HLEN || tcp_hlen < TCP_MIN_HLEN || tcp_hlen > l4_len {
-            return Parsed::Malformed;
+            return None;
         }
     } else {
         let udp_len = u16::from_be(udp_len) as usize;
         // A first fragment carries only part of the datagram its length field describes.
-        if l4_len < UDP_HLEN || udp_len < UDP_HLEN || (!fragment && udp_len > l4_len) {
-            return Parsed::Malformed;
+        if l4_len < UDP_HLEN || udp_len < UDP_HLEN || (!l3.first_fragment && udp_len > l4_len) {
+            return None;
         }
     }
-    Parsed::Flow(Flow {
-        key: FlowKey {
-            src: saddr,
-            dst: daddr,
-            sport,
-            dport,
-            proto: protocol,
-            _pad: [0; 3],
+    Some((sport, dport))
+}
+
+#[inline(always)]
+fn flow_key(l3: &L3, sport: u16, dport: u16) -> FlowKey {
+    FlowKey {
+        src: l3.src,
+        dst: l3.dst,
+        sport,
+        dport,
+        proto: l3.proto,
+        family: l3.family,
+        _pad: [0; 2],
+    }
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Parsed {
+    let (l3, has_l4) = match parse_l3(ctx, ETH_HLEN) {
+        Ok(parsed) => parsed,
+        Err(verdict) => return verdict,
+    };
+    if !has_l4 {
+        return Parsed::NoL4 {
+            l3,
+            fragment: l3.proto != NEXTHDR_HOP
+                && l3.proto != NEXTHDR_ROUTING
+                && l3.proto != NEXTHDR_DEST
+                && l3.proto != NEXTHDR_AUTH,
+        };
+    }
+    // IPv4 header length was checked against tot_len; IPv6 l4_off against the payload.
+    let l4_len = l3.len - (l3.l4_off - ETH_HLEN);
+    match (l3.family, l3.proto) {
+        (_, IPPROTO_TCP | IPPROTO_UDP) => match parse_ports(ctx, &l3, l4_len) {
+            Some((sport, dport)) => Parsed::Flow(Flow {
+                key: flow_key(&l3, sport, dport),
+                l3,
+            }),
+            None => Parsed::Malformed,
         },
-        fragment,
-    })
+        (FAMILY_V4, IPPROTO_ICMP) | (FAMILY_V6, IPPROTO_ICMPV6) => parse_icmp(ctx, l3, l4_len),
+        _ => Parsed::NotForUs,
+    }
+}
+
+#[inline(always)]
+fn parse_icmp(ctx: &XdpContext, l3: L3, l4_len: usize) -> Parsed {
+    if l3.first_fragment || l4_len < ICMP_HLEN {
+        // Fragmented ICMP is not something a client or router sends to a VIP.
+        return Parsed::NotForUs;
+    }
+    let Some(icmp) = ptr_at::<IcmpHdr>(ctx, l3.l4_off) else {
+        return Parsed::Malformed;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let kind = unsafe { (*icmp).kind };
+    let (echo, error) = if l3.family == FAMILY_V4 {
+        (
+            kind == ICMP_ECHO_REQUEST,
+            kind == ICMP_DEST_UNREACH || kind == ICMP_TIME_EXCEEDED,
+        )
+    } else {
+        (
+            kind == ICMPV6_ECHO_REQUEST,
+            kind == ICMPV6_DEST_UNREACH || kind == ICMPV6_PKT_TOOBIG || kind == ICMPV6_TIME_EXCEED,
+        )
+    };
+    if echo {
+        return Parsed::EchoRequest(l3);
+    }
+    if !error {
+        return Parsed::NotForUs;
+    }
+    // The quoted packet: its IP header, then at least the 8 bytes that hold the ports. It
+    // was sent by a backend (source = VIP), so turn it around to the client -> VIP flow.
+    let inner_off = l3.l4_off + ICMP_HLEN;
+    let inner = if l3.family == FAMILY_V4 {
+        quoted_ipv4(ctx, inner_off)
+    } else {
+        quoted_ipv6(ctx, inner_off)
+    };
+    let Some((inner_src, inner_dst, inner_proto, ports_off)) = inner else {
+        return Parsed::Malformed;
+    };
+    if inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP {
+        return Parsed::NotForUs;
+    }
+    let Some(ports) = ptr_at::<PortsHdr>(ctx, ports_off) else {
+        return Parsed::Malformed;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let (sport, dport) = unsafe { ((*ports).source, (*ports).dest) };
+    let key = FlowKey {
+        src: inner_dst,
+        dst: inner_src,
+        sport: dport,
+        dport: sport,
+        proto: inner_proto,
+        family: l3.family,
+        _pad: [0; 2],
+    };
+    Parsed::IcmpError(Flow { key, l3 })
+}
+
+/// (source, destination, protocol, offset of the ports) of a quoted IPv4 header.
+#[inline(always)]
+fn quoted_ipv4(ctx: &XdpContext, off: usize) -> Option<(Addr, Addr, u8, usize)> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, off)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (version_ihl, protocol, saddr, daddr) =
+        unsafe { ((*ip).version_ihl, (*ip).protocol, (*ip).saddr, (*ip).daddr) };
+    let ihl = ((version_ihl & 0x0f) as usize) * 4;
+    if version_ihl >> 4 != 4 || ihl < IPV4_HLEN {
+        return None;
+    }
+    Some(([saddr, 0, 0, 0], [daddr, 0, 0, 0], protocol, off + ihl))
+}
+
+/// The same for a quoted IPv6 header (extension headers in a quote are not walked).
+#[inline(always)]
+fn quoted_ipv6(ctx: &XdpContext, off: usize) -> Option<(Addr, Addr, u8, usize)> {
+    let ip = ptr_at::<Ipv6Hdr>(ctx, off)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (vtc_flow, nexthdr, saddr, daddr) =
+        unsafe { ((*ip).vtc_flow, (*ip).nexthdr, (*ip).saddr, (*ip).daddr) };
+    if u32::from_be(vtc_flow) >> 28 != 6 {
+        return None;
+    }
+    Some((saddr, daddr, nexthdr, off + IPV6_HLEN))
 }

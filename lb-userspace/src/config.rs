@@ -3,10 +3,15 @@
 //! ```yaml
 //! maglev_table_size: 65537        # optional; a prime from 7 to 1000003; default 65537
 //! flow_table_size: 1048576        # optional; 1024 to 67108864 entries; default 1048576
+//! encap_source_v4: 10.99.0.0/24   # optional; outer sources of IPIP packets (host part varies
+//! encap_source_v6: fd99::/120     #   per flow); default: the egress interface's address
 //! vips:                           # required; `vips: []` serves nothing
-//!   - address: 10.200.0.10
+//!   - address: 10.200.0.10        # IPv4 or IPv6
 //!     port: 80
 //!     protocol: tcp               # tcp | udp; default tcp
+//!     mode: l2                    # l2 (MAC rewrite) | ipip (IPIP/IP6IP6 to backends over L3)
+//!     session_affinity: none      # none | client_ip (all of a client's connections, one backend)
+//!     source_ranges: []           # optional client prefixes (the VIP's family); empty admits all
 //!     backends:                   # required; `backends: []` drops (and counts) the traffic
 //!       - address: 10.200.1.2
 //!         mac: 02:00:00:00:01:02  # optional; else resolved from the kernel's neighbour table
@@ -14,8 +19,9 @@
 //!         drain: false            # optional; true keeps established flows, takes no new ones
 //! ```
 //!
-//! Addresses are unicast IPv4; a VIP is unique by address, port and protocol, a backend by
-//! address within its VIP. An empty value (`mac:`, `mac: ~`) is the same as leaving the key out.
+//! Addresses are unicast IPv4 or IPv6; a VIP is unique by address, port and protocol, a backend
+//! by address within its VIP. In `l2` mode backends share the VIP's family; in `ipip` mode an
+//! IPv4 VIP may have IPv6 backend nodes and the other way round. An empty value (`mac:`, `mac: ~`) is the same as leaving the key out.
 //!
 //! The whole file is checked before anything is returned, and an error names the place to fix:
 //! `lab.yaml:12: vips[0].backends[2].mac: invalid MAC address "zz:00": expected six hex bytes
@@ -29,7 +35,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fmt;
 use std::hash::Hash;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::path::Path;
 
@@ -40,7 +46,9 @@ use marked_yaml::types::{MarkedMappingNode, MarkedScalarNode};
 use marked_yaml::{LoadError, LoaderOptions, Node, Span};
 
 use crate::maglev::is_prime;
-use crate::model::{Backend, Desired, MacAddr, Protocol, Settings, Vip, VipAddr};
+use crate::model::{
+    Backend, Desired, ForwardingMode, IpNet, MacAddr, Protocol, Settings, Vip, VipAddr,
+};
 
 /// Smallest Maglev table: the prime the paper's examples start from. Real ones are far larger.
 const MIN_MAGLEV_SIZE: u32 = 7;
@@ -48,8 +56,24 @@ const FLOW_TABLE_SIZES: RangeInclusive<u32> = 1024..=64 << 20;
 const MAX_WEIGHT: u32 = 10_000;
 const DEFAULT_WEIGHT: u32 = 1;
 
-const TOP_KEYS: &[&str] = &["maglev_table_size", "flow_table_size", "vips"];
-const VIP_KEYS: &[&str] = &["address", "port", "protocol", "backends"];
+const TOP_KEYS: &[&str] = &[
+    "maglev_table_size",
+    "flow_table_size",
+    "encap_source_v4",
+    "encap_source_v6",
+    "vips",
+];
+const VIP_KEYS: &[&str] = &[
+    "address",
+    "port",
+    "protocol",
+    "mode",
+    "session_affinity",
+    "source_ranges",
+    "backends",
+];
+/// Most client prefixes of one VIP (the trie holds all VIPs' prefixes).
+const MAX_SOURCE_RANGES_PER_VIP: usize = 1024;
 const BACKEND_KEYS: &[&str] = &["address", "mac", "weight", "drain"];
 
 const SYNTAX_HINT: &str = "check the indentation (spaces only, each child indented under its \
@@ -186,7 +210,23 @@ fn kind(node: &Node) -> &'static str {
 }
 
 /// Why `addr` cannot be a VIP or a backend, if it cannot.
-fn not_unicast(addr: Ipv4Addr) -> Option<&'static str> {
+fn not_unicast(addr: IpAddr) -> Option<&'static str> {
+    let addr = match addr {
+        IpAddr::V4(addr) => addr,
+        IpAddr::V6(addr) => {
+            return if addr.is_unspecified() {
+                Some("is the unspecified address ::")
+            } else if addr.is_loopback() {
+                Some("is the loopback address, which never crosses the wire")
+            } else if addr.is_multicast() {
+                Some("is a multicast address")
+            } else if addr.to_ipv4_mapped().is_some() {
+                Some("is an IPv4-mapped address; write the IPv4 address itself")
+            } else {
+                None
+            };
+        }
+    };
     if addr.octets()[0] == 0 {
         // 0.0.0.0/8 only ever means "this host" as a source (RFC 1122).
         Some("is in 0.0.0.0/8, which is never a destination")
@@ -381,6 +421,20 @@ impl Checker<'_> {
                 Some(field) => self.number(&field, FLOW_TABLE_SIZES, FLOW_TABLE_HINT)?,
                 None => DEFAULT_FLOW_TABLE_SIZE,
             },
+            encap_source_v4: match top.get("encap_source_v4") {
+                Some(field) => match self.prefix(&field, Some(4))? {
+                    IpNet::V4(net) => Some(net),
+                    IpNet::V6(_) => None, // The family was checked.
+                },
+                None => None,
+            },
+            encap_source_v6: match top.get("encap_source_v6") {
+                Some(field) => match self.prefix(&field, Some(6))? {
+                    IpNet::V6(net) => Some(net),
+                    IpNet::V4(_) => None,
+                },
+                None => None,
+            },
         };
 
         let vips_field = self.require(
@@ -418,7 +472,7 @@ impl Checker<'_> {
         let addr = self.unicast_addr(&self.require(
             &fields,
             "address",
-            "add `address: <IPv4 address>`, the address clients connect to",
+            "add `address: <IPv4 or IPv6 address>`, the address clients connect to",
         )?)?;
         let port = self.number(
             &self.require(&fields, "port", "add `port: <1-65535>`")?,
@@ -434,6 +488,50 @@ impl Checker<'_> {
             port: port as u16, // In 1..=65535.
             protocol,
         };
+        let mode = match fields.get("mode") {
+            Some(field) => {
+                const HINT: &str = "use l2 (backends on this L2 segment) or ipip (backends \
+                     across L3, running `sluice decap`)";
+                let text = self.text(&field, "l2 or ipip", HINT)?;
+                text.parse::<ForwardingMode>()
+                    .map_err(|_| self.error_at(&field, format!("unknown mode {text:?}"), HINT))?
+            }
+            None => ForwardingMode::L2,
+        };
+        let client_affinity = match fields.get("session_affinity") {
+            Some(field) => {
+                const HINT: &str = "use none or client_ip (as a Service's sessionAffinity)";
+                match self.text(&field, "none or client_ip", HINT)? {
+                    "none" | "None" => false,
+                    "client_ip" | "ClientIP" => true,
+                    text => {
+                        return Err(self.error_at(
+                            &field,
+                            format!("unknown session affinity {text:?}"),
+                            HINT,
+                        ));
+                    }
+                }
+            }
+            None => false,
+        };
+        let family = if addr.is_ipv4() { 4 } else { 6 };
+        let mut source_ranges = Vec::new();
+        if let Some(field) = fields.get("source_ranges") {
+            let items = self.list(&field, "write one `- <prefix>` line per client range")?;
+            if items.len() > MAX_SOURCE_RANGES_PER_VIP {
+                return Err(self.error_at(
+                    &field,
+                    format!("more than {MAX_SOURCE_RANGES_PER_VIP} source ranges"),
+                    "merge adjacent prefixes into shorter ones",
+                ));
+            }
+            for item in &items {
+                source_ranges.push(self.prefix(item, Some(family))?);
+            }
+            source_ranges.sort_unstable();
+            source_ranges.dedup();
+        }
 
         let backends_field = self.require(
             &fields,
@@ -465,6 +563,17 @@ impl Checker<'_> {
                 item,
                 "list each backend once per VIP; give it a larger weight for more flows",
             )?;
+            if mode == ForwardingMode::L2 && backend.addr.is_ipv4() != addr.is_ipv4() {
+                return Err(self.error_at(
+                    item,
+                    format!(
+                        "backend {} is not of the VIP's family, which mode l2 needs",
+                        backend.addr
+                    ),
+                    "use `mode: ipip` to reach backends of the other family, or a backend \
+                     address of the VIP's family",
+                ));
+            }
             if backend.takes_new_flows() {
                 taking_new_flows += 1;
                 if taking_new_flows > settings.maglev_table_size {
@@ -482,7 +591,13 @@ impl Checker<'_> {
             backends.push(backend);
         }
         backends.sort_unstable_by_key(|backend| backend.addr);
-        Ok(Vip { key, backends })
+        Ok(Vip {
+            key,
+            backends,
+            mode,
+            client_affinity,
+            source_ranges,
+        })
     }
 
     fn backend(&self, item: &Field<'_>) -> Result<Backend> {
@@ -490,7 +605,7 @@ impl Checker<'_> {
         let addr = self.unicast_addr(&self.require(
             &fields,
             "address",
-            "add `address: <IPv4 address>` of the backend",
+            "add `address: <IPv4 or IPv6 address>` of the backend",
         )?)?;
         let mac = fields
             .get("mac")
@@ -651,16 +766,45 @@ impl Checker<'_> {
             .map_err(|_| self.error_at(field, format!("unknown protocol {text:?}"), HINT))
     }
 
-    fn unicast_addr(&self, field: &Field<'_>) -> Result<Ipv4Addr> {
-        const HINT: &str = "write a unicast IPv4 address like 10.200.0.10";
-        let text = self.text(field, "an IPv4 address", HINT)?;
-        let addr: Ipv4Addr = text
+    fn unicast_addr(&self, field: &Field<'_>) -> Result<IpAddr> {
+        const HINT: &str = "write a unicast IPv4 or IPv6 address like 10.200.0.10 or fd00::10";
+        let text = self.text(field, "an IP address", HINT)?;
+        let addr: IpAddr = text
             .parse()
-            .map_err(|_| self.error_at(field, format!("invalid IPv4 address {text:?}"), HINT))?;
+            .map_err(|_| self.error_at(field, format!("invalid IP address {text:?}"), HINT))?;
         match not_unicast(addr) {
             Some(reason) => Err(self.error_at(field, format!("{addr} {reason}"), HINT)),
             None => Ok(addr),
         }
+    }
+
+    /// An address prefix like 10.0.0.0/8, of `family` (4 or 6) when given, host bits zero.
+    fn prefix(&self, field: &Field<'_>, family: Option<u8>) -> Result<IpNet> {
+        let hint = match family {
+            Some(4) => "write an IPv4 prefix like 192.0.2.0/24",
+            Some(_) => "write an IPv6 prefix like 2001:db8::/64",
+            None => "write a prefix like 192.0.2.0/24 or 2001:db8::/64",
+        };
+        let text = self.text(field, "an address prefix", hint)?;
+        let net: IpNet = text
+            .parse()
+            .map_err(|_| self.error_at(field, format!("invalid prefix {text:?}"), hint))?;
+        let net_family = if net.addr().is_ipv4() { 4 } else { 6 };
+        if family.is_some_and(|f| f != net_family) {
+            return Err(self.error_at(
+                field,
+                format!("{net} is an IPv{net_family} prefix"),
+                format!("{hint} (the VIP's family)"),
+            ));
+        }
+        if net.trunc() != net {
+            return Err(self.error_at(
+                field,
+                format!("{net} has host bits set"),
+                format!("write {}", net.trunc()),
+            ));
+        }
+        Ok(net)
     }
 
     fn mac(&self, field: &Field<'_>) -> Result<MacAddr> {
@@ -835,28 +979,23 @@ mod tests {
             settings: Settings {
                 maglev_table_size: 251,
                 flow_table_size: 4096,
+                ..Settings::default()
             },
             vips: vec![
-                Vip {
-                    key: key("10.200.0.9:443/tcp"),
-                    backends: vec![backend([10, 200, 1, 9], None, 1, false)],
-                },
-                Vip {
-                    key: key("10.200.0.10:53/tcp"),
-                    backends: vec![],
-                },
-                Vip {
-                    key: key("10.200.0.10:53/udp"),
-                    backends: vec![],
-                },
-                Vip {
-                    key: key("10.200.0.10:80/tcp"),
-                    backends: vec![
+                Vip::new(
+                    key("10.200.0.9:443/tcp"),
+                    vec![backend([10, 200, 1, 9], None, 1, false)],
+                ),
+                Vip::new(key("10.200.0.10:53/tcp"), vec![]),
+                Vip::new(key("10.200.0.10:53/udp"), vec![]),
+                Vip::new(
+                    key("10.200.0.10:80/tcp"),
+                    vec![
                         backend([10, 200, 1, 2], Some([2, 0, 0, 0, 1, 2]), 1, true),
                         backend([10, 200, 1, 3], None, 3, false),
                         backend([10, 200, 1, 4], Some([2, 0, 0, 0, 1, 4]), 0, false),
                     ],
-                },
+                ),
             ],
         };
         assert_eq!(desired, expected);
@@ -927,13 +1066,13 @@ mod tests {
             &["vips: []", "maglev_size: 7"],
             2,
             "maglev_size",
-            "valid keys here are maglev_table_size, flow_table_size, vips",
+            "valid keys here are maglev_table_size, flow_table_size, encap_source_v4, encap_source_v6, vips",
         );
         assert_error(
             &with(3, &["    proto: udp"]),
             4,
             "vips[0].proto",
-            "address, port, protocol, backends",
+            "address, port, protocol, mode, session_affinity, source_ranges, backends",
         );
         assert_error(
             &with(5, &["        wieght: 2"]),
@@ -1035,7 +1174,7 @@ mod tests {
             &vip_at("  - address: 10.200.0.300"),
             2,
             "vips[0].address",
-            "invalid IPv4 address \"10.200.0.300\"",
+            "invalid IP address \"10.200.0.300\"",
         );
         assert_error(
             &vip_at("  - address: 0.0.0.0"),
@@ -1067,8 +1206,94 @@ mod tests {
             &lines,
             5,
             "vips[0].backends[0].address",
-            "invalid IPv4 address",
+            "invalid IP address",
         );
+    }
+
+    #[test]
+    fn ipv6_modes_affinity_and_source_ranges() {
+        let text = yaml(&[
+            "encap_source_v4: 10.99.0.0/24",
+            "encap_source_v6: fd99::/120",
+            "vips:",
+            "  - address: fd00::10",
+            "    port: 443",
+            "    mode: ipip",
+            "    session_affinity: client_ip",
+            "    source_ranges:",
+            "      - 2001:db8::/32",
+            "      - fd00::/8",
+            "      - 2001:db8::/32",
+            "    backends:",
+            "      - address: 10.200.1.2",
+            "      - address: fd00:1::2",
+        ]);
+        let desired = parse(&text, "lab.yaml").unwrap();
+        assert_eq!(
+            desired.settings.encap_source_v4,
+            Some("10.99.0.0/24".parse().unwrap())
+        );
+        assert_eq!(
+            desired.settings.encap_source_v6,
+            Some("fd99::/120".parse().unwrap())
+        );
+        let vip = &desired.vips[0];
+        assert_eq!(vip.key.to_string(), "[fd00::10]:443/tcp");
+        assert_eq!(vip.mode, ForwardingMode::Ipip);
+        assert!(vip.client_affinity);
+        let ranges: Vec<String> = vip.source_ranges.iter().map(|n| n.to_string()).collect();
+        assert_eq!(
+            ranges,
+            ["2001:db8::/32", "fd00::/8"],
+            "sorted, deduplicated"
+        );
+        assert_eq!(
+            vip.backends.len(),
+            2,
+            "ipip reaches backends of both families"
+        );
+    }
+
+    #[test]
+    fn bad_modes_and_ranges() {
+        assert_error(
+            &with(3, &["    mode: vxlan"]),
+            4,
+            "vips[0].mode",
+            "unknown mode \"vxlan\"",
+        );
+        assert_error(
+            &with(3, &["    session_affinity: cookie"]),
+            4,
+            "vips[0].session_affinity",
+            "unknown session affinity",
+        );
+        assert_error(
+            &with(3, &["    source_ranges: [10.0.0.1/8]"]),
+            4,
+            "vips[0].source_ranges[0]",
+            "has host bits set; write 10.0.0.0/8",
+        );
+        assert_error(
+            &with(3, &["    source_ranges:", "      - fd00::/8"]),
+            5,
+            "vips[0].source_ranges[0]",
+            "is an IPv6 prefix",
+        );
+        let mut l2_mixed = with(5, &[]);
+        l2_mixed[4] = "      - address: fd00::2";
+        assert_error(
+            &l2_mixed,
+            5,
+            "vips[0].backends[0]",
+            "not of the VIP's family, which mode l2 needs",
+        );
+        let mut bad_source = with(0, &["encap_source_v4: fd99::/120"]);
+        bad_source.truncate(6);
+        assert_error(&bad_source, 1, "encap_source_v4", "is an IPv6 prefix");
+        let mut mapped = with(5, &[]);
+        mapped[1] = "  - address: ::ffff:10.0.0.1";
+        assert_error(&mapped, 2, "vips[0].address", "IPv4-mapped");
     }
 
     #[test]
@@ -1204,7 +1429,8 @@ mod tests {
             largest.settings,
             Settings {
                 maglev_table_size: MAX_MAGLEV_SIZE,
-                flow_table_size: 64 << 20
+                flow_table_size: 64 << 20,
+                ..Settings::default()
             }
         );
     }

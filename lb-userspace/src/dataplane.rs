@@ -11,21 +11,55 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, ArrayOfMaps, DevMapHash, HashMap, Map, MapData, PerCpuArray},
+    maps::{
+        Array, ArrayOfMaps, DevMapHash, HashMap, LpmTrie, Map, MapData, PerCpuArray,
+        lpm_trie::Key as LpmKey,
+    },
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
     },
 };
 use lb_common::{
-    BALANCER_PROGRAM, Backend, Counters, FlowKey, FlowValue, MAGLEV_INNER_FLAGS, VipFilter,
-    VipInfo, VipKey, map_names,
+    BALANCER_PROGRAM, Backend, Counters, DECAP_PROGRAM, FlowKey, FlowValue, MAGLEV_INNER_FLAGS,
+    ScopedAddr, VipFilter, VipInfo, VipKey, decap_map_names, map_names,
 };
 
 use crate::net::Interface;
 
-/// The XDP object, built by build.rs for the BPF target and embedded in the binary.
+/// The XDP objects, built by build.rs for the BPF target and embedded in the binary.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));
+
+/// Which of the two objects an attachment runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObjectKind {
+    /// The load balancer (`sluice run|attach`).
+    Balancer,
+    /// The backend-side decapsulator (`sluice decap`).
+    Decap,
+}
+
+impl ObjectKind {
+    fn bytes(self) -> &'static [u8] {
+        match self {
+            Self::Balancer => OBJECT,
+            Self::Decap => DECAP_OBJECT,
+        }
+    }
+    pub fn map_names(self) -> &'static [&'static str] {
+        match self {
+            Self::Balancer => &map_names::ALL,
+            Self::Decap => &decap_map_names::ALL,
+        }
+    }
+    fn programs(self) -> &'static [&'static str] {
+        match self {
+            Self::Balancer => &[BALANCER_PROGRAM, PASS_PROGRAM],
+            Self::Decap => &[DECAP_PROGRAM],
+        }
+    }
+}
 
 /// Where sluice pins its state unless told otherwise.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/sluice";
@@ -34,17 +68,38 @@ pub const PASS_PROGRAM: &str = "sluice_pass";
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// The bpffs layout of one attachment: `<root>/<iface>/{link, maps/<NAME>}`.
+/// Takes map `$name` with `$take` and converts it to its typed handle.
+macro_rules! typed {
+    ($take:ident, $name:expr) => {
+        $take($name)?
+            .try_into()
+            .map_err(|e| anyhow!("map {} has an unexpected layout: {e}", $name))?
+    };
+}
+
+/// The bpffs layout of one attachment: `<root>/<iface>/{link, maps/<NAME>}` for the balancer,
+/// `<root>/decap/<iface>/...` for the decapsulator.
 #[derive(Clone, Debug)]
 pub struct PinLayout {
     dir: PathBuf,
+    kind: ObjectKind,
 }
 
 impl PinLayout {
     pub fn new(root: &Path, iface: &str) -> Self {
         Self {
             dir: root.join(iface),
+            kind: ObjectKind::Balancer,
         }
+    }
+    pub fn decap(root: &Path, iface: &str) -> Self {
+        Self {
+            dir: root.join("decap").join(iface),
+            kind: ObjectKind::Decap,
+        }
+    }
+    pub fn kind(&self) -> ObjectKind {
+        self.kind
     }
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -63,17 +118,18 @@ impl PinLayout {
         self.link().exists()
     }
     pub fn has_maps(&self) -> bool {
-        self.map(map_names::VIPS).exists()
+        self.map(self.kind.map_names()[0]).exists()
     }
 
     /// Checks that the root is on a bpffs and creates the directories.
     pub fn prepare(&self) -> anyhow::Result<()> {
-        let root = self.dir.parent().unwrap_or(&self.dir);
-        let probe = if root.exists() {
-            root
-        } else {
-            root.parent().unwrap_or(root)
-        };
+        // The nearest existing ancestor must be on a bpffs.
+        let probe = self
+            .dir
+            .ancestors()
+            .skip(1)
+            .find(|dir| dir.exists())
+            .unwrap_or(&self.dir);
         if !is_bpffs(probe) {
             bail!(
                 "{} is not on a BPF filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf` \
@@ -87,7 +143,7 @@ impl PinLayout {
 
     /// Removes the map pins and the directories (the link pin must already be gone).
     pub fn remove(&self) -> anyhow::Result<()> {
-        for name in map_names::ALL {
+        for name in self.kind.map_names() {
             let path = self.map(name);
             if path.exists() {
                 fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
@@ -113,25 +169,40 @@ fn is_bpffs(path: &Path) -> bool {
     }
 }
 
-/// Loads the object (maps created, or reused from `pins`; programs verified, not attached).
+/// Loads the balancer (maps created, or reused from `pins`; programs verified, not attached).
 pub fn load(pins: Option<&PinLayout>, flow_table_size: u32) -> anyhow::Result<Ebpf> {
+    load_object(ObjectKind::Balancer, pins, |loader| {
+        loader.map_max_entries(map_names::FLOWS, flow_table_size);
+    })
+}
+
+/// Loads the decapsulator, the same way.
+pub fn load_decap(pins: Option<&PinLayout>) -> anyhow::Result<Ebpf> {
+    load_object(ObjectKind::Decap, pins, |_| {})
+}
+
+fn load_object(
+    kind: ObjectKind,
+    pins: Option<&PinLayout>,
+    configure: impl FnOnce(&mut EbpfLoader),
+) -> anyhow::Result<Ebpf> {
     let paths: Vec<(&str, PathBuf)> = match pins {
-        Some(p) => map_names::ALL.iter().map(|n| (*n, p.map(n))).collect(),
+        Some(p) => kind.map_names().iter().map(|n| (*n, p.map(n))).collect(),
         None => Vec::new(),
     };
     let mut loader = EbpfLoader::new();
-    loader.map_max_entries(map_names::FLOWS, flow_table_size);
+    configure(&mut loader);
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let mut ebpf = loader.load(OBJECT).map_err(|e| {
+    let mut ebpf = loader.load(kind.bytes()).map_err(|e| {
         if e.to_string().contains("Operation not permitted") {
             anyhow!("loading the XDP program: permission denied: sluice needs root (CAP_BPF, CAP_NET_ADMIN); run it with sudo")
         } else {
             anyhow!("loading the XDP program: {e}")
         }
     })?;
-    for name in [BALANCER_PROGRAM, PASS_PROGRAM] {
+    for name in kind.programs() {
         xdp_program(&mut ebpf, name)?
             .load()
             .map_err(|e| anyhow!("verifying {name}: {}", program_error(&e)))?;
@@ -227,6 +298,8 @@ pub struct Maps {
     pub backend_stats: PerCpuArray<MapData, Counters>,
     pub global_stats: PerCpuArray<MapData, u64>,
     pub vip_filter: Array<MapData, VipFilter>,
+    pub vip_addrs: HashMap<MapData, VipKey, u32>,
+    pub source_ranges: LpmTrie<MapData, ScopedAddr, u8>,
 }
 
 impl Maps {
@@ -238,38 +311,22 @@ impl Maps {
     }
 
     pub fn from_pins(pins: &PinLayout) -> anyhow::Result<Self> {
-        if !pins.has_maps() {
-            bail!(
-                "no sluice maps pinned in {}: is sluice attached there? (`sluice attach` or `sluice run`, and the same --pin-dir)",
-                pins.maps_dir().display()
-            );
-        }
-        Self::open(|name| {
-            let path = pins.map(name);
-            let data =
-                MapData::from_pin(&path).map_err(|e| anyhow!("opening {}: {e}", path.display()))?;
-            Map::from_map_data(data).map_err(|e| anyhow!("map {name}: {e}"))
-        })
+        Self::open(|name| open_pinned(pins, name, "`sluice attach` or `sluice run`"))
     }
 
     fn open(mut take: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
-        macro_rules! typed {
-            ($name:expr) => {
-                take($name)?
-                    .try_into()
-                    .map_err(|e| anyhow!("map {} has an unexpected layout: {e}", $name))?
-            };
-        }
         Ok(Self {
-            vips: typed!(map_names::VIPS),
-            maglev: typed!(map_names::MAGLEV),
-            backends: typed!(map_names::BACKENDS),
-            flows: typed!(map_names::FLOWS),
-            tx_ports: typed!(map_names::TX_PORTS),
-            vip_stats: typed!(map_names::VIP_STATS),
-            backend_stats: typed!(map_names::BACKEND_STATS),
-            global_stats: typed!(map_names::GLOBAL_STATS),
-            vip_filter: typed!(map_names::VIP_FILTER),
+            vips: typed!(take, map_names::VIPS),
+            maglev: typed!(take, map_names::MAGLEV),
+            backends: typed!(take, map_names::BACKENDS),
+            flows: typed!(take, map_names::FLOWS),
+            tx_ports: typed!(take, map_names::TX_PORTS),
+            vip_stats: typed!(take, map_names::VIP_STATS),
+            backend_stats: typed!(take, map_names::BACKEND_STATS),
+            global_stats: typed!(take, map_names::GLOBAL_STATS),
+            vip_filter: typed!(take, map_names::VIP_FILTER),
+            vip_addrs: typed!(take, map_names::VIP_ADDRS),
+            source_ranges: typed!(take, map_names::SOURCE_RANGES),
         })
     }
 
@@ -282,6 +339,69 @@ impl Maps {
         let mapping = MaglevMapping::new(&inner, size, libc::PROT_READ)?;
         Ok(mapping.read())
     }
+}
+
+/// A map pinned by an attachment, with an error that says what to run when it is missing.
+fn open_pinned(pins: &PinLayout, name: &str, attach_with: &str) -> anyhow::Result<Map> {
+    if !pins.has_maps() {
+        bail!(
+            "no sluice maps pinned in {}: is sluice attached there? ({attach_with}, and the same --pin-dir)",
+            pins.maps_dir().display()
+        );
+    }
+    let path = pins.map(name);
+    let data = MapData::from_pin(&path).map_err(|e| anyhow!("opening {}: {e}", path.display()))?;
+    Map::from_map_data(data).map_err(|e| anyhow!("map {name}: {e}"))
+}
+
+/// The decapsulator's maps.
+pub struct DecapMaps {
+    pub sources: LpmTrie<MapData, ScopedAddr, u8>,
+    pub local: HashMap<MapData, ScopedAddr, u8>,
+    pub stats: PerCpuArray<MapData, u64>,
+}
+
+impl DecapMaps {
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        Self::open(|name| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the decapsulator object"))
+        })
+    }
+
+    pub fn from_pins(pins: &PinLayout) -> anyhow::Result<Self> {
+        Self::open(|name| open_pinned(pins, name, "`sluice decap`"))
+    }
+
+    fn open(mut take: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
+        Ok(Self {
+            sources: typed!(take, decap_map_names::DECAP_SOURCES),
+            local: typed!(take, decap_map_names::DECAP_LOCAL),
+            stats: typed!(take, decap_map_names::DECAP_STATS),
+        })
+    }
+}
+
+/// The LPM key of a prefix within a scope (VIP id, or address family).
+pub fn scoped_prefix(scope: u32, net: &ipnet::IpNet) -> LpmKey<ScopedAddr> {
+    let bits = u32::from(net.prefix_len());
+    LpmKey::new(
+        ScopedAddr::prefix_len(bits),
+        ScopedAddr {
+            scope_be: scope.to_be(),
+            addr: addr_bytes(net.network()),
+        },
+    )
+}
+
+/// An address as the maps' 16 bytes (IPv4 in the first four).
+pub fn addr_bytes(addr: std::net::IpAddr) -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    match addr {
+        std::net::IpAddr::V4(v4) => bytes[..4].copy_from_slice(&v4.octets()),
+        std::net::IpAddr::V6(v6) => bytes = v6.octets(),
+    }
+    bytes
 }
 
 /// Creates a Maglev table holding `slots` (written through mmap in one copy) and swaps it into

@@ -4,7 +4,9 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use anyhow::{Context as _, anyhow};
-use lb_common::{Counters, GlobalCounter, IPPROTO_TCP, IPPROTO_UDP, backend_state};
+use lb_common::{
+    Counters, GlobalCounter, IPPROTO_TCP, IPPROTO_UDP, backend_state, forward_mode, vip_flags,
+};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -39,12 +41,20 @@ impl View {
 
 fn vip_addr(key: &lb_common::VipKey) -> VipAddr {
     VipAddr {
-        addr: addr_from_raw(key.addr),
+        addr: addr_from_raw(&key.addr, key.family),
         port: u16::from_be(key.port),
         protocol: match key.proto {
             IPPROTO_UDP => Protocol::Udp,
             _ => Protocol::Tcp,
         },
+    }
+}
+
+fn mode_name(mode: u8) -> &'static str {
+    match mode {
+        forward_mode::IPIP_V4 => "ipip",
+        forward_mode::IPIP_V6 => "ip6ip6",
+        _ => "l2",
     }
 }
 
@@ -72,6 +82,7 @@ struct BackendRow {
     slot: u32,
     state: &'static str,
     weight: u32,
+    mode: &'static str,
     mac: String,
     ifindex: u32,
     packets: u64,
@@ -85,6 +96,8 @@ struct VipRow {
     live_backends: u32,
     backends: usize,
     table_size: u32,
+    /// "affinity", "source_ranges": the options the program acts on.
+    options: Vec<&'static str>,
     packets: u64,
     bytes: u64,
 }
@@ -100,10 +113,11 @@ fn collect(maps: &Maps) -> anyhow::Result<Vec<(VipRow, Vec<BackendRow>)>> {
             .context("reading BACKEND_STATS")?);
         by_vip.entry(value.vip_id).or_default().push(BackendRow {
             vip: String::new(),
-            address: addr_from_raw(value.addr).to_string(),
+            address: addr_from_raw(&value.addr, value.family).to_string(),
             slot: *slot,
             state: state_name(value.state),
             weight: value.weight,
+            mode: mode_name(value.mode),
             mac: MacAddr(value.dst_mac).to_string(),
             ifindex: value.ifindex,
             packets: c.packets,
@@ -118,7 +132,7 @@ fn collect(maps: &Maps) -> anyhow::Result<Vec<(VipRow, Vec<BackendRow>)>> {
             .get(&info.id, 0)
             .context("reading VIP_STATS")?);
         let mut backends = by_vip.remove(&info.id).unwrap_or_default();
-        backends.sort_by_key(|b| b.address.parse::<std::net::Ipv4Addr>().ok());
+        backends.sort_by_key(|b| b.address.parse::<std::net::IpAddr>().ok());
         for b in &mut backends {
             b.vip = vip.to_string();
         }
@@ -130,6 +144,14 @@ fn collect(maps: &Maps) -> anyhow::Result<Vec<(VipRow, Vec<BackendRow>)>> {
                 live_backends: info.live_backends,
                 backends: backends.len(),
                 table_size: info.table_size,
+                options: [
+                    (vip_flags::AFFINITY, "affinity"),
+                    (vip_flags::SOURCE_RANGES, "source_ranges"),
+                ]
+                .into_iter()
+                .filter(|(flag, _)| info.flags & flag != 0)
+                .map(|(_, name)| name)
+                .collect(),
                 packets: c.packets,
                 bytes: c.bytes,
             },
@@ -143,13 +165,26 @@ fn collect(maps: &Maps) -> anyhow::Result<Vec<(VipRow, Vec<BackendRow>)>> {
 pub fn vips(maps: &Maps) -> anyhow::Result<View> {
     let rows: Vec<VipRow> = collect(maps)?.into_iter().map(|(v, _)| v).collect();
     let table = render_table(
-        &["VIP", "ID", "LIVE/BACKENDS", "TABLE", "PACKETS", "BYTES"],
+        &[
+            "VIP",
+            "ID",
+            "LIVE/BACKENDS",
+            "TABLE",
+            "OPTIONS",
+            "PACKETS",
+            "BYTES",
+        ],
         rows.iter().map(|r| {
             vec![
                 r.vip.clone(),
                 r.id.to_string(),
                 format!("{}/{}", r.live_backends, r.backends),
                 r.table_size.to_string(),
+                if r.options.is_empty() {
+                    "-".to_owned()
+                } else {
+                    r.options.join(",")
+                },
                 r.packets.to_string(),
                 r.bytes.to_string(),
             ]
@@ -165,7 +200,8 @@ pub fn backends(maps: &Maps) -> anyhow::Result<View> {
     let rows: Vec<BackendRow> = collect(maps)?.into_iter().flat_map(|(_, b)| b).collect();
     let table = render_table(
         &[
-            "VIP", "BACKEND", "SLOT", "STATE", "WEIGHT", "MAC", "IFINDEX", "PACKETS", "BYTES",
+            "VIP", "BACKEND", "SLOT", "STATE", "WEIGHT", "MODE", "MAC", "IFINDEX", "PACKETS",
+            "BYTES",
         ],
         rows.iter().map(|r| {
             vec![
@@ -174,6 +210,7 @@ pub fn backends(maps: &Maps) -> anyhow::Result<View> {
                 r.slot.to_string(),
                 r.state.to_owned(),
                 r.weight.to_string(),
+                r.mode.to_owned(),
                 r.mac.clone(),
                 r.ifindex.to_string(),
                 r.packets.to_string(),
@@ -272,7 +309,7 @@ pub fn maglev(maps: &Maps, vip: &VipAddr) -> anyhow::Result<View> {
     let mut rows = Vec::new();
     for (slot, count) in &counts {
         let (address, weight) = match current.slots.get(slot) {
-            Some(b) => (addr_from_raw(b.addr).to_string(), b.weight),
+            Some(b) => (addr_from_raw(&b.addr, b.family).to_string(), b.weight),
             None => ("(none)".to_owned(), 0),
         };
         rows.push(json!({
@@ -321,11 +358,14 @@ pub fn flows(maps: &Maps, limit: usize) -> anyhow::Result<View> {
         let backend = current
             .slots
             .get(&value.backend)
-            .map(|b| addr_from_raw(b.addr).to_string())
+            .map(|b| addr_from_raw(&b.addr, b.family).to_string())
             .unwrap_or_else(|| "(removed)".into());
+        let endpoint = |raw: &lb_common::Addr, port: u16| {
+            std::net::SocketAddr::new(addr_from_raw(raw, key.family), u16::from_be(port))
+        };
         rows.push(json!({
-            "client": format!("{}:{}", addr_from_raw(key.src), u16::from_be(key.sport)),
-            "vip": format!("{}:{}/{proto}", addr_from_raw(key.dst), u16::from_be(key.dport)),
+            "client": endpoint(&key.src, key.sport).to_string(),
+            "vip": format!("{}/{proto}", endpoint(&key.dst, key.dport)),
             "backend": backend,
         }));
     }

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod dataplane;
+pub mod decap;
 pub mod inspect;
 pub mod maglev;
 pub mod model;

@@ -3,15 +3,18 @@
 use std::{
     path::{Path, PathBuf},
     process::ExitCode,
+    thread,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Parser, Subcommand};
 use lb_userspace::{
     config,
-    dataplane::{self, DEFAULT_PIN_ROOT, Maps, PASS_PROGRAM, PinLayout},
+    dataplane::{self, DEFAULT_PIN_ROOT, DecapMaps, Maps, PASS_PROGRAM, PinLayout},
+    decap,
     inspect::{self, Format},
-    model::{Desired, VipAddr},
+    model::{Desired, IpNet, VipAddr},
     net::Interface,
     reconcile,
 };
@@ -71,6 +74,26 @@ enum Command {
         #[command(subcommand)]
         what: InspectWhat,
     },
+    /// On a backend node of `mode: ipip` VIPs: attach the decapsulator (pinned), which strips
+    /// the outer header of packets sent to this node by the allowed load balancers. Run it
+    /// again to change the list.
+    Decap {
+        #[arg(long)]
+        iface: String,
+        /// Outer source prefix of a load balancer (its encap_source_v4/v6, or its address as
+        /// /32 or /128). Repeat for each; packets from other sources are dropped.
+        #[arg(
+            long = "allow",
+            value_name = "PREFIX",
+            required_unless_present = "detach"
+        )]
+        allow: Vec<IpNet>,
+        #[arg(long)]
+        generic: bool,
+        /// Remove it instead.
+        #[arg(long)]
+        detach: bool,
+    },
     /// Attach a program that only returns XDP_PASS (pinned). A veth delivers XDP_TX frames only
     /// when its peer has an XDP program: labs put this one there.
     XdpPass {
@@ -97,6 +120,8 @@ enum InspectWhat {
     },
     /// Global, per-VIP and per-backend counters.
     Stats,
+    /// The decapsulator's counters and configuration (`sluice decap`).
+    Decap,
 }
 
 fn main() -> ExitCode {
@@ -130,7 +155,16 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             what,
         } => {
             require_root()?;
-            let pins = PinLayout::new(&cli.pin_dir, &attached_iface(&cli.pin_dir, iface)?);
+            if let InspectWhat::Decap = what {
+                let decap_root = cli.pin_dir.join("decap");
+                let iface =
+                    attached_iface(&decap_root, iface, |i| PinLayout::decap(&cli.pin_dir, i))?;
+                let maps = DecapMaps::from_pins(&PinLayout::decap(&cli.pin_dir, &iface))?;
+                println!("{}", decap::view(&maps)?.render(format).trim_end());
+                return Ok(());
+            }
+            let iface = attached_iface(&cli.pin_dir, iface, |i| PinLayout::new(&cli.pin_dir, i))?;
+            let pins = PinLayout::new(&cli.pin_dir, &iface);
             let maps = Maps::from_pins(&pins)?;
             let view = match what {
                 InspectWhat::Vips => inspect::vips(&maps)?,
@@ -141,9 +175,25 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 }
                 InspectWhat::Flows { limit } => inspect::flows(&maps, limit)?,
                 InspectWhat::Stats => inspect::stats(&maps)?,
+                InspectWhat::Decap => unreachable!("handled above"),
             };
             println!("{}", view.render(format).trim_end());
             Ok(())
+        }
+        Command::Decap {
+            iface,
+            allow,
+            generic,
+            detach,
+        } => {
+            require_root()?;
+            let pins = PinLayout::decap(&cli.pin_dir, &iface);
+            if detach {
+                dataplane::detach_pinned(&pins)?;
+                info!("detached the decapsulator from {iface}");
+                return Ok(());
+            }
+            decap::attach(&pins, &Interface::by_name(&iface)?, &allow, generic)
         }
         Command::XdpPass { iface, detach } => xdp_pass(&cli.pin_dir, &iface, detach),
     }
@@ -180,6 +230,11 @@ fn load_fresh(pins: &PinLayout, desired: &Desired) -> anyhow::Result<(aya::Ebpf,
     Ok((ebpf, maps))
 }
 
+/// How often `run` re-resolves backends' MACs and routes.
+const NEXT_HOP_REFRESH: Duration = Duration::from_secs(30);
+/// How often `run` looks at pending signals.
+const SIGNAL_POLL: Duration = Duration::from_millis(100);
+
 fn run(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> anyhow::Result<()> {
     let (desired, iface) = prepare(config, iface_name)?;
     let pins = PinLayout::new(pin_root, &iface.name);
@@ -204,27 +259,43 @@ fn run(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> anyho
         config.display()
     );
     let mut flow_table_size = desired.settings.flow_table_size;
-    for signal in signals.forever() {
-        if signal != SIGHUP {
-            info!("signal {signal}: detaching from {}", iface.name);
-            break;
-        }
-        match config::load(config) {
-            Err(e) => error!("reload refused, keeping the running config: {e}"),
-            Ok(new) => {
-                if new.settings.flow_table_size != flow_table_size {
-                    warn!(
-                        "flow_table_size {} -> {} takes effect only on restart",
-                        flow_table_size, new.settings.flow_table_size
-                    );
-                    flow_table_size = new.settings.flow_table_size;
-                }
-                match reconcile::reconcile(&mut maps, &iface, &new) {
-                    Ok(s) => info!("reloaded {}: {s}", config.display()),
-                    Err(e) => error!("reload of {} failed: {e:#}", config.display()),
+    let mut running = desired;
+    let mut refreshed = Instant::now();
+    'serve: loop {
+        for signal in signals.pending() {
+            if signal != SIGHUP {
+                info!("signal {signal}: detaching from {}", iface.name);
+                break 'serve;
+            }
+            match config::load(config) {
+                Err(e) => error!("reload refused, keeping the running config: {e}"),
+                Ok(new) => {
+                    if new.settings.flow_table_size != flow_table_size {
+                        warn!(
+                            "flow_table_size {} -> {} takes effect only on restart",
+                            flow_table_size, new.settings.flow_table_size
+                        );
+                        flow_table_size = new.settings.flow_table_size;
+                    }
+                    match reconcile::reconcile(&mut maps, &iface, &new) {
+                        Ok(s) => info!("reloaded {}: {s}", config.display()),
+                        Err(e) => error!("reload of {} failed: {e:#}", config.display()),
+                    }
+                    running = new;
                 }
             }
         }
+        // Neighbours and routes move (a next hop's MAC, a failed-over gateway): resolve them
+        // again now and then; only what changed is written.
+        if refreshed.elapsed() >= NEXT_HOP_REFRESH {
+            refreshed = Instant::now();
+            match reconcile::reconcile(&mut maps, &iface, &running) {
+                Ok(s) if !s.is_empty() => info!("next hops refreshed: {s}"),
+                Ok(_) => {}
+                Err(e) => warn!("refreshing next hops failed (keeping the old ones): {e:#}"),
+            }
+        }
+        thread::sleep(SIGNAL_POLL);
     }
     drop(link);
     drop(maps);
@@ -272,15 +343,19 @@ fn xdp_pass(pin_root: &Path, iface_name: &str, detach: bool) -> anyhow::Result<(
     Ok(())
 }
 
-/// The interface to inspect: the given one, or the only one with state under the pin root.
-fn attached_iface(pin_root: &Path, iface: Option<String>) -> anyhow::Result<String> {
+/// The interface to inspect: the given one, or the only one with state under `pin_root`.
+fn attached_iface(
+    pin_root: &Path,
+    iface: Option<String>,
+    layout: impl Fn(&str) -> PinLayout,
+) -> anyhow::Result<String> {
     if let Some(iface) = iface {
         return Ok(iface);
     }
     let attached: Vec<String> = std::fs::read_dir(pin_root)
         .map(|dir| {
             dir.filter_map(Result::ok)
-                .filter(|e| PinLayout::new(pin_root, &e.file_name().to_string_lossy()).has_maps())
+                .filter(|e| layout(&e.file_name().to_string_lossy()).has_maps())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect()
         })

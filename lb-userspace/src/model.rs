@@ -3,9 +3,10 @@
 //! nothing downstream re-checks addresses or ranges.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::str::FromStr;
 
+pub use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use lb_common::{DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, IPPROTO_TCP, IPPROTO_UDP};
 use serde::{Serialize, Serializer};
 
@@ -144,14 +145,17 @@ impl Serialize for MacAddr {
 /// What a client connects to: one VIP of the load balancer. Ordered by address, port, protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct VipAddr {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
 }
 
 impl fmt::Display for VipAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol)
+        match self.addr {
+            IpAddr::V4(addr) => write!(f, "{addr}:{}/{}", self.port, self.protocol),
+            IpAddr::V6(addr) => write!(f, "[{addr}]:{}/{}", self.port, self.protocol),
+        }
     }
 }
 
@@ -164,15 +168,24 @@ impl FromStr for VipAddr {
             ParseError::new(
                 "VIP",
                 s,
-                "ADDRESS:PORT[/tcp|udp] with a port from 1 to 65535, like 10.0.0.10:80/tcp",
+                "ADDRESS:PORT[/tcp|udp] with a port from 1 to 65535, like 10.0.0.10:80/tcp \
+                 or [fd00::10]:80/tcp",
             )
         };
         let (endpoint, protocol) = match s.split_once('/') {
             Some((endpoint, protocol)) => (endpoint, protocol.parse().map_err(|_| invalid())?),
             None => (s, Protocol::Tcp),
         };
-        let (addr, port) = endpoint.split_once(':').ok_or_else(invalid)?;
-        let addr = addr.parse().map_err(|_| invalid())?;
+        let (addr, port) = endpoint.rsplit_once(':').ok_or_else(invalid)?;
+        let addr: IpAddr = match addr.strip_prefix('[') {
+            Some(v6) => IpAddr::V6(
+                v6.strip_suffix(']')
+                    .ok_or_else(invalid)?
+                    .parse()
+                    .map_err(|_| invalid())?,
+            ),
+            None => IpAddr::V4(addr.parse().map_err(|_| invalid())?),
+        };
         let port = port
             .parse()
             .ok()
@@ -189,7 +202,7 @@ impl FromStr for VipAddr {
 /// One real server behind a VIP.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Backend {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     /// Next-hop MAC; `None` means resolve it from the kernel's neighbour table.
     pub mac: Option<MacAddr>,
     /// Relative share of new flows; 0 takes none.
@@ -206,6 +219,45 @@ impl Backend {
     }
 }
 
+/// How a VIP's packets reach its backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardingMode {
+    /// Direct server return on one L2 segment: only the destination MAC is rewritten.
+    #[default]
+    L2,
+    /// IPIP / IP6IP6: an outer IP header to the backend node, for backends across L3. The
+    /// backend runs `sluice decap` to take it off.
+    Ipip,
+}
+
+impl ForwardingMode {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::L2 => "l2",
+            Self::Ipip => "ipip",
+        }
+    }
+}
+
+impl fmt::Display for ForwardingMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ForwardingMode {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "l2" => Ok(Self::L2),
+            "ipip" => Ok(Self::Ipip),
+            _ => Err(ParseError::new("forwarding mode", s, "l2 or ipip")),
+        }
+    }
+}
+
 /// A VIP and the backends that serve it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Vip {
@@ -213,15 +265,39 @@ pub struct Vip {
     /// Sorted by address, one entry per address. May be empty: the VIP's traffic is then
     /// dropped and counted rather than passed to the host.
     pub backends: Vec<Backend>,
+    pub mode: ForwardingMode,
+    /// Session affinity by client address: every connection of a client lands on one backend.
+    pub client_affinity: bool,
+    /// Client prefixes admitted (of the VIP's family); empty admits everyone. Sorted, unique.
+    pub source_ranges: Vec<IpNet>,
 }
 
-/// Table sizes: changing one rebuilds the table, so they are global, not per VIP.
+impl Vip {
+    /// A VIP with the defaults every source starts from: L2, no affinity, open to all.
+    pub fn new(key: VipAddr, backends: Vec<Backend>) -> Self {
+        Self {
+            key,
+            backends,
+            mode: ForwardingMode::L2,
+            client_affinity: false,
+            source_ranges: Vec::new(),
+        }
+    }
+}
+
+/// Settings of the whole load balancer (table sizes: changing one rebuilds every table).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Settings {
     /// Slots of every VIP's Maglev table (prime).
     pub maglev_table_size: u32,
     /// Entries of the connection table.
     pub flow_table_size: u32,
+    /// Outer source addresses of IPIP packets: the host part varies per flow (so backends'
+    /// NICs spread flows over their queues) and backends' decapsulators admit this prefix.
+    /// `None`: the egress interface's own address.
+    pub encap_source_v4: Option<Ipv4Net>,
+    /// The same for IP6IP6.
+    pub encap_source_v6: Option<Ipv6Net>,
 }
 
 impl Default for Settings {
@@ -229,6 +305,8 @@ impl Default for Settings {
         Self {
             maglev_table_size: DEFAULT_MAGLEV_SIZE,
             flow_table_size: DEFAULT_FLOW_TABLE_SIZE,
+            encap_source_v4: None,
+            encap_source_v6: None,
         }
     }
 }
@@ -252,6 +330,8 @@ impl Desired {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     #[test]
@@ -310,12 +390,15 @@ mod tests {
     fn vip_addr_round_trips_and_defaults_to_tcp() {
         let vip: VipAddr = "10.0.0.10:80/udp".parse().unwrap();
         let expected = VipAddr {
-            addr: Ipv4Addr::new(10, 0, 0, 10),
+            addr: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 10)),
             port: 80,
             protocol: Protocol::Udp,
         };
         assert_eq!(vip, expected);
         assert_eq!(vip.to_string(), "10.0.0.10:80/udp");
+        let v6: VipAddr = "[fd00::10]:443/tcp".parse().unwrap();
+        assert_eq!(v6.addr, "fd00::10".parse::<IpAddr>().unwrap());
+        assert_eq!(v6.to_string(), "[fd00::10]:443/tcp");
         let tcp: VipAddr = "10.0.0.10:80".parse().unwrap();
         assert_eq!(tcp.protocol, Protocol::Tcp);
         for bad in [
@@ -325,6 +408,9 @@ mod tests {
             "10.0.0.10:80/icmp",
             "x:80",
             ":80/tcp",
+            "fd00::10:80",
+            "[fd00::10:80",
+            "[10.0.0.1]:80",
         ] {
             assert!(bad.parse::<VipAddr>().is_err(), "{bad}");
         }
@@ -355,7 +441,7 @@ mod tests {
     #[test]
     fn takes_new_flows_needs_weight_and_no_drain() {
         let backend = Backend {
-            addr: Ipv4Addr::new(10, 0, 1, 1),
+            addr: IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1)),
             mac: None,
             weight: 1,
             drain: false,
@@ -381,27 +467,29 @@ mod tests {
     fn serializes_to_readable_json() {
         let desired = Desired {
             settings: Settings::default(),
-            vips: vec![Vip {
-                key: "10.0.0.10:80/tcp".parse().unwrap(),
-                backends: vec![Backend {
-                    addr: Ipv4Addr::new(10, 0, 1, 2),
+            vips: vec![Vip::new(
+                "10.0.0.10:80/tcp".parse().unwrap(),
+                vec![Backend {
+                    addr: IpAddr::V4(Ipv4Addr::new(10, 0, 1, 2)),
                     mac: Some(MacAddr([2, 0, 0, 0, 1, 2])),
                     weight: 3,
                     drain: false,
                 }],
-            }],
+            )],
         };
         let json = serde_json::to_value(&desired).unwrap();
         assert_eq!(
             json,
             serde_json::json!({
-                "settings": {"maglev_table_size": 65537, "flow_table_size": 1048576},
+                "settings": {"maglev_table_size": 65537, "flow_table_size": 1048576,
+                             "encap_source_v4": null, "encap_source_v6": null},
                 "vips": [{
                     "key": {"addr": "10.0.0.10", "port": 80, "protocol": "tcp"},
                     "backends": [
                         {"addr": "10.0.1.2", "mac": "02:00:00:00:01:02",
                          "weight": 3, "drain": false},
                     ],
+                    "mode": "l2", "client_affinity": false, "source_ranges": [],
                 }],
             })
         );
@@ -409,10 +497,7 @@ mod tests {
 
     #[test]
     fn desired_finds_vips_by_key() {
-        let vip = |s: &str| Vip {
-            key: s.parse().unwrap(),
-            backends: Vec::new(),
-        };
+        let vip = |s: &str| Vip::new(s.parse().unwrap(), Vec::new());
         let desired = Desired {
             settings: Settings::default(),
             vips: vec![vip("10.0.0.1:80"), vip("10.0.0.2:80")],

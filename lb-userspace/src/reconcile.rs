@@ -1,27 +1,32 @@
 //! Desired model -> BPF maps. Reads what the maps hold, plans every write (resolving MACs and
-//! checking capacity) before the first one, then writes in an order that packets can never
-//! observe half-done: new backend slots, then the new Maglev table (one atomic swap), then the
-//! VIP entry, and only then frees what is gone. The connection table is never flushed.
+//! routes, checking capacity) before the first one, then writes in an order that packets can
+//! never observe half-done: new backend slots, address sets and source ranges, then the new
+//! Maglev table (one atomic swap), then the VIP entry, and only then frees what is gone. The
+//! connection table is never flushed.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
 
-use anyhow::{Context as _, anyhow};
-use aya::maps::{MapError, PerCpuValues};
+use anyhow::{Context as _, anyhow, bail};
+use aya::maps::{MapError, PerCpuValues, lpm_trie::Key as LpmKey};
 use lb_common::{
-    Backend as SlotValue, Counters, MAX_BACKENDS, MAX_VIPS, NO_BACKEND, VipFilter, VipInfo, VipKey,
-    backend_state,
+    Addr, Backend as SlotValue, Counters, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_SOURCE_RANGES,
+    MAX_VIPS, NO_BACKEND, ScopedAddr, VipFilter, VipInfo, VipKey, backend_state, forward_mode,
+    vip_flags,
 };
 
 use crate::{
-    dataplane::{Maps, install_maglev_table},
+    dataplane::{Maps, install_maglev_table, scoped_prefix},
     maglev::{self, MaglevBackend},
-    model::{Backend, Desired, Vip, VipAddr},
-    net::{Interface, resolve_neighbour},
+    model::{Backend, Desired, ForwardingMode, Settings, Vip, VipAddr},
+    net::{Interface, resolve_neighbour, resolve_next_hop},
 };
+
+/// A `SOURCE_RANGES` entry: (prefix length, scoped address).
+type RangeKey = (u32, ScopedAddr);
 
 /// How long to wait for a backend to answer ARP.
 const NEIGHBOUR_TIMEOUT: Duration = Duration::from_secs(2);
@@ -60,27 +65,60 @@ impl std::fmt::Display for Summary {
 
 /// The key of a VIP as the program sees it.
 pub fn vip_key(vip: &VipAddr) -> VipKey {
+    let (addr, family) = raw_addr(vip.addr);
     VipKey {
-        addr: u32::from_ne_bytes(vip.addr.octets()),
+        addr,
         port: vip.port.to_be(),
         proto: vip.protocol.number(),
-        _pad: 0,
+        family,
     }
 }
 
-/// A backend address as stored in the maps (network order).
-pub fn raw_addr(addr: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(addr.octets())
+/// An address as stored in the maps (raw words in network order) and its family.
+pub fn raw_addr(addr: IpAddr) -> (Addr, u8) {
+    match addr {
+        IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_V4),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ([word(0), word(4), word(8), word(12)], FAMILY_V6)
+        }
+    }
 }
 
-pub fn addr_from_raw(raw: u32) -> Ipv4Addr {
-    Ipv4Addr::from(raw.to_ne_bytes())
+pub fn addr_from_raw(raw: &Addr, family: u8) -> IpAddr {
+    if family == FAMILY_V6 {
+        let mut o = [0u8; 16];
+        for (chunk, word) in o.chunks_exact_mut(4).zip(raw) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(o))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(raw[0].to_ne_bytes()))
+    }
 }
 
-/// The maps' view of the world: VIPs by key and occupied backend slots by id.
+/// The Maglev identity of a backend: every load balancer derives the same one from the
+/// address alone, so all of them build the same table.
+pub fn maglev_id(addr: IpAddr) -> u32 {
+    match addr {
+        IpAddr::V4(v4) => u32::from(v4),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            o.chunks_exact(4)
+                .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                .fold(0x6b43_a9b5, |h, w| (h ^ w).wrapping_mul(0x0100_0193))
+        }
+    }
+}
+
+/// The maps' view of the world: VIPs by key, occupied backend slots by id, VIP addresses and
+/// source ranges.
 pub struct Current {
     pub vips: BTreeMap<VipKey, VipInfo>,
     pub slots: BTreeMap<u32, SlotValue>,
+    pub vip_addrs: BTreeMap<VipKey, u32>,
+    pub source_ranges: BTreeSet<RangeKey>,
 }
 
 impl Current {
@@ -97,15 +135,30 @@ impl Current {
                 slots.insert(id as u32, value);
             }
         }
-        Ok(Self { vips, slots })
+        let mut vip_addrs = BTreeMap::new();
+        for entry in maps.vip_addrs.iter() {
+            let (key, count) = entry.context("reading the VIP_ADDRS map")?;
+            vip_addrs.insert(key, count);
+        }
+        let mut source_ranges = BTreeSet::new();
+        for key in maps.source_ranges.keys() {
+            let key = key.context("reading the SOURCE_RANGES map")?;
+            source_ranges.insert((key.prefix_len(), key.data()));
+        }
+        Ok(Self {
+            vips,
+            slots,
+            vip_addrs,
+            source_ranges,
+        })
     }
 
     /// The occupied slots of VIP `vip_id`, by backend address.
-    fn slots_of(&self, vip_id: u32) -> BTreeMap<Ipv4Addr, (u32, SlotValue)> {
+    fn slots_of(&self, vip_id: u32) -> BTreeMap<IpAddr, (u32, SlotValue)> {
         self.slots
             .iter()
             .filter(|(_, s)| s.vip_id == vip_id)
-            .map(|(id, s)| (addr_from_raw(s.addr), (*id, *s)))
+            .map(|(id, s)| (addr_from_raw(&s.addr, s.family), (*id, *s)))
             .collect()
     }
 }
@@ -129,6 +182,10 @@ struct Plan {
     tx_ports: BTreeSet<u32>,
     removed_vips: Vec<(VipKey, u32)>,
     removed_slots: Vec<u32>,
+    /// `VIP_ADDRS` as it must end up.
+    vip_addrs: BTreeMap<VipKey, u32>,
+    /// `SOURCE_RANGES` as it must end up.
+    source_ranges: BTreeSet<RangeKey>,
 }
 
 /// Brings the maps to `desired`. On error nothing has been written if the error came from
@@ -136,7 +193,7 @@ struct Plan {
 pub fn reconcile(maps: &mut Maps, iface: &Interface, desired: &Desired) -> anyhow::Result<Summary> {
     let current = Current::read(maps)?;
     let plan = plan(&current, iface, desired)?;
-    apply(maps, plan)
+    apply(maps, current, plan)
 }
 
 fn plan(current: &Current, iface: &Interface, desired: &Desired) -> anyhow::Result<Plan> {
@@ -156,6 +213,8 @@ fn plan(current: &Current, iface: &Interface, desired: &Desired) -> anyhow::Resu
         tx_ports: BTreeSet::new(),
         removed_vips: Vec::new(),
         removed_slots: Vec::new(),
+        vip_addrs: BTreeMap::new(),
+        source_ranges: BTreeSet::new(),
     };
 
     for vip in &desired.vips {
@@ -179,7 +238,7 @@ fn plan(current: &Current, iface: &Interface, desired: &Desired) -> anyhow::Resu
         let mut backends = Vec::with_capacity(vip.backends.len());
         let mut table_changed = is_new;
         for backend in &vip.backends {
-            let mut value = slot_value(iface, vip, backend, id)?;
+            let mut value = slot_value(iface, &desired.settings, vip, backend, id)?;
             if value.ifindex != iface.index {
                 plan.tx_ports.insert(value.ifindex);
             }
@@ -214,11 +273,23 @@ fn plan(current: &Current, iface: &Interface, desired: &Desired) -> anyhow::Resu
             .iter()
             .filter(|(_, v)| effective_weight(v) > 0)
             .count() as u32;
+        let mut flags = 0;
+        if vip.client_affinity {
+            flags |= vip_flags::AFFINITY;
+        }
+        if !vip.source_ranges.is_empty() {
+            flags |= vip_flags::SOURCE_RANGES;
+        }
+        for net in &vip.source_ranges {
+            let key = scoped_prefix(id, net);
+            plan.source_ranges.insert((key.prefix_len(), key.data()));
+        }
+        *plan.vip_addrs.entry(key.address_only()).or_insert(0) += 1;
         let info = VipInfo {
             id,
             table_size,
             live_backends: live,
-            flags: 0,
+            flags,
         };
         let rebuild_table = table_changed || old_info.is_none_or(|o| o.table_size != table_size);
         plan.vips.push(VipPlan {
@@ -247,6 +318,12 @@ fn plan(current: &Current, iface: &Interface, desired: &Desired) -> anyhow::Resu
             .filter(|(_, s)| !live_ids.contains(&s.vip_id))
             .map(|(slot, _)| *slot),
     );
+    if plan.source_ranges.len() > MAX_SOURCE_RANGES as usize {
+        bail!(
+            "{} source ranges over all VIPs: at most {MAX_SOURCE_RANGES}",
+            plan.source_ranges.len()
+        );
+    }
     Ok(plan)
 }
 
@@ -274,46 +351,144 @@ fn effective_weight(slot: &SlotValue) -> u32 {
 /// Where and how the program sends this backend's packets.
 fn slot_value(
     iface: &Interface,
+    settings: &Settings,
     vip: &Vip,
     backend: &Backend,
     vip_id: u32,
 ) -> anyhow::Result<SlotValue> {
-    let (dst_mac, egress) = match backend.mac {
-        // A configured MAC is on the attached interface's L2 segment.
-        Some(mac) => (mac, iface.clone()),
-        None => {
-            let n = resolve_neighbour(backend.addr, NEIGHBOUR_TIMEOUT).map_err(|e| {
-                anyhow!(
-                    "{}: backend {}: cannot find its MAC address: {e}; set `mac:` for it in the config or check that it is on a directly connected network",
-                    vip.key, backend.addr
-                )
-            })?;
-            let egress = if n.device == iface.name {
-                iface.clone()
-            } else {
-                Interface::by_name(&n.device)?
-            };
-            (n.mac, egress)
-        }
-    };
+    let (addr, family) = raw_addr(backend.addr);
     let state = if backend.takes_new_flows() {
         backend_state::ACTIVE
     } else {
         backend_state::DRAINING
     };
-    Ok(SlotValue {
-        addr: raw_addr(backend.addr),
+    let mut value = SlotValue {
+        addr,
         vip_id,
-        ifindex: egress.index,
         state,
         weight: backend.weight,
-        dst_mac: dst_mac.0,
-        src_mac: egress.mac.0,
+        family,
         vip: vip_key(&vip.key),
-    })
+        ..SlotValue::default()
+    };
+    let egress = match vip.mode {
+        ForwardingMode::L2 => {
+            let (dst_mac, egress) = match backend.mac {
+                // A configured MAC is on the attached interface's L2 segment.
+                Some(mac) => (mac, iface.clone()),
+                None => {
+                    let n = resolve_neighbour(backend.addr, NEIGHBOUR_TIMEOUT).map_err(|e| {
+                        anyhow!(
+                            "{}: backend {}: cannot find its MAC address: {e}; set `mac:` for it in the config or check that it is on a directly connected network (or use mode ipip)",
+                            vip.key, backend.addr
+                        )
+                    })?;
+                    (n.mac, interface_named(iface, &n.device)?)
+                }
+            };
+            value.mode = forward_mode::L2;
+            value.dst_mac = dst_mac.0;
+            egress
+        }
+        ForwardingMode::Ipip => {
+            // A configured MAC is the next hop's on the attached interface; otherwise the
+            // kernel's route and neighbour tables say where the backend node is.
+            let (next_hop_mac, egress, route_source) = match backend.mac {
+                Some(mac) => (mac, iface.clone(), None),
+                None => {
+                    let (route, hop) = resolve_next_hop(backend.addr, NEIGHBOUR_TIMEOUT)
+                        .map_err(|e| {
+                            anyhow!(
+                                "{}: backend {}: cannot find the next hop towards it: {e}; check the routes (`ip route get {}`)",
+                                vip.key, backend.addr, backend.addr
+                            )
+                        })?;
+                    (
+                        hop.mac,
+                        interface_named(iface, &route.device)?,
+                        route.source,
+                    )
+                }
+            };
+            let (src, vary) = encap_source(settings, backend.addr, route_source, &egress)
+                .map_err(|e| anyhow!("{}: backend {}: {e}", vip.key, backend.addr))?;
+            value.mode = if backend.addr.is_ipv4() {
+                forward_mode::IPIP_V4
+            } else {
+                forward_mode::IPIP_V6
+            };
+            value.dst_mac = next_hop_mac.0;
+            value.encap_src = src;
+            value.encap_src_vary = vary;
+            value.mtu = u16::try_from(egress.mtu).unwrap_or(u16::MAX);
+            egress
+        }
+    };
+    value.ifindex = egress.index;
+    value.src_mac = egress.mac.0;
+    Ok(value)
 }
 
-fn apply(maps: &mut Maps, plan: Plan) -> anyhow::Result<Summary> {
+/// The attached interface if `name` is it, else that interface.
+fn interface_named(iface: &Interface, name: &str) -> anyhow::Result<Interface> {
+    if name == iface.name {
+        Ok(iface.clone())
+    } else {
+        Interface::by_name(name)
+    }
+}
+
+/// The outer source base and the mask of its last 32 bits that vary per flow: the configured
+/// prefix of the backend's family, else the kernel's source for the route (not varied).
+fn encap_source(
+    settings: &Settings,
+    backend: IpAddr,
+    route_source: Option<IpAddr>,
+    egress: &Interface,
+) -> anyhow::Result<(Addr, u32)> {
+    let configured = match backend {
+        IpAddr::V4(_) => settings
+            .encap_source_v4
+            .map(|net| (IpAddr::V4(net.network()), 32 - u32::from(net.prefix_len()))),
+        IpAddr::V6(_) => settings
+            .encap_source_v6
+            .map(|net| (IpAddr::V6(net.network()), 128 - u32::from(net.prefix_len()))),
+    };
+    let (base, host_bits) = match configured {
+        Some(found) => found,
+        None => {
+            let own = match route_source {
+                Some(src) => Some(src),
+                None => egress
+                    .addresses()?
+                    .into_iter()
+                    .find(|a| a.is_ipv4() == backend.is_ipv4()),
+            };
+            let Some(own) = own else {
+                bail!(
+                    "no IPv{} address on {} to use as the outer source; add one or set encap_source_v{}",
+                    if backend.is_ipv4() { 4 } else { 6 },
+                    egress.name,
+                    if backend.is_ipv4() { 4 } else { 6 }
+                );
+            };
+            (own, 0)
+        }
+    };
+    let vary = if host_bits >= 32 {
+        u32::MAX
+    } else {
+        (1u32 << host_bits) - 1
+    };
+    Ok((raw_addr(base).0, vary))
+}
+
+fn apply(maps: &mut Maps, current: Current, plan: Plan) -> anyhow::Result<Summary> {
+    let Current {
+        vip_addrs: current_vip_addrs,
+        source_ranges: current_ranges,
+        ..
+    } = current;
     let mut summary = Summary::default();
     let cpus = cpu_count(maps)?;
 
@@ -350,6 +525,20 @@ fn apply(maps: &mut Maps, plan: Plan) -> anyhow::Result<Summary> {
     );
     write_filter(maps, &widened)?;
 
+    // 3b. Addresses and source ranges the new VIP entries will rely on.
+    for (key, count) in &plan.vip_addrs {
+        if current_vip_addrs.get(key) != Some(count) {
+            maps.vip_addrs
+                .insert(key, count, 0)
+                .context("writing VIP_ADDRS")?;
+        }
+    }
+    for (prefix_len, data) in plan.source_ranges.difference(&current_ranges) {
+        maps.source_ranges
+            .insert(&LpmKey::new(*prefix_len, *data), &1, 0)
+            .context("writing SOURCE_RANGES")?;
+    }
+
     // 4. Tables (one atomic swap each), then the VIP entries that point at them.
     for vip in &plan.vips {
         if vip.rebuild_table {
@@ -357,7 +546,7 @@ fn apply(maps: &mut Maps, plan: Plan) -> anyhow::Result<Summary> {
                 .backends
                 .iter()
                 .map(|(_, v)| MaglevBackend {
-                    id: u32::from_be(v.addr),
+                    id: maglev_id(addr_from_raw(&v.addr, v.family)),
                     weight: effective_weight(v),
                 })
                 .collect();
@@ -399,6 +588,21 @@ fn apply(maps: &mut Maps, plan: Plan) -> anyhow::Result<Summary> {
             .with_context(|| format!("clearing backend slot {slot}"))?;
         summary.backends_removed += 1;
     }
+    // 5b. Source ranges and addresses no VIP refers to any more.
+    for (prefix_len, data) in current_ranges.difference(&plan.source_ranges) {
+        match maps.source_ranges.remove(&LpmKey::new(*prefix_len, *data)) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).context("removing a source range"),
+        }
+    }
+    for key in current_vip_addrs.keys() {
+        if !plan.vip_addrs.contains_key(key) {
+            match maps.vip_addrs.remove(key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("removing a VIP address"),
+            }
+        }
+    }
     // 6. ... and only the remaining ones after the removals.
     if desired_filter != widened {
         write_filter(maps, &desired_filter)?;
@@ -409,7 +613,7 @@ fn apply(maps: &mut Maps, plan: Plan) -> anyhow::Result<Summary> {
 fn vip_filter<'a>(keys: impl Iterator<Item = &'a VipKey>) -> VipFilter {
     let mut filter = VipFilter::default();
     for key in keys {
-        filter.insert(key.addr);
+        filter.insert(&key.addr);
     }
     filter
 }

@@ -2,7 +2,7 @@
 //! the exact frame it must leave, run through the real program with BPF_PROG_TEST_RUN. The
 //! same harness drives the fixture tests and the ns/packet benchmark (`cargo xtask bench`).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
@@ -28,9 +28,20 @@ pub const LB_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0xc1];
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+/// Outer source prefixes of encapsulated fixtures.
+pub const ENCAP_SOURCE_V4: &str = "10.99.0.0/24";
+pub const ENCAP_SOURCE_V6: &str = "fd99::/120";
+/// The egress MTU fixtures run with (the loopback stand-in's).
+pub const FIXTURE_MTU: u32 = 1500;
 
 pub fn backend_addr(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 0, 1, 10 + i)
+}
+
+pub fn backend_addr6(i: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x10 + u16::from(i))
 }
 
 pub fn backend_mac(i: u8) -> [u8; 6] {
@@ -55,6 +66,7 @@ impl Harness {
                 name: "lo".into(),
                 index: 1,
                 mac: MacAddr(LB_MAC),
+                mtu: FIXTURE_MTU,
             },
         })
     }
@@ -112,37 +124,64 @@ impl Harness {
 
 /// A VIP on TCP (or UDP) port 80 with backends 0..n, MACs given (no neighbour lookups).
 pub fn desired(protocol: Protocol, backends: &[(u8, u32, bool)]) -> Desired {
+    desired_at(IpAddr::V4(VIP), protocol, backends)
+}
+
+/// The same VIP shape at `vip` (IPv4 or IPv6); backends are of the VIP's family.
+pub fn desired_at(vip: IpAddr, protocol: Protocol, backends: &[(u8, u32, bool)]) -> Desired {
+    let backends = backends
+        .iter()
+        .map(|&(i, weight, drain)| Backend {
+            addr: if vip.is_ipv4() {
+                IpAddr::V4(backend_addr(i))
+            } else {
+                IpAddr::V6(backend_addr6(i))
+            },
+            mac: Some(MacAddr(backend_mac(i))),
+            weight,
+            drain,
+        })
+        .collect();
     Desired {
-        settings: Settings::default(),
-        vips: vec![Vip {
-            key: VipAddr {
-                addr: VIP,
+        settings: Settings {
+            encap_source_v4: Some(ENCAP_SOURCE_V4.parse().expect("constant prefix")),
+            encap_source_v6: Some(ENCAP_SOURCE_V6.parse().expect("constant prefix")),
+            ..Settings::default()
+        },
+        vips: vec![Vip::new(
+            VipAddr {
+                addr: vip,
                 port: 80,
                 protocol,
             },
-            backends: backends
-                .iter()
-                .map(|&(i, weight, drain)| Backend {
-                    addr: backend_addr(i),
-                    mac: Some(MacAddr(backend_mac(i))),
-                    weight,
-                    drain,
-                })
-                .collect(),
-        }],
+            backends,
+        )],
     }
 }
 
-/// Builds Ethernet / IPv4 / TCP|UDP frames with correct checksums.
+/// ICMP content of a frame: type, code, the four bytes after the checksum, then the body.
+#[derive(Clone, Debug)]
+pub struct Icmp {
+    pub kind: u8,
+    pub code: u8,
+    pub rest: [u8; 4],
+    pub body: Vec<u8>,
+}
+
+/// Builds Ethernet / IPv4|IPv6 / TCP|UDP|ICMP frames with correct checksums.
 #[derive(Clone, Debug)]
 pub struct Frame {
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub sport: u16,
     pub dport: u16,
     pub protocol: u8,
     pub tcp_flags: u8,
     pub ip_options: Vec<u8>,
+    /// IPv6 extension headers (next-header type, body without the two leading bytes; bodies
+    /// are padded to 8-byte units). A fragment header is type 44 with a 6-byte body.
+    pub ext_headers: Vec<(u8, Vec<u8>)>,
+    pub icmp: Option<Icmp>,
     pub payload: Vec<u8>,
     pub ttl: u8,
     pub frag_off: u16,
@@ -150,17 +189,20 @@ pub struct Frame {
 
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
+pub const IP_DF: u16 = 0x4000;
 
 impl Frame {
     pub fn tcp(sport: u16, flags: u8) -> Self {
         Self {
-            src: CLIENT,
-            dst: VIP,
+            src: IpAddr::V4(CLIENT),
+            dst: IpAddr::V4(VIP),
             sport,
             dport: 80,
             protocol: 6,
             tcp_flags: flags,
             ip_options: Vec::new(),
+            ext_headers: Vec::new(),
+            icmp: None,
             payload: Vec::new(),
             ttl: 64,
             frag_off: 0,
@@ -175,10 +217,57 @@ impl Frame {
         }
     }
 
-    pub fn bytes(&self) -> Vec<u8> {
+    /// The same frame between the IPv6 client and VIP.
+    pub fn v6(self) -> Self {
+        Self {
+            src: IpAddr::V6(CLIENT6),
+            dst: IpAddr::V6(VIP6),
+            protocol: match self.protocol {
+                1 => 58,
+                other => other,
+            },
+            ..self
+        }
+    }
+
+    /// An ICMP (or, between IPv6 addresses, ICMPv6) message.
+    pub fn icmp(kind: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Self {
+        Self {
+            protocol: 1,
+            icmp: Some(Icmp {
+                kind,
+                code,
+                rest,
+                body: body.to_vec(),
+            }),
+            ..Self::tcp(0, 0)
+        }
+    }
+
+    /// The IP packet (no Ethernet header).
+    pub fn ip_packet(&self) -> Vec<u8> {
         let l4 = self.l4();
+        match (self.src, self.dst) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => self.ipv4(src, dst, &l4),
+            (IpAddr::V6(src), IpAddr::V6(dst)) => self.ipv6(src, dst, &l4),
+            _ => panic!("a frame's addresses must be of one family"),
+        }
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let ip = self.ip_packet();
+        let ethertype: u16 = if self.src.is_ipv4() { 0x0800 } else { 0x86dd };
+        let mut frame = Vec::with_capacity(14 + ip.len());
+        frame.extend_from_slice(&LB_MAC);
+        frame.extend_from_slice(&CLIENT_MAC);
+        frame.extend_from_slice(&ethertype.to_be_bytes());
+        frame.extend_from_slice(&ip);
+        frame
+    }
+
+    fn ipv4(&self, src: Ipv4Addr, dst: Ipv4Addr, l4: &[u8]) -> Vec<u8> {
         let ihl = 20 + self.ip_options.len();
-        let mut ip = Vec::with_capacity(ihl);
+        let mut ip = Vec::with_capacity(ihl + l4.len());
         ip.push(0x40 | (ihl / 4) as u8);
         ip.push(0);
         ip.extend_from_slice(&((ihl + l4.len()) as u16).to_be_bytes());
@@ -187,26 +276,85 @@ impl Frame {
         ip.push(self.ttl);
         ip.push(self.protocol);
         ip.extend_from_slice(&[0, 0]);
-        ip.extend_from_slice(&self.src.octets());
-        ip.extend_from_slice(&self.dst.octets());
+        ip.extend_from_slice(&src.octets());
+        ip.extend_from_slice(&dst.octets());
         ip.extend_from_slice(&self.ip_options);
         let sum = checksum(&ip, 0);
         ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        ip.extend_from_slice(l4);
+        ip
+    }
 
-        let mut frame = Vec::with_capacity(14 + ip.len() + l4.len());
-        frame.extend_from_slice(&LB_MAC);
-        frame.extend_from_slice(&CLIENT_MAC);
-        frame.extend_from_slice(&0x0800u16.to_be_bytes());
-        frame.extend_from_slice(&ip);
-        frame.extend_from_slice(&l4);
-        frame
+    fn ipv6(&self, src: Ipv6Addr, dst: Ipv6Addr, l4: &[u8]) -> Vec<u8> {
+        let mut ext = Vec::new();
+        for (i, (_, body)) in self.ext_headers.iter().enumerate() {
+            let next = self
+                .ext_headers
+                .get(i + 1)
+                .map_or(self.protocol, |(kind, _)| *kind);
+            let mut header = vec![next, 0];
+            header.extend_from_slice(body);
+            while header.len() % 8 != 0 {
+                header.push(0);
+            }
+            header[1] = (header.len() / 8 - 1) as u8;
+            if self.ext_headers[i].0 == 44 {
+                header[1] = 0; // The fragment header has a reserved byte there.
+            }
+            ext.extend_from_slice(&header);
+        }
+        let first = self.ext_headers.first().map_or(self.protocol, |(k, _)| *k);
+        let mut ip = Vec::with_capacity(40 + ext.len() + l4.len());
+        ip.extend_from_slice(&0x6000_0000u32.to_be_bytes());
+        ip.extend_from_slice(&((ext.len() + l4.len()) as u16).to_be_bytes());
+        ip.push(first);
+        ip.push(self.ttl);
+        ip.extend_from_slice(&src.octets());
+        ip.extend_from_slice(&dst.octets());
+        ip.extend_from_slice(&ext);
+        ip.extend_from_slice(l4);
+        ip
+    }
+
+    /// The pseudo-header sum of the L4 checksum (RFC 768 / RFC 8200 8.1).
+    fn pseudo_sum(&self, l4_len: usize) -> u32 {
+        let mut pseudo = Vec::new();
+        match (self.src, self.dst) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                if self.protocol == 1 {
+                    return 0; // ICMPv4 has no pseudo-header.
+                }
+                pseudo.extend_from_slice(&src.octets());
+                pseudo.extend_from_slice(&dst.octets());
+                pseudo.push(0);
+                pseudo.push(self.protocol);
+                pseudo.extend_from_slice(&(l4_len as u16).to_be_bytes());
+            }
+            (src, dst) => {
+                for addr in [src, dst] {
+                    if let IpAddr::V6(a) = addr {
+                        pseudo.extend_from_slice(&a.octets());
+                    }
+                }
+                pseudo.extend_from_slice(&(l4_len as u32).to_be_bytes());
+                pseudo.extend_from_slice(&[0, 0, 0, self.protocol]);
+            }
+        }
+        sum_words(&pseudo)
     }
 
     fn l4(&self) -> Vec<u8> {
         let mut l4 = Vec::new();
-        l4.extend_from_slice(&self.sport.to_be_bytes());
-        l4.extend_from_slice(&self.dport.to_be_bytes());
-        let checksum_at = if self.protocol == 6 {
+        let checksum_at = if let Some(icmp) = &self.icmp {
+            l4.push(icmp.kind);
+            l4.push(icmp.code);
+            l4.extend_from_slice(&[0, 0]);
+            l4.extend_from_slice(&icmp.rest);
+            l4.extend_from_slice(&icmp.body);
+            2
+        } else if self.protocol == 6 {
+            l4.extend_from_slice(&self.sport.to_be_bytes());
+            l4.extend_from_slice(&self.dport.to_be_bytes());
             l4.extend_from_slice(&1000u32.to_be_bytes()); // seq
             l4.extend_from_slice(&0u32.to_be_bytes()); // ack
             l4.push(5 << 4);
@@ -215,18 +363,16 @@ impl Frame {
             l4.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
             16
         } else {
+            l4.extend_from_slice(&self.sport.to_be_bytes());
+            l4.extend_from_slice(&self.dport.to_be_bytes());
             l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
             l4.extend_from_slice(&[0, 0]);
             6
         };
-        l4.extend_from_slice(&self.payload);
-        let mut pseudo = Vec::new();
-        pseudo.extend_from_slice(&self.src.octets());
-        pseudo.extend_from_slice(&self.dst.octets());
-        pseudo.push(0);
-        pseudo.push(self.protocol);
-        pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-        let sum = checksum(&l4, sum_words(&pseudo));
+        if self.icmp.is_none() {
+            l4.extend_from_slice(&self.payload);
+        }
+        let sum = checksum(&l4, self.pseudo_sum(l4.len()));
         l4[checksum_at..checksum_at + 2].copy_from_slice(&sum.to_be_bytes());
         l4
     }
@@ -246,6 +392,21 @@ pub fn checksum(bytes: &[u8], initial: u32) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+/// Whether the checksum over `bytes` (with its checksum field in place) verifies.
+pub fn checksum_ok(bytes: &[u8], pseudo: u32) -> bool {
+    checksum(bytes, pseudo) == 0
+}
+
+/// The ICMPv6 / TCP-over-IPv6 pseudo-header sum for a packet of `len` bytes of `proto`.
+pub fn pseudo_sum_v6(src: Ipv6Addr, dst: Ipv6Addr, len: usize, proto: u8) -> u32 {
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(len as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, proto]);
+    sum_words(&pseudo)
 }
 
 /// The frame the program should emit for `input` sent to backend `i` by L2 DSR: only the two

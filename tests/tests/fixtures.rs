@@ -215,7 +215,7 @@ fn non_vip_traffic_passes_untouched() {
     let mut h = harness(Protocol::Tcp, &[(0, 1, false)]);
     // Another address, another port of the VIP, the VIP's address on UDP.
     let mut other_dst = Frame::tcp(1, TCP_SYN);
-    other_dst.dst = CLIENT;
+    other_dst.dst = std::net::IpAddr::V4(CLIENT);
     let mut other_port = Frame::tcp(1, TCP_SYN);
     other_port.dport = 443;
     let other_proto = Frame::udp(1, b"dns");
@@ -226,7 +226,7 @@ fn non_vip_traffic_passes_untouched() {
 }
 
 #[test]
-fn arp_ipv6_and_icmp_pass() {
+fn arp_and_other_icmp_pass() {
     let mut h = harness(Protocol::Tcp, &[(0, 1, false)]);
     // ARP request for the VIP.
     let mut arp = vec![0xff; 6];
@@ -235,14 +235,13 @@ fn arp_ipv6_and_icmp_pass() {
     arp.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
     arp.extend_from_slice(&VIP.octets());
     assert_verdict_untouched(&mut h, &arp, XDP_PASS);
-    // An IPv6 frame (ethertype 0x86dd) with a minimal header.
-    let mut v6 = Frame::tcp(1, TCP_SYN).bytes();
-    v6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
-    assert_verdict_untouched(&mut h, &v6, XDP_PASS);
-    // ICMP echo to the VIP (protocol 1).
-    let mut icmp = Frame::udp(1, b"ping");
-    icmp.protocol = 1;
-    assert_verdict_untouched(&mut h, &icmp.bytes(), XDP_PASS);
+    // An ICMP type sluice does not handle (timestamp request), even to the VIP.
+    let timestamp = Frame::icmp(13, 0, [0, 1, 0, 1], &[0; 12]);
+    assert_verdict_untouched(&mut h, &timestamp.bytes(), XDP_PASS);
+    // An echo request to another address is the kernel's.
+    let mut ping = Frame::icmp(8, 0, [0, 1, 0, 1], b"ping");
+    ping.dst = std::net::IpAddr::V4(CLIENT);
+    assert_verdict_untouched(&mut h, &ping.bytes(), XDP_PASS);
 }
 
 #[test]
@@ -347,10 +346,17 @@ fn fragments_of_vip_flows_never_reach_a_backend() {
     first.frag_off = 0x2000;
     assert_eq!(h.run(&first.bytes()).unwrap().0, XDP_DROP);
     assert_eq!(h.counter(GlobalCounter::DropFragment).unwrap(), 1);
-    // A later fragment has no ports: handed to the kernel, never forwarded.
+    // A later fragment has no ports: it cannot be hashed to the first one's backend, and the
+    // load balancer must not reassemble it either. Dropped and counted (Katran's policy).
     let mut later = Frame::udp(8000, &[7u8; 64]);
     later.frag_off = 0x0008;
+    assert_verdict_untouched(&mut h, &later.bytes(), XDP_DROP);
+    assert_eq!(h.counter(GlobalCounter::DropFragment).unwrap(), 2);
+    // Fragments for other addresses are the kernel's.
+    later.dst = std::net::IpAddr::V4(CLIENT);
     assert_verdict_untouched(&mut h, &later.bytes(), XDP_PASS);
+    first.dst = std::net::IpAddr::V4(CLIENT);
+    assert_verdict_untouched(&mut h, &first.bytes(), XDP_PASS);
 }
 
 #[test]
@@ -394,19 +400,19 @@ fn a_failed_reconcile_changes_nothing() {
     // A valid change to the first VIP plus a second VIP whose backend has no MAC and cannot be
     // resolved (no route to it): the whole apply is refused before any write.
     let mut bad = desired(Protocol::Tcp, &[(0, 1, false), (1, 1, true), (2, 1, false)]);
-    bad.vips.push(Vip {
-        key: VipAddr {
-            addr: std::net::Ipv4Addr::new(10, 100, 0, 2),
+    bad.vips.push(Vip::new(
+        VipAddr {
+            addr: std::net::Ipv4Addr::new(10, 100, 0, 2).into(),
             port: 80,
             protocol: Protocol::Tcp,
         },
-        backends: vec![Backend {
-            addr: std::net::Ipv4Addr::new(192, 0, 2, 77),
+        vec![Backend {
+            addr: std::net::Ipv4Addr::new(192, 0, 2, 77).into(),
             mac: None,
             weight: 1,
             drain: false,
         }],
-    });
+    ));
     let err = h.apply(&bad).unwrap_err().to_string();
     assert!(err.contains("192.0.2.77") && err.contains("mac"), "{err}");
     let after = Current::read(&h.maps).unwrap();

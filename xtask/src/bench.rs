@@ -27,7 +27,7 @@ pub fn run(repeat: u32) -> anyhow::Result<()> {
 
     // Baseline: a program that only returns XDP_PASS, timed the same way.
     let mut other = Frame::tcp(1, TCP_SYN);
-    other.dst = CLIENT;
+    other.dst = CLIENT.into();
     let other = frame64(other);
     let (_, _, baseline) = h.run_program(PASS_PROGRAM, &other, repeat)?;
     let baseline_single = single_run_overhead(&mut h, &other)?;
@@ -48,7 +48,7 @@ pub fn run(repeat: u32) -> anyhow::Result<()> {
     let (mut new_total, mut est_total) = (0u64, 0u64);
     for i in 0..flows {
         let mut f = Frame::tcp((i % 60000) as u16 + 1024, TCP_SYN);
-        f.src = std::net::Ipv4Addr::from(u32::from(CLIENT) + 1 + i / 60000);
+        f.src = std::net::Ipv4Addr::from(u32::from(CLIENT) + 1 + i / 60000).into();
         let (action, _, ns) = h.run_repeat(&frame64(f), 1)?;
         ensure!(action == XDP_TX, "new flow {i}: verdict {action}");
         new_total += ns;
