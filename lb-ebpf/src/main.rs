@@ -286,7 +286,14 @@ fn forward(ctx: &XdpContext, l3: &L3, key: &FlowKey, backend: &Backend) -> (u32,
 /// label, so that the backend's NIC (RSS) and the routers (ECMP) spread the flows.
 #[inline(always)]
 fn flow_entropy(key: &FlowKey) -> u32 {
-    (key.src[0] ^ key.src[3] ^ key.ports_word()).wrapping_mul(0x9e37_79b1)
+    // A full avalanche (lowbias32): every bit of the ports reaches the low bits, which are the
+    // ones the outer source varies.
+    let mut h = key.src[0] ^ key.src[3] ^ key.ports_word();
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7feb_352d);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846c_a68b);
+    h ^ (h >> 16)
 }
 
 /// Puts an outer IPv4 or IPv6 header in front of the IP packet (the Ethernet header is

@@ -74,8 +74,12 @@ fn family(net: &IpNet) -> u32 {
     })
 }
 
-/// Writes the new entries first, then removes the stale ones.
-fn sync(maps: &mut DecapMaps, allow: &[IpNet], local: &[std::net::IpAddr]) -> anyhow::Result<()> {
+/// Brings the two sets to `allow` and `local`: new entries first, then the stale ones go.
+pub fn sync(
+    maps: &mut DecapMaps,
+    allow: &[IpNet],
+    local: &[std::net::IpAddr],
+) -> anyhow::Result<()> {
     let want_sources: BTreeSet<(u32, ScopedAddr)> = allow
         .iter()
         .map(|net| {

@@ -89,8 +89,8 @@ pub fn raw_addr(addr: IpAddr) -> (Addr, u8) {
 pub fn addr_from_raw(raw: &Addr, family: u8) -> IpAddr {
     if family == FAMILY_V6 {
         let mut o = [0u8; 16];
-        for (chunk, word) in o.chunks_exact_mut(4).zip(raw) {
-            chunk.copy_from_slice(&word.to_ne_bytes());
+        for (chunk, word) in o.as_chunks_mut::<4>().0.iter_mut().zip(raw) {
+            *chunk = word.to_ne_bytes();
         }
         IpAddr::V6(Ipv6Addr::from(o))
     } else {
@@ -105,8 +105,10 @@ pub fn maglev_id(addr: IpAddr) -> u32 {
         IpAddr::V4(v4) => u32::from(v4),
         IpAddr::V6(v6) => {
             let o = v6.octets();
-            o.chunks_exact(4)
-                .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            o.as_chunks::<4>()
+                .0
+                .iter()
+                .map(|c| u32::from_be_bytes(*c))
                 .fold(0x6b43_a9b5, |h, w| (h ^ w).wrapping_mul(0x0100_0193))
         }
     }

@@ -9,10 +9,13 @@ use aya::{
     Ebpf,
     programs::{TestRun as _, TestRunOptions},
 };
-use lb_common::{BALANCER_PROGRAM, DEFAULT_FLOW_TABLE_SIZE, GlobalCounter};
+use lb_common::{
+    BALANCER_PROGRAM, DECAP_PROGRAM, DEFAULT_FLOW_TABLE_SIZE, DecapCounter, GlobalCounter,
+};
 use lb_userspace::{
-    dataplane::{self, Maps},
-    model::{Backend, Desired, MacAddr, Protocol, Settings, Vip, VipAddr},
+    dataplane::{self, DecapMaps, Maps},
+    decap,
+    model::{Backend, Desired, IpNet, MacAddr, Protocol, Settings, Vip, VipAddr},
     net::Interface,
     reconcile,
 };
@@ -93,17 +96,7 @@ impl Harness {
         frame: &[u8],
         repeat: u32,
     ) -> anyhow::Result<(u32, Vec<u8>, u64)> {
-        let prog = dataplane::xdp_program(&mut self.ebpf, program)?;
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        opts.repeat = repeat;
-        let result = prog
-            .test_run(opts)
-            .map_err(|e| anyhow!("BPF_PROG_TEST_RUN: {e}"))?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out, result.duration.as_nanos() as u64))
+        test_run(&mut self.ebpf, program, frame, repeat)
     }
 
     /// A global counter summed over CPUs.
@@ -119,6 +112,60 @@ impl Harness {
     /// The backend index (as in [`backend_addr`]) a forwarded frame was sent to, by its MAC.
     pub fn backend_of(out: &[u8]) -> Option<u8> {
         (out.len() >= 6 && out[..5] == backend_mac(0)[..5]).then(|| out[5])
+    }
+}
+
+/// Runs `frame` through `program` of `ebpf` `repeat` times: verdict, output frame, ns per run.
+fn test_run(
+    ebpf: &mut Ebpf,
+    program: &str,
+    frame: &[u8],
+    repeat: u32,
+) -> anyhow::Result<(u32, Vec<u8>, u64)> {
+    let prog = dataplane::xdp_program(ebpf, program)?;
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    opts.repeat = repeat;
+    let result = prog
+        .test_run(opts)
+        .map_err(|e| anyhow!("BPF_PROG_TEST_RUN: {e}"))?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, out, result.duration.as_nanos() as u64))
+}
+
+/// The loaded, unattached decapsulator, configured through the same code as `sluice decap`.
+pub struct DecapHarness {
+    ebpf: Ebpf,
+    pub maps: DecapMaps,
+}
+
+impl DecapHarness {
+    /// Accepts packets from `allow` addressed to `local`.
+    pub fn new(allow: &[&str], local: &[IpAddr]) -> anyhow::Result<Self> {
+        let mut ebpf = dataplane::load_decap(None)?;
+        let mut maps = DecapMaps::from_ebpf(&mut ebpf)?;
+        let allow: Vec<IpNet> = allow
+            .iter()
+            .map(|a| a.parse().map_err(|e| anyhow!("{a}: {e}")))
+            .collect::<anyhow::Result<_>>()?;
+        decap::sync(&mut maps, &allow, local)?;
+        Ok(Self { ebpf, maps })
+    }
+
+    pub fn run(&mut self, frame: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        let (action, out, _) = test_run(&mut self.ebpf, DECAP_PROGRAM, frame, 1)?;
+        Ok((action, out))
+    }
+
+    pub fn counter(&self, counter: DecapCounter) -> anyhow::Result<u64> {
+        let values = self
+            .maps
+            .stats
+            .get(&(counter as u32), 0)
+            .context("reading DECAP_STATS")?;
+        Ok(values.iter().sum())
     }
 }
 

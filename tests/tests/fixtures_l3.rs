@@ -1,0 +1,359 @@
+//! Packet fixtures for what v1 did not have: IPv6 (with extension headers), fragments of both
+//! families, ICMP (echo answered by the load balancer, errors steered to the flow's backend),
+//! session affinity and source ranges. Real program, BPF_PROG_TEST_RUN, exact bytes.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use lb_common::GlobalCounter;
+use lb_userspace::model::{Desired, Protocol};
+use sluice_tests::{
+    fixtures::{
+        CLIENT, CLIENT_MAC, CLIENT6, Frame, Harness, LB_MAC, TCP_ACK, TCP_SYN, VIP, VIP6, XDP_DROP,
+        XDP_PASS, XDP_TX, checksum_ok, desired_at, expected_l2, pseudo_sum_v6,
+    },
+    require_root,
+};
+
+const THREE: &[(u8, u32, bool)] = &[(0, 1, false), (1, 1, false), (2, 1, false)];
+
+fn harness_with(desired: &Desired) -> Harness {
+    require_root();
+    let mut h = Harness::new().expect("load the XDP object");
+    h.apply(desired).expect("program the maps");
+    h
+}
+
+fn v6_harness(protocol: Protocol) -> Harness {
+    harness_with(&desired_at(IpAddr::V6(VIP6), protocol, THREE))
+}
+
+fn v4_harness(protocol: Protocol) -> Harness {
+    harness_with(&desired_at(IpAddr::V4(VIP), protocol, THREE))
+}
+
+/// Verdict XDP_TX and only the MACs rewritten; returns the backend.
+fn assert_forwarded(h: &mut Harness, input: &[u8]) -> u8 {
+    let (action, out) = h.run(input).expect("test run");
+    assert_eq!(action, XDP_TX, "verdict for a VIP packet");
+    let backend = Harness::backend_of(&out).expect("destination MAC is a backend's");
+    assert_eq!(out, expected_l2(input, backend), "only the MACs may change");
+    backend
+}
+
+fn assert_untouched(h: &mut Harness, input: &[u8], verdict: u32) {
+    let (action, out) = h.run(input).expect("test run");
+    assert_eq!(action, verdict);
+    assert_eq!(
+        out, input,
+        "a frame that is not forwarded is left untouched"
+    );
+}
+
+#[test]
+fn ipv6_flows_are_forwarded_spread_and_pinned() {
+    let mut h = v6_harness(Protocol::Tcp);
+    let mut seen = BTreeSet::new();
+    for sport in 0..300u16 {
+        let syn = Frame::tcp(20000 + sport, TCP_SYN).v6().bytes();
+        let b = assert_forwarded(&mut h, &syn);
+        seen.insert(b);
+        let ack = Frame::tcp(20000 + sport, TCP_ACK).v6().bytes();
+        assert_eq!(assert_forwarded(&mut h, &ack), b, "established flow moved");
+    }
+    assert_eq!(seen.len(), 3, "300 IPv6 flows reach every backend");
+    assert_eq!(h.counter(GlobalCounter::FlowMiss).unwrap(), 300);
+    assert_eq!(h.counter(GlobalCounter::FlowHit).unwrap(), 300);
+    // UDP too.
+    let mut u = v6_harness(Protocol::Udp);
+    assert_forwarded(&mut u, &Frame::udp(5353, b"query").v6().bytes());
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked_within_a_bound() {
+    let mut h = v6_harness(Protocol::Tcp);
+    // Hop-by-hop (PadN) and destination options before TCP: forwarded as the same flow.
+    let mut f = Frame::tcp(31000, TCP_SYN).v6();
+    f.ext_headers = vec![(0, vec![1, 4, 0, 0, 0, 0]), (60, vec![1, 4, 0, 0, 0, 0])];
+    let b = assert_forwarded(&mut h, &f.bytes());
+    assert_eq!(
+        assert_forwarded(&mut h, &Frame::tcp(31000, TCP_ACK).v6().bytes()),
+        b,
+        "the same 5-tuple without options is the same flow"
+    );
+    // Seven headers: beyond the walk. For a VIP: dropped and counted, never half-parsed.
+    let mut deep = Frame::tcp(31001, TCP_SYN).v6();
+    deep.ext_headers = (0..7).map(|_| (60, vec![1, 4, 0, 0, 0, 0])).collect();
+    assert_untouched(&mut h, &deep.bytes(), XDP_DROP);
+    assert_eq!(h.counter(GlobalCounter::DropUnparsed).unwrap(), 1);
+    // ESP (50) cannot be walked: a VIP packet behind it is not balanced, it is the kernel's.
+    let mut esp = Frame::udp(31002, &[0; 16]).v6();
+    esp.protocol = 50;
+    assert_untouched(&mut h, &esp.bytes(), XDP_PASS);
+    // The same deep chain to another address is the kernel's business.
+    deep.dst = IpAddr::V6(CLIENT6);
+    assert_untouched(&mut h, &deep.bytes(), XDP_PASS);
+}
+
+#[test]
+fn malformed_ipv6_is_dropped() {
+    let mut h = v6_harness(Protocol::Tcp);
+    let full = Frame::tcp(32000, TCP_SYN).v6().bytes();
+    let mut dropped = 0;
+    // Cut inside the IPv6 header and inside TCP.
+    for len in [14usize, 30, 53, 54, 60, 73] {
+        assert_eq!(h.run(&full[..len]).unwrap().0, XDP_DROP, "cut at {len}");
+        dropped += 1;
+    }
+    // Payload length beyond the frame; version 4 under the IPv6 ethertype; an extension
+    // header whose length runs past the payload.
+    let mut long = full.clone();
+    long[18..20].copy_from_slice(&500u16.to_be_bytes());
+    let mut version = full.clone();
+    version[14] = 0x45;
+    let mut ext = Frame::tcp(32001, TCP_SYN).v6();
+    ext.ext_headers = vec![(60, vec![1, 4, 0, 0, 0, 0])];
+    let mut ext = ext.bytes();
+    ext[54 + 1] = 200; // hdr ext len: 1608 bytes
+    for f in [long, version, ext] {
+        assert_eq!(h.run(&f).unwrap().0, XDP_DROP);
+        dropped += 1;
+    }
+    assert_eq!(h.counter(GlobalCounter::DropMalformed).unwrap(), dropped);
+    assert_eq!(h.counter(GlobalCounter::Tx).unwrap(), 0);
+}
+
+#[test]
+fn ipv6_fragments_of_vip_flows_are_dropped() {
+    let mut h = v6_harness(Protocol::Udp);
+    // Fragment header: next header, reserved, offset << 3 | M, identification.
+    let fragment = |offset_units: u16, more: bool| {
+        let mut f = Frame::udp(33000, &[9u8; 32]).v6();
+        let off = (offset_units << 3) | u16::from(more);
+        let [a, b] = off.to_be_bytes();
+        f.ext_headers = vec![(44, vec![a, b, 0, 0, 0, 7])];
+        f
+    };
+    let first = fragment(0, true);
+    assert_untouched(&mut h, &first.bytes(), XDP_DROP);
+    let later = fragment(8, false);
+    assert_untouched(&mut h, &later.bytes(), XDP_DROP);
+    assert_eq!(h.counter(GlobalCounter::DropFragment).unwrap(), 2);
+    // An atomic fragment (offset 0, no M) is a whole datagram: balanced.
+    assert_forwarded(&mut h, &fragment(0, false).bytes());
+    // Fragments for other addresses are the kernel's.
+    let mut other = fragment(8, false);
+    other.dst = IpAddr::V6(CLIENT6);
+    assert_untouched(&mut h, &other.bytes(), XDP_PASS);
+}
+
+/// Checks an echo reply built from `request`: MACs and addresses swapped, TTL 64, type
+/// `reply_type`, identifier/sequence/body unchanged, checksums valid.
+fn check_echo_reply(request: &[u8], reply: &[u8], v6: bool) {
+    assert_eq!(reply.len(), request.len());
+    assert_eq!(&reply[..6], &CLIENT_MAC, "back to the client's MAC");
+    assert_eq!(&reply[6..12], &LB_MAC);
+    if v6 {
+        assert_eq!(&reply[22..38], &request[38..54], "source := VIP");
+        assert_eq!(&reply[38..54], &request[22..38], "destination := client");
+        assert_eq!(reply[21], 64, "hop limit");
+        assert_eq!(reply[54], 129, "echo reply");
+        assert_eq!(&reply[58..], &request[58..], "id, sequence and data echoed");
+        let pseudo = pseudo_sum_v6(VIP6, CLIENT6, reply.len() - 54, 58);
+        assert!(checksum_ok(&reply[54..], pseudo), "ICMPv6 checksum");
+    } else {
+        assert_eq!(&reply[26..30], &request[30..34], "source := VIP");
+        assert_eq!(&reply[30..34], &request[26..30], "destination := client");
+        assert_eq!(reply[22], 64, "TTL");
+        assert!(checksum_ok(&reply[14..34], 0), "IPv4 header checksum");
+        assert_eq!(reply[34], 0, "echo reply");
+        assert_eq!(&reply[38..], &request[38..], "id, sequence and data echoed");
+        assert!(checksum_ok(&reply[34..], 0), "ICMP checksum");
+    }
+}
+
+#[test]
+fn echo_requests_to_a_vip_are_answered() {
+    for v6 in [false, true] {
+        let mut h = if v6 {
+            v6_harness(Protocol::Tcp)
+        } else {
+            v4_harness(Protocol::Tcp)
+        };
+        let mut request = Frame::icmp(8, 0, [0x12, 0x34, 0, 7], b"are you there?");
+        request.ttl = 13;
+        if v6 {
+            request = request.v6();
+            request.icmp.as_mut().unwrap().kind = 128;
+        }
+        let request = request.bytes();
+        let (action, reply) = h.run(&request).unwrap();
+        assert_eq!(action, XDP_TX, "v6={v6}");
+        check_echo_reply(&request, &reply, v6);
+        assert_eq!(h.counter(GlobalCounter::IcmpEchoReply).unwrap(), 1);
+    }
+}
+
+/// An ICMP error from a router about the backend's reply of the flow `sport`: the quoted
+/// packet goes VIP:80 -> client:sport.
+fn icmp_error_about(sport: u16, v6: bool) -> Frame {
+    let mut quoted = Frame::tcp(80, TCP_ACK);
+    quoted.dport = sport;
+    quoted.src = IpAddr::V4(VIP);
+    quoted.dst = IpAddr::V4(CLIENT);
+    if v6 {
+        quoted.src = IpAddr::V6(VIP6);
+        quoted.dst = IpAddr::V6(CLIENT6);
+    }
+    let quote: Vec<u8> = quoted
+        .ip_packet()
+        .into_iter()
+        .take(if v6 { 48 } else { 28 })
+        .collect();
+    let router: IpAddr = if v6 {
+        IpAddr::V6(Ipv6Addr::new(0xfd00, 0xff, 0, 0, 0, 0, 0, 1))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(10, 0, 255, 1))
+    };
+    // Frag needed (3/4) with MTU 1400, or packet too big (2/0) with MTU 1400.
+    let mut error = if v6 {
+        Frame::icmp(2, 0, [0, 0, 0x05, 0x78], &quote)
+    } else {
+        Frame::icmp(3, 4, [0, 0, 0x05, 0x78], &quote)
+    };
+    error.src = router;
+    error.dst = if v6 {
+        IpAddr::V6(VIP6)
+    } else {
+        IpAddr::V4(VIP)
+    };
+    if v6 {
+        error.protocol = 58;
+    }
+    error
+}
+
+#[test]
+fn icmp_errors_reach_the_backend_that_owns_the_flow() {
+    for v6 in [false, true] {
+        let mut h = if v6 {
+            v6_harness(Protocol::Tcp)
+        } else {
+            v4_harness(Protocol::Tcp)
+        };
+        // An established flow: the error about it goes to its backend, bytes untouched but MACs.
+        for sport in [41000u16, 41001, 41002, 41003, 41004] {
+            let mut syn = Frame::tcp(sport, TCP_SYN);
+            if v6 {
+                syn = syn.v6();
+            }
+            let b = assert_forwarded(&mut h, &syn.bytes());
+            let error = icmp_error_about(sport, v6).bytes();
+            assert_eq!(assert_forwarded(&mut h, &error), b, "v6={v6} sport={sport}");
+        }
+        assert_eq!(h.counter(GlobalCounter::IcmpErrorForwarded).unwrap(), 5);
+        // A flow this load balancer never saw (another one in an ECMP group took it): the
+        // error goes where Maglev puts the flow, which is where its SYN then goes too.
+        let error = icmp_error_about(42000, v6).bytes();
+        let b = assert_forwarded(&mut h, &error);
+        let mut syn = Frame::tcp(42000, TCP_SYN);
+        if v6 {
+            syn = syn.v6();
+        }
+        assert_eq!(assert_forwarded(&mut h, &syn.bytes()), b);
+        // An error quoting a flow of no VIP (another port) is the kernel's.
+        let mut other = icmp_error_about(43000, v6);
+        let body = &mut other.icmp.as_mut().unwrap().body;
+        let at = if v6 { 40 } else { 20 };
+        body[at..at + 2].copy_from_slice(&8080u16.to_be_bytes());
+        assert_untouched(&mut h, &other.bytes(), XDP_PASS);
+    }
+}
+
+#[test]
+fn icmp_error_quoting_garbage_is_dropped_or_passed_never_forwarded() {
+    let mut h = v4_harness(Protocol::Tcp);
+    // The quote is cut inside its IP header, or has a bad version: malformed.
+    let error = icmp_error_about(44000, false);
+    let mut cut = error.clone();
+    cut.icmp.as_mut().unwrap().body.truncate(12);
+    assert_untouched(&mut h, &cut.bytes(), XDP_DROP);
+    let mut version = error.clone();
+    version.icmp.as_mut().unwrap().body[0] = 0x65;
+    assert_untouched(&mut h, &version.bytes(), XDP_DROP);
+    // Quoting ICMP (protocol 1): not a flow sluice balances.
+    let mut proto = error;
+    proto.icmp.as_mut().unwrap().body[9] = 1;
+    assert_untouched(&mut h, &proto.bytes(), XDP_PASS);
+    assert_eq!(h.counter(GlobalCounter::IcmpErrorForwarded).unwrap(), 0);
+}
+
+#[test]
+fn client_affinity_puts_every_connection_of_a_client_on_one_backend() {
+    let mut d = desired_at(IpAddr::V4(VIP), Protocol::Tcp, THREE);
+    d.vips[0].client_affinity = true;
+    let mut h = harness_with(&d);
+    let mut per_client = Vec::new();
+    for client in 1..=30u8 {
+        let mut backends = BTreeSet::new();
+        for sport in 0..20u16 {
+            let mut f = Frame::tcp(50000 + sport, TCP_SYN);
+            f.src = IpAddr::V4(Ipv4Addr::new(10, 0, 0, client));
+            backends.insert(assert_forwarded(&mut h, &f.bytes()));
+        }
+        assert_eq!(backends.len(), 1, "client {client} was split: {backends:?}");
+        per_client.extend(backends);
+    }
+    let distinct: BTreeSet<u8> = per_client.into_iter().collect();
+    assert_eq!(
+        distinct.len(),
+        3,
+        "30 clients still spread over all backends"
+    );
+    // Without affinity the same client's connections spread.
+    let mut plain = v4_harness(Protocol::Tcp);
+    let spread: BTreeSet<u8> = (0..20u16)
+        .map(|sport| assert_forwarded(&mut plain, &Frame::tcp(50000 + sport, TCP_SYN).bytes()))
+        .collect();
+    assert!(spread.len() > 1);
+}
+
+#[test]
+fn source_ranges_admit_only_listed_clients() {
+    for v6 in [false, true] {
+        let (vip, allowed, denied, range): (IpAddr, IpAddr, IpAddr, &str) = if v6 {
+            (
+                IpAddr::V6(VIP6),
+                IpAddr::V6(CLIENT6),
+                "fd00:0:0:1::9".parse().unwrap(),
+                "fd00::/64",
+            )
+        } else {
+            (
+                IpAddr::V4(VIP),
+                IpAddr::V4(CLIENT),
+                IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9)),
+                "10.0.0.0/30",
+            )
+        };
+        let mut d = desired_at(vip, Protocol::Tcp, THREE);
+        d.vips[0].source_ranges = vec![range.parse().unwrap()];
+        let mut h = harness_with(&d);
+        let from = |src: IpAddr, sport: u16| {
+            let mut f = Frame::tcp(sport, TCP_SYN);
+            if v6 {
+                f = f.v6();
+            }
+            f.src = src;
+            f.bytes()
+        };
+        assert_forwarded(&mut h, &from(allowed, 1000));
+        assert_untouched(&mut h, &from(denied, 1001), XDP_DROP);
+        assert_eq!(h.counter(GlobalCounter::DropSourceRange).unwrap(), 1);
+        // Clearing the list opens the VIP to all, and leaves no range behind in the map.
+        d.vips[0].source_ranges.clear();
+        h.apply(&d).unwrap();
+        assert_forwarded(&mut h, &from(denied, 1002));
+        assert_eq!(h.maps.source_ranges.keys().count(), 0);
+    }
+}
