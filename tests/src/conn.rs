@@ -4,7 +4,7 @@
 //! a reset, a timeout, a wrong or missing echo, a change of backend.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -55,13 +55,14 @@ impl LongConn {
     /// line every `interval` on a background thread until stopped or `max_duration` is over.
     pub fn open(
         ns: &str,
-        target: SocketAddrV4,
+        target: impl Into<SocketAddr>,
         interval: Duration,
         max_duration: Duration,
         stop_flag: Arc<AtomicBool>,
     ) -> Result<LongConn> {
+        let target: SocketAddr = target.into();
         let stream = netns::run_in(ns, move || {
-            TcpStream::connect_timeout(&SocketAddr::V4(target), Duration::from_secs(3))
+            TcpStream::connect_timeout(&target, Duration::from_secs(3))
                 .with_context(|| format!("connect to {target}"))
         })
         .with_context(|| format!("opening a long-lived connection from {ns} to {target}"))?;

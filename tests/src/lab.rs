@@ -171,6 +171,15 @@ pub fn require_root() {
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
 static STALE_CLEANUP: Once = Once::new();
 
+/// A fresh "sl<pid>-<n>" lab id (every lab kind shares the numbering and the stale cleanup),
+/// after removing what labs of dead processes left behind (once per process).
+pub(crate) fn next_lab_id() -> (String, u32, u32) {
+    STALE_CLEANUP.call_once(cleanup_stale);
+    let pid = std::process::id();
+    let n = LAB_COUNTER.fetch_add(1, Ordering::SeqCst);
+    (format!("sl{pid}-{n}"), pid, n)
+}
+
 /// A running lab. See the module documentation.
 pub struct Lab {
     cfg: LabConfig,
@@ -208,11 +217,7 @@ impl Lab {
             "LabConfig.backends must be between 1 and 100, got {}",
             cfg.backends
         );
-        STALE_CLEANUP.call_once(cleanup_stale);
-
-        let pid = std::process::id();
-        let n = LAB_COUNTER.fetch_add(1, Ordering::SeqCst);
-        let id = format!("sl{pid}-{n}");
+        let (id, pid, n) = next_lab_id();
         // Each lab has its own addresses: they never meet, being in separate namespaces, but
         // distinct numbers make captures and logs of parallel labs easy to tell apart.
         let h = pid.wrapping_mul(2_654_435_761) ^ n.wrapping_mul(40_503);
@@ -743,21 +748,13 @@ http {{
             "sluice-{}.log",
             self.seq.fetch_add(1, Ordering::SeqCst)
         ));
-        let f = fs::File::create(&log)?;
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.lb])
             .arg(&bin)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
             .args(args);
-        let what = cmd::describe(&c);
-        let child = c
-            .stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f)
-            .spawn()
-            .with_context(|| format!("starting `{what}`"))?;
-        Ok(SluiceProcess { child, log, what })
+        SluiceProcess::spawn(c, log)
     }
 
     /// Writes a config for `backends`, starts `sluice run` with it and waits (at most `timeout`)
@@ -1110,6 +1107,23 @@ pub struct SluiceProcess {
 }
 
 impl SluiceProcess {
+    /// Starts `command` with its output going to `log`.
+    pub(crate) fn spawn(mut command: Command, log: PathBuf) -> Result<SluiceProcess> {
+        let f = fs::File::create(&log)?;
+        let what = cmd::describe(&command);
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()
+            .with_context(|| format!("starting `{what}`"))?;
+        Ok(SluiceProcess { child, log, what })
+    }
+
+    pub fn what(&self) -> &str {
+        &self.what
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -1142,7 +1156,7 @@ fn first_lines(s: &str, n: usize) -> String {
 }
 
 /// SIGKILLs every process whose network namespace is `ns` (never `me`), and waits briefly for them.
-fn kill_ns_processes(ns: &str, me: u32) {
+pub(crate) fn kill_ns_processes(ns: &str, me: u32) {
     let pids = |ns: &str| -> Vec<u32> {
         cmd::run(
             Command::new("ip").args(["netns", "pids", ns]),
@@ -1171,7 +1185,7 @@ fn kill_ns_processes(ns: &str, me: u32) {
     }
 }
 
-fn unmount(p: &Path) {
+pub(crate) fn unmount(p: &Path) {
     let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
         return;
     };
@@ -1193,10 +1207,12 @@ fn lab_ns_pid(name: &str) -> Option<u32> {
     let pid: u32 = parts.next()?.parse().ok()?;
     let _n: u32 = parts.next()?.parse().ok()?;
     let role = parts.next()?;
-    let known = matches!(role, "sw" | "c" | "lb")
-        || role
-            .strip_prefix('b')
-            .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()));
+    let numbered = |prefix: &str| {
+        role.strip_prefix(prefix)
+            .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+    };
+    // "sw" "c" "lb" "b<i>": the L2 lab; "r" "lb<k>": the routed lab.
+    let known = matches!(role, "sw" | "c" | "lb" | "r") || numbered("b") || numbered("lb");
     known.then_some(pid)
 }
 
@@ -1268,6 +1284,8 @@ mod tests {
         assert_eq!(lab_ns_pid("sl1234-0-lb"), Some(1234));
         assert_eq!(lab_ns_pid("sl1234-7-b12"), Some(1234));
         assert_eq!(lab_ns_pid("sl1234-7-sw"), Some(1234));
+        assert_eq!(lab_ns_pid("sl1234-7-r"), Some(1234));
+        assert_eq!(lab_ns_pid("sl1234-7-lb1"), Some(1234));
         assert_eq!(lab_ns_pid("sl1234-7-x"), None);
         assert_eq!(lab_ns_pid("sl1234-7-b"), None);
         assert_eq!(lab_ns_pid("slow-1-lb"), None);

@@ -9,6 +9,7 @@ pub mod conn;
 pub mod lab;
 pub mod netns;
 pub mod nft;
+pub mod routed_lab;
 pub mod servers;
 
 pub use conn::{LongConn, LongConnReport};

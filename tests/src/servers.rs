@@ -9,7 +9,7 @@
 //!   client learns which backend holds its connection and can check every echo.
 
 use std::io::{BufRead, BufReader, ErrorKind, Write};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
@@ -46,21 +46,33 @@ pub struct BackendServers {
 impl BackendServers {
     /// Binds the sockets inside namespace `ns` (errors are returned here), then serves on threads.
     pub fn start(ns: &str, name: &str, own: Ipv4Addr, vip: Ipv4Addr) -> Result<BackendServers> {
-        let (udp_vip, udp_own, echo) = netns::run_in(ns, move || {
-            let udp_vip = UdpSocket::bind(SocketAddrV4::new(vip, UDP_PORT))
-                .with_context(|| format!("bind UDP {vip}:{UDP_PORT} (is the VIP on lo?)"))?;
-            let udp_own = UdpSocket::bind(SocketAddrV4::new(own, UDP_PORT))
-                .with_context(|| format!("bind UDP {own}:{UDP_PORT}"))?;
-            let echo = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, ECHO_PORT))
-                .with_context(|| format!("bind TCP 0.0.0.0:{ECHO_PORT}"))?;
-            Ok((udp_vip, udp_own, echo))
+        Self::start_with(ns, name, &[own.into(), vip.into()])
+    }
+
+    /// As [`Self::start`], answering UDP on each of `addrs` (own addresses and VIPs of either
+    /// family); the echo listens on every address of both families.
+    pub fn start_with(ns: &str, name: &str, addrs: &[IpAddr]) -> Result<BackendServers> {
+        let addrs = addrs.to_vec();
+        let (udp, echo) = netns::run_in(ns, move || {
+            let mut udp = Vec::new();
+            for addr in addrs {
+                udp.push(
+                    UdpSocket::bind(SocketAddr::new(addr, UDP_PORT)).with_context(|| {
+                        format!("bind UDP {addr} port {UDP_PORT} (is it on lo?)")
+                    })?,
+                );
+            }
+            // [::] takes IPv4 too (bindv6only is 0 in a new namespace).
+            let echo = TcpListener::bind(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), ECHO_PORT))
+                .with_context(|| format!("bind TCP [::]:{ECHO_PORT}"))?;
+            Ok((udp, echo))
         })
         .with_context(|| format!("starting the UDP and echo servers of backend {name} in {ns}"))?;
 
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(ServerStats::default());
         let mut threads = Vec::new();
-        for sock in [udp_vip, udp_own] {
+        for sock in udp {
             let (stop, stats, name) = (stop.clone(), stats.clone(), name.to_string());
             threads.push(
                 thread::Builder::new()
