@@ -152,10 +152,7 @@ fn ecmp_load_balancers_agree_and_survive_losing_one() {
     if let Some(p) = sluices[victim].take() {
         p.stop(Duration::from_secs(10)).unwrap();
     }
-    for c in &conns {
-        let report = c.wait_echoes(10, Duration::from_secs(10)).unwrap();
-        assert!(report.is_clean(), "after losing lb{victim}: {report:?}");
-    }
+    assert_all_keep_echoing(&conns, &format!("after losing lb{victim}"));
 
     // A fourth backend joins while every connection is open: none of them moves or breaks.
     let grown = lab.write_config(survivor, &[0, 1, 2, 3]).unwrap();
@@ -172,9 +169,22 @@ fn ecmp_load_balancers_agree_and_survive_losing_one() {
         Some(16),
         "4 backends x 4 VIPs after the reload: {backends}"
     );
+    assert_all_keep_echoing(&conns, "after adding a backend");
     for c in conns {
-        c.wait_echoes(10, Duration::from_secs(10)).unwrap();
         let report = c.finish();
-        assert!(report.is_clean(), "after adding a backend: {report:?}");
+        assert!(report.is_clean(), "{report:?}");
+    }
+}
+
+/// Every connection echoes at least 10 more lines (they run concurrently: one wait covers all).
+fn assert_all_keep_echoing(conns: &[sluice_tests::LongConn], when: &str) {
+    let before: Vec<u64> = conns.iter().map(|c| c.snapshot().echoed).collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    for (c, before) in conns.iter().zip(before) {
+        let report = c.wait_echoes(1, Duration::from_secs(10)).unwrap();
+        assert!(
+            report.is_clean() && report.echoed >= before + 10,
+            "{when}: {report:?} (had {before} echoes)"
+        );
     }
 }
