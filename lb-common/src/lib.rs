@@ -81,6 +81,7 @@ pub mod map_names {
     pub const MAGLEV: &str = "MAGLEV";
     pub const BACKENDS: &str = "BACKENDS";
     pub const FLOWS: &str = "FLOWS";
+    pub const FLOWS6: &str = "FLOWS6";
     pub const TX_PORTS: &str = "TX_PORTS";
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
@@ -88,7 +89,8 @@ pub mod map_names {
     pub const VIP_FILTER: &str = "VIP_FILTER";
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
+        FLOWS6,
         VIP_FILTER,
         VIP_ADDRS,
         SOURCE_RANGES,
@@ -302,6 +304,57 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
+/// Key of the IPv4 connection table `FLOWS`: the IPv4 words of a [`FlowKey`] only, so that an
+/// IPv4 lookup hashes and compares 16 bytes instead of 40 (IPv6 flows live in `FLOWS6`, keyed
+/// by the whole [`FlowKey`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey4 {
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey4 {
+    /// The full key of an IPv4 flow.
+    pub const fn widen(&self) -> FlowKey {
+        FlowKey {
+            src: [self.src, 0, 0, 0],
+            dst: [self.dst, 0, 0, 0],
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        }
+    }
+}
+
+impl FlowKey {
+    /// The `FLOWS` key of an IPv4 flow.
+    #[inline(always)]
+    pub const fn narrow(&self) -> FlowKey4 {
+        FlowKey4 {
+            src: self.src[0],
+            dst: self.dst[0],
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Entries of `FLOWS6` for a connection table of `flow_table_size` (IPv4) entries: IPv6 is
+/// the smaller share of traffic on the networks sluice serves, and its entries are larger.
+pub const fn flow_table_size_v6(flow_table_size: u32) -> u32 {
+    let quarter = flow_table_size / 4;
+    if quarter < 1024 { 1024 } else { quarter }
+}
+
 /// Value of the `FLOWS` connection table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -404,6 +457,7 @@ const _: () = assert!(size_of::<VipKey>() == 20);
 const _: () = assert!(size_of::<VipInfo>() == 16);
 const _: () = assert!(size_of::<Backend>() == 88);
 const _: () = assert!(size_of::<FlowKey>() == 40);
+const _: () = assert!(size_of::<FlowKey4>() == 16);
 const _: () = assert!(size_of::<ScopedAddr>() == 20);
 const _: () = assert!(size_of::<FlowValue>() == 8);
 const _: () = assert!(size_of::<Counters>() == 16);
@@ -480,6 +534,7 @@ mod pod {
     unsafe impl aya::Pod for super::VipInfo {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowKey4 {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::VipFilter {}

@@ -27,10 +27,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     BPF_F_NO_COMMON_LRU, Backend, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE,
-    FAMILY_V4, FlowKey, FlowValue, GlobalCounter, IP6IP6_OVERHEAD, IPIP_OVERHEAD, IPPROTO_ICMP,
-    IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6, MAGLEV_INNER_FLAGS, MAX_BACKENDS,
+    FAMILY_V4, FlowKey, FlowKey4, FlowValue, GlobalCounter, IP6IP6_OVERHEAD, IPIP_OVERHEAD,
+    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6, MAGLEV_INNER_FLAGS, MAX_BACKENDS,
     MAX_SOURCE_RANGES, MAX_TX_PORTS, MAX_VIPS, NO_BACKEND, ScopedAddr, VipFilter, VipInfo, VipKey,
-    backend_state, forward_mode, vip_flags,
+    backend_state, flow_table_size_v6, forward_mode, vip_flags,
 };
 use lb_ebpf::{
     csum,
@@ -61,12 +61,21 @@ static MAGLEV: ArrayOfMaps<
 static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 
 /// The connection table: 5-tuple -> backend id. Consulted first, so a flow keeps its backend
-/// through every table change. Resized by the loader from the config.
+/// through every table change. Resized by the loader from the config. IPv4 flows, by a
+/// compact key; IPv6 flows in `FLOWS6`.
 #[btf_map]
 static FLOWS: LruHashMap<
-    FlowKey,
+    FlowKey4,
     FlowValue,
     { DEFAULT_FLOW_TABLE_SIZE as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();
+
+#[btf_map]
+static FLOWS6: LruHashMap<
+    FlowKey,
+    FlowValue,
+    { flow_table_size_v6(DEFAULT_FLOW_TABLE_SIZE) as usize },
     { BPF_F_NO_COMMON_LRU as usize },
 > = LruHashMap::new();
 
@@ -111,7 +120,11 @@ pub fn sluice_pass(_ctx: XdpContext) -> u32 {
 /// The whole decision: the XDP action and the global counter that records why.
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> (u32, GlobalCounter) {
-    match packet::parse(ctx) {
+    // Every packet sluice acts on is addressed to a VIP address: the one-bit filter lets all
+    // other traffic go before its L4 header is even read.
+    let filter = VIP_FILTER.get(0);
+    let may_be_ours = |l3: &L3| filter.is_some_and(|f| f.may_contain(&l3.dst));
+    match packet::parse(ctx, may_be_ours) {
         Parsed::Flow(flow) => balance_flow(ctx, &flow),
         Parsed::EchoRequest(l3) if is_vip_address(&l3) => echo_reply(ctx, &l3),
         Parsed::IcmpError(flow) => icmp_error(ctx, &flow),
@@ -133,10 +146,6 @@ fn balance(ctx: &XdpContext) -> (u32, GlobalCounter) {
 /// A TCP or UDP packet: established flow, else new flow, else not ours.
 #[inline(always)]
 fn balance_flow(ctx: &XdpContext, flow: &Flow) -> (u32, GlobalCounter) {
-    match VIP_FILTER.get(0) {
-        Some(filter) if filter.may_contain(&flow.key.dst) => {}
-        _ => return (xdp_action::XDP_PASS, GlobalCounter::Passed),
-    }
     if flow.l3.first_fragment {
         return if is_vip_address(&flow.l3) {
             (xdp_action::XDP_DROP, GlobalCounter::DropFragment)
@@ -152,7 +161,7 @@ fn balance_flow(ctx: &XdpContext, flow: &Flow) -> (u32, GlobalCounter) {
         count(GlobalCounter::FlowHit);
         add(&VIP_STATS, backend.vip_id, bytes);
         add(&BACKEND_STATS, id, bytes);
-        return forward(ctx, &flow.l3, &flow.key, &backend);
+        return forward(ctx, &flow.l3, &flow.key, backend);
     }
 
     let Some(vip) = VIPS.get_ptr(&vip_key) else {
@@ -169,7 +178,7 @@ fn balance_flow(ctx: &XdpContext, flow: &Flow) -> (u32, GlobalCounter) {
         return (xdp_action::XDP_DROP, GlobalCounter::DropNoBackend);
     };
     add(&BACKEND_STATS, id, bytes);
-    forward(ctx, &flow.l3, &flow.key, &backend)
+    forward(ctx, &flow.l3, &flow.key, backend)
 }
 
 #[inline(always)]
@@ -182,13 +191,9 @@ fn vip_key_of(key: &FlowKey) -> VipKey {
     }
 }
 
-/// Is the packet's destination a VIP address (any port)? The filter answers most "no"s.
+/// Is the packet's destination a VIP address (any port)? (The filter already passed it.)
 #[inline(always)]
 fn is_vip_address(l3: &L3) -> bool {
-    match VIP_FILTER.get(0) {
-        Some(filter) if filter.may_contain(&l3.dst) => {}
-        _ => return false,
-    }
     VIP_ADDRS.get_ptr(&l3.dst_key()).is_some()
 }
 
@@ -212,17 +217,22 @@ fn source_admitted(key: &FlowKey, vip_id: u32) -> bool {
 /// that was freed (backend or VIP removed) or reused by another VIP does not match: the flow
 /// takes the slow path and re-hashes (or passes, if its VIP is gone).
 #[inline(always)]
-fn established_backend(key: &FlowKey, vip_key: &VipKey) -> Option<(u32, Backend)> {
-    let entry = FLOWS.get_ptr(key)?;
+fn established_backend(key: &FlowKey, vip_key: &VipKey) -> Option<(u32, &'static Backend)> {
+    let entry = if key.family == FAMILY_V4 {
+        FLOWS.get_ptr(&key.narrow())?
+    } else {
+        FLOWS6.get_ptr(key)?
+    };
     // SAFETY: read once, by value; a concurrent LRU eviction only makes it stale.
     let id = unsafe { (*entry).backend };
-    let backend = *BACKENDS.get(id)?;
+    // An array value lives as long as the map; it is read in place, not copied.
+    let backend = BACKENDS.get(id)?;
     (backend.state != backend_state::EMPTY && backend.vip == *vip_key).then_some((id, backend))
 }
 
 /// A Maglev pick for the flow, recorded in the connection table when `record` is set.
 #[inline(always)]
-fn pick_backend(key: &FlowKey, vip: &VipInfo, record: bool) -> Option<(u32, Backend)> {
+fn pick_backend(key: &FlowKey, vip: &VipInfo, record: bool) -> Option<(u32, &'static Backend)> {
     if vip.live_backends == 0 || vip.table_size == 0 {
         return None;
     }
@@ -231,7 +241,7 @@ fn pick_backend(key: &FlowKey, vip: &VipInfo, record: bool) -> Option<(u32, Back
     if id == NO_BACKEND {
         return None;
     }
-    let backend = *BACKENDS.get(id)?;
+    let backend = BACKENDS.get(id)?;
     if backend.state != backend_state::ACTIVE || backend.vip_id != vip.id {
         return None;
     }
@@ -242,7 +252,11 @@ fn pick_backend(key: &FlowKey, vip: &VipInfo, record: bool) -> Option<(u32, Back
         };
         // A full table evicts its least recently used entry; insert fails only on memory
         // pressure, and then the flow is still forwarded (Maglev picks the same backend).
-        let _ = FLOWS.insert(key, &value, 0);
+        let _ = if key.family == FAMILY_V4 {
+            FLOWS.insert(&key.narrow(), &value, 0)
+        } else {
+            FLOWS6.insert(key, &value, 0)
+        };
     }
     Some((id, backend))
 }
@@ -522,7 +536,7 @@ fn echo_reply(ctx: &XdpContext, l3: &L3) -> (u32, GlobalCounter) {
 #[inline(always)]
 fn echo_rewrite(ctx: &XdpContext, l3: &L3) -> Option<()> {
     let eth = packet::ptr_at_mut::<EthHdr>(ctx, 0)?;
-    let icmp = packet::ptr_at_mut::<IcmpHdr>(ctx, l3.l4_off)?;
+    let icmp = packet::ptr_at_mut::<IcmpHdr>(ctx, l3.l4_offset())?;
     // SAFETY: bounds checked by ptr_at_mut; header pointers are within the frame.
     unsafe {
         let (dst, src) = ((*eth).dst, (*eth).src);
@@ -558,10 +572,6 @@ fn echo_rewrite(ctx: &XdpContext, l3: &L3) -> Option<()> {
 /// a smaller MTU): hand it to the backend that owns the flow, so its TCP stack hears it.
 #[inline(always)]
 fn icmp_error(ctx: &XdpContext, flow: &Flow) -> (u32, GlobalCounter) {
-    match VIP_FILTER.get(0) {
-        Some(filter) if filter.may_contain(&flow.key.dst) => {}
-        _ => return (xdp_action::XDP_PASS, GlobalCounter::Passed),
-    }
     let vip_key = vip_key_of(&flow.key);
     let backend = match established_backend(&flow.key, &vip_key) {
         Some((_, backend)) => backend,
@@ -579,7 +589,7 @@ fn icmp_error(ctx: &XdpContext, flow: &Flow) -> (u32, GlobalCounter) {
             }
         }
     };
-    match forward(ctx, &flow.l3, &flow.key, &backend) {
+    match forward(ctx, &flow.l3, &flow.key, backend) {
         (xdp_action::XDP_DROP, reason) => (xdp_action::XDP_DROP, reason),
         (action, _) => (action, GlobalCounter::IcmpErrorForwarded),
     }

@@ -113,7 +113,19 @@ pub struct L3 {
     pub dont_fragment: bool,
 }
 
+/// XDP frames here fit in a page: no offset into one reaches 4096.
+const FRAME_OFFSET_MASK: usize = 0xfff;
+
 impl L3 {
+    /// `l4_off`, visibly below 4096 to the verifier. In a BPF subprogram the offset arrives
+    /// through the caller's stack, where the verifier may have lost its bounds; masking keeps
+    /// packet-pointer arithmetic provably bounded and changes no real offset (parsing checked
+    /// it against the frame's end).
+    #[inline(always)]
+    pub fn l4_offset(&self) -> usize {
+        self.l4_off & FRAME_OFFSET_MASK
+    }
+
     /// The VIP_ADDRS key of the destination.
     #[inline(always)]
     pub fn dst_key(&self) -> VipKey {
@@ -349,12 +361,17 @@ fn flow_key(l3: &L3, sport: u16, dport: u16) -> FlowKey {
     }
 }
 
+/// Parses a frame. `may_be_ours` sees the IP layer first: when it says no (the destination is
+/// no VIP address), the packet is `NotForUs` without its L4 header being read.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Parsed {
+pub fn parse(ctx: &XdpContext, may_be_ours: impl Fn(&L3) -> bool) -> Parsed {
     let (l3, has_l4) = match parse_l3(ctx, ETH_HLEN) {
         Ok(parsed) => parsed,
         Err(verdict) => return verdict,
     };
+    if !may_be_ours(&l3) {
+        return Parsed::NotForUs;
+    }
     if !has_l4 {
         return Parsed::NoL4 {
             l3,
@@ -385,7 +402,7 @@ fn parse_icmp(ctx: &XdpContext, l3: L3, l4_len: usize) -> Parsed {
         // Fragmented ICMP is not something a client or router sends to a VIP.
         return Parsed::NotForUs;
     }
-    let Some(icmp) = ptr_at::<IcmpHdr>(ctx, l3.l4_off) else {
+    let Some(icmp) = ptr_at::<IcmpHdr>(ctx, l3.l4_offset()) else {
         return Parsed::Malformed;
     };
     // SAFETY: bounds checked by ptr_at.
@@ -409,7 +426,7 @@ fn parse_icmp(ctx: &XdpContext, l3: L3, l4_len: usize) -> Parsed {
     }
     // The quoted packet: its IP header, then at least the 8 bytes that hold the ports. It
     // was sent by a backend (source = VIP), so turn it around to the client -> VIP flow.
-    let inner_off = l3.l4_off + ICMP_HLEN;
+    let inner_off = l3.l4_offset() + ICMP_HLEN;
     let inner = if l3.family == FAMILY_V4 {
         quoted_ipv4(ctx, inner_off)
     } else {

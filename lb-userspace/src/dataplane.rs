@@ -21,8 +21,9 @@ use aya::{
     },
 };
 use lb_common::{
-    BALANCER_PROGRAM, Backend, Counters, DECAP_PROGRAM, FlowKey, FlowValue, MAGLEV_INNER_FLAGS,
-    ScopedAddr, VipFilter, VipInfo, VipKey, decap_map_names, map_names,
+    BALANCER_PROGRAM, Backend, Counters, DECAP_PROGRAM, FlowKey, FlowKey4, FlowValue,
+    MAGLEV_INNER_FLAGS, ScopedAddr, VipFilter, VipInfo, VipKey, decap_map_names,
+    flow_table_size_v6, map_names,
 };
 
 use crate::net::Interface;
@@ -173,6 +174,7 @@ fn is_bpffs(path: &Path) -> bool {
 pub fn load(pins: Option<&PinLayout>, flow_table_size: u32) -> anyhow::Result<Ebpf> {
     load_object(ObjectKind::Balancer, pins, |loader| {
         loader.map_max_entries(map_names::FLOWS, flow_table_size);
+        loader.map_max_entries(map_names::FLOWS6, flow_table_size_v6(flow_table_size));
     })
 }
 
@@ -292,7 +294,8 @@ pub struct Maps {
     pub vips: HashMap<MapData, VipKey, VipInfo>,
     pub maglev: ArrayOfMaps<MapData>,
     pub backends: Array<MapData, Backend>,
-    pub flows: HashMap<MapData, FlowKey, FlowValue>,
+    pub flows: HashMap<MapData, FlowKey4, FlowValue>,
+    pub flows6: HashMap<MapData, FlowKey, FlowValue>,
     pub tx_ports: DevMapHash<MapData>,
     pub vip_stats: PerCpuArray<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
@@ -320,6 +323,7 @@ impl Maps {
             maglev: typed!(take, map_names::MAGLEV),
             backends: typed!(take, map_names::BACKENDS),
             flows: typed!(take, map_names::FLOWS),
+            flows6: typed!(take, map_names::FLOWS6),
             tx_ports: typed!(take, map_names::TX_PORTS),
             vip_stats: typed!(take, map_names::VIP_STATS),
             backend_stats: typed!(take, map_names::BACKEND_STATS),

@@ -342,7 +342,8 @@ pub fn flows(maps: &Maps, limit: usize) -> anyhow::Result<View> {
     let current = Current::read(maps)?;
     let mut rows = Vec::new();
     let mut total = 0usize;
-    for entry in maps.flows.iter() {
+    let v4 = maps.flows.iter().map(|e| e.map(|(k, v)| (k.widen(), v)));
+    for entry in v4.chain(maps.flows6.iter()) {
         let Ok((key, value)) = entry else {
             continue; // evicted while we walked the table
         };
