@@ -120,11 +120,23 @@ pub fn sluice_pass(_ctx: XdpContext) -> u32 {
 /// The whole decision: the XDP action and the global counter that records why.
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> (u32, GlobalCounter) {
+    // One instance of everything below per family: the IPv4 one is compiled knowing the
+    // family, so it carries no IPv6 work (measured: the shared instance cost IPv4 ~20 ns).
+    match packet::eth_proto(ctx) {
+        Some(ETH_P_IP) => balance_ip(ctx, packet::parse_ipv4(ctx, ETH_HLEN)),
+        Some(ETH_P_IPV6) => balance_ip(ctx, packet::parse_ipv6(ctx, ETH_HLEN)),
+        // Shorter than an Ethernet header, ARP, ...: not a frame sluice forwards.
+        _ => (xdp_action::XDP_PASS, GlobalCounter::Passed),
+    }
+}
+
+#[inline(always)]
+fn balance_ip(ctx: &XdpContext, ip: Result<(L3, bool), Parsed>) -> (u32, GlobalCounter) {
     // Every packet sluice acts on is addressed to a VIP address: the one-bit filter lets all
     // other traffic go before its L4 header is even read.
     let filter = VIP_FILTER.get(0);
     let may_be_ours = |l3: &L3| filter.is_some_and(|f| f.may_contain(&l3.dst));
-    match packet::parse(ctx, may_be_ours) {
+    match packet::parse_l4(ctx, ip, may_be_ours) {
         Parsed::Flow(flow) => balance_flow(ctx, &flow),
         Parsed::EchoRequest(l3) if is_vip_address(&l3) => echo_reply(ctx, &l3),
         Parsed::IcmpError(flow) => icmp_error(ctx, &flow),

@@ -182,21 +182,6 @@ pub fn eth_proto(ctx: &XdpContext) -> Option<u16> {
     Some(u16::from_be(unsafe { (*eth).proto }))
 }
 
-/// The IP layer of a frame: `Err` carries the verdict when there is no usable IP header.
-/// `Ok` with a fragment or an unwalked chain is reported through `L3` and `NoL4`.
-#[inline(always)]
-pub fn parse_l3(ctx: &XdpContext, offset: usize) -> Result<(L3, bool), Parsed> {
-    let Some(proto) = eth_proto(ctx) else {
-        // Shorter than an Ethernet header: not a frame we could forward.
-        return Err(Parsed::NotForUs);
-    };
-    match proto {
-        ETH_P_IP => parse_ipv4(ctx, offset),
-        ETH_P_IPV6 => parse_ipv6(ctx, offset),
-        _ => Err(Parsed::NotForUs),
-    }
-}
-
 /// Returns the L3 facts and whether the L4 header is present (not a later fragment).
 #[inline(always)]
 pub fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<(L3, bool), Parsed> {
@@ -361,11 +346,17 @@ fn flow_key(l3: &L3, sport: u16, dport: u16) -> FlowKey {
     }
 }
 
-/// Parses a frame. `may_be_ours` sees the IP layer first: when it says no (the destination is
-/// no VIP address), the packet is `NotForUs` without its L4 header being read.
+/// Parses what follows the IP layer (`parse_ipv4` or `parse_ipv6`'s result). `may_be_ours`
+/// sees the IP layer first: when it says no (the destination is no VIP address), the packet is
+/// `NotForUs` without its L4 header being read. Callers inline this once per family, so the
+/// IPv4 instance is compiled with the family and the upper address words as constants.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext, may_be_ours: impl Fn(&L3) -> bool) -> Parsed {
-    let (l3, has_l4) = match parse_l3(ctx, ETH_HLEN) {
+pub fn parse_l4(
+    ctx: &XdpContext,
+    ip: Result<(L3, bool), Parsed>,
+    may_be_ours: impl Fn(&L3) -> bool,
+) -> Parsed {
+    let (l3, has_l4) = match ip {
         Ok(parsed) => parsed,
         Err(verdict) => return verdict,
     };
