@@ -91,6 +91,8 @@ pub struct IcmpHdr {
 }
 
 const TCP_MIN_HLEN: usize = 20;
+/// Bytes of a quoted TCP/UDP header an ICMP error must carry: the two ports.
+const QUOTED_PORTS_LEN: usize = 4;
 const UDP_HLEN: usize = 8;
 /// Byte 12 of the TCP header holds the data offset (header length in words) in its top nibble.
 const TCP_DOFF_BYTE: usize = 12;
@@ -271,7 +273,8 @@ pub fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<(L3, bool), Parsed>
                             l3.l4_off = off + 8;
                             return Ok((l3, false));
                         }
-                        l3.first_fragment = frag & 1 != 0;
+                        // A second fragment header must not clear what the first said.
+                        l3.first_fragment |= frag & 1 != 0;
                         8
                     }
                     NEXTHDR_AUTH => (ext[1] as usize + 2) * 4,
@@ -428,6 +431,11 @@ fn parse_icmp(ctx: &XdpContext, l3: L3, l4_len: usize) -> Parsed {
     };
     if inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP {
         return Parsed::NotForUs;
+    }
+    // The quote must lie inside the error's own IP packet, not in the frame's padding after
+    // it (found by the fuzz test: such a frame was forwarded on ports read from padding).
+    if ports_off + QUOTED_PORTS_LEN > l3.l4_off + l4_len {
+        return Parsed::Malformed;
     }
     let Some(ports) = ptr_at::<PortsHdr>(ctx, ports_off) else {
         return Parsed::Malformed;

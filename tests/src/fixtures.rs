@@ -60,7 +60,12 @@ pub struct Harness {
 
 impl Harness {
     pub fn new() -> anyhow::Result<Self> {
-        let mut ebpf = dataplane::load(None, DEFAULT_FLOW_TABLE_SIZE)?;
+        Self::with_flow_table(DEFAULT_FLOW_TABLE_SIZE)
+    }
+
+    /// A harness whose connection table (IPv4; IPv6 gets its share) has `flow_table_size` entries.
+    pub fn with_flow_table(flow_table_size: u32) -> anyhow::Result<Self> {
+        let mut ebpf = dataplane::load(None, flow_table_size)?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -232,6 +237,9 @@ pub struct Frame {
     pub payload: Vec<u8>,
     pub ttl: u8,
     pub frag_off: u16,
+    /// The whole L4 part verbatim (no header built, no checksum), e.g. an inner IP packet
+    /// under protocol 4 or 41.
+    pub raw_l4: Option<Vec<u8>>,
 }
 
 pub const TCP_SYN: u8 = 0x02;
@@ -253,6 +261,7 @@ impl Frame {
             payload: Vec::new(),
             ttl: 64,
             frag_off: 0,
+            raw_l4: None,
         }
     }
 
@@ -391,6 +400,9 @@ impl Frame {
     }
 
     fn l4(&self) -> Vec<u8> {
+        if let Some(raw) = &self.raw_l4 {
+            return raw.clone();
+        }
         let mut l4 = Vec::new();
         let checksum_at = if let Some(icmp) = &self.icmp {
             l4.push(icmp.kind);

@@ -20,3 +20,4 @@ pub use lab::{
 pub use nft::VipCounters;
 pub use servers::{ECHO_PORT, UDP_PORT};
 pub mod fixtures;
+pub mod fuzz;

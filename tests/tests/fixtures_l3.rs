@@ -141,6 +141,12 @@ fn ipv6_fragments_of_vip_flows_are_dropped() {
     assert_eq!(h.counter(GlobalCounter::DropFragment).unwrap(), 2);
     // An atomic fragment (offset 0, no M) is a whole datagram: balanced.
     assert_forwarded(&mut h, &fragment(0, false).bytes());
+    // A first fragment's header followed by an atomic one is still a fragment (found by the
+    // fuzz test: the second header used to clear what the first said).
+    let mut twice = fragment(0, true);
+    twice.ext_headers.push((44, vec![0, 0, 0, 0, 0, 8]));
+    assert_untouched(&mut h, &twice.bytes(), XDP_DROP);
+    assert_eq!(h.counter(GlobalCounter::DropFragment).unwrap(), 3);
     // Fragments for other addresses are the kernel's.
     let mut other = fragment(8, false);
     other.dst = IpAddr::V6(CLIENT6);
@@ -281,6 +287,11 @@ fn icmp_error_quoting_garbage_is_dropped_or_passed_never_forwarded() {
     let mut version = error.clone();
     version.icmp.as_mut().unwrap().body[0] = 0x65;
     assert_untouched(&mut h, &version.bytes(), XDP_DROP);
+    // The quote lies after the error's IP packet, in the frame's padding (found by the fuzz
+    // test: its ports were read from there and the frame forwarded).
+    let mut padded = error.bytes();
+    padded[16..18].copy_from_slice(&28u16.to_be_bytes());
+    assert_untouched(&mut h, &padded, XDP_DROP);
     // Quoting ICMP (protocol 1): not a flow sluice balances.
     let mut proto = error;
     proto.icmp.as_mut().unwrap().body[9] = 1;

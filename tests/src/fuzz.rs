@@ -1,0 +1,792 @@
+//! Random and mutated frames for the balancer, and the invariants every verdict must keep
+//! (tests/tests/fuzz.rs). Frames start valid — every kind sluice handles or must leave alone —
+//! and are then cut, flipped and given contradicting lengths. The oracle parses each input on
+//! its own (a reference parser written from the RFCs, not from the eBPF code) and checks the
+//! program's verdict and output against it.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use lb_userspace::model::{Desired, ForwardingMode, IpNet, Protocol, Vip, VipAddr};
+
+use crate::fixtures::{
+    CLIENT, CLIENT_MAC, CLIENT6, FIXTURE_MTU, Frame, IP_DF, LB_MAC, TCP_ACK, TCP_SYN, VIP, VIP6,
+    XDP_DROP, XDP_PASS, XDP_TX, backend_mac, checksum_ok, desired_at, pseudo_sum_v6,
+};
+
+/// xorshift64*: small, fast, and the same sequence for the same seed everywhere.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        // splitmix64 of the seed, so that nearby seeds give unrelated streams (and 0 works).
+        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        Self((z ^ (z >> 31)) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `0..n` (n > 0; the modulo bias is irrelevant here).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.next_u64() % 100 < percent
+    }
+
+    pub fn byte(&mut self) -> u8 {
+        self.next_u64() as u8
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.byte()).collect()
+    }
+
+    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len())]
+    }
+}
+
+/// VIP addresses of the fuzz configuration besides the fixtures' `VIP` / `VIP6`.
+pub const VIP_IPIP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 2);
+pub const VIP6_IPIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 2);
+pub const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 3);
+/// A UDP port of `VIP` open only to 192.0.2.0/24 (the fixtures' client is outside it).
+pub const RANGED_PORT: u16 = 53;
+
+/// The configuration every fuzzed frame meets: L2 VIPs of both families and protocols, an
+/// ipip VIP of each family (IPv4 nodes / IPv6 nodes), a VIP without live backends and one
+/// with source ranges. Every backend is on the "ingress" interface, so no redirect.
+pub fn fuzz_desired() -> Desired {
+    let three = &[(0, 1, false), (1, 1, false), (2, 1, false)];
+    let mut desired = desired_at(IpAddr::V4(VIP), Protocol::Tcp, three);
+    let mut add = |addr: IpAddr, port: u16, protocol: Protocol, build: &dyn Fn(&mut Vip)| {
+        let mut d = desired_at(addr, protocol, three);
+        let mut vip = d.vips.remove(0);
+        vip.key.port = port;
+        build(&mut vip);
+        desired.vips.push(vip);
+    };
+    add(IpAddr::V4(VIP), 80, Protocol::Udp, &|_| {});
+    add(IpAddr::V6(VIP6), 80, Protocol::Tcp, &|_| {});
+    add(IpAddr::V6(VIP6), 80, Protocol::Udp, &|_| {});
+    add(IpAddr::V4(VIP), RANGED_PORT, Protocol::Udp, &|v| {
+        v.source_ranges = vec!["192.0.2.0/24".parse::<IpNet>().expect("constant prefix")];
+    });
+    add(IpAddr::V4(VIP_IPIP), 80, Protocol::Tcp, &|v| {
+        v.mode = ForwardingMode::Ipip
+    });
+    add(IpAddr::V4(VIP_IPIP), 80, Protocol::Udp, &|v| {
+        v.mode = ForwardingMode::Ipip
+    });
+    add(IpAddr::V6(VIP6_IPIP), 80, Protocol::Udp, &|v| {
+        v.mode = ForwardingMode::Ipip
+    });
+    add(IpAddr::V4(VIP_EMPTY), 80, Protocol::Tcp, &|v| {
+        for b in &mut v.backends {
+            b.weight = 0;
+        }
+    });
+    desired.vips.sort_by_key(|v| v.key);
+    desired
+}
+
+/// What the oracle knows of the configuration.
+pub struct World {
+    pub desired: Desired,
+    vip_addrs: BTreeSet<IpAddr>,
+    node_addrs: BTreeSet<IpAddr>,
+}
+
+impl World {
+    pub fn new(desired: Desired) -> Self {
+        let vip_addrs = desired.vips.iter().map(|v| v.key.addr).collect();
+        let node_addrs = desired
+            .vips
+            .iter()
+            .flat_map(|v| v.backends.iter().map(|b| b.addr))
+            .collect();
+        Self {
+            desired,
+            vip_addrs,
+            node_addrs,
+        }
+    }
+
+    fn vip(&self, addr: IpAddr, port: u16, proto: u8) -> Option<&Vip> {
+        let protocol = match proto {
+            6 => Protocol::Tcp,
+            17 => Protocol::Udp,
+            _ => return None,
+        };
+        self.desired.vip(&VipAddr {
+            addr,
+            port,
+            protocol,
+        })
+    }
+}
+
+/// One generated input: the frame, and whether the program must forward it (an unmutated,
+/// well-formed packet of a VIP with live backends, or an echo request / ICMP error about one).
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub frame: Vec<u8>,
+    pub must_forward: bool,
+}
+
+const EXT_KINDS: [u8; 5] = [0, 43, 60, 51, 44];
+
+/// A valid frame of a random kind; `must_forward` as it stands, before any mutation.
+fn base(rng: &mut Rng) -> Case {
+    // A small pool of client ports, so that flows repeat (connection-table hits) and the
+    // table fills (LRU eviction).
+    let sport = 1024 + rng.below(8192) as u16;
+    let tcp_flags = rng.pick(&[TCP_SYN, TCP_ACK, TCP_ACK | 0x08, 0x01 | TCP_ACK]);
+    let payload_len = rng.pick(&[0usize, 1, 7, 64, 300, 1400]);
+    let payload = rng.bytes(payload_len);
+    let udp = rng.chance(50);
+    let flow = |v6: bool| {
+        let mut f = if udp {
+            Frame::udp(sport, &payload)
+        } else {
+            let mut f = Frame::tcp(sport, tcp_flags);
+            f.payload = payload.clone();
+            f
+        };
+        if v6 {
+            f = f.v6();
+        }
+        f
+    };
+    let v6 = rng.chance(40);
+    match rng.below(14) {
+        // TCP or UDP to an L2 VIP.
+        0..=3 => Case {
+            frame: flow(v6).bytes(),
+            must_forward: true,
+        },
+        // To a VIP address on another port, or to no VIP at all.
+        4 => {
+            let mut f = flow(v6);
+            if rng.chance(50) {
+                f.dport = rng.pick(&[81, 443, 8080, 0]);
+            } else {
+                f.dst = if v6 {
+                    IpAddr::V6(Ipv6Addr::from(rng.next_u64() as u128 | (0xfd00u128 << 112)))
+                } else {
+                    IpAddr::V4(Ipv4Addr::from(rng.next_u64() as u32))
+                };
+            }
+            Case {
+                frame: f.bytes(),
+                must_forward: false,
+            }
+        }
+        // An ipip VIP: encapsulated, or answered with "too big" (DF set / IPv6).
+        5 => {
+            let mut f = flow(v6);
+            f.protocol = if v6 { 17 } else { f.protocol };
+            f.dst = if v6 {
+                IpAddr::V6(VIP6_IPIP)
+            } else {
+                IpAddr::V4(VIP_IPIP)
+            };
+            f.frag_off = IP_DF;
+            if rng.chance(30) {
+                let n = 1440 + rng.below(80);
+                f.payload = rng.bytes(n);
+            }
+            Case {
+                frame: f.bytes(),
+                must_forward: true,
+            }
+        }
+        // No live backend, or outside the source ranges: dropped.
+        6 => {
+            let mut f = flow(false);
+            if udp {
+                f.dport = RANGED_PORT;
+            } else {
+                f.dst = IpAddr::V4(VIP_EMPTY);
+            }
+            Case {
+                frame: f.bytes(),
+                must_forward: false,
+            }
+        }
+        // Echo request to a VIP address (or another address).
+        7 => {
+            let mut f = Frame::icmp(if v6 { 128 } else { 8 }, 0, [0, 1, 0, 2], &payload);
+            if v6 {
+                f = f.v6();
+            }
+            let to_vip = rng.chance(80);
+            if !to_vip {
+                f.dst = if v6 {
+                    IpAddr::V6(CLIENT6)
+                } else {
+                    IpAddr::V4(CLIENT)
+                };
+            }
+            Case {
+                frame: f.bytes(),
+                must_forward: to_vip,
+            }
+        }
+        // ICMP error quoting a VIP flow's reply (or garbage).
+        8 => {
+            let mut quoted = flow(v6);
+            std::mem::swap(&mut quoted.src, &mut quoted.dst);
+            quoted.dport = quoted.sport;
+            quoted.sport = 80;
+            let whole = quoted.ip_packet();
+            let keep = if v6 { 48 } else { 28 } + rng.below(40);
+            let mut quote: Vec<u8> = whole.into_iter().take(keep).collect();
+            let garbage = rng.chance(30);
+            if garbage {
+                let n = rng.below(64);
+                quote = rng.bytes(n);
+            }
+            let (kind, code) = if v6 {
+                rng.pick(&[(1, 0), (2, 0), (3, 0)])
+            } else {
+                rng.pick(&[(3, 4), (3, 1), (11, 0)])
+            };
+            let mut f = Frame::icmp(kind, code, [0, 0, 0x05, 0x78], &quote);
+            if v6 {
+                f = f.v6();
+            }
+            Case {
+                frame: f.bytes(),
+                must_forward: !garbage,
+            }
+        }
+        // IPv6 extension header chains, up to past the walked bound.
+        9 => {
+            let mut f = flow(true);
+            for _ in 0..rng.below(9) {
+                let kind = rng.pick(&EXT_KINDS);
+                let body = if kind == 44 {
+                    let frag: u16 = rng.pick(&[0, 1, 8, 9, 0xfff8]);
+                    let mut b = frag.to_be_bytes().to_vec();
+                    b.extend_from_slice(&rng.next_u64().to_be_bytes()[..4]);
+                    b
+                } else {
+                    vec![0; 6 + 8 * rng.below(3)]
+                };
+                f.ext_headers.push((kind, body));
+            }
+            Case {
+                frame: f.bytes(),
+                must_forward: false,
+            }
+        }
+        // Fragments, first or later.
+        10 => {
+            let mut f = flow(v6);
+            if v6 {
+                let frag: u16 = rng.pick(&[1, 8, 9, 0x100]);
+                let mut b = frag.to_be_bytes().to_vec();
+                b.extend_from_slice(&[0, 0, 0, 7]);
+                f.ext_headers.push((44, b));
+            } else {
+                f.frag_off = rng.pick(&[0x2000, 0x0001, 0x2010, 0x1fff]);
+            }
+            Case {
+                frame: f.bytes(),
+                must_forward: false,
+            }
+        }
+        // Encapsulated packets (IPIP / IP6IP6 / mixed) arriving at the balancer.
+        11 => {
+            let inner = flow(rng.chance(50)).ip_packet();
+            let mut f = flow(v6);
+            f.protocol = if inner[0] >> 4 == 4 { 4 } else { 41 };
+            f.raw_l4 = Some(inner);
+            Case {
+                frame: f.bytes(),
+                must_forward: false,
+            }
+        }
+        // IPv4 with options.
+        12 => {
+            let mut f = flow(false);
+            f.ip_options = vec![1; 4 * (1 + rng.below(10))];
+            Case {
+                frame: f.bytes(),
+                must_forward: true,
+            }
+        }
+        // Not IP, or noise.
+        _ => {
+            let mut frame = Vec::new();
+            frame.extend_from_slice(&LB_MAC);
+            frame.extend_from_slice(&CLIENT_MAC);
+            let ethertype: [u8; 2] =
+                rng.pick(&[[0x08, 0x06], [0x08, 0x00], [0x86, 0xdd], [0x81, 0x00]]);
+            frame.extend_from_slice(&ethertype);
+            let n = rng.below(200);
+            frame.extend(rng.bytes(n));
+            Case {
+                frame,
+                must_forward: false,
+            }
+        }
+    }
+}
+
+/// A frame to test: a valid one, then (mostly) mutated.
+pub fn generate(rng: &mut Rng) -> Case {
+    let mut case = base(rng);
+    if rng.chance(35) {
+        return case;
+    }
+    case.must_forward = false;
+    let f = &mut case.frame;
+    for _ in 0..1 + rng.below(3) {
+        let len = f.len();
+        match rng.below(9) {
+            // Cut anywhere (the kernel needs an Ethernet header for a test run).
+            0 => f.truncate(14 + rng.below(len.saturating_sub(13).max(1))),
+            // Flip bytes, mostly in the headers.
+            1 | 2 => {
+                for _ in 0..1 + rng.below(4) {
+                    let at = if rng.chance(80) {
+                        rng.below(len.min(100))
+                    } else {
+                        rng.below(len)
+                    };
+                    f[at] ^= 1 << rng.below(8);
+                }
+            }
+            3 => {
+                let at = rng.below(len.min(100));
+                f[at] = rng.byte();
+            }
+            // IPv4 total length / header length, IPv6 payload length.
+            4 if len >= 18 => {
+                let random = rng.next_u64() as u16;
+                let v = rng.pick(&[0u16, 1, 19, 20, 21, 40, 0xffff, random]);
+                let v = if rng.chance(50) {
+                    v
+                } else {
+                    (len as u16).wrapping_sub(14 + rng.below(8) as u16)
+                };
+                f[16..18].copy_from_slice(&v.to_be_bytes());
+            }
+            5 if len >= 20 => {
+                f[14] = (f[14] & 0xf0) | rng.below(16) as u8;
+                let v = (f[19] as u16) | ((rng.below(2) as u16) << 8);
+                f[18] = (v >> 8) as u8;
+            }
+            // L4 length fields where an option-less IPv4 or IPv6 header would put them:
+            // UDP length, TCP data offset.
+            6 => {
+                for at in [14 + 20 + 4, 14 + 40 + 4, 14 + 20 + 12, 14 + 40 + 12] {
+                    if at + 1 < len && rng.chance(50) {
+                        f[at] = rng.byte();
+                    }
+                }
+            }
+            // Ethernet padding after the IP packet, or garbage after the headers.
+            7 => {
+                let n = 1 + rng.below(64);
+                f.extend(rng.bytes(n));
+            }
+            _ => {
+                let start = rng.below(len);
+                for b in &mut f[start..] {
+                    if rng.chance(10) {
+                        *b = rng.byte();
+                    }
+                }
+            }
+        }
+        if f.len() < 14 {
+            f.resize(14, 0);
+        }
+    }
+    case
+}
+
+/// The IP layer of a frame as the RFCs read it.
+#[derive(Clone, Copy, Debug)]
+struct RefL3 {
+    v6: bool,
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    /// Frame offsets of the L4 header and of the IP packet's end.
+    l4: usize,
+    end: usize,
+    /// Some fragment (first with more to come, or a later one); an IPv6 "atomic" fragment
+    /// (offset 0, no more) is not one.
+    fragment: bool,
+    /// The L4 header's start is known (not a later fragment, not beyond the walked chain).
+    has_l4: bool,
+}
+
+fn be16(f: &[u8], at: usize) -> usize {
+    u16::from_be_bytes([f[at], f[at + 1]]) as usize
+}
+
+fn v6_at(f: &[u8], at: usize) -> IpAddr {
+    let octets: [u8; 16] = f[at..at + 16].try_into().expect("16 bytes");
+    IpAddr::V6(Ipv6Addr::from(octets))
+}
+
+fn v4_at(f: &[u8], at: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(f[at], f[at + 1], f[at + 2], f[at + 3]))
+}
+
+/// IPv6 extension headers a balancer walks before it gives up (its documented bound).
+const WALKED_EXT_HEADERS: usize = 6;
+
+fn ref_l3(f: &[u8]) -> Option<RefL3> {
+    if f.len() < 14 {
+        return None;
+    }
+    match be16(f, 12) {
+        0x0800 => {
+            if f.len() < 34 || f[14] >> 4 != 4 {
+                return None;
+            }
+            let ihl = usize::from(f[14] & 0xf) * 4;
+            let tot = be16(f, 16);
+            if ihl < 20 || tot < ihl || 14 + tot > f.len() {
+                return None;
+            }
+            let frag = be16(f, 20);
+            Some(RefL3 {
+                v6: false,
+                src: v4_at(f, 26),
+                dst: v4_at(f, 30),
+                proto: f[23],
+                l4: 14 + ihl,
+                end: 14 + tot,
+                fragment: frag & 0x3fff != 0,
+                has_l4: frag & 0x1fff == 0,
+            })
+        }
+        0x86dd => {
+            if f.len() < 54 || f[14] >> 4 != 6 {
+                return None;
+            }
+            let end = 54 + be16(f, 18);
+            if end > f.len() {
+                return None;
+            }
+            let mut l3 = RefL3 {
+                v6: true,
+                src: v6_at(f, 22),
+                dst: v6_at(f, 38),
+                proto: f[20],
+                l4: 54,
+                end,
+                fragment: false,
+                has_l4: true,
+            };
+            for _ in 0..WALKED_EXT_HEADERS {
+                if !EXT_KINDS.contains(&l3.proto) {
+                    return (l3.l4 <= end).then_some(l3);
+                }
+                if l3.l4 + 4 > f.len() {
+                    return None;
+                }
+                let (next, len_byte) = (f[l3.l4], f[l3.l4 + 1]);
+                let len = match l3.proto {
+                    44 => {
+                        let frag = be16(f, l3.l4 + 2);
+                        if frag & !7 != 0 {
+                            l3.fragment = true;
+                            l3.has_l4 = false;
+                            return Some(l3);
+                        }
+                        l3.fragment |= frag & 1 != 0;
+                        8
+                    }
+                    51 => (usize::from(len_byte) + 2) * 4,
+                    _ => (usize::from(len_byte) + 1) * 8,
+                };
+                l3.proto = next;
+                l3.l4 += len;
+                if l3.l4 > end {
+                    return None;
+                }
+            }
+            l3.has_l4 = !EXT_KINDS.contains(&l3.proto);
+            Some(l3)
+        }
+        _ => None,
+    }
+}
+
+/// A TCP or UDP packet whose whole L4 header lies inside its (unfragmented) IP packet:
+/// (client, client port, destination, destination port, protocol).
+fn ref_flow(f: &[u8]) -> Option<(IpAddr, u16, IpAddr, u16, u8)> {
+    let l3 = ref_l3(f)?;
+    if !l3.has_l4 || l3.fragment || !matches!(l3.proto, 6 | 17) {
+        return None;
+    }
+    let l4_len = l3.end - l3.l4;
+    let ok = if l3.proto == 6 {
+        l4_len >= 20 && (20..=l4_len).contains(&(usize::from(f[l3.l4 + 12] >> 4) * 4))
+    } else {
+        l4_len >= 8 && (8..=l4_len).contains(&be16(f, l3.l4 + 4))
+    };
+    ok.then(|| {
+        (
+            l3.src,
+            be16(f, l3.l4) as u16,
+            l3.dst,
+            be16(f, l3.l4 + 2) as u16,
+            l3.proto,
+        )
+    })
+}
+
+/// An ICMP error whose quote holds an IP header and the ports of a TCP or UDP packet, all
+/// inside the error's own IP packet: the quoted (source, source port, protocol), which is the
+/// VIP end of the flow.
+fn ref_icmp_error(f: &[u8]) -> Option<(IpAddr, u16, u8)> {
+    let l3 = ref_l3(f)?;
+    let icmp = if l3.v6 { 58 } else { 1 };
+    if !l3.has_l4 || l3.fragment || l3.proto != icmp || l3.l4 + 8 > l3.end {
+        return None;
+    }
+    let errors: &[u8] = if l3.v6 { &[1, 2, 3] } else { &[3, 11] };
+    if !errors.contains(&f[l3.l4]) {
+        return None;
+    }
+    let q = l3.l4 + 8;
+    let (src, proto, ports) = if l3.v6 {
+        if q + 40 > l3.end || f[q] >> 4 != 6 {
+            return None;
+        }
+        (v6_at(f, q + 8), f[q + 6], q + 40)
+    } else {
+        if q + 20 > l3.end || f[q] >> 4 != 4 || f[q] & 0xf < 5 {
+            return None;
+        }
+        (v4_at(f, q + 12), f[q + 9], q + usize::from(f[q] & 0xf) * 4)
+    };
+    (matches!(proto, 6 | 17) && ports + 4 <= l3.end).then(|| (src, be16(f, ports) as u16, proto))
+}
+
+/// Why an output broke an invariant, or `Ok`.
+pub fn check(world: &World, case: &Case, verdict: u32, out: &[u8]) -> Result<(), String> {
+    let input = &case.frame;
+    let flow = ref_flow(input);
+    let flow_vip = flow.and_then(|(_, _, dst, dport, proto)| world.vip(dst, dport, proto));
+    if flow_vip.is_some() && verdict == XDP_PASS {
+        return Err("a TCP/UDP packet for a VIP was passed to the kernel".into());
+    }
+    if case.must_forward && verdict != XDP_TX {
+        return Err(format!(
+            "a valid packet for a live VIP got verdict {verdict}, not XDP_TX"
+        ));
+    }
+    match verdict {
+        XDP_PASS if out == input.as_slice() => Ok(()),
+        XDP_PASS => Err("passed, but the frame was modified".into()),
+        XDP_DROP => Ok(()),
+        XDP_TX => check_tx(world, input, out, flow_vip),
+        other => Err(format!(
+            "verdict {other} is not one the program may return here"
+        )),
+    }
+}
+
+fn check_tx(world: &World, input: &[u8], out: &[u8], flow_vip: Option<&Vip>) -> Result<(), String> {
+    // The VIP the packet is about: its own destination, or the flow an ICMP error quotes.
+    let vip = flow_vip.or_else(|| {
+        ref_icmp_error(input).and_then(|(src, sport, proto)| world.vip(src, sport, proto))
+    });
+    let backend_macs: BTreeSet<[u8; 6]> = (0..3).map(backend_mac).collect();
+    if out.len() == input.len() && out[12..] == input[12..] {
+        // L2 direct server return: only the MACs may change.
+        return match vip {
+            Some(v) if v.mode == ForwardingMode::L2 => {
+                if !backend_macs.contains(&out[..6]) || out[6..12] != LB_MAC {
+                    Err("L2 rewrite to a MAC that is no backend's".into())
+                } else {
+                    Ok(())
+                }
+            }
+            Some(_) => Err("an ipip VIP's packet was sent by MAC rewrite".into()),
+            None => Err("sent by MAC rewrite, but no complete TCP/UDP header for a VIP key".into()),
+        };
+    }
+    if let Some(result) = check_encapsulated(world, input, out, vip) {
+        return result;
+    }
+    if let Some(result) = check_echo_reply(world, input, out) {
+        return result;
+    }
+    check_too_big(input, out, vip)
+}
+
+/// `Some` when `out` is `input` behind an outer header.
+fn check_encapsulated(
+    world: &World,
+    input: &[u8],
+    out: &[u8],
+    vip: Option<&Vip>,
+) -> Option<Result<(), String>> {
+    let overhead = out.len().checked_sub(input.len())?;
+    if !matches!(overhead, 20 | 40) || out[14 + overhead..] != input[14..] {
+        return None;
+    }
+    let Some(vip) = vip.filter(|v| v.mode == ForwardingMode::Ipip) else {
+        return Some(Err("encapsulated, but not a packet of an ipip VIP".into()));
+    };
+    let l3 = ref_l3(input)?;
+    let inner_len = l3.end - 14;
+    let inner_proto = if l3.v6 { 41 } else { 4 };
+    let outer = &out[14..14 + overhead];
+    let (ok, dst) = if overhead == 20 {
+        (
+            out[12..14] == [0x08, 0x00]
+                && outer[0] == 0x45
+                && be16(outer, 2) == 20 + inner_len
+                && outer[9] == inner_proto
+                && checksum_ok(outer, 0),
+            v4_at(outer, 16),
+        )
+    } else {
+        (
+            out[12..14] == [0x86, 0xdd]
+                && outer[0] >> 4 == 6
+                && be16(outer, 4) == inner_len
+                && outer[6] == inner_proto,
+            v6_at(outer, 24),
+        )
+    };
+    Some(if !ok {
+        Err("outer header inconsistent (type, length, protocol or checksum)".into())
+    } else if !world.node_addrs.contains(&dst) || !vip.backends.iter().any(|b| b.addr == dst) {
+        Err(format!("encapsulated to {dst}, not one of the VIP's nodes"))
+    } else if out[6..12] != LB_MAC {
+        Err("encapsulated with another source MAC than ours".into())
+    } else {
+        Ok(())
+    })
+}
+
+/// `Some` when `input` is an echo request: `out` must be its reply, checksums as valid as
+/// the request's were.
+fn check_echo_reply(world: &World, input: &[u8], out: &[u8]) -> Option<Result<(), String>> {
+    let l3 = ref_l3(input)?;
+    let (icmp, request, reply) = if l3.v6 { (58, 128, 129) } else { (1, 8, 0) };
+    if l3.proto != icmp || !l3.has_l4 || l3.l4 + 8 > l3.end || input[l3.l4] != request {
+        return None;
+    }
+    if !world.vip_addrs.contains(&l3.dst) {
+        return Some(Err("answered an echo request that was not for a VIP".into()));
+    }
+    let mut expected = input.to_vec();
+    expected[..6].copy_from_slice(&input[6..12]);
+    expected[6..12].copy_from_slice(&input[..6]);
+    let (src_at, n, ttl_at) = if l3.v6 { (22, 16, 21) } else { (26, 4, 22) };
+    expected[src_at..src_at + n].copy_from_slice(&input[src_at + n..src_at + 2 * n]);
+    expected[src_at + n..src_at + 2 * n].copy_from_slice(&input[src_at..src_at + n]);
+    expected[ttl_at] = 64;
+    expected[l3.l4] = reply;
+    let mut masked_out = out.to_vec();
+    for at in [24, 25, l3.l4 + 2, l3.l4 + 3] {
+        if !l3.v6 || at > 25 {
+            expected[at] = 0;
+            masked_out[at] = 0;
+        }
+    }
+    if masked_out != expected {
+        return Some(Err(
+            "echo reply differs from the request beyond the reply's fields".into(),
+        ));
+    }
+    let pseudo = |f: &[u8]| {
+        let v6 = |at| Ipv6Addr::from(<[u8; 16]>::try_from(&f[at..at + 16]).expect("16 bytes"));
+        if l3.v6 {
+            pseudo_sum_v6(v6(22), v6(38), l3.end - l3.l4, 58)
+        } else {
+            0
+        }
+    };
+    let sums = |f: &[u8]| {
+        (
+            l3.v6 || checksum_ok(&f[14..l3.l4], 0),
+            checksum_ok(&f[l3.l4..l3.end], pseudo(f)),
+        )
+    };
+    Some(if sums(input) == sums(out) {
+        Ok(())
+    } else {
+        Err("echo reply checksums do not verify as the request's did".into())
+    })
+}
+
+/// The last kind of XDP_TX: an ICMP "too big" from the VIP to the client.
+fn check_too_big(input: &[u8], out: &[u8], vip: Option<&Vip>) -> Result<(), String> {
+    let Some(vip) = vip.filter(|v| v.mode == ForwardingMode::Ipip) else {
+        return Err("sent something that is no rewrite, encapsulation or ICMP answer".into());
+    };
+    let l3 = ref_l3(input).ok_or("too big answer to a frame without an IP layer")?;
+    if out[..6] != input[6..12] || out[6..12] != input[..6] {
+        return Err("ICMP answer not sent back to the sender's MAC".into());
+    }
+    let overhead = if vip.backends[0].addr.is_ipv4() {
+        20
+    } else {
+        40
+    };
+    if l3.end - 14 + overhead <= FIXTURE_MTU as usize {
+        return Err("answered too big for a packet that fits".into());
+    }
+    let reply = ref_l3(out).ok_or("ICMP answer has no valid IP header")?;
+    let valid = if reply.v6 {
+        let (IpAddr::V6(s), IpAddr::V6(d)) = (reply.src, reply.dst) else {
+            unreachable!("v6 addresses")
+        };
+        reply.proto == 58
+            && out[reply.l4] == 2
+            && checksum_ok(
+                &out[reply.l4..reply.end],
+                pseudo_sum_v6(s, d, reply.end - reply.l4, 58),
+            )
+    } else {
+        reply.proto == 1
+            && out[reply.l4..reply.l4 + 2] == [3, 4]
+            && checksum_ok(&out[14..reply.l4], 0)
+            && checksum_ok(&out[reply.l4..reply.end], 0)
+    };
+    if !valid || reply.end != out.len() {
+        return Err("ICMP too big answer does not parse or its checksums fail".into());
+    }
+    if reply.src != l3.dst || reply.dst != l3.src {
+        return Err("ICMP too big answer not from the VIP to the client".into());
+    }
+    let quote = &out[reply.l4 + 8..];
+    if input[14..14 + quote.len()] != *quote {
+        return Err("ICMP too big answer does not quote the packet".into());
+    }
+    Ok(())
+}
+
+/// Hex of a frame, for a failure message that reproduces it.
+pub fn hex(frame: &[u8]) -> String {
+    frame.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
