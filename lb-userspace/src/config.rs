@@ -123,10 +123,26 @@ impl fmt::Display for ConfigError {
         }
         f.write_str(": ")?;
         if !self.field.is_empty() {
-            write!(f, "{}: ", self.field)?;
+            one_line(f, &self.field)?;
+            f.write_str(": ")?;
         }
-        write!(f, "{}; {}", self.problem, self.hint)
+        one_line(f, &self.problem)?;
+        f.write_str("; ")?;
+        one_line(f, &self.hint)
     }
+}
+
+/// Writes `text` with control characters escaped: a key or value quoted from the file (a
+/// flow-mapping key may span lines) must not break the message's one line.
+fn one_line(f: &mut fmt::Formatter<'_>, text: &str) -> fmt::Result {
+    for c in text.chars() {
+        if c.is_control() {
+            write!(f, "{}", c.escape_default())?;
+        } else {
+            fmt::Write::write_char(f, c)?;
+        }
+    }
+    Ok(())
 }
 
 impl std::error::Error for ConfigError {}
@@ -920,6 +936,19 @@ mod tests {
         };
         assert!(message.starts_with(&prefix), "{message}");
         assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+        assert!(!message.contains('\n'), "{message}");
+    }
+
+    #[test]
+    fn a_key_spanning_lines_stays_on_the_message_line() {
+        // Found by tests/tests/config_fuzz.rs: a flow-mapping key may hold a line break.
+        let message = parse("{\nbad\n\nkey: 1}\n", "lab.yaml")
+            .expect_err("unknown key")
+            .to_string();
+        assert!(
+            message.starts_with("lab.yaml:2: bad\\nkey: unknown key"),
+            "{message}"
+        );
         assert!(!message.contains('\n'), "{message}");
     }
 
