@@ -76,34 +76,34 @@ fn sum(maps_values: aya::maps::PerCpuValues<Counters>) -> Counters {
 }
 
 #[derive(Serialize)]
-struct BackendRow {
-    vip: String,
-    address: String,
+pub(crate) struct BackendRow {
+    pub(crate) vip: String,
+    pub(crate) address: String,
     slot: u32,
-    state: &'static str,
+    pub(crate) state: &'static str,
     weight: u32,
     mode: &'static str,
     mac: String,
     ifindex: u32,
-    packets: u64,
-    bytes: u64,
+    pub(crate) packets: u64,
+    pub(crate) bytes: u64,
 }
 
 #[derive(Serialize)]
-struct VipRow {
-    vip: String,
+pub(crate) struct VipRow {
+    pub(crate) vip: String,
     id: u32,
-    live_backends: u32,
+    pub(crate) live_backends: u32,
     backends: usize,
     table_size: u32,
     /// "affinity", "source_ranges": the options the program acts on.
     options: Vec<&'static str>,
-    packets: u64,
-    bytes: u64,
+    pub(crate) packets: u64,
+    pub(crate) bytes: u64,
 }
 
-/// VIP rows and, per VIP, its backend rows, in VIP order.
-fn collect(maps: &Maps) -> anyhow::Result<Vec<(VipRow, Vec<BackendRow>)>> {
+/// VIP rows and, per VIP, its backend rows, in VIP order (also what `/metrics` exports).
+pub(crate) fn collect(maps: &Maps) -> anyhow::Result<Vec<(VipRow, Vec<BackendRow>)>> {
     let current = Current::read(maps)?;
     let mut by_vip: BTreeMap<u32, Vec<BackendRow>> = BTreeMap::new();
     for (slot, value) in &current.slots {
@@ -224,17 +224,25 @@ pub fn backends(maps: &Maps) -> anyhow::Result<View> {
     })
 }
 
+/// Every global counter, summed over CPUs.
+pub(crate) fn global_counters(maps: &Maps) -> anyhow::Result<Vec<(GlobalCounter, u64)>> {
+    GlobalCounter::ALL
+        .into_iter()
+        .map(|counter| {
+            let values = maps
+                .global_stats
+                .get(&(counter as u32), 0)
+                .context("reading GLOBAL_STATS")?;
+            Ok((counter, values.iter().sum()))
+        })
+        .collect()
+}
+
 pub fn stats(maps: &Maps) -> anyhow::Result<View> {
     let mut global = serde_json::Map::new();
     let mut table = String::new();
     let mut global_rows = Vec::new();
-    for counter in GlobalCounter::ALL {
-        let v: u64 = maps
-            .global_stats
-            .get(&(counter as u32), 0)
-            .context("reading GLOBAL_STATS")?
-            .iter()
-            .sum();
+    for (counter, v) in global_counters(maps)? {
         global.insert(counter.name().to_owned(), json!(v));
         global_rows.push(vec![counter.name().to_owned(), v.to_string()]);
     }

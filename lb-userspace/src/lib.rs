@@ -7,6 +7,7 @@ pub mod dataplane;
 pub mod decap;
 pub mod inspect;
 pub mod maglev;
+pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod reconcile;

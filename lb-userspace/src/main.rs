@@ -1,6 +1,7 @@
 //! `sluice`: attach the XDP load balancer with a static config, and inspect its maps.
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::ExitCode,
     thread,
@@ -14,6 +15,7 @@ use lb_userspace::{
     dataplane::{self, DEFAULT_PIN_ROOT, DecapMaps, Maps, PASS_PROGRAM, PinLayout},
     decap,
     inspect::{self, Format},
+    metrics::{self, ControlMetrics},
     model::{Desired, IpNet, VipAddr},
     net::Interface,
     reconcile,
@@ -49,7 +51,13 @@ struct AttachArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Attach to an interface and balance until SIGINT/SIGTERM; SIGHUP re-reads the config.
-    Run(AttachArgs),
+    Run {
+        #[command(flatten)]
+        attach: AttachArgs,
+        /// Where to serve Prometheus metrics (`/metrics`); loopback unless told otherwise.
+        #[arg(long, default_value = metrics::DEFAULT_METRICS_ADDR)]
+        metrics_addr: SocketAddr,
+    },
     /// Attach persistently (pinned link and maps) and exit; the program keeps forwarding.
     /// Run it again with a changed config to apply the difference.
     Attach(AttachArgs),
@@ -141,7 +149,10 @@ fn main() -> ExitCode {
 
 fn execute(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run(a) => run(&cli.pin_dir, &a.config, &a.iface, a.generic),
+        Command::Run {
+            attach: a,
+            metrics_addr,
+        } => run(&cli.pin_dir, &a, metrics_addr),
         Command::Attach(a) => attach(&cli.pin_dir, &a.config, &a.iface, a.generic),
         Command::Detach { iface } => {
             require_root()?;
@@ -235,8 +246,9 @@ const NEXT_HOP_REFRESH: Duration = Duration::from_secs(30);
 /// How often `run` looks at pending signals.
 const SIGNAL_POLL: Duration = Duration::from_millis(100);
 
-fn run(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> anyhow::Result<()> {
-    let (desired, iface) = prepare(config, iface_name)?;
+fn run(pin_root: &Path, args: &AttachArgs, metrics_addr: SocketAddr) -> anyhow::Result<()> {
+    let (config, generic) = (args.config.as_path(), args.generic);
+    let (desired, iface) = prepare(config, &args.iface)?;
     let pins = PinLayout::new(pin_root, &iface.name);
     if pins.has_link() {
         bail!(
@@ -247,8 +259,16 @@ fn run(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> anyho
     // Signals are caught before anything is attached, so no signal can leave state behind.
     let mut signals =
         Signals::new([SIGHUP, SIGINT, SIGTERM]).context("installing signal handlers")?;
+    let control = ControlMetrics::default();
+    let metrics = metrics::serve(metrics_addr, &pins, control.clone())?;
     let (mut ebpf, mut maps) = load_fresh(&pins, &desired)?;
-    let summary = reconcile::reconcile(&mut maps, &iface, &desired)?;
+    let reconcile = |maps: &mut Maps, desired: &Desired| {
+        let started = Instant::now();
+        let result = reconcile::reconcile(maps, &iface, desired);
+        control.record(started, &result);
+        result
+    };
+    let summary = reconcile(&mut maps, &desired)?;
     info!("{}: {summary}", config.display());
     let link = dataplane::attach(&mut ebpf, lb_common::BALANCER_PROGRAM, &iface, generic)?;
     info!(
@@ -277,7 +297,7 @@ fn run(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> anyho
                         );
                         flow_table_size = new.settings.flow_table_size;
                     }
-                    match reconcile::reconcile(&mut maps, &iface, &new) {
+                    match reconcile(&mut maps, &new) {
                         Ok(s) => info!("reloaded {}: {s}", config.display()),
                         Err(e) => error!("reload of {} failed: {e:#}", config.display()),
                     }
@@ -289,7 +309,7 @@ fn run(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> anyho
         // again now and then; only what changed is written.
         if refreshed.elapsed() >= NEXT_HOP_REFRESH {
             refreshed = Instant::now();
-            match reconcile::reconcile(&mut maps, &iface, &running) {
+            match reconcile(&mut maps, &running) {
                 Ok(s) if !s.is_empty() => info!("next hops refreshed: {s}"),
                 Ok(_) => {}
                 Err(e) => warn!("refreshing next hops failed (keeping the old ones): {e:#}"),
@@ -297,6 +317,7 @@ fn run(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> anyho
         }
         thread::sleep(SIGNAL_POLL);
     }
+    drop(metrics);
     drop(link);
     drop(maps);
     drop(ebpf);

@@ -799,6 +799,29 @@ http {{
             .context("`sluice inspect stats -o json` did not print JSON")
     }
 
+    /// Scrapes `sluice run`'s `/metrics` at `addr` from inside the lb namespace (where it
+    /// listens, on loopback by default): every sample, `name{labels}` -> value.
+    pub fn metrics(&self, addr: &str) -> Result<std::collections::BTreeMap<String, f64>> {
+        let url = format!("http://{addr}/metrics");
+        let out = self.exec_ok(
+            &self.lb,
+            &["curl", "-sS", "--max-time", "10", "--fail", &url],
+        )?;
+        let text = String::from_utf8(out.stdout).context("/metrics is not UTF-8")?;
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (name, value) = l
+                    .rsplit_once(' ')
+                    .with_context(|| format!("/metrics: no value in {l:?}"))?;
+                let value = value
+                    .parse()
+                    .with_context(|| format!("/metrics: bad value in {l:?}"))?;
+                Ok((name.to_owned(), value))
+            })
+            .collect()
+    }
+
     /// Whether the lb's interface has an XDP program (from `ip -j link show`).
     pub fn xdp_attached(&self) -> Result<bool> {
         let out = self.ip(&self.lb, &["-j", "link", "show", "dev", NS_IFACE])?;

@@ -1,0 +1,303 @@
+//! Prometheus `/metrics`: the dataplane's counters, read from the pinned maps on each scrape,
+//! and the control plane's own figures (reconciles, their latency, Maglev rebuilds) that the
+//! process records. `sluice run` serves it; the Kubernetes agent can call [`serve`] the same
+//! way with its own [`ControlMetrics`].
+//!
+//! Label sets are bounded by the maps: `vip` by MAX_VIPS, `backend` by MAX_BACKENDS, `reason`
+//! by the global counters.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    thread::{self, JoinHandle},
+    time::Instant,
+};
+
+use anyhow::{Context as _, anyhow};
+use lb_common::GlobalCounter;
+use log::{info, warn};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+        info::Info,
+    },
+    registry::Registry,
+};
+
+use crate::{
+    dataplane::{Maps, PinLayout},
+    inspect,
+    reconcile::Summary,
+};
+
+/// Where `sluice run` serves `/metrics` unless told otherwise: loopback only.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
+
+/// Most connection-table entries counted per family and scrape: the walk is one syscall per
+/// entry, so a huge table is reported as "at least this many" instead of stalling the scrape.
+pub const FLOW_COUNT_LIMIT: usize = 1 << 20;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// The control plane's figures. Clones share their values.
+#[derive(Clone, Debug)]
+pub struct ControlMetrics {
+    reconciles: Family<Labels, Counter>,
+    maglev_rebuilds: Counter,
+    reconcile_seconds: Histogram,
+}
+
+impl Default for ControlMetrics {
+    fn default() -> Self {
+        Self {
+            reconciles: Family::default(),
+            maglev_rebuilds: Counter::default(),
+            // 100 µs to ~3 s: an unchanged config takes well under a millisecond, a table
+            // rebuild of a large VIP tens of milliseconds, a neighbour lookup up to seconds.
+            reconcile_seconds: Histogram::new(exponential_buckets(1e-4, 2.0, 16)),
+        }
+    }
+}
+
+impl ControlMetrics {
+    /// Records one reconcile that started at `started`.
+    pub fn record(&self, started: Instant, result: &anyhow::Result<Summary>) {
+        self.reconcile_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = match result {
+            Ok(summary) => {
+                self.maglev_rebuilds.inc_by(summary.tables_rebuilt as u64);
+                "ok"
+            }
+            Err(_) => "error",
+        };
+        self.reconciles
+            .get_or_create(&vec![("result", outcome.to_owned())])
+            .inc();
+    }
+}
+
+fn counter_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter> {
+    let family = Family::<Labels, Counter>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+fn gauge_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Gauge> {
+    let family = Family::<Labels, Gauge>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+/// Connection-table entries of one table, counted up to [`FLOW_COUNT_LIMIT`].
+fn count_entries<K: aya::Pod, V: aya::Pod>(
+    map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+) -> usize {
+    // Entries evicted while the walk runs show up as errors: skip them.
+    map.keys()
+        .filter(Result::is_ok)
+        .take(FLOW_COUNT_LIMIT)
+        .count()
+}
+
+/// The metrics text (OpenMetrics) for the maps as they are now.
+pub fn render(maps: &Maps, control: &ControlMetrics) -> anyhow::Result<String> {
+    let mut registry = Registry::with_prefix("sluice");
+    registry.register(
+        "build",
+        "sluice's version",
+        Info::new(vec![("version", env!("CARGO_PKG_VERSION").to_owned())]),
+    );
+
+    let drops = counter_family(
+        &mut registry,
+        "drops",
+        "Packets dropped by the XDP program, by reason",
+    );
+    let verdicts = counter_family(
+        &mut registry,
+        "packets",
+        "Packets seen by the XDP program, by what became of them (drops: sluice_drops_total)",
+    );
+    let lookups = counter_family(
+        &mut registry,
+        "flow_lookups",
+        "Connection-table lookups of VIP packets, by result (hit: established flow)",
+    );
+    let icmp = counter_family(
+        &mut registry,
+        "icmp",
+        "ICMP handled by the XDP program: echo replies and too-big answers sent, errors forwarded",
+    );
+    for (counter, value) in inspect::global_counters(maps)? {
+        let name = counter.name();
+        let (family, label, what) = match counter {
+            GlobalCounter::Passed | GlobalCounter::Tx | GlobalCounter::Redirected => {
+                (&verdicts, "verdict", name)
+            }
+            GlobalCounter::FlowHit | GlobalCounter::FlowMiss => {
+                (&lookups, "result", name.trim_start_matches("flow_"))
+            }
+            GlobalCounter::IcmpEchoReply
+            | GlobalCounter::IcmpTooBigSent
+            | GlobalCounter::IcmpErrorForwarded => {
+                (&icmp, "kind", name.trim_start_matches("icmp_"))
+            }
+            _ => (&drops, "reason", name.trim_start_matches("drop_")),
+        };
+        family
+            .get_or_create(&vec![(label, what.to_owned())])
+            .inc_by(value);
+    }
+
+    let vip_packets = counter_family(&mut registry, "vip_packets", "Packets for a VIP");
+    let vip_bytes = counter_family(&mut registry, "vip_bytes", "Bytes for a VIP");
+    let live = gauge_family(
+        &mut registry,
+        "vip_live_backends",
+        "Backends of a VIP that take new flows",
+    );
+    let backend_packets = counter_family(
+        &mut registry,
+        "backend_packets",
+        "Packets sent to a backend",
+    );
+    let backend_bytes = counter_family(&mut registry, "backend_bytes", "Bytes sent to a backend");
+    let draining = gauge_family(
+        &mut registry,
+        "backend_draining",
+        "1 if the backend keeps its established flows but takes no new ones",
+    );
+    for (vip, backends) in inspect::collect(maps)? {
+        let labels = vec![("vip", vip.vip.clone())];
+        vip_packets.get_or_create(&labels).inc_by(vip.packets);
+        vip_bytes.get_or_create(&labels).inc_by(vip.bytes);
+        live.get_or_create(&labels)
+            .set(i64::from(vip.live_backends));
+        for b in backends {
+            let labels = vec![("vip", b.vip), ("backend", b.address)];
+            backend_packets.get_or_create(&labels).inc_by(b.packets);
+            backend_bytes.get_or_create(&labels).inc_by(b.bytes);
+            draining
+                .get_or_create(&labels)
+                .set(i64::from(b.state == "draining"));
+        }
+    }
+
+    let flows = gauge_family(
+        &mut registry,
+        "flows",
+        "Connection-table entries, by family (counted up to 1048576 each)",
+    );
+    flows
+        .get_or_create(&vec![("family", "ipv4".to_owned())])
+        .set(count_entries(&maps.flows) as i64);
+    flows
+        .get_or_create(&vec![("family", "ipv6".to_owned())])
+        .set(count_entries(&maps.flows6) as i64);
+
+    registry.register(
+        "reconciles",
+        "Reconciles of the desired state into the maps, by result",
+        control.reconciles.clone(),
+    );
+    registry.register(
+        "maglev_rebuilds",
+        "Maglev tables built and swapped in",
+        control.maglev_rebuilds.clone(),
+    );
+    registry.register(
+        "reconcile_duration_seconds",
+        "How long a reconcile took",
+        control.reconcile_seconds.clone(),
+    );
+
+    let mut text = String::new();
+    encode(&mut text, &registry).map_err(|e| anyhow!("encoding metrics: {e}"))?;
+    Ok(text)
+}
+
+/// A running `/metrics` endpoint; stops when dropped.
+pub struct MetricsServer {
+    server: Arc<tiny_http::Server>,
+    thread: Option<JoinHandle<()>>,
+    addr: SocketAddr,
+}
+
+impl MetricsServer {
+    /// The address it listens on (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Serves `GET /metrics` on `addr` from the maps pinned at `pins`, on a thread of its own.
+/// Only binds here (so a taken address fails before anything is loaded); the maps are opened
+/// on each scrape, so they may be pinned after this returns, and replaced.
+pub fn serve(
+    addr: SocketAddr,
+    pins: &PinLayout,
+    control: ControlMetrics,
+) -> anyhow::Result<MetricsServer> {
+    let pins = pins.clone();
+    let scrape = move || {
+        let maps = Maps::from_pins(&pins)
+            .with_context(|| format!("opening the maps pinned in {}", pins.maps_dir().display()))?;
+        render(&maps, &control)
+    };
+    let server = tiny_http::Server::http(addr).map_err(|e| {
+        anyhow!("cannot serve metrics on {addr}: {e} (choose another --metrics-addr)")
+    })?;
+    let addr = server.server_addr().to_ip().unwrap_or(addr);
+    let server = Arc::new(server);
+    let content_type = tiny_http::Header::from_bytes(
+        &b"Content-Type"[..],
+        &b"application/openmetrics-text; version=1.0.0; charset=utf-8"[..],
+    )
+    .map_err(|()| anyhow!("invalid Content-Type header"))?;
+    let thread = {
+        let server = Arc::clone(&server);
+        thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                for request in server.incoming_requests() {
+                    let response = if request.url() == "/metrics" {
+                        match scrape() {
+                            Ok(text) => tiny_http::Response::from_string(text)
+                                .with_header(content_type.clone()),
+                            Err(e) => {
+                                warn!("metrics scrape failed: {e:#}");
+                                tiny_http::Response::from_string(format!("{e:#}\n"))
+                                    .with_status_code(500)
+                            }
+                        }
+                    } else {
+                        tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
+                    };
+                    if let Err(e) = request.respond(response) {
+                        warn!("answering a metrics scrape: {e}");
+                    }
+                }
+            })
+            .context("starting the metrics thread")?
+    };
+    info!("metrics on http://{addr}/metrics");
+    Ok(MetricsServer {
+        server,
+        thread: Some(thread),
+        addr,
+    })
+}

@@ -1,0 +1,160 @@
+//! What an operator watches, checked against real traffic in the L2 lab: `sluice run`'s
+//! Prometheus `/metrics` (scraped inside the lb namespace, where it listens on loopback) against
+//! `sluice inspect stats -o json`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+use sluice_tests::{BackendSpec, Lab, LabConfig, UDP_FIRST_PORT, require_root};
+
+const METRICS_ADDR: &str = "127.0.0.1:9477";
+
+fn build(backends: usize) -> Lab {
+    require_root();
+    Lab::build(LabConfig {
+        backends,
+        udp: true,
+    })
+    .expect("building the lab")
+}
+
+fn all_active(n: usize) -> Vec<BackendSpec> {
+    (0..n).map(BackendSpec::active).collect()
+}
+
+fn sample(m: &BTreeMap<String, f64>, key: &str) -> Result<u64> {
+    m.get(key)
+        .map(|v| *v as u64)
+        .with_context(|| format!("/metrics has no sample {key}"))
+}
+
+/// `low <= metric <= high`, where low and high are `inspect stats` before and after the scrape.
+fn between(what: &str, low: u64, metric: u64, high: u64) -> Result<()> {
+    ensure!(
+        low <= metric && metric <= high,
+        "{what}: /metrics says {metric}, inspect stats said {low} before and {high} after"
+    );
+    Ok(())
+}
+
+#[test]
+fn metrics_match_inspect_stats() -> Result<()> {
+    let lab = build(3);
+    let sluice = lab.run_sluice(&all_active(3), Duration::from_secs(60))?;
+    lab.curl_vip(200)?;
+    let answered = lab.udp_vip(60, UDP_FIRST_PORT)?;
+    ensure!(answered.iter().all(Option::is_some), "UDP requests lost");
+
+    // Only stray frames (ARP, neighbour discovery) can move between the three reads.
+    println!("/metrics after the traffic:");
+    let before = lab.stats()?;
+    let m = lab.metrics(METRICS_ADDR)?;
+    for (k, v) in &m {
+        println!("  {k} {v}");
+    }
+    let after = lab.stats()?;
+    let global = |s: &serde_json::Value, name: &str| s["global"][name].as_u64().unwrap_or(0);
+
+    for (verdict, name) in [
+        ("passed", "passed"),
+        ("tx", "tx"),
+        ("redirected", "redirected"),
+    ] {
+        let metric = sample(
+            &m,
+            &format!("sluice_packets_total{{verdict=\"{verdict}\"}}"),
+        )?;
+        between(name, global(&before, name), metric, global(&after, name))?;
+    }
+    ensure!(
+        global(&after, "tx") >= 200 * 3,
+        "too little traffic went through"
+    );
+    for (result, name) in [("hit", "flow_hit"), ("miss", "flow_miss")] {
+        let metric = sample(
+            &m,
+            &format!("sluice_flow_lookups_total{{result=\"{result}\"}}"),
+        )?;
+        between(name, global(&before, name), metric, global(&after, name))?;
+    }
+    for reason in [
+        "malformed",
+        "no_backend",
+        "fragment",
+        "source_range",
+        "too_big",
+    ] {
+        let name = format!("drop_{reason}");
+        let metric = sample(&m, &format!("sluice_drops_total{{reason=\"{reason}\"}}"))?;
+        between(&name, global(&before, &name), metric, global(&after, &name))?;
+    }
+
+    let vips = |s: &serde_json::Value| s["vips"].as_array().cloned().unwrap_or_default();
+    let mut backends_seen = 0;
+    for (vip_before, vip_after) in vips(&before).iter().zip(vips(&after)) {
+        let vip = vip_before["vip"].as_str().context("stats: vip name")?;
+        for what in ["packets", "bytes"] {
+            let metric = sample(&m, &format!("sluice_vip_{what}_total{{vip=\"{vip}\"}}"))?;
+            let (low, high) = (vip_before[what].as_u64(), vip_after[what].as_u64());
+            between(
+                &format!("{vip} {what}"),
+                low.unwrap_or(0),
+                metric,
+                high.unwrap_or(0),
+            )?;
+        }
+        let backends =
+            |v: &serde_json::Value| v["backends"].as_array().cloned().unwrap_or_default();
+        for (b_before, b_after) in backends(vip_before).iter().zip(backends(&vip_after)) {
+            let addr = b_before["address"]
+                .as_str()
+                .context("stats: backend address")?;
+            for what in ["packets", "bytes"] {
+                let key =
+                    format!("sluice_backend_{what}_total{{vip=\"{vip}\",backend=\"{addr}\"}}");
+                let metric = sample(&m, &key)?;
+                let (low, high) = (b_before[what].as_u64(), b_after[what].as_u64());
+                between(&key, low.unwrap_or(0), metric, high.unwrap_or(0))?;
+            }
+            backends_seen += 1;
+        }
+    }
+    ensure!(backends_seen >= 6, "only {backends_seen} backends compared");
+
+    // Connection-table entries: the TCP and UDP flows just made (nothing expires them).
+    let flows = lab.sluice_ok(&["inspect", "flows", "--limit", "0", "-o", "json"])?;
+    let flows: serde_json::Value = serde_json::from_slice(&flows.stdout)?;
+    let total = flows["total"].as_u64().context("flows: total")?;
+    let v4 = sample(&m, "sluice_flows{family=\"ipv4\"}")?;
+    ensure!(
+        v4 == total && v4 >= 260,
+        "flows: /metrics {v4}, inspect flows {total}"
+    );
+
+    // The control plane: one reconcile at start, the tables it built, build info.
+    ensure!(sample(&m, "sluice_reconciles_total{result=\"ok\"}")? >= 1);
+    ensure!(sample(&m, "sluice_reconcile_duration_seconds_count")? >= 1);
+    ensure!(
+        sample(&m, "sluice_maglev_rebuilds_total")? >= 2,
+        "one table per VIP"
+    );
+    let version = format!(
+        "sluice_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    ensure!(sample(&m, &version)? == 1, "build info");
+
+    // Every series the Grafana dashboard queries is one sluice exports.
+    let dashboard = include_str!("../../deploy/grafana-sluice.json");
+    for word in dashboard.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if word.starts_with("sluice_") {
+            ensure!(
+                m.keys().any(|k| k.starts_with(word)),
+                "deploy/grafana-sluice.json queries {word}, which /metrics does not export"
+            );
+        }
+    }
+    drop(sluice);
+    Ok(())
+}
