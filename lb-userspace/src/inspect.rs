@@ -302,6 +302,81 @@ pub fn stats(maps: &Maps) -> anyhow::Result<View> {
     })
 }
 
+/// Rates between two `stats` views taken `secs` apart: per-VIP and per-backend packets and
+/// bytes per second, and every global counter per second (`sluice inspect stats --watch`).
+pub fn stats_rates(before: &Value, after: &Value, secs: f64) -> View {
+    let rate = |a: &Value, b: &Value| {
+        let (a, b) = (a.as_u64().unwrap_or(0), b.as_u64().unwrap_or(0));
+        b.saturating_sub(a) as f64 / secs.max(1e-3)
+    };
+    let mut global = serde_json::Map::new();
+    let mut global_rows = Vec::new();
+    if let Some(counters) = after["global"].as_object() {
+        for (name, value) in counters {
+            let r = rate(&before["global"][name], value);
+            global.insert(name.clone(), json!(r));
+            global_rows.push(vec![name.clone(), format!("{r:.1}")]);
+        }
+    }
+    let empty = Vec::new();
+    let find = |list: &Value, field: &str, name: &Value| -> Value {
+        list.as_array()
+            .and_then(|l| l.iter().find(|e| e[field] == *name))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    let mut vips = Vec::new();
+    let mut lines = Vec::new();
+    for vip in after["vips"].as_array().unwrap_or(&empty) {
+        let old = find(&before["vips"], "vip", &vip["vip"]);
+        let (pps, bps) = (
+            rate(&old["packets"], &vip["packets"]),
+            rate(&old["bytes"], &vip["bytes"]),
+        );
+        let name = vip["vip"].as_str().unwrap_or_default().to_owned();
+        lines.push(vec![
+            name.clone(),
+            "(all)".into(),
+            String::new(),
+            format!("{pps:.1}"),
+            format!("{:.0}", bps * 8.0),
+        ]);
+        let mut backends = Vec::new();
+        for b in vip["backends"].as_array().unwrap_or(&empty) {
+            let old_b = find(&old["backends"], "address", &b["address"]);
+            let (pps, bps) = (
+                rate(&old_b["packets"], &b["packets"]),
+                rate(&old_b["bytes"], &b["bytes"]),
+            );
+            lines.push(vec![
+                String::new(),
+                b["address"].as_str().unwrap_or_default().to_owned(),
+                b["state"].as_str().unwrap_or_default().to_owned(),
+                format!("{pps:.1}"),
+                format!("{:.0}", bps * 8.0),
+            ]);
+            backends.push(json!({
+                "address": b["address"], "state": b["state"],
+                "packets_per_second": pps, "bytes_per_second": bps,
+            }));
+        }
+        vips.push(json!({
+            "vip": name, "packets_per_second": pps, "bytes_per_second": bps,
+            "backends": backends,
+        }));
+    }
+    let mut table = render_table(&["COUNTER", "PER SECOND"], global_rows.into_iter());
+    table.push('\n');
+    table.push_str(&render_table(
+        &["VIP", "BACKEND", "STATE", "PACKETS/S", "BITS/S"],
+        lines.into_iter(),
+    ));
+    View {
+        json: json!({ "interval_seconds": secs, "global": global, "vips": vips }),
+        table,
+    }
+}
+
 /// How a VIP's Maglev table divides its slots among the backends.
 pub fn maglev(maps: &Maps, vip: &VipAddr) -> anyhow::Result<View> {
     let info = maps
@@ -345,17 +420,47 @@ pub fn maglev(maps: &Maps, vip: &VipAddr) -> anyhow::Result<View> {
     })
 }
 
-/// Connection-table entries, at most `limit` of them (the table can hold millions).
-pub fn flows(maps: &Maps, limit: usize) -> anyhow::Result<View> {
+/// Which connection-table entries `sluice inspect flows` shows; `None` matches all.
+#[derive(Clone, Debug, Default)]
+pub struct FlowFilter {
+    pub vip: Option<VipAddr>,
+    pub backend: Option<std::net::IpAddr>,
+    pub client: Option<crate::model::IpNet>,
+}
+
+impl FlowFilter {
+    fn matches(&self, key: &lb_common::FlowKey, backend: Option<std::net::IpAddr>) -> bool {
+        let vip_ok = self.vip.is_none_or(|vip| {
+            let k = vip_key(&vip);
+            k.addr == key.dst && k.port == key.dport && k.proto == key.proto
+        });
+        let client = addr_from_raw(&key.src, key.family);
+        vip_ok
+            && self.backend.is_none_or(|b| backend == Some(b))
+            && self.client.is_none_or(|net| net.contains(&client))
+    }
+}
+
+/// Connection-table entries matching `filter`, at most `limit` of them (the table can hold
+/// millions); `total` counts all, `matched` those that match.
+pub fn flows(maps: &Maps, limit: usize, filter: &FlowFilter) -> anyhow::Result<View> {
     let current = Current::read(maps)?;
     let mut rows = Vec::new();
-    let mut total = 0usize;
+    let (mut total, mut matched) = (0usize, 0usize);
     let v4 = maps.flows.iter().map(|e| e.map(|(k, v)| (k.widen(), v)));
     for entry in v4.chain(maps.flows6.iter()) {
         let Ok((key, value)) = entry else {
             continue; // evicted while we walked the table
         };
         total += 1;
+        let backend_addr = current
+            .slots
+            .get(&value.backend)
+            .map(|b| addr_from_raw(&b.addr, b.family));
+        if !filter.matches(&key, backend_addr) {
+            continue;
+        }
+        matched += 1;
         if rows.len() >= limit {
             continue;
         }
@@ -364,11 +469,7 @@ pub fn flows(maps: &Maps, limit: usize) -> anyhow::Result<View> {
             IPPROTO_UDP => "udp",
             _ => "?",
         };
-        let backend = current
-            .slots
-            .get(&value.backend)
-            .map(|b| addr_from_raw(&b.addr, b.family).to_string())
-            .unwrap_or_else(|| "(removed)".into());
+        let backend = backend_addr.map_or_else(|| "(removed)".into(), |a| a.to_string());
         let endpoint = |raw: &lb_common::Addr, port: u16| {
             std::net::SocketAddr::new(addr_from_raw(raw, key.family), u16::from_be(port))
         };
@@ -387,9 +488,13 @@ pub fn flows(maps: &Maps, limit: usize) -> anyhow::Result<View> {
                 .collect()
         }),
     );
-    let _ = write!(table, "{} of {total} flows shown", rows.len());
+    let _ = write!(
+        table,
+        "{} of {matched} matching flows shown ({total} in the table)",
+        rows.len()
+    );
     Ok(View {
-        json: json!({ "total": total, "shown": rows.len(), "flows": rows }),
+        json: json!({ "total": total, "matched": matched, "shown": rows.len(), "flows": rows }),
         table,
     })
 }

@@ -121,13 +121,32 @@ enum InspectWhat {
     Backends,
     /// How a VIP's Maglev table divides its slots, e.g. `maglev 10.0.0.10:80/tcp`.
     Maglev { vip: String },
-    /// Connection-table entries.
+    /// Connection-table entries, optionally only some.
     Flows {
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Only flows of this VIP, e.g. `10.0.0.10:80/tcp`.
+        #[arg(long)]
+        vip: Option<VipAddr>,
+        /// Only flows pinned to this backend address.
+        #[arg(long)]
+        backend: Option<std::net::IpAddr>,
+        /// Only flows from clients in this prefix, e.g. `192.0.2.0/24`.
+        #[arg(long, value_name = "PREFIX")]
+        client: Option<IpNet>,
     },
     /// Global, per-VIP and per-backend counters.
-    Stats,
+    Stats {
+        /// Refresh in place with rates per second (JSON: one object per line) until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+        /// Time between refreshes of --watch, e.g. 500ms, 1s, 2s.
+        #[arg(long, default_value = "1s", value_parser = parse_interval)]
+        interval: Duration,
+        /// Stop --watch after this many refreshes.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// The decapsulator's counters and configuration (`sluice decap`).
     Decap,
 }
@@ -184,8 +203,25 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                     let vip: VipAddr = vip.parse().map_err(|e| anyhow!("{e}"))?;
                     inspect::maglev(&maps, &vip)?
                 }
-                InspectWhat::Flows { limit } => inspect::flows(&maps, limit)?,
-                InspectWhat::Stats => inspect::stats(&maps)?,
+                InspectWhat::Flows {
+                    limit,
+                    vip,
+                    backend,
+                    client,
+                } => {
+                    let filter = inspect::FlowFilter {
+                        vip,
+                        backend,
+                        client,
+                    };
+                    inspect::flows(&maps, limit, &filter)?
+                }
+                InspectWhat::Stats {
+                    watch: true,
+                    interval,
+                    count,
+                } => return watch_stats(&maps, format, interval, count),
+                InspectWhat::Stats { .. } => inspect::stats(&maps)?,
                 InspectWhat::Decap => unreachable!("handled above"),
             };
             println!("{}", view.render(format).trim_end());
@@ -208,6 +244,51 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::XdpPass { iface, detach } => xdp_pass(&cli.pin_dir, &iface, detach),
     }
+}
+
+/// `500ms`, `1s`, `2.5s`: at least 100 ms.
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    let invalid = || format!("invalid interval {text:?}: expected e.g. 500ms, 1s or 2.5s");
+    let duration = if let Some(ms) = text.strip_suffix("ms") {
+        Duration::from_millis(ms.parse().map_err(|_| invalid())?)
+    } else {
+        let secs: f64 = text
+            .strip_suffix('s')
+            .unwrap_or(text)
+            .parse()
+            .map_err(|_| invalid())?;
+        Duration::try_from_secs_f64(secs).map_err(|_| invalid())?
+    };
+    if duration < Duration::from_millis(100) {
+        return Err(format!("interval {text:?} is below 100ms"));
+    }
+    Ok(duration)
+}
+
+/// `sluice inspect stats --watch`: rates over each interval, redrawn in place (a table) or one
+/// JSON object per line.
+fn watch_stats(
+    maps: &Maps,
+    format: Format,
+    interval: Duration,
+    count: Option<u64>,
+) -> anyhow::Result<()> {
+    let mut before = inspect::stats(maps)?.json;
+    let mut taken = Instant::now();
+    for _ in 0..count.unwrap_or(u64::MAX) {
+        thread::sleep(interval);
+        let after = inspect::stats(maps)?.json;
+        let now = Instant::now();
+        let view = inspect::stats_rates(&before, &after, (now - taken).as_secs_f64());
+        match format {
+            Format::Json => println!("{}", view.json),
+            // Home the cursor and clear the screen: the view replaces the last one.
+            Format::Table => print!("\x1b[H\x1b[2J{}\n", view.table.trim_end()),
+        }
+        std::io::Write::flush(&mut std::io::stdout()).context("writing to stdout")?;
+        (before, taken) = (after, now);
+    }
+    Ok(())
 }
 
 fn require_root() -> anyhow::Result<()> {

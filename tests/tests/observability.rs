@@ -158,3 +158,84 @@ fn metrics_match_inspect_stats() -> Result<()> {
     drop(sluice);
     Ok(())
 }
+
+#[test]
+fn stats_watch_shows_rates_and_flows_filter() -> Result<()> {
+    let lab = build(3);
+    lab.attach(&all_active(3))?;
+    lab.curl_vip(60)?;
+    // A steady stream (one line every 100 ms) for the watch to measure.
+    let conn = lab.long_conn_vip()?;
+    conn.wait_echoes(3, Duration::from_secs(5))?;
+    let out = lab.sluice_ok(&[
+        "inspect",
+        "stats",
+        "--watch",
+        "--interval",
+        "500ms",
+        "--count",
+        "3",
+        "-o",
+        "json",
+    ])?;
+    let text = String::from_utf8(out.stdout)?;
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("--watch -o json is not one object per line: {text}"))?;
+    ensure!(
+        lines.len() == 3,
+        "3 refreshes asked, got {}: {text}",
+        lines.len()
+    );
+    let echo = format!("{}:7000/tcp", lab.vip());
+    for line in &lines {
+        let pps = line["vips"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["vip"] == echo.as_str()))
+            .and_then(|v| v["packets_per_second"].as_f64())
+            .with_context(|| format!("no rate for {echo}: {line}"))?;
+        // ~10 lines a second from the client, each one packet through the balancer.
+        ensure!(
+            (3.0..100.0).contains(&pps),
+            "{echo}: {pps} packets/s in {line}"
+        );
+    }
+    let report = conn.snapshot();
+    ensure!(report.errors.is_empty(), "the stream broke: {report:?}");
+
+    let flows = |args: &[&str]| -> Result<serde_json::Value> {
+        let mut all = vec!["inspect", "flows", "--limit", "1000", "-o", "json"];
+        all.extend_from_slice(args);
+        Ok(serde_json::from_slice(&lab.sluice_ok(&all)?.stdout)?)
+    };
+    let everything = flows(&[])?;
+    let total = everything["total"].as_u64().context("total")?;
+    ensure!(total >= 61, "{total} flows for 60 connections and a stream");
+    let http = format!("{}:80/tcp", lab.vip());
+    let by_vip = flows(&["--vip", &http])?;
+    ensure!(by_vip["matched"] == 60, "--vip {http}: {by_vip}");
+    let rows = |v: &serde_json::Value| v["flows"].as_array().cloned().unwrap_or_default();
+    ensure!(rows(&by_vip).iter().all(|r| r["vip"] == http.as_str()));
+    let b0 = lab.backend_addr(0).to_string();
+    let by_backend = flows(&["--backend", &b0])?;
+    let n = by_backend["matched"].as_u64().context("matched")?;
+    ensure!(n > 0 && n < total, "--backend {b0}: {n} of {total}");
+    ensure!(
+        rows(&by_backend)
+            .iter()
+            .all(|r| r["backend"] == b0.as_str())
+    );
+    let client = format!("{}/32", lab.client_addr());
+    ensure!(flows(&["--client", &client])?["matched"] == total);
+    ensure!(flows(&["--client", "192.0.2.0/24"])?["matched"] == 0);
+    let capped: serde_json::Value = serde_json::from_slice(
+        &lab.sluice_ok(&["inspect", "flows", "--limit", "5", "-o", "json"])?
+            .stdout,
+    )?;
+    ensure!(capped["shown"] == 5 && rows(&capped).len() == 5 && capped["matched"] == total);
+    let report = conn.finish();
+    ensure!(report.is_clean(), "the stream: {report:?}");
+    lab.detach()
+}
