@@ -283,7 +283,7 @@ fn watch_stats(
         match format {
             Format::Json => println!("{}", view.json),
             // Home the cursor and clear the screen: the view replaces the last one.
-            Format::Table => print!("\x1b[H\x1b[2J{}\n", view.table.trim_end()),
+            Format::Table => println!("\x1b[H\x1b[2J{}", view.table.trim_end()),
         }
         std::io::Write::flush(&mut std::io::stdout()).context("writing to stdout")?;
         (before, taken) = (after, now);
