@@ -463,6 +463,40 @@ const _: () = assert!(size_of::<FlowValue>() == 8);
 const _: () = assert!(size_of::<Counters>() == 16);
 const _: () = assert!(size_of::<VipFilter>() == 512);
 
+/// Bump when a map's meaning changes without its sizes changing (e.g. a key's field order).
+const MAP_LAYOUT_REVISION: u32 = 1;
+
+/// Fingerprint of everything a pinned map's contents depend on: struct sizes, limits, counter
+/// slots. A program whose fingerprint differs must not adopt maps pinned by another: it would
+/// misread them. Kept beside the pins (see `PinLayout`), compared before adopting.
+pub const MAP_LAYOUT: u32 = {
+    let parts = [
+        MAP_LAYOUT_REVISION,
+        size_of::<VipKey>() as u32,
+        size_of::<VipInfo>() as u32,
+        size_of::<Backend>() as u32,
+        size_of::<FlowKey>() as u32,
+        size_of::<FlowKey4>() as u32,
+        size_of::<FlowValue>() as u32,
+        size_of::<Counters>() as u32,
+        size_of::<VipFilter>() as u32,
+        size_of::<ScopedAddr>() as u32,
+        GlobalCounter::COUNT,
+        MAX_VIPS,
+        MAX_BACKENDS,
+        MAX_SOURCE_RANGES,
+        MAX_TX_PORTS,
+        map_names::ALL.len() as u32,
+    ];
+    let mut h = FLOW_HASH_SEED;
+    let mut i = 0;
+    while i < parts.len() {
+        h = hash_round(h, parts[i]);
+        i += 1;
+    }
+    hash_finish(h)
+};
+
 /// Seed of the flow hash. Every load balancer must use the same one so that they all pick the
 /// same backend for a flow (a fixed constant, not a per-boot random).
 pub const FLOW_HASH_SEED: u32 = 0x5eed_1ce5;

@@ -18,6 +18,7 @@ use aya::{
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        xdp::XdpLink,
     },
 };
 use lb_common::{
@@ -114,9 +115,50 @@ impl PinLayout {
     pub fn link(&self) -> PathBuf {
         self.dir.join("link")
     }
-    /// True when a persistent attachment (`sluice attach`) lives here.
+    /// True when a persistent attachment (`sluice attach`, or a `sluice run` that was killed)
+    /// lives here.
     pub fn has_link(&self) -> bool {
         self.link().exists()
+    }
+
+    /// The layout mark: an empty directory named after [`lb_common::MAP_LAYOUT`] (bpffs holds
+    /// no regular files), written when maps are first pinned.
+    fn layout_mark(layout: u32) -> String {
+        format!("layout-{layout:08x}")
+    }
+
+    /// Refuses pinned maps written by a program of another map layout (nothing is changed).
+    pub fn check_layout(&self) -> anyhow::Result<()> {
+        if self.kind != ObjectKind::Balancer || !self.has_maps() {
+            return Ok(());
+        }
+        let ours = Self::layout_mark(lb_common::MAP_LAYOUT);
+        if self.dir.join(&ours).is_dir() {
+            return Ok(());
+        }
+        let theirs = fs::read_dir(&self.dir)
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|n| n.starts_with("layout-"))
+            .unwrap_or_else(|| "no layout mark".into());
+        bail!(
+            "the maps pinned in {} were written by a sluice with another map layout ({theirs}, this one has {ours}): adopting them would misread them; nothing was changed. Run `sluice detach --iface {}` first (established flows are then re-hashed), or use the sluice that pinned them",
+            self.dir.display(),
+            self.dir
+                .file_name()
+                .map_or_else(|| "IFACE".into(), |n| n.to_string_lossy().into_owned())
+        )
+    }
+
+    fn mark_layout(&self) -> anyhow::Result<()> {
+        if self.kind != ObjectKind::Balancer {
+            return Ok(());
+        }
+        let mark = self.dir.join(Self::layout_mark(lb_common::MAP_LAYOUT));
+        fs::create_dir_all(&mark).with_context(|| format!("creating {}", mark.display()))
     }
     pub fn has_maps(&self) -> bool {
         self.map(self.kind.map_names()[0]).exists()
@@ -150,7 +192,8 @@ impl PinLayout {
                 fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
             }
         }
-        for dir in [self.maps_dir(), self.dir.clone()] {
+        let mark = self.dir.join(Self::layout_mark(lb_common::MAP_LAYOUT));
+        for dir in [self.maps_dir(), mark, self.dir.clone()] {
             if dir.exists() {
                 fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
             }
@@ -170,12 +213,48 @@ fn is_bpffs(path: &Path) -> bool {
     }
 }
 
-/// Loads the balancer (maps created, or reused from `pins`; programs verified, not attached).
+/// Loads the balancer (maps created, or reused from `pins` after a layout check; programs
+/// verified, not attached).
 pub fn load(pins: Option<&PinLayout>, flow_table_size: u32) -> anyhow::Result<Ebpf> {
-    load_object(ObjectKind::Balancer, pins, |loader| {
+    if let Some(pins) = pins {
+        pins.check_layout()?;
+    }
+    let ebpf = load_object(ObjectKind::Balancer, pins, |loader| {
         loader.map_max_entries(map_names::FLOWS, flow_table_size);
         loader.map_max_entries(map_names::FLOWS6, flow_table_size_v6(flow_table_size));
-    })
+    })?;
+    if let Some(pins) = pins {
+        pins.mark_layout()?;
+    }
+    Ok(ebpf)
+}
+
+/// Attaches `program` and pins its link at `pins.link()`; if a link is pinned there already
+/// (a `sluice attach`, or a `sluice run` that was killed), replaces the program inside it
+/// atomically instead (BPF_LINK_UPDATE: each packet meets the old program or the new one, and
+/// the maps they share keep their flows). Returns whether it replaced.
+pub fn attach_pinned(
+    ebpf: &mut Ebpf,
+    program: &str,
+    iface: &Interface,
+    generic: bool,
+    pins: &PinLayout,
+) -> anyhow::Result<bool> {
+    if !pins.has_link() {
+        let link = attach(ebpf, program, iface, generic)?;
+        link.pin(pins.link())
+            .map_err(|e| anyhow!("pinning the XDP link at {}: {e}", pins.link().display()))?;
+        return Ok(false);
+    }
+    let pinned = PinnedLink::from_pin(pins.link())
+        .map_err(|e| anyhow!("opening the pinned link {}: {e}", pins.link().display()))?;
+    let link = XdpLink::try_from(FdLink::from(pinned))
+        .map_err(|e| anyhow!("{} is not an XDP link: {e}", pins.link().display()))?;
+    let prog = xdp_program(ebpf, program)?;
+    // The link keeps its pin; the program now holds one more reference to it.
+    prog.attach_to_link(link)
+        .map_err(|e| anyhow!("replacing the program attached to {}: {e}", iface.name))?;
+    Ok(true)
 }
 
 /// Loads the decapsulator, the same way.

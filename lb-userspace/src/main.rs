@@ -331,12 +331,6 @@ fn run(pin_root: &Path, args: &AttachArgs, metrics_addr: SocketAddr) -> anyhow::
     let (config, generic) = (args.config.as_path(), args.generic);
     let (desired, iface) = prepare(config, &args.iface)?;
     let pins = PinLayout::new(pin_root, &iface.name);
-    if pins.has_link() {
-        bail!(
-            "sluice is attached to {0} persistently: update it with `sluice attach --config FILE --iface {0}`, or `sluice detach --iface {0}` first",
-            iface.name
-        );
-    }
     // Signals are caught before anything is attached, so no signal can leave state behind.
     let mut signals =
         Signals::new([SIGHUP, SIGINT, SIGTERM]).context("installing signal handlers")?;
@@ -351,7 +345,20 @@ fn run(pin_root: &Path, args: &AttachArgs, metrics_addr: SocketAddr) -> anyhow::
     };
     let summary = reconcile(&mut maps, &desired)?;
     info!("{}: {summary}", config.display());
-    let link = dataplane::attach(&mut ebpf, lb_common::BALANCER_PROGRAM, &iface, generic)?;
+    // The link is pinned too: a run killed with SIGKILL leaves the dataplane forwarding, and
+    // the next run adopts link and maps (no flow lost); SIGTERM removes both.
+    if dataplane::attach_pinned(
+        &mut ebpf,
+        lb_common::BALANCER_PROGRAM,
+        &iface,
+        generic,
+        &pins,
+    )? {
+        info!(
+            "adopted the attachment pinned in {}: program replaced in place, flows kept",
+            pins.dir().display()
+        );
+    }
     info!(
         "balancing on {} ({} mode), {} VIPs; SIGHUP reloads {}",
         iface.name,
@@ -399,28 +406,32 @@ fn run(pin_root: &Path, args: &AttachArgs, metrics_addr: SocketAddr) -> anyhow::
         thread::sleep(SIGNAL_POLL);
     }
     drop(metrics);
-    drop(link);
     drop(maps);
     drop(ebpf);
-    pins.remove()
+    dataplane::detach_pinned(&pins)
 }
 
 fn attach(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> anyhow::Result<()> {
     let (desired, iface) = prepare(config, iface_name)?;
     let pins = PinLayout::new(pin_root, &iface.name);
-    if pins.has_link() {
-        let mut maps = Maps::from_pins(&pins)?;
-        let summary = reconcile::reconcile(&mut maps, &iface, &desired)?;
-        info!("updated {}: {summary}", iface.name);
-        return Ok(());
-    }
+    // Loading checks the pinned maps' layout before anything is written; an attachment that
+    // exists gets this binary's program swapped in atomically (an upgrade keeps every flow).
     let (mut ebpf, mut maps) = load_fresh(&pins, &desired)?;
     let summary = reconcile::reconcile(&mut maps, &iface, &desired)?;
-    let link = dataplane::attach(&mut ebpf, lb_common::BALANCER_PROGRAM, &iface, generic)?;
-    link.pin(pins.link())
-        .map_err(|e| anyhow!("pinning the XDP link at {}: {e}", pins.link().display()))?;
+    let replaced = dataplane::attach_pinned(
+        &mut ebpf,
+        lb_common::BALANCER_PROGRAM,
+        &iface,
+        generic,
+        &pins,
+    )?;
     info!(
-        "attached to {} ({} mode): {summary}; state pinned in {}",
+        "{} {} ({} mode): {summary}; state pinned in {}",
+        if replaced {
+            "updated (program replaced in place)"
+        } else {
+            "attached to"
+        },
         iface.name,
         if generic { "generic" } else { "native" },
         pins.dir().display()

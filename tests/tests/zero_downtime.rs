@@ -1,0 +1,195 @@
+//! Zero downtime with real packets in the L2 lab: a long-lived TCP echo connection and a steady
+//! UDP stream through `sluice run` while it is killed with SIGKILL and restarted (the pinned
+//! link and maps keep forwarding; the new process adopts them), and while `sluice attach`
+//! swaps the program inside the live link (an upgrade). No reset; the UDP gap is measured and
+//! printed. A pinned state of another map layout is refused with nothing changed.
+
+use std::net::{SocketAddrV4, UdpSocket};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, ensure};
+use sluice_tests::{
+    BackendSpec, Lab, LabConfig, UDP_PORT, cmd, lab::NS_IFACE, netns, require_root,
+};
+
+/// One datagram every 5 ms.
+const UDP_PERIOD: Duration = Duration::from_millis(5);
+
+struct StreamReport {
+    sent: u64,
+    answered: u64,
+    longest_gap: Duration,
+}
+
+/// A UDP stream to VIP:UDP_PORT from the client namespace for `length`: sent, answered, and the
+/// longest time without an answer.
+fn udp_stream(
+    lab: &Lab,
+    length: Duration,
+) -> Result<std::thread::JoinHandle<Result<StreamReport>>> {
+    let target = SocketAddrV4::new(lab.vip(), UDP_PORT);
+    netns::spawn_in(lab.client_ns(), "udp-stream", move || {
+        let sock = UdpSocket::bind("0.0.0.0:0")?;
+        sock.connect(target)?;
+        sock.set_read_timeout(Some(Duration::from_millis(1)))?;
+        let start = Instant::now();
+        let (mut sent, mut answered) = (0u64, 0u64);
+        let mut last_answer = start;
+        let mut longest_gap = Duration::ZERO;
+        let mut next_send = start;
+        let mut buf = [0u8; 64];
+        while start.elapsed() < length {
+            if Instant::now() >= next_send {
+                sock.send(format!("s{sent}").as_bytes())?;
+                sent += 1;
+                next_send += UDP_PERIOD;
+            }
+            if sock.recv(&mut buf).is_ok() {
+                answered += 1;
+                longest_gap = longest_gap.max(last_answer.elapsed());
+                last_answer = Instant::now();
+            }
+        }
+        longest_gap = longest_gap.max(last_answer.elapsed());
+        Ok(StreamReport {
+            sent,
+            answered,
+            longest_gap,
+        })
+    })
+}
+
+fn xdp_prog_id(lab: &Lab) -> Result<u64> {
+    let link = lab.lb_link_json()?;
+    link.pointer("/xdp/prog/id")
+        .or_else(|| link.pointer("/xdp/attached/0/prog/id"))
+        .and_then(serde_json::Value::as_u64)
+        .with_context(|| format!("no XDP program id in {link}"))
+}
+
+fn wait_log(p: &sluice_tests::SluiceProcess, needle: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !p.log_text().contains(needle) {
+        ensure!(
+            Instant::now() < deadline,
+            "no {needle:?} in the log: {}",
+            p.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+#[test]
+fn sigkill_restart_and_upgrade_lose_no_connection() -> Result<()> {
+    require_root();
+    let lab = Lab::build(LabConfig {
+        backends: 3,
+        udp: true,
+    })?;
+    let backends: Vec<BackendSpec> = (0..3).map(BackendSpec::active).collect();
+    let first = lab.run_sluice(&backends, Duration::from_secs(60))?;
+    let conn = lab.long_conn_vip()?;
+    conn.wait_echoes(5, Duration::from_secs(5))?;
+    let stream = udp_stream(&lab, Duration::from_secs(8))?;
+    std::thread::sleep(Duration::from_secs(1));
+
+    // SIGKILL: no cleanup runs; the pinned link keeps the program attached.
+    let prog_before = xdp_prog_id(&lab)?;
+    cmd::signal(first.pid(), libc::SIGKILL);
+    let killed_at = Instant::now();
+    drop(first);
+    ensure!(
+        lab.xdp_attached()?,
+        "the program went with the killed process"
+    );
+    // Forwarding goes on without any sluice process.
+    conn.wait_echoes(3, Duration::from_secs(5))?;
+
+    // The restart adopts link and maps.
+    let second = lab.run_sluice(&backends, Duration::from_secs(60))?;
+    wait_log(&second, "adopted the attachment")?;
+    println!(
+        "restart: adopted {:?} after the SIGKILL",
+        killed_at.elapsed()
+    );
+    let prog_restarted = xdp_prog_id(&lab)?;
+    ensure!(
+        prog_restarted != prog_before,
+        "the restart should swap its own program in"
+    );
+    conn.wait_echoes(5, Duration::from_secs(5))?;
+    std::thread::sleep(Duration::from_secs(1));
+
+    // Upgrade: `attach` on the running attachment swaps the program inside the link.
+    let config = lab.write_config(&backends)?;
+    let config = config.to_string_lossy();
+    lab.sluice_ok(&["attach", "--config", &config, "--iface", NS_IFACE])?;
+    let prog_upgraded = xdp_prog_id(&lab)?;
+    ensure!(
+        prog_upgraded != prog_restarted,
+        "attach did not replace the program"
+    );
+    conn.wait_echoes(5, Duration::from_secs(5))?;
+
+    // Pins of another map layout: refused, nothing changed.
+    let pin_dir = lab.pin_dir().join(NS_IFACE);
+    let mark = std::fs::read_dir(&pin_dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("layout-"))
+        })
+        .context("no layout mark beside the pins")?;
+    let foreign = pin_dir.join("layout-00000000");
+    std::fs::remove_dir(&mark)?;
+    std::fs::create_dir(&foreign)?;
+    let refused = lab.sluice(&["attach", "--config", &config, "--iface", NS_IFACE])?;
+    let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
+    std::fs::remove_dir(&foreign)?;
+    std::fs::create_dir(&mark)?;
+    ensure!(
+        !refused.status.success(),
+        "attach over another layout succeeded"
+    );
+    ensure!(
+        stderr.contains("another map layout"),
+        "unclear refusal: {stderr}"
+    );
+    ensure!(
+        xdp_prog_id(&lab)? == prog_upgraded,
+        "the refused attach changed the program"
+    );
+
+    let udp = stream
+        .join()
+        .map_err(|_| anyhow::anyhow!("udp stream thread panicked"))??;
+    conn.wait_echoes(3, Duration::from_secs(5))?;
+    let tcp = conn.finish();
+    println!(
+        "UDP stream: {} sent, {} answered, {} lost, longest gap {:?} (period {UDP_PERIOD:?})",
+        udp.sent,
+        udp.answered,
+        udp.sent - udp.answered,
+        udp.longest_gap
+    );
+    println!("TCP echo connection: {tcp:?}");
+    ensure!(
+        tcp.is_clean(),
+        "the long TCP connection broke or moved: {tcp:?}"
+    );
+    ensure!(udp.answered * 10 >= udp.sent * 9, "UDP lost more than 10%");
+    ensure!(
+        udp.longest_gap < Duration::from_secs(1),
+        "UDP gap {:?}",
+        udp.longest_gap
+    );
+
+    // SIGTERM still cleans up everything.
+    let status = second.stop(Duration::from_secs(10))?;
+    ensure!(status.success(), "sluice run exited with {status}");
+    lab.wait_xdp(false, Duration::from_secs(3))?;
+    ensure!(lab.pins()?.is_empty(), "pins left: {:?}", lab.pins()?);
+    Ok(())
+}
