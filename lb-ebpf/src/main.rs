@@ -14,6 +14,7 @@
 #![no_main]
 
 mod packet;
+mod pktgen;
 
 use aya_ebpf::{
     bindings::xdp_action,

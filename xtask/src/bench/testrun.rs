@@ -5,7 +5,6 @@ use anyhow::{bail, ensure};
 use lb_userspace::{dataplane::PASS_PROGRAM, model::Protocol};
 use sluice_tests::{
     fixtures::{CLIENT, Frame, Harness, TCP_ACK, TCP_SYN, XDP_PASS, XDP_TX, desired},
-    require_root,
 };
 
 /// A 64-byte frame (Ethernet minimum without FCS is 60; 64 with it): TCP with 10 bytes of
@@ -17,8 +16,7 @@ fn frame64(mut f: Frame) -> Vec<u8> {
     bytes
 }
 
-pub fn run(repeat: u32) -> anyhow::Result<()> {
-    require_root();
+pub fn run(repeat: u32) -> anyhow::Result<Vec<TestRunRow>> {
     let mut h = Harness::new()?;
     h.apply(&desired(
         Protocol::Tcp,
@@ -58,31 +56,47 @@ pub fn run(repeat: u32) -> anyhow::Result<()> {
     let est_single = est_total as f64 / f64::from(flows);
     let new_flow = established + (new_single - est_single);
 
+    let note = format!(
+        "pass and established: {repeat} runs each in the kernel's loop. New flow: {flows} \
+         distinct flows in single runs, {new_single:.0} ns each against {est_single:.0} ns for \
+         single runs of the established frame; the pass-only program takes {baseline_single:.0} \
+         ns in a single run"
+    );
+    let row = |path: &str, ns: f64, target: &str| TestRunRow {
+        path: path.into(),
+        ns,
+        target: target.into(),
+        note: note.clone(),
+    };
+    Ok(vec![
+        row("baseline: XDP_PASS-only program", baseline as f64, "-"),
+        row("non-VIP pass", pass, "<= 15"),
+        row("established flow (table hit)", established, "<= 40"),
+        row("new flow (miss, Maglev, insert)", new_flow, "<= 80"),
+    ])
+}
+
+/// One path's figure.
+#[derive(Debug, Clone)]
+pub struct TestRunRow {
+    pub path: String,
+    pub ns: f64,
+    pub target: String,
+    pub note: String,
+}
+
+pub fn print(rows: &[TestRunRow]) {
     println!(
         "sluice XDP ns/packet (BPF_PROG_TEST_RUN, 64-byte frames, {} CPUs)",
         cpus()
     );
     println!("{:<34} {:>8}  {:>8}", "path", "ns/pkt", "target");
-    println!(
-        "{:<34} {:>8.1}  {:>8}",
-        "baseline: XDP_PASS-only program", baseline as f64, "-"
-    );
-    println!("{:<34} {:>8.1}  {:>8}", "non-VIP pass", pass, "<= 15");
-    println!(
-        "{:<34} {:>8.1}  {:>8}",
-        "established flow (table hit)", established, "<= 40"
-    );
-    println!(
-        "{:<34} {:>8.1}  {:>8}",
-        "new flow (miss, Maglev, insert)", new_flow, "<= 80"
-    );
-    println!(
-        "(pass and established: {repeat} runs each in the kernel's loop. New flow: {flows} \
-         distinct flows in single runs, {new_single:.0} ns each against {est_single:.0} ns for \
-         single runs of the established frame; the pass-only program takes {baseline_single:.0} \
-         ns in a single run)"
-    );
-    Ok(())
+    for r in rows {
+        println!("{:<34} {:>8.1}  {:>8}", r.path, r.ns, r.target);
+    }
+    if let Some(r) = rows.first() {
+        println!("({})", r.note);
+    }
 }
 
 fn measure(h: &mut Harness, frame: &[u8], repeat: u32, want: u32) -> anyhow::Result<f64> {
@@ -103,6 +117,6 @@ fn single_run_overhead(h: &mut Harness, frame: &[u8]) -> anyhow::Result<f64> {
     Ok(total as f64 / f64::from(runs))
 }
 
-fn cpus() -> usize {
+pub fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }

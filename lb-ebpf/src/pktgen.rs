@@ -1,0 +1,47 @@
+//! `sluice_pktgen`: the benchmark's traffic generator, not part of the load balancer.
+//!
+//! Run with BPF_PROG_TEST_RUN in live-frames mode (`BPF_F_TEST_XDP_LIVE_FRAMES`), the kernel
+//! hands it copies of one prebuilt Ethernet/IPv4/UDP frame; `XDP_TX` then sends each copy out of
+//! the interface named by the test run's `ingress_ifindex`, as a real frame. The program gives
+//! every frame the next UDP source port of a cycle of `PKTGEN_FLOWS[0]` ports, so the traffic is
+//! many flows. The frame's UDP checksum must be 0 (none, legal in IPv4): ports change, it does not.
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    btf_maps::{Array, PerCpuArray},
+    macros::{btf_map, xdp},
+    programs::XdpContext,
+};
+
+/// Ethernet (14) + IPv4 without options (20): where the UDP source port starts.
+const SPORT_OFFSET: usize = 34;
+
+/// [number of flows, first source port].
+#[btf_map]
+static PKTGEN_FLOWS: Array<u32, 2> = Array::new();
+
+/// Frames sent so far on this CPU.
+#[btf_map]
+static PKTGEN_SEQ: PerCpuArray<u32, 1> = PerCpuArray::new();
+
+#[xdp]
+pub fn sluice_pktgen(ctx: XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + SPORT_OFFSET + 2 > end {
+        return xdp_action::XDP_ABORTED;
+    }
+    let flows = PKTGEN_FLOWS.get(0).copied().unwrap_or(1).max(1);
+    let first = PKTGEN_FLOWS.get(1).copied().unwrap_or(1024);
+    let Some(seq) = PKTGEN_SEQ.get_ptr_mut(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: per-CPU slot, no other writer on this CPU while we run; the port's two bytes were
+    // bounds-checked above.
+    unsafe {
+        let n = *seq;
+        *seq = n.wrapping_add(1);
+        let port = (first.wrapping_add(n % flows) & 0xffff) as u16;
+        core::ptr::write_unaligned((start + SPORT_OFFSET) as *mut u16, port.to_be());
+    }
+    xdp_action::XDP_TX
+}

@@ -1,0 +1,386 @@
+//! Packet rate: UDP with 64-byte payloads over many flows, from a generator of our own.
+//!
+//! The generator is `sluice_pktgen` (lb-ebpf/src/pktgen.rs) run with BPF_PROG_TEST_RUN in
+//! live-frames mode from a thread in the client namespace: the kernel copies one prebuilt frame
+//! into page-pool pages, the program stamps the next source port of a cycle and returns XDP_TX,
+//! and the kernel transmits each frame out of the client's veth, a real frame on the lab's
+//! wire. No user-space copy and no socket: a few Mpps from one core. At a fixed offered rate the
+//! thread paces itself in ~1 ms chunks; at the maximum it sends as fast as the path takes them.
+//!
+//! Every backend counts and drops the UDP 5353 datagrams at its veth's ingress (nft netdev
+//! hook, before IP): the forwarded rate is what reached the backends, whatever the contender
+//! did to the addresses. CPU: the whole host's busy time from /proc/stat over the window (the
+//! generator and every hop run in softirq on these 2 cores, so this is the path's cost), the
+//! lb namespace's processes' own CPU time (the proxies), and for sluice the XDP program's own
+//! run time from `kernel.bpf_stats_enabled`.
+
+use std::fs;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow, bail, ensure};
+use aya::maps::Array;
+use aya::programs::{TestRun as _, TestRunAttrs, TestRunOptions};
+use lb_userspace::dataplane;
+use sluice_tests::{Lab, UDP_PORT, cmd, fixtures::Frame, netns};
+
+use super::Plan;
+use super::contenders::{Active, Kind};
+
+const PROGRAM: &str = "sluice_pktgen";
+/// The first source port of the generator's flows.
+const FIRST_PORT: u32 = 10000;
+/// Frames per live-frames batch (the kernel's default is 64).
+const BATCH: u32 = 64;
+/// The nft table on each backend that counts (and drops) the generator's datagrams.
+const COUNT_TABLE: &str = "sluicebench";
+
+/// One measured window.
+#[derive(Debug, Clone, Default)]
+pub struct PpsRun {
+    /// Offered rate (packets/s); None = as fast as possible.
+    pub offered: Option<u64>,
+    pub seconds: f64,
+    /// Frames the generator handed to the kernel.
+    pub generated: u64,
+    /// Frames that left the client (its peer's rx counter).
+    pub on_wire: u64,
+    /// Datagrams counted at the backends.
+    pub forwarded: u64,
+    pub per_backend: Vec<u64>,
+    /// Whole-host busy CPU time per forwarded packet (ns).
+    pub host_cpu_ns_per_pkt: f64,
+    /// CPU of the processes in the lb namespace per forwarded packet (ns); proxies only.
+    pub proc_cpu_ns_per_pkt: f64,
+    /// sluice's XDP program run time per packet it ran on (ns), from bpf_stats.
+    pub xdp_ns_per_pkt: Option<f64>,
+}
+
+impl PpsRun {
+    pub fn forwarded_pps(&self) -> f64 {
+        self.forwarded as f64 / self.seconds.max(1e-9)
+    }
+    pub fn wire_pps(&self) -> f64 {
+        self.on_wire as f64 / self.seconds.max(1e-9)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Pps {
+    pub fixed: PpsRun,
+    pub max: PpsRun,
+}
+
+/// Installs the counters on every backend (they stay until the lab goes).
+pub fn install_backend_counters(lab: &Lab) -> anyhow::Result<()> {
+    let rules = format!(
+        "table netdev {COUNT_TABLE} {{
+  counter fwd {{ }}
+  chain ingress {{
+    type filter hook ingress device \"{dev}\" priority -500; policy accept;
+    udp dport {UDP_PORT} counter name fwd drop
+  }}
+}}
+",
+        dev = sluice_tests::lab::NS_IFACE
+    );
+    let path = lab.dir().join("bench-backend-counters.nft");
+    fs::write(&path, rules)?;
+    for i in 0..lab.backends() {
+        lab.exec_ok(lab.backend_ns(i), &["nft", "-f", &path.to_string_lossy()])?;
+    }
+    Ok(())
+}
+
+fn backend_counts(lab: &Lab) -> anyhow::Result<Vec<u64>> {
+    (0..lab.backends())
+        .map(|i| {
+            let out = lab.exec_ok(
+                lab.backend_ns(i),
+                &["nft", "-j", "list", "counter", "netdev", COUNT_TABLE, "fwd"],
+            )?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            v["nftables"]
+                .as_array()
+                .and_then(|items| {
+                    items
+                        .iter()
+                        .find_map(|i| i.get("counter")?.get("packets")?.as_u64())
+                })
+                .ok_or_else(|| anyhow!("no counter in `nft -j list counter` of backend {i}"))
+        })
+        .collect()
+}
+
+/// rx packets of the client's peer veth (what actually left the client).
+fn wire_count(lab: &Lab) -> anyhow::Result<u64> {
+    let out = lab.exec_ok(
+        lab.switch_ns(),
+        &[
+            "ip",
+            "-j",
+            "-s",
+            "link",
+            "show",
+            "dev",
+            lab.client_peer_iface(),
+        ],
+    )?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v[0]["stats64"]["rx"]["packets"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("no rx packets in `ip -s -j link show`"))
+}
+
+/// Busy jiffies of all CPUs (/proc/stat "cpu" line), in ns.
+fn host_busy_ns() -> anyhow::Result<u64> {
+    let stat = fs::read_to_string("/proc/stat")?;
+    let line = stat
+        .lines()
+        .next()
+        .filter(|l| l.starts_with("cpu "))
+        .ok_or_else(|| anyhow!("/proc/stat has no cpu line"))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    ensure!(f.len() >= 8, "/proc/stat cpu line too short: {line}");
+    // user nice system idle iowait irq softirq steal
+    let busy = f[0] + f[1] + f[2] + f[5] + f[6] + f[7];
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(busy * 1_000_000_000 / hz)
+}
+
+/// Turns `kernel.bpf_stats_enabled` on for its lifetime (it is host-wide), then back.
+struct BpfStats {
+    old: String,
+}
+
+impl BpfStats {
+    fn enable() -> anyhow::Result<BpfStats> {
+        let p = "/proc/sys/kernel/bpf_stats_enabled";
+        let old = fs::read_to_string(p)
+            .with_context(|| format!("reading {p}"))?
+            .trim()
+            .to_string();
+        fs::write(p, "1").with_context(|| format!("writing {p}"))?;
+        Ok(BpfStats { old })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = fs::write("/proc/sys/kernel/bpf_stats_enabled", &self.old);
+    }
+}
+
+/// (run_time_ns, run_cnt) of the XDP program on the lb's interface.
+fn xdp_prog_stats(lab: &Lab) -> anyhow::Result<(u64, u64)> {
+    let link = lab.lb_link_json()?;
+    let id = link["xdp"]["prog"]["id"]
+        .as_u64()
+        .or_else(|| link["xdp"]["attached"][0]["prog"]["id"].as_u64())
+        .ok_or_else(|| anyhow!("no XDP program id on the lb's interface: {link}"))?;
+    let out = cmd::run_ok(
+        Command::new("bpftool").args(["-j", "prog", "show", "id", &id.to_string()]),
+        cmd::DEFAULT_TIMEOUT,
+    )?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok((
+        v["run_time_ns"].as_u64().unwrap_or(0),
+        v["run_cnt"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// The generator's frame: client -> VIP:5353, 64 bytes of payload, no UDP checksum.
+fn frame(lab: &Lab, dst_mac: &str) -> anyhow::Result<Vec<u8>> {
+    let mut f = Frame::udp(FIRST_PORT as u16, &[0x5a; 64]);
+    f.src = lab.client_addr();
+    f.dst = lab.vip();
+    f.dport = UDP_PORT;
+    let mut bytes = f.bytes();
+    bytes[..6].copy_from_slice(&parse_mac(dst_mac)?);
+    bytes[6..12].copy_from_slice(&parse_mac(&lab.client_mac())?);
+    // Ports change per frame and the checksum would not follow: 0 = none (legal in IPv4).
+    bytes[40..42].copy_from_slice(&[0, 0]);
+    Ok(bytes)
+}
+
+fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
+    let parts: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("bad MAC {s}"))?;
+    parts
+        .try_into()
+        .map_err(|_| anyhow!("bad MAC {s}: not 6 bytes"))
+}
+
+/// Sends `frame` out of the client's veth for `window`: paced to `rate` packets/s, or as fast
+/// as possible. Returns (frames generated, seconds).
+fn generate(
+    lab: &Lab,
+    frame: Vec<u8>,
+    flows: u32,
+    rate: Option<u64>,
+    window: Duration,
+) -> anyhow::Result<(u64, f64)> {
+    let iface = lab.lb_iface().to_string();
+    netns::run_in(lab.client_ns(), move || {
+        // A private copy of the object (tiny flow table): only the generator program is used.
+        let mut ebpf = dataplane::load(None, 1024)?;
+        {
+            let mut cfg: Array<_, u32> = Array::try_from(
+                ebpf.map_mut("PKTGEN_FLOWS")
+                    .ok_or_else(|| anyhow!("map PKTGEN_FLOWS missing from the object"))?,
+            )?;
+            cfg.set(0, &flows, 0)?;
+            cfg.set(1, &FIRST_PORT, 0)?;
+        }
+        let prog = dataplane::xdp_program(&mut ebpf, PROGRAM)?;
+        prog.load()
+            .map_err(|e| anyhow!("verifying {PROGRAM}: {e}"))?;
+        let c_iface = std::ffi::CString::new(iface.clone())?;
+        // SAFETY: a valid C string; the client namespace is this thread's.
+        let ifindex = unsafe { libc::if_nametoindex(c_iface.as_ptr()) };
+        ensure!(ifindex != 0, "no interface {iface} in the client namespace");
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex. data_end must be the frame's length.
+        let mut ctx = Vec::with_capacity(24);
+        for v in [0, frame.len() as u32, 0, ifindex, 0, 0] {
+            ctx.extend_from_slice(&v.to_ne_bytes());
+        }
+        let start = Instant::now();
+        let mut sent = 0u64;
+        // Bounded: the window, plus at most one call's worth.
+        while start.elapsed() < window {
+            let chunk = match rate {
+                None => 1 << 16,
+                Some(r) => {
+                    let due = (r as f64 * start.elapsed().as_secs_f64()) as u64;
+                    if due <= sent {
+                        std::thread::sleep(Duration::from_micros(500));
+                        continue;
+                    }
+                    (due - sent).min(1 << 16) as u32
+                }
+            };
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(&frame);
+            opts.ctx_in = Some(&ctx);
+            opts.repeat = chunk;
+            opts.attrs = TestRunAttrs::new().xdp_live_frames(BATCH);
+            prog.test_run(opts)
+                .map_err(|e| anyhow!("BPF_PROG_TEST_RUN (live frames) of {PROGRAM}: {e}"))?;
+            sent += u64::from(chunk);
+        }
+        Ok((sent, start.elapsed().as_secs_f64()))
+    })
+}
+
+/// One window: counters before, traffic, a short drain, counters after.
+fn window(
+    lab: &Lab,
+    plan: &Plan,
+    frame: &[u8],
+    rate: Option<u64>,
+    duration: Duration,
+    active: Option<&Active<'_>>,
+) -> anyhow::Result<PpsRun> {
+    let xdp = active.is_some_and(|a| a.kind == Kind::Sluice);
+    let _stats = if xdp {
+        Some(BpfStats::enable()?)
+    } else {
+        None
+    };
+    let b0 = backend_counts(lab)?;
+    let w0 = wire_count(lab)?;
+    let c0 = host_busy_ns()?;
+    let p0 = active.map_or(0, |a| a.process_cpu_ns());
+    let x0 = if xdp { xdp_prog_stats(lab)? } else { (0, 0) };
+    let (generated, seconds) = generate(lab, frame.to_vec(), plan.flows, rate, duration)?;
+    let c1 = host_busy_ns()?;
+    let x1 = if xdp { xdp_prog_stats(lab)? } else { (0, 0) };
+    let p1 = active.map_or(0, |a| a.process_cpu_ns());
+    // Frames still queued in a proxy or a backlog arrive within this.
+    std::thread::sleep(Duration::from_millis(300));
+    let b1 = backend_counts(lab)?;
+    let w1 = wire_count(lab)?;
+    let per_backend: Vec<u64> = b1.iter().zip(&b0).map(|(a, b)| a - b).collect();
+    let forwarded: u64 = per_backend.iter().sum();
+    let per = |ns: u64| ns as f64 / forwarded.max(1) as f64;
+    Ok(PpsRun {
+        offered: rate,
+        seconds,
+        generated,
+        on_wire: w1 - w0,
+        forwarded,
+        per_backend,
+        host_cpu_ns_per_pkt: per(c1.saturating_sub(c0)),
+        proc_cpu_ns_per_pkt: per(p1.saturating_sub(p0)),
+        xdp_ns_per_pkt: xdp
+            .then(|| (x1.0 - x0.0) as f64 / (x1.1.saturating_sub(x0.1)).max(1) as f64),
+    })
+}
+
+fn fixed_and_max(
+    lab: &Lab,
+    plan: &Plan,
+    frame: &[u8],
+    active: Option<&Active<'_>>,
+) -> anyhow::Result<Pps> {
+    // Warm-up: every flow once (conntrack entries, sluice's connection table, nginx sessions).
+    generate(
+        lab,
+        frame.to_vec(),
+        plan.flows,
+        Some(u64::from(plan.flows) * 4),
+        Duration::from_millis(300),
+    )?;
+    let fixed = window(lab, plan, frame, Some(plan.fixed_pps), plan.pps_window, active)?;
+    let max = window(lab, plan, frame, None, plan.pps_window, active)?;
+    for r in [&fixed, &max] {
+        eprintln!(
+            "[bench]   {:>9}: generated {:>9.0}/s, on wire {:>9.0}/s, at backends {:>9.0}/s, host CPU {:.0} ns/pkt{}",
+            r.offered
+                .map_or("max".to_string(), |o| format!("{o}/s")),
+            r.generated as f64 / r.seconds,
+            r.wire_pps(),
+            r.forwarded_pps(),
+            r.host_cpu_ns_per_pkt,
+            r.xdp_ns_per_pkt
+                .map_or(String::new(), |x| format!(", XDP program {x:.0} ns/pkt"))
+        );
+    }
+    Ok(Pps { fixed, max })
+}
+
+/// The path without a load balancer: frames addressed straight to backend 0.
+pub fn measure_direct(lab: &Lab, plan: &Plan) -> anyhow::Result<Pps> {
+    install_backend_counters(lab)?;
+    let mac = lab
+        .backend_macs()
+        .first()
+        .cloned()
+        .ok_or_else(|| anyhow!("the lab has no backend"))?;
+    let f = frame(lab, &mac)?;
+    let r = fixed_and_max(lab, plan, &f, None)?;
+    if r.max.forwarded == 0 {
+        bail!(
+            "the generator's frames do not reach backend 0 even without a load balancer \
+             (generated {}, on wire {})",
+            r.max.generated,
+            r.max.on_wire
+        );
+    }
+    Ok(r)
+}
+
+/// Through the contender: frames to the VIP via the lb.
+pub fn measure(lab: &Lab, plan: &Plan, active: &Active<'_>) -> anyhow::Result<Pps> {
+    let f = frame(lab, &lab.lb_mac())?;
+    fixed_and_max(lab, plan, &f, Some(active))
+}

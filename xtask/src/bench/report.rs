@@ -1,0 +1,712 @@
+//! The benchmark's output: `report.json` (one object per contender and metric, with the
+//! machine), `report.md` (tables with ratios to sluice, the targets, the caveats) and
+//! `report.png` (drawn with plotters; text in DejaVu Sans read at run time).
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow};
+use plotters::prelude::*;
+use serde_json::{Value, json};
+
+use super::Plan;
+use super::conn::ConnStep;
+use super::contenders::Kind;
+use super::maglev_quality::MaglevRow;
+use super::pktgen::{Pps, PpsRun};
+use super::testrun::{TestRunRow, cpus};
+
+/// The TTF the chart's text is drawn with (Debian fonts-dejavu-core, from scripts/bootstrap.sh).
+pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// A request step is "clean" below this error rate.
+const CLEAN: f64 = 0.01;
+
+pub struct ContenderResult {
+    pub kind: Kind,
+    pub pps: Option<Pps>,
+    pub conn: Vec<ConnStep>,
+    /// EADDRNOTAVAIL lines in the proxy's log over the whole run (proxies only).
+    pub proxy_port_errors: Option<u64>,
+    /// What failed to measure.
+    pub errors: Vec<String>,
+}
+
+impl ContenderResult {
+    pub fn new(kind: Kind) -> Self {
+        ContenderResult {
+            kind,
+            pps: None,
+            conn: Vec::new(),
+            proxy_port_errors: None,
+            errors: Vec::new(),
+        }
+    }
+
+    fn max_pps(&self) -> Option<f64> {
+        self.pps.as_ref().map(|p| p.max.forwarded_pps())
+    }
+
+    /// The highest answered rate of a step with under 1% errors.
+    fn clean_ok_per_s(&self) -> Option<f64> {
+        self.conn
+            .iter()
+            .filter(|s| s.error_rate() < CLEAN)
+            .map(|s| s.ok_per_s)
+            .fold(None, |m, x| Some(m.map_or(x, |m: f64| m.max(x))))
+    }
+
+    /// Port-exhaustion errors seen anywhere: the client's k6 and the proxy's log.
+    fn port_errors(&self) -> u64 {
+        let client: u64 = self
+            .conn
+            .iter()
+            .flat_map(|s| &s.errors)
+            .filter(|(k, _)| k == "eaddrnotavail")
+            .map(|(_, n)| n)
+            .sum();
+        client + self.proxy_port_errors.unwrap_or(0)
+    }
+
+    /// The first offered rate with >= 1% errors ("falls over"), if any.
+    fn falls_over_at(&self) -> Option<u32> {
+        self.conn
+            .iter()
+            .find(|s| s.error_rate() >= CLEAN)
+            .map(|s| s.offered)
+    }
+}
+
+pub struct Machine {
+    pub cores: usize,
+    pub kernel: String,
+    pub cpu: String,
+    pub date: String,
+    pub loadavg: String,
+}
+
+impl Machine {
+    fn probe() -> Machine {
+        let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
+        let cpu = read("/proc/cpuinfo")
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let date = Command::new("date")
+            .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        Machine {
+            cores: cpus(),
+            kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
+            cpu,
+            date,
+            loadavg: read("/proc/loadavg")
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" "),
+        }
+    }
+}
+
+pub struct Report {
+    pub plan: Plan,
+    pub machine: Machine,
+    pub testrun: Vec<TestRunRow>,
+    pub maglev: Vec<MaglevRow>,
+    pub direct: Option<Pps>,
+    pub contenders: Vec<ContenderResult>,
+    pub notes: Vec<String>,
+    pub elapsed: Duration,
+}
+
+fn fmt_rate(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.2} M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1} k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+/// "sluice is N x this" (or "-").
+fn ratio(sluice: Option<f64>, this: Option<f64>) -> String {
+    match (sluice, this) {
+        (Some(s), Some(t)) if t > 0.0 => format!("{:.1}x", s / t),
+        (Some(_), Some(_)) => "inf".into(),
+        _ => "-".into(),
+    }
+}
+
+impl Report {
+    pub fn new(plan: &Plan) -> Report {
+        Report {
+            plan: plan.clone(),
+            machine: Machine::probe(),
+            testrun: Vec::new(),
+            maglev: Vec::new(),
+            direct: None,
+            contenders: Vec::new(),
+            notes: Vec::new(),
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    fn sluice(&self) -> Option<&ContenderResult> {
+        self.contenders.iter().find(|c| c.kind == Kind::Sluice)
+    }
+
+    fn direct_host_cpu(&self) -> Option<f64> {
+        self.direct.as_ref().map(|d| d.max.host_cpu_ns_per_pkt)
+    }
+
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let json = serde_json::to_string_pretty(&self.json())?;
+        fs::write(dir.join("report.json"), json + "\n")?;
+        fs::write(dir.join("report.md"), self.markdown())?;
+        self.chart(&dir.join("report.png"))
+            .context("drawing report.png")?;
+        Ok(())
+    }
+
+    // ----- JSON -----
+
+    pub fn json(&self) -> Value {
+        let mut results = Vec::new();
+        let mut rec = |contender: &str, metric: &str, value: f64, unit: &str, params: Value| {
+            results.push(json!({
+                "contender": contender, "metric": metric,
+                "value": if value.is_finite() { json!(value) } else { Value::Null },
+                "unit": unit, "params": params,
+            }));
+        };
+        for r in &self.testrun {
+            rec(
+                "sluice",
+                "xdp_ns_per_packet",
+                r.ns,
+                "ns",
+                json!({"path": r.path, "target": r.target, "method": "BPF_PROG_TEST_RUN"}),
+            );
+        }
+        for m in &self.maglev {
+            let p = json!({"backends": m.backends, "table_size": m.table_size});
+            rec("sluice", "maglev_max_over_mean", m.max_over_mean, "ratio", p.clone());
+            rec("sluice", "maglev_remapped_on_leave", m.remapped, "share", p.clone());
+            rec("sluice", "maglev_ideal_remap", m.ideal, "share", p);
+        }
+        let pps_records = |rec: &mut dyn FnMut(&str, &str, f64, &str, Value),
+                           who: &str,
+                           pps: &Pps,
+                           direct: Option<f64>| {
+            for run in [&pps.fixed, &pps.max] {
+                let p = json!({
+                    "offered_pps": run.offered, "seconds": run.seconds,
+                    "generated": run.generated, "on_wire": run.on_wire,
+                    "forwarded": run.forwarded, "per_backend": run.per_backend,
+                    "payload_bytes": 64,
+                });
+                let tag = if run.offered.is_some() { "fixed" } else { "max" };
+                rec(who, &format!("udp_pps_{tag}"), run.forwarded_pps(), "packets/s", p.clone());
+                rec(
+                    who,
+                    &format!("host_cpu_ns_per_pkt_{tag}"),
+                    run.host_cpu_ns_per_pkt,
+                    "ns",
+                    p.clone(),
+                );
+                if let Some(d) = direct {
+                    rec(
+                        who,
+                        &format!("lb_cpu_ns_per_pkt_est_{tag}"),
+                        run.host_cpu_ns_per_pkt - d,
+                        "ns",
+                        json!({"method": "host CPU per packet minus that of the direct path"}),
+                    );
+                }
+                if run.proc_cpu_ns_per_pkt > 0.0 {
+                    rec(
+                        who,
+                        &format!("proxy_process_cpu_ns_per_pkt_{tag}"),
+                        run.proc_cpu_ns_per_pkt,
+                        "ns",
+                        p.clone(),
+                    );
+                }
+                if let Some(x) = run.xdp_ns_per_pkt {
+                    rec(
+                        who,
+                        &format!("xdp_prog_ns_per_pkt_{tag}"),
+                        x,
+                        "ns",
+                        json!({"method": "kernel.bpf_stats_enabled run_time_ns / run_cnt"}),
+                    );
+                }
+            }
+        };
+        if let Some(d) = &self.direct {
+            pps_records(&mut rec, "direct (no load balancer)", d, None);
+        }
+        let direct = self.direct_host_cpu();
+        for c in &self.contenders {
+            let who = c.kind.key();
+            if let Some(p) = &c.pps {
+                pps_records(&mut rec, who, p, direct);
+            }
+            for s in &c.conn {
+                let errors: serde_json::Map<String, Value> =
+                    s.errors.iter().map(|(k, n)| (k.clone(), json!(n))).collect();
+                let p = json!({
+                    "offered_conn_per_s": s.offered, "seconds": s.seconds,
+                    "requests": s.requests, "ok": s.ok, "dropped_by_client": s.dropped,
+                    "errors": errors, "proxy_eaddrnotavail_log_lines": s.proxy_port_errors,
+                });
+                rec(who, "conn_ok_per_s", s.ok_per_s, "requests/s", p.clone());
+                rec(who, "conn_p50_ms", s.p50_ms, "ms", p.clone());
+                rec(who, "conn_p99_ms", s.p99_ms, "ms", p.clone());
+                rec(who, "conn_error_rate", s.error_rate(), "share", p);
+            }
+            rec(
+                who,
+                "ephemeral_port_errors",
+                c.port_errors() as f64,
+                "count",
+                json!({"sources": "k6 EADDRNOTAVAIL + proxy log lines"}),
+            );
+            if let Some(x) = c.clean_ok_per_s() {
+                rec(
+                    who,
+                    "conn_max_ok_per_s_under_1pct_errors",
+                    x,
+                    "requests/s",
+                    json!({}),
+                );
+            }
+        }
+        json!({
+            "machine": {
+                "cores": self.machine.cores, "kernel": self.machine.kernel,
+                "cpu": self.machine.cpu, "date": self.machine.date,
+                "loadavg_at_start": self.machine.loadavg,
+            },
+            "mode": if self.plan.quick { "quick" } else { "full" },
+            "plan": {
+                "pps_window_s": self.plan.pps_window.as_secs_f64(),
+                "fixed_pps": self.plan.fixed_pps, "udp_flows": self.plan.flows,
+                "conn_rates": self.plan.conn_rates,
+                "conn_window_s": self.plan.conn_window.as_secs_f64(),
+                "backends": self.plan.backends,
+            },
+            "elapsed_s": self.elapsed.as_secs_f64(),
+            "not_measured": {
+                "ipvs": "this kernel has no IPVS (ip_vs) support",
+                "haproxy_udp": "haproxy balances TCP and HTTP only",
+            },
+            "contender_failures": self.contenders.iter()
+                .filter(|c| !c.errors.is_empty())
+                .map(|c| json!({"contender": c.kind.key(), "errors": c.errors}))
+                .collect::<Vec<_>>(),
+            "notes": self.notes,
+            "results": results,
+        })
+    }
+
+    // ----- Markdown -----
+
+    pub fn markdown(&self) -> String {
+        let m = &self.machine;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "# sluice benchmark ({} run)\n\n{} on {} cores ({}), kernel {}, load average at start {}. \
+             One lab, contenders in turn; run took {:.0} s.\n",
+            if self.plan.quick { "quick" } else { "full" },
+            m.date,
+            m.cores,
+            m.cpu,
+            m.kernel,
+            m.loadavg,
+            self.elapsed.as_secs_f64()
+        );
+        let sl = self.sluice();
+        let sl_pps = sl.and_then(ContenderResult::max_pps);
+        let sl_clean = sl.and_then(ContenderResult::clean_ok_per_s);
+        let direct = self.direct_host_cpu();
+        let _ = writeln!(
+            s,
+            "| contender | UDP pkt/s at {} offered | UDP pkt/s at max | sluice ÷ this | CPU ns/pkt above direct path | req/s, best step < 1% errors | sluice ÷ this | falls over at (conn/s offered) | ephemeral-port errors |",
+            fmt_rate(self.plan.fixed_pps as f64)
+        );
+        s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        for c in &self.contenders {
+            let fixed = c.pps.as_ref().map(|p| p.fixed.forwarded_pps());
+            let max = c.max_pps();
+            let lb_cpu = match (&c.pps, direct) {
+                (Some(p), Some(d)) => format!("{:.0}", p.max.host_cpu_ns_per_pkt - d),
+                _ => "-".into(),
+            };
+            let clean = c.clean_ok_per_s();
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                c.kind.name(),
+                fixed.map_or("n/a".into(), fmt_rate),
+                max.map_or("n/a".into(), fmt_rate),
+                if c.kind == Kind::Sluice {
+                    "1.0x".into()
+                } else {
+                    ratio(sl_pps, max)
+                },
+                lb_cpu,
+                clean.map_or("none".into(), |x| format!("{x:.0}")),
+                if c.kind == Kind::Sluice {
+                    "1.0x".into()
+                } else {
+                    ratio(sl_clean, clean)
+                },
+                c.falls_over_at()
+                    .map_or("never (in this run)".into(), |r| r.to_string()),
+                if c.kind.is_proxy() || c.port_errors() > 0 {
+                    c.port_errors().to_string()
+                } else {
+                    "0 (opens no connection)".into()
+                },
+            );
+        }
+        if let Some(d) = &self.direct {
+            let _ = writeln!(
+                s,
+                "| *direct to one backend, no load balancer* | {} | {} | | (host CPU {:.0} ns/pkt) | | | | |",
+                fmt_rate(d.fixed.forwarded_pps()),
+                fmt_rate(d.max.forwarded_pps()),
+                d.max.host_cpu_ns_per_pkt
+            );
+        }
+
+        s.push_str("\n## Targets\n\n| target | measured | met |\n|---|---|---|\n");
+        let by = |k: Kind| self.contenders.iter().find(|c| c.kind == k);
+        for (k, want) in [(Kind::Iptables, 5.0), (Kind::Nginx, 20.0)] {
+            let this = by(k).and_then(ContenderResult::max_pps);
+            let (text, met) = match (sl_pps, this) {
+                (Some(a), Some(b)) if b > 0.0 => (format!("{:.1}x", a / b), a / b >= want),
+                _ => ("not measured".into(), false),
+            };
+            let _ = writeln!(
+                s,
+                "| UDP pkt/s at max: sluice >= {want}x {} | {text} | {} |",
+                k.name(),
+                if met { "yes" } else { "no" }
+            );
+        }
+        let proxies_port: Vec<String> = self
+            .contenders
+            .iter()
+            .filter(|c| c.kind.is_proxy())
+            .map(|c| format!("{} {}", c.kind.key(), c.port_errors()))
+            .collect();
+        let sl_port = sl.map_or(0, ContenderResult::port_errors);
+        let _ = writeln!(
+            s,
+            "| zero ephemeral-port errors for sluice where the proxies have them | sluice {sl_port}; {} | {} |",
+            proxies_port.join(", "),
+            if sl.is_some()
+                && sl_port == 0
+                && self
+                    .contenders
+                    .iter()
+                    .any(|c| c.kind.is_proxy() && c.port_errors() > 0)
+            {
+                "yes"
+            } else {
+                "no"
+            }
+        );
+        for k in [Kind::Nginx, Kind::Haproxy] {
+            let this = by(k).and_then(ContenderResult::clean_ok_per_s);
+            let (text, met) = match (sl_clean, this) {
+                (Some(a), Some(b)) if b > 0.0 => (format!("{:.2}x", a / b), a / b >= 2.0),
+                (Some(_), None) => ("the proxy had no step under 1% errors".into(), true),
+                _ => ("not measured".into(), false),
+            };
+            let _ = writeln!(
+                s,
+                "| req/s at < 1% errors: sluice >= 2x {} | {text} | {} |",
+                k.name(),
+                if met { "yes" } else { "no" }
+            );
+        }
+
+        s.push_str("\n## Connections (k6, one HTTP request per TCP connection)\n\n");
+        s.push_str("| contender | offered conn/s | answered req/s | p50 ms | p99 ms | errors (kind: count) | not started by k6 | proxy log: EADDRNOTAVAIL |\n|---|---:|---:|---:|---:|---|---:|---:|\n");
+        for c in &self.contenders {
+            for st in &c.conn {
+                let errs: Vec<String> = st
+                    .errors
+                    .iter()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(k, n)| format!("{k}: {n}"))
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {} |",
+                    c.kind.key(),
+                    st.offered,
+                    st.ok_per_s,
+                    st.p50_ms,
+                    st.p99_ms,
+                    if errs.is_empty() {
+                        "0".into()
+                    } else {
+                        errs.join(", ")
+                    },
+                    st.dropped,
+                    st.proxy_port_errors
+                        .map_or("-".into(), |n| n.to_string())
+                );
+            }
+        }
+
+        s.push_str("\n## Packet rate details (UDP, 64-byte payload, ");
+        let _ = write!(s, "{} flows)\n\n", self.plan.flows);
+        s.push_str("| contender | offered | generated pkt/s | left the client pkt/s | at backends pkt/s | host CPU ns/pkt | proxy process CPU ns/pkt | XDP program ns/pkt (bpf_stats) | spread over backends |\n|---|---|---:|---:|---:|---:|---:|---:|---|\n");
+        let mut rows: Vec<(String, &PpsRun)> = Vec::new();
+        if let Some(d) = &self.direct {
+            rows.push(("direct".into(), &d.fixed));
+            rows.push(("direct".into(), &d.max));
+        }
+        for c in &self.contenders {
+            if let Some(p) = &c.pps {
+                rows.push((c.kind.key().into(), &p.fixed));
+                rows.push((c.kind.key().into(), &p.max));
+            }
+        }
+        for (who, r) in rows {
+            let _ = writeln!(
+                s,
+                "| {who} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
+                r.offered.map_or("max".into(), |o| fmt_rate(o as f64)),
+                fmt_rate(r.generated as f64 / r.seconds.max(1e-9)),
+                fmt_rate(r.wire_pps()),
+                fmt_rate(r.forwarded_pps()),
+                r.host_cpu_ns_per_pkt,
+                if r.proc_cpu_ns_per_pkt > 0.0 {
+                    format!("{:.0}", r.proc_cpu_ns_per_pkt)
+                } else {
+                    "-".into()
+                },
+                r.xdp_ns_per_pkt.map_or("-".into(), |x| format!("{x:.0}")),
+                r.per_backend
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            );
+        }
+
+        s.push_str("\n## sluice's XDP program, ns/packet (BPF_PROG_TEST_RUN, 64-byte frames)\n\n| path | ns/packet | target |\n|---|---:|---:|\n");
+        for r in &self.testrun {
+            let _ = writeln!(s, "| {} | {:.1} | {} |", r.path, r.ns, r.target);
+        }
+        if let Some(r) = self.testrun.first() {
+            let _ = writeln!(s, "\n({})", r.note);
+        }
+
+        s.push_str("\n## Maglev quality (table size 65537)\n\n| backends N | max/mean slots | remapped when one leaves | ideal 1/N |\n|---:|---:|---:|---:|\n");
+        for r in &self.maglev {
+            let _ = writeln!(
+                s,
+                "| {} | {:.4} | {:.2}% | {:.2}% |",
+                r.backends,
+                r.max_over_mean,
+                r.remapped * 100.0,
+                r.ideal * 100.0
+            );
+        }
+
+        let failures: Vec<String> = self
+            .contenders
+            .iter()
+            .flat_map(|c| c.errors.iter().map(move |e| format!("{}: {e}", c.kind.name())))
+            .collect();
+        if !failures.is_empty() {
+            s.push_str("\n## Measurements that failed\n\n");
+            for f in failures {
+                let _ = writeln!(s, "- {f}");
+            }
+        }
+        s.push_str("\n## How to read this\n\n");
+        for n in &self.notes {
+            let _ = writeln!(s, "- {n}");
+        }
+        s
+    }
+
+    // ----- PNG -----
+
+    fn chart(&self, path: &Path) -> anyhow::Result<()> {
+        let bytes = fs::read(FONT)
+            .with_context(|| format!("reading the chart font {FONT} (Debian fonts-dejavu-core)"))?;
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+            .map_err(|_| anyhow!("{FONT} is not a usable font"))?;
+
+        let root = BitMapBackend::new(path, (1500, 560)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
+        let title = format!(
+            "sluice vs kube-proxy DNAT and L4 proxies — {}, {} cores, kernel {}",
+            self.machine.date, self.machine.cores, self.machine.kernel
+        );
+        let root = root
+            .titled(&title, ("sans-serif", 22))
+            .map_err(|e| anyhow!("{e:?}"))?;
+        let panels = root.split_evenly((1, 3));
+        let colors = [
+            RGBColor(0x1f, 0x77, 0xb4),
+            RGBColor(0xff, 0x7f, 0x0e),
+            RGBColor(0x2c, 0xa0, 0x2c),
+            RGBColor(0xd6, 0x27, 0x28),
+            RGBColor(0x94, 0x67, 0xbd),
+        ];
+        let color = |k: Kind| colors[Kind::ALL.iter().position(|&x| x == k).unwrap_or(0)];
+
+        // Panel 1: UDP packets/s at max, forwarded to the backends.
+        let bars: Vec<(Kind, f64)> = self
+            .contenders
+            .iter()
+            .map(|c| (c.kind, c.max_pps().unwrap_or(0.0) / 1e3))
+            .collect();
+        let ymax = bars.iter().map(|b| b.1).fold(1.0, f64::max) * 1.15;
+        self.bar_panel(
+            &panels[0],
+            "UDP kpkt/s forwarded (max offered)",
+            &bars,
+            ymax,
+            &color,
+            |v| format!("{v:.0}"),
+        )?;
+
+        // Panel 2: answered req/s against offered conn/s.
+        let xmax = self.plan.conn_rates.iter().copied().max().unwrap_or(1) as f64 * 1.05;
+        let ymax2 = self
+            .contenders
+            .iter()
+            .flat_map(|c| c.conn.iter().map(|s| s.ok_per_s))
+            .fold(1.0, f64::max)
+            * 1.15;
+        let mut ch = ChartBuilder::on(&panels[1])
+            .caption("answered req/s vs offered conn/s (k6)", ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..xmax, 0.0..ymax2)
+            .map_err(|e| anyhow!("{e:?}"))?;
+        ch.configure_mesh()
+            .x_desc("offered new connections/s")
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(|e| anyhow!("{e:?}"))?;
+        for c in &self.contenders {
+            let col = color(c.kind);
+            let pts: Vec<(f64, f64)> = c
+                .conn
+                .iter()
+                .map(|s| (f64::from(s.offered), s.ok_per_s))
+                .collect();
+            ch.draw_series(LineSeries::new(pts.clone(), col.stroke_width(2)))
+                .map_err(|e| anyhow!("{e:?}"))?
+                .label(c.kind.key())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], col.stroke_width(3))
+                });
+            ch.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, col.filled())))
+                .map_err(|e| anyhow!("{e:?}"))?;
+        }
+        ch.configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font(("sans-serif", 13))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| anyhow!("{e:?}"))?;
+
+        // Panel 3: failed connections (all kinds) over the whole ramp.
+        let bars: Vec<(Kind, f64)> = self
+            .contenders
+            .iter()
+            .map(|c| {
+                let (failed, total) = c.conn.iter().fold((0u64, 0u64), |(f, t), s| {
+                    (f + s.error_total(), t + s.requests)
+                });
+                (c.kind, 100.0 * failed as f64 / total.max(1) as f64)
+            })
+            .collect();
+        let ymax3 = bars.iter().map(|b| b.1).fold(1.0, f64::max) * 1.2;
+        self.bar_panel(
+            &panels[2],
+            "failed connections over the ramp, %",
+            &bars,
+            ymax3,
+            &color,
+            |v| format!("{v:.1}%"),
+        )?;
+        root.present().map_err(|e| anyhow!("{e:?}"))?;
+        Ok(())
+    }
+
+    fn bar_panel(
+        &self,
+        area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+        caption: &str,
+        bars: &[(Kind, f64)],
+        ymax: f64,
+        color: &dyn Fn(Kind) -> RGBColor,
+        label: impl Fn(f64) -> String,
+    ) -> anyhow::Result<()> {
+        let n = bars.len().max(1) as f64;
+        let mut ch = ChartBuilder::on(area)
+            .caption(caption, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..n, 0.0..ymax)
+            .map_err(|e| anyhow!("{e:?}"))?;
+        let names: Vec<&str> = bars.iter().map(|b| b.0.key()).collect();
+        ch.configure_mesh()
+            .disable_x_mesh()
+            .x_labels(bars.len() * 2 + 1)
+            .x_label_formatter(&|x| {
+                let i = x.floor() as usize;
+                if (x - x.floor() - 0.5).abs() < 0.01 {
+                    names.get(i).map(|s| s.to_string()).unwrap_or_default()
+                } else {
+                    String::new()
+                }
+            })
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(|e| anyhow!("{e:?}"))?;
+        for (i, (k, v)) in bars.iter().enumerate() {
+            let x = i as f64;
+            ch.draw_series(std::iter::once(Rectangle::new(
+                [(x + 0.15, 0.0), (x + 0.85, *v)],
+                color(*k).filled(),
+            )))
+            .map_err(|e| anyhow!("{e:?}"))?;
+            ch.draw_series(std::iter::once(Text::new(
+                label(*v),
+                (x + 0.2, *v + ymax * 0.02),
+                ("sans-serif", 13),
+            )))
+            .map_err(|e| anyhow!("{e:?}"))?;
+        }
+        Ok(())
+    }
+}
