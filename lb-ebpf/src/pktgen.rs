@@ -5,6 +5,11 @@
 //! the interface named by the test run's `ingress_ifindex`, as a real frame. The program gives
 //! every frame the next UDP source port of a cycle of `PKTGEN_FLOWS[0]` ports, so the traffic is
 //! many flows. The frame's UDP checksum must be 0 (none, legal in IPv4): ports change, it does not.
+//!
+//! Live-frames pages are recycled without being copied again: a page whose frame a hop
+//! downstream rewrote (a DNAT's addresses, a load balancer's MACs) comes back with those bytes.
+//! So the program first restores the headers from `PKTGEN_HEADERS` on every frame; without
+//! that, recycled frames would go straight to a backend, or teach the bridge the wrong port.
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -15,6 +20,12 @@ use aya_ebpf::{
 
 /// Ethernet (14) + IPv4 without options (20): where the UDP source port starts.
 const SPORT_OFFSET: usize = 34;
+
+/// The frame's first 48 bytes (Ethernet, IPv4, UDP and 6 bytes of payload), as 6 words.
+#[btf_map]
+static PKTGEN_HEADERS: Array<[u64; HEADER_WORDS], 1> = Array::new();
+
+const HEADER_WORDS: usize = 6;
 
 /// [number of flows, first source port].
 #[btf_map]
@@ -27,16 +38,23 @@ static PKTGEN_SEQ: PerCpuArray<u32, 1> = PerCpuArray::new();
 #[xdp]
 pub fn sluice_pktgen(ctx: XdpContext) -> u32 {
     let (start, end) = (ctx.data(), ctx.data_end());
-    if start + SPORT_OFFSET + 2 > end {
+    if start + HEADER_WORDS * 8 > end {
         return xdp_action::XDP_ABORTED;
+    }
+    let Some(headers) = PKTGEN_HEADERS.get(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    for (i, word) in headers.iter().enumerate() {
+        // SAFETY: 48 bytes from `start` were bounds-checked above.
+        unsafe { core::ptr::write_unaligned((start + i * 8) as *mut u64, *word) };
     }
     let flows = PKTGEN_FLOWS.get(0).copied().unwrap_or(1).max(1);
     let first = PKTGEN_FLOWS.get(1).copied().unwrap_or(1024);
     let Some(seq) = PKTGEN_SEQ.get_ptr_mut(0) else {
         return xdp_action::XDP_ABORTED;
     };
-    // SAFETY: per-CPU slot, no other writer on this CPU while we run; the port's two bytes were
-    // bounds-checked above.
+    // SAFETY: per-CPU slot, no other writer on this CPU while we run; the port's two bytes are
+    // within the 48 checked above.
     unsafe {
         let n = *seq;
         *seq = n.wrapping_add(1);

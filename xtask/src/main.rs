@@ -37,6 +37,9 @@ enum Cmd {
         /// BPF_PROG_TEST_RUN runs per path (default 200000 quick, 1000000 full).
         #[arg(long)]
         repeat: Option<u32>,
+        /// Only these contenders (comma-separated: sluice,iptables,nft,nginx,haproxy).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
 }
 
@@ -44,9 +47,13 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Demo { requests, backends } => demo(requests, backends),
         Cmd::Test => test(),
-        Cmd::Bench { quick, repeat } => {
+        Cmd::Bench {
+            quick,
+            repeat,
+            only,
+        } => {
             build_sluice()?;
-            bench::run(bench::Plan::new(quick, repeat))
+            bench::run(bench::Plan::new(quick, repeat, only))
         }
     }
 }

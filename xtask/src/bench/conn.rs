@@ -21,7 +21,14 @@ use super::Plan;
 use super::contenders::Active;
 
 /// The error kinds the script counts, as k6 metric names (`err_<kind>`).
-pub const ERROR_KINDS: [&str; 6] = ["eaddrnotavail", "reset", "refused", "timeout", "eof", "other"];
+pub const ERROR_KINDS: [&str; 6] = [
+    "eaddrnotavail",
+    "reset",
+    "refused",
+    "timeout",
+    "eof",
+    "other",
+];
 
 /// One offered rate.
 #[derive(Debug, Clone, Default)]

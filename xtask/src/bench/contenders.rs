@@ -151,7 +151,9 @@ impl Active<'_> {
         let text = fs::read_to_string(log).unwrap_or_default();
         Some(
             text.lines()
-                .filter(|l| l.contains("Cannot assign requested address") || l.contains("no free ports"))
+                .filter(|l| {
+                    l.contains("Cannot assign requested address") || l.contains("no free ports")
+                })
                 .count() as u64,
         )
     }
@@ -203,7 +205,8 @@ pub fn setup(lab: &Lab, kind: Kind) -> anyhow::Result<Active<'_>> {
             // Entries left by the previous contender would keep its NAT decisions.
             flush_conntrack(lab);
             a.undo.push(strs(&["conntrack", "-F"]));
-            a.undo.push(strs(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=0"]));
+            a.undo
+                .push(strs(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=0"]));
             a.undo.push(strs(&["nft", "flush", "ruleset"]));
             if kind == Kind::Iptables {
                 for argv in iptables_rules(lab) {
@@ -220,7 +223,8 @@ pub fn setup(lab: &Lab, kind: Kind) -> anyhow::Result<Active<'_>> {
         Kind::Nginx | Kind::Haproxy => {
             let vip32 = format!("{vip}/32");
             lab.exec_ok(lb, &["ip", "addr", "add", &vip32, "dev", "lo"])?;
-            a.undo.push(strs(&["ip", "addr", "del", &vip32, "dev", "lo"]));
+            a.undo
+                .push(strs(&["ip", "addr", "del", &vip32, "dev", "lo"]));
             let src = proxy_source(lab, kind);
             let src24 = format!("{src}/24");
             lab.exec_ok(lb, &["ip", "addr", "add", &src24, "dev", lab.lb_iface()])?;
@@ -387,9 +391,9 @@ fn nginx_conf(lab: &Lab, dir: &std::path::Path, src: Ipv4Addr) -> String {
 daemon off;
 master_process on;
 worker_processes auto;
-worker_rlimit_nofile 65536;
+worker_rlimit_nofile 16384;
 pid {dir}/nginx.pid;
-events {{ worker_connections 16384; }}
+events {{ worker_connections 8000; }}
 stream {{
     upstream http_backends {{
 {tcp}    }}
@@ -425,7 +429,8 @@ fn haproxy_conf(lab: &Lab, src: Ipv4Addr) -> String {
         .collect::<String>();
     format!(
         "global
-    maxconn 60000
+    # 2 fds per connection; this machine's hard limit is 20000 descriptors.
+    maxconn 9000
 defaults
     mode tcp
     timeout connect 2s
@@ -462,4 +467,46 @@ fn lb_process_cpu_ns(lab: &Lab) -> u64 {
             Some(ticks * 1_000_000_000 / hz)
         })
         .sum()
+}
+
+/// What the lb namespace looks like (for a failed measurement's message).
+pub fn lb_diagnostics(lab: &Lab) -> String {
+    let mut out = String::new();
+    for argv in [
+        &["ip", "-s", "link", "show", "dev", "eth0"][..],
+        &["ip", "neigh"],
+        &["conntrack", "-C"],
+        &[
+            "nstat",
+            "-az",
+            "IpExtInNoRoutes",
+            "IpInAddrErrors",
+            "IpOutNoRoutes",
+            "IpForwDatagrams",
+            "IpInDiscards",
+            "TcpExtListenOverflows",
+            "TcpExtListenDrops",
+        ],
+        &["sysctl", "net.ipv4.ip_forward"],
+    ] {
+        let text = lab
+            .exec(lab.lb_ns(), argv)
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout).into_owned()
+                    + &String::from_utf8_lossy(&o.stderr)
+            })
+            .unwrap_or_else(|e| format!("{e:#}"));
+        out.push_str(&format!("$ {}\n{}\n", argv.join(" "), text.trim()));
+    }
+    for argv in [
+        &["ip", "-s", "link"][..],
+        &["bridge", "fdb", "show", "br", "br0"],
+    ] {
+        let text = lab
+            .exec(lab.switch_ns(), argv)
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_else(|e| format!("{e:#}"));
+        out.push_str(&format!("(switch) $ {}\n{}\n", argv.join(" "), text.trim()));
+    }
+    out
 }

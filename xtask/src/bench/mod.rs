@@ -23,7 +23,6 @@ mod testrun;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use sluice_tests::{Lab, LabConfig, require_root};
 
 use contenders::Kind;
@@ -45,10 +44,12 @@ pub struct Plan {
     /// Offered connection rates (new connections per second), each for `conn_window`.
     pub conn_rates: Vec<u32>,
     pub conn_window: Duration,
+    /// Only these contenders (keys); all when empty.
+    pub only: Vec<String>,
 }
 
 impl Plan {
-    pub fn new(quick: bool, repeat: Option<u32>) -> Plan {
+    pub fn new(quick: bool, repeat: Option<u32>, only: Vec<String>) -> Plan {
         if quick {
             Plan {
                 quick,
@@ -59,6 +60,7 @@ impl Plan {
                 flows: 1024,
                 conn_rates: vec![500, 2000],
                 conn_window: Duration::from_secs(4),
+                only,
             }
         } else {
             Plan {
@@ -70,6 +72,7 @@ impl Plan {
                 flows: 4096,
                 conn_rates: vec![250, 500, 1000, 2000, 4000],
                 conn_window: Duration::from_secs(8),
+                only,
             }
         }
     }
@@ -94,7 +97,10 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut report = Report::new(&plan);
 
-    eprintln!("[bench] ns/packet with BPF_PROG_TEST_RUN ({} runs)", plan.repeat);
+    eprintln!(
+        "[bench] ns/packet with BPF_PROG_TEST_RUN ({} runs)",
+        plan.repeat
+    );
     report.testrun = testrun::run(plan.repeat)?;
     testrun::print(&report.testrun);
 
@@ -115,10 +121,20 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
     report.direct = Some(pktgen::measure_direct(&lab, &plan)?);
 
     for kind in Kind::ALL {
+        if !plan.only.is_empty() && !plan.only.iter().any(|k| k == kind.key()) {
+            continue;
+        }
         eprintln!("[bench] contender: {}", kind.name());
-        let active = contenders::setup(&lab, kind)
-            .with_context(|| format!("setting up {}", kind.name()))?;
         let mut result = report::ContenderResult::new(kind);
+        let active = match contenders::setup(&lab, kind) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("[bench]   setup failed: {e:#}");
+                result.errors.push(format!("setup: {e:#}"));
+                report.contenders.push(result);
+                continue;
+            }
+        };
         if kind.forwards_udp() {
             match pktgen::measure(&lab, &plan, &active) {
                 Ok(p) => result.pps = Some(p),

@@ -4,7 +4,8 @@
 //! live-frames mode from a thread in the client namespace: the kernel copies one prebuilt frame
 //! into page-pool pages, the program stamps the next source port of a cycle and returns XDP_TX,
 //! and the kernel transmits each frame out of the client's veth, a real frame on the lab's
-//! wire. No user-space copy and no socket: a few Mpps from one core. At a fixed offered rate the
+//! wire (it restores the frame's headers each time: recycled pages keep what later hops wrote).
+//! No user-space copy and no socket: a few Mpps from one core. At a fixed offered rate the
 //! thread paces itself in ~1 ms chunks; at the maximum it sends as fast as the path takes them.
 //!
 //! Every backend counts and drops the UDP 5353 datagrams at its veth's ingress (nft netdev
@@ -75,10 +76,10 @@ pub struct Pps {
 pub fn install_backend_counters(lab: &Lab) -> anyhow::Result<()> {
     let rules = format!(
         "table netdev {COUNT_TABLE} {{
-  counter fwd {{ }}
+  counter pktgen_rx {{ }}
   chain ingress {{
     type filter hook ingress device \"{dev}\" priority -500; policy accept;
-    udp dport {UDP_PORT} counter name fwd drop
+    udp dport {UDP_PORT} counter name pktgen_rx drop
   }}
 }}
 ",
@@ -97,7 +98,15 @@ fn backend_counts(lab: &Lab) -> anyhow::Result<Vec<u64>> {
         .map(|i| {
             let out = lab.exec_ok(
                 lab.backend_ns(i),
-                &["nft", "-j", "list", "counter", "netdev", COUNT_TABLE, "fwd"],
+                &[
+                    "nft",
+                    "-j",
+                    "list",
+                    "counter",
+                    "netdev",
+                    COUNT_TABLE,
+                    "pktgen_rx",
+                ],
             )?;
             let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
             v["nftables"]
@@ -239,6 +248,15 @@ fn generate(
             )?;
             cfg.set(0, &flows, 0)?;
             cfg.set(1, &FIRST_PORT, 0)?;
+            let mut headers: Array<_, [u64; 6]> = Array::try_from(
+                ebpf.map_mut("PKTGEN_HEADERS")
+                    .ok_or_else(|| anyhow!("map PKTGEN_HEADERS missing from the object"))?,
+            )?;
+            let mut words = [0u64; 6];
+            for (w, chunk) in words.iter_mut().zip(frame.chunks_exact(8)) {
+                *w = u64::from_ne_bytes(chunk.try_into()?);
+            }
+            headers.set(0, &words, 0)?;
         }
         let prog = dataplane::xdp_program(&mut ebpf, PROGRAM)?;
         prog.load()
@@ -291,11 +309,7 @@ fn window(
     active: Option<&Active<'_>>,
 ) -> anyhow::Result<PpsRun> {
     let xdp = active.is_some_and(|a| a.kind == Kind::Sluice);
-    let _stats = if xdp {
-        Some(BpfStats::enable()?)
-    } else {
-        None
-    };
+    let _stats = if xdp { Some(BpfStats::enable()?) } else { None };
     let b0 = backend_counts(lab)?;
     let w0 = wire_count(lab)?;
     let c0 = host_busy_ns()?;
@@ -340,13 +354,28 @@ fn fixed_and_max(
         Some(u64::from(plan.flows) * 4),
         Duration::from_millis(300),
     )?;
-    let fixed = window(lab, plan, frame, Some(plan.fixed_pps), plan.pps_window, active)?;
+    let fixed = window(
+        lab,
+        plan,
+        frame,
+        Some(plan.fixed_pps),
+        plan.pps_window,
+        active,
+    )?;
     let max = window(lab, plan, frame, None, plan.pps_window, active)?;
+    if let Some(a) = active
+        && (fixed.forwarded == 0 || max.forwarded == 0)
+    {
+        eprintln!(
+            "[bench]   nothing reached the backends through {}:\n{}",
+            a.kind.name(),
+            super::contenders::lb_diagnostics(lab)
+        );
+    }
     for r in [&fixed, &max] {
         eprintln!(
             "[bench]   {:>9}: generated {:>9.0}/s, on wire {:>9.0}/s, at backends {:>9.0}/s, host CPU {:.0} ns/pkt{}",
-            r.offered
-                .map_or("max".to_string(), |o| format!("{o}/s")),
+            r.offered.map_or("max".to_string(), |o| format!("{o}/s")),
             r.generated as f64 / r.seconds,
             r.wire_pps(),
             r.forwarded_pps(),

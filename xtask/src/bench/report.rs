@@ -199,8 +199,20 @@ impl Report {
         }
         for m in &self.maglev {
             let p = json!({"backends": m.backends, "table_size": m.table_size});
-            rec("sluice", "maglev_max_over_mean", m.max_over_mean, "ratio", p.clone());
-            rec("sluice", "maglev_remapped_on_leave", m.remapped, "share", p.clone());
+            rec(
+                "sluice",
+                "maglev_max_over_mean",
+                m.max_over_mean,
+                "ratio",
+                p.clone(),
+            );
+            rec(
+                "sluice",
+                "maglev_remapped_on_leave",
+                m.remapped,
+                "share",
+                p.clone(),
+            );
             rec("sluice", "maglev_ideal_remap", m.ideal, "share", p);
         }
         let pps_records = |rec: &mut dyn FnMut(&str, &str, f64, &str, Value),
@@ -214,8 +226,18 @@ impl Report {
                     "forwarded": run.forwarded, "per_backend": run.per_backend,
                     "payload_bytes": 64,
                 });
-                let tag = if run.offered.is_some() { "fixed" } else { "max" };
-                rec(who, &format!("udp_pps_{tag}"), run.forwarded_pps(), "packets/s", p.clone());
+                let tag = if run.offered.is_some() {
+                    "fixed"
+                } else {
+                    "max"
+                };
+                rec(
+                    who,
+                    &format!("udp_pps_{tag}"),
+                    run.forwarded_pps(),
+                    "packets/s",
+                    p.clone(),
+                );
                 rec(
                     who,
                     &format!("host_cpu_ns_per_pkt_{tag}"),
@@ -262,8 +284,11 @@ impl Report {
                 pps_records(&mut rec, who, p, direct);
             }
             for s in &c.conn {
-                let errors: serde_json::Map<String, Value> =
-                    s.errors.iter().map(|(k, n)| (k.clone(), json!(n))).collect();
+                let errors: serde_json::Map<String, Value> = s
+                    .errors
+                    .iter()
+                    .map(|(k, n)| (k.clone(), json!(n)))
+                    .collect();
                 let p = json!({
                     "offered_conn_per_s": s.offered, "seconds": s.seconds,
                     "requests": s.requests, "ok": s.ok, "dropped_by_client": s.dropped,
@@ -468,8 +493,7 @@ impl Report {
                         errs.join(", ")
                     },
                     st.dropped,
-                    st.proxy_port_errors
-                        .map_or("-".into(), |n| n.to_string())
+                    st.proxy_port_errors.map_or("-".into(), |n| n.to_string())
                 );
             }
         }
@@ -534,7 +558,11 @@ impl Report {
         let failures: Vec<String> = self
             .contenders
             .iter()
-            .flat_map(|c| c.errors.iter().map(move |e| format!("{}: {e}", c.kind.name())))
+            .flat_map(|c| {
+                c.errors
+                    .iter()
+                    .map(move |e| format!("{}: {e}", c.kind.name()))
+            })
             .collect();
         if !failures.is_empty() {
             s.push_str("\n## Measurements that failed\n\n");

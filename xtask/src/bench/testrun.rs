@@ -3,9 +3,7 @@
 
 use anyhow::{bail, ensure};
 use lb_userspace::{dataplane::PASS_PROGRAM, model::Protocol};
-use sluice_tests::{
-    fixtures::{CLIENT, Frame, Harness, TCP_ACK, TCP_SYN, XDP_PASS, XDP_TX, desired},
-};
+use sluice_tests::fixtures::{CLIENT, Frame, Harness, TCP_ACK, TCP_SYN, XDP_PASS, XDP_TX, desired};
 
 /// A 64-byte frame (Ethernet minimum without FCS is 60; 64 with it): TCP with 10 bytes of
 /// payload makes 14 + 20 + 20 + 10 = 64.
