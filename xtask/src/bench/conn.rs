@@ -48,6 +48,8 @@ pub struct ConnStep {
     pub errors: Vec<(String, u64)>,
     /// EADDRNOTAVAIL lines in the proxy's log during this step (proxies only).
     pub proxy_port_errors: Option<u64>,
+    /// "no live upstreams" / "no server available" lines in the proxy's log during this step.
+    pub proxy_no_backend: Option<u64>,
 }
 
 impl ConnStep {
@@ -108,7 +110,7 @@ pub fn measure(lab: &Lab, plan: &Plan, active: &Active<'_>) -> anyhow::Result<Ve
     fs::write(&script, SCRIPT)?;
     let mut steps = Vec::new();
     for (i, &rate) in plan.conn_rates.iter().enumerate() {
-        let before = active.port_errors();
+        let before = (active.port_errors(), active.no_backend_errors());
         let summary = lab.dir().join(format!("k6-{}-{i}.json", active.kind.key()));
         let secs = plan.conn_window.as_secs();
         // VUs: a connection takes ~1 ms when all is well; a failing one up to the 2 s timeout.
@@ -142,10 +144,9 @@ pub fn measure(lab: &Lab, plan: &Plan, active: &Active<'_>) -> anyhow::Result<Ve
             )
         })?;
         let mut step = parse_summary(&text, rate, plan.conn_window.as_secs_f64())?;
-        step.proxy_port_errors = match (before, active.port_errors()) {
-            (Some(b), Some(a)) => Some(a.saturating_sub(b)),
-            _ => None,
-        };
+        let since = |b: Option<u64>, a: Option<u64>| Some(a?.saturating_sub(b?));
+        step.proxy_port_errors = since(before.0, active.port_errors());
+        step.proxy_no_backend = since(before.1, active.no_backend_errors());
         eprintln!(
             "[bench]   {rate:>5} conn/s offered: {:>7.0} ok/s, p50 {:.2} ms, p99 {:.2} ms, errors {} ({}), dropped by k6 {}{}",
             step.ok_per_s,
@@ -159,8 +160,10 @@ pub fn measure(lab: &Lab, plan: &Plan, active: &Active<'_>) -> anyhow::Result<Ve
                 .collect::<Vec<_>>()
                 .join(", "),
             step.dropped,
-            step.proxy_port_errors
-                .map_or(String::new(), |n| format!(", proxy log EADDRNOTAVAIL {n}"))
+            step.proxy_port_errors.map_or(String::new(), |n| format!(
+                ", proxy log: EADDRNOTAVAIL {n}, no backend left {}",
+                step.proxy_no_backend.unwrap_or(0)
+            ))
         );
         steps.push(step);
     }
@@ -190,6 +193,7 @@ fn parse_summary(text: &str, rate: u32, seconds: f64) -> anyhow::Result<ConnStep
         p99_ms: d["p(99)"].as_f64().unwrap_or(f64::NAN),
         errors,
         proxy_port_errors: None,
+        proxy_no_backend: None,
     })
 }
 

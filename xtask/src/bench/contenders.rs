@@ -147,13 +147,21 @@ impl Active<'_> {
     /// How many times the proxy logged that it could not get a source port (EADDRNOTAVAIL);
     /// None for the contenders that open no connection.
     pub fn port_errors(&self) -> Option<u64> {
+        self.log_lines(&["Cannot assign requested address", "no free ports"])
+    }
+
+    /// How many times the proxy logged that it had no backend left to try (it marks backends
+    /// down after failed connects, here caused by the port exhaustion).
+    pub fn no_backend_errors(&self) -> Option<u64> {
+        self.log_lines(&["no live upstreams", "no server available"])
+    }
+
+    fn log_lines(&self, patterns: &[&str]) -> Option<u64> {
         let log = self.log.as_ref()?;
         let text = fs::read_to_string(log).unwrap_or_default();
         Some(
             text.lines()
-                .filter(|l| {
-                    l.contains("Cannot assign requested address") || l.contains("no free ports")
-                })
+                .filter(|l| patterns.iter().any(|p| l.contains(p)))
                 .count() as u64,
         )
     }

@@ -39,6 +39,8 @@ pub struct Plan {
     pub pps_window: Duration,
     /// The fixed offered rate (packets/s); the other window is "as fast as it goes".
     pub fixed_pps: u64,
+    /// Windows at the maximum per contender; the best counts (the host is shared).
+    pub max_tries: u32,
     /// UDP flows (distinct source ports) in the packet-rate test.
     pub flows: u32,
     /// Offered connection rates (new connections per second), each for `conn_window`.
@@ -57,6 +59,7 @@ impl Plan {
                 backends: 3,
                 pps_window: Duration::from_secs(2),
                 fixed_pps: 100_000,
+                max_tries: 1,
                 flows: 1024,
                 conn_rates: vec![500, 2000],
                 conn_window: Duration::from_secs(4),
@@ -69,6 +72,7 @@ impl Plan {
                 backends: 3,
                 pps_window: Duration::from_secs(5),
                 fixed_pps: 100_000,
+                max_tries: 3,
                 flows: 4096,
                 conn_rates: vec![250, 500, 1000, 2000, 4000],
                 conn_window: Duration::from_secs(8),
@@ -115,6 +119,7 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
     })?;
     contenders::tune_lab(&lab)?;
     report.notes.extend(contenders::lab_notes(&lab));
+    report.notes.extend(report::method_notes(&plan));
 
     // The path without a load balancer: what every contender's CPU per packet is compared to.
     eprintln!("[bench] packet rate straight to backend 0 (no load balancer)");

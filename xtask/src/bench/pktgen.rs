@@ -253,8 +253,12 @@ fn generate(
                     .ok_or_else(|| anyhow!("map PKTGEN_HEADERS missing from the object"))?,
             )?;
             let mut words = [0u64; 6];
-            for (w, chunk) in words.iter_mut().zip(frame.chunks_exact(8)) {
-                *w = u64::from_ne_bytes(chunk.try_into()?);
+            ensure!(
+                frame.len() >= 48,
+                "the generator's frame is shorter than 48 bytes"
+            );
+            for (w, chunk) in words.iter_mut().zip(frame.as_chunks::<8>().0) {
+                *w = u64::from_ne_bytes(*chunk);
             }
             headers.set(0, &words, 0)?;
         }
@@ -362,7 +366,14 @@ fn fixed_and_max(
         plan.pps_window,
         active,
     )?;
-    let max = window(lab, plan, frame, None, plan.pps_window, active)?;
+    // The host is shared: of several windows at the maximum, the least disturbed counts.
+    let mut max = window(lab, plan, frame, None, plan.pps_window, active)?;
+    for _ in 1..plan.max_tries {
+        let again = window(lab, plan, frame, None, plan.pps_window, active)?;
+        if again.forwarded_pps() > max.forwarded_pps() {
+            max = again;
+        }
+    }
     if let Some(a) = active
         && (fixed.forwarded == 0 || max.forwarded == 0)
     {

@@ -167,6 +167,39 @@ impl Report {
         self.direct.as_ref().map(|d| d.max.host_cpu_ns_per_pkt)
     }
 
+    /// ns per packet of the path at max without a load balancer (generator, bridge, backend).
+    fn direct_ns(&self) -> Option<f64> {
+        let pps = self.direct.as_ref()?.max.forwarded_pps();
+        (pps > 0.0).then(|| 1e9 / pps)
+    }
+
+    /// The cost of the extra hop through the lb (bridge pass, two veth crossings) without any
+    /// load balancing: sluice's time above the direct path minus its XDP program's own time.
+    fn hop_ns(&self) -> Option<f64> {
+        let sl = self.sluice()?.pps.as_ref()?;
+        let pps = sl.max.forwarded_pps();
+        (pps > 0.0).then_some(())?;
+        Some(1e9 / pps - self.direct_ns()? - sl.max.xdp_ns_per_pkt?)
+    }
+
+    /// The load balancer's own time per packet, estimated (see the notes in the report):
+    /// sluice: its XDP program's run time (bpf_stats); DNAT: time per packet at max above the
+    /// direct path, minus the bare hop; proxies: the proxy processes' CPU per forwarded packet.
+    fn lb_ns_est(&self, c: &ContenderResult) -> Option<f64> {
+        let p = c.pps.as_ref()?;
+        match c.kind {
+            Kind::Sluice => p.max.xdp_ns_per_pkt,
+            Kind::Iptables | Kind::Nft => {
+                let pps = p.max.forwarded_pps();
+                (pps > 0.0).then_some(())?;
+                Some(1e9 / pps - self.direct_ns()? - self.hop_ns()?)
+            }
+            Kind::Nginx | Kind::Haproxy => {
+                (p.max.proc_cpu_ns_per_pkt > 0.0).then_some(p.max.proc_cpu_ns_per_pkt)
+            }
+        }
+    }
+
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let json = serde_json::to_string_pretty(&self.json())?;
@@ -293,6 +326,7 @@ impl Report {
                     "offered_conn_per_s": s.offered, "seconds": s.seconds,
                     "requests": s.requests, "ok": s.ok, "dropped_by_client": s.dropped,
                     "errors": errors, "proxy_eaddrnotavail_log_lines": s.proxy_port_errors,
+                    "proxy_no_backend_log_lines": s.proxy_no_backend,
                 });
                 rec(who, "conn_ok_per_s", s.ok_per_s, "requests/s", p.clone());
                 rec(who, "conn_p50_ms", s.p50_ms, "ms", p.clone());
@@ -306,6 +340,19 @@ impl Report {
                 "count",
                 json!({"sources": "k6 EADDRNOTAVAIL + proxy log lines"}),
             );
+            if let Some(x) = self.lb_ns_est(c) {
+                rec(
+                    who,
+                    "lb_ns_per_pkt_est",
+                    x,
+                    "ns",
+                    json!({"method": match c.kind {
+                        Kind::Sluice => "XDP program run time, kernel.bpf_stats_enabled",
+                        Kind::Iptables | Kind::Nft => "1/pps(max) - 1/pps(direct) - hop, hop = sluice's 1/pps(max) - 1/pps(direct) - its XDP run time",
+                        _ => "proxy processes' CPU time / forwarded packets, at max",
+                    }}),
+                );
+            }
             if let Some(x) = c.clean_ok_per_s() {
                 rec(
                     who,
@@ -364,24 +411,21 @@ impl Report {
         let sl = self.sluice();
         let sl_pps = sl.and_then(ContenderResult::max_pps);
         let sl_clean = sl.and_then(ContenderResult::clean_ok_per_s);
-        let direct = self.direct_host_cpu();
         let _ = writeln!(
             s,
-            "| contender | UDP pkt/s at {} offered | UDP pkt/s at max | sluice ÷ this | CPU ns/pkt above direct path | req/s, best step < 1% errors | sluice ÷ this | falls over at (conn/s offered) | ephemeral-port errors |",
+            "| contender | UDP pkt/s at {} offered | UDP pkt/s at max | sluice ÷ this | LB ns/pkt (est.) | this ÷ sluice | req/s, best step < 1% errors | sluice ÷ this | falls over at (conn/s offered) | ephemeral-port errors |",
             fmt_rate(self.plan.fixed_pps as f64)
         );
-        s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        let sl_lb = sl.and_then(|c| self.lb_ns_est(c));
         for c in &self.contenders {
             let fixed = c.pps.as_ref().map(|p| p.fixed.forwarded_pps());
             let max = c.max_pps();
-            let lb_cpu = match (&c.pps, direct) {
-                (Some(p), Some(d)) => format!("{:.0}", p.max.host_cpu_ns_per_pkt - d),
-                _ => "-".into(),
-            };
+            let lb = self.lb_ns_est(c);
             let clean = c.clean_ok_per_s();
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 c.kind.name(),
                 fixed.map_or("n/a".into(), fmt_rate),
                 max.map_or("n/a".into(), fmt_rate),
@@ -390,7 +434,12 @@ impl Report {
                 } else {
                     ratio(sl_pps, max)
                 },
-                lb_cpu,
+                lb.map_or("-".into(), |x| format!("{x:.0}")),
+                if c.kind == Kind::Sluice {
+                    "1.0x".into()
+                } else {
+                    ratio(lb, sl_lb)
+                },
                 clean.map_or("none".into(), |x| format!("{x:.0}")),
                 if c.kind == Kind::Sluice {
                     "1.0x".into()
@@ -409,10 +458,11 @@ impl Report {
         if let Some(d) = &self.direct {
             let _ = writeln!(
                 s,
-                "| *direct to one backend, no load balancer* | {} | {} | | (host CPU {:.0} ns/pkt) | | | | |",
+                "| *direct to one backend, no load balancer* | {} | {} | | {} | | | | | |",
                 fmt_rate(d.fixed.forwarded_pps()),
                 fmt_rate(d.max.forwarded_pps()),
-                d.max.host_cpu_ns_per_pkt
+                self.hop_ns()
+                    .map_or(String::new(), |h| format!("(bare hop via the lb: {h:.0})"))
             );
         }
 
@@ -470,7 +520,7 @@ impl Report {
         }
 
         s.push_str("\n## Connections (k6, one HTTP request per TCP connection)\n\n");
-        s.push_str("| contender | offered conn/s | answered req/s | p50 ms | p99 ms | errors (kind: count) | not started by k6 | proxy log: EADDRNOTAVAIL |\n|---|---:|---:|---:|---:|---|---:|---:|\n");
+        s.push_str("| contender | offered conn/s | answered req/s | p50 ms | p99 ms | errors seen by k6 (kind: count) | not started by k6 | proxy log: EADDRNOTAVAIL | proxy log: no backend left |\n|---|---:|---:|---:|---:|---|---:|---:|---:|\n");
         for c in &self.contenders {
             for st in &c.conn {
                 let errs: Vec<String> = st
@@ -481,7 +531,7 @@ impl Report {
                     .collect();
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {} |",
+                    "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} |",
                     c.kind.key(),
                     st.offered,
                     st.ok_per_s,
@@ -493,7 +543,8 @@ impl Report {
                         errs.join(", ")
                     },
                     st.dropped,
-                    st.proxy_port_errors.map_or("-".into(), |n| n.to_string())
+                    st.proxy_port_errors.map_or("-".into(), |n| n.to_string()),
+                    st.proxy_no_backend.map_or("-".into(), |n| n.to_string())
                 );
             }
         }
@@ -586,7 +637,7 @@ impl Report {
         plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
             .map_err(|_| anyhow!("{FONT} is not a usable font"))?;
 
-        let root = BitMapBackend::new(path, (1500, 560)).into_drawing_area();
+        let root = BitMapBackend::new(path, (1400, 1000)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
         let title = format!(
             "sluice vs kube-proxy DNAT and L4 proxies — {}, {} cores, kernel {}",
@@ -595,7 +646,7 @@ impl Report {
         let root = root
             .titled(&title, ("sans-serif", 22))
             .map_err(|e| anyhow!("{e:?}"))?;
-        let panels = root.split_evenly((1, 3));
+        let panels = root.split_evenly((2, 2));
         let colors = [
             RGBColor(0x1f, 0x77, 0xb4),
             RGBColor(0xff, 0x7f, 0x0e),
@@ -609,14 +660,31 @@ impl Report {
         let bars: Vec<(Kind, f64)> = self
             .contenders
             .iter()
-            .map(|c| (c.kind, c.max_pps().unwrap_or(0.0) / 1e3))
+            .filter_map(|c| Some((c.kind, c.max_pps()? / 1e3)))
             .collect();
         let ymax = bars.iter().map(|b| b.1).fold(1.0, f64::max) * 1.15;
         self.bar_panel(
             &panels[0],
-            "UDP kpkt/s forwarded (max offered)",
+            "UDP kpkt/s at the backends, max offered (haproxy: no UDP)",
             &bars,
-            ymax,
+            (0.0, ymax),
+            false,
+            &color,
+            |v| format!("{v:.0}"),
+        )?;
+        // Panel 2: the load balancer's own time per packet, log scale.
+        let bars: Vec<(Kind, f64)> = self
+            .contenders
+            .iter()
+            .filter_map(|c| Some((c.kind, self.lb_ns_est(c)?.max(1.0))))
+            .collect();
+        let ymax = bars.iter().map(|b| b.1).fold(10.0, f64::max) * 3.0;
+        self.bar_panel(
+            &panels[1],
+            "load balancer's own ns per packet (est., log scale; lower is better)",
+            &bars,
+            (1.0, ymax),
+            true,
             &color,
             |v| format!("{v:.0}"),
         )?;
@@ -629,8 +697,11 @@ impl Report {
             .flat_map(|c| c.conn.iter().map(|s| s.ok_per_s))
             .fold(1.0, f64::max)
             * 1.15;
-        let mut ch = ChartBuilder::on(&panels[1])
-            .caption("answered req/s vs offered conn/s (k6)", ("sans-serif", 18))
+        let mut ch = ChartBuilder::on(&panels[2])
+            .caption(
+                "answered req/s vs offered new connections/s (k6)",
+                ("sans-serif", 18),
+            )
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60)
@@ -638,6 +709,9 @@ impl Report {
             .map_err(|e| anyhow!("{e:?}"))?;
         ch.configure_mesh()
             .x_desc("offered new connections/s")
+            .x_labels(6)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
             .label_style(("sans-serif", 13))
             .draw()
             .map_err(|e| anyhow!("{e:?}"))?;
@@ -678,10 +752,11 @@ impl Report {
             .collect();
         let ymax3 = bars.iter().map(|b| b.1).fold(1.0, f64::max) * 1.2;
         self.bar_panel(
-            &panels[2],
-            "failed connections over the ramp, %",
+            &panels[3],
+            "failed connections over the whole ramp, %",
             &bars,
-            ymax3,
+            (0.0, ymax3),
+            false,
             &color,
             |v| format!("{v:.1}%"),
         )?;
@@ -689,52 +764,212 @@ impl Report {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn bar_panel(
         &self,
         area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
         caption: &str,
         bars: &[(Kind, f64)],
-        ymax: f64,
+        (ymin, ymax): (f64, f64),
+        log: bool,
         color: &dyn Fn(Kind) -> RGBColor,
         label: impl Fn(f64) -> String,
     ) -> anyhow::Result<()> {
         let n = bars.len().max(1) as f64;
-        let mut ch = ChartBuilder::on(area)
+        let names: Vec<&str> = bars.iter().map(|b| b.0.key()).collect();
+        let x_fmt = |x: &f64| {
+            let i = x.floor() as usize;
+            if (x - x.floor() - 0.5).abs() < 0.01 {
+                names.get(i).map(|s| s.to_string()).unwrap_or_default()
+            } else {
+                String::new()
+            }
+        };
+        let mut builder = ChartBuilder::on(area);
+        builder
             .caption(caption, ("sans-serif", 18))
             .margin(12)
             .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0.0..n, 0.0..ymax)
-            .map_err(|e| anyhow!("{e:?}"))?;
-        let names: Vec<&str> = bars.iter().map(|b| b.0.key()).collect();
-        ch.configure_mesh()
-            .disable_x_mesh()
-            .x_labels(bars.len() * 2 + 1)
-            .x_label_formatter(&|x| {
-                let i = x.floor() as usize;
-                if (x - x.floor() - 0.5).abs() < 0.01 {
-                    names.get(i).map(|s| s.to_string()).unwrap_or_default()
-                } else {
-                    String::new()
+            .y_label_area_size(60);
+        macro_rules! draw {
+            ($ch:expr, $text_y:expr) => {{
+                let mut ch = $ch.map_err(|e| anyhow!("{e:?}"))?;
+                ch.configure_mesh()
+                    .disable_x_mesh()
+                    .x_labels(bars.len() * 2 + 1)
+                    .x_label_formatter(&x_fmt)
+                    .y_label_formatter(&|y| format!("{y:.0}"))
+                    .label_style(("sans-serif", 13))
+                    .draw()
+                    .map_err(|e| anyhow!("{e:?}"))?;
+                for (i, (k, v)) in bars.iter().enumerate() {
+                    let x = i as f64;
+                    ch.draw_series(std::iter::once(Rectangle::new(
+                        [(x + 0.15, ymin), (x + 0.85, *v)],
+                        color(*k).filled(),
+                    )))
+                    .map_err(|e| anyhow!("{e:?}"))?;
+                    let text_y: f64 = $text_y(*v);
+                    ch.draw_series(std::iter::once(Text::new(
+                        label(*v),
+                        (x + 0.2, text_y),
+                        ("sans-serif", 14),
+                    )))
+                    .map_err(|e| anyhow!("{e:?}"))?;
                 }
-            })
-            .label_style(("sans-serif", 13))
-            .draw()
-            .map_err(|e| anyhow!("{e:?}"))?;
-        for (i, (k, v)) in bars.iter().enumerate() {
-            let x = i as f64;
-            ch.draw_series(std::iter::once(Rectangle::new(
-                [(x + 0.15, 0.0), (x + 0.85, *v)],
-                color(*k).filled(),
-            )))
-            .map_err(|e| anyhow!("{e:?}"))?;
-            ch.draw_series(std::iter::once(Text::new(
-                label(*v),
-                (x + 0.2, *v + ymax * 0.02),
-                ("sans-serif", 13),
-            )))
-            .map_err(|e| anyhow!("{e:?}"))?;
+            }};
+        }
+        if log {
+            draw!(
+                builder.build_cartesian_2d(0.0..n, (ymin..ymax).log_scale()),
+                |v: f64| v * 1.6
+            );
+        } else {
+            draw!(builder.build_cartesian_2d(0.0..n, ymin..ymax), |v: f64| v
+                + (ymax - ymin) * 0.04);
         }
         Ok(())
+    }
+}
+
+/// How the figures were taken and what bounds them on this kind of machine.
+pub fn method_notes(plan: &Plan) -> Vec<String> {
+    vec![
+        format!(
+            "packet rate: UDP, 64-byte payload (106-byte frames), {} flows (source ports), from \
+             our generator: the XDP program `sluice_pktgen` run with BPF_PROG_TEST_RUN in \
+             live-frames mode from one thread in the client namespace; each frame leaves the \
+             client's veth as a real frame. Counted where it arrives: an nft netdev-ingress \
+             counter on every backend (which drops it). Windows of {:.0} s at {} pkt/s offered \
+             and at the maximum (the best of {} windows: the host is shared)",
+            plan.flows,
+            plan.pps_window.as_secs_f64(),
+            plan.fixed_pps,
+            plan.max_tries
+        ),
+        "what limits the maximum here: on veths the whole chain — generator, bridge, the lb's \
+         receive and forward, the backend's ingress — runs in softirq on the CPU of the generator \
+         thread (a veth schedules its peer's NAPI on the sending CPU). So 1/pps at max is the sum \
+         of every hop's time, most of which is not the load balancer; the ratios of packet rates \
+         are compressed by that shared floor (see the direct row: the same chain without a load \
+         balancer). The proxies' user-space part runs on the other core, in parallel"
+            .into(),
+        "LB ns/pkt (est.): sluice = its XDP program's own run time (kernel.bpf_stats_enabled, \
+         which itself adds a few ns); iptables/nft = 1/pps(max) - 1/pps(direct) - the bare hop, \
+         where the bare hop (a bridge pass and two veth crossings, paid by every contender) = \
+         sluice's 1/pps(max) - 1/pps(direct) - its XDP time; proxies = CPU time of the proxy \
+         processes per forwarded packet (excludes the kernel's receive path, so a lower bound)"
+            .into(),
+        format!(
+            "connections: k6 1.1 (constant-arrival-rate, a new TCP connection per request, \
+             noVUConnectionReuse: the client closes first) at {:?} new connections/s, {:.0} s \
+             each, in one sequence per contender (TIME_WAIT from one step is still there in the \
+             next, as under sustained load). 'falls over' = the first step with >= 1% failed \
+             requests. k6, the lb and the backends share the 2 cores: past a few thousand \
+             connections/s k6 itself is the limit ('not started by k6' counts iterations it had \
+             no free VU for)",
+            plan.conn_rates,
+            plan.conn_window.as_secs_f64()
+        ),
+        "host CPU ns/pkt in the details is /proc/stat busy time of the whole host over the \
+         window per forwarded packet: other work on the host (other engineers' builds and tests \
+         share this VM) lands in it; compare rows within one run only"
+            .into(),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(offered: Option<u64>, pps: u64, xdp: Option<f64>, proc_ns: f64) -> PpsRun {
+        PpsRun {
+            offered,
+            seconds: 1.0,
+            generated: pps,
+            on_wire: pps,
+            forwarded: pps,
+            per_backend: vec![pps / 3; 3],
+            host_cpu_ns_per_pkt: 1000.0,
+            proc_cpu_ns_per_pkt: proc_ns,
+            xdp_ns_per_pkt: xdp,
+        }
+    }
+
+    fn step(offered: u32, ok: u64, errors: u64) -> ConnStep {
+        ConnStep {
+            offered,
+            seconds: 1.0,
+            ok_per_s: ok as f64,
+            ok,
+            requests: ok + errors,
+            dropped: 0,
+            p50_ms: 0.2,
+            p99_ms: 2.0,
+            errors: vec![("eof".into(), errors)],
+            proxy_port_errors: None,
+            proxy_no_backend: None,
+        }
+    }
+
+    /// A report of made-up figures: the ratios and estimates follow from them, and the chart
+    /// renders (with the font the bootstrap installs).
+    #[test]
+    fn ratios_estimates_and_chart() {
+        let mut r = Report::new(&Plan::new(true, None, Vec::new()));
+        // Direct path 1000 ns/pkt; sluice 1500 ns/pkt of which 100 its own -> hop 400 ns.
+        r.direct = Some(Pps {
+            fixed: run(Some(100_000), 100_000, None, 0.0),
+            max: run(None, 1_000_000, None, 0.0),
+        });
+        let mut sl = ContenderResult::new(Kind::Sluice);
+        sl.pps = Some(Pps {
+            fixed: run(Some(100_000), 100_000, Some(100.0), 0.0),
+            max: run(None, 666_667, Some(100.0), 0.0),
+        });
+        sl.conn = vec![step(1000, 1000, 0), step(2000, 2000, 0)];
+        // iptables 2000 ns/pkt -> 2000 - 1000 - 400 = 600 ns of its own.
+        let mut ipt = ContenderResult::new(Kind::Iptables);
+        ipt.pps = Some(Pps {
+            fixed: run(Some(100_000), 100_000, None, 0.0),
+            max: run(None, 500_000, None, 0.0),
+        });
+        let mut ngx = ContenderResult::new(Kind::Nginx);
+        ngx.pps = Some(Pps {
+            fixed: run(Some(100_000), 20_000, None, 5000.0),
+            max: run(None, 50_000, None, 5000.0),
+        });
+        ngx.conn = vec![step(1000, 1000, 0), step(2000, 500, 1500)];
+        ngx.proxy_port_errors = Some(42);
+        r.contenders = vec![sl, ipt, ngx];
+
+        let est = |k: Kind| {
+            let c = r.contenders.iter().find(|c| c.kind == k).unwrap();
+            r.lb_ns_est(c).unwrap()
+        };
+        assert!((est(Kind::Sluice) - 100.0).abs() < 1e-6);
+        assert!((est(Kind::Iptables) - 600.0).abs() < 1.0);
+        assert!((est(Kind::Nginx) - 5000.0).abs() < 1e-6);
+
+        let md = r.markdown();
+        assert!(md.contains("| 1.3x |"), "pps ratio sluice/iptables: {md}");
+        assert!(md.contains("| 13.3x |"), "pps ratio sluice/nginx: {md}");
+        assert!(
+            md.contains("| 6.0x |"),
+            "iptables' cost over sluice's: {md}"
+        );
+        assert!(
+            md.contains("| 2000 | 42 |"),
+            "nginx falls over at 2000: {md}"
+        );
+
+        let dir = std::env::temp_dir().join(format!("sluice-bench-test-{}", std::process::id()));
+        r.write(&dir).unwrap();
+        let png = fs::read(dir.join("report.png")).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        let json: Value =
+            serde_json::from_str(&fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+        assert!(json["results"].as_array().unwrap().len() > 20);
+        let _ = fs::remove_dir_all(&dir);
     }
 }
