@@ -722,7 +722,14 @@ impl Report {
                 .iter()
                 .map(|s| (f64::from(s.offered), s.ok_per_s))
                 .collect();
-            ch.draw_series(LineSeries::new(pts.clone(), col.stroke_width(2)))
+            // Wider lines first: the contenders that answer everything overlap exactly.
+            let width = match c.kind {
+                Kind::Sluice => 8,
+                Kind::Iptables => 5,
+                Kind::Nginx => 5,
+                _ => 2,
+            };
+            ch.draw_series(LineSeries::new(pts.clone(), col.stroke_width(width)))
                 .map_err(|e| anyhow!("{e:?}"))?
                 .label(c.kind.key())
                 .legend(move |(x, y)| {
