@@ -101,6 +101,7 @@ pub fn tune_lab(lab: &Lab) -> anyhow::Result<()> {
 
 /// What the report says about the lab's setup.
 pub fn lab_notes(lab: &Lab) -> Vec<String> {
+    let ports = u32::from(LB_PORT_RANGE.1 - LB_PORT_RANGE.0) + 1;
     vec![
         format!(
             "lab: client, lb and {} backends (nginx, 1 worker each) in network namespaces on one \
@@ -108,11 +109,26 @@ pub fn lab_notes(lab: &Lab) -> Vec<String> {
             lab.backends()
         ),
         format!(
-            "lb namespace: net.ipv4.ip_local_port_range = {} {} (1000 ports; the default has \
-             28232), so that a proxy's ephemeral-port exhaustion shows within a bounded run; \
+            "lb namespace: net.ipv4.ip_local_port_range = {lo} {hi} ({ports} ports; the default \
+             has 28232), so that a proxy's ephemeral-port exhaustion shows within a bounded run; \
              client namespace: tcp_tw_reuse=1 and ports 1024-65000, so the client itself never \
              runs out",
-            LB_PORT_RANGE.0, LB_PORT_RANGE.1
+            lo = LB_PORT_RANGE.0,
+            hi = LB_PORT_RANGE.1,
+            ports = ports,
+        ),
+        format!(
+            "why the proxies fall over: the client closes first, so the proxy closes its upstream \
+             connection first and that socket holds its source port for 60 s in TIME_WAIT. A \
+             proxy can use {ports} ports x {n} backends = {tuples} (source port, backend) pairs: \
+             the first {tuples} connections within a minute pass, then at most {sustained} new \
+             connections/s. With the default range the same wall stands at 28232 x {n} / 60 = \
+             {default_sustained} new connections/s: the seeds' failure, in small. sluice and \
+             DNAT open no connection, so they have no such wall",
+            tuples = ports * lab.backends() as u32,
+            n = lab.backends(),
+            sustained = ports * lab.backends() as u32 / 60,
+            default_sustained = 28232 * lab.backends() as u32 / 60,
         ),
         "IPVS (kube-proxy's ipvs mode) is not measured: this kernel has no IPVS (ip_vs) support"
             .into(),
