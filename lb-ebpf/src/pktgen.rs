@@ -63,3 +63,43 @@ pub fn sluice_pktgen(ctx: XdpContext) -> u32 {
     }
     xdp_action::XDP_TX
 }
+
+/// Port whose IPv4/UDP datagrams `sluice_pktcount` counts and drops.
+#[btf_map]
+static PKTCOUNT_PORT: Array<u32, 1> = Array::new();
+
+/// Counted datagrams by the last byte of their destination MAC (0..63), 64 = any other.
+#[btf_map]
+static PKTCOUNT: PerCpuArray<u64, 65> = PerCpuArray::new();
+
+/// `sluice_pktcount`: the benchmark's counter at the load balancer's switch port. Counts the
+/// generator's datagrams the load balancer sent out (by destination MAC) and drops them, so
+/// that almost nothing else shares the CPU with the load balancer; passes everything else.
+#[xdp]
+pub fn sluice_pktcount(ctx: XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    // Ethernet (14) + IPv4 without options (20) + UDP (8).
+    if start + 42 > end {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: 42 bytes from `start` were bounds-checked above.
+    let (ethertype, version_ihl, protocol, dport, mac5) = unsafe {
+        (
+            u16::from_be(core::ptr::read_unaligned((start + 12) as *const u16)),
+            *((start + 14) as *const u8),
+            *((start + 23) as *const u8),
+            u16::from_be(core::ptr::read_unaligned((start + 36) as *const u16)),
+            *((start + 5) as *const u8),
+        )
+    };
+    let port = PKTCOUNT_PORT.get(0).copied().unwrap_or(0);
+    if ethertype != 0x0800 || version_ihl != 0x45 || protocol != 17 || u32::from(dport) != port {
+        return xdp_action::XDP_PASS;
+    }
+    let index = if mac5 < 64 { u32::from(mac5) } else { 64 };
+    if let Some(n) = PKTCOUNT.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        unsafe { *n += 1 };
+    }
+    xdp_action::XDP_DROP
+}

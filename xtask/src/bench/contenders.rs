@@ -96,6 +96,11 @@ pub fn tune_lab(lab: &Lab) -> anyhow::Result<()> {
         lab.switch_ns(),
         &["ethtool", "-K", lab.client_peer_iface(), "gro", "on"],
     )?;
+    // XDP_TX out of the lb's veth needs an XDP program on its peer (sluice's lab helper puts an
+    // XDP_PASS one there); the packet-rate test swaps its counter into that link.
+    lab.ensure_peer_xdp()?;
+    // Likewise the lb's veth, for frames injected into its port (NICs have GRO on by default).
+    lab.exec_ok(lab.lb_ns(), &["ethtool", "-K", lab.lb_iface(), "gro", "on"])?;
     Ok(())
 }
 
