@@ -502,7 +502,14 @@ fn lb_process_cpu_ns(lab: &Lab) -> u64 {
 pub fn lb_diagnostics(lab: &Lab) -> String {
     let mut out = String::new();
     for argv in [
-        &["ip", "-s", "link", "show", "dev", "eth0"][..],
+        &[
+            "ip",
+            "-s",
+            "link",
+            "show",
+            "dev",
+            sluice_tests::lab::NS_IFACE,
+        ][..],
         &["ip", "neigh"],
         &["conntrack", "-C"],
         &[
