@@ -21,6 +21,8 @@ apt_packages=(
   llvm-22-dev libpolly-22-dev libzstd-dev          # bpf-linker build and run time
   iproute2 ethtool iputils-ping tcpdump curl bpftool # namespace lab
   nginx-light python3 nftables procps                 # lab: HTTP backends, TTL counters, sysctl
+  libnginx-mod-stream haproxy iptables conntrack      # bench: the contenders (nginx stream, haproxy, DNAT)
+  fonts-dejavu-core                                   # bench: the chart's font
 )
 
 install_apt() {
@@ -35,6 +37,7 @@ install_apt() {
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # nginx from Debian starts a system service on install; the lab runs its own instances.
   systemctl disable --now nginx >/dev/null 2>&1 || true
+  systemctl disable --now haproxy >/dev/null 2>&1 || true
   pkill -x nginx >/dev/null 2>&1 || true
 }
 

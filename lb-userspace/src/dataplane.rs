@@ -32,6 +32,9 @@ use crate::net::Interface;
 /// The XDP objects, built by build.rs for the BPF target and embedded in the binary.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));
+/// The benchmark's traffic generator and counter (`cargo xtask bench`); sluice never loads it.
+pub static PKTGEN_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-pktgen"));
 
 /// Which of the two objects an attachment runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +43,8 @@ pub enum ObjectKind {
     Balancer,
     /// The backend-side decapsulator (`sluice decap`).
     Decap,
+    /// The benchmark's generator (never pinned).
+    Pktgen,
 }
 
 impl ObjectKind {
@@ -47,18 +52,22 @@ impl ObjectKind {
         match self {
             Self::Balancer => OBJECT,
             Self::Decap => DECAP_OBJECT,
+            Self::Pktgen => PKTGEN_OBJECT,
         }
     }
     pub fn map_names(self) -> &'static [&'static str] {
         match self {
             Self::Balancer => &map_names::ALL,
             Self::Decap => &decap_map_names::ALL,
+            Self::Pktgen => &[],
         }
     }
     fn programs(self) -> &'static [&'static str] {
         match self {
             Self::Balancer => &[BALANCER_PROGRAM, PASS_PROGRAM],
             Self::Decap => &[DECAP_PROGRAM],
+            // The bench loads (and verifies) the one it uses.
+            Self::Pktgen => &[],
         }
     }
 }
@@ -255,6 +264,11 @@ pub fn attach_pinned(
     prog.attach_to_link(link)
         .map_err(|e| anyhow!("replacing the program attached to {}: {e}", iface.name))?;
     Ok(true)
+}
+
+/// Loads the benchmark's generator object (programs left unverified).
+pub fn load_pktgen() -> anyhow::Result<Ebpf> {
+    load_object(ObjectKind::Pktgen, None, |_| {})
 }
 
 /// Loads the decapsulator, the same way.

@@ -566,6 +566,18 @@ http {{
     pub fn lb_peer_iface(&self) -> &str {
         "sw-lb"
     }
+    /// The switch-side peer of the client's veth (in [`Lab::switch_ns`]).
+    pub fn client_peer_iface(&self) -> &str {
+        "sw-c"
+    }
+    /// The MAC address of the client's [`NS_IFACE`].
+    pub fn client_mac(&self) -> String {
+        self.mac(1, 0)
+    }
+    /// The MAC address of the lb's [`NS_IFACE`].
+    pub fn lb_mac(&self) -> String {
+        self.mac(2, 0)
+    }
     /// The `--pin-dir` of every sluice command: a directory in the lab's private bpffs.
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir

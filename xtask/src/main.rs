@@ -28,11 +28,18 @@ enum Cmd {
     },
     /// Every test: formatting, clippy, unit, packet fixtures and real-packet lab tests.
     Test,
-    /// ns/packet of the XDP program's paths, measured with BPF_PROG_TEST_RUN.
+    /// sluice side by side with iptables/nft DNAT, nginx stream and haproxy on one lab:
+    /// packet rate, connections, Maglev quality and ns/packet; writes target/bench/report.*.
     Bench {
-        /// Runs per path (more is steadier).
-        #[arg(long, default_value_t = 1_000_000)]
-        repeat: u32,
+        /// A shorter run (under 3 minutes): fewer and shorter windows.
+        #[arg(long)]
+        quick: bool,
+        /// BPF_PROG_TEST_RUN runs per path (default 200000 quick, 1000000 full).
+        #[arg(long)]
+        repeat: Option<u32>,
+        /// Only these contenders (comma-separated: sluice,iptables,nft,nginx,haproxy).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
 }
 
@@ -40,7 +47,14 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Demo { requests, backends } => demo(requests, backends),
         Cmd::Test => test(),
-        Cmd::Bench { repeat } => bench::run(repeat),
+        Cmd::Bench {
+            quick,
+            repeat,
+            only,
+        } => {
+            build_sluice()?;
+            bench::run(bench::Plan::new(quick, repeat, only))
+        }
     }
 }
 

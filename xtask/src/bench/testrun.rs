@@ -1,4 +1,4 @@
-//! ns/packet of the balancer's three paths, from the kernel's own BPF_PROG_TEST_RUN timing
+//! ns/packet of the balancer's paths (IPv4 and IPv6, L2 and encapsulation), from the kernel's own BPF_PROG_TEST_RUN timing
 //! (the XDP hook's cost on a real NIC, ~13 ns, is not included). 64-byte frames.
 
 use std::net::IpAddr;
@@ -8,12 +8,9 @@ use lb_userspace::{
     dataplane::PASS_PROGRAM,
     model::{ForwardingMode, Protocol},
 };
-use sluice_tests::{
-    fixtures::{
-        CLIENT, CLIENT6, Frame, Harness, TCP_ACK, TCP_SYN, VIP, VIP6, XDP_PASS, XDP_TX, desired,
-        desired_at,
-    },
-    require_root,
+use sluice_tests::fixtures::{
+    CLIENT, CLIENT6, Frame, Harness, TCP_ACK, TCP_SYN, VIP, VIP6, XDP_PASS, XDP_TX, desired,
+    desired_at,
 };
 
 /// A 64-byte frame (Ethernet minimum without FCS is 60; 64 with it): TCP with 10 bytes of
@@ -66,8 +63,7 @@ fn established_single(
     Ok((total as f64 - reference_total as f64) / f64::from(runs))
 }
 
-pub fn run(repeat: u32) -> anyhow::Result<()> {
-    require_root();
+pub fn run(repeat: u32) -> anyhow::Result<Vec<TestRunRow>> {
     let mut h = Harness::new()?;
     h.apply(&desired(
         Protocol::Tcp,
@@ -128,45 +124,52 @@ pub fn run(repeat: u32) -> anyhow::Result<()> {
             &est,
         )?;
 
+    let note = format!(
+        "pass and established: {repeat} runs each in the kernel's loop. New flow: {flows} \
+         distinct flows in single runs, {new_single:.0} ns each against {est_single:.0} ns for \
+         single runs of the established frame; the pass-only program takes {baseline_single:.0} \
+         ns in a single run. Encapsulation: {singles} single runs each against single runs of \
+         the IPv4 established frame, added to its loop figure"
+    );
+    let row = |path: &str, ns: f64, target: &str| TestRunRow {
+        path: path.into(),
+        ns,
+        target: target.into(),
+        note: note.clone(),
+    };
+    Ok(vec![
+        row("baseline: XDP_PASS-only program", baseline as f64, "-"),
+        row("non-VIP pass", pass, "<= 15"),
+        row("established flow (table hit)", established, "<= 40"),
+        row("new flow (miss, Maglev, insert)", new_flow, "<= 80"),
+        row("IPv6 non-VIP pass", pass6, "-"),
+        row("IPv6 established flow (L2)", established6, "-"),
+        row("established, IPIP encapsulation", ipip, "-"),
+        row("established, IPv6 VIP in IPv4", ip6ip4, "-"),
+    ])
+}
+
+/// One path's figure.
+#[derive(Debug, Clone)]
+pub struct TestRunRow {
+    pub path: String,
+    pub ns: f64,
+    pub target: String,
+    pub note: String,
+}
+
+pub fn print(rows: &[TestRunRow]) {
     println!(
         "sluice XDP ns/packet (BPF_PROG_TEST_RUN, 64-byte frames, {} CPUs)",
         cpus()
     );
     println!("{:<34} {:>8}  {:>8}", "path", "ns/pkt", "target");
-    println!(
-        "{:<34} {:>8.1}  {:>8}",
-        "baseline: XDP_PASS-only program", baseline as f64, "-"
-    );
-    println!("{:<34} {:>8.1}  {:>8}", "non-VIP pass", pass, "<= 15");
-    println!(
-        "{:<34} {:>8.1}  {:>8}",
-        "established flow (table hit)", established, "<= 40"
-    );
-    println!(
-        "{:<34} {:>8.1}  {:>8}",
-        "new flow (miss, Maglev, insert)", new_flow, "<= 80"
-    );
-    println!("{:<34} {:>8.1}  {:>8}", "IPv6 non-VIP pass", pass6, "-");
-    println!(
-        "{:<34} {:>8.1}  {:>8}",
-        "IPv6 established flow (L2)", established6, "-"
-    );
-    println!(
-        "{:<34} {:>8.1}  {:>8}",
-        "established, IPIP encapsulation", ipip, "-"
-    );
-    println!(
-        "{:<34} {:>8.1}  {:>8}",
-        "established, IPv6 VIP in IPv4", ip6ip4, "-"
-    );
-    println!(
-        "(pass and established: {repeat} runs each in the kernel's loop. New flow: {flows} \
-         distinct flows in single runs, {new_single:.0} ns each against {est_single:.0} ns for \
-         single runs of the established frame; the pass-only program takes {baseline_single:.0} \
-         ns in a single run. Encapsulation: {singles} single runs each against the same \
-         reference, added to the L2 loop figure)"
-    );
-    Ok(())
+    for r in rows {
+        println!("{:<34} {:>8.1}  {:>8}", r.path, r.ns, r.target);
+    }
+    if let Some(r) = rows.first() {
+        println!("({})", r.note);
+    }
 }
 
 fn measure(h: &mut Harness, frame: &[u8], repeat: u32, want: u32) -> anyhow::Result<f64> {
@@ -187,6 +190,6 @@ fn single_run_overhead(h: &mut Harness, frame: &[u8]) -> anyhow::Result<f64> {
     Ok(total as f64 / f64::from(runs))
 }
 
-fn cpus() -> usize {
+pub fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }

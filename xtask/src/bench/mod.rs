@@ -1,0 +1,169 @@
+//! `cargo xtask bench`: sluice side by side with the load balancers Kubernetes users run today,
+//! on one network-namespace lab, in one run.
+//!
+//! 1. ns/packet of the XDP program's paths from BPF_PROG_TEST_RUN ([`testrun`]).
+//! 2. Maglev quality: spread and disruption for N = 3, 10, 100 ([`maglev_quality`]).
+//! 3. One lab (client, lb, backends with nginx); each contender of [`contenders`] is set up in
+//!    the lb namespace in turn, then measured with
+//!    - UDP packets/s, 64-byte payloads, many flows, from our XDP live-frames generator
+//!      ([`pktgen`]), at a fixed offered rate and at the maximum;
+//!    - short-lived TCP connections (one HTTP request each) with k6 at rising rates ([`conn`]).
+//! 4. `target/bench/report.{json,md,png}` ([`report`]).
+//!
+//! Everything is bounded in time, traffic stays between the lab's namespaces, and every piece
+//! (lab, contender, sysctl) is undone by a Drop guard, also on error.
+
+mod conn;
+mod contenders;
+mod maglev_quality;
+mod pktgen;
+mod report;
+mod testrun;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use sluice_tests::{Lab, LabConfig, require_root};
+
+use contenders::Kind;
+use report::Report;
+
+/// What `--quick` and the full run measure.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub quick: bool,
+    /// BPF_PROG_TEST_RUN repeats per path.
+    pub repeat: u32,
+    pub backends: usize,
+    /// Length of each packet-rate window.
+    pub pps_window: Duration,
+    /// The fixed offered rate (packets/s); the other window is "as fast as it goes".
+    pub fixed_pps: u64,
+    /// Windows at the maximum per contender; the best counts (the host is shared).
+    pub max_tries: u32,
+    /// UDP flows (distinct source ports) in the packet-rate test.
+    pub flows: u32,
+    /// Offered connection rates (new connections per second), each for `conn_window`.
+    pub conn_rates: Vec<u32>,
+    pub conn_window: Duration,
+    /// Only these contenders (keys); all when empty.
+    pub only: Vec<String>,
+}
+
+impl Plan {
+    pub fn new(quick: bool, repeat: Option<u32>, only: Vec<String>) -> Plan {
+        if quick {
+            Plan {
+                quick,
+                repeat: repeat.unwrap_or(200_000),
+                backends: 3,
+                pps_window: Duration::from_secs(2),
+                fixed_pps: 100_000,
+                max_tries: 1,
+                flows: 1024,
+                conn_rates: vec![500, 2000],
+                conn_window: Duration::from_secs(4),
+                only,
+            }
+        } else {
+            Plan {
+                quick,
+                repeat: repeat.unwrap_or(1_000_000),
+                backends: 3,
+                pps_window: Duration::from_secs(5),
+                fixed_pps: 100_000,
+                max_tries: 3,
+                flows: 4096,
+                conn_rates: vec![250, 500, 1000, 2000, 4000],
+                conn_window: Duration::from_secs(8),
+                only,
+            }
+        }
+    }
+}
+
+/// Where the report files go: `target/bench/` of the workspace.
+fn out_dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench"))
+}
+
+pub fn run(plan: Plan) -> anyhow::Result<()> {
+    require_root();
+    for tool in ["k6", "iptables", "conntrack", "haproxy", "bpftool"] {
+        let found = std::env::var_os("PATH")
+            .map(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
+            .unwrap_or(false);
+        anyhow::ensure!(
+            found,
+            "the benchmark needs `{tool}` on PATH: run it through ./x (scripts/bootstrap.sh installs it)"
+        );
+    }
+    let started = Instant::now();
+    let mut report = Report::new(&plan);
+
+    eprintln!(
+        "[bench] ns/packet with BPF_PROG_TEST_RUN ({} runs)",
+        plan.repeat
+    );
+    report.testrun = testrun::run(plan.repeat)?;
+    testrun::print(&report.testrun);
+
+    eprintln!("[bench] Maglev quality (N = 3, 10, 100)");
+    report.maglev = maglev_quality::run();
+    maglev_quality::print(&report.maglev);
+
+    eprintln!("[bench] building the lab ({} backends)", plan.backends);
+    let lab = Lab::build(LabConfig {
+        backends: plan.backends,
+        udp: true,
+    })?;
+    contenders::tune_lab(&lab)?;
+    report.notes.extend(contenders::lab_notes(&lab));
+    report.notes.extend(report::method_notes(&plan));
+
+    // The path without a load balancer: what every contender's CPU per packet is compared to.
+    eprintln!("[bench] packet rate straight to backend 0 (no load balancer)");
+    report.direct = Some(pktgen::measure_direct(&lab, &plan)?);
+
+    for kind in Kind::ALL {
+        if !plan.only.is_empty() && !plan.only.iter().any(|k| k == kind.key()) {
+            continue;
+        }
+        eprintln!("[bench] contender: {}", kind.name());
+        let mut result = report::ContenderResult::new(kind);
+        let active = match contenders::setup(&lab, kind) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("[bench]   setup failed: {e:#}");
+                result.errors.push(format!("setup: {e:#}"));
+                report.contenders.push(result);
+                continue;
+            }
+        };
+        if kind.forwards_udp() {
+            match pktgen::measure(&lab, &plan, &active) {
+                Ok(p) => result.pps = Some(p),
+                Err(e) => result.errors.push(format!("packet rate: {e:#}")),
+            }
+        }
+        match conn::measure(&lab, &plan, &active) {
+            Ok(c) => result.conn = c,
+            Err(e) => result.errors.push(format!("connections: {e:#}")),
+        }
+        result.proxy_port_errors = active.port_errors();
+        drop(active);
+        report.contenders.push(result);
+    }
+    drop(lab);
+
+    report.elapsed = started.elapsed();
+    let dir = out_dir();
+    report.write(&dir)?;
+    println!("{}", report.markdown());
+    eprintln!(
+        "[bench] done in {:.0} s: {}/report.{{json,md,png}}",
+        report.elapsed.as_secs_f64(),
+        dir.display()
+    );
+    Ok(())
+}
