@@ -5,6 +5,7 @@
 pub mod config;
 pub mod dataplane;
 pub mod inspect;
+pub mod k8s;
 pub mod maglev;
 pub mod model;
 pub mod net;

@@ -11,7 +11,8 @@ use lb_userspace::{
     config,
     dataplane::{self, DEFAULT_PIN_ROOT, Maps, PASS_PROGRAM, PinLayout},
     inspect::{self, Format},
-    model::{Desired, VipAddr},
+    k8s,
+    model::{Desired, Settings, VipAddr},
     net::Interface,
     reconcile,
 };
@@ -31,16 +32,45 @@ struct Cli {
     command: Command,
 }
 
-/// What `run` and `attach` both take.
+/// Where to attach: what `run`, `attach` and `agent` all take.
 #[derive(clap::Args)]
-struct AttachArgs {
-    #[arg(long)]
-    config: PathBuf,
+struct IfaceArgs {
     #[arg(long)]
     iface: String,
     /// Use generic (skb) XDP when the driver has no native XDP: slower, but works anywhere.
     #[arg(long)]
     generic: bool,
+}
+
+/// What `run` and `attach` both take.
+#[derive(clap::Args)]
+struct AttachArgs {
+    #[arg(long)]
+    config: PathBuf,
+    #[command(flatten)]
+    at: IfaceArgs,
+}
+
+/// What `agent` takes.
+#[derive(clap::Args)]
+struct AgentArgs {
+    #[command(flatten)]
+    at: IfaceArgs,
+    /// kubeconfig of the API server; without it the in-cluster ServiceAccount is used.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name (the DaemonSet passes spec.nodeName).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Slots of every VIP's Maglev table (prime).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAGLEV_SIZE)]
+    maglev_table_size: u32,
+    /// Entries of the connection table (applies when the maps are first created).
+    #[arg(long, default_value_t = lb_common::DEFAULT_FLOW_TABLE_SIZE)]
+    flow_table_size: u32,
+    /// Address of the health endpoints (GET /healthz, /readyz); "off" for none.
+    #[arg(long, default_value = "127.0.0.1:9941")]
+    health_addr: String,
 }
 
 #[derive(Subcommand)]
@@ -50,6 +80,10 @@ enum Command {
     /// Attach persistently (pinned link and maps) and exit; the program keeps forwarding.
     /// Run it again with a changed config to apply the difference.
     Attach(AttachArgs),
+    /// Balance the Services of a Kubernetes cluster: watch Services, EndpointSlices and Nodes and
+    /// keep the maps in step until SIGTERM. Attaches persistently (pinned, like `attach`), so a
+    /// restarted or upgraded agent adopts the maps and no established flow is dropped.
+    Agent(AgentArgs),
     /// Detach a persistent attachment and remove its pins.
     Detach {
         #[arg(long)]
@@ -116,8 +150,9 @@ fn main() -> ExitCode {
 
 fn execute(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run(a) => run(&cli.pin_dir, &a.config, &a.iface, a.generic),
-        Command::Attach(a) => attach(&cli.pin_dir, &a.config, &a.iface, a.generic),
+        Command::Run(a) => run(&cli.pin_dir, &a.config, &a.at.iface, a.at.generic),
+        Command::Attach(a) => attach(&cli.pin_dir, &a.config, &a.at.iface, a.at.generic),
+        Command::Agent(a) => agent(&cli.pin_dir, a),
         Command::Detach { iface } => {
             require_root()?;
             dataplane::detach_pinned(&PinLayout::new(&cli.pin_dir, &iface))?;
@@ -235,15 +270,28 @@ fn run(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> anyho
 fn attach(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> anyhow::Result<()> {
     let (desired, iface) = prepare(config, iface_name)?;
     let pins = PinLayout::new(pin_root, &iface.name);
+    attach_persistent(&pins, &iface, &desired, generic)?;
+    Ok(())
+}
+
+/// Brings the persistent (pinned) attachment on `iface` to `desired`: adopts the one pinned there
+/// (its maps and flows), or loads the program, fills its maps and attaches it with a pinned link.
+/// The state outlives the process. Shared by `attach` and `agent`.
+fn attach_persistent(
+    pins: &PinLayout,
+    iface: &Interface,
+    desired: &Desired,
+    generic: bool,
+) -> anyhow::Result<Maps> {
     if pins.has_link() {
-        let mut maps = Maps::from_pins(&pins)?;
-        let summary = reconcile::reconcile(&mut maps, &iface, &desired)?;
+        let mut maps = Maps::from_pins(pins)?;
+        let summary = reconcile::reconcile(&mut maps, iface, desired)?;
         info!("updated {}: {summary}", iface.name);
-        return Ok(());
+        return Ok(maps);
     }
-    let (mut ebpf, mut maps) = load_fresh(&pins, &desired)?;
-    let summary = reconcile::reconcile(&mut maps, &iface, &desired)?;
-    let link = dataplane::attach(&mut ebpf, lb_common::BALANCER_PROGRAM, &iface, generic)?;
+    let (mut ebpf, mut maps) = load_fresh(pins, desired)?;
+    let summary = reconcile::reconcile(&mut maps, iface, desired)?;
+    let link = dataplane::attach(&mut ebpf, lb_common::BALANCER_PROGRAM, iface, generic)?;
     link.pin(pins.link())
         .map_err(|e| anyhow!("pinning the XDP link at {}: {e}", pins.link().display()))?;
     info!(
@@ -252,7 +300,44 @@ fn attach(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> an
         if generic { "generic" } else { "native" },
         pins.dir().display()
     );
-    Ok(())
+    Ok(maps)
+}
+
+fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
+    let settings = Settings {
+        maglev_table_size: args.maglev_table_size,
+        flow_table_size: args.flow_table_size,
+    };
+    config::validate_settings(&settings).map_err(|e| anyhow!("{e}"))?;
+    let health_addr = match args.health_addr.as_str() {
+        "off" => None,
+        a => Some(a.parse().map_err(|e| {
+            anyhow!("--health-addr {a:?}: {e}: expected ADDRESS:PORT like 127.0.0.1:9941, or off")
+        })?),
+    };
+    require_root()?;
+    let iface = Interface::by_name(&args.at.iface)?;
+    let pins = PinLayout::new(pin_root, &iface.name);
+    pins.prepare()?;
+    let generic = args.at.generic;
+    // Attached on the first complete model, so a restart never applies a partial view.
+    let mut maps: Option<Maps> = None;
+    let apply: k8s::ApplyFn = Box::new(move |desired| match &mut maps {
+        Some(maps) => Ok(reconcile::reconcile(maps, &iface, desired)?.to_string_if_changed()),
+        None => {
+            maps = Some(attach_persistent(&pins, &iface, desired, generic)?);
+            Ok(String::new())
+        }
+    });
+    k8s::run(
+        k8s::AgentConfig {
+            kubeconfig: args.kubeconfig,
+            settings,
+            health_addr,
+            node_name: args.node_name,
+        },
+        apply,
+    )
 }
 
 fn xdp_pass(pin_root: &Path, iface_name: &str, detach: bool) -> anyhow::Result<()> {

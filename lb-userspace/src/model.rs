@@ -186,6 +186,9 @@ impl FromStr for VipAddr {
     }
 }
 
+/// The largest backend weight (config files, the `sluice.io/weight` node annotation).
+pub const MAX_WEIGHT: u32 = 10_000;
+
 /// One real server behind a VIP.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Backend {

@@ -41,6 +41,15 @@ impl Summary {
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
     }
+
+    /// The summary as a line, or "" when nothing changed.
+    pub fn to_string_if_changed(&self) -> String {
+        if self.is_empty() {
+            String::new()
+        } else {
+            self.to_string()
+        }
+    }
 }
 
 impl std::fmt::Display for Summary {
