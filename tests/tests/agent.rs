@@ -398,6 +398,10 @@ fn deploy_manifests_pass_server_dry_run_and_grant_only_reads() -> Result<()> {
     require_root();
     let kube = Kube::start(None)?;
     let deploy = repo_root().join("deploy");
+    // A server-side dry run checks namespaced objects against their namespace, which a dry run
+    // does not create: the namespace goes first, for real.
+    let namespace = deploy.join("00-namespace.yaml");
+    kube.kubectl_ok(&["apply", "-f", &namespace.to_string_lossy()])?;
     let out = kube.kubectl_ok(&["apply", "--dry-run=server", "-f", &deploy.to_string_lossy()])?;
     let text = String::from_utf8_lossy(&out.stdout);
     println!("{text}");
