@@ -134,9 +134,13 @@ enum InspectWhat {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .init();
+    // kube's client logs every dropped connection at warn/error; the agent reports watch
+    // failures itself, once per failure, with what it does about them.
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,kube_client=off"),
+    )
+    .format_timestamp_millis()
+    .init();
     let cli = Cli::parse();
     match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -430,13 +430,19 @@ impl Kube {
     pub fn patch_status(&self, path: &str, patch: &serde_json::Value) -> Result<()> {
         let s = &self.servers[0];
         let mut c = self.command(Path::new("curl"));
-        c.args(["--silent", "--show-error", "--fail-with-body", "--max-time", "30"])
-            .arg("--cacert")
-            .arg(s.cert_dir.join("apiserver.crt"))
-            .args(["-H", &format!("Authorization: Bearer {}", self.admin_token)])
-            .args(["-H", "Content-Type: application/merge-patch+json"])
-            .args(["-X", "PATCH", "--data", &patch.to_string()])
-            .arg(format!("https://127.0.0.1:{}{path}/status", s.port));
+        c.args([
+            "--silent",
+            "--show-error",
+            "--fail-with-body",
+            "--max-time",
+            "30",
+        ])
+        .arg("--cacert")
+        .arg(s.cert_dir.join("apiserver.crt"))
+        .args(["-H", &format!("Authorization: Bearer {}", self.admin_token)])
+        .args(["-H", "Content-Type: application/merge-patch+json"])
+        .args(["-X", "PATCH", "--data", &patch.to_string()])
+        .arg(format!("https://127.0.0.1:{}{path}/status", s.port));
         cmd::run_ok(&mut c, cmd::DEFAULT_TIMEOUT)
             .with_context(|| format!("patching the status of {path}"))?;
         Ok(())

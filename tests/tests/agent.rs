@@ -167,7 +167,15 @@ endpoints:
             }
             let out = self.lab.exec(
                 self.lab.lb_ns(),
-                &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{HEALTH_ADDR}/readyz")],
+                &[
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    &format!("http://{HEALTH_ADDR}/readyz"),
+                ],
             )?;
             if out.stdout == b"200" {
                 return Ok(());
@@ -182,13 +190,19 @@ endpoints:
     fn stop_agent(&mut self) -> Result<()> {
         if let Some(p) = self.agent.take() {
             let status = p.stop(Duration::from_secs(10))?;
-            ensure!(status.success(), "the agent exited with {status} on SIGTERM");
+            ensure!(
+                status.success(),
+                "the agent exited with {status} on SIGTERM"
+            );
         }
         Ok(())
     }
 
     fn agent_log(&self) -> String {
-        self.agent.as_ref().map(|p| p.log_text()).unwrap_or_default()
+        self.agent
+            .as_ref()
+            .map(|p| p.log_text())
+            .unwrap_or_default()
     }
 
     /// VIP -> its backends, from the maps.
@@ -199,7 +213,10 @@ endpoints:
             out.insert(v["vip"].as_str().unwrap_or("").to_owned(), Vec::new());
         }
         let backends = self.inspect("backends")?;
-        for b in backends["backends"].as_array().context("inspect backends: no list")? {
+        for b in backends["backends"]
+            .as_array()
+            .context("inspect backends: no list")?
+        {
             out.entry(b["vip"].as_str().unwrap_or("").to_owned())
                 .or_default()
                 .push((
@@ -212,9 +229,14 @@ endpoints:
     }
 
     fn inspect(&self, what: &str) -> Result<Value> {
-        let out = self
-            .lab
-            .sluice_ok(&["inspect", what, "--iface", self.lab.lb_iface(), "-o", "json"])?;
+        let out = self.lab.sluice_ok(&[
+            "inspect",
+            what,
+            "--iface",
+            self.lab.lb_iface(),
+            "-o",
+            "json",
+        ])?;
         serde_json::from_slice(&out.stdout).with_context(|| format!("inspect {what}: not JSON"))
     }
 
@@ -276,40 +298,87 @@ fn agent_turns_services_slices_and_nodes_into_maps_and_packets() -> Result<()> {
     env.start_agent()?;
     env.converge("service + slice", &env.expect(&[(0, "active", 1)]))?;
     let a = env.answers(30)?;
-    ensure!(names(&a) == ["b0"], "only node 0 has an endpoint, answers {a:?}");
+    ensure!(
+        names(&a) == ["b0"],
+        "only node 0 has an endpoint, answers {a:?}"
+    );
 
     // An open connection, pinned to node 0 by the connection table.
     let conn = env.lab.long_conn_vip()?;
     conn.wait_echoes(5, Duration::from_secs(10))?;
-    ensure!(conn.backend() == "b0", "long connection on {}", conn.backend());
+    ensure!(
+        conn.backend() == "b0",
+        "long connection on {}",
+        conn.backend()
+    );
 
     // Scale up: two endpoints on node 1.
-    env.slice(&[(0, true, true, false), (1, true, true, false), (1, true, true, false)])?;
-    env.converge("scale up", &env.expect(&[(0, "active", 1), (1, "active", 2)]))?;
+    env.slice(&[
+        (0, true, true, false),
+        (1, true, true, false),
+        (1, true, true, false),
+    ])?;
+    env.converge(
+        "scale up",
+        &env.expect(&[(0, "active", 1), (1, "active", 2)]),
+    )?;
     let a = env.answers(300)?;
-    ensure!(names(&a) == ["b0", "b1"], "nodes 0 and 1 should answer, got {a:?}");
+    ensure!(
+        names(&a) == ["b0", "b1"],
+        "nodes 0 and 1 should answer, got {a:?}"
+    );
     ensure!(a["b1"] > a["b0"], "node 1 has twice node 0's weight: {a:?}");
 
     // The node weight annotation scales node 0's share.
-    env.kube
-        .kubectl_ok(&["annotate", "node", "node-0", "sluice.io/weight=4", "--overwrite"])?;
-    env.converge("weight annotation", &env.expect(&[(0, "active", 4), (1, "active", 2)]))?;
+    env.kube.kubectl_ok(&[
+        "annotate",
+        "node",
+        "node-0",
+        "sluice.io/weight=4",
+        "--overwrite",
+    ])?;
+    env.converge(
+        "weight annotation",
+        &env.expect(&[(0, "active", 4), (1, "active", 2)]),
+    )?;
 
     // Node 0's endpoint terminates (still serving): node 0 drains; the open connection stays.
-    env.slice(&[(0, false, true, true), (1, true, true, false), (1, true, true, false)])?;
-    env.converge("endpoint terminating", &env.expect(&[(0, "draining", 4), (1, "active", 2)]))?;
+    env.slice(&[
+        (0, false, true, true),
+        (1, true, true, false),
+        (1, true, true, false),
+    ])?;
+    env.converge(
+        "endpoint terminating",
+        &env.expect(&[(0, "draining", 4), (1, "active", 2)]),
+    )?;
     let a = env.answers(60)?;
-    ensure!(names(&a) == ["b1"], "a draining node takes no new flows: {a:?}");
+    ensure!(
+        names(&a) == ["b1"],
+        "a draining node takes no new flows: {a:?}"
+    );
     conn.wait_echoes(5, Duration::from_secs(10))?;
     let report = conn.finish();
-    ensure!(report.is_clean(), "the draining node's connection broke: {report:?}");
-    ensure!(report.backends == ["b0"], "the connection moved: {report:?}");
+    ensure!(
+        report.is_clean(),
+        "the draining node's connection broke: {report:?}"
+    );
+    ensure!(
+        report.backends == ["b0"],
+        "the connection moved: {report:?}"
+    );
 
     // Node 1 goes NotReady: it drains too.
     env.node(1, false)?;
-    env.converge("node NotReady", &env.expect(&[(0, "draining", 4), (1, "draining", 2)]))?;
+    env.converge(
+        "node NotReady",
+        &env.expect(&[(0, "draining", 4), (1, "draining", 2)]),
+    )?;
     env.node(1, true)?;
-    env.converge("node Ready again", &env.expect(&[(0, "draining", 4), (1, "active", 2)]))?;
+    env.converge(
+        "node Ready again",
+        &env.expect(&[(0, "draining", 4), (1, "active", 2)]),
+    )?;
 
     // Scale down: node 0's endpoint is gone.
     env.slice(&[(1, true, true, false)])?;
@@ -356,7 +425,8 @@ fn agent_survives_apiserver_restart_compaction_and_its_own_restart() -> Result<(
     // then a compaction: resuming its watches gets 410 Gone, so it must relist to see them.
     let other = env.kube.add_apiserver()?;
     env.kube.stop_apiserver(0)?;
-    env.kube.kubectl_ok_on(other, &["delete", "node", "node-2"])?;
+    env.kube
+        .kubectl_ok_on(other, &["delete", "node", "node-2"])?;
     env.kube
         .kubectl_ok_on(other, &["annotate", "node", "node-1", "sluice.io/weight=3"])?;
     let rev = env.kube.compact()?;
@@ -368,14 +438,17 @@ fn agent_survives_apiserver_restart_compaction_and_its_own_restart() -> Result<(
     )?;
     let log = env.agent_log();
     ensure!(
-        log.contains("relisting"),
-        "the agent should have relisted after 410 Gone:\n{log}"
+        log.contains("too old resource version") && log.contains("relisting"),
+        "the agent should have been told 410 Gone (Expired) and relisted:\n{log}"
     );
 
     // The agent restarts: the dataplane forwards meanwhile, and the restarted agent adopts the
     // maps and rebuilds the same state from the API alone.
     env.stop_agent()?;
-    ensure!(env.lab.xdp_attached()?, "the XDP program left with the agent");
+    ensure!(
+        env.lab.xdp_attached()?,
+        "the XDP program left with the agent"
+    );
     conn.wait_echoes(10, Duration::from_secs(10))?;
     env.kube.kubectl_ok(&["uncordon", "node-0"])?; // no-op change while it is down
     env.kube
@@ -387,9 +460,15 @@ fn agent_survives_apiserver_restart_compaction_and_its_own_restart() -> Result<(
     )?;
     conn.wait_echoes(10, Duration::from_secs(10))?;
     let report = conn.finish();
-    ensure!(report.is_clean(), "a live connection was dropped: {report:?}");
+    ensure!(
+        report.is_clean(),
+        "a live connection was dropped: {report:?}"
+    );
     let a = env.answers(60)?;
-    ensure!(names(&a).iter().all(|n| *n == "b0" || *n == "b1"), "answers {a:?}");
+    ensure!(
+        names(&a).iter().all(|n| *n == "b0" || *n == "b1"),
+        "answers {a:?}"
+    );
     env.stop_agent()
 }
 
@@ -405,7 +484,13 @@ fn deploy_manifests_pass_server_dry_run_and_grant_only_reads() -> Result<()> {
     let out = kube.kubectl_ok(&["apply", "--dry-run=server", "-f", &deploy.to_string_lossy()])?;
     let text = String::from_utf8_lossy(&out.stdout);
     println!("{text}");
-    for kind in ["namespace/", "serviceaccount/", "clusterrole.", "daemonset.apps/", "configmap/"] {
+    for kind in [
+        "namespace/",
+        "serviceaccount/",
+        "clusterrole.",
+        "daemonset.apps/",
+        "configmap/",
+    ] {
         ensure!(text.contains(kind), "dry run did not cover {kind}: {text}");
     }
     // The real thing, then what the ServiceAccount may do.
@@ -419,8 +504,15 @@ fn deploy_manifests_pass_server_dry_run_and_grant_only_reads() -> Result<()> {
         )?;
         Ok(String::from_utf8_lossy(&out.stdout).trim() == "yes")
     };
-    for (verb, what) in [("list", "services"), ("watch", "nodes"), ("watch", "endpointslices.discovery.k8s.io")] {
-        ensure!(can(verb, what, "default")?, "the agent may not {verb} {what}");
+    for (verb, what) in [
+        ("list", "services"),
+        ("watch", "nodes"),
+        ("watch", "endpointslices.discovery.k8s.io"),
+    ] {
+        ensure!(
+            can(verb, what, "default")?,
+            "the agent may not {verb} {what}"
+        );
     }
     for (verb, what, ns) in [
         ("create", "services", "default"),
@@ -428,7 +520,10 @@ fn deploy_manifests_pass_server_dry_run_and_grant_only_reads() -> Result<()> {
         ("get", "secrets", AGENT_NAMESPACE),
         ("create", "leases.coordination.k8s.io", "default"),
     ] {
-        ensure!(!can(verb, what, ns)?, "the agent may {verb} {what} in {ns}: too much");
+        ensure!(
+            !can(verb, what, ns)?,
+            "the agent may {verb} {what} in {ns}: too much"
+        );
     }
     ensure!(
         can("update", "leases.coordination.k8s.io", AGENT_NAMESPACE)?,
