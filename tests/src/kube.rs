@@ -448,6 +448,32 @@ impl Kube {
         Ok(())
     }
 
+    /// Creates (or updates) Node `name` with `internal_ip` and a Ready condition, as a kubelet
+    /// would: the object, then its status.
+    pub fn node(&self, name: &str, internal_ip: Ipv4Addr, ready: bool) -> Result<()> {
+        let exists = !self
+            .kubectl_ok(&["get", "node", name, "--ignore-not-found", "-o", "name"])?
+            .stdout
+            .is_empty();
+        if !exists {
+            self.apply_yaml(&format!(
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n"
+            ))?;
+        }
+        let status = if ready { "True" } else { "False" };
+        self.patch_status(
+            &format!("/api/v1/nodes/{name}"),
+            &serde_json::json!({"status": {
+                "addresses": [{"type": "InternalIP", "address": internal_ip.to_string()},
+                              {"type": "Hostname", "address": name}],
+                "conditions": [{"type": "Ready", "status": status,
+                                "reason": "SluiceTest", "message": "set by sluice-tests",
+                                "lastHeartbeatTime": "2026-01-01T00:00:00Z",
+                                "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+            }}),
+        )
+    }
+
     /// Applies the shipped manifests (deploy/: namespace, ServiceAccount, RBAC, ...) as admin and
     /// writes a kubeconfig for API server 0 holding a token of the agent's own ServiceAccount
     /// (from the TokenRequest API): the agent then has exactly the rights deploy/ grants.

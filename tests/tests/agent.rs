@@ -62,28 +62,8 @@ impl Env {
 
     /// Creates or updates Node `node-i` with the lab backend's address as InternalIP.
     fn node(&self, i: usize, ready: bool) -> Result<()> {
-        let name = Self::node_name(i);
-        if self
-            .kube
-            .kubectl_ok(&["get", "node", &name, "--ignore-not-found", "-o", "name"])?
-            .stdout
-            .is_empty()
-        {
-            self.kube.apply_yaml(&format!(
-                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n"
-            ))?;
-        }
-        self.kube.patch_status(
-            &format!("/api/v1/nodes/{name}"),
-            &json!({"status": {
-                "addresses": [{"type": "InternalIP", "address": self.lab.backend_addr(i).to_string()},
-                              {"type": "Hostname", "address": name}],
-                "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"},
-                                "reason": "Test", "message": "set by the sluice agent test",
-                                "lastHeartbeatTime": "2026-01-01T00:00:00Z",
-                                "lastTransitionTime": "2026-01-01T00:00:00Z"}],
-            }}),
-        )
+        self.kube
+            .node(&Self::node_name(i), self.lab.backend_addr(i), ready)
     }
 
     /// A Service `web` (ports 80 and 7000) with the lab's VIP as its load-balancer address,

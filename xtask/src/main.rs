@@ -2,6 +2,7 @@
 //! The `./x` script installs the toolchains first and then calls these.
 
 mod bench;
+mod bench_agent;
 
 use std::process::Command;
 
@@ -33,6 +34,15 @@ enum Cmd {
         /// Runs per path (more is steadier).
         #[arg(long, default_value_t = 1_000_000)]
         repeat: u32,
+        /// EndpointSlice changes timed in the agent section.
+        #[arg(long, default_value_t = 200)]
+        agent_changes: usize,
+        /// Services (x 10 endpoints) of the agent's full-sync figure.
+        #[arg(long, default_value_t = 1000)]
+        agent_services: usize,
+        /// Only the agent section.
+        #[arg(long)]
+        agent_only: bool,
     },
 }
 
@@ -40,7 +50,17 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Demo { requests, backends } => demo(requests, backends),
         Cmd::Test => test(),
-        Cmd::Bench { repeat } => bench::run(repeat),
+        Cmd::Bench {
+            repeat,
+            agent_changes,
+            agent_services,
+            agent_only,
+        } => {
+            if !agent_only {
+                bench::run(repeat)?;
+            }
+            bench_agent::run(agent_changes, agent_services)
+        }
     }
 }
 

@@ -11,7 +11,7 @@
 //!   and under `Local` a node whose only endpoints are serving but terminating.
 //! - A node's `sluice.io/weight` annotation multiplies its share.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -91,9 +91,27 @@ pub fn build(
     let mut services: Vec<&Service> = services.iter().map(AsRef::as_ref).collect();
     // Two Services claiming one VIP: the first by namespace/name keeps it, on every agent.
     services.sort_by_key(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()));
+    // Slices by their Service, so that each Service reads only its own.
+    let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for slice in slices {
+        let ns = slice.metadata.namespace.as_deref().unwrap_or("");
+        if let Some(svc) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        {
+            by_service.entry((ns, svc)).or_default().push(slice);
+        }
+    }
     let mut vips: BTreeMap<VipAddr, Vip> = BTreeMap::new();
     for svc in services {
-        add_service(svc, slices, &nodes, &mut vips, &mut built);
+        let key = (
+            svc.metadata.namespace.as_deref().unwrap_or(""),
+            svc.metadata.name.as_deref().unwrap_or(""),
+        );
+        let own = by_service.get(&key).map(Vec::as_slice).unwrap_or_default();
+        add_service(svc, own, &nodes, &mut vips, &mut built);
     }
     built.desired.vips = vips.into_values().collect();
     built
@@ -186,7 +204,7 @@ fn service_addresses(svc: &Service, who: &str, problems: &mut BTreeSet<String>) 
 
 fn add_service(
     svc: &Service,
-    slices: &[Arc<EndpointSlice>],
+    slices: &[&EndpointSlice],
     nodes: &[NodeInfo],
     vips: &mut BTreeMap<VipAddr, Vip>,
     built: &mut Built,
@@ -234,7 +252,7 @@ fn add_service(
         }
         let backends = if local {
             let port_name = port.name.as_deref().unwrap_or("");
-            local_backends(&local_endpoints(slices, ns, name, port_name), nodes)
+            local_backends(&local_endpoints(slices, port_name), nodes)
         } else {
             cluster_backends(nodes)
         };
@@ -316,29 +334,15 @@ fn local_backends(
     backends
 }
 
-/// Endpoints of Service `namespace/name` serving port `port_name`, counted per node. One endpoint
+/// Endpoints in a Service's `slices` serving port `port_name`, counted per node. One endpoint
 /// listed in two slices (the controller moving it) counts once.
-fn local_endpoints(
-    slices: &[Arc<EndpointSlice>],
-    namespace: Option<&str>,
-    name: Option<&str>,
-    port_name: &str,
-) -> BTreeMap<String, LocalEndpoints> {
+fn local_endpoints(slices: &[&EndpointSlice], port_name: &str) -> BTreeMap<String, LocalEndpoints> {
     let mut seen = BTreeSet::new();
     let mut per_node: BTreeMap<String, LocalEndpoints> = BTreeMap::new();
     let mut slices: Vec<&EndpointSlice> = slices
         .iter()
-        .map(AsRef::as_ref)
-        .filter(|s| {
-            s.metadata.namespace.as_deref() == namespace
-                && s.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                    .map(String::as_str)
-                    == name
-                && s.address_type != "FQDN"
-        })
+        .copied()
+        .filter(|s| s.address_type != "FQDN")
         .filter(|s| match s.ports.as_deref() {
             // No ports: the slice's endpoints serve every port of the Service.
             None | Some([]) => true,
