@@ -330,7 +330,7 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
         Some(maps) => Ok(reconcile::reconcile(maps, &iface, desired)?.to_string_if_changed()),
         None => {
             maps = Some(attach_persistent(&pins, &iface, desired, generic)?);
-            Ok(String::new())
+            Ok(format!("attached with {} VIPs", desired.vips.len()))
         }
     });
     k8s::run(

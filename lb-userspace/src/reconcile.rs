@@ -4,7 +4,7 @@
 //! VIP entry, and only then frees what is gone. The connection table is never flushed.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
     time::Duration,
 };
@@ -322,6 +322,9 @@ fn slot_value(
     })
 }
 
+/// What a Maglev table is a function of: (backend id, weight) pairs and the size.
+type TableInputs = (Vec<(u32, u32)>, u32);
+
 fn apply(maps: &mut Maps, plan: Plan) -> anyhow::Result<Summary> {
     let mut summary = Summary::default();
     let cpus = cpu_count(maps)?;
@@ -359,7 +362,10 @@ fn apply(maps: &mut Maps, plan: Plan) -> anyhow::Result<Summary> {
     );
     write_filter(maps, &widened)?;
 
-    // 4. Tables (one atomic swap each), then the VIP entries that point at them.
+    // 4. Tables (one atomic swap each), then the VIP entries that point at them. VIPs with the
+    //    same backends and weights (every VIP of a Kubernetes cluster's nodes, for one) have the
+    //    same table: it is built once per reconcile.
+    let mut built: HashMap<TableInputs, Vec<u32>> = HashMap::new();
     for vip in &plan.vips {
         if vip.rebuild_table {
             let inputs: Vec<MaglevBackend> = vip
@@ -370,8 +376,16 @@ fn apply(maps: &mut Maps, plan: Plan) -> anyhow::Result<Summary> {
                     weight: effective_weight(v),
                 })
                 .collect();
-            let table: Vec<u32> = maglev::build_table(&inputs, vip.info.table_size)
-                .into_iter()
+            let key = (
+                inputs.iter().map(|b| (b.id, b.weight)).collect(),
+                vip.info.table_size,
+            );
+            let indices = built
+                .entry(key)
+                .or_insert_with(|| maglev::build_table(&inputs, vip.info.table_size));
+            let table: Vec<u32> = indices
+                .iter()
+                .copied()
                 .map(|i| match vip.backends.get(i as usize) {
                     Some((slot, _)) if i != NO_BACKEND => *slot,
                     _ => NO_BACKEND,

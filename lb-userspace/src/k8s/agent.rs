@@ -33,7 +33,7 @@ use crate::model::{Desired, Settings};
 use crate::net;
 
 /// Quiet time after the last event before the model is rebuilt: one rebuild per burst.
-pub const DEBOUNCE: Duration = Duration::from_millis(30);
+pub const DEBOUNCE: Duration = Duration::from_millis(10);
 /// A burst that never goes quiet is still applied this often.
 const MAX_DELAY: Duration = Duration::from_millis(500);
 /// How long one unknown neighbour (node MAC) may take to resolve in one pass.
@@ -322,8 +322,14 @@ async fn serve_health(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<(
     info!("health probes on http://{addr}/healthz and /readyz");
     tokio::spawn(async move {
         loop {
-            let Ok((mut conn, _)) = listener.accept().await else {
-                continue;
+            let mut conn = match listener.accept().await {
+                Ok((conn, _)) => conn,
+                Err(e) => {
+                    // E.g. out of file descriptors: don't spin; the probe will retry.
+                    debug!("health endpoint: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             let health = health.clone();
             tokio::spawn(async move {
