@@ -17,9 +17,9 @@ use lb_common::{
 };
 
 use crate::{
-    dataplane::{Maps, install_maglev_table},
+    dataplane::{Maps, install_maglev_table, install_maglev_tables},
     maglev::{self, MaglevBackend},
-    model::{Backend, Desired, Vip, VipAddr},
+    model::{Backend, Desired, MacAddr, Vip, VipAddr},
     net::{Interface, resolve_neighbour},
 };
 
@@ -151,6 +151,8 @@ pub fn reconcile(maps: &mut Maps, iface: &Interface, desired: &Desired) -> anyho
 fn plan(current: &Current, iface: &Interface, desired: &Desired) -> anyhow::Result<Plan> {
     let table_size = desired.settings.maglev_table_size;
     let desired_keys: BTreeSet<VipKey> = desired.vips.iter().map(|v| vip_key(&v.key)).collect();
+    // One neighbour lookup per backend address, however many VIPs it serves.
+    let mut neighbours = Neighbours::default();
 
     // Ids kept by surviving VIPs and slots; new ones come from what is free now (slots freed
     // by this reconcile are not reused in it: their old flows must re-hash, not follow).
@@ -188,7 +190,7 @@ fn plan(current: &Current, iface: &Interface, desired: &Desired) -> anyhow::Resu
         let mut backends = Vec::with_capacity(vip.backends.len());
         let mut table_changed = is_new;
         for backend in &vip.backends {
-            let mut value = slot_value(iface, vip, backend, id)?;
+            let mut value = slot_value(iface, &mut neighbours, vip, backend, id)?;
             if value.ifindex != iface.index {
                 plan.tx_ports.insert(value.ifindex);
             }
@@ -280,9 +282,13 @@ fn effective_weight(slot: &SlotValue) -> u32 {
     }
 }
 
+/// Resolved backend MACs and egress interfaces of one plan, by address.
+type Neighbours = BTreeMap<Ipv4Addr, (MacAddr, Interface)>;
+
 /// Where and how the program sends this backend's packets.
 fn slot_value(
     iface: &Interface,
+    neighbours: &mut Neighbours,
     vip: &Vip,
     backend: &Backend,
     vip_id: u32,
@@ -290,20 +296,24 @@ fn slot_value(
     let (dst_mac, egress) = match backend.mac {
         // A configured MAC is on the attached interface's L2 segment.
         Some(mac) => (mac, iface.clone()),
-        None => {
-            let n = resolve_neighbour(backend.addr, NEIGHBOUR_TIMEOUT).map_err(|e| {
-                anyhow!(
-                    "{}: backend {}: cannot find its MAC address: {e}; set `mac:` for it in the config or check that it is on a directly connected network",
-                    vip.key, backend.addr
-                )
-            })?;
-            let egress = if n.device == iface.name {
-                iface.clone()
-            } else {
-                Interface::by_name(&n.device)?
-            };
-            (n.mac, egress)
-        }
+        None => match neighbours.get(&backend.addr) {
+            Some(known) => known.clone(),
+            None => {
+                let n = resolve_neighbour(backend.addr, NEIGHBOUR_TIMEOUT).map_err(|e| {
+                    anyhow!(
+                        "{}: backend {}: cannot find its MAC address: {e}; set `mac:` for it in the config or check that it is on a directly connected network",
+                        vip.key, backend.addr
+                    )
+                })?;
+                let egress = if n.device == iface.name {
+                    iface.clone()
+                } else {
+                    Interface::by_name(&n.device)?
+                };
+                neighbours.insert(backend.addr, (n.mac, egress.clone()));
+                (n.mac, egress)
+            }
+        },
     };
     let state = if backend.takes_new_flows() {
         backend_state::ACTIVE
@@ -366,6 +376,7 @@ fn apply(maps: &mut Maps, plan: Plan) -> anyhow::Result<Summary> {
     //    same backends and weights (every VIP of a Kubernetes cluster's nodes, for one) have the
     //    same table: it is built once per reconcile.
     let mut built: HashMap<TableInputs, Vec<u32>> = HashMap::new();
+    let mut tables = Vec::new();
     for vip in &plan.vips {
         if vip.rebuild_table {
             let inputs: Vec<MaglevBackend> = vip
@@ -391,9 +402,12 @@ fn apply(maps: &mut Maps, plan: Plan) -> anyhow::Result<Summary> {
                     _ => NO_BACKEND,
                 })
                 .collect();
-            install_maglev_table(maps, vip.id, &table)?;
+            tables.push((vip.id, table));
             summary.tables_rebuilt += 1;
         }
+    }
+    install_maglev_tables(maps, &tables)?;
+    for vip in &plan.vips {
         if vip.is_new {
             maps.vip_stats
                 .set(vip.id, zeros(cpus)?, 0)
