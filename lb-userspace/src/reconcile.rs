@@ -17,7 +17,7 @@ use lb_common::{
 };
 
 use crate::{
-    dataplane::{Maps, install_maglev_table, install_maglev_tables},
+    dataplane::{Maps, TableWrite, install_maglev_tables},
     maglev::{self, MaglevBackend},
     model::{Backend, Desired, MacAddr, Vip, VipAddr},
     net::{Interface, resolve_neighbour},
@@ -376,36 +376,37 @@ fn apply(maps: &mut Maps, plan: Plan) -> anyhow::Result<Summary> {
     //    same backends and weights (every VIP of a Kubernetes cluster's nodes, for one) have the
     //    same table: it is built once per reconcile.
     let mut built: HashMap<TableInputs, Vec<u32>> = HashMap::new();
-    let mut tables = Vec::new();
-    for vip in &plan.vips {
-        if vip.rebuild_table {
-            let inputs: Vec<MaglevBackend> = vip
-                .backends
-                .iter()
-                .map(|(_, v)| MaglevBackend {
-                    id: u32::from_be(v.addr),
-                    weight: effective_weight(v),
-                })
-                .collect();
-            let key = (
-                inputs.iter().map(|b| (b.id, b.weight)).collect(),
-                vip.info.table_size,
-            );
-            let indices = built
-                .entry(key)
-                .or_insert_with(|| maglev::build_table(&inputs, vip.info.table_size));
-            let table: Vec<u32> = indices
-                .iter()
-                .copied()
-                .map(|i| match vip.backends.get(i as usize) {
-                    Some((slot, _)) if i != NO_BACKEND => *slot,
-                    _ => NO_BACKEND,
-                })
-                .collect();
-            tables.push((vip.id, table));
-            summary.tables_rebuilt += 1;
-        }
+    let mut rebuilt: Vec<(&VipPlan, TableInputs, Vec<u32>)> = Vec::new();
+    for vip in plan.vips.iter().filter(|v| v.rebuild_table) {
+        let inputs: Vec<MaglevBackend> = vip
+            .backends
+            .iter()
+            .map(|(_, v)| MaglevBackend {
+                id: u32::from_be(v.addr),
+                weight: effective_weight(v),
+            })
+            .collect();
+        let key: TableInputs = (
+            inputs.iter().map(|b| (b.id, b.weight)).collect(),
+            vip.info.table_size,
+        );
+        built
+            .entry(key.clone())
+            .or_insert_with(|| maglev::build_table(&inputs, vip.info.table_size));
+        let slots = vip.backends.iter().map(|(slot, _)| *slot).collect();
+        rebuilt.push((vip, key, slots));
     }
+    let tables: Vec<TableWrite<'_>> = rebuilt
+        .iter()
+        .filter_map(|(vip, key, slots)| {
+            Some(TableWrite {
+                vip_id: vip.id,
+                picks: built.get(key)?,
+                backends: slots,
+            })
+        })
+        .collect();
+    summary.tables_rebuilt += tables.len();
     install_maglev_tables(maps, &tables)?;
     for vip in &plan.vips {
         if vip.is_new {
@@ -426,10 +427,19 @@ fn apply(maps: &mut Maps, plan: Plan) -> anyhow::Result<Summary> {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(e).with_context(|| format!("removing VIP #{id}")),
         }
-        // Release the table's memory: a one-slot empty table stands in until the id is reused.
-        install_maglev_table(maps, *id, &[NO_BACKEND])?;
         summary.vips_removed += 1;
     }
+    // Release the tables' memory: a one-slot empty table stands in until the id is reused.
+    let empty: Vec<TableWrite<'_>> = plan
+        .removed_vips
+        .iter()
+        .map(|(_, id)| TableWrite {
+            vip_id: *id,
+            picks: &[NO_BACKEND],
+            backends: &[],
+        })
+        .collect();
+    install_maglev_tables(maps, &empty)?;
     for slot in &plan.removed_slots {
         maps.backends
             .set(*slot, &SlotValue::default(), 0)
