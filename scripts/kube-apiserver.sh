@@ -3,7 +3,7 @@
 # package, for the agent's tests and benchmark. No prebuilt binary can be downloaded here and no
 # container engine runs, so this is the only way to a real API server (see README, "sluice agent").
 #
-# The binaries are cached OUTSIDE the repo, so only a fresh machine pays the ~5 minute build:
+# The binaries are cached OUTSIDE the repo, so only a fresh machine pays the build (5 to 8 minutes on 2 cores):
 #   $SLUICE_KUBE_CACHE (default /var/cache/sluice-kube/1.20.2)/{kube-apiserver,kubectl}
 # Idempotent; returns at once when the cache is complete. Prints the cache directory on stdout.
 set -euo pipefail
@@ -80,7 +80,7 @@ reflect2_dst="$tree/vendor/github.com/modern-go/reflect2"
 find "$reflect2_dst" -maxdepth 1 -type f \( -name '*.go' -o -name '*.s' \) -delete
 find "$reflect2_src" -maxdepth 1 -type f \( -name '*.go' -o -name '*.s' \) -exec cp {} "$reflect2_dst/" \;
 
-log "building ${BINARIES[*]} (about 5 minutes on 2 cores)"
+log "building ${BINARIES[*]} (5 to 8 minutes on 2 cores)"
 (
   cd "$tree"
   export CGO_ENABLED=0 GOPROXY=off GOFLAGS= GOCACHE="$work/gocache" GOPATH="$work/gopath"
