@@ -227,8 +227,9 @@ pub struct Maps {
     pub backend_stats: PerCpuArray<MapData, Counters>,
     pub global_stats: PerCpuArray<MapData, u64>,
     pub vip_filter: Array<MapData, VipFilter>,
-    /// A second descriptor of MAGLEV, for batched slot updates (aya has no batch API).
+    /// Second descriptors of MAGLEV and BACKENDS, for batched calls (aya has no batch API).
     maglev_fd: OwnedFd,
+    backends_fd: OwnedFd,
 }
 
 impl Maps {
@@ -271,13 +272,25 @@ impl Maps {
                 .context("duplicating the MAGLEV map's descriptor")?,
             _ => bail!("map {} is not an array of maps", map_names::MAGLEV),
         };
+        let backends = take(map_names::BACKENDS)?;
+        let backends_fd = match &backends {
+            Map::Array(data) => data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("duplicating the BACKENDS map's descriptor")?,
+            _ => bail!("map {} is not an array", map_names::BACKENDS),
+        };
         Ok(Self {
             maglev_fd,
+            backends_fd,
+            backends: backends.try_into().map_err(|e| {
+                anyhow!("map {} has an unexpected layout: {e}", map_names::BACKENDS)
+            })?,
             vips: typed!(map_names::VIPS),
             maglev: maglev
                 .try_into()
                 .map_err(|e| anyhow!("map {} has an unexpected layout: {e}", map_names::MAGLEV))?,
-            backends: typed!(map_names::BACKENDS),
             flows: typed!(map_names::FLOWS),
             tx_ports: typed!(map_names::TX_PORTS),
             vip_stats: typed!(map_names::VIP_STATS),
@@ -285,6 +298,24 @@ impl Maps {
             global_stats: typed!(map_names::GLOBAL_STATS),
             vip_filter: typed!(map_names::VIP_FILTER),
         })
+    }
+
+    /// Every BACKENDS slot, in slot order: one batched lookup instead of one syscall per slot
+    /// (16,384 of them, ~14 ms), falling back to that on kernels without batched array lookups.
+    pub fn read_backends(&self) -> anyhow::Result<Vec<Backend>> {
+        let n = self.backends.len() as usize;
+        let mut keys = vec![0u32; n];
+        let mut values = vec![Backend::default(); n];
+        if let Ok(count) = lookup_batch(&self.backends_fd, &mut keys, &mut values)
+            && count == n
+            && keys.iter().enumerate().all(|(i, k)| *k as usize == i)
+        {
+            return Ok(values);
+        }
+        self.backends
+            .iter()
+            .map(|v| v.context("reading the BACKENDS map"))
+            .collect()
     }
 
     /// Reads a VIP's Maglev table (slot -> backend id).
@@ -371,22 +402,59 @@ fn new_maglev_table(size: u32) -> anyhow::Result<MapData> {
         .map_err(|e| anyhow!("creating a Maglev table of {size} slots: {e}"))
 }
 
+/// The batch member of `union bpf_attr`.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+const _: () = assert!(std::mem::size_of::<BatchAttr>() == 56);
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// `BPF_MAP_LOOKUP_BATCH` of a whole u32-keyed map from its start into `keys` and `values`
+/// (as many entries as they hold); returns how many were read.
+fn lookup_batch<V: Copy>(
+    map: &OwnedFd,
+    keys: &mut [u32],
+    values: &mut [V],
+) -> std::io::Result<usize> {
+    let mut out_batch = 0u32;
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: &mut out_batch as *mut u32 as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: keys.len().min(values.len()) as u32,
+        map_fd: map.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: the attribute points at buffers of `count` keys and values (V is the map's value
+    // type, #[repr(C)]) and at the 4-byte batch token, all outliving the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_BATCH,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>() as u32,
+        )
+    };
+    // ENOENT: the end of the map was reached; `count` says how many entries came back.
+    if rc < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOENT) {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(attr.count as usize)
+}
+
 /// `BPF_MAP_UPDATE_BATCH` of u32 keys and u32 values (here: inner map descriptors).
 fn update_batch(map: &OwnedFd, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
-    /// The batch member of `union bpf_attr`.
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    const _: () = assert!(std::mem::size_of::<BatchAttr>() == 56);
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     let mut attr = BatchAttr {
         in_batch: 0,
         out_batch: 0,

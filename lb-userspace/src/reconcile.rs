@@ -90,6 +90,9 @@ pub fn addr_from_raw(raw: u32) -> Ipv4Addr {
 pub struct Current {
     pub vips: BTreeMap<VipKey, VipInfo>,
     pub slots: BTreeMap<u32, SlotValue>,
+    /// The occupied slots of each VIP id, by backend address (so that a plan over N VIPs reads
+    /// each VIP's slots directly instead of scanning all of them N times).
+    by_vip: BTreeMap<u32, BTreeMap<Ipv4Addr, (u32, SlotValue)>>,
 }
 
 impl Current {
@@ -100,22 +103,26 @@ impl Current {
             vips.insert(key, info);
         }
         let mut slots = BTreeMap::new();
-        for (id, value) in maps.backends.iter().enumerate() {
-            let value = value.context("reading the BACKENDS map")?;
+        let mut by_vip: BTreeMap<u32, BTreeMap<Ipv4Addr, (u32, SlotValue)>> = BTreeMap::new();
+        for (id, value) in maps.read_backends()?.into_iter().enumerate() {
             if value.state != backend_state::EMPTY {
                 slots.insert(id as u32, value);
+                by_vip
+                    .entry(value.vip_id)
+                    .or_default()
+                    .insert(addr_from_raw(value.addr), (id as u32, value));
             }
         }
-        Ok(Self { vips, slots })
+        Ok(Self {
+            vips,
+            slots,
+            by_vip,
+        })
     }
 
     /// The occupied slots of VIP `vip_id`, by backend address.
     fn slots_of(&self, vip_id: u32) -> BTreeMap<Ipv4Addr, (u32, SlotValue)> {
-        self.slots
-            .iter()
-            .filter(|(_, s)| s.vip_id == vip_id)
-            .map(|(id, s)| (addr_from_raw(s.addr), (*id, *s)))
-            .collect()
+        self.by_vip.get(&vip_id).cloned().unwrap_or_default()
     }
 }
 
