@@ -31,6 +31,7 @@ pub const AGENT_SERVICE_ACCOUNT: &str = "sluice";
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 
 static KUBE_COUNTER: AtomicU32 = AtomicU32::new(0);
+static STALE_CLEANUP: std::sync::Once = std::sync::Once::new();
 
 const ENDPOINTSLICE_CRD: &str = r#"apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
@@ -103,6 +104,7 @@ impl Kube {
     /// loopback must be up), and registers the EndpointSlice v1 CRD.
     pub fn start(netns: Option<&str>) -> Result<Kube> {
         let bin = binaries()?;
+        STALE_CLEANUP.call_once(cleanup_stale);
         let pid = std::process::id();
         let n = KUBE_COUNTER.fetch_add(1, Ordering::SeqCst);
         let dir = std::env::temp_dir().join(format!("sluice-kube-{pid}-{n}"));
@@ -523,6 +525,40 @@ impl Drop for Kube {
         if std::env::var_os("SLUICE_KEEP_KUBE").is_none() {
             let _ = fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// Stops what a test process killed before its Drop left: for every temp dir
+/// `sluice-kube-<pid>-<n>` whose pid is gone, the processes whose command line names that dir
+/// (its etcd and API servers), then the dir.
+fn cleanup_stale() {
+    let me = std::process::id();
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("sluice-kube-")
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me || cmd::pid_alive(pid) {
+            continue;
+        }
+        let dir = e.path().to_string_lossy().into_owned();
+        for proc_entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(p) = proc_entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let cmdline = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            if p != me && String::from_utf8_lossy(&cmdline).contains(&dir) {
+                cmd::signal(p, libc::SIGKILL);
+            }
+        }
+        let _ = fs::remove_dir_all(e.path());
     }
 }
 
