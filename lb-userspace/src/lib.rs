@@ -6,6 +6,7 @@ pub mod config;
 pub mod dataplane;
 pub mod decap;
 pub mod inspect;
+pub mod k8s;
 pub mod maglev;
 pub mod metrics;
 pub mod model;

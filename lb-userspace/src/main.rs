@@ -15,8 +15,9 @@ use lb_userspace::{
     dataplane::{self, DEFAULT_PIN_ROOT, DecapMaps, Maps, PASS_PROGRAM, PinLayout},
     decap,
     inspect::{self, Format},
+    k8s,
     metrics::{self, ControlMetrics},
-    model::{Desired, IpNet, VipAddr},
+    model::{Desired, IpNet, Settings, VipAddr},
     net::Interface,
     reconcile,
 };
@@ -36,16 +37,45 @@ struct Cli {
     command: Command,
 }
 
-/// What `run` and `attach` both take.
+/// Where to attach: what `run`, `attach` and `agent` all take.
 #[derive(clap::Args)]
-struct AttachArgs {
-    #[arg(long)]
-    config: PathBuf,
+struct IfaceArgs {
     #[arg(long)]
     iface: String,
     /// Use generic (skb) XDP when the driver has no native XDP: slower, but works anywhere.
     #[arg(long)]
     generic: bool,
+}
+
+/// What `run` and `attach` both take.
+#[derive(clap::Args)]
+struct AttachArgs {
+    #[arg(long)]
+    config: PathBuf,
+    #[command(flatten)]
+    at: IfaceArgs,
+}
+
+/// What `agent` takes.
+#[derive(clap::Args)]
+struct AgentArgs {
+    #[command(flatten)]
+    at: IfaceArgs,
+    /// kubeconfig of the API server; without it the in-cluster ServiceAccount is used.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name (the DaemonSet passes spec.nodeName).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Slots of every VIP's Maglev table (prime).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAGLEV_SIZE)]
+    maglev_table_size: u32,
+    /// Entries of the connection table (applies when the maps are first created).
+    #[arg(long, default_value_t = lb_common::DEFAULT_FLOW_TABLE_SIZE)]
+    flow_table_size: u32,
+    /// Address of the health endpoints (GET /healthz, /readyz); "off" for none.
+    #[arg(long, default_value = "127.0.0.1:9941")]
+    health_addr: String,
 }
 
 #[derive(Subcommand)]
@@ -61,6 +91,10 @@ enum Command {
     /// Attach persistently (pinned link and maps) and exit; the program keeps forwarding.
     /// Run it again with a changed config to apply the difference.
     Attach(AttachArgs),
+    /// Balance the Services of a Kubernetes cluster: watch Services, EndpointSlices and Nodes and
+    /// keep the maps in step until SIGTERM. Attaches persistently (pinned, like `attach`), so a
+    /// restarted or upgraded agent adopts the maps and no established flow is dropped.
+    Agent(AgentArgs),
     /// Detach a persistent attachment and remove its pins.
     Detach {
         #[arg(long)]
@@ -152,9 +186,13 @@ enum InspectWhat {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .init();
+    // kube's client logs every dropped connection at warn/error; the agent reports watch
+    // failures itself, once per failure, with what it does about them.
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,kube_client=off"),
+    )
+    .format_timestamp_millis()
+    .init();
     let cli = Cli::parse();
     match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -172,7 +210,8 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             attach: a,
             metrics_addr,
         } => run(&cli.pin_dir, &a, metrics_addr),
-        Command::Attach(a) => attach(&cli.pin_dir, &a.config, &a.iface, a.generic),
+        Command::Attach(a) => attach(&cli.pin_dir, &a.config, &a.at.iface, a.at.generic),
+        Command::Agent(a) => agent(&cli.pin_dir, a),
         Command::Detach { iface } => {
             require_root()?;
             dataplane::detach_pinned(&PinLayout::new(&cli.pin_dir, &iface))?;
@@ -328,8 +367,8 @@ const NEXT_HOP_REFRESH: Duration = Duration::from_secs(30);
 const SIGNAL_POLL: Duration = Duration::from_millis(100);
 
 fn run(pin_root: &Path, args: &AttachArgs, metrics_addr: SocketAddr) -> anyhow::Result<()> {
-    let (config, generic) = (args.config.as_path(), args.generic);
-    let (desired, iface) = prepare(config, &args.iface)?;
+    let (config, generic) = (args.config.as_path(), args.at.generic);
+    let (desired, iface) = prepare(config, &args.at.iface)?;
     let pins = PinLayout::new(pin_root, &iface.name);
     // Signals are caught before anything is attached, so no signal can leave state behind.
     let mut signals =
@@ -414,17 +453,25 @@ fn run(pin_root: &Path, args: &AttachArgs, metrics_addr: SocketAddr) -> anyhow::
 fn attach(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> anyhow::Result<()> {
     let (desired, iface) = prepare(config, iface_name)?;
     let pins = PinLayout::new(pin_root, &iface.name);
-    // Loading checks the pinned maps' layout before anything is written; an attachment that
-    // exists gets this binary's program swapped in atomically (an upgrade keeps every flow).
-    let (mut ebpf, mut maps) = load_fresh(&pins, &desired)?;
-    let summary = reconcile::reconcile(&mut maps, &iface, &desired)?;
-    let replaced = dataplane::attach_pinned(
-        &mut ebpf,
-        lb_common::BALANCER_PROGRAM,
-        &iface,
-        generic,
-        &pins,
-    )?;
+    attach_persistent(&pins, &iface, &desired, generic)?;
+    Ok(())
+}
+
+/// Brings the persistent (pinned) attachment on `iface` to `desired`: adopts the maps pinned
+/// there (their flows are kept) or creates them, and attaches this binary's program with a
+/// pinned link, or swaps it into the existing link atomically (an upgrade keeps every flow).
+/// Loading checks the pinned maps' layout before anything is written. The state outlives the
+/// process. Shared by `attach` and `agent`.
+fn attach_persistent(
+    pins: &PinLayout,
+    iface: &Interface,
+    desired: &Desired,
+    generic: bool,
+) -> anyhow::Result<Maps> {
+    let (mut ebpf, mut maps) = load_fresh(pins, desired)?;
+    let summary = reconcile::reconcile(&mut maps, iface, desired)?;
+    let replaced =
+        dataplane::attach_pinned(&mut ebpf, lb_common::BALANCER_PROGRAM, iface, generic, pins)?;
     info!(
         "{} {} ({} mode): {summary}; state pinned in {}",
         if replaced {
@@ -436,7 +483,45 @@ fn attach(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> an
         if generic { "generic" } else { "native" },
         pins.dir().display()
     );
-    Ok(())
+    Ok(maps)
+}
+
+fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
+    let settings = Settings {
+        maglev_table_size: args.maglev_table_size,
+        flow_table_size: args.flow_table_size,
+        ..Settings::default()
+    };
+    config::validate_settings(&settings).map_err(|e| anyhow!("{e}"))?;
+    let health_addr = match args.health_addr.as_str() {
+        "off" => None,
+        a => Some(a.parse().map_err(|e| {
+            anyhow!("--health-addr {a:?}: {e}: expected ADDRESS:PORT like 127.0.0.1:9941, or off")
+        })?),
+    };
+    require_root()?;
+    let iface = Interface::by_name(&args.at.iface)?;
+    let pins = PinLayout::new(pin_root, &iface.name);
+    pins.prepare()?;
+    let generic = args.at.generic;
+    // Attached on the first complete model, so a restart never applies a partial view.
+    let mut maps: Option<Maps> = None;
+    let apply: k8s::ApplyFn = Box::new(move |desired| match &mut maps {
+        Some(maps) => Ok(reconcile::reconcile(maps, &iface, desired)?.to_string_if_changed()),
+        None => {
+            maps = Some(attach_persistent(&pins, &iface, desired, generic)?);
+            Ok(format!("attached with {} VIPs", desired.vips.len()))
+        }
+    });
+    k8s::run(
+        k8s::AgentConfig {
+            kubeconfig: args.kubeconfig,
+            settings,
+            health_addr,
+            node_name: args.node_name,
+        },
+        apply,
+    )
 }
 
 fn xdp_pass(pin_root: &Path, iface_name: &str, detach: bool) -> anyhow::Result<()> {

@@ -199,6 +199,9 @@ impl FromStr for VipAddr {
     }
 }
 
+/// The largest backend weight (config files, the `sluice.io/weight` node annotation).
+pub const MAX_WEIGHT: u32 = 10_000;
+
 /// One real server behind a VIP.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Backend {
@@ -220,7 +223,7 @@ impl Backend {
 }
 
 /// How a VIP's packets reach its backends.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ForwardingMode {
     /// Direct server return on one L2 segment: only the destination MAC is rewritten.

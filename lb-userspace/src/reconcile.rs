@@ -5,7 +5,7 @@
 //! connection table is never flushed.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
@@ -19,9 +19,9 @@ use lb_common::{
 };
 
 use crate::{
-    dataplane::{Maps, install_maglev_table, scoped_prefix},
+    dataplane::{Maps, TableWrite, install_maglev_tables, scoped_prefix},
     maglev::{self, MaglevBackend},
-    model::{Backend, Desired, ForwardingMode, Settings, Vip, VipAddr},
+    model::{Backend, Desired, ForwardingMode, MacAddr, Settings, Vip, VipAddr},
     net::{Interface, resolve_neighbour, resolve_next_hop},
 };
 
@@ -45,6 +45,15 @@ pub struct Summary {
 impl Summary {
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
+    }
+
+    /// The summary as a line, or "" when nothing changed.
+    pub fn to_string_if_changed(&self) -> String {
+        if self.is_empty() {
+            String::new()
+        } else {
+            self.to_string()
+        }
     }
 }
 
@@ -121,6 +130,9 @@ pub struct Current {
     pub slots: BTreeMap<u32, SlotValue>,
     pub vip_addrs: BTreeMap<VipKey, u32>,
     pub source_ranges: BTreeSet<RangeKey>,
+    /// The occupied slots of each VIP id, by backend address (so that a plan over N VIPs reads
+    /// each VIP's slots directly instead of scanning all of them N times).
+    by_vip: BTreeMap<u32, BTreeMap<IpAddr, (u32, SlotValue)>>,
 }
 
 impl Current {
@@ -131,10 +143,14 @@ impl Current {
             vips.insert(key, info);
         }
         let mut slots = BTreeMap::new();
-        for (id, value) in maps.backends.iter().enumerate() {
-            let value = value.context("reading the BACKENDS map")?;
+        let mut by_vip: BTreeMap<u32, BTreeMap<IpAddr, (u32, SlotValue)>> = BTreeMap::new();
+        for (id, value) in maps.read_backends()?.into_iter().enumerate() {
             if value.state != backend_state::EMPTY {
                 slots.insert(id as u32, value);
+                by_vip
+                    .entry(value.vip_id)
+                    .or_default()
+                    .insert(addr_from_raw(&value.addr, value.family), (id as u32, value));
             }
         }
         let mut vip_addrs = BTreeMap::new();
@@ -152,16 +168,13 @@ impl Current {
             slots,
             vip_addrs,
             source_ranges,
+            by_vip,
         })
     }
 
     /// The occupied slots of VIP `vip_id`, by backend address.
     fn slots_of(&self, vip_id: u32) -> BTreeMap<IpAddr, (u32, SlotValue)> {
-        self.slots
-            .iter()
-            .filter(|(_, s)| s.vip_id == vip_id)
-            .map(|(id, s)| (addr_from_raw(&s.addr, s.family), (*id, *s)))
-            .collect()
+        self.by_vip.get(&vip_id).cloned().unwrap_or_default()
     }
 }
 
@@ -201,6 +214,8 @@ pub fn reconcile(maps: &mut Maps, iface: &Interface, desired: &Desired) -> anyho
 fn plan(current: &Current, iface: &Interface, desired: &Desired) -> anyhow::Result<Plan> {
     let table_size = desired.settings.maglev_table_size;
     let desired_keys: BTreeSet<VipKey> = desired.vips.iter().map(|v| vip_key(&v.key)).collect();
+    // One neighbour lookup per backend address, however many VIPs it serves.
+    let mut neighbours = Neighbours::default();
 
     // Ids kept by surviving VIPs and slots; new ones come from what is free now (slots freed
     // by this reconcile are not reused in it: their old flows must re-hash, not follow).
@@ -240,7 +255,8 @@ fn plan(current: &Current, iface: &Interface, desired: &Desired) -> anyhow::Resu
         let mut backends = Vec::with_capacity(vip.backends.len());
         let mut table_changed = is_new;
         for backend in &vip.backends {
-            let mut value = slot_value(iface, &desired.settings, vip, backend, id)?;
+            let mut value =
+                slot_value(iface, &desired.settings, &mut neighbours, vip, backend, id)?;
             if value.ifindex != iface.index {
                 plan.tx_ports.insert(value.ifindex);
             }
@@ -350,10 +366,14 @@ fn effective_weight(slot: &SlotValue) -> u32 {
     }
 }
 
+/// Resolved backend MACs and egress interfaces of one plan, by address.
+type Neighbours = HashMap<(IpAddr, ForwardingMode), (MacAddr, Interface, Option<IpAddr>)>;
+
 /// Where and how the program sends this backend's packets.
 fn slot_value(
     iface: &Interface,
     settings: &Settings,
+    neighbours: &mut Neighbours,
     vip: &Vip,
     backend: &Backend,
     vip_id: u32,
@@ -378,15 +398,20 @@ fn slot_value(
             let (dst_mac, egress) = match backend.mac {
                 // A configured MAC is on the attached interface's L2 segment.
                 Some(mac) => (mac, iface.clone()),
-                None => {
-                    let n = resolve_neighbour(backend.addr, NEIGHBOUR_TIMEOUT).map_err(|e| {
-                        anyhow!(
-                            "{}: backend {}: cannot find its MAC address: {e}; set `mac:` for it in the config or check that it is on a directly connected network (or use mode ipip)",
-                            vip.key, backend.addr
-                        )
-                    })?;
-                    (n.mac, interface_named(iface, &n.device)?)
-                }
+                None => match neighbours.get(&(backend.addr, vip.mode)) {
+                    Some((mac, egress, _)) => (*mac, egress.clone()),
+                    None => {
+                        let n = resolve_neighbour(backend.addr, NEIGHBOUR_TIMEOUT).map_err(|e| {
+                            anyhow!(
+                                "{}: backend {}: cannot find its MAC address: {e}; set `mac:` for it in the config or check that it is on a directly connected network (or use mode ipip)",
+                                vip.key, backend.addr
+                            )
+                        })?;
+                        let egress = interface_named(iface, &n.device)?;
+                        neighbours.insert((backend.addr, vip.mode), (n.mac, egress.clone(), None));
+                        (n.mac, egress)
+                    }
+                },
             };
             value.mode = forward_mode::L2;
             value.dst_mac = dst_mac.0;
@@ -397,20 +422,25 @@ fn slot_value(
             // kernel's route and neighbour tables say where the backend node is.
             let (next_hop_mac, egress, route_source) = match backend.mac {
                 Some(mac) => (mac, iface.clone(), None),
-                None => {
-                    let (route, hop) = resolve_next_hop(backend.addr, NEIGHBOUR_TIMEOUT)
-                        .map_err(|e| {
-                            anyhow!(
-                                "{}: backend {}: cannot find the next hop towards it: {e}; check the routes (`ip route get {}`)",
-                                vip.key, backend.addr, backend.addr
-                            )
-                        })?;
-                    (
-                        hop.mac,
-                        interface_named(iface, &route.device)?,
-                        route.source,
-                    )
-                }
+                None => match neighbours.get(&(backend.addr, vip.mode)) {
+                    Some(known) => known.clone(),
+                    None => {
+                        let (route, hop) = resolve_next_hop(backend.addr, NEIGHBOUR_TIMEOUT)
+                            .map_err(|e| {
+                                anyhow!(
+                                    "{}: backend {}: cannot find the next hop towards it: {e}; check the routes (`ip route get {}`)",
+                                    vip.key, backend.addr, backend.addr
+                                )
+                            })?;
+                        let found = (
+                            hop.mac,
+                            interface_named(iface, &route.device)?,
+                            route.source,
+                        );
+                        neighbours.insert((backend.addr, vip.mode), found.clone());
+                        found
+                    }
+                },
             };
             let (src, vary) = encap_source(settings, backend.addr, route_source, &egress)
                 .map_err(|e| anyhow!("{}: backend {}: {e}", vip.key, backend.addr))?;
@@ -485,6 +515,9 @@ fn encap_source(
     Ok((raw_addr(base).0, vary))
 }
 
+/// What a Maglev table is a function of: (backend id, weight) pairs and the size.
+type TableInputs = (Vec<(u32, u32)>, u32);
+
 fn apply(maps: &mut Maps, current: Current, plan: Plan) -> anyhow::Result<Summary> {
     let Current {
         vip_addrs: current_vip_addrs,
@@ -541,27 +574,43 @@ fn apply(maps: &mut Maps, current: Current, plan: Plan) -> anyhow::Result<Summar
             .context("writing SOURCE_RANGES")?;
     }
 
-    // 4. Tables (one atomic swap each), then the VIP entries that point at them.
+    // 4. Tables (one atomic swap each), then the VIP entries that point at them. VIPs with the
+    //    same backends and weights (every VIP of a Kubernetes cluster's nodes, for one) have the
+    //    same table: it is built once per reconcile.
+    let mut built: HashMap<TableInputs, Vec<u32>> = HashMap::new();
+    let mut rebuilt: Vec<(&VipPlan, TableInputs, Vec<u32>)> = Vec::new();
+    for vip in plan.vips.iter().filter(|v| v.rebuild_table) {
+        let inputs: Vec<MaglevBackend> = vip
+            .backends
+            .iter()
+            .map(|(_, v)| MaglevBackend {
+                id: maglev_id(addr_from_raw(&v.addr, v.family)),
+                weight: effective_weight(v),
+            })
+            .collect();
+        let key: TableInputs = (
+            inputs.iter().map(|b| (b.id, b.weight)).collect(),
+            vip.info.table_size,
+        );
+        built
+            .entry(key.clone())
+            .or_insert_with(|| maglev::build_table(&inputs, vip.info.table_size));
+        let slots = vip.backends.iter().map(|(slot, _)| *slot).collect();
+        rebuilt.push((vip, key, slots));
+    }
+    let tables: Vec<TableWrite<'_>> = rebuilt
+        .iter()
+        .filter_map(|(vip, key, slots)| {
+            Some(TableWrite {
+                vip_id: vip.id,
+                picks: built.get(key)?,
+                backends: slots,
+            })
+        })
+        .collect();
+    summary.tables_rebuilt += tables.len();
+    install_maglev_tables(maps, &tables)?;
     for vip in &plan.vips {
-        if vip.rebuild_table {
-            let inputs: Vec<MaglevBackend> = vip
-                .backends
-                .iter()
-                .map(|(_, v)| MaglevBackend {
-                    id: maglev_id(addr_from_raw(&v.addr, v.family)),
-                    weight: effective_weight(v),
-                })
-                .collect();
-            let table: Vec<u32> = maglev::build_table(&inputs, vip.info.table_size)
-                .into_iter()
-                .map(|i| match vip.backends.get(i as usize) {
-                    Some((slot, _)) if i != NO_BACKEND => *slot,
-                    _ => NO_BACKEND,
-                })
-                .collect();
-            install_maglev_table(maps, vip.id, &table)?;
-            summary.tables_rebuilt += 1;
-        }
         if vip.is_new {
             maps.vip_stats
                 .set(vip.id, zeros(cpus)?, 0)
@@ -580,10 +629,19 @@ fn apply(maps: &mut Maps, current: Current, plan: Plan) -> anyhow::Result<Summar
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(e).with_context(|| format!("removing VIP #{id}")),
         }
-        // Release the table's memory: a one-slot empty table stands in until the id is reused.
-        install_maglev_table(maps, *id, &[NO_BACKEND])?;
         summary.vips_removed += 1;
     }
+    // Release the tables' memory: a one-slot empty table stands in until the id is reused.
+    let empty: Vec<TableWrite<'_>> = plan
+        .removed_vips
+        .iter()
+        .map(|(_, id)| TableWrite {
+            vip_id: *id,
+            picks: &[NO_BACKEND],
+            backends: &[],
+        })
+        .collect();
+    install_maglev_tables(maps, &empty)?;
     for slot in &plan.removed_slots {
         maps.backends
             .set(*slot, &SlotValue::default(), 0)

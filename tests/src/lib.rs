@@ -6,6 +6,7 @@
 
 pub mod cmd;
 pub mod conn;
+pub mod kube;
 pub mod lab;
 pub mod netns;
 pub mod nft;

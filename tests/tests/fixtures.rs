@@ -420,3 +420,22 @@ fn a_failed_reconcile_changes_nothing() {
     assert_eq!(before.slots, after.slots);
     assert_eq!(assert_forwarded(&mut h, &syn), b);
 }
+
+#[test]
+fn batched_backend_read_matches_slot_by_slot_reads() {
+    let h = harness(Protocol::Tcp, &[(0, 1, false), (1, 3, true), (2, 2, false)]);
+    let batched = h.maps.read_backends().expect("batched read of BACKENDS");
+    let one_by_one: Vec<lb_common::Backend> = h
+        .maps
+        .backends
+        .iter()
+        .map(|v| v.expect("reading a BACKENDS slot"))
+        .collect();
+    assert_eq!(batched.len(), one_by_one.len());
+    assert_eq!(batched, one_by_one);
+    let used = batched
+        .iter()
+        .filter(|b| b.state != lb_common::backend_state::EMPTY)
+        .count();
+    assert_eq!(used, 3, "the three backends are in the map");
+}

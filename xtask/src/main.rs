@@ -2,6 +2,7 @@
 //! The `./x` script installs the toolchains first and then calls these.
 
 mod bench;
+mod bench_agent;
 
 use std::process::Command;
 
@@ -40,6 +41,15 @@ enum Cmd {
         /// Only these contenders (comma-separated: sluice,iptables,nft,nginx,haproxy).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// EndpointSlice changes timed in the agent section (default 200; 100 with --quick).
+        #[arg(long)]
+        agent_changes: Option<usize>,
+        /// Services (x 10 endpoints) of the agent's full-sync figure.
+        #[arg(long, default_value_t = 1000)]
+        agent_services: usize,
+        /// Only the agent section.
+        #[arg(long)]
+        agent_only: bool,
     },
 }
 
@@ -51,9 +61,16 @@ fn main() -> anyhow::Result<()> {
             quick,
             repeat,
             only,
+            agent_changes,
+            agent_services,
+            agent_only,
         } => {
             build_sluice()?;
-            bench::run(bench::Plan::new(quick, repeat, only))
+            if !agent_only {
+                bench::run(bench::Plan::new(quick, repeat, only))?;
+            }
+            let changes = agent_changes.unwrap_or(if quick { 100 } else { 200 });
+            bench_agent::run(changes, agent_services)
         }
     }
 }

@@ -1,0 +1,370 @@
+//! The agent's loop: list+watch Services, EndpointSlices and Nodes, rebuild the model when they
+//! change (bursts coalesced), and hand it to a reconcile thread that owns the maps.
+//!
+//! Resilience comes from the watchers and from keeping the last state: while the API server is
+//! unreachable the maps keep what they have (the dataplane forwards on) and the watchers retry with
+//! backoff; a `410 Gone` (compacted history) makes a watcher relist, after which the model is
+//! rebuilt from the fresh lists. Nothing is applied before all three lists are complete, so a
+//! restarted agent never shrinks the maps it adopts to a partial view.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow};
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Api, Client, Resource, ResourceExt as _};
+use log::{debug, error, info, warn};
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
+
+use super::desired::{self, Built, SERVICE_NAME_LABEL};
+use crate::model::{Desired, ForwardingMode, Settings};
+use crate::net;
+
+/// Quiet time after the last event before the model is rebuilt: one rebuild per burst.
+pub const DEBOUNCE: Duration = Duration::from_millis(10);
+/// A burst that never goes quiet is still applied this often.
+const MAX_DELAY: Duration = Duration::from_millis(500);
+/// How long one unknown neighbour (node MAC) may take to resolve in one pass.
+const NEIGHBOUR_TIMEOUT: Duration = Duration::from_millis(500);
+/// Retry delays of a failed reconcile (doubling), and of a pass that left nodes unresolved.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+const UNRESOLVED_RETRY: Duration = Duration::from_secs(5);
+
+/// How the agent reaches the API server and what it builds.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// A kubeconfig file; `None`: the in-cluster ServiceAccount (or $KUBECONFIG, ~/.kube/config).
+    pub kubeconfig: Option<PathBuf>,
+    pub settings: Settings,
+    /// Where `GET /healthz` and `GET /readyz` are answered (loopback; the DaemonSet's probes).
+    pub health_addr: Option<SocketAddr>,
+    /// This node's name (logged; the Lease-based announcement will need it).
+    pub node_name: Option<String>,
+}
+
+/// Applies one model to the dataplane; returns a one-line summary of what changed ("" for
+/// nothing). Runs on the reconcile thread, which owns it (and the maps inside it).
+pub type ApplyFn = Box<dyn FnMut(&Desired) -> anyhow::Result<String> + Send>;
+
+#[derive(Default)]
+struct Health {
+    /// The first full model has been applied, and the last apply succeeded.
+    ready: AtomicBool,
+}
+
+/// Runs the agent until SIGTERM or SIGINT. `apply` is first called once the initial lists are
+/// complete (so it may attach then).
+pub fn run(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run_async(config, apply))
+}
+
+async fn client(config: &AgentConfig) -> anyhow::Result<Client> {
+    let kube_config = match &config.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "finding the API server: not in a cluster (no ServiceAccount token) and no kubeconfig; pass --kubeconfig FILE",
+        )?,
+    };
+    info!("API server {}", kube_config.cluster_url);
+    Client::try_from(kube_config).context("building the Kubernetes client")
+}
+
+/// Starts a list+watch of `api` into a store; every change wakes `changed`. Plain list+watch:
+/// streaming lists need Kubernetes >= 1.27 and gain little for an agent's few object kinds.
+fn watch<K>(api: Api<K>, config: watcher::Config, changed: Arc<Notify>) -> Store<K>
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
+    let kind = K::kind(&()).into_owned();
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, config)
+        // Managed fields are most of an object's bytes and nothing the agent reads.
+        .modify(|o: &mut K| o.managed_fields_mut().clear())
+        .default_backoff()
+        .reflect(writer);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream.into_stream());
+        let mut failing = false;
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::Init) => {
+                    if failing {
+                        info!("{kind} watch: relisting");
+                    }
+                }
+                Ok(watcher::Event::InitApply(_)) => {}
+                Ok(event) => {
+                    if failing {
+                        info!("{kind} watch: connected again");
+                        failing = false;
+                    }
+                    if let watcher::Event::Apply(o) | watcher::Event::Delete(o) = &event {
+                        debug!("{kind} {} changed", o.name_any());
+                    }
+                    changed.notify_one();
+                }
+                Err(e) => {
+                    // The backoff retries; the maps keep the last state meanwhile.
+                    warn!("{kind} watch failed (retrying with backoff, forwarding unchanged): {e}");
+                    failing = true;
+                }
+            }
+        }
+    });
+    reader
+}
+
+async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
+    let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    let health = Arc::new(Health::default());
+    if let Some(addr) = config.health_addr {
+        serve_health(addr, health.clone()).await?;
+    }
+    let client = client(&config).await?;
+    let changed = Arc::new(Notify::new());
+    let services = watch(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+        changed.clone(),
+    );
+    let slices = watch(
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default().labels(SERVICE_NAME_LABEL),
+        changed.clone(),
+    );
+    let nodes = watch(
+        Api::<Node>::all(client),
+        watcher::Config::default(),
+        changed.clone(),
+    );
+    info!(
+        "node {}: waiting for the first lists of Services, EndpointSlices and Nodes",
+        config.node_name.as_deref().unwrap_or("(unnamed)")
+    );
+    let ready = async {
+        services.wait_until_ready().await?;
+        slices.wait_until_ready().await?;
+        nodes.wait_until_ready().await
+    };
+    tokio::select! {
+        r = ready => r.map_err(|e| anyhow!("a watcher stopped before its first list: {e}"))?,
+        _ = sigterm.recv() => { info!("SIGTERM before the first sync: exiting"); return Ok(()); }
+        _ = sigint.recv() => { info!("SIGINT before the first sync: exiting"); return Ok(()); }
+    }
+
+    let (tx, rx) = mpsc::channel::<Desired>();
+    let reconciler = {
+        let health = health.clone();
+        std::thread::Builder::new()
+            .name("reconcile".into())
+            .spawn(move || reconcile_loop(rx, apply, &health))
+            .context("starting the reconcile thread")?
+    };
+
+    let mut last = Built::default();
+    let mut logged_problems = BTreeSet::new();
+    // The first model is always sent, even an empty one: its apply attaches.
+    let mut first = true;
+    loop {
+        let built = desired::build(
+            &services.state(),
+            &slices.state(),
+            &nodes.state(),
+            config.settings,
+        );
+        for problem in built.problems.difference(&logged_problems) {
+            warn!("{problem}");
+        }
+        logged_problems = built.problems.clone();
+        if first || built.desired != last.desired {
+            first = false;
+            for line in desired::changes(&last, &built) {
+                info!("{line}");
+            }
+            if tx.send(built.desired.clone()).is_err() {
+                // The reconcile thread is gone (it logged why): let the DaemonSet restart us.
+                break;
+            }
+        }
+        last = built;
+
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = sigterm.recv() => { info!("SIGTERM: exiting; the dataplane keeps forwarding with the last state"); break; }
+            _ = sigint.recv() => { info!("SIGINT: exiting; the dataplane keeps forwarding with the last state"); break; }
+        }
+        // Coalesce: wait until the events stop for DEBOUNCE (at most MAX_DELAY in all).
+        let burst = Instant::now();
+        while burst.elapsed() < MAX_DELAY
+            && tokio::time::timeout(DEBOUNCE, changed.notified())
+                .await
+                .is_ok()
+        {}
+    }
+    drop(tx);
+    reconciler
+        .join()
+        .map_err(|_| anyhow!("the reconcile thread panicked"))
+}
+
+/// Applies the newest model; retries failures with backoff, keeping the last applied state.
+fn reconcile_loop(rx: mpsc::Receiver<Desired>, mut apply: ApplyFn, health: &Health) {
+    let mut pending: Option<Desired> = None;
+    let mut retry = RETRY_FIRST;
+    let mut unresolved: BTreeSet<IpAddr> = BTreeSet::new();
+    loop {
+        let next = match &pending {
+            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+            Some(_) => rx.recv_timeout(retry),
+        };
+        match next {
+            Ok(mut desired) => {
+                // Only the newest model matters.
+                while let Ok(newer) = rx.try_recv() {
+                    desired = newer;
+                }
+                pending = Some(desired);
+                retry = RETRY_FIRST;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        let Some(desired) = &pending else { continue };
+        let (resolvable, missing) = without_unresolved(desired);
+        if missing != unresolved {
+            for addr in missing.difference(&unresolved) {
+                warn!("node {addr}: no ARP answer, left out of every VIP until it answers");
+            }
+            for addr in unresolved.difference(&missing) {
+                info!("node {addr}: resolved again");
+            }
+            unresolved = missing;
+        }
+        let started = Instant::now();
+        match apply(&resolvable) {
+            Ok(summary) => {
+                if !summary.is_empty() {
+                    info!("maps updated in {:?}: {summary}", started.elapsed());
+                }
+                health.ready.store(true, Ordering::Relaxed);
+                if unresolved.is_empty() {
+                    pending = None;
+                } else {
+                    retry = UNRESOLVED_RETRY;
+                }
+            }
+            Err(e) => {
+                health.ready.store(false, Ordering::Relaxed);
+                error!(
+                    "applying the model failed, the maps keep their last state; retrying in {retry:?}: {e:#}"
+                );
+                retry = (retry * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// The model without backends that cannot be reached now: in `l2` mode a node whose MAC
+/// cannot be found (a node that is down does not answer ARP), in `ipip` mode one without a route
+/// and next hop. One such node must not hold up every other change.
+fn without_unresolved(desired: &Desired) -> (Desired, BTreeSet<IpAddr>) {
+    let mut known: BTreeMap<(IpAddr, ForwardingMode), bool> = BTreeMap::new();
+    for vip in &desired.vips {
+        for b in &vip.backends {
+            let key = (b.addr, vip.mode);
+            if b.mac.is_none() && !known.contains_key(&key) {
+                let ok = match vip.mode {
+                    ForwardingMode::L2 => {
+                        matches!(net::neighbour(b.addr), Ok(Some(_)))
+                            || net::resolve_neighbour(b.addr, NEIGHBOUR_TIMEOUT).is_ok()
+                    }
+                    ForwardingMode::Ipip => {
+                        net::resolve_next_hop(b.addr, NEIGHBOUR_TIMEOUT).is_ok()
+                    }
+                };
+                known.insert(key, ok);
+            }
+        }
+    }
+    let missing: BTreeSet<IpAddr> = known
+        .into_iter()
+        .filter(|(_, ok)| !ok)
+        .map(|((a, _), _)| a)
+        .collect();
+    let mut out = desired.clone();
+    if !missing.is_empty() {
+        for vip in &mut out.vips {
+            vip.backends.retain(|b| !missing.contains(&b.addr));
+        }
+    }
+    (out, missing)
+}
+
+/// `GET /healthz`: 200 while the process serves. `GET /readyz`: 200 once the model from the API
+/// is in the maps and the last apply succeeded, else 503.
+async fn serve_health(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening for health probes on {addr}"))?;
+    info!("health probes on http://{addr}/healthz and /readyz");
+    tokio::spawn(async move {
+        loop {
+            let mut conn = match listener.accept().await {
+                Ok((conn, _)) => conn,
+                Err(e) => {
+                    // E.g. out of file descriptors: don't spin; the probe will retry.
+                    debug!("health endpoint: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let health = health.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 512];
+                let n = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or(0);
+                let request = String::from_utf8_lossy(&buf[..n]);
+                let path = request.split_whitespace().nth(1).unwrap_or("");
+                let (status, body) = match path {
+                    "/healthz" => ("200 OK", "ok"),
+                    "/readyz" if health.ready.load(Ordering::Relaxed) => ("200 OK", "ready"),
+                    "/readyz" => ("503 Service Unavailable", "not synced"),
+                    _ => ("404 Not Found", "healthz or readyz"),
+                };
+                let response = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}\n",
+                    body.len() + 1
+                );
+                let _ = conn.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,1035 @@
+//! Services, EndpointSlices and Nodes -> the desired model. A pure function of the API objects:
+//! the same objects always give the same model, so a relist or an agent restart rebuilds exactly
+//! the maps that were there.
+//!
+//! - A VIP per (address, port, protocol): addresses from `status.loadBalancer.ingress[].ip` and
+//!   `spec.externalIPs` (IPv4), ports from `spec.ports` (TCP and UDP).
+//! - Its backends are NODES, by InternalIP (the node's kube-proxy or CNI takes the packet on to a
+//!   pod). `externalTrafficPolicy: Cluster`: every node, active when Ready and schedulable.
+//!   `Local`: only nodes with an endpoint of the Service, weighted by their ready endpoints.
+//! - Draining (keeps its flows, takes no new ones): a NotReady or unschedulable (cordoned) node,
+//!   and under `Local` a node whose only endpoints are serving but terminating.
+//! - A node's `sluice.io/weight` annotation multiplies its share.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::options::{VipOptions, node_weight, service_options};
+use crate::model::{Backend, Desired, IpNet, MAX_WEIGHT, Protocol, Settings, Vip, VipAddr};
+
+/// The label the EndpointSlice controller puts on a Service's slices.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Where a VIP comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VipSource {
+    /// "namespace/name" of the Service.
+    pub service: String,
+    pub options: VipOptions,
+}
+
+/// The model and what it was built from, for logging.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Built {
+    pub desired: Desired,
+    pub sources: BTreeMap<VipAddr, VipSource>,
+    /// Node names by InternalIP (backends are nodes).
+    pub node_names: BTreeMap<IpAddr, String>,
+    /// "kind namespace/name: what is wrong" for everything ignored, wholly or in part.
+    pub problems: BTreeSet<String>,
+}
+
+/// The one place where a Service's options (parsed and validated in `options`) reach the
+/// dataplane model. ClientIP affinity has no timeout in sluice: the hash keeps a client on one
+/// backend for as long as the backend set stays the same, which is at least as sticky.
+fn apply_options(vip: &mut Vip, options: &VipOptions) {
+    vip.mode = options.mode;
+    vip.client_affinity = options.affinity_timeout_secs.is_some();
+    vip.source_ranges = options
+        .source_ranges
+        .iter()
+        .map(|n| IpNet::V4(*n))
+        .collect();
+}
+
+/// What the balancer needs to know of a node.
+#[derive(Clone, Debug)]
+struct NodeInfo {
+    name: String,
+    addr: Ipv4Addr,
+    /// Ready and schedulable: may take new flows.
+    healthy: bool,
+    weight: u32,
+}
+
+/// Per node (by name): ready endpoints, and serving-but-terminating ones.
+#[derive(Clone, Copy, Debug, Default)]
+struct LocalEndpoints {
+    ready: u32,
+    terminating: u32,
+}
+
+fn object_name(namespace: Option<&str>, name: Option<&str>) -> String {
+    match namespace {
+        Some(ns) => format!("{ns}/{}", name.unwrap_or("?")),
+        None => name.unwrap_or("?").to_owned(),
+    }
+}
+
+/// Builds the desired model from everything the watchers hold.
+pub fn build(
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
+    nodes: &[Arc<Node>],
+    settings: Settings,
+) -> Built {
+    let mut built = Built {
+        desired: Desired {
+            settings,
+            vips: Vec::new(),
+        },
+        ..Built::default()
+    };
+    let nodes = node_infos(nodes, &mut built);
+    let mut services: Vec<&Service> = services.iter().map(AsRef::as_ref).collect();
+    // Two Services claiming one VIP: the first by namespace/name keeps it, on every agent.
+    services.sort_by_key(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()));
+    // Slices by their Service, so that each Service reads only its own.
+    let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for slice in slices {
+        let ns = slice.metadata.namespace.as_deref().unwrap_or("");
+        if let Some(svc) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        {
+            by_service.entry((ns, svc)).or_default().push(slice);
+        }
+    }
+    let mut vips: BTreeMap<VipAddr, Vip> = BTreeMap::new();
+    for svc in services {
+        let key = (
+            svc.metadata.namespace.as_deref().unwrap_or(""),
+            svc.metadata.name.as_deref().unwrap_or(""),
+        );
+        let own = by_service.get(&key).map(Vec::as_slice).unwrap_or_default();
+        add_service(svc, own, &nodes, &mut vips, &mut built);
+    }
+    built.desired.vips = vips.into_values().collect();
+    built
+}
+
+fn node_infos(nodes: &[Arc<Node>], built: &mut Built) -> Vec<NodeInfo> {
+    let mut infos: Vec<NodeInfo> = Vec::new();
+    let mut sorted: Vec<&Node> = nodes.iter().map(AsRef::as_ref).collect();
+    sorted.sort_by_key(|n| n.metadata.name.clone());
+    for node in sorted {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let status = node.status.as_ref();
+        let addr = status
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP")
+            .find_map(|a| a.address.parse::<Ipv4Addr>().ok());
+        let Some(addr) = addr else {
+            built
+                .problems
+                .insert(format!("node {name}: no IPv4 InternalIP, not a backend"));
+            continue;
+        };
+        if let Some(other) = infos.iter().find(|i| i.addr == addr) {
+            built.problems.insert(format!(
+                "node {name}: InternalIP {addr} is also node {}'s, not a backend",
+                other.name
+            ));
+            continue;
+        }
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        let schedulable = !node
+            .spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false);
+        let weight = node_weight(node).unwrap_or_else(|e| {
+            built
+                .problems
+                .insert(format!("node {name}: {e}; using weight 1"));
+            1
+        });
+        built.node_names.insert(IpAddr::V4(addr), name.clone());
+        infos.push(NodeInfo {
+            name,
+            addr,
+            healthy: ready && schedulable,
+            weight,
+        });
+    }
+    infos
+}
+
+fn service_addresses(svc: &Service, who: &str, problems: &mut BTreeSet<String>) -> Vec<Ipv4Addr> {
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.as_deref());
+    let external = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.external_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .map(String::as_str);
+    let mut addrs = BTreeSet::new();
+    for raw in ingress.chain(external) {
+        match raw.parse::<Ipv4Addr>() {
+            Ok(a) => {
+                addrs.insert(a);
+            }
+            // sluice's VIPs are IPv4; an IPv6 address is somebody else's to serve.
+            Err(_) if raw.contains(':') => {}
+            Err(_) => {
+                problems.insert(format!("service {who}: address {raw:?} is not IPv4"));
+            }
+        }
+    }
+    addrs.into_iter().collect()
+}
+
+fn add_service(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    nodes: &[NodeInfo],
+    vips: &mut BTreeMap<VipAddr, Vip>,
+    built: &mut Built,
+) {
+    let ns = svc.metadata.namespace.as_deref();
+    let name = svc.metadata.name.as_deref();
+    let who = object_name(ns, name);
+    let Some(spec) = svc.spec.as_ref() else {
+        return;
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return;
+    }
+    let addrs = service_addresses(svc, &who, &mut built.problems);
+    if addrs.is_empty() {
+        return;
+    }
+    let options = match service_options(svc) {
+        Ok(o) => o,
+        Err(e) => {
+            built
+                .problems
+                .insert(format!("service {who}: {e}; its VIPs are not served"));
+            return;
+        }
+    };
+    let local = spec.external_traffic_policy.as_deref() == Some("Local");
+    for port in spec.ports.as_deref().unwrap_or_default() {
+        let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            other => {
+                built.problems.insert(format!(
+                    "service {who}: port {}: protocol {other} is not balanced (TCP and UDP are)",
+                    port.port
+                ));
+                continue;
+            }
+        };
+        let Ok(number) = u16::try_from(port.port) else {
+            continue;
+        };
+        if number == 0 {
+            continue;
+        }
+        let backends = if local {
+            let port_name = port.name.as_deref().unwrap_or("");
+            local_backends(&local_endpoints(slices, port_name), nodes)
+        } else {
+            cluster_backends(nodes)
+        };
+        for addr in &addrs {
+            let key = VipAddr {
+                addr: IpAddr::V4(*addr),
+                port: number,
+                protocol,
+            };
+            if let Some(owner) = built.sources.get(&key) {
+                if owner.service != who {
+                    built.problems.insert(format!(
+                        "service {who}: VIP {key} is already served for {}",
+                        owner.service
+                    ));
+                }
+                continue;
+            }
+            let mut vip = Vip::new(key, backends.clone());
+            apply_options(&mut vip, &options);
+            built.sources.insert(
+                key,
+                VipSource {
+                    service: who.clone(),
+                    options: options.clone(),
+                },
+            );
+            vips.insert(key, vip);
+        }
+    }
+}
+
+fn cluster_backends(nodes: &[NodeInfo]) -> Vec<Backend> {
+    let mut backends: Vec<Backend> = nodes
+        .iter()
+        .map(|n| Backend {
+            addr: IpAddr::V4(n.addr),
+            mac: None,
+            weight: n.weight,
+            drain: !n.healthy,
+        })
+        .collect();
+    backends.sort_by_key(|b| b.addr);
+    backends
+}
+
+fn local_backends(
+    endpoints: &BTreeMap<String, LocalEndpoints>,
+    nodes: &[NodeInfo],
+) -> Vec<Backend> {
+    let mut backends: Vec<Backend> = nodes
+        .iter()
+        .filter_map(|n| {
+            let e = endpoints.get(&n.name)?;
+            if e.ready > 0 {
+                Some(Backend {
+                    addr: IpAddr::V4(n.addr),
+                    mac: None,
+                    weight: e.ready.saturating_mul(n.weight).min(MAX_WEIGHT),
+                    drain: !n.healthy,
+                })
+            } else if e.terminating > 0 {
+                // Its pods are going: keep the node's flows, send it no new ones.
+                Some(Backend {
+                    addr: IpAddr::V4(n.addr),
+                    mac: None,
+                    weight: n.weight.max(1),
+                    drain: true,
+                })
+            } else {
+                None
+            }
+        })
+        .collect();
+    backends.sort_by_key(|b| b.addr);
+    backends
+}
+
+/// Endpoints in a Service's `slices` serving port `port_name`, counted per node. One endpoint
+/// listed in two slices (the controller moving it) counts once.
+fn local_endpoints(slices: &[&EndpointSlice], port_name: &str) -> BTreeMap<String, LocalEndpoints> {
+    let mut seen = BTreeSet::new();
+    let mut per_node: BTreeMap<String, LocalEndpoints> = BTreeMap::new();
+    let mut slices: Vec<&EndpointSlice> = slices
+        .iter()
+        .copied()
+        .filter(|s| s.address_type != "FQDN")
+        .filter(|s| match s.ports.as_deref() {
+            // No ports: the slice's endpoints serve every port of the Service.
+            None | Some([]) => true,
+            Some(ports) => ports
+                .iter()
+                .any(|p| p.name.as_deref().unwrap_or("") == port_name),
+        })
+        .collect();
+    slices.sort_by_key(|s| s.metadata.name.clone());
+    for slice in slices {
+        for ep in slice.endpoints.iter().flatten() {
+            let Some(node) = ep.node_name.as_ref() else {
+                continue;
+            };
+            let Some(first) = ep.addresses.first() else {
+                continue;
+            };
+            if !seen.insert(first.clone()) {
+                continue;
+            }
+            // The API's rules: ready unset means ready; serving unset means as ready;
+            // terminating unset means not terminating.
+            let cond = ep.conditions.as_ref();
+            let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+            let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+            let counts = per_node.entry(node.clone()).or_default();
+            if ready && !terminating {
+                counts.ready += 1;
+            } else if serving && terminating {
+                counts.terminating += 1;
+            }
+        }
+    }
+    per_node
+}
+
+/// One line per change between two builds, naming the Service (namespace/name) and the node:
+/// what the agent logs at info, once per change.
+pub fn changes(old: &Built, new: &Built) -> Vec<String> {
+    let mut lines = Vec::new();
+    let show = |built: &Built, b: &Backend| {
+        let name = built
+            .node_names
+            .get(&b.addr)
+            .map(String::as_str)
+            .unwrap_or("?");
+        let state = if b.drain { "draining" } else { "active" };
+        format!("node {name} ({}) {state} weight {}", b.addr, b.weight)
+    };
+    let owner = |built: &Built, key: &VipAddr| {
+        built
+            .sources
+            .get(key)
+            .map(|s| s.service.clone())
+            .unwrap_or_default()
+    };
+    for vip in &old.desired.vips {
+        if new.desired.vip(&vip.key).is_none() {
+            lines.push(format!(
+                "service {}: VIP {} removed",
+                owner(old, &vip.key),
+                vip.key
+            ));
+        }
+    }
+    for vip in &new.desired.vips {
+        let who = owner(new, &vip.key);
+        let Some(before) = old.desired.vip(&vip.key) else {
+            let list: Vec<String> = vip.backends.iter().map(|b| show(new, b)).collect();
+            lines.push(format!(
+                "service {who}: VIP {} added with {} backends [{}]",
+                vip.key,
+                vip.backends.len(),
+                list.join(", ")
+            ));
+            continue;
+        };
+        if owner(old, &vip.key) != who {
+            lines.push(format!("service {who}: VIP {} taken over", vip.key));
+        }
+        if old.sources.get(&vip.key).map(|s| &s.options)
+            != new.sources.get(&vip.key).map(|s| &s.options)
+        {
+            lines.push(format!("service {who}: VIP {} options changed", vip.key));
+        }
+        for b in &before.backends {
+            if !vip.backends.iter().any(|n| n.addr == b.addr) {
+                lines.push(format!(
+                    "service {who}: VIP {}: {} removed",
+                    vip.key,
+                    show(old, b)
+                ));
+            }
+        }
+        for b in &vip.backends {
+            match before.backends.iter().find(|o| o.addr == b.addr) {
+                None => lines.push(format!(
+                    "service {who}: VIP {}: {} added",
+                    vip.key,
+                    show(new, b)
+                )),
+                Some(o) if o != b => lines.push(format!(
+                    "service {who}: VIP {}: {} (was {} weight {})",
+                    vip.key,
+                    show(new, b),
+                    if o.drain { "draining" } else { "active" },
+                    o.weight
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn svc(ns: &str, name: &str, spec: Value, ingress: &[&str]) -> Arc<Service> {
+        let ingress: Vec<Value> = ingress.iter().map(|ip| json!({"ip": ip})).collect();
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": ns},
+                "spec": spec,
+                "status": {"loadBalancer": {"ingress": ingress}},
+            }))
+            .expect("service"),
+        )
+    }
+
+    fn lb(ports: Value, policy: &str) -> Value {
+        json!({"type": "LoadBalancer", "ports": ports, "externalTrafficPolicy": policy})
+    }
+
+    fn http() -> Value {
+        json!([{"name": "http", "port": 80, "protocol": "TCP"}])
+    }
+
+    fn node(
+        name: &str,
+        ip: &str,
+        ready: bool,
+        unschedulable: bool,
+        weight: Option<&str>,
+    ) -> Arc<Node> {
+        let mut annotations = serde_json::Map::new();
+        if let Some(w) = weight {
+            annotations.insert("sluice.io/weight".into(), json!(w));
+        }
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "annotations": annotations},
+                "spec": {"unschedulable": unschedulable},
+                "status": {
+                    "addresses": [{"type": "Hostname", "address": name},
+                                  {"type": "InternalIP", "address": ip}],
+                    "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}],
+                },
+            }))
+            .expect("node"),
+        )
+    }
+
+    /// (node, ip, ready, serving, terminating)
+    type Ep<'a> = (&'a str, &'a str, Option<bool>, Option<bool>, Option<bool>);
+
+    fn slice(
+        ns: &str,
+        svc: &str,
+        name: &str,
+        port_name: Option<&str>,
+        eps: &[Ep],
+    ) -> Arc<EndpointSlice> {
+        let endpoints: Vec<Value> = eps
+            .iter()
+            .map(|(node, ip, ready, serving, terminating)| {
+                json!({"addresses": [ip], "nodeName": node,
+                       "conditions": {"ready": ready, "serving": serving, "terminating": terminating}})
+            })
+            .collect();
+        let ports = match port_name {
+            Some(p) => json!([{"name": p, "port": 8080, "protocol": "TCP"}]),
+            None => json!(null),
+        };
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": ns,
+                             "labels": {SERVICE_NAME_LABEL: svc}},
+                "addressType": "IPv4",
+                "endpoints": endpoints,
+                "ports": ports,
+            }))
+            .expect("slice"),
+        )
+    }
+
+    fn nodes3() -> Vec<Arc<Node>> {
+        vec![
+            node("n1", "10.0.0.1", true, false, None),
+            node("n2", "10.0.0.2", true, false, None),
+            node("n3", "10.0.0.3", true, false, None),
+        ]
+    }
+
+    fn ready<'a>(node: &'a str, ip: &'a str) -> Ep<'a> {
+        (node, ip, Some(true), Some(true), Some(false))
+    }
+
+    fn run(services: &[Arc<Service>], slices: &[Arc<EndpointSlice>], nodes: &[Arc<Node>]) -> Built {
+        build(services, slices, nodes, Settings::default())
+    }
+
+    /// (address, weight, drain) of one VIP's backends.
+    fn backends(b: &Built, key: &str) -> Vec<(String, u32, bool)> {
+        b.desired
+            .vip(&key.parse().unwrap())
+            .unwrap_or_else(|| panic!("no VIP {key} in {:?}", b.desired.vips))
+            .backends
+            .iter()
+            .map(|b| (b.addr.to_string(), b.weight, b.drain))
+            .collect()
+    }
+
+    fn bk(addr: &str, weight: u32, drain: bool) -> (String, u32, bool) {
+        (addr.to_owned(), weight, drain)
+    }
+
+    #[test]
+    fn cluster_policy_uses_every_node_with_its_health() {
+        let nodes = vec![
+            node("n1", "10.0.0.1", true, false, None),
+            node("n2", "10.0.0.2", false, false, None),
+            node("n3", "10.0.0.3", true, true, None),
+            node("n4", "10.0.0.4", true, false, Some("5")),
+        ];
+        let b = run(
+            &[svc(
+                "default",
+                "web",
+                lb(http(), "Cluster"),
+                &["192.0.2.10"],
+            )],
+            &[],
+            &nodes,
+        );
+        assert_eq!(
+            backends(&b, "192.0.2.10:80/tcp"),
+            [
+                bk("10.0.0.1", 1, false),
+                bk("10.0.0.2", 1, true),
+                bk("10.0.0.3", 1, true),
+                bk("10.0.0.4", 5, false)
+            ]
+        );
+        assert!(b.desired.vips[0].backends.iter().all(|b| b.mac.is_none()));
+        assert_eq!(
+            b.sources[&"192.0.2.10:80/tcp".parse().unwrap()].service,
+            "default/web"
+        );
+        assert!(b.problems.is_empty(), "{:?}", b.problems);
+    }
+
+    #[test]
+    fn policy_defaults_to_cluster() {
+        let s = svc(
+            "default",
+            "web",
+            json!({"type": "LoadBalancer", "ports": http()}),
+            &["192.0.2.10"],
+        );
+        let b = run(&[s], &[], &nodes3());
+        assert_eq!(backends(&b, "192.0.2.10:80/tcp").len(), 3);
+    }
+
+    #[test]
+    fn a_vip_per_address_port_and_protocol() {
+        let ports =
+            json!([{"name": "http", "port": 80}, {"name": "dns", "port": 53, "protocol": "UDP"}]);
+        let mut spec = lb(ports, "Cluster");
+        spec["externalIPs"] = json!(["198.51.100.7", "2001:db8::1"]);
+        let b = run(
+            &[svc("default", "web", spec, &["192.0.2.10", "2001:db8::2"])],
+            &[],
+            &nodes3(),
+        );
+        let keys: Vec<String> = b.desired.vips.iter().map(|v| v.key.to_string()).collect();
+        assert_eq!(
+            keys,
+            [
+                "192.0.2.10:53/udp",
+                "192.0.2.10:80/tcp",
+                "198.51.100.7:53/udp",
+                "198.51.100.7:80/tcp"
+            ]
+        );
+        assert!(b.problems.is_empty(), "{:?}", b.problems);
+    }
+
+    #[test]
+    fn no_address_no_vip_and_other_types_ignored() {
+        let pending = svc("default", "pending", lb(http(), "Cluster"), &[]);
+        let ext = svc(
+            "default",
+            "ext",
+            json!({"type": "ExternalName", "externalName": "x.example"}),
+            &[],
+        );
+        let b = run(&[pending, ext], &[], &nodes3());
+        assert!(b.desired.vips.is_empty());
+        assert!(b.problems.is_empty());
+    }
+
+    #[test]
+    fn external_ips_of_a_cluster_ip_service_are_vips() {
+        let spec = json!({"type": "ClusterIP", "ports": http(), "externalIPs": ["198.51.100.7"]});
+        let b = run(&[svc("default", "web", spec, &[])], &[], &nodes3());
+        assert_eq!(backends(&b, "198.51.100.7:80/tcp").len(), 3);
+    }
+
+    #[test]
+    fn local_policy_weights_nodes_by_ready_endpoints() {
+        let s = svc("default", "web", lb(http(), "Local"), &["192.0.2.10"]);
+        let slices = vec![
+            slice(
+                "default",
+                "web",
+                "web-a",
+                Some("http"),
+                &[
+                    ready("n1", "10.1.0.1"),
+                    ready("n1", "10.1.0.2"),
+                    ready("n3", "10.1.0.3"),
+                ],
+            ),
+            // Another Service's slice, and one in another namespace: not ours.
+            slice(
+                "default",
+                "other",
+                "other-a",
+                Some("http"),
+                &[ready("n2", "10.1.0.9")],
+            ),
+            slice(
+                "prod",
+                "web",
+                "web-a",
+                Some("http"),
+                &[ready("n2", "10.1.0.8")],
+            ),
+        ];
+        let b = run(&[s], &slices, &nodes3());
+        assert_eq!(
+            backends(&b, "192.0.2.10:80/tcp"),
+            [bk("10.0.0.1", 2, false), bk("10.0.0.3", 1, false)]
+        );
+    }
+
+    #[test]
+    fn local_weight_multiplies_node_weight_and_is_capped() {
+        let nodes = vec![
+            node("n1", "10.0.0.1", true, false, Some("3")),
+            node("n2", "10.0.0.2", true, false, Some("10000")),
+        ];
+        let s = svc("default", "web", lb(http(), "Local"), &["192.0.2.10"]);
+        let slices = vec![slice(
+            "default",
+            "web",
+            "web-a",
+            None,
+            &[
+                ready("n1", "10.1.0.1"),
+                ready("n1", "10.1.0.2"),
+                ready("n2", "10.1.0.3"),
+                ready("n2", "10.1.0.4"),
+            ],
+        )];
+        let b = run(&[s], &slices, &nodes);
+        assert_eq!(
+            backends(&b, "192.0.2.10:80/tcp"),
+            [bk("10.0.0.1", 6, false), bk("10.0.0.2", 10_000, false)]
+        );
+    }
+
+    #[test]
+    fn local_terminating_endpoints_drain_their_node() {
+        let s = svc("default", "web", lb(http(), "Local"), &["192.0.2.10"]);
+        let slices = vec![slice(
+            "default",
+            "web",
+            "web-a",
+            Some("http"),
+            &[
+                ready("n1", "10.1.0.1"),
+                // serving + terminating: drain
+                ("n2", "10.1.0.2", Some(false), Some(true), Some(true)),
+                // n1 has a ready one too: it stays active with weight 1
+                ("n1", "10.1.0.4", Some(false), Some(true), Some(true)),
+                // not serving, terminating: gone
+                ("n3", "10.1.0.3", Some(false), Some(false), Some(true)),
+            ],
+        )];
+        let b = run(&[s], &slices, &nodes3());
+        assert_eq!(
+            backends(&b, "192.0.2.10:80/tcp"),
+            [bk("10.0.0.1", 1, false), bk("10.0.0.2", 1, true)]
+        );
+    }
+
+    #[test]
+    fn local_unset_conditions_follow_the_api_defaults() {
+        let s = svc("default", "web", lb(http(), "Local"), &["192.0.2.10"]);
+        let slices = vec![slice(
+            "default",
+            "web",
+            "web-a",
+            Some("http"),
+            &[
+                ("n1", "10.1.0.1", None, None, None),
+                ("n2", "10.1.0.2", Some(false), None, None),
+            ],
+        )];
+        let b = run(&[s], &slices, &nodes3());
+        assert_eq!(
+            backends(&b, "192.0.2.10:80/tcp"),
+            [bk("10.0.0.1", 1, false)]
+        );
+    }
+
+    #[test]
+    fn local_ready_endpoint_on_an_unhealthy_node_drains() {
+        let nodes = vec![
+            node("n1", "10.0.0.1", false, false, None),
+            node("n2", "10.0.0.2", true, true, None),
+            node("n3", "10.0.0.3", true, false, None),
+        ];
+        let s = svc("default", "web", lb(http(), "Local"), &["192.0.2.10"]);
+        let slices = vec![slice(
+            "default",
+            "web",
+            "web-a",
+            Some("http"),
+            &[
+                ready("n1", "10.1.0.1"),
+                ready("n2", "10.1.0.2"),
+                ready("n3", "10.1.0.3"),
+                // a node the agent does not know: skipped
+                ready("n9", "10.1.0.9"),
+            ],
+        )];
+        let b = run(&[s], &slices, &nodes);
+        assert_eq!(
+            backends(&b, "192.0.2.10:80/tcp"),
+            [
+                bk("10.0.0.1", 1, true),
+                bk("10.0.0.2", 1, true),
+                bk("10.0.0.3", 1, false)
+            ]
+        );
+    }
+
+    #[test]
+    fn local_endpoints_count_once_and_per_port() {
+        let ports = json!([{"name": "http", "port": 80}, {"name": "https", "port": 443}]);
+        let s = svc("default", "web", lb(ports, "Local"), &["192.0.2.10"]);
+        let slices = vec![
+            slice(
+                "default",
+                "web",
+                "web-a",
+                Some("http"),
+                &[ready("n1", "10.1.0.1"), ready("n2", "10.1.0.2")],
+            ),
+            // the same endpoint again while the controller moves it between slices
+            slice(
+                "default",
+                "web",
+                "web-b",
+                Some("http"),
+                &[ready("n1", "10.1.0.1")],
+            ),
+            slice(
+                "default",
+                "web",
+                "web-c",
+                Some("https"),
+                &[ready("n3", "10.1.0.3")],
+            ),
+        ];
+        let b = run(&[s], &slices, &nodes3());
+        assert_eq!(
+            backends(&b, "192.0.2.10:80/tcp"),
+            [bk("10.0.0.1", 1, false), bk("10.0.0.2", 1, false)]
+        );
+        assert_eq!(
+            backends(&b, "192.0.2.10:443/tcp"),
+            [bk("10.0.0.3", 1, false)]
+        );
+    }
+
+    #[test]
+    fn local_without_endpoints_has_a_vip_with_no_backends() {
+        let b = run(
+            &[svc("default", "web", lb(http(), "Local"), &["192.0.2.10"])],
+            &[],
+            &nodes3(),
+        );
+        assert!(backends(&b, "192.0.2.10:80/tcp").is_empty());
+    }
+
+    #[test]
+    fn conflicting_services_first_by_name_wins_and_is_reported() {
+        let a = svc("default", "a", lb(http(), "Cluster"), &["192.0.2.10"]);
+        let z = svc("default", "z", lb(http(), "Local"), &["192.0.2.10"]);
+        for order in [vec![a.clone(), z.clone()], vec![z.clone(), a.clone()]] {
+            let b = run(&order, &[], &nodes3());
+            assert_eq!(
+                b.sources[&"192.0.2.10:80/tcp".parse().unwrap()].service,
+                "default/a"
+            );
+            assert_eq!(backends(&b, "192.0.2.10:80/tcp").len(), 3);
+            let problems: Vec<&String> = b.problems.iter().collect();
+            assert_eq!(
+                problems,
+                ["service default/z: VIP 192.0.2.10:80/tcp is already served for default/a"]
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_options_skip_the_service_with_a_reason() {
+        let mut s = (*svc("default", "web", lb(http(), "Cluster"), &["192.0.2.10"])).clone();
+        s.metadata.annotations =
+            Some([("sluice.io/forwarding-mode".to_owned(), "vxlan".to_owned())].into());
+        let good = svc("default", "ok", lb(http(), "Cluster"), &["192.0.2.11"]);
+        let b = run(&[Arc::new(s), good], &[], &nodes3());
+        let keys: Vec<String> = b.desired.vips.iter().map(|v| v.key.to_string()).collect();
+        assert_eq!(keys, ["192.0.2.11:80/tcp"]);
+        let p = b.problems.iter().next().unwrap();
+        assert!(
+            p.starts_with("service default/web: annotation sluice.io/forwarding-mode"),
+            "{p}"
+        );
+    }
+
+    #[test]
+    fn options_travel_with_the_vip() {
+        let mut spec = lb(http(), "Cluster");
+        spec["sessionAffinity"] = json!("ClientIP");
+        spec["loadBalancerSourceRanges"] = json!(["203.0.113.0/24"]);
+        let b = run(
+            &[svc("default", "web", spec, &["192.0.2.10"])],
+            &[],
+            &nodes3(),
+        );
+        let o = &b.sources[&"192.0.2.10:80/tcp".parse().unwrap()].options;
+        assert_eq!(o.affinity_timeout_secs, Some(10_800));
+        assert_eq!(o.source_ranges.len(), 1);
+    }
+
+    #[test]
+    fn bad_nodes_and_protocols_are_reported_not_fatal() {
+        let mut nodes = nodes3();
+        nodes.push(Arc::new(
+            serde_json::from_value(json!({"metadata": {"name": "n0"}})).unwrap(),
+        ));
+        nodes.push(node("n4", "10.0.0.1", true, false, None));
+        nodes.push(node("n5", "10.0.0.5", true, false, Some("lots")));
+        let ports = json!([{"port": 80}, {"port": 9, "protocol": "SCTP"}]);
+        let mut spec = lb(ports, "Cluster");
+        spec["externalIPs"] = json!(["not-an-ip"]);
+        let b = run(&[svc("default", "web", spec, &["192.0.2.10"])], &[], &nodes);
+        assert_eq!(
+            backends(&b, "192.0.2.10:80/tcp"),
+            [
+                bk("10.0.0.1", 1, false),
+                bk("10.0.0.2", 1, false),
+                bk("10.0.0.3", 1, false),
+                bk("10.0.0.5", 1, false)
+            ]
+        );
+        let p: Vec<&str> = b.problems.iter().map(String::as_str).collect();
+        assert_eq!(p.len(), 5, "{p:?}");
+        assert!(
+            p.iter()
+                .any(|p| p.starts_with("node n0: no IPv4 InternalIP"))
+        );
+        assert!(
+            p.iter()
+                .any(|p| p.contains("n4: InternalIP 10.0.0.1 is also node n1's"))
+        );
+        assert!(
+            p.iter()
+                .any(|p| p.starts_with("node n5: annotation sluice.io/weight"))
+        );
+        assert!(p.iter().any(|p| p.contains("protocol SCTP")));
+        assert!(p.iter().any(|p| p.contains("\"not-an-ip\" is not IPv4")));
+    }
+
+    #[test]
+    fn same_objects_in_any_order_build_the_same_model() {
+        let services = vec![
+            svc("default", "web", lb(http(), "Local"), &["192.0.2.10"]),
+            svc("default", "api", lb(http(), "Cluster"), &["192.0.2.11"]),
+        ];
+        let slices = vec![
+            slice(
+                "default",
+                "web",
+                "web-a",
+                Some("http"),
+                &[ready("n1", "10.1.0.1")],
+            ),
+            slice(
+                "default",
+                "web",
+                "web-b",
+                Some("http"),
+                &[ready("n2", "10.1.0.2")],
+            ),
+        ];
+        let nodes = nodes3();
+        let a = run(&services, &slices, &nodes);
+        fn rev<T>(v: &[Arc<T>]) -> Vec<Arc<T>> {
+            v.iter().rev().cloned().collect()
+        }
+        let b = run(&rev(&services), &rev(&slices), &rev(&nodes));
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn changes_name_the_service_node_and_state() {
+        let s = svc("shop", "web", lb(http(), "Local"), &["192.0.2.10"]);
+        let before = run(
+            std::slice::from_ref(&s),
+            &[slice(
+                "shop",
+                "web",
+                "a",
+                Some("http"),
+                &[ready("n1", "10.1.0.1"), ready("n2", "10.1.0.2")],
+            )],
+            &nodes3(),
+        );
+        let after = run(
+            std::slice::from_ref(&s),
+            &[slice(
+                "shop",
+                "web",
+                "a",
+                Some("http"),
+                &[
+                    ready("n1", "10.1.0.1"),
+                    ready("n1", "10.1.0.5"),
+                    ("n2", "10.1.0.2", Some(false), Some(true), Some(true)),
+                    ready("n3", "10.1.0.3"),
+                ],
+            )],
+            &nodes3(),
+        );
+        let lines = changes(&before, &after);
+        assert_eq!(
+            lines,
+            [
+                "service shop/web: VIP 192.0.2.10:80/tcp: node n1 (10.0.0.1) active weight 2 (was active weight 1)",
+                "service shop/web: VIP 192.0.2.10:80/tcp: node n2 (10.0.0.2) draining weight 1 (was active weight 1)",
+                "service shop/web: VIP 192.0.2.10:80/tcp: node n3 (10.0.0.3) active weight 1 added",
+            ]
+        );
+        assert!(changes(&after, &after).is_empty());
+        let added = changes(&Built::default(), &before);
+        assert_eq!(added.len(), 1);
+        assert!(
+            added[0].starts_with(
+                "service shop/web: VIP 192.0.2.10:80/tcp added with 2 backends [node n1"
+            ),
+            "{added:?}"
+        );
+        assert_eq!(
+            changes(&before, &Built::default()),
+            ["service shop/web: VIP 192.0.2.10:80/tcp removed"]
+        );
+    }
+}

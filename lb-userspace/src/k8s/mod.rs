@@ -1,0 +1,11 @@
+//! Kubernetes -> the desired model (no BPF here): `desired` is the pure mapping from Services,
+//! EndpointSlices and Nodes to VIPs and backend nodes, `options` parses what Services and Nodes
+//! ask for by annotation and spec, `agent` runs the watchers and the reconcile loop.
+
+pub mod agent;
+pub mod desired;
+pub mod options;
+
+pub use agent::{AgentConfig, ApplyFn, run};
+pub use desired::{Built, build, changes};
+pub use options::VipOptions;

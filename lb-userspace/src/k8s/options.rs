@@ -1,0 +1,207 @@
+//! What a Service and a Node ask of sluice beyond addresses and ports: the forwarding mode, client
+//! affinity, source ranges (Service) and a weight (Node). Parsed and validated here, so that a typo
+//! is reported with the object's name instead of silently changing how traffic is forwarded.
+
+use k8s_openapi::api::core::v1::{Node, Service};
+
+use crate::model::MAX_WEIGHT;
+pub use crate::model::{ForwardingMode, Ipv4Net};
+
+/// Service annotation choosing how packets reach the nodes: `l2` (MAC rewrite, nodes on the load
+/// balancer's L2 segment) or `ipip` (encapsulation, nodes anywhere).
+pub const FORWARDING_MODE_ANNOTATION: &str = "sluice.io/forwarding-mode";
+/// Node annotation scaling the node's share of new flows (0 to 10000, default 1; 0 takes none).
+pub const WEIGHT_ANNOTATION: &str = "sluice.io/weight";
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
+/// Kubernetes' upper bound for that timeout (one day).
+const MAX_AFFINITY_TIMEOUT_SECS: u32 = 86_400;
+
+/// A Service's choices that apply to every VIP it produces.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VipOptions {
+    pub mode: ForwardingMode,
+    /// `spec.sessionAffinity: ClientIP`: the timeout in seconds; `None` without affinity.
+    pub affinity_timeout_secs: Option<u32>,
+    /// `spec.loadBalancerSourceRanges`, IPv4 only; empty admits every client.
+    pub source_ranges: Vec<Ipv4Net>,
+}
+
+/// Reads a Service's options; the error names the field and what is accepted.
+pub fn service_options(svc: &Service) -> Result<VipOptions, String> {
+    let annotations = svc.metadata.annotations.as_ref();
+    let mode = match annotations.and_then(|a| a.get(FORWARDING_MODE_ANNOTATION)) {
+        None => ForwardingMode::default(),
+        Some(v) if v.eq_ignore_ascii_case("l2") => ForwardingMode::L2,
+        Some(v) if v.eq_ignore_ascii_case("ipip") => ForwardingMode::Ipip,
+        Some(v) => {
+            return Err(format!(
+                "annotation {FORWARDING_MODE_ANNOTATION}: {v:?} is not a forwarding mode (l2 or ipip)"
+            ));
+        }
+    };
+    let spec = svc.spec.as_ref();
+    let affinity_timeout_secs = match spec.and_then(|s| s.session_affinity.as_deref()) {
+        None | Some("None") => None,
+        Some("ClientIP") => {
+            let timeout = spec
+                .and_then(|s| s.session_affinity_config.as_ref())
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            Some(match timeout {
+                None => DEFAULT_AFFINITY_TIMEOUT_SECS,
+                Some(t) if (1..=MAX_AFFINITY_TIMEOUT_SECS as i32).contains(&t) => t as u32,
+                Some(t) => {
+                    return Err(format!(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds: {t} is outside 1..={MAX_AFFINITY_TIMEOUT_SECS}"
+                    ));
+                }
+            })
+        }
+        Some(other) => {
+            return Err(format!(
+                "spec.sessionAffinity: {other:?} is not None or ClientIP"
+            ));
+        }
+    };
+    let mut source_ranges = Vec::new();
+    for (i, range) in spec
+        .and_then(|s| s.load_balancer_source_ranges.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        if range.contains(':') {
+            // An IPv6 range cannot match the IPv4 VIPs sluice serves: nothing to enforce.
+            continue;
+        }
+        // Kubernetes accepts host bits here ("10.0.0.1/8"): normalise, as kube-proxy does.
+        let cidr = range.trim().parse::<Ipv4Net>().map_err(|_| {
+            format!("spec.loadBalancerSourceRanges[{i}]: {range:?} is not a CIDR like 192.0.2.0/24")
+        })?;
+        source_ranges.push(cidr.trunc());
+    }
+    source_ranges.sort();
+    source_ranges.dedup();
+    Ok(VipOptions {
+        mode,
+        affinity_timeout_secs,
+        source_ranges,
+    })
+}
+
+/// A node's weight from its annotation (default 1).
+pub fn node_weight(node: &Node) -> Result<u32, String> {
+    match node
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(WEIGHT_ANNOTATION))
+    {
+        None => Ok(1),
+        Some(v) => v
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|w| *w <= MAX_WEIGHT)
+            .ok_or_else(|| {
+                format!(
+                    "annotation {WEIGHT_ANNOTATION}: {v:?} is not a whole number from 0 to {MAX_WEIGHT}"
+                )
+            }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn svc(annotations: serde_json::Value, spec: serde_json::Value) -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "default", "annotations": annotations},
+            "spec": spec,
+        }))
+        .expect("service json")
+    }
+
+    fn node(annotations: serde_json::Value) -> Node {
+        serde_json::from_value(json!({"metadata": {"name": "n1", "annotations": annotations}}))
+            .expect("node json")
+    }
+
+    #[test]
+    fn defaults_without_annotations_or_affinity() {
+        let o = service_options(&svc(json!({}), json!({}))).unwrap();
+        assert_eq!(o, VipOptions::default());
+        assert_eq!(o.mode, ForwardingMode::L2);
+    }
+
+    #[test]
+    fn forwarding_mode_any_case_and_bad_value_named() {
+        let o = service_options(&svc(json!({FORWARDING_MODE_ANNOTATION: "IPIP"}), json!({})));
+        assert_eq!(o.unwrap().mode, ForwardingMode::Ipip);
+        let e = service_options(&svc(json!({FORWARDING_MODE_ANNOTATION: "gre"}), json!({})))
+            .unwrap_err();
+        assert!(
+            e.contains("sluice.io/forwarding-mode") && e.contains("\"gre\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn client_ip_affinity_with_default_and_explicit_timeout() {
+        let o = service_options(&svc(json!({}), json!({"sessionAffinity": "ClientIP"})));
+        assert_eq!(o.unwrap().affinity_timeout_secs, Some(10_800));
+        let o = service_options(&svc(
+            json!({}),
+            json!({"sessionAffinity": "ClientIP",
+                   "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}),
+        ));
+        assert_eq!(o.unwrap().affinity_timeout_secs, Some(60));
+        let o = service_options(&svc(json!({}), json!({"sessionAffinity": "None"})));
+        assert_eq!(o.unwrap().affinity_timeout_secs, None);
+        let e = service_options(&svc(
+            json!({}),
+            json!({"sessionAffinity": "ClientIP",
+                   "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}}}),
+        ))
+        .unwrap_err();
+        assert!(e.contains("timeoutSeconds: 0"), "{e}");
+    }
+
+    #[test]
+    fn source_ranges_normalised_sorted_ipv6_skipped_bad_ones_named() {
+        let o = service_options(&svc(
+            json!({}),
+            json!({"loadBalancerSourceRanges":
+                ["192.0.2.77/24", "10.0.0.0/8", "2001:db8::/32", "10.0.0.0/8", "0.0.0.0/0"]}),
+        ))
+        .unwrap();
+        let shown: Vec<String> = o.source_ranges.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["0.0.0.0/0", "10.0.0.0/8", "192.0.2.0/24"]);
+        for bad in ["10.0.0.0", "10.0.0.0/33", "x/8"] {
+            let e = service_options(&svc(
+                json!({}),
+                json!({"loadBalancerSourceRanges": ["10.1.0.0/16", bad]}),
+            ))
+            .unwrap_err();
+            assert!(e.contains("loadBalancerSourceRanges[1]"), "{e}");
+        }
+    }
+
+    #[test]
+    fn node_weight_default_range_and_errors() {
+        assert_eq!(node_weight(&node(json!({}))), Ok(1));
+        assert_eq!(node_weight(&node(json!({WEIGHT_ANNOTATION: "3"}))), Ok(3));
+        assert_eq!(node_weight(&node(json!({WEIGHT_ANNOTATION: "0"}))), Ok(0));
+        assert_eq!(
+            node_weight(&node(json!({WEIGHT_ANNOTATION: " 10000 "}))),
+            Ok(10_000)
+        );
+        for bad in ["10001", "-1", "1.5", "heavy", ""] {
+            let e = node_weight(&node(json!({WEIGHT_ANNOTATION: bad}))).unwrap_err();
+            assert!(e.contains("sluice.io/weight"), "{e}");
+        }
+    }
+}

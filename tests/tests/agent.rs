@@ -1,0 +1,513 @@
+//! `sluice agent` against a real kube-apiserver (see `sluice_tests::kube`), in the namespace lab:
+//! the lab's backends are the cluster's nodes (Node objects with their InternalIPs), the API
+//! server runs in the lb namespace next to the agent, and the agent connects with the token of
+//! the ServiceAccount that deploy/ ships (so its RBAC is what is tested). Every scenario checks
+//! the BPF maps (`sluice inspect -o json`) and, where it matters, real packets. Needs root.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::{Value, json};
+use sluice_tests::kube::{AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, Kube, repo_root};
+use sluice_tests::{ECHO_PORT, HTTP_PORT, Lab, LabConfig, SluiceProcess, require_root};
+
+/// How long the agent may take to bring the maps to a change (it takes tens of milliseconds;
+/// the bound covers a busy CI host and kubectl's own start).
+const CONVERGE: Duration = Duration::from_secs(20);
+const HEALTH_ADDR: &str = "127.0.0.1:9941";
+
+/// (address, state, weight) of a VIP's backends in the maps.
+type Backends = Vec<(Ipv4Addr, String, u32)>;
+
+/// A lab, an API server in its lb namespace, and the agent. Fields drop in order: the agent
+/// stops first, then the API server, then the lab.
+struct Env {
+    agent: Option<SluiceProcess>,
+    kube: Kube,
+    lab: Lab,
+    kubeconfig: PathBuf,
+}
+
+impl Env {
+    fn start() -> Env {
+        require_root();
+        let lab = Lab::build(LabConfig {
+            backends: 3,
+            udp: false,
+        })
+        .expect("building the lab");
+        let kube = Kube::start(Some(lab.lb_ns())).expect("starting the API server");
+        let kubeconfig = kube
+            .agent_kubeconfig()
+            .expect("the agent's ServiceAccount kubeconfig");
+        let env = Env {
+            agent: None,
+            kube,
+            lab,
+            kubeconfig,
+        };
+        for i in 0..env.lab.backends() {
+            env.node(i, true).expect("creating a node");
+        }
+        env
+    }
+
+    fn node_name(i: usize) -> String {
+        format!("node-{i}")
+    }
+
+    /// Creates or updates Node `node-i` with the lab backend's address as InternalIP.
+    fn node(&self, i: usize, ready: bool) -> Result<()> {
+        self.kube
+            .node(&Self::node_name(i), self.lab.backend_addr(i), ready)
+    }
+
+    /// A Service `web` (ports 80 and 7000) with the lab's VIP as its load-balancer address,
+    /// written to status the way MetalLB would.
+    fn service(&self, policy: &str) -> Result<()> {
+        self.kube.apply_yaml(&format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: {policy}
+  selector: {{app: web}}
+  ports:
+    - {{name: http, port: {HTTP_PORT}, protocol: TCP}}
+    - {{name: echo, port: {ECHO_PORT}, protocol: TCP}}
+"
+        ))?;
+        self.kube.patch_status(
+            "/api/v1/namespaces/default/services/web",
+            &json!({"status": {"loadBalancer": {"ingress": [{"ip": self.lab.vip().to_string()}]}}}),
+        )
+    }
+
+    /// The Service's one EndpointSlice, as the EndpointSlice controller would write it: per
+    /// endpoint (node index, ready, serving, terminating).
+    fn slice(&self, endpoints: &[(usize, bool, bool, bool)]) -> Result<()> {
+        let mut eps = String::new();
+        for (k, (node, ready, serving, terminating)) in endpoints.iter().enumerate() {
+            eps.push_str(&format!(
+                "  - addresses: [\"10.244.{node}.{}\"]\n    nodeName: {}\n    conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}\n",
+                k + 10,
+                Self::node_name(*node)
+            ));
+        }
+        if endpoints.is_empty() {
+            eps.push_str("  []\n");
+        }
+        self.kube.apply_yaml(&format!(
+            "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: default
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+  - {{name: http, port: 8080, protocol: TCP}}
+  - {{name: echo, port: 7000, protocol: TCP}}
+endpoints:
+{eps}"
+        ))
+    }
+
+    fn start_agent(&mut self) -> Result<()> {
+        ensure!(self.agent.is_none(), "the agent is running");
+        let kubeconfig = self.kubeconfig.to_string_lossy().into_owned();
+        let p = self.lab.spawn_sluice(&[
+            "agent",
+            "--iface",
+            self.lab.lb_iface(),
+            "--kubeconfig",
+            &kubeconfig,
+            "--node-name",
+            "lb",
+            "--health-addr",
+            HEALTH_ADDR,
+        ])?;
+        self.agent = Some(p);
+        self.wait_ready()
+    }
+
+    /// Waits until the agent answers /readyz with 200 (the API's model is in the maps).
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(p) = self.agent.as_mut()
+                && let Some(status) = p.try_wait()?
+            {
+                bail!("the agent exited ({status}): {}", p.log_text());
+            }
+            let out = self.lab.exec(
+                self.lab.lb_ns(),
+                &[
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    &format!("http://{HEALTH_ADDR}/readyz"),
+                ],
+            )?;
+            if out.stdout == b"200" {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("the agent is not ready after 60 s: {}", self.agent_log());
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stop_agent(&mut self) -> Result<()> {
+        if let Some(p) = self.agent.take() {
+            let status = p.stop(Duration::from_secs(10))?;
+            ensure!(
+                status.success(),
+                "the agent exited with {status} on SIGTERM"
+            );
+        }
+        Ok(())
+    }
+
+    fn agent_log(&self) -> String {
+        self.agent
+            .as_ref()
+            .map(|p| p.log_text())
+            .unwrap_or_default()
+    }
+
+    /// VIP -> its backends, from the maps.
+    fn maps(&self) -> Result<BTreeMap<String, Backends>> {
+        let mut out: BTreeMap<String, Backends> = BTreeMap::new();
+        let vips = self.inspect("vips")?;
+        for v in vips["vips"].as_array().context("inspect vips: no list")? {
+            out.insert(v["vip"].as_str().unwrap_or("").to_owned(), Vec::new());
+        }
+        let backends = self.inspect("backends")?;
+        for b in backends["backends"]
+            .as_array()
+            .context("inspect backends: no list")?
+        {
+            out.entry(b["vip"].as_str().unwrap_or("").to_owned())
+                .or_default()
+                .push((
+                    b["address"].as_str().unwrap_or("").parse()?,
+                    b["state"].as_str().unwrap_or("").to_owned(),
+                    b["weight"].as_u64().unwrap_or(0) as u32,
+                ));
+        }
+        Ok(out)
+    }
+
+    fn inspect(&self, what: &str) -> Result<Value> {
+        let out = self.lab.sluice_ok(&[
+            "inspect",
+            what,
+            "--iface",
+            self.lab.lb_iface(),
+            "-o",
+            "json",
+        ])?;
+        serde_json::from_slice(&out.stdout).with_context(|| format!("inspect {what}: not JSON"))
+    }
+
+    fn vip(&self, port: u16) -> String {
+        format!("{}:{port}/tcp", self.lab.vip())
+    }
+
+    /// The backends both VIPs (http, echo) should have, by node index.
+    fn expect(&self, nodes: &[(usize, &str, u32)]) -> BTreeMap<String, Backends> {
+        let backends: Backends = nodes
+            .iter()
+            .map(|(i, state, w)| (self.lab.backend_addr(*i), (*state).to_owned(), *w))
+            .collect();
+        [HTTP_PORT, ECHO_PORT]
+            .into_iter()
+            .map(|p| (self.vip(p), backends.clone()))
+            .collect()
+    }
+
+    /// Waits until the maps hold `expected`; fails with what they hold and the agent's log.
+    fn converge(&self, what: &str, expected: &BTreeMap<String, Backends>) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            let now = self.maps()?;
+            if &now == expected {
+                println!("{what}: maps converged in {:?}", start.elapsed());
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() >= CONVERGE {
+                bail!(
+                    "{what}: after {CONVERGE:?} the maps hold\n{now:#?}\nexpected\n{expected:#?}\nagent log:\n{}",
+                    self.agent_log()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Which backends answered `n` HTTP requests to the VIP, by index.
+    fn answers(&self, n: usize) -> Result<BTreeMap<String, usize>> {
+        let mut counts = BTreeMap::new();
+        for body in self.lab.curl_vip(n)? {
+            *counts.entry(body).or_insert(0) += 1;
+        }
+        Ok(counts)
+    }
+}
+
+fn names(counts: &BTreeMap<String, usize>) -> Vec<&str> {
+    counts.keys().map(String::as_str).collect()
+}
+
+#[test]
+fn agent_turns_services_slices_and_nodes_into_maps_and_packets() -> Result<()> {
+    let mut env = Env::start();
+    // Local policy: only nodes with ready endpoints, weighted by how many.
+    env.service("Local")?;
+    env.slice(&[(0, true, true, false)])?;
+    env.start_agent()?;
+    env.converge("service + slice", &env.expect(&[(0, "active", 1)]))?;
+    let a = env.answers(30)?;
+    ensure!(
+        names(&a) == ["b0"],
+        "only node 0 has an endpoint, answers {a:?}"
+    );
+
+    // An open connection, pinned to node 0 by the connection table.
+    let conn = env.lab.long_conn_vip()?;
+    conn.wait_echoes(5, Duration::from_secs(10))?;
+    ensure!(
+        conn.backend() == "b0",
+        "long connection on {}",
+        conn.backend()
+    );
+
+    // Scale up: two endpoints on node 1.
+    env.slice(&[
+        (0, true, true, false),
+        (1, true, true, false),
+        (1, true, true, false),
+    ])?;
+    env.converge(
+        "scale up",
+        &env.expect(&[(0, "active", 1), (1, "active", 2)]),
+    )?;
+    let a = env.answers(300)?;
+    ensure!(
+        names(&a) == ["b0", "b1"],
+        "nodes 0 and 1 should answer, got {a:?}"
+    );
+    ensure!(a["b1"] > a["b0"], "node 1 has twice node 0's weight: {a:?}");
+
+    // The node weight annotation scales node 0's share.
+    env.kube.kubectl_ok(&[
+        "annotate",
+        "node",
+        "node-0",
+        "sluice.io/weight=4",
+        "--overwrite",
+    ])?;
+    env.converge(
+        "weight annotation",
+        &env.expect(&[(0, "active", 4), (1, "active", 2)]),
+    )?;
+
+    // Node 0's endpoint terminates (still serving): node 0 drains; the open connection stays.
+    env.slice(&[
+        (0, false, true, true),
+        (1, true, true, false),
+        (1, true, true, false),
+    ])?;
+    env.converge(
+        "endpoint terminating",
+        &env.expect(&[(0, "draining", 4), (1, "active", 2)]),
+    )?;
+    let a = env.answers(60)?;
+    ensure!(
+        names(&a) == ["b1"],
+        "a draining node takes no new flows: {a:?}"
+    );
+    conn.wait_echoes(5, Duration::from_secs(10))?;
+    let report = conn.finish();
+    ensure!(
+        report.is_clean(),
+        "the draining node's connection broke: {report:?}"
+    );
+    ensure!(
+        report.backends == ["b0"],
+        "the connection moved: {report:?}"
+    );
+
+    // Node 1 goes NotReady: it drains too.
+    env.node(1, false)?;
+    env.converge(
+        "node NotReady",
+        &env.expect(&[(0, "draining", 4), (1, "draining", 2)]),
+    )?;
+    env.node(1, true)?;
+    env.converge(
+        "node Ready again",
+        &env.expect(&[(0, "draining", 4), (1, "active", 2)]),
+    )?;
+
+    // Scale down: node 0's endpoint is gone.
+    env.slice(&[(1, true, true, false)])?;
+    env.converge("scale down", &env.expect(&[(1, "active", 1)]))?;
+
+    // Service deleted: nothing left.
+    env.kube.kubectl_ok(&["delete", "service", "web"])?;
+    env.converge("service deleted", &BTreeMap::new())?;
+    let stats = env.inspect("backends")?;
+    ensure!(
+        stats["backends"].as_array().is_some_and(Vec::is_empty),
+        "backend slots left: {stats}"
+    );
+    let log = env.agent_log();
+    ensure!(
+        log.contains("service default/web: VIP") && log.contains("node node-1"),
+        "changes are logged with the Service and node names:\n{log}"
+    );
+    env.stop_agent()
+}
+
+#[test]
+fn agent_survives_apiserver_restart_compaction_and_its_own_restart() -> Result<()> {
+    let mut env = Env::start();
+    env.service("Cluster")?;
+    env.start_agent()?;
+    let all = [(0, "active", 1), (1, "active", 1), (2, "active", 1)];
+    env.converge("cluster policy", &env.expect(&all))?;
+    let conn = env.lab.long_conn_vip()?;
+    conn.wait_echoes(3, Duration::from_secs(10))?;
+
+    // The API server goes away: the maps and the traffic stay; it comes back: changes flow again.
+    env.kube.stop_apiserver(0)?;
+    conn.wait_echoes(10, Duration::from_secs(10))?;
+    env.converge("API server down", &env.expect(&all))?;
+    env.kube.start_apiserver(0)?;
+    env.kube.kubectl_ok(&["cordon", "node-2"])?;
+    env.converge(
+        "cordon after an API server restart",
+        &env.expect(&[(0, "active", 1), (1, "active", 1), (2, "draining", 1)]),
+    )?;
+
+    // Changes the agent cannot see (made through a second API server while its own is down),
+    // then a compaction: resuming its watches gets 410 Gone, so it must relist to see them.
+    let other = env.kube.add_apiserver()?;
+    env.kube.stop_apiserver(0)?;
+    env.kube
+        .kubectl_ok_on(other, &["delete", "node", "node-2"])?;
+    env.kube
+        .kubectl_ok_on(other, &["annotate", "node", "node-1", "sluice.io/weight=3"])?;
+    let rev = env.kube.compact()?;
+    println!("etcd compacted at revision {rev}");
+    env.kube.start_apiserver(0)?;
+    env.converge(
+        "relist after compaction",
+        &env.expect(&[(0, "active", 1), (1, "active", 3)]),
+    )?;
+    let log = env.agent_log();
+    ensure!(
+        log.contains("too old resource version") && log.contains("relisting"),
+        "the agent should have been told 410 Gone (Expired) and relisted:\n{log}"
+    );
+
+    // The agent restarts: the dataplane forwards meanwhile, and the restarted agent adopts the
+    // maps and rebuilds the same state from the API alone.
+    env.stop_agent()?;
+    ensure!(
+        env.lab.xdp_attached()?,
+        "the XDP program left with the agent"
+    );
+    conn.wait_echoes(10, Duration::from_secs(10))?;
+    env.kube.kubectl_ok(&["uncordon", "node-0"])?; // no-op change while it is down
+    env.kube
+        .kubectl_ok(&["annotate", "node", "node-0", "sluice.io/weight=2"])?;
+    env.start_agent()?;
+    env.converge(
+        "after the agent's restart",
+        &env.expect(&[(0, "active", 2), (1, "active", 3)]),
+    )?;
+    conn.wait_echoes(10, Duration::from_secs(10))?;
+    let report = conn.finish();
+    ensure!(
+        report.is_clean(),
+        "a live connection was dropped: {report:?}"
+    );
+    let a = env.answers(60)?;
+    ensure!(
+        names(&a).iter().all(|n| *n == "b0" || *n == "b1"),
+        "answers {a:?}"
+    );
+    env.stop_agent()
+}
+
+#[test]
+fn deploy_manifests_pass_server_dry_run_and_grant_only_reads() -> Result<()> {
+    require_root();
+    let kube = Kube::start(None)?;
+    let deploy = repo_root().join("deploy");
+    // A server-side dry run checks namespaced objects against their namespace, which a dry run
+    // does not create: the namespace goes first, for real.
+    let namespace = deploy.join("00-namespace.yaml");
+    kube.kubectl_ok(&["apply", "-f", &namespace.to_string_lossy()])?;
+    let out = kube.kubectl_ok(&["apply", "--dry-run=server", "-f", &deploy.to_string_lossy()])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    for kind in [
+        "namespace/",
+        "serviceaccount/",
+        "clusterrole.",
+        "daemonset.apps/",
+        "configmap/",
+    ] {
+        ensure!(text.contains(kind), "dry run did not cover {kind}: {text}");
+    }
+    // The real thing, then what the ServiceAccount may do.
+    kube.kubectl_ok(&["apply", "-f", &deploy.to_string_lossy()])?;
+    let sa = format!("system:serviceaccount:{AGENT_NAMESPACE}:{AGENT_SERVICE_ACCOUNT}");
+    let can = |verb: &str, what: &str, ns: &str| -> Result<bool> {
+        let out = kube.kubectl_on(
+            0,
+            &["auth", "can-i", verb, what, "--as", &sa, "-n", ns],
+            Duration::from_secs(30),
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim() == "yes")
+    };
+    for (verb, what) in [
+        ("list", "services"),
+        ("watch", "nodes"),
+        ("watch", "endpointslices.discovery.k8s.io"),
+    ] {
+        ensure!(
+            can(verb, what, "default")?,
+            "the agent may not {verb} {what}"
+        );
+    }
+    for (verb, what, ns) in [
+        ("create", "services", "default"),
+        ("update", "nodes", "default"),
+        ("get", "secrets", AGENT_NAMESPACE),
+        ("create", "leases.coordination.k8s.io", "default"),
+    ] {
+        ensure!(
+            !can(verb, what, ns)?,
+            "the agent may {verb} {what} in {ns}: too much"
+        );
+    }
+    ensure!(
+        can("update", "leases.coordination.k8s.io", AGENT_NAMESPACE)?,
+        "the agent may not update leases in its namespace"
+    );
+    Ok(())
+}
