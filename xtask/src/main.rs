@@ -1,7 +1,8 @@
-//! `cargo xtask <command>`: sluice's demo lab, its whole test suite and its benchmark.
+//! `cargo xtask <command>`: sluice's demo lab, its whole test suite, its benchmark and a soak run.
 //! The `./x` script installs the toolchains first and then calls these.
 
 mod bench;
+mod soak;
 
 use std::process::Command;
 
@@ -34,6 +35,9 @@ enum Cmd {
         #[arg(long, default_value_t = 1_000_000)]
         repeat: u32,
     },
+    /// Minutes of mixed TCP/UDP/HTTP traffic through `sluice run` with backend churn every few
+    /// seconds: lost connections, memory and map sizes (not part of `test`).
+    Soak(soak::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo { requests, backends } => demo(requests, backends),
         Cmd::Test => test(),
         Cmd::Bench { repeat } => bench::run(repeat),
+        Cmd::Soak(args) => soak::run(&args),
     }
 }
 
