@@ -336,6 +336,10 @@ struct UdpStats {
     answered: AtomicU64,
     send_errors: AtomicU64,
     longest_gap_ms: AtomicU64,
+    /// When (ms after the stream started) the longest gap ended: to match with the churn log.
+    longest_gap_end_ms: AtomicU64,
+    /// The longest time the stream's own loop did not run (the host's scheduling, not sluice).
+    longest_stall_ms: AtomicU64,
     by_backend: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -364,8 +368,12 @@ fn udp_stream(
         let (mut next_send, mut last_answer, mut k) = (start, start, 0usize);
         let mut stopped_at: Option<Instant> = None;
         let mut buf = [0u8; 64];
+        let mut last_loop = start;
         loop {
             let now = Instant::now();
+            let stall = (now - last_loop).as_millis() as u64;
+            stats.longest_stall_ms.fetch_max(stall, Ordering::Relaxed);
+            last_loop = now;
             match stopped_at {
                 None if stop.load(Ordering::SeqCst) || now - start >= max => stopped_at = Some(now),
                 Some(t) if now - t >= Duration::from_secs(1) => break,
@@ -386,7 +394,10 @@ fn udp_stream(
                         Ok(len) => {
                             stats.answered.fetch_add(1, Ordering::Relaxed);
                             let gap = last_answer.elapsed().as_millis() as u64;
-                            stats.longest_gap_ms.fetch_max(gap, Ordering::Relaxed);
+                            if gap > stats.longest_gap_ms.fetch_max(gap, Ordering::Relaxed) {
+                                let at = start.elapsed().as_millis() as u64;
+                                stats.longest_gap_end_ms.store(at, Ordering::Relaxed);
+                            }
                             last_answer = Instant::now();
                             let name = String::from_utf8_lossy(&buf[..len]).trim().to_owned();
                             if let Ok(mut m) = stats.by_backend.lock() {
@@ -976,6 +987,8 @@ fn summarize(s: Summary) -> Report {
             "unanswered": udp_sent.saturating_sub(udp_answered),
             "send_errors": s.udp.send_errors.load(Ordering::Relaxed),
             "longest_gap_ms": s.udp.longest_gap_ms.load(Ordering::Relaxed),
+            "longest_gap_ended_at_s": round1(s.udp.longest_gap_end_ms.load(Ordering::Relaxed) as f64 / 1e3),
+            "longest_sender_stall_ms": s.udp.longest_stall_ms.load(Ordering::Relaxed),
             "answers_by_backend": udp_by_backend,
         },
         "http": { "ok": http_ok, "failed": http_failed, "errors": http_errors },
@@ -1053,9 +1066,12 @@ fn summarize(s: Summary) -> Report {
         (
             "UDP",
             format!(
-                "{udp_sent} sent, {udp_answered} answered ({} unanswered), longest gap {} ms",
+                "{udp_sent} sent, {udp_answered} answered ({} unanswered); longest gap without \
+                 an answer {} ms (ended at {:.1} s; the sender itself stalled up to {} ms)",
                 udp_sent.saturating_sub(udp_answered),
-                s.udp.longest_gap_ms.load(Ordering::Relaxed)
+                s.udp.longest_gap_ms.load(Ordering::Relaxed),
+                s.udp.longest_gap_end_ms.load(Ordering::Relaxed) as f64 / 1e3,
+                s.udp.longest_stall_ms.load(Ordering::Relaxed)
             ),
         ),
         ("HTTP", format!("{http_ok} ok, {http_failed} failed")),
