@@ -491,6 +491,8 @@ struct Losses {
 struct Sample {
     t: f64,
     rss_kib: u64,
+    /// The heap and other anonymous memory (RSS also counts the binary's pages as they are touched).
+    rss_anon_kib: u64,
     flows: u64,
     slots: usize,
     max_slot: u64,
@@ -503,14 +505,18 @@ struct Sample {
     reconciles_error: u64,
 }
 
-fn rss_kib(pid: u32) -> Result<u64> {
+/// (VmRSS, RssAnon) of a process, in KiB.
+fn rss_kib(pid: u32) -> Result<(u64, u64)> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status (did sluice exit?)"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))
+    };
+    Ok((field("VmRSS:")?, field("RssAnon:")?))
 }
 
 fn metric_sum(m: &BTreeMap<String, f64>, prefix: &str) -> u64 {
@@ -795,9 +801,11 @@ fn take_sample(
 ) -> Result<Sample> {
     let m = lab.metrics(METRICS_ADDR)?;
     let (slots, max_slot) = backend_slots(lab)?;
+    let (rss_kib, rss_anon_kib) = rss_kib(sluice.process.pid())?;
     Ok(Sample {
         t: round1(started.elapsed().as_secs_f64()),
-        rss_kib: rss_kib(sluice.process.pid())?,
+        rss_kib,
+        rss_anon_kib,
         flows: metric_sum(&m, "sluice_flows{"),
         slots,
         max_slot,
@@ -813,10 +821,11 @@ fn take_sample(
 
 fn print_sample(s: &Sample, losses: &Losses, changes: usize) {
     println!(
-        "[{:>6.1}s] rss {:>6} KiB  flows {:>6}  slots {:>2}  conns {:>3}  lost {} (unexpected {})  \
+        "[{:>6.1}s] rss {:>6} KiB (anon {:>5})  flows {:>6}  slots {:>2}  conns {:>3}  lost {} (unexpected {})  \
          udp {}/{}  http {}/{}  changes {changes}",
         s.t,
         s.rss_kib,
+        s.rss_anon_kib,
         s.flows,
         s.slots,
         s.conns,
@@ -995,6 +1004,8 @@ fn summarize(s: Summary) -> Report {
         "rss_kib": {
             "first": rss.first(), "max": rss_max, "last": rss.last(),
             "after_warmup": warm.first().map(|x| x.rss_kib),
+            "anon_first": s.samples.first().map(|x| x.rss_anon_kib),
+            "anon_last": s.samples.last().map(|x| x.rss_anon_kib),
             "growth_after_warmup_pct": rss_growth.map(|g| round1(g * 100.0)),
             "slope_kib_per_min_after_warmup": rss_slope.map(round1),
         },
@@ -1020,7 +1031,7 @@ fn summarize(s: Summary) -> Report {
         },
         "sluice_log_warnings": { "count": s.log_error_count, "first": s.log_errors },
         "samples": s.samples.iter().map(|x| json!({
-            "t": x.t, "rss_kib": x.rss_kib, "flows": x.flows, "slots": x.slots,
+            "t": x.t, "rss_kib": x.rss_kib, "rss_anon_kib": x.rss_anon_kib, "flows": x.flows, "slots": x.slots,
             "conns": x.conns, "udp_sent": x.udp_sent, "udp_answered": x.udp_answered,
             "http_ok": x.http_ok, "http_failed": x.http_failed,
             "reconciles_ok": x.reconciles_ok, "reconciles_error": x.reconciles_error,
@@ -1078,9 +1089,11 @@ fn summarize(s: Summary) -> Report {
         (
             "sluice RSS (KiB)",
             format!(
-                "first {}, max {rss_max}, last {}; after 1 min: growth {}, slope {}",
+                "first {}, max {rss_max}, last {} (anonymous {} -> {}); after 1 min: growth {}, slope {}",
                 rss.first().copied().unwrap_or(0),
                 rss.last().copied().unwrap_or(0),
+                first.as_ref().map_or(0, |x| x.rss_anon_kib),
+                last.as_ref().map_or(0, |x| x.rss_anon_kib),
                 opt(rss_growth.map(|g| g * 100.0), " %"),
                 opt(rss_slope, " KiB/min")
             ),
