@@ -631,6 +631,15 @@ http {{
     /// The sluice config for the lab's VIP: tcp/80 (nginx), tcp/7000 (echo) and, when `cfg.udp`,
     /// udp/5353, each with the given backends. Returns the file's path (a new file per call).
     pub fn write_config(&self, backends: &[BackendSpec]) -> Result<PathBuf> {
+        self.write_config_with(backends, None)
+    }
+
+    /// As [`Lab::write_config`], with a `flow_table_size` (connection-table entries) when given.
+    pub fn write_config_with(
+        &self,
+        backends: &[BackendSpec],
+        flow_table_size: Option<u32>,
+    ) -> Result<PathBuf> {
         for b in backends {
             ensure!(
                 b.index < self.cfg.backends,
@@ -644,9 +653,13 @@ http {{
             ports.push((UDP_PORT, "udp"));
         }
         let mut y = format!(
-            "# sluice config written by the sluice-tests lab {}\nvips:\n",
+            "# sluice config written by the sluice-tests lab {}\n",
             self.id
         );
+        if let Some(n) = flow_table_size {
+            writeln!(y, "flow_table_size: {n}")?;
+        }
+        y.push_str("vips:\n");
         for (port, proto) in ports {
             writeln!(
                 y,
@@ -773,6 +786,12 @@ http {{
     /// until an XDP program is attached to the lb's interface.
     pub fn run_sluice(&self, backends: &[BackendSpec], timeout: Duration) -> Result<SluiceProcess> {
         let config = self.write_config(backends)?;
+        self.run_sluice_with(&config, timeout)
+    }
+
+    /// Starts `sluice run --config <config>` and waits (at most `timeout`) until an XDP program is
+    /// attached to the lb's interface. SIGHUP makes it re-read that same file.
+    pub fn run_sluice_with(&self, config: &Path, timeout: Duration) -> Result<SluiceProcess> {
         let mut p = self.spawn_sluice(&[
             "run",
             "--config",

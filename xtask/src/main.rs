@@ -1,8 +1,9 @@
-//! `cargo xtask <command>`: sluice's demo lab, its whole test suite and its benchmark.
+//! `cargo xtask <command>`: sluice's demo lab, its whole test suite, its benchmark and a soak run.
 //! The `./x` script installs the toolchains first and then calls these.
 
 mod bench;
 mod bench_agent;
+mod soak;
 
 use std::process::Command;
 
@@ -51,6 +52,9 @@ enum Cmd {
         #[arg(long)]
         agent_only: bool,
     },
+    /// Minutes of mixed TCP/UDP/HTTP traffic through `sluice run` with backend churn every few
+    /// seconds: lost connections, memory and map sizes (not part of `test`).
+    Soak(soak::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -72,6 +76,7 @@ fn main() -> anyhow::Result<()> {
             let changes = agent_changes.unwrap_or(if quick { 100 } else { 200 });
             bench_agent::run(changes, agent_services)
         }
+        Cmd::Soak(args) => soak::run(&args),
     }
 }
 
