@@ -191,6 +191,8 @@ enum InspectWhat {
     },
     /// The decapsulator's counters and configuration (`sluice decap`).
     Decap,
+    /// The addresses this node answers ARP for (`sluice agent --announce`).
+    Announce,
 }
 
 fn main() -> ExitCode {
@@ -269,6 +271,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                     count,
                 } => return watch_stats(&maps, format, interval, count),
                 InspectWhat::Stats { .. } => inspect::stats(&maps)?,
+                InspectWhat::Announce => inspect::announce(&maps)?,
                 InspectWhat::Decap => unreachable!("handled above"),
             };
             println!("{}", view.render(format).trim_end());
