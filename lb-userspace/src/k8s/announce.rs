@@ -33,6 +33,8 @@ use crate::net::{self, Interface};
 pub const LEASE_DURATION: Duration = Duration::from_secs(10);
 /// How often the holder renews and the others look whether a lease became free.
 pub const RENEW_EVERY: Duration = Duration::from_secs(3);
+/// How soon to look again for the ANNOUNCE map before the first attach.
+const MAP_RETRY: Duration = Duration::from_millis(200);
 /// Gratuitous ARPs sent on takeover, this far apart (one may be lost).
 const GARP_COUNT: u32 = 3;
 const GARP_GAP: Duration = Duration::from_millis(500);
@@ -125,8 +127,14 @@ pub async fn run(
     loop {
         let wanted = addrs.borrow_and_update().clone();
         a.tick(&wanted).await;
+        // Until the reconcile thread has attached (ANNOUNCE pinned), look again soon.
+        let next = if a.map.is_some() {
+            RENEW_EVERY
+        } else {
+            MAP_RETRY
+        };
         tokio::select! {
-            _ = tokio::time::sleep(RENEW_EVERY) => {}
+            _ = tokio::time::sleep(next) => {}
             changed = addrs.changed() => { if changed.is_err() { break; } }
             _ = stop.changed() => break,
         }
