@@ -20,6 +20,9 @@ use sluice_tests::{ECHO_PORT, HTTP_PORT, Lab, LabConfig, SluiceProcess, require_
 const CONVERGE: Duration = Duration::from_secs(20);
 const HEALTH_ADDR: &str = "127.0.0.1:9941";
 
+/// A neighbour entry: (MAC, state).
+type Neighbour = Option<(String, String)>;
+
 /// (address, state, weight) of a VIP's backends in the maps.
 type Backends = Vec<(Ipv4Addr, String, u32)>;
 
@@ -598,7 +601,7 @@ fn announce_elects_one_node_per_vip_and_moves_it_on_takeover() -> Result<()> {
             })
             .collect())
     };
-    let neighbour_is = |mac: &str| -> Result<(Option<()>, Option<(String, String)>)> {
+    let neighbour_is = |mac: &str| -> Result<(Option<()>, Neighbour)> {
         let n = env.lab.client_neighbour(vip)?;
         Ok((n.as_ref().filter(|(m, _)| m == mac).map(|_| ()), n))
     };
