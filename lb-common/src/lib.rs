@@ -89,7 +89,8 @@ pub mod map_names {
     pub const VIP_FILTER: &str = "VIP_FILTER";
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
-    pub const ALL: [&str; 12] = [
+    pub const ANNOUNCE: &str = "ANNOUNCE";
+    pub const ALL: [&str; 13] = [
         FLOWS6,
         VIP_FILTER,
         VIP_ADDRS,
@@ -102,6 +103,7 @@ pub mod map_names {
         VIP_STATS,
         BACKEND_STATS,
         GLOBAL_STATS,
+        ANNOUNCE,
     ];
 }
 
@@ -236,6 +238,15 @@ pub struct VipInfo {
     /// Backends that take new flows; 0 drops new flows (established ones keep going).
     pub live_backends: u32,
     pub flags: u32,
+}
+
+/// Value of the `ANNOUNCE` hash (key: a VIP address, [`VipKey::address_only`]): this node won
+/// the address's election and answers ARP for it with `mac`, the attached interface's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Announce {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 /// Backend slot states. The program only forwards to a slot that is not `EMPTY`.
@@ -408,10 +419,12 @@ pub enum GlobalCounter {
     IcmpTooBigSent = 13,
     /// Forwarded: an ICMP error about a VIP flow, to the backend that owns the flow.
     IcmpErrorForwarded = 14,
+    /// Answered: an ARP request for an address this node announces (`ANNOUNCE`).
+    ArpReply = 15,
 }
 
 impl GlobalCounter {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
     pub const ALL: [GlobalCounter; Self::COUNT as usize] = [
         Self::Passed,
         Self::Tx,
@@ -428,6 +441,7 @@ impl GlobalCounter {
         Self::IcmpEchoReply,
         Self::IcmpTooBigSent,
         Self::IcmpErrorForwarded,
+        Self::ArpReply,
     ];
 
     /// Stable name, used by `sluice inspect stats` and its JSON.
@@ -448,6 +462,7 @@ impl GlobalCounter {
             Self::IcmpEchoReply => "icmp_echo_reply",
             Self::IcmpTooBigSent => "icmp_too_big_sent",
             Self::IcmpErrorForwarded => "icmp_error_forwarded",
+            Self::ArpReply => "arp_reply",
         }
     }
 }
@@ -462,9 +477,10 @@ const _: () = assert!(size_of::<ScopedAddr>() == 20);
 const _: () = assert!(size_of::<FlowValue>() == 8);
 const _: () = assert!(size_of::<Counters>() == 16);
 const _: () = assert!(size_of::<VipFilter>() == 512);
+const _: () = assert!(size_of::<Announce>() == 8);
 
 /// Bump when a map's meaning changes without its sizes changing (e.g. a key's field order).
-const MAP_LAYOUT_REVISION: u32 = 1;
+const MAP_LAYOUT_REVISION: u32 = 2;
 
 /// Fingerprint of everything a pinned map's contents depend on: struct sizes, limits, counter
 /// slots. A program whose fingerprint differs must not adopt maps pinned by another: it would
@@ -481,6 +497,7 @@ pub const MAP_LAYOUT: u32 = {
         size_of::<Counters>() as u32,
         size_of::<VipFilter>() as u32,
         size_of::<ScopedAddr>() as u32,
+        size_of::<Announce>() as u32,
         GlobalCounter::COUNT,
         MAX_VIPS,
         MAX_BACKENDS,
@@ -573,4 +590,5 @@ mod pod {
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::VipFilter {}
     unsafe impl aya::Pod for super::ScopedAddr {}
+    unsafe impl aya::Pod for super::Announce {}
 }

@@ -6,7 +6,8 @@
 //!   parse (Ethernet / IPv4|IPv6 / TCP|UDP|ICMP) -> VIP address filter -> connection table
 //!     -> VIP lookup -> source ranges -> Maglev pick -> forward (L2 rewrite | IPIP/IP6IP6 encap)
 //!
-//! Also: echo requests to a VIP address are answered; ICMP errors quoting a VIP flow go to the
+//! Also: ARP requests for an address this node announces (`ANNOUNCE`, the agent's election)
+//! are answered; echo requests to a VIP address are answered; ICMP errors quoting a VIP flow go to the
 //! backend that owns the flow; a packet too big to encapsulate gets ICMP "too big" back.
 //! Not for a VIP: `XDP_PASS`, untouched. For a VIP: rewritten and sent with `XDP_TX` or
 //! `XDP_REDIRECT`, or dropped and counted by reason. No per-packet logging; loops are bounded.
@@ -26,7 +27,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    BPF_F_NO_COMMON_LRU, Backend, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE,
+    Announce, BPF_F_NO_COMMON_LRU, Backend, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE,
     FAMILY_V4, FlowKey, FlowKey4, FlowValue, GlobalCounter, IP6IP6_OVERHEAD, IPIP_OVERHEAD,
     IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6, MAGLEV_INNER_FLAGS, MAX_BACKENDS,
     MAX_SOURCE_RANGES, MAX_TX_PORTS, MAX_VIPS, NO_BACKEND, ScopedAddr, VipFilter, VipInfo, VipKey,
@@ -35,9 +36,9 @@ use lb_common::{
 use lb_ebpf::{
     csum,
     packet::{
-        self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, Flow, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY,
-        ICMP_FRAG_NEEDED, ICMP_HLEN, ICMPV6_ECHO_REPLY, ICMPV6_PKT_TOOBIG, IPV4_HLEN, IPV6_HLEN,
-        IcmpHdr, Ipv4Hdr, Ipv6Hdr, L3, Parsed,
+        self, ARP_OP_REPLY, ArpHdr, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, EthHdr, Flow,
+        ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_FRAG_NEEDED, ICMP_HLEN, ICMPV6_ECHO_REPLY,
+        ICMPV6_PKT_TOOBIG, IPV4_HLEN, IPV6_HLEN, IcmpHdr, Ipv4Hdr, Ipv6Hdr, L3, Parsed,
     },
 };
 
@@ -102,6 +103,11 @@ static VIP_STATS: PerCpuArray<Counters, MAX_VIPS_> = PerCpuArray::new();
 #[btf_map]
 static BACKEND_STATS: PerCpuArray<Counters, { MAX_BACKENDS as usize }> = PerCpuArray::new();
 
+/// VIP address (port and protocol 0) -> the MAC this node answers ARP with: the addresses whose
+/// election (a Lease per address) this node's agent won. Empty unless `sluice agent --announce`.
+#[btf_map]
+static ANNOUNCE: HashMap<VipKey, Announce, MAX_VIPS_> = HashMap::new();
+
 #[btf_map]
 static GLOBAL_STATS: PerCpuArray<u64, { GlobalCounter::COUNT as usize }> = PerCpuArray::new();
 
@@ -125,7 +131,8 @@ fn balance(ctx: &XdpContext) -> (u32, GlobalCounter) {
     match packet::eth_proto(ctx) {
         Some(ETH_P_IP) => balance_ip(ctx, packet::parse_ipv4(ctx, ETH_HLEN)),
         Some(ETH_P_IPV6) => balance_ip(ctx, packet::parse_ipv6(ctx, ETH_HLEN)),
-        // Shorter than an Ethernet header, ARP, ...: not a frame sluice forwards.
+        Some(ETH_P_ARP) => arp_reply(ctx),
+        // Shorter than an Ethernet header, ...: not a frame sluice forwards.
         _ => (xdp_action::XDP_PASS, GlobalCounter::Passed),
     }
 }
@@ -578,6 +585,50 @@ fn echo_rewrite(ctx: &XdpContext, l3: &L3) -> Option<()> {
         (*icmp).checksum = csum::replace16((*icmp).checksum, old, new);
     }
     Some(())
+}
+
+/// An ARP request for an announced address becomes, in place, the reply: "VIP is at our MAC",
+/// sent back to the requester. Anything else ARP (other addresses, replies, other hardware or
+/// protocol types, truncated) goes to the kernel untouched.
+#[inline(always)]
+fn arp_reply(ctx: &XdpContext) -> (u32, GlobalCounter) {
+    let pass = (xdp_action::XDP_PASS, GlobalCounter::Passed);
+    let (Some(eth), Some(arp)) = (
+        packet::ptr_at_mut::<EthHdr>(ctx, 0),
+        packet::ptr_at_mut::<ArpHdr>(ctx, ETH_HLEN),
+    ) else {
+        return pass;
+    };
+    // SAFETY: bounds checked by ptr_at_mut; ArpHdr is 2-aligned and so is its offset.
+    unsafe {
+        if !(*arp).is_ipv4_ethernet_request() {
+            return pass;
+        }
+        let (sender, target) = ((*arp).spa, (*arp).tpa);
+        // Another host announcing the address itself (gratuitous ARP): nothing to answer.
+        if sender == target {
+            return pass;
+        }
+        let key = VipKey {
+            addr: [u32::from_ne_bytes(target), 0, 0, 0],
+            port: 0,
+            proto: 0,
+            family: FAMILY_V4,
+        };
+        let Some(ours) = ANNOUNCE.get_ptr(&key) else {
+            return pass;
+        };
+        let mac = (*ours).mac;
+        let requester = (*arp).sha;
+        (*arp).op = ARP_OP_REPLY.to_be();
+        (*arp).tha = requester;
+        (*arp).tpa = sender;
+        (*arp).sha = mac;
+        (*arp).spa = target;
+        (*eth).dst = requester;
+        (*eth).src = mac;
+    }
+    (xdp_action::XDP_TX, GlobalCounter::ArpReply)
 }
 
 /// An ICMP error about a VIP flow (a router could not deliver a backend's reply, or asks for

@@ -11,6 +11,10 @@ use lb_common::{
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_ARP: u16 = 0x0806;
+const ARP_HTYPE_ETHERNET: u16 = 1;
+const ARP_OP_REQUEST: u16 = 1;
+pub const ARP_OP_REPLY: u16 = 2;
 pub const IPV4_HLEN: usize = 20;
 pub const IPV6_HLEN: usize = 40;
 /// More-fragments flag and fragment offset bits of IPv4 `frag_off`.
@@ -70,6 +74,35 @@ pub struct Ipv6Hdr {
     pub saddr: Addr,
     pub daddr: Addr,
 }
+
+/// An ARP packet (RFC 826) for Ethernet and IPv4, as it follows the Ethernet header. Every
+/// 16-bit field sits at an even offset; the addresses are bytes.
+#[repr(C)]
+pub struct ArpHdr {
+    pub htype: u16,
+    pub ptype: u16,
+    pub hlen: u8,
+    pub plen: u8,
+    pub op: u16,
+    pub sha: [u8; 6],
+    pub spa: [u8; 4],
+    pub tha: [u8; 6],
+    pub tpa: [u8; 4],
+}
+
+impl ArpHdr {
+    /// "Who has tpa? Tell spa", between Ethernet and IPv4 addresses.
+    #[inline(always)]
+    pub fn is_ipv4_ethernet_request(&self) -> bool {
+        self.htype == ARP_HTYPE_ETHERNET.to_be()
+            && self.ptype == ETH_P_IP.to_be()
+            && self.hlen == 6
+            && self.plen == 4
+            && self.op == ARP_OP_REQUEST.to_be()
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<ArpHdr>() == 28);
 
 /// The first eight bytes of TCP and UDP: ports, then (UDP) length or (TCP) sequence number.
 #[repr(C, packed(2))]

@@ -22,7 +22,7 @@ use aya::{
     },
 };
 use lb_common::{
-    BALANCER_PROGRAM, Backend, Counters, DECAP_PROGRAM, FlowKey, FlowKey4, FlowValue,
+    Announce, BALANCER_PROGRAM, Backend, Counters, DECAP_PROGRAM, FlowKey, FlowKey4, FlowValue,
     MAGLEV_INNER_FLAGS, ScopedAddr, VipFilter, VipInfo, VipKey, decap_map_names,
     flow_table_size_v6, map_names,
 };
@@ -396,6 +396,8 @@ pub struct Maps {
     pub vip_filter: Array<MapData, VipFilter>,
     pub vip_addrs: HashMap<MapData, VipKey, u32>,
     pub source_ranges: LpmTrie<MapData, ScopedAddr, u8>,
+    /// Addresses this node answers ARP for (the agent's announcer writes it; see [`AnnounceMap`]).
+    pub announce: HashMap<MapData, VipKey, Announce>,
     /// Second descriptors of MAGLEV and BACKENDS, for batched calls (aya has no batch API).
     maglev_fd: OwnedFd,
     backends_fd: OwnedFd,
@@ -451,6 +453,7 @@ impl Maps {
             vip_filter: typed!(take, map_names::VIP_FILTER),
             vip_addrs: typed!(take, map_names::VIP_ADDRS),
             source_ranges: typed!(take, map_names::SOURCE_RANGES),
+            announce: typed!(take, map_names::ANNOUNCE),
         })
     }
 
@@ -481,6 +484,60 @@ impl Maps {
         let mapping = MaglevMapping::new(&inner, size, libc::PROT_READ)?;
         Ok(mapping.read())
     }
+}
+
+/// The `ANNOUNCE` map alone, opened from its pin: the agent's announcer owns this handle, apart
+/// from the reconcile thread's [`Maps`] (each entry is written by one of them only).
+pub struct AnnounceMap {
+    map: HashMap<MapData, VipKey, Announce>,
+}
+
+impl AnnounceMap {
+    pub fn from_pins(pins: &PinLayout) -> anyhow::Result<Self> {
+        let take = |name: &str| open_pinned(pins, name, "`sluice agent`");
+        Ok(Self {
+            map: typed!(take, map_names::ANNOUNCE),
+        })
+    }
+
+    /// The addresses answered for now.
+    pub fn addresses(&self) -> anyhow::Result<Vec<std::net::IpAddr>> {
+        self.map
+            .keys()
+            .map(|k| {
+                let k = k.context("reading the ANNOUNCE map")?;
+                Ok(crate::reconcile::addr_from_raw(&k.addr, k.family))
+            })
+            .collect()
+    }
+
+    /// Answer ARP for `addr` with `mac` from now on.
+    pub fn insert(&mut self, addr: std::net::IpAddr, mac: [u8; 6]) -> anyhow::Result<()> {
+        let value = Announce { mac, _pad: [0; 2] };
+        self.map
+            .insert(&announce_key(addr), &value, 0)
+            .map_err(|e| anyhow!("writing {addr} into the ANNOUNCE map: {e}"))
+    }
+
+    /// Stop answering for `addr` (absent already is fine).
+    pub fn remove(&mut self, addr: std::net::IpAddr) -> anyhow::Result<()> {
+        match self.map.remove(&announce_key(addr)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(anyhow!("removing {addr} from the ANNOUNCE map: {e}")),
+        }
+    }
+}
+
+/// The `ANNOUNCE` key of an address.
+pub fn announce_key(addr: std::net::IpAddr) -> VipKey {
+    let (addr, family) = crate::reconcile::raw_addr(addr);
+    VipKey {
+        addr,
+        port: 0,
+        proto: 0,
+        family,
+    }
+    .address_only()
 }
 
 /// A map pinned by an attachment, with an error that says what to run when it is missing.

@@ -238,6 +238,30 @@ pub(crate) fn global_counters(maps: &Maps) -> anyhow::Result<Vec<(GlobalCounter,
         .collect()
 }
 
+/// The addresses this node answers ARP for (`sluice agent --announce`, the Leases it holds).
+pub fn announce(maps: &Maps) -> anyhow::Result<View> {
+    let mut rows = Vec::new();
+    for entry in maps.announce.iter() {
+        let (key, value) = entry.context("reading the ANNOUNCE map")?;
+        rows.push((
+            addr_from_raw(&key.addr, key.family).to_string(),
+            MacAddr(value.mac).to_string(),
+        ));
+    }
+    rows.sort();
+    let json = json!({
+        "announced": rows
+            .iter()
+            .map(|(a, m)| json!({"address": a, "mac": m}))
+            .collect::<Vec<_>>()
+    });
+    let table = render_table(
+        &["ADDRESS", "MAC"],
+        rows.iter().map(|(a, m)| vec![a.clone(), m.clone()]),
+    );
+    Ok(View { json, table })
+}
+
 pub fn stats(maps: &Maps) -> anyhow::Result<View> {
     let mut global = serde_json::Map::new();
     let mut table = String::new();

@@ -76,6 +76,14 @@ struct AgentArgs {
     /// Address of the health endpoints (GET /healthz, /readyz); "off" for none.
     #[arg(long, default_value = "127.0.0.1:9941")]
     health_addr: String,
+    /// Announce the VIPs on the L2 segment: one node per address, elected by a Lease, answers
+    /// ARP for it from XDP (and only forwards). Off: announce them with MetalLB or BGP instead.
+    /// Needs --node-name.
+    #[arg(long)]
+    announce: bool,
+    /// Namespace of the announcement Leases [default: the pod's own, else sluice-system].
+    #[arg(long, requires = "announce")]
+    lease_namespace: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -183,6 +191,8 @@ enum InspectWhat {
     },
     /// The decapsulator's counters and configuration (`sluice decap`).
     Decap,
+    /// The addresses this node answers ARP for (`sluice agent --announce`).
+    Announce,
 }
 
 fn main() -> ExitCode {
@@ -261,6 +271,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                     count,
                 } => return watch_stats(&maps, format, interval, count),
                 InspectWhat::Stats { .. } => inspect::stats(&maps)?,
+                InspectWhat::Announce => inspect::announce(&maps)?,
                 InspectWhat::Decap => unreachable!("handled above"),
             };
             println!("{}", view.render(format).trim_end());
@@ -499,17 +510,37 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
             anyhow!("--health-addr {a:?}: {e}: expected ADDRESS:PORT like 127.0.0.1:9941, or off")
         })?),
     };
+    let node_name = args.node_name.clone();
+    let announce_node = match (args.announce, node_name) {
+        (false, _) => None,
+        (true, Some(n)) => Some(n),
+        (true, None) => bail!(
+            "--announce needs --node-name NAME: it is the holder of the VIPs' Leases (the DaemonSet passes spec.nodeName)"
+        ),
+    };
     require_root()?;
     let iface = Interface::by_name(&args.at.iface)?;
     let pins = PinLayout::new(pin_root, &iface.name);
     pins.prepare()?;
     let generic = args.at.generic;
+    let announce = announce_node.map(|node_name| k8s::AnnounceConfig {
+        namespace: k8s::announce::lease_namespace(args.lease_namespace.clone()),
+        node_name,
+        iface: iface.clone(),
+        pins: pins.clone(),
+    });
+    let announcing = announce.is_some();
     // Attached on the first complete model, so a restart never applies a partial view.
     let mut maps: Option<Maps> = None;
     let apply: k8s::ApplyFn = Box::new(move |desired| match &mut maps {
         Some(maps) => Ok(reconcile::reconcile(maps, &iface, desired)?.to_string_if_changed()),
         None => {
-            maps = Some(attach_persistent(&pins, &iface, desired, generic)?);
+            let mut attached = attach_persistent(&pins, &iface, desired, generic)?;
+            if !announcing {
+                // Entries left by an earlier `--announce` run would keep answering ARP.
+                reconcile::clear_announce(&mut attached)?;
+            }
+            maps = Some(attached);
             Ok(format!("attached with {} VIPs", desired.vips.len()))
         }
     });
@@ -519,6 +550,7 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
             settings,
             health_addr,
             node_name: args.node_name,
+            announce,
         },
         apply,
     )

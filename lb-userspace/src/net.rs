@@ -210,6 +210,68 @@ fn parse_neighbour(json: &Value, addr: IpAddr) -> Option<Neighbour> {
     })
 }
 
+/// Sends one gratuitous ARP ("`addr` is at this interface's MAC", a broadcast request with
+/// sender and target both `addr`) out of `iface`, through a raw packet socket: neighbours that
+/// have `addr` cached move to our MAC at once, and switches learn where the MAC is.
+pub fn send_gratuitous_arp(iface: &Interface, addr: std::net::Ipv4Addr) -> anyhow::Result<()> {
+    const ETH_P_ARP: u16 = 0x0806;
+    let mac = iface.mac.0;
+    let mut frame = Vec::with_capacity(60);
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&ETH_P_ARP.to_be_bytes());
+    // Ethernet, IPv4, address lengths 6 and 4, request.
+    frame.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&addr.octets());
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&addr.octets());
+    frame.resize(60, 0);
+
+    // SAFETY: plain socket call; the descriptor is owned (and closed) right after.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            i32::from(ETH_P_ARP.to_be()),
+        )
+    };
+    if fd < 0 {
+        bail!(
+            "opening a packet socket for gratuitous ARP: {} (needs CAP_NET_RAW)",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain data; zeroed is a valid start.
+    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    to.sll_family = libc::AF_PACKET as u16;
+    to.sll_protocol = ETH_P_ARP.to_be();
+    to.sll_ifindex = iface.index as i32;
+    to.sll_halen = 6;
+    to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    // SAFETY: the buffer and address outlive the call; lengths are theirs.
+    let sent = unsafe {
+        libc::sendto(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&to as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if sent < 0 {
+        bail!(
+            "sending gratuitous ARP for {addr} on {}: {}",
+            iface.name,
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -203,6 +203,22 @@ struct Plan {
     source_ranges: BTreeSet<RangeKey>,
 }
 
+/// Empties the `ANNOUNCE` map (an agent without `--announce` answers ARP for nothing).
+pub fn clear_announce(maps: &mut Maps) -> anyhow::Result<()> {
+    let keys: Vec<VipKey> = maps
+        .announce
+        .keys()
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow!("reading the ANNOUNCE map: {e}"))?;
+    for key in keys {
+        match maps.announce.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => bail!("removing an entry of the ANNOUNCE map: {e}"),
+        }
+    }
+    Ok(())
+}
+
 /// Brings the maps to `desired`. On error nothing has been written if the error came from
 /// planning (bad MAC, capacity); a syscall failure midway is reported with what was done.
 pub fn reconcile(maps: &mut Maps, iface: &Interface, desired: &Desired) -> anyhow::Result<Summary> {

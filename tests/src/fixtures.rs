@@ -476,3 +476,50 @@ pub fn expected_l2(input: &[u8], i: u8) -> Vec<u8> {
     out[6..12].copy_from_slice(&LB_MAC);
     out
 }
+
+/// ARP operations (RFC 826).
+pub const ARP_REQUEST: u16 = 1;
+pub const ARP_REPLY: u16 = 2;
+
+/// An Ethernet/IPv4 ARP frame, padded to the 60-byte Ethernet minimum as it arrives on a wire.
+pub struct Arp {
+    pub eth_dst: [u8; 6],
+    pub eth_src: [u8; 6],
+    pub op: u16,
+    pub sha: [u8; 6],
+    pub spa: Ipv4Addr,
+    pub tha: [u8; 6],
+    pub tpa: Ipv4Addr,
+}
+
+impl Arp {
+    /// "Who has `target`? Tell CLIENT", broadcast from the client.
+    pub fn request(target: Ipv4Addr) -> Self {
+        Self {
+            eth_dst: [0xff; 6],
+            eth_src: CLIENT_MAC,
+            op: ARP_REQUEST,
+            sha: CLIENT_MAC,
+            spa: CLIENT,
+            tha: [0; 6],
+            tpa: target,
+        }
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut f = Vec::with_capacity(60);
+        f.extend_from_slice(&self.eth_dst);
+        f.extend_from_slice(&self.eth_src);
+        f.extend_from_slice(&0x0806u16.to_be_bytes());
+        f.extend_from_slice(&1u16.to_be_bytes());
+        f.extend_from_slice(&0x0800u16.to_be_bytes());
+        f.extend_from_slice(&[6, 4]);
+        f.extend_from_slice(&self.op.to_be_bytes());
+        f.extend_from_slice(&self.sha);
+        f.extend_from_slice(&self.spa.octets());
+        f.extend_from_slice(&self.tha);
+        f.extend_from_slice(&self.tpa.octets());
+        f.resize(60, 0);
+        f
+    }
+}

@@ -11,8 +11,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use lb_userspace::model::{Desired, ForwardingMode, IpNet, Protocol, Vip, VipAddr};
 
 use crate::fixtures::{
-    CLIENT, CLIENT_MAC, CLIENT6, FIXTURE_MTU, Frame, IP_DF, LB_MAC, TCP_ACK, TCP_SYN, VIP, VIP6,
-    XDP_DROP, XDP_PASS, XDP_TX, backend_mac, checksum_ok, desired_at, pseudo_sum_v6,
+    Arp, CLIENT, CLIENT_MAC, CLIENT6, FIXTURE_MTU, Frame, IP_DF, LB_MAC, TCP_ACK, TCP_SYN, VIP,
+    VIP6, XDP_DROP, XDP_PASS, XDP_TX, backend_mac, checksum_ok, desired_at, pseudo_sum_v6,
 };
 
 /// xorshift64*: small, fast, and the same sequence for the same seed everywhere.
@@ -61,6 +61,9 @@ impl Rng {
 pub const VIP_IPIP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 2);
 pub const VIP6_IPIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 2);
 pub const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 3);
+/// The address the fuzzed node announces (answers ARP for), and the MAC it answers with.
+pub const ANNOUNCED: Ipv4Addr = VIP;
+pub const ANNOUNCED_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x01];
 /// A UDP port of `VIP` open only to 192.0.2.0/24 (the fixtures' client is outside it).
 pub const RANGED_PORT: u16 = 53;
 
@@ -170,7 +173,7 @@ fn base(rng: &mut Rng) -> Case {
         f
     };
     let v6 = rng.chance(40);
-    match rng.below(14) {
+    match rng.below(15) {
         // TCP or UDP to an L2 VIP.
         0..=3 => Case {
             frame: flow(v6).bytes(),
@@ -193,7 +196,8 @@ fn base(rng: &mut Rng) -> Case {
                 must_forward: false,
             }
         }
-        // An ipip VIP: encapsulated, or answered with "too big" (DF set / IPv6).
+        // An ipip VIP: encapsulated, or answered with "too big" (DF set / IPv6), or dropped
+        // as too big (IPv4 without DF: the sender cannot be told).
         5 => {
             let mut f = flow(v6);
             f.protocol = if v6 { 17 } else { f.protocol };
@@ -202,14 +206,16 @@ fn base(rng: &mut Rng) -> Case {
             } else {
                 IpAddr::V4(VIP_IPIP)
             };
-            f.frag_off = IP_DF;
-            if rng.chance(30) {
+            let big = rng.chance(30);
+            if big {
                 let n = 1440 + rng.below(80);
                 f.payload = rng.bytes(n);
             }
+            let df = v6 || rng.chance(90);
+            f.frag_off = if df { IP_DF } else { 0 };
             Case {
                 frame: f.bytes(),
-                must_forward: true,
+                must_forward: df || !big,
             }
         }
         // No live backend, or outside the source ranges: dropped.
@@ -326,6 +332,14 @@ fn base(rng: &mut Rng) -> Case {
             Case {
                 frame: f.bytes(),
                 must_forward: true,
+            }
+        }
+        // An ARP request: for the announced address (answered), another VIP or a client.
+        13 => {
+            let target = rng.pick(&[ANNOUNCED, VIP_IPIP, CLIENT]);
+            Case {
+                frame: Arp::request(target).bytes(),
+                must_forward: target == ANNOUNCED,
             }
         }
         // Not IP, or noise.
@@ -634,7 +648,42 @@ fn check_tx(world: &World, input: &[u8], out: &[u8], flow_vip: Option<&Vip>) -> 
     if let Some(result) = check_echo_reply(world, input, out) {
         return result;
     }
+    if let Some(result) = check_arp_reply(input, out) {
+        return result;
+    }
     check_too_big(input, out, vip)
+}
+
+/// `Some` when `input` is an ARP request: `out` must be exactly its reply for the announced
+/// address (RFC 826, from the input alone), and the request one that deserves it.
+fn check_arp_reply(input: &[u8], out: &[u8]) -> Option<Result<(), String>> {
+    if input.len() < 14 || be16(input, 12) != 0x0806 {
+        return None;
+    }
+    let valid = input.len() >= 42
+        && be16(input, 14) == 1
+        && be16(input, 16) == 0x0800
+        && input[18] == 6
+        && input[19] == 4
+        && be16(input, 20) == 1;
+    if !valid || v4_at(input, 38) != IpAddr::V4(ANNOUNCED) || input[28..32] == input[38..42] {
+        return Some(Err(
+            "answered an ARP frame that is no request for the announced address".into(),
+        ));
+    }
+    let mut want = input.to_vec();
+    want[..6].copy_from_slice(&input[22..28]);
+    want[6..12].copy_from_slice(&ANNOUNCED_MAC);
+    want[20..22].copy_from_slice(&2u16.to_be_bytes());
+    want[22..28].copy_from_slice(&ANNOUNCED_MAC);
+    want[28..32].copy_from_slice(&input[38..42]);
+    want[32..38].copy_from_slice(&input[22..28]);
+    want[38..42].copy_from_slice(&input[28..32]);
+    Some(if out == want.as_slice() {
+        Ok(())
+    } else {
+        Err("an ARP reply that is not exactly the request's answer".into())
+    })
 }
 
 /// `Some` when `out` is `input` behind an outer header.

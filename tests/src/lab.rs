@@ -697,6 +697,13 @@ http {{
         if *done {
             return Ok(());
         }
+        self.attach_peer_xdp(self.lb_peer_iface())?;
+        *done = true;
+        Ok(())
+    }
+
+    /// `sluice xdp-pass` on switch port `peer` (in the switch namespace).
+    fn attach_peer_xdp(&self, peer: &str) -> Result<()> {
         let bin = sluice_binary()?;
         cmd::run_ok(
             Command::new("ip")
@@ -704,12 +711,67 @@ http {{
                 .arg(&bin)
                 .arg("--pin-dir")
                 .arg(&self.peer_pin_dir)
-                .args(["xdp-pass", "--iface", self.lb_peer_iface()]),
+                .args(["xdp-pass", "--iface", peer]),
             SLUICE_TIMEOUT,
         )
-        .context("attaching the XDP_PASS program to the lb's peer veth (sluice xdp-pass)")?;
-        *done = true;
+        .with_context(|| {
+            format!("attaching the XDP_PASS program to the switch port {peer} (sluice xdp-pass)")
+        })?;
         Ok(())
+    }
+
+    /// Adds a second port to the lb namespace: `eth<i>` (MAC [`Lab::lb_port_mac`], no address) on
+    /// the same bridge, with its switch-side peer `sw-lb<i>` ready for XDP_TX. A second sluice can
+    /// attach there, standing in for a second load-balancer node on the segment (both share the
+    /// lb namespace, and so its loopback API server). Returns the interface name.
+    pub fn add_lb_port(&self, i: u8) -> Result<String> {
+        ensure!(i >= 1, "lb port 0 is the lab's own eth0");
+        let (iface, peer, mac) = (format!("eth{i}"), format!("sw-lb{i}"), self.lb_port_mac(i));
+        self.ip(
+            &self.sw,
+            &[
+                "link", "add", &peer, "type", "veth", "peer", "name", &iface, "address", &mac,
+                "netns", &self.lb,
+            ],
+        )?;
+        self.ip(&self.sw, &["link", "set", &peer, "master", "br0"])?;
+        self.exec_ok(&self.sw, &["ethtool", "-K", &peer, "tx", "off"])?;
+        self.exec_ok(&self.lb, &["ethtool", "-K", &iface, "tx", "off"])?;
+        self.ip(&self.sw, &["link", "set", &peer, "up"])?;
+        self.ip(&self.lb, &["link", "set", &iface, "up"])?;
+        self.exec_ok(&self.sw, &["ethtool", "-K", &peer, "gro", "on"])?;
+        self.attach_peer_xdp(&peer)?;
+        Ok(iface)
+    }
+
+    /// The MAC of lb port `eth<i>` (`i` = 0 is [`Lab::lb_mac`]).
+    pub fn lb_port_mac(&self, i: u8) -> String {
+        self.mac(2, i)
+    }
+
+    /// Makes the client resolve the VIP itself (an on-link route) instead of sending it to the
+    /// lb's address: what a client on the segment of an announced VIP does.
+    pub fn client_vip_on_link(&self) -> Result<()> {
+        let vip32 = format!("{}/32", self.vip);
+        self.ip(&self.client, &["route", "replace", &vip32, "dev", NS_IFACE])?;
+        Ok(())
+    }
+
+    /// The client's neighbour entry for `addr`: (MAC, state), if any.
+    pub fn client_neighbour(&self, addr: Ipv4Addr) -> Result<Option<(String, String)>> {
+        let out = self.ip(&self.client, &["-j", "neigh", "show", &addr.to_string()])?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("ip -j neigh show: not JSON")?;
+        Ok(v.get(0).and_then(|n| {
+            let mac = n.get("lladdr")?.as_str()?.to_owned();
+            let state = n
+                .get("state")
+                .and_then(|s| s.get(0))
+                .and_then(|s| s.as_str())
+                .unwrap_or("")
+                .to_owned();
+            Some((mac, state))
+        }))
     }
 
     /// Runs `sluice --pin-dir <pin_dir> <args>` in the lb namespace (after making sure the peer has

@@ -20,6 +20,9 @@ use sluice_tests::{ECHO_PORT, HTTP_PORT, Lab, LabConfig, SluiceProcess, require_
 const CONVERGE: Duration = Duration::from_secs(20);
 const HEALTH_ADDR: &str = "127.0.0.1:9941";
 
+/// A neighbour entry: (MAC, state).
+type Neighbour = Option<(String, String)>;
+
 /// (address, state, weight) of a VIP's backends in the maps.
 type Backends = Vec<(Ipv4Addr, String, u32)>;
 
@@ -120,29 +123,50 @@ endpoints:
 
     fn start_agent(&mut self) -> Result<()> {
         ensure!(self.agent.is_none(), "the agent is running");
-        let kubeconfig = self.kubeconfig.to_string_lossy().into_owned();
-        let p = self.lab.spawn_sluice(&[
-            "agent",
-            "--iface",
-            self.lab.lb_iface(),
-            "--kubeconfig",
-            &kubeconfig,
-            "--node-name",
-            "lb",
-            "--health-addr",
-            HEALTH_ADDR,
-        ])?;
+        let p = self.spawn_agent(self.lab.lb_iface(), "lb", HEALTH_ADDR, &[])?;
         self.agent = Some(p);
         self.wait_ready()
     }
 
+    /// Starts `sluice agent` on `iface` as node `node`, health probes on `health`, with `extra`
+    /// arguments, and waits until it is ready.
+    fn spawn_agent(
+        &self,
+        iface: &str,
+        node: &str,
+        health: &str,
+        extra: &[&str],
+    ) -> Result<SluiceProcess> {
+        let kubeconfig = self.kubeconfig.to_string_lossy().into_owned();
+        let mut args = vec![
+            "agent",
+            "--iface",
+            iface,
+            "--kubeconfig",
+            &kubeconfig,
+            "--node-name",
+            node,
+            "--health-addr",
+            health,
+        ];
+        args.extend_from_slice(extra);
+        let mut p = self.lab.spawn_sluice(&args)?;
+        self.wait_ready_at(&mut p, health)?;
+        Ok(p)
+    }
+
     /// Waits until the agent answers /readyz with 200 (the API's model is in the maps).
     fn wait_ready(&mut self) -> Result<()> {
+        let mut p = self.agent.take().context("no agent running")?;
+        let ready = self.wait_ready_at(&mut p, HEALTH_ADDR);
+        self.agent = Some(p);
+        ready
+    }
+
+    fn wait_ready_at(&self, p: &mut SluiceProcess, health: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(p) = self.agent.as_mut()
-                && let Some(status) = p.try_wait()?
-            {
+            if let Some(status) = p.try_wait()? {
                 bail!("the agent exited ({status}): {}", p.log_text());
             }
             let out = self.lab.exec(
@@ -154,14 +178,14 @@ endpoints:
                     "/dev/null",
                     "-w",
                     "%{http_code}",
-                    &format!("http://{HEALTH_ADDR}/readyz"),
+                    &format!("http://{health}/readyz"),
                 ],
             )?;
             if out.stdout == b"200" {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                bail!("the agent is not ready after 60 s: {}", self.agent_log());
+                bail!("the agent is not ready after 60 s: {}", p.log_text());
             }
             thread::sleep(Duration::from_millis(100));
         }
@@ -508,6 +532,166 @@ fn deploy_manifests_pass_server_dry_run_and_grant_only_reads() -> Result<()> {
     ensure!(
         can("update", "leases.coordination.k8s.io", AGENT_NAMESPACE)?,
         "the agent may not update leases in its namespace"
+    );
+    Ok(())
+}
+
+/// Waits (at most `timeout`, polling every 50 ms) until `probe` returns `Some`; fails with
+/// `what` and the last value seen.
+fn wait_for<T, L: std::fmt::Debug>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Result<(Option<T>, L)>,
+) -> Result<(T, Duration)> {
+    let start = Instant::now();
+    loop {
+        let (found, last) = probe()?;
+        if let Some(v) = found {
+            return Ok((v, start.elapsed()));
+        }
+        if start.elapsed() >= timeout {
+            bail!("{what}: not after {timeout:?}; last seen {last:?}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn announce_elects_one_node_per_vip_and_moves_it_on_takeover() -> Result<()> {
+    let env = Env::start();
+    env.service("Cluster")?;
+    env.slice(&[(0, true, true, false)])?;
+    // Two load-balancer "nodes" on the segment: eth0 and eth1 of the lb namespace, each with
+    // its own agent, XDP program, pins and MAC. The client resolves the VIP itself.
+    let eth1 = env.lab.add_lb_port(1)?;
+    let (mac_a, mac_b) = (env.lab.lb_port_mac(0), env.lab.lb_port_mac(1));
+    env.lab.client_vip_on_link()?;
+    let vip = env.lab.vip();
+    let lease = format!("sluice-vip-{}", vip.to_string().replace('.', "-"));
+    let holder = || -> Result<String> {
+        let out = env.kube.kubectl_on(
+            0,
+            &[
+                "get",
+                "lease",
+                "-n",
+                AGENT_NAMESPACE,
+                &lease,
+                "-o",
+                "jsonpath={.spec.holderIdentity}",
+            ],
+            Duration::from_secs(30),
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let announced = |iface: &str| -> Result<Vec<(String, String)>> {
+        let out = env
+            .lab
+            .sluice_ok(&["inspect", "announce", "--iface", iface, "-o", "json"])?;
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v["announced"]
+            .as_array()
+            .context("inspect announce: no list")?
+            .iter()
+            .map(|e| {
+                (
+                    e["address"].as_str().unwrap_or("").to_owned(),
+                    e["mac"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect())
+    };
+    let neighbour_is = |mac: &str| -> Result<(Option<()>, Neighbour)> {
+        let n = env.lab.client_neighbour(vip)?;
+        Ok((n.as_ref().filter(|(m, _)| m == mac).map(|_| ()), n))
+    };
+    let announce = ["--announce", "--lease-namespace", AGENT_NAMESPACE];
+
+    // Node A alone: it wins the VIP's Lease, its ANNOUNCE holds the VIP with its MAC, and the
+    // client's ARP for the VIP is answered (by XDP: the lb namespace does not own the VIP) with it.
+    let a = env.spawn_agent(env.lab.lb_iface(), "lb-a", HEALTH_ADDR, &announce)?;
+    let (_, elected) = wait_for("lease held by lb-a", CONVERGE, || {
+        let h = holder().unwrap_or_default();
+        Ok(((h == "lb-a").then_some(()), h))
+    })?;
+    println!("lb-a won the lease {elected:?} after it was ready");
+    let want = vec![(vip.to_string(), mac_a.clone())];
+    ensure!(
+        announced("eth0")? == want,
+        "eth0 announces {:?}",
+        announced("eth0")?
+    );
+    let b = env.spawn_agent(&eth1, "lb-b", "127.0.0.1:9942", &announce)?;
+    // Cluster policy: every node takes new flows; all ten requests must be answered.
+    let all = |counts: &BTreeMap<String, usize>| counts.values().sum::<usize>() == 10;
+    let a_answers = env.answers(10)?;
+    ensure!(all(&a_answers), "through lb-a: {a_answers:?}");
+    let n = env.lab.client_neighbour(vip)?;
+    ensure!(
+        n.as_ref().is_some_and(|(m, _)| *m == mac_a),
+        "the client resolved the VIP to {n:?}, expected lb-a's {mac_a}"
+    );
+    // lb-b had time for more than one round of its election: it lost, and answers nothing.
+    thread::sleep(Duration::from_secs(4));
+    ensure!(holder()? == "lb-a", "the lease moved to {}", holder()?);
+    ensure!(
+        announced(&eth1)?.is_empty(),
+        "eth1 announces {:?}",
+        announced(&eth1)?
+    );
+    ensure!(
+        b.log_text().contains("announcing VIPs"),
+        "lb-b does not announce: {}",
+        b.log_text()
+    );
+
+    // lb-a stops (SIGTERM, as when its pod is deleted): it releases the lease, lb-b takes over
+    // and its gratuitous ARP moves the client's neighbour entry with no traffic from the client.
+    let stopped = Instant::now();
+    let status = a.stop(Duration::from_secs(10))?;
+    ensure!(status.success(), "lb-a exited with {status}");
+    let (_, moved) = wait_for("the client's entry moves to lb-b", CONVERGE, || {
+        neighbour_is(&mac_b)
+    })?;
+    let takeover = stopped.elapsed();
+    println!(
+        "takeover after SIGTERM: client moved to lb-b's MAC {takeover:?} after the stop ({moved:?} after lb-a exited)"
+    );
+    ensure!(holder()? == "lb-b", "lease holder {}", holder()?);
+    ensure!(announced(&eth1)? == vec![(vip.to_string(), mac_b.clone())]);
+    ensure!(announced("eth0")?.is_empty(), "eth0 still announces");
+    let b_answers = env.answers(10)?;
+    ensure!(all(&b_answers), "through lb-b: {b_answers:?}");
+
+    // lb-b's node dies: no agent (SIGKILL), no XDP program. Its lease is never released: lb-a,
+    // started again, takes over once the lease has gone unrenewed for its duration.
+    sluice_tests::cmd::signal(b.pid(), libc::SIGKILL);
+    drop(b);
+    env.lab.sluice_ok(&["detach", "--iface", &eth1])?;
+    let died = Instant::now();
+    let a = env.spawn_agent(env.lab.lb_iface(), "lb-a", HEALTH_ADDR, &announce)?;
+    let (_, _) = wait_for(
+        "the client's entry moves back to lb-a",
+        Duration::from_secs(30),
+        || neighbour_is(&mac_a),
+    )?;
+    let expiry = died.elapsed();
+    println!(
+        "takeover after node death: client moved to lb-a's MAC {expiry:?} after lb-b died (lease 10 s)"
+    );
+    ensure!(holder()? == "lb-a", "lease holder {}", holder()?);
+    ensure!(
+        expiry >= Duration::from_secs(9),
+        "lb-a took a lease that lb-b renewed {expiry:?} ago: the lease duration is 10 s"
+    );
+    let again = env.answers(10)?;
+    ensure!(all(&again), "through lb-a again: {again:?}");
+    let status = a.stop(Duration::from_secs(10))?;
+    ensure!(status.success(), "lb-a exited with {status}");
+    ensure!(
+        holder()?.is_empty(),
+        "the lease is released on SIGTERM: {}",
+        holder()?
     );
     Ok(())
 }

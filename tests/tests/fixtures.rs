@@ -5,8 +5,8 @@ use lb_common::GlobalCounter;
 use lb_userspace::model::Protocol;
 use sluice_tests::{
     fixtures::{
-        CLIENT, Frame, Harness, TCP_ACK, TCP_SYN, VIP, XDP_DROP, XDP_PASS, XDP_TX, desired,
-        expected_l2,
+        ARP_REPLY, Arp, CLIENT, CLIENT_MAC, Frame, Harness, TCP_ACK, TCP_SYN, VIP, XDP_DROP,
+        XDP_PASS, XDP_TX, backend_addr, desired, expected_l2,
     },
     require_root,
 };
@@ -438,4 +438,93 @@ fn batched_backend_read_matches_slot_by_slot_reads() {
         .filter(|b| b.state != lb_common::backend_state::EMPTY)
         .count();
     assert_eq!(used, 3, "the three backends are in the map");
+}
+
+/// A harness whose ANNOUNCE map holds the VIP (as `sluice agent --announce` writes it when
+/// this node wins the VIP's Lease), answering with `mac`.
+fn announcing(mac: [u8; 6]) -> Harness {
+    let mut h = harness(Protocol::Tcp, &[(0, 1, false)]);
+    let value = lb_common::Announce { mac, _pad: [0; 2] };
+    h.maps
+        .announce
+        .insert(
+            &lb_userspace::dataplane::announce_key(VIP.into()),
+            &value,
+            0,
+        )
+        .expect("writing ANNOUNCE");
+    h
+}
+
+#[test]
+fn arp_request_for_announced_vip_is_answered_in_place() {
+    let ours = [0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee];
+    let mut h = announcing(ours);
+    let request = Arp::request(VIP).bytes();
+    let (action, out) = h.run(&request).expect("test run");
+    assert_eq!(
+        action, XDP_TX,
+        "an announced address's ARP request is answered"
+    );
+    let reply = Arp {
+        eth_dst: CLIENT_MAC,
+        eth_src: ours,
+        op: ARP_REPLY,
+        sha: ours,
+        spa: VIP,
+        tha: CLIENT_MAC,
+        tpa: CLIENT,
+    }
+    .bytes();
+    assert_eq!(
+        out, reply,
+        "exactly the reply: VIP is at our MAC, to the requester"
+    );
+    // Spelled out once, byte by byte, so that the builder cannot hide a field error.
+    assert_eq!(&out[12..22], &[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 2]);
+    assert_eq!(&out[28..32], &VIP.octets());
+    assert_eq!(&out[38..42], &CLIENT.octets());
+    assert_eq!(h.counter(GlobalCounter::ArpReply).unwrap(), 1);
+    assert_eq!(h.counter(GlobalCounter::Passed).unwrap(), 0);
+}
+
+#[test]
+fn arp_for_other_addresses_replies_and_odd_types_pass_untouched() {
+    let mut h = announcing([0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]);
+    // An address this node does not announce.
+    let other = Arp::request(backend_addr(0)).bytes();
+    assert_verdict_untouched(&mut h, &other, XDP_PASS);
+    // A reply (op 2) for the VIP is someone else's answer: the kernel's business.
+    let mut reply = Arp::request(VIP);
+    reply.op = ARP_REPLY;
+    assert_verdict_untouched(&mut h, &reply.bytes(), XDP_PASS);
+    // A gratuitous ARP for the VIP (sender = target) from another host is not answered.
+    let mut garp = Arp::request(VIP);
+    garp.spa = VIP;
+    assert_verdict_untouched(&mut h, &garp.bytes(), XDP_PASS);
+    // Other hardware or protocol types and lengths.
+    for (at, value) in [(14usize, 6u8), (17, 0xdd), (18, 8), (19, 16)] {
+        let mut odd = Arp::request(VIP).bytes();
+        odd[at] = value;
+        assert_verdict_untouched(&mut h, &odd, XDP_PASS);
+    }
+    assert_eq!(h.counter(GlobalCounter::ArpReply).unwrap(), 0);
+    // Once the entry is gone (lease lost), the VIP's requests pass too.
+    h.maps
+        .announce
+        .remove(&lb_userspace::dataplane::announce_key(VIP.into()))
+        .expect("removing from ANNOUNCE");
+    assert_verdict_untouched(&mut h, &Arp::request(VIP).bytes(), XDP_PASS);
+    assert_eq!(h.counter(GlobalCounter::ArpReply).unwrap(), 0);
+}
+
+#[test]
+fn truncated_arp_passes_untouched() {
+    let mut h = announcing([0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]);
+    let full = Arp::request(VIP).bytes();
+    // Every cut short of the 42 bytes a request needs, down to the bare Ethernet header.
+    for len in [41, 38, 30, 22, 14] {
+        assert_verdict_untouched(&mut h, &full[..len], XDP_PASS);
+    }
+    assert_eq!(h.counter(GlobalCounter::ArpReply).unwrap(), 0);
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 use lb_common::GlobalCounter;
 use sluice_tests::{
     fixtures::Harness,
-    fuzz::{Case, Rng, World, check, fuzz_desired, generate, hex},
+    fuzz::{ANNOUNCED, ANNOUNCED_MAC, Case, Rng, World, check, fuzz_desired, generate, hex},
     require_root,
 };
 
@@ -31,6 +31,18 @@ fn worker(seed: u64, worker: u64, count: u64) -> Vec<u64> {
     let desired = fuzz_desired();
     let mut h = Harness::with_flow_table(FLOW_TABLE).expect("load the XDP object");
     h.apply(&desired).expect("program the maps");
+    // The node won VIP's election: its ARP requests are answered (as `--announce` writes it).
+    h.maps
+        .announce
+        .insert(
+            &lb_userspace::dataplane::announce_key(ANNOUNCED.into()),
+            &lb_common::Announce {
+                mac: ANNOUNCED_MAC,
+                _pad: [0; 2],
+            },
+            0,
+        )
+        .expect("writing ANNOUNCE");
     let world = World::new(desired);
     let mut rng = Rng::new(seed ^ worker.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     for index in 0..count {

@@ -28,6 +28,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 
+use super::announce::{self, AnnounceConfig};
 use super::desired::{self, Built, SERVICE_NAME_LABEL};
 use crate::model::{Desired, ForwardingMode, Settings};
 use crate::net;
@@ -42,6 +43,8 @@ const NEIGHBOUR_TIMEOUT: Duration = Duration::from_millis(500);
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 const UNRESOLVED_RETRY: Duration = Duration::from_secs(5);
+/// How long shutdown waits for the announcement leases to be released.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How the agent reaches the API server and what it builds.
 #[derive(Clone, Debug)]
@@ -51,8 +54,10 @@ pub struct AgentConfig {
     pub settings: Settings,
     /// Where `GET /healthz` and `GET /readyz` are answered (loopback; the DaemonSet's probes).
     pub health_addr: Option<SocketAddr>,
-    /// This node's name (logged; the Lease-based announcement will need it).
+    /// This node's name (logged; the holder identity of announcement Leases).
     pub node_name: Option<String>,
+    /// `--announce`: elect one node per VIP address and answer ARP from it.
+    pub announce: Option<AnnounceConfig>,
 }
 
 /// Applies one model to the dataplane; returns a one-line summary of what changed ("" for
@@ -157,7 +162,7 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
         changed.clone(),
     );
     let nodes = watch(
-        Api::<Node>::all(client),
+        Api::<Node>::all(client.clone()),
         watcher::Config::default(),
         changed.clone(),
     );
@@ -185,6 +190,14 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
             .context("starting the reconcile thread")?
     };
 
+    // The announcer follows the served addresses; `stop` makes it release its leases.
+    let (addrs_tx, addrs_rx) = tokio::sync::watch::channel(BTreeSet::<IpAddr>::new());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let announcer = config
+        .announce
+        .clone()
+        .map(|a| tokio::spawn(announce::run(client, a, addrs_rx, stop_rx)));
+
     let mut last = Built::default();
     let mut logged_problems = BTreeSet::new();
     // The first model is always sent, even an empty one: its apply attaches.
@@ -205,6 +218,8 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
             for line in desired::changes(&last, &built) {
                 info!("{line}");
             }
+            let addrs: BTreeSet<IpAddr> = built.desired.vips.iter().map(|v| v.key.addr).collect();
+            addrs_tx.send_if_modified(|old| std::mem::replace(old, addrs) != *old);
             if tx.send(built.desired.clone()).is_err() {
                 // The reconcile thread is gone (it logged why): let the DaemonSet restart us.
                 break;
@@ -224,6 +239,17 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
                 .await
                 .is_ok()
         {}
+    }
+    if let Some(announcer) = announcer {
+        let _ = stop_tx.send(true);
+        if tokio::time::timeout(RELEASE_TIMEOUT, announcer)
+            .await
+            .is_err()
+        {
+            warn!(
+                "releasing the announcement leases took over {RELEASE_TIMEOUT:?}: they expire by themselves"
+            );
+        }
     }
     drop(tx);
     reconciler

@@ -1,11 +1,15 @@
 //! Kubernetes -> the desired model (no BPF here): `desired` is the pure mapping from Services,
 //! EndpointSlices and Nodes to VIPs and backend nodes, `options` parses what Services and Nodes
-//! ask for by annotation and spec, `agent` runs the watchers and the reconcile loop.
+//! ask for by annotation and spec, `agent` runs the watchers and the reconcile loop, `announce`
+//! elects one node per VIP address by Lease (`--announce`; it writes only through dataplane's
+//! ANNOUNCE handle).
 
 pub mod agent;
+pub mod announce;
 pub mod desired;
 pub mod options;
 
 pub use agent::{AgentConfig, ApplyFn, run};
+pub use announce::AnnounceConfig;
 pub use desired::{Built, build, changes};
 pub use options::VipOptions;

@@ -1,0 +1,409 @@
+//! sluice's own L2 announcement (`sluice agent --announce`): the agents elect one node per VIP
+//! address with a `coordination.k8s.io/v1` Lease in their namespace; the holder writes the
+//! address into the `ANNOUNCE` map, so that its XDP program answers ARP for it (and only
+//! forwards: the node never terminates VIP traffic), and sends gratuitous ARP on takeover so
+//! that clients and switches move to its MAC at once.
+//!
+//! The election is compare-and-swap on the Lease's resourceVersion: of two agents writing the
+//! same version, the API server accepts one and answers 409 to the other. A lease is free when
+//! it has no holder (released on SIGTERM) or when its record has not changed for its duration
+//! by this agent's own clock (as client-go's leader election judges it, so clock skew between
+//! nodes does not matter).
+//!
+//! While the API server cannot be reached the holder keeps answering: nobody else can win the
+//! lease meanwhile, and should two nodes answer for a while both forward identically (the same
+//! maps, the same Maglev tables), so a client reaches the same backends through either.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::PostParams;
+use kube::{Api, Client};
+use log::{debug, info, warn};
+use tokio::sync::watch;
+
+use crate::dataplane::{AnnounceMap, PinLayout};
+use crate::net::{self, Interface};
+
+/// How long a lease lasts without renewal.
+pub const LEASE_DURATION: Duration = Duration::from_secs(10);
+/// How often the holder renews and the others look whether a lease became free.
+pub const RENEW_EVERY: Duration = Duration::from_secs(3);
+/// How soon to look again for the ANNOUNCE map before the first attach.
+const MAP_RETRY: Duration = Duration::from_millis(200);
+/// Gratuitous ARPs sent on takeover, this far apart (one may be lost).
+const GARP_COUNT: u32 = 3;
+const GARP_GAP: Duration = Duration::from_millis(500);
+/// Where a pod finds its own namespace.
+const IN_CLUSTER_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+/// The namespace of deploy/ when neither the flag nor the in-cluster file says otherwise.
+pub const DEFAULT_NAMESPACE: &str = "sluice-system";
+
+/// What the announcer needs.
+#[derive(Clone, Debug)]
+pub struct AnnounceConfig {
+    /// Namespace of the Leases (the agent's own: its Role grants Leases there only).
+    pub namespace: String,
+    /// The holder identity: this node's name.
+    pub node_name: String,
+    /// The attached interface: its MAC answers ARP and sends the gratuitous ones.
+    pub iface: Interface,
+    /// Where the attachment's maps are pinned (ANNOUNCE is opened from there).
+    pub pins: PinLayout,
+}
+
+/// The namespace of the Leases: `flag`, else the pod's own namespace, else [`DEFAULT_NAMESPACE`].
+pub fn lease_namespace(flag: Option<String>) -> String {
+    flag.or_else(|| {
+        std::fs::read_to_string(IN_CLUSTER_NAMESPACE)
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    })
+    .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned())
+}
+
+/// The Lease of a VIP address: `sluice-vip-10-0-0-1`, or for IPv6 the eight groups in full
+/// (`sluice-vip-fd00-0001-0000-...`), which is always a valid object name.
+pub fn lease_name(addr: IpAddr) -> String {
+    match addr {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("sluice-vip-{}-{}-{}-{}", o[0], o[1], o[2], o[3])
+        }
+        IpAddr::V6(v6) => {
+            let groups: Vec<String> = v6.segments().iter().map(|g| format!("{g:04x}")).collect();
+            format!("sluice-vip-{}", groups.join("-"))
+        }
+    }
+}
+
+/// The outcome of one attempt on one lease.
+#[derive(Debug, PartialEq, Eq)]
+enum Attempt {
+    Held,
+    NotHeld,
+}
+
+/// The per-address election loop and what it holds.
+struct Announcer {
+    api: Api<Lease>,
+    config: AnnounceConfig,
+    map: Option<AnnounceMap>,
+    /// Addresses whose lease this node holds (and which are in ANNOUNCE).
+    held: BTreeSet<IpAddr>,
+    /// Lease name -> (resourceVersion last seen, when it was first seen by our clock).
+    observed: BTreeMap<String, (Option<String>, Instant)>,
+    /// Addresses whose last attempt failed (logged once per streak).
+    failing: BTreeSet<IpAddr>,
+    skipped_v6: BTreeSet<IpAddr>,
+}
+
+/// Runs the elections for the addresses in `addrs` until `stop` turns true; then removes this
+/// node's ANNOUNCE entries and releases its leases, so that another node takes over at once.
+pub async fn run(
+    client: Client,
+    config: AnnounceConfig,
+    mut addrs: watch::Receiver<BTreeSet<IpAddr>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut a = Announcer {
+        api: Api::namespaced(client, &config.namespace),
+        config,
+        map: None,
+        held: BTreeSet::new(),
+        observed: BTreeMap::new(),
+        failing: BTreeSet::new(),
+        skipped_v6: BTreeSet::new(),
+    };
+    info!(
+        "announcing VIPs: one node per address by Lease in namespace {} (as {}, ARP from {} {})",
+        a.config.namespace, a.config.node_name, a.config.iface.name, a.config.iface.mac
+    );
+    loop {
+        let wanted = addrs.borrow_and_update().clone();
+        a.tick(&wanted).await;
+        // Until the reconcile thread has attached (ANNOUNCE pinned), look again soon.
+        let next = if a.map.is_some() {
+            RENEW_EVERY
+        } else {
+            MAP_RETRY
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(next) => {}
+            changed = addrs.changed() => { if changed.is_err() { break; } }
+            _ = stop.changed() => break,
+        }
+        if *stop.borrow() {
+            break;
+        }
+    }
+    a.release_all().await;
+}
+
+impl Announcer {
+    /// One round: the ANNOUNCE map opened (once the reconcile thread has attached), every wanted
+    /// address's lease acquired or renewed, addresses no longer served released.
+    async fn tick(&mut self, wanted: &BTreeSet<IpAddr>) {
+        if self.map.is_none() {
+            match AnnounceMap::from_pins(&self.config.pins) {
+                Ok(mut map) => {
+                    // Entries pinned by an earlier run are stale: this run holds nothing yet.
+                    match map.addresses() {
+                        Ok(stale) => {
+                            for addr in stale {
+                                if let Err(e) = map.remove(addr) {
+                                    warn!("{e:#}");
+                                }
+                            }
+                        }
+                        Err(e) => warn!("{e:#}"),
+                    }
+                    self.map = Some(map);
+                }
+                Err(e) => {
+                    // Not attached yet: no election before this node can answer.
+                    debug!("announce: ANNOUNCE map not open yet: {e:#}");
+                    return;
+                }
+            }
+        }
+        for addr in wanted {
+            if addr.is_ipv6() {
+                if self.skipped_v6.insert(*addr) {
+                    warn!(
+                        "VIP {addr}: IPv6 addresses are not announced by sluice (no neighbour advertisement yet): announce it with MetalLB or BGP"
+                    );
+                }
+                continue;
+            }
+            match self.attempt(*addr).await {
+                Ok(Attempt::Held) => {
+                    if self.failing.remove(addr) {
+                        info!("VIP {addr}: lease {} reachable again", lease_name(*addr));
+                    }
+                    if !self.held.contains(addr) {
+                        self.take_over(*addr).await;
+                    }
+                }
+                Ok(Attempt::NotHeld) => {
+                    self.failing.remove(addr);
+                    if self.held.contains(addr) {
+                        info!(
+                            "VIP {addr}: lease {} lost to another node: no longer answering ARP",
+                            lease_name(*addr)
+                        );
+                        self.give_up(*addr);
+                    }
+                }
+                Err(e) => {
+                    // Unknown outcome (API unreachable): keep what we have, see the module doc.
+                    if self.failing.insert(*addr) {
+                        warn!(
+                            "VIP {addr}: lease {} could not be renewed or acquired (retrying every {RENEW_EVERY:?}, {}): {e}",
+                            lease_name(*addr),
+                            if self.held.contains(addr) {
+                                "still answering ARP"
+                            } else {
+                                "not answering ARP"
+                            }
+                        );
+                    }
+                }
+            }
+        }
+        let gone: Vec<IpAddr> = self.held.difference(wanted).copied().collect();
+        for addr in gone {
+            info!("VIP {addr}: no longer served: releasing its lease");
+            self.give_up(addr);
+            self.release(addr).await;
+        }
+        self.observed
+            .retain(|name, _| wanted.iter().any(|a| lease_name(*a) == *name));
+    }
+
+    async fn take_over(&mut self, addr: IpAddr) {
+        let IpAddr::V4(v4) = addr else { return };
+        let Some(map) = &mut self.map else { return };
+        if let Err(e) = map.insert(addr, self.config.iface.mac.0) {
+            // Holding without answering would leave the VIP dark: let another node take it.
+            warn!("VIP {addr}: {e:#}; releasing the lease");
+            self.release(addr).await;
+            return;
+        }
+        self.held.insert(addr);
+        info!(
+            "VIP {addr}: lease {} acquired by {}: answering ARP with {} on {}, gratuitous ARP sent",
+            lease_name(addr),
+            self.config.node_name,
+            self.config.iface.mac,
+            self.config.iface.name
+        );
+        let iface = self.config.iface.clone();
+        // Off the loop: the repeats are spaced in time.
+        tokio::spawn(async move {
+            for i in 0..GARP_COUNT {
+                if i > 0 {
+                    tokio::time::sleep(GARP_GAP).await;
+                }
+                if let Err(e) = net::send_gratuitous_arp(&iface, v4) {
+                    warn!("VIP {addr}: gratuitous ARP on {}: {e:#}", iface.name);
+                    break;
+                }
+            }
+        });
+    }
+
+    fn give_up(&mut self, addr: IpAddr) {
+        self.held.remove(&addr);
+        if let Some(map) = &mut self.map
+            && let Err(e) = map.remove(addr)
+        {
+            warn!("{e:#}");
+        }
+    }
+
+    /// Acquires or renews the address's lease.
+    async fn attempt(&mut self, addr: IpAddr) -> Result<Attempt, kube::Error> {
+        let name = lease_name(addr);
+        let me = self.config.node_name.clone();
+        let now = MicroTime(Timestamp::now());
+        let Some(mut lease) = self.api.get_opt(&name).await? else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    labels: Some(BTreeMap::from([(
+                        "app.kubernetes.io/name".to_owned(),
+                        "sluice".to_owned(),
+                    )])),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(me),
+                    lease_duration_seconds: Some(LEASE_DURATION.as_secs() as i32),
+                    acquire_time: Some(now.clone()),
+                    renew_time: Some(now),
+                    lease_transitions: Some(0),
+                    ..LeaseSpec::default()
+                }),
+            };
+            return conflict_is_loss(self.api.create(&PostParams::default(), &lease).await);
+        };
+        let version = lease.metadata.resource_version.clone();
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+        if holder.as_deref() != Some(me.as_str()) {
+            let duration = spec
+                .lease_duration_seconds
+                .and_then(|s| u64::try_from(s).ok())
+                .map_or(LEASE_DURATION, Duration::from_secs);
+            // When did the record last change, by our clock?
+            let seen = self
+                .observed
+                .entry(name.clone())
+                .or_insert((version.clone(), Instant::now()));
+            if seen.0 != version {
+                *seen = (version.clone(), Instant::now());
+            }
+            let expired = seen.1.elapsed() >= duration;
+            if holder.is_some() && !expired {
+                return Ok(Attempt::NotHeld);
+            }
+            if let Some(old) = &holder {
+                info!(
+                    "VIP {addr}: lease {name} of {old} expired ({duration:?} without renewal): taking over"
+                );
+            }
+            spec.holder_identity = Some(me);
+            spec.acquire_time = Some(now.clone());
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        }
+        spec.renew_time = Some(now);
+        spec.lease_duration_seconds = Some(LEASE_DURATION.as_secs() as i32);
+        // resourceVersion is kept: the write succeeds only if nobody wrote in between.
+        conflict_is_loss(
+            self.api
+                .replace(&name, &PostParams::default(), &lease)
+                .await,
+        )
+    }
+
+    /// Clears this node as the holder of the address's lease (when it still is).
+    async fn release(&mut self, addr: IpAddr) {
+        let name = lease_name(addr);
+        let result = async {
+            let Some(mut lease) = self.api.get_opt(&name).await? else {
+                return Ok(());
+            };
+            let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+            if spec.holder_identity.as_deref() != Some(self.config.node_name.as_str()) {
+                return Ok(());
+            }
+            spec.holder_identity = None;
+            spec.acquire_time = None;
+            spec.renew_time = None;
+            self.api
+                .replace(&name, &PostParams::default(), &lease)
+                .await
+                .map(drop)
+        }
+        .await;
+        match result {
+            Ok(()) => info!("VIP {addr}: lease {name} released"),
+            Err(e) => warn!(
+                "VIP {addr}: releasing lease {name} failed (it expires in {LEASE_DURATION:?}): {e}"
+            ),
+        }
+    }
+
+    /// On shutdown: stop answering first, then let the others take over.
+    async fn release_all(&mut self) {
+        let held: Vec<IpAddr> = self.held.iter().copied().collect();
+        for addr in held {
+            self.give_up(addr);
+            self.release(addr).await;
+        }
+    }
+}
+
+/// A write that lost the compare-and-swap (409: changed or created by another node) is a lost
+/// election, not an error.
+fn conflict_is_loss(result: Result<Lease, kube::Error>) -> Result<Attempt, kube::Error> {
+    match result {
+        Ok(_) => Ok(Attempt::Held),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(Attempt::NotHeld),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_names_are_valid_object_names() {
+        assert_eq!(
+            lease_name("10.0.0.1".parse().unwrap()),
+            "sluice-vip-10-0-0-1"
+        );
+        let v6 = lease_name("fd00::1".parse().unwrap());
+        assert_eq!(v6, "sluice-vip-fd00-0000-0000-0000-0000-0000-0000-0001");
+        for name in [v6, lease_name("::".parse().unwrap())] {
+            assert!(name.len() <= 253);
+            assert!(
+                name.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            );
+            assert!(!name.ends_with('-'));
+        }
+    }
+
+    #[test]
+    fn namespace_flag_wins() {
+        assert_eq!(lease_namespace(Some("lb".into())), "lb");
+    }
+}
