@@ -76,6 +76,10 @@ struct AgentArgs {
     /// Address of the health endpoints (GET /healthz, /readyz); "off" for none.
     #[arg(long, default_value = "127.0.0.1:9941")]
     health_addr: String,
+    /// Where to serve Prometheus metrics (`/metrics`); loopback unless told otherwise (with
+    /// hostNetwork, 0.0.0.0:9477 exposes it on the node's addresses).
+    #[arg(long, default_value = metrics::DEFAULT_METRICS_ADDR)]
+    metrics_addr: SocketAddr,
 }
 
 #[derive(Subcommand)]
@@ -453,7 +457,7 @@ fn run(pin_root: &Path, args: &AttachArgs, metrics_addr: SocketAddr) -> anyhow::
 fn attach(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> anyhow::Result<()> {
     let (desired, iface) = prepare(config, iface_name)?;
     let pins = PinLayout::new(pin_root, &iface.name);
-    attach_persistent(&pins, &iface, &desired, generic)?;
+    attach_persistent(&pins, &iface, &desired, generic, &ControlMetrics::default())?;
     Ok(())
 }
 
@@ -461,15 +465,19 @@ fn attach(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> an
 /// there (their flows are kept) or creates them, and attaches this binary's program with a
 /// pinned link, or swaps it into the existing link atomically (an upgrade keeps every flow).
 /// Loading checks the pinned maps' layout before anything is written. The state outlives the
-/// process. Shared by `attach` and `agent`.
+/// process. Shared by `attach` and `agent`; the reconcile is recorded in `control`.
 fn attach_persistent(
     pins: &PinLayout,
     iface: &Interface,
     desired: &Desired,
     generic: bool,
+    control: &ControlMetrics,
 ) -> anyhow::Result<Maps> {
     let (mut ebpf, mut maps) = load_fresh(pins, desired)?;
-    let summary = reconcile::reconcile(&mut maps, iface, desired)?;
+    let started = Instant::now();
+    let summary = reconcile::reconcile(&mut maps, iface, desired);
+    control.record(started, &summary);
+    let summary = summary?;
     let replaced =
         dataplane::attach_pinned(&mut ebpf, lb_common::BALANCER_PROGRAM, iface, generic, pins)?;
     info!(
@@ -504,12 +512,23 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
     let pins = PinLayout::new(pin_root, &iface.name);
     pins.prepare()?;
     let generic = args.at.generic;
+    let control = ControlMetrics::with_watches();
+    // Served until the agent returns; before the first sync without the dataplane's figures.
+    let _metrics = metrics::serve(args.metrics_addr, &pins, control.clone())?;
+    let recorded = control.clone();
     // Attached on the first complete model, so a restart never applies a partial view.
     let mut maps: Option<Maps> = None;
     let apply: k8s::ApplyFn = Box::new(move |desired| match &mut maps {
-        Some(maps) => Ok(reconcile::reconcile(maps, &iface, desired)?.to_string_if_changed()),
+        Some(maps) => {
+            let started = Instant::now();
+            let result = reconcile::reconcile(maps, &iface, desired);
+            recorded.record(started, &result);
+            Ok(result?.to_string_if_changed())
+        }
         None => {
-            maps = Some(attach_persistent(&pins, &iface, desired, generic)?);
+            maps = Some(attach_persistent(
+                &pins, &iface, desired, generic, &recorded,
+            )?);
             Ok(format!("attached with {} VIPs", desired.vips.len()))
         }
     });
@@ -519,6 +538,7 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
             settings,
             health_addr,
             node_name: args.node_name,
+            metrics: control,
         },
         apply,
     )

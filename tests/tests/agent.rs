@@ -19,6 +19,8 @@ use sluice_tests::{ECHO_PORT, HTTP_PORT, Lab, LabConfig, SluiceProcess, require_
 /// the bound covers a busy CI host and kubectl's own start).
 const CONVERGE: Duration = Duration::from_secs(20);
 const HEALTH_ADDR: &str = "127.0.0.1:9941";
+const METRICS_ADDR: &str = "127.0.0.1:9477";
+const RESOURCES: [&str; 3] = ["services", "endpointslices", "nodes"];
 
 /// (address, state, weight) of a VIP's backends in the maps.
 type Backends = Vec<(Ipv4Addr, String, u32)>;
@@ -131,6 +133,8 @@ endpoints:
             "lb",
             "--health-addr",
             HEALTH_ADDR,
+            "--metrics-addr",
+            METRICS_ADDR,
         ])?;
         self.agent = Some(p);
         self.wait_ready()
@@ -255,6 +259,27 @@ endpoints:
         }
     }
 
+    /// Waits until the agent's `/metrics` (scraped in its namespace) satisfy `check`, which
+    /// says what is still missing; fails with that and the scrape.
+    fn wait_metrics(
+        &self,
+        what: &str,
+        check: impl Fn(&Metrics) -> Option<String>,
+    ) -> Result<Metrics> {
+        let start = Instant::now();
+        loop {
+            let m = self.lab.metrics(METRICS_ADDR)?;
+            let Some(missing) = check(&m) else {
+                println!("{what}: /metrics as expected after {:?}", start.elapsed());
+                return Ok(m);
+            };
+            if start.elapsed() >= CONVERGE {
+                bail!("{what}: after {CONVERGE:?} {missing}; /metrics:\n{m:#?}");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Which backends answered `n` HTTP requests to the VIP, by index.
     fn answers(&self, n: usize) -> Result<BTreeMap<String, usize>> {
         let mut counts = BTreeMap::new();
@@ -263,6 +288,29 @@ endpoints:
         }
         Ok(counts)
     }
+}
+
+type Metrics = BTreeMap<String, f64>;
+
+/// `name{resource="r"}` of the agent's watch metrics (0 when absent).
+fn watch_metric(m: &Metrics, name: &str, resource: &str) -> f64 {
+    m.get(&format!("{name}{{resource=\"{resource}\"}}"))
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// None when every watch is up and holds the `objects` given (services, slices, nodes).
+fn watches_up_holding(m: &Metrics, objects: [f64; 3]) -> Option<String> {
+    for (resource, n) in RESOURCES.into_iter().zip(objects) {
+        let up = watch_metric(m, "sluice_k8s_watch_up", resource);
+        let held = watch_metric(m, "sluice_k8s_objects", resource);
+        if up != 1.0 || held != n {
+            return Some(format!(
+                "{resource}: watch_up {up} (expected 1), objects {held} (expected {n})"
+            ));
+        }
+    }
+    None
 }
 
 fn names(counts: &BTreeMap<String, usize>) -> Vec<&str> {
@@ -389,17 +437,53 @@ fn agent_survives_apiserver_restart_compaction_and_its_own_restart() -> Result<(
     env.converge("cluster policy", &env.expect(&all))?;
     let conn = env.lab.long_conn_vip()?;
     conn.wait_echoes(3, Duration::from_secs(10))?;
+    // The watches' state and the reconciles on /metrics: one Service, no slice, three nodes.
+    let m = env.wait_metrics("synced", |m| watches_up_holding(m, [1.0, 0.0, 3.0]))?;
+    let reconciles = m
+        .get("sluice_reconciles_total{result=\"ok\"}")
+        .copied()
+        .unwrap_or(0.0);
+    ensure!(reconciles >= 1.0, "no reconcile recorded: {m:#?}");
+    ensure!(
+        m.get("sluice_reconcile_duration_seconds_count")
+            .is_some_and(|n| *n >= reconciles),
+        "reconcile latency not recorded: {m:#?}"
+    );
+    ensure!(
+        m.get("sluice_maglev_rebuilds_total")
+            .is_some_and(|n| *n >= 2.0),
+        "the two VIPs' Maglev tables were built: {m:#?}"
+    );
+    let vip_packets = format!("sluice_vip_packets_total{{vip=\"{}\"}}", env.vip(HTTP_PORT));
+    ensure!(
+        m.get(&vip_packets).is_some_and(|n| *n > 0.0),
+        "the agent's /metrics has the dataplane's figures too ({vip_packets}): {m:#?}"
+    );
 
     // The API server goes away: the maps and the traffic stay; it comes back: changes flow again.
     env.kube.stop_apiserver(0)?;
     conn.wait_echoes(10, Duration::from_secs(10))?;
     env.converge("API server down", &env.expect(&all))?;
+    env.wait_metrics("API server down", |m| {
+        RESOURCES.into_iter().find_map(|r| {
+            (watch_metric(m, "sluice_k8s_watch_up", r) != 0.0
+                || watch_metric(m, "sluice_k8s_watch_errors_total", r) < 1.0)
+                .then(|| format!("{r}: the watch should be down, with errors counted"))
+        })
+    })?;
     env.kube.start_apiserver(0)?;
     env.kube.kubectl_ok(&["cordon", "node-2"])?;
     env.converge(
         "cordon after an API server restart",
         &env.expect(&[(0, "active", 1), (1, "active", 1), (2, "draining", 1)]),
     )?;
+    let m = env.wait_metrics("API server back", |m| {
+        watches_up_holding(m, [1.0, 0.0, 3.0])
+    })?;
+    ensure!(
+        watch_metric(&m, "sluice_k8s_watch_events_total", "nodes") >= 1.0,
+        "the cordon was a watch event: {m:#?}"
+    );
 
     // Changes the agent cannot see (made through a second API server while its own is down),
     // then a compaction: resuming its watches gets 410 Gone, so it must relist to see them.
@@ -421,6 +505,12 @@ fn agent_survives_apiserver_restart_compaction_and_its_own_restart() -> Result<(
         log.contains("too old resource version") && log.contains("relisting"),
         "the agent should have been told 410 Gone (Expired) and relisted:\n{log}"
     );
+    env.wait_metrics("relisted", |m| {
+        watches_up_holding(m, [1.0, 0.0, 2.0]).or_else(|| {
+            (watch_metric(m, "sluice_k8s_relists_total", "nodes") < 1.0)
+                .then(|| "no relist of nodes counted".to_owned())
+        })
+    })?;
 
     // The agent restarts: the dataplane forwards meanwhile, and the restarted agent adopts the
     // maps and rebuilds the same state from the API alone.

@@ -9,10 +9,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow};
@@ -29,6 +32,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 
 use super::desired::{self, Built, SERVICE_NAME_LABEL};
+use crate::metrics::{ControlMetrics, WatchMetrics};
 use crate::model::{Desired, ForwardingMode, Settings};
 use crate::net;
 
@@ -53,6 +57,8 @@ pub struct AgentConfig {
     pub health_addr: Option<SocketAddr>,
     /// This node's name (logged; the Lease-based announcement will need it).
     pub node_name: Option<String>,
+    /// Where the watches' state goes (`/metrics`); the caller records the reconciles.
+    pub metrics: ControlMetrics,
 }
 
 /// Applies one model to the dataplane; returns a one-line summary of what changed ("" for
@@ -89,17 +95,99 @@ async fn client(config: &AgentConfig) -> anyhow::Result<Client> {
         )?,
     };
     info!("API server {}", kube_config.cluster_url);
-    Client::try_from(kube_config).context("building the Kubernetes client")
+    let builder = kube::client::ClientBuilder::try_from(kube_config)
+        .context("building the Kubernetes client")?;
+    Ok(match config.metrics.watches() {
+        Some(watches) => builder
+            .with_layer(&WatchProbeLayer(watches.clone()))
+            .build(),
+        None => builder.build(),
+    })
+}
+
+/// Sets `sluice_k8s_watch_up` from the answers to watch requests: the watcher yields nothing
+/// when a watch is (re)established, only when an object changes or something fails.
+struct WatchProbeLayer(WatchMetrics);
+
+impl<S> tower::Layer<S> for WatchProbeLayer {
+    type Service = WatchProbe<S>;
+    fn layer(&self, inner: S) -> WatchProbe<S> {
+        WatchProbe {
+            inner,
+            watches: self.0.clone(),
+        }
+    }
+}
+
+struct WatchProbe<S> {
+    inner: S,
+    watches: WatchMetrics,
+}
+
+/// The resource a watch request is for (`…/services?watch=true&…`), from the agent's three.
+fn watched_resource(uri: &http::Uri) -> Option<&'static str> {
+    let watching = uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "watch=true"));
+    if !watching {
+        return None;
+    }
+    match uri.path().rsplit('/').next()? {
+        "services" => Some("services"),
+        "endpointslices" => Some("endpointslices"),
+        "nodes" => Some("nodes"),
+        _ => None,
+    }
+}
+
+impl<S, ReqBody, RespBody> tower::Service<http::Request<ReqBody>> for WatchProbe<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<RespBody>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    RespBody: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let resource = watched_resource(request.uri());
+        let response = self.inner.call(request);
+        let watches = self.watches.clone();
+        Box::pin(async move {
+            let response = response.await;
+            if let Some(resource) = resource {
+                let ok = matches!(&response, Ok(r) if r.status().is_success());
+                watches.set_up(resource, ok);
+            }
+            response
+        })
+    }
 }
 
 /// Starts a list+watch of `api` into a store; every change wakes `changed`. Plain list+watch:
 /// streaming lists need Kubernetes >= 1.27 and gain little for an agent's few object kinds.
-fn watch<K>(api: Api<K>, config: watcher::Config, changed: Arc<Notify>) -> Store<K>
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    changed: Arc<Notify>,
+    metrics: Option<WatchMetrics>,
+) -> Store<K>
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
     let kind = K::kind(&()).into_owned();
+    let resource = K::plural(&()).into_owned();
+    if let Some(m) = &metrics {
+        m.declare(&resource);
+    }
     let (reader, writer) = reflector::store();
+    let cache = reader.clone();
     let stream = watcher(api, config)
         // Managed fields are most of an object's bytes and nothing the agent reads.
         .modify(|o: &mut K| o.managed_fields_mut().clear())
@@ -108,9 +196,26 @@ where
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream.into_stream());
         let mut failing = false;
+        let mut listed = false;
         while let Some(event) = stream.next().await {
+            if let Some(m) = &metrics {
+                match &event {
+                    Ok(watcher::Event::Init) if listed => m.relist(&resource),
+                    Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+                    Ok(watcher::Event::InitDone) => m.set_objects(&resource, cache.len()),
+                    Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                        m.event(&resource);
+                        m.set_objects(&resource, cache.len());
+                    }
+                    Err(_) => {
+                        m.error(&resource);
+                        m.set_up(&resource, false);
+                    }
+                }
+            }
             match event {
                 Ok(watcher::Event::Init) => {
+                    listed = true;
                     if failing {
                         info!("{kind} watch: relisting");
                     }
@@ -146,20 +251,24 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
     }
     let client = client(&config).await?;
     let changed = Arc::new(Notify::new());
+    let watches = config.metrics.watches().cloned();
     let services = watch(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
         changed.clone(),
+        watches.clone(),
     );
     let slices = watch(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default().labels(SERVICE_NAME_LABEL),
         changed.clone(),
+        watches.clone(),
     );
     let nodes = watch(
         Api::<Node>::all(client),
         watcher::Config::default(),
         changed.clone(),
+        watches,
     );
     info!(
         "node {}: waiting for the first lists of Services, EndpointSlices and Nodes",
