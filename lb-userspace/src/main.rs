@@ -33,8 +33,18 @@ struct Cli {
     /// bpffs directory where sluice pins its maps and links (one subdirectory per interface).
     #[arg(long, global = true, default_value = DEFAULT_PIN_ROOT)]
     pin_dir: PathBuf,
+    /// How logs (on stderr) are written: text lines, or one JSON object per line. What is
+    /// logged: RUST_LOG (default info).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Where to attach: what `run`, `attach` and `agent` all take.
@@ -189,20 +199,40 @@ enum InspectWhat {
     Decap,
 }
 
-fn main() -> ExitCode {
+/// Logs go to stderr through `tracing`; the `log` call sites reach it through tracing-log.
+fn init_logging(format: LogFormat) {
     // kube's client logs every dropped connection at warn/error; the agent reports watch
     // failures itself, once per failure, with what it does about them.
-    env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("info,kube_client=off"),
-    )
-    .format_timestamp_millis()
-    .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_client=off"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+    };
+    if let Err(e) = result {
+        eprintln!("warning: logging not set up: {e}");
+    }
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    let format = cli.log_format;
+    init_logging(format);
     match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: what failed and why, without a backtrace.
-            eprintln!("error: {e:#}");
+            // One line: what failed and why, without a backtrace; in JSON like every other.
+            match format {
+                LogFormat::Text => eprintln!("error: {e:#}"),
+                LogFormat::Json => tracing::error!("{e:#}"),
+            }
             ExitCode::FAILURE
         }
     }

@@ -280,6 +280,29 @@ endpoints:
         }
     }
 
+    /// How many Services, EndpointSlices (of Services) and Nodes the API holds: what the
+    /// agent's watches should hold.
+    fn api_objects(&self) -> Result<[f64; 3]> {
+        let mut counts = [0.0; 3];
+        for (count, args) in counts.iter_mut().zip([
+            &["get", "services", "-A", "-o", "name"][..],
+            &[
+                "get",
+                "endpointslices",
+                "-A",
+                "-l",
+                "kubernetes.io/service-name",
+                "-o",
+                "name",
+            ],
+            &["get", "nodes", "-o", "name"],
+        ]) {
+            let out = self.kube.kubectl_ok(args)?;
+            *count = String::from_utf8_lossy(&out.stdout).lines().count() as f64;
+        }
+        Ok(counts)
+    }
+
     /// Which backends answered `n` HTTP requests to the VIP, by index.
     fn answers(&self, n: usize) -> Result<BTreeMap<String, usize>> {
         let mut counts = BTreeMap::new();
@@ -437,8 +460,11 @@ fn agent_survives_apiserver_restart_compaction_and_its_own_restart() -> Result<(
     env.converge("cluster policy", &env.expect(&all))?;
     let conn = env.lab.long_conn_vip()?;
     conn.wait_echoes(3, Duration::from_secs(10))?;
-    // The watches' state and the reconciles on /metrics: one Service, no slice, three nodes.
-    let m = env.wait_metrics("synced", |m| watches_up_holding(m, [1.0, 0.0, 3.0]))?;
+    // The watches' state and the reconciles on /metrics: they hold what the API holds (the
+    // Services include the API server's own `kubernetes`).
+    let objects = env.api_objects()?;
+    ensure!(objects[2] == 3.0, "three nodes expected: {objects:?}");
+    let m = env.wait_metrics("synced", |m| watches_up_holding(m, objects))?;
     let reconciles = m
         .get("sluice_reconciles_total{result=\"ok\"}")
         .copied()
@@ -454,7 +480,7 @@ fn agent_survives_apiserver_restart_compaction_and_its_own_restart() -> Result<(
             .is_some_and(|n| *n >= 2.0),
         "the two VIPs' Maglev tables were built: {m:#?}"
     );
-    let vip_packets = format!("sluice_vip_packets_total{{vip=\"{}\"}}", env.vip(HTTP_PORT));
+    let vip_packets = format!("sluice_vip_packets_total{{vip=\"{}\"}}", env.vip(ECHO_PORT));
     ensure!(
         m.get(&vip_packets).is_some_and(|n| *n > 0.0),
         "the agent's /metrics has the dataplane's figures too ({vip_packets}): {m:#?}"
@@ -477,9 +503,7 @@ fn agent_survives_apiserver_restart_compaction_and_its_own_restart() -> Result<(
         "cordon after an API server restart",
         &env.expect(&[(0, "active", 1), (1, "active", 1), (2, "draining", 1)]),
     )?;
-    let m = env.wait_metrics("API server back", |m| {
-        watches_up_holding(m, [1.0, 0.0, 3.0])
-    })?;
+    let m = env.wait_metrics("API server back", |m| watches_up_holding(m, objects))?;
     ensure!(
         watch_metric(&m, "sluice_k8s_watch_events_total", "nodes") >= 1.0,
         "the cordon was a watch event: {m:#?}"
@@ -505,8 +529,10 @@ fn agent_survives_apiserver_restart_compaction_and_its_own_restart() -> Result<(
         log.contains("too old resource version") && log.contains("relisting"),
         "the agent should have been told 410 Gone (Expired) and relisted:\n{log}"
     );
+    let objects = env.api_objects()?;
+    ensure!(objects[2] == 2.0, "node-2 was deleted: {objects:?}");
     env.wait_metrics("relisted", |m| {
-        watches_up_holding(m, [1.0, 0.0, 2.0]).or_else(|| {
+        watches_up_holding(m, objects).or_else(|| {
             (watch_metric(m, "sluice_k8s_relists_total", "nodes") < 1.0)
                 .then(|| "no relist of nodes counted".to_owned())
         })

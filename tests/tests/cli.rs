@@ -171,3 +171,67 @@ fn inspect_without_attachment_says_what_to_do() {
     ]);
     assert_one_line_error(&out, &["not attached", "sluice run"]);
 }
+
+/// Removes a directory it is given on drop (the bpffs pin root of a test).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn log_format_json_writes_one_object_per_line() {
+    require_root();
+    let dir = TempDir::new("json");
+    // The agent logs where it serves metrics, then fails on the kubeconfig: an info line and
+    // the error, both JSON. Its pin root must be on a bpffs; nothing is attached.
+    let pins = RemoveOnDrop(PathBuf::from(format!(
+        "/sys/fs/bpf/sluice-cli-json-{}",
+        std::process::id()
+    )));
+    let kubeconfig = dir.0.join("missing.kubeconfig");
+    let out = sluice(&[
+        "--log-format",
+        "json",
+        "--pin-dir",
+        &pins.0.display().to_string(),
+        "agent",
+        "--iface",
+        "lo",
+        "--kubeconfig",
+        &kubeconfig.display().to_string(),
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--health-addr",
+        "off",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "exit status; stderr: {stderr}");
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for l in &lines {
+        assert!(
+            l["timestamp"].is_string() && l["level"].is_string() && l["message"].is_string(),
+            "a log object has timestamp, level and message: {l}"
+        );
+    }
+    assert!(
+        lines.iter().any(|l| l["level"] == "INFO"
+            && l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("/metrics"))),
+        "the metrics address is logged: {stderr}"
+    );
+    let last = lines.last().expect("some log lines");
+    assert_eq!(last["level"], "ERROR", "{stderr}");
+    assert!(
+        last["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("missing.kubeconfig")),
+        "the error names the kubeconfig: {stderr}"
+    );
+}

@@ -311,8 +311,15 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
         logged_problems = built.problems.clone();
         if first || built.desired != last.desired {
             first = false;
-            for line in desired::changes(&last, &built) {
-                info!("{line}");
+            for change in desired::changes(&last, &built) {
+                let (namespace, name) = change.service.split_once('/').unwrap_or(("", ""));
+                tracing::info!(
+                    namespace,
+                    name,
+                    vip = %change.vip,
+                    node = change.node.as_deref(),
+                    "{change}"
+                );
             }
             if tx.send(built.desired.clone()).is_err() {
                 // The reconcile thread is gone (it logged why): let the DaemonSet restart us.
