@@ -540,11 +540,11 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
     require_root()?;
     let iface = Interface::by_name(&args.at.iface)?;
     let pins = PinLayout::new(pin_root, &iface.name);
-    pins.prepare()?;
-    let generic = args.at.generic;
     let control = ControlMetrics::with_watches();
     // Served until the agent returns; before the first sync without the dataplane's figures.
     let _metrics = metrics::serve(args.metrics_addr, &pins, control.clone())?;
+    pins.prepare()?;
+    let generic = args.at.generic;
     let recorded = control.clone();
     // Attached on the first complete model, so a restart never applies a partial view.
     let mut maps: Option<Maps> = None;

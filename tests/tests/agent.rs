@@ -21,6 +21,9 @@ const CONVERGE: Duration = Duration::from_secs(20);
 const HEALTH_ADDR: &str = "127.0.0.1:9941";
 const METRICS_ADDR: &str = "127.0.0.1:9477";
 const RESOURCES: [&str; 3] = ["services", "endpointslices", "nodes"];
+/// How long a watch may take to come back after an outage: kube's watcher retries with
+/// exponential backoff up to 30 s, so a quiet resource reconnects up to that late.
+const RECONNECT: Duration = Duration::from_secs(50);
 
 /// (address, state, weight) of a VIP's backends in the maps.
 type Backends = Vec<(Ipv4Addr, String, u32)>;
@@ -264,6 +267,7 @@ endpoints:
     fn wait_metrics(
         &self,
         what: &str,
+        timeout: Duration,
         check: impl Fn(&Metrics) -> Option<String>,
     ) -> Result<Metrics> {
         let start = Instant::now();
@@ -273,8 +277,8 @@ endpoints:
                 println!("{what}: /metrics as expected after {:?}", start.elapsed());
                 return Ok(m);
             };
-            if start.elapsed() >= CONVERGE {
-                bail!("{what}: after {CONVERGE:?} {missing}; /metrics:\n{m:#?}");
+            if start.elapsed() >= timeout {
+                bail!("{what}: after {timeout:?} {missing}; /metrics:\n{m:#?}");
             }
             thread::sleep(Duration::from_millis(100));
         }
@@ -464,7 +468,7 @@ fn agent_survives_apiserver_restart_compaction_and_its_own_restart() -> Result<(
     // Services include the API server's own `kubernetes`).
     let objects = env.api_objects()?;
     ensure!(objects[2] == 3.0, "three nodes expected: {objects:?}");
-    let m = env.wait_metrics("synced", |m| watches_up_holding(m, objects))?;
+    let m = env.wait_metrics("synced", CONVERGE, |m| watches_up_holding(m, objects))?;
     let reconciles = m
         .get("sluice_reconciles_total{result=\"ok\"}")
         .copied()
@@ -480,6 +484,7 @@ fn agent_survives_apiserver_restart_compaction_and_its_own_restart() -> Result<(
             .is_some_and(|n| *n >= 2.0),
         "the two VIPs' Maglev tables were built: {m:#?}"
     );
+    // The long connection's packets, through the echo port's VIP.
     let vip_packets = format!("sluice_vip_packets_total{{vip=\"{}\"}}", env.vip(ECHO_PORT));
     ensure!(
         m.get(&vip_packets).is_some_and(|n| *n > 0.0),
@@ -490,7 +495,7 @@ fn agent_survives_apiserver_restart_compaction_and_its_own_restart() -> Result<(
     env.kube.stop_apiserver(0)?;
     conn.wait_echoes(10, Duration::from_secs(10))?;
     env.converge("API server down", &env.expect(&all))?;
-    env.wait_metrics("API server down", |m| {
+    env.wait_metrics("API server down", CONVERGE, |m| {
         RESOURCES.into_iter().find_map(|r| {
             (watch_metric(m, "sluice_k8s_watch_up", r) != 0.0
                 || watch_metric(m, "sluice_k8s_watch_errors_total", r) < 1.0)
@@ -503,7 +508,9 @@ fn agent_survives_apiserver_restart_compaction_and_its_own_restart() -> Result<(
         "cordon after an API server restart",
         &env.expect(&[(0, "active", 1), (1, "active", 1), (2, "draining", 1)]),
     )?;
-    let m = env.wait_metrics("API server back", |m| watches_up_holding(m, objects))?;
+    let m = env.wait_metrics("API server back", RECONNECT, |m| {
+        watches_up_holding(m, objects)
+    })?;
     ensure!(
         watch_metric(&m, "sluice_k8s_watch_events_total", "nodes") >= 1.0,
         "the cordon was a watch event: {m:#?}"
@@ -531,12 +538,15 @@ fn agent_survives_apiserver_restart_compaction_and_its_own_restart() -> Result<(
     );
     let objects = env.api_objects()?;
     ensure!(objects[2] == 2.0, "node-2 was deleted: {objects:?}");
-    env.wait_metrics("relisted", |m| {
+    let m = env.wait_metrics("relisted", RECONNECT, |m| {
         watches_up_holding(m, objects).or_else(|| {
             (watch_metric(m, "sluice_k8s_relists_total", "nodes") < 1.0)
                 .then(|| "no relist of nodes counted".to_owned())
         })
     })?;
+    for (k, v) in m.iter().filter(|(k, _)| k.starts_with("sluice_k8s_")) {
+        println!("  {k} {v}");
+    }
 
     // The agent restarts: the dataplane forwards meanwhile, and the restarted agent adopts the
     // maps and rebuilds the same state from the API alone.

@@ -172,36 +172,20 @@ fn inspect_without_attachment_says_what_to_do() {
     assert_one_line_error(&out, &["not attached", "sluice run"]);
 }
 
-/// Removes a directory it is given on drop (the bpffs pin root of a test).
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn log_format_json_writes_one_object_per_line() {
     require_root();
     let dir = TempDir::new("json");
-    // The agent logs where it serves metrics, then fails on the kubeconfig: an info line and
-    // the error, both JSON. Its pin root must be on a bpffs; nothing is attached.
-    let pins = RemoveOnDrop(PathBuf::from(format!(
-        "/sys/fs/bpf/sluice-cli-json-{}",
-        std::process::id()
-    )));
-    let kubeconfig = dir.0.join("missing.kubeconfig");
+    // The agent logs where it serves metrics, then finds its pin root on no bpffs: an info
+    // line and the error, both JSON; nothing is attached.
     let out = sluice(&[
         "--log-format",
         "json",
         "--pin-dir",
-        &pins.0.display().to_string(),
+        &dir.0.join("pins").display().to_string(),
         "agent",
         "--iface",
         "lo",
-        "--kubeconfig",
-        &kubeconfig.display().to_string(),
         "--metrics-addr",
         "127.0.0.1:0",
         "--health-addr",
@@ -231,7 +215,10 @@ fn log_format_json_writes_one_object_per_line() {
     assert!(
         last["message"]
             .as_str()
-            .is_some_and(|m| m.contains("missing.kubeconfig")),
-        "the error names the kubeconfig: {stderr}"
+            .is_some_and(|m| m.contains("not on a BPF filesystem")),
+        "the error says what is wrong: {stderr}"
     );
+    // Text stays the default.
+    let text = sluice(&["--pin-dir", &dir.0.display().to_string(), "inspect", "vips"]);
+    assert_one_line_error(&text, &["not attached"]);
 }
