@@ -126,7 +126,10 @@ endpoints:
     fn start_agent(&mut self) -> Result<()> {
         ensure!(self.agent.is_none(), "the agent is running");
         let kubeconfig = self.kubeconfig.to_string_lossy().into_owned();
+        // JSON logs: the tests read the change logs' fields.
         let p = self.lab.spawn_sluice(&[
+            "--log-format",
+            "json",
             "agent",
             "--iface",
             self.lab.lb_iface(),
@@ -452,6 +455,19 @@ fn agent_turns_services_slices_and_nodes_into_maps_and_packets() -> Result<()> {
         log.contains("service default/web: VIP") && log.contains("node node-1"),
         "changes are logged with the Service and node names:\n{log}"
     );
+    // Every line is a JSON object; a change names its Service, VIP and node in fields too.
+    let lines = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).with_context(|| format!("not JSON: {l}")))
+        .collect::<Result<Vec<_>>>()?;
+    let vip = env.vip(HTTP_PORT);
+    ensure!(
+        lines.iter().any(|l| l["namespace"] == "default"
+            && l["name"] == "web"
+            && l["vip"] == vip.as_str()
+            && l["node"] == "node-1"),
+        "no change log with the fields namespace, name, vip and node:\n{log}"
+    );
     env.stop_agent()
 }
 
@@ -462,8 +478,19 @@ fn agent_survives_apiserver_restart_compaction_and_its_own_restart() -> Result<(
     env.start_agent()?;
     let all = [(0, "active", 1), (1, "active", 1), (2, "active", 1)];
     env.converge("cluster policy", &env.expect(&all))?;
-    let conn = env.lab.long_conn_vip()?;
-    conn.wait_echoes(3, Duration::from_secs(10))?;
+    // The connection must live through the test, so not on node-2, which the test deletes
+    // (a removed backend's flows end): new connections land on another node by their hash.
+    let mut attempts = 0;
+    let conn = loop {
+        let conn = env.lab.long_conn_vip()?;
+        conn.wait_echoes(3, Duration::from_secs(10))?;
+        attempts += 1;
+        if conn.backend() != "b2" {
+            break conn;
+        }
+        ensure!(attempts < 20, "20 connections in a row on node-2");
+    };
+    println!("long connection on {} ({attempts} tried)", conn.backend());
     // The watches' state and the reconciles on /metrics: they hold what the API holds (the
     // Services include the API server's own `kubernetes`).
     let objects = env.api_objects()?;
