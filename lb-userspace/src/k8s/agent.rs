@@ -9,13 +9,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow};
@@ -32,6 +29,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 
 use super::desired::{self, Built, SERVICE_NAME_LABEL};
+use super::watch_probe::WatchProbeLayer;
 use crate::metrics::{ControlMetrics, WatchMetrics};
 use crate::model::{Desired, ForwardingMode, Settings};
 use crate::net;
@@ -103,71 +101,6 @@ async fn client(config: &AgentConfig) -> anyhow::Result<Client> {
             .build(),
         None => builder.build(),
     })
-}
-
-/// Sets `sluice_k8s_watch_up` from the answers to watch requests: the watcher yields nothing
-/// when a watch is (re)established, only when an object changes or something fails.
-struct WatchProbeLayer(WatchMetrics);
-
-impl<S> tower::Layer<S> for WatchProbeLayer {
-    type Service = WatchProbe<S>;
-    fn layer(&self, inner: S) -> WatchProbe<S> {
-        WatchProbe {
-            inner,
-            watches: self.0.clone(),
-        }
-    }
-}
-
-struct WatchProbe<S> {
-    inner: S,
-    watches: WatchMetrics,
-}
-
-/// The resource a watch request is for (`…/services?watch=true&…`), from the agent's three.
-fn watched_resource(uri: &http::Uri) -> Option<&'static str> {
-    let watching = uri
-        .query()
-        .is_some_and(|q| q.split('&').any(|p| p == "watch=true"));
-    if !watching {
-        return None;
-    }
-    match uri.path().rsplit('/').next()? {
-        "services" => Some("services"),
-        "endpointslices" => Some("endpointslices"),
-        "nodes" => Some("nodes"),
-        _ => None,
-    }
-}
-
-impl<S, ReqBody, RespBody> tower::Service<http::Request<ReqBody>> for WatchProbe<S>
-where
-    S: tower::Service<http::Request<ReqBody>, Response = http::Response<RespBody>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    RespBody: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let resource = watched_resource(request.uri());
-        let response = self.inner.call(request);
-        let watches = self.watches.clone();
-        Box::pin(async move {
-            let response = response.await;
-            if let Some(resource) = resource {
-                let ok = matches!(&response, Ok(r) if r.status().is_success());
-                watches.set_up(resource, ok);
-            }
-            response
-        })
-    }
 }
 
 /// Starts a list+watch of `api` into a store; every change wakes `changed`. Plain list+watch:
