@@ -511,6 +511,12 @@ fn agent_survives_apiserver_restart_compaction_and_its_own_restart() -> Result<(
             .is_some_and(|n| *n >= 2.0),
         "the two VIPs' Maglev tables were built: {m:#?}"
     );
+    for word in Lab::dashboard_series() {
+        ensure!(
+            m.keys().any(|k| k.starts_with(word)),
+            "deploy/grafana/sluice-dashboard.json queries {word}, which the agent does not export"
+        );
+    }
     // The long connection's packets, through the echo port's VIP.
     let vip_packets = format!("sluice_vip_packets_total{{vip=\"{}\"}}", env.vip(ECHO_PORT));
     ensure!(
