@@ -830,8 +830,8 @@ http {{
             .context("`sluice inspect stats -o json` did not print JSON")
     }
 
-    /// Scrapes `sluice run`'s or `sluice agent`'s `/metrics` at `addr` from inside the lb namespace (where it
-    /// listens, on loopback by default): every sample, `name{labels}` -> value.
+    /// Scrapes `sluice run`'s or `sluice agent`'s `/metrics` at `addr` from inside the lb
+    /// namespace (where it listens, on loopback by default): every sample, `name{labels}` -> value.
     pub fn metrics(&self, addr: &str) -> Result<std::collections::BTreeMap<String, f64>> {
         let url = format!("http://{addr}/metrics");
         let out = self.exec_ok(
