@@ -33,8 +33,18 @@ struct Cli {
     /// bpffs directory where sluice pins its maps and links (one subdirectory per interface).
     #[arg(long, global = true, default_value = DEFAULT_PIN_ROOT)]
     pin_dir: PathBuf,
+    /// How logs (on stderr) are written: text lines, or one JSON object per line. What is
+    /// logged: RUST_LOG (default info).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Where to attach: what `run`, `attach` and `agent` all take.
@@ -84,6 +94,10 @@ struct AgentArgs {
     /// Namespace of the announcement Leases [default: the pod's own, else sluice-system].
     #[arg(long, requires = "announce")]
     lease_namespace: Option<String>,
+    /// Where to serve Prometheus metrics (`/metrics`); loopback unless told otherwise (with
+    /// hostNetwork, 0.0.0.0:9477 exposes it on the node's addresses).
+    #[arg(long, default_value = metrics::DEFAULT_METRICS_ADDR)]
+    metrics_addr: SocketAddr,
 }
 
 #[derive(Subcommand)]
@@ -195,20 +209,42 @@ enum InspectWhat {
     Announce,
 }
 
-fn main() -> ExitCode {
+/// Logs go to stderr through `tracing`; the `log` call sites reach it through tracing-log.
+fn init_logging(format: LogFormat) {
     // kube's client logs every dropped connection at warn/error; the agent reports watch
     // failures itself, once per failure, with what it does about them.
-    env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("info,kube_client=off"),
-    )
-    .format_timestamp_millis()
-    .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_client=off"));
+    // Colours only for a terminal, not in files and log pipelines.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+    };
+    if let Err(e) = result {
+        eprintln!("warning: logging not set up: {e}");
+    }
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    let format = cli.log_format;
+    init_logging(format);
     match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: what failed and why, without a backtrace.
-            eprintln!("error: {e:#}");
+            // One line: what failed and why, without a backtrace; in JSON like every other.
+            match format {
+                LogFormat::Text => eprintln!("error: {e:#}"),
+                LogFormat::Json => tracing::error!("{e:#}"),
+            }
             ExitCode::FAILURE
         }
     }
@@ -464,7 +500,7 @@ fn run(pin_root: &Path, args: &AttachArgs, metrics_addr: SocketAddr) -> anyhow::
 fn attach(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> anyhow::Result<()> {
     let (desired, iface) = prepare(config, iface_name)?;
     let pins = PinLayout::new(pin_root, &iface.name);
-    attach_persistent(&pins, &iface, &desired, generic)?;
+    attach_persistent(&pins, &iface, &desired, generic, &ControlMetrics::default())?;
     Ok(())
 }
 
@@ -472,15 +508,19 @@ fn attach(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> an
 /// there (their flows are kept) or creates them, and attaches this binary's program with a
 /// pinned link, or swaps it into the existing link atomically (an upgrade keeps every flow).
 /// Loading checks the pinned maps' layout before anything is written. The state outlives the
-/// process. Shared by `attach` and `agent`.
+/// process. Shared by `attach` and `agent`; the reconcile is recorded in `control`.
 fn attach_persistent(
     pins: &PinLayout,
     iface: &Interface,
     desired: &Desired,
     generic: bool,
+    control: &ControlMetrics,
 ) -> anyhow::Result<Maps> {
     let (mut ebpf, mut maps) = load_fresh(pins, desired)?;
-    let summary = reconcile::reconcile(&mut maps, iface, desired)?;
+    let started = Instant::now();
+    let summary = reconcile::reconcile(&mut maps, iface, desired);
+    control.record(started, &summary);
+    let summary = summary?;
     let replaced =
         dataplane::attach_pinned(&mut ebpf, lb_common::BALANCER_PROGRAM, iface, generic, pins)?;
     info!(
@@ -521,6 +561,9 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
     require_root()?;
     let iface = Interface::by_name(&args.at.iface)?;
     let pins = PinLayout::new(pin_root, &iface.name);
+    let control = ControlMetrics::with_watches();
+    // Served until the agent returns; before the first sync without the dataplane's figures.
+    let _metrics = metrics::serve(args.metrics_addr, &pins, control.clone())?;
     pins.prepare()?;
     let generic = args.at.generic;
     let announce = announce_node.map(|node_name| k8s::AnnounceConfig {
@@ -530,12 +573,18 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
         pins: pins.clone(),
     });
     let announcing = announce.is_some();
+    let recorded = control.clone();
     // Attached on the first complete model, so a restart never applies a partial view.
     let mut maps: Option<Maps> = None;
     let apply: k8s::ApplyFn = Box::new(move |desired| match &mut maps {
-        Some(maps) => Ok(reconcile::reconcile(maps, &iface, desired)?.to_string_if_changed()),
+        Some(maps) => {
+            let started = Instant::now();
+            let result = reconcile::reconcile(maps, &iface, desired);
+            recorded.record(started, &result);
+            Ok(result?.to_string_if_changed())
+        }
         None => {
-            let mut attached = attach_persistent(&pins, &iface, desired, generic)?;
+            let mut attached = attach_persistent(&pins, &iface, desired, generic, &recorded)?;
             if !announcing {
                 // Entries left by an earlier `--announce` run would keep answering ARP.
                 reconcile::clear_announce(&mut attached)?;
@@ -551,6 +600,7 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
             health_addr,
             node_name: args.node_name,
             announce,
+            metrics: control,
         },
         apply,
     )

@@ -1,10 +1,10 @@
 //! Prometheus `/metrics`: the dataplane's counters, read from the pinned maps on each scrape,
 //! and the control plane's own figures (reconciles, their latency, Maglev rebuilds) that the
-//! process records. `sluice run` serves it; the Kubernetes agent can call [`serve`] the same
-//! way with its own [`ControlMetrics`].
+//! process records. `sluice run` and `sluice agent` serve it; the agent adds the state of its
+//! Kubernetes watches ([`WatchMetrics`]).
 //!
 //! Label sets are bounded by the maps: `vip` by MAX_VIPS, `backend` by MAX_BACKENDS, `reason`
-//! by the global counters.
+//! by the global counters, `resource` by the agent's three watches.
 
 use std::{
     net::SocketAddr,
@@ -34,7 +34,7 @@ use crate::{
     reconcile::Summary,
 };
 
-/// Where `sluice run` serves `/metrics` unless told otherwise: loopback only.
+/// Where `sluice run` and `sluice agent` serve `/metrics` unless told otherwise: loopback only.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
 
 /// Most connection-table entries counted per family and scrape: the walk is one syscall per
@@ -49,6 +49,94 @@ pub struct ControlMetrics {
     reconciles: Family<Labels, Counter>,
     maglev_rebuilds: Counter,
     reconcile_seconds: Histogram,
+    /// Only the agent's.
+    watches: Option<WatchMetrics>,
+}
+
+/// The state of the agent's Kubernetes watches, by `resource` (services, endpointslices,
+/// nodes). Clones share their values.
+#[derive(Clone, Debug, Default)]
+pub struct WatchMetrics {
+    up: Family<Labels, Gauge>,
+    events: Family<Labels, Counter>,
+    errors: Family<Labels, Counter>,
+    relists: Family<Labels, Counter>,
+    objects: Family<Labels, Gauge>,
+}
+
+impl WatchMetrics {
+    fn labels(resource: &str) -> Labels {
+        vec![("resource", resource.to_owned())]
+    }
+
+    /// Whether the watch of `resource` is established (its last request succeeded, and no
+    /// error came since).
+    pub fn set_up(&self, resource: &str, up: bool) {
+        self.up
+            .get_or_create(&Self::labels(resource))
+            .set(i64::from(up));
+    }
+
+    /// An added, modified or deleted object delivered by the watch (initial lists excluded).
+    pub fn event(&self, resource: &str) {
+        self.events.get_or_create(&Self::labels(resource)).inc();
+    }
+
+    /// A failed watch or list request, or a broken watch stream (each is retried).
+    pub fn error(&self, resource: &str) {
+        self.errors.get_or_create(&Self::labels(resource)).inc();
+    }
+
+    /// A full list after the first one: after 410 Gone, or a failed initial list.
+    pub fn relist(&self, resource: &str) {
+        self.relists.get_or_create(&Self::labels(resource)).inc();
+    }
+
+    /// Objects of `resource` held in the agent's cache.
+    pub fn set_objects(&self, resource: &str, n: usize) {
+        self.objects
+            .get_or_create(&Self::labels(resource))
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Makes every figure of `resource` appear (as zero) before anything happens to it.
+    pub fn declare(&self, resource: &str) {
+        let labels = Self::labels(resource);
+        self.up.get_or_create(&labels).set(0);
+        self.events.get_or_create(&labels).inc_by(0);
+        self.errors.get_or_create(&labels).inc_by(0);
+        self.relists.get_or_create(&labels).inc_by(0);
+        self.objects.get_or_create(&labels).set(0);
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        let k8s = registry.sub_registry_with_prefix("k8s");
+        k8s.register(
+            "watch_up",
+            "1 while the watch of a resource is established, 0 while it fails and retries",
+            self.up.clone(),
+        );
+        k8s.register(
+            "watch_events",
+            "Changes (added, modified, deleted objects) delivered by a watch, initial lists excluded",
+            self.events.clone(),
+        );
+        k8s.register(
+            "watch_errors",
+            "Failed watch or list requests and broken watch streams (each retried with backoff)",
+            self.errors.clone(),
+        );
+        k8s.register(
+            "relists",
+            "Full lists after the first (410 Gone: history compacted; or a failed list)",
+            self.relists.clone(),
+        );
+        k8s.register(
+            "objects",
+            "Objects of a resource held in the agent's cache",
+            self.objects.clone(),
+        );
+    }
 }
 
 impl Default for ControlMetrics {
@@ -59,11 +147,25 @@ impl Default for ControlMetrics {
             // 100 µs to ~3 s: an unchanged config takes well under a millisecond, a table
             // rebuild of a large VIP tens of milliseconds, a neighbour lookup up to seconds.
             reconcile_seconds: Histogram::new(exponential_buckets(1e-4, 2.0, 16)),
+            watches: None,
         }
     }
 }
 
 impl ControlMetrics {
+    /// The agent's: with the state of its Kubernetes watches.
+    pub fn with_watches() -> Self {
+        Self {
+            watches: Some(WatchMetrics::default()),
+            ..Self::default()
+        }
+    }
+
+    /// The watches' figures, if these are the agent's.
+    pub fn watches(&self) -> Option<&WatchMetrics> {
+        self.watches.as_ref()
+    }
+
     /// Records one reconcile that started at `started`.
     pub fn record(&self, started: Instant, result: &anyhow::Result<Summary>) {
         self.reconcile_seconds
@@ -104,32 +206,61 @@ fn count_entries<K: aya::Pod, V: aya::Pod>(
         .count()
 }
 
-/// The metrics text (OpenMetrics) for the maps as they are now.
-pub fn render(maps: &Maps, control: &ControlMetrics) -> anyhow::Result<String> {
+/// The metrics text (OpenMetrics) for the maps as they are now; without maps (the agent before
+/// its first sync: nothing is attached yet) only the control plane's.
+pub fn render(maps: Option<&Maps>, control: &ControlMetrics) -> anyhow::Result<String> {
     let mut registry = Registry::with_prefix("sluice");
     registry.register(
         "build",
         "sluice's version",
         Info::new(vec![("version", env!("CARGO_PKG_VERSION").to_owned())]),
     );
+    if let Some(maps) = maps {
+        register_dataplane(&mut registry, maps)?;
+    }
+    registry.register(
+        "reconciles",
+        "Reconciles of the desired state into the maps, by result",
+        control.reconciles.clone(),
+    );
+    registry.register(
+        "maglev_rebuilds",
+        "Maglev tables built and swapped in",
+        control.maglev_rebuilds.clone(),
+    );
+    registry.register(
+        "reconcile_duration_seconds",
+        "How long a reconcile took",
+        control.reconcile_seconds.clone(),
+    );
+    if let Some(watches) = &control.watches {
+        watches.register(&mut registry);
+    }
 
+    let mut text = String::new();
+    encode(&mut text, &registry).map_err(|e| anyhow!("encoding metrics: {e}"))?;
+    Ok(text)
+}
+
+/// The dataplane's figures, read from the maps.
+fn register_dataplane(registry: &mut Registry, maps: &Maps) -> anyhow::Result<()> {
     let drops = counter_family(
-        &mut registry,
+        registry,
         "drops",
         "Packets dropped by the XDP program, by reason",
     );
     let verdicts = counter_family(
-        &mut registry,
+        registry,
         "packets",
         "Packets seen by the XDP program, by what became of them (drops: sluice_drops_total)",
     );
     let lookups = counter_family(
-        &mut registry,
+        registry,
         "flow_lookups",
         "Connection-table lookups of VIP packets, by result (hit: established flow)",
     );
     let icmp = counter_family(
-        &mut registry,
+        registry,
         "icmp",
         "ICMP handled by the XDP program: echo replies and too-big answers sent, errors forwarded",
     );
@@ -154,21 +285,17 @@ pub fn render(maps: &Maps, control: &ControlMetrics) -> anyhow::Result<String> {
             .inc_by(value);
     }
 
-    let vip_packets = counter_family(&mut registry, "vip_packets", "Packets for a VIP");
-    let vip_bytes = counter_family(&mut registry, "vip_bytes", "Bytes for a VIP");
+    let vip_packets = counter_family(registry, "vip_packets", "Packets for a VIP");
+    let vip_bytes = counter_family(registry, "vip_bytes", "Bytes for a VIP");
     let live = gauge_family(
-        &mut registry,
+        registry,
         "vip_live_backends",
         "Backends of a VIP that take new flows",
     );
-    let backend_packets = counter_family(
-        &mut registry,
-        "backend_packets",
-        "Packets sent to a backend",
-    );
-    let backend_bytes = counter_family(&mut registry, "backend_bytes", "Bytes sent to a backend");
+    let backend_packets = counter_family(registry, "backend_packets", "Packets sent to a backend");
+    let backend_bytes = counter_family(registry, "backend_bytes", "Bytes sent to a backend");
     let draining = gauge_family(
-        &mut registry,
+        registry,
         "backend_draining",
         "1 if the backend keeps its established flows but takes no new ones",
     );
@@ -189,7 +316,7 @@ pub fn render(maps: &Maps, control: &ControlMetrics) -> anyhow::Result<String> {
     }
 
     let flows = gauge_family(
-        &mut registry,
+        registry,
         "flows",
         "Connection-table entries, by family (counted up to 1048576 each)",
     );
@@ -199,26 +326,7 @@ pub fn render(maps: &Maps, control: &ControlMetrics) -> anyhow::Result<String> {
     flows
         .get_or_create(&vec![("family", "ipv6".to_owned())])
         .set(count_entries(&maps.flows6) as i64);
-
-    registry.register(
-        "reconciles",
-        "Reconciles of the desired state into the maps, by result",
-        control.reconciles.clone(),
-    );
-    registry.register(
-        "maglev_rebuilds",
-        "Maglev tables built and swapped in",
-        control.maglev_rebuilds.clone(),
-    );
-    registry.register(
-        "reconcile_duration_seconds",
-        "How long a reconcile took",
-        control.reconcile_seconds.clone(),
-    );
-
-    let mut text = String::new();
-    encode(&mut text, &registry).map_err(|e| anyhow!("encoding metrics: {e}"))?;
-    Ok(text)
+    Ok(())
 }
 
 /// A running `/metrics` endpoint; stops when dropped.
@@ -246,7 +354,8 @@ impl Drop for MetricsServer {
 
 /// Serves `GET /metrics` on `addr` from the maps pinned at `pins`, on a thread of its own.
 /// Only binds here (so a taken address fails before anything is loaded); the maps are opened
-/// on each scrape, so they may be pinned after this returns, and replaced.
+/// on each scrape, so they may be pinned after this returns, and replaced. Until they are
+/// pinned, only the control plane's figures are served.
 pub fn serve(
     addr: SocketAddr,
     pins: &PinLayout,
@@ -254,9 +363,12 @@ pub fn serve(
 ) -> anyhow::Result<MetricsServer> {
     let pins = pins.clone();
     let scrape = move || {
+        if !pins.has_maps() {
+            return render(None, &control);
+        }
         let maps = Maps::from_pins(&pins)
             .with_context(|| format!("opening the maps pinned in {}", pins.maps_dir().display()))?;
-        render(&maps, &control)
+        render(Some(&maps), &control)
     };
     let server = tiny_http::Server::http(addr).map_err(|e| {
         anyhow!("cannot serve metrics on {addr}: {e} (choose another --metrics-addr)")

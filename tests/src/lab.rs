@@ -892,8 +892,8 @@ http {{
             .context("`sluice inspect stats -o json` did not print JSON")
     }
 
-    /// Scrapes `sluice run`'s `/metrics` at `addr` from inside the lb namespace (where it
-    /// listens, on loopback by default): every sample, `name{labels}` -> value.
+    /// Scrapes `sluice run`'s or `sluice agent`'s `/metrics` at `addr` from inside the lb
+    /// namespace (where it listens, on loopback by default): every sample, `name{labels}` -> value.
     pub fn metrics(&self, addr: &str) -> Result<std::collections::BTreeMap<String, f64>> {
         let url = format!("http://{addr}/metrics");
         let out = self.exec_ok(
@@ -912,6 +912,14 @@ http {{
                     .with_context(|| format!("/metrics: bad value in {l:?}"))?;
                 Ok((name.to_owned(), value))
             })
+            .collect()
+    }
+
+    /// The series (`sluice_…` names) deploy/grafana/sluice-dashboard.json queries.
+    pub fn dashboard_series() -> std::collections::BTreeSet<&'static str> {
+        include_str!("../../deploy/grafana/sluice-dashboard.json")
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("sluice_"))
             .collect()
     }
 

@@ -19,6 +19,11 @@ use sluice_tests::{ECHO_PORT, HTTP_PORT, Lab, LabConfig, SluiceProcess, require_
 /// the bound covers a busy CI host and kubectl's own start).
 const CONVERGE: Duration = Duration::from_secs(20);
 const HEALTH_ADDR: &str = "127.0.0.1:9941";
+const METRICS_ADDR: &str = "127.0.0.1:9477";
+const RESOURCES: [&str; 3] = ["services", "endpointslices", "nodes"];
+/// How long a watch may take to come back after an outage: kube's watcher retries with
+/// exponential backoff up to 30 s, so a quiet resource reconnects up to that late.
+const RECONNECT: Duration = Duration::from_secs(50);
 
 /// A neighbour entry: (MAC, state).
 type Neighbour = Option<(String, String)>;
@@ -138,8 +143,19 @@ endpoints:
         extra: &[&str],
     ) -> Result<SluiceProcess> {
         let kubeconfig = self.kubeconfig.to_string_lossy().into_owned();
+        // The main agent serves the metrics the tests scrape; a second one in the same
+        // namespace takes any free port. JSON logs: the tests read the change logs' fields.
+        let metrics = if health == HEALTH_ADDR {
+            METRICS_ADDR
+        } else {
+            "127.0.0.1:0"
+        };
         let mut args = vec![
+            "--log-format",
+            "json",
             "agent",
+            "--metrics-addr",
+            metrics,
             "--iface",
             iface,
             "--kubeconfig",
@@ -279,6 +295,51 @@ endpoints:
         }
     }
 
+    /// Waits until the agent's `/metrics` (scraped in its namespace) satisfy `check`, which
+    /// says what is still missing; fails with that and the scrape.
+    fn wait_metrics(
+        &self,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&Metrics) -> Option<String>,
+    ) -> Result<Metrics> {
+        let start = Instant::now();
+        loop {
+            let m = self.lab.metrics(METRICS_ADDR)?;
+            let Some(missing) = check(&m) else {
+                println!("{what}: /metrics as expected after {:?}", start.elapsed());
+                return Ok(m);
+            };
+            if start.elapsed() >= timeout {
+                bail!("{what}: after {timeout:?} {missing}; /metrics:\n{m:#?}");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// How many Services, EndpointSlices (of Services) and Nodes the API holds: what the
+    /// agent's watches should hold.
+    fn api_objects(&self) -> Result<[f64; 3]> {
+        let mut counts = [0.0; 3];
+        for (count, args) in counts.iter_mut().zip([
+            &["get", "services", "-A", "-o", "name"][..],
+            &[
+                "get",
+                "endpointslices",
+                "-A",
+                "-l",
+                "kubernetes.io/service-name",
+                "-o",
+                "name",
+            ],
+            &["get", "nodes", "-o", "name"],
+        ]) {
+            let out = self.kube.kubectl_ok(args)?;
+            *count = String::from_utf8_lossy(&out.stdout).lines().count() as f64;
+        }
+        Ok(counts)
+    }
+
     /// Which backends answered `n` HTTP requests to the VIP, by index.
     fn answers(&self, n: usize) -> Result<BTreeMap<String, usize>> {
         let mut counts = BTreeMap::new();
@@ -287,6 +348,29 @@ endpoints:
         }
         Ok(counts)
     }
+}
+
+type Metrics = BTreeMap<String, f64>;
+
+/// `name{resource="r"}` of the agent's watch metrics (0 when absent).
+fn watch_metric(m: &Metrics, name: &str, resource: &str) -> f64 {
+    m.get(&format!("{name}{{resource=\"{resource}\"}}"))
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// None when every watch is up and holds the `objects` given (services, slices, nodes).
+fn watches_up_holding(m: &Metrics, objects: [f64; 3]) -> Option<String> {
+    for (resource, n) in RESOURCES.into_iter().zip(objects) {
+        let up = watch_metric(m, "sluice_k8s_watch_up", resource);
+        let held = watch_metric(m, "sluice_k8s_objects", resource);
+        if up != 1.0 || held != n {
+            return Some(format!(
+                "{resource}: watch_up {up} (expected 1), objects {held} (expected {n})"
+            ));
+        }
+    }
+    None
 }
 
 fn names(counts: &BTreeMap<String, usize>) -> Vec<&str> {
@@ -401,6 +485,19 @@ fn agent_turns_services_slices_and_nodes_into_maps_and_packets() -> Result<()> {
         log.contains("service default/web: VIP") && log.contains("node node-1"),
         "changes are logged with the Service and node names:\n{log}"
     );
+    // Every line is a JSON object; a change names its Service, VIP and node in fields too.
+    let lines = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).with_context(|| format!("not JSON: {l}")))
+        .collect::<Result<Vec<_>>>()?;
+    let vip = env.vip(HTTP_PORT);
+    ensure!(
+        lines.iter().any(|l| l["namespace"] == "default"
+            && l["name"] == "web"
+            && l["vip"] == vip.as_str()
+            && l["node"] == "node-1"),
+        "no change log with the fields namespace, name, vip and node:\n{log}"
+    );
     env.stop_agent()
 }
 
@@ -411,19 +508,76 @@ fn agent_survives_apiserver_restart_compaction_and_its_own_restart() -> Result<(
     env.start_agent()?;
     let all = [(0, "active", 1), (1, "active", 1), (2, "active", 1)];
     env.converge("cluster policy", &env.expect(&all))?;
-    let conn = env.lab.long_conn_vip()?;
-    conn.wait_echoes(3, Duration::from_secs(10))?;
+    // The connection must live through the test, so not on node-2, which the test deletes
+    // (a removed backend's flows end): new connections land on another node by their hash.
+    let mut attempts = 0;
+    let conn = loop {
+        let conn = env.lab.long_conn_vip()?;
+        conn.wait_echoes(3, Duration::from_secs(10))?;
+        attempts += 1;
+        if conn.backend() != "b2" {
+            break conn;
+        }
+        ensure!(attempts < 20, "20 connections in a row on node-2");
+    };
+    println!("long connection on {} ({attempts} tried)", conn.backend());
+    // The watches' state and the reconciles on /metrics: they hold what the API holds (the
+    // Services include the API server's own `kubernetes`).
+    let objects = env.api_objects()?;
+    ensure!(objects[2] == 3.0, "three nodes expected: {objects:?}");
+    let m = env.wait_metrics("synced", CONVERGE, |m| watches_up_holding(m, objects))?;
+    let reconciles = m
+        .get("sluice_reconciles_total{result=\"ok\"}")
+        .copied()
+        .unwrap_or(0.0);
+    ensure!(reconciles >= 1.0, "no reconcile recorded: {m:#?}");
+    ensure!(
+        m.get("sluice_reconcile_duration_seconds_count")
+            .is_some_and(|n| *n >= reconciles),
+        "reconcile latency not recorded: {m:#?}"
+    );
+    ensure!(
+        m.get("sluice_maglev_rebuilds_total")
+            .is_some_and(|n| *n >= 2.0),
+        "the two VIPs' Maglev tables were built: {m:#?}"
+    );
+    for word in Lab::dashboard_series() {
+        ensure!(
+            m.keys().any(|k| k.starts_with(word)),
+            "deploy/grafana/sluice-dashboard.json queries {word}, which the agent does not export"
+        );
+    }
+    // The long connection's packets, through the echo port's VIP.
+    let vip_packets = format!("sluice_vip_packets_total{{vip=\"{}\"}}", env.vip(ECHO_PORT));
+    ensure!(
+        m.get(&vip_packets).is_some_and(|n| *n > 0.0),
+        "the agent's /metrics has the dataplane's figures too ({vip_packets}): {m:#?}"
+    );
 
     // The API server goes away: the maps and the traffic stay; it comes back: changes flow again.
     env.kube.stop_apiserver(0)?;
     conn.wait_echoes(10, Duration::from_secs(10))?;
     env.converge("API server down", &env.expect(&all))?;
+    env.wait_metrics("API server down", CONVERGE, |m| {
+        RESOURCES.into_iter().find_map(|r| {
+            (watch_metric(m, "sluice_k8s_watch_up", r) != 0.0
+                || watch_metric(m, "sluice_k8s_watch_errors_total", r) < 1.0)
+                .then(|| format!("{r}: the watch should be down, with errors counted"))
+        })
+    })?;
     env.kube.start_apiserver(0)?;
     env.kube.kubectl_ok(&["cordon", "node-2"])?;
     env.converge(
         "cordon after an API server restart",
         &env.expect(&[(0, "active", 1), (1, "active", 1), (2, "draining", 1)]),
     )?;
+    let m = env.wait_metrics("API server back", RECONNECT, |m| {
+        watches_up_holding(m, objects)
+    })?;
+    ensure!(
+        watch_metric(&m, "sluice_k8s_watch_events_total", "nodes") >= 1.0,
+        "the cordon was a watch event: {m:#?}"
+    );
 
     // Changes the agent cannot see (made through a second API server while its own is down),
     // then a compaction: resuming its watches gets 410 Gone, so it must relist to see them.
@@ -445,6 +599,17 @@ fn agent_survives_apiserver_restart_compaction_and_its_own_restart() -> Result<(
         log.contains("too old resource version") && log.contains("relisting"),
         "the agent should have been told 410 Gone (Expired) and relisted:\n{log}"
     );
+    let objects = env.api_objects()?;
+    ensure!(objects[2] == 2.0, "node-2 was deleted: {objects:?}");
+    let m = env.wait_metrics("relisted", RECONNECT, |m| {
+        watches_up_holding(m, objects).or_else(|| {
+            (watch_metric(m, "sluice_k8s_relists_total", "nodes") < 1.0)
+                .then(|| "no relist of nodes counted".to_owned())
+        })
+    })?;
+    for (k, v) in m.iter().filter(|(k, _)| k.starts_with("sluice_k8s_")) {
+        println!("  {k} {v}");
+    }
 
     // The agent restarts: the dataplane forwards meanwhile, and the restarted agent adopts the
     // maps and rebuilds the same state from the API alone.

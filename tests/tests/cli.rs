@@ -171,3 +171,54 @@ fn inspect_without_attachment_says_what_to_do() {
     ]);
     assert_one_line_error(&out, &["not attached", "sluice run"]);
 }
+
+#[test]
+fn log_format_json_writes_one_object_per_line() {
+    require_root();
+    let dir = TempDir::new("json");
+    // The agent logs where it serves metrics, then finds its pin root on no bpffs: an info
+    // line and the error, both JSON; nothing is attached.
+    let out = sluice(&[
+        "--log-format",
+        "json",
+        "--pin-dir",
+        &dir.0.join("pins").display().to_string(),
+        "agent",
+        "--iface",
+        "lo",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--health-addr",
+        "off",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "exit status; stderr: {stderr}");
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for l in &lines {
+        assert!(
+            l["timestamp"].is_string() && l["level"].is_string() && l["message"].is_string(),
+            "a log object has timestamp, level and message: {l}"
+        );
+    }
+    assert!(
+        lines.iter().any(|l| l["level"] == "INFO"
+            && l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("/metrics"))),
+        "the metrics address is logged: {stderr}"
+    );
+    let last = lines.last().expect("some log lines");
+    assert_eq!(last["level"], "ERROR", "{stderr}");
+    assert!(
+        last["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not on a BPF filesystem")),
+        "the error says what is wrong: {stderr}"
+    );
+    // Text stays the default.
+    let text = sluice(&["--pin-dir", &dir.0.display().to_string(), "inspect", "vips"]);
+    assert_one_line_error(&text, &["not attached"]);
+}

@@ -30,6 +30,8 @@ use tokio::sync::Notify;
 
 use super::announce::{self, AnnounceConfig};
 use super::desired::{self, Built, SERVICE_NAME_LABEL};
+use super::watch_probe::WatchProbeLayer;
+use crate::metrics::{ControlMetrics, WatchMetrics};
 use crate::model::{Desired, ForwardingMode, Settings};
 use crate::net;
 
@@ -58,6 +60,8 @@ pub struct AgentConfig {
     pub node_name: Option<String>,
     /// `--announce`: elect one node per VIP address and answer ARP from it.
     pub announce: Option<AnnounceConfig>,
+    /// Where the watches' state goes (`/metrics`); the caller records the reconciles.
+    pub metrics: ControlMetrics,
 }
 
 /// Applies one model to the dataplane; returns a one-line summary of what changed ("" for
@@ -94,17 +98,34 @@ async fn client(config: &AgentConfig) -> anyhow::Result<Client> {
         )?,
     };
     info!("API server {}", kube_config.cluster_url);
-    Client::try_from(kube_config).context("building the Kubernetes client")
+    let builder = kube::client::ClientBuilder::try_from(kube_config)
+        .context("building the Kubernetes client")?;
+    Ok(match config.metrics.watches() {
+        Some(watches) => builder
+            .with_layer(&WatchProbeLayer(watches.clone()))
+            .build(),
+        None => builder.build(),
+    })
 }
 
 /// Starts a list+watch of `api` into a store; every change wakes `changed`. Plain list+watch:
 /// streaming lists need Kubernetes >= 1.27 and gain little for an agent's few object kinds.
-fn watch<K>(api: Api<K>, config: watcher::Config, changed: Arc<Notify>) -> Store<K>
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    changed: Arc<Notify>,
+    metrics: Option<WatchMetrics>,
+) -> Store<K>
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
     let kind = K::kind(&()).into_owned();
+    let resource = K::plural(&()).into_owned();
+    if let Some(m) = &metrics {
+        m.declare(&resource);
+    }
     let (reader, writer) = reflector::store();
+    let cache = reader.clone();
     let stream = watcher(api, config)
         // Managed fields are most of an object's bytes and nothing the agent reads.
         .modify(|o: &mut K| o.managed_fields_mut().clear())
@@ -113,9 +134,26 @@ where
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream.into_stream());
         let mut failing = false;
+        let mut listed = false;
         while let Some(event) = stream.next().await {
+            if let Some(m) = &metrics {
+                match &event {
+                    Ok(watcher::Event::Init) if listed => m.relist(&resource),
+                    Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+                    Ok(watcher::Event::InitDone) => m.set_objects(&resource, cache.len()),
+                    Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                        m.event(&resource);
+                        m.set_objects(&resource, cache.len());
+                    }
+                    Err(_) => {
+                        m.error(&resource);
+                        m.set_up(&resource, false);
+                    }
+                }
+            }
             match event {
                 Ok(watcher::Event::Init) => {
+                    listed = true;
                     if failing {
                         info!("{kind} watch: relisting");
                     }
@@ -151,20 +189,24 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
     }
     let client = client(&config).await?;
     let changed = Arc::new(Notify::new());
+    let watches = config.metrics.watches().cloned();
     let services = watch(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
         changed.clone(),
+        watches.clone(),
     );
     let slices = watch(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default().labels(SERVICE_NAME_LABEL),
         changed.clone(),
+        watches.clone(),
     );
     let nodes = watch(
         Api::<Node>::all(client.clone()),
         watcher::Config::default(),
         changed.clone(),
+        watches,
     );
     info!(
         "node {}: waiting for the first lists of Services, EndpointSlices and Nodes",
@@ -215,8 +257,15 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
         logged_problems = built.problems.clone();
         if first || built.desired != last.desired {
             first = false;
-            for line in desired::changes(&last, &built) {
-                info!("{line}");
+            for change in desired::changes(&last, &built) {
+                let (namespace, name) = change.service.split_once('/').unwrap_or(("", ""));
+                tracing::info!(
+                    namespace,
+                    name,
+                    vip = %change.vip,
+                    node = change.node.as_deref(),
+                    "{change}"
+                );
             }
             let addrs: BTreeSet<IpAddr> = built.desired.vips.iter().map(|v| v.key.addr).collect();
             addrs_tx.send_if_modified(|old| std::mem::replace(old, addrs) != *old);

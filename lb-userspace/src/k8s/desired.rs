@@ -384,18 +384,41 @@ fn local_endpoints(slices: &[&EndpointSlice], port_name: &str) -> BTreeMap<Strin
     per_node
 }
 
-/// One line per change between two builds, naming the Service (namespace/name) and the node:
-/// what the agent logs at info, once per change.
-pub fn changes(old: &Built, new: &Built) -> Vec<String> {
-    let mut lines = Vec::new();
-    let show = |built: &Built, b: &Backend| {
-        let name = built
+/// One change between two builds: the Service ("namespace/name"), the VIP and, when it is
+/// about one backend, the node it concerns; displayed as the line the agent logs at info.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub service: String,
+    pub vip: VipAddr,
+    pub node: Option<String>,
+    pub line: String,
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.line)
+    }
+}
+
+/// One [`Change`] per change between two builds, naming the Service and the node: what the
+/// agent logs at info, once per change.
+pub fn changes(old: &Built, new: &Built) -> Vec<Change> {
+    let mut out = Vec::new();
+    let node_name = |built: &Built, b: &Backend| {
+        built
             .node_names
             .get(&b.addr)
-            .map(String::as_str)
-            .unwrap_or("?");
+            .cloned()
+            .unwrap_or_else(|| "?".to_owned())
+    };
+    let show = |built: &Built, b: &Backend| {
         let state = if b.drain { "draining" } else { "active" };
-        format!("node {name} ({}) {state} weight {}", b.addr, b.weight)
+        format!(
+            "node {} ({}) {state} weight {}",
+            node_name(built, b),
+            b.addr,
+            b.weight
+        )
     };
     let owner = |built: &Built, key: &VipAddr| {
         built
@@ -404,63 +427,69 @@ pub fn changes(old: &Built, new: &Built) -> Vec<String> {
             .map(|s| s.service.clone())
             .unwrap_or_default()
     };
+    let mut push = |service: &str, vip: &VipAddr, node: Option<String>, line: String| {
+        out.push(Change {
+            service: service.to_owned(),
+            vip: *vip,
+            node,
+            line: format!("service {service}: VIP {vip}{line}"),
+        });
+    };
     for vip in &old.desired.vips {
         if new.desired.vip(&vip.key).is_none() {
-            lines.push(format!(
-                "service {}: VIP {} removed",
-                owner(old, &vip.key),
-                vip.key
-            ));
+            push(&owner(old, &vip.key), &vip.key, None, " removed".to_owned());
         }
     }
     for vip in &new.desired.vips {
         let who = owner(new, &vip.key);
         let Some(before) = old.desired.vip(&vip.key) else {
             let list: Vec<String> = vip.backends.iter().map(|b| show(new, b)).collect();
-            lines.push(format!(
-                "service {who}: VIP {} added with {} backends [{}]",
-                vip.key,
-                vip.backends.len(),
-                list.join(", ")
-            ));
+            push(
+                &who,
+                &vip.key,
+                None,
+                format!(
+                    " added with {} backends [{}]",
+                    vip.backends.len(),
+                    list.join(", ")
+                ),
+            );
             continue;
         };
         if owner(old, &vip.key) != who {
-            lines.push(format!("service {who}: VIP {} taken over", vip.key));
+            push(&who, &vip.key, None, " taken over".to_owned());
         }
         if old.sources.get(&vip.key).map(|s| &s.options)
             != new.sources.get(&vip.key).map(|s| &s.options)
         {
-            lines.push(format!("service {who}: VIP {} options changed", vip.key));
+            push(&who, &vip.key, None, " options changed".to_owned());
         }
         for b in &before.backends {
             if !vip.backends.iter().any(|n| n.addr == b.addr) {
-                lines.push(format!(
-                    "service {who}: VIP {}: {} removed",
-                    vip.key,
-                    show(old, b)
-                ));
+                let node = Some(node_name(old, b));
+                push(&who, &vip.key, node, format!(": {} removed", show(old, b)));
             }
         }
         for b in &vip.backends {
+            let node = Some(node_name(new, b));
             match before.backends.iter().find(|o| o.addr == b.addr) {
-                None => lines.push(format!(
-                    "service {who}: VIP {}: {} added",
-                    vip.key,
-                    show(new, b)
-                )),
-                Some(o) if o != b => lines.push(format!(
-                    "service {who}: VIP {}: {} (was {} weight {})",
-                    vip.key,
-                    show(new, b),
-                    if o.drain { "draining" } else { "active" },
-                    o.weight
-                )),
+                None => push(&who, &vip.key, node, format!(": {} added", show(new, b))),
+                Some(o) if o != b => push(
+                    &who,
+                    &vip.key,
+                    node,
+                    format!(
+                        ": {} (was {} weight {})",
+                        show(new, b),
+                        if o.drain { "draining" } else { "active" },
+                        o.weight
+                    ),
+                ),
                 Some(_) => {}
             }
         }
     }
-    lines
+    out
 }
 
 #[cfg(test)]
@@ -1009,7 +1038,10 @@ mod tests {
             )],
             &nodes3(),
         );
-        let lines = changes(&before, &after);
+        let lines: Vec<String> = changes(&before, &after)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         assert_eq!(
             lines,
             [
@@ -1021,15 +1053,25 @@ mod tests {
         assert!(changes(&after, &after).is_empty());
         let added = changes(&Built::default(), &before);
         assert_eq!(added.len(), 1);
+        assert_eq!(added[0].service, "shop/web");
+        assert_eq!(added[0].node, None);
         assert!(
-            added[0].starts_with(
+            added[0].line.starts_with(
                 "service shop/web: VIP 192.0.2.10:80/tcp added with 2 backends [node n1"
             ),
             "{added:?}"
         );
         assert_eq!(
-            changes(&before, &Built::default()),
+            changes(&before, &Built::default())
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
             ["service shop/web: VIP 192.0.2.10:80/tcp removed"]
+        );
+        let first = &changes(&before, &after)[0];
+        assert_eq!(
+            (first.vip.to_string(), first.node.as_deref()),
+            ("192.0.2.10:80/tcp".to_owned(), Some("n1"))
         );
     }
 }

@@ -2,12 +2,13 @@
 //! EndpointSlices and Nodes to VIPs and backend nodes, `options` parses what Services and Nodes
 //! ask for by annotation and spec, `agent` runs the watchers and the reconcile loop, `announce`
 //! elects one node per VIP address by Lease (`--announce`; it writes only through dataplane's
-//! ANNOUNCE handle).
+//! ANNOUNCE handle), and `watch_probe` tells the agent's metrics when a watch is up.
 
 pub mod agent;
 pub mod announce;
 pub mod desired;
 pub mod options;
+mod watch_probe;
 
 pub use agent::{AgentConfig, ApplyFn, run};
 pub use announce::AnnounceConfig;
