@@ -710,16 +710,9 @@ fn lookup_batch<V: Copy>(
         elem_flags: 0,
         flags: 0,
     };
-    // SAFETY: the attribute points at buffers of `count` keys and values (V is the map's value
-    // type, #[repr(C)]) and at the 4-byte batch token, all outliving the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_BATCH,
-            &mut attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>() as u32,
-        )
-    };
+    // The attribute points at buffers of `count` keys and values (V is the map's value type,
+    // #[repr(C)]) and at the 4-byte batch token, all outliving the call.
+    let rc = bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr);
     // ENOENT: the end of the map was reached; `count` says how many entries came back.
     if rc < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOENT) {
         return Err(std::io::Error::last_os_error());
@@ -739,19 +732,25 @@ fn update_batch(map: &OwnedFd, keys: &[u32], values: &[u32]) -> std::io::Result<
         elem_flags: 0,
         flags: 0,
     };
-    // SAFETY: the attribute points at `count` keys and values that outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>() as u32,
-        )
-    };
-    if rc < 0 {
+    // The attribute points at `count` keys and values that outlive the call.
+    if bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr) < 0 {
         Err(std::io::Error::last_os_error())
     } else {
         Ok(())
+    }
+}
+
+/// The `bpf(2)` call of a batch command; the caller makes `attr`'s pointers valid for it.
+fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> libc::c_long {
+    // SAFETY: `attr` is a live, correctly sized attribute; its buffers are the caller's to
+    // keep valid (both callers pass slices that outlive this call).
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>() as u32,
+        )
     }
 }
 

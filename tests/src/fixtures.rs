@@ -120,6 +120,35 @@ impl Harness {
     }
 }
 
+/// A loaded balancer programmed with `desired` (panics with the reason if either fails: the
+/// fixture tests' common start).
+pub fn harness_with(desired: &Desired) -> Harness {
+    crate::require_root();
+    let mut h = Harness::new().expect("load the XDP object");
+    h.apply(desired).expect("program the maps");
+    h
+}
+
+/// Asserts verdict XDP_TX and that the frame is `input` with only the MACs rewritten to some
+/// backend's; returns that backend.
+pub fn assert_forwarded(h: &mut Harness, input: &[u8]) -> u8 {
+    let (action, out) = h.run(input).expect("test run");
+    assert_eq!(action, XDP_TX, "verdict for a VIP packet");
+    let backend = Harness::backend_of(&out).expect("destination MAC is a backend's");
+    assert_eq!(out, expected_l2(input, backend), "only the MACs may change");
+    backend
+}
+
+/// Asserts `verdict` and that the frame left the program untouched.
+pub fn assert_untouched(h: &mut Harness, input: &[u8], verdict: u32) {
+    let (action, out) = h.run(input).expect("test run");
+    assert_eq!(action, verdict);
+    assert_eq!(
+        out, input,
+        "a frame that is not forwarded is left untouched"
+    );
+}
+
 /// Runs `frame` through `program` of `ebpf` `repeat` times: verdict, output frame, ns per run.
 fn test_run(
     ebpf: &mut Ebpf,

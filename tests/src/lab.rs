@@ -1190,30 +1190,42 @@ http {{
             cmd::terminate(c, Duration::from_secs(5));
         }
         self.nginx.clear();
-        let me = std::process::id();
-        for ns in self.namespaces.iter().rev() {
-            kill_ns_processes(ns, me);
-            if let Err(e) = cmd::sh(&["ip", "netns", "del", ns]) {
-                eprintln!(
-                    "sluice lab {}: cannot delete namespace {ns}: {e:#}",
-                    self.id
-                );
-            }
+        remove_lab(
+            &self.id,
+            &mut self.namespaces,
+            &self.bpffs,
+            &mut self.bpffs_mounted,
+            &self.dir,
+        );
+    }
+}
+
+/// The end of every lab kind's teardown: kills the processes in its namespaces and deletes
+/// them (newest first), unmounts its private bpffs and removes its temp dir. Reports what it
+/// cannot remove and goes on.
+pub(crate) fn remove_lab(
+    id: &str,
+    namespaces: &mut Vec<String>,
+    bpffs: &Path,
+    bpffs_mounted: &mut bool,
+    dir: &Path,
+) {
+    let me = std::process::id();
+    for ns in namespaces.iter().rev() {
+        kill_ns_processes(ns, me);
+        if let Err(e) = cmd::sh(&["ip", "netns", "del", ns]) {
+            eprintln!("sluice lab {id}: cannot delete namespace {ns}: {e:#}");
         }
-        self.namespaces.clear();
-        if self.bpffs_mounted {
-            unmount(&self.bpffs);
-            self.bpffs_mounted = false;
-        }
-        if let Err(e) = fs::remove_dir_all(&self.dir)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            eprintln!(
-                "sluice lab {}: cannot remove {}: {e}",
-                self.id,
-                self.dir.display()
-            );
-        }
+    }
+    namespaces.clear();
+    if *bpffs_mounted {
+        unmount(bpffs);
+        *bpffs_mounted = false;
+    }
+    if let Err(e) = fs::remove_dir_all(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        eprintln!("sluice lab {id}: cannot remove {}: {e}", dir.display());
     }
 }
 

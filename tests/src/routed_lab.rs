@@ -30,9 +30,7 @@ use anyhow::{Context, Result, bail, ensure};
 
 use crate::cmd::{self, DEFAULT_TIMEOUT};
 use crate::conn::LongConn;
-use crate::lab::{
-    NS_IFACE, SLUICE_TIMEOUT, SluiceProcess, kill_ns_processes, next_lab_id, sluice_binary, unmount,
-};
+use crate::lab::{NS_IFACE, SLUICE_TIMEOUT, SluiceProcess, next_lab_id, remove_lab, sluice_binary};
 use crate::netns;
 use crate::servers::{BackendServers, ECHO_PORT, UDP_PORT};
 
@@ -561,22 +559,13 @@ impl RoutedLab {
             s.stop();
         }
         self.servers.clear();
-        let me = std::process::id();
-        for ns in self.namespaces.iter().rev() {
-            kill_ns_processes(ns, me);
-            if let Err(e) = cmd::sh(&["ip", "netns", "del", ns]) {
-                eprintln!(
-                    "sluice routed lab {}: cannot delete namespace {ns}: {e:#}",
-                    self.id
-                );
-            }
-        }
-        self.namespaces.clear();
-        if self.bpffs_mounted {
-            unmount(&self.bpffs);
-            self.bpffs_mounted = false;
-        }
-        let _ = fs::remove_dir_all(&self.dir);
+        remove_lab(
+            &self.id,
+            &mut self.namespaces,
+            &self.bpffs,
+            &mut self.bpffs_mounted,
+            &self.dir,
+        );
     }
 }
 

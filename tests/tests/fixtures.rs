@@ -3,39 +3,13 @@
 
 use lb_common::GlobalCounter;
 use lb_userspace::model::Protocol;
-use sluice_tests::{
-    fixtures::{
-        ARP_REPLY, Arp, CLIENT, CLIENT_MAC, Frame, Harness, TCP_ACK, TCP_SYN, VIP, XDP_DROP,
-        XDP_PASS, XDP_TX, backend_addr, desired, expected_l2,
-    },
-    require_root,
+use sluice_tests::fixtures::{
+    ARP_REPLY, Arp, CLIENT, CLIENT_MAC, Frame, Harness, TCP_ACK, TCP_SYN, VIP, XDP_DROP, XDP_PASS,
+    XDP_TX, assert_forwarded, assert_untouched, backend_addr, desired, harness_with,
 };
 
 fn harness(protocol: Protocol, backends: &[(u8, u32, bool)]) -> Harness {
-    require_root();
-    let mut h = Harness::new().expect("load the XDP object");
-    h.apply(&desired(protocol, backends))
-        .expect("program the maps");
-    h
-}
-
-/// Asserts the verdict, that the frame is `input` with only the MACs rewritten to some
-/// backend's, and returns that backend.
-fn assert_forwarded(h: &mut Harness, input: &[u8]) -> u8 {
-    let (action, out) = h.run(input).expect("test run");
-    assert_eq!(action, XDP_TX, "verdict for a VIP packet");
-    let backend = Harness::backend_of(&out).expect("destination MAC is a backend's");
-    assert_eq!(out, expected_l2(input, backend), "only the MACs may change");
-    backend
-}
-
-fn assert_verdict_untouched(h: &mut Harness, input: &[u8], verdict: u32) {
-    let (action, out) = h.run(input).expect("test run");
-    assert_eq!(action, verdict);
-    assert_eq!(
-        out, input,
-        "a frame that is not forwarded is left untouched"
-    );
+    harness_with(&desired(protocol, backends))
 }
 
 #[test]
@@ -220,7 +194,7 @@ fn non_vip_traffic_passes_untouched() {
     other_port.dport = 443;
     let other_proto = Frame::udp(1, b"dns");
     for f in [other_dst, other_port, other_proto] {
-        assert_verdict_untouched(&mut h, &f.bytes(), XDP_PASS);
+        assert_untouched(&mut h, &f.bytes(), XDP_PASS);
     }
     assert_eq!(h.counter(GlobalCounter::Passed).unwrap(), 3);
 }
@@ -234,14 +208,14 @@ fn arp_and_other_icmp_pass() {
     arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 0xc1, 10, 0, 0, 1]);
     arp.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
     arp.extend_from_slice(&VIP.octets());
-    assert_verdict_untouched(&mut h, &arp, XDP_PASS);
+    assert_untouched(&mut h, &arp, XDP_PASS);
     // An ICMP type sluice does not handle (timestamp request), even to the VIP.
     let timestamp = Frame::icmp(13, 0, [0, 1, 0, 1], &[0; 12]);
-    assert_verdict_untouched(&mut h, &timestamp.bytes(), XDP_PASS);
+    assert_untouched(&mut h, &timestamp.bytes(), XDP_PASS);
     // An echo request to another address is the kernel's.
     let mut ping = Frame::icmp(8, 0, [0, 1, 0, 1], b"ping");
     ping.dst = std::net::IpAddr::V4(CLIENT);
-    assert_verdict_untouched(&mut h, &ping.bytes(), XDP_PASS);
+    assert_untouched(&mut h, &ping.bytes(), XDP_PASS);
 }
 
 #[test]
@@ -350,13 +324,13 @@ fn fragments_of_vip_flows_never_reach_a_backend() {
     // load balancer must not reassemble it either. Dropped and counted (Katran's policy).
     let mut later = Frame::udp(8000, &[7u8; 64]);
     later.frag_off = 0x0008;
-    assert_verdict_untouched(&mut h, &later.bytes(), XDP_DROP);
+    assert_untouched(&mut h, &later.bytes(), XDP_DROP);
     assert_eq!(h.counter(GlobalCounter::DropFragment).unwrap(), 2);
     // Fragments for other addresses are the kernel's.
     later.dst = std::net::IpAddr::V4(CLIENT);
-    assert_verdict_untouched(&mut h, &later.bytes(), XDP_PASS);
+    assert_untouched(&mut h, &later.bytes(), XDP_PASS);
     first.dst = std::net::IpAddr::V4(CLIENT);
-    assert_verdict_untouched(&mut h, &first.bytes(), XDP_PASS);
+    assert_untouched(&mut h, &first.bytes(), XDP_PASS);
 }
 
 #[test]
@@ -368,7 +342,7 @@ fn removed_vip_passes_and_readded_vip_forwards() {
     empty.vips.clear();
     let s = h.apply(&empty).unwrap();
     assert_eq!((s.vips_removed, s.backends_removed), (1, 1));
-    assert_verdict_untouched(&mut h, &syn, XDP_PASS);
+    assert_untouched(&mut h, &syn, XDP_PASS);
     h.apply(&desired(Protocol::Tcp, &[(1, 1, false)])).unwrap();
     // The old flow entry points at a freed slot: it re-hashes to the new backend.
     assert_eq!(assert_forwarded(&mut h, &syn), 1);
@@ -493,20 +467,20 @@ fn arp_for_other_addresses_replies_and_odd_types_pass_untouched() {
     let mut h = announcing([0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]);
     // An address this node does not announce.
     let other = Arp::request(backend_addr(0)).bytes();
-    assert_verdict_untouched(&mut h, &other, XDP_PASS);
+    assert_untouched(&mut h, &other, XDP_PASS);
     // A reply (op 2) for the VIP is someone else's answer: the kernel's business.
     let mut reply = Arp::request(VIP);
     reply.op = ARP_REPLY;
-    assert_verdict_untouched(&mut h, &reply.bytes(), XDP_PASS);
+    assert_untouched(&mut h, &reply.bytes(), XDP_PASS);
     // A gratuitous ARP for the VIP (sender = target) from another host is not answered.
     let mut garp = Arp::request(VIP);
     garp.spa = VIP;
-    assert_verdict_untouched(&mut h, &garp.bytes(), XDP_PASS);
+    assert_untouched(&mut h, &garp.bytes(), XDP_PASS);
     // Other hardware or protocol types and lengths.
     for (at, value) in [(14usize, 6u8), (17, 0xdd), (18, 8), (19, 16)] {
         let mut odd = Arp::request(VIP).bytes();
         odd[at] = value;
-        assert_verdict_untouched(&mut h, &odd, XDP_PASS);
+        assert_untouched(&mut h, &odd, XDP_PASS);
     }
     assert_eq!(h.counter(GlobalCounter::ArpReply).unwrap(), 0);
     // Once the entry is gone (lease lost), the VIP's requests pass too.
@@ -514,7 +488,7 @@ fn arp_for_other_addresses_replies_and_odd_types_pass_untouched() {
         .announce
         .remove(&lb_userspace::dataplane::announce_key(VIP.into()))
         .expect("removing from ANNOUNCE");
-    assert_verdict_untouched(&mut h, &Arp::request(VIP).bytes(), XDP_PASS);
+    assert_untouched(&mut h, &Arp::request(VIP).bytes(), XDP_PASS);
     assert_eq!(h.counter(GlobalCounter::ArpReply).unwrap(), 0);
 }
 
@@ -524,7 +498,7 @@ fn truncated_arp_passes_untouched() {
     let full = Arp::request(VIP).bytes();
     // Every cut short of the 42 bytes a request needs, down to the bare Ethernet header.
     for len in [41, 38, 30, 22, 14] {
-        assert_verdict_untouched(&mut h, &full[..len], XDP_PASS);
+        assert_untouched(&mut h, &full[..len], XDP_PASS);
     }
     assert_eq!(h.counter(GlobalCounter::ArpReply).unwrap(), 0);
 }

@@ -12,7 +12,7 @@ use sluice_tests::{
     fixtures::{
         CLIENT, CLIENT_MAC, CLIENT6, DecapHarness, FIXTURE_MTU, Frame, Harness, IP_DF, LB_MAC,
         TCP_ACK, TCP_SYN, VIP, VIP6, XDP_DROP, XDP_PASS, XDP_TX, backend_addr, backend_addr6,
-        checksum_ok, desired_at, expected_l2, pseudo_sum_v6,
+        checksum_ok, desired_at, expected_l2, harness_with, pseudo_sum_v6,
     },
     require_root,
 };
@@ -30,13 +30,6 @@ fn ipip(vip: IpAddr, v6_backends: bool) -> Desired {
     d.vips[0].key.addr = vip;
     d.vips[0].mode = ForwardingMode::Ipip;
     d
-}
-
-fn harness_with(desired: &Desired) -> Harness {
-    require_root();
-    let mut h = Harness::new().expect("load the XDP object");
-    h.apply(desired).expect("program the maps");
-    h
 }
 
 /// Checks an encapsulated frame: Ethernet to the backend's next hop, an outer header from the

@@ -6,23 +6,14 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::GlobalCounter;
-use lb_userspace::model::{Desired, Protocol};
-use sluice_tests::{
-    fixtures::{
-        CLIENT, CLIENT_MAC, CLIENT6, Frame, Harness, LB_MAC, TCP_ACK, TCP_SYN, VIP, VIP6, XDP_DROP,
-        XDP_PASS, XDP_TX, checksum_ok, desired_at, expected_l2, pseudo_sum_v6,
-    },
-    require_root,
+use lb_userspace::model::Protocol;
+use sluice_tests::fixtures::{
+    CLIENT, CLIENT_MAC, CLIENT6, Frame, Harness, LB_MAC, TCP_ACK, TCP_SYN, VIP, VIP6, XDP_DROP,
+    XDP_PASS, XDP_TX, assert_forwarded, assert_untouched, checksum_ok, desired_at, harness_with,
+    pseudo_sum_v6,
 };
 
 const THREE: &[(u8, u32, bool)] = &[(0, 1, false), (1, 1, false), (2, 1, false)];
-
-fn harness_with(desired: &Desired) -> Harness {
-    require_root();
-    let mut h = Harness::new().expect("load the XDP object");
-    h.apply(desired).expect("program the maps");
-    h
-}
 
 fn v6_harness(protocol: Protocol) -> Harness {
     harness_with(&desired_at(IpAddr::V6(VIP6), protocol, THREE))
@@ -30,24 +21,6 @@ fn v6_harness(protocol: Protocol) -> Harness {
 
 fn v4_harness(protocol: Protocol) -> Harness {
     harness_with(&desired_at(IpAddr::V4(VIP), protocol, THREE))
-}
-
-/// Verdict XDP_TX and only the MACs rewritten; returns the backend.
-fn assert_forwarded(h: &mut Harness, input: &[u8]) -> u8 {
-    let (action, out) = h.run(input).expect("test run");
-    assert_eq!(action, XDP_TX, "verdict for a VIP packet");
-    let backend = Harness::backend_of(&out).expect("destination MAC is a backend's");
-    assert_eq!(out, expected_l2(input, backend), "only the MACs may change");
-    backend
-}
-
-fn assert_untouched(h: &mut Harness, input: &[u8], verdict: u32) {
-    let (action, out) = h.run(input).expect("test run");
-    assert_eq!(action, verdict);
-    assert_eq!(
-        out, input,
-        "a frame that is not forwarded is left untouched"
-    );
 }
 
 #[test]
