@@ -24,6 +24,9 @@ apt_packages=(
   libnginx-mod-stream haproxy iptables conntrack      # bench: the contenders (nginx stream, haproxy, DNAT)
   fonts-dejavu-core                                   # bench: the chart's font
   openssl                                             # agent tests: the API server's SA keys
+  containerd runc containernetworking-plugins         # cluster test: one container runtime per node
+  buildah busybox-static ipset                        # cluster test: offline images; kube-proxy --cleanup
+  musl-tools                                          # the image: a static sluice (x86_64-unknown-linux-musl)
 )
 
 install_apt() {
@@ -56,6 +59,9 @@ install_toolchains() {
   for c in rust-src clippy; do
     grep -q "^$c" <<<"$installed" || rustup component add --toolchain "$NIGHTLY" "$c"
   done
+  # The image's binary is static (musl), so the image needs nothing but it.
+  rustup target list --toolchain "$STABLE" --installed | grep -q '^x86_64-unknown-linux-musl$' ||
+    rustup target add --toolchain "$STABLE" x86_64-unknown-linux-musl
 }
 
 install_bpf_linker() {

@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# Builds a real kube-apiserver (and a matching kubectl) from Debian bookworm's `kubernetes` source
-# package, for the agent's tests and benchmark. No prebuilt binary can be downloaded here and no
+# Builds a real kube-apiserver, kubectl, and the node and control-plane binaries of a real cluster
+# (kubelet, kube-proxy, kube-controller-manager, kube-scheduler, and the pause image's binary) from
+# Debian bookworm's `kubernetes` source package, for the agent's tests, the cluster test and the
+# benchmarks. No prebuilt binary can be downloaded here and no
 # container engine runs, so this is the only way to a real API server (see README, "sluice agent").
 #
 # The binaries are cached OUTSIDE the repo, so only a fresh machine pays the build (5 to 8 minutes on 2 cores):
-#   $SLUICE_KUBE_CACHE (default /var/cache/sluice-kube/1.20.2)/{kube-apiserver,kubectl}
+#   $SLUICE_KUBE_CACHE (default /var/cache/sluice-kube/1.20.2)/{kube-apiserver,kubectl,kubelet,...}
 # Idempotent; returns at once when the cache is complete. Prints the cache directory on stdout.
 set -euo pipefail
 
 VERSION=1.20.2
 CACHE="${SLUICE_KUBE_CACHE:-/var/cache/sluice-kube/$VERSION}"
-BINARIES=(kube-apiserver kubectl)
+BINARIES=(kube-apiserver kubectl kubelet kube-proxy kube-controller-manager kube-scheduler)
 
 log() { printf '[kube-apiserver] %s\n' "$*" >&2; }
 
 complete() {
-  for b in "${BINARIES[@]}"; do [ -x "$CACHE/$b" ] || return 1; done
+  for b in "${BINARIES[@]}" pause; do [ -x "$CACHE/$b" ] || return 1; done
   command -v etcd >/dev/null 2>&1 || return 1
 }
 
@@ -80,17 +82,20 @@ reflect2_dst="$tree/vendor/github.com/modern-go/reflect2"
 find "$reflect2_dst" -maxdepth 1 -type f \( -name '*.go' -o -name '*.s' \) -delete
 find "$reflect2_src" -maxdepth 1 -type f \( -name '*.go' -o -name '*.s' \) -exec cp {} "$reflect2_dst/" \;
 
-log "building ${BINARIES[*]} (5 to 8 minutes on 2 cores)"
+log "building ${BINARIES[*]} (10 to 15 minutes on 2 cores)"
 (
   cd "$tree"
   export CGO_ENABLED=0 GOPROXY=off GOFLAGS= GOCACHE="$work/gocache" GOPATH="$work/gopath"
-  make WHAT="cmd/kube-apiserver cmd/kubectl" >"$work/make.log" 2>&1 ||
+  make WHAT="${BINARIES[*]/#/cmd/}" >"$work/make.log" 2>&1 ||
     { tail -n 40 "$work/make.log" >&2; echo "error: make failed, full log in $work/make.log" >&2; exit 1; }
 )
 for b in "${BINARIES[@]}"; do
   install -m 0755 "$tree/_output/bin/$b" "$CACHE/$b.tmp"
   mv "$CACHE/$b.tmp" "$CACHE/$b"
 done
+# The pod sandbox ("pause") image's process, static, from the same tree.
+gcc -Os -static "$tree/build/pause/linux/pause.c" -o "$CACHE/pause.tmp"
+mv "$CACHE/pause.tmp" "$CACHE/pause"
 rm -rf "$work"
 log "cached in $CACHE"
 echo "$CACHE"
