@@ -12,3 +12,4 @@ pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod reconcile;
+pub mod resolve;

@@ -80,7 +80,12 @@ impl Harness {
     }
 
     pub fn apply(&mut self, desired: &Desired) -> anyhow::Result<reconcile::Summary> {
-        reconcile::reconcile(&mut self.maps, &self.iface, desired)
+        reconcile::reconcile(
+            &mut self.maps,
+            &self.iface,
+            desired,
+            reconcile::Unreachable::Fail,
+        )
     }
 
     /// Runs one frame; returns the verdict and the frame as the program left it.
@@ -184,7 +189,7 @@ impl DecapHarness {
             .iter()
             .map(|a| a.parse().map_err(|e| anyhow!("{a}: {e}")))
             .collect::<anyhow::Result<_>>()?;
-        decap::sync(&mut maps, &allow, local)?;
+        decap::sync(&mut maps.sets, &allow, local)?;
         Ok(Self { ebpf, maps })
     }
 
@@ -237,6 +242,7 @@ pub fn desired_at(vip: IpAddr, protocol: Protocol, backends: &[(u8, u32, bool)])
             },
             backends,
         )],
+        peers: Default::default(),
     }
 }
 
