@@ -43,12 +43,12 @@ use lb_common::{
 };
 use lb_ebpf::{
     csum,
-    unwrap::{Unwrapped, unwrap},
     packet::{
         self, ARP_OP_REPLY, ArpHdr, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, EthHdr, Flow,
         ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_FRAG_NEEDED, ICMP_HLEN, ICMPV6_ECHO_REPLY,
         ICMPV6_PKT_TOOBIG, IPV4_HLEN, IPV6_HLEN, IcmpHdr, Ipv4Hdr, Ipv6Hdr, L3, Parsed,
     },
+    unwrap::{Unwrapped, unwrap},
 };
 
 const MAX_VIPS_: usize = MAX_VIPS as usize;
@@ -241,11 +241,20 @@ fn balance_flow(ctx: &XdpContext, flow: &Flow) -> (u32, GlobalCounter) {
 /// Was the frame sent by another sluice node (which balanced it already)?
 #[inline(always)]
 fn from_peer(ctx: &XdpContext) -> bool {
-    let Some(eth) = packet::ptr_at::<EthHdr>(ctx, 0) else {
-        return false;
+    // The frame's bounds are read afresh (volatile): LLVM would otherwise reuse what it proved
+    // while parsing and drop the check, which the verifier needs on this new pointer.
+    // SAFETY: `ctx.ctx` is the program's context, valid for this run.
+    let (data, end) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
+        )
     };
-    // SAFETY: bounds checked by ptr_at.
-    let key = PeerKey::new(unsafe { (*eth).src });
+    if data + ETH_HLEN > end {
+        return false;
+    }
+    // SAFETY: the Ethernet header lies within the frame, checked above.
+    let key = PeerKey::new(unsafe { (*(data as *const EthHdr)).src });
     PEERS.get_ptr(&key).is_some()
 }
 

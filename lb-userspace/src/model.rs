@@ -3,8 +3,8 @@
 //! nothing downstream re-checks addresses or ranges.
 
 use std::fmt;
-use std::{collections::BTreeSet, net::IpAddr};
 use std::str::FromStr;
+use std::{collections::BTreeSet, net::IpAddr};
 
 pub use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use lb_common::{DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, IPPROTO_TCP, IPPROTO_UDP};

@@ -29,11 +29,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 
 use super::announce::{self, AnnounceConfig};
-use crate::reconcile::Summary;
 use super::desired::{self, Built, SERVICE_NAME_LABEL};
 use super::watch_probe::WatchProbeLayer;
 use crate::metrics::{ControlMetrics, WatchMetrics};
 use crate::model::{Desired, Settings};
+use crate::reconcile::Summary;
 
 /// Quiet time after the last event before the model is rebuilt: one rebuild per burst.
 pub const DEBOUNCE: Duration = Duration::from_millis(10);
