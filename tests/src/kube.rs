@@ -89,6 +89,9 @@ struct ApiServer {
 /// etcd + kube-apiserver(s). See the module documentation.
 pub struct Kube {
     netns: Option<String>,
+    /// Where the API servers listen besides loopback (the clients' server address); `None`:
+    /// loopback only.
+    listen: Option<Ipv4Addr>,
     dir: PathBuf,
     bin: PathBuf,
     etcd_port: u16,
@@ -103,6 +106,17 @@ impl Kube {
     /// Starts etcd and one API server (index 0), inside network namespace `netns` when given (its
     /// loopback must be up), and registers the EndpointSlice v1 CRD.
     pub fn start(netns: Option<&str>) -> Result<Kube> {
+        Self::start_with(netns, None)
+    }
+
+    /// As [`Kube::start`], the API servers listening on every address of the namespace and the
+    /// kubeconfigs naming `listen` (one of its addresses), so that agents in other namespaces
+    /// reach them over the lab's segment.
+    pub fn start_listening(netns: &str, listen: Ipv4Addr) -> Result<Kube> {
+        Self::start_with(Some(netns), Some(listen))
+    }
+
+    fn start_with(netns: Option<&str>, listen: Option<Ipv4Addr>) -> Result<Kube> {
         let bin = binaries()?;
         STALE_CLEANUP.call_once(cleanup_stale);
         let pid = std::process::id();
@@ -113,6 +127,7 @@ impl Kube {
         let ports = free_ports(netns, 2)?;
         let mut kube = Kube {
             netns: netns.map(str::to_owned),
+            listen,
             dir,
             bin,
             etcd_port: ports[0],
@@ -230,6 +245,11 @@ impl Kube {
         Ok(())
     }
 
+    /// The address kubeconfigs name.
+    fn server_host(&self) -> Ipv4Addr {
+        self.listen.unwrap_or(Ipv4Addr::LOCALHOST)
+    }
+
     fn port_open(&self, port: u16) -> Result<bool> {
         let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port).into();
         let probe =
@@ -250,7 +270,12 @@ impl Kube {
         let kubeconfig = self.dir.join(format!("admin-{i}.kubeconfig"));
         fs::write(
             &kubeconfig,
-            kubeconfig_yaml(port, &cert_dir.join("apiserver.crt"), &self.admin_token),
+            kubeconfig_yaml(
+                self.server_host(),
+                port,
+                &cert_dir.join("apiserver.crt"),
+                &self.admin_token,
+            ),
         )?;
         self.servers.push(ApiServer {
             port,
@@ -271,7 +296,16 @@ impl Kube {
         let s = &self.servers[i];
         let mut c = self.command(&self.bin.join("kube-apiserver"));
         c.arg(format!("--etcd-servers={}", self.etcd_url()))
-            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+            .args(match self.listen {
+                Some(addr) => [
+                    "--bind-address=0.0.0.0".into(),
+                    format!("--advertise-address={addr}"),
+                ],
+                None => [
+                    "--bind-address=127.0.0.1".to_owned(),
+                    "--advertise-address=127.0.0.1".to_owned(),
+                ],
+            })
             .arg(format!("--secure-port={}", s.port))
             .args(["--insecure-port=0", "--endpoint-reconciler-type=none"])
             .arg(format!("--cert-dir={}", s.cert_dir.display()))
@@ -444,7 +478,7 @@ impl Kube {
         .args(["-H", &format!("Authorization: Bearer {}", self.admin_token)])
         .args(["-H", "Content-Type: application/merge-patch+json"])
         .args(["-X", "PATCH", "--data", &patch.to_string()])
-        .arg(format!("https://127.0.0.1:{}{path}/status", s.port));
+        .arg(format!("https://{}:{}{path}/status", self.server_host(), s.port));
         cmd::run_ok(&mut c, cmd::DEFAULT_TIMEOUT)
             .with_context(|| format!("patching the status of {path}"))?;
         Ok(())
@@ -506,7 +540,12 @@ impl Kube {
         let s = &self.servers[0];
         fs::write(
             &path,
-            kubeconfig_yaml(s.port, &s.cert_dir.join("apiserver.crt"), token),
+            kubeconfig_yaml(
+                self.server_host(),
+                s.port,
+                &s.cert_dir.join("apiserver.crt"),
+                token,
+            ),
         )?;
         Ok(path)
     }
@@ -562,14 +601,14 @@ fn cleanup_stale() {
     }
 }
 
-fn kubeconfig_yaml(port: u16, ca: &Path, token: &str) -> String {
+fn kubeconfig_yaml(host: Ipv4Addr, port: u16, ca: &Path, token: &str) -> String {
     format!(
         "apiVersion: v1
 kind: Config
 clusters:
   - name: sluice-test
     cluster:
-      server: https://127.0.0.1:{port}
+      server: https://{host}:{port}
       certificate-authority: {ca}
 users:
   - name: user
