@@ -35,26 +35,89 @@ impl Pair {
         cmd::sh(&["ip", "netns", "add", &pair.b])?;
         let (a, b) = (pair.a.as_str(), pair.b.as_str());
         for argv in [
-            &["ip", "-n", a, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", b][..],
+            &[
+                "ip", "-n", a, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns",
+                b,
+            ][..],
             &["ip", "-n", a, "addr", "add", "10.77.0.1/24", "dev", "va"],
-            &["ip", "-n", a, "addr", "add", "fd77::1/64", "dev", "va", "nodad"],
+            &[
+                "ip",
+                "-n",
+                a,
+                "addr",
+                "add",
+                "fd77::1/64",
+                "dev",
+                "va",
+                "nodad",
+            ],
             // A VIP-like global address on lo: local, though not on the veth.
             &["ip", "-n", a, "addr", "add", "10.79.0.1/32", "dev", "lo"],
             &["ip", "-n", b, "addr", "add", "10.77.0.2/24", "dev", "vb"],
-            &["ip", "-n", b, "addr", "add", "fd77::2/64", "dev", "vb", "nodad"],
+            &[
+                "ip",
+                "-n",
+                b,
+                "addr",
+                "add",
+                "fd77::2/64",
+                "dev",
+                "vb",
+                "nodad",
+            ],
             &["ip", "-n", a, "link", "set", "lo", "up"],
             &["ip", "-n", b, "link", "set", "lo", "up"],
             &["ip", "-n", a, "link", "set", "va", "up"],
             &["ip", "-n", b, "link", "set", "vb", "up"],
-            &["ip", "-n", a, "route", "add", "10.78.0.0/24", "via", "10.77.0.254"],
-            &["ip", "-n", a, "-6", "route", "add", "fd78::/64", "via", "fd77::fe"],
             &[
-                "ip", "-n", a, "neigh", "add", "10.77.0.254", "lladdr", GATEWAY_MAC, "dev", "va",
-                "nud", "permanent",
+                "ip",
+                "-n",
+                a,
+                "route",
+                "add",
+                "10.78.0.0/24",
+                "via",
+                "10.77.0.254",
             ],
             &[
-                "ip", "-n", a, "-6", "neigh", "add", "fd77::fe", "lladdr", GATEWAY_MAC, "dev",
-                "va", "nud", "permanent",
+                "ip",
+                "-n",
+                a,
+                "-6",
+                "route",
+                "add",
+                "fd78::/64",
+                "via",
+                "fd77::fe",
+            ],
+            &[
+                "ip",
+                "-n",
+                a,
+                "neigh",
+                "add",
+                "10.77.0.254",
+                "lladdr",
+                GATEWAY_MAC,
+                "dev",
+                "va",
+                "nud",
+                "permanent",
+            ],
+            &[
+                "ip",
+                "-n",
+                a,
+                "-6",
+                "neigh",
+                "add",
+                "fd77::fe",
+                "lladdr",
+                GATEWAY_MAC,
+                "dev",
+                "va",
+                "nud",
+                "permanent",
             ],
         ] {
             cmd::sh(argv)?;
@@ -170,7 +233,10 @@ fn net_agrees_with_iproute2_inside_a_namespace() -> Result<()> {
             "va's addresses: {va_addrs:?}, ip: {ip_va_addrs:?}"
         );
         let e = net::Interface::by_name("vb").unwrap_err().to_string();
-        ensure!(e.contains("\"vb\" not found"), "vb lives in the other namespace: {e}");
+        ensure!(
+            e.contains("\"vb\" not found"),
+            "vb lives in the other namespace: {e}"
+        );
 
         // is_local_address: any scope but host.
         for (addr, local) in [
@@ -229,19 +295,20 @@ fn net_agrees_with_iproute2_inside_a_namespace() -> Result<()> {
         );
 
         // Resolved by a real answer from namespace b, in both families.
-        let mut resolved = Vec::new();
         for peer in ["10.77.0.2", "fd77::2"] {
             let n = net::resolve_neighbour(ip(peer), Duration::from_secs(5))?;
             ensure!(
                 n.mac == peer_mac && n.device == "va",
                 "resolve_neighbour({peer}) = {n:?}, b's vb is {peer_mac}"
             );
-            resolved.push(n);
         }
         let e = net::resolve_neighbour(ip("10.77.0.99"), Duration::from_millis(500))
             .unwrap_err()
             .to_string();
-        ensure!(e.contains("10.77.0.99"), "nobody answers for 10.77.0.99: {e}");
+        ensure!(
+            e.contains("10.77.0.99"),
+            "nobody answers for 10.77.0.99: {e}"
+        );
         Ok(())
     })?;
 

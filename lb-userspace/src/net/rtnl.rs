@@ -305,6 +305,7 @@ fn kernel_error(payload: &[u8], flags: u16) -> Result<Option<Error>, Error> {
             .map_while(Result::ok)
             .find(|nla| nla.kind() == NLMSGERR_ATTR_MSG)
             .and_then(|nla| parse_string(nla.value()).ok())
+            .map(|m| m.trim_end_matches('\0').to_owned())
             .filter(|m| !m.is_empty())
     });
     Ok(Some(Error::Kernel {
@@ -724,7 +725,7 @@ mod tests {
         error.code = std::num::NonZeroI32::new(-libc::ENODEV);
         // The capped echo of our request's header, then NLMSGERR_ATTR_MSG.
         let mut echo = vec![0u8; 16];
-        echo.extend_from_slice(&[12, 0, 1, 0]);
+        echo.extend_from_slice(&[11, 0, 1, 0]);
         echo.extend_from_slice(b"no dev\0\0");
         error.header = echo;
         let bytes = frame(NetlinkPayload::Error(error), 1, NLM_F_CAPPED);
