@@ -140,7 +140,14 @@ impl Pair {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let json = self.ip_json(ns, &["-6", "addr", "show", "dev", dev, "scope", "link"])?;
-            if let Some(addr) = json[0]["addr_info"][0]["local"].as_str() {
+            // iproute2 prints the addresses its scope filter drops as `{}`.
+            let found = json[0]["addr_info"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|info| info["scope"] == "link")
+                .and_then(|info| info["local"].as_str());
+            if let Some(addr) = found {
                 return Ok(ip(addr));
             }
             ensure!(
