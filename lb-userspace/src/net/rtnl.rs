@@ -67,7 +67,8 @@ pub const RT_SCOPE_UNIVERSE: u8 = 0;
 pub const RT_SCOPE_HOST: u8 = 254;
 
 /// How long one request waits for the kernel's answer before giving up.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+const ANSWER_TIMEOUT_SECS: u8 = 5;
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(ANSWER_TIMEOUT_SECS as u64);
 /// A dump that the kernel marks inconsistent (the table changed under it) is asked again this
 /// many times; the last answer is used whatever its mark.
 const DUMP_TRIES: usize = 3;
@@ -147,7 +148,8 @@ fn open() -> Result<Socket, Error> {
     let _ = socket.set_ext_ack(true);
     let _ = socket.set_cap_ack(true);
     let timeout = libc::timeval {
-        tv_sec: ANSWER_TIMEOUT.as_secs() as libc::time_t,
+        // Not `as libc::time_t`: that alias is deprecated on musl (its width changes).
+        tv_sec: ANSWER_TIMEOUT_SECS.into(),
         tv_usec: 0,
     };
     // SAFETY: setsockopt on a descriptor we own, with a timeval that outlives the call.
