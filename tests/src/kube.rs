@@ -478,7 +478,11 @@ impl Kube {
         .args(["-H", &format!("Authorization: Bearer {}", self.admin_token)])
         .args(["-H", "Content-Type: application/merge-patch+json"])
         .args(["-X", "PATCH", "--data", &patch.to_string()])
-        .arg(format!("https://{}:{}{path}/status", self.server_host(), s.port));
+        .arg(format!(
+            "https://{}:{}{path}/status",
+            self.server_host(),
+            s.port
+        ));
         cmd::run_ok(&mut c, cmd::DEFAULT_TIMEOUT)
             .with_context(|| format!("patching the status of {path}"))?;
         Ok(())
