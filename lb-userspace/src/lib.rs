@@ -8,6 +8,7 @@ pub mod decap;
 pub mod inspect;
 pub mod k8s;
 pub mod maglev;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod net;

@@ -403,6 +403,9 @@ fn load_fresh(pins: &PinLayout, desired: &Desired) -> anyhow::Result<(aya::Ebpf,
             pins.maps_dir().display()
         );
     }
+    if let Some(warning) = lb_userspace::memory::check(&desired.settings, desired.vips.len()) {
+        warn!("{warning}");
+    }
     let mut ebpf = dataplane::load(Some(pins), desired.settings.flow_table_size)?;
     let maps = Maps::from_ebpf(&mut ebpf)?;
     Ok((ebpf, maps))
