@@ -351,10 +351,7 @@ fn base(rng: &mut Rng) -> Case {
         }
         // Encapsulated packets (IPIP / IP6IP6 / mixed) arriving at the balancer.
         11 => {
-            let inner = flow(rng.chance(50)).ip_packet();
-            let mut f = flow(v6);
-            f.protocol = if inner[0] >> 4 == 4 { 4 } else { 41 };
-            f.raw_l4 = Some(inner);
+            let f = wrapped(flow(rng.chance(50)), flow(v6));
             Case {
                 frame: f.bytes(),
                 must_forward: false,
@@ -403,10 +400,7 @@ fn base(rng: &mut Rng) -> Case {
         }
         // IPIP / IP6IP6 from a peer (or its encap prefix, or a stranger) to this node.
         17 => {
-            let inner = flow(rng.chance(50)).ip_packet();
-            let mut f = flow(v6);
-            f.protocol = if inner[0] >> 4 == 4 { 4 } else { 41 };
-            f.raw_l4 = Some(inner);
+            let mut f = wrapped(flow(rng.chance(50)), flow(v6));
             f.frag_off = 0;
             let stranger = rng.chance(20);
             (f.src, f.dst) = match (v6, stranger) {
@@ -441,6 +435,14 @@ fn base(rng: &mut Rng) -> Case {
             }
         }
     }
+}
+
+/// `inner`'s IP packet carried by `outer` (IPIP or IP6IP6 by the inner version).
+fn wrapped(inner: Frame, mut outer: Frame) -> Frame {
+    let inner = inner.ip_packet();
+    outer.protocol = if inner[0] >> 4 == 4 { 4 } else { 41 };
+    outer.raw_l4 = Some(inner);
+    outer
 }
 
 /// A frame to test: a valid one, then (mostly) mutated.

@@ -875,8 +875,13 @@ http {{
     /// The client sends the VIP to backend `i` (as a router that learnt it from that node
     /// would), instead of the lb.
     pub fn client_route_vip_via_backend(&self, i: usize) -> Result<()> {
+        self.route_vip_via(&self.client, i)
+    }
+
+    /// In namespace `ns`: the VIP's /32 via backend `i`.
+    fn route_vip_via(&self, ns: &str, i: usize) -> Result<()> {
         self.ip(
-            &self.client,
+            ns,
             &[
                 "route",
                 "replace",
@@ -1193,19 +1198,7 @@ http {{
     /// the harness without sluice. Such packets reach the backend with TTL 63.
     pub fn kernel_route_vip_via(&self, i: usize) -> Result<()> {
         self.sysctl(&self.lb, &["net.ipv4.ip_forward=1"])?;
-        self.ip(
-            &self.lb,
-            &[
-                "route",
-                "replace",
-                &format!("{}/32", self.vip),
-                "via",
-                &self.backend_addr(i).to_string(),
-                "dev",
-                NS_IFACE,
-            ],
-        )?;
-        Ok(())
+        self.route_vip_via(&self.lb, i)
     }
 
     /// Undoes [`Lab::kernel_route_vip_via`].
