@@ -49,13 +49,13 @@ use marked_yaml::{LoadError, LoaderOptions, Node, Span};
 
 use crate::maglev::is_prime;
 use crate::model::{
-    Backend, Desired, ForwardingMode, IpNet, MAX_WEIGHT, MacAddr, Protocol, Settings, Vip, VipAddr,
+    Backend, DEFAULT_WEIGHT, Desired, ForwardingMode, IpNet, MAX_WEIGHT, MacAddr, Protocol,
+    Settings, Vip, VipAddr,
 };
 
 /// Smallest Maglev table: the prime the paper's examples start from. Real ones are far larger.
 const MIN_MAGLEV_SIZE: u32 = 7;
 const FLOW_TABLE_SIZES: RangeInclusive<u32> = 1024..=64 << 20;
-const DEFAULT_WEIGHT: u32 = 1;
 
 const TOP_KEYS: &[&str] = &[
     "maglev_table_size",
