@@ -44,8 +44,8 @@ use lb_common::{
 use lb_ebpf::{
     csum,
     packet::{
-        self, ARP_OP_REPLY, ArpHdr, DEFAULT_TTL, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, EthHdr, Flow,
-        ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_FRAG_NEEDED, ICMP_HLEN, ICMPV6_ECHO_REPLY,
+        self, ARP_OP_REPLY, ArpHdr, DEFAULT_TTL, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, EthHdr,
+        Flow, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_FRAG_NEEDED, ICMP_HLEN, ICMPV6_ECHO_REPLY,
         ICMPV6_PKT_TOOBIG, IPV4_HLEN, IPV6_HLEN, IcmpHdr, Ipv4Hdr, Ipv6Hdr, L3, Parsed,
     },
     unwrap::{Unwrapped, unwrap},
