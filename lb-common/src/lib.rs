@@ -77,6 +77,37 @@ impl VipFilter {
     }
 }
 
+/// Bits of the peer filter: far more than the nodes of one segment, so a client's frame almost
+/// never needs the exact `PEERS` lookup.
+pub const PEER_FILTER_BITS: u32 = 512;
+
+/// The `PEERS` pre-filter (one array element, read without a hash lookup): one bit per hash
+/// bucket of peer MACs. A frame whose source MAC's bit is clear is no peer's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerFilter {
+    pub words: [u64; (PEER_FILTER_BITS / 64) as usize],
+}
+
+impl PeerFilter {
+    #[inline(always)]
+    pub const fn bit(mac: &[u8; 6]) -> u32 {
+        let folded = u32::from_ne_bytes([mac[0] ^ mac[4], mac[1] ^ mac[5], mac[2], mac[3]]);
+        folded.wrapping_mul(0x9e37_79b1) >> (32 - PEER_FILTER_BITS.trailing_zeros())
+    }
+
+    #[inline(always)]
+    pub const fn may_contain(&self, mac: &[u8; 6]) -> bool {
+        let bit = Self::bit(mac);
+        self.words[(bit / 64) as usize] & (1 << (bit % 64)) != 0
+    }
+
+    pub fn insert(&mut self, mac: &[u8; 6]) {
+        let bit = Self::bit(mac);
+        self.words[(bit / 64) as usize] |= 1 << (bit % 64);
+    }
+}
+
 /// Names of the maps, as the loader and `sluice inspect` look them up (and as pinned in bpffs).
 pub mod map_names {
     pub const VIPS: &str = "VIPS";
@@ -94,11 +125,12 @@ pub mod map_names {
     pub const ANNOUNCE: &str = "ANNOUNCE";
     /// MACs of the other sluice nodes: a frame from one of them was balanced already.
     pub const PEERS: &str = "PEERS";
+    pub const PEER_FILTER: &str = "PEER_FILTER";
     /// Inline decapsulation (the balancer unwraps what other nodes sent it): the same maps as
     /// the stand-alone decapsulator's, by the same names.
     pub const DECAP_SOURCES: &str = super::decap_map_names::DECAP_SOURCES;
     pub const DECAP_LOCAL: &str = super::decap_map_names::DECAP_LOCAL;
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         FLOWS6,
         VIP_FILTER,
         VIP_ADDRS,
@@ -113,6 +145,7 @@ pub mod map_names {
         GLOBAL_STATS,
         ANNOUNCE,
         PEERS,
+        PEER_FILTER,
         DECAP_SOURCES,
         DECAP_LOCAL,
     ];
@@ -524,6 +557,7 @@ const _: () = assert!(size_of::<Counters>() == 16);
 const _: () = assert!(size_of::<VipFilter>() == 512);
 const _: () = assert!(size_of::<Announce>() == 8);
 const _: () = assert!(size_of::<PeerKey>() == 8);
+const _: () = assert!(size_of::<PeerFilter>() == 64);
 
 /// Bump when a map's meaning changes without its sizes changing (e.g. a key's field order).
 const MAP_LAYOUT_REVISION: u32 = 2;
@@ -545,6 +579,7 @@ pub const MAP_LAYOUT: u32 = {
         size_of::<ScopedAddr>() as u32,
         size_of::<Announce>() as u32,
         size_of::<PeerKey>() as u32,
+        size_of::<PeerFilter>() as u32,
         MAX_PEERS,
         MAX_DECAP_ADDRS,
         GlobalCounter::COUNT,
@@ -641,4 +676,5 @@ mod pod {
     unsafe impl aya::Pod for super::ScopedAddr {}
     unsafe impl aya::Pod for super::Announce {}
     unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::PeerFilter {}
 }

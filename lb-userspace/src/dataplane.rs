@@ -23,8 +23,8 @@ use aya::{
 };
 use lb_common::{
     Announce, BALANCER_PROGRAM, Backend, Counters, DECAP_PROGRAM, FlowKey, FlowKey4, FlowValue,
-    MAGLEV_INNER_FLAGS, PeerKey, ScopedAddr, VipFilter, VipInfo, VipKey, decap_map_names,
-    flow_table_size_v6, map_names,
+    MAGLEV_INNER_FLAGS, PeerFilter, PeerKey, ScopedAddr, VipFilter, VipInfo, VipKey,
+    decap_map_names, flow_table_size_v6, map_names,
 };
 
 use crate::net::Interface;
@@ -406,6 +406,7 @@ pub struct Maps {
     pub announce: HashMap<MapData, VipKey, Announce>,
     /// MACs of the other sluice nodes (co-location: their VIP frames were balanced already).
     pub peers: HashMap<MapData, PeerKey, u8>,
+    pub peer_filter: Array<MapData, PeerFilter>,
     /// The inline decapsulator's address sets.
     pub decap: DecapSets,
     /// Second descriptors of MAGLEV and BACKENDS, for batched calls (aya has no batch API).
@@ -465,6 +466,7 @@ impl Maps {
             source_ranges: typed!(take, map_names::SOURCE_RANGES),
             announce: typed!(take, map_names::ANNOUNCE),
             peers: typed!(take, map_names::PEERS),
+            peer_filter: typed!(take, map_names::PEER_FILTER),
             decap: DecapSets {
                 sources: typed!(take, map_names::DECAP_SOURCES),
                 local: typed!(take, map_names::DECAP_LOCAL),

@@ -14,8 +14,8 @@ use anyhow::{Context as _, anyhow, bail};
 use aya::maps::{MapError, PerCpuValues, lpm_trie::Key as LpmKey};
 use lb_common::{
     Addr, Backend as SlotValue, Counters, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_DECAP_ADDRS,
-    MAX_PEERS, MAX_SOURCE_RANGES, MAX_VIPS, NO_BACKEND, PeerKey, ScopedAddr, VipFilter, VipInfo,
-    VipKey, backend_state, forward_mode, vip_flags,
+    MAX_PEERS, MAX_SOURCE_RANGES, MAX_VIPS, NO_BACKEND, PeerFilter, PeerKey, ScopedAddr, VipFilter,
+    VipInfo, VipKey, backend_state, forward_mode, vip_flags,
 };
 
 use crate::{
@@ -287,8 +287,19 @@ fn sync_colocation(maps: &mut Maps, desired: &Desired, resolved: &Resolved) -> a
     for key in maps.peers.keys() {
         have.insert(key.context("reading the PEERS map")?);
     }
+    // New peers are in PEERS before their filter bits are set, and gone peers' bits are
+    // cleared before they leave PEERS: a peer's frame never misses both.
+    let mut filter = PeerFilter::default();
+    for key in &want {
+        filter.insert(&key.mac);
+    }
     for key in want.difference(&have) {
         maps.peers.insert(key, &1, 0).context("writing PEERS")?;
+    }
+    if maps.peer_filter.get(&0, 0).ok() != Some(filter) {
+        maps.peer_filter
+            .set(0, &filter, 0)
+            .context("writing PEER_FILTER")?;
     }
     for key in have.difference(&want) {
         match maps.peers.remove(key) {
