@@ -51,6 +51,8 @@ pub struct Summary {
     pub tables_rebuilt: usize,
     /// Backends that could not be resolved: draining on their last known MAC, or left out.
     pub unresolved: BTreeSet<IpAddr>,
+    /// What the maps had no room for.
+    pub left_out: Vec<String>,
 }
 
 impl Summary {
@@ -58,6 +60,7 @@ impl Summary {
     pub fn is_empty(&self) -> bool {
         Self {
             unresolved: BTreeSet::new(),
+            left_out: Vec::new(),
             ..self.clone()
         } == Self::default()
     }
@@ -86,6 +89,56 @@ impl std::fmt::Display for Summary {
         )
     }
 }
+
+/// The steps of an apply, in the order they run: a reconcile that fails or is killed stops
+/// between two of them, and the next one must still bring the maps to the desired state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Phase {
+    /// `TX_PORTS` entries for backends behind other interfaces.
+    TxPorts,
+    /// New backend slots, and changes of slots the new tables still point at.
+    NewSlots,
+    /// The address filter admits every VIP address, old and new.
+    FilterWidened,
+    /// `VIP_ADDRS` and `SOURCE_RANGES` the new VIP entries rely on.
+    AddressesAndRanges,
+    /// New Maglev tables swapped in.
+    Tables,
+    /// VIP entries written.
+    VipEntries,
+    /// Slots that stopped taking new flows (draining, weight 0) marked so.
+    DrainedSlots,
+    /// Removed VIPs' entries gone, their tables emptied.
+    VipsRemoved,
+    /// Slots of removed backends cleared.
+    SlotsFreed,
+    /// Addresses and source ranges no VIP refers to any more removed.
+    StaleAddressesAndRanges,
+    /// The address filter narrowed to the remaining VIPs.
+    FilterNarrowed,
+    /// The co-location maps (peers, inline decapsulation).
+    Colocation,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 12] = [
+        Phase::TxPorts,
+        Phase::NewSlots,
+        Phase::FilterWidened,
+        Phase::AddressesAndRanges,
+        Phase::Tables,
+        Phase::VipEntries,
+        Phase::DrainedSlots,
+        Phase::VipsRemoved,
+        Phase::SlotsFreed,
+        Phase::StaleAddressesAndRanges,
+        Phase::FilterNarrowed,
+        Phase::Colocation,
+    ];
+}
+
+/// Called after each phase of an apply; an error stops the apply there.
+type Hook<'a> = &'a mut dyn FnMut(Phase) -> anyhow::Result<()>;
 
 /// The key of a VIP as the program sees it.
 pub fn vip_key(vip: &VipAddr) -> VipKey {
@@ -265,10 +318,34 @@ pub fn reconcile_resolved(
     desired: &Desired,
     resolved: &Resolved,
 ) -> anyhow::Result<Summary> {
+    reconcile_with(maps, iface, desired, resolved, &mut |_| Ok(()))
+}
+
+/// Test builds only (`test-hooks`): [`reconcile_resolved`] calling `hook` after each phase of
+/// the apply; an error from it stops the apply there, as a killed or failed reconcile would.
+#[cfg(feature = "test-hooks")]
+pub fn reconcile_resolved_with_hook(
+    maps: &mut Maps,
+    iface: &Interface,
+    desired: &Desired,
+    resolved: &Resolved,
+    hook: &mut dyn FnMut(Phase) -> anyhow::Result<()>,
+) -> anyhow::Result<Summary> {
+    reconcile_with(maps, iface, desired, resolved, hook)
+}
+
+fn reconcile_with(
+    maps: &mut Maps,
+    iface: &Interface,
+    desired: &Desired,
+    resolved: &Resolved,
+    hook: Hook<'_>,
+) -> anyhow::Result<Summary> {
     let current = Current::read(maps)?;
     let plan = plan(&current, iface, desired, resolved)?;
-    let mut summary = apply(maps, current, plan)?;
+    let mut summary = apply(maps, current, plan, hook)?;
     sync_colocation(maps, desired, resolved)?;
+    hook(Phase::Colocation)?;
     summary.unresolved = resolved.unresolved();
     Ok(summary)
 }
@@ -578,7 +655,7 @@ fn encap_source(
 /// What a Maglev table is a function of: (backend id, weight) pairs and the size.
 type TableInputs = (Vec<(u32, u32)>, u32);
 
-fn apply(maps: &mut Maps, current: Current, plan: Plan) -> anyhow::Result<Summary> {
+fn apply(maps: &mut Maps, current: Current, plan: Plan, hook: Hook<'_>) -> anyhow::Result<Summary> {
     let Current {
         vip_addrs: current_vip_addrs,
         source_ranges: current_ranges,
@@ -593,6 +670,7 @@ fn apply(maps: &mut Maps, current: Current, plan: Plan) -> anyhow::Result<Summar
             .insert(*ifindex, *ifindex, None, 0)
             .with_context(|| format!("adding ifindex {ifindex} to TX_PORTS"))?;
     }
+    hook(Phase::TxPorts)?;
 
     // 2. Backend slots: new ones are not referenced by any table yet; changed ones take effect
     //    for the flows that already point at them.
@@ -609,6 +687,7 @@ fn apply(maps: &mut Maps, current: Current, plan: Plan) -> anyhow::Result<Summar
             .set(*slot, value, 0)
             .with_context(|| format!("writing backend slot {slot}"))?;
     }
+    hook(Phase::NewSlots)?;
 
     // 3. The address filter admits every VIP address, old and new, before any VIP is added...
     let desired_filter = vip_filter(plan.vips.iter().map(|v| &v.key));
@@ -619,6 +698,7 @@ fn apply(maps: &mut Maps, current: Current, plan: Plan) -> anyhow::Result<Summar
             .chain(plan.removed_vips.iter().map(|(k, _)| k)),
     );
     write_filter(maps, &widened)?;
+    hook(Phase::FilterWidened)?;
 
     // 3b. Addresses and source ranges the new VIP entries will rely on.
     for (key, count) in &plan.vip_addrs {
@@ -633,6 +713,7 @@ fn apply(maps: &mut Maps, current: Current, plan: Plan) -> anyhow::Result<Summar
             .insert(&LpmKey::new(*prefix_len, *data), &1, 0)
             .context("writing SOURCE_RANGES")?;
     }
+    hook(Phase::AddressesAndRanges)?;
 
     // 4. Tables (one atomic swap each), then the VIP entries that point at them. VIPs with the
     //    same backends and weights (every VIP of a Kubernetes cluster's nodes, for one) have the
@@ -670,6 +751,7 @@ fn apply(maps: &mut Maps, current: Current, plan: Plan) -> anyhow::Result<Summar
         .collect();
     summary.tables_rebuilt += tables.len();
     install_maglev_tables(maps, &tables)?;
+    hook(Phase::Tables)?;
     for vip in &plan.vips {
         if vip.is_new {
             maps.vip_stats
@@ -681,6 +763,8 @@ fn apply(maps: &mut Maps, current: Current, plan: Plan) -> anyhow::Result<Summar
             .insert(&vip.key, &vip.info, 0)
             .with_context(|| format!("writing VIP #{}", vip.id))?;
     }
+    hook(Phase::VipEntries)?;
+    hook(Phase::DrainedSlots)?;
 
     // 5. What is gone: VIP entries first (no packet can reach their tables after this), then
     //    the slots (flows pointing at them re-hash on their next packet).
@@ -702,12 +786,14 @@ fn apply(maps: &mut Maps, current: Current, plan: Plan) -> anyhow::Result<Summar
         })
         .collect();
     install_maglev_tables(maps, &empty)?;
+    hook(Phase::VipsRemoved)?;
     for slot in &plan.removed_slots {
         maps.backends
             .set(*slot, &SlotValue::default(), 0)
             .with_context(|| format!("clearing backend slot {slot}"))?;
         summary.backends_removed += 1;
     }
+    hook(Phase::SlotsFreed)?;
     // 5b. Source ranges and addresses no VIP refers to any more.
     for (prefix_len, data) in current_ranges.difference(&plan.source_ranges) {
         match maps.source_ranges.remove(&LpmKey::new(*prefix_len, *data)) {
@@ -723,10 +809,12 @@ fn apply(maps: &mut Maps, current: Current, plan: Plan) -> anyhow::Result<Summar
             }
         }
     }
+    hook(Phase::StaleAddressesAndRanges)?;
     // 6. ... and only the remaining ones after the removals.
     if desired_filter != widened {
         write_filter(maps, &desired_filter)?;
     }
+    hook(Phase::FilterNarrowed)?;
     Ok(summary)
 }
 
