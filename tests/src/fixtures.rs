@@ -380,6 +380,7 @@ impl Snapshot {
 fn normalised(slot: &lb_common::Backend) -> lb_common::Backend {
     lb_common::Backend {
         vip_id: 0,
+        generation: 0,
         ..*slot
     }
 }

@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::options::{VipOptions, node_weight, service_options};
-use crate::model::{Backend, Desired, IpNet, MAX_WEIGHT, Protocol, Settings, Vip, VipAddr};
+use crate::model::{Backend, Desired, MAX_WEIGHT, Protocol, Settings, Vip, VipAddr};
 
 /// The label the EndpointSlice controller puts on a Service's slices.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -49,11 +49,7 @@ pub struct Built {
 fn apply_options(vip: &mut Vip, options: &VipOptions) {
     vip.mode = options.mode;
     vip.client_affinity = options.affinity_timeout_secs.is_some();
-    vip.source_ranges = options
-        .source_ranges
-        .iter()
-        .map(|n| IpNet::V4(*n))
-        .collect();
+    vip.source_ranges = options.source_ranges.clone();
 }
 
 /// What the balancer needs to know of a node.
