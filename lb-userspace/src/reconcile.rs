@@ -591,7 +591,8 @@ fn plan(
         let addr_key = key.address_only();
         let new_addr =
             !current.vip_addrs.contains_key(&addr_key) && !plan.vip_addrs.contains_key(&addr_key);
-        let wanted: BTreeSet<RangeKey> = vip.source_ranges.iter().map(|n| range_key(id, n)).collect();
+        let wanted: BTreeSet<RangeKey> =
+            vip.source_ranges.iter().map(|n| range_key(id, n)).collect();
         let new_ranges = wanted.difference(&current.source_ranges).count();
         if is_new && ((new_addr && addr_room == 0) || new_ranges > range_room) {
             vip_ids.give_back(id);
@@ -607,7 +608,10 @@ fn plan(
         } else {
             // Fail closed: of the new list, only what is installed already.
             plan.left_out.push(LeftOut::SourceRanges { vip: vip.key });
-            wanted.intersection(&current.source_ranges).copied().collect()
+            wanted
+                .intersection(&current.source_ranges)
+                .copied()
+                .collect()
         };
         plan.source_ranges.extend(ranges);
         *plan.vip_addrs.entry(addr_key).or_insert(0) += 1;
@@ -1297,7 +1301,10 @@ mod tests {
             assert_eq!(effective_weight(&plan.slots_after[0].1), 0, "{label}");
             let vip = &plan.vips[0];
             assert!(vip.rebuild_table, "{label}");
-            assert_eq!(vip.inputs[1].weight, 0, "{label}: the new table leaves it out");
+            assert_eq!(
+                vip.inputs[1].weight, 0,
+                "{label}: the new table leaves it out"
+            );
             assert_eq!(vip.info.live_backends, 2, "{label}");
         }
     }
@@ -1316,7 +1323,10 @@ mod tests {
         let (s, value) = plan.slots_after[0];
         assert_eq!(s, slot);
         assert_eq!(value.state, backend_state::DRAINING);
-        assert_eq!(value.dst_mac, maps.slots[&slot].dst_mac, "its last known MAC");
+        assert_eq!(
+            value.dst_mac, maps.slots[&slot].dst_mac,
+            "its last known MAC"
+        );
         assert!(plan.slots_before.is_empty());
         assert!(plan.vips[0].rebuild_table);
     }
@@ -1366,7 +1376,12 @@ mod tests {
             &maps,
             &state(vec![vip(
                 1,
-                vec![b(0, 1, false), b(2, 1, false), b(3, 1, false), b(4, 1, false)],
+                vec![
+                    b(0, 1, false),
+                    b(2, 1, false),
+                    b(3, 1, false),
+                    b(4, 1, false),
+                ],
             )]),
         );
         let (slot, value, is_new) = plan.slots_before[0];
@@ -1377,7 +1392,10 @@ mod tests {
 
     #[test]
     fn a_removed_vip_goes_with_its_slots_and_table() {
-        let two = state(vec![vip(1, vec![b(0, 1, false)]), vip(2, vec![b(1, 1, false)])]);
+        let two = state(vec![
+            vip(1, vec![b(0, 1, false)]),
+            vip(2, vec![b(1, 1, false)]),
+        ]);
         let (_, maps) = step(&Current::default(), &two);
         let id = maps.vips[&vip_key(&vip_at(2))].id;
         let slot = slot_of(&maps, 1);
@@ -1410,10 +1428,20 @@ mod tests {
         // A table installed without a fingerprint (an older sluice): rebuilt once.
         let mut unmarked = applied(&before, &plan);
         unmarked.tables.clear();
-        assert!(plan_for(&unmarked, &scaled).vips.iter().all(|v| v.rebuild_table));
+        assert!(
+            plan_for(&unmarked, &scaled)
+                .vips
+                .iter()
+                .all(|v| v.rebuild_table)
+        );
         // Installed as planned: nothing to rebuild.
         let done = applied(&before, &plan);
-        assert!(plan_for(&done, &scaled).vips.iter().all(|v| !v.rebuild_table));
+        assert!(
+            plan_for(&done, &scaled)
+                .vips
+                .iter()
+                .all(|v| !v.rebuild_table)
+        );
     }
 
     #[test]
@@ -1475,7 +1503,10 @@ mod tests {
     #[test]
     fn narrowed_ranges_go_before_the_vip_entry_other_stale_ones_with_the_removals() {
         let mut v = vip(1, vec![b(0, 1, false)]);
-        v.source_ranges = vec!["10.0.0.0/8".parse().unwrap(), "192.0.2.0/24".parse().unwrap()];
+        v.source_ranges = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "192.0.2.0/24".parse().unwrap(),
+        ];
         let (_, maps) = step(&Current::default(), &state(vec![v.clone()]));
         v.source_ranges.pop();
         let plan = plan_for(&maps, &state(vec![v.clone()]));
@@ -1552,7 +1583,10 @@ mod tests {
                 .collect(),
         );
         let (plan, maps) = step(&maps, &next);
-        assert!(plan.removed_slots.contains_key(&removed), "the removal is applied");
+        assert!(
+            plan.removed_slots.contains_key(&removed),
+            "the removal is applied"
+        );
         assert_eq!(plan.slots_after.len(), 1, "the drain is applied");
         assert_eq!(
             plan.left_out,
@@ -1563,7 +1597,11 @@ mod tests {
         );
         let vip0 = &plan.vips[0];
         assert!(vip0.rebuild_table);
-        assert_eq!(vip0.backends.len(), per_vip as usize - 1, "built without it");
+        assert_eq!(
+            vip0.backends.len(),
+            per_vip as usize - 1,
+            "built without it"
+        );
         let (plan, _) = step(&maps, &next);
         assert!(plan.left_out.is_empty());
         assert_eq!(plan.slots_before.len(), 1);
@@ -1574,7 +1612,9 @@ mod tests {
     fn over_max_source_ranges_new_vips_wait_and_changed_lists_fail_closed() {
         let ranges = |first: u32, n: u32| -> Vec<IpNet> {
             (first..first + n)
-                .map(|i| IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::from(0xc000_0000 + i), 32).unwrap()))
+                .map(|i| {
+                    IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::from(0xc000_0000 + i), 32).unwrap())
+                })
                 .collect()
         };
         let mut big = vip(1, vec![b(0, 1, false)]);
@@ -1596,7 +1636,11 @@ mod tests {
             ]
         );
         let vip1 = &plan.vips[0];
-        assert_ne!(vip1.info.flags & vip_flags::SOURCE_RANGES, 0, "still filtering");
+        assert_ne!(
+            vip1.info.flags & vip_flags::SOURCE_RANGES,
+            0,
+            "still filtering"
+        );
         assert_eq!(
             plan.source_ranges.len(),
             MAX_SOURCE_RANGES as usize - 1,
@@ -1615,7 +1659,11 @@ mod tests {
         let base = plan_for(&maps, &three()).vips[0].fingerprint;
         let mut other_size = three();
         other_size.settings.maglev_table_size = 257;
-        for desired in [with_backend_1(b(1, 2, false)), with_backend_1(b(7, 1, false)), other_size] {
+        for desired in [
+            with_backend_1(b(1, 2, false)),
+            with_backend_1(b(7, 1, false)),
+            other_size,
+        ] {
             assert_ne!(plan_for(&maps, &desired).vips[0].fingerprint, base);
         }
     }

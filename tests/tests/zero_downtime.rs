@@ -252,7 +252,9 @@ fn drain_and_removal_under_new_flows_drop_nothing() -> Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("the stream thread panicked"))??;
     let dropped = drop_no_backend(&lab)? - before;
-    println!("{sent} new flows over {ROUNDS} reloads (drain + removal, and back): {dropped} dropped for want of a backend");
+    println!(
+        "{sent} new flows over {ROUNDS} reloads (drain + removal, and back): {dropped} dropped for want of a backend"
+    );
     ensure!(sent > 1000, "only {sent} datagrams sent");
     ensure!(
         dropped == 0,
