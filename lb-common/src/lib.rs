@@ -238,6 +238,14 @@ impl ScopedAddr {
     }
 }
 
+/// The `SOURCE_RANGES` scope of VIP `vip_id`'s prefixes of `family`: a client is looked up in
+/// its own family's scope only, so a range of the other family (`::/0` beside IPv4 ranges)
+/// never matches it.
+#[inline(always)]
+pub const fn source_range_scope(vip_id: u32, family: u8) -> u32 {
+    ((family as u32) << 24) | (vip_id & 0x00ff_ffff)
+}
+
 /// Slots of the decapsulator's `DECAP_STATS` per-CPU array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -361,6 +369,10 @@ pub struct Backend {
     /// The VIP this slot serves: an established packet is forwarded only when its own
     /// (address, port, protocol) matches, which lets it skip the VIP lookup safely.
     pub vip: VipKey,
+    /// Bumped each time the slot is given to another backend. A connection-table entry
+    /// carries the generation it was recorded with: an entry of an earlier holder of the slot
+    /// does not match, so its flow re-hashes instead of following the slot.
+    pub generation: u32,
 }
 
 /// Key of the `FLOWS` connection table (network order, as in the packet).
@@ -433,7 +445,8 @@ pub const fn flow_table_size_v6(flow_table_size: u32) -> u32 {
 pub struct FlowValue {
     /// Index into `BACKENDS`.
     pub backend: u32,
-    pub _reserved: u32,
+    /// The slot's [`Backend::generation`] when the flow was recorded.
+    pub generation: u32,
 }
 
 /// Per-VIP and per-backend traffic counters (per CPU in the maps; user space sums them).
@@ -548,7 +561,7 @@ impl GlobalCounter {
 // The layouts are an ABI between two compilers: pin them.
 const _: () = assert!(size_of::<VipKey>() == 20);
 const _: () = assert!(size_of::<VipInfo>() == 16);
-const _: () = assert!(size_of::<Backend>() == 88);
+const _: () = assert!(size_of::<Backend>() == 92);
 const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(size_of::<FlowKey4>() == 16);
 const _: () = assert!(size_of::<ScopedAddr>() == 20);
@@ -560,7 +573,8 @@ const _: () = assert!(size_of::<PeerKey>() == 8);
 const _: () = assert!(size_of::<PeerFilter>() == 64);
 
 /// Bump when a map's meaning changes without its sizes changing (e.g. a key's field order).
-const MAP_LAYOUT_REVISION: u32 = 2;
+/// 3: `FlowValue` carries the slot's generation; `SOURCE_RANGES` scopes carry the family.
+const MAP_LAYOUT_REVISION: u32 = 3;
 
 /// Fingerprint of everything a pinned map's contents depend on: struct sizes, limits, counter
 /// slots. A program whose fingerprint differs must not adopt maps pinned by another: it would

@@ -39,7 +39,7 @@ use lb_common::{
     IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6, MAGLEV_INNER_FLAGS, MAX_BACKENDS,
     MAX_DECAP_ADDRS, MAX_PEERS, MAX_SOURCE_RANGES, MAX_TX_PORTS, MAX_VIPS, NO_BACKEND, PeerFilter,
     PeerKey, ScopedAddr, VipFilter, VipInfo, VipKey, backend_state, flow_table_size_v6,
-    forward_mode, vip_flags,
+    forward_mode, source_range_scope, vip_flags,
 };
 use lb_ebpf::{
     csum,
@@ -280,7 +280,7 @@ fn is_vip_address(l3: &L3) -> bool {
     VIP_ADDRS.get_ptr(&l3.dst_key()).is_some()
 }
 
-/// Is the client inside one of the VIP's source ranges?
+/// Is the client inside one of the VIP's source ranges (of its own family)?
 #[inline(always)]
 fn source_admitted(key: &FlowKey, vip_id: u32) -> bool {
     let bits = if key.family == FAMILY_V4 { 32 } else { 128 };
@@ -289,16 +289,17 @@ fn source_admitted(key: &FlowKey, vip_id: u32) -> bool {
     let lookup = Key::new(
         ScopedAddr::prefix_len(bits),
         ScopedAddr {
-            scope_be: vip_id.to_be(),
+            scope_be: source_range_scope(vip_id, key.family).to_be(),
             addr,
         },
     );
     SOURCE_RANGES.get(&lookup).is_some()
 }
 
-/// The connection table's backend for this flow, if its slot still serves this VIP. A slot
-/// that was freed (backend or VIP removed) or reused by another VIP does not match: the flow
-/// takes the slow path and re-hashes (or passes, if its VIP is gone).
+/// The connection table's backend for this flow, if its slot still holds the backend it was
+/// recorded with, for this VIP. A slot that was freed (backend or VIP removed) or given to
+/// another backend since (another generation) does not match: the flow takes the slow path
+/// and re-hashes (or passes, if its VIP is gone).
 #[inline(always)]
 fn established_backend(key: &FlowKey, vip_key: &VipKey) -> Option<(u32, &'static Backend)> {
     let entry = if key.family == FAMILY_V4 {
@@ -307,10 +308,16 @@ fn established_backend(key: &FlowKey, vip_key: &VipKey) -> Option<(u32, &'static
         FLOWS6.get_ptr(key)?
     };
     // SAFETY: read once, by value; a concurrent LRU eviction only makes it stale.
-    let id = unsafe { (*entry).backend };
+    let FlowValue {
+        backend: id,
+        generation,
+    } = unsafe { *entry };
     // An array value lives as long as the map; it is read in place, not copied.
     let backend = BACKENDS.get(id)?;
-    (backend.state != backend_state::EMPTY && backend.vip == *vip_key).then_some((id, backend))
+    (backend.state != backend_state::EMPTY
+        && backend.generation == generation
+        && backend.vip == *vip_key)
+        .then_some((id, backend))
 }
 
 /// A Maglev pick for the flow, recorded in the connection table when `record` is set.
@@ -331,7 +338,7 @@ fn pick_backend(key: &FlowKey, vip: &VipInfo, record: bool) -> Option<(u32, &'st
     if record {
         let value = FlowValue {
             backend: id,
-            _reserved: 0,
+            generation: backend.generation,
         };
         // A full table evicts its least recently used entry; insert fails only on memory
         // pressure, and then the flow is still forwarded (Maglev picks the same backend).
