@@ -71,6 +71,9 @@ pub type ApplyFn = Box<dyn FnMut(&Desired) -> anyhow::Result<Summary> + Send>;
 struct Health {
     /// The first full model has been applied, and the last apply succeeded.
     ready: AtomicBool,
+    /// What the last apply could not do (no room in the maps, nodes without an ARP answer),
+    /// one line each: `/readyz` shows it (ready all the same: everything else is applied).
+    degraded: std::sync::Mutex<Vec<String>>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT. `apply` is first called once the initial lists are
@@ -354,6 +357,20 @@ fn reconcile_loop(rx: mpsc::Receiver<Desired>, mut apply: ApplyFn, health: &Heal
                     }
                     left_out = summary.left_out.clone();
                 }
+                let mut degraded: Vec<String> = summary
+                    .left_out
+                    .iter()
+                    .map(|item| format!("left out (no room in the maps): {item}"))
+                    .collect();
+                degraded.extend(
+                    summary
+                        .unresolved
+                        .iter()
+                        .map(|addr| format!("node {addr}: unresolved (no ARP answer or route)")),
+                );
+                if let Ok(mut shown) = health.degraded.lock() {
+                    *shown = degraded;
+                }
                 if summary.unresolved != unresolved {
                     for addr in summary.unresolved.difference(&unresolved) {
                         warn!(
@@ -389,7 +406,14 @@ fn serve_health(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<http::S
     let healthz: http::Handler = Box::new(|| http::Reply::text(200, "ok\n"));
     let readyz: http::Handler = Box::new(move || {
         if health.ready.load(Ordering::Relaxed) {
-            http::Reply::text(200, "ready\n")
+            let mut body = String::from("ready\n");
+            if let Ok(degraded) = health.degraded.lock() {
+                for line in degraded.iter() {
+                    body.push_str(line);
+                    body.push('\n');
+                }
+            }
+            http::Reply::text(200, body)
         } else {
             http::Reply::text(503, "not synced\n")
         }
