@@ -639,6 +639,69 @@ pub const fn flow_hash(src: &Addr, dst: &Addr, ports: u32, proto: u32, family: u
     hash_finish(h ^ 16)
 }
 
+/// Seed and multiplier of the Maglev identity of an IPv6 backend (FNV-1a over its four words).
+/// Like [`FLOW_HASH_SEED`], a wire contract: every load balancer must derive the same identity
+/// from the same address, or their Maglev tables differ.
+pub const MAGLEV_ID_SEED: u32 = 0x6b43_a9b5;
+pub const MAGLEV_ID_PRIME: u32 = 0x0100_0193;
+
+/// The Maglev identity of a backend, from its address alone: an IPv4 address as its number,
+/// an IPv6 one folded from its words.
+pub fn maglev_id(addr: core::net::IpAddr) -> u32 {
+    match addr {
+        core::net::IpAddr::V4(v4) => u32::from(v4),
+        core::net::IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let mut h = MAGLEV_ID_SEED;
+            for c in o.as_chunks::<4>().0 {
+                h = (h ^ u32::from_be_bytes(*c)).wrapping_mul(MAGLEV_ID_PRIME);
+            }
+            h
+        }
+    }
+}
+
+/// An address as the maps store it (raw words in network order) and its family.
+pub fn raw_addr(addr: core::net::IpAddr) -> (Addr, u8) {
+    match addr {
+        core::net::IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_V4),
+        core::net::IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ([word(0), word(4), word(8), word(12)], FAMILY_V6)
+        }
+    }
+}
+
+/// The address of raw map words of `family`.
+pub fn addr_from_raw(raw: &Addr, family: u8) -> core::net::IpAddr {
+    if family == FAMILY_V6 {
+        let mut o = [0u8; 16];
+        for (chunk, word) in o.as_chunks_mut::<4>().0.iter_mut().zip(raw) {
+            *chunk = word.to_ne_bytes();
+        }
+        core::net::IpAddr::V6(core::net::Ipv6Addr::from(o))
+    } else {
+        core::net::IpAddr::V4(core::net::Ipv4Addr::from(raw[0].to_ne_bytes()))
+    }
+}
+
+/// An address as the 16 bytes of a [`ScopedAddr`] (IPv4 in the first four).
+pub fn addr_bytes(addr: core::net::IpAddr) -> [u8; 16] {
+    match addr {
+        core::net::IpAddr::V4(v4) => {
+            let mut bytes = [0u8; 16];
+            let o = v4.octets();
+            bytes[0] = o[0];
+            bytes[1] = o[1];
+            bytes[2] = o[2];
+            bytes[3] = o[3];
+            bytes
+        }
+        core::net::IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
 #[inline(always)]
 const fn hash_round(h: u32, k: u32) -> u32 {
     let k = k

@@ -9,7 +9,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
 };
 
 use anyhow::{Context as _, anyhow, bail};
@@ -175,45 +175,7 @@ pub fn vip_key(vip: &VipAddr) -> VipKey {
     }
 }
 
-/// An address as stored in the maps (raw words in network order) and its family.
-pub fn raw_addr(addr: IpAddr) -> (Addr, u8) {
-    match addr {
-        IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_V4),
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            ([word(0), word(4), word(8), word(12)], FAMILY_V6)
-        }
-    }
-}
-
-pub fn addr_from_raw(raw: &Addr, family: u8) -> IpAddr {
-    if family == FAMILY_V6 {
-        let mut o = [0u8; 16];
-        for (chunk, word) in o.as_chunks_mut::<4>().0.iter_mut().zip(raw) {
-            *chunk = word.to_ne_bytes();
-        }
-        IpAddr::V6(Ipv6Addr::from(o))
-    } else {
-        IpAddr::V4(Ipv4Addr::from(raw[0].to_ne_bytes()))
-    }
-}
-
-/// The Maglev identity of a backend: every load balancer derives the same one from the
-/// address alone, so all of them build the same table.
-pub fn maglev_id(addr: IpAddr) -> u32 {
-    match addr {
-        IpAddr::V4(v4) => u32::from(v4),
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            o.as_chunks::<4>()
-                .0
-                .iter()
-                .map(|c| u32::from_be_bytes(*c))
-                .fold(0x6b43_a9b5, |h, w| (h ^ w).wrapping_mul(0x0100_0193))
-        }
-    }
-}
+pub use lb_common::{addr_from_raw, maglev_id, raw_addr};
 
 /// The maps' view of the world: VIPs by key, occupied backend slots by id, VIP addresses and
 /// source ranges; for a reconcile also the fingerprint of each VIP's installed Maglev table and

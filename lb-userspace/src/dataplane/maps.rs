@@ -1,0 +1,251 @@
+//! Typed handles on the balancer's and the decapsulator's maps, opened from a loaded object
+//! or from their pins.
+
+use super::*;
+
+/// Typed handles on every map, from a freshly loaded object or from pins.
+pub struct Maps {
+    pub vips: HashMap<MapData, VipKey, VipInfo>,
+    pub maglev: ArrayOfMaps<MapData>,
+    pub backends: Array<MapData, Backend>,
+    pub flows: HashMap<MapData, FlowKey4, FlowValue>,
+    pub flows6: HashMap<MapData, FlowKey, FlowValue>,
+    pub tx_ports: DevMapHash<MapData>,
+    pub vip_stats: PerCpuArray<MapData, Counters>,
+    pub backend_stats: PerCpuArray<MapData, Counters>,
+    pub global_stats: PerCpuArray<MapData, u64>,
+    pub vip_filter: Array<MapData, VipFilter>,
+    pub vip_addrs: HashMap<MapData, VipKey, u32>,
+    pub source_ranges: LpmTrie<MapData, ScopedAddr, u8>,
+    /// Addresses this node answers ARP for (the agent's announcer writes it; see [`AnnounceMap`]).
+    pub announce: HashMap<MapData, VipKey, Announce>,
+    /// MACs of the other sluice nodes (co-location: their VIP frames were balanced already).
+    pub peers: HashMap<MapData, PeerKey, u8>,
+    pub peer_filter: Array<MapData, PeerFilter>,
+    /// The inline decapsulator's address sets.
+    pub decap: DecapSets,
+    /// Second descriptors of MAGLEV and BACKENDS, for batched calls (aya has no batch API).
+    pub(super) maglev_fd: OwnedFd,
+    pub(super) backends_fd: OwnedFd,
+}
+
+impl Maps {
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        Self::open(|name| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the object"))
+        })
+    }
+
+    pub fn from_pins(pins: &PinLayout) -> anyhow::Result<Self> {
+        Self::open(|name| open_pinned(pins, name, "`sluice attach` or `sluice run`"))
+    }
+
+    fn open(mut take: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
+        let maglev = take(map_names::MAGLEV)?;
+        let maglev_fd = match &maglev {
+            Map::ArrayOfMaps(data) => data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("duplicating the MAGLEV map's descriptor")?,
+            _ => bail!("map {} is not an array of maps", map_names::MAGLEV),
+        };
+        let backends = take(map_names::BACKENDS)?;
+        let backends_fd = match &backends {
+            Map::Array(data) => data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("duplicating the BACKENDS map's descriptor")?,
+            _ => bail!("map {} is not an array", map_names::BACKENDS),
+        };
+        Ok(Self {
+            maglev_fd,
+            backends_fd,
+            backends: backends.try_into().map_err(|e| {
+                anyhow!("map {} has an unexpected layout: {e}", map_names::BACKENDS)
+            })?,
+            maglev: maglev
+                .try_into()
+                .map_err(|e| anyhow!("map {} has an unexpected layout: {e}", map_names::MAGLEV))?,
+            vips: typed!(take, map_names::VIPS),
+            flows: typed!(take, map_names::FLOWS),
+            flows6: typed!(take, map_names::FLOWS6),
+            tx_ports: typed!(take, map_names::TX_PORTS),
+            vip_stats: typed!(take, map_names::VIP_STATS),
+            backend_stats: typed!(take, map_names::BACKEND_STATS),
+            global_stats: typed!(take, map_names::GLOBAL_STATS),
+            vip_filter: typed!(take, map_names::VIP_FILTER),
+            vip_addrs: typed!(take, map_names::VIP_ADDRS),
+            source_ranges: typed!(take, map_names::SOURCE_RANGES),
+            announce: typed!(take, map_names::ANNOUNCE),
+            peers: typed!(take, map_names::PEERS),
+            peer_filter: typed!(take, map_names::PEER_FILTER),
+            decap: DecapSets {
+                sources: typed!(take, map_names::DECAP_SOURCES),
+                local: typed!(take, map_names::DECAP_LOCAL),
+            },
+        })
+    }
+
+    /// Every BACKENDS slot, in slot order: one batched lookup instead of one syscall per slot
+    /// (16,384 of them, ~14 ms), falling back to that on kernels without batched array lookups.
+    pub fn read_backends(&self) -> anyhow::Result<Vec<Backend>> {
+        let n = self.backends.len() as usize;
+        let mut keys = vec![0u32; n];
+        let mut values = vec![Backend::default(); n];
+        if let Ok(count) = lookup_batch(&self.backends_fd, &mut keys, &mut values)
+            && count == n
+            && keys.iter().enumerate().all(|(i, k)| *k as usize == i)
+        {
+            return Ok(values);
+        }
+        self.backends
+            .iter()
+            .map(|v| v.context("reading the BACKENDS map"))
+            .collect()
+    }
+
+    /// The fingerprint stored beside VIP `vip_id`'s installed Maglev table of `size` slots
+    /// ([`FINGERPRINT_ELEMENTS`]); `None` when the VIP has no table, one of another size, or
+    /// one without a fingerprint. A lookup, a descriptor and one mapped page per VIP: cheap
+    /// enough to check every VIP on every reconcile.
+    pub fn maglev_fingerprint(&self, vip_id: u32, size: u32) -> Option<u64> {
+        let inner: MapData = self.maglev.get(&vip_id, 0).ok()?;
+        let total = size.checked_add(FINGERPRINT_ELEMENTS)?;
+        if inner.info().ok()?.max_entries() != total {
+            return None;
+        }
+        MaglevMapping::new(&inner, total, libc::PROT_READ)
+            .ok()?
+            .fingerprint(size)
+    }
+
+    /// Reads a VIP's Maglev table (slot -> backend id).
+    pub fn maglev_table(&self, vip_id: u32, size: u32) -> anyhow::Result<Vec<u32>> {
+        let inner: MapData = self
+            .maglev
+            .get(&vip_id, 0)
+            .map_err(|e| anyhow!("reading the Maglev table of VIP #{vip_id}: {e}"))?;
+        let mapping = MaglevMapping::new(&inner, size, libc::PROT_READ)?;
+        Ok(mapping.read())
+    }
+}
+
+/// The `ANNOUNCE` map alone, opened from its pin: the agent's announcer owns this handle, apart
+/// from the reconcile thread's [`Maps`] (each entry is written by one of them only).
+pub struct AnnounceMap {
+    map: HashMap<MapData, VipKey, Announce>,
+}
+
+impl AnnounceMap {
+    pub fn from_pins(pins: &PinLayout) -> anyhow::Result<Self> {
+        let take = |name: &str| open_pinned(pins, name, "`sluice agent`");
+        Ok(Self {
+            map: typed!(take, map_names::ANNOUNCE),
+        })
+    }
+
+    /// The addresses answered for now.
+    pub fn addresses(&self) -> anyhow::Result<Vec<std::net::IpAddr>> {
+        self.map
+            .keys()
+            .map(|k| {
+                let k = k.context("reading the ANNOUNCE map")?;
+                Ok(crate::reconcile::addr_from_raw(&k.addr, k.family))
+            })
+            .collect()
+    }
+
+    /// Answer ARP for `addr` with `mac` from now on.
+    pub fn insert(&mut self, addr: std::net::IpAddr, mac: [u8; 6]) -> anyhow::Result<()> {
+        let value = Announce { mac, _pad: [0; 2] };
+        self.map
+            .insert(&announce_key(addr), &value, 0)
+            .map_err(|e| anyhow!("writing {addr} into the ANNOUNCE map: {e}"))
+    }
+
+    /// Stop answering for `addr` (absent already is fine).
+    pub fn remove(&mut self, addr: std::net::IpAddr) -> anyhow::Result<()> {
+        match self.map.remove(&announce_key(addr)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(anyhow!("removing {addr} from the ANNOUNCE map: {e}")),
+        }
+    }
+}
+
+/// The `ANNOUNCE` key of an address.
+pub fn announce_key(addr: std::net::IpAddr) -> VipKey {
+    let (addr, family) = crate::reconcile::raw_addr(addr);
+    VipKey {
+        addr,
+        port: 0,
+        proto: 0,
+        family,
+    }
+    .address_only()
+}
+
+/// A map pinned by an attachment, with an error that says what to run when it is missing.
+pub(super) fn open_pinned(pins: &PinLayout, name: &str, attach_with: &str) -> anyhow::Result<Map> {
+    if !pins.has_maps() {
+        bail!(
+            "no sluice maps pinned in {}: is sluice attached there? ({attach_with}, and the same --pin-dir)",
+            pins.maps_dir().display()
+        );
+    }
+    let path = pins.map(name);
+    let data = MapData::from_pin(&path).map_err(|e| anyhow!("opening {}: {e}", path.display()))?;
+    Map::from_map_data(data).map_err(|e| anyhow!("map {name}: {e}"))
+}
+
+/// The decapsulator's two address sets: (family, allowed outer source prefix) and (family,
+/// this node's address). In the stand-alone decapsulator and in the balancer (inline decap).
+pub struct DecapSets {
+    pub sources: LpmTrie<MapData, ScopedAddr, u8>,
+    pub local: HashMap<MapData, ScopedAddr, u8>,
+}
+
+/// The stand-alone decapsulator's maps.
+pub struct DecapMaps {
+    pub sets: DecapSets,
+    pub stats: PerCpuArray<MapData, u64>,
+}
+
+impl DecapMaps {
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        Self::open(|name| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the decapsulator object"))
+        })
+    }
+
+    pub fn from_pins(pins: &PinLayout) -> anyhow::Result<Self> {
+        Self::open(|name| open_pinned(pins, name, "`sluice decap`"))
+    }
+
+    fn open(mut take: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
+        Ok(Self {
+            sets: DecapSets {
+                sources: typed!(take, decap_map_names::DECAP_SOURCES),
+                local: typed!(take, decap_map_names::DECAP_LOCAL),
+            },
+            stats: typed!(take, decap_map_names::DECAP_STATS),
+        })
+    }
+}
+
+/// The LPM key of a prefix within a scope (VIP id, or address family).
+pub fn scoped_prefix(scope: u32, net: &ipnet::IpNet) -> LpmKey<ScopedAddr> {
+    let bits = u32::from(net.prefix_len());
+    LpmKey::new(
+        ScopedAddr::prefix_len(bits),
+        ScopedAddr {
+            scope_be: scope.to_be(),
+            addr: addr_bytes(net.network()),
+        },
+    )
+}
+
+pub use lb_common::addr_bytes;
