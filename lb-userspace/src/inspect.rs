@@ -5,15 +5,16 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use anyhow::{Context as _, anyhow};
 use lb_common::{
-    Counters, GlobalCounter, IPPROTO_TCP, IPPROTO_UDP, backend_state, forward_mode, vip_flags,
+    Counters, GlobalCounter, IPPROTO_TCP, IPPROTO_UDP, addr_from_raw, backend_state, forward_mode,
+    vip_flags,
 };
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::{
-    dataplane::Maps,
+    dataplane::{Maps, Snapshot},
     model::{MacAddr, Protocol, VipAddr},
-    reconcile::{Current, addr_from_raw, vip_key},
+    reconcile::vip_key,
 };
 
 /// Output format of `sluice inspect`.
@@ -107,7 +108,7 @@ pub(crate) struct VipRow {
 
 /// VIP rows and, per VIP, its backend rows, in VIP order (also what `/metrics` exports).
 pub(crate) fn collect(maps: &Maps) -> anyhow::Result<Vec<(VipRow, Vec<BackendRow>)>> {
-    let current = Current::read(maps)?;
+    let current = Snapshot::read(maps)?;
     let mut by_vip: BTreeMap<u32, Vec<BackendRow>> = BTreeMap::new();
     for (slot, value) in &current.slots {
         let c = sum(maps
@@ -411,7 +412,7 @@ pub fn maglev(maps: &Maps, vip: &VipAddr) -> anyhow::Result<View> {
         .get(&vip_key(vip), 0)
         .map_err(|_| anyhow!("VIP {vip} is not configured (`sluice inspect vips` lists them)"))?;
     let table = maps.maglev_table(info.id, info.table_size)?;
-    let current = Current::read(maps)?;
+    let current = Snapshot::read(maps)?;
     let mut counts: BTreeMap<u32, u64> = BTreeMap::new();
     for slot in &table {
         *counts.entry(*slot).or_default() += 1;
@@ -487,7 +488,7 @@ impl FlowFilter {
 /// Connection-table entries matching `filter`, at most `limit` of them (the table can hold
 /// millions); `total` counts all, `matched` those that match.
 pub fn flows(maps: &Maps, limit: usize, filter: &FlowFilter) -> anyhow::Result<View> {
-    let current = Current::read(maps)?;
+    let current = Snapshot::read(maps)?;
     let mut rows = Vec::new();
     let (mut total, mut matched) = (0usize, 0usize);
     let v4 = maps.flows.iter().map(|e| e.map(|(k, v)| (k.widen(), v)));

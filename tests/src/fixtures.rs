@@ -21,7 +21,7 @@ use lb_userspace::{
     decap,
     model::{Backend, Desired, IpNet, MacAddr, Protocol, Settings, Vip, VipAddr},
     net::Interface,
-    reconcile::{self, Current, Phase, addr_from_raw},
+    reconcile::{self, Phase, addr_from_raw},
     resolve::{Resolved, Target},
 };
 
@@ -245,7 +245,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn read(maps: &Maps) -> anyhow::Result<Self> {
-        let current = Current::read(maps)?;
+        let current = lb_userspace::dataplane::Snapshot::read(maps)?;
         let by_id: BTreeMap<u32, VipKey> =
             current.vips.iter().map(|(k, info)| (info.id, *k)).collect();
         let mut vips = BTreeMap::new();

@@ -363,13 +363,13 @@ fn reconcile_is_idempotent() {
 #[test]
 fn a_failed_reconcile_changes_nothing() {
     use lb_userspace::{
+        dataplane::Snapshot,
         model::{Backend, Vip, VipAddr},
-        reconcile::Current,
     };
     let mut h = harness(Protocol::Tcp, &[(0, 1, false), (1, 1, false)]);
     let syn = Frame::tcp(1234, TCP_SYN).bytes();
     let b = assert_forwarded(&mut h, &syn);
-    let before = Current::read(&h.maps).unwrap();
+    let before = Snapshot::read(&h.maps).unwrap();
 
     // A valid change to the first VIP plus a second VIP whose backend has no MAC and cannot be
     // resolved (no route to it): the whole apply is refused before any write.
@@ -389,7 +389,7 @@ fn a_failed_reconcile_changes_nothing() {
     ));
     let err = h.apply(&bad).unwrap_err().to_string();
     assert!(err.contains("192.0.2.77") && err.contains("mac"), "{err}");
-    let after = Current::read(&h.maps).unwrap();
+    let after = Snapshot::read(&h.maps).unwrap();
     assert_eq!(before.vips, after.vips);
     assert_eq!(before.slots, after.slots);
     assert_eq!(assert_forwarded(&mut h, &syn), b);

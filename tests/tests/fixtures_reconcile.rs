@@ -10,8 +10,9 @@ use std::{
 use anyhow::bail;
 use lb_common::{GlobalCounter, MAX_VIPS};
 use lb_userspace::{
+    dataplane::Snapshot,
     model::{Backend, Desired, IpNet, MacAddr, Protocol, Settings, Vip, VipAddr},
-    reconcile::{Current, Phase, addr_from_raw},
+    reconcile::{Phase, addr_from_raw},
 };
 use sluice_tests::fixtures::{
     CLIENT, CLIENT6, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, Frame, Harness, TCP_ACK, TCP_SYN, VIP, VIP6,
@@ -325,7 +326,7 @@ fn a_reused_slot_does_not_carry_old_flows() {
         })
         .expect("a flow on backend 1 that Maglev moves elsewhere than 3");
     let slot_of = |h: &Harness, i: u8| {
-        Current::read(&h.maps)
+        Snapshot::read(&h.maps)
             .unwrap()
             .slots
             .iter()
@@ -439,7 +440,7 @@ fn over_capacity_what_fits_is_applied_and_the_rest_reported() {
     };
     let mut h = fresh(&many(0..MAX_VIPS));
     assert_eq!(
-        Current::read(&h.maps).unwrap().vips.len(),
+        Snapshot::read(&h.maps).unwrap().vips.len(),
         MAX_VIPS as usize
     );
     // VIP 0 goes, two new ones come: one more than fits.
@@ -470,7 +471,7 @@ fn over_capacity_what_fits_is_applied_and_the_rest_reported() {
     let started = std::time::Instant::now();
     let again = h.apply_as_node_with(&next, &[]).unwrap();
     let took = started.elapsed();
-    let mut current = Current::read(&h.maps).unwrap();
+    let mut current = Snapshot::read(&h.maps).unwrap();
     let started = std::time::Instant::now();
     current.read_tables(&h.maps);
     println!(

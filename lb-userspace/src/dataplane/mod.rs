@@ -96,11 +96,13 @@ macro_rules! typed {
 mod maglev_table;
 mod maps;
 mod pins;
+mod snapshot;
 mod sys;
 
 pub use maglev_table::*;
 pub use maps::*;
 pub use pins::*;
+pub use snapshot::*;
 use sys::*;
 
 /// Loads the balancer (maps created, or reused from `pins` after a layout check; programs

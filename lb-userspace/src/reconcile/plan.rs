@@ -1,481 +1,60 @@
-//! Desired model -> BPF maps. Resolves where the backends are (`resolve`, the only step that
-//! asks the kernel), reads what the maps hold (the installed Maglev tables' fingerprints
-//! included), plans every write (a pure function of both, fitting what the maps have room
-//! for) before the first one, then writes in an order that packets can never observe
-//! half-done ([`Phase`]): new backend slots, address sets and source ranges, then the new
-//! Maglev table (one atomic swap), then the VIP entry, then slots that stop taking new flows,
-//! and only then frees what is gone. A reconcile stopped between any two phases leaves a
-//! state the next one completes. The connection table is never flushed.
+//! The plan: a pure function of the desired state, where its backends are (`Resolved`) and
+//! what the maps hold (`Snapshot`): every write, its slot and VIP ids, what does not fit.
+//! No kernel, no I/O, so every rule has a unit test without root.
 
-use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    net::IpAddr,
-};
-
-use anyhow::{Context as _, anyhow, bail};
-use aya::maps::{MapError, PerCpuValues, lpm_trie::Key as LpmKey};
-use lb_common::{
-    Addr, Backend as SlotValue, Counters, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_DECAP_ADDRS,
-    MAX_PEERS, MAX_SOURCE_RANGES, MAX_VIPS, NO_BACKEND, PeerFilter, PeerKey, ScopedAddr, VipFilter,
-    VipInfo, VipKey, backend_state, forward_mode, source_range_scope, vip_flags,
-};
-
-use crate::{
-    dataplane::{Maps, TableWrite, install_maglev_tables, scoped_prefix},
-    decap,
-    maglev::{self, MaglevBackend},
-    model::{Backend, Desired, ForwardingMode, IpNet, Settings, Vip, VipAddr},
-    net::Interface,
-    resolve::{Resolved, Target, resolve},
-};
-
-/// A `SOURCE_RANGES` entry: (prefix length, scoped address).
-type RangeKey = (u32, ScopedAddr);
-
-/// What to do with a backend that cannot be resolved now (no ARP answer, no route).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Unreachable {
-    /// Refuse the whole state, change nothing (a config file: the operator fixes it).
-    Fail,
-    /// Keep it on its last known MAC, draining (its flows stay, it gets no new ones), or
-    /// leave it out if it never had one; retry later (the agent: nodes come and go).
-    Drain,
-}
-
-/// What one reconcile changed.
-#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Summary {
-    pub vips_added: usize,
-    pub vips_removed: usize,
-    pub backends_added: usize,
-    pub backends_changed: usize,
-    pub backends_removed: usize,
-    pub tables_rebuilt: usize,
-    /// Backends that could not be resolved: draining on their last known MAC, or left out.
-    pub unresolved: BTreeSet<IpAddr>,
-    /// What the maps had no room for (everything else was applied).
-    pub left_out: Vec<LeftOut>,
-}
-
-impl Summary {
-    /// Nothing was written.
-    pub fn is_empty(&self) -> bool {
-        Self {
-            unresolved: BTreeSet::new(),
-            left_out: Vec::new(),
-            ..self.clone()
-        } == Self::default()
-    }
-
-    /// Adds what a later pass of the same reconcile did; what is left out is the later pass's.
-    fn add(&mut self, later: Summary) {
-        self.vips_added += later.vips_added;
-        self.vips_removed += later.vips_removed;
-        self.backends_added += later.backends_added;
-        self.backends_changed += later.backends_changed;
-        self.backends_removed += later.backends_removed;
-        self.tables_rebuilt += later.tables_rebuilt;
-        self.left_out = later.left_out;
-    }
-
-    /// The summary as a line, or "" when nothing changed.
-    pub fn to_string_if_changed(&self) -> String {
-        if self.is_empty() {
-            String::new()
-        } else {
-            self.to_string()
-        }
-    }
-}
-
-impl std::fmt::Display for Summary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "vips +{} -{}, backends +{} ~{} -{}, maglev tables rebuilt {}",
-            self.vips_added,
-            self.vips_removed,
-            self.backends_added,
-            self.backends_changed,
-            self.backends_removed,
-            self.tables_rebuilt
-        )?;
-        if !self.left_out.is_empty() {
-            write!(f, "; left out for lack of room: ")?;
-            for (i, item) in self.left_out.iter().enumerate() {
-                if i == 5 {
-                    write!(f, ", and {} more", self.left_out.len() - 5)?;
-                    break;
-                }
-                write!(f, "{}{item}", if i == 0 { "" } else { ", " })?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The steps of an apply, in the order they run: a reconcile that fails or is killed stops
-/// between two of them, and the next one must still bring the maps to the desired state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Phase {
-    /// `TX_PORTS` entries for backends behind other interfaces.
-    TxPorts,
-    /// New backend slots, and changes of slots the new tables still point at.
-    NewSlots,
-    /// The address filter admits every VIP address, old and new.
-    FilterWidened,
-    /// `VIP_ADDRS` and `SOURCE_RANGES` the new VIP entries rely on.
-    AddressesAndRanges,
-    /// New Maglev tables swapped in.
-    Tables,
-    /// VIP entries written.
-    VipEntries,
-    /// Slots that stopped taking new flows (draining, weight 0) marked so.
-    DrainedSlots,
-    /// Removed VIPs' entries gone, their tables emptied.
-    VipsRemoved,
-    /// Slots of removed backends cleared.
-    SlotsFreed,
-    /// Addresses and source ranges no VIP refers to any more removed.
-    StaleAddressesAndRanges,
-    /// The address filter narrowed to the remaining VIPs.
-    FilterNarrowed,
-    /// The co-location maps (peers, inline decapsulation).
-    Colocation,
-}
-
-impl Phase {
-    pub const ALL: [Phase; 12] = [
-        Phase::TxPorts,
-        Phase::NewSlots,
-        Phase::FilterWidened,
-        Phase::AddressesAndRanges,
-        Phase::Tables,
-        Phase::VipEntries,
-        Phase::DrainedSlots,
-        Phase::VipsRemoved,
-        Phase::SlotsFreed,
-        Phase::StaleAddressesAndRanges,
-        Phase::FilterNarrowed,
-        Phase::Colocation,
-    ];
-}
-
-/// Called after each phase of an apply; an error stops the apply there.
-type Hook<'a> = &'a mut dyn FnMut(Phase) -> anyhow::Result<()>;
-
-/// The key of a VIP as the program sees it.
-pub fn vip_key(vip: &VipAddr) -> VipKey {
-    let (addr, family) = raw_addr(vip.addr);
-    VipKey {
-        addr,
-        port: vip.port.to_be(),
-        proto: vip.protocol.number(),
-        family,
-    }
-}
-
-pub use lb_common::{addr_from_raw, maglev_id, raw_addr};
-
-/// The maps' view of the world: VIPs by key, occupied backend slots by id, VIP addresses and
-/// source ranges; for a reconcile also the fingerprint of each VIP's installed Maglev table and
-/// the generation of every slot.
-#[derive(Default)]
-pub struct Current {
-    pub vips: BTreeMap<VipKey, VipInfo>,
-    pub slots: BTreeMap<u32, SlotValue>,
-    pub vip_addrs: BTreeMap<VipKey, u32>,
-    pub source_ranges: BTreeSet<RangeKey>,
-    /// The occupied slots of each VIP id, by backend address (so that a plan over N VIPs reads
-    /// each VIP's slots directly instead of scanning all of them N times).
-    by_vip: BTreeMap<u32, BTreeMap<IpAddr, (u32, SlotValue)>>,
-    /// The generation of every slot that ever held a backend, empty ones included.
-    generations: BTreeMap<u32, u32>,
-    /// The fingerprint stored beside each VIP's installed table, by VIP id (none: no table, or
-    /// one without it). Filled by [`Current::read_tables`].
-    tables: BTreeMap<u32, u64>,
-}
-
-impl Current {
-    pub fn read(maps: &Maps) -> anyhow::Result<Self> {
-        let mut current = Self::default();
-        for entry in maps.vips.iter() {
-            let (key, info) = entry.context("reading the VIPS map")?;
-            current.vips.insert(key, info);
-        }
-        for (id, value) in maps.read_backends()?.into_iter().enumerate() {
-            current.add_slot(id as u32, value);
-        }
-        for entry in maps.vip_addrs.iter() {
-            let (key, count) = entry.context("reading the VIP_ADDRS map")?;
-            current.vip_addrs.insert(key, count);
-        }
-        for key in maps.source_ranges.keys() {
-            let key = key.context("reading the SOURCE_RANGES map")?;
-            current.source_ranges.insert((key.prefix_len(), key.data()));
-        }
-        Ok(current)
-    }
-
-    /// Reads the fingerprint of every VIP's installed Maglev table: whether a table must be
-    /// rebuilt is decided from what is installed, not from slot values (which an interrupted
-    /// reconcile may have written without the table that goes with them).
-    pub fn read_tables(&mut self, maps: &Maps) {
-        for info in self.vips.values() {
-            if let Some(fingerprint) = maps.maglev_fingerprint(info.id, info.table_size) {
-                self.tables.insert(info.id, fingerprint);
-            }
-        }
-    }
-
-    fn add_slot(&mut self, id: u32, value: SlotValue) {
-        if value.generation != 0 {
-            self.generations.insert(id, value.generation);
-        }
-        if value.state != backend_state::EMPTY {
-            self.slots.insert(id, value);
-            self.by_vip
-                .entry(value.vip_id)
-                .or_default()
-                .insert(addr_from_raw(&value.addr, value.family), (id, value));
-        }
-    }
-
-    /// The occupied slots of VIP `vip_id`, by backend address.
-    fn slots_of(&self, vip_id: u32) -> BTreeMap<IpAddr, (u32, SlotValue)> {
-        self.by_vip.get(&vip_id).cloned().unwrap_or_default()
-    }
-}
-
-/// Something the maps had no room for, left out of a reconcile (the rest is applied; the next
-/// reconcile tries again).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum LeftOut {
-    /// A new VIP: no free VIP entry (at most `MAX_VIPS`), VIP address or room for its source
-    /// ranges.
-    Vip { vip: VipAddr },
-    /// A new backend of a VIP: no free backend slot (at most `MAX_BACKENDS` over all VIPs).
-    Backend { vip: VipAddr, backend: IpAddr },
-    /// New source ranges of a VIP (at most `MAX_SOURCE_RANGES` over all VIPs): it admits only
-    /// the clients of those it had that are still listed.
-    SourceRanges { vip: VipAddr },
-}
-
-impl std::fmt::Display for LeftOut {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Vip { vip } => write!(f, "VIP {vip} (at most {MAX_VIPS} VIPs)"),
-            Self::Backend { vip, backend } => write!(
-                f,
-                "backend {backend} of {vip} (at most {MAX_BACKENDS} backends over all VIPs)"
-            ),
-            Self::SourceRanges { vip } => write!(
-                f,
-                "new source ranges of {vip} (at most {MAX_SOURCE_RANGES} over all VIPs; it admits only the listed ones it had)"
-            ),
-        }
-    }
-}
+use super::*;
 
 /// One VIP's planned state.
-struct VipPlan {
-    key: VipKey,
-    id: u32,
-    is_new: bool,
+pub(super) struct VipPlan {
+    pub(super) key: VipKey,
+    pub(super) id: u32,
+    pub(super) is_new: bool,
     /// Backends in desired order with their slot ids and slot values.
-    backends: Vec<(u32, SlotValue)>,
+    pub(super) backends: Vec<(u32, SlotValue)>,
     /// What its table is built from, and whether the installed one is something else.
-    inputs: Vec<MaglevBackend>,
-    fingerprint: u64,
-    rebuild_table: bool,
-    info: VipInfo,
+    pub(super) inputs: Vec<MaglevBackend>,
+    pub(super) fingerprint: u64,
+    pub(super) rebuild_table: bool,
+    pub(super) info: VipInfo,
 }
 
 /// Everything to write, computed without touching a map.
 #[derive(Default)]
-struct Plan {
-    vips: Vec<VipPlan>,
+pub(super) struct Plan {
+    pub(super) vips: Vec<VipPlan>,
     /// Slot writes before the tables (with whether each slot is new): new slots, and slots the
     /// new tables point at (active: they take new flows from the swap on).
-    slots_before: Vec<(u32, SlotValue, bool)>,
+    pub(super) slots_before: Vec<(u32, SlotValue, bool)>,
     /// Slot writes after the tables: slots that stop taking new flows (draining, weight 0).
     /// Until the table that no longer points at them is in, they must still accept the flows
     /// the old one sends them.
-    slots_after: Vec<(u32, SlotValue)>,
-    tx_ports: BTreeSet<u32>,
-    removed_vips: Vec<(VipKey, u32)>,
+    pub(super) slots_after: Vec<(u32, SlotValue)>,
+    pub(super) tx_ports: BTreeSet<u32>,
+    pub(super) removed_vips: Vec<(VipKey, u32)>,
     /// Slots to clear, with the generation they keep.
-    removed_slots: BTreeMap<u32, u32>,
+    pub(super) removed_slots: BTreeMap<u32, u32>,
     /// Tables to release (a one-slot empty table): removed VIPs', and those of VIP ids no VIP
     /// has (an interrupted reconcile's).
-    emptied_tables: BTreeSet<u32>,
+    pub(super) emptied_tables: BTreeSet<u32>,
     /// `VIP_ADDRS` as it must end up.
-    vip_addrs: BTreeMap<VipKey, u32>,
+    pub(super) vip_addrs: BTreeMap<VipKey, u32>,
     /// `SOURCE_RANGES` as it must end up.
-    source_ranges: BTreeSet<RangeKey>,
+    pub(super) source_ranges: BTreeSet<RangeKey>,
     /// Stale ranges of VIPs that keep filtering by source: removed before the VIP entries are
     /// written, so that a VIP admits only what it lists from then on. Other stale ranges go
     /// with the removals.
-    early_stale_ranges: BTreeSet<RangeKey>,
+    pub(super) early_stale_ranges: BTreeSet<RangeKey>,
     /// Whether this plan frees anything (a VIP id, slot, address or range) that a second pass
     /// could use for what was left out.
-    frees: bool,
-    left_out: Vec<LeftOut>,
-}
-
-/// Empties the `ANNOUNCE` map (an agent without `--announce` answers ARP for nothing).
-pub fn clear_announce(maps: &mut Maps) -> anyhow::Result<()> {
-    let keys: Vec<VipKey> = maps
-        .announce
-        .keys()
-        .collect::<Result<_, _>>()
-        .map_err(|e| anyhow!("reading the ANNOUNCE map: {e}"))?;
-    for key in keys {
-        match maps.announce.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => bail!("removing an entry of the ANNOUNCE map: {e}"),
-        }
-    }
-    Ok(())
-}
-
-/// Brings the maps to `desired`. On error nothing has been written if the error came from
-/// resolving (with [`Unreachable::Fail`]) or planning; a syscall failure midway is reported,
-/// and the next reconcile completes what this one left (it reads what is installed, the
-/// Maglev tables' fingerprints included). What the maps have no room for is left out and
-/// listed in [`Summary::left_out`]; everything else is applied.
-pub fn reconcile(
-    maps: &mut Maps,
-    iface: &Interface,
-    desired: &Desired,
-    unreachable: Unreachable,
-) -> anyhow::Result<Summary> {
-    let resolved = resolve(iface, desired)?;
-    if unreachable == Unreachable::Fail
-        && let Some(((addr, mode), why)) = resolved.failures.iter().next()
-    {
-        let vip = desired
-            .vips
-            .iter()
-            .find(|v| v.mode == *mode && v.backends.iter().any(|b| b.addr == *addr))
-            .map(|v| v.key.to_string())
-            .unwrap_or_default();
-        bail!("{vip}: backend {addr}: {why}");
-    }
-    reconcile_resolved(maps, iface, desired, &resolved)
-}
-
-/// [`reconcile`] after the resolve step: plan (pure) and apply.
-pub fn reconcile_resolved(
-    maps: &mut Maps,
-    iface: &Interface,
-    desired: &Desired,
-    resolved: &Resolved,
-) -> anyhow::Result<Summary> {
-    reconcile_with(maps, iface, desired, resolved, &mut |_| Ok(()))
-}
-
-/// Test builds only (`test-hooks`): [`reconcile_resolved`] calling `hook` after each phase of
-/// the apply; an error from it stops the apply there, as a killed or failed reconcile would.
-#[cfg(feature = "test-hooks")]
-pub fn reconcile_resolved_with_hook(
-    maps: &mut Maps,
-    iface: &Interface,
-    desired: &Desired,
-    resolved: &Resolved,
-    hook: &mut dyn FnMut(Phase) -> anyhow::Result<()>,
-) -> anyhow::Result<Summary> {
-    reconcile_with(maps, iface, desired, resolved, hook)
-}
-
-fn reconcile_with(
-    maps: &mut Maps,
-    iface: &Interface,
-    desired: &Desired,
-    resolved: &Resolved,
-    hook: Hook<'_>,
-) -> anyhow::Result<Summary> {
-    let (mut summary, freed) = reconcile_pass(maps, iface, desired, resolved, hook)?;
-    if !summary.left_out.is_empty() && freed {
-        // Removals make room only once they are done (old and new entries coexist during an
-        // apply, and a freed slot is never reused in the apply that frees it): one more pass
-        // uses it.
-        let (second, _) = reconcile_pass(maps, iface, desired, resolved, hook)?;
-        summary.add(second);
-    }
-    sync_colocation(maps, desired, resolved)?;
-    hook(Phase::Colocation)?;
-    summary.unresolved = resolved.unresolved();
-    Ok(summary)
-}
-
-fn reconcile_pass(
-    maps: &mut Maps,
-    iface: &Interface,
-    desired: &Desired,
-    resolved: &Resolved,
-    hook: Hook<'_>,
-) -> anyhow::Result<(Summary, bool)> {
-    let mut current = Current::read(maps)?;
-    current.read_tables(maps);
-    let plan = plan(&current, iface, desired, resolved)?;
-    let freed = plan.frees;
-    Ok((apply(maps, current, plan, hook)?, freed))
-}
-
-/// The co-location maps: `PEERS` (other nodes' MACs: their VIP frames were balanced already)
-/// and the inline decapsulator's sets (this node's addresses; the peers and the configured
-/// encap source prefixes as allowed outer sources). Empty without peers.
-fn sync_colocation(maps: &mut Maps, desired: &Desired, resolved: &Resolved) -> anyhow::Result<()> {
-    let want: BTreeSet<PeerKey> = resolved
-        .peer_macs
-        .iter()
-        .take(MAX_PEERS as usize)
-        .map(|mac| PeerKey::new(mac.0))
-        .collect();
-    let mut have = BTreeSet::new();
-    for key in maps.peers.keys() {
-        have.insert(key.context("reading the PEERS map")?);
-    }
-    // New peers are in PEERS before their filter bits are set, and gone peers' bits are
-    // cleared before they leave PEERS: a peer's frame never misses both.
-    let mut filter = PeerFilter::default();
-    for key in &want {
-        filter.insert(&key.mac);
-    }
-    for key in want.difference(&have) {
-        maps.peers.insert(key, &1, 0).context("writing PEERS")?;
-    }
-    if maps.peer_filter.get(&0, 0).ok() != Some(filter) {
-        maps.peer_filter
-            .set(0, &filter, 0)
-            .context("writing PEER_FILTER")?;
-    }
-    for key in have.difference(&want) {
-        match maps.peers.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(e).context("removing from PEERS"),
-        }
-    }
-    let (mut allow, mut local) = (Vec::new(), Vec::new());
-    if !desired.peers.is_empty() {
-        allow.extend(desired.peers.iter().map(|a| IpNet::from(*a)));
-        allow.extend(desired.settings.encap_source_v4.map(IpNet::V4));
-        allow.extend(desired.settings.encap_source_v6.map(IpNet::V6));
-        local.extend(resolved.local.iter().copied());
-    }
-    let room = MAX_DECAP_ADDRS as usize;
-    allow.truncate(room);
-    local.truncate(room.saturating_sub(allow.len()));
-    decap::sync(&mut maps.decap, &allow, &local)
+    pub(super) frees: bool,
+    pub(super) left_out: Vec<LeftOut>,
 }
 
 /// Ids handed out lowest first, below a limit; ids in use (or freed by this plan) are skipped.
-struct Ids {
-    used: BTreeSet<u32>,
-    cursor: u32,
-    limit: u32,
+pub(super) struct Ids {
+    pub(super) used: BTreeSet<u32>,
+    pub(super) cursor: u32,
+    pub(super) limit: u32,
 }
 
 impl Ids {
@@ -505,7 +84,7 @@ impl Ids {
 }
 
 /// The `SOURCE_RANGES` key of a VIP's prefix (scoped by VIP id and the prefix's family).
-fn range_key(vip_id: u32, net: &IpNet) -> RangeKey {
+pub(super) fn range_key(vip_id: u32, net: &IpNet) -> RangeKey {
     let family = if net.addr().is_ipv4() {
         FAMILY_V4
     } else {
@@ -516,7 +95,7 @@ fn range_key(vip_id: u32, net: &IpNet) -> RangeKey {
 }
 
 /// The VIP id of a `SOURCE_RANGES` key.
-fn range_vip(key: &RangeKey) -> u32 {
+pub(super) fn range_vip(key: &RangeKey) -> u32 {
     u32::from_be(key.1.scope_be) & 0x00ff_ffff
 }
 
@@ -528,8 +107,8 @@ fn range_vip(key: &RangeKey) -> u32 {
 /// fingerprint), whatever the slots say; removals and drains need no room and are always
 /// planned; what does not fit (VIPs, slots, addresses, source ranges, counted while old and
 /// new entries coexist) is left out and listed, never failing the rest.
-fn plan(
-    current: &Current,
+pub(super) fn plan(
+    current: &Snapshot,
     iface: &Interface,
     desired: &Desired,
     resolved: &Resolved,
@@ -744,7 +323,7 @@ fn plan(
 }
 
 /// The weight that counts for the Maglev table: zero when draining.
-fn effective_weight(slot: &SlotValue) -> u32 {
+pub(super) fn effective_weight(slot: &SlotValue) -> u32 {
     if slot.state == backend_state::ACTIVE {
         slot.weight
     } else {
@@ -753,11 +332,15 @@ fn effective_weight(slot: &SlotValue) -> u32 {
 }
 
 /// Bumped when the Maglev builder changes what it builds from the same inputs.
-const TABLE_FORMAT: u64 = 1;
+pub(super) const TABLE_FORMAT: u64 = 1;
 
 /// Of everything a VIP's installed table is a function of: the builder, the size, and each
 /// backend's slot, Maglev id and weight in order (FNV-1a, never 0: 0 is "no fingerprint").
-fn table_fingerprint(backends: &[(u32, SlotValue)], inputs: &[MaglevBackend], size: u32) -> u64 {
+pub(super) fn table_fingerprint(
+    backends: &[(u32, SlotValue)],
+    inputs: &[MaglevBackend],
+    size: u32,
+) -> u64 {
     let mut words = vec![TABLE_FORMAT, u64::from(size), backends.len() as u64];
     for ((slot, _), input) in backends.iter().zip(inputs) {
         words.push(u64::from(*slot));
@@ -773,7 +356,7 @@ fn table_fingerprint(backends: &[(u32, SlotValue)], inputs: &[MaglevBackend], si
 }
 
 /// Where and how the program sends this backend's packets, from where it was resolved.
-fn slot_value(
+pub(super) fn slot_value(
     iface: &Interface,
     settings: &Settings,
     target: &Target,
@@ -832,7 +415,7 @@ fn slot_value(
 
 /// The outer source base and the mask of its last 32 bits that vary per flow: the configured
 /// prefix of the backend's family, else the kernel's source for the route (not varied).
-fn encap_source(
+pub(super) fn encap_source(
     settings: &Settings,
     backend: IpAddr,
     own: Option<IpAddr>,
@@ -869,225 +452,7 @@ fn encap_source(
 }
 
 /// What a Maglev table is a function of: (backend id, weight) pairs and the size.
-type TableInputs = (Vec<(u32, u32)>, u32);
-
-fn apply(maps: &mut Maps, current: Current, plan: Plan, hook: Hook<'_>) -> anyhow::Result<Summary> {
-    let Current {
-        vips: current_vips,
-        vip_addrs: current_vip_addrs,
-        source_ranges: current_ranges,
-        ..
-    } = current;
-    let mut summary = Summary {
-        left_out: plan.left_out.clone(),
-        ..Summary::default()
-    };
-    let cpus = cpu_count(maps)?;
-
-    // TX ports for backends behind other interfaces.
-    for ifindex in &plan.tx_ports {
-        maps.tx_ports
-            .insert(*ifindex, *ifindex, None, 0)
-            .with_context(|| format!("adding ifindex {ifindex} to TX_PORTS"))?;
-    }
-    hook(Phase::TxPorts)?;
-
-    // Backend slots the new tables point at: new ones are not referenced by any table yet;
-    // changed ones take effect for the flows that already point at them.
-    for (slot, value, is_new) in &plan.slots_before {
-        if *is_new {
-            maps.backend_stats
-                .set(*slot, zeros(cpus)?, 0)
-                .with_context(|| format!("resetting counters of backend slot {slot}"))?;
-            summary.backends_added += 1;
-        } else {
-            summary.backends_changed += 1;
-        }
-        maps.backends
-            .set(*slot, value, 0)
-            .with_context(|| format!("writing backend slot {slot}"))?;
-    }
-    hook(Phase::NewSlots)?;
-
-    // The address filter admits every VIP address, old and new, before any VIP is added...
-    let desired_filter = vip_filter(plan.vips.iter().map(|v| &v.key));
-    let widened = vip_filter(
-        plan.vips
-            .iter()
-            .map(|v| &v.key)
-            .chain(plan.removed_vips.iter().map(|(k, _)| k)),
-    );
-    write_filter(maps, &widened)?;
-    hook(Phase::FilterWidened)?;
-
-    // Addresses and source ranges the new VIP entries rely on; ranges a filtering VIP no
-    // longer lists go now, after the new ones are in.
-    for (key, count) in &plan.vip_addrs {
-        if current_vip_addrs.get(key) != Some(count) {
-            maps.vip_addrs
-                .insert(key, count, 0)
-                .context("writing VIP_ADDRS")?;
-        }
-    }
-    for (prefix_len, data) in plan.source_ranges.difference(&current_ranges) {
-        maps.source_ranges
-            .insert(&LpmKey::new(*prefix_len, *data), &1, 0)
-            .context("writing SOURCE_RANGES")?;
-    }
-    for range in &plan.early_stale_ranges {
-        remove_range(maps, range)?;
-    }
-    hook(Phase::AddressesAndRanges)?;
-
-    // Tables (one atomic swap each), each with the fingerprint of its inputs. VIPs with the
-    // same backends and weights (every VIP of a Kubernetes cluster's nodes, for one) have the
-    // same table: it is built once per reconcile.
-    let mut built: HashMap<TableInputs, Vec<u32>> = HashMap::new();
-    let mut rebuilt: Vec<(&VipPlan, TableInputs, Vec<u32>)> = Vec::new();
-    for vip in plan.vips.iter().filter(|v| v.rebuild_table) {
-        let key: TableInputs = (
-            vip.inputs.iter().map(|b| (b.id, b.weight)).collect(),
-            vip.info.table_size,
-        );
-        built
-            .entry(key.clone())
-            .or_insert_with(|| maglev::build_table(&vip.inputs, vip.info.table_size));
-        let slots = vip.backends.iter().map(|(slot, _)| *slot).collect();
-        rebuilt.push((vip, key, slots));
-    }
-    let tables: Vec<TableWrite<'_>> = rebuilt
-        .iter()
-        .filter_map(|(vip, key, slots)| {
-            Some(TableWrite {
-                vip_id: vip.id,
-                picks: built.get(key)?,
-                backends: slots,
-                fingerprint: vip.fingerprint,
-            })
-        })
-        .collect();
-    summary.tables_rebuilt += tables.len();
-    install_maglev_tables(maps, &tables)?;
-    hook(Phase::Tables)?;
-
-    // ... then the VIP entries that point at them.
-    for vip in &plan.vips {
-        if vip.is_new {
-            maps.vip_stats
-                .set(vip.id, zeros(cpus)?, 0)
-                .with_context(|| format!("resetting counters of VIP #{}", vip.id))?;
-            summary.vips_added += 1;
-        }
-        if current_vips.get(&vip.key) != Some(&vip.info) {
-            maps.vips
-                .insert(&vip.key, &vip.info, 0)
-                .with_context(|| format!("writing VIP #{}", vip.id))?;
-        }
-    }
-    hook(Phase::VipEntries)?;
-
-    // Slots that take no new flows any more: only now that no table sends them any.
-    for (slot, value) in &plan.slots_after {
-        maps.backends
-            .set(*slot, value, 0)
-            .with_context(|| format!("writing backend slot {slot}"))?;
-        summary.backends_changed += 1;
-    }
-    hook(Phase::DrainedSlots)?;
-
-    // What is gone: VIP entries first (no packet can reach their tables after this), then
-    // the slots (flows pointing at them re-hash on their next packet).
-    for (key, id) in &plan.removed_vips {
-        match maps.vips.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(e).with_context(|| format!("removing VIP #{id}")),
-        }
-        summary.vips_removed += 1;
-    }
-    // Release the tables' memory: a one-slot empty table stands in until the id is reused.
-    let empty: Vec<TableWrite<'_>> = plan
-        .emptied_tables
-        .iter()
-        .map(|id| TableWrite {
-            vip_id: *id,
-            picks: &[NO_BACKEND],
-            backends: &[],
-            fingerprint: 0,
-        })
-        .collect();
-    install_maglev_tables(maps, &empty)?;
-    hook(Phase::VipsRemoved)?;
-    for (slot, generation) in &plan.removed_slots {
-        let cleared = SlotValue {
-            generation: *generation,
-            ..SlotValue::default()
-        };
-        maps.backends
-            .set(*slot, &cleared, 0)
-            .with_context(|| format!("clearing backend slot {slot}"))?;
-        summary.backends_removed += 1;
-    }
-    hook(Phase::SlotsFreed)?;
-
-    // Source ranges and addresses no VIP refers to any more.
-    for range in current_ranges.difference(&plan.source_ranges) {
-        if !plan.early_stale_ranges.contains(range) {
-            remove_range(maps, range)?;
-        }
-    }
-    for key in current_vip_addrs.keys() {
-        if !plan.vip_addrs.contains_key(key) {
-            match maps.vip_addrs.remove(key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(e).context("removing a VIP address"),
-            }
-        }
-    }
-    hook(Phase::StaleAddressesAndRanges)?;
-
-    // ... and the filter admits only the remaining ones (whatever an interrupted run left).
-    write_filter(maps, &desired_filter)?;
-    hook(Phase::FilterNarrowed)?;
-    Ok(summary)
-}
-
-fn remove_range(maps: &mut Maps, (prefix_len, data): &RangeKey) -> anyhow::Result<()> {
-    match maps.source_ranges.remove(&LpmKey::new(*prefix_len, *data)) {
-        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-        Err(e) => Err(e).context("removing a source range"),
-    }
-}
-
-fn vip_filter<'a>(keys: impl Iterator<Item = &'a VipKey>) -> VipFilter {
-    let mut filter = VipFilter::default();
-    for key in keys {
-        filter.insert(&key.addr);
-    }
-    filter
-}
-
-/// Rewrites the filter. Bits that stay set are rewritten with the same value, so no packet can
-/// see a VIP's bit clear while its entry exists.
-fn write_filter(maps: &mut Maps, filter: &VipFilter) -> anyhow::Result<()> {
-    if maps.vip_filter.get(&0, 0).ok().as_ref() == Some(filter) {
-        return Ok(());
-    }
-    maps.vip_filter
-        .set(0, filter, 0)
-        .context("writing the VIP address filter")
-}
-
-fn cpu_count(maps: &Maps) -> anyhow::Result<usize> {
-    Ok(maps
-        .vip_stats
-        .get(&0, 0)
-        .context("reading VIP_STATS")?
-        .len())
-}
-
-fn zeros(cpus: usize) -> anyhow::Result<PerCpuValues<Counters>> {
-    PerCpuValues::try_from(vec![Counters::default(); cpus]).context("building per-CPU zeros")
-}
+pub(super) type TableInputs = (Vec<(u32, u32)>, u32);
 
 #[cfg(test)]
 mod tests {
@@ -1163,12 +528,12 @@ mod tests {
         out
     }
 
-    fn plan_for(current: &Current, desired: &Desired) -> Plan {
+    fn plan_for(current: &Snapshot, desired: &Desired) -> Plan {
         plan(current, &iface(), desired, &resolved(desired)).unwrap()
     }
 
     /// The maps after `plan` was applied in full (the model of `apply`).
-    fn applied(current: &Current, plan: &Plan) -> Current {
+    fn applied(current: &Snapshot, plan: &Plan) -> Snapshot {
         let mut all: BTreeMap<u32, SlotValue> = current
             .generations
             .iter()
@@ -1198,7 +563,7 @@ mod tests {
                 },
             );
         }
-        let mut next = Current::default();
+        let mut next = Snapshot::default();
         for (slot, value) in all {
             next.add_slot(slot, value);
         }
@@ -1223,13 +588,13 @@ mod tests {
     }
 
     /// Plans `desired` from `current` and applies it: (plan, maps after).
-    fn step(current: &Current, desired: &Desired) -> (Plan, Current) {
+    fn step(current: &Snapshot, desired: &Desired) -> (Plan, Snapshot) {
         let plan = plan_for(current, desired);
         let next = applied(current, &plan);
         (plan, next)
     }
 
-    fn slot_of(current: &Current, i: u32) -> u32 {
+    fn slot_of(current: &Snapshot, i: u32) -> u32 {
         current
             .slots
             .iter()
@@ -1251,7 +616,7 @@ mod tests {
 
     #[test]
     fn an_unchanged_state_plans_no_write() {
-        let (_, maps) = step(&Current::default(), &three());
+        let (_, maps) = step(&Snapshot::default(), &three());
         let plan = plan_for(&maps, &three());
         assert!(plan.slots_before.is_empty() && plan.slots_after.is_empty());
         assert!(plan.removed_slots.is_empty() && plan.removed_vips.is_empty());
@@ -1261,7 +626,7 @@ mod tests {
 
     #[test]
     fn a_drain_is_written_after_the_table_that_leaves_the_backend_out() {
-        let (_, maps) = step(&Current::default(), &three());
+        let (_, maps) = step(&Snapshot::default(), &three());
         let slot = slot_of(&maps, 1);
         for (label, changed) in [("drain", b(1, 1, true)), ("weight 0", b(1, 0, false))] {
             let plan = plan_for(&maps, &with_backend_1(changed));
@@ -1284,7 +649,7 @@ mod tests {
 
     #[test]
     fn an_unresolved_backend_drains_after_the_table_on_its_last_mac() {
-        let (_, maps) = step(&Current::default(), &three());
+        let (_, maps) = step(&Snapshot::default(), &three());
         let slot = slot_of(&maps, 1);
         let desired = three();
         let mut lookups = resolved(&desired);
@@ -1306,7 +671,7 @@ mod tests {
 
     #[test]
     fn an_undrain_and_weight_changes_are_written_before_the_table_that_uses_them() {
-        let (_, drained) = step(&Current::default(), &with_backend_1(b(1, 1, true)));
+        let (_, drained) = step(&Snapshot::default(), &with_backend_1(b(1, 1, true)));
         let slot = slot_of(&drained, 1);
         for (label, changed) in [("undrain", b(1, 1, false)), ("weight 3", b(1, 3, false))] {
             let plan = plan_for(&drained, &with_backend_1(changed));
@@ -1318,7 +683,7 @@ mod tests {
             assert!(plan.vips[0].rebuild_table, "{label}");
         }
         // A weight change of an active backend: before too, and the table is rebuilt.
-        let (_, active) = step(&Current::default(), &three());
+        let (_, active) = step(&Snapshot::default(), &three());
         let plan = plan_for(&active, &with_backend_1(b(1, 5, false)));
         assert_eq!(plan.slots_before.len(), 1);
         assert_eq!(plan.slots_before[0].1.weight, 5);
@@ -1328,7 +693,7 @@ mod tests {
 
     #[test]
     fn removals_free_slots_after_the_tables_and_never_reuse_them_in_the_same_plan() {
-        let (_, maps) = step(&Current::default(), &three());
+        let (_, maps) = step(&Snapshot::default(), &three());
         let freed = slot_of(&maps, 1);
         let generation = maps.slots[&freed].generation;
         assert_ne!(generation, 0, "a slot in use has a generation");
@@ -1369,7 +734,7 @@ mod tests {
             vip(1, vec![b(0, 1, false)]),
             vip(2, vec![b(1, 1, false)]),
         ]);
-        let (_, maps) = step(&Current::default(), &two);
+        let (_, maps) = step(&Snapshot::default(), &two);
         let id = maps.vips[&vip_key(&vip_at(2))].id;
         let slot = slot_of(&maps, 1);
         let (plan, after) = step(&maps, &state(vec![vip(1, vec![b(0, 1, false)])]));
@@ -1382,7 +747,7 @@ mod tests {
 
     #[test]
     fn a_table_is_rebuilt_from_what_is_installed_not_from_the_slots() {
-        let (_, before) = step(&Current::default(), &three());
+        let (_, before) = step(&Snapshot::default(), &three());
         let scaled = state(vec![
             vip(1, vec![b(0, 1, false), b(1, 1, true), b(2, 1, false)]),
             vip(2, vec![b(3, 1, false)]),
@@ -1419,7 +784,7 @@ mod tests {
 
     #[test]
     fn slots_of_no_vip_are_freed_and_their_table_released_unless_reused() {
-        let (_, mut maps) = step(&Current::default(), &three());
+        let (_, mut maps) = step(&Snapshot::default(), &three());
         // An interrupted run left slots of VIP ids 7 and 0 (the lowest free id is 1).
         let orphan = |vip_id: u32, i: u32| SlotValue {
             vip_id,
@@ -1453,7 +818,7 @@ mod tests {
         only_v6.source_ranges = vec!["::/0".parse().unwrap()];
         let mut mixed = vip(2, vec![b(0, 1, false)]);
         mixed.source_ranges = vec!["192.0.2.0/24".parse().unwrap(), "::/0".parse().unwrap()];
-        let plan = plan_for(&Current::default(), &state(vec![only_v6, mixed]));
+        let plan = plan_for(&Snapshot::default(), &state(vec![only_v6, mixed]));
         for vip in &plan.vips {
             assert_ne!(vip.info.flags & vip_flags::SOURCE_RANGES, 0);
         }
@@ -1480,7 +845,7 @@ mod tests {
             "10.0.0.0/8".parse().unwrap(),
             "192.0.2.0/24".parse().unwrap(),
         ];
-        let (_, maps) = step(&Current::default(), &state(vec![v.clone()]));
+        let (_, maps) = step(&Snapshot::default(), &state(vec![v.clone()]));
         v.source_ranges.pop();
         let plan = plan_for(&maps, &state(vec![v.clone()]));
         assert_eq!(plan.early_stale_ranges.len(), 1, "narrowed: removed early");
@@ -1496,7 +861,7 @@ mod tests {
     #[test]
     fn over_max_vips_removals_apply_and_new_vips_wait_for_room() {
         let full = state((0..MAX_VIPS).map(|n| vip(n, vec![])).collect());
-        let (plan, maps) = step(&Current::default(), &full);
+        let (plan, maps) = step(&Snapshot::default(), &full);
         assert!(plan.left_out.is_empty());
         assert_eq!(maps.vips.len(), MAX_VIPS as usize);
         // VIP 0 goes, two come.
@@ -1544,7 +909,7 @@ mod tests {
             vip(n, backends)
         };
         let start = state((0..16).map(|n| full(n, None, false)).collect());
-        let (plan, mut maps) = step(&Current::default(), &start);
+        let (plan, mut maps) = step(&Snapshot::default(), &start);
         // Leave the generations of the slots out of the comparison below.
         maps.generations.clear();
         assert!(plan.left_out.is_empty());
@@ -1592,7 +957,7 @@ mod tests {
         };
         let mut big = vip(1, vec![b(0, 1, false)]);
         big.source_ranges = ranges(0, MAX_SOURCE_RANGES);
-        let (plan, maps) = step(&Current::default(), &state(vec![big.clone()]));
+        let (plan, maps) = step(&Snapshot::default(), &state(vec![big.clone()]));
         assert!(plan.left_out.is_empty());
         // The big list swaps one range for another, and a new VIP with one range comes.
         let mut changed = big.clone();
@@ -1628,7 +993,7 @@ mod tests {
 
     #[test]
     fn the_fingerprint_follows_every_input_of_a_table() {
-        let (_, maps) = step(&Current::default(), &three());
+        let (_, maps) = step(&Snapshot::default(), &three());
         let base = plan_for(&maps, &three()).vips[0].fingerprint;
         let mut other_size = three();
         other_size.settings.maglev_table_size = 257;

@@ -1,0 +1,359 @@
+//! Desired model -> BPF maps. Resolves where the backends are (`resolve`, the only step that
+//! asks the kernel), reads what the maps hold (the installed Maglev tables' fingerprints
+//! included), plans every write (a pure function of both, fitting what the maps have room
+//! for) before the first one, then writes in an order that packets can never observe
+//! half-done ([`Phase`]): new backend slots, address sets and source ranges, then the new
+//! Maglev table (one atomic swap), then the VIP entry, then slots that stop taking new flows,
+//! and only then frees what is gone. A reconcile stopped between any two phases leaves a
+//! state the next one completes. The connection table is never flushed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::maps::{MapError, PerCpuValues, lpm_trie::Key as LpmKey};
+use lb_common::{
+    Addr, Backend as SlotValue, Counters, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_DECAP_ADDRS,
+    MAX_PEERS, MAX_SOURCE_RANGES, MAX_VIPS, NO_BACKEND, PeerFilter, PeerKey, VipFilter, VipInfo,
+    VipKey, backend_state, forward_mode, source_range_scope, vip_flags,
+};
+
+use crate::{
+    dataplane::{Maps, RangeKey, Snapshot, TableWrite, install_maglev_tables, scoped_prefix},
+    decap,
+    maglev::{self, MaglevBackend},
+    model::{Backend, Desired, ForwardingMode, IpNet, Settings, Vip, VipAddr},
+    net::Interface,
+    resolve::{Resolved, Target, resolve},
+};
+
+mod apply;
+mod plan;
+
+use apply::*;
+use plan::*;
+
+/// What to do with a backend that cannot be resolved now (no ARP answer, no route).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unreachable {
+    /// Refuse the whole state, change nothing (a config file: the operator fixes it).
+    Fail,
+    /// Keep it on its last known MAC, draining (its flows stay, it gets no new ones), or
+    /// leave it out if it never had one; retry later (the agent: nodes come and go).
+    Drain,
+}
+
+/// What one reconcile changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Summary {
+    pub vips_added: usize,
+    pub vips_removed: usize,
+    pub backends_added: usize,
+    pub backends_changed: usize,
+    pub backends_removed: usize,
+    pub tables_rebuilt: usize,
+    /// Backends that could not be resolved: draining on their last known MAC, or left out.
+    pub unresolved: BTreeSet<IpAddr>,
+    /// What the maps had no room for (everything else was applied).
+    pub left_out: Vec<LeftOut>,
+}
+
+impl Summary {
+    /// Nothing was written.
+    pub fn is_empty(&self) -> bool {
+        Self {
+            unresolved: BTreeSet::new(),
+            left_out: Vec::new(),
+            ..self.clone()
+        } == Self::default()
+    }
+
+    /// Adds what a later pass of the same reconcile did; what is left out is the later pass's.
+    fn add(&mut self, later: Summary) {
+        self.vips_added += later.vips_added;
+        self.vips_removed += later.vips_removed;
+        self.backends_added += later.backends_added;
+        self.backends_changed += later.backends_changed;
+        self.backends_removed += later.backends_removed;
+        self.tables_rebuilt += later.tables_rebuilt;
+        self.left_out = later.left_out;
+    }
+
+    /// The summary as a line, or "" when nothing changed.
+    pub fn to_string_if_changed(&self) -> String {
+        if self.is_empty() {
+            String::new()
+        } else {
+            self.to_string()
+        }
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "vips +{} -{}, backends +{} ~{} -{}, maglev tables rebuilt {}",
+            self.vips_added,
+            self.vips_removed,
+            self.backends_added,
+            self.backends_changed,
+            self.backends_removed,
+            self.tables_rebuilt
+        )?;
+        if !self.left_out.is_empty() {
+            write!(f, "; left out for lack of room: ")?;
+            for (i, item) in self.left_out.iter().enumerate() {
+                if i == 5 {
+                    write!(f, ", and {} more", self.left_out.len() - 5)?;
+                    break;
+                }
+                write!(f, "{}{item}", if i == 0 { "" } else { ", " })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The steps of an apply, in the order they run: a reconcile that fails or is killed stops
+/// between two of them, and the next one must still bring the maps to the desired state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Phase {
+    /// `TX_PORTS` entries for backends behind other interfaces.
+    TxPorts,
+    /// New backend slots, and changes of slots the new tables still point at.
+    NewSlots,
+    /// The address filter admits every VIP address, old and new.
+    FilterWidened,
+    /// `VIP_ADDRS` and `SOURCE_RANGES` the new VIP entries rely on.
+    AddressesAndRanges,
+    /// New Maglev tables swapped in.
+    Tables,
+    /// VIP entries written.
+    VipEntries,
+    /// Slots that stopped taking new flows (draining, weight 0) marked so.
+    DrainedSlots,
+    /// Removed VIPs' entries gone, their tables emptied.
+    VipsRemoved,
+    /// Slots of removed backends cleared.
+    SlotsFreed,
+    /// Addresses and source ranges no VIP refers to any more removed.
+    StaleAddressesAndRanges,
+    /// The address filter narrowed to the remaining VIPs.
+    FilterNarrowed,
+    /// The co-location maps (peers, inline decapsulation).
+    Colocation,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 12] = [
+        Phase::TxPorts,
+        Phase::NewSlots,
+        Phase::FilterWidened,
+        Phase::AddressesAndRanges,
+        Phase::Tables,
+        Phase::VipEntries,
+        Phase::DrainedSlots,
+        Phase::VipsRemoved,
+        Phase::SlotsFreed,
+        Phase::StaleAddressesAndRanges,
+        Phase::FilterNarrowed,
+        Phase::Colocation,
+    ];
+}
+
+/// Called after each phase of an apply; an error stops the apply there.
+type Hook<'a> = &'a mut dyn FnMut(Phase) -> anyhow::Result<()>;
+
+/// The key of a VIP as the program sees it.
+pub fn vip_key(vip: &VipAddr) -> VipKey {
+    let (addr, family) = raw_addr(vip.addr);
+    VipKey {
+        addr,
+        port: vip.port.to_be(),
+        proto: vip.protocol.number(),
+        family,
+    }
+}
+
+pub use lb_common::{addr_from_raw, maglev_id, raw_addr};
+
+/// Something the maps had no room for, left out of a reconcile (the rest is applied; the next
+/// reconcile tries again).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LeftOut {
+    /// A new VIP: no free VIP entry (at most `MAX_VIPS`), VIP address or room for its source
+    /// ranges.
+    Vip { vip: VipAddr },
+    /// A new backend of a VIP: no free backend slot (at most `MAX_BACKENDS` over all VIPs).
+    Backend { vip: VipAddr, backend: IpAddr },
+    /// New source ranges of a VIP (at most `MAX_SOURCE_RANGES` over all VIPs): it admits only
+    /// the clients of those it had that are still listed.
+    SourceRanges { vip: VipAddr },
+}
+
+impl std::fmt::Display for LeftOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Vip { vip } => write!(f, "VIP {vip} (at most {MAX_VIPS} VIPs)"),
+            Self::Backend { vip, backend } => write!(
+                f,
+                "backend {backend} of {vip} (at most {MAX_BACKENDS} backends over all VIPs)"
+            ),
+            Self::SourceRanges { vip } => write!(
+                f,
+                "new source ranges of {vip} (at most {MAX_SOURCE_RANGES} over all VIPs; it admits only the listed ones it had)"
+            ),
+        }
+    }
+}
+
+/// Empties the `ANNOUNCE` map (an agent without `--announce` answers ARP for nothing).
+pub fn clear_announce(maps: &mut Maps) -> anyhow::Result<()> {
+    let keys: Vec<VipKey> = maps
+        .announce
+        .keys()
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow!("reading the ANNOUNCE map: {e}"))?;
+    for key in keys {
+        match maps.announce.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => bail!("removing an entry of the ANNOUNCE map: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// Brings the maps to `desired`. On error nothing has been written if the error came from
+/// resolving (with [`Unreachable::Fail`]) or planning; a syscall failure midway is reported,
+/// and the next reconcile completes what this one left (it reads what is installed, the
+/// Maglev tables' fingerprints included). What the maps have no room for is left out and
+/// listed in [`Summary::left_out`]; everything else is applied.
+pub fn reconcile(
+    maps: &mut Maps,
+    iface: &Interface,
+    desired: &Desired,
+    unreachable: Unreachable,
+) -> anyhow::Result<Summary> {
+    let resolved = resolve(iface, desired)?;
+    if unreachable == Unreachable::Fail
+        && let Some(((addr, mode), why)) = resolved.failures.iter().next()
+    {
+        let vip = desired
+            .vips
+            .iter()
+            .find(|v| v.mode == *mode && v.backends.iter().any(|b| b.addr == *addr))
+            .map(|v| v.key.to_string())
+            .unwrap_or_default();
+        bail!("{vip}: backend {addr}: {why}");
+    }
+    reconcile_resolved(maps, iface, desired, &resolved)
+}
+
+/// [`reconcile`] after the resolve step: plan (pure) and apply.
+pub fn reconcile_resolved(
+    maps: &mut Maps,
+    iface: &Interface,
+    desired: &Desired,
+    resolved: &Resolved,
+) -> anyhow::Result<Summary> {
+    reconcile_with(maps, iface, desired, resolved, &mut |_| Ok(()))
+}
+
+/// Test builds only (`test-hooks`): [`reconcile_resolved`] calling `hook` after each phase of
+/// the apply; an error from it stops the apply there, as a killed or failed reconcile would.
+#[cfg(feature = "test-hooks")]
+pub fn reconcile_resolved_with_hook(
+    maps: &mut Maps,
+    iface: &Interface,
+    desired: &Desired,
+    resolved: &Resolved,
+    hook: &mut dyn FnMut(Phase) -> anyhow::Result<()>,
+) -> anyhow::Result<Summary> {
+    reconcile_with(maps, iface, desired, resolved, hook)
+}
+
+fn reconcile_with(
+    maps: &mut Maps,
+    iface: &Interface,
+    desired: &Desired,
+    resolved: &Resolved,
+    hook: Hook<'_>,
+) -> anyhow::Result<Summary> {
+    let (mut summary, freed) = reconcile_pass(maps, iface, desired, resolved, hook)?;
+    if !summary.left_out.is_empty() && freed {
+        // Removals make room only once they are done (old and new entries coexist during an
+        // apply, and a freed slot is never reused in the apply that frees it): one more pass
+        // uses it.
+        let (second, _) = reconcile_pass(maps, iface, desired, resolved, hook)?;
+        summary.add(second);
+    }
+    sync_colocation(maps, desired, resolved)?;
+    hook(Phase::Colocation)?;
+    summary.unresolved = resolved.unresolved();
+    Ok(summary)
+}
+
+fn reconcile_pass(
+    maps: &mut Maps,
+    iface: &Interface,
+    desired: &Desired,
+    resolved: &Resolved,
+    hook: Hook<'_>,
+) -> anyhow::Result<(Summary, bool)> {
+    let mut current = Snapshot::read(maps)?;
+    current.read_tables(maps);
+    let plan = plan(&current, iface, desired, resolved)?;
+    let freed = plan.frees;
+    Ok((apply(maps, current, plan, hook)?, freed))
+}
+
+/// The co-location maps: `PEERS` (other nodes' MACs: their VIP frames were balanced already)
+/// and the inline decapsulator's sets (this node's addresses; the peers and the configured
+/// encap source prefixes as allowed outer sources). Empty without peers.
+fn sync_colocation(maps: &mut Maps, desired: &Desired, resolved: &Resolved) -> anyhow::Result<()> {
+    let want: BTreeSet<PeerKey> = resolved
+        .peer_macs
+        .iter()
+        .take(MAX_PEERS as usize)
+        .map(|mac| PeerKey::new(mac.0))
+        .collect();
+    let mut have = BTreeSet::new();
+    for key in maps.peers.keys() {
+        have.insert(key.context("reading the PEERS map")?);
+    }
+    // New peers are in PEERS before their filter bits are set, and gone peers' bits are
+    // cleared before they leave PEERS: a peer's frame never misses both.
+    let mut filter = PeerFilter::default();
+    for key in &want {
+        filter.insert(&key.mac);
+    }
+    for key in want.difference(&have) {
+        maps.peers.insert(key, &1, 0).context("writing PEERS")?;
+    }
+    if maps.peer_filter.get(&0, 0).ok() != Some(filter) {
+        maps.peer_filter
+            .set(0, &filter, 0)
+            .context("writing PEER_FILTER")?;
+    }
+    for key in have.difference(&want) {
+        match maps.peers.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).context("removing from PEERS"),
+        }
+    }
+    let (mut allow, mut local) = (Vec::new(), Vec::new());
+    if !desired.peers.is_empty() {
+        allow.extend(desired.peers.iter().map(|a| IpNet::from(*a)));
+        allow.extend(desired.settings.encap_source_v4.map(IpNet::V4));
+        allow.extend(desired.settings.encap_source_v6.map(IpNet::V6));
+        local.extend(resolved.local.iter().copied());
+    }
+    let room = MAX_DECAP_ADDRS as usize;
+    allow.truncate(room);
+    local.truncate(room.saturating_sub(allow.len()));
+    decap::sync(&mut maps.decap, &allow, &local)
+}
