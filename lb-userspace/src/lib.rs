@@ -14,4 +14,5 @@ pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod reconcile;
+pub mod reconciler;
 pub mod resolve;

@@ -20,6 +20,7 @@ use lb_userspace::{
     model::{Desired, IpNet, Settings, VipAddr},
     net::Interface,
     reconcile::{self, Unreachable},
+    reconciler::Reconciler,
 };
 use log::{error, info, warn};
 use signal_hook::{
@@ -395,22 +396,6 @@ fn prepare(config: &Path, iface: &str) -> anyhow::Result<(Desired, Interface)> {
     Ok((desired, iface))
 }
 
-fn load_fresh(pins: &PinLayout, desired: &Desired) -> anyhow::Result<(aya::Ebpf, Maps)> {
-    pins.prepare()?;
-    if pins.has_maps() {
-        info!(
-            "adopting the maps pinned in {} (their flows are kept)",
-            pins.maps_dir().display()
-        );
-    }
-    if let Some(warning) = lb_userspace::memory::check(&desired.settings, desired.vips.len()) {
-        warn!("{warning}");
-    }
-    let mut ebpf = dataplane::load(Some(pins), desired.settings.flow_table_size)?;
-    let maps = Maps::from_ebpf(&mut ebpf)?;
-    Ok((ebpf, maps))
-}
-
 /// How often `run` re-resolves backends' MACs and routes.
 const NEXT_HOP_REFRESH: Duration = Duration::from_secs(30);
 /// How often `run` looks at pending signals.
@@ -425,29 +410,15 @@ fn run(pin_root: &Path, args: &AttachArgs, metrics_addr: SocketAddr) -> anyhow::
         Signals::new([SIGHUP, SIGINT, SIGTERM]).context("installing signal handlers")?;
     let control = ControlMetrics::default();
     let metrics = metrics::serve(metrics_addr, &pins, control.clone())?;
-    let (mut ebpf, mut maps) = load_fresh(&pins, &desired)?;
-    let reconcile = |maps: &mut Maps, desired: &Desired| {
-        let started = Instant::now();
-        let result = reconcile::reconcile(maps, &iface, desired, Unreachable::Fail);
-        control.record(started, &result);
-        result
-    };
-    let summary = reconcile(&mut maps, &desired)?;
-    info!("{}: {summary}", config.display());
-    // The link is pinned too: a run killed with SIGKILL leaves the dataplane forwarding, and
-    // the next run adopts link and maps (no flow lost); SIGTERM removes both.
-    if dataplane::attach_pinned(
-        &mut ebpf,
-        lb_common::BALANCER_PROGRAM,
-        &iface,
+    let mut reconciler = Reconciler::new(
+        iface.clone(),
+        pins.clone(),
         generic,
-        &pins,
-    )? {
-        info!(
-            "adopted the attachment pinned in {}: program replaced in place, flows kept",
-            pins.dir().display()
-        );
-    }
+        Unreachable::Fail,
+        control,
+    );
+    let summary = reconciler.apply(&desired)?;
+    info!("{}: {summary}", config.display());
     info!(
         "balancing on {} ({} mode), {} VIPs; SIGHUP reloads {}",
         iface.name,
@@ -474,7 +445,7 @@ fn run(pin_root: &Path, args: &AttachArgs, metrics_addr: SocketAddr) -> anyhow::
                         );
                         flow_table_size = new.settings.flow_table_size;
                     }
-                    match reconcile(&mut maps, &new) {
+                    match reconciler.apply(&new) {
                         Ok(s) => info!("reloaded {}: {s}", config.display()),
                         Err(e) => error!("reload of {} failed: {e:#}", config.display()),
                     }
@@ -486,7 +457,7 @@ fn run(pin_root: &Path, args: &AttachArgs, metrics_addr: SocketAddr) -> anyhow::
         // again now and then; only what changed is written.
         if refreshed.elapsed() >= NEXT_HOP_REFRESH {
             refreshed = Instant::now();
-            match reconcile(&mut maps, &running) {
+            match reconciler.apply(&running) {
                 Ok(s) if !s.is_empty() => info!("next hops refreshed: {s}"),
                 Ok(_) => {}
                 Err(e) => warn!("refreshing next hops failed (keeping the old ones): {e:#}"),
@@ -495,57 +466,22 @@ fn run(pin_root: &Path, args: &AttachArgs, metrics_addr: SocketAddr) -> anyhow::
         thread::sleep(SIGNAL_POLL);
     }
     drop(metrics);
-    drop(maps);
-    drop(ebpf);
+    reconciler.release();
     dataplane::detach_pinned(&pins)
 }
 
 fn attach(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> anyhow::Result<()> {
     let (desired, iface) = prepare(config, iface_name)?;
     let pins = PinLayout::new(pin_root, &iface.name);
-    attach_persistent(
-        &pins,
-        &iface,
-        &desired,
+    Reconciler::new(
+        iface,
+        pins,
         generic,
-        &ControlMetrics::default(),
         Unreachable::Fail,
-    )?;
+        ControlMetrics::default(),
+    )
+    .apply(&desired)?;
     Ok(())
-}
-
-/// Brings the persistent (pinned) attachment on `iface` to `desired`: adopts the maps pinned
-/// there (their flows are kept) or creates them, and attaches this binary's program with a
-/// pinned link, or swaps it into the existing link atomically (an upgrade keeps every flow).
-/// Loading checks the pinned maps' layout before anything is written. The state outlives the
-/// process. Shared by `attach` and `agent`; the reconcile is recorded in `control`.
-fn attach_persistent(
-    pins: &PinLayout,
-    iface: &Interface,
-    desired: &Desired,
-    generic: bool,
-    control: &ControlMetrics,
-    unreachable: Unreachable,
-) -> anyhow::Result<(Maps, reconcile::Summary)> {
-    let (mut ebpf, mut maps) = load_fresh(pins, desired)?;
-    let started = Instant::now();
-    let summary = reconcile::reconcile(&mut maps, iface, desired, unreachable);
-    control.record(started, &summary);
-    let summary = summary?;
-    let replaced =
-        dataplane::attach_pinned(&mut ebpf, lb_common::BALANCER_PROGRAM, iface, generic, pins)?;
-    info!(
-        "{} {} ({} mode): {summary}; state pinned in {}",
-        if replaced {
-            "updated (program replaced in place)"
-        } else {
-            "attached to"
-        },
-        iface.name,
-        if generic { "generic" } else { "native" },
-        pins.dir().display()
-    );
-    Ok((maps, summary))
 }
 
 fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
@@ -584,32 +520,19 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
         pins: pins.clone(),
     });
     let announcing = announce.is_some();
-    let recorded = control.clone();
     // Attached on the first complete model, so a restart never applies a partial view.
-    let mut maps: Option<Maps> = None;
-    let apply: k8s::ApplyFn = Box::new(move |desired| match &mut maps {
-        Some(maps) => {
-            let started = Instant::now();
-            let result = reconcile::reconcile(maps, &iface, desired, Unreachable::Drain);
-            recorded.record(started, &result);
-            result
+    let mut reconciler = Reconciler::new(iface, pins, generic, Unreachable::Drain, control.clone());
+    let apply: k8s::ApplyFn = Box::new(move |desired| {
+        let first = reconciler.maps_mut().is_none();
+        let summary = reconciler.apply(desired)?;
+        if first
+            && !announcing
+            && let Some(maps) = reconciler.maps_mut()
+        {
+            // Entries left by an earlier `--announce` run would keep answering ARP.
+            reconcile::clear_announce(maps)?;
         }
-        None => {
-            let (mut attached, summary) = attach_persistent(
-                &pins,
-                &iface,
-                desired,
-                generic,
-                &recorded,
-                Unreachable::Drain,
-            )?;
-            if !announcing {
-                // Entries left by an earlier `--announce` run would keep answering ARP.
-                reconcile::clear_announce(&mut attached)?;
-            }
-            maps = Some(attached);
-            Ok(summary)
-        }
+        Ok(summary)
     });
     k8s::run(
         k8s::AgentConfig {
