@@ -62,11 +62,30 @@ fn mode_name(mode: u8) -> &'static str {
     }
 }
 
-fn state_name(state: u32) -> &'static str {
-    match state {
-        backend_state::ACTIVE => "active",
-        backend_state::DRAINING => "draining",
-        _ => "empty",
+/// A backend slot's state as readers show it (`active`, `draining`, `empty` in JSON).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotState {
+    Active,
+    Draining,
+    Empty,
+}
+
+impl SlotState {
+    pub fn of(state: u32) -> Self {
+        match state {
+            backend_state::ACTIVE => Self::Active,
+            backend_state::DRAINING => Self::Draining,
+            _ => Self::Empty,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Draining => "draining",
+            Self::Empty => "empty",
+        }
     }
 }
 
@@ -84,7 +103,7 @@ pub(crate) struct BackendRow {
     pub(crate) vip: String,
     pub(crate) address: String,
     slot: u32,
-    pub(crate) state: &'static str,
+    pub(crate) state: SlotState,
     weight: u32,
     mode: &'static str,
     mac: String,
@@ -119,7 +138,7 @@ pub(crate) fn collect(maps: &Maps) -> anyhow::Result<Vec<(VipRow, Vec<BackendRow
             vip: String::new(),
             address: addr_from_raw(&value.addr, value.family).to_string(),
             slot: *slot,
-            state: state_name(value.state),
+            state: SlotState::of(value.state),
             weight: value.weight,
             mode: mode_name(value.mode),
             mac: MacAddr(value.dst_mac).to_string(),
@@ -212,7 +231,7 @@ pub fn backends(maps: &Maps) -> anyhow::Result<View> {
                 r.vip.clone(),
                 r.address.clone(),
                 r.slot.to_string(),
-                r.state.to_owned(),
+                r.state.name().to_owned(),
                 r.weight.to_string(),
                 r.mode.to_owned(),
                 r.mac.clone(),
@@ -302,7 +321,7 @@ pub fn stats(maps: &Maps) -> anyhow::Result<View> {
             lines.push(vec![
                 String::new(),
                 b.address.clone(),
-                b.state.to_owned(),
+                b.state.name().to_owned(),
                 b.packets.to_string(),
                 b.bytes.to_string(),
                 format!("{share:.1}%"),

@@ -316,7 +316,7 @@ fn register_dataplane(registry: &mut Registry, maps: &Maps) -> anyhow::Result<()
             backend_bytes.get_or_create(&labels).inc_by(b.bytes);
             draining
                 .get_or_create(&labels)
-                .set(i64::from(b.state == "draining"));
+                .set(i64::from(b.state == inspect::SlotState::Draining));
         }
     }
 
