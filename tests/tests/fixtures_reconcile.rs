@@ -481,25 +481,3 @@ fn over_capacity_what_fits_is_applied_and_the_rest_reported() {
     assert_eq!(again.left_out.len(), 1, "{again}");
     assert!(again.is_empty(), "{again}");
 }
-
-/// The fast path's cost (an established flow, L2): `cargo test --test fixtures_reconcile --
-/// --ignored --nocapture fast_path`. Prints the median of 7 runs of 1,000,000 packets.
-#[test]
-#[ignore = "a measurement, not a check"]
-fn fast_path_ns_per_packet() {
-    let mut h = fresh(&state(vec![vip(
-        1,
-        vec![b(0, 1, false), b(1, 1, false), b(2, 1, false)],
-        &[],
-    )]));
-    let (action, _) = h.run(&syn_to(vip_addr(1), 1000)).unwrap();
-    assert_eq!(action, XDP_TX);
-    let mut ack = Frame::tcp(1000, TCP_ACK);
-    ack.dst = IpAddr::V4(vip_addr(1));
-    let ack = ack.bytes();
-    let mut runs: Vec<u64> = (0..7)
-        .map(|_| h.run_repeat(&ack, 1_000_000).unwrap().2)
-        .collect();
-    runs.sort_unstable();
-    println!("established flow: {} ns/packet (runs {runs:?})", runs[3]);
-}
