@@ -77,6 +77,18 @@ pub fn binaries() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// How to start a [`Kube`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KubeOptions<'a> {
+    /// The network namespace of etcd and the API servers (its loopback must be up); `None`: here.
+    pub netns: Option<&'a str>,
+    /// Serve a whole cluster (kubelets, pods): listen on every address of the namespace,
+    /// advertise this one (the `kubernetes` Service's endpoint, kept by the lease reconciler),
+    /// allow privileged pods, reach kubelets by their InternalIP. `None`: loopback only, no
+    /// `kubernetes` endpoint (the agent tests).
+    pub advertise: Option<Ipv4Addr>,
+}
+
 /// One kube-apiserver process (several may share the etcd).
 struct ApiServer {
     port: u16,
@@ -89,6 +101,7 @@ struct ApiServer {
 /// etcd + kube-apiserver(s). See the module documentation.
 pub struct Kube {
     netns: Option<String>,
+    advertise: Option<Ipv4Addr>,
     dir: PathBuf,
     bin: PathBuf,
     etcd_port: u16,
@@ -103,6 +116,15 @@ impl Kube {
     /// Starts etcd and one API server (index 0), inside network namespace `netns` when given (its
     /// loopback must be up), and registers the EndpointSlice v1 CRD.
     pub fn start(netns: Option<&str>) -> Result<Kube> {
+        Self::start_with(KubeOptions {
+            netns,
+            advertise: None,
+        })
+    }
+
+    /// Like [`Kube::start`], with the [`KubeOptions`].
+    pub fn start_with(opts: KubeOptions) -> Result<Kube> {
+        let netns = opts.netns;
         let bin = binaries()?;
         STALE_CLEANUP.call_once(cleanup_stale);
         let pid = std::process::id();
@@ -113,6 +135,7 @@ impl Kube {
         let ports = free_ports(netns, 2)?;
         let mut kube = Kube {
             netns: netns.map(str::to_owned),
+            advertise: opts.advertise,
             dir,
             bin,
             etcd_port: ports[0],
@@ -270,10 +293,20 @@ impl Kube {
         ensure!(self.servers[i].child.is_none(), "API server {i} is running");
         let s = &self.servers[i];
         let mut c = self.command(&self.bin.join("kube-apiserver"));
-        c.arg(format!("--etcd-servers={}", self.etcd_url()))
-            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
-            .arg(format!("--secure-port={}", s.port))
-            .args(["--insecure-port=0", "--endpoint-reconciler-type=none"])
+        c.arg(format!("--etcd-servers={}", self.etcd_url()));
+        match self.advertise {
+            None => c
+                .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+                .arg("--endpoint-reconciler-type=none"),
+            Some(addr) => c
+                .arg("--bind-address=0.0.0.0")
+                .arg(format!("--advertise-address={addr}"))
+                .arg("--allow-privileged=true")
+                // Without it, `kubectl logs/exec` look the node's name up in DNS.
+                .arg("--kubelet-preferred-address-types=InternalIP"),
+        };
+        c.arg(format!("--secure-port={}", s.port))
+            .arg("--insecure-port=0")
             .arg(format!("--cert-dir={}", s.cert_dir.display()))
             .arg(format!(
                 "--token-auth-file={}",
@@ -371,6 +404,63 @@ impl Kube {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+    /// The service-account signing key (kube-controller-manager's token controller needs it).
+    pub fn sa_key(&self) -> PathBuf {
+        self.dir.join("sa.key")
+    }
+    /// The self-signed certificate of API server `i` (its CA for clients).
+    pub fn ca_cert(&self, i: usize) -> PathBuf {
+        self.servers[i].cert_dir.join("apiserver.crt")
+    }
+    /// Writes `path`: an admin kubeconfig for API server `i` at `https://<host>:<port>` (a
+    /// cluster's components reach it at the advertised address).
+    pub fn write_admin_kubeconfig(&self, i: usize, host: Ipv4Addr, path: &Path) -> Result<()> {
+        let s = &self.servers[i];
+        let text = kubeconfig_yaml(s.port, &s.cert_dir.join("apiserver.crt"), &self.admin_token)
+            .replace("https://127.0.0.1:", &format!("https://{host}:"));
+        fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// One request to API server 0 as admin (curl inside the namespace): `method` on `path`
+    /// (`/api/v1/pods`) with an optional body of `content_type`. Returns the answer parsed as
+    /// JSON, or an error with the answer's body unless the status is 2xx.
+    pub fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&str, &serde_json::Value)>,
+    ) -> Result<serde_json::Value> {
+        let s = &self.servers[0];
+        let mut c = self.command(Path::new("curl"));
+        c.args([
+            "--silent",
+            "--show-error",
+            "--fail-with-body",
+            "--max-time",
+            "30",
+        ])
+        .arg("--cacert")
+        .arg(s.cert_dir.join("apiserver.crt"))
+        .args(["-H", &format!("Authorization: Bearer {}", self.admin_token)])
+        .args(["-X", method]);
+        if let Some((content_type, v)) = body {
+            c.args(["-H", &format!("Content-Type: {content_type}")])
+                .args(["--data-binary", &v.to_string()]);
+        }
+        c.arg(format!("https://127.0.0.1:{}{path}", s.port));
+        let out = cmd::run_ok(&mut c, cmd::DEFAULT_TIMEOUT)
+            .with_context(|| format!("{method} {path}"))?;
+        if out.stdout.is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| format!("{method} {path}: not JSON"))
+    }
+
+    /// The binaries' directory (kubectl, kubelet, kube-proxy, ...).
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin
+    }
+
     /// The port of API server `i` (on 127.0.0.1 of the namespace).
     pub fn apiserver_port(&self, i: usize) -> u16 {
         self.servers[i].port
