@@ -367,6 +367,12 @@ impl Cluster {
                 &n.ns,
                 &["sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=1"],
             );
+            // A default route, as every real node has: kube-proxy's DNAT of a Service's cluster
+            // IP (the API at 10.96.0.1 for the agent) comes after a route lookup that must succeed.
+            ip(
+                &n.ns,
+                &["route", "add", "default", "via", &cp_addr().to_string(), "dev", IFACE],
+            )?;
             for j in 0..self.nodes.len() {
                 if j != i {
                     ip(
@@ -1015,7 +1021,7 @@ featureGates: {{EndpointSliceProxying: false}}
                 "  counter f_{k} {{ }}\n  counter s_{k} {{ }}\n"
             ));
         }
-        rules.push_str("  chain fwd {\n    type filter hook forward priority 0; policy accept;\n");
+        rules.push_str("  chain frames {\n    type filter hook forward priority 0; policy accept;\n");
         for p in self.ports() {
             let k = p.replace('-', "_");
             rules.push_str(&format!(
@@ -1195,10 +1201,22 @@ pub fn items(v: &Value) -> &[Value] {
 
 /// The cgroup v1 hierarchies (directories under /sys/fs/cgroup that are cgroup mounts).
 fn cgroup_hierarchies() -> Vec<PathBuf> {
+    cgroup_mounts(" - cgroup ")
+}
+
+/// Every cgroup hierarchy, v1 and the v2 one of a hybrid setup (runc creates the containers'
+/// cgroups there too): where cgroups are killed and removed.
+fn all_cgroup_hierarchies() -> Vec<PathBuf> {
+    let mut v = cgroup_mounts(" - cgroup ");
+    v.extend(cgroup_mounts(" - cgroup2 "));
+    v
+}
+
+fn cgroup_mounts(kind: &str) -> Vec<PathBuf> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     mountinfo
         .lines()
-        .filter(|l| l.contains(" - cgroup "))
+        .filter(|l| l.contains(kind))
         .filter_map(|l| l.split(' ').nth(4))
         .filter(|mp| mp.starts_with(CGROUP_V1))
         .map(PathBuf::from)
@@ -1209,7 +1227,7 @@ fn cgroup_hierarchies() -> Vec<PathBuf> {
 fn kill_cgroup_tree(root: &str) {
     for _round in 0..5 {
         let mut any = false;
-        for h in cgroup_hierarchies() {
+        for h in all_cgroup_hierarchies() {
             let top = h.join(root);
             for dir in walk_dirs(&top) {
                 let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
@@ -1230,7 +1248,7 @@ fn kill_cgroup_tree(root: &str) {
 
 /// Removes cgroup `/<root>` and everything below it, in every hierarchy (deepest first).
 fn remove_cgroup_tree(root: &str) {
-    for h in cgroup_hierarchies() {
+    for h in all_cgroup_hierarchies() {
         let mut dirs = walk_dirs(&h.join(root));
         dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
         for d in dirs {
@@ -1330,7 +1348,7 @@ fn cleanup_stale() {
         eprintln!("sluice cluster: removing {} left by a dead test process", d.display());
         kill_cmdline_containing(&format!("{}/", d.display()), me);
     }
-    for h in cgroup_hierarchies() {
+    for h in all_cgroup_hierarchies() {
         for e in fs::read_dir(&h).into_iter().flatten().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(pid) = cluster_name_pid(&name).filter(|p| dead(*p)) {

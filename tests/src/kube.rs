@@ -83,7 +83,7 @@ pub struct KubeOptions<'a> {
     /// The network namespace of etcd and the API servers (its loopback must be up); `None`: here.
     pub netns: Option<&'a str>,
     /// Serve a whole cluster (kubelets, pods): listen on every address of the namespace,
-    /// advertise this one (the `kubernetes` Service's endpoint, kept by the lease reconciler),
+    /// advertise this one (the `kubernetes` Service's endpoint, so pods reach the API),
     /// allow privileged pods, reach kubelets by their InternalIP. `None`: loopback only, no
     /// `kubernetes` endpoint (the agent tests).
     pub advertise: Option<Ipv4Addr>,
@@ -184,7 +184,16 @@ impl Kube {
         self.retry("listing v1 EndpointSlices", || {
             self.kubectl_ok(&["get", "endpointslices.v1.discovery.k8s.io", "-A"])
                 .map(drop)
-        })
+        })?;
+        if let Some(addr) = self.advertise {
+            let port = self.servers[0].port;
+            self.retry("writing the kubernetes Endpoints", || {
+                self.apply_yaml(&format!(
+                    "apiVersion: v1\nkind: Endpoints\nmetadata: {{name: kubernetes, namespace: default}}\nsubsets:\n  - addresses: [{{ip: \"{addr}\"}}]\n    ports: [{{name: https, port: {port}, protocol: TCP}}]\n"
+                ))
+            })?;
+        }
+        Ok(())
     }
 
     fn retry(&self, what: &str, mut f: impl FnMut() -> Result<()>) -> Result<()> {
@@ -273,7 +282,8 @@ impl Kube {
         let kubeconfig = self.dir.join(format!("admin-{i}.kubeconfig"));
         fs::write(
             &kubeconfig,
-            kubeconfig_yaml(port, &cert_dir.join("apiserver.crt"), &self.admin_token),
+            kubeconfig_yaml(port, &cert_dir.join("apiserver.crt"), &self.admin_token)
+                .replace("https://127.0.0.1:", &format!("https://{}:", self.host())),
         )?;
         self.servers.push(ApiServer {
             port,
@@ -298,7 +308,10 @@ impl Kube {
             None => c
                 .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
                 .arg("--endpoint-reconciler-type=none"),
+            // The lease reconciler of 1.20 also writes v1beta1 EndpointSlices, which are off
+            // here: the `kubernetes` Endpoints are written once by `setup` instead.
             Some(addr) => c
+                .arg("--endpoint-reconciler-type=none")
                 .arg("--bind-address=0.0.0.0")
                 .arg(format!("--advertise-address={addr}"))
                 .arg("--allow-privileged=true")
@@ -447,7 +460,7 @@ impl Kube {
             c.args(["-H", &format!("Content-Type: {content_type}")])
                 .args(["--data-binary", &v.to_string()]);
         }
-        c.arg(format!("https://127.0.0.1:{}{path}", s.port));
+        c.arg(format!("https://{}:{}{path}", self.host(), s.port));
         let out = cmd::run_ok(&mut c, cmd::DEFAULT_TIMEOUT)
             .with_context(|| format!("{method} {path}"))?;
         if out.stdout.is_empty() {
@@ -459,6 +472,12 @@ impl Kube {
     /// The binaries' directory (kubectl, kubelet, kube-proxy, ...).
     pub fn bin_dir(&self) -> &Path {
         &self.bin
+    }
+
+    /// The address clients use: 127.0.0.1, or the advertised address (the one the self-signed
+    /// certificate names) when serving a cluster.
+    fn host(&self) -> Ipv4Addr {
+        self.advertise.unwrap_or(Ipv4Addr::LOCALHOST)
     }
 
     /// The port of API server `i` (on 127.0.0.1 of the namespace).
@@ -534,7 +553,7 @@ impl Kube {
         .args(["-H", &format!("Authorization: Bearer {}", self.admin_token)])
         .args(["-H", "Content-Type: application/merge-patch+json"])
         .args(["-X", "PATCH", "--data", &patch.to_string()])
-        .arg(format!("https://127.0.0.1:{}{path}/status", s.port));
+        .arg(format!("https://{}:{}{path}/status", self.host(), s.port));
         cmd::run_ok(&mut c, cmd::DEFAULT_TIMEOUT)
             .with_context(|| format!("patching the status of {path}"))?;
         Ok(())

@@ -239,7 +239,21 @@ struct Spread {
 
 fn spread(c: &Cluster, vip: Ipv4Addr, n: usize) -> Result<Spread> {
     let start = Instant::now();
-    let (bodies, failed) = c.curl(vip, 80, "/cgi-bin/who", n)?;
+    // In batches of 50: when most of a batch fails, the rest is not tried (and counts as failed),
+    // so that a broken path costs seconds, not minutes.
+    let (mut bodies, mut failed) = (Vec::new(), 0);
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(50);
+        let (b, f) = c.curl(vip, 80, "/cgi-bin/who", k)?;
+        bodies.extend(b);
+        failed += f;
+        left -= k;
+        if f * 2 > k {
+            failed += left;
+            break;
+        }
+    }
     let mut s = Spread {
         by_node: BTreeMap::new(),
         pods: BTreeMap::new(),
@@ -257,6 +271,26 @@ fn spread(c: &Cluster, vip: Ipv4Addr, n: usize) -> Result<Spread> {
 
 fn every_node(c: &Cluster, by_node: &BTreeMap<String, usize>) -> bool {
     (0..c.nodes()).all(|i| by_node.get(c.node_name(i)).copied().unwrap_or(0) > 0)
+}
+
+/// `SLUICE_CLUSTER_HOLD=<seconds>`: keeps the cluster up that long (or until the file
+/// `<cluster dir>/release` exists) before tearing it down, for a look from another shell.
+fn hold_for_inspection(c: &Cluster) {
+    let Some(secs) = std::env::var("SLUICE_CLUSTER_HOLD")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    else {
+        return;
+    };
+    eprintln!(
+        "holding cluster {} for {secs} s (touch {}/release to go on)",
+        c.id(),
+        c.dir().display()
+    );
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(secs) && !c.dir().join("release").exists() {
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 #[test]
@@ -329,6 +363,9 @@ fn sluice_deployed_on_a_real_cluster() {
     );
     if !agents_ok {
         eprintln!("{}", agent_diagnostics(&c));
+        if std::env::var_os("SLUICE_CLUSTER_HOLD").is_some() {
+            hold_for_inspection(&c);
+        }
     }
     let web_ready = c.wait_for("web pods ready", Duration::from_secs(90), || {
         let pods = c.pods("default", "app%3Dweb")?;
@@ -538,6 +575,7 @@ fn sluice_deployed_on_a_real_cluster() {
             cluster_start.as_secs_f64()
         ),
     );
+    hold_for_inspection(&c);
     drop(c);
     checks.finish();
 }
