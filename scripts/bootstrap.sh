@@ -38,11 +38,10 @@ install_apt() {
   log "apt: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # nginx from Debian starts a system service on install; the lab runs its own instances.
-  systemctl disable --now nginx >/dev/null 2>&1 || true
-  systemctl disable --now haproxy >/dev/null 2>&1 || true
-  pkill -x nginx >/dev/null 2>&1 || true
+  # nginx, haproxy and containerd from Debian would start system services on install; the
+  # tests run their own instances. No service is started at all (policy-rc.d), so nothing
+  # has to be stopped afterwards and a user's own services are never touched.
+  "$(dirname "$0")/no-service-starts.sh" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
 install_toolchains() {

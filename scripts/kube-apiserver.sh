@@ -49,9 +49,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   log "apt: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # Debian starts a system etcd on install; tests run their own on free ports.
-  systemctl disable --now etcd >/dev/null 2>&1 || true
+  # Debian would start a system etcd on install; tests run their own on free ports.
+  "$(dirname "$0")/no-service-starts.sh" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 work="$CACHE/build"

@@ -14,6 +14,8 @@ pub const MAX_BACKENDS: u32 = 16384;
 pub const MAX_SOURCE_RANGES: u32 = 16384;
 /// Most load-balancer source prefixes and local addresses a decapsulator accepts.
 pub const MAX_DECAP_ADDRS: u32 = 256;
+/// Other sluice nodes on one segment (`PEERS`).
+pub const MAX_PEERS: u32 = 1024;
 /// Most interfaces a backend can be reached through by `XDP_REDIRECT`.
 pub const MAX_TX_PORTS: u32 = 64;
 /// Maglev lookup table size per VIP (prime). The Maglev paper keeps M > 100 x N backends.
@@ -90,7 +92,13 @@ pub mod map_names {
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const ANNOUNCE: &str = "ANNOUNCE";
-    pub const ALL: [&str; 13] = [
+    /// MACs of the other sluice nodes: a frame from one of them was balanced already.
+    pub const PEERS: &str = "PEERS";
+    /// Inline decapsulation (the balancer unwraps what other nodes sent it): the same maps as
+    /// the stand-alone decapsulator's, by the same names.
+    pub const DECAP_SOURCES: &str = super::decap_map_names::DECAP_SOURCES;
+    pub const DECAP_LOCAL: &str = super::decap_map_names::DECAP_LOCAL;
+    pub const ALL: [&str; 16] = [
         FLOWS6,
         VIP_FILTER,
         VIP_ADDRS,
@@ -104,6 +112,9 @@ pub mod map_names {
         BACKEND_STATS,
         GLOBAL_STATS,
         ANNOUNCE,
+        PEERS,
+        DECAP_SOURCES,
+        DECAP_LOCAL,
     ];
 }
 
@@ -266,6 +277,23 @@ pub mod forward_mode {
     pub const IPIP_V4: u8 = 1;
     /// Wrapped in an outer IPv6 header (IP6IP6, or IPv4-in-IPv6 for an IPv4 VIP).
     pub const IPIP_V6: u8 = 2;
+    /// This node itself: the packet goes to its own stack (`XDP_PASS`, untouched), where
+    /// kube-proxy or a local listener takes it on.
+    pub const LOCAL: u8 = 3;
+}
+
+/// Key of the `PEERS` map: the MAC of another sluice node on the attached segment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerKey {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+impl PeerKey {
+    pub const fn new(mac: [u8; 6]) -> Self {
+        Self { mac, _pad: [0; 2] }
+    }
 }
 
 /// Value of the `BACKENDS` array: where and how to send a packet of this backend.
@@ -421,10 +449,19 @@ pub enum GlobalCounter {
     IcmpErrorForwarded = 14,
     /// Answered: an ARP request for an address this node announces (`ANNOUNCE`).
     ArpReply = 15,
+    /// To this node's own stack: the pick was this node itself (`forward_mode::LOCAL`).
+    Local = 16,
+    /// To this node's own stack: a VIP frame from another sluice node (`PEERS`), balanced
+    /// there already; never balanced twice.
+    FromPeer = 17,
+    /// To this node's own stack: unwrapped IPIP/IP6IP6 from another node (inline decap).
+    Decapsulated = 18,
+    /// Dropped: encapsulated to this node from a source outside `DECAP_SOURCES`.
+    DropDecapSource = 19,
 }
 
 impl GlobalCounter {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 20;
     pub const ALL: [GlobalCounter; Self::COUNT as usize] = [
         Self::Passed,
         Self::Tx,
@@ -442,6 +479,10 @@ impl GlobalCounter {
         Self::IcmpTooBigSent,
         Self::IcmpErrorForwarded,
         Self::ArpReply,
+        Self::Local,
+        Self::FromPeer,
+        Self::Decapsulated,
+        Self::DropDecapSource,
     ];
 
     /// Stable name, used by `sluice inspect stats` and its JSON.
@@ -463,6 +504,10 @@ impl GlobalCounter {
             Self::IcmpTooBigSent => "icmp_too_big_sent",
             Self::IcmpErrorForwarded => "icmp_error_forwarded",
             Self::ArpReply => "arp_reply",
+            Self::Local => "local",
+            Self::FromPeer => "from_peer",
+            Self::Decapsulated => "decapsulated",
+            Self::DropDecapSource => "drop_decap_source",
         }
     }
 }
@@ -478,6 +523,7 @@ const _: () = assert!(size_of::<FlowValue>() == 8);
 const _: () = assert!(size_of::<Counters>() == 16);
 const _: () = assert!(size_of::<VipFilter>() == 512);
 const _: () = assert!(size_of::<Announce>() == 8);
+const _: () = assert!(size_of::<PeerKey>() == 8);
 
 /// Bump when a map's meaning changes without its sizes changing (e.g. a key's field order).
 const MAP_LAYOUT_REVISION: u32 = 2;
@@ -498,6 +544,9 @@ pub const MAP_LAYOUT: u32 = {
         size_of::<VipFilter>() as u32,
         size_of::<ScopedAddr>() as u32,
         size_of::<Announce>() as u32,
+        size_of::<PeerKey>() as u32,
+        MAX_PEERS,
+        MAX_DECAP_ADDRS,
         GlobalCounter::COUNT,
         MAX_VIPS,
         MAX_BACKENDS,
@@ -591,4 +640,5 @@ mod pod {
     unsafe impl aya::Pod for super::VipFilter {}
     unsafe impl aya::Pod for super::ScopedAddr {}
     unsafe impl aya::Pod for super::Announce {}
+    unsafe impl aya::Pod for super::PeerKey {}
 }

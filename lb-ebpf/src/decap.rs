@@ -11,18 +11,12 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    btf_maps::{HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
-    helpers::bpf_xdp_adjust_head,
+    btf_maps::{HashMap, LpmTrie, PerCpuArray},
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
-use lb_common::{
-    Addr, DecapCounter, FAMILY_V4, FAMILY_V6, IPPROTO_IPIP, IPPROTO_IPV6, MAX_DECAP_ADDRS,
-    ScopedAddr,
-};
-use lb_ebpf::packet::{
-    self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr,
-};
+use lb_common::{DecapCounter, MAX_DECAP_ADDRS, ScopedAddr};
+use lb_ebpf::unwrap::{Unwrapped, unwrap};
 
 const MAX_ADDRS: usize = MAX_DECAP_ADDRS as usize;
 
@@ -47,130 +41,14 @@ pub fn sluice_decap(ctx: XdpContext) -> u32 {
     action
 }
 
-/// The outer header: (family, source, destination, inner protocol, header length).
-struct Outer {
-    family: u8,
-    src: Addr,
-    dst: Addr,
-    inner: u8,
-    len: usize,
-}
-
 #[inline(always)]
 fn decap(ctx: &XdpContext) -> (u32, DecapCounter) {
-    const PASS: (u32, DecapCounter) = (xdp_action::XDP_PASS, DecapCounter::Passed);
-    let outer = match packet::eth_proto(ctx) {
-        Some(ETH_P_IP) => outer_v4(ctx),
-        Some(ETH_P_IPV6) => outer_v6(ctx),
-        _ => None,
-    };
-    let Some(outer) = outer else {
-        return PASS;
-    };
-    if outer.inner != IPPROTO_IPIP && outer.inner != IPPROTO_IPV6 {
-        return PASS;
+    match unwrap(ctx, &DECAP_SOURCES, &DECAP_LOCAL) {
+        Unwrapped::NotOurs => (xdp_action::XDP_PASS, DecapCounter::Passed),
+        Unwrapped::Done => (xdp_action::XDP_PASS, DecapCounter::Decapsulated),
+        Unwrapped::ForbiddenSource => (xdp_action::XDP_DROP, DecapCounter::DropSource),
+        Unwrapped::Malformed => (xdp_action::XDP_DROP, DecapCounter::DropMalformed),
     }
-    if DECAP_LOCAL
-        .get_ptr(&scoped(outer.family, &outer.dst))
-        .is_none()
-    {
-        // Not for this node: the kernel routes or drops it as it would without us.
-        return PASS;
-    }
-    let bits = if outer.family == FAMILY_V4 { 32 } else { 128 };
-    let key = Key::new(
-        ScopedAddr::prefix_len(bits),
-        scoped(outer.family, &outer.src),
-    );
-    if DECAP_SOURCES.get(&key).is_none() {
-        return (xdp_action::XDP_DROP, DecapCounter::DropSource);
-    }
-    match strip(ctx, &outer) {
-        Some(()) => (xdp_action::XDP_PASS, DecapCounter::Decapsulated),
-        None => (xdp_action::XDP_DROP, DecapCounter::DropMalformed),
-    }
-}
-
-#[inline(always)]
-fn scoped(family: u8, addr: &Addr) -> ScopedAddr {
-    ScopedAddr {
-        scope_be: (family as u32).to_be(),
-        // SAFETY: [u32; 4] and [u8; 16] have the same size; bytes keep the packet's order.
-        addr: unsafe { core::mem::transmute::<Addr, [u8; 16]>(*addr) },
-    }
-}
-
-#[inline(always)]
-fn outer_v4(ctx: &XdpContext) -> Option<Outer> {
-    let ip = packet::ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
-    // SAFETY: bounds checked by ptr_at; fields read by value from a packed struct.
-    let (version_ihl, frag_off, protocol, saddr, daddr) = unsafe {
-        (
-            (*ip).version_ihl,
-            u16::from_be((*ip).frag_off),
-            (*ip).protocol,
-            (*ip).saddr,
-            (*ip).daddr,
-        )
-    };
-    // sluice writes a plain 20-byte outer header and never fragments it; anything else is
-    // left to the kernel.
-    if version_ihl != 0x45 || frag_off & 0x3fff != 0 {
-        return None;
-    }
-    Some(Outer {
-        family: FAMILY_V4,
-        src: [saddr, 0, 0, 0],
-        dst: [daddr, 0, 0, 0],
-        inner: protocol,
-        len: IPV4_HLEN,
-    })
-}
-
-#[inline(always)]
-fn outer_v6(ctx: &XdpContext) -> Option<Outer> {
-    let ip = packet::ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN)?;
-    // SAFETY: bounds checked by ptr_at; fields read by value from a packed struct.
-    let (vtc_flow, nexthdr, saddr, daddr) =
-        unsafe { ((*ip).vtc_flow, (*ip).nexthdr, (*ip).saddr, (*ip).daddr) };
-    if u32::from_be(vtc_flow) >> 28 != 6 {
-        return None;
-    }
-    Some(Outer {
-        family: FAMILY_V6,
-        src: saddr,
-        dst: daddr,
-        inner: nexthdr,
-        len: IPV6_HLEN,
-    })
-}
-
-/// Moves the Ethernet header forward over the outer IP header and trims the frame's head.
-/// The inner header must be there and of the announced version.
-#[inline(always)]
-fn strip(ctx: &XdpContext, outer: &Outer) -> Option<()> {
-    let (inner_proto, version) = if outer.inner == IPPROTO_IPIP {
-        (ETH_P_IP, 4)
-    } else {
-        (ETH_P_IPV6, 6)
-    };
-    let inner_first = packet::ptr_at::<u8>(ctx, ETH_HLEN + outer.len)?;
-    // SAFETY: bounds checked by ptr_at.
-    if unsafe { *inner_first } >> 4 != version {
-        return None;
-    }
-    let eth = packet::ptr_at::<EthHdr>(ctx, 0)?;
-    // SAFETY: bounds checked by ptr_at.
-    let (dst, src) = unsafe { ((*eth).dst, (*eth).src) };
-    let moved = packet::ptr_at_mut::<EthHdr>(ctx, outer.len)?;
-    // SAFETY: bounds checked by ptr_at_mut; the new header overlaps only the outer IP header.
-    unsafe {
-        (*moved).dst = dst;
-        (*moved).src = src;
-        (*moved).proto = inner_proto.to_be();
-    }
-    // SAFETY: the helper only moves data's start.
-    (unsafe { bpf_xdp_adjust_head(ctx.ctx, outer.len as i32) } == 0).then_some(())
 }
 
 #[cfg(not(test))]

@@ -4,3 +4,4 @@
 
 pub mod csum;
 pub mod packet;
+pub mod unwrap;

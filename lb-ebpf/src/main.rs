@@ -3,8 +3,15 @@
 //! `sluice_balancer`, one pass per packet, each step an inlined function that either decides the
 //! packet's fate or hands it on (Katran's shape):
 //!
-//!   parse (Ethernet / IPv4|IPv6 / TCP|UDP|ICMP) -> VIP address filter -> connection table
-//!     -> VIP lookup -> source ranges -> Maglev pick -> forward (L2 rewrite | IPIP/IP6IP6 encap)
+//!   parse (Ethernet / IPv4|IPv6 / TCP|UDP|ICMP) -> VIP address filter -> from a peer?
+//!     -> connection table -> VIP lookup -> source ranges -> Maglev pick
+//!     -> forward (this node: its own stack | L2 rewrite | IPIP/IP6IP6 encap)
+//!
+//! Every node balances AND serves (the agent is a DaemonSet), so a packet is balanced at most
+//! once: a pick of this node itself goes to its own stack (`XDP_PASS`, counted `local`), a VIP
+//! frame from another sluice node's MAC (`PEERS`) was balanced there and goes to the stack too
+//! (`from_peer`), whatever this node's connection table holds, and IPIP/IP6IP6 from another
+//! node is unwrapped inline (`DECAP_*`, the stand-alone decapsulator's logic) and passed.
 //!
 //! Also: ARP requests for an address this node announces (`ANNOUNCE`, the agent's election)
 //! are answered; echo requests to a VIP address are answered; ICMP errors quoting a VIP flow go to the
@@ -30,8 +37,9 @@ use lb_common::{
     Announce, BPF_F_NO_COMMON_LRU, Backend, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE,
     FAMILY_V4, FlowKey, FlowKey4, FlowValue, GlobalCounter, IP6IP6_OVERHEAD, IPIP_OVERHEAD,
     IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6, MAGLEV_INNER_FLAGS, MAX_BACKENDS,
-    MAX_SOURCE_RANGES, MAX_TX_PORTS, MAX_VIPS, NO_BACKEND, ScopedAddr, VipFilter, VipInfo, VipKey,
-    backend_state, flow_table_size_v6, forward_mode, vip_flags,
+    MAX_DECAP_ADDRS, MAX_PEERS, MAX_SOURCE_RANGES, MAX_TX_PORTS, MAX_VIPS, NO_BACKEND, PeerKey,
+    ScopedAddr, VipFilter, VipInfo, VipKey, backend_state, flow_table_size_v6, forward_mode,
+    vip_flags,
 };
 use lb_ebpf::{
     csum,
@@ -40,6 +48,7 @@ use lb_ebpf::{
         ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_FRAG_NEEDED, ICMP_HLEN, ICMPV6_ECHO_REPLY,
         ICMPV6_PKT_TOOBIG, IPV4_HLEN, IPV6_HLEN, IcmpHdr, Ipv4Hdr, Ipv6Hdr, L3, Parsed,
     },
+    unwrap::{Unwrapped, unwrap},
 };
 
 const MAX_VIPS_: usize = MAX_VIPS as usize;
@@ -111,6 +120,19 @@ static ANNOUNCE: HashMap<VipKey, Announce, MAX_VIPS_> = HashMap::new();
 #[btf_map]
 static GLOBAL_STATS: PerCpuArray<u64, { GlobalCounter::COUNT as usize }> = PerCpuArray::new();
 
+/// MACs of the other sluice nodes on the attached segment: their VIP frames were balanced
+/// there already. Written by the agent (every node's MAC but this one's).
+#[btf_map]
+static PEERS: HashMap<PeerKey, u8, { MAX_PEERS as usize }> = HashMap::new();
+
+/// Inline decapsulation, as `sluice decap` does it: (family, allowed outer source prefix) -> 1
+/// and (family, this node's address) -> 1.
+#[btf_map]
+static DECAP_SOURCES: LpmTrie<ScopedAddr, u8, { MAX_DECAP_ADDRS as usize }> = LpmTrie::new();
+
+#[btf_map]
+static DECAP_LOCAL: HashMap<ScopedAddr, u8, { MAX_DECAP_ADDRS as usize }> = HashMap::new();
+
 #[xdp]
 pub fn sluice_balancer(ctx: XdpContext) -> u32 {
     let (action, counter) = balance(&ctx);
@@ -139,11 +161,27 @@ fn balance(ctx: &XdpContext) -> (u32, GlobalCounter) {
 
 #[inline(always)]
 fn balance_ip(ctx: &XdpContext, ip: Result<(L3, bool), Parsed>) -> (u32, GlobalCounter) {
+    // Encapsulated by another node for this one: unwrap and hand to the stack, never balance.
+    if let Ok((l3, _)) = &ip
+        && (l3.proto == IPPROTO_IPIP || l3.proto == IPPROTO_IPV6)
+    {
+        match unwrap(ctx, &DECAP_SOURCES, &DECAP_LOCAL) {
+            Unwrapped::NotOurs => {}
+            Unwrapped::Done => return (xdp_action::XDP_PASS, GlobalCounter::Decapsulated),
+            Unwrapped::ForbiddenSource => {
+                return (xdp_action::XDP_DROP, GlobalCounter::DropDecapSource);
+            }
+            Unwrapped::Malformed => return (xdp_action::XDP_DROP, GlobalCounter::DropMalformed),
+        }
+    }
     // Every packet sluice acts on is addressed to a VIP address: the one-bit filter lets all
     // other traffic go before its L4 header is even read.
     let filter = VIP_FILTER.get(0);
     let may_be_ours = |l3: &L3| filter.is_some_and(|f| f.may_contain(&l3.dst));
     match packet::parse_l4(ctx, ip, may_be_ours) {
+        Parsed::Flow(_) | Parsed::IcmpError(_) if from_peer(ctx) => {
+            (xdp_action::XDP_PASS, GlobalCounter::FromPeer)
+        }
         Parsed::Flow(flow) => balance_flow(ctx, &flow),
         Parsed::EchoRequest(l3) if is_vip_address(&l3) => echo_reply(ctx, &l3),
         Parsed::IcmpError(flow) => icmp_error(ctx, &flow),
@@ -198,6 +236,26 @@ fn balance_flow(ctx: &XdpContext, flow: &Flow) -> (u32, GlobalCounter) {
     };
     add(&BACKEND_STATS, id, bytes);
     forward(ctx, &flow.l3, &flow.key, backend)
+}
+
+/// Was the frame sent by another sluice node (which balanced it already)?
+#[inline(always)]
+fn from_peer(ctx: &XdpContext) -> bool {
+    // The frame's bounds are read afresh (volatile): LLVM would otherwise reuse what it proved
+    // while parsing and drop the check, which the verifier needs on this new pointer.
+    // SAFETY: `ctx.ctx` is the program's context, valid for this run.
+    let (data, end) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
+        )
+    };
+    if data + ETH_HLEN > end {
+        return false;
+    }
+    // SAFETY: the Ethernet header lies within the frame, checked above.
+    let key = PeerKey::new(unsafe { (*(data as *const EthHdr)).src });
+    PEERS.get_ptr(&key).is_some()
 }
 
 #[inline(always)]
@@ -283,6 +341,9 @@ fn pick_backend(key: &FlowKey, vip: &VipInfo, record: bool) -> Option<(u32, &'st
 /// Sends the packet on to `backend`: L2 rewrite or encapsulation, then out.
 #[inline(always)]
 fn forward(ctx: &XdpContext, l3: &L3, key: &FlowKey, backend: &Backend) -> (u32, GlobalCounter) {
+    if backend.mode == forward_mode::LOCAL {
+        return (xdp_action::XDP_PASS, GlobalCounter::Local);
+    }
     if backend.mode != forward_mode::L2 {
         let outer_v4 = backend.mode == forward_mode::IPIP_V4;
         let overhead = if outer_v4 {

@@ -5,6 +5,8 @@
 //! flow_table_size: 1048576        # optional; 1024 to 67108864 entries; default 1048576
 //! encap_source_v4: 10.99.0.0/24   # optional; outer sources of IPIP packets (host part varies
 //! encap_source_v6: fd99::/120     #   per flow); default: the egress interface's address
+//! peers: [10.200.1.2, 10.200.1.3] # optional; the nodes that run sluice too (every node
+//!                                 #   balances and serves): their VIP frames were balanced already
 //! vips:                           # required; `vips: []` serves nothing
 //!   - address: 10.200.0.10        # IPv4 or IPv6
 //!     port: 80
@@ -60,6 +62,7 @@ const TOP_KEYS: &[&str] = &[
     "flow_table_size",
     "encap_source_v4",
     "encap_source_v6",
+    "peers",
     "vips",
 ];
 const VIP_KEYS: &[&str] = &[
@@ -452,6 +455,17 @@ impl Checker<'_> {
             },
         };
 
+        let mut peers = std::collections::BTreeSet::new();
+        if let Some(field) = top.get("peers") {
+            let items = self.list(
+                &field,
+                "write one `- <address>` line per node that runs sluice too",
+            )?;
+            for item in &items {
+                peers.insert(self.unicast_addr(item)?);
+            }
+        }
+
         let vips_field = self.require(
             &top,
             "vips",
@@ -479,7 +493,11 @@ impl Checker<'_> {
             vips.push(vip);
         }
         vips.sort_unstable_by_key(|vip| vip.key);
-        Ok(Desired { settings, vips })
+        Ok(Desired {
+            settings,
+            vips,
+            peers,
+        })
     }
 
     fn vip(&self, item: &Field<'_>, settings: &Settings, total_backends: &mut u32) -> Result<Vip> {
@@ -1044,6 +1062,7 @@ mod tests {
                     ],
                 ),
             ],
+            peers: Default::default(),
         };
         assert_eq!(desired, expected);
     }
@@ -1113,7 +1132,7 @@ mod tests {
             &["vips: []", "maglev_size: 7"],
             2,
             "maglev_size",
-            "valid keys here are maglev_table_size, flow_table_size, encap_source_v4, encap_source_v6, vips",
+            "valid keys here are maglev_table_size, flow_table_size, encap_source_v4, encap_source_v6, peers, vips",
         );
         assert_error(
             &with(3, &["    proto: udp"]),

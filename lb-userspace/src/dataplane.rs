@@ -23,7 +23,7 @@ use aya::{
 };
 use lb_common::{
     Announce, BALANCER_PROGRAM, Backend, Counters, DECAP_PROGRAM, FlowKey, FlowKey4, FlowValue,
-    MAGLEV_INNER_FLAGS, ScopedAddr, VipFilter, VipInfo, VipKey, decap_map_names,
+    MAGLEV_INNER_FLAGS, PeerKey, ScopedAddr, VipFilter, VipInfo, VipKey, decap_map_names,
     flow_table_size_v6, map_names,
 };
 
@@ -398,6 +398,10 @@ pub struct Maps {
     pub source_ranges: LpmTrie<MapData, ScopedAddr, u8>,
     /// Addresses this node answers ARP for (the agent's announcer writes it; see [`AnnounceMap`]).
     pub announce: HashMap<MapData, VipKey, Announce>,
+    /// MACs of the other sluice nodes (co-location: their VIP frames were balanced already).
+    pub peers: HashMap<MapData, PeerKey, u8>,
+    /// The inline decapsulator's address sets.
+    pub decap: DecapSets,
     /// Second descriptors of MAGLEV and BACKENDS, for batched calls (aya has no batch API).
     maglev_fd: OwnedFd,
     backends_fd: OwnedFd,
@@ -454,6 +458,11 @@ impl Maps {
             vip_addrs: typed!(take, map_names::VIP_ADDRS),
             source_ranges: typed!(take, map_names::SOURCE_RANGES),
             announce: typed!(take, map_names::ANNOUNCE),
+            peers: typed!(take, map_names::PEERS),
+            decap: DecapSets {
+                sources: typed!(take, map_names::DECAP_SOURCES),
+                local: typed!(take, map_names::DECAP_LOCAL),
+            },
         })
     }
 
@@ -553,10 +562,16 @@ fn open_pinned(pins: &PinLayout, name: &str, attach_with: &str) -> anyhow::Resul
     Map::from_map_data(data).map_err(|e| anyhow!("map {name}: {e}"))
 }
 
-/// The decapsulator's maps.
-pub struct DecapMaps {
+/// The decapsulator's two address sets: (family, allowed outer source prefix) and (family,
+/// this node's address). In the stand-alone decapsulator and in the balancer (inline decap).
+pub struct DecapSets {
     pub sources: LpmTrie<MapData, ScopedAddr, u8>,
     pub local: HashMap<MapData, ScopedAddr, u8>,
+}
+
+/// The stand-alone decapsulator's maps.
+pub struct DecapMaps {
+    pub sets: DecapSets,
     pub stats: PerCpuArray<MapData, u64>,
 }
 
@@ -574,8 +589,10 @@ impl DecapMaps {
 
     fn open(mut take: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
         Ok(Self {
-            sources: typed!(take, decap_map_names::DECAP_SOURCES),
-            local: typed!(take, decap_map_names::DECAP_LOCAL),
+            sets: DecapSets {
+                sources: typed!(take, decap_map_names::DECAP_SOURCES),
+                local: typed!(take, decap_map_names::DECAP_LOCAL),
+            },
             stats: typed!(take, decap_map_names::DECAP_STATS),
         })
     }

@@ -10,7 +10,7 @@ use log::info;
 use serde_json::json;
 
 use crate::{
-    dataplane::{self, DecapMaps, PinLayout, addr_bytes, scoped_prefix},
+    dataplane::{self, DecapMaps, DecapSets, PinLayout, addr_bytes, scoped_prefix},
     inspect::{View, render_table},
     model::IpNet,
     net::{Interface, local_addresses},
@@ -42,14 +42,14 @@ pub fn attach(
     }
     if pins.has_link() {
         let mut maps = DecapMaps::from_pins(pins)?;
-        sync(&mut maps, allow, &local)?;
+        sync(&mut maps.sets, allow, &local)?;
         info!("updated the decapsulator on {}", iface.name);
         return Ok(());
     }
     pins.prepare()?;
     let mut ebpf = dataplane::load_decap(Some(pins))?;
     let mut maps = DecapMaps::from_ebpf(&mut ebpf)?;
-    sync(&mut maps, allow, &local)?;
+    sync(&mut maps.sets, allow, &local)?;
     let link = dataplane::attach(&mut ebpf, DECAP_PROGRAM, iface, generic)?;
     link.pin(pins.link())
         .map_err(|e| anyhow!("pinning the XDP link at {}: {e}", pins.link().display()))?;
@@ -76,7 +76,7 @@ fn family(net: &IpNet) -> u32 {
 
 /// Brings the two sets to `allow` and `local`: new entries first, then the stale ones go.
 pub fn sync(
-    maps: &mut DecapMaps,
+    maps: &mut DecapSets,
     allow: &[IpNet],
     local: &[std::net::IpAddr],
 ) -> anyhow::Result<()> {

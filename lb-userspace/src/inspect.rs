@@ -54,6 +54,7 @@ fn mode_name(mode: u8) -> &'static str {
     match mode {
         forward_mode::IPIP_V4 => "ipip",
         forward_mode::IPIP_V6 => "ip6ip6",
+        forward_mode::LOCAL => "local",
         _ => "l2",
     }
 }
@@ -438,8 +439,24 @@ pub fn maglev(maps: &Maps, vip: &VipAddr) -> anyhow::Result<View> {
             ]
         }),
     );
+    // The table as backend addresses in slot order, hashed: every node given the same state must
+    // show the same value (slot ids are per node; addresses are what packets see).
+    let mut fingerprint = lb_common::FLOW_HASH_SEED as u64 | 0xcbf2_9ce4_0000_0000;
+    for slot in &table {
+        let address = current.slots.get(slot).map(|b| b.addr).unwrap_or_default();
+        for word in address {
+            for byte in word.to_ne_bytes() {
+                fingerprint = (fingerprint ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+    }
     Ok(View {
-        json: json!({ "vip": vip.to_string(), "table_size": info.table_size, "backends": rows }),
+        json: json!({
+            "vip": vip.to_string(),
+            "table_size": info.table_size,
+            "table_fingerprint": format!("{fingerprint:016x}"),
+            "backends": rows,
+        }),
         table: format!("{vip}: Maglev table of {} slots\n{text}", info.table_size),
     })
 }

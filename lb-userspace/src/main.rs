@@ -19,7 +19,7 @@ use lb_userspace::{
     metrics::{self, ControlMetrics},
     model::{Desired, IpNet, Settings, VipAddr},
     net::Interface,
-    reconcile,
+    reconcile::{self, Unreachable},
 };
 use log::{error, info, warn};
 use signal_hook::{
@@ -403,6 +403,9 @@ fn load_fresh(pins: &PinLayout, desired: &Desired) -> anyhow::Result<(aya::Ebpf,
             pins.maps_dir().display()
         );
     }
+    if let Some(warning) = lb_userspace::memory::check(&desired.settings, desired.vips.len()) {
+        warn!("{warning}");
+    }
     let mut ebpf = dataplane::load(Some(pins), desired.settings.flow_table_size)?;
     let maps = Maps::from_ebpf(&mut ebpf)?;
     Ok((ebpf, maps))
@@ -425,7 +428,7 @@ fn run(pin_root: &Path, args: &AttachArgs, metrics_addr: SocketAddr) -> anyhow::
     let (mut ebpf, mut maps) = load_fresh(&pins, &desired)?;
     let reconcile = |maps: &mut Maps, desired: &Desired| {
         let started = Instant::now();
-        let result = reconcile::reconcile(maps, &iface, desired);
+        let result = reconcile::reconcile(maps, &iface, desired, Unreachable::Fail);
         control.record(started, &result);
         result
     };
@@ -500,7 +503,14 @@ fn run(pin_root: &Path, args: &AttachArgs, metrics_addr: SocketAddr) -> anyhow::
 fn attach(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> anyhow::Result<()> {
     let (desired, iface) = prepare(config, iface_name)?;
     let pins = PinLayout::new(pin_root, &iface.name);
-    attach_persistent(&pins, &iface, &desired, generic, &ControlMetrics::default())?;
+    attach_persistent(
+        &pins,
+        &iface,
+        &desired,
+        generic,
+        &ControlMetrics::default(),
+        Unreachable::Fail,
+    )?;
     Ok(())
 }
 
@@ -515,10 +525,11 @@ fn attach_persistent(
     desired: &Desired,
     generic: bool,
     control: &ControlMetrics,
-) -> anyhow::Result<Maps> {
+    unreachable: Unreachable,
+) -> anyhow::Result<(Maps, reconcile::Summary)> {
     let (mut ebpf, mut maps) = load_fresh(pins, desired)?;
     let started = Instant::now();
-    let summary = reconcile::reconcile(&mut maps, iface, desired);
+    let summary = reconcile::reconcile(&mut maps, iface, desired, unreachable);
     control.record(started, &summary);
     let summary = summary?;
     let replaced =
@@ -534,7 +545,7 @@ fn attach_persistent(
         if generic { "generic" } else { "native" },
         pins.dir().display()
     );
-    Ok(maps)
+    Ok((maps, summary))
 }
 
 fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
@@ -579,18 +590,25 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
     let apply: k8s::ApplyFn = Box::new(move |desired| match &mut maps {
         Some(maps) => {
             let started = Instant::now();
-            let result = reconcile::reconcile(maps, &iface, desired);
+            let result = reconcile::reconcile(maps, &iface, desired, Unreachable::Drain);
             recorded.record(started, &result);
-            Ok(result?.to_string_if_changed())
+            result
         }
         None => {
-            let mut attached = attach_persistent(&pins, &iface, desired, generic, &recorded)?;
+            let (mut attached, summary) = attach_persistent(
+                &pins,
+                &iface,
+                desired,
+                generic,
+                &recorded,
+                Unreachable::Drain,
+            )?;
             if !announcing {
                 // Entries left by an earlier `--announce` run would keep answering ARP.
                 reconcile::clear_announce(&mut attached)?;
             }
             maps = Some(attached);
-            Ok(format!("attached with {} VIPs", desired.vips.len()))
+            Ok(summary)
         }
     });
     k8s::run(

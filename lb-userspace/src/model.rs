@@ -3,8 +3,8 @@
 //! nothing downstream re-checks addresses or ranges.
 
 use std::fmt;
-use std::net::IpAddr;
 use std::str::FromStr;
+use std::{collections::BTreeSet, net::IpAddr};
 
 pub use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use lb_common::{DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, IPPROTO_TCP, IPPROTO_UDP};
@@ -320,6 +320,10 @@ pub struct Desired {
     pub settings: Settings,
     /// Sorted by key, one entry per key.
     pub vips: Vec<Vip>,
+    /// The nodes that run sluice too (every node balances and serves): a VIP frame from one of
+    /// them was balanced there already and goes to this node's stack, and what they
+    /// encapsulate to this node is unwrapped inline. This node's own address may be among them.
+    pub peers: BTreeSet<IpAddr>,
 }
 
 impl Desired {
@@ -479,6 +483,7 @@ mod tests {
                     drain: false,
                 }],
             )],
+            peers: BTreeSet::new(),
         };
         let json = serde_json::to_value(&desired).unwrap();
         assert_eq!(
@@ -494,6 +499,7 @@ mod tests {
                     ],
                     "mode": "l2", "client_affinity": false, "source_ranges": [],
                 }],
+                "peers": [],
             })
         );
     }
@@ -504,6 +510,7 @@ mod tests {
         let desired = Desired {
             settings: Settings::default(),
             vips: vec![vip("10.0.0.1:80"), vip("10.0.0.2:80")],
+            peers: BTreeSet::new(),
         };
         assert!(desired.vip(&"10.0.0.2:80/tcp".parse().unwrap()).is_some());
         assert!(desired.vip(&"10.0.0.2:80/udp".parse().unwrap()).is_none());

@@ -1,18 +1,19 @@
-//! What the kernel knows about interfaces, routes and neighbours: /sys for interfaces, and
-//! iproute2's JSON output (`ip -j`) for addresses, routes and the neighbour tables of both
-//! families, which have no /proc file of their own for IPv6.
+//! What the kernel knows about interfaces, addresses, routes and neighbours, asked over
+//! rtnetlink (see [`rtnl`]) in the calling thread's network namespace: no external program, so
+//! the static binary works in an image that holds nothing else.
+
+mod rtnl;
 
 use std::{
-    fs,
     net::{IpAddr, SocketAddr, UdpSocket},
-    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow, bail};
-use serde_json::Value;
+use netlink_packet_route::AddressFamily;
 
+use self::rtnl::family_of;
 use crate::model::MacAddr;
 
 /// An interface of this network namespace.
@@ -26,29 +27,36 @@ pub struct Interface {
 
 impl Interface {
     pub fn by_name(name: &str) -> anyhow::Result<Self> {
-        let base = format!("/sys/class/net/{name}");
-        let read = |file: &str| {
-            fs::read_to_string(format!("{base}/{file}")).map(|text| text.trim().to_owned())
+        let not_found = || {
+            anyhow!("interface {name:?} not found in this network namespace (`ip link` lists them)")
         };
-        let index = read("ifindex")
-            .map_err(|_| {
+        // The kernel's limit (IFNAMSIZ with its NUL); it rejects longer names as invalid.
+        if name.is_empty() || name.len() > 15 {
+            return Err(not_found());
+        }
+        let link = rtnl::link_by_name(name).map_err(|e| match e.errno() {
+            Some(libc::ENODEV) => not_found(),
+            _ => anyhow!("reading interface {name:?} over netlink: {e}"),
+        })?;
+        let mac = link
+            .address
+            .as_deref()
+            .and_then(|a| <[u8; 6]>::try_from(a).ok())
+            .map(MacAddr)
+            .ok_or_else(|| {
                 anyhow!(
-                    "interface {name:?} not found in this network namespace (`ip link` lists them)"
+                    "interface {name} has no Ethernet address (link-layer address {})",
+                    link.address
+                        .as_deref()
+                        .map_or_else(|| "none".to_owned(), hex)
                 )
-            })?
-            .parse()
-            .with_context(|| format!("reading the ifindex of {name}"))?;
-        let mac = read("address")
-            .with_context(|| format!("reading the MAC address of {name}"))?
-            .parse()
-            .map_err(|e| anyhow!("interface {name} has no Ethernet address: {e}"))?;
-        let mtu = read("mtu")
-            .with_context(|| format!("reading the MTU of {name}"))?
-            .parse()
-            .with_context(|| format!("reading the MTU of {name}"))?;
+            })?;
+        let mtu = link
+            .mtu
+            .ok_or_else(|| anyhow!("the kernel reported no MTU for interface {name}"))?;
         Ok(Self {
             name: name.to_owned(),
-            index,
+            index: link.index,
             mac,
             mtu,
         })
@@ -56,14 +64,51 @@ impl Interface {
 
     /// The interface's global-scope addresses of both families.
     pub fn addresses(&self) -> anyhow::Result<Vec<IpAddr>> {
-        let json = ip_json(&["addr", "show", "dev", &self.name])?;
-        Ok(parse_addresses(&json))
+        let all = rtnl::addresses(AddressFamily::Unspec).map_err(|e| {
+            anyhow!(
+                "reading the addresses of interface {} (index {}) over netlink: {e}",
+                self.name,
+                self.index
+            )
+        })?;
+        Ok(global_addresses(
+            all.iter().filter(|a| a.index == self.index),
+        ))
     }
 }
 
 /// Every global-scope address of this network namespace.
 pub fn local_addresses() -> anyhow::Result<Vec<IpAddr>> {
-    Ok(parse_addresses(&ip_json(&["addr", "show"])?))
+    let all = rtnl::addresses(AddressFamily::Unspec)
+        .map_err(|e| anyhow!("reading this network namespace's addresses over netlink: {e}"))?;
+    Ok(global_addresses(all.iter()))
+}
+
+/// Whether `addr` is one of this network namespace's addresses, of any scope but host (so
+/// `127.0.0.1` and `::1` on `lo` are not, while an address of a link or a VIP on `lo` is).
+pub fn is_local_address(addr: IpAddr) -> anyhow::Result<bool> {
+    let family = family_of(addr);
+    let all = rtnl::addresses(family).map_err(|e| {
+        anyhow!("reading this network namespace's addresses over netlink (is {addr} local?): {e}")
+    })?;
+    Ok(all
+        .iter()
+        .any(|a| a.local == Some(addr) && a.scope != rtnl::RT_SCOPE_HOST))
+}
+
+fn global_addresses<'a>(addresses: impl Iterator<Item = &'a rtnl::Address>) -> Vec<IpAddr> {
+    addresses
+        .filter(|a| a.scope == rtnl::RT_SCOPE_UNIVERSE)
+        .filter_map(|a| a.local)
+        .collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// A resolved neighbour: its MAC and the interface it is reached through.
@@ -89,38 +134,60 @@ impl Route {
     }
 }
 
-/// Runs `ip -j ARGS` and parses its output.
-fn ip_json(args: &[&str]) -> anyhow::Result<Value> {
-    let output = Command::new("ip")
-        .arg("-j")
-        .args(args)
-        .output()
-        .context("running `ip` (iproute2) to read the kernel's network state")?;
-    if !output.status.success() {
-        bail!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    let text = String::from_utf8_lossy(&output.stdout);
-    if text.trim().is_empty() {
-        return Ok(Value::Array(Vec::new()));
-    }
-    serde_json::from_str(&text).with_context(|| format!("parsing `ip -j {}`", args.join(" ")))
+/// The name of the interface with index `index`, for messages that name `what`.
+fn device_name(index: u32, what: &str) -> anyhow::Result<String> {
+    rtnl::link_by_index(index)
+        .map_err(|e| {
+            anyhow!("{what}: reading the name of interface index {index} over netlink: {e}")
+        })?
+        .name
+        .ok_or_else(|| anyhow!("{what}: the kernel reported no name for interface index {index}"))
 }
 
-/// The kernel's route to `addr`.
+/// The kernel's route to `addr` (what `ip route get ADDR` shows).
 pub fn route_to(addr: IpAddr) -> anyhow::Result<Route> {
-    let json = ip_json(&["route", "get", &addr.to_string()])
-        .map_err(|e| anyhow!("no route to {addr}: {e}"))?;
-    parse_route(&json).ok_or_else(|| anyhow!("no route to {addr}"))
+    let entry = rtnl::route_get(addr).map_err(|e| anyhow!("no route to {addr}: {e}"))?;
+    let oif = entry
+        .oif
+        .ok_or_else(|| anyhow!("no route to {addr}: the kernel's answer names no device"))?;
+    Ok(Route {
+        gateway: entry.gateway,
+        device: device_name(oif, &format!("the route to {addr}"))?,
+        source: entry.prefsrc,
+    })
 }
 
 /// The kernel's neighbour entry for `addr`, if it holds a usable MAC.
 pub fn neighbour(addr: IpAddr) -> anyhow::Result<Option<Neighbour>> {
-    let json = ip_json(&["neigh", "show", "to", &addr.to_string()])?;
-    Ok(parse_neighbour(&json, addr))
+    let entries = rtnl::neighbours(family_of(addr))
+        .map_err(|e| anyhow!("reading the neighbour table for {addr} over netlink: {e}"))?;
+    let Some((ifindex, mac)) = usable_neighbour(&entries, addr) else {
+        return Ok(None);
+    };
+    Ok(Some(Neighbour {
+        mac,
+        device: device_name(ifindex, &format!("the neighbour entry of {addr}"))?,
+    }))
+}
+
+/// Neighbour states whose MAC can be used (INCOMPLETE and FAILED have none).
+const USABLE_STATES: u16 = rtnl::NUD_REACHABLE
+    | rtnl::NUD_STALE
+    | rtnl::NUD_DELAY
+    | rtnl::NUD_PROBE
+    | rtnl::NUD_PERMANENT
+    | rtnl::NUD_NOARP;
+
+/// The interface index and MAC of the first entry for `addr` in a usable state with an Ethernet
+/// address.
+fn usable_neighbour(entries: &[rtnl::NeighbourEntry], addr: IpAddr) -> Option<(u32, MacAddr)> {
+    entries.iter().find_map(|entry| {
+        if entry.dst != Some(addr) || entry.state & USABLE_STATES == 0 {
+            return None;
+        }
+        let mac = <[u8; 6]>::try_from(entry.lladdr.as_deref()?).ok()?;
+        Some((entry.ifindex, MacAddr(mac)))
+    })
 }
 
 /// Resolves the MAC of `addr` on a directly connected network: the neighbour table, or a
@@ -148,7 +215,8 @@ fn resolve(dst: IpAddr, hop: IpAddr, timeout: Duration) -> anyhow::Result<Neighb
     } else {
         "[::]:0".parse()?
     };
-    let socket = UdpSocket::bind(bind).context("opening a UDP socket to resolve a neighbour")?;
+    let socket = UdpSocket::bind(bind)
+        .with_context(|| format!("opening a UDP socket to resolve the neighbour {hop}"))?;
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         // The kernel answers "no route" for unreachable addresses: that is an answer too.
@@ -161,53 +229,6 @@ fn resolve(dst: IpAddr, hop: IpAddr, timeout: Duration) -> anyhow::Result<Neighb
         }
     }
     bail!("no ARP/neighbour answer from {hop} within {timeout:?}")
-}
-
-fn parse_addresses(json: &Value) -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    for link in json.as_array().into_iter().flatten() {
-        for info in link["addr_info"].as_array().into_iter().flatten() {
-            if info["scope"].as_str() != Some("global") {
-                continue;
-            }
-            if let Some(addr) = info["local"].as_str().and_then(|a| a.parse().ok()) {
-                out.push(addr);
-            }
-        }
-    }
-    out
-}
-
-fn parse_route(json: &Value) -> Option<Route> {
-    let route = json.as_array()?.first()?;
-    let addr = |key: &str| route[key].as_str().and_then(|a| a.parse::<IpAddr>().ok());
-    Some(Route {
-        gateway: addr("gateway"),
-        device: route["dev"].as_str()?.to_owned(),
-        source: addr("prefsrc"),
-    })
-}
-
-/// Neighbour states whose MAC can be used (INCOMPLETE and FAILED have none).
-const USABLE_STATES: &[&str] = &["REACHABLE", "STALE", "DELAY", "PROBE", "PERMANENT", "NOARP"];
-
-fn parse_neighbour(json: &Value, addr: IpAddr) -> Option<Neighbour> {
-    json.as_array()?.iter().find_map(|entry| {
-        if entry["dst"].as_str()?.parse::<IpAddr>().ok()? != addr {
-            return None;
-        }
-        let usable = entry["state"]
-            .as_array()?
-            .iter()
-            .any(|s| s.as_str().is_some_and(|s| USABLE_STATES.contains(&s)));
-        if !usable {
-            return None;
-        }
-        Some(Neighbour {
-            mac: entry["lladdr"].as_str()?.parse().ok()?,
-            device: entry["dev"].as_str()?.to_owned(),
-        })
-    })
 }
 
 /// Sends one gratuitous ARP ("`addr` is at this interface's MAC", a broadcast request with
@@ -276,57 +297,79 @@ pub fn send_gratuitous_arp(iface: &Interface, addr: std::net::Ipv4Addr) -> anyho
 mod tests {
     use super::*;
 
+    fn entry(dst: &str, ifindex: u32, state: u16, lladdr: Option<[u8; 6]>) -> rtnl::NeighbourEntry {
+        rtnl::NeighbourEntry {
+            ifindex,
+            state,
+            dst: Some(dst.parse().unwrap()),
+            lladdr: lladdr.map(|m| m.to_vec()),
+        }
+    }
+
     #[test]
     fn usable_neighbour_entries_only() {
-        let json: Value = serde_json::from_str(
-            r#"[{"dst":"10.0.0.11","dev":"veth0","lladdr":"02:5c:00:00:00:01","state":["REACHABLE"]},
-                {"dst":"10.0.0.12","dev":"veth0","state":["INCOMPLETE"]},
-                {"dst":"fd00::12","dev":"veth1","lladdr":"02:5c:00:00:00:02","state":["STALE"]}]"#,
-        )
-        .unwrap();
-        let n = parse_neighbour(&json, "10.0.0.11".parse().unwrap()).expect("entry");
-        assert_eq!(n.device, "veth0");
-        assert_eq!(n.mac.to_string(), "02:5c:00:00:00:01");
-        assert_eq!(parse_neighbour(&json, "10.0.0.12".parse().unwrap()), None);
-        assert_eq!(parse_neighbour(&json, "10.0.0.13".parse().unwrap()), None);
-        let v6 = parse_neighbour(&json, "fd00::12".parse().unwrap()).expect("v6 entry");
-        assert_eq!(v6.device, "veth1");
+        let mac1 = [2, 0x5c, 0, 0, 0, 1];
+        let mac2 = [2, 0x5c, 0, 0, 0, 2];
+        let entries = [
+            entry("10.0.0.10", 3, rtnl::NUD_FAILED, Some(mac1)),
+            entry("10.0.0.11", 3, rtnl::NUD_REACHABLE, Some(mac1)),
+            entry("10.0.0.12", 3, rtnl::NUD_INCOMPLETE, None),
+            entry("10.0.0.14", 3, rtnl::NUD_PERMANENT, None),
+            entry("fd00::12", 4, rtnl::NUD_STALE, Some(mac2)),
+            entry("10.0.0.15", 3, rtnl::NUD_INCOMPLETE, Some(mac1)),
+            entry("10.0.0.15", 5, rtnl::NUD_DELAY, Some(mac2)),
+            entry("10.0.0.16", 3, rtnl::NUD_NOARP, Some(mac2)),
+        ];
+        let at = |a: &str| usable_neighbour(&entries, a.parse().unwrap());
+        assert_eq!(at("10.0.0.11"), Some((3, MacAddr(mac1))));
+        assert_eq!(at("10.0.0.10"), None, "FAILED");
+        assert_eq!(at("10.0.0.12"), None, "INCOMPLETE");
+        assert_eq!(at("10.0.0.13"), None, "absent");
+        assert_eq!(at("10.0.0.14"), None, "no link-layer address");
+        assert_eq!(at("fd00::12"), Some((4, MacAddr(mac2))));
+        assert_eq!(
+            at("10.0.0.15"),
+            Some((5, MacAddr(mac2))),
+            "the usable one of two"
+        );
+        assert_eq!(at("10.0.0.16"), Some((3, MacAddr(mac2))), "NOARP");
     }
 
     #[test]
     fn routes_with_and_without_gateway() {
-        let via: Value = serde_json::from_str(
-            r#"[{"dst":"10.1.0.2","gateway":"10.0.0.1","dev":"eth0","prefsrc":"10.0.0.2","flags":[]}]"#,
-        )
-        .unwrap();
-        let route = parse_route(&via).unwrap();
-        assert_eq!(route.gateway, Some("10.0.0.1".parse().unwrap()));
-        assert_eq!(route.device, "eth0");
+        let via = Route {
+            gateway: Some("10.0.0.1".parse().unwrap()),
+            device: "eth0".into(),
+            source: None,
+        };
         assert_eq!(
-            route.next_hop("10.1.0.2".parse().unwrap()),
-            route.gateway.unwrap()
+            via.next_hop("10.1.0.2".parse().unwrap()),
+            "10.0.0.1".parse::<IpAddr>().unwrap()
         );
-        let direct: Value =
-            serde_json::from_str(r#"[{"dst":"fd00::2","dev":"eth1","prefsrc":"fd00::1"}]"#)
-                .unwrap();
-        let route = parse_route(&direct).unwrap();
+        let direct = Route {
+            gateway: None,
+            device: "eth1".into(),
+            source: Some("fd00::1".parse().unwrap()),
+        };
         let dst: IpAddr = "fd00::2".parse().unwrap();
-        assert_eq!(route.next_hop(dst), dst);
-        assert_eq!(route.source, Some("fd00::1".parse().unwrap()));
+        assert_eq!(direct.next_hop(dst), dst);
     }
 
     #[test]
     fn global_addresses_only() {
-        let json: Value = serde_json::from_str(
-            r#"[{"ifname":"eth0","addr_info":[
-                {"family":"inet","local":"10.0.0.2","prefixlen":24,"scope":"global"},
-                {"family":"inet6","local":"fd00::2","prefixlen":64,"scope":"global"},
-                {"family":"inet6","local":"fe80::1","prefixlen":64,"scope":"link"}]}]"#,
-        )
-        .unwrap();
-        let addrs = parse_addresses(&json);
+        let address = |index, scope, local: &str| rtnl::Address {
+            index,
+            scope,
+            local: Some(local.parse().unwrap()),
+        };
+        let all = [
+            address(1, rtnl::RT_SCOPE_HOST, "127.0.0.1"),
+            address(2, rtnl::RT_SCOPE_UNIVERSE, "10.0.0.2"),
+            address(2, rtnl::RT_SCOPE_UNIVERSE, "fd00::2"),
+            address(2, 253, "fe80::1"),
+        ];
         assert_eq!(
-            addrs,
+            global_addresses(all.iter()),
             vec![
                 "10.0.0.2".parse::<IpAddr>().unwrap(),
                 "fd00::2".parse().unwrap()
@@ -338,5 +381,22 @@ mod tests {
     fn unknown_interface_is_a_clear_error() {
         let e = Interface::by_name("nosuchif0").unwrap_err().to_string();
         assert!(e.contains("\"nosuchif0\" not found"), "{e}");
+        let e = Interface::by_name("a-name-longer-than-ifnamsiz")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not found"), "{e}");
+    }
+
+    #[test]
+    fn loopback_is_no_local_address_but_reads() {
+        // lo exists in every network namespace; reading it needs no privilege.
+        let lo = Interface::by_name("lo").unwrap();
+        assert_eq!(lo.index, 1);
+        assert!(lo.mac.is_zero());
+        assert!(!is_local_address("127.0.0.1".parse().unwrap()).unwrap());
+        assert!(!is_local_address("::1".parse().unwrap()).unwrap());
+        for addr in local_addresses().unwrap() {
+            assert!(is_local_address(addr).unwrap(), "{addr}");
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! Desired model -> BPF maps. Reads what the maps hold, plans every write (resolving MACs and
-//! routes, checking capacity) before the first one, then writes in an order that packets can
+//! Desired model -> BPF maps. Resolves where the backends are (`resolve`, the only step that
+//! asks the kernel), reads what the maps hold, plans every write (a pure function of both,
+//! checking capacity) before the first one, then writes in an order that packets can
 //! never observe half-done: new backend slots, address sets and source ranges, then the new
 //! Maglev table (one atomic swap), then the VIP entry, and only then frees what is gone. The
 //! connection table is never flushed.
@@ -7,29 +8,37 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    time::Duration,
 };
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::maps::{MapError, PerCpuValues, lpm_trie::Key as LpmKey};
 use lb_common::{
-    Addr, Backend as SlotValue, Counters, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_SOURCE_RANGES,
-    MAX_VIPS, NO_BACKEND, ScopedAddr, VipFilter, VipInfo, VipKey, backend_state, forward_mode,
-    vip_flags,
+    Addr, Backend as SlotValue, Counters, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_DECAP_ADDRS,
+    MAX_PEERS, MAX_SOURCE_RANGES, MAX_VIPS, NO_BACKEND, PeerKey, ScopedAddr, VipFilter, VipInfo,
+    VipKey, backend_state, forward_mode, vip_flags,
 };
 
 use crate::{
     dataplane::{Maps, TableWrite, install_maglev_tables, scoped_prefix},
+    decap,
     maglev::{self, MaglevBackend},
-    model::{Backend, Desired, ForwardingMode, MacAddr, Settings, Vip, VipAddr},
-    net::{Interface, resolve_neighbour, resolve_next_hop},
+    model::{Backend, Desired, ForwardingMode, IpNet, Settings, Vip, VipAddr},
+    net::Interface,
+    resolve::{Resolved, Target, resolve},
 };
 
 /// A `SOURCE_RANGES` entry: (prefix length, scoped address).
 type RangeKey = (u32, ScopedAddr);
 
-/// How long to wait for a backend to answer ARP.
-const NEIGHBOUR_TIMEOUT: Duration = Duration::from_secs(2);
+/// What to do with a backend that cannot be resolved now (no ARP answer, no route).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unreachable {
+    /// Refuse the whole state, change nothing (a config file: the operator fixes it).
+    Fail,
+    /// Keep it on its last known MAC, draining (its flows stay, it gets no new ones), or
+    /// leave it out if it never had one; retry later (the agent: nodes come and go).
+    Drain,
+}
 
 /// What one reconcile changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
@@ -40,11 +49,17 @@ pub struct Summary {
     pub backends_changed: usize,
     pub backends_removed: usize,
     pub tables_rebuilt: usize,
+    /// Backends that could not be resolved: draining on their last known MAC, or left out.
+    pub unresolved: BTreeSet<IpAddr>,
 }
 
 impl Summary {
+    /// Nothing was written.
     pub fn is_empty(&self) -> bool {
-        *self == Self::default()
+        Self {
+            unresolved: BTreeSet::new(),
+            ..self.clone()
+        } == Self::default()
     }
 
     /// The summary as a line, or "" when nothing changed.
@@ -220,18 +235,88 @@ pub fn clear_announce(maps: &mut Maps) -> anyhow::Result<()> {
 }
 
 /// Brings the maps to `desired`. On error nothing has been written if the error came from
-/// planning (bad MAC, capacity); a syscall failure midway is reported with what was done.
-pub fn reconcile(maps: &mut Maps, iface: &Interface, desired: &Desired) -> anyhow::Result<Summary> {
-    let current = Current::read(maps)?;
-    let plan = plan(&current, iface, desired)?;
-    apply(maps, current, plan)
+/// resolving (with [`Unreachable::Fail`]) or planning (capacity); a syscall failure midway is
+/// reported with what was done.
+pub fn reconcile(
+    maps: &mut Maps,
+    iface: &Interface,
+    desired: &Desired,
+    unreachable: Unreachable,
+) -> anyhow::Result<Summary> {
+    let resolved = resolve(iface, desired)?;
+    if unreachable == Unreachable::Fail
+        && let Some(((addr, mode), why)) = resolved.failures.iter().next()
+    {
+        let vip = desired
+            .vips
+            .iter()
+            .find(|v| v.mode == *mode && v.backends.iter().any(|b| b.addr == *addr))
+            .map(|v| v.key.to_string())
+            .unwrap_or_default();
+        bail!("{vip}: backend {addr}: {why}");
+    }
+    reconcile_resolved(maps, iface, desired, &resolved)
 }
 
-fn plan(current: &Current, iface: &Interface, desired: &Desired) -> anyhow::Result<Plan> {
+/// [`reconcile`] after the resolve step: plan (pure) and apply.
+pub fn reconcile_resolved(
+    maps: &mut Maps,
+    iface: &Interface,
+    desired: &Desired,
+    resolved: &Resolved,
+) -> anyhow::Result<Summary> {
+    let current = Current::read(maps)?;
+    let plan = plan(&current, iface, desired, resolved)?;
+    let mut summary = apply(maps, current, plan)?;
+    sync_colocation(maps, desired, resolved)?;
+    summary.unresolved = resolved.unresolved();
+    Ok(summary)
+}
+
+/// The co-location maps: `PEERS` (other nodes' MACs: their VIP frames were balanced already)
+/// and the inline decapsulator's sets (this node's addresses; the peers and the configured
+/// encap source prefixes as allowed outer sources). Empty without peers.
+fn sync_colocation(maps: &mut Maps, desired: &Desired, resolved: &Resolved) -> anyhow::Result<()> {
+    let want: BTreeSet<PeerKey> = resolved
+        .peer_macs
+        .iter()
+        .take(MAX_PEERS as usize)
+        .map(|mac| PeerKey::new(mac.0))
+        .collect();
+    let mut have = BTreeSet::new();
+    for key in maps.peers.keys() {
+        have.insert(key.context("reading the PEERS map")?);
+    }
+    for key in want.difference(&have) {
+        maps.peers.insert(key, &1, 0).context("writing PEERS")?;
+    }
+    for key in have.difference(&want) {
+        match maps.peers.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).context("removing from PEERS"),
+        }
+    }
+    let (mut allow, mut local) = (Vec::new(), Vec::new());
+    if !desired.peers.is_empty() {
+        allow.extend(desired.peers.iter().map(|a| IpNet::from(*a)));
+        allow.extend(desired.settings.encap_source_v4.map(IpNet::V4));
+        allow.extend(desired.settings.encap_source_v6.map(IpNet::V6));
+        local.extend(resolved.local.iter().copied());
+    }
+    let room = MAX_DECAP_ADDRS as usize;
+    allow.truncate(room);
+    local.truncate(room.saturating_sub(allow.len()));
+    decap::sync(&mut maps.decap, &allow, &local)
+}
+
+fn plan(
+    current: &Current,
+    iface: &Interface,
+    desired: &Desired,
+    resolved: &Resolved,
+) -> anyhow::Result<Plan> {
     let table_size = desired.settings.maglev_table_size;
     let desired_keys: BTreeSet<VipKey> = desired.vips.iter().map(|v| vip_key(&v.key)).collect();
-    // One neighbour lookup per backend address, however many VIPs it serves.
-    let mut neighbours = Neighbours::default();
 
     // Ids kept by surviving VIPs and slots; new ones come from what is free now (slots freed
     // by this reconcile are not reused in it: their old flows must re-hash, not follow).
@@ -270,10 +355,22 @@ fn plan(current: &Current, iface: &Interface, desired: &Desired) -> anyhow::Resu
 
         let mut backends = Vec::with_capacity(vip.backends.len());
         let mut table_changed = is_new;
+        let mut kept = BTreeSet::new();
         for backend in &vip.backends {
-            let mut value =
-                slot_value(iface, &desired.settings, &mut neighbours, vip, backend, id)?;
-            if value.ifindex != iface.index {
+            let mut value = match resolved.targets.get(&(backend.addr, vip.mode)) {
+                Some(target) => slot_value(iface, &desired.settings, target, vip, backend, id)?,
+                // Not resolvable now: its last known slot, draining (its flows stay), or
+                // left out when it never had one.
+                None => match existing.get(&backend.addr) {
+                    Some((_, old)) => SlotValue {
+                        state: backend_state::DRAINING,
+                        ..*old
+                    },
+                    None => continue,
+                },
+            };
+            kept.insert(backend.addr);
+            if value.mode != forward_mode::LOCAL && value.ifindex != iface.index {
                 plan.tx_ports.insert(value.ifindex);
             }
             let slot = match existing.get(&backend.addr) {
@@ -298,7 +395,7 @@ fn plan(current: &Current, iface: &Interface, desired: &Desired) -> anyhow::Resu
             backends.push((slot, value));
         }
         for (addr, (slot, _)) in &existing {
-            if !vip.backends.iter().any(|b| b.addr == *addr) {
+            if !kept.contains(addr) {
                 table_changed = true;
                 plan.removed_slots.push(*slot);
             }
@@ -382,14 +479,11 @@ fn effective_weight(slot: &SlotValue) -> u32 {
     }
 }
 
-/// Resolved backend MACs and egress interfaces of one plan, by address.
-type Neighbours = HashMap<(IpAddr, ForwardingMode), (MacAddr, Interface, Option<IpAddr>)>;
-
-/// Where and how the program sends this backend's packets.
+/// Where and how the program sends this backend's packets, from where it was resolved.
 fn slot_value(
     iface: &Interface,
     settings: &Settings,
-    neighbours: &mut Neighbours,
+    target: &Target,
     vip: &Vip,
     backend: &Backend,
     vip_id: u32,
@@ -409,81 +503,38 @@ fn slot_value(
         vip: vip_key(&vip.key),
         ..SlotValue::default()
     };
-    let egress = match vip.mode {
-        ForwardingMode::L2 => {
-            let (dst_mac, egress) = match backend.mac {
-                // A configured MAC is on the attached interface's L2 segment.
-                Some(mac) => (mac, iface.clone()),
-                None => match neighbours.get(&(backend.addr, vip.mode)) {
-                    Some((mac, egress, _)) => (*mac, egress.clone()),
-                    None => {
-                        let n = resolve_neighbour(backend.addr, NEIGHBOUR_TIMEOUT).map_err(|e| {
-                            anyhow!(
-                                "{}: backend {}: cannot find its MAC address: {e}; set `mac:` for it in the config or check that it is on a directly connected network (or use mode ipip)",
-                                vip.key, backend.addr
-                            )
-                        })?;
-                        let egress = interface_named(iface, &n.device)?;
-                        neighbours.insert((backend.addr, vip.mode), (n.mac, egress.clone(), None));
-                        (n.mac, egress)
-                    }
-                },
-            };
-            value.mode = forward_mode::L2;
-            value.dst_mac = dst_mac.0;
-            egress
+    let (mac, egress, source) = match target {
+        Target::Local => {
+            // This node itself: no rewrite, no egress (the packet stays on the ingress).
+            value.mode = forward_mode::LOCAL;
+            value.ifindex = iface.index;
+            return Ok(value);
         }
+        Target::Remote {
+            mac,
+            egress,
+            source,
+        } => (mac, egress, source),
+    };
+    value.dst_mac = mac.0;
+    value.ifindex = egress.index;
+    value.src_mac = egress.mac.0;
+    match vip.mode {
+        ForwardingMode::L2 => value.mode = forward_mode::L2,
         ForwardingMode::Ipip => {
-            // A configured MAC is the next hop's on the attached interface; otherwise the
-            // kernel's route and neighbour tables say where the backend node is.
-            let (next_hop_mac, egress, route_source) = match backend.mac {
-                Some(mac) => (mac, iface.clone(), None),
-                None => match neighbours.get(&(backend.addr, vip.mode)) {
-                    Some(known) => known.clone(),
-                    None => {
-                        let (route, hop) = resolve_next_hop(backend.addr, NEIGHBOUR_TIMEOUT)
-                            .map_err(|e| {
-                                anyhow!(
-                                    "{}: backend {}: cannot find the next hop towards it: {e}; check the routes (`ip route get {}`)",
-                                    vip.key, backend.addr, backend.addr
-                                )
-                            })?;
-                        let found = (
-                            hop.mac,
-                            interface_named(iface, &route.device)?,
-                            route.source,
-                        );
-                        neighbours.insert((backend.addr, vip.mode), found.clone());
-                        found
-                    }
-                },
-            };
-            let (src, vary) = encap_source(settings, backend.addr, route_source, &egress)
+            let (src, vary) = encap_source(settings, backend.addr, *source, egress)
                 .map_err(|e| anyhow!("{}: backend {}: {e}", vip.key, backend.addr))?;
             value.mode = if backend.addr.is_ipv4() {
                 forward_mode::IPIP_V4
             } else {
                 forward_mode::IPIP_V6
             };
-            value.dst_mac = next_hop_mac.0;
             value.encap_src = src;
             value.encap_src_vary = vary;
             value.mtu = u16::try_from(egress.mtu).unwrap_or(u16::MAX);
-            egress
         }
-    };
-    value.ifindex = egress.index;
-    value.src_mac = egress.mac.0;
-    Ok(value)
-}
-
-/// The attached interface if `name` is it, else that interface.
-fn interface_named(iface: &Interface, name: &str) -> anyhow::Result<Interface> {
-    if name == iface.name {
-        Ok(iface.clone())
-    } else {
-        Interface::by_name(name)
     }
+    Ok(value)
 }
 
 /// The outer source base and the mask of its last 32 bits that vary per flow: the configured
@@ -491,7 +542,7 @@ fn interface_named(iface: &Interface, name: &str) -> anyhow::Result<Interface> {
 fn encap_source(
     settings: &Settings,
     backend: IpAddr,
-    route_source: Option<IpAddr>,
+    own: Option<IpAddr>,
     egress: &Interface,
 ) -> anyhow::Result<(Addr, u32)> {
     let configured = match backend {
@@ -505,13 +556,6 @@ fn encap_source(
     let (base, host_bits) = match configured {
         Some(found) => found,
         None => {
-            let own = match route_source {
-                Some(src) => Some(src),
-                None => egress
-                    .addresses()?
-                    .into_iter()
-                    .find(|a| a.is_ipv4() == backend.is_ipv4()),
-            };
             let Some(own) = own else {
                 bail!(
                     "no IPv{} address on {} to use as the outer source; add one or set encap_source_v{}",

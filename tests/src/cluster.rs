@@ -46,7 +46,7 @@ use serde_json::{Value, json};
 use crate::cmd::{self, DEFAULT_TIMEOUT};
 use crate::conn::LongConn;
 use crate::image;
-use crate::kube::{Kube, KubeOptions};
+use crate::kube::Kube;
 use crate::lab::{kill_ns_processes, sluice_binary, unmount};
 
 /// The segment's /24: client .1, control plane .2, node i .10+i.
@@ -239,14 +239,10 @@ impl Cluster {
         self.network()?;
         // Images first (buildah, CPU-bound) while nothing else runs.
         let pause = image::build_pause_image(&crate::kube::binaries()?.join("pause"))?;
-        let kube = Kube::start_with(KubeOptions {
-            netns: Some(&self.cp),
-            advertise: Some(cp_addr()),
-        })?;
-        let kube = Arc::new(kube);
+        let kube = Arc::new(Kube::start_cluster(&self.cp, cp_addr())?);
         self.kube = Some(kube.clone());
-        let kubeconfig = self.dir.join("admin.kubeconfig");
-        kube.write_admin_kubeconfig(0, cp_addr(), &kubeconfig)?;
+        // Names the advertised address, which the nodes reach over the segment.
+        let kubeconfig = kube.admin_kubeconfig(0).to_owned();
         self.start_control_plane(&kube, &kubeconfig)?;
         let mut images = vec![pause];
         images.extend(cfg.images.iter().cloned());

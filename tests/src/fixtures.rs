@@ -18,6 +18,7 @@ use lb_userspace::{
     model::{Backend, Desired, IpNet, MacAddr, Protocol, Settings, Vip, VipAddr},
     net::Interface,
     reconcile,
+    resolve::{Resolved, Target},
 };
 
 /// XDP verdicts (linux/bpf.h).
@@ -79,8 +80,55 @@ impl Harness {
         })
     }
 
+    /// Programs the maps as node `this` of a co-located cluster would: the backend at address
+    /// `this` is the node itself, the others are where their configured MACs say (no kernel
+    /// lookups), and `desired.peers` are known by their backends' MACs.
+    pub fn apply_as_node(
+        &mut self,
+        desired: &Desired,
+        this: IpAddr,
+    ) -> anyhow::Result<reconcile::Summary> {
+        self.apply_as_node_with(desired, &[this])
+    }
+
+    /// [`Self::apply_as_node`] for a node with several addresses (`own`).
+    pub fn apply_as_node_with(
+        &mut self,
+        desired: &Desired,
+        own: &[IpAddr],
+    ) -> anyhow::Result<reconcile::Summary> {
+        let mut resolved = Resolved {
+            local: own.iter().copied().collect(),
+            ..Resolved::default()
+        };
+        for vip in &desired.vips {
+            for b in &vip.backends {
+                let this = resolved.local.contains(&b.addr);
+                let target = if this {
+                    Target::Local
+                } else {
+                    Target::Remote {
+                        mac: b.mac.context("fixture backends have MACs")?,
+                        egress: self.iface.clone(),
+                        source: None,
+                    }
+                };
+                resolved.targets.insert((b.addr, vip.mode), target);
+                if desired.peers.contains(&b.addr) && !this {
+                    resolved.peer_macs.extend(b.mac);
+                }
+            }
+        }
+        reconcile::reconcile_resolved(&mut self.maps, &self.iface, desired, &resolved)
+    }
+
     pub fn apply(&mut self, desired: &Desired) -> anyhow::Result<reconcile::Summary> {
-        reconcile::reconcile(&mut self.maps, &self.iface, desired)
+        reconcile::reconcile(
+            &mut self.maps,
+            &self.iface,
+            desired,
+            reconcile::Unreachable::Fail,
+        )
     }
 
     /// Runs one frame; returns the verdict and the frame as the program left it.
@@ -184,7 +232,7 @@ impl DecapHarness {
             .iter()
             .map(|a| a.parse().map_err(|e| anyhow!("{a}: {e}")))
             .collect::<anyhow::Result<_>>()?;
-        decap::sync(&mut maps, &allow, local)?;
+        decap::sync(&mut maps.sets, &allow, local)?;
         Ok(Self { ebpf, maps })
     }
 
@@ -237,6 +285,7 @@ pub fn desired_at(vip: IpAddr, protocol: Protocol, backends: &[(u8, u32, bool)])
             },
             backends,
         )],
+        peers: Default::default(),
     }
 }
 

@@ -12,7 +12,8 @@ use lb_userspace::model::{Desired, ForwardingMode, IpNet, Protocol, Vip, VipAddr
 
 use crate::fixtures::{
     Arp, CLIENT, CLIENT_MAC, CLIENT6, FIXTURE_MTU, Frame, IP_DF, LB_MAC, TCP_ACK, TCP_SYN, VIP,
-    VIP6, XDP_DROP, XDP_PASS, XDP_TX, backend_mac, checksum_ok, desired_at, pseudo_sum_v6,
+    VIP6, XDP_DROP, XDP_PASS, XDP_TX, backend_addr, backend_mac, checksum_ok, desired_at,
+    pseudo_sum_v6,
 };
 
 /// xorshift64*: small, fast, and the same sequence for the same seed everywhere.
@@ -64,6 +65,13 @@ pub const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 3);
 /// The address the fuzzed node announces (answers ARP for), and the MAC it answers with.
 pub const ANNOUNCED: Ipv4Addr = VIP;
 pub const ANNOUNCED_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x01];
+/// Co-location: the fuzzed node's own addresses (a backend of `VIP_LOCAL`, and where other
+/// nodes' IPIP goes), its VIP whose only backend is itself, and the peer nodes (the fixtures'
+/// three backends, known by their MACs).
+pub const NODE_SELF: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 30);
+pub const NODE_SELF6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x30);
+pub const VIP_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 4);
+const NODE_SELF_MAC: [u8; 6] = [0x02, 0xbe, 0, 0, 0, 0x30];
 /// A UDP port of `VIP` open only to 192.0.2.0/24 (the fixtures' client is outside it).
 pub const RANGED_PORT: u16 = 53;
 
@@ -100,8 +108,19 @@ pub fn fuzz_desired() -> Desired {
             b.weight = 0;
         }
     });
+    add(IpAddr::V4(VIP_LOCAL), 80, Protocol::Tcp, &|v| {
+        v.backends.truncate(1);
+        v.backends[0].addr = IpAddr::V4(NODE_SELF);
+        v.backends[0].mac = Some(lb_userspace::model::MacAddr(NODE_SELF_MAC));
+    });
+    desired.peers = (0..3).map(|i| IpAddr::V4(backend_addr(i))).collect();
     desired.vips.sort_by_key(|v| v.key);
     desired
+}
+
+/// The fuzzed node's own addresses (`Harness::apply_as_node_with`).
+pub fn fuzz_node_addrs() -> [IpAddr; 2] {
+    [IpAddr::V4(NODE_SELF), IpAddr::V6(NODE_SELF6)]
 }
 
 /// What the oracle knows of the configuration.
@@ -109,6 +128,8 @@ pub struct World {
     pub desired: Desired,
     vip_addrs: BTreeSet<IpAddr>,
     node_addrs: BTreeSet<IpAddr>,
+    own_addrs: BTreeSet<IpAddr>,
+    peer_macs: BTreeSet<Vec<u8>>,
 }
 
 impl World {
@@ -119,10 +140,13 @@ impl World {
             .iter()
             .flat_map(|v| v.backends.iter().map(|b| b.addr))
             .collect();
+        let peer_macs = (0..3).map(|i| backend_mac(i).to_vec()).collect();
         Self {
             desired,
             vip_addrs,
             node_addrs,
+            own_addrs: fuzz_node_addrs().into_iter().collect(),
+            peer_macs,
         }
     }
 
@@ -141,11 +165,14 @@ impl World {
 }
 
 /// One generated input: the frame, and whether the program must forward it (an unmutated,
-/// well-formed packet of a VIP with live backends, or an echo request / ICMP error about one).
+/// well-formed packet of a VIP with live backends, or an echo request / ICMP error about one)
+/// or must hand it to this node's stack (a pick of this node, a peer's frame, what a peer
+/// encapsulated to this node).
 #[derive(Clone, Debug)]
 pub struct Case {
     pub frame: Vec<u8>,
     pub must_forward: bool,
+    pub must_pass: bool,
 }
 
 const EXT_KINDS: [u8; 5] = [0, 43, 60, 51, 44];
@@ -173,11 +200,12 @@ fn base(rng: &mut Rng) -> Case {
         f
     };
     let v6 = rng.chance(40);
-    match rng.below(15) {
+    match rng.below(18) {
         // TCP or UDP to an L2 VIP.
         0..=3 => Case {
             frame: flow(v6).bytes(),
             must_forward: true,
+            must_pass: false,
         },
         // To a VIP address on another port, or to no VIP at all.
         4 => {
@@ -194,6 +222,7 @@ fn base(rng: &mut Rng) -> Case {
             Case {
                 frame: f.bytes(),
                 must_forward: false,
+                must_pass: false,
             }
         }
         // An ipip VIP: encapsulated, or answered with "too big" (DF set / IPv6), or dropped
@@ -216,6 +245,7 @@ fn base(rng: &mut Rng) -> Case {
             Case {
                 frame: f.bytes(),
                 must_forward: df || !big,
+                must_pass: false,
             }
         }
         // No live backend, or outside the source ranges: dropped.
@@ -229,6 +259,7 @@ fn base(rng: &mut Rng) -> Case {
             Case {
                 frame: f.bytes(),
                 must_forward: false,
+                must_pass: false,
             }
         }
         // Echo request to a VIP address (or another address).
@@ -248,6 +279,7 @@ fn base(rng: &mut Rng) -> Case {
             Case {
                 frame: f.bytes(),
                 must_forward: to_vip,
+                must_pass: false,
             }
         }
         // ICMP error quoting a VIP flow's reply (or garbage).
@@ -276,6 +308,7 @@ fn base(rng: &mut Rng) -> Case {
             Case {
                 frame: f.bytes(),
                 must_forward: !garbage,
+                must_pass: false,
             }
         }
         // IPv6 extension header chains, up to past the walked bound.
@@ -296,6 +329,7 @@ fn base(rng: &mut Rng) -> Case {
             Case {
                 frame: f.bytes(),
                 must_forward: false,
+                must_pass: false,
             }
         }
         // Fragments, first or later.
@@ -312,17 +346,16 @@ fn base(rng: &mut Rng) -> Case {
             Case {
                 frame: f.bytes(),
                 must_forward: false,
+                must_pass: false,
             }
         }
         // Encapsulated packets (IPIP / IP6IP6 / mixed) arriving at the balancer.
         11 => {
-            let inner = flow(rng.chance(50)).ip_packet();
-            let mut f = flow(v6);
-            f.protocol = if inner[0] >> 4 == 4 { 4 } else { 41 };
-            f.raw_l4 = Some(inner);
+            let f = wrapped(flow(rng.chance(50)), flow(v6));
             Case {
                 frame: f.bytes(),
                 must_forward: false,
+                must_pass: false,
             }
         }
         // IPv4 with options.
@@ -332,6 +365,7 @@ fn base(rng: &mut Rng) -> Case {
             Case {
                 frame: f.bytes(),
                 must_forward: true,
+                must_pass: false,
             }
         }
         // An ARP request: for the announced address (answered), another VIP or a client.
@@ -340,6 +374,48 @@ fn base(rng: &mut Rng) -> Case {
             Case {
                 frame: Arp::request(target).bytes(),
                 must_forward: target == ANNOUNCED,
+                must_pass: false,
+            }
+        }
+        // A flow to the VIP whose only backend is this node: to the stack, untouched.
+        15 => {
+            let mut f = Frame::tcp(sport, tcp_flags);
+            f.payload = payload.clone();
+            f.dst = IpAddr::V4(VIP_LOCAL);
+            Case {
+                frame: f.bytes(),
+                must_forward: false,
+                must_pass: true,
+            }
+        }
+        // A VIP frame another node balanced (its MAC as the source): to the stack, untouched.
+        16 => {
+            let mut frame = flow(v6).bytes();
+            frame[6..12].copy_from_slice(&backend_mac(rng.below(3) as u8));
+            Case {
+                frame,
+                must_forward: false,
+                must_pass: true,
+            }
+        }
+        // IPIP / IP6IP6 from a peer (or its encap prefix, or a stranger) to this node.
+        17 => {
+            let mut f = wrapped(flow(rng.chance(50)), flow(v6));
+            f.frag_off = 0;
+            let stranger = rng.chance(20);
+            (f.src, f.dst) = match (v6, stranger) {
+                (false, false) => (
+                    rng.pick(&[IpAddr::V4(backend_addr(1)), "10.99.0.7".parse().unwrap()]),
+                    IpAddr::V4(NODE_SELF),
+                ),
+                (true, false) => ("fd99::5".parse().unwrap(), IpAddr::V6(NODE_SELF6)),
+                (false, true) => ("192.0.2.66".parse().unwrap(), IpAddr::V4(NODE_SELF)),
+                (true, true) => ("2001:db8::66".parse().unwrap(), IpAddr::V6(NODE_SELF6)),
+            };
+            Case {
+                frame: f.bytes(),
+                must_forward: false,
+                must_pass: !stranger,
             }
         }
         // Not IP, or noise.
@@ -355,9 +431,18 @@ fn base(rng: &mut Rng) -> Case {
             Case {
                 frame,
                 must_forward: false,
+                must_pass: false,
             }
         }
     }
+}
+
+/// `inner`'s IP packet carried by `outer` (IPIP or IP6IP6 by the inner version).
+fn wrapped(inner: Frame, mut outer: Frame) -> Frame {
+    let inner = inner.ip_packet();
+    outer.protocol = if inner[0] >> 4 == 4 { 4 } else { 41 };
+    outer.raw_l4 = Some(inner);
+    outer
 }
 
 /// A frame to test: a valid one, then (mostly) mutated.
@@ -367,6 +452,7 @@ pub fn generate(rng: &mut Rng) -> Case {
         return case;
     }
     case.must_forward = false;
+    case.must_pass = false;
     let f = &mut case.frame;
     for _ in 0..1 + rng.below(3) {
         let len = f.len();
@@ -603,23 +689,74 @@ pub fn check(world: &World, case: &Case, verdict: u32, out: &[u8]) -> Result<(),
     let input = &case.frame;
     let flow = ref_flow(input);
     let flow_vip = flow.and_then(|(_, _, dst, dport, proto)| world.vip(dst, dport, proto));
-    if flow_vip.is_some() && verdict == XDP_PASS {
+    // A frame from another sluice node, or for a VIP served by this node alone, belongs to
+    // this node's stack.
+    let from_peer = input.len() >= 12 && world.peer_macs.contains(&input[6..12]);
+    let served_here =
+        flow_vip.is_some_and(|v| v.backends.iter().all(|b| world.own_addrs.contains(&b.addr)));
+    if flow_vip.is_some() && verdict == XDP_PASS && !from_peer && !served_here {
         return Err("a TCP/UDP packet for a VIP was passed to the kernel".into());
+    }
+    if from_peer && flow_vip.is_some() && verdict == XDP_TX {
+        return Err("a frame another node balanced was balanced again".into());
     }
     if case.must_forward && verdict != XDP_TX {
         return Err(format!(
             "a valid packet for a live VIP got verdict {verdict}, not XDP_TX"
         ));
     }
+    if case.must_pass && verdict != XDP_PASS {
+        return Err(format!(
+            "a packet for this node's own stack got verdict {verdict}, not XDP_PASS"
+        ));
+    }
     match verdict {
         XDP_PASS if out == input.as_slice() => Ok(()),
-        XDP_PASS => Err("passed, but the frame was modified".into()),
+        XDP_PASS => check_unwrapped(world, input, out),
         XDP_DROP => Ok(()),
         XDP_TX => check_tx(world, input, out, flow_vip),
         other => Err(format!(
             "verdict {other} is not one the program may return here"
         )),
     }
+}
+
+/// A passed frame that changed must be an encapsulated packet to this node from an allowed
+/// source, unwrapped: the Ethernet addresses kept, the inner packet exactly as it was.
+fn check_unwrapped(world: &World, input: &[u8], out: &[u8]) -> Result<(), String> {
+    let Some(l3) = ref_l3(input) else {
+        return Err("passed modified, but not an IP packet".into());
+    };
+    let outer_len = if l3.v6 { 40 } else { 20 };
+    let inner_v6 = match l3.proto {
+        4 => false,
+        41 => true,
+        _ => return Err("passed modified, but not encapsulated".into()),
+    };
+    if l3.l4 != 14 + outer_len || !world.own_addrs.contains(&l3.dst) {
+        return Err("unwrapped a packet that was not addressed to this node".into());
+    }
+    let allowed = match l3.src {
+        IpAddr::V4(a) => world.desired.peers.contains(&l3.src) || a.octets()[..3] == [10, 99, 0],
+        IpAddr::V6(a) => a.segments()[..7] == [0xfd99, 0, 0, 0, 0, 0, 0],
+    };
+    if !allowed {
+        return Err(format!(
+            "unwrapped a packet from {}, not an allowed source",
+            l3.src
+        ));
+    }
+    let mut expected = input[..12].to_vec();
+    expected.extend_from_slice(if inner_v6 {
+        &[0x86, 0xdd]
+    } else {
+        &[0x08, 0x00]
+    });
+    expected.extend_from_slice(&input[14 + outer_len..]);
+    if out != expected.as_slice() {
+        return Err("unwrapped, but the result is not the inner packet".into());
+    }
+    Ok(())
 }
 
 fn check_tx(world: &World, input: &[u8], out: &[u8], flow_vip: Option<&Vip>) -> Result<(), String> {

@@ -77,18 +77,6 @@ pub fn binaries() -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// How to start a [`Kube`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct KubeOptions<'a> {
-    /// The network namespace of etcd and the API servers (its loopback must be up); `None`: here.
-    pub netns: Option<&'a str>,
-    /// Serve a whole cluster (kubelets, pods): listen on every address of the namespace,
-    /// advertise this one (the `kubernetes` Service's endpoint, so pods reach the API),
-    /// allow privileged pods, reach kubelets by their InternalIP. `None`: loopback only, no
-    /// `kubernetes` endpoint (the agent tests).
-    pub advertise: Option<Ipv4Addr>,
-}
-
 /// One kube-apiserver process (several may share the etcd).
 struct ApiServer {
     port: u16,
@@ -101,7 +89,11 @@ struct ApiServer {
 /// etcd + kube-apiserver(s). See the module documentation.
 pub struct Kube {
     netns: Option<String>,
-    advertise: Option<Ipv4Addr>,
+    /// Where the API servers listen besides loopback (the clients' server address); `None`:
+    /// loopback only.
+    listen: Option<Ipv4Addr>,
+    /// Serving a whole cluster (kubelets, pods): see [`Kube::start_cluster`].
+    cluster: bool,
     dir: PathBuf,
     bin: PathBuf,
     etcd_port: u16,
@@ -116,15 +108,33 @@ impl Kube {
     /// Starts etcd and one API server (index 0), inside network namespace `netns` when given (its
     /// loopback must be up), and registers the EndpointSlice v1 CRD.
     pub fn start(netns: Option<&str>) -> Result<Kube> {
-        Self::start_with(KubeOptions {
-            netns,
-            advertise: None,
-        })
+        Self::start_with(netns, None)
     }
 
-    /// Like [`Kube::start`], with the [`KubeOptions`].
-    pub fn start_with(opts: KubeOptions) -> Result<Kube> {
-        let netns = opts.netns;
+    /// As [`Kube::start`], the API servers listening on every address of the namespace and the
+    /// kubeconfigs naming `listen` (one of its addresses), so that agents in other namespaces
+    /// reach them over the lab's segment.
+    pub fn start_listening(netns: &str, listen: Ipv4Addr) -> Result<Kube> {
+        Self::start_with(Some(netns), Some(listen))
+    }
+
+    /// As [`Kube::start_listening`], for a whole cluster (kubelets, pods): privileged pods
+    /// allowed, kubelets reached by their InternalIP, and the `kubernetes` Service's Endpoints
+    /// naming `listen`, so that pods reach the API at its cluster IP.
+    pub fn start_cluster(netns: &str, listen: Ipv4Addr) -> Result<Kube> {
+        let mut kube = Self::new(Some(netns), Some(listen))?;
+        kube.cluster = true;
+        kube.setup().context("starting etcd and kube-apiserver")?;
+        Ok(kube)
+    }
+
+    fn start_with(netns: Option<&str>, listen: Option<Ipv4Addr>) -> Result<Kube> {
+        let mut kube = Self::new(netns, listen)?;
+        kube.setup().context("starting etcd and kube-apiserver")?;
+        Ok(kube)
+    }
+
+    fn new(netns: Option<&str>, listen: Option<Ipv4Addr>) -> Result<Kube> {
         let bin = binaries()?;
         STALE_CLEANUP.call_once(cleanup_stale);
         let pid = std::process::id();
@@ -133,9 +143,10 @@ impl Kube {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let ports = free_ports(netns, 2)?;
-        let mut kube = Kube {
+        let kube = Kube {
             netns: netns.map(str::to_owned),
-            advertise: opts.advertise,
+            listen,
+            cluster: false,
             dir,
             bin,
             etcd_port: ports[0],
@@ -145,7 +156,6 @@ impl Kube {
             admin_token: format!("admin-{pid}-{n}-{:x}", random_u64()),
             seq: AtomicU32::new(0),
         };
-        kube.setup().context("starting etcd and kube-apiserver")?;
         Ok(kube)
     }
 
@@ -185,7 +195,9 @@ impl Kube {
             self.kubectl_ok(&["get", "endpointslices.v1.discovery.k8s.io", "-A"])
                 .map(drop)
         })?;
-        if let Some(addr) = self.advertise {
+        // The lease endpoint reconciler of 1.20 also writes v1beta1 EndpointSlices, which are
+        // off here: a cluster's `kubernetes` Endpoints are written once instead.
+        if let (true, Some(addr)) = (self.cluster, self.listen) {
             let port = self.servers[0].port;
             self.retry("writing the kubernetes Endpoints", || {
                 self.apply_yaml(&format!(
@@ -262,6 +274,11 @@ impl Kube {
         Ok(())
     }
 
+    /// The address kubeconfigs name.
+    fn server_host(&self) -> Ipv4Addr {
+        self.listen.unwrap_or(Ipv4Addr::LOCALHOST)
+    }
+
     fn port_open(&self, port: u16) -> Result<bool> {
         let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port).into();
         let probe =
@@ -282,8 +299,12 @@ impl Kube {
         let kubeconfig = self.dir.join(format!("admin-{i}.kubeconfig"));
         fs::write(
             &kubeconfig,
-            kubeconfig_yaml(port, &cert_dir.join("apiserver.crt"), &self.admin_token)
-                .replace("https://127.0.0.1:", &format!("https://{}:", self.host())),
+            kubeconfig_yaml(
+                self.server_host(),
+                port,
+                &cert_dir.join("apiserver.crt"),
+                &self.admin_token,
+            ),
         )?;
         self.servers.push(ApiServer {
             port,
@@ -303,23 +324,25 @@ impl Kube {
         ensure!(self.servers[i].child.is_none(), "API server {i} is running");
         let s = &self.servers[i];
         let mut c = self.command(&self.bin.join("kube-apiserver"));
-        c.arg(format!("--etcd-servers={}", self.etcd_url()));
-        match self.advertise {
-            None => c
-                .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
-                .arg("--endpoint-reconciler-type=none"),
-            // The lease reconciler of 1.20 also writes v1beta1 EndpointSlices, which are off
-            // here: the `kubernetes` Endpoints are written once by `setup` instead.
-            Some(addr) => c
-                .arg("--endpoint-reconciler-type=none")
-                .arg("--bind-address=0.0.0.0")
-                .arg(format!("--advertise-address={addr}"))
-                .arg("--allow-privileged=true")
+        c.arg(format!("--etcd-servers={}", self.etcd_url()))
+            .args(match self.listen {
+                Some(addr) => [
+                    "--bind-address=0.0.0.0".into(),
+                    format!("--advertise-address={addr}"),
+                ],
+                None => [
+                    "--bind-address=127.0.0.1".to_owned(),
+                    "--advertise-address=127.0.0.1".to_owned(),
+                ],
+            })
+            .arg(format!("--secure-port={}", s.port))
+            .args(["--insecure-port=0", "--endpoint-reconciler-type=none"]);
+        if self.cluster {
+            c.arg("--allow-privileged=true")
                 // Without it, `kubectl logs/exec` look the node's name up in DNS.
-                .arg("--kubelet-preferred-address-types=InternalIP"),
-        };
-        c.arg(format!("--secure-port={}", s.port))
-            .arg("--insecure-port=0")
+                .arg("--kubelet-preferred-address-types=InternalIP");
+        }
+        c
             .arg(format!("--cert-dir={}", s.cert_dir.display()))
             .arg(format!(
                 "--token-auth-file={}",
@@ -425,14 +448,6 @@ impl Kube {
     pub fn ca_cert(&self, i: usize) -> PathBuf {
         self.servers[i].cert_dir.join("apiserver.crt")
     }
-    /// Writes `path`: an admin kubeconfig for API server `i` at `https://<host>:<port>` (a
-    /// cluster's components reach it at the advertised address).
-    pub fn write_admin_kubeconfig(&self, i: usize, host: Ipv4Addr, path: &Path) -> Result<()> {
-        let s = &self.servers[i];
-        let text = kubeconfig_yaml(s.port, &s.cert_dir.join("apiserver.crt"), &self.admin_token)
-            .replace("https://127.0.0.1:", &format!("https://{host}:"));
-        fs::write(path, text).with_context(|| format!("writing {}", path.display()))
-    }
 
     /// One request to API server 0 as admin (curl inside the namespace): `method` on `path`
     /// (`/api/v1/pods`) with an optional body of `content_type`. Returns the answer parsed as
@@ -460,7 +475,7 @@ impl Kube {
             c.args(["-H", &format!("Content-Type: {content_type}")])
                 .args(["--data-binary", &v.to_string()]);
         }
-        c.arg(format!("https://{}:{}{path}", self.host(), s.port));
+        c.arg(format!("https://{}:{}{path}", self.server_host(), s.port));
         let out = cmd::run_ok(&mut c, cmd::DEFAULT_TIMEOUT)
             .with_context(|| format!("{method} {path}"))?;
         if out.stdout.is_empty() {
@@ -472,12 +487,6 @@ impl Kube {
     /// The binaries' directory (kubectl, kubelet, kube-proxy, ...).
     pub fn bin_dir(&self) -> &Path {
         &self.bin
-    }
-
-    /// The address clients use: 127.0.0.1, or the advertised address (the one the self-signed
-    /// certificate names) when serving a cluster.
-    fn host(&self) -> Ipv4Addr {
-        self.advertise.unwrap_or(Ipv4Addr::LOCALHOST)
     }
 
     /// The port of API server `i` (on 127.0.0.1 of the namespace).
@@ -553,7 +562,11 @@ impl Kube {
         .args(["-H", &format!("Authorization: Bearer {}", self.admin_token)])
         .args(["-H", "Content-Type: application/merge-patch+json"])
         .args(["-X", "PATCH", "--data", &patch.to_string()])
-        .arg(format!("https://{}:{}{path}/status", self.host(), s.port));
+        .arg(format!(
+            "https://{}:{}{path}/status",
+            self.server_host(),
+            s.port
+        ));
         cmd::run_ok(&mut c, cmd::DEFAULT_TIMEOUT)
             .with_context(|| format!("patching the status of {path}"))?;
         Ok(())
@@ -615,7 +628,12 @@ impl Kube {
         let s = &self.servers[0];
         fs::write(
             &path,
-            kubeconfig_yaml(s.port, &s.cert_dir.join("apiserver.crt"), token),
+            kubeconfig_yaml(
+                self.server_host(),
+                s.port,
+                &s.cert_dir.join("apiserver.crt"),
+                token,
+            ),
         )?;
         Ok(path)
     }
@@ -671,14 +689,14 @@ fn cleanup_stale() {
     }
 }
 
-fn kubeconfig_yaml(port: u16, ca: &Path, token: &str) -> String {
+fn kubeconfig_yaml(host: Ipv4Addr, port: u16, ca: &Path, token: &str) -> String {
     format!(
         "apiVersion: v1
 kind: Config
 clusters:
   - name: sluice-test
     cluster:
-      server: https://127.0.0.1:{port}
+      server: https://{host}:{port}
       certificate-authority: {ca}
 users:
   - name: user

@@ -844,6 +844,57 @@ http {{
         SluiceProcess::spawn(c, log)
     }
 
+    /// Starts a long-running sluice in namespace `ns` with its own `pin_dir` (a node of a
+    /// co-located lab: every backend runs sluice too), logging to the lab dir.
+    pub fn spawn_sluice_in(
+        &self,
+        ns: &str,
+        pin_dir: &Path,
+        args: &[&str],
+    ) -> Result<SluiceProcess> {
+        let bin = sluice_binary()?;
+        let log = self.dir.join(format!(
+            "sluice-{}.log",
+            self.seq.fetch_add(1, Ordering::SeqCst)
+        ));
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns])
+            .arg(&bin)
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .args(args);
+        SluiceProcess::spawn(c, log)
+    }
+
+    /// Makes backend `i` able to send with XDP_TX (the XDP_PASS program on its switch port):
+    /// for labs where the backends balance too.
+    pub fn enable_backend_xdp_tx(&self, i: usize) -> Result<()> {
+        self.attach_peer_xdp(&format!("sw-b{i}"))
+    }
+
+    /// The client sends the VIP to backend `i` (as a router that learnt it from that node
+    /// would), instead of the lb.
+    pub fn client_route_vip_via_backend(&self, i: usize) -> Result<()> {
+        self.route_vip_via(&self.client, i)
+    }
+
+    /// In namespace `ns`: the VIP's /32 via backend `i`.
+    fn route_vip_via(&self, ns: &str, i: usize) -> Result<()> {
+        self.ip(
+            ns,
+            &[
+                "route",
+                "replace",
+                &format!("{}/32", self.vip),
+                "via",
+                &self.backend_addr(i).to_string(),
+                "dev",
+                NS_IFACE,
+            ],
+        )?;
+        Ok(())
+    }
+
     /// Writes a config for `backends`, starts `sluice run` with it and waits (at most `timeout`)
     /// until an XDP program is attached to the lb's interface.
     pub fn run_sluice(&self, backends: &[BackendSpec], timeout: Duration) -> Result<SluiceProcess> {
@@ -1147,19 +1198,7 @@ http {{
     /// the harness without sluice. Such packets reach the backend with TTL 63.
     pub fn kernel_route_vip_via(&self, i: usize) -> Result<()> {
         self.sysctl(&self.lb, &["net.ipv4.ip_forward=1"])?;
-        self.ip(
-            &self.lb,
-            &[
-                "route",
-                "replace",
-                &format!("{}/32", self.vip),
-                "via",
-                &self.backend_addr(i).to_string(),
-                "dev",
-                NS_IFACE,
-            ],
-        )?;
-        Ok(())
+        self.route_vip_via(&self.lb, i)
     }
 
     /// Undoes [`Lab::kernel_route_vip_via`].

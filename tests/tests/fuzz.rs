@@ -10,7 +10,10 @@ use std::time::Instant;
 use lb_common::GlobalCounter;
 use sluice_tests::{
     fixtures::Harness,
-    fuzz::{ANNOUNCED, ANNOUNCED_MAC, Case, Rng, World, check, fuzz_desired, generate, hex},
+    fuzz::{
+        ANNOUNCED, ANNOUNCED_MAC, Case, Rng, World, check, fuzz_desired, fuzz_node_addrs, generate,
+        hex,
+    },
     require_root,
 };
 
@@ -30,7 +33,8 @@ fn env_u64(name: &str) -> Option<u64> {
 fn worker(seed: u64, worker: u64, count: u64) -> Vec<u64> {
     let desired = fuzz_desired();
     let mut h = Harness::with_flow_table(FLOW_TABLE).expect("load the XDP object");
-    h.apply(&desired).expect("program the maps");
+    h.apply_as_node_with(&desired, &fuzz_node_addrs())
+        .expect("program the maps");
     // The node won VIP's election: its ARP requests are answered (as `--announce` writes it).
     h.maps
         .announce

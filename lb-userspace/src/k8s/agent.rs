@@ -7,7 +7,7 @@
 //! rebuilt from the fresh lists. Nothing is applied before all three lists are complete, so a
 //! restarted agent never shrinks the maps it adopts to a partial view.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -32,15 +32,13 @@ use super::announce::{self, AnnounceConfig};
 use super::desired::{self, Built, SERVICE_NAME_LABEL};
 use super::watch_probe::WatchProbeLayer;
 use crate::metrics::{ControlMetrics, WatchMetrics};
-use crate::model::{Desired, ForwardingMode, Settings};
-use crate::net;
+use crate::model::{Desired, Settings};
+use crate::reconcile::Summary;
 
 /// Quiet time after the last event before the model is rebuilt: one rebuild per burst.
 pub const DEBOUNCE: Duration = Duration::from_millis(10);
 /// A burst that never goes quiet is still applied this often.
 const MAX_DELAY: Duration = Duration::from_millis(500);
-/// How long one unknown neighbour (node MAC) may take to resolve in one pass.
-const NEIGHBOUR_TIMEOUT: Duration = Duration::from_millis(500);
 /// Retry delays of a failed reconcile (doubling), and of a pass that left nodes unresolved.
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
@@ -64,9 +62,10 @@ pub struct AgentConfig {
     pub metrics: ControlMetrics,
 }
 
-/// Applies one model to the dataplane; returns a one-line summary of what changed ("" for
-/// nothing). Runs on the reconcile thread, which owns it (and the maps inside it).
-pub type ApplyFn = Box<dyn FnMut(&Desired) -> anyhow::Result<String> + Send>;
+/// Applies one model to the dataplane (backends that cannot be resolved drain on their last
+/// known MAC, or wait); returns what changed. Runs on the reconcile thread, which owns it (and
+/// the maps inside it).
+pub type ApplyFn = Box<dyn FnMut(&Desired) -> anyhow::Result<Summary> + Send>;
 
 #[derive(Default)]
 struct Health {
@@ -329,21 +328,22 @@ fn reconcile_loop(rx: mpsc::Receiver<Desired>, mut apply: ApplyFn, health: &Heal
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
         let Some(desired) = &pending else { continue };
-        let (resolvable, missing) = without_unresolved(desired);
-        if missing != unresolved {
-            for addr in missing.difference(&unresolved) {
-                warn!("node {addr}: no ARP answer, left out of every VIP until it answers");
-            }
-            for addr in unresolved.difference(&missing) {
-                info!("node {addr}: resolved again");
-            }
-            unresolved = missing;
-        }
         let started = Instant::now();
-        match apply(&resolvable) {
+        match apply(desired) {
             Ok(summary) => {
                 if !summary.is_empty() {
                     info!("maps updated in {:?}: {summary}", started.elapsed());
+                }
+                if summary.unresolved != unresolved {
+                    for addr in summary.unresolved.difference(&unresolved) {
+                        warn!(
+                            "node {addr}: no ARP answer (or no route): draining on its last known MAC, or left out until it answers"
+                        );
+                    }
+                    for addr in unresolved.difference(&summary.unresolved) {
+                        info!("node {addr}: resolved again");
+                    }
+                    unresolved = summary.unresolved;
                 }
                 health.ready.store(true, Ordering::Relaxed);
                 if unresolved.is_empty() {
@@ -361,42 +361,6 @@ fn reconcile_loop(rx: mpsc::Receiver<Desired>, mut apply: ApplyFn, health: &Heal
             }
         }
     }
-}
-
-/// The model without backends that cannot be reached now: in `l2` mode a node whose MAC
-/// cannot be found (a node that is down does not answer ARP), in `ipip` mode one without a route
-/// and next hop. One such node must not hold up every other change.
-fn without_unresolved(desired: &Desired) -> (Desired, BTreeSet<IpAddr>) {
-    let mut known: BTreeMap<(IpAddr, ForwardingMode), bool> = BTreeMap::new();
-    for vip in &desired.vips {
-        for b in &vip.backends {
-            let key = (b.addr, vip.mode);
-            if b.mac.is_none() && !known.contains_key(&key) {
-                let ok = match vip.mode {
-                    ForwardingMode::L2 => {
-                        matches!(net::neighbour(b.addr), Ok(Some(_)))
-                            || net::resolve_neighbour(b.addr, NEIGHBOUR_TIMEOUT).is_ok()
-                    }
-                    ForwardingMode::Ipip => {
-                        net::resolve_next_hop(b.addr, NEIGHBOUR_TIMEOUT).is_ok()
-                    }
-                };
-                known.insert(key, ok);
-            }
-        }
-    }
-    let missing: BTreeSet<IpAddr> = known
-        .into_iter()
-        .filter(|(_, ok)| !ok)
-        .map(|((a, _), _)| a)
-        .collect();
-    let mut out = desired.clone();
-    if !missing.is_empty() {
-        for vip in &mut out.vips {
-            vip.backends.retain(|b| !missing.contains(&b.addr));
-        }
-    }
-    (out, missing)
 }
 
 /// `GET /healthz`: 200 while the process serves. `GET /readyz`: 200 once the model from the API

@@ -90,11 +90,13 @@ pub fn build(
     let mut built = Built {
         desired: Desired {
             settings,
-            vips: Vec::new(),
+            ..Desired::default()
         },
         ..Built::default()
     };
     let nodes = node_infos(nodes, &mut built);
+    // Every node runs the agent (a DaemonSet): all of them balance, this one included.
+    built.desired.peers = nodes.iter().map(|n| IpAddr::V4(n.addr)).collect();
     let mut services: Vec<&Service> = services.iter().map(AsRef::as_ref).collect();
     // Two Services claiming one VIP: the first by namespace/name keeps it, on every agent.
     services.sort_by_key(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()));

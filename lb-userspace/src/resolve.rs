@@ -1,0 +1,151 @@
+//! Desired -> where each backend is: the one step of a reconcile that asks the kernel
+//! (addresses, neighbours, routes). Planning is a pure function of its result, so every
+//! ordering rule of the apply is testable without root. One timeout and one policy serve the
+//! file and the Kubernetes source alike.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    time::Duration,
+};
+
+use anyhow::anyhow;
+
+use crate::{
+    model::{Desired, ForwardingMode, MacAddr},
+    net::{self, Interface},
+};
+
+/// How long one unknown neighbour may take to answer ARP/ND in one pass.
+pub const NEIGHBOUR_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Where a backend is, as the kernel knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// One of this node's own addresses: its packets go to this node's stack.
+    Local,
+    /// Reached through `egress` at `mac` (the backend's own in L2 mode, the next hop's in ipip
+    /// mode); `source` is the address the kernel would send from (the default outer source).
+    Remote {
+        mac: MacAddr,
+        egress: Interface,
+        source: Option<IpAddr>,
+    },
+}
+
+/// What resolving a desired state found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resolved {
+    pub targets: HashMap<(IpAddr, ForwardingMode), Target>,
+    /// Backends that could not be resolved now, with why (a node that is down does not answer
+    /// ARP). The plan keeps such a backend on its last known MAC, draining, or leaves it out.
+    pub failures: BTreeMap<(IpAddr, ForwardingMode), String>,
+    /// This node's addresses (the inline decapsulator unwraps what is sent to them).
+    pub local: BTreeSet<IpAddr>,
+    /// MACs of the other sluice nodes (`Desired::peers`) on the attached segment.
+    pub peer_macs: BTreeSet<MacAddr>,
+}
+
+impl Resolved {
+    /// Addresses of the backends that could not be resolved.
+    pub fn unresolved(&self) -> BTreeSet<IpAddr> {
+        self.failures.keys().map(|(addr, _)| *addr).collect()
+    }
+}
+
+/// Resolves every backend and peer of `desired` as seen from `iface`.
+pub fn resolve(iface: &Interface, desired: &Desired) -> anyhow::Result<Resolved> {
+    let local: BTreeSet<IpAddr> = net::local_addresses()?.into_iter().collect();
+    let mut out = Resolved {
+        local,
+        ..Resolved::default()
+    };
+    let mut egress_by_name: HashMap<String, Interface> = HashMap::new();
+    egress_by_name.insert(iface.name.clone(), iface.clone());
+    for vip in &desired.vips {
+        for backend in &vip.backends {
+            let key = (backend.addr, vip.mode);
+            if out.targets.contains_key(&key) || out.failures.contains_key(&key) {
+                continue;
+            }
+            if out.local.contains(&backend.addr) {
+                out.targets.insert(key, Target::Local);
+                continue;
+            }
+            let found = match (backend.mac, vip.mode) {
+                // A configured MAC is on the attached interface's segment (in ipip mode: the
+                // next hop's).
+                (Some(mac), mode) => Ok((mac, iface.clone(), None, mode)),
+                (None, ForwardingMode::L2) => net::resolve_neighbour(backend.addr, NEIGHBOUR_TIMEOUT)
+                    .map_err(|e| {
+                        format!(
+                            "cannot find its MAC address: {e}; set `mac:` for it in the config or check that it is on a directly connected network (or use mode ipip)"
+                        )
+                    })
+                    .and_then(|n| {
+                        let egress = interface(&mut egress_by_name, &n.device)?;
+                        Ok((n.mac, egress, None, ForwardingMode::L2))
+                    }),
+                (None, ForwardingMode::Ipip) => net::resolve_next_hop(backend.addr, NEIGHBOUR_TIMEOUT)
+                    .map_err(|e| {
+                        format!(
+                            "cannot find the next hop towards it: {e}; check the routes (`ip route get {}`)",
+                            backend.addr
+                        )
+                    })
+                    .and_then(|(route, hop)| {
+                        let egress = interface(&mut egress_by_name, &route.device)?;
+                        Ok((hop.mac, egress, route.source, ForwardingMode::Ipip))
+                    }),
+            };
+            match found {
+                Ok((mac, egress, mut source, mode)) => {
+                    if mode == ForwardingMode::Ipip && source.is_none() {
+                        // The outer source defaults to the egress interface's own address.
+                        source = egress
+                            .addresses()
+                            .map_err(|e| anyhow!("backend {}: {e}", backend.addr))?
+                            .into_iter()
+                            .find(|a| a.is_ipv4() == backend.addr.is_ipv4());
+                    }
+                    out.targets.insert(
+                        key,
+                        Target::Remote {
+                            mac,
+                            egress,
+                            source,
+                        },
+                    );
+                }
+                Err(why) => {
+                    out.failures.insert(key, why);
+                }
+            }
+        }
+    }
+    for peer in &desired.peers {
+        if out.local.contains(peer) {
+            continue;
+        }
+        let known = out.targets.get(&(*peer, ForwardingMode::L2)).cloned();
+        let mac = match known {
+            Some(Target::Remote { mac, .. }) => Some(mac),
+            _ => net::resolve_neighbour(*peer, NEIGHBOUR_TIMEOUT)
+                .ok()
+                .map(|n| n.mac),
+        };
+        // A peer that does not answer sends nothing either; it is added once it does.
+        out.peer_macs.extend(mac);
+    }
+    Ok(out)
+}
+
+/// The interface named `name`, read once per resolve.
+fn interface(known: &mut HashMap<String, Interface>, name: &str) -> Result<Interface, String> {
+    if let Some(found) = known.get(name) {
+        return Ok(found.clone());
+    }
+    let found = Interface::by_name(name).map_err(|e| e.to_string())?;
+    known.insert(name.to_owned(), found.clone());
+    Ok(found)
+}
