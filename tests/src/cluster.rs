@@ -1008,20 +1008,21 @@ featureGates: {{EndpointSliceProxying: false}}
     }
 
     /// Installs frame counters on the bridge (switch namespace): per ingress port, frames to
-    /// `vip` and TCP SYNs to it. Read with [`Cluster::vip_frames`].
+    /// `vip` and TCP SYNs to it; per egress port, SYNs to it (which node a balancer sent the
+    /// connection to). Read with [`Cluster::vip_frames`] and [`Cluster::vip_syns_out`].
     pub fn count_vip_frames(&self, vip: Ipv4Addr) -> Result<()> {
         let mut rules = String::new();
         for p in self.ports() {
             let k = p.replace('-', "_");
             rules.push_str(&format!(
-                "  counter f_{k} {{ }}\n  counter s_{k} {{ }}\n"
+                "  counter f_{k} {{ }}\n  counter s_{k} {{ }}\n  counter o_{k} {{ }}\n"
             ));
         }
         rules.push_str("  chain frames {\n    type filter hook forward priority 0; policy accept;\n");
         for p in self.ports() {
             let k = p.replace('-', "_");
             rules.push_str(&format!(
-                "    iifname \"{p}\" ip daddr {vip} counter name f_{k}\n    iifname \"{p}\" ip daddr {vip} tcp flags & (syn | ack) == syn counter name s_{k}\n"
+                "    iifname \"{p}\" ip daddr {vip} counter name f_{k}\n    iifname \"{p}\" ip daddr {vip} tcp flags & (syn | ack) == syn counter name s_{k}\n    oifname \"{p}\" ip daddr {vip} tcp flags & (syn | ack) == syn counter name o_{k}\n"
             ));
         }
         rules.push_str("  }\n");
@@ -1035,6 +1036,34 @@ featureGates: {{EndpointSliceProxying: false}}
     /// Per switch port: (frames to the VIP, SYNs to the VIP) entering the bridge there, since
     /// [`Cluster::count_vip_frames`].
     pub fn vip_frames(&self) -> Result<BTreeMap<String, (u64, u64)>> {
+        let c = self.frame_counters()?;
+        Ok(self
+            .ports()
+            .into_iter()
+            .map(|p| {
+                let k = p.replace('-', "_");
+                let f = c.get(&format!("f_{k}")).copied().unwrap_or(0);
+                let s = c.get(&format!("s_{k}")).copied().unwrap_or(0);
+                (p, (f, s))
+            })
+            .collect())
+    }
+
+    /// Per switch port: SYNs to the VIP leaving the bridge there.
+    pub fn vip_syns_out(&self) -> Result<BTreeMap<String, u64>> {
+        let c = self.frame_counters()?;
+        Ok(self
+            .ports()
+            .into_iter()
+            .map(|p| {
+                let k = p.replace('-', "_");
+                let o = c.get(&format!("o_{k}")).copied().unwrap_or(0);
+                (p, o)
+            })
+            .collect())
+    }
+
+    fn frame_counters(&self) -> Result<HashMap<String, u64>> {
         let out = in_ns(
             &self.sw,
             &["nft", "-j", "list", "counters", "table", "bridge", "sluicecluster"],
@@ -1048,16 +1077,7 @@ featureGates: {{EndpointSliceProxying: false}}
                 }
             }
         }
-        Ok(self
-            .ports()
-            .into_iter()
-            .map(|p| {
-                let k = p.replace('-', "_");
-                let f = by_name.get(&format!("f_{k}")).copied().unwrap_or(0);
-                let s = by_name.get(&format!("s_{k}")).copied().unwrap_or(0);
-                (p, (f, s))
-            })
-            .collect())
+        Ok(by_name)
     }
 
     // ----- waiting -----

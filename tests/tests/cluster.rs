@@ -35,6 +35,7 @@ const WEB_TAG: &str = "1";
 /// Off the segment: the client routes them to a node.
 const VIP_CLUSTER: Ipv4Addr = Ipv4Addr::new(10, 80, 1, 10);
 const VIP_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 80, 1, 11);
+const VIP_IPIP: Ipv4Addr = Ipv4Addr::new(10, 80, 1, 12);
 const CONNECTIONS: usize = 300;
 
 /// Soft assertions: every check is recorded and printed; the test fails at the end if any failed.
@@ -97,7 +98,14 @@ fn parse_who(line: &str) -> Option<Who> {
         match part.split_once('=') {
             Some(("pod", v)) => w.pod = v.to_owned(),
             Some(("node", v)) => w.node = v.to_owned(),
-            Some(("client", v)) => w.client = v.to_owned(),
+            // busybox httpd listens on [::]: an IPv4 client shows as [::ffff:a.b.c.d].
+            Some(("client", v)) => {
+                w.client = v
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .trim_start_matches("::ffff:")
+                    .to_owned()
+            }
             _ => {}
         }
     }
@@ -106,12 +114,12 @@ fn parse_who(line: &str) -> Option<Who> {
 
 fn web_manifests() -> String {
     let image = format!("{}:{WEB_TAG}", image::WEB_IMAGE);
-    let svc = |name: &str, policy: &str| {
+    let svc = |name: &str, policy: &str, annotations: &str| {
         format!(
             "---
 apiVersion: v1
 kind: Service
-metadata: {{name: {name}, namespace: default}}
+metadata: {{name: {name}, namespace: default, annotations: {{{annotations}}}}}
 spec:
   type: LoadBalancer
   externalTrafficPolicy: {policy}
@@ -150,10 +158,12 @@ spec:
           image: {image}
           imagePullPolicy: Never
           command: [/bin/nc, -ll, -p, \"7000\", -e, /bin/line-echo]
-{cluster}{local}",
+{cluster}{local}{ipip}{announce}",
         replicas = NODES * 2,
-        cluster = svc("web-cluster", "Cluster"),
-        local = svc("web-local", "Local"),
+        cluster = svc("web-cluster", "Cluster", ""),
+        local = svc("web-local", "Local", ""),
+        ipip = svc("web-ipip", "Local", "sluice.io/forwarding-mode: ipip"),
+        announce = svc("web-announce", "Cluster", ""),
     )
 }
 
@@ -353,6 +363,8 @@ fn sluice_deployed_on_a_real_cluster() {
         .expect("applying the web Deployment and Services");
     set_ingress(&c, "web-cluster", VIP_CLUSTER).expect("setting the ingress IP");
     set_ingress(&c, "web-local", VIP_LOCAL).expect("setting the ingress IP");
+    set_ingress(&c, "web-ipip", VIP_IPIP).expect("setting the ingress IP");
+    set_ingress(&c, "web-announce", cluster::on_link_vip()).expect("setting the ingress IP");
 
     let agents = c.wait_for("agent pods Running and ready on every node", Duration::from_secs(120), || {
         all_agents_ready(&c)
@@ -384,6 +396,7 @@ fn sluice_deployed_on_a_real_cluster() {
     // The path without sluice first: kube-proxy on node-0 answers for the VIP.
     c.route_vip_via(VIP_CLUSTER, 0).unwrap();
     c.route_vip_via(VIP_LOCAL, 0).unwrap();
+    c.route_vip_via(VIP_IPIP, 0).unwrap();
 
     // ----- many new connections, balanced once -----
     c.count_vip_frames(VIP_CLUSTER).unwrap();
@@ -426,6 +439,21 @@ fn sluice_deployed_on_a_real_cluster() {
                     "client port: {client_frames} frames, {client_syns} SYNs; node ports: {node_frames} frames, {node_syns} SYNs; per port {frames:?}"
                 ),
             );
+            // Where node-0 (the receiving node) sent each new connection: SYNs leaving the
+            // bridge towards the other nodes; the rest it passed to its own stack.
+            if let Ok(out) = c.vip_syns_out() {
+                let to = |i: usize| out.get(c.node_port(i)).copied().unwrap_or(0);
+                let others: u64 = (1..c.nodes()).map(to).sum();
+                let own = client_syns.saturating_sub(others);
+                let picks: Vec<u64> = std::iter::once(own)
+                    .chain((1..c.nodes()).map(to))
+                    .collect();
+                checks.check(
+                    "Cluster policy: the balancer picks every node (itself included)",
+                    picks.iter().all(|&p| p > 0),
+                    format!("new connections per node (node-0 passes its own to its stack): {picks:?}"),
+                );
+            }
         }
         Err(e) => {
             checks.check("frame counters", false, format!("{e:#}"));
@@ -535,12 +563,91 @@ fn sluice_deployed_on_a_real_cluster() {
         c.kubectl(&["cordon", c.node_name(2)])?;
         // The agents drain the node from their tables within a moment.
         std::thread::sleep(Duration::from_secs(3));
+        c.count_vip_frames(VIP_CLUSTER)?;
         let s = spread(&c, VIP_CLUSTER, 100)?;
+        let out = c.vip_syns_out()?;
         c.kubectl(&["uncordon", c.node_name(2)])?;
         ensure!(s.failed == 0, "{} of 100 failed", s.failed);
-        Ok(format!("while node-2 was cordoned: by node {:?}", s.by_node))
+        let to2 = out.get(c.node_port(2)).copied().unwrap_or(0);
+        ensure!(
+            to2 == 0,
+            "{to2} new connections were balanced to the cordoned node-2 ({out:?})"
+        );
+        Ok(format!(
+            "100 of 100 answered, none balanced to node-2 (SYNs out per port {out:?}; pods reached by kube-proxy {:?})",
+            s.by_node
+        ))
     })();
-    checks.result("connections while a node is cordoned", r);
+    checks.result("a cordoned node gets no new connections", r);
+
+    // ----- ipip: every node unwraps inline -----
+    match spread(&c, VIP_IPIP, CONNECTIONS / 2) {
+        Ok(s) => {
+            let own = cluster::client_addr().to_string();
+            checks.check(
+                "ipip Service (Local): answered on every node, the client's address kept",
+                s.failed == 0
+                    && every_node(&c, &s.by_node)
+                    && s.clients.keys().all(|k| *k == own),
+                format!(
+                    "{} of {} answered; by node {:?}; clients seen {:?}",
+                    CONNECTIONS / 2 - s.failed,
+                    CONNECTIONS / 2,
+                    s.by_node,
+                    s.clients
+                ),
+            );
+        }
+        Err(e) => {
+            checks.check("ipip Service", false, format!("{e:#}"));
+        }
+    }
+
+    // ----- --announce: the agents answer ARP for an on-link VIP -----
+    let r = (|| -> Result<String> {
+        c.kubectl(&[
+            "patch",
+            "daemonset",
+            "-n",
+            AGENT_NAMESPACE,
+            "sluice-agent",
+            "--type=json",
+            "-p",
+            r#"[{"op":"add","path":"/spec/template/spec/containers/0/args/-","value":"--announce"}]"#,
+        ])?;
+        c.kube().kubectl_on(
+            0,
+            &[
+                "rollout",
+                "status",
+                "-n",
+                AGENT_NAMESPACE,
+                "daemonset/sluice-agent",
+                "--timeout=180s",
+            ],
+            Duration::from_secs(200),
+        )?;
+        let vip = cluster::on_link_vip();
+        c.vip_on_link(vip)?;
+        let waited = c.wait_for("an answer from the announced VIP", Duration::from_secs(30), || {
+            Ok(c.curl(vip, 80, "/cgi-bin/who", 1)?.1 == 0)
+        })?;
+        let s = spread(&c, vip, 100)?;
+        let mac = c.client_neighbour(vip)?.unwrap_or_default();
+        let owner = (0..c.nodes()).find(|&i| c.node_mac(i) == mac);
+        ensure!(
+            s.failed == 0 && owner.is_some(),
+            "{} of 100 failed; the client's neighbour entry for {vip}: {mac:?}",
+            s.failed
+        );
+        Ok(format!(
+            "announced by {} (first answer after {:.1} s); 100 of 100 answered, by pod node {:?}",
+            c.node_name(owner.unwrap_or(0)),
+            waited.as_secs_f64(),
+            s.by_node
+        ))
+    })();
+    checks.result("--announce: an on-link VIP answered through the announcing node", r);
 
     // ----- the receiving node's link down: how long new connections fail -----
     let r = (|| -> Result<String> {
