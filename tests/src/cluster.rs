@@ -58,7 +58,11 @@ pub const IFACE: &str = "eth0";
 /// The pause image's reference (containerd's sandbox_image).
 const PAUSE_IMAGE: &str = "localhost/sluice-test-pause:3.2";
 /// Host-wide sysctls the kubelet sets on start; saved before and restored after.
-const HOST_SYSCTLS: [&str; 3] = ["vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops"];
+const HOST_SYSCTLS: [&str; 3] = [
+    "vm/overcommit_memory",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+];
 /// cgroup v1 hierarchies that get a cgroup root per node.
 const CGROUP_V1: &str = "/sys/fs/cgroup";
 /// The lock that keeps clusters one at a time.
@@ -136,7 +140,10 @@ pub fn on_link_vip() -> Ipv4Addr {
 }
 
 fn ip(ns: &str, args: &[&str]) -> Result<Output> {
-    cmd::run_ok(Command::new("ip").args(["-n", ns]).args(args), DEFAULT_TIMEOUT)
+    cmd::run_ok(
+        Command::new("ip").args(["-n", ns]).args(args),
+        DEFAULT_TIMEOUT,
+    )
 }
 
 fn in_ns(ns: &str, argv: &[&str]) -> Result<Output> {
@@ -367,7 +374,15 @@ impl Cluster {
             // IP (the API at 10.96.0.1 for the agent) comes after a route lookup that must succeed.
             ip(
                 &n.ns,
-                &["route", "add", "default", "via", &cp_addr().to_string(), "dev", IFACE],
+                &[
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &cp_addr().to_string(),
+                    "dev",
+                    IFACE,
+                ],
             )?;
             for j in 0..self.nodes.len() {
                 if j != i {
@@ -560,8 +575,7 @@ mount --bind {d}/container-logs /var/log/containers
         let mut c = Command::new("nsenter");
         c.arg(format!("--mount={}", n.mnt.display()))
             .args(["--", "sh", "-c", &script]);
-        cmd::run_ok(&mut c, DEFAULT_TIMEOUT)
-            .with_context(|| format!("mounts of {}", n.name))?;
+        cmd::run_ok(&mut c, DEFAULT_TIMEOUT).with_context(|| format!("mounts of {}", n.name))?;
         // cgroup roots of the kubelet, in every v1 hierarchy, cpusets copied from the parent.
         for h in cgroup_hierarchies() {
             let d = h.join(&n.cgroup_root);
@@ -961,7 +975,13 @@ featureGates: {{EndpointSliceProxying: false}}
     /// `n` HTTP GETs of `http://<host>:<port><path>` from the client, each on a new TCP
     /// connection, 8 at once, each bounded (2 s connect, 5 s total). Returns every answer's body
     /// (trimmed lines) and how many got none.
-    pub fn curl(&self, host: Ipv4Addr, port: u16, path: &str, n: usize) -> Result<(Vec<String>, usize)> {
+    pub fn curl(
+        &self,
+        host: Ipv4Addr,
+        port: u16,
+        path: &str,
+        n: usize,
+    ) -> Result<(Vec<String>, usize)> {
         ensure!(n >= 1, "curl: n must be at least 1");
         let sep = if path.contains('?') { '&' } else { '?' };
         let url = format!("http://{host}:{port}{path}{sep}req=[1-{n}]");
@@ -1018,7 +1038,9 @@ featureGates: {{EndpointSliceProxying: false}}
                 "  counter f_{k} {{ }}\n  counter s_{k} {{ }}\n  counter o_{k} {{ }}\n"
             ));
         }
-        rules.push_str("  chain frames {\n    type filter hook forward priority 0; policy accept;\n");
+        rules.push_str(
+            "  chain frames {\n    type filter hook forward priority 0; policy accept;\n",
+        );
         for p in self.ports() {
             let k = p.replace('-', "_");
             rules.push_str(&format!(
@@ -1026,7 +1048,9 @@ featureGates: {{EndpointSliceProxying: false}}
             ));
         }
         rules.push_str("  }\n");
-        let text = format!("table bridge sluicecluster\ndelete table bridge sluicecluster\ntable bridge sluicecluster {{\n{rules}}}\n");
+        let text = format!(
+            "table bridge sluicecluster\ndelete table bridge sluicecluster\ntable bridge sluicecluster {{\n{rules}}}\n"
+        );
         let path = self.dir.join("frames.nft");
         fs::write(&path, text)?;
         in_ns(&self.sw, &["nft", "-f", &path.to_string_lossy()])?;
@@ -1066,15 +1090,23 @@ featureGates: {{EndpointSliceProxying: false}}
     fn frame_counters(&self) -> Result<HashMap<String, u64>> {
         let out = in_ns(
             &self.sw,
-            &["nft", "-j", "list", "counters", "table", "bridge", "sluicecluster"],
+            &[
+                "nft",
+                "-j",
+                "list",
+                "counters",
+                "table",
+                "bridge",
+                "sluicecluster",
+            ],
         )?;
         let v: Value = serde_json::from_slice(&out.stdout).context("nft -j: not JSON")?;
         let mut by_name: HashMap<String, u64> = HashMap::new();
         for e in v["nftables"].as_array().into_iter().flatten() {
-            if let Some(c) = e.get("counter") {
-                if let (Some(name), Some(p)) = (c["name"].as_str(), c["packets"].as_u64()) {
-                    by_name.insert(name.to_owned(), p);
-                }
+            if let Some(c) = e.get("counter")
+                && let (Some(name), Some(p)) = (c["name"].as_str(), c["packets"].as_u64())
+            {
+                by_name.insert(name.to_owned(), p);
             }
         }
         Ok(by_name)
@@ -1175,12 +1207,15 @@ featureGates: {{EndpointSliceProxying: false}}
         for d in self.created_dirs.iter().rev() {
             let _ = fs::remove_dir(d);
         }
-        if std::env::var_os("SLUICE_KEEP_CLUSTER").is_none() {
-            if let Err(e) = fs::remove_dir_all(&self.dir)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                eprintln!("cluster {}: cannot remove {}: {e}", self.id, self.dir.display());
-            }
+        if std::env::var_os("SLUICE_KEEP_CLUSTER").is_none()
+            && let Err(e) = fs::remove_dir_all(&self.dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!(
+                "cluster {}: cannot remove {}: {e}",
+                self.id,
+                self.dir.display()
+            );
         }
     }
 }
@@ -1247,7 +1282,10 @@ fn kill_cgroup_tree(root: &str) {
             let top = h.join(root);
             for dir in walk_dirs(&top) {
                 let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-                for p in procs.split_whitespace().filter_map(|p| p.parse::<u32>().ok()) {
+                for p in procs
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok())
+                {
                     if p != std::process::id() {
                         cmd::signal(p, libc::SIGKILL);
                         any = true;
@@ -1361,7 +1399,10 @@ fn cleanup_stale() {
         .collect();
     // Kubelets first, by their command line (it names the dir), then containers by cgroup.
     for d in &dirs {
-        eprintln!("sluice cluster: removing {} left by a dead test process", d.display());
+        eprintln!(
+            "sluice cluster: removing {} left by a dead test process",
+            d.display()
+        );
         kill_cmdline_containing(&format!("{}/", d.display()), me);
     }
     for h in all_cgroup_hierarchies() {
@@ -1451,7 +1492,10 @@ fn mirror_once(kube: &Kube, applied: &mut HashMap<(String, String), Value>) -> R
         let Some(selector) = svc.pointer("/spec/selector").and_then(Value::as_object) else {
             continue;
         };
-        let ns = svc["metadata"]["namespace"].as_str().unwrap_or("").to_owned();
+        let ns = svc["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
         let name = svc["metadata"]["name"].as_str().unwrap_or("").to_owned();
         let mut endpoints_out = Vec::new();
         let mut ports: Vec<Value> = Vec::new();
@@ -1517,7 +1561,12 @@ fn mirror_once(kube: &Kube, applied: &mut HashMap<(String, String), Value>) -> R
             endpoints_out.push(ep);
         }
         if ports.is_empty() {
-            for p in svc.pointer("/spec/ports").and_then(Value::as_array).into_iter().flatten() {
+            for p in svc
+                .pointer("/spec/ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 let target = p["targetPort"].as_u64().or_else(|| p["port"].as_u64());
                 ports.push(json!({"name": p["name"].as_str().unwrap_or(""),
                                   "port": target, "protocol": p["protocol"]}));

@@ -60,7 +60,10 @@ pub fn sluice_archive(tag: &str) -> PathBuf {
 
 /// The static sluice binary (`cargo build --release --target x86_64-unknown-linux-musl`).
 pub fn musl_binary() -> PathBuf {
-    target_dir().join(MUSL_TARGET).join("release").join("sluice")
+    target_dir()
+        .join(MUSL_TARGET)
+        .join("release")
+        .join("sluice")
 }
 
 /// Builds the static sluice binary with cargo (quick when it is up to date).
@@ -179,7 +182,8 @@ fn fresh_dir(d: &Path) -> Result<()> {
 }
 
 fn install(src: &Path, dst: &Path, mode: u32) -> Result<()> {
-    fs::copy(src, dst).with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+    fs::copy(src, dst)
+        .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
     fs::set_permissions(dst, fs::Permissions::from_mode(mode))?;
     Ok(())
 }
@@ -226,10 +230,7 @@ pub fn build_web_image(tag: &str) -> Result<PathBuf> {
         "{} missing: install busybox-static (scripts/bootstrap.sh)",
         busybox.display()
     );
-    let out = cmd::run_ok(
-        Command::new(busybox).arg("--list"),
-        cmd::DEFAULT_TIMEOUT,
-    )?;
+    let out = cmd::run_ok(Command::new(busybox).arg("--list"), cmd::DEFAULT_TIMEOUT)?;
     let rootfs = image_dir().join("rootfs-web");
     fresh_dir(&rootfs)?;
     let bin = rootfs.join("bin");

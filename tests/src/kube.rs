@@ -342,8 +342,7 @@ impl Kube {
                 // Without it, `kubectl logs/exec` look the node's name up in DNS.
                 .arg("--kubelet-preferred-address-types=InternalIP");
         }
-        c
-            .arg(format!("--cert-dir={}", s.cert_dir.display()))
+        c.arg(format!("--cert-dir={}", s.cert_dir.display()))
             .arg(format!(
                 "--token-auth-file={}",
                 self.dir.join("tokens.csv").display()

@@ -47,10 +47,7 @@ struct Checks {
 impl Checks {
     fn check(&mut self, what: &str, ok: bool, detail: impl Into<String>) -> bool {
         let detail = detail.into();
-        eprintln!(
-            "[{}] {what}: {detail}",
-            if ok { "ok" } else { "FAILED" }
-        );
+        eprintln!("[{}] {what}: {detail}", if ok { "ok" } else { "FAILED" });
         self.results.push((what.to_owned(), ok, detail));
         ok
     }
@@ -329,7 +326,10 @@ fn sluice_deployed_on_a_real_cluster() {
     checks.check(
         "cluster started",
         true,
-        format!("{NODES} nodes Ready in {:.1} s", cluster_start.as_secs_f64()),
+        format!(
+            "{NODES} nodes Ready in {:.1} s",
+            cluster_start.as_secs_f64()
+        ),
     );
 
     // ----- deploy as a user does -----
@@ -366,9 +366,11 @@ fn sluice_deployed_on_a_real_cluster() {
     set_ingress(&c, "web-ipip", VIP_IPIP).expect("setting the ingress IP");
     set_ingress(&c, "web-announce", cluster::on_link_vip()).expect("setting the ingress IP");
 
-    let agents = c.wait_for("agent pods Running and ready on every node", Duration::from_secs(120), || {
-        all_agents_ready(&c)
-    });
+    let agents = c.wait_for(
+        "agent pods Running and ready on every node",
+        Duration::from_secs(120),
+        || all_agents_ready(&c),
+    );
     let agents_ok = checks.result(
         "DaemonSet pod Running and ready on every node",
         agents.map(|d| format!("after {:.1} s ({})", d.as_secs_f64(), image_in_ds)),
@@ -401,9 +403,11 @@ fn sluice_deployed_on_a_real_cluster() {
     // ----- many new connections, balanced once -----
     c.count_vip_frames(VIP_CLUSTER).unwrap();
     // Give the agents a moment to see the slices and ingress IPs (they are ready already).
-    let _ = c.wait_for("a first answer through the VIP", Duration::from_secs(30), || {
-        Ok(c.curl(VIP_CLUSTER, 80, "/cgi-bin/who", 1)?.1 == 0)
-    });
+    let _ = c.wait_for(
+        "a first answer through the VIP",
+        Duration::from_secs(30),
+        || Ok(c.curl(VIP_CLUSTER, 80, "/cgi-bin/who", 1)?.1 == 0),
+    );
     match spread(&c, VIP_CLUSTER, CONNECTIONS) {
         Ok(s) => {
             let detail = format!(
@@ -445,13 +449,13 @@ fn sluice_deployed_on_a_real_cluster() {
                 let to = |i: usize| out.get(c.node_port(i)).copied().unwrap_or(0);
                 let others: u64 = (1..c.nodes()).map(to).sum();
                 let own = client_syns.saturating_sub(others);
-                let picks: Vec<u64> = std::iter::once(own)
-                    .chain((1..c.nodes()).map(to))
-                    .collect();
+                let picks: Vec<u64> = std::iter::once(own).chain((1..c.nodes()).map(to)).collect();
                 checks.check(
                     "Cluster policy: the balancer picks every node (itself included)",
                     picks.iter().all(|&p| p > 0),
-                    format!("new connections per node (node-0 passes its own to its stack): {picks:?}"),
+                    format!(
+                        "new connections per node (node-0 passes its own to its stack): {picks:?}"
+                    ),
                 );
             }
         }
@@ -482,6 +486,54 @@ fn sluice_deployed_on_a_real_cluster() {
         }
     }
 
+    // ----- a pod deleted: its established connection goes on while it terminates -----
+    let r = (|| -> Result<String> {
+        let conn = c.long_conn(SocketAddrV4::new(VIP_LOCAL, image::WEB_ECHO_PORT))?;
+        let pod = conn.backend();
+        // nc is PID 1 and ignores SIGTERM: the pod terminates for the whole grace period.
+        c.kubectl(&[
+            "delete",
+            "pod",
+            "-n",
+            "default",
+            &pod,
+            "--grace-period=10",
+            "--wait=false",
+        ])?;
+        let t = Instant::now();
+        std::thread::sleep(Duration::from_secs(7));
+        let report = conn.snapshot();
+        ensure!(
+            report.errors.is_empty() && report.sent == report.echoed,
+            "the connection to the terminating pod {pod} broke within {:.1} s: {report:?}",
+            t.elapsed().as_secs_f64()
+        );
+        let s = spread(&c, VIP_LOCAL, 50)?;
+        ensure!(s.failed == 0, "{} of 50 new connections failed", s.failed);
+        ensure!(
+            !s.pods.contains_key(&pod),
+            "new connections reached the terminating pod {pod}: {:?}",
+            s.pods
+        );
+        let echoed = report.echoed;
+        drop(conn);
+        Ok(format!(
+            "pod {pod} deleted (grace 10 s): its connection echoed {echoed} lines over 7 s, no error; 50 of 50 new connections answered by other pods"
+        ))
+    })();
+    checks.result(
+        "a terminating pod keeps its established connection, gets no new one",
+        r,
+    );
+    // The Deployment's replacement pod, before the next checks count pods per node.
+    let _ = c.wait_for("web pods ready again", Duration::from_secs(60), || {
+        let pods = c.pods("default", "app%3Dweb")?;
+        Ok(pods.iter().filter(|p| pod_ready(p)).count() == NODES * 2
+            && pods
+                .iter()
+                .all(|p| p.pointer("/metadata/deletionTimestamp").is_none()))
+    });
+
     // ----- established connections survive the agent's restart and a rolling update -----
     let echo = SocketAddrV4::new(VIP_CLUSTER, image::WEB_ECHO_PORT);
     match c.long_conn(echo) {
@@ -493,12 +545,16 @@ fn sluice_deployed_on_a_real_cluster() {
                     .context("no agent pod on node-0")?
                     .clone();
                 c.kubectl(&["delete", "pod", "-n", AGENT_NAMESPACE, &pod, "--wait=false"])?;
-                let back = c.wait_for("the agent pod on node-0 recreated and ready", Duration::from_secs(90), || {
-                    let p = agent_pods(&c)?;
-                    Ok(p.get(c.node_name(0)).is_some_and(|(name, phase, ready)| {
-                        *name != pod && phase == "Running" && *ready
-                    }))
-                })?;
+                let back = c.wait_for(
+                    "the agent pod on node-0 recreated and ready",
+                    Duration::from_secs(90),
+                    || {
+                        let p = agent_pods(&c)?;
+                        Ok(p.get(c.node_name(0)).is_some_and(|(name, phase, ready)| {
+                            *name != pod && phase == "Running" && *ready
+                        }))
+                    },
+                )?;
                 std::thread::sleep(Duration::from_secs(2));
                 let report = conn.snapshot();
                 ensure!(
@@ -511,7 +567,10 @@ fn sluice_deployed_on_a_real_cluster() {
                     report.echoed
                 ))
             })();
-            checks.result("established connection survives the agent pod's deletion", r);
+            checks.result(
+                "established connection survives the agent pod's deletion",
+                r,
+            );
             let r = (|| -> Result<String> {
                 c.kubectl(&[
                     "set",
@@ -534,7 +593,10 @@ fn sluice_deployed_on_a_real_cluster() {
                     ],
                     Duration::from_secs(200),
                 )?;
-                ensure!(all_agents_ready(&c)?, "not every agent ready after the rollout");
+                ensure!(
+                    all_agents_ready(&c)?,
+                    "not every agent ready after the rollout"
+                );
                 let report = conn.snapshot();
                 ensure!(
                     report.errors.is_empty() && report.sent == report.echoed,
@@ -586,9 +648,7 @@ fn sluice_deployed_on_a_real_cluster() {
             let own = cluster::client_addr().to_string();
             checks.check(
                 "ipip Service (Local): answered on every node, the client's address kept",
-                s.failed == 0
-                    && every_node(&c, &s.by_node)
-                    && s.clients.keys().all(|k| *k == own),
+                s.failed == 0 && every_node(&c, &s.by_node) && s.clients.keys().all(|k| *k == own),
                 format!(
                     "{} of {} answered; by node {:?}; clients seen {:?}",
                     CONNECTIONS / 2 - s.failed,
@@ -629,9 +689,11 @@ fn sluice_deployed_on_a_real_cluster() {
         )?;
         let vip = cluster::on_link_vip();
         c.vip_on_link(vip)?;
-        let waited = c.wait_for("an answer from the announced VIP", Duration::from_secs(30), || {
-            Ok(c.curl(vip, 80, "/cgi-bin/who", 1)?.1 == 0)
-        })?;
+        let waited = c.wait_for(
+            "an answer from the announced VIP",
+            Duration::from_secs(30),
+            || Ok(c.curl(vip, 80, "/cgi-bin/who", 1)?.1 == 0),
+        )?;
         let s = spread(&c, vip, 100)?;
         let mac = c.client_neighbour(vip)?.unwrap_or_default();
         let owner = (0..c.nodes()).find(|&i| c.node_mac(i) == mac);
@@ -647,7 +709,10 @@ fn sluice_deployed_on_a_real_cluster() {
             s.by_node
         ))
     })();
-    checks.result("--announce: an on-link VIP answered through the announcing node", r);
+    checks.result(
+        "--announce: an on-link VIP answered through the announcing node",
+        r,
+    );
 
     // ----- the receiving node's link down: how long new connections fail -----
     let r = (|| -> Result<String> {
@@ -665,7 +730,8 @@ fn sluice_deployed_on_a_real_cluster() {
         }
         c.set_node_link(0, true)?;
         c.route_vip_via(VIP_CLUSTER, 0)?;
-        let ok = first_ok.context("new connections failed for 60 s after node-0's link went down")?;
+        let ok =
+            first_ok.context("new connections failed for 60 s after node-0's link went down")?;
         Ok(format!(
             "new connections fully answered again {:.1} s after node-0's link went down",
             ok.as_secs_f64()
