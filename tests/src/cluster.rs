@@ -973,7 +973,7 @@ featureGates: {{EndpointSliceProxying: false}}
     }
 
     /// `n` HTTP GETs of `http://<host>:<port><path>` from the client, each on a new TCP
-    /// connection, 8 at once, each bounded (2 s connect, 5 s total). Returns every answer's body
+    /// connection, 8 at once, each bounded (3 s connect, 10 s total). Returns every answer's body
     /// (trimmed lines) and how many got none.
     pub fn curl(
         &self,
@@ -995,9 +995,9 @@ featureGates: {{EndpointSliceProxying: false}}
                     "--parallel-max",
                     "8",
                     "--connect-timeout",
-                    "2",
+                    "3",
                     "--max-time",
-                    "5",
+                    "10",
                     "--header",
                     "Connection: close",
                     &url,

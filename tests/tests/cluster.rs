@@ -395,19 +395,31 @@ fn sluice_deployed_on_a_real_cluster() {
         web_ready.map(|d| format!("{} pods after {:.1} s", NODES * 2, d.as_secs_f64())),
     );
 
-    // The path without sluice first: kube-proxy on node-0 answers for the VIP.
+    // The client routes the VIPs to node-0, as a BGP router that learnt them from it would.
     c.route_vip_via(VIP_CLUSTER, 0).unwrap();
     c.route_vip_via(VIP_LOCAL, 0).unwrap();
     c.route_vip_via(VIP_IPIP, 0).unwrap();
 
     // ----- many new connections, balanced once -----
-    c.count_vip_frames(VIP_CLUSTER).unwrap();
-    // Give the agents a moment to see the slices and ingress IPs (they are ready already).
-    let _ = c.wait_for(
-        "a first answer through the VIP",
-        Duration::from_secs(30),
-        || Ok(c.curl(VIP_CLUSTER, 80, "/cgi-bin/who", 1)?.1 == 0),
+    // The whole path converges first: the agents see the slices and ingress IPs, the
+    // Endpoints controller and every kube-proxy the six pods (seconds on a loaded machine).
+    let converged = c.wait_for(
+        "pods on every node answering through both VIPs",
+        Duration::from_secs(90),
+        || {
+            let a = spread(&c, VIP_CLUSTER, 30)?;
+            let b = spread(&c, VIP_LOCAL, 30)?;
+            Ok(a.failed == 0
+                && b.failed == 0
+                && a.pods.len() == NODES * 2
+                && every_node(&c, &b.by_node))
+        },
     );
+    checks.result(
+        "the path converged (client -> sluice -> kube-proxy -> every pod)",
+        converged.map(|d| format!("after {:.1} s", d.as_secs_f64())),
+    );
+    c.count_vip_frames(VIP_CLUSTER).unwrap();
     match spread(&c, VIP_CLUSTER, CONNECTIONS) {
         Ok(s) => {
             let detail = format!(
