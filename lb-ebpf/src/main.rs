@@ -44,8 +44,8 @@ use lb_common::{
 use lb_ebpf::{
     csum,
     packet::{
-        self, ARP_OP_REPLY, ArpHdr, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, EthHdr, Flow,
-        ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_FRAG_NEEDED, ICMP_HLEN, ICMPV6_ECHO_REPLY,
+        self, ARP_OP_REPLY, ArpHdr, DEFAULT_TTL, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, EthHdr,
+        Flow, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_FRAG_NEEDED, ICMP_HLEN, ICMPV6_ECHO_REPLY,
         ICMPV6_PKT_TOOBIG, IPV4_HLEN, IPV6_HLEN, IcmpHdr, Ipv4Hdr, Ipv6Hdr, L3, Parsed,
     },
     unwrap::{Unwrapped, unwrap},
@@ -418,20 +418,7 @@ fn encapsulate(
 
     let eth = packet::ptr_at_mut::<EthHdr>(ctx, 0)?;
     if outer_v4 {
-        let mut ip = Ipv4Hdr {
-            version_ihl: 0x45,
-            tos: 0,
-            tot_len: ((l3.len + IPV4_HLEN) as u16).to_be(),
-            id: 0,
-            frag_off: 0,
-            ttl: 64,
-            protocol: inner_proto,
-            check: 0,
-            saddr: src[0],
-            daddr: backend.addr[0],
-        };
-        // SAFETY: a packed(2) 20-byte header is ten 16-bit words.
-        ip.check = csum::of_words(unsafe { &*(&ip as *const Ipv4Hdr as *const [u16; 10]) });
+        let ip = Ipv4Hdr::new(l3.len + IPV4_HLEN, inner_proto, src[0], backend.addr[0]);
         let out = packet::ptr_at_mut::<Ipv4Hdr>(ctx, ETH_HLEN)?;
         // SAFETY: bounds checked by ptr_at_mut; unaligned-safe writes.
         unsafe {
@@ -443,7 +430,7 @@ fn encapsulate(
             vtc_flow: ((6u32 << 28) | (entropy >> 12)).to_be(),
             payload_len: (l3.len as u16).to_be(),
             nexthdr: inner_proto,
-            hop_limit: 64,
+            hop_limit: DEFAULT_TTL,
             saddr: src,
             daddr: backend.addr,
         };
@@ -521,20 +508,7 @@ fn too_big_v4(ctx: &XdpContext, l3: &L3, mtu: u32) -> Option<()> {
     const HEADERS: usize = IPV4_HLEN + ICMP_HLEN;
     let macs = make_room_for_icmp(ctx, HEADERS, QUOTE_V4)?;
     write_reply_eth(ctx, macs, ETH_P_IP)?;
-    let mut ip = Ipv4Hdr {
-        version_ihl: 0x45,
-        tos: 0,
-        tot_len: ((HEADERS + QUOTE_V4) as u16).to_be(),
-        id: 0,
-        frag_off: 0,
-        ttl: 64,
-        protocol: IPPROTO_ICMP,
-        check: 0,
-        saddr: l3.dst[0],
-        daddr: l3.src[0],
-    };
-    // SAFETY: a packed(2) 20-byte header is ten 16-bit words.
-    ip.check = csum::of_words(unsafe { &*(&ip as *const Ipv4Hdr as *const [u16; 10]) });
+    let ip = Ipv4Hdr::new(HEADERS + QUOTE_V4, IPPROTO_ICMP, l3.dst[0], l3.src[0]);
     let out = packet::ptr_at_mut::<Ipv4Hdr>(ctx, ETH_HLEN)?;
     // SAFETY: bounds checked by ptr_at_mut.
     unsafe { core::ptr::write_unaligned(out, ip) };
@@ -556,7 +530,7 @@ fn too_big_v6(ctx: &XdpContext, l3: &L3, mtu: u32) -> Option<()> {
         vtc_flow: (6u32 << 28).to_be(),
         payload_len: ((ICMP_HLEN + QUOTE_V6) as u16).to_be(),
         nexthdr: IPPROTO_ICMPV6,
-        hop_limit: 64,
+        hop_limit: DEFAULT_TTL,
         saddr: l3.dst,
         daddr: l3.src,
     };
@@ -628,15 +602,15 @@ fn echo_rewrite(ctx: &XdpContext, l3: &L3) -> Option<()> {
             (*ip).daddr = l3.src[0];
             // TTL shares a 16-bit word with the protocol.
             let old = u16::from_ne_bytes([(*ip).ttl, (*ip).protocol]);
-            (*ip).ttl = 64;
-            let new = u16::from_ne_bytes([64, (*ip).protocol]);
+            (*ip).ttl = DEFAULT_TTL;
+            let new = u16::from_ne_bytes([DEFAULT_TTL, (*ip).protocol]);
             (*ip).check = csum::replace16((*ip).check, old, new);
             ICMP_ECHO_REPLY
         } else {
             let ip = packet::ptr_at_mut::<Ipv6Hdr>(ctx, ETH_HLEN)?;
             (*ip).saddr = l3.dst;
             (*ip).daddr = l3.src;
-            (*ip).hop_limit = 64;
+            (*ip).hop_limit = DEFAULT_TTL;
             ICMPV6_ECHO_REPLY
         };
         // Swapping source and destination leaves the ICMPv6 pseudo-header sum unchanged.

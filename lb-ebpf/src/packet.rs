@@ -18,7 +18,11 @@ pub const ARP_OP_REPLY: u16 = 2;
 pub const IPV4_HLEN: usize = 20;
 pub const IPV6_HLEN: usize = 40;
 /// More-fragments flag and fragment offset bits of IPv4 `frag_off`.
-const IP_MF_OFFSET: u16 = 0x3fff;
+pub const IP_MF_OFFSET: u16 = 0x3fff;
+/// Version 4 and a 20-byte header: what sluice writes, and all the decapsulator unwraps.
+pub const IPV4_VERSION_IHL: u8 = 0x45;
+/// TTL / hop limit of what sluice writes (outer headers, ICMP answers): Linux's default.
+pub const DEFAULT_TTL: u8 = 64;
 const IP_OFFSET: u16 = 0x1fff;
 pub const IP_DF: u16 = 0x4000;
 
@@ -62,6 +66,28 @@ pub struct Ipv4Hdr {
     pub check: u16,
     pub saddr: u32,
     pub daddr: u32,
+}
+
+impl Ipv4Hdr {
+    /// A header without options for an IP packet of `tot_len` bytes, its checksum filled in.
+    #[inline(always)]
+    pub fn new(tot_len: usize, protocol: u8, saddr: u32, daddr: u32) -> Self {
+        let mut ip = Self {
+            version_ihl: IPV4_VERSION_IHL,
+            tos: 0,
+            tot_len: (tot_len as u16).to_be(),
+            id: 0,
+            frag_off: 0,
+            ttl: DEFAULT_TTL,
+            protocol,
+            check: 0,
+            saddr,
+            daddr,
+        };
+        // SAFETY: a packed(2) 20-byte header is ten 16-bit words.
+        ip.check = crate::csum::of_words(unsafe { &*(&ip as *const Self as *const [u16; 10]) });
+        ip
+    }
 }
 
 #[repr(C, packed(2))]

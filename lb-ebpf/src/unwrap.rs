@@ -15,7 +15,8 @@ use aya_ebpf::{
 use lb_common::{Addr, FAMILY_V4, FAMILY_V6, IPPROTO_IPIP, IPPROTO_IPV6, ScopedAddr};
 
 use crate::packet::{
-    self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr,
+    self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IP_MF_OFFSET, IPV4_HLEN, IPV4_VERSION_IHL,
+    IPV6_HLEN, Ipv4Hdr, Ipv6Hdr,
 };
 
 /// What became of a frame.
@@ -101,7 +102,7 @@ fn outer_v4(ctx: &XdpContext) -> Option<Outer> {
     };
     // sluice writes a plain 20-byte outer header and never fragments it; anything else is
     // left to the kernel.
-    if version_ihl != 0x45 || frag_off & 0x3fff != 0 {
+    if version_ihl != IPV4_VERSION_IHL || frag_off & IP_MF_OFFSET != 0 {
         return None;
     }
     Some(Outer {

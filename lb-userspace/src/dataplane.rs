@@ -33,6 +33,7 @@ use crate::net::Interface;
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));
 /// The benchmark's traffic generator and counter (`cargo xtask bench`); sluice never loads it.
+#[cfg(feature = "bench")]
 pub static PKTGEN_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-pktgen"));
 
@@ -44,6 +45,7 @@ pub enum ObjectKind {
     /// The backend-side decapsulator (`sluice decap`).
     Decap,
     /// The benchmark's generator (never pinned).
+    #[cfg(feature = "bench")]
     Pktgen,
 }
 
@@ -52,6 +54,7 @@ impl ObjectKind {
         match self {
             Self::Balancer => OBJECT,
             Self::Decap => DECAP_OBJECT,
+            #[cfg(feature = "bench")]
             Self::Pktgen => PKTGEN_OBJECT,
         }
     }
@@ -59,6 +62,7 @@ impl ObjectKind {
         match self {
             Self::Balancer => &map_names::ALL,
             Self::Decap => &decap_map_names::ALL,
+            #[cfg(feature = "bench")]
             Self::Pktgen => &[],
         }
     }
@@ -67,6 +71,7 @@ impl ObjectKind {
             Self::Balancer => &[BALANCER_PROGRAM, PASS_PROGRAM],
             Self::Decap => &[DECAP_PROGRAM],
             // The bench loads (and verifies) the one it uses.
+            #[cfg(feature = "bench")]
             Self::Pktgen => &[],
         }
     }
@@ -267,6 +272,7 @@ pub fn attach_pinned(
 }
 
 /// Loads the benchmark's generator object (programs left unverified).
+#[cfg(feature = "bench")]
 pub fn load_pktgen() -> anyhow::Result<Ebpf> {
     load_object(ObjectKind::Pktgen, None, |_| {})
 }

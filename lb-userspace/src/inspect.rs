@@ -50,10 +50,12 @@ fn vip_addr(key: &lb_common::VipKey) -> VipAddr {
     }
 }
 
+/// How a backend's packets leave: named by the outer header, since either family of VIP can ride
+/// in either family of tunnel.
 fn mode_name(mode: u8) -> &'static str {
     match mode {
         forward_mode::IPIP_V4 => "ipip",
-        forward_mode::IPIP_V6 => "ip6ip6",
+        forward_mode::IPIP_V6 => "ipip6",
         forward_mode::LOCAL => "local",
         _ => "l2",
     }

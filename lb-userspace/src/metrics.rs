@@ -6,12 +6,7 @@
 //! Label sets are bounded by the maps: `vip` by MAX_VIPS, `backend` by MAX_BACKENDS, `reason`
 //! by the global counters, `resource` by the agent's three watches.
 
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    thread::{self, JoinHandle},
-    time::Instant,
-};
+use std::{net::SocketAddr, time::Instant};
 
 use anyhow::{Context as _, anyhow};
 use lb_common::GlobalCounter;
@@ -30,7 +25,7 @@ use prometheus_client::{
 
 use crate::{
     dataplane::{Maps, PinLayout},
-    inspect,
+    http, inspect,
     reconcile::Summary,
 };
 
@@ -329,29 +324,6 @@ fn register_dataplane(registry: &mut Registry, maps: &Maps) -> anyhow::Result<()
     Ok(())
 }
 
-/// A running `/metrics` endpoint; stops when dropped.
-pub struct MetricsServer {
-    server: Arc<tiny_http::Server>,
-    thread: Option<JoinHandle<()>>,
-    addr: SocketAddr,
-}
-
-impl MetricsServer {
-    /// The address it listens on (useful with port 0).
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        self.server.unblock();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 /// Serves `GET /metrics` on `addr` from the maps pinned at `pins`, on a thread of its own.
 /// Only binds here (so a taken address fails before anything is loaded); the maps are opened
 /// on each scrape, so they may be pinned after this returns, and replaced. Until they are
@@ -360,7 +332,7 @@ pub fn serve(
     addr: SocketAddr,
     pins: &PinLayout,
     control: ControlMetrics,
-) -> anyhow::Result<MetricsServer> {
+) -> anyhow::Result<http::Server> {
     let pins = pins.clone();
     let scrape = move || {
         if !pins.has_maps() {
@@ -370,46 +342,23 @@ pub fn serve(
             .with_context(|| format!("opening the maps pinned in {}", pins.maps_dir().display()))?;
         render(Some(&maps), &control)
     };
-    let server = tiny_http::Server::http(addr).map_err(|e| {
-        anyhow!("cannot serve metrics on {addr}: {e} (choose another --metrics-addr)")
-    })?;
-    let addr = server.server_addr().to_ip().unwrap_or(addr);
-    let server = Arc::new(server);
-    let content_type = tiny_http::Header::from_bytes(
-        &b"Content-Type"[..],
-        &b"application/openmetrics-text; version=1.0.0; charset=utf-8"[..],
-    )
-    .map_err(|()| anyhow!("invalid Content-Type header"))?;
-    let thread = {
-        let server = Arc::clone(&server);
-        thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || {
-                for request in server.incoming_requests() {
-                    let response = if request.url() == "/metrics" {
-                        match scrape() {
-                            Ok(text) => tiny_http::Response::from_string(text)
-                                .with_header(content_type.clone()),
-                            Err(e) => {
-                                warn!("metrics scrape failed: {e:#}");
-                                tiny_http::Response::from_string(format!("{e:#}\n"))
-                                    .with_status_code(500)
-                            }
-                        }
-                    } else {
-                        tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
-                    };
-                    if let Err(e) = request.respond(response) {
-                        warn!("answering a metrics scrape: {e}");
-                    }
-                }
-            })
-            .context("starting the metrics thread")?
-    };
-    info!("metrics on http://{addr}/metrics");
-    Ok(MetricsServer {
-        server,
-        thread: Some(thread),
+    let metrics: http::Handler = Box::new(move || match scrape() {
+        Ok(text) => http::Reply {
+            status: 200,
+            content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            body: text,
+        },
+        Err(e) => {
+            warn!("metrics scrape failed: {e:#}");
+            http::Reply::text(500, format!("{e:#}\n"))
+        }
+    });
+    let server = http::serve(
         addr,
-    })
+        "metrics",
+        "--metrics-addr",
+        vec![("/metrics", metrics)],
+    )?;
+    info!("metrics on http://{addr}/metrics");
+    Ok(server)
 }

@@ -201,6 +201,8 @@ impl FromStr for VipAddr {
 
 /// The largest backend weight (config files, the `sluice.io/weight` node annotation).
 pub const MAX_WEIGHT: u32 = 10_000;
+/// A backend's weight when none is given (config `weight:`, Node annotation `sluice.io/weight`).
+pub const DEFAULT_WEIGHT: u32 = 1;
 
 /// One real server behind a VIP.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

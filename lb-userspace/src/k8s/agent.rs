@@ -24,13 +24,13 @@ use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Api, Client, Resource, ResourceExt as _};
 use log::{debug, error, info, warn};
 use serde::de::DeserializeOwned;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 
 use super::announce::{self, AnnounceConfig};
 use super::desired::{self, Built, SERVICE_NAME_LABEL};
 use super::watch_probe::WatchProbeLayer;
+use crate::http;
 use crate::metrics::{ControlMetrics, WatchMetrics};
 use crate::model::{Desired, Settings};
 use crate::reconcile::Summary;
@@ -183,9 +183,11 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let health = Arc::new(Health::default());
-    if let Some(addr) = config.health_addr {
-        serve_health(addr, health.clone()).await?;
-    }
+    // Answered until the agent returns.
+    let _health_server = match config.health_addr {
+        Some(addr) => Some(serve_health(addr, health.clone())?),
+        None => None,
+    };
     let client = client(&config).await?;
     let changed = Arc::new(Notify::new());
     let watches = config.metrics.watches().cloned();
@@ -365,45 +367,21 @@ fn reconcile_loop(rx: mpsc::Receiver<Desired>, mut apply: ApplyFn, health: &Heal
 
 /// `GET /healthz`: 200 while the process serves. `GET /readyz`: 200 once the model from the API
 /// is in the maps and the last apply succeeded, else 503.
-async fn serve_health(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("listening for health probes on {addr}"))?;
-    info!("health probes on http://{addr}/healthz and /readyz");
-    tokio::spawn(async move {
-        loop {
-            let mut conn = match listener.accept().await {
-                Ok((conn, _)) => conn,
-                Err(e) => {
-                    // E.g. out of file descriptors: don't spin; the probe will retry.
-                    debug!("health endpoint: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let health = health.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 512];
-                let n = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or(0);
-                let request = String::from_utf8_lossy(&buf[..n]);
-                let path = request.split_whitespace().nth(1).unwrap_or("");
-                let (status, body) = match path {
-                    "/healthz" => ("200 OK", "ok"),
-                    "/readyz" if health.ready.load(Ordering::Relaxed) => ("200 OK", "ready"),
-                    "/readyz" => ("503 Service Unavailable", "not synced"),
-                    _ => ("404 Not Found", "healthz or readyz"),
-                };
-                let response = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}\n",
-                    body.len() + 1
-                );
-                let _ = conn.write_all(response.as_bytes()).await;
-            });
+fn serve_health(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<http::Server> {
+    let healthz: http::Handler = Box::new(|| http::Reply::text(200, "ok\n"));
+    let readyz: http::Handler = Box::new(move || {
+        if health.ready.load(Ordering::Relaxed) {
+            http::Reply::text(200, "ready\n")
+        } else {
+            http::Reply::text(503, "not synced\n")
         }
     });
-    Ok(())
+    let server = http::serve(
+        addr,
+        "health",
+        "--health-addr",
+        vec![("/healthz", healthz), ("/readyz", readyz)],
+    )?;
+    info!("health probes on http://{addr}/healthz and /readyz");
+    Ok(server)
 }

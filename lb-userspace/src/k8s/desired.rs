@@ -19,7 +19,9 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::options::{VipOptions, node_weight, service_options};
-use crate::model::{Backend, Desired, IpNet, MAX_WEIGHT, Protocol, Settings, Vip, VipAddr};
+use crate::model::{
+    Backend, DEFAULT_WEIGHT, Desired, IpNet, MAX_WEIGHT, Protocol, Settings, Vip, VipAddr,
+};
 
 /// The label the EndpointSlice controller puts on a Service's slices.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -165,8 +167,8 @@ fn node_infos(nodes: &[Arc<Node>], built: &mut Built) -> Vec<NodeInfo> {
         let weight = node_weight(node).unwrap_or_else(|e| {
             built
                 .problems
-                .insert(format!("node {name}: {e}; using weight 1"));
-            1
+                .insert(format!("node {name}: {e}; using weight {DEFAULT_WEIGHT}"));
+            DEFAULT_WEIGHT
         });
         built.node_names.insert(IpAddr::V4(addr), name.clone());
         infos.push(NodeInfo {

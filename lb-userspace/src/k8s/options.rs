@@ -4,7 +4,7 @@
 
 use k8s_openapi::api::core::v1::{Node, Service};
 
-use crate::model::MAX_WEIGHT;
+use crate::model::{DEFAULT_WEIGHT, MAX_WEIGHT};
 pub use crate::model::{ForwardingMode, Ipv4Net};
 
 /// Service annotation choosing how packets reach the nodes: `l2` (MAC rewrite, nodes on the load
@@ -32,13 +32,9 @@ pub fn service_options(svc: &Service) -> Result<VipOptions, String> {
     let annotations = svc.metadata.annotations.as_ref();
     let mode = match annotations.and_then(|a| a.get(FORWARDING_MODE_ANNOTATION)) {
         None => ForwardingMode::default(),
-        Some(v) if v.eq_ignore_ascii_case("l2") => ForwardingMode::L2,
-        Some(v) if v.eq_ignore_ascii_case("ipip") => ForwardingMode::Ipip,
-        Some(v) => {
-            return Err(format!(
-                "annotation {FORWARDING_MODE_ANNOTATION}: {v:?} is not a forwarding mode (l2 or ipip)"
-            ));
-        }
+        Some(v) => v
+            .parse()
+            .map_err(|e| format!("annotation {FORWARDING_MODE_ANNOTATION}: {e}"))?,
     };
     let spec = svc.spec.as_ref();
     let affinity_timeout_secs = match spec.and_then(|s| s.session_affinity.as_deref()) {
@@ -98,7 +94,7 @@ pub fn node_weight(node: &Node) -> Result<u32, String> {
         .as_ref()
         .and_then(|a| a.get(WEIGHT_ANNOTATION))
     {
-        None => Ok(1),
+        None => Ok(DEFAULT_WEIGHT),
         Some(v) => v
             .trim()
             .parse::<u32>()

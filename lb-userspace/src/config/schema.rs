@@ -1,0 +1,277 @@
+//! The config's schema: which keys exist where, and how a file becomes a [`Desired`] (VIPs,
+//! backends, settings), with the cross-field rules (unique keys, families, capacity).
+
+use super::*;
+
+pub(super) const TOP_KEYS: &[&str] = &[
+    "maglev_table_size",
+    "flow_table_size",
+    "encap_source_v4",
+    "encap_source_v6",
+    "peers",
+    "vips",
+];
+pub(super) const VIP_KEYS: &[&str] = &[
+    "address",
+    "port",
+    "protocol",
+    "mode",
+    "session_affinity",
+    "source_ranges",
+    "backends",
+];
+/// Most client prefixes of one VIP (the trie holds all VIPs' prefixes).
+pub(super) const MAX_SOURCE_RANGES_PER_VIP: usize = 1024;
+pub(super) const BACKEND_KEYS: &[&str] = &["address", "mac", "weight", "drain"];
+
+impl Checker<'_> {
+    pub(super) fn desired(&self, root: &Node) -> Result<Desired> {
+        // A key missing from an empty file is missing from its first line.
+        let line = match root.as_mapping() {
+            Some(top) if !top.is_empty() => node_line(root),
+            _ => Some(1),
+        };
+        let root = Field {
+            node: root,
+            path: String::new(),
+            line,
+        };
+        let top = self.fields(&root, TOP_KEYS)?;
+        let settings = Settings {
+            maglev_table_size: match top.get("maglev_table_size") {
+                Some(field) => self.maglev_table_size(&field)?,
+                None => DEFAULT_MAGLEV_SIZE,
+            },
+            flow_table_size: match top.get("flow_table_size") {
+                Some(field) => self.number(&field, FLOW_TABLE_SIZES, FLOW_TABLE_HINT)?,
+                None => DEFAULT_FLOW_TABLE_SIZE,
+            },
+            encap_source_v4: match top.get("encap_source_v4") {
+                Some(field) => match self.prefix(&field, Some(4))? {
+                    IpNet::V4(net) => Some(net),
+                    IpNet::V6(_) => None, // The family was checked.
+                },
+                None => None,
+            },
+            encap_source_v6: match top.get("encap_source_v6") {
+                Some(field) => match self.prefix(&field, Some(6))? {
+                    IpNet::V6(net) => Some(net),
+                    IpNet::V4(_) => None,
+                },
+                None => None,
+            },
+        };
+
+        let mut peers = std::collections::BTreeSet::new();
+        if let Some(field) = top.get("peers") {
+            let items = self.list(
+                &field,
+                "write one `- <address>` line per node that runs sluice too",
+            )?;
+            for item in &items {
+                peers.insert(self.unicast_addr(item)?);
+            }
+        }
+
+        let vips_field = self.require(
+            &top,
+            "vips",
+            "add `vips:` with one `- address: ...` entry per VIP (`vips: []` serves none)",
+        )?;
+        let items = self.list(&vips_field, "write one `- address: ...` entry per VIP")?;
+        let mut vips = Vec::with_capacity(items.len());
+        let mut seen = HashMap::new();
+        let mut total_backends = 0;
+        for item in &items {
+            if vips.len() == MAX_VIPS as usize {
+                return Err(self.error_at(
+                    item,
+                    format!("more than {MAX_VIPS} VIPs"),
+                    "that is all one load balancer serves; spread the VIPs over several",
+                ));
+            }
+            let vip = self.vip(item, &settings, &mut total_backends)?;
+            self.unique(
+                &mut seen,
+                vip.key,
+                item,
+                "list each address, port and protocol once; merge their backends",
+            )?;
+            vips.push(vip);
+        }
+        vips.sort_unstable_by_key(|vip| vip.key);
+        Ok(Desired {
+            settings,
+            vips,
+            peers,
+        })
+    }
+
+    pub(super) fn vip(
+        &self,
+        item: &Field<'_>,
+        settings: &Settings,
+        total_backends: &mut u32,
+    ) -> Result<Vip> {
+        let fields = self.fields(item, VIP_KEYS)?;
+        let addr = self.unicast_addr(&self.require(
+            &fields,
+            "address",
+            "add `address: <IPv4 or IPv6 address>`, the address clients connect to",
+        )?)?;
+        let port = self.number(
+            &self.require(&fields, "port", "add `port: <1-65535>`")?,
+            1..=65535,
+            PORT_HINT,
+        )?;
+        let protocol = match fields.get("protocol") {
+            Some(field) => self.protocol(&field)?,
+            None => Protocol::Tcp,
+        };
+        let key = VipAddr {
+            addr,
+            port: port as u16, // In 1..=65535.
+            protocol,
+        };
+        let mode = match fields.get("mode") {
+            Some(field) => {
+                const HINT: &str = "use l2 (backends on this L2 segment) or ipip (backends \
+                     across L3, running `sluice decap`)";
+                let text = self.text(&field, "l2 or ipip", HINT)?;
+                text.parse::<ForwardingMode>()
+                    .map_err(|_| self.error_at(&field, format!("unknown mode {text:?}"), HINT))?
+            }
+            None => ForwardingMode::L2,
+        };
+        let client_affinity = match fields.get("session_affinity") {
+            Some(field) => {
+                const HINT: &str = "use none or client_ip (as a Service's sessionAffinity)";
+                match self.text(&field, "none or client_ip", HINT)? {
+                    "none" | "None" => false,
+                    "client_ip" | "ClientIP" => true,
+                    text => {
+                        return Err(self.error_at(
+                            &field,
+                            format!("unknown session affinity {text:?}"),
+                            HINT,
+                        ));
+                    }
+                }
+            }
+            None => false,
+        };
+        let family = if addr.is_ipv4() { 4 } else { 6 };
+        let mut source_ranges = Vec::new();
+        if let Some(field) = fields.get("source_ranges") {
+            let items = self.list(&field, "write one `- <prefix>` line per client range")?;
+            if items.len() > MAX_SOURCE_RANGES_PER_VIP {
+                return Err(self.error_at(
+                    &field,
+                    format!("more than {MAX_SOURCE_RANGES_PER_VIP} source ranges"),
+                    "merge adjacent prefixes into shorter ones",
+                ));
+            }
+            for item in &items {
+                source_ranges.push(self.prefix(item, Some(family))?);
+            }
+            source_ranges.sort_unstable();
+            source_ranges.dedup();
+        }
+
+        let backends_field = self.require(
+            &fields,
+            "backends",
+            "add `backends:` with one `- address: ...` entry per backend \
+             (`backends: []` drops the VIP's traffic)",
+        )?;
+        let items = self.list(
+            &backends_field,
+            "write one `- address: ...` entry per backend",
+        )?;
+        let mut backends = Vec::with_capacity(items.len());
+        let mut seen = HashMap::new();
+        let mut taking_new_flows = 0;
+        for item in &items {
+            let backend = self.backend(item)?;
+            *total_backends += 1;
+            if *total_backends > MAX_BACKENDS {
+                return Err(self.error_at(
+                    item,
+                    format!("more than {MAX_BACKENDS} backends over all VIPs"),
+                    "that is the size of the backend table; spread the VIPs over several \
+                     load balancers",
+                ));
+            }
+            self.unique(
+                &mut seen,
+                backend.addr,
+                item,
+                "list each backend once per VIP; give it a larger weight for more flows",
+            )?;
+            if mode == ForwardingMode::L2 && backend.addr.is_ipv4() != addr.is_ipv4() {
+                return Err(self.error_at(
+                    item,
+                    format!(
+                        "backend {} is not of the VIP's family, which mode l2 needs",
+                        backend.addr
+                    ),
+                    "use `mode: ipip` to reach backends of the other family, or a backend \
+                     address of the VIP's family",
+                ));
+            }
+            if backend.takes_new_flows() {
+                taking_new_flows += 1;
+                if taking_new_flows > settings.maglev_table_size {
+                    return Err(self.error_at(
+                        item,
+                        format!(
+                            "{taking_new_flows} backends take new flows but maglev_table_size \
+                             is only {}",
+                            settings.maglev_table_size
+                        ),
+                        "raise maglev_table_size to a prime over 100 times the number of backends",
+                    ));
+                }
+            }
+            backends.push(backend);
+        }
+        backends.sort_unstable_by_key(|backend| backend.addr);
+        Ok(Vip {
+            key,
+            backends,
+            mode,
+            client_affinity,
+            source_ranges,
+        })
+    }
+
+    pub(super) fn backend(&self, item: &Field<'_>) -> Result<Backend> {
+        let fields = self.fields(item, BACKEND_KEYS)?;
+        let addr = self.unicast_addr(&self.require(
+            &fields,
+            "address",
+            "add `address: <IPv4 or IPv6 address>` of the backend",
+        )?)?;
+        let mac = fields
+            .get("mac")
+            .map(|field| self.mac(&field))
+            .transpose()?;
+        let weight = match fields.get("weight") {
+            Some(field) => self.number(&field, 0..=MAX_WEIGHT, WEIGHT_HINT)?,
+            None => DEFAULT_WEIGHT,
+        };
+        let drain = match fields.get("drain") {
+            Some(field) => self.boolean(
+                &field,
+                "write true (keep established flows, take no new ones) or false",
+            )?,
+            None => false,
+        };
+        Ok(Backend {
+            addr,
+            mac,
+            weight,
+            drain,
+        })
+    }
+}
