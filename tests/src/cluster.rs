@@ -555,6 +555,13 @@ impl Cluster {
             if !p.exists() {
                 fs::create_dir_all(&p)?;
                 self.created_dirs.push(p);
+                // Listed for a later run's stale cleanup too, should this one be killed.
+                let list: Vec<String> = self
+                    .created_dirs
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect();
+                fs::write(self.dir.join("created-dirs"), list.join("\n"))?;
             }
         }
         let n = &self.nodes[i];
@@ -1393,10 +1400,6 @@ fn cleanup_stale() {
         .filter(|e| cluster_dir_pid(&e.file_name().to_string_lossy()).is_some_and(dead))
         .map(|e| e.path())
         .collect();
-    let mut pids: Vec<u32> = dirs
-        .iter()
-        .filter_map(|d| cluster_dir_pid(&d.file_name()?.to_string_lossy()))
-        .collect();
     // Kubelets first, by their command line (it names the dir), then containers by cgroup.
     for d in &dirs {
         eprintln!(
@@ -1408,8 +1411,7 @@ fn cleanup_stale() {
     for h in all_cgroup_hierarchies() {
         for e in fs::read_dir(&h).into_iter().flatten().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = cluster_name_pid(&name).filter(|p| dead(*p)) {
-                pids.push(pid);
+            if cluster_name_pid(&name).is_some_and(dead) {
                 kill_cgroup_tree(&name);
                 remove_cgroup_tree(&name);
             }
@@ -1461,9 +1463,24 @@ fn cleanup_stale() {
                 }
             }
         }
+        // Mount points it created on the host (empty once its mount namespaces are gone).
+        if let Ok(text) = fs::read_to_string(d.join("created-dirs")) {
+            for dir in text.lines().rev() {
+                if [
+                    "/var/lib/cni",
+                    "/var/log/pods",
+                    "/var/log/containers",
+                    "/run/netns",
+                    "/run/containerd",
+                ]
+                .contains(&dir)
+                {
+                    let _ = fs::remove_dir(dir);
+                }
+            }
+        }
         let _ = fs::remove_dir_all(d);
     }
-    let _ = pids;
 }
 
 // ----- the EndpointSlice mirror -----
