@@ -77,6 +77,37 @@ impl VipFilter {
     }
 }
 
+/// Bits of the peer filter: far more than the nodes of one segment, so a client's frame almost
+/// never needs the exact `PEERS` lookup.
+pub const PEER_FILTER_BITS: u32 = 512;
+
+/// The `PEERS` pre-filter (one array element, read without a hash lookup): one bit per hash
+/// bucket of peer MACs. A frame whose source MAC's bit is clear is no peer's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerFilter {
+    pub words: [u64; (PEER_FILTER_BITS / 64) as usize],
+}
+
+impl PeerFilter {
+    #[inline(always)]
+    pub const fn bit(mac: &[u8; 6]) -> u32 {
+        let folded = u32::from_ne_bytes([mac[0] ^ mac[4], mac[1] ^ mac[5], mac[2], mac[3]]);
+        folded.wrapping_mul(0x9e37_79b1) >> (32 - PEER_FILTER_BITS.trailing_zeros())
+    }
+
+    #[inline(always)]
+    pub const fn may_contain(&self, mac: &[u8; 6]) -> bool {
+        let bit = Self::bit(mac);
+        self.words[(bit / 64) as usize] & (1 << (bit % 64)) != 0
+    }
+
+    pub fn insert(&mut self, mac: &[u8; 6]) {
+        let bit = Self::bit(mac);
+        self.words[(bit / 64) as usize] |= 1 << (bit % 64);
+    }
+}
+
 /// Names of the maps, as the loader and `sluice inspect` look them up (and as pinned in bpffs).
 pub mod map_names {
     pub const VIPS: &str = "VIPS";
@@ -94,11 +125,12 @@ pub mod map_names {
     pub const ANNOUNCE: &str = "ANNOUNCE";
     /// MACs of the other sluice nodes: a frame from one of them was balanced already.
     pub const PEERS: &str = "PEERS";
+    pub const PEER_FILTER: &str = "PEER_FILTER";
     /// Inline decapsulation (the balancer unwraps what other nodes sent it): the same maps as
     /// the stand-alone decapsulator's, by the same names.
     pub const DECAP_SOURCES: &str = super::decap_map_names::DECAP_SOURCES;
     pub const DECAP_LOCAL: &str = super::decap_map_names::DECAP_LOCAL;
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         FLOWS6,
         VIP_FILTER,
         VIP_ADDRS,
@@ -113,6 +145,7 @@ pub mod map_names {
         GLOBAL_STATS,
         ANNOUNCE,
         PEERS,
+        PEER_FILTER,
         DECAP_SOURCES,
         DECAP_LOCAL,
     ];
@@ -203,6 +236,14 @@ impl ScopedAddr {
     pub const fn prefix_len(addr_bits: u32) -> u32 {
         32 + addr_bits
     }
+}
+
+/// The `SOURCE_RANGES` scope of VIP `vip_id`'s prefixes of `family`: a client is looked up in
+/// its own family's scope only, so a range of the other family (`::/0` beside IPv4 ranges)
+/// never matches it.
+#[inline(always)]
+pub const fn source_range_scope(vip_id: u32, family: u8) -> u32 {
+    ((family as u32) << 24) | (vip_id & 0x00ff_ffff)
 }
 
 /// Slots of the decapsulator's `DECAP_STATS` per-CPU array.
@@ -328,6 +369,10 @@ pub struct Backend {
     /// The VIP this slot serves: an established packet is forwarded only when its own
     /// (address, port, protocol) matches, which lets it skip the VIP lookup safely.
     pub vip: VipKey,
+    /// Bumped each time the slot is given to another backend. A connection-table entry
+    /// carries the generation it was recorded with: an entry of an earlier holder of the slot
+    /// does not match, so its flow re-hashes instead of following the slot.
+    pub generation: u32,
 }
 
 /// Key of the `FLOWS` connection table (network order, as in the packet).
@@ -400,7 +445,8 @@ pub const fn flow_table_size_v6(flow_table_size: u32) -> u32 {
 pub struct FlowValue {
     /// Index into `BACKENDS`.
     pub backend: u32,
-    pub _reserved: u32,
+    /// The slot's [`Backend::generation`] when the flow was recorded.
+    pub generation: u32,
 }
 
 /// Per-VIP and per-backend traffic counters (per CPU in the maps; user space sums them).
@@ -515,7 +561,7 @@ impl GlobalCounter {
 // The layouts are an ABI between two compilers: pin them.
 const _: () = assert!(size_of::<VipKey>() == 20);
 const _: () = assert!(size_of::<VipInfo>() == 16);
-const _: () = assert!(size_of::<Backend>() == 88);
+const _: () = assert!(size_of::<Backend>() == 92);
 const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(size_of::<FlowKey4>() == 16);
 const _: () = assert!(size_of::<ScopedAddr>() == 20);
@@ -524,9 +570,11 @@ const _: () = assert!(size_of::<Counters>() == 16);
 const _: () = assert!(size_of::<VipFilter>() == 512);
 const _: () = assert!(size_of::<Announce>() == 8);
 const _: () = assert!(size_of::<PeerKey>() == 8);
+const _: () = assert!(size_of::<PeerFilter>() == 64);
 
 /// Bump when a map's meaning changes without its sizes changing (e.g. a key's field order).
-const MAP_LAYOUT_REVISION: u32 = 2;
+/// 3: `FlowValue` carries the slot's generation; `SOURCE_RANGES` scopes carry the family.
+const MAP_LAYOUT_REVISION: u32 = 3;
 
 /// Fingerprint of everything a pinned map's contents depend on: struct sizes, limits, counter
 /// slots. A program whose fingerprint differs must not adopt maps pinned by another: it would
@@ -545,6 +593,7 @@ pub const MAP_LAYOUT: u32 = {
         size_of::<ScopedAddr>() as u32,
         size_of::<Announce>() as u32,
         size_of::<PeerKey>() as u32,
+        size_of::<PeerFilter>() as u32,
         MAX_PEERS,
         MAX_DECAP_ADDRS,
         GlobalCounter::COUNT,
@@ -641,4 +690,5 @@ mod pod {
     unsafe impl aya::Pod for super::ScopedAddr {}
     unsafe impl aya::Pod for super::Announce {}
     unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::PeerFilter {}
 }

@@ -37,9 +37,9 @@ use lb_common::{
     Announce, BPF_F_NO_COMMON_LRU, Backend, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE,
     FAMILY_V4, FlowKey, FlowKey4, FlowValue, GlobalCounter, IP6IP6_OVERHEAD, IPIP_OVERHEAD,
     IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6, MAGLEV_INNER_FLAGS, MAX_BACKENDS,
-    MAX_DECAP_ADDRS, MAX_PEERS, MAX_SOURCE_RANGES, MAX_TX_PORTS, MAX_VIPS, NO_BACKEND, PeerKey,
-    ScopedAddr, VipFilter, VipInfo, VipKey, backend_state, flow_table_size_v6, forward_mode,
-    vip_flags,
+    MAX_DECAP_ADDRS, MAX_PEERS, MAX_SOURCE_RANGES, MAX_TX_PORTS, MAX_VIPS, NO_BACKEND, PeerFilter,
+    PeerKey, ScopedAddr, VipFilter, VipInfo, VipKey, backend_state, flow_table_size_v6,
+    forward_mode, source_range_scope, vip_flags,
 };
 use lb_ebpf::{
     csum,
@@ -124,6 +124,11 @@ static GLOBAL_STATS: PerCpuArray<u64, { GlobalCounter::COUNT as usize }> = PerCp
 /// there already. Written by the agent (every node's MAC but this one's).
 #[btf_map]
 static PEERS: HashMap<PeerKey, u8, { MAX_PEERS as usize }> = HashMap::new();
+
+/// Bits of the peers' MACs: a client's frame is known not to be a peer's without the hash
+/// lookup (measured: the lookup alone cost the established path 12 ns).
+#[btf_map]
+static PEER_FILTER: Array<PeerFilter, 1> = Array::new();
 
 /// Inline decapsulation, as `sluice decap` does it: (family, allowed outer source prefix) -> 1
 /// and (family, this node's address) -> 1.
@@ -254,8 +259,9 @@ fn from_peer(ctx: &XdpContext) -> bool {
         return false;
     }
     // SAFETY: the Ethernet header lies within the frame, checked above.
-    let key = PeerKey::new(unsafe { (*(data as *const EthHdr)).src });
-    PEERS.get_ptr(&key).is_some()
+    let src = unsafe { (*(data as *const EthHdr)).src };
+    PEER_FILTER.get(0).is_some_and(|f| f.may_contain(&src))
+        && PEERS.get_ptr(&PeerKey::new(src)).is_some()
 }
 
 #[inline(always)]
@@ -274,7 +280,7 @@ fn is_vip_address(l3: &L3) -> bool {
     VIP_ADDRS.get_ptr(&l3.dst_key()).is_some()
 }
 
-/// Is the client inside one of the VIP's source ranges?
+/// Is the client inside one of the VIP's source ranges (of its own family)?
 #[inline(always)]
 fn source_admitted(key: &FlowKey, vip_id: u32) -> bool {
     let bits = if key.family == FAMILY_V4 { 32 } else { 128 };
@@ -283,16 +289,17 @@ fn source_admitted(key: &FlowKey, vip_id: u32) -> bool {
     let lookup = Key::new(
         ScopedAddr::prefix_len(bits),
         ScopedAddr {
-            scope_be: vip_id.to_be(),
+            scope_be: source_range_scope(vip_id, key.family).to_be(),
             addr,
         },
     );
     SOURCE_RANGES.get(&lookup).is_some()
 }
 
-/// The connection table's backend for this flow, if its slot still serves this VIP. A slot
-/// that was freed (backend or VIP removed) or reused by another VIP does not match: the flow
-/// takes the slow path and re-hashes (or passes, if its VIP is gone).
+/// The connection table's backend for this flow, if its slot still holds the backend it was
+/// recorded with, for this VIP. A slot that was freed (backend or VIP removed) or given to
+/// another backend since (another generation) does not match: the flow takes the slow path
+/// and re-hashes (or passes, if its VIP is gone).
 #[inline(always)]
 fn established_backend(key: &FlowKey, vip_key: &VipKey) -> Option<(u32, &'static Backend)> {
     let entry = if key.family == FAMILY_V4 {
@@ -301,10 +308,16 @@ fn established_backend(key: &FlowKey, vip_key: &VipKey) -> Option<(u32, &'static
         FLOWS6.get_ptr(key)?
     };
     // SAFETY: read once, by value; a concurrent LRU eviction only makes it stale.
-    let id = unsafe { (*entry).backend };
+    let FlowValue {
+        backend: id,
+        generation,
+    } = unsafe { *entry };
     // An array value lives as long as the map; it is read in place, not copied.
     let backend = BACKENDS.get(id)?;
-    (backend.state != backend_state::EMPTY && backend.vip == *vip_key).then_some((id, backend))
+    (backend.state != backend_state::EMPTY
+        && backend.generation == generation
+        && backend.vip == *vip_key)
+        .then_some((id, backend))
 }
 
 /// A Maglev pick for the flow, recorded in the connection table when `record` is set.
@@ -325,7 +338,7 @@ fn pick_backend(key: &FlowKey, vip: &VipInfo, record: bool) -> Option<(u32, &'st
     if record {
         let value = FlowValue {
             backend: id,
-            _reserved: 0,
+            generation: backend.generation,
         };
         // A full table evicts its least recently used entry; insert fails only on memory
         // pressure, and then the flow is still forwarded (Maglev picks the same backend).

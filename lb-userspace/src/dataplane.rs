@@ -23,8 +23,8 @@ use aya::{
 };
 use lb_common::{
     Announce, BALANCER_PROGRAM, Backend, Counters, DECAP_PROGRAM, FlowKey, FlowKey4, FlowValue,
-    MAGLEV_INNER_FLAGS, PeerKey, ScopedAddr, VipFilter, VipInfo, VipKey, decap_map_names,
-    flow_table_size_v6, map_names,
+    MAGLEV_INNER_FLAGS, PeerFilter, PeerKey, ScopedAddr, VipFilter, VipInfo, VipKey,
+    decap_map_names, flow_table_size_v6, map_names,
 };
 
 use crate::net::Interface;
@@ -406,6 +406,7 @@ pub struct Maps {
     pub announce: HashMap<MapData, VipKey, Announce>,
     /// MACs of the other sluice nodes (co-location: their VIP frames were balanced already).
     pub peers: HashMap<MapData, PeerKey, u8>,
+    pub peer_filter: Array<MapData, PeerFilter>,
     /// The inline decapsulator's address sets.
     pub decap: DecapSets,
     /// Second descriptors of MAGLEV and BACKENDS, for batched calls (aya has no batch API).
@@ -465,6 +466,7 @@ impl Maps {
             source_ranges: typed!(take, map_names::SOURCE_RANGES),
             announce: typed!(take, map_names::ANNOUNCE),
             peers: typed!(take, map_names::PEERS),
+            peer_filter: typed!(take, map_names::PEER_FILTER),
             decap: DecapSets {
                 sources: typed!(take, map_names::DECAP_SOURCES),
                 local: typed!(take, map_names::DECAP_LOCAL),
@@ -488,6 +490,21 @@ impl Maps {
             .iter()
             .map(|v| v.context("reading the BACKENDS map"))
             .collect()
+    }
+
+    /// The fingerprint stored beside VIP `vip_id`'s installed Maglev table of `size` slots
+    /// ([`FINGERPRINT_ELEMENTS`]); `None` when the VIP has no table, one of another size, or
+    /// one without a fingerprint. A lookup, a descriptor and one mapped page per VIP: cheap
+    /// enough to check every VIP on every reconcile.
+    pub fn maglev_fingerprint(&self, vip_id: u32, size: u32) -> Option<u64> {
+        let inner: MapData = self.maglev.get(&vip_id, 0).ok()?;
+        let total = size.checked_add(FINGERPRINT_ELEMENTS)?;
+        if inner.info().ok()?.max_entries() != total {
+            return None;
+        }
+        MaglevMapping::new(&inner, total, libc::PROT_READ)
+            .ok()?
+            .fingerprint(size)
     }
 
     /// Reads a VIP's Maglev table (slot -> backend id).
@@ -626,20 +643,6 @@ pub fn addr_bytes(addr: std::net::IpAddr) -> [u8; 16] {
     bytes
 }
 
-/// Creates a Maglev table holding `slots` (written through mmap in one copy) and swaps it into
-/// the VIP's outer slot: the one atomic step packets can observe.
-pub fn install_maglev_table(maps: &mut Maps, vip_id: u32, slots: &[u32]) -> anyhow::Result<()> {
-    let size = u32::try_from(slots.len()).context("Maglev table too large")?;
-    let inner = new_maglev_table(size)?;
-    {
-        let mut mapping = MaglevMapping::new(&inner, size, libc::PROT_READ | libc::PROT_WRITE)?;
-        mapping.write(slots);
-    }
-    maps.maglev
-        .set(vip_id, &inner, 0)
-        .map_err(|e| anyhow!("swapping in the Maglev table of VIP #{vip_id}: {e}"))
-}
-
 /// One VIP's table for [`install_maglev_tables`]: slot i holds `backends[picks[i]]`, or
 /// `NO_BACKEND` where `picks[i]` names no backend. VIPs with the same backends and weights share
 /// `picks` (a Maglev table of indices), so no per-VIP copy of a table is ever held in memory.
@@ -647,14 +650,23 @@ pub struct TableWrite<'a> {
     pub vip_id: u32,
     pub picks: &'a [u32],
     pub backends: &'a [u32],
+    /// Of what the table is built from (see [`Maps::maglev_fingerprint`]).
+    pub fingerprint: u64,
 }
+
+/// Elements after a Maglev table's slots, holding the fingerprint of what the table was built
+/// from (low half, high half). Written into the new inner map before it is swapped in, so it
+/// always describes the table that is installed, whatever happened to a reconcile since.
+/// The program never reads them (it picks a slot modulo the VIP's table size).
+pub const FINGERPRINT_ELEMENTS: u32 = 2;
 
 /// VIPs per batched update: bounds the descriptors held open at once (inner maps) well below
 /// the usual 1024 limit.
 const TABLE_BATCH: usize = 256;
 
-/// [`install_maglev_table`] for many VIPs: the tables are created and filled, then swapped in
-/// with one batched update per [`TABLE_BATCH`] VIPs. The kernel waits for an RCU grace period
+/// Creates each VIP's Maglev table (filled through mmap in one copy, its fingerprint after it)
+/// and swaps it into the VIP's outer slot: the one atomic step packets can observe. The tables
+/// are created and filled, then swapped in with one batched update per [`TABLE_BATCH`] VIPs. The kernel waits for an RCU grace period
 /// after each update of an outer map (so that no program still uses an old table when the call
 /// returns), ~14 ms here: one wait per batch instead of one per VIP is what makes a sync of a
 /// thousand VIPs take half a second instead of fourteen. Each VIP's swap is still atomic.
@@ -663,10 +675,16 @@ pub fn install_maglev_tables(maps: &mut Maps, tables: &[TableWrite<'_>]) -> anyh
         let mut inners = Vec::with_capacity(chunk.len());
         for t in chunk {
             let size = u32::try_from(t.picks.len()).context("Maglev table too large")?;
-            let inner = new_maglev_table(size)
+            let total = size
+                .checked_add(FINGERPRINT_ELEMENTS)
+                .context("Maglev table too large")?;
+            let inner = new_maglev_table(total)
                 .with_context(|| format!("building the Maglev table of VIP #{}", t.vip_id))?;
-            MaglevMapping::new(&inner, size, libc::PROT_READ | libc::PROT_WRITE)?
-                .write_picks(t.picks, t.backends);
+            let mut mapping =
+                MaglevMapping::new(&inner, total, libc::PROT_READ | libc::PROT_WRITE)?;
+            mapping.write_picks(t.picks, t.backends);
+            mapping.write_fingerprint(size, t.fingerprint);
+            drop(mapping);
             inners.push(inner);
         }
         let keys: Vec<u32> = chunk.iter().map(|t| t.vip_id).collect();
@@ -812,10 +830,7 @@ impl MaglevMapping {
 
     fn read(&self) -> Vec<u32> {
         // The u32 value sits in the first four bytes of each element.
-        self.elements()
-            .iter()
-            .map(|e| u32::from_ne_bytes(e.to_ne_bytes()[..4].try_into().unwrap_or_default()))
-            .collect()
+        self.elements().iter().map(|e| element_value(*e)).collect()
     }
 
     /// Element i := backends[picks[i]], or NO_BACKEND.
@@ -833,15 +848,31 @@ impl MaglevMapping {
         }
     }
 
-    fn write(&mut self, slots: &[u32]) {
+    /// Elements `at` and `at + 1` := the two halves of `fingerprint`.
+    fn write_fingerprint(&mut self, at: u32, fingerprint: u64) {
         // SAFETY: as above, mapped writable by `new` when called with PROT_WRITE.
         let elements = unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u64, self.slots) };
-        for (element, slot) in elements.iter_mut().zip(slots) {
+        let halves = [fingerprint as u32, (fingerprint >> 32) as u32];
+        for (element, half) in elements.iter_mut().skip(at as usize).zip(halves) {
             let mut bytes = [0u8; 8];
-            bytes[..4].copy_from_slice(&slot.to_ne_bytes());
+            bytes[..4].copy_from_slice(&half.to_ne_bytes());
             *element = u64::from_ne_bytes(bytes);
         }
     }
+
+    /// The fingerprint written by [`Self::write_fingerprint`] at `at`.
+    fn fingerprint(&self, at: u32) -> Option<u64> {
+        let mut halves = self.elements().iter().skip(at as usize);
+        let low = u64::from(element_value(*halves.next()?));
+        let high = u64::from(element_value(*halves.next()?));
+        Some(low | (high << 32))
+    }
+}
+
+/// The u32 value in the first four bytes of an array element.
+fn element_value(element: u64) -> u32 {
+    let b = element.to_ne_bytes();
+    u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
 }
 
 impl Drop for MaglevMapping {

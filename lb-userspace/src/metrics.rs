@@ -44,6 +44,8 @@ pub struct ControlMetrics {
     reconciles: Family<Labels, Counter>,
     maglev_rebuilds: Counter,
     reconcile_seconds: Histogram,
+    /// What the last reconcile had no room for.
+    left_out: Gauge,
     /// Only the agent's.
     watches: Option<WatchMetrics>,
 }
@@ -142,6 +144,7 @@ impl Default for ControlMetrics {
             // 100 µs to ~3 s: an unchanged config takes well under a millisecond, a table
             // rebuild of a large VIP tens of milliseconds, a neighbour lookup up to seconds.
             reconcile_seconds: Histogram::new(exponential_buckets(1e-4, 2.0, 16)),
+            left_out: Gauge::default(),
             watches: None,
         }
     }
@@ -168,6 +171,8 @@ impl ControlMetrics {
         let outcome = match result {
             Ok(summary) => {
                 self.maglev_rebuilds.inc_by(summary.tables_rebuilt as u64);
+                self.left_out
+                    .set(i64::try_from(summary.left_out.len()).unwrap_or(i64::MAX));
                 "ok"
             }
             Err(_) => "error",
@@ -222,6 +227,11 @@ pub fn render(maps: Option<&Maps>, control: &ControlMetrics) -> anyhow::Result<S
         "maglev_rebuilds",
         "Maglev tables built and swapped in",
         control.maglev_rebuilds.clone(),
+    );
+    registry.register(
+        "reconcile_left_out",
+        "VIPs, backends and source ranges the maps had no room for at the last reconcile (the rest was applied)",
+        control.left_out.clone(),
     );
     registry.register(
         "reconcile_duration_seconds",

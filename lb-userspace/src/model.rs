@@ -273,7 +273,9 @@ pub struct Vip {
     pub mode: ForwardingMode,
     /// Session affinity by client address: every connection of a client lands on one backend.
     pub client_affinity: bool,
-    /// Client prefixes admitted (of the VIP's family); empty admits everyone. Sorted, unique.
+    /// Client prefixes admitted; empty admits everyone. Sorted, unique. A client is matched
+    /// against the prefixes of its own family only: a VIP whose prefixes are all of the other
+    /// family admits nobody.
     pub source_ranges: Vec<IpNet>,
 }
 

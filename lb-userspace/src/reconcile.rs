@@ -1,9 +1,11 @@
 //! Desired model -> BPF maps. Resolves where the backends are (`resolve`, the only step that
-//! asks the kernel), reads what the maps hold, plans every write (a pure function of both,
-//! checking capacity) before the first one, then writes in an order that packets can
-//! never observe half-done: new backend slots, address sets and source ranges, then the new
-//! Maglev table (one atomic swap), then the VIP entry, and only then frees what is gone. The
-//! connection table is never flushed.
+//! asks the kernel), reads what the maps hold (the installed Maglev tables' fingerprints
+//! included), plans every write (a pure function of both, fitting what the maps have room
+//! for) before the first one, then writes in an order that packets can never observe
+//! half-done ([`Phase`]): new backend slots, address sets and source ranges, then the new
+//! Maglev table (one atomic swap), then the VIP entry, then slots that stop taking new flows,
+//! and only then frees what is gone. A reconcile stopped between any two phases leaves a
+//! state the next one completes. The connection table is never flushed.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -14,8 +16,8 @@ use anyhow::{Context as _, anyhow, bail};
 use aya::maps::{MapError, PerCpuValues, lpm_trie::Key as LpmKey};
 use lb_common::{
     Addr, Backend as SlotValue, Counters, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_DECAP_ADDRS,
-    MAX_PEERS, MAX_SOURCE_RANGES, MAX_VIPS, NO_BACKEND, PeerKey, ScopedAddr, VipFilter, VipInfo,
-    VipKey, backend_state, forward_mode, vip_flags,
+    MAX_PEERS, MAX_SOURCE_RANGES, MAX_VIPS, NO_BACKEND, PeerFilter, PeerKey, ScopedAddr, VipFilter,
+    VipInfo, VipKey, backend_state, forward_mode, source_range_scope, vip_flags,
 };
 
 use crate::{
@@ -51,6 +53,8 @@ pub struct Summary {
     pub tables_rebuilt: usize,
     /// Backends that could not be resolved: draining on their last known MAC, or left out.
     pub unresolved: BTreeSet<IpAddr>,
+    /// What the maps had no room for (everything else was applied).
+    pub left_out: Vec<LeftOut>,
 }
 
 impl Summary {
@@ -58,8 +62,20 @@ impl Summary {
     pub fn is_empty(&self) -> bool {
         Self {
             unresolved: BTreeSet::new(),
+            left_out: Vec::new(),
             ..self.clone()
         } == Self::default()
+    }
+
+    /// Adds what a later pass of the same reconcile did; what is left out is the later pass's.
+    fn add(&mut self, later: Summary) {
+        self.vips_added += later.vips_added;
+        self.vips_removed += later.vips_removed;
+        self.backends_added += later.backends_added;
+        self.backends_changed += later.backends_changed;
+        self.backends_removed += later.backends_removed;
+        self.tables_rebuilt += later.tables_rebuilt;
+        self.left_out = later.left_out;
     }
 
     /// The summary as a line, or "" when nothing changed.
@@ -83,9 +99,70 @@ impl std::fmt::Display for Summary {
             self.backends_changed,
             self.backends_removed,
             self.tables_rebuilt
-        )
+        )?;
+        if !self.left_out.is_empty() {
+            write!(f, "; left out for lack of room: ")?;
+            for (i, item) in self.left_out.iter().enumerate() {
+                if i == 5 {
+                    write!(f, ", and {} more", self.left_out.len() - 5)?;
+                    break;
+                }
+                write!(f, "{}{item}", if i == 0 { "" } else { ", " })?;
+            }
+        }
+        Ok(())
     }
 }
+
+/// The steps of an apply, in the order they run: a reconcile that fails or is killed stops
+/// between two of them, and the next one must still bring the maps to the desired state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Phase {
+    /// `TX_PORTS` entries for backends behind other interfaces.
+    TxPorts,
+    /// New backend slots, and changes of slots the new tables still point at.
+    NewSlots,
+    /// The address filter admits every VIP address, old and new.
+    FilterWidened,
+    /// `VIP_ADDRS` and `SOURCE_RANGES` the new VIP entries rely on.
+    AddressesAndRanges,
+    /// New Maglev tables swapped in.
+    Tables,
+    /// VIP entries written.
+    VipEntries,
+    /// Slots that stopped taking new flows (draining, weight 0) marked so.
+    DrainedSlots,
+    /// Removed VIPs' entries gone, their tables emptied.
+    VipsRemoved,
+    /// Slots of removed backends cleared.
+    SlotsFreed,
+    /// Addresses and source ranges no VIP refers to any more removed.
+    StaleAddressesAndRanges,
+    /// The address filter narrowed to the remaining VIPs.
+    FilterNarrowed,
+    /// The co-location maps (peers, inline decapsulation).
+    Colocation,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 12] = [
+        Phase::TxPorts,
+        Phase::NewSlots,
+        Phase::FilterWidened,
+        Phase::AddressesAndRanges,
+        Phase::Tables,
+        Phase::VipEntries,
+        Phase::DrainedSlots,
+        Phase::VipsRemoved,
+        Phase::SlotsFreed,
+        Phase::StaleAddressesAndRanges,
+        Phase::FilterNarrowed,
+        Phase::Colocation,
+    ];
+}
+
+/// Called after each phase of an apply; an error stops the apply there.
+type Hook<'a> = &'a mut dyn FnMut(Phase) -> anyhow::Result<()>;
 
 /// The key of a VIP as the program sees it.
 pub fn vip_key(vip: &VipAddr) -> VipKey {
@@ -139,7 +216,9 @@ pub fn maglev_id(addr: IpAddr) -> u32 {
 }
 
 /// The maps' view of the world: VIPs by key, occupied backend slots by id, VIP addresses and
-/// source ranges.
+/// source ranges; for a reconcile also the fingerprint of each VIP's installed Maglev table and
+/// the generation of every slot.
+#[derive(Default)]
 pub struct Current {
     pub vips: BTreeMap<VipKey, VipInfo>,
     pub slots: BTreeMap<u32, SlotValue>,
@@ -148,48 +227,92 @@ pub struct Current {
     /// The occupied slots of each VIP id, by backend address (so that a plan over N VIPs reads
     /// each VIP's slots directly instead of scanning all of them N times).
     by_vip: BTreeMap<u32, BTreeMap<IpAddr, (u32, SlotValue)>>,
+    /// The generation of every slot that ever held a backend, empty ones included.
+    generations: BTreeMap<u32, u32>,
+    /// The fingerprint stored beside each VIP's installed table, by VIP id (none: no table, or
+    /// one without it). Filled by [`Current::read_tables`].
+    tables: BTreeMap<u32, u64>,
 }
 
 impl Current {
     pub fn read(maps: &Maps) -> anyhow::Result<Self> {
-        let mut vips = BTreeMap::new();
+        let mut current = Self::default();
         for entry in maps.vips.iter() {
             let (key, info) = entry.context("reading the VIPS map")?;
-            vips.insert(key, info);
+            current.vips.insert(key, info);
         }
-        let mut slots = BTreeMap::new();
-        let mut by_vip: BTreeMap<u32, BTreeMap<IpAddr, (u32, SlotValue)>> = BTreeMap::new();
         for (id, value) in maps.read_backends()?.into_iter().enumerate() {
-            if value.state != backend_state::EMPTY {
-                slots.insert(id as u32, value);
-                by_vip
-                    .entry(value.vip_id)
-                    .or_default()
-                    .insert(addr_from_raw(&value.addr, value.family), (id as u32, value));
-            }
+            current.add_slot(id as u32, value);
         }
-        let mut vip_addrs = BTreeMap::new();
         for entry in maps.vip_addrs.iter() {
             let (key, count) = entry.context("reading the VIP_ADDRS map")?;
-            vip_addrs.insert(key, count);
+            current.vip_addrs.insert(key, count);
         }
-        let mut source_ranges = BTreeSet::new();
         for key in maps.source_ranges.keys() {
             let key = key.context("reading the SOURCE_RANGES map")?;
-            source_ranges.insert((key.prefix_len(), key.data()));
+            current.source_ranges.insert((key.prefix_len(), key.data()));
         }
-        Ok(Self {
-            vips,
-            slots,
-            vip_addrs,
-            source_ranges,
-            by_vip,
-        })
+        Ok(current)
+    }
+
+    /// Reads the fingerprint of every VIP's installed Maglev table: whether a table must be
+    /// rebuilt is decided from what is installed, not from slot values (which an interrupted
+    /// reconcile may have written without the table that goes with them).
+    pub fn read_tables(&mut self, maps: &Maps) {
+        for info in self.vips.values() {
+            if let Some(fingerprint) = maps.maglev_fingerprint(info.id, info.table_size) {
+                self.tables.insert(info.id, fingerprint);
+            }
+        }
+    }
+
+    fn add_slot(&mut self, id: u32, value: SlotValue) {
+        if value.generation != 0 {
+            self.generations.insert(id, value.generation);
+        }
+        if value.state != backend_state::EMPTY {
+            self.slots.insert(id, value);
+            self.by_vip
+                .entry(value.vip_id)
+                .or_default()
+                .insert(addr_from_raw(&value.addr, value.family), (id, value));
+        }
     }
 
     /// The occupied slots of VIP `vip_id`, by backend address.
     fn slots_of(&self, vip_id: u32) -> BTreeMap<IpAddr, (u32, SlotValue)> {
         self.by_vip.get(&vip_id).cloned().unwrap_or_default()
+    }
+}
+
+/// Something the maps had no room for, left out of a reconcile (the rest is applied; the next
+/// reconcile tries again).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LeftOut {
+    /// A new VIP: no free VIP entry (at most `MAX_VIPS`), VIP address or room for its source
+    /// ranges.
+    Vip { vip: VipAddr },
+    /// A new backend of a VIP: no free backend slot (at most `MAX_BACKENDS` over all VIPs).
+    Backend { vip: VipAddr, backend: IpAddr },
+    /// New source ranges of a VIP (at most `MAX_SOURCE_RANGES` over all VIPs): it admits only
+    /// the clients of those it had that are still listed.
+    SourceRanges { vip: VipAddr },
+}
+
+impl std::fmt::Display for LeftOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Vip { vip } => write!(f, "VIP {vip} (at most {MAX_VIPS} VIPs)"),
+            Self::Backend { vip, backend } => write!(
+                f,
+                "backend {backend} of {vip} (at most {MAX_BACKENDS} backends over all VIPs)"
+            ),
+            Self::SourceRanges { vip } => write!(
+                f,
+                "new source ranges of {vip} (at most {MAX_SOURCE_RANGES} over all VIPs; it admits only the listed ones it had)"
+            ),
+        }
     }
 }
 
@@ -200,22 +323,43 @@ struct VipPlan {
     is_new: bool,
     /// Backends in desired order with their slot ids and slot values.
     backends: Vec<(u32, SlotValue)>,
+    /// What its table is built from, and whether the installed one is something else.
+    inputs: Vec<MaglevBackend>,
+    fingerprint: u64,
     rebuild_table: bool,
     info: VipInfo,
 }
 
 /// Everything to write, computed without touching a map.
+#[derive(Default)]
 struct Plan {
     vips: Vec<VipPlan>,
-    /// Slots to write (new or changed), with whether each is new.
-    slot_writes: Vec<(u32, SlotValue, bool)>,
+    /// Slot writes before the tables (with whether each slot is new): new slots, and slots the
+    /// new tables point at (active: they take new flows from the swap on).
+    slots_before: Vec<(u32, SlotValue, bool)>,
+    /// Slot writes after the tables: slots that stop taking new flows (draining, weight 0).
+    /// Until the table that no longer points at them is in, they must still accept the flows
+    /// the old one sends them.
+    slots_after: Vec<(u32, SlotValue)>,
     tx_ports: BTreeSet<u32>,
     removed_vips: Vec<(VipKey, u32)>,
-    removed_slots: Vec<u32>,
+    /// Slots to clear, with the generation they keep.
+    removed_slots: BTreeMap<u32, u32>,
+    /// Tables to release (a one-slot empty table): removed VIPs', and those of VIP ids no VIP
+    /// has (an interrupted reconcile's).
+    emptied_tables: BTreeSet<u32>,
     /// `VIP_ADDRS` as it must end up.
     vip_addrs: BTreeMap<VipKey, u32>,
     /// `SOURCE_RANGES` as it must end up.
     source_ranges: BTreeSet<RangeKey>,
+    /// Stale ranges of VIPs that keep filtering by source: removed before the VIP entries are
+    /// written, so that a VIP admits only what it lists from then on. Other stale ranges go
+    /// with the removals.
+    early_stale_ranges: BTreeSet<RangeKey>,
+    /// Whether this plan frees anything (a VIP id, slot, address or range) that a second pass
+    /// could use for what was left out.
+    frees: bool,
+    left_out: Vec<LeftOut>,
 }
 
 /// Empties the `ANNOUNCE` map (an agent without `--announce` answers ARP for nothing).
@@ -235,8 +379,10 @@ pub fn clear_announce(maps: &mut Maps) -> anyhow::Result<()> {
 }
 
 /// Brings the maps to `desired`. On error nothing has been written if the error came from
-/// resolving (with [`Unreachable::Fail`]) or planning (capacity); a syscall failure midway is
-/// reported with what was done.
+/// resolving (with [`Unreachable::Fail`]) or planning; a syscall failure midway is reported,
+/// and the next reconcile completes what this one left (it reads what is installed, the
+/// Maglev tables' fingerprints included). What the maps have no room for is left out and
+/// listed in [`Summary::left_out`]; everything else is applied.
 pub fn reconcile(
     maps: &mut Maps,
     iface: &Interface,
@@ -265,12 +411,55 @@ pub fn reconcile_resolved(
     desired: &Desired,
     resolved: &Resolved,
 ) -> anyhow::Result<Summary> {
-    let current = Current::read(maps)?;
-    let plan = plan(&current, iface, desired, resolved)?;
-    let mut summary = apply(maps, current, plan)?;
+    reconcile_with(maps, iface, desired, resolved, &mut |_| Ok(()))
+}
+
+/// Test builds only (`test-hooks`): [`reconcile_resolved`] calling `hook` after each phase of
+/// the apply; an error from it stops the apply there, as a killed or failed reconcile would.
+#[cfg(feature = "test-hooks")]
+pub fn reconcile_resolved_with_hook(
+    maps: &mut Maps,
+    iface: &Interface,
+    desired: &Desired,
+    resolved: &Resolved,
+    hook: &mut dyn FnMut(Phase) -> anyhow::Result<()>,
+) -> anyhow::Result<Summary> {
+    reconcile_with(maps, iface, desired, resolved, hook)
+}
+
+fn reconcile_with(
+    maps: &mut Maps,
+    iface: &Interface,
+    desired: &Desired,
+    resolved: &Resolved,
+    hook: Hook<'_>,
+) -> anyhow::Result<Summary> {
+    let (mut summary, freed) = reconcile_pass(maps, iface, desired, resolved, hook)?;
+    if !summary.left_out.is_empty() && freed {
+        // Removals make room only once they are done (old and new entries coexist during an
+        // apply, and a freed slot is never reused in the apply that frees it): one more pass
+        // uses it.
+        let (second, _) = reconcile_pass(maps, iface, desired, resolved, hook)?;
+        summary.add(second);
+    }
     sync_colocation(maps, desired, resolved)?;
+    hook(Phase::Colocation)?;
     summary.unresolved = resolved.unresolved();
     Ok(summary)
+}
+
+fn reconcile_pass(
+    maps: &mut Maps,
+    iface: &Interface,
+    desired: &Desired,
+    resolved: &Resolved,
+    hook: Hook<'_>,
+) -> anyhow::Result<(Summary, bool)> {
+    let mut current = Current::read(maps)?;
+    current.read_tables(maps);
+    let plan = plan(&current, iface, desired, resolved)?;
+    let freed = plan.frees;
+    Ok((apply(maps, current, plan, hook)?, freed))
 }
 
 /// The co-location maps: `PEERS` (other nodes' MACs: their VIP frames were balanced already)
@@ -287,8 +476,19 @@ fn sync_colocation(maps: &mut Maps, desired: &Desired, resolved: &Resolved) -> a
     for key in maps.peers.keys() {
         have.insert(key.context("reading the PEERS map")?);
     }
+    // New peers are in PEERS before their filter bits are set, and gone peers' bits are
+    // cleared before they leave PEERS: a peer's frame never misses both.
+    let mut filter = PeerFilter::default();
+    for key in &want {
+        filter.insert(&key.mac);
+    }
     for key in want.difference(&have) {
         maps.peers.insert(key, &1, 0).context("writing PEERS")?;
+    }
+    if maps.peer_filter.get(&0, 0).ok() != Some(filter) {
+        maps.peer_filter
+            .set(0, &filter, 0)
+            .context("writing PEER_FILTER")?;
     }
     for key in have.difference(&want) {
         match maps.peers.remove(key) {
@@ -309,6 +509,63 @@ fn sync_colocation(maps: &mut Maps, desired: &Desired, resolved: &Resolved) -> a
     decap::sync(&mut maps.decap, &allow, &local)
 }
 
+/// Ids handed out lowest first, below a limit; ids in use (or freed by this plan) are skipped.
+struct Ids {
+    used: BTreeSet<u32>,
+    cursor: u32,
+    limit: u32,
+}
+
+impl Ids {
+    fn new(used: impl IntoIterator<Item = u32>, limit: u32) -> Self {
+        Self {
+            used: used.into_iter().collect(),
+            cursor: 0,
+            limit,
+        }
+    }
+
+    fn take(&mut self) -> Option<u32> {
+        while self.cursor < self.limit {
+            let id = self.cursor;
+            self.cursor += 1;
+            if self.used.insert(id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    fn give_back(&mut self, id: u32) {
+        self.used.remove(&id);
+        self.cursor = self.cursor.min(id);
+    }
+}
+
+/// The `SOURCE_RANGES` key of a VIP's prefix (scoped by VIP id and the prefix's family).
+fn range_key(vip_id: u32, net: &IpNet) -> RangeKey {
+    let family = if net.addr().is_ipv4() {
+        FAMILY_V4
+    } else {
+        FAMILY_V6
+    };
+    let key = scoped_prefix(source_range_scope(vip_id, family), net);
+    (key.prefix_len(), key.data())
+}
+
+/// The VIP id of a `SOURCE_RANGES` key.
+fn range_vip(key: &RangeKey) -> u32 {
+    u32::from_be(key.1.scope_be) & 0x00ff_ffff
+}
+
+/// Everything a reconcile writes, from what the maps hold and where the backends are. Pure.
+///
+/// Order rules (each has a unit test): a slot is written before any table points at it, and
+/// marked as taking no new flows (draining, weight 0) only after the table that leaves it out
+/// is in; a table is rebuilt whenever the installed one was built from other inputs (its
+/// fingerprint), whatever the slots say; removals and drains need no room and are always
+/// planned; what does not fit (VIPs, slots, addresses, source ranges, counted while old and
+/// new entries coexist) is left out and listed, never failing the rest.
 fn plan(
     current: &Current,
     iface: &Interface,
@@ -318,92 +575,141 @@ fn plan(
     let table_size = desired.settings.maglev_table_size;
     let desired_keys: BTreeSet<VipKey> = desired.vips.iter().map(|v| vip_key(&v.key)).collect();
 
-    // Ids kept by surviving VIPs and slots; new ones come from what is free now (slots freed
-    // by this reconcile are not reused in it: their old flows must re-hash, not follow).
-    let mut used_vip_ids: BTreeSet<u32> = current.vips.values().map(|i| i.id).collect();
-    let mut used_slots: BTreeSet<u32> = current.slots.keys().copied().collect();
-    let mut next_vip_id = 0u32;
-    let mut next_slot = 0u32;
-
-    let mut plan = Plan {
-        vips: Vec::new(),
-        slot_writes: Vec::new(),
-        tx_ports: BTreeSet::new(),
-        removed_vips: Vec::new(),
-        removed_slots: Vec::new(),
-        vip_addrs: BTreeMap::new(),
-        source_ranges: BTreeSet::new(),
-    };
+    // Ids kept by surviving VIPs and slots; new ones come from what is free now (ids and slots
+    // freed by this reconcile are not reused in it: their old flows must re-hash, not follow,
+    // and old tables may still point at them).
+    let mut vip_ids = Ids::new(current.vips.values().map(|i| i.id), MAX_VIPS);
+    let mut slot_ids = Ids::new(current.slots.keys().copied(), MAX_BACKENDS);
+    // Room while the old entries are still there (they go last).
+    let mut addr_room = (MAX_VIPS as usize).saturating_sub(current.vip_addrs.len());
+    let mut range_room = (MAX_SOURCE_RANGES as usize).saturating_sub(current.source_ranges.len());
+    let mut plan = Plan::default();
 
     for vip in &desired.vips {
         let key = vip_key(&vip.key);
-        let (id, is_new, old_info) = match current.vips.get(&key) {
-            Some(info) => (info.id, false, Some(*info)),
-            None => {
-                let id =
-                    allocate(&mut used_vip_ids, &mut next_vip_id, MAX_VIPS).ok_or_else(|| {
-                        anyhow!("{}: no free VIP id: at most {MAX_VIPS} VIPs", vip.key)
-                    })?;
-                (id, true, None)
-            }
+        let old_info = current.vips.get(&key).copied();
+        let is_new = old_info.is_none();
+        let id = match old_info {
+            Some(info) => info.id,
+            None => match vip_ids.take() {
+                Some(id) => id,
+                None => {
+                    plan.left_out.push(LeftOut::Vip { vip: vip.key });
+                    continue;
+                }
+            },
         };
+        let addr_key = key.address_only();
+        let new_addr =
+            !current.vip_addrs.contains_key(&addr_key) && !plan.vip_addrs.contains_key(&addr_key);
+        let wanted: BTreeSet<RangeKey> =
+            vip.source_ranges.iter().map(|n| range_key(id, n)).collect();
+        let new_ranges = wanted.difference(&current.source_ranges).count();
+        if is_new && ((new_addr && addr_room == 0) || new_ranges > range_room) {
+            vip_ids.give_back(id);
+            plan.left_out.push(LeftOut::Vip { vip: vip.key });
+            continue;
+        }
+        if new_addr {
+            addr_room = addr_room.saturating_sub(1);
+        }
+        let ranges = if new_ranges <= range_room {
+            range_room -= new_ranges;
+            wanted
+        } else {
+            // Fail closed: of the new list, only what is installed already.
+            plan.left_out.push(LeftOut::SourceRanges { vip: vip.key });
+            wanted
+                .intersection(&current.source_ranges)
+                .copied()
+                .collect()
+        };
+        plan.source_ranges.extend(ranges);
+        *plan.vip_addrs.entry(addr_key).or_insert(0) += 1;
+
         let existing = if is_new {
             BTreeMap::new()
         } else {
             current.slots_of(id)
         };
-
         let mut backends = Vec::with_capacity(vip.backends.len());
-        let mut table_changed = is_new;
         let mut kept = BTreeSet::new();
         for backend in &vip.backends {
-            let mut value = match resolved.targets.get(&(backend.addr, vip.mode)) {
-                Some(target) => slot_value(iface, &desired.settings, target, vip, backend, id)?,
-                // Not resolvable now: its last known slot, draining (its flows stay), or
-                // left out when it never had one.
-                None => match existing.get(&backend.addr) {
-                    Some((_, old)) => SlotValue {
+            let resolved_value = match resolved.targets.get(&(backend.addr, vip.mode)) {
+                Some(target) => Some(slot_value(
+                    iface,
+                    &desired.settings,
+                    target,
+                    vip,
+                    backend,
+                    id,
+                )?),
+                None => None,
+            };
+            let (slot, value) = match (existing.get(&backend.addr), resolved_value) {
+                (Some((slot, old)), Some(value)) => (
+                    *slot,
+                    SlotValue {
+                        generation: old.generation,
+                        ..value
+                    },
+                ),
+                // Not resolvable now: its last known slot, draining (its flows stay).
+                (Some((slot, old)), None) => (
+                    *slot,
+                    SlotValue {
                         state: backend_state::DRAINING,
                         ..*old
                     },
-                    None => continue,
-                },
+                ),
+                // ... or left out when it never had one.
+                (None, None) => continue,
+                (None, Some(value)) => {
+                    let Some(slot) = slot_ids.take() else {
+                        plan.left_out.push(LeftOut::Backend {
+                            vip: vip.key,
+                            backend: backend.addr,
+                        });
+                        continue;
+                    };
+                    // A new holder of the slot: flows of earlier ones do not match it.
+                    let previous = current.generations.get(&slot).copied().unwrap_or(0);
+                    let value = SlotValue {
+                        generation: previous.wrapping_add(1).max(1),
+                        ..value
+                    };
+                    plan.slots_before.push((slot, value, true));
+                    (slot, value)
+                }
             };
+            if let Some((_, old)) = existing.get(&backend.addr)
+                && *old != value
+            {
+                if effective_weight(&value) > 0 {
+                    plan.slots_before.push((slot, value, false));
+                } else {
+                    plan.slots_after.push((slot, value));
+                }
+            }
             kept.insert(backend.addr);
             if value.mode != forward_mode::LOCAL && value.ifindex != iface.index {
                 plan.tx_ports.insert(value.ifindex);
             }
-            let slot = match existing.get(&backend.addr) {
-                Some((slot, old)) => {
-                    table_changed |= effective_weight(old) != effective_weight(&value);
-                    if *old != value {
-                        plan.slot_writes.push((*slot, value, false));
-                    }
-                    *slot
-                }
-                None => {
-                    table_changed = true;
-                    let slot = allocate(&mut used_slots, &mut next_slot, MAX_BACKENDS)
-                        .ok_or_else(|| {
-                            anyhow!("{}: no free backend slot: at most {MAX_BACKENDS} backends over all VIPs", vip.key)
-                        })?;
-                    plan.slot_writes.push((slot, value, true));
-                    slot
-                }
-            };
-            value.vip_id = id;
             backends.push((slot, value));
         }
-        for (addr, (slot, _)) in &existing {
+        for (addr, (slot, old)) in &existing {
             if !kept.contains(addr) {
-                table_changed = true;
-                plan.removed_slots.push(*slot);
+                plan.removed_slots.insert(*slot, old.generation);
             }
         }
-        let live = backends
+        let inputs: Vec<MaglevBackend> = backends
             .iter()
-            .filter(|(_, v)| effective_weight(v) > 0)
-            .count() as u32;
+            .map(|(_, v)| MaglevBackend {
+                id: maglev_id(addr_from_raw(&v.addr, v.family)),
+                weight: effective_weight(v),
+            })
+            .collect();
+        let fingerprint = table_fingerprint(&backends, &inputs, table_size);
         let mut flags = 0;
         if vip.client_affinity {
             flags |= vip_flags::AFFINITY;
@@ -411,63 +717,68 @@ fn plan(
         if !vip.source_ranges.is_empty() {
             flags |= vip_flags::SOURCE_RANGES;
         }
-        for net in &vip.source_ranges {
-            let key = scoped_prefix(id, net);
-            plan.source_ranges.insert((key.prefix_len(), key.data()));
-        }
-        *plan.vip_addrs.entry(key.address_only()).or_insert(0) += 1;
         let info = VipInfo {
             id,
             table_size,
-            live_backends: live,
+            live_backends: inputs.iter().filter(|b| b.weight > 0).count() as u32,
             flags,
         };
-        let rebuild_table = table_changed || old_info.is_none_or(|o| o.table_size != table_size);
         plan.vips.push(VipPlan {
             key,
             id,
             is_new,
+            rebuild_table: is_new || current.tables.get(&id) != Some(&fingerprint),
             backends,
-            rebuild_table,
+            inputs,
+            fingerprint,
             info,
         });
     }
 
+    let planned_ids: BTreeSet<u32> = plan.vips.iter().map(|v| v.id).collect();
     for (key, info) in &current.vips {
         if !desired_keys.contains(key) {
             plan.removed_vips.push((*key, info.id));
-            plan.removed_slots
-                .extend(current.slots_of(info.id).values().map(|(slot, _)| *slot));
+            plan.emptied_tables.insert(info.id);
+            plan.removed_slots.extend(
+                current
+                    .slots_of(info.id)
+                    .values()
+                    .map(|(slot, v)| (*slot, v.generation)),
+            );
         }
     }
-    // Slots whose VIP no longer exists at all (left by an interrupted run): free them too.
+    // Slots whose VIP no longer exists at all (left by an interrupted run): free them, and the
+    // table of their VIP id unless a VIP of this plan has it.
     let live_ids: BTreeSet<u32> = current.vips.values().map(|i| i.id).collect();
-    plan.removed_slots.extend(
-        current
-            .slots
-            .iter()
-            .filter(|(_, s)| !live_ids.contains(&s.vip_id))
-            .map(|(slot, _)| *slot),
-    );
-    if plan.source_ranges.len() > MAX_SOURCE_RANGES as usize {
-        bail!(
-            "{} source ranges over all VIPs: at most {MAX_SOURCE_RANGES}",
-            plan.source_ranges.len()
-        );
-    }
-    Ok(plan)
-}
-
-/// Lowest id not in `used`, below `limit`, marking it used.
-fn allocate(used: &mut BTreeSet<u32>, cursor: &mut u32, limit: u32) -> Option<u32> {
-    while *cursor < limit {
-        let id = *cursor;
-        *cursor += 1;
-        if used.insert(id) {
-            return Some(id);
+    for (slot, value) in &current.slots {
+        if !live_ids.contains(&value.vip_id) {
+            plan.removed_slots.insert(*slot, value.generation);
+            if !planned_ids.contains(&value.vip_id) {
+                plan.emptied_tables.insert(value.vip_id);
+            }
         }
     }
-    None
+    let filtering: BTreeSet<u32> = plan
+        .vips
+        .iter()
+        .filter(|v| v.info.flags & vip_flags::SOURCE_RANGES != 0)
+        .map(|v| v.id)
+        .collect();
+    plan.early_stale_ranges = current
+        .source_ranges
+        .difference(&plan.source_ranges)
+        .filter(|r| filtering.contains(&range_vip(r)))
+        .copied()
+        .collect();
+    plan.frees = !plan.removed_vips.is_empty()
+        || !plan.removed_slots.is_empty()
+        || current
+            .vip_addrs
+            .keys()
+            .any(|k| !plan.vip_addrs.contains_key(k))
+        || !current.source_ranges.is_subset(&plan.source_ranges);
+    Ok(plan)
 }
 
 /// The weight that counts for the Maglev table: zero when draining.
@@ -477,6 +788,26 @@ fn effective_weight(slot: &SlotValue) -> u32 {
     } else {
         0
     }
+}
+
+/// Bumped when the Maglev builder changes what it builds from the same inputs.
+const TABLE_FORMAT: u64 = 1;
+
+/// Of everything a VIP's installed table is a function of: the builder, the size, and each
+/// backend's slot, Maglev id and weight in order (FNV-1a, never 0: 0 is "no fingerprint").
+fn table_fingerprint(backends: &[(u32, SlotValue)], inputs: &[MaglevBackend], size: u32) -> u64 {
+    let mut words = vec![TABLE_FORMAT, u64::from(size), backends.len() as u64];
+    for ((slot, _), input) in backends.iter().zip(inputs) {
+        words.push(u64::from(*slot));
+        words.push(u64::from(input.id) << 32 | u64::from(input.weight));
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for word in words {
+        for byte in word.to_le_bytes() {
+            h = (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h.max(1)
 }
 
 /// Where and how the program sends this backend's packets, from where it was resolved.
@@ -578,25 +909,30 @@ fn encap_source(
 /// What a Maglev table is a function of: (backend id, weight) pairs and the size.
 type TableInputs = (Vec<(u32, u32)>, u32);
 
-fn apply(maps: &mut Maps, current: Current, plan: Plan) -> anyhow::Result<Summary> {
+fn apply(maps: &mut Maps, current: Current, plan: Plan, hook: Hook<'_>) -> anyhow::Result<Summary> {
     let Current {
+        vips: current_vips,
         vip_addrs: current_vip_addrs,
         source_ranges: current_ranges,
         ..
     } = current;
-    let mut summary = Summary::default();
+    let mut summary = Summary {
+        left_out: plan.left_out.clone(),
+        ..Summary::default()
+    };
     let cpus = cpu_count(maps)?;
 
-    // 1. TX ports for backends behind other interfaces.
+    // TX ports for backends behind other interfaces.
     for ifindex in &plan.tx_ports {
         maps.tx_ports
             .insert(*ifindex, *ifindex, None, 0)
             .with_context(|| format!("adding ifindex {ifindex} to TX_PORTS"))?;
     }
+    hook(Phase::TxPorts)?;
 
-    // 2. Backend slots: new ones are not referenced by any table yet; changed ones take effect
-    //    for the flows that already point at them.
-    for (slot, value, is_new) in &plan.slot_writes {
+    // Backend slots the new tables point at: new ones are not referenced by any table yet;
+    // changed ones take effect for the flows that already point at them.
+    for (slot, value, is_new) in &plan.slots_before {
         if *is_new {
             maps.backend_stats
                 .set(*slot, zeros(cpus)?, 0)
@@ -609,8 +945,9 @@ fn apply(maps: &mut Maps, current: Current, plan: Plan) -> anyhow::Result<Summar
             .set(*slot, value, 0)
             .with_context(|| format!("writing backend slot {slot}"))?;
     }
+    hook(Phase::NewSlots)?;
 
-    // 3. The address filter admits every VIP address, old and new, before any VIP is added...
+    // The address filter admits every VIP address, old and new, before any VIP is added...
     let desired_filter = vip_filter(plan.vips.iter().map(|v| &v.key));
     let widened = vip_filter(
         plan.vips
@@ -619,8 +956,10 @@ fn apply(maps: &mut Maps, current: Current, plan: Plan) -> anyhow::Result<Summar
             .chain(plan.removed_vips.iter().map(|(k, _)| k)),
     );
     write_filter(maps, &widened)?;
+    hook(Phase::FilterWidened)?;
 
-    // 3b. Addresses and source ranges the new VIP entries will rely on.
+    // Addresses and source ranges the new VIP entries rely on; ranges a filtering VIP no
+    // longer lists go now, after the new ones are in.
     for (key, count) in &plan.vip_addrs {
         if current_vip_addrs.get(key) != Some(count) {
             maps.vip_addrs
@@ -633,28 +972,24 @@ fn apply(maps: &mut Maps, current: Current, plan: Plan) -> anyhow::Result<Summar
             .insert(&LpmKey::new(*prefix_len, *data), &1, 0)
             .context("writing SOURCE_RANGES")?;
     }
+    for range in &plan.early_stale_ranges {
+        remove_range(maps, range)?;
+    }
+    hook(Phase::AddressesAndRanges)?;
 
-    // 4. Tables (one atomic swap each), then the VIP entries that point at them. VIPs with the
-    //    same backends and weights (every VIP of a Kubernetes cluster's nodes, for one) have the
-    //    same table: it is built once per reconcile.
+    // Tables (one atomic swap each), each with the fingerprint of its inputs. VIPs with the
+    // same backends and weights (every VIP of a Kubernetes cluster's nodes, for one) have the
+    // same table: it is built once per reconcile.
     let mut built: HashMap<TableInputs, Vec<u32>> = HashMap::new();
     let mut rebuilt: Vec<(&VipPlan, TableInputs, Vec<u32>)> = Vec::new();
     for vip in plan.vips.iter().filter(|v| v.rebuild_table) {
-        let inputs: Vec<MaglevBackend> = vip
-            .backends
-            .iter()
-            .map(|(_, v)| MaglevBackend {
-                id: maglev_id(addr_from_raw(&v.addr, v.family)),
-                weight: effective_weight(v),
-            })
-            .collect();
         let key: TableInputs = (
-            inputs.iter().map(|b| (b.id, b.weight)).collect(),
+            vip.inputs.iter().map(|b| (b.id, b.weight)).collect(),
             vip.info.table_size,
         );
         built
             .entry(key.clone())
-            .or_insert_with(|| maglev::build_table(&inputs, vip.info.table_size));
+            .or_insert_with(|| maglev::build_table(&vip.inputs, vip.info.table_size));
         let slots = vip.backends.iter().map(|(slot, _)| *slot).collect();
         rebuilt.push((vip, key, slots));
     }
@@ -665,11 +1000,15 @@ fn apply(maps: &mut Maps, current: Current, plan: Plan) -> anyhow::Result<Summar
                 vip_id: vip.id,
                 picks: built.get(key)?,
                 backends: slots,
+                fingerprint: vip.fingerprint,
             })
         })
         .collect();
     summary.tables_rebuilt += tables.len();
     install_maglev_tables(maps, &tables)?;
+    hook(Phase::Tables)?;
+
+    // ... then the VIP entries that point at them.
     for vip in &plan.vips {
         if vip.is_new {
             maps.vip_stats
@@ -677,13 +1016,25 @@ fn apply(maps: &mut Maps, current: Current, plan: Plan) -> anyhow::Result<Summar
                 .with_context(|| format!("resetting counters of VIP #{}", vip.id))?;
             summary.vips_added += 1;
         }
-        maps.vips
-            .insert(&vip.key, &vip.info, 0)
-            .with_context(|| format!("writing VIP #{}", vip.id))?;
+        if current_vips.get(&vip.key) != Some(&vip.info) {
+            maps.vips
+                .insert(&vip.key, &vip.info, 0)
+                .with_context(|| format!("writing VIP #{}", vip.id))?;
+        }
     }
+    hook(Phase::VipEntries)?;
 
-    // 5. What is gone: VIP entries first (no packet can reach their tables after this), then
-    //    the slots (flows pointing at them re-hash on their next packet).
+    // Slots that take no new flows any more: only now that no table sends them any.
+    for (slot, value) in &plan.slots_after {
+        maps.backends
+            .set(*slot, value, 0)
+            .with_context(|| format!("writing backend slot {slot}"))?;
+        summary.backends_changed += 1;
+    }
+    hook(Phase::DrainedSlots)?;
+
+    // What is gone: VIP entries first (no packet can reach their tables after this), then
+    // the slots (flows pointing at them re-hash on their next packet).
     for (key, id) in &plan.removed_vips {
         match maps.vips.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
@@ -693,26 +1044,33 @@ fn apply(maps: &mut Maps, current: Current, plan: Plan) -> anyhow::Result<Summar
     }
     // Release the tables' memory: a one-slot empty table stands in until the id is reused.
     let empty: Vec<TableWrite<'_>> = plan
-        .removed_vips
+        .emptied_tables
         .iter()
-        .map(|(_, id)| TableWrite {
+        .map(|id| TableWrite {
             vip_id: *id,
             picks: &[NO_BACKEND],
             backends: &[],
+            fingerprint: 0,
         })
         .collect();
     install_maglev_tables(maps, &empty)?;
-    for slot in &plan.removed_slots {
+    hook(Phase::VipsRemoved)?;
+    for (slot, generation) in &plan.removed_slots {
+        let cleared = SlotValue {
+            generation: *generation,
+            ..SlotValue::default()
+        };
         maps.backends
-            .set(*slot, &SlotValue::default(), 0)
+            .set(*slot, &cleared, 0)
             .with_context(|| format!("clearing backend slot {slot}"))?;
         summary.backends_removed += 1;
     }
-    // 5b. Source ranges and addresses no VIP refers to any more.
-    for (prefix_len, data) in current_ranges.difference(&plan.source_ranges) {
-        match maps.source_ranges.remove(&LpmKey::new(*prefix_len, *data)) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(e).context("removing a source range"),
+    hook(Phase::SlotsFreed)?;
+
+    // Source ranges and addresses no VIP refers to any more.
+    for range in current_ranges.difference(&plan.source_ranges) {
+        if !plan.early_stale_ranges.contains(range) {
+            remove_range(maps, range)?;
         }
     }
     for key in current_vip_addrs.keys() {
@@ -723,11 +1081,19 @@ fn apply(maps: &mut Maps, current: Current, plan: Plan) -> anyhow::Result<Summar
             }
         }
     }
-    // 6. ... and only the remaining ones after the removals.
-    if desired_filter != widened {
-        write_filter(maps, &desired_filter)?;
-    }
+    hook(Phase::StaleAddressesAndRanges)?;
+
+    // ... and the filter admits only the remaining ones (whatever an interrupted run left).
+    write_filter(maps, &desired_filter)?;
+    hook(Phase::FilterNarrowed)?;
     Ok(summary)
+}
+
+fn remove_range(maps: &mut Maps, (prefix_len, data): &RangeKey) -> anyhow::Result<()> {
+    match maps.source_ranges.remove(&LpmKey::new(*prefix_len, *data)) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(e).context("removing a source range"),
+    }
 }
 
 fn vip_filter<'a>(keys: impl Iterator<Item = &'a VipKey>) -> VipFilter {
@@ -759,4 +1125,557 @@ fn cpu_count(maps: &Maps) -> anyhow::Result<usize> {
 
 fn zeros(cpus: usize) -> anyhow::Result<PerCpuValues<Counters>> {
     PerCpuValues::try_from(vec![Counters::default(); cpus]).context("building per-CPU zeros")
+}
+
+#[cfg(test)]
+mod tests {
+    //! The plan without a kernel: each ordering rule of the apply, drains, weight changes,
+    //! removals, stale tables and capacity limits, over an in-memory model of the maps.
+
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::model::{MacAddr, Protocol};
+
+    fn iface() -> Interface {
+        Interface {
+            name: "lb0".into(),
+            index: 1,
+            mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            mtu: 1500,
+        }
+    }
+
+    fn backend_ip(i: u32) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(0x0a01_0000 + i))
+    }
+
+    fn b(i: u32, weight: u32, drain: bool) -> Backend {
+        Backend {
+            addr: backend_ip(i),
+            mac: Some(MacAddr([2, 0xbe, 0, 0, (i >> 8) as u8, i as u8])),
+            weight,
+            drain,
+        }
+    }
+
+    fn vip_at(n: u32) -> VipAddr {
+        VipAddr {
+            addr: IpAddr::V4(Ipv4Addr::from(0x0a64_0000 + n)),
+            port: 80,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn vip(n: u32, backends: Vec<Backend>) -> Vip {
+        Vip::new(vip_at(n), backends)
+    }
+
+    fn state(vips: Vec<Vip>) -> Desired {
+        Desired {
+            settings: Settings {
+                // Small tables: planning never builds them, but keep it cheap anyway.
+                maglev_table_size: 251,
+                ..Settings::default()
+            },
+            vips,
+            peers: BTreeSet::new(),
+        }
+    }
+
+    /// Every backend resolved on the attached interface at its configured MAC.
+    fn resolved(desired: &Desired) -> Resolved {
+        let mut out = Resolved::default();
+        for vip in &desired.vips {
+            for b in &vip.backends {
+                out.targets.insert(
+                    (b.addr, vip.mode),
+                    Target::Remote {
+                        mac: b.mac.unwrap_or_default(),
+                        egress: iface(),
+                        source: None,
+                    },
+                );
+            }
+        }
+        out
+    }
+
+    fn plan_for(current: &Current, desired: &Desired) -> Plan {
+        plan(current, &iface(), desired, &resolved(desired)).unwrap()
+    }
+
+    /// The maps after `plan` was applied in full (the model of `apply`).
+    fn applied(current: &Current, plan: &Plan) -> Current {
+        let mut all: BTreeMap<u32, SlotValue> = current
+            .generations
+            .iter()
+            .map(|(slot, generation)| {
+                (
+                    *slot,
+                    SlotValue {
+                        generation: *generation,
+                        ..SlotValue::default()
+                    },
+                )
+            })
+            .collect();
+        all.extend(current.slots.iter().map(|(s, v)| (*s, *v)));
+        for (slot, value, _) in &plan.slots_before {
+            all.insert(*slot, *value);
+        }
+        for (slot, value) in &plan.slots_after {
+            all.insert(*slot, *value);
+        }
+        for (slot, generation) in &plan.removed_slots {
+            all.insert(
+                *slot,
+                SlotValue {
+                    generation: *generation,
+                    ..SlotValue::default()
+                },
+            );
+        }
+        let mut next = Current::default();
+        for (slot, value) in all {
+            next.add_slot(slot, value);
+        }
+        next.vips = current.vips.clone();
+        next.tables = current.tables.clone();
+        for (key, id) in &plan.removed_vips {
+            next.vips.remove(key);
+            next.tables.remove(id);
+        }
+        for id in &plan.emptied_tables {
+            next.tables.remove(id);
+        }
+        for vip in &plan.vips {
+            next.vips.insert(vip.key, vip.info);
+            if vip.rebuild_table {
+                next.tables.insert(vip.id, vip.fingerprint);
+            }
+        }
+        next.vip_addrs = plan.vip_addrs.clone();
+        next.source_ranges = plan.source_ranges.clone();
+        next
+    }
+
+    /// Plans `desired` from `current` and applies it: (plan, maps after).
+    fn step(current: &Current, desired: &Desired) -> (Plan, Current) {
+        let plan = plan_for(current, desired);
+        let next = applied(current, &plan);
+        (plan, next)
+    }
+
+    fn slot_of(current: &Current, i: u32) -> u32 {
+        current
+            .slots
+            .iter()
+            .find(|(_, v)| addr_from_raw(&v.addr, v.family) == backend_ip(i))
+            .map(|(slot, _)| *slot)
+            .unwrap()
+    }
+
+    fn three() -> Desired {
+        state(vec![vip(
+            1,
+            vec![b(0, 1, false), b(1, 1, false), b(2, 1, false)],
+        )])
+    }
+
+    fn with_backend_1(backend: Backend) -> Desired {
+        state(vec![vip(1, vec![b(0, 1, false), backend, b(2, 1, false)])])
+    }
+
+    #[test]
+    fn an_unchanged_state_plans_no_write() {
+        let (_, maps) = step(&Current::default(), &three());
+        let plan = plan_for(&maps, &three());
+        assert!(plan.slots_before.is_empty() && plan.slots_after.is_empty());
+        assert!(plan.removed_slots.is_empty() && plan.removed_vips.is_empty());
+        assert!(!plan.vips[0].rebuild_table);
+        assert!(plan.left_out.is_empty() && !plan.frees);
+    }
+
+    #[test]
+    fn a_drain_is_written_after_the_table_that_leaves_the_backend_out() {
+        let (_, maps) = step(&Current::default(), &three());
+        let slot = slot_of(&maps, 1);
+        for (label, changed) in [("drain", b(1, 1, true)), ("weight 0", b(1, 0, false))] {
+            let plan = plan_for(&maps, &with_backend_1(changed));
+            assert!(
+                plan.slots_before.iter().all(|(s, _, _)| *s != slot),
+                "{label}: written before the table"
+            );
+            assert_eq!(plan.slots_after.len(), 1, "{label}");
+            assert_eq!(plan.slots_after[0].0, slot, "{label}");
+            assert_eq!(effective_weight(&plan.slots_after[0].1), 0, "{label}");
+            let vip = &plan.vips[0];
+            assert!(vip.rebuild_table, "{label}");
+            assert_eq!(
+                vip.inputs[1].weight, 0,
+                "{label}: the new table leaves it out"
+            );
+            assert_eq!(vip.info.live_backends, 2, "{label}");
+        }
+    }
+
+    #[test]
+    fn an_unresolved_backend_drains_after_the_table_on_its_last_mac() {
+        let (_, maps) = step(&Current::default(), &three());
+        let slot = slot_of(&maps, 1);
+        let desired = three();
+        let mut lookups = resolved(&desired);
+        lookups
+            .targets
+            .retain(|(addr, _), _| *addr != backend_ip(1));
+        let plan = plan(&maps, &iface(), &desired, &lookups).unwrap();
+        assert_eq!(plan.slots_after.len(), 1);
+        let (s, value) = plan.slots_after[0];
+        assert_eq!(s, slot);
+        assert_eq!(value.state, backend_state::DRAINING);
+        assert_eq!(
+            value.dst_mac, maps.slots[&slot].dst_mac,
+            "its last known MAC"
+        );
+        assert!(plan.slots_before.is_empty());
+        assert!(plan.vips[0].rebuild_table);
+    }
+
+    #[test]
+    fn an_undrain_and_weight_changes_are_written_before_the_table_that_uses_them() {
+        let (_, drained) = step(&Current::default(), &with_backend_1(b(1, 1, true)));
+        let slot = slot_of(&drained, 1);
+        for (label, changed) in [("undrain", b(1, 1, false)), ("weight 3", b(1, 3, false))] {
+            let plan = plan_for(&drained, &with_backend_1(changed));
+            assert_eq!(plan.slots_before.len(), 1, "{label}");
+            let (s, value, is_new) = plan.slots_before[0];
+            assert_eq!((s, is_new), (slot, false), "{label}");
+            assert_eq!(value.state, backend_state::ACTIVE, "{label}");
+            assert!(plan.slots_after.is_empty(), "{label}");
+            assert!(plan.vips[0].rebuild_table, "{label}");
+        }
+        // A weight change of an active backend: before too, and the table is rebuilt.
+        let (_, active) = step(&Current::default(), &three());
+        let plan = plan_for(&active, &with_backend_1(b(1, 5, false)));
+        assert_eq!(plan.slots_before.len(), 1);
+        assert_eq!(plan.slots_before[0].1.weight, 5);
+        assert!(plan.vips[0].rebuild_table);
+        assert_eq!(plan.vips[0].inputs[1].weight, 5);
+    }
+
+    #[test]
+    fn removals_free_slots_after_the_tables_and_never_reuse_them_in_the_same_plan() {
+        let (_, maps) = step(&Current::default(), &three());
+        let freed = slot_of(&maps, 1);
+        let generation = maps.slots[&freed].generation;
+        assert_ne!(generation, 0, "a slot in use has a generation");
+        // Backend 1 goes and backend 3 comes in one reconcile: 3 gets another slot.
+        let swap = state(vec![vip(
+            1,
+            vec![b(0, 1, false), b(2, 1, false), b(3, 1, false)],
+        )]);
+        let (plan, maps) = step(&maps, &swap);
+        assert_eq!(plan.removed_slots.get(&freed), Some(&generation));
+        let (new_slot, value, is_new) = plan.slots_before[0];
+        assert!(is_new && new_slot != freed);
+        assert_eq!(value.generation, 1);
+        assert!(plan.vips[0].rebuild_table && plan.frees);
+        // One reconcile later the freed slot goes to a new backend, of a new generation:
+        // flows recorded with the old one do not follow it.
+        let (plan, _) = step(
+            &maps,
+            &state(vec![vip(
+                1,
+                vec![
+                    b(0, 1, false),
+                    b(2, 1, false),
+                    b(3, 1, false),
+                    b(4, 1, false),
+                ],
+            )]),
+        );
+        let (slot, value, is_new) = plan.slots_before[0];
+        assert!(is_new);
+        assert_eq!(slot, freed);
+        assert_eq!(value.generation, generation + 1);
+    }
+
+    #[test]
+    fn a_removed_vip_goes_with_its_slots_and_table() {
+        let two = state(vec![
+            vip(1, vec![b(0, 1, false)]),
+            vip(2, vec![b(1, 1, false)]),
+        ]);
+        let (_, maps) = step(&Current::default(), &two);
+        let id = maps.vips[&vip_key(&vip_at(2))].id;
+        let slot = slot_of(&maps, 1);
+        let (plan, after) = step(&maps, &state(vec![vip(1, vec![b(0, 1, false)])]));
+        assert_eq!(plan.removed_vips, vec![(vip_key(&vip_at(2)), id)]);
+        assert!(plan.removed_slots.contains_key(&slot));
+        assert!(plan.emptied_tables.contains(&id));
+        assert!(!plan.vips[0].rebuild_table, "the other VIP's table stays");
+        assert_eq!(after.vip_addrs.len(), 1);
+    }
+
+    #[test]
+    fn a_table_is_rebuilt_from_what_is_installed_not_from_the_slots() {
+        let (_, before) = step(&Current::default(), &three());
+        let scaled = state(vec![
+            vip(1, vec![b(0, 1, false), b(1, 1, true), b(2, 1, false)]),
+            vip(2, vec![b(3, 1, false)]),
+        ]);
+        // An apply stopped after its slots were written, before the tables: the slots say
+        // what the desired state says, the installed tables do not.
+        let plan = plan_for(&before, &scaled);
+        let mut stopped = applied(&before, &plan);
+        stopped.tables = before.tables.clone();
+        stopped.vips = before.vips.clone();
+        let retry = plan_for(&stopped, &scaled);
+        assert!(
+            retry.vips.iter().all(|v| v.rebuild_table),
+            "stale tables are rebuilt"
+        );
+        // A table installed without a fingerprint (an older sluice): rebuilt once.
+        let mut unmarked = applied(&before, &plan);
+        unmarked.tables.clear();
+        assert!(
+            plan_for(&unmarked, &scaled)
+                .vips
+                .iter()
+                .all(|v| v.rebuild_table)
+        );
+        // Installed as planned: nothing to rebuild.
+        let done = applied(&before, &plan);
+        assert!(
+            plan_for(&done, &scaled)
+                .vips
+                .iter()
+                .all(|v| !v.rebuild_table)
+        );
+    }
+
+    #[test]
+    fn slots_of_no_vip_are_freed_and_their_table_released_unless_reused() {
+        let (_, mut maps) = step(&Current::default(), &three());
+        // An interrupted run left slots of VIP ids 7 and 0 (the lowest free id is 1).
+        let orphan = |vip_id: u32, i: u32| SlotValue {
+            vip_id,
+            state: backend_state::ACTIVE,
+            addr: raw_addr(backend_ip(i)).0,
+            family: FAMILY_V4,
+            generation: 1,
+            ..SlotValue::default()
+        };
+        maps.add_slot(100, orphan(7, 50));
+        let vip_1_id = maps.vips.values().next().unwrap().id;
+        assert_eq!(vip_1_id, 0);
+        maps.add_slot(101, orphan(1, 51));
+        let desired = state(vec![
+            vip(1, vec![b(0, 1, false), b(1, 1, false), b(2, 1, false)]),
+            vip(2, vec![b(5, 1, false)]),
+        ]);
+        let plan = plan_for(&maps, &desired);
+        assert!(plan.removed_slots.contains_key(&100) && plan.removed_slots.contains_key(&101));
+        assert_eq!(plan.vips[1].id, 1, "the new VIP takes the orphans' id");
+        assert!(plan.emptied_tables.contains(&7));
+        assert!(
+            !plan.emptied_tables.contains(&1),
+            "the new VIP's table is not emptied behind it"
+        );
+    }
+
+    #[test]
+    fn source_range_keys_carry_the_family_and_any_list_filters() {
+        let mut only_v6 = vip(1, vec![b(0, 1, false)]);
+        only_v6.source_ranges = vec!["::/0".parse().unwrap()];
+        let mut mixed = vip(2, vec![b(0, 1, false)]);
+        mixed.source_ranges = vec!["192.0.2.0/24".parse().unwrap(), "::/0".parse().unwrap()];
+        let plan = plan_for(&Current::default(), &state(vec![only_v6, mixed]));
+        for vip in &plan.vips {
+            assert_ne!(vip.info.flags & vip_flags::SOURCE_RANGES, 0);
+        }
+        let scopes: BTreeSet<(u32, u32)> = plan
+            .source_ranges
+            .iter()
+            .map(|r| (range_vip(r), u32::from_be(r.1.scope_be) >> 24))
+            .collect();
+        let id = |n: usize| plan.vips[n].id;
+        assert_eq!(
+            scopes,
+            BTreeSet::from([
+                (id(0), u32::from(FAMILY_V6)),
+                (id(1), u32::from(FAMILY_V4)),
+                (id(1), u32::from(FAMILY_V6)),
+            ])
+        );
+    }
+
+    #[test]
+    fn narrowed_ranges_go_before_the_vip_entry_other_stale_ones_with_the_removals() {
+        let mut v = vip(1, vec![b(0, 1, false)]);
+        v.source_ranges = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "192.0.2.0/24".parse().unwrap(),
+        ];
+        let (_, maps) = step(&Current::default(), &state(vec![v.clone()]));
+        v.source_ranges.pop();
+        let plan = plan_for(&maps, &state(vec![v.clone()]));
+        assert_eq!(plan.early_stale_ranges.len(), 1, "narrowed: removed early");
+        v.source_ranges.clear();
+        let plan = plan_for(&maps, &state(vec![v]));
+        assert!(
+            plan.early_stale_ranges.is_empty(),
+            "no filter any more: the ranges go after the entry that clears the flag"
+        );
+        assert!(plan.source_ranges.is_empty());
+    }
+
+    #[test]
+    fn over_max_vips_removals_apply_and_new_vips_wait_for_room() {
+        let full = state((0..MAX_VIPS).map(|n| vip(n, vec![])).collect());
+        let (plan, maps) = step(&Current::default(), &full);
+        assert!(plan.left_out.is_empty());
+        assert_eq!(maps.vips.len(), MAX_VIPS as usize);
+        // VIP 0 goes, two come.
+        let next = state((1..MAX_VIPS + 2).map(|n| vip(n, vec![])).collect());
+        let (plan, maps) = step(&maps, &next);
+        assert_eq!(plan.removed_vips.len(), 1, "the removal is applied");
+        assert_eq!(
+            plan.left_out,
+            vec![
+                LeftOut::Vip {
+                    vip: vip_at(MAX_VIPS)
+                },
+                LeftOut::Vip {
+                    vip: vip_at(MAX_VIPS + 1)
+                }
+            ],
+            "the removed VIP's id and address are free only once it is gone"
+        );
+        assert!(plan.frees);
+        // The next pass (the same reconcile's second) uses the room.
+        let (plan, maps) = step(&maps, &next);
+        assert_eq!(
+            plan.left_out,
+            vec![LeftOut::Vip {
+                vip: vip_at(MAX_VIPS + 1)
+            }]
+        );
+        assert_eq!(plan.vips.iter().filter(|v| v.is_new).count(), 1);
+        assert!(!plan.frees, "nothing more to gain from another pass");
+        assert_eq!(maps.vips.len(), MAX_VIPS as usize);
+    }
+
+    #[test]
+    fn over_max_backends_drains_and_removals_apply_and_new_backends_wait() {
+        let per_vip = MAX_BACKENDS / 16;
+        let full = |n: u32, extra: Option<Backend>, drop_first: bool| {
+            let mut backends: Vec<Backend> = (0..per_vip).map(|i| b(i, 1, false)).collect();
+            if n == 0 {
+                if drop_first {
+                    backends.remove(0);
+                }
+                backends[1].drain = true;
+                backends.extend(extra);
+            }
+            vip(n, backends)
+        };
+        let start = state((0..16).map(|n| full(n, None, false)).collect());
+        let (plan, mut maps) = step(&Current::default(), &start);
+        // Leave the generations of the slots out of the comparison below.
+        maps.generations.clear();
+        assert!(plan.left_out.is_empty());
+        assert_eq!(maps.slots.len(), MAX_BACKENDS as usize);
+        let removed = slot_of(&maps, 0);
+        let next = state(
+            (0..16)
+                .map(|n| full(n, Some(b(per_vip, 1, false)), true))
+                .collect(),
+        );
+        let (plan, maps) = step(&maps, &next);
+        assert!(
+            plan.removed_slots.contains_key(&removed),
+            "the removal is applied"
+        );
+        assert_eq!(plan.slots_after.len(), 1, "the drain is applied");
+        assert_eq!(
+            plan.left_out,
+            vec![LeftOut::Backend {
+                vip: vip_at(0),
+                backend: backend_ip(per_vip)
+            }]
+        );
+        let vip0 = &plan.vips[0];
+        assert!(vip0.rebuild_table);
+        assert_eq!(
+            vip0.backends.len(),
+            per_vip as usize - 1,
+            "built without it"
+        );
+        let (plan, _) = step(&maps, &next);
+        assert!(plan.left_out.is_empty());
+        assert_eq!(plan.slots_before.len(), 1);
+        assert_eq!(plan.slots_before[0].0, removed, "it takes the freed slot");
+    }
+
+    #[test]
+    fn over_max_source_ranges_new_vips_wait_and_changed_lists_fail_closed() {
+        let ranges = |first: u32, n: u32| -> Vec<IpNet> {
+            (first..first + n)
+                .map(|i| {
+                    IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::from(0xc000_0000 + i), 32).unwrap())
+                })
+                .collect()
+        };
+        let mut big = vip(1, vec![b(0, 1, false)]);
+        big.source_ranges = ranges(0, MAX_SOURCE_RANGES);
+        let (plan, maps) = step(&Current::default(), &state(vec![big.clone()]));
+        assert!(plan.left_out.is_empty());
+        // The big list swaps one range for another, and a new VIP with one range comes.
+        let mut changed = big.clone();
+        changed.source_ranges = ranges(1, MAX_SOURCE_RANGES);
+        let mut small = vip(2, vec![b(0, 1, false)]);
+        small.source_ranges = ranges(100_000, 1);
+        let next = state(vec![changed, small]);
+        let (plan, maps) = step(&maps, &next);
+        assert_eq!(
+            plan.left_out,
+            vec![
+                LeftOut::SourceRanges { vip: vip_at(1) },
+                LeftOut::Vip { vip: vip_at(2) }
+            ]
+        );
+        let vip1 = &plan.vips[0];
+        assert_ne!(
+            vip1.info.flags & vip_flags::SOURCE_RANGES,
+            0,
+            "still filtering"
+        );
+        assert_eq!(
+            plan.source_ranges.len(),
+            MAX_SOURCE_RANGES as usize - 1,
+            "only the listed ranges it had: the dropped one goes, the new one waits"
+        );
+        assert_eq!(plan.early_stale_ranges.len(), 1);
+        assert!(plan.frees);
+        let (plan, _) = step(&maps, &next);
+        assert_eq!(plan.left_out, vec![LeftOut::Vip { vip: vip_at(2) }]);
+        assert_eq!(plan.source_ranges.len(), MAX_SOURCE_RANGES as usize);
+    }
+
+    #[test]
+    fn the_fingerprint_follows_every_input_of_a_table() {
+        let (_, maps) = step(&Current::default(), &three());
+        let base = plan_for(&maps, &three()).vips[0].fingerprint;
+        let mut other_size = three();
+        other_size.settings.maglev_table_size = 257;
+        for desired in [
+            with_backend_1(b(1, 2, false)),
+            with_backend_1(b(7, 1, false)),
+            other_size,
+        ] {
+            assert_ne!(plan_for(&maps, &desired).vips[0].fingerprint, base);
+        }
+    }
 }

@@ -2,7 +2,10 @@
 //! the exact frame it must leave, run through the real program with BPF_PROG_TEST_RUN. The
 //! same harness drives the fixture tests and the ns/packet benchmark (`cargo xtask bench`).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
@@ -11,13 +14,14 @@ use aya::{
 };
 use lb_common::{
     BALANCER_PROGRAM, DECAP_PROGRAM, DEFAULT_FLOW_TABLE_SIZE, DecapCounter, GlobalCounter,
+    VipFilter, VipKey,
 };
 use lb_userspace::{
     dataplane::{self, DecapMaps, Maps},
     decap,
     model::{Backend, Desired, IpNet, MacAddr, Protocol, Settings, Vip, VipAddr},
     net::Interface,
-    reconcile,
+    reconcile::{self, Current, Phase, addr_from_raw},
     resolve::{Resolved, Target},
 };
 
@@ -91,12 +95,40 @@ impl Harness {
         self.apply_as_node_with(desired, &[this])
     }
 
-    /// [`Self::apply_as_node`] for a node with several addresses (`own`).
+    /// [`Self::apply_as_node`] for a node with several addresses (`own`; none: a load
+    /// balancer that is no backend).
     pub fn apply_as_node_with(
         &mut self,
         desired: &Desired,
         own: &[IpAddr],
     ) -> anyhow::Result<reconcile::Summary> {
+        let resolved = self.resolved_as_node(desired, own)?;
+        reconcile::reconcile_resolved(&mut self.maps, &self.iface, desired, &resolved)
+    }
+
+    /// [`Self::apply_as_node_with`], calling `hook` after each phase of the apply with a
+    /// [`Runner`] that sends packets through the program meanwhile; an error from the hook
+    /// stops the apply there, as a killed or failed reconcile would.
+    pub fn apply_with_hook(
+        &mut self,
+        desired: &Desired,
+        own: &[IpAddr],
+        mut hook: impl FnMut(Phase, &mut Runner<'_>) -> anyhow::Result<()>,
+    ) -> anyhow::Result<reconcile::Summary> {
+        let resolved = self.resolved_as_node(desired, own)?;
+        let ebpf = &mut self.ebpf;
+        reconcile::reconcile_resolved_with_hook(
+            &mut self.maps,
+            &self.iface,
+            desired,
+            &resolved,
+            &mut |phase| hook(phase, &mut Runner { ebpf: &mut *ebpf }),
+        )
+    }
+
+    /// What the resolve step finds for node `own` (see [`Self::apply_as_node`]), without
+    /// asking the kernel.
+    pub fn resolved_as_node(&self, desired: &Desired, own: &[IpAddr]) -> anyhow::Result<Resolved> {
         let mut resolved = Resolved {
             local: own.iter().copied().collect(),
             ..Resolved::default()
@@ -119,7 +151,12 @@ impl Harness {
                 }
             }
         }
-        reconcile::reconcile_resolved(&mut self.maps, &self.iface, desired, &resolved)
+        Ok(resolved)
+    }
+
+    /// The maps as packets see them (see [`Snapshot`]).
+    pub fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        Snapshot::read(&self.maps)
     }
 
     pub fn apply(&mut self, desired: &Desired) -> anyhow::Result<reconcile::Summary> {
@@ -166,6 +203,196 @@ impl Harness {
     pub fn backend_of(out: &[u8]) -> Option<u8> {
         (out.len() >= 6 && out[..5] == backend_mac(0)[..5]).then(|| out[5])
     }
+}
+
+/// Sends frames through the balancer while a reconcile is stopped between two phases.
+pub struct Runner<'a> {
+    ebpf: &'a mut Ebpf,
+}
+
+impl Runner<'_> {
+    pub fn run(&mut self, frame: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        let (action, out, _) = test_run(self.ebpf, BALANCER_PROGRAM, frame, 1)?;
+        Ok((action, out))
+    }
+}
+
+/// One VIP as packets see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VipView {
+    pub table_size: u32,
+    pub live_backends: u32,
+    pub flags: u32,
+    /// Slots by backend address, without the per-node numbering (VIP id, generation).
+    pub backends: BTreeMap<IpAddr, lb_common::Backend>,
+    /// The Maglev table as backend addresses (`None`: no backend, or an empty slot).
+    pub table: Vec<Option<IpAddr>>,
+}
+
+/// The maps' contents without what differs between two equally correct histories (VIP ids,
+/// slot numbers, generations): two snapshots are equal when every packet meets the same fate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub vips: BTreeMap<VipKey, VipView>,
+    pub vip_addrs: BTreeMap<VipKey, u32>,
+    /// (the VIP of the range's scope, if any; the scope's bits above the VIP id; prefix
+    /// length; address).
+    pub source_ranges: BTreeSet<(Option<VipKey>, u32, u32, [u8; 16])>,
+    /// Occupied slots of no VIP.
+    pub orphan_slots: usize,
+    pub filter: VipFilter,
+}
+
+impl Snapshot {
+    pub fn read(maps: &Maps) -> anyhow::Result<Self> {
+        let current = Current::read(maps)?;
+        let by_id: BTreeMap<u32, VipKey> =
+            current.vips.iter().map(|(k, info)| (info.id, *k)).collect();
+        let mut vips = BTreeMap::new();
+        for (key, info) in &current.vips {
+            let backends = current
+                .slots
+                .values()
+                .filter(|s| s.vip_id == info.id)
+                .map(|s| (addr_from_raw(&s.addr, s.family), normalised(s)))
+                .collect();
+            let table = maps
+                .maglev_table(info.id, info.table_size)?
+                .iter()
+                .map(|slot| {
+                    current
+                        .slots
+                        .get(slot)
+                        .filter(|s| s.vip_id == info.id)
+                        .map(|s| addr_from_raw(&s.addr, s.family))
+                })
+                .collect();
+            vips.insert(
+                *key,
+                VipView {
+                    table_size: info.table_size,
+                    live_backends: info.live_backends,
+                    flags: info.flags,
+                    backends,
+                    table,
+                },
+            );
+        }
+        let source_ranges = current
+            .source_ranges
+            .iter()
+            .map(|(len, data)| {
+                let scope = u32::from_be(data.scope_be);
+                (
+                    by_id.get(&(scope & 0x00ff_ffff)).copied(),
+                    scope >> 24,
+                    *len,
+                    data.addr,
+                )
+            })
+            .collect();
+        Ok(Self {
+            orphan_slots: current
+                .slots
+                .values()
+                .filter(|s| !by_id.contains_key(&s.vip_id))
+                .count(),
+            vips,
+            vip_addrs: current.vip_addrs.clone(),
+            source_ranges,
+            filter: maps.vip_filter.get(&0, 0).context("reading VIP_FILTER")?,
+        })
+    }
+
+    /// What differs from `other`, one line per difference (tables summarised).
+    pub fn differences(&self, other: &Snapshot) -> Vec<String> {
+        let mut out = Vec::new();
+        let keys: BTreeSet<&VipKey> = self.vips.keys().chain(other.vips.keys()).collect();
+        for key in keys {
+            let vip = addr_from_raw(&key.addr, key.family);
+            match (self.vips.get(key), other.vips.get(key)) {
+                (Some(a), Some(b)) => {
+                    if (a.table_size, a.live_backends, a.flags)
+                        != (b.table_size, b.live_backends, b.flags)
+                    {
+                        out.push(format!(
+                            "VIP {vip}: (table size, live, flags) {:?} vs {:?}",
+                            (a.table_size, a.live_backends, a.flags),
+                            (b.table_size, b.live_backends, b.flags)
+                        ));
+                    }
+                    if a.backends != b.backends {
+                        out.push(format!(
+                            "VIP {vip}: backends {:?} vs {:?}",
+                            a.backends
+                                .iter()
+                                .map(|(ip, s)| (ip, s.state, s.weight))
+                                .collect::<Vec<_>>(),
+                            b.backends
+                                .iter()
+                                .map(|(ip, s)| (ip, s.state, s.weight))
+                                .collect::<Vec<_>>()
+                        ));
+                    }
+                    let differ = a.table.iter().zip(&b.table).filter(|(x, y)| x != y).count();
+                    if differ > 0 || a.table.len() != b.table.len() {
+                        out.push(format!(
+                            "VIP {vip}: Maglev table: {differ} of {} positions differ; shares {:?} vs {:?}",
+                            a.table.len(),
+                            shares(&a.table),
+                            shares(&b.table)
+                        ));
+                    }
+                }
+                (a, b) => out.push(format!(
+                    "VIP {vip}: present {} vs {}",
+                    a.is_some(),
+                    b.is_some()
+                )),
+            }
+        }
+        if self.vip_addrs != other.vip_addrs {
+            out.push(format!(
+                "VIP_ADDRS {:?} vs {:?}",
+                self.vip_addrs, other.vip_addrs
+            ));
+        }
+        if self.source_ranges != other.source_ranges {
+            out.push(format!(
+                "SOURCE_RANGES {:?} vs {:?}",
+                self.source_ranges, other.source_ranges
+            ));
+        }
+        if self.orphan_slots != other.orphan_slots {
+            out.push(format!(
+                "slots of no VIP: {} vs {}",
+                self.orphan_slots, other.orphan_slots
+            ));
+        }
+        if self.filter != other.filter {
+            out.push("VIP_FILTER differs".into());
+        }
+        out
+    }
+}
+
+/// A slot without its per-node numbering.
+fn normalised(slot: &lb_common::Backend) -> lb_common::Backend {
+    lb_common::Backend {
+        vip_id: 0,
+        generation: 0,
+        ..*slot
+    }
+}
+
+/// Table positions per backend.
+fn shares(table: &[Option<IpAddr>]) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for entry in table {
+        let name = entry.map_or_else(|| "none".to_owned(), |a| a.to_string());
+        *out.entry(name).or_default() += 1;
+    }
+    out
 }
 
 /// A loaded balancer programmed with `desired` (panics with the reason if either fails: the

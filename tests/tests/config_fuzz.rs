@@ -1,4 +1,4 @@
-//! Robustness of the config parser: the documented example (lb-userspace/src/config.rs),
+//! Robustness of the config parser: the documented example (lb-userspace/src/config/mod.rs),
 //! mutated line by line and token by token, plus plain noise, through `config::parse`. It must
 //! never panic, and every error must be one line that starts with `file:line: `.
 //! Reproducible: SLUICE_FUZZ_SEED=<seed> SLUICE_FUZZ_CONFIGS=<n>.
@@ -13,7 +13,7 @@ const ORIGIN: &str = "fuzz.yaml";
 
 /// The example of the config module's documentation, as a file.
 fn documented_example() -> String {
-    let source = include_str!("../../lb-userspace/src/config.rs");
+    let source = include_str!("../../lb-userspace/src/config/mod.rs");
     let doc: Vec<&str> = source
         .lines()
         .filter_map(|l| l.strip_prefix("//!"))

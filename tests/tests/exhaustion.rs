@@ -2,15 +2,15 @@
 //! sees (LRU eviction is silent: the kernel keeps no count of it, and sluice adds none on the
 //! fast path; what shows it is `flow_miss` growing while `sluice_flows` stays at the table's
 //! size), and flows whose entry was evicted still reach their backend, because Maglev picks
-//! the same one again. And the VIP limit: a reconcile past it fails with a clear error and
-//! writes nothing.
+//! the same one again. And the VIP limit: a reconcile past it applies what fits, names what
+//! waits, and never freezes.
 
 use std::net::{IpAddr, Ipv4Addr};
 
 use lb_common::{GlobalCounter, MAX_VIPS};
 use lb_userspace::model::{Protocol, VipAddr};
 use sluice_tests::{
-    fixtures::{Frame, Harness, TCP_SYN, XDP_TX, desired},
+    fixtures::{Frame, Harness, TCP_SYN, XDP_TX, assert_forwarded, desired},
     require_root,
 };
 
@@ -63,7 +63,7 @@ fn a_full_connection_table_evicts_and_flows_keep_their_backend() {
 }
 
 #[test]
-fn a_reconcile_past_the_vip_limit_fails_and_writes_nothing() {
+fn a_reconcile_past_the_vip_limit_applies_what_fits_and_reports_the_rest() {
     require_root();
     let mut h = Harness::with_flow_table(TABLE).expect("load the XDP object");
     let base = desired(Protocol::Tcp, &[(0, 1, false)]);
@@ -82,14 +82,18 @@ fn a_reconcile_past_the_vip_limit_fails_and_writes_nothing() {
         })
         .collect();
     too_many.vips.sort_by_key(|v| v.key);
-    let error = h
-        .apply(&too_many)
-        .expect_err("more VIPs than the maps hold")
-        .to_string();
-    println!("{error}");
+    let summary = h.apply(&too_many).expect("what fits is applied");
+    println!("{summary}");
+    // Every id is taken, one VIP waits, and it is named.
+    assert_eq!(h.maps.vips.keys().count(), MAX_VIPS as usize);
+    assert_eq!(summary.left_out.len(), 1, "{summary}");
     assert!(
-        error.contains(&format!("at most {MAX_VIPS} VIPs")),
-        "{error}"
+        summary.to_string().contains("10.100.4.0:80/tcp"),
+        "{summary}"
     );
-    assert_eq!(h.maps.vips.keys().count(), 1, "nothing half-written");
+    // Never frozen: going back to one VIP frees the rest, and the one still forwards.
+    let summary = h.apply(&base).expect("back to one VIP");
+    assert!(summary.left_out.is_empty(), "{summary}");
+    assert_eq!(h.maps.vips.keys().count(), 1);
+    assert_forwarded(&mut h, &Frame::tcp(40000, TCP_SYN).bytes());
 }

@@ -312,6 +312,7 @@ fn reconcile_loop(rx: mpsc::Receiver<Desired>, mut apply: ApplyFn, health: &Heal
     let mut pending: Option<Desired> = None;
     let mut retry = RETRY_FIRST;
     let mut unresolved: BTreeSet<IpAddr> = BTreeSet::new();
+    let mut left_out = Vec::new();
     loop {
         let next = match &pending {
             None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
@@ -335,6 +336,23 @@ fn reconcile_loop(rx: mpsc::Receiver<Desired>, mut apply: ApplyFn, health: &Heal
             Ok(summary) => {
                 if !summary.is_empty() {
                     info!("maps updated in {:?}: {summary}", started.elapsed());
+                }
+                if summary.left_out != left_out {
+                    if summary.left_out.is_empty() {
+                        info!("everything fits the maps again");
+                    } else {
+                        warn!(
+                            "the maps have no room for {} item(s), applied without them: {}",
+                            summary.left_out.len(),
+                            summary
+                                .left_out
+                                .iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        );
+                    }
+                    left_out = summary.left_out.clone();
                 }
                 if summary.unresolved != unresolved {
                     for addr in summary.unresolved.difference(&unresolved) {

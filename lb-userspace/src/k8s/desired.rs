@@ -20,7 +20,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::options::{VipOptions, node_weight, service_options};
 use crate::model::{
-    Backend, DEFAULT_WEIGHT, Desired, IpNet, MAX_WEIGHT, Protocol, Settings, Vip, VipAddr,
+    Backend, DEFAULT_WEIGHT, Desired, MAX_WEIGHT, Protocol, Settings, Vip, VipAddr,
 };
 
 /// The label the EndpointSlice controller puts on a Service's slices.
@@ -51,11 +51,7 @@ pub struct Built {
 fn apply_options(vip: &mut Vip, options: &VipOptions) {
     vip.mode = options.mode;
     vip.client_affinity = options.affinity_timeout_secs.is_some();
-    vip.source_ranges = options
-        .source_ranges
-        .iter()
-        .map(|n| IpNet::V4(*n))
-        .collect();
+    vip.source_ranges = options.source_ranges.clone();
 }
 
 /// What the balancer needs to know of a node.

@@ -5,7 +5,7 @@
 use k8s_openapi::api::core::v1::{Node, Service};
 
 use crate::model::{DEFAULT_WEIGHT, MAX_WEIGHT};
-pub use crate::model::{ForwardingMode, Ipv4Net};
+pub use crate::model::{ForwardingMode, IpNet};
 
 /// Service annotation choosing how packets reach the nodes: `l2` (MAC rewrite, nodes on the load
 /// balancer's L2 segment) or `ipip` (encapsulation, nodes anywhere).
@@ -23,8 +23,11 @@ pub struct VipOptions {
     pub mode: ForwardingMode,
     /// `spec.sessionAffinity: ClientIP`: the timeout in seconds; `None` without affinity.
     pub affinity_timeout_secs: Option<u32>,
-    /// `spec.loadBalancerSourceRanges`, IPv4 only; empty admits every client.
-    pub source_ranges: Vec<Ipv4Net>,
+    /// `spec.loadBalancerSourceRanges`, of both families; empty admits every client. A VIP
+    /// admits only the clients they list: ranges of the other family admit none of its
+    /// clients (an IPv4 VIP of a Service that lists only IPv6 ranges admits nobody), as
+    /// kube-proxy does.
+    pub source_ranges: Vec<IpNet>,
 }
 
 /// Reads a Service's options; the error names the field and what is accepted.
@@ -67,13 +70,11 @@ pub fn service_options(svc: &Service) -> Result<VipOptions, String> {
         .iter()
         .enumerate()
     {
-        if range.contains(':') {
-            // An IPv6 range cannot match the IPv4 VIPs sluice serves: nothing to enforce.
-            continue;
-        }
         // Kubernetes accepts host bits here ("10.0.0.1/8"): normalise, as kube-proxy does.
-        let cidr = range.trim().parse::<Ipv4Net>().map_err(|_| {
-            format!("spec.loadBalancerSourceRanges[{i}]: {range:?} is not a CIDR like 192.0.2.0/24")
+        let cidr = range.trim().parse::<IpNet>().map_err(|_| {
+            format!(
+                "spec.loadBalancerSourceRanges[{i}]: {range:?} is not a CIDR like 192.0.2.0/24 or 2001:db8::/32"
+            )
         })?;
         source_ranges.push(cidr.trunc());
     }
@@ -167,15 +168,26 @@ mod tests {
     }
 
     #[test]
-    fn source_ranges_normalised_sorted_ipv6_skipped_bad_ones_named() {
+    fn source_ranges_normalised_sorted_both_families_kept_bad_ones_named() {
         let o = service_options(&svc(
             json!({}),
             json!({"loadBalancerSourceRanges":
-                ["192.0.2.77/24", "10.0.0.0/8", "2001:db8::/32", "10.0.0.0/8", "0.0.0.0/0"]}),
+                ["192.0.2.77/24", "10.0.0.0/8", "2001:db8::1/32", "10.0.0.0/8", "0.0.0.0/0"]}),
         ))
         .unwrap();
         let shown: Vec<String> = o.source_ranges.iter().map(ToString::to_string).collect();
-        assert_eq!(shown, ["0.0.0.0/0", "10.0.0.0/8", "192.0.2.0/24"]);
+        assert_eq!(
+            shown,
+            ["0.0.0.0/0", "10.0.0.0/8", "192.0.2.0/24", "2001:db8::/32"]
+        );
+        // Only IPv6 ranges: kept (an IPv4 VIP then admits no client), never dropped (which
+        // would admit every one).
+        let o = service_options(&svc(
+            json!({}),
+            json!({"loadBalancerSourceRanges": ["2001:db8::/32"]}),
+        ))
+        .unwrap();
+        assert_eq!(o.source_ranges.len(), 1);
         for bad in ["10.0.0.0", "10.0.0.0/33", "x/8"] {
             let e = service_options(&svc(
                 json!({}),
