@@ -92,6 +92,8 @@ pub struct Kube {
     /// Where the API servers listen besides loopback (the clients' server address); `None`:
     /// loopback only.
     listen: Option<Ipv4Addr>,
+    /// Serving a whole cluster (kubelets, pods): see [`Kube::start_cluster`].
+    cluster: bool,
     dir: PathBuf,
     bin: PathBuf,
     etcd_port: u16,
@@ -116,7 +118,23 @@ impl Kube {
         Self::start_with(Some(netns), Some(listen))
     }
 
+    /// As [`Kube::start_listening`], for a whole cluster (kubelets, pods): privileged pods
+    /// allowed, kubelets reached by their InternalIP, and the `kubernetes` Service's Endpoints
+    /// naming `listen`, so that pods reach the API at its cluster IP.
+    pub fn start_cluster(netns: &str, listen: Ipv4Addr) -> Result<Kube> {
+        let mut kube = Self::new(Some(netns), Some(listen))?;
+        kube.cluster = true;
+        kube.setup().context("starting etcd and kube-apiserver")?;
+        Ok(kube)
+    }
+
     fn start_with(netns: Option<&str>, listen: Option<Ipv4Addr>) -> Result<Kube> {
+        let mut kube = Self::new(netns, listen)?;
+        kube.setup().context("starting etcd and kube-apiserver")?;
+        Ok(kube)
+    }
+
+    fn new(netns: Option<&str>, listen: Option<Ipv4Addr>) -> Result<Kube> {
         let bin = binaries()?;
         STALE_CLEANUP.call_once(cleanup_stale);
         let pid = std::process::id();
@@ -125,9 +143,10 @@ impl Kube {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let ports = free_ports(netns, 2)?;
-        let mut kube = Kube {
+        let kube = Kube {
             netns: netns.map(str::to_owned),
             listen,
+            cluster: false,
             dir,
             bin,
             etcd_port: ports[0],
@@ -137,7 +156,6 @@ impl Kube {
             admin_token: format!("admin-{pid}-{n}-{:x}", random_u64()),
             seq: AtomicU32::new(0),
         };
-        kube.setup().context("starting etcd and kube-apiserver")?;
         Ok(kube)
     }
 
@@ -176,7 +194,18 @@ impl Kube {
         self.retry("listing v1 EndpointSlices", || {
             self.kubectl_ok(&["get", "endpointslices.v1.discovery.k8s.io", "-A"])
                 .map(drop)
-        })
+        })?;
+        // The lease endpoint reconciler of 1.20 also writes v1beta1 EndpointSlices, which are
+        // off here: a cluster's `kubernetes` Endpoints are written once instead.
+        if let (true, Some(addr)) = (self.cluster, self.listen) {
+            let port = self.servers[0].port;
+            self.retry("writing the kubernetes Endpoints", || {
+                self.apply_yaml(&format!(
+                    "apiVersion: v1\nkind: Endpoints\nmetadata: {{name: kubernetes, namespace: default}}\nsubsets:\n  - addresses: [{{ip: \"{addr}\"}}]\n    ports: [{{name: https, port: {port}, protocol: TCP}}]\n"
+                ))
+            })?;
+        }
+        Ok(())
     }
 
     fn retry(&self, what: &str, mut f: impl FnMut() -> Result<()>) -> Result<()> {
@@ -307,8 +336,13 @@ impl Kube {
                 ],
             })
             .arg(format!("--secure-port={}", s.port))
-            .args(["--insecure-port=0", "--endpoint-reconciler-type=none"])
-            .arg(format!("--cert-dir={}", s.cert_dir.display()))
+            .args(["--insecure-port=0", "--endpoint-reconciler-type=none"]);
+        if self.cluster {
+            c.arg("--allow-privileged=true")
+                // Without it, `kubectl logs/exec` look the node's name up in DNS.
+                .arg("--kubelet-preferred-address-types=InternalIP");
+        }
+        c.arg(format!("--cert-dir={}", s.cert_dir.display()))
             .arg(format!(
                 "--token-auth-file={}",
                 self.dir.join("tokens.csv").display()
@@ -405,6 +439,55 @@ impl Kube {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+    /// The service-account signing key (kube-controller-manager's token controller needs it).
+    pub fn sa_key(&self) -> PathBuf {
+        self.dir.join("sa.key")
+    }
+    /// The self-signed certificate of API server `i` (its CA for clients).
+    pub fn ca_cert(&self, i: usize) -> PathBuf {
+        self.servers[i].cert_dir.join("apiserver.crt")
+    }
+
+    /// One request to API server 0 as admin (curl inside the namespace): `method` on `path`
+    /// (`/api/v1/pods`) with an optional body of `content_type`. Returns the answer parsed as
+    /// JSON, or an error with the answer's body unless the status is 2xx.
+    pub fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&str, &serde_json::Value)>,
+    ) -> Result<serde_json::Value> {
+        let s = &self.servers[0];
+        let mut c = self.command(Path::new("curl"));
+        c.args([
+            "--silent",
+            "--show-error",
+            "--fail-with-body",
+            "--max-time",
+            "30",
+        ])
+        .arg("--cacert")
+        .arg(s.cert_dir.join("apiserver.crt"))
+        .args(["-H", &format!("Authorization: Bearer {}", self.admin_token)])
+        .args(["-X", method]);
+        if let Some((content_type, v)) = body {
+            c.args(["-H", &format!("Content-Type: {content_type}")])
+                .args(["--data-binary", &v.to_string()]);
+        }
+        c.arg(format!("https://{}:{}{path}", self.server_host(), s.port));
+        let out = cmd::run_ok(&mut c, cmd::DEFAULT_TIMEOUT)
+            .with_context(|| format!("{method} {path}"))?;
+        if out.stdout.is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| format!("{method} {path}: not JSON"))
+    }
+
+    /// The binaries' directory (kubectl, kubelet, kube-proxy, ...).
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin
+    }
+
     /// The port of API server `i` (on 127.0.0.1 of the namespace).
     pub fn apiserver_port(&self, i: usize) -> u16 {
         self.servers[i].port

@@ -4,8 +4,10 @@
 //! their own, and tears it all down on drop. The integration tests in `tests/` and the demo
 //! (`cargo xtask demo`) use it. Everything here needs root; see [`require_root`].
 
+pub mod cluster;
 pub mod cmd;
 pub mod conn;
+pub mod image;
 pub mod kube;
 pub mod lab;
 pub mod netns;

@@ -28,8 +28,16 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         backends: usize,
     },
-    /// Every test: formatting, clippy, unit, packet fixtures and real-packet lab tests.
+    /// Every test: formatting, clippy, unit, packet fixtures, real-packet lab tests and a real
+    /// multi-node cluster running the image.
     Test,
+    /// Build the sluice image offline: a static (musl) sluice in an empty (`scratch`) image,
+    /// exported as an OCI archive, target/image/sluice-<tag>.oci.tar, image localhost/sluice:<tag>.
+    Image {
+        /// The image tag (default: the crate version, which deploy/ names).
+        #[arg(long)]
+        tag: Option<String>,
+    },
     /// sluice side by side with iptables/nft DNAT, nginx stream and haproxy on one lab:
     /// packet rate, connections, Maglev quality and ns/packet; writes target/bench/report.*.
     Bench {
@@ -61,6 +69,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Demo { requests, backends } => demo(requests, backends),
         Cmd::Test => test(),
+        Cmd::Image { tag } => image(tag.as_deref()),
         Cmd::Bench {
             quick,
             repeat,
@@ -97,6 +106,20 @@ fn build_sluice() -> anyhow::Result<()> {
     cargo(&["build", "--package", "lb-userspace", "--bin", "sluice"])
 }
 
+/// `cargo xtask image`: see [`Cmd::Image`].
+fn image(tag: Option<&str>) -> anyhow::Result<()> {
+    require_root();
+    let tag = tag.unwrap_or(sluice_tests::image::default_tag());
+    let archive = sluice_tests::image::build_sluice_image_from_source(tag)?;
+    println!(
+        "{}:{tag} -> {} (load it with `ctr -n k8s.io images import {}`)",
+        sluice_tests::image::SLUICE_IMAGE,
+        archive.display(),
+        archive.display()
+    );
+    Ok(())
+}
+
 fn test() -> anyhow::Result<()> {
     require_root();
     cargo(&["fmt", "--all", "--check"])?;
@@ -113,6 +136,8 @@ fn test() -> anyhow::Result<()> {
     ])?;
     clippy_ebpf()?;
     build_sluice()?;
+    // The image the cluster test deploys (tests/tests/cluster.rs).
+    sluice_tests::image::build_sluice_image_from_source(sluice_tests::image::default_tag())?;
     cargo(&[
         "test",
         "--workspace",

@@ -1,0 +1,1656 @@
+//! A real multi-node Kubernetes cluster on this one machine, for deploying sluice exactly as its
+//! users do (`kubectl apply -f deploy/`) and sending real connections through it.
+//!
+//! ```text
+//!   client ─┐                       switch namespace: bridge br0, one port per namespace
+//!   cp ─────┤ br0 (10.80.0.0/24)    cp: etcd, kube-apiserver, controller-manager, scheduler
+//!   node-0 ─┤                       node-i: its own network AND mount namespace, running its
+//!   node-1 ─┤                         containerd, kubelet and kube-proxy; interface eth0 (the
+//!   node-2 ─┘                         name deploy/20-configmap.yaml gives), pods on 10.244.i.0/24
+//! ```
+//!
+//! Every node is a network namespace (`eth0` on the bridge, routes to the other nodes' pod
+//! CIDRs) and a mount namespace of its own, in which the node's bpffs is mounted on /sys/fs/bpf
+//! (so the agents' pins do not meet, as on separate machines) and tmpfs over /run/containerd,
+//! /run/netns and /var/lib/cni (containerd's and the CNI plugins' state). Its daemons are started
+//! with `nsenter --mount --net` (not `ip netns exec`, whose private /sys would hide the cgroups).
+//! The kubelets run with a `cgroupRoot` each; containerd with `restrict_oom_score_adj` (no
+//! CAP_SYS_RESOURCE here). Images are imported offline into each node's containerd.
+//!
+//! Kubernetes 1.20 (the only one that builds here) serves EndpointSlice as v1beta1 only, and the
+//! agent reads v1: the API server runs with v1beta1 off and a v1 CRD (see [`crate::kube`]), the
+//! EndpointSlice controllers are off, kube-proxy reads Endpoints, and this harness keeps v1
+//! slices in step with Endpoints and Pods (ready, serving, terminating), as the EndpointSlice
+//! controller of a current cluster does.
+//!
+//! The host network namespace is not touched: the bridge is in a namespace of its own. Host-wide
+//! state the kubelet writes (vm.overcommit_memory, kernel.panic, kernel.panic_on_oops) is saved
+//! and restored; cgroups, mounts, namespaces, processes are removed on drop, and a later run
+//! removes what a killed one left (names carry the pid). One cluster at a time per machine (a
+//! lock file): each takes ~1 GB and much of two cores.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Once};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use serde_json::{Value, json};
+
+use crate::cmd::{self, DEFAULT_TIMEOUT};
+use crate::conn::LongConn;
+use crate::image;
+use crate::kube::Kube;
+use crate::lab::{kill_ns_processes, sluice_binary, unmount};
+
+/// The segment's /24: client .1, control plane .2, node i .10+i.
+const NET: [u8; 3] = [10, 80, 0];
+/// The pods of node i: 10.244.i.0/24.
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The interface of every namespace on the bridge (deploy/20-configmap.yaml's `iface`).
+pub const IFACE: &str = "eth0";
+/// The pause image's reference (containerd's sandbox_image).
+const PAUSE_IMAGE: &str = "localhost/sluice-test-pause:3.2";
+/// Host-wide sysctls the kubelet sets on start; saved before and restored after.
+const HOST_SYSCTLS: [&str; 3] = [
+    "vm/overcommit_memory",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+];
+/// cgroup v1 hierarchies that get a cgroup root per node.
+const CGROUP_V1: &str = "/sys/fs/cgroup";
+/// The lock that keeps clusters one at a time.
+const LOCK: &str = "/run/lock/sluice-cluster.lock";
+/// How long nodes may take to become Ready.
+const NODES_READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+static STALE: Once = Once::new();
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// Worker nodes (every one runs pods and the DaemonSet).
+    pub nodes: usize,
+    /// OCI archives imported into every node's containerd besides the pause image.
+    pub images: Vec<PathBuf>,
+}
+
+struct NodeState {
+    name: String,
+    ns: String,
+    /// Switch-side port of its eth0.
+    port: String,
+    addr: Ipv4Addr,
+    dir: PathBuf,
+    /// The file holding the node's mount namespace.
+    mnt: PathBuf,
+    mnt_bound: bool,
+    cgroup_root: String,
+    containerd: Option<Child>,
+    kubelet: Option<Child>,
+    proxy: Option<Child>,
+}
+
+/// A running cluster. See the module documentation.
+pub struct Cluster {
+    id: String,
+    dir: PathBuf,
+    kube: Option<Arc<Kube>>,
+    namespaces: Vec<String>,
+    sw: String,
+    cp: String,
+    client: String,
+    nodes: Vec<NodeState>,
+    control: Vec<(String, Child)>,
+    bpffs: PathBuf,
+    bpffs_mounted: bool,
+    saved_sysctls: Vec<(String, String)>,
+    created_dirs: Vec<PathBuf>,
+    mirror_stop: Arc<AtomicBool>,
+    mirror: Option<JoinHandle<()>>,
+    stop_flags: Vec<Arc<AtomicBool>>,
+    started: Instant,
+    _lock: fs::File,
+}
+
+fn node_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(NET[0], NET[1], NET[2], 10 + i as u8)
+}
+
+/// The client namespace's address.
+pub fn client_addr() -> Ipv4Addr {
+    Ipv4Addr::new(NET[0], NET[1], NET[2], 1)
+}
+
+/// The control plane's address (the API server's advertised address).
+pub fn cp_addr() -> Ipv4Addr {
+    Ipv4Addr::new(NET[0], NET[1], NET[2], 2)
+}
+
+/// An address on the segment that no namespace holds (for a VIP announced on the link).
+pub fn on_link_vip() -> Ipv4Addr {
+    Ipv4Addr::new(NET[0], NET[1], NET[2], 200)
+}
+
+fn ip(ns: &str, args: &[&str]) -> Result<Output> {
+    cmd::run_ok(
+        Command::new("ip").args(["-n", ns]).args(args),
+        DEFAULT_TIMEOUT,
+    )
+}
+
+fn in_ns(ns: &str, argv: &[&str]) -> Result<Output> {
+    cmd::run_ok(
+        Command::new("ip").args(["netns", "exec", ns]).args(argv),
+        DEFAULT_TIMEOUT,
+    )
+}
+
+fn tail(path: &Path, n: usize) -> String {
+    let t = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = t.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl Cluster {
+    /// Builds and starts the whole cluster; nodes are Ready when it returns. Whatever was built
+    /// is removed again on error.
+    pub fn start(cfg: ClusterConfig) -> Result<Cluster> {
+        ensure!(
+            (1..=20).contains(&cfg.nodes),
+            "ClusterConfig.nodes must be 1 to 20"
+        );
+        crate::lab::require_root();
+        for tool in ["containerd", "ctr", "runc", "nsenter", "unshare", "buildah"] {
+            ensure!(
+                which(tool),
+                "the cluster needs `{tool}` (containerd runc buildah util-linux; scripts/bootstrap.sh)"
+            );
+        }
+        ensure!(
+            Path::new("/usr/lib/cni/bridge").is_file(),
+            "/usr/lib/cni/bridge missing: install containernetworking-plugins (scripts/bootstrap.sh)"
+        );
+        fs::create_dir_all("/run/lock")?;
+        let lock = fs::File::create(LOCK)?;
+        // SAFETY: flock on an fd we own; released when the file is closed (Cluster dropped).
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            bail!("locking {LOCK}");
+        }
+        STALE.call_once(cleanup_stale);
+        let pid = std::process::id();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let id = format!("slk{pid}");
+        let dir = std::env::temp_dir().join(format!("sluice-cluster-{pid}-{n}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        let nodes = (0..cfg.nodes)
+            .map(|i| {
+                let name = format!("node-{i}");
+                let ndir = dir.join(&name);
+                NodeState {
+                    ns: format!("{id}-n{i}"),
+                    port: format!("sw-n{i}"),
+                    addr: node_addr(i),
+                    mnt: ndir.join("mnt.ns"),
+                    mnt_bound: false,
+                    cgroup_root: format!("{id}-n{i}"),
+                    dir: ndir,
+                    name,
+                    containerd: None,
+                    kubelet: None,
+                    proxy: None,
+                }
+            })
+            .collect();
+        let mut c = Cluster {
+            sw: format!("{id}-sw"),
+            cp: format!("{id}-cp"),
+            client: format!("{id}-c"),
+            bpffs: dir.join("bpffs"),
+            id,
+            dir,
+            kube: None,
+            namespaces: Vec::new(),
+            nodes,
+            control: Vec::new(),
+            bpffs_mounted: false,
+            saved_sysctls: Vec::new(),
+            created_dirs: Vec::new(),
+            mirror_stop: Arc::new(AtomicBool::new(false)),
+            mirror: None,
+            stop_flags: Vec::new(),
+            started: Instant::now(),
+            _lock: lock,
+        };
+        c.setup(&cfg)
+            .with_context(|| format!("starting cluster {} (files in {})", c.id, c.dir.display()))?;
+        eprintln!(
+            "cluster {}: {} nodes Ready after {:.1} s",
+            c.id,
+            cfg.nodes,
+            c.started.elapsed().as_secs_f64()
+        );
+        Ok(c)
+    }
+
+    fn setup(&mut self, cfg: &ClusterConfig) -> Result<()> {
+        self.save_sysctls()?;
+        self.network()?;
+        // Images first (buildah, CPU-bound) while nothing else runs.
+        let pause = image::build_pause_image(&crate::kube::binaries()?.join("pause"))?;
+        let kube = Arc::new(Kube::start_cluster(&self.cp, cp_addr())?);
+        self.kube = Some(kube.clone());
+        // Names the advertised address, which the nodes reach over the segment.
+        let kubeconfig = kube.admin_kubeconfig(0).to_owned();
+        self.start_control_plane(&kube, &kubeconfig)?;
+        let mut images = vec![pause];
+        images.extend(cfg.images.iter().cloned());
+        for i in 0..self.nodes.len() {
+            self.start_containerd(i)?;
+        }
+        // Imports in parallel (ctr is mostly I/O), then the kubelets and proxies.
+        let imports: Vec<_> = (0..self.nodes.len())
+            .map(|i| {
+                let (cmdv, images) = (self.node_cmd_prefix(i), images.clone());
+                let sock = self.containerd_sock(i);
+                thread::spawn(move || -> Result<()> {
+                    for archive in &images {
+                        let mut c = Command::new(&cmdv[0]);
+                        c.args(&cmdv[1..])
+                            .arg("ctr")
+                            .arg("-a")
+                            .arg(&sock)
+                            .args(["-n", "k8s.io", "images", "import"])
+                            .arg(archive);
+                        cmd::run_ok(&mut c, Duration::from_secs(300))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for (i, h) in imports.into_iter().enumerate() {
+            h.join()
+                .map_err(|_| anyhow!("image import thread panicked"))?
+                .with_context(|| format!("importing images into {}", self.nodes[i].name))?;
+        }
+        for i in 0..self.nodes.len() {
+            self.start_kubelet(i, &kubeconfig)?;
+            self.start_proxy(i, &kubeconfig)?;
+        }
+        self.wait_nodes_ready()?;
+        self.start_mirror();
+        Ok(())
+    }
+
+    // ----- network -----
+
+    fn network(&mut self) -> Result<()> {
+        let mut all = vec![self.sw.clone(), self.cp.clone(), self.client.clone()];
+        all.extend(self.nodes.iter().map(|n| n.ns.clone()));
+        for ns in &all {
+            cmd::sh(&["ip", "netns", "add", ns])?;
+            self.namespaces.push(ns.clone());
+            ip(ns, &["link", "set", "lo", "up"])?;
+        }
+        let sw = self.sw.clone();
+        ip(&sw, &["link", "add", "br0", "type", "bridge"])?;
+        ip(&sw, &["link", "set", "br0", "up"])?;
+        let mut ends = vec![
+            (self.client.clone(), "sw-c".to_owned(), client_addr(), 1u8),
+            (self.cp.clone(), "sw-cp".to_owned(), cp_addr(), 2),
+        ];
+        for (i, n) in self.nodes.iter().enumerate() {
+            ends.push((n.ns.clone(), n.port.clone(), n.addr, 10 + i as u8));
+        }
+        for (ns, port, addr, k) in &ends {
+            let mac = format!("02:5c:50:00:00:{k:02x}");
+            ip(
+                &sw,
+                &[
+                    "link", "add", port, "type", "veth", "peer", "name", IFACE, "address", &mac,
+                    "netns", ns,
+                ],
+            )?;
+            ip(&sw, &["link", "set", port, "master", "br0"])?;
+            // A veth that sends into a native XDP path must compute checksums itself.
+            in_ns(&sw, &["ethtool", "-K", port, "tx", "off"])?;
+            in_ns(ns, &["ethtool", "-K", IFACE, "tx", "off"])?;
+            ip(ns, &["addr", "add", &format!("{addr}/24"), "dev", IFACE])?;
+            ip(&sw, &["link", "set", port, "up"])?;
+            ip(ns, &["link", "set", IFACE, "up"])?;
+        }
+        in_ns(
+            &sw,
+            &[
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+            ],
+        )?;
+        in_ns(
+            &self.client,
+            &[
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.eth0.rp_filter=0",
+                "net.ipv4.conf.all.accept_redirects=0",
+                "net.ipv4.conf.eth0.accept_redirects=0",
+            ],
+        )?;
+        for (i, n) in self.nodes.iter().enumerate() {
+            in_ns(
+                &n.ns,
+                &[
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    "net.ipv4.ip_forward=1",
+                    "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.default.rp_filter=0",
+                    "net.ipv4.conf.eth0.rp_filter=0",
+                    // Forwarded traffic leaves by the port it came in on: no redirects.
+                    "net.ipv4.conf.all.send_redirects=0",
+                    "net.ipv4.conf.eth0.send_redirects=0",
+                ],
+            )?;
+            // kube-proxy wants bridged pod traffic through iptables (per namespace here).
+            let _ = in_ns(
+                &n.ns,
+                &["sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=1"],
+            );
+            // A default route, as every real node has: kube-proxy's DNAT of a Service's cluster
+            // IP (the API at 10.96.0.1 for the agent) comes after a route lookup that must succeed.
+            ip(
+                &n.ns,
+                &[
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &cp_addr().to_string(),
+                    "dev",
+                    IFACE,
+                ],
+            )?;
+            for j in 0..self.nodes.len() {
+                if j != i {
+                    ip(
+                        &n.ns,
+                        &[
+                            "route",
+                            "add",
+                            &format!("10.244.{j}.0/24"),
+                            "via",
+                            &node_addr(j).to_string(),
+                            "dev",
+                            IFACE,
+                        ],
+                    )?;
+                }
+            }
+        }
+        // XDP_TX out of a node's eth0 lands on its switch port, which needs an XDP program.
+        fs::create_dir_all(&self.bpffs)?;
+        cmd::sh(&["mount", "-t", "bpf", "bpf", &self.bpffs.to_string_lossy()])?;
+        self.bpffs_mounted = true;
+        let bin = sluice_binary()?;
+        for port in self.ports() {
+            in_ns(&sw, &["ethtool", "-K", &port, "gro", "on"])?;
+            cmd::run_ok(
+                Command::new("ip")
+                    .args(["netns", "exec", &sw])
+                    .arg(&bin)
+                    .arg("--pin-dir")
+                    .arg(self.bpffs.join("peer"))
+                    .args(["xdp-pass", "--iface", &port]),
+                DEFAULT_TIMEOUT,
+            )
+            .with_context(|| format!("sluice xdp-pass on switch port {port}"))?;
+        }
+        Ok(())
+    }
+
+    /// Every switch-side port (client, control plane, nodes).
+    pub fn ports(&self) -> Vec<String> {
+        let mut v = vec!["sw-c".to_owned(), "sw-cp".to_owned()];
+        v.extend(self.nodes.iter().map(|n| n.port.clone()));
+        v
+    }
+
+    fn save_sysctls(&mut self) -> Result<()> {
+        let mut text = String::new();
+        for k in HOST_SYSCTLS {
+            let v = fs::read_to_string(format!("/proc/sys/{k}"))
+                .with_context(|| format!("reading /proc/sys/{k}"))?;
+            text.push_str(&format!("{k}={}\n", v.trim()));
+            self.saved_sysctls.push((k.to_owned(), v.trim().to_owned()));
+        }
+        fs::write(self.dir.join("host-sysctls"), text)?;
+        Ok(())
+    }
+
+    // ----- control plane -----
+
+    fn start_control_plane(&mut self, kube: &Kube, kubeconfig: &Path) -> Result<()> {
+        let bin = kube.bin_dir().to_owned();
+        let kc = kubeconfig.to_string_lossy().into_owned();
+        let cm = vec![
+            bin.join("kube-controller-manager")
+                .to_string_lossy()
+                .into_owned(),
+            format!("--kubeconfig={kc}"),
+            format!(
+                "--service-account-private-key-file={}",
+                kube.sa_key().display()
+            ),
+            format!("--root-ca-file={}", kube.ca_cert(0).display()),
+            "--leader-elect=false".into(),
+            "--use-service-account-credentials=false".into(),
+            // No IPAM (the pod CIDRs are fixed per node); no v1beta1 EndpointSlices (see the
+            // module documentation).
+            "--controllers=*,-nodeipam,-endpointslice,-endpointslicemirroring".into(),
+            "--port=0".into(),
+            "--secure-port=0".into(),
+            "--node-monitor-grace-period=20s".into(),
+            "--pod-eviction-timeout=30s".into(),
+            "--logtostderr=true".into(),
+            "-v=1".into(),
+        ];
+        self.spawn_control("kube-controller-manager", &cm)?;
+        let sched = vec![
+            bin.join("kube-scheduler").to_string_lossy().into_owned(),
+            format!("--kubeconfig={kc}"),
+            format!("--authentication-kubeconfig={kc}"),
+            format!("--authorization-kubeconfig={kc}"),
+            "--leader-elect=false".into(),
+            "--port=0".into(),
+            "--secure-port=0".into(),
+            "--logtostderr=true".into(),
+            "-v=1".into(),
+        ];
+        self.spawn_control("kube-scheduler", &sched)
+    }
+
+    fn spawn_control(&mut self, name: &str, argv: &[String]) -> Result<()> {
+        let log = self.dir.join(format!("{name}.log"));
+        let f = fs::File::create(&log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.cp])
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        self.control.push((name.to_owned(), child));
+        Ok(())
+    }
+
+    // ----- nodes -----
+
+    /// `nsenter --mount=<node's mount ns> --net=/run/netns/<node> --`: the prefix of every
+    /// command run on node `i`.
+    fn node_cmd_prefix(&self, i: usize) -> Vec<String> {
+        let n = &self.nodes[i];
+        vec![
+            "nsenter".into(),
+            format!("--mount={}", n.mnt.display()),
+            format!("--net=/run/netns/{}", n.ns),
+            "--".into(),
+        ]
+    }
+
+    /// A command run on node `i` (its network and mount namespaces).
+    pub fn node_command(&self, i: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let p = self.node_cmd_prefix(i);
+        let mut c = Command::new(&p[0]);
+        c.args(&p[1..]).arg(program);
+        c
+    }
+
+    /// Runs `argv` on node `i`; fails unless it exits 0.
+    pub fn node_exec(&self, i: usize, argv: &[&str]) -> Result<Output> {
+        let mut c = self.node_command(i, argv[0]);
+        c.args(&argv[1..]);
+        cmd::run_ok(&mut c, DEFAULT_TIMEOUT)
+    }
+
+    fn containerd_sock(&self, i: usize) -> PathBuf {
+        self.nodes[i].dir.join("containerd.sock")
+    }
+
+    fn node_mount_ns(&mut self, i: usize) -> Result<()> {
+        let n = &self.nodes[i];
+        fs::create_dir_all(&n.dir)?;
+        fs::write(&n.mnt, "")?;
+        cmd::run_ok(
+            Command::new("unshare")
+                .arg(format!("--mount={}", n.mnt.display()))
+                .args(["--propagation", "private", "true"]),
+            DEFAULT_TIMEOUT,
+        )
+        .with_context(|| format!("creating the mount namespace of {}", n.name))?;
+        self.nodes[i].mnt_bound = true;
+        // Mount points that may be missing on the host.
+        for d in [
+            "/var/lib/cni",
+            "/var/log/pods",
+            "/var/log/containers",
+            "/run/netns",
+            "/run/containerd",
+        ] {
+            let p = PathBuf::from(d);
+            if !p.exists() {
+                fs::create_dir_all(&p)?;
+                self.created_dirs.push(p);
+                // Listed for a later run's stale cleanup too, should this one be killed.
+                let list: Vec<String> = self
+                    .created_dirs
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect();
+                fs::write(self.dir.join("created-dirs"), list.join("\n"))?;
+            }
+        }
+        let n = &self.nodes[i];
+        for sub in ["pod-logs", "container-logs"] {
+            fs::create_dir_all(n.dir.join(sub))?;
+        }
+        let script = format!(
+            "set -e
+mount -t bpf bpf /sys/fs/bpf
+mount -t tmpfs tmpfs /run/containerd
+mount -t tmpfs tmpfs /run/netns
+mount -t tmpfs tmpfs /var/lib/cni
+mount --bind {d}/pod-logs /var/log/pods
+mount --bind {d}/container-logs /var/log/containers
+",
+            d = n.dir.display()
+        );
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--mount={}", n.mnt.display()))
+            .args(["--", "sh", "-c", &script]);
+        cmd::run_ok(&mut c, DEFAULT_TIMEOUT).with_context(|| format!("mounts of {}", n.name))?;
+        // cgroup roots of the kubelet, in every v1 hierarchy, cpusets copied from the parent.
+        for h in cgroup_hierarchies() {
+            let d = h.join(&n.cgroup_root);
+            fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+            if h.ends_with("cpuset") {
+                for f in ["cpuset.cpus", "cpuset.mems"] {
+                    let v = fs::read_to_string(h.join(f))?;
+                    fs::write(d.join(f), v.trim())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn start_containerd(&mut self, i: usize) -> Result<()> {
+        self.node_mount_ns(i)?;
+        let n = &self.nodes[i];
+        let pod_cidr = format!("10.244.{i}.0/24");
+        let cni = n.dir.join("cni");
+        fs::create_dir_all(&cni)?;
+        fs::write(
+            cni.join("10-sluice-test.conflist"),
+            json!({
+                "cniVersion": "0.4.0",
+                "name": "sluice-test-pods",
+                "plugins": [
+                    {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": true,
+                     "hairpinMode": true,
+                     "ipam": {"type": "host-local", "ranges": [[{"subnet": pod_cidr}]],
+                              "routes": [{"dst": "0.0.0.0/0"}]}},
+                    {"type": "portmap", "capabilities": {"portMappings": true}}
+                ]
+            })
+            .to_string(),
+        )?;
+        let default = cmd::run_ok(
+            Command::new("containerd").args(["config", "default"]),
+            DEFAULT_TIMEOUT,
+        )?;
+        let d = n.dir.display().to_string();
+        let mut config = String::from_utf8_lossy(&default.stdout).into_owned();
+        for (from, to) in [
+            (
+                "root = \"/var/lib/containerd\"",
+                format!("root = \"{d}/containerd/root\""),
+            ),
+            (
+                "state = \"/run/containerd\"",
+                format!("state = \"{d}/containerd/state\""),
+            ),
+            (
+                "address = \"/run/containerd/containerd.sock\"",
+                format!("address = \"{}\"", self.containerd_sock(i).display()),
+            ),
+            (
+                "sandbox_image = \"registry.k8s.io/pause:3.6\"",
+                format!("sandbox_image = \"{PAUSE_IMAGE}\""),
+            ),
+            // No CAP_SYS_RESOURCE here: without it every sandbox fails ("can't get final
+            // child's PID from pipe").
+            (
+                "restrict_oom_score_adj = false",
+                "restrict_oom_score_adj = true".into(),
+            ),
+            (
+                "bin_dir = \"/opt/cni/bin\"",
+                "bin_dir = \"/usr/lib/cni\"".into(),
+            ),
+            (
+                "conf_dir = \"/etc/cni/net.d\"",
+                format!("conf_dir = \"{}\"", cni.display()),
+            ),
+            (
+                "path = \"/opt/containerd\"",
+                format!("path = \"{d}/containerd/opt\""),
+            ),
+        ] {
+            ensure!(
+                config.contains(from),
+                "`containerd config default` has no `{from}` (containerd version?)"
+            );
+            config = config.replace(from, &to);
+        }
+        let path = n.dir.join("containerd.toml");
+        fs::write(&path, config)?;
+        let log = n.dir.join("containerd.log");
+        let mut c = self.node_command(i, "containerd");
+        c.arg("--config").arg(&path);
+        let child = spawn_logged(c, &log)?;
+        let name = n.name.clone();
+        self.nodes[i].containerd = Some(child);
+        let sock = self.containerd_sock(i);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !sock.exists() {
+            if let Some(Some(s)) = self.nodes[i]
+                .containerd
+                .as_mut()
+                .map(|c| c.try_wait().ok().flatten())
+            {
+                bail!("containerd of {name} exited ({s}): {}", tail(&log, 20));
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "containerd of {name} has no socket after 30 s: {}",
+                tail(&log, 20)
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn start_kubelet(&mut self, i: usize, kubeconfig: &Path) -> Result<()> {
+        let n = &self.nodes[i];
+        let config = n.dir.join("kubelet.yaml");
+        fs::write(
+            &config,
+            format!(
+                "apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+cgroupDriver: cgroupfs
+# One root per node: otherwise a kubelet removes the other nodes' pod cgroups.
+cgroupRoot: /{root}
+failSwapOn: false
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+address: {addr}
+podCIDR: 10.244.{i}.0/24
+authentication:
+  anonymous: {{enabled: true}}
+  webhook: {{enabled: false}}
+authorization: {{mode: AlwaysAllow}}
+clusterDomain: cluster.local
+# A test machine's disk is what it is: no evictions, no image garbage collection.
+evictionHard: {{memory.available: 1Mi, nodefs.available: 1%, imagefs.available: 1%, nodefs.inodesFree: 1%}}
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+serializeImagePulls: false
+nodeStatusUpdateFrequency: 4s
+",
+                root = n.cgroup_root,
+                addr = n.addr,
+            ),
+        )?;
+        let mut c = self.node_command(i, crate::kube::binaries()?.join("kubelet"));
+        c.arg(format!("--config={}", config.display()))
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .arg("--container-runtime=remote")
+            .arg(format!(
+                "--container-runtime-endpoint=unix://{}",
+                self.containerd_sock(i).display()
+            ))
+            .arg(format!("--hostname-override={}", n.name))
+            .arg(format!("--node-ip={}", n.addr))
+            .arg(format!("--root-dir={}/kubelet", n.dir.display()))
+            .arg(format!("--cert-dir={}/kubelet-pki", n.dir.display()))
+            .args(["--logtostderr=true", "-v=1"]);
+        let child = spawn_logged(c, &n.dir.join("kubelet.log"))?;
+        self.nodes[i].kubelet = Some(child);
+        Ok(())
+    }
+
+    fn start_proxy(&mut self, i: usize, kubeconfig: &Path) -> Result<()> {
+        let n = &self.nodes[i];
+        let config = n.dir.join("kube-proxy.yaml");
+        fs::write(
+            &config,
+            format!(
+                "apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection: {{kubeconfig: {kc}}}
+mode: iptables
+clusterCIDR: {CLUSTER_CIDR}
+bindAddress: {addr}
+hostnameOverride: {name}
+healthzBindAddress: {addr}:10256
+metricsBindAddress: 127.0.0.1:10249
+oomScoreAdj: 0
+# Leave the conntrack sysctls alone.
+conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}}
+# Endpoints, not v1beta1 EndpointSlices (off in this API server, see the harness).
+featureGates: {{EndpointSliceProxying: false}}
+",
+                kc = kubeconfig.display(),
+                addr = n.addr,
+                name = n.name,
+            ),
+        )?;
+        let mut c = self.node_command(i, crate::kube::binaries()?.join("kube-proxy"));
+        c.arg(format!("--config={}", config.display()))
+            .args(["--logtostderr=true", "-v=1"]);
+        let child = spawn_logged(c, &n.dir.join("kube-proxy.log"))?;
+        self.nodes[i].proxy = Some(child);
+        Ok(())
+    }
+
+    fn wait_nodes_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + NODES_READY_TIMEOUT;
+        loop {
+            for n in &mut self.nodes {
+                for (what, c) in [
+                    ("containerd", &mut n.containerd),
+                    ("kubelet", &mut n.kubelet),
+                    ("kube-proxy", &mut n.proxy),
+                ] {
+                    if let Some(Some(s)) = c.as_mut().map(|c| c.try_wait().ok().flatten()) {
+                        bail!(
+                            "{what} of {} exited ({s}): {}",
+                            n.name,
+                            tail(&n.dir.join(format!("{what}.log")), 25)
+                        );
+                    }
+                }
+            }
+            let ready = self.ready_nodes().unwrap_or_default();
+            if ready.len() == self.nodes.len() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "only {ready:?} Ready after {NODES_READY_TIMEOUT:?}; kubelet of node-0: {}",
+                    tail(&self.nodes[0].dir.join("kubelet.log"), 25)
+                );
+            }
+            thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// The names of the nodes whose Ready condition is True.
+    pub fn ready_nodes(&self) -> Result<Vec<String>> {
+        let v = self.kube().api("GET", "/api/v1/nodes", None)?;
+        Ok(items(&v)
+            .iter()
+            .filter(|n| {
+                n.pointer("/status/conditions")
+                    .and_then(Value::as_array)
+                    .is_some_and(|cs| {
+                        cs.iter()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                    })
+            })
+            .filter_map(|n| n.pointer("/metadata/name").and_then(Value::as_str))
+            .map(str::to_owned)
+            .collect())
+    }
+
+    // ----- EndpointSlice mirror -----
+
+    fn start_mirror(&mut self) {
+        let kube = self.kube().clone();
+        let stop = self.mirror_stop.clone();
+        let log = self.dir.join("slice-mirror.log");
+        self.mirror = thread::Builder::new()
+            .name("slice-mirror".into())
+            .spawn(move || {
+                let mut applied: HashMap<(String, String), Value> = HashMap::new();
+                let mut last_err = String::new();
+                while !stop.load(Ordering::SeqCst) {
+                    if let Err(e) = mirror_once(&kube, &mut applied) {
+                        let e = format!("{e:#}");
+                        if e != last_err {
+                            let _ = fs::write(&log, &e);
+                            last_err = e;
+                        }
+                    }
+                    for _ in 0..5 {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            })
+            .ok();
+    }
+
+    // ----- accessors -----
+
+    pub fn kube(&self) -> &Arc<Kube> {
+        self.kube.as_ref().expect("the cluster's API server")
+    }
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    /// How long [`Cluster::start`] took.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+    pub fn nodes(&self) -> usize {
+        self.nodes.len()
+    }
+    /// "node-i", the Node object's name.
+    pub fn node_name(&self, i: usize) -> &str {
+        &self.nodes[i].name
+    }
+    /// The index of node `name`.
+    pub fn node_index(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+    pub fn node_addr(&self, i: usize) -> Ipv4Addr {
+        self.nodes[i].addr
+    }
+    pub fn node_ns(&self, i: usize) -> &str {
+        &self.nodes[i].ns
+    }
+    /// The switch-side port of node `i`'s eth0.
+    pub fn node_port(&self, i: usize) -> &str {
+        &self.nodes[i].port
+    }
+    pub fn client_ns(&self) -> &str {
+        &self.client
+    }
+    pub fn switch_ns(&self) -> &str {
+        &self.sw
+    }
+    /// The log of `what` (containerd, kubelet, kube-proxy) on node `i`.
+    pub fn node_log(&self, i: usize, what: &str) -> String {
+        fs::read_to_string(self.nodes[i].dir.join(format!("{what}.log"))).unwrap_or_default()
+    }
+
+    /// kubectl as admin; fails with its stderr unless it exits 0.
+    pub fn kubectl(&self, args: &[&str]) -> Result<Output> {
+        self.kube().kubectl_ok(args)
+    }
+
+    /// `kubectl ... -o json`, parsed.
+    pub fn kubectl_json(&self, args: &[&str]) -> Result<Value> {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        let out = self.kubectl(&a)?;
+        serde_json::from_slice(&out.stdout).with_context(|| format!("kubectl {}", args.join(" ")))
+    }
+
+    // ----- the client and the segment -----
+
+    /// The client routes `vip` to node `i` (as a BGP router that learnt it from that node).
+    pub fn route_vip_via(&self, vip: Ipv4Addr, i: usize) -> Result<()> {
+        ip(
+            &self.client,
+            &[
+                "route",
+                "replace",
+                &format!("{vip}/32"),
+                "via",
+                &self.node_addr(i).to_string(),
+                "dev",
+                IFACE,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The client resolves `vip` on the link (ARP), as for a VIP announced on the segment.
+    pub fn vip_on_link(&self, vip: Ipv4Addr) -> Result<()> {
+        ip(
+            &self.client,
+            &["route", "replace", &format!("{vip}/32"), "dev", IFACE],
+        )?;
+        let _ = ip(
+            &self.client,
+            &["neigh", "flush", "to", &vip.to_string(), "dev", IFACE],
+        );
+        Ok(())
+    }
+
+    /// The client's neighbour entry for `addr`: its MAC, if any.
+    pub fn client_neighbour(&self, addr: Ipv4Addr) -> Result<Option<String>> {
+        let out = ip(&self.client, &["-j", "neigh", "show", &addr.to_string()])?;
+        let v: Value = serde_json::from_slice(&out.stdout).context("ip -j neigh: not JSON")?;
+        Ok(v.get(0)
+            .and_then(|n| n.get("lladdr"))
+            .and_then(Value::as_str)
+            .map(str::to_owned))
+    }
+
+    /// The MAC of node `i`'s eth0.
+    pub fn node_mac(&self, i: usize) -> String {
+        format!("02:5c:50:00:00:{:02x}", 10 + i)
+    }
+
+    /// Takes node `i`'s link down (`up` false: its switch port) or up again.
+    pub fn set_node_link(&self, i: usize, up: bool) -> Result<()> {
+        ip(
+            &self.sw,
+            &[
+                "link",
+                "set",
+                self.node_port(i),
+                if up { "up" } else { "down" },
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// `n` HTTP GETs of `http://<host>:<port><path>` from the client, each on a new TCP
+    /// connection, 8 at once, each bounded (3 s connect, 10 s total). Returns every answer's body
+    /// (trimmed lines) and how many got none.
+    pub fn curl(
+        &self,
+        host: Ipv4Addr,
+        port: u16,
+        path: &str,
+        n: usize,
+    ) -> Result<(Vec<String>, usize)> {
+        ensure!(n >= 1, "curl: n must be at least 1");
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let url = format!("http://{host}:{port}{path}{sep}req=[1-{n}]");
+        let out = cmd::run(
+            Command::new("ip")
+                .args(["netns", "exec", &self.client])
+                .args([
+                    "curl",
+                    "--silent",
+                    "--parallel",
+                    "--parallel-max",
+                    "8",
+                    "--connect-timeout",
+                    "3",
+                    "--max-time",
+                    "10",
+                    "--header",
+                    "Connection: close",
+                    &url,
+                ]),
+            Duration::from_secs(60) + Duration::from_millis(20 * n as u64),
+        )?;
+        let bodies: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.is_empty())
+            .collect();
+        let failed = n.saturating_sub(bodies.len());
+        Ok((bodies, failed))
+    }
+
+    /// A long-lived connection from the client to `target` (a line echo: the web image's
+    /// port 7000), one line every 100 ms, at most 5 minutes; stopped with the cluster at the latest.
+    pub fn long_conn(&mut self, target: SocketAddrV4) -> Result<LongConn> {
+        let stop = Arc::new(AtomicBool::new(false));
+        self.stop_flags.push(stop.clone());
+        LongConn::open(
+            &self.client,
+            target,
+            Duration::from_millis(100),
+            Duration::from_secs(300),
+            stop,
+        )
+    }
+
+    /// Installs frame counters on the bridge (switch namespace): per ingress port, frames to
+    /// `vip` and TCP SYNs to it; per egress port, SYNs to it (which node a balancer sent the
+    /// connection to). Read with [`Cluster::vip_frames`] and [`Cluster::vip_syns_out`].
+    pub fn count_vip_frames(&self, vip: Ipv4Addr) -> Result<()> {
+        let mut rules = String::new();
+        for p in self.ports() {
+            let k = p.replace('-', "_");
+            rules.push_str(&format!(
+                "  counter f_{k} {{ }}\n  counter s_{k} {{ }}\n  counter o_{k} {{ }}\n"
+            ));
+        }
+        rules.push_str(
+            "  chain frames {\n    type filter hook forward priority 0; policy accept;\n",
+        );
+        for p in self.ports() {
+            let k = p.replace('-', "_");
+            rules.push_str(&format!(
+                "    iifname \"{p}\" ip daddr {vip} counter name f_{k}\n    iifname \"{p}\" ip daddr {vip} tcp flags & (syn | ack) == syn counter name s_{k}\n    oifname \"{p}\" ip daddr {vip} tcp flags & (syn | ack) == syn counter name o_{k}\n"
+            ));
+        }
+        rules.push_str("  }\n");
+        let text = format!(
+            "table bridge sluicecluster\ndelete table bridge sluicecluster\ntable bridge sluicecluster {{\n{rules}}}\n"
+        );
+        let path = self.dir.join("frames.nft");
+        fs::write(&path, text)?;
+        in_ns(&self.sw, &["nft", "-f", &path.to_string_lossy()])?;
+        Ok(())
+    }
+
+    /// Per switch port: (frames to the VIP, SYNs to the VIP) entering the bridge there, since
+    /// [`Cluster::count_vip_frames`].
+    pub fn vip_frames(&self) -> Result<BTreeMap<String, (u64, u64)>> {
+        let c = self.frame_counters()?;
+        Ok(self
+            .ports()
+            .into_iter()
+            .map(|p| {
+                let k = p.replace('-', "_");
+                let f = c.get(&format!("f_{k}")).copied().unwrap_or(0);
+                let s = c.get(&format!("s_{k}")).copied().unwrap_or(0);
+                (p, (f, s))
+            })
+            .collect())
+    }
+
+    /// Per switch port: SYNs to the VIP leaving the bridge there.
+    pub fn vip_syns_out(&self) -> Result<BTreeMap<String, u64>> {
+        let c = self.frame_counters()?;
+        Ok(self
+            .ports()
+            .into_iter()
+            .map(|p| {
+                let k = p.replace('-', "_");
+                let o = c.get(&format!("o_{k}")).copied().unwrap_or(0);
+                (p, o)
+            })
+            .collect())
+    }
+
+    fn frame_counters(&self) -> Result<HashMap<String, u64>> {
+        let out = in_ns(
+            &self.sw,
+            &[
+                "nft",
+                "-j",
+                "list",
+                "counters",
+                "table",
+                "bridge",
+                "sluicecluster",
+            ],
+        )?;
+        let v: Value = serde_json::from_slice(&out.stdout).context("nft -j: not JSON")?;
+        let mut by_name: HashMap<String, u64> = HashMap::new();
+        for e in v["nftables"].as_array().into_iter().flatten() {
+            if let Some(c) = e.get("counter")
+                && let (Some(name), Some(p)) = (c["name"].as_str(), c["packets"].as_u64())
+            {
+                by_name.insert(name.to_owned(), p);
+            }
+        }
+        Ok(by_name)
+    }
+
+    // ----- waiting -----
+
+    /// Waits until `check` returns Ok(true), at most `timeout`; the error of the last check, if
+    /// any, goes into the failure.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut() -> Result<bool>,
+    ) -> Result<Duration> {
+        let start = Instant::now();
+        let mut last = String::new();
+        loop {
+            match check() {
+                Ok(true) => return Ok(start.elapsed()),
+                Ok(false) => {}
+                Err(e) => last = format!("{e:#}"),
+            }
+            if start.elapsed() >= timeout {
+                bail!("{what}: not after {timeout:?} {last}");
+            }
+            thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Pods of namespace `ns` matching label selector `selector`, as JSON.
+    pub fn pods(&self, ns: &str, selector: &str) -> Result<Vec<Value>> {
+        let v = self.kube().api(
+            "GET",
+            &format!("/api/v1/namespaces/{ns}/pods?labelSelector={selector}"),
+            None,
+        )?;
+        Ok(items(&v).to_vec())
+    }
+
+    fn teardown(&mut self) {
+        for f in &self.stop_flags {
+            f.store(true, Ordering::SeqCst);
+        }
+        self.mirror_stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.mirror.take() {
+            let _ = h.join();
+        }
+        let me = std::process::id();
+        // Kubelets first (they would restart what is killed), then the proxies, the pods and
+        // the runtimes.
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.kubelet.take() {
+                cmd::terminate(&mut c, Duration::from_secs(5));
+            }
+            if let Some(mut c) = n.proxy.take() {
+                cmd::terminate(&mut c, Duration::from_secs(5));
+            }
+        }
+        for n in &self.nodes {
+            kill_cgroup_tree(&n.cgroup_root);
+        }
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.containerd.take() {
+                cmd::terminate(&mut c, Duration::from_secs(5));
+            }
+        }
+        kill_cmdline_containing(&self.dir.to_string_lossy(), me);
+        for (_, c) in &mut self.control {
+            cmd::terminate(c, Duration::from_secs(5));
+        }
+        self.control.clear();
+        // The API server and etcd (if nothing else holds the Arc: the mirror has stopped).
+        self.kube = None;
+        for n in &mut self.nodes {
+            if n.mnt_bound {
+                unmount(&n.mnt);
+                n.mnt_bound = false;
+            }
+        }
+        for ns in self.namespaces.iter().rev() {
+            kill_ns_processes(ns, me);
+            if let Err(e) = cmd::sh(&["ip", "netns", "del", ns]) {
+                eprintln!("cluster {}: cannot delete namespace {ns}: {e:#}", self.id);
+            }
+        }
+        self.namespaces.clear();
+        for n in &self.nodes {
+            remove_cgroup_tree(&n.cgroup_root);
+        }
+        if self.bpffs_mounted {
+            unmount(&self.bpffs);
+            self.bpffs_mounted = false;
+        }
+        for (k, v) in &self.saved_sysctls {
+            let _ = fs::write(format!("/proc/sys/{k}"), v);
+        }
+        for d in self.created_dirs.iter().rev() {
+            let _ = fs::remove_dir(d);
+        }
+        if std::env::var_os("SLUICE_KEEP_CLUSTER").is_none()
+            && let Err(e) = fs::remove_dir_all(&self.dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!(
+                "cluster {}: cannot remove {}: {e}",
+                self.id,
+                self.dir.display()
+            );
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+fn spawn_logged(mut c: Command, log: &Path) -> Result<Child> {
+    let f = fs::File::create(log)?;
+    let what = cmd::describe(&c);
+    c.stdin(Stdio::null())
+        .stdout(f.try_clone()?)
+        .stderr(f)
+        .spawn()
+        .with_context(|| format!("starting `{what}`"))
+}
+
+fn which(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+/// `items` of a list answer.
+pub fn items(v: &Value) -> &[Value] {
+    v.get("items")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
+/// The cgroup v1 hierarchies (directories under /sys/fs/cgroup that are cgroup mounts).
+fn cgroup_hierarchies() -> Vec<PathBuf> {
+    cgroup_mounts(" - cgroup ")
+}
+
+/// Every cgroup hierarchy, v1 and the v2 one of a hybrid setup (runc creates the containers'
+/// cgroups there too): where cgroups are killed and removed.
+fn all_cgroup_hierarchies() -> Vec<PathBuf> {
+    let mut v = cgroup_mounts(" - cgroup ");
+    v.extend(cgroup_mounts(" - cgroup2 "));
+    v
+}
+
+fn cgroup_mounts(kind: &str) -> Vec<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mountinfo
+        .lines()
+        .filter(|l| l.contains(kind))
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|mp| mp.starts_with(CGROUP_V1))
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// SIGKILLs every process in cgroup `/<root>` (any depth, any hierarchy), a few rounds.
+fn kill_cgroup_tree(root: &str) {
+    for _round in 0..5 {
+        let mut any = false;
+        for h in all_cgroup_hierarchies() {
+            let top = h.join(root);
+            for dir in walk_dirs(&top) {
+                let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                for p in procs
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok())
+                {
+                    if p != std::process::id() {
+                        cmd::signal(p, libc::SIGKILL);
+                        any = true;
+                    }
+                }
+            }
+        }
+        if !any {
+            return;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Removes cgroup `/<root>` and everything below it, in every hierarchy (deepest first).
+fn remove_cgroup_tree(root: &str) {
+    for h in all_cgroup_hierarchies() {
+        let mut dirs = walk_dirs(&h.join(root));
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        for d in dirs {
+            if let Err(e) = fs::remove_dir(&d)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                eprintln!("cluster: cannot remove cgroup {}: {e}", d.display());
+            }
+        }
+    }
+}
+
+fn walk_dirs(top: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![top.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if !d.is_dir() {
+            continue;
+        }
+        if let Ok(rd) = fs::read_dir(&d) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(e.path());
+                }
+            }
+        }
+        out.push(d);
+    }
+    out
+}
+
+/// SIGKILLs every process whose command line contains `needle` (never `me`).
+fn kill_cmdline_containing(needle: &str, me: u32) {
+    for _round in 0..3 {
+        let mut any = false;
+        for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if p == me {
+                continue;
+            }
+            let cmdline = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(needle) && cmd::pid_alive(p) {
+                cmd::signal(p, libc::SIGKILL);
+                any = true;
+            }
+        }
+        if !any {
+            return;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Parses "slk<pid>-..." (a cluster namespace or cgroup name) into the pid.
+fn cluster_name_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("slk")?;
+    let (pid, role) = rest.split_once('-')?;
+    matches!(role, "sw" | "cp" | "c")
+        .then_some(())
+        .or_else(|| {
+            role.strip_prefix('n')
+                .filter(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+                .map(drop)
+        })?;
+    pid.parse().ok()
+}
+
+/// Parses "sluice-cluster-<pid>-<n>" (a cluster's temp dir) into the pid.
+fn cluster_dir_pid(name: &str) -> Option<u32> {
+    let (pid, n) = name.strip_prefix("sluice-cluster-")?.split_once('-')?;
+    n.parse::<u32>().ok()?;
+    pid.parse().ok()
+}
+
+/// Removes what clusters of dead processes left: processes (daemons, shims, containers), mount
+/// namespaces and bpffs mounts, network namespaces, cgroups, temp dirs, and restores the host
+/// sysctls they saved.
+fn cleanup_stale() {
+    let me = std::process::id();
+    let dead = |pid: u32| pid != me && !cmd::pid_alive(pid);
+    let tmp = std::env::temp_dir();
+    let dirs: Vec<PathBuf> = fs::read_dir(&tmp)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| cluster_dir_pid(&e.file_name().to_string_lossy()).is_some_and(dead))
+        .map(|e| e.path())
+        .collect();
+    // Kubelets first, by their command line (it names the dir), then containers by cgroup.
+    for d in &dirs {
+        eprintln!(
+            "sluice cluster: removing {} left by a dead test process",
+            d.display()
+        );
+        kill_cmdline_containing(&format!("{}/", d.display()), me);
+    }
+    for h in all_cgroup_hierarchies() {
+        for e in fs::read_dir(&h).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if cluster_name_pid(&name).is_some_and(dead) {
+                kill_cgroup_tree(&name);
+                remove_cgroup_tree(&name);
+            }
+        }
+    }
+    if let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") {
+        let mut mps: Vec<&str> = mountinfo
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|mp| {
+                Path::new(mp)
+                    .strip_prefix(&tmp)
+                    .ok()
+                    .and_then(|r| r.components().next())
+                    .is_some_and(|c| {
+                        cluster_dir_pid(&c.as_os_str().to_string_lossy()).is_some_and(dead)
+                    })
+            })
+            .collect();
+        mps.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for mp in mps {
+            unmount(Path::new(mp));
+        }
+    }
+    if let Ok(out) = cmd::run(
+        Command::new("ip").args(["netns", "list"]),
+        Duration::from_secs(10),
+    ) {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some(name) = line.split_whitespace().next() else {
+                continue;
+            };
+            if cluster_name_pid(name).is_some_and(dead) {
+                kill_ns_processes(name, me);
+                let _ = cmd::run(
+                    Command::new("ip").args(["netns", "del", name]),
+                    Duration::from_secs(10),
+                );
+            }
+        }
+    }
+    for d in &dirs {
+        if let Ok(text) = fs::read_to_string(d.join("host-sysctls")) {
+            for line in text.lines() {
+                if let Some((k, v)) = line.split_once('=')
+                    && HOST_SYSCTLS.contains(&k)
+                {
+                    let _ = fs::write(format!("/proc/sys/{k}"), v);
+                }
+            }
+        }
+        // Mount points it created on the host (empty once its mount namespaces are gone).
+        if let Ok(text) = fs::read_to_string(d.join("created-dirs")) {
+            for dir in text.lines().rev() {
+                if [
+                    "/var/lib/cni",
+                    "/var/log/pods",
+                    "/var/log/containers",
+                    "/run/netns",
+                    "/run/containerd",
+                ]
+                .contains(&dir)
+                {
+                    let _ = fs::remove_dir(dir);
+                }
+            }
+        }
+        let _ = fs::remove_dir_all(d);
+    }
+}
+
+// ----- the EndpointSlice mirror -----
+
+fn labels_match(selector: &serde_json::Map<String, Value>, labels: &Value) -> bool {
+    selector
+        .iter()
+        .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
+}
+
+/// One pass: v1 EndpointSlices (`<service>-sluice-test`) for every Service with a selector, from
+/// its Endpoints (ready and not-ready addresses) and its terminating pods (serving while still
+/// Ready, as the EndpointSlice controller of Kubernetes >= 1.22 reports them).
+fn mirror_once(kube: &Kube, applied: &mut HashMap<(String, String), Value>) -> Result<()> {
+    let services = kube.api("GET", "/api/v1/services", None)?;
+    let endpoints = kube.api("GET", "/api/v1/endpoints", None)?;
+    let pods = kube.api("GET", "/api/v1/pods", None)?;
+    let mut eps: HashMap<(String, String), &Value> = HashMap::new();
+    for e in items(&endpoints) {
+        let ns = e["metadata"]["namespace"].as_str().unwrap_or("").to_owned();
+        let name = e["metadata"]["name"].as_str().unwrap_or("").to_owned();
+        eps.insert((ns, name), e);
+    }
+    let mut want: HashMap<(String, String), Value> = HashMap::new();
+    for svc in items(&services) {
+        let Some(selector) = svc.pointer("/spec/selector").and_then(Value::as_object) else {
+            continue;
+        };
+        let ns = svc["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        let name = svc["metadata"]["name"].as_str().unwrap_or("").to_owned();
+        let mut endpoints_out = Vec::new();
+        let mut ports: Vec<Value> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        if let Some(e) = eps.get(&(ns.clone(), name.clone())) {
+            for subset in e["subsets"].as_array().into_iter().flatten() {
+                for p in subset["ports"].as_array().into_iter().flatten() {
+                    let port = json!({"name": p["name"].as_str().unwrap_or(""),
+                                      "port": p["port"], "protocol": p["protocol"]});
+                    if !ports.contains(&port) {
+                        ports.push(port);
+                    }
+                }
+                for (key, ready) in [("addresses", true), ("notReadyAddresses", false)] {
+                    for a in subset[key].as_array().into_iter().flatten() {
+                        let ip = a["ip"].as_str().unwrap_or("").to_owned();
+                        if !seen.insert(ip.clone()) {
+                            continue;
+                        }
+                        let mut ep = json!({
+                            "addresses": [ip],
+                            "conditions": {"ready": ready, "serving": ready, "terminating": false},
+                        });
+                        if let Some(n) = a["nodeName"].as_str() {
+                            ep["nodeName"] = json!(n);
+                        }
+                        if a.get("targetRef").is_some() {
+                            ep["targetRef"] = a["targetRef"].clone();
+                        }
+                        endpoints_out.push(ep);
+                    }
+                }
+            }
+        }
+        for pod in items(&pods) {
+            if pod["metadata"]["namespace"] != ns.as_str()
+                || pod.pointer("/metadata/deletionTimestamp").is_none()
+                || !labels_match(selector, &pod["metadata"]["labels"])
+            {
+                continue;
+            }
+            let Some(ip) = pod.pointer("/status/podIP").and_then(Value::as_str) else {
+                continue;
+            };
+            if !seen.insert(ip.to_owned()) {
+                continue;
+            }
+            let serving = pod
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                });
+            let mut ep = json!({
+                "addresses": [ip],
+                "conditions": {"ready": false, "serving": serving, "terminating": true},
+                "targetRef": {"kind": "Pod", "namespace": ns, "name": pod["metadata"]["name"]},
+            });
+            if let Some(n) = pod.pointer("/spec/nodeName").and_then(Value::as_str) {
+                ep["nodeName"] = json!(n);
+            }
+            endpoints_out.push(ep);
+        }
+        if ports.is_empty() {
+            for p in svc
+                .pointer("/spec/ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let target = p["targetPort"].as_u64().or_else(|| p["port"].as_u64());
+                ports.push(json!({"name": p["name"].as_str().unwrap_or(""),
+                                  "port": target, "protocol": p["protocol"]}));
+            }
+        }
+        endpoints_out.sort_by_key(|e| e["addresses"][0].as_str().unwrap_or("").to_owned());
+        let slice_name = format!("{name}-sluice-test");
+        want.insert(
+            (ns.clone(), slice_name.clone()),
+            json!({
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {"name": slice_name, "namespace": ns, "labels": {
+                    "kubernetes.io/service-name": name,
+                    "endpointslice.kubernetes.io/managed-by": "sluice-tests"}},
+                "addressType": "IPv4",
+                "endpoints": endpoints_out,
+                "ports": ports,
+            }),
+        );
+    }
+    for (key, slice) in &want {
+        if applied.get(key) == Some(slice) {
+            continue;
+        }
+        kube.api(
+            "PATCH",
+            &format!(
+                "/apis/discovery.k8s.io/v1/namespaces/{}/endpointslices/{}?fieldManager=sluice-tests&force=true",
+                key.0, key.1
+            ),
+            Some(("application/apply-patch+yaml", slice)),
+        )?;
+        applied.insert(key.clone(), slice.clone());
+    }
+    let gone: Vec<_> = applied
+        .keys()
+        .filter(|k| !want.contains_key(*k))
+        .cloned()
+        .collect();
+    for key in gone {
+        let _ = kube.api(
+            "DELETE",
+            &format!(
+                "/apis/discovery.k8s.io/v1/namespaces/{}/endpointslices/{}",
+                key.0, key.1
+            ),
+            None,
+        );
+        applied.remove(&key);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cluster_names() {
+        assert_eq!(cluster_name_pid("slk42-sw"), Some(42));
+        assert_eq!(cluster_name_pid("slk42-n3"), Some(42));
+        assert_eq!(cluster_name_pid("slk42-c"), Some(42));
+        assert_eq!(cluster_name_pid("slk42-n"), None);
+        assert_eq!(cluster_name_pid("slk42-x"), None);
+        assert_eq!(cluster_name_pid("sl42-0-c"), None);
+        assert_eq!(cluster_dir_pid("sluice-cluster-42-0"), Some(42));
+        assert_eq!(cluster_dir_pid("sluice-cluster-42"), None);
+    }
+}

@@ -1,0 +1,766 @@
+//! sluice deployed exactly as its users deploy it, on a real multi-node Kubernetes cluster
+//! (containerd, kubelet and kube-proxy per node; see `sluice_tests::cluster`): the image built
+//! offline by `cargo xtask image`, `kubectl apply -f deploy/`, the agent a DaemonSet pod on every
+//! node, web pods on every node behind `type: LoadBalancer` Services, a client on the segment.
+//!
+//! One test (one cluster start, ~1 minute) checks in order, and reports every check's result
+//! before failing on any:
+//! - the DaemonSet's pod is Running and ready on every node;
+//! - the client routes the VIP to one node (as a BGP router would): many new connections reach
+//!   pods on every node; each SYN crosses the segment at most twice (client -> node, node ->
+//!   chosen node): nothing is balanced twice;
+//! - `externalTrafficPolicy: Local`: the pod sees the client's own address; `Cluster` works too;
+//! - established connections survive the agent pod's deletion on the receiving node and a
+//!   rolling update of the DaemonSet to a new image tag;
+//! - a cordoned node takes no new connections, its established ones keep working;
+//! - the receiving node's link down: how long new connections fail (reported).
+//!
+//! Needs root, the Kubernetes binaries (scripts/kube-apiserver.sh, cached), containerd, runc,
+//! the CNI plugins and buildah (scripts/bootstrap.sh), and the image archive:
+//! `cargo xtask image` (`./x test` builds it first).
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use serde_json::{Value, json};
+use sluice_tests::cluster::{self, Cluster, ClusterConfig};
+use sluice_tests::image;
+use sluice_tests::kube::{AGENT_NAMESPACE, repo_root};
+use sluice_tests::require_root;
+
+const NODES: usize = 3;
+const WEB_TAG: &str = "1";
+/// Off the segment: the client routes them to a node.
+const VIP_CLUSTER: Ipv4Addr = Ipv4Addr::new(10, 80, 1, 10);
+const VIP_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 80, 1, 11);
+const VIP_IPIP: Ipv4Addr = Ipv4Addr::new(10, 80, 1, 12);
+const CONNECTIONS: usize = 300;
+
+/// Soft assertions: every check is recorded and printed; the test fails at the end if any failed.
+#[derive(Default)]
+struct Checks {
+    results: Vec<(String, bool, String)>,
+}
+
+impl Checks {
+    fn check(&mut self, what: &str, ok: bool, detail: impl Into<String>) -> bool {
+        let detail = detail.into();
+        eprintln!("[{}] {what}: {detail}", if ok { "ok" } else { "FAILED" });
+        self.results.push((what.to_owned(), ok, detail));
+        ok
+    }
+    fn result(&mut self, what: &str, r: Result<String>) -> bool {
+        match r {
+            Ok(d) => self.check(what, true, d),
+            Err(e) => self.check(what, false, format!("{e:#}")),
+        }
+    }
+    fn finish(self) {
+        let failed: Vec<_> = self.results.iter().filter(|r| !r.1).collect();
+        eprintln!("\n=== cluster test summary ===");
+        for (what, ok, detail) in &self.results {
+            eprintln!("{} {what}: {detail}", if *ok { "ok    " } else { "FAILED" });
+        }
+        assert!(
+            failed.is_empty(),
+            "{} of {} cluster checks failed: {}",
+            failed.len(),
+            self.results.len(),
+            failed
+                .iter()
+                .map(|f| f.0.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+}
+
+/// One answer of the web image's CGI: `pod=<name> node=<node> client=<address>`.
+#[derive(Debug, Clone)]
+struct Who {
+    pod: String,
+    node: String,
+    client: String,
+}
+
+fn parse_who(line: &str) -> Option<Who> {
+    let mut w = Who {
+        pod: String::new(),
+        node: String::new(),
+        client: String::new(),
+    };
+    for part in line.split_whitespace() {
+        match part.split_once('=') {
+            Some(("pod", v)) => w.pod = v.to_owned(),
+            Some(("node", v)) => w.node = v.to_owned(),
+            // busybox httpd listens on [::]: an IPv4 client shows as [::ffff:a.b.c.d].
+            Some(("client", v)) => {
+                w.client = v
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .trim_start_matches("::ffff:")
+                    .to_owned()
+            }
+            _ => {}
+        }
+    }
+    (!w.pod.is_empty()).then_some(w)
+}
+
+fn web_manifests() -> String {
+    let image = format!("{}:{WEB_TAG}", image::WEB_IMAGE);
+    let svc = |name: &str, policy: &str, annotations: &str| {
+        format!(
+            "---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default, annotations: {{{annotations}}}}}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: {policy}
+  selector: {{app: web}}
+  ports:
+    - {{name: http, port: 80, targetPort: 80}}
+    - {{name: echo, port: 7000, targetPort: 7000}}
+"
+        )
+    };
+    format!(
+        "apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, namespace: default}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      topologySpreadConstraints:
+        - maxSkew: 1
+          topologyKey: kubernetes.io/hostname
+          whenUnsatisfiable: DoNotSchedule
+          labelSelector: {{matchLabels: {{app: web}}}}
+      containers:
+        - name: http
+          image: {image}
+          imagePullPolicy: Never
+          env:
+            - name: NODE_NAME
+              valueFrom: {{fieldRef: {{fieldPath: spec.nodeName}}}}
+          readinessProbe: {{tcpSocket: {{port: 80}}, periodSeconds: 1}}
+        - name: echo
+          image: {image}
+          imagePullPolicy: Never
+          command: [/bin/nc, -ll, -p, \"7000\", -e, /bin/line-echo]
+{cluster}{local}{ipip}{announce}",
+        replicas = NODES * 2,
+        cluster = svc("web-cluster", "Cluster", ""),
+        local = svc("web-local", "Local", ""),
+        ipip = svc("web-ipip", "Local", "sluice.io/forwarding-mode: ipip"),
+        announce = svc("web-announce", "Cluster", ""),
+    )
+}
+
+fn set_ingress(c: &Cluster, svc: &str, vip: Ipv4Addr) -> Result<()> {
+    c.kube().patch_status(
+        &format!("/api/v1/namespaces/default/services/{svc}"),
+        &json!({"status": {"loadBalancer": {"ingress": [{"ip": vip.to_string()}]}}}),
+    )
+}
+
+/// The agent pods by node name: (pod name, phase, ready).
+fn agent_pods(c: &Cluster) -> Result<BTreeMap<String, (String, String, bool)>> {
+    let pods = c.pods(AGENT_NAMESPACE, "app.kubernetes.io/name%3Dsluice")?;
+    Ok(pods
+        .iter()
+        .filter(|p| p.pointer("/metadata/deletionTimestamp").is_none())
+        .filter_map(|p| {
+            let node = p.pointer("/spec/nodeName")?.as_str()?.to_owned();
+            let name = p.pointer("/metadata/name")?.as_str()?.to_owned();
+            let phase = p
+                .pointer("/status/phase")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            let ready = pod_ready(p);
+            Some((node, (name, phase, ready)))
+        })
+        .collect())
+}
+
+fn pod_ready(p: &Value) -> bool {
+    p.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+}
+
+fn all_agents_ready(c: &Cluster) -> Result<bool> {
+    let pods = agent_pods(c)?;
+    Ok((0..c.nodes()).all(|i| {
+        pods.get(c.node_name(i))
+            .is_some_and(|(_, phase, ready)| phase == "Running" && *ready)
+    }))
+}
+
+/// What the cluster shows about the agents when they are not ready: pods, events, logs.
+fn agent_diagnostics(c: &Cluster) -> String {
+    let mut s = String::new();
+    if let Ok(o) = c.kubectl(&["get", "pods", "-A", "-o", "wide"]) {
+        s.push_str(&String::from_utf8_lossy(&o.stdout));
+    }
+    if let Ok(o) = c.kubectl(&["get", "events", "-n", AGENT_NAMESPACE]) {
+        s.push_str(&String::from_utf8_lossy(&o.stdout));
+    }
+    if let Ok(pods) = agent_pods(c) {
+        for (node, (pod, _, _)) in pods {
+            if let Ok(o) = c.kube().kubectl_on(
+                0,
+                &["logs", "-n", AGENT_NAMESPACE, &pod, "--tail", "15"],
+                Duration::from_secs(20),
+            ) {
+                s.push_str(&format!(
+                    "--- {pod} on {node}:\n{}{}\n",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ));
+            }
+        }
+    }
+    s
+}
+
+/// `n` connections to `vip`: answers per node, per pod, the client addresses seen, failures.
+struct Spread {
+    by_node: BTreeMap<String, usize>,
+    pods: BTreeMap<String, usize>,
+    clients: BTreeMap<String, usize>,
+    failed: usize,
+    took: Duration,
+}
+
+fn spread(c: &Cluster, vip: Ipv4Addr, n: usize) -> Result<Spread> {
+    let start = Instant::now();
+    // In batches of 50: when most of a batch fails, the rest is not tried (and counts as failed),
+    // so that a broken path costs seconds, not minutes.
+    let (mut bodies, mut failed) = (Vec::new(), 0);
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(50);
+        let (b, f) = c.curl(vip, 80, "/cgi-bin/who", k)?;
+        bodies.extend(b);
+        failed += f;
+        left -= k;
+        if f * 2 > k {
+            failed += left;
+            break;
+        }
+    }
+    let mut s = Spread {
+        by_node: BTreeMap::new(),
+        pods: BTreeMap::new(),
+        clients: BTreeMap::new(),
+        failed,
+        took: start.elapsed(),
+    };
+    for w in bodies.iter().filter_map(|b| parse_who(b)) {
+        *s.by_node.entry(w.node).or_default() += 1;
+        *s.pods.entry(w.pod).or_default() += 1;
+        *s.clients.entry(w.client).or_default() += 1;
+    }
+    Ok(s)
+}
+
+fn every_node(c: &Cluster, by_node: &BTreeMap<String, usize>) -> bool {
+    (0..c.nodes()).all(|i| by_node.get(c.node_name(i)).copied().unwrap_or(0) > 0)
+}
+
+/// `SLUICE_CLUSTER_HOLD=<seconds>`: keeps the cluster up that long (or until the file
+/// `<cluster dir>/release` exists) before tearing it down, for a look from another shell.
+fn hold_for_inspection(c: &Cluster) {
+    let Some(secs) = std::env::var("SLUICE_CLUSTER_HOLD")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    else {
+        return;
+    };
+    eprintln!(
+        "holding cluster {} for {secs} s (touch {}/release to go on)",
+        c.id(),
+        c.dir().display()
+    );
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(secs) && !c.dir().join("release").exists() {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn sluice_deployed_on_a_real_cluster() {
+    require_root();
+    let started = Instant::now();
+    let tag = image::default_tag();
+    let archive = image::sluice_archive(tag);
+    assert!(
+        archive.is_file(),
+        "{} missing: build the image first with `cargo xtask image` (./x test does)",
+        archive.display()
+    );
+    // The same binary under a second tag, for the rolling update.
+    let next_tag = format!("{tag}-next");
+    let next = image::build_sluice_image(&image::musl_binary(), &next_tag)
+        .expect("building the second image tag");
+    let web = image::build_web_image(WEB_TAG).expect("building the web image");
+    let mut c = Cluster::start(ClusterConfig {
+        nodes: NODES,
+        images: vec![archive, next, web],
+    })
+    .expect("starting the cluster");
+    let cluster_start = c.age();
+    let mut checks = Checks::default();
+    checks.check(
+        "cluster started",
+        true,
+        format!(
+            "{NODES} nodes Ready in {:.1} s",
+            cluster_start.as_secs_f64()
+        ),
+    );
+
+    // ----- deploy as a user does -----
+    let deploy = repo_root().join("deploy");
+    c.kubectl(&["apply", "-f", &deploy.to_string_lossy()])
+        .expect("kubectl apply -f deploy/");
+    let image_in_ds = c
+        .kubectl_json(&["get", "daemonset", "-n", AGENT_NAMESPACE, "sluice-agent"])
+        .ok()
+        .and_then(|v| {
+            v.pointer("/spec/template/spec/containers/0/image")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let want_image = format!("{}:{tag}", image::SLUICE_IMAGE);
+    if image_in_ds != want_image {
+        // deploy/ names another version: point it at the image just built.
+        c.kubectl(&[
+            "set",
+            "image",
+            "-n",
+            AGENT_NAMESPACE,
+            "daemonset/sluice-agent",
+            &format!("agent={want_image}"),
+        ])
+        .expect("kubectl set image");
+    }
+    c.kube()
+        .apply_yaml(&web_manifests())
+        .expect("applying the web Deployment and Services");
+    set_ingress(&c, "web-cluster", VIP_CLUSTER).expect("setting the ingress IP");
+    set_ingress(&c, "web-local", VIP_LOCAL).expect("setting the ingress IP");
+    set_ingress(&c, "web-ipip", VIP_IPIP).expect("setting the ingress IP");
+    set_ingress(&c, "web-announce", cluster::on_link_vip()).expect("setting the ingress IP");
+
+    let agents = c.wait_for(
+        "agent pods Running and ready on every node",
+        Duration::from_secs(120),
+        || all_agents_ready(&c),
+    );
+    let agents_ok = checks.result(
+        "DaemonSet pod Running and ready on every node",
+        agents.map(|d| format!("after {:.1} s ({})", d.as_secs_f64(), image_in_ds)),
+    );
+    if !agents_ok {
+        eprintln!("{}", agent_diagnostics(&c));
+        if std::env::var_os("SLUICE_CLUSTER_HOLD").is_some() {
+            hold_for_inspection(&c);
+        }
+    }
+    let web_ready = c.wait_for("web pods ready", Duration::from_secs(90), || {
+        let pods = c.pods("default", "app%3Dweb")?;
+        let nodes: std::collections::BTreeSet<_> = pods
+            .iter()
+            .filter(|p| pod_ready(p))
+            .filter_map(|p| p.pointer("/spec/nodeName").and_then(Value::as_str))
+            .collect();
+        Ok(pods.iter().filter(|p| pod_ready(p)).count() == NODES * 2 && nodes.len() == NODES)
+    });
+    checks.result(
+        "web pods ready on every node",
+        web_ready.map(|d| format!("{} pods after {:.1} s", NODES * 2, d.as_secs_f64())),
+    );
+
+    // The client routes the VIPs to node-0, as a BGP router that learnt them from it would.
+    c.route_vip_via(VIP_CLUSTER, 0).unwrap();
+    c.route_vip_via(VIP_LOCAL, 0).unwrap();
+    c.route_vip_via(VIP_IPIP, 0).unwrap();
+
+    // ----- many new connections, balanced once -----
+    // The whole path converges first: the agents see the slices and ingress IPs, the
+    // Endpoints controller and every kube-proxy the six pods (seconds on a loaded machine).
+    let converged = c.wait_for(
+        "pods on every node answering through both VIPs",
+        Duration::from_secs(90),
+        || {
+            let a = spread(&c, VIP_CLUSTER, 30)?;
+            let b = spread(&c, VIP_LOCAL, 30)?;
+            Ok(a.failed == 0
+                && b.failed == 0
+                && a.pods.len() == NODES * 2
+                && every_node(&c, &b.by_node))
+        },
+    );
+    checks.result(
+        "the path converged (client -> sluice -> kube-proxy -> every pod)",
+        converged.map(|d| format!("after {:.1} s", d.as_secs_f64())),
+    );
+    c.count_vip_frames(VIP_CLUSTER).unwrap();
+    match spread(&c, VIP_CLUSTER, CONNECTIONS) {
+        Ok(s) => {
+            let detail = format!(
+                "{} of {CONNECTIONS} answered in {:.1} s; by node {:?}; {} pods",
+                CONNECTIONS - s.failed,
+                s.took.as_secs_f64(),
+                s.by_node,
+                s.pods.len()
+            );
+            checks.check(
+                "Cluster policy: every connection answered, pods on every node",
+                s.failed == 0 && every_node(&c, &s.by_node),
+                detail,
+            );
+        }
+        Err(e) => {
+            checks.check("Cluster policy connections", false, format!("{e:#}"));
+        }
+    }
+    match c.vip_frames() {
+        Ok(frames) => {
+            let (client_frames, client_syns) = frames.get("sw-c").copied().unwrap_or((0, 0));
+            let (node_frames, node_syns) = frames
+                .iter()
+                .filter(|(p, _)| p.starts_with("sw-n"))
+                .fold((0, 0), |a, (_, f)| (a.0 + f.0, a.1 + f.1));
+            checks.check(
+                "each packet balanced at most once (frames to the VIP on the segment)",
+                client_syns >= CONNECTIONS as u64
+                    && node_syns <= client_syns
+                    && node_frames <= client_frames,
+                format!(
+                    "client port: {client_frames} frames, {client_syns} SYNs; node ports: {node_frames} frames, {node_syns} SYNs; per port {frames:?}"
+                ),
+            );
+            // Where node-0 (the receiving node) sent each new connection: SYNs leaving the
+            // bridge towards the other nodes; the rest it passed to its own stack.
+            if let Ok(out) = c.vip_syns_out() {
+                let to = |i: usize| out.get(c.node_port(i)).copied().unwrap_or(0);
+                let others: u64 = (1..c.nodes()).map(to).sum();
+                let own = client_syns.saturating_sub(others);
+                let picks: Vec<u64> = std::iter::once(own).chain((1..c.nodes()).map(to)).collect();
+                checks.check(
+                    "Cluster policy: the balancer picks every node (itself included)",
+                    picks.iter().all(|&p| p > 0),
+                    format!(
+                        "new connections per node (node-0 passes its own to its stack): {picks:?}"
+                    ),
+                );
+            }
+        }
+        Err(e) => {
+            checks.check("frame counters", false, format!("{e:#}"));
+        }
+    }
+
+    // ----- Local keeps the client's address -----
+    match spread(&c, VIP_LOCAL, CONNECTIONS / 2) {
+        Ok(s) => {
+            let own = cluster::client_addr().to_string();
+            let only_own = s.clients.keys().all(|k| *k == own) && !s.clients.is_empty();
+            checks.check(
+                "Local policy: the pods see the client's own address, pods on every node",
+                s.failed == 0 && only_own && every_node(&c, &s.by_node),
+                format!(
+                    "{} of {} answered; clients seen {:?}; by node {:?}",
+                    CONNECTIONS / 2 - s.failed,
+                    CONNECTIONS / 2,
+                    s.clients,
+                    s.by_node
+                ),
+            );
+        }
+        Err(e) => {
+            checks.check("Local policy connections", false, format!("{e:#}"));
+        }
+    }
+
+    // ----- a pod deleted: its established connection goes on while it terminates -----
+    let r = (|| -> Result<String> {
+        let conn = c.long_conn(SocketAddrV4::new(VIP_LOCAL, image::WEB_ECHO_PORT))?;
+        let pod = conn.backend();
+        // nc is PID 1 and ignores SIGTERM: the pod terminates for the whole grace period.
+        c.kubectl(&[
+            "delete",
+            "pod",
+            "-n",
+            "default",
+            &pod,
+            "--grace-period=10",
+            "--wait=false",
+        ])?;
+        let t = Instant::now();
+        std::thread::sleep(Duration::from_secs(7));
+        let report = conn.snapshot();
+        ensure!(
+            report.errors.is_empty() && report.sent == report.echoed,
+            "the connection to the terminating pod {pod} broke within {:.1} s: {report:?}",
+            t.elapsed().as_secs_f64()
+        );
+        let s = spread(&c, VIP_LOCAL, 50)?;
+        ensure!(s.failed == 0, "{} of 50 new connections failed", s.failed);
+        ensure!(
+            !s.pods.contains_key(&pod),
+            "new connections reached the terminating pod {pod}: {:?}",
+            s.pods
+        );
+        let echoed = report.echoed;
+        drop(conn);
+        Ok(format!(
+            "pod {pod} deleted (grace 10 s): its connection echoed {echoed} lines over 7 s, no error; 50 of 50 new connections answered by other pods"
+        ))
+    })();
+    checks.result(
+        "a terminating pod keeps its established connection, gets no new one",
+        r,
+    );
+    // The Deployment's replacement pod, before the next checks count pods per node.
+    let _ = c.wait_for("web pods ready again", Duration::from_secs(60), || {
+        let pods = c.pods("default", "app%3Dweb")?;
+        Ok(pods.iter().filter(|p| pod_ready(p)).count() == NODES * 2
+            && pods
+                .iter()
+                .all(|p| p.pointer("/metadata/deletionTimestamp").is_none()))
+    });
+
+    // ----- established connections survive the agent's restart and a rolling update -----
+    let echo = SocketAddrV4::new(VIP_CLUSTER, image::WEB_ECHO_PORT);
+    match c.long_conn(echo) {
+        Ok(conn) => {
+            let r = (|| -> Result<String> {
+                let pods = agent_pods(&c)?;
+                let (pod, _, _) = pods
+                    .get(c.node_name(0))
+                    .context("no agent pod on node-0")?
+                    .clone();
+                c.kubectl(&["delete", "pod", "-n", AGENT_NAMESPACE, &pod, "--wait=false"])?;
+                let back = c.wait_for(
+                    "the agent pod on node-0 recreated and ready",
+                    Duration::from_secs(90),
+                    || {
+                        let p = agent_pods(&c)?;
+                        Ok(p.get(c.node_name(0)).is_some_and(|(name, phase, ready)| {
+                            *name != pod && phase == "Running" && *ready
+                        }))
+                    },
+                )?;
+                std::thread::sleep(Duration::from_secs(2));
+                let report = conn.snapshot();
+                ensure!(
+                    report.errors.is_empty() && report.sent == report.echoed,
+                    "the connection broke: {report:?}"
+                );
+                Ok(format!(
+                    "new agent ready after {:.1} s; {} lines echoed, no error",
+                    back.as_secs_f64(),
+                    report.echoed
+                ))
+            })();
+            checks.result(
+                "established connection survives the agent pod's deletion",
+                r,
+            );
+            let r = (|| -> Result<String> {
+                c.kubectl(&[
+                    "set",
+                    "image",
+                    "-n",
+                    AGENT_NAMESPACE,
+                    "daemonset/sluice-agent",
+                    &format!("agent={}:{next_tag}", image::SLUICE_IMAGE),
+                ])?;
+                let t = Instant::now();
+                c.kube().kubectl_on(
+                    0,
+                    &[
+                        "rollout",
+                        "status",
+                        "-n",
+                        AGENT_NAMESPACE,
+                        "daemonset/sluice-agent",
+                        "--timeout=180s",
+                    ],
+                    Duration::from_secs(200),
+                )?;
+                ensure!(
+                    all_agents_ready(&c)?,
+                    "not every agent ready after the rollout"
+                );
+                let report = conn.snapshot();
+                ensure!(
+                    report.errors.is_empty() && report.sent == report.echoed,
+                    "the connection broke: {report:?}"
+                );
+                Ok(format!(
+                    "rolled out to {next_tag} in {:.1} s; {} lines echoed, no error",
+                    t.elapsed().as_secs_f64(),
+                    report.echoed
+                ))
+            })();
+            checks.result("established connection survives a rolling update", r);
+            drop(conn);
+        }
+        Err(e) => {
+            checks.check(
+                "a long-lived connection through the VIP",
+                false,
+                format!("{e:#}"),
+            );
+        }
+    }
+
+    // ----- cordon: no new connections to the node, established ones go on -----
+    let r = (|| -> Result<String> {
+        c.kubectl(&["cordon", c.node_name(2)])?;
+        // The agents drain the node from their tables within a moment.
+        std::thread::sleep(Duration::from_secs(3));
+        c.count_vip_frames(VIP_CLUSTER)?;
+        let s = spread(&c, VIP_CLUSTER, 100)?;
+        let out = c.vip_syns_out()?;
+        c.kubectl(&["uncordon", c.node_name(2)])?;
+        ensure!(s.failed == 0, "{} of 100 failed", s.failed);
+        let to2 = out.get(c.node_port(2)).copied().unwrap_or(0);
+        ensure!(
+            to2 == 0,
+            "{to2} new connections were balanced to the cordoned node-2 ({out:?})"
+        );
+        Ok(format!(
+            "100 of 100 answered, none balanced to node-2 (SYNs out per port {out:?}; pods reached by kube-proxy {:?})",
+            s.by_node
+        ))
+    })();
+    checks.result("a cordoned node gets no new connections", r);
+
+    // ----- ipip: every node unwraps inline -----
+    match spread(&c, VIP_IPIP, CONNECTIONS / 2) {
+        Ok(s) => {
+            let own = cluster::client_addr().to_string();
+            checks.check(
+                "ipip Service (Local): answered on every node, the client's address kept",
+                s.failed == 0 && every_node(&c, &s.by_node) && s.clients.keys().all(|k| *k == own),
+                format!(
+                    "{} of {} answered; by node {:?}; clients seen {:?}",
+                    CONNECTIONS / 2 - s.failed,
+                    CONNECTIONS / 2,
+                    s.by_node,
+                    s.clients
+                ),
+            );
+        }
+        Err(e) => {
+            checks.check("ipip Service", false, format!("{e:#}"));
+        }
+    }
+
+    // ----- --announce: the agents answer ARP for an on-link VIP -----
+    let r = (|| -> Result<String> {
+        c.kubectl(&[
+            "patch",
+            "daemonset",
+            "-n",
+            AGENT_NAMESPACE,
+            "sluice-agent",
+            "--type=json",
+            "-p",
+            r#"[{"op":"add","path":"/spec/template/spec/containers/0/args/-","value":"--announce"}]"#,
+        ])?;
+        c.kube().kubectl_on(
+            0,
+            &[
+                "rollout",
+                "status",
+                "-n",
+                AGENT_NAMESPACE,
+                "daemonset/sluice-agent",
+                "--timeout=180s",
+            ],
+            Duration::from_secs(200),
+        )?;
+        let vip = cluster::on_link_vip();
+        c.vip_on_link(vip)?;
+        let waited = c.wait_for(
+            "an answer from the announced VIP",
+            Duration::from_secs(30),
+            || Ok(c.curl(vip, 80, "/cgi-bin/who", 1)?.1 == 0),
+        )?;
+        let s = spread(&c, vip, 100)?;
+        let mac = c.client_neighbour(vip)?.unwrap_or_default();
+        let owner = (0..c.nodes()).find(|&i| c.node_mac(i) == mac);
+        ensure!(
+            s.failed == 0 && owner.is_some(),
+            "{} of 100 failed; the client's neighbour entry for {vip}: {mac:?}",
+            s.failed
+        );
+        Ok(format!(
+            "announced by {} (first answer after {:.1} s); 100 of 100 answered, by pod node {:?}",
+            c.node_name(owner.unwrap_or(0)),
+            waited.as_secs_f64(),
+            s.by_node
+        ))
+    })();
+    checks.result(
+        "--announce: an on-link VIP answered through the announcing node",
+        r,
+    );
+
+    // ----- the receiving node's link down: how long new connections fail -----
+    let r = (|| -> Result<String> {
+        // The client's route moves to node-1, as a BGP router's would when node-0 goes.
+        c.set_node_link(0, false)?;
+        let t = Instant::now();
+        c.route_vip_via(VIP_CLUSTER, 1)?;
+        let mut first_ok = None;
+        while t.elapsed() < Duration::from_secs(60) {
+            let (_, failed) = c.curl(VIP_CLUSTER, 80, "/cgi-bin/who", 10)?;
+            if failed == 0 {
+                first_ok = Some(t.elapsed());
+                break;
+            }
+        }
+        c.set_node_link(0, true)?;
+        c.route_vip_via(VIP_CLUSTER, 0)?;
+        let ok =
+            first_ok.context("new connections failed for 60 s after node-0's link went down")?;
+        Ok(format!(
+            "new connections fully answered again {:.1} s after node-0's link went down",
+            ok.as_secs_f64()
+        ))
+    })();
+    checks.result("node link down", r);
+
+    checks.check(
+        "test time",
+        true,
+        format!(
+            "{:.1} s in all (cluster start {:.1} s)",
+            started.elapsed().as_secs_f64(),
+            cluster_start.as_secs_f64()
+        ),
+    );
+    hold_for_inspection(&c);
+    drop(c);
+    checks.finish();
+}
