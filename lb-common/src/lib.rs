@@ -436,8 +436,15 @@ impl FlowKey {
 /// the smaller share of traffic on the networks sluice serves, and its entries are larger.
 pub const fn flow_table_size_v6(flow_table_size: u32) -> u32 {
     let quarter = flow_table_size / 4;
-    if quarter < 1024 { 1024 } else { quarter }
+    if quarter < MIN_FLOW_TABLE_SIZE {
+        MIN_FLOW_TABLE_SIZE
+    } else {
+        quarter
+    }
 }
+
+/// The smallest connection table (of either family) sluice creates.
+pub const MIN_FLOW_TABLE_SIZE: u32 = 1024;
 
 /// Value of the `FLOWS` connection table.
 #[repr(C)]

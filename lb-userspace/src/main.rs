@@ -556,7 +556,7 @@ fn xdp_pass(pin_root: &Path, iface_name: &str, detach: bool) -> anyhow::Result<(
     let iface = Interface::by_name(iface_name)?;
     pins.prepare()?;
     // A minimal connection table: this object only lends its pass program.
-    let mut ebpf = dataplane::load(None, 1024)?;
+    let mut ebpf = dataplane::load(None, lb_common::MIN_FLOW_TABLE_SIZE)?;
     let link = dataplane::attach(&mut ebpf, PASS_PROGRAM, &iface, false)?;
     link.pin(pins.link())
         .map_err(|e| anyhow!("pinning the XDP link at {}: {e}", pins.link().display()))?;

@@ -61,7 +61,7 @@ use yaml::*;
 
 /// Smallest Maglev table: the prime the paper's examples start from. Real ones are far larger.
 const MIN_MAGLEV_SIZE: u32 = 7;
-const FLOW_TABLE_SIZES: RangeInclusive<u32> = 1024..=64 << 20;
+const FLOW_TABLE_SIZES: RangeInclusive<u32> = lb_common::MIN_FLOW_TABLE_SIZE..=64 << 20;
 
 const SYNTAX_HINT: &str = "check the indentation (spaces only, each child indented under its \
      key) and the `key: value` and `- item` forms";

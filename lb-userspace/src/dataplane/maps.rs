@@ -153,7 +153,7 @@ impl AnnounceMap {
             .keys()
             .map(|k| {
                 let k = k.context("reading the ANNOUNCE map")?;
-                Ok(crate::reconcile::addr_from_raw(&k.addr, k.family))
+                Ok(lb_common::addr_from_raw(&k.addr, k.family))
             })
             .collect()
     }
@@ -177,7 +177,7 @@ impl AnnounceMap {
 
 /// The `ANNOUNCE` key of an address.
 pub fn announce_key(addr: std::net::IpAddr) -> VipKey {
-    let (addr, family) = crate::reconcile::raw_addr(addr);
+    let (addr, family) = lb_common::raw_addr(addr);
     VipKey {
         addr,
         port: 0,

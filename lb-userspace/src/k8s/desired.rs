@@ -50,7 +50,7 @@ pub struct Built {
 /// backend for as long as the backend set stays the same, which is at least as sticky.
 fn apply_options(vip: &mut Vip, options: &VipOptions) {
     vip.mode = options.mode;
-    vip.client_affinity = options.affinity_timeout_secs.is_some();
+    vip.client_affinity = options.client_affinity;
     vip.source_ranges = options.source_ranges.clone();
 }
 
@@ -934,7 +934,7 @@ mod tests {
             &nodes3(),
         );
         let o = &b.sources[&"192.0.2.10:80/tcp".parse().unwrap()].options;
-        assert_eq!(o.affinity_timeout_secs, Some(10_800));
+        assert!(o.client_affinity);
         assert_eq!(o.source_ranges.len(), 1);
     }
 

@@ -12,17 +12,16 @@ pub use crate::model::{ForwardingMode, IpNet};
 pub const FORWARDING_MODE_ANNOTATION: &str = "sluice.io/forwarding-mode";
 /// Node annotation scaling the node's share of new flows (0 to 10000, default 1; 0 takes none).
 pub const WEIGHT_ANNOTATION: &str = "sluice.io/weight";
-/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
-pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
-/// Kubernetes' upper bound for that timeout (one day).
+/// Kubernetes' upper bound for `sessionAffinityConfig.clientIP.timeoutSeconds` (one day).
 const MAX_AFFINITY_TIMEOUT_SECS: u32 = 86_400;
 
 /// A Service's choices that apply to every VIP it produces.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct VipOptions {
     pub mode: ForwardingMode,
-    /// `spec.sessionAffinity: ClientIP`: the timeout in seconds; `None` without affinity.
-    pub affinity_timeout_secs: Option<u32>,
+    /// `spec.sessionAffinity: ClientIP`. Its timeout is validated but has nothing to act on:
+    /// sluice's affinity is by hash, as sticky as the backend set is stable.
+    pub client_affinity: bool,
     /// `spec.loadBalancerSourceRanges`, of both families; empty admits every client. A VIP
     /// admits only the clients they list: ranges of the other family admit none of its
     /// clients (an IPv4 VIP of a Service that lists only IPv6 ranges admits nobody), as
@@ -40,22 +39,21 @@ pub fn service_options(svc: &Service) -> Result<VipOptions, String> {
             .map_err(|e| format!("annotation {FORWARDING_MODE_ANNOTATION}: {e}"))?,
     };
     let spec = svc.spec.as_ref();
-    let affinity_timeout_secs = match spec.and_then(|s| s.session_affinity.as_deref()) {
-        None | Some("None") => None,
+    let client_affinity = match spec.and_then(|s| s.session_affinity.as_deref()) {
+        None | Some("None") => false,
         Some("ClientIP") => {
             let timeout = spec
                 .and_then(|s| s.session_affinity_config.as_ref())
                 .and_then(|c| c.client_ip.as_ref())
                 .and_then(|c| c.timeout_seconds);
-            Some(match timeout {
-                None => DEFAULT_AFFINITY_TIMEOUT_SECS,
-                Some(t) if (1..=MAX_AFFINITY_TIMEOUT_SECS as i32).contains(&t) => t as u32,
-                Some(t) => {
-                    return Err(format!(
-                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds: {t} is outside 1..={MAX_AFFINITY_TIMEOUT_SECS}"
-                    ));
-                }
-            })
+            if let Some(t) = timeout
+                && !(1..=MAX_AFFINITY_TIMEOUT_SECS as i32).contains(&t)
+            {
+                return Err(format!(
+                    "spec.sessionAffinityConfig.clientIP.timeoutSeconds: {t} is outside 1..={MAX_AFFINITY_TIMEOUT_SECS}"
+                ));
+            }
+            true
         }
         Some(other) => {
             return Err(format!(
@@ -82,7 +80,7 @@ pub fn service_options(svc: &Service) -> Result<VipOptions, String> {
     source_ranges.dedup();
     Ok(VipOptions {
         mode,
-        affinity_timeout_secs,
+        client_affinity,
         source_ranges,
     })
 }
@@ -149,15 +147,15 @@ mod tests {
     #[test]
     fn client_ip_affinity_with_default_and_explicit_timeout() {
         let o = service_options(&svc(json!({}), json!({"sessionAffinity": "ClientIP"})));
-        assert_eq!(o.unwrap().affinity_timeout_secs, Some(10_800));
+        assert!(o.unwrap().client_affinity);
         let o = service_options(&svc(
             json!({}),
             json!({"sessionAffinity": "ClientIP",
                    "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}),
         ));
-        assert_eq!(o.unwrap().affinity_timeout_secs, Some(60));
+        assert!(o.unwrap().client_affinity);
         let o = service_options(&svc(json!({}), json!({"sessionAffinity": "None"})));
-        assert_eq!(o.unwrap().affinity_timeout_secs, None);
+        assert!(!o.unwrap().client_affinity);
         let e = service_options(&svc(
             json!({}),
             json!({"sessionAffinity": "ClientIP",
