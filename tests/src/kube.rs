@@ -547,27 +547,12 @@ impl Kube {
     /// JSON merge patch of `path`'s status subresource (e.g. `/api/v1/nodes/n0`) as admin on API
     /// server 0: how controllers (MetalLB, the kubelet) write status, which kubectl 1.20 cannot.
     pub fn patch_status(&self, path: &str, patch: &serde_json::Value) -> Result<()> {
-        let s = &self.servers[0];
-        let mut c = self.command(Path::new("curl"));
-        c.args([
-            "--silent",
-            "--show-error",
-            "--fail-with-body",
-            "--max-time",
-            "30",
-        ])
-        .arg("--cacert")
-        .arg(s.cert_dir.join("apiserver.crt"))
-        .args(["-H", &format!("Authorization: Bearer {}", self.admin_token)])
-        .args(["-H", "Content-Type: application/merge-patch+json"])
-        .args(["-X", "PATCH", "--data", &patch.to_string()])
-        .arg(format!(
-            "https://{}:{}{path}/status",
-            self.server_host(),
-            s.port
-        ));
-        cmd::run_ok(&mut c, cmd::DEFAULT_TIMEOUT)
-            .with_context(|| format!("patching the status of {path}"))?;
+        self.api(
+            "PATCH",
+            &format!("{path}/status"),
+            Some(("application/merge-patch+json", patch)),
+        )
+        .with_context(|| format!("patching the status of {path}"))?;
         Ok(())
     }
 
