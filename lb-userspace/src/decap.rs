@@ -1,16 +1,13 @@
 //! The backend side of `mode: ipip`: attach the decapsulator and keep its two address sets
 //! (allowed load-balancer source prefixes, this node's own addresses) in step.
 
-use std::collections::BTreeSet;
-
 use anyhow::{Context as _, anyhow, bail};
-use aya::maps::{MapError, lpm_trie::Key as LpmKey};
-use lb_common::{DECAP_PROGRAM, DecapCounter, FAMILY_V4, FAMILY_V6, MAX_DECAP_ADDRS, ScopedAddr};
+use lb_common::{DECAP_PROGRAM, DecapCounter, MAX_DECAP_ADDRS};
 use log::info;
 use serde_json::json;
 
 use crate::{
-    dataplane::{self, DecapMaps, DecapSets, PinLayout, addr_bytes, scoped_prefix},
+    dataplane::{self, DecapMaps, PinLayout},
     inspect::{View, render_table},
     model::IpNet,
     net::{Interface, local_addresses},
@@ -42,14 +39,14 @@ pub fn attach(
     }
     if pins.has_link() {
         let mut maps = DecapMaps::from_pins(pins)?;
-        sync(&mut maps.sets, allow, &local)?;
+        maps.sets.sync(allow, &local)?;
         info!("updated the decapsulator on {}", iface.name);
         return Ok(());
     }
     pins.prepare()?;
     let mut ebpf = dataplane::load_decap(Some(pins))?;
     let mut maps = DecapMaps::from_ebpf(&mut ebpf)?;
-    sync(&mut maps.sets, allow, &local)?;
+    maps.sets.sync(allow, &local)?;
     let link = dataplane::attach(&mut ebpf, DECAP_PROGRAM, iface, generic)?;
     link.pin(pins.link())
         .map_err(|e| anyhow!("pinning the XDP link at {}: {e}", pins.link().display()))?;
@@ -63,68 +60,6 @@ pub fn attach(
             .collect::<Vec<_>>()
             .join(", ")
     );
-    Ok(())
-}
-
-fn family(net: &IpNet) -> u32 {
-    u32::from(if net.addr().is_ipv4() {
-        FAMILY_V4
-    } else {
-        FAMILY_V6
-    })
-}
-
-/// Brings the two sets to `allow` and `local`: new entries first, then the stale ones go.
-pub fn sync(
-    maps: &mut DecapSets,
-    allow: &[IpNet],
-    local: &[std::net::IpAddr],
-) -> anyhow::Result<()> {
-    let want_sources: BTreeSet<(u32, ScopedAddr)> = allow
-        .iter()
-        .map(|net| {
-            let key = scoped_prefix(family(net), net);
-            (key.prefix_len(), key.data())
-        })
-        .collect();
-    let mut have_sources = BTreeSet::new();
-    for key in maps.sources.keys() {
-        let key = key.context("reading DECAP_SOURCES")?;
-        have_sources.insert((key.prefix_len(), key.data()));
-    }
-    let want_local: BTreeSet<ScopedAddr> = local
-        .iter()
-        .map(|addr| ScopedAddr {
-            scope_be: family(&IpNet::from(*addr)).to_be(),
-            addr: addr_bytes(*addr),
-        })
-        .collect();
-    let mut have_local = BTreeSet::new();
-    for key in maps.local.keys() {
-        have_local.insert(key.context("reading DECAP_LOCAL")?);
-    }
-    for (len, data) in want_sources.difference(&have_sources) {
-        maps.sources
-            .insert(&LpmKey::new(*len, *data), &1, 0)
-            .context("writing DECAP_SOURCES")?;
-    }
-    for key in want_local.difference(&have_local) {
-        maps.local
-            .insert(key, &1, 0)
-            .context("writing DECAP_LOCAL")?;
-    }
-    for (len, data) in have_sources.difference(&want_sources) {
-        match maps.sources.remove(&LpmKey::new(*len, *data)) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(e).context("removing from DECAP_SOURCES"),
-        }
-    }
-    for key in have_local.difference(&want_local) {
-        match maps.local.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(e).context("removing from DECAP_LOCAL"),
-        }
-    }
     Ok(())
 }
 

@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 
 use crate::{
     dataplane::{Maps, Snapshot},
+    model::vip_key,
     model::{MacAddr, Protocol, VipAddr},
-    reconcile::vip_key,
 };
 
 /// Output format of `sluice inspect`.

@@ -339,6 +339,17 @@ impl Desired {
     }
 }
 
+/// The key of a VIP as the program sees it.
+pub fn vip_key(vip: &VipAddr) -> lb_common::VipKey {
+    let (addr, family) = lb_common::raw_addr(vip.addr);
+    lb_common::VipKey {
+        addr,
+        port: vip.port.to_be(),
+        proto: vip.protocol.number(),
+        family,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;

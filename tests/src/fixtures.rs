@@ -18,7 +18,6 @@ use lb_common::{
 };
 use lb_userspace::{
     dataplane::{self, DecapMaps, Maps},
-    decap,
     model::{Backend, Desired, IpNet, MacAddr, Protocol, Settings, Vip, VipAddr},
     net::Interface,
     reconcile::{self, Phase, addr_from_raw},
@@ -459,7 +458,7 @@ impl DecapHarness {
             .iter()
             .map(|a| a.parse().map_err(|e| anyhow!("{a}: {e}")))
             .collect::<anyhow::Result<_>>()?;
-        decap::sync(&mut maps.sets, &allow, local)?;
+        maps.sets.sync(&allow, local)?;
         Ok(Self { ebpf, maps })
     }
 

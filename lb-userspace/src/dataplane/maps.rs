@@ -1,6 +1,12 @@
 //! Typed handles on the balancer's and the decapsulator's maps, opened from a loaded object
 //! or from their pins.
 
+use std::collections::BTreeSet;
+
+use aya::maps::MapError;
+use ipnet::IpNet;
+use lb_common::{FAMILY_V4, FAMILY_V6};
+
 use super::*;
 
 /// Typed handles on every map, from a freshly loaded object or from pins.
@@ -205,6 +211,67 @@ pub(super) fn open_pinned(pins: &PinLayout, name: &str, attach_with: &str) -> an
 pub struct DecapSets {
     pub sources: LpmTrie<MapData, ScopedAddr, u8>,
     pub local: HashMap<MapData, ScopedAddr, u8>,
+}
+
+impl DecapSets {
+    /// Brings the two sets to `allow` and `local`: new entries first, then the stale ones go.
+    pub fn sync(&mut self, allow: &[IpNet], local: &[std::net::IpAddr]) -> anyhow::Result<()> {
+        let maps = self;
+        let want_sources: BTreeSet<(u32, ScopedAddr)> = allow
+            .iter()
+            .map(|net| {
+                let key = scoped_prefix(family(net), net);
+                (key.prefix_len(), key.data())
+            })
+            .collect();
+        let mut have_sources = BTreeSet::new();
+        for key in maps.sources.keys() {
+            let key = key.context("reading DECAP_SOURCES")?;
+            have_sources.insert((key.prefix_len(), key.data()));
+        }
+        let want_local: BTreeSet<ScopedAddr> = local
+            .iter()
+            .map(|addr| ScopedAddr {
+                scope_be: family(&IpNet::from(*addr)).to_be(),
+                addr: addr_bytes(*addr),
+            })
+            .collect();
+        let mut have_local = BTreeSet::new();
+        for key in maps.local.keys() {
+            have_local.insert(key.context("reading DECAP_LOCAL")?);
+        }
+        for (len, data) in want_sources.difference(&have_sources) {
+            maps.sources
+                .insert(&LpmKey::new(*len, *data), &1, 0)
+                .context("writing DECAP_SOURCES")?;
+        }
+        for key in want_local.difference(&have_local) {
+            maps.local
+                .insert(key, &1, 0)
+                .context("writing DECAP_LOCAL")?;
+        }
+        for (len, data) in have_sources.difference(&want_sources) {
+            match maps.sources.remove(&LpmKey::new(*len, *data)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("removing from DECAP_SOURCES"),
+            }
+        }
+        for key in have_local.difference(&want_local) {
+            match maps.local.remove(key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("removing from DECAP_LOCAL"),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn family(net: &IpNet) -> u32 {
+    u32::from(if net.addr().is_ipv4() {
+        FAMILY_V4
+    } else {
+        FAMILY_V6
+    })
 }
 
 /// The stand-alone decapsulator's maps.

@@ -22,7 +22,6 @@ use lb_common::{
 
 use crate::{
     dataplane::{Maps, RangeKey, Snapshot, TableWrite, install_maglev_tables, scoped_prefix},
-    decap,
     maglev::{self, MaglevBackend},
     model::{Backend, Desired, ForwardingMode, IpNet, Settings, Vip, VipAddr},
     net::Interface,
@@ -167,16 +166,7 @@ impl Phase {
 /// Called after each phase of an apply; an error stops the apply there.
 type Hook<'a> = &'a mut dyn FnMut(Phase) -> anyhow::Result<()>;
 
-/// The key of a VIP as the program sees it.
-pub fn vip_key(vip: &VipAddr) -> VipKey {
-    let (addr, family) = raw_addr(vip.addr);
-    VipKey {
-        addr,
-        port: vip.port.to_be(),
-        proto: vip.protocol.number(),
-        family,
-    }
-}
+pub use crate::model::vip_key;
 
 pub use lb_common::{addr_from_raw, maglev_id, raw_addr};
 
@@ -355,5 +345,5 @@ fn sync_colocation(maps: &mut Maps, desired: &Desired, resolved: &Resolved) -> a
     let room = MAX_DECAP_ADDRS as usize;
     allow.truncate(room);
     local.truncate(room.saturating_sub(allow.len()));
-    decap::sync(&mut maps.decap, &allow, &local)
+    maps.decap.sync(&allow, &local)
 }
