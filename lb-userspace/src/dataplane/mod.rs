@@ -1,5 +1,6 @@
-//! The only module that touches aya: loading and attaching the XDP program, pinning, and typed
-//! handles on its maps.
+//! The aya side of sluice: loading and attaching the XDP programs, pinning, typed handles on
+//! their maps, Maglev tables and the maps' snapshot. Elsewhere aya appears only through these
+//! handles (the reconcile's writes, inspect's and metrics' reads of per-CPU values).
 
 use std::{
     fs,
