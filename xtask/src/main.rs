@@ -39,7 +39,8 @@ enum Cmd {
         tag: Option<String>,
     },
     /// sluice side by side with iptables/nft DNAT, nginx stream and haproxy on one lab:
-    /// packet rate, connections, Maglev quality and ns/packet; writes target/bench/report.*.
+    /// packet rate, connections, Maglev quality and ns/packet; then the cluster path on a real
+    /// cluster beside kube-proxy alone; writes target/bench/report.*.
     Bench {
         /// A shorter run (under 3 minutes): fewer and shorter windows.
         #[arg(long)]
@@ -47,7 +48,9 @@ enum Cmd {
         /// BPF_PROG_TEST_RUN runs per path (default 200000 quick, 1000000 full).
         #[arg(long)]
         repeat: Option<u32>,
-        /// Only these contenders (comma-separated: sluice,iptables,nft,nginx,haproxy).
+        /// Only these contenders (comma-separated: sluice,iptables,nft,nginx,haproxy) and/or
+        /// `cluster` (the cluster path beside kube-proxy alone); `--only cluster`: that section
+        /// alone.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// EndpointSlice changes timed in the agent section (default 200; 100 with --quick).
@@ -79,8 +82,13 @@ fn main() -> anyhow::Result<()> {
             agent_only,
         } => {
             build_sluice()?;
+            let plan = bench::Plan::new(quick, repeat, only);
             if !agent_only {
-                bench::run(bench::Plan::new(quick, repeat, only))?;
+                bench::run(plan.clone())?;
+            }
+            if !plan.lab_wanted() {
+                // `--only cluster`: no agent section either.
+                return Ok(());
             }
             let changes = agent_changes.unwrap_or(if quick { 100 } else { 200 });
             bench_agent::run(changes, agent_services)

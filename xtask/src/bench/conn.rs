@@ -1,5 +1,6 @@
 //! Connections: short-lived TCP, one HTTP request each, with k6 (the load tester the seeds'
-//! users ran) from the client namespace, at rising offered rates (k6's constant-arrival-rate).
+//! users ran) from a client namespace: at rising offered rates (k6's constant-arrival-rate) for the
+//! lab's contenders, or at a fixed concurrency (constant-vus, closed loop) for the cluster path.
 //!
 //! Each k6 iteration opens a new connection (`noVUConnectionReuse`), sends one GET without
 //! `Connection: close` and, after the answer, closes: the client closes first, as browsers and
@@ -11,6 +12,7 @@
 //! (EADDRNOTAVAIL), reset, refused, timeout, EOF (closed without an answer), other.
 
 use std::fs;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -33,7 +35,7 @@ pub const ERROR_KINDS: [&str; 6] = [
 /// One offered rate.
 #[derive(Debug, Clone, Default)]
 pub struct ConnStep {
-    /// Offered new connections per second.
+    /// Offered new connections per second (0: a fixed concurrency, [`Load::Concurrency`]).
     pub offered: u32,
     pub seconds: f64,
     /// Answered requests (HTTP 200) per second.
@@ -59,6 +61,15 @@ impl ConnStep {
     pub fn error_rate(&self) -> f64 {
         self.error_total() as f64 / self.requests.max(1) as f64
     }
+    /// The kinds that occurred, e.g. "reset 3, timeout 1".
+    pub fn error_kinds(&self) -> String {
+        self.errors
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 const SCRIPT: &str = r#"import http from 'k6/http';
@@ -79,7 +90,14 @@ export const options = {
   noVUConnectionReuse: true,
   summaryTrendStats: ['avg', 'p(50)', 'p(99)', 'max'],
   scenarios: {
-    conn: {
+    // CONCURRENCY set: that many VUs, each opening its next connection as soon as the last
+    // answered (a closed loop: what the path sustains); else RATE new connections per second.
+    conn: __ENV.CONCURRENCY ? {
+      executor: 'constant-vus',
+      vus: Number(__ENV.CONCURRENCY),
+      duration: __ENV.DURATION,
+      gracefulStop: '3s',
+    } : {
       executor: 'constant-arrival-rate',
       rate: Number(__ENV.RATE),
       timeUnit: '1s',
@@ -104,46 +122,85 @@ export default function () {
 }
 "#;
 
+/// How k6 offers new connections.
+#[derive(Debug, Clone, Copy)]
+pub enum Load {
+    /// This many new connections per second (open loop; k6 adds VUs up to a bound).
+    Rate(u32),
+    /// This many connections at once, each followed by the next as soon as it answered
+    /// (closed loop): the connections/s the path sustains at that concurrency.
+    Concurrency(u32),
+}
+
+/// One k6 run from network namespace `ns` against `url` for `window`: one new TCP connection
+/// per HTTP request. The script and k6's summary go to `dir` (`k6-<name>.json`). The measuring
+/// core of both the lab's contenders and the cluster section.
+pub fn run_k6(
+    ns: &str,
+    url: &str,
+    load: Load,
+    window: Duration,
+    dir: &Path,
+    name: &str,
+) -> anyhow::Result<ConnStep> {
+    let script = dir.join("bench-k6.js");
+    fs::write(&script, SCRIPT)?;
+    let summary = dir.join(format!("k6-{name}.json"));
+    let _ = fs::remove_file(&summary);
+    let secs = window.as_secs();
+    let mut k6 = Command::new("ip");
+    k6.args(["netns", "exec", ns, "k6", "run", "--quiet"])
+        .args(["--no-usage-report", "--no-color"])
+        .arg("--summary-export")
+        .arg(&summary)
+        .args(["-e", &format!("URL={url}")])
+        .args(["-e", &format!("DURATION={secs}s")]);
+    let offered = match load {
+        Load::Rate(rate) => {
+            // VUs: a connection takes ~1 ms when all is well; a failing one up to the 2 s timeout.
+            let vus = (rate / 20).clamp(10, 200);
+            let max_vus = (rate / 4).clamp(50, 600);
+            k6.args(["-e", &format!("RATE={rate}")])
+                .args(["-e", &format!("VUS={vus}")])
+                .args(["-e", &format!("MAXVUS={max_vus}")]);
+            rate
+        }
+        Load::Concurrency(n) => {
+            k6.args(["-e", &format!("CONCURRENCY={n}")]);
+            0
+        }
+    };
+    k6.arg(&script).env("K6_NO_USAGE_REPORT", "true");
+    let out = cmd::run(&mut k6, window + Duration::from_secs(60))?;
+    let text = fs::read_to_string(&summary).with_context(|| {
+        format!(
+            "k6 wrote no summary (exit {}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join(" | ")
+        )
+    })?;
+    parse_summary(&text, offered, window.as_secs_f64())
+}
+
 /// Runs the plan's rates against the VIP with the contender in place.
 pub fn measure(lab: &Lab, plan: &Plan, active: &Active<'_>) -> anyhow::Result<Vec<ConnStep>> {
-    let script = lab.dir().join("bench-k6.js");
-    fs::write(&script, SCRIPT)?;
+    let url = format!("http://{}:{HTTP_PORT}/", lab.vip());
     let mut steps = Vec::new();
     for (i, &rate) in plan.conn_rates.iter().enumerate() {
         let before = (active.port_errors(), active.no_backend_errors());
-        let summary = lab.dir().join(format!("k6-{}-{i}.json", active.kind.key()));
-        let secs = plan.conn_window.as_secs();
-        // VUs: a connection takes ~1 ms when all is well; a failing one up to the 2 s timeout.
-        let vus = (rate / 20).clamp(10, 200);
-        let max_vus = (rate / 4).clamp(50, 600);
-        let out = cmd::run(
-            Command::new("ip")
-                .args(["netns", "exec", lab.client_ns(), "k6", "run", "--quiet"])
-                .args(["--no-usage-report", "--no-color"])
-                .arg("--summary-export")
-                .arg(&summary)
-                .args(["-e", &format!("URL=http://{}:{HTTP_PORT}/", lab.vip())])
-                .args(["-e", &format!("RATE={rate}")])
-                .args(["-e", &format!("DURATION={secs}s")])
-                .args(["-e", &format!("VUS={vus}")])
-                .args(["-e", &format!("MAXVUS={max_vus}")])
-                .arg(&script)
-                .env("K6_NO_USAGE_REPORT", "true"),
-            plan.conn_window + Duration::from_secs(60),
+        let mut step = run_k6(
+            lab.client_ns(),
+            &url,
+            Load::Rate(rate),
+            plan.conn_window,
+            lab.dir(),
+            &format!("{}-{i}", active.kind.key()),
         )?;
-        let text = fs::read_to_string(&summary).with_context(|| {
-            format!(
-                "k6 wrote no summary (exit {}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-                    .lines()
-                    .rev()
-                    .take(5)
-                    .collect::<Vec<_>>()
-                    .join(" | ")
-            )
-        })?;
-        let mut step = parse_summary(&text, rate, plan.conn_window.as_secs_f64())?;
         let since = |b: Option<u64>, a: Option<u64>| Some(a?.saturating_sub(b?));
         step.proxy_port_errors = since(before.0, active.port_errors());
         step.proxy_no_backend = since(before.1, active.no_backend_errors());
@@ -153,12 +210,7 @@ pub fn measure(lab: &Lab, plan: &Plan, active: &Active<'_>) -> anyhow::Result<Ve
             step.p50_ms,
             step.p99_ms,
             step.error_total(),
-            step.errors
-                .iter()
-                .filter(|(_, n)| *n > 0)
-                .map(|(k, n)| format!("{k} {n}"))
-                .collect::<Vec<_>>()
-                .join(", "),
+            step.error_kinds(),
             step.dropped,
             step.proxy_port_errors.map_or(String::new(), |n| format!(
                 ", proxy log: EADDRNOTAVAIL {n}, no backend left {}",

@@ -8,11 +8,17 @@
 //!    - UDP packets/s, 64-byte payloads, many flows, from our XDP live-frames generator
 //!      ([`pktgen`]), at a fixed offered rate and at the maximum;
 //!    - short-lived TCP connections (one HTTP request each) with k6 at rising rates ([`conn`]).
-//! 4. `target/bench/report.{json,md,png}` ([`report`]).
+//! 4. The cluster path on a real 3-node cluster: client → node → kube-proxy → pod, new
+//!    connections/s and p99 with sluice deployed, and with kube-proxy alone ([`cluster`]).
+//! 5. `target/bench/report.{json,md,png}` ([`report`]).
+//!
+//! `--only` picks contenders (keys of [`Kind`]) and/or `cluster`; `--only cluster` runs the
+//! cluster section alone.
 //!
 //! Everything is bounded in time, traffic stays between the lab's namespaces, and every piece
 //! (lab, contender, sysctl) is undone by a Drop guard, also on error.
 
+mod cluster;
 mod conn;
 mod contenders;
 mod maglev_quality;
@@ -46,7 +52,11 @@ pub struct Plan {
     /// Offered connection rates (new connections per second), each for `conn_window`.
     pub conn_rates: Vec<u32>,
     pub conn_window: Duration,
-    /// Only these contenders (keys); all when empty.
+    /// New connections at once in the cluster section (k6 VUs, closed loop).
+    pub cluster_concurrency: u32,
+    /// Length of each of the cluster section's two windows.
+    pub cluster_window: Duration,
+    /// Only these contenders (keys) and/or `cluster`; all when empty.
     pub only: Vec<String>,
 }
 
@@ -63,6 +73,8 @@ impl Plan {
                 flows: 1024,
                 conn_rates: vec![500, 2000],
                 conn_window: Duration::from_secs(4),
+                cluster_concurrency: 16,
+                cluster_window: Duration::from_secs(10),
                 only,
             }
         } else {
@@ -76,11 +88,26 @@ impl Plan {
                 flows: 4096,
                 conn_rates: vec![250, 500, 1000, 2000, 4000],
                 conn_window: Duration::from_secs(8),
+                cluster_concurrency: 16,
+                cluster_window: Duration::from_secs(20),
                 only,
             }
         }
     }
+
+    /// Whether the lab's sections run (nothing but `cluster` in `--only`: no).
+    pub fn lab_wanted(&self) -> bool {
+        self.only.is_empty() || self.only.iter().any(|k| k != CLUSTER_KEY)
+    }
+
+    /// Whether the cluster section runs.
+    pub fn cluster_wanted(&self) -> bool {
+        self.only.is_empty() || self.only.iter().any(|k| k == CLUSTER_KEY)
+    }
 }
+
+/// The `--only` key of the cluster section.
+pub const CLUSTER_KEY: &str = "cluster";
 
 /// Where the report files go: `target/bench/` of the workspace.
 fn out_dir() -> PathBuf {
@@ -89,7 +116,12 @@ fn out_dir() -> PathBuf {
 
 pub fn run(plan: Plan) -> anyhow::Result<()> {
     require_root();
-    for tool in ["k6", "iptables", "conntrack", "haproxy", "bpftool"] {
+    let tools: &[&str] = if plan.lab_wanted() {
+        &["k6", "iptables", "conntrack", "haproxy", "bpftool"]
+    } else {
+        &["k6"]
+    };
+    for &tool in tools {
         let found = std::env::var_os("PATH")
             .map(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
             .unwrap_or(false);
@@ -100,7 +132,29 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
     }
     let started = Instant::now();
     let mut report = Report::new(&plan);
+    if plan.lab_wanted() {
+        run_lab(&plan, &mut report)?;
+    }
+    if plan.cluster_wanted() {
+        eprintln!("[bench] the cluster path: sluice, then kube-proxy alone");
+        let c = cluster::run(&plan);
+        report.notes.extend(report::cluster_notes(&c));
+        report.cluster = Some(c);
+    }
+    report.elapsed = started.elapsed();
+    let dir = out_dir();
+    report.write(&dir)?;
+    println!("{}", report.markdown());
+    eprintln!(
+        "[bench] done in {:.0} s: {}/report.{{json,md,png}}",
+        report.elapsed.as_secs_f64(),
+        dir.display()
+    );
+    Ok(())
+}
 
+/// Sections 1 to 3: ns/packet, Maglev quality, the lab's contenders.
+fn run_lab(plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
     eprintln!(
         "[bench] ns/packet with BPF_PROG_TEST_RUN ({} runs)",
         plan.repeat
@@ -119,11 +173,11 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
     })?;
     contenders::tune_lab(&lab)?;
     report.notes.extend(contenders::lab_notes(&lab));
-    report.notes.extend(report::method_notes(&plan));
+    report.notes.extend(report::method_notes(plan));
 
     // The path without a load balancer: what every contender's CPU per packet is compared to.
     eprintln!("[bench] packet rate straight to backend 0 (no load balancer)");
-    report.direct = Some(pktgen::measure_direct(&lab, &plan)?);
+    report.direct = Some(pktgen::measure_direct(&lab, plan)?);
 
     for kind in Kind::ALL {
         if !plan.only.is_empty() && !plan.only.iter().any(|k| k == kind.key()) {
@@ -141,12 +195,12 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
             }
         };
         if kind.forwards_udp() {
-            match pktgen::measure(&lab, &plan, &active) {
+            match pktgen::measure(&lab, plan, &active) {
                 Ok(p) => result.pps = Some(p),
                 Err(e) => result.errors.push(format!("packet rate: {e:#}")),
             }
         }
-        match conn::measure(&lab, &plan, &active) {
+        match conn::measure(&lab, plan, &active) {
             Ok(c) => result.conn = c,
             Err(e) => result.errors.push(format!("connections: {e:#}")),
         }
@@ -156,14 +210,5 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
     }
     drop(lab);
 
-    report.elapsed = started.elapsed();
-    let dir = out_dir();
-    report.write(&dir)?;
-    println!("{}", report.markdown());
-    eprintln!(
-        "[bench] done in {:.0} s: {}/report.{{json,md,png}}",
-        report.elapsed.as_secs_f64(),
-        dir.display()
-    );
     Ok(())
 }

@@ -13,6 +13,7 @@ use plotters::prelude::*;
 use serde_json::{Value, json};
 
 use super::Plan;
+use super::cluster::ClusterResult;
 use super::conn::ConnStep;
 use super::contenders::Kind;
 use super::maglev_quality::MaglevRow;
@@ -127,6 +128,8 @@ pub struct Report {
     pub maglev: Vec<MaglevRow>,
     pub direct: Option<Pps>,
     pub contenders: Vec<ContenderResult>,
+    /// The cluster path (`--only cluster` or the full run).
+    pub cluster: Option<ClusterResult>,
     pub notes: Vec<String>,
     pub elapsed: Duration,
 }
@@ -159,6 +162,7 @@ impl Report {
             maglev: Vec::new(),
             direct: None,
             contenders: Vec::new(),
+            cluster: None,
             notes: Vec::new(),
             elapsed: Duration::ZERO,
         }
@@ -205,8 +209,10 @@ impl Report {
         let json = serde_json::to_string_pretty(&self.json())?;
         fs::write(dir.join("report.json"), json + "\n")?;
         fs::write(dir.join("report.md"), self.markdown())?;
-        self.chart(&dir.join("report.png"))
-            .context("drawing report.png")?;
+        if self.plan.lab_wanted() {
+            self.chart(&dir.join("report.png"))
+                .context("drawing report.png")?;
+        }
         Ok(())
     }
 
@@ -366,6 +372,9 @@ impl Report {
                 );
             }
         }
+        if let Some(c) = &self.cluster {
+            cluster_records(c, &mut rec);
+        }
         json!({
             "machine": {
                 "cores": self.machine.cores, "kernel": self.machine.kernel,
@@ -379,12 +388,15 @@ impl Report {
                 "conn_rates": self.plan.conn_rates,
                 "conn_window_s": self.plan.conn_window.as_secs_f64(),
                 "backends": self.plan.backends,
+                "cluster_concurrency": self.plan.cluster_concurrency,
+                "cluster_window_s": self.plan.cluster_window.as_secs_f64(),
             },
             "elapsed_s": self.elapsed.as_secs_f64(),
             "not_measured": {
                 "ipvs": "this kernel has no IPVS (ip_vs) support",
                 "haproxy_udp": "haproxy balances TCP and HTTP only",
             },
+            "cluster_failures": self.cluster.as_ref().map_or(&[][..], |c| &c.errors[..]),
             "contender_failures": self.contenders.iter()
                 .filter(|c| !c.errors.is_empty())
                 .map(|c| json!({"contender": c.kind.key(), "errors": c.errors}))
@@ -402,15 +414,54 @@ impl Report {
         let _ = writeln!(
             s,
             "# sluice benchmark ({} run)\n\n{} on {} cores ({}), kernel {}, load average at start {}. \
-             One lab, contenders in turn; run took {:.0} s.\n",
+             {}; run took {:.0} s.\n",
             if self.plan.quick { "quick" } else { "full" },
             m.date,
             m.cores,
             m.cpu,
             m.kernel,
             m.loadavg,
+            match (self.plan.lab_wanted(), self.cluster.is_some()) {
+                (true, true) => "One lab, contenders in turn, then a real cluster",
+                (true, false) => "One lab, contenders in turn",
+                _ => "The cluster path only",
+            },
             self.elapsed.as_secs_f64()
         );
+        if self.plan.lab_wanted() {
+            self.lab_markdown(&mut s);
+        }
+        if let Some(c) = &self.cluster {
+            if self.plan.lab_wanted() {
+                s.push('\n');
+            }
+            cluster_markdown(c, &mut s);
+        }
+
+        let failures: Vec<String> = self
+            .contenders
+            .iter()
+            .flat_map(|c| {
+                c.errors
+                    .iter()
+                    .map(move |e| format!("{}: {e}", c.kind.name()))
+            })
+            .collect();
+        if !failures.is_empty() {
+            s.push_str("\n## Measurements that failed\n\n");
+            for f in failures {
+                let _ = writeln!(s, "- {f}");
+            }
+        }
+        s.push_str("\n## How to read this\n\n");
+        for n in &self.notes {
+            let _ = writeln!(s, "- {n}");
+        }
+        s
+    }
+
+    /// The lab's tables: contenders, targets, connections, packet rates, ns/packet, Maglev.
+    fn lab_markdown(&self, s: &mut String) {
         let sl = self.sluice();
         let sl_pps = sl.and_then(ContenderResult::max_pps);
         let sl_port_pps = sl.and_then(ContenderResult::port_pps);
@@ -629,27 +680,6 @@ impl Report {
                 r.ideal * 100.0
             );
         }
-
-        let failures: Vec<String> = self
-            .contenders
-            .iter()
-            .flat_map(|c| {
-                c.errors
-                    .iter()
-                    .map(move |e| format!("{}: {e}", c.kind.name()))
-            })
-            .collect();
-        if !failures.is_empty() {
-            s.push_str("\n## Measurements that failed\n\n");
-            for f in failures {
-                let _ = writeln!(s, "- {f}");
-            }
-        }
-        s.push_str("\n## How to read this\n\n");
-        for n in &self.notes {
-            let _ = writeln!(s, "- {n}");
-        }
-        s
     }
 
     // ----- PNG -----
@@ -863,6 +893,157 @@ impl Report {
     }
 }
 
+/// The cluster rows' contender names in report.json.
+const CLUSTER_SLUICE: &str = "cluster: sluice + kube-proxy";
+const CLUSTER_KUBE_PROXY: &str = "cluster: kube-proxy alone";
+
+fn cluster_records(c: &ClusterResult, rec: &mut dyn FnMut(&str, &str, f64, &str, Value)) {
+    let params = |s: &ConnStep, path: &str| {
+        let errors: serde_json::Map<String, Value> = s
+            .errors
+            .iter()
+            .map(|(k, n)| (k.clone(), json!(n)))
+            .collect();
+        json!({
+            "path": path, "nodes": c.nodes, "pods": c.pods,
+            "concurrency": c.concurrency, "seconds": s.seconds,
+            "requests": s.requests, "ok": s.ok, "errors": errors,
+            "service": "type: LoadBalancer, externalTrafficPolicy: Cluster; client routes the VIP to node-0",
+        })
+    };
+    for (who, path, step, syns) in [
+        (
+            CLUSTER_SLUICE,
+            "client -> node-0 (sluice XDP) -> a node's kube-proxy -> pod",
+            &c.sluice,
+            c.syns[0],
+        ),
+        (
+            CLUSTER_KUBE_PROXY,
+            "client -> node-0 (kube-proxy) -> pod",
+            &c.kube_proxy,
+            c.syns[1],
+        ),
+    ] {
+        if let Some(s) = step {
+            let mut p = params(s, path);
+            if let Some((from_client, sent_on)) = syns {
+                p["syns_to_vip_from_client"] = json!(from_client);
+                p["syns_to_vip_sent_on_by_node0"] = json!(sent_on);
+            }
+            rec(
+                who,
+                "new_conn_per_s",
+                s.ok_per_s,
+                "connections/s",
+                p.clone(),
+            );
+            rec(who, "conn_p50_ms", s.p50_ms, "ms", p.clone());
+            rec(who, "conn_p99_ms", s.p99_ms, "ms", p.clone());
+            rec(who, "conn_error_rate", s.error_rate(), "share", p);
+        }
+    }
+    if let Some(r) = c.conn_ratio() {
+        rec(
+            CLUSTER_SLUICE,
+            "new_conn_per_s_ratio_to_kube_proxy_alone",
+            r,
+            "ratio",
+            json!({}),
+        );
+    }
+    if let Some(r) = c.p99_ratio() {
+        rec(
+            CLUSTER_SLUICE,
+            "conn_p99_ratio_to_kube_proxy_alone",
+            r,
+            "ratio",
+            json!({}),
+        );
+    }
+}
+
+fn cluster_markdown(c: &ClusterResult, s: &mut String) {
+    let _ = writeln!(
+        s,
+        "## The cluster path (real {}-node cluster, {} web pods; k6, one HTTP request per new TCP connection, {} at once, {:.0} s each)\n",
+        c.nodes,
+        c.pods,
+        c.concurrency,
+        c.window.as_secs_f64()
+    );
+    s.push_str("| path | new conn/s | p50 ms | p99 ms | errors (kind: count) | conn/s ÷ kube-proxy alone | p99 ÷ kube-proxy alone | SYNs to the VIP: from the client / sent on by node-0 to other nodes |\n|---|---:|---:|---:|---|---:|---:|---:|\n");
+    let row = |s: &mut String,
+               what: &str,
+               st: &Option<ConnStep>,
+               cr: String,
+               pr: String,
+               syns: Option<(u64, u64)>| {
+        let syns = syns.map_or("-".into(), |(a, b)| format!("{a} / {b}"));
+        match st {
+            Some(st) => {
+                let errs = st.error_kinds();
+                let _ = writeln!(
+                    s,
+                    "| {what} | {:.0} | {:.2} | {:.2} | {} | {cr} | {pr} | {syns} |",
+                    st.ok_per_s,
+                    st.p50_ms,
+                    st.p99_ms,
+                    if errs.is_empty() { "0".into() } else { errs }
+                );
+            }
+            None => {
+                let _ = writeln!(s, "| {what} | not measured | | | | | | |");
+            }
+        }
+    };
+    row(
+        s,
+        "client → node-0: **sluice** (XDP) → a node's kube-proxy → pod",
+        &c.sluice,
+        c.conn_ratio().map_or("-".into(), |r| format!("{r:.2}x")),
+        c.p99_ratio().map_or("-".into(), |r| format!("{r:.2}x")),
+        c.syns[0],
+    );
+    row(
+        s,
+        "client → node-0: **kube-proxy alone** → pod (sluice detached)",
+        &c.kube_proxy,
+        "1.0x".into(),
+        "1.0x".into(),
+        c.syns[1],
+    );
+    if !c.errors.is_empty() {
+        let _ = writeln!(s, "\nThe cluster section failed: {}", c.errors.join("; "));
+    }
+    let _ = writeln!(
+        s,
+        "\n(cluster start, deploy, both windows and teardown took {:.0} s)",
+        c.elapsed.as_secs_f64()
+    );
+}
+
+/// How the cluster rows are taken.
+pub fn cluster_notes(c: &ClusterResult) -> Vec<String> {
+    vec![format!(
+        "Cluster path: a real {}-node Kubernetes cluster on this machine (nodes are network and \
+         mount namespaces with their own containerd, kubelet and kube-proxy in iptables mode; \
+         tests/src/cluster.rs), sluice deployed with `kubectl apply -f deploy/` and the image \
+         built offline, {} busybox-httpd pods, a `type: LoadBalancer` Service \
+         (externalTrafficPolicy: Cluster) whose ingress IP the client routes to node-0. Row 1: \
+         node-0's sluice picks a node per connection (XDP), whose kube-proxy DNATs it to a pod. \
+         Row 2: the DaemonSet deleted and `sluice detach` on every node, node-0's kube-proxy \
+         takes the VIP itself and DNATs to any pod. k6 from the client namespace, {} VUs each \
+         opening a new connection as soon as the last answered (closed loop), after a 3 s \
+         warm-up: new conn/s is what the path sustains at that concurrency on this shared \
+         machine, where the client, the three nodes and the pods share the same cores. Which \
+         balancer took the connections is counted on the bridge: SYNs to the VIP that node-0 \
+         sends on to another node still addressed to the VIP are sluice's (kube-proxy's DNAT \
+         rewrites the address), about 2/3 with sluice and none without.",
+        c.nodes, c.pods, c.concurrency
+    )]
+}
+
 /// How the figures were taken and what bounds them on this kind of machine.
 pub fn method_notes(plan: &Plan) -> Vec<String> {
     vec![
@@ -1030,5 +1211,45 @@ mod tests {
             serde_json::from_str(&fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
         assert!(json["results"].as_array().unwrap().len() > 20);
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// The cluster rows: both in the Markdown with the ratio, in the JSON by name; `--only
+    /// cluster` leaves the lab's tables out.
+    #[test]
+    fn cluster_rows_and_ratio() {
+        let mut r = Report::new(&Plan::new(true, None, vec!["cluster".into()]));
+        let mut kp = step(0, 2000, 0);
+        kp.p99_ms = 4.0;
+        r.cluster = Some(ClusterResult {
+            nodes: 3,
+            pods: 6,
+            concurrency: 16,
+            window: Duration::from_secs(10),
+            sluice: Some(step(0, 2500, 0)),
+            kube_proxy: Some(kp),
+            syns: [Some((25_000, 16_000)), Some((20_000, 0))],
+            ..Default::default()
+        });
+        let md = r.markdown();
+        assert!(md.contains("The cluster path"), "{md}");
+        assert!(
+            md.contains("| 2500 | 0.20 | 2.00 | 0 | 1.25x | 0.50x | 25000 / 16000 |"),
+            "{md}"
+        );
+        assert!(!md.contains("Maglev quality"), "{md}");
+        let v = r.json();
+        let found = |who: &str, metric: &str| {
+            v["results"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|x| x["contender"] == who && x["metric"] == metric)
+                .and_then(|x| x["value"].as_f64())
+        };
+        assert_eq!(found(CLUSTER_KUBE_PROXY, "new_conn_per_s"), Some(2000.0));
+        assert_eq!(
+            found(CLUSTER_SLUICE, "new_conn_per_s_ratio_to_kube_proxy_alone"),
+            Some(1.25)
+        );
     }
 }
