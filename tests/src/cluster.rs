@@ -1144,6 +1144,15 @@ featureGates: {{EndpointSliceProxying: false}}
         }
     }
 
+    /// Sets Service `svc`'s (namespace default) load-balancer ingress IP, as MetalLB's IPAM
+    /// would.
+    pub fn set_ingress(&self, svc: &str, vip: Ipv4Addr) -> Result<()> {
+        self.kube().patch_status(
+            &format!("/api/v1/namespaces/default/services/{svc}"),
+            &json!({"status": {"loadBalancer": {"ingress": [{"ip": vip.to_string()}]}}}),
+        )
+    }
+
     /// Pods of namespace `ns` matching label selector `selector`, as JSON.
     pub fn pods(&self, ns: &str, selector: &str) -> Result<Vec<Value>> {
         let v = self.kube().api(
@@ -1250,6 +1259,75 @@ fn which(tool: &str) -> bool {
 }
 
 /// `items` of a list answer.
+/// The tag the test web image is built with ([`image::build_web_image`]).
+pub const WEB_TAG: &str = "1";
+
+/// A Deployment `web` of `replicas` test web pods spread over the nodes: busybox httpd on port
+/// 80 (its CGI names pod, node and client) and a line echo on port 7000.
+pub fn web_deployment(replicas: usize) -> String {
+    let image = format!("{}:{WEB_TAG}", image::WEB_IMAGE);
+    format!(
+        "apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, namespace: default}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      topologySpreadConstraints:
+        - maxSkew: 1
+          topologyKey: kubernetes.io/hostname
+          whenUnsatisfiable: DoNotSchedule
+          labelSelector: {{matchLabels: {{app: web}}}}
+      containers:
+        - name: http
+          image: {image}
+          imagePullPolicy: Never
+          env:
+            - name: NODE_NAME
+              valueFrom: {{fieldRef: {{fieldPath: spec.nodeName}}}}
+          readinessProbe: {{tcpSocket: {{port: 80}}, periodSeconds: 1}}
+        - name: echo
+          image: {image}
+          imagePullPolicy: Never
+          command: [/bin/nc, -ll, -p, \"7000\", -e, /bin/line-echo]
+"
+    )
+}
+
+/// A `type: LoadBalancer` Service `name` (namespace default) of the web pods, ports 80 and
+/// 7000, with `externalTrafficPolicy: policy` and `annotations` (`key: value` pairs or "").
+pub fn lb_service(name: &str, policy: &str, annotations: &str) -> String {
+    format!(
+        "---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default, annotations: {{{annotations}}}}}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: {policy}
+  selector: {{app: web}}
+  ports:
+    - {{name: http, port: 80, targetPort: 80}}
+    - {{name: echo, port: 7000, targetPort: 7000}}
+"
+    )
+}
+
+/// A pod that is Ready and not being deleted.
+pub fn pod_ready(p: &Value) -> bool {
+    p.pointer("/metadata/deletionTimestamp").is_none()
+        && p.pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+}
+
 pub fn items(v: &Value) -> &[Value] {
     v.get("items")
         .and_then(Value::as_array)

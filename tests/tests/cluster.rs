@@ -24,14 +24,13 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use serde_json::{Value, json};
-use sluice_tests::cluster::{self, Cluster, ClusterConfig};
+use serde_json::Value;
+use sluice_tests::cluster::{self, Cluster, ClusterConfig, WEB_TAG, pod_ready};
 use sluice_tests::image;
 use sluice_tests::kube::{AGENT_NAMESPACE, repo_root};
 use sluice_tests::require_root;
 
 const NODES: usize = 3;
-const WEB_TAG: &str = "1";
 /// Off the segment: the client routes them to a node.
 const VIP_CLUSTER: Ipv4Addr = Ipv4Addr::new(10, 80, 1, 10);
 const VIP_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 80, 1, 11);
@@ -110,64 +109,13 @@ fn parse_who(line: &str) -> Option<Who> {
 }
 
 fn web_manifests() -> String {
-    let image = format!("{}:{WEB_TAG}", image::WEB_IMAGE);
-    let svc = |name: &str, policy: &str, annotations: &str| {
-        format!(
-            "---
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default, annotations: {{{annotations}}}}}
-spec:
-  type: LoadBalancer
-  externalTrafficPolicy: {policy}
-  selector: {{app: web}}
-  ports:
-    - {{name: http, port: 80, targetPort: 80}}
-    - {{name: echo, port: 7000, targetPort: 7000}}
-"
-        )
-    };
     format!(
-        "apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: web, namespace: default}}
-spec:
-  replicas: {replicas}
-  selector: {{matchLabels: {{app: web}}}}
-  template:
-    metadata: {{labels: {{app: web}}}}
-    spec:
-      terminationGracePeriodSeconds: 1
-      topologySpreadConstraints:
-        - maxSkew: 1
-          topologyKey: kubernetes.io/hostname
-          whenUnsatisfiable: DoNotSchedule
-          labelSelector: {{matchLabels: {{app: web}}}}
-      containers:
-        - name: http
-          image: {image}
-          imagePullPolicy: Never
-          env:
-            - name: NODE_NAME
-              valueFrom: {{fieldRef: {{fieldPath: spec.nodeName}}}}
-          readinessProbe: {{tcpSocket: {{port: 80}}, periodSeconds: 1}}
-        - name: echo
-          image: {image}
-          imagePullPolicy: Never
-          command: [/bin/nc, -ll, -p, \"7000\", -e, /bin/line-echo]
-{cluster}{local}{ipip}{announce}",
-        replicas = NODES * 2,
-        cluster = svc("web-cluster", "Cluster", ""),
-        local = svc("web-local", "Local", ""),
-        ipip = svc("web-ipip", "Local", "sluice.io/forwarding-mode: ipip"),
-        announce = svc("web-announce", "Cluster", ""),
-    )
-}
-
-fn set_ingress(c: &Cluster, svc: &str, vip: Ipv4Addr) -> Result<()> {
-    c.kube().patch_status(
-        &format!("/api/v1/namespaces/default/services/{svc}"),
-        &json!({"status": {"loadBalancer": {"ingress": [{"ip": vip.to_string()}]}}}),
+        "{}{}{}{}{}",
+        cluster::web_deployment(NODES * 2),
+        cluster::lb_service("web-cluster", "Cluster", ""),
+        cluster::lb_service("web-local", "Local", ""),
+        cluster::lb_service("web-ipip", "Local", "sluice.io/forwarding-mode: ipip"),
+        cluster::lb_service("web-announce", "Cluster", ""),
     )
 }
 
@@ -189,15 +137,6 @@ fn agent_pods(c: &Cluster) -> Result<BTreeMap<String, (String, String, bool)>> {
             Some((node, (name, phase, ready)))
         })
         .collect())
-}
-
-fn pod_ready(p: &Value) -> bool {
-    p.pointer("/status/conditions")
-        .and_then(Value::as_array)
-        .is_some_and(|cs| {
-            cs.iter()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True")
-        })
 }
 
 fn all_agents_ready(c: &Cluster) -> Result<bool> {
@@ -361,10 +300,14 @@ fn sluice_deployed_on_a_real_cluster() {
     c.kube()
         .apply_yaml(&web_manifests())
         .expect("applying the web Deployment and Services");
-    set_ingress(&c, "web-cluster", VIP_CLUSTER).expect("setting the ingress IP");
-    set_ingress(&c, "web-local", VIP_LOCAL).expect("setting the ingress IP");
-    set_ingress(&c, "web-ipip", VIP_IPIP).expect("setting the ingress IP");
-    set_ingress(&c, "web-announce", cluster::on_link_vip()).expect("setting the ingress IP");
+    c.set_ingress("web-cluster", VIP_CLUSTER)
+        .expect("setting the ingress IP");
+    c.set_ingress("web-local", VIP_LOCAL)
+        .expect("setting the ingress IP");
+    c.set_ingress("web-ipip", VIP_IPIP)
+        .expect("setting the ingress IP");
+    c.set_ingress("web-announce", cluster::on_link_vip())
+        .expect("setting the ingress IP");
 
     let agents = c.wait_for(
         "agent pods Running and ready on every node",

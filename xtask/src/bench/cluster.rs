@@ -21,7 +21,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
-use serde_json::{Value, json};
 use sluice_tests::cluster::{self, Cluster, ClusterConfig};
 use sluice_tests::image;
 use sluice_tests::kube::{AGENT_NAMESPACE, repo_root};
@@ -32,7 +31,6 @@ use super::conn::{ConnStep, Load, run_k6};
 
 const NODES: usize = 3;
 const PODS_PER_NODE: usize = 2;
-const WEB_TAG: &str = "1";
 /// Off the segment: the client routes it to node-0.
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 80, 1, 20);
 const SERVICE: &str = "web-bench";
@@ -94,7 +92,7 @@ fn measure(plan: &Plan, r: &mut ClusterResult) -> Result<()> {
     let tag = image::default_tag();
     eprintln!("[bench]   building the images (sluice:{tag}, web)");
     let sluice = image::build_sluice_image_from_source(tag)?;
-    let web = image::build_web_image(WEB_TAG)?;
+    let web = image::build_web_image(cluster::WEB_TAG)?;
     eprintln!("[bench]   starting a {NODES}-node cluster (waits for any other cluster run)");
     let c = Cluster::start(ClusterConfig {
         nodes: NODES,
@@ -184,44 +182,6 @@ fn measure_row(c: &Cluster, plan: &Plan, name: &str) -> Result<(ConnStep, (u64, 
     Ok((s, (client_syns, on)))
 }
 
-fn web_manifests() -> String {
-    let image = format!("{}:{WEB_TAG}", image::WEB_IMAGE);
-    format!(
-        "apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: web, namespace: default}}
-spec:
-  replicas: {replicas}
-  selector: {{matchLabels: {{app: web}}}}
-  template:
-    metadata: {{labels: {{app: web}}}}
-    spec:
-      terminationGracePeriodSeconds: 1
-      topologySpreadConstraints:
-        - maxSkew: 1
-          topologyKey: kubernetes.io/hostname
-          whenUnsatisfiable: DoNotSchedule
-          labelSelector: {{matchLabels: {{app: web}}}}
-      containers:
-        - name: http
-          image: {image}
-          imagePullPolicy: Never
-          readinessProbe: {{tcpSocket: {{port: 80}}, periodSeconds: 1}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: {SERVICE}, namespace: default}}
-spec:
-  type: LoadBalancer
-  externalTrafficPolicy: Cluster
-  selector: {{app: web}}
-  ports:
-    - {{name: http, port: 80, targetPort: 80}}
-",
-        replicas = NODES * PODS_PER_NODE,
-    )
-}
-
 /// `kubectl apply -f deploy/` (the image just built), the web pods and the Service, its ingress
 /// IP set; returns when the agents and the pods are ready.
 fn deploy(c: &Cluster, tag: &str) -> Result<()> {
@@ -235,17 +195,18 @@ fn deploy(c: &Cluster, tag: &str) -> Result<()> {
         "daemonset/sluice-agent",
         &format!("agent={}:{tag}", image::SLUICE_IMAGE),
     ])?;
-    c.kube().apply_yaml(&web_manifests())?;
-    c.kube().patch_status(
-        &format!("/api/v1/namespaces/default/services/{SERVICE}"),
-        &json!({"status": {"loadBalancer": {"ingress": [{"ip": VIP.to_string()}]}}}),
-    )?;
+    c.kube().apply_yaml(&format!(
+        "{}{}",
+        cluster::web_deployment(NODES * PODS_PER_NODE),
+        cluster::lb_service(SERVICE, "Cluster", "")
+    ))?;
+    c.set_ingress(SERVICE, VIP)?;
     let t = c.wait_for(
         "agent pods ready on every node",
         Duration::from_secs(120),
         || {
             let pods = c.pods(AGENT_NAMESPACE, "app.kubernetes.io/name%3Dsluice")?;
-            Ok(pods.iter().filter(|p| pod_ready(p)).count() == NODES)
+            Ok(pods.iter().filter(|p| cluster::pod_ready(p)).count() == NODES)
         },
     )?;
     eprintln!(
@@ -254,7 +215,7 @@ fn deploy(c: &Cluster, tag: &str) -> Result<()> {
     );
     let t = c.wait_for("web pods ready", Duration::from_secs(90), || {
         let pods = c.pods("default", "app%3Dweb")?;
-        Ok(pods.iter().filter(|p| pod_ready(p)).count() == NODES * PODS_PER_NODE)
+        Ok(pods.iter().filter(|p| cluster::pod_ready(p)).count() == NODES * PODS_PER_NODE)
     })?;
     eprintln!(
         "[bench]   {} web pods ready after {:.1} s",
@@ -262,16 +223,6 @@ fn deploy(c: &Cluster, tag: &str) -> Result<()> {
         t.as_secs_f64()
     );
     Ok(())
-}
-
-fn pod_ready(p: &Value) -> bool {
-    p.pointer("/metadata/deletionTimestamp").is_none()
-        && p.pointer("/status/conditions")
-            .and_then(Value::as_array)
-            .is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
-            })
 }
 
 /// The client as the lab's: ports 1024-65000 and tcp_tw_reuse, so that its own TIME_WAIT
