@@ -698,11 +698,7 @@ pub fn addr_bytes(addr: core::net::IpAddr) -> [u8; 16] {
     match addr {
         core::net::IpAddr::V4(v4) => {
             let mut bytes = [0u8; 16];
-            let o = v4.octets();
-            bytes[0] = o[0];
-            bytes[1] = o[1];
-            bytes[2] = o[2];
-            bytes[3] = o[3];
+            bytes[..4].copy_from_slice(&v4.octets());
             bytes
         }
         core::net::IpAddr::V6(v6) => v6.octets(),

@@ -127,12 +127,19 @@ pub fn resolve(iface: &Interface, desired: &Desired) -> anyhow::Result<Resolved>
         if out.local.contains(peer) {
             continue;
         }
-        let known = out.targets.get(&(*peer, ForwardingMode::L2)).cloned();
-        let mac = match known {
-            Some(Target::Remote { mac, .. }) => Some(mac),
-            _ => net::resolve_neighbour(*peer, NEIGHBOUR_TIMEOUT)
-                .ok()
-                .map(|n| n.mac),
+        let key = (*peer, ForwardingMode::L2);
+        let mac = match out.targets.get(&key) {
+            Some(Target::Remote { mac, .. }) => Some(*mac),
+            // Asked already in this pass, as a backend, and it did not answer.
+            _ if out.failures.contains_key(&key) => None,
+            // Only a peer on a directly connected network sends frames with its own MAC;
+            // one behind a router is never waited for.
+            _ if net::route_to(*peer).is_ok_and(|r| r.gateway.is_none()) => {
+                net::resolve_neighbour(*peer, NEIGHBOUR_TIMEOUT)
+                    .ok()
+                    .map(|n| n.mac)
+            }
+            _ => None,
         };
         // A peer that does not answer sends nothing either; it is added once it does.
         out.peer_macs.extend(mac);
