@@ -130,7 +130,10 @@ pub mod map_names {
     /// the stand-alone decapsulator's, by the same names.
     pub const DECAP_SOURCES: &str = super::decap_map_names::DECAP_SOURCES;
     pub const DECAP_LOCAL: &str = super::decap_map_names::DECAP_LOCAL;
-    pub const ALL: [&str; 17] = [
+    /// Dataplane-wide settings (the flood guard's limit) and the guard's per-CPU windows.
+    pub const SETTINGS: &str = "SETTINGS";
+    pub const NEW_FLOWS: &str = "NEW_FLOWS";
+    pub const ALL: [&str; 19] = [
         FLOWS6,
         VIP_FILTER,
         VIP_ADDRS,
@@ -148,6 +151,8 @@ pub mod map_names {
         PEER_FILTER,
         DECAP_SOURCES,
         DECAP_LOCAL,
+        SETTINGS,
+        NEW_FLOWS,
     ];
 }
 
@@ -456,6 +461,30 @@ pub struct FlowValue {
     pub generation: u32,
 }
 
+/// The flood guard's default: connection-table inserts per second per CPU (Katran's default).
+pub const DEFAULT_MAX_NEW_FLOWS_PER_CPU: u32 = 125_000;
+/// The flood guard counts new flows per window of this length (one second).
+pub const RATE_WINDOW_NS: u64 = 1_000_000_000;
+
+/// Settings of the whole dataplane (`SETTINGS`, one element).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// The flood guard: new flows recorded in the connection table per second and CPU; above
+    /// it, new flows are forwarded by Maglev's pick without an entry. 0: no limit.
+    pub max_new_flows_per_cpu: u32,
+    pub _reserved: u32,
+}
+
+/// One CPU's flood-guard window (`NEW_FLOWS`): new flows seen since `start_ns`
+/// (bpf_ktime_get_ns, CLOCK_MONOTONIC).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateWindow {
+    pub start_ns: u64,
+    pub flows: u64,
+}
+
 /// Per-VIP and per-backend traffic counters (per CPU in the maps; user space sums them).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -511,10 +540,15 @@ pub enum GlobalCounter {
     Decapsulated = 18,
     /// Dropped: encapsulated to this node from a source outside `DECAP_SOURCES`.
     DropDecapSource = 19,
+    /// Forwarded by Maglev's pick without a connection-table entry: the flood guard held this
+    /// CPU over `Settings::max_new_flows_per_cpu`.
+    FlowsNotRecorded = 20,
+    /// Dropped: an ICMP error to a VIP address whose quoted packet was not sent from it.
+    DropIcmpMismatch = 21,
 }
 
 impl GlobalCounter {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 22;
     pub const ALL: [GlobalCounter; Self::COUNT as usize] = [
         Self::Passed,
         Self::Tx,
@@ -536,6 +570,8 @@ impl GlobalCounter {
         Self::FromPeer,
         Self::Decapsulated,
         Self::DropDecapSource,
+        Self::FlowsNotRecorded,
+        Self::DropIcmpMismatch,
     ];
 
     /// Stable name, used by `sluice inspect stats` and its JSON.
@@ -561,6 +597,8 @@ impl GlobalCounter {
             Self::FromPeer => "from_peer",
             Self::Decapsulated => "decapsulated",
             Self::DropDecapSource => "drop_decap_source",
+            Self::FlowsNotRecorded => "flows_not_recorded",
+            Self::DropIcmpMismatch => "drop_icmp_mismatch",
         }
     }
 }
@@ -573,6 +611,8 @@ const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(size_of::<FlowKey4>() == 16);
 const _: () = assert!(size_of::<ScopedAddr>() == 20);
 const _: () = assert!(size_of::<FlowValue>() == 8);
+const _: () = assert!(size_of::<Settings>() == 8);
+const _: () = assert!(size_of::<RateWindow>() == 16);
 const _: () = assert!(size_of::<Counters>() == 16);
 const _: () = assert!(size_of::<VipFilter>() == 512);
 const _: () = assert!(size_of::<Announce>() == 8);
@@ -581,7 +621,8 @@ const _: () = assert!(size_of::<PeerFilter>() == 64);
 
 /// Bump when a map's meaning changes without its sizes changing (e.g. a key's field order).
 /// 3: `FlowValue` carries the slot's generation; `SOURCE_RANGES` scopes carry the family.
-const MAP_LAYOUT_REVISION: u32 = 3;
+/// 4: `SETTINGS` and `NEW_FLOWS` (the flood guard).
+const MAP_LAYOUT_REVISION: u32 = 4;
 
 /// Fingerprint of everything a pinned map's contents depend on: struct sizes, limits, counter
 /// slots. A program whose fingerprint differs must not adopt maps pinned by another: it would
@@ -601,6 +642,8 @@ pub const MAP_LAYOUT: u32 = {
         size_of::<Announce>() as u32,
         size_of::<PeerKey>() as u32,
         size_of::<PeerFilter>() as u32,
+        size_of::<Settings>() as u32,
+        size_of::<RateWindow>() as u32,
         MAX_PEERS,
         MAX_DECAP_ADDRS,
         GlobalCounter::COUNT,
@@ -757,4 +800,6 @@ mod pod {
     unsafe impl aya::Pod for super::Announce {}
     unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::PeerFilter {}
+    unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::RateWindow {}
 }

@@ -29,7 +29,7 @@ use aya_ebpf::{
     btf_maps::{
         Array, ArrayOfMaps, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key,
     },
-    helpers::{bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    helpers::{bpf_csum_diff, bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
@@ -38,8 +38,8 @@ use lb_common::{
     FAMILY_V4, FlowKey, FlowKey4, FlowValue, GlobalCounter, IP6IP6_OVERHEAD, IPIP_OVERHEAD,
     IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6, MAGLEV_INNER_FLAGS, MAX_BACKENDS,
     MAX_DECAP_ADDRS, MAX_PEERS, MAX_SOURCE_RANGES, MAX_TX_PORTS, MAX_VIPS, NO_BACKEND, PeerFilter,
-    PeerKey, ScopedAddr, VipFilter, VipInfo, VipKey, backend_state, flow_table_size_v6,
-    forward_mode, source_range_scope, vip_flags,
+    PeerKey, RATE_WINDOW_NS, RateWindow, ScopedAddr, Settings, VipFilter, VipInfo, VipKey,
+    backend_state, flow_table_size_v6, forward_mode, source_range_scope, vip_flags,
 };
 use lb_ebpf::{
     csum,
@@ -138,6 +138,14 @@ static DECAP_SOURCES: LpmTrie<ScopedAddr, u8, { MAX_DECAP_ADDRS as usize }> = Lp
 #[btf_map]
 static DECAP_LOCAL: HashMap<ScopedAddr, u8, { MAX_DECAP_ADDRS as usize }> = HashMap::new();
 
+/// Settings of the whole dataplane (one element), written by user space.
+#[btf_map]
+static SETTINGS: Array<Settings, 1> = Array::new();
+
+/// The flood guard's per-CPU window: new flows recorded in the current second.
+#[btf_map]
+static NEW_FLOWS: PerCpuArray<RateWindow, 1> = PerCpuArray::new();
+
 #[xdp]
 pub fn sluice_balancer(ctx: XdpContext) -> u32 {
     let (action, counter) = balance(&ctx);
@@ -156,8 +164,8 @@ fn balance(ctx: &XdpContext) -> (u32, GlobalCounter) {
     // One instance of everything below per family: the IPv4 one is compiled knowing the
     // family, so it carries no IPv6 work (measured: the shared instance cost IPv4 ~20 ns).
     match packet::eth_proto(ctx) {
-        Some(ETH_P_IP) => balance_ip(ctx, packet::parse_ipv4(ctx, ETH_HLEN)),
-        Some(ETH_P_IPV6) => balance_ip(ctx, packet::parse_ipv6(ctx, ETH_HLEN)),
+        Some(ETH_P_IP) => balance_ip(ctx, packet::parse_ipv4(ctx, ETH_HLEN, vip_addressed)),
+        Some(ETH_P_IPV6) => balance_ip(ctx, packet::parse_ipv6(ctx, ETH_HLEN, vip_addressed)),
         Some(ETH_P_ARP) => arp_reply(ctx),
         // Shorter than an Ethernet header, ...: not a frame sluice forwards.
         _ => (xdp_action::XDP_PASS, GlobalCounter::Passed),
@@ -183,7 +191,7 @@ fn balance_ip(ctx: &XdpContext, ip: Result<(L3, bool), Parsed>) -> (u32, GlobalC
     // other traffic go before its L4 header is even read.
     let filter = VIP_FILTER.get(0);
     let may_be_ours = |l3: &L3| filter.is_some_and(|f| f.may_contain(&l3.dst));
-    match packet::parse_l4(ctx, ip, may_be_ours) {
+    match packet::parse_l4(ctx, ip, may_be_ours, vip_addressed) {
         Parsed::Flow(_) | Parsed::IcmpError(_) if from_peer(ctx) => {
             (xdp_action::XDP_PASS, GlobalCounter::FromPeer)
         }
@@ -200,7 +208,8 @@ fn balance_ip(ctx: &XdpContext, ip: Result<(L3, bool), Parsed>) -> (u32, GlobalC
             };
             (xdp_action::XDP_DROP, reason)
         }
-        Parsed::Malformed => (xdp_action::XDP_DROP, GlobalCounter::DropMalformed),
+        // Only a packet for a VIP address is sluice's to drop; the rest is the kernel's.
+        Parsed::Malformed { for_vip: true } => (xdp_action::XDP_DROP, GlobalCounter::DropMalformed),
         _ => (xdp_action::XDP_PASS, GlobalCounter::Passed),
     }
 }
@@ -218,12 +227,17 @@ fn balance_flow(ctx: &XdpContext, flow: &Flow) -> (u32, GlobalCounter) {
     let vip_key = vip_key_of(&flow.key);
     let bytes = (ctx.data_end() - ctx.data()) as u64;
 
-    // Fast path: an established flow whose backend still serves this very VIP.
-    if let Some((id, backend)) = established_backend(&flow.key, &vip_key) {
+    // Fast path: an established flow whose backend still serves this very VIP. A SYN opens a
+    // new connection and is balanced afresh (Katran's rule): a reused 5-tuple (NAT gateways
+    // cycle ports) never follows a stale entry to a backend that takes no new flows, and a
+    // retransmitted SYN gets the same pick as long as the table is unchanged.
+    if !flow.syn
+        && let Some((id, backend)) = established_backend(&flow.key, &vip_key)
+    {
         count(GlobalCounter::FlowHit);
         add(&VIP_STATS, backend.vip_id, bytes);
         add(&BACKEND_STATS, id, bytes);
-        return forward(ctx, &flow.l3, &flow.key, backend);
+        return forward(ctx, &flow.l3, &flow.key, backend, true);
     }
 
     let Some(vip) = VIPS.get_ptr(&vip_key) else {
@@ -236,11 +250,12 @@ fn balance_flow(ctx: &XdpContext, flow: &Flow) -> (u32, GlobalCounter) {
     if vip.flags & vip_flags::SOURCE_RANGES != 0 && !source_admitted(&flow.key, vip.id) {
         return (xdp_action::XDP_DROP, GlobalCounter::DropSourceRange);
     }
-    let Some((id, backend)) = pick_backend(&flow.key, &vip, true) else {
+    let Some((id, backend)) = pick_backend(&flow.key, &vip) else {
         return (xdp_action::XDP_DROP, GlobalCounter::DropNoBackend);
     };
+    record_flow(&flow.key, id, backend, flow.syn);
     add(&BACKEND_STATS, id, bytes);
-    forward(ctx, &flow.l3, &flow.key, backend)
+    forward(ctx, &flow.l3, &flow.key, backend, true)
 }
 
 /// Was the frame sent by another sluice node (which balanced it already)?
@@ -272,6 +287,13 @@ fn vip_key_of(key: &FlowKey) -> VipKey {
         proto: key.proto,
         family: key.family,
     }
+}
+
+/// Is this address (a `VIP_ADDRS` key) a VIP address? The one-bit filter first, so that
+/// non-VIP traffic costs no hash lookup.
+#[inline(always)]
+fn vip_addressed(key: &VipKey) -> bool {
+    VIP_FILTER.get(0).is_some_and(|f| f.may_contain(&key.addr)) && VIP_ADDRS.get_ptr(key).is_some()
 }
 
 /// Is the packet's destination a VIP address (any port)? (The filter already passed it.)
@@ -320,9 +342,9 @@ fn established_backend(key: &FlowKey, vip_key: &VipKey) -> Option<(u32, &'static
         .then_some((id, backend))
 }
 
-/// A Maglev pick for the flow, recorded in the connection table when `record` is set.
+/// The Maglev pick for the flow: the backend every node's table gives it.
 #[inline(always)]
-fn pick_backend(key: &FlowKey, vip: &VipInfo, record: bool) -> Option<(u32, &'static Backend)> {
+fn pick_backend(key: &FlowKey, vip: &VipInfo) -> Option<(u32, &'static Backend)> {
     if vip.live_backends == 0 || vip.table_size == 0 {
         return None;
     }
@@ -335,25 +357,75 @@ fn pick_backend(key: &FlowKey, vip: &VipInfo, record: bool) -> Option<(u32, &'st
     if backend.state != backend_state::ACTIVE || backend.vip_id != vip.id {
         return None;
     }
-    if record {
-        let value = FlowValue {
-            backend: id,
-            generation: backend.generation,
-        };
-        // A full table evicts its least recently used entry; insert fails only on memory
-        // pressure, and then the flow is still forwarded (Maglev picks the same backend).
-        let _ = if key.family == FAMILY_V4 {
-            FLOWS.insert(&key.narrow(), &value, 0)
-        } else {
-            FLOWS6.insert(key, &value, 0)
-        };
-    }
     Some((id, backend))
 }
 
-/// Sends the packet on to `backend`: L2 rewrite or encapsulation, then out.
+/// Records a new flow's pick in the connection table, unless the flood guard holds this CPU
+/// over its rate of new flows: then the flow rides on Maglev's consistent pick alone (the same
+/// backend while the table is unchanged), and a SYN's stale entry, if any, is removed so that
+/// the connection's later packets follow the SYN and not the entry.
 #[inline(always)]
-fn forward(ctx: &XdpContext, l3: &L3, key: &FlowKey, backend: &Backend) -> (u32, GlobalCounter) {
+fn record_flow(key: &FlowKey, id: u32, backend: &Backend, syn: bool) {
+    if !new_flow_admitted() {
+        count(GlobalCounter::FlowsNotRecorded);
+        if syn {
+            let _ = if key.family == FAMILY_V4 {
+                FLOWS.remove(&key.narrow())
+            } else {
+                FLOWS6.remove(key)
+            };
+        }
+        return;
+    }
+    let value = FlowValue {
+        backend: id,
+        generation: backend.generation,
+    };
+    // A full table evicts its least recently used entry; insert fails only on memory
+    // pressure, and then the flow is still forwarded (Maglev picks the same backend).
+    let _ = if key.family == FAMILY_V4 {
+        FLOWS.insert(&key.narrow(), &value, 0)
+    } else {
+        FLOWS6.insert(key, &value, 0)
+    };
+}
+
+/// The flood guard (Katran's new-connection rate limit): at most
+/// `Settings::max_new_flows_per_cpu` connection-table inserts per second on this CPU. A flood
+/// of forged new flows then costs a Maglev lookup each and cannot evict the real flows.
+#[inline(always)]
+fn new_flow_admitted() -> bool {
+    let limit = match SETTINGS.get(0) {
+        Some(settings) if settings.max_new_flows_per_cpu != 0 => settings.max_new_flows_per_cpu,
+        _ => return true,
+    };
+    let Some(window) = NEW_FLOWS.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+    unsafe {
+        if now.wrapping_sub((*window).start_ns) >= RATE_WINDOW_NS {
+            (*window).start_ns = now;
+            (*window).flows = 0;
+        }
+        (*window).flows += 1;
+        (*window).flows <= limit as u64
+    }
+}
+
+/// Sends the packet on to `backend`: L2 rewrite or encapsulation, then out. A packet too big to
+/// encapsulate is answered with ICMP "too big" when `may_answer`, else dropped: an ICMP error
+/// is never answered with one.
+#[inline(always)]
+fn forward(
+    ctx: &XdpContext,
+    l3: &L3,
+    key: &FlowKey,
+    backend: &Backend,
+    may_answer: bool,
+) -> (u32, GlobalCounter) {
     if backend.mode == forward_mode::LOCAL {
         return (xdp_action::XDP_PASS, GlobalCounter::Local);
     }
@@ -366,6 +438,9 @@ fn forward(ctx: &XdpContext, l3: &L3, key: &FlowKey, backend: &Backend) -> (u32,
         };
         let mtu = backend.mtu as u32;
         if mtu != 0 && l3.len as u32 + overhead > mtu {
+            if !may_answer {
+                return (xdp_action::XDP_DROP, GlobalCounter::DropTooBig);
+            }
             return too_big(ctx, l3, mtu - overhead);
         }
         if encapsulate(ctx, l3, key, backend, outer_v4).is_none() {
@@ -430,8 +505,12 @@ fn encapsulate(
     src[last] = ((base & !backend.encap_src_vary) | (entropy & backend.encap_src_vary)).to_be();
 
     let eth = packet::ptr_at_mut::<EthHdr>(ctx, 0)?;
+    // RFC 6040 normal mode: the outer header carries the inner DSCP and ECN, so ECN marks
+    // and QoS survive the tunnel; DF as the inner packet asks (IPv6 is never fragmented on
+    // the path), so PMTU discovery keeps working through it.
     if outer_v4 {
-        let ip = Ipv4Hdr::new(l3.len + IPV4_HLEN, inner_proto, src[0], backend.addr[0]);
+        let mut ip = Ipv4Hdr::new(l3.len + IPV4_HLEN, inner_proto, src[0], backend.addr[0]);
+        ip.set_tos_df(l3.tos, l3.dont_fragment);
         let out = packet::ptr_at_mut::<Ipv4Hdr>(ctx, ETH_HLEN)?;
         // SAFETY: bounds checked by ptr_at_mut; unaligned-safe writes.
         unsafe {
@@ -440,7 +519,7 @@ fn encapsulate(
         }
     } else {
         let ip = Ipv6Hdr {
-            vtc_flow: ((6u32 << 28) | (entropy >> 12)).to_be(),
+            vtc_flow: ((6u32 << 28) | ((l3.tos as u32) << 20) | (entropy >> 12)).to_be(),
             payload_len: (l3.len as u16).to_be(),
             nexthdr: inner_proto,
             hop_limit: DEFAULT_TTL,
@@ -683,6 +762,15 @@ fn arp_reply(ctx: &XdpContext) -> (u32, GlobalCounter) {
 /// a smaller MTU): hand it to the backend that owns the flow, so its TCP stack hears it.
 #[inline(always)]
 fn icmp_error(ctx: &XdpContext, flow: &Flow) -> (u32, GlobalCounter) {
+    // The quoted packet was sent from the VIP the error is addressed to; an error whose quote
+    // names another address is not about a flow of this VIP (forged, or not ours at all).
+    if flow.key.dst != flow.l3.dst {
+        return if is_vip_address(&flow.l3) {
+            (xdp_action::XDP_DROP, GlobalCounter::DropIcmpMismatch)
+        } else {
+            (xdp_action::XDP_PASS, GlobalCounter::Passed)
+        };
+    }
     let vip_key = vip_key_of(&flow.key);
     let backend = match established_backend(&flow.key, &vip_key) {
         Some((_, backend)) => backend,
@@ -694,13 +782,13 @@ fn icmp_error(ctx: &XdpContext, flow: &Flow) -> (u32, GlobalCounter) {
             let vip = unsafe { *vip };
             // Not in the table (another load balancer took the flow): Maglev picks the
             // backend every load balancer would.
-            match pick_backend(&flow.key, &vip, false) {
+            match pick_backend(&flow.key, &vip) {
                 Some((_, backend)) => backend,
                 None => return (xdp_action::XDP_DROP, GlobalCounter::DropNoBackend),
             }
         }
     };
-    match forward(ctx, &flow.l3, &flow.key, backend) {
+    match forward(ctx, &flow.l3, &flow.key, backend, false) {
         (xdp_action::XDP_DROP, reason) => (xdp_action::XDP_DROP, reason),
         (action, _) => (action, GlobalCounter::IcmpErrorForwarded),
     }

@@ -88,6 +88,18 @@ impl Ipv4Hdr {
         ip.check = crate::csum::of_words(unsafe { &*(&ip as *const Self as *const [u16; 10]) });
         ip
     }
+
+    /// Sets TOS (DSCP and ECN) and the DF bit, patching the checksum.
+    #[inline(always)]
+    pub fn set_tos_df(&mut self, tos: u8, df: bool) {
+        let old_tos = u16::from_ne_bytes([self.version_ihl, self.tos]);
+        self.tos = tos;
+        let new_tos = u16::from_ne_bytes([self.version_ihl, tos]);
+        let old_frag = self.frag_off;
+        self.frag_off = if df { IP_DF.to_be() } else { 0 };
+        let check = crate::csum::replace16(self.check, old_tos, new_tos);
+        self.check = crate::csum::replace16(check, old_frag, self.frag_off);
+    }
 }
 
 #[repr(C, packed(2))]
@@ -153,8 +165,11 @@ const TCP_MIN_HLEN: usize = 20;
 /// Bytes of a quoted TCP/UDP header an ICMP error must carry: the two ports.
 const QUOTED_PORTS_LEN: usize = 4;
 const UDP_HLEN: usize = 8;
-/// Byte 12 of the TCP header holds the data offset (header length in words) in its top nibble.
+/// Byte 12 of the TCP header holds the data offset (header length in words) in its top nibble;
+/// byte 13 the flags.
 const TCP_DOFF_BYTE: usize = 12;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 /// What the IP layer says about a packet.
 #[derive(Clone, Copy)]
@@ -172,6 +187,8 @@ pub struct L3 {
     pub first_fragment: bool,
     /// IPv4 "don't fragment" (IPv6 routers never fragment: always true).
     pub dont_fragment: bool,
+    /// IPv4 TOS / IPv6 traffic class: DSCP and ECN, copied to an outer header (RFC 6040).
+    pub tos: u8,
 }
 
 /// XDP frames here fit in a page: no offset into one reaches 4096.
@@ -190,18 +207,16 @@ impl L3 {
     /// The VIP_ADDRS key of the destination.
     #[inline(always)]
     pub fn dst_key(&self) -> VipKey {
-        VipKey {
-            addr: self.dst,
-            port: 0,
-            proto: 0,
-            family: self.family,
-        }
+        addr_key(self.family, self.dst)
     }
 }
 
 pub struct Flow {
     pub key: FlowKey,
     pub l3: L3,
+    /// A TCP SYN without ACK: a new connection, whatever the connection table remembers of
+    /// an earlier one on the same 5-tuple.
+    pub syn: bool,
 }
 
 pub enum Parsed {
@@ -217,8 +232,11 @@ pub enum Parsed {
     NoL4 { l3: L3, fragment: bool },
     /// Not TCP/UDP/ICMP over IP (ARP, other protocols, other ICMP types): the kernel's business.
     NotForUs,
-    /// Truncated or inconsistent headers: the kernel would discard it too.
-    Malformed,
+    /// Truncated or inconsistent headers, and whether the IP header was readable and addressed
+    /// to a VIP address (the caller's `is_vip` said so). Only a packet for a VIP address is
+    /// sluice's to drop; anything else goes to the kernel untouched, whatever it is (IPv4 BIG
+    /// TCP's `tot_len` 0 and IPv6 jumbograms look malformed here, and are not).
+    Malformed { for_vip: bool },
 }
 
 #[inline(always)]
@@ -245,14 +263,19 @@ pub fn eth_proto(ctx: &XdpContext) -> Option<u16> {
 
 /// Returns the L3 facts and whether the L4 header is present (not a later fragment).
 #[inline(always)]
-pub fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<(L3, bool), Parsed> {
+pub fn parse_ipv4(
+    ctx: &XdpContext,
+    offset: usize,
+    is_vip: impl Fn(&VipKey) -> bool,
+) -> Result<(L3, bool), Parsed> {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, offset) else {
-        return Err(Parsed::Malformed);
+        return Err(Parsed::Malformed { for_vip: false });
     };
     // SAFETY: bounds checked by ptr_at; fields are read by value from a packed struct.
-    let (version_ihl, tot_len, frag_off, protocol, saddr, daddr) = unsafe {
+    let (version_ihl, tos, tot_len, frag_off, protocol, saddr, daddr) = unsafe {
         (
             (*ip).version_ihl,
+            (*ip).tos,
             u16::from_be((*ip).tot_len) as usize,
             u16::from_be((*ip).frag_off),
             (*ip).protocol,
@@ -261,12 +284,17 @@ pub fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<(L3, bool), Parsed>
         )
     };
     let ihl = ((version_ihl & 0x0f) as usize) * 4;
+    let malformed = || {
+        Err(Parsed::Malformed {
+            for_vip: is_vip(&addr_key(FAMILY_V4, [daddr, 0, 0, 0])),
+        })
+    };
     if version_ihl >> 4 != 4 || ihl < IPV4_HLEN || tot_len < ihl {
-        return Err(Parsed::Malformed);
+        return malformed();
     }
     // The IP datagram must fit in the frame (a frame may carry Ethernet padding after it).
     if ctx.data() + offset + tot_len > ctx.data_end() {
-        return Err(Parsed::Malformed);
+        return malformed();
     }
     let fragment = frag_off & IP_MF_OFFSET != 0;
     let l3 = L3 {
@@ -278,6 +306,7 @@ pub fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<(L3, bool), Parsed>
         len: tot_len,
         first_fragment: fragment,
         dont_fragment: frag_off & IP_DF != 0,
+        tos,
     };
     Ok((l3, frag_off & IP_OFFSET == 0))
 }
@@ -285,9 +314,13 @@ pub fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<(L3, bool), Parsed>
 /// Walks at most [`MAX_IPV6_EXT_HEADERS`] extension headers to the L4 header. A chain that
 /// does not end within them reports `has_l4 = false` with `proto` set to the unwalked header.
 #[inline(always)]
-pub fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<(L3, bool), Parsed> {
+pub fn parse_ipv6(
+    ctx: &XdpContext,
+    offset: usize,
+    is_vip: impl Fn(&VipKey) -> bool,
+) -> Result<(L3, bool), Parsed> {
     let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, offset) else {
-        return Err(Parsed::Malformed);
+        return Err(Parsed::Malformed { for_vip: false });
     };
     // SAFETY: bounds checked by ptr_at; fields are read by value from a packed struct.
     let (vtc_flow, payload_len, mut next, saddr, daddr) = unsafe {
@@ -299,9 +332,13 @@ pub fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<(L3, bool), Parsed>
             (*ip).daddr,
         )
     };
-    // Jumbograms (payload_len 0 with a hop-by-hop option) do not occur on these links.
+    let malformed = || Parsed::Malformed {
+        for_vip: is_vip(&addr_key(FAMILY_V6, daddr)),
+    };
+    // Jumbograms (payload_len 0 with a hop-by-hop option) end up here too: passed unless they
+    // are for a VIP address, which never takes them.
     if vtc_flow >> 28 != 6 || ctx.data() + offset + IPV6_HLEN + payload_len > ctx.data_end() {
-        return Err(Parsed::Malformed);
+        return Err(malformed());
     }
     let mut l3 = L3 {
         family: FAMILY_V6,
@@ -312,6 +349,7 @@ pub fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<(L3, bool), Parsed>
         len: IPV6_HLEN + payload_len,
         first_fragment: false,
         dont_fragment: true,
+        tos: (vtc_flow >> 20) as u8,
     };
     let end = offset + IPV6_HLEN + payload_len;
     let mut off = offset + IPV6_HLEN;
@@ -319,7 +357,7 @@ pub fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<(L3, bool), Parsed>
         let hdr_len = match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT => {
                 let Some(ext) = ptr_at::<[u8; 4]>(ctx, off) else {
-                    return Err(Parsed::Malformed);
+                    return Err(malformed());
                 };
                 // SAFETY: bounds checked by ptr_at.
                 let ext = unsafe { *ext };
@@ -346,7 +384,7 @@ pub fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<(L3, bool), Parsed>
                 l3.proto = next;
                 l3.l4_off = off;
                 return if off > end {
-                    Err(Parsed::Malformed)
+                    Err(malformed())
                 } else {
                     Ok((l3, true))
                 };
@@ -354,7 +392,7 @@ pub fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<(L3, bool), Parsed>
         };
         off += hdr_len;
         if off > end {
-            return Err(Parsed::Malformed);
+            return Err(malformed());
         }
     }
     match next {
@@ -371,20 +409,24 @@ pub fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<(L3, bool), Parsed>
     }
 }
 
-/// Ports of a TCP or UDP header at `l3.l4_off`, checked against the IP length.
+/// Ports of a TCP or UDP header at `l3.l4_off`, checked against the IP length, and whether
+/// it is a TCP SYN without ACK.
 #[inline(always)]
-fn parse_ports(ctx: &XdpContext, l3: &L3, l4_len: usize) -> Option<(u16, u16)> {
+fn parse_ports(ctx: &XdpContext, l3: &L3, l4_len: usize) -> Option<(u16, u16, bool)> {
     let l4 = l3.l4_off;
     let ports = ptr_at::<PortsHdr>(ctx, l4)?;
     // SAFETY: bounds checked by ptr_at.
     let (sport, dport, udp_len) = unsafe { ((*ports).source, (*ports).dest, (*ports).udp_len) };
     if l3.proto == IPPROTO_TCP {
-        let doff = ptr_at::<u8>(ctx, l4 + TCP_DOFF_BYTE)?;
+        // Data offset and flags: one 2-byte load.
+        let word = ptr_at::<[u8; 2]>(ctx, l4 + TCP_DOFF_BYTE)?;
         // SAFETY: bounds checked by ptr_at.
-        let tcp_hlen = ((unsafe { *doff } >> 4) as usize) * 4;
+        let [doff, flags] = unsafe { *word };
+        let tcp_hlen = ((doff >> 4) as usize) * 4;
         if l4_len < TCP_MIN_HLEN || tcp_hlen < TCP_MIN_HLEN || tcp_hlen > l4_len {
             return None;
         }
+        return Some((sport, dport, flags & (TCP_SYN | TCP_ACK) == TCP_SYN));
     } else {
         let udp_len = u16::from_be(udp_len) as usize;
         // A first fragment carries only part of the datagram its length field describes.
@@ -392,7 +434,18 @@ fn parse_ports(ctx: &XdpContext, l3: &L3, l4_len: usize) -> Option<(u16, u16)> {
             return None;
         }
     }
-    Some((sport, dport))
+    Some((sport, dport, false))
+}
+
+/// The VIP_ADDRS key of an address (port and protocol 0).
+#[inline(always)]
+fn addr_key(family: u8, addr: Addr) -> VipKey {
+    VipKey {
+        addr,
+        port: 0,
+        proto: 0,
+        family,
+    }
 }
 
 #[inline(always)]
@@ -410,13 +463,15 @@ fn flow_key(l3: &L3, sport: u16, dport: u16) -> FlowKey {
 
 /// Parses what follows the IP layer (`parse_ipv4` or `parse_ipv6`'s result). `may_be_ours`
 /// sees the IP layer first: when it says no (the destination is no VIP address), the packet is
-/// `NotForUs` without its L4 header being read. Callers inline this once per family, so the
-/// IPv4 instance is compiled with the family and the upper address words as constants.
+/// `NotForUs` without its L4 header being read; `is_vip` (exact) decides whether a malformed L4
+/// header is the balancer's to drop. Callers inline this once per family, so the IPv4 instance
+/// is compiled with the family and the upper address words as constants.
 #[inline(always)]
 pub fn parse_l4(
     ctx: &XdpContext,
     ip: Result<(L3, bool), Parsed>,
     may_be_ours: impl Fn(&L3) -> bool,
+    is_vip: impl Fn(&VipKey) -> bool,
 ) -> Parsed {
     let (l3, has_l4) = match ip {
         Ok(parsed) => parsed,
@@ -438,25 +493,33 @@ pub fn parse_l4(
     let l4_len = l3.len - (l3.l4_off - ETH_HLEN);
     match (l3.family, l3.proto) {
         (_, IPPROTO_TCP | IPPROTO_UDP) => match parse_ports(ctx, &l3, l4_len) {
-            Some((sport, dport)) => Parsed::Flow(Flow {
+            Some((sport, dport, syn)) => Parsed::Flow(Flow {
                 key: flow_key(&l3, sport, dport),
                 l3,
+                syn,
             }),
-            None => Parsed::Malformed,
+            None => Parsed::Malformed {
+                for_vip: is_vip(&l3.dst_key()),
+            },
         },
-        (FAMILY_V4, IPPROTO_ICMP) | (FAMILY_V6, IPPROTO_ICMPV6) => parse_icmp(ctx, l3, l4_len),
+        (FAMILY_V4, IPPROTO_ICMP) | (FAMILY_V6, IPPROTO_ICMPV6) => {
+            parse_icmp(ctx, l3, l4_len, is_vip)
+        }
         _ => Parsed::NotForUs,
     }
 }
 
 #[inline(always)]
-fn parse_icmp(ctx: &XdpContext, l3: L3, l4_len: usize) -> Parsed {
+fn parse_icmp(ctx: &XdpContext, l3: L3, l4_len: usize, is_vip: impl Fn(&VipKey) -> bool) -> Parsed {
     if l3.first_fragment || l4_len < ICMP_HLEN {
         // Fragmented ICMP is not something a client or router sends to a VIP.
         return Parsed::NotForUs;
     }
+    let malformed = || Parsed::Malformed {
+        for_vip: is_vip(&l3.dst_key()),
+    };
     let Some(icmp) = ptr_at::<IcmpHdr>(ctx, l3.l4_offset()) else {
-        return Parsed::Malformed;
+        return malformed();
     };
     // SAFETY: bounds checked by ptr_at.
     let kind = unsafe { (*icmp).kind };
@@ -486,7 +549,7 @@ fn parse_icmp(ctx: &XdpContext, l3: L3, l4_len: usize) -> Parsed {
         quoted_ipv6(ctx, inner_off)
     };
     let Some((inner_src, inner_dst, inner_proto, ports_off)) = inner else {
-        return Parsed::Malformed;
+        return malformed();
     };
     if inner_proto != IPPROTO_TCP && inner_proto != IPPROTO_UDP {
         return Parsed::NotForUs;
@@ -494,10 +557,10 @@ fn parse_icmp(ctx: &XdpContext, l3: L3, l4_len: usize) -> Parsed {
     // The quote must lie inside the error's own IP packet, not in the frame's padding after
     // it (found by the fuzz test: such a frame was forwarded on ports read from padding).
     if ports_off + QUOTED_PORTS_LEN > l3.l4_off + l4_len {
-        return Parsed::Malformed;
+        return malformed();
     }
     let Some(ports) = ptr_at::<PortsHdr>(ctx, ports_off) else {
-        return Parsed::Malformed;
+        return malformed();
     };
     // SAFETY: bounds checked by ptr_at.
     let (sport, dport) = unsafe { ((*ports).source, (*ports).dest) };
@@ -510,7 +573,11 @@ fn parse_icmp(ctx: &XdpContext, l3: L3, l4_len: usize) -> Parsed {
         family: l3.family,
         _pad: [0; 2],
     };
-    Parsed::IcmpError(Flow { key, l3 })
+    Parsed::IcmpError(Flow {
+        key,
+        l3,
+        syn: false,
+    })
 }
 
 /// (source, destination, protocol, offset of the ports) of a quoted IPv4 header.

@@ -14,6 +14,7 @@ use aya_ebpf::{
 };
 use lb_common::{Addr, FAMILY_V4, FAMILY_V6, IPPROTO_IPIP, IPPROTO_IPV6, ScopedAddr};
 
+use crate::csum;
 use crate::packet::{
     self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IP_MF_OFFSET, IPV4_HLEN, IPV4_VERSION_IHL,
     IPV6_HLEN, Ipv4Hdr, Ipv6Hdr,
@@ -39,6 +40,8 @@ struct Outer {
     dst: Addr,
     inner: u8,
     len: usize,
+    /// The outer header's ECN field (RFC 6040: a CE mark set on the path reaches the inner).
+    ecn: u8,
 }
 
 /// Unwraps the frame if it is encapsulated, addressed to a `local` address and sent from an
@@ -91,9 +94,10 @@ fn scoped(family: u8, addr: &Addr) -> ScopedAddr {
 fn outer_v4(ctx: &XdpContext) -> Option<Outer> {
     let ip = packet::ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
     // SAFETY: bounds checked by ptr_at; fields read by value from a packed struct.
-    let (version_ihl, frag_off, protocol, saddr, daddr) = unsafe {
+    let (version_ihl, tos, frag_off, protocol, saddr, daddr) = unsafe {
         (
             (*ip).version_ihl,
+            (*ip).tos,
             u16::from_be((*ip).frag_off),
             (*ip).protocol,
             (*ip).saddr,
@@ -111,6 +115,7 @@ fn outer_v4(ctx: &XdpContext) -> Option<Outer> {
         dst: [daddr, 0, 0, 0],
         inner: protocol,
         len: IPV4_HLEN,
+        ecn: tos & ECN_MASK,
     })
 }
 
@@ -129,7 +134,44 @@ fn outer_v6(ctx: &XdpContext) -> Option<Outer> {
         dst: daddr,
         inner: nexthdr,
         len: IPV6_HLEN,
+        ecn: (u32::from_be(vtc_flow) >> 20) as u8 & ECN_MASK,
     })
+}
+
+/// ECN field values (the low two bits of the IPv4 TOS / IPv6 traffic class).
+const ECN_MASK: u8 = 0b11;
+const ECN_CE: u8 = 0b11;
+
+/// RFC 6040 decapsulation: congestion experienced on the tunnel's path becomes CE on an
+/// ECN-capable inner packet; a not-ECN-capable one is dropped (`None`), as the RFC asks, since
+/// its sender could not hear the mark.
+#[inline(always)]
+fn mark_congestion(ctx: &XdpContext, inner_off: usize, version: u8) -> Option<()> {
+    if version == 4 {
+        let ip = packet::ptr_at_mut::<Ipv4Hdr>(ctx, inner_off)?;
+        // SAFETY: bounds checked by ptr_at_mut; fields read and written by value.
+        unsafe {
+            let (ihl, tos) = ((*ip).version_ihl, (*ip).tos);
+            if tos & ECN_MASK == 0 {
+                return None;
+            }
+            let old = u16::from_ne_bytes([ihl, tos]);
+            let new = u16::from_ne_bytes([ihl, tos | ECN_CE]);
+            (*ip).tos = tos | ECN_CE;
+            (*ip).check = csum::replace16((*ip).check, old, new);
+        }
+    } else {
+        // The traffic class spans bytes 0 and 1; its ECN bits are bits 4 and 5 of byte 1.
+        let second = packet::ptr_at_mut::<u8>(ctx, inner_off + 1)?;
+        // SAFETY: bounds checked by ptr_at_mut.
+        unsafe {
+            if (*second >> 4) & ECN_MASK == 0 {
+                return None;
+            }
+            *second |= ECN_CE << 4;
+        }
+    }
+    Some(())
 }
 
 /// Moves the Ethernet header forward over the outer IP header and trims the frame's head.
@@ -145,6 +187,9 @@ fn strip(ctx: &XdpContext, outer: &Outer) -> Option<()> {
     // SAFETY: bounds checked by ptr_at.
     if unsafe { *inner_first } >> 4 != version {
         return None;
+    }
+    if outer.ecn == ECN_CE {
+        mark_congestion(ctx, ETH_HLEN + outer.len, version)?;
     }
     let eth = packet::ptr_at::<EthHdr>(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at.

@@ -261,6 +261,44 @@ pub(crate) fn global_counters(maps: &Maps) -> anyhow::Result<Vec<(GlobalCounter,
         .collect()
 }
 
+/// The flood guard right now: its limit (0: none) and how many of the CPUs are over it in
+/// their current one-second window (their new flows ride on Maglev's pick alone).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FloodGuard {
+    pub max_new_flows_per_cpu: u32,
+    pub cpus_holding: u32,
+    pub cpus: u32,
+}
+
+pub fn flood_guard(maps: &Maps) -> anyhow::Result<FloodGuard> {
+    let limit = maps
+        .settings
+        .get(&0, 0)
+        .context("reading SETTINGS")?
+        .max_new_flows_per_cpu;
+    let windows = maps.new_flows.get(&0, 0).context("reading NEW_FLOWS")?;
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer; CLOCK_MONOTONIC is bpf_ktime_get_ns's clock.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let now = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+    let holding = windows
+        .iter()
+        .filter(|w| {
+            limit != 0
+                && now.saturating_sub(w.start_ns) < lb_common::RATE_WINDOW_NS
+                && w.flows > u64::from(limit)
+        })
+        .count();
+    Ok(FloodGuard {
+        max_new_flows_per_cpu: limit,
+        cpus_holding: holding as u32,
+        cpus: windows.iter().count() as u32,
+    })
+}
+
 /// The addresses this node answers ARP for (`sluice agent --announce`, the Leases it holds).
 pub fn announce(maps: &Maps) -> anyhow::Result<View> {
     let mut rows = Vec::new();
@@ -297,6 +335,14 @@ pub fn stats(maps: &Maps) -> anyhow::Result<View> {
         &["COUNTER", "PACKETS"],
         global_rows.into_iter(),
     ));
+    let guard = flood_guard(maps)?;
+    table.push_str(&match guard.max_new_flows_per_cpu {
+        0 => "\nflood guard: off (every new flow is recorded)\n".to_owned(),
+        limit => format!(
+            "\nflood guard: {limit} new flows/s per CPU; holding on {} of {} CPUs now\n",
+            guard.cpus_holding, guard.cpus
+        ),
+    });
     table.push('\n');
 
     let rows = collect(maps)?;
@@ -344,7 +390,7 @@ pub fn stats(maps: &Maps) -> anyhow::Result<View> {
         lines.into_iter(),
     ));
     Ok(View {
-        json: json!({ "global": global, "vips": vips_json }),
+        json: json!({ "global": global, "flood_guard": guard, "vips": vips_json }),
         table,
     })
 }

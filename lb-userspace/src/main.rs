@@ -84,6 +84,10 @@ struct AgentArgs {
     /// Entries of the connection table (applies when the maps are first created).
     #[arg(long, default_value_t = lb_common::DEFAULT_FLOW_TABLE_SIZE)]
     flow_table_size: u32,
+    /// The flood guard: new flows recorded in the connection table per second and CPU; above
+    /// it, new flows are forwarded by Maglev's pick alone. 0: no limit.
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_NEW_FLOWS_PER_CPU)]
+    max_new_flows_per_cpu: u32,
     /// Address of the health endpoints (GET /healthz, /readyz); "off" for none.
     #[arg(long, default_value = "127.0.0.1:9941")]
     health_addr: String,
@@ -488,6 +492,7 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
     let settings = Settings {
         maglev_table_size: args.maglev_table_size,
         flow_table_size: args.flow_table_size,
+        max_new_flows_per_cpu: args.max_new_flows_per_cpu,
         ..Settings::default()
     };
     config::validate_settings(&settings).map_err(|e| anyhow!("{e}"))?;

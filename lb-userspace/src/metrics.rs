@@ -272,18 +272,19 @@ fn register_dataplane(registry: &mut Registry, maps: &Maps) -> anyhow::Result<()
     for (counter, value) in inspect::global_counters(maps)? {
         let name = counter.name();
         let (family, label, what) = match counter {
-            GlobalCounter::Passed | GlobalCounter::Tx | GlobalCounter::Redirected => {
-                (&verdicts, "verdict", name)
-            }
             GlobalCounter::FlowHit | GlobalCounter::FlowMiss => {
                 (&lookups, "result", name.trim_start_matches("flow_"))
             }
+            // A subset of the misses: new flows the flood guard did not record.
+            GlobalCounter::FlowsNotRecorded => (&lookups, "result", "not_recorded"),
             GlobalCounter::IcmpEchoReply
             | GlobalCounter::IcmpTooBigSent
             | GlobalCounter::IcmpErrorForwarded => {
                 (&icmp, "kind", name.trim_start_matches("icmp_"))
             }
-            _ => (&drops, "reason", name.trim_start_matches("drop_")),
+            _ if name.starts_with("drop_") => (&drops, "reason", name.trim_start_matches("drop_")),
+            // passed, tx, redirected, local, from_peer, decapsulated, arp_reply.
+            _ => (&verdicts, "verdict", name),
         };
         family
             .get_or_create(&vec![(label, what.to_owned())])
@@ -319,6 +320,22 @@ fn register_dataplane(registry: &mut Registry, maps: &Maps) -> anyhow::Result<()
                 .set(i64::from(b.state == inspect::SlotState::Draining));
         }
     }
+
+    let guard = inspect::flood_guard(maps)?;
+    gauge_family(
+        registry,
+        "flood_guard_limit",
+        "The flood guard's new flows per second and CPU before it holds (0: off)",
+    )
+    .get_or_create(&Vec::new())
+    .set(i64::from(guard.max_new_flows_per_cpu));
+    gauge_family(
+        registry,
+        "flood_guard_holding_cpus",
+        "CPUs over the flood guard's rate now: their new flows are not recorded",
+    )
+    .get_or_create(&Vec::new())
+    .set(i64::from(guard.cpus_holding));
 
     let flows = gauge_family(
         registry,

@@ -305,6 +305,9 @@ pub struct Settings {
     pub encap_source_v4: Option<Ipv4Net>,
     /// The same for IP6IP6.
     pub encap_source_v6: Option<Ipv6Net>,
+    /// The flood guard: connection-table inserts per second and CPU; above it new flows ride
+    /// on Maglev's pick alone (`flows_not_recorded`). 0: no limit.
+    pub max_new_flows_per_cpu: u32,
 }
 
 impl Default for Settings {
@@ -314,6 +317,7 @@ impl Default for Settings {
             flow_table_size: DEFAULT_FLOW_TABLE_SIZE,
             encap_source_v4: None,
             encap_source_v6: None,
+            max_new_flows_per_cpu: lb_common::DEFAULT_MAX_NEW_FLOWS_PER_CPU,
         }
     }
 }

@@ -515,6 +515,45 @@ pub fn desired_at(vip: IpAddr, protocol: Protocol, backends: &[(u8, u32, bool)])
     }
 }
 
+/// An ICMP error from a router about the backend's reply of the flow `sport`: the quoted
+/// packet goes VIP:80 -> client:sport.
+pub fn icmp_error_about(sport: u16, v6: bool) -> Frame {
+    let mut quoted = Frame::tcp(80, TCP_ACK);
+    quoted.dport = sport;
+    quoted.src = IpAddr::V4(VIP);
+    quoted.dst = IpAddr::V4(CLIENT);
+    if v6 {
+        quoted.src = IpAddr::V6(VIP6);
+        quoted.dst = IpAddr::V6(CLIENT6);
+    }
+    let quote: Vec<u8> = quoted
+        .ip_packet()
+        .into_iter()
+        .take(if v6 { 48 } else { 28 })
+        .collect();
+    let router: IpAddr = if v6 {
+        IpAddr::V6(Ipv6Addr::new(0xfd00, 0xff, 0, 0, 0, 0, 0, 1))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(10, 0, 255, 1))
+    };
+    // Frag needed (3/4) with MTU 1400, or packet too big (2/0) with MTU 1400.
+    let mut error = if v6 {
+        Frame::icmp(2, 0, [0, 0, 0x05, 0x78], &quote)
+    } else {
+        Frame::icmp(3, 4, [0, 0, 0x05, 0x78], &quote)
+    };
+    error.src = router;
+    error.dst = if v6 {
+        IpAddr::V6(VIP6)
+    } else {
+        IpAddr::V4(VIP)
+    };
+    if v6 {
+        error.protocol = 58;
+    }
+    error
+}
+
 /// ICMP content of a frame: type, code, the four bytes after the checksum, then the body.
 #[derive(Clone, Debug)]
 pub struct Icmp {
@@ -541,6 +580,8 @@ pub struct Frame {
     pub payload: Vec<u8>,
     pub ttl: u8,
     pub frag_off: u16,
+    /// IPv4 TOS / IPv6 traffic class (DSCP and ECN).
+    pub tos: u8,
     /// The whole L4 part verbatim (no header built, no checksum), e.g. an inner IP packet
     /// under protocol 4 or 41.
     pub raw_l4: Option<Vec<u8>>,
@@ -565,6 +606,7 @@ impl Frame {
             payload: Vec::new(),
             ttl: 64,
             frag_off: 0,
+            tos: 0,
             raw_l4: None,
         }
     }
@@ -629,7 +671,7 @@ impl Frame {
         let ihl = 20 + self.ip_options.len();
         let mut ip = Vec::with_capacity(ihl + l4.len());
         ip.push(0x40 | (ihl / 4) as u8);
-        ip.push(0);
+        ip.push(self.tos);
         ip.extend_from_slice(&((ihl + l4.len()) as u16).to_be_bytes());
         ip.extend_from_slice(&0x1234u16.to_be_bytes());
         ip.extend_from_slice(&self.frag_off.to_be_bytes());
@@ -665,7 +707,7 @@ impl Frame {
         }
         let first = self.ext_headers.first().map_or(self.protocol, |(k, _)| *k);
         let mut ip = Vec::with_capacity(40 + ext.len() + l4.len());
-        ip.extend_from_slice(&0x6000_0000u32.to_be_bytes());
+        ip.extend_from_slice(&(0x6000_0000u32 | (self.tos as u32) << 20).to_be_bytes());
         ip.extend_from_slice(&((ext.len() + l4.len()) as u16).to_be_bytes());
         ip.push(first);
         ip.push(self.ttl);

@@ -3,14 +3,14 @@
 //! session affinity and source ranges. Real program, BPF_PROG_TEST_RUN, exact bytes.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 
 use lb_common::GlobalCounter;
 use lb_userspace::model::Protocol;
 use sluice_tests::fixtures::{
     CLIENT, CLIENT_MAC, CLIENT6, Frame, Harness, LB_MAC, TCP_ACK, TCP_SYN, VIP, VIP6, XDP_DROP,
     XDP_PASS, XDP_TX, assert_forwarded, assert_untouched, checksum_ok, desired_at, harness_with,
-    pseudo_sum_v6,
+    icmp_error_about, pseudo_sum_v6,
 };
 
 const THREE: &[(u8, u32, bool)] = &[(0, 1, false), (1, 1, false), (2, 1, false)];
@@ -73,8 +73,12 @@ fn malformed_ipv6_is_dropped() {
     let mut h = v6_harness(Protocol::Tcp);
     let full = Frame::tcp(32000, TCP_SYN).v6().bytes();
     let mut dropped = 0;
-    // Cut inside the IPv6 header and inside TCP.
-    for len in [14usize, 30, 53, 54, 60, 73] {
+    // Cut inside the IPv6 header: no destination to say it is for a VIP, the kernel's.
+    for len in [14usize, 30, 53] {
+        assert_untouched(&mut h, &full[..len], XDP_PASS);
+    }
+    // Cut inside the TCP header of a VIP packet: dropped.
+    for len in [54usize, 60, 73] {
         assert_eq!(h.run(&full[..len]).unwrap().0, XDP_DROP, "cut at {len}");
         dropped += 1;
     }
@@ -171,45 +175,6 @@ fn echo_requests_to_a_vip_are_answered() {
         check_echo_reply(&request, &reply, v6);
         assert_eq!(h.counter(GlobalCounter::IcmpEchoReply).unwrap(), 1);
     }
-}
-
-/// An ICMP error from a router about the backend's reply of the flow `sport`: the quoted
-/// packet goes VIP:80 -> client:sport.
-fn icmp_error_about(sport: u16, v6: bool) -> Frame {
-    let mut quoted = Frame::tcp(80, TCP_ACK);
-    quoted.dport = sport;
-    quoted.src = IpAddr::V4(VIP);
-    quoted.dst = IpAddr::V4(CLIENT);
-    if v6 {
-        quoted.src = IpAddr::V6(VIP6);
-        quoted.dst = IpAddr::V6(CLIENT6);
-    }
-    let quote: Vec<u8> = quoted
-        .ip_packet()
-        .into_iter()
-        .take(if v6 { 48 } else { 28 })
-        .collect();
-    let router: IpAddr = if v6 {
-        IpAddr::V6(Ipv6Addr::new(0xfd00, 0xff, 0, 0, 0, 0, 0, 1))
-    } else {
-        IpAddr::V4(Ipv4Addr::new(10, 0, 255, 1))
-    };
-    // Frag needed (3/4) with MTU 1400, or packet too big (2/0) with MTU 1400.
-    let mut error = if v6 {
-        Frame::icmp(2, 0, [0, 0, 0x05, 0x78], &quote)
-    } else {
-        Frame::icmp(3, 4, [0, 0, 0x05, 0x78], &quote)
-    };
-    error.src = router;
-    error.dst = if v6 {
-        IpAddr::V6(VIP6)
-    } else {
-        IpAddr::V4(VIP)
-    };
-    if v6 {
-        error.protocol = 58;
-    }
-    error
 }
 
 #[test]

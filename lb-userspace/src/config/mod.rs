@@ -5,6 +5,8 @@
 //! flow_table_size: 1048576        # optional; 1024 to 67108864 entries; default 1048576
 //! encap_source_v4: 10.99.0.0/24   # optional; outer sources of IPIP packets (host part varies
 //! encap_source_v6: fd99::/120     #   per flow); default: the egress interface's address
+//! max_new_flows_per_cpu: 125000   # optional; the flood guard (new flows recorded per second
+//!                                 #   and CPU; above it Maglev's pick alone); 0: no limit
 //! peers: [10.200.1.2, 10.200.1.3] # optional; the nodes that run sluice too (every node
 //!                                 #   balances and serves): their VIP frames were balanced already
 //! vips:                           # required; `vips: []` serves nothing
@@ -69,6 +71,8 @@ const PORT_HINT: &str = "use a port from 1 to 65535";
 const WEIGHT_HINT: &str =
     "a weight is a share relative to the other backends; 0 takes no new flows";
 const FLOW_TABLE_HINT: &str = "size it to about the number of concurrent flows";
+const NEW_FLOWS_HINT: &str =
+    "new flows recorded per second and CPU before the flood guard holds; 0 for no limit";
 const MAC_HINT: &str = "or leave out mac to resolve it from the kernel's neighbour table";
 const UNICAST_MAC_HINT: &str =
     "use the backend's own MAC, or leave out mac to resolve it from the kernel's neighbour table";
@@ -376,7 +380,7 @@ mod tests {
             &["vips: []", "maglev_size: 7"],
             2,
             "maglev_size",
-            "valid keys here are maglev_table_size, flow_table_size, encap_source_v4, encap_source_v6, peers, vips",
+            "valid keys here are maglev_table_size, flow_table_size, encap_source_v4, encap_source_v6, max_new_flows_per_cpu, peers, vips",
         );
         assert_error(
             &with(3, &["    proto: udp"]),

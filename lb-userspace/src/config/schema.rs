@@ -8,6 +8,7 @@ pub(super) const TOP_KEYS: &[&str] = &[
     "flow_table_size",
     "encap_source_v4",
     "encap_source_v6",
+    "max_new_flows_per_cpu",
     "peers",
     "vips",
 ];
@@ -59,6 +60,10 @@ impl Checker<'_> {
                     IpNet::V4(_) => None,
                 },
                 None => None,
+            },
+            max_new_flows_per_cpu: match top.get("max_new_flows_per_cpu") {
+                Some(field) => self.number(&field, 0..=u32::MAX, NEW_FLOWS_HINT)?,
+                None => lb_common::DEFAULT_MAX_NEW_FLOWS_PER_CPU,
             },
         };
 

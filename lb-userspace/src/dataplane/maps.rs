@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use aya::maps::MapError;
 use ipnet::IpNet;
-use lb_common::{FAMILY_V4, FAMILY_V6};
+use lb_common::{FAMILY_V4, FAMILY_V6, RateWindow, Settings as DataplaneSettings};
 
 use super::*;
 
@@ -28,6 +28,9 @@ pub struct Maps {
     /// MACs of the other sluice nodes (co-location: their VIP frames were balanced already).
     pub peers: HashMap<MapData, PeerKey, u8>,
     pub peer_filter: Array<MapData, PeerFilter>,
+    /// Dataplane-wide settings (the flood guard's limit), and the guard's per-CPU windows.
+    pub settings: Array<MapData, DataplaneSettings>,
+    pub new_flows: PerCpuArray<MapData, RateWindow>,
     /// The inline decapsulator's address sets.
     pub decap: DecapSets,
     /// Second descriptors of MAGLEV and BACKENDS, for batched calls (aya has no batch API).
@@ -88,6 +91,8 @@ impl Maps {
             announce: typed!(take, map_names::ANNOUNCE),
             peers: typed!(take, map_names::PEERS),
             peer_filter: typed!(take, map_names::PEER_FILTER),
+            settings: typed!(take, map_names::SETTINGS),
+            new_flows: typed!(take, map_names::NEW_FLOWS),
             decap: DecapSets {
                 sources: typed!(take, map_names::DECAP_SOURCES),
                 local: typed!(take, map_names::DECAP_LOCAL),

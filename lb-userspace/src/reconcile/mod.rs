@@ -282,6 +282,7 @@ fn reconcile_with(
         summary.add(second);
     }
     sync_colocation(maps, desired, resolved)?;
+    sync_settings(maps, desired)?;
     hook(Phase::Colocation)?;
     summary.unresolved = resolved.unresolved();
     Ok(summary)
@@ -299,6 +300,18 @@ fn reconcile_pass(
     let plan = plan(&current, iface, desired, resolved)?;
     let freed = plan.frees;
     Ok((apply(maps, current, plan, hook)?, freed))
+}
+
+/// `SETTINGS`: the flood guard's limit (written only when it changes).
+fn sync_settings(maps: &mut Maps, desired: &Desired) -> anyhow::Result<()> {
+    let want = lb_common::Settings {
+        max_new_flows_per_cpu: desired.settings.max_new_flows_per_cpu,
+        _reserved: 0,
+    };
+    if maps.settings.get(&0, 0).ok() != Some(want) {
+        maps.settings.set(0, &want, 0).context("writing SETTINGS")?;
+    }
+    Ok(())
 }
 
 /// The co-location maps: `PEERS` (other nodes' MACs: their VIP frames were balanced already)
