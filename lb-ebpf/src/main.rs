@@ -368,11 +368,13 @@ fn pick_backend(key: &FlowKey, vip: &VipInfo) -> Option<(u32, &'static Backend)>
 fn record_flow(key: &FlowKey, id: u32, backend: &Backend, syn: bool) {
     if !new_flow_admitted() {
         count(GlobalCounter::FlowsNotRecorded);
+        // A lookup first: it takes no lock, a removal does, and a forged SYN has no entry.
         if syn {
             let _ = if key.family == FAMILY_V4 {
-                FLOWS.remove(&key.narrow())
+                let key = key.narrow();
+                FLOWS.get_ptr(&key).map(|_| FLOWS.remove(&key))
             } else {
-                FLOWS6.remove(key)
+                FLOWS6.get_ptr(key).map(|_| FLOWS6.remove(key))
             };
         }
         return;

@@ -5,6 +5,9 @@
 //! the interface named by the test run's `ingress_ifindex`, as a real frame. The program gives
 //! every frame the next UDP source port of a cycle of `PKTGEN_FLOWS[0]` ports, so the traffic is
 //! many flows. The frame's UDP checksum must be 0 (none, legal in IPv4): ports change, it does not.
+//! With `PKTGEN_FLOWS[2]` set (a flood of forged new flows), the low 16 bits of the IPv4 source
+//! address change too, once per cycle of ports, and the IP checksum follows: up to 2^32 distinct
+//! 5-tuples, each frame a new flow (L4 checksums are left stale: no host should answer them).
 //!
 //! Live-frames pages are recycled without being copied again: a page whose frame a hop
 //! downstream rewrote (a DNAT's addresses, a load balancer's MACs) comes back with those bytes.
@@ -23,6 +26,9 @@ use aya_ebpf::{
 
 /// Ethernet (14) + IPv4 without options (20): where the UDP source port starts.
 const SPORT_OFFSET: usize = 34;
+/// The IPv4 header checksum, and the low 16 bits of the source address.
+const IP_CHECK_OFFSET: usize = 24;
+const SRC_LOW_OFFSET: usize = 28;
 
 /// The frame's first 48 bytes (Ethernet, IPv4, UDP and 6 bytes of payload), as 6 words.
 #[btf_map]
@@ -30,9 +36,9 @@ static PKTGEN_HEADERS: Array<[u64; HEADER_WORDS], 1> = Array::new();
 
 const HEADER_WORDS: usize = 6;
 
-/// [number of flows, first source port].
+/// [number of flows (source ports), first source port, spoof sources (0 or 1)].
 #[btf_map]
-static PKTGEN_FLOWS: Array<u32, 2> = Array::new();
+static PKTGEN_FLOWS: Array<u32, 3> = Array::new();
 
 /// Frames sent so far on this CPU.
 #[btf_map]
@@ -53,6 +59,7 @@ pub fn sluice_pktgen(ctx: XdpContext) -> u32 {
     }
     let flows = PKTGEN_FLOWS.get(0).copied().unwrap_or(1).max(1);
     let first = PKTGEN_FLOWS.get(1).copied().unwrap_or(1024);
+    let spoof = PKTGEN_FLOWS.get(2).copied().unwrap_or(0) != 0;
     let Some(seq) = PKTGEN_SEQ.get_ptr_mut(0) else {
         return xdp_action::XDP_ABORTED;
     };
@@ -63,6 +70,16 @@ pub fn sluice_pktgen(ctx: XdpContext) -> u32 {
         *seq = n.wrapping_add(1);
         let port = (first.wrapping_add(n % flows) & 0xffff) as u16;
         core::ptr::write_unaligned((start + SPORT_OFFSET) as *mut u16, port.to_be());
+        if spoof {
+            let src = core::ptr::read_unaligned((start + SRC_LOW_OFFSET) as *const u16);
+            let new = ((n / flows) as u16).to_be();
+            let check = core::ptr::read_unaligned((start + IP_CHECK_OFFSET) as *const u16);
+            core::ptr::write_unaligned((start + SRC_LOW_OFFSET) as *mut u16, new);
+            core::ptr::write_unaligned(
+                (start + IP_CHECK_OFFSET) as *mut u16,
+                lb_ebpf::csum::replace16(check, src, new),
+            );
+        }
     }
     xdp_action::XDP_TX
 }

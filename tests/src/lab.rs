@@ -640,6 +640,16 @@ http {{
         backends: &[BackendSpec],
         flow_table_size: Option<u32>,
     ) -> Result<PathBuf> {
+        let top: Vec<String> = flow_table_size
+            .map(|n| format!("flow_table_size: {n}"))
+            .into_iter()
+            .collect();
+        self.write_config_top(backends, &top)
+    }
+
+    /// As [`Lab::write_config`], with these top-level lines (settings such as
+    /// `max_new_flows_per_cpu: 0`) before `vips:`.
+    pub fn write_config_top(&self, backends: &[BackendSpec], top: &[String]) -> Result<PathBuf> {
         for b in backends {
             ensure!(
                 b.index < self.cfg.backends,
@@ -656,8 +666,8 @@ http {{
             "# sluice config written by the sluice-tests lab {}\n",
             self.id
         );
-        if let Some(n) = flow_table_size {
-            writeln!(y, "flow_table_size: {n}")?;
+        for line in top {
+            writeln!(y, "{line}")?;
         }
         y.push_str("vips:\n");
         for (port, proto) in ports {
@@ -808,7 +818,12 @@ http {{
     /// Writes a config for `backends` and runs `sluice attach` on the lb's interface (persistent; a
     /// second call applies the difference). Returns the config's path.
     pub fn attach(&self, backends: &[BackendSpec]) -> Result<PathBuf> {
-        let config = self.write_config(backends)?;
+        self.attach_with(backends, &[])
+    }
+
+    /// As [`Lab::attach`], with top-level config lines (see [`Lab::write_config_top`]).
+    pub fn attach_with(&self, backends: &[BackendSpec], top: &[String]) -> Result<PathBuf> {
+        let config = self.write_config_top(backends, top)?;
         self.sluice_ok(&[
             "attach",
             "--config",

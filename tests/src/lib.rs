@@ -12,6 +12,7 @@ pub mod kube;
 pub mod lab;
 pub mod netns;
 pub mod nft;
+pub mod pktgen;
 pub mod routed_lab;
 pub mod servers;
 

@@ -90,12 +90,7 @@ pub fn tune_lab(lab: &Lab) -> anyhow::Result<()> {
             "net.ipv4.tcp_tw_reuse=1",
         ],
     )?;
-    // The generator sends with XDP_TX out of the client's veth: its peer needs NAPI (GRO) to
-    // take XDP frames.
-    lab.exec_ok(
-        lab.switch_ns(),
-        &["ethtool", "-K", lab.client_peer_iface(), "gro", "on"],
-    )?;
+    sluice_tests::pktgen::prepare_client(lab)?;
     // XDP_TX out of the lb's veth needs an XDP program on its peer (sluice's lab helper puts an
     // XDP_PASS one there); the packet-rate test swaps its counter into that link.
     lab.ensure_peer_xdp()?;

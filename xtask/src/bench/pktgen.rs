@@ -16,23 +16,18 @@
 //! run time from `kernel.bpf_stats_enabled`.
 
 use std::fs;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail, ensure};
 use aya::maps::Array;
-use aya::programs::{TestRun as _, TestRunAttrs, TestRunOptions};
 use lb_userspace::dataplane;
-use sluice_tests::{Lab, UDP_PORT, cmd, fixtures::Frame, netns};
+use sluice_tests::{Lab, UDP_PORT, fixtures::Frame, pktgen};
 
 use super::Plan;
 use super::contenders::{Active, Kind};
 
-const PROGRAM: &str = "sluice_pktgen";
 /// The first source port of the generator's flows.
 const FIRST_PORT: u32 = 10000;
-/// Frames per live-frames batch (the kernel's default is 64).
-const BATCH: u32 = 64;
 /// The nft table on each backend that counts (and drops) the generator's datagrams.
 const COUNT_TABLE: &str = "sluicebench";
 
@@ -270,47 +265,6 @@ fn host_busy_ns() -> anyhow::Result<u64> {
     Ok(busy * 1_000_000_000 / hz)
 }
 
-/// Turns `kernel.bpf_stats_enabled` on for its lifetime (it is host-wide), then back.
-struct BpfStats {
-    old: String,
-}
-
-impl BpfStats {
-    fn enable() -> anyhow::Result<BpfStats> {
-        let p = "/proc/sys/kernel/bpf_stats_enabled";
-        let old = fs::read_to_string(p)
-            .with_context(|| format!("reading {p}"))?
-            .trim()
-            .to_string();
-        fs::write(p, "1").with_context(|| format!("writing {p}"))?;
-        Ok(BpfStats { old })
-    }
-}
-
-impl Drop for BpfStats {
-    fn drop(&mut self) {
-        let _ = fs::write("/proc/sys/kernel/bpf_stats_enabled", &self.old);
-    }
-}
-
-/// (run_time_ns, run_cnt) of the XDP program on the lb's interface.
-fn xdp_prog_stats(lab: &Lab) -> anyhow::Result<(u64, u64)> {
-    let link = lab.lb_link_json()?;
-    let id = link["xdp"]["prog"]["id"]
-        .as_u64()
-        .or_else(|| link["xdp"]["attached"][0]["prog"]["id"].as_u64())
-        .ok_or_else(|| anyhow!("no XDP program id on the lb's interface: {link}"))?;
-    let out = cmd::run_ok(
-        Command::new("bpftool").args(["-j", "prog", "show", "id", &id.to_string()]),
-        cmd::DEFAULT_TIMEOUT,
-    )?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok((
-        v["run_time_ns"].as_u64().unwrap_or(0),
-        v["run_cnt"].as_u64().unwrap_or(0),
-    ))
-}
-
 /// The generator's frame: client -> VIP:5353, 64 bytes of payload, no UDP checksum.
 fn frame(lab: &Lab, dst_mac: &str) -> anyhow::Result<Vec<u8>> {
     let mut f = Frame::udp(FIRST_PORT as u16, &[0x5a; 64]);
@@ -336,8 +290,7 @@ fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
         .map_err(|_| anyhow!("bad MAC {s}: not 6 bytes"))
 }
 
-/// Sends `frame` out of the generator's interface for `window`: paced to `rate` packets/s, or
-/// as fast as possible. Returns (frames generated, seconds).
+/// Sends `frame` out of the generator's place for `window` (see [`sluice_tests::pktgen`]).
 fn generate(
     lab: &Lab,
     inject: Inject,
@@ -347,71 +300,12 @@ fn generate(
     window: Duration,
 ) -> anyhow::Result<(u64, f64)> {
     let (ns, iface) = inject.place(lab);
-    netns::run_in(&ns, move || {
-        let mut ebpf = dataplane::load_pktgen()?;
-        {
-            let mut cfg: Array<_, u32> = Array::try_from(
-                ebpf.map_mut("PKTGEN_FLOWS")
-                    .ok_or_else(|| anyhow!("map PKTGEN_FLOWS missing from the object"))?,
-            )?;
-            cfg.set(0, &flows, 0)?;
-            cfg.set(1, &FIRST_PORT, 0)?;
-            let mut headers: Array<_, [u64; 6]> = Array::try_from(
-                ebpf.map_mut("PKTGEN_HEADERS")
-                    .ok_or_else(|| anyhow!("map PKTGEN_HEADERS missing from the object"))?,
-            )?;
-            let mut words = [0u64; 6];
-            ensure!(
-                frame.len() >= 48,
-                "the generator's frame is shorter than 48 bytes"
-            );
-            for (w, chunk) in words.iter_mut().zip(frame.as_chunks::<8>().0) {
-                *w = u64::from_ne_bytes(*chunk);
-            }
-            headers.set(0, &words, 0)?;
-        }
-        let prog = dataplane::xdp_program(&mut ebpf, PROGRAM)?;
-        prog.load()
-            .map_err(|e| anyhow!("verifying {PROGRAM}: {e}"))?;
-        let c_iface = std::ffi::CString::new(iface.clone())?;
-        // SAFETY: a valid C string; the generator's namespace is this thread's.
-        let ifindex = unsafe { libc::if_nametoindex(c_iface.as_ptr()) };
-        ensure!(
-            ifindex != 0,
-            "no interface {iface} in the generator's namespace"
-        );
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex. data_end must be the frame's length.
-        let mut ctx = Vec::with_capacity(24);
-        for v in [0, frame.len() as u32, 0, ifindex, 0, 0] {
-            ctx.extend_from_slice(&v.to_ne_bytes());
-        }
-        let start = Instant::now();
-        let mut sent = 0u64;
-        // Bounded: the window, plus at most one call's worth.
-        while start.elapsed() < window {
-            let chunk = match rate {
-                None => 1 << 16,
-                Some(r) => {
-                    let due = (r as f64 * start.elapsed().as_secs_f64()) as u64;
-                    if due <= sent {
-                        std::thread::sleep(Duration::from_micros(500));
-                        continue;
-                    }
-                    (due - sent).min(1 << 16) as u32
-                }
-            };
-            let mut opts = TestRunOptions::new();
-            opts.data_in = Some(&frame);
-            opts.ctx_in = Some(&ctx);
-            opts.repeat = chunk;
-            opts.attrs = TestRunAttrs::new().xdp_live_frames(BATCH);
-            prog.test_run(opts)
-                .map_err(|e| anyhow!("BPF_PROG_TEST_RUN (live frames) of {PROGRAM}: {e}"))?;
-            sent += u64::from(chunk);
-        }
-        Ok((sent, start.elapsed().as_secs_f64()))
-    })
+    let flows = pktgen::Flows {
+        ports: flows,
+        first_port: FIRST_PORT,
+        spoof_sources: false,
+    };
+    pktgen::generate(&ns, &iface, frame, flows, rate, window)
 }
 
 /// One window: counters before, traffic, a short drain, counters after.
@@ -425,7 +319,11 @@ fn window(
     active: Option<&Active<'_>>,
 ) -> anyhow::Result<PpsRun> {
     let xdp = active.is_some_and(|a| a.kind == Kind::Sluice);
-    let _stats = if xdp { Some(BpfStats::enable()?) } else { None };
+    let _stats = if xdp {
+        Some(pktgen::BpfStats::enable()?)
+    } else {
+        None
+    };
     let egress = match inject {
         Inject::Client => None,
         Inject::LbPort => Some(EgressCounters::install(lab)?),
@@ -438,10 +336,18 @@ fn window(
     let w0 = wire_count(lab, inject)?;
     let c0 = host_busy_ns()?;
     let p0 = active.map_or(0, |a| a.process_cpu_ns());
-    let x0 = if xdp { xdp_prog_stats(lab)? } else { (0, 0) };
+    let x0 = if xdp {
+        pktgen::xdp_prog_stats(lab)?
+    } else {
+        (0, 0)
+    };
     let (generated, seconds) = generate(lab, inject, frame.to_vec(), plan.flows, rate, duration)?;
     let c1 = host_busy_ns()?;
-    let x1 = if xdp { xdp_prog_stats(lab)? } else { (0, 0) };
+    let x1 = if xdp {
+        pktgen::xdp_prog_stats(lab)?
+    } else {
+        (0, 0)
+    };
     let p1 = active.map_or(0, |a| a.process_cpu_ns());
     // Frames still queued in a proxy or a backlog arrive within this.
     std::thread::sleep(Duration::from_millis(300));
