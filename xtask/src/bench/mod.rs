@@ -200,6 +200,13 @@ fn run_lab(plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
                 Err(e) => result.errors.push(format!("packet rate: {e:#}")),
             }
         }
+        if kind == Kind::Sluice {
+            eprintln!("[bench]   sluice's paths at speed (established, new flows, SYN flood)");
+            match pktgen::measure_paths(&lab, plan, &active) {
+                Ok(p) => report.paths = Some(p),
+                Err(e) => result.errors.push(format!("path costs: {e:#}")),
+            }
+        }
         match conn::measure(&lab, plan, &active) {
             Ok(c) => result.conn = c,
             Err(e) => result.errors.push(format!("connections: {e:#}")),

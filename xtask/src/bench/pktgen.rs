@@ -295,24 +295,28 @@ fn generate(
     lab: &Lab,
     inject: Inject,
     frame: Vec<u8>,
-    flows: u32,
+    flows: pktgen::Flows,
     rate: Option<u64>,
     window: Duration,
 ) -> anyhow::Result<(u64, f64)> {
     let (ns, iface) = inject.place(lab);
-    let flows = pktgen::Flows {
-        ports: flows,
-        first_port: FIRST_PORT,
-        spoof_sources: false,
-    };
     pktgen::generate(&ns, &iface, frame, flows, rate, window)
+}
+
+/// The plan's cycle of flows (source ports), or every frame a new flow (`spoof`).
+fn flows(plan: &Plan, spoof: bool) -> pktgen::Flows {
+    pktgen::Flows {
+        ports: if spoof { 60_000 } else { plan.flows },
+        first_port: FIRST_PORT,
+        spoof_sources: spoof,
+    }
 }
 
 /// One window: counters before, traffic, a short drain, counters after.
 fn window(
     lab: &Lab,
     inject: Inject,
-    plan: &Plan,
+    flows: pktgen::Flows,
     frame: &[u8],
     rate: Option<u64>,
     duration: Duration,
@@ -341,7 +345,7 @@ fn window(
     } else {
         (0, 0)
     };
-    let (generated, seconds) = generate(lab, inject, frame.to_vec(), plan.flows, rate, duration)?;
+    let (generated, seconds) = generate(lab, inject, frame.to_vec(), flows, rate, duration)?;
     let c1 = host_busy_ns()?;
     let x1 = if xdp {
         pktgen::xdp_prog_stats(lab)?
@@ -382,14 +386,14 @@ fn fixed_and_max(
         lab,
         Inject::Client,
         frame.to_vec(),
-        plan.flows,
+        flows(plan, false),
         Some(u64::from(plan.flows) * 4),
         Duration::from_millis(300),
     )?;
     let fixed = window(
         lab,
         Inject::Client,
-        plan,
+        flows(plan, false),
         frame,
         Some(plan.fixed_pps),
         plan.pps_window,
@@ -397,9 +401,10 @@ fn fixed_and_max(
     )?;
     // The host is shared: of several windows at the maximum, the least disturbed counts.
     let best_max = |inject: Inject| -> anyhow::Result<PpsRun> {
-        let mut max = window(lab, inject, plan, frame, None, plan.pps_window, active)?;
+        let cycle = flows(plan, false);
+        let mut max = window(lab, inject, cycle, frame, None, plan.pps_window, active)?;
         for _ in 1..plan.max_tries {
-            let again = window(lab, inject, plan, frame, None, plan.pps_window, active)?;
+            let again = window(lab, inject, cycle, frame, None, plan.pps_window, active)?;
             if again.forwarded_pps() > max.forwarded_pps() {
                 max = again;
             }
@@ -475,4 +480,84 @@ pub fn measure_direct(lab: &Lab, plan: &Plan) -> anyhow::Result<Pps> {
 pub fn measure(lab: &Lab, plan: &Plan, active: &Active<'_>) -> anyhow::Result<Pps> {
     let f = frame(lab, &lab.lb_mac())?;
     fixed_and_max(lab, plan, &f, Some(active))
+}
+
+/// The XDP program's own cost per packet (bpf_stats) on its paths at speed, side by side in
+/// one run: real frames from the generator injected into the lb's port at the maximum rate,
+/// millions per window, so no per-call overhead is subtracted and the caches are as traffic
+/// leaves them. sluice must be the attached contender.
+#[derive(Debug, Clone, Default)]
+pub struct PathCosts {
+    /// UDP over the plan's cycle of flows, all in the connection table.
+    pub established: PpsRun,
+    /// UDP, every frame a new flow (miss, Maglev pick, insert into a full LRU), no guard.
+    pub new_flow: PpsRun,
+    /// Spoofed TCP SYNs, every frame a new flow: the guard off, then on (the default rate).
+    pub syn_flood_unguarded: PpsRun,
+    pub syn_flood_guarded: PpsRun,
+}
+
+/// A spoofable SYN to VIP:80, to the lb's MAC.
+fn syn_frame(lab: &Lab) -> anyhow::Result<Vec<u8>> {
+    let mut f = Frame::tcp(FIRST_PORT as u16, sluice_tests::fixtures::TCP_SYN);
+    f.src = lab.client_addr().into();
+    f.dst = lab.vip().into();
+    f.dport = sluice_tests::HTTP_PORT;
+    let mut bytes = f.bytes();
+    bytes[..6].copy_from_slice(&parse_mac(&lab.lb_mac())?);
+    bytes[6..12].copy_from_slice(&parse_mac(&lab.client_mac())?);
+    Ok(bytes)
+}
+
+pub fn measure_paths(lab: &Lab, plan: &Plan, active: &Active<'_>) -> anyhow::Result<PathCosts> {
+    ensure!(active.kind == Kind::Sluice, "path costs are sluice's");
+    let specs: Vec<sluice_tests::BackendSpec> = (0..lab.backends())
+        .map(sluice_tests::BackendSpec::active)
+        .collect();
+    let guard = |on: bool| -> anyhow::Result<()> {
+        let top: Vec<String> = if on {
+            Vec::new()
+        } else {
+            vec!["max_new_flows_per_cpu: 0".into()]
+        };
+        lab.attach_with(&specs, &top)?;
+        Ok(())
+    };
+    let udp = frame(lab, &lab.lb_mac())?;
+    let syn = syn_frame(lab)?;
+    let run = |flows: pktgen::Flows, frame: &[u8]| {
+        window(
+            lab,
+            Inject::LbPort,
+            flows,
+            frame,
+            None,
+            plan.pps_window,
+            Some(active),
+        )
+    };
+    guard(false)?;
+    let costs = PathCosts {
+        established: run(flows(plan, false), &udp)?,
+        new_flow: run(flows(plan, true), &udp)?,
+        syn_flood_unguarded: run(flows(plan, true), &syn)?,
+        syn_flood_guarded: {
+            guard(true)?;
+            run(flows(plan, true), &syn)?
+        },
+    };
+    for (name, r) in [
+        ("established", &costs.established),
+        ("new flow, every frame", &costs.new_flow),
+        ("SYN flood, guard off", &costs.syn_flood_unguarded),
+        ("SYN flood, guard on", &costs.syn_flood_guarded),
+    ] {
+        eprintln!(
+            "[bench]   {name:<22}: generated {:>9.0}/s, XDP program {:.0} ns/pkt, host CPU {:.0} ns/pkt",
+            r.generated as f64 / r.seconds.max(1e-9),
+            r.xdp_ns_per_pkt.unwrap_or(0.0),
+            r.host_cpu_ns_per_pkt
+        );
+    }
+    Ok(costs)
 }

@@ -17,7 +17,7 @@ use super::cluster::ClusterResult;
 use super::conn::ConnStep;
 use super::contenders::Kind;
 use super::maglev_quality::MaglevRow;
-use super::pktgen::{Pps, PpsRun};
+use super::pktgen::{PathCosts, Pps, PpsRun};
 use super::testrun::{TestRunRow, cpus};
 
 /// The TTF the chart's text is drawn with (Debian fonts-dejavu-core, from scripts/bootstrap.sh).
@@ -127,6 +127,8 @@ pub struct Report {
     pub testrun: Vec<TestRunRow>,
     pub maglev: Vec<MaglevRow>,
     pub direct: Option<Pps>,
+    /// sluice's paths at speed, the program's own time (live frames, bpf_stats).
+    pub paths: Option<PathCosts>,
     pub contenders: Vec<ContenderResult>,
     /// The cluster path (`--only cluster` or the full run).
     pub cluster: Option<ClusterResult>,
@@ -161,6 +163,7 @@ impl Report {
             testrun: Vec::new(),
             maglev: Vec::new(),
             direct: None,
+            paths: None,
             contenders: Vec::new(),
             cluster: None,
             notes: Vec::new(),
@@ -170,6 +173,19 @@ impl Report {
 
     fn sluice(&self) -> Option<&ContenderResult> {
         self.contenders.iter().find(|c| c.kind == Kind::Sluice)
+    }
+
+    /// The live path costs, named.
+    fn path_rows(&self) -> Vec<(&'static str, &PpsRun)> {
+        match &self.paths {
+            Some(p) => vec![
+                ("established flow", &p.established),
+                ("new flow (every frame)", &p.new_flow),
+                ("SYN flood, guard off", &p.syn_flood_unguarded),
+                ("SYN flood, guard on", &p.syn_flood_guarded),
+            ],
+            None => Vec::new(),
+        }
     }
 
     fn direct_host_cpu(&self) -> Option<f64> {
@@ -234,6 +250,22 @@ impl Report {
                 r.ns,
                 "ns",
                 json!({"path": r.path, "target": r.target, "method": "BPF_PROG_TEST_RUN"}),
+            );
+        }
+        for (path, r) in self.path_rows() {
+            rec(
+                "sluice",
+                "xdp_ns_per_packet_live",
+                r.xdp_ns_per_pkt.unwrap_or(f64::NAN),
+                "ns",
+                json!({"path": path, "method": "live frames into the lb's port, bpf_stats"}),
+            );
+            rec(
+                "sluice",
+                "host_cpu_ns_per_packet_live",
+                r.host_cpu_ns_per_pkt,
+                "ns",
+                json!({"path": path}),
             );
         }
         for m in &self.maglev {
@@ -667,6 +699,19 @@ impl Report {
         }
         if let Some(r) = self.testrun.first() {
             let _ = writeln!(s, "\n({})", r.note);
+        }
+        if self.paths.is_some() {
+            s.push_str("\n## sluice's XDP program at speed (live frames into the lb's port, the program's own time from bpf_stats)\n\n| path | frames/s generated | XDP ns/packet | host CPU ns/packet |\n|---|---:|---:|---:|\n");
+            for (path, r) in self.path_rows() {
+                let _ = writeln!(
+                    s,
+                    "| {path} | {} | {} | {:.0} |",
+                    fmt_rate(r.generated as f64 / r.seconds.max(1e-9)),
+                    r.xdp_ns_per_pkt.map_or("-".into(), |x| format!("{x:.0}")),
+                    r.host_cpu_ns_per_pkt
+                );
+            }
+            s.push_str("\n(Every frame of the new-flow rows is a new 5-tuple: a miss, a Maglev pick and, without the guard, an insert into a full connection table that evicts. The SYN flood comes from spoofed sources; with the guard on, at most `max_new_flows_per_cpu` of them per second and CPU are recorded.)\n");
         }
 
         s.push_str("\n## Maglev quality (table size 65537)\n\n| backends N | max/mean slots | remapped when one leaves | ideal 1/N |\n|---:|---:|---:|---:|\n");
