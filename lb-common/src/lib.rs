@@ -18,8 +18,28 @@ pub const MAX_DECAP_ADDRS: u32 = 256;
 pub const MAX_PEERS: u32 = 1024;
 /// Most interfaces a backend can be reached through by `XDP_REDIRECT`.
 pub const MAX_TX_PORTS: u32 = 64;
-/// Maglev lookup table size per VIP (prime). The Maglev paper keeps M > 100 x N backends.
+/// The largest Maglev table size sluice picks by itself (prime), and the template's size.
 pub const DEFAULT_MAGLEV_SIZE: u32 = 65537;
+/// The Maglev table sizes a VIP gets when none is configured: primes about doubling, of which
+/// the smallest over 100 x the VIP's backends (the Maglev paper's bound for ~1% imbalance),
+/// else the largest. A wire contract: every node of a cluster must pick the same size for the
+/// same backend set, as the picks (and so a flow's backend) depend on it.
+pub const MAGLEV_TIERS: [u32; 9] = [251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65537];
+/// Slots per backend the tiers keep at least.
+pub const MAGLEV_SLOTS_PER_BACKEND: u32 = 100;
+
+/// The tier of a VIP with `backends` backends (draining ones and weight 0 included, so that
+/// draining never changes a table's size).
+pub const fn maglev_tier(backends: usize) -> u32 {
+    let mut i = 0;
+    while i < MAGLEV_TIERS.len() {
+        if MAGLEV_TIERS[i] as u64 >= backends as u64 * MAGLEV_SLOTS_PER_BACKEND as u64 {
+            return MAGLEV_TIERS[i];
+        }
+        i += 1;
+    }
+    MAGLEV_TIERS[MAGLEV_TIERS.len() - 1]
+}
 /// Largest table size accepted: 1,000,003 (prime) slots x 4 bytes is 4 MB per VIP.
 pub const MAX_MAGLEV_SIZE: u32 = 1_000_003;
 /// Connection-table entries unless configured otherwise.
@@ -32,6 +52,17 @@ pub const BPF_F_INNER_MAP: u32 = 1 << 12;
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// Flags of every inner Maglev array (the kernel requires them equal to the template's).
 pub const MAGLEV_INNER_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
+/// Maglev slots per element of an inner array: the kernel spaces array values 8 bytes apart
+/// whatever their size, so a 4-byte backend id per element would leave half of every table
+/// (and of the cache lines a new flow touches) empty. Slot `s` is the low half of element
+/// `s / 2` when `s` is even, the high half when odd (little-endian, as the BPF target is).
+pub const MAGLEV_SLOTS_PER_ELEMENT: u32 = 2;
+
+/// Elements of the inner array that holds a table of `slots` slots (the fingerprint beside
+/// them not included).
+pub const fn maglev_elements(slots: u32) -> u32 {
+    slots.div_ceil(MAGLEV_SLOTS_PER_ELEMENT)
+}
 
 /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists for the connection table, so inserting a new flow
 /// does not take a lock shared by all CPUs.
@@ -622,7 +653,8 @@ const _: () = assert!(size_of::<PeerFilter>() == 64);
 /// Bump when a map's meaning changes without its sizes changing (e.g. a key's field order).
 /// 3: `FlowValue` carries the slot's generation; `SOURCE_RANGES` scopes carry the family.
 /// 4: `SETTINGS` and `NEW_FLOWS` (the flood guard).
-const MAP_LAYOUT_REVISION: u32 = 4;
+/// 5: Maglev tables hold two slots per 8-byte element.
+const MAP_LAYOUT_REVISION: u32 = 5;
 
 /// Fingerprint of everything a pinned map's contents depend on: struct sizes, limits, counter
 /// slots. A program whose fingerprint differs must not adopt maps pinned by another: it would

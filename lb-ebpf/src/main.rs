@@ -39,7 +39,8 @@ use lb_common::{
     IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6, MAGLEV_INNER_FLAGS, MAX_BACKENDS,
     MAX_DECAP_ADDRS, MAX_PEERS, MAX_SOURCE_RANGES, MAX_TX_PORTS, MAX_VIPS, NO_BACKEND, PeerFilter,
     PeerKey, RATE_WINDOW_NS, RateWindow, ScopedAddr, Settings, VipFilter, VipInfo, VipKey,
-    backend_state, flow_table_size_v6, forward_mode, source_range_scope, vip_flags,
+    backend_state, flow_table_size_v6, forward_mode, maglev_elements, source_range_scope,
+    vip_flags,
 };
 use lb_ebpf::{
     csum,
@@ -62,7 +63,7 @@ static VIPS: HashMap<VipKey, VipInfo, MAX_VIPS_> = HashMap::new();
 /// one, never a half-written one. Maps are pinned (or not) by user space, not here.
 #[btf_map]
 static MAGLEV: ArrayOfMaps<
-    Array<u32, { DEFAULT_MAGLEV_SIZE as usize }, { MAGLEV_INNER_FLAGS as usize }>,
+    Array<u64, { maglev_elements(DEFAULT_MAGLEV_SIZE) as usize }, { MAGLEV_INNER_FLAGS as usize }>,
     MAX_VIPS_,
 > = ArrayOfMaps::new();
 
@@ -349,7 +350,9 @@ fn pick_backend(key: &FlowKey, vip: &VipInfo) -> Option<(u32, &'static Backend)>
         return None;
     }
     let slot = key.hash(vip.flags & vip_flags::AFFINITY != 0) % vip.table_size;
-    let id = *MAGLEV.get_value(vip.id, &slot)?;
+    // Two slots per element (`MAGLEV_SLOTS_PER_ELEMENT`): the even one in the low half.
+    let pair = *MAGLEV.get_value(vip.id, &(slot / 2))?;
+    let id = (pair >> ((slot & 1) * 32)) as u32;
     if id == NO_BACKEND {
         return None;
     }

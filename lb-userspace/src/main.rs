@@ -78,9 +78,10 @@ struct AgentArgs {
     /// This node's name (the DaemonSet passes spec.nodeName).
     #[arg(long)]
     node_name: Option<String>,
-    /// Slots of every VIP's Maglev table (prime).
-    #[arg(long, default_value_t = lb_common::DEFAULT_MAGLEV_SIZE)]
-    maglev_table_size: u32,
+    /// Slots of every VIP's Maglev table (prime) [default: per VIP, the smallest of 251, 509,
+    /// ..., 65537 over 100 slots per backend].
+    #[arg(long)]
+    maglev_table_size: Option<u32>,
     /// Entries of the connection table (applies when the maps are first created).
     #[arg(long, default_value_t = lb_common::DEFAULT_FLOW_TABLE_SIZE)]
     flow_table_size: u32,

@@ -5,24 +5,37 @@
 
 use std::fs;
 
-use crate::model::Settings;
+use crate::model::{Desired, Settings};
 
 /// The process and the fixed-size maps.
 const BASE: u64 = 64 << 20;
 /// One connection-table entry: the IPv4 table's, plus its quarter-sized IPv6 sibling's share.
 const PER_FLOW: u64 = 116;
-/// One Maglev table slot (4-byte backend ids in a page-rounded, mmapable array, counted twice
-/// for the table being replaced during a swap).
-const PER_MAGLEV_SLOT: u64 = 8;
+/// One Maglev table slot: a 4-byte backend id, two per 8-byte element of an mmapable array.
+const PER_MAGLEV_SLOT: u64 = 4;
+/// A table's own overhead: its page rounding, the map's structure and its fingerprint.
+const PER_MAGLEV_TABLE: u64 = 8192;
 /// Per-CPU counters of every VIP and backend slot, per possible CPU.
 const PER_CPU: u64 = (lb_common::MAX_VIPS as u64 + lb_common::MAX_BACKENDS as u64)
     * size_of::<lb_common::Counters>() as u64;
 
-/// Memory the maps of `vips` VIPs take with `settings`, on `cpus` possible CPUs.
-pub fn estimate(settings: &Settings, vips: usize, cpus: usize) -> u64 {
+/// Memory the maps take with `settings` and Maglev tables of these sizes, on `cpus` possible
+/// CPUs.
+pub fn estimate(settings: &Settings, table_sizes: &[u32], cpus: usize) -> u64 {
+    let slots: u64 = table_sizes.iter().map(|s| u64::from(*s)).sum();
     BASE + u64::from(settings.flow_table_size) * PER_FLOW
-        + vips as u64 * u64::from(settings.maglev_table_size) * PER_MAGLEV_SLOT
+        + slots * PER_MAGLEV_SLOT
+        + table_sizes.len() as u64 * PER_MAGLEV_TABLE
         + cpus as u64 * PER_CPU
+}
+
+/// Every VIP's Maglev table size.
+pub fn table_sizes(desired: &Desired) -> Vec<u32> {
+    desired
+        .vips
+        .iter()
+        .map(|v| desired.settings.maglev_table_size_for(v.backends.len()))
+        .collect()
 }
 
 /// This process's memory cgroup limit, if it has one (cgroup v2 or v1). Inside a container the
@@ -61,18 +74,20 @@ fn possible_cpus() -> Option<usize> {
     Some(n)
 }
 
-/// A warning when the cgroup's limit cannot hold the maps for `vips` VIPs.
-pub fn check(settings: &Settings, vips: usize) -> Option<String> {
+/// A warning when the cgroup's limit cannot hold the maps `desired` needs.
+pub fn check(desired: &Desired) -> Option<String> {
     let limit = cgroup_limit()?;
     let cpus = possible_cpus()?;
-    let need = estimate(settings, vips, cpus);
+    let sizes = table_sizes(desired);
+    let need = estimate(&desired.settings, &sizes, cpus);
+    let slots: u64 = sizes.iter().map(|s| u64::from(*s)).sum();
     (need > limit).then(|| {
         format!(
-            "the memory limit ({} MiB) is below what the maps need for {vips} VIPs (~{} MiB: flow table {} x {PER_FLOW} B, Maglev {} slots x {PER_MAGLEV_SLOT} B per VIP, {cpus} CPUs): the kernel will kill this process; raise the pod's limit or lower --flow-table-size / --maglev-table-size (see deploy/30-daemonset.yaml)",
+            "the memory limit ({} MiB) is below what the maps need for {} VIPs (~{} MiB: flow table {} x {PER_FLOW} B, {slots} Maglev slots x {PER_MAGLEV_SLOT} B, {cpus} CPUs): the kernel will kill this process; raise the pod's limit or lower --flow-table-size / --maglev-table-size (see deploy/30-daemonset.yaml)",
             limit >> 20,
+            desired.vips.len(),
             need >> 20,
-            settings.flow_table_size,
-            settings.maglev_table_size,
+            desired.settings.flow_table_size,
         )
     })
 }
@@ -85,10 +100,10 @@ mod tests {
     fn estimate_matches_the_measured_figures() {
         // Measured with 2 possible CPUs (tests/tests/memory.rs): 300 VIPs and the defaults
         // charge 272 MiB of maps; the estimate adds the process's 64 MiB and stays above.
-        let need = estimate(&Settings::default(), 300, 2) >> 20;
-        assert!((272 + 40..=272 + 80).contains(&need), "{need} MiB");
+        let need = estimate(&Settings::default(), &[65537; 300], 2) >> 20;
+        assert!((190 + 40..=190 + 80).contains(&need), "{need} MiB");
         // Without VIPs, the connection table dominates: ~111 MiB for 1M entries.
-        let flows = (estimate(&Settings::default(), 0, 0) - BASE) >> 20;
+        let flows = (estimate(&Settings::default(), &[], 0) - BASE) >> 20;
         assert!((105..=120).contains(&flows), "{flows} MiB");
     }
 }

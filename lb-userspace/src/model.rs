@@ -7,7 +7,7 @@ use std::str::FromStr;
 use std::{collections::BTreeSet, net::IpAddr};
 
 pub use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use lb_common::{DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{DEFAULT_FLOW_TABLE_SIZE, IPPROTO_TCP, IPPROTO_UDP};
 use serde::{Serialize, Serializer};
 
 /// A string that is not a valid [`Protocol`], [`MacAddr`] or [`VipAddr`].
@@ -295,8 +295,9 @@ impl Vip {
 /// Settings of the whole load balancer (table sizes: changing one rebuilds every table).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Settings {
-    /// Slots of every VIP's Maglev table (prime).
-    pub maglev_table_size: u32,
+    /// Slots of every VIP's Maglev table (prime); `None`: each VIP's from
+    /// [`lb_common::MAGLEV_TIERS`] by its number of backends.
+    pub maglev_table_size: Option<u32>,
     /// Entries of the connection table.
     pub flow_table_size: u32,
     /// Outer source addresses of IPIP packets: the host part varies per flow (so backends'
@@ -310,10 +311,18 @@ pub struct Settings {
     pub max_new_flows_per_cpu: u32,
 }
 
+impl Settings {
+    /// The Maglev table size of a VIP with `backends` backends.
+    pub fn maglev_table_size_for(&self, backends: usize) -> u32 {
+        self.maglev_table_size
+            .unwrap_or_else(|| lb_common::maglev_tier(backends))
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            maglev_table_size: DEFAULT_MAGLEV_SIZE,
+            maglev_table_size: None,
             flow_table_size: DEFAULT_FLOW_TABLE_SIZE,
             encap_source_v4: None,
             encap_source_v6: None,
@@ -508,7 +517,7 @@ mod tests {
         assert_eq!(
             json,
             serde_json::json!({
-                "settings": {"maglev_table_size": 65537, "flow_table_size": 1048576,
+                "settings": {"maglev_table_size": null, "flow_table_size": 1048576,
                              "encap_source_v4": null, "encap_source_v6": null},
                 "vips": [{
                     "key": {"addr": "10.0.0.10", "port": 80, "protocol": "tcp"},

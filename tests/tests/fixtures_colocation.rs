@@ -127,7 +127,10 @@ fn table_by_address(h: &Harness, d: &Desired) -> Vec<IpAddr> {
 fn every_node_builds_the_same_maglev_table() {
     let d = cluster();
     let tables: Vec<Vec<IpAddr>> = (0..3).map(|i| table_by_address(&node(&d, i), &d)).collect();
-    assert_eq!(tables[0].len(), d.settings.maglev_table_size as usize);
+    assert_eq!(
+        tables[0].len(),
+        d.settings.maglev_table_size_for(d.vips[0].backends.len()) as usize
+    );
     assert!(tables.iter().all(|t| *t == tables[0]), "tables differ");
     let owners: BTreeSet<IpAddr> = tables[0].iter().copied().collect();
     assert_eq!(owners.len(), 3, "every node owns slots, this one included");

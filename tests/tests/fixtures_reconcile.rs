@@ -435,7 +435,7 @@ fn over_capacity_what_fits_is_applied_and_the_rest_reported() {
                 .collect(),
         );
         // Small tables: a thousand VIPs in a test.
-        d.settings.maglev_table_size = 251;
+        d.settings.maglev_table_size = Some(251);
         d
     };
     let mut h = fresh(&many(0..MAX_VIPS));

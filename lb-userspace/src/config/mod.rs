@@ -1,7 +1,9 @@
 //! The static configuration file: YAML in, a validated [`Desired`] out.
 //!
 //! ```yaml
-//! maglev_table_size: 65537        # optional; a prime from 7 to 1000003; default 65537
+//! maglev_table_size: 65537        # optional; a prime from 7 to 1000003 for every VIP; default:
+//!                                 #   per VIP, the smallest of 251, 509, ..., 65537 over 100 x
+//!                                 #   its backends
 //! flow_table_size: 1048576        # optional; 1024 to 67108864 entries; default 1048576
 //! encap_source_v4: 10.99.0.0/24   # optional; outer sources of IPIP packets (host part varies
 //! encap_source_v6: fd99::/120     #   per flow); default: the egress interface's address
@@ -169,8 +171,9 @@ type Result<T, E = ConfigError> = std::result::Result<T, E>;
 
 /// Checks table sizes given outside a config file (the agent's flags), with the file's limits.
 pub fn validate_settings(settings: &Settings) -> std::result::Result<(), String> {
-    let size = settings.maglev_table_size;
-    if !(MIN_MAGLEV_SIZE..=MAX_MAGLEV_SIZE).contains(&size) || !is_prime(size) {
+    if let Some(size) = settings.maglev_table_size
+        && (!(MIN_MAGLEV_SIZE..=MAX_MAGLEV_SIZE).contains(&size) || !is_prime(size))
+    {
         return Err(format!(
             "maglev table size {size}: expected a prime from {MIN_MAGLEV_SIZE} to {MAX_MAGLEV_SIZE}, such as {DEFAULT_MAGLEV_SIZE}"
         ));
@@ -290,7 +293,7 @@ mod tests {
         let key = |s: &str| s.parse::<VipAddr>().unwrap();
         let expected = Desired {
             settings: Settings {
-                maglev_table_size: 251,
+                maglev_table_size: Some(251),
                 flow_table_size: 4096,
                 ..Settings::default()
             },
@@ -319,7 +322,7 @@ mod tests {
     fn defaults() {
         let desired = parse(&yaml(&with(5, &[])), "lab.yaml").unwrap();
         assert_eq!(desired.settings, Settings::default());
-        assert_eq!(desired.settings.maglev_table_size, DEFAULT_MAGLEV_SIZE);
+        assert_eq!(desired.settings.maglev_table_size, None);
         assert_eq!(desired.settings.flow_table_size, DEFAULT_FLOW_TABLE_SIZE);
         let vip = &desired.vips[0];
         assert_eq!(vip.key.protocol, Protocol::Tcp);
@@ -742,7 +745,7 @@ mod tests {
         assert_eq!(
             largest.settings,
             Settings {
-                maglev_table_size: MAX_MAGLEV_SIZE,
+                maglev_table_size: Some(MAX_MAGLEV_SIZE),
                 flow_table_size: 64 << 20,
                 ..Settings::default()
             }

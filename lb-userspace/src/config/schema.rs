@@ -40,8 +40,8 @@ impl Checker<'_> {
         let top = self.fields(&root, TOP_KEYS)?;
         let settings = Settings {
             maglev_table_size: match top.get("maglev_table_size") {
-                Some(field) => self.maglev_table_size(&field)?,
-                None => DEFAULT_MAGLEV_SIZE,
+                Some(field) => Some(self.maglev_table_size(&field)?),
+                None => None,
             },
             flow_table_size: match top.get("flow_table_size") {
                 Some(field) => self.number(&field, FLOW_TABLE_SIZES, FLOW_TABLE_HINT)?,
@@ -226,13 +226,14 @@ impl Checker<'_> {
             }
             if backend.takes_new_flows() {
                 taking_new_flows += 1;
-                if taking_new_flows > settings.maglev_table_size {
+                if let Some(size) = settings.maglev_table_size
+                    && taking_new_flows > size
+                {
                     return Err(self.error_at(
                         item,
                         format!(
                             "{taking_new_flows} backends take new flows but maglev_table_size \
-                             is only {}",
-                            settings.maglev_table_size
+                             is only {size}"
                         ),
                         "raise maglev_table_size to a prime over 100 times the number of backends",
                     ));

@@ -15,10 +15,15 @@ pub struct TableWrite<'a> {
 }
 
 /// Elements after a Maglev table's slots, holding the fingerprint of what the table was built
-/// from (low half, high half). Written into the new inner map before it is swapped in, so it
-/// always describes the table that is installed, whatever happened to a reconcile since.
-/// The program never reads them (it picks a slot modulo the VIP's table size).
-pub const FINGERPRINT_ELEMENTS: u32 = 2;
+/// from. Written into the new inner map before it is swapped in, so it always describes the
+/// table that is installed, whatever happened to a reconcile since. The program never reads it
+/// (it picks a slot modulo the VIP's table size).
+pub const FINGERPRINT_ELEMENTS: u32 = 1;
+
+/// Elements of the inner array of a table of `slots` slots, with its fingerprint.
+pub(super) fn inner_elements(slots: u32) -> Option<u32> {
+    lb_common::maglev_elements(slots).checked_add(FINGERPRINT_ELEMENTS)
+}
 
 /// VIPs per batched update: bounds the descriptors held open at once (inner maps) well below
 /// the usual 1024 limit.
@@ -35,15 +40,12 @@ pub fn install_maglev_tables(maps: &mut Maps, tables: &[TableWrite<'_>]) -> anyh
         let mut inners = Vec::with_capacity(chunk.len());
         for t in chunk {
             let size = u32::try_from(t.picks.len()).context("Maglev table too large")?;
-            let total = size
-                .checked_add(FINGERPRINT_ELEMENTS)
-                .context("Maglev table too large")?;
+            let total = inner_elements(size).context("Maglev table too large")?;
             let inner = new_maglev_table(total)
                 .with_context(|| format!("building the Maglev table of VIP #{}", t.vip_id))?;
-            let mut mapping =
-                MaglevMapping::new(&inner, total, libc::PROT_READ | libc::PROT_WRITE)?;
+            let mut mapping = MaglevMapping::new(&inner, size, libc::PROT_READ | libc::PROT_WRITE)?;
             mapping.write_picks(t.picks, t.backends);
-            mapping.write_fingerprint(size, t.fingerprint);
+            mapping.write_fingerprint(t.fingerprint);
             drop(mapping);
             inners.push(inner);
         }
@@ -65,34 +67,38 @@ pub fn install_maglev_tables(maps: &mut Maps, tables: &[TableWrite<'_>]) -> anyh
     Ok(())
 }
 
-pub(super) fn new_maglev_table(size: u32) -> anyhow::Result<MapData> {
+pub(super) fn new_maglev_table(elements: u32) -> anyhow::Result<MapData> {
     let obj = aya_obj::Map::new_from_params(
         aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
         4,
-        4,
-        size,
+        8,
+        elements,
         MAGLEV_INNER_FLAGS,
     );
     MapData::create(obj, "sluice_maglev", None)
-        .map_err(|e| anyhow!("creating a Maglev table of {size} slots: {e}"))
+        .map_err(|e| anyhow!("creating a Maglev table of {elements} elements: {e}"))
 }
 
-/// An mmap of an array map's values (`BPF_F_MMAPABLE`). The kernel lays array elements out
-/// with a stride of the value size rounded up to 8 bytes: slot i of a u32 table is at 8 * i.
+/// An mmap of a Maglev inner array (`BPF_F_MMAPABLE`): its 8-byte elements hold two 4-byte
+/// slots each (`lb_common::MAGLEV_SLOTS_PER_ELEMENT`), so the slots are a plain `u32` array in
+/// the mapping, followed by the fingerprint element.
 pub(super) struct MaglevMapping {
     addr: *mut libc::c_void,
     len: usize,
+    /// Table slots; the fingerprint is the element after them.
     slots: usize,
 }
 
+/// Bytes per element of an array map's value area.
 pub(super) const ARRAY_STRIDE: usize = 8;
 
 impl MaglevMapping {
+    /// Maps the value area of `map`, the inner array of a table of `slots` slots.
     pub(super) fn new(map: &MapData, slots: u32, prot: libc::c_int) -> anyhow::Result<Self> {
-        let slots = slots as usize;
+        let elements = inner_elements(slots).context("Maglev table too large")? as usize;
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let len = (slots * ARRAY_STRIDE).div_ceil(page) * page;
+        let len = (elements * ARRAY_STRIDE).div_ceil(page) * page;
         let fd = map.fd().as_fd().as_raw_fd();
         // SAFETY: a fresh shared mapping of the map's value area, of the map's rounded size.
         let addr = unsafe { libc::mmap(ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
@@ -102,59 +108,57 @@ impl MaglevMapping {
                 std::io::Error::last_os_error()
             );
         }
-        Ok(Self { addr, len, slots })
+        Ok(Self {
+            addr,
+            len,
+            slots: slots as usize,
+        })
     }
 
-    pub(super) fn elements(&self) -> &[u64] {
-        // SAFETY: the mapping holds `slots` 8-byte elements and lives as long as self.
-        unsafe { std::slice::from_raw_parts(self.addr as *const u64, self.slots) }
+    fn slots(&self) -> &[u32] {
+        // SAFETY: the mapping holds the table's elements (two slots each) and lives as long as
+        // self; page-aligned, so aligned for u32.
+        unsafe { std::slice::from_raw_parts(self.addr as *const u32, self.slots) }
+    }
+
+    /// Offset of the fingerprint element, in bytes.
+    fn fingerprint_offset(&self) -> usize {
+        lb_common::maglev_elements(self.slots as u32) as usize * ARRAY_STRIDE
     }
 
     pub(super) fn read(&self) -> Vec<u32> {
-        // The u32 value sits in the first four bytes of each element.
-        self.elements().iter().map(|e| element_value(*e)).collect()
+        self.slots().to_vec()
     }
 
-    /// Element i := backends[picks[i]], or NO_BACKEND.
+    /// Slot i := backends[picks[i]], or NO_BACKEND.
     pub(super) fn write_picks(&mut self, picks: &[u32], backends: &[u32]) {
-        // SAFETY: as above, mapped writable by `new` when called with PROT_WRITE.
-        let elements = unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u64, self.slots) };
-        for (element, pick) in elements.iter_mut().zip(picks) {
-            let slot = backends
+        // SAFETY: as in `slots`, mapped writable by `new` when called with PROT_WRITE.
+        let slots = unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u32, self.slots) };
+        for (slot, pick) in slots.iter_mut().zip(picks) {
+            *slot = backends
                 .get(*pick as usize)
                 .copied()
                 .unwrap_or(lb_common::NO_BACKEND);
-            let mut bytes = [0u8; 8];
-            bytes[..4].copy_from_slice(&slot.to_ne_bytes());
-            *element = u64::from_ne_bytes(bytes);
         }
     }
 
-    /// Elements `at` and `at + 1` := the two halves of `fingerprint`.
-    pub(super) fn write_fingerprint(&mut self, at: u32, fingerprint: u64) {
-        // SAFETY: as above, mapped writable by `new` when called with PROT_WRITE.
-        let elements = unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u64, self.slots) };
-        let halves = [fingerprint as u32, (fingerprint >> 32) as u32];
-        for (element, half) in elements.iter_mut().skip(at as usize).zip(halves) {
-            let mut bytes = [0u8; 8];
-            bytes[..4].copy_from_slice(&half.to_ne_bytes());
-            *element = u64::from_ne_bytes(bytes);
+    /// The element after the slots := `fingerprint`.
+    pub(super) fn write_fingerprint(&mut self, fingerprint: u64) {
+        // SAFETY: the fingerprint element lies within the mapping (see `new`), 8-aligned.
+        unsafe {
+            let at = (self.addr as *mut u8).add(self.fingerprint_offset()) as *mut u64;
+            at.write(fingerprint);
         }
     }
 
-    /// The fingerprint written by [`Self::write_fingerprint`] at `at`.
-    pub(super) fn fingerprint(&self, at: u32) -> Option<u64> {
-        let mut halves = self.elements().iter().skip(at as usize);
-        let low = u64::from(element_value(*halves.next()?));
-        let high = u64::from(element_value(*halves.next()?));
-        Some(low | (high << 32))
+    /// The fingerprint written by [`Self::write_fingerprint`].
+    pub(super) fn fingerprint(&self) -> Option<u64> {
+        // SAFETY: as in `write_fingerprint`.
+        Some(unsafe {
+            let at = (self.addr as *const u8).add(self.fingerprint_offset()) as *const u64;
+            at.read()
+        })
     }
-}
-
-/// The u32 value in the first four bytes of an array element.
-pub(super) fn element_value(element: u64) -> u32 {
-    let b = element.to_ne_bytes();
-    u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
 }
 
 impl Drop for MaglevMapping {

@@ -124,13 +124,13 @@ impl Maps {
     /// enough to check every VIP on every reconcile.
     pub fn maglev_fingerprint(&self, vip_id: u32, size: u32) -> Option<u64> {
         let inner: MapData = self.maglev.get(&vip_id, 0).ok()?;
-        let total = size.checked_add(FINGERPRINT_ELEMENTS)?;
-        if inner.info().ok()?.max_entries() != total {
+        let info = inner.info().ok()?;
+        if info.max_entries() != inner_elements(size)? || info.value_size() != 8 {
             return None;
         }
-        MaglevMapping::new(&inner, total, libc::PROT_READ)
+        MaglevMapping::new(&inner, size, libc::PROT_READ)
             .ok()?
-            .fingerprint(size)
+            .fingerprint()
     }
 
     /// Reads a VIP's Maglev table (slot -> backend id).

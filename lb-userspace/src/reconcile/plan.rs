@@ -113,7 +113,6 @@ pub(super) fn plan(
     desired: &Desired,
     resolved: &Resolved,
 ) -> anyhow::Result<Plan> {
-    let table_size = desired.settings.maglev_table_size;
     let desired_keys: BTreeSet<VipKey> = desired.vips.iter().map(|v| vip_key(&v.key)).collect();
 
     // Ids kept by surviving VIPs and slots; new ones come from what is free now (ids and slots
@@ -250,6 +249,7 @@ pub(super) fn plan(
                 weight: effective_weight(v),
             })
             .collect();
+        let table_size = desired.settings.maglev_table_size_for(vip.backends.len());
         let fingerprint = table_fingerprint(&backends, &inputs, table_size);
         let mut flags = 0;
         if vip.client_affinity {
@@ -502,7 +502,7 @@ mod tests {
         Desired {
             settings: Settings {
                 // Small tables: planning never builds them, but keep it cheap anyway.
-                maglev_table_size: 251,
+                maglev_table_size: Some(251),
                 ..Settings::default()
             },
             vips,
@@ -996,7 +996,7 @@ mod tests {
         let (_, maps) = step(&Snapshot::default(), &three());
         let base = plan_for(&maps, &three()).vips[0].fingerprint;
         let mut other_size = three();
-        other_size.settings.maglev_table_size = 257;
+        other_size.settings.maglev_table_size = Some(257);
         for desired in [
             with_backend_1(b(1, 2, false)),
             with_backend_1(b(7, 1, false)),

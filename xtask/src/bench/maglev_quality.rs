@@ -1,10 +1,11 @@
-//! Maglev quality of `lb_userspace::maglev::build_table` at the default table size: how evenly
-//! the slots (and so the flows, which hash uniformly onto slots) spread over N backends, and
-//! which share of them moves when one backend leaves, against the ideal 1/N (its own slots).
+//! Maglev quality of `lb_userspace::maglev::build_table`, at the size a VIP of N backends gets
+//! by default (its tier, `lb_common::maglev_tier`) and at the largest (65537): how evenly the
+//! slots (and so the flows, which hash uniformly onto slots) spread over N backends, and which
+//! share of them moves when one backend leaves, against the ideal 1/N (its own slots).
 
 use std::net::Ipv4Addr;
 
-use lb_common::DEFAULT_MAGLEV_SIZE;
+use lb_common::{DEFAULT_MAGLEV_SIZE, maglev_tier};
 use lb_userspace::maglev::{MaglevBackend, build_table};
 
 #[derive(Debug, Clone)]
@@ -22,7 +23,7 @@ pub struct MaglevRow {
 pub fn run() -> Vec<MaglevRow> {
     [3usize, 10, 100]
         .into_iter()
-        .map(|n| quality(n, DEFAULT_MAGLEV_SIZE))
+        .flat_map(|n| [quality(n, maglev_tier(n)), quality(n, DEFAULT_MAGLEV_SIZE)])
         .collect()
 }
 

@@ -714,12 +714,14 @@ impl Report {
             s.push_str("\n(Every frame of the new-flow rows is a new 5-tuple: a miss, a Maglev pick and, without the guard, an insert into a full connection table that evicts. The SYN flood comes from spoofed sources; with the guard on, at most `max_new_flows_per_cpu` of them per second and CPU are recorded.)\n");
         }
 
-        s.push_str("\n## Maglev quality (table size 65537)\n\n| backends N | max/mean slots | remapped when one leaves | ideal 1/N |\n|---:|---:|---:|---:|\n");
+        s.push_str("\n## Maglev quality (each N at its default tier, then at 65537)\n\n| backends N | table size | memory per VIP | max/mean slots | remapped when one leaves | ideal 1/N |\n|---:|---:|---:|---:|---:|---:|\n");
         for r in &self.maglev {
             let _ = writeln!(
                 s,
-                "| {} | {:.4} | {:.2}% | {:.2}% |",
+                "| {} | {} | {:.1} KiB | {:.4} | {:.2}% | {:.2}% |",
                 r.backends,
+                r.table_size,
+                f64::from(r.table_size) * 4.0 / 1024.0,
                 r.max_over_mean,
                 r.remapped * 100.0,
                 r.ideal * 100.0
