@@ -78,10 +78,10 @@ struct AgentArgs {
     /// This node's name (the DaemonSet passes spec.nodeName).
     #[arg(long)]
     node_name: Option<String>,
-    /// Slots of every VIP's Maglev table (prime) [default: per VIP, the smallest of 251, 509,
-    /// ..., 65537 over 100 slots per backend].
-    #[arg(long)]
-    maglev_table_size: Option<u32>,
+    /// Slots of every VIP's Maglev table (a prime), or "auto": per VIP, the smallest of 251,
+    /// 509, ..., 65537 over 100 slots per backend.
+    #[arg(long, default_value = "auto", value_parser = parse_table_size)]
+    maglev_table_size: TableSize,
     /// Entries of the connection table (applies when the maps are first created).
     #[arg(long, default_value_t = lb_common::DEFAULT_FLOW_TABLE_SIZE)]
     flow_table_size: u32,
@@ -489,9 +489,23 @@ fn attach(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> an
     Ok(())
 }
 
+/// `--maglev-table-size`: a number, or "auto" (`None`).
+#[derive(Clone, Copy, Debug)]
+struct TableSize(Option<u32>);
+
+fn parse_table_size(s: &str) -> Result<TableSize, String> {
+    match s {
+        "auto" => Ok(TableSize(None)),
+        n => n
+            .parse()
+            .map(|n| TableSize(Some(n)))
+            .map_err(|_| format!("{s:?}: expected a prime number of slots, or auto")),
+    }
+}
+
 fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
     let settings = Settings {
-        maglev_table_size: args.maglev_table_size,
+        maglev_table_size: args.maglev_table_size.0,
         flow_table_size: args.flow_table_size,
         max_new_flows_per_cpu: args.max_new_flows_per_cpu,
         ..Settings::default()

@@ -518,7 +518,8 @@ mod tests {
             json,
             serde_json::json!({
                 "settings": {"maglev_table_size": null, "flow_table_size": 1048576,
-                             "encap_source_v4": null, "encap_source_v6": null},
+                             "encap_source_v4": null, "encap_source_v6": null,
+                             "max_new_flows_per_cpu": 125000},
                 "vips": [{
                     "key": {"addr": "10.0.0.10", "port": 80, "protocol": "tcp"},
                     "backends": [

@@ -60,7 +60,7 @@ impl Reconciler {
                 self.pins.maps_dir().display()
             );
         }
-        if let Some(warning) = memory::check(&desired) {
+        if let Some(warning) = memory::check(desired) {
             warn!("{warning}");
         }
         let mut ebpf = dataplane::load(Some(&self.pins), desired.settings.flow_table_size)?;

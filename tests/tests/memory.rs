@@ -132,8 +132,13 @@ impl Drop for Sandbox {
     }
 }
 
-fn config(services: usize, flows: u64, maglev: u64) -> String {
-    let mut c = format!("flow_table_size: {flows}\nmaglev_table_size: {maglev}\nvips:\n");
+/// `maglev`: the ConfigMap's `maglev-table-size`, a number or "auto" (the config's default).
+fn config(services: usize, flows: u64, maglev: &str) -> String {
+    let mut c = format!("flow_table_size: {flows}\n");
+    if maglev != "auto" {
+        c.push_str(&format!("maglev_table_size: {maglev}\n"));
+    }
+    c.push_str("vips:\n");
     for i in 0..services {
         c.push_str(&format!(
             "  - address: 10.200.{}.{}\n    port: 80\n    backends:\n",
@@ -152,7 +157,7 @@ fn config(services: usize, flows: u64, maglev: u64) -> String {
 
 /// Attaches sluice with `services` VIPs inside a cgroup limited to `limit`; returns the memory
 /// charged after the attach (the maps), or the attach's error.
-fn attach_under(limit: u64, services: usize, flows: u64, maglev: u64) -> Result<u64> {
+fn attach_under(limit: u64, services: usize, flows: u64, maglev: &str) -> Result<u64> {
     let sb = Sandbox::new()?;
     let cg = MemCgroup::new(&format!("sluice-memtest-{}", std::process::id()), limit)?;
     let file = sb.bpffs.with_extension("yaml");
@@ -219,10 +224,9 @@ fn the_daemonsets_limit_holds_a_few_hundred_services() -> Result<()> {
     let flows: u64 = yaml_value(&cm, "flow-table-size")
         .context("flow-table-size in the ConfigMap")?
         .parse()?;
-    let maglev: u64 = yaml_value(&cm, "maglev-table-size")
-        .context("maglev-table-size in the ConfigMap")?
-        .parse()?;
-    let charged = attach_under(limit, SERVICES, flows, maglev)?;
+    let maglev =
+        yaml_value(&cm, "maglev-table-size").context("maglev-table-size in the ConfigMap")?;
+    let charged = attach_under(limit, SERVICES, flows, &maglev)?;
     ensure!(
         charged + PROCESS_BUDGET <= limit,
         "{SERVICES} Services take {} MiB of maps: with the agent's {} MiB that is over the DaemonSet's {} MiB limit",
@@ -232,7 +236,7 @@ fn the_daemonsets_limit_holds_a_few_hundred_services() -> Result<()> {
     );
     // The limit is real: under a quarter of it the same Services do not fit, and sluice said
     // why before the kernel stopped it.
-    let err = attach_under(limit / 4, SERVICES, flows, maglev)
+    let err = attach_under(limit / 4, SERVICES, flows, &maglev)
         .err()
         .context("attach under a quarter of the limit succeeded: is the cgroup charged at all?")?;
     println!("memory: under {} MiB: {err:#}", (limit / 4) >> 20);
