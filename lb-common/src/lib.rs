@@ -511,10 +511,12 @@ pub enum GlobalCounter {
     Decapsulated = 18,
     /// Dropped: encapsulated to this node from a source outside `DECAP_SOURCES`.
     DropDecapSource = 19,
+    /// Answered: an IPv6 Neighbor Solicitation for an address this node announces (`ANNOUNCE`).
+    NeighborAdvert = 20,
 }
 
 impl GlobalCounter {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
     pub const ALL: [GlobalCounter; Self::COUNT as usize] = [
         Self::Passed,
         Self::Tx,
@@ -536,6 +538,7 @@ impl GlobalCounter {
         Self::FromPeer,
         Self::Decapsulated,
         Self::DropDecapSource,
+        Self::NeighborAdvert,
     ];
 
     /// Stable name, used by `sluice inspect stats` and its JSON.
@@ -561,6 +564,7 @@ impl GlobalCounter {
             Self::FromPeer => "from_peer",
             Self::Decapsulated => "decapsulated",
             Self::DropDecapSource => "drop_decap_source",
+            Self::NeighborAdvert => "neighbor_advert",
         }
     }
 }
