@@ -4,7 +4,8 @@
 //! Target Link-Layer Address option), sent back to the soliciting host with `XDP_TX`.
 //!
 //! Answered only when the solicitation is valid by RFC 4861 7.1.1 as far as it matters here:
-//! hop limit 255 (it was not routed), ICMPv6 code 0, a correct checksum, no extension headers,
+//! hop limit 255 (it was not routed), ICMPv6 code 0, a correct checksum, options of a
+//! non-zero length, no extension headers,
 //! a specified source (an unspecified one is another host's duplicate address detection: the
 //! kernel's business, as a gratuitous ARP is), and sent to the target itself or to its
 //! solicited-node multicast address. ICMPv6 lengths other than 24 (no option) and 32 (one
@@ -97,7 +98,12 @@ pub fn neighbor_advert(
     if icmp_len == NDP_MSG_OPT_LEN {
         let opt = packet::ptr_at::<[u16; 4]>(ctx, ICMP_OFF + NDP_MSG_LEN)?;
         // SAFETY: bounds checked by ptr_at.
-        for w in unsafe { *opt } {
+        let opt = unsafe { *opt };
+        // An option's length (in 8 bytes) must not be 0 (7.1.1); this one is the last 8 bytes.
+        if opt[0].to_ne_bytes()[1] != 1 {
+            return None;
+        }
+        for w in opt {
             sum += w as u64;
         }
     }

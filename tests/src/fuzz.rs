@@ -998,20 +998,40 @@ fn neighbor_solicitation(rng: &mut Rng) -> Case {
     } else {
         Ndp::probe(target, LB_MAC)
     };
-    let mut valid = true;
-    match rng.below(10) {
-        0 => ns.hop_limit = rng.pick(&[1, 64, 254]),
-        1 => ns.code = 1 + rng.below(255) as u8,
-        2 => ns.bad_checksum = true,
-        3 => ns.src = Ipv6Addr::UNSPECIFIED,
-        4 => {
-            let n = 8 * (1 + rng.below(2));
-            ns.extra = rng.bytes(n);
+    // Four in ten are valid; the others break one rule of RFC 4861 7.1.1 (or carry an option
+    // the program leaves to the kernel) and must pass.
+    let valid = match rng.below(10) {
+        0 => {
+            ns.hop_limit = rng.pick(&[1, 64, 254]);
+            false
         }
-        5 => ns.dst = Ndp::solicited_node(CLIENT6),
-        _ => valid = false,
-    }
-    let answered = !valid && target == ANNOUNCED6;
+        1 => {
+            ns.code = 1 + rng.below(255) as u8;
+            false
+        }
+        2 => {
+            ns.bad_checksum = true;
+            false
+        }
+        3 => {
+            ns.src = Ipv6Addr::UNSPECIFIED;
+            false
+        }
+        4 => {
+            // An option of length 0 (invalid), or one option too many (40 bytes of ICMPv6).
+            let mut option = rng.bytes(8);
+            option[1] = 0;
+            ns.extra = option;
+            false
+        }
+        5 => {
+            // Another address's group (CLIENT6 shares the announced address's low 24 bits).
+            ns.dst = Ndp::solicited_node(VIP6_IPIP);
+            false
+        }
+        _ => true,
+    };
+    let answered = valid && target == ANNOUNCED6;
     Case {
         frame: ns.bytes(),
         must_forward: answered,
@@ -1038,7 +1058,7 @@ fn check_neighbor_advert(input: &[u8], out: &[u8]) -> Option<Result<(), String>>
     });
     let deserved = l3.l4 == 54
         && l3.has_l4
-        && (len == 24 || len == 32)
+        && (len == 24 || (len == 32 && input[l3.l4 + 25] == 1))
         && input[21] == 255
         && input[l3.l4 + 1] == 0
         && checksum_ok(&input[l3.l4..l3.end], pseudo_sum_v6(src, dst, len, 58))

@@ -115,6 +115,9 @@ fn solicitations_that_must_not_be_answered_pass_untouched() {
     let mut c = Ndp::solicit(VIP6);
     c.extra = vec![14, 1, 1, 2, 3, 4, 5, 6];
     cases.push(("a second option (a nonce: 40 bytes of ICMPv6)", c));
+    let mut c = Ndp::probe(VIP6, OURS);
+    c.extra = vec![14, 0, 1, 2, 3, 4, 5, 6];
+    cases.push(("an option of length 0", c));
     let mut c = Ndp::advert(VIP6, CLIENT_MAC);
     c.eth_dst = LB_MAC;
     cases.push(("an advertisement for the VIP (someone else's answer)", c));
