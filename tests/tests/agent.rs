@@ -864,7 +864,7 @@ fn announce_takeover(env: &Env, vip: IpAddr) -> Result<()> {
         let h = holder().unwrap_or_default();
         Ok(((h == "lb-a").then_some(()), h))
     })?;
-    println!("lb-a won the lease {elected:?} after it was ready");
+    println!("{vip}: lb-a won the lease {elected:?} after it was ready");
     let want = vec![(vip.to_string(), mac_a.clone())];
     ensure!(
         announced("eth0")? == want,
@@ -905,7 +905,7 @@ fn announce_takeover(env: &Env, vip: IpAddr) -> Result<()> {
     })?;
     let takeover = stopped.elapsed();
     println!(
-        "takeover after SIGTERM: client moved to lb-b's MAC {takeover:?} after the stop ({moved:?} after lb-a exited)"
+        "{vip}: takeover after SIGTERM: client moved to lb-b's MAC {takeover:?} after the stop ({moved:?} after lb-a exited)"
     );
     ensure!(holder()? == "lb-b", "lease holder {}", holder()?);
     ensure!(announced(&eth1)? == vec![(vip.to_string(), mac_b.clone())]);
@@ -913,6 +913,17 @@ fn announce_takeover(env: &Env, vip: IpAddr) -> Result<()> {
     let b_answers = env.answers_at(vip, 10)?;
     ensure!(all(&b_answers), "through lb-b: {b_answers:?}");
 
+    // The requests left the client's entry in DELAY: let its probe of lb-b (alive) settle it
+    // first. An entry whose probe fails turns FAILED, and IPv6 ignores advertisements for a
+    // FAILED entry (the client re-solicits on its next packet instead, answered by XDP as at
+    // the start); what is tested below is the unsolicited advertisement moving a valid entry.
+    wait_for("the client's entry settles on lb-b", CONVERGE, || {
+        let n = env.lab.client_neighbour(vip)?;
+        let settled = n
+            .as_ref()
+            .filter(|(m, state)| *m == mac_b && (state == "REACHABLE" || state == "STALE"));
+        Ok((settled.map(|_| ()), n))
+    })?;
     // lb-b's node dies: no agent (SIGKILL), no XDP program. Its lease is never released: lb-a,
     // started again, takes over once the lease has gone unrenewed for its duration.
     sluice_tests::cmd::signal(b.pid(), libc::SIGKILL);
@@ -927,7 +938,7 @@ fn announce_takeover(env: &Env, vip: IpAddr) -> Result<()> {
     )?;
     let expiry = died.elapsed();
     println!(
-        "takeover after node death: client moved to lb-a's MAC {expiry:?} after lb-b died (lease 10 s)"
+        "{vip}: takeover after node death: client moved to lb-a's MAC {expiry:?} after lb-b died (lease 10 s)"
     );
     ensure!(holder()? == "lb-a", "lease holder {}", holder()?);
     ensure!(
