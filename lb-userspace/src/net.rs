@@ -376,9 +376,17 @@ mod tests {
         let mac = [0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee];
         let frame = unsolicited_na(mac, "fd00:100::1".parse().unwrap());
         assert_eq!(frame.len(), 86);
-        assert_eq!(&frame[..14], &[0x33, 0x33, 0, 0, 0, 1, 2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0x86, 0xdd]);
+        assert_eq!(
+            &frame[..14],
+            &[
+                0x33, 0x33, 0, 0, 0, 1, 2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0x86, 0xdd
+            ]
+        );
         assert_eq!(&frame[14..22], &[0x60, 0, 0, 0, 0, 32, 58, 255]);
-        assert_eq!(&frame[38..54], &[0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(
+            &frame[38..54],
+            &[0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+        );
         // Checksum computed independently (Python, RFC 1071 over the pseudo-header).
         assert_eq!(&frame[54..62], &[136, 0, 0xbe, 0x36, 0x20, 0, 0, 0]);
         assert_eq!(&frame[78..86], &[2, 1, 2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]);

@@ -136,7 +136,8 @@ impl Kube {
     pub fn start_dual_stack(netns: Option<&str>) -> Result<Kube> {
         let mut kube = Self::new(netns, None)?;
         kube.dual_stack = true;
-        kube.setup().context("starting etcd and a dual-stack kube-apiserver")?;
+        kube.setup()
+            .context("starting etcd and a dual-stack kube-apiserver")?;
         Ok(kube)
     }
 

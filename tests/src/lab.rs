@@ -1269,7 +1269,14 @@ http {{
             self.sysctl(ns, &["net.ipv6.conf.all.disable_ipv6=0"])?;
             self.ip(
                 ns,
-                &["addr", "add", &format!("{addr}/64"), "dev", NS_IFACE, "nodad"],
+                &[
+                    "addr",
+                    "add",
+                    &format!("{addr}/64"),
+                    "dev",
+                    NS_IFACE,
+                    "nodad",
+                ],
             )?;
         }
         // Only XDP may move VIP packets on (as for IPv4, ip_forward=0).

@@ -60,11 +60,17 @@ fn solicitation_for_announced_vip_is_answered_with_the_exact_advertisement() {
     let ns = Ndp::solicit(VIP6).bytes();
     assert_eq!(ns.len(), 86);
     let (action, out) = h.run(&ns).expect("test run");
-    assert_eq!(action, XDP_TX, "an announced address's solicitation is answered");
+    assert_eq!(
+        action, XDP_TX,
+        "an announced address's solicitation is answered"
+    );
     assert_eq!(out, EXPECTED_NA, "exactly the advertisement");
     // The builder agrees with the literal bytes, and the checksum verifies.
     assert_eq!(out, Ndp::advert(VIP6, OURS).bytes());
-    assert!(checksum_ok(&out[54..], pseudo_sum_v6(VIP6, CLIENT6, 32, 58)));
+    assert!(checksum_ok(
+        &out[54..],
+        pseudo_sum_v6(VIP6, CLIENT6, 32, 58)
+    ));
     assert_eq!(h.counter(GlobalCounter::NeighborAdvert).unwrap(), 1);
     assert_eq!(h.counter(GlobalCounter::Passed).unwrap(), 0);
 }
@@ -92,7 +98,10 @@ fn solicitations_that_must_not_be_answered_pass_untouched() {
     let mut h = announcing();
     let mut cases: Vec<(&str, Ndp)> = Vec::new();
     let other = backend_addr6(0);
-    cases.push(("an address this node does not announce", Ndp::solicit(other)));
+    cases.push((
+        "an address this node does not announce",
+        Ndp::solicit(other),
+    ));
     let mut c = Ndp::solicit(VIP6);
     c.src = Ipv6Addr::UNSPECIFIED;
     c.option = None;

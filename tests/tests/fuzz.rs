@@ -11,8 +11,8 @@ use lb_common::GlobalCounter;
 use sluice_tests::{
     fixtures::Harness,
     fuzz::{
-        ANNOUNCED, ANNOUNCED_MAC, ANNOUNCED6, Case, Rng, World, check, fuzz_desired, fuzz_node_addrs, generate,
-        hex,
+        ANNOUNCED, ANNOUNCED_MAC, ANNOUNCED6, Case, Rng, World, check, fuzz_desired,
+        fuzz_node_addrs, generate, hex,
     },
     require_root,
 };

@@ -231,10 +231,18 @@ impl Announcer {
             "VIP {addr}: lease {} acquired by {}: answering {} with {} on {}, {} sent",
             lease_name(addr),
             self.config.node_name,
-            if addr.is_ipv4() { "ARP" } else { "neighbour solicitations" },
+            if addr.is_ipv4() {
+                "ARP"
+            } else {
+                "neighbour solicitations"
+            },
             self.config.iface.mac,
             self.config.iface.name,
-            if addr.is_ipv4() { "gratuitous ARP" } else { "unsolicited neighbour advertisement" }
+            if addr.is_ipv4() {
+                "gratuitous ARP"
+            } else {
+                "unsolicited neighbour advertisement"
+            }
         );
         let iface = self.config.iface.clone();
         // Off the loop: the repeats are spaced in time.

@@ -741,16 +741,20 @@ mod tests {
         // IPv4-only nodes and mode l2: the IPv6 VIPs exist, without backends, and say why.
         assert!(backends(&b, "[2001:db8::2]:80/tcp").is_empty());
         assert_eq!(b.problems.len(), 3, "{:?}", b.problems);
-        assert!(b.problems.iter().all(|p| p.contains(
-            "has no IPv6 InternalIP, which mode l2 needs for the IPv6 VIPs"
-        )));
+        assert!(
+            b.problems.iter().all(
+                |p| p.contains("has no IPv6 InternalIP, which mode l2 needs for the IPv6 VIPs")
+            )
+        );
     }
 
     /// A node with an InternalIP of each family.
     fn node_dual(name: &str, v4: &str, v6: &str) -> Arc<Node> {
         let mut n = Arc::unwrap_or_clone(node(name, v4, true, false, None));
         if let Some(addrs) = n.status.as_mut().and_then(|s| s.addresses.as_mut()) {
-            addrs.push(serde_json::from_value(json!({"type": "InternalIP", "address": v6})).unwrap());
+            addrs.push(
+                serde_json::from_value(json!({"type": "InternalIP", "address": v6})).unwrap(),
+            );
         }
         Arc::new(n)
     }
@@ -767,24 +771,48 @@ mod tests {
         spec["ipFamilies"] = json!(["IPv4", "IPv6"]);
         spec["ipFamilyPolicy"] = json!("RequireDualStack");
         spec["loadBalancerSourceRanges"] = json!(["192.0.2.0/24", "2001:db8:1::/48"]);
-        let web = svc("default", "web", spec.clone(), &["192.0.2.10", "2001:db8::10"]);
+        let web = svc(
+            "default",
+            "web",
+            spec.clone(),
+            &["192.0.2.10", "2001:db8::10"],
+        );
         let b = run(&[web], &[], &nodes);
         // Mode l2: each VIP by its own family only; the other family's nodes are named.
         assert_eq!(
             backends(&b, "192.0.2.10:80/tcp"),
-            [bk("10.0.0.1", 1, false), bk("10.0.0.2", 1, false), bk("10.0.0.3", 1, false)]
+            [
+                bk("10.0.0.1", 1, false),
+                bk("10.0.0.2", 1, false),
+                bk("10.0.0.3", 1, false)
+            ]
         );
         assert_eq!(
             backends(&b, "[2001:db8::10]:80/tcp"),
-            [bk("fd00::1", 1, false), bk("fd00::2", 1, false), bk("fd00::4", 1, false)]
+            [
+                bk("fd00::1", 1, false),
+                bk("fd00::2", 1, false),
+                bk("fd00::4", 1, false)
+            ]
         );
         let p: Vec<&str> = b.problems.iter().map(String::as_str).collect();
         assert_eq!(p.len(), 2, "{p:?}");
-        assert!(p.iter().any(|p| p.contains("node n3 has no IPv6 InternalIP")));
-        assert!(p.iter().any(|p| p.contains("node n4 has no IPv4 InternalIP")));
+        assert!(
+            p.iter()
+                .any(|p| p.contains("node n3 has no IPv6 InternalIP"))
+        );
+        assert!(
+            p.iter()
+                .any(|p| p.contains("node n4 has no IPv4 InternalIP"))
+        );
         // Source ranges of both families travel with both VIPs (each admits its own family).
         for key in ["192.0.2.10:80/tcp", "[2001:db8::10]:80/tcp"] {
-            let vip = b.desired.vips.iter().find(|v| v.key.to_string() == key).unwrap();
+            let vip = b
+                .desired
+                .vips
+                .iter()
+                .find(|v| v.key.to_string() == key)
+                .unwrap();
             let ranges: Vec<String> = vip.source_ranges.iter().map(ToString::to_string).collect();
             assert_eq!(ranges, ["192.0.2.0/24", "2001:db8:1::/48"], "{key}");
         }
@@ -793,12 +821,8 @@ mod tests {
         assert_eq!(b.node_names[&"fd00::2".parse::<IpAddr>().unwrap()], "n2");
 
         // Mode ipip: a node of the other family only is reached across families.
-        let mut ipip = Arc::unwrap_or_clone(svc(
-            "default",
-            "web",
-            spec,
-            &["192.0.2.10", "2001:db8::10"],
-        ));
+        let mut ipip =
+            Arc::unwrap_or_clone(svc("default", "web", spec, &["192.0.2.10", "2001:db8::10"]));
         ipip.metadata.annotations = Some(BTreeMap::from([(
             "sluice.io/forwarding-mode".to_owned(),
             "ipip".to_owned(),
@@ -840,7 +864,10 @@ mod tests {
             &[ready("n2", "fd01::5"), ready("n2", "fd01::6")],
         )];
         let b = run(&[web], &slices, &nodes);
-        assert_eq!(backends(&b, "[2001:db8::10]:80/tcp"), [bk("fd00::2", 2, false)]);
+        assert_eq!(
+            backends(&b, "[2001:db8::10]:80/tcp"),
+            [bk("fd00::2", 2, false)]
+        );
     }
 
     #[test]
@@ -1127,10 +1154,7 @@ mod tests {
         );
         let p: Vec<&str> = b.problems.iter().map(String::as_str).collect();
         assert_eq!(p.len(), 5, "{p:?}");
-        assert!(
-            p.iter()
-                .any(|p| p.starts_with("node n0: no InternalIP"))
-        );
+        assert!(p.iter().any(|p| p.starts_with("node n0: no InternalIP")));
         assert!(
             p.iter()
                 .any(|p| p.contains("n4: InternalIP 10.0.0.1 is also node n1's"))
