@@ -576,10 +576,12 @@ pub enum GlobalCounter {
     FlowsNotRecorded = 20,
     /// Dropped: an ICMP error to a VIP address whose quoted packet was not sent from it.
     DropIcmpMismatch = 21,
+    /// Answered: an IPv6 Neighbor Solicitation for an address this node announces (`ANNOUNCE`).
+    NeighborAdvert = 22,
 }
 
 impl GlobalCounter {
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 23;
     pub const ALL: [GlobalCounter; Self::COUNT as usize] = [
         Self::Passed,
         Self::Tx,
@@ -603,6 +605,7 @@ impl GlobalCounter {
         Self::DropDecapSource,
         Self::FlowsNotRecorded,
         Self::DropIcmpMismatch,
+        Self::NeighborAdvert,
     ];
 
     /// Stable name, used by `sluice inspect stats` and its JSON.
@@ -630,6 +633,7 @@ impl GlobalCounter {
             Self::DropDecapSource => "drop_decap_source",
             Self::FlowsNotRecorded => "flows_not_recorded",
             Self::DropIcmpMismatch => "drop_icmp_mismatch",
+            Self::NeighborAdvert => "neighbor_advert",
         }
     }
 }

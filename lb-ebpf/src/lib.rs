@@ -3,5 +3,6 @@
 #![no_std]
 
 pub mod csum;
+pub mod ndp;
 pub mod packet;
 pub mod unwrap;

@@ -13,8 +13,8 @@
 //! (`from_peer`), whatever this node's connection table holds, and IPIP/IP6IP6 from another
 //! node is unwrapped inline (`DECAP_*`, the stand-alone decapsulator's logic) and passed.
 //!
-//! Also: ARP requests for an address this node announces (`ANNOUNCE`, the agent's election)
-//! are answered; echo requests to a VIP address are answered; ICMP errors quoting a VIP flow go to the
+//! Also: ARP requests and IPv6 Neighbor Solicitations (`ndp.rs`) for an address this node
+//! announces (`ANNOUNCE`, the agent's election) are answered; echo requests to a VIP address are answered; ICMP errors quoting a VIP flow go to the
 //! backend that owns the flow; a packet too big to encapsulate gets ICMP "too big" back.
 //! Not for a VIP: `XDP_PASS`, untouched. For a VIP: rewritten and sent with `XDP_TX` or
 //! `XDP_REDIRECT`, or dropped and counted by reason. No per-packet logging; loops are bounded.
@@ -43,7 +43,7 @@ use lb_common::{
     vip_flags,
 };
 use lb_ebpf::{
-    csum,
+    csum, ndp,
     packet::{
         self, ARP_OP_REPLY, ArpHdr, DEFAULT_TTL, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, EthHdr,
         Flow, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_FRAG_NEEDED, ICMP_HLEN, ICMPV6_ECHO_REPLY,
@@ -166,7 +166,16 @@ fn balance(ctx: &XdpContext) -> (u32, GlobalCounter) {
     // family, so it carries no IPv6 work (measured: the shared instance cost IPv4 ~20 ns).
     match packet::eth_proto(ctx) {
         Some(ETH_P_IP) => balance_ip(ctx, packet::parse_ipv4(ctx, ETH_HLEN, vip_addressed)),
-        Some(ETH_P_IPV6) => balance_ip(ctx, packet::parse_ipv6(ctx, ETH_HLEN, vip_addressed)),
+        Some(ETH_P_IPV6) => {
+            let ip = packet::parse_ipv6(ctx, ETH_HLEN, vip_addressed);
+            // A Neighbor Solicitation for an announced address: IPv6's ARP (ndp.rs).
+            if let Ok((l3, true)) = &ip
+                && let Some(answer) = ndp::neighbor_advert(ctx, l3, announced_mac)
+            {
+                return answer;
+            }
+            balance_ip(ctx, ip)
+        }
         Some(ETH_P_ARP) => arp_reply(ctx),
         // Shorter than an Ethernet header, ...: not a frame sluice forwards.
         _ => (xdp_action::XDP_PASS, GlobalCounter::Passed),
@@ -717,6 +726,14 @@ fn echo_rewrite(ctx: &XdpContext, l3: &L3) -> Option<()> {
         (*icmp).checksum = csum::replace16((*icmp).checksum, old, new);
     }
     Some(())
+}
+
+/// The MAC this node answers ARP and Neighbor Solicitations with for `key`'s address, if it
+/// announces it.
+#[inline(always)]
+fn announced_mac(key: &VipKey) -> Option<[u8; 6]> {
+    // SAFETY: a hash value pointer stays valid for this program run (RCU); read by value.
+    ANNOUNCE.get_ptr(key).map(|a| unsafe { (*a).mac })
 }
 
 /// An ARP request for an announced address becomes, in place, the reply: "VIP is at our MAC",

@@ -249,17 +249,86 @@ pub fn send_gratuitous_arp(iface: &Interface, addr: std::net::Ipv4Addr) -> anyho
     frame.extend_from_slice(&addr.octets());
     frame.resize(60, 0);
 
+    send_raw(iface, ETH_P_ARP, &frame, [0xff; 6])
+        .map_err(|e| anyhow::anyhow!("sending gratuitous ARP for {addr} on {}: {e}", iface.name))
+}
+
+/// Sends one unsolicited Neighbor Advertisement ("`addr` is at this interface's MAC", Override
+/// set, to all nodes) out of `iface`: IPv6's gratuitous ARP (RFC 4861 7.2.6). Neighbours that
+/// have `addr` cached take our MAC at once (as STALE, then confirmed on use).
+pub fn send_unsolicited_na(iface: &Interface, addr: std::net::Ipv6Addr) -> anyhow::Result<()> {
+    const ETH_P_IPV6: u16 = 0x86dd;
+    let frame = unsolicited_na(iface.mac.0, addr);
+    send_raw(iface, ETH_P_IPV6, &frame, ALL_NODES_MAC).map_err(|e| {
+        anyhow::anyhow!(
+            "sending an unsolicited neighbour advertisement for {addr} on {}: {e}",
+            iface.name
+        )
+    })
+}
+
+/// The Ethernet address of ff02::1 (all nodes): 33:33 and the group's low 32 bits.
+const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
+
+/// The frame of [`send_unsolicited_na`]: from `addr` to ff02::1, hop limit 255, ICMPv6 136
+/// with only Override set, target `addr`, Target Link-Layer Address option `mac`.
+pub fn unsolicited_na(mac: [u8; 6], addr: std::net::Ipv6Addr) -> Vec<u8> {
+    const ICMPV6_LEN: u16 = 32;
+    let all_nodes = std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+    let mut icmp = Vec::with_capacity(usize::from(ICMPV6_LEN));
+    // Type 136, code 0, checksum (below), flags: Override only (nobody solicited it).
+    icmp.extend_from_slice(&[136, 0, 0, 0, 0x20, 0, 0, 0]);
+    icmp.extend_from_slice(&addr.octets());
+    icmp.extend_from_slice(&[2, 1]);
+    icmp.extend_from_slice(&mac);
+    let mut pseudo = Vec::with_capacity(40 + icmp.len());
+    pseudo.extend_from_slice(&addr.octets());
+    pseudo.extend_from_slice(&all_nodes.octets());
+    pseudo.extend_from_slice(&u32::from(ICMPV6_LEN).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(&icmp);
+    let sum = internet_checksum(&pseudo);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+
+    let mut frame = Vec::with_capacity(86);
+    frame.extend_from_slice(&ALL_NODES_MAC);
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&0x86ddu16.to_be_bytes());
+    // Version 6, no traffic class or flow label; payload length; ICMPv6; hop limit 255.
+    frame.extend_from_slice(&[0x60, 0, 0, 0]);
+    frame.extend_from_slice(&ICMPV6_LEN.to_be_bytes());
+    frame.extend_from_slice(&[58, 255]);
+    frame.extend_from_slice(&addr.octets());
+    frame.extend_from_slice(&all_nodes.octets());
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
+/// RFC 1071 over an even number of bytes, ready to store.
+fn internet_checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Sends `frame` (Ethernet header included) out of `iface` through a raw packet socket.
+fn send_raw(iface: &Interface, proto: u16, frame: &[u8], dst_mac: [u8; 6]) -> anyhow::Result<()> {
     // SAFETY: plain socket call; the descriptor is owned (and closed) right after.
     let fd = unsafe {
         libc::socket(
             libc::AF_PACKET,
             libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            i32::from(ETH_P_ARP.to_be()),
+            i32::from(proto.to_be()),
         )
     };
     if fd < 0 {
         bail!(
-            "opening a packet socket for gratuitous ARP: {} (needs CAP_NET_RAW)",
+            "opening a packet socket: {} (needs CAP_NET_RAW)",
             std::io::Error::last_os_error()
         );
     }
@@ -268,10 +337,10 @@ pub fn send_gratuitous_arp(iface: &Interface, addr: std::net::Ipv4Addr) -> anyho
     // SAFETY: sockaddr_ll is plain data; zeroed is a valid start.
     let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     to.sll_family = libc::AF_PACKET as u16;
-    to.sll_protocol = ETH_P_ARP.to_be();
+    to.sll_protocol = proto.to_be();
     to.sll_ifindex = iface.index as i32;
     to.sll_halen = 6;
-    to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    to.sll_addr[..6].copy_from_slice(&dst_mac);
     // SAFETY: the buffer and address outlive the call; lengths are theirs.
     let sent = unsafe {
         libc::sendto(
@@ -284,11 +353,7 @@ pub fn send_gratuitous_arp(iface: &Interface, addr: std::net::Ipv4Addr) -> anyho
         )
     };
     if sent < 0 {
-        bail!(
-            "sending gratuitous ARP for {addr} on {}: {}",
-            iface.name,
-            std::io::Error::last_os_error()
-        );
+        bail!("{}", std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -304,6 +369,27 @@ mod tests {
             dst: Some(dst.parse().unwrap()),
             lladdr: lladdr.map(|m| m.to_vec()),
         }
+    }
+
+    #[test]
+    fn unsolicited_na_bytes_and_checksum() {
+        let mac = [0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee];
+        let frame = unsolicited_na(mac, "fd00:100::1".parse().unwrap());
+        assert_eq!(frame.len(), 86);
+        assert_eq!(
+            &frame[..14],
+            &[
+                0x33, 0x33, 0, 0, 0, 1, 2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0x86, 0xdd
+            ]
+        );
+        assert_eq!(&frame[14..22], &[0x60, 0, 0, 0, 0, 32, 58, 255]);
+        assert_eq!(
+            &frame[38..54],
+            &[0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+        );
+        // Checksum computed independently (Python, RFC 1071 over the pseudo-header).
+        assert_eq!(&frame[54..62], &[136, 0, 0xbe, 0x36, 0x20, 0, 0, 0]);
+        assert_eq!(&frame[78..86], &[2, 1, 2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]);
     }
 
     #[test]

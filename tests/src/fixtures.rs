@@ -869,3 +869,121 @@ impl Arp {
         f
     }
 }
+
+/// ICMPv6 Neighbor Discovery message types (RFC 4861).
+pub const ND_SOLICIT: u8 = 135;
+pub const ND_ADVERT: u8 = 136;
+/// Advertisement flags (the first byte after the checksum).
+pub const ND_SOLICITED: u8 = 0x40;
+pub const ND_OVERRIDE: u8 = 0x20;
+
+/// An Ethernet/IPv6 Neighbor Solicitation or Advertisement (RFC 4861 4.3, 4.4), its ICMPv6
+/// checksum computed (unless `bad_checksum`).
+#[derive(Clone, Debug)]
+pub struct Ndp {
+    pub eth_dst: [u8; 6],
+    pub eth_src: [u8; 6],
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    pub hop_limit: u8,
+    pub kind: u8,
+    pub code: u8,
+    pub flags: u8,
+    pub target: Ipv6Addr,
+    /// One link-layer address option: (type 1 source / 2 target, MAC).
+    pub option: Option<(u8, [u8; 6])>,
+    /// Raw bytes after the option (more options, or garbage).
+    pub extra: Vec<u8>,
+    pub bad_checksum: bool,
+}
+
+impl Ndp {
+    /// ff02::1:ffXX:XXXX for `target` (RFC 4291 2.7.1).
+    pub fn solicited_node(target: Ipv6Addr) -> Ipv6Addr {
+        let t = target.octets();
+        Ipv6Addr::new(
+            0xff02,
+            0,
+            0,
+            0,
+            0,
+            1,
+            0xff00 | u16::from(t[13]),
+            u16::from_be_bytes([t[14], t[15]]),
+        )
+    }
+
+    /// "Who has `target`?" from the client (CLIENT6, CLIENT_MAC) to the target's
+    /// solicited-node group, with the source link-layer address option, as Linux sends it.
+    pub fn solicit(target: Ipv6Addr) -> Self {
+        let group = Self::solicited_node(target).octets();
+        Self {
+            eth_dst: [0x33, 0x33, group[12], group[13], group[14], group[15]],
+            eth_src: CLIENT_MAC,
+            src: CLIENT6,
+            dst: Self::solicited_node(target),
+            hop_limit: 255,
+            kind: ND_SOLICIT,
+            code: 0,
+            flags: 0,
+            target,
+            option: Some((1, CLIENT_MAC)),
+            extra: Vec::new(),
+            bad_checksum: false,
+        }
+    }
+
+    /// A reachability probe: unicast to `target` itself, without the option (78 bytes).
+    pub fn probe(target: Ipv6Addr, eth_dst: [u8; 6]) -> Self {
+        Self {
+            eth_dst,
+            dst: target,
+            option: None,
+            ..Self::solicit(target)
+        }
+    }
+
+    /// The solicited advertisement "`target` is at `mac`" to the client, as a host answers.
+    pub fn advert(target: Ipv6Addr, mac: [u8; 6]) -> Self {
+        Self {
+            eth_dst: CLIENT_MAC,
+            eth_src: mac,
+            src: target,
+            dst: CLIENT6,
+            hop_limit: 255,
+            kind: ND_ADVERT,
+            code: 0,
+            flags: ND_SOLICITED | ND_OVERRIDE,
+            target,
+            option: Some((2, mac)),
+            extra: Vec::new(),
+            bad_checksum: false,
+        }
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut icmp = vec![self.kind, self.code, 0, 0, self.flags, 0, 0, 0];
+        icmp.extend_from_slice(&self.target.octets());
+        if let Some((kind, mac)) = self.option {
+            icmp.extend_from_slice(&[kind, 1]);
+            icmp.extend_from_slice(&mac);
+        }
+        icmp.extend_from_slice(&self.extra);
+        let mut sum = checksum(&icmp, pseudo_sum_v6(self.src, self.dst, icmp.len(), 58));
+        if self.bad_checksum {
+            sum ^= 0x0100;
+        }
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+        let mut f = Vec::with_capacity(14 + 40 + icmp.len());
+        f.extend_from_slice(&self.eth_dst);
+        f.extend_from_slice(&self.eth_src);
+        f.extend_from_slice(&0x86ddu16.to_be_bytes());
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+        f.extend_from_slice(&[58, self.hop_limit]);
+        f.extend_from_slice(&self.src.octets());
+        f.extend_from_slice(&self.dst.octets());
+        f.extend_from_slice(&icmp);
+        f
+    }
+}

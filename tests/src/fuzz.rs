@@ -15,6 +15,7 @@ use crate::fixtures::{
     VIP6, XDP_DROP, XDP_PASS, XDP_TX, backend_addr, backend_mac, checksum_ok, desired_at,
     pseudo_sum_v6,
 };
+use crate::fixtures::{ND_SOLICIT, Ndp};
 
 /// xorshift64*: small, fast, and the same sequence for the same seed everywhere.
 #[derive(Clone, Debug)]
@@ -447,7 +448,11 @@ fn wrapped(inner: Frame, mut outer: Frame) -> Frame {
 
 /// A frame to test: a valid one, then (mostly) mutated.
 pub fn generate(rng: &mut Rng) -> Case {
-    let mut case = base(rng);
+    let mut case = if rng.chance(4) {
+        neighbor_solicitation(rng)
+    } else {
+        base(rng)
+    };
     if rng.chance(35) {
         return case;
     }
@@ -788,6 +793,9 @@ fn check_tx(world: &World, input: &[u8], out: &[u8], flow_vip: Option<&Vip>) -> 
     if let Some(result) = check_arp_reply(input, out) {
         return result;
     }
+    if let Some(result) = check_neighbor_advert(input, out) {
+        return result;
+    }
     check_too_big(input, out, vip)
 }
 
@@ -974,5 +982,101 @@ pub fn hex(frame: &[u8]) -> String {
     frame.iter().fold(String::new(), |mut s, b| {
         let _ = write!(s, "{b:02x}");
         s
+    })
+}
+
+/// The IPv6 address the fuzzed node announces (answers Neighbor Solicitations for), with
+/// [`ANNOUNCED_MAC`].
+pub const ANNOUNCED6: Ipv6Addr = VIP6;
+
+/// A Neighbor Solicitation: for the announced address (answered) or another one, multicast
+/// or unicast, with or without the option, sometimes subtly invalid (each must pass).
+fn neighbor_solicitation(rng: &mut Rng) -> Case {
+    let target = rng.pick(&[ANNOUNCED6, ANNOUNCED6, ANNOUNCED6, VIP6_IPIP, CLIENT6]);
+    let mut ns = if rng.chance(70) {
+        Ndp::solicit(target)
+    } else {
+        Ndp::probe(target, LB_MAC)
+    };
+    // Four in ten are valid; the others break one rule of RFC 4861 7.1.1 (or carry an option
+    // the program leaves to the kernel) and must pass.
+    let valid = match rng.below(10) {
+        0 => {
+            ns.hop_limit = rng.pick(&[1, 64, 254]);
+            false
+        }
+        1 => {
+            ns.code = 1 + rng.below(255) as u8;
+            false
+        }
+        2 => {
+            ns.bad_checksum = true;
+            false
+        }
+        3 => {
+            ns.src = Ipv6Addr::UNSPECIFIED;
+            false
+        }
+        4 => {
+            // An option of length 0 (invalid), or one option too many (40 bytes of ICMPv6).
+            let mut option = rng.bytes(8);
+            option[1] = 0;
+            ns.extra = option;
+            false
+        }
+        5 => {
+            // Another address's group (CLIENT6 shares the announced address's low 24 bits).
+            ns.dst = Ndp::solicited_node(VIP6_IPIP);
+            false
+        }
+        _ => true,
+    };
+    let answered = valid && target == ANNOUNCED6;
+    Case {
+        frame: ns.bytes(),
+        must_forward: answered,
+        must_pass: !answered,
+    }
+}
+
+/// `Some` when `input` is an IPv6 ICMPv6 Neighbor Solicitation sent back: it must be one that
+/// deserves an answer (RFC 4861 7.1.1, for the announced address, as the reference reads it)
+/// and `out` exactly its advertisement.
+fn check_neighbor_advert(input: &[u8], out: &[u8]) -> Option<Result<(), String>> {
+    let l3 = ref_l3(input)?;
+    if !l3.v6 || l3.proto != 58 || l3.l4 + 4 > l3.end || input[l3.l4] != ND_SOLICIT {
+        return None;
+    }
+    let (IpAddr::V6(src), IpAddr::V6(dst)) = (l3.src, l3.dst) else {
+        return None;
+    };
+    let len = l3.end - l3.l4;
+    let target = (len >= 24).then(|| {
+        let mut t = [0u8; 16];
+        t.copy_from_slice(&input[l3.l4 + 8..l3.l4 + 24]);
+        Ipv6Addr::from(t)
+    });
+    let deserved = l3.l4 == 54
+        && l3.has_l4
+        && (len == 24 || (len == 32 && input[l3.l4 + 25] == 1))
+        && input[21] == 255
+        && input[l3.l4 + 1] == 0
+        && checksum_ok(&input[l3.l4..l3.end], pseudo_sum_v6(src, dst, len, 58))
+        && !src.is_unspecified()
+        && target == Some(ANNOUNCED6)
+        && (dst == ANNOUNCED6 || dst == Ndp::solicited_node(ANNOUNCED6));
+    if !deserved {
+        return Some(Err(
+            "answered an ICMPv6 frame that is no valid solicitation for the announced address"
+                .into(),
+        ));
+    }
+    let mut want = Ndp::advert(ANNOUNCED6, ANNOUNCED_MAC);
+    want.eth_dst.copy_from_slice(&input[6..12]);
+    want.dst = src;
+    Some(if out == want.bytes().as_slice() {
+        Ok(())
+    } else {
+        Err("a neighbour advertisement that is not exactly the solicitation's answer".into())
     })
 }

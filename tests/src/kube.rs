@@ -94,6 +94,8 @@ pub struct Kube {
     listen: Option<Ipv4Addr>,
     /// Serving a whole cluster (kubelets, pods): see [`Kube::start_cluster`].
     cluster: bool,
+    /// Dual-stack Services allowed: see [`Kube::start_dual_stack`].
+    dual_stack: bool,
     dir: PathBuf,
     bin: PathBuf,
     etcd_port: u16,
@@ -128,6 +130,17 @@ impl Kube {
         Ok(kube)
     }
 
+    /// As [`Kube::start`], with dual-stack Services: Kubernetes 1.20 has them behind the
+    /// `IPv6DualStack` feature gate (alpha; beta and on by default from 1.21) and needs a
+    /// service range of each family for `ipFamilies: [IPv4, IPv6]` / `RequireDualStack`.
+    pub fn start_dual_stack(netns: Option<&str>) -> Result<Kube> {
+        let mut kube = Self::new(netns, None)?;
+        kube.dual_stack = true;
+        kube.setup()
+            .context("starting etcd and a dual-stack kube-apiserver")?;
+        Ok(kube)
+    }
+
     fn start_with(netns: Option<&str>, listen: Option<Ipv4Addr>) -> Result<Kube> {
         let mut kube = Self::new(netns, listen)?;
         kube.setup().context("starting etcd and kube-apiserver")?;
@@ -147,6 +160,7 @@ impl Kube {
             netns: netns.map(str::to_owned),
             listen,
             cluster: false,
+            dual_stack: false,
             dir,
             bin,
             etcd_port: ports[0],
@@ -357,7 +371,15 @@ impl Kube {
                 "--service-account-signing-key-file={}",
                 self.dir.join("sa.key").display()
             ))
-            .arg("--service-cluster-ip-range=10.96.0.0/16")
+            .arg(if self.dual_stack {
+                "--service-cluster-ip-range=10.96.0.0/16,fd00:96::/112"
+            } else {
+                "--service-cluster-ip-range=10.96.0.0/16"
+            })
+            .args(
+                self.dual_stack
+                    .then_some("--feature-gates=IPv6DualStack=true"),
+            )
             .arg("--runtime-config=discovery.k8s.io/v1beta1=false")
             .arg("--logtostderr=true")
             .arg("-v=0");
@@ -559,6 +581,16 @@ impl Kube {
     /// Creates (or updates) Node `name` with `internal_ip` and a Ready condition, as a kubelet
     /// would: the object, then its status.
     pub fn node(&self, name: &str, internal_ip: Ipv4Addr, ready: bool) -> Result<()> {
+        self.node_with(name, &[internal_ip.into()], ready)
+    }
+
+    /// As [`Kube::node`] with several InternalIPs (a dual-stack node lists one per family).
+    pub fn node_with(
+        &self,
+        name: &str,
+        internal_ips: &[std::net::IpAddr],
+        ready: bool,
+    ) -> Result<()> {
         let exists = !self
             .kubectl_ok(&["get", "node", name, "--ignore-not-found", "-o", "name"])?
             .stdout
@@ -572,8 +604,11 @@ impl Kube {
         self.patch_status(
             &format!("/api/v1/nodes/{name}"),
             &serde_json::json!({"status": {
-                "addresses": [{"type": "InternalIP", "address": internal_ip.to_string()},
-                              {"type": "Hostname", "address": name}],
+                "addresses": internal_ips
+                    .iter()
+                    .map(|ip| serde_json::json!({"type": "InternalIP", "address": ip.to_string()}))
+                    .chain([serde_json::json!({"type": "Hostname", "address": name})])
+                    .collect::<Vec<_>>(),
                 "conditions": [{"type": "Ready", "status": status,
                                 "reason": "SluiceTest", "message": "set by sluice-tests",
                                 "lastHeartbeatTime": "2026-01-01T00:00:00Z",

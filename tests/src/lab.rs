@@ -19,7 +19,7 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -438,6 +438,7 @@ http {{
     keepalive_timeout 5s;
     server {{
         listen {HTTP_PORT} backlog=4096;
+        listen [::]:{HTTP_PORT} ipv6only=on backlog=4096;
         location / {{ return 200 \"{name}\\n\"; }}
     }}
 }}
@@ -768,8 +769,11 @@ http {{
     }
 
     /// The client's neighbour entry for `addr`: (MAC, state), if any.
-    pub fn client_neighbour(&self, addr: Ipv4Addr) -> Result<Option<(String, String)>> {
-        let out = self.ip(&self.client, &["-j", "neigh", "show", &addr.to_string()])?;
+    pub fn client_neighbour(&self, addr: impl Into<IpAddr>) -> Result<Option<(String, String)>> {
+        let out = self.ip(
+            &self.client,
+            &["-j", "neigh", "show", &addr.into().to_string()],
+        )?;
         let v: serde_json::Value =
             serde_json::from_slice(&out.stdout).context("ip -j neigh show: not JSON")?;
         Ok(v.get(0).and_then(|n| {
@@ -1056,9 +1060,12 @@ http {{
     /// `n` HTTP GETs from the client namespace to `http://<host>/`, each on a new TCP connection
     /// (`Connection: close`), up to 16 at once. Every request is bounded (3 s connect, 10 s total)
     /// and so is the whole batch.
-    pub fn curl(&self, host: Ipv4Addr, n: usize) -> Result<CurlResult> {
+    pub fn curl(&self, host: impl Into<IpAddr>, n: usize) -> Result<CurlResult> {
         ensure!(n >= 1, "curl: n must be at least 1");
-        let url = format!("http://{host}:{HTTP_PORT}/?req=[1-{n}]");
+        let url = format!(
+            "http://{}/?req=[1-{n}]",
+            SocketAddr::new(host.into(), HTTP_PORT)
+        );
         let timeout = Duration::from_secs(30) + Duration::from_millis(20 * n as u64);
         let out = cmd::run(
             Command::new("ip")
@@ -1220,6 +1227,118 @@ http {{
     pub fn kernel_route_vip_off(&self) -> Result<()> {
         let _ = self.ip(&self.lb, &["route", "del", &format!("{}/32", self.vip)]);
         self.sysctl(&self.lb, &["net.ipv4.ip_forward=0"])
+    }
+
+    // ----- IPv6 (dual-stack labs) -----
+
+    /// The lab segment's IPv6 prefix (/64), unique per lab like its IPv4 one.
+    fn prefix6(&self, host: u16) -> Ipv6Addr {
+        Ipv6Addr::new(
+            0xfd5c,
+            u16::from_be_bytes([self.net[1], self.net[2]]),
+            0,
+            0,
+            0,
+            0,
+            0,
+            host,
+        )
+    }
+    /// The IPv6 VIP: outside the segment's /64, as the IPv4 VIP is outside its /24.
+    pub fn vip6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(
+            0xfd5c,
+            u16::from_be_bytes([self.net[1], self.net[2]]),
+            1,
+            0,
+            0,
+            0,
+            0,
+            1,
+        )
+    }
+    pub fn client_addr6(&self) -> Ipv6Addr {
+        self.prefix6(1)
+    }
+    pub fn lb_addr6(&self) -> Ipv6Addr {
+        self.prefix6(2)
+    }
+    pub fn backend_addr6(&self, i: usize) -> Ipv6Addr {
+        self.prefix6(0x10 + i as u16)
+    }
+
+    /// Makes the lab dual-stack: IPv6 addresses on the client's, the lb's and the backends'
+    /// eth0 (no duplicate address detection: usable at once), the IPv6 VIP on the backends'
+    /// loopback (Linux answers Neighbor Solicitations only for addresses of the receiving
+    /// interface, so the lb owns it on the wire), the client's route to it via the lb. nginx
+    /// listens on IPv6 from the start.
+    pub fn enable_ipv6(&self) -> Result<()> {
+        let mut ends = vec![
+            (self.client.clone(), self.client_addr6()),
+            (self.lb.clone(), self.lb_addr6()),
+        ];
+        for i in 0..self.cfg.backends {
+            ends.push((self.backends[i].clone(), self.backend_addr6(i)));
+        }
+        for (ns, addr) in &ends {
+            self.sysctl(ns, &["net.ipv6.conf.all.disable_ipv6=0"])?;
+            self.ip(
+                ns,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{addr}/64"),
+                    "dev",
+                    NS_IFACE,
+                    "nodad",
+                ],
+            )?;
+        }
+        // Only XDP may move VIP packets on (as for IPv4, ip_forward=0).
+        self.sysctl(&self.lb, &["net.ipv6.conf.all.forwarding=0"])?;
+        let vip128 = format!("{}/128", self.vip6());
+        for ns in &self.backends {
+            self.ip(ns, &["addr", "add", &vip128, "dev", "lo", "nodad"])?;
+        }
+        self.ip(
+            &self.client,
+            &[
+                "-6",
+                "route",
+                "add",
+                &vip128,
+                "via",
+                &self.lb_addr6().to_string(),
+                "dev",
+                NS_IFACE,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// [`Lab::client_vip_on_link`] for the IPv6 VIP: the client solicits its neighbour itself.
+    pub fn client_vip6_on_link(&self) -> Result<()> {
+        let vip128 = format!("{}/128", self.vip6());
+        self.ip(
+            &self.client,
+            &["-6", "route", "replace", &vip128, "dev", NS_IFACE],
+        )?;
+        Ok(())
+    }
+
+    /// `n` HTTP requests to the IPv6 VIP (see [`Lab::curl`]); fails unless every one was answered.
+    pub fn curl_vip6(&self, n: usize) -> Result<Vec<String>> {
+        let r = self.curl(self.vip6(), n)?;
+        if r.failures > 0 {
+            bail!(
+                "{} of {n} HTTP requests to [{}] got no answer (curl exit {:?}): {}",
+                r.failures,
+                self.vip6(),
+                r.exit_status,
+                first_lines(&r.stderr, 5)
+            );
+        }
+        Ok(r.bodies)
     }
 
     /// The namespaces the lab created (all removed on drop).

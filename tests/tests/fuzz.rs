@@ -11,8 +11,8 @@ use lb_common::GlobalCounter;
 use sluice_tests::{
     fixtures::Harness,
     fuzz::{
-        ANNOUNCED, ANNOUNCED_MAC, Case, Rng, World, check, fuzz_desired, fuzz_node_addrs, generate,
-        hex,
+        ANNOUNCED, ANNOUNCED_MAC, ANNOUNCED6, Case, Rng, World, check, fuzz_desired,
+        fuzz_node_addrs, generate, hex,
     },
     require_root,
 };
@@ -45,6 +45,18 @@ fn worker(seed: u64, worker: u64, count: u64) -> Vec<u64> {
         .announce
         .insert(
             &lb_userspace::dataplane::announce_key(ANNOUNCED.into()),
+            &lb_common::Announce {
+                mac: ANNOUNCED_MAC,
+                _pad: [0; 2],
+            },
+            0,
+        )
+        .expect("writing ANNOUNCE");
+    // ... and ANNOUNCED6's Neighbor Solicitations.
+    h.maps
+        .announce
+        .insert(
+            &lb_userspace::dataplane::announce_key(ANNOUNCED6.into()),
             &lb_common::Announce {
                 mac: ANNOUNCED_MAC,
                 _pad: [0; 2],

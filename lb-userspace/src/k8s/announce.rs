@@ -1,8 +1,9 @@
 //! sluice's own L2 announcement (`sluice agent --announce`): the agents elect one node per VIP
 //! address with a `coordination.k8s.io/v1` Lease in their namespace; the holder writes the
-//! address into the `ANNOUNCE` map, so that its XDP program answers ARP for it (and only
-//! forwards: the node never terminates VIP traffic), and sends gratuitous ARP on takeover so
-//! that clients and switches move to its MAC at once.
+//! address into the `ANNOUNCE` map, so that its XDP program answers ARP (IPv6: Neighbor
+//! Solicitations) for it (and only forwards: the node never terminates VIP traffic), and sends
+//! gratuitous ARP (IPv6: unsolicited Neighbor Advertisements) on takeover so that clients and
+//! switches move to its MAC at once.
 //!
 //! The election is compare-and-swap on the Lease's resourceVersion: of two agents writing the
 //! same version, the API server accepts one and answers 409 to the other. A lease is free when
@@ -35,7 +36,8 @@ pub const LEASE_DURATION: Duration = Duration::from_secs(10);
 pub const RENEW_EVERY: Duration = Duration::from_secs(3);
 /// How soon to look again for the ANNOUNCE map before the first attach.
 const MAP_RETRY: Duration = Duration::from_millis(200);
-/// Gratuitous ARPs sent on takeover, this far apart (one may be lost).
+/// Gratuitous ARPs (IPv6: unsolicited neighbour advertisements, RFC 4861 allows up to 3) sent
+/// on takeover, this far apart (one may be lost).
 const GARP_COUNT: u32 = 3;
 const GARP_GAP: Duration = Duration::from_millis(500);
 /// Where a pod finds its own namespace.
@@ -100,7 +102,6 @@ struct Announcer {
     observed: BTreeMap<String, (Option<String>, Instant)>,
     /// Addresses whose last attempt failed (logged once per streak).
     failing: BTreeSet<IpAddr>,
-    skipped_v6: BTreeSet<IpAddr>,
 }
 
 /// Runs the elections for the addresses in `addrs` until `stop` turns true; then removes this
@@ -118,10 +119,9 @@ pub async fn run(
         held: BTreeSet::new(),
         observed: BTreeMap::new(),
         failing: BTreeSet::new(),
-        skipped_v6: BTreeSet::new(),
     };
     info!(
-        "announcing VIPs: one node per address by Lease in namespace {} (as {}, ARP from {} {})",
+        "announcing VIPs: one node per address by Lease in namespace {} (as {}, ARP and neighbour solicitations answered from {} {})",
         a.config.namespace, a.config.node_name, a.config.iface.name, a.config.iface.mac
     );
     loop {
@@ -173,14 +173,6 @@ impl Announcer {
             }
         }
         for addr in wanted {
-            if addr.is_ipv6() {
-                if self.skipped_v6.insert(*addr) {
-                    warn!(
-                        "VIP {addr}: IPv6 addresses are not announced by sluice (no neighbour advertisement yet): announce it with MetalLB or BGP"
-                    );
-                }
-                continue;
-            }
             match self.attempt(*addr).await {
                 Ok(Attempt::Held) => {
                     if self.failing.remove(addr) {
@@ -227,7 +219,6 @@ impl Announcer {
     }
 
     async fn take_over(&mut self, addr: IpAddr) {
-        let IpAddr::V4(v4) = addr else { return };
         let Some(map) = &mut self.map else { return };
         if let Err(e) = map.insert(addr, self.config.iface.mac.0) {
             // Holding without answering would leave the VIP dark: let another node take it.
@@ -237,11 +228,21 @@ impl Announcer {
         }
         self.held.insert(addr);
         info!(
-            "VIP {addr}: lease {} acquired by {}: answering ARP with {} on {}, gratuitous ARP sent",
+            "VIP {addr}: lease {} acquired by {}: answering {} with {} on {}, {} sent",
             lease_name(addr),
             self.config.node_name,
+            if addr.is_ipv4() {
+                "ARP"
+            } else {
+                "neighbour solicitations"
+            },
             self.config.iface.mac,
-            self.config.iface.name
+            self.config.iface.name,
+            if addr.is_ipv4() {
+                "gratuitous ARP"
+            } else {
+                "unsolicited neighbour advertisement"
+            }
         );
         let iface = self.config.iface.clone();
         // Off the loop: the repeats are spaced in time.
@@ -250,8 +251,12 @@ impl Announcer {
                 if i > 0 {
                     tokio::time::sleep(GARP_GAP).await;
                 }
-                if let Err(e) = net::send_gratuitous_arp(&iface, v4) {
-                    warn!("VIP {addr}: gratuitous ARP on {}: {e:#}", iface.name);
+                let sent = match addr {
+                    IpAddr::V4(v4) => net::send_gratuitous_arp(&iface, v4),
+                    IpAddr::V6(v6) => net::send_unsolicited_na(&iface, v6),
+                };
+                if let Err(e) = sent {
+                    warn!("VIP {addr}: {e:#}");
                     break;
                 }
             }

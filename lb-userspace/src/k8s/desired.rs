@@ -3,16 +3,19 @@
 //! the maps that were there.
 //!
 //! - A VIP per (address, port, protocol): addresses from `status.loadBalancer.ingress[].ip` and
-//!   `spec.externalIPs` (IPv4), ports from `spec.ports` (TCP and UDP).
+//!   `spec.externalIPs` (IPv4 and IPv6: a dual-stack Service gets VIPs of both families), ports
+//!   from `spec.ports` (TCP and UDP).
 //! - Its backends are NODES, by InternalIP (the node's kube-proxy or CNI takes the packet on to a
-//!   pod). `externalTrafficPolicy: Cluster`: every node, active when Ready and schedulable.
+//!   pod), of the VIP's family where the node has one; else, in mode `ipip` only, by the other
+//!   family's (IPIP carries IPv6, IP6IP6 carries IPv4); in mode `l2` such a node is left out of
+//!   that VIP and reported. `externalTrafficPolicy: Cluster`: every node, active when Ready and schedulable.
 //!   `Local`: only nodes with an endpoint of the Service, weighted by their ready endpoints.
 //! - Draining (keeps its flows, takes no new ones): a NotReady or unschedulable (cordoned) node,
 //!   and under `Local` a node whose only endpoints are serving but terminating.
 //! - A node's `sluice.io/weight` annotation multiplies its share.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -20,7 +23,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::options::{VipOptions, node_weight, service_options};
 use crate::model::{
-    Backend, DEFAULT_WEIGHT, Desired, MAX_WEIGHT, Protocol, Settings, Vip, VipAddr,
+    Backend, DEFAULT_WEIGHT, Desired, ForwardingMode, MAX_WEIGHT, Protocol, Settings, Vip, VipAddr,
 };
 
 /// The label the EndpointSlice controller puts on a Service's slices.
@@ -58,10 +61,34 @@ fn apply_options(vip: &mut Vip, options: &VipOptions) {
 #[derive(Clone, Debug)]
 struct NodeInfo {
     name: String,
-    addr: Ipv4Addr,
+    /// Its first InternalIP of each family (at least one of the two).
+    v4: Option<Ipv4Addr>,
+    v6: Option<Ipv6Addr>,
     /// Ready and schedulable: may take new flows.
     healthy: bool,
     weight: u32,
+}
+
+impl NodeInfo {
+    /// The address that makes the node a backend of a VIP of `vip`'s family in `mode`: its own
+    /// of that family, else (encapsulation crosses families; an L2 rewrite cannot) the other.
+    fn backend_addr(&self, vip: IpAddr, mode: ForwardingMode) -> Option<IpAddr> {
+        let (same, other) = match vip {
+            IpAddr::V4(_) => (self.v4.map(IpAddr::V4), self.v6.map(IpAddr::V6)),
+            IpAddr::V6(_) => (self.v6.map(IpAddr::V6), self.v4.map(IpAddr::V4)),
+        };
+        same.or(match mode {
+            ForwardingMode::Ipip => other,
+            ForwardingMode::L2 => None,
+        })
+    }
+
+    fn addrs(&self) -> impl Iterator<Item = IpAddr> {
+        self.v4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.v6.map(IpAddr::V6))
+    }
 }
 
 /// Per node (by name): ready endpoints, and serving-but-terminating ones.
@@ -94,7 +121,7 @@ pub fn build(
     };
     let nodes = node_infos(nodes, &mut built);
     // Every node runs the agent (a DaemonSet): all of them balance, this one included.
-    built.desired.peers = nodes.iter().map(|n| IpAddr::V4(n.addr)).collect();
+    built.desired.peers = nodes.iter().flat_map(NodeInfo::addrs).collect();
     let mut services: Vec<&Service> = services.iter().map(AsRef::as_ref).collect();
     // Two Services claiming one VIP: the first by namespace/name keeps it, on every agent.
     services.sort_by_key(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()));
@@ -131,19 +158,32 @@ fn node_infos(nodes: &[Arc<Node>], built: &mut Built) -> Vec<NodeInfo> {
     for node in sorted {
         let name = node.metadata.name.clone().unwrap_or_default();
         let status = node.status.as_ref();
-        let addr = status
+        let internal: Vec<IpAddr> = status
             .and_then(|s| s.addresses.as_ref())
             .into_iter()
             .flatten()
             .filter(|a| a.type_ == "InternalIP")
-            .find_map(|a| a.address.parse::<Ipv4Addr>().ok());
-        let Some(addr) = addr else {
+            .filter_map(|a| a.address.parse::<IpAddr>().ok())
+            .collect();
+        let v4 = internal.iter().find_map(|a| match a {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        });
+        let v6 = internal.iter().find_map(|a| match a {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        });
+        if v4.is_none() && v6.is_none() {
             built
                 .problems
-                .insert(format!("node {name}: no IPv4 InternalIP, not a backend"));
+                .insert(format!("node {name}: no InternalIP, not a backend"));
             continue;
-        };
-        if let Some(other) = infos.iter().find(|i| i.addr == addr) {
+        }
+        let mine = || v4.map(IpAddr::V4).into_iter().chain(v6.map(IpAddr::V6));
+        if let Some((other, addr)) = infos
+            .iter()
+            .find_map(|i| mine().find(|a| i.addrs().any(|b| b == *a)).map(|a| (i, a)))
+        {
             built.problems.insert(format!(
                 "node {name}: InternalIP {addr} is also node {}'s, not a backend",
                 other.name
@@ -166,10 +206,13 @@ fn node_infos(nodes: &[Arc<Node>], built: &mut Built) -> Vec<NodeInfo> {
                 .insert(format!("node {name}: {e}; using weight {DEFAULT_WEIGHT}"));
             DEFAULT_WEIGHT
         });
-        built.node_names.insert(IpAddr::V4(addr), name.clone());
+        for addr in mine() {
+            built.node_names.insert(addr, name.clone());
+        }
         infos.push(NodeInfo {
             name,
-            addr,
+            v4,
+            v6,
             healthy: ready && schedulable,
             weight,
         });
@@ -177,7 +220,7 @@ fn node_infos(nodes: &[Arc<Node>], built: &mut Built) -> Vec<NodeInfo> {
     infos
 }
 
-fn service_addresses(svc: &Service, who: &str, problems: &mut BTreeSet<String>) -> Vec<Ipv4Addr> {
+fn service_addresses(svc: &Service, who: &str, problems: &mut BTreeSet<String>) -> Vec<IpAddr> {
     let ingress = svc
         .status
         .as_ref()
@@ -195,14 +238,14 @@ fn service_addresses(svc: &Service, who: &str, problems: &mut BTreeSet<String>) 
         .map(String::as_str);
     let mut addrs = BTreeSet::new();
     for raw in ingress.chain(external) {
-        match raw.parse::<Ipv4Addr>() {
+        match raw.parse::<IpAddr>() {
             Ok(a) => {
                 addrs.insert(a);
             }
-            // sluice's VIPs are IPv4; an IPv6 address is somebody else's to serve.
-            Err(_) if raw.contains(':') => {}
             Err(_) => {
-                problems.insert(format!("service {who}: address {raw:?} is not IPv4"));
+                problems.insert(format!(
+                    "service {who}: address {raw:?} is not an IPv4 or IPv6 address"
+                ));
             }
         }
     }
@@ -257,15 +300,28 @@ fn add_service(
         if number == 0 {
             continue;
         }
-        let backends = if local {
+        let endpoints = local.then(|| {
             let port_name = port.name.as_deref().unwrap_or("");
-            local_backends(&local_endpoints(slices, port_name), nodes)
-        } else {
-            cluster_backends(nodes)
-        };
+            local_endpoints(slices, port_name)
+        });
         for addr in &addrs {
+            // Nodes without an address the VIP's family and mode can reach.
+            let unreachable = nodes
+                .iter()
+                .filter(|n| n.backend_addr(*addr, options.mode).is_none());
+            for n in unreachable {
+                let family = if addr.is_ipv4() { 4 } else { 6 };
+                built.problems.insert(format!(
+                    "service {who}: node {} has no IPv{family} InternalIP, which mode l2 needs for the IPv{family} VIPs: not their backend (use mode ipip to reach it by its other address)",
+                    n.name,
+                ));
+            }
+            let backends = match &endpoints {
+                Some(endpoints) => local_backends(endpoints, nodes, *addr, options.mode),
+                None => cluster_backends(nodes, *addr, options.mode),
+            };
             let key = VipAddr {
-                addr: IpAddr::V4(*addr),
+                addr: *addr,
                 port: number,
                 protocol,
             };
@@ -278,7 +334,7 @@ fn add_service(
                 }
                 continue;
             }
-            let mut vip = Vip::new(key, backends.clone());
+            let mut vip = Vip::new(key, backends);
             apply_options(&mut vip, &options);
             built.sources.insert(
                 key,
@@ -292,11 +348,12 @@ fn add_service(
     }
 }
 
-fn cluster_backends(nodes: &[NodeInfo]) -> Vec<Backend> {
+fn cluster_backends(nodes: &[NodeInfo], vip: IpAddr, mode: ForwardingMode) -> Vec<Backend> {
     let mut backends: Vec<Backend> = nodes
         .iter()
-        .map(|n| Backend {
-            addr: IpAddr::V4(n.addr),
+        .filter_map(|n| Some((n, n.backend_addr(vip, mode)?)))
+        .map(|(n, addr)| Backend {
+            addr,
             mac: None,
             weight: n.weight,
             drain: !n.healthy,
@@ -309,14 +366,17 @@ fn cluster_backends(nodes: &[NodeInfo]) -> Vec<Backend> {
 fn local_backends(
     endpoints: &BTreeMap<String, LocalEndpoints>,
     nodes: &[NodeInfo],
+    vip: IpAddr,
+    mode: ForwardingMode,
 ) -> Vec<Backend> {
     let mut backends: Vec<Backend> = nodes
         .iter()
         .filter_map(|n| {
             let e = endpoints.get(&n.name)?;
+            let addr = n.backend_addr(vip, mode)?;
             if e.ready > 0 {
                 Some(Backend {
-                    addr: IpAddr::V4(n.addr),
+                    addr,
                     mac: None,
                     weight: e.ready.saturating_mul(n.weight).min(MAX_WEIGHT),
                     drain: !n.healthy,
@@ -324,7 +384,7 @@ fn local_backends(
             } else if e.terminating > 0 {
                 // Its pods are going: keep the node's flows, send it no new ones.
                 Some(Backend {
-                    addr: IpAddr::V4(n.addr),
+                    addr,
                     mac: None,
                     weight: n.weight.max(1),
                     drain: true,
@@ -671,10 +731,143 @@ mod tests {
                 "192.0.2.10:53/udp",
                 "192.0.2.10:80/tcp",
                 "198.51.100.7:53/udp",
-                "198.51.100.7:80/tcp"
+                "198.51.100.7:80/tcp",
+                "[2001:db8::1]:53/udp",
+                "[2001:db8::1]:80/tcp",
+                "[2001:db8::2]:53/udp",
+                "[2001:db8::2]:80/tcp"
+            ]
+        );
+        // IPv4-only nodes and mode l2: the IPv6 VIPs exist, without backends, and say why.
+        assert!(backends(&b, "[2001:db8::2]:80/tcp").is_empty());
+        assert_eq!(b.problems.len(), 3, "{:?}", b.problems);
+        assert!(
+            b.problems.iter().all(
+                |p| p.contains("has no IPv6 InternalIP, which mode l2 needs for the IPv6 VIPs")
+            )
+        );
+    }
+
+    /// A node with an InternalIP of each family.
+    fn node_dual(name: &str, v4: &str, v6: &str) -> Arc<Node> {
+        let mut n = Arc::unwrap_or_clone(node(name, v4, true, false, None));
+        if let Some(addrs) = n.status.as_mut().and_then(|s| s.addresses.as_mut()) {
+            addrs.push(
+                serde_json::from_value(json!({"type": "InternalIP", "address": v6})).unwrap(),
+            );
+        }
+        Arc::new(n)
+    }
+
+    #[test]
+    fn dual_stack_service_gets_vips_of_both_families_with_backends_of_each() {
+        let nodes = vec![
+            node_dual("n1", "10.0.0.1", "fd00::1"),
+            node_dual("n2", "10.0.0.2", "fd00::2"),
+            node("n3", "10.0.0.3", true, false, None),
+            node("n4", "fd00::4", true, false, None),
+        ];
+        let mut spec = lb(http(), "Cluster");
+        spec["ipFamilies"] = json!(["IPv4", "IPv6"]);
+        spec["ipFamilyPolicy"] = json!("RequireDualStack");
+        spec["loadBalancerSourceRanges"] = json!(["192.0.2.0/24", "2001:db8:1::/48"]);
+        let web = svc(
+            "default",
+            "web",
+            spec.clone(),
+            &["192.0.2.10", "2001:db8::10"],
+        );
+        let b = run(&[web], &[], &nodes);
+        // Mode l2: each VIP by its own family only; the other family's nodes are named.
+        assert_eq!(
+            backends(&b, "192.0.2.10:80/tcp"),
+            [
+                bk("10.0.0.1", 1, false),
+                bk("10.0.0.2", 1, false),
+                bk("10.0.0.3", 1, false)
+            ]
+        );
+        assert_eq!(
+            backends(&b, "[2001:db8::10]:80/tcp"),
+            [
+                bk("fd00::1", 1, false),
+                bk("fd00::2", 1, false),
+                bk("fd00::4", 1, false)
+            ]
+        );
+        let p: Vec<&str> = b.problems.iter().map(String::as_str).collect();
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p.iter()
+                .any(|p| p.contains("node n3 has no IPv6 InternalIP"))
+        );
+        assert!(
+            p.iter()
+                .any(|p| p.contains("node n4 has no IPv4 InternalIP"))
+        );
+        // Source ranges of both families travel with both VIPs (each admits its own family).
+        for key in ["192.0.2.10:80/tcp", "[2001:db8::10]:80/tcp"] {
+            let vip = b
+                .desired
+                .vips
+                .iter()
+                .find(|v| v.key.to_string() == key)
+                .unwrap();
+            let ranges: Vec<String> = vip.source_ranges.iter().map(ToString::to_string).collect();
+            assert_eq!(ranges, ["192.0.2.0/24", "2001:db8:1::/48"], "{key}");
+        }
+        // Every address of every node is a peer and names its node.
+        assert_eq!(b.desired.peers.len(), 6);
+        assert_eq!(b.node_names[&"fd00::2".parse::<IpAddr>().unwrap()], "n2");
+
+        // Mode ipip: a node of the other family only is reached across families.
+        let mut ipip =
+            Arc::unwrap_or_clone(svc("default", "web", spec, &["192.0.2.10", "2001:db8::10"]));
+        ipip.metadata.annotations = Some(BTreeMap::from([(
+            "sluice.io/forwarding-mode".to_owned(),
+            "ipip".to_owned(),
+        )]));
+        let b = run(&[Arc::new(ipip)], &[], &nodes);
+        assert_eq!(
+            backends(&b, "192.0.2.10:80/tcp"),
+            [
+                bk("10.0.0.1", 1, false),
+                bk("10.0.0.2", 1, false),
+                bk("10.0.0.3", 1, false),
+                bk("fd00::4", 1, false)
+            ]
+        );
+        assert_eq!(
+            backends(&b, "[2001:db8::10]:80/tcp"),
+            [
+                bk("10.0.0.3", 1, false),
+                bk("fd00::1", 1, false),
+                bk("fd00::2", 1, false),
+                bk("fd00::4", 1, false)
             ]
         );
         assert!(b.problems.is_empty(), "{:?}", b.problems);
+    }
+
+    #[test]
+    fn local_policy_on_ipv6_vips_uses_the_nodes_ipv6_addresses() {
+        let nodes = vec![
+            node_dual("n1", "10.0.0.1", "fd00::1"),
+            node_dual("n2", "10.0.0.2", "fd00::2"),
+        ];
+        let web = svc("default", "web", lb(http(), "Local"), &["2001:db8::10"]);
+        let slices = [slice(
+            "default",
+            "web",
+            "web-1",
+            Some("http"),
+            &[ready("n2", "fd01::5"), ready("n2", "fd01::6")],
+        )];
+        let b = run(&[web], &slices, &nodes);
+        assert_eq!(
+            backends(&b, "[2001:db8::10]:80/tcp"),
+            [bk("fd00::2", 2, false)]
+        );
     }
 
     #[test]
@@ -961,10 +1154,7 @@ mod tests {
         );
         let p: Vec<&str> = b.problems.iter().map(String::as_str).collect();
         assert_eq!(p.len(), 5, "{p:?}");
-        assert!(
-            p.iter()
-                .any(|p| p.starts_with("node n0: no IPv4 InternalIP"))
-        );
+        assert!(p.iter().any(|p| p.starts_with("node n0: no InternalIP")));
         assert!(
             p.iter()
                 .any(|p| p.contains("n4: InternalIP 10.0.0.1 is also node n1's"))
@@ -974,7 +1164,10 @@ mod tests {
                 .any(|p| p.starts_with("node n5: annotation sluice.io/weight"))
         );
         assert!(p.iter().any(|p| p.contains("protocol SCTP")));
-        assert!(p.iter().any(|p| p.contains("\"not-an-ip\" is not IPv4")));
+        assert!(
+            p.iter()
+                .any(|p| p.contains("\"not-an-ip\" is not an IPv4 or IPv6 address"))
+        );
     }
 
     #[test]
