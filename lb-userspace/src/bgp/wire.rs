@@ -487,6 +487,8 @@ fn decode_segments(value: &[u8], four: bool) -> Result<Vec<Segment>> {
 }
 
 fn decode_attribute(flags: u8, code: u8, value: &[u8], ctx: Context) -> Result<Attribute> {
+    // The extended-length bit says how the length was encoded, nothing about the attribute.
+    let flags = flags & !FLAG_EXTENDED;
     let len_err = |what: &str| update_error(5, format!("{what}: attribute length error"));
     let fixed = |n: usize, what: &str| {
         if value.len() == n {
@@ -498,7 +500,7 @@ fn decode_attribute(flags: u8, code: u8, value: &[u8], ctx: Context) -> Result<A
     // Only the flags of our own encoding are decoded into variants; anything else is kept raw,
     // so that decode -> encode reproduces it.
     let expected = well_known_flags(code);
-    if expected.is_some_and(|f| flags & !FLAG_EXTENDED != f) {
+    if expected.is_some_and(|f| flags != f) {
         return Ok(Attribute::Other {
             flags,
             code,
@@ -888,7 +890,10 @@ mod tests {
                         6 => Attribute::MpReach {
                             afi: AFI_IPV6,
                             safi: SAFI_UNICAST,
-                            next_hop: r.bytes(if r.below(2) == 0 { 16 } else { 32 }),
+                            next_hop: {
+                                let n = if r.below(2) == 0 { 16 } else { 32 };
+                                r.bytes(n)
+                            },
                             nlri: (0..r.below(20)).map(|_| IpNet::V6(v6(r))).collect(),
                         },
                         7 => Attribute::MpUnreach {
