@@ -34,7 +34,7 @@ pub const NODE_ASN: u32 = 64512;
 pub const ROUTER_ASN: u32 = 65000;
 /// The agents' hold time (the default) and drain wait.
 pub const HOLD_TIME: Duration = Duration::from_secs(3);
-pub const DRAIN_WAIT_SECS: &str = "2";
+pub const DRAIN_WAIT: Duration = Duration::from_secs(2);
 const FRR_ETC: &str = "/etc/frr";
 const FRR_RUN: &str = "/var/run/frr";
 
@@ -154,7 +154,11 @@ template bgp nodes {{
   hold time 3;
   connect retry time 1;
   error wait time 1, 5;
-  ipv4 {{ import all; export none; }};
+  # RFC 8326: a route marked graceful-shutdown loses to the others (BIRD does not by itself).
+  ipv4 {{
+    import filter {{ if (65535, 0) ~ bgp_community then bgp_local_pref = 0; accept; }};
+    export none;
+  }};
 }}
 ",
             log = dir.join("bird.log").display()
@@ -448,7 +452,7 @@ spec:
                 "--bgp-peers",
                 &peer,
                 "--bgp-drain-wait",
-                DRAIN_WAIT_SECS,
+                &DRAIN_WAIT.as_secs().to_string(),
             ],
         )
     }

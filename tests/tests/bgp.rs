@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use sluice_tests::LongConn;
-use sluice_tests::bgp_lab::{BgpLab, HOLD_TIME, NODES, RouterKind, node_name};
+use sluice_tests::bgp_lab::{BgpLab, DRAIN_WAIT, HOLD_TIME, NODES, RouterKind, node_name};
 
 /// First routes: the agents sync, attach and connect; FRR starts its sessions.
 const CONVERGE: Duration = Duration::from_secs(90);
@@ -140,6 +140,11 @@ fn check_drain(b: &mut BgpLab, i: usize) -> Result<()> {
         |h| !h.contains(&node) && h.len() == NODES - 1,
     )?;
     println!("drain of node {i}: out of the router's ECMP route {left:?} after SIGTERM");
+    // By the graceful-shutdown community, before the withdrawal DRAIN_WAIT later.
+    ensure!(
+        left < DRAIN_WAIT,
+        "node {i} left ECMP only {left:?} after SIGTERM: the graceful-shutdown announcement was not honoured (withdrawal after {DRAIN_WAIT:?})"
+    );
     if b.router.kind() == RouterKind::Frr {
         // Out of ECMP by the graceful-shutdown community, not by a withdrawal: the path is
         // still there, marked.
