@@ -129,6 +129,16 @@ struct BgpArgs {
     /// announcement (community 65535:0) and the withdrawal.
     #[arg(long, default_value_t = lb_userspace::bgp::DEFAULT_DRAIN_WAIT.as_secs_f64())]
     bgp_drain_wait: f64,
+    /// BFD (single hop, UDP 3784) with every IPv4 peer: a silent router or node is noticed in
+    /// interval x multiplier instead of the hold time. Takes an optional true/false.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_name = "BOOL")]
+    bgp_bfd: bool,
+    /// BFD transmit and receive interval in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    bgp_bfd_interval: u32,
+    /// BFD detection multiplier: missed packets before the peer counts as down.
+    #[arg(long, default_value_t = 3)]
+    bgp_bfd_multiplier: u8,
 }
 
 impl BgpArgs {
@@ -164,7 +174,7 @@ impl BgpArgs {
                 self.bgp_drain_wait
             );
         }
-        bgp::SpeakerConfig::new(
+        let mut config = bgp::SpeakerConfig::new(
             asn,
             router_id,
             peers,
@@ -172,8 +182,21 @@ impl BgpArgs {
             communities,
             Duration::from_secs_f64(self.bgp_drain_wait),
         )
-        .map(Some)
-        .map_err(|e| anyhow!("{e}"))
+        .map_err(|e| anyhow!("{e}"))?;
+        if self.bgp_bfd {
+            if !(10..=10_000).contains(&self.bgp_bfd_interval) || self.bgp_bfd_multiplier == 0 {
+                bail!(
+                    "--bgp-bfd-interval {} / --bgp-bfd-multiplier {}: expected 10 to 10000 ms and 1 to 255",
+                    self.bgp_bfd_interval,
+                    self.bgp_bfd_multiplier
+                );
+            }
+            config.bfd = Some(bgp::bfd::BfdConfig {
+                interval: Duration::from_millis(u64::from(self.bgp_bfd_interval)),
+                multiplier: self.bgp_bfd_multiplier,
+            });
+        }
+        Ok(Some(config))
     }
 }
 

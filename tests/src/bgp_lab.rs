@@ -55,11 +55,13 @@ pub struct Router {
 
 impl Router {
     /// Starts `kind` in namespace `ns` (address `id`), passive towards `nodes`.
+    /// `bfd`: the nodes (indexes into `nodes`) the router runs BFD with (FRR only).
     pub fn start(
         kind: RouterKind,
         ns: &str,
         id: Ipv4Addr,
         nodes: &[Ipv4Addr],
+        bfd: &[usize],
         dir: &Path,
     ) -> Result<Router> {
         for sysctl in [
@@ -79,13 +81,16 @@ impl Router {
             bird: None,
         };
         match kind {
-            RouterKind::Frr => router.start_frr(id, nodes)?,
-            RouterKind::Bird => router.start_bird(id, nodes, dir)?,
+            RouterKind::Frr => router.start_frr(id, nodes, bfd)?,
+            RouterKind::Bird => {
+                ensure!(bfd.is_empty(), "the BIRD lab runs without BFD");
+                router.start_bird(id, nodes, dir)?
+            }
         }
         Ok(router)
     }
 
-    fn start_frr(&mut self, id: Ipv4Addr, nodes: &[Ipv4Addr]) -> Result<()> {
+    fn start_frr(&mut self, id: Ipv4Addr, nodes: &[Ipv4Addr], bfd: &[usize]) -> Result<()> {
         remove_stale_frr_dirs();
         let etc = Path::new(FRR_ETC).join(&self.ns);
         let run = Path::new(FRR_RUN).join(&self.ns);
@@ -93,13 +98,21 @@ impl Router {
         fs::create_dir_all(&run)?;
         let daemons = fs::read_to_string(Path::new(FRR_ETC).join("daemons"))
             .context("reading /etc/frr/daemons (is frr installed? scripts/bootstrap.sh)")?
-            .replace("bgpd=no", "bgpd=yes");
+            .replace("bgpd=no", "bgpd=yes")
+            .replace("bfdd=no", "bfdd=yes");
         fs::write(etc.join("daemons"), daemons)?;
         fs::write(etc.join("vtysh.conf"), "service integrated-vtysh-config\n")?;
         let mut conf = format!(
             "frr defaults traditional
 hostname {ns}
 log file {run}/frr.log
+!
+bfd
+ profile fast
+  receive-interval 100
+  transmit-interval 100
+  detect-multiplier 3
+ !
 !
 router bgp {ROUTER_ASN}
  bgp router-id {id}
@@ -113,10 +126,15 @@ router bgp {ROUTER_ASN}
             ns = self.ns,
             run = run.display()
         );
-        for n in nodes {
+        for (i, n) in nodes.iter().enumerate() {
             conf.push_str(&format!(" neighbor {n} peer-group nodes\n"));
+            if bfd.contains(&i) {
+                conf.push_str(&format!(" neighbor {n} bfd profile fast\n"));
+            }
         }
-        conf.push_str(" address-family ipv4 unicast\n  maximum-paths 16\n exit-address-family\n!\n");
+        conf.push_str(
+            " address-family ipv4 unicast\n  maximum-paths 16\n exit-address-family\n!\n",
+        );
         fs::write(etc.join("frr.conf"), conf)?;
         for d in [&etc, &run] {
             cmd::run_ok(
@@ -256,8 +274,8 @@ template bgp nodes {{
                 .and_then(|s| s.parse().ok())
                 .with_context(|| format!("a path without peer: {p}"))?;
             let community = p.pointer("/community/string").and_then(Value::as_str);
-            let gshut = community
-                .is_some_and(|c| c.contains("graceful-shutdown") || c.contains("65535:0"));
+            let gshut =
+                community.is_some_and(|c| c.contains("graceful-shutdown") || c.contains("65535:0"));
             out.push((peer, gshut));
         }
         Ok(out)
@@ -282,7 +300,14 @@ template bgp nodes {{
         let out = match self.kind {
             RouterKind::Frr => Command::new("ip")
                 .args([
-                    "netns", "exec", &self.ns, "vtysh", "-N", &self.ns, "-c", "show bgp summary",
+                    "netns",
+                    "exec",
+                    &self.ns,
+                    "vtysh",
+                    "-N",
+                    &self.ns,
+                    "-c",
+                    "show bgp summary",
                 ])
                 .output(),
             RouterKind::Bird => Command::new("birdc")
@@ -352,7 +377,11 @@ pub fn parse_nexthops(json_text: &str) -> Result<BTreeSet<Ipv4Addr>> {
         let gateways = route
             .get("nexthops")
             .and_then(Value::as_array)
-            .map(|n| n.iter().filter_map(|h| h.get("gateway")).collect::<Vec<_>>())
+            .map(|n| {
+                n.iter()
+                    .filter_map(|h| h.get("gateway"))
+                    .collect::<Vec<_>>()
+            })
             .unwrap_or_else(|| route.get("gateway").into_iter().collect());
         for g in gateways {
             if let Some(a) = g.as_str().and_then(|s| s.parse().ok()) {
@@ -365,6 +394,8 @@ pub fn parse_nexthops(json_text: &str) -> Result<BTreeSet<Ipv4Addr>> {
 
 /// The lab, the API server, the router and one agent per node.
 pub struct BgpLab {
+    /// The nodes whose agent runs BFD.
+    pub bfd: Vec<usize>,
     /// Dropped first: the agents, then the router, then the API server and the namespaces.
     pub agents: Vec<Option<SluiceProcess>>,
     pub router: Router,
@@ -373,8 +404,9 @@ pub struct BgpLab {
 }
 
 impl BgpLab {
-    /// Builds the lab with `kind` as the router and starts the three agents with `--bgp`.
-    pub fn start(kind: RouterKind) -> Result<BgpLab> {
+    /// Builds the lab with `kind` as the router and starts the three agents with `--bgp`;
+    /// the nodes in `bfd` run BFD with the router too.
+    pub fn start(kind: RouterKind, bfd: &[usize]) -> Result<BgpLab> {
         require_root();
         let lab = Lab::build(LabConfig {
             backends: NODES,
@@ -408,9 +440,11 @@ spec:
             lab.lb_ns(),
             lab.lb_addr(),
             &lab.backend_addrs(),
+            bfd,
             lab.dir(),
         )?;
         let mut bgp = BgpLab {
+            bfd: bfd.to_vec(),
             agents: Vec::new(),
             router,
             kube,
@@ -431,6 +465,12 @@ spec:
         let pins = self.lab.pin_dir().join(format!("node{i}"));
         let peer = format!("{}={ROUTER_ASN}", self.lab.lb_addr());
         let asn = NODE_ASN.to_string();
+        let drain = DRAIN_WAIT.as_secs().to_string();
+        let bfd = if self.bfd.contains(&i) {
+            "--bgp-bfd=true"
+        } else {
+            "--bgp-bfd=false"
+        };
         self.lab.spawn_sluice_in(
             self.lab.backend_ns(i),
             &pins,
@@ -452,7 +492,8 @@ spec:
                 "--bgp-peers",
                 &peer,
                 "--bgp-drain-wait",
-                &DRAIN_WAIT.as_secs().to_string(),
+                &drain,
+                bfd,
             ],
         )
     }
@@ -466,17 +507,14 @@ spec:
     }
 
     /// Waits until the router's kernel route to the VIP has exactly `want` as next hops.
-    pub fn wait_route(
-        &mut self,
-        want: &BTreeSet<Ipv4Addr>,
-        timeout: Duration,
-    ) -> Result<Duration> {
+    pub fn wait_route(&mut self, want: &BTreeSet<Ipv4Addr>, timeout: Duration) -> Result<Duration> {
         self.check_agents()?;
-        let r = self
-            .router
-            .wait_nexthops(self.lab.vip(), timeout, &format!("next hops {want:?}"), |h| {
-                h == want
-            });
+        let r = self.router.wait_nexthops(
+            self.lab.vip(),
+            timeout,
+            &format!("next hops {want:?}"),
+            |h| h == want,
+        );
         match r {
             Ok((_, took)) => Ok(took),
             Err(e) => bail!("{e:#}\nagent logs:\n{}", self.agent_logs()),
@@ -545,7 +583,8 @@ spec:
 ";
             let file = self.lab.dir().join(format!("bgpcut-{i}.nft"));
             fs::write(&file, rules)?;
-            self.lab.exec_ok(ns, &["nft", "-f", &file.to_string_lossy()])?;
+            self.lab
+                .exec_ok(ns, &["nft", "-f", &file.to_string_lossy()])?;
         } else {
             self.lab
                 .exec_ok(ns, &["nft", "delete", "table", "inet", "bgpcut"])?;

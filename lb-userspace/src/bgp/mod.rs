@@ -15,6 +15,7 @@
 //! No graceful restart: with identical tables on every node a dead node's routes should leave
 //! at once, not linger for a restart timer.
 
+pub mod bfd;
 pub mod select;
 mod session;
 pub mod wire;
@@ -59,12 +60,10 @@ impl FromStr for Peer {
             )
         };
         let (at, asn) = s.trim().split_once('=').ok_or_else(usage)?;
-        let asn: u32 = asn
-            .trim()
-            .parse()
-            .ok()
-            .filter(|a| *a != 0)
-            .ok_or_else(|| format!("BGP peer {s:?}: AS number {asn:?} is not 1 to 4294967295"))?;
+        let asn: u32 =
+            asn.trim().parse().ok().filter(|a| *a != 0).ok_or_else(|| {
+                format!("BGP peer {s:?}: AS number {asn:?} is not 1 to 4294967295")
+            })?;
         let at = at.trim();
         let (addr, port) = if let Ok(addr) = at.parse::<IpAddr>() {
             (addr, wire::BGP_PORT)
@@ -102,7 +101,11 @@ pub fn parse_communities(list: &str) -> Result<Vec<u32>, String> {
         .map(str::trim)
         .filter(|c| !c.is_empty())
         .map(|c| {
-            let bad = || format!("BGP community {c:?}: expected HIGH:LOW with each 0 to 65535, e.g. 64512:100");
+            let bad = || {
+                format!(
+                    "BGP community {c:?}: expected HIGH:LOW with each 0 to 65535, e.g. 64512:100"
+                )
+            };
             let (h, l) = c.split_once(':').ok_or_else(bad)?;
             let h: u16 = h.parse().map_err(|_| bad())?;
             let l: u16 = l.parse().map_err(|_| bad())?;
@@ -124,6 +127,8 @@ pub struct SpeakerConfig {
     /// Between the graceful-shutdown announcement and the withdrawal.
     pub drain_wait: Duration,
     pub connect_timeout: Duration,
+    /// BFD with every IPv4 peer (single hop); `None`: off.
+    pub bfd: Option<bfd::BfdConfig>,
 }
 
 impl SpeakerConfig {
@@ -158,6 +163,7 @@ impl SpeakerConfig {
             communities,
             drain_wait,
             connect_timeout: CONNECT_TIMEOUT,
+            bfd: None,
         })
     }
 
@@ -171,6 +177,7 @@ impl SpeakerConfig {
             communities: Vec::new(),
             drain_wait: Duration::from_millis(100),
             connect_timeout: CONNECT_TIMEOUT,
+            bfd: None,
         }
     }
 }
@@ -223,12 +230,17 @@ pub struct Speaker {
     intent: watch::Sender<Intent>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    /// BFD: stopped after the sessions closed (its AdminDown would otherwise end them early).
+    bfd: Option<(watch::Sender<bool>, JoinHandle<()>)>,
 }
 
 impl Speaker {
     /// Starts the sessions (inside the agent's tokio runtime). Nothing is announced before
     /// `ready` turns true (the dataplane has applied the first model).
-    pub fn start(config: SpeakerConfig, ready: watch::Receiver<bool>) -> Speaker {
+    pub fn start(
+        config: SpeakerConfig,
+        ready: watch::Receiver<bool>,
+    ) -> anyhow::Result<Speaker> {
         let (intent, intent_rx) = watch::channel(Intent::default());
         let (stop, stop_rx) = watch::channel(false);
         info!(
@@ -243,15 +255,48 @@ impl Speaker {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        let mut bfd_peers = Vec::new();
         let mut sessions = Vec::new();
         for peer in &config.peers {
             let (cmd_tx, cmd_rx) = watch::channel(Command::Run(Routes::new()));
             let (status_tx, status_rx) = watch::channel(Status::default());
-            tokio::spawn(session::run(config.clone(), peer.clone(), cmd_rx, status_tx));
+            let bfd_up = match (config.bfd, peer.addr) {
+                (Some(_), IpAddr::V4(v4)) => {
+                    let (up_tx, up_rx) = watch::channel(false);
+                    bfd_peers.push((v4, up_tx));
+                    Some(up_rx)
+                }
+                (Some(_), IpAddr::V6(_)) => {
+                    warn!("BFD: peer {peer}: IPv6 BFD is not implemented; its session runs without");
+                    None
+                }
+                (None, _) => None,
+            };
+            tokio::spawn(session::run(
+                config.clone(),
+                peer.clone(),
+                cmd_rx,
+                status_tx,
+                bfd_up,
+            ));
             sessions.push((cmd_tx, status_rx));
         }
+        let bfd = match config.bfd {
+            Some(cfg) if !bfd_peers.is_empty() => {
+                let (rx, tx) = bfd::sockets()?;
+                let (bfd_stop, bfd_stop_rx) = watch::channel(false);
+                let task = tokio::spawn(bfd::run(rx, tx, cfg, bfd_peers, bfd_stop_rx));
+                Some((bfd_stop, task))
+            }
+            _ => None,
+        };
         let task = tokio::spawn(manage(config, intent_rx, stop_rx, ready, sessions));
-        Speaker { intent, stop, task }
+        Ok(Speaker {
+            intent,
+            stop,
+            task,
+            bfd,
+        })
     }
 
     /// The newest intent (cheap when unchanged).
@@ -265,6 +310,10 @@ impl Speaker {
         let _ = self.stop.send(true);
         if let Err(e) = self.task.await {
             warn!("BGP: the speaker task failed: {e}");
+        }
+        if let Some((stop, task)) = self.bfd {
+            let _ = stop.send(true);
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, task).await;
         }
     }
 }
@@ -394,8 +443,8 @@ mod tests {
 
     #[test]
     fn peers_parse_with_ports_and_v6() {
-        let p = parse_peers("192.0.2.1=64512, [2001:db8::1]:1179=4200000000,,10.0.0.1:180=1")
-            .unwrap();
+        let p =
+            parse_peers("192.0.2.1=64512, [2001:db8::1]:1179=4200000000,,10.0.0.1:180=1").unwrap();
         assert_eq!(
             p,
             vec![

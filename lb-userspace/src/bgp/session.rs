@@ -62,6 +62,7 @@ pub async fn run(
     peer: Peer,
     mut commands: watch::Receiver<Command>,
     status: watch::Sender<Status>,
+    mut bfd: Option<watch::Receiver<bool>>,
 ) {
     let mut retry = RETRY_FIRST;
     loop {
@@ -69,7 +70,7 @@ pub async fn run(
             break;
         }
         let started = Instant::now();
-        match session(&config, &peer, &mut commands, &status).await {
+        match session(&config, &peer, &mut commands, &status, &mut bfd).await {
             End::Closed => break,
             End::Failed(why) => {
                 status.send_modify(|s| {
@@ -173,6 +174,7 @@ async fn session(
     peer: &Peer,
     commands: &mut watch::Receiver<Command>,
     status: &watch::Sender<Status>,
+    bfd: &mut Option<watch::Receiver<bool>>,
 ) -> End {
     let target = SocketAddr::new(peer.addr, peer.port);
     let stream = match timeout(config.connect_timeout, TcpStream::connect(target)).await {
@@ -339,6 +341,10 @@ async fn session(
                     }
                 }
             }
+            _ = bfd_down(bfd) => {
+                let _ = writer.half.shutdown().await;
+                return End::Failed("BFD: the peer stopped answering".into());
+            }
             _ = sleep_until(hold_deadline.unwrap_or(far)), if hold_deadline.is_some() => {
                 writer.notify(Notification { code: code::HOLD_TIMER, subcode: 0, data: Vec::new() }).await;
                 return End::Failed(format!("hold timer expired ({hold}s without a message)"));
@@ -373,6 +379,21 @@ async fn session(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Returns when BFD goes down after having been up (never without BFD).
+async fn bfd_down(bfd: &mut Option<watch::Receiver<bool>>) {
+    let Some(rx) = bfd else {
+        return std::future::pending().await;
+    };
+    loop {
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if !*rx.borrow_and_update() {
+            return;
         }
     }
 }

@@ -277,7 +277,11 @@ impl<'a> Reader<'a> {
 /// after checking the marker and the length's bounds.
 pub fn message_len(header: &[u8]) -> Result<usize> {
     if header.len() < HEADER_LEN {
-        return Err(WireError::new(code::HEADER, 2, "message shorter than its header"));
+        return Err(WireError::new(
+            code::HEADER,
+            2,
+            "message shorter than its header",
+        ));
     }
     if header[..16].iter().any(|b| *b != 0xff) {
         return Err(WireError::new(code::HEADER, 1, "marker is not all ones"));
@@ -404,11 +408,19 @@ fn decode_prefix(r: &mut Reader<'_>, afi: u16) -> Result<IpNet> {
     Ok(if afi == AFI_IPV4 {
         let mut a = [0u8; 4];
         a[..bytes.len()].copy_from_slice(bytes);
-        IpNet::V4(Ipv4Net::new(Ipv4Addr::from(a), len).map_err(|_| bad())?.trunc())
+        IpNet::V4(
+            Ipv4Net::new(Ipv4Addr::from(a), len)
+                .map_err(|_| bad())?
+                .trunc(),
+        )
     } else {
         let mut a = [0u8; 16];
         a[..bytes.len()].copy_from_slice(bytes);
-        IpNet::V6(Ipv6Net::new(Ipv6Addr::from(a), len).map_err(|_| bad())?.trunc())
+        IpNet::V6(
+            Ipv6Net::new(Ipv6Addr::from(a), len)
+                .map_err(|_| bad())?
+                .trunc(),
+        )
     })
 }
 

@@ -246,7 +246,7 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
         .clone()
         .map(|a| tokio::spawn(announce::run(client, a, addrs_rx, stop_rx)));
 
-    let speaker = start_bgp(&config, &health);
+    let speaker = start_bgp(&config, &health)?;
 
     let mut last = Built::default();
     let mut logged_problems = BTreeSet::new();
@@ -327,8 +327,13 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
 }
 
 /// Starts the BGP speaker (`--bgp`); it announces once the first model is in the maps.
-fn start_bgp(config: &AgentConfig, health: &Arc<Health>) -> Option<crate::bgp::Speaker> {
-    let bgp = config.bgp.clone()?;
+fn start_bgp(
+    config: &AgentConfig,
+    health: &Arc<Health>,
+) -> anyhow::Result<Option<crate::bgp::Speaker>> {
+    let Some(bgp) = config.bgp.clone() else {
+        return Ok(None);
+    };
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let health = health.clone();
     tokio::spawn(async move {
@@ -337,7 +342,7 @@ fn start_bgp(config: &AgentConfig, health: &Arc<Health>) -> Option<crate::bgp::S
         }
         let _ = ready_tx.send(true);
     });
-    Some(crate::bgp::Speaker::start(bgp, ready_rx))
+    crate::bgp::Speaker::start(bgp, ready_rx).map(Some)
 }
 
 /// Applies the newest model; retries failures with backoff, keeping the last applied state.
