@@ -253,7 +253,11 @@ fn check_cut_off(b: &mut BgpLab, i: usize, limit: Duration) -> Result<()> {
     let took = start.elapsed();
     b.cut_off(i, false)?;
     r?;
-    let how = if b.bfd.contains(&i) { "BFD 100 ms x 3" } else { "hold time 3 s, no BFD" };
+    let how = if b.bfd.contains(&i) {
+        "BFD 100 ms x 3"
+    } else {
+        "hold time 3 s, no BFD"
+    };
     println!("node {i} cut off: out of the route after {took:?} ({how})");
     ensure!(
         took <= limit,

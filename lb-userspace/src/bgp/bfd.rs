@@ -206,7 +206,12 @@ fn micros(d: Duration) -> u32 {
 }
 
 /// A socket option on a tokio socket; errors are reported, never fatal here.
-fn set_int_opt(sock: &UdpSocket, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> bool {
+fn set_int_opt(
+    sock: &UdpSocket,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> bool {
     // SAFETY: setsockopt with a pointer to a live c_int of the length passed.
     let rc = unsafe {
         libc::setsockopt(
@@ -304,7 +309,11 @@ pub async fn run(
                 s.set_state(State::Down, "detection time expired");
             }
             if now >= s.next_tx {
-                let diag = if s.state == State::Down && s.last_rx.is_some() { 1 } else { 0 };
+                let diag = if s.state == State::Down && s.last_rx.is_some() {
+                    1
+                } else {
+                    0
+                };
                 let p = s.packet(&cfg, diag);
                 if let Err(e) = tx
                     .send_to(&p.encode(), SocketAddr::new(IpAddr::V4(s.peer), BFD_PORT))

@@ -237,10 +237,7 @@ pub struct Speaker {
 impl Speaker {
     /// Starts the sessions (inside the agent's tokio runtime). Nothing is announced before
     /// `ready` turns true (the dataplane has applied the first model).
-    pub fn start(
-        config: SpeakerConfig,
-        ready: watch::Receiver<bool>,
-    ) -> anyhow::Result<Speaker> {
+    pub fn start(config: SpeakerConfig, ready: watch::Receiver<bool>) -> anyhow::Result<Speaker> {
         let (intent, intent_rx) = watch::channel(Intent::default());
         let (stop, stop_rx) = watch::channel(false);
         info!(
@@ -267,7 +264,9 @@ impl Speaker {
                     Some(up_rx)
                 }
                 (Some(_), IpAddr::V6(_)) => {
-                    warn!("BFD: peer {peer}: IPv6 BFD is not implemented; its session runs without");
+                    warn!(
+                        "BFD: peer {peer}: IPv6 BFD is not implemented; its session runs without"
+                    );
                     None
                 }
                 (None, _) => None,

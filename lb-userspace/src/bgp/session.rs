@@ -290,9 +290,11 @@ async fn session(
     let mut rib_out: Routes = Routes::new();
     let mut hold_deadline = hold_time.map(|h| Instant::now() + h);
     let mut keepalive_at = keepalive_every.map(|k| Instant::now() + k);
-    let family_ok = |p: &IpNet| match (p, local) {
-        (IpNet::V4(_), IpAddr::V4(_)) | (IpNet::V6(_), IpAddr::V6(_)) => true,
-        _ => false,
+    let family_ok = |p: &IpNet| {
+        matches!(
+            (p, local),
+            (IpNet::V4(_), IpAddr::V4(_)) | (IpNet::V6(_), IpAddr::V6(_))
+        )
     };
     loop {
         let far = Instant::now() + Duration::from_secs(3600);

@@ -543,13 +543,15 @@ fn decode_attribute(flags: u8, code: u8, value: &[u8], ctx: Context) -> Result<A
             }
         }
         ATTR_COMMUNITIES => {
-            if value.len() % 4 != 0 {
+            if !value.len().is_multiple_of(4) {
                 return Err(len_err("COMMUNITIES"));
             }
             Attribute::Communities(
                 value
-                    .chunks_exact(4)
-                    .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                    .as_chunks::<4>()
+                    .0
+                    .iter()
+                    .map(|c| u32::from_be_bytes(*c))
                     .collect(),
             )
         }
