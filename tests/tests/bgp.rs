@@ -320,6 +320,64 @@ fn check_cordon_and_label(b: &mut BgpLab) -> Result<()> {
     Ok(())
 }
 
+/// An `externalTrafficPolicy: Local` Service is announced only by the nodes with a ready
+/// endpoint of it, and follows the endpoint; deleting the Service withdraws it.
+fn check_local_policy(b: &mut BgpLab) -> Result<()> {
+    let vip = Ipv4Addr::from(u32::from(b.lab.vip()) + 2);
+    b.kube.apply_yaml(
+        "apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: default}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {app: local}
+  ports:
+    - {name: http, port: 80, protocol: TCP}
+",
+    )?;
+    b.kube.patch_status(
+        "/api/v1/namespaces/default/services/local",
+        &json!({"status": {"loadBalancer": {"ingress": [{"ip": vip.to_string()}]}}}),
+    )?;
+    for node in [2, 0] {
+        b.kube.apply_yaml(&format!(
+            "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: local-abc
+  namespace: default
+  labels: {{kubernetes.io/service-name: local}}
+addressType: IPv4
+ports:
+  - {{name: http, port: 8080, protocol: TCP}}
+endpoints:
+  - addresses: [\"10.244.{node}.10\"]
+    nodeName: {}
+    conditions: {{ready: true, serving: true, terminating: false}}
+",
+            node_name(node)
+        ))?;
+        let want = BTreeSet::from([b.node_addr(node)]);
+        let (_, took) = b.router.wait_nexthops(
+            vip,
+            CONVERGE,
+            &format!("Local VIP via node {node} only"),
+            |h| *h == want,
+        )?;
+        println!("Local Service: routed via its endpoint's node {node} only after {took:?}");
+    }
+    b.kube
+        .kubectl_ok(&["delete", "service", "local", "-n", "default"])?;
+    b.router.wait_nexthops(
+        vip,
+        CONVERGE,
+        "deleted Service withdrawn",
+        BTreeSet::is_empty,
+    )?;
+    Ok(())
+}
+
 fn first_routes(b: &mut BgpLab) -> Result<()> {
     let all = b.all_nodes();
     let took = b.wait_route(&all, CONVERGE)?;
@@ -351,6 +409,7 @@ fn frr_ecmp_drain_failover_restart() -> Result<()> {
     check_cut_off(&mut b, 0, Duration::from_secs(1))?;
     check_no_stale_route(&mut b, 2)?;
     check_cordon_and_label(&mut b)?;
+    check_local_policy(&mut b)?;
     check_spread(&b)?;
     Ok(())
 }
