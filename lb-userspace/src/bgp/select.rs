@@ -65,11 +65,13 @@ pub fn intent(
             .and_then(|s| s.spec.as_ref())
             .and_then(|s| s.external_traffic_policy.as_deref())
             == Some("Local");
+        // While the node drains its backends drain too: its Local VIPs are then still sent
+        // with graceful shutdown before the withdrawal, like the others.
         let serves = !local
             || vip
                 .backends
                 .iter()
-                .any(|b| Some(b.addr) == me && b.takes_new_flows());
+                .any(|b| Some(b.addr) == me && (b.takes_new_flows() || drain.is_some()));
         if serves {
             addrs.insert(vip.key.addr);
         }
@@ -146,7 +148,7 @@ mod tests {
         assert_eq!(i2.addrs, BTreeSet::from([addr("203.0.113.1")]));
 
         let labelled = vec![
-            node("n1", "192.0.2.11", json!({EXCLUDE_LABEL: ""}), false),
+            node("n1", "192.0.2.11", json!({EXCLUDE_LABEL: ""}), true),
             node("n2", "192.0.2.12", json!({}), true),
         ];
         let built = crate::k8s::build(&services, &slices, &labelled, Settings::default());
@@ -156,11 +158,13 @@ mod tests {
                 .unwrap()
                 .contains(EXCLUDE_LABEL)
         );
-        assert!(
-            intent(&services, &labelled, &built, "n2")
-                .drain
-                .unwrap()
-                .contains("cordoned")
+        let cordoned = intent(&services, &labelled, &built, "n2");
+        assert!(cordoned.drain.unwrap().contains("cordoned"));
+        // n1 (labelled and cordoned: its backends drain) keeps its Local VIP in the set, so
+        // that it leaves gracefully with the rest.
+        assert_eq!(
+            intent(&services, &labelled, &built, "n1").addrs,
+            BTreeSet::from([addr("203.0.113.1"), addr("203.0.113.2")])
         );
         assert!(intent(&services, &labelled, &built, "n9").drain.is_some());
     }

@@ -65,6 +65,7 @@ pub async fn run(
     mut bfd: Option<watch::Receiver<bool>>,
 ) {
     let mut retry = RETRY_FIRST;
+    let mut failing = false;
     loop {
         if matches!(*commands.borrow(), Command::Close) {
             break;
@@ -73,14 +74,25 @@ pub async fn run(
         match session(&config, &peer, &mut commands, &status, &mut bfd).await {
             End::Closed => break,
             End::Failed(why) => {
+                let was_up = status.borrow().established;
                 status.send_modify(|s| {
                     s.established = false;
                     s.sent = None;
                 });
-                warn!(
-                    "BGP peer {}: {why}; connecting again in {retry:?}",
-                    peer.addr
-                );
+                // Once per outage at warn (the session was up, or this is the first attempt);
+                // the retries of a peer that stays unreachable at debug.
+                if was_up || !failing {
+                    warn!(
+                        "BGP peer {}: {why}; connecting again in {retry:?} (retries logged at debug)",
+                        peer.addr
+                    );
+                } else {
+                    debug!(
+                        "BGP peer {}: {why}; connecting again in {retry:?}",
+                        peer.addr
+                    );
+                }
+                failing = true;
             }
         }
         // A session that lasted a while starts the backoff afresh.
