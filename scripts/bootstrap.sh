@@ -27,6 +27,7 @@ apt_packages=(
   containerd runc containernetworking-plugins         # cluster test: one container runtime per node
   buildah busybox-static ipset                        # cluster test: offline images; kube-proxy --cleanup
   musl-tools                                          # the image: a static sluice (x86_64-unknown-linux-musl)
+  frr bird2                                           # BGP tests: real routers in a namespace (started by the tests only)
 )
 
 install_apt() {

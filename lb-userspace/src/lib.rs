@@ -2,6 +2,7 @@
 //! config / Kubernetes -> `model` (desired state) -> `reconcile` -> `dataplane` (BPF maps) -> XDP.
 //! Only `dataplane` touches aya.
 
+pub mod bgp;
 pub mod config;
 pub mod dataplane;
 pub mod decap;

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Parser, Subcommand};
 use lb_userspace::{
-    config,
+    bgp, config,
     dataplane::{self, DEFAULT_PIN_ROOT, DecapMaps, Maps, PASS_PROGRAM, PinLayout},
     decap,
     inspect::{self, Format},
@@ -104,6 +104,105 @@ struct AgentArgs {
     /// hostNetwork, 0.0.0.0:9477 exposes it on the node's addresses).
     #[arg(long, default_value = metrics::DEFAULT_METRICS_ADDR)]
     metrics_addr: SocketAddr,
+    #[command(flatten)]
+    bgp: BgpArgs,
+}
+
+/// `sluice agent --bgp`: announce the VIPs this node can serve to BGP routers (README "BGP").
+#[derive(clap::Args)]
+struct BgpArgs {
+    /// Announce the VIPs by BGP (outgoing sessions only; port 179 is never bound). Takes an
+    /// optional true/false so that a ConfigMap value can turn it on or off. Needs --node-name.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_name = "BOOL")]
+    bgp: bool,
+    /// This node's AS number (the same on every node: identical AS_PATHs keep routers' ECMP).
+    #[arg(long)]
+    bgp_asn: Option<u32>,
+    /// The routers: comma-separated ADDRESS=ASN, ADDRESS:PORT=ASN or [IPV6]:PORT=ASN.
+    #[arg(long, default_value = "")]
+    bgp_peers: String,
+    /// BGP router ID [default: the first IPv4 address of --iface].
+    #[arg(long)]
+    bgp_router_id: Option<std::net::Ipv4Addr>,
+    /// Hold time proposed to the routers, in seconds (0, or 3 and more).
+    #[arg(long, default_value_t = lb_userspace::bgp::DEFAULT_HOLD_TIME)]
+    bgp_hold_time: u16,
+    /// Standard communities added to every route: comma-separated HIGH:LOW.
+    #[arg(long, default_value = "")]
+    bgp_communities: String,
+    /// When draining (SIGTERM, cordon, exclusion label): seconds between the graceful-shutdown
+    /// announcement (community 65535:0) and the withdrawal.
+    #[arg(long, default_value_t = lb_userspace::bgp::DEFAULT_DRAIN_WAIT.as_secs_f64())]
+    bgp_drain_wait: f64,
+    /// BFD (single hop, UDP 3784) with every IPv4 peer: a silent router or node is noticed in
+    /// interval x multiplier instead of the hold time. Takes an optional true/false.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_name = "BOOL")]
+    bgp_bfd: bool,
+    /// BFD transmit and receive interval in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    bgp_bfd_interval: u32,
+    /// BFD detection multiplier: missed packets before the peer counts as down.
+    #[arg(long, default_value_t = 3)]
+    bgp_bfd_multiplier: u8,
+}
+
+impl BgpArgs {
+    fn config(&self, iface: &Interface) -> anyhow::Result<Option<bgp::SpeakerConfig>> {
+        if !self.bgp {
+            return Ok(None);
+        }
+        let asn = self
+            .bgp_asn
+            .ok_or_else(|| anyhow!("--bgp needs --bgp-asn NUMBER (this cluster's AS)"))?;
+        let peers = bgp::parse_peers(&self.bgp_peers).map_err(|e| anyhow!("--bgp-peers: {e}"))?;
+        let communities = bgp::parse_communities(&self.bgp_communities)
+            .map_err(|e| anyhow!("--bgp-communities: {e}"))?;
+        let router_id = match self.bgp_router_id {
+            Some(id) => id,
+            None => iface
+                .addresses()?
+                .into_iter()
+                .find_map(|a| match a {
+                    std::net::IpAddr::V4(v4) => Some(v4),
+                    std::net::IpAddr::V6(_) => None,
+                })
+                .ok_or_else(|| {
+                    anyhow!(
+                        "--bgp: interface {} has no IPv4 address to use as the router ID: pass --bgp-router-id",
+                        iface.name
+                    )
+                })?,
+        };
+        if !(0.0..=3600.0).contains(&self.bgp_drain_wait) {
+            bail!(
+                "--bgp-drain-wait {}: expected seconds from 0 to 3600",
+                self.bgp_drain_wait
+            );
+        }
+        let mut config = bgp::SpeakerConfig::new(
+            asn,
+            router_id,
+            peers,
+            self.bgp_hold_time,
+            communities,
+            Duration::from_secs_f64(self.bgp_drain_wait),
+        )
+        .map_err(|e| anyhow!("{e}"))?;
+        if self.bgp_bfd {
+            if !(10..=10_000).contains(&self.bgp_bfd_interval) || self.bgp_bfd_multiplier == 0 {
+                bail!(
+                    "--bgp-bfd-interval {} / --bgp-bfd-multiplier {}: expected 10 to 10000 ms and 1 to 255",
+                    self.bgp_bfd_interval,
+                    self.bgp_bfd_multiplier
+                );
+            }
+            config.bfd = Some(bgp::bfd::BfdConfig {
+                interval: Duration::from_millis(u64::from(self.bgp_bfd_interval)),
+                multiplier: self.bgp_bfd_multiplier,
+            });
+        }
+        Ok(Some(config))
+    }
 }
 
 #[derive(Subcommand)]
@@ -525,8 +624,14 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
             "--announce needs --node-name NAME: it is the holder of the VIPs' Leases (the DaemonSet passes spec.nodeName)"
         ),
     };
+    if args.bgp.bgp && args.node_name.is_none() {
+        bail!(
+            "--bgp needs --node-name NAME: it decides what this node announces (the DaemonSet passes spec.nodeName)"
+        );
+    }
     require_root()?;
     let iface = Interface::by_name(&args.at.iface)?;
+    let bgp = args.bgp.config(&iface)?;
     let pins = PinLayout::new(pin_root, &iface.name);
     let control = ControlMetrics::with_watches();
     // Served until the agent returns; before the first sync without the dataplane's figures.
@@ -562,6 +667,7 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
             node_name: args.node_name,
             announce,
             metrics: control,
+            bgp,
         },
         apply,
     )

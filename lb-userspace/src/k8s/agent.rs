@@ -60,6 +60,8 @@ pub struct AgentConfig {
     pub announce: Option<AnnounceConfig>,
     /// Where the watches' state goes (`/metrics`); the caller records the reconciles.
     pub metrics: ControlMetrics,
+    /// `--bgp`: announce the VIPs this node can serve to BGP routers (needs `node_name`).
+    pub bgp: Option<crate::bgp::SpeakerConfig>,
 }
 
 /// Applies one model to the dataplane (backends that cannot be resolved drain on their last
@@ -244,6 +246,8 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
         .clone()
         .map(|a| tokio::spawn(announce::run(client, a, addrs_rx, stop_rx)));
 
+    let speaker = start_bgp(&config, &health)?;
+
     let mut last = Built::default();
     let mut logged_problems = BTreeSet::new();
     // The first model is always sent, even an empty one: its apply attaches.
@@ -278,6 +282,14 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
                 break;
             }
         }
+        if let (Some(speaker), Some(node)) = (&speaker, &config.node_name) {
+            speaker.set(crate::bgp::select::intent(
+                &services.state(),
+                &nodes.state(),
+                &built,
+                node,
+            ));
+        }
         last = built;
 
         tokio::select! {
@@ -292,6 +304,10 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
                 .await
                 .is_ok()
         {}
+    }
+    if let Some(speaker) = speaker {
+        // Routers first: graceful shutdown, withdraw, close; XDP keeps forwarding meanwhile.
+        speaker.shutdown().await;
     }
     if let Some(announcer) = announcer {
         let _ = stop_tx.send(true);
@@ -308,6 +324,25 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
     reconciler
         .join()
         .map_err(|_| anyhow!("the reconcile thread panicked"))
+}
+
+/// Starts the BGP speaker (`--bgp`); it announces once the first model is in the maps.
+fn start_bgp(
+    config: &AgentConfig,
+    health: &Arc<Health>,
+) -> anyhow::Result<Option<crate::bgp::Speaker>> {
+    let Some(bgp) = config.bgp.clone() else {
+        return Ok(None);
+    };
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+    let health = health.clone();
+    tokio::spawn(async move {
+        while !health.ready.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = ready_tx.send(true);
+    });
+    crate::bgp::Speaker::start(bgp, ready_rx).map(Some)
 }
 
 /// Applies the newest model; retries failures with backoff, keeping the last applied state.

@@ -1,0 +1,171 @@
+//! Which VIP addresses this node announces, from the API objects (pure, like `k8s::desired`):
+//!
+//! - every VIP address of an `externalTrafficPolicy: Cluster` Service (every node balances it
+//!   to every node);
+//! - a `Local` Service's address only while this node has a ready endpoint of it (otherwise the
+//!   node would take traffic the Service asked to keep on endpoint nodes);
+//! - nothing, by draining, when the node is cordoned or labelled
+//!   `node.kubernetes.io/exclude-from-external-load-balancers` (as MetalLB and cloud load
+//!   balancers honour it), or is missing from the API.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+
+use super::Intent;
+use crate::k8s::Built;
+
+/// Nodes with this label are left out of external load balancing.
+pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+
+/// What node `node_name` should announce given the objects and the model built from them.
+pub fn intent(
+    services: &[Arc<Service>],
+    nodes: &[Arc<Node>],
+    built: &Built,
+    node_name: &str,
+) -> Intent {
+    let node = nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(node_name));
+    let drain = match node {
+        None => Some(format!("node {node_name} is not in the API")),
+        Some(n)
+            if n.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(EXCLUDE_LABEL)) =>
+        {
+            Some(format!("node {node_name} is labelled {EXCLUDE_LABEL}"))
+        }
+        Some(n) if n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) => {
+            Some(format!("node {node_name} is cordoned"))
+        }
+        Some(_) => None,
+    };
+    let me: Option<IpAddr> = built
+        .node_names
+        .iter()
+        .find(|(_, name)| name.as_str() == node_name)
+        .map(|(addr, _)| *addr);
+    let mut addrs = BTreeSet::new();
+    for vip in &built.desired.vips {
+        let local = built
+            .sources
+            .get(&vip.key)
+            .and_then(|source| {
+                services.iter().find(|s| {
+                    let ns = s.metadata.namespace.as_deref().unwrap_or("");
+                    let name = s.metadata.name.as_deref().unwrap_or("");
+                    source.service.split_once('/') == Some((ns, name))
+                })
+            })
+            .and_then(|s| s.spec.as_ref())
+            .and_then(|s| s.external_traffic_policy.as_deref())
+            == Some("Local");
+        // While the node drains its backends drain too: its Local VIPs are then still sent
+        // with graceful shutdown before the withdrawal, like the others.
+        let serves = !local
+            || vip
+                .backends
+                .iter()
+                .any(|b| Some(b.addr) == me && (b.takes_new_flows() || drain.is_some()));
+        if serves {
+            addrs.insert(vip.key.addr);
+        }
+    }
+    Intent { addrs, drain }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Settings;
+    use serde_json::json;
+
+    fn node(name: &str, ip: &str, labels: serde_json::Value, cordoned: bool) -> Arc<Node> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": labels},
+                "spec": {"unschedulable": cordoned},
+                "status": {
+                    "addresses": [{"type": "InternalIP", "address": ip}],
+                    "conditions": [{"type": "Ready", "status": "True"}],
+                },
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn service(name: &str, vip: &str, policy: &str) -> Arc<Service> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"type": "LoadBalancer", "externalTrafficPolicy": policy,
+                         "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+                "status": {"loadBalancer": {"ingress": [{"ip": vip}]}},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn slice(service: &str, node: &str) -> Arc<k8s_openapi::api::discovery::v1::EndpointSlice> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": format!("{service}-1"), "namespace": "default",
+                             "labels": {"kubernetes.io/service-name": service}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                "endpoints": [{"addresses": ["10.244.1.5"], "nodeName": node,
+                               "conditions": {"ready": true}}],
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn cluster_everywhere_local_only_with_endpoint_drain_on_label_and_cordon() {
+        let services = vec![
+            service("all", "203.0.113.1", "Cluster"),
+            service("loc", "203.0.113.2", "Local"),
+        ];
+        let slices = vec![slice("loc", "n1")];
+        let nodes = vec![
+            node("n1", "192.0.2.11", json!({}), false),
+            node("n2", "192.0.2.12", json!({}), false),
+        ];
+        let built = crate::k8s::build(&services, &slices, &nodes, Settings::default());
+        let addr = |s: &str| s.parse::<IpAddr>().unwrap();
+        let i1 = intent(&services, &nodes, &built, "n1");
+        assert_eq!(
+            i1.addrs,
+            BTreeSet::from([addr("203.0.113.1"), addr("203.0.113.2")])
+        );
+        assert_eq!(i1.drain, None);
+        let i2 = intent(&services, &nodes, &built, "n2");
+        assert_eq!(i2.addrs, BTreeSet::from([addr("203.0.113.1")]));
+
+        let labelled = vec![
+            node("n1", "192.0.2.11", json!({EXCLUDE_LABEL: ""}), true),
+            node("n2", "192.0.2.12", json!({}), true),
+        ];
+        let built = crate::k8s::build(&services, &slices, &labelled, Settings::default());
+        assert!(
+            intent(&services, &labelled, &built, "n1")
+                .drain
+                .unwrap()
+                .contains(EXCLUDE_LABEL)
+        );
+        let cordoned = intent(&services, &labelled, &built, "n2");
+        assert!(cordoned.drain.unwrap().contains("cordoned"));
+        // n1 (labelled and cordoned: its backends drain) keeps its Local VIP in the set, so
+        // that it leaves gracefully with the rest.
+        assert_eq!(
+            intent(&services, &labelled, &built, "n1").addrs,
+            BTreeSet::from([addr("203.0.113.1"), addr("203.0.113.2")])
+        );
+        assert!(intent(&services, &labelled, &built, "n9").drain.is_some());
+    }
+}

@@ -1,0 +1,739 @@
+//! One BGP session to one peer: an outgoing TCP connection (this speaker never listens, so it
+//! never binds port 179), the RFC 4271 states Connect -> OpenSent -> OpenConfirm -> Established
+//! with the hold and keepalive timers, and the Adj-RIB-Out kept equal to the routes the speaker
+//! publishes. After any failure it waits and connects again; the routes are announced anew on
+//! every new session, so nothing stale survives a restart (the peer dropped them with the old
+//! session).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use ipnet::{IpNet, Ipv4Net};
+use log::{debug, info, warn};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until, timeout};
+
+use super::wire::{
+    self, AFI_IPV4, AFI_IPV6, AS_SEQUENCE, AS_TRANS, Attribute, Capability, Context, Message,
+    Notification, Open, SAFI_UNICAST, Segment, Update, code,
+};
+use super::{Peer, RouteAttrs, Routes, SpeakerConfig};
+
+/// Delay before connecting again after a failed or closed session (doubling up to the max).
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+/// How long an OPEN may take to arrive (RFC 4271's large hold time before OPEN is 4 min; a
+/// router that answers at all answers in well under this).
+const OPEN_WAIT: Duration = Duration::from_secs(30);
+
+/// What the speaker tells a session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Keep the peer's Adj-RIB-Out equal to these routes.
+    Run(Routes),
+    /// Withdraw whatever is announced, then close with Cease / administrative shutdown.
+    Close,
+}
+
+/// What a session tells the speaker (for /readyz-style reporting and the drain's wait).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    pub established: bool,
+    /// The routes the peer has been sent (equal to the last `Run` once synced).
+    pub sent: Option<Routes>,
+    /// The session has closed for good (after `Close`).
+    pub closed: bool,
+}
+
+/// Why a session ended.
+enum End {
+    /// `Close` was asked for and done.
+    Closed,
+    /// Anything else: retried.
+    Failed(String),
+}
+
+pub async fn run(
+    config: SpeakerConfig,
+    peer: Peer,
+    mut commands: watch::Receiver<Command>,
+    status: watch::Sender<Status>,
+    mut bfd: Option<watch::Receiver<bool>>,
+) {
+    let mut retry = RETRY_FIRST;
+    let mut failing = false;
+    loop {
+        if matches!(*commands.borrow(), Command::Close) {
+            break;
+        }
+        let started = Instant::now();
+        match session(&config, &peer, &mut commands, &status, &mut bfd).await {
+            End::Closed => break,
+            End::Failed(why) => {
+                let was_up = status.borrow().established;
+                status.send_modify(|s| {
+                    s.established = false;
+                    s.sent = None;
+                });
+                // Once per outage at warn (the session was up, or this is the first attempt);
+                // the retries of a peer that stays unreachable at debug.
+                if was_up || !failing {
+                    warn!(
+                        "BGP peer {}: {why}; connecting again in {retry:?} (retries logged at debug)",
+                        peer.addr
+                    );
+                } else {
+                    debug!(
+                        "BGP peer {}: {why}; connecting again in {retry:?}",
+                        peer.addr
+                    );
+                }
+                failing = true;
+            }
+        }
+        // A session that lasted a while starts the backoff afresh.
+        if started.elapsed() > RETRY_MAX * 3 {
+            retry = RETRY_FIRST;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(retry) => {}
+            _ = wait_close(&mut commands) => break,
+        }
+        retry = (retry * 2).min(RETRY_MAX);
+    }
+    status.send_modify(|s| {
+        s.established = false;
+        s.closed = true;
+    });
+}
+
+async fn wait_close(commands: &mut watch::Receiver<Command>) {
+    loop {
+        if matches!(*commands.borrow_and_update(), Command::Close) {
+            return;
+        }
+        if commands.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads whole messages off the connection.
+struct Reader {
+    half: OwnedReadHalf,
+    ctx: Context,
+}
+
+enum ReadError {
+    Io(String),
+    /// Malformed: answered with the NOTIFICATION it calls for.
+    Bad(wire::WireError),
+}
+
+impl ReadError {
+    fn describe(&self) -> String {
+        match self {
+            ReadError::Io(e) => format!("connection lost: {e}"),
+            ReadError::Bad(e) => format!("malformed message from the peer: {e}"),
+        }
+    }
+}
+
+impl Reader {
+    async fn next(&mut self) -> Result<Message, ReadError> {
+        let mut header = [0u8; wire::HEADER_LEN];
+        self.half
+            .read_exact(&mut header)
+            .await
+            .map_err(|e| ReadError::Io(e.to_string()))?;
+        let len = wire::message_len(&header).map_err(ReadError::Bad)?;
+        let mut msg = header.to_vec();
+        msg.resize(len, 0);
+        self.half
+            .read_exact(&mut msg[wire::HEADER_LEN..])
+            .await
+            .map_err(|e| ReadError::Io(e.to_string()))?;
+        wire::decode(&msg, self.ctx).map_err(ReadError::Bad)
+    }
+}
+
+struct Writer {
+    half: OwnedWriteHalf,
+    ctx: Context,
+}
+
+impl Writer {
+    async fn send(&mut self, msg: &Message) -> Result<(), String> {
+        self.half
+            .write_all(&wire::encode(msg, self.ctx))
+            .await
+            .map_err(|e| format!("sending: {e}"))
+    }
+
+    /// Best effort: the session ends after it either way.
+    async fn notify(&mut self, n: Notification) {
+        let _ = timeout(Duration::from_secs(1), self.send(&Message::Notification(n))).await;
+        let _ = self.half.shutdown().await;
+    }
+}
+
+async fn session(
+    config: &SpeakerConfig,
+    peer: &Peer,
+    commands: &mut watch::Receiver<Command>,
+    status: &watch::Sender<Status>,
+    bfd: &mut Option<watch::Receiver<bool>>,
+) -> End {
+    let target = SocketAddr::new(peer.addr, peer.port);
+    let stream = match timeout(config.connect_timeout, TcpStream::connect(target)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return End::Failed(format!("connecting to {target}: {e}")),
+        Err(_) => {
+            return End::Failed(format!(
+                "connecting to {target}: no answer in {:?}",
+                config.connect_timeout
+            ));
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let local = match stream.local_addr() {
+        Ok(a) => a.ip(),
+        Err(e) => return End::Failed(format!("local address of the connection: {e}")),
+    };
+    let (rd, wr) = stream.into_split();
+    // Until the OPENs are exchanged: 2-octet AS numbers (only OPEN and NOTIFICATION pass).
+    let ctx = Context {
+        four_octet_as: false,
+    };
+    let mut reader = Reader { half: rd, ctx };
+    let mut writer = Writer { half: wr, ctx };
+    debug!("BGP peer {}: connected from {local}", peer.addr);
+
+    let my_as = u16::try_from(config.asn).unwrap_or(AS_TRANS);
+    let open = Open {
+        version: 4,
+        my_as,
+        hold_time: config.hold_time_secs,
+        router_id: config.router_id,
+        capabilities: vec![
+            Capability::Multiprotocol {
+                afi: AFI_IPV4,
+                safi: SAFI_UNICAST,
+            },
+            Capability::Multiprotocol {
+                afi: AFI_IPV6,
+                safi: SAFI_UNICAST,
+            },
+            Capability::RouteRefresh,
+            Capability::FourOctetAs(config.asn),
+        ],
+    };
+    if let Err(e) = writer.send(&Message::Open(open)).await {
+        return End::Failed(e);
+    }
+    // OpenSent: the peer's OPEN.
+    let theirs = match timeout(OPEN_WAIT, reader.next()).await {
+        Err(_) => {
+            writer
+                .notify(Notification {
+                    code: code::HOLD_TIMER,
+                    subcode: 0,
+                    data: Vec::new(),
+                })
+                .await;
+            return End::Failed(format!("no OPEN in {OPEN_WAIT:?}"));
+        }
+        Ok(Err(e)) => {
+            if let ReadError::Bad(bad) = &e {
+                writer.notify(bad.notification()).await;
+            }
+            return End::Failed(e.describe());
+        }
+        Ok(Ok(Message::Open(o))) => o,
+        Ok(Ok(Message::Notification(n))) => {
+            return End::Failed(format!("the peer refused the session: {n}"));
+        }
+        Ok(Ok(other)) => {
+            writer
+                .notify(Notification {
+                    code: code::FSM,
+                    subcode: 1,
+                    data: Vec::new(),
+                })
+                .await;
+            return End::Failed(format!("expected OPEN, got {other:?}"));
+        }
+    };
+    if let Err(n) = check_open(&theirs, peer, config) {
+        let why = format!("refusing the peer's OPEN: {n}");
+        writer.notify(n).await;
+        return End::Failed(why);
+    }
+    let hold = theirs.hold_time.min(config.hold_time_secs);
+    let ctx = Context {
+        four_octet_as: theirs.four_octet_as(),
+    };
+    reader.ctx = ctx;
+    writer.ctx = ctx;
+    let hold_time = (hold > 0).then(|| Duration::from_secs(u64::from(hold)));
+    let keepalive_every = hold_time.map(|h| h / 3);
+    if let Err(e) = writer.send(&Message::Keepalive).await {
+        return End::Failed(e);
+    }
+
+    // OpenConfirm -> Established on the peer's KEEPALIVE; messages are read by one task so that
+    // a read is never cancelled half way (select! on a read future would lose bytes).
+    let (msg_tx, mut msgs) = tokio::sync::mpsc::channel::<Result<Message, ReadError>>(16);
+    let reading = tokio::spawn(async move {
+        loop {
+            let m = reader.next().await;
+            let failed = m.is_err();
+            if msg_tx.send(m).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    let _stop_reading = AbortOnDrop(reading);
+    let mut established = false;
+    let mut rib_out: Routes = Routes::new();
+    let mut hold_deadline = hold_time.map(|h| Instant::now() + h);
+    let mut keepalive_at = keepalive_every.map(|k| Instant::now() + k);
+    let family_ok = |p: &IpNet| {
+        matches!(
+            (p, local),
+            (IpNet::V4(_), IpAddr::V4(_)) | (IpNet::V6(_), IpAddr::V6(_))
+        )
+    };
+    loop {
+        let far = Instant::now() + Duration::from_secs(3600);
+        tokio::select! {
+            m = msgs.recv() => {
+                let Some(m) = m else { return End::Failed("connection lost".into()) };
+                let m = match m {
+                    Ok(m) => m,
+                    Err(e) => {
+                        if let ReadError::Bad(bad) = &e {
+                            writer.notify(bad.notification()).await;
+                        }
+                        return End::Failed(e.describe());
+                    }
+                };
+                hold_deadline = hold_time.map(|h| Instant::now() + h);
+                match m {
+                    Message::Keepalive if !established => {
+                        established = true;
+                        status.send_modify(|s| s.established = true);
+                        info!(
+                            "BGP peer {} (AS {}, id {}): established from {local}, hold time {hold}s",
+                            peer.addr, theirs.asn(), theirs.router_id
+                        );
+                        let wanted = current(commands).filtered(family_ok);
+                        if let Err(e) = sync(&mut writer, config, peer, local, &mut rib_out, &wanted, true).await {
+                            return End::Failed(e);
+                        }
+                        status.send_modify(|s| s.sent = Some(wanted));
+                    }
+                    Message::Keepalive | Message::Update(_) if established => {}
+                    Message::RouteRefresh { .. } if established => {
+                        debug!("BGP peer {}: route refresh asked", peer.addr);
+                        let all = rib_out.clone();
+                        rib_out.clear();
+                        if let Err(e) = sync(&mut writer, config, peer, local, &mut rib_out, &all, false).await {
+                            return End::Failed(e);
+                        }
+                    }
+                    Message::Notification(n) => {
+                        return End::Failed(format!("the peer closed the session: {n}"));
+                    }
+                    other => {
+                        writer.notify(Notification { code: code::FSM, subcode: if established { 3 } else { 2 }, data: Vec::new() }).await;
+                        return End::Failed(format!("unexpected {other:?}"));
+                    }
+                }
+            }
+            _ = bfd_down(bfd) => {
+                let _ = writer.half.shutdown().await;
+                return End::Failed("BFD: the peer stopped answering".into());
+            }
+            _ = sleep_until(hold_deadline.unwrap_or(far)), if hold_deadline.is_some() => {
+                writer.notify(Notification { code: code::HOLD_TIMER, subcode: 0, data: Vec::new() }).await;
+                return End::Failed(format!("hold timer expired ({hold}s without a message)"));
+            }
+            _ = sleep_until(keepalive_at.unwrap_or(far)), if keepalive_at.is_some() => {
+                if let Err(e) = writer.send(&Message::Keepalive).await {
+                    return End::Failed(e);
+                }
+                keepalive_at = keepalive_every.map(|k| Instant::now() + k);
+            }
+            changed = commands.changed() => {
+                if changed.is_err() {
+                    return End::Closed;
+                }
+                let command = commands.borrow_and_update().clone();
+                match command {
+                    Command::Run(routes) if established => {
+                        let wanted = routes.filtered(family_ok);
+                        if let Err(e) = sync(&mut writer, config, peer, local, &mut rib_out, &wanted, false).await {
+                            return End::Failed(e);
+                        }
+                        status.send_modify(|s| s.sent = Some(wanted));
+                    }
+                    Command::Run(_) => {}
+                    Command::Close => {
+                        if established && !rib_out.is_empty() {
+                            let _ = sync(&mut writer, config, peer, local, &mut rib_out, &Routes::new(), false).await;
+                        }
+                        writer.notify(Notification { code: code::CEASE, subcode: code::CEASE_ADMIN_SHUTDOWN, data: Vec::new() }).await;
+                        info!("BGP peer {}: session closed (administrative shutdown)", peer.addr);
+                        return End::Closed;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Returns when BFD goes down after having been up (never without BFD).
+async fn bfd_down(bfd: &mut Option<watch::Receiver<bool>>) {
+    let Some(rx) = bfd else {
+        return std::future::pending().await;
+    };
+    loop {
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if !*rx.borrow_and_update() {
+            return;
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn current(commands: &watch::Receiver<Command>) -> Routes {
+    match &*commands.borrow() {
+        Command::Run(r) => r.clone(),
+        Command::Close => Routes::new(),
+    }
+}
+
+/// The peer's OPEN against what is configured: version 4, the expected AS, a usable hold time.
+fn check_open(o: &Open, peer: &Peer, config: &SpeakerConfig) -> Result<(), Notification> {
+    let n = |subcode, data: Vec<u8>| Notification {
+        code: code::OPEN,
+        subcode,
+        data,
+    };
+    if o.version != 4 {
+        return Err(n(1, vec![0, 4]));
+    }
+    if o.asn() != peer.asn {
+        warn!(
+            "BGP peer {}: its OPEN says AS {}, configured AS {}",
+            peer.addr,
+            o.asn(),
+            peer.asn
+        );
+        return Err(n(2, Vec::new()));
+    }
+    if o.hold_time == 1 || o.hold_time == 2 {
+        return Err(n(6, Vec::new()));
+    }
+    if o.router_id == config.router_id && peer.asn == config.asn {
+        return Err(n(3, Vec::new()));
+    }
+    Ok(())
+}
+
+/// The attributes of a route to this peer: identical on every node (ORIGIN IGP, the same
+/// AS_PATH, no MED), so that the router keeps all nodes in one ECMP group.
+fn attributes(
+    config: &SpeakerConfig,
+    peer: &Peer,
+    local: IpAddr,
+    attrs: &RouteAttrs,
+    ctx: Context,
+) -> Vec<Attribute> {
+    let ibgp = peer.asn == config.asn;
+    let mut out = vec![Attribute::Origin(0)];
+    let path = if ibgp {
+        Vec::new()
+    } else {
+        vec![Segment {
+            kind: AS_SEQUENCE,
+            asns: vec![config.asn],
+        }]
+    };
+    let two_octet_overflow = !ctx.four_octet_as && config.asn > u32::from(u16::MAX);
+    out.push(Attribute::AsPath(path.clone()));
+    if let IpAddr::V4(v4) = local {
+        out.push(Attribute::NextHop(v4));
+    }
+    if ibgp {
+        out.push(Attribute::LocalPref(100));
+    }
+    let mut communities = config.communities.clone();
+    if attrs.graceful_shutdown {
+        communities.push(wire::GRACEFUL_SHUTDOWN);
+    }
+    if !communities.is_empty() {
+        out.push(Attribute::Communities(communities));
+    }
+    if two_octet_overflow && !path.is_empty() {
+        out.push(Attribute::As4Path(path));
+    }
+    out
+}
+
+/// Sends what turns `rib_out` into `wanted`: withdrawals, then announcements grouped by their
+/// attributes, each UPDATE within 4096 bytes. `eor`: end with End-of-RIB markers.
+async fn sync(
+    w: &mut Writer,
+    config: &SpeakerConfig,
+    peer: &Peer,
+    local: IpAddr,
+    rib_out: &mut Routes,
+    wanted: &Routes,
+    eor: bool,
+) -> Result<(), String> {
+    let ctx = w.ctx;
+    let gone: Vec<IpNet> = rib_out
+        .0
+        .keys()
+        .filter(|p| !wanted.0.contains_key(p))
+        .copied()
+        .collect();
+    let mut groups: BTreeMap<RouteAttrs, Vec<IpNet>> = BTreeMap::new();
+    for (p, a) in &wanted.0 {
+        if rib_out.0.get(p) != Some(a) {
+            groups.entry(*a).or_default().push(*p);
+        }
+    }
+    let budget = |overhead: usize| wire::MAX_MESSAGE_LEN - overhead;
+    // Withdrawals: IPv4 in the classic field, IPv6 in MP_UNREACH.
+    let (gone4, gone6): (Vec<IpNet>, Vec<IpNet>) = gone.iter().partition(|p| p.addr().is_ipv4());
+    for chunk in chunks(&gone4, budget(wire::update_overhead(&[], ctx))) {
+        let withdrawn = chunk.iter().filter_map(v4_net).collect();
+        w.send(&Message::Update(Update {
+            withdrawn,
+            ..Update::default()
+        }))
+        .await?;
+    }
+    let unreach_overhead = wire::update_overhead(
+        &[Attribute::MpUnreach {
+            afi: AFI_IPV6,
+            safi: SAFI_UNICAST,
+            withdrawn: Vec::new(),
+        }],
+        ctx,
+    ) + 2; // the attribute may need the extended length
+    for chunk in chunks(&gone6, budget(unreach_overhead)) {
+        w.send(&Message::Update(Update {
+            attributes: vec![Attribute::MpUnreach {
+                afi: AFI_IPV6,
+                safi: SAFI_UNICAST,
+                withdrawn: chunk.to_vec(),
+            }],
+            ..Update::default()
+        }))
+        .await?;
+    }
+    for p in &gone {
+        rib_out.0.remove(p);
+    }
+    for (a, prefixes) in &groups {
+        let base = attributes(config, peer, local, a, ctx);
+        let (v4, v6): (Vec<IpNet>, Vec<IpNet>) = prefixes.iter().partition(|p| p.addr().is_ipv4());
+        for chunk in chunks(&v4, budget(wire::update_overhead(&base, ctx))) {
+            w.send(&Message::Update(Update {
+                withdrawn: Vec::new(),
+                attributes: base.clone(),
+                nlri: chunk.iter().filter_map(v4_net).collect(),
+            }))
+            .await?;
+        }
+        if let IpAddr::V6(nh) = local {
+            let mut attrs: Vec<Attribute> = base
+                .iter()
+                .filter(|a| !matches!(a, Attribute::NextHop(_)))
+                .cloned()
+                .collect();
+            let reach = |nlri: Vec<IpNet>| Attribute::MpReach {
+                afi: AFI_IPV6,
+                safi: SAFI_UNICAST,
+                next_hop: nh.octets().to_vec(),
+                nlri,
+            };
+            attrs.push(reach(Vec::new()));
+            let overhead = wire::update_overhead(&attrs, ctx) + 2;
+            attrs.pop();
+            for chunk in chunks(&v6, budget(overhead)) {
+                let mut with = attrs.clone();
+                with.push(reach(chunk.to_vec()));
+                w.send(&Message::Update(Update {
+                    attributes: with,
+                    ..Update::default()
+                }))
+                .await?;
+            }
+        }
+        for p in prefixes {
+            rib_out.0.insert(*p, *a);
+        }
+    }
+    if eor {
+        // End-of-RIB (RFC 4724): an empty UPDATE for IPv4, an empty MP_UNREACH for IPv6.
+        w.send(&Message::Update(Update::default())).await?;
+        w.send(&Message::Update(Update {
+            attributes: vec![Attribute::MpUnreach {
+                afi: AFI_IPV6,
+                safi: SAFI_UNICAST,
+                withdrawn: Vec::new(),
+            }],
+            ..Update::default()
+        }))
+        .await?;
+    }
+    if !gone.is_empty() || !groups.is_empty() {
+        let shown: Vec<String> = groups
+            .iter()
+            .map(|(a, p)| {
+                format!(
+                    "{} prefix(es){}",
+                    p.len(),
+                    if a.graceful_shutdown {
+                        " with graceful-shutdown 65535:0"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .collect();
+        info!(
+            "BGP peer {}: announced {}, withdrew {} prefix(es); {} in all",
+            peer.addr,
+            if shown.is_empty() {
+                "nothing".to_owned()
+            } else {
+                shown.join(", ")
+            },
+            gone.len(),
+            rib_out.0.len()
+        );
+    }
+    Ok(())
+}
+
+fn v4_net(p: &IpNet) -> Option<Ipv4Net> {
+    match p {
+        IpNet::V4(v4) => Some(*v4),
+        IpNet::V6(_) => None,
+    }
+}
+
+/// Splits prefixes into runs whose encoding fits `room` bytes.
+fn chunks(prefixes: &[IpNet], room: usize) -> Vec<&[IpNet]> {
+    let mut out = Vec::new();
+    let (mut start, mut used) = (0, 0);
+    for (i, p) in prefixes.iter().enumerate() {
+        let n = wire::prefix_len_on_wire(*p);
+        if used + n > room && i > start {
+            out.push(&prefixes[start..i]);
+            start = i;
+            used = 0;
+        }
+        used += n;
+    }
+    if start < prefixes.len() {
+        out.push(&prefixes[start..]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn chunks_fit_and_cover() {
+        let ps: Vec<IpNet> = (0..2000u32)
+            .map(|i| IpNet::V4(Ipv4Net::new(Ipv4Addr::from(i), 32).unwrap()))
+            .collect();
+        let cs = chunks(&ps, 4000);
+        assert_eq!(cs.iter().map(|c| c.len()).sum::<usize>(), 2000);
+        assert!(cs.iter().all(|c| c.len() * 5 <= 4000));
+        assert_eq!(cs.len(), 3);
+        assert!(chunks(&[], 100).is_empty());
+    }
+
+    #[test]
+    fn every_node_sends_identical_attributes() {
+        let config = SpeakerConfig::for_tests(64512);
+        let peer = Peer {
+            addr: "192.0.2.1".parse().unwrap(),
+            port: 179,
+            asn: 65000,
+        };
+        let ctx = Context {
+            four_octet_as: true,
+        };
+        let a = attributes(
+            &config,
+            &peer,
+            "192.0.2.10".parse().unwrap(),
+            &RouteAttrs::default(),
+            ctx,
+        );
+        let b = attributes(
+            &config,
+            &peer,
+            "192.0.2.11".parse().unwrap(),
+            &RouteAttrs::default(),
+            ctx,
+        );
+        let strip = |v: Vec<Attribute>| -> Vec<Attribute> {
+            v.into_iter()
+                .filter(|a| !matches!(a, Attribute::NextHop(_)))
+                .collect()
+        };
+        assert_eq!(strip(a.clone()), strip(b));
+        assert!(a.contains(&Attribute::Origin(0)));
+        assert!(!a.iter().any(|x| matches!(x, Attribute::Med(_))));
+        let g = attributes(
+            &config,
+            &peer,
+            "192.0.2.10".parse().unwrap(),
+            &RouteAttrs {
+                graceful_shutdown: true,
+            },
+            ctx,
+        );
+        assert!(g.contains(&Attribute::Communities(vec![wire::GRACEFUL_SHUTDOWN])));
+        // A 4-octet AS to a 2-octet peer: AS_TRANS in AS_PATH, the real one in AS4_PATH.
+        let mut big = SpeakerConfig::for_tests(4_200_000_000);
+        big.communities = vec![];
+        let two = Context {
+            four_octet_as: false,
+        };
+        let v = attributes(
+            &big,
+            &peer,
+            "192.0.2.10".parse().unwrap(),
+            &RouteAttrs::default(),
+            two,
+        );
+        assert!(v.iter().any(|a| matches!(a, Attribute::As4Path(_))));
+    }
+}

@@ -1,0 +1,616 @@
+//! A BGP lab: the co-located lab (three node namespaces, each running `sluice agent --bgp`
+//! against a real kube-apiserver) with a real router, FRR or BIRD from Debian, in the lab's
+//! `lb` namespace. The client's only route to the VIP is via the router, whose kernel ECMP
+//! route has one next hop per node that announces it:
+//!
+//! ```text
+//!   client ns  -- VIP via router -->  router ns (lb): FRR/BIRD, ip_forward=1, L4 multipath hash
+//!                                       |  BGP sessions from the nodes (they connect; it listens)
+//!                                     node0 node1 node2: sluice agent --bgp (XDP), VIP on lo
+//! ```
+//!
+//! FRR runs in its "pathspace" `/etc/frr/<namespace>/` (host state): [`Router`]'s drop stops it
+//! and removes that directory and `/var/run/frr/<namespace>`, and starting a router removes
+//! the ones a killed test process left behind.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::{Value, json};
+
+use crate::cmd;
+use crate::kube::Kube;
+use crate::lab::{HTTP_PORT, Lab, LabConfig, SluiceProcess, require_root};
+
+pub const NODES: usize = 3;
+/// The nodes' AS (one for all: identical AS_PATHs) and the router's.
+pub const NODE_ASN: u32 = 64512;
+pub const ROUTER_ASN: u32 = 65000;
+/// The agents' hold time (the default) and drain wait.
+pub const HOLD_TIME: Duration = Duration::from_secs(3);
+pub const DRAIN_WAIT: Duration = Duration::from_secs(2);
+const FRR_ETC: &str = "/etc/frr";
+const FRR_RUN: &str = "/var/run/frr";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouterKind {
+    Frr,
+    Bird,
+}
+
+/// A BGP router in a namespace, stopped (and its host state removed) on drop.
+pub struct Router {
+    kind: RouterKind,
+    ns: String,
+    /// BIRD: its control socket; the process is `bird`.
+    bird_ctl: PathBuf,
+    bird: Option<Child>,
+}
+
+impl Router {
+    /// Starts `kind` in namespace `ns` (address `id`), passive towards `nodes`.
+    /// `bfd`: the nodes (indexes into `nodes`) the router runs BFD with (FRR only).
+    pub fn start(
+        kind: RouterKind,
+        ns: &str,
+        id: Ipv4Addr,
+        nodes: &[Ipv4Addr],
+        bfd: &[usize],
+        dir: &Path,
+    ) -> Result<Router> {
+        for sysctl in [
+            "net.ipv4.ip_forward=1",
+            // Hash on ports too: connections from one client spread over the nodes.
+            "net.ipv4.fib_multipath_hash_policy=1",
+        ] {
+            cmd::run_ok(
+                Command::new("ip").args(["netns", "exec", ns, "sysctl", "-qw", sysctl]),
+                cmd::DEFAULT_TIMEOUT,
+            )?;
+        }
+        let mut router = Router {
+            kind,
+            ns: ns.to_owned(),
+            bird_ctl: dir.join("bird.ctl"),
+            bird: None,
+        };
+        match kind {
+            RouterKind::Frr => router.start_frr(id, nodes, bfd)?,
+            RouterKind::Bird => {
+                ensure!(bfd.is_empty(), "the BIRD lab runs without BFD");
+                router.start_bird(id, nodes, dir)?
+            }
+        }
+        Ok(router)
+    }
+
+    fn start_frr(&mut self, id: Ipv4Addr, nodes: &[Ipv4Addr], bfd: &[usize]) -> Result<()> {
+        remove_stale_frr_dirs();
+        let etc = Path::new(FRR_ETC).join(&self.ns);
+        let run = Path::new(FRR_RUN).join(&self.ns);
+        fs::create_dir_all(&etc)?;
+        fs::create_dir_all(&run)?;
+        let daemons = fs::read_to_string(Path::new(FRR_ETC).join("daemons"))
+            .context("reading /etc/frr/daemons (is frr installed? scripts/bootstrap.sh)")?
+            .replace("bgpd=no", "bgpd=yes")
+            .replace("bfdd=no", "bfdd=yes");
+        fs::write(etc.join("daemons"), daemons)?;
+        fs::write(etc.join("vtysh.conf"), "service integrated-vtysh-config\n")?;
+        let mut conf = format!(
+            "frr defaults traditional
+hostname {ns}
+log file {run}/frr.log
+!
+bfd
+ profile fast
+  receive-interval 100
+  transmit-interval 100
+  detect-multiplier 3
+ !
+!
+router bgp {ROUTER_ASN}
+ bgp router-id {id}
+ no bgp ebgp-requires-policy
+ bgp bestpath as-path multipath-relax
+ neighbor nodes peer-group
+ neighbor nodes remote-as external
+ neighbor nodes passive
+ neighbor nodes timers 1 3
+",
+            ns = self.ns,
+            run = run.display()
+        );
+        for (i, n) in nodes.iter().enumerate() {
+            conf.push_str(&format!(" neighbor {n} peer-group nodes\n"));
+            if bfd.contains(&i) {
+                conf.push_str(&format!(" neighbor {n} bfd profile fast\n"));
+            }
+        }
+        conf.push_str(
+            " address-family ipv4 unicast\n  maximum-paths 16\n exit-address-family\n!\n",
+        );
+        fs::write(etc.join("frr.conf"), conf)?;
+        for d in [&etc, &run] {
+            cmd::run_ok(
+                Command::new("chown").args(["-R", "frr:frr", &d.to_string_lossy()]),
+                cmd::DEFAULT_TIMEOUT,
+            )?;
+        }
+        cmd::run_ok(
+            Command::new("ip").args([
+                "netns",
+                "exec",
+                &self.ns,
+                "/usr/lib/frr/frrinit.sh",
+                "start",
+                &self.ns,
+            ]),
+            Duration::from_secs(60),
+        )
+        .context("starting FRR in the router namespace")?;
+        Ok(())
+    }
+
+    fn start_bird(&mut self, id: Ipv4Addr, nodes: &[Ipv4Addr], dir: &Path) -> Result<()> {
+        let mut conf = format!(
+            "router id {id};
+log \"{log}\" all;
+protocol device {{ scan time 1; }}
+protocol kernel {{
+  ipv4 {{ export all; import none; }};
+  merge paths on limit 16;
+}}
+template bgp nodes {{
+  local as {ROUTER_ASN};
+  passive on;
+  hold time 3;
+  connect retry time 1;
+  error wait time 1, 5;
+  # RFC 8326: a route marked graceful-shutdown loses to the others (BIRD does not by itself).
+  ipv4 {{
+    import filter {{ if (65535, 0) ~ bgp_community then bgp_local_pref = 0; accept; }};
+    export none;
+  }};
+}}
+",
+            log = dir.join("bird.log").display()
+        );
+        for (i, n) in nodes.iter().enumerate() {
+            conf.push_str(&format!(
+                "protocol bgp node{i} from nodes {{ neighbor {n} as {NODE_ASN}; }}\n"
+            ));
+        }
+        let file = dir.join("bird.conf");
+        fs::write(&file, conf)?;
+        let log = fs::File::create(dir.join("bird.stderr"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "bird", "-f", "-c"])
+            .arg(&file)
+            .arg("-s")
+            .arg(&self.bird_ctl)
+            .arg("-P")
+            .arg(dir.join("bird.pid"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting bird (is bird2 installed? scripts/bootstrap.sh)")?;
+        self.bird = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.bird_ctl.exists() {
+            ensure!(
+                Instant::now() < deadline,
+                "bird made no control socket in 20 s: {}",
+                fs::read_to_string(dir.join("bird.stderr")).unwrap_or_default()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    pub fn kind(&self) -> RouterKind {
+        self.kind
+    }
+
+    /// The kernel's next hops for `addr`/32 in the router namespace (empty: no route).
+    pub fn nexthops(&self, addr: Ipv4Addr) -> Result<BTreeSet<Ipv4Addr>> {
+        let out = cmd::run_ok(
+            Command::new("ip").args([
+                "netns",
+                "exec",
+                &self.ns,
+                "ip",
+                "-j",
+                "route",
+                "show",
+                "exact",
+                &format!("{addr}/32"),
+            ]),
+            cmd::DEFAULT_TIMEOUT,
+        )?;
+        parse_nexthops(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// Polls the kernel route of `addr` until `done(next hops)`; returns them and how long it took.
+    pub fn wait_nexthops(
+        &self,
+        addr: Ipv4Addr,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&BTreeSet<Ipv4Addr>) -> bool,
+    ) -> Result<(BTreeSet<Ipv4Addr>, Duration)> {
+        let start = Instant::now();
+        loop {
+            let hops = self.nexthops(addr)?;
+            if done(&hops) {
+                return Ok((hops, start.elapsed()));
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "{:?} router: {what}: not within {timeout:?}; next hops of {addr}: {hops:?}; {}",
+                    self.kind,
+                    self.diagnostics()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// FRR: the BGP paths of `addr`/32 as (peer, carries the graceful-shutdown community).
+    pub fn frr_paths(&self, addr: Ipv4Addr) -> Result<Vec<(Ipv4Addr, bool)>> {
+        ensure!(self.kind == RouterKind::Frr, "frr_paths on {:?}", self.kind);
+        let v = self.vtysh_json(&format!("show bgp ipv4 unicast {addr}/32 json"))?;
+        let mut out = Vec::new();
+        for p in v["paths"].as_array().into_iter().flatten() {
+            let peer = p
+                .pointer("/peer/peerId")
+                .and_then(Value::as_str)
+                .and_then(|s| s.parse().ok())
+                .with_context(|| format!("a path without peer: {p}"))?;
+            let community = p.pointer("/community/string").and_then(Value::as_str);
+            let gshut =
+                community.is_some_and(|c| c.contains("graceful-shutdown") || c.contains("65535:0"));
+            out.push((peer, gshut));
+        }
+        Ok(out)
+    }
+
+    fn vtysh_json(&self, command: &str) -> Result<Value> {
+        let out = cmd::run_ok(
+            Command::new("ip").args([
+                "netns", "exec", &self.ns, "vtysh", "-N", &self.ns, "-c", command,
+            ]),
+            cmd::DEFAULT_TIMEOUT,
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.trim().is_empty() {
+            return Ok(json!({}));
+        }
+        serde_json::from_str(&text).with_context(|| format!("vtysh {command:?}: not JSON: {text}"))
+    }
+
+    /// What the router says of its sessions (for failure messages).
+    pub fn diagnostics(&self) -> String {
+        let out = match self.kind {
+            RouterKind::Frr => Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &self.ns,
+                    "vtysh",
+                    "-N",
+                    &self.ns,
+                    "-c",
+                    "show bgp summary",
+                ])
+                .output(),
+            RouterKind::Bird => Command::new("birdc")
+                .arg("-s")
+                .arg(&self.bird_ctl)
+                .args(["show", "protocols"])
+                .output(),
+        };
+        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_else(|e| format!("(no summary: {e})"))
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        match self.kind {
+            RouterKind::Frr => {
+                let _ = cmd::run(
+                    Command::new("ip").args([
+                        "netns",
+                        "exec",
+                        &self.ns,
+                        "/usr/lib/frr/frrinit.sh",
+                        "stop",
+                        &self.ns,
+                    ]),
+                    Duration::from_secs(30),
+                );
+                let _ = fs::remove_dir_all(Path::new(FRR_ETC).join(&self.ns));
+                let _ = fs::remove_dir_all(Path::new(FRR_RUN).join(&self.ns));
+            }
+            RouterKind::Bird => {
+                if let Some(child) = &mut self.bird {
+                    cmd::terminate(child, Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// `/etc/frr/<ns>` of lab namespaces ("sl<pid>-...") that no longer exist: left by a killed test.
+fn remove_stale_frr_dirs() {
+    let Ok(entries) = fs::read_dir(FRR_ETC) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("sl")
+            && e.path().is_dir()
+            && !Path::new("/var/run/netns").join(&name).exists()
+        {
+            let _ = fs::remove_dir_all(e.path());
+            let _ = fs::remove_dir_all(Path::new(FRR_RUN).join(&name));
+        }
+    }
+}
+
+/// Next hops from `ip -j route show` output: one `gateway`, or a `nexthops` list.
+pub fn parse_nexthops(json_text: &str) -> Result<BTreeSet<Ipv4Addr>> {
+    let v: Value = if json_text.trim().is_empty() {
+        json!([])
+    } else {
+        serde_json::from_str(json_text).with_context(|| format!("ip -j route: {json_text}"))?
+    };
+    let mut hops = BTreeSet::new();
+    for route in v.as_array().into_iter().flatten() {
+        let gateways = route
+            .get("nexthops")
+            .and_then(Value::as_array)
+            .map(|n| {
+                n.iter()
+                    .filter_map(|h| h.get("gateway"))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_else(|| route.get("gateway").into_iter().collect());
+        for g in gateways {
+            if let Some(a) = g.as_str().and_then(|s| s.parse().ok()) {
+                hops.insert(a);
+            }
+        }
+    }
+    Ok(hops)
+}
+
+/// The lab, the API server, the router and one agent per node.
+pub struct BgpLab {
+    /// The nodes whose agent runs BFD.
+    pub bfd: Vec<usize>,
+    /// Dropped first: the agents, then the router, then the API server and the namespaces.
+    pub agents: Vec<Option<SluiceProcess>>,
+    pub router: Router,
+    pub kube: Kube,
+    pub lab: Lab,
+}
+
+impl BgpLab {
+    /// Builds the lab with `kind` as the router and starts the three agents with `--bgp`;
+    /// the nodes in `bfd` run BFD with the router too.
+    pub fn start(kind: RouterKind, bfd: &[usize]) -> Result<BgpLab> {
+        require_root();
+        let lab = Lab::build(LabConfig {
+            backends: NODES,
+            udp: false,
+        })?;
+        // The router's namespace is the lab's lb (the client already routes the VIP there).
+        let kube = Kube::start_listening(lab.lb_ns(), lab.lb_addr())?;
+        for i in 0..NODES {
+            kube.node(&node_name(i), lab.backend_addr(i), true)?;
+        }
+        kube.apply_yaml(&format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Cluster
+  selector: {{app: web}}
+  ports:
+    - {{name: http, port: {HTTP_PORT}, protocol: TCP}}
+    - {{name: echo, port: {}, protocol: TCP}}
+",
+            crate::ECHO_PORT
+        ))?;
+        kube.patch_status(
+            "/api/v1/namespaces/default/services/web",
+            &json!({"status": {"loadBalancer": {"ingress": [{"ip": lab.vip().to_string()}]}}}),
+        )?;
+        let router = Router::start(
+            kind,
+            lab.lb_ns(),
+            lab.lb_addr(),
+            &lab.backend_addrs(),
+            bfd,
+            lab.dir(),
+        )?;
+        let mut bgp = BgpLab {
+            bfd: bfd.to_vec(),
+            agents: Vec::new(),
+            router,
+            kube,
+            lab,
+        };
+        for i in 0..NODES {
+            bgp.lab.enable_backend_xdp_tx(i)?;
+            let agent = bgp.spawn_agent(i)?;
+            bgp.agents.push(Some(agent));
+        }
+        Ok(bgp)
+    }
+
+    /// Starts node `i`'s agent (again).
+    pub fn spawn_agent(&self, i: usize) -> Result<SluiceProcess> {
+        let kubeconfig = self.kube.agent_kubeconfig()?;
+        let kubeconfig = kubeconfig.to_string_lossy().into_owned();
+        let pins = self.lab.pin_dir().join(format!("node{i}"));
+        let peer = format!("{}={ROUTER_ASN}", self.lab.lb_addr());
+        let asn = NODE_ASN.to_string();
+        let drain = DRAIN_WAIT.as_secs().to_string();
+        let bfd = if self.bfd.contains(&i) {
+            "--bgp-bfd=true"
+        } else {
+            "--bgp-bfd=false"
+        };
+        self.lab.spawn_sluice_in(
+            self.lab.backend_ns(i),
+            &pins,
+            &[
+                "agent",
+                "--iface",
+                "eth0",
+                "--kubeconfig",
+                &kubeconfig,
+                "--node-name",
+                &node_name(i),
+                "--health-addr",
+                "127.0.0.1:9941",
+                "--metrics-addr",
+                "127.0.0.1:9477",
+                "--bgp",
+                "--bgp-asn",
+                &asn,
+                "--bgp-peers",
+                &peer,
+                "--bgp-drain-wait",
+                &drain,
+                bfd,
+            ],
+        )
+    }
+
+    pub fn node_addr(&self, i: usize) -> Ipv4Addr {
+        self.lab.backend_addr(i)
+    }
+
+    pub fn all_nodes(&self) -> BTreeSet<Ipv4Addr> {
+        self.lab.backend_addrs().into_iter().collect()
+    }
+
+    /// Waits until the router's kernel route to the VIP has exactly `want` as next hops.
+    pub fn wait_route(&mut self, want: &BTreeSet<Ipv4Addr>, timeout: Duration) -> Result<Duration> {
+        self.check_agents()?;
+        let r = self.router.wait_nexthops(
+            self.lab.vip(),
+            timeout,
+            &format!("next hops {want:?}"),
+            |h| h == want,
+        );
+        match r {
+            Ok((_, took)) => Ok(took),
+            Err(e) => bail!("{e:#}\nagent logs:\n{}", self.agent_logs()),
+        }
+    }
+
+    /// Fails if an agent that should run has exited.
+    pub fn check_agents(&mut self) -> Result<()> {
+        for (i, a) in self.agents.iter_mut().enumerate() {
+            if let Some(a) = a
+                && let Some(status) = a.try_wait()?
+            {
+                bail!("agent on node {i} exited ({status}): {}", a.log_text());
+            }
+        }
+        Ok(())
+    }
+
+    /// The last lines of every agent's log.
+    pub fn agent_logs(&self) -> String {
+        self.agents
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| a.as_ref().map(|a| (i, a.log_text())))
+            .map(|(i, log)| {
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(15)..].join("\n  ");
+                format!("node {i}:\n  {tail}")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// SIGKILLs node `i`'s agent (no drain, no NOTIFICATION: the kernel closes its socket).
+    pub fn kill_agent(&mut self, i: usize) -> Result<()> {
+        let mut agent = self.agents[i]
+            .take()
+            .with_context(|| format!("node {i} has no agent"))?;
+        cmd::signal(agent.pid(), libc::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while agent.try_wait()?.is_none() {
+            ensure!(Instant::now() < deadline, "agent {i} survived SIGKILL");
+            thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// SIGTERM to node `i`'s agent without waiting; the process stays in `agents[i]`.
+    pub fn term_agent(&self, i: usize) -> Result<()> {
+        let agent = self.agents[i]
+            .as_ref()
+            .with_context(|| format!("node {i} has no agent"))?;
+        cmd::signal(agent.pid(), libc::SIGTERM);
+        Ok(())
+    }
+
+    /// Cuts node `i` off the segment without closing anything (every packet dropped in its
+    /// namespace), or (`false`) restores it.
+    pub fn cut_off(&self, i: usize, cut: bool) -> Result<()> {
+        let ns = self.lab.backend_ns(i);
+        if cut {
+            let rules = "table inet bgpcut {
+  chain in { type filter hook input priority -300; policy drop; }
+  chain out { type filter hook output priority -300; policy drop; }
+}
+";
+            let file = self.lab.dir().join(format!("bgpcut-{i}.nft"));
+            fs::write(&file, rules)?;
+            self.lab
+                .exec_ok(ns, &["nft", "-f", &file.to_string_lossy()])?;
+        } else {
+            self.lab
+                .exec_ok(ns, &["nft", "delete", "table", "inet", "bgpcut"])?;
+        }
+        Ok(())
+    }
+}
+
+pub fn node_name(i: usize) -> String {
+    format!("node-{i}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nexthops_of_single_and_multipath_routes() {
+        let one = r#"[{"dst":"10.1.2.1","gateway":"10.1.2.10","dev":"eth0","protocol":"bgp","metric":20,"flags":[]}]"#;
+        assert_eq!(
+            parse_nexthops(one).unwrap(),
+            BTreeSet::from(["10.1.2.10".parse().unwrap()])
+        );
+        let many = r#"[{"dst":"10.1.2.1","protocol":"bgp","metric":20,"flags":[],"nexthops":[{"gateway":"10.1.2.10","dev":"eth0","weight":1,"flags":[]},{"gateway":"10.1.2.11","dev":"eth0","weight":1,"flags":[]}]}]"#;
+        assert_eq!(parse_nexthops(many).unwrap().len(), 2);
+        assert!(parse_nexthops("").unwrap().is_empty());
+        assert!(parse_nexthops("[]").unwrap().is_empty());
+    }
+}
