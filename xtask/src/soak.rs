@@ -14,8 +14,9 @@
 //! active. Every 10 s sluice's RSS, the connection-table entries and the backend slots are
 //! sampled. The summary goes to stdout and `target/soak/report.json` (with sluice's log beside
 //! it); the command fails when a connection was lost to a backend that was not removed, when
-//! RSS grew by more than 20 % after the first minute, when backend slots leak, on a reconcile
-//! error, or when sluice died.
+//! RSS grew by more than 20 % after the first minute, when backend slots leak or are not
+//! reused, on a reconcile error, when sluice died, when a UDP request went unanswered, an HTTP
+//! request failed, a long-lived connection failed to open, or one alive at the end had errors.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -931,6 +932,52 @@ fn summarize(s: Summary) -> Report {
     }
     if !s.sluice_alive {
         failures.push("sluice was not running at the end".into());
+    }
+    // Freed slots are reused (lowest free first, never within the plan that freed them): the
+    // ids in use never exceed what is in use at once, at most `slot_bound`. Ids beyond it mean
+    // freed slots are abandoned and the array runs out after enough churn.
+    if s.samples.iter().any(|x| x.slots > 0) && max_slot_id >= slot_bound as u64 {
+        failures.push(format!(
+            "highest backend slot id {max_slot_id} with at most {slot_bound} slots in use: freed \
+             slots are not reused"
+        ));
+    }
+    // Traffic that must all get through: every VIP packet reaches a backend that answers (a
+    // removed backend still answers in the lab), so any loss is sluice's.
+    let udp_unanswered = s
+        .udp
+        .sent
+        .load(Ordering::Relaxed)
+        .saturating_sub(s.udp.answered.load(Ordering::Relaxed));
+    let udp_send_errors = s.udp.send_errors.load(Ordering::Relaxed);
+    if udp_unanswered > 0 || udp_send_errors > 0 {
+        failures.push(format!(
+            "UDP: {udp_unanswered} requests unanswered, {udp_send_errors} send errors"
+        ));
+    }
+    let http_failures = s.http.failed.load(Ordering::Relaxed);
+    if http_failures > 0 {
+        let first = s
+            .http
+            .errors
+            .lock()
+            .map(|e| e.join(" | "))
+            .unwrap_or_default();
+        failures.push(format!("HTTP: {http_failures} requests failed: {first}"));
+    }
+    if !s.stalls.is_empty() {
+        failures.push(format!(
+            "{} connections alive at the end had errors (stalled or garbled echoes): {}",
+            s.stalls.len(),
+            s.stalls.join(" | ")
+        ));
+    }
+    if s.open_failed > 0 {
+        failures.push(format!(
+            "{} long-lived connections failed to open: {}",
+            s.open_failed,
+            s.open_failures.join(" | ")
+        ));
     }
     let flows: Vec<u64> = s.samples.iter().map(|x| x.flows).collect();
     let flows_max = flows.iter().copied().max().unwrap_or(0);
