@@ -394,3 +394,44 @@ fn decapsulator_unwraps_hand_built_ipip_and_ip6ip6() {
         decapsulated
     );
 }
+
+/// README: "the IPv6 flow label come[s] from a hash of the client's address and ports": one flow
+/// keeps one label (so routers keep its packets on one path), and flows that differ only in a
+/// port or only in the client address get different labels (so ECMP spreads them).
+#[test]
+fn ip6ip6_flow_label_follows_the_flow() {
+    let mut h = harness_with(&ipip(IpAddr::V6(VIP6), true));
+    let label = |h: &mut Harness, src: IpAddr, sport: u16, flags: u8| -> u32 {
+        let mut f = Frame::tcp(sport, flags).v6();
+        f.src = src;
+        let (action, out) = h.run(&f.bytes()).unwrap();
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out[14] >> 4, 6, "an outer IPv6 header");
+        u32::from_be_bytes([out[14], out[15], out[16], out[17]]) & 0x000f_ffff
+    };
+    let client = IpAddr::V6(CLIENT6);
+    let mut by_port = BTreeSet::new();
+    for sport in 0..200u16 {
+        let first = label(&mut h, client, 40000 + sport, TCP_SYN);
+        assert_eq!(
+            label(&mut h, client, 40000 + sport, TCP_ACK),
+            first,
+            "one flow, one label"
+        );
+        by_port.insert(first);
+    }
+    let mut by_client = BTreeSet::new();
+    for i in 0..200u16 {
+        let src = IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 1, i));
+        by_client.insert(label(&mut h, src, 40000, TCP_SYN));
+    }
+    // 200 draws from 2^20 labels collide with probability ~2 %; allow a few.
+    assert!(
+        by_port.len() >= 195 && by_client.len() >= 195,
+        "labels are not a hash of ports and address: {} distinct over 200 ports, {} over 200 \
+         clients",
+        by_port.len(),
+        by_client.len()
+    );
+    assert!(!by_port.contains(&0), "a flow without a label");
+}

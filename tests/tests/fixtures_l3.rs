@@ -352,3 +352,56 @@ fn source_ranges_admit_only_listed_clients() {
         assert_eq!(h.maps.source_ranges.keys().count(), 0);
     }
 }
+
+/// README: "a change [of source_ranges] does not cut connections already admitted". A client's
+/// flow admitted under one list keeps going, to the same backend, after a change that excludes
+/// the client; its new flows are refused.
+#[test]
+fn a_source_range_change_keeps_admitted_connections() {
+    for v6 in [false, true] {
+        let (vip, client, admits, excludes): (IpAddr, IpAddr, &str, &str) = if v6 {
+            (
+                IpAddr::V6(VIP6),
+                IpAddr::V6(CLIENT6),
+                "fd00::/64",
+                "2001:db8::/32",
+            )
+        } else {
+            (
+                IpAddr::V4(VIP),
+                IpAddr::V4(CLIENT),
+                "10.0.0.0/24",
+                "192.0.2.0/24",
+            )
+        };
+        let segment = |sport: u16, flags: u8| {
+            let mut f = Frame::tcp(sport, flags);
+            if v6 {
+                f = f.v6();
+            }
+            f.src = client;
+            f.bytes()
+        };
+        let mut d = desired_at(vip, Protocol::Tcp, THREE);
+        d.vips[0].source_ranges = vec![admits.parse().unwrap()];
+        let mut h = harness_with(&d);
+        let admitted: Vec<u8> = (0..20u16)
+            .map(|p| assert_forwarded(&mut h, &segment(3000 + p, TCP_SYN)))
+            .collect();
+        d.vips[0].source_ranges = vec![excludes.parse().unwrap()];
+        h.apply(&d).unwrap();
+        for (p, b) in (0..20u16).zip(&admitted) {
+            assert_eq!(
+                assert_forwarded(&mut h, &segment(3000 + p, TCP_ACK)),
+                *b,
+                "v6 {v6}: an admitted connection was cut or moved by a source-range change"
+            );
+        }
+        assert_untouched(&mut h, &segment(4000, TCP_SYN), XDP_DROP);
+        assert_eq!(
+            h.counter(GlobalCounter::DropSourceRange).unwrap(),
+            1,
+            "v6 {v6}"
+        );
+    }
+}
