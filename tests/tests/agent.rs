@@ -742,6 +742,10 @@ fn deploy_manifests_pass_server_dry_run_and_grant_only_reads() -> Result<()> {
         let baseline = can_i_list(&kube, nobody, ns)?;
         let extra: BTreeSet<(String, Vec<String>)> =
             granted.difference(&baseline).cloned().collect();
+        println!(
+            "in {ns}, beyond any identity's {} rules: {extra:?}",
+            baseline.len()
+        );
         ensure!(
             extra == expected(leases),
             "in {ns} the agent's ServiceAccount may do {extra:?} beyond any identity; the \
@@ -938,6 +942,11 @@ fn announce_elects_one_node_per_vip_and_moves_it_on_takeover() -> Result<()> {
     env.lab.sluice_ok(&["detach", "--iface", &eth1])?;
     let died = Instant::now();
     let a = env.spawn_agent(env.lab.lb_iface(), "lb-a", HEALTH_ADDR, &announce)?;
+    wait_for("lb-a runs its election again", CONVERGE, || {
+        let log = a.log_text();
+        Ok((log.contains("announcing VIPs").then_some(()), log.len()))
+    })?;
+    let a_electing = died.elapsed();
     let (_, _) = wait_for(
         "the client's entry moves back to lb-a",
         Duration::from_secs(30),
@@ -945,19 +954,20 @@ fn announce_elects_one_node_per_vip_and_moves_it_on_takeover() -> Result<()> {
     )?;
     let expiry = died.elapsed();
     println!(
-        "takeover after node death: client moved to lb-a's MAC {expiry:?} after lb-b died (lease 10 s)"
+        "takeover after node death: client moved to lb-a's MAC {expiry:?} after lb-b died (lease 10 s; lb-a's election ran {a_electing:?} after)"
     );
     ensure!(holder()? == "lb-a", "lease holder {}", holder()?);
     ensure!(
         expiry >= LEASE_DURATION - Duration::from_secs(1),
         "lb-a took a lease that lb-b renewed {expiry:?} ago: the lease duration is {LEASE_DURATION:?}"
     );
-    // lb-a starts, sees the record, and takes it once it has gone unrenewed for the lease
-    // duration by its own clock: at most one round after that, plus a round of slack.
+    // lb-a, once its election runs, sees the record and takes it when it has gone unrenewed
+    // for the lease duration by its own clock: within a round after that, plus a round of
+    // slack (lb-a's own start is not sluice's takeover time, so it is measured and left out).
     ensure!(
-        expiry <= LEASE_DURATION + 2 * RENEW_EVERY + Duration::from_secs(2),
-        "takeover after node death took {expiry:?}: lease {LEASE_DURATION:?} + two renew \
-         rounds + 2 s for lb-a to start"
+        expiry <= a_electing + LEASE_DURATION + 2 * RENEW_EVERY,
+        "takeover after node death took {expiry:?}: more than lb-a's start ({a_electing:?}) + \
+         lease {LEASE_DURATION:?} + two renew rounds"
     );
     let again = env.answers(10)?;
     ensure!(all(&again), "through lb-a again: {again:?}");

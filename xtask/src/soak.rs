@@ -1220,4 +1220,106 @@ mod tests {
         assert!((s.unwrap() - 10.0).abs() < 1e-9);
         assert_eq!(slope_per_min(&[(0.0, 1.0)]), None);
     }
+
+    fn args() -> Args {
+        Args {
+            minutes: 1,
+            backends: 5,
+            conns: 20,
+            churn_every: 5,
+            udp_rate: 300,
+            http_rate: 10,
+            flow_table_size: None,
+            seed: Some(1),
+        }
+    }
+
+    fn sample(t: f64, slots: usize, max_slot: u64) -> Sample {
+        Sample {
+            t,
+            rss_kib: 10_000,
+            rss_anon_kib: 2_000,
+            flows: 100,
+            slots,
+            max_slot,
+            conns: 20,
+            udp_sent: 0,
+            udp_answered: 0,
+            http_ok: 0,
+            http_failed: 0,
+            reconciles_ok: 10,
+            reconciles_error: 0,
+        }
+    }
+
+    type Spoil = Box<dyn FnOnce(&mut Summary, &UdpStats, &HttpStats)>;
+
+    /// The failures `summarize` finds in a run that is clean except for what `spoil` changes.
+    fn failures_of(spoil: impl FnOnce(&mut Summary, &UdpStats, &HttpStats)) -> Vec<String> {
+        let args = args();
+        let (udp, http) = (UdpStats::default(), HttpStats::default());
+        udp.sent.store(1000, Ordering::Relaxed);
+        udp.answered.store(1000, Ordering::Relaxed);
+        http.ok.store(600, Ordering::Relaxed);
+        let mut s = Summary {
+            args: &args,
+            seed: 1,
+            elapsed: Duration::from_secs(60),
+            samples: (0..7)
+                .map(|i| sample(f64::from(i) * 10.0, 15, 14))
+                .collect(),
+            losses: Losses::default(),
+            opened: 20,
+            open_failed: 0,
+            open_failures: Vec::new(),
+            survivors: 20,
+            stalls: Vec::new(),
+            udp: &udp,
+            http: &http,
+            churn: Vec::new(),
+            reload_times: Vec::new(),
+            reload_errors: Vec::new(),
+            log_errors: Vec::new(),
+            log_error_count: 0,
+            flows_by_inspect: Some(100),
+            sluice_alive: true,
+        };
+        spoil(&mut s, &udp, &http);
+        summarize(s).failures
+    }
+
+    #[test]
+    fn a_clean_run_passes_and_each_reported_fault_fails_it() {
+        assert_eq!(failures_of(|_, _, _| {}), Vec::<String>::new());
+        let cases: [(&str, Spoil); 6] = [
+            (
+                "UDP",
+                Box::new(|_, u, _| u.answered.store(999, Ordering::Relaxed)),
+            ),
+            (
+                "UDP",
+                Box::new(|_, u, _| u.send_errors.store(1, Ordering::Relaxed)),
+            ),
+            (
+                "HTTP",
+                Box::new(|_, _, h| h.failed.store(1, Ordering::Relaxed)),
+            ),
+            (
+                "alive at the end had errors",
+                Box::new(|s, _, _| s.stalls.push("seq 7: no echo".into())),
+            ),
+            ("failed to open", Box::new(|s, _, _| s.open_failed = 1)),
+            (
+                "not reused",
+                Box::new(|s, _, _| s.samples.push(sample(70.0, 15, 17))),
+            ),
+        ];
+        for (what, spoil) in cases {
+            let failures = failures_of(spoil);
+            assert!(
+                failures.len() == 1 && failures[0].contains(what),
+                "{what}: {failures:?}"
+            );
+        }
+    }
 }
