@@ -1,6 +1,6 @@
-//! The backend a flow lands on is a wire contract: during a rolling upgrade the old and the new
-//! version balance side by side (ECMP spreads one client's packets over both), and they must
-//! send every flow to the same backend. Pinned here end to end, through the real program
+//! The backend a flow lands on is a wire contract: during a rolling upgrade old and new
+//! versions balance side by side, and when the routers' ECMP moves a flow from one node to
+//! another (a node restarts, the next-hop set changes) the new node must pick the same backend. Pinned here end to end, through the real program
 //! (BPF_PROG_TEST_RUN) at the default Maglev table size: flow hash, Maglev permutation seeds,
 //! weights and the backend identity all feed it. A change to any of them fails this test and
 //! prints the new table; replace it only when the change is deliberate (and say in the release
