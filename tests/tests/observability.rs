@@ -346,6 +346,19 @@ fn metrics_match_the_clients_and_the_backends_counts() -> Result<()> {
         delta(&m, range_key)?
     );
 
+    // README: /metrics exposes counters and VIP/backend addresses, never client addresses.
+    let client = lab.client_addr().to_string();
+    // As a whole label value, or an address:port one (10.0.0.1 must not match 10.0.0.10).
+    let (quoted, with_port) = (format!("\"{client}\""), format!("\"{client}:"));
+    let leaks: Vec<&String> = m
+        .keys()
+        .filter(|k| k.contains(&quoted) || k.contains(&with_port))
+        .collect();
+    ensure!(
+        leaks.is_empty(),
+        "/metrics exposes the client address {client}: {leaks:?}"
+    );
+
     // Per backend: what sluice says it sent there is what the backend's nftables received.
     let mut total_seen = 0;
     let mut syn_seen = 0;
