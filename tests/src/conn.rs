@@ -14,8 +14,11 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use crate::netns;
 
-/// How long one echo may take before it counts as lost.
-pub const ECHO_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one echo may take before it counts as lost. Generous on purpose: on a loaded
+/// 2-core machine an echo can wait seconds for the scheduler, and a segment that TCP
+/// retransmits arrives late but intact; neither is a broken connection. A reset or a wrong
+/// echo is still recorded at once, and a connection that stays black-holed still fails here.
+pub const ECHO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The state of a [`LongConn`] at one moment.
 #[derive(Debug, Clone, Default)]

@@ -987,3 +987,39 @@ impl Ndp {
         f
     }
 }
+
+/// The backend (of `backends`: address and weight) that a balancer must pick for a new flow, from
+/// the flow hash and the Maglev table alone: what every node of a VIP computes. For tests whose
+/// traffic is deterministic (fixed addresses and source ports), so the exact outcome can be
+/// asserted instead of a loose share.
+pub fn predicted_backend(
+    backends: &[(IpAddr, u32)],
+    table_size: u32,
+    (src, sport): (IpAddr, u16),
+    (dst, dport): (IpAddr, u16),
+    proto: u8,
+    affinity: bool,
+) -> Option<IpAddr> {
+    use lb_userspace::maglev::{MaglevBackend, build_table};
+    let ids: Vec<MaglevBackend> = backends
+        .iter()
+        .map(|&(addr, weight)| MaglevBackend {
+            id: lb_common::maglev_id(addr),
+            weight,
+        })
+        .collect();
+    let table = build_table(&ids, table_size);
+    let (s, family) = lb_common::raw_addr(src);
+    let (d, _) = lb_common::raw_addr(dst);
+    let key = lb_common::FlowKey {
+        src: s,
+        dst: d,
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto,
+        family,
+        _pad: [0; 2],
+    };
+    let slot = table[(key.hash(affinity) % table_size) as usize];
+    backends.get(slot as usize).map(|&(addr, _)| addr)
+}

@@ -11,9 +11,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use lb_userspace::model::{Desired, ForwardingMode, IpNet, Protocol, Vip, VipAddr};
 
 use crate::fixtures::{
-    Arp, CLIENT, CLIENT_MAC, CLIENT6, FIXTURE_MTU, Frame, IP_DF, LB_MAC, TCP_ACK, TCP_SYN, VIP,
-    VIP6, XDP_DROP, XDP_PASS, XDP_TX, backend_addr, backend_mac, checksum_ok, desired_at,
-    pseudo_sum_v6,
+    ARP_REPLY, Arp, CLIENT, CLIENT_MAC, CLIENT6, FIXTURE_MTU, Frame, IP_DF, LB_MAC, TCP_ACK,
+    TCP_SYN, VIP, VIP6, XDP_DROP, XDP_PASS, XDP_TX, backend_addr, backend_mac, checksum_ok,
+    desired_at, pseudo_sum_v6,
 };
 use crate::fixtures::{ND_SOLICIT, Ndp};
 
@@ -174,6 +174,9 @@ pub struct Case {
     pub frame: Vec<u8>,
     pub must_forward: bool,
     pub must_pass: bool,
+    /// A well-formed frame for no VIP (nor an ARP request for the announced address): the
+    /// kernel's, so `XDP_PASS` with every byte as it came.
+    pub must_pass_untouched: bool,
 }
 
 const EXT_KINDS: [u8; 5] = [0, 43, 60, 51, 44];
@@ -201,12 +204,13 @@ fn base(rng: &mut Rng) -> Case {
         f
     };
     let v6 = rng.chance(40);
-    match rng.below(18) {
+    match rng.below(19) {
         // TCP or UDP to an L2 VIP.
         0..=3 => Case {
             frame: flow(v6).bytes(),
             must_forward: true,
             must_pass: false,
+            must_pass_untouched: false,
         },
         // To a VIP address on another port, or to no VIP at all.
         4 => {
@@ -224,6 +228,7 @@ fn base(rng: &mut Rng) -> Case {
                 frame: f.bytes(),
                 must_forward: false,
                 must_pass: false,
+                must_pass_untouched: true,
             }
         }
         // An ipip VIP: encapsulated, or answered with "too big" (DF set / IPv6), or dropped
@@ -247,6 +252,7 @@ fn base(rng: &mut Rng) -> Case {
                 frame: f.bytes(),
                 must_forward: df || !big,
                 must_pass: false,
+                must_pass_untouched: false,
             }
         }
         // No live backend, or outside the source ranges: dropped.
@@ -261,6 +267,7 @@ fn base(rng: &mut Rng) -> Case {
                 frame: f.bytes(),
                 must_forward: false,
                 must_pass: false,
+                must_pass_untouched: false,
             }
         }
         // Echo request to a VIP address (or another address).
@@ -281,6 +288,7 @@ fn base(rng: &mut Rng) -> Case {
                 frame: f.bytes(),
                 must_forward: to_vip,
                 must_pass: false,
+                must_pass_untouched: !to_vip,
             }
         }
         // ICMP error quoting a VIP flow's reply (or garbage).
@@ -310,6 +318,7 @@ fn base(rng: &mut Rng) -> Case {
                 frame: f.bytes(),
                 must_forward: !garbage,
                 must_pass: false,
+                must_pass_untouched: false,
             }
         }
         // IPv6 extension header chains, up to past the walked bound.
@@ -331,6 +340,7 @@ fn base(rng: &mut Rng) -> Case {
                 frame: f.bytes(),
                 must_forward: false,
                 must_pass: false,
+                must_pass_untouched: false,
             }
         }
         // Fragments, first or later.
@@ -348,6 +358,7 @@ fn base(rng: &mut Rng) -> Case {
                 frame: f.bytes(),
                 must_forward: false,
                 must_pass: false,
+                must_pass_untouched: false,
             }
         }
         // Encapsulated packets (IPIP / IP6IP6 / mixed) arriving at the balancer.
@@ -357,6 +368,7 @@ fn base(rng: &mut Rng) -> Case {
                 frame: f.bytes(),
                 must_forward: false,
                 must_pass: false,
+                must_pass_untouched: false,
             }
         }
         // IPv4 with options.
@@ -367,6 +379,7 @@ fn base(rng: &mut Rng) -> Case {
                 frame: f.bytes(),
                 must_forward: true,
                 must_pass: false,
+                must_pass_untouched: false,
             }
         }
         // An ARP request: for the announced address (answered), another VIP or a client.
@@ -376,6 +389,7 @@ fn base(rng: &mut Rng) -> Case {
                 frame: Arp::request(target).bytes(),
                 must_forward: target == ANNOUNCED,
                 must_pass: false,
+                must_pass_untouched: target != ANNOUNCED,
             }
         }
         // A flow to the VIP whose only backend is this node: to the stack, untouched.
@@ -387,6 +401,7 @@ fn base(rng: &mut Rng) -> Case {
                 frame: f.bytes(),
                 must_forward: false,
                 must_pass: true,
+                must_pass_untouched: false,
             }
         }
         // A VIP frame another node balanced (its MAC as the source): to the stack, untouched.
@@ -397,6 +412,7 @@ fn base(rng: &mut Rng) -> Case {
                 frame,
                 must_forward: false,
                 must_pass: true,
+                must_pass_untouched: false,
             }
         }
         // IPIP / IP6IP6 from a peer (or its encap prefix, or a stranger) to this node.
@@ -417,8 +433,17 @@ fn base(rng: &mut Rng) -> Case {
                 frame: f.bytes(),
                 must_forward: false,
                 must_pass: !stranger,
+                must_pass_untouched: false,
             }
         }
+        // Well-formed traffic of others: for no VIP address, of a protocol sluice does not
+        // balance, ARP about addresses this node does not announce, other ethertypes.
+        18 => Case {
+            frame: not_for_a_vip(rng, v6, flow(v6)),
+            must_forward: false,
+            must_pass: false,
+            must_pass_untouched: true,
+        },
         // Not IP, or noise.
         _ => {
             let mut frame = Vec::new();
@@ -433,7 +458,113 @@ fn base(rng: &mut Rng) -> Case {
                 frame,
                 must_forward: false,
                 must_pass: false,
+                must_pass_untouched: false,
             }
+        }
+    }
+}
+
+/// An address of `v6`'s family that is no VIP and none of this node's.
+fn other_address(rng: &mut Rng, v6: bool) -> IpAddr {
+    let taken = |a: &IpAddr| {
+        [VIP, VIP_IPIP, VIP_EMPTY, VIP_LOCAL, NODE_SELF]
+            .map(IpAddr::V4)
+            .contains(a)
+            || [VIP6, VIP6_IPIP, NODE_SELF6].map(IpAddr::V6).contains(a)
+    };
+    loop {
+        let a = if v6 {
+            IpAddr::V6(Ipv6Addr::from(
+                u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64()),
+            ))
+        } else {
+            IpAddr::V4(Ipv4Addr::from(rng.next_u64() as u32))
+        };
+        if !taken(&a) {
+            return a;
+        }
+    }
+}
+
+/// A well-formed frame that belongs to the kernel (see [`Case::must_pass_untouched`]).
+fn not_for_a_vip(rng: &mut Rng, v6: bool, mut f: Frame) -> Vec<u8> {
+    match rng.below(5) {
+        // TCP / UDP from anywhere to an address that is no VIP.
+        0 => {
+            f.src = other_address(rng, v6);
+            f.dst = other_address(rng, v6);
+            f.bytes()
+        }
+        // Protocols sluice never balances, to a VIP address (GRE, SCTP, OSPF) or another one
+        // (also ESP, which at a VIP address is an unwalkable IPv6 header, dropped), an ICMP
+        // echo reply.
+        1 => {
+            let to_vip = rng.chance(50);
+            f.dst = match (to_vip, v6) {
+                (false, _) => other_address(rng, v6),
+                (true, true) => IpAddr::V6(VIP6),
+                (true, false) => IpAddr::V4(VIP),
+            };
+            let proto = if to_vip {
+                rng.pick(&[47, 132, 89, 0xfe])
+            } else {
+                rng.pick(&[47, 50, 132, 89, 0xfe])
+            };
+            if proto == 0xfe {
+                let mut echo = Frame::icmp(if v6 { 129 } else { 0 }, 0, [0, 7, 0, 1], b"pong");
+                if v6 {
+                    echo = echo.v6();
+                }
+                echo.dst = other_address(rng, v6);
+                return echo.bytes();
+            }
+            let n = 8 + rng.below(64);
+            f.protocol = proto;
+            f.raw_l4 = Some(rng.bytes(n));
+            f.bytes()
+        }
+        // ARP: a request for an address not announced here (by anyone), a reply, a
+        // gratuitous announcement of another host.
+        2 => {
+            let target = match other_address(rng, false) {
+                IpAddr::V4(a) => a,
+                IpAddr::V6(_) => CLIENT,
+            };
+            let mut arp = Arp::request(rng.pick(&[target, VIP_IPIP, VIP_EMPTY, CLIENT]));
+            arp.spa = match other_address(rng, false) {
+                IpAddr::V4(a) => a,
+                IpAddr::V6(_) => CLIENT,
+            };
+            match rng.below(3) {
+                0 => {}
+                1 => {
+                    arp.op = ARP_REPLY;
+                    arp.eth_dst = LB_MAC;
+                    arp.tha = LB_MAC;
+                }
+                _ => arp.tpa = arp.spa,
+            }
+            arp.bytes()
+        }
+        // A frame for another host's MAC (flooded by a switch, or a promiscuous interface):
+        // not a VIP's either.
+        3 => {
+            f.dst = other_address(rng, v6);
+            let mut frame = f.bytes();
+            frame[..6].copy_from_slice(&[0x02, 0x42, 0, 0, 0, rng.byte()]);
+            frame
+        }
+        // Other ethertypes: LLDP, IPX, an IEEE 802.3 length field, loopback test.
+        _ => {
+            let mut frame = Vec::new();
+            frame.extend_from_slice(&[0x01, 0x80, 0xc2, 0, 0, 0x0e]);
+            frame.extend_from_slice(&CLIENT_MAC);
+            let ethertype: [u8; 2] =
+                rng.pick(&[[0x88, 0xcc], [0x81, 0x37], [0x00, 0x2e], [0x90, 0x00]]);
+            frame.extend_from_slice(&ethertype);
+            let n = 46 + rng.below(64);
+            frame.extend(rng.bytes(n));
+            frame
         }
     }
 }
@@ -458,6 +589,8 @@ pub fn generate(rng: &mut Rng) -> Case {
     }
     case.must_forward = false;
     case.must_pass = false;
+    // Malformed frames for no VIP: passed or dropped, the program's choice (not checked here).
+    case.must_pass_untouched = false;
     let f = &mut case.frame;
     for _ in 0..1 + rng.below(3) {
         let len = f.len();
@@ -708,6 +841,16 @@ pub fn check(world: &World, case: &Case, verdict: u32, out: &[u8]) -> Result<(),
     if case.must_forward && verdict != XDP_TX {
         return Err(format!(
             "a valid packet for a live VIP got verdict {verdict}, not XDP_TX"
+        ));
+    }
+    if case.must_pass_untouched && (verdict != XDP_PASS || out != input.as_slice()) {
+        return Err(format!(
+            "a well-formed frame for no VIP got verdict {verdict}{}, not XDP_PASS byte for byte",
+            if out == input.as_slice() {
+                ""
+            } else {
+                " and was rewritten"
+            }
         ));
     }
     if case.must_pass && verdict != XDP_PASS {

@@ -29,6 +29,61 @@ impl Drop for TempDir {
     }
 }
 
+/// What an error must leave as it found it: the XDP program on the host's `lo` (none, in a
+/// clean run) and every entry under the pin directory (path, size, modification time).
+#[derive(Debug, PartialEq, Eq)]
+struct HostState {
+    lo_xdp: Option<serde_json::Value>,
+    pins: Vec<(PathBuf, u64, Option<std::time::SystemTime>)>,
+}
+
+impl HostState {
+    fn read(pin_dir: &Path) -> Self {
+        let out = sluice_tests::cmd::sh(&["ip", "-j", "link", "show", "dev", "lo"])
+            .expect("ip -j link show dev lo");
+        let links: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("ip -j link output is JSON");
+        let lo_xdp = links[0].get("xdp").cloned();
+        let mut pins = Vec::new();
+        let mut todo = vec![pin_dir.to_path_buf()];
+        while let Some(dir) = todo.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue; // Absent: must stay absent (an entry would appear in the parent).
+            };
+            for entry in entries {
+                let entry = entry.expect("reading the pin dir");
+                let meta = entry.metadata().expect("pin dir entry metadata");
+                if meta.is_dir() {
+                    todo.push(entry.path());
+                }
+                pins.push((entry.path(), meta.len(), meta.modified().ok()));
+            }
+        }
+        pins.sort();
+        Self { lo_xdp, pins }
+    }
+}
+
+/// Runs `run` and fails unless it left `lo` and `pin_dir` exactly as they were ("nothing is
+/// attached after an error" is a promise about the host, not only about the exit status).
+fn leaves_host_untouched(what: &str, pin_dir: &Path, run: impl FnOnce() -> Output) -> Output {
+    let before = HostState::read(pin_dir);
+    assert_eq!(
+        before.lo_xdp, None,
+        "{what}: an XDP program was on lo before the case"
+    );
+    let out = run();
+    let after = HostState::read(pin_dir);
+    assert_eq!(
+        before,
+        after,
+        "{what}: the failed command changed lo's XDP program or {}; stderr: {}",
+        pin_dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn sluice(args: &[&str]) -> Output {
     Command::new(sluice_binary().expect("sluice binary"))
         .args(args)
@@ -64,16 +119,25 @@ const VALID: &str = "vips:
         mac: 02:00:00:00:00:01
 ";
 
+/// `sluice attach`, which must fail here and leave the host untouched.
 fn attach(config: &Path, iface: &str, pin_dir: &Path) -> Output {
-    sluice(&[
-        "--pin-dir",
-        &pin_dir.display().to_string(),
-        "attach",
-        "--config",
-        &config.display().to_string(),
-        "--iface",
-        iface,
-    ])
+    // A pin dir that does not exist yet must not be created: watch its parent then.
+    let watched = if pin_dir.exists() {
+        pin_dir
+    } else {
+        pin_dir.parent().unwrap_or(pin_dir)
+    };
+    leaves_host_untouched(&format!("attach {}", config.display()), watched, || {
+        sluice(&[
+            "--pin-dir",
+            &pin_dir.display().to_string(),
+            "attach",
+            "--config",
+            &config.display().to_string(),
+            "--iface",
+            iface,
+        ])
+    })
 }
 
 #[test]
@@ -143,19 +207,21 @@ fn not_root() {
     // The binary sits under root's target dir; run a world-readable copy as nobody.
     let copy = dir.0.join("sluice");
     std::fs::copy(&bin, &copy).expect("copy sluice");
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
-        .arg(&copy)
-        .args(["attach", "--config"])
-        .arg(&config)
-        .args(["--iface", "lo"])
-        .output()
-        .expect("setpriv");
+    let out = leaves_host_untouched("attach as nobody", &dir.0, || {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+            ])
+            .arg(&copy)
+            .args(["attach", "--config"])
+            .arg(&config)
+            .args(["--iface", "lo"])
+            .output()
+            .expect("setpriv")
+    });
     assert_one_line_error(&out, &["needs root", "sudo"]);
 }
 
@@ -163,12 +229,14 @@ fn not_root() {
 fn inspect_without_attachment_says_what_to_do() {
     require_root();
     let dir = TempDir::new("inspect");
-    let out = sluice(&[
-        "--pin-dir",
-        &dir.0.display().to_string(),
-        "inspect",
-        "stats",
-    ]);
+    let out = leaves_host_untouched("inspect stats", &dir.0, || {
+        sluice(&[
+            "--pin-dir",
+            &dir.0.display().to_string(),
+            "inspect",
+            "stats",
+        ])
+    });
     assert_one_line_error(&out, &["not attached", "sluice run"]);
 }
 
@@ -178,19 +246,23 @@ fn log_format_json_writes_one_object_per_line() {
     let dir = TempDir::new("json");
     // The agent logs where it serves metrics, then finds its pin root on no bpffs: an info
     // line and the error, both JSON; nothing is attached.
-    let out = sluice(&[
-        "--log-format",
-        "json",
-        "--pin-dir",
-        &dir.0.join("pins").display().to_string(),
-        "agent",
-        "--iface",
-        "lo",
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--health-addr",
-        "off",
-    ]);
+    let pins = dir.0.join("pins");
+    // The pin dir does not exist: its parent must stay as it was.
+    let out = leaves_host_untouched("agent on no bpffs", &dir.0, || {
+        sluice(&[
+            "--log-format",
+            "json",
+            "--pin-dir",
+            &pins.display().to_string(),
+            "agent",
+            "--iface",
+            "lo",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--health-addr",
+            "off",
+        ])
+    });
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "exit status; stderr: {stderr}");
     let lines: Vec<serde_json::Value> = stderr

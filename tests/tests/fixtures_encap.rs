@@ -283,3 +283,155 @@ fn decapsulator_refuses_strangers_and_ignores_the_rest() {
     assert_eq!(action, XDP_DROP);
     assert_eq!(decap.counter(DecapCounter::DropMalformed).unwrap(), 1);
 }
+
+/// An encapsulated frame built by hand, the way a kernel tunnel (`ipip`, `sit`, `ip6tnl`) or
+/// another load balancer sends it, without sluice's encapsulator: a bug that encapsulator and
+/// decapsulator share (an offset, a length, a family mix-up) cannot hide behind a round trip.
+/// The outer header carries what those senders set and sluice does not: an IP id, a TTL other
+/// than sluice's, DF, an IPv6 traffic class and flow label.
+fn hand_wrapped(inner: &Frame, outer_src: IpAddr, outer_dst: IpAddr) -> (Vec<u8>, Vec<u8>) {
+    let packet = inner.ip_packet();
+    let inner_v6 = packet[0] >> 4 == 6;
+    let mut outer = Vec::new();
+    match (outer_src, outer_dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let total = (20 + packet.len()) as u16;
+            outer.extend_from_slice(&[0x45, 0x00]);
+            outer.extend_from_slice(&total.to_be_bytes());
+            outer.extend_from_slice(&0xbeefu16.to_be_bytes()); // id
+            outer.extend_from_slice(&IP_DF.to_be_bytes());
+            outer.push(17); // a TTL that already crossed some hops
+            outer.push(if inner_v6 { 41 } else { 4 });
+            outer.extend_from_slice(&[0, 0]);
+            outer.extend_from_slice(&src.octets());
+            outer.extend_from_slice(&dst.octets());
+            let sum = sluice_tests::fixtures::checksum(&outer, 0);
+            outer[10..12].copy_from_slice(&sum.to_be_bytes());
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            // Version 6, traffic class 0, flow label 0xabcde (as ip6tnl derives one).
+            outer.extend_from_slice(&0x600a_bcdeu32.to_be_bytes());
+            outer.extend_from_slice(&(packet.len() as u16).to_be_bytes());
+            outer.push(if inner_v6 { 41 } else { 4 });
+            outer.push(33);
+            outer.extend_from_slice(&src.octets());
+            outer.extend_from_slice(&dst.octets());
+        }
+        _ => panic!("outer addresses of one family"),
+    }
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&[0x02, 0xbe, 0, 0, 0, 0]); // to the backend node
+    frame.extend_from_slice(&[0x02, 0x42, 0, 0, 0, 0x99]); // from a router
+    frame.extend_from_slice(if outer_src.is_ipv6() {
+        &[0x86, 0xdd]
+    } else {
+        &[0x08, 0x00]
+    });
+    frame.extend_from_slice(&outer);
+    frame.extend_from_slice(&packet);
+    // What the decapsulator must hand to the stack: the same Ethernet addresses, the inner
+    // family's ethertype, the inner packet byte for byte.
+    let mut unwrapped = frame[..12].to_vec();
+    unwrapped.extend_from_slice(if inner_v6 {
+        &[0x86, 0xdd]
+    } else {
+        &[0x08, 0x00]
+    });
+    unwrapped.extend_from_slice(&packet);
+    (frame, unwrapped)
+}
+
+#[test]
+fn decapsulator_unwraps_hand_built_ipip_and_ip6ip6() {
+    require_root();
+    let mut decap =
+        DecapHarness::new(&["10.99.0.0/24", "fd99::/120"], &local_nodes()).expect("decap");
+    let lb4: IpAddr = "10.99.0.77".parse().unwrap();
+    let lb6: IpAddr = "fd99::77".parse().unwrap();
+    let node4 = IpAddr::V4(backend_addr(1));
+    let node6 = IpAddr::V6(backend_addr6(2));
+    let mut tcp = Frame::tcp(41000, TCP_ACK);
+    tcp.payload = b"GET / HTTP/1.1\r\n\r\n".to_vec();
+    let udp = Frame::udp(41001, b"");
+    let mut decapsulated = 0;
+    for inner in [tcp.clone(), udp.clone(), tcp.v6(), udp.v6()] {
+        for (src, dst) in [(lb4, node4), (lb6, node6)] {
+            let (frame, want) = hand_wrapped(&inner, src, dst);
+            let what = format!("{} in {}", inner.dst, dst);
+            let (action, out) = decap.run(&frame).unwrap();
+            assert_eq!(action, XDP_PASS, "{what}");
+            assert_eq!(out, want, "{what}: not exactly the inner packet");
+            decapsulated += 1;
+            // From outside the allowed prefixes: dropped, whatever the inner packet.
+            let stranger = if src.is_ipv4() {
+                "192.0.2.77".parse().unwrap()
+            } else {
+                "2001:db8::77".parse().unwrap()
+            };
+            let (frame, _) = hand_wrapped(&inner, stranger, dst);
+            assert_eq!(
+                decap.run(&frame).unwrap().0,
+                XDP_DROP,
+                "{what} from {stranger}"
+            );
+            // To a node that is not this one: passed as it came.
+            let other = if dst.is_ipv4() {
+                "10.0.1.99".parse().unwrap()
+            } else {
+                "fd00:1::99".parse().unwrap()
+            };
+            let (frame, _) = hand_wrapped(&inner, src, other);
+            let (action, out) = decap.run(&frame).unwrap();
+            assert_eq!((action, out), (XDP_PASS, frame), "{what} to {other}");
+        }
+    }
+    assert_eq!(
+        decap.counter(DecapCounter::Decapsulated).unwrap(),
+        decapsulated
+    );
+    assert_eq!(
+        decap.counter(DecapCounter::DropSource).unwrap(),
+        decapsulated
+    );
+}
+
+/// README: "the IPv6 flow label come[s] from a hash of the client's address and ports": one flow
+/// keeps one label (so routers keep its packets on one path), and flows that differ only in a
+/// port or only in the client address get different labels (so ECMP spreads them).
+#[test]
+fn ip6ip6_flow_label_follows_the_flow() {
+    let mut h = harness_with(&ipip(IpAddr::V6(VIP6), true));
+    let label = |h: &mut Harness, src: IpAddr, sport: u16, flags: u8| -> u32 {
+        let mut f = Frame::tcp(sport, flags).v6();
+        f.src = src;
+        let (action, out) = h.run(&f.bytes()).unwrap();
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out[14] >> 4, 6, "an outer IPv6 header");
+        u32::from_be_bytes([out[14], out[15], out[16], out[17]]) & 0x000f_ffff
+    };
+    let client = IpAddr::V6(CLIENT6);
+    let mut by_port = BTreeSet::new();
+    for sport in 0..200u16 {
+        let first = label(&mut h, client, 40000 + sport, TCP_SYN);
+        assert_eq!(
+            label(&mut h, client, 40000 + sport, TCP_ACK),
+            first,
+            "one flow, one label"
+        );
+        by_port.insert(first);
+    }
+    let mut by_client = BTreeSet::new();
+    for i in 0..200u16 {
+        let src = IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 1, i));
+        by_client.insert(label(&mut h, src, 40000, TCP_SYN));
+    }
+    // 200 draws from 2^20 labels collide with probability ~2 %; allow a few.
+    assert!(
+        by_port.len() >= 195 && by_client.len() >= 195,
+        "labels are not a hash of ports and address: {} distinct over 200 ports, {} over 200 \
+         clients",
+        by_port.len(),
+        by_client.len()
+    );
+    assert!(!by_port.contains(&0), "a flow without a label");
+}

@@ -6,9 +6,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
-use sluice_tests::{BackendSpec, Lab, LabConfig, UDP_FIRST_PORT, require_root};
+use sluice_tests::{BackendSpec, Lab, LabConfig, UDP_FIRST_PORT, UDP_PORT, require_root};
 
 const METRICS_ADDR: &str = "127.0.0.1:9477";
+/// A UDP port of the lab's VIP open only to 192.0.2.0/24, which the lab's client is not in.
+const RANGED_PORT: u16 = 5400;
 
 fn build(backends: usize) -> Lab {
     require_root();
@@ -54,7 +56,11 @@ fn metrics_match_inspect_stats() -> Result<()> {
         println!("  {k} {v}");
     }
     let after = lab.stats()?;
-    let global = |s: &serde_json::Value, name: &str| s["global"][name].as_u64().unwrap_or(0);
+    let global = |s: &serde_json::Value, name: &str| -> Result<u64> {
+        s["global"][name]
+            .as_u64()
+            .with_context(|| format!("inspect stats has no global.{name}: {s}"))
+    };
 
     for (verdict, name) in [
         ("passed", "passed"),
@@ -65,10 +71,10 @@ fn metrics_match_inspect_stats() -> Result<()> {
             &m,
             &format!("sluice_packets_total{{verdict=\"{verdict}\"}}"),
         )?;
-        between(name, global(&before, name), metric, global(&after, name))?;
+        between(name, global(&before, name)?, metric, global(&after, name)?)?;
     }
     ensure!(
-        global(&after, "tx") >= 200 * 3,
+        global(&after, "tx")? >= 200 * 3,
         "too little traffic went through"
     );
     for (result, name) in [("hit", "flow_hit"), ("miss", "flow_miss")] {
@@ -76,7 +82,7 @@ fn metrics_match_inspect_stats() -> Result<()> {
             &m,
             &format!("sluice_flow_lookups_total{{result=\"{result}\"}}"),
         )?;
-        between(name, global(&before, name), metric, global(&after, name))?;
+        between(name, global(&before, name)?, metric, global(&after, name)?)?;
     }
     for reason in [
         "malformed",
@@ -87,26 +93,45 @@ fn metrics_match_inspect_stats() -> Result<()> {
     ] {
         let name = format!("drop_{reason}");
         let metric = sample(&m, &format!("sluice_drops_total{{reason=\"{reason}\"}}"))?;
-        between(&name, global(&before, &name), metric, global(&after, &name))?;
+        between(
+            &name,
+            global(&before, &name)?,
+            metric,
+            global(&after, &name)?,
+        )?;
     }
 
-    let vips = |s: &serde_json::Value| s["vips"].as_array().cloned().unwrap_or_default();
+    let vips = |s: &serde_json::Value| -> Result<Vec<serde_json::Value>> {
+        s["vips"]
+            .as_array()
+            .cloned()
+            .with_context(|| format!("inspect stats has no vips: {s}"))
+    };
     let mut backends_seen = 0;
-    for (vip_before, vip_after) in vips(&before).iter().zip(vips(&after)) {
+    let (vips_before, vips_after) = (vips(&before)?, vips(&after)?);
+    ensure!(
+        vips_before.len() == 3 && vips_after.len() == 3,
+        "inspect stats lists {} and {} VIPs, the config has 3",
+        vips_before.len(),
+        vips_after.len()
+    );
+    for (vip_before, vip_after) in vips_before.iter().zip(vips_after) {
         let vip = vip_before["vip"].as_str().context("stats: vip name")?;
         for what in ["packets", "bytes"] {
             let metric = sample(&m, &format!("sluice_vip_{what}_total{{vip=\"{vip}\"}}"))?;
             let (low, high) = (vip_before[what].as_u64(), vip_after[what].as_u64());
-            between(
-                &format!("{vip} {what}"),
-                low.unwrap_or(0),
-                metric,
-                high.unwrap_or(0),
-            )?;
+            let (Some(low), Some(high)) = (low, high) else {
+                anyhow::bail!("inspect stats: {vip} has no {what}");
+            };
+            between(&format!("{vip} {what}"), low, metric, high)?;
         }
-        let backends =
-            |v: &serde_json::Value| v["backends"].as_array().cloned().unwrap_or_default();
-        for (b_before, b_after) in backends(vip_before).iter().zip(backends(&vip_after)) {
+        let backends = |v: &serde_json::Value| -> Result<Vec<serde_json::Value>> {
+            v["backends"]
+                .as_array()
+                .cloned()
+                .with_context(|| format!("inspect stats: {vip} has no backends: {v}"))
+        };
+        for (b_before, b_after) in backends(vip_before)?.iter().zip(backends(&vip_after)?) {
             let addr = b_before["address"]
                 .as_str()
                 .context("stats: backend address")?;
@@ -115,12 +140,18 @@ fn metrics_match_inspect_stats() -> Result<()> {
                     format!("sluice_backend_{what}_total{{vip=\"{vip}\",backend=\"{addr}\"}}");
                 let metric = sample(&m, &key)?;
                 let (low, high) = (b_before[what].as_u64(), b_after[what].as_u64());
-                between(&key, low.unwrap_or(0), metric, high.unwrap_or(0))?;
+                let (Some(low), Some(high)) = (low, high) else {
+                    anyhow::bail!("inspect stats: {vip} backend {addr} has no {what}");
+                };
+                between(&key, low, metric, high)?;
             }
             backends_seen += 1;
         }
     }
-    ensure!(backends_seen >= 6, "only {backends_seen} backends compared");
+    ensure!(
+        backends_seen == 9,
+        "{backends_seen} backends compared, 3 VIPs x 3 configured"
+    );
 
     // Connection-table entries: the TCP and UDP flows just made (nothing expires them).
     let flows = lab.sluice_ok(&["inspect", "flows", "--limit", "0", "-o", "json"])?;
@@ -236,4 +267,163 @@ fn stats_watch_shows_rates_and_flows_filter() -> Result<()> {
     let report = conn.finish();
     ensure!(report.is_clean(), "the stream: {report:?}");
     lab.detach()
+}
+
+/// The metrics against counts that share no code with them: what the client itself sent and got
+/// back, and what nftables counted at each backend; and drops caused on purpose (IPv4
+/// fragments for the VIP, datagrams from outside a VIP's source ranges), counted by the client.
+#[test]
+fn metrics_match_the_clients_and_the_backends_counts() -> Result<()> {
+    use std::net::{SocketAddrV4, UdpSocket};
+    let lab = build(3);
+    // The lab's VIPs plus one UDP port open only to 192.0.2.0/24 (the client is outside it).
+    let config = lab.write_config(&all_active(3))?;
+    let mut text = std::fs::read_to_string(&config)?;
+    text.push_str(&format!(
+        "  - address: {}\n    port: {RANGED_PORT}\n    protocol: udp\n    source_ranges: [192.0.2.0/24]\n    backends:\n      - address: {}\n        mac: {}\n",
+        lab.vip(),
+        lab.backend_addr(0),
+        lab.backend_macs()[0]
+    ));
+    std::fs::write(&config, text)?;
+    let sluice = lab.run_sluice_with(&config, Duration::from_secs(60))?;
+    lab.reset_counters()?;
+    let before = lab.metrics(METRICS_ADDR)?;
+
+    const HTTP: usize = 100;
+    const UDP: usize = 60;
+    const FRAGMENTED: usize = 7;
+    const REFUSED: usize = 9;
+    let bodies = lab.curl_vip(HTTP)?;
+    ensure!(
+        bodies.len() == HTTP,
+        "{} of {HTTP} HTTP requests answered",
+        bodies.len()
+    );
+    let answers = lab.udp_vip(UDP, UDP_FIRST_PORT)?;
+    ensure!(
+        answers.iter().all(Option::is_some),
+        "UDP requests unanswered: {answers:?}"
+    );
+    // 2000 bytes of UDP over a 1500-byte MTU: the client's kernel sends two fragments each.
+    let vip = lab.vip();
+    sluice_tests::netns::run_in(lab.client_ns(), move || -> Result<()> {
+        let sock = UdpSocket::bind("0.0.0.0:0")?;
+        for _ in 0..FRAGMENTED {
+            sock.send_to(&[7u8; 2000], SocketAddrV4::new(vip, UDP_PORT))?;
+        }
+        for _ in 0..REFUSED {
+            sock.send_to(b"refused", SocketAddrV4::new(vip, RANGED_PORT))?;
+        }
+        Ok(())
+    })?;
+    // Metrics lag the packets by nothing (read from the maps at scrape time), but the last
+    // datagrams may still be on their way: poll until the drops are all counted.
+    let delta = |m: &BTreeMap<String, f64>, key: &str| -> Result<u64> {
+        Ok(sample(m, key)? - sample(&before, key)?)
+    };
+    let frag_key = "sluice_drops_total{reason=\"fragment\"}";
+    let range_key = "sluice_drops_total{reason=\"source_range\"}";
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let m = loop {
+        let m = lab.metrics(METRICS_ADDR)?;
+        if delta(&m, frag_key)? >= 2 * FRAGMENTED as u64 && delta(&m, range_key)? >= REFUSED as u64
+            || std::time::Instant::now() > deadline
+        {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(
+        delta(&m, frag_key)? == 2 * FRAGMENTED as u64,
+        "the client sent {} fragments to the VIP, /metrics counts {} dropped",
+        2 * FRAGMENTED,
+        delta(&m, frag_key)?
+    );
+    ensure!(
+        delta(&m, range_key)? == REFUSED as u64,
+        "the client sent {REFUSED} datagrams from outside the source ranges, /metrics counts {}",
+        delta(&m, range_key)?
+    );
+
+    // README: /metrics exposes counters and VIP/backend addresses, never client addresses.
+    let client = lab.client_addr().to_string();
+    // As a whole label value, or an address:port one (10.0.0.1 must not match 10.0.0.10).
+    let (quoted, with_port) = (format!("\"{client}\""), format!("\"{client}:"));
+    let leaks: Vec<&String> = m
+        .keys()
+        .filter(|k| k.contains(&quoted) || k.contains(&with_port))
+        .collect();
+    ensure!(
+        leaks.is_empty(),
+        "/metrics exposes the client address {client}: {leaks:?}"
+    );
+
+    // Per backend: what sluice says it sent there is what the backend's nftables received.
+    let mut total_seen = 0;
+    let mut syn_seen = 0;
+    let mut udp_seen = 0;
+    for (i, addr) in lab.backend_addrs().into_iter().enumerate() {
+        let c = lab.backend_counters(i)?;
+        ensure!(
+            c.ttl_other == 0,
+            "b{i}: packets that XDP did not forward: {c:?}"
+        );
+        let mut sent = 0;
+        for port in ["80/tcp", "7000/tcp", "5353/udp"] {
+            let key =
+                format!("sluice_backend_packets_total{{vip=\"{vip}:{port}\",backend=\"{addr}\"}}");
+            sent += delta(&m, &key)?;
+        }
+        let ranged = format!(
+            "sluice_backend_packets_total{{vip=\"{vip}:{RANGED_PORT}/udp\",backend=\"{addr}\"}}"
+        );
+        if m.contains_key(&ranged) {
+            ensure!(
+                delta(&m, &ranged)? == 0,
+                "b{i} got refused datagrams: {ranged}"
+            );
+        }
+        println!("b{i}: /metrics says {sent} packets sent to it, nftables there counted {c:?}");
+        ensure!(
+            sent == c.ttl64,
+            "b{i}: /metrics says {sent} packets were sent to it, it received {}",
+            c.ttl64
+        );
+        total_seen += c.ttl64;
+        syn_seen += c.syn;
+        udp_seen += c.udp;
+    }
+    let tx = delta(&m, "sluice_packets_total{verdict=\"tx\"}")?;
+    ensure!(
+        tx == total_seen,
+        "/metrics: {tx} packets sent by XDP_TX; the backends received {total_seen}"
+    );
+    // The clients' own counts: one SYN per HTTP request (no retransmission on this quiet
+    // link), one datagram per UDP request (plus a retry for each one that timed out, which
+    // lab.udp does at most twice).
+    ensure!(
+        syn_seen == HTTP as u64,
+        "the client made {HTTP} connections, the backends saw {syn_seen} SYNs"
+    );
+    let udp_vip = delta(
+        &m,
+        &format!("sluice_vip_packets_total{{vip=\"{vip}:5353/udp\"}}"),
+    )?;
+    ensure!(
+        udp_vip == udp_seen && (UDP as u64..=3 * UDP as u64).contains(&udp_vip),
+        "UDP: the client sent {UDP} requests (each at most 3 times), /metrics counts {udp_vip}, \
+         the backends {udp_seen}"
+    );
+    // New flows: each HTTP connection, each UDP request (a new source port) and each refused
+    // datagram (looked up before its source is checked) misses the connection table once;
+    // fragments are never looked up.
+    let misses = delta(&m, "sluice_flow_lookups_total{result=\"miss\"}")?;
+    ensure!(
+        misses == (HTTP + UDP + REFUSED) as u64,
+        "{misses} connection-table misses for {HTTP} connections, {UDP} UDP flows and \
+         {REFUSED} refused datagrams"
+    );
+    drop(sluice);
+    Ok(())
 }

@@ -5,6 +5,8 @@
 //! printed. A pinned state of another map layout is refused with nothing changed.
 
 use std::net::{SocketAddrV4, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
@@ -19,13 +21,21 @@ struct StreamReport {
     sent: u64,
     answered: u64,
     longest_gap: Duration,
+    /// The longest time the stream's own loop did not run (the host's scheduling, not sluice):
+    /// it stretches the gap without any packet lost.
+    longest_stall: Duration,
+    /// When the first datagram went and the last one was sent.
+    first_sent: Instant,
+    last_sent: Instant,
 }
 
-/// A UDP stream to VIP:UDP_PORT from the client namespace for `length`: sent, answered, and the
-/// longest time without an answer.
+/// A UDP stream to VIP:UDP_PORT from the client namespace until `stop` is set (then up to 1 s
+/// more for late answers): sent, answered (also counted in `progress` as it goes), the longest
+/// time without an answer.
 fn udp_stream(
     lab: &Lab,
-    length: Duration,
+    stop: Arc<AtomicBool>,
+    progress: Arc<AtomicU64>,
 ) -> Result<std::thread::JoinHandle<Result<StreamReport>>> {
     let target = SocketAddrV4::new(lab.vip(), UDP_PORT);
     netns::spawn_in(lab.client_ns(), "udp-stream", move || {
@@ -36,27 +46,57 @@ fn udp_stream(
         let (mut sent, mut answered) = (0u64, 0u64);
         let mut last_answer = start;
         let mut longest_gap = Duration::ZERO;
+        let mut longest_stall = Duration::ZERO;
+        let mut last_loop = start;
         let mut next_send = start;
+        let mut last_sent = start;
+        let mut stopped_at = None;
         let mut buf = [0u8; 64];
-        while start.elapsed() < length {
-            if Instant::now() >= next_send {
+        loop {
+            let now = Instant::now();
+            longest_stall = longest_stall.max(now - last_loop);
+            last_loop = now;
+            match stopped_at {
+                None if stop.load(Ordering::SeqCst) => stopped_at = Some(now),
+                Some(t) if answered >= sent || now - t > Duration::from_secs(1) => break,
+                _ => {}
+            }
+            if stopped_at.is_none() && now >= next_send {
                 sock.send(format!("s{sent}").as_bytes())?;
                 sent += 1;
+                last_sent = now;
                 next_send += UDP_PERIOD;
             }
             if sock.recv(&mut buf).is_ok() {
                 answered += 1;
+                progress.store(answered, Ordering::SeqCst);
                 longest_gap = longest_gap.max(last_answer.elapsed());
                 last_answer = Instant::now();
             }
         }
-        longest_gap = longest_gap.max(last_answer.elapsed());
         Ok(StreamReport {
             sent,
             answered,
             longest_gap,
+            longest_stall,
+            first_sent: start,
+            last_sent,
         })
     })
+}
+
+/// Waits until the stream has `n` answers (generous bound: it is a liveness check).
+fn wait_answers(answered: &AtomicU64, n: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while answered.load(Ordering::SeqCst) < n {
+        ensure!(
+            Instant::now() < deadline,
+            "the UDP stream has {} answers after 20 s, waiting for {n}",
+            answered.load(Ordering::SeqCst)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
 }
 
 fn xdp_prog_id(lab: &Lab) -> Result<u64> {
@@ -91,8 +131,12 @@ fn sigkill_restart_and_upgrade_lose_no_connection() -> Result<()> {
     let first = lab.run_sluice(&backends, Duration::from_secs(60))?;
     let conn = lab.long_conn_vip()?;
     conn.wait_echoes(5, Duration::from_secs(5))?;
-    let stream = udp_stream(&lab, Duration::from_secs(8))?;
-    std::thread::sleep(Duration::from_secs(1));
+    // The stream runs from before the SIGKILL until after the upgrade, whatever they take.
+    let stop_stream = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicU64::new(0));
+    let stream = udp_stream(&lab, stop_stream.clone(), answered.clone())?;
+    // Some answers before the kill (polled: a loaded machine starts the stream late).
+    wait_answers(&answered, 20)?;
 
     // SIGKILL: no cleanup runs; the pinned link keeps the program attached.
     let prog_before = xdp_prog_id(&lab)?;
@@ -119,18 +163,21 @@ fn sigkill_restart_and_upgrade_lose_no_connection() -> Result<()> {
         "the restart should swap its own program in"
     );
     conn.wait_echoes(5, Duration::from_secs(5))?;
-    std::thread::sleep(Duration::from_secs(1));
+    // The restarted program answers the stream before the upgrade replaces it.
+    wait_answers(&answered, answered.load(Ordering::SeqCst) + 20)?;
 
     // Upgrade: `attach` on the running attachment swaps the program inside the link.
     let config = lab.write_config(&backends)?;
     let config = config.to_string_lossy();
     lab.sluice_ok(&["attach", "--config", &config, "--iface", NS_IFACE])?;
+    let upgraded_at = Instant::now();
     let prog_upgraded = xdp_prog_id(&lab)?;
     ensure!(
         prog_upgraded != prog_restarted,
         "attach did not replace the program"
     );
     conn.wait_echoes(5, Duration::from_secs(5))?;
+    wait_answers(&answered, answered.load(Ordering::SeqCst) + 20)?;
 
     // Pins of another map layout: refused, nothing changed.
     let pin_dir = lab.pin_dir().join(NS_IFACE);
@@ -162,27 +209,47 @@ fn sigkill_restart_and_upgrade_lose_no_connection() -> Result<()> {
         "the refused attach changed the program"
     );
 
+    stop_stream.store(true, Ordering::SeqCst);
     let udp = stream
         .join()
         .map_err(|_| anyhow::anyhow!("udp stream thread panicked"))??;
     conn.wait_echoes(3, Duration::from_secs(5))?;
     let tcp = conn.finish();
     println!(
-        "UDP stream: {} sent, {} answered, {} lost, longest gap {:?} (period {UDP_PERIOD:?})",
+        "UDP stream: {} sent, {} answered, {} lost, longest gap {:?} (period {UDP_PERIOD:?}; \
+         the stream's own longest stall {:?})",
         udp.sent,
         udp.answered,
-        udp.sent - udp.answered,
-        udp.longest_gap
+        udp.sent.saturating_sub(udp.answered),
+        udp.longest_gap,
+        udp.longest_stall
     );
     println!("TCP echo connection: {tcp:?}");
     ensure!(
         tcp.is_clean(),
         "the long TCP connection broke or moved: {tcp:?}"
     );
-    ensure!(udp.answered * 10 >= udp.sent * 9, "UDP lost more than 10%");
+    // The stream covered the whole window: it was sending before the SIGKILL and still after
+    // the upgrade.
     ensure!(
-        udp.longest_gap < Duration::from_secs(1),
-        "UDP gap {:?}",
+        udp.first_sent < killed_at && udp.last_sent > upgraded_at,
+        "the UDP stream did not span the SIGKILL and the upgrade"
+    );
+    // The README's claim: no datagram lost (0 of 1600), longest gap 13 ms. Loss is counted
+    // exactly (every datagram gets an answer, late ones waited for): with one datagram every
+    // 5 ms, no loss means no outage as long as a period. The gap gets a wide margin: with
+    // nothing lost it measures only how late answers came (the backend's server, the stream's
+    // own thread and the host's scheduling on a loaded 2-core machine), not forwarding.
+    ensure!(
+        udp.answered == udp.sent,
+        "UDP: {} of {} datagrams lost across SIGKILL, restart and upgrade",
+        udp.sent - udp.answered.min(udp.sent),
+        udp.sent
+    );
+    let gap_bound = Duration::from_millis(500) + udp.longest_stall;
+    ensure!(
+        udp.longest_gap <= gap_bound,
+        "UDP: {:?} without an answer (bound {gap_bound:?}: 500 ms + the stream's own stall)",
         udp.longest_gap
     );
 

@@ -14,8 +14,9 @@
 //! active. Every 10 s sluice's RSS, the connection-table entries and the backend slots are
 //! sampled. The summary goes to stdout and `target/soak/report.json` (with sluice's log beside
 //! it); the command fails when a connection was lost to a backend that was not removed, when
-//! RSS grew by more than 20 % after the first minute, when backend slots leak, on a reconcile
-//! error, or when sluice died.
+//! RSS grew by more than 20 % after the first minute, when backend slots leak or are not
+//! reused, on a reconcile error, when sluice died, when a UDP request went unanswered, an HTTP
+//! request failed, a long-lived connection failed to open, or one alive at the end had errors.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -932,6 +933,52 @@ fn summarize(s: Summary) -> Report {
     if !s.sluice_alive {
         failures.push("sluice was not running at the end".into());
     }
+    // Freed slots are reused (lowest free first, never within the plan that freed them): the
+    // ids in use never exceed what is in use at once, at most `slot_bound`. Ids beyond it mean
+    // freed slots are abandoned and the array runs out after enough churn.
+    if s.samples.iter().any(|x| x.slots > 0) && max_slot_id >= slot_bound as u64 {
+        failures.push(format!(
+            "highest backend slot id {max_slot_id} with at most {slot_bound} slots in use: freed \
+             slots are not reused"
+        ));
+    }
+    // Traffic that must all get through: every VIP packet reaches a backend that answers (a
+    // removed backend still answers in the lab), so any loss is sluice's.
+    let udp_unanswered = s
+        .udp
+        .sent
+        .load(Ordering::Relaxed)
+        .saturating_sub(s.udp.answered.load(Ordering::Relaxed));
+    let udp_send_errors = s.udp.send_errors.load(Ordering::Relaxed);
+    if udp_unanswered > 0 || udp_send_errors > 0 {
+        failures.push(format!(
+            "UDP: {udp_unanswered} requests unanswered, {udp_send_errors} send errors"
+        ));
+    }
+    let http_failures = s.http.failed.load(Ordering::Relaxed);
+    if http_failures > 0 {
+        let first = s
+            .http
+            .errors
+            .lock()
+            .map(|e| e.join(" | "))
+            .unwrap_or_default();
+        failures.push(format!("HTTP: {http_failures} requests failed: {first}"));
+    }
+    if !s.stalls.is_empty() {
+        failures.push(format!(
+            "{} connections alive at the end had errors (stalled or garbled echoes): {}",
+            s.stalls.len(),
+            s.stalls.join(" | ")
+        ));
+    }
+    if s.open_failed > 0 {
+        failures.push(format!(
+            "{} long-lived connections failed to open: {}",
+            s.open_failed,
+            s.open_failures.join(" | ")
+        ));
+    }
     let flows: Vec<u64> = s.samples.iter().map(|x| x.flows).collect();
     let flows_max = flows.iter().copied().max().unwrap_or(0);
     let flows_slope = slope_per_min(
@@ -1172,5 +1219,107 @@ mod tests {
         let s = slope_per_min(&[(0.0, 100.0), (60.0, 110.0), (120.0, 120.0)]);
         assert!((s.unwrap() - 10.0).abs() < 1e-9);
         assert_eq!(slope_per_min(&[(0.0, 1.0)]), None);
+    }
+
+    fn args() -> Args {
+        Args {
+            minutes: 1,
+            backends: 5,
+            conns: 20,
+            churn_every: 5,
+            udp_rate: 300,
+            http_rate: 10,
+            flow_table_size: None,
+            seed: Some(1),
+        }
+    }
+
+    fn sample(t: f64, slots: usize, max_slot: u64) -> Sample {
+        Sample {
+            t,
+            rss_kib: 10_000,
+            rss_anon_kib: 2_000,
+            flows: 100,
+            slots,
+            max_slot,
+            conns: 20,
+            udp_sent: 0,
+            udp_answered: 0,
+            http_ok: 0,
+            http_failed: 0,
+            reconciles_ok: 10,
+            reconciles_error: 0,
+        }
+    }
+
+    type Spoil = Box<dyn FnOnce(&mut Summary, &UdpStats, &HttpStats)>;
+
+    /// The failures `summarize` finds in a run that is clean except for what `spoil` changes.
+    fn failures_of(spoil: impl FnOnce(&mut Summary, &UdpStats, &HttpStats)) -> Vec<String> {
+        let args = args();
+        let (udp, http) = (UdpStats::default(), HttpStats::default());
+        udp.sent.store(1000, Ordering::Relaxed);
+        udp.answered.store(1000, Ordering::Relaxed);
+        http.ok.store(600, Ordering::Relaxed);
+        let mut s = Summary {
+            args: &args,
+            seed: 1,
+            elapsed: Duration::from_secs(60),
+            samples: (0..7)
+                .map(|i| sample(f64::from(i) * 10.0, 15, 14))
+                .collect(),
+            losses: Losses::default(),
+            opened: 20,
+            open_failed: 0,
+            open_failures: Vec::new(),
+            survivors: 20,
+            stalls: Vec::new(),
+            udp: &udp,
+            http: &http,
+            churn: Vec::new(),
+            reload_times: Vec::new(),
+            reload_errors: Vec::new(),
+            log_errors: Vec::new(),
+            log_error_count: 0,
+            flows_by_inspect: Some(100),
+            sluice_alive: true,
+        };
+        spoil(&mut s, &udp, &http);
+        summarize(s).failures
+    }
+
+    #[test]
+    fn a_clean_run_passes_and_each_reported_fault_fails_it() {
+        assert_eq!(failures_of(|_, _, _| {}), Vec::<String>::new());
+        let cases: [(&str, Spoil); 6] = [
+            (
+                "UDP",
+                Box::new(|_, u, _| u.answered.store(999, Ordering::Relaxed)),
+            ),
+            (
+                "UDP",
+                Box::new(|_, u, _| u.send_errors.store(1, Ordering::Relaxed)),
+            ),
+            (
+                "HTTP",
+                Box::new(|_, _, h| h.failed.store(1, Ordering::Relaxed)),
+            ),
+            (
+                "alive at the end had errors",
+                Box::new(|s, _, _| s.stalls.push("seq 7: no echo".into())),
+            ),
+            ("failed to open", Box::new(|s, _, _| s.open_failed = 1)),
+            (
+                "not reused",
+                Box::new(|s, _, _| s.samples.push(sample(70.0, 15, 17))),
+            ),
+        ];
+        for (what, spoil) in cases {
+            let failures = failures_of(spoil);
+            assert!(
+                failures.len() == 1 && failures[0].contains(what),
+                "{what}: {failures:?}"
+            );
+        }
     }
 }
