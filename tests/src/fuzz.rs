@@ -1179,6 +1179,8 @@ fn neighbor_solicitation(rng: &mut Rng) -> Case {
         frame: ns.bytes(),
         must_forward: answered,
         must_pass: !answered,
+        // A solicitation the program does not answer is the kernel's, byte for byte.
+        must_pass_untouched: !answered,
     }
 }
 

@@ -1,22 +1,25 @@
 //! The backend a flow lands on is a wire contract: during a rolling upgrade old and new
 //! versions balance side by side, and when the routers' ECMP moves a flow from one node to
 //! another (a node restarts, the next-hop set changes) the new node must pick the same backend. Pinned here end to end, through the real program
-//! (BPF_PROG_TEST_RUN) at the default Maglev table size: flow hash, Maglev permutation seeds,
-//! weights and the backend identity all feed it. A change to any of them fails this test and
+//! (BPF_PROG_TEST_RUN) at the default Maglev table sizes (the tier each VIP's backend count
+//! picks): flow hash, the tiers, Maglev permutation seeds, weights and the backend identity all
+//! feed it. A change to any of them fails this test and
 //! prints the new table; replace it only when the change is deliberate (and say in the release
 //! notes that every flow moves during that upgrade).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use lb_common::{DEFAULT_MAGLEV_SIZE, FlowKey, raw_addr};
+use lb_common::{FlowKey, MAGLEV_SLOTS_PER_BACKEND, MAGLEV_TIERS, maglev_tier, raw_addr};
 use lb_userspace::model::{Desired, Protocol, Settings};
 use sluice_tests::fixtures::{
     Frame, TCP_SYN, VIP, VIP6, assert_forwarded, desired_at, harness_with,
 };
 
-/// The table size the golden tables below were generated at (the default then). If the
-/// default changes on purpose, regenerate: the failure message prints every new table.
-const GOLDEN_TABLE_SIZE: u32 = 65537;
+/// The table sizes the golden tables below were generated with (the defaults then: each VIP
+/// gets the smallest tier over this many slots per backend). If they change on purpose,
+/// regenerate: the failure message prints every new table.
+const GOLDEN_TIERS: [u32; 9] = [251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65537];
+const GOLDEN_SLOTS_PER_BACKEND: u32 = 100;
 
 /// Tuples per scenario: enough that any change of hash, seed or table moves some of them
 /// (each tuple moves with probability about 1 - 1/N under an unrelated hash).
@@ -131,31 +134,31 @@ fn scenarios() -> Vec<Scenario> {
             name: "ipv4 tcp, 3 equal backends",
             desired: desired_at(IpAddr::V4(VIP), Protocol::Tcp, three),
             clients: v4(),
-            golden: "02022110111021221110211000000020",
+            golden: "01002101022210022011202221020120",
         },
         Scenario {
             name: "ipv4 udp, weights 1:2:3",
             desired: desired_at(IpAddr::V4(VIP), Protocol::Udp, weighted),
             clients: v4(),
-            golden: "22220222121222020122122121202222",
+            golden: "20022222202202012001122220202100",
         },
         Scenario {
             name: "ipv6 tcp, 3 equal backends",
             desired: desired_at(IpAddr::V6(VIP6), Protocol::Tcp, three),
             clients: v6(),
-            golden: "01122211210010200201101110200010",
+            golden: "21121211122000210121211002000111",
         },
         Scenario {
             name: "ipv4 tcp, client affinity",
             desired: affine(desired_at(IpAddr::V4(VIP), Protocol::Tcp, three)),
             clients: pairs(v4()),
-            golden: "11110022222222110000111111112211",
+            golden: "22111111002222112222111122220022",
         },
         Scenario {
             name: "ipv6 tcp, client affinity",
             desired: affine(desired_at(IpAddr::V6(VIP6), Protocol::Tcp, three)),
             clients: pairs(v6()),
-            golden: "11111100221111220022112211220022",
+            golden: "00002211002211002222222200222211",
         },
     ]
 }
@@ -164,15 +167,16 @@ fn scenarios() -> Vec<Scenario> {
 fn flows_land_on_the_pinned_backends() {
     assert_eq!(
         Settings::default().maglev_table_size,
-        DEFAULT_MAGLEV_SIZE,
-        "the model's default table size is lb-common's"
+        None,
+        "by default each VIP's table size is its tier"
     );
     let mut failures = Vec::new();
-    if DEFAULT_MAGLEV_SIZE != GOLDEN_TABLE_SIZE {
+    if (MAGLEV_TIERS, MAGLEV_SLOTS_PER_BACKEND) != (GOLDEN_TIERS, GOLDEN_SLOTS_PER_BACKEND) {
         failures.push(format!(
-            "the default Maglev table size is {DEFAULT_MAGLEV_SIZE}, the golden tables were made \
-             at {GOLDEN_TABLE_SIZE}: an upgrade to this version moves flows. If deliberate, set \
-             GOLDEN_TABLE_SIZE = {DEFAULT_MAGLEV_SIZE} and the tables below."
+            "the Maglev tiers are {MAGLEV_TIERS:?} over {MAGLEV_SLOTS_PER_BACKEND} slots per \
+             backend, the golden tables were made with {GOLDEN_TIERS:?} over \
+             {GOLDEN_SLOTS_PER_BACKEND}: an upgrade to this version moves flows. If deliberate, \
+             set GOLDEN_TIERS, GOLDEN_SLOTS_PER_BACKEND and the tables below."
         ));
     }
     for s in scenarios() {
@@ -180,7 +184,8 @@ fn flows_land_on_the_pinned_backends() {
         let snapshot = h.snapshot().expect("read the maps");
         let view = snapshot.vips.values().next().expect("the scenario's VIP");
         assert_eq!(
-            view.table_size, DEFAULT_MAGLEV_SIZE,
+            view.table_size,
+            maglev_tier(s.vip().backends.len()),
             "{}: the VIP's table size",
             s.name
         );
