@@ -5,7 +5,7 @@
 //! the BPF maps (`sluice inspect -o json`) and, where it matters, real packets. Needs root.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
