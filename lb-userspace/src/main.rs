@@ -79,7 +79,7 @@ struct AgentArgs {
     #[arg(long)]
     node_name: Option<String>,
     /// Slots of every VIP's Maglev table (a prime), or "auto": per VIP, the smallest of 251,
-    /// 509, ..., 65537 over 100 slots per backend.
+    /// 509, ..., 65537 over 1000 slots per backend.
     #[arg(long, default_value = "auto", value_parser = parse_table_size)]
     maglev_table_size: TableSize,
     /// Entries of the connection table (applies when the maps are first created).

@@ -98,11 +98,11 @@ mod tests {
 
     #[test]
     fn estimate_matches_the_measured_figures() {
-        // Measured with 2 possible CPUs (tests/tests/memory.rs): 300 VIPs of 3 nodes (509-slot
-        // tables) and the defaults charge 121 MiB of maps; the estimate adds the process's
+        // Measured with 2 possible CPUs (tests/tests/memory.rs): 300 VIPs of 3 nodes (4093-slot
+        // tables) and the defaults charge 124 MiB of maps; the estimate adds the process's
         // 64 MiB and stays above.
-        let need = estimate(&Settings::default(), &[509; 300], 2) >> 20;
-        assert!((121 + 40..=121 + 80).contains(&need), "{need} MiB");
+        let need = estimate(&Settings::default(), &[4093; 300], 2) >> 20;
+        assert!((124 + 40..=124 + 80).contains(&need), "{need} MiB");
         // Without VIPs, the connection table dominates: ~111 MiB for 1M entries.
         let flows = (estimate(&Settings::default(), &[], 0) - BASE) >> 20;
         assert!((105..=120).contains(&flows), "{flows} MiB");

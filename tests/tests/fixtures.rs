@@ -144,11 +144,11 @@ fn adding_a_backend_moves_about_one_in_n_and_only_to_it() {
         "{to_added} of {n} flows moved to the added backend, not ~1/4"
     );
     // Maglev is not perfectly minimal: a few slots change hands between old backends when
-    // their permutations collide differently (the table tests bound it at 0.02/N for 10
-    // backends at 65537 slots; with 3 backends it is smaller still). 0.5 % of flows (20) is
-    // over 10 times that, and 70 times below what `hash % N` moves.
+    // their permutations collide differently, more in a smaller table: 3 -> 4 backends at the
+    // default tier (4093 slots) reassign 0.76% of the slots between old backends (0.09% at
+    // 65537). 2% of flows (80) is over twice that, and 25 times below what `hash % N` moves.
     assert!(
-        between_old <= n / 200,
+        between_old <= n / 50,
         "{between_old} of {n} flows moved between backends that stayed"
     );
     // The balancer that saw them first keeps them where they were (connection table).

@@ -2,7 +2,7 @@
 //!
 //! ```yaml
 //! maglev_table_size: 65537        # optional; a prime from 7 to 1000003 for every VIP; default:
-//!                                 #   per VIP, the smallest of 251, 509, ..., 65537 over 100 x
+//!                                 #   per VIP, the smallest of 251, 509, ..., 65537 over 1000 x
 //!                                 #   its backends
 //! flow_table_size: 1048576        # optional; 1024 to 67108864 entries; default 1048576
 //! encap_source_v4: 10.99.0.0/24   # optional; outer sources of IPIP packets (host part varies
