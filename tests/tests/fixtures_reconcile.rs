@@ -294,6 +294,47 @@ fn draining_under_new_flows_drops_none() {
     }
 }
 
+/// A VIP whose backend count crosses a tier (3 -> 2 backends: 4093 -> 2039 slots, and back):
+/// its entry's size and its table change in two writes, ordered so that no packet indexes a
+/// table with a size larger than it (a slot beyond the table: a drop). New flows after every
+/// phase of both applies all reach a backend.
+#[test]
+fn a_table_changing_tier_under_new_flows_drops_none() {
+    let three = state(vec![vip(
+        1,
+        vec![b(0, 1, false), b(1, 1, false), b(2, 1, false)],
+        &[],
+    )]);
+    let two = state(vec![vip(1, vec![b(0, 1, false), b(2, 1, false)], &[])]);
+    assert!(
+        lb_common::maglev_tier(2) < lb_common::maglev_tier(3),
+        "the test needs a tier change"
+    );
+    let mut h = fresh(&three);
+    let mut sport = 3000u16;
+    for (label, next) in [("shrink", &two), ("grow", &three)] {
+        let mut midway: Vec<(Phase, u16, Fate)> = Vec::new();
+        h.apply_with_hook(next, &[], |phase, runner| {
+            for _ in 0..100 {
+                let (action, out) = runner.run(&syn_to(vip_addr(1), sport))?;
+                midway.push((phase, sport, fate(action, &out)));
+                sport += 1;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let dropped: Vec<_> = midway.iter().filter(|(_, _, f)| *f == Fate::Drop).collect();
+        assert!(
+            dropped.is_empty(),
+            "{label}: {} of {} new flows dropped midway, first: {:?}",
+            dropped.len(),
+            midway.len(),
+            dropped.first()
+        );
+    }
+    assert_eq!(h.counter(GlobalCounter::DropNoBackend).unwrap(), 0);
+}
+
 /// A slot freed by a removed backend and given to another backend of the same VIP one
 /// reconcile later: an idle flow of the removed backend re-hashes (Maglev, as every other load
 /// balancer would) instead of following the slot to the new backend.

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
-use lb_common::DEFAULT_MAGLEV_SIZE;
+use lb_common::maglev_tier;
 use sluice_tests::{
     UDP_PORT, cmd,
     fixtures::predicted_backend,
@@ -61,7 +61,7 @@ fn tcp_and_udp_reach_backends_across_l3_in_both_families() {
             let port = first_port + k as u16;
             let want = predicted_backend(
                 &nodes,
-                DEFAULT_MAGLEV_SIZE,
+                maglev_tier(nodes.len()),
                 (client, port),
                 (vip, UDP_PORT),
                 17,

@@ -76,6 +76,26 @@ pub(super) fn apply(
     }
     hook(Phase::AddressesAndRanges)?;
 
+    // A table that shrinks (its VIP lost backends and with them a tier): the entry's smaller
+    // size goes first, so that no packet indexes the smaller table with the larger size (a
+    // slot beyond it: a drop). Meanwhile the old, larger table is read within its first slots:
+    // backends it still lists, all still in place. A table that grows is swapped in first
+    // (below), for the same reason the other way round.
+    for vip in &plan.vips {
+        if let Some(old) = current_vips.get(&vip.key)
+            && vip.info.table_size < old.table_size
+        {
+            let narrowed = VipInfo {
+                table_size: vip.info.table_size,
+                ..*old
+            };
+            maps.vips
+                .insert(&vip.key, &narrowed, 0)
+                .with_context(|| format!("writing VIP #{}", vip.id))?;
+        }
+    }
+    hook(Phase::SizesShrunk)?;
+
     // Tables (one atomic swap each), each with the fingerprint of its inputs. VIPs with the
     // same backends and weights (every VIP of a Kubernetes cluster's nodes, for one) have the
     // same table: it is built once per reconcile.

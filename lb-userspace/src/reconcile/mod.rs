@@ -128,6 +128,8 @@ pub enum Phase {
     FilterWidened,
     /// `VIP_ADDRS` and `SOURCE_RANGES` the new VIP entries rely on.
     AddressesAndRanges,
+    /// The smaller size of VIPs whose tables shrink, before their tables.
+    SizesShrunk,
     /// New Maglev tables swapped in.
     Tables,
     /// VIP entries written.
@@ -147,11 +149,12 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 12] = [
+    pub const ALL: [Phase; 13] = [
         Phase::TxPorts,
         Phase::NewSlots,
         Phase::FilterWidened,
         Phase::AddressesAndRanges,
+        Phase::SizesShrunk,
         Phase::Tables,
         Phase::VipEntries,
         Phase::DrainedSlots,
