@@ -861,11 +861,37 @@ pub fn check(world: &World, case: &Case, verdict: u32, out: &[u8]) -> Result<(),
     match verdict {
         XDP_PASS if out == input.as_slice() => Ok(()),
         XDP_PASS => check_unwrapped(world, input, out),
-        XDP_DROP => Ok(()),
+        XDP_DROP => check_drop(world, input),
         XDP_TX => check_tx(world, input, out, flow_vip),
         other => Err(format!(
             "verdict {other} is not one the program may return here"
         )),
+    }
+}
+
+/// Only what is addressed to a VIP address is the balancer's to drop (and encapsulated packets
+/// to this node, from a forbidden source or with a broken inner header): everything else,
+/// however malformed, goes to the kernel untouched. The destination is read from the raw
+/// header, without any of the checks a parser makes.
+fn check_drop(world: &World, input: &[u8]) -> Result<(), String> {
+    let raw = match input.get(12..14) {
+        Some([0x08, 0x00]) if input.len() >= 34 => {
+            let d: [u8; 4] = input[30..34].try_into().map_err(|_| "short")?;
+            Some((IpAddr::from(d), input[23]))
+        }
+        Some([0x86, 0xdd]) if input.len() >= 54 => {
+            let d: [u8; 16] = input[38..54].try_into().map_err(|_| "short")?;
+            Some((IpAddr::from(d), input[20]))
+        }
+        _ => None,
+    };
+    match raw {
+        Some((dst, _)) if world.vip_addrs.contains(&dst) => Ok(()),
+        Some((dst, 4 | 41)) if world.own_addrs.contains(&dst) => Ok(()),
+        Some((dst, proto)) => Err(format!(
+            "a frame for {dst} (protocol {proto}), no VIP address, was dropped"
+        )),
+        None => Err("a frame without a complete IP header was dropped".into()),
     }
 }
 
