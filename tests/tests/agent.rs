@@ -1131,3 +1131,160 @@ fn dual_stack_service_is_reached_over_both_families() -> Result<()> {
     );
     env.stop_agent()
 }
+
+/// Two promises of the agent's loop (README): nothing is applied before the first complete
+/// lists of Services, EndpointSlices and Nodes (a restarted agent never shrinks the maps it
+/// adopts to a partial view), and a burst of changes is coalesced into few reconciles.
+#[test]
+fn nothing_is_applied_before_complete_lists_and_bursts_are_coalesced() -> Result<()> {
+    let mut env = Env::start();
+    env.service("Cluster")?;
+    env.slice(&[(0, true, true, false)])?;
+    // The agent may not list Nodes (its ClusterRole without them): its Services and
+    // EndpointSlices lists complete, the Node list keeps failing (403).
+    env.kube.apply_yaml(
+        "apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: sluice-agent}
+rules:
+  - {apiGroups: [\"\"], resources: [services], verbs: [get, list, watch]}
+  - {apiGroups: [discovery.k8s.io], resources: [endpointslices], verbs: [get, list, watch]}
+",
+    )?;
+    let kubeconfig = env.kubeconfig.to_string_lossy().into_owned();
+    let agent = env.lab.spawn_sluice(&[
+        "agent",
+        "--metrics-addr",
+        METRICS_ADDR,
+        "--iface",
+        env.lab.lb_iface(),
+        "--kubeconfig",
+        &kubeconfig,
+        "--node-name",
+        "lb",
+        "--health-addr",
+        HEALTH_ADDR,
+    ])?;
+    env.agent = Some(agent);
+    let start = Instant::now();
+    while env.lab.metrics(METRICS_ADDR).is_err() {
+        ensure!(start.elapsed() < CONVERGE, "no /metrics from the agent");
+        thread::sleep(Duration::from_millis(100));
+    }
+    // Wait on the agent's own state: the Node list failed twice, the others are up.
+    env.wait_metrics("the Node list refused", CONVERGE, |m| {
+        let failed = m
+            .get("sluice_k8s_watch_errors_total{resource=\"nodes\"}")
+            .copied()
+            .unwrap_or(0.0);
+        let up = ["services", "endpointslices"]
+            .iter()
+            .all(|r| watch_metric(m, "sluice_k8s_watch_up", r) == 1.0);
+        (failed < 2.0 || !up).then(|| format!("node list errors {failed}, others up {up}"))
+    })?;
+    // Nothing applied: no maps at all yet (the agent attaches with its first model), or empty.
+    match env.maps() {
+        Ok(maps) => ensure!(
+            maps.is_empty(),
+            "the agent applied a model before its Node list completed: {maps:?}"
+        ),
+        Err(e) if format!("{e:#}").contains("no sluice maps pinned") => {}
+        Err(e) => return Err(e),
+    }
+    let status = readyz_status(&env)?;
+    ensure!(
+        status != "200",
+        "/readyz said ready before the first complete lists"
+    );
+    // The Nodes back in the role: the lists complete and the model goes in.
+    env.kube.kubectl_ok(&[
+        "apply",
+        "-f",
+        &sluice_tests::kube::repo_root()
+            .join("deploy/10-rbac.yaml")
+            .to_string_lossy(),
+    ])?;
+    env.wait_ready()?;
+    let expected = env.expect(&[(0, "active", 1), (1, "active", 1), (2, "active", 1)]);
+    env.converge("after the Node list completed", &expected)?;
+
+    // A burst: 20 Local-policy Services (external IPs) with an endpoint each on node-0, then
+    // all 20 EndpointSlices deleted by one request (a collection delete: the API server sends
+    // the 20 watch events back to back). The changes are coalesced (10 ms of quiet, at most
+    // 500 ms) into a reconcile or two, not twenty.
+    const BURST: usize = 20;
+    let mut yaml = String::new();
+    for i in 0..BURST {
+        yaml.push_str(&format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: burst-{i}, namespace: default}}\n\
+             spec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  selector: {{app: burst}}\n  \
+             externalIPs: [\"198.51.100.{}\"]\n  ports:\n    - {{name: http, port: {HTTP_PORT}, protocol: TCP}}\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: burst-{i}-a\n  \
+             namespace: default\n  labels: {{kubernetes.io/service-name: burst-{i}, group: burst}}\n\
+             addressType: IPv4\nports:\n  - {{name: http, port: 8080, protocol: TCP}}\nendpoints:\n  \
+             - addresses: [\"10.244.0.{}\"]\n    nodeName: {}\n    conditions: {{ready: true}}\n",
+            i + 1,
+            i + 100,
+            Env::node_name(0)
+        ));
+    }
+    env.kube.apply_yaml(&yaml)?;
+    let burst_vips = |with_backends: bool| -> Result<usize> {
+        Ok(env
+            .maps()?
+            .iter()
+            .filter(|(k, b)| k.starts_with("198.51.100.") && (b.is_empty() != with_backends))
+            .count())
+    };
+    let start = Instant::now();
+    while burst_vips(true)? < BURST {
+        ensure!(
+            start.elapsed() < CONVERGE,
+            "the burst Services' VIPs did not get their node"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let reconciles = |m: &Metrics| {
+        m.get("sluice_reconciles_total{result=\"ok\"}")
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let before = reconciles(&env.lab.metrics(METRICS_ADDR)?);
+    env.kube.kubectl_ok(&[
+        "delete",
+        "--raw",
+        "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices?labelSelector=group%3Dburst",
+    ])?;
+    let start = Instant::now();
+    while burst_vips(false)? < BURST {
+        ensure!(
+            start.elapsed() < CONVERGE,
+            "the burst Services' VIPs kept their node after their endpoints went"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let used = reconciles(&env.lab.metrics(METRICS_ADDR)?) - before;
+    println!("{BURST} EndpointSlices deleted in one request: {used} reconciles");
+    ensure!(
+        (1.0..=3.0).contains(&used),
+        "{BURST} changes in one burst took {used} reconciles: not coalesced"
+    );
+    Ok(())
+}
+
+/// The HTTP status of the agent's `/readyz` (curl in the lb namespace, where the agent runs).
+fn readyz_status(env: &Env) -> Result<String> {
+    let out = env.lab.exec(
+        env.lab.lb_ns(),
+        &[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{HEALTH_ADDR}/readyz"),
+        ],
+    )?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
