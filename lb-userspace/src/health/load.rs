@@ -227,6 +227,7 @@ pub async fn run(
     let mut smoothed: Option<f64> = None;
     let mut published: Option<(u32, Instant)> = None;
     let mut failing = false;
+    let mut publish_failing = false;
     info!(
         "load: publishing node {}'s load on Lease {}/{name} every {:?} at most (source: {:?})",
         config.node_name, config.namespace, config.interval, config.source
@@ -270,8 +271,18 @@ pub async fn run(
         let due = published.is_none_or(|(m, at)| m != multiplier || at.elapsed() >= HEARTBEAT);
         if due {
             match publish(&api, &name, &config.node_name, own, multiplier).await {
-                Ok(()) => published = Some((multiplier, Instant::now())),
-                Err(e) => warn!("load: publishing Lease {name}: {e}"),
+                Ok(()) => {
+                    if publish_failing {
+                        info!("load: Lease {name} published again");
+                    }
+                    publish_failing = false;
+                    published = Some((multiplier, Instant::now()));
+                }
+                Err(e) if !publish_failing => {
+                    warn!("load: publishing Lease {name} failed (retrying every period; the others count it stale after {STALE_AFTER:?}): {e}");
+                    publish_failing = true;
+                }
+                Err(_) => {}
             }
         }
         changed.notify_one();
