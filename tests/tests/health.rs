@@ -393,3 +393,78 @@ fn a_busy_node_sheds_new_flows_and_a_dead_one_drains() -> Result<()> {
     println!("link of node 2 up: back in the tables after {back:?} ({:?})", up.elapsed());
     Ok(())
 }
+
+/// `sluice run` with `health_check:` in its config: a backend whose link goes down drains
+/// (measured), every new connection is answered meanwhile, and it comes back with its link.
+#[test]
+fn static_config_health_check_drains_a_dead_backend() -> Result<()> {
+    require_root();
+    let lab = Lab::build(LabConfig {
+        backends: 3,
+        udp: false,
+    })?;
+    let backends: Vec<_> = (0..3).map(sluice_tests::BackendSpec::active).collect();
+    let config = lab.write_config(&backends)?;
+    let text = std::fs::read_to_string(&config)?.replace(
+        "    protocol: tcp\n",
+        &format!("    protocol: tcp\n    health_check: {{protocol: http, port: {HTTP_PORT}, path: /}}\n"),
+    );
+    std::fs::write(&config, text)?;
+    let mut run = lab.run_sluice_with(&config, Duration::from_secs(60))?;
+    let vip = format!("{}:{HTTP_PORT}/tcp", lab.vip());
+    let node2 = lab.backend_addr(2).to_string();
+    let rows = |lab: &Lab| -> Result<Vec<Value>> {
+        let out = lab.sluice_ok(&["inspect", "backends", "-o", "json"])?;
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|b| b["vip"] == vip.as_str())
+            .cloned()
+            .collect())
+    };
+    let wait = |what: &str, ok: &dyn Fn(&[Value]) -> bool| -> Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let r = rows(&lab)?;
+            if ok(&r) {
+                return Ok(started.elapsed());
+            }
+            ensure!(started.elapsed() < Duration::from_secs(30), "{what}: {r:?}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait("all three up", &|r| {
+        r.len() == 3 && r.iter().all(|b| b["health"] == "up" && b["state"] == "active")
+    })?;
+    let down = Instant::now();
+    lab.exec_ok(lab.switch_ns(), &["ip", "link", "set", "sw-b2", "down"])?;
+    let drained = wait("backend 2 draining", &|r| {
+        r.iter()
+            .any(|b| b["address"] == node2.as_str() && b["state"] == "draining")
+    })?;
+    println!("sluice run: backend 2's link down -> drained after {drained:?}");
+    ensure!(drained < Duration::from_secs(8), "drained after {drained:?}");
+    let bodies = lab.curl_vip(30)?;
+    ensure!(
+        !bodies.iter().any(|b| *b == lab.backend_name(2)),
+        "{bodies:?}"
+    );
+    lab.exec_ok(lab.switch_ns(), &["ip", "link", "set", "sw-b2", "up"])?;
+    let back = wait("backend 2 back", &|r| {
+        r.iter()
+            .any(|b| b["address"] == node2.as_str() && b["state"] == "active")
+    })?;
+    println!(
+        "sluice run: link up again -> active after {back:?} ({:?} after it went down)",
+        down.elapsed()
+    );
+    ensure!(run.try_wait()?.is_none(), "sluice run died: {}", run.log_text());
+    ensure!(
+        run.log_text().contains("health: backend"),
+        "no health log line: {}",
+        run.log_text()
+    );
+    Ok(())
+}
