@@ -276,7 +276,8 @@ pub fn backends_with_health(maps: &Maps, agent: String) -> anyhow::Result<View> 
             }
         }
     };
-    let find = |vip: &str, backend: &str| rows.iter().find(|r| r.vip == vip && r.backend == backend);
+    let find =
+        |vip: &str, backend: &str| rows.iter().find(|r| r.vip == vip && r.backend == backend);
     let empty = Vec::new();
     let mut merged = Vec::new();
     for mut row in view.json["backends"].as_array().unwrap_or(&empty).clone() {
@@ -306,8 +307,22 @@ pub fn backends_with_health(maps: &Maps, agent: String) -> anyhow::Result<View> 
         ],
         merged.iter().map(|r| {
             [
-                "vip", "address", "slot", "state", "weight", "mode", "mac", "ifindex", "packets",
-                "bytes", "base_weight", "check", "health", "load", "multiplier_percent", "why",
+                "vip",
+                "address",
+                "slot",
+                "state",
+                "weight",
+                "mode",
+                "mac",
+                "ifindex",
+                "packets",
+                "bytes",
+                "base_weight",
+                "check",
+                "health",
+                "load",
+                "multiplier_percent",
+                "why",
             ]
             .iter()
             .map(|k| cell(&r[*k]))

@@ -565,6 +565,7 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
         load_aware: args.load_aware,
         load,
         namespace: lease_namespace.clone(),
+        follow_every: args.load_interval,
         metrics: Some(health_metrics),
     };
     // Served until the agent returns; before the first sync without the dataplane's figures.

@@ -189,14 +189,18 @@ spec:
 
     /// Polls until node 2's share of every node's table satisfies `ok`, the tables identical;
     /// returns how long that took.
-    fn wait_share(&mut self, what: &str, within: Duration, ok: impl Fn(f64) -> bool) -> Result<Duration> {
+    fn wait_share(
+        &mut self,
+        what: &str,
+        within: Duration,
+        ok: impl Fn(f64) -> bool,
+    ) -> Result<Duration> {
         let started = Instant::now();
         let mut last = String::new();
         while started.elapsed() < within {
             self.check_agents()?;
-            let tables: Vec<(String, f64)> = (0..NODES)
-                .map(|i| self.table(i))
-                .collect::<Result<_>>()?;
+            let tables: Vec<(String, f64)> =
+                (0..NODES).map(|i| self.table(i)).collect::<Result<_>>()?;
             if tables.iter().all(|t| t.0 == tables[0].0) && ok(tables[0].1) {
                 return Ok(started.elapsed());
             }
@@ -268,7 +272,8 @@ fn a_busy_node_sheds_new_flows_and_a_dead_one_drains() -> Result<()> {
     // The health columns are there, from each agent.
     let rows = c.backends(0)?;
     ensure!(
-        rows.iter().all(|r| r["health"] == "up" && r["check"] == "http:80/"),
+        rows.iter()
+            .all(|r| r["health"] == "up" && r["check"] == "http:80/"),
         "health columns: {rows:?}"
     );
 
@@ -342,10 +347,16 @@ fn a_busy_node_sheds_new_flows_and_a_dead_one_drains() -> Result<()> {
         "load gone: node 2 back to a third of the table after {back:?} (busy phase {:?}); new connections {spread:?}",
         busy.elapsed()
     );
-    ensure!(spread[2] > 0.15, "node 2 got {spread:?} after its load went");
+    ensure!(
+        spread[2] > 0.15,
+        "node 2 got {spread:?} after its load went"
+    );
     for conn in conns {
         let r = conn.finish();
-        ensure!(r.is_clean(), "an established connection was hurt by the weight changes: {r:?}");
+        ensure!(
+            r.is_clean(),
+            "an established connection was hurt by the weight changes: {r:?}"
+        );
     }
 
     // ---- 2. Link down ----
@@ -367,15 +378,27 @@ fn a_busy_node_sheds_new_flows_and_a_dead_one_drains() -> Result<()> {
         }
         thread::sleep(Duration::from_millis(50));
     }
-    println!("link of node 2 down: drained on node 0 after {:?}, on node 1 after {:?}", drained[0], drained[1]);
+    println!(
+        "link of node 2 down: drained on node 0 after {:?}, on node 1 after {:?}",
+        drained[0], drained[1]
+    );
     let (Some(d0), Some(d1)) = (drained[0], drained[1]) else {
-        bail!("node 2 not drained within 30 s: {drained:?}; node 0's rows {:?}", c.backends(0));
+        bail!(
+            "node 2 not drained within 30 s: {drained:?}; node 0's rows {:?}",
+            c.backends(0)
+        );
     };
     // The target is 3 s (README); the bound is looser, for a loaded 2-core machine.
-    ensure!(d0.max(d1) < Duration::from_secs(8), "drained after {d0:?} / {d1:?}");
+    ensure!(
+        d0.max(d1) < Duration::from_secs(8),
+        "drained after {d0:?} / {d1:?}"
+    );
     // No new connection is sent into the dead link: every one is answered.
     let spread = c.spread(60)?;
-    ensure!(spread[2] == 0.0, "node 2 answered {spread:?} with its link down?");
+    ensure!(
+        spread[2] == 0.0,
+        "node 2 answered {spread:?} with its link down?"
+    );
     let (f0, _) = c.table(0)?;
     let (f1, _) = c.table(1)?;
     ensure!(f0 == f1, "nodes 0 and 1 disagree about node 2");
@@ -383,14 +406,20 @@ fn a_busy_node_sheds_new_flows_and_a_dead_one_drains() -> Result<()> {
     for conn in conns {
         let on_two = conn.backend() == node2_name;
         let r = conn.finish();
-        ensure!(on_two || r.is_clean(), "a connection to node 0 or 1 was hurt: {r:?}");
+        ensure!(
+            on_two || r.is_clean(),
+            "a connection to node 0 or 1 was hurt: {r:?}"
+        );
     }
     // Recovery: the link comes back, the node takes new flows again (after the hold-down).
     let up = Instant::now();
     c.lab
         .exec_ok(c.lab.switch_ns(), &["ip", "link", "set", sw_port, "up"])?;
     let back = c.wait_share("node 2 back after its link", CONVERGE, |s| s >= 0.30)?;
-    println!("link of node 2 up: back in the tables after {back:?} ({:?})", up.elapsed());
+    println!(
+        "link of node 2 up: back in the tables after {back:?} ({:?})",
+        up.elapsed()
+    );
     Ok(())
 }
 
@@ -407,7 +436,9 @@ fn static_config_health_check_drains_a_dead_backend() -> Result<()> {
     let config = lab.write_config(&backends)?;
     let text = std::fs::read_to_string(&config)?.replace(
         "    protocol: tcp\n",
-        &format!("    protocol: tcp\n    health_check: {{protocol: http, port: {HTTP_PORT}, path: /}}\n"),
+        &format!(
+            "    protocol: tcp\n    health_check: {{protocol: http, port: {HTTP_PORT}, path: /}}\n"
+        ),
     );
     std::fs::write(&config, text)?;
     let mut run = lab.run_sluice_with(&config, Duration::from_secs(60))?;
@@ -436,7 +467,9 @@ fn static_config_health_check_drains_a_dead_backend() -> Result<()> {
         }
     };
     wait("all three up", &|r| {
-        r.len() == 3 && r.iter().all(|b| b["health"] == "up" && b["state"] == "active")
+        r.len() == 3
+            && r.iter()
+                .all(|b| b["health"] == "up" && b["state"] == "active")
     })?;
     let down = Instant::now();
     lab.exec_ok(lab.switch_ns(), &["ip", "link", "set", "sw-b2", "down"])?;
@@ -445,7 +478,10 @@ fn static_config_health_check_drains_a_dead_backend() -> Result<()> {
             .any(|b| b["address"] == node2.as_str() && b["state"] == "draining")
     })?;
     println!("sluice run: backend 2's link down -> drained after {drained:?}");
-    ensure!(drained < Duration::from_secs(8), "drained after {drained:?}");
+    ensure!(
+        drained < Duration::from_secs(8),
+        "drained after {drained:?}"
+    );
     let bodies = lab.curl_vip(30)?;
     ensure!(
         !bodies.iter().any(|b| *b == lab.backend_name(2)),
@@ -460,7 +496,11 @@ fn static_config_health_check_drains_a_dead_backend() -> Result<()> {
         "sluice run: link up again -> active after {back:?} ({:?} after it went down)",
         down.elapsed()
     );
-    ensure!(run.try_wait()?.is_none(), "sluice run died: {}", run.log_text());
+    ensure!(
+        run.try_wait()?.is_none(),
+        "sluice run died: {}",
+        run.log_text()
+    );
     ensure!(
         run.log_text().contains("health: backend"),
         "no health log line: {}",

@@ -22,8 +22,9 @@ pub(super) const VIP_KEYS: &[&str] = &[
     "backends",
     "health_check",
 ];
-pub(super) const HEALTH_CHECK_KEYS: &[&str] =
-    &["protocol", "port", "path", "interval", "timeout", "fall", "rise"];
+pub(super) const HEALTH_CHECK_KEYS: &[&str] = &[
+    "protocol", "port", "path", "interval", "timeout", "fall", "rise",
+];
 /// Most client prefixes of one VIP (the trie holds all VIPs' prefixes).
 pub(super) const MAX_SOURCE_RANGES_PER_VIP: usize = 1024;
 pub(super) const BACKEND_KEYS: &[&str] = &["address", "mac", "weight", "drain"];
@@ -295,9 +296,7 @@ impl Checker<'_> {
                 *slot = self.number(&field, 1..=100, "consecutive results: 1 to 100")?;
             }
         }
-        check
-            .validate()
-            .map_err(|e| self.error_at(item, e, HINT))?;
+        check.validate().map_err(|e| self.error_at(item, e, HINT))?;
         Ok(check)
     }
 

@@ -105,11 +105,11 @@ impl Sampler {
                     None => {
                         let avg = std::fs::read_to_string("/proc/loadavg")
                             .context("reading /proc/loadavg")?;
-                        let one: f64 = avg
-                            .split_whitespace()
-                            .next()
-                            .and_then(|v| v.parse().ok())
-                            .ok_or_else(|| anyhow!("/proc/loadavg: {avg:?} unreadable"))?;
+                        let one: f64 =
+                            avg.split_whitespace()
+                                .next()
+                                .and_then(|v| v.parse().ok())
+                                .ok_or_else(|| anyhow!("/proc/loadavg: {avg:?} unreadable"))?;
                         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
                         (
                             one / cores as f64,
@@ -203,13 +203,12 @@ pub fn node_loads(leases: &[Arc<Lease>], now: Timestamp) -> BTreeMap<String, Nod
     out
 }
 
-/// Samples, steps the law and publishes every `interval` until dropped; wakes `changed` each
-/// period (staleness is a matter of time, not only of events).
+/// Samples, steps the law and publishes every `interval` until dropped (what it publishes
+/// reaches the tables through [`follow`], this node's as every other's).
 pub async fn run(
     client: Client,
     config: LoadConfig,
     leases: Store<Lease>,
-    changed: Arc<Notify>,
     metrics: Option<HealthMetrics>,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &config.namespace);
@@ -243,7 +242,6 @@ pub async fn run(
                     warn!("load: {e:#}; keeping multiplier {multiplier}%");
                     failing = true;
                 }
-                changed.notify_one();
                 continue;
             }
         };
@@ -279,13 +277,45 @@ pub async fn run(
                     published = Some((multiplier, Instant::now()));
                 }
                 Err(e) if !publish_failing => {
-                    warn!("load: publishing Lease {name} failed (retrying every period; the others count it stale after {STALE_AFTER:?}): {e}");
+                    warn!(
+                        "load: publishing Lease {name} failed (retrying every period; the others count it stale after {STALE_AFTER:?}): {e}"
+                    );
                     publish_failing = true;
                 }
                 Err(_) => {}
             }
         }
-        changed.notify_one();
+    }
+}
+
+/// Wakes `changed` when what the Leases say (a node's multiplier, or whether it is fresh)
+/// differs from the last look, which is taken every `interval`: a heartbeat that changes
+/// nothing rebuilds nothing, however many nodes publish.
+/// The loads shown (`/metrics`, `inspect backends`) are refreshed on every look.
+pub async fn follow(
+    leases: Store<Lease>,
+    changed: Arc<Notify>,
+    interval: Duration,
+    metrics: Option<HealthMetrics>,
+) {
+    let mut last: BTreeMap<String, (u32, bool)> = BTreeMap::new();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let loads = node_loads(&leases.state(), Timestamp::now());
+        if let Some(m) = &metrics {
+            m.set_nodes(loads.iter().map(|(n, l)| (n.clone(), l.clone())).collect());
+            m.board.refresh_loads(&loads);
+        }
+        let view: BTreeMap<String, (u32, bool)> = loads
+            .into_iter()
+            .map(|(n, l)| (n, (l.multiplier, l.fresh)))
+            .collect();
+        if view != last {
+            last = view;
+            changed.notify_one();
+        }
     }
 }
 

@@ -67,7 +67,11 @@ impl HealthCheck {
         Self {
             protocol,
             port,
-            path: if path.is_empty() { "/".into() } else { path.into() },
+            path: if path.is_empty() {
+                "/".into()
+            } else {
+                path.into()
+            },
             interval: Duration::from_secs(1),
             timeout: Duration::from_millis(500),
             fall: 3,
@@ -264,6 +268,17 @@ impl StatusBoard {
         }
     }
 
+    /// Updates the rows' load column from fresh readings (the weights change only by overlay).
+    pub fn refresh_loads(&self, loads: &BTreeMap<String, NodeLoad>) {
+        if let Ok(mut rows) = self.0.lock() {
+            for row in rows.iter_mut() {
+                if let Some(l) = row.node.as_ref().and_then(|n| loads.get(n)) {
+                    row.load = l.fresh.then_some(l.load);
+                }
+            }
+        }
+    }
+
     pub fn rows(&self) -> Vec<BackendStatus> {
         self.0.lock().map(|r| r.clone()).unwrap_or_default()
     }
@@ -384,6 +399,8 @@ pub struct AgentHealth {
     pub load: Option<load::LoadConfig>,
     /// The namespace of the nodes' load Leases.
     pub namespace: String,
+    /// How often what the Leases say is looked at (the control period).
+    pub follow_every: Duration,
     pub metrics: Option<crate::metrics::HealthMetrics>,
 }
 
@@ -409,9 +426,7 @@ pub fn agent_overlay(
     }
     prober.set_targets(&targets(desired));
     let loads = match leases {
-        Some(l) if config.load_aware => {
-            load::node_loads(l, k8s_openapi::jiff::Timestamp::now())
-        }
+        Some(l) if config.load_aware => load::node_loads(l, k8s_openapi::jiff::Timestamp::now()),
         _ => BTreeMap::new(),
     };
     if let Some(m) = &config.metrics {
@@ -656,7 +671,9 @@ mod tests {
             ("{protocol: http, fall: 0}", "health_check.fall"),
             ("{protocol: http, colour: red}", "unknown key"),
         ] {
-            let e = crate::config::parse(&config(bad), "t.yaml").unwrap_err().to_string();
+            let e = crate::config::parse(&config(bad), "t.yaml")
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(needle) && e.contains("t.yaml:"), "{bad}: {e}");
         }
     }

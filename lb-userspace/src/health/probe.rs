@@ -109,7 +109,11 @@ fn status_code(answer: &[u8]) -> Option<u16> {
     if !parts.next()?.starts_with("HTTP/1.") {
         return None;
     }
-    parts.next()?.parse().ok().filter(|s| (100..600).contains(s))
+    parts
+        .next()?
+        .parse()
+        .ok()
+        .filter(|s| (100..600).contains(s))
 }
 
 /// A blocking `GET http://addr/path` with a timeout, for `sluice inspect` (the agent's own
@@ -423,7 +427,10 @@ mod tests {
             now += t.hold_down(now);
             assert_eq!(t.observe(Ok(()), now).unwrap().health, Health::Up);
         }
-        assert_eq!(holds, [HOLD_DOWN, HOLD_DOWN * 2, HOLD_DOWN * 4, HOLD_DOWN * 8]);
+        assert_eq!(
+            holds,
+            [HOLD_DOWN, HOLD_DOWN * 2, HOLD_DOWN * 4, HOLD_DOWN * 8]
+        );
     }
 
     #[test]

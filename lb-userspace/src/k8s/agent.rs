@@ -247,7 +247,8 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
                 crate::health::load::LEASE_LABEL,
                 crate::health::load::LEASE_LABEL_VALUE
             )),
-            changed.clone(),
+            // Not `changed`: heartbeats alone must not rebuild; `follow` looks at what they say.
+            Arc::new(Notify::new()),
             None,
         )
     });
@@ -261,12 +262,17 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
                 config.health.namespace
             );
         }
+        tokio::spawn(crate::health::load::follow(
+            store.clone(),
+            changed.clone(),
+            config.health.follow_every,
+            config.health.metrics.clone(),
+        ));
         if let Some(load) = config.health.load.clone() {
             tokio::spawn(crate::health::load::run(
                 client.clone(),
                 load,
                 store.clone(),
-                changed.clone(),
                 config.health.metrics.clone(),
             ));
         }
@@ -301,12 +307,7 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
             config.settings,
         );
         let lease_state = leases.as_ref().map(Store::state);
-        crate::health::agent_overlay(
-            &mut built,
-            &prober,
-            lease_state.as_deref(),
-            &config.health,
-        );
+        crate::health::agent_overlay(&mut built, &prober, lease_state.as_deref(), &config.health);
         for problem in built.problems.difference(&logged_problems) {
             warn!("{problem}");
         }

@@ -49,7 +49,8 @@ fn health_check(svc: &Service) -> Result<Option<crate::health::HealthCheck>, Str
         .as_ref()
         .and_then(|a| a.get(HEALTH_CHECK_ANNOTATION))
     {
-        return parse_annotation(v).map_err(|e| format!("annotation {HEALTH_CHECK_ANNOTATION}: {e}"));
+        return parse_annotation(v)
+            .map_err(|e| format!("annotation {HEALTH_CHECK_ANNOTATION}: {e}"));
     }
     let spec = svc.spec.as_ref();
     let local = spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
@@ -265,7 +266,10 @@ mod tests {
         ))
         .unwrap();
         assert!(o.health_check.is_none() && !o.load_aware);
-        for (k, v) in [(HEALTH_CHECK_ANNOTATION, "icmp"), (LOAD_AWARE_ANNOTATION, "no")] {
+        for (k, v) in [
+            (HEALTH_CHECK_ANNOTATION, "icmp"),
+            (LOAD_AWARE_ANNOTATION, "no"),
+        ] {
             let e = service_options(&svc(json!({k: v}), json!({}))).unwrap_err();
             assert!(e.contains(k), "{e}");
         }
