@@ -553,6 +553,7 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
                 None => lb_userspace::health::load::LoadSource::System,
             },
             interval: args.load_interval,
+            is_node: Default::default(),
         }),
         (None, true) => {
             warn!("no --node-name: this node's load is not published (the others' still apply)");

@@ -60,6 +60,9 @@ pub struct LoadConfig {
     pub source: LoadSource,
     /// The control period: one sample, one step of the law, at most one publication.
     pub interval: Duration,
+    /// Whether this node is a Node of the cluster (set by the agent from its Node list): an
+    /// agent that is no backend has no weight to shape and publishes nothing.
+    pub is_node: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Takes samples from a [`LoadSource`].
@@ -227,6 +230,7 @@ pub async fn run(
     let mut published: Option<(u32, Instant)> = None;
     let mut failing = false;
     let mut publish_failing = false;
+    let mut was_node = true;
     info!(
         "load: publishing node {}'s load on Lease {}/{name} every {:?} at most (source: {:?})",
         config.node_name, config.namespace, config.interval, config.source
@@ -267,7 +271,17 @@ pub async fn run(
             m.own_load(own, multiplier);
         }
         let due = published.is_none_or(|(m, at)| m != multiplier || at.elapsed() >= HEARTBEAT);
-        if due {
+        let is_node = config.is_node.load(std::sync::atomic::Ordering::Relaxed);
+        if is_node != was_node {
+            if !is_node {
+                info!(
+                    "load: {} is not a Node of the cluster (yet): publishing nothing",
+                    config.node_name
+                );
+            }
+            was_node = is_node;
+        }
+        if due && is_node {
             match publish(&api, &name, &config.node_name, own, multiplier).await {
                 Ok(()) => {
                     if publish_failing {

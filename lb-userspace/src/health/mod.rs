@@ -289,8 +289,8 @@ impl StatusBoard {
 ///   unless every backend of the VIP is down: then none is drained (failing open, as cloud load
 ///   balancers do: a checker that sees everything dead is more likely wrong than the backends);
 /// - a backend's weight is multiplied by its node's published multiplier (percent), and each
-///   VIP's weights are divided by their greatest common divisor (all-neutral keeps them as they
-///   were; Maglev depends only on the ratios).
+///   VIP's weights are divided by their greatest common divisor (Maglev depends only on the
+///   ratios); when every multiplier is neutral the base weights stay exactly as they were.
 ///
 /// `verdict(addr, check)` and `load(vip, addr)` (`None`: no multiplier, neutral) are the
 /// caller's. Pure: the same inputs give the same model on every node.
@@ -355,12 +355,18 @@ pub fn overlay(
             whys.push(why);
             loads.push((l, multiplier));
         }
-        let divisor = effective
-            .iter()
-            .copied()
-            .filter(|w| *w > 0)
-            .fold(0, gcd)
-            .max(1);
+        // All neutral: the base weights exactly as they were (nothing to scale).
+        let neutral = loads.iter().all(|(_, m)| *m == 100);
+        let divisor = if neutral {
+            100
+        } else {
+            effective
+                .iter()
+                .copied()
+                .filter(|w| *w > 0)
+                .fold(0, gcd)
+                .max(1)
+        };
         for (i, b) in vip.backends.iter_mut().enumerate() {
             let base = b.weight;
             b.weight = u32::try_from(effective[i] / divisor).unwrap_or(u32::MAX);
@@ -626,6 +632,13 @@ mod tests {
         });
         let w: Vec<u32> = d.vips[0].backends.iter().map(|b| b.weight).collect();
         assert_eq!(w, [1, 1, 1]);
+        // Neutral keeps base weights as they are, common divisor and all.
+        let mut d = model(None, &[4, 2, 2]);
+        overlay(&mut d, &BTreeMap::new(), &|_, _| unreachable!(), &|_, _| {
+            None
+        });
+        let w: Vec<u32> = d.vips[0].backends.iter().map(|b| b.weight).collect();
+        assert_eq!(w, [4, 2, 2]);
         let mut d = model(None, &[2, 2, 1]);
         let busy = IpAddr::from([10, 0, 0, 1]);
         let stale = IpAddr::from([10, 0, 0, 3]);

@@ -306,6 +306,10 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
             &nodes.state(),
             config.settings,
         );
+        if let Some(load) = &config.health.load {
+            let is_node = built.node_names.values().any(|n| *n == load.node_name);
+            load.is_node.store(is_node, Ordering::Relaxed);
+        }
         let lease_state = leases.as_ref().map(Store::state);
         crate::health::agent_overlay(&mut built, &prober, lease_state.as_deref(), &config.health);
         for problem in built.problems.difference(&logged_problems) {
