@@ -2,8 +2,8 @@
 //! agent` against a real kube-apiserver (the colocation lab of `colocation.rs`), each node a
 //! backend of one LoadBalancer Service checked by `sluice.io/health-check: http:80/` (nginx on
 //! every node; the lab has no kube-proxy for the default :10256/healthz), the client routing the
-//! VIP to node 0. Each agent reads its load from a file (`--load-file`), with the real control
-//! law and a 1 s control period.
+//! VIP to node 0. Each agent reads its load from a file (`--load-file`); the control law and
+//! its period (2 s) are the defaults.
 //!
 //! 1. Node 2 reports high load: its share of the Maglev table (and of real new connections)
 //!    falls from ~1/3 to at most 10 % within 30 s, identically on every node, stays put (no
@@ -94,8 +94,6 @@ spec:
                     "127.0.0.1:9477",
                     "--load-file",
                     &load_file,
-                    "--load-interval",
-                    "1s",
                 ],
             )?);
         }
