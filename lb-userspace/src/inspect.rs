@@ -247,6 +247,92 @@ pub fn backends(maps: &Maps) -> anyhow::Result<View> {
     })
 }
 
+/// [`backends`] with the health overlay's columns, fetched from the process serving /metrics at
+/// `agent` (`off`, or nobody answering: the maps alone, the columns shown as `-`).
+pub fn backends_with_health(maps: &Maps, agent: String) -> anyhow::Result<View> {
+    let mut view = backends(maps)?;
+    let rows: Vec<crate::health::BackendStatus> = match agent.as_str() {
+        "off" => return Ok(view),
+        a => {
+            let addr: std::net::SocketAddr = a
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--agent {a:?}: {e}: expected ADDRESS:PORT or off"))?;
+            match crate::health::probe::fetch(
+                addr,
+                crate::metrics::HEALTH_BACKENDS_PATH,
+                std::time::Duration::from_secs(2),
+            )
+            .and_then(|body| Ok(serde_json::from_str::<Value>(&body)?))
+            {
+                Ok(v) => serde_json::from_value::<Vec<Value>>(v)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|r| serde_json::from_value(r).ok())
+                    .collect(),
+                Err(e) => {
+                    log::debug!("no health columns: {e:#}");
+                    return Ok(view);
+                }
+            }
+        }
+    };
+    let find =
+        |vip: &str, backend: &str| rows.iter().find(|r| r.vip == vip && r.backend == backend);
+    let empty = Vec::new();
+    let mut merged = Vec::new();
+    for mut row in view.json["backends"].as_array().unwrap_or(&empty).clone() {
+        let vip = row["vip"].as_str().unwrap_or_default().to_owned();
+        let backend = row["address"].as_str().unwrap_or_default().to_owned();
+        if let Some(h) = find(&vip, &backend) {
+            row["base_weight"] = json!(h.base_weight);
+            row["check"] = json!(h.check);
+            row["health"] = json!(h.health);
+            row["load"] = json!(h.load);
+            row["multiplier_percent"] = json!(h.multiplier);
+            row["node"] = json!(h.node);
+            row["why"] = json!(h.why);
+        }
+        merged.push(row);
+    }
+    let cell = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".to_owned(),
+        Value::Number(n) if n.is_f64() => format!("{:.2}", n.as_f64().unwrap_or_default()),
+        other => other.to_string(),
+    };
+    view.table = render_table(
+        &[
+            "VIP", "BACKEND", "SLOT", "STATE", "WEIGHT", "MODE", "MAC", "IFINDEX", "PACKETS",
+            "BYTES", "BASE", "CHECK", "HEALTH", "LOAD", "MULT%", "WHY",
+        ],
+        merged.iter().map(|r| {
+            [
+                "vip",
+                "address",
+                "slot",
+                "state",
+                "weight",
+                "mode",
+                "mac",
+                "ifindex",
+                "packets",
+                "bytes",
+                "base_weight",
+                "check",
+                "health",
+                "load",
+                "multiplier_percent",
+                "why",
+            ]
+            .iter()
+            .map(|k| cell(&r[*k]))
+            .collect()
+        }),
+    );
+    view.json = json!({ "backends": merged });
+    Ok(view)
+}
+
 /// Every global counter, summed over CPUs.
 pub(crate) fn global_counters(maps: &Maps) -> anyhow::Result<Vec<(GlobalCounter, u64)>> {
     GlobalCounter::ALL

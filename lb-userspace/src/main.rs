@@ -97,9 +97,26 @@ struct AgentArgs {
     /// Needs --node-name.
     #[arg(long)]
     announce: bool,
-    /// Namespace of the announcement Leases [default: the pod's own, else sluice-system].
-    #[arg(long, requires = "announce")]
+    /// Namespace of the announcement and node-load Leases [default: the pod's own, else
+    /// sluice-system].
+    #[arg(long)]
     lease_namespace: Option<String>,
+    /// Probe the backend nodes (kube-proxy's healthz, a Local Service's healthCheckNodePort, or
+    /// the Service's sluice.io/health-check annotation); a failing node drains.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    health_checks: bool,
+    /// Shape weights by the nodes' measured load (published on a Lease per node); false
+    /// neither publishes nor applies.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    load_aware: bool,
+    /// Read this node's load from a file holding one number (0 idle .. 1 saturated) instead
+    /// of /proc (tests, or an external measurement).
+    #[arg(long)]
+    load_file: Option<PathBuf>,
+    /// The load control period: one sample, one step of the control law, at most one
+    /// publication (a heartbeat every 10 s).
+    #[arg(long, default_value = "2s", value_parser = parse_interval)]
+    load_interval: Duration,
     /// Where to serve Prometheus metrics (`/metrics`); loopback unless told otherwise (with
     /// hostNetwork, 0.0.0.0:9477 exposes it on the node's addresses).
     #[arg(long, default_value = metrics::DEFAULT_METRICS_ADDR)]
@@ -278,8 +295,14 @@ enum Command {
 enum InspectWhat {
     /// VIPs with their backend counts and traffic.
     Vips,
-    /// Backends of every VIP: state, weight, MAC, traffic.
-    Backends,
+    /// Backends of every VIP: state, weight, MAC, traffic; with the health and load columns
+    /// (base weight, check, health, load, multiplier, why) of the agent or `run` serving
+    /// /metrics at --agent.
+    Backends {
+        /// Where the agent (or `sluice run`) serves /metrics; "off" for the maps alone.
+        #[arg(long, default_value = metrics::DEFAULT_METRICS_ADDR)]
+        agent: String,
+    },
     /// How a VIP's Maglev table divides its slots, e.g. `maglev 10.0.0.10:80/tcp`.
     Maglev { vip: String },
     /// Connection-table entries, optionally only some.
@@ -388,7 +411,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             let maps = Maps::from_pins(&pins)?;
             let view = match what {
                 InspectWhat::Vips => inspect::vips(&maps)?,
-                InspectWhat::Backends => inspect::backends(&maps)?,
+                InspectWhat::Backends { agent } => inspect::backends_with_health(&maps, agent)?,
                 InspectWhat::Maglev { vip } => {
                     let vip: VipAddr = vip.parse().map_err(|e| anyhow!("{e}"))?;
                     inspect::maglev(&maps, &vip)?
@@ -512,8 +535,11 @@ fn run(pin_root: &Path, args: &AttachArgs, metrics_addr: SocketAddr) -> anyhow::
     // Signals are caught before anything is attached, so no signal can leave state behind.
     let mut signals =
         Signals::new([SIGHUP, SIGINT, SIGTERM]).context("installing signal handlers")?;
-    let control = ControlMetrics::default();
+    let health_metrics = metrics::HealthMetrics::default();
+    let control = ControlMetrics::default().with_health(health_metrics.clone());
     let metrics = metrics::serve(metrics_addr, &pins, control.clone())?;
+    // Probes only when some VIP asks for them (`health_check:`).
+    let checks = lb_userspace::health::StaticChecks::start(Some(health_metrics))?;
     let mut reconciler = Reconciler::new(
         iface.clone(),
         pins.clone(),
@@ -521,7 +547,7 @@ fn run(pin_root: &Path, args: &AttachArgs, metrics_addr: SocketAddr) -> anyhow::
         Unreachable::Fail,
         control,
     );
-    let summary = reconciler.apply(&desired)?;
+    let summary = reconciler.apply(&checks.overlay(&desired))?;
     info!("{}: {summary}", config.display());
     info!(
         "balancing on {} ({} mode), {} VIPs; SIGHUP reloads {}",
@@ -549,7 +575,7 @@ fn run(pin_root: &Path, args: &AttachArgs, metrics_addr: SocketAddr) -> anyhow::
                         );
                         flow_table_size = new.settings.flow_table_size;
                     }
-                    match reconciler.apply(&new) {
+                    match reconciler.apply(&checks.overlay(&new)) {
                         Ok(s) => info!("reloaded {}: {s}", config.display()),
                         Err(e) => error!("reload of {} failed: {e:#}", config.display()),
                     }
@@ -559,9 +585,16 @@ fn run(pin_root: &Path, args: &AttachArgs, metrics_addr: SocketAddr) -> anyhow::
         }
         // Neighbours and routes move (a next hop's MAC, a failed-over gateway): resolve them
         // again now and then; only what changed is written.
+        if checks.take_changed() {
+            match reconciler.apply(&checks.overlay(&running)) {
+                Ok(s) if !s.is_empty() => info!("health checks changed the maps: {s}"),
+                Ok(_) => {}
+                Err(e) => warn!("applying a health change failed (retrying on the next): {e:#}"),
+            }
+        }
         if refreshed.elapsed() >= NEXT_HOP_REFRESH {
             refreshed = Instant::now();
-            match reconciler.apply(&running) {
+            match reconciler.apply(&checks.overlay(&running)) {
                 Ok(s) if !s.is_empty() => info!("next hops refreshed: {s}"),
                 Ok(_) => {}
                 Err(e) => warn!("refreshing next hops failed (keeping the old ones): {e:#}"),
@@ -633,13 +666,40 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
     let iface = Interface::by_name(&args.at.iface)?;
     let bgp = args.bgp.config(&iface)?;
     let pins = PinLayout::new(pin_root, &iface.name);
-    let control = ControlMetrics::with_watches();
+    let health_metrics = metrics::HealthMetrics::default();
+    let control = ControlMetrics::with_watches().with_health(health_metrics.clone());
+    let lease_namespace = k8s::announce::lease_namespace(args.lease_namespace.clone());
+    let load = match (&args.node_name, args.load_aware) {
+        (Some(node_name), true) => Some(lb_userspace::health::load::LoadConfig {
+            node_name: node_name.clone(),
+            namespace: lease_namespace.clone(),
+            source: match &args.load_file {
+                Some(path) => lb_userspace::health::load::LoadSource::File(path.clone()),
+                None => lb_userspace::health::load::LoadSource::System,
+            },
+            interval: args.load_interval,
+            is_node: Default::default(),
+        }),
+        (None, true) => {
+            warn!("no --node-name: this node's load is not published (the others' still apply)");
+            None
+        }
+        (_, false) => None,
+    };
+    let health = lb_userspace::health::AgentHealth {
+        checks: args.health_checks,
+        load_aware: args.load_aware,
+        load,
+        namespace: lease_namespace.clone(),
+        follow_every: args.load_interval,
+        metrics: Some(health_metrics),
+    };
     // Served until the agent returns; before the first sync without the dataplane's figures.
     let _metrics = metrics::serve(args.metrics_addr, &pins, control.clone())?;
     pins.prepare()?;
     let generic = args.at.generic;
     let announce = announce_node.map(|node_name| k8s::AnnounceConfig {
-        namespace: k8s::announce::lease_namespace(args.lease_namespace.clone()),
+        namespace: lease_namespace,
         node_name,
         iface: iface.clone(),
         pins: pins.clone(),
@@ -668,6 +728,7 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
             announce,
             metrics: control,
             bgp,
+            health,
         },
         apply,
     )

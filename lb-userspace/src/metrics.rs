@@ -48,6 +48,8 @@ pub struct ControlMetrics {
     left_out: Gauge,
     /// Only the agent's.
     watches: Option<WatchMetrics>,
+    /// Health checks and load (the agent, and `sluice run` with checks).
+    health: Option<HealthMetrics>,
 }
 
 /// The state of the agent's Kubernetes watches, by `resource` (services, endpointslices,
@@ -146,6 +148,7 @@ impl Default for ControlMetrics {
             reconcile_seconds: Histogram::new(exponential_buckets(1e-4, 2.0, 16)),
             left_out: Gauge::default(),
             watches: None,
+            health: None,
         }
     }
 }
@@ -157,6 +160,19 @@ impl ControlMetrics {
             watches: Some(WatchMetrics::default()),
             ..Self::default()
         }
+    }
+
+    /// With health-check and load figures (and `/health/backends` served beside `/metrics`).
+    pub fn with_health(self, health: HealthMetrics) -> Self {
+        Self {
+            health: Some(health),
+            ..self
+        }
+    }
+
+    /// The health figures, if any.
+    pub fn health(&self) -> Option<&HealthMetrics> {
+        self.health.as_ref()
     }
 
     /// The watches' figures, if these are the agent's.
@@ -240,6 +256,9 @@ pub fn render(maps: Option<&Maps>, control: &ControlMetrics) -> anyhow::Result<S
     );
     if let Some(watches) = &control.watches {
         watches.register(&mut registry);
+    }
+    if let Some(health) = &control.health {
+        health.register(&mut registry);
     }
 
     let mut text = String::new();
@@ -361,6 +380,7 @@ pub fn serve(
     control: ControlMetrics,
 ) -> anyhow::Result<http::Server> {
     let pins = pins.clone();
+    let control_health = control.health.clone();
     let scrape = move || {
         if !pins.has_maps() {
             return render(None, &control);
@@ -380,12 +400,143 @@ pub fn serve(
             http::Reply::text(500, format!("{e:#}\n"))
         }
     });
-    let server = http::serve(
-        addr,
-        "metrics",
-        "--metrics-addr",
-        vec![("/metrics", metrics)],
-    )?;
+    let mut routes = vec![("/metrics", metrics)];
+    if let Some(health) = &control_health {
+        let board = health.board.clone();
+        let backends: http::Handler = Box::new(move || http::Reply {
+            status: 200,
+            content_type: "application/json",
+            body: serde_json::to_string(&board.rows()).unwrap_or_else(|_| "[]".into()),
+        });
+        routes.push((HEALTH_BACKENDS_PATH, backends));
+    }
+    let server = http::serve(addr, "metrics", "--metrics-addr", routes)?;
     info!("metrics on http://{addr}/metrics");
     Ok(server)
+}
+
+/// Where `/metrics`'s server answers with the health overlay's rows (JSON), for `inspect backends`.
+pub const HEALTH_BACKENDS_PATH: &str = "/health/backends";
+
+/// Health checks and node load: counted as they happen, the rest read from the last overlay's
+/// rows on each scrape. Label sets are bounded by the model (VIPs x backends, nodes). Clones
+/// share their values.
+#[derive(Clone, Debug, Default)]
+pub struct HealthMetrics {
+    probes: Family<Labels, Counter>,
+    changes: Family<Labels, Counter>,
+    own_load: Gauge<f64, std::sync::atomic::AtomicU64>,
+    own_multiplier: Gauge,
+    /// The last overlay (per VIP and backend).
+    pub board: crate::health::StatusBoard,
+    /// Every node's published load, as last read.
+    nodes: std::sync::Arc<std::sync::Mutex<Vec<(String, crate::health::NodeLoad)>>>,
+}
+
+impl HealthMetrics {
+    /// One probe, passed or failed.
+    pub fn probe(&self, ok: bool) {
+        let result = if ok { "ok" } else { "fail" };
+        self.probes
+            .get_or_create(&vec![("result", result.to_owned())])
+            .inc();
+    }
+
+    /// A verdict changed to `to` (up, down, unchecked).
+    pub fn change(&self, to: &str) {
+        self.changes
+            .get_or_create(&vec![("to", to.to_owned())])
+            .inc();
+    }
+
+    /// This node's smoothed load and the multiplier it publishes (percent).
+    pub fn own_load(&self, load: f64, multiplier: u32) {
+        self.own_load.set(load);
+        self.own_multiplier.set(i64::from(multiplier));
+    }
+
+    /// The nodes' published loads, as read from their Leases.
+    pub fn set_nodes(&self, nodes: Vec<(String, crate::health::NodeLoad)>) {
+        if let Ok(mut n) = self.nodes.lock() {
+            *n = nodes;
+        }
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "health_probes",
+            "Health-check probes of backends, by result",
+            self.probes.clone(),
+        );
+        registry.register(
+            "health_changes",
+            "Health verdict changes of backends, by the new verdict",
+            self.changes.clone(),
+        );
+        registry.register(
+            "load_own",
+            "This node's smoothed load as it publishes it (0 idle, 1 saturated)",
+            self.own_load.clone(),
+        );
+        registry.register(
+            "load_own_multiplier_percent",
+            "The weight multiplier this node publishes for itself, percent",
+            self.own_multiplier.clone(),
+        );
+        let healthy = gauge_family(
+            registry,
+            "backend_healthy",
+            "1 unless the backend's health check is down (unknown and unchecked count as 1)",
+        );
+        let base = gauge_family(
+            registry,
+            "backend_base_weight",
+            "The backend's weight from its source (config, Node annotation, endpoints)",
+        );
+        let effective = gauge_family(
+            registry,
+            "backend_effective_weight",
+            "The weight in the Maglev table after health and load (0: draining)",
+        );
+        let multiplier = gauge_family(
+            registry,
+            "backend_load_multiplier_percent",
+            "The load multiplier applied to the backend's base weight, percent (100: neutral)",
+        );
+        for row in self.board.rows() {
+            let labels = vec![("vip", row.vip.clone()), ("backend", row.backend.clone())];
+            healthy
+                .get_or_create(&labels)
+                .set(i64::from(row.health != crate::health::Health::Down));
+            base.get_or_create(&labels).set(i64::from(row.base_weight));
+            effective
+                .get_or_create(&labels)
+                .set(i64::from(row.effective_weight));
+            multiplier
+                .get_or_create(&labels)
+                .set(i64::from(row.multiplier));
+        }
+        let load = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "node_load",
+            "Each node's load as published on its Lease (fresh ones only)",
+            load.clone(),
+        );
+        let node_multiplier = gauge_family(
+            registry,
+            "node_load_multiplier_percent",
+            "Each node's published weight multiplier, percent (stale: 100, neutral)",
+        );
+        if let Ok(nodes) = self.nodes.lock() {
+            for (node, l) in nodes.iter() {
+                let labels = vec![("node", node.clone())];
+                if l.fresh {
+                    load.get_or_create(&labels).set(l.load);
+                }
+                node_multiplier
+                    .get_or_create(&labels)
+                    .set(i64::from(if l.fresh { l.multiplier } else { 100 }));
+            }
+        }
+    }
 }

@@ -277,6 +277,9 @@ pub struct Vip {
     /// against the prefixes of its own family only: a VIP whose prefixes are all of the other
     /// family admits nobody.
     pub source_ranges: Vec<IpNet>,
+    /// Active health check of the backends (`health`): one that fails drains.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<crate::health::HealthCheck>,
 }
 
 impl Vip {
@@ -288,6 +291,7 @@ impl Vip {
             mode: ForwardingMode::L2,
             client_affinity: false,
             source_ranges: Vec::new(),
+            health_check: None,
         }
     }
 }

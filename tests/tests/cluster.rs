@@ -13,7 +13,8 @@
 //! - established connections survive the agent pod's deletion on the receiving node and a
 //!   rolling update of the DaemonSet to a new image tag;
 //! - a cordoned node takes no new connections, its established ones keep working;
-//! - the receiving node's link down: how long new connections fail (reported).
+//! - the receiving node's link down: how long new connections fail, and how soon another
+//!   node's agent drained it by its health check (reported).
 //!
 //! Needs root, the Kubernetes binaries (scripts/kube-apiserver.sh, cached), containerd, runc,
 //! the CNI plugins and buildah (scripts/bootstrap.sh), and the image archive:
@@ -674,6 +675,7 @@ fn sluice_deployed_on_a_real_cluster() {
         // The client's route moves to node-1, as a BGP router's would when node-0 goes.
         c.set_node_link(0, false)?;
         let t = Instant::now();
+        let down_at = std::time::SystemTime::now();
         c.route_vip_via(VIP_CLUSTER, 1)?;
         let mut first_ok = None;
         while t.elapsed() < Duration::from_secs(60) {
@@ -687,8 +689,15 @@ fn sluice_deployed_on_a_real_cluster() {
         c.route_vip_via(VIP_CLUSTER, 0)?;
         let ok =
             first_ok.context("new connections failed for 60 s after node-0's link went down")?;
+        // sluice's own part: node-1's agent drains node-0 on its health check (the rest of the
+        // window is kube-proxy sending connections to node-0's pods until their endpoints go).
+        let drained = match health_down_after(&c, 1, 0, down_at) {
+            Ok(Some(s)) => format!("{s:.1} s"),
+            Ok(None) => "not logged".to_owned(),
+            Err(e) => format!("unknown ({e:#})"),
+        };
         Ok(format!(
-            "new connections fully answered again {:.1} s after node-0's link went down",
+            "new connections fully answered again {:.1} s after node-0's link went down; node-1's agent drained node-0 by its health check after {drained}",
             ok.as_secs_f64()
         ))
     })();
@@ -706,4 +715,59 @@ fn sluice_deployed_on_a_real_cluster() {
     hold_for_inspection(&c);
     drop(c);
     checks.finish();
+}
+
+/// Seconds from `since` to the first `health: backend <node's address> ...: down` line in the
+/// log of `observer`'s agent (JSON lines), if there is one.
+fn health_down_after(
+    c: &Cluster,
+    observer: usize,
+    node: usize,
+    since: std::time::SystemTime,
+) -> Result<Option<f64>> {
+    let pods = agent_pods(c)?;
+    let (pod, _, _) = pods
+        .get(c.node_name(observer))
+        .context("no agent pod on the observer")?;
+    let out = c.kube().kubectl_on(
+        0,
+        &["logs", "-n", AGENT_NAMESPACE, pod, "--since=5m"],
+        Duration::from_secs(20),
+    )?;
+    let needle = format!("health: backend {} check", c.node_addr(node));
+    // Same host, same clock: seconds of the UTC day on both sides (modulo a day).
+    let since_day = since
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64()
+        .rem_euclid(86_400.0);
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let message = v["message"].as_str().unwrap_or_default();
+        if !message.starts_with(&needle) || !message.contains(": down (") {
+            continue;
+        }
+        let Some(clock) = v["timestamp"]
+            .as_str()
+            .and_then(|t| t.split_once('T'))
+            .map(|(_, t)| t.trim_end_matches('Z'))
+        else {
+            continue;
+        };
+        let mut parts = clock
+            .split(':')
+            .map(|p| p.parse::<f64>().unwrap_or(f64::NAN));
+        let (h, m, sec) = (
+            parts.next().unwrap_or(f64::NAN),
+            parts.next().unwrap_or(f64::NAN),
+            parts.next().unwrap_or(f64::NAN),
+        );
+        let at = h * 3600.0 + m * 60.0 + sec;
+        let delta = (at - since_day).rem_euclid(86_400.0);
+        if delta.is_finite() && delta < 3600.0 {
+            return Ok(Some(delta));
+        }
+    }
+    Ok(None)
 }

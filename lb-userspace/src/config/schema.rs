@@ -2,6 +2,7 @@
 //! backends, settings), with the cross-field rules (unique keys, families, capacity).
 
 use super::*;
+use crate::health::{CheckProtocol, HealthCheck, parse_duration};
 
 pub(super) const TOP_KEYS: &[&str] = &[
     "maglev_table_size",
@@ -20,6 +21,10 @@ pub(super) const VIP_KEYS: &[&str] = &[
     "session_affinity",
     "source_ranges",
     "backends",
+    "health_check",
+];
+pub(super) const HEALTH_CHECK_KEYS: &[&str] = &[
+    "protocol", "port", "path", "interval", "timeout", "fall", "rise",
 ];
 /// Most client prefixes of one VIP (the trie holds all VIPs' prefixes).
 pub(super) const MAX_SOURCE_RANGES_PER_VIP: usize = 1024;
@@ -242,13 +247,63 @@ impl Checker<'_> {
             backends.push(backend);
         }
         backends.sort_unstable_by_key(|backend| backend.addr);
+        let health_check = fields
+            .get("health_check")
+            .map(|field| self.health_check(&field))
+            .transpose()?;
         Ok(Vip {
             key,
             backends,
             mode,
             client_affinity,
             source_ranges,
+            health_check,
         })
+    }
+
+    /// `health_check: {protocol: http|tcp, port, path, interval, timeout, fall, rise}` (all but
+    /// protocol optional: port 10256, path /healthz, 1s, 500ms, 3, 2).
+    pub(super) fn health_check(&self, item: &Field<'_>) -> Result<HealthCheck> {
+        const HINT: &str = "e.g. `health_check: {protocol: http, port: 10256, path: /healthz, \
+             interval: 1s, timeout: 500ms, fall: 3, rise: 2}` (all but protocol optional)";
+        let fields = self.fields(item, HEALTH_CHECK_KEYS)?;
+        let protocol_field = self.require(&fields, "protocol", "add `protocol: http` or `tcp`")?;
+        let protocol = match self.text(&protocol_field, "http or tcp", HINT)? {
+            "http" => CheckProtocol::Http,
+            "tcp" => CheckProtocol::Tcp,
+            other => {
+                return Err(self.error_at(
+                    &protocol_field,
+                    format!("unknown protocol {other:?}"),
+                    "use http (GET, 2xx/3xx passes) or tcp (a connection passes)",
+                ));
+            }
+        };
+        let port = match fields.get("port") {
+            Some(field) => self.number(&field, 1..=65535, PORT_HINT)? as u16,
+            None => crate::health::KUBE_PROXY_HEALTHZ_PORT,
+        };
+        let path = match fields.get("path") {
+            Some(field) => self.text(&field, "a path like /healthz", HINT)?.to_owned(),
+            None => "/healthz".to_owned(),
+        };
+        let mut check = HealthCheck::new(protocol, port, &path);
+        for (key, slot) in [
+            ("interval", &mut check.interval),
+            ("timeout", &mut check.timeout),
+        ] {
+            if let Some(field) = fields.get(key) {
+                let text = self.text(&field, "a duration like 500ms or 1s", HINT)?;
+                *slot = parse_duration(text).map_err(|e| self.error_at(&field, e, HINT))?;
+            }
+        }
+        for (key, slot) in [("fall", &mut check.fall), ("rise", &mut check.rise)] {
+            if let Some(field) = fields.get(key) {
+                *slot = self.number(&field, 1..=100, "consecutive results: 1 to 100")?;
+            }
+        }
+        check.validate().map_err(|e| self.error_at(item, e, HINT))?;
+        Ok(check)
     }
 
     pub(super) fn backend(&self, item: &Field<'_>) -> Result<Backend> {

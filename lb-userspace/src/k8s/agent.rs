@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow};
 use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, Store};
@@ -62,7 +63,12 @@ pub struct AgentConfig {
     pub metrics: ControlMetrics,
     /// `--bgp`: announce the VIPs this node can serve to BGP routers (needs `node_name`).
     pub bgp: Option<crate::bgp::SpeakerConfig>,
+    /// Health checks and load-aware weights.
+    pub health: crate::health::AgentHealth,
 }
+
+/// How long the first apply waits for the nodes' load Leases (after the other lists).
+const LEASES_FIRST_LIST: Duration = Duration::from_secs(5);
 
 /// Applies one model to the dataplane (backends that cannot be resolved drain on their last
 /// known MAC, or wait); returns what changed. Runs on the reconcile thread, which owns it (and
@@ -229,6 +235,51 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
         _ = sigint.recv() => { info!("SIGINT before the first sync: exiting"); return Ok(()); }
     }
 
+    // Health: probes of the backends; the nodes' load Leases (and this node's publisher).
+    let prober = crate::health::probe::Prober::new(
+        tokio::runtime::Handle::current(),
+        changed.clone(),
+        config.health.metrics.clone(),
+    );
+    let leases = config.health.load_aware.then(|| {
+        watch(
+            Api::<Lease>::namespaced(client.clone(), &config.health.namespace),
+            watcher::Config::default().labels(&format!(
+                "{}={}",
+                crate::health::load::LEASE_LABEL,
+                crate::health::load::LEASE_LABEL_VALUE
+            )),
+            // Not `changed`: heartbeats alone must not rebuild; `follow` looks at what they say.
+            Arc::new(Notify::new()),
+            None,
+        )
+    });
+    if let Some(store) = &leases {
+        if tokio::time::timeout(LEASES_FIRST_LIST, store.wait_until_ready())
+            .await
+            .is_err()
+        {
+            warn!(
+                "no list of the load Leases in namespace {} within {LEASES_FIRST_LIST:?}: starting with neutral weights",
+                config.health.namespace
+            );
+        }
+        tokio::spawn(crate::health::load::follow(
+            store.clone(),
+            changed.clone(),
+            config.health.follow_every,
+            config.health.metrics.clone(),
+        ));
+        if let Some(load) = config.health.load.clone() {
+            tokio::spawn(crate::health::load::run(
+                client.clone(),
+                load,
+                store.clone(),
+                config.health.metrics.clone(),
+            ));
+        }
+    }
+
     let (tx, rx) = mpsc::channel::<Desired>();
     let reconciler = {
         let health = health.clone();
@@ -253,12 +304,18 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
     // The first model is always sent, even an empty one: its apply attaches.
     let mut first = true;
     loop {
-        let built = desired::build(
+        let mut built = desired::build(
             &services.state(),
             &slices.state(),
             &nodes.state(),
             config.settings,
         );
+        if let Some(load) = &config.health.load {
+            let is_node = built.node_names.values().any(|n| *n == load.node_name);
+            load.is_node.store(is_node, Ordering::Relaxed);
+        }
+        let lease_state = leases.as_ref().map(Store::state);
+        crate::health::agent_overlay(&mut built, &prober, lease_state.as_deref(), &config.health);
         for problem in built.problems.difference(&logged_problems) {
             warn!("{problem}");
         }

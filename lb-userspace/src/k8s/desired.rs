@@ -55,6 +55,7 @@ fn apply_options(vip: &mut Vip, options: &VipOptions) {
     vip.mode = options.mode;
     vip.client_affinity = options.client_affinity;
     vip.source_ranges = options.source_ranges.clone();
+    vip.health_check = options.health_check.clone();
 }
 
 /// What the balancer needs to know of a node.

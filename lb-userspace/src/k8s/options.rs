@@ -12,6 +12,11 @@ pub use crate::model::{ForwardingMode, IpNet};
 pub const FORWARDING_MODE_ANNOTATION: &str = "sluice.io/forwarding-mode";
 /// Node annotation scaling the node's share of new flows (0 to 10000, default 1; 0 takes none).
 pub const WEIGHT_ANNOTATION: &str = "sluice.io/weight";
+/// Service annotation overriding the health check of its nodes: `off`, `tcp:PORT` or
+/// `http:PORT/PATH` (then optionally `interval=1s timeout=500ms fall=3 rise=2`).
+pub const HEALTH_CHECK_ANNOTATION: &str = "sluice.io/health-check";
+/// Service annotation `"false"`: the nodes' load does not shape this Service's weights.
+pub const LOAD_AWARE_ANNOTATION: &str = "sluice.io/load-aware";
 /// Kubernetes' upper bound for `sessionAffinityConfig.clientIP.timeoutSeconds` (one day).
 const MAX_AFFINITY_TIMEOUT_SECS: u32 = 86_400;
 
@@ -27,6 +32,38 @@ pub struct VipOptions {
     /// clients (an IPv4 VIP of a Service that lists only IPv6 ranges admits nobody), as
     /// kube-proxy does.
     pub source_ranges: Vec<IpNet>,
+    /// How its nodes are checked: kube-proxy's conventions unless annotated (`None`: off).
+    pub health_check: Option<crate::health::HealthCheck>,
+    /// Whether the nodes' published load multipliers apply (`sluice.io/load-aware: "false"`).
+    pub load_aware: bool,
+}
+
+/// The health check of a Service: the annotation, else Kubernetes' conventions as cloud load
+/// balancers use them: `Local` -> its `healthCheckNodePort` (kube-proxy answers 200 where the
+/// node has a ready endpoint), else kube-proxy's own `:10256/healthz`.
+fn health_check(svc: &Service) -> Result<Option<crate::health::HealthCheck>, String> {
+    use crate::health::{CheckProtocol, HealthCheck, KUBE_PROXY_HEALTHZ_PORT, parse_annotation};
+    if let Some(v) = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(HEALTH_CHECK_ANNOTATION))
+    {
+        return parse_annotation(v)
+            .map_err(|e| format!("annotation {HEALTH_CHECK_ANNOTATION}: {e}"));
+    }
+    let spec = svc.spec.as_ref();
+    let local = spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
+    let node_port = spec
+        .and_then(|s| s.health_check_node_port)
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0);
+    let mut check = match (local, node_port) {
+        (true, Some(port)) => HealthCheck::new(CheckProtocol::Http, port, "/"),
+        _ => HealthCheck::new(CheckProtocol::Http, KUBE_PROXY_HEALTHZ_PORT, "/healthz"),
+    };
+    check.implicit = true;
+    Ok(Some(check))
 }
 
 /// Reads a Service's options; the error names the field and what is accepted.
@@ -78,10 +115,24 @@ pub fn service_options(svc: &Service) -> Result<VipOptions, String> {
     }
     source_ranges.sort();
     source_ranges.dedup();
+    let load_aware = match annotations.and_then(|a| a.get(LOAD_AWARE_ANNOTATION)) {
+        None => true,
+        Some(v) => match v.trim() {
+            "true" => true,
+            "false" => false,
+            other => {
+                return Err(format!(
+                    "annotation {LOAD_AWARE_ANNOTATION}: {other:?} is not true or false"
+                ));
+            }
+        },
+    };
     Ok(VipOptions {
         mode,
         client_affinity,
         source_ranges,
+        health_check: health_check(svc)?,
+        load_aware,
     })
 }
 
@@ -128,8 +179,12 @@ mod tests {
     #[test]
     fn defaults_without_annotations_or_affinity() {
         let o = service_options(&svc(json!({}), json!({}))).unwrap();
-        assert_eq!(o, VipOptions::default());
         assert_eq!(o.mode, ForwardingMode::L2);
+        assert!(!o.client_affinity && o.source_ranges.is_empty() && o.load_aware);
+        // kube-proxy's health endpoint, by convention (not held against a node without one).
+        let check = o.health_check.unwrap();
+        assert_eq!(check.to_string(), "http:10256/healthz");
+        assert!(check.implicit);
     }
 
     #[test]
@@ -193,6 +248,30 @@ mod tests {
             ))
             .unwrap_err();
             assert!(e.contains("loadBalancerSourceRanges[1]"), "{e}");
+        }
+    }
+
+    #[test]
+    fn health_check_conventions_annotation_and_load_opt_out() {
+        let local = json!({"externalTrafficPolicy": "Local", "healthCheckNodePort": 31234});
+        let o = service_options(&svc(json!({}), local.clone())).unwrap();
+        assert_eq!(o.health_check.unwrap().to_string(), "http:31234/");
+        let o = service_options(&svc(json!({HEALTH_CHECK_ANNOTATION: "tcp:80"}), local)).unwrap();
+        let check = o.health_check.unwrap();
+        assert_eq!(check.to_string(), "tcp:80");
+        assert!(!check.implicit);
+        let o = service_options(&svc(
+            json!({HEALTH_CHECK_ANNOTATION: "off", LOAD_AWARE_ANNOTATION: "false"}),
+            json!({}),
+        ))
+        .unwrap();
+        assert!(o.health_check.is_none() && !o.load_aware);
+        for (k, v) in [
+            (HEALTH_CHECK_ANNOTATION, "icmp"),
+            (LOAD_AWARE_ANNOTATION, "no"),
+        ] {
+            let e = service_options(&svc(json!({k: v}), json!({}))).unwrap_err();
+            assert!(e.contains(k), "{e}");
         }
     }
 

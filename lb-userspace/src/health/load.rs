@@ -1,0 +1,431 @@
+//! A node's load: measured (CPU pressure from `/proc/pressure/cpu` where the kernel has PSI,
+//! else the load average per core; accept-queue overflows from `/proc/net/netstat` count as
+//! saturation) or read from a file (`--load-file`, for tests), smoothed, run through the
+//! control law, and published with the resulting multiplier on this node's Lease
+//! `sluice-node-<node>` in the agent's namespace (the Role it already has for Leases).
+//!
+//! Every agent reads all nodes' Leases and applies the published multipliers, its own included,
+//! so all nodes build the same tables. A Lease not renewed for [`STALE_AFTER`] (by its
+//! `renewTime` against this node's clock: skew up to ~20 s is tolerated) counts as unknown:
+//! multiplier 100, neutral, never "idle".
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::reflector::Store;
+use kube::{Api, Client};
+use log::{info, warn};
+use serde_json::json;
+use tokio::sync::Notify;
+
+use super::{NodeLoad, control};
+use crate::metrics::HealthMetrics;
+
+/// Lease name prefix of the per-node load records.
+pub const LEASE_PREFIX: &str = "sluice-node-";
+/// The label that selects them (the agent watches only these).
+pub const LEASE_LABEL: &str = "app.kubernetes.io/component";
+pub const LEASE_LABEL_VALUE: &str = "sluice-node-load";
+pub const LOAD_ANNOTATION: &str = "sluice.io/load";
+pub const MULTIPLIER_ANNOTATION: &str = "sluice.io/weight-multiplier";
+/// A Lease older than this counts as unknown (neutral).
+pub const STALE_AFTER: Duration = Duration::from_secs(30);
+/// Published at least this often even when nothing changed.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// Default control period (`--load-interval`).
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Where the load comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoadSource {
+    /// PSI, else load average per core; accept-queue overflows as a saturation signal.
+    System,
+    /// A file holding one number (0 idle .. 1 saturated): tests, or an external measurement.
+    File(PathBuf),
+}
+
+/// What the load loop needs.
+#[derive(Clone, Debug)]
+pub struct LoadConfig {
+    pub node_name: String,
+    /// The namespace of the Leases (the agent's own).
+    pub namespace: String,
+    pub source: LoadSource,
+    /// The control period: one sample, one step of the law, at most one publication.
+    pub interval: Duration,
+    /// Whether this node is a Node of the cluster (set by the agent from its Node list): an
+    /// agent that is no backend has no weight to shape and publishes nothing.
+    pub is_node: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Takes samples from a [`LoadSource`].
+pub struct Sampler {
+    source: LoadSource,
+    overflows: Option<(u64, Instant)>,
+}
+
+impl Sampler {
+    pub fn new(source: LoadSource) -> Self {
+        Self {
+            source,
+            overflows: None,
+        }
+    }
+
+    /// One reading and where it came from.
+    pub fn sample(&mut self) -> anyhow::Result<(f64, String)> {
+        match &self.source {
+            LoadSource::File(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --load-file {}", path.display()))?;
+                let v: f64 = text.trim().parse().map_err(|_| {
+                    anyhow!(
+                        "--load-file {}: {:?} is not a number",
+                        path.display(),
+                        text.trim()
+                    )
+                })?;
+                anyhow::ensure!(
+                    v.is_finite() && v >= 0.0,
+                    "--load-file {}: {v} is not a load (0 or more)",
+                    path.display()
+                );
+                Ok((v, "file".into()))
+            }
+            LoadSource::System => {
+                let (mut load, mut what) = match std::fs::read_to_string("/proc/pressure/cpu")
+                    .ok()
+                    .and_then(|t| psi_some_avg10(&t))
+                {
+                    Some(p) => (p / 100.0, format!("cpu pressure {p:.1}%")),
+                    None => {
+                        let avg = std::fs::read_to_string("/proc/loadavg")
+                            .context("reading /proc/loadavg")?;
+                        let one: f64 =
+                            avg.split_whitespace()
+                                .next()
+                                .and_then(|v| v.parse().ok())
+                                .ok_or_else(|| anyhow!("/proc/loadavg: {avg:?} unreadable"))?;
+                        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                        (
+                            one / cores as f64,
+                            format!("load average {one:.2} on {cores} cores"),
+                        )
+                    }
+                };
+                if let Some(total) = std::fs::read_to_string("/proc/net/netstat")
+                    .ok()
+                    .and_then(|t| listen_overflows(&t))
+                {
+                    let now = Instant::now();
+                    if let Some((before, at)) = self.overflows
+                        && total > before
+                    {
+                        let rate = (total - before) as f64
+                            / now.duration_since(at).as_secs_f64().max(0.001);
+                        // Accept queues overflowing: the node is saturated whatever the CPU says.
+                        load = load.max(1.0);
+                        what.push_str(&format!("; {rate:.1} accept-queue overflows/s"));
+                    }
+                    self.overflows = Some((total, now));
+                }
+                Ok((load, what))
+            }
+        }
+    }
+}
+
+/// `some avg10=X` of a PSI file.
+fn psi_some_avg10(text: &str) -> Option<f64> {
+    let line = text.lines().find(|l| l.starts_with("some "))?;
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("avg10="))?
+        .parse()
+        .ok()
+}
+
+/// TcpExt ListenOverflows of `/proc/net/netstat` (a header line, then a value line).
+fn listen_overflows(text: &str) -> Option<u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let header = lines.next()?;
+    let values = lines.next()?;
+    let i = header
+        .split_whitespace()
+        .position(|k| k == "ListenOverflows")?;
+    values.split_whitespace().nth(i)?.parse().ok()
+}
+
+/// The Lease name of a node's load record.
+pub fn lease_name(node: &str) -> String {
+    format!("{LEASE_PREFIX}{node}")
+}
+
+/// Every node's published load, by node name, judged fresh or stale at `now`.
+pub fn node_loads(leases: &[Arc<Lease>], now: Timestamp) -> BTreeMap<String, NodeLoad> {
+    let mut out = BTreeMap::new();
+    for lease in leases {
+        let Some(node) = lease
+            .metadata
+            .name
+            .as_deref()
+            .and_then(|n| n.strip_prefix(LEASE_PREFIX))
+        else {
+            continue;
+        };
+        let annotations = lease.metadata.annotations.as_ref();
+        let get = |k: &str| annotations.and_then(|a| a.get(k)).map(|v| v.trim());
+        let (Some(load), Some(multiplier)) = (
+            get(LOAD_ANNOTATION).and_then(|v| v.parse::<f64>().ok()),
+            get(MULTIPLIER_ANNOTATION).and_then(|v| v.parse::<u32>().ok()),
+        ) else {
+            continue;
+        };
+        let spec = lease.spec.as_ref();
+        let duration = spec
+            .and_then(|s| s.lease_duration_seconds)
+            .map_or(STALE_AFTER.as_secs() as i64, i64::from);
+        let fresh = spec
+            .and_then(|s| s.renew_time.as_ref())
+            .is_some_and(|t| (now.as_millisecond() - t.0.as_millisecond()) < duration * 1000);
+        out.insert(
+            node.to_owned(),
+            NodeLoad {
+                load,
+                multiplier: multiplier.clamp(control::FLOOR, 100),
+                fresh,
+            },
+        );
+    }
+    out
+}
+
+/// Samples, steps the law and publishes every `interval` until dropped (what it publishes
+/// reaches the tables through [`follow`], this node's as every other's).
+pub async fn run(
+    client: Client,
+    config: LoadConfig,
+    leases: Store<Lease>,
+    metrics: Option<HealthMetrics>,
+) {
+    let api: Api<Lease> = Api::namespaced(client, &config.namespace);
+    let name = lease_name(&config.node_name);
+    let mut sampler = Sampler::new(config.source.clone());
+    if leases.wait_until_ready().await.is_err() {
+        warn!("load: the Lease watch stopped before its first list: not publishing");
+        return;
+    }
+    // A restarted agent continues from what it published, if that is still fresh.
+    let mut multiplier = node_loads(&leases.state(), Timestamp::now())
+        .remove(&config.node_name)
+        .filter(|l| l.fresh)
+        .map_or(100, |l| l.multiplier);
+    let mut smoothed: Option<f64> = None;
+    let mut published: Option<(u32, Instant)> = None;
+    let mut failing = false;
+    let mut publish_failing = false;
+    let mut was_node = true;
+    info!(
+        "load: publishing node {}'s load on Lease {}/{name} every {:?} at most (source: {:?})",
+        config.node_name, config.namespace, config.interval, config.source
+    );
+    let mut tick = tokio::time::interval(config.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (own, what) = match sampler.sample() {
+            Ok((v, what)) => (control::smooth(smoothed, v), what),
+            Err(e) => {
+                if !failing {
+                    warn!("load: {e:#}; keeping multiplier {multiplier}%");
+                    failing = true;
+                }
+                continue;
+            }
+        };
+        failing = false;
+        smoothed = Some(own);
+        let now = Timestamp::now();
+        let others: Vec<f64> = node_loads(&leases.state(), now)
+            .into_iter()
+            .filter(|(n, l)| *n != config.node_name && l.fresh)
+            .map(|(_, l)| l.load)
+            .collect();
+        let next = control::next(multiplier, own, &others);
+        if next != multiplier {
+            info!(
+                "load: node {} load {own:.2} ({what}; mean of {} peers {:.2}): weight multiplier {multiplier}% -> {next}%",
+                config.node_name,
+                others.len(),
+                others.iter().sum::<f64>() / others.len().max(1) as f64
+            );
+            multiplier = next;
+        }
+        if let Some(m) = &metrics {
+            m.own_load(own, multiplier);
+        }
+        let due = published.is_none_or(|(m, at)| m != multiplier || at.elapsed() >= HEARTBEAT);
+        let is_node = config.is_node.load(std::sync::atomic::Ordering::Relaxed);
+        if is_node != was_node {
+            if !is_node {
+                info!(
+                    "load: {} is not a Node of the cluster (yet): publishing nothing",
+                    config.node_name
+                );
+            }
+            was_node = is_node;
+        }
+        if due && is_node {
+            match publish(&api, &name, &config.node_name, own, multiplier).await {
+                Ok(()) => {
+                    if publish_failing {
+                        info!("load: Lease {name} published again");
+                    }
+                    publish_failing = false;
+                    published = Some((multiplier, Instant::now()));
+                }
+                Err(e) if !publish_failing => {
+                    warn!(
+                        "load: publishing Lease {name} failed (retrying every period; the others count it stale after {STALE_AFTER:?}): {e}"
+                    );
+                    publish_failing = true;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// Wakes `changed` when what the Leases say (a node's multiplier, or whether it is fresh)
+/// differs from the last look, which is taken every `interval`: a heartbeat that changes
+/// nothing rebuilds nothing, however many nodes publish.
+/// The loads shown (`/metrics`, `inspect backends`) are refreshed on every look.
+pub async fn follow(
+    leases: Store<Lease>,
+    changed: Arc<Notify>,
+    interval: Duration,
+    metrics: Option<HealthMetrics>,
+) {
+    let mut last: BTreeMap<String, (u32, bool)> = BTreeMap::new();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let loads = node_loads(&leases.state(), Timestamp::now());
+        if let Some(m) = &metrics {
+            m.set_nodes(loads.iter().map(|(n, l)| (n.clone(), l.clone())).collect());
+            m.board.refresh_loads(&loads);
+        }
+        let view: BTreeMap<String, (u32, bool)> = loads
+            .into_iter()
+            .map(|(n, l)| (n, (l.multiplier, l.fresh)))
+            .collect();
+        if view != last {
+            last = view;
+            changed.notify_one();
+        }
+    }
+}
+
+async fn publish(
+    api: &Api<Lease>,
+    name: &str,
+    node: &str,
+    load: f64,
+    multiplier: u32,
+) -> Result<(), kube::Error> {
+    let body = json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": name,
+            "labels": {LEASE_LABEL: LEASE_LABEL_VALUE, "app.kubernetes.io/name": "sluice"},
+            "annotations": {
+                LOAD_ANNOTATION: format!("{load:.3}"),
+                MULTIPLIER_ANNOTATION: multiplier.to_string(),
+            },
+        },
+        "spec": {
+            "holderIdentity": node,
+            "leaseDurationSeconds": STALE_AFTER.as_secs(),
+            "renewTime": MicroTime(Timestamp::now()),
+        },
+    });
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Merge(&body))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => {
+            let lease: Lease = serde_json::from_value(body).map_err(kube::Error::SerdeError)?;
+            api.create(&PostParams::default(), &lease).await.map(drop)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_psi_and_netstat() {
+        let psi = "some avg10=12.50 avg60=3.00 avg300=1.00 total=123\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n";
+        assert_eq!(psi_some_avg10(psi), Some(12.5));
+        let netstat = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 0 17 20\nIpExt: InNoRoutes\nIpExt: 0\n";
+        assert_eq!(listen_overflows(netstat), Some(17));
+        assert_eq!(listen_overflows("IpExt: a\nIpExt: 1\n"), None);
+    }
+
+    #[test]
+    fn file_source_and_errors() {
+        let dir = std::env::temp_dir().join(format!("sluice-load-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("load");
+        std::fs::write(&file, "0.75\n").unwrap();
+        let mut s = Sampler::new(LoadSource::File(file.clone()));
+        assert_eq!(s.sample().unwrap().0, 0.75);
+        std::fs::write(&file, "busy").unwrap();
+        let e = s.sample().unwrap_err().to_string();
+        assert!(e.contains("--load-file") && e.contains("busy"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        // The real source reads something on any Linux.
+        let (v, what) = Sampler::new(LoadSource::System).sample().unwrap();
+        assert!(v >= 0.0, "{v} {what}");
+    }
+
+    #[test]
+    fn fresh_and_stale_leases() {
+        let now = Timestamp::now();
+        let lease = |node: &str, age_s: i64, m: &str| {
+            let renew = now - k8s_openapi::jiff::SignedDuration::from_secs(age_s);
+            Arc::new(
+                serde_json::from_value::<Lease>(json!({
+                    "metadata": {"name": lease_name(node),
+                        "annotations": {LOAD_ANNOTATION: "0.9", MULTIPLIER_ANNOTATION: m}},
+                    "spec": {"leaseDurationSeconds": 30, "renewTime": MicroTime(renew)},
+                }))
+                .unwrap(),
+            )
+        };
+        let loads = node_loads(
+            &[
+                lease("a", 1, "40"),
+                lease("b", 31, "40"),
+                lease("c", 1, "3"),
+                lease("d", 1, "x"),
+            ],
+            now,
+        );
+        assert!(loads["a"].fresh && loads["a"].multiplier == 40);
+        assert!(!loads["b"].fresh);
+        assert_eq!(loads["c"].multiplier, control::FLOOR);
+        assert!(!loads.contains_key("d"));
+    }
+}

@@ -1,0 +1,500 @@
+//! Active health checks: a TCP connect or a minimal HTTP/1.0 GET per (backend, check), each a
+//! tokio task, at most [`MAX_CONCURRENT`] probes in flight (hundreds of nodes cost a bounded
+//! number of sockets). A [`Tracker`] turns results into verdicts with rise/fall counts, quicker
+//! re-probes while a verdict is about to change (HAProxy's `fastinter`) and a hold-down that
+//! grows with flapping; each change is logged once with its reason and wakes the caller.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use log::info;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinHandle;
+
+use super::{CheckProtocol, Health, HealthCheck, Verdict};
+use crate::metrics::HealthMetrics;
+
+/// Probes in flight at once, over all targets.
+pub const MAX_CONCURRENT: usize = 64;
+/// The first hold-down after a backend went down: it comes back no sooner than this after it
+/// went down, however soon its checks pass.
+pub const HOLD_DOWN: Duration = Duration::from_secs(5);
+/// Each further fall within [`FLAP_WINDOW`] doubles the hold-down, up to [`HOLD_DOWN_MAX`].
+pub const FLAP_WINDOW: Duration = Duration::from_secs(300);
+pub const HOLD_DOWN_MAX: Duration = Duration::from_secs(60);
+/// Most bytes of an HTTP answer read (the status line is all that counts).
+const HTTP_READ_LIMIT: usize = 1024;
+
+/// Why a probe failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeError {
+    /// Connection refused: nothing listens (matters for implicit checks).
+    pub refused: bool,
+    pub reason: String,
+}
+
+/// One probe of `addr` by `check`.
+pub async fn probe_once(addr: IpAddr, check: &HealthCheck) -> Result<(), ProbeError> {
+    let target = SocketAddr::new(addr, check.port);
+    let fail = |reason: String| ProbeError {
+        refused: false,
+        reason,
+    };
+    let work = async {
+        let mut stream = TcpStream::connect(target).await.map_err(|e| ProbeError {
+            refused: e.kind() == std::io::ErrorKind::ConnectionRefused,
+            reason: format!("connect to {target}: {e}"),
+        })?;
+        if check.protocol == CheckProtocol::Tcp {
+            return Ok(());
+        }
+        let status = http_get(&mut stream, addr, &check.path)
+            .await
+            .map_err(|e| fail(format!("GET {target}{}: {e}", check.path)))?;
+        if (200..400).contains(&status) {
+            Ok(())
+        } else {
+            Err(fail(format!("GET {target}{}: status {status}", check.path)))
+        }
+    };
+    match tokio::time::timeout(check.timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(fail(format!(
+            "{} {target}: no answer within {:?}",
+            if check.protocol == CheckProtocol::Tcp {
+                "connect to"
+            } else {
+                "GET"
+            },
+            check.timeout
+        ))),
+    }
+}
+
+/// Sends `GET path` on `stream` and returns the status code of the answer.
+async fn http_get(stream: &mut TcpStream, host: IpAddr, path: &str) -> std::io::Result<u16> {
+    let request = format!(
+        "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: sluice-health\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 256];
+    while !buf.contains(&b'\n') && buf.len() < HTTP_READ_LIMIT {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    status_code(&buf).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "not an HTTP answer: {:?}",
+                String::from_utf8_lossy(&buf[..buf.len().min(40)])
+            ),
+        )
+    })
+}
+
+/// The status of `HTTP/1.x NNN ...`.
+fn status_code(answer: &[u8]) -> Option<u16> {
+    let line = answer.split(|b| *b == b'\n').next()?;
+    let line = std::str::from_utf8(line).ok()?;
+    let mut parts = line.split_whitespace();
+    if !parts.next()?.starts_with("HTTP/1.") {
+        return None;
+    }
+    parts
+        .next()?
+        .parse()
+        .ok()
+        .filter(|s| (100..600).contains(s))
+}
+
+/// A blocking `GET http://addr/path` with a timeout, for `sluice inspect` (the agent's own
+/// endpoints): the body when the status is 200.
+pub fn fetch(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = Vec::new();
+    stream.take(16 << 20).read_to_end(&mut answer)?;
+    let status = status_code(&answer)
+        .ok_or_else(|| anyhow::anyhow!("http://{addr}{path}: not an HTTP answer"))?;
+    anyhow::ensure!(status == 200, "http://{addr}{path}: status {status}");
+    let body = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(&answer[..0], |i| &answer[i + 4..]);
+    Ok(String::from_utf8_lossy(body).into_owned())
+}
+
+/// Rise/fall/hold-down bookkeeping of one target. Pure (time is passed in).
+#[derive(Clone, Debug)]
+pub struct Tracker {
+    rise: u32,
+    fall: u32,
+    implicit: bool,
+    health: Health,
+    successes: u32,
+    failures: u32,
+    ever_up: bool,
+    /// When the target went down, the last few times (flap damping).
+    falls: VecDeque<Instant>,
+    reason: String,
+}
+
+impl Tracker {
+    pub fn new(check: &HealthCheck) -> Self {
+        Self {
+            rise: check.rise,
+            fall: check.fall,
+            implicit: check.implicit,
+            health: Health::Unknown,
+            successes: 0,
+            failures: 0,
+            ever_up: false,
+            falls: VecDeque::new(),
+            reason: "not probed yet".into(),
+        }
+    }
+
+    pub fn verdict(&self) -> Verdict {
+        Verdict {
+            health: self.health,
+            reason: self.reason.clone(),
+        }
+    }
+
+    /// How long after the last fall the target must stay down: doubled by each fall within
+    /// [`FLAP_WINDOW`] before it.
+    pub fn hold_down(&self, now: Instant) -> Duration {
+        let recent = self
+            .falls
+            .iter()
+            .filter(|t| now.duration_since(**t) < FLAP_WINDOW)
+            .count() as u32;
+        let factor = 1u32 << recent.saturating_sub(1).min(4);
+        (HOLD_DOWN * factor).min(HOLD_DOWN_MAX)
+    }
+
+    /// Takes one probe result; returns the new verdict when it changed.
+    pub fn observe(&mut self, result: Result<(), ProbeError>, now: Instant) -> Option<Verdict> {
+        let before = self.health;
+        match result {
+            Ok(()) => {
+                self.failures = 0;
+                self.successes = self.successes.saturating_add(1);
+                self.ever_up = true;
+                match self.health {
+                    Health::Up => {}
+                    Health::Unknown | Health::Unchecked => {
+                        self.health = Health::Up;
+                        self.reason = "check passed".into();
+                    }
+                    Health::Down => {
+                        let held = self
+                            .falls
+                            .back()
+                            .is_some_and(|t| now.duration_since(*t) < self.hold_down(now));
+                        if self.successes >= self.rise && !held {
+                            self.health = Health::Up;
+                            self.reason = format!("{} checks passed in a row", self.successes);
+                        } else if self.successes >= self.rise {
+                            self.reason = format!(
+                                "passing again, held down for {:?} after falling (flap damping)",
+                                self.hold_down(now)
+                            );
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                self.successes = 0;
+                self.failures = self.failures.saturating_add(1);
+                if self.implicit && !self.ever_up && e.refused {
+                    // Nothing ever listened: a cluster without kube-proxy, not a dead node.
+                    self.health = Health::Unchecked;
+                    self.failures = 0;
+                    self.reason = format!("{} (never answered: not held against it)", e.reason);
+                } else if self.health != Health::Down && self.failures >= self.fall {
+                    self.health = Health::Down;
+                    self.reason = format!("{} failed checks in a row: {}", self.failures, e.reason);
+                    self.falls.push_back(now);
+                    while self.falls.len() > 8 {
+                        self.falls.pop_front();
+                    }
+                } else if self.health == Health::Down {
+                    self.reason = format!("still failing: {}", e.reason);
+                }
+            }
+        }
+        (self.health != before).then(|| self.verdict())
+    }
+
+    /// How long until the next probe: the interval, or a fifth of it while the verdict is about
+    /// to change (failing but not yet down, passing but not yet up).
+    pub fn next_delay(&self, interval: Duration) -> Duration {
+        let turning = (self.failures > 0 && self.health != Health::Down)
+            || (self.successes > 0 && self.health == Health::Down);
+        if turning { interval / 5 } else { interval }
+    }
+}
+
+type Target = (IpAddr, HealthCheck);
+
+struct Probe {
+    tracker: Arc<Mutex<Tracker>>,
+    task: JoinHandle<()>,
+}
+
+/// The probes of a set of targets. Targets come and go with the model; a target kept keeps
+/// its verdict.
+pub struct Prober {
+    probes: Mutex<BTreeMap<Target, Probe>>,
+    limit: Arc<Semaphore>,
+    changed: Arc<Notify>,
+    runtime: tokio::runtime::Handle,
+    metrics: Option<HealthMetrics>,
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        if let Ok(probes) = self.probes.lock() {
+            for p in probes.values() {
+                p.task.abort();
+            }
+        }
+    }
+}
+
+impl Prober {
+    /// Probes run on `runtime`; every verdict change wakes `changed`.
+    pub fn new(
+        runtime: tokio::runtime::Handle,
+        changed: Arc<Notify>,
+        metrics: Option<HealthMetrics>,
+    ) -> Self {
+        Self {
+            probes: Mutex::new(BTreeMap::new()),
+            limit: Arc::new(Semaphore::new(MAX_CONCURRENT)),
+            changed,
+            runtime,
+            metrics,
+        }
+    }
+
+    /// Probes exactly `targets` from now on.
+    pub fn set_targets(&self, targets: &BTreeSet<Target>) {
+        let Ok(mut probes) = self.probes.lock() else {
+            return;
+        };
+        probes.retain(|t, p| {
+            let keep = targets.contains(t);
+            if !keep {
+                p.task.abort();
+            }
+            keep
+        });
+        for (i, target) in targets.iter().enumerate() {
+            if probes.contains_key(target) {
+                continue;
+            }
+            let tracker = Arc::new(Mutex::new(Tracker::new(&target.1)));
+            // Spread the first probes over the interval, so hundreds do not start at once.
+            let offset = target.1.interval.mul_f64((i % 16) as f64 / 16.0);
+            let task = self.runtime.spawn(run_probe(
+                target.clone(),
+                tracker.clone(),
+                self.limit.clone(),
+                self.changed.clone(),
+                self.metrics.clone(),
+                offset,
+            ));
+            probes.insert(target.clone(), Probe { tracker, task });
+        }
+    }
+
+    /// The verdict of a target (unknown if it is not probed).
+    pub fn verdict(&self, addr: IpAddr, check: &HealthCheck) -> Verdict {
+        self.probes
+            .lock()
+            .ok()
+            .and_then(|p| {
+                p.get(&(addr, check.clone()))
+                    .and_then(|p| p.tracker.lock().ok().map(|t| t.verdict()))
+            })
+            .unwrap_or(Verdict {
+                health: Health::Unknown,
+                reason: "not probed yet".into(),
+            })
+    }
+}
+
+async fn run_probe(
+    (addr, check): Target,
+    tracker: Arc<Mutex<Tracker>>,
+    limit: Arc<Semaphore>,
+    changed: Arc<Notify>,
+    metrics: Option<HealthMetrics>,
+    offset: Duration,
+) {
+    tokio::time::sleep(offset).await;
+    loop {
+        let started = tokio::time::Instant::now();
+        let result = match limit.acquire().await {
+            Ok(_permit) => probe_once(addr, &check).await,
+            Err(_) => return,
+        };
+        if let Some(m) = &metrics {
+            m.probe(result.is_ok());
+        }
+        let (change, delay) = match tracker.lock() {
+            Ok(mut t) => {
+                let change = t.observe(result, Instant::now());
+                (change, t.next_delay(check.interval))
+            }
+            Err(_) => return,
+        };
+        if let Some(v) = change {
+            info!(
+                "health: backend {addr} check {check}: {} ({})",
+                v.health.name(),
+                v.reason
+            );
+            if let Some(m) = &metrics {
+                m.change(v.health.name());
+            }
+            changed.notify_one();
+        }
+        tokio::time::sleep_until(started + delay).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(refused: bool) -> Result<(), ProbeError> {
+        Err(ProbeError {
+            refused,
+            reason: "x".into(),
+        })
+    }
+
+    #[test]
+    fn fall_rise_and_fast_reprobes() {
+        let check = HealthCheck::new(CheckProtocol::Tcp, 80, "/");
+        let mut t = Tracker::new(&check);
+        let t0 = Instant::now();
+        let i = check.interval;
+        assert_eq!(t.observe(Ok(()), t0).unwrap().health, Health::Up);
+        assert!(t.observe(err(false), t0).is_none());
+        assert_eq!(t.next_delay(i), i / 5);
+        assert!(t.observe(err(false), t0).is_none());
+        let v = t.observe(err(false), t0).unwrap();
+        assert_eq!(v.health, Health::Down);
+        assert!(v.reason.starts_with("3 failed checks"), "{v:?}");
+        assert_eq!(t.next_delay(i), i);
+        // Passing again at once: held down for HOLD_DOWN.
+        assert!(t.observe(Ok(()), t0).is_none());
+        assert!(t.observe(Ok(()), t0).is_none());
+        let later = t0 + HOLD_DOWN;
+        assert_eq!(t.observe(Ok(()), later).unwrap().health, Health::Up);
+    }
+
+    #[test]
+    fn flapping_doubles_the_hold_down() {
+        let mut check = HealthCheck::new(CheckProtocol::Tcp, 80, "/");
+        check.fall = 1;
+        check.rise = 1;
+        let mut t = Tracker::new(&check);
+        let mut now = Instant::now();
+        let mut holds = Vec::new();
+        for _ in 0..4 {
+            t.observe(err(false), now);
+            holds.push(t.hold_down(now));
+            now += t.hold_down(now);
+            assert_eq!(t.observe(Ok(()), now).unwrap().health, Health::Up);
+        }
+        assert_eq!(
+            holds,
+            [HOLD_DOWN, HOLD_DOWN * 2, HOLD_DOWN * 4, HOLD_DOWN * 8]
+        );
+    }
+
+    #[test]
+    fn implicit_check_without_listener_is_unchecked_until_it_ever_answered() {
+        let mut check = HealthCheck::new(CheckProtocol::Http, 10256, "/healthz");
+        check.implicit = true;
+        let mut t = Tracker::new(&check);
+        let now = Instant::now();
+        for _ in 0..5 {
+            t.observe(err(true), now);
+        }
+        assert_eq!(t.verdict().health, Health::Unchecked);
+        // A timeout is a failure even so.
+        for _ in 0..3 {
+            t.observe(err(false), now);
+        }
+        assert_eq!(t.verdict().health, Health::Down);
+        let mut t = Tracker::new(&check);
+        t.observe(Ok(()), now);
+        for _ in 0..3 {
+            t.observe(err(true), now);
+        }
+        assert_eq!(t.verdict().health, Health::Down, "it answered once");
+    }
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(status_code(b"HTTP/1.1 200 OK\r\n"), Some(200));
+        assert_eq!(status_code(b"HTTP/1.0 503 x\r\n"), Some(503));
+        assert_eq!(status_code(b"SSH-2.0\r\n"), None);
+        assert_eq!(status_code(b"HTTP/1.1 abc\r\n"), None);
+    }
+
+    #[tokio::test]
+    async fn probes_a_real_listener_and_a_closed_port() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 512];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let ok = String::from_utf8_lossy(&buf[..n]).starts_with("GET /ok ");
+                let answer: &[u8] = if ok {
+                    b"HTTP/1.1 200 OK\r\n\r\nok"
+                } else {
+                    b"HTTP/1.1 503 no\r\n\r\n"
+                };
+                let _ = s.write_all(answer).await;
+            }
+        });
+        let lo = IpAddr::from([127, 0, 0, 1]);
+        let ok = HealthCheck::new(CheckProtocol::Http, port, "/ok");
+        assert_eq!(probe_once(lo, &ok).await, Ok(()));
+        let bad = HealthCheck::new(CheckProtocol::Http, port, "/bad");
+        let e = probe_once(lo, &bad).await.unwrap_err();
+        assert!(e.reason.contains("status 503"), "{e:?}");
+        let tcp = HealthCheck::new(CheckProtocol::Tcp, port, "/");
+        assert_eq!(probe_once(lo, &tcp).await, Ok(()));
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed_port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let e = probe_once(lo, &HealthCheck::new(CheckProtocol::Tcp, closed_port, "/"))
+            .await
+            .unwrap_err();
+        assert!(e.refused, "{e:?}");
+    }
+}
