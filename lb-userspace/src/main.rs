@@ -238,7 +238,7 @@ enum Command {
     /// Balance the Services of a Kubernetes cluster: watch Services, EndpointSlices and Nodes and
     /// keep the maps in step until SIGTERM. Attaches persistently (pinned, like `attach`), so a
     /// restarted or upgraded agent adopts the maps and no established flow is dropped.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Detach a persistent attachment and remove its pins.
     Detach {
         #[arg(long)]
@@ -385,7 +385,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             metrics_addr,
         } => run(&cli.pin_dir, &a, metrics_addr),
         Command::Attach(a) => attach(&cli.pin_dir, &a.config, &a.at.iface, a.at.generic),
-        Command::Agent(a) => agent(&cli.pin_dir, a),
+        Command::Agent(a) => agent(&cli.pin_dir, *a),
         Command::Detach { iface } => {
             require_root()?;
             dataplane::detach_pinned(&PinLayout::new(&cli.pin_dir, &iface))?;

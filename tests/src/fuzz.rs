@@ -927,10 +927,44 @@ fn check_unwrapped(world: &World, input: &[u8], out: &[u8]) -> Result<(), String
         &[0x08, 0x00]
     });
     expected.extend_from_slice(&input[14 + outer_len..]);
+    // RFC 6040: congestion experienced on the tunnel's path (CE on the outer header) is handed
+    // to the ECN-capable inner packet (a not-ECT one is dropped, never passed).
+    let outer_ecn = if l3.v6 {
+        (input[15] >> 4) & 3
+    } else {
+        input[15] & 3
+    };
+    if outer_ecn == 3 {
+        if inner_v6 {
+            if expected.len() < 16 || (expected[15] >> 4) & 3 == 0 {
+                return Err("passed a not-ECT inner packet whose outer header had CE".into());
+            }
+            expected[15] |= 3 << 4;
+        } else {
+            if expected.len() < 34 || expected[15] & 3 == 0 {
+                return Err("passed a not-ECT inner packet whose outer header had CE".into());
+            }
+            // The program patches the checksum incrementally (RFC 1624), as mirrored here.
+            let old = u16::from_ne_bytes([expected[14], expected[15]]);
+            expected[15] |= 3;
+            let new = u16::from_ne_bytes([expected[14], expected[15]]);
+            let check = u16::from_ne_bytes([expected[24], expected[25]]);
+            expected[24..26].copy_from_slice(&replace16(check, old, new).to_ne_bytes());
+        }
+    }
     if out != expected.as_slice() {
         return Err("unwrapped, but the result is not the inner packet".into());
     }
     Ok(())
+}
+
+/// RFC 1624 incremental checksum update, exactly as lb-ebpf's `csum::replace16` computes it.
+fn replace16(check: u16, old: u16, new: u16) -> u16 {
+    let mut sum = u64::from(!check) + u64::from(!old) + u64::from(new);
+    for _ in 0..4 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }
 
 fn check_tx(world: &World, input: &[u8], out: &[u8], flow_vip: Option<&Vip>) -> Result<(), String> {

@@ -325,9 +325,10 @@ fn a_busy_node_sheds_new_flows_and_a_dead_one_drains() -> Result<()> {
         "node 2 still got {spread:?} of new connections after {:?}",
         busy.elapsed()
     );
+    // Watched for the 2 minutes the issue asks: a control law that oscillates moves a table.
     let (fingerprint, _) = c.table(0)?;
     let settle = Instant::now();
-    while settle.elapsed() < Duration::from_secs(30) {
+    while settle.elapsed() < Duration::from_secs(120) {
         for i in 0..NODES {
             let (f, share) = c.table(i)?;
             ensure!(
