@@ -4,8 +4,8 @@
 //! packet's fate or hands it on (Katran's shape):
 //!
 //!   parse (Ethernet / IPv4|IPv6 / TCP|UDP|ICMP) -> VIP address filter -> from a peer?
-//!     -> connection table -> VIP lookup -> source ranges -> Maglev pick
-//!     -> forward (this node: its own stack | L2 rewrite | IPIP/IP6IP6 encap)
+//!     -> connection table (not for a SYN) -> VIP lookup -> source ranges -> Maglev pick
+//!     -> record (flood guard) -> forward (this node: its own stack | L2 rewrite | IPIP/IP6IP6 encap)
 //!
 //! Every node balances AND serves (the agent is a DaemonSet), so a packet is balanced at most
 //! once: a pick of this node itself goes to its own stack (`XDP_PASS`, counted `local`), a VIP
@@ -13,11 +13,18 @@
 //! (`from_peer`), whatever this node's connection table holds, and IPIP/IP6IP6 from another
 //! node is unwrapped inline (`DECAP_*`, the stand-alone decapsulator's logic) and passed.
 //!
+//! A TCP SYN skips the connection table: a new connection is balanced afresh, whatever an old
+//! one on the same 5-tuple left there. A new flow is recorded unless the flood guard holds
+//! (`SETTINGS`, `NEW_FLOWS`: new flows per second and CPU); then Maglev's pick alone carries it.
+//!
 //! Also: ARP requests and IPv6 Neighbor Solicitations (`ndp.rs`) for an address this node
-//! announces (`ANNOUNCE`, the agent's election) are answered; echo requests to a VIP address are answered; ICMP errors quoting a VIP flow go to the
-//! backend that owns the flow; a packet too big to encapsulate gets ICMP "too big" back.
-//! Not for a VIP: `XDP_PASS`, untouched. For a VIP: rewritten and sent with `XDP_TX` or
-//! `XDP_REDIRECT`, or dropped and counted by reason. No per-packet logging; loops are bounded.
+//! announces (`ANNOUNCE`, the agent's election) are answered; echo requests to a VIP address
+//! are answered; ICMP errors quoting a VIP flow go to the backend that owns the flow (never
+//! answered with ICMP); a packet too big to encapsulate gets ICMP "too big" back.
+//! Not for a VIP address: `XDP_PASS`, untouched, however malformed. For a VIP: rewritten and
+//! sent with `XDP_TX` or `XDP_REDIRECT`, or dropped and counted by reason. No per-packet
+//! logging; loops are bounded. The stack is near the verifier's 512 bytes (496): new
+//! per-packet state belongs in a per-CPU map, not on the stack.
 //!
 //! `sluice_pass`: returns `XDP_PASS`. A veth only delivers `XDP_TX` frames when its peer has an
 //! XDP program; labs attach this one there (`sluice xdp-pass`).
