@@ -13,6 +13,10 @@
 //! - established connections survive the agent pod's deletion on the receiving node and a
 //!   rolling update of the DaemonSet to a new image tag;
 //! - a cordoned node takes no new connections, its established ones keep working;
+//! - BGP through the DaemonSet (ConfigMap `bgp: "true"`): a real FRR in the client's namespace
+//!   gets the VIP from every node and routes it by ECMP; new connections enter by every node;
+//!   a node's agent pod deleted (SIGTERM: graceful shutdown, withdraw) leaves the route while
+//!   long-lived connections through it go on, none broken;
 //! - the receiving node's link down: how long new connections fail, and how soon another
 //!   node's agent drained it by its health check (reported).
 //!
@@ -670,6 +674,13 @@ fn sluice_deployed_on_a_real_cluster() {
         r,
     );
 
+    // ----- BGP through the DaemonSet: FRR in the client announces ECMP over every node -----
+    let r = bgp_through_the_daemonset(&mut c);
+    checks.result(
+        "BGP via the DaemonSet: every node in the router's ECMP route, connections spread and survive a node's drain",
+        r,
+    );
+
     // ----- the receiving node's link down: how long new connections fail -----
     let r = (|| -> Result<String> {
         // The client's route moves to node-1, as a BGP router's would when node-0 goes.
@@ -770,4 +781,193 @@ fn health_down_after(
         }
     }
     Ok(None)
+}
+
+/// FRR in the client's namespace (the client is its own router), the agents switched to BGP
+/// through the ConfigMap and a rolling restart of the DaemonSet: the kernel route of the VIP
+/// gets a next hop per node; new connections enter by every node (SYNs from the client per
+/// node MAC, counted on the bridge); then node-1's agent pod is deleted (SIGTERM: it re-announces
+/// with graceful shutdown, withdraws, keeps XDP) while long-lived connections run: node-1
+/// leaves the route and no connection breaks (whichever node they now enter by picks the same
+/// node behind it, and that node's kube-proxy the same pod). The client's static route and
+/// BGP off are restored after.
+fn bgp_through_the_daemonset(c: &mut Cluster) -> Result<String> {
+    use sluice_tests::bgp_lab::{Router, RouterKind};
+    let nodes: Vec<Ipv4Addr> = (0..c.nodes()).map(|i| c.node_addr(i)).collect();
+    let client = cluster::client_addr();
+    let router = Router::start(RouterKind::Frr, c.client_ns(), client, &nodes, &[], c.dir())?;
+    let result = (|| -> Result<String> {
+        configure_bgp(c, Some(client))?;
+        // The static route gives way to what the router learns.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "exec", c.client_ns(), "ip", "route", "del"])
+            .arg(format!("{VIP_CLUSTER}/32"))
+            .status();
+        let all: std::collections::BTreeSet<Ipv4Addr> = nodes.iter().copied().collect();
+        let (_, took) = router.wait_nexthops(
+            VIP_CLUSTER,
+            Duration::from_secs(60),
+            "every node in the VIP's route",
+            |h| *h == all,
+        )?;
+        // SYNs from the client, by the node MAC they are sent to (ECMP's choice).
+        let macs: Vec<String> = (0..c.nodes()).map(|i| c.node_mac(i)).collect();
+        count_client_syns(c, &macs)?;
+        let s = spread(c, VIP_CLUSTER, 120)?;
+        let entered = client_syns(c, c.nodes())?;
+        ensure!(s.failed == 0, "{} of 120 failed through ECMP", s.failed);
+        ensure!(
+            entered.iter().all(|n| *n > 0),
+            "new connections did not enter by every node: {entered:?}"
+        );
+        // Long-lived connections, then node-1's agent pod deleted.
+        let echo = SocketAddrV4::new(VIP_CLUSTER, image::WEB_ECHO_PORT);
+        let conns: Vec<_> = (0..12).map(|_| c.long_conn(echo)).collect::<Result<_>>()?;
+        for conn in &conns {
+            conn.wait_echoes(3, Duration::from_secs(20))?;
+        }
+        let pod = agent_pods(c)?
+            .get(c.node_name(1))
+            .map(|(name, _, _)| name.clone())
+            .context("no agent pod on node-1")?;
+        c.kubectl(&["delete", "pod", "-n", AGENT_NAMESPACE, &pod, "--wait=false"])?;
+        let without1: std::collections::BTreeSet<Ipv4Addr> =
+            all.iter().copied().filter(|a| *a != nodes[1]).collect();
+        let (_, left) = router.wait_nexthops(
+            VIP_CLUSTER,
+            Duration::from_secs(30),
+            "node-1 leaves the route after its pod's SIGTERM",
+            |h| *h == without1,
+        )?;
+        for conn in &conns {
+            conn.wait_echoes(5, Duration::from_secs(30))?;
+        }
+        let hurt: Vec<_> = conns
+            .into_iter()
+            .map(|conn| conn.finish())
+            .filter(|r| !r.is_clean())
+            .collect();
+        ensure!(
+            hurt.is_empty(),
+            "{} of 12 connections broke or moved while node-1 drained: {hurt:?}",
+            hurt.len()
+        );
+        // The DaemonSet brings node-1's agent back, and with it its route.
+        router.wait_nexthops(
+            VIP_CLUSTER,
+            Duration::from_secs(120),
+            "node-1 back in the route with its new pod",
+            |h| *h == all,
+        )?;
+        Ok(format!(
+            "all 3 nodes in FRR's ECMP route {:.1} s after the rollout; 120 of 120 answered, SYNs entering by node {entered:?}; node-1 out of the route {:.2} s after its pod's deletion, 12 of 12 long-lived connections unbroken, node-1 back with its new pod",
+            took.as_secs_f64(),
+            left.as_secs_f64()
+        ))
+    })();
+    // Back to the static route and BGP off, for the checks after this one.
+    drop(router);
+    let restored = configure_bgp(c, None).and_then(|()| c.route_vip_via(VIP_CLUSTER, 0));
+    let out = result?;
+    restored?;
+    Ok(out)
+}
+
+/// BGP on (peering with the router at `router`) or off in the agents' ConfigMap, then a rolling
+/// restart of the DaemonSet so that the pods take it (flags come from the ConfigMap).
+fn configure_bgp(c: &Cluster, router: Option<Ipv4Addr>) -> Result<()> {
+    use sluice_tests::bgp_lab::{NODE_ASN, ROUTER_ASN};
+    let patch = match router {
+        Some(r) => format!(
+            r#"{{"data": {{"bgp": "true", "bgp-asn": "{NODE_ASN}", "bgp-peers": "{r}={ROUTER_ASN}"}}}}"#
+        ),
+        None => r#"{"data": {"bgp": "false", "bgp-peers": ""}}"#.to_owned(),
+    };
+    c.kubectl(&[
+        "patch",
+        "configmap",
+        "-n",
+        AGENT_NAMESPACE,
+        "sluice-agent",
+        "--type",
+        "merge",
+        "-p",
+        &patch,
+    ])?;
+    c.kubectl(&[
+        "rollout",
+        "restart",
+        "-n",
+        AGENT_NAMESPACE,
+        "daemonset/sluice-agent",
+    ])?;
+    c.kubectl(&[
+        "rollout",
+        "status",
+        "-n",
+        AGENT_NAMESPACE,
+        "daemonset/sluice-agent",
+        "--timeout=180s",
+    ])?;
+    Ok(())
+}
+
+/// Counters on the bridge: SYNs to the VIP from the client's port, per destination node MAC.
+fn count_client_syns(c: &Cluster, macs: &[String]) -> Result<()> {
+    let mut rules = String::new();
+    for i in 0..macs.len() {
+        rules.push_str(&format!("  counter n{i} {{ }}\n"));
+    }
+    rules.push_str("  chain syns {\n    type filter hook forward priority 0; policy accept;\n");
+    for (i, mac) in macs.iter().enumerate() {
+        rules.push_str(&format!(
+            "    iifname \"sw-c\" ether daddr {mac} ip daddr {VIP_CLUSTER} tcp flags & (syn | ack) == syn counter name n{i}\n"
+        ));
+    }
+    rules.push_str("  }\n");
+    let text = format!(
+        "table bridge sluicebgp\ndelete table bridge sluicebgp\ntable bridge sluicebgp {{\n{rules}}}\n"
+    );
+    let path = c.dir().join("bgp-syns.nft");
+    std::fs::write(&path, text)?;
+    let ok = std::process::Command::new("ip")
+        .args(["netns", "exec", c.switch_ns(), "nft", "-f"])
+        .arg(&path)
+        .status()?
+        .success();
+    ensure!(ok, "installing the bridge's SYN counters");
+    Ok(())
+}
+
+/// The counters of [`count_client_syns`], node by node.
+fn client_syns(c: &Cluster, nodes: usize) -> Result<Vec<u64>> {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            c.switch_ns(),
+            "nft",
+            "-j",
+            "list",
+            "counters",
+            "table",
+            "bridge",
+            "sluicebgp",
+        ])
+        .output()?;
+    ensure!(out.status.success(), "nft list counters");
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let mut counts = vec![0u64; nodes];
+    for item in v["nftables"].as_array().context("nft -j: no list")? {
+        let Some(counter) = item.get("counter") else {
+            continue;
+        };
+        let name = counter["name"].as_str().unwrap_or("");
+        if let Some(i) = name.strip_prefix('n').and_then(|i| i.parse::<usize>().ok())
+            && i < nodes
+        {
+            counts[i] = counter["packets"].as_u64().unwrap_or(0);
+        }
+    }
+    Ok(counts)
 }
