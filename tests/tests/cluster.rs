@@ -901,14 +901,25 @@ fn configure_bgp(c: &Cluster, router: Option<Ipv4Addr>) -> Result<()> {
         AGENT_NAMESPACE,
         "daemonset/sluice-agent",
     ])?;
-    c.kubectl(&[
-        "rollout",
-        "status",
-        "-n",
-        AGENT_NAMESPACE,
-        "daemonset/sluice-agent",
-        "--timeout=180s",
-    ])?;
+    // A rolling restart of three pods takes a minute or more on a loaded 2-core host: longer
+    // than kubectl's default bound here.
+    let out = c.kube().kubectl_on(
+        0,
+        &[
+            "rollout",
+            "status",
+            "-n",
+            AGENT_NAMESPACE,
+            "daemonset/sluice-agent",
+            "--timeout=240s",
+        ],
+        Duration::from_secs(250),
+    )?;
+    ensure!(
+        out.status.success(),
+        "the DaemonSet's rollout did not finish: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     Ok(())
 }
 
