@@ -31,6 +31,31 @@ pub fn prepare_client(lab: &Lab) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `aa:bb:cc:dd:ee:ff` as bytes.
+pub fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
+    let parts: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("bad MAC {s}"))?;
+    parts
+        .try_into()
+        .map_err(|_| anyhow!("bad MAC {s}: not 6 bytes"))
+}
+
+/// The lab client's SYN to VIP:80, addressed to the lb's MAC: with [`Flows::spoof_sources`],
+/// a flood of forged new connections.
+pub fn syn_frame(lab: &Lab) -> anyhow::Result<Vec<u8>> {
+    let mut f = crate::fixtures::Frame::tcp(1024, crate::fixtures::TCP_SYN);
+    f.src = lab.client_addr().into();
+    f.dst = lab.vip().into();
+    f.dport = crate::HTTP_PORT;
+    let mut bytes = f.bytes();
+    bytes[..6].copy_from_slice(&parse_mac(&lab.lb_mac())?);
+    bytes[6..12].copy_from_slice(&parse_mac(&lab.client_mac())?);
+    Ok(bytes)
+}
+
 /// The flows the generator cycles through.
 #[derive(Clone, Copy, Debug)]
 pub struct Flows {

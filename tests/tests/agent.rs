@@ -242,19 +242,7 @@ endpoints:
             if let Some(status) = p.try_wait()? {
                 bail!("the agent exited ({status}): {}", p.log_text());
             }
-            let out = self.lab.exec(
-                self.lab.lb_ns(),
-                &[
-                    "curl",
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    &format!("http://{health}/readyz"),
-                ],
-            )?;
-            if out.stdout == b"200" {
+            if readyz_status(self, health)? == "200" {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -1191,7 +1179,7 @@ rules:
         Err(e) if format!("{e:#}").contains("no sluice maps pinned") => {}
         Err(e) => return Err(e),
     }
-    let status = readyz_status(&env)?;
+    let status = readyz_status(&env, HEALTH_ADDR)?;
     ensure!(
         status != "200",
         "/readyz said ready before the first complete lists"
@@ -1272,8 +1260,8 @@ rules:
     Ok(())
 }
 
-/// The HTTP status of the agent's `/readyz` (curl in the lb namespace, where the agent runs).
-fn readyz_status(env: &Env) -> Result<String> {
+/// The HTTP status of `/readyz` at `health` (curl in the lb namespace, where the agents run).
+fn readyz_status(env: &Env, health: &str) -> Result<String> {
     let out = env.lab.exec(
         env.lab.lb_ns(),
         &[
@@ -1283,7 +1271,7 @@ fn readyz_status(env: &Env) -> Result<String> {
             "/dev/null",
             "-w",
             "%{http_code}",
-            &format!("http://{HEALTH_ADDR}/readyz"),
+            &format!("http://{health}/readyz"),
         ],
     )?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())

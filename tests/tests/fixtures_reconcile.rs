@@ -228,6 +228,29 @@ fn a_reconcile_stopped_after_any_phase_is_completed_by_the_next() {
 /// A backend drains (or its weight drops to 0) while new flows keep arriving between every
 /// two phases of the apply: none is dropped, and after it the backend gets no new flow while
 /// its established ones stay.
+/// Applies `next`, sending 100 new flows to VIP 1 (from `sport` on) after every phase; none
+/// may be dropped.
+fn apply_under_new_flows(h: &mut Harness, next: &Desired, sport: &mut u16, label: &str) {
+    let mut midway: Vec<(Phase, u16, Fate)> = Vec::new();
+    h.apply_with_hook(next, &[], |phase, runner| {
+        for _ in 0..100 {
+            let (action, out) = runner.run(&syn_to(vip_addr(1), *sport))?;
+            midway.push((phase, *sport, fate(action, &out)));
+            *sport += 1;
+        }
+        Ok(())
+    })
+    .unwrap();
+    let dropped: Vec<_> = midway.iter().filter(|(_, _, f)| *f == Fate::Drop).collect();
+    assert!(
+        dropped.is_empty(),
+        "{label}: {} of {} new flows dropped midway, first: {:?}",
+        dropped.len(),
+        midway.len(),
+        dropped.first()
+    );
+}
+
 #[test]
 fn draining_under_new_flows_drops_none() {
     for (label, changed) in [("drain", b(1, 1, true)), ("weight 0", b(1, 0, false))] {
@@ -249,25 +272,8 @@ fn draining_under_new_flows_drops_none() {
             established.push((sport, fate(action, &out)));
         }
         assert!(established.iter().any(|(_, f)| *f == Fate::To(1)));
-        let mut midway: Vec<(Phase, u16, Fate)> = Vec::new();
         let mut sport = 2000u16;
-        h.apply_with_hook(&new, &[], |phase, runner| {
-            for _ in 0..100 {
-                let (action, out) = runner.run(&syn_to(vip_addr(1), sport))?;
-                midway.push((phase, sport, fate(action, &out)));
-                sport += 1;
-            }
-            Ok(())
-        })
-        .unwrap();
-        let dropped: Vec<_> = midway.iter().filter(|(_, _, f)| *f == Fate::Drop).collect();
-        assert!(
-            dropped.is_empty(),
-            "{label}: {} of {} new flows dropped midway, first: {:?}",
-            dropped.len(),
-            midway.len(),
-            dropped.first()
-        );
+        apply_under_new_flows(&mut h, &new, &mut sport, label);
         assert_eq!(
             h.counter(GlobalCounter::DropNoBackend).unwrap(),
             0,
@@ -313,24 +319,7 @@ fn a_table_changing_tier_under_new_flows_drops_none() {
     let mut h = fresh(&three);
     let mut sport = 3000u16;
     for (label, next) in [("shrink", &two), ("grow", &three)] {
-        let mut midway: Vec<(Phase, u16, Fate)> = Vec::new();
-        h.apply_with_hook(next, &[], |phase, runner| {
-            for _ in 0..100 {
-                let (action, out) = runner.run(&syn_to(vip_addr(1), sport))?;
-                midway.push((phase, sport, fate(action, &out)));
-                sport += 1;
-            }
-            Ok(())
-        })
-        .unwrap();
-        let dropped: Vec<_> = midway.iter().filter(|(_, _, f)| *f == Fate::Drop).collect();
-        assert!(
-            dropped.is_empty(),
-            "{label}: {} of {} new flows dropped midway, first: {:?}",
-            dropped.len(),
-            midway.len(),
-            dropped.first()
-        );
+        apply_under_new_flows(&mut h, next, &mut sport, label);
     }
     assert_eq!(h.counter(GlobalCounter::DropNoBackend).unwrap(), 0);
 }

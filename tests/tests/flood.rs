@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use sluice_tests::{
-    BackendSpec, HTTP_PORT, Lab, LabConfig, LongConn,
-    fixtures::{Frame, TCP_SYN},
+    BackendSpec, Lab, LabConfig, LongConn,
     lab::NS_IFACE,
     pktgen::{self, BpfStats, Flows},
     require_root,
@@ -18,28 +17,6 @@ use sluice_tests::{
 
 const FLOOD: Duration = Duration::from_secs(3);
 const CONNS: usize = 16;
-
-/// A SYN from the client to VIP:80, addressed to the lb's MAC; the generator varies its source
-/// port and the low half of its source address.
-fn syn_frame(lab: &Lab) -> Result<Vec<u8>> {
-    let mut f = Frame::tcp(1024, TCP_SYN);
-    f.src = lab.client_addr().into();
-    f.dst = lab.vip().into();
-    f.dport = HTTP_PORT;
-    let mut bytes = f.bytes();
-    bytes[..6].copy_from_slice(&mac(&lab.lb_mac())?);
-    bytes[6..12].copy_from_slice(&mac(&lab.client_mac())?);
-    Ok(bytes)
-}
-
-fn mac(s: &str) -> Result<[u8; 6]> {
-    let bytes: Vec<u8> = s
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16))
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("bad MAC {s}"))?;
-    bytes.try_into().map_err(|_| anyhow::anyhow!("bad MAC {s}"))
-}
 
 fn global(lab: &Lab, name: &str) -> Result<u64> {
     lab.stats()?["global"][name]
@@ -60,7 +37,7 @@ fn flood(lab: &Lab) -> Result<(u64, f64, u64)> {
     let (sent, secs) = pktgen::generate(
         lab.client_ns(),
         NS_IFACE,
-        syn_frame(lab)?,
+        pktgen::syn_frame(lab)?,
         flows,
         None,
         FLOOD,

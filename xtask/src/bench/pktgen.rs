@@ -21,7 +21,8 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, bail, ensure};
 use aya::maps::Array;
 use lb_userspace::dataplane;
-use sluice_tests::{Lab, UDP_PORT, fixtures::Frame, pktgen};
+use sluice_tests::pktgen::{self, parse_mac};
+use sluice_tests::{Lab, UDP_PORT, fixtures::Frame};
 
 use super::Plan;
 use super::contenders::{Active, Kind};
@@ -283,17 +284,6 @@ fn frame(lab: &Lab, dst_mac: &str) -> anyhow::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
-    let parts: Vec<u8> = s
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16))
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("bad MAC {s}"))?;
-    parts
-        .try_into()
-        .map_err(|_| anyhow!("bad MAC {s}: not 6 bytes"))
-}
-
 /// Sends `frame` out of the generator's place for `window` (see [`sluice_tests::pktgen`]).
 fn generate(
     lab: &Lab,
@@ -505,18 +495,6 @@ pub struct PathCosts {
 /// The flood guard's rate (new flows per second and CPU) in the guarded SYN-flood window.
 pub const GUARD_FOR_BENCH: u32 = 10_000;
 
-/// A spoofable SYN to VIP:80, to the lb's MAC.
-fn syn_frame(lab: &Lab) -> anyhow::Result<Vec<u8>> {
-    let mut f = Frame::tcp(FIRST_PORT as u16, sluice_tests::fixtures::TCP_SYN);
-    f.src = lab.client_addr().into();
-    f.dst = lab.vip().into();
-    f.dport = sluice_tests::HTTP_PORT;
-    let mut bytes = f.bytes();
-    bytes[..6].copy_from_slice(&parse_mac(&lab.lb_mac())?);
-    bytes[6..12].copy_from_slice(&parse_mac(&lab.client_mac())?);
-    Ok(bytes)
-}
-
 pub fn measure_paths(lab: &Lab, plan: &Plan, active: &Active<'_>) -> anyhow::Result<PathCosts> {
     ensure!(active.kind == Kind::Sluice, "path costs are sluice's");
     let specs: Vec<sluice_tests::BackendSpec> = (0..lab.backends())
@@ -529,7 +507,7 @@ pub fn measure_paths(lab: &Lab, plan: &Plan, active: &Active<'_>) -> anyhow::Res
         Ok(())
     };
     let udp = frame(lab, &lab.lb_mac())?;
-    let syn = syn_frame(lab)?;
+    let syn = pktgen::syn_frame(lab)?;
     let run = |flows: pktgen::Flows, frame: &[u8]| {
         window(
             lab,
