@@ -167,7 +167,12 @@ pub mod map_names {
     /// Dataplane-wide settings (the flood guard's limit) and the guard's per-CPU windows.
     pub const SETTINGS: &str = "SETTINGS";
     pub const NEW_FLOWS: &str = "NEW_FLOWS";
-    pub const ALL: [&str; 19] = [
+    /// `sluice trace`: the filter of the packets reported, their ring buffer and the per-CPU
+    /// rate windows.
+    pub const TRACE: &str = "TRACE";
+    pub const TRACE_EVENTS: &str = "TRACE_EVENTS";
+    pub const TRACE_RATE: &str = "TRACE_RATE";
+    pub const ALL: [&str; 22] = [
         FLOWS6,
         VIP_FILTER,
         VIP_ADDRS,
@@ -187,6 +192,9 @@ pub mod map_names {
         DECAP_LOCAL,
         SETTINGS,
         NEW_FLOWS,
+        TRACE,
+        TRACE_EVENTS,
+        TRACE_RATE,
     ];
 }
 
@@ -519,6 +527,100 @@ pub struct RateWindow {
     pub flows: u64,
 }
 
+/// The `sluice trace` session (`TRACE`, one element): which packets the balancer reports in
+/// `TRACE_EVENTS`. Off (`until_ns` 0) unless a trace runs; then the established path pays one
+/// array read and one comparison for it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceFilter {
+    /// bpf_ktime_get_ns (CLOCK_MONOTONIC) after which the filter lapses: the reader renews it
+    /// every second, so a trace whose reader died stops within seconds. 0: no trace.
+    pub until_ns: u64,
+    /// With [`trace_match::VIP`]: the VIP's address and family; its port and protocol when
+    /// they are not 0.
+    pub vip: VipKey,
+    /// With [`trace_match::CLIENT`]: the packet's source masked with `client_mask` must equal
+    /// `client` (both raw, network order, of `client_family`).
+    pub client: Addr,
+    pub client_mask: Addr,
+    /// With [`trace_match::BACKEND`]: the `BACKENDS` index the packet went to.
+    pub backend: u32,
+    /// Events per second per CPU; those above are counted `trace_lost_rate`.
+    pub max_per_sec: u32,
+    /// [`trace_match`] bits: the conditions that apply (all must hold).
+    pub matches: u8,
+    pub client_family: u8,
+    pub _pad: [u8; 2],
+    /// The reader's process id: a second `sluice trace` is refused while this one holds it.
+    pub owner_pid: u32,
+    pub _reserved: u32,
+}
+
+/// [`TraceFilter::matches`].
+pub mod trace_match {
+    pub const VIP: u8 = 1;
+    pub const CLIENT: u8 = 2;
+    pub const BACKEND: u8 = 4;
+}
+
+/// One traced packet (`TRACE_EVENTS`): its flow and what the balancer did with it and why.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceEvent {
+    /// bpf_ktime_get_ns (CLOCK_MONOTONIC).
+    pub time_ns: u64,
+    /// The client -> VIP 5-tuple as parsed (network order).
+    pub flow: FlowKey,
+    /// The XDP action returned.
+    pub action: u32,
+    /// The `BACKENDS` index chosen, or [`NO_BACKEND`].
+    pub backend: u32,
+    /// The backend slot's generation at the decision (a connection-table entry names one).
+    pub generation: u32,
+    /// The Maglev slot consulted and the table's size; [`NO_SLOT`] when the table was not.
+    pub slot: u32,
+    pub table_size: u32,
+    /// Ingress interface.
+    pub ifindex: u32,
+    /// Length of the IP packet as received.
+    pub ip_len: u16,
+    /// The [`GlobalCounter`] that counted the packet's fate: verdict and reason.
+    pub counter: u8,
+    /// One of [`trace_source`].
+    pub source: u8,
+    /// [`trace_flags`] bits.
+    pub flags: u8,
+    pub _pad: u8,
+    pub cpu: u16,
+}
+
+/// Size of `TRACE_EVENTS`: ~2,900 events of 88 bytes (record header included) between two
+/// reads of the trace process.
+pub const TRACE_RING_BYTES: u32 = 256 * 1024;
+
+/// [`TraceEvent::slot`] when no Maglev table was consulted.
+pub const NO_SLOT: u32 = u32::MAX;
+
+/// [`TraceEvent::source`]: what chose the backend.
+pub mod trace_source {
+    /// No backend was chosen (passed, dropped before a pick, or from a peer).
+    pub const NONE: u8 = 0;
+    /// The connection table's entry for the flow.
+    pub const CONN_TABLE: u8 = 1;
+    /// The VIP's Maglev table (a new flow, a SYN, or an entry that no longer matched).
+    pub const MAGLEV: u8 = 2;
+}
+
+/// [`TraceEvent::flags`].
+pub mod trace_flags {
+    /// A TCP SYN without ACK (balanced afresh, never by the connection table).
+    pub const SYN: u8 = 1;
+    /// Maglev's pick was not recorded in the connection table: the flood guard held.
+    pub const NOT_RECORDED: u8 = 2;
+    /// The VIP has session affinity (the hash ignored the ports).
+    pub const AFFINITY: u8 = 4;
+}
+
 /// Per-VIP and per-backend traffic counters (per CPU in the maps; user space sums them).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -581,10 +683,16 @@ pub enum GlobalCounter {
     DropIcmpMismatch = 21,
     /// Answered: an IPv6 Neighbor Solicitation for an address this node announces (`ANNOUNCE`).
     NeighborAdvert = 22,
+    /// `sluice trace`: events written to `TRACE_EVENTS`.
+    TraceEvents = 23,
+    /// `sluice trace`: matching packets not reported, over the trace's rate on their CPU.
+    TraceLostRate = 24,
+    /// `sluice trace`: matching packets not reported, the ring buffer full (a slow reader).
+    TraceLostRing = 25,
 }
 
 impl GlobalCounter {
-    pub const COUNT: u32 = 23;
+    pub const COUNT: u32 = 26;
     pub const ALL: [GlobalCounter; Self::COUNT as usize] = [
         Self::Passed,
         Self::Tx,
@@ -609,6 +717,9 @@ impl GlobalCounter {
         Self::FlowsNotRecorded,
         Self::DropIcmpMismatch,
         Self::NeighborAdvert,
+        Self::TraceEvents,
+        Self::TraceLostRate,
+        Self::TraceLostRing,
     ];
 
     /// Stable name, used by `sluice inspect stats` and its JSON.
@@ -637,6 +748,9 @@ impl GlobalCounter {
             Self::FlowsNotRecorded => "flows_not_recorded",
             Self::DropIcmpMismatch => "drop_icmp_mismatch",
             Self::NeighborAdvert => "neighbor_advert",
+            Self::TraceEvents => "trace_events",
+            Self::TraceLostRate => "trace_lost_rate",
+            Self::TraceLostRing => "trace_lost_ring",
         }
     }
 }
@@ -652,6 +766,8 @@ const _: () = assert!(size_of::<FlowValue>() == 8);
 const _: () = assert!(size_of::<Settings>() == 8);
 const _: () = assert!(size_of::<RateWindow>() == 16);
 const _: () = assert!(size_of::<Counters>() == 16);
+const _: () = assert!(size_of::<TraceFilter>() == 80);
+const _: () = assert!(size_of::<TraceEvent>() == 80);
 const _: () = assert!(size_of::<VipFilter>() == 512);
 const _: () = assert!(size_of::<Announce>() == 8);
 const _: () = assert!(size_of::<PeerKey>() == 8);
@@ -661,7 +777,8 @@ const _: () = assert!(size_of::<PeerFilter>() == 64);
 /// 3: `FlowValue` carries the slot's generation; `SOURCE_RANGES` scopes carry the family.
 /// 4: `SETTINGS` and `NEW_FLOWS` (the flood guard).
 /// 5: Maglev tables hold two slots per 8-byte element.
-const MAP_LAYOUT_REVISION: u32 = 5;
+/// 6: `TRACE`, `TRACE_EVENTS`, `TRACE_RATE` (`sluice trace`).
+const MAP_LAYOUT_REVISION: u32 = 6;
 
 /// Fingerprint of everything a pinned map's contents depend on: struct sizes, limits, counter
 /// slots. A program whose fingerprint differs must not adopt maps pinned by another: it would
@@ -683,6 +800,8 @@ pub const MAP_LAYOUT: u32 = {
         size_of::<PeerFilter>() as u32,
         size_of::<Settings>() as u32,
         size_of::<RateWindow>() as u32,
+        size_of::<TraceFilter>() as u32,
+        size_of::<TraceEvent>() as u32,
         MAX_PEERS,
         MAX_DECAP_ADDRS,
         GlobalCounter::COUNT,
@@ -837,6 +956,8 @@ mod pod {
     unsafe impl aya::Pod for super::VipFilter {}
     unsafe impl aya::Pod for super::ScopedAddr {}
     unsafe impl aya::Pod for super::Announce {}
+    unsafe impl aya::Pod for super::TraceFilter {}
+    unsafe impl aya::Pod for super::TraceEvent {}
     unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::PeerFilter {}
     unsafe impl aya::Pod for super::Settings {}

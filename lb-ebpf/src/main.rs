@@ -34,9 +34,13 @@
 use aya_ebpf::{
     bindings::xdp_action,
     btf_maps::{
-        Array, ArrayOfMaps, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key,
+        Array, ArrayOfMaps, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf,
+        lpm_trie::Key,
     },
-    helpers::{bpf_csum_diff, bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    helpers::{
+        bpf_csum_diff, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_xdp_adjust_head,
+        bpf_xdp_adjust_tail,
+    },
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
@@ -44,9 +48,10 @@ use lb_common::{
     Announce, BPF_F_NO_COMMON_LRU, Backend, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE,
     FAMILY_V4, FlowKey, FlowKey4, FlowValue, GlobalCounter, IP6IP6_OVERHEAD, IPIP_OVERHEAD,
     IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6, MAGLEV_INNER_FLAGS, MAX_BACKENDS,
-    MAX_DECAP_ADDRS, MAX_PEERS, MAX_SOURCE_RANGES, MAX_TX_PORTS, MAX_VIPS, NO_BACKEND, PeerFilter,
-    PeerKey, RATE_WINDOW_NS, RateWindow, ScopedAddr, Settings, VipFilter, VipInfo, VipKey,
-    backend_state, flow_table_size_v6, forward_mode, maglev_elements, source_range_scope,
+    MAX_DECAP_ADDRS, MAX_PEERS, MAX_SOURCE_RANGES, MAX_TX_PORTS, MAX_VIPS, NO_BACKEND, NO_SLOT,
+    PeerFilter, PeerKey, RATE_WINDOW_NS, RateWindow, ScopedAddr, Settings, TRACE_RING_BYTES,
+    TraceEvent, TraceFilter, VipFilter, VipInfo, VipKey, backend_state, flow_table_size_v6,
+    forward_mode, maglev_elements, source_range_scope, trace_flags, trace_match, trace_source,
     vip_flags,
 };
 use lb_ebpf::{
@@ -154,6 +159,18 @@ static SETTINGS: Array<Settings, 1> = Array::new();
 #[btf_map]
 static NEW_FLOWS: PerCpuArray<RateWindow, 1> = PerCpuArray::new();
 
+/// `sluice trace`'s filter (one element; `until_ns` 0 when no trace runs).
+#[btf_map]
+static TRACE: Array<TraceFilter, 1> = Array::new();
+
+/// `sluice trace`'s events, read by the one trace process.
+#[btf_map]
+static TRACE_EVENTS: RingBuf<TraceEvent, { TRACE_RING_BYTES as usize }> = RingBuf::new();
+
+/// Per-CPU windows of `TraceFilter::max_per_sec`.
+#[btf_map]
+static TRACE_RATE: PerCpuArray<RateWindow, 1> = PerCpuArray::new();
+
 #[xdp]
 pub fn sluice_balancer(ctx: XdpContext) -> u32 {
     let (action, counter) = balance(&ctx);
@@ -209,12 +226,25 @@ fn balance_ip(ctx: &XdpContext, ip: Result<(L3, bool), Parsed>) -> (u32, GlobalC
     let filter = VIP_FILTER.get(0);
     let may_be_ours = |l3: &L3| filter.is_some_and(|f| f.may_contain(&l3.dst));
     match packet::parse_l4(ctx, ip, may_be_ours, vip_addressed) {
-        Parsed::Flow(_) | Parsed::IcmpError(_) if from_peer(ctx) => {
-            (xdp_action::XDP_PASS, GlobalCounter::FromPeer)
+        Parsed::Flow(flow) => {
+            let mut why = Why::NONE;
+            let verdict = if from_peer(ctx) {
+                (xdp_action::XDP_PASS, GlobalCounter::FromPeer)
+            } else {
+                balance_flow(ctx, &flow, &mut why)
+            };
+            trace(ctx, &flow, verdict, &why);
+            verdict
         }
-        Parsed::Flow(flow) => balance_flow(ctx, &flow),
+        Parsed::IcmpError(_) if from_peer(ctx) => (xdp_action::XDP_PASS, GlobalCounter::FromPeer),
         Parsed::EchoRequest(l3) if is_vip_address(&l3) => echo_reply(ctx, &l3),
-        Parsed::IcmpError(flow) => icmp_error(ctx, &flow),
+        // Traced by the flow it quotes (client -> VIP); its counter says it was ICMP.
+        Parsed::IcmpError(flow) => {
+            let mut why = Why::NONE;
+            let verdict = icmp_error(ctx, &flow, &mut why);
+            trace(ctx, &flow, verdict, &why);
+            verdict
+        }
         Parsed::NoL4 { l3, fragment } if is_vip_address(&l3) => {
             // Katran's policy: fragments of a VIP flow cannot be hashed (no ports in later
             // ones), so none is forwarded, and none can reach a wrong backend.
@@ -231,9 +261,37 @@ fn balance_ip(ctx: &XdpContext, ip: Result<(L3, bool), Parsed>) -> (u32, GlobalC
     }
 }
 
+/// Why a flow packet went where it went, for `sluice trace` (inlined: it lives in registers).
+struct Why {
+    backend: u32,
+    generation: u32,
+    slot: u32,
+    table_size: u32,
+    source: u8,
+    flags: u8,
+}
+
+impl Why {
+    const NONE: Self = Self {
+        backend: NO_BACKEND,
+        generation: 0,
+        slot: NO_SLOT,
+        table_size: 0,
+        source: trace_source::NONE,
+        flags: 0,
+    };
+
+    #[inline(always)]
+    fn chose(&mut self, source: u8, id: u32, backend: &Backend) {
+        self.source = source;
+        self.backend = id;
+        self.generation = backend.generation;
+    }
+}
+
 /// A TCP or UDP packet: established flow, else new flow, else not ours.
 #[inline(always)]
-fn balance_flow(ctx: &XdpContext, flow: &Flow) -> (u32, GlobalCounter) {
+fn balance_flow(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, GlobalCounter) {
     if flow.l3.first_fragment {
         return if is_vip_address(&flow.l3) {
             (xdp_action::XDP_DROP, GlobalCounter::DropFragment)
@@ -251,6 +309,7 @@ fn balance_flow(ctx: &XdpContext, flow: &Flow) -> (u32, GlobalCounter) {
     if !flow.syn
         && let Some((id, backend)) = established_backend(&flow.key, &vip_key)
     {
+        why.chose(trace_source::CONN_TABLE, id, backend);
         count(GlobalCounter::FlowHit);
         add(&VIP_STATS, backend.vip_id, bytes);
         add(&BACKEND_STATS, id, bytes);
@@ -267,10 +326,13 @@ fn balance_flow(ctx: &XdpContext, flow: &Flow) -> (u32, GlobalCounter) {
     if vip.flags & vip_flags::SOURCE_RANGES != 0 && !source_admitted(&flow.key, vip.id) {
         return (xdp_action::XDP_DROP, GlobalCounter::DropSourceRange);
     }
-    let Some((id, backend)) = pick_backend(&flow.key, &vip) else {
+    let Some((id, backend)) = pick_backend(&flow.key, &vip, why) else {
         return (xdp_action::XDP_DROP, GlobalCounter::DropNoBackend);
     };
-    record_flow(&flow.key, id, backend, flow.syn);
+    why.chose(trace_source::MAGLEV, id, backend);
+    if !record_flow(&flow.key, id, backend, flow.syn) {
+        why.flags |= trace_flags::NOT_RECORDED;
+    }
     add(&BACKEND_STATS, id, bytes);
     forward(ctx, &flow.l3, &flow.key, backend, true)
 }
@@ -361,11 +423,17 @@ fn established_backend(key: &FlowKey, vip_key: &VipKey) -> Option<(u32, &'static
 
 /// The Maglev pick for the flow: the backend every node's table gives it.
 #[inline(always)]
-fn pick_backend(key: &FlowKey, vip: &VipInfo) -> Option<(u32, &'static Backend)> {
+fn pick_backend(key: &FlowKey, vip: &VipInfo, why: &mut Why) -> Option<(u32, &'static Backend)> {
     if vip.live_backends == 0 || vip.table_size == 0 {
         return None;
     }
-    let slot = key.hash(vip.flags & vip_flags::AFFINITY != 0) % vip.table_size;
+    let affinity = vip.flags & vip_flags::AFFINITY != 0;
+    let slot = key.hash(affinity) % vip.table_size;
+    why.slot = slot;
+    why.table_size = vip.table_size;
+    if affinity {
+        why.flags |= trace_flags::AFFINITY;
+    }
     // Two slots per element (`MAGLEV_SLOTS_PER_ELEMENT`): the even one in the low half.
     let pair = *MAGLEV.get_value(vip.id, &(slot / 2))?;
     let id = (pair >> ((slot & 1) * 32)) as u32;
@@ -382,9 +450,9 @@ fn pick_backend(key: &FlowKey, vip: &VipInfo) -> Option<(u32, &'static Backend)>
 /// Records a new flow's pick in the connection table, unless the flood guard holds this CPU
 /// over its rate of new flows: then the flow rides on Maglev's consistent pick alone (the same
 /// backend while the table is unchanged), and a SYN's stale entry, if any, is removed so that
-/// the connection's later packets follow the SYN and not the entry.
+/// the connection's later packets follow the SYN and not the entry. False when not recorded.
 #[inline(always)]
-fn record_flow(key: &FlowKey, id: u32, backend: &Backend, syn: bool) {
+fn record_flow(key: &FlowKey, id: u32, backend: &Backend, syn: bool) -> bool {
     if !new_flow_admitted() {
         count(GlobalCounter::FlowsNotRecorded);
         // A lookup first: it takes no lock, a removal does, and a forged SYN has no entry.
@@ -396,7 +464,7 @@ fn record_flow(key: &FlowKey, id: u32, backend: &Backend, syn: bool) {
                 FLOWS6.get_ptr(key).map(|_| FLOWS6.remove(key))
             };
         }
-        return;
+        return false;
     }
     let value = FlowValue {
         backend: id,
@@ -409,6 +477,103 @@ fn record_flow(key: &FlowKey, id: u32, backend: &Backend, syn: bool) {
     } else {
         FLOWS6.insert(key, &value, 0)
     };
+    true
+}
+
+/// Reports the packet to `sluice trace` when a trace runs and the packet matches its filter.
+/// With no trace running: one array read and one comparison.
+#[inline(always)]
+fn trace(ctx: &XdpContext, flow: &Flow, (action, counter): (u32, GlobalCounter), why: &Why) {
+    let Some(filter) = TRACE.get(0) else {
+        return;
+    };
+    if filter.until_ns == 0 || !trace_matches(filter, &flow.key, why.backend) {
+        return;
+    }
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now > filter.until_ns {
+        return;
+    }
+    if !within_rate(&TRACE_RATE, now, filter.max_per_sec) {
+        count(GlobalCounter::TraceLostRate);
+        return;
+    }
+    let Some(mut entry) = TRACE_EVENTS.reserve(0) else {
+        count(GlobalCounter::TraceLostRing);
+        return;
+    };
+    // Written in place, field by field: a whole TraceEvent would not fit beside the stack
+    // the rest of the program already uses.
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points at a reserved ring-buffer record of TraceEvent's size; every
+    // field is written before the record is submitted.
+    unsafe {
+        (*event).time_ns = now;
+        (*event).flow = flow.key;
+        (*event).action = action;
+        (*event).backend = why.backend;
+        (*event).generation = why.generation;
+        (*event).slot = why.slot;
+        (*event).table_size = why.table_size;
+        (*event).ifindex = ctx.ingress_ifindex() as u32;
+        (*event).ip_len = flow.l3.len as u16;
+        (*event).counter = counter as u8;
+        (*event).source = why.source;
+        (*event).flags = why.flags | if flow.syn { trace_flags::SYN } else { 0 };
+        (*event)._pad = 0;
+        (*event).cpu = bpf_get_smp_processor_id() as u16;
+    }
+    entry.submit(0);
+    count(GlobalCounter::TraceEvents);
+}
+
+/// Does the flow (sent to `backend`) match every condition of the trace's filter?
+#[inline(always)]
+fn trace_matches(filter: &TraceFilter, key: &FlowKey, backend: u32) -> bool {
+    if filter.matches & trace_match::VIP != 0 {
+        let vip = &filter.vip;
+        if vip.family != key.family
+            || vip.addr != key.dst
+            || (vip.port != 0 && vip.port != key.dport)
+            || (vip.proto != 0 && vip.proto != key.proto)
+        {
+            return false;
+        }
+    }
+    if filter.matches & trace_match::CLIENT != 0 {
+        let (net, mask) = (&filter.client, &filter.client_mask);
+        if filter.client_family != key.family
+            || key.src[0] & mask[0] != net[0]
+            || key.src[1] & mask[1] != net[1]
+            || key.src[2] & mask[2] != net[2]
+            || key.src[3] & mask[3] != net[3]
+        {
+            return false;
+        }
+    }
+    filter.matches & trace_match::BACKEND == 0 || filter.backend == backend
+}
+
+/// One more event in this CPU's one-second window of `windows`: false when over `limit`
+/// (0: no limit). Shared by the flood guard and the trace's rate.
+#[inline(always)]
+fn within_rate(windows: &PerCpuArray<RateWindow, 1>, now: u64, limit: u32) -> bool {
+    if limit == 0 {
+        return true;
+    }
+    let Some(window) = windows.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+    unsafe {
+        if now.wrapping_sub((*window).start_ns) >= RATE_WINDOW_NS {
+            (*window).start_ns = now;
+            (*window).flows = 0;
+        }
+        (*window).flows += 1;
+        (*window).flows <= limit as u64
+    }
 }
 
 /// The flood guard (Katran's new-connection rate limit): at most
@@ -420,20 +585,9 @@ fn new_flow_admitted() -> bool {
         Some(settings) if settings.max_new_flows_per_cpu != 0 => settings.max_new_flows_per_cpu,
         _ => return true,
     };
-    let Some(window) = NEW_FLOWS.get_ptr_mut(0) else {
-        return true;
-    };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: per-CPU slot, no other writer on this CPU while we run.
-    unsafe {
-        if now.wrapping_sub((*window).start_ns) >= RATE_WINDOW_NS {
-            (*window).start_ns = now;
-            (*window).flows = 0;
-        }
-        (*window).flows += 1;
-        (*window).flows <= limit as u64
-    }
+    within_rate(&NEW_FLOWS, now, limit)
 }
 
 /// Sends the packet on to `backend`: L2 rewrite or encapsulation, then out. A packet too big to
@@ -790,7 +944,7 @@ fn arp_reply(ctx: &XdpContext) -> (u32, GlobalCounter) {
 /// An ICMP error about a VIP flow (a router could not deliver a backend's reply, or asks for
 /// a smaller MTU): hand it to the backend that owns the flow, so its TCP stack hears it.
 #[inline(always)]
-fn icmp_error(ctx: &XdpContext, flow: &Flow) -> (u32, GlobalCounter) {
+fn icmp_error(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, GlobalCounter) {
     // The quoted packet was sent from the VIP the error is addressed to; an error whose quote
     // names another address is not about a flow of this VIP (forged, or not ours at all).
     if flow.key.dst != flow.l3.dst {
@@ -802,7 +956,10 @@ fn icmp_error(ctx: &XdpContext, flow: &Flow) -> (u32, GlobalCounter) {
     }
     let vip_key = vip_key_of(&flow.key);
     let backend = match established_backend(&flow.key, &vip_key) {
-        Some((_, backend)) => backend,
+        Some((id, backend)) => {
+            why.chose(trace_source::CONN_TABLE, id, backend);
+            backend
+        }
         None => {
             let Some(vip) = VIPS.get_ptr(&vip_key) else {
                 return (xdp_action::XDP_PASS, GlobalCounter::Passed);
@@ -811,8 +968,11 @@ fn icmp_error(ctx: &XdpContext, flow: &Flow) -> (u32, GlobalCounter) {
             let vip = unsafe { *vip };
             // Not in the table (another load balancer took the flow): Maglev picks the
             // backend every load balancer would.
-            match pick_backend(&flow.key, &vip) {
-                Some((_, backend)) => backend,
+            match pick_backend(&flow.key, &vip, why) {
+                Some((id, backend)) => {
+                    why.chose(trace_source::MAGLEV, id, backend);
+                    backend
+                }
                 None => return (xdp_action::XDP_DROP, GlobalCounter::DropNoBackend),
             }
         }

@@ -40,7 +40,7 @@ impl View {
     }
 }
 
-fn vip_addr(key: &lb_common::VipKey) -> VipAddr {
+pub fn vip_addr(key: &lb_common::VipKey) -> VipAddr {
     VipAddr {
         addr: addr_from_raw(&key.addr, key.family),
         port: u16::from_be(key.port),

@@ -18,3 +18,4 @@ pub mod net;
 pub mod reconcile;
 pub mod reconciler;
 pub mod resolve;
+pub mod trace;

@@ -260,6 +260,35 @@ enum Command {
         #[command(subcommand)]
         what: InspectWhat,
     },
+    /// Show the balancer's decision for each matching packet, live: client, VIP, verdict and
+    /// its reason, the backend, and whether the connection table or Maglev (which slot)
+    /// chose it. Until Ctrl-C, --count or --duration; then the events lost are told.
+    /// Off when no trace runs; one trace at a time per interface.
+    Trace {
+        /// The attached interface (needed when several are attached).
+        #[arg(long)]
+        iface: Option<String>,
+        /// Only packets for this VIP, e.g. `10.0.0.10:80/tcp`.
+        #[arg(long)]
+        vip: Option<VipAddr>,
+        /// Only packets from clients in this prefix, or from this one address.
+        #[arg(long, value_name = "PREFIX", value_parser = lb_userspace::trace::parse_client)]
+        client: Option<IpNet>,
+        /// Only packets sent to this backend address.
+        #[arg(long)]
+        backend: Option<std::net::IpAddr>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this long, e.g. 10s.
+        #[arg(long, value_parser = parse_interval)]
+        duration: Option<Duration>,
+        /// Events reported per second and CPU at most (0: no limit); the rest are counted lost.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        format: Format,
+    },
     /// On a backend node of `mode: ipip` VIPs: attach the decapsulator (pinned), which strips
     /// the outer header of packets sent to this node by the allowed load balancers. Run it
     /// again to change the list.
@@ -457,6 +486,30 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             decap::attach(&pins, &Interface::by_name(&iface)?, &allow, generic)
         }
         Command::XdpPass { iface, detach } => xdp_pass(&cli.pin_dir, &iface, detach),
+        Command::Trace {
+            iface,
+            vip,
+            client,
+            backend,
+            count,
+            duration,
+            rate,
+            format,
+        } => {
+            require_root()?;
+            let iface = attached_iface(&cli.pin_dir, iface, |i| PinLayout::new(&cli.pin_dir, i))?;
+            let args = lb_userspace::trace::TraceArgs {
+                filter: inspect::FlowFilter {
+                    vip,
+                    backend,
+                    client,
+                },
+                count,
+                rate,
+                duration,
+            };
+            lb_userspace::trace::run(&PinLayout::new(&cli.pin_dir, &iface), &args, format)
+        }
     }
 }
 

@@ -288,6 +288,11 @@ fn register_dataplane(registry: &mut Registry, maps: &Maps) -> anyhow::Result<()
         "icmp",
         "ICMP handled by the XDP program: echo replies and too-big answers sent, errors forwarded",
     );
+    let trace = counter_family(
+        registry,
+        "trace_events",
+        "Packets matched by `sluice trace`: reported, or lost (over its rate, or its ring full)",
+    );
     for (counter, value) in inspect::global_counters(maps)? {
         let name = counter.name();
         let (family, label, what) = match counter {
@@ -300,6 +305,10 @@ fn register_dataplane(registry: &mut Registry, maps: &Maps) -> anyhow::Result<()
             | GlobalCounter::IcmpTooBigSent
             | GlobalCounter::IcmpErrorForwarded => {
                 (&icmp, "kind", name.trim_start_matches("icmp_"))
+            }
+            GlobalCounter::TraceEvents => (&trace, "result", "reported"),
+            GlobalCounter::TraceLostRate | GlobalCounter::TraceLostRing => {
+                (&trace, "result", name.trim_start_matches("trace_"))
             }
             _ if name.starts_with("drop_") => (&drops, "reason", name.trim_start_matches("drop_")),
             // passed, tx, redirected, local, from_peer, decapsulated, arp_reply.

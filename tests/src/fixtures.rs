@@ -202,6 +202,15 @@ impl Harness {
     pub fn backend_of(out: &[u8]) -> Option<u8> {
         (out.len() >= 6 && out[..5] == backend_mac(0)[..5]).then(|| out[5])
     }
+
+    /// Starts `sluice trace`'s reporting on this program (once per harness: the trace maps
+    /// are taken out of the object).
+    pub fn start_trace(
+        &mut self,
+        filter: lb_common::TraceFilter,
+    ) -> anyhow::Result<dataplane::TraceSession> {
+        dataplane::TraceSession::start(dataplane::TraceSession::take_from(&mut self.ebpf)?, filter)
+    }
 }
 
 /// Sends frames through the balancer while a reconcile is stopped between two phases.

@@ -99,12 +99,14 @@ mod maps;
 mod pins;
 mod snapshot;
 mod sys;
+mod trace;
 
 pub use maglev_table::*;
 pub use maps::*;
 pub use pins::*;
 pub use snapshot::*;
 use sys::*;
+pub use trace::*;
 
 /// Loads the balancer (maps created, or reused from `pins` after a layout check; programs
 /// verified, not attached).

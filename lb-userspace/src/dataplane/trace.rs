@@ -1,0 +1,152 @@
+//! `sluice trace`'s side of the maps: the filter that switches the program's reporting on
+//! (`TRACE`) and the ring buffer it reports into (`TRACE_EVENTS`). One trace at a time per
+//! attachment: the filter names its reader, and lapses unless renewed, so a reader that dies
+//! costs the dataplane nothing within seconds.
+
+use std::time::Duration;
+
+use aya::maps::RingBuf;
+use lb_common::{TraceEvent, TraceFilter};
+
+use super::*;
+
+/// How long a filter holds without renewal; [`TraceSession::renew`] is called far more often.
+pub const TRACE_LEASE: Duration = Duration::from_secs(5);
+
+/// A running trace: the filter is set, the ring is read. Dropping it switches reporting off.
+pub struct TraceSession {
+    filter_map: Array<MapData, TraceFilter>,
+    ring: RingBuf<MapData>,
+    filter: TraceFilter,
+}
+
+impl TraceSession {
+    /// Opens the pinned trace maps of an attachment.
+    pub fn open_pinned(pins: &PinLayout) -> anyhow::Result<(Array<MapData, TraceFilter>, Map)> {
+        let attach_with = "`sluice attach`, `sluice run` or `sluice agent`";
+        let filter = open_pinned(pins, map_names::TRACE, attach_with)?;
+        let ring = open_pinned(pins, map_names::TRACE_EVENTS, attach_with)?;
+        Ok((
+            filter
+                .try_into()
+                .map_err(|e| anyhow!("map {} has an unexpected layout: {e}", map_names::TRACE))?,
+            ring,
+        ))
+    }
+
+    /// Takes the trace maps out of a loaded object (the fixtures' harness).
+    pub fn take_from(ebpf: &mut Ebpf) -> anyhow::Result<(Array<MapData, TraceFilter>, Map)> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the object"))
+        };
+        let filter = take(map_names::TRACE)?;
+        let ring = take(map_names::TRACE_EVENTS)?;
+        Ok((
+            filter
+                .try_into()
+                .map_err(|e| anyhow!("map {} has an unexpected layout: {e}", map_names::TRACE))?,
+            ring,
+        ))
+    }
+
+    /// Starts reporting the packets `filter` matches (its `until_ns` and `owner_pid` are set
+    /// here). Refused while another live process holds an unexpired trace.
+    pub fn start(
+        (filter_map, ring): (Array<MapData, TraceFilter>, Map),
+        mut filter: TraceFilter,
+    ) -> anyhow::Result<Self> {
+        let now = monotonic_ns()?;
+        let current = filter_map
+            .get(&0, 0)
+            .with_context(|| format!("reading the {} map", map_names::TRACE))?;
+        let me = std::process::id();
+        if current.until_ns > now
+            && current.owner_pid != me
+            && Path::new(&format!("/proc/{}", current.owner_pid)).exists()
+        {
+            bail!(
+                "a trace is already running on this attachment (pid {}): one at a time; stop it first",
+                current.owner_pid
+            );
+        }
+        let ring = RingBuf::try_from(ring)
+            .map_err(|e| anyhow!("map {} is not a ring buffer: {e}", map_names::TRACE_EVENTS))?;
+        filter.owner_pid = me;
+        filter.until_ns = now + TRACE_LEASE.as_nanos() as u64;
+        let mut session = Self {
+            filter_map,
+            ring,
+            filter,
+        };
+        // Events a dead reader left in the ring belong to its filter, not to this one.
+        while session.ring.next().is_some() {}
+        session.write()?;
+        Ok(session)
+    }
+
+    /// Pushes the filter's lapse time forward (call at least every few seconds).
+    pub fn renew(&mut self) -> anyhow::Result<()> {
+        self.filter.until_ns = monotonic_ns()? + TRACE_LEASE.as_nanos() as u64;
+        self.write()
+    }
+
+    fn write(&mut self) -> anyhow::Result<()> {
+        self.filter_map
+            .set(0, &self.filter, 0)
+            .with_context(|| format!("writing the {} map", map_names::TRACE))
+    }
+
+    /// The events waiting in the ring, after waiting up to `timeout` for the first one.
+    pub fn poll(&mut self, timeout: Duration) -> anyhow::Result<Vec<TraceEvent>> {
+        let mut events = self.drain();
+        if events.is_empty() {
+            let mut fd = libc::pollfd {
+                fd: self.ring.as_fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: one valid pollfd, its count 1.
+            if unsafe { libc::poll(&mut fd, 1, ms) } < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(err).context("waiting on the trace ring buffer");
+                }
+            }
+            events = self.drain();
+        }
+        Ok(events)
+    }
+
+    fn drain(&mut self) -> Vec<TraceEvent> {
+        let mut events = Vec::new();
+        while let Some(item) = self.ring.next() {
+            if item.len() >= size_of::<TraceEvent>() {
+                // SAFETY: the program writes whole TraceEvents; read unaligned from the ring.
+                events.push(unsafe { ptr::read_unaligned(item.as_ptr() as *const TraceEvent) });
+            }
+        }
+        events
+    }
+}
+
+impl Drop for TraceSession {
+    fn drop(&mut self) {
+        // Reporting off; if this fails the filter lapses by itself within TRACE_LEASE.
+        let _ = self.filter_map.set(0, &TraceFilter::default(), 0);
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of bpf_ktime_get_ns.
+pub fn monotonic_ns() -> anyhow::Result<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("reading CLOCK_MONOTONIC");
+    }
+    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}

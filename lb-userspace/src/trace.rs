@@ -1,0 +1,384 @@
+//! `sluice trace`: the balancer's decision for each matching packet, live. The XDP program
+//! reports the packets the filter selects (VIP, client prefix, backend) into a ring buffer,
+//! at most `--rate` per second and CPU; this side names what it reports (backend addresses,
+//! counters) and prints it, one line or one JSON object per packet, then what was lost.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use lb_common::{
+    GlobalCounter, NO_BACKEND, NO_SLOT, TraceEvent, TraceFilter, addr_from_raw, raw_addr,
+    trace_flags, trace_match, trace_source,
+};
+use serde_json::{Value, json};
+
+use crate::{
+    dataplane::{Maps, PinLayout, Snapshot, TraceSession, monotonic_ns},
+    inspect::{self, FlowFilter, Format},
+    model::{IpNet, vip_key},
+};
+
+/// What to trace and how much.
+pub struct TraceArgs {
+    pub filter: FlowFilter,
+    /// Stop after this many events.
+    pub count: Option<u64>,
+    /// Events per second and CPU the program reports (0: no limit).
+    pub rate: u32,
+    /// Stop after this long.
+    pub duration: Option<Duration>,
+}
+
+/// The program's side of `filter`: VIP and client compared in the kernel; a backend too when
+/// its address holds one slot only (else the events are filtered here, by address).
+pub fn kernel_filter(filter: &FlowFilter, slots: &Snapshot, rate: u32) -> TraceFilter {
+    let mut f = TraceFilter {
+        max_per_sec: rate,
+        ..TraceFilter::default()
+    };
+    if let Some(vip) = &filter.vip {
+        f.matches |= trace_match::VIP;
+        f.vip = vip_key(vip);
+    }
+    if let Some(net) = &filter.client {
+        f.matches |= trace_match::CLIENT;
+        let (addr, family) = raw_addr(net.network());
+        let (mask, _) = raw_addr(net.netmask());
+        f.client = addr;
+        f.client_mask = mask;
+        f.client_family = family;
+    }
+    if let Some(backend) = filter.backend {
+        let ids: Vec<u32> = slots
+            .slots
+            .iter()
+            .filter(|(_, b)| addr_from_raw(&b.addr, b.family) == backend)
+            .filter(|(_, b)| filter.vip.is_none_or(|v| b.vip == vip_key(&v)))
+            .map(|(id, _)| *id)
+            .collect();
+        if let [id] = ids[..] {
+            f.matches |= trace_match::BACKEND;
+            f.backend = id;
+        }
+    }
+    f
+}
+
+/// Runs a trace on the attachment at `pins` until `args` says stop or SIGINT/SIGTERM.
+pub fn run(pins: &PinLayout, args: &TraceArgs, format: Format) -> anyhow::Result<()> {
+    let maps = Maps::from_pins(pins)?;
+    let mut slots = Snapshot::read(&maps)?;
+    let lost_before = lost(&maps)?;
+    let filter = kernel_filter(&args.filter, &slots, args.rate);
+    let mut session = TraceSession::start(TraceSession::open_pinned(pins)?, filter)?;
+    let stop = stop_flag()?;
+    let clock = Clock::now()?;
+    let started = Instant::now();
+    let mut renewed = Instant::now();
+    let mut shown = 0u64;
+    let mut last_lost = lost_before;
+    'trace: while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if args.duration.is_some_and(|d| started.elapsed() >= d) {
+            break;
+        }
+        if renewed.elapsed() >= Duration::from_secs(1) {
+            session.renew()?;
+            renewed = Instant::now();
+            let now_lost = lost(&maps)?;
+            if now_lost != last_lost && format == Format::Table {
+                let (rate, ring) = (now_lost.0 - lost_before.0, now_lost.1 - lost_before.1);
+                eprintln!("# lost so far: {rate} over the rate, {ring} with the ring full");
+            }
+            last_lost = now_lost;
+        }
+        for event in session.poll(Duration::from_millis(200))? {
+            if event.backend != NO_BACKEND
+                && slots
+                    .slots
+                    .get(&event.backend)
+                    .is_none_or(|b| b.generation != event.generation)
+            {
+                // A slot given to another backend since the snapshot: read it afresh.
+                slots = Snapshot::read(&maps)?;
+            }
+            let described = describe(&event, &slots, &clock);
+            if args.filter.backend.is_some()
+                && described.backend != args.filter.backend.map(|a| a.to_string())
+            {
+                continue;
+            }
+            match format {
+                Format::Json => println!("{}", described.json()),
+                Format::Table => println!("{}", described.line()),
+            }
+            shown += 1;
+            if args.count.is_some_and(|n| shown >= n) {
+                break 'trace;
+            }
+        }
+    }
+    drop(session);
+    let end = lost(&maps)?;
+    let (rate, ring) = (end.0 - lost_before.0, end.1 - lost_before.1);
+    match format {
+        Format::Json => println!(
+            "{}",
+            json!({"summary": {"events": shown, "lost_rate": rate, "lost_ring": ring}})
+        ),
+        Format::Table => eprintln!(
+            "# {shown} events; lost: {rate} over the rate of {} per second and CPU, {ring} with the ring full",
+            args.rate
+        ),
+    }
+    Ok(())
+}
+
+/// The trace's lost-event counters (over the rate, ring full), summed over CPUs.
+fn lost(maps: &Maps) -> anyhow::Result<(u64, u64)> {
+    let counters = inspect::global_counters(maps)?;
+    let get = |c: GlobalCounter| {
+        counters
+            .iter()
+            .find(|(k, _)| *k == c)
+            .map_or(0, |(_, v)| *v)
+    };
+    Ok((
+        get(GlobalCounter::TraceLostRate),
+        get(GlobalCounter::TraceLostRing),
+    ))
+}
+
+fn stop_flag() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone())
+            .context("installing the signal handlers")?;
+    }
+    Ok(stop)
+}
+
+/// bpf_ktime_get_ns (monotonic) to wall-clock time.
+pub struct Clock {
+    wall_minus_monotonic_ns: i128,
+}
+
+impl Clock {
+    pub fn now() -> anyhow::Result<Self> {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .context("the clock is before 1970")?
+            .as_nanos() as i128;
+        Ok(Self {
+            wall_minus_monotonic_ns: wall - monotonic_ns()? as i128,
+        })
+    }
+
+    fn unix_ns(&self, monotonic: u64) -> i128 {
+        monotonic as i128 + self.wall_minus_monotonic_ns
+    }
+}
+
+/// One event, named: what the program reported, with the backend's address.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Described {
+    pub unix_ns: i128,
+    pub cpu: u16,
+    pub ifindex: u32,
+    pub client: SocketAddr,
+    pub vip: String,
+    pub syn: bool,
+    pub ip_len: u16,
+    /// The counter that recorded the fate (e.g. `tx`, `local`, `drop_source_range`).
+    pub verdict: &'static str,
+    pub action: &'static str,
+    /// `conn_table`, `maglev` or `none`.
+    pub decided_by: &'static str,
+    pub slot: Option<(u32, u32)>,
+    pub backend: Option<String>,
+    pub backend_id: Option<u32>,
+    pub generation: u32,
+    pub affinity: bool,
+    pub recorded: bool,
+}
+
+pub fn describe(event: &TraceEvent, slots: &Snapshot, clock: &Clock) -> Described {
+    let flow = &event.flow;
+    let client = SocketAddr::new(
+        addr_from_raw(&flow.src, flow.family),
+        u16::from_be(flow.sport),
+    );
+    let vip = inspect::vip_addr(&lb_common::VipKey {
+        addr: flow.dst,
+        port: flow.dport,
+        proto: flow.proto,
+        family: flow.family,
+    })
+    .to_string();
+    let backend_id = (event.backend != NO_BACKEND).then_some(event.backend);
+    let backend = backend_id.map(|id| {
+        slots.slots.get(&id).map_or_else(
+            || format!("#{id}"),
+            |b| addr_from_raw(&b.addr, b.family).to_string(),
+        )
+    });
+    let decided_by = match event.source {
+        trace_source::CONN_TABLE => "conn_table",
+        trace_source::MAGLEV => "maglev",
+        _ => "none",
+    };
+    Described {
+        unix_ns: clock.unix_ns(event.time_ns),
+        cpu: event.cpu,
+        ifindex: event.ifindex,
+        client,
+        vip,
+        syn: event.flags & trace_flags::SYN != 0,
+        ip_len: event.ip_len,
+        verdict: GlobalCounter::ALL
+            .get(event.counter as usize)
+            .map_or("unknown", |c| c.name()),
+        action: xdp_action_name(event.action),
+        decided_by,
+        slot: (event.slot != NO_SLOT).then_some((event.slot, event.table_size)),
+        backend,
+        backend_id,
+        generation: event.generation,
+        affinity: event.flags & trace_flags::AFFINITY != 0,
+        recorded: event.source == trace_source::MAGLEV
+            && event.flags & trace_flags::NOT_RECORDED == 0,
+    }
+}
+
+pub fn xdp_action_name(action: u32) -> &'static str {
+    match action {
+        0 => "aborted",
+        1 => "drop",
+        2 => "pass",
+        3 => "tx",
+        4 => "redirect",
+        _ => "unknown",
+    }
+}
+
+impl Described {
+    /// One line for humans, e.g.
+    /// `10:02:03.123456 cpu1 10.0.0.2:40522 -> 10.0.0.100:80/tcp SYN  tx  maglev slot 812/1021 -> 10.0.0.11 (#3 gen 1)`.
+    pub fn line(&self) -> String {
+        let mut line = format!(
+            "{} cpu{} {} -> {}{} {}",
+            clock_time(self.unix_ns),
+            self.cpu,
+            self.client,
+            self.vip,
+            if self.syn { " SYN" } else { "" },
+            self.verdict,
+        );
+        if self.decided_by != "none" {
+            line += &format!(" by {}", self.decided_by);
+        }
+        if let Some((slot, size)) = self.slot {
+            line += &format!(" slot {slot}/{size}");
+        }
+        if let (Some(addr), Some(id)) = (&self.backend, self.backend_id) {
+            line += &format!(" -> {addr} (#{id} gen {})", self.generation);
+        }
+        if self.decided_by == "maglev" && !self.recorded {
+            line += " not recorded (flood guard)";
+        }
+        line
+    }
+
+    pub fn json(&self) -> Value {
+        json!({
+            "unix_ns": self.unix_ns.to_string(),
+            "time": clock_time(self.unix_ns),
+            "cpu": self.cpu,
+            "ifindex": self.ifindex,
+            "client": self.client.to_string(),
+            "vip": self.vip,
+            "syn": self.syn,
+            "ip_len": self.ip_len,
+            "verdict": self.verdict,
+            "action": self.action,
+            "decided_by": self.decided_by,
+            "slot": self.slot.map(|(s, _)| s),
+            "table_size": self.slot.map(|(_, n)| n),
+            "backend": self.backend,
+            "backend_id": self.backend_id,
+            "generation": self.generation,
+            "affinity": self.affinity,
+            "recorded": self.recorded,
+        })
+    }
+}
+
+/// `HH:MM:SS.micros` UTC of a Unix time in nanoseconds.
+fn clock_time(unix_ns: i128) -> String {
+    let micros = unix_ns.div_euclid(1000);
+    let secs = micros.div_euclid(1_000_000);
+    let day = secs.rem_euclid(86_400);
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        day / 3600,
+        day / 60 % 60,
+        day % 60,
+        micros.rem_euclid(1_000_000)
+    )
+}
+
+/// `--client`: a prefix, or one address (as /32 or /128).
+pub fn parse_client(text: &str) -> Result<IpNet, String> {
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    text.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("invalid client {text:?}: expected an address or a prefix, e.g. 192.0.2.7 or 192.0.2.0/24"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clock_time_is_utc_time_of_day() {
+        // 2026-11-30T01:02:03.000456Z
+        let ns = (1_795_741_323i128) * 1_000_000_000 + 456_000;
+        assert_eq!(clock_time(ns), "01:02:03.000456");
+    }
+
+    #[test]
+    fn client_accepts_addresses_and_prefixes() {
+        assert_eq!(
+            parse_client("192.0.2.7").unwrap().to_string(),
+            "192.0.2.7/32"
+        );
+        assert_eq!(
+            parse_client("192.0.2.7/24").unwrap().to_string(),
+            "192.0.2.0/24"
+        );
+        assert_eq!(
+            parse_client("2001:db8::1").unwrap().to_string(),
+            "2001:db8::1/128"
+        );
+        let err = parse_client("10.0.0").unwrap_err();
+        assert!(err.contains("10.0.0") && err.contains("prefix"), "{err}");
+    }
+
+    #[test]
+    fn the_kernel_filter_masks_the_client_prefix() {
+        let filter = FlowFilter {
+            vip: None,
+            backend: None,
+            client: Some("10.1.2.0/23".parse().unwrap()),
+        };
+        let f = kernel_filter(&filter, &Snapshot::default(), 50);
+        assert_eq!(f.matches, trace_match::CLIENT);
+        assert_eq!(f.client[0], u32::from_ne_bytes([10, 1, 2, 0]));
+        assert_eq!(f.client_mask[0], u32::from_ne_bytes([255, 255, 254, 0]));
+        assert_eq!(f.max_per_sec, 50);
+    }
+}
