@@ -508,7 +508,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 rate,
                 duration,
             };
-            lb_userspace::trace::run(&PinLayout::new(&cli.pin_dir, &iface), &args, format)
+            lb_userspace::trace::run(&iface, &PinLayout::new(&cli.pin_dir, &iface), &args, format)
         }
     }
 }

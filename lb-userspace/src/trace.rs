@@ -67,8 +67,8 @@ pub fn kernel_filter(filter: &FlowFilter, slots: &Snapshot, rate: u32) -> TraceF
     f
 }
 
-/// Runs a trace on the attachment at `pins` until `args` says stop or SIGINT/SIGTERM.
-pub fn run(pins: &PinLayout, args: &TraceArgs, format: Format) -> anyhow::Result<()> {
+/// Runs a trace on `iface`'s attachment at `pins` until `args` says stop or SIGINT/SIGTERM.
+pub fn run(iface: &str, pins: &PinLayout, args: &TraceArgs, format: Format) -> anyhow::Result<()> {
     let maps = Maps::from_pins(pins)?;
     let mut slots = Snapshot::read(&maps)?;
     let lost_before = lost(&maps)?;
@@ -76,6 +76,11 @@ pub fn run(pins: &PinLayout, args: &TraceArgs, format: Format) -> anyhow::Result
     let mut session = TraceSession::start(TraceSession::open_pinned(pins)?, filter)?;
     let stop = stop_flag()?;
     let clock = Clock::now()?;
+    // On stderr, so that JSON on stdout stays one event per line; scripts wait for it.
+    eprintln!(
+        "# tracing {iface} (at most {} events per second and CPU); Ctrl-C stops",
+        args.rate
+    );
     let started = Instant::now();
     let mut renewed = Instant::now();
     let mut shown = 0u64;

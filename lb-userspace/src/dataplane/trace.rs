@@ -85,6 +85,16 @@ impl TraceSession {
         Ok(session)
     }
 
+    /// Replaces the filter (keeping the reader and the lease).
+    pub fn set_filter(&mut self, filter: TraceFilter) -> anyhow::Result<()> {
+        self.filter = TraceFilter {
+            until_ns: self.filter.until_ns,
+            owner_pid: self.filter.owner_pid,
+            ..filter
+        };
+        self.renew()
+    }
+
     /// Pushes the filter's lapse time forward (call at least every few seconds).
     pub fn renew(&mut self) -> anyhow::Result<()> {
         self.filter.until_ns = monotonic_ns()? + TRACE_LEASE.as_nanos() as u64;

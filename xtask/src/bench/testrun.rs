@@ -124,12 +124,17 @@ pub fn run(repeat: u32) -> anyhow::Result<Vec<TestRunRow>> {
             &est,
         )?;
 
+    let (trace_other, traced) = established_traced(repeat, &est)?;
+
     let note = format!(
         "pass and established: {repeat} runs each in the kernel's loop. New flow: {flows} \
          distinct flows in single runs, {new_single:.0} ns each against {est_single:.0} ns for \
          single runs of the established frame; the pass-only program takes {baseline_single:.0} \
          ns in a single run. Encapsulation: {singles} single runs each against single runs of \
-         the IPv4 established frame, added to its loop figure"
+         the IPv4 established frame, added to its loop figure. Traced: a `sluice trace` \
+         for another client (the filter checked, no event), and one matching every packet \
+         (an event each, no rate limit), in batches of {TRACE_BATCH} runs with the ring drained \
+         between them"
     );
     let row = |path: &str, ns: f64, target: &str| TestRunRow {
         path: path.into(),
@@ -146,7 +151,48 @@ pub fn run(repeat: u32) -> anyhow::Result<Vec<TestRunRow>> {
         row("IPv6 established flow (L2)", established6, "-"),
         row("established, IPIP encapsulation", ipip, "-"),
         row("established, IPv6 VIP in IPv4", ip6ip4, "-"),
+        row("established, trace of another client", trace_other, "-"),
+        row("established, traced (event each)", traced, "-"),
     ])
+}
+
+/// Runs per batch of the traced path: well inside the ring's room for events.
+const TRACE_BATCH: u32 = 1000;
+
+/// ns/packet of the established frame while a trace runs: for another client (the filter's
+/// cost) and for this one (an event per packet).
+fn established_traced(repeat: u32, est: &[u8]) -> anyhow::Result<(f64, f64)> {
+    let mut h = Harness::new()?;
+    h.apply(&desired(Protocol::Tcp, THREE))?;
+    h.run(est)?;
+    let (client, _) = lb_common::raw_addr(IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1)));
+    let mut session = h.start_trace(lb_common::TraceFilter {
+        matches: lb_common::trace_match::CLIENT,
+        client,
+        client_mask: [u32::MAX, 0, 0, 0],
+        client_family: lb_common::FAMILY_V4,
+        ..Default::default()
+    })?;
+    let other = measure(&mut h, est, repeat, XDP_TX)?;
+    ensure!(
+        session.poll(std::time::Duration::ZERO)?.is_empty(),
+        "a trace of another client reported this one"
+    );
+    // Every packet now (the session is the harness's one: change its filter in place).
+    session.set_filter(lb_common::TraceFilter::default())?;
+    let batches = (repeat / TRACE_BATCH).max(10);
+    let mut total = 0u64;
+    for _ in 0..batches {
+        let (action, _, ns) = h.run_repeat(est, TRACE_BATCH)?;
+        ensure!(action == XDP_TX, "traced: verdict {action}");
+        total += ns;
+        let events = session.poll(std::time::Duration::ZERO)?.len() as u32;
+        ensure!(
+            events == TRACE_BATCH,
+            "traced: {events} events of {TRACE_BATCH}"
+        );
+    }
+    Ok((other, total as f64 / f64::from(batches)))
 }
 
 /// One path's figure.
