@@ -201,8 +201,8 @@ fn trace_shows_exactly_one_clients_packets_with_the_backends_that_answered() {
             .unwrap_or_else(|| panic!("backend {name}"));
         lab.backend_addr(i).to_string()
     };
-    let (mut udp, mut tcp): (BTreeMap<u16, Vec<&Value>>, BTreeMap<u16, Vec<&Value>>) =
-        Default::default();
+    let mut udp: BTreeMap<u16, Vec<&Value>> = BTreeMap::new();
+    let mut tcp: BTreeMap<u16, Vec<&Value>> = BTreeMap::new();
     for e in &events {
         let client: std::net::SocketAddr = e["client"].as_str().unwrap().parse().unwrap();
         assert_eq!(client.ip(), second, "only the traced client: {e}");
