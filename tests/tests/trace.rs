@@ -26,6 +26,15 @@ fn second_client(lab: &Lab) -> Ipv4Addr {
     Ipv4Addr::new(a, b, c, 200)
 }
 
+/// Starts `sluice trace --iface <lb's> <args>` and waits until it says it runs.
+fn start_trace(lab: &Lab, args: &[&str]) -> SluiceProcess {
+    let mut argv = vec!["trace", "--iface", lab.lb_iface()];
+    argv.extend_from_slice(args);
+    let trace = lab.spawn_sluice(&argv).expect("start the trace");
+    wait_tracing(&trace);
+    trace
+}
+
 /// Waits until the trace says it runs (its first stderr line).
 fn wait_tracing(trace: &SluiceProcess) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -99,12 +108,18 @@ fn counted_client_tcp(lab: &Lab) -> u64 {
         .sum()
 }
 
-#[test]
-fn trace_shows_exactly_one_clients_packets_with_the_backends_that_answered() {
+/// A lab with sluice attached to the load balancer, every backend active.
+fn attached_lab() -> Lab {
     require_root();
     let lab = Lab::build(LabConfig::default()).expect("lab");
     let all: Vec<BackendSpec> = (0..lab.backends()).map(BackendSpec::active).collect();
     lab.attach(&all).expect("attach");
+    lab
+}
+
+#[test]
+fn trace_shows_exactly_one_clients_packets_with_the_backends_that_answered() {
+    let lab = attached_lab();
     let second = second_client(&lab);
     lab.exec_ok(
         lab.client_ns(),
@@ -121,18 +136,8 @@ fn trace_shows_exactly_one_clients_packets_with_the_backends_that_answered() {
     count_client_tcp(&lab, second);
     let iface = lab.lb_iface().to_string();
 
-    let trace = lab
-        .spawn_sluice(&[
-            "trace",
-            "--iface",
-            &iface,
-            "--client",
-            &second.to_string(),
-            "-o",
-            "json",
-        ])
-        .expect("start the trace");
-    wait_tracing(&trace);
+    let client = second.to_string();
+    let trace = start_trace(&lab, &["--client", &client, "-o", "json"]);
 
     // One trace at a time.
     let refused = lab
@@ -270,18 +275,7 @@ fn trace_shows_exactly_one_clients_packets_with_the_backends_that_answered() {
     );
 
     // The text form, for humans: one line per packet, ended by --count.
-    let text = lab
-        .spawn_sluice(&[
-            "trace",
-            "--iface",
-            &iface,
-            "--client",
-            &second.to_string(),
-            "--count",
-            "3",
-        ])
-        .expect("text trace");
-    wait_tracing(&text);
+    let text = start_trace(&lab, &["--client", &client, "--count", "3"]);
     let answers = udp_from(&lab, second, FIRST_PORT + 200..FIRST_PORT + 203);
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut text = Some(text);
@@ -314,15 +308,9 @@ fn trace_shows_exactly_one_clients_packets_with_the_backends_that_answered() {
 
 #[test]
 fn a_trace_whose_reader_was_killed_lapses_by_itself() {
-    require_root();
-    let lab = Lab::build(LabConfig::default()).expect("lab");
-    let all: Vec<BackendSpec> = (0..lab.backends()).map(BackendSpec::active).collect();
-    lab.attach(&all).expect("attach");
+    let lab = attached_lab();
     let iface = lab.lb_iface().to_string();
-    let trace = lab
-        .spawn_sluice(&["trace", "--iface", &iface, "-o", "json"])
-        .expect("start the trace");
-    wait_tracing(&trace);
+    let trace = start_trace(&lab, &["-o", "json"]);
     let client = lab.client_addr();
     cmd::run(
         Command::new("kill").args(["-KILL", &trace.pid().to_string()]),

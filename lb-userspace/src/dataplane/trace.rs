@@ -22,40 +22,22 @@ pub struct TraceSession {
 
 impl TraceSession {
     /// Opens the pinned trace maps of an attachment.
-    pub fn open_pinned(pins: &PinLayout) -> anyhow::Result<(Array<MapData, TraceFilter>, Map)> {
+    pub fn open_pinned(pins: &PinLayout) -> anyhow::Result<TraceMaps> {
         let attach_with = "`sluice attach`, `sluice run` or `sluice agent`";
-        let filter = open_pinned(pins, map_names::TRACE, attach_with)?;
-        let ring = open_pinned(pins, map_names::TRACE_EVENTS, attach_with)?;
-        Ok((
-            filter
-                .try_into()
-                .map_err(|e| anyhow!("map {} has an unexpected layout: {e}", map_names::TRACE))?,
-            ring,
-        ))
+        trace_maps(|name| open_pinned(pins, name, attach_with))
     }
 
     /// Takes the trace maps out of a loaded object (the fixtures' harness).
-    pub fn take_from(ebpf: &mut Ebpf) -> anyhow::Result<(Array<MapData, TraceFilter>, Map)> {
-        let mut take = |name: &str| {
+    pub fn take_from(ebpf: &mut Ebpf) -> anyhow::Result<TraceMaps> {
+        trace_maps(|name| {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from the object"))
-        };
-        let filter = take(map_names::TRACE)?;
-        let ring = take(map_names::TRACE_EVENTS)?;
-        Ok((
-            filter
-                .try_into()
-                .map_err(|e| anyhow!("map {} has an unexpected layout: {e}", map_names::TRACE))?,
-            ring,
-        ))
+        })
     }
 
     /// Starts reporting the packets `filter` matches (its `until_ns` and `owner_pid` are set
     /// here). Refused while another live process holds an unexpired trace.
-    pub fn start(
-        (filter_map, ring): (Array<MapData, TraceFilter>, Map),
-        mut filter: TraceFilter,
-    ) -> anyhow::Result<Self> {
+    pub fn start((filter_map, ring): TraceMaps, mut filter: TraceFilter) -> anyhow::Result<Self> {
         let now = monotonic_ns()?;
         let current = filter_map
             .get(&0, 0)
@@ -146,6 +128,16 @@ impl Drop for TraceSession {
         // Reporting off; if this fails the filter lapses by itself within TRACE_LEASE.
         let _ = self.filter_map.set(0, &TraceFilter::default(), 0);
     }
+}
+
+/// The filter and the ring (untyped until a session takes it).
+pub type TraceMaps = (Array<MapData, TraceFilter>, Map);
+
+fn trace_maps(mut take: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<TraceMaps> {
+    let filter = take(map_names::TRACE)?
+        .try_into()
+        .map_err(|e| anyhow!("map {} has an unexpected layout: {e}", map_names::TRACE))?;
+    Ok((filter, take(map_names::TRACE_EVENTS)?))
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of bpf_ktime_get_ns.
