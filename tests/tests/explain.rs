@@ -325,11 +325,9 @@ fn explain_shows_the_entry_beside_a_changed_maglev_pick() -> Result<()> {
         );
         let pick = e["new_connection"]["backend"].as_str().unwrap_or("-");
         if backend_name(&lab, pick).as_deref() != Some(went.as_str()) {
+            // Not only to b2: three backends get a larger table (maglev_tier), which re-deals
+            // slots among the old ones too; the connection table is what keeps flows in place.
             moved += 1;
-            ensure!(
-                backend_name(&lab, pick).as_deref() == Some("b2"),
-                "{local}: Maglev's new pick {pick} is neither its backend {went} nor the added b2"
-            );
             // Both in the text, too.
             let text = lab.sluice_ok(&[
                 "explain", &local, &vip_echo, "--iface", "eth0", "--agent", "off",
