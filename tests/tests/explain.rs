@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use sluice_tests::{
-    BackendSpec, ECHO_PORT, HTTP_PORT, Lab, LabConfig, UDP_PORT, cmd, require_root,
+    BackendSpec, ECHO_PORT, HTTP_PORT, Lab, LabConfig, UDP_PORT, cmd, netns, require_root,
 };
 
 fn build(backends: usize) -> Lab {
@@ -105,6 +105,77 @@ fn tcp_flows(lab: &Lab, n: usize) -> Result<Vec<(u16, String)>> {
         }
     }
     Ok(flows)
+}
+
+/// One HTTP request to the VIP from client source port `port`: the backend that answered.
+/// The client resets the connection when done (SO_LINGER 0), so that no TIME_WAIT holds the
+/// port and the same 5-tuple can open a new connection at once.
+fn http_from_port(lab: &Lab, port: u16) -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    use std::os::fd::FromRawFd as _;
+    let (client, vip) = (lab.client_addr(), lab.vip());
+    netns::run_in(lab.client_ns(), move || {
+        let sockaddr = |addr: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(addr.octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: plain socket calls on a descriptor this function owns (the TcpStream closes
+        // it); the option and address pointers are valid for their stated lengths.
+        let stream = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let stream = std::net::TcpStream::from_raw_fd(fd);
+            let one: libc::c_int = 1;
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+            // A SYN that goes nowhere fails after this instead of the kernel's minutes.
+            stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+            let local = sockaddr(client, port);
+            ensure!(
+                libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) == 0,
+                "bind {client}:{port}: {}",
+                std::io::Error::last_os_error()
+            );
+            let remote = sockaddr(vip, HTTP_PORT);
+            ensure!(
+                libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) == 0,
+                "connect {client}:{port} -> {vip}:{HTTP_PORT}: {}",
+                std::io::Error::last_os_error()
+            );
+            stream
+        };
+        let mut stream = stream;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.trim().to_owned())
+            .with_context(|| format!("{client}:{port}: no HTTP response: {response:?}"))?;
+        Ok(body)
+    })
 }
 
 /// `n` distinct TCP flows (by source port) with the backend each reached; a port seen twice
@@ -305,8 +376,15 @@ fn explain_shows_the_entry_beside_a_changed_maglev_pick() -> Result<()> {
     let conns: Vec<_> = (0..30)
         .map(|_| lab.long_conn_vip())
         .collect::<Result<_>>()?;
-    let udp_first = 31000;
+    let udp_first = 22000;
     let udp_before = lab.udp_vip(60, udp_first)?;
+    // HTTP connections from fixed source ports (below the ephemeral range, so that no other
+    // connection holds them), closed again: their entries stay behind.
+    let http_ports: Vec<u16> = (21000..21040).collect();
+    let http_before: Vec<String> = http_ports
+        .iter()
+        .map(|p| http_from_port(&lab, *p))
+        .collect::<Result<_>>()?;
 
     lab.attach(&(0..3).map(BackendSpec::active).collect::<Vec<_>>())?;
 
@@ -381,5 +459,37 @@ fn explain_shows_the_entry_beside_a_changed_maglev_pick() -> Result<()> {
     );
     println!("udp: {disagree} of 60 flows have a Maglev pick other than their entry");
     ensure!(disagree > 0, "adding b2 moved no Maglev pick of 60 UDP flows");
+
+    // TCP's SYN rule, for real: a new connection on a 5-tuple whose entry names the old backend
+    // goes where explain's `new_connection` says (Maglev), and its entry is replaced.
+    let vip80 = format!("{}:{HTTP_PORT}/tcp", lab.vip());
+    let mut differed = 0;
+    for (port, went) in http_ports.iter().zip(&http_before) {
+        let local = format!("{client}:{port}");
+        let e = explain(&lab, &local, &vip80)?;
+        let entry = backend_name(&lab, e["connection_table"]["backend"].as_str().unwrap_or(""));
+        ensure!(
+            entry.as_deref() == Some(went.as_str()),
+            "{local}: reached {went} before the change, explain's entry names {entry:?}: {e}"
+        );
+        let pick = backend_name(&lab, e["new_connection"]["backend"].as_str().unwrap_or(""))
+            .with_context(|| format!("{local}: no Maglev pick: {e}"))?;
+        if pick != *went {
+            differed += 1;
+        }
+        let now = http_from_port(&lab, *port)?;
+        ensure!(
+            now == pick,
+            "{local}: explain said a SYN goes to {pick} (its entry: {went}), it reached {now}"
+        );
+        let after = explain(&lab, &local, &vip80)?;
+        let entry = backend_name(&lab, after["connection_table"]["backend"].as_str().unwrap_or(""));
+        ensure!(
+            entry.as_deref() == Some(pick.as_str()),
+            "{local}: after the new connection to {pick}, the entry names {entry:?}"
+        );
+    }
+    println!("tcp SYN rule: {differed} of {} reused 5-tuples went to Maglev's pick, not their entry", http_ports.len());
+    ensure!(differed > 0, "no reused 5-tuple had an entry other than Maglev's pick");
     Ok(())
 }
