@@ -318,7 +318,11 @@ pub fn explain(flow: &Flow, inputs: &Inputs) -> anyhow::Result<Explanation> {
     let forward = |decided_by: &'static str, id: u32, b: &Backend, why: String| {
         let address = addr_from_raw(&b.addr, b.family).to_string();
         let (action, counter, how) = if b.mode == forward_mode::LOCAL {
-            ("XDP_PASS", "local", "this node itself: passed to its own stack".to_owned())
+            (
+                "XDP_PASS",
+                "local",
+                "this node itself: passed to its own stack".to_owned(),
+            )
         } else {
             let how = match b.mode {
                 forward_mode::L2 => format!("L2 rewrite to MAC {}", MacAddr(b.dst_mac)),
@@ -431,17 +435,15 @@ pub fn explain(flow: &Flow, inputs: &Inputs) -> anyhow::Result<Explanation> {
         .filter(|_| entry.as_ref().is_some_and(|v| v.valid))
         .and_then(|e| Some((e, inputs.slots.get(&e.backend)?)));
     let next_packet = match followed {
-        Some((e, b)) => {
-            forward(
-                "connection_table",
-                e.backend,
-                b,
-                format!(
-                    "the connection table names backend #{} (generation {})",
-                    e.backend, e.generation
-                ),
-            )
-        }
+        Some((e, b)) => forward(
+            "connection_table",
+            e.backend,
+            b,
+            format!(
+                "the connection table names backend #{} (generation {})",
+                e.backend, e.generation
+            ),
+        ),
         _ => {
             let mut out = maglev_path(false);
             out.why = format!("no valid connection-table entry: {}", out.why);
@@ -679,11 +681,7 @@ pub fn render_text(e: &Explanation) -> String {
     let _ = writeln!(
         out,
         "{}{}",
-        if tcp {
-            "new (SYN)   "
-        } else {
-            "new flow    "
-        },
+        if tcp { "new (SYN)   " } else { "new flow    " },
         outcome(&e.new_connection)
     );
     let _ = writeln!(
@@ -703,11 +701,7 @@ pub fn render_text(e: &Explanation) -> String {
     let _ = writeln!(
         out,
         "{}{}",
-        if tcp {
-            "non-SYN     "
-        } else {
-            "next packet "
-        },
+        if tcp { "non-SYN     " } else { "next packet " },
         outcome(&e.next_packet)
     );
     if e.next_packet.backend != e.new_connection.backend {
@@ -848,7 +842,11 @@ mod tests {
     fn a_syn_follows_maglev_and_a_later_packet_the_entry() {
         let f = flow("192.0.2.7:40312", VIP);
         let mut i = inputs(&f.vip, 0);
-        let pick = explain(&f, &i).unwrap().new_connection.backend_index.unwrap();
+        let pick = explain(&f, &i)
+            .unwrap()
+            .new_connection
+            .backend_index
+            .unwrap();
         let other = 1 - pick;
         i.entry = Some(FlowValue {
             backend: other,
@@ -877,11 +875,29 @@ mod tests {
         let pick = explain(&f, &i).unwrap().new_connection.backend_index;
         for (entry, slot_change) in [
             // The slot was given to another backend since (generation bumped).
-            (FlowValue { backend: 0, generation: 0 }, None),
+            (
+                FlowValue {
+                    backend: 0,
+                    generation: 0,
+                },
+                None,
+            ),
             // The slot is empty now.
-            (FlowValue { backend: 5, generation: 1 }, None),
+            (
+                FlowValue {
+                    backend: 5,
+                    generation: 1,
+                },
+                None,
+            ),
             // The slot serves another VIP.
-            (FlowValue { backend: 1, generation: 1 }, Some(VipKey::default())),
+            (
+                FlowValue {
+                    backend: 1,
+                    generation: 1,
+                },
+                Some(VipKey::default()),
+            ),
         ] {
             let mut j = i.clone();
             if let Some(other) = slot_change {
@@ -912,16 +928,21 @@ mod tests {
                 },
             )
         };
-        i.source_ranges.insert(range(3, FAMILY_V4, [198, 51, 100, 0], 24));
+        i.source_ranges
+            .insert(range(3, FAMILY_V4, [198, 51, 100, 0], 24));
         // Another VIP's range, and another family's, never count.
-        i.source_ranges.insert(range(4, FAMILY_V4, [192, 0, 2, 0], 24));
-        i.source_ranges.insert(range(3, lb_common::FAMILY_V6, [192, 0, 2, 0], 24));
+        i.source_ranges
+            .insert(range(4, FAMILY_V4, [192, 0, 2, 0], 24));
+        i.source_ranges
+            .insert(range(3, lb_common::FAMILY_V6, [192, 0, 2, 0], 24));
         let e = explain(&f, &i).unwrap();
         assert_eq!(e.new_connection.counter, "drop_source_range");
         assert_eq!(e.new_connection.action, "XDP_DROP");
         assert_eq!(e.source_ranges.ranges, ["198.51.100.0/24"]);
-        i.source_ranges.insert(range(3, FAMILY_V4, [192, 0, 0, 0], 8));
-        i.source_ranges.insert(range(3, FAMILY_V4, [192, 0, 2, 0], 23));
+        i.source_ranges
+            .insert(range(3, FAMILY_V4, [192, 0, 0, 0], 8));
+        i.source_ranges
+            .insert(range(3, FAMILY_V4, [192, 0, 2, 0], 23));
         let e = explain(&f, &i).unwrap();
         assert_eq!(e.new_connection.decided_by, "maglev");
         assert_eq!(e.source_ranges.matched.as_deref(), Some("192.0.2.0/23"));
@@ -951,7 +972,9 @@ mod tests {
         );
         // A draining backend in the slot (mid-replacement) takes no new flow.
         let mut d = inputs(&f.vip, 0);
-        d.slots.values_mut().for_each(|b| b.state = backend_state::DRAINING);
+        d.slots
+            .values_mut()
+            .for_each(|b| b.state = backend_state::DRAINING);
         assert_eq!(
             explain(&f, &d).unwrap().new_connection.counter,
             "drop_no_backend"

@@ -506,8 +506,9 @@ fn explain(
     inputs.health = inspect::agent_health(agent)?;
     let explanation = lb_userspace::explain::explain(&flow, &inputs)?;
     let text = match format {
-        Format::Json => serde_json::to_string_pretty(&explanation)
-            .context("writing the explanation as JSON")?,
+        Format::Json => {
+            serde_json::to_string_pretty(&explanation).context("writing the explanation as JSON")?
+        }
         Format::Table => lb_userspace::explain::render_text(&explanation),
     };
     println!("{}", text.trim_end());

@@ -246,11 +246,31 @@ fn explain_refuses_malformed_arguments_and_missing_pins() {
     let dir = TempDir::new("explain");
     let pin_dir = dir.0.display().to_string();
     for (client, vip, needles) in [
-        ("192.0.2.7", "10.99.0.1:80/tcp", &["client \"192.0.2.7\"", "CLIENT_IP:PORT"][..]),
-        ("192.0.2.7:0", "10.99.0.1:80/tcp", &["192.0.2.7:0", "1 to 65535"][..]),
-        ("192.0.2.7:40000", "10.99.0.1", &["\"10.99.0.1\"", "ADDRESS:PORT"][..]),
-        ("192.0.2.7:40000", "10.99.0.1:80/sctp", &["10.99.0.1:80/sctp"][..]),
-        ("[2001:db8::7]:40000", "10.99.0.1:80/tcp", &["different address families"][..]),
+        (
+            "192.0.2.7",
+            "10.99.0.1:80/tcp",
+            &["client \"192.0.2.7\"", "CLIENT_IP:PORT"][..],
+        ),
+        (
+            "192.0.2.7:0",
+            "10.99.0.1:80/tcp",
+            &["192.0.2.7:0", "1 to 65535"][..],
+        ),
+        (
+            "192.0.2.7:40000",
+            "10.99.0.1",
+            &["\"10.99.0.1\"", "ADDRESS:PORT"][..],
+        ),
+        (
+            "192.0.2.7:40000",
+            "10.99.0.1:80/sctp",
+            &["10.99.0.1:80/sctp"][..],
+        ),
+        (
+            "[2001:db8::7]:40000",
+            "10.99.0.1:80/tcp",
+            &["different address families"][..],
+        ),
     ] {
         let out = leaves_host_untouched(&format!("explain {client} {vip}"), &dir.0, || {
             sluice(&["--pin-dir", &pin_dir, "explain", client, vip])
@@ -259,16 +279,35 @@ fn explain_refuses_malformed_arguments_and_missing_pins() {
     }
     // Well-formed, but nothing pinned there: which path, and what to run.
     let out = leaves_host_untouched("explain without pins", &dir.0, || {
-        sluice(&["--pin-dir", &pin_dir, "explain", "192.0.2.7:40000", "10.99.0.1:80/tcp"])
+        sluice(&[
+            "--pin-dir",
+            &pin_dir,
+            "explain",
+            "192.0.2.7:40000",
+            "10.99.0.1:80/tcp",
+        ])
     });
     assert_one_line_error(&out, &["not attached", &pin_dir, "sluice run"]);
     let out = leaves_host_untouched("explain --iface without pins", &dir.0, || {
         sluice(&[
-            "--pin-dir", &pin_dir, "explain", "192.0.2.7:40000", "10.99.0.1:80/tcp", "--iface",
+            "--pin-dir",
+            &pin_dir,
+            "explain",
+            "192.0.2.7:40000",
+            "10.99.0.1:80/tcp",
+            "--iface",
             "eth9",
         ])
     });
-    assert_one_line_error(&out, &["no sluice maps pinned in", &pin_dir, "eth9", "sluice attach"]);
+    assert_one_line_error(
+        &out,
+        &[
+            "no sluice maps pinned in",
+            &pin_dir,
+            "eth9",
+            "sluice attach",
+        ],
+    );
 }
 
 #[test]

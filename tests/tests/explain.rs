@@ -53,7 +53,10 @@ fn explain_all(lab: &Lab, flows: &[(String, String)], workers: usize) -> Result<
             .collect();
         let mut all = Vec::with_capacity(flows.len());
         for h in handles {
-            all.extend(h.join().map_err(|_| anyhow::anyhow!("explain worker panicked"))??);
+            all.extend(
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("explain worker panicked"))??,
+            );
         }
         Ok(all)
     })
@@ -72,20 +75,22 @@ fn backend_name(lab: &Lab, address: &str) -> Option<String> {
 fn tcp_flows(lab: &Lab, n: usize) -> Result<Vec<(u16, String)>> {
     let url = format!("http://{}:{HTTP_PORT}/?req=[1-{n}]", lab.vip());
     let out = cmd::run(
-        Command::new("ip").args(["netns", "exec", lab.client_ns()]).args([
-            "curl",
-            "--silent",
-            "--show-error",
-            "--connect-timeout",
-            "3",
-            "--max-time",
-            "10",
-            "--header",
-            "Connection: close",
-            "--write-out",
-            "port=%{local_port}\n",
-            &url,
-        ]),
+        Command::new("ip")
+            .args(["netns", "exec", lab.client_ns()])
+            .args([
+                "curl",
+                "--silent",
+                "--show-error",
+                "--connect-timeout",
+                "3",
+                "--max-time",
+                "10",
+                "--header",
+                "Connection: close",
+                "--write-out",
+                "port=%{local_port}\n",
+                &url,
+            ]),
         Duration::from_secs(60) + Duration::from_millis(50 * n as u64),
     )?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -204,7 +209,12 @@ fn distinct_tcp_flows(lab: &Lab, n: usize) -> Result<BTreeMap<u16, String>> {
 }
 
 /// Where every explained flow's new connection goes must be where it went.
-fn assert_agree(lab: &Lab, what: &str, observed: &[(String, String)], explained: &[Value]) -> Result<()> {
+fn assert_agree(
+    lab: &Lab,
+    what: &str,
+    observed: &[(String, String)],
+    explained: &[Value],
+) -> Result<()> {
     let mut mismatches = Vec::new();
     let mut per_backend: BTreeMap<String, usize> = BTreeMap::new();
     for ((client, went), e) in observed.iter().zip(explained) {
@@ -271,7 +281,10 @@ fn explain_agrees_with_1000_real_new_flows() -> Result<()> {
             (got - want).abs() < 0.01,
             "{name} holds {got:.4} of the table, weight share {want:.4}"
         );
-        ensure!(b["weight"].as_u64() == Some(i as u64 + 1), "{name}'s weight: {b}");
+        ensure!(
+            b["weight"].as_u64() == Some(i as u64 + 1),
+            "{name}'s weight: {b}"
+        );
     }
 
     // TCP: 1,000 real connections, each explained (in the lb's namespace, from the pinned maps).
@@ -327,8 +340,11 @@ fn explain_agrees_with_1000_real_new_flows() -> Result<()> {
     let after = explain(&lab, client0, &vip_udp)?;
     ensure!(
         after["connection_table"]["valid"] == true
-            && backend_name(&lab, after["connection_table"]["backend"].as_str().unwrap_or(""))
-                .as_deref()
+            && backend_name(
+                &lab,
+                after["connection_table"]["backend"].as_str().unwrap_or("")
+            )
+            .as_deref()
                 == Some(went0.as_str()),
         "after the flow {client0} reached {went0}, explain shows: {after}"
     );
@@ -423,7 +439,10 @@ fn explain_shows_the_entry_beside_a_changed_maglev_pick() -> Result<()> {
             }
         }
     }
-    println!("tcp: {moved} of {} established connections have a new Maglev pick", conns.len());
+    println!(
+        "tcp: {moved} of {} established connections have a new Maglev pick",
+        conns.len()
+    );
     ensure!(moved > 0, "adding b2 moved no Maglev pick of 30 flows");
     for conn in conns {
         let went = conn.backend();
@@ -458,7 +477,10 @@ fn explain_shows_the_entry_beside_a_changed_maglev_pick() -> Result<()> {
         "UDP packets sent again went to {again:?}, explain predicted {predicted:?}"
     );
     println!("udp: {disagree} of 60 flows have a Maglev pick other than their entry");
-    ensure!(disagree > 0, "adding b2 moved no Maglev pick of 60 UDP flows");
+    ensure!(
+        disagree > 0,
+        "adding b2 moved no Maglev pick of 60 UDP flows"
+    );
 
     // TCP's SYN rule, for real: a new connection on a 5-tuple whose entry names the old backend
     // goes where explain's `new_connection` says (Maglev), and its entry is replaced.
@@ -467,7 +489,10 @@ fn explain_shows_the_entry_beside_a_changed_maglev_pick() -> Result<()> {
     for (port, went) in http_ports.iter().zip(&http_before) {
         let local = format!("{client}:{port}");
         let e = explain(&lab, &local, &vip80)?;
-        let entry = backend_name(&lab, e["connection_table"]["backend"].as_str().unwrap_or(""));
+        let entry = backend_name(
+            &lab,
+            e["connection_table"]["backend"].as_str().unwrap_or(""),
+        );
         ensure!(
             entry.as_deref() == Some(went.as_str()),
             "{local}: reached {went} before the change, explain's entry names {entry:?}: {e}"
@@ -483,13 +508,22 @@ fn explain_shows_the_entry_beside_a_changed_maglev_pick() -> Result<()> {
             "{local}: explain said a SYN goes to {pick} (its entry: {went}), it reached {now}"
         );
         let after = explain(&lab, &local, &vip80)?;
-        let entry = backend_name(&lab, after["connection_table"]["backend"].as_str().unwrap_or(""));
+        let entry = backend_name(
+            &lab,
+            after["connection_table"]["backend"].as_str().unwrap_or(""),
+        );
         ensure!(
             entry.as_deref() == Some(pick.as_str()),
             "{local}: after the new connection to {pick}, the entry names {entry:?}"
         );
     }
-    println!("tcp SYN rule: {differed} of {} reused 5-tuples went to Maglev's pick, not their entry", http_ports.len());
-    ensure!(differed > 0, "no reused 5-tuple had an entry other than Maglev's pick");
+    println!(
+        "tcp SYN rule: {differed} of {} reused 5-tuples went to Maglev's pick, not their entry",
+        http_ports.len()
+    );
+    ensure!(
+        differed > 0,
+        "no reused 5-tuple had an entry other than Maglev's pick"
+    );
     Ok(())
 }
