@@ -10,6 +10,8 @@
 //! - An unknown VIP is refused with the configured ones named.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::IpAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -72,8 +74,11 @@ fn backend_name(lab: &Lab, address: &str) -> Option<String> {
 
 /// Sequential HTTP requests to the VIP from the client namespace, each on a new connection:
 /// (client source port, backend that answered), from curl's own report of its local port.
-fn tcp_flows(lab: &Lab, n: usize) -> Result<Vec<(u16, String)>> {
-    let url = format!("http://{}:{HTTP_PORT}/?req=[1-{n}]", lab.vip());
+fn tcp_flows(lab: &Lab, host: IpAddr, n: usize) -> Result<Vec<(u16, String)>> {
+    let url = format!(
+        "http://{}/?req=[1-{n}]",
+        std::net::SocketAddr::new(host, HTTP_PORT)
+    );
     let out = cmd::run(
         Command::new("ip")
             .args(["netns", "exec", lab.client_ns()])
@@ -185,7 +190,7 @@ fn http_from_port(lab: &Lab, port: u16) -> Result<String> {
 
 /// `n` distinct TCP flows (by source port) with the backend each reached; a port seen twice
 /// must have reached the same backend both times (a SYN is balanced by Maglev alone).
-fn distinct_tcp_flows(lab: &Lab, n: usize) -> Result<BTreeMap<u16, String>> {
+fn distinct_tcp_flows(lab: &Lab, host: IpAddr, n: usize) -> Result<BTreeMap<u16, String>> {
     let mut flows: BTreeMap<u16, String> = BTreeMap::new();
     let mut batches = 0;
     while flows.len() < n {
@@ -196,7 +201,7 @@ fn distinct_tcp_flows(lab: &Lab, n: usize) -> Result<BTreeMap<u16, String>> {
             flows.len(),
             batches - 1
         );
-        for (port, backend) in tcp_flows(lab, n - flows.len() + 20)? {
+        for (port, backend) in tcp_flows(lab, host, n - flows.len() + 20)? {
             if let Some(before) = flows.insert(port, backend.clone()) {
                 ensure!(
                     before == backend,
@@ -289,7 +294,7 @@ fn explain_agrees_with_1000_real_new_flows() -> Result<()> {
 
     // TCP: 1,000 real connections, each explained (in the lb's namespace, from the pinned maps).
     let started = Instant::now();
-    let tcp = distinct_tcp_flows(&lab, 1000)?;
+    let tcp = distinct_tcp_flows(&lab, lab.vip().into(), 1000)?;
     println!("tcp: 1000 distinct connections in {:?}", started.elapsed());
     let observed: Vec<(String, String)> = tcp
         .iter()
@@ -347,6 +352,80 @@ fn explain_agrees_with_1000_real_new_flows() -> Result<()> {
             .as_deref()
                 == Some(went0.as_str()),
         "after the flow {client0} reached {went0}, explain shows: {after}"
+    );
+    Ok(())
+}
+
+#[test]
+fn explain_agrees_with_real_ipv6_flows() -> Result<()> {
+    let lab = build(3);
+    lab.enable_ipv6()?;
+    // The lab's configs are IPv4-only: an IPv6 VIP over the backends' IPv6 addresses.
+    let mut config = format!(
+        "vips:\n  - address: {}\n    port: {HTTP_PORT}\n    backends:\n",
+        lab.vip6()
+    );
+    for (i, mac) in lab.backend_macs().iter().enumerate() {
+        writeln!(
+            config,
+            "      - address: {}\n        mac: {mac}\n        weight: {}",
+            lab.backend_addr6(i),
+            i + 1
+        )?;
+    }
+    let path = lab.dir().join("explain-ipv6.yaml");
+    std::fs::write(&path, config)?;
+    lab.sluice_ok(&[
+        "attach",
+        "--config",
+        &path.to_string_lossy(),
+        "--iface",
+        "eth0",
+    ])?;
+    let client = lab.client_addr6();
+    let vip = format!("[{}]:{HTTP_PORT}/tcp", lab.vip6());
+    let tcp = distinct_tcp_flows(&lab, lab.vip6().into(), 300)?;
+    let observed: Vec<(String, String)> = tcp
+        .iter()
+        .map(|(port, b)| (format!("[{client}]:{port}"), b.clone()))
+        .collect();
+    let flows: Vec<(String, String)> = observed
+        .iter()
+        .map(|(c, _)| (c.clone(), vip.clone()))
+        .collect();
+    let explained = explain_all(&lab, &flows, 2)?;
+    // The IPv6 answers come from the backends' IPv6 addresses.
+    let names: Vec<(String, String)> = lab
+        .backend_addrs()
+        .iter()
+        .enumerate()
+        .map(|(i, _)| (lab.backend_addr6(i).to_string(), lab.backend_name(i)))
+        .collect();
+    let mut mismatches = 0;
+    for ((c, went), e) in observed.iter().zip(&explained) {
+        let said = e["new_connection"]["backend"].as_str().unwrap_or("-");
+        let name = names.iter().find(|(a, _)| a == said).map(|(_, n)| n);
+        if name != Some(went) {
+            mismatches += 1;
+            println!("{c}: explain said {said}, the flow reached {went}");
+        }
+    }
+    println!(
+        "ipv6: {} flows explained, {mismatches} disagreed",
+        observed.len()
+    );
+    ensure!(
+        mismatches == 0,
+        "{mismatches} of {} IPv6 explanations disagree",
+        observed.len()
+    );
+    // Each flow left an entry in FLOWS6 naming its backend.
+    let (c, went) = &observed[0];
+    let e = explain(&lab, c, &vip)?;
+    let entry = e["connection_table"]["backend"].as_str().unwrap_or("");
+    ensure!(
+        names.iter().any(|(a, n)| a == entry && n == went),
+        "{c} reached {went}, its FLOWS6 entry as explained: {e}"
     );
     Ok(())
 }
