@@ -430,6 +430,117 @@ fn explain_agrees_with_real_ipv6_flows() -> Result<()> {
     Ok(())
 }
 
+/// Health, as `sluice run` (or the agent) serves it: explain shows the overlay's verdicts, and a
+/// backend whose link goes down drains: out of the table (0 slots), new flows elsewhere (real
+/// connections go where it says).
+#[test]
+fn explain_shows_health_and_a_drained_backend() -> Result<()> {
+    let lab = build(3);
+    let config = lab.write_config(&(0..3).map(BackendSpec::active).collect::<Vec<_>>())?;
+    let text = std::fs::read_to_string(&config)?.replace(
+        "    protocol: tcp\n",
+        &format!(
+            "    protocol: tcp\n    health_check: {{protocol: http, port: {HTTP_PORT}, path: /}}\n"
+        ),
+    );
+    std::fs::write(&config, text)?;
+    let mut run = lab.run_sluice_with(&config, Duration::from_secs(60))?;
+    let client = lab.client_addr();
+    let vip80 = format!("{}:{HTTP_PORT}/tcp", lab.vip());
+    let b2 = lab.backend_addr(2).to_string();
+    // With the default --agent: the metrics address `sluice run` serves in this namespace.
+    let explain_health = |port: u16| -> Result<Value> {
+        let out = lab.sluice_ok(&["explain", &format!("{client}:{port}"), &vip80, "-o", "json"])?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let wait = |what: &str, ok: &dyn Fn(&Value) -> bool| -> Result<Value> {
+        let started = Instant::now();
+        loop {
+            let e = explain_health(21500)?;
+            if ok(&e) {
+                return Ok(e);
+            }
+            ensure!(
+                started.elapsed() < Duration::from_secs(60),
+                "{what}: explain shows {e}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let row = |e: &Value, address: &str| -> Value {
+        e["backends"]
+            .as_array()
+            .and_then(|b| b.iter().find(|b| b["address"] == address))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    wait("all three up", &|e| {
+        e["backends"].as_array().is_some_and(|b| {
+            b.len() == 3
+                && b.iter()
+                    .all(|b| b["health"] == "up" && b["state"] == "active")
+        })
+    })?;
+    // Client ports whose new connections Maglev gives to b2 now.
+    let ports: Vec<u16> = (21500..21560).collect();
+    let to_b2: Vec<u16> = ports
+        .iter()
+        .copied()
+        .filter(|p| {
+            explain_health(*p)
+                .map(|e| e["new_connection"]["backend"] == b2.as_str())
+                .unwrap_or(false)
+        })
+        .collect();
+    ensure!(!to_b2.is_empty(), "no port of {ports:?} picks b2");
+
+    lab.exec_ok(lab.switch_ns(), &["ip", "link", "set", "sw-b2", "down"])?;
+    let e = wait("b2 down and draining", &|e| {
+        let r = row(e, &b2);
+        r["health"] == "down" && r["state"] == "draining" && r["table_slots"] == 0
+    })?;
+    println!(
+        "after b2's link went down: {}",
+        serde_json::to_string(&row(&e, &b2))?
+    );
+    ensure!(e["live_backends"] == 2, "live backends: {e}");
+    ensure!(
+        row(&e, &b2)["why"].as_str().is_some_and(|w| !w.is_empty()),
+        "no reason for b2's state: {e}"
+    );
+    let text = lab.sluice_ok(&["explain", &format!("{client}:{}", to_b2[0]), &vip80])?;
+    let text = String::from_utf8_lossy(&text.stdout);
+    println!("{text}");
+    ensure!(
+        text.lines()
+            .any(|l| l.starts_with(&b2) && l.contains("draining") && l.contains("down")),
+        "the text does not show b2 draining and down:\n{text}"
+    );
+    for port in &to_b2 {
+        let e = explain_health(*port)?;
+        let pick = e["new_connection"]["backend"]
+            .as_str()
+            .unwrap_or("-")
+            .to_owned();
+        ensure!(
+            pick != b2,
+            "{client}:{port}: a new flow still goes to the drained b2: {e}"
+        );
+        let reached = http_from_port(&lab, *port)?;
+        ensure!(
+            backend_name(&lab, &pick).as_deref() == Some(reached.as_str()),
+            "{client}:{port}: explain said {pick}, the connection reached {reached}"
+        );
+    }
+    println!("{} flows of b2 explained and sent elsewhere", to_b2.len());
+    ensure!(
+        run.try_wait()?.is_none(),
+        "sluice run died: {}",
+        run.log_text()
+    );
+    Ok(())
+}
+
 /// The backend a long-lived connection's first echo came from, and its client endpoint.
 fn long_conn_client(conn: &sluice_tests::LongConn) -> Result<String> {
     let target = conn.snapshot().target;
