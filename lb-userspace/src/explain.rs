@@ -866,6 +866,14 @@ mod tests {
         iu.entry = i.entry;
         let e = explain(&u, &iu).unwrap();
         assert_eq!(e.next_packet.decided_by, "connection_table");
+        // A draining backend keeps its established flows (the program checks "not empty").
+        i.slots
+            .values_mut()
+            .for_each(|b| b.state = backend_state::DRAINING);
+        let e = explain(&f, &i).unwrap();
+        assert!(e.connection_table.as_ref().unwrap().valid);
+        assert_eq!(e.next_packet.backend_index, Some(other));
+        assert_eq!(e.new_connection.counter, "drop_no_backend");
     }
 
     #[test]

@@ -501,7 +501,8 @@ fn explain(
     pins.check_layout()?;
     let maps = Maps::from_pins(&pins)?;
     let mut inputs = lb_userspace::explain::Inputs::read(&maps, &flow)?;
-    // In another network namespace than the attachment's, the index is unknown: said so.
+    // By name in this network namespace (the node's, in the agent's hostNetwork pod); not
+    // found: the explanation says XDP_TX or XDP_REDIRECT and why.
     inputs.ingress_ifindex = Interface::by_name(&iface).ok().map(|i| i.index);
     inputs.health = inspect::agent_health(agent)?;
     let explanation = lb_userspace::explain::explain(&flow, &inputs)?;
