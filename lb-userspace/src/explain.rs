@@ -17,7 +17,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{anyhow, bail};
 use lb_common::{
     Backend, FAMILY_V4, FlowKey, FlowValue, IPPROTO_TCP, NO_BACKEND, VipInfo, addr_bytes,
     addr_from_raw, backend_state, forward_mode, raw_addr, source_range_scope, vip_flags,
@@ -114,6 +114,8 @@ impl Inputs {
         } else {
             maps.flows6.get(&key, 0)
         };
+        // A lookup from user space leaves the LRU's recency alone (the kernel's
+        // lookup_elem_sys_only): explaining a flow does not keep its entry alive.
         let entry = match entry {
             Ok(v) => Some(v),
             Err(aya::maps::MapError::KeyNotFound) => None,
@@ -136,9 +138,8 @@ impl Inputs {
             entry,
             source_ranges: snapshot.source_ranges,
             announce,
-            flood_guard: crate::inspect::flood_guard(maps)
-                .context("reading the flood guard")
-                .ok(),
+            // Informative only: an unreadable guard is shown as unknown, not an error.
+            flood_guard: crate::inspect::flood_guard(maps).ok(),
             peers,
             ingress_ifindex: None,
             health: None,
