@@ -28,6 +28,7 @@ use crate::{
     dataplane::{Maps, RangeKey, Snapshot},
     health::BackendStatus,
     inspect::{FloodGuard, SlotState, mode_name, render_table},
+    maglev::{MaglevBackend, build_table},
     model::{MacAddr, Protocol, VipAddr, vip_key},
 };
 
@@ -83,6 +84,9 @@ pub struct Inputs {
     pub vips: Vec<VipAddr>,
     /// The VIP's Maglev table, slot -> backend index.
     pub table: Vec<u32>,
+    /// Why the installed table could not be read, when [`Inputs::table`] was rebuilt from the
+    /// slots instead ([`rebuild_table`]).
+    pub table_unreadable: Option<String>,
     /// Every occupied `BACKENDS` slot (an index absent here is empty).
     pub slots: BTreeMap<u32, Backend>,
     /// The connection table's entry for this 5-tuple.
@@ -105,9 +109,19 @@ impl Inputs {
         let snapshot = Snapshot::read(maps)?;
         let key = flow.key();
         let vip = snapshot.vips.get(&vip_key(&flow.vip)).copied();
-        let table = match vip {
-            Some(info) if info.table_size > 0 => maps.maglev_table(info.id, info.table_size)?,
-            _ => Vec::new(),
+        // Opening an inner map by its id (BPF_MAP_GET_FD_BY_ID) takes CAP_SYS_ADMIN, which the
+        // agent's pod does not have: there the table is rebuilt the way the agent built it.
+        let (table, table_unreadable) = match vip {
+            Some(info) if info.table_size > 0 => {
+                match maps.maglev_table(info.id, info.table_size) {
+                    Ok(table) => (table, None),
+                    Err(e) => (
+                        rebuild_table(&snapshot.slots, &info),
+                        Some(format!("{e:#}")),
+                    ),
+                }
+            }
+            _ => (Vec::new(), None),
         };
         let entry = if key.family == FAMILY_V4 {
             maps.flows.get(&key.narrow(), 0)
@@ -134,6 +148,7 @@ impl Inputs {
             vip,
             vips: snapshot.vips.keys().map(crate::inspect::vip_addr).collect(),
             table,
+            table_unreadable,
             slots: snapshot.slots,
             entry,
             source_ranges: snapshot.source_ranges,
@@ -145,6 +160,28 @@ impl Inputs {
             health: None,
         })
     }
+}
+
+/// The Maglev table of `vip` as the control plane builds it from the VIP's occupied slots
+/// (reconcile's inputs: each backend's Maglev id and effective weight; slot ids in the table).
+/// The installed table is this one unless a reconcile is under way.
+pub fn rebuild_table(slots: &BTreeMap<u32, Backend>, vip: &VipInfo) -> Vec<u32> {
+    let ours: Vec<(u32, &Backend)> = slots
+        .iter()
+        .filter(|(_, b)| b.vip_id == vip.id && b.state != backend_state::EMPTY)
+        .map(|(id, b)| (*id, b))
+        .collect();
+    let inputs: Vec<MaglevBackend> = ours
+        .iter()
+        .map(|(_, b)| MaglevBackend {
+            id: lb_common::maglev_id(addr_from_raw(&b.addr, b.family)),
+            weight: crate::reconcile::effective_weight(b),
+        })
+        .collect();
+    build_table(&inputs, vip.table_size)
+        .into_iter()
+        .map(|pick| ours.get(pick as usize).map_or(NO_BACKEND, |(id, _)| *id))
+        .collect()
 }
 
 /// One backend slot as `explain` shows it.
@@ -236,6 +273,9 @@ pub struct Explanation {
     pub slot: Option<u32>,
     /// The backend index the slot holds (`None`: no table, or an empty slot).
     pub slot_backend: Option<u32>,
+    /// `installed` (read from the map) or `rebuilt` (from the slots, when the installed table
+    /// cannot be read: see the notes).
+    pub table: &'static str,
     /// A new connection: a TCP SYN (Maglev decides, whatever the connection table holds, and
     /// the entry is written anew), or a UDP packet of a flow not in the connection table.
     pub new_connection: Outcome,
@@ -455,6 +495,11 @@ pub fn explain(flow: &Flow, inputs: &Inputs) -> anyhow::Result<Explanation> {
     let mut notes = vec![
         "the connection table stores no timestamp: an entry's age is unknown (it is evicted least recently used first)".to_owned(),
     ];
+    if let Some(e) = &inputs.table_unreadable {
+        notes.push(format!(
+            "the installed Maglev table could not be read ({e}: opening it takes CAP_SYS_ADMIN, which the agent's pod does not have); slots and shares are from the table rebuilt from the BACKENDS slots as the agent builds it, which is the installed one unless a reconcile is under way"
+        ));
+    }
     if inputs.peers > 0 {
         notes.push(format!(
             "a frame from one of the {} other sluice nodes' MACs (PEERS) was balanced there already and is passed to the local stack unbalanced",
@@ -488,6 +533,11 @@ pub fn explain(flow: &Flow, inputs: &Inputs) -> anyhow::Result<Explanation> {
         flow_hash: hash,
         slot,
         slot_backend,
+        table: if inputs.table_unreadable.is_some() {
+            "rebuilt"
+        } else {
+            "installed"
+        },
         new_connection,
         connection_table: entry,
         next_packet,
@@ -826,6 +876,42 @@ mod tests {
         // Weights as installed: 4 and 3 slots of 7.
         let slots: Vec<u64> = e.backends.iter().map(|b| b.table_slots).collect();
         assert_eq!(slots, [4, 3]);
+    }
+
+    #[test]
+    fn a_rebuilt_table_is_the_control_planes() {
+        let vip: VipAddr = VIP.parse().unwrap();
+        let mut i = inputs(&vip, 0);
+        i.vip.as_mut().unwrap().table_size = 251;
+        // Another VIP's slot and a draining one take no part.
+        i.slots.insert(7, backend("10.0.1.3", &vip, 4, 1));
+        let mut draining = backend("10.0.1.4", &vip, 3, 1);
+        draining.state = backend_state::DRAINING;
+        i.slots.insert(9, draining);
+        i.slots.get_mut(&1).unwrap().weight = 3;
+        let rebuilt = rebuild_table(&i.slots, i.vip.as_ref().unwrap());
+        let want = build_table(
+            &[
+                MaglevBackend {
+                    id: u32::from(std::net::Ipv4Addr::new(10, 0, 1, 1)),
+                    weight: 1,
+                },
+                MaglevBackend {
+                    id: u32::from(std::net::Ipv4Addr::new(10, 0, 1, 2)),
+                    weight: 3,
+                },
+            ],
+            251,
+        );
+        // Indices 0 and 1 of the inputs are slots 0 and 1.
+        assert_eq!(rebuilt, want);
+        let ones = rebuilt.iter().filter(|s| **s == 1).count();
+        assert!((185..=192).contains(&ones), "{ones}");
+        i.table = rebuilt;
+        i.table_unreadable = Some("EPERM".into());
+        let e = explain(&flow("192.0.2.7:1", VIP), &i).unwrap();
+        assert_eq!(e.table, "rebuilt");
+        assert!(e.notes.iter().any(|n| n.contains("CAP_SYS_ADMIN")));
     }
 
     #[test]
