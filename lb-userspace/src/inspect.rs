@@ -53,7 +53,7 @@ pub fn vip_addr(key: &lb_common::VipKey) -> VipAddr {
 
 /// How a backend's packets leave: named by the outer header, since either family of VIP can ride
 /// in either family of tunnel.
-fn mode_name(mode: u8) -> &'static str {
+pub(crate) fn mode_name(mode: u8) -> &'static str {
     match mode {
         forward_mode::IPIP_V4 => "ipip",
         forward_mode::IPIP_V6 => "ipip6",
@@ -251,30 +251,8 @@ pub fn backends(maps: &Maps) -> anyhow::Result<View> {
 /// `agent` (`off`, or nobody answering: the maps alone, the columns shown as `-`).
 pub fn backends_with_health(maps: &Maps, agent: String) -> anyhow::Result<View> {
     let mut view = backends(maps)?;
-    let rows: Vec<crate::health::BackendStatus> = match agent.as_str() {
-        "off" => return Ok(view),
-        a => {
-            let addr: std::net::SocketAddr = a
-                .parse()
-                .map_err(|e| anyhow::anyhow!("--agent {a:?}: {e}: expected ADDRESS:PORT or off"))?;
-            match crate::health::probe::fetch(
-                addr,
-                crate::metrics::HEALTH_BACKENDS_PATH,
-                std::time::Duration::from_secs(2),
-            )
-            .and_then(|body| Ok(serde_json::from_str::<Value>(&body)?))
-            {
-                Ok(v) => serde_json::from_value::<Vec<Value>>(v)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(|r| serde_json::from_value(r).ok())
-                    .collect(),
-                Err(e) => {
-                    log::debug!("no health columns: {e:#}");
-                    return Ok(view);
-                }
-            }
-        }
+    let Some(rows) = agent_health(&agent)? else {
+        return Ok(view);
     };
     let find =
         |vip: &str, backend: &str| rows.iter().find(|r| r.vip == vip && r.backend == backend);
@@ -331,6 +309,36 @@ pub fn backends_with_health(maps: &Maps, agent: String) -> anyhow::Result<View> 
     );
     view.json = json!({ "backends": merged });
     Ok(view)
+}
+
+/// The health overlay's rows from the process serving /metrics at `agent` (`off`, or nobody
+/// answering: `None`).
+pub fn agent_health(agent: &str) -> anyhow::Result<Option<Vec<crate::health::BackendStatus>>> {
+    if agent == "off" {
+        return Ok(None);
+    }
+    let addr: std::net::SocketAddr = agent
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--agent {agent:?}: {e}: expected ADDRESS:PORT or off"))?;
+    match crate::health::probe::fetch(
+        addr,
+        crate::metrics::HEALTH_BACKENDS_PATH,
+        std::time::Duration::from_secs(2),
+    )
+    .and_then(|body| Ok(serde_json::from_str::<Value>(&body)?))
+    {
+        Ok(v) => Ok(Some(
+            serde_json::from_value::<Vec<Value>>(v)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|r| serde_json::from_value(r).ok())
+                .collect(),
+        )),
+        Err(e) => {
+            log::debug!("no health columns: {e:#}");
+            Ok(None)
+        }
+    }
 }
 
 /// Every global counter, summed over CPUs.

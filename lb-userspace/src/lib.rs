@@ -6,6 +6,7 @@ pub mod bgp;
 pub mod config;
 pub mod dataplane;
 pub mod decap;
+pub mod explain;
 pub mod health;
 pub mod http;
 pub mod inspect;

@@ -289,6 +289,24 @@ enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         format: Format,
     },
+    /// Without sending a packet: what the attached balancer would do with a new flow from
+    /// CLIENT to VIP and why (hash, Maglev slot, backend, weights as installed, source ranges,
+    /// affinity), and what the connection table holds for it now. Reads the pinned maps.
+    Explain {
+        /// The client's address and source port, e.g. `192.0.2.7:40312` or `[2001:db8::7]:40312`.
+        client: String,
+        /// The VIP, e.g. `10.0.0.10:80/tcp` (the protocol defaults to tcp).
+        vip: String,
+        /// The attached interface (needed when several are attached).
+        #[arg(long)]
+        iface: Option<String>,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        format: Format,
+        /// Where the agent (or `sluice run`) serves /metrics, for the backends' health and load
+        /// columns; "off" for the maps alone.
+        #[arg(long, default_value = metrics::DEFAULT_METRICS_ADDR)]
+        agent: String,
+    },
     /// On a backend node of `mode: ipip` VIPs: attach the decapsulator (pinned), which strips
     /// the outer header of packets sent to this node by the allowed load balancers. Run it
     /// again to change the list.
@@ -510,7 +528,45 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             };
             lb_userspace::trace::run(&iface, &PinLayout::new(&cli.pin_dir, &iface), &args, format)
         }
+        Command::Explain {
+            client,
+            vip,
+            iface,
+            format,
+            agent,
+        } => explain(&cli.pin_dir, &client, &vip, iface, format, &agent),
     }
+}
+
+/// `sluice explain`: the arguments first (a typo needs no root), then the pins.
+fn explain(
+    pin_root: &Path,
+    client: &str,
+    vip: &str,
+    iface: Option<String>,
+    format: Format,
+    agent: &str,
+) -> anyhow::Result<()> {
+    let flow = lb_userspace::explain::Flow::parse(client, vip)?;
+    require_root()?;
+    let iface = attached_iface(pin_root, iface, |i| PinLayout::new(pin_root, i))?;
+    let pins = PinLayout::new(pin_root, &iface);
+    pins.check_layout()?;
+    let maps = Maps::from_pins(&pins)?;
+    let mut inputs = lb_userspace::explain::Inputs::read(&maps, &flow)?;
+    // By name in this network namespace (the node's, in the agent's hostNetwork pod); not
+    // found: the explanation says XDP_TX or XDP_REDIRECT and why.
+    inputs.ingress_ifindex = Interface::by_name(&iface).ok().map(|i| i.index);
+    inputs.health = inspect::agent_health(agent)?;
+    let explanation = lb_userspace::explain::explain(&flow, &inputs)?;
+    let text = match format {
+        Format::Json => {
+            serde_json::to_string_pretty(&explanation).context("writing the explanation as JSON")?
+        }
+        Format::Table => lb_userspace::explain::render_text(&explanation),
+    };
+    println!("{}", text.trim_end());
+    Ok(())
 }
 
 /// `500ms`, `1s`, `2.5s`: at least 100 ms.

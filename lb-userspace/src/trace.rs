@@ -69,6 +69,7 @@ pub fn kernel_filter(filter: &FlowFilter, slots: &Snapshot, rate: u32) -> TraceF
 
 /// Runs a trace on `iface`'s attachment at `pins` until `args` says stop or SIGINT/SIGTERM.
 pub fn run(iface: &str, pins: &PinLayout, args: &TraceArgs, format: Format) -> anyhow::Result<()> {
+    pins.check_layout()?;
     let maps = Maps::from_pins(pins)?;
     let mut slots = Snapshot::read(&maps)?;
     let lost_before = lost(&maps)?;

@@ -241,6 +241,76 @@ fn inspect_without_attachment_says_what_to_do() {
 }
 
 #[test]
+fn explain_refuses_malformed_arguments_and_missing_pins() {
+    require_root();
+    let dir = TempDir::new("explain");
+    let pin_dir = dir.0.display().to_string();
+    for (client, vip, needles) in [
+        (
+            "192.0.2.7",
+            "10.99.0.1:80/tcp",
+            &["client \"192.0.2.7\"", "CLIENT_IP:PORT"][..],
+        ),
+        (
+            "192.0.2.7:0",
+            "10.99.0.1:80/tcp",
+            &["192.0.2.7:0", "1 to 65535"][..],
+        ),
+        (
+            "192.0.2.7:40000",
+            "10.99.0.1",
+            &["\"10.99.0.1\"", "ADDRESS:PORT"][..],
+        ),
+        (
+            "192.0.2.7:40000",
+            "10.99.0.1:80/sctp",
+            &["10.99.0.1:80/sctp"][..],
+        ),
+        (
+            "[2001:db8::7]:40000",
+            "10.99.0.1:80/tcp",
+            &["different address families"][..],
+        ),
+    ] {
+        let out = leaves_host_untouched(&format!("explain {client} {vip}"), &dir.0, || {
+            sluice(&["--pin-dir", &pin_dir, "explain", client, vip])
+        });
+        assert_one_line_error(&out, needles);
+    }
+    // Well-formed, but nothing pinned there: which path, and what to run.
+    let out = leaves_host_untouched("explain without pins", &dir.0, || {
+        sluice(&[
+            "--pin-dir",
+            &pin_dir,
+            "explain",
+            "192.0.2.7:40000",
+            "10.99.0.1:80/tcp",
+        ])
+    });
+    assert_one_line_error(&out, &["not attached", &pin_dir, "sluice run"]);
+    let out = leaves_host_untouched("explain --iface without pins", &dir.0, || {
+        sluice(&[
+            "--pin-dir",
+            &pin_dir,
+            "explain",
+            "192.0.2.7:40000",
+            "10.99.0.1:80/tcp",
+            "--iface",
+            "eth9",
+        ])
+    });
+    assert_one_line_error(
+        &out,
+        &[
+            "no sluice maps pinned in",
+            &pin_dir,
+            "eth9",
+            "sluice attach",
+        ],
+    );
+}
+
+#[test]
 fn log_format_json_writes_one_object_per_line() {
     require_root();
     let dir = TempDir::new("json");

@@ -220,6 +220,84 @@ fn spread(c: &Cluster, vip: Ipv4Addr, n: usize) -> Result<Spread> {
     Ok(s)
 }
 
+/// New connections to the Local VIP (the pod is on the node sluice picked), each explained by
+/// `sluice explain` run in node-0's agent pod (the receiving node: its pins, its binary).
+fn explain_in_agent_pod(c: &Cluster) -> Result<String> {
+    let pods = agent_pods(c)?;
+    let (pod, _, _) = pods
+        .get(c.node_name(0))
+        .with_context(|| format!("no agent pod on {}", c.node_name(0)))?;
+    // One connection at a time, so that each body is followed by its own source port.
+    let n = 30;
+    let out = sluice_tests::cmd::run_ok(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", c.client_ns()])
+            .args([
+                "curl",
+                "--silent",
+                "--connect-timeout",
+                "3",
+                "--max-time",
+                "10",
+                "--header",
+                "Connection: close",
+                "--write-out",
+                "port=%{local_port}\n",
+                &format!("http://{VIP_LOCAL}:80/cgi-bin/who?req=[1-{n}]"),
+            ]),
+        Duration::from_secs(120),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (mut flows, mut who) = (Vec::new(), None);
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        match line.strip_prefix("port=") {
+            Some(port) => {
+                if let (Some(w), Ok(p)) = (who.take(), port.parse::<u16>()) {
+                    flows.push((p, w));
+                }
+            }
+            None => who = parse_who(line).map(|w| w.node),
+        }
+    }
+    ensure!(
+        flows.len() == n,
+        "{} of {n} connections answered: {text}",
+        flows.len()
+    );
+    let client = cluster::client_addr();
+    let mut by_node: BTreeMap<String, usize> = BTreeMap::new();
+    for (port, node) in &flows {
+        let out = c.kubectl(&[
+            "exec",
+            "-n",
+            AGENT_NAMESPACE,
+            pod,
+            "--",
+            "/sluice",
+            "explain",
+            &format!("{client}:{port}"),
+            &format!("{VIP_LOCAL}:80/tcp"),
+            "-o",
+            "json",
+        ])?;
+        let e: Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("explain in {pod}: not JSON"))?;
+        let said = e["new_connection"]["backend"].as_str().unwrap_or("-");
+        let want = c
+            .node_index(node)
+            .map(|i| c.node_addr(i).to_string())
+            .with_context(|| format!("answer from an unknown node {node}"))?;
+        ensure!(
+            said == want && e["connection_table"]["backend"] == want.as_str(),
+            "{client}:{port} reached {node} ({want}); explain in {pod} says: {e}"
+        );
+        *by_node.entry(node.clone()).or_default() += 1;
+    }
+    Ok(format!(
+        "{n} of {n} connections where explain said (and its connection-table entry); by node {by_node:?}"
+    ))
+}
+
 fn every_node(c: &Cluster, by_node: &BTreeMap<String, usize>) -> bool {
     (0..c.nodes()).all(|i| by_node.get(c.node_name(i)).copied().unwrap_or(0) > 0)
 }
@@ -445,6 +523,12 @@ fn sluice_deployed_on_a_real_cluster() {
             checks.check("Local policy connections", false, format!("{e:#}"));
         }
     }
+
+    // ----- `sluice explain` in the agent's pod names where new connections went -----
+    checks.result(
+        "sluice explain in node-0's agent pod: the node every new connection reached",
+        explain_in_agent_pod(&c),
+    );
 
     // ----- a pod deleted: its established connection goes on while it terminates -----
     let r = (|| -> Result<String> {

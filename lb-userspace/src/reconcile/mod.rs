@@ -170,6 +170,8 @@ impl Phase {
 type Hook<'a> = &'a mut dyn FnMut(Phase) -> anyhow::Result<()>;
 
 pub use crate::model::vip_key;
+/// The weight a slot's backend has in its VIP's Maglev table (`sluice explain` rebuilds tables).
+pub(crate) use plan::effective_weight;
 
 pub use lb_common::{addr_from_raw, maglev_id, raw_addr};
 

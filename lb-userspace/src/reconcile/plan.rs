@@ -323,7 +323,7 @@ pub(super) fn plan(
 }
 
 /// The weight that counts for the Maglev table: zero when draining.
-pub(super) fn effective_weight(slot: &SlotValue) -> u32 {
+pub(crate) fn effective_weight(slot: &SlotValue) -> u32 {
     if slot.state == backend_state::ACTIVE {
         slot.weight
     } else {

@@ -1,0 +1,1094 @@
+//! `sluice explain`: what the balancer would do with a flow from one client to one VIP, and why,
+//! without sending a packet. It reads the live maps ([`Inputs::read`]) and then replays the XDP
+//! program's decision ([`explain`], pure, so its rules have unit tests without root) in the
+//! program's own order (lb-ebpf/src/main.rs `balance_flow`):
+//!
+//!   connection table (not for a TCP SYN; an entry counts only while its slot still holds the
+//!   backend it named: same generation, same VIP) -> VIP lookup -> source ranges -> Maglev pick
+//!   (`flow_hash` % table size; affinity hashes without the ports) -> record (flood guard)
+//!   -> forward (this node: its own stack | L2 rewrite | IPIP encapsulation)
+//!
+//! A frame from another sluice node's MAC (`PEERS`) is passed unbalanced whatever this shows:
+//! `explain` takes a client address, not a MAC, and says so when peers are known.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    net::{IpAddr, SocketAddr},
+};
+
+use anyhow::{anyhow, bail};
+use lb_common::{
+    Backend, FAMILY_V4, FlowKey, FlowValue, IPPROTO_TCP, NO_BACKEND, VipInfo, addr_bytes,
+    addr_from_raw, backend_state, forward_mode, raw_addr, source_range_scope, vip_flags,
+};
+use serde::Serialize;
+
+use crate::{
+    dataplane::{Maps, RangeKey, Snapshot},
+    health::BackendStatus,
+    inspect::{FloodGuard, SlotState, mode_name, render_table},
+    maglev::{MaglevBackend, build_table},
+    model::{MacAddr, Protocol, VipAddr, vip_key},
+};
+
+/// The flow to explain: a client endpoint and a VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub client: SocketAddr,
+    pub vip: VipAddr,
+}
+
+impl Flow {
+    /// `CLIENT_IP:PORT` and `VIP:PORT[/PROTO]` as typed on the command line.
+    pub fn parse(client: &str, vip: &str) -> anyhow::Result<Self> {
+        let client: SocketAddr = client.parse().map_err(|_| {
+            anyhow!(
+                "client {client:?}: expected CLIENT_IP:PORT, like 192.0.2.7:40312 or [2001:db8::7]:40312"
+            )
+        })?;
+        if client.port() == 0 {
+            bail!("client {client}: the port must be from 1 to 65535");
+        }
+        let vip: VipAddr = vip.parse().map_err(|e| anyhow!("{e}"))?;
+        if client.is_ipv4() != vip.addr.is_ipv4() {
+            bail!(
+                "client {client} and VIP {vip} are of different address families: no packet can carry both"
+            );
+        }
+        Ok(Self { client, vip })
+    }
+
+    /// The connection-table key and hash input, exactly as the program builds it from a packet.
+    pub fn key(&self) -> FlowKey {
+        let (src, family) = raw_addr(self.client.ip());
+        let (dst, _) = raw_addr(self.vip.addr);
+        FlowKey {
+            src,
+            dst,
+            sport: self.client.port().to_be(),
+            dport: self.vip.port.to_be(),
+            proto: self.vip.protocol.number(),
+            family,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// What the maps (and the agent, when it answers) hold that bears on one flow.
+#[derive(Clone, Debug, Default)]
+pub struct Inputs {
+    /// The VIP's `VIPS` value, if configured.
+    pub vip: Option<VipInfo>,
+    /// Every configured VIP (to name them when the asked one is unknown).
+    pub vips: Vec<VipAddr>,
+    /// The VIP's Maglev table, slot -> backend index.
+    pub table: Vec<u32>,
+    /// Why the installed table could not be read, when [`Inputs::table`] was rebuilt from the
+    /// slots instead ([`rebuild_table`]).
+    pub table_unreadable: Option<String>,
+    /// Every occupied `BACKENDS` slot (an index absent here is empty).
+    pub slots: BTreeMap<u32, Backend>,
+    /// The connection table's entry for this 5-tuple.
+    pub entry: Option<FlowValue>,
+    pub source_ranges: BTreeSet<RangeKey>,
+    /// The MAC this node answers ARP/NDP with for the VIP's address (`ANNOUNCE`).
+    pub announce: Option<[u8; 6]>,
+    pub flood_guard: Option<FloodGuard>,
+    /// Other sluice nodes known on the segment (`PEERS`).
+    pub peers: usize,
+    /// The attached interface's index: a backend behind it gets `XDP_TX`, others `XDP_REDIRECT`.
+    pub ingress_ifindex: Option<u32>,
+    /// The agent's health overlay (`/health/backends`), when it answered.
+    pub health: Option<Vec<BackendStatus>>,
+}
+
+impl Inputs {
+    /// Reads what bears on `flow` from the pinned maps.
+    pub fn read(maps: &Maps, flow: &Flow) -> anyhow::Result<Self> {
+        let snapshot = Snapshot::read(maps)?;
+        let key = flow.key();
+        let vip = snapshot.vips.get(&vip_key(&flow.vip)).copied();
+        // Opening an inner map by its id (BPF_MAP_GET_FD_BY_ID) takes CAP_SYS_ADMIN, which the
+        // agent's pod does not have: there the table is rebuilt the way the agent built it.
+        let (table, table_unreadable) = match vip {
+            Some(info) if info.table_size > 0 => {
+                match maps.maglev_table(info.id, info.table_size) {
+                    Ok(table) => (table, None),
+                    Err(e) => (
+                        rebuild_table(&snapshot.slots, &info),
+                        Some(format!("{e:#}")),
+                    ),
+                }
+            }
+            _ => (Vec::new(), None),
+        };
+        let entry = if key.family == FAMILY_V4 {
+            maps.flows.get(&key.narrow(), 0)
+        } else {
+            maps.flows6.get(&key, 0)
+        };
+        // A lookup from user space leaves the LRU's recency alone (the kernel's
+        // lookup_elem_sys_only): explaining a flow does not keep its entry alive.
+        let entry = match entry {
+            Ok(v) => Some(v),
+            Err(aya::maps::MapError::KeyNotFound) => None,
+            Err(e) => return Err(anyhow!("reading the connection table: {e}")),
+        };
+        let announce = match maps
+            .announce
+            .get(&crate::dataplane::announce_key(flow.vip.addr), 0)
+        {
+            Ok(a) => Some(a.mac),
+            Err(aya::maps::MapError::KeyNotFound) => None,
+            Err(e) => return Err(anyhow!("reading the ANNOUNCE map: {e}")),
+        };
+        let peers = maps.peers.keys().filter(Result::is_ok).count();
+        Ok(Self {
+            vip,
+            vips: snapshot.vips.keys().map(crate::inspect::vip_addr).collect(),
+            table,
+            table_unreadable,
+            slots: snapshot.slots,
+            entry,
+            source_ranges: snapshot.source_ranges,
+            announce,
+            // Informative only: an unreadable guard is shown as unknown, not an error.
+            flood_guard: crate::inspect::flood_guard(maps).ok(),
+            peers,
+            ingress_ifindex: None,
+            health: None,
+        })
+    }
+}
+
+/// The Maglev table of `vip` as the control plane builds it from the VIP's occupied slots
+/// (reconcile's inputs: each backend's Maglev id and effective weight; slot ids in the table).
+/// The installed table is this one unless a reconcile is under way.
+pub fn rebuild_table(slots: &BTreeMap<u32, Backend>, vip: &VipInfo) -> Vec<u32> {
+    let ours: Vec<(u32, &Backend)> = slots
+        .iter()
+        .filter(|(_, b)| b.vip_id == vip.id && b.state != backend_state::EMPTY)
+        .map(|(id, b)| (*id, b))
+        .collect();
+    let inputs: Vec<MaglevBackend> = ours
+        .iter()
+        .map(|(_, b)| MaglevBackend {
+            id: lb_common::maglev_id(addr_from_raw(&b.addr, b.family)),
+            weight: crate::reconcile::effective_weight(b),
+        })
+        .collect();
+    build_table(&inputs, vip.table_size)
+        .into_iter()
+        .map(|pick| ours.get(pick as usize).map_or(NO_BACKEND, |(id, _)| *id))
+        .collect()
+}
+
+/// One backend slot as `explain` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BackendView {
+    /// Index into `BACKENDS` (per node: addresses are what every node agrees on).
+    pub index: u32,
+    pub generation: u32,
+    pub address: String,
+    pub mac: String,
+    pub mode: &'static str,
+    pub state: SlotState,
+    /// The weight as configured (after the agent's health and load overlay).
+    pub weight: u32,
+    /// Slots it holds in the VIP's Maglev table: the weight as installed.
+    pub table_slots: u64,
+    pub share: f64,
+    /// This node itself: its packets go to the local stack.
+    pub local: bool,
+    pub ifindex: u32,
+    pub mtu: u16,
+    /// From the agent's overlay, when it answered.
+    pub health: Option<String>,
+    pub load: Option<f64>,
+    pub base_weight: Option<u32>,
+    pub why: Option<String>,
+}
+
+/// What one kind of packet of the flow meets.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Outcome {
+    /// `connection_table`, `maglev`, `source_ranges`, `vip_lookup`.
+    pub decided_by: &'static str,
+    /// `XDP_TX`, `XDP_REDIRECT`, `XDP_PASS`, `XDP_DROP`, or `XDP_TX|XDP_REDIRECT` when the
+    /// ingress interface is not known here.
+    pub action: &'static str,
+    /// The global counter the program bumps (`sluice inspect stats`).
+    pub counter: &'static str,
+    /// Index of the backend it goes to.
+    pub backend_index: Option<u32>,
+    pub backend: Option<String>,
+    /// Whether the program writes a connection-table entry for it (`None`: not applicable).
+    pub recorded: Option<bool>,
+    pub why: String,
+}
+
+/// The connection table's entry for the 5-tuple.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EntryView {
+    pub backend_index: u32,
+    pub generation: u32,
+    /// The address the slot holds now (`None`: the slot is empty).
+    pub backend: Option<String>,
+    /// Whether the program follows it (slot occupied, same generation, same VIP).
+    pub valid: bool,
+    pub why: String,
+    /// The connection table stores no timestamp: the age is unknown.
+    pub age_seconds: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SourceRanges {
+    /// The VIP admits new flows only from its ranges.
+    pub enforced: bool,
+    /// Ranges of the client's family configured for the VIP.
+    pub ranges: Vec<String>,
+    pub admitted: bool,
+    /// The longest range that holds the client.
+    pub matched: Option<String>,
+}
+
+/// Everything `explain` says about a flow (`-o json` prints it as is: a stable schema).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Explanation {
+    pub client: String,
+    pub vip: String,
+    pub protocol: Protocol,
+    pub vip_id: u32,
+    pub table_size: u32,
+    pub live_backends: u32,
+    pub affinity: bool,
+    pub source_ranges: SourceRanges,
+    /// The MAC this node answers ARP/NDP with for the VIP's address, if it announces it.
+    pub announced_with: Option<String>,
+    /// The `ports` word hashed: `sport << 16 | dport` of the raw fields, 0 with affinity.
+    pub hash_ports: u32,
+    pub flow_hash: u32,
+    /// `flow_hash % table_size`.
+    pub slot: Option<u32>,
+    /// The backend index the slot holds (`None`: no table, or an empty slot).
+    pub slot_backend: Option<u32>,
+    /// `installed` (read from the map) or `rebuilt` (from the slots, when the installed table
+    /// cannot be read: see the notes).
+    pub table: &'static str,
+    /// A new connection: a TCP SYN (Maglev decides, whatever the connection table holds, and
+    /// the entry is written anew), or a UDP packet of a flow not in the connection table.
+    pub new_connection: Outcome,
+    pub connection_table: Option<EntryView>,
+    /// A TCP packet without SYN, or any UDP packet, of this 5-tuple now.
+    pub next_packet: Outcome,
+    /// The VIP's backends with their weights as installed, by address.
+    pub backends: Vec<BackendView>,
+    pub flood_guard: Option<FloodGuard>,
+    pub peers: usize,
+    /// Caveats: things the maps cannot say.
+    pub notes: Vec<String>,
+}
+
+/// The explanation of `flow` given `inputs`: the program's decision, step by step.
+pub fn explain(flow: &Flow, inputs: &Inputs) -> anyhow::Result<Explanation> {
+    let Some(vip) = inputs.vip else {
+        let known: Vec<String> = inputs.vips.iter().map(ToString::to_string).collect();
+        bail!(
+            "VIP {} is not configured on this node (its packets are passed to the local stack untouched); configured: {}",
+            flow.vip,
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        );
+    };
+    let key = flow.key();
+    let vip_key = vip_key(&flow.vip);
+    let affinity = vip.flags & vip_flags::AFFINITY != 0;
+    let hash = key.hash(affinity);
+    let hash_ports = if affinity { 0 } else { key.ports_word() };
+    let slot = (vip.table_size > 0).then(|| hash % vip.table_size);
+    let slot_backend = slot
+        .and_then(|s| inputs.table.get(s as usize).copied())
+        .filter(|id| *id != NO_BACKEND);
+
+    // Weights as installed: slots per backend index in this VIP's table.
+    let mut held: BTreeMap<u32, u64> = BTreeMap::new();
+    for id in &inputs.table {
+        *held.entry(*id).or_default() += 1;
+    }
+    let total_slots = inputs.table.len().max(1) as f64;
+    let view = |id: u32, b: &Backend| {
+        let address = addr_from_raw(&b.addr, b.family).to_string();
+        let overlay = inputs.health.as_ref().and_then(|rows| {
+            rows.iter()
+                .find(|r| r.vip == flow.vip.to_string() && r.backend == address)
+        });
+        let slots = held.get(&id).copied().unwrap_or(0);
+        BackendView {
+            index: id,
+            generation: b.generation,
+            address,
+            mac: MacAddr(b.dst_mac).to_string(),
+            mode: mode_name(b.mode),
+            state: SlotState::of(b.state),
+            weight: b.weight,
+            table_slots: slots,
+            share: slots as f64 / total_slots,
+            local: b.mode == forward_mode::LOCAL,
+            ifindex: b.ifindex,
+            mtu: b.mtu,
+            health: overlay.map(|o| o.health.name().to_owned()),
+            load: overlay.and_then(|o| o.load),
+            base_weight: overlay.map(|o| o.base_weight),
+            why: overlay.map(|o| o.why.clone()),
+        }
+    };
+    let mut backends: Vec<BackendView> = inputs
+        .slots
+        .iter()
+        .filter(|(_, b)| b.vip_id == vip.id && b.state != backend_state::EMPTY)
+        .map(|(id, b)| view(*id, b))
+        .collect();
+    backends.sort_by_key(|b| b.address.parse::<IpAddr>().ok());
+
+    let sources = source_ranges(flow, &vip, &inputs.source_ranges);
+    let guard_holds = inputs.flood_guard.is_some_and(|g| g.cpus_holding > 0);
+    let forward = |decided_by: &'static str, id: u32, b: &Backend, why: String| {
+        let address = addr_from_raw(&b.addr, b.family).to_string();
+        let (action, counter, how) = if b.mode == forward_mode::LOCAL {
+            (
+                "XDP_PASS",
+                "local",
+                "this node itself: passed to its own stack".to_owned(),
+            )
+        } else {
+            let how = match b.mode {
+                forward_mode::L2 => format!("L2 rewrite to MAC {}", MacAddr(b.dst_mac)),
+                _ => format!(
+                    "{} encapsulation to {address} via MAC {}",
+                    mode_name(b.mode),
+                    MacAddr(b.dst_mac)
+                ),
+            };
+            match inputs.ingress_ifindex {
+                Some(i) if i == b.ifindex => ("XDP_TX", "tx", how),
+                Some(_) => ("XDP_REDIRECT", "redirected", how),
+                None => ("XDP_TX|XDP_REDIRECT", "tx|redirected", how),
+            }
+        };
+        Outcome {
+            decided_by,
+            action,
+            counter,
+            backend_index: Some(id),
+            backend: Some(address),
+            recorded: None,
+            why: format!("{why}; {how}"),
+        }
+    };
+
+    // The slow path of `balance_flow`: source ranges, Maglev pick, record, forward.
+    let maglev_path = |syn: bool| -> Outcome {
+        if sources.enforced && !sources.admitted {
+            return Outcome {
+                decided_by: "source_ranges",
+                action: "XDP_DROP",
+                counter: "drop_source_range",
+                backend_index: None,
+                backend: None,
+                recorded: Some(false),
+                why: format!(
+                    "the VIP admits new flows only from its source ranges ({}), and {} is in none",
+                    if sources.ranges.is_empty() {
+                        "none of this family".to_owned()
+                    } else {
+                        sources.ranges.join(", ")
+                    },
+                    flow.client.ip()
+                ),
+            };
+        }
+        let no_backend = |why: String| Outcome {
+            decided_by: "maglev",
+            action: "XDP_DROP",
+            counter: "drop_no_backend",
+            backend_index: None,
+            backend: None,
+            recorded: Some(false),
+            why,
+        };
+        if vip.live_backends == 0 || vip.table_size == 0 {
+            return no_backend("the VIP has no backend that takes new flows".to_owned());
+        }
+        let (Some(slot), Some(id)) = (slot, slot_backend) else {
+            return no_backend(format!(
+                "Maglev slot {} holds no backend",
+                slot.unwrap_or_default()
+            ));
+        };
+        let b = match inputs.slots.get(&id) {
+            Some(b) if b.state == backend_state::ACTIVE && b.vip_id == vip.id => b,
+            Some(b) => {
+                return no_backend(format!(
+                    "Maglev slot {slot} names backend #{id}, which is {} (for VIP #{}), not active for this VIP: the table is being replaced",
+                    SlotState::of(b.state).name(),
+                    b.vip_id
+                ));
+            }
+            None => {
+                return no_backend(format!(
+                    "Maglev slot {slot} names backend #{id}, an empty slot: the table is being replaced"
+                ));
+            }
+        };
+        let mut out = forward(
+            "maglev",
+            id,
+            b,
+            format!(
+                "Maglev: hash {hash:#010x} % {} = slot {slot} -> backend #{id}",
+                vip.table_size
+            ),
+        );
+        out.recorded = Some(!guard_holds);
+        if guard_holds {
+            out.why.push_str(
+                "; the flood guard holds on some CPUs now: on those the flow is not recorded and rides on Maglev's pick alone",
+            );
+        } else if syn && inputs.entry.is_some() {
+            out.why
+                .push_str("; the SYN replaces the connection table's entry with this pick");
+        } else {
+            out.why.push_str("; recorded in the connection table");
+        }
+        out
+    };
+
+    let tcp = flow.vip.protocol.number() == IPPROTO_TCP;
+    let entry = inputs.entry.map(|e| entry_view(&e, inputs, &vip_key));
+    // A TCP SYN is balanced afresh whatever the table holds; UDP has no such mark.
+    let new_connection = maglev_path(tcp);
+    let followed = inputs
+        .entry
+        .filter(|_| entry.as_ref().is_some_and(|v| v.valid))
+        .and_then(|e| Some((e, inputs.slots.get(&e.backend)?)));
+    let next_packet = match followed {
+        Some((e, b)) => forward(
+            "connection_table",
+            e.backend,
+            b,
+            format!(
+                "the connection table names backend #{} (generation {})",
+                e.backend, e.generation
+            ),
+        ),
+        _ => {
+            let mut out = maglev_path(false);
+            out.why = format!("no valid connection-table entry: {}", out.why);
+            out
+        }
+    };
+
+    let mut notes = vec![
+        "the connection table stores no timestamp: an entry's age is unknown (it is evicted least recently used first)".to_owned(),
+    ];
+    if let Some(e) = &inputs.table_unreadable {
+        notes.push(format!(
+            "the installed Maglev table could not be read ({e}: opening it takes CAP_SYS_ADMIN, which the agent's pod does not have); slots and shares are from the table rebuilt from the BACKENDS slots as the agent builds it, which is the installed one unless a reconcile is under way"
+        ));
+    }
+    if inputs.peers > 0 {
+        notes.push(format!(
+            "a frame from one of the {} other sluice nodes' MACs (PEERS) was balanced there already and is passed to the local stack unbalanced",
+            inputs.peers
+        ));
+    }
+    if inputs.ingress_ifindex.is_none() {
+        notes.push(
+            "the attached interface's index is unknown here: a forwarded packet leaves by XDP_TX when the backend's ifindex is the ingress one, else XDP_REDIRECT".to_owned(),
+        );
+    }
+    if backends
+        .iter()
+        .any(|b| b.mode != "l2" && b.mode != "local" && b.mtu != 0)
+    {
+        notes.push(
+            "encapsulated packets larger than the egress MTU less the outer header are answered with ICMP too big (or dropped)".to_owned(),
+        );
+    }
+    Ok(Explanation {
+        client: flow.client.to_string(),
+        vip: flow.vip.to_string(),
+        protocol: flow.vip.protocol,
+        vip_id: vip.id,
+        table_size: vip.table_size,
+        live_backends: vip.live_backends,
+        affinity,
+        source_ranges: sources,
+        announced_with: inputs.announce.map(|m| MacAddr(m).to_string()),
+        hash_ports,
+        flow_hash: hash,
+        slot,
+        slot_backend,
+        table: if inputs.table_unreadable.is_some() {
+            "rebuilt"
+        } else {
+            "installed"
+        },
+        new_connection,
+        connection_table: entry,
+        next_packet,
+        backends,
+        flood_guard: inputs.flood_guard,
+        peers: inputs.peers,
+        notes,
+    })
+}
+
+/// Whether the program follows a connection-table entry (`established_backend`).
+fn entry_view(e: &FlowValue, inputs: &Inputs, vip_key: &lb_common::VipKey) -> EntryView {
+    let slot = inputs.slots.get(&e.backend);
+    let (valid, why) = match slot {
+        None => (
+            false,
+            format!(
+                "slot #{} is empty now (its backend was removed): the flow re-hashes",
+                e.backend
+            ),
+        ),
+        Some(b) if b.generation != e.generation => (
+            false,
+            format!(
+                "slot #{} was given to another backend since (generation {} now, {} recorded): the flow re-hashes",
+                e.backend, b.generation, e.generation
+            ),
+        ),
+        Some(b) if b.vip != *vip_key => (
+            false,
+            format!(
+                "slot #{} serves another VIP now: the flow re-hashes",
+                e.backend
+            ),
+        ),
+        Some(b) => (
+            true,
+            format!(
+                "slot #{} still holds the backend it was recorded with ({})",
+                e.backend,
+                SlotState::of(b.state).name()
+            ),
+        ),
+    };
+    EntryView {
+        backend_index: e.backend,
+        generation: e.generation,
+        backend: slot.map(|b| addr_from_raw(&b.addr, b.family).to_string()),
+        valid,
+        why,
+        age_seconds: None,
+    }
+}
+
+/// The VIP's source ranges of the client's family, and whether one holds the client (the
+/// program's longest-prefix lookup in `SOURCE_RANGES`, scoped by VIP id and family).
+fn source_ranges(flow: &Flow, vip: &VipInfo, ranges: &BTreeSet<RangeKey>) -> SourceRanges {
+    let (_, family) = raw_addr(flow.client.ip());
+    let scope = source_range_scope(vip.id, family).to_be();
+    let client = addr_bytes(flow.client.ip());
+    let mut ours: Vec<(u32, IpAddr, bool)> = Vec::new();
+    for (len, key) in ranges {
+        if key.scope_be != scope {
+            continue;
+        }
+        let bits = len.saturating_sub(32);
+        let prefix = if family == FAMILY_V4 {
+            IpAddr::from(<[u8; 4]>::try_from(&key.addr[..4]).unwrap_or_default())
+        } else {
+            IpAddr::from(key.addr)
+        };
+        ours.push((bits, prefix, prefix_holds(&key.addr, &client, bits)));
+    }
+    let matched = ours
+        .iter()
+        .filter(|(_, _, holds)| *holds)
+        .max_by_key(|(bits, _, _)| *bits)
+        .map(|(bits, prefix, _)| format!("{prefix}/{bits}"));
+    SourceRanges {
+        enforced: vip.flags & vip_flags::SOURCE_RANGES != 0,
+        ranges: ours
+            .iter()
+            .map(|(bits, prefix, _)| format!("{prefix}/{bits}"))
+            .collect(),
+        admitted: vip.flags & vip_flags::SOURCE_RANGES == 0 || matched.is_some(),
+        matched,
+    }
+}
+
+/// Whether the first `bits` bits of `prefix` and `addr` agree.
+fn prefix_holds(prefix: &[u8; 16], addr: &[u8; 16], bits: u32) -> bool {
+    let bits = bits.min(128) as usize;
+    let (whole, rest) = (bits / 8, bits % 8);
+    prefix[..whole] == addr[..whole]
+        && (rest == 0 || {
+            let mask = 0xffu8 << (8 - rest);
+            prefix[whole] & mask == addr[whole] & mask
+        })
+}
+
+/// The explanation for humans.
+pub fn render_text(e: &Explanation) -> String {
+    let mut out = String::new();
+    let tcp = e.protocol == Protocol::Tcp;
+    let _ = writeln!(out, "flow        {} -> {}", e.client, e.vip);
+    let _ = writeln!(
+        out,
+        "vip         #{}: Maglev table of {} slots, {} of {} backends take new flows",
+        e.vip_id,
+        e.table_size,
+        e.live_backends,
+        e.backends.len()
+    );
+    let _ = writeln!(
+        out,
+        "affinity    {}",
+        if e.affinity {
+            "ClientIP: the hash leaves the ports out (every connection of this client lands on one backend)"
+        } else {
+            "none: the hash covers addresses, ports and protocol"
+        }
+    );
+    let s = &e.source_ranges;
+    let ranges = if s.ranges.is_empty() {
+        "none of this family".to_owned()
+    } else {
+        s.ranges.join(", ")
+    };
+    let _ = writeln!(
+        out,
+        "sources     {}",
+        match (s.enforced, &s.matched) {
+            (false, _) => "any client (no source ranges)".to_owned(),
+            (true, Some(m)) => format!("admitted: {m} holds the client (ranges: {ranges})"),
+            (true, None) => format!("REFUSED: no range holds the client (ranges: {ranges})"),
+        }
+    );
+    let _ = writeln!(
+        out,
+        "announce    {}",
+        match &e.announced_with {
+            Some(mac) => format!("this node answers ARP/NDP for the VIP's address with {mac}"),
+            None => "this node does not answer ARP/NDP for the VIP's address".to_owned(),
+        }
+    );
+    let _ = writeln!(
+        out,
+        "hash        flow_hash(client, vip, ports {:#010x}, proto {}) = {:#010x}{}",
+        e.hash_ports,
+        e.protocol.number(),
+        e.flow_hash,
+        match e.slot {
+            Some(slot) => format!(" -> slot {slot} of {}", e.table_size),
+            None => String::new(),
+        }
+    );
+    if let Some(slot) = e.slot {
+        let holder = match e.slot_backend {
+            Some(id) => e
+                .backends
+                .iter()
+                .find(|b| b.index == id)
+                .map_or(format!("backend #{id}"), |b| {
+                    format!(
+                        "backend #{id} generation {}: {} mac {} mode {} {}{} weight {}, {} of {} slots ({:.2}%)",
+                        b.generation,
+                        b.address,
+                        b.mac,
+                        b.mode,
+                        b.state.name(),
+                        if b.local { " (this node)" } else { "" },
+                        b.weight,
+                        b.table_slots,
+                        e.table_size,
+                        b.share * 100.0
+                    )
+                }),
+            None => "no backend".to_owned(),
+        };
+        let _ = writeln!(out, "slot {slot:<6} {holder}");
+    }
+    let outcome = |o: &Outcome| {
+        format!(
+            "{} {} ({}; counter {}): {}",
+            o.action,
+            o.backend.as_deref().unwrap_or("-"),
+            o.decided_by,
+            o.counter,
+            o.why
+        )
+    };
+    let _ = writeln!(
+        out,
+        "{}{}",
+        if tcp { "new (SYN)   " } else { "new flow    " },
+        outcome(&e.new_connection)
+    );
+    let _ = writeln!(
+        out,
+        "conn table  {}",
+        match &e.connection_table {
+            None => "no entry for this 5-tuple".to_owned(),
+            Some(c) => format!(
+                "entry -> backend #{} generation {} ({}): {}; age not stored",
+                c.backend_index,
+                c.generation,
+                c.backend.as_deref().unwrap_or("empty slot"),
+                c.why
+            ),
+        }
+    );
+    let _ = writeln!(
+        out,
+        "{}{}",
+        if tcp { "non-SYN     " } else { "next packet " },
+        outcome(&e.next_packet)
+    );
+    if e.next_packet.backend != e.new_connection.backend {
+        let _ = writeln!(
+            out,
+            "            the connection table and Maglev disagree: an established flow keeps {}, a new one gets {}",
+            e.next_packet.backend.as_deref().unwrap_or("-"),
+            e.new_connection.backend.as_deref().unwrap_or("-")
+        );
+    }
+    if let Some(g) = &e.flood_guard {
+        let _ = writeln!(
+            out,
+            "flood guard {}",
+            match g.max_new_flows_per_cpu {
+                0 => "off (every new flow is recorded)".to_owned(),
+                limit => format!(
+                    "{limit} new flows/s per CPU; holding on {} of {} CPUs now",
+                    g.cpus_holding, g.cpus
+                ),
+            }
+        );
+    }
+    out.push('\n');
+    let cell = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
+    out.push_str(&render_table(
+        &[
+            "BACKEND", "#", "GEN", "STATE", "MODE", "MAC", "WEIGHT", "SLOTS", "SHARE", "HEALTH",
+            "LOAD", "WHY",
+        ],
+        e.backends.iter().map(|b| {
+            vec![
+                format!("{}{}", b.address, if b.local { " (local)" } else { "" }),
+                b.index.to_string(),
+                b.generation.to_string(),
+                b.state.name().to_owned(),
+                b.mode.to_owned(),
+                b.mac.clone(),
+                b.weight.to_string(),
+                b.table_slots.to_string(),
+                format!("{:.2}%", b.share * 100.0),
+                cell(b.health.clone()),
+                cell(b.load.map(|l| format!("{l:.2}"))),
+                cell(b.why.clone()),
+            ]
+        }),
+    ));
+    for note in &e.notes {
+        let _ = writeln!(out, "note: {note}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{FlowValue, ScopedAddr, VipKey, flow_hash};
+
+    use super::*;
+
+    const VIP: &str = "10.0.0.10:80/tcp";
+
+    fn backend(addr: &str, vip: &VipAddr, vip_id: u32, generation: u32) -> Backend {
+        let (raw, family) = raw_addr(addr.parse().unwrap());
+        Backend {
+            addr: raw,
+            family,
+            vip_id,
+            ifindex: 2,
+            state: backend_state::ACTIVE,
+            weight: 1,
+            mode: forward_mode::L2,
+            dst_mac: [2, 0, 0, 0, 0, raw[0].to_ne_bytes()[3]],
+            vip: vip_key(vip),
+            generation,
+            ..Backend::default()
+        }
+    }
+
+    /// A VIP of 7 slots over backends #0 (10.0.1.1) and #1 (10.0.1.2), alternating.
+    fn inputs(vip: &VipAddr, flags: u32) -> Inputs {
+        let mut slots = BTreeMap::new();
+        slots.insert(0, backend("10.0.1.1", vip, 3, 1));
+        slots.insert(1, backend("10.0.1.2", vip, 3, 1));
+        Inputs {
+            vip: Some(VipInfo {
+                id: 3,
+                table_size: 7,
+                live_backends: 2,
+                flags,
+            }),
+            vips: vec![*vip],
+            table: vec![0, 1, 0, 1, 0, 1, 0],
+            slots,
+            ingress_ifindex: Some(2),
+            ..Inputs::default()
+        }
+    }
+
+    fn flow(client: &str, vip: &str) -> Flow {
+        Flow::parse(client, vip).unwrap()
+    }
+
+    #[test]
+    fn the_slot_is_the_programs_hash_of_the_raw_fields() {
+        let f = flow("192.0.2.7:40312", VIP);
+        let i = inputs(&f.vip, 0);
+        let e = explain(&f, &i).unwrap();
+        let src = [u32::from_ne_bytes([192, 0, 2, 7]), 0, 0, 0];
+        let dst = [u32::from_ne_bytes([10, 0, 0, 10]), 0, 0, 0];
+        let ports = ((40312u16.to_be() as u32) << 16) | 80u16.to_be() as u32;
+        let h = flow_hash(&src, &dst, ports, 6, FAMILY_V4);
+        assert_eq!(e.flow_hash, h);
+        assert_eq!(e.hash_ports, ports);
+        assert_eq!(e.slot, Some(h % 7));
+        let want = i.table[(h % 7) as usize];
+        assert_eq!(e.new_connection.backend_index, Some(want));
+        assert_eq!(e.new_connection.action, "XDP_TX");
+        assert_eq!(e.new_connection.counter, "tx");
+        assert_eq!(e.next_packet.backend_index, Some(want));
+        assert_eq!(e.connection_table, None);
+        // Weights as installed: 4 and 3 slots of 7.
+        let slots: Vec<u64> = e.backends.iter().map(|b| b.table_slots).collect();
+        assert_eq!(slots, [4, 3]);
+    }
+
+    #[test]
+    fn a_rebuilt_table_is_the_control_planes() {
+        let vip: VipAddr = VIP.parse().unwrap();
+        let mut i = inputs(&vip, 0);
+        i.vip.as_mut().unwrap().table_size = 251;
+        // Another VIP's slot and a draining one take no part.
+        i.slots.insert(7, backend("10.0.1.3", &vip, 4, 1));
+        let mut draining = backend("10.0.1.4", &vip, 3, 1);
+        draining.state = backend_state::DRAINING;
+        i.slots.insert(9, draining);
+        i.slots.get_mut(&1).unwrap().weight = 3;
+        let rebuilt = rebuild_table(&i.slots, i.vip.as_ref().unwrap());
+        let want = build_table(
+            &[
+                MaglevBackend {
+                    id: u32::from(std::net::Ipv4Addr::new(10, 0, 1, 1)),
+                    weight: 1,
+                },
+                MaglevBackend {
+                    id: u32::from(std::net::Ipv4Addr::new(10, 0, 1, 2)),
+                    weight: 3,
+                },
+            ],
+            251,
+        );
+        // Indices 0 and 1 of the inputs are slots 0 and 1.
+        assert_eq!(rebuilt, want);
+        let ones = rebuilt.iter().filter(|s| **s == 1).count();
+        assert!((185..=192).contains(&ones), "{ones}");
+        i.table = rebuilt;
+        i.table_unreadable = Some("EPERM".into());
+        let e = explain(&flow("192.0.2.7:1", VIP), &i).unwrap();
+        assert_eq!(e.table, "rebuilt");
+        assert!(e.notes.iter().any(|n| n.contains("CAP_SYS_ADMIN")));
+    }
+
+    #[test]
+    fn affinity_hashes_without_ports() {
+        let vip: VipAddr = VIP.parse().unwrap();
+        let i = inputs(&vip, vip_flags::AFFINITY);
+        let a = explain(&flow("192.0.2.7:1000", VIP), &i).unwrap();
+        let b = explain(&flow("192.0.2.7:2000", VIP), &i).unwrap();
+        assert_eq!(a.hash_ports, 0);
+        assert_eq!(a.flow_hash, b.flow_hash);
+        assert!(a.affinity);
+    }
+
+    #[test]
+    fn a_syn_follows_maglev_and_a_later_packet_the_entry() {
+        let f = flow("192.0.2.7:40312", VIP);
+        let mut i = inputs(&f.vip, 0);
+        let pick = explain(&f, &i)
+            .unwrap()
+            .new_connection
+            .backend_index
+            .unwrap();
+        let other = 1 - pick;
+        i.entry = Some(FlowValue {
+            backend: other,
+            generation: 1,
+        });
+        let e = explain(&f, &i).unwrap();
+        assert_eq!(e.new_connection.backend_index, Some(pick));
+        assert!(e.new_connection.why.contains("replaces"));
+        assert_eq!(e.next_packet.decided_by, "connection_table");
+        assert_eq!(e.next_packet.backend_index, Some(other));
+        assert!(e.connection_table.as_ref().unwrap().valid);
+        assert!(render_text(&e).contains("disagree"));
+        // UDP has no SYN: every packet follows a valid entry; "new" is the Maglev path.
+        let u = flow("192.0.2.7:40312", "10.0.0.10:80/udp");
+        let mut iu = inputs(&u.vip, 0);
+        iu.slots.values_mut().for_each(|b| b.vip = vip_key(&u.vip));
+        iu.entry = i.entry;
+        let e = explain(&u, &iu).unwrap();
+        assert_eq!(e.next_packet.decided_by, "connection_table");
+        // A draining backend keeps its established flows (the program checks "not empty").
+        i.slots
+            .values_mut()
+            .for_each(|b| b.state = backend_state::DRAINING);
+        let e = explain(&f, &i).unwrap();
+        assert!(e.connection_table.as_ref().unwrap().valid);
+        assert_eq!(e.next_packet.backend_index, Some(other));
+        assert_eq!(e.new_connection.counter, "drop_no_backend");
+    }
+
+    #[test]
+    fn a_stale_entry_is_not_followed() {
+        let f = flow("192.0.2.7:40312", VIP);
+        let i = inputs(&f.vip, 0);
+        let pick = explain(&f, &i).unwrap().new_connection.backend_index;
+        for (entry, slot_change) in [
+            // The slot was given to another backend since (generation bumped).
+            (
+                FlowValue {
+                    backend: 0,
+                    generation: 0,
+                },
+                None,
+            ),
+            // The slot is empty now.
+            (
+                FlowValue {
+                    backend: 5,
+                    generation: 1,
+                },
+                None,
+            ),
+            // The slot serves another VIP.
+            (
+                FlowValue {
+                    backend: 1,
+                    generation: 1,
+                },
+                Some(VipKey::default()),
+            ),
+        ] {
+            let mut j = i.clone();
+            if let Some(other) = slot_change {
+                j.slots.get_mut(&1).unwrap().vip = other;
+            }
+            j.entry = Some(entry);
+            let e = explain(&f, &j).unwrap();
+            assert!(!e.connection_table.as_ref().unwrap().valid, "{entry:?}");
+            assert_eq!(e.next_packet.decided_by, "maglev");
+            if slot_change.is_none() {
+                assert_eq!(e.next_packet.backend_index, pick);
+            }
+        }
+    }
+
+    #[test]
+    fn source_ranges_refuse_or_admit_by_longest_prefix_of_the_family() {
+        let f = flow("192.0.2.7:40312", VIP);
+        let mut i = inputs(&f.vip, vip_flags::SOURCE_RANGES);
+        let range = |vip_id: u32, family: u8, a: [u8; 4], bits: u32| {
+            let mut addr = [0u8; 16];
+            addr[..4].copy_from_slice(&a);
+            (
+                ScopedAddr::prefix_len(bits),
+                ScopedAddr {
+                    scope_be: source_range_scope(vip_id, family).to_be(),
+                    addr,
+                },
+            )
+        };
+        i.source_ranges
+            .insert(range(3, FAMILY_V4, [198, 51, 100, 0], 24));
+        // Another VIP's range, and another family's, never count.
+        i.source_ranges
+            .insert(range(4, FAMILY_V4, [192, 0, 2, 0], 24));
+        i.source_ranges
+            .insert(range(3, lb_common::FAMILY_V6, [192, 0, 2, 0], 24));
+        let e = explain(&f, &i).unwrap();
+        assert_eq!(e.new_connection.counter, "drop_source_range");
+        assert_eq!(e.new_connection.action, "XDP_DROP");
+        assert_eq!(e.source_ranges.ranges, ["198.51.100.0/24"]);
+        i.source_ranges
+            .insert(range(3, FAMILY_V4, [192, 0, 0, 0], 8));
+        i.source_ranges
+            .insert(range(3, FAMILY_V4, [192, 0, 2, 0], 23));
+        let e = explain(&f, &i).unwrap();
+        assert_eq!(e.new_connection.decided_by, "maglev");
+        assert_eq!(e.source_ranges.matched.as_deref(), Some("192.0.2.0/23"));
+    }
+
+    #[test]
+    fn local_backend_empty_slot_and_no_live_backends() {
+        let f = flow("192.0.2.7:40312", VIP);
+        let mut i = inputs(&f.vip, 0);
+        for b in i.slots.values_mut() {
+            b.mode = forward_mode::LOCAL;
+        }
+        let e = explain(&f, &i).unwrap();
+        assert_eq!(
+            (e.new_connection.action, e.new_connection.counter),
+            ("XDP_PASS", "local")
+        );
+        let mut j = inputs(&f.vip, 0);
+        j.table = vec![NO_BACKEND; 7];
+        let e = explain(&f, &j).unwrap();
+        assert_eq!(e.new_connection.counter, "drop_no_backend");
+        let mut k = inputs(&f.vip, 0);
+        k.vip.as_mut().unwrap().live_backends = 0;
+        assert_eq!(
+            explain(&f, &k).unwrap().new_connection.counter,
+            "drop_no_backend"
+        );
+        // A draining backend in the slot (mid-replacement) takes no new flow.
+        let mut d = inputs(&f.vip, 0);
+        d.slots
+            .values_mut()
+            .for_each(|b| b.state = backend_state::DRAINING);
+        assert_eq!(
+            explain(&f, &d).unwrap().new_connection.counter,
+            "drop_no_backend"
+        );
+    }
+
+    #[test]
+    fn bad_arguments_and_unknown_vips_say_what_is_wrong() {
+        let err = |c: &str, v: &str| Flow::parse(c, v).unwrap_err().to_string();
+        assert!(err("192.0.2.7", VIP).contains("CLIENT_IP:PORT"));
+        assert!(err("192.0.2.7:0", VIP).contains("1 to 65535"));
+        assert!(err("192.0.2.7:1", "10.0.0.10").contains("ADDRESS:PORT"));
+        assert!(err("192.0.2.7:1", "10.0.0.10:80/sctp").contains("ADDRESS:PORT"));
+        assert!(err("[2001:db8::1]:1", VIP).contains("different address families"));
+        let f = flow("192.0.2.7:1", "10.0.0.11:80/tcp");
+        let mut i = inputs(&flow("192.0.2.7:1", VIP).vip, 0);
+        i.vip = None;
+        let e = explain(&f, &i).unwrap_err().to_string();
+        assert!(e.contains("10.0.0.11:80/tcp is not configured"), "{e}");
+        assert!(e.contains(VIP), "{e}");
+    }
+}
