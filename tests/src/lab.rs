@@ -848,6 +848,12 @@ http {{
     /// stdout and stderr go to a log file in the lab dir. Stopped (SIGTERM, then SIGKILL after 10 s)
     /// when the guard is dropped.
     pub fn spawn_sluice(&self, args: &[&str]) -> Result<SluiceProcess> {
+        self.spawn_sluice_under(&[], args)
+    }
+
+    /// [`Lab::spawn_sluice`] through `wrapper` (e.g. `setpriv` with a bounding set), which
+    /// must exec sluice in place (the process's pid stays sluice's).
+    pub fn spawn_sluice_under(&self, wrapper: &[&str], args: &[&str]) -> Result<SluiceProcess> {
         self.ensure_peer_xdp()?;
         let bin = sluice_binary()?;
         let log = self.dir.join(format!(
@@ -856,6 +862,7 @@ http {{
         ));
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.lb])
+            .args(wrapper)
             .arg(&bin)
             .arg("--pin-dir")
             .arg(&self.pin_dir)

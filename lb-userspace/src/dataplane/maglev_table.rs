@@ -54,7 +54,13 @@ pub fn install_maglev_tables(maps: &mut Maps, tables: &[TableWrite<'_>]) -> anyh
             .iter()
             .map(|m| m.fd().as_fd().as_raw_fd() as u32)
             .collect();
+        // Until a swap is known to have happened, the VIP's table is unknown here.
+        for t in chunk {
+            maps.swapped_in.remove(&t.vip_id);
+        }
+        let record = |t: &TableWrite<'_>| (t.vip_id, (t.picks.len() as u32, t.fingerprint));
         if chunk.len() > 1 && update_batch(&maps.maglev_fd, &keys, &fds).is_ok() {
+            maps.swapped_in.extend(chunk.iter().map(record));
             continue;
         }
         // One VIP, or a kernel without batched updates of this map type: one at a time.
@@ -62,6 +68,7 @@ pub fn install_maglev_tables(maps: &mut Maps, tables: &[TableWrite<'_>]) -> anyh
             maps.maglev
                 .set(t.vip_id, inner, 0)
                 .map_err(|e| anyhow!("swapping in the Maglev table of VIP #{}: {e}", t.vip_id))?;
+            maps.swapped_in.extend([record(t)]);
         }
     }
     Ok(())

@@ -33,6 +33,9 @@ pub struct Maps {
     pub new_flows: PerCpuArray<MapData, RateWindow>,
     /// The inline decapsulator's address sets.
     pub decap: DecapSets,
+    /// (size, fingerprint) of each table this process swapped in, by VIP id: what
+    /// [`Maps::maglev_fingerprint`] answers where an installed table cannot be opened.
+    pub(super) swapped_in: std::collections::BTreeMap<u32, (u32, u64)>,
     /// Second descriptors of MAGLEV and BACKENDS, for batched calls (aya has no batch API).
     pub(super) maglev_fd: OwnedFd,
     pub(super) backends_fd: OwnedFd,
@@ -70,6 +73,7 @@ impl Maps {
             _ => bail!("map {} is not an array", map_names::BACKENDS),
         };
         Ok(Self {
+            swapped_in: Default::default(),
             maglev_fd,
             backends_fd,
             backends: backends.try_into().map_err(|e| {
@@ -122,8 +126,23 @@ impl Maps {
     /// ([`FINGERPRINT_ELEMENTS`]); `None` when the VIP has no table, one of another size, or
     /// one without a fingerprint. A lookup, a descriptor and one mapped page per VIP: cheap
     /// enough to check every VIP on every reconcile.
+    ///
+    /// Opening an installed table takes its id to a descriptor (BPF_MAP_GET_FD_BY_ID), which
+    /// needs CAP_SYS_ADMIN: the agent's pod has not got it. There, what this process swapped
+    /// in itself answers, so that a reconcile rebuilds only what changed (a restarted agent
+    /// rebuilds each table once, to the same contents).
     pub fn maglev_fingerprint(&self, vip_id: u32, size: u32) -> Option<u64> {
-        let inner: MapData = self.maglev.get(&vip_id, 0).ok()?;
+        let inner: MapData = match self.maglev.get(&vip_id, 0) {
+            Ok(inner) => inner,
+            Err(MapError::KeyNotFound) => return None,
+            Err(_) => {
+                return self
+                    .swapped_in
+                    .get(&vip_id)
+                    .filter(|(swapped_size, _)| *swapped_size == size)
+                    .map(|(_, fingerprint)| *fingerprint);
+            }
+        };
         let info = inner.info().ok()?;
         if info.max_entries() != inner_elements(size)? || info.value_size() != 8 {
             return None;
