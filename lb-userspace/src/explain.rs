@@ -109,18 +109,8 @@ impl Inputs {
         let snapshot = Snapshot::read(maps)?;
         let key = flow.key();
         let vip = snapshot.vips.get(&vip_key(&flow.vip)).copied();
-        // Opening an inner map by its id (BPF_MAP_GET_FD_BY_ID) takes CAP_SYS_ADMIN, which the
-        // agent's pod does not have: there the table is rebuilt the way the agent built it.
         let (table, table_unreadable) = match vip {
-            Some(info) if info.table_size > 0 => {
-                match maps.maglev_table(info.id, info.table_size) {
-                    Ok(table) => (table, None),
-                    Err(e) => (
-                        rebuild_table(&snapshot.slots, &info),
-                        Some(format!("{e:#}")),
-                    ),
-                }
-            }
+            Some(info) if info.table_size > 0 => installed_or_rebuilt(maps, &snapshot.slots, &info),
             _ => (Vec::new(), None),
         };
         let entry = if key.family == FAMILY_V4 {
@@ -159,6 +149,20 @@ impl Inputs {
             ingress_ifindex: None,
             health: None,
         })
+    }
+}
+
+/// The VIP's installed Maglev table, or, where it cannot be read, the one rebuilt from its
+/// slots with why. Opening an inner map by its id (BPF_MAP_GET_FD_BY_ID) takes CAP_SYS_ADMIN,
+/// which the agent's pod does not have: there the table is rebuilt the way the agent built it.
+pub fn installed_or_rebuilt(
+    maps: &Maps,
+    slots: &BTreeMap<u32, Backend>,
+    vip: &VipInfo,
+) -> (Vec<u32>, Option<String>) {
+    match maps.maglev_table(vip.id, vip.table_size) {
+        Ok(table) => (table, None),
+        Err(e) => (rebuild_table(slots, vip), Some(format!("{e:#}"))),
     }
 }
 

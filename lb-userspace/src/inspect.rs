@@ -570,8 +570,8 @@ pub fn maglev(maps: &Maps, vip: &VipAddr) -> anyhow::Result<View> {
         .vips
         .get(&vip_key(vip), 0)
         .map_err(|_| anyhow!("VIP {vip} is not configured (`sluice inspect vips` lists them)"))?;
-    let table = maps.maglev_table(info.id, info.table_size)?;
     let current = Snapshot::read(maps)?;
+    let (table, unreadable) = crate::explain::installed_or_rebuilt(maps, &current.slots, &info);
     let mut counts: BTreeMap<u32, u64> = BTreeMap::new();
     for slot in &table {
         *counts.entry(*slot).or_default() += 1;
@@ -617,9 +617,17 @@ pub fn maglev(maps: &Maps, vip: &VipAddr) -> anyhow::Result<View> {
             "vip": vip.to_string(),
             "table_size": info.table_size,
             "table_fingerprint": format!("{fingerprint:016x}"),
+            "table": if unreadable.is_some() { "rebuilt" } else { "installed" },
             "backends": rows,
         }),
-        table: format!("{vip}: Maglev table of {} slots\n{text}", info.table_size),
+        table: format!(
+            "{vip}: Maglev table of {} slots{}\n{text}",
+            info.table_size,
+            unreadable.map_or(String::new(), |e| format!(
+                " (rebuilt from the backend slots as the agent builds it: the installed one \
+                 cannot be opened here, {e})"
+            ))
+        ),
     })
 }
 

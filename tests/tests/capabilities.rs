@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use sluice_tests::{
     cmd,
-    lab::{BackendSpec, Lab, LabConfig, NS_IFACE},
+    lab::{BackendSpec, HTTP_PORT, Lab, LabConfig, NS_IFACE},
     require_root,
 };
 
@@ -32,7 +32,10 @@ fn daemonset_capabilities() -> Vec<String> {
             in_add = false;
         }
     }
-    assert!(caps.contains(&"bpf".to_string()), "no capabilities found: {caps:?}");
+    assert!(
+        caps.contains(&"bpf".to_string()),
+        "no capabilities found: {caps:?}"
+    );
     caps
 }
 
@@ -73,20 +76,35 @@ fn under_the_daemonsets_capabilities_an_unchanged_reconcile_rebuilds_no_table() 
     let caps = daemonset_capabilities();
     let bounding = format!(
         "-all,{}",
-        caps.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(",")
+        caps.iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(",")
     );
     let config_arg = config.to_string_lossy().to_string();
     let mut run = lab
         .spawn_sluice_under(
             &["setpriv", "--bounding-set", &bounding, "--inh-caps", "-all"],
-            &["run", "--config", &config_arg, "--iface", NS_IFACE, "--metrics-addr", METRICS],
+            &[
+                "run",
+                "--config",
+                &config_arg,
+                "--iface",
+                NS_IFACE,
+                "--metrics-addr",
+                METRICS,
+            ],
         )
         .expect("sluice run under the DaemonSet's capabilities");
     lab.wait_xdp(true, Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("not attached with {caps:?}: {e:#}\n{}", run.log_text()));
     let deadline = Instant::now() + Duration::from_secs(30);
     while lab.metrics(METRICS).is_err() {
-        assert!(run.try_wait().expect("wait").is_none(), "{}", run.log_text());
+        assert!(
+            run.try_wait().expect("wait").is_none(),
+            "{}",
+            run.log_text()
+        );
         assert!(Instant::now() < deadline, "no /metrics: {}", run.log_text());
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -96,7 +114,8 @@ fn under_the_daemonsets_capabilities_an_unchanged_reconcile_rebuilds_no_table() 
     // The same config again: nothing changes, nothing is rebuilt.
     let (before, after) = reload(&lab, run.pid());
     assert_eq!(
-        after, before,
+        after,
+        before,
         "a reconcile without changes rebuilt {} Maglev tables under {caps:?}",
         after - before
     );
@@ -117,5 +136,65 @@ fn under_the_daemonsets_capabilities_an_unchanged_reconcile_rebuilds_no_table() 
         "capabilities {caps:?}: unchanged reconcile 0 rebuilds, drain {} rebuilds",
         after - before
     );
-    lab.curl_vip(10).expect("HTTP through the VIP after the drain");
+    lab.curl_vip(10)
+        .expect("HTTP through the VIP after the drain");
+
+    // `inspect maglev` under the same capabilities cannot open the installed table: it shows
+    // the table rebuilt from the slots, which must be the installed one.
+    let vip = format!("{}:{HTTP_PORT}/tcp", lab.vip());
+    let bin = sluice_tests::sluice_binary().expect("sluice binary");
+    let bin = bin.to_string_lossy();
+    let pin_dir = lab.pin_dir().to_string_lossy().to_string();
+    let wrapper = ["setpriv", "--bounding-set", &bounding, "--inh-caps", "-all"];
+    let mut argv = wrapper.to_vec();
+    argv.extend([
+        &*bin,
+        "--pin-dir",
+        &pin_dir,
+        "inspect",
+        "maglev",
+        &vip,
+        "-o",
+        "json",
+    ]);
+    let out = lab
+        .exec_ok(lab.lb_ns(), &argv)
+        .expect("inspect maglev under the DaemonSet's capabilities");
+    let rebuilt: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let installed: serde_json::Value = serde_json::from_slice(
+        &lab.sluice_ok(&["inspect", "maglev", &vip, "-o", "json"])
+            .expect("inspect maglev as root")
+            .stdout,
+    )
+    .expect("JSON");
+    assert_eq!(rebuilt["table"], "rebuilt", "{rebuilt}");
+    assert_eq!(installed["table"], "installed", "{installed}");
+    assert_eq!(rebuilt["table_fingerprint"], installed["table_fingerprint"]);
+    assert_eq!(rebuilt["backends"], installed["backends"]);
+
+    // `sluice trace` too (the ring buffer is read through mmap).
+    let mut trace = lab
+        .spawn_sluice_under(&wrapper, &["trace", "--iface", NS_IFACE, "--count", "1"])
+        .expect("trace under the DaemonSet's capabilities");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !trace.log_text().contains("# tracing") {
+        assert!(
+            trace.try_wait().expect("wait").is_none(),
+            "{}",
+            trace.log_text()
+        );
+        assert!(Instant::now() < deadline, "trace did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    lab.curl_vip(1).expect("HTTP through the VIP");
+    while trace.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "trace --count 1 did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        trace.log_text().contains("# 1 events"),
+        "{}",
+        trace.log_text()
+    );
+    drop(run);
 }
