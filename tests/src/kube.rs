@@ -525,11 +525,16 @@ impl Kube {
 
     /// kubectl (the 1.20 build matching the server) as admin on API server `i`, any exit status.
     pub fn kubectl_on(&self, i: usize, args: &[&str], timeout: Duration) -> Result<Output> {
+        cmd::run(&mut self.kubectl_command(i, args), timeout)
+    }
+
+    /// The command of [`Kube::kubectl_on`], to spawn (a long-running `kubectl exec`).
+    pub fn kubectl_command(&self, i: usize, args: &[&str]) -> Command {
         let mut c = self.command(&self.bin.join("kubectl"));
         c.arg("--kubeconfig")
             .arg(&self.servers[i].kubeconfig)
             .args(args);
-        cmd::run(&mut c, timeout)
+        c
     }
 
     /// kubectl as admin on API server 0; fails with its stderr unless it exits 0.

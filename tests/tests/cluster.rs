@@ -220,6 +220,157 @@ fn spread(c: &Cluster, vip: Ipv4Addr, n: usize) -> Result<Spread> {
     Ok(s)
 }
 
+/// `sluice trace` in node-0's agent pod while new connections reach the Local VIP: every
+/// connection's SYN is reported, decided by Maglev, naming the node whose pod answered, and
+/// its later packets by the connection table; nothing lost.
+fn trace_in_agent_pod(c: &Cluster) -> Result<String> {
+    let pods = agent_pods(c)?;
+    let (pod, _, _) = pods
+        .get(c.node_name(0))
+        .with_context(|| format!("no agent pod on {}", c.node_name(0)))?;
+    let vip = format!("{VIP_LOCAL}:80/tcp");
+    // Events to a file: a pipe read only at the end could fill and stall the trace.
+    let events_path = c.dir().join("trace-events.json");
+    let mut trace = c
+        .kube()
+        .kubectl_command(
+            0,
+            &[
+                "exec",
+                "-n",
+                AGENT_NAMESPACE,
+                pod,
+                "--",
+                "/sluice",
+                "trace",
+                "--vip",
+                &vip,
+                "--duration",
+                "40s",
+                "-o",
+                "json",
+            ],
+        )
+        .stdout(std::fs::File::create(&events_path)?)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("kubectl exec ... sluice trace")?;
+    // Its stderr's first line says it runs; stdout is read whole once it ends.
+    let stderr = trace.stderr.take().context("trace stderr")?;
+    let (started_tx, started) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = started_tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match started.recv_timeout(left) {
+            Ok(line) if line.contains("# tracing") => break,
+            Ok(line) => eprintln!("trace in {pod}: {line}"),
+            Err(_) => {
+                let _ = trace.kill();
+                anyhow::bail!("the trace in {pod} did not start within 60 s");
+            }
+        }
+    }
+    let n = 20;
+    let out = sluice_tests::cmd::run_ok(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", c.client_ns()])
+            .args([
+                "curl",
+                "--silent",
+                "--connect-timeout",
+                "3",
+                "--max-time",
+                "10",
+                "--header",
+                "Connection: close",
+                "--write-out",
+                "port=%{local_port}\n",
+                &format!("http://{VIP_LOCAL}:80/cgi-bin/who?req=[1-{n}]"),
+            ]),
+        Duration::from_secs(120),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (mut flows, mut who) = (BTreeMap::new(), None);
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        match line.strip_prefix("port=") {
+            Some(port) => {
+                if let (Some(w), Ok(p)) = (who.take(), port.parse::<u16>()) {
+                    flows.insert(p, w);
+                }
+            }
+            None => who = parse_who(line).map(|w| w.node),
+        }
+    }
+    ensure!(
+        flows.len() == n,
+        "{} of {n} connections answered: {text}",
+        flows.len()
+    );
+    // --duration 40s ends it; kubectl exec returns when it does.
+    let status = trace.wait().context("waiting for the trace")?;
+    let stdout = std::fs::read_to_string(&events_path)?;
+    ensure!(
+        status.success(),
+        "the trace in {pod} failed ({status}): {stdout}"
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("trace output: {stdout}"))?;
+    let client = cluster::client_addr();
+    let (mut syns, mut by_table, mut events) = (0, 0, 0);
+    for e in &lines {
+        if let Some(summary) = e.get("summary") {
+            ensure!(
+                summary["lost_rate"] == 0 && summary["lost_ring"] == 0,
+                "events lost: {summary}"
+            );
+            continue;
+        }
+        events += 1;
+        let from: std::net::SocketAddr = e["client"]
+            .as_str()
+            .unwrap_or_default()
+            .parse()
+            .with_context(|| format!("event client: {e}"))?;
+        let Some(node) = flows.get(&from.port()).filter(|_| from.ip() == client) else {
+            continue; // the convergence checks' or another client's connections
+        };
+        let want = c
+            .node_index(node)
+            .map(|i| c.node_addr(i).to_string())
+            .with_context(|| format!("answer from an unknown node {node}"))?;
+        ensure!(
+            e["backend"] == want.as_str(),
+            "{from} reached {node} ({want}); trace: {e}"
+        );
+        if e["syn"] == true {
+            ensure!(e["decided_by"] == "maglev", "a SYN not by Maglev: {e}");
+            syns += 1;
+        } else if e["decided_by"] == "conn_table" {
+            by_table += 1;
+        }
+    }
+    ensure!(
+        syns >= n,
+        "{syns} SYNs traced for {n} connections: {stdout}"
+    );
+    Ok(format!(
+        "{events} events in 40 s; {syns} SYNs by Maglev and {by_table} packets by the connection table of the {n} connections, each to the node that answered; 0 lost"
+    ))
+}
+
 /// New connections to the Local VIP (the pod is on the node sluice picked), each explained by
 /// `sluice explain` run in node-0's agent pod (the receiving node: its pins, its binary).
 fn explain_in_agent_pod(c: &Cluster) -> Result<String> {
@@ -528,6 +679,11 @@ fn sluice_deployed_on_a_real_cluster() {
     checks.result(
         "sluice explain in node-0's agent pod: the node every new connection reached",
         explain_in_agent_pod(&c),
+    );
+    // ----- `sluice trace` in the agent's pod shows each packet's decision -----
+    checks.result(
+        "sluice trace in node-0's agent pod: every SYN with the node that answered",
+        trace_in_agent_pod(&c),
     );
 
     // ----- a pod deleted: its established connection goes on while it terminates -----
