@@ -70,7 +70,7 @@ fn worker(seed: u64, worker: u64, count: u64) -> (Vec<u64>, u64) {
     // workers (the ring fills: trace_lost_ring), 100 per second on odd ones (trace_lost_rate).
     let _trace = h
         .start_trace(lb_common::TraceFilter {
-            max_per_sec: if worker % 2 == 0 { 0 } else { 100 },
+            max_per_sec: if worker.is_multiple_of(2) { 0 } else { 100 },
             ..Default::default()
         })
         .expect("start a trace");
