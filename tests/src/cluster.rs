@@ -31,7 +31,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -53,6 +53,10 @@ use crate::lab::{kill_ns_processes, sluice_binary, unmount};
 const NET: [u8; 3] = [10, 80, 0];
 /// The pods of node i: 10.244.i.0/24.
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The segment's IPv6 /64 (dual-stack): client ::1, control plane ::2, node i ::10+i (hex).
+const NET6: u16 = 0xfd80;
+/// The pods of node i, IPv6: fd44:0:0:i::/64.
+pub const CLUSTER_CIDR6: &str = "fd44::/48";
 /// The interface of every namespace on the bridge (deploy/20-configmap.yaml's `iface`).
 pub const IFACE: &str = "eth0";
 /// The pause image's reference (containerd's sandbox_image).
@@ -88,6 +92,7 @@ struct NodeState {
     /// Switch-side port of its eth0.
     port: String,
     addr: Ipv4Addr,
+    addr6: Ipv6Addr,
     dir: PathBuf,
     /// The file holding the node's mount namespace.
     mnt: PathBuf,
@@ -122,6 +127,30 @@ pub struct Cluster {
 
 fn node_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(NET[0], NET[1], NET[2], 10 + i as u8)
+}
+
+fn node_addr6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(NET6, 0, 0, 0, 0, 0, 0, 0x10 + i as u16)
+}
+
+/// Node i's IPv6 pod range.
+fn pod_cidr6(i: usize) -> String {
+    format!("fd44:0:0:{i:x}::/64")
+}
+
+/// The client namespace's IPv6 address.
+pub fn client_addr6() -> Ipv6Addr {
+    Ipv6Addr::new(NET6, 0, 0, 0, 0, 0, 0, 1)
+}
+
+/// The control plane's IPv6 address.
+pub fn cp_addr6() -> Ipv6Addr {
+    Ipv6Addr::new(NET6, 0, 0, 0, 0, 0, 0, 2)
+}
+
+/// An IPv6 address on the segment that no namespace holds (for a VIP announced on the link).
+pub fn on_link_vip6() -> Ipv6Addr {
+    Ipv6Addr::new(NET6, 0, 0, 0, 0, 0, 0, 0x200)
 }
 
 /// The client namespace's address.
@@ -199,6 +228,7 @@ impl Cluster {
                     ns: format!("{id}-n{i}"),
                     port: format!("sw-n{i}"),
                     addr: node_addr(i),
+                    addr6: node_addr6(i),
                     mnt: ndir.join("mnt.ns"),
                     mnt_bound: false,
                     cgroup_root: format!("{id}-n{i}"),
@@ -304,13 +334,25 @@ impl Cluster {
         ip(&sw, &["link", "add", "br0", "type", "bridge"])?;
         ip(&sw, &["link", "set", "br0", "up"])?;
         let mut ends = vec![
-            (self.client.clone(), "sw-c".to_owned(), client_addr(), 1u8),
-            (self.cp.clone(), "sw-cp".to_owned(), cp_addr(), 2),
+            (
+                self.client.clone(),
+                "sw-c".to_owned(),
+                client_addr(),
+                client_addr6(),
+                1u8,
+            ),
+            (
+                self.cp.clone(),
+                "sw-cp".to_owned(),
+                cp_addr(),
+                cp_addr6(),
+                2,
+            ),
         ];
         for (i, n) in self.nodes.iter().enumerate() {
-            ends.push((n.ns.clone(), n.port.clone(), n.addr, 10 + i as u8));
+            ends.push((n.ns.clone(), n.port.clone(), n.addr, n.addr6, 10 + i as u8));
         }
-        for (ns, port, addr, k) in &ends {
+        for (ns, port, addr, addr6, k) in &ends {
             let mac = format!("02:5c:50:00:00:{k:02x}");
             ip(
                 &sw,
@@ -324,6 +366,11 @@ impl Cluster {
             in_ns(&sw, &["ethtool", "-K", port, "tx", "off"])?;
             in_ns(ns, &["ethtool", "-K", IFACE, "tx", "off"])?;
             ip(ns, &["addr", "add", &format!("{addr}/24"), "dev", IFACE])?;
+            // Dual-stack segment; nodad: usable at once, no duplicate detection to wait for.
+            ip(
+                ns,
+                &["addr", "add", &format!("{addr6}/64"), "dev", IFACE, "nodad"],
+            )?;
             ip(&sw, &["link", "set", port, "up"])?;
             ip(ns, &["link", "set", IFACE, "up"])?;
         }
@@ -363,6 +410,7 @@ impl Cluster {
                     // Forwarded traffic leaves by the port it came in on: no redirects.
                     "net.ipv4.conf.all.send_redirects=0",
                     "net.ipv4.conf.eth0.send_redirects=0",
+                    "net.ipv6.conf.all.forwarding=1",
                 ],
             )?;
             // kube-proxy wants bridged pod traffic through iptables (per namespace here).
@@ -384,20 +432,27 @@ impl Cluster {
                     IFACE,
                 ],
             )?;
+            ip(
+                &n.ns,
+                &[
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &cp_addr6().to_string(),
+                    "dev",
+                    IFACE,
+                ],
+            )?;
             for j in 0..self.nodes.len() {
                 if j != i {
-                    ip(
-                        &n.ns,
-                        &[
-                            "route",
-                            "add",
-                            &format!("10.244.{j}.0/24"),
-                            "via",
-                            &node_addr(j).to_string(),
-                            "dev",
-                            IFACE,
-                        ],
-                    )?;
+                    for (cidr, via) in [
+                        (format!("10.244.{j}.0/24"), node_addr(j).to_string()),
+                        (pod_cidr6(j), node_addr6(j).to_string()),
+                    ] {
+                        ip(&n.ns, &["route", "add", &cidr, "via", &via, "dev", IFACE])?;
+                    }
                 }
             }
         }
@@ -465,6 +520,7 @@ impl Cluster {
             "--secure-port=0".into(),
             "--node-monitor-grace-period=20s".into(),
             "--pod-eviction-timeout=30s".into(),
+            "--feature-gates=IPv6DualStack=true".into(),
             "--logtostderr=true".into(),
             "-v=1".into(),
         ];
@@ -611,8 +667,9 @@ mount --bind {d}/container-logs /var/log/containers
                 "plugins": [
                     {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": true,
                      "hairpinMode": true,
-                     "ipam": {"type": "host-local", "ranges": [[{"subnet": pod_cidr}]],
-                              "routes": [{"dst": "0.0.0.0/0"}]}},
+                     "ipam": {"type": "host-local",
+                              "ranges": [[{"subnet": pod_cidr}], [{"subnet": pod_cidr6(i)}]],
+                              "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]}},
                     {"type": "portmap", "capabilities": {"portMappings": true}}
                 ]
             })
@@ -721,6 +778,8 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
 nodeStatusUpdateFrequency: 4s
+# Dual-stack (alpha in 1.20): pods get an address of each family, the node an InternalIP of each.
+featureGates: {{IPv6DualStack: true}}
 ",
                 root = n.cgroup_root,
                 addr = n.addr,
@@ -735,7 +794,7 @@ nodeStatusUpdateFrequency: 4s
                 self.containerd_sock(i).display()
             ))
             .arg(format!("--hostname-override={}", n.name))
-            .arg(format!("--node-ip={}", n.addr))
+            .arg(format!("--node-ip={},{}", n.addr, n.addr6))
             .arg(format!("--root-dir={}/kubelet", n.dir.display()))
             .arg(format!("--cert-dir={}/kubelet-pki", n.dir.display()))
             .args(["--logtostderr=true", "-v=1"]);
@@ -754,16 +813,18 @@ nodeStatusUpdateFrequency: 4s
 kind: KubeProxyConfiguration
 clientConnection: {{kubeconfig: {kc}}}
 mode: iptables
-clusterCIDR: {CLUSTER_CIDR}
+clusterCIDR: {CLUSTER_CIDR},{CLUSTER_CIDR6}
 bindAddress: {addr}
 hostnameOverride: {name}
-healthzBindAddress: {addr}:10256
+# kube-proxy's default: both families (the agents probe a node's IPv6 address for IPv6 VIPs).
+healthzBindAddress: 0.0.0.0:10256
 metricsBindAddress: 127.0.0.1:10249
 oomScoreAdj: 0
 # Leave the conntrack sysctls alone.
 conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}}
-# Endpoints, not v1beta1 EndpointSlices (off in this API server, see the harness).
-featureGates: {{EndpointSliceProxying: false}}
+# Endpoints, not v1beta1 EndpointSlices (off in this API server, see the harness); both
+# families (an iptables and an ip6tables proxier).
+featureGates: {{EndpointSliceProxying: false, IPv6DualStack: true}}
 ",
                 kc = kubeconfig.display(),
                 addr = n.addr,
@@ -838,9 +899,10 @@ featureGates: {{EndpointSliceProxying: false}}
             .name("slice-mirror".into())
             .spawn(move || {
                 let mut applied: HashMap<(String, String), Value> = HashMap::new();
+                let mut endpoints_applied: HashMap<(String, String), Value> = HashMap::new();
                 let mut last_err = String::new();
                 while !stop.load(Ordering::SeqCst) {
-                    if let Err(e) = mirror_once(&kube, &mut applied) {
+                    if let Err(e) = mirror_once(&kube, &mut applied, &mut endpoints_applied) {
                         let e = format!("{e:#}");
                         if e != last_err {
                             let _ = fs::write(&log, &e);
@@ -887,6 +949,10 @@ featureGates: {{EndpointSliceProxying: false}}
     pub fn node_addr(&self, i: usize) -> Ipv4Addr {
         self.nodes[i].addr
     }
+    /// Node `i`'s IPv6 address (its second InternalIP).
+    pub fn node_addr6(&self, i: usize) -> Ipv6Addr {
+        self.nodes[i].addr6
+    }
     pub fn node_ns(&self, i: usize) -> &str {
         &self.nodes[i].ns
     }
@@ -920,29 +986,30 @@ featureGates: {{EndpointSliceProxying: false}}
 
     // ----- the client and the segment -----
 
-    /// The client routes `vip` to node `i` (as a BGP router that learnt it from that node).
-    pub fn route_vip_via(&self, vip: Ipv4Addr, i: usize) -> Result<()> {
+    /// The client routes `vip` to node `i` (as a BGP router that learnt it from that node), by
+    /// the node's address of the VIP's family.
+    pub fn route_vip_via(&self, vip: impl Into<IpAddr>, i: usize) -> Result<()> {
+        let vip = vip.into();
+        let (host, via) = match vip {
+            IpAddr::V4(v) => (format!("{v}/32"), self.node_addr(i).to_string()),
+            IpAddr::V6(v) => (format!("{v}/128"), self.node_addr6(i).to_string()),
+        };
         ip(
             &self.client,
-            &[
-                "route",
-                "replace",
-                &format!("{vip}/32"),
-                "via",
-                &self.node_addr(i).to_string(),
-                "dev",
-                IFACE,
-            ],
+            &["route", "replace", &host, "via", &via, "dev", IFACE],
         )?;
         Ok(())
     }
 
-    /// The client resolves `vip` on the link (ARP), as for a VIP announced on the segment.
-    pub fn vip_on_link(&self, vip: Ipv4Addr) -> Result<()> {
-        ip(
-            &self.client,
-            &["route", "replace", &format!("{vip}/32"), "dev", IFACE],
-        )?;
+    /// The client resolves `vip` on the link (ARP; IPv6: neighbour solicitation), as for a VIP
+    /// announced on the segment.
+    pub fn vip_on_link(&self, vip: impl Into<IpAddr>) -> Result<()> {
+        let vip = vip.into();
+        let host = match vip {
+            IpAddr::V4(v) => format!("{v}/32"),
+            IpAddr::V6(v) => format!("{v}/128"),
+        };
+        ip(&self.client, &["route", "replace", &host, "dev", IFACE])?;
         let _ = ip(
             &self.client,
             &["neigh", "flush", "to", &vip.to_string(), "dev", IFACE],
@@ -951,8 +1018,11 @@ featureGates: {{EndpointSliceProxying: false}}
     }
 
     /// The client's neighbour entry for `addr`: its MAC, if any.
-    pub fn client_neighbour(&self, addr: Ipv4Addr) -> Result<Option<String>> {
-        let out = ip(&self.client, &["-j", "neigh", "show", &addr.to_string()])?;
+    pub fn client_neighbour(&self, addr: impl Into<IpAddr>) -> Result<Option<String>> {
+        let out = ip(
+            &self.client,
+            &["-j", "neigh", "show", &addr.into().to_string()],
+        )?;
         let v: Value = serde_json::from_slice(&out.stdout).context("ip -j neigh: not JSON")?;
         Ok(v.get(0)
             .and_then(|n| n.get("lladdr"))
@@ -984,14 +1054,18 @@ featureGates: {{EndpointSliceProxying: false}}
     /// (trimmed lines) and how many got none.
     pub fn curl(
         &self,
-        host: Ipv4Addr,
+        host: impl Into<IpAddr>,
         port: u16,
         path: &str,
         n: usize,
     ) -> Result<(Vec<String>, usize)> {
         ensure!(n >= 1, "curl: n must be at least 1");
         let sep = if path.contains('?') { '&' } else { '?' };
-        let url = format!("http://{host}:{port}{path}{sep}req=[1-{n}]");
+        // SocketAddr's form brackets an IPv6 host (curl's globbing leaves such a host alone).
+        let url = format!(
+            "http://{}{path}{sep}req=[1-{n}]",
+            std::net::SocketAddr::new(host.into(), port)
+        );
         let out = cmd::run(
             Command::new("ip")
                 .args(["netns", "exec", &self.client])
@@ -1037,7 +1111,9 @@ featureGates: {{EndpointSliceProxying: false}}
     /// Installs frame counters on the bridge (switch namespace): per ingress port, frames to
     /// `vip` and TCP SYNs to it; per egress port, SYNs to it (which node a balancer sent the
     /// connection to). Read with [`Cluster::vip_frames`] and [`Cluster::vip_syns_out`].
-    pub fn count_vip_frames(&self, vip: Ipv4Addr) -> Result<()> {
+    pub fn count_vip_frames(&self, vip: impl Into<IpAddr>) -> Result<()> {
+        let vip = vip.into();
+        let l3 = if vip.is_ipv6() { "ip6" } else { "ip" };
         let mut rules = String::new();
         for p in self.ports() {
             let k = p.replace('-', "_");
@@ -1051,7 +1127,7 @@ featureGates: {{EndpointSliceProxying: false}}
         for p in self.ports() {
             let k = p.replace('-', "_");
             rules.push_str(&format!(
-                "    iifname \"{p}\" ip daddr {vip} counter name f_{k}\n    iifname \"{p}\" ip daddr {vip} tcp flags & (syn | ack) == syn counter name s_{k}\n    oifname \"{p}\" ip daddr {vip} tcp flags & (syn | ack) == syn counter name o_{k}\n"
+                "    iifname \"{p}\" {l3} daddr {vip} counter name f_{k}\n    iifname \"{p}\" {l3} daddr {vip} tcp flags & (syn | ack) == syn counter name s_{k}\n    oifname \"{p}\" {l3} daddr {vip} tcp flags & (syn | ack) == syn counter name o_{k}\n"
             ));
         }
         rules.push_str("  }\n");
@@ -1150,6 +1226,15 @@ featureGates: {{EndpointSliceProxying: false}}
         self.kube().patch_status(
             &format!("/api/v1/namespaces/default/services/{svc}"),
             &json!({"status": {"loadBalancer": {"ingress": [{"ip": vip.to_string()}]}}}),
+        )
+    }
+
+    /// Sets Service `svc`'s (namespace default) load-balancer ingress IPs (several families).
+    pub fn set_ingress_ips(&self, svc: &str, vips: &[IpAddr]) -> Result<()> {
+        let ingress: Vec<Value> = vips.iter().map(|v| json!({"ip": v.to_string()})).collect();
+        self.kube().patch_status(
+            &format!("/api/v1/namespaces/default/services/{svc}"),
+            &json!({"status": {"loadBalancer": {"ingress": ingress}}}),
         )
     }
 
@@ -1317,15 +1402,31 @@ spec:
     )
 }
 
+/// A dual-stack (`RequireDualStack`, IPv4 first) `type: LoadBalancer` Service `name` (namespace
+/// default, policy Cluster) of the web pods, ports 80 and 7000. It names its pods by
+/// [`PODS_ANNOTATION`] instead of `spec.selector`: the harness writes its Endpoints with both
+/// families (see there why).
+pub fn dual_stack_lb_service(name: &str) -> String {
+    format!(
+        "---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default, annotations: {{{PODS_ANNOTATION}: app=web}}}}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Cluster
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  ports:
+    - {{name: http, port: 80, targetPort: 80}}
+    - {{name: echo, port: 7000, targetPort: 7000}}
+"
+    )
+}
+
 /// A pod that is Ready and not being deleted.
 pub fn pod_ready(p: &Value) -> bool {
-    p.pointer("/metadata/deletionTimestamp").is_none()
-        && p.pointer("/status/conditions")
-            .and_then(Value::as_array)
-            .is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
-            })
+    p.pointer("/metadata/deletionTimestamp").is_none() && pod_is_ready(p)
 }
 
 pub fn items(v: &Value) -> &[Value] {
@@ -1569,13 +1670,172 @@ fn labels_match(selector: &serde_json::Map<String, Value>, labels: &Value) -> bo
         .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
 }
 
-/// One pass: v1 EndpointSlices (`<service>-sluice-test`) for every Service with a selector, from
-/// its Endpoints (ready and not-ready addresses) and its terminating pods (serving while still
-/// Ready, as the EndpointSlice controller of Kubernetes >= 1.22 reports them).
-fn mirror_once(kube: &Kube, applied: &mut HashMap<(String, String), Value>) -> Result<()> {
+/// A Service without `spec.selector` whose Endpoints this harness writes, with the addresses of
+/// BOTH families of the pods matching this annotation's labels (`app=web,k=v`).
+///
+/// Why: Kubernetes 1.20's Endpoints controller writes a Service's primary family only, and its
+/// kube-proxy gets the other family from v1beta1 EndpointSlices alone, which this API server
+/// cannot serve beside the v1 CRD (the built-in group swallows /apis/discovery.k8s.io/v1). So a
+/// dual-stack Service of this harness names its pods here; kube-proxy's iptables and ip6tables
+/// proxiers each take their own family's addresses from the one Endpoints object (1.20 filters
+/// them by family), and the mirror writes a v1 slice per family, as a current cluster has.
+pub const PODS_ANNOTATION: &str = "tests.sluice.io/pods";
+
+/// The pod's addresses (`status.podIPs`, else `status.podIP`).
+fn pod_ips(pod: &Value) -> Vec<&str> {
+    let mut v: Vec<&str> = pod
+        .pointer("/status/podIPs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["ip"].as_str())
+        .collect();
+    if v.is_empty()
+        && let Some(ip) = pod.pointer("/status/podIP").and_then(Value::as_str)
+    {
+        v.push(ip);
+    }
+    v
+}
+
+/// "IPv4" or "IPv6", an EndpointSlice's addressType.
+fn family(ip: &str) -> &'static str {
+    if ip.contains(':') { "IPv6" } else { "IPv4" }
+}
+
+fn pod_ip_of<'a>(pod: &'a Value, fam: &str) -> Option<&'a str> {
+    pod_ips(pod).into_iter().find(|ip| family(ip) == fam)
+}
+
+/// A pod whose Ready condition is True (being deleted or not).
+fn pod_is_ready(pod: &Value) -> bool {
+    pod.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+}
+
+/// The labels a selector-less Service names by [`PODS_ANNOTATION`].
+fn annotated_selector(svc: &Value) -> Option<serde_json::Map<String, Value>> {
+    if svc.pointer("/spec/selector").is_some() {
+        return None;
+    }
+    let sel = svc
+        .pointer("/metadata/annotations")?
+        .get(PODS_ANNOTATION)?
+        .as_str()?;
+    Some(
+        sel.split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.trim().to_owned(), json!(v.trim())))
+            .collect(),
+    )
+}
+
+/// The Endpoints of Services annotated with [`PODS_ANNOTATION`]: every address of every matching
+/// pod that is not being deleted, ready or not ready, written when they change.
+fn write_dual_stack_endpoints(
+    kube: &Kube,
+    services: &Value,
+    pods: &Value,
+    applied: &mut HashMap<(String, String), Value>,
+) -> Result<()> {
+    for svc in items(services) {
+        let Some(selector) = annotated_selector(svc) else {
+            continue;
+        };
+        let ns = svc["metadata"]["namespace"].as_str().unwrap_or("");
+        let name = svc["metadata"]["name"].as_str().unwrap_or("");
+        let (mut ready, mut not_ready) = (Vec::new(), Vec::new());
+        for pod in items(pods) {
+            if pod["metadata"]["namespace"] != ns
+                || pod.pointer("/metadata/deletionTimestamp").is_some()
+                || !labels_match(&selector, &pod["metadata"]["labels"])
+            {
+                continue;
+            }
+            for ip in pod_ips(pod) {
+                let mut a = json!({"ip": ip, "targetRef": {"kind": "Pod", "namespace": ns,
+                                   "name": pod["metadata"]["name"]}});
+                if let Some(n) = pod.pointer("/spec/nodeName").and_then(Value::as_str) {
+                    a["nodeName"] = json!(n);
+                }
+                if pod_ready(pod) {
+                    ready.push(a);
+                } else {
+                    not_ready.push(a);
+                }
+            }
+        }
+        let by_ip = |a: &Value| a["ip"].as_str().unwrap_or("").to_owned();
+        ready.sort_by_key(by_ip);
+        not_ready.sort_by_key(by_ip);
+        let ports: Vec<Value> = svc
+            .pointer("/spec/ports")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                let target = p["targetPort"].as_u64().or_else(|| p["port"].as_u64());
+                json!({"name": p["name"].as_str().unwrap_or(""), "port": target,
+                       "protocol": p["protocol"]})
+            })
+            .collect();
+        let mut subset = json!({"ports": ports});
+        if !ready.is_empty() {
+            subset["addresses"] = json!(ready);
+        }
+        if !not_ready.is_empty() {
+            subset["notReadyAddresses"] = json!(not_ready);
+        }
+        let subsets = if ready.is_empty() && not_ready.is_empty() {
+            json!([])
+        } else {
+            json!([subset])
+        };
+        let want = json!({"apiVersion": "v1", "kind": "Endpoints",
+                          "metadata": {"name": name, "namespace": ns}, "subsets": subsets});
+        let key = (ns.to_owned(), name.to_owned());
+        if applied.get(&key) == Some(&want) {
+            continue;
+        }
+        kube.api(
+            "PATCH",
+            &format!(
+                "/api/v1/namespaces/{ns}/endpoints/{name}?fieldManager=sluice-tests&force=true"
+            ),
+            Some(("application/apply-patch+yaml", &want)),
+        )?;
+        applied.insert(key, want);
+    }
+    Ok(())
+}
+
+/// One pass: v1 EndpointSlices (`<service>-sluice-test`, IPv6: `<service>-sluice-test-ipv6`),
+/// one per family of the Service, for every Service with a selector or [`PODS_ANNOTATION`], from
+/// its Endpoints (ready and not-ready addresses; the other family's address of the same pod
+/// where the Endpoints hold one family) and its terminating pods (serving while still Ready, as
+/// the EndpointSlice controller of Kubernetes >= 1.22 reports them).
+fn mirror_once(
+    kube: &Kube,
+    applied: &mut HashMap<(String, String), Value>,
+    endpoints_applied: &mut HashMap<(String, String), Value>,
+) -> Result<()> {
     let services = kube.api("GET", "/api/v1/services", None)?;
-    let endpoints = kube.api("GET", "/api/v1/endpoints", None)?;
     let pods = kube.api("GET", "/api/v1/pods", None)?;
+    write_dual_stack_endpoints(kube, &services, &pods, endpoints_applied)?;
+    let endpoints = kube.api("GET", "/api/v1/endpoints", None)?;
+    let mut pods_by_name: HashMap<(&str, &str), &Value> = HashMap::new();
+    for p in items(&pods) {
+        if let (Some(ns), Some(name)) = (
+            p.pointer("/metadata/namespace").and_then(Value::as_str),
+            p.pointer("/metadata/name").and_then(Value::as_str),
+        ) {
+            pods_by_name.insert((ns, name), p);
+        }
+    }
     let mut eps: HashMap<(String, String), &Value> = HashMap::new();
     for e in items(&endpoints) {
         let ns = e["metadata"]["namespace"].as_str().unwrap_or("").to_owned();
@@ -1583,8 +1843,22 @@ fn mirror_once(kube: &Kube, applied: &mut HashMap<(String, String), Value>) -> R
         eps.insert((ns, name), e);
     }
     let mut want: HashMap<(String, String), Value> = HashMap::new();
-    for svc in items(&services) {
-        let Some(selector) = svc.pointer("/spec/selector").and_then(Value::as_object) else {
+    // One slice per family of each Service.
+    for (svc, fam) in items(&services).iter().flat_map(|svc| {
+        let families: Vec<&str> = svc
+            .pointer("/spec/ipFamilies")
+            .and_then(Value::as_array)
+            .map(|f| f.iter().filter_map(Value::as_str).collect())
+            .filter(|f: &Vec<&str>| !f.is_empty())
+            .unwrap_or_else(|| vec!["IPv4"]);
+        families.into_iter().map(move |f| (svc, f))
+    }) {
+        let annotated = annotated_selector(svc);
+        let Some(selector) = svc
+            .pointer("/spec/selector")
+            .and_then(Value::as_object)
+            .or(annotated.as_ref())
+        else {
             continue;
         };
         let ns = svc["metadata"]["namespace"]
@@ -1592,6 +1866,19 @@ fn mirror_once(kube: &Kube, applied: &mut HashMap<(String, String), Value>) -> R
             .unwrap_or("")
             .to_owned();
         let name = svc["metadata"]["name"].as_str().unwrap_or("").to_owned();
+        // The address of `fam` for an Endpoints address: its own, or its pod's other one.
+        let addr_for = |a: &Value| -> Option<String> {
+            let ip = a["ip"].as_str()?;
+            if family(ip) == fam {
+                return Some(ip.to_owned());
+            }
+            let r = &a["targetRef"];
+            if r["kind"] != "Pod" {
+                return None;
+            }
+            let pod = pods_by_name.get(&(r["namespace"].as_str()?, r["name"].as_str()?))?;
+            pod_ip_of(pod, fam).map(str::to_owned)
+        };
         let mut endpoints_out = Vec::new();
         let mut ports: Vec<Value> = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -1599,14 +1886,16 @@ fn mirror_once(kube: &Kube, applied: &mut HashMap<(String, String), Value>) -> R
             for subset in e["subsets"].as_array().into_iter().flatten() {
                 for p in subset["ports"].as_array().into_iter().flatten() {
                     let port = json!({"name": p["name"].as_str().unwrap_or(""),
-                                      "port": p["port"], "protocol": p["protocol"]});
+                                  "port": p["port"], "protocol": p["protocol"]});
                     if !ports.contains(&port) {
                         ports.push(port);
                     }
                 }
                 for (key, ready) in [("addresses", true), ("notReadyAddresses", false)] {
                     for a in subset[key].as_array().into_iter().flatten() {
-                        let ip = a["ip"].as_str().unwrap_or("").to_owned();
+                        let Some(ip) = addr_for(a) else {
+                            continue;
+                        };
                         if !seen.insert(ip.clone()) {
                             continue;
                         }
@@ -1632,19 +1921,13 @@ fn mirror_once(kube: &Kube, applied: &mut HashMap<(String, String), Value>) -> R
             {
                 continue;
             }
-            let Some(ip) = pod.pointer("/status/podIP").and_then(Value::as_str) else {
+            let Some(ip) = pod_ip_of(pod, fam) else {
                 continue;
             };
             if !seen.insert(ip.to_owned()) {
                 continue;
             }
-            let serving = pod
-                .pointer("/status/conditions")
-                .and_then(Value::as_array)
-                .is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                });
+            let serving = pod_is_ready(pod);
             let mut ep = json!({
                 "addresses": [ip],
                 "conditions": {"ready": false, "serving": serving, "terminating": true},
@@ -1664,11 +1947,14 @@ fn mirror_once(kube: &Kube, applied: &mut HashMap<(String, String), Value>) -> R
             {
                 let target = p["targetPort"].as_u64().or_else(|| p["port"].as_u64());
                 ports.push(json!({"name": p["name"].as_str().unwrap_or(""),
-                                  "port": target, "protocol": p["protocol"]}));
+                              "port": target, "protocol": p["protocol"]}));
             }
         }
         endpoints_out.sort_by_key(|e| e["addresses"][0].as_str().unwrap_or("").to_owned());
-        let slice_name = format!("{name}-sluice-test");
+        let slice_name = match fam {
+            "IPv6" => format!("{name}-sluice-test-ipv6"),
+            _ => format!("{name}-sluice-test"),
+        };
         want.insert(
             (ns.clone(), slice_name.clone()),
             json!({
@@ -1677,7 +1963,7 @@ fn mirror_once(kube: &Kube, applied: &mut HashMap<(String, String), Value>) -> R
                 "metadata": {"name": slice_name, "namespace": ns, "labels": {
                     "kubernetes.io/service-name": name,
                     "endpointslice.kubernetes.io/managed-by": "sluice-tests"}},
-                "addressType": "IPv4",
+                "addressType": fam,
                 "endpoints": endpoints_out,
                 "ports": ports,
             }),

@@ -122,10 +122,12 @@ impl Kube {
 
     /// As [`Kube::start_listening`], for a whole cluster (kubelets, pods): privileged pods
     /// allowed, kubelets reached by their InternalIP, and the `kubernetes` Service's Endpoints
-    /// naming `listen`, so that pods reach the API at its cluster IP.
+    /// naming `listen`, so that pods reach the API at its cluster IP. Dual-stack, as
+    /// [`Kube::start_dual_stack`].
     pub fn start_cluster(netns: &str, listen: Ipv4Addr) -> Result<Kube> {
         let mut kube = Self::new(Some(netns), Some(listen))?;
         kube.cluster = true;
+        kube.dual_stack = true;
         kube.setup().context("starting etcd and kube-apiserver")?;
         Ok(kube)
     }
