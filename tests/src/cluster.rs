@@ -18,10 +18,17 @@
 //! CAP_SYS_RESOURCE here). Images are imported offline into each node's containerd.
 //!
 //! Kubernetes 1.20 (the only one that builds here) serves EndpointSlice as v1beta1 only, and the
-//! agent reads v1: the API server runs with v1beta1 off and a v1 CRD (see [`crate::kube`]), the
-//! EndpointSlice controllers are off, kube-proxy reads Endpoints, and this harness keeps v1
-//! slices in step with Endpoints and Pods (ready, serving, terminating), as the EndpointSlice
-//! controller of a current cluster does.
+//! agent reads v1: the API server runs with v1beta1 off and a CRD serving the slices as v1 and
+//! v1beta1 (see [`crate::kube`]), the EndpointSlice controllers are off, and this harness keeps
+//! the slices in step with Endpoints and Pods (ready, serving, terminating; one slice per family
+//! of a Service), as the EndpointSlice controller of a current cluster does. The agents read
+//! them as v1, kube-proxy as v1beta1.
+//!
+//! Dual-stack throughout (1.20: the `IPv6DualStack` feature gate on the API server,
+//! controller-manager, kubelets and kube-proxies): the segment also has fd80::/64 (client ::1,
+//! control plane ::2, node i ::10+i hex), node i's pods also fd44:0:0:i::/64, each kubelet
+//! `--node-ip=<IPv4>,<IPv6>` (a Node InternalIP of each family), each kube-proxy an iptables and
+//! an ip6tables proxier. Services are IPv4 unless they ask for IPv6 (`ipFamilies`).
 //!
 //! The host network namespace is not touched: the bridge is in a namespace of its own. Host-wide
 //! state the kubelet writes (vm.overcommit_memory, kernel.panic, kernel.panic_on_oops) is saved
@@ -811,7 +818,8 @@ featureGates: {{IPv6DualStack: true}}
             format!(
                 "apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
-clientConnection: {{kubeconfig: {kc}}}
+# JSON: the EndpointSlices are a CRD (see the module documentation), which has no protobuf.
+clientConnection: {{kubeconfig: {kc}, contentType: application/json}}
 mode: iptables
 clusterCIDR: {CLUSTER_CIDR},{CLUSTER_CIDR6}
 bindAddress: {addr}
@@ -822,9 +830,9 @@ metricsBindAddress: 127.0.0.1:10249
 oomScoreAdj: 0
 # Leave the conntrack sysctls alone.
 conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}}
-# Endpoints, not v1beta1 EndpointSlices (off in this API server, see the harness); both
-# families (an iptables and an ip6tables proxier).
-featureGates: {{EndpointSliceProxying: false, IPv6DualStack: true}}
+# Both families (an iptables and an ip6tables proxier), fed by the v1beta1 EndpointSlices the
+# harness writes (EndpointSliceProxying is on by default in 1.20).
+featureGates: {{IPv6DualStack: true}}
 ",
                 kc = kubeconfig.display(),
                 addr = n.addr,
@@ -899,10 +907,9 @@ featureGates: {{EndpointSliceProxying: false, IPv6DualStack: true}}
             .name("slice-mirror".into())
             .spawn(move || {
                 let mut applied: HashMap<(String, String), Value> = HashMap::new();
-                let mut endpoints_applied: HashMap<(String, String), Value> = HashMap::new();
                 let mut last_err = String::new();
                 while !stop.load(Ordering::SeqCst) {
-                    if let Err(e) = mirror_once(&kube, &mut applied, &mut endpoints_applied) {
+                    if let Err(e) = mirror_once(&kube, &mut applied) {
                         let e = format!("{e:#}");
                         if e != last_err {
                             let _ = fs::write(&log, &e);
@@ -1403,20 +1410,19 @@ spec:
 }
 
 /// A dual-stack (`RequireDualStack`, IPv4 first) `type: LoadBalancer` Service `name` (namespace
-/// default, policy Cluster) of the web pods, ports 80 and 7000. It names its pods by
-/// [`PODS_ANNOTATION`] instead of `spec.selector`: the harness writes its Endpoints with both
-/// families (see there why).
+/// default, policy Cluster) of the web pods, ports 80 and 7000.
 pub fn dual_stack_lb_service(name: &str) -> String {
     format!(
         "---
 apiVersion: v1
 kind: Service
-metadata: {{name: {name}, namespace: default, annotations: {{{PODS_ANNOTATION}: app=web}}}}
+metadata: {{name: {name}, namespace: default}}
 spec:
   type: LoadBalancer
   externalTrafficPolicy: Cluster
   ipFamilyPolicy: RequireDualStack
   ipFamilies: [IPv4, IPv6]
+  selector: {{app: web}}
   ports:
     - {{name: http, port: 80, targetPort: 80}}
     - {{name: echo, port: 7000, targetPort: 7000}}
@@ -1670,17 +1676,6 @@ fn labels_match(selector: &serde_json::Map<String, Value>, labels: &Value) -> bo
         .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
 }
 
-/// A Service without `spec.selector` whose Endpoints this harness writes, with the addresses of
-/// BOTH families of the pods matching this annotation's labels (`app=web,k=v`).
-///
-/// Why: Kubernetes 1.20's Endpoints controller writes a Service's primary family only, and its
-/// kube-proxy gets the other family from v1beta1 EndpointSlices alone, which this API server
-/// cannot serve beside the v1 CRD (the built-in group swallows /apis/discovery.k8s.io/v1). So a
-/// dual-stack Service of this harness names its pods here; kube-proxy's iptables and ip6tables
-/// proxiers each take their own family's addresses from the one Endpoints object (1.20 filters
-/// them by family), and the mirror writes a v1 slice per family, as a current cluster has.
-pub const PODS_ANNOTATION: &str = "tests.sluice.io/pods";
-
 /// The pod's addresses (`status.podIPs`, else `status.podIP`).
 fn pod_ips(pod: &Value) -> Vec<&str> {
     let mut v: Vec<&str> = pod
@@ -1717,115 +1712,15 @@ fn pod_is_ready(pod: &Value) -> bool {
         })
 }
 
-/// The labels a selector-less Service names by [`PODS_ANNOTATION`].
-fn annotated_selector(svc: &Value) -> Option<serde_json::Map<String, Value>> {
-    if svc.pointer("/spec/selector").is_some() {
-        return None;
-    }
-    let sel = svc
-        .pointer("/metadata/annotations")?
-        .get(PODS_ANNOTATION)?
-        .as_str()?;
-    Some(
-        sel.split(',')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.trim().to_owned(), json!(v.trim())))
-            .collect(),
-    )
-}
-
-/// The Endpoints of Services annotated with [`PODS_ANNOTATION`]: every address of every matching
-/// pod that is not being deleted, ready or not ready, written when they change.
-fn write_dual_stack_endpoints(
-    kube: &Kube,
-    services: &Value,
-    pods: &Value,
-    applied: &mut HashMap<(String, String), Value>,
-) -> Result<()> {
-    for svc in items(services) {
-        let Some(selector) = annotated_selector(svc) else {
-            continue;
-        };
-        let ns = svc["metadata"]["namespace"].as_str().unwrap_or("");
-        let name = svc["metadata"]["name"].as_str().unwrap_or("");
-        let (mut ready, mut not_ready) = (Vec::new(), Vec::new());
-        for pod in items(pods) {
-            if pod["metadata"]["namespace"] != ns
-                || pod.pointer("/metadata/deletionTimestamp").is_some()
-                || !labels_match(&selector, &pod["metadata"]["labels"])
-            {
-                continue;
-            }
-            for ip in pod_ips(pod) {
-                let mut a = json!({"ip": ip, "targetRef": {"kind": "Pod", "namespace": ns,
-                                   "name": pod["metadata"]["name"]}});
-                if let Some(n) = pod.pointer("/spec/nodeName").and_then(Value::as_str) {
-                    a["nodeName"] = json!(n);
-                }
-                if pod_ready(pod) {
-                    ready.push(a);
-                } else {
-                    not_ready.push(a);
-                }
-            }
-        }
-        let by_ip = |a: &Value| a["ip"].as_str().unwrap_or("").to_owned();
-        ready.sort_by_key(by_ip);
-        not_ready.sort_by_key(by_ip);
-        let ports: Vec<Value> = svc
-            .pointer("/spec/ports")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .map(|p| {
-                let target = p["targetPort"].as_u64().or_else(|| p["port"].as_u64());
-                json!({"name": p["name"].as_str().unwrap_or(""), "port": target,
-                       "protocol": p["protocol"]})
-            })
-            .collect();
-        let mut subset = json!({"ports": ports});
-        if !ready.is_empty() {
-            subset["addresses"] = json!(ready);
-        }
-        if !not_ready.is_empty() {
-            subset["notReadyAddresses"] = json!(not_ready);
-        }
-        let subsets = if ready.is_empty() && not_ready.is_empty() {
-            json!([])
-        } else {
-            json!([subset])
-        };
-        let want = json!({"apiVersion": "v1", "kind": "Endpoints",
-                          "metadata": {"name": name, "namespace": ns}, "subsets": subsets});
-        let key = (ns.to_owned(), name.to_owned());
-        if applied.get(&key) == Some(&want) {
-            continue;
-        }
-        kube.api(
-            "PATCH",
-            &format!(
-                "/api/v1/namespaces/{ns}/endpoints/{name}?fieldManager=sluice-tests&force=true"
-            ),
-            Some(("application/apply-patch+yaml", &want)),
-        )?;
-        applied.insert(key, want);
-    }
-    Ok(())
-}
-
-/// One pass: v1 EndpointSlices (`<service>-sluice-test`, IPv6: `<service>-sluice-test-ipv6`),
-/// one per family of the Service, for every Service with a selector or [`PODS_ANNOTATION`], from
-/// its Endpoints (ready and not-ready addresses; the other family's address of the same pod
-/// where the Endpoints hold one family) and its terminating pods (serving while still Ready, as
-/// the EndpointSlice controller of Kubernetes >= 1.22 reports them).
-fn mirror_once(
-    kube: &Kube,
-    applied: &mut HashMap<(String, String), Value>,
-    endpoints_applied: &mut HashMap<(String, String), Value>,
-) -> Result<()> {
+/// One pass: EndpointSlices (`<service>-sluice-test`, IPv6: `<service>-sluice-test-ipv6`), one
+/// per family of every Service, from its Endpoints (ready and not-ready addresses; 1.20's
+/// Endpoints hold the primary family only: the other family's address is its pod's) and, for a
+/// Service with a selector, its terminating pods (serving while still Ready, as the EndpointSlice
+/// controller of Kubernetes >= 1.22 reports them). The agents read them as v1, kube-proxy as
+/// v1beta1 (the same objects; `topology` is the v1beta1 form of `nodeName`).
+fn mirror_once(kube: &Kube, applied: &mut HashMap<(String, String), Value>) -> Result<()> {
     let services = kube.api("GET", "/api/v1/services", None)?;
     let pods = kube.api("GET", "/api/v1/pods", None)?;
-    write_dual_stack_endpoints(kube, &services, &pods, endpoints_applied)?;
     let endpoints = kube.api("GET", "/api/v1/endpoints", None)?;
     let mut pods_by_name: HashMap<(&str, &str), &Value> = HashMap::new();
     for p in items(&pods) {
@@ -1853,14 +1748,9 @@ fn mirror_once(
             .unwrap_or_else(|| vec!["IPv4"]);
         families.into_iter().map(move |f| (svc, f))
     }) {
-        let annotated = annotated_selector(svc);
-        let Some(selector) = svc
-            .pointer("/spec/selector")
-            .and_then(Value::as_object)
-            .or(annotated.as_ref())
-        else {
-            continue;
-        };
+        // None: Endpoints written by someone else (the `kubernetes` Service), mirrored as the
+        // EndpointSliceMirroring controller does.
+        let selector = svc.pointer("/spec/selector").and_then(Value::as_object);
         let ns = svc["metadata"]["namespace"]
             .as_str()
             .unwrap_or("")
@@ -1905,6 +1795,7 @@ fn mirror_once(
                         });
                         if let Some(n) = a["nodeName"].as_str() {
                             ep["nodeName"] = json!(n);
+                            ep["topology"] = json!({"kubernetes.io/hostname": n});
                         }
                         if a.get("targetRef").is_some() {
                             ep["targetRef"] = a["targetRef"].clone();
@@ -1917,7 +1808,7 @@ fn mirror_once(
         for pod in items(&pods) {
             if pod["metadata"]["namespace"] != ns.as_str()
                 || pod.pointer("/metadata/deletionTimestamp").is_none()
-                || !labels_match(selector, &pod["metadata"]["labels"])
+                || !selector.is_some_and(|s| labels_match(s, &pod["metadata"]["labels"]))
             {
                 continue;
             }
@@ -1935,6 +1826,7 @@ fn mirror_once(
             });
             if let Some(n) = pod.pointer("/spec/nodeName").and_then(Value::as_str) {
                 ep["nodeName"] = json!(n);
+                ep["topology"] = json!({"kubernetes.io/hostname": n});
             }
             endpoints_out.push(ep);
         }

@@ -6,7 +6,10 @@
 //! 1.20 serves EndpointSlice only as discovery.k8s.io/v1beta1; current clusters (and the agent)
 //! use v1. The server is started with v1beta1 off and a CRD for `endpointslices.discovery.k8s.io`
 //! v1 is registered: the server stores and watches v1 slices with its real machinery. No controller
-//! writes them, so tests create slices themselves, as the EndpointSlice controller would.
+//! writes them, so tests create slices themselves, as the EndpointSlice controller would. The CRD
+//! also serves the same objects as v1beta1 (conversion None: the apiVersion alone changes), which
+//! is what kube-proxy 1.20 reads in the cluster harness (the only way its IPv6 proxier gets
+//! endpoints: 1.20's Endpoints hold one family).
 //!
 //! Everything (processes, temp dir) is removed when the [`Kube`] is dropped, also during a panic.
 
@@ -47,6 +50,13 @@ spec:
     - name: v1
       served: true
       storage: true
+      schema:
+        openAPIV3Schema:
+          type: object
+          x-kubernetes-preserve-unknown-fields: true
+    - name: v1beta1
+      served: true
+      storage: false
       schema:
         openAPIV3Schema:
           type: object
