@@ -18,10 +18,17 @@
 //! CAP_SYS_RESOURCE here). Images are imported offline into each node's containerd.
 //!
 //! Kubernetes 1.20 (the only one that builds here) serves EndpointSlice as v1beta1 only, and the
-//! agent reads v1: the API server runs with v1beta1 off and a v1 CRD (see [`crate::kube`]), the
-//! EndpointSlice controllers are off, kube-proxy reads Endpoints, and this harness keeps v1
-//! slices in step with Endpoints and Pods (ready, serving, terminating), as the EndpointSlice
-//! controller of a current cluster does.
+//! agent reads v1: the API server runs with v1beta1 off and a CRD serving the slices as v1 and
+//! v1beta1 (see [`crate::kube`]), the EndpointSlice controllers are off, and this harness keeps
+//! the slices in step with Endpoints and Pods (ready, serving, terminating; one slice per family
+//! of a Service), as the EndpointSlice controller of a current cluster does. The agents read
+//! them as v1, kube-proxy as v1beta1.
+//!
+//! Dual-stack throughout (1.20: the `IPv6DualStack` feature gate on the API server,
+//! controller-manager, kubelets and kube-proxies): the segment also has fd80::/64 (client ::1,
+//! control plane ::2, node i ::10+i hex), node i's pods also fd44:0:0:i::/64, each kubelet
+//! `--node-ip=<IPv4>,<IPv6>` (a Node InternalIP of each family), each kube-proxy an iptables and
+//! an ip6tables proxier. Services are IPv4 unless they ask for IPv6 (`ipFamilies`).
 //!
 //! The host network namespace is not touched: the bridge is in a namespace of its own. Host-wide
 //! state the kubelet writes (vm.overcommit_memory, kernel.panic, kernel.panic_on_oops) is saved
@@ -31,7 +38,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -53,6 +60,10 @@ use crate::lab::{kill_ns_processes, sluice_binary, unmount};
 const NET: [u8; 3] = [10, 80, 0];
 /// The pods of node i: 10.244.i.0/24.
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The segment's IPv6 /64 (dual-stack): client ::1, control plane ::2, node i ::10+i (hex).
+const NET6: u16 = 0xfd80;
+/// The pods of node i, IPv6: fd44:0:0:i::/64.
+pub const CLUSTER_CIDR6: &str = "fd44::/48";
 /// The interface of every namespace on the bridge (deploy/20-configmap.yaml's `iface`).
 pub const IFACE: &str = "eth0";
 /// The pause image's reference (containerd's sandbox_image).
@@ -88,6 +99,7 @@ struct NodeState {
     /// Switch-side port of its eth0.
     port: String,
     addr: Ipv4Addr,
+    addr6: Ipv6Addr,
     dir: PathBuf,
     /// The file holding the node's mount namespace.
     mnt: PathBuf,
@@ -122,6 +134,30 @@ pub struct Cluster {
 
 fn node_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(NET[0], NET[1], NET[2], 10 + i as u8)
+}
+
+fn node_addr6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(NET6, 0, 0, 0, 0, 0, 0, 0x10 + i as u16)
+}
+
+/// Node i's IPv6 pod range.
+fn pod_cidr6(i: usize) -> String {
+    format!("fd44:0:0:{i:x}::/64")
+}
+
+/// The client namespace's IPv6 address.
+pub fn client_addr6() -> Ipv6Addr {
+    Ipv6Addr::new(NET6, 0, 0, 0, 0, 0, 0, 1)
+}
+
+/// The control plane's IPv6 address.
+pub fn cp_addr6() -> Ipv6Addr {
+    Ipv6Addr::new(NET6, 0, 0, 0, 0, 0, 0, 2)
+}
+
+/// An IPv6 address on the segment that no namespace holds (for a VIP announced on the link).
+pub fn on_link_vip6() -> Ipv6Addr {
+    Ipv6Addr::new(NET6, 0, 0, 0, 0, 0, 0, 0x200)
 }
 
 /// The client namespace's address.
@@ -199,6 +235,7 @@ impl Cluster {
                     ns: format!("{id}-n{i}"),
                     port: format!("sw-n{i}"),
                     addr: node_addr(i),
+                    addr6: node_addr6(i),
                     mnt: ndir.join("mnt.ns"),
                     mnt_bound: false,
                     cgroup_root: format!("{id}-n{i}"),
@@ -304,13 +341,25 @@ impl Cluster {
         ip(&sw, &["link", "add", "br0", "type", "bridge"])?;
         ip(&sw, &["link", "set", "br0", "up"])?;
         let mut ends = vec![
-            (self.client.clone(), "sw-c".to_owned(), client_addr(), 1u8),
-            (self.cp.clone(), "sw-cp".to_owned(), cp_addr(), 2),
+            (
+                self.client.clone(),
+                "sw-c".to_owned(),
+                client_addr(),
+                client_addr6(),
+                1u8,
+            ),
+            (
+                self.cp.clone(),
+                "sw-cp".to_owned(),
+                cp_addr(),
+                cp_addr6(),
+                2,
+            ),
         ];
         for (i, n) in self.nodes.iter().enumerate() {
-            ends.push((n.ns.clone(), n.port.clone(), n.addr, 10 + i as u8));
+            ends.push((n.ns.clone(), n.port.clone(), n.addr, n.addr6, 10 + i as u8));
         }
-        for (ns, port, addr, k) in &ends {
+        for (ns, port, addr, addr6, k) in &ends {
             let mac = format!("02:5c:50:00:00:{k:02x}");
             ip(
                 &sw,
@@ -324,6 +373,11 @@ impl Cluster {
             in_ns(&sw, &["ethtool", "-K", port, "tx", "off"])?;
             in_ns(ns, &["ethtool", "-K", IFACE, "tx", "off"])?;
             ip(ns, &["addr", "add", &format!("{addr}/24"), "dev", IFACE])?;
+            // Dual-stack segment; nodad: usable at once, no duplicate detection to wait for.
+            ip(
+                ns,
+                &["addr", "add", &format!("{addr6}/64"), "dev", IFACE, "nodad"],
+            )?;
             ip(&sw, &["link", "set", port, "up"])?;
             ip(ns, &["link", "set", IFACE, "up"])?;
         }
@@ -363,6 +417,7 @@ impl Cluster {
                     // Forwarded traffic leaves by the port it came in on: no redirects.
                     "net.ipv4.conf.all.send_redirects=0",
                     "net.ipv4.conf.eth0.send_redirects=0",
+                    "net.ipv6.conf.all.forwarding=1",
                 ],
             )?;
             // kube-proxy wants bridged pod traffic through iptables (per namespace here).
@@ -384,20 +439,27 @@ impl Cluster {
                     IFACE,
                 ],
             )?;
+            ip(
+                &n.ns,
+                &[
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &cp_addr6().to_string(),
+                    "dev",
+                    IFACE,
+                ],
+            )?;
             for j in 0..self.nodes.len() {
                 if j != i {
-                    ip(
-                        &n.ns,
-                        &[
-                            "route",
-                            "add",
-                            &format!("10.244.{j}.0/24"),
-                            "via",
-                            &node_addr(j).to_string(),
-                            "dev",
-                            IFACE,
-                        ],
-                    )?;
+                    for (cidr, via) in [
+                        (format!("10.244.{j}.0/24"), node_addr(j).to_string()),
+                        (pod_cidr6(j), node_addr6(j).to_string()),
+                    ] {
+                        ip(&n.ns, &["route", "add", &cidr, "via", &via, "dev", IFACE])?;
+                    }
                 }
             }
         }
@@ -465,6 +527,7 @@ impl Cluster {
             "--secure-port=0".into(),
             "--node-monitor-grace-period=20s".into(),
             "--pod-eviction-timeout=30s".into(),
+            "--feature-gates=IPv6DualStack=true".into(),
             "--logtostderr=true".into(),
             "-v=1".into(),
         ];
@@ -611,8 +674,9 @@ mount --bind {d}/container-logs /var/log/containers
                 "plugins": [
                     {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": true,
                      "hairpinMode": true,
-                     "ipam": {"type": "host-local", "ranges": [[{"subnet": pod_cidr}]],
-                              "routes": [{"dst": "0.0.0.0/0"}]}},
+                     "ipam": {"type": "host-local",
+                              "ranges": [[{"subnet": pod_cidr}], [{"subnet": pod_cidr6(i)}]],
+                              "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]}},
                     {"type": "portmap", "capabilities": {"portMappings": true}}
                 ]
             })
@@ -721,6 +785,8 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
 nodeStatusUpdateFrequency: 4s
+# Dual-stack (alpha in 1.20): pods get an address of each family, the node an InternalIP of each.
+featureGates: {{IPv6DualStack: true}}
 ",
                 root = n.cgroup_root,
                 addr = n.addr,
@@ -735,7 +801,7 @@ nodeStatusUpdateFrequency: 4s
                 self.containerd_sock(i).display()
             ))
             .arg(format!("--hostname-override={}", n.name))
-            .arg(format!("--node-ip={}", n.addr))
+            .arg(format!("--node-ip={},{}", n.addr, n.addr6))
             .arg(format!("--root-dir={}/kubelet", n.dir.display()))
             .arg(format!("--cert-dir={}/kubelet-pki", n.dir.display()))
             .args(["--logtostderr=true", "-v=1"]);
@@ -752,18 +818,21 @@ nodeStatusUpdateFrequency: 4s
             format!(
                 "apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
-clientConnection: {{kubeconfig: {kc}}}
+# JSON: the EndpointSlices are a CRD (see the module documentation), which has no protobuf.
+clientConnection: {{kubeconfig: {kc}, contentType: application/json}}
 mode: iptables
-clusterCIDR: {CLUSTER_CIDR}
+clusterCIDR: {CLUSTER_CIDR},{CLUSTER_CIDR6}
 bindAddress: {addr}
 hostnameOverride: {name}
-healthzBindAddress: {addr}:10256
+# kube-proxy's default: both families (the agents probe a node's IPv6 address for IPv6 VIPs).
+healthzBindAddress: 0.0.0.0:10256
 metricsBindAddress: 127.0.0.1:10249
 oomScoreAdj: 0
 # Leave the conntrack sysctls alone.
 conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}}
-# Endpoints, not v1beta1 EndpointSlices (off in this API server, see the harness).
-featureGates: {{EndpointSliceProxying: false}}
+# Both families (an iptables and an ip6tables proxier), fed by the v1beta1 EndpointSlices the
+# harness writes (EndpointSliceProxying is on by default in 1.20).
+featureGates: {{IPv6DualStack: true}}
 ",
                 kc = kubeconfig.display(),
                 addr = n.addr,
@@ -887,6 +956,10 @@ featureGates: {{EndpointSliceProxying: false}}
     pub fn node_addr(&self, i: usize) -> Ipv4Addr {
         self.nodes[i].addr
     }
+    /// Node `i`'s IPv6 address (its second InternalIP).
+    pub fn node_addr6(&self, i: usize) -> Ipv6Addr {
+        self.nodes[i].addr6
+    }
     pub fn node_ns(&self, i: usize) -> &str {
         &self.nodes[i].ns
     }
@@ -920,29 +993,30 @@ featureGates: {{EndpointSliceProxying: false}}
 
     // ----- the client and the segment -----
 
-    /// The client routes `vip` to node `i` (as a BGP router that learnt it from that node).
-    pub fn route_vip_via(&self, vip: Ipv4Addr, i: usize) -> Result<()> {
+    /// The client routes `vip` to node `i` (as a BGP router that learnt it from that node), by
+    /// the node's address of the VIP's family.
+    pub fn route_vip_via(&self, vip: impl Into<IpAddr>, i: usize) -> Result<()> {
+        let vip = vip.into();
+        let (host, via) = match vip {
+            IpAddr::V4(v) => (format!("{v}/32"), self.node_addr(i).to_string()),
+            IpAddr::V6(v) => (format!("{v}/128"), self.node_addr6(i).to_string()),
+        };
         ip(
             &self.client,
-            &[
-                "route",
-                "replace",
-                &format!("{vip}/32"),
-                "via",
-                &self.node_addr(i).to_string(),
-                "dev",
-                IFACE,
-            ],
+            &["route", "replace", &host, "via", &via, "dev", IFACE],
         )?;
         Ok(())
     }
 
-    /// The client resolves `vip` on the link (ARP), as for a VIP announced on the segment.
-    pub fn vip_on_link(&self, vip: Ipv4Addr) -> Result<()> {
-        ip(
-            &self.client,
-            &["route", "replace", &format!("{vip}/32"), "dev", IFACE],
-        )?;
+    /// The client resolves `vip` on the link (ARP; IPv6: neighbour solicitation), as for a VIP
+    /// announced on the segment.
+    pub fn vip_on_link(&self, vip: impl Into<IpAddr>) -> Result<()> {
+        let vip = vip.into();
+        let host = match vip {
+            IpAddr::V4(v) => format!("{v}/32"),
+            IpAddr::V6(v) => format!("{v}/128"),
+        };
+        ip(&self.client, &["route", "replace", &host, "dev", IFACE])?;
         let _ = ip(
             &self.client,
             &["neigh", "flush", "to", &vip.to_string(), "dev", IFACE],
@@ -951,8 +1025,11 @@ featureGates: {{EndpointSliceProxying: false}}
     }
 
     /// The client's neighbour entry for `addr`: its MAC, if any.
-    pub fn client_neighbour(&self, addr: Ipv4Addr) -> Result<Option<String>> {
-        let out = ip(&self.client, &["-j", "neigh", "show", &addr.to_string()])?;
+    pub fn client_neighbour(&self, addr: impl Into<IpAddr>) -> Result<Option<String>> {
+        let out = ip(
+            &self.client,
+            &["-j", "neigh", "show", &addr.into().to_string()],
+        )?;
         let v: Value = serde_json::from_slice(&out.stdout).context("ip -j neigh: not JSON")?;
         Ok(v.get(0)
             .and_then(|n| n.get("lladdr"))
@@ -984,14 +1061,18 @@ featureGates: {{EndpointSliceProxying: false}}
     /// (trimmed lines) and how many got none.
     pub fn curl(
         &self,
-        host: Ipv4Addr,
+        host: impl Into<IpAddr>,
         port: u16,
         path: &str,
         n: usize,
     ) -> Result<(Vec<String>, usize)> {
         ensure!(n >= 1, "curl: n must be at least 1");
         let sep = if path.contains('?') { '&' } else { '?' };
-        let url = format!("http://{host}:{port}{path}{sep}req=[1-{n}]");
+        // SocketAddr's form brackets an IPv6 host (curl's globbing leaves such a host alone).
+        let url = format!(
+            "http://{}{path}{sep}req=[1-{n}]",
+            std::net::SocketAddr::new(host.into(), port)
+        );
         let out = cmd::run(
             Command::new("ip")
                 .args(["netns", "exec", &self.client])
@@ -1037,7 +1118,9 @@ featureGates: {{EndpointSliceProxying: false}}
     /// Installs frame counters on the bridge (switch namespace): per ingress port, frames to
     /// `vip` and TCP SYNs to it; per egress port, SYNs to it (which node a balancer sent the
     /// connection to). Read with [`Cluster::vip_frames`] and [`Cluster::vip_syns_out`].
-    pub fn count_vip_frames(&self, vip: Ipv4Addr) -> Result<()> {
+    pub fn count_vip_frames(&self, vip: impl Into<IpAddr>) -> Result<()> {
+        let vip = vip.into();
+        let l3 = if vip.is_ipv6() { "ip6" } else { "ip" };
         let mut rules = String::new();
         for p in self.ports() {
             let k = p.replace('-', "_");
@@ -1051,7 +1134,7 @@ featureGates: {{EndpointSliceProxying: false}}
         for p in self.ports() {
             let k = p.replace('-', "_");
             rules.push_str(&format!(
-                "    iifname \"{p}\" ip daddr {vip} counter name f_{k}\n    iifname \"{p}\" ip daddr {vip} tcp flags & (syn | ack) == syn counter name s_{k}\n    oifname \"{p}\" ip daddr {vip} tcp flags & (syn | ack) == syn counter name o_{k}\n"
+                "    iifname \"{p}\" {l3} daddr {vip} counter name f_{k}\n    iifname \"{p}\" {l3} daddr {vip} tcp flags & (syn | ack) == syn counter name s_{k}\n    oifname \"{p}\" {l3} daddr {vip} tcp flags & (syn | ack) == syn counter name o_{k}\n"
             ));
         }
         rules.push_str("  }\n");
@@ -1150,6 +1233,15 @@ featureGates: {{EndpointSliceProxying: false}}
         self.kube().patch_status(
             &format!("/api/v1/namespaces/default/services/{svc}"),
             &json!({"status": {"loadBalancer": {"ingress": [{"ip": vip.to_string()}]}}}),
+        )
+    }
+
+    /// Sets Service `svc`'s (namespace default) load-balancer ingress IPs (several families).
+    pub fn set_ingress_ips(&self, svc: &str, vips: &[IpAddr]) -> Result<()> {
+        let ingress: Vec<Value> = vips.iter().map(|v| json!({"ip": v.to_string()})).collect();
+        self.kube().patch_status(
+            &format!("/api/v1/namespaces/default/services/{svc}"),
+            &json!({"status": {"loadBalancer": {"ingress": ingress}}}),
         )
     }
 
@@ -1317,15 +1409,30 @@ spec:
     )
 }
 
+/// A dual-stack (`RequireDualStack`, IPv4 first) `type: LoadBalancer` Service `name` (namespace
+/// default, policy Cluster) of the web pods, ports 80 and 7000.
+pub fn dual_stack_lb_service(name: &str) -> String {
+    format!(
+        "---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Cluster
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  selector: {{app: web}}
+  ports:
+    - {{name: http, port: 80, targetPort: 80}}
+    - {{name: echo, port: 7000, targetPort: 7000}}
+"
+    )
+}
+
 /// A pod that is Ready and not being deleted.
 pub fn pod_ready(p: &Value) -> bool {
-    p.pointer("/metadata/deletionTimestamp").is_none()
-        && p.pointer("/status/conditions")
-            .and_then(Value::as_array)
-            .is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
-            })
+    p.pointer("/metadata/deletionTimestamp").is_none() && pod_is_ready(p)
 }
 
 pub fn items(v: &Value) -> &[Value] {
@@ -1569,13 +1676,61 @@ fn labels_match(selector: &serde_json::Map<String, Value>, labels: &Value) -> bo
         .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
 }
 
-/// One pass: v1 EndpointSlices (`<service>-sluice-test`) for every Service with a selector, from
-/// its Endpoints (ready and not-ready addresses) and its terminating pods (serving while still
-/// Ready, as the EndpointSlice controller of Kubernetes >= 1.22 reports them).
+/// The pod's addresses (`status.podIPs`, else `status.podIP`).
+fn pod_ips(pod: &Value) -> Vec<&str> {
+    let mut v: Vec<&str> = pod
+        .pointer("/status/podIPs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["ip"].as_str())
+        .collect();
+    if v.is_empty()
+        && let Some(ip) = pod.pointer("/status/podIP").and_then(Value::as_str)
+    {
+        v.push(ip);
+    }
+    v
+}
+
+/// "IPv4" or "IPv6", an EndpointSlice's addressType.
+fn family(ip: &str) -> &'static str {
+    if ip.contains(':') { "IPv6" } else { "IPv4" }
+}
+
+fn pod_ip_of<'a>(pod: &'a Value, fam: &str) -> Option<&'a str> {
+    pod_ips(pod).into_iter().find(|ip| family(ip) == fam)
+}
+
+/// A pod whose Ready condition is True (being deleted or not).
+fn pod_is_ready(pod: &Value) -> bool {
+    pod.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+}
+
+/// One pass: EndpointSlices (`<service>-sluice-test`, IPv6: `<service>-sluice-test-ipv6`), one
+/// per family of every Service, from its Endpoints (ready and not-ready addresses; 1.20's
+/// Endpoints hold the primary family only: the other family's address is its pod's) and, for a
+/// Service with a selector, its terminating pods (serving while still Ready, as the EndpointSlice
+/// controller of Kubernetes >= 1.22 reports them). The agents read them as v1, kube-proxy as
+/// v1beta1 (the same objects; `topology` is the v1beta1 form of `nodeName`).
 fn mirror_once(kube: &Kube, applied: &mut HashMap<(String, String), Value>) -> Result<()> {
     let services = kube.api("GET", "/api/v1/services", None)?;
-    let endpoints = kube.api("GET", "/api/v1/endpoints", None)?;
     let pods = kube.api("GET", "/api/v1/pods", None)?;
+    let endpoints = kube.api("GET", "/api/v1/endpoints", None)?;
+    let mut pods_by_name: HashMap<(&str, &str), &Value> = HashMap::new();
+    for p in items(&pods) {
+        if let (Some(ns), Some(name)) = (
+            p.pointer("/metadata/namespace").and_then(Value::as_str),
+            p.pointer("/metadata/name").and_then(Value::as_str),
+        ) {
+            pods_by_name.insert((ns, name), p);
+        }
+    }
     let mut eps: HashMap<(String, String), &Value> = HashMap::new();
     for e in items(&endpoints) {
         let ns = e["metadata"]["namespace"].as_str().unwrap_or("").to_owned();
@@ -1583,15 +1738,37 @@ fn mirror_once(kube: &Kube, applied: &mut HashMap<(String, String), Value>) -> R
         eps.insert((ns, name), e);
     }
     let mut want: HashMap<(String, String), Value> = HashMap::new();
-    for svc in items(&services) {
-        let Some(selector) = svc.pointer("/spec/selector").and_then(Value::as_object) else {
-            continue;
-        };
+    // One slice per family of each Service.
+    for (svc, fam) in items(&services).iter().flat_map(|svc| {
+        let families: Vec<&str> = svc
+            .pointer("/spec/ipFamilies")
+            .and_then(Value::as_array)
+            .map(|f| f.iter().filter_map(Value::as_str).collect())
+            .filter(|f: &Vec<&str>| !f.is_empty())
+            .unwrap_or_else(|| vec!["IPv4"]);
+        families.into_iter().map(move |f| (svc, f))
+    }) {
+        // None: Endpoints written by someone else (the `kubernetes` Service), mirrored as the
+        // EndpointSliceMirroring controller does.
+        let selector = svc.pointer("/spec/selector").and_then(Value::as_object);
         let ns = svc["metadata"]["namespace"]
             .as_str()
             .unwrap_or("")
             .to_owned();
         let name = svc["metadata"]["name"].as_str().unwrap_or("").to_owned();
+        // The address of `fam` for an Endpoints address: its own, or its pod's other one.
+        let addr_for = |a: &Value| -> Option<String> {
+            let ip = a["ip"].as_str()?;
+            if family(ip) == fam {
+                return Some(ip.to_owned());
+            }
+            let r = &a["targetRef"];
+            if r["kind"] != "Pod" {
+                return None;
+            }
+            let pod = pods_by_name.get(&(r["namespace"].as_str()?, r["name"].as_str()?))?;
+            pod_ip_of(pod, fam).map(str::to_owned)
+        };
         let mut endpoints_out = Vec::new();
         let mut ports: Vec<Value> = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -1599,14 +1776,16 @@ fn mirror_once(kube: &Kube, applied: &mut HashMap<(String, String), Value>) -> R
             for subset in e["subsets"].as_array().into_iter().flatten() {
                 for p in subset["ports"].as_array().into_iter().flatten() {
                     let port = json!({"name": p["name"].as_str().unwrap_or(""),
-                                      "port": p["port"], "protocol": p["protocol"]});
+                                  "port": p["port"], "protocol": p["protocol"]});
                     if !ports.contains(&port) {
                         ports.push(port);
                     }
                 }
                 for (key, ready) in [("addresses", true), ("notReadyAddresses", false)] {
                     for a in subset[key].as_array().into_iter().flatten() {
-                        let ip = a["ip"].as_str().unwrap_or("").to_owned();
+                        let Some(ip) = addr_for(a) else {
+                            continue;
+                        };
                         if !seen.insert(ip.clone()) {
                             continue;
                         }
@@ -1616,6 +1795,7 @@ fn mirror_once(kube: &Kube, applied: &mut HashMap<(String, String), Value>) -> R
                         });
                         if let Some(n) = a["nodeName"].as_str() {
                             ep["nodeName"] = json!(n);
+                            ep["topology"] = json!({"kubernetes.io/hostname": n});
                         }
                         if a.get("targetRef").is_some() {
                             ep["targetRef"] = a["targetRef"].clone();
@@ -1628,23 +1808,17 @@ fn mirror_once(kube: &Kube, applied: &mut HashMap<(String, String), Value>) -> R
         for pod in items(&pods) {
             if pod["metadata"]["namespace"] != ns.as_str()
                 || pod.pointer("/metadata/deletionTimestamp").is_none()
-                || !labels_match(selector, &pod["metadata"]["labels"])
+                || !selector.is_some_and(|s| labels_match(s, &pod["metadata"]["labels"]))
             {
                 continue;
             }
-            let Some(ip) = pod.pointer("/status/podIP").and_then(Value::as_str) else {
+            let Some(ip) = pod_ip_of(pod, fam) else {
                 continue;
             };
             if !seen.insert(ip.to_owned()) {
                 continue;
             }
-            let serving = pod
-                .pointer("/status/conditions")
-                .and_then(Value::as_array)
-                .is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                });
+            let serving = pod_is_ready(pod);
             let mut ep = json!({
                 "addresses": [ip],
                 "conditions": {"ready": false, "serving": serving, "terminating": true},
@@ -1652,6 +1826,7 @@ fn mirror_once(kube: &Kube, applied: &mut HashMap<(String, String), Value>) -> R
             });
             if let Some(n) = pod.pointer("/spec/nodeName").and_then(Value::as_str) {
                 ep["nodeName"] = json!(n);
+                ep["topology"] = json!({"kubernetes.io/hostname": n});
             }
             endpoints_out.push(ep);
         }
@@ -1664,11 +1839,14 @@ fn mirror_once(kube: &Kube, applied: &mut HashMap<(String, String), Value>) -> R
             {
                 let target = p["targetPort"].as_u64().or_else(|| p["port"].as_u64());
                 ports.push(json!({"name": p["name"].as_str().unwrap_or(""),
-                                  "port": target, "protocol": p["protocol"]}));
+                              "port": target, "protocol": p["protocol"]}));
             }
         }
         endpoints_out.sort_by_key(|e| e["addresses"][0].as_str().unwrap_or("").to_owned());
-        let slice_name = format!("{name}-sluice-test");
+        let slice_name = match fam {
+            "IPv6" => format!("{name}-sluice-test-ipv6"),
+            _ => format!("{name}-sluice-test"),
+        };
         want.insert(
             (ns.clone(), slice_name.clone()),
             json!({
@@ -1677,7 +1855,7 @@ fn mirror_once(kube: &Kube, applied: &mut HashMap<(String, String), Value>) -> R
                 "metadata": {"name": slice_name, "namespace": ns, "labels": {
                     "kubernetes.io/service-name": name,
                     "endpointslice.kubernetes.io/managed-by": "sluice-tests"}},
-                "addressType": "IPv4",
+                "addressType": fam,
                 "endpoints": endpoints_out,
                 "ports": ports,
             }),

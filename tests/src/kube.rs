@@ -6,7 +6,10 @@
 //! 1.20 serves EndpointSlice only as discovery.k8s.io/v1beta1; current clusters (and the agent)
 //! use v1. The server is started with v1beta1 off and a CRD for `endpointslices.discovery.k8s.io`
 //! v1 is registered: the server stores and watches v1 slices with its real machinery. No controller
-//! writes them, so tests create slices themselves, as the EndpointSlice controller would.
+//! writes them, so tests create slices themselves, as the EndpointSlice controller would. The CRD
+//! also serves the same objects as v1beta1 (conversion None: the apiVersion alone changes), which
+//! is what kube-proxy 1.20 reads in the cluster harness (the only way its IPv6 proxier gets
+//! endpoints: 1.20's Endpoints hold one family).
 //!
 //! Everything (processes, temp dir) is removed when the [`Kube`] is dropped, also during a panic.
 
@@ -47,6 +50,13 @@ spec:
     - name: v1
       served: true
       storage: true
+      schema:
+        openAPIV3Schema:
+          type: object
+          x-kubernetes-preserve-unknown-fields: true
+    - name: v1beta1
+      served: true
+      storage: false
       schema:
         openAPIV3Schema:
           type: object
@@ -122,10 +132,12 @@ impl Kube {
 
     /// As [`Kube::start_listening`], for a whole cluster (kubelets, pods): privileged pods
     /// allowed, kubelets reached by their InternalIP, and the `kubernetes` Service's Endpoints
-    /// naming `listen`, so that pods reach the API at its cluster IP.
+    /// naming `listen`, so that pods reach the API at its cluster IP. Dual-stack, as
+    /// [`Kube::start_dual_stack`].
     pub fn start_cluster(netns: &str, listen: Ipv4Addr) -> Result<Kube> {
         let mut kube = Self::new(Some(netns), Some(listen))?;
         kube.cluster = true;
+        kube.dual_stack = true;
         kube.setup().context("starting etcd and kube-apiserver")?;
         Ok(kube)
     }

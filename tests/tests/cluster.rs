@@ -3,8 +3,8 @@
 //! offline by `cargo xtask image`, `kubectl apply -f deploy/`, the agent a DaemonSet pod on every
 //! node, web pods on every node behind `type: LoadBalancer` Services, a client on the segment.
 //!
-//! One test (one cluster start, ~1 minute) checks in order, and reports every check's result
-//! before failing on any:
+//! One test (one cluster start, ~30 s; ~6 minutes in all) checks in order, and reports every
+//! check's result before failing on any:
 //! - the DaemonSet's pod is Running and ready on every node;
 //! - the client routes the VIP to one node (as a BGP router would): many new connections reach
 //!   pods on every node; each SYN crosses the segment at most twice (client -> node, node ->
@@ -13,6 +13,11 @@
 //! - established connections survive the agent pod's deletion on the receiving node and a
 //!   rolling update of the DaemonSet to a new image tag;
 //! - a cordoned node takes no new connections, its established ones keep working;
+//! - dual-stack (the cluster is dual-stack throughout): a `RequireDualStack` Service's IPv4 and
+//!   IPv6 VIPs routed to node-0 are balanced over every node and answered by pods on every node
+//!   through kube-proxy (iptables / ip6tables); its on-link IPv6 VIP (`--announce`: NDP answered
+//!   from XDP) resolves to the elected node's MAC, which moves to another node's when the
+//!   elected node's agent pod is deleted;
 //! - BGP through the DaemonSet (ConfigMap `bgp: "true"`): a real FRR in the client's namespace
 //!   gets the VIP from every node and routes it by ECMP; new connections enter by every node;
 //!   a node's agent pod deleted (SIGTERM: graceful shutdown, withdraw) leaves the route while
@@ -25,7 +30,7 @@
 //! `cargo xtask image` (`./x test` builds it first).
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -40,6 +45,10 @@ const NODES: usize = 3;
 const VIP_CLUSTER: Ipv4Addr = Ipv4Addr::new(10, 80, 1, 10);
 const VIP_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 80, 1, 11);
 const VIP_IPIP: Ipv4Addr = Ipv4Addr::new(10, 80, 1, 12);
+/// The dual-stack Service's VIPs routed by the client to node-0, one per family (its third, on
+/// the link, is [`cluster::on_link_vip6`]).
+const VIP_DUAL4: Ipv4Addr = Ipv4Addr::new(10, 80, 1, 13);
+const VIP_DUAL6: Ipv6Addr = Ipv6Addr::new(0xfd80, 1, 0, 0, 0, 0, 0, 0x13);
 const CONNECTIONS: usize = 300;
 
 /// Soft assertions: every check is recorded and printed; the test fails at the end if any failed.
@@ -115,12 +124,13 @@ fn parse_who(line: &str) -> Option<Who> {
 
 fn web_manifests() -> String {
     format!(
-        "{}{}{}{}{}",
+        "{}{}{}{}{}{}",
         cluster::web_deployment(NODES * 2),
         cluster::lb_service("web-cluster", "Cluster", ""),
         cluster::lb_service("web-local", "Local", ""),
         cluster::lb_service("web-ipip", "Local", "sluice.io/forwarding-mode: ipip"),
         cluster::lb_service("web-announce", "Cluster", ""),
+        cluster::dual_stack_lb_service("web-dual"),
     )
 }
 
@@ -188,7 +198,8 @@ struct Spread {
     took: Duration,
 }
 
-fn spread(c: &Cluster, vip: Ipv4Addr, n: usize) -> Result<Spread> {
+fn spread(c: &Cluster, vip: impl Into<IpAddr>, n: usize) -> Result<Spread> {
+    let vip = vip.into();
     let start = Instant::now();
     // In batches of 50: when most of a batch fails, the rest is not tried (and counts as failed),
     // so that a broken path costs seconds, not minutes.
@@ -542,6 +553,15 @@ fn sluice_deployed_on_a_real_cluster() {
         .expect("setting the ingress IP");
     c.set_ingress("web-announce", cluster::on_link_vip())
         .expect("setting the ingress IP");
+    c.set_ingress_ips(
+        "web-dual",
+        &[
+            VIP_DUAL4.into(),
+            VIP_DUAL6.into(),
+            cluster::on_link_vip6().into(),
+        ],
+    )
+    .expect("setting the dual-stack Service's ingress IPs");
 
     let agents = c.wait_for(
         "agent pods Running and ready on every node",
@@ -914,6 +934,13 @@ fn sluice_deployed_on_a_real_cluster() {
         r,
     );
 
+    // ----- dual-stack: one Service, a VIP of each family, IPv6 announced on the link -----
+    let r = dual_stack_through_the_daemonset(&c);
+    checks.result(
+        "dual-stack Service: both families balanced over every node, the IPv6 VIP announced on the link and taken over",
+        r,
+    );
+
     // ----- BGP through the DaemonSet: FRR in the client announces ECMP over every node -----
     let r = bgp_through_the_daemonset(&mut c);
     checks.result(
@@ -966,6 +993,120 @@ fn sluice_deployed_on_a_real_cluster() {
     hold_for_inspection(&c);
     drop(c);
     checks.finish();
+}
+
+/// The dual-stack Service `web-dual` (RequireDualStack, Cluster policy; the agents run with
+/// --announce by now): its IPv4 and IPv6 VIPs routed to node-0 are balanced over every node
+/// (SYNs leaving the bridge per node port) and answered by pods on every node through each
+/// node's kube-proxy (iptables / ip6tables); its on-link IPv6 VIP resolves to the elected node's
+/// MAC (NDP answered from XDP), answers from pods on every node, and moves to another node's
+/// MAC when the elected node's agent pod is deleted (unsolicited NA from the new holder).
+fn dual_stack_through_the_daemonset(c: &Cluster) -> Result<String> {
+    let started = Instant::now();
+    let on_link = cluster::on_link_vip6();
+    c.route_vip_via(VIP_DUAL4, 0)?;
+    c.route_vip_via(VIP_DUAL6, 0)?;
+    c.vip_on_link(on_link)?;
+    let vips: [IpAddr; 3] = [VIP_DUAL4.into(), VIP_DUAL6.into(), on_link.into()];
+    let converged = c.wait_for(
+        "web-dual answered on its three VIPs by pods on every node",
+        Duration::from_secs(90),
+        || {
+            for v in vips {
+                let s = spread(c, v, 30)?;
+                if s.failed > 0 || !every_node(c, &s.by_node) {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )?;
+    let mut report = vec![format!(
+        "all three VIPs answered by pods on every node after {:.1} s",
+        converged.as_secs_f64()
+    )];
+    // node-0 receives each family's connections and balances them over all nodes.
+    for vip in [IpAddr::from(VIP_DUAL4), IpAddr::from(VIP_DUAL6)] {
+        c.count_vip_frames(vip)?;
+        let n = 150;
+        let s = spread(c, vip, n)?;
+        let client_syns = c.vip_frames()?.get("sw-c").map_or(0, |f| f.1);
+        let out = c.vip_syns_out()?;
+        let to = |i: usize| out.get(c.node_port(i)).copied().unwrap_or(0);
+        let others: u64 = (1..c.nodes()).map(to).sum();
+        let picks: Vec<u64> = std::iter::once(client_syns.saturating_sub(others))
+            .chain((1..c.nodes()).map(to))
+            .collect();
+        ensure!(
+            s.failed == 0 && every_node(c, &s.by_node) && picks.iter().all(|&p| p > 0),
+            "{vip}: {} of {n} failed; pods by node {:?}; new connections per node {picks:?}",
+            s.failed,
+            s.by_node
+        );
+        report.push(format!(
+            "{vip}: {n} of {n} answered in {:.1} s, balanced per node {picks:?}, pods by node {:?}",
+            s.took.as_secs_f64(),
+            s.by_node
+        ));
+    }
+    // The on-link IPv6 VIP: the client's neighbour entry names the elected node.
+    let owner_of = |mac: &str| (0..c.nodes()).find(|&i| c.node_mac(i) == mac);
+    let s = spread(c, on_link, 60)?;
+    let mac = c.client_neighbour(on_link)?.unwrap_or_default();
+    let owner = owner_of(&mac).with_context(|| {
+        format!("the client's neighbour entry for {on_link} is {mac:?}, no node's MAC")
+    })?;
+    ensure!(
+        s.failed == 0 && every_node(c, &s.by_node),
+        "{on_link}: {} of 60 failed; pods by node {:?}",
+        s.failed,
+        s.by_node
+    );
+    // Takeover: the holder's agent pod deleted (SIGTERM: it releases its leases).
+    let pod = agent_pods(c)?
+        .get(c.node_name(owner))
+        .map(|(name, _, _)| name.clone())
+        .with_context(|| format!("no agent pod on {}", c.node_name(owner)))?;
+    c.kubectl(&["delete", "pod", "-n", AGENT_NAMESPACE, &pod, "--wait=false"])?;
+    let t = Instant::now();
+    let mut moved = None;
+    while t.elapsed() < Duration::from_secs(60) {
+        if let Some(m) = c.client_neighbour(on_link)?
+            && let Some(i) = owner_of(&m)
+            && i != owner
+        {
+            moved = Some((i, t.elapsed()));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (new_owner, took) = moved.with_context(|| {
+        format!(
+            "the client's neighbour entry for {on_link} still names {} 60 s after its agent pod's deletion",
+            c.node_name(owner)
+        )
+    })?;
+    let after = spread(c, on_link, 30)?;
+    ensure!(
+        after.failed == 0,
+        "{} of 30 connections to {on_link} failed after the takeover",
+        after.failed
+    );
+    // The DaemonSet's replacement pod, before the next checks.
+    c.wait_for(
+        "every agent pod ready again after the takeover",
+        Duration::from_secs(120),
+        || all_agents_ready(c),
+    )?;
+    report.push(format!(
+        "{on_link} on the link: 60 of 60 answered through {} (pods by node {:?}); its agent pod deleted, the client's neighbour entry moved to {} after {:.2} s, 30 of 30 answered after",
+        c.node_name(owner),
+        s.by_node,
+        c.node_name(new_owner),
+        took.as_secs_f64()
+    ));
+    report.push(format!("{:.1} s in all", started.elapsed().as_secs_f64()));
+    Ok(report.join("; "))
 }
 
 /// Seconds from `since` to the first `health: backend <node's address> ...: down` line in the
