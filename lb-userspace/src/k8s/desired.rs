@@ -301,9 +301,14 @@ fn add_service(
         if number == 0 {
             continue;
         }
+        // Per family: a VIP's packets reach pods of its own family (kube-proxy's proxier of
+        // that family), and a dual-stack pod is listed once in each family's slices.
         let endpoints = local.then(|| {
             let port_name = port.name.as_deref().unwrap_or("");
-            local_endpoints(slices, port_name)
+            [
+                local_endpoints(slices, port_name, "IPv4"),
+                local_endpoints(slices, port_name, "IPv6"),
+            ]
         });
         for addr in &addrs {
             // Nodes without an address the VIP's family and mode can reach.
@@ -318,7 +323,10 @@ fn add_service(
                 ));
             }
             let backends = match &endpoints {
-                Some(endpoints) => local_backends(endpoints, nodes, *addr, options.mode),
+                Some([v4, v6]) => {
+                    let endpoints = if addr.is_ipv4() { v4 } else { v6 };
+                    local_backends(endpoints, nodes, *addr, options.mode)
+                }
                 None => cluster_backends(nodes, *addr, options.mode),
             };
             let key = VipAddr {
@@ -399,15 +407,20 @@ fn local_backends(
     backends
 }
 
-/// Endpoints in a Service's `slices` serving port `port_name`, counted per node. One endpoint
-/// listed in two slices (the controller moving it) counts once.
-fn local_endpoints(slices: &[&EndpointSlice], port_name: &str) -> BTreeMap<String, LocalEndpoints> {
+/// Endpoints of `address_type` (`IPv4` or `IPv6`) in a Service's `slices` serving port
+/// `port_name`, counted per node. One endpoint listed in two slices (the controller moving it)
+/// counts once.
+fn local_endpoints(
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    address_type: &str,
+) -> BTreeMap<String, LocalEndpoints> {
     let mut seen = BTreeSet::new();
     let mut per_node: BTreeMap<String, LocalEndpoints> = BTreeMap::new();
     let mut slices: Vec<&EndpointSlice> = slices
         .iter()
         .copied()
-        .filter(|s| s.address_type != "FQDN")
+        .filter(|s| s.address_type == address_type)
         .filter(|s| match s.ports.as_deref() {
             // No ports: the slice's endpoints serve every port of the Service.
             None | Some([]) => true,
@@ -624,11 +637,16 @@ mod tests {
             Some(p) => json!([{"name": p, "port": 8080, "protocol": "TCP"}]),
             None => json!(null),
         };
+        // As the controller writes them: one family per slice, told by its addresses.
+        let address_type = match eps.first().map(|e| e.1.parse::<IpAddr>()) {
+            Some(Ok(IpAddr::V6(_))) => "IPv6",
+            _ => "IPv4",
+        };
         Arc::new(
             serde_json::from_value(json!({
                 "metadata": {"name": name, "namespace": ns,
                              "labels": {SERVICE_NAME_LABEL: svc}},
-                "addressType": "IPv4",
+                "addressType": address_type,
                 "endpoints": endpoints,
                 "ports": ports,
             }))
@@ -868,6 +886,56 @@ mod tests {
         assert_eq!(
             backends(&b, "[2001:db8::10]:80/tcp"),
             [bk("fd00::2", 2, false)]
+        );
+    }
+
+    #[test]
+    fn local_policy_counts_a_dual_stack_pod_once_per_family() {
+        let nodes = vec![
+            node_dual("n1", "10.0.0.1", "fd00::1"),
+            node_dual("n2", "10.0.0.2", "fd00::2"),
+        ];
+        let web = svc(
+            "default",
+            "web",
+            lb(http(), "Local"),
+            &["192.0.2.10", "2001:db8::10"],
+        );
+        // Dual-stack pods on n1 (two) and n2 (one), in one slice per family; and an
+        // IPv4-only pod on n2 that kube-proxy's IPv6 side cannot reach.
+        let slices = [
+            slice(
+                "default",
+                "web",
+                "web-v4",
+                Some("http"),
+                &[
+                    ready("n1", "10.1.0.5"),
+                    ready("n1", "10.1.0.6"),
+                    ready("n2", "10.2.0.5"),
+                    ready("n2", "10.2.0.6"),
+                ],
+            ),
+            slice(
+                "default",
+                "web",
+                "web-v6",
+                Some("http"),
+                &[
+                    ready("n1", "fd01::5"),
+                    ready("n1", "fd01::6"),
+                    ready("n2", "fd02::5"),
+                ],
+            ),
+        ];
+        let b = run(&[web], &slices, &nodes);
+        assert_eq!(
+            backends(&b, "192.0.2.10:80/tcp"),
+            [bk("10.0.0.1", 2, false), bk("10.0.0.2", 2, false)]
+        );
+        assert_eq!(
+            backends(&b, "[2001:db8::10]:80/tcp"),
+            [bk("fd00::1", 2, false), bk("fd00::2", 1, false)]
         );
     }
 
