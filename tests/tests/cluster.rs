@@ -326,7 +326,7 @@ fn trace_in_agent_pod(c: &Cluster) -> Result<String> {
         "{} of {n} connections answered: {text}",
         flows.len()
     );
-    // --duration 40s ends it; kubectl exec returns when it does.
+    // --duration 20s ends it (20 connections take a few seconds); kubectl exec returns then.
     let status = trace.wait().context("waiting for the trace")?;
     let stdout = std::fs::read_to_string(&events_path)?;
     ensure!(
@@ -378,7 +378,7 @@ fn trace_in_agent_pod(c: &Cluster) -> Result<String> {
         "{syns} SYNs traced for {n} connections: {stdout}"
     );
     Ok(format!(
-        "{events} events in 40 s; {syns} SYNs by Maglev and {by_table} packets by the connection table of the {n} connections, each to the node that answered; 0 lost"
+        "{events} events in 20 s; {syns} SYNs by Maglev and {by_table} packets by the connection table of the {n} connections, each to the node that answered; 0 lost"
     ))
 }
 
