@@ -6,6 +6,7 @@
 //!   parse (Ethernet / IPv4|IPv6 / TCP|UDP|ICMP) -> VIP address filter -> from a peer?
 //!     -> connection table (not for a SYN) -> VIP lookup -> source ranges -> Maglev pick
 //!     -> record (flood guard) -> forward (this node: its own stack | L2 rewrite | IPIP/IP6IP6 encap)
+//!     -> trace (only while `sluice trace` runs: a matching packet's decision to `TRACE_EVENTS`)
 //!
 //! Every node balances AND serves (the agent is a DaemonSet), so a packet is balanced at most
 //! once: a pick of this node itself goes to its own stack (`XDP_PASS`, counted `local`), a VIP
