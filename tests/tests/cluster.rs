@@ -231,6 +231,48 @@ fn spread(c: &Cluster, vip: impl Into<IpAddr>, n: usize) -> Result<Spread> {
     Ok(s)
 }
 
+/// `n` connections to the Local VIP from the client, one at a time: each one's source port and
+/// the node whose pod answered it.
+fn who_by_port(c: &Cluster, n: usize) -> Result<BTreeMap<u16, String>> {
+    // One connection at a time, so that each body is followed by its own source port.
+    let out = sluice_tests::cmd::run_ok(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", c.client_ns()])
+            .args([
+                "curl",
+                "--silent",
+                "--connect-timeout",
+                "3",
+                "--max-time",
+                "10",
+                "--header",
+                "Connection: close",
+                "--write-out",
+                "port=%{local_port}\n",
+                &format!("http://{VIP_LOCAL}:80/cgi-bin/who?req=[1-{n}]"),
+            ]),
+        Duration::from_secs(120),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (mut flows, mut who) = (BTreeMap::new(), None);
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        match line.strip_prefix("port=") {
+            Some(port) => {
+                if let (Some(w), Ok(p)) = (who.take(), port.parse::<u16>()) {
+                    flows.insert(p, w);
+                }
+            }
+            None => who = parse_who(line).map(|w| w.node),
+        }
+    }
+    ensure!(
+        flows.len() == n,
+        "{} of {n} connections answered: {text}",
+        flows.len()
+    );
+    Ok(flows)
+}
+
 /// `sluice trace` in node-0's agent pod while new connections reach the Local VIP: every
 /// connection's SYN is reported, decided by Maglev, naming the node whose pod answered, and
 /// its later packets by the connection table; nothing lost.
@@ -291,41 +333,7 @@ fn trace_in_agent_pod(c: &Cluster) -> Result<String> {
         }
     }
     let n = 20;
-    let out = sluice_tests::cmd::run_ok(
-        std::process::Command::new("ip")
-            .args(["netns", "exec", c.client_ns()])
-            .args([
-                "curl",
-                "--silent",
-                "--connect-timeout",
-                "3",
-                "--max-time",
-                "10",
-                "--header",
-                "Connection: close",
-                "--write-out",
-                "port=%{local_port}\n",
-                &format!("http://{VIP_LOCAL}:80/cgi-bin/who?req=[1-{n}]"),
-            ]),
-        Duration::from_secs(120),
-    )?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let (mut flows, mut who) = (BTreeMap::new(), None);
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        match line.strip_prefix("port=") {
-            Some(port) => {
-                if let (Some(w), Ok(p)) = (who.take(), port.parse::<u16>()) {
-                    flows.insert(p, w);
-                }
-            }
-            None => who = parse_who(line).map(|w| w.node),
-        }
-    }
-    ensure!(
-        flows.len() == n,
-        "{} of {n} connections answered: {text}",
-        flows.len()
-    );
+    let flows = who_by_port(c, n)?;
     // --duration 20s ends it (20 connections take a few seconds); kubectl exec returns then.
     let status = trace.wait().context("waiting for the trace")?;
     let stdout = std::fs::read_to_string(&events_path)?;
@@ -389,43 +397,8 @@ fn explain_in_agent_pod(c: &Cluster) -> Result<String> {
     let (pod, _, _) = pods
         .get(c.node_name(0))
         .with_context(|| format!("no agent pod on {}", c.node_name(0)))?;
-    // One connection at a time, so that each body is followed by its own source port.
     let n = 30;
-    let out = sluice_tests::cmd::run_ok(
-        std::process::Command::new("ip")
-            .args(["netns", "exec", c.client_ns()])
-            .args([
-                "curl",
-                "--silent",
-                "--connect-timeout",
-                "3",
-                "--max-time",
-                "10",
-                "--header",
-                "Connection: close",
-                "--write-out",
-                "port=%{local_port}\n",
-                &format!("http://{VIP_LOCAL}:80/cgi-bin/who?req=[1-{n}]"),
-            ]),
-        Duration::from_secs(120),
-    )?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let (mut flows, mut who) = (Vec::new(), None);
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        match line.strip_prefix("port=") {
-            Some(port) => {
-                if let (Some(w), Ok(p)) = (who.take(), port.parse::<u16>()) {
-                    flows.push((p, w));
-                }
-            }
-            None => who = parse_who(line).map(|w| w.node),
-        }
-    }
-    ensure!(
-        flows.len() == n,
-        "{} of {n} connections answered: {text}",
-        flows.len()
-    );
+    let flows = who_by_port(c, n)?;
     let client = cluster::client_addr();
     let mut by_node: BTreeMap<String, usize> = BTreeMap::new();
     for (port, node) in &flows {
