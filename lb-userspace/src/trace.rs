@@ -4,6 +4,7 @@
 //! counters) and prints it, one line or one JSON object per packet, then what was lost.
 
 use std::{
+    io::Write as _,
     net::{IpAddr, SocketAddr},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -116,9 +117,13 @@ pub fn run(iface: &str, pins: &PinLayout, args: &TraceArgs, format: Format) -> a
             {
                 continue;
             }
-            match format {
-                Format::Json => println!("{}", described.json()),
-                Format::Table => println!("{}", described.line()),
+            let line = match format {
+                Format::Json => described.json().to_string(),
+                Format::Table => described.line(),
+            };
+            // A reader that went away (`sluice trace | head`) ends the trace, not a panic.
+            if writeln!(std::io::stdout().lock(), "{line}").is_err() {
+                break 'trace;
             }
             shown += 1;
             if args.count.is_some_and(|n| shown >= n) {
@@ -130,10 +135,11 @@ pub fn run(iface: &str, pins: &PinLayout, args: &TraceArgs, format: Format) -> a
     let end = lost(&maps)?;
     let (rate, ring) = (end.0 - lost_before.0, end.1 - lost_before.1);
     match format {
-        Format::Json => println!(
-            "{}",
-            json!({"summary": {"events": shown, "lost_rate": rate, "lost_ring": ring}})
-        ),
+        Format::Json => {
+            let summary =
+                json!({"summary": {"events": shown, "lost_rate": rate, "lost_ring": ring}});
+            let _ = writeln!(std::io::stdout().lock(), "{summary}");
+        }
         Format::Table => eprintln!(
             "# {shown} events; lost: {rate} over the rate of {} per second and CPU, {ring} with the ring full",
             args.rate
