@@ -231,28 +231,28 @@ fn spread(c: &Cluster, vip: impl Into<IpAddr>, n: usize) -> Result<Spread> {
     Ok(s)
 }
 
-/// `n` connections to the Local VIP from the client, one at a time: each one's source port and
-/// the node whose pod answered it.
-fn who_by_port(c: &Cluster, n: usize) -> Result<BTreeMap<u16, String>> {
+/// `n` connections to the Local VIP from the client, one at a time (from `local_port` when
+/// given: then `n` is 1): each one's source port and the node whose pod answered it.
+fn who_by_port(c: &Cluster, n: usize, local_port: Option<u16>) -> Result<BTreeMap<u16, String>> {
+    let mut curl = std::process::Command::new("ip");
+    curl.args(["netns", "exec", c.client_ns()]).args([
+        "curl",
+        "--silent",
+        "--connect-timeout",
+        "3",
+        "--max-time",
+        "10",
+        "--header",
+        "Connection: close",
+        "--write-out",
+        "port=%{local_port}\n",
+    ]);
+    if let Some(port) = local_port {
+        curl.args(["--local-port", &port.to_string()]);
+    }
     // One connection at a time, so that each body is followed by its own source port.
-    let out = sluice_tests::cmd::run_ok(
-        std::process::Command::new("ip")
-            .args(["netns", "exec", c.client_ns()])
-            .args([
-                "curl",
-                "--silent",
-                "--connect-timeout",
-                "3",
-                "--max-time",
-                "10",
-                "--header",
-                "Connection: close",
-                "--write-out",
-                "port=%{local_port}\n",
-                &format!("http://{VIP_LOCAL}:80/cgi-bin/who?req=[1-{n}]"),
-            ]),
-        Duration::from_secs(120),
-    )?;
+    curl.arg(format!("http://{VIP_LOCAL}:80/cgi-bin/who?req=[1-{n}]"));
+    let out = sluice_tests::cmd::run_ok(&mut curl, Duration::from_secs(120))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let (mut flows, mut who) = (BTreeMap::new(), None);
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
@@ -333,7 +333,7 @@ fn trace_in_agent_pod(c: &Cluster) -> Result<String> {
         }
     }
     let n = 20;
-    let flows = who_by_port(c, n)?;
+    let flows = who_by_port(c, n, None)?;
     // --duration 20s ends it (20 connections take a few seconds); kubectl exec returns then.
     let status = trace.wait().context("waiting for the trace")?;
     let stdout = std::fs::read_to_string(&events_path)?;
@@ -445,29 +445,9 @@ fn explain_in_agent_pod(c: &Cluster) -> Result<String> {
         for attempt in 1..=3 {
             port += 1;
             let before = explain(port)?;
-            let out = sluice_tests::cmd::run_ok(
-                std::process::Command::new("ip")
-                    .args(["netns", "exec", c.client_ns()])
-                    .args([
-                        "curl",
-                        "--silent",
-                        "--connect-timeout",
-                        "3",
-                        "--max-time",
-                        "10",
-                        "--local-port",
-                        &port.to_string(),
-                        "--header",
-                        "Connection: close",
-                        &format!("http://{VIP_LOCAL}:80/cgi-bin/who"),
-                    ]),
-                Duration::from_secs(30),
-            )?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            let node = text
-                .lines()
-                .find_map(|l| parse_who(l.trim()).map(|w| w.node))
-                .with_context(|| format!("no answer from port {port}: {text}"))?;
+            let node = who_by_port(c, 1, Some(port))?
+                .remove(&port)
+                .with_context(|| format!("no answer from port {port}"))?;
             let want = c
                 .node_index(&node)
                 .map(|i| c.node_addr(i).to_string())
