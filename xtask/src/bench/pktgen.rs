@@ -51,6 +51,8 @@ pub struct PpsRun {
     pub proc_cpu_ns_per_pkt: f64,
     /// sluice's XDP program run time per packet it ran on (ns), from bpf_stats.
     pub xdp_ns_per_pkt: Option<f64>,
+    /// Which generator sent the window's frames (live frames, or raw sockets where refused).
+    pub generator: String,
 }
 
 impl PpsRun {
@@ -292,7 +294,7 @@ fn generate(
     flows: pktgen::Flows,
     rate: Option<u64>,
     window: Duration,
-) -> anyhow::Result<(u64, f64)> {
+) -> anyhow::Result<pktgen::Sent> {
     let (ns, iface) = inject.place(lab);
     pktgen::generate(&ns, &iface, frame, flows, rate, window)
 }
@@ -339,7 +341,7 @@ fn window(
     } else {
         (0, 0)
     };
-    let (generated, seconds) = generate(lab, inject, frame.to_vec(), flows, rate, duration)?;
+    let sent = generate(lab, inject, frame.to_vec(), flows, rate, duration)?;
     let c1 = host_busy_ns()?;
     let x1 = if xdp {
         pktgen::xdp_prog_stats(lab)?
@@ -357,8 +359,8 @@ fn window(
     let per = |ns: u64| ns as f64 / forwarded.max(1) as f64;
     Ok(PpsRun {
         offered: rate,
-        seconds,
-        generated,
+        seconds: sent.seconds,
+        generated: sent.frames,
         on_wire: w1 - w0,
         forwarded,
         per_backend,
@@ -366,6 +368,7 @@ fn window(
         proc_cpu_ns_per_pkt: per(p1.saturating_sub(p0)),
         xdp_ns_per_pkt: xdp
             .then(|| (x1.0 - x0.0) as f64 / (x1.1.saturating_sub(x0.1)).max(1) as f64),
+        generator: sent.generator.to_string(),
     })
 }
 
@@ -427,7 +430,7 @@ fn fixed_and_max(
     ] {
         let Some(r) = r else { continue };
         eprintln!(
-            "[bench]   {}{:>9}: generated {:>9.0}/s, on wire {:>9.0}/s, at backends {:>9.0}/s, host CPU {:.0} ns/pkt{}",
+            "[bench]   {}{:>9}: generated {:>9.0}/s, on wire {:>9.0}/s, at backends {:>9.0}/s, host CPU {:.0} ns/pkt{} [{}]",
             if into_port {
                 "into the lb's port, "
             } else {
@@ -439,7 +442,8 @@ fn fixed_and_max(
             r.forwarded_pps(),
             r.host_cpu_ns_per_pkt,
             r.xdp_ns_per_pkt
-                .map_or(String::new(), |x| format!(", XDP program {x:.0} ns/pkt"))
+                .map_or(String::new(), |x| format!(", XDP program {x:.0} ns/pkt")),
+            r.generator
         );
     }
     Ok(Pps {

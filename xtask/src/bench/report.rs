@@ -133,6 +133,9 @@ pub struct Report {
     /// The cluster path (`--only cluster` or the full run).
     pub cluster: Option<ClusterResult>,
     pub notes: Vec<String>,
+    /// Sections or rows that could not run on this machine, each with the reason: the rest of
+    /// the benchmark runs without them.
+    pub missing: Vec<String>,
     pub elapsed: Duration,
 }
 
@@ -167,8 +170,28 @@ impl Report {
             contenders: Vec::new(),
             cluster: None,
             notes: Vec::new(),
+            missing: Vec::new(),
             elapsed: Duration::ZERO,
         }
+    }
+
+    /// Records a section or row that could not run (said at once, and in the report).
+    pub fn missing(&mut self, what: String) {
+        eprintln!("[bench]   not measured: {what}");
+        self.missing.push(what);
+    }
+
+    /// Every packet-rate window of the run.
+    fn pps_runs(&self) -> Vec<&PpsRun> {
+        fn pps(p: &Pps) -> impl Iterator<Item = &PpsRun> {
+            [&p.fixed, &p.max].into_iter().chain(p.port_max.as_ref())
+        }
+        let mut runs: Vec<&PpsRun> = self.direct.iter().flat_map(pps).collect();
+        for c in &self.contenders {
+            runs.extend(c.pps.iter().flat_map(pps));
+        }
+        runs.extend(self.path_rows().into_iter().map(|(_, r)| r));
+        runs
     }
 
     fn sluice(&self) -> Option<&ContenderResult> {
@@ -434,6 +457,7 @@ impl Report {
                 .map(|c| json!({"contender": c.kind.key(), "errors": c.errors}))
                 .collect::<Vec<_>>(),
             "notes": self.notes,
+            "missing": self.missing,
             "results": results,
         })
     }
@@ -479,6 +503,12 @@ impl Report {
                     .map(move |e| format!("{}: {e}", c.kind.name()))
             })
             .collect();
+        if !self.missing.is_empty() {
+            s.push_str("\n## Not measured in this run\n\n");
+            for m in &self.missing {
+                let _ = writeln!(s, "- {m}");
+            }
+        }
         if !failures.is_empty() {
             s.push_str("\n## Measurements that failed\n\n");
             for f in failures {
@@ -1095,13 +1125,41 @@ pub fn cluster_notes(c: &ClusterResult) -> Vec<String> {
     )]
 }
 
+/// Which generator sent the packet-rate windows, and why not live frames where they were refused.
+pub fn generator_notes(report: &Report) -> Vec<String> {
+    let mut used: Vec<&str> = report
+        .pps_runs()
+        .into_iter()
+        .map(|r| r.generator.as_str())
+        .filter(|g| !g.is_empty())
+        .collect();
+    used.sort_unstable();
+    used.dedup();
+    let mut notes = Vec::new();
+    if !used.is_empty() {
+        notes.push(format!(
+            "generator of the packet-rate windows in this run: {}",
+            used.join("; ")
+        ));
+    }
+    if let Some(why) = sluice_tests::pktgen::live_frames_refused() {
+        notes.push(format!(
+            "this machine refused XDP live frames ({why}), so raw sockets (AF_PACKET sendmmsg, \
+             one pinned thread per CPU) sent the frames: lower rates than live frames, and the \
+             generator's own cost (a socket buffer per frame) is in the host CPU figures"
+        ));
+    }
+    notes
+}
+
 /// How the figures were taken and what bounds them on this kind of machine.
 pub fn method_notes(plan: &Plan) -> Vec<String> {
     vec![
         format!(
             "packet rate: UDP, 64-byte payload (106-byte frames), {} flows (source ports), from \
              our generator: the XDP program `sluice_pktgen` run with BPF_PROG_TEST_RUN in \
-             live-frames mode from one thread in the client namespace; each frame leaves the \
+             live-frames mode from one thread in the client namespace, or raw sockets where the \
+             kernel refuses live frames (which one ran is noted below); each frame leaves the \
              client's veth as a real frame. Counted where it arrives: an nft netdev-ingress \
              counter on every backend (which drops it). Windows of {:.0} s at {} pkt/s offered \
              and at the maximum (the best of {} windows: the host is shared)",
@@ -1168,6 +1226,7 @@ mod tests {
             host_cpu_ns_per_pkt: 1000.0,
             proc_cpu_ns_per_pkt: proc_ns,
             xdp_ns_per_pkt: xdp,
+            generator: "raw sockets (test)".into(),
         }
     }
 
@@ -1230,7 +1289,18 @@ mod tests {
         assert!((est(Kind::Iptables) - 2100.0).abs() < 1.0);
         assert!((est(Kind::Nginx) - 5000.0).abs() < 1e-6);
 
+        // A section this machine could not run is named, with its reason, and the rest stays.
+        r.missing("packet rate without a load balancer: refused (test)".into());
+        r.notes.extend(generator_notes(&r));
         let md = r.markdown();
+        assert!(
+            md.contains("## Not measured in this run\n\n- packet rate without a load balancer: refused (test)"),
+            "{md}"
+        );
+        assert!(
+            md.contains("generator of the packet-rate windows in this run: raw sockets (test)"),
+            "{md}"
+        );
         assert!(md.contains("| 1.3x |"), "pps ratio sluice/iptables: {md}");
         assert!(
             md.contains("| 5.0x |"),
