@@ -10,6 +10,7 @@ pub mod explain;
 pub mod health;
 pub mod http;
 pub mod inspect;
+pub mod ipam;
 pub mod k8s;
 pub mod maglev;
 pub mod memory;
