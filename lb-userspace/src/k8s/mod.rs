@@ -8,6 +8,7 @@ pub mod agent;
 pub mod announce;
 pub mod desired;
 pub mod options;
+pub mod pools;
 mod watch_probe;
 
 pub use agent::{AgentConfig, ApplyFn, run};
