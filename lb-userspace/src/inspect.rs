@@ -320,9 +320,9 @@ pub fn agent_health(agent: &str) -> anyhow::Result<Option<Vec<crate::health::Bac
     let addr: std::net::SocketAddr = agent
         .parse()
         .map_err(|e| anyhow::anyhow!("--agent {agent:?}: {e}: expected ADDRESS:PORT or off"))?;
-    match crate::health::probe::fetch(
+    match crate::http::fetch(
         addr,
-        crate::metrics::HEALTH_BACKENDS_PATH,
+        crate::http::HEALTH_BACKENDS_PATH,
         std::time::Duration::from_secs(2),
     )
     .and_then(|body| Ok(serde_json::from_str::<Value>(&body)?))

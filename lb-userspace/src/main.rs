@@ -569,19 +569,11 @@ fn explain(
     Ok(())
 }
 
-/// `500ms`, `1s`, `2.5s`: at least 100 ms.
+/// `500ms`, `1s`, `2.5s` (the model's one duration grammar, as config and annotations write
+/// it): at least 100 ms.
 fn parse_interval(text: &str) -> Result<Duration, String> {
-    let invalid = || format!("invalid interval {text:?}: expected e.g. 500ms, 1s or 2.5s");
-    let duration = if let Some(ms) = text.strip_suffix("ms") {
-        Duration::from_millis(ms.parse().map_err(|_| invalid())?)
-    } else {
-        let secs: f64 = text
-            .strip_suffix('s')
-            .unwrap_or(text)
-            .parse()
-            .map_err(|_| invalid())?;
-        Duration::try_from_secs_f64(secs).map_err(|_| invalid())?
-    };
+    let duration =
+        lb_userspace::model::parse_duration(text).map_err(|e| format!("invalid interval: {e}"))?;
     if duration < Duration::from_millis(100) {
         return Err(format!("interval {text:?} is below 100ms"));
     }

@@ -417,15 +417,12 @@ pub fn serve(
             content_type: "application/json",
             body: serde_json::to_string(&board.rows()).unwrap_or_else(|_| "[]".into()),
         });
-        routes.push((HEALTH_BACKENDS_PATH, backends));
+        routes.push((http::HEALTH_BACKENDS_PATH, backends));
     }
     let server = http::serve(addr, "metrics", "--metrics-addr", routes)?;
     info!("metrics on http://{addr}/metrics");
     Ok(server)
 }
-
-/// Where `/metrics`'s server answers with the health overlay's rows (JSON), for `inspect backends`.
-pub const HEALTH_BACKENDS_PATH: &str = "/health/backends";
 
 /// Health checks and node load: counted as they happen, the rest read from the last overlay's
 /// rows on each scrape. Label sets are bounded by the model (VIPs x backends, nodes). Clones

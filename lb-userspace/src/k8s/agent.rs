@@ -315,7 +315,7 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
             load.is_node.store(is_node, Ordering::Relaxed);
         }
         let lease_state = leases.as_ref().map(Store::state);
-        crate::health::agent_overlay(&mut built, &prober, lease_state.as_deref(), &config.health);
+        super::overlay::agent_overlay(&mut built, &prober, lease_state.as_deref(), &config.health);
         for problem in built.problems.difference(&logged_problems) {
             warn!("{problem}");
         }
