@@ -14,13 +14,15 @@ use lb_userspace::{
     bgp, config,
     dataplane::{self, DEFAULT_PIN_ROOT, DecapMaps, Maps, PASS_PROGRAM, PinLayout},
     decap,
+    health::metrics::HealthMetrics,
     inspect::{self, Format},
     k8s,
-    metrics::{self, ControlMetrics},
+    k8s::watch_metrics::WatchMetrics,
+    metrics,
     model::{Desired, IpNet, Settings, VipAddr},
     net::Interface,
     reconcile::{self, Unreachable},
-    reconciler::Reconciler,
+    reconciler::{ReconcileMetrics, Reconciler},
 };
 use log::{error, info, warn};
 use signal_hook::{
@@ -636,9 +638,23 @@ fn run(pin_root: &Path, args: &AttachArgs, metrics_addr: SocketAddr) -> anyhow::
     // Signals are caught before anything is attached, so no signal can leave state behind.
     let mut signals =
         Signals::new([SIGHUP, SIGINT, SIGTERM]).context("installing signal handlers")?;
-    let health_metrics = metrics::HealthMetrics::default();
-    let control = ControlMetrics::default().with_health(health_metrics.clone());
-    let metrics = metrics::serve(metrics_addr, &pins, control.clone())?;
+    let health_metrics = HealthMetrics::default();
+    let control = ReconcileMetrics::default();
+    let instruments = metrics::Instruments::default()
+        .with({
+            let c = control.clone();
+            move |r| c.register(r)
+        })
+        .with({
+            let h = health_metrics.clone();
+            move |r| h.register(r)
+        });
+    let metrics = metrics::serve(
+        metrics_addr,
+        &pins,
+        instruments,
+        vec![health_metrics.backends_route()],
+    )?;
     // Probes only when some VIP asks for them (`health_check:`).
     let checks = lb_userspace::health::StaticChecks::start(Some(health_metrics))?;
     let mut reconciler = Reconciler::new(
@@ -716,7 +732,7 @@ fn attach(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> an
         pins,
         generic,
         Unreachable::Fail,
-        ControlMetrics::default(),
+        ReconcileMetrics::default(),
     )
     .apply(&desired)?;
     Ok(())
@@ -767,8 +783,24 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
     let iface = Interface::by_name(&args.at.iface)?;
     let bgp = args.bgp.config(&iface)?;
     let pins = PinLayout::new(pin_root, &iface.name);
-    let health_metrics = metrics::HealthMetrics::default();
-    let control = ControlMetrics::with_watches().with_health(health_metrics.clone());
+    let health_metrics = HealthMetrics::default();
+    let control = ReconcileMetrics::default();
+    let watches = WatchMetrics::default();
+    // In the order /metrics always listed them: reconciles, watches, health.
+    let instruments = metrics::Instruments::default()
+        .with({
+            let c = control.clone();
+            move |r| c.register(r)
+        })
+        .with({
+            let w = watches.clone();
+            move |r| w.register(r)
+        })
+        .with({
+            let h = health_metrics.clone();
+            move |r| h.register(r)
+        });
+    let health_routes = vec![health_metrics.backends_route()];
     let lease_namespace = k8s::announce::lease_namespace(args.lease_namespace.clone());
     let load = match (&args.node_name, args.load_aware) {
         (Some(node_name), true) => Some(lb_userspace::health::load::LoadConfig {
@@ -796,7 +828,7 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
         metrics: Some(health_metrics),
     };
     // Served until the agent returns; before the first sync without the dataplane's figures.
-    let _metrics = metrics::serve(args.metrics_addr, &pins, control.clone())?;
+    let _metrics = metrics::serve(args.metrics_addr, &pins, instruments, health_routes)?;
     pins.prepare()?;
     let generic = args.at.generic;
     let announce = announce_node.map(|node_name| k8s::AnnounceConfig {
@@ -827,7 +859,7 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
             health_addr,
             node_name: args.node_name,
             announce,
-            metrics: control,
+            watches: Some(watches),
             bgp,
             health,
         },

@@ -10,6 +10,7 @@
 
 pub mod control;
 pub mod load;
+pub mod metrics;
 pub mod probe;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -230,7 +231,7 @@ pub struct AgentHealth {
     pub namespace: String,
     /// How often what the Leases say is looked at (the control period).
     pub follow_every: Duration,
-    pub metrics: Option<crate::metrics::HealthMetrics>,
+    pub metrics: Option<metrics::HealthMetrics>,
 }
 
 /// Health checks for `sluice run` (a static config): the probes run on a thread of their own;
@@ -238,12 +239,12 @@ pub struct AgentHealth {
 pub struct StaticChecks {
     prober: probe::Prober,
     dirty: Arc<std::sync::atomic::AtomicBool>,
-    metrics: Option<crate::metrics::HealthMetrics>,
+    metrics: Option<metrics::HealthMetrics>,
     _thread: std::thread::JoinHandle<()>,
 }
 
 impl StaticChecks {
-    pub fn start(metrics: Option<crate::metrics::HealthMetrics>) -> anyhow::Result<Self> {
+    pub fn start(metrics: Option<metrics::HealthMetrics>) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

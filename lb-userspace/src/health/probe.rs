@@ -15,9 +15,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 
+use super::metrics::HealthMetrics;
 use super::{Health, Verdict};
 use crate::http::status_code;
-use crate::metrics::HealthMetrics;
 use crate::model::{CheckProtocol, HealthCheck};
 
 /// Probes in flight at once, over all targets.

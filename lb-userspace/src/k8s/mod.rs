@@ -2,14 +2,16 @@
 //! EndpointSlices and Nodes to VIPs and backend nodes, `options` parses what Services and Nodes
 //! ask for by annotation and spec, `agent` runs the watchers and the reconcile loop, `announce`
 //! elects one node per VIP address by Lease (`--announce`; it writes only through dataplane's
-//! ANNOUNCE handle), `overlay` lays health checks and the nodes' load over the built model, and
+//! ANNOUNCE handle), `bgp_select` what this node announces over BGP (`--bgp`), `overlay` lays health checks and the nodes' load over the built model, and
 //! `watch_probe` tells the agent's metrics when a watch is up.
 
 pub mod agent;
 pub mod announce;
+pub mod bgp_select;
 pub mod desired;
 pub mod options;
 pub mod overlay;
+pub mod watch_metrics;
 mod watch_probe;
 
 pub use agent::{AgentConfig, ApplyFn, run};
