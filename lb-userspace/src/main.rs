@@ -15,12 +15,16 @@ use lb_userspace::{
     dataplane::{self, DEFAULT_PIN_ROOT, DecapMaps, Maps, PASS_PROGRAM, PinLayout},
     decap,
     health::metrics::HealthMetrics,
-    inspect::{self, Format},
     k8s,
     k8s::watch_metrics::WatchMetrics,
-    metrics,
     model::{Desired, IpNet, Settings, VipAddr},
     net::Interface,
+    observe::{
+        explain, inspect, metrics,
+        read::{FlowFilter, agent_health},
+        render::Format,
+        trace,
+    },
     reconcile::{self, Unreachable},
     reconciler::{ReconcileMetrics, Reconciler},
 };
@@ -274,7 +278,7 @@ enum Command {
         #[arg(long)]
         vip: Option<VipAddr>,
         /// Only packets from clients in this prefix, or from this one address.
-        #[arg(long, value_name = "PREFIX", value_parser = lb_userspace::trace::parse_client)]
+        #[arg(long, value_name = "PREFIX", value_parser = trace::parse_client)]
         client: Option<IpNet>,
         /// Only packets sent to this backend address.
         #[arg(long)]
@@ -452,7 +456,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 let iface =
                     attached_iface(&decap_root, iface, |i| PinLayout::decap(&cli.pin_dir, i))?;
                 let maps = DecapMaps::from_pins(&PinLayout::decap(&cli.pin_dir, &iface))?;
-                println!("{}", decap::view(&maps)?.render(format).trim_end());
+                println!("{}", inspect::decap(&maps)?.render(format).trim_end());
                 return Ok(());
             }
             let iface = attached_iface(&cli.pin_dir, iface, |i| PinLayout::new(&cli.pin_dir, i))?;
@@ -471,7 +475,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                     backend,
                     client,
                 } => {
-                    let filter = inspect::FlowFilter {
+                    let filter = FlowFilter {
                         vip,
                         backend,
                         client,
@@ -518,8 +522,8 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         } => {
             require_root()?;
             let iface = attached_iface(&cli.pin_dir, iface, |i| PinLayout::new(&cli.pin_dir, i))?;
-            let args = lb_userspace::trace::TraceArgs {
-                filter: inspect::FlowFilter {
+            let args = trace::TraceArgs {
+                filter: FlowFilter {
                     vip,
                     backend,
                     client,
@@ -528,7 +532,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 rate,
                 duration,
             };
-            lb_userspace::trace::run(&iface, &PinLayout::new(&cli.pin_dir, &iface), &args, format)
+            trace::run(&iface, &PinLayout::new(&cli.pin_dir, &iface), &args, format)
         }
         Command::Explain {
             client,
@@ -549,23 +553,23 @@ fn explain(
     format: Format,
     agent: &str,
 ) -> anyhow::Result<()> {
-    let flow = lb_userspace::explain::Flow::parse(client, vip)?;
+    let flow = explain::Flow::parse(client, vip)?;
     require_root()?;
     let iface = attached_iface(pin_root, iface, |i| PinLayout::new(pin_root, i))?;
     let pins = PinLayout::new(pin_root, &iface);
     pins.check_layout()?;
     let maps = Maps::from_pins(&pins)?;
-    let mut inputs = lb_userspace::explain::Inputs::read(&maps, &flow)?;
+    let mut inputs = explain::Inputs::read(&maps, &flow)?;
     // By name in this network namespace (the node's, in the agent's hostNetwork pod); not
     // found: the explanation says XDP_TX or XDP_REDIRECT and why.
     inputs.ingress_ifindex = Interface::by_name(&iface).ok().map(|i| i.index);
-    inputs.health = inspect::agent_health(agent)?;
-    let explanation = lb_userspace::explain::explain(&flow, &inputs)?;
+    inputs.health = agent_health(agent)?;
+    let explanation = explain::explain(&flow, &inputs)?;
     let text = match format {
         Format::Json => {
             serde_json::to_string_pretty(&explanation).context("writing the explanation as JSON")?
         }
-        Format::Table => lb_userspace::explain::render_text(&explanation),
+        Format::Table => explain::render_text(&explanation),
     };
     println!("{}", text.trim_end());
     Ok(())

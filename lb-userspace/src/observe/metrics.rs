@@ -17,9 +17,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use super::read::{self, SlotState};
 use crate::{
     dataplane::{Maps, PinLayout},
-    http, inspect,
+    http,
 };
 
 /// Where `sluice run` and `sluice agent` serve `/metrics` unless told otherwise: loopback only.
@@ -118,7 +119,7 @@ fn register_dataplane(registry: &mut Registry, maps: &Maps) -> anyhow::Result<()
         "trace_events",
         "Packets matched by `sluice trace`: reported, or lost (over its rate, or its ring full)",
     );
-    for (counter, value) in inspect::global_counters(maps)? {
+    for (counter, value) in read::global_counters(maps)? {
         let name = counter.name();
         let (family, label, what) = match counter {
             GlobalCounter::FlowHit | GlobalCounter::FlowMiss => {
@@ -158,7 +159,7 @@ fn register_dataplane(registry: &mut Registry, maps: &Maps) -> anyhow::Result<()
         "backend_draining",
         "1 if the backend keeps its established flows but takes no new ones",
     );
-    for (vip, backends) in inspect::collect(maps)? {
+    for (vip, backends) in read::collect(maps)? {
         let labels = vec![("vip", vip.vip.clone())];
         vip_packets.get_or_create(&labels).inc_by(vip.packets);
         vip_bytes.get_or_create(&labels).inc_by(vip.bytes);
@@ -170,11 +171,11 @@ fn register_dataplane(registry: &mut Registry, maps: &Maps) -> anyhow::Result<()
             backend_bytes.get_or_create(&labels).inc_by(b.bytes);
             draining
                 .get_or_create(&labels)
-                .set(i64::from(b.state == inspect::SlotState::Draining));
+                .set(i64::from(b.state == SlotState::Draining));
         }
     }
 
-    let guard = inspect::flood_guard(maps)?;
+    let guard = read::flood_guard(maps)?;
     gauge_family(
         registry,
         "flood_guard_limit",
