@@ -15,5 +15,4 @@ pub mod model;
 pub mod net;
 pub mod observe;
 pub mod reconcile;
-pub mod reconciler;
 pub mod resolve;

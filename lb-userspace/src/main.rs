@@ -25,8 +25,10 @@ use lb_userspace::{
         render::Format,
         trace,
     },
-    reconcile::{self, Unreachable},
-    reconciler::{ReconcileMetrics, Reconciler},
+    reconcile::{
+        self, Unreachable,
+        driver::{ReconcileMetrics, Reconciler},
+    },
 };
 use log::{error, info, warn};
 use signal_hook::{
