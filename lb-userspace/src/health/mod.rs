@@ -1,7 +1,10 @@
 //! Health and load: active health checks of the backends (`probe`), the nodes' measured load and
 //! its publication on a Lease per node (`load`), the control law that turns loads into weight
-//! multipliers (`control`), and here the pure step that lays both over a model: a failing
-//! backend drains, a loaded node's weight shrinks.
+//! multipliers (`control`), their instruments (`metrics`), and here the pure step that lays
+//! both over a model: a failing backend drains, a loaded node's weight shrinks. What a check is
+//! (`model::HealthCheck`) belongs to the model; the sources parse it (config, k8s annotations),
+//! and the agent's overlay of its Kubernetes model is `k8s::overlay`. Below `k8s` and `observe`:
+//! this module imports only `model` and `http`.
 //!
 //! Every node must build the SAME Maglev tables (co-location relies on it), so the multipliers
 //! applied are only those read from the API server (each node's agent publishes its own on its
