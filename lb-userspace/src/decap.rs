@@ -1,14 +1,13 @@
 //! The backend side of `mode: ipip`: attach the decapsulator and keep its two address sets
-//! (allowed load-balancer source prefixes, this node's own addresses) in step.
+//! (allowed load-balancer source prefixes, this node's own addresses) in step. Its counters
+//! are read by `observe::inspect::decap`.
 
-use anyhow::{Context as _, anyhow, bail};
-use lb_common::{DECAP_PROGRAM, DecapCounter, MAX_DECAP_ADDRS};
+use anyhow::{anyhow, bail};
+use lb_common::{DECAP_PROGRAM, MAX_DECAP_ADDRS};
 use log::info;
-use serde_json::json;
 
 use crate::{
     dataplane::{self, DecapMaps, PinLayout},
-    inspect::{View, render_table},
     model::IpNet,
     net::{Interface, local_addresses},
 };
@@ -61,24 +60,4 @@ pub fn attach(
             .join(", ")
     );
     Ok(())
-}
-
-/// The decapsulator's counters.
-pub fn view(maps: &DecapMaps) -> anyhow::Result<View> {
-    let mut counters = serde_json::Map::new();
-    let mut rows = Vec::new();
-    for counter in DecapCounter::ALL {
-        let total: u64 = maps
-            .stats
-            .get(&(counter as u32), 0)
-            .context("reading DECAP_STATS")?
-            .iter()
-            .sum();
-        counters.insert(counter.name().to_owned(), json!(total));
-        rows.push(vec![counter.name().to_owned(), total.to_string()]);
-    }
-    Ok(View {
-        json: json!({ "counters": counters }),
-        table: render_table(&["COUNTER", "PACKETS"], rows.into_iter()),
-    })
 }

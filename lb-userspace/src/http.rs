@@ -1,11 +1,13 @@
 //! sluice's one small HTTP server (tiny_http on a thread of its own): `/metrics` for `sluice
 //! run` and `sluice agent`, `/healthz` and `/readyz` for the agent's probes. Each listener
-//! serves a fixed set of paths; anything else is a 404 naming them.
+//! serves a fixed set of paths; anything else is a 404 naming them. And its one small client:
+//! [`fetch`] (`sluice inspect` asking the agent) and [`status_code`] (the health probes).
 
 use std::{
     net::SocketAddr,
     sync::Arc,
     thread::{self, JoinHandle},
+    time::Duration,
 };
 
 use anyhow::{Context as _, anyhow};
@@ -94,4 +96,58 @@ pub fn serve(
         server,
         thread: Some(thread),
     })
+}
+
+/// Where `/metrics`'s server answers with the health overlay's rows (JSON), for `inspect backends`.
+pub const HEALTH_BACKENDS_PATH: &str = "/health/backends";
+
+/// A blocking `GET http://addr/path` with a timeout, for `sluice inspect` (the agent's own
+/// endpoints): the body when the status is 200.
+pub fn fetch(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = Vec::new();
+    stream.take(16 << 20).read_to_end(&mut answer)?;
+    let status = status_code(&answer)
+        .ok_or_else(|| anyhow::anyhow!("http://{addr}{path}: not an HTTP answer"))?;
+    anyhow::ensure!(status == 200, "http://{addr}{path}: status {status}");
+    let body = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(&answer[..0], |i| &answer[i + 4..]);
+    Ok(String::from_utf8_lossy(body).into_owned())
+}
+
+/// The status of `HTTP/1.x NNN ...`.
+pub fn status_code(answer: &[u8]) -> Option<u16> {
+    let line = answer.split(|b| *b == b'\n').next()?;
+    let line = std::str::from_utf8(line).ok()?;
+    let mut parts = line.split_whitespace();
+    if !parts.next()?.starts_with("HTTP/1.") {
+        return None;
+    }
+    parts
+        .next()?
+        .parse()
+        .ok()
+        .filter(|s| (100..600).contains(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(status_code(b"HTTP/1.1 200 OK\r\n"), Some(200));
+        assert_eq!(status_code(b"HTTP/1.0 503 x\r\n"), Some(503));
+        assert_eq!(status_code(b"SSH-2.0\r\n"), None);
+        assert_eq!(status_code(b"HTTP/1.1 abc\r\n"), None);
+    }
 }

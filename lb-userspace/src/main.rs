@@ -14,13 +14,21 @@ use lb_userspace::{
     bgp, config,
     dataplane::{self, DEFAULT_PIN_ROOT, DecapMaps, Maps, PASS_PROGRAM, PinLayout},
     decap,
-    inspect::{self, Format},
+    health::metrics::HealthMetrics,
     k8s,
-    metrics::{self, ControlMetrics},
+    k8s::watch_metrics::WatchMetrics,
     model::{Desired, IpNet, Settings, VipAddr},
     net::Interface,
-    reconcile::{self, Unreachable},
-    reconciler::Reconciler,
+    observe::{
+        explain, inspect, metrics,
+        read::{FlowFilter, agent_health},
+        render::Format,
+        trace,
+    },
+    reconcile::{
+        self, Unreachable,
+        driver::{ReconcileMetrics, Reconciler},
+    },
 };
 use log::{error, info, warn};
 use signal_hook::{
@@ -272,7 +280,7 @@ enum Command {
         #[arg(long)]
         vip: Option<VipAddr>,
         /// Only packets from clients in this prefix, or from this one address.
-        #[arg(long, value_name = "PREFIX", value_parser = lb_userspace::trace::parse_client)]
+        #[arg(long, value_name = "PREFIX", value_parser = trace::parse_client)]
         client: Option<IpNet>,
         /// Only packets sent to this backend address.
         #[arg(long)]
@@ -450,7 +458,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 let iface =
                     attached_iface(&decap_root, iface, |i| PinLayout::decap(&cli.pin_dir, i))?;
                 let maps = DecapMaps::from_pins(&PinLayout::decap(&cli.pin_dir, &iface))?;
-                println!("{}", decap::view(&maps)?.render(format).trim_end());
+                println!("{}", inspect::decap(&maps)?.render(format).trim_end());
                 return Ok(());
             }
             let iface = attached_iface(&cli.pin_dir, iface, |i| PinLayout::new(&cli.pin_dir, i))?;
@@ -469,7 +477,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                     backend,
                     client,
                 } => {
-                    let filter = inspect::FlowFilter {
+                    let filter = FlowFilter {
                         vip,
                         backend,
                         client,
@@ -516,8 +524,8 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         } => {
             require_root()?;
             let iface = attached_iface(&cli.pin_dir, iface, |i| PinLayout::new(&cli.pin_dir, i))?;
-            let args = lb_userspace::trace::TraceArgs {
-                filter: inspect::FlowFilter {
+            let args = trace::TraceArgs {
+                filter: FlowFilter {
                     vip,
                     backend,
                     client,
@@ -526,7 +534,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 rate,
                 duration,
             };
-            lb_userspace::trace::run(&iface, &PinLayout::new(&cli.pin_dir, &iface), &args, format)
+            trace::run(&iface, &PinLayout::new(&cli.pin_dir, &iface), &args, format)
         }
         Command::Explain {
             client,
@@ -547,41 +555,33 @@ fn explain(
     format: Format,
     agent: &str,
 ) -> anyhow::Result<()> {
-    let flow = lb_userspace::explain::Flow::parse(client, vip)?;
+    let flow = explain::Flow::parse(client, vip)?;
     require_root()?;
     let iface = attached_iface(pin_root, iface, |i| PinLayout::new(pin_root, i))?;
     let pins = PinLayout::new(pin_root, &iface);
     pins.check_layout()?;
     let maps = Maps::from_pins(&pins)?;
-    let mut inputs = lb_userspace::explain::Inputs::read(&maps, &flow)?;
+    let mut inputs = explain::Inputs::read(&maps, &flow)?;
     // By name in this network namespace (the node's, in the agent's hostNetwork pod); not
     // found: the explanation says XDP_TX or XDP_REDIRECT and why.
     inputs.ingress_ifindex = Interface::by_name(&iface).ok().map(|i| i.index);
-    inputs.health = inspect::agent_health(agent)?;
-    let explanation = lb_userspace::explain::explain(&flow, &inputs)?;
+    inputs.health = agent_health(agent)?;
+    let explanation = explain::explain(&flow, &inputs)?;
     let text = match format {
         Format::Json => {
             serde_json::to_string_pretty(&explanation).context("writing the explanation as JSON")?
         }
-        Format::Table => lb_userspace::explain::render_text(&explanation),
+        Format::Table => explain::render_text(&explanation),
     };
     println!("{}", text.trim_end());
     Ok(())
 }
 
-/// `500ms`, `1s`, `2.5s`: at least 100 ms.
+/// `500ms`, `1s`, `2.5s` (the model's one duration grammar, as config and annotations write
+/// it): at least 100 ms.
 fn parse_interval(text: &str) -> Result<Duration, String> {
-    let invalid = || format!("invalid interval {text:?}: expected e.g. 500ms, 1s or 2.5s");
-    let duration = if let Some(ms) = text.strip_suffix("ms") {
-        Duration::from_millis(ms.parse().map_err(|_| invalid())?)
-    } else {
-        let secs: f64 = text
-            .strip_suffix('s')
-            .unwrap_or(text)
-            .parse()
-            .map_err(|_| invalid())?;
-        Duration::try_from_secs_f64(secs).map_err(|_| invalid())?
-    };
+    let duration =
+        lb_userspace::model::parse_duration(text).map_err(|e| format!("invalid interval: {e}"))?;
     if duration < Duration::from_millis(100) {
         return Err(format!("interval {text:?} is below 100ms"));
     }
@@ -644,9 +644,23 @@ fn run(pin_root: &Path, args: &AttachArgs, metrics_addr: SocketAddr) -> anyhow::
     // Signals are caught before anything is attached, so no signal can leave state behind.
     let mut signals =
         Signals::new([SIGHUP, SIGINT, SIGTERM]).context("installing signal handlers")?;
-    let health_metrics = metrics::HealthMetrics::default();
-    let control = ControlMetrics::default().with_health(health_metrics.clone());
-    let metrics = metrics::serve(metrics_addr, &pins, control.clone())?;
+    let health_metrics = HealthMetrics::default();
+    let control = ReconcileMetrics::default();
+    let instruments = metrics::Instruments::default()
+        .with({
+            let c = control.clone();
+            move |r| c.register(r)
+        })
+        .with({
+            let h = health_metrics.clone();
+            move |r| h.register(r)
+        });
+    let metrics = metrics::serve(
+        metrics_addr,
+        &pins,
+        instruments,
+        vec![health_metrics.backends_route()],
+    )?;
     // Probes only when some VIP asks for them (`health_check:`).
     let checks = lb_userspace::health::StaticChecks::start(Some(health_metrics))?;
     let mut reconciler = Reconciler::new(
@@ -724,7 +738,7 @@ fn attach(pin_root: &Path, config: &Path, iface_name: &str, generic: bool) -> an
         pins,
         generic,
         Unreachable::Fail,
-        ControlMetrics::default(),
+        ReconcileMetrics::default(),
     )
     .apply(&desired)?;
     Ok(())
@@ -775,8 +789,24 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
     let iface = Interface::by_name(&args.at.iface)?;
     let bgp = args.bgp.config(&iface)?;
     let pins = PinLayout::new(pin_root, &iface.name);
-    let health_metrics = metrics::HealthMetrics::default();
-    let control = ControlMetrics::with_watches().with_health(health_metrics.clone());
+    let health_metrics = HealthMetrics::default();
+    let control = ReconcileMetrics::default();
+    let watches = WatchMetrics::default();
+    // In the order /metrics always listed them: reconciles, watches, health.
+    let instruments = metrics::Instruments::default()
+        .with({
+            let c = control.clone();
+            move |r| c.register(r)
+        })
+        .with({
+            let w = watches.clone();
+            move |r| w.register(r)
+        })
+        .with({
+            let h = health_metrics.clone();
+            move |r| h.register(r)
+        });
+    let health_routes = vec![health_metrics.backends_route()];
     let lease_namespace = k8s::announce::lease_namespace(args.lease_namespace.clone());
     let load = match (&args.node_name, args.load_aware) {
         (Some(node_name), true) => Some(lb_userspace::health::load::LoadConfig {
@@ -804,7 +834,7 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
         metrics: Some(health_metrics),
     };
     // Served until the agent returns; before the first sync without the dataplane's figures.
-    let _metrics = metrics::serve(args.metrics_addr, &pins, control.clone())?;
+    let _metrics = metrics::serve(args.metrics_addr, &pins, instruments, health_routes)?;
     pins.prepare()?;
     let generic = args.at.generic;
     let announce = announce_node.map(|node_name| k8s::AnnounceConfig {
@@ -835,7 +865,7 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
             health_addr,
             node_name: args.node_name,
             announce,
-            metrics: control,
+            watches: Some(watches),
             bgp,
             health,
         },

@@ -5,8 +5,9 @@
 //! same backend whichever node it reaches.
 //!
 //! - `wire`: the messages (fuzzed decoder), `session`: one outgoing session per peer (the FSM
-//!   and timers; it never listens, so port 179 stays free for a CNI's BGP), `select`: which
-//!   addresses this node announces, from the API objects.
+//!   and timers; it never listens, so port 179 stays free for a CNI's BGP). What to announce
+//!   (an [`Intent`]) is the caller's: the agent derives it from the Kubernetes model
+//!   (`k8s::bgp_select`); this module knows no Kubernetes.
 //! - Draining (SIGTERM, a cordon, the exclusion label): the routes are announced again with the
 //!   graceful-shutdown community (RFC 8326), which routers honour by preferring the other
 //!   nodes; after `drain_wait` they are withdrawn; the XDP program keeps forwarding (the agent
@@ -16,7 +17,6 @@
 //! at once, not linger for a restart timer.
 
 pub mod bfd;
-pub mod select;
 mod session;
 pub mod wire;
 

@@ -925,4 +925,40 @@ mod tests {
         assert!(message.contains("No such file or directory"), "{message}");
         assert_eq!(error.line(), None);
     }
+
+    #[test]
+    fn static_config_health_check_defaults_and_errors() {
+        use crate::model::{CheckProtocol, HealthCheck};
+        use std::time::Duration;
+        let config = |check: &str| {
+            format!(
+                "vips:\n  - address: 10.0.0.10\n    port: 80\n    health_check: {check}\n    backends:\n      - address: 10.0.1.2\n        mac: 02:00:00:00:01:02\n"
+            )
+        };
+        let d = parse(&config("{protocol: http}"), "t.yaml").unwrap();
+        let c = d.vips[0].health_check.clone().unwrap();
+        assert_eq!(c, HealthCheck::new(CheckProtocol::Http, 10256, "/healthz"));
+        assert!(!c.implicit);
+        let d = parse(
+            &config("{protocol: tcp, port: 80, interval: 2s, timeout: 250ms, fall: 1, rise: 4}"),
+            "t.yaml",
+        )
+        .unwrap();
+        let c = d.vips[0].health_check.clone().unwrap();
+        assert_eq!(
+            (c.port, c.interval, c.timeout, c.fall, c.rise),
+            (80, Duration::from_secs(2), Duration::from_millis(250), 1, 4)
+        );
+        for (bad, needle) in [
+            ("{port: 80}", "health_check.protocol"),
+            ("{protocol: icmp}", "unknown protocol"),
+            ("{protocol: http, interval: soon}", "not a duration"),
+            ("{protocol: http, timeout: 2s}", "at most the interval"),
+            ("{protocol: http, fall: 0}", "health_check.fall"),
+            ("{protocol: http, colour: red}", "unknown key"),
+        ] {
+            let e = parse(&config(bad), "t.yaml").unwrap_err().to_string();
+            assert!(e.contains(needle) && e.contains("t.yaml:"), "{bad}: {e}");
+        }
+    }
 }

@@ -2,7 +2,7 @@
 //! backends, settings), with the cross-field rules (unique keys, families, capacity).
 
 use super::*;
-use crate::health::{CheckProtocol, HealthCheck, parse_duration};
+use crate::model::{CheckProtocol, HealthCheck, KUBE_PROXY_HEALTHZ_PORT, parse_duration};
 
 pub(super) const TOP_KEYS: &[&str] = &[
     "maglev_table_size",
@@ -281,7 +281,7 @@ impl Checker<'_> {
         };
         let port = match fields.get("port") {
             Some(field) => self.number(&field, 1..=65535, PORT_HINT)? as u16,
-            None => crate::health::KUBE_PROXY_HEALTHZ_PORT,
+            None => KUBE_PROXY_HEALTHZ_PORT,
         };
         let path = match fields.get("path") {
             Some(field) => self.text(&field, "a path like /healthz", HINT)?.to_owned(),

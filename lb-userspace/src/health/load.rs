@@ -25,8 +25,8 @@ use log::{info, warn};
 use serde_json::json;
 use tokio::sync::Notify;
 
+use super::metrics::HealthMetrics;
 use super::{NodeLoad, control};
-use crate::metrics::HealthMetrics;
 
 /// Lease name prefix of the per-node load records.
 pub const LEASE_PREFIX: &str = "sluice-node-";

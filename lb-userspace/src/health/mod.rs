@@ -1,7 +1,10 @@
 //! Health and load: active health checks of the backends (`probe`), the nodes' measured load and
 //! its publication on a Lease per node (`load`), the control law that turns loads into weight
-//! multipliers (`control`), and here the pure step that lays both over a model: a failing
-//! backend drains, a loaded node's weight shrinks.
+//! multipliers (`control`), their instruments (`metrics`), and here the pure step that lays
+//! both over a model: a failing backend drains, a loaded node's weight shrinks. What a check is
+//! (`model::HealthCheck`) belongs to the model; the sources parse it (config, k8s annotations),
+//! and the agent's overlay of its Kubernetes model is `k8s::overlay`. Below `k8s` and `observe`:
+//! this module imports only `model` and `http`.
 //!
 //! Every node must build the SAME Maglev tables (co-location relies on it), so the multipliers
 //! applied are only those read from the API server (each node's agent publishes its own on its
@@ -10,193 +13,17 @@
 
 pub mod control;
 pub mod load;
+pub mod metrics;
 pub mod probe;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Desired, VipAddr};
-
-/// How a backend is checked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CheckProtocol {
-    /// A TCP connection is accepted.
-    Tcp,
-    /// An HTTP/1.0 GET answers 2xx or 3xx.
-    Http,
-}
-
-/// One health check: `{protocol, port, path, interval, timeout, fall, rise}`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct HealthCheck {
-    pub protocol: CheckProtocol,
-    pub port: u16,
-    /// HTTP only.
-    pub path: String,
-    #[serde(serialize_with = "as_millis")]
-    pub interval: Duration,
-    #[serde(serialize_with = "as_millis")]
-    pub timeout: Duration,
-    /// Consecutive failures that take a backend down.
-    pub fall: u32,
-    /// Consecutive successes that bring it back.
-    pub rise: u32,
-    /// A Kubernetes convention chosen by default (kube-proxy's healthz), not asked for: while
-    /// nothing has ever listened on its port (a cluster without kube-proxy) it is not held
-    /// against the node.
-    #[serde(skip)]
-    pub implicit: bool,
-}
-
-fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_millis() as u64)
-}
-
-/// kube-proxy's health endpoint (`--healthz-bind-address`, port 10256).
-pub const KUBE_PROXY_HEALTHZ_PORT: u16 = 10256;
-
-impl HealthCheck {
-    /// The defaults of the issue and the README: 1 s apart, 500 ms to answer, 3 down, 2 up.
-    pub fn new(protocol: CheckProtocol, port: u16, path: &str) -> Self {
-        Self {
-            protocol,
-            port,
-            path: if path.is_empty() {
-                "/".into()
-            } else {
-                path.into()
-            },
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_millis(500),
-            fall: 3,
-            rise: 2,
-            implicit: false,
-        }
-    }
-
-    /// Checks that are wrong whatever the backend: the message names the field.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.port == 0 {
-            return Err("port: 0 is not a port (1-65535)".into());
-        }
-        if self.interval < Duration::from_millis(100) || self.interval > Duration::from_secs(300) {
-            return Err(format!(
-                "interval: {:?} is outside 100ms..300s",
-                self.interval
-            ));
-        }
-        if self.timeout < Duration::from_millis(10) || self.timeout > self.interval {
-            return Err(format!(
-                "timeout: {:?} must be at least 10ms and at most the interval ({:?})",
-                self.timeout, self.interval
-            ));
-        }
-        if !(1..=100).contains(&self.fall) || !(1..=100).contains(&self.rise) {
-            return Err(format!(
-                "fall {} / rise {}: each must be 1 to 100",
-                self.fall, self.rise
-            ));
-        }
-        if self.protocol == CheckProtocol::Http
-            && (!self.path.starts_with('/') || self.path.bytes().any(|b| b <= b' ' || b >= 0x7f))
-        {
-            return Err(format!(
-                "path: {:?} must start with / and hold no spaces or control characters",
-                self.path
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Display for HealthCheck {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.protocol {
-            CheckProtocol::Tcp => write!(f, "tcp:{}", self.port),
-            CheckProtocol::Http => write!(f, "http:{}{}", self.port, self.path),
-        }
-    }
-}
-
-/// A duration as the config and the annotation write it: `500ms`, `1s`, `1.5s`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let (number, scale) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 1e-3)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1.0)
-    } else {
-        return Err(format!("{text:?} is not a duration like 500ms or 1s"));
-    };
-    let value: f64 = number
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 500ms or 1s"))?;
-    if !value.is_finite() || value < 0.0 || value > 86_400.0 {
-        return Err(format!("{text:?} is not a duration like 500ms or 1s"));
-    }
-    Ok(Duration::from_secs_f64(value * scale))
-}
-
-/// The `sluice.io/health-check` annotation: `off`, or `tcp:PORT` / `http:PORT[/PATH]`, then
-/// optionally `interval=1s timeout=500ms fall=3 rise=2` separated by spaces. `None`: off.
-pub fn parse_annotation(text: &str) -> Result<Option<HealthCheck>, String> {
-    let mut words = text.split_whitespace();
-    let Some(first) = words.next() else {
-        return Err("empty: write off, tcp:PORT or http:PORT/PATH".into());
-    };
-    if first.eq_ignore_ascii_case("off") {
-        return match words.next() {
-            None => Ok(None),
-            Some(w) => Err(format!("{w:?} after off")),
-        };
-    }
-    let hint = "write off, tcp:PORT or http:PORT/PATH, then optionally interval=1s timeout=500ms fall=3 rise=2";
-    let (protocol, rest) = first
-        .split_once(':')
-        .ok_or_else(|| format!("{first:?}: {hint}"))?;
-    let protocol = match protocol.to_ascii_lowercase().as_str() {
-        "tcp" => CheckProtocol::Tcp,
-        "http" => CheckProtocol::Http,
-        _ => return Err(format!("{first:?}: {hint}")),
-    };
-    let (port, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, "/"),
-    };
-    if protocol == CheckProtocol::Tcp && path != "/" {
-        return Err(format!("{first:?}: a tcp check has no path"));
-    }
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("{first:?}: port {port:?} is not 1-65535"))?;
-    let mut check = HealthCheck::new(protocol, port, path);
-    for word in words {
-        let (key, value) = word
-            .split_once('=')
-            .ok_or_else(|| format!("{word:?}: {hint}"))?;
-        let count = || {
-            value
-                .parse::<u32>()
-                .map_err(|_| format!("{key}={value:?} is not a whole number"))
-        };
-        match key {
-            "interval" => check.interval = parse_duration(value)?,
-            "timeout" => check.timeout = parse_duration(value)?,
-            "fall" => check.fall = count()?,
-            "rise" => check.rise = count()?,
-            _ => return Err(format!("{word:?}: unknown key {key:?}; {hint}")),
-        }
-    }
-    check.validate()?;
-    Ok(Some(check))
-}
+use crate::model::{Desired, HealthCheck, VipAddr};
 
 /// What a check says about a backend now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -407,51 +234,7 @@ pub struct AgentHealth {
     pub namespace: String,
     /// How often what the Leases say is looked at (the control period).
     pub follow_every: Duration,
-    pub metrics: Option<crate::metrics::HealthMetrics>,
-}
-
-/// The agent's overlay of one freshly built model: probes follow the model's targets, failing
-/// backends drain, the Leases' multipliers apply (per Service opt-out), and the rows go to
-/// `/metrics` and `inspect backends`.
-pub fn agent_overlay(
-    built: &mut crate::k8s::Built,
-    prober: &probe::Prober,
-    leases: Option<&[Arc<k8s_openapi::api::coordination::v1::Lease>]>,
-    config: &AgentHealth,
-) {
-    let crate::k8s::Built {
-        desired,
-        sources,
-        node_names,
-        ..
-    } = built;
-    if !config.checks {
-        for vip in &mut desired.vips {
-            vip.health_check = None;
-        }
-    }
-    prober.set_targets(&targets(desired));
-    let loads = match leases {
-        Some(l) if config.load_aware => load::node_loads(l, k8s_openapi::jiff::Timestamp::now()),
-        _ => BTreeMap::new(),
-    };
-    if let Some(m) = &config.metrics {
-        m.set_nodes(loads.iter().map(|(n, l)| (n.clone(), l.clone())).collect());
-    }
-    let rows = overlay(
-        desired,
-        node_names,
-        &|addr, check| prober.verdict(addr, check),
-        &|vip, addr| {
-            if !sources.get(vip).is_none_or(|s| s.options.load_aware) {
-                return None;
-            }
-            node_names.get(&addr).and_then(|n| loads.get(n)).cloned()
-        },
-    );
-    if let Some(m) = &config.metrics {
-        m.board.set(rows);
-    }
+    pub metrics: Option<metrics::HealthMetrics>,
 }
 
 /// Health checks for `sluice run` (a static config): the probes run on a thread of their own;
@@ -459,12 +242,12 @@ pub fn agent_overlay(
 pub struct StaticChecks {
     prober: probe::Prober,
     dirty: Arc<std::sync::atomic::AtomicBool>,
-    metrics: Option<crate::metrics::HealthMetrics>,
+    metrics: Option<metrics::HealthMetrics>,
     _thread: std::thread::JoinHandle<()>,
 }
 
 impl StaticChecks {
-    pub fn start(metrics: Option<crate::metrics::HealthMetrics>) -> anyhow::Result<Self> {
+    pub fn start(metrics: Option<metrics::HealthMetrics>) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -533,7 +316,7 @@ pub fn targets(desired: &Desired) -> BTreeSet<(IpAddr, HealthCheck)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Backend, Vip};
+    use crate::model::{Backend, CheckProtocol, Vip};
 
     fn model(check: Option<HealthCheck>, weights: &[u32]) -> Desired {
         let backends = weights
@@ -558,41 +341,6 @@ mod tests {
         Verdict {
             health: h,
             reason: "test".into(),
-        }
-    }
-
-    #[test]
-    fn annotation_forms_and_errors() {
-        assert_eq!(parse_annotation("off"), Ok(None));
-        let c = parse_annotation("http:10256/healthz").unwrap().unwrap();
-        assert_eq!(c, HealthCheck::new(CheckProtocol::Http, 10256, "/healthz"));
-        let c = parse_annotation("tcp:80 interval=2s timeout=300ms fall=2 rise=5")
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            (c.protocol, c.port, c.interval, c.timeout, c.fall, c.rise),
-            (
-                CheckProtocol::Tcp,
-                80,
-                Duration::from_secs(2),
-                Duration::from_millis(300),
-                2,
-                5
-            )
-        );
-        assert_eq!(c.to_string(), "tcp:80");
-        for bad in [
-            "",
-            "udp:53",
-            "http:x/",
-            "http:0/",
-            "tcp:80/x",
-            "http:80 fall=0",
-            "http:80 timeout=2s",
-            "http:80 colour=red",
-            "off now",
-        ] {
-            assert!(parse_annotation(bad).is_err(), "{bad:?}");
         }
     }
 
@@ -653,41 +401,5 @@ mod tests {
         // 2x10, 2x40, 1x100 (stale: neutral) -> 20:80:100 -> /20.
         assert_eq!(w, [1, 4, 5]);
         assert!(rows[2].why.contains("stale"), "{rows:?}");
-    }
-
-    #[test]
-    fn static_config_health_check_defaults_and_errors() {
-        let config = |check: &str| {
-            format!(
-                "vips:\n  - address: 10.0.0.10\n    port: 80\n    health_check: {check}\n    backends:\n      - address: 10.0.1.2\n        mac: 02:00:00:00:01:02\n"
-            )
-        };
-        let d = crate::config::parse(&config("{protocol: http}"), "t.yaml").unwrap();
-        let c = d.vips[0].health_check.clone().unwrap();
-        assert_eq!(c, HealthCheck::new(CheckProtocol::Http, 10256, "/healthz"));
-        assert!(!c.implicit);
-        let d = crate::config::parse(
-            &config("{protocol: tcp, port: 80, interval: 2s, timeout: 250ms, fall: 1, rise: 4}"),
-            "t.yaml",
-        )
-        .unwrap();
-        let c = d.vips[0].health_check.clone().unwrap();
-        assert_eq!(
-            (c.port, c.interval, c.timeout, c.fall, c.rise),
-            (80, Duration::from_secs(2), Duration::from_millis(250), 1, 4)
-        );
-        for (bad, needle) in [
-            ("{port: 80}", "health_check.protocol"),
-            ("{protocol: icmp}", "unknown protocol"),
-            ("{protocol: http, interval: soon}", "not a duration"),
-            ("{protocol: http, timeout: 2s}", "at most the interval"),
-            ("{protocol: http, fall: 0}", "health_check.fall"),
-            ("{protocol: http, colour: red}", "unknown key"),
-        ] {
-            let e = crate::config::parse(&config(bad), "t.yaml")
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains(needle) && e.contains("t.yaml:"), "{bad}: {e}");
-        }
     }
 }

@@ -15,8 +15,10 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 
-use super::{CheckProtocol, Health, HealthCheck, Verdict};
-use crate::metrics::HealthMetrics;
+use super::metrics::HealthMetrics;
+use super::{Health, Verdict};
+use crate::http::status_code;
+use crate::model::{CheckProtocol, HealthCheck};
 
 /// Probes in flight at once, over all targets.
 pub const MAX_CONCURRENT: usize = 64;
@@ -99,44 +101,6 @@ async fn http_get(stream: &mut TcpStream, host: IpAddr, path: &str) -> std::io::
             ),
         )
     })
-}
-
-/// The status of `HTTP/1.x NNN ...`.
-fn status_code(answer: &[u8]) -> Option<u16> {
-    let line = answer.split(|b| *b == b'\n').next()?;
-    let line = std::str::from_utf8(line).ok()?;
-    let mut parts = line.split_whitespace();
-    if !parts.next()?.starts_with("HTTP/1.") {
-        return None;
-    }
-    parts
-        .next()?
-        .parse()
-        .ok()
-        .filter(|s| (100..600).contains(s))
-}
-
-/// A blocking `GET http://addr/path` with a timeout, for `sluice inspect` (the agent's own
-/// endpoints): the body when the status is 200.
-pub fn fetch(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<String> {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut answer = Vec::new();
-    stream.take(16 << 20).read_to_end(&mut answer)?;
-    let status = status_code(&answer)
-        .ok_or_else(|| anyhow::anyhow!("http://{addr}{path}: not an HTTP answer"))?;
-    anyhow::ensure!(status == 200, "http://{addr}{path}: status {status}");
-    let body = answer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(&answer[..0], |i| &answer[i + 4..]);
-    Ok(String::from_utf8_lossy(body).into_owned())
 }
 
 /// Rise/fall/hold-down bookkeeping of one target. Pure (time is passed in).
@@ -454,14 +418,6 @@ mod tests {
             t.observe(err(true), now);
         }
         assert_eq!(t.verdict().health, Health::Down, "it answered once");
-    }
-
-    #[test]
-    fn status_lines() {
-        assert_eq!(status_code(b"HTTP/1.1 200 OK\r\n"), Some(200));
-        assert_eq!(status_code(b"HTTP/1.0 503 x\r\n"), Some(503));
-        assert_eq!(status_code(b"SSH-2.0\r\n"), None);
-        assert_eq!(status_code(b"HTTP/1.1 abc\r\n"), None);
     }
 
     #[tokio::test]

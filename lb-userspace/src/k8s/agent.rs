@@ -30,9 +30,9 @@ use tokio::sync::Notify;
 
 use super::announce::{self, AnnounceConfig};
 use super::desired::{self, Built, SERVICE_NAME_LABEL};
+use super::watch_metrics::WatchMetrics;
 use super::watch_probe::WatchProbeLayer;
 use crate::http;
-use crate::metrics::{ControlMetrics, WatchMetrics};
 use crate::model::{Desired, Settings};
 use crate::reconcile::Summary;
 
@@ -59,8 +59,9 @@ pub struct AgentConfig {
     pub node_name: Option<String>,
     /// `--announce`: elect one node per VIP address and answer ARP from it.
     pub announce: Option<AnnounceConfig>,
-    /// Where the watches' state goes (`/metrics`); the caller records the reconciles.
-    pub metrics: ControlMetrics,
+    /// Where the watches' state goes (`/metrics`, composed by the caller, which also records
+    /// the reconciles); `None`: not counted.
+    pub watches: Option<WatchMetrics>,
     /// `--bgp`: announce the VIPs this node can serve to BGP routers (needs `node_name`).
     pub bgp: Option<crate::bgp::SpeakerConfig>,
     /// Health checks and load-aware weights.
@@ -110,7 +111,7 @@ async fn client(config: &AgentConfig) -> anyhow::Result<Client> {
     info!("API server {}", kube_config.cluster_url);
     let builder = kube::client::ClientBuilder::try_from(kube_config)
         .context("building the Kubernetes client")?;
-    Ok(match config.metrics.watches() {
+    Ok(match &config.watches {
         Some(watches) => builder
             .with_layer(&WatchProbeLayer(watches.clone()))
             .build(),
@@ -201,7 +202,7 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
     };
     let client = client(&config).await?;
     let changed = Arc::new(Notify::new());
-    let watches = config.metrics.watches().cloned();
+    let watches = config.watches.clone();
     let services = watch(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
@@ -315,7 +316,7 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
             load.is_node.store(is_node, Ordering::Relaxed);
         }
         let lease_state = leases.as_ref().map(Store::state);
-        crate::health::agent_overlay(&mut built, &prober, lease_state.as_deref(), &config.health);
+        super::overlay::agent_overlay(&mut built, &prober, lease_state.as_deref(), &config.health);
         for problem in built.problems.difference(&logged_problems) {
             warn!("{problem}");
         }
@@ -340,7 +341,7 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
             }
         }
         if let (Some(speaker), Some(node)) = (&speaker, &config.node_name) {
-            speaker.set(crate::bgp::select::intent(
+            speaker.set(super::bgp_select::intent(
                 &services.state(),
                 &nodes.state(),
                 &built,

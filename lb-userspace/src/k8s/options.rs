@@ -4,7 +4,9 @@
 
 use k8s_openapi::api::core::v1::{Node, Service};
 
-use crate::model::{DEFAULT_WEIGHT, MAX_WEIGHT};
+use crate::model::{
+    CheckProtocol, DEFAULT_WEIGHT, HealthCheck, KUBE_PROXY_HEALTHZ_PORT, MAX_WEIGHT, parse_duration,
+};
 pub use crate::model::{ForwardingMode, IpNet};
 
 /// Service annotation choosing how packets reach the nodes: `l2` (MAC rewrite, nodes on the load
@@ -33,16 +35,69 @@ pub struct VipOptions {
     /// kube-proxy does.
     pub source_ranges: Vec<IpNet>,
     /// How its nodes are checked: kube-proxy's conventions unless annotated (`None`: off).
-    pub health_check: Option<crate::health::HealthCheck>,
+    pub health_check: Option<HealthCheck>,
     /// Whether the nodes' published load multipliers apply (`sluice.io/load-aware: "false"`).
     pub load_aware: bool,
+}
+
+/// The `sluice.io/health-check` annotation: `off`, or `tcp:PORT` / `http:PORT[/PATH]`, then
+/// optionally `interval=1s timeout=500ms fall=3 rise=2` separated by spaces. `None`: off.
+pub fn parse_annotation(text: &str) -> Result<Option<HealthCheck>, String> {
+    let mut words = text.split_whitespace();
+    let Some(first) = words.next() else {
+        return Err("empty: write off, tcp:PORT or http:PORT/PATH".into());
+    };
+    if first.eq_ignore_ascii_case("off") {
+        return match words.next() {
+            None => Ok(None),
+            Some(w) => Err(format!("{w:?} after off")),
+        };
+    }
+    let hint = "write off, tcp:PORT or http:PORT/PATH, then optionally interval=1s timeout=500ms fall=3 rise=2";
+    let (protocol, rest) = first
+        .split_once(':')
+        .ok_or_else(|| format!("{first:?}: {hint}"))?;
+    let protocol = match protocol.to_ascii_lowercase().as_str() {
+        "tcp" => CheckProtocol::Tcp,
+        "http" => CheckProtocol::Http,
+        _ => return Err(format!("{first:?}: {hint}")),
+    };
+    let (port, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, "/"),
+    };
+    if protocol == CheckProtocol::Tcp && path != "/" {
+        return Err(format!("{first:?}: a tcp check has no path"));
+    }
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{first:?}: port {port:?} is not 1-65535"))?;
+    let mut check = HealthCheck::new(protocol, port, path);
+    for word in words {
+        let (key, value) = word
+            .split_once('=')
+            .ok_or_else(|| format!("{word:?}: {hint}"))?;
+        let count = || {
+            value
+                .parse::<u32>()
+                .map_err(|_| format!("{key}={value:?} is not a whole number"))
+        };
+        match key {
+            "interval" => check.interval = parse_duration(value)?,
+            "timeout" => check.timeout = parse_duration(value)?,
+            "fall" => check.fall = count()?,
+            "rise" => check.rise = count()?,
+            _ => return Err(format!("{word:?}: unknown key {key:?}; {hint}")),
+        }
+    }
+    check.validate()?;
+    Ok(Some(check))
 }
 
 /// The health check of a Service: the annotation, else Kubernetes' conventions as cloud load
 /// balancers use them: `Local` -> its `healthCheckNodePort` (kube-proxy answers 200 where the
 /// node has a ready endpoint), else kube-proxy's own `:10256/healthz`.
-fn health_check(svc: &Service) -> Result<Option<crate::health::HealthCheck>, String> {
-    use crate::health::{CheckProtocol, HealthCheck, KUBE_PROXY_HEALTHZ_PORT, parse_annotation};
+fn health_check(svc: &Service) -> Result<Option<HealthCheck>, String> {
     if let Some(v) = svc
         .metadata
         .annotations
@@ -162,6 +217,7 @@ pub fn node_weight(node: &Node) -> Result<u32, String> {
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::time::Duration;
 
     fn svc(annotations: serde_json::Value, spec: serde_json::Value) -> Service {
         serde_json::from_value(json!({
@@ -287,6 +343,41 @@ mod tests {
         for bad in ["10001", "-1", "1.5", "heavy", ""] {
             let e = node_weight(&node(json!({WEIGHT_ANNOTATION: bad}))).unwrap_err();
             assert!(e.contains("sluice.io/weight"), "{e}");
+        }
+    }
+
+    #[test]
+    fn annotation_forms_and_errors() {
+        assert_eq!(parse_annotation("off"), Ok(None));
+        let c = parse_annotation("http:10256/healthz").unwrap().unwrap();
+        assert_eq!(c, HealthCheck::new(CheckProtocol::Http, 10256, "/healthz"));
+        let c = parse_annotation("tcp:80 interval=2s timeout=300ms fall=2 rise=5")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (c.protocol, c.port, c.interval, c.timeout, c.fall, c.rise),
+            (
+                CheckProtocol::Tcp,
+                80,
+                Duration::from_secs(2),
+                Duration::from_millis(300),
+                2,
+                5
+            )
+        );
+        assert_eq!(c.to_string(), "tcp:80");
+        for bad in [
+            "",
+            "udp:53",
+            "http:x/",
+            "http:0/",
+            "tcp:80/x",
+            "http:80 fall=0",
+            "http:80 timeout=2s",
+            "http:80 colour=red",
+            "off now",
+        ] {
+            assert!(parse_annotation(bad).is_err(), "{bad:?}");
         }
     }
 }

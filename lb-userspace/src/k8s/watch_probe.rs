@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use crate::metrics::WatchMetrics;
+use super::watch_metrics::WatchMetrics;
 
 /// Sets `sluice_k8s_watch_up` from the answers to watch requests: the watcher yields nothing
 /// when a watch is (re)established, only when an object changes or something fails.

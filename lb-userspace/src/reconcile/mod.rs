@@ -6,6 +6,9 @@
 //! Maglev table (one atomic swap), then the VIP entry, then slots that stop taking new flows,
 //! and only then frees what is gone. A reconcile stopped between any two phases leaves a
 //! state the next one completes. The connection table is never flushed.
+//!
+//! [`driver`] is what both sources drive: the first apply loads and attaches, every later one
+//! reconciles, each recorded in its instruments.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -29,6 +32,7 @@ use crate::{
 };
 
 mod apply;
+pub mod driver;
 mod plan;
 
 use apply::*;

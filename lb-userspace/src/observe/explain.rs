@@ -24,11 +24,11 @@ use lb_common::{
 };
 use serde::Serialize;
 
+use super::read::{FloodGuard, SlotState, flood_guard, installed_or_rebuilt, mode_name, vip_addr};
+use super::render::render_table;
 use crate::{
-    dataplane::{Maps, RangeKey, Snapshot},
+    dataplane::{Maps, RangeKey, Snapshot, announce_key},
     health::BackendStatus,
-    inspect::{FloodGuard, SlotState, mode_name, render_table},
-    maglev::{MaglevBackend, build_table},
     model::{MacAddr, Protocol, VipAddr, vip_key},
 };
 
@@ -85,7 +85,7 @@ pub struct Inputs {
     /// The VIP's Maglev table, slot -> backend index.
     pub table: Vec<u32>,
     /// Why the installed table could not be read, when [`Inputs::table`] was rebuilt from the
-    /// slots instead ([`rebuild_table`]).
+    /// slots instead ([`super::read::rebuild_table`]).
     pub table_unreadable: Option<String>,
     /// Every occupied `BACKENDS` slot (an index absent here is empty).
     pub slots: BTreeMap<u32, Backend>,
@@ -125,10 +125,7 @@ impl Inputs {
             Err(aya::maps::MapError::KeyNotFound) => None,
             Err(e) => return Err(anyhow!("reading the connection table: {e}")),
         };
-        let announce = match maps
-            .announce
-            .get(&crate::dataplane::announce_key(flow.vip.addr), 0)
-        {
+        let announce = match maps.announce.get(&announce_key(flow.vip.addr), 0) {
             Ok(a) => Some(a.mac),
             Err(aya::maps::MapError::KeyNotFound) => None,
             Err(e) => return Err(anyhow!("reading the ANNOUNCE map: {e}")),
@@ -136,7 +133,7 @@ impl Inputs {
         let peers = maps.peers.keys().filter(Result::is_ok).count();
         Ok(Self {
             vip,
-            vips: snapshot.vips.keys().map(crate::inspect::vip_addr).collect(),
+            vips: snapshot.vips.keys().map(vip_addr).collect(),
             table,
             table_unreadable,
             slots: snapshot.slots,
@@ -144,48 +141,12 @@ impl Inputs {
             source_ranges: snapshot.source_ranges,
             announce,
             // Informative only: an unreadable guard is shown as unknown, not an error.
-            flood_guard: crate::inspect::flood_guard(maps).ok(),
+            flood_guard: flood_guard(maps).ok(),
             peers,
             ingress_ifindex: None,
             health: None,
         })
     }
-}
-
-/// The VIP's installed Maglev table, or, where it cannot be read, the one rebuilt from its
-/// slots with why. Opening an inner map by its id (BPF_MAP_GET_FD_BY_ID) takes CAP_SYS_ADMIN,
-/// which the agent's pod does not have: there the table is rebuilt the way the agent built it.
-pub fn installed_or_rebuilt(
-    maps: &Maps,
-    slots: &BTreeMap<u32, Backend>,
-    vip: &VipInfo,
-) -> (Vec<u32>, Option<String>) {
-    match maps.maglev_table(vip.id, vip.table_size) {
-        Ok(table) => (table, None),
-        Err(e) => (rebuild_table(slots, vip), Some(format!("{e:#}"))),
-    }
-}
-
-/// The Maglev table of `vip` as the control plane builds it from the VIP's occupied slots
-/// (reconcile's inputs: each backend's Maglev id and effective weight; slot ids in the table).
-/// The installed table is this one unless a reconcile is under way.
-pub fn rebuild_table(slots: &BTreeMap<u32, Backend>, vip: &VipInfo) -> Vec<u32> {
-    let ours: Vec<(u32, &Backend)> = slots
-        .iter()
-        .filter(|(_, b)| b.vip_id == vip.id && b.state != backend_state::EMPTY)
-        .map(|(id, b)| (*id, b))
-        .collect();
-    let inputs: Vec<MaglevBackend> = ours
-        .iter()
-        .map(|(_, b)| MaglevBackend {
-            id: lb_common::maglev_id(addr_from_raw(&b.addr, b.family)),
-            weight: crate::reconcile::effective_weight(b),
-        })
-        .collect();
-    build_table(&inputs, vip.table_size)
-        .into_iter()
-        .map(|pick| ours.get(pick as usize).map_or(NO_BACKEND, |(id, _)| *id))
-        .collect()
 }
 
 /// One backend slot as `explain` shows it.
@@ -815,6 +776,8 @@ mod tests {
     use lb_common::{FlowValue, ScopedAddr, VipKey, flow_hash};
 
     use super::*;
+    use crate::maglev::{MaglevBackend, build_table};
+    use crate::observe::read::rebuild_table;
 
     const VIP: &str = "10.0.0.10:80/tcp";
 

@@ -16,9 +16,10 @@ use lb_common::{
 };
 use serde_json::{Value, json};
 
+use super::read::{self, FlowFilter};
+use super::render::Format;
 use crate::{
     dataplane::{Maps, PinLayout, Snapshot, TraceSession, monotonic_ns},
-    inspect::{self, FlowFilter, Format},
     model::{IpNet, vip_key},
 };
 
@@ -150,7 +151,7 @@ pub fn run(iface: &str, pins: &PinLayout, args: &TraceArgs, format: Format) -> a
 
 /// The trace's lost-event counters (over the rate, ring full), summed over CPUs.
 fn lost(maps: &Maps) -> anyhow::Result<(u64, u64)> {
-    let counters = inspect::global_counters(maps)?;
+    let counters = read::global_counters(maps)?;
     let get = |c: GlobalCounter| {
         counters
             .iter()
@@ -222,7 +223,7 @@ pub fn describe(event: &TraceEvent, slots: &Snapshot, clock: &Clock) -> Describe
         addr_from_raw(&flow.src, flow.family),
         u16::from_be(flow.sport),
     );
-    let vip = inspect::vip_addr(&lb_common::VipKey {
+    let vip = read::vip_addr(&lb_common::VipKey {
         addr: flow.dst,
         port: flow.dport,
         proto: flow.proto,

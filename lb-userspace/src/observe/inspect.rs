@@ -1,189 +1,22 @@
-//! The read side: what the maps hold, as rows for humans (aligned tables) and machines (JSON).
-//! Every reader works on pinned maps, so it runs in another process than the one that attached.
+//! `sluice inspect`: what the maps hold, as rows for humans (aligned tables) and machines
+//! (JSON). Every reader works on pinned maps, so it runs in another process than the one that
+//! attached. Reads go through [`super::read`], output through [`super::render`].
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use anyhow::{Context as _, anyhow};
-use lb_common::{
-    Counters, GlobalCounter, IPPROTO_TCP, IPPROTO_UDP, addr_from_raw, backend_state, forward_mode,
-    vip_flags,
-};
-use serde::Serialize;
+use lb_common::{DecapCounter, IPPROTO_TCP, IPPROTO_UDP, addr_from_raw};
 use serde_json::{Value, json};
 
-use crate::{
-    dataplane::{Maps, Snapshot},
-    model::vip_key,
-    model::{MacAddr, Protocol, VipAddr},
+use super::read::{
+    BackendRow, FlowFilter, VipRow, agent_health, collect, flood_guard, global_counters,
+    installed_or_rebuilt,
 };
-
-/// Output format of `sluice inspect`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    Table,
-    Json,
-}
-
-/// A view: JSON for machines, and the same rows as a table for humans.
-pub struct View {
-    pub json: Value,
-    pub table: String,
-}
-
-impl View {
-    pub fn render(&self, format: Format) -> String {
-        match format {
-            Format::Json => serde_json::to_string_pretty(&self.json)
-                .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")),
-            Format::Table => self.table.clone(),
-        }
-    }
-}
-
-pub fn vip_addr(key: &lb_common::VipKey) -> VipAddr {
-    VipAddr {
-        addr: addr_from_raw(&key.addr, key.family),
-        port: u16::from_be(key.port),
-        protocol: match key.proto {
-            IPPROTO_UDP => Protocol::Udp,
-            _ => Protocol::Tcp,
-        },
-    }
-}
-
-/// How a backend's packets leave: named by the outer header, since either family of VIP can ride
-/// in either family of tunnel.
-pub(crate) fn mode_name(mode: u8) -> &'static str {
-    match mode {
-        forward_mode::IPIP_V4 => "ipip",
-        forward_mode::IPIP_V6 => "ipip6",
-        forward_mode::LOCAL => "local",
-        _ => "l2",
-    }
-}
-
-/// A backend slot's state as readers show it (`active`, `draining`, `empty` in JSON).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SlotState {
-    Active,
-    Draining,
-    Empty,
-}
-
-impl SlotState {
-    pub fn of(state: u32) -> Self {
-        match state {
-            backend_state::ACTIVE => Self::Active,
-            backend_state::DRAINING => Self::Draining,
-            _ => Self::Empty,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Active => "active",
-            Self::Draining => "draining",
-            Self::Empty => "empty",
-        }
-    }
-}
-
-fn sum(maps_values: aya::maps::PerCpuValues<Counters>) -> Counters {
-    maps_values
-        .iter()
-        .fold(Counters::default(), |acc, c| Counters {
-            packets: acc.packets + c.packets,
-            bytes: acc.bytes + c.bytes,
-        })
-}
-
-#[derive(Serialize)]
-pub(crate) struct BackendRow {
-    pub(crate) vip: String,
-    pub(crate) address: String,
-    slot: u32,
-    pub(crate) state: SlotState,
-    weight: u32,
-    mode: &'static str,
-    mac: String,
-    ifindex: u32,
-    pub(crate) packets: u64,
-    pub(crate) bytes: u64,
-}
-
-#[derive(Serialize)]
-pub(crate) struct VipRow {
-    pub(crate) vip: String,
-    id: u32,
-    pub(crate) live_backends: u32,
-    backends: usize,
-    table_size: u32,
-    /// "affinity", "source_ranges": the options the program acts on.
-    options: Vec<&'static str>,
-    pub(crate) packets: u64,
-    pub(crate) bytes: u64,
-}
-
-/// VIP rows and, per VIP, its backend rows, in VIP order (also what `/metrics` exports).
-pub(crate) fn collect(maps: &Maps) -> anyhow::Result<Vec<(VipRow, Vec<BackendRow>)>> {
-    let current = Snapshot::read(maps)?;
-    let mut by_vip: BTreeMap<u32, Vec<BackendRow>> = BTreeMap::new();
-    for (slot, value) in &current.slots {
-        let c = sum(maps
-            .backend_stats
-            .get(slot, 0)
-            .context("reading BACKEND_STATS")?);
-        by_vip.entry(value.vip_id).or_default().push(BackendRow {
-            vip: String::new(),
-            address: addr_from_raw(&value.addr, value.family).to_string(),
-            slot: *slot,
-            state: SlotState::of(value.state),
-            weight: value.weight,
-            mode: mode_name(value.mode),
-            mac: MacAddr(value.dst_mac).to_string(),
-            ifindex: value.ifindex,
-            packets: c.packets,
-            bytes: c.bytes,
-        });
-    }
-    let mut rows: Vec<(VipAddr, VipRow, Vec<BackendRow>)> = Vec::new();
-    for (key, info) in &current.vips {
-        let vip = vip_addr(key);
-        let c = sum(maps
-            .vip_stats
-            .get(&info.id, 0)
-            .context("reading VIP_STATS")?);
-        let mut backends = by_vip.remove(&info.id).unwrap_or_default();
-        backends.sort_by_key(|b| b.address.parse::<std::net::IpAddr>().ok());
-        for b in &mut backends {
-            b.vip = vip.to_string();
-        }
-        rows.push((
-            vip,
-            VipRow {
-                vip: vip.to_string(),
-                id: info.id,
-                live_backends: info.live_backends,
-                backends: backends.len(),
-                table_size: info.table_size,
-                options: [
-                    (vip_flags::AFFINITY, "affinity"),
-                    (vip_flags::SOURCE_RANGES, "source_ranges"),
-                ]
-                .into_iter()
-                .filter(|(flag, _)| info.flags & flag != 0)
-                .map(|(_, name)| name)
-                .collect(),
-                packets: c.packets,
-                bytes: c.bytes,
-            },
-            backends,
-        ));
-    }
-    rows.sort_by_key(|(vip, _, _)| *vip);
-    Ok(rows.into_iter().map(|(_, v, b)| (v, b)).collect())
-}
+use super::render::{View, render_table};
+use crate::{
+    dataplane::{DecapMaps, Maps, Snapshot},
+    model::{MacAddr, VipAddr, vip_key},
+};
 
 pub fn vips(maps: &Maps) -> anyhow::Result<View> {
     let rows: Vec<VipRow> = collect(maps)?.into_iter().map(|(v, _)| v).collect();
@@ -309,88 +142,6 @@ pub fn backends_with_health(maps: &Maps, agent: String) -> anyhow::Result<View> 
     );
     view.json = json!({ "backends": merged });
     Ok(view)
-}
-
-/// The health overlay's rows from the process serving /metrics at `agent` (`off`, or nobody
-/// answering: `None`).
-pub fn agent_health(agent: &str) -> anyhow::Result<Option<Vec<crate::health::BackendStatus>>> {
-    if agent == "off" {
-        return Ok(None);
-    }
-    let addr: std::net::SocketAddr = agent
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--agent {agent:?}: {e}: expected ADDRESS:PORT or off"))?;
-    match crate::health::probe::fetch(
-        addr,
-        crate::metrics::HEALTH_BACKENDS_PATH,
-        std::time::Duration::from_secs(2),
-    )
-    .and_then(|body| Ok(serde_json::from_str::<Value>(&body)?))
-    {
-        Ok(v) => Ok(Some(
-            serde_json::from_value::<Vec<Value>>(v)
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|r| serde_json::from_value(r).ok())
-                .collect(),
-        )),
-        Err(e) => {
-            log::debug!("no health columns: {e:#}");
-            Ok(None)
-        }
-    }
-}
-
-/// Every global counter, summed over CPUs.
-pub(crate) fn global_counters(maps: &Maps) -> anyhow::Result<Vec<(GlobalCounter, u64)>> {
-    GlobalCounter::ALL
-        .into_iter()
-        .map(|counter| {
-            let values = maps
-                .global_stats
-                .get(&(counter as u32), 0)
-                .context("reading GLOBAL_STATS")?;
-            Ok((counter, values.iter().sum()))
-        })
-        .collect()
-}
-
-/// The flood guard right now: its limit (0: none) and how many of the CPUs are over it in
-/// their current one-second window (their new flows ride on Maglev's pick alone).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct FloodGuard {
-    pub max_new_flows_per_cpu: u32,
-    pub cpus_holding: u32,
-    pub cpus: u32,
-}
-
-pub fn flood_guard(maps: &Maps) -> anyhow::Result<FloodGuard> {
-    let limit = maps
-        .settings
-        .get(&0, 0)
-        .context("reading SETTINGS")?
-        .max_new_flows_per_cpu;
-    let windows = maps.new_flows.get(&0, 0).context("reading NEW_FLOWS")?;
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid out-pointer; CLOCK_MONOTONIC is bpf_ktime_get_ns's clock.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    let now = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
-    let holding = windows
-        .iter()
-        .filter(|w| {
-            limit != 0
-                && now.saturating_sub(w.start_ns) < lb_common::RATE_WINDOW_NS
-                && w.flows > u64::from(limit)
-        })
-        .count();
-    Ok(FloodGuard {
-        max_new_flows_per_cpu: limit,
-        cpus_holding: holding as u32,
-        cpus: windows.iter().count() as u32,
-    })
 }
 
 /// The addresses this node answers ARP for (`sluice agent --announce`, the Leases it holds).
@@ -571,7 +322,7 @@ pub fn maglev(maps: &Maps, vip: &VipAddr) -> anyhow::Result<View> {
         .get(&vip_key(vip), 0)
         .map_err(|_| anyhow!("VIP {vip} is not configured (`sluice inspect vips` lists them)"))?;
     let current = Snapshot::read(maps)?;
-    let (table, unreadable) = crate::explain::installed_or_rebuilt(maps, &current.slots, &info);
+    let (table, unreadable) = installed_or_rebuilt(maps, &current.slots, &info);
     let mut counts: BTreeMap<u32, u64> = BTreeMap::new();
     for slot in &table {
         *counts.entry(*slot).or_default() += 1;
@@ -629,27 +380,6 @@ pub fn maglev(maps: &Maps, vip: &VipAddr) -> anyhow::Result<View> {
             ))
         ),
     })
-}
-
-/// Which connection-table entries `sluice inspect flows` shows; `None` matches all.
-#[derive(Clone, Debug, Default)]
-pub struct FlowFilter {
-    pub vip: Option<VipAddr>,
-    pub backend: Option<std::net::IpAddr>,
-    pub client: Option<crate::model::IpNet>,
-}
-
-impl FlowFilter {
-    fn matches(&self, key: &lb_common::FlowKey, backend: Option<std::net::IpAddr>) -> bool {
-        let vip_ok = self.vip.is_none_or(|vip| {
-            let k = vip_key(&vip);
-            k.addr == key.dst && k.port == key.dport && k.proto == key.proto
-        });
-        let client = addr_from_raw(&key.src, key.family);
-        vip_ok
-            && self.backend.is_none_or(|b| backend == Some(b))
-            && self.client.is_none_or(|net| net.contains(&client))
-    }
 }
 
 /// Connection-table entries matching `filter`, at most `limit` of them (the table can hold
@@ -710,49 +440,22 @@ pub fn flows(maps: &Maps, limit: usize, filter: &FlowFilter) -> anyhow::Result<V
     })
 }
 
-/// Left-aligned columns separated by two spaces.
-pub fn render_table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
-    let rows: Vec<Vec<String>> = rows.collect();
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
+/// The decapsulator's counters (`sluice decap inspect`).
+pub fn decap(maps: &DecapMaps) -> anyhow::Result<View> {
+    let mut counters = serde_json::Map::new();
+    let mut rows = Vec::new();
+    for counter in DecapCounter::ALL {
+        let total: u64 = maps
+            .stats
+            .get(&(counter as u32), 0)
+            .context("reading DECAP_STATS")?
+            .iter()
+            .sum();
+        counters.insert(counter.name().to_owned(), json!(total));
+        rows.push(vec![counter.name().to_owned(), total.to_string()]);
     }
-    let mut out = String::new();
-    let mut line = |cells: Vec<&str>| {
-        let mut l = String::new();
-        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-            if i + 1 == cells.len() {
-                l.push_str(cell);
-            } else {
-                let _ = write!(l, "{cell:<w$}  ");
-            }
-        }
-        out.push_str(l.trim_end());
-        out.push('\n');
-    };
-    line(header.to_vec());
-    for row in &rows {
-        line(row.iter().map(String::as_str).collect());
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn table_columns_align() {
-        let t = render_table(
-            &["A", "LONGER"],
-            vec![
-                vec!["xxxx".to_owned(), "1".to_owned()],
-                vec!["y".to_owned(), "22".to_owned()],
-            ]
-            .into_iter(),
-        );
-        assert_eq!(t, "A     LONGER\nxxxx  1\ny     22\n");
-    }
+    Ok(View {
+        json: json!({ "counters": counters }),
+        table: render_table(&["COUNTER", "PACKETS"], rows.into_iter()),
+    })
 }

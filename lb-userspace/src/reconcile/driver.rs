@@ -1,16 +1,25 @@
 //! The one control loop step both sources drive (`sluice run|attach` with a file, `sluice agent`
 //! with the Kubernetes API): the first apply loads the balancer (adopting the maps pinned there,
 //! so their flows are kept), reconciles and attaches with a pinned link (or swaps the program
-//! into the live link); every later apply reconciles. Each reconcile is recorded in the metrics.
+//! into the live link); every later apply reconciles. Each reconcile is recorded in its
+//! instruments ([`ReconcileMetrics`]).
 
 use std::time::Instant;
 
 use log::{info, warn};
+use prometheus_client::{
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
 
 use crate::{
     dataplane::{self, Maps, PinLayout},
     memory,
-    metrics::ControlMetrics,
     model::Desired,
     net::Interface,
     reconcile::{self, Summary, Unreachable},
@@ -21,7 +30,7 @@ pub struct Reconciler {
     pins: PinLayout,
     generic: bool,
     unreachable: Unreachable,
-    control: ControlMetrics,
+    control: ReconcileMetrics,
     /// The loaded object and its maps, once attached.
     attached: Option<(aya::Ebpf, Maps)>,
 }
@@ -33,7 +42,7 @@ impl Reconciler {
         pins: PinLayout,
         generic: bool,
         unreachable: Unreachable,
-        control: ControlMetrics,
+        control: ReconcileMetrics,
     ) -> Self {
         Self {
             iface,
@@ -101,5 +110,75 @@ impl Reconciler {
     /// Lets go of the program and maps (their pins stay, and keep forwarding).
     pub fn release(&mut self) {
         self.attached = None;
+    }
+}
+
+/// The reconcile driver's instruments (`sluice_reconcile*`, `sluice_maglev_rebuilds`): recorded
+/// by [`Reconciler::apply`], composed into `/metrics` on each scrape. Clones share their values.
+#[derive(Clone, Debug)]
+pub struct ReconcileMetrics {
+    reconciles: Family<Labels, Counter>,
+    maglev_rebuilds: Counter,
+    reconcile_seconds: Histogram,
+    /// What the last reconcile had no room for.
+    left_out: Gauge,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+impl Default for ReconcileMetrics {
+    fn default() -> Self {
+        Self {
+            reconciles: Family::default(),
+            maglev_rebuilds: Counter::default(),
+            // 100 µs to ~3 s: an unchanged config takes well under a millisecond, a table
+            // rebuild of a large VIP tens of milliseconds, a neighbour lookup up to seconds.
+            reconcile_seconds: Histogram::new(exponential_buckets(1e-4, 2.0, 16)),
+            left_out: Gauge::default(),
+        }
+    }
+}
+
+impl ReconcileMetrics {
+    /// Records one reconcile that started at `started`.
+    pub fn record(&self, started: Instant, result: &anyhow::Result<Summary>) {
+        self.reconcile_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = match result {
+            Ok(summary) => {
+                self.maglev_rebuilds.inc_by(summary.tables_rebuilt as u64);
+                self.left_out
+                    .set(i64::try_from(summary.left_out.len()).unwrap_or(i64::MAX));
+                "ok"
+            }
+            Err(_) => "error",
+        };
+        self.reconciles
+            .get_or_create(&vec![("result", outcome.to_owned())])
+            .inc();
+    }
+
+    /// Registers the reconciles' figures on `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "reconciles",
+            "Reconciles of the desired state into the maps, by result",
+            self.reconciles.clone(),
+        );
+        registry.register(
+            "maglev_rebuilds",
+            "Maglev tables built and swapped in",
+            self.maglev_rebuilds.clone(),
+        );
+        registry.register(
+            "reconcile_left_out",
+            "VIPs, backends and source ranges the maps had no room for at the last reconcile (the rest was applied)",
+            self.left_out.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "How long a reconcile took",
+            self.reconcile_seconds.clone(),
+        );
     }
 }

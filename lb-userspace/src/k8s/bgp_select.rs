@@ -1,4 +1,5 @@
-//! Which VIP addresses this node announces, from the API objects (pure, like `k8s::desired`):
+//! Which VIP addresses this node announces over BGP (`bgp::Intent`), from the API objects and
+//! the model built from them (pure, like `desired`); `bgp` itself knows no Kubernetes:
 //!
 //! - every VIP address of an `externalTrafficPolicy: Cluster` Service (every node balances it
 //!   to every node);
@@ -14,8 +15,8 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 
-use super::Intent;
-use crate::k8s::Built;
+use super::desired::Built;
+use crate::bgp::Intent;
 
 /// Nodes with this label are left out of external load balancing.
 pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";

@@ -10,6 +10,9 @@ pub use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use lb_common::{DEFAULT_FLOW_TABLE_SIZE, IPPROTO_TCP, IPPROTO_UDP};
 use serde::{Serialize, Serializer};
 
+mod health_check;
+pub use health_check::{CheckProtocol, HealthCheck, KUBE_PROXY_HEALTHZ_PORT, parse_duration};
+
 /// A string that is not a valid [`Protocol`], [`MacAddr`] or [`VipAddr`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParseError {
@@ -279,7 +282,7 @@ pub struct Vip {
     pub source_ranges: Vec<IpNet>,
     /// Active health check of the backends (`health`): one that fails drains.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub health_check: Option<crate::health::HealthCheck>,
+    pub health_check: Option<HealthCheck>,
 }
 
 impl Vip {

@@ -1,0 +1,244 @@
+//! Prometheus `/metrics`: the dataplane's counters, read from the pinned maps on each scrape,
+//! composed with the instruments each subsystem owns and registers ([`Instruments`]: the
+//! reconcile driver's, the health checks', the agent's Kubernetes watches'). `sluice run` and
+//! `sluice agent` serve it.
+//!
+//! Label sets are bounded by the maps: `vip` by MAX_VIPS, `backend` by MAX_BACKENDS, `reason`
+//! by the global counters, `resource` by the agent's three watches.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::{Context as _, anyhow};
+use lb_common::GlobalCounter;
+use log::{info, warn};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
+    registry::Registry,
+};
+
+use super::read::{self, SlotState};
+use crate::{
+    dataplane::{Maps, PinLayout},
+    http,
+};
+
+/// Where `sluice run` and `sluice agent` serve `/metrics` unless told otherwise: loopback only.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
+
+/// Most connection-table entries counted per family and scrape: the walk is one syscall per
+/// entry, so a huge table is reported as "at least this many" instead of stalling the scrape.
+pub const FLOW_COUNT_LIMIT: usize = 1 << 20;
+
+type Labels = Vec<(&'static str, String)>;
+
+fn counter_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter> {
+    let family = Family::<Labels, Counter>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+fn gauge_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Gauge> {
+    let family = Family::<Labels, Gauge>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+/// Connection-table entries of one table, counted up to [`FLOW_COUNT_LIMIT`].
+fn count_entries<K: aya::Pod, V: aya::Pod>(
+    map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+) -> usize {
+    // Entries evicted while the walk runs show up as errors: skip them.
+    map.keys()
+        .filter(Result::is_ok)
+        .take(FLOW_COUNT_LIMIT)
+        .count()
+}
+
+/// What the process's subsystems register on each scrape beside the dataplane's figures: each
+/// owns its instruments (the reconcile driver, the health checks, the agent's watches) and
+/// registers them itself; this only composes. Clones share the list.
+#[derive(Clone, Default)]
+pub struct Instruments(Vec<Arc<Register>>);
+
+type Register = dyn Fn(&mut Registry) + Send + Sync;
+
+impl Instruments {
+    /// Adds a subsystem's registration (called on each scrape, in the order added).
+    pub fn with(mut self, register: impl Fn(&mut Registry) + Send + Sync + 'static) -> Self {
+        self.0.push(Arc::new(register));
+        self
+    }
+}
+
+/// The metrics text (OpenMetrics) for the maps as they are now; without maps (the agent before
+/// its first sync: nothing is attached yet) only the control plane's.
+pub fn render(maps: Option<&Maps>, instruments: &Instruments) -> anyhow::Result<String> {
+    let mut registry = Registry::with_prefix("sluice");
+    registry.register(
+        "build",
+        "sluice's version",
+        Info::new(vec![("version", env!("CARGO_PKG_VERSION").to_owned())]),
+    );
+    if let Some(maps) = maps {
+        register_dataplane(&mut registry, maps)?;
+    }
+    for register in &instruments.0 {
+        register(&mut registry);
+    }
+
+    let mut text = String::new();
+    encode(&mut text, &registry).map_err(|e| anyhow!("encoding metrics: {e}"))?;
+    Ok(text)
+}
+
+/// The dataplane's figures, read from the maps.
+fn register_dataplane(registry: &mut Registry, maps: &Maps) -> anyhow::Result<()> {
+    let drops = counter_family(
+        registry,
+        "drops",
+        "Packets dropped by the XDP program, by reason",
+    );
+    let verdicts = counter_family(
+        registry,
+        "packets",
+        "Packets seen by the XDP program, by what became of them (drops: sluice_drops_total)",
+    );
+    let lookups = counter_family(
+        registry,
+        "flow_lookups",
+        "Connection-table lookups of VIP packets, by result (hit: established flow)",
+    );
+    let icmp = counter_family(
+        registry,
+        "icmp",
+        "ICMP handled by the XDP program: echo replies and too-big answers sent, errors forwarded",
+    );
+    let trace = counter_family(
+        registry,
+        "trace_events",
+        "Packets matched by `sluice trace`: reported, or lost (over its rate, or its ring full)",
+    );
+    for (counter, value) in read::global_counters(maps)? {
+        let name = counter.name();
+        let (family, label, what) = match counter {
+            GlobalCounter::FlowHit | GlobalCounter::FlowMiss => {
+                (&lookups, "result", name.trim_start_matches("flow_"))
+            }
+            // A subset of the misses: new flows the flood guard did not record.
+            GlobalCounter::FlowsNotRecorded => (&lookups, "result", "not_recorded"),
+            GlobalCounter::IcmpEchoReply
+            | GlobalCounter::IcmpTooBigSent
+            | GlobalCounter::IcmpErrorForwarded => {
+                (&icmp, "kind", name.trim_start_matches("icmp_"))
+            }
+            GlobalCounter::TraceEvents => (&trace, "result", "reported"),
+            GlobalCounter::TraceLostRate | GlobalCounter::TraceLostRing => {
+                (&trace, "result", name.trim_start_matches("trace_"))
+            }
+            _ if name.starts_with("drop_") => (&drops, "reason", name.trim_start_matches("drop_")),
+            // passed, tx, redirected, local, from_peer, decapsulated, arp_reply.
+            _ => (&verdicts, "verdict", name),
+        };
+        family
+            .get_or_create(&vec![(label, what.to_owned())])
+            .inc_by(value);
+    }
+
+    let vip_packets = counter_family(registry, "vip_packets", "Packets for a VIP");
+    let vip_bytes = counter_family(registry, "vip_bytes", "Bytes for a VIP");
+    let live = gauge_family(
+        registry,
+        "vip_live_backends",
+        "Backends of a VIP that take new flows",
+    );
+    let backend_packets = counter_family(registry, "backend_packets", "Packets sent to a backend");
+    let backend_bytes = counter_family(registry, "backend_bytes", "Bytes sent to a backend");
+    let draining = gauge_family(
+        registry,
+        "backend_draining",
+        "1 if the backend keeps its established flows but takes no new ones",
+    );
+    for (vip, backends) in read::collect(maps)? {
+        let labels = vec![("vip", vip.vip.clone())];
+        vip_packets.get_or_create(&labels).inc_by(vip.packets);
+        vip_bytes.get_or_create(&labels).inc_by(vip.bytes);
+        live.get_or_create(&labels)
+            .set(i64::from(vip.live_backends));
+        for b in backends {
+            let labels = vec![("vip", b.vip), ("backend", b.address)];
+            backend_packets.get_or_create(&labels).inc_by(b.packets);
+            backend_bytes.get_or_create(&labels).inc_by(b.bytes);
+            draining
+                .get_or_create(&labels)
+                .set(i64::from(b.state == SlotState::Draining));
+        }
+    }
+
+    let guard = read::flood_guard(maps)?;
+    gauge_family(
+        registry,
+        "flood_guard_limit",
+        "The flood guard's new flows per second and CPU before it holds (0: off)",
+    )
+    .get_or_create(&Vec::new())
+    .set(i64::from(guard.max_new_flows_per_cpu));
+    gauge_family(
+        registry,
+        "flood_guard_holding_cpus",
+        "CPUs over the flood guard's rate now: their new flows are not recorded",
+    )
+    .get_or_create(&Vec::new())
+    .set(i64::from(guard.cpus_holding));
+
+    let flows = gauge_family(
+        registry,
+        "flows",
+        "Connection-table entries, by family (counted up to 1048576 each)",
+    );
+    flows
+        .get_or_create(&vec![("family", "ipv4".to_owned())])
+        .set(count_entries(&maps.flows) as i64);
+    flows
+        .get_or_create(&vec![("family", "ipv6".to_owned())])
+        .set(count_entries(&maps.flows6) as i64);
+    Ok(())
+}
+
+/// Serves `GET /metrics` on `addr` from the maps pinned at `pins` and `instruments`, and the
+/// subsystems' own `routes` beside it, on a thread of its own. Only binds here (so a taken
+/// address fails before anything is loaded); the maps are opened on each scrape, so they may be
+/// pinned after this returns, and replaced. Until they are pinned, only the control plane's
+/// figures are served.
+pub fn serve(
+    addr: SocketAddr,
+    pins: &PinLayout,
+    instruments: Instruments,
+    routes: Vec<(&'static str, http::Handler)>,
+) -> anyhow::Result<http::Server> {
+    let pins = pins.clone();
+    let scrape = move || {
+        if !pins.has_maps() {
+            return render(None, &instruments);
+        }
+        let maps = Maps::from_pins(&pins)
+            .with_context(|| format!("opening the maps pinned in {}", pins.maps_dir().display()))?;
+        render(Some(&maps), &instruments)
+    };
+    let metrics: http::Handler = Box::new(move || match scrape() {
+        Ok(text) => http::Reply {
+            status: 200,
+            content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            body: text,
+        },
+        Err(e) => {
+            warn!("metrics scrape failed: {e:#}");
+            http::Reply::text(500, format!("{e:#}\n"))
+        }
+    });
+    let mut all = vec![("/metrics", metrics)];
+    all.extend(routes);
+    let server = http::serve(addr, "metrics", "--metrics-addr", all)?;
+    info!("metrics on http://{addr}/metrics");
+    Ok(server)
+}
