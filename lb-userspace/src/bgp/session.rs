@@ -193,7 +193,7 @@ impl Writer {
                 // Reset (RST) instead of leaving the unsent bytes to a closing socket.
                 let _ = self.half.as_ref().set_zero_linger();
                 Err(format!(
-                    "sending: the peer took nothing for {:?} (it stopped reading: TCP window closed?); resetting the session",
+                    "sending: a write did not complete in {:?} (the peer stopped reading: TCP window closed?); resetting the session",
                     self.deadline
                 ))
             }
