@@ -152,14 +152,14 @@ struct BgpArgs {
     /// Hold time proposed to the routers, in seconds (0, or 3 and more).
     #[arg(long, default_value_t = lb_userspace::bgp::DEFAULT_HOLD_TIME)]
     bgp_hold_time: u16,
-    /// Standard communities added to every route: comma-separated HIGH:LOW.
+    /// Standard communities added to every route: comma-separated HIGH:LOW (at most 256).
     #[arg(long, default_value = "")]
     bgp_communities: String,
     /// When draining (SIGTERM, cordon, exclusion label): seconds between the graceful-shutdown
     /// announcement (community 65535:0) and the withdrawal.
     #[arg(long, default_value_t = lb_userspace::bgp::DEFAULT_DRAIN_WAIT.as_secs_f64())]
     bgp_drain_wait: f64,
-    /// BFD (single hop, UDP 3784) with every IPv4 peer: a silent router or node is noticed in
+    /// BFD (single hop, UDP 3784) with every peer: a silent router or node is noticed in
     /// interval x multiplier instead of the hold time. Takes an optional true/false.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_name = "BOOL")]
     bgp_bfd: bool,

@@ -34,6 +34,11 @@ use tokio::time::Instant;
 
 use session::{Command, Status};
 
+/// At most this many `--bgp-communities`: with the graceful-shutdown community and every other
+/// attribute an UPDATE must still have room for prefixes within 4096 bytes (the test
+/// `communities_limit_leaves_room_for_prefixes` checks the worst case).
+pub const MAX_COMMUNITIES: usize = 256;
+
 /// Defaults of the flags (and of deploy/20-configmap.yaml).
 pub const DEFAULT_HOLD_TIME: u16 = 3;
 pub const DEFAULT_DRAIN_WAIT: Duration = Duration::from_secs(2);
@@ -127,7 +132,7 @@ pub struct SpeakerConfig {
     /// Between the graceful-shutdown announcement and the withdrawal.
     pub drain_wait: Duration,
     pub connect_timeout: Duration,
-    /// BFD with every IPv4 peer (single hop); `None`: off.
+    /// BFD with every peer (single hop); `None`: off.
     pub bfd: Option<bfd::BfdConfig>,
 }
 
@@ -154,6 +159,12 @@ impl SpeakerConfig {
         }
         if router_id.is_unspecified() {
             return Err("--bgp-router-id: 0.0.0.0 is not a router ID".into());
+        }
+        if communities.len() > MAX_COMMUNITIES {
+            return Err(format!(
+                "--bgp-communities: {} communities given, at most {MAX_COMMUNITIES} fit in a BGP UPDATE with the routes",
+                communities.len()
+            ));
         }
         Ok(Self {
             asn,
@@ -232,6 +243,7 @@ pub struct Speaker {
     task: JoinHandle<()>,
     /// BFD: stopped after the sessions closed (its AdminDown would otherwise end them early).
     bfd: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+    bfd_drops: Option<std::sync::Arc<bfd::Drops>>,
 }
 
 impl Speaker {
@@ -257,34 +269,42 @@ impl Speaker {
         for peer in &config.peers {
             let (cmd_tx, cmd_rx) = watch::channel(Command::Run(Routes::new()));
             let (status_tx, status_rx) = watch::channel(Status::default());
-            let bfd_up = match (config.bfd, peer.addr) {
-                (Some(_), IpAddr::V4(v4)) => {
-                    let (up_tx, up_rx) = watch::channel(false);
-                    bfd_peers.push((v4, up_tx));
-                    Some(up_rx)
+            // One BFD session per address (two BGP sessions to one router share it).
+            let bfd_link = config.bfd.map(|_| {
+                match bfd_peers
+                    .iter()
+                    .position(|p: &bfd::BfdPeer| p.addr == peer.addr)
+                {
+                    Some(i) => bfd_peers[i].link.subscribe(),
+                    None => {
+                        let (link, rx) = watch::channel(bfd::Link::Waiting);
+                        bfd_peers.push(bfd::BfdPeer {
+                            addr: peer.addr,
+                            port: bfd::BFD_PORT,
+                            link,
+                        });
+                        rx
+                    }
                 }
-                (Some(_), IpAddr::V6(_)) => {
-                    warn!(
-                        "BFD: peer {peer}: IPv6 BFD is not implemented; its session runs without"
-                    );
-                    None
-                }
-                (None, _) => None,
-            };
+            });
             tokio::spawn(session::run(
                 config.clone(),
                 peer.clone(),
                 cmd_rx,
                 status_tx,
-                bfd_up,
+                bfd_link,
             ));
             sessions.push((cmd_tx, status_rx));
         }
+        let mut bfd_drops = None;
         let bfd = match config.bfd {
             Some(cfg) if !bfd_peers.is_empty() => {
-                let (rx, tx) = bfd::sockets()?;
+                let addrs: Vec<IpAddr> = bfd_peers.iter().map(|p| p.addr).collect();
+                let sockets = bfd::Sockets::for_peers(&addrs)?;
+                let bfd = bfd::Bfd::new(cfg, sockets, bfd_peers)?;
+                bfd_drops = Some(bfd.drops());
                 let (bfd_stop, bfd_stop_rx) = watch::channel(false);
-                let task = tokio::spawn(bfd::run(rx, tx, cfg, bfd_peers, bfd_stop_rx));
+                let task = tokio::spawn(bfd.run(bfd_stop_rx));
                 Some((bfd_stop, task))
             }
             _ => None,
@@ -295,7 +315,13 @@ impl Speaker {
             stop,
             task,
             bfd,
+            bfd_drops,
         })
+    }
+
+    /// BFD packets dropped so far, by reason (`None` without BFD).
+    pub fn bfd_drops(&self) -> Option<bfd::DropCounts> {
+        self.bfd_drops.as_ref().map(|d| d.counts())
     }
 
     /// The newest intent (cheap when unchanged).
@@ -491,5 +517,53 @@ mod tests {
         assert!(SpeakerConfig::new(64512, id, peers.clone(), 2, vec![], d).is_err());
         assert!(SpeakerConfig::new(64512, id, vec![], 3, vec![], d).is_err());
         assert!(SpeakerConfig::new(0, id, peers, 3, vec![], d).is_err());
+    }
+
+    /// An unbounded community list is refused at start, naming the flag and the limit.
+    #[test]
+    fn too_many_communities_are_refused() {
+        let peers = parse_peers("192.0.2.1=65000").unwrap();
+        let id = Ipv4Addr::new(192, 0, 2, 10);
+        let d = DEFAULT_DRAIN_WAIT;
+        let list: Vec<String> = (0..2000u32).map(|i| format!("64512:{i}")).collect();
+        let many = parse_communities(&list.join(",")).unwrap();
+        let e = SpeakerConfig::new(64512, id, peers.clone(), 3, many.clone(), d).unwrap_err();
+        assert!(e.contains("--bgp-communities") && e.contains("256"), "{e}");
+        let e =
+            SpeakerConfig::new(64512, id, peers.clone(), 3, many[..257].to_vec(), d).unwrap_err();
+        assert!(e.contains("--bgp-communities"), "{e}");
+        assert!(SpeakerConfig::new(64512, id, peers, 3, many[..256].to_vec(), d).is_ok());
+    }
+
+    /// The limit is safe: the largest UPDATE this speaker builds (every attribute, the
+    /// maximum communities plus graceful shutdown, 2-octet AS with AS4_PATH, IPv6 next hop)
+    /// still has room for a /128 within 4096 bytes.
+    #[test]
+    fn communities_limit_leaves_room_for_prefixes() {
+        use wire::{AFI_IPV6, Attribute, Context, SAFI_UNICAST, Segment};
+        let mut communities = vec![0xfc00_0001; MAX_COMMUNITIES];
+        communities.push(wire::GRACEFUL_SHUTDOWN);
+        let path = vec![Segment {
+            kind: wire::AS_SEQUENCE,
+            asns: vec![4_200_000_000],
+        }];
+        let attrs = vec![
+            Attribute::Origin(0),
+            Attribute::AsPath(path.clone()),
+            Attribute::NextHop(Ipv4Addr::new(192, 0, 2, 10)),
+            Attribute::LocalPref(100),
+            Attribute::Communities(communities),
+            Attribute::As4Path(path),
+            Attribute::MpReach {
+                afi: AFI_IPV6,
+                safi: SAFI_UNICAST,
+                next_hop: vec![0; 16],
+                nlri: vec!["2001:db8::1/128".parse().unwrap()],
+            },
+        ];
+        for four_octet_as in [false, true] {
+            let used = wire::update_overhead(&attrs, Context { four_octet_as }) + 2;
+            assert!(used <= wire::MAX_MESSAGE_LEN / 2, "{used}");
+        }
     }
 }

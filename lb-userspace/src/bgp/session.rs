@@ -17,6 +17,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout};
 
+use super::bfd::Link;
 use super::wire::{
     self, AFI_IPV4, AFI_IPV6, AS_SEQUENCE, AS_TRANS, Attribute, Capability, Context, Message,
     Notification, Open, SAFI_UNICAST, Segment, Update, code,
@@ -29,6 +30,17 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// How long an OPEN may take to arrive (RFC 4271's large hold time before OPEN is 4 min; a
 /// router that answers at all answers in well under this).
 const OPEN_WAIT: Duration = Duration::from_secs(30);
+/// The deadline of one write when the hold time is 0 (no keepalives).
+const WRITE_DEADLINE_NO_HOLD: Duration = Duration::from_secs(30);
+
+/// How long one write may wait for the peer to take it: less than the hold time, so that a
+/// peer that stopped reading (zero TCP window) cannot freeze the session loop past it.
+fn write_deadline(hold_secs: u16) -> Duration {
+    if hold_secs == 0 {
+        return WRITE_DEADLINE_NO_HOLD;
+    }
+    (Duration::from_secs(u64::from(hold_secs)) / 2).max(Duration::from_secs(1))
+}
 
 /// What the speaker tells a session.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,7 +74,7 @@ pub async fn run(
     peer: Peer,
     mut commands: watch::Receiver<Command>,
     status: watch::Sender<Status>,
-    mut bfd: Option<watch::Receiver<bool>>,
+    mut bfd: Option<watch::Receiver<Link>>,
 ) {
     let mut retry = RETRY_FIRST;
     let mut failing = false;
@@ -164,14 +176,28 @@ impl Reader {
 struct Writer {
     half: OwnedWriteHalf,
     ctx: Context,
+    /// Each write's deadline ([`write_deadline`]).
+    deadline: Duration,
 }
 
 impl Writer {
     async fn send(&mut self, msg: &Message) -> Result<(), String> {
-        self.half
-            .write_all(&wire::encode(msg, self.ctx))
-            .await
-            .map_err(|e| format!("sending: {e}"))
+        match timeout(
+            self.deadline,
+            self.half.write_all(&wire::encode(msg, self.ctx)),
+        )
+        .await
+        {
+            Ok(r) => r.map_err(|e| format!("sending: {e}")),
+            Err(_) => {
+                // Reset (RST) instead of leaving the unsent bytes to a closing socket.
+                let _ = self.half.as_ref().set_zero_linger();
+                Err(format!(
+                    "sending: a write did not complete in {:?} (the peer stopped reading: TCP window closed?); resetting the session",
+                    self.deadline
+                ))
+            }
+        }
     }
 
     /// Best effort: the session ends after it either way.
@@ -186,7 +212,7 @@ async fn session(
     peer: &Peer,
     commands: &mut watch::Receiver<Command>,
     status: &watch::Sender<Status>,
-    bfd: &mut Option<watch::Receiver<bool>>,
+    bfd: &mut Option<watch::Receiver<Link>>,
 ) -> End {
     let target = SocketAddr::new(peer.addr, peer.port);
     let stream = match timeout(config.connect_timeout, TcpStream::connect(target)).await {
@@ -210,7 +236,15 @@ async fn session(
         four_octet_as: false,
     };
     let mut reader = Reader { half: rd, ctx };
-    let mut writer = Writer { half: wr, ctx };
+    let mut writer = Writer {
+        half: wr,
+        ctx,
+        deadline: write_deadline(config.hold_time_secs),
+    };
+    // What BFD did between sessions is no news to this one.
+    if let Some(rx) = bfd.as_mut() {
+        rx.borrow_and_update();
+    }
     debug!("BGP peer {}: connected from {local}", peer.addr);
 
     let my_as = u16::try_from(config.asn).unwrap_or(AS_TRANS);
@@ -279,6 +313,7 @@ async fn session(
     };
     reader.ctx = ctx;
     writer.ctx = ctx;
+    writer.deadline = write_deadline(hold);
     let hold_time = (hold > 0).then(|| Duration::from_secs(u64::from(hold)));
     let keepalive_every = hold_time.map(|h| h / 3);
     if let Err(e) = writer.send(&Message::Keepalive).await {
@@ -397,8 +432,9 @@ async fn session(
     }
 }
 
-/// Returns when BFD goes down after having been up (never without BFD).
-async fn bfd_down(bfd: &mut Option<watch::Receiver<bool>>) {
+/// Returns when BFD fails after having been up (never without BFD). The peer's AdminDown is
+/// no failure (RFC 5882 section 3.2): the session then runs on its hold timer.
+async fn bfd_down(bfd: &mut Option<watch::Receiver<Link>>) {
     let Some(rx) = bfd else {
         return std::future::pending().await;
     };
@@ -406,7 +442,7 @@ async fn bfd_down(bfd: &mut Option<watch::Receiver<bool>>) {
         if rx.changed().await.is_err() {
             return std::future::pending().await;
         }
-        if !*rx.borrow_and_update() {
+        if *rx.borrow_and_update() == Link::Failed {
             return;
         }
     }
@@ -735,5 +771,111 @@ mod tests {
             two,
         );
         assert!(v.iter().any(|a| matches!(a, Attribute::As4Path(_))));
+    }
+
+    /// BFD's link: only a failure after Up ends the session; the peer's AdminDown does not
+    /// (RFC 5882 section 3.2).
+    #[tokio::test(flavor = "current_thread")]
+    async fn bfd_admin_down_keeps_the_session() {
+        let (tx, rx) = watch::channel(Link::Waiting);
+        let mut bfd = Some(rx);
+        tx.send_replace(Link::Up);
+        tx.send_replace(Link::AdminDown);
+        let waited = timeout(Duration::from_millis(200), bfd_down(&mut bfd)).await;
+        assert!(
+            waited.is_err(),
+            "the peer's AdminDown ended the BGP session"
+        );
+        tx.send_replace(Link::Up);
+        tx.send_replace(Link::Failed);
+        let waited = timeout(Duration::from_millis(200), bfd_down(&mut bfd)).await;
+        assert!(waited.is_ok(), "a BFD failure did not end the BGP session");
+    }
+
+    /// A router that accepts, completes the OPEN exchange, then never reads again (its TCP
+    /// window closes, SO_RCVBUF small) nor sends: the session loop must not hang in a write
+    /// (where neither the hold timer nor BFD nor a shutdown could reach it); it ends the
+    /// session within the hold time.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_peer_that_stops_reading_cannot_freeze_the_session() {
+        use std::os::fd::AsRawFd as _;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let small: libc::c_int = 4096;
+        // SAFETY: setsockopt with a pointer to a live c_int of the length passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                listener.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&raw const small).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let peer = Peer {
+            addr: Ipv4Addr::LOCALHOST.into(),
+            port: listener.local_addr().unwrap().port(),
+            asn: 65000,
+        };
+        let config = SpeakerConfig::for_tests(64512);
+        let hold = Duration::from_secs(u64::from(config.hold_time_secs));
+        // More UPDATEs (about 5 MB) than loopback's socket buffers take (about 3 MB here).
+        let routes = Routes(
+            (0..1_000_000u32)
+                .map(|i| {
+                    let p = Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + i), 32).unwrap();
+                    (IpNet::V4(p), RouteAttrs::default())
+                })
+                .collect(),
+        );
+        let (_commands, commands_rx) = watch::channel(Command::Run(routes));
+        let (status_tx, mut status) = watch::channel(Status::default());
+        tokio::spawn(run(config, peer, commands_rx, status_tx, None));
+
+        let (mut conn, _) = timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let ctx = Context {
+            four_octet_as: false,
+        };
+        let mut header = [0u8; wire::HEADER_LEN];
+        conn.read_exact(&mut header).await.unwrap();
+        let mut open = vec![0u8; wire::message_len(&header).unwrap() - wire::HEADER_LEN];
+        conn.read_exact(&mut open).await.unwrap();
+        let theirs = Open {
+            version: 4,
+            my_as: 65000,
+            hold_time: 3,
+            router_id: Ipv4Addr::new(192, 0, 2, 1),
+            capabilities: vec![
+                Capability::Multiprotocol {
+                    afi: AFI_IPV4,
+                    safi: SAFI_UNICAST,
+                },
+                Capability::FourOctetAs(65000),
+            ],
+        };
+        conn.write_all(&wire::encode(&Message::Open(theirs), ctx))
+            .await
+            .unwrap();
+        conn.write_all(&wire::encode(&Message::Keepalive, ctx))
+            .await
+            .unwrap();
+        // From here on the router neither reads nor writes.
+        timeout(Duration::from_secs(5), status.wait_for(|s| s.established))
+            .await
+            .expect("established")
+            .unwrap();
+        let since = Instant::now();
+        let ended = timeout(hold, status.wait_for(|s| !s.established)).await;
+        assert!(
+            ended.is_ok(),
+            "the session loop did not notice a peer that stopped reading within the hold time {hold:?}"
+        );
+        eprintln!("session ended {:?} after establishment", since.elapsed());
+        drop(conn);
     }
 }
