@@ -311,7 +311,7 @@ fn pick(pools: &Pools, taken: &Taken<'_>, c: &Claim, family: Family) -> Option<I
         .collect();
     pools.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
     if c.sharing_key.is_some() {
-        for (&a, _) in taken.0.iter() {
+        for &a in taken.0.keys() {
             if Family::of(a) == family
                 && taken.is_shared_by_key(a, c.sharing_key.as_deref())
                 && pools.iter().any(|p| p.contains(a))
