@@ -5,28 +5,22 @@
 //! gratuitous ARP (IPv6: unsolicited Neighbor Advertisements) on takeover so that clients and
 //! switches move to its MAC at once.
 //!
-//! The election is compare-and-swap on the Lease's resourceVersion: of two agents writing the
-//! same version, the API server accepts one and answers 409 to the other. A lease is free when
-//! it has no holder (released on SIGTERM) or when its record has not changed for its duration
-//! by this agent's own clock (as client-go's leader election judges it, so clock skew between
-//! nodes does not matter).
+//! The election is `lease::Elector`'s (compare-and-swap on the Lease, expiry by this agent's
+//! own clock).
 //!
 //! While the API server cannot be reached the holder keeps answering: nobody else can win the
 //! lease meanwhile, and should two nodes answer for a while both forward identically (the same
 //! maps, the same Maglev tables), so a client reaches the same backends through either.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::Timestamp;
-use kube::api::PostParams;
 use kube::{Api, Client};
 use log::{debug, info, warn};
 use tokio::sync::watch;
 
+use super::lease::{Attempt, Elector};
 use crate::dataplane::{AnnounceMap, PinLayout};
 use crate::net::{self, Interface};
 
@@ -84,22 +78,13 @@ pub fn lease_name(addr: IpAddr) -> String {
     }
 }
 
-/// The outcome of one attempt on one lease.
-#[derive(Debug, PartialEq, Eq)]
-enum Attempt {
-    Held,
-    NotHeld,
-}
-
 /// The per-address election loop and what it holds.
 struct Announcer {
-    api: Api<Lease>,
+    elector: Elector,
     config: AnnounceConfig,
     map: Option<AnnounceMap>,
     /// Addresses whose lease this node holds (and which are in ANNOUNCE).
     held: BTreeSet<IpAddr>,
-    /// Lease name -> (resourceVersion last seen, when it was first seen by our clock).
-    observed: BTreeMap<String, (Option<String>, Instant)>,
     /// Addresses whose last attempt failed (logged once per streak).
     failing: BTreeSet<IpAddr>,
 }
@@ -113,11 +98,14 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut a = Announcer {
-        api: Api::namespaced(client, &config.namespace),
+        elector: Elector::new(
+            Api::namespaced(client, &config.namespace),
+            config.node_name.clone(),
+            LEASE_DURATION,
+        ),
         config,
         map: None,
         held: BTreeSet::new(),
-        observed: BTreeMap::new(),
         failing: BTreeSet::new(),
     };
     info!(
@@ -214,8 +202,8 @@ impl Announcer {
             self.give_up(addr);
             self.release(addr).await;
         }
-        self.observed
-            .retain(|name, _| wanted.iter().any(|a| lease_name(*a) == *name));
+        self.elector
+            .forget_except(|name| wanted.iter().any(|a| lease_name(*a) == name));
     }
 
     async fn take_over(&mut self, addr: IpAddr) {
@@ -272,92 +260,16 @@ impl Announcer {
         }
     }
 
-    /// Acquires or renews the address's lease.
     async fn attempt(&mut self, addr: IpAddr) -> Result<Attempt, kube::Error> {
-        let name = lease_name(addr);
-        let me = self.config.node_name.clone();
-        let now = MicroTime(Timestamp::now());
-        let Some(mut lease) = self.api.get_opt(&name).await? else {
-            let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(name.clone()),
-                    labels: Some(BTreeMap::from([(
-                        "app.kubernetes.io/name".to_owned(),
-                        "sluice".to_owned(),
-                    )])),
-                    ..ObjectMeta::default()
-                },
-                spec: Some(LeaseSpec {
-                    holder_identity: Some(me),
-                    lease_duration_seconds: Some(LEASE_DURATION.as_secs() as i32),
-                    acquire_time: Some(now.clone()),
-                    renew_time: Some(now),
-                    lease_transitions: Some(0),
-                    ..LeaseSpec::default()
-                }),
-            };
-            return conflict_is_loss(self.api.create(&PostParams::default(), &lease).await);
-        };
-        let version = lease.metadata.resource_version.clone();
-        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
-        if holder.as_deref() != Some(me.as_str()) {
-            let duration = spec
-                .lease_duration_seconds
-                .and_then(|s| u64::try_from(s).ok())
-                .map_or(LEASE_DURATION, Duration::from_secs);
-            // When did the record last change, by our clock?
-            let seen = self
-                .observed
-                .entry(name.clone())
-                .or_insert((version.clone(), Instant::now()));
-            if seen.0 != version {
-                *seen = (version.clone(), Instant::now());
-            }
-            let expired = seen.1.elapsed() >= duration;
-            if holder.is_some() && !expired {
-                return Ok(Attempt::NotHeld);
-            }
-            if let Some(old) = &holder {
-                info!(
-                    "VIP {addr}: lease {name} of {old} expired ({duration:?} without renewal): taking over"
-                );
-            }
-            spec.holder_identity = Some(me);
-            spec.acquire_time = Some(now.clone());
-            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
-        }
-        spec.renew_time = Some(now);
-        spec.lease_duration_seconds = Some(LEASE_DURATION.as_secs() as i32);
-        // resourceVersion is kept: the write succeeds only if nobody wrote in between.
-        conflict_is_loss(
-            self.api
-                .replace(&name, &PostParams::default(), &lease)
-                .await,
-        )
+        self.elector
+            .attempt(&lease_name(addr), &format!("VIP {addr}"))
+            .await
     }
 
     /// Clears this node as the holder of the address's lease (when it still is).
     async fn release(&mut self, addr: IpAddr) {
         let name = lease_name(addr);
-        let result = async {
-            let Some(mut lease) = self.api.get_opt(&name).await? else {
-                return Ok(());
-            };
-            let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-            if spec.holder_identity.as_deref() != Some(self.config.node_name.as_str()) {
-                return Ok(());
-            }
-            spec.holder_identity = None;
-            spec.acquire_time = None;
-            spec.renew_time = None;
-            self.api
-                .replace(&name, &PostParams::default(), &lease)
-                .await
-                .map(drop)
-        }
-        .await;
-        match result {
+        match self.elector.release(&name).await {
             Ok(()) => info!("VIP {addr}: lease {name} released"),
             Err(e) => warn!(
                 "VIP {addr}: releasing lease {name} failed (it expires in {LEASE_DURATION:?}): {e}"
@@ -372,16 +284,6 @@ impl Announcer {
             self.give_up(addr);
             self.release(addr).await;
         }
-    }
-}
-
-/// A write that lost the compare-and-swap (409: changed or created by another node) is a lost
-/// election, not an error.
-fn conflict_is_loss(result: Result<Lease, kube::Error>) -> Result<Attempt, kube::Error> {
-    match result {
-        Ok(_) => Ok(Attempt::Held),
-        Err(kube::Error::Api(status)) if status.code == 409 => Ok(Attempt::NotHeld),
-        Err(e) => Err(e),
     }
 }
 

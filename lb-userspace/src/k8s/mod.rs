@@ -11,6 +11,7 @@ pub mod agent;
 pub mod announce;
 pub mod bgp_select;
 pub mod desired;
+mod lease;
 pub mod options;
 pub mod overlay;
 pub mod pools;
