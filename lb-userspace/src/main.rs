@@ -105,8 +105,16 @@ struct AgentArgs {
     /// Needs --node-name.
     #[arg(long)]
     announce: bool,
-    /// Namespace of the announcement and node-load Leases [default: the pod's own, else
-    /// sluice-system].
+    /// Serve LoadBalancer Services without a `spec.loadBalancerClass` (besides those of class
+    /// sluice.io/lb); false beside another implementation that takes those.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    serve_unclassed: bool,
+    /// Take part in the address allocator's election (one agent writes the Services' pool
+    /// addresses; needs --node-name and IPAddressPools).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    allocate: bool,
+    /// Namespace of the announcement, allocator and node-load Leases [default: the pod's own,
+    /// else sluice-system].
     #[arg(long)]
     lease_namespace: Option<String>,
     /// Probe the backend nodes (kube-proxy's healthz, a Local Service's healthCheckNodePort, or
@@ -837,6 +845,21 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
     let _metrics = metrics::serve(args.metrics_addr, &pins, instruments, health_routes)?;
     pins.prepare()?;
     let generic = args.at.generic;
+    let class = k8s::pools::ClassPolicy {
+        unclassed: args.serve_unclassed,
+    };
+    let allocator = match (&args.node_name, args.allocate) {
+        (Some(node_name), true) => Some(k8s::allocator::AllocatorConfig {
+            namespace: lease_namespace.clone(),
+            node_name: node_name.clone(),
+            class,
+        }),
+        (None, true) => {
+            warn!("no --node-name: this agent never allocates addresses (the others still do)");
+            None
+        }
+        (_, false) => None,
+    };
     let announce = announce_node.map(|node_name| k8s::AnnounceConfig {
         namespace: lease_namespace,
         node_name,
@@ -868,6 +891,8 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
             watches: Some(watches),
             bgp,
             health,
+            class,
+            allocator,
         },
         apply,
     )

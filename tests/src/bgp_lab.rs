@@ -435,6 +435,11 @@ spec:
             "/api/v1/namespaces/default/services/web",
             &json!({"status": {"loadBalancer": {"ingress": [{"ip": lab.vip().to_string()}]}}}),
         )?;
+        // Only pool addresses are announced: the lab's VIP and the next three (the scenarios
+        // move the VIP and add a Local Service); no auto-assign, the test writes the status.
+        kube.agent_kubeconfig()?;
+        let last = std::net::Ipv4Addr::from(u32::from(lab.vip()) + 3);
+        kube.pool("lab", &[format!("{}-{last}", lab.vip())], false, false)?;
         let router = Router::start(
             kind,
             lab.lb_ns(),

@@ -583,6 +583,36 @@ impl Kube {
         Ok(())
     }
 
+    /// An IPAddressPool (sluice.io) holding `addresses` (CIDRs, ranges, addresses), once the
+    /// resource is established (deploy/ applied by [`Kube::agent_kubeconfig`]). With
+    /// `auto_assign` false the allocator hands out nothing on its own: a test that writes its
+    /// Services' status itself (as MetalLB would) keeps its addresses, and they may be announced.
+    pub fn pool(
+        &self,
+        name: &str,
+        addresses: &[String],
+        auto_assign: bool,
+        allow_external_ips: bool,
+    ) -> Result<()> {
+        self.kubectl_ok(&[
+            "wait",
+            "--for=condition=established",
+            "--timeout=30s",
+            "crd/ipaddresspools.sluice.io",
+        ])?;
+        let pool = serde_json::json!({
+            "apiVersion": "sluice.io/v1alpha1",
+            "kind": "IPAddressPool",
+            "metadata": {"name": name},
+            "spec": {
+                "addresses": addresses,
+                "autoAssign": auto_assign,
+                "allowExternalIps": allow_external_ips,
+            },
+        });
+        self.apply_yaml(&pool.to_string())
+    }
+
     /// JSON merge patch of `path`'s status subresource (e.g. `/api/v1/nodes/n0`) as admin on API
     /// server 0: how controllers (MetalLB, the kubelet) write status, which kubectl 1.20 cannot.
     pub fn patch_status(&self, path: &str, patch: &serde_json::Value) -> Result<()> {

@@ -888,6 +888,9 @@ fn announce_moves_an_ipv6_vip_by_neighbour_advertisement_on_takeover() -> Result
 /// one wins, SIGTERM hands over at once, a dead holder's lease is taken when it expires; the
 /// client's neighbour entry follows each time.
 fn announce_takeover(env: &Env, vip: IpAddr) -> Result<()> {
+    // Only pool addresses are announced: the VIP's pool (no auto-assign: the test writes the
+    // status, as MetalLB would).
+    env.kube.pool("lab", &[vip.to_string()], false, false)?;
     // Two load-balancer "nodes" on the segment: eth0 and eth1 of the lb namespace, each with
     // its own agent, XDP program, pins and MAC.
     let eth1 = env.lab.add_lb_port(1)?;

@@ -72,7 +72,7 @@ pub struct Notice {
 }
 
 /// The allocation.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Allocation {
     /// Per load-balancer Service: the addresses its status should hold (maybe none).
     pub addresses: BTreeMap<String, Vec<IpAddr>>,

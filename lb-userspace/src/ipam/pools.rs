@@ -87,7 +87,7 @@ pub fn addr(v6: bool, n: u128) -> IpAddr {
 }
 
 /// A pool as its resource states it (see `k8s::pools` for the resource).
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PoolSpec {
     pub name: String,
     /// Orders pools for overlaps (the older keeps its addresses): creation time, then name.
@@ -107,7 +107,7 @@ pub struct PoolSpec {
 }
 
 /// A pool that passed validation.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pool {
     pub spec: PoolSpec,
     pub ranges: Vec<AddrRange>,
@@ -138,7 +138,7 @@ impl Pool {
 }
 
 /// Pools that can be used, and why the others cannot (pool name -> reason).
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Pools {
     pub valid: Vec<Pool>,
     pub invalid: BTreeMap<String, String>,

@@ -28,8 +28,10 @@ use serde::de::DeserializeOwned;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 
+use super::allocator::{self, AllocatorConfig};
 use super::announce::{self, AnnounceConfig};
-use super::desired::{self, Built, SERVICE_NAME_LABEL};
+use super::desired::{self, AddressPolicy, Built, SERVICE_NAME_LABEL};
+use super::pools::{ClassPolicy, IPAddressPool, pool_spec};
 use super::watch_metrics::WatchMetrics;
 use super::watch_probe::WatchProbeLayer;
 use crate::http;
@@ -66,6 +68,10 @@ pub struct AgentConfig {
     pub bgp: Option<crate::bgp::SpeakerConfig>,
     /// Health checks and load-aware weights.
     pub health: crate::health::AgentHealth,
+    /// Which Services are sluice's (`loadBalancerClass`), and the address allocator's election
+    /// (`None`: this agent never allocates).
+    pub class: ClassPolicy,
+    pub allocator: Option<AllocatorConfig>,
 }
 
 /// How long the first apply waits for the nodes' load Leases (after the other lists).
@@ -191,6 +197,31 @@ where
     reader
 }
 
+/// Watches the IPAddressPools when the resource is installed; `None` (logged) when it is not,
+/// or when this agent may not read it: sluice then owns no address.
+async fn watch_pools(
+    client: &Client,
+    changed: Arc<Notify>,
+    metrics: Option<WatchMetrics>,
+) -> Option<Store<IPAddressPool>> {
+    let api: Api<IPAddressPool> = Api::all(client.clone());
+    match api.list(&kube::api::ListParams::default().limit(1)).await {
+        Ok(_) => Some(watch(api, watcher::Config::default(), changed, metrics)),
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            info!(
+                "the IPAddressPool resource (sluice.io) is not installed: sluice owns no address (apply deploy/05-crd-ipaddresspools.yaml and a pool to let it assign and announce)"
+            );
+            None
+        }
+        Err(e) => {
+            warn!(
+                "cannot list IPAddressPools ({e}): sluice owns no address until it can (check the ClusterRole)"
+            );
+            None
+        }
+    }
+}
+
 async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
@@ -225,9 +256,13 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
         "node {}: waiting for the first lists of Services, EndpointSlices and Nodes",
         config.node_name.as_deref().unwrap_or("(unnamed)")
     );
+    let pools = watch_pools(&client, changed.clone(), config.watches.clone()).await;
     let ready = async {
         services.wait_until_ready().await?;
         slices.wait_until_ready().await?;
+        if let Some(p) = &pools {
+            p.wait_until_ready().await?;
+        }
         nodes.wait_until_ready().await
     };
     tokio::select! {
@@ -296,21 +331,57 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
     let announcer = config
         .announce
         .clone()
-        .map(|a| tokio::spawn(announce::run(client, a, addrs_rx, stop_rx)));
+        .map(|a| tokio::spawn(announce::run(client.clone(), a, addrs_rx, stop_rx.clone())));
 
     let speaker = start_bgp(&config, &health)?;
 
+    // The address allocator: elected on one agent, it writes the Services' status.
+    let alloc_changed = Arc::new(Notify::new());
+    let allocator = match (&pools, config.allocator.clone()) {
+        (Some(store), Some(a)) => Some(tokio::spawn(allocator::run(
+            client.clone(),
+            a,
+            store.clone(),
+            alloc_changed.clone(),
+            stop_rx.clone(),
+        ))),
+        _ => None,
+    };
+
     let mut last = Built::default();
     let mut logged_problems = BTreeSet::new();
+    let mut logged_mode = None;
     // The first model is always sent, even an empty one: its apply attaches.
     let mut first = true;
     loop {
+        let policy = AddressPolicy {
+            pools: pools
+                .as_ref()
+                .map(|p| p.state().iter().map(|p| pool_spec(p)).collect())
+                .unwrap_or_default(),
+            class: config.class,
+        };
         let mut built = desired::build(
             &services.state(),
             &slices.state(),
             &nodes.state(),
             config.settings,
+            &policy,
         );
+        let mode = built.addressing.is_some();
+        if logged_mode != Some(mode) {
+            logged_mode = Some(mode);
+            if mode {
+                info!("address pools: serving and announcing only addresses of the IPAddressPools");
+            } else {
+                info!(
+                    "no IPAddressPool: serving the addresses another controller (e.g. MetalLB) wrote into the Services, announcing none of them"
+                );
+            }
+        }
+        if built.addressing != last.addressing {
+            alloc_changed.notify_one();
+        }
         if let Some(load) = &config.health.load {
             let is_node = built.node_names.values().any(|n| *n == load.node_name);
             load.is_node.store(is_node, Ordering::Relaxed);
@@ -333,7 +404,14 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
                     "{change}"
                 );
             }
-            let addrs: BTreeSet<IpAddr> = built.desired.vips.iter().map(|v| v.key.addr).collect();
+            let announceable = built.announceable();
+            let addrs: BTreeSet<IpAddr> = built
+                .desired
+                .vips
+                .iter()
+                .map(|v| v.key.addr)
+                .filter(|a| announceable.contains(a))
+                .collect();
             addrs_tx.send_if_modified(|old| std::mem::replace(old, addrs) != *old);
             if tx.send(built.desired.clone()).is_err() {
                 // The reconcile thread is gone (it logged why): let the DaemonSet restart us.
@@ -341,12 +419,12 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
             }
         }
         if let (Some(speaker), Some(node)) = (&speaker, &config.node_name) {
-            speaker.set(super::bgp_select::intent(
-                &services.state(),
-                &nodes.state(),
-                &built,
-                node,
-            ));
+            let mut intent =
+                super::bgp_select::intent(&services.state(), &nodes.state(), &built, node);
+            // Only pool addresses are ever announced.
+            let announceable = built.announceable();
+            intent.addrs.retain(|a| announceable.contains(a));
+            speaker.set(intent);
         }
         last = built;
 
@@ -367,16 +445,24 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
         // Routers first: graceful shutdown, withdraw, close; XDP keeps forwarding meanwhile.
         speaker.shutdown().await;
     }
-    if let Some(announcer) = announcer {
-        let _ = stop_tx.send(true);
-        if tokio::time::timeout(RELEASE_TIMEOUT, announcer)
+    let _ = stop_tx.send(true);
+    if let Some(allocator) = allocator
+        && tokio::time::timeout(RELEASE_TIMEOUT, allocator)
             .await
             .is_err()
-        {
-            warn!(
-                "releasing the announcement leases took over {RELEASE_TIMEOUT:?}: they expire by themselves"
-            );
-        }
+    {
+        warn!(
+            "releasing the allocator's lease took over {RELEASE_TIMEOUT:?}: it expires by itself"
+        );
+    }
+    if let Some(announcer) = announcer
+        && tokio::time::timeout(RELEASE_TIMEOUT, announcer)
+            .await
+            .is_err()
+    {
+        warn!(
+            "releasing the announcement leases took over {RELEASE_TIMEOUT:?}: they expire by themselves"
+        );
     }
     drop(tx);
     reconciler

@@ -137,7 +137,13 @@ mod tests {
             node("n1", "192.0.2.11", json!({}), false),
             node("n2", "192.0.2.12", json!({}), false),
         ];
-        let built = crate::k8s::build(&services, &slices, &nodes, Settings::default());
+        let built = crate::k8s::build(
+            &services,
+            &slices,
+            &nodes,
+            Settings::default(),
+            &Default::default(),
+        );
         let addr = |s: &str| s.parse::<IpAddr>().unwrap();
         let i1 = intent(&services, &nodes, &built, "n1");
         assert_eq!(
@@ -152,7 +158,13 @@ mod tests {
             node("n1", "192.0.2.11", json!({EXCLUDE_LABEL: ""}), true),
             node("n2", "192.0.2.12", json!({}), true),
         ];
-        let built = crate::k8s::build(&services, &slices, &labelled, Settings::default());
+        let built = crate::k8s::build(
+            &services,
+            &slices,
+            &labelled,
+            Settings::default(),
+            &Default::default(),
+        );
         assert!(
             intent(&services, &labelled, &built, "n1")
                 .drain

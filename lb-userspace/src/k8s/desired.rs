@@ -2,9 +2,15 @@
 //! the same objects always give the same model, so a relist or an agent restart rebuilds exactly
 //! the maps that were there.
 //!
-//! - A VIP per (address, port, protocol): addresses from `status.loadBalancer.ingress[].ip` and
-//!   `spec.externalIPs` (IPv4 and IPv6: a dual-stack Service gets VIPs of both families), ports
-//!   from `spec.ports` (TCP and UDP).
+//! - Only Services of sluice's `loadBalancerClass` (and, unless told otherwise, of none): another
+//!   class is left entirely alone.
+//! - A VIP per (address, port, protocol), ports from `spec.ports` (TCP and UDP), addresses of
+//!   both families (a dual-stack Service gets VIPs of both). With address pools (IPAddressPool
+//!   resources): only what the allocation (`ipam`) gives the Service and its status shows, and
+//!   its `spec.externalIPs` inside a pool that allows them; those addresses, and no other, may
+//!   be announced. Without any pool ("beside MetalLB"): every address of
+//!   `status.loadBalancer.ingress[].ip` and `spec.externalIPs`, announced by nobody.
+//! - Two Services claiming one VIP: the older (creation time, then uid) keeps it, on every agent.
 //! - Its backends are NODES, by InternalIP (the node's kube-proxy or CNI takes the packet on to a
 //!   pod), of the VIP's family where the node has one; else, in mode `ipip` only, by the other
 //!   family's (IPIP carries IPv6, IP6IP6 carries IPv4); in mode `l2` such a node is left out of
@@ -22,6 +28,8 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::options::{VipOptions, node_weight, service_options};
+use super::pools::{ClassPolicy, claim};
+use crate::ipam::{self, Allocation, PoolSpec, Pools};
 use crate::model::{
     Backend, DEFAULT_WEIGHT, Desired, ForwardingMode, MAX_WEIGHT, Protocol, Settings, Vip, VipAddr,
 };
@@ -46,6 +54,37 @@ pub struct Built {
     pub node_names: BTreeMap<IpAddr, String>,
     /// "kind namespace/name: what is wrong" for everything ignored, wholly or in part.
     pub problems: BTreeSet<String>,
+    /// The pools and who holds which address (`None` without any pool).
+    pub addressing: Option<Addressing>,
+}
+
+/// Which addresses are sluice's: what `build` takes besides the objects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AddressPolicy {
+    /// The IPAddressPool resources (none: sluice owns no address, see the module doc).
+    pub pools: Vec<PoolSpec>,
+    pub class: ClassPolicy,
+}
+
+/// The pools and the allocation, as every agent computes them from the same objects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Addressing {
+    pub pools: Pools,
+    pub allocation: Allocation,
+    /// The Services' current `status.loadBalancer.ingress` addresses (namespace/name ->).
+    pub status: BTreeMap<String, Vec<IpAddr>>,
+    /// The served addresses: all in a pool, the only ones that may be announced.
+    pub announceable: BTreeSet<IpAddr>,
+}
+
+impl Built {
+    /// The addresses this cluster may announce (ARP/NDP or BGP): pool addresses only.
+    pub fn announceable(&self) -> BTreeSet<IpAddr> {
+        self.addressing
+            .as_ref()
+            .map(|a| a.announceable.clone())
+            .unwrap_or_default()
+    }
 }
 
 /// The one place where a Service's options (parsed and validated in `options`) reach the
@@ -112,6 +151,7 @@ pub fn build(
     slices: &[Arc<EndpointSlice>],
     nodes: &[Arc<Node>],
     settings: Settings,
+    policy: &AddressPolicy,
 ) -> Built {
     let mut built = Built {
         desired: Desired {
@@ -123,9 +163,25 @@ pub fn build(
     let nodes = node_infos(nodes, &mut built);
     // Every node runs the agent (a DaemonSet): all of them balance, this one included.
     built.desired.peers = nodes.iter().flat_map(NodeInfo::addrs).collect();
-    let mut services: Vec<&Service> = services.iter().map(AsRef::as_ref).collect();
-    // Two Services claiming one VIP: the first by namespace/name keeps it, on every agent.
-    services.sort_by_key(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()));
+    let mut services: Vec<&Service> = services
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|s| policy.class.owns(s))
+        .collect();
+    // Two Services claiming one VIP: the older keeps it, on every agent (never by name: a new
+    // `aaa/x` must not take `prod/web`'s address).
+    services.sort_by_key(|s| {
+        let m = &s.metadata;
+        (
+            m.creation_timestamp.as_ref().map(|t| t.0),
+            m.uid.clone(),
+            m.namespace.clone(),
+            m.name.clone(),
+        )
+    });
+    if !policy.pools.is_empty() {
+        built.addressing = Some(addressing(&services, policy, &mut built.problems));
+    }
     // Slices by their Service, so that each Service reads only its own.
     let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
     for slice in slices {
@@ -221,6 +277,49 @@ fn node_infos(nodes: &[Arc<Node>], built: &mut Built) -> Vec<NodeInfo> {
     infos
 }
 
+/// The pools, validated, and the allocation over the Services (oldest first).
+fn addressing(
+    services: &[&Service],
+    policy: &AddressPolicy,
+    problems: &mut BTreeSet<String>,
+) -> Addressing {
+    let pools = Pools::validate(policy.pools.clone());
+    for (name, why) in &pools.invalid {
+        problems.insert(format!("IPAddressPool {name}: {why}; it is not used"));
+    }
+    let mut claims = Vec::new();
+    let mut status = BTreeMap::new();
+    for svc in services {
+        if svc.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
+            continue;
+        }
+        match claim(svc) {
+            Ok(c) => {
+                status.insert(c.key.clone(), c.current.clone());
+                claims.push(c);
+            }
+            Err(e) => {
+                let who = object_name(
+                    svc.metadata.namespace.as_deref(),
+                    svc.metadata.name.as_deref(),
+                );
+                problems.insert(format!("service {who}: {e}; it gets no address"));
+            }
+        }
+    }
+    let allocation = ipam::allocate(&pools, &claims);
+    let announceable = claims
+        .iter()
+        .flat_map(|c| allocation.served(&c.key, &c.current))
+        .collect();
+    Addressing {
+        pools,
+        allocation,
+        status,
+        announceable,
+    }
+}
+
 fn service_addresses(svc: &Service, who: &str, problems: &mut BTreeSet<String>) -> Vec<IpAddr> {
     let ingress = svc
         .status
@@ -269,7 +368,13 @@ fn add_service(
     if spec.type_.as_deref() == Some("ExternalName") {
         return;
     }
-    let addrs = service_addresses(svc, &who, &mut built.problems);
+    let addrs = match &built.addressing {
+        None => service_addresses(svc, &who, &mut built.problems),
+        Some(a) => a.allocation.served(
+            &who,
+            a.status.get(&who).map(Vec::as_slice).unwrap_or_default(),
+        ),
+    };
     if addrs.is_empty() {
         return;
     }
@@ -667,7 +772,13 @@ mod tests {
     }
 
     fn run(services: &[Arc<Service>], slices: &[Arc<EndpointSlice>], nodes: &[Arc<Node>]) -> Built {
-        build(services, slices, nodes, Settings::default())
+        build(
+            services,
+            slices,
+            nodes,
+            Settings::default(),
+            &AddressPolicy::default(),
+        )
     }
 
     /// (address, weight, drain) of one VIP's backends.

@@ -8,6 +8,7 @@
 //! when a watch is up.
 
 pub mod agent;
+pub mod allocator;
 pub mod announce;
 pub mod bgp_select;
 pub mod desired;
