@@ -14,7 +14,7 @@ use sluice_tests::{
     fixtures::{
         DecapHarness, Frame, Harness, IP_DF, TCP_ACK, TCP_SYN, VIP, VIP6, XDP_DROP, XDP_PASS,
         XDP_TX, assert_forwarded, assert_untouched, backend_addr, backend_addr6, checksum_ok,
-        desired, desired_at, harness_with, icmp_error_about,
+        desired, desired_at, harness_with, icmp_error_about, pin_to_cpu,
     },
     require_root,
 };
@@ -331,21 +331,6 @@ fn decapsulation_hands_congestion_marks_to_the_inner_packet() {
         assert_eq!(action, XDP_DROP, "v6={v6}");
     }
     assert_eq!(decap.counter(DecapCounter::Decapsulated).unwrap(), 4);
-}
-
-/// Pins this thread to one CPU: the flood guard counts per CPU, and BPF_PROG_TEST_RUN runs the
-/// program on the caller's CPU.
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
-            0,
-            "sched_setaffinity"
-        );
-    }
 }
 
 #[test]
