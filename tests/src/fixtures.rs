@@ -198,6 +198,25 @@ impl Harness {
         Ok(values.iter().sum())
     }
 
+    /// The IPv4 connection table as the packets left it: client port -> the backend index (as
+    /// in [`backend_addr`]) its entry sends the flow to, by the backend's MAC (`None`: the
+    /// entry's backend slot holds no fixture backend). Fixtures send from one client, so the
+    /// port names the flow.
+    pub fn flow_entries(&self) -> anyhow::Result<BTreeMap<u16, Option<u8>>> {
+        let mut out = BTreeMap::new();
+        for entry in self.maps.flows.iter() {
+            let (key, value) = entry.context("reading FLOWS")?;
+            let backend = self
+                .maps
+                .backends
+                .get(&value.backend, 0)
+                .ok()
+                .and_then(|b| Self::backend_of(&b.dst_mac));
+            out.insert(u16::from_be(key.sport), backend);
+        }
+        Ok(out)
+    }
+
     /// The backend index (as in [`backend_addr`]) a forwarded frame was sent to, by its MAC.
     pub fn backend_of(out: &[u8]) -> Option<u8> {
         (out.len() >= 6 && out[..5] == backend_mac(0)[..5]).then(|| out[5])
@@ -401,6 +420,22 @@ fn shares(table: &[Option<IpAddr>]) -> BTreeMap<String, usize> {
         *out.entry(name).or_default() += 1;
     }
     out
+}
+
+/// Pins this thread to one CPU: per-CPU state (the flood guard's window, the connection
+/// table's per-CPU LRU lists) is then one CPU's alone, as BPF_PROG_TEST_RUN runs the program
+/// on the caller's CPU.
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity"
+        );
+    }
 }
 
 /// A loaded balancer programmed with `desired` (panics with the reason if either fails: the

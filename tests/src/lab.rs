@@ -109,7 +109,8 @@ pub struct CurlResult {
 /// The `sluice` binary the lab runs: `$SLUICE_BIN` when set, else `sluice` in the cargo profile
 /// directory of the running executable (`target/<profile>/`, which holds test executables in `deps/`).
 /// Cargo does not build another crate's binary for a test, so build it first:
-/// `cargo build -p lb-userspace --bin sluice` (same profile as the tests).
+/// `cargo build -p lb-userspace --bin sluice` (same profile as the tests); a binary older than
+/// its sources is refused ([`crate::runs::ensure_fresh`]).
 pub fn sluice_binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("SLUICE_BIN") {
         let p = PathBuf::from(p);
@@ -128,6 +129,7 @@ pub fn sluice_binary() -> Result<PathBuf> {
         let Some(d) = dir else { break };
         let candidate = d.join("sluice");
         if candidate.is_file() {
+            crate::runs::ensure_fresh(&candidate)?;
             return Ok(candidate);
         }
         tried.push(candidate);

@@ -15,6 +15,7 @@ pub mod netns;
 pub mod nft;
 pub mod pktgen;
 pub mod routed_lab;
+pub mod runs;
 pub mod servers;
 
 pub use conn::{LongConn, LongConnReport};
@@ -23,6 +24,7 @@ pub use lab::{
     require_root, sluice_binary,
 };
 pub use nft::VipCounters;
+pub use runs::timing_lock;
 pub use servers::{ECHO_PORT, UDP_PORT};
 pub mod fixtures;
 pub mod fuzz;

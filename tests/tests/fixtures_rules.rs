@@ -5,8 +5,9 @@
 //! the flood guard forwards by Maglev's pick without recording. Real program,
 //! BPF_PROG_TEST_RUN, exact bytes.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use lb_common::{DecapCounter, GlobalCounter};
 use lb_userspace::model::{Desired, ForwardingMode, Protocol};
@@ -14,7 +15,7 @@ use sluice_tests::{
     fixtures::{
         DecapHarness, Frame, Harness, IP_DF, TCP_ACK, TCP_SYN, VIP, VIP6, XDP_DROP, XDP_PASS,
         XDP_TX, assert_forwarded, assert_untouched, backend_addr, backend_addr6, checksum_ok,
-        desired, desired_at, harness_with, icmp_error_about,
+        desired, desired_at, harness_with, icmp_error_about, pin_to_cpu,
     },
     require_root,
 };
@@ -333,66 +334,105 @@ fn decapsulation_hands_congestion_marks_to_the_inner_packet() {
     assert_eq!(decap.counter(DecapCounter::Decapsulated).unwrap(), 4);
 }
 
-/// Pins this thread to one CPU: the flood guard counts per CPU, and BPF_PROG_TEST_RUN runs the
-/// program on the caller's CPU.
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
-            0,
-            "sched_setaffinity"
-        );
-    }
-}
-
+/// The flood guard's promise, read in the connection table and not only in its own counter:
+/// at most `LIMIT` new flows are recorded per one-second window (and CPU), the others are
+/// forwarded by Maglev's pick with no entry, and a new window records again. Four bursts of new
+/// flows in real time: two in the first window, one in each of the next two.
 #[test]
 fn the_flood_guard_forwards_by_maglev_without_recording() {
     const LIMIT: u32 = 50;
     const FLOWS: u16 = 400;
+    const BURSTS: u16 = 4;
+    let _timing = sluice_tests::timing_lock();
     pin_to_cpu(0);
+    let port = |burst: u16, i: u16| 50000 + burst * FLOWS + i;
     // The picks of a table without a guard: where every flow must go with one.
     let mut free = harness(THREE);
-    let picks: Vec<u8> = (0..FLOWS)
-        .map(|p| assert_forwarded(&mut free, &Frame::tcp(50000 + p, TCP_SYN).bytes()))
+    let picks: BTreeMap<u16, u8> = (0..BURSTS)
+        .flat_map(|b| (0..FLOWS).map(move |i| port(b, i)))
+        .map(|p| {
+            (
+                p,
+                assert_forwarded(&mut free, &Frame::tcp(p, TCP_SYN).bytes()),
+            )
+        })
         .collect();
 
     let mut d = desired(Protocol::Tcp, THREE);
     d.settings.max_new_flows_per_cpu = LIMIT;
     let mut h = harness_with(&d);
-    let start = Instant::now();
-    for (p, pick) in picks.iter().enumerate() {
-        let syn = Frame::tcp(50000 + p as u16, TCP_SYN).bytes();
-        assert_eq!(
-            assert_forwarded(&mut h, &syn),
-            *pick,
-            "flow {p} left Maglev's pick"
+    // One burst of new flows: each on Maglev's pick; returns the entries it added.
+    let burst = |h: &mut Harness, b: u16| -> usize {
+        let before = h.flow_entries().unwrap().len();
+        for i in 0..FLOWS {
+            let p = port(b, i);
+            let syn = Frame::tcp(p, TCP_SYN).bytes();
+            assert_eq!(
+                assert_forwarded(h, &syn),
+                picks[&p],
+                "flow {p} left Maglev's pick"
+            );
+        }
+        h.flow_entries().unwrap().len() - before
+    };
+    let in_time = |start: Instant, by: Duration, what: &str| {
+        assert!(
+            start.elapsed() < by,
+            "{what} took past {by:?}: this machine is too slow now for the one-second \
+             windows to be checked (run it alone)"
         );
-    }
-    // The guard counts per one-second window: at most two windows were seen if this took
-    // under a second (it takes milliseconds), so at most 2 x LIMIT flows were recorded.
-    let windows = start.elapsed().as_secs() + 2;
-    let unrecorded = h.counter(GlobalCounter::FlowsNotRecorded).unwrap();
-    let recorded = FLOWS as u64 - unrecorded;
-    assert!(
-        (LIMIT as u64..=windows * LIMIT as u64).contains(&recorded),
-        "{recorded} of {FLOWS} flows recorded with a limit of {LIMIT}/s"
+    };
+    // The window opens with the first new flow (no earlier one on this program).
+    let t0 = Instant::now();
+    let first = burst(&mut h, 0);
+    in_time(t0, Duration::from_millis(400), "the first burst");
+    std::thread::sleep(Duration::from_millis(500).saturating_sub(t0.elapsed()));
+    let second = burst(&mut h, 1);
+    in_time(t0, Duration::from_millis(950), "the second burst");
+    std::thread::sleep(Duration::from_millis(1100).saturating_sub(t0.elapsed()));
+    let t2 = Instant::now();
+    let third = burst(&mut h, 2);
+    std::thread::sleep(Duration::from_millis(1100).saturating_sub(t2.elapsed()));
+    let fourth = burst(&mut h, 3);
+    println!(
+        "new flows recorded per burst of {FLOWS} with a limit of {LIMIT}/s: \
+         {first}, {second} (same second), {third}, {fourth} (the next ones)"
     );
+    let limit = LIMIT as usize;
+    assert_eq!(first, limit, "entries of the first window's first burst");
+    assert_eq!(second, 0, "entries of a burst in a full window");
+    assert_eq!(third, limit, "entries of the second window");
+    assert_eq!(fourth, limit, "entries of the third window");
+    // The guard's counter says the same as the table.
+    let entries = h.flow_entries().unwrap();
+    let unrecorded = h.counter(GlobalCounter::FlowsNotRecorded).unwrap();
+    assert_eq!(
+        entries.len() as u64,
+        u64::from(BURSTS * FLOWS) - unrecorded,
+        "entries vs flows not counted as not recorded"
+    );
+    for (p, b) in &entries {
+        assert_eq!(*b, Some(picks[p]), "the entry of port {p}");
+    }
     // Unrecorded flows still keep their backend (Maglev's pick, the table unchanged).
-    for (p, pick) in picks.iter().enumerate() {
-        let ack = Frame::tcp(50000 + p as u16, TCP_ACK).bytes();
-        assert_eq!(assert_forwarded(&mut h, &ack), *pick, "flow {p} moved");
+    for (&p, &pick) in &picks {
+        let ack = Frame::tcp(p, TCP_ACK).bytes();
+        assert_eq!(assert_forwarded(&mut h, &ack), pick, "flow {p} moved");
     }
     // No limit: everything recorded again.
     d.settings.max_new_flows_per_cpu = 0;
     h.apply(&d).unwrap();
     let before = h.counter(GlobalCounter::FlowsNotRecorded).unwrap();
+    let entries = h.flow_entries().unwrap().len();
     for p in 0..FLOWS {
         assert_forwarded(&mut h, &Frame::tcp(60000 + p, TCP_SYN).bytes());
     }
     assert_eq!(h.counter(GlobalCounter::FlowsNotRecorded).unwrap(), before);
+    assert_eq!(
+        h.flow_entries().unwrap().len(),
+        entries + usize::from(FLOWS),
+        "entries without a limit"
+    );
 }
 
 #[test]

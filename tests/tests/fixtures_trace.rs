@@ -4,6 +4,7 @@
 //! Maglev and which slot, generation), the rate limit and its lost count, and silence when no
 //! trace runs.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
@@ -248,4 +249,204 @@ fn events_over_the_rate_are_counted_lost() {
     assert_eq!(h.counter(GlobalCounter::TraceEvents).unwrap(), 3);
     assert_eq!(h.counter(GlobalCounter::TraceLostRate).unwrap(), 7);
     assert_eq!(h.counter(GlobalCounter::TraceLostRing).unwrap(), 0);
+}
+
+/// The traffic every filter below is tried on: (label, frame), one client port per label.
+fn mixed_traffic() -> Vec<(&'static str, Frame)> {
+    let mut other_port = Frame::tcp(44002, TCP_ACK);
+    other_port.dport = 81;
+    let mut other_vip = Frame::tcp(44004, TCP_ACK);
+    other_vip.dst = IpAddr::V4(OTHER_VIP);
+    let mut other_client = Frame::tcp(44005, TCP_ACK);
+    other_client.src = IpAddr::V4(OTHER_CLIENT);
+    vec![
+        ("vip:80/tcp", Frame::tcp(44001, TCP_ACK)),
+        ("vip:81/tcp", other_port),
+        ("vip:80/udp", Frame::udp(44003, b"x")),
+        ("other vip:80/tcp", other_vip),
+        ("other client", other_client),
+    ]
+}
+
+const OTHER_VIP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 2);
+
+/// Four VIPs: the fixture VIP on TCP 80 and 81 and UDP 80, another address on TCP 80.
+fn four_vips() -> lb_userspace::model::Desired {
+    use lb_userspace::model::VipAddr;
+    let mut d = desired(Protocol::Tcp, THREE);
+    let template = d.vips[0].clone();
+    for (addr, port, protocol) in [
+        (VIP, 81, Protocol::Tcp),
+        (VIP, 80, Protocol::Udp),
+        (OTHER_VIP, 80, Protocol::Tcp),
+    ] {
+        let mut v = template.clone();
+        v.key = VipAddr {
+            addr: IpAddr::V4(addr),
+            port,
+            protocol,
+        };
+        d.vips.push(v);
+    }
+    d.vips.sort_by_key(|v| v.key);
+    d
+}
+
+/// The labels of the traffic `filter` reports, each frame sent once.
+fn reported(
+    h: &mut Harness,
+    session: &mut TraceSession,
+    filter: TraceFilter,
+    traffic: &[(&'static str, Frame)],
+) -> Vec<&'static str> {
+    session.set_filter(filter).expect("set the filter");
+    for (label, frame) in traffic {
+        let (action, _) = h.run(&frame.bytes()).expect("test run");
+        assert_eq!(action, XDP_TX, "{label}");
+    }
+    let got = events(session);
+    traffic
+        .iter()
+        .filter(|(_, f)| got.iter().any(|e| u16::from_be(e.flow.sport) == f.sport))
+        .map(|(label, _)| *label)
+        .collect()
+}
+
+fn vip_filter(port: u16, proto: u8) -> TraceFilter {
+    TraceFilter {
+        matches: trace_match::VIP,
+        vip: lb_common::VipKey {
+            addr: raw_addr(IpAddr::V4(VIP)).0,
+            port: port.to_be(),
+            proto,
+            family: FAMILY_V4,
+        },
+        ..TraceFilter::default()
+    }
+}
+
+/// Each condition of the filter alone, on traffic that holds what it must exclude: another
+/// VIP address, another port and another protocol on the VIP's address, another client, other
+/// backends. The filters are the kernel's (`kernel_filter`'s output), so a condition the
+/// program skipped would show here.
+#[test]
+fn each_filter_condition_alone_reports_its_packets_and_not_the_others() {
+    let mut h = harness_with(&four_vips());
+    let traffic = mixed_traffic();
+    let mut session = h.start_trace(TraceFilter::default()).expect("start");
+    let all: Vec<&str> = traffic.iter().map(|(l, _)| *l).collect();
+    assert_eq!(
+        reported(&mut h, &mut session, TraceFilter::default(), &traffic),
+        all,
+        "no condition: everything"
+    );
+    assert_eq!(
+        reported(&mut h, &mut session, vip_filter(0, 0), &traffic),
+        ["vip:80/tcp", "vip:81/tcp", "vip:80/udp", "other client"],
+        "the VIP's address alone"
+    );
+    assert_eq!(
+        reported(&mut h, &mut session, vip_filter(80, 0), &traffic),
+        ["vip:80/tcp", "vip:80/udp", "other client"],
+        "the VIP's address and port"
+    );
+    assert_eq!(
+        reported(&mut h, &mut session, vip_filter(0, 6), &traffic),
+        ["vip:80/tcp", "vip:81/tcp", "other client"],
+        "the VIP's address and protocol"
+    );
+    assert_eq!(
+        reported(&mut h, &mut session, vip_filter(80, 6), &traffic),
+        ["vip:80/tcp", "other client"],
+        "the whole VIP"
+    );
+    assert_eq!(
+        reported(
+            &mut h,
+            &mut session,
+            client_filter(IpAddr::V4(OTHER_CLIENT)),
+            &traffic
+        ),
+        ["other client"],
+        "one client"
+    );
+    // A backend (a slot: one backend of one VIP) alone: exactly the frames sent to it. Where
+    // each frame goes, from an unfiltered pass.
+    session.set_filter(TraceFilter::default()).unwrap();
+    for (_, frame) in &traffic {
+        h.run(&frame.bytes()).expect("test run");
+    }
+    let slots: BTreeMap<u16, u32> = events(&mut session)
+        .iter()
+        .map(|e| (u16::from_be(e.flow.sport), e.backend))
+        .collect();
+    assert_eq!(slots.len(), traffic.len());
+    let distinct: BTreeSet<u32> = slots.values().copied().collect();
+    assert!(distinct.len() > 1, "{slots:?}");
+    for id in distinct {
+        let filter = TraceFilter {
+            matches: trace_match::BACKEND,
+            backend: id,
+            ..TraceFilter::default()
+        };
+        let want: Vec<&str> = traffic
+            .iter()
+            .filter(|(_, f)| slots[&f.sport] == id)
+            .map(|(l, _)| *l)
+            .collect();
+        assert_eq!(
+            reported(&mut h, &mut session, filter, &traffic),
+            want,
+            "the slot {id}"
+        );
+    }
+}
+
+/// An IPv6 client prefix: a client inside it is reported, a second IPv6 client outside it is
+/// not (outside by a bit in the second 32-bit word of the address, then in the fourth), nor is
+/// an IPv4 client.
+#[test]
+fn an_ipv6_client_prefix_reports_its_clients_only() {
+    let mut d = desired_at(IpAddr::V6(VIP6), Protocol::Tcp, THREE);
+    d.vips.extend(desired(Protocol::Tcp, THREE).vips);
+    d.vips.sort_by_key(|v| v.key);
+    let mut h = harness_with(&d);
+    let mut session = h.start_trace(TraceFilter::default()).expect("start");
+    let from = |src: &str, sport: u16| {
+        let mut f = Frame::tcp(sport, TCP_ACK).v6();
+        f.src = src.parse().unwrap();
+        f
+    };
+    let traffic = vec![
+        ("fd00::1", from("fd00::1", 45001)),
+        ("fd00::5", from("fd00::5", 45002)),
+        ("fd00:0:0:1::1", from("fd00:0:0:1::1", 45003)),
+        ("ipv4 client", Frame::tcp(45004, TCP_ACK)),
+    ];
+    let prefix = |text: &str| {
+        let net: lb_userspace::model::IpNet = text.parse().unwrap();
+        let (addr, family) = raw_addr(net.network());
+        TraceFilter {
+            matches: trace_match::CLIENT,
+            client: addr,
+            client_mask: raw_addr(net.netmask()).0,
+            client_family: family,
+            ..TraceFilter::default()
+        }
+    };
+    assert_eq!(
+        reported(&mut h, &mut session, prefix("fd00::/64"), &traffic),
+        ["fd00::1", "fd00::5"],
+        "fd00::/64"
+    );
+    assert_eq!(
+        reported(&mut h, &mut session, prefix("fd00::/126"), &traffic),
+        ["fd00::1"],
+        "fd00::/126"
+    );
+    assert_eq!(
+        reported(&mut h, &mut session, prefix("10.0.0.0/24"), &traffic),
+        ["ipv4 client"],
+        "10.0.0.0/24"
+    );
 }

@@ -358,3 +358,113 @@ fn a_trace_whose_reader_was_killed_lapses_by_itself() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Reads a stopped JSON trace's events: (client port, backend) each.
+fn json_events(log: &str) -> Vec<(u16, String)> {
+    log.lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str::<Value>(l).expect("each stdout line is JSON"))
+        .filter(|v| v.get("summary").is_none())
+        .map(|e| {
+            let client: std::net::SocketAddr = e["client"].as_str().unwrap().parse().unwrap();
+            (
+                client.port(),
+                e["backend"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// `sluice trace --backend`: exactly the packets sent to that backend. Alone, the backend's
+/// address holds a slot per VIP (TCP and UDP here), and user space filters the events; with
+/// `--vip` it is one slot, and the kernel filters (the program's event count equals the events
+/// shown, so the other packets cost no event). And the one-trace rule while the reader lives:
+/// past the filter's lease (renewed by the reader), a second trace is still refused and the
+/// first still reports.
+#[test]
+fn a_backend_trace_shows_that_backends_packets_and_keeps_its_place_while_read() {
+    // It waits past a lease and expects the reader to have renewed it in time.
+    let _timing = sluice_tests::timing_lock();
+    let lab = attached_lab();
+    let iface = lab.lb_iface().to_string();
+    let client = lab.client_addr();
+    let target = lab.backend_addr(1).to_string();
+    let backend_of = |name: &str| {
+        let i = lab
+            .backend_index(name)
+            .unwrap_or_else(|| panic!("backend {name}"));
+        lab.backend_addr(i).to_string()
+    };
+    let sent_to_target = |answers: &[(u16, String)]| -> Vec<u16> {
+        let want: Vec<u16> = answers
+            .iter()
+            .filter(|(_, answered)| backend_of(answered) == target)
+            .map(|(port, _)| *port)
+            .collect();
+        assert!(
+            !want.is_empty() && want.len() < answers.len(),
+            "{answers:?}"
+        );
+        want
+    };
+
+    let before = trace_events(&lab);
+    let trace = start_trace(&lab, &["--backend", &target, "-o", "json"]);
+    let mut answers = udp_from(&lab, client, FIRST_PORT..FIRST_PORT + DATAGRAMS);
+    std::thread::sleep(lb_userspace::dataplane::TRACE_LEASE + Duration::from_secs(2));
+    // (Bounded: a trace wrongly let in ends by itself.)
+    let refused = lab
+        .sluice(&["trace", "--iface", &iface, "--duration", "2s"])
+        .expect("second trace ran");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("already running"),
+        "a second trace must be refused while the first one's reader lives, past its lease: \
+         {stderr}"
+    );
+    answers.extend(udp_from(
+        &lab,
+        client,
+        FIRST_PORT + 100..FIRST_PORT + 100 + DATAGRAMS,
+    ));
+    std::thread::sleep(Duration::from_secs(1));
+    let log_path = trace.log_path().to_path_buf();
+    trace.stop(Duration::from_secs(10)).expect("stop the trace");
+    let log = std::fs::read_to_string(&log_path).expect("trace output");
+    let events = json_events(&log);
+    let want = sent_to_target(&answers);
+    assert!(events.iter().all(|(_, b)| *b == target), "{log}");
+    let got: Vec<u16> = events.iter().map(|(p, _)| *p).collect();
+    assert_eq!(
+        got, want,
+        "the datagrams {target} answered, in order: {log}"
+    );
+    // Two slots: the program reported every datagram, user space showed the target's.
+    assert_eq!(trace_events(&lab) - before, answers.len() as u64);
+
+    // One slot: the kernel filters.
+    let before = trace_events(&lab);
+    let udp_vip = format!("{}:{UDP_PORT}/udp", lab.vip());
+    let trace = start_trace(
+        &lab,
+        &["--backend", &target, "--vip", &udp_vip, "-o", "json"],
+    );
+    let answers = udp_from(&lab, client, FIRST_PORT + 200..FIRST_PORT + 200 + DATAGRAMS);
+    std::thread::sleep(Duration::from_secs(1));
+    let log_path = trace.log_path().to_path_buf();
+    trace.stop(Duration::from_secs(10)).expect("stop the trace");
+    let log = std::fs::read_to_string(&log_path).expect("trace output");
+    let got: Vec<u16> = json_events(&log).iter().map(|(p, _)| *p).collect();
+    assert_eq!(got, sent_to_target(&answers), "--vip {udp_vip}: {log}");
+    assert_eq!(
+        trace_events(&lab) - before,
+        got.len() as u64,
+        "--backend {target} --vip {udp_vip}: the program reported other backends' packets"
+    );
+    eprintln!(
+        "trace --backend {target}: {want:?} of {} datagrams (half after {:?}, past the \
+         lease); with --vip: {got:?}",
+        answers.len() * 2,
+        lb_userspace::dataplane::TRACE_LEASE
+    );
+}
