@@ -762,6 +762,35 @@ http {{
         self.mac(2, i)
     }
 
+    /// The first address of a /27 beside the lab's VIP, for address pools: 10.X.Y+128.32.
+    pub fn pool_base(&self) -> Ipv4Addr {
+        let o = self.vip.octets();
+        Ipv4Addr::new(o[0], o[1], o[2], 32)
+    }
+
+    /// Makes every address of `base/len` a VIP the lab can answer: on every backend's lo (a
+    /// local route for the whole prefix, never answered for in ARP), routed by the client via
+    /// the lb.
+    pub fn serve_prefix(&self, base: Ipv4Addr, len: u8) -> Result<()> {
+        let p = format!("{base}/{len}");
+        for i in 0..self.cfg.backends {
+            self.ip(&self.backends[i], &["addr", "add", &p, "dev", "lo"])?;
+        }
+        self.ip(
+            &self.client,
+            &[
+                "route",
+                "add",
+                &p,
+                "via",
+                &self.lb_addr().to_string(),
+                "dev",
+                NS_IFACE,
+            ],
+        )?;
+        Ok(())
+    }
+
     /// Makes the client resolve the VIP itself (an on-link route) instead of sending it to the
     /// lb's address: what a client on the segment of an announced VIP does.
     pub fn client_vip_on_link(&self) -> Result<()> {

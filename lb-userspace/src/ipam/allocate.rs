@@ -271,7 +271,11 @@ fn assign(pools: &Pools, taken: &Taken<'_>, c: &Claim) -> Result<Vec<IpAddr>, St
         let keep = c.current.iter().copied().find(|&a| {
             Family::of(a) == family && eligible(a).is_ok() && taken.compatible(a, c).is_ok()
         });
-        match keep.or_else(|| pick(pools, taken, c, family)) {
+        let shared = match keep {
+            Some(_) => None,
+            None => shared_address(taken, c, family)?.filter(|&a| eligible(a).is_ok()),
+        };
+        match keep.or(shared).or_else(|| pick(pools, taken, c, family)) {
             Some(a) => got.push(a),
             None => missing.push(family),
         }
@@ -300,9 +304,27 @@ fn assign(pools: &Pools, taken: &Taken<'_>, c: &Claim) -> Result<Vec<IpAddr>, St
     Ok(got)
 }
 
-/// The first free address of `family` in the auto-assign pools that serve `c` (pools by
-/// name): an address its sharing key already uses (with room for its ports) first, then an
-/// unused one.
+/// The address a sharing key already uses in `family` (a key names one shared address per
+/// family): `Ok(None)` when the key holds none yet, `Err` when `c` cannot join it (a port taken,
+/// another traffic policy).
+fn shared_address(taken: &Taken<'_>, c: &Claim, family: Family) -> Result<Option<IpAddr>, String> {
+    let Some(key) = c.sharing_key.as_deref() else {
+        return Ok(None);
+    };
+    let Some(&a) = taken
+        .0
+        .keys()
+        .find(|&&a| Family::of(a) == family && taken.is_shared_by_key(a, Some(key)))
+    else {
+        return Ok(None);
+    };
+    taken
+        .compatible(a, c)
+        .map(|()| Some(a))
+        .map_err(|e| format!("sharing key {key:?}: {e}"))
+}
+
+/// The first free address of `family` in the auto-assign pools that serve `c` (pools by name).
 fn pick(pools: &Pools, taken: &Taken<'_>, c: &Claim, family: Family) -> Option<IpAddr> {
     let mut pools: Vec<&Pool> = pools
         .valid
@@ -310,17 +332,6 @@ fn pick(pools: &Pools, taken: &Taken<'_>, c: &Claim, family: Family) -> Option<I
         .filter(|p| p.spec.auto_assign && p.serves(&c.namespace, &c.labels))
         .collect();
     pools.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
-    if c.sharing_key.is_some() {
-        for &a in taken.0.keys() {
-            if Family::of(a) == family
-                && taken.is_shared_by_key(a, c.sharing_key.as_deref())
-                && pools.iter().any(|p| p.contains(a))
-                && taken.compatible(a, c).is_ok()
-            {
-                return Some(a);
-            }
-        }
-    }
     for p in &pools {
         for r in p.ranges.iter().filter(|r| r.v6 == (family == Family::V6)) {
             // Bounded by the range; a taken address is skipped in one map lookup.

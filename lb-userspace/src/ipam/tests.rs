@@ -152,10 +152,10 @@ fn sharing_by_key_without_port_collisions_and_with_the_same_policy() {
         port: 53,
         protocol: "UDP",
     }];
+    // Not requesting the address: the key names one shared address all the same.
     let mut clash = svc("dns-clash", "3");
     clash.sharing_key = Some("dns".into());
     clash.ports = port(53);
-    clash.requested = vec![ip("10.0.0.1")];
     let mut local = svc("dns-local", "4");
     local.sharing_key = Some("dns".into());
     local.ports = port(853);
