@@ -1185,6 +1185,28 @@ mod tests {
         );
     }
 
+    /// Issue 25 item 4: a Service owner may not annotate a probe that waits longer than its
+    /// interval (a silent port would then hold a probe permit for ever longer).
+    #[test]
+    fn a_health_check_timeout_over_its_interval_is_refused_naming_service_and_annotation() {
+        let mut s = (*svc("shop", "web", lb(http(), "Cluster"), &["192.0.2.10"])).clone();
+        s.metadata.annotations = Some(
+            [(
+                "sluice.io/health-check".to_owned(),
+                "tcp:8080 interval=1s timeout=300s".to_owned(),
+            )]
+            .into(),
+        );
+        let b = run(&[Arc::new(s)], &[], &nodes3());
+        assert!(b.desired.vips.is_empty());
+        let p = b.problems.iter().next().unwrap();
+        assert!(
+            p.starts_with("service shop/web: annotation sluice.io/health-check: timeout: 300s")
+                && p.contains("at most the interval (1s)"),
+            "{p}"
+        );
+    }
+
     #[test]
     fn options_travel_with_the_vip() {
         let mut spec = lb(http(), "Cluster");

@@ -28,7 +28,12 @@ pub fn agent_overlay(
             vip.health_check = None;
         }
     }
-    prober.set_targets(&targets(desired));
+    // Each Service probes on its own share: one Service's silent ports stall none of the others.
+    prober.set_targets(&targets(desired, &|vip| {
+        sources
+            .get(&vip.key)
+            .map_or_else(|| vip.key.to_string(), |s| s.service.clone())
+    }));
     let loads = match leases {
         Some(l) if config.load_aware => load::node_loads(l, k8s_openapi::jiff::Timestamp::now()),
         _ => BTreeMap::new(),
