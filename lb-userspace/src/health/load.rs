@@ -5,17 +5,28 @@
 //! `sluice-node-<node>` in the agent's namespace (the Role it already has for Leases).
 //!
 //! Every agent reads all nodes' Leases and applies the published multipliers, its own included,
-//! so all nodes build the same tables. A Lease not renewed for [`STALE_AFTER`] (by its
-//! `renewTime` against this node's clock: skew up to ~20 s is tolerated) counts as unknown:
-//! multiplier 100, neutral, never "idle".
+//! so all nodes build the same tables. What a Lease says is trusted no further than it must be
+//! (any node's credentials may write any Lease of the namespace, see the README's threat model):
+//! - its load must be a finite number in `0..=`[`MAX_LOAD`] (the writer clamps what it measures),
+//!   its multiplier a whole number, clamped to `control::FLOOR..=100`: a Lease can shrink its
+//!   node's share to a tenth, never grow it past the node's base weight;
+//! - only Leases of existing Nodes count (invented nodes cannot move the mean load);
+//! - freshness is the READER's judgement: a Lease counts while this agent has seen it change
+//!   within [`STALE_AFTER`] (by this agent's monotonic clock, [`LeaseClock`]) and its `renewTime`
+//!   is not older than that by this node's wall clock (skew up to ~20 s tolerated); the writer's
+//!   `leaseDurationSeconds` and a `renewTime` it claims are never enough. A stale Lease counts as
+//!   unknown: multiplier 100, neutral, never "idle".
+//!
+//! A Lease that breaks these rules counts as absent and is reported (once per change).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow};
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -37,6 +48,9 @@ pub const LOAD_ANNOTATION: &str = "sluice.io/load";
 pub const MULTIPLIER_ANNOTATION: &str = "sluice.io/weight-multiplier";
 /// A Lease older than this counts as unknown (neutral).
 pub const STALE_AFTER: Duration = Duration::from_secs(30);
+/// The highest load a Lease may say (a node saturated four times over): the writer clamps to it,
+/// a reader refuses anything above (or not finite, or negative).
+pub const MAX_LOAD: f64 = 4.0;
 /// Published at least this often even when nothing changed.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// Default control period (`--load-interval`).
@@ -167,43 +181,138 @@ pub fn lease_name(node: &str) -> String {
     format!("{LEASE_PREFIX}{node}")
 }
 
-/// Every node's published load, by node name, judged fresh or stale at `now`.
-pub fn node_loads(leases: &[Arc<Lease>], now: Timestamp) -> BTreeMap<String, NodeLoad> {
-    let mut out = BTreeMap::new();
+/// When this agent last saw each Lease change, by its own monotonic clock: the reader, not the
+/// writer, decides whether a Lease is fresh. Shared by everything that reads the Leases.
+#[derive(Debug, Default)]
+pub struct LeaseClock {
+    /// By Lease name: what it said (its resourceVersion, else its content) and when that was
+    /// first seen.
+    seen: Mutex<BTreeMap<String, (String, Instant)>>,
+}
+
+impl LeaseClock {
+    /// Notes what `leases` say at `now`; returns when each last changed. Leases gone are
+    /// forgotten.
+    fn observe(&self, leases: &[Arc<Lease>], now: Instant) -> BTreeMap<String, Instant> {
+        let Ok(mut seen) = self.seen.lock() else {
+            return BTreeMap::new();
+        };
+        let mut out = BTreeMap::new();
+        for lease in leases {
+            let Some(name) = lease.metadata.name.clone() else {
+                continue;
+            };
+            let version = lease.metadata.resource_version.clone().unwrap_or_else(|| {
+                format!(
+                    "{:?} {:?}",
+                    lease.metadata.annotations,
+                    lease.spec.as_ref().and_then(|s| s.renew_time.as_ref())
+                )
+            });
+            let at = match seen.get(&name) {
+                Some((v, at)) if *v == version => *at,
+                _ => now,
+            };
+            seen.insert(name.clone(), (version, at));
+            out.insert(name, at);
+        }
+        seen.retain(|name, _| out.contains_key(name));
+        out
+    }
+}
+
+/// What the Leases say: the loads that count, and why the others do not.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Readings {
+    /// By node name: existing Nodes only, valid Leases only.
+    pub loads: BTreeMap<String, NodeLoad>,
+    /// "Lease NAME: what is wrong; ignored", for every Lease that does not count.
+    pub problems: BTreeSet<String>,
+}
+
+/// A load as published: a finite number in `0..=MAX_LOAD`.
+fn parse_load(v: &str) -> Result<f64, String> {
+    let load: f64 = v
+        .parse()
+        .map_err(|_| format!("{LOAD_ANNOTATION} {v:?} is not a number"))?;
+    if !load.is_finite() || !(0.0..=MAX_LOAD).contains(&load) {
+        return Err(format!("{LOAD_ANNOTATION} {v:?} is outside 0..={MAX_LOAD}"));
+    }
+    Ok(load)
+}
+
+/// Every existing node's published load, by node name, judged fresh or stale by this reader:
+/// `wall` and `now` are its clocks, `nodes` the names of the cluster's Nodes, `clock` what it
+/// has seen of the Leases before.
+pub fn node_loads(
+    leases: &[Arc<Lease>],
+    nodes: &BTreeSet<String>,
+    clock: &LeaseClock,
+    wall: Timestamp,
+    now: Instant,
+) -> Readings {
+    let changed = clock.observe(leases, now);
+    let mut out = Readings::default();
     for lease in leases {
-        let Some(node) = lease
-            .metadata
-            .name
-            .as_deref()
-            .and_then(|n| n.strip_prefix(LEASE_PREFIX))
+        let Some(name) = lease.metadata.name.as_deref() else {
+            continue;
+        };
+        let Some(node) = name.strip_prefix(LEASE_PREFIX) else {
+            continue;
+        };
+        if !nodes.contains(node) {
+            out.problems
+                .insert(format!("Lease {name}: there is no Node {node:?}; ignored"));
+            continue;
+        }
+        let annotations = lease.metadata.annotations.as_ref();
+        let get = |k: &str| annotations.and_then(|a| a.get(k)).map(|v| v.trim());
+        let (Some(load), Some(multiplier)) = (get(LOAD_ANNOTATION), get(MULTIPLIER_ANNOTATION))
         else {
             continue;
         };
-        let annotations = lease.metadata.annotations.as_ref();
-        let get = |k: &str| annotations.and_then(|a| a.get(k)).map(|v| v.trim());
-        let (Some(load), Some(multiplier)) = (
-            get(LOAD_ANNOTATION).and_then(|v| v.parse::<f64>().ok()),
-            get(MULTIPLIER_ANNOTATION).and_then(|v| v.parse::<u32>().ok()),
-        ) else {
+        let load = match parse_load(load) {
+            Ok(l) => l,
+            Err(e) => {
+                out.problems.insert(format!("Lease {name}: {e}; ignored"));
+                continue;
+            }
+        };
+        let Ok(multiplier) = multiplier.parse::<u32>() else {
+            out.problems.insert(format!(
+                "Lease {name}: {MULTIPLIER_ANNOTATION} {multiplier:?} is not a whole number; ignored"
+            ));
             continue;
         };
-        let spec = lease.spec.as_ref();
-        let duration = spec
-            .and_then(|s| s.lease_duration_seconds)
-            .map_or(STALE_AFTER.as_secs() as i64, i64::from);
-        let fresh = spec
+        let renewed = lease
+            .spec
+            .as_ref()
             .and_then(|s| s.renew_time.as_ref())
-            .is_some_and(|t| (now.as_millisecond() - t.0.as_millisecond()) < duration * 1000);
-        out.insert(
+            .is_some_and(|t| {
+                (wall.as_millisecond() - t.0.as_millisecond()) < STALE_AFTER.as_millis() as i64
+            });
+        let seen_change = changed
+            .get(name)
+            .is_some_and(|at| now.saturating_duration_since(*at) < STALE_AFTER);
+        out.loads.insert(
             node.to_owned(),
             NodeLoad {
                 load,
                 multiplier: multiplier.clamp(control::FLOOR, 100),
-                fresh,
+                fresh: renewed && seen_change,
             },
         );
     }
     out
+}
+
+/// The names of the cluster's Nodes.
+pub fn node_names(nodes: &Store<Node>) -> BTreeSet<String> {
+    nodes
+        .state()
+        .iter()
+        .filter_map(|n| n.metadata.name.clone())
+        .collect()
 }
 
 /// Samples, steps the law and publishes every `interval` until dropped (what it publishes
@@ -212,6 +321,8 @@ pub async fn run(
     client: Client,
     config: LoadConfig,
     leases: Store<Lease>,
+    nodes: Store<Node>,
+    clock: Arc<LeaseClock>,
     metrics: Option<HealthMetrics>,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &config.namespace);
@@ -222,10 +333,17 @@ pub async fn run(
         return;
     }
     // A restarted agent continues from what it published, if that is still fresh.
-    let mut multiplier = node_loads(&leases.state(), Timestamp::now())
-        .remove(&config.node_name)
-        .filter(|l| l.fresh)
-        .map_or(100, |l| l.multiplier);
+    let mut multiplier = node_loads(
+        &leases.state(),
+        &node_names(&nodes),
+        &clock,
+        Timestamp::now(),
+        Instant::now(),
+    )
+    .loads
+    .remove(&config.node_name)
+    .filter(|l| l.fresh)
+    .map_or(100, |l| l.multiplier);
     let mut smoothed: Option<f64> = None;
     let mut published: Option<(u32, Instant)> = None;
     let mut failing = false;
@@ -252,11 +370,18 @@ pub async fn run(
         failing = false;
         smoothed = Some(own);
         let now = Timestamp::now();
-        let others: Vec<f64> = node_loads(&leases.state(), now)
-            .into_iter()
-            .filter(|(n, l)| *n != config.node_name && l.fresh)
-            .map(|(_, l)| l.load)
-            .collect();
+        let others: Vec<f64> = node_loads(
+            &leases.state(),
+            &node_names(&nodes),
+            &clock,
+            now,
+            Instant::now(),
+        )
+        .loads
+        .into_iter()
+        .filter(|(n, l)| *n != config.node_name && l.fresh)
+        .map(|(_, l)| l.load)
+        .collect();
         let next = control::next(multiplier, own, &others);
         if next != multiplier {
             info!(
@@ -282,7 +407,13 @@ pub async fn run(
             was_node = is_node;
         }
         if due && is_node {
-            match publish(&api, &name, &config.node_name, own, multiplier).await {
+            // What readers accept: a finite load in 0..=MAX_LOAD.
+            let shown = if own.is_finite() {
+                own.clamp(0.0, MAX_LOAD)
+            } else {
+                0.0
+            };
+            match publish(&api, &name, &config.node_name, shown, multiplier).await {
                 Ok(()) => {
                     if publish_failing {
                         info!("load: Lease {name} published again");
@@ -306,18 +437,32 @@ pub async fn run(
 /// differs from the last look, which is taken every `interval`: a heartbeat that changes
 /// nothing rebuilds nothing, however many nodes publish.
 /// The loads shown (`/metrics`, `inspect backends`) are refreshed on every look.
+/// Leases that do not count (invalid, or of no Node) are logged when they first appear.
 pub async fn follow(
     leases: Store<Lease>,
+    nodes: Store<Node>,
+    clock: Arc<LeaseClock>,
     changed: Arc<Notify>,
     interval: Duration,
     metrics: Option<HealthMetrics>,
 ) {
     let mut last: BTreeMap<String, (u32, bool)> = BTreeMap::new();
+    let mut logged: BTreeSet<String> = BTreeSet::new();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let loads = node_loads(&leases.state(), Timestamp::now());
+        let Readings { loads, problems } = node_loads(
+            &leases.state(),
+            &node_names(&nodes),
+            &clock,
+            Timestamp::now(),
+            Instant::now(),
+        );
+        for p in problems.difference(&logged) {
+            warn!("load: {p}");
+        }
+        logged = problems;
         if let Some(m) = &metrics {
             m.set_nodes(loads.iter().map(|(n, l)| (n.clone(), l.clone())).collect());
             m.board.refresh_loads(&loads);
@@ -400,32 +545,149 @@ mod tests {
         assert!(v >= 0.0, "{v} {what}");
     }
 
+    /// A Lease of `node` saying `load` and multiplier `m`, renewed `age_s` ago by its writer's
+    /// word.
+    fn lease(node: &str, age_s: i64, load: &str, m: &str) -> Arc<Lease> {
+        let renew = Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(age_s);
+        Arc::new(
+            serde_json::from_value::<Lease>(json!({
+                "metadata": {"name": lease_name(node),
+                    "annotations": {LOAD_ANNOTATION: load, MULTIPLIER_ANNOTATION: m}},
+                "spec": {"leaseDurationSeconds": 30, "renewTime": MicroTime(renew)},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn nodes(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| (*n).to_owned()).collect()
+    }
+
     #[test]
     fn fresh_and_stale_leases() {
-        let now = Timestamp::now();
-        let lease = |node: &str, age_s: i64, m: &str| {
-            let renew = now - k8s_openapi::jiff::SignedDuration::from_secs(age_s);
-            Arc::new(
-                serde_json::from_value::<Lease>(json!({
-                    "metadata": {"name": lease_name(node),
-                        "annotations": {LOAD_ANNOTATION: "0.9", MULTIPLIER_ANNOTATION: m}},
-                    "spec": {"leaseDurationSeconds": 30, "renewTime": MicroTime(renew)},
-                }))
-                .unwrap(),
-            )
-        };
-        let loads = node_loads(
+        let clock = LeaseClock::default();
+        let r = node_loads(
             &[
-                lease("a", 1, "40"),
-                lease("b", 31, "40"),
-                lease("c", 1, "3"),
-                lease("d", 1, "x"),
+                lease("a", 1, "0.9", "40"),
+                lease("b", 31, "0.9", "40"),
+                lease("c", 1, "0.9", "3"),
+                lease("d", 1, "0.9", "x"),
             ],
-            now,
+            &nodes(&["a", "b", "c", "d"]),
+            &clock,
+            Timestamp::now(),
+            Instant::now(),
         );
+        let loads = r.loads;
         assert!(loads["a"].fresh && loads["a"].multiplier == 40);
         assert!(!loads["b"].fresh);
         assert_eq!(loads["c"].multiplier, control::FLOOR);
         assert!(!loads.contains_key("d"));
+        assert!(
+            r.problems.iter().any(|p| p.contains("\"x\"")),
+            "{:?}",
+            r.problems
+        );
+    }
+
+    /// Issue 25 item 5: what another node's credentials can write on a Lease. Each value must
+    /// leave the Lease out (neutral: it neither sheds the node nor moves the others' mean), and
+    /// say why.
+    #[test]
+    fn hostile_loads_do_not_count() {
+        let mut counted = Vec::new();
+        for bad in [
+            "NaN", "nan", "inf", "-inf", "infinity", "1e308", "-0.5", "4.01",
+        ] {
+            let clock = LeaseClock::default();
+            let r = node_loads(
+                &[lease("a", 1, "0.2", "100"), lease("b", 1, bad, "10")],
+                &nodes(&["a", "b"]),
+                &clock,
+                Timestamp::now(),
+                Instant::now(),
+            );
+            assert!(r.loads["a"].fresh, "{bad:?}");
+            let p: Vec<&String> = r.problems.iter().collect();
+            if r.loads.contains_key("b")
+                || !(p.len() == 1 && p[0].starts_with("Lease sluice-node-b: sluice.io/load"))
+            {
+                counted.push((bad, r.loads.get("b").cloned(), p.len()));
+            }
+        }
+        assert!(counted.is_empty(), "hostile loads counted: {counted:?}");
+        // The bounds themselves are loads.
+        for ok in ["0", "4", "1.5"] {
+            let r = node_loads(
+                &[lease("b", 1, ok, "10")],
+                &nodes(&["b"]),
+                &LeaseClock::default(),
+                Timestamp::now(),
+                Instant::now(),
+            );
+            assert!(r.loads["b"].fresh && r.problems.is_empty(), "{ok}: {r:?}");
+        }
+        // A multiplier above 100 is 100: a Lease never grows its node past its base weight.
+        let r = node_loads(
+            &[lease("b", 1, "0.1", "100000")],
+            &nodes(&["b"]),
+            &LeaseClock::default(),
+            Timestamp::now(),
+            Instant::now(),
+        );
+        assert_eq!(r.loads["b"].multiplier, 100);
+    }
+
+    #[test]
+    fn leases_of_nodes_that_do_not_exist_do_not_count() {
+        let r = node_loads(
+            &[
+                lease("a", 1, "0.9", "40"),
+                lease("ghost", 1, "0.0", "100"),
+                lease("ghost2", 1, "4", "10"),
+            ],
+            &nodes(&["a"]),
+            &LeaseClock::default(),
+            Timestamp::now(),
+            Instant::now(),
+        );
+        assert_eq!(r.loads.keys().collect::<Vec<_>>(), ["a"]);
+        assert!(
+            r.problems
+                .contains("Lease sluice-node-ghost: there is no Node \"ghost\"; ignored"),
+            "{:?}",
+            r.problems
+        );
+    }
+
+    /// A writer that claims a fresh renewTime (even one in the future) but stops changing its
+    /// Lease goes stale by the reader's clock.
+    #[test]
+    fn a_stale_lease_claiming_a_fresh_renew_time_goes_stale_by_the_readers_clock() {
+        let clock = LeaseClock::default();
+        let forged = lease("b", -3600, "0.9", "10");
+        let live = |age| lease("a", age, "0.2", "100");
+        let t0 = Instant::now();
+        let look = |leases: &[Arc<Lease>], at: Instant| {
+            node_loads(leases, &nodes(&["a", "b"]), &clock, Timestamp::now(), at).loads
+        };
+        let first = look(&[live(1), forged.clone()], t0);
+        assert!(
+            first["a"].fresh && first["b"].fresh,
+            "first sight: {first:?}"
+        );
+        // 20 s later: a renewed its Lease (it changed), b's is the same object.
+        let mid = look(&[live(0), forged.clone()], t0 + Duration::from_secs(20));
+        assert!(mid["a"].fresh && mid["b"].fresh);
+        // 31 s after b last changed: stale, whatever its renewTime says; a is still fresh.
+        let later = look(&[live(2), forged.clone()], t0 + Duration::from_secs(31));
+        assert!(later["a"].fresh, "{later:?}");
+        assert!(!later["b"].fresh, "b never changed for 31 s: {later:?}");
+        // b writes again: fresh again.
+        let again = look(
+            &[live(2), lease("b", -3600, "0.8", "10")],
+            t0 + Duration::from_secs(32),
+        );
+        assert!(again["b"].fresh);
     }
 }

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Desired, HealthCheck, VipAddr};
+use crate::model::{Desired, HealthCheck, Vip, VipAddr};
 
 /// What a check says about a backend now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,7 +285,8 @@ impl StaticChecks {
     /// `desired` with failing backends drained (the probes follow its checks).
     pub fn overlay(&self, desired: &Desired) -> Desired {
         let mut out = desired.clone();
-        self.prober.set_targets(&targets(&out));
+        self.prober
+            .set_targets(&targets(&out, &|vip| vip.key.to_string()));
         let rows = overlay(
             &mut out,
             &BTreeMap::new(),
@@ -303,14 +304,26 @@ fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
-/// The set of (address, check) pairs a model asks to probe.
-pub fn targets(desired: &Desired) -> BTreeSet<(IpAddr, HealthCheck)> {
-    desired
-        .vips
-        .iter()
-        .filter_map(|v| v.health_check.as_ref().map(|c| (v, c)))
-        .flat_map(|(v, c)| v.backends.iter().map(move |b| (b.addr, c.clone())))
-        .collect()
+/// The (address, check) pairs a model asks to probe, each with the groups that ask for it:
+/// `group(vip)` names who owns a VIP (its Service; the VIP itself in a static config). A
+/// group's probes share its own concurrency ([`probe::SHARE`]), never another group's.
+pub fn targets(
+    desired: &Desired,
+    group: &dyn Fn(&Vip) -> probe::Group,
+) -> BTreeMap<probe::Target, BTreeSet<probe::Group>> {
+    let mut out: BTreeMap<probe::Target, BTreeSet<probe::Group>> = BTreeMap::new();
+    for vip in &desired.vips {
+        let Some(check) = vip.health_check.as_ref() else {
+            continue;
+        };
+        let owner = group(vip);
+        for b in &vip.backends {
+            out.entry((b.addr, check.clone()))
+                .or_default()
+                .insert(owner.clone());
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -1,6 +1,10 @@
 //! Active health checks: a TCP connect or a minimal HTTP/1.0 GET per (backend, check), each a
-//! tokio task, at most [`MAX_CONCURRENT`] probes in flight (hundreds of nodes cost a bounded
-//! number of sockets). A [`Tracker`] turns results into verdicts with rise/fall counts, quicker
+//! tokio task. Concurrency is shared out by who asks: every [`Group`] (a Service, or a VIP of the
+//! static config) has its own [`SHARE`] of probes in flight, so a Service whose check ports are
+//! silent (each probe waiting out its timeout) slows only its own checks, never another
+//! Service's; a target that several groups ask for may take a permit from any of them. In flight
+//! at once: at most [`SHARE`] per group (hundreds of nodes cost a bounded number of sockets per
+//! Service). A [`Tracker`] turns results into verdicts with rise/fall counts, quicker
 //! re-probes while a verdict is about to change (HAProxy's `fastinter`) and a hold-down that
 //! grows with flapping; each change is logged once with its reason and wakes the caller.
 
@@ -12,7 +16,7 @@ use std::time::{Duration, Instant};
 use log::info;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::metrics::HealthMetrics;
@@ -20,8 +24,9 @@ use super::{Health, Verdict};
 use crate::http::status_code;
 use crate::model::{CheckProtocol, HealthCheck};
 
-/// Probes in flight at once, over all targets.
-pub const MAX_CONCURRENT: usize = 64;
+/// Probes in flight at once per [`Group`]: one Service's silent ports hold at most this many of
+/// its own permits and none of anybody else's.
+pub const SHARE: usize = 32;
 /// The first hold-down after a backend went down: it comes back no sooner than this after it
 /// went down, however soon its checks pass.
 pub const HOLD_DOWN: Duration = Duration::from_secs(5);
@@ -215,18 +220,32 @@ impl Tracker {
     }
 }
 
-type Target = (IpAddr, HealthCheck);
+/// What is probed: a backend address and a check.
+pub type Target = (IpAddr, HealthCheck);
+/// Who asks for a probe: a Service (`namespace/name`) or a static VIP. Each has its own share of
+/// the probe concurrency.
+pub type Group = String;
+
+/// The semaphores a probe may take its permit from (those of the groups that ask for it).
+type Shares = Arc<Mutex<Vec<Arc<Semaphore>>>>;
 
 struct Probe {
     tracker: Arc<Mutex<Tracker>>,
+    shares: Shares,
     task: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct Probes {
+    probes: BTreeMap<Target, Probe>,
+    /// One semaphore of [`SHARE`] permits per group.
+    shares: BTreeMap<Group, Arc<Semaphore>>,
 }
 
 /// The probes of a set of targets. Targets come and go with the model; a target kept keeps
 /// its verdict.
 pub struct Prober {
-    probes: Mutex<BTreeMap<Target, Probe>>,
-    limit: Arc<Semaphore>,
+    probes: Mutex<Probes>,
     changed: Arc<Notify>,
     runtime: tokio::runtime::Handle,
     metrics: Option<HealthMetrics>,
@@ -235,7 +254,7 @@ pub struct Prober {
 impl Drop for Prober {
     fn drop(&mut self) {
         if let Ok(probes) = self.probes.lock() {
-            for p in probes.values() {
+            for p in probes.probes.values() {
                 p.task.abort();
             }
         }
@@ -250,42 +269,65 @@ impl Prober {
         metrics: Option<HealthMetrics>,
     ) -> Self {
         Self {
-            probes: Mutex::new(BTreeMap::new()),
-            limit: Arc::new(Semaphore::new(MAX_CONCURRENT)),
+            probes: Mutex::new(Probes::default()),
             changed,
             runtime,
             metrics,
         }
     }
 
-    /// Probes exactly `targets` from now on.
-    pub fn set_targets(&self, targets: &BTreeSet<Target>) {
-        let Ok(mut probes) = self.probes.lock() else {
+    /// Probes exactly `targets` from now on, each on the shares of the groups that ask for it.
+    pub fn set_targets(&self, targets: &BTreeMap<Target, BTreeSet<Group>>) {
+        let Ok(mut state) = self.probes.lock() else {
             return;
         };
+        let Probes { probes, shares } = &mut *state;
         probes.retain(|t, p| {
-            let keep = targets.contains(t);
+            let keep = targets.contains_key(t);
             if !keep {
                 p.task.abort();
             }
             keep
         });
-        for (i, target) in targets.iter().enumerate() {
-            if probes.contains_key(target) {
+        // A group keeps its semaphore while it asks for anything (its probes in flight hold
+        // permits of it); a group that went is forgotten.
+        shares.retain(|g, _| targets.values().any(|gs| gs.contains(g)));
+        for (i, (target, groups)) in targets.iter().enumerate() {
+            let own: Vec<Arc<Semaphore>> = groups
+                .iter()
+                .map(|g| {
+                    shares
+                        .entry(g.clone())
+                        .or_insert_with(|| Arc::new(Semaphore::new(SHARE)))
+                        .clone()
+                })
+                .collect();
+            if let Some(p) = probes.get(target) {
+                if let Ok(mut s) = p.shares.lock() {
+                    *s = own;
+                }
                 continue;
             }
             let tracker = Arc::new(Mutex::new(Tracker::new(&target.1)));
+            let own = Arc::new(Mutex::new(own));
             // Spread the first probes over the interval, so hundreds do not start at once.
             let offset = target.1.interval.mul_f64((i % 16) as f64 / 16.0);
             let task = self.runtime.spawn(run_probe(
                 target.clone(),
                 tracker.clone(),
-                self.limit.clone(),
+                own.clone(),
                 self.changed.clone(),
                 self.metrics.clone(),
                 offset,
             ));
-            probes.insert(target.clone(), Probe { tracker, task });
+            probes.insert(
+                target.clone(),
+                Probe {
+                    tracker,
+                    shares: own,
+                    task,
+                },
+            );
         }
     }
 
@@ -295,7 +337,8 @@ impl Prober {
             .lock()
             .ok()
             .and_then(|p| {
-                p.get(&(addr, check.clone()))
+                p.probes
+                    .get(&(addr, check.clone()))
                     .and_then(|p| p.tracker.lock().ok().map(|t| t.verdict()))
             })
             .unwrap_or(Verdict {
@@ -305,10 +348,21 @@ impl Prober {
     }
 }
 
+/// A permit from whichever of `shares` gives one first (the other waits are withdrawn);
+/// `None` when there is no share (a target nobody asks for) or the semaphores are closed.
+async fn permit(shares: &Shares) -> Option<OwnedSemaphorePermit> {
+    let shares: Vec<Arc<Semaphore>> = shares.lock().ok()?.clone();
+    if shares.is_empty() {
+        return None;
+    }
+    let waits = shares.into_iter().map(|s| Box::pin(s.acquire_owned()));
+    futures::future::select_all(waits).await.0.ok()
+}
+
 async fn run_probe(
     (addr, check): Target,
     tracker: Arc<Mutex<Tracker>>,
-    limit: Arc<Semaphore>,
+    shares: Shares,
     changed: Arc<Notify>,
     metrics: Option<HealthMetrics>,
     offset: Duration,
@@ -316,9 +370,9 @@ async fn run_probe(
     tokio::time::sleep(offset).await;
     loop {
         let started = tokio::time::Instant::now();
-        let result = match limit.acquire().await {
-            Ok(_permit) => probe_once(addr, &check).await,
-            Err(_) => return,
+        let result = match permit(&shares).await {
+            Some(_permit) => probe_once(addr, &check).await,
+            None => return,
         };
         if let Some(m) = &metrics {
             m.probe(result.is_ok());
@@ -452,5 +506,105 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.refused, "{e:?}");
+    }
+
+    /// A listener that never accepts, its accept queue filled: the kernel drops every further
+    /// SYN (ListenOverflows), so a probe sees silence until its timeout, as from a blackholed
+    /// port.
+    async fn silent_port() -> (tokio::net::TcpListener, TcpStream, u16) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Backlog 0 admits one connection to the queue: this one fills it.
+        let filler = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        (listener, filler, port)
+    }
+
+    /// Service "a/silent" asks for `silent` probes whose ports never answer (timeout = interval
+    /// = 5 s, the most its annotation may ask); Service "b/web" has one backend with the default
+    /// check. b's backend dies (connection refused): it must be down within 3 s, as if a/silent
+    /// did not exist.
+    async fn silent_service_does_not_stall_another(silent: usize) {
+        let mut held = Vec::new();
+        let mut targets: BTreeMap<Target, BTreeSet<Group>> = BTreeMap::new();
+        let lo = IpAddr::from([127, 0, 0, 1]);
+        for _ in 0..silent {
+            let (listener, filler, port) = silent_port().await;
+            let mut check = HealthCheck::new(CheckProtocol::Tcp, port, "/");
+            check.interval = Duration::from_secs(5);
+            check.timeout = Duration::from_secs(5);
+            check.validate().unwrap();
+            targets.insert((lo, check), BTreeSet::from(["a/silent".to_owned()]));
+            held.push((listener, filler));
+        }
+        // The silent ports are silent.
+        let probe = HealthCheck {
+            timeout: Duration::from_millis(200),
+            ..targets.keys().next().unwrap().1.clone()
+        };
+        let e = probe_once(lo, &probe).await.unwrap_err();
+        assert!(!e.refused && e.reason.contains("no answer"), "{e:?}");
+
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let check = HealthCheck::new(
+            CheckProtocol::Tcp,
+            backend.local_addr().unwrap().port(),
+            "/",
+        );
+        targets.insert((lo, check.clone()), BTreeSet::from(["b/web".to_owned()]));
+        let accepting = tokio::spawn(async move {
+            while let Ok((s, _)) = backend.accept().await {
+                drop(s);
+            }
+        });
+        let prober = Prober::new(
+            tokio::runtime::Handle::current(),
+            Arc::new(Notify::new()),
+            None,
+        );
+        prober.set_targets(&targets);
+        let wait = |want: Health, within: Duration| {
+            let prober = &prober;
+            let check = &check;
+            async move {
+                let start = tokio::time::Instant::now();
+                while prober.verdict(lo, check).health != want {
+                    if start.elapsed() > within {
+                        return Err(prober.verdict(lo, check));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(start.elapsed())
+            }
+        };
+        let up = wait(Health::Up, Duration::from_secs(10)).await;
+        assert!(
+            up.is_ok(),
+            "b/web never came up beside {silent} silent probes: {up:?}"
+        );
+        // Let every silent probe be in flight, then b's backend dies.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        accepting.abort();
+        let _ = accepting.await;
+        let down = wait(Health::Down, Duration::from_secs(3)).await;
+        println!("{silent} silent probes of a/silent: b/web's dead backend down after {down:?}");
+        assert!(
+            down.is_ok(),
+            "b/web's dead backend not down within 3 s beside {silent} silent probes of a/silent: {down:?}"
+        );
+        drop(prober);
+        drop(held);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fifty_silent_ports_of_one_service_stall_no_other() {
+        silent_service_does_not_stall_another(50).await;
+    }
+
+    /// More silent probes than the 64 permits that once were shared by every probe.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn more_silent_ports_than_the_old_shared_limit_stall_no_other() {
+        silent_service_does_not_stall_another(130).await;
     }
 }

@@ -290,6 +290,8 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
             None,
         )
     });
+    // When each Lease last changed, by this agent's clock (the reader judges freshness).
+    let lease_clock = Arc::new(crate::health::load::LeaseClock::default());
     if let Some(store) = &leases {
         if tokio::time::timeout(LEASES_FIRST_LIST, store.wait_until_ready())
             .await
@@ -302,6 +304,8 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
         }
         tokio::spawn(crate::health::load::follow(
             store.clone(),
+            nodes.clone(),
+            lease_clock.clone(),
             changed.clone(),
             config.health.follow_every,
             config.health.metrics.clone(),
@@ -311,6 +315,8 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
                 client.clone(),
                 load,
                 store.clone(),
+                nodes.clone(),
+                lease_clock.clone(),
                 config.health.metrics.clone(),
             ));
         }
@@ -387,7 +393,13 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
             load.is_node.store(is_node, Ordering::Relaxed);
         }
         let lease_state = leases.as_ref().map(Store::state);
-        super::overlay::agent_overlay(&mut built, &prober, lease_state.as_deref(), &config.health);
+        super::overlay::agent_overlay(
+            &mut built,
+            &prober,
+            lease_state.as_deref(),
+            &lease_clock,
+            &config.health,
+        );
         for problem in built.problems.difference(&logged_problems) {
             warn!("{problem}");
         }

@@ -27,7 +27,10 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::options::{VipOptions, node_weight, service_options};
+use super::options::{
+    MAX_WEIGHT_OVER_MEDIAN, VipOptions, WEIGHT_ANNOTATION, cap_weights, node_weight,
+    service_options,
+};
 use super::pools::{ClassPolicy, claim};
 use crate::ipam::{self, Allocation, PoolSpec, Pools};
 use crate::model::{
@@ -273,6 +276,16 @@ fn node_infos(nodes: &[Arc<Node>], built: &mut Built) -> Vec<NodeInfo> {
             healthy: ready && schedulable,
             weight,
         });
+    }
+    // One node's annotation (its own kubelet may write it) takes at most a bounded multiple of
+    // a typical node's share.
+    let mut weights: Vec<u32> = infos.iter().map(|n| n.weight).collect();
+    for (i, asked, kept, median) in cap_weights(&mut weights) {
+        built.problems.insert(format!(
+            "node {}: annotation {WEIGHT_ANNOTATION} {asked} is over {MAX_WEIGHT_OVER_MEDIAN} times the median node weight ({median}): using {kept}",
+            infos[i].name
+        ));
+        infos[i].weight = kept;
     }
     infos
 }
@@ -1112,7 +1125,7 @@ mod tests {
     #[test]
     fn local_weight_multiplies_node_weight_and_is_capped() {
         let nodes = vec![
-            node("n1", "10.0.0.1", true, false, Some("3")),
+            node("n1", "10.0.0.1", true, false, Some("5000")),
             node("n2", "10.0.0.2", true, false, Some("10000")),
         ];
         let s = svc("default", "web", lb(http(), "Local"), &["192.0.2.10"]);
@@ -1131,7 +1144,7 @@ mod tests {
         let b = run(&[s], &slices, &nodes);
         assert_eq!(
             backends(&b, "192.0.2.10:80/tcp"),
-            [bk("10.0.0.1", 6, false), bk("10.0.0.2", 10_000, false)]
+            [bk("10.0.0.1", 10_000, false), bk("10.0.0.2", 10_000, false)]
         );
     }
 
@@ -1292,6 +1305,62 @@ mod tests {
         let p = b.problems.iter().next().unwrap();
         assert!(
             p.starts_with("service default/web: annotation sluice.io/forwarding-mode"),
+            "{p}"
+        );
+    }
+
+    /// Issue 25 item 5: a node that annotates its own Node with weight 10,000 among equals
+    /// keeps 8 times the median, and the problem names it.
+    #[test]
+    fn a_node_weight_of_ten_thousand_is_capped_and_reported() {
+        let mut nodes = nodes3();
+        nodes.push(node("greedy", "10.0.0.9", true, false, Some("10000")));
+        let b = run(
+            &[svc(
+                "default",
+                "web",
+                lb(http(), "Cluster"),
+                &["192.0.2.10"],
+            )],
+            &[],
+            &nodes,
+        );
+        assert_eq!(
+            backends(&b, "192.0.2.10:80/tcp"),
+            [
+                bk("10.0.0.1", 1, false),
+                bk("10.0.0.2", 1, false),
+                bk("10.0.0.3", 1, false),
+                bk("10.0.0.9", 8, false)
+            ]
+        );
+        let p: Vec<&String> = b.problems.iter().collect();
+        assert_eq!(
+            p,
+            [
+                "node greedy: annotation sluice.io/weight 10000 is over 8 times the median node weight (1): using 8"
+            ]
+        );
+    }
+
+    /// Issue 25 item 4: a Service owner may not annotate a probe that waits longer than its
+    /// interval (a silent port would then hold a probe permit for ever longer).
+    #[test]
+    fn a_health_check_timeout_over_its_interval_is_refused_naming_service_and_annotation() {
+        let mut s = (*svc("shop", "web", lb(http(), "Cluster"), &["192.0.2.10"])).clone();
+        s.metadata.annotations = Some(
+            [(
+                "sluice.io/health-check".to_owned(),
+                "tcp:8080 interval=1s timeout=300s".to_owned(),
+            )]
+            .into(),
+        );
+        let b = run(&[Arc::new(s)], &[], &nodes3());
+        assert!(b.desired.vips.is_empty());
+        let p = b.problems.iter().next().unwrap();
+        assert!(
+            p.starts_with("service shop/web: annotation sluice.io/health-check: timeout: 300s")
+                && p.contains("at most the interval (1s)"),
             "{p}"
         );
     }

@@ -12,8 +12,16 @@ pub use crate::model::{ForwardingMode, IpNet};
 /// Service annotation choosing how packets reach the nodes: `l2` (MAC rewrite, nodes on the load
 /// balancer's L2 segment) or `ipip` (encapsulation, nodes anywhere).
 pub const FORWARDING_MODE_ANNOTATION: &str = "sluice.io/forwarding-mode";
-/// Node annotation scaling the node's share of new flows (0 to 10000, default 1; 0 takes none).
+/// Node annotation scaling the node's share of new flows (0 to 10000, default 1; 0 takes none;
+/// at most [`MAX_WEIGHT_OVER_MEDIAN`] times the median node weight counts).
 pub const WEIGHT_ANNOTATION: &str = "sluice.io/weight";
+/// The most a node's weight may be, in multiples of the median weight of the nodes (of those
+/// with a positive weight). A node's own credentials can write its Node's annotations (the
+/// kubelet may annotate its own Node), so `sluice.io/weight` is trusted only up to this factor:
+/// 8 covers real hardware spreads (an 8-core node beside a 64-core one) while one node can take
+/// at most 8/(8+n-1) of the new flows among n otherwise equal nodes, and never more than 16 times
+/// the mean share (at least half the positive weights are >= the median).
+pub const MAX_WEIGHT_OVER_MEDIAN: u32 = 8;
 /// Service annotation overriding the health check of its nodes: `off`, `tcp:PORT` or
 /// `http:PORT/PATH` (then optionally `interval=1s timeout=500ms fall=3 rise=2`).
 pub const HEALTH_CHECK_ANNOTATION: &str = "sluice.io/health-check";
@@ -213,6 +221,29 @@ pub fn node_weight(node: &Node) -> Result<u32, String> {
     }
 }
 
+/// Caps every weight at [`MAX_WEIGHT_OVER_MEDIAN`] times the (lower) median of the positive
+/// ones; returns (index, weight asked, weight kept, median) of each one capped. Weight 0 (take
+/// no flows) never counts towards the median.
+pub fn cap_weights(weights: &mut [u32]) -> Vec<(usize, u32, u32, u32)> {
+    let mut positive: Vec<u32> = weights.iter().copied().filter(|w| *w > 0).collect();
+    if positive.is_empty() {
+        return Vec::new();
+    }
+    positive.sort_unstable();
+    let median = positive[(positive.len() - 1) / 2];
+    let cap = median
+        .saturating_mul(MAX_WEIGHT_OVER_MEDIAN)
+        .min(MAX_WEIGHT);
+    let mut capped = Vec::new();
+    for (i, w) in weights.iter_mut().enumerate() {
+        if *w > cap {
+            capped.push((i, *w, cap, median));
+            *w = cap;
+        }
+    }
+    capped
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,5 +410,23 @@ mod tests {
         ] {
             assert!(parse_annotation(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// Issue 25 item 5: a node's own credentials set its weight to 10,000 among nine nodes of
+    /// weight 1: it keeps 8 (8/17 of the flows, not 10000/10009), and weights within the factor
+    /// and zeros stay as they are.
+    #[test]
+    fn one_nodes_weight_is_capped_at_a_multiple_of_the_median() {
+        let mut w = vec![1, 1, 1, 1, 10_000, 1, 1, 1, 1, 1];
+        let capped = cap_weights(&mut w);
+        assert_eq!(capped, [(4, 10_000, 8, 1)]);
+        assert_eq!(w, [1, 1, 1, 1, 8, 1, 1, 1, 1, 1]);
+        let share = f64::from(w[4]) / f64::from(w.iter().sum::<u32>());
+        let mean = 1.0 / w.len() as f64;
+        assert!(share <= 16.0 * mean && share < 0.48, "{share}");
+        let mut w = vec![0, 0, 0, 2, 16, 3];
+        assert!(cap_weights(&mut w).is_empty(), "{w:?}");
+        let mut w = vec![0, 0, 0];
+        assert!(cap_weights(&mut w).is_empty());
     }
 }

@@ -2,7 +2,7 @@
 //! weighs, this module says which of the Kubernetes model's parts they act on (the Services'
 //! per-VIP opt-outs, the nodes' names, the Leases read from the API).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::desired::Built;
@@ -15,6 +15,7 @@ pub fn agent_overlay(
     built: &mut Built,
     prober: &probe::Prober,
     leases: Option<&[Arc<k8s_openapi::api::coordination::v1::Lease>]>,
+    clock: &load::LeaseClock,
     config: &AgentHealth,
 ) {
     let Built {
@@ -28,9 +29,25 @@ pub fn agent_overlay(
             vip.health_check = None;
         }
     }
-    prober.set_targets(&targets(desired));
+    // Each Service probes on its own share: one Service's silent ports stall none of the others.
+    prober.set_targets(&targets(desired, &|vip| {
+        sources
+            .get(&vip.key)
+            .map_or_else(|| vip.key.to_string(), |s| s.service.clone())
+    }));
     let loads = match leases {
-        Some(l) if config.load_aware => load::node_loads(l, k8s_openapi::jiff::Timestamp::now()),
+        Some(l) if config.load_aware => {
+            // Leases count only for the cluster's Nodes (problems are logged by `load::follow`).
+            let nodes: BTreeSet<String> = node_names.values().cloned().collect();
+            load::node_loads(
+                l,
+                &nodes,
+                clock,
+                k8s_openapi::jiff::Timestamp::now(),
+                std::time::Instant::now(),
+            )
+            .loads
+        }
         _ => BTreeMap::new(),
     };
     if let Some(m) = &config.metrics {
