@@ -806,6 +806,14 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
             let h = health_metrics.clone();
             move |r| h.register(r)
         });
+    // The BGP speaker's (BFD's drops), when BFD runs.
+    let instruments = match bgp.as_ref().filter(|b| b.bfd.is_some()) {
+        Some(b) => instruments.with({
+            let m = b.metrics.clone();
+            move |r| m.register(r)
+        }),
+        None => instruments,
+    };
     let health_routes = vec![health_metrics.backends_route()];
     let lease_namespace = k8s::announce::lease_namespace(args.lease_namespace.clone());
     let load = match (&args.node_name, args.load_aware) {
