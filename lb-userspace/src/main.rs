@@ -291,8 +291,9 @@ enum Command {
         /// Stop after this long, e.g. 10s.
         #[arg(long, value_parser = parse_interval)]
         duration: Option<Duration>,
-        /// Events reported per second and CPU at most (0: no limit); the rest are counted lost.
-        #[arg(long, default_value_t = 1000)]
+        /// Events reported per second and CPU at most (1 or more), or `unlimited`; the rest are
+        /// counted lost. 0 is refused.
+        #[arg(long, default_value = "1000", value_parser = trace::parse_rate)]
         rate: u32,
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         format: Format,
