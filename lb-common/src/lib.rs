@@ -551,9 +551,12 @@ pub struct TraceFilter {
     pub matches: u8,
     pub client_family: u8,
     pub _pad: [u8; 2],
-    /// The reader's process id: a second `sluice trace` is refused while this one holds it.
+    /// The reader's process id, as its own pid namespace numbers it: a second `sluice trace` is
+    /// refused while this one holds it.
     pub owner_pid: u32,
-    pub _reserved: u32,
+    /// The inode of the reader's pid namespace (`/proc/self/ns/pid`; 0: unknown): `owner_pid`
+    /// means something only to a process of the same namespace.
+    pub owner_pidns: u32,
 }
 
 /// [`TraceFilter::matches`].

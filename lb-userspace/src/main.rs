@@ -299,8 +299,9 @@ enum Command {
         /// Stop after this long, e.g. 10s.
         #[arg(long, value_parser = parse_interval)]
         duration: Option<Duration>,
-        /// Events reported per second and CPU at most (0: no limit); the rest are counted lost.
-        #[arg(long, default_value_t = 1000)]
+        /// Events reported per second and CPU at most (1 or more), or `unlimited`; the rest are
+        /// counted lost. 0 is refused.
+        #[arg(long, default_value = "1000", value_parser = trace::parse_rate)]
         rate: u32,
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         format: Format,
@@ -814,6 +815,14 @@ fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
             let h = health_metrics.clone();
             move |r| h.register(r)
         });
+    // The BGP speaker's (BFD's drops), when BFD runs.
+    let instruments = match bgp.as_ref().filter(|b| b.bfd.is_some()) {
+        Some(b) => instruments.with({
+            let m = b.metrics.clone();
+            move |r| m.register(r)
+        }),
+        None => instruments,
+    };
     let health_routes = vec![health_metrics.backends_route()];
     let lease_namespace = k8s::announce::lease_namespace(args.lease_namespace.clone());
     let load = match (&args.node_name, args.load_aware) {

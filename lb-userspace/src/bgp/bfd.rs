@@ -179,6 +179,13 @@ impl Drops {
             wrong_discriminator: get(&self.wrong_discriminator),
         }
     }
+    #[cfg(test)]
+    pub(super) fn add_for_test(&self, ttl: u64, malformed: u64, unknown: u64, wrong: u64) {
+        self.ttl.fetch_add(ttl, Ordering::Relaxed);
+        self.malformed.fetch_add(malformed, Ordering::Relaxed);
+        self.unknown_source.fetch_add(unknown, Ordering::Relaxed);
+        self.wrong_discriminator.fetch_add(wrong, Ordering::Relaxed);
+    }
     fn add(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
@@ -701,6 +708,13 @@ impl Bfd {
             by_peer,
             drops: Arc::default(),
         })
+    }
+
+    /// Counts the drops in `drops` (shared with `/metrics`: [`super::BgpMetrics`]) instead of
+    /// counters of its own.
+    pub fn counting_drops_in(mut self, drops: Arc<Drops>) -> Self {
+        self.drops = drops;
+        self
     }
 
     /// The drop counters (they keep counting while `run` runs).

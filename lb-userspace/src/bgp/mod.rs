@@ -17,6 +17,8 @@
 //! at once, not linger for a restart timer.
 
 pub mod bfd;
+mod metrics;
+pub use metrics::BgpMetrics;
 mod session;
 pub mod wire;
 
@@ -134,6 +136,8 @@ pub struct SpeakerConfig {
     pub connect_timeout: Duration,
     /// BFD with every peer (single hop); `None`: off.
     pub bfd: Option<bfd::BfdConfig>,
+    /// Where the speaker counts what `/metrics` shows (clones share the counts).
+    pub metrics: BgpMetrics,
 }
 
 impl SpeakerConfig {
@@ -175,6 +179,7 @@ impl SpeakerConfig {
             drain_wait,
             connect_timeout: CONNECT_TIMEOUT,
             bfd: None,
+            metrics: BgpMetrics::default(),
         })
     }
 
@@ -189,6 +194,7 @@ impl SpeakerConfig {
             drain_wait: Duration::from_millis(100),
             connect_timeout: CONNECT_TIMEOUT,
             bfd: None,
+            metrics: BgpMetrics::default(),
         }
     }
 }
@@ -301,7 +307,8 @@ impl Speaker {
             Some(cfg) if !bfd_peers.is_empty() => {
                 let addrs: Vec<IpAddr> = bfd_peers.iter().map(|p| p.addr).collect();
                 let sockets = bfd::Sockets::for_peers(&addrs)?;
-                let bfd = bfd::Bfd::new(cfg, sockets, bfd_peers)?;
+                let bfd = bfd::Bfd::new(cfg, sockets, bfd_peers)?
+                    .counting_drops_in(config.metrics.bfd_drops.clone());
                 bfd_drops = Some(bfd.drops());
                 let (bfd_stop, bfd_stop_rx) = watch::channel(false);
                 let task = tokio::spawn(bfd.run(bfd_stop_rx));

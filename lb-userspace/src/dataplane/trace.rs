@@ -42,19 +42,37 @@ impl TraceSession {
         let current = filter_map
             .get(&0, 0)
             .with_context(|| format!("reading the {} map", map_names::TRACE))?;
-        let me = std::process::id();
-        if current.until_ns > now
-            && current.owner_pid != me
-            && Path::new(&format!("/proc/{}", current.owner_pid)).exists()
-        {
-            bail!(
-                "a trace is already running on this attachment (pid {}): one at a time; stop it first",
-                current.owner_pid
-            );
+        let (me, my_ns) = (std::process::id(), pid_namespace());
+        let mine = current.owner_pid == me && current.owner_pidns == my_ns && my_ns != 0;
+        if current.until_ns > now && !mine {
+            // A pid means something only inside its own pid namespace: a trace from the agent's
+            // pod and one from the host number the same process differently, and the same
+            // number may be two processes. So the owner is (pid, pid namespace), and only an
+            // owner of our own namespace is checked in /proc (gone: taken over at once). Any
+            // other unexpired claim is respected: its lease (TRACE_LEASE, renewed every second
+            // by a live reader) lapses by itself within seconds of the reader's end, so this
+            // errs on the safe side, never lets two traces share the filter. A pid reused
+            // within our namespace costs at most that lease, too; no pidfd or start time is
+            // needed for that.
+            let same_ns = my_ns != 0 && current.owner_pidns == my_ns;
+            if !same_ns {
+                bail!(
+                    "a trace is already running on this attachment, from another pid namespace (pid {} there: the agent's pod, the host, or another container): one at a time; stop it first (if it died, its claim lapses within {}s)",
+                    current.owner_pid,
+                    TRACE_LEASE.as_secs()
+                );
+            }
+            if Path::new(&format!("/proc/{}", current.owner_pid)).exists() {
+                bail!(
+                    "a trace is already running on this attachment (pid {}): one at a time; stop it first",
+                    current.owner_pid
+                );
+            }
         }
         let ring = RingBuf::try_from(ring)
             .map_err(|e| anyhow!("map {} is not a ring buffer: {e}", map_names::TRACE_EVENTS))?;
         filter.owner_pid = me;
+        filter.owner_pidns = my_ns;
         filter.until_ns = now + TRACE_LEASE.as_nanos() as u64;
         let mut session = Self {
             filter_map,
@@ -72,6 +90,7 @@ impl TraceSession {
         self.filter = TraceFilter {
             until_ns: self.filter.until_ns,
             owner_pid: self.filter.owner_pid,
+            owner_pidns: self.filter.owner_pidns,
             ..filter
         };
         self.renew()
@@ -130,6 +149,22 @@ impl Drop for TraceSession {
     }
 }
 
+/// The inode of this process's pid namespace, or 0 when it cannot be told: when /proc is not
+/// this namespace's (a host /proc mounted into a container: /proc/self is then not us), its
+/// pids and namespace links describe others.
+fn pid_namespace() -> u32 {
+    use std::os::unix::fs::MetadataExt as _;
+    let ours = std::fs::read_link("/proc/self")
+        .is_ok_and(|p| p.as_os_str() == std::process::id().to_string().as_str());
+    if !ours {
+        return 0;
+    }
+    std::fs::metadata("/proc/self/ns/pid")
+        .ok()
+        .and_then(|m| u32::try_from(m.ino()).ok())
+        .unwrap_or(0)
+}
+
 /// The filter and the ring (untyped until a session takes it).
 pub type TraceMaps = (Array<MapData, TraceFilter>, Map);
 
@@ -151,4 +186,17 @@ pub fn monotonic_ns() -> anyhow::Result<u64> {
         return Err(std::io::Error::last_os_error()).context("reading CLOCK_MONOTONIC");
     }
     Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_pid_namespace_is_known() {
+        use std::os::unix::fs::MetadataExt as _;
+        let ino = std::fs::metadata("/proc/self/ns/pid").map(|m| m.ino());
+        assert_eq!(pid_namespace() as u64, ino.expect("/proc/self/ns/pid"));
+        assert_ne!(pid_namespace(), 0);
+    }
 }

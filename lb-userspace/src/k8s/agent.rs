@@ -46,6 +46,10 @@ const MAX_DELAY: Duration = Duration::from_millis(500);
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 const UNRESOLVED_RETRY: Duration = Duration::from_secs(5);
+/// The agent's event loop beats this often; `/healthz` fails once no beat came for
+/// [`HEALTHZ_STALL`] (the DaemonSet's liveness probe restarts the pod ~30 s later).
+const HEARTBEAT: Duration = Duration::from_secs(1);
+const HEALTHZ_STALL: Duration = Duration::from_secs(15);
 /// How long shutdown waits for the announcement leases to be released.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -89,6 +93,17 @@ struct Health {
     /// What the last apply could not do (no room in the maps, nodes without an ARP answer),
     /// one line each: `/readyz` shows it (ready all the same: everything else is applied).
     degraded: std::sync::Mutex<Vec<String>>,
+    /// The last beat of the agent's event loop (the runtime that runs the watches, the main
+    /// loop, BGP and the announcer); `None` before the first.
+    beat: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Health {
+    fn beat(&self) {
+        if let Ok(mut beat) = self.beat.lock() {
+            *beat = Some(Instant::now());
+        }
+    }
 }
 
 /// Runs the agent until SIGTERM or SIGINT. `apply` is first called once the initial lists are
@@ -231,6 +246,16 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
         Some(addr) => Some(serve_health(addr, health.clone())?),
         None => None,
     };
+    // The heartbeat `/healthz` reads: it beats only while this runtime gets to run its tasks.
+    tokio::spawn({
+        let health = health.clone();
+        async move {
+            loop {
+                health.beat();
+                tokio::time::sleep(HEARTBEAT).await;
+            }
+        }
+    });
     let client = client(&config).await?;
     let changed = Arc::new(Notify::new());
     let watches = config.watches.clone();
@@ -501,6 +526,20 @@ fn start_bgp(
     crate::bgp::Speaker::start(bgp, ready_rx).map(Some)
 }
 
+/// `/healthz`'s answer for the event loop's last beat (`None`: not started yet, healthy).
+fn healthz_reply(beat: Option<Instant>, now: Instant) -> http::Reply {
+    match beat.map(|b| now.saturating_duration_since(b)) {
+        Some(since) if since > HEALTHZ_STALL => http::Reply::text(
+            503,
+            format!(
+                "stalled: the agent's event loop has not run for {}s\n",
+                since.as_secs()
+            ),
+        ),
+        _ => http::Reply::text(200, "ok\n"),
+    }
+}
+
 /// Applies the newest model; retries failures with backoff, keeping the last applied state.
 fn reconcile_loop(rx: mpsc::Receiver<Desired>, mut apply: ApplyFn, health: &Health) {
     let mut pending: Option<Desired> = None;
@@ -591,10 +630,19 @@ fn reconcile_loop(rx: mpsc::Receiver<Desired>, mut apply: ApplyFn, health: &Heal
     }
 }
 
-/// `GET /healthz`: 200 while the process serves. `GET /readyz`: 200 once the model from the API
-/// is in the maps and the last apply succeeded, else 503.
+/// `GET /healthz` (liveness): 200 "ok" while the agent's event loop runs (it beat within
+/// [`HEALTHZ_STALL`]), 503 naming how long it has not once it is stuck. It says nothing of the
+/// API server or the maps: a lost API keeps the dataplane forwarding with the last state, and a
+/// restart would not bring the API back. `GET /readyz`: 200 once the model from the API is in
+/// the maps and the last apply succeeded, else 503.
 fn serve_health(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<http::Server> {
-    let healthz: http::Handler = Box::new(|| http::Reply::text(200, "ok\n"));
+    let healthz: http::Handler = {
+        let health = health.clone();
+        Box::new(move || {
+            let beat = health.beat.lock().ok().and_then(|b| *b);
+            healthz_reply(beat, Instant::now())
+        })
+    };
     let readyz: http::Handler = Box::new(move || {
         if health.ready.load(Ordering::Relaxed) {
             let mut body = String::from("ready\n");
@@ -617,4 +665,23 @@ fn serve_health(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<http::S
     )?;
     info!("health probes on http://{addr}/healthz and /readyz");
     Ok(server)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn healthz_fails_once_the_event_loop_stalls() {
+        let now = Instant::now();
+        let ok = healthz_reply(Some(now - Duration::from_secs(2)), now);
+        assert_eq!((ok.status, ok.body.as_str()), (200, "ok\n"));
+        assert_eq!(healthz_reply(None, now).status, 200);
+        let stalled = healthz_reply(Some(now - HEALTHZ_STALL - Duration::from_secs(5)), now);
+        assert_eq!(stalled.status, 503);
+        assert_eq!(
+            stalled.body,
+            "stalled: the agent's event loop has not run for 20s\n"
+        );
+    }
 }

@@ -5,8 +5,18 @@
 //!
 //! Label sets are bounded by the maps: `vip` by MAX_VIPS, `backend` by MAX_BACKENDS, `reason`
 //! by the global counters, `resource` by the agent's three watches.
+//!
+//! The connection tables are the one thing a scrape cannot read cheaply (the kernel keeps no
+//! count: one syscall per entry, about a second for a million). They are counted off the scrape,
+//! by a [`FlowCounter`]: a scrape waits at most [`FLOW_COUNT_WAIT`] for a count (a small table's
+//! is always fresh) and otherwise serves the last one, and the walks take at most a tenth of a
+//! CPU however often `/metrics` is scraped.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, anyhow};
 use lb_common::GlobalCounter;
@@ -44,6 +54,89 @@ fn gauge_family(registry: &mut Registry, name: &str, help: &str) -> Family<Label
     family
 }
 
+/// How long a scrape waits for a connection-table count before serving the last one.
+pub const FLOW_COUNT_WAIT: Duration = Duration::from_millis(100);
+/// A new count starts once this many times the last one's duration has passed since it
+/// ended: the walks take at most 1/(1 + this) of a CPU.
+const FLOW_COUNT_REST: u32 = 10;
+
+/// Connection-table entries (IPv4, IPv6), as last counted.
+#[derive(Clone, Copy, Debug)]
+pub struct FlowCount {
+    pub ipv4: usize,
+    pub ipv6: usize,
+    /// When the count ended, and how long it took.
+    pub done: Instant,
+    pub took: Duration,
+}
+
+/// Counts the connection tables pinned at a layout on a thread of its own, one count at a time
+/// (see the module's header).
+#[derive(Default)]
+pub struct FlowCounter {
+    state: Mutex<CountState>,
+}
+
+#[derive(Default)]
+struct CountState {
+    last: Option<FlowCount>,
+    running: Option<mpsc::Receiver<anyhow::Result<FlowCount>>>,
+}
+
+impl FlowCounter {
+    /// The freshest count available within [`FLOW_COUNT_WAIT`] (starting one if due); `None`
+    /// until a first count ends.
+    pub fn get(&self, pins: &PinLayout) -> Option<FlowCount> {
+        let Ok(mut state) = self.state.lock() else {
+            return None;
+        };
+        let due = state
+            .last
+            .is_none_or(|l| l.done.elapsed() >= l.took * FLOW_COUNT_REST);
+        if state.running.is_none() && due {
+            let (tx, rx) = mpsc::sync_channel(1);
+            let pins = pins.clone();
+            let started = std::thread::Builder::new()
+                .name("flow-count".into())
+                .spawn(move || {
+                    let _ = tx.send(count_flows(&pins));
+                });
+            match started {
+                Ok(_) => state.running = Some(rx),
+                Err(e) => warn!("cannot start counting the connection tables: {e}"),
+            }
+        }
+        if let Some(running) = &state.running {
+            match running.recv_timeout(FLOW_COUNT_WAIT) {
+                Ok(Ok(count)) => {
+                    state.last = Some(count);
+                    state.running = None;
+                }
+                Ok(Err(e)) => {
+                    warn!("counting the connection tables: {e:#}");
+                    state.running = None;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => state.running = None,
+            }
+        }
+        state.last
+    }
+}
+
+fn count_flows(pins: &PinLayout) -> anyhow::Result<FlowCount> {
+    let start = Instant::now();
+    let maps = Maps::from_pins(pins)
+        .with_context(|| format!("opening the maps pinned in {}", pins.maps_dir().display()))?;
+    let (ipv4, ipv6) = (count_entries(&maps.flows), count_entries(&maps.flows6));
+    Ok(FlowCount {
+        ipv4,
+        ipv6,
+        done: Instant::now(),
+        took: start.elapsed(),
+    })
+}
+
 /// Connection-table entries of one table, counted up to [`FLOW_COUNT_LIMIT`].
 fn count_entries<K: aya::Pod, V: aya::Pod>(
     map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
@@ -71,9 +164,14 @@ impl Instruments {
     }
 }
 
-/// The metrics text (OpenMetrics) for the maps as they are now; without maps (the agent before
+/// The metrics text (OpenMetrics) for the maps as they are now, with the connection tables'
+/// last count (`flows`; none: `sluice_flows` has no sample yet); without maps (the agent before
 /// its first sync: nothing is attached yet) only the control plane's.
-pub fn render(maps: Option<&Maps>, instruments: &Instruments) -> anyhow::Result<String> {
+pub fn render(
+    maps: Option<&Maps>,
+    flows: Option<FlowCount>,
+    instruments: &Instruments,
+) -> anyhow::Result<String> {
     let mut registry = Registry::with_prefix("sluice");
     registry.register(
         "build",
@@ -81,7 +179,7 @@ pub fn render(maps: Option<&Maps>, instruments: &Instruments) -> anyhow::Result<
         Info::new(vec![("version", env!("CARGO_PKG_VERSION").to_owned())]),
     );
     if let Some(maps) = maps {
-        register_dataplane(&mut registry, maps)?;
+        register_dataplane(&mut registry, maps, flows)?;
     }
     for register in &instruments.0 {
         register(&mut registry);
@@ -93,7 +191,11 @@ pub fn render(maps: Option<&Maps>, instruments: &Instruments) -> anyhow::Result<
 }
 
 /// The dataplane's figures, read from the maps.
-fn register_dataplane(registry: &mut Registry, maps: &Maps) -> anyhow::Result<()> {
+fn register_dataplane(
+    registry: &mut Registry,
+    maps: &Maps,
+    flows: Option<FlowCount>,
+) -> anyhow::Result<()> {
     let drops = counter_family(
         registry,
         "drops",
@@ -191,17 +293,19 @@ fn register_dataplane(registry: &mut Registry, maps: &Maps) -> anyhow::Result<()
     .get_or_create(&Vec::new())
     .set(i64::from(guard.cpus_holding));
 
-    let flows = gauge_family(
+    let family = gauge_family(
         registry,
         "flows",
         "Connection-table entries, by family (counted up to 1048576 each)",
     );
-    flows
-        .get_or_create(&vec![("family", "ipv4".to_owned())])
-        .set(count_entries(&maps.flows) as i64);
-    flows
-        .get_or_create(&vec![("family", "ipv6".to_owned())])
-        .set(count_entries(&maps.flows6) as i64);
+    if let Some(count) = flows {
+        family
+            .get_or_create(&vec![("family", "ipv4".to_owned())])
+            .set(count.ipv4 as i64);
+        family
+            .get_or_create(&vec![("family", "ipv6".to_owned())])
+            .set(count.ipv6 as i64);
+    }
     Ok(())
 }
 
@@ -217,13 +321,14 @@ pub fn serve(
     routes: Vec<(&'static str, http::Handler)>,
 ) -> anyhow::Result<http::Server> {
     let pins = pins.clone();
+    let flows = FlowCounter::default();
     let scrape = move || {
         if !pins.has_maps() {
-            return render(None, &instruments);
+            return render(None, None, &instruments);
         }
         let maps = Maps::from_pins(&pins)
             .with_context(|| format!("opening the maps pinned in {}", pins.maps_dir().display()))?;
-        render(Some(&maps), &instruments)
+        render(Some(&maps), flows.get(&pins), &instruments)
     };
     let metrics: http::Handler = Box::new(move || match scrape() {
         Ok(text) => http::Reply {

@@ -81,8 +81,8 @@ pub fn run(iface: &str, pins: &PinLayout, args: &TraceArgs, format: Format) -> a
     let clock = Clock::now()?;
     // On stderr, so that JSON on stdout stays one event per line; scripts wait for it.
     eprintln!(
-        "# tracing {iface} (at most {} events per second and CPU); Ctrl-C stops",
-        args.rate
+        "# tracing {iface} ({} events per second and CPU); Ctrl-C stops",
+        rate_text(args.rate)
     );
     let started = Instant::now();
     let mut renewed = Instant::now();
@@ -142,8 +142,8 @@ pub fn run(iface: &str, pins: &PinLayout, args: &TraceArgs, format: Format) -> a
             let _ = writeln!(std::io::stdout().lock(), "{summary}");
         }
         Format::Table => eprintln!(
-            "# {shown} events; lost: {rate} over the rate of {} per second and CPU, {ring} with the ring full",
-            args.rate
+            "# {shown} events; lost: {rate} over the rate ({} per second and CPU), {ring} with the ring full",
+            rate_text(args.rate)
         ),
     }
     Ok(())
@@ -342,6 +342,35 @@ fn clock_time(unix_ns: i128) -> String {
     )
 }
 
+/// The kernel filter's rate: events per second and CPU, 0 for no limit.
+fn rate_text(rate: u32) -> String {
+    if rate == 0 {
+        "unlimited".into()
+    } else {
+        format!("at most {rate}")
+    }
+}
+
+/// `--rate`: events per second and CPU (1 or more), or `unlimited` (the kernel filter's 0). A
+/// bare 0 is refused: it reads as "nothing", and would mean "no limit".
+pub fn parse_rate(text: &str) -> Result<u32, String> {
+    if text.eq_ignore_ascii_case("unlimited") {
+        return Ok(0);
+    }
+    match text.parse::<u32>() {
+        Ok(0) => Err(
+            "0 is not a rate: give events per second and CPU (1 or more, e.g. 1000), \
+             or `unlimited` for no limit (a busy VIP can then fill the ring)"
+                .into(),
+        ),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!(
+            "{text:?}: expected events per second and CPU (1 to {}) or `unlimited`",
+            u32::MAX
+        )),
+    }
+}
+
 /// `--client`: a prefix, or one address (as /32 or /128).
 pub fn parse_client(text: &str) -> Result<IpNet, String> {
     if let Ok(net) = text.parse::<IpNet>() {
@@ -355,6 +384,19 @@ pub fn parse_client(text: &str) -> Result<IpNet, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("1000"), Ok(1000));
+        assert_eq!(parse_rate("unlimited"), Ok(0));
+        let zero = parse_rate("0").unwrap_err();
+        assert!(
+            zero.contains("0 is not a rate") && zero.contains("unlimited"),
+            "{zero}"
+        );
+        assert!(parse_rate("-1").is_err());
+        assert!(parse_rate("lots").unwrap_err().contains("`unlimited`"));
+    }
 
     #[test]
     fn clock_time_is_utc_time_of_day() {
