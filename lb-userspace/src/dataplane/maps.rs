@@ -2,12 +2,24 @@
 //! or from their pins.
 
 use std::collections::BTreeSet;
+use std::os::fd::{AsFd as _, OwnedFd};
 
-use aya::maps::MapError;
+use anyhow::{Context as _, anyhow, bail};
+use aya::Ebpf;
+use aya::maps::lpm_trie::Key as LpmKey;
+use aya::maps::{
+    Array, ArrayOfMaps, DevMapHash, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray,
+};
 use ipnet::IpNet;
-use lb_common::{FAMILY_V4, FAMILY_V6, RateWindow, Settings as DataplaneSettings};
+use lb_common::{
+    Announce, Backend, Counters, FAMILY_V4, FAMILY_V6, FlowKey, FlowKey4, FlowValue, PeerFilter,
+    PeerKey, RateWindow, ScopedAddr, Settings as DataplaneSettings, VipFilter, VipInfo, VipKey,
+    decap_map_names, map_names,
+};
 
-use super::*;
+use super::maglev_table::{MaglevMapping, inner_elements};
+use super::pins::PinLayout;
+use super::sys::lookup_batch;
 
 /// Typed handles on every map, from a freshly loaded object or from pins.
 pub struct Maps {
