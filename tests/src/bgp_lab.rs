@@ -16,6 +16,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::net::Ipv4Addr;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -24,11 +25,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 
+use crate::agents_lab::{AgentsLab, WebService, check_agents};
+pub use crate::agents_lab::{NODES, node_name};
 use crate::cmd;
-use crate::kube::Kube;
-use crate::lab::{HTTP_PORT, Lab, LabConfig, SluiceProcess, require_root};
+use crate::lab::SluiceProcess;
 
-pub const NODES: usize = 3;
 /// The nodes' AS (one for all: identical AS_PATHs) and the router's.
 pub const NODE_ASN: u32 = 64512;
 pub const ROUTER_ASN: u32 = 65000;
@@ -392,54 +393,39 @@ pub fn parse_nexthops(json_text: &str) -> Result<BTreeSet<Ipv4Addr>> {
     Ok(hops)
 }
 
-/// The lab, the API server, the router and one agent per node.
+/// The agents lab (API server, nodes, `web`), the router and one agent per node.
 pub struct BgpLab {
     /// The nodes whose agent runs BFD.
     pub bfd: Vec<usize>,
     /// Dropped first: the agents, then the router, then the API server and the namespaces.
     pub agents: Vec<Option<SluiceProcess>>,
     pub router: Router,
-    pub kube: Kube,
-    pub lab: Lab,
+    pub nodes: AgentsLab,
+}
+
+impl Deref for BgpLab {
+    type Target = AgentsLab;
+    fn deref(&self) -> &AgentsLab {
+        &self.nodes
+    }
 }
 
 impl BgpLab {
     /// Builds the lab with `kind` as the router and starts the three agents with `--bgp`;
     /// the nodes in `bfd` run BFD with the router too.
     pub fn start(kind: RouterKind, bfd: &[usize]) -> Result<BgpLab> {
-        require_root();
-        let lab = Lab::build(LabConfig {
-            backends: NODES,
-            udp: false,
-        })?;
         // The router's namespace is the lab's lb (the client already routes the VIP there).
-        let kube = Kube::start_listening(lab.lb_ns(), lab.lb_addr())?;
-        for i in 0..NODES {
-            kube.node(&node_name(i), lab.backend_addr(i), true)?;
-        }
-        kube.apply_yaml(&format!(
-            "apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: default}}
-spec:
-  type: LoadBalancer
-  externalTrafficPolicy: Cluster
-  selector: {{app: web}}
-  ports:
-    - {{name: http, port: {HTTP_PORT}, protocol: TCP}}
-    - {{name: echo, port: {}, protocol: TCP}}
-",
-            crate::ECHO_PORT
-        ))?;
-        kube.patch_status(
-            "/api/v1/namespaces/default/services/web",
-            &json!({"status": {"loadBalancer": {"ingress": [{"ip": lab.vip().to_string()}]}}}),
-        )?;
+        let nodes = AgentsLab::start(WebService {
+            echo: true,
+            ..WebService::default()
+        })?;
+        let lab = &nodes.lab;
         // Only pool addresses are announced: the lab's VIP and the next three (the scenarios
         // move the VIP and add a Local Service); no auto-assign, the test writes the status.
-        kube.agent_kubeconfig()?;
         let last = std::net::Ipv4Addr::from(u32::from(lab.vip()) + 3);
-        kube.pool("lab", &[format!("{}-{last}", lab.vip())], false, false)?;
+        nodes
+            .kube
+            .pool("lab", &[format!("{}-{last}", lab.vip())], false, false)?;
         let router = Router::start(
             kind,
             lab.lb_ns(),
@@ -452,8 +438,7 @@ spec:
             bfd: bfd.to_vec(),
             agents: Vec::new(),
             router,
-            kube,
-            lab,
+            nodes,
         };
         for i in 0..NODES {
             bgp.lab.enable_backend_xdp_tx(i)?;
@@ -465,9 +450,6 @@ spec:
 
     /// Starts node `i`'s agent (again).
     pub fn spawn_agent(&self, i: usize) -> Result<SluiceProcess> {
-        let kubeconfig = self.kube.agent_kubeconfig()?;
-        let kubeconfig = kubeconfig.to_string_lossy().into_owned();
-        let pins = self.lab.pin_dir().join(format!("node{i}"));
         let peer = format!("{}={ROUTER_ASN}", self.lab.lb_addr());
         let asn = NODE_ASN.to_string();
         let drain = DRAIN_WAIT.as_secs().to_string();
@@ -476,21 +458,9 @@ spec:
         } else {
             "--bgp-bfd=false"
         };
-        self.lab.spawn_sluice_in(
-            self.lab.backend_ns(i),
-            &pins,
+        self.nodes.spawn_agent(
+            i,
             &[
-                "agent",
-                "--iface",
-                "eth0",
-                "--kubeconfig",
-                &kubeconfig,
-                "--node-name",
-                &node_name(i),
-                "--health-addr",
-                "127.0.0.1:9941",
-                "--metrics-addr",
-                "127.0.0.1:9477",
                 "--bgp",
                 "--bgp-asn",
                 &asn,
@@ -528,14 +498,7 @@ spec:
 
     /// Fails if an agent that should run has exited.
     pub fn check_agents(&mut self) -> Result<()> {
-        for (i, a) in self.agents.iter_mut().enumerate() {
-            if let Some(a) = a
-                && let Some(status) = a.try_wait()?
-            {
-                bail!("agent on node {i} exited ({status}): {}", a.log_text());
-            }
-        }
-        Ok(())
+        check_agents(self.agents.iter_mut().map(Option::as_mut))
     }
 
     /// The last lines of every agent's log.
@@ -596,10 +559,6 @@ spec:
         }
         Ok(())
     }
-}
-
-pub fn node_name(i: usize) -> String {
-    format!("node-{i}")
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! their own, and tears it all down on drop. The integration tests in `tests/` and the demo
 //! (`cargo xtask demo`) use it. Everything here needs root; see [`require_root`].
 
+pub mod agents_lab;
 pub mod bgp_lab;
 pub mod cluster;
 pub mod cmd;

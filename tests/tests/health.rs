@@ -14,119 +14,53 @@
 //!
 //! Needs root.
 
+use std::ops::Deref;
 use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use serde_json::{Value, json};
-use sluice_tests::kube::Kube;
-use sluice_tests::{ECHO_PORT, HTTP_PORT, Lab, LabConfig, SluiceProcess, require_root};
+use serde_json::Value;
+use sluice_tests::agents_lab::{AgentsLab, NODES, WebService, check_agents};
+use sluice_tests::{HTTP_PORT, Lab, LabConfig, SluiceProcess, require_root};
 
-const NODES: usize = 3;
 const CONVERGE: Duration = Duration::from_secs(60);
 /// The issue's bound for a loaded node's share to fall.
 const SHED_WITHIN: Duration = Duration::from_secs(30);
 
 struct Cluster {
+    /// Declared first: the agents stop before the API server and the namespaces go.
     agents: Vec<SluiceProcess>,
-    _kube: Kube,
-    lab: Lab,
+    nodes: AgentsLab,
 }
 
-fn node_name(i: usize) -> String {
-    format!("node-{i}")
+impl Deref for Cluster {
+    type Target = AgentsLab;
+    fn deref(&self) -> &AgentsLab {
+        &self.nodes
+    }
 }
 
 impl Cluster {
     fn start() -> Result<Cluster> {
-        require_root();
-        let lab = Lab::build(LabConfig {
-            backends: NODES,
-            udp: false,
+        let check = format!("http:{HTTP_PORT}/");
+        let nodes = AgentsLab::start(WebService {
+            annotations: &[("sluice.io/health-check", &check)],
+            echo: true,
         })?;
-        let kube = Kube::start_listening(lab.lb_ns(), lab.lb_addr())?;
-        let kubeconfig = kube.agent_kubeconfig()?;
-        for i in 0..NODES {
-            kube.node(&node_name(i), lab.backend_addr(i), true)?;
-        }
-        kube.apply_yaml(&format!(
-            "apiVersion: v1
-kind: Service
-metadata:
-  name: web
-  namespace: default
-  annotations: {{sluice.io/health-check: \"http:{HTTP_PORT}/\"}}
-spec:
-  type: LoadBalancer
-  externalTrafficPolicy: Cluster
-  selector: {{app: web}}
-  ports:
-    - {{name: http, port: {HTTP_PORT}, protocol: TCP}}
-    - {{name: echo, port: {ECHO_PORT}, protocol: TCP}}
-"
-        ))?;
-        kube.patch_status(
-            "/api/v1/namespaces/default/services/web",
-            &json!({"status": {"loadBalancer": {"ingress": [{"ip": lab.vip().to_string()}]}}}),
-        )?;
         let mut agents = Vec::new();
         for i in 0..NODES {
-            set_load(&lab, i, 0.05)?;
-            lab.enable_backend_xdp_tx(i)?;
-            let pins = pin_dir(&lab, i);
-            let kubeconfig = kubeconfig.to_string_lossy().into_owned();
-            let load_file = load_file(&lab, i).to_string_lossy().into_owned();
-            agents.push(lab.spawn_sluice_in(
-                lab.backend_ns(i),
-                &pins,
-                &[
-                    "agent",
-                    "--iface",
-                    "eth0",
-                    "--kubeconfig",
-                    &kubeconfig,
-                    "--node-name",
-                    &node_name(i),
-                    "--health-addr",
-                    "127.0.0.1:9941",
-                    "--metrics-addr",
-                    "127.0.0.1:9477",
-                    "--load-file",
-                    &load_file,
-                ],
-            )?);
+            set_load(&nodes.lab, i, 0.05)?;
+            nodes.lab.enable_backend_xdp_tx(i)?;
+            let load_file = load_file(&nodes.lab, i).to_string_lossy().into_owned();
+            agents.push(nodes.spawn_agent(i, &["--load-file", &load_file])?);
         }
-        lab.client_route_vip_via_backend(0)?;
-        Ok(Cluster {
-            agents,
-            _kube: kube,
-            lab,
-        })
-    }
-
-    fn sluice(&self, i: usize, args: &[&str]) -> Result<Value> {
-        let bin = sluice_tests::lab::sluice_binary()?;
-        let pins = pin_dir(&self.lab, i);
-        let mut argv = vec![
-            bin.to_string_lossy().into_owned(),
-            "--pin-dir".into(),
-            pins.to_string_lossy().into_owned(),
-        ];
-        argv.extend(args.iter().map(|s| (*s).to_owned()));
-        argv.extend(["--iface".into(), "eth0".into(), "-o".into(), "json".into()]);
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let out = self.lab.exec_ok(self.lab.backend_ns(i), &argv)?;
-        serde_json::from_slice(&out.stdout).context("sluice -o json: not JSON")
+        nodes.lab.client_route_vip_via_backend(0)?;
+        Ok(Cluster { agents, nodes })
     }
 
     fn check_agents(&mut self) -> Result<()> {
-        for (i, a) in self.agents.iter_mut().enumerate() {
-            if let Some(status) = a.try_wait()? {
-                bail!("agent on node {i} exited ({status}): {}", a.log_text());
-            }
-        }
-        Ok(())
+        check_agents(self.agents.iter_mut().map(Some))
     }
 
     /// Node `i`'s rows of the HTTP VIP in `inspect backends` (with the agent's columns).
@@ -224,10 +158,6 @@ spec:
             })
             .collect())
     }
-}
-
-fn pin_dir(lab: &Lab, i: usize) -> PathBuf {
-    lab.pin_dir().join(format!("node{i}"))
 }
 
 fn load_file(lab: &Lab, i: usize) -> PathBuf {

@@ -1,8 +1,17 @@
 //! The config's schema: which keys exist where, and how a file becomes a [`Desired`] (VIPs,
 //! backends, settings), with the cross-field rules (unique keys, families, capacity).
 
-use super::*;
-use crate::model::{CheckProtocol, HealthCheck, KUBE_PROXY_HEALTHZ_PORT, parse_duration};
+use std::collections::HashMap;
+
+use lb_common::{DEFAULT_FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_VIPS};
+use marked_yaml::Node;
+
+use super::yaml::{Checker, Field, node_line};
+use super::{FLOW_TABLE_HINT, FLOW_TABLE_SIZES, NEW_FLOWS_HINT, PORT_HINT, Result, WEIGHT_HINT};
+use crate::model::{
+    Backend, CheckProtocol, DEFAULT_WEIGHT, Desired, ForwardingMode, HealthCheck, IpNet,
+    KUBE_PROXY_HEALTHZ_PORT, MAX_WEIGHT, Protocol, Settings, Vip, VipAddr, parse_duration,
+};
 
 pub(super) const TOP_KEYS: &[&str] = &[
     "maglev_table_size",

@@ -1,7 +1,14 @@
 //! The value rules: what counts as an address, a prefix, a MAC, a protocol or a Maglev table
 //! size, each with an error that says what to write instead.
 
-use super::*;
+use std::net::IpAddr;
+
+use lb_common::{DEFAULT_MAGLEV_SIZE, MAX_MAGLEV_SIZE};
+
+use super::yaml::{Checker, Field};
+use super::{MAC_HINT, MIN_MAGLEV_SIZE, Result, UNICAST_MAC_HINT};
+use crate::maglev::is_prime;
+use crate::model::{IpNet, MacAddr, Protocol};
 
 /// Why `addr` cannot be a VIP or a backend, if it cannot.
 pub(super) fn not_unicast(addr: IpAddr) -> Option<&'static str> {

@@ -2,7 +2,16 @@
 //! lines, shaping errors that name file, line and field, and reading scalars (text, numbers,
 //! booleans) without YAML's implicit typing.
 
-use super::*;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::fmt;
+use std::hash::Hash;
+use std::ops::RangeInclusive;
+
+use marked_yaml::types::{MarkedMappingNode, MarkedScalarNode};
+use marked_yaml::{LoadError, LoaderOptions, Node, Span};
+
+use super::{ConfigError, Result, SYNTAX_HINT};
 
 pub(super) fn span_line(span: &Span) -> Option<usize> {
     span.start().map(|marker| marker.line())

@@ -1,7 +1,15 @@
 //! Maglev tables as inner maps: built through mmap in one copy, swapped into the outer array
 //! in batches (the one atomic step packets can observe), read back with their fingerprint.
 
-use super::*;
+use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::ptr;
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::maps::MapData;
+use lb_common::MAGLEV_INNER_FLAGS;
+
+use super::maps::Maps;
+use super::sys::update_batch;
 
 /// One VIP's table for [`install_maglev_tables`]: slot i holds `backends[picks[i]]`, or
 /// `NO_BACKEND` where `picks[i]` names no backend. VIPs with the same backends and weights share

@@ -2,12 +2,24 @@
 //! or from their pins.
 
 use std::collections::BTreeSet;
+use std::os::fd::{AsFd as _, OwnedFd};
 
-use aya::maps::MapError;
+use anyhow::{Context as _, anyhow, bail};
+use aya::Ebpf;
+use aya::maps::lpm_trie::Key as LpmKey;
+use aya::maps::{
+    Array, ArrayOfMaps, DevMapHash, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray,
+};
 use ipnet::IpNet;
-use lb_common::{FAMILY_V4, FAMILY_V6, RateWindow, Settings as DataplaneSettings};
+use lb_common::{
+    Announce, Backend, Counters, FAMILY_V4, FAMILY_V6, FlowKey, FlowKey4, FlowValue, PeerFilter,
+    PeerKey, RateWindow, ScopedAddr, Settings as DataplaneSettings, VipFilter, VipInfo, VipKey,
+    decap_map_names, map_names,
+};
 
-use super::*;
+use super::maglev_table::{MaglevMapping, inner_elements};
+use super::pins::PinLayout;
+use super::sys::lookup_batch;
 
 /// Typed handles on every map, from a freshly loaded object or from pins.
 pub struct Maps {
@@ -160,6 +172,62 @@ impl Maps {
             .map_err(|e| anyhow!("reading the Maglev table of VIP #{vip_id}: {e}"))?;
         let mapping = MaglevMapping::new(&inner, size, libc::PROT_READ)?;
         Ok(mapping.read())
+    }
+}
+
+/// Typed reads for the observers (observe/): what they need of the maps, in lb-common's types
+/// and anyhow errors, so that they need no aya.
+impl Maps {
+    /// The connection table's entry for `key` (either family), `None` when it holds none. A
+    /// lookup from user space leaves the LRU's recency alone (the kernel's
+    /// lookup_elem_sys_only): reading a flow does not keep its entry alive.
+    pub fn flow(&self, key: &FlowKey) -> anyhow::Result<Option<FlowValue>> {
+        let entry = if key.family == FAMILY_V4 {
+            self.flows.get(&key.narrow(), 0)
+        } else {
+            self.flows6.get(key, 0)
+        };
+        match entry {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(anyhow!("reading the connection table: {e}")),
+        }
+    }
+
+    /// Every connection-table entry, IPv4 then IPv6, IPv4 keys widened; `None` for an entry
+    /// that could not be read (evicted while the table was walked).
+    pub fn flow_entries(&self) -> impl Iterator<Item = Option<(FlowKey, FlowValue)>> + '_ {
+        let v4 = self.flows.iter().map(|e| e.map(|(k, v)| (k.widen(), v)));
+        v4.chain(self.flows6.iter()).map(Result::ok)
+    }
+
+    /// The MAC this node answers ARP and Neighbor Solicitations with for `key` (an
+    /// [`announce_key`]), if it announces that address.
+    pub fn announced_mac(&self, key: &VipKey) -> anyhow::Result<Option<[u8; 6]>> {
+        match self.announce.get(key, 0) {
+            Ok(a) => Ok(Some(a.mac)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(anyhow!("reading the ANNOUNCE map: {e}")),
+        }
+    }
+
+    /// Every address this node announces, with the MAC it answers with.
+    pub fn announced(&self) -> anyhow::Result<Vec<(VipKey, Announce)>> {
+        self.announce
+            .iter()
+            .map(|entry| entry.context("reading the ANNOUNCE map"))
+            .collect()
+    }
+
+    /// How many peers (other sluice nodes' MACs) `PEERS` holds.
+    pub fn peer_count(&self) -> usize {
+        self.peers.keys().filter(Result::is_ok).count()
+    }
+
+    /// The flood guard's per-CPU windows (`NEW_FLOWS`), one per possible CPU.
+    pub fn new_flow_windows(&self) -> anyhow::Result<Vec<RateWindow>> {
+        let windows = self.new_flows.get(&0, 0).context("reading NEW_FLOWS")?;
+        Ok(windows.iter().copied().collect())
     }
 }
 

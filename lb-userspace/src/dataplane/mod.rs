@@ -2,31 +2,18 @@
 //! their maps, Maglev tables and the maps' snapshot. Elsewhere aya appears only through these
 //! handles (the reconcile's writes, inspect's and metrics' reads of per-CPU values).
 
-use std::{
-    fs,
-    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
-    path::{Path, PathBuf},
-    ptr,
-};
+use std::path::PathBuf;
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{
-        Array, ArrayOfMaps, DevMapHash, HashMap, LpmTrie, Map, MapData, PerCpuArray,
-        lpm_trie::Key as LpmKey,
-    },
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
     },
 };
-use lb_common::{
-    Announce, BALANCER_PROGRAM, Backend, Counters, DECAP_PROGRAM, FlowKey, FlowKey4, FlowValue,
-    MAGLEV_INNER_FLAGS, PeerFilter, PeerKey, ScopedAddr, VipFilter, VipInfo, VipKey,
-    decap_map_names, flow_table_size_v6, map_names,
-};
+use lb_common::{BALANCER_PROGRAM, DECAP_PROGRAM, decap_map_names, flow_table_size_v6, map_names};
 
 use crate::net::Interface;
 
@@ -101,12 +88,11 @@ mod snapshot;
 mod sys;
 mod trace;
 
-pub use maglev_table::*;
-pub use maps::*;
-pub use pins::*;
-pub use snapshot::*;
-use sys::*;
-pub use trace::*;
+pub use maglev_table::{FINGERPRINT_ELEMENTS, TableWrite, install_maglev_tables};
+pub use maps::{AnnounceMap, DecapMaps, DecapSets, Maps, announce_key, scoped_prefix};
+pub use pins::PinLayout;
+pub use snapshot::{RangeKey, Snapshot};
+pub use trace::{TRACE_LEASE, TraceMaps, TraceSession, monotonic_ns};
 
 /// Loads the balancer (maps created, or reused from `pins` after a layout check; programs
 /// verified, not attached).

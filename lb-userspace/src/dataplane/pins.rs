@@ -1,7 +1,12 @@
 //! Where an attachment's state lives in bpffs: the link and the maps, per interface, with the
 //! mark of the map layout that wrote them.
 
-use super::*;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+
+use super::{BPF_FS_MAGIC, ObjectKind};
 
 /// The bpffs layout of one attachment: `<root>/<iface>/{link, maps/<NAME>}` for the balancer,
 /// `<root>/decap/<iface>/...` for the decapsulator.

@@ -1,6 +1,6 @@
 //! The raw bpf(2) batch calls aya does not offer (lookup and update of many elements at once).
 
-use super::*;
+use std::os::fd::{AsRawFd as _, OwnedFd};
 
 /// The batch member of `union bpf_attr`.
 #[repr(C)]

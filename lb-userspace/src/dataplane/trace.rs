@@ -3,12 +3,18 @@
 //! attachment: the filter names its reader, and lapses unless renewed, so a reader that dies
 //! costs the dataplane nothing within seconds.
 
+use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::path::Path;
+use std::ptr;
 use std::time::Duration;
 
-use aya::maps::RingBuf;
-use lb_common::{TraceEvent, TraceFilter};
+use anyhow::{Context as _, anyhow, bail};
+use aya::Ebpf;
+use aya::maps::{Array, Map, MapData, RingBuf};
+use lb_common::{TraceEvent, TraceFilter, map_names};
 
-use super::*;
+use super::maps::open_pinned;
+use super::pins::PinLayout;
 
 /// How long a filter holds without renewal; [`TraceSession::renew`] is called far more often.
 pub const TRACE_LEASE: Duration = Duration::from_secs(5);

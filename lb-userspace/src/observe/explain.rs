@@ -113,24 +113,9 @@ impl Inputs {
             Some(info) if info.table_size > 0 => installed_or_rebuilt(maps, &snapshot.slots, &info),
             _ => (Vec::new(), None),
         };
-        let entry = if key.family == FAMILY_V4 {
-            maps.flows.get(&key.narrow(), 0)
-        } else {
-            maps.flows6.get(&key, 0)
-        };
-        // A lookup from user space leaves the LRU's recency alone (the kernel's
-        // lookup_elem_sys_only): explaining a flow does not keep its entry alive.
-        let entry = match entry {
-            Ok(v) => Some(v),
-            Err(aya::maps::MapError::KeyNotFound) => None,
-            Err(e) => return Err(anyhow!("reading the connection table: {e}")),
-        };
-        let announce = match maps.announce.get(&announce_key(flow.vip.addr), 0) {
-            Ok(a) => Some(a.mac),
-            Err(aya::maps::MapError::KeyNotFound) => None,
-            Err(e) => return Err(anyhow!("reading the ANNOUNCE map: {e}")),
-        };
-        let peers = maps.peers.keys().filter(Result::is_ok).count();
+        let entry = maps.flow(&key)?;
+        let announce = maps.announced_mac(&announce_key(flow.vip.addr))?;
+        let peers = maps.peer_count();
         Ok(Self {
             vip,
             vips: snapshot.vips.keys().map(vip_addr).collect(),

@@ -147,8 +147,7 @@ pub fn backends_with_health(maps: &Maps, agent: String) -> anyhow::Result<View> 
 /// The addresses this node answers ARP for (`sluice agent --announce`, the Leases it holds).
 pub fn announce(maps: &Maps) -> anyhow::Result<View> {
     let mut rows = Vec::new();
-    for entry in maps.announce.iter() {
-        let (key, value) = entry.context("reading the ANNOUNCE map")?;
+    for (key, value) in maps.announced()? {
         rows.push((
             addr_from_raw(&key.addr, key.family).to_string(),
             MacAddr(value.mac).to_string(),
@@ -388,9 +387,8 @@ pub fn flows(maps: &Maps, limit: usize, filter: &FlowFilter) -> anyhow::Result<V
     let current = Snapshot::read(maps)?;
     let mut rows = Vec::new();
     let (mut total, mut matched) = (0usize, 0usize);
-    let v4 = maps.flows.iter().map(|e| e.map(|(k, v)| (k.widen(), v)));
-    for entry in v4.chain(maps.flows6.iter()) {
-        let Ok((key, value)) = entry else {
+    for entry in maps.flow_entries() {
+        let Some((key, value)) = entry else {
             continue; // evicted while we walked the table
         };
         total += 1;

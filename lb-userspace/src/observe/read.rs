@@ -195,7 +195,7 @@ pub fn flood_guard(maps: &Maps) -> anyhow::Result<FloodGuard> {
         .get(&0, 0)
         .context("reading SETTINGS")?
         .max_new_flows_per_cpu;
-    let windows = maps.new_flows.get(&0, 0).context("reading NEW_FLOWS")?;
+    let windows = maps.new_flow_windows()?;
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -214,7 +214,7 @@ pub fn flood_guard(maps: &Maps) -> anyhow::Result<FloodGuard> {
     Ok(FloodGuard {
         max_new_flows_per_cpu: limit,
         cpus_holding: holding as u32,
-        cpus: windows.iter().count() as u32,
+        cpus: windows.len() as u32,
     })
 }
 

@@ -1,7 +1,17 @@
 //! The apply: a plan written to the maps in named phases ([`Phase`]), in an order no packet
 //! can observe half-done, each phase leaving a state the next reconcile completes.
 
-use super::*;
+use std::collections::HashMap;
+
+use anyhow::Context as _;
+use aya::maps::lpm_trie::Key as LpmKey;
+use aya::maps::{MapError, PerCpuValues};
+use lb_common::{Backend as SlotValue, Counters, NO_BACKEND, VipFilter, VipInfo, VipKey};
+
+use super::plan::{Plan, TableInputs, VipPlan};
+use super::{Hook, Phase, Summary};
+use crate::dataplane::{Maps, RangeKey, Snapshot, TableWrite, install_maglev_tables};
+use crate::maglev;
 
 pub(super) fn apply(
     maps: &mut Maps,

@@ -10,33 +10,28 @@
 //! [`driver`] is what both sources drive: the first apply loads and attaches, every later one
 //! reconciles, each recorded in its instruments.
 
-use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    net::IpAddr,
-};
+use std::{collections::BTreeSet, net::IpAddr};
 
 use anyhow::{Context as _, anyhow, bail};
-use aya::maps::{MapError, PerCpuValues, lpm_trie::Key as LpmKey};
+use aya::maps::MapError;
 use lb_common::{
-    Addr, Backend as SlotValue, Counters, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_DECAP_ADDRS,
-    MAX_PEERS, MAX_SOURCE_RANGES, MAX_VIPS, NO_BACKEND, PeerFilter, PeerKey, VipFilter, VipInfo,
-    VipKey, backend_state, forward_mode, source_range_scope, vip_flags,
+    MAX_BACKENDS, MAX_DECAP_ADDRS, MAX_PEERS, MAX_SOURCE_RANGES, MAX_VIPS, PeerFilter, PeerKey,
+    VipKey,
 };
 
 use crate::{
-    dataplane::{Maps, RangeKey, Snapshot, TableWrite, install_maglev_tables, scoped_prefix},
-    maglev::{self, MaglevBackend},
-    model::{Backend, Desired, ForwardingMode, IpNet, Settings, Vip, VipAddr},
+    dataplane::{Maps, Snapshot},
+    model::{Desired, IpNet, VipAddr},
     net::Interface,
-    resolve::{Resolved, Target, resolve},
+    resolve::{Resolved, resolve},
 };
 
 mod apply;
 pub mod driver;
 mod plan;
 
-use apply::*;
-use plan::*;
+use apply::apply;
+use plan::plan;
 
 /// What to do with a backend that cannot be resolved now (no ARP answer, no route).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,0 +1,74 @@
+//! The maps' layout as an ABI between two compilers: pinned sizes and the fingerprint that
+//! keeps a program from adopting maps pinned by an incompatible one.
+
+use crate::{
+    Announce, Backend, Counters, FLOW_HASH_SEED, FlowKey, FlowKey4, FlowValue, GlobalCounter,
+    MAX_BACKENDS, MAX_DECAP_ADDRS, MAX_PEERS, MAX_SOURCE_RANGES, MAX_TX_PORTS, MAX_VIPS,
+    PeerFilter, PeerKey, RateWindow, ScopedAddr, Settings, TraceEvent, TraceFilter, VipFilter,
+    VipInfo, VipKey, hash_finish, hash_round, map_names,
+};
+
+// The layouts are an ABI between two compilers: pin them.
+const _: () = assert!(size_of::<VipKey>() == 20);
+const _: () = assert!(size_of::<VipInfo>() == 16);
+const _: () = assert!(size_of::<Backend>() == 92);
+const _: () = assert!(size_of::<FlowKey>() == 40);
+const _: () = assert!(size_of::<FlowKey4>() == 16);
+const _: () = assert!(size_of::<ScopedAddr>() == 20);
+const _: () = assert!(size_of::<FlowValue>() == 8);
+const _: () = assert!(size_of::<Settings>() == 8);
+const _: () = assert!(size_of::<RateWindow>() == 16);
+const _: () = assert!(size_of::<Counters>() == 16);
+const _: () = assert!(size_of::<TraceFilter>() == 80);
+const _: () = assert!(size_of::<TraceEvent>() == 80);
+const _: () = assert!(size_of::<VipFilter>() == 512);
+const _: () = assert!(size_of::<Announce>() == 8);
+const _: () = assert!(size_of::<PeerKey>() == 8);
+const _: () = assert!(size_of::<PeerFilter>() == 64);
+
+/// Bump when a map's meaning changes without its sizes changing (e.g. a key's field order).
+/// 3: `FlowValue` carries the slot's generation; `SOURCE_RANGES` scopes carry the family.
+/// 4: `SETTINGS` and `NEW_FLOWS` (the flood guard).
+/// 5: Maglev tables hold two slots per 8-byte element.
+/// 6: `TRACE`, `TRACE_EVENTS`, `TRACE_RATE` (`sluice trace`).
+const MAP_LAYOUT_REVISION: u32 = 6;
+
+/// Fingerprint of everything a pinned map's contents depend on: struct sizes, limits, counter
+/// slots. A program whose fingerprint differs must not adopt maps pinned by another: it would
+/// misread them. Kept beside the pins (see `PinLayout`), compared before adopting.
+pub const MAP_LAYOUT: u32 = {
+    let parts = [
+        MAP_LAYOUT_REVISION,
+        size_of::<VipKey>() as u32,
+        size_of::<VipInfo>() as u32,
+        size_of::<Backend>() as u32,
+        size_of::<FlowKey>() as u32,
+        size_of::<FlowKey4>() as u32,
+        size_of::<FlowValue>() as u32,
+        size_of::<Counters>() as u32,
+        size_of::<VipFilter>() as u32,
+        size_of::<ScopedAddr>() as u32,
+        size_of::<Announce>() as u32,
+        size_of::<PeerKey>() as u32,
+        size_of::<PeerFilter>() as u32,
+        size_of::<Settings>() as u32,
+        size_of::<RateWindow>() as u32,
+        size_of::<TraceFilter>() as u32,
+        size_of::<TraceEvent>() as u32,
+        MAX_PEERS,
+        MAX_DECAP_ADDRS,
+        GlobalCounter::COUNT,
+        MAX_VIPS,
+        MAX_BACKENDS,
+        MAX_SOURCE_RANGES,
+        MAX_TX_PORTS,
+        map_names::ALL.len() as u32,
+    ];
+    let mut h = FLOW_HASH_SEED;
+    let mut i = 0;
+    while i < parts.len() {
+        h = hash_round(h, parts[i]);
+        i += 1;
+    }
+    hash_finish(h)
+};

@@ -1,0 +1,25 @@
+//! Dataplane-wide settings and the flood guard's per-CPU rate windows.
+
+/// The flood guard's default: connection-table inserts per second per CPU (Katran's default).
+pub const DEFAULT_MAX_NEW_FLOWS_PER_CPU: u32 = 125_000;
+/// The flood guard counts new flows per window of this length (one second).
+pub const RATE_WINDOW_NS: u64 = 1_000_000_000;
+
+/// Settings of the whole dataplane (`SETTINGS`, one element).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// The flood guard: new flows recorded in the connection table per second and CPU; above
+    /// it, new flows are forwarded by Maglev's pick without an entry. 0: no limit.
+    pub max_new_flows_per_cpu: u32,
+    pub _reserved: u32,
+}
+
+/// One CPU's flood-guard window (`NEW_FLOWS`): new flows seen since `start_ns`
+/// (bpf_ktime_get_ns, CLOCK_MONOTONIC).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateWindow {
+    pub start_ns: u64,
+    pub flows: u64,
+}
