@@ -172,7 +172,10 @@ pub fn allocate(pools: &Pools, claims: &[Claim]) -> Allocation {
     };
     let mut addresses = BTreeMap::new();
     let mut external = BTreeMap::new();
-    for c in order {
+    // Phase 1, oldest first: what Services hold (their status, while still allowed) and name
+    // (externalIPs) stays theirs; in a conflict the older keeps it.
+    let mut kept: BTreeMap<&str, Vec<IpAddr>> = BTreeMap::new();
+    for &c in &order {
         // externalIPs first: the Service's owner named them, and they are checked like any.
         let mut ext = Vec::new();
         for &a in &c.external_ips {
@@ -204,19 +207,30 @@ pub fn allocate(pools: &Pools, claims: &[Claim]) -> Allocation {
         if !ext.is_empty() {
             external.insert(c.key.clone(), ext);
         }
-        if !c.load_balancer {
-            continue;
+        if c.load_balancer {
+            let held = held_addresses(pools, &taken, c);
+            for &a in &held {
+                taken.take(a, c);
+            }
+            kept.insert(c.key.as_str(), held);
         }
-        let got = match assign(pools, &taken, c) {
-            Ok(got) => got,
+    }
+    // Phase 2, oldest first: new addresses from what is left (so a new Service never takes
+    // an address a Service already holds, whatever their ages).
+    for c in order.iter().filter(|c| c.load_balancer) {
+        let held = kept.remove(c.key.as_str()).unwrap_or_default();
+        let got = match complete(pools, &taken, c, &held) {
+            Ok(new) => {
+                for &a in &new {
+                    taken.take(a, c);
+                }
+                held.into_iter().chain(new).collect()
+            }
             Err(m) => {
                 notice(c, true, "AllocationFailed", m);
-                Vec::new()
+                if c.require_all { Vec::new() } else { held }
             }
         };
-        for &a in &got {
-            taken.take(a, c);
-        }
         let mut now = got.clone();
         now.sort();
         let mut was = c.current.clone();
@@ -237,50 +251,73 @@ pub fn allocate(pools: &Pools, claims: &[Claim]) -> Allocation {
     out
 }
 
-/// One Service's addresses, given what older Services took.
-fn assign(pools: &Pools, taken: &Taken<'_>, c: &Claim) -> Result<Vec<IpAddr>, String> {
-    let eligible = |a: IpAddr| -> Result<&Pool, String> {
-        let p = pools
-            .pool_of(a)
-            .ok_or_else(|| format!("{a} is outside every address pool"))?;
-        if !p.serves(&c.namespace, &c.labels) {
-            return Err(format!("pool {} does not serve this Service", p.spec.name));
+/// Whether `c` may have `a` at all (pool, selector, the .0/.255 rule), and the pool.
+fn eligible<'p>(pools: &'p Pools, c: &Claim, a: IpAddr) -> Result<&'p Pool, String> {
+    let p = pools
+        .pool_of(a)
+        .ok_or_else(|| format!("{a} is outside every address pool"))?;
+    if !p.serves(&c.namespace, &c.labels) {
+        return Err(format!("pool {} does not serve this Service", p.spec.name));
+    }
+    if !p.usable(a) {
+        return Err(format!(
+            "pool {} avoids .0 and .255 addresses ({a})",
+            p.spec.name
+        ));
+    }
+    Ok(p)
+}
+
+/// The addresses of `c`'s status it keeps: still allowed, compatible with what older Services
+/// hold, one per family it asks for (and, when it requests addresses, only those).
+fn held_addresses(pools: &Pools, taken: &Taken<'_>, c: &Claim) -> Vec<IpAddr> {
+    let mut held: Vec<IpAddr> = Vec::new();
+    for &a in &c.current {
+        let family = Family::of(a);
+        if c.families.contains(&family)
+            && !held.iter().any(|h| Family::of(*h) == family)
+            && (c.requested.is_empty() || c.requested.contains(&a))
+            && eligible(pools, c, a).is_ok()
+            && taken.compatible(a, c).is_ok()
+        {
+            held.push(a);
         }
-        if !p.usable(a) {
-            return Err(format!(
-                "pool {} avoids .0 and .255 addresses ({a})",
-                p.spec.name
-            ));
-        }
-        Ok(p)
-    };
+    }
+    held
+}
+
+/// The addresses `c` still needs beside `held`, or why it cannot have them.
+fn complete(
+    pools: &Pools,
+    taken: &Taken<'_>,
+    c: &Claim,
+    held: &[IpAddr],
+) -> Result<Vec<IpAddr>, String> {
     if !c.requested.is_empty() {
-        // Requested: exactly those, or none with the reason.
-        for &a in &c.requested {
-            eligible(a).map_err(|e| format!("requested {a}: {e}"))?;
+        // Requested: exactly those, or the reason.
+        let mut new = Vec::new();
+        for &a in c.requested.iter().filter(|a| !held.contains(a)) {
+            eligible(pools, c, a).map_err(|e| format!("requested {a}: {e}"))?;
             taken
                 .compatible(a, c)
                 .map_err(|e| format!("requested {a}: {e}"))?;
+            new.push(a);
         }
-        return Ok(c.requested.clone());
+        return Ok(new);
     }
-    let mut got = Vec::new();
+    let mut new = Vec::new();
     let mut missing = Vec::new();
     for &family in &c.families {
-        // What the status holds stays, while it is still allowed (no renumbering on restart).
-        let keep = c.current.iter().copied().find(|&a| {
-            Family::of(a) == family && eligible(a).is_ok() && taken.compatible(a, c).is_ok()
-        });
-        let shared = match keep {
-            Some(_) => None,
-            None => shared_address(taken, c, family)?.filter(|&a| eligible(a).is_ok()),
-        };
-        match keep.or(shared).or_else(|| pick(pools, taken, c, family)) {
-            Some(a) => got.push(a),
+        if held.iter().any(|a| Family::of(*a) == family) {
+            continue;
+        }
+        let shared = shared_address(taken, c, family)?.filter(|&a| eligible(pools, c, a).is_ok());
+        match shared.or_else(|| pick(pools, taken, c, family)) {
+            Some(a) => new.push(a),
             None => missing.push(family),
         }
     }
-    if !missing.is_empty() && (c.require_all || got.is_empty()) {
+    if !missing.is_empty() && (c.require_all || held.len() + new.len() == 0) {
         let any_pool = pools
             .valid
             .iter()
@@ -301,7 +338,7 @@ fn assign(pools: &Pools, taken: &Taken<'_>, c: &Claim) -> Result<Vec<IpAddr>, St
             )
         });
     }
-    Ok(got)
+    Ok(new)
 }
 
 /// The address a sharing key already uses in `family` (a key names one shared address per

@@ -252,3 +252,21 @@ fn only_what_the_status_shows_is_served() {
     // Allocated but not yet in the status: not served yet.
     assert!(out.served("default/s", &[]).is_empty());
 }
+
+#[test]
+fn a_new_service_never_takes_what_another_holds_whatever_their_ages() {
+    // Creation times have one-second resolution: a Service created in the same second may
+    // sort before one that already holds an address. It gets a free one, never that one.
+    let p = pools(&[("a", &["10.0.0.1-10.0.0.2"])]);
+    let new = svc("new", "2026-01-01T00:00:00Z");
+    let mut holder = svc("holder", "2026-01-01T00:00:01Z");
+    holder.current = vec![ip("10.0.0.1")];
+    let out = allocate(&p, &[new.clone(), holder.clone()]);
+    assert_eq!(out.addresses["default/holder"], [ip("10.0.0.1")]);
+    assert_eq!(out.addresses["default/new"], [ip("10.0.0.2")]);
+    // With the pool full, the new one waits instead of displacing the holder.
+    let p = pools(&[("a", &["10.0.0.1"])]);
+    let out = allocate(&p, &[new, holder]);
+    assert_eq!(out.addresses["default/holder"], [ip("10.0.0.1")]);
+    assert!(out.addresses["default/new"].is_empty());
+}
