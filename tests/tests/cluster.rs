@@ -29,8 +29,9 @@
 //! the CNI plugins and buildah (scripts/bootstrap.sh), and the image archive:
 //! `cargo xtask image` (`./x test` builds it first).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -552,6 +553,21 @@ fn sluice_deployed_on_a_real_cluster() {
         ])
         .expect("kubectl set image");
     }
+    // The addresses the test writes into the Services' status (as MetalLB would) are sluice's
+    // own: a pool without auto-assign (only pool addresses are served by address or announced).
+    c.kube()
+        .pool(
+            "test-vips",
+            &[
+                "10.80.1.0/24".to_owned(),
+                "fd80:1::/112".to_owned(),
+                cluster::on_link_vip().to_string(),
+                cluster::on_link_vip6().to_string(),
+            ],
+            false,
+            false,
+        )
+        .expect("the test VIPs' IPAddressPool");
     c.kube()
         .apply_yaml(&web_manifests())
         .expect("applying the web Deployment and Services");
@@ -563,6 +579,20 @@ fn sluice_deployed_on_a_real_cluster() {
         .expect("setting the ingress IP");
     c.set_ingress("web-announce", cluster::on_link_vip())
         .expect("setting the ingress IP");
+    // Three addresses, two of them IPv6: requested, so the allocator keeps them all (it keeps
+    // one per family of what it assigned itself).
+    c.kubectl(&[
+        "annotate",
+        "service",
+        "-n",
+        "default",
+        "web-dual",
+        &format!(
+            "sluice.io/load-balancer-ips={VIP_DUAL4},{VIP_DUAL6},{}",
+            cluster::on_link_vip6()
+        ),
+    ])
+    .expect("requesting the dual-stack Service's addresses");
     c.set_ingress_ips(
         "web-dual",
         &[
@@ -951,6 +981,13 @@ fn sluice_deployed_on_a_real_cluster() {
         r,
     );
 
+    // ----- address pools: the elected agent assigns, every node serves -----
+    let r = pool_addresses_through_the_daemonset(&c);
+    checks.result(
+        "address pools: 20 LoadBalancer Services created at once get distinct pool addresses from the agents and answer",
+        r,
+    );
+
     // ----- BGP through the DaemonSet: FRR in the client announces ECMP over every node -----
     let r = bgp_through_the_daemonset(&mut c);
     checks.result(
@@ -1003,6 +1040,101 @@ fn sluice_deployed_on_a_real_cluster() {
     hold_for_inspection(&c);
     drop(c);
     checks.finish();
+}
+
+/// An auto-assign pool (10.80.2.0/27) and 20 LoadBalancer Services created at once: the
+/// agent holding the allocator's Lease writes 20 distinct pool addresses into their status
+/// within 5 s, and one of them answers through sluice (the client routes it to node-0). The
+/// Services and the pool are deleted after.
+fn pool_addresses_through_the_daemonset(c: &Cluster) -> Result<String> {
+    const BOUND: Duration = Duration::from_secs(5);
+    c.kube()
+        .pool("test-auto", &["10.80.2.0/27".to_owned()], true, false)?;
+    let names: Vec<String> = (0..20).map(|i| format!("pool-{i}")).collect();
+    let manifests: String = names
+        .iter()
+        .map(|n| cluster::lb_service(n, "Cluster", ""))
+        .collect();
+    let start = Instant::now();
+    c.kube().apply_yaml(&manifests)?;
+    let addresses = |c: &Cluster| -> Result<BTreeMap<String, String>> {
+        let v = c
+            .kube()
+            .api("GET", "/api/v1/namespaces/default/services", None)?;
+        Ok(v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| {
+                let name = s.pointer("/metadata/name")?.as_str()?;
+                let ip = s.pointer("/status/loadBalancer/ingress/0/ip")?.as_str()?;
+                names
+                    .iter()
+                    .any(|n| n == name)
+                    .then(|| (name.to_owned(), ip.to_owned()))
+            })
+            .collect())
+    };
+    let mut got = addresses(c)?;
+    while got.len() < names.len() {
+        ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "after 30 s only {} of 20 Services have an address: {got:?}",
+            got.len()
+        );
+        thread::sleep(Duration::from_millis(100));
+        got = addresses(c)?;
+    }
+    let took = start.elapsed();
+    let distinct: BTreeSet<&String> = got.values().collect();
+    ensure!(
+        distinct.len() == 20,
+        "20 Services, {} addresses: {got:?}",
+        distinct.len()
+    );
+    ensure!(
+        got.values().all(|a| a.starts_with("10.80.2.")),
+        "an address outside the pool: {got:?}"
+    );
+    ensure!(
+        took <= BOUND,
+        "20 addresses took {took:.1?} (bound {BOUND:?})"
+    );
+    let first: Ipv4Addr = got["pool-0"].parse()?;
+    c.route_vip_via(first, 0)?;
+    let mut answered = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let (ok, failed) = c.curl(first, 80, "/cgi-bin/who", 10)?;
+        answered = ok.len();
+        if failed == 0 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+    ensure!(
+        answered == 10,
+        "{first} (pool-0) answered {answered} of 10 requests"
+    );
+    let holder = c
+        .kubectl(&[
+            "get",
+            "lease",
+            "-n",
+            AGENT_NAMESPACE,
+            "sluice-allocator",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let mut delete = vec!["delete", "service", "-n", "default", "--wait=false"];
+    delete.extend(names.iter().map(String::as_str));
+    c.kubectl(&delete)?;
+    c.kubectl(&["delete", "ipaddresspool", "test-auto", "--wait=false"])?;
+    Ok(format!(
+        "20 distinct addresses of 10.80.2.0/27 in {took:.2?} (bound {BOUND:?}), written by {holder}; pool-0 at {first}: 10 of 10 answered through node-0"
+    ))
 }
 
 /// The dual-stack Service `web-dual` (RequireDualStack, Cluster policy; the agents run with

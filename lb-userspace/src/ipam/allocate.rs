@@ -269,17 +269,18 @@ fn eligible<'p>(pools: &'p Pools, c: &Claim, a: IpAddr) -> Result<&'p Pool, Stri
 }
 
 /// The addresses of `c`'s status it keeps: still allowed, compatible with what older Services
-/// hold, one per family it asks for (and, when it requests addresses, only those).
+/// hold, one per family it asks for (when it requests addresses: those of them it holds).
 fn held_addresses(pools: &Pools, taken: &Taken<'_>, c: &Claim) -> Vec<IpAddr> {
     let mut held: Vec<IpAddr> = Vec::new();
     for &a in &c.current {
         let family = Family::of(a);
-        if c.families.contains(&family)
-            && !held.iter().any(|h| Family::of(*h) == family)
-            && (c.requested.is_empty() || c.requested.contains(&a))
-            && eligible(pools, c, a).is_ok()
-            && taken.compatible(a, c).is_ok()
-        {
+        // Requested addresses are kept as many as requested; otherwise one per family.
+        let room = if c.requested.is_empty() {
+            c.families.contains(&family) && !held.iter().any(|h| Family::of(*h) == family)
+        } else {
+            c.requested.contains(&a)
+        };
+        if room && eligible(pools, c, a).is_ok() && taken.compatible(a, c).is_ok() {
             held.push(a);
         }
     }
