@@ -702,7 +702,7 @@ fn agent_survives_apiserver_restart_compaction_and_its_own_restart() -> Result<(
 }
 
 #[test]
-fn deploy_manifests_pass_server_dry_run_and_grant_only_reads() -> Result<()> {
+fn deploy_manifests_pass_server_dry_run_and_grant_exactly_what_the_agent_uses() -> Result<()> {
     require_root();
     let kube = Kube::start(None)?;
     let deploy = repo_root().join("deploy");
@@ -715,6 +715,7 @@ fn deploy_manifests_pass_server_dry_run_and_grant_only_reads() -> Result<()> {
     println!("{text}");
     for kind in [
         "namespace/",
+        "customresourcedefinition.apiextensions.k8s.io/ipaddresspools.sluice.io",
         "serviceaccount/",
         "clusterrole.",
         "daemonset.apps/",
@@ -755,6 +756,10 @@ fn deploy_manifests_pass_server_dry_run_and_grant_only_reads() -> Result<()> {
     }
     for (verb, what, ns) in [
         ("create", "services", "default"),
+        ("update", "services", "default"),
+        ("patch", "services", "default"),
+        ("create", "ipaddresspools.sluice.io", "default"),
+        ("delete", "events.events.k8s.io", "default"),
         ("update", "nodes", "default"),
         ("get", "secrets", AGENT_NAMESPACE),
         ("create", "leases.coordination.k8s.io", "default"),
@@ -768,6 +773,26 @@ fn deploy_manifests_pass_server_dry_run_and_grant_only_reads() -> Result<()> {
         can("update", "leases.coordination.k8s.io", AGENT_NAMESPACE)?,
         "the agent may not update leases in its namespace"
     );
+    let status = kube.kubectl_on(
+        0,
+        &[
+            "auth",
+            "can-i",
+            "patch",
+            "services",
+            "--subresource=status",
+            "--as",
+            &sa,
+            "-n",
+            "default",
+        ],
+        Duration::from_secs(30),
+    )?;
+    ensure!(
+        String::from_utf8_lossy(&status.stdout).trim() == "yes",
+        "the allocator may not patch the Services' status: {}",
+        String::from_utf8_lossy(&status.stdout).trim()
+    );
 
     // Everything it may do, exactly: `can-i --list` for the ServiceAccount, less what every
     // authenticated identity may do anyway (the list of a ServiceAccount bound to nothing),
@@ -780,6 +805,15 @@ fn deploy_manifests_pass_server_dry_run_and_grant_only_reads() -> Result<()> {
                 .iter()
                 .map(|r| (r.to_string(), reads.iter().map(|v| v.to_string()).collect()))
                 .collect();
+        // The address allocator's writes: the status it assigns, Events, pool conditions.
+        let own = |v: &[&str]| v.iter().map(|v| v.to_string()).collect::<Vec<_>>();
+        rules.insert(("ipaddresspools.sluice.io".into(), own(&reads)));
+        rules.insert(("services/status".into(), own(&["patch", "update"])));
+        rules.insert((
+            "ipaddresspools.sluice.io/status".into(),
+            own(&["patch", "update"]),
+        ));
+        rules.insert(("events.events.k8s.io".into(), own(&["create", "patch"])));
         if leases {
             let mut verbs: Vec<String> = ["get", "list", "watch", "create", "update", "patch"]
                 .iter()
