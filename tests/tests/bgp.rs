@@ -298,12 +298,12 @@ fn check_no_stale_route(b: &mut BgpLab, i: usize) -> Result<()> {
         let at = watched.elapsed();
         ensure!(
             stale.is_empty(),
-            "old VIP {old} routed via {stale:?} {at:?} after node {i}'s agent came back (look {looks})"
+            "old VIP {old} routed via {stale:?}: look {looks}, {at:?} into the {window:?} watch after node {i}'s agent came back"
         );
         let now = b.router.nexthops(new)?;
         ensure!(
             now == all,
-            "new VIP {new} via {now:?}, not all nodes {all:?}, {at:?} after node {i}'s agent came back"
+            "new VIP {new} via {now:?}, not all nodes {all:?}: {at:?} into the {window:?} watch after node {i}'s agent came back"
         );
         looks += 1;
         thread::sleep(Duration::from_millis(100));
