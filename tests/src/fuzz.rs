@@ -8,14 +8,23 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use lb_userspace::model::{Desired, ForwardingMode, IpNet, Protocol, Vip, VipAddr};
+use std::collections::BTreeMap;
+
+use lb_userspace::model::{
+    Backend, Desired, ForwardingMode, IpNet, Protocol, Vip, VipAddr, vip_key,
+};
 
 use crate::fixtures::{
     ARP_REPLY, Arp, CLIENT, CLIENT_MAC, CLIENT6, FIXTURE_MTU, Frame, IP_DF, LB_MAC, TCP_ACK,
     TCP_SYN, VIP, VIP6, XDP_DROP, XDP_PASS, XDP_TX, backend_addr, backend_mac, checksum_ok,
     desired_at, pseudo_sum_v6,
 };
-use crate::fixtures::{ND_SOLICIT, Ndp};
+use crate::fixtures::{ND_SOLICIT, Ndp, Snapshot, VipView};
+
+/// A backend that may get new flows.
+fn is_live(b: &Backend) -> bool {
+    b.weight > 0 && !b.drain
+}
 
 /// xorshift64*: small, fast, and the same sequence for the same seed everywhere.
 #[derive(Clone, Debug)]
@@ -78,9 +87,18 @@ pub const RANGED_PORT: u16 = 53;
 
 /// The configuration every fuzzed frame meets: L2 VIPs of both families and protocols, an
 /// ipip VIP of each family (IPv4 nodes / IPv6 nodes), a VIP without live backends and one
-/// with source ranges. Every backend is on the "ingress" interface, so no redirect.
+/// with source ranges; the VIPs have a drained backend and one of weight 0 besides their three
+/// live ones. Every backend is on the "ingress" interface, so no redirect.
 pub fn fuzz_desired() -> Desired {
-    let three = &[(0, 1, false), (1, 1, false), (2, 1, false)];
+    // Three live backends (the peer nodes), a drained one and one of weight 0: those two must
+    // never get a new flow (and, the configuration being fixed, no flow at all).
+    let three = &[
+        (0, 1, false),
+        (1, 1, false),
+        (2, 1, false),
+        (3, 1, true),
+        (4, 0, false),
+    ];
     let mut desired = desired_at(IpAddr::V4(VIP), Protocol::Tcp, three);
     let mut add = |addr: IpAddr, port: u16, protocol: Protocol, build: &dyn Fn(&mut Vip)| {
         let mut d = desired_at(addr, protocol, three);
@@ -124,9 +142,11 @@ pub fn fuzz_node_addrs() -> [IpAddr; 2] {
     [IpAddr::V4(NODE_SELF), IpAddr::V6(NODE_SELF6)]
 }
 
-/// What the oracle knows of the configuration.
+/// What the oracle knows of the configuration, and each VIP's Maglev table as the program
+/// reads it (from the maps: [`crate::fixtures::Snapshot`]).
 pub struct World {
     pub desired: Desired,
+    tables: BTreeMap<lb_common::VipKey, VipView>,
     vip_addrs: BTreeSet<IpAddr>,
     node_addrs: BTreeSet<IpAddr>,
     own_addrs: BTreeSet<IpAddr>,
@@ -134,7 +154,30 @@ pub struct World {
 }
 
 impl World {
-    pub fn new(desired: Desired) -> Self {
+    /// The oracle of `desired` as programmed into maps whose [`Snapshot`] is `maps`. Panics
+    /// when a table holds a backend that is not live in `desired` (drained, weight 0, or
+    /// none of the VIP's) or misses a live one.
+    pub fn new(desired: Desired, maps: &Snapshot) -> Self {
+        for vip in &desired.vips {
+            let key = vip_key(&vip.key);
+            let Some(view) = maps.vips.get(&key) else {
+                panic!("VIP {:?} is not in the maps", vip.key);
+            };
+            let in_table: BTreeSet<IpAddr> = view.table.iter().flatten().copied().collect();
+            let live: BTreeSet<IpAddr> = vip
+                .backends
+                .iter()
+                .filter(|b| is_live(b))
+                .map(|b| b.addr)
+                .collect();
+            assert_eq!(
+                in_table, live,
+                "VIP {:?}: the Maglev table in the maps holds other backends than the live ones \
+                 (weight > 0, not drained)",
+                vip.key
+            );
+        }
+        let tables = maps.vips.clone();
         let vip_addrs = desired.vips.iter().map(|v| v.key.addr).collect();
         let node_addrs = desired
             .vips
@@ -144,11 +187,61 @@ impl World {
         let peer_macs = (0..3).map(|i| backend_mac(i).to_vec()).collect();
         Self {
             desired,
+            tables,
             vip_addrs,
             node_addrs,
             own_addrs: fuzz_node_addrs().into_iter().collect(),
             peer_macs,
         }
+    }
+
+    /// The backend the program must send the flow (client, client port, VIP, VIP port,
+    /// protocol) of `vip` to: its Maglev table's slot for the flow's hash, as the program
+    /// reads it (`Err`: the table has none there, or names no live backend of the VIP).
+    fn pick<'a>(
+        &self,
+        vip: &'a Vip,
+        flow: (IpAddr, u16, IpAddr, u16, u8),
+    ) -> Result<&'a Backend, String> {
+        let (src, sport, dst, dport, proto) = flow;
+        let view = self
+            .tables
+            .get(&vip_key(&vip.key))
+            .ok_or_else(|| format!("VIP {:?} has no table in the maps", vip.key))?;
+        if view.table_size == 0 || view.table.len() != view.table_size as usize {
+            return Err(format!(
+                "VIP {:?}: table of size {}",
+                vip.key, view.table_size
+            ));
+        }
+        let (s, family) = lb_common::raw_addr(src);
+        let (d, _) = lb_common::raw_addr(dst);
+        let key = lb_common::FlowKey {
+            src: s,
+            dst: d,
+            sport: sport.to_be(),
+            dport: dport.to_be(),
+            proto,
+            family,
+            _pad: [0; 2],
+        };
+        let affinity = view.flags & lb_common::vip_flags::AFFINITY != 0;
+        let slot = key.hash(affinity) % view.table_size;
+        let Some(addr) = view.table[slot as usize] else {
+            return Err(format!(
+                "VIP {:?} has no backend in slot {slot} of its table for this flow",
+                vip.key
+            ));
+        };
+        vip.backends
+            .iter()
+            .find(|b| b.addr == addr && is_live(b))
+            .ok_or_else(|| {
+                format!(
+                    "slot {slot} names {addr}, no live backend of VIP {:?}",
+                    vip.key
+                )
+            })
     }
 
     fn vip(&self, addr: IpAddr, port: u16, proto: u8) -> Option<&Vip> {
@@ -177,6 +270,9 @@ pub struct Case {
     /// A well-formed frame for no VIP (nor an ARP request for the announced address): the
     /// kernel's, so `XDP_PASS` with every byte as it came.
     pub must_pass_untouched: bool,
+    /// A valid packet of a VIP that must not reach any backend (no live backend, a client
+    /// outside the VIP's source ranges): `XDP_DROP`, why in the text.
+    pub must_drop: Option<&'static str>,
 }
 
 const EXT_KINDS: [u8; 5] = [0, 43, 60, 51, 44];
@@ -211,6 +307,7 @@ fn base(rng: &mut Rng) -> Case {
             must_forward: true,
             must_pass: false,
             must_pass_untouched: false,
+            must_drop: None,
         },
         // To a VIP address on another port, or to no VIP at all.
         4 => {
@@ -229,6 +326,7 @@ fn base(rng: &mut Rng) -> Case {
                 must_forward: false,
                 must_pass: false,
                 must_pass_untouched: true,
+                must_drop: None,
             }
         }
         // An ipip VIP: encapsulated, or answered with "too big" (DF set / IPv6), or dropped
@@ -253,21 +351,25 @@ fn base(rng: &mut Rng) -> Case {
                 must_forward: df || !big,
                 must_pass: false,
                 must_pass_untouched: false,
+                must_drop: None,
             }
         }
         // No live backend, or outside the source ranges: dropped.
         6 => {
             let mut f = flow(false);
-            if udp {
+            let why = if udp {
                 f.dport = RANGED_PORT;
+                "a client outside the VIP's source ranges"
             } else {
                 f.dst = IpAddr::V4(VIP_EMPTY);
-            }
+                "a VIP without a live backend"
+            };
             Case {
                 frame: f.bytes(),
                 must_forward: false,
                 must_pass: false,
                 must_pass_untouched: false,
+                must_drop: Some(why),
             }
         }
         // Echo request to a VIP address (or another address).
@@ -289,6 +391,7 @@ fn base(rng: &mut Rng) -> Case {
                 must_forward: to_vip,
                 must_pass: false,
                 must_pass_untouched: !to_vip,
+                must_drop: None,
             }
         }
         // ICMP error quoting a VIP flow's reply (or garbage).
@@ -319,6 +422,7 @@ fn base(rng: &mut Rng) -> Case {
                 must_forward: !garbage,
                 must_pass: false,
                 must_pass_untouched: false,
+                must_drop: None,
             }
         }
         // IPv6 extension header chains, up to past the walked bound.
@@ -341,6 +445,7 @@ fn base(rng: &mut Rng) -> Case {
                 must_forward: false,
                 must_pass: false,
                 must_pass_untouched: false,
+                must_drop: None,
             }
         }
         // Fragments, first or later.
@@ -359,6 +464,7 @@ fn base(rng: &mut Rng) -> Case {
                 must_forward: false,
                 must_pass: false,
                 must_pass_untouched: false,
+                must_drop: None,
             }
         }
         // Encapsulated packets (IPIP / IP6IP6 / mixed) arriving at the balancer.
@@ -369,6 +475,7 @@ fn base(rng: &mut Rng) -> Case {
                 must_forward: false,
                 must_pass: false,
                 must_pass_untouched: false,
+                must_drop: None,
             }
         }
         // IPv4 with options.
@@ -380,6 +487,7 @@ fn base(rng: &mut Rng) -> Case {
                 must_forward: true,
                 must_pass: false,
                 must_pass_untouched: false,
+                must_drop: None,
             }
         }
         // An ARP request: for the announced address (answered), another VIP or a client.
@@ -390,6 +498,7 @@ fn base(rng: &mut Rng) -> Case {
                 must_forward: target == ANNOUNCED,
                 must_pass: false,
                 must_pass_untouched: target != ANNOUNCED,
+                must_drop: None,
             }
         }
         // A flow to the VIP whose only backend is this node: to the stack, untouched.
@@ -402,6 +511,7 @@ fn base(rng: &mut Rng) -> Case {
                 must_forward: false,
                 must_pass: true,
                 must_pass_untouched: false,
+                must_drop: None,
             }
         }
         // A VIP frame another node balanced (its MAC as the source): to the stack, untouched.
@@ -413,6 +523,7 @@ fn base(rng: &mut Rng) -> Case {
                 must_forward: false,
                 must_pass: true,
                 must_pass_untouched: false,
+                must_drop: None,
             }
         }
         // IPIP / IP6IP6 from a peer (or its encap prefix, or a stranger) to this node.
@@ -434,6 +545,7 @@ fn base(rng: &mut Rng) -> Case {
                 must_forward: false,
                 must_pass: !stranger,
                 must_pass_untouched: false,
+                must_drop: None,
             }
         }
         // Well-formed traffic of others: for no VIP address, of a protocol sluice does not
@@ -443,6 +555,7 @@ fn base(rng: &mut Rng) -> Case {
             must_forward: false,
             must_pass: false,
             must_pass_untouched: true,
+            must_drop: None,
         },
         // Not IP, or noise.
         _ => {
@@ -459,6 +572,7 @@ fn base(rng: &mut Rng) -> Case {
                 must_forward: false,
                 must_pass: false,
                 must_pass_untouched: false,
+                must_drop: None,
             }
         }
     }
@@ -589,6 +703,7 @@ pub fn generate(rng: &mut Rng) -> Case {
     }
     case.must_forward = false;
     case.must_pass = false;
+    case.must_drop = None;
     // Malformed frames for no VIP: passed or dropped, the program's choice (not checked here).
     case.must_pass_untouched = false;
     let f = &mut case.frame;
@@ -795,9 +910,9 @@ fn ref_flow(f: &[u8]) -> Option<(IpAddr, u16, IpAddr, u16, u8)> {
 }
 
 /// An ICMP error whose quote holds an IP header and the ports of a TCP or UDP packet, all
-/// inside the error's own IP packet: the quoted (source, source port, protocol), which is the
-/// VIP end of the flow.
-fn ref_icmp_error(f: &[u8]) -> Option<(IpAddr, u16, u8)> {
+/// inside the error's own IP packet: the quoted packet's flow turned around, (destination,
+/// destination port, source, source port, protocol): the client's end, then the VIP's.
+fn ref_icmp_error(f: &[u8]) -> Option<(IpAddr, u16, IpAddr, u16, u8)> {
     let l3 = ref_l3(f)?;
     let icmp = if l3.v6 { 58 } else { 1 };
     if !l3.has_l4 || l3.fragment || l3.proto != icmp || l3.l4 + 8 > l3.end {
@@ -808,18 +923,31 @@ fn ref_icmp_error(f: &[u8]) -> Option<(IpAddr, u16, u8)> {
         return None;
     }
     let q = l3.l4 + 8;
-    let (src, proto, ports) = if l3.v6 {
+    let (src, dst, proto, ports) = if l3.v6 {
         if q + 40 > l3.end || f[q] >> 4 != 6 {
             return None;
         }
-        (v6_at(f, q + 8), f[q + 6], q + 40)
+        (v6_at(f, q + 8), v6_at(f, q + 24), f[q + 6], q + 40)
     } else {
         if q + 20 > l3.end || f[q] >> 4 != 4 || f[q] & 0xf < 5 {
             return None;
         }
-        (v4_at(f, q + 12), f[q + 9], q + usize::from(f[q] & 0xf) * 4)
+        (
+            v4_at(f, q + 12),
+            v4_at(f, q + 16),
+            f[q + 9],
+            q + usize::from(f[q] & 0xf) * 4,
+        )
     };
-    (matches!(proto, 6 | 17) && ports + 4 <= l3.end).then(|| (src, be16(f, ports) as u16, proto))
+    (matches!(proto, 6 | 17) && ports + 4 <= l3.end).then(|| {
+        (
+            dst,
+            be16(f, ports + 2) as u16,
+            src,
+            be16(f, ports) as u16,
+            proto,
+        )
+    })
 }
 
 /// Why an output broke an invariant, or `Ok`.
@@ -853,6 +981,18 @@ pub fn check(world: &World, case: &Case, verdict: u32, out: &[u8]) -> Result<(),
             }
         ));
     }
+    if let Some(why) = case.must_drop
+        && verdict != XDP_DROP
+    {
+        return Err(format!(
+            "a packet from {why} got verdict {verdict}, not XDP_DROP{}",
+            if verdict == XDP_TX && out.len() >= 6 {
+                format!(" (sent to MAC {})", hex(&out[..6]))
+            } else {
+                String::new()
+            }
+        ));
+    }
     if case.must_pass && verdict != XDP_PASS {
         return Err(format!(
             "a packet for this node's own stack got verdict {verdict}, not XDP_PASS"
@@ -862,7 +1002,7 @@ pub fn check(world: &World, case: &Case, verdict: u32, out: &[u8]) -> Result<(),
         XDP_PASS if out == input.as_slice() => Ok(()),
         XDP_PASS => check_unwrapped(world, input, out),
         XDP_DROP => check_drop(world, input),
-        XDP_TX => check_tx(world, input, out, flow_vip),
+        XDP_TX => check_tx(world, input, out, flow.zip(flow_vip)),
         other => Err(format!(
             "verdict {other} is not one the program may return here"
         )),
@@ -967,18 +1107,36 @@ fn replace16(check: u16, old: u16, new: u16) -> u16 {
     !(sum as u16)
 }
 
-fn check_tx(world: &World, input: &[u8], out: &[u8], flow_vip: Option<&Vip>) -> Result<(), String> {
-    // The VIP the packet is about: its own destination, or the flow an ICMP error quotes.
-    let vip = flow_vip.or_else(|| {
-        ref_icmp_error(input).and_then(|(src, sport, proto)| world.vip(src, sport, proto))
+/// The flow (client, client port, VIP, VIP port, protocol) as the program keys it.
+type RefFlow = (IpAddr, u16, IpAddr, u16, u8);
+
+fn check_tx(
+    world: &World,
+    input: &[u8],
+    out: &[u8],
+    flow_vip: Option<(RefFlow, &Vip)>,
+) -> Result<(), String> {
+    // The VIP the packet is about, with the flow: its own, or the one an ICMP error quotes.
+    let target = flow_vip.or_else(|| {
+        ref_icmp_error(input).and_then(|flow @ (_, _, vip, vport, proto)| {
+            world.vip(vip, vport, proto).map(|v| (flow, v))
+        })
     });
-    let backend_macs: BTreeSet<[u8; 6]> = (0..3).map(backend_mac).collect();
+    let vip = target.map(|(_, v)| v);
     if out.len() == input.len() && out[12..] == input[12..] {
-        // L2 direct server return: only the MACs may change.
-        return match vip {
-            Some(v) if v.mode == ForwardingMode::L2 => {
-                if !backend_macs.contains(&out[..6]) || out[6..12] != LB_MAC {
-                    Err("L2 rewrite to a MAC that is no backend's".into())
+        // L2 direct server return: only the MACs may change, to Maglev's pick's.
+        return match target {
+            Some((flow, v)) if v.mode == ForwardingMode::L2 => {
+                let pick = world.pick(v, flow)?;
+                let want = pick.mac.map(|m| m.0);
+                if out[..6] != want.unwrap_or_default() || out[6..12] != LB_MAC {
+                    Err(format!(
+                        "L2 rewrite to MAC {} (from {}), not Maglev's pick {} ({})",
+                        hex(&out[..6]),
+                        hex(&out[6..12]),
+                        pick.addr,
+                        want.map_or("no MAC".into(), |m| hex(&m))
+                    ))
                 } else {
                     Ok(())
                 }
@@ -987,7 +1145,7 @@ fn check_tx(world: &World, input: &[u8], out: &[u8], flow_vip: Option<&Vip>) -> 
             None => Err("sent by MAC rewrite, but no complete TCP/UDP header for a VIP key".into()),
         };
     }
-    if let Some(result) = check_encapsulated(world, input, out, vip) {
+    if let Some(result) = check_encapsulated(world, input, out, target) {
         return result;
     }
     if let Some(result) = check_echo_reply(world, input, out) {
@@ -1039,13 +1197,13 @@ fn check_encapsulated(
     world: &World,
     input: &[u8],
     out: &[u8],
-    vip: Option<&Vip>,
+    target: Option<(RefFlow, &Vip)>,
 ) -> Option<Result<(), String>> {
     let overhead = out.len().checked_sub(input.len())?;
     if !matches!(overhead, 20 | 40) || out[14 + overhead..] != input[14..] {
         return None;
     }
-    let Some(vip) = vip.filter(|v| v.mode == ForwardingMode::Ipip) else {
+    let Some((flow, vip)) = target.filter(|(_, v)| v.mode == ForwardingMode::Ipip) else {
         return Some(Err("encapsulated, but not a packet of an ipip VIP".into()));
     };
     let l3 = ref_l3(input)?;
@@ -1070,10 +1228,20 @@ fn check_encapsulated(
             v6_at(outer, 24),
         )
     };
+    let pick = world.pick(vip, flow);
     Some(if !ok {
         Err("outer header inconsistent (type, length, protocol or checksum)".into())
     } else if !world.node_addrs.contains(&dst) || !vip.backends.iter().any(|b| b.addr == dst) {
         Err(format!("encapsulated to {dst}, not one of the VIP's nodes"))
+    } else if let Err(e) = pick {
+        Err(format!("encapsulated to {dst}: {e}"))
+    } else if let Ok(pick) = pick
+        && pick.addr != dst
+    {
+        Err(format!(
+            "encapsulated to {dst}, not Maglev's pick {}",
+            pick.addr
+        ))
     } else if out[6..12] != LB_MAC {
         Err("encapsulated with another source MAC than ours".into())
     } else {
@@ -1241,6 +1409,7 @@ fn neighbor_solicitation(rng: &mut Rng) -> Case {
         must_pass: !answered,
         // A solicitation the program does not answer is the kernel's, byte for byte.
         must_pass_untouched: !answered,
+        must_drop: None,
     }
 }
 

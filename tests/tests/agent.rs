@@ -899,6 +899,8 @@ fn wait_for<T, L: std::fmt::Debug>(
 
 #[test]
 fn announce_elects_one_node_per_vip_and_moves_it_on_takeover() -> Result<()> {
+    // Takeovers are asserted within renew rounds and the lease duration.
+    let _timing = sluice_tests::timing_lock();
     let env = Env::start();
     env.service("Cluster")?;
     env.slice(&[(0, true, true, false)])?;
@@ -911,6 +913,8 @@ fn announce_elects_one_node_per_vip_and_moves_it_on_takeover() -> Result<()> {
 /// Advertisements move the client's `ip -6 neigh` entry.
 #[test]
 fn announce_moves_an_ipv6_vip_by_neighbour_advertisement_on_takeover() -> Result<()> {
+    // Takeovers are asserted within renew rounds and the lease duration.
+    let _timing = sluice_tests::timing_lock();
     let env = Env::start_with(true);
     env.service_dual_stack()?;
     env.slice(&[(0, true, true, false)])?;
@@ -1162,6 +1166,9 @@ fn dual_stack_service_is_reached_over_both_families() -> Result<()> {
 /// adopts to a partial view), and a burst of changes is coalesced into few reconciles.
 #[test]
 fn nothing_is_applied_before_complete_lists_and_bursts_are_coalesced() -> Result<()> {
+    // The coalescing window (10 ms of quiet, at most 500 ms) decides how many reconciles a
+    // burst takes: asserted.
+    let _timing = sluice_tests::timing_lock();
     let mut env = Env::start();
     env.service("Cluster")?;
     env.slice(&[(0, true, true, false)])?;

@@ -2,8 +2,10 @@
 //! (TCP SYNs from ever new spoofed sources) at its maximum rate at the VIP while 16 long-lived
 //! connections run and one backend drains. No long-lived connection may be lost or moved, the
 //! drained backend may get no new flow, and the guard must have held (new flows forwarded by
-//! Maglev's pick without an entry). The LB's XDP cost per packet, with the guard on and off, is
-//! printed (bpf_stats), not asserted: figures belong to `cargo xtask bench`.
+//! Maglev's pick without an entry): its counter says so, and the connection table agrees (it
+//! grew by no more than the new flows the guard let in, counted by `sluice inspect flows`). The
+//! LB's XDP cost per packet, with the guard on and off, is printed (bpf_stats), not asserted:
+//! figures belong to `cargo xtask bench`.
 
 use std::time::Duration;
 
@@ -16,6 +18,8 @@ use sluice_tests::{
 };
 
 const FLOOD: Duration = Duration::from_secs(3);
+/// New flows per second and CPU of the table check's guard.
+const TIGHT_GUARD: u32 = 1000;
 const CONNS: usize = 16;
 
 fn global(lab: &Lab, name: &str) -> Result<u64> {
@@ -24,8 +28,61 @@ fn global(lab: &Lab, name: &str) -> Result<u64> {
         .with_context(|| format!("no global counter {name} in `inspect stats`"))
 }
 
-/// One flood; returns (frames sent, XDP ns per packet, new flows not recorded).
-fn flood(lab: &Lab, generator: Choice) -> Result<(u64, f64, u64)> {
+/// The connection table's entries (both families), as `sluice inspect flows` counts them.
+fn flow_entries(lab: &Lab) -> Result<u64> {
+    let out = lab.sluice_ok(&[
+        "inspect", "flows", "--iface", NS_IFACE, "--limit", "0", "-o", "json",
+    ])?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .context("`sluice inspect flows -o json` did not print JSON")?;
+    v["total"]
+        .as_u64()
+        .context("no total in `sluice inspect flows -o json`")
+}
+
+/// What one flood did.
+struct Flooded {
+    frames: u64,
+    /// XDP ns per packet.
+    ns: f64,
+    /// New flows the program saw (`flow_miss`: each went to a Maglev pick) and those the guard
+    /// did not record.
+    new_flows: u64,
+    unrecorded: u64,
+    /// Connection-table entries before and after.
+    entries: (u64, u64),
+}
+
+/// The connection table, not only the guard's word: it grew by at most the new flows the guard
+/// let in (an insert of a key already there, or an LRU eviction, only makes it less).
+fn check_table(what: &str, f: &Flooded) -> Result<()> {
+    let (before, after) = f.entries;
+    let grew = after.saturating_sub(before);
+    let recorded = f.new_flows - f.unrecorded;
+    println!(
+        "{what}: new flows {}, not recorded {}; connection table {before} -> {after} entries",
+        f.new_flows, f.unrecorded
+    );
+    ensure!(
+        f.unrecorded > 0,
+        "{what}: the guard never held ({} forged new flows)",
+        f.frames
+    );
+    ensure!(
+        grew <= recorded,
+        "{what}: the connection table grew by {grew} entries ({before} -> {after}) while the \
+         guard let in only {recorded} of {} new flows ({} counted as not recorded): flows \
+         counted as not recorded were inserted",
+        f.new_flows,
+        f.unrecorded
+    );
+    Ok(())
+}
+
+/// One flood of `duration`.
+fn flood(lab: &Lab, generator: Choice, duration: Duration) -> Result<Flooded> {
+    let entries = flow_entries(lab)?;
+    let new_flows = global(lab, "flow_miss")?;
     let unrecorded = global(lab, "flows_not_recorded")?;
     let _stats = BpfStats::enable()?;
     let x0 = pktgen::xdp_prog_stats(lab)?;
@@ -41,16 +98,18 @@ fn flood(lab: &Lab, generator: Choice) -> Result<(u64, f64, u64)> {
         pktgen::syn_frame(lab)?,
         flows,
         None,
-        FLOOD,
+        duration,
     )?;
     let x1 = pktgen::xdp_prog_stats(lab)?;
     let ns = (x1.0 - x0.0) as f64 / (x1.1.saturating_sub(x0.1)).max(1) as f64;
     println!("flood: spoofed SYNs, {sent}; XDP {ns:.0} ns/pkt");
-    Ok((
-        sent.frames,
+    Ok(Flooded {
+        frames: sent.frames,
         ns,
-        global(lab, "flows_not_recorded")? - unrecorded,
-    ))
+        new_flows: global(lab, "flow_miss")? - new_flows,
+        unrecorded: global(lab, "flows_not_recorded")? - unrecorded,
+        entries: (entries, flow_entries(lab)?),
+    })
 }
 
 /// The scenarios share the machine's two cores: one at a time, or each halves the other's rate.
@@ -101,12 +160,23 @@ fn scenario(generator: Choice) -> Result<()> {
     lab.reset_counters()?;
     pktgen::prepare_client(&lab)?;
 
+    // First the connection table's own count, while it is nearly empty: an LRU table near
+    // its capacity evicts as it inserts (here from about half of it), which would hide
+    // inserts of flows counted as not recorded. A tight guard lets a few thousand of a
+    // second's flood in; the table may grow by those alone.
+    lab.attach_with(&specs, &[format!("max_new_flows_per_cpu: {TIGHT_GUARD}")])?;
+    let tight = flood(&lab, generator, Duration::from_secs(1))?;
+    check_table(&format!("guard at {TIGHT_GUARD}/s per CPU"), &tight)?;
+    lab.attach(&specs)?;
+
     // The guard on (the default, 125,000 new flows/s per CPU), then off.
-    let (sent, on_ns, unrecorded) = flood(&lab, generator)?;
+    let on = flood(&lab, generator, FLOOD)?;
+    let (sent, unrecorded) = (on.frames, on.unrecorded);
     let syns: Vec<u64> = (0..3)
         .map(|i| Ok(lab.backend_counters(i)?.syn))
         .collect::<Result<_>>()?;
-    println!("SYNs at the backends: {syns:?}; new flows not recorded: {unrecorded}");
+    println!("SYNs at the backends: {syns:?}");
+    check_table("default guard", &on)?;
     ensure!(
         syns[drained] == 0,
         "the drained b{drained} got {} SYNs: {syns:?}",
@@ -135,9 +205,17 @@ fn scenario(generator: Choice) -> Result<()> {
     // new flows, may then leave a drained backend): what the guard is for. Reported, not
     // asserted, as it depends on the rate this machine reaches.
     lab.attach_with(&specs, &["max_new_flows_per_cpu: 0".to_string()])?;
-    let (_, off_ns, off_unrecorded) = flood(&lab, generator)?;
+    let off = flood(&lab, generator, FLOOD)?;
+    let (off_ns, off_unrecorded) = (off.ns, off.unrecorded);
     ensure!(off_unrecorded == 0, "the guard held while off");
-    println!("XDP per packet of the flood: guard on {on_ns:.0} ns, off {off_ns:.0} ns");
+    println!(
+        "guard off: {} new flows, connection table {} -> {} entries",
+        off.new_flows, off.entries.0, off.entries.1
+    );
+    println!(
+        "XDP per packet of the flood: guard on {:.0} ns, off {off_ns:.0} ns",
+        on.ns
+    );
     std::thread::sleep(Duration::from_secs(1));
     let hurt = conns
         .into_iter()

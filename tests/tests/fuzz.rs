@@ -74,7 +74,7 @@ fn worker(seed: u64, worker: u64, count: u64) -> (Vec<u64>, u64) {
             ..Default::default()
         })
         .expect("start a trace");
-    let world = World::new(desired);
+    let world = World::new(desired, &h.snapshot().expect("read the maps"));
     let mut rng = Rng::new(seed ^ worker.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut untouched = 0;
     for index in 0..count {

@@ -123,6 +123,8 @@ fn wait_log(p: &sluice_tests::SluiceProcess, needle: &str) -> Result<()> {
 #[test]
 fn sigkill_restart_and_upgrade_lose_no_connection() -> Result<()> {
     require_root();
+    // The UDP stream's longest gap is asserted (500 ms beyond the stream's own stall).
+    let _timing = sluice_tests::timing_lock();
     let lab = Lab::build(LabConfig {
         backends: 3,
         udp: true,

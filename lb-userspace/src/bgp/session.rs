@@ -878,4 +878,315 @@ mod tests {
         eprintln!("session ended {:?} after establishment", since.elapsed());
         drop(conn);
     }
+
+    // A fake router for the tests below: a loopback listener the session connects to, and
+    // the messages it reads, each with the moment it arrived.
+
+    /// The configured peer behind a fresh loopback listener.
+    async fn fake_router(asn: u32) -> (tokio::net::TcpListener, Peer) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = Peer {
+            addr: Ipv4Addr::LOCALHOST.into(),
+            port: listener.local_addr().unwrap().port(),
+            asn,
+        };
+        (listener, peer)
+    }
+
+    /// The context of messages after OPENs with the 4-octet capability on both sides.
+    const FOUR: Context = Context {
+        four_octet_as: true,
+    };
+
+    async fn read_message(half: &mut OwnedReadHalf, ctx: Context) -> Option<Message> {
+        let mut header = [0u8; wire::HEADER_LEN];
+        half.read_exact(&mut header).await.ok()?;
+        let mut msg = header.to_vec();
+        msg.resize(wire::message_len(&header).ok()?, 0);
+        half.read_exact(&mut msg[wire::HEADER_LEN..]).await.ok()?;
+        Some(wire::decode(&msg, ctx).expect("the session sent a malformed message"))
+    }
+
+    /// The router's side of a connection: what it reads (from a task, so that it keeps
+    /// reading whatever it does meanwhile: the TCP window never closes) and its write half.
+    struct Router {
+        ours: Open,
+        from_session: tokio::sync::mpsc::UnboundedReceiver<(Instant, Message)>,
+        write: OwnedWriteHalf,
+    }
+
+    impl Router {
+        /// Accepts the session's connection, reads its OPEN and answers with an OPEN of AS
+        /// `asn` offering `hold` seconds (no KEEPALIVE yet).
+        async fn accept(listener: &tokio::net::TcpListener, asn: u32, hold: u16) -> Router {
+            let (conn, _) = timeout(Duration::from_secs(5), listener.accept())
+                .await
+                .expect("the session connects within 5 s")
+                .unwrap();
+            let (mut read, mut write) = conn.into_split();
+            let two = Context {
+                four_octet_as: false,
+            };
+            let Some(Message::Open(ours)) = read_message(&mut read, two).await else {
+                panic!("the session's first message is no OPEN");
+            };
+            let theirs = Open {
+                version: 4,
+                my_as: u16::try_from(asn).unwrap_or(AS_TRANS),
+                hold_time: hold,
+                router_id: Ipv4Addr::new(192, 0, 2, 1),
+                capabilities: vec![
+                    Capability::Multiprotocol {
+                        afi: AFI_IPV4,
+                        safi: SAFI_UNICAST,
+                    },
+                    Capability::FourOctetAs(asn),
+                ],
+            };
+            write
+                .write_all(&wire::encode(&Message::Open(theirs), two))
+                .await
+                .unwrap();
+            let (tx, from_session) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                while let Some(m) = read_message(&mut read, FOUR).await {
+                    if tx.send((Instant::now(), m)).is_err() {
+                        break;
+                    }
+                }
+            });
+            Router {
+                ours,
+                from_session,
+                write,
+            }
+        }
+
+        async fn keepalive(&mut self) {
+            self.write
+                .write_all(&wire::encode(&Message::Keepalive, FOUR))
+                .await
+                .unwrap();
+        }
+
+        /// The session's messages until its NOTIFICATION (or `by`): the NOTIFICATION with
+        /// when it came, and the KEEPALIVEs' arrival times before it.
+        async fn until_notification(
+            &mut self,
+            by: Instant,
+        ) -> (Option<(Instant, Notification)>, Vec<Instant>) {
+            let mut keepalives = Vec::new();
+            loop {
+                match tokio::time::timeout_at(by, self.from_session.recv()).await {
+                    Err(_) | Ok(None) => return (None, keepalives),
+                    Ok(Some((at, Message::Notification(n)))) => {
+                        return (Some((at, n)), keepalives);
+                    }
+                    Ok(Some((at, Message::Keepalive))) => keepalives.push(at),
+                    Ok(Some(_)) => {}
+                }
+            }
+        }
+    }
+
+    /// A session to `peer` with no routes; its status.
+    fn start_session(config: SpeakerConfig, peer: Peer) -> watch::Receiver<Status> {
+        let (commands, commands_rx) = watch::channel(Command::Run(Routes::new()));
+        let (status_tx, status) = watch::channel(Status::default());
+        tokio::spawn(async move {
+            run(config, peer, commands_rx, status_tx, None).await;
+            drop(commands);
+        });
+        status
+    }
+
+    /// The peer offers 9 s, this speaker 3 s: the session runs on 3 s (RFC 4271 4.2, the
+    /// smaller of the two), so it sends a KEEPALIVE every second (a third of it) and, once the
+    /// peer falls silent, gives up after 3 s, not 9 s.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_hold_time_is_the_smaller_of_the_two_offers() {
+        let (listener, peer) = fake_router(65000).await;
+        let config = SpeakerConfig::for_tests(64512);
+        assert_eq!(config.hold_time_secs, 3);
+        let mut status = start_session(config, peer);
+        let mut router = Router::accept(&listener, 65000, 9).await;
+        assert_eq!(router.ours.hold_time, 3, "the speaker's own offer");
+        router.keepalive().await;
+        timeout(Duration::from_secs(5), status.wait_for(|s| s.established))
+            .await
+            .expect("established within 5 s")
+            .unwrap();
+        // The peer's KEEPALIVE above was its last message.
+        let silent = Instant::now();
+        let (end, keepalives) = router
+            .until_notification(silent + Duration::from_secs(7))
+            .await;
+        let periods: Vec<Duration> = keepalives.windows(2).map(|w| w[1] - w[0]).collect();
+        let Some((at, n)) = end else {
+            panic!(
+                "the session was still up 7 s after the peer fell silent: it does not run on \
+                 the smaller hold time of the two offers (3 s; the peer offered 9 s); its \
+                 KEEPALIVEs came {periods:?} apart"
+            );
+        };
+        let lasted = at - silent;
+        assert_eq!(
+            (n.code, n.subcode),
+            (code::HOLD_TIMER, 0),
+            "the session ended with {n}, not by its hold timer"
+        );
+        assert!(
+            lasted < Duration::from_secs(5),
+            "the hold timer expired {lasted:?} after the peer's last message: not the 3 s \
+             negotiated (ours 3 s, the peer's 9 s)"
+        );
+        assert!(
+            !periods.is_empty() && periods.iter().all(|p| *p < Duration::from_secs(2)),
+            "KEEPALIVEs {periods:?} apart: not a third of the negotiated 3 s"
+        );
+        eprintln!(
+            "hold timer expired {lasted:?} after the peer fell silent; KEEPALIVEs {periods:?} apart"
+        );
+    }
+
+    /// A peer of another AS than configured: the session refuses its OPEN with a NOTIFICATION
+    /// (OPEN Message Error / Bad Peer AS, RFC 4271 6.2), never comes up, and the log says
+    /// which AS came and which was expected.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_peer_of_the_wrong_as_is_refused_with_a_notification() {
+        capture_logs();
+        let (listener, peer) = fake_router(65000).await;
+        let mut status = start_session(SpeakerConfig::for_tests(64512), peer);
+        let mut router = Router::accept(&listener, 65077, 3).await;
+        let (end, keepalives) = router
+            .until_notification(Instant::now() + Duration::from_secs(5))
+            .await;
+        assert!(
+            keepalives.is_empty(),
+            "the session accepted the OPEN of AS 65077 (configured 65000) with a KEEPALIVE; \
+             then {}",
+            end.map_or("nothing more".into(), |(_, n)| n.to_string())
+        );
+        let Some((_, n)) = end else {
+            panic!("no NOTIFICATION within 5 s for an OPEN of AS 65077 (configured 65000)");
+        };
+        assert_eq!(
+            (n.code, n.subcode),
+            (code::OPEN, 2),
+            "the refusal is {n}, not OPEN / Bad Peer AS"
+        );
+        let why = timeout(Duration::from_secs(5), async {
+            loop {
+                if let Some(line) = logged(|l| l.contains("65077") && l.contains("65000")) {
+                    return line;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("no log line names the peer's AS 65077 and the configured AS 65000");
+        assert!(why.starts_with("WARN"), "logged below warn: {why}");
+        assert!(
+            logged(|l| l.contains("bad peer AS")).is_some(),
+            "the session's end is not logged with its reason"
+        );
+        assert!(!status.borrow_and_update().established);
+    }
+
+    /// The session's own hold timer: the peer keeps the TCP connection open and reads
+    /// everything, but stops sending. Its KEEPALIVEs keep the session up past the hold time;
+    /// after its last one the session ends within the hold time (plus slack), tells the peer
+    /// so (NOTIFICATION Hold Timer Expired) and reports itself down.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_hold_timer_ends_a_session_whose_peer_falls_silent() {
+        let (listener, peer) = fake_router(65000).await;
+        let config = SpeakerConfig::for_tests(64512);
+        let hold = Duration::from_secs(u64::from(config.hold_time_secs));
+        let mut status = start_session(config, peer);
+        let mut router = Router::accept(&listener, 65000, 3).await;
+        router.keepalive().await;
+        timeout(Duration::from_secs(5), status.wait_for(|s| s.established))
+            .await
+            .expect("established within 5 s")
+            .unwrap();
+        // KEEPALIVEs every second for longer than the hold time: the session stays up.
+        let talking = Instant::now();
+        while talking.elapsed() < hold + Duration::from_secs(1) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            router.keepalive().await;
+            assert!(
+                status.borrow().established,
+                "the session went down {:?} into a peer's KEEPALIVEs every second (hold time {hold:?})",
+                talking.elapsed()
+            );
+        }
+        // Then silence; the connection stays open and read.
+        let silent = Instant::now();
+        let (end, _) = router
+            .until_notification(silent + hold + Duration::from_secs(3))
+            .await;
+        let Some((at, n)) = end else {
+            panic!(
+                "no NOTIFICATION {:?} after the peer fell silent (hold time {hold:?}): the \
+                 session's own hold timer did not expire (established: {})",
+                silent.elapsed(),
+                status.borrow().established
+            );
+        };
+        let lasted = at - silent;
+        assert_eq!(
+            (n.code, n.subcode),
+            (code::HOLD_TIMER, 0),
+            "the session ended with {n}, not Hold Timer Expired"
+        );
+        assert!(
+            lasted >= hold - Duration::from_millis(200),
+            "the session gave up {lasted:?} after the peer's last message, before the hold time {hold:?}"
+        );
+        timeout(Duration::from_secs(1), status.wait_for(|s| !s.established))
+            .await
+            .expect("the session still reports itself established after its hold timer expired")
+            .unwrap();
+        eprintln!("hold timer expired {lasted:?} after the peer's last message");
+    }
+
+    /// Log records at info and above, as "LEVEL message" (the tests' own logger).
+    static LOGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+    struct Capture;
+
+    impl log::Log for Capture {
+        fn enabled(&self, metadata: &log::Metadata) -> bool {
+            metadata.level() <= log::Level::Info
+        }
+
+        fn log(&self, record: &log::Record) {
+            if self.enabled(record.metadata()) {
+                LOGS.lock().unwrap_or_else(|e| e.into_inner()).push(format!(
+                    "{} {}",
+                    record.level(),
+                    record.args()
+                ));
+            }
+        }
+
+        fn flush(&self) {}
+    }
+
+    fn capture_logs() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            log::set_logger(&Capture).expect("no other logger in the unit tests");
+            log::set_max_level(log::LevelFilter::Info);
+        });
+    }
+
+    /// The first captured line that `matches`.
+    fn logged(matches: impl Fn(&str) -> bool) -> Option<String> {
+        LOGS.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|l| matches(l))
+            .cloned()
+    }
 }
