@@ -635,7 +635,7 @@ fn recv_with_ttl(fd: RawFd, buf: &mut [u8]) -> io::Result<Datagram> {
     msg.msg_iov = &raw mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&control);
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
     // SAFETY: every pointer in `msg` refers to a live buffer of the length given with it.
     let n = unsafe { libc::recvmsg(fd, &raw mut msg, 0) };
     if n < 0 {
