@@ -141,6 +141,10 @@ impl Allocator {
 
     /// One pass: a fresh list, the allocation, the differences written.
     async fn pass(&mut self, pool_objects: &[Arc<IPAddressPool>]) -> anyhow::Result<()> {
+        if pool_objects.is_empty() {
+            // No pool: sluice owns no address, and the status is another controller's.
+            return Ok(());
+        }
         let pools = Pools::validate(pool_objects.iter().map(|p| pool_spec(p)).collect());
         self.write_pool_conditions(pool_objects, &pools).await;
         let api: Api<Service> = Api::all(self.client.clone());
