@@ -40,7 +40,9 @@ use signal_hook::{
 #[command(name = "sluice", version, about = "XDP layer-4 load balancer")]
 struct Cli {
     /// bpffs directory where sluice pins its maps and links (one subdirectory per interface).
-    #[arg(long, global = true, default_value = DEFAULT_PIN_ROOT)]
+    /// The DaemonSet sets SLUICE_PIN_DIR: it mounts only the host's /sys/fs/bpf/sluice, so
+    /// `kubectl exec ... sluice inspect` in the pod finds the pins too.
+    #[arg(long, global = true, default_value = DEFAULT_PIN_ROOT, env = "SLUICE_PIN_DIR")]
     pin_dir: PathBuf,
     /// How logs (on stderr) are written: text lines, or one JSON object per line. What is
     /// logged: RUST_LOG (default info).
