@@ -94,7 +94,8 @@ struct Health {
     /// one line each: `/readyz` shows it (ready all the same: everything else is applied).
     degraded: std::sync::Mutex<Vec<String>>,
     /// The last beat of the agent's event loop (the runtime that runs the watches, the main
-    /// loop, BGP and the announcer); `None` before the first.
+    /// loop, the announcer and the allocator; BGP and the probes run on [`Timers`]); `None`
+    /// before the first.
     beat: std::sync::Mutex<Option<Instant>>,
 }
 
@@ -102,6 +103,61 @@ impl Health {
     fn beat(&self) {
         if let Ok(mut beat) = self.beat.lock() {
             *beat = Some(Instant::now());
+        }
+    }
+}
+
+/// The `timers` thread: a current-thread runtime of its own for what must keep sub-second time
+/// (the BGP sessions' keepalives and hold timers, BFD at 100 ms x 3, the health probes), so
+/// that the agent's runtime can spend hundreds of milliseconds in a model build of thousands
+/// of Services (or a relist's burst) without delaying them. Both sides talk only through tokio
+/// sync channels (`watch`, `Notify`), which work across runtimes. Dropping it stops the thread
+/// (tasks still spawned on it are dropped): keep it until the speaker's shutdown has returned.
+pub(crate) struct Timers {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Timers {
+    pub(crate) fn start() -> anyhow::Result<Timers> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the timers' runtime")?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // A current-thread runtime runs its tasks only while a thread is inside `block_on`.
+        let thread = std::thread::Builder::new()
+            .name("timers".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let _ = stopped.await;
+                });
+            })
+            .context("starting the timers thread")?;
+        Ok(Timers {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Where the timed tasks are spawned.
+    pub(crate) fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+}
+
+impl Drop for Timers {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            error!("the timers thread panicked");
         }
     }
 }
@@ -296,9 +352,12 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
         _ = sigint.recv() => { info!("SIGINT before the first sync: exiting"); return Ok(()); }
     }
 
+    // BGP, BFD and the probes keep time on a thread of their own (dropped last: after the
+    // speaker's shutdown and the prober).
+    let timers = Timers::start()?;
     // Health: probes of the backends; the nodes' load Leases (and this node's publisher).
     let prober = crate::health::probe::Prober::new(
-        tokio::runtime::Handle::current(),
+        timers.handle().clone(),
         changed.clone(),
         config.health.metrics.clone(),
     );
@@ -364,7 +423,7 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
         .clone()
         .map(|a| tokio::spawn(announce::run(client.clone(), a, addrs_rx, stop_rx.clone())));
 
-    let speaker = start_bgp(&config, &health)?;
+    let speaker = start_bgp(&config, &health, timers.handle())?;
 
     // The address allocator: elected on one agent, it writes the Services' status.
     let alloc_changed = Arc::new(Notify::new());
@@ -511,6 +570,7 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
 fn start_bgp(
     config: &AgentConfig,
     health: &Arc<Health>,
+    timers: &tokio::runtime::Handle,
 ) -> anyhow::Result<Option<crate::bgp::Speaker>> {
     let Some(bgp) = config.bgp.clone() else {
         return Ok(None);
@@ -523,7 +583,7 @@ fn start_bgp(
         }
         let _ = ready_tx.send(true);
     });
-    crate::bgp::Speaker::start(bgp, ready_rx).map(Some)
+    crate::bgp::Speaker::start(bgp, ready_rx, timers).map(Some)
 }
 
 /// `/healthz`'s answer for the event loop's last beat (`None`: not started yet, healthy).
@@ -670,6 +730,9 @@ fn serve_health(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<http::S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bgp::bfd::{self, Bfd, BfdConfig, BfdPeer, Link, Packet, State};
+    use serde_json::json;
+    use std::net::Ipv4Addr;
 
     #[test]
     fn healthz_fails_once_the_event_loop_stalls() {
@@ -683,5 +746,248 @@ mod tests {
             stalled.body,
             "stalled: the agent's event loop has not run for 20s\n"
         );
+    }
+
+    /// A cluster as big as issue 25 asks: `n` LoadBalancer Services of two ports each (every
+    /// other one `externalTrafficPolicy: Local`), one EndpointSlice of three endpoints each,
+    /// over 20 nodes.
+    fn big_cluster(n: usize) -> (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>, Vec<Arc<Node>>) {
+        let nodes: Vec<Arc<Node>> = (0..20)
+            .map(|i| {
+                Arc::new(
+                    serde_json::from_value(json!({
+                        "metadata": {"name": format!("n{i}")},
+                        "status": {
+                            "addresses": [{"type": "InternalIP", "address": format!("10.0.0.{}", i + 1)}],
+                            "conditions": [{"type": "Ready", "status": "True"}],
+                        },
+                    }))
+                    .expect("node"),
+                )
+            })
+            .collect();
+        let mut services = Vec::new();
+        let mut slices = Vec::new();
+        for i in 0..n {
+            let name = format!("svc{i}");
+            let ip = format!("172.16.{}.{}", i / 250, i % 250 + 1);
+            let policy = if i % 2 == 0 { "Local" } else { "Cluster" };
+            services.push(Arc::new(
+                serde_json::from_value(json!({
+                    "metadata": {"name": name, "namespace": "load"},
+                    "spec": {"type": "LoadBalancer", "externalTrafficPolicy": policy,
+                             "ports": [{"name": "http", "port": 80, "protocol": "TCP"},
+                                       {"name": "https", "port": 443, "protocol": "TCP"}]},
+                    "status": {"loadBalancer": {"ingress": [{"ip": ip}]}},
+                }))
+                .expect("service"),
+            ));
+            let endpoints: Vec<serde_json::Value> = (0..3)
+                .map(|e| {
+                    json!({"addresses": [format!("10.{}.{}.{}", 1 + e, i / 250, i % 250 + 1)],
+                           "nodeName": format!("n{}", (i + e * 7) % 20),
+                           "conditions": {"ready": true, "serving": true, "terminating": false}})
+                })
+                .collect();
+            slices.push(Arc::new(
+                serde_json::from_value(json!({
+                    "metadata": {"name": format!("{name}-abcde"), "namespace": "load",
+                                 "labels": {SERVICE_NAME_LABEL: name}},
+                    "addressType": "IPv4",
+                    "endpoints": endpoints,
+                    "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                              {"name": "https", "port": 8443, "protocol": "TCP"}],
+                }))
+                .expect("slice"),
+            ));
+        }
+        (services, slices, nodes)
+    }
+
+    /// What a router saw of a sluice BFD session while the agent's runtime was busy.
+    struct Seen {
+        /// The longest time between two control packets from sluice.
+        max_gap: Duration,
+        /// Packets from sluice that said anything but Up once the session was Up (a flap).
+        flaps: usize,
+        packets: usize,
+        /// The longest model build meanwhile, and how many ran.
+        max_build: Duration,
+        builds: usize,
+    }
+
+    const DETECTION: Duration = Duration::from_millis(300);
+
+    /// Runs sluice's BFD (100 ms x 3) on `timers` against a router on a thread of its own
+    /// (plain UDP on loopback, TTL 255, never late), brings it Up, then spends `load` on the
+    /// calling runtime the way the agent's loop does after a relist or a burst of changes:
+    /// `desired::build` of 5,000 Services (synchronous, as in `run_async`), yielding between
+    /// builds. Returns what the router saw meanwhile.
+    async fn bfd_while_building(timers: &tokio::runtime::Handle, load: Duration) -> Seen {
+        let (services, slices, nodes) = big_cluster(5000);
+        let router = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        router.set_ttl(255).unwrap();
+        router
+            .set_read_timeout(Some(Duration::from_millis(2)))
+            .unwrap();
+        let sockets = {
+            let _in = timers.enter();
+            bfd::Sockets::open(&[Ipv4Addr::LOCALHOST.into()], 0).unwrap()
+        };
+        let bfd_at = sockets.local_addrs()[0];
+        let (link_tx, mut link) = tokio::sync::watch::channel(Link::Waiting);
+        let cfg = BfdConfig {
+            interval: Duration::from_millis(100),
+            multiplier: 3,
+        };
+        let peer = BfdPeer {
+            addr: Ipv4Addr::LOCALHOST.into(),
+            port: router.local_addr().unwrap().port(),
+            link: link_tx,
+        };
+        let bfd = Bfd::new(cfg, sockets, vec![peer]).unwrap();
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let task = timers.spawn(bfd.run(stop_rx));
+
+        // The router: answers as RFC 5880's state machine would, every 100 ms, and records
+        // when each packet of sluice's arrived and what state it said.
+        let done = Arc::new(AtomicBool::new(false));
+        let router_thread = std::thread::spawn({
+            let done = done.clone();
+            move || {
+                let mut seen: Vec<(Instant, State)> = Vec::new();
+                let (mut sluice_disc, mut sluice_state) = (0u32, State::Down);
+                let mut next_tx = Instant::now();
+                let mut buf = [0u8; 64];
+                while !done.load(Ordering::Relaxed) {
+                    if let Ok((n, _)) = router.recv_from(&mut buf)
+                        && let Some(p) = Packet::decode(&buf[..n])
+                    {
+                        seen.push((Instant::now(), p.state));
+                        sluice_disc = p.my_disc;
+                        sluice_state = p.state;
+                    }
+                    if Instant::now() >= next_tx && sluice_disc != 0 {
+                        let state = match sluice_state {
+                            State::Down => State::Init,
+                            State::Init | State::Up => State::Up,
+                            State::AdminDown => State::Down,
+                        };
+                        let p = Packet {
+                            diag: 0,
+                            state,
+                            poll: false,
+                            final_: false,
+                            detect_mult: 3,
+                            my_disc: 0x5eed_0001,
+                            your_disc: sluice_disc,
+                            desired_min_tx: 100_000,
+                            required_min_rx: 100_000,
+                        };
+                        let _ = router.send_to(&p.encode(), bfd_at);
+                        next_tx = Instant::now() + Duration::from_millis(100);
+                    }
+                }
+                seen
+            }
+        });
+        let up = tokio::time::timeout(Duration::from_secs(5), link.wait_for(|l| *l == Link::Up))
+            .await
+            .is_ok();
+        assert!(up, "the BFD session never came Up: {:?}", *link.borrow());
+        let started = Instant::now();
+        let (mut max_build, mut builds) = (Duration::ZERO, 0);
+        while started.elapsed() < load {
+            let t = Instant::now();
+            let built = desired::build(
+                &services,
+                &slices,
+                &nodes,
+                Settings::default(),
+                &AddressPolicy::default(),
+            );
+            std::hint::black_box(&built);
+            max_build = max_build.max(t.elapsed());
+            builds += 1;
+            tokio::task::yield_now().await;
+        }
+        // A moment for the last packets to arrive.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        done.store(true, Ordering::Relaxed);
+        let seen = router_thread.join().unwrap();
+        let _ = stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+
+        let from = seen
+            .iter()
+            .position(|(_, s)| *s == State::Up)
+            .expect("sluice said Up");
+        let during: Vec<&(Instant, State)> = seen[from..]
+            .iter()
+            .filter(|(t, _)| *t >= started - DETECTION)
+            .collect();
+        let max_gap = during
+            .windows(2)
+            .map(|w| w[1].0.duration_since(w[0].0))
+            .max()
+            .unwrap_or(Duration::MAX);
+        Seen {
+            max_gap,
+            flaps: seen[from..].iter().filter(|(_, s)| *s != State::Up).count(),
+            packets: during.len(),
+            max_build,
+            builds,
+        }
+    }
+
+    /// Issue 25: a model build of 5,000 Services takes hundreds of milliseconds; on the
+    /// agent's runtime it would hold BFD's transmissions past the detection time (300 ms)
+    /// and the routers would drop the node. On the `timers` thread they keep time.
+    #[tokio::test(flavor = "current_thread")]
+    async fn bfd_keeps_time_on_the_timers_thread_while_the_agent_builds_5000_services() {
+        let (services, slices, nodes) = big_cluster(5000);
+        let t = Instant::now();
+        let built = desired::build(
+            &services,
+            &slices,
+            &nodes,
+            Settings::default(),
+            &AddressPolicy::default(),
+        );
+        eprintln!(
+            "desired::build of 5,000 Services x 2 ports ({} VIPs, 20 nodes): {:?}",
+            built.desired.vips.len(),
+            t.elapsed()
+        );
+        assert_eq!(built.desired.vips.len(), 10_000);
+        drop(built);
+
+        let timers = Timers::start().unwrap();
+        let seen = bfd_while_building(timers.handle(), Duration::from_secs(3)).await;
+        eprintln!(
+            "timers thread: {} builds (longest {:?}) on the agent's runtime; BFD: {} packets, largest gap {:?}, {} flap packet(s)",
+            seen.builds, seen.max_build, seen.packets, seen.max_gap, seen.flaps
+        );
+        assert!(
+            seen.max_gap < DETECTION,
+            "BFD went {:?} without sending (detection time {DETECTION:?})",
+            seen.max_gap
+        );
+        assert_eq!(seen.flaps, 0, "the BFD session flapped");
+        assert!(seen.builds >= 2, "the load did not run");
+    }
+
+    /// The mutation: BFD on the agent's own runtime (as before the `timers` thread). Run it
+    /// with `--ignored` to see the figures; it asserts that the router does lose the node.
+    #[tokio::test(flavor = "current_thread")]
+    #[ignore = "shows the failure the timers thread fixes (timing of this machine)"]
+    async fn bfd_on_the_agents_runtime_misses_its_detection_time() {
+        let seen =
+            bfd_while_building(&tokio::runtime::Handle::current(), Duration::from_secs(3)).await;
+        eprintln!(
+            "agent's runtime: {} builds (longest {:?}); BFD: {} packets, largest gap {:?}, {} flap packet(s)",
+            seen.builds, seen.max_build, seen.packets, seen.max_gap, seen.flaps
+        );
+        assert!(seen.max_gap >= DETECTION, "{:?}", seen.max_gap);
     }
 }
