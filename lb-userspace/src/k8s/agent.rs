@@ -851,6 +851,30 @@ mod tests {
     }
 
     impl Seen {
+        /// BFD sent within the detection time and never flapped; no probe interval passed
+        /// without a probe.
+        fn on_time(&self) -> Result<(), String> {
+            if self.max_gap >= DETECTION {
+                return Err(format!(
+                    "BFD went {:?} without sending (detection time {DETECTION:?})",
+                    self.max_gap
+                ));
+            }
+            if (self.flaps, self.router_downs) != (0, 0) {
+                return Err(format!(
+                    "the BFD session flapped: {} non-Up packets from sluice, {} detection timeouts",
+                    self.flaps, self.router_downs
+                ));
+            }
+            if self.max_probe_gap >= 2 * PROBE_EVERY {
+                return Err(format!(
+                    "a probe interval ({PROBE_EVERY:?}) went without a probe: {:?} between two",
+                    self.max_probe_gap
+                ));
+            }
+            Ok(())
+        }
+
         fn report(&self) -> String {
             format!(
                 "first model pass {:?}, then {} passes of 5,000 Services (a burst touching all of them) on the agent's runtime (longest {:?}); BFD: {} packets, largest gap {:?}, {} gap(s) >= {DETECTION:?} (router declares down), {} non-Up packet(s) from sluice; probes: {}, largest gap {:?} (every {PROBE_EVERY:?})",
@@ -1072,36 +1096,22 @@ mod tests {
         let timers = Timers::start().unwrap();
         let seen = bfd_while_building(timers.handle(), Duration::from_secs(3)).await;
         eprintln!("timers thread: {}", seen.report());
-        assert!(
-            seen.max_gap < DETECTION,
-            "BFD went {:?} without sending (detection time {DETECTION:?})",
-            seen.max_gap
-        );
-        assert_eq!(
-            (seen.flaps, seen.router_downs),
-            (0, 0),
-            "the BFD session flapped"
-        );
-        assert!(
-            seen.max_probe_gap < 2 * PROBE_EVERY,
-            "a probe interval ({PROBE_EVERY:?}) went without a probe: {:?} between two",
-            seen.max_probe_gap
-        );
+        if let Err(late) = seen.on_time() {
+            panic!("{late}");
+        }
         assert!(seen.builds >= 2, "the load did not run");
     }
 
-    /// The mutation: BFD on the agent's own runtime (as before the `timers` thread). Run it
-    /// with `--ignored` to see the figures; it asserts that the router does lose the node.
+    /// The mutation: BFD and the probe on the agent's own runtime (as before the `timers`
+    /// thread). Run it with `--ignored` to see the figures; it asserts that something is late
+    /// (in the test profile: BFD gaps of 450-660 ms, the session flaps on both sides; with
+    /// lb-userspace optimized: BFD gaps of ~270 ms, probes ~290 ms apart instead of 100 ms).
     #[tokio::test(flavor = "current_thread")]
     #[ignore = "shows the failure the timers thread fixes (timing of this machine)"]
     async fn bfd_on_the_agents_runtime_misses_its_detection_time() {
         let seen =
             bfd_while_building(&tokio::runtime::Handle::current(), Duration::from_secs(3)).await;
         eprintln!("agent's runtime: {}", seen.report());
-        assert!(
-            seen.max_gap >= DETECTION && seen.router_downs + seen.flaps > 0,
-            "{:?}",
-            seen.max_gap
-        );
+        assert!(seen.on_time().is_err(), "nothing was late");
     }
 }
