@@ -97,11 +97,18 @@ struct Health {
     /// loop, the announcer and the allocator; BGP and the probes run on [`Timers`]); `None`
     /// before the first.
     beat: std::sync::Mutex<Option<Instant>>,
+    /// The last beat of the [`Timers`] thread (BGP, BFD, probes); `None` before it starts.
+    timers_beat: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Health {
     fn beat(&self) {
         if let Ok(mut beat) = self.beat.lock() {
+            *beat = Some(Instant::now());
+        }
+    }
+    fn timers_beat(&self) {
+        if let Ok(mut beat) = self.timers_beat.lock() {
             *beat = Some(Instant::now());
         }
     }
@@ -355,6 +362,15 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
     // BGP, BFD and the probes keep time on a thread of their own (dropped last: after the
     // speaker's shutdown and the prober).
     let timers = Timers::start()?;
+    timers.handle().spawn({
+        let health = health.clone();
+        async move {
+            loop {
+                health.timers_beat();
+                tokio::time::sleep(HEARTBEAT).await;
+            }
+        }
+    });
     // Health: probes of the backends; the nodes' load Leases (and this node's publisher).
     let prober = crate::health::probe::Prober::new(
         timers.handle().clone(),
@@ -586,18 +602,23 @@ fn start_bgp(
     crate::bgp::Speaker::start(bgp, ready_rx, timers).map(Some)
 }
 
-/// `/healthz`'s answer for the event loop's last beat (`None`: not started yet, healthy).
-fn healthz_reply(beat: Option<Instant>, now: Instant) -> http::Reply {
-    match beat.map(|b| now.saturating_duration_since(b)) {
-        Some(since) if since > HEALTHZ_STALL => http::Reply::text(
-            503,
-            format!(
-                "stalled: the agent's event loop has not run for {}s\n",
-                since.as_secs()
-            ),
-        ),
-        _ => http::Reply::text(200, "ok\n"),
+/// `/healthz`'s answer for the last beats of the event loop and of the timers thread (`None`:
+/// not started yet, healthy).
+fn healthz_reply(beat: Option<Instant>, timers_beat: Option<Instant>, now: Instant) -> http::Reply {
+    for (what, beat) in [("event loop", beat), ("timers thread", timers_beat)] {
+        if let Some(since) = beat.map(|b| now.saturating_duration_since(b))
+            && since > HEALTHZ_STALL
+        {
+            return http::Reply::text(
+                503,
+                format!(
+                    "stalled: the agent's {what} has not run for {}s\n",
+                    since.as_secs()
+                ),
+            );
+        }
     }
+    http::Reply::text(200, "ok\n")
 }
 
 /// Applies the newest model; retries failures with backoff, keeping the last applied state.
@@ -690,8 +711,8 @@ fn reconcile_loop(rx: mpsc::Receiver<Desired>, mut apply: ApplyFn, health: &Heal
     }
 }
 
-/// `GET /healthz` (liveness): 200 "ok" while the agent's event loop runs (it beat within
-/// [`HEALTHZ_STALL`]), 503 naming how long it has not once it is stuck. It says nothing of the
+/// `GET /healthz` (liveness): 200 "ok" while the agent's event loop and its timers thread run
+/// (each beat within [`HEALTHZ_STALL`]), 503 naming how long it has not once it is stuck. It says nothing of the
 /// API server or the maps: a lost API keeps the dataplane forwarding with the last state, and a
 /// restart would not bring the API back. `GET /readyz`: 200 once the model from the API is in
 /// the maps and the last apply succeeded, else 503.
@@ -700,7 +721,8 @@ fn serve_health(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<http::S
         let health = health.clone();
         Box::new(move || {
             let beat = health.beat.lock().ok().and_then(|b| *b);
-            healthz_reply(beat, Instant::now())
+            let timers_beat = health.timers_beat.lock().ok().and_then(|b| *b);
+            healthz_reply(beat, timers_beat, Instant::now())
         })
     };
     let readyz: http::Handler = Box::new(move || {
@@ -737,14 +759,25 @@ mod tests {
     #[test]
     fn healthz_fails_once_the_event_loop_stalls() {
         let now = Instant::now();
-        let ok = healthz_reply(Some(now - Duration::from_secs(2)), now);
+        let recent = Some(now - Duration::from_secs(2));
+        let old = Some(now - HEALTHZ_STALL - Duration::from_secs(5));
+        let ok = healthz_reply(recent, recent, now);
         assert_eq!((ok.status, ok.body.as_str()), (200, "ok\n"));
-        assert_eq!(healthz_reply(None, now).status, 200);
-        let stalled = healthz_reply(Some(now - HEALTHZ_STALL - Duration::from_secs(5)), now);
+        assert_eq!(healthz_reply(None, None, now).status, 200);
+        assert_eq!(healthz_reply(recent, None, now).status, 200);
+        let stalled = healthz_reply(old, recent, now);
         assert_eq!(stalled.status, 503);
         assert_eq!(
             stalled.body,
             "stalled: the agent's event loop has not run for 20s\n"
+        );
+        let stalled = healthz_reply(recent, old, now);
+        assert_eq!(
+            (stalled.status, stalled.body.as_str()),
+            (
+                503,
+                "stalled: the agent's timers thread has not run for 20s\n"
+            )
         );
     }
 
@@ -848,6 +881,9 @@ mod tests {
         builds: usize,
         /// The first pass (against an empty model), before the measured load.
         first_pass: Duration,
+        /// The longest the router's thread (a plain OS thread, idle but for 2 ms wake-ups) was
+        /// not run: a stall of the whole machine, which no runtime design can avoid.
+        machine_stall: Duration,
     }
 
     impl Seen {
@@ -877,7 +913,7 @@ mod tests {
 
         fn report(&self) -> String {
             format!(
-                "first model pass {:?}, then {} passes of 5,000 Services (a burst touching all of them) on the agent's runtime (longest {:?}); BFD: {} packets, largest gap {:?}, {} gap(s) >= {DETECTION:?} (router declares down), {} non-Up packet(s) from sluice; probes: {}, largest gap {:?} (every {PROBE_EVERY:?})",
+                "first model pass {:?}, then {} passes of 5,000 Services (a burst touching all of them) on the agent's runtime (longest {:?}); BFD: {} packets, largest gap {:?}, {} gap(s) >= {DETECTION:?} (router declares down), {} non-Up packet(s) from sluice; probes: {}, largest gap {:?} (every {PROBE_EVERY:?}); the router's own thread stalled up to {:?}",
                 self.first_pass,
                 self.builds,
                 self.max_build,
@@ -886,7 +922,8 @@ mod tests {
                 self.router_downs,
                 self.flaps,
                 self.probes,
-                self.max_probe_gap
+                self.max_probe_gap,
+                self.machine_stall
             )
         }
     }
@@ -936,7 +973,11 @@ mod tests {
                 let (mut sluice_disc, mut sluice_state) = (0u32, State::Down);
                 let mut next_tx = Instant::now();
                 let mut buf = [0u8; 64];
+                // The longest this thread itself was not run (it wakes every 2 ms).
+                let (mut stall, mut last_turn) = (Duration::ZERO, Instant::now());
                 while !done.load(Ordering::Relaxed) {
+                    stall = stall.max(last_turn.elapsed());
+                    last_turn = Instant::now();
                     if let Ok((n, _)) = router.recv_from(&mut buf)
                         && let Some(p) = Packet::decode(&buf[..n])
                     {
@@ -965,7 +1006,7 @@ mod tests {
                         next_tx = Instant::now() + Duration::from_millis(100);
                     }
                 }
-                seen
+                (seen, stall)
             }
         });
         // The backend: records when each probe connects.
@@ -1015,7 +1056,7 @@ mod tests {
         // A moment for the last packets to arrive.
         tokio::time::sleep(Duration::from_millis(150)).await;
         done.store(true, Ordering::Relaxed);
-        let seen = router_thread.join().unwrap();
+        let (seen, machine_stall) = router_thread.join().unwrap();
         let accepted = backend_thread.join().unwrap();
         drop(prober);
         let _ = stop.send(true);
@@ -1050,6 +1091,7 @@ mod tests {
             max_build,
             builds,
             first_pass,
+            machine_stall,
         }
     }
 
@@ -1094,12 +1136,21 @@ mod tests {
         drop((built, other));
 
         let timers = Timers::start().unwrap();
-        let seen = bfd_while_building(timers.handle(), Duration::from_secs(3)).await;
-        eprintln!("timers thread: {}", seen.report());
-        if let Err(late) = seen.on_time() {
-            panic!("{late}");
+        // The host is shared (2 cores, other builds, this suite's other tests): a run in which
+        // an independent idle thread was not scheduled for 100 ms either says nothing of the
+        // runtimes, and is run again (at most 3 times in all).
+        for attempt in 1..=3 {
+            let seen = bfd_while_building(timers.handle(), Duration::from_secs(3)).await;
+            eprintln!("timers thread: {}", seen.report());
+            assert!(seen.builds >= 2, "the load did not run");
+            match seen.on_time() {
+                Ok(()) => return,
+                Err(late) if seen.machine_stall >= PROBE_EVERY && attempt < 3 => {
+                    eprintln!("{late}, but the machine stalled too: once more");
+                }
+                Err(late) => panic!("{late} ({})", seen.report()),
+            }
         }
-        assert!(seen.builds >= 2, "the load did not run");
     }
 
     /// The mutation: BFD and the probe on the agent's own runtime (as before the `timers`
