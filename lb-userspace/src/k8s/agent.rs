@@ -1155,7 +1155,7 @@ mod tests {
 
     /// The mutation: BFD and the probe on the agent's own runtime (as before the `timers`
     /// thread). Run it with `--ignored` to see the figures; it asserts that something is late
-    /// (in the test profile: BFD gaps of 450-660 ms, the session flaps on both sides; with
+    /// (in the test profile: BFD gaps of 0.45-1.2 s, the session flaps on both sides; with
     /// lb-userspace optimized: BFD gaps of ~270 ms, probes ~290 ms apart instead of 100 ms).
     #[tokio::test(flavor = "current_thread")]
     #[ignore = "shows the failure the timers thread fixes (timing of this machine)"]
