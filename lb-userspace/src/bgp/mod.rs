@@ -253,9 +253,18 @@ pub struct Speaker {
 }
 
 impl Speaker {
-    /// Starts the sessions (inside the agent's tokio runtime). Nothing is announced before
-    /// `ready` turns true (the dataplane has applied the first model).
-    pub fn start(config: SpeakerConfig, ready: watch::Receiver<bool>) -> anyhow::Result<Speaker> {
+    /// Starts the sessions, BFD and the task that turns intents into routes on `runtime`: the
+    /// agent gives it a runtime of their own (its `timers` thread), so that keepalives, hold
+    /// timers and BFD's 100 ms transmissions are never late behind a model build. The speaker
+    /// is driven through sync channels, which work from any runtime or thread. Nothing is
+    /// announced before `ready` turns true (the dataplane has applied the first model).
+    pub fn start(
+        config: SpeakerConfig,
+        ready: watch::Receiver<bool>,
+        runtime: &tokio::runtime::Handle,
+    ) -> anyhow::Result<Speaker> {
+        // The BFD sockets register with `runtime`'s I/O driver.
+        let _in_runtime = runtime.enter();
         let (intent, intent_rx) = watch::channel(Intent::default());
         let (stop, stop_rx) = watch::channel(false);
         info!(
@@ -293,7 +302,7 @@ impl Speaker {
                     }
                 }
             });
-            tokio::spawn(session::run(
+            runtime.spawn(session::run(
                 config.clone(),
                 peer.clone(),
                 cmd_rx,
@@ -311,12 +320,12 @@ impl Speaker {
                     .counting_drops_in(config.metrics.bfd_drops.clone());
                 bfd_drops = Some(bfd.drops());
                 let (bfd_stop, bfd_stop_rx) = watch::channel(false);
-                let task = tokio::spawn(bfd.run(bfd_stop_rx));
+                let task = runtime.spawn(bfd.run(bfd_stop_rx));
                 Some((bfd_stop, task))
             }
             _ => None,
         };
-        let task = tokio::spawn(manage(config, intent_rx, stop_rx, ready, sessions));
+        let task = runtime.spawn(manage(config, intent_rx, stop_rx, ready, sessions));
         Ok(Speaker {
             intent,
             stop,
@@ -337,7 +346,8 @@ impl Speaker {
             .send_if_modified(|old| std::mem::replace(old, intent) != *old);
     }
 
-    /// Drains (graceful shutdown, wait, withdraw) and closes every session.
+    /// Drains (graceful shutdown, wait, withdraw) and closes every session. May be awaited on
+    /// another runtime than the speaker's, which must run until this returns.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         if let Err(e) = self.task.await {

@@ -94,14 +94,77 @@ struct Health {
     /// one line each: `/readyz` shows it (ready all the same: everything else is applied).
     degraded: std::sync::Mutex<Vec<String>>,
     /// The last beat of the agent's event loop (the runtime that runs the watches, the main
-    /// loop, BGP and the announcer); `None` before the first.
+    /// loop, the announcer and the allocator; BGP and the probes run on [`Timers`]); `None`
+    /// before the first.
     beat: std::sync::Mutex<Option<Instant>>,
+    /// The last beat of the [`Timers`] thread (BGP, BFD, probes); `None` before it starts.
+    timers_beat: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Health {
     fn beat(&self) {
         if let Ok(mut beat) = self.beat.lock() {
             *beat = Some(Instant::now());
+        }
+    }
+    fn timers_beat(&self) {
+        if let Ok(mut beat) = self.timers_beat.lock() {
+            *beat = Some(Instant::now());
+        }
+    }
+}
+
+/// The `timers` thread: a current-thread runtime of its own for what must keep sub-second time
+/// (the BGP sessions' keepalives and hold timers, BFD at 100 ms x 3, the health probes), so
+/// that the agent's runtime can spend hundreds of milliseconds in a model build of thousands
+/// of Services (or a relist's burst) without delaying them. Both sides talk only through tokio
+/// sync channels (`watch`, `Notify`), which work across runtimes. Dropping it stops the thread
+/// (tasks still spawned on it are dropped): keep it until the speaker's shutdown has returned.
+pub(crate) struct Timers {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Timers {
+    pub(crate) fn start() -> anyhow::Result<Timers> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the timers' runtime")?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // A current-thread runtime runs its tasks only while a thread is inside `block_on`.
+        let thread = std::thread::Builder::new()
+            .name("timers".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let _ = stopped.await;
+                });
+            })
+            .context("starting the timers thread")?;
+        Ok(Timers {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Where the timed tasks are spawned.
+    pub(crate) fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+}
+
+impl Drop for Timers {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            error!("the timers thread panicked");
         }
     }
 }
@@ -296,9 +359,21 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
         _ = sigint.recv() => { info!("SIGINT before the first sync: exiting"); return Ok(()); }
     }
 
+    // BGP, BFD and the probes keep time on a thread of their own (dropped last: after the
+    // speaker's shutdown and the prober).
+    let timers = Timers::start()?;
+    timers.handle().spawn({
+        let health = health.clone();
+        async move {
+            loop {
+                health.timers_beat();
+                tokio::time::sleep(HEARTBEAT).await;
+            }
+        }
+    });
     // Health: probes of the backends; the nodes' load Leases (and this node's publisher).
     let prober = crate::health::probe::Prober::new(
-        tokio::runtime::Handle::current(),
+        timers.handle().clone(),
         changed.clone(),
         config.health.metrics.clone(),
     );
@@ -364,7 +439,7 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
         .clone()
         .map(|a| tokio::spawn(announce::run(client.clone(), a, addrs_rx, stop_rx.clone())));
 
-    let speaker = start_bgp(&config, &health)?;
+    let speaker = start_bgp(&config, &health, timers.handle())?;
 
     // The address allocator: elected on one agent, it writes the Services' status.
     let alloc_changed = Arc::new(Notify::new());
@@ -511,6 +586,7 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
 fn start_bgp(
     config: &AgentConfig,
     health: &Arc<Health>,
+    timers: &tokio::runtime::Handle,
 ) -> anyhow::Result<Option<crate::bgp::Speaker>> {
     let Some(bgp) = config.bgp.clone() else {
         return Ok(None);
@@ -523,21 +599,26 @@ fn start_bgp(
         }
         let _ = ready_tx.send(true);
     });
-    crate::bgp::Speaker::start(bgp, ready_rx).map(Some)
+    crate::bgp::Speaker::start(bgp, ready_rx, timers).map(Some)
 }
 
-/// `/healthz`'s answer for the event loop's last beat (`None`: not started yet, healthy).
-fn healthz_reply(beat: Option<Instant>, now: Instant) -> http::Reply {
-    match beat.map(|b| now.saturating_duration_since(b)) {
-        Some(since) if since > HEALTHZ_STALL => http::Reply::text(
-            503,
-            format!(
-                "stalled: the agent's event loop has not run for {}s\n",
-                since.as_secs()
-            ),
-        ),
-        _ => http::Reply::text(200, "ok\n"),
+/// `/healthz`'s answer for the last beats of the event loop and of the timers thread (`None`:
+/// not started yet, healthy).
+fn healthz_reply(beat: Option<Instant>, timers_beat: Option<Instant>, now: Instant) -> http::Reply {
+    for (what, beat) in [("event loop", beat), ("timers thread", timers_beat)] {
+        if let Some(since) = beat.map(|b| now.saturating_duration_since(b))
+            && since > HEALTHZ_STALL
+        {
+            return http::Reply::text(
+                503,
+                format!(
+                    "stalled: the agent's {what} has not run for {}s\n",
+                    since.as_secs()
+                ),
+            );
+        }
     }
+    http::Reply::text(200, "ok\n")
 }
 
 /// Applies the newest model; retries failures with backoff, keeping the last applied state.
@@ -630,8 +711,8 @@ fn reconcile_loop(rx: mpsc::Receiver<Desired>, mut apply: ApplyFn, health: &Heal
     }
 }
 
-/// `GET /healthz` (liveness): 200 "ok" while the agent's event loop runs (it beat within
-/// [`HEALTHZ_STALL`]), 503 naming how long it has not once it is stuck. It says nothing of the
+/// `GET /healthz` (liveness): 200 "ok" while the agent's event loop and its timers thread run
+/// (each beat within [`HEALTHZ_STALL`]), 503 naming how long it has not once it is stuck. It says nothing of the
 /// API server or the maps: a lost API keeps the dataplane forwarding with the last state, and a
 /// restart would not bring the API back. `GET /readyz`: 200 once the model from the API is in
 /// the maps and the last apply succeeded, else 503.
@@ -640,7 +721,8 @@ fn serve_health(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<http::S
         let health = health.clone();
         Box::new(move || {
             let beat = health.beat.lock().ok().and_then(|b| *b);
-            healthz_reply(beat, Instant::now())
+            let timers_beat = health.timers_beat.lock().ok().and_then(|b| *b);
+            healthz_reply(beat, timers_beat, Instant::now())
         })
     };
     let readyz: http::Handler = Box::new(move || {
@@ -670,18 +752,417 @@ fn serve_health(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<http::S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bgp::bfd::{self, Bfd, BfdConfig, BfdPeer, Link, Packet, State};
+    use serde_json::json;
+    use std::net::Ipv4Addr;
 
     #[test]
     fn healthz_fails_once_the_event_loop_stalls() {
         let now = Instant::now();
-        let ok = healthz_reply(Some(now - Duration::from_secs(2)), now);
+        let recent = Some(now - Duration::from_secs(2));
+        let old = Some(now - HEALTHZ_STALL - Duration::from_secs(5));
+        let ok = healthz_reply(recent, recent, now);
         assert_eq!((ok.status, ok.body.as_str()), (200, "ok\n"));
-        assert_eq!(healthz_reply(None, now).status, 200);
-        let stalled = healthz_reply(Some(now - HEALTHZ_STALL - Duration::from_secs(5)), now);
+        assert_eq!(healthz_reply(None, None, now).status, 200);
+        assert_eq!(healthz_reply(recent, None, now).status, 200);
+        let stalled = healthz_reply(old, recent, now);
         assert_eq!(stalled.status, 503);
         assert_eq!(
             stalled.body,
             "stalled: the agent's event loop has not run for 20s\n"
         );
+        let stalled = healthz_reply(recent, old, now);
+        assert_eq!(
+            (stalled.status, stalled.body.as_str()),
+            (
+                503,
+                "stalled: the agent's timers thread has not run for 20s\n"
+            )
+        );
+    }
+
+    /// What the watchers hold.
+    type Cluster = (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>, Vec<Arc<Node>>);
+
+    /// A cluster as big as issue 25 asks: `n` LoadBalancer Services of two ports each (every
+    /// other one `externalTrafficPolicy: Local`), one EndpointSlice of three endpoints each,
+    /// over 20 nodes. Each `round` moves every endpoint to another node (a rolling restart:
+    /// every Local Service's weights change).
+    fn big_cluster(n: usize, round: usize) -> Cluster {
+        let nodes: Vec<Arc<Node>> = (0..20)
+            .map(|i| {
+                Arc::new(
+                    serde_json::from_value(json!({
+                        "metadata": {"name": format!("n{i}")},
+                        "status": {
+                            "addresses": [{"type": "InternalIP", "address": format!("10.0.0.{}", i + 1)}],
+                            "conditions": [{"type": "Ready", "status": "True"}],
+                        },
+                    }))
+                    .expect("node"),
+                )
+            })
+            .collect();
+        let mut services = Vec::new();
+        let mut slices = Vec::new();
+        for i in 0..n {
+            let name = format!("svc{i}");
+            let ip = format!("172.16.{}.{}", i / 250, i % 250 + 1);
+            let policy = if i % 2 == 0 { "Local" } else { "Cluster" };
+            services.push(Arc::new(
+                serde_json::from_value(json!({
+                    "metadata": {"name": name, "namespace": "load"},
+                    "spec": {"type": "LoadBalancer", "externalTrafficPolicy": policy,
+                             "ports": [{"name": "http", "port": 80, "protocol": "TCP"},
+                                       {"name": "https", "port": 443, "protocol": "TCP"}]},
+                    "status": {"loadBalancer": {"ingress": [{"ip": ip}]}},
+                }))
+                .expect("service"),
+            ));
+            let endpoints: Vec<serde_json::Value> = (0..3)
+                .map(|e| {
+                    json!({"addresses": [format!("10.{}.{}.{}", 1 + e, i / 250, i % 250 + 1)],
+                           "nodeName": format!("n{}", (i + e * 7 + round) % 20),
+                           "conditions": {"ready": true, "serving": true, "terminating": false}})
+                })
+                .collect();
+            slices.push(Arc::new(
+                serde_json::from_value(json!({
+                    "metadata": {"name": format!("{name}-abcde"), "namespace": "load",
+                                 "labels": {SERVICE_NAME_LABEL: name}},
+                    "addressType": "IPv4",
+                    "endpoints": endpoints,
+                    "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                              {"name": "https", "port": 8443, "protocol": "TCP"}],
+                }))
+                .expect("slice"),
+            ));
+        }
+        (services, slices, nodes)
+    }
+
+    /// The synchronous part of one pass of `run_async`'s loop after a change (without the
+    /// health overlay and the logging): the build, the changes against the last model, the
+    /// comparison, the copy for the reconcile thread, the BGP intent.
+    fn model_pass((services, slices, nodes): &Cluster, last: &Built) -> Built {
+        let built = desired::build(
+            services,
+            slices,
+            nodes,
+            Settings::default(),
+            &AddressPolicy::default(),
+        );
+        let changes = desired::changes(last, &built);
+        if built.desired != last.desired {
+            std::hint::black_box((changes.len(), built.desired.clone()));
+        }
+        let announceable = built.announceable();
+        let intent = super::super::bgp_select::intent(services, nodes, &built, "n0");
+        std::hint::black_box((announceable, intent));
+        built
+    }
+
+    /// What a router saw of a sluice BFD session while the agent's runtime was busy.
+    struct Seen {
+        /// The longest time between two control packets from sluice.
+        max_gap: Duration,
+        /// Packets from sluice that said anything but Up once the session was Up (its side of
+        /// a flap).
+        flaps: usize,
+        /// Gaps of the detection time or more: the router's side of a flap (it would have
+        /// declared the session down).
+        router_downs: usize,
+        packets: usize,
+        /// The longest time between two probes of a backend checked every [`PROBE_EVERY`].
+        max_probe_gap: Duration,
+        probes: usize,
+        /// The longest model build meanwhile, and how many ran.
+        max_build: Duration,
+        builds: usize,
+        /// The first pass (against an empty model), before the measured load.
+        first_pass: Duration,
+        /// The longest the router's thread (a plain OS thread, idle but for 2 ms wake-ups) was
+        /// not run: a stall of the whole machine, which no runtime design can avoid.
+        machine_stall: Duration,
+    }
+
+    impl Seen {
+        /// BFD sent within the detection time and never flapped; no probe interval passed
+        /// without a probe.
+        fn on_time(&self) -> Result<(), String> {
+            if self.max_gap >= DETECTION {
+                return Err(format!(
+                    "BFD went {:?} without sending (detection time {DETECTION:?})",
+                    self.max_gap
+                ));
+            }
+            if (self.flaps, self.router_downs) != (0, 0) {
+                return Err(format!(
+                    "the BFD session flapped: {} non-Up packets from sluice, {} detection timeouts",
+                    self.flaps, self.router_downs
+                ));
+            }
+            if self.max_probe_gap >= 2 * PROBE_EVERY {
+                return Err(format!(
+                    "a probe interval ({PROBE_EVERY:?}) went without a probe: {:?} between two",
+                    self.max_probe_gap
+                ));
+            }
+            Ok(())
+        }
+
+        fn report(&self) -> String {
+            format!(
+                "first model pass {:?}, then {} passes of 5,000 Services (a burst touching all of them) on the agent's runtime (longest {:?}); BFD: {} packets, largest gap {:?}, {} gap(s) >= {DETECTION:?} (router declares down), {} non-Up packet(s) from sluice; probes: {}, largest gap {:?} (every {PROBE_EVERY:?}); the router's own thread stalled up to {:?}",
+                self.first_pass,
+                self.builds,
+                self.max_build,
+                self.packets,
+                self.max_gap,
+                self.router_downs,
+                self.flaps,
+                self.probes,
+                self.max_probe_gap,
+                self.machine_stall
+            )
+        }
+    }
+
+    const DETECTION: Duration = Duration::from_millis(300);
+    const PROBE_EVERY: Duration = Duration::from_millis(100);
+
+    /// Runs sluice's BFD (100 ms x 3) on `timers` against a router on a thread of its own
+    /// (plain UDP on loopback, TTL 255, never late), brings it Up, then spends `load` on the
+    /// calling runtime the way the agent's loop does after a relist or a burst of changes:
+    /// `desired::build` of 5,000 Services (synchronous, as in `run_async`), yielding between
+    /// builds. A health probe (TCP, every [`PROBE_EVERY`]) runs on `timers` too. Returns what
+    /// the router and the probed backend saw meanwhile.
+    async fn bfd_while_building(timers: &tokio::runtime::Handle, load: Duration) -> Seen {
+        let clusters = [big_cluster(5000, 0), big_cluster(5000, 1)];
+        let router = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        router.set_ttl(255).unwrap();
+        router
+            .set_read_timeout(Some(Duration::from_millis(2)))
+            .unwrap();
+        let sockets = {
+            let _in = timers.enter();
+            bfd::Sockets::open(&[Ipv4Addr::LOCALHOST.into()], 0).unwrap()
+        };
+        let bfd_at = sockets.local_addrs()[0];
+        let (link_tx, mut link) = tokio::sync::watch::channel(Link::Waiting);
+        let cfg = BfdConfig {
+            interval: Duration::from_millis(100),
+            multiplier: 3,
+        };
+        let peer = BfdPeer {
+            addr: Ipv4Addr::LOCALHOST.into(),
+            port: router.local_addr().unwrap().port(),
+            link: link_tx,
+        };
+        let bfd = Bfd::new(cfg, sockets, vec![peer]).unwrap();
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let task = timers.spawn(bfd.run(stop_rx));
+
+        // The router: answers as RFC 5880's state machine would, every 100 ms, and records
+        // when each packet of sluice's arrived and what state it said.
+        let done = Arc::new(AtomicBool::new(false));
+        let router_thread = std::thread::spawn({
+            let done = done.clone();
+            move || {
+                let mut seen: Vec<(Instant, State)> = Vec::new();
+                let (mut sluice_disc, mut sluice_state) = (0u32, State::Down);
+                let mut next_tx = Instant::now();
+                let mut buf = [0u8; 64];
+                // The longest this thread itself was not run (it wakes every 2 ms).
+                let (mut stall, mut last_turn) = (Duration::ZERO, Instant::now());
+                while !done.load(Ordering::Relaxed) {
+                    stall = stall.max(last_turn.elapsed());
+                    last_turn = Instant::now();
+                    if let Ok((n, _)) = router.recv_from(&mut buf)
+                        && let Some(p) = Packet::decode(&buf[..n])
+                    {
+                        seen.push((Instant::now(), p.state));
+                        sluice_disc = p.my_disc;
+                        sluice_state = p.state;
+                    }
+                    if Instant::now() >= next_tx && sluice_disc != 0 {
+                        let state = match sluice_state {
+                            State::Down => State::Init,
+                            State::Init | State::Up => State::Up,
+                            State::AdminDown => State::Down,
+                        };
+                        let p = Packet {
+                            diag: 0,
+                            state,
+                            poll: false,
+                            final_: false,
+                            detect_mult: 3,
+                            my_disc: 0x5eed_0001,
+                            your_disc: sluice_disc,
+                            desired_min_tx: 100_000,
+                            required_min_rx: 100_000,
+                        };
+                        let _ = router.send_to(&p.encode(), bfd_at);
+                        next_tx = Instant::now() + Duration::from_millis(100);
+                    }
+                }
+                (seen, stall)
+            }
+        });
+        // The backend: records when each probe connects.
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let backend_port = backend.local_addr().unwrap().port();
+        backend.set_nonblocking(true).unwrap();
+        let backend_thread = std::thread::spawn({
+            let done = done.clone();
+            move || {
+                let mut accepted = Vec::new();
+                while !done.load(Ordering::Relaxed) {
+                    match backend.accept() {
+                        Ok(_) => accepted.push(Instant::now()),
+                        Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                    }
+                }
+                accepted
+            }
+        });
+        let prober =
+            crate::health::probe::Prober::new(timers.clone(), Arc::new(Notify::new()), None);
+        let mut check =
+            crate::model::HealthCheck::new(crate::model::CheckProtocol::Tcp, backend_port, "");
+        check.interval = PROBE_EVERY;
+        prober.set_targets(&std::collections::BTreeMap::from([(
+            (IpAddr::from(Ipv4Addr::LOCALHOST), check),
+            BTreeSet::from(["load/svc0".to_owned()]),
+        )]));
+        let up = tokio::time::timeout(Duration::from_secs(5), link.wait_for(|l| *l == Link::Up))
+            .await
+            .is_ok();
+        assert!(up, "the BFD session never came Up: {:?}", *link.borrow());
+        // The first pass (against nothing: every VIP and backend is a change), then a burst
+        // of changes to every Service, pass after pass; all measured.
+        let started = Instant::now();
+        let mut last = model_pass(&clusters[1], &Built::default());
+        let first_pass = started.elapsed();
+        let (mut max_build, mut builds) = (Duration::ZERO, 0);
+        while builds < 2 || started.elapsed() < load {
+            let t = Instant::now();
+            last = model_pass(&clusters[builds % 2], &last);
+            max_build = max_build.max(t.elapsed());
+            builds += 1;
+            tokio::task::yield_now().await;
+        }
+        let ended = Instant::now();
+        // A moment for the last packets to arrive.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        done.store(true, Ordering::Relaxed);
+        let (seen, machine_stall) = router_thread.join().unwrap();
+        let accepted = backend_thread.join().unwrap();
+        drop(prober);
+        let _ = stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+
+        let from = seen
+            .iter()
+            .position(|(_, s)| *s == State::Up)
+            .expect("sluice said Up");
+        // Every gap that ended after the load began (the one it began in included), and the
+        // one still open when it ended.
+        let gaps_of = |times: &[Instant]| -> Vec<Duration> {
+            let mut gaps: Vec<Duration> = times
+                .windows(2)
+                .filter(|w| w[1] >= started)
+                .map(|w| w[1].duration_since(w[0]))
+                .collect();
+            if let Some(last) = times.iter().rfind(|t| **t <= ended) {
+                gaps.push(ended.duration_since(*last));
+            }
+            gaps
+        };
+        let gaps = gaps_of(&seen[from..].iter().map(|(t, _)| *t).collect::<Vec<_>>());
+        let probe_gaps = gaps_of(&accepted);
+        Seen {
+            max_gap: gaps.iter().copied().max().unwrap_or(Duration::MAX),
+            flaps: seen[from..].iter().filter(|(_, s)| *s != State::Up).count(),
+            router_downs: gaps.iter().filter(|g| **g >= DETECTION).count(),
+            packets: gaps.len(),
+            max_probe_gap: probe_gaps.iter().copied().max().unwrap_or(Duration::MAX),
+            probes: probe_gaps.len(),
+            max_build,
+            builds,
+            first_pass,
+            machine_stall,
+        }
+    }
+
+    /// Issue 25: a model build of 5,000 Services takes hundreds of milliseconds; on the
+    /// agent's runtime it would hold BFD's transmissions past the detection time (300 ms)
+    /// and the routers would drop the node. On the `timers` thread they keep time.
+    #[tokio::test(flavor = "current_thread")]
+    async fn bfd_keeps_time_on_the_timers_thread_while_the_agent_builds_5000_services() {
+        let (services, slices, nodes) = big_cluster(5000, 0);
+        let t = Instant::now();
+        let built = desired::build(
+            &services,
+            &slices,
+            &nodes,
+            Settings::default(),
+            &AddressPolicy::default(),
+        );
+        eprintln!(
+            "desired::build of 5,000 Services x 2 ports ({} VIPs, 20 nodes): {:?}",
+            built.desired.vips.len(),
+            t.elapsed()
+        );
+        assert_eq!(built.desired.vips.len(), 10_000);
+        let (services1, slices1, nodes1) = big_cluster(5000, 1);
+        let other = desired::build(
+            &services1,
+            &slices1,
+            &nodes1,
+            Settings::default(),
+            &AddressPolicy::default(),
+        );
+        let t = Instant::now();
+        let changes = desired::changes(&built, &other).len();
+        let changes_took = t.elapsed();
+        let t = Instant::now();
+        let intent = super::super::bgp_select::intent(&services, &nodes, &built, "n0");
+        eprintln!(
+            "desired::changes after every endpoint moved ({changes} lines): {changes_took:?}; bgp_select::intent ({} addresses): {:?}",
+            intent.addrs.len(),
+            t.elapsed()
+        );
+        drop((built, other));
+
+        let timers = Timers::start().unwrap();
+        // The host is shared (2 cores, other builds, this suite's other tests): a run in which
+        // an independent idle thread was not scheduled for 100 ms either says nothing of the
+        // runtimes, and is run again (at most 3 times in all).
+        for attempt in 1..=3 {
+            let seen = bfd_while_building(timers.handle(), Duration::from_secs(3)).await;
+            eprintln!("timers thread: {}", seen.report());
+            assert!(seen.builds >= 2, "the load did not run");
+            match seen.on_time() {
+                Ok(()) => return,
+                Err(late) if seen.machine_stall >= PROBE_EVERY && attempt < 3 => {
+                    eprintln!("{late}, but the machine stalled too: once more");
+                }
+                Err(late) => panic!("{late} ({})", seen.report()),
+            }
+        }
+    }
+
+    /// The mutation: BFD and the probe on the agent's own runtime (as before the `timers`
+    /// thread). Run it with `--ignored` to see the figures; it asserts that something is late
+    /// (in the test profile: BFD gaps of 0.45-1.2 s, the session flaps on both sides; with
+    /// lb-userspace optimized: BFD gaps of ~270 ms, probes ~290 ms apart instead of 100 ms).
+    #[tokio::test(flavor = "current_thread")]
+    #[ignore = "shows the failure the timers thread fixes (timing of this machine)"]
+    async fn bfd_on_the_agents_runtime_misses_its_detection_time() {
+        let seen =
+            bfd_while_building(&tokio::runtime::Handle::current(), Duration::from_secs(3)).await;
+        eprintln!("agent's runtime: {}", seen.report());
+        assert!(seen.on_time().is_err(), "nothing was late");
     }
 }
