@@ -26,8 +26,9 @@ const LAYERS: &[&[&str]] = &[
     &["k8s"],
 ];
 
-/// Files that are not a module of the library (the binary's entry point, the crate root).
-const NOT_MODULES: &[&str] = &["main", "lib", "bin"];
+/// Files and folders that are not a module of the library (the binary's entry point and its
+/// subcommands, `cli`, declared from main.rs; the crate root).
+const NOT_MODULES: &[&str] = &["main", "cli", "lib", "bin"];
 
 /// One import: from a module to another, and the file that makes it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
