@@ -626,13 +626,20 @@ fn agent_survives_apiserver_restart_compaction_and_its_own_restart() -> Result<(
         })
     })?;
     env.kube.start_apiserver(0)?;
+    // The watches come back first (a restarted API server answers the old resourceVersion
+    // with 410 Gone: a relist, after the watcher's backoff); a change made before that would
+    // arrive in the relist, not as an event, whatever the agent does.
+    env.wait_metrics("API server back", RECONNECT, |m| {
+        watches_up_holding(m, objects)
+    })?;
     env.kube.kubectl_ok(&["cordon", "node-2"])?;
     env.converge(
         "cordon after an API server restart",
         &env.expect(&[(0, "active", 1), (1, "active", 1), (2, "draining", 1)]),
     )?;
-    let m = env.wait_metrics("API server back", RECONNECT, |m| {
-        watches_up_holding(m, objects)
+    let m = env.wait_metrics("the cordon counted", CONVERGE, |m| {
+        (watch_metric(m, "sluice_k8s_watch_events_total", "nodes") < 1.0)
+            .then(|| "no nodes watch event yet".to_owned())
     })?;
     ensure!(
         watch_metric(&m, "sluice_k8s_watch_events_total", "nodes") >= 1.0,
@@ -926,9 +933,23 @@ fn announce_moves_an_ipv6_vip_by_neighbour_advertisement_on_takeover() -> Result
 /// one wins, SIGTERM hands over at once, a dead holder's lease is taken when it expires; the
 /// client's neighbour entry follows each time.
 fn announce_takeover(env: &Env, vip: IpAddr) -> Result<()> {
-    // Only pool addresses are announced: the VIP's pool (no auto-assign: the test writes the
-    // status, as MetalLB would).
-    env.kube.pool("lab", &[vip.to_string()], false, false)?;
+    // Only pool addresses are announced: a pool of the Service's addresses (every family it
+    // holds: a dual-stack Service keeps both only when both are in a pool), without
+    // auto-assign: the test wrote the status, as MetalLB would.
+    let status = env
+        .kube
+        .api("GET", "/api/v1/namespaces/default/services/web", None)?;
+    let held: Vec<String> = status["status"]["loadBalancer"]["ingress"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["ip"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(
+        held.contains(&vip.to_string()),
+        "the Service's status does not hold {vip}: {held:?}"
+    );
+    env.kube.pool("lab", &held, false, false)?;
     // Two load-balancer "nodes" on the segment: eth0 and eth1 of the lb namespace, each with
     // its own agent, XDP program, pins and MAC.
     let eth1 = env.lab.add_lb_port(1)?;
