@@ -495,9 +495,14 @@ fn explain_shows_health_and_a_drained_backend() -> Result<()> {
     ensure!(!to_b2.is_empty(), "no port of {ports:?} picks b2");
 
     lab.exec_ok(lab.switch_ns(), &["ip", "link", "set", "sw-b2", "down"])?;
+    // explain reads the VIP's record and its table one after the other, and a reconcile writes
+    // them in two phases: wait until one answer shows both done.
     let e = wait("b2 down and draining", &|e| {
         let r = row(e, &b2);
-        r["health"] == "down" && r["state"] == "draining" && r["table_slots"] == 0
+        r["health"] == "down"
+            && r["state"] == "draining"
+            && r["table_slots"] == 0
+            && e["live_backends"] == 2
     })?;
     println!(
         "after b2's link went down: {}",
