@@ -140,6 +140,28 @@ pub(crate) const fn hash_finish(mut h: u32) -> u32 {
 }
 
 impl FlowKey {
+    /// The key of a flow as the program builds it from a packet: addresses as the maps store
+    /// them, ports (given in host order) in network order, the IP protocol number.
+    pub fn of(
+        src: core::net::IpAddr,
+        sport: u16,
+        dst: core::net::IpAddr,
+        dport: u16,
+        proto: u8,
+    ) -> FlowKey {
+        let (src, family) = crate::raw_addr(src);
+        let (dst, _) = crate::raw_addr(dst);
+        FlowKey {
+            src,
+            dst,
+            sport: sport.to_be(),
+            dport: dport.to_be(),
+            proto,
+            family,
+            _pad: [0; 2],
+        }
+    }
+
     /// The `ports` word of [`flow_hash`].
     #[inline(always)]
     pub const fn ports_word(&self) -> u32 {

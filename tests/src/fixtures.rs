@@ -1053,17 +1053,7 @@ pub fn predicted_backend(
         })
         .collect();
     let table = build_table(&ids, table_size);
-    let (s, family) = lb_common::raw_addr(src);
-    let (d, _) = lb_common::raw_addr(dst);
-    let key = lb_common::FlowKey {
-        src: s,
-        dst: d,
-        sport: sport.to_be(),
-        dport: dport.to_be(),
-        proto,
-        family,
-        _pad: [0; 2],
-    };
+    let key = lb_common::FlowKey::of(src, sport, dst, dport, proto);
     let slot = table[(key.hash(affinity) % table_size) as usize];
     backends.get(slot as usize).map(|&(addr, _)| addr)
 }

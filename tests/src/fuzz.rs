@@ -214,17 +214,7 @@ impl World {
                 vip.key, view.table_size
             ));
         }
-        let (s, family) = lb_common::raw_addr(src);
-        let (d, _) = lb_common::raw_addr(dst);
-        let key = lb_common::FlowKey {
-            src: s,
-            dst: d,
-            sport: sport.to_be(),
-            dport: dport.to_be(),
-            proto,
-            family,
-            _pad: [0; 2],
-        };
+        let key = lb_common::FlowKey::of(src, sport, dst, dport, proto);
         let affinity = view.flags & lb_common::vip_flags::AFFINITY != 0;
         let slot = key.hash(affinity) % view.table_size;
         let Some(addr) = view.table[slot as usize] else {

@@ -882,6 +882,42 @@ http {{
         self.spawn_sluice_under(&[], args)
     }
 
+    /// The HTTP status of an agent's `GET /readyz` at `health` (in the lb namespace), as curl
+    /// prints it ("000" when nothing answers).
+    pub fn readyz_status(&self, health: &str) -> Result<String> {
+        let out = self.exec(
+            self.lb_ns(),
+            &[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("http://{health}/readyz"),
+            ],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Waits (up to 60 s) until agent `p` answers `/readyz` at `health` with 200; fails with its
+    /// log if it exits first or never gets there.
+    pub fn wait_agent_ready(&self, p: &mut SluiceProcess, health: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = p.try_wait()? {
+                bail!("the agent exited ({status}): {}", p.log_text());
+            }
+            if self.readyz_status(health)? == "200" {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("the agent is not ready after 60 s: {}", p.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// [`Lab::spawn_sluice`] through `wrapper` (e.g. `setpriv` with a bounding set), which
     /// must exec sluice in place (the process's pid stays sluice's).
     pub fn spawn_sluice_under(&self, wrapper: &[&str], args: &[&str]) -> Result<SluiceProcess> {

@@ -73,33 +73,9 @@ impl Env {
             "--lease-namespace",
             AGENT_NAMESPACE,
         ])?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = p.try_wait()? {
-                bail!("agent {name} exited ({status}): {}", p.log_text());
-            }
-            let out = self.lab.exec(
-                self.lab.lb_ns(),
-                &[
-                    "curl",
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    &format!("http://{health}/readyz"),
-                ],
-            )?;
-            if out.stdout == b"200" {
-                break;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "agent {name} not ready after 60 s: {}",
-                p.log_text()
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
+        self.lab
+            .wait_agent_ready(&mut p, health)
+            .with_context(|| format!("agent {name}"))?;
         self.agents.insert(name, p);
         Ok(())
     }

@@ -237,19 +237,7 @@ endpoints:
     }
 
     fn wait_ready_at(&self, p: &mut SluiceProcess, health: &str) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = p.try_wait()? {
-                bail!("the agent exited ({status}): {}", p.log_text());
-            }
-            if readyz_status(self, health)? == "200" {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!("the agent is not ready after 60 s: {}", p.log_text());
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+        self.lab.wait_agent_ready(p, health)
     }
 
     fn stop_agent(&mut self) -> Result<()> {
@@ -1327,17 +1315,5 @@ rules:
 
 /// The HTTP status of `/readyz` at `health` (curl in the lb namespace, where the agents run).
 fn readyz_status(env: &Env, health: &str) -> Result<String> {
-    let out = env.lab.exec(
-        env.lab.lb_ns(),
-        &[
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("http://{health}/readyz"),
-        ],
-    )?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    env.lab.readyz_status(health)
 }

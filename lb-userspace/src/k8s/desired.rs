@@ -31,7 +31,7 @@ use super::options::{
     MAX_WEIGHT_OVER_MEDIAN, VipOptions, WEIGHT_ANNOTATION, cap_weights, node_weight,
     service_options,
 };
-use super::pools::{ClassPolicy, claim};
+use super::pools::{ClassPolicy, claim, ingress_ips};
 use crate::ipam::{self, Allocation, PoolSpec, Pools};
 use crate::model::{
     Backend, DEFAULT_WEIGHT, Desired, ForwardingMode, MAX_WEIGHT, Protocol, Settings, Vip, VipAddr,
@@ -334,14 +334,7 @@ fn addressing(
 }
 
 fn service_addresses(svc: &Service, who: &str, problems: &mut BTreeSet<String>) -> Vec<IpAddr> {
-    let ingress = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i.ip.as_deref());
+    let ingress = ingress_ips(svc);
     let external = svc
         .spec
         .as_ref()

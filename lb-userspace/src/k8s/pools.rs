@@ -135,6 +135,17 @@ impl ClassPolicy {
     }
 }
 
+/// The addresses of a Service's `status.loadBalancer.ingress`, as written (unparsed).
+pub fn ingress_ips(svc: &Service) -> impl Iterator<Item = &str> {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.as_deref())
+}
+
 /// The Service as the allocator's claim, or why it cannot be one (a bad annotation: it gets no
 /// address and an Event).
 pub fn claim(svc: &Service) -> Result<Claim, String> {
@@ -196,15 +207,7 @@ pub fn claim(svc: &Service) -> Result<Claim, String> {
         .collect();
     let parse_all =
         |v: &[String]| -> Vec<IpAddr> { v.iter().filter_map(|s| s.parse().ok()).collect() };
-    let current = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i.ip.as_deref()?.parse().ok())
-        .collect();
+    let current = ingress_ips(svc).filter_map(|ip| ip.parse().ok()).collect();
     Ok(Claim {
         key,
         namespace,

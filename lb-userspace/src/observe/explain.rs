@@ -61,17 +61,13 @@ impl Flow {
 
     /// The connection-table key and hash input, exactly as the program builds it from a packet.
     pub fn key(&self) -> FlowKey {
-        let (src, family) = raw_addr(self.client.ip());
-        let (dst, _) = raw_addr(self.vip.addr);
-        FlowKey {
-            src,
-            dst,
-            sport: self.client.port().to_be(),
-            dport: self.vip.port.to_be(),
-            proto: self.vip.protocol.number(),
-            family,
-            _pad: [0; 2],
-        }
+        FlowKey::of(
+            self.client.ip(),
+            self.client.port(),
+            self.vip.addr,
+            self.vip.port,
+            self.vip.protocol.number(),
+        )
     }
 }
 
