@@ -38,14 +38,14 @@ pub fn attach(
     }
     if pins.has_link() {
         let mut maps = DecapMaps::from_pins(pins)?;
-        maps.sets.sync(allow, &local)?;
+        maps.sync(allow, &local)?;
         info!("updated the decapsulator on {}", iface.name);
         return Ok(());
     }
     pins.prepare()?;
     let mut ebpf = dataplane::load_decap(Some(pins))?;
     let mut maps = DecapMaps::from_ebpf(&mut ebpf)?;
-    maps.sets.sync(allow, &local)?;
+    maps.sync(allow, &local)?;
     let link = dataplane::attach(&mut ebpf, DECAP_PROGRAM, iface, generic)?;
     link.pin(pins.link())
         .map_err(|e| anyhow!("pinning the XDP link at {}: {e}", pins.link().display()))?;

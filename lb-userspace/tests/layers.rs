@@ -299,3 +299,29 @@ fn the_parser_sees_paths_groups_and_skips_tests() {
         Some(vec!["x".into(), "y".into(), "z".into(), "x".into()])
     );
 }
+
+/// Only `dataplane` names aya: everything else reads and writes the maps through its methods,
+/// in lb-common's types, so that the map layout has one owner.
+#[test]
+fn only_the_dataplane_names_aya() {
+    let src = src_dir();
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let dataplane = src.join("dataplane");
+    let offenders: Vec<String> = files
+        .iter()
+        .filter(|f| !f.starts_with(&dataplane))
+        .filter(|f| {
+            let text = std::fs::read_to_string(f).unwrap_or_default();
+            without_tests(&text)
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .any(|l| l.contains("aya::") || l.contains("use aya"))
+        })
+        .map(|f| f.strip_prefix(&src).unwrap_or(f).display().to_string())
+        .collect();
+    assert!(
+        offenders.is_empty(),
+        "these files name aya outside dataplane/: {offenders:?}"
+    );
+}

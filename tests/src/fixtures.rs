@@ -190,12 +190,7 @@ impl Harness {
 
     /// A global counter summed over CPUs.
     pub fn counter(&self, counter: GlobalCounter) -> anyhow::Result<u64> {
-        let values = self
-            .maps
-            .global_stats
-            .get(&(counter as u32), 0)
-            .context("reading GLOBAL_STATS")?;
-        Ok(values.iter().sum())
+        self.maps.global_counter(counter)
     }
 
     /// The IPv4 connection table as the packets left it: client port -> the backend index (as
@@ -204,12 +199,14 @@ impl Harness {
     /// port names the flow.
     pub fn flow_entries(&self) -> anyhow::Result<BTreeMap<u16, Option<u8>>> {
         let mut out = BTreeMap::new();
-        for entry in self.maps.flows.iter() {
+        for entry in self.maps.flow_entries() {
             let (key, value) = entry.context("reading FLOWS")?;
+            if key.family != lb_common::FAMILY_V4 {
+                continue;
+            }
             let backend = self
                 .maps
-                .backends
-                .get(&value.backend, 0)
+                .slot(value.backend)
                 .ok()
                 .and_then(|b| Self::backend_of(&b.dst_mac));
             out.insert(u16::from_be(key.sport), backend);
@@ -327,7 +324,7 @@ impl Snapshot {
             vips,
             vip_addrs: current.vip_addrs.clone(),
             source_ranges,
-            filter: maps.vip_filter.get(&0, 0).context("reading VIP_FILTER")?,
+            filter: maps.vip_filter()?,
         })
     }
 
@@ -502,7 +499,7 @@ impl DecapHarness {
             .iter()
             .map(|a| a.parse().map_err(|e| anyhow!("{a}: {e}")))
             .collect::<anyhow::Result<_>>()?;
-        maps.sets.sync(&allow, local)?;
+        maps.sync(&allow, local)?;
         Ok(Self { ebpf, maps })
     }
 
@@ -512,12 +509,7 @@ impl DecapHarness {
     }
 
     pub fn counter(&self, counter: DecapCounter) -> anyhow::Result<u64> {
-        let values = self
-            .maps
-            .stats
-            .get(&(counter as u32), 0)
-            .context("reading DECAP_STATS")?;
-        Ok(values.iter().sum())
+        self.maps.counter(counter)
     }
 }
 

@@ -165,7 +165,7 @@ fn a_reconcile_past_the_vip_limit_applies_what_fits_and_reports_the_rest() {
     let summary = h.apply(&too_many).expect("what fits is applied");
     println!("{summary}");
     // Every id is taken, one VIP waits, and it is named.
-    assert_eq!(h.maps.vips.keys().count(), MAX_VIPS as usize);
+    assert_eq!(h.maps.read_vips().unwrap().len(), MAX_VIPS as usize);
     assert_eq!(summary.left_out.len(), 1, "{summary}");
     assert!(
         summary.to_string().contains("10.100.4.0:80/tcp"),
@@ -174,6 +174,6 @@ fn a_reconcile_past_the_vip_limit_applies_what_fits_and_reports_the_rest() {
     // Never frozen: going back to one VIP frees the rest, and the one still forwards.
     let summary = h.apply(&base).expect("back to one VIP");
     assert!(summary.left_out.is_empty(), "{summary}");
-    assert_eq!(h.maps.vips.keys().count(), 1);
+    assert_eq!(h.maps.read_vips().unwrap().len(), 1);
     assert_forwarded(&mut h, &Frame::tcp(40000, TCP_SYN).bytes());
 }

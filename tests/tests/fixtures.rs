@@ -442,11 +442,8 @@ fn a_failed_reconcile_changes_nothing() {
 fn batched_backend_read_matches_slot_by_slot_reads() {
     let h = harness(Protocol::Tcp, &[(0, 1, false), (1, 3, true), (2, 2, false)]);
     let batched = h.maps.read_backends().expect("batched read of BACKENDS");
-    let one_by_one: Vec<lb_common::Backend> = h
-        .maps
-        .backends
-        .iter()
-        .map(|v| v.expect("reading a BACKENDS slot"))
+    let one_by_one: Vec<lb_common::Backend> = (0..h.maps.slot_count())
+        .map(|i| h.maps.slot(i).expect("reading a BACKENDS slot"))
         .collect();
     assert_eq!(batched.len(), one_by_one.len());
     assert_eq!(batched, one_by_one);
@@ -461,14 +458,8 @@ fn batched_backend_read_matches_slot_by_slot_reads() {
 /// this node wins the VIP's Lease), answering with `mac`.
 fn announcing(mac: [u8; 6]) -> Harness {
     let mut h = harness(Protocol::Tcp, &[(0, 1, false)]);
-    let value = lb_common::Announce { mac, _pad: [0; 2] };
     h.maps
-        .announce
-        .insert(
-            &lb_userspace::dataplane::announce_key(VIP.into()),
-            &value,
-            0,
-        )
+        .announce_address(VIP.into(), mac)
         .expect("writing ANNOUNCE");
     h
 }
@@ -528,8 +519,7 @@ fn arp_for_other_addresses_replies_and_odd_types_pass_untouched() {
     assert_eq!(h.counter(GlobalCounter::ArpReply).unwrap(), 0);
     // Once the entry is gone (lease lost), the VIP's requests pass too.
     h.maps
-        .announce
-        .remove(&lb_userspace::dataplane::announce_key(VIP.into()))
+        .withdraw_address(VIP.into())
         .expect("removing from ANNOUNCE");
     assert_untouched(&mut h, &Arp::request(VIP).bytes(), XDP_PASS);
     assert_eq!(h.counter(GlobalCounter::ArpReply).unwrap(), 0);

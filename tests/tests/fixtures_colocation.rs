@@ -110,7 +110,7 @@ fn a_frame_from_another_node_is_never_balanced_twice() {
 /// A VIP's table as backend addresses (slot ids are per node; addresses are what must agree).
 fn table_by_address(h: &Harness, d: &Desired) -> Vec<IpAddr> {
     let key = vip_key(&d.vips[0].key);
-    let info = h.maps.vips.get(&key, 0).unwrap();
+    let info = h.maps.vip(&key).unwrap().expect("the VIP is in VIPS");
     let slots = h.maps.read_backends().unwrap();
     h.maps
         .maglev_table(info.id, info.table_size)

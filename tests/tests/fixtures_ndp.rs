@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use lb_common::GlobalCounter;
-use lb_userspace::{dataplane::announce_key, model::Protocol};
+use lb_userspace::model::Protocol;
 use sluice_tests::fixtures::{
     CLIENT_MAC, CLIENT6, Frame, Harness, LB_MAC, ND_ADVERT, Ndp, TCP_SYN, VIP, VIP6, XDP_PASS,
     XDP_TX, assert_forwarded, assert_untouched, backend_addr6, checksum_ok, desired_at,
@@ -24,15 +24,7 @@ fn announcing() -> Harness {
     );
     let mut h = harness_with(&desired);
     h.maps
-        .announce
-        .insert(
-            &announce_key(VIP6.into()),
-            &lb_common::Announce {
-                mac: OURS,
-                _pad: [0; 2],
-            },
-            0,
-        )
+        .announce_address(VIP6.into(), OURS)
         .expect("writing ANNOUNCE");
     h
 }
@@ -161,19 +153,10 @@ fn solicitations_that_must_not_be_answered_pass_untouched() {
     // An IPv4 VIP in ANNOUNCE answers no IPv6 solicitation, and once the IPv6 entry is gone
     // (lease lost) the VIP's solicitations pass too.
     h.maps
-        .announce
-        .remove(&announce_key(VIP6.into()))
+        .withdraw_address(VIP6.into())
         .expect("removing from ANNOUNCE");
     h.maps
-        .announce
-        .insert(
-            &announce_key(VIP.into()),
-            &lb_common::Announce {
-                mac: OURS,
-                _pad: [0; 2],
-            },
-            0,
-        )
+        .announce_address(VIP.into(), OURS)
         .expect("writing ANNOUNCE");
     assert_untouched(&mut h, &Ndp::solicit(VIP6).bytes(), XDP_PASS);
     assert_eq!(h.counter(GlobalCounter::NeighborAdvert).unwrap(), 0);

@@ -44,27 +44,11 @@ fn worker(seed: u64, worker: u64, count: u64) -> (Vec<u64>, u64) {
         .expect("program the maps");
     // The node won VIP's election: its ARP requests are answered (as `--announce` writes it).
     h.maps
-        .announce
-        .insert(
-            &lb_userspace::dataplane::announce_key(ANNOUNCED.into()),
-            &lb_common::Announce {
-                mac: ANNOUNCED_MAC,
-                _pad: [0; 2],
-            },
-            0,
-        )
+        .announce_address(ANNOUNCED.into(), ANNOUNCED_MAC)
         .expect("writing ANNOUNCE");
     // ... and ANNOUNCED6's Neighbor Solicitations.
     h.maps
-        .announce
-        .insert(
-            &lb_userspace::dataplane::announce_key(ANNOUNCED6.into()),
-            &lb_common::Announce {
-                mac: ANNOUNCED_MAC,
-                _pad: [0; 2],
-            },
-            0,
-        )
+        .announce_address(ANNOUNCED6.into(), ANNOUNCED_MAC)
         .expect("writing ANNOUNCE");
     // A `sluice trace` of every packet runs through it all, never read: unlimited on even
     // workers (the ring fills: trace_lost_ring), 100 per second on odd ones (trace_lost_rate).

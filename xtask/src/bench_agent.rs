@@ -112,7 +112,7 @@ pub fn run(changes: usize, services: usize) -> Result<()> {
             wait_ready(&mut agent, Duration::from_secs(300))?;
             let sync = started.elapsed();
             let maps = Maps::from_pins(&pins)?;
-            let vips = maps.vips.keys().count();
+            let vips = maps.read_vips()?.len();
             ensure!(
                 vips == services,
                 "after the sync the maps hold {vips} VIPs, expected {services}"
@@ -283,7 +283,7 @@ async fn latencies(
             .context("patching EndpointSlice bench-0")?;
         let answered = Instant::now();
         loop {
-            let v = maps.backends.get(&slot, 0).context("reading BACKENDS")?;
+            let v = maps.slot(slot)?;
             if v.weight == count as u32 && v.state == backend_state::ACTIVE {
                 break;
             }
@@ -318,8 +318,7 @@ async fn wait_maps(pins: &PinLayout) -> Result<Maps> {
 async fn find_slot(maps: &Maps, vip: lb_common::VipKey, addr: lb_common::Addr) -> Result<u32> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        for (i, v) in maps.backends.iter().enumerate() {
-            let v = v.context("reading BACKENDS")?;
+        for (i, v) in maps.read_backends()?.into_iter().enumerate() {
             if v.state != backend_state::EMPTY && v.addr == addr && v.vip == vip {
                 return Ok(i as u32);
             }

@@ -17,7 +17,7 @@ use lb_userspace::{
     net::Interface,
     observe::metrics,
     reconcile::{
-        self, Unreachable,
+        Unreachable,
         driver::{ReconcileMetrics, Reconciler},
     },
 };
@@ -321,7 +321,7 @@ pub(crate) fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
             && let Some(maps) = reconciler.maps_mut()
         {
             // Entries left by an earlier `--announce` run would keep answering ARP.
-            reconcile::clear_announce(maps)?;
+            maps.clear_announced()?;
         }
         Ok(summary)
     });

@@ -1,7 +1,7 @@
 //! Typed handles on the balancer's and the decapsulator's maps, opened from a loaded object
 //! or from their pins.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd as _, OwnedFd};
 
 use anyhow::{Context as _, anyhow, bail};
@@ -12,39 +12,41 @@ use aya::maps::{
 };
 use ipnet::IpNet;
 use lb_common::{
-    Announce, Backend, Counters, FAMILY_V4, FAMILY_V6, FlowKey, FlowKey4, FlowValue, PeerFilter,
-    PeerKey, RateWindow, ScopedAddr, Settings as DataplaneSettings, VipFilter, VipInfo, VipKey,
-    decap_map_names, map_names,
+    Announce, Backend, Counters, FAMILY_V4, FAMILY_V6, FlowKey, FlowKey4, FlowValue, GlobalCounter,
+    PeerFilter, PeerKey, RateWindow, ScopedAddr, Settings as DataplaneSettings, VipFilter, VipInfo,
+    VipKey, decap_map_names, map_names,
 };
 
 use super::maglev_table::{MaglevMapping, inner_elements};
 use super::pins::PinLayout;
 use super::sys::lookup_batch;
 
-/// Typed handles on every map, from a freshly loaded object or from pins.
+/// Typed handles on every map, from a freshly loaded object or from pins. The aya handles stay
+/// inside `dataplane`: the rest of sluice reads and writes through the methods below (reads for
+/// the observers here, the reconcile's writes in `writes.rs`), in lb-common's types.
 pub struct Maps {
-    pub vips: HashMap<MapData, VipKey, VipInfo>,
-    pub maglev: ArrayOfMaps<MapData>,
-    pub backends: Array<MapData, Backend>,
-    pub flows: HashMap<MapData, FlowKey4, FlowValue>,
-    pub flows6: HashMap<MapData, FlowKey, FlowValue>,
-    pub tx_ports: DevMapHash<MapData>,
-    pub vip_stats: PerCpuArray<MapData, Counters>,
-    pub backend_stats: PerCpuArray<MapData, Counters>,
-    pub global_stats: PerCpuArray<MapData, u64>,
-    pub vip_filter: Array<MapData, VipFilter>,
-    pub vip_addrs: HashMap<MapData, VipKey, u32>,
-    pub source_ranges: LpmTrie<MapData, ScopedAddr, u8>,
+    pub(super) vips: HashMap<MapData, VipKey, VipInfo>,
+    pub(super) maglev: ArrayOfMaps<MapData>,
+    pub(super) backends: Array<MapData, Backend>,
+    pub(super) flows: HashMap<MapData, FlowKey4, FlowValue>,
+    pub(super) flows6: HashMap<MapData, FlowKey, FlowValue>,
+    pub(super) tx_ports: DevMapHash<MapData>,
+    pub(super) vip_stats: PerCpuArray<MapData, Counters>,
+    pub(super) backend_stats: PerCpuArray<MapData, Counters>,
+    pub(super) global_stats: PerCpuArray<MapData, u64>,
+    pub(super) vip_filter: Array<MapData, VipFilter>,
+    pub(super) vip_addrs: HashMap<MapData, VipKey, u32>,
+    pub(super) source_ranges: LpmTrie<MapData, ScopedAddr, u8>,
     /// Addresses this node answers ARP for (the agent's announcer writes it; see [`AnnounceMap`]).
-    pub announce: HashMap<MapData, VipKey, Announce>,
+    pub(super) announce: HashMap<MapData, VipKey, Announce>,
     /// MACs of the other sluice nodes (co-location: their VIP frames were balanced already).
-    pub peers: HashMap<MapData, PeerKey, u8>,
-    pub peer_filter: Array<MapData, PeerFilter>,
+    pub(super) peers: HashMap<MapData, PeerKey, u8>,
+    pub(super) peer_filter: Array<MapData, PeerFilter>,
     /// Dataplane-wide settings (the flood guard's limit), and the guard's per-CPU windows.
-    pub settings: Array<MapData, DataplaneSettings>,
-    pub new_flows: PerCpuArray<MapData, RateWindow>,
+    pub(super) settings: Array<MapData, DataplaneSettings>,
+    pub(super) new_flows: PerCpuArray<MapData, RateWindow>,
     /// The inline decapsulator's address sets.
-    pub decap: DecapSets,
+    pub(super) decap: DecapSets,
     /// (size, fingerprint) of each table this process swapped in, by VIP id: what
     /// [`Maps::maglev_fingerprint`] answers where an installed table cannot be opened.
     pub(super) swapped_in: std::collections::BTreeMap<u32, (u32, u64)>,
@@ -224,11 +226,97 @@ impl Maps {
         self.peers.keys().filter(Result::is_ok).count()
     }
 
+    /// One VIP's entry, `None` when `VIPS` holds none for `key`.
+    pub fn vip(&self, key: &VipKey) -> anyhow::Result<Option<VipInfo>> {
+        match self.vips.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(anyhow!("reading the VIPS map: {e}")),
+        }
+    }
+
+    /// Every VIP entry, by key.
+    pub fn read_vips(&self) -> anyhow::Result<BTreeMap<VipKey, VipInfo>> {
+        self.vips
+            .iter()
+            .map(|entry| entry.context("reading the VIPS map"))
+            .collect()
+    }
+
+    /// One backend slot as written.
+    pub fn slot(&self, slot: u32) -> anyhow::Result<Backend> {
+        self.backends
+            .get(&slot, 0)
+            .with_context(|| format!("reading backend slot {slot}"))
+    }
+
+    /// How many backend slots `BACKENDS` has (used or not).
+    pub fn slot_count(&self) -> u32 {
+        self.backends.len()
+    }
+
+    /// How many entries `SOURCE_RANGES` holds.
+    pub fn source_range_count(&self) -> usize {
+        self.source_ranges.keys().filter(Result::is_ok).count()
+    }
+
+    /// The VIP address filter as written.
+    pub fn vip_filter(&self) -> anyhow::Result<VipFilter> {
+        self.vip_filter.get(&0, 0).context("reading VIP_FILTER")
+    }
+
+    /// Connection-table entries (IPv4, IPv6), each table counted up to `limit`: a walk of the
+    /// kernel's table, entries evicted meanwhile skipped.
+    pub fn count_flows(&self, limit: usize) -> (usize, usize) {
+        let v4 = self.flows.keys().filter(Result::is_ok).take(limit).count();
+        let v6 = self.flows6.keys().filter(Result::is_ok).take(limit).count();
+        (v4, v6)
+    }
+
+    /// A VIP's counters (`VIP_STATS`), summed over CPUs.
+    pub fn vip_counters(&self, vip_id: u32) -> anyhow::Result<Counters> {
+        let values = self
+            .vip_stats
+            .get(&vip_id, 0)
+            .context("reading VIP_STATS")?;
+        Ok(sum_counters(values.iter()))
+    }
+
+    /// A backend slot's counters (`BACKEND_STATS`), summed over CPUs.
+    pub fn slot_counters(&self, slot: u32) -> anyhow::Result<Counters> {
+        let values = self
+            .backend_stats
+            .get(&slot, 0)
+            .context("reading BACKEND_STATS")?;
+        Ok(sum_counters(values.iter()))
+    }
+
+    /// A global counter (`GLOBAL_STATS`), summed over CPUs.
+    pub fn global_counter(&self, counter: GlobalCounter) -> anyhow::Result<u64> {
+        let values = self
+            .global_stats
+            .get(&(counter as u32), 0)
+            .context("reading GLOBAL_STATS")?;
+        Ok(values.iter().sum())
+    }
+
+    /// The dataplane-wide settings as written (`SETTINGS`).
+    pub fn settings(&self) -> anyhow::Result<DataplaneSettings> {
+        self.settings.get(&0, 0).context("reading SETTINGS")
+    }
+
     /// The flood guard's per-CPU windows (`NEW_FLOWS`), one per possible CPU.
     pub fn new_flow_windows(&self) -> anyhow::Result<Vec<RateWindow>> {
         let windows = self.new_flows.get(&0, 0).context("reading NEW_FLOWS")?;
         Ok(windows.iter().copied().collect())
     }
+}
+
+fn sum_counters<'a>(per_cpu: impl Iterator<Item = &'a Counters>) -> Counters {
+    per_cpu.fold(Counters::default(), |acc, c| Counters {
+        packets: acc.packets + c.packets,
+        bytes: acc.bytes + c.bytes,
+    })
 }
 
 /// The `ANNOUNCE` map alone, opened from its pin: the agent's announcer owns this handle, apart
@@ -368,11 +456,25 @@ fn family(net: &IpNet) -> u32 {
 
 /// The stand-alone decapsulator's maps.
 pub struct DecapMaps {
-    pub sets: DecapSets,
-    pub stats: PerCpuArray<MapData, u64>,
+    sets: DecapSets,
+    stats: PerCpuArray<MapData, u64>,
 }
 
 impl DecapMaps {
+    /// Brings the allowed outer sources and the local addresses to `allow` and `local`.
+    pub fn sync(&mut self, allow: &[IpNet], local: &[std::net::IpAddr]) -> anyhow::Result<()> {
+        self.sets.sync(allow, local)
+    }
+
+    /// A decapsulator counter, summed over CPUs.
+    pub fn counter(&self, counter: lb_common::DecapCounter) -> anyhow::Result<u64> {
+        let values = self
+            .stats
+            .get(&(counter as u32), 0)
+            .context("reading DECAP_STATS")?;
+        Ok(values.iter().sum())
+    }
+
     pub fn from_ebpf(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
         Self::open(|name| {
             ebpf.take_map(name)

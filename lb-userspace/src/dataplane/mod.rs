@@ -1,12 +1,13 @@
 //! The aya side of sluice: loading and attaching the XDP programs, pinning, typed handles on
-//! their maps, Maglev tables and the maps' snapshot. Elsewhere aya appears only through these
-//! handles (the reconcile's writes, inspect's and metrics' reads of per-CPU values).
+//! their maps, Maglev tables and the maps' snapshot. No other module names aya (the layers test
+//! checks it): the reconcile writes and the observers read through [`Maps`]' methods, in
+//! lb-common's types.
 
 use std::path::PathBuf;
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
-    Ebpf, EbpfLoader,
+    EbpfLoader,
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -16,6 +17,9 @@ use aya::{
 use lb_common::{BALANCER_PROGRAM, DECAP_PROGRAM, decap_map_names, flow_table_size_v6, map_names};
 
 use crate::net::Interface;
+
+/// A loaded object (its programs and the maps they share), held for as long as it is attached.
+pub use aya::Ebpf;
 
 /// The XDP objects, built by build.rs for the BPF target and embedded in the binary.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -87,6 +91,7 @@ mod pins;
 mod snapshot;
 mod sys;
 mod trace;
+mod writes;
 
 pub use maglev_table::{FINGERPRINT_ELEMENTS, TableWrite, install_maglev_tables};
 pub use maps::{AnnounceMap, DecapMaps, DecapSets, Maps, announce_key, scoped_prefix};

@@ -35,11 +35,10 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn read(maps: &Maps) -> anyhow::Result<Self> {
-        let mut current = Self::default();
-        for entry in maps.vips.iter() {
-            let (key, info) = entry.context("reading the VIPS map")?;
-            current.vips.insert(key, info);
-        }
+        let mut current = Self {
+            vips: maps.read_vips()?,
+            ..Self::default()
+        };
         for (id, value) in maps.read_backends()?.into_iter().enumerate() {
             current.add_slot(id as u32, value);
         }

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use anyhow::{Context as _, anyhow};
+use anyhow::anyhow;
 use lb_common::{DecapCounter, IPPROTO_TCP, IPPROTO_UDP, addr_from_raw};
 use serde_json::{Value, json};
 
@@ -317,9 +317,8 @@ pub fn stats_rates(before: &Value, after: &Value, secs: f64) -> View {
 /// How a VIP's Maglev table divides its slots among the backends.
 pub fn maglev(maps: &Maps, vip: &VipAddr) -> anyhow::Result<View> {
     let info = maps
-        .vips
-        .get(&vip_key(vip), 0)
-        .map_err(|_| anyhow!("VIP {vip} is not configured (`sluice inspect vips` lists them)"))?;
+        .vip(&vip_key(vip))?
+        .ok_or_else(|| anyhow!("VIP {vip} is not configured (`sluice inspect vips` lists them)"))?;
     let current = Snapshot::read(maps)?;
     let (table, unreadable) = installed_or_rebuilt(maps, &current.slots, &info);
     let mut counts: BTreeMap<u32, u64> = BTreeMap::new();
@@ -443,12 +442,7 @@ pub fn decap(maps: &DecapMaps) -> anyhow::Result<View> {
     let mut counters = serde_json::Map::new();
     let mut rows = Vec::new();
     for counter in DecapCounter::ALL {
-        let total: u64 = maps
-            .stats
-            .get(&(counter as u32), 0)
-            .context("reading DECAP_STATS")?
-            .iter()
-            .sum();
+        let total = maps.counter(counter)?;
         counters.insert(counter.name().to_owned(), json!(total));
         rows.push(vec![counter.name().to_owned(), total.to_string()]);
     }

@@ -128,24 +128,13 @@ fn count_flows(pins: &PinLayout) -> anyhow::Result<FlowCount> {
     let start = Instant::now();
     let maps = Maps::from_pins(pins)
         .with_context(|| format!("opening the maps pinned in {}", pins.maps_dir().display()))?;
-    let (ipv4, ipv6) = (count_entries(&maps.flows), count_entries(&maps.flows6));
+    let (ipv4, ipv6) = maps.count_flows(FLOW_COUNT_LIMIT);
     Ok(FlowCount {
         ipv4,
         ipv6,
         done: Instant::now(),
         took: start.elapsed(),
     })
-}
-
-/// Connection-table entries of one table, counted up to [`FLOW_COUNT_LIMIT`].
-fn count_entries<K: aya::Pod, V: aya::Pod>(
-    map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
-) -> usize {
-    // Entries evicted while the walk runs show up as errors: skip them.
-    map.keys()
-        .filter(Result::is_ok)
-        .take(FLOW_COUNT_LIMIT)
-        .count()
 }
 
 /// What the process's subsystems register on each scrape beside the dataplane's figures: each

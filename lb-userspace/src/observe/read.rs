@@ -5,10 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::Context as _;
 use lb_common::{
-    Backend, Counters, GlobalCounter, IPPROTO_UDP, NO_BACKEND, VipInfo, addr_from_raw,
-    backend_state, forward_mode, vip_flags,
+    Backend, GlobalCounter, IPPROTO_UDP, NO_BACKEND, VipInfo, addr_from_raw, backend_state,
+    forward_mode, vip_flags,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -70,15 +69,6 @@ impl SlotState {
     }
 }
 
-fn sum(maps_values: aya::maps::PerCpuValues<Counters>) -> Counters {
-    maps_values
-        .iter()
-        .fold(Counters::default(), |acc, c| Counters {
-            packets: acc.packets + c.packets,
-            bytes: acc.bytes + c.bytes,
-        })
-}
-
 #[derive(Serialize)]
 pub struct BackendRow {
     pub vip: String,
@@ -111,10 +101,7 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Vec<(VipRow, Vec<BackendRow>)>> {
     let current = Snapshot::read(maps)?;
     let mut by_vip: BTreeMap<u32, Vec<BackendRow>> = BTreeMap::new();
     for (slot, value) in &current.slots {
-        let c = sum(maps
-            .backend_stats
-            .get(slot, 0)
-            .context("reading BACKEND_STATS")?);
+        let c = maps.slot_counters(*slot)?;
         by_vip.entry(value.vip_id).or_default().push(BackendRow {
             vip: String::new(),
             address: addr_from_raw(&value.addr, value.family).to_string(),
@@ -131,10 +118,7 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Vec<(VipRow, Vec<BackendRow>)>> {
     let mut rows: Vec<(VipAddr, VipRow, Vec<BackendRow>)> = Vec::new();
     for (key, info) in &current.vips {
         let vip = vip_addr(key);
-        let c = sum(maps
-            .vip_stats
-            .get(&info.id, 0)
-            .context("reading VIP_STATS")?);
+        let c = maps.vip_counters(info.id)?;
         let mut backends = by_vip.remove(&info.id).unwrap_or_default();
         backends.sort_by_key(|b| b.address.parse::<std::net::IpAddr>().ok());
         for b in &mut backends {
@@ -170,13 +154,7 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Vec<(VipRow, Vec<BackendRow>)>> {
 pub fn global_counters(maps: &Maps) -> anyhow::Result<Vec<(GlobalCounter, u64)>> {
     GlobalCounter::ALL
         .into_iter()
-        .map(|counter| {
-            let values = maps
-                .global_stats
-                .get(&(counter as u32), 0)
-                .context("reading GLOBAL_STATS")?;
-            Ok((counter, values.iter().sum()))
-        })
+        .map(|counter| Ok((counter, maps.global_counter(counter)?)))
         .collect()
 }
 
@@ -190,11 +168,7 @@ pub struct FloodGuard {
 }
 
 pub fn flood_guard(maps: &Maps) -> anyhow::Result<FloodGuard> {
-    let limit = maps
-        .settings
-        .get(&0, 0)
-        .context("reading SETTINGS")?
-        .max_new_flows_per_cpu;
+    let limit = maps.settings()?.max_new_flows_per_cpu;
     let windows = maps.new_flow_windows()?;
     let mut now = libc::timespec {
         tv_sec: 0,

@@ -3,14 +3,11 @@
 
 use std::collections::HashMap;
 
-use anyhow::Context as _;
-use aya::maps::lpm_trie::Key as LpmKey;
-use aya::maps::{MapError, PerCpuValues};
-use lb_common::{Backend as SlotValue, Counters, NO_BACKEND, VipFilter, VipInfo, VipKey};
+use lb_common::{Backend as SlotValue, NO_BACKEND, VipFilter, VipInfo, VipKey};
 
-use super::plan::{Plan, TableInputs, VipPlan};
+use super::plan::{Colocation, Plan, TableInputs, VipPlan};
 use super::{Hook, Phase, Summary};
-use crate::dataplane::{Maps, RangeKey, Snapshot, TableWrite, install_maglev_tables};
+use crate::dataplane::{Maps, Snapshot, TableWrite, install_maglev_tables};
 use crate::maglev;
 
 pub(super) fn apply(
@@ -29,13 +26,10 @@ pub(super) fn apply(
         left_out: plan.left_out.clone(),
         ..Summary::default()
     };
-    let cpus = cpu_count(maps)?;
 
     // TX ports for backends behind other interfaces.
     for ifindex in &plan.tx_ports {
-        maps.tx_ports
-            .insert(*ifindex, *ifindex, None, 0)
-            .with_context(|| format!("adding ifindex {ifindex} to TX_PORTS"))?;
+        maps.add_tx_port(*ifindex)?;
     }
     hook(Phase::TxPorts)?;
 
@@ -43,16 +37,12 @@ pub(super) fn apply(
     // changed ones take effect for the flows that already point at them.
     for (slot, value, is_new) in &plan.slots_before {
         if *is_new {
-            maps.backend_stats
-                .set(*slot, zeros(cpus)?, 0)
-                .with_context(|| format!("resetting counters of backend slot {slot}"))?;
+            maps.reset_slot_counters(*slot)?;
             summary.backends_added += 1;
         } else {
             summary.backends_changed += 1;
         }
-        maps.backends
-            .set(*slot, value, 0)
-            .with_context(|| format!("writing backend slot {slot}"))?;
+        maps.write_slot(*slot, value)?;
     }
     hook(Phase::NewSlots)?;
 
@@ -64,25 +54,21 @@ pub(super) fn apply(
             .map(|v| &v.key)
             .chain(plan.removed_vips.iter().map(|(k, _)| k)),
     );
-    write_filter(maps, &widened)?;
+    maps.write_vip_filter(&widened)?;
     hook(Phase::FilterWidened)?;
 
     // Addresses and source ranges the new VIP entries rely on; ranges a filtering VIP no
     // longer lists go now, after the new ones are in.
     for (key, count) in &plan.vip_addrs {
         if current_vip_addrs.get(key) != Some(count) {
-            maps.vip_addrs
-                .insert(key, count, 0)
-                .context("writing VIP_ADDRS")?;
+            maps.write_vip_addr(key, *count)?;
         }
     }
-    for (prefix_len, data) in plan.source_ranges.difference(&current_ranges) {
-        maps.source_ranges
-            .insert(&LpmKey::new(*prefix_len, *data), &1, 0)
-            .context("writing SOURCE_RANGES")?;
+    for range in plan.source_ranges.difference(&current_ranges) {
+        maps.add_source_range(range)?;
     }
     for range in &plan.early_stale_ranges {
-        remove_range(maps, range)?;
+        maps.remove_source_range(range)?;
     }
     hook(Phase::AddressesAndRanges)?;
 
@@ -99,9 +85,7 @@ pub(super) fn apply(
                 table_size: vip.info.table_size,
                 ..*old
             };
-            maps.vips
-                .insert(&vip.key, &narrowed, 0)
-                .with_context(|| format!("writing VIP #{}", vip.id))?;
+            maps.write_vip(&vip.key, &narrowed)?;
         }
     }
     hook(Phase::SizesShrunk)?;
@@ -140,24 +124,18 @@ pub(super) fn apply(
     // ... then the VIP entries that point at them.
     for vip in &plan.vips {
         if vip.is_new {
-            maps.vip_stats
-                .set(vip.id, zeros(cpus)?, 0)
-                .with_context(|| format!("resetting counters of VIP #{}", vip.id))?;
+            maps.reset_vip_counters(vip.id)?;
             summary.vips_added += 1;
         }
         if current_vips.get(&vip.key) != Some(&vip.info) {
-            maps.vips
-                .insert(&vip.key, &vip.info, 0)
-                .with_context(|| format!("writing VIP #{}", vip.id))?;
+            maps.write_vip(&vip.key, &vip.info)?;
         }
     }
     hook(Phase::VipEntries)?;
 
     // Slots that take no new flows any more: only now that no table sends them any.
     for (slot, value) in &plan.slots_after {
-        maps.backends
-            .set(*slot, value, 0)
-            .with_context(|| format!("writing backend slot {slot}"))?;
+        maps.write_slot(*slot, value)?;
         summary.backends_changed += 1;
     }
     hook(Phase::DrainedSlots)?;
@@ -165,10 +143,7 @@ pub(super) fn apply(
     // What is gone: VIP entries first (no packet can reach their tables after this), then
     // the slots (flows pointing at them re-hash on their next packet).
     for (key, id) in &plan.removed_vips {
-        match maps.vips.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(e).with_context(|| format!("removing VIP #{id}")),
-        }
+        maps.remove_vip(key, *id)?;
         summary.vips_removed += 1;
     }
     // Release the tables' memory: a one-slot empty table stands in until the id is reused.
@@ -189,9 +164,7 @@ pub(super) fn apply(
             generation: *generation,
             ..SlotValue::default()
         };
-        maps.backends
-            .set(*slot, &cleared, 0)
-            .with_context(|| format!("clearing backend slot {slot}"))?;
+        maps.write_slot(*slot, &cleared)?;
         summary.backends_removed += 1;
     }
     hook(Phase::SlotsFreed)?;
@@ -199,30 +172,20 @@ pub(super) fn apply(
     // Source ranges and addresses no VIP refers to any more.
     for range in current_ranges.difference(&plan.source_ranges) {
         if !plan.early_stale_ranges.contains(range) {
-            remove_range(maps, range)?;
+            maps.remove_source_range(range)?;
         }
     }
     for key in current_vip_addrs.keys() {
         if !plan.vip_addrs.contains_key(key) {
-            match maps.vip_addrs.remove(key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(e).context("removing a VIP address"),
-            }
+            maps.remove_vip_addr(key)?;
         }
     }
     hook(Phase::StaleAddressesAndRanges)?;
 
     // ... and the filter admits only the remaining ones (whatever an interrupted run left).
-    write_filter(maps, &desired_filter)?;
+    maps.write_vip_filter(&desired_filter)?;
     hook(Phase::FilterNarrowed)?;
     Ok(summary)
-}
-
-pub(super) fn remove_range(maps: &mut Maps, (prefix_len, data): &RangeKey) -> anyhow::Result<()> {
-    match maps.source_ranges.remove(&LpmKey::new(*prefix_len, *data)) {
-        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-        Err(e) => Err(e).context("removing a source range"),
-    }
 }
 
 pub(super) fn vip_filter<'a>(keys: impl Iterator<Item = &'a VipKey>) -> VipFilter {
@@ -233,25 +196,10 @@ pub(super) fn vip_filter<'a>(keys: impl Iterator<Item = &'a VipKey>) -> VipFilte
     filter
 }
 
-/// Rewrites the filter. Bits that stay set are rewritten with the same value, so no packet can
-/// see a VIP's bit clear while its entry exists.
-pub(super) fn write_filter(maps: &mut Maps, filter: &VipFilter) -> anyhow::Result<()> {
-    if maps.vip_filter.get(&0, 0).ok().as_ref() == Some(filter) {
-        return Ok(());
-    }
-    maps.vip_filter
-        .set(0, filter, 0)
-        .context("writing the VIP address filter")
-}
-
-pub(super) fn cpu_count(maps: &Maps) -> anyhow::Result<usize> {
-    Ok(maps
-        .vip_stats
-        .get(&0, 0)
-        .context("reading VIP_STATS")?
-        .len())
-}
-
-pub(super) fn zeros(cpus: usize) -> anyhow::Result<PerCpuValues<Counters>> {
-    PerCpuValues::try_from(vec![Counters::default(); cpus]).context("building per-CPU zeros")
+/// Writes [`Colocation`]: `PEERS` (ordered with its filter by the dataplane), the decapsulator's
+/// sets and `SETTINGS`, each only where it differs.
+pub(super) fn apply_colocation(maps: &mut Maps, want: &Colocation) -> anyhow::Result<()> {
+    maps.sync_peers(&want.peers)?;
+    maps.sync_decap(&want.decap_allow, &want.decap_local)?;
+    maps.write_settings(want.settings)
 }

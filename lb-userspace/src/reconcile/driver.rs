@@ -32,7 +32,7 @@ pub struct Reconciler {
     unreachable: Unreachable,
     control: ReconcileMetrics,
     /// The loaded object and its maps, once attached.
-    attached: Option<(aya::Ebpf, Maps)>,
+    attached: Option<(dataplane::Ebpf, Maps)>,
 }
 
 impl Reconciler {

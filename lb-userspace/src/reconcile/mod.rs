@@ -12,16 +12,12 @@
 
 use std::{collections::BTreeSet, net::IpAddr};
 
-use anyhow::{Context as _, anyhow, bail};
-use aya::maps::MapError;
-use lb_common::{
-    MAX_BACKENDS, MAX_DECAP_ADDRS, MAX_PEERS, MAX_SOURCE_RANGES, MAX_VIPS, PeerFilter, PeerKey,
-    VipKey,
-};
+use anyhow::bail;
+use lb_common::{MAX_BACKENDS, MAX_SOURCE_RANGES, MAX_VIPS};
 
 use crate::{
     dataplane::{Maps, Snapshot},
-    model::{Desired, IpNet, VipAddr},
+    model::{Desired, VipAddr},
     net::Interface,
     resolve::{Resolved, resolve},
 };
@@ -30,8 +26,8 @@ mod apply;
 pub mod driver;
 mod plan;
 
-use apply::apply;
-use plan::plan;
+use apply::{apply, apply_colocation};
+use plan::{plan, plan_colocation};
 
 /// What to do with a backend that cannot be resolved now (no ARP answer, no route).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,22 +201,6 @@ impl std::fmt::Display for LeftOut {
     }
 }
 
-/// Empties the `ANNOUNCE` map (an agent without `--announce` answers ARP for nothing).
-pub fn clear_announce(maps: &mut Maps) -> anyhow::Result<()> {
-    let keys: Vec<VipKey> = maps
-        .announce
-        .keys()
-        .collect::<Result<_, _>>()
-        .map_err(|e| anyhow!("reading the ANNOUNCE map: {e}"))?;
-    for key in keys {
-        match maps.announce.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => bail!("removing an entry of the ANNOUNCE map: {e}"),
-        }
-    }
-    Ok(())
-}
-
 /// Brings the maps to `desired`. On error nothing has been written if the error came from
 /// resolving (with [`Unreachable::Fail`]) or planning; a syscall failure midway is reported,
 /// and the next reconcile completes what this one left (it reads what is installed, the
@@ -285,8 +265,7 @@ fn reconcile_with(
         let (second, _) = reconcile_pass(maps, iface, desired, resolved, hook)?;
         summary.add(second);
     }
-    sync_colocation(maps, desired, resolved)?;
-    sync_settings(maps, desired)?;
+    apply_colocation(maps, &plan_colocation(desired, resolved))?;
     hook(Phase::Colocation)?;
     summary.unresolved = resolved.unresolved();
     Ok(summary)
@@ -304,63 +283,4 @@ fn reconcile_pass(
     let plan = plan(&current, iface, desired, resolved)?;
     let freed = plan.frees;
     Ok((apply(maps, current, plan, hook)?, freed))
-}
-
-/// `SETTINGS`: the flood guard's limit (written only when it changes).
-fn sync_settings(maps: &mut Maps, desired: &Desired) -> anyhow::Result<()> {
-    let want = lb_common::Settings {
-        max_new_flows_per_cpu: desired.settings.max_new_flows_per_cpu,
-        _reserved: 0,
-    };
-    if maps.settings.get(&0, 0).ok() != Some(want) {
-        maps.settings.set(0, &want, 0).context("writing SETTINGS")?;
-    }
-    Ok(())
-}
-
-/// The co-location maps: `PEERS` (other nodes' MACs: their VIP frames were balanced already)
-/// and the inline decapsulator's sets (this node's addresses; the peers and the configured
-/// encap source prefixes as allowed outer sources). Empty without peers.
-fn sync_colocation(maps: &mut Maps, desired: &Desired, resolved: &Resolved) -> anyhow::Result<()> {
-    let want: BTreeSet<PeerKey> = resolved
-        .peer_macs
-        .iter()
-        .take(MAX_PEERS as usize)
-        .map(|mac| PeerKey::new(mac.0))
-        .collect();
-    let mut have = BTreeSet::new();
-    for key in maps.peers.keys() {
-        have.insert(key.context("reading the PEERS map")?);
-    }
-    // New peers are in PEERS before their filter bits are set, and gone peers' bits are
-    // cleared before they leave PEERS: a peer's frame never misses both.
-    let mut filter = PeerFilter::default();
-    for key in &want {
-        filter.insert(&key.mac);
-    }
-    for key in want.difference(&have) {
-        maps.peers.insert(key, &1, 0).context("writing PEERS")?;
-    }
-    if maps.peer_filter.get(&0, 0).ok() != Some(filter) {
-        maps.peer_filter
-            .set(0, &filter, 0)
-            .context("writing PEER_FILTER")?;
-    }
-    for key in have.difference(&want) {
-        match maps.peers.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(e).context("removing from PEERS"),
-        }
-    }
-    let (mut allow, mut local) = (Vec::new(), Vec::new());
-    if !desired.peers.is_empty() {
-        allow.extend(desired.peers.iter().map(|a| IpNet::from(*a)));
-        allow.extend(desired.settings.encap_source_v4.map(IpNet::V4));
-        allow.extend(desired.settings.encap_source_v6.map(IpNet::V6));
-        local.extend(resolved.local.iter().copied());
-    }
-    let room = MAX_DECAP_ADDRS as usize;
-    allow.truncate(room);
-    local.truncate(room.saturating_sub(allow.len()));
-    maps.decap.sync(&allow, &local)
 }

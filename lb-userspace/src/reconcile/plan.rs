@@ -7,9 +7,9 @@ use std::net::IpAddr;
 
 use anyhow::{anyhow, bail};
 use lb_common::{
-    Addr, Backend as SlotValue, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_SOURCE_RANGES, MAX_VIPS,
-    VipInfo, VipKey, addr_from_raw, backend_state, forward_mode, maglev_id, raw_addr,
-    source_range_scope, vip_flags,
+    Addr, Backend as SlotValue, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_DECAP_ADDRS, MAX_PEERS,
+    MAX_SOURCE_RANGES, MAX_VIPS, PeerKey, Settings as DataplaneSettings, VipInfo, VipKey,
+    addr_from_raw, backend_state, forward_mode, maglev_id, raw_addr, source_range_scope, vip_flags,
 };
 
 use super::LeftOut;
@@ -471,3 +471,46 @@ pub(super) type TableInputs = (Vec<(u32, u32)>, u32);
 
 #[cfg(test)]
 mod tests;
+
+/// The co-location maps and the dataplane's settings as they must end up: `PEERS` (other
+/// nodes' MACs: their VIP frames were balanced already), the inline decapsulator's sets (this
+/// node's addresses; the peers and the configured encap source prefixes as allowed outer
+/// sources; both empty without peers) and `SETTINGS` (the flood guard's limit).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Colocation {
+    pub(super) peers: BTreeSet<PeerKey>,
+    pub(super) decap_allow: Vec<IpNet>,
+    pub(super) decap_local: Vec<IpAddr>,
+    pub(super) settings: DataplaneSettings,
+}
+
+/// [`Colocation`] from the desired state and the resolved peers; what the maps have no room
+/// for is cut (peers beyond `MAX_PEERS`, decap addresses beyond `MAX_DECAP_ADDRS`, the allowed
+/// sources first).
+pub(super) fn plan_colocation(desired: &Desired, resolved: &Resolved) -> Colocation {
+    let peers = resolved
+        .peer_macs
+        .iter()
+        .take(MAX_PEERS as usize)
+        .map(|mac| PeerKey::new(mac.0))
+        .collect();
+    let (mut decap_allow, mut decap_local) = (Vec::new(), Vec::new());
+    if !desired.peers.is_empty() {
+        decap_allow.extend(desired.peers.iter().map(|a| IpNet::from(*a)));
+        decap_allow.extend(desired.settings.encap_source_v4.map(IpNet::V4));
+        decap_allow.extend(desired.settings.encap_source_v6.map(IpNet::V6));
+        decap_local.extend(resolved.local.iter().copied());
+    }
+    let room = MAX_DECAP_ADDRS as usize;
+    decap_allow.truncate(room);
+    decap_local.truncate(room.saturating_sub(decap_allow.len()));
+    Colocation {
+        peers,
+        decap_allow,
+        decap_local,
+        settings: DataplaneSettings {
+            max_new_flows_per_cpu: desired.settings.max_new_flows_per_cpu,
+            _reserved: 0,
+        },
+    }
+}
