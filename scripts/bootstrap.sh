@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Installs everything sluice needs to build and test, idempotently: each step checks first and
-# returns quickly when its piece is already present. Safe to run on every invocation of ./x.
+# Installs what a command of ./x needs, idempotently: each step checks first and returns quickly
+# when its piece is already present. Safe to run on every invocation of ./x.
+#   scripts/bootstrap.sh demo   the toolchains that build sluice, and the demo lab's few tools
+#   scripts/bootstrap.sh test   everything (the default): the tests', the benchmark's, the image's
+#                               and the cluster's packages, k6, and Kubernetes from source
 set -euo pipefail
+
+PROFILE="${1:-test}"
 
 STABLE="${SLUICE_STABLE_TOOLCHAIN:-1.99.1}"
 # The eBPF nightly must use the same LLVM major as bpf-linker (Debian ships LLVM 22 only).
@@ -17,10 +22,14 @@ need_root() {
   fi
 }
 
-apt_packages=(
+# What builds sluice (LLVM for bpf-linker) and runs the demo lab: namespaces, nginx backends, curl.
+demo_packages=(
   llvm-22-dev libpolly-22-dev libzstd-dev          # bpf-linker build and run time
-  iproute2 ethtool iputils-ping tcpdump curl bpftool # namespace lab
-  nginx-light python3 nftables procps                 # lab: HTTP backends, TTL counters, sysctl
+  iproute2 ethtool curl nginx-light nftables procps # lab: links, HTTP backends, counters, sysctl
+)
+# What every test, the benchmark, the image and the cluster need besides.
+test_packages=(
+  iputils-ping tcpdump bpftool python3                # namespace tests
   libnginx-mod-stream haproxy iptables conntrack      # bench: the contenders (nginx stream, haproxy, DNAT)
   fonts-dejavu-core                                   # bench: the chart's font
   openssl                                             # agent tests: the API server's SA keys
@@ -29,6 +38,8 @@ apt_packages=(
   musl-tools                                          # the image: a static sluice (x86_64-unknown-linux-musl)
   frr bird2                                           # BGP tests: real routers in a namespace (started by the tests only)
 )
+apt_packages=("${demo_packages[@]}")
+[ "$PROFILE" = demo ] || apt_packages+=("${test_packages[@]}")
 
 install_apt() {
   local missing=()
@@ -59,6 +70,7 @@ install_toolchains() {
   for c in rust-src clippy; do
     grep -q "^$c" <<<"$installed" || rustup component add --toolchain "$NIGHTLY" "$c"
   done
+  [ "$PROFILE" = demo ] && return 0
   # The image's binary is static (musl), so the image needs nothing but it.
   rustup target list --toolchain "$STABLE" --installed | grep -q '^x86_64-unknown-linux-musl$' ||
     rustup target add --toolchain "$STABLE" x86_64-unknown-linux-musl
@@ -85,9 +97,15 @@ install_kube_apiserver() {
   "$(dirname "$0")/kube-apiserver.sh" >/dev/null
 }
 
+case "$PROFILE" in
+  demo | test) ;;
+  *) echo "usage: $0 [demo|test]" >&2; exit 2 ;;
+esac
 need_root
 install_apt
 install_toolchains
 install_bpf_linker
-install_k6
-install_kube_apiserver
+if [ "$PROFILE" = test ]; then
+  install_k6
+  install_kube_apiserver
+fi

@@ -130,6 +130,9 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+// The kernel reads this section: "Dual MIT/GPL" is on its list of GPL-compatible strings, so
+// every helper stays open to the program, GPL-only ones included (e.g. aya-log's perf output).
+// The code is MIT OR GPL-2.0 (lb-ebpf/Cargo.toml, LICENSE-MIT, LICENSE-GPL2).
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

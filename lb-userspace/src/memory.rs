@@ -83,7 +83,7 @@ pub fn check(desired: &Desired) -> Option<String> {
     let slots: u64 = sizes.iter().map(|s| u64::from(*s)).sum();
     (need > limit).then(|| {
         format!(
-            "the memory limit ({} MiB) is below what the maps need for {} VIPs (~{} MiB: flow table {} x {PER_FLOW} B, {slots} Maglev slots x {PER_MAGLEV_SLOT} B, {cpus} CPUs): the kernel will kill this process; raise the pod's limit or lower --flow-table-size / --maglev-table-size (see deploy/30-daemonset.yaml)",
+            "the memory limit ({} MiB) is below what the maps need for {} VIPs (~{} MiB: flow table {} x {PER_FLOW} B, {slots} Maglev slots x {PER_MAGLEV_SLOT} B, {cpus} CPUs): the kernel will kill this process; raise the pod's limit or lower --flow-table-size / --maglev-table-size (see deploy/base/30-daemonset.yaml)",
             limit >> 20,
             desired.vips.len(),
             need >> 20,

@@ -1,12 +1,12 @@
 //! A real multi-node Kubernetes cluster on this one machine, for deploying sluice exactly as its
-//! users do (`kubectl apply -f deploy/`) and sending real connections through it.
+//! users do (`kubectl apply -k deploy/overlays/...`) and sending real connections through it.
 //!
 //! ```text
 //!   client ─┐                       switch namespace: bridge br0, one port per namespace
 //!   cp ─────┤ br0 (10.80.0.0/24)    cp: etcd, kube-apiserver, controller-manager, scheduler
 //!   node-0 ─┤                       node-i: its own network AND mount namespace, running its
 //!   node-1 ─┤                         containerd, kubelet and kube-proxy; interface eth0 (the
-//!   node-2 ─┘                         name deploy/20-configmap.yaml gives), pods on 10.244.i.0/24
+//!   node-2 ─┘                         name deploy/base/20-configmap.yaml gives), pods on 10.244.i.0/24
 //! ```
 //!
 //! Every node is a network namespace (`eth0` on the bridge, routes to the other nodes' pod
@@ -64,7 +64,7 @@ pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 const NET6: u16 = 0xfd80;
 /// The pods of node i, IPv6: fd44:0:0:i::/64.
 pub const CLUSTER_CIDR6: &str = "fd44::/48";
-/// The interface of every namespace on the bridge (deploy/20-configmap.yaml's `iface`).
+/// The interface of every namespace on the bridge (deploy/base/20-configmap.yaml's `iface`).
 pub const IFACE: &str = "eth0";
 /// The pause image's reference (containerd's sandbox_image).
 const PAUSE_IMAGE: &str = "localhost/sluice-test-pause:3.2";

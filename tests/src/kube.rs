@@ -664,12 +664,12 @@ impl Kube {
         )
     }
 
-    /// Applies the shipped manifests (deploy/: namespace, ServiceAccount, RBAC, ...) as admin and
+    /// Applies the shipped manifests (deploy/base: namespace, ServiceAccount, RBAC, ...) as admin and
     /// writes a kubeconfig for API server 0 holding a token of the agent's own ServiceAccount
     /// (from the TokenRequest API): the agent then has exactly the rights deploy/ grants.
     pub fn agent_kubeconfig(&self) -> Result<PathBuf> {
-        let deploy = repo_root().join("deploy");
-        self.kubectl_ok(&["apply", "-f", &deploy.to_string_lossy()])?;
+        let deploy = repo_root().join("deploy/base");
+        self.kubectl_ok(&["apply", "-k", &deploy.to_string_lossy()])?;
         let request = self.dir.join("token-request.json");
         fs::write(
             &request,

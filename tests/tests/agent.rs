@@ -700,12 +700,12 @@ fn agent_survives_apiserver_restart_compaction_and_its_own_restart() -> Result<(
 fn deploy_manifests_pass_server_dry_run_and_grant_exactly_what_the_agent_uses() -> Result<()> {
     require_root();
     let kube = Kube::start(None)?;
-    let deploy = repo_root().join("deploy");
+    let deploy = repo_root().join("deploy/base");
     // A server-side dry run checks namespaced objects against their namespace, which a dry run
     // does not create: the namespace goes first, for real.
     let namespace = deploy.join("00-namespace.yaml");
     kube.kubectl_ok(&["apply", "-f", &namespace.to_string_lossy()])?;
-    let out = kube.kubectl_ok(&["apply", "--dry-run=server", "-f", &deploy.to_string_lossy()])?;
+    let out = kube.kubectl_ok(&["apply", "--dry-run=server", "-k", &deploy.to_string_lossy()])?;
     let text = String::from_utf8_lossy(&out.stdout);
     println!("{text}");
     for kind in [
@@ -1242,7 +1242,7 @@ rules:
         "apply",
         "-f",
         &sluice_tests::kube::repo_root()
-            .join("deploy/10-rbac.yaml")
+            .join("deploy/base/10-rbac.yaml")
             .to_string_lossy(),
     ])?;
     env.wait_ready()?;

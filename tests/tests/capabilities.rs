@@ -1,4 +1,4 @@
-//! The agent's pod runs with the DaemonSet's capabilities only (deploy/30-daemonset.yaml:
+//! The agent's pod runs with the DaemonSet's capabilities only (deploy/base/30-daemonset.yaml:
 //! no CAP_SYS_ADMIN). Under exactly those, in the lab: sluice loads, attaches and forwards,
 //! and a reconcile that changes nothing rebuilds no Maglev table, although an installed table
 //! cannot be opened there (BPF_MAP_GET_FD_BY_ID takes CAP_SYS_ADMIN); one that changes a
@@ -18,7 +18,7 @@ const METRICS: &str = "127.0.0.1:9493";
 fn daemonset_capabilities() -> Vec<String> {
     let yaml = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/30-daemonset.yaml"
+        "/../deploy/base/30-daemonset.yaml"
     ))
     .expect("read the DaemonSet");
     let mut caps = Vec::new();

@@ -1,6 +1,6 @@
 //! sluice deployed exactly as its users deploy it, on a real multi-node Kubernetes cluster
 //! (containerd, kubelet and kube-proxy per node; see `sluice_tests::cluster`): the image built
-//! offline by `cargo xtask image`, `kubectl apply -f deploy/`, the agent a DaemonSet pod on every
+//! offline by `cargo xtask image`, `kubectl apply -k deploy/overlays/beside-metallb`, the agent a DaemonSet pod on every
 //! node, web pods on every node behind `type: LoadBalancer` Services, a client on the segment.
 //!
 //! One test (one cluster start, ~30 s; ~6 minutes in all) checks in order, and reports every
@@ -528,9 +528,11 @@ fn sluice_deployed_on_a_real_cluster() {
     );
 
     // ----- deploy as a user does -----
-    let deploy = repo_root().join("deploy");
-    c.kubectl(&["apply", "-f", &deploy.to_string_lossy()])
-        .expect("kubectl apply -f deploy/");
+    let installed = install_from_overlay(&c, "beside-metallb");
+    checks.result(
+        "install: `kubectl apply -k deploy/overlays/beside-metallb` creates every object it renders, the image tagged with the version",
+        installed,
+    );
     let image_in_ds = c
         .kubectl_json(&["get", "daemonset", "-n", AGENT_NAMESPACE, "sluice-agent"])
         .ok()
@@ -1046,6 +1048,47 @@ fn sluice_deployed_on_a_real_cluster() {
 /// agent holding the allocator's Lease writes 20 distinct pool addresses into their status
 /// within 5 s, and one of them answers through sluice (the client routes it to node-0). The
 /// Services and the pool are deleted after.
+/// Installs sluice from one of deploy/'s kustomize overlays with `kubectl apply -k`, as the
+/// README tells users to, and checks that every object the overlay renders now exists and
+/// that the DaemonSet runs the image tagged with the version (deploy/base's one tag).
+fn install_from_overlay(c: &Cluster, overlay: &str) -> Result<String> {
+    let dir = repo_root().join("deploy/overlays").join(overlay);
+    let dir = dir.to_string_lossy();
+    c.kubectl(&["apply", "-k", &dir])?;
+    // Fails naming any object the overlay renders that the cluster does not have.
+    let objects = c.kubectl_json(&["get", "-k", &dir])?;
+    let items = objects
+        .get("items")
+        .and_then(Value::as_array)
+        .context("`kubectl get -k` without items")?;
+    let names: Vec<String> = items
+        .iter()
+        .map(|o| {
+            format!(
+                "{}/{}",
+                o.get("kind").and_then(Value::as_str).unwrap_or("?"),
+                o.pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?")
+            )
+        })
+        .collect();
+    let image = items
+        .iter()
+        .find(|o| o.get("kind").and_then(Value::as_str) == Some("DaemonSet"))
+        .and_then(|ds| ds.pointer("/spec/template/spec/containers/0/image"))
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let want = format!("{}:{}", image::SLUICE_IMAGE, image::default_tag());
+    ensure!(image == want, "the DaemonSet runs {image:?}, not {want}");
+    Ok(format!(
+        "{} objects: {}; image {image}",
+        names.len(),
+        names.join(", ")
+    ))
+}
+
 fn pool_addresses_through_the_daemonset(c: &Cluster) -> Result<String> {
     const BOUND: Duration = Duration::from_secs(5);
     c.kube()

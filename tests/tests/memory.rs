@@ -1,7 +1,7 @@
 //! The DaemonSet's memory limit holds what the agent creates. BPF maps are charged to the memory
 //! cgroup of the process that creates them, so the agent pod's limit must cover the connection
 //! table, one Maglev table per VIP and the per-CPU counters, not only the process. This test
-//! reads the limit from deploy/30-daemonset.yaml and the table sizes from deploy/20-configmap.yaml,
+//! reads the limit from deploy/base/30-daemonset.yaml and the table sizes from deploy/base/20-configmap.yaml,
 //! creates a memory cgroup with that limit, and attaches sluice with `SERVICES` VIPs inside it:
 //! it must succeed with room left for the agent process itself. It prints the figures behind the
 //! formula documented beside the limit. Needs root.
@@ -205,7 +205,7 @@ fn attach_under(limit: u64, services: usize, flows: u64, maglev: &str) -> Result
 #[test]
 fn the_daemonsets_limit_holds_a_few_hundred_services() -> Result<()> {
     require_root();
-    let deploy = repo_root().join("deploy");
+    let deploy = repo_root().join("deploy/base");
     let ds = fs::read_to_string(deploy.join("30-daemonset.yaml"))?;
     let cm = fs::read_to_string(deploy.join("20-configmap.yaml"))?;
     let limits = ds

@@ -41,7 +41,7 @@ use session::{Command, Status};
 /// `communities_limit_leaves_room_for_prefixes` checks the worst case).
 pub const MAX_COMMUNITIES: usize = 256;
 
-/// Defaults of the flags (and of deploy/20-configmap.yaml).
+/// Defaults of the flags (and of deploy/base/20-configmap.yaml).
 pub const DEFAULT_HOLD_TIME: u16 = 3;
 pub const DEFAULT_DRAIN_WAIT: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);

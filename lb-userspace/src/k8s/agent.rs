@@ -287,7 +287,7 @@ async fn watch_pools(
         Ok(_) => Some(watch(api, watcher::Config::default(), changed, metrics)),
         Err(kube::Error::Api(s)) if s.code == 404 => {
             info!(
-                "the IPAddressPool resource (sluice.io) is not installed: sluice owns no address (apply deploy/05-crd-ipaddresspools.yaml and a pool to let it assign and announce)"
+                "the IPAddressPool resource (sluice.io) is not installed: sluice owns no address (apply deploy/base/05-crd-ipaddresspools.yaml and a pool to let it assign and announce)"
             );
             None
         }

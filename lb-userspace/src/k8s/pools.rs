@@ -248,7 +248,7 @@ mod tests {
     fn the_deployed_crd_is_the_generated_one() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../deploy/05-crd-ipaddresspools.yaml"
+            "/../deploy/base/05-crd-ipaddresspools.yaml"
         );
         let generated = format!(
             "# Generated from lb-userspace/src/k8s/pools.rs (IPAddressPool): do not edit; the test\n\

@@ -2,7 +2,7 @@
 //! ([`sluice_tests::cluster`]), with sluice deployed as its users deploy it, beside kube-proxy
 //! alone on the same cluster: the comparison a user makes.
 //!
-//! 1. Three nodes; `kubectl apply -f deploy/` with the image built offline; a Deployment of web
+//! 1. Three nodes; `kubectl apply -k deploy/overlays/beside-metallb` with the image built offline; a Deployment of web
 //!    pods (two per node, busybox httpd) behind a `type: LoadBalancer` Service
 //!    (`externalTrafficPolicy: Cluster`) whose ingress IP is set as MetalLB's IPAM would; the
 //!    client routes the VIP to node-0 (as a BGP router would).
@@ -182,11 +182,11 @@ fn measure_row(c: &Cluster, plan: &Plan, name: &str) -> Result<(ConnStep, (u64, 
     Ok((s, (client_syns, on)))
 }
 
-/// `kubectl apply -f deploy/` (the image just built), the web pods and the Service, its ingress
+/// `kubectl apply -k deploy/overlays/beside-metallb` (the image just built), the web pods and the Service, its ingress
 /// IP set; returns when the agents and the pods are ready.
 fn deploy(c: &Cluster, tag: &str) -> Result<()> {
-    let deploy = repo_root().join("deploy");
-    c.kubectl(&["apply", "-f", &deploy.to_string_lossy()])?;
+    let deploy = repo_root().join("deploy/overlays/beside-metallb");
+    c.kubectl(&["apply", "-k", &deploy.to_string_lossy()])?;
     c.kubectl(&[
         "set",
         "image",

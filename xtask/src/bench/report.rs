@@ -1109,7 +1109,7 @@ pub fn cluster_notes(c: &ClusterResult) -> Vec<String> {
     vec![format!(
         "Cluster path: a real {}-node Kubernetes cluster on this machine (nodes are network and \
          mount namespaces with their own containerd, kubelet and kube-proxy in iptables mode; \
-         tests/src/cluster.rs), sluice deployed with `kubectl apply -f deploy/` and the image \
+         tests/src/cluster.rs), sluice deployed with `kubectl apply -k deploy/overlays/beside-metallb` and the image \
          built offline, {} busybox-httpd pods, a `type: LoadBalancer` Service \
          (externalTrafficPolicy: Cluster) whose ingress IP the client routes to node-0. Row 1: \
          node-0's sluice picks a node per connection (XDP), whose kube-proxy DNATs it to a pod. \
