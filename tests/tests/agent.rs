@@ -719,7 +719,7 @@ fn deploy_manifests_pass_server_dry_run_and_grant_exactly_what_the_agent_uses() 
         ensure!(text.contains(kind), "dry run did not cover {kind}: {text}");
     }
     // The real thing, then what the ServiceAccount may do.
-    kube.kubectl_ok(&["apply", "-f", &deploy.to_string_lossy()])?;
+    kube.kubectl_ok(&["apply", "-k", &deploy.to_string_lossy()])?;
     let sa = format!("system:serviceaccount:{AGENT_NAMESPACE}:{AGENT_SERVICE_ACCOUNT}");
     // "yes" or "no" exactly; anything else (an unreachable server, an unknown resource) is an
     // error, never a "no" that would make a too-wide grant look narrow.
