@@ -205,6 +205,49 @@ pub fn resolve_next_hop(addr: IpAddr, timeout: Duration) -> anyhow::Result<(Rout
     Ok((route, neighbour))
 }
 
+/// How often both sources (`sluice run`, `sluice agent`) apply their running model again
+/// although it did not change: neighbours and routes move under the same address (a node's new
+/// NIC or MAC, a failed-over gateway), and a reconcile reads them afresh and writes only what
+/// changed. The kernel learns the new MAC (a gratuitous ARP, its own traffic to the node);
+/// this is how long the maps may lag behind it.
+pub const NEXT_HOP_REFRESH: Duration = Duration::from_secs(30);
+
+/// When the running model is due to be applied again ([`NEXT_HOP_REFRESH`]); any apply
+/// resolves every next hop, so each restarts the period.
+#[derive(Debug)]
+pub struct NextHopRefresh {
+    last: Instant,
+}
+
+impl Default for NextHopRefresh {
+    fn default() -> Self {
+        Self {
+            last: Instant::now(),
+        }
+    }
+}
+
+impl NextHopRefresh {
+    /// How long until a refresh is due (zero: it is).
+    pub fn wait(&self) -> Duration {
+        NEXT_HOP_REFRESH.saturating_sub(self.last.elapsed())
+    }
+
+    /// Whether a refresh is due; one that is restarts the period.
+    pub fn due(&mut self) -> bool {
+        let due = self.wait().is_zero();
+        if due {
+            self.resolved();
+        }
+        due
+    }
+
+    /// An apply just resolved every next hop.
+    pub fn resolved(&mut self) {
+        self.last = Instant::now();
+    }
+}
+
 /// Sends to `dst` (whose route goes through `hop`) until `hop`'s MAC is known.
 fn resolve(dst: IpAddr, hop: IpAddr, timeout: Duration) -> anyhow::Result<Neighbour> {
     if let Some(n) = neighbour(hop)? {

@@ -1151,30 +1151,27 @@ featureGates: {{IPv6DualStack: true}}
     /// [`Cluster::count_vip_frames`].
     pub fn vip_frames(&self) -> Result<BTreeMap<String, (u64, u64)>> {
         let c = self.frame_counters()?;
-        Ok(self
-            .ports()
+        self.ports()
             .into_iter()
             .map(|p| {
                 let k = p.replace('-', "_");
-                let f = c.get(&format!("f_{k}")).copied().unwrap_or(0);
-                let s = c.get(&format!("s_{k}")).copied().unwrap_or(0);
-                (p, (f, s))
+                let f = counter(&c, &format!("f_{k}"))?;
+                let s = counter(&c, &format!("s_{k}"))?;
+                Ok((p, (f, s)))
             })
-            .collect())
+            .collect()
     }
 
     /// Per switch port: SYNs to the VIP leaving the bridge there.
     pub fn vip_syns_out(&self) -> Result<BTreeMap<String, u64>> {
         let c = self.frame_counters()?;
-        Ok(self
-            .ports()
+        self.ports()
             .into_iter()
             .map(|p| {
                 let k = p.replace('-', "_");
-                let o = c.get(&format!("o_{k}")).copied().unwrap_or(0);
-                (p, o)
+                Ok((p, counter(&c, &format!("o_{k}"))?))
             })
-            .collect())
+            .collect()
     }
 
     fn frame_counters(&self) -> Result<HashMap<String, u64>> {
@@ -1200,6 +1197,24 @@ featureGates: {{IPv6DualStack: true}}
             }
         }
         Ok(by_name)
+    }
+
+    /// Node `i`'s agent's `/metrics` (the DaemonSet serves them on the node's loopback,
+    /// 127.0.0.1:9477): series (name with labels) -> value.
+    pub fn agent_metrics(&self, i: usize) -> Result<BTreeMap<String, f64>> {
+        let out = self.node_exec(
+            i,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                "--fail",
+                "http://127.0.0.1:9477/metrics",
+            ],
+        )?;
+        crate::lab::parse_metrics(&out.stdout)
+            .with_context(|| format!("the agent's /metrics on {}", self.node_name(i)))
     }
 
     // ----- waiting -----
@@ -1332,6 +1347,14 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// Counter `name` of the bridge's table: one that is not there is an error, never 0 (a rule
+/// that failed to install would otherwise pass every "nothing counted" check).
+fn counter(counters: &HashMap<String, u64>, name: &str) -> Result<u64> {
+    counters.get(name).copied().with_context(|| {
+        format!("the bridge has no counter {name} (installed by count_vip_frames)")
+    })
 }
 
 fn spawn_logged(mut c: Command, log: &Path) -> Result<Child> {

@@ -146,6 +146,23 @@ pub fn sluice_binary() -> Result<PathBuf> {
     )
 }
 
+/// A Prometheus text exposition (`/metrics`) as series (name with its labels) -> value.
+pub fn parse_metrics(body: &[u8]) -> Result<std::collections::BTreeMap<String, f64>> {
+    let text = std::str::from_utf8(body).context("/metrics is not UTF-8")?;
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (name, value) = l
+                .rsplit_once(' ')
+                .with_context(|| format!("/metrics: no value in {l:?}"))?;
+            let value = value
+                .parse()
+                .with_context(|| format!("/metrics: bad value in {l:?}"))?;
+            Ok((name.to_owned(), value))
+        })
+        .collect()
+}
+
 /// Panics with an explanation unless this process can build labs (root, `ip netns`). The lab tests
 /// never pass silently without it: CI runs them as root.
 pub fn require_root() {
@@ -1044,19 +1061,7 @@ http {{
             &self.lb,
             &["curl", "-sS", "--max-time", "10", "--fail", &url],
         )?;
-        let text = String::from_utf8(out.stdout).context("/metrics is not UTF-8")?;
-        text.lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .map(|l| {
-                let (name, value) = l
-                    .rsplit_once(' ')
-                    .with_context(|| format!("/metrics: no value in {l:?}"))?;
-                let value = value
-                    .parse()
-                    .with_context(|| format!("/metrics: bad value in {l:?}"))?;
-                Ok((name.to_owned(), value))
-            })
-            .collect()
+        parse_metrics(&out.stdout)
     }
 
     /// The series (`sluice_…` names) deploy/grafana/sluice-dashboard.json queries.

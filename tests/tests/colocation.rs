@@ -11,6 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use lb_userspace::net::NEXT_HOP_REFRESH;
 use serde_json::Value;
 use sluice_tests::agents_lab::{AgentsLab, NODES, WebService, check_agents};
 use sluice_tests::{HTTP_PORT, SluiceProcess};
@@ -33,11 +34,16 @@ impl Deref for Cluster {
 
 impl Cluster {
     fn start() -> Result<Cluster> {
+        Cluster::start_with(&[])
+    }
+
+    /// The agents run with `extra` arguments.
+    fn start_with(extra: &[&str]) -> Result<Cluster> {
         let nodes = AgentsLab::start(WebService::default())?;
         let mut agents = Vec::new();
         for i in 0..NODES {
             nodes.lab.enable_backend_xdp_tx(i)?;
-            agents.push(nodes.spawn_agent(i, &[])?);
+            agents.push(nodes.spawn_agent(i, extra)?);
         }
         nodes.lab.client_route_vip_via_backend(0)?;
         Ok(Cluster { agents, nodes })
@@ -273,6 +279,74 @@ fn every_node_balances_and_serves() -> Result<()> {
     ensure!(
         tables.iter().all(|t| *t == tables[0]),
         "ipip Maglev tables differ: {tables:?}"
+    );
+    Ok(())
+}
+
+/// The MAC node 2's eth0 takes in [`a_nodes_new_mac_reaches_the_maps_within_the_refresh`].
+const NEW_MAC: &str = "02:5c:77:00:00:02";
+/// The agents' next-hop refresh (30 s), and room for the apply and the reads.
+const REFRESH_BOUND: Duration = NEXT_HOP_REFRESH.saturating_add(Duration::from_secs(10));
+
+impl Cluster {
+    /// The MAC node `i`'s maps forward the VIP's connections for node `node` to.
+    fn mac_in_maps(&self, i: usize, node: usize) -> Result<String> {
+        let v = self.sluice(i, &["inspect", "backends"])?;
+        let (vip, addr) = (
+            format!("{}:{HTTP_PORT}/tcp", self.lab.vip()),
+            self.lab.backend_addr(node).to_string(),
+        );
+        let row = v["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| b["vip"] == vip.as_str() && b["address"] == addr.as_str())
+            .with_context(|| format!("node {i}: no row of {addr} for {vip}: {v}"))?;
+        row["mac"]
+            .as_str()
+            .map(str::to_lowercase)
+            .with_context(|| format!("node {i}: no MAC in {row}"))
+    }
+}
+
+/// A node's MAC changes under the same address (a new NIC): the kernel learns it from the
+/// node's gratuitous ARP (`arp_notify`, as a host that announces its change), and the
+/// balancing node's agent, whose model did not change, writes it into its maps within the
+/// next-hop refresh; connections reach the node again. Load-aware weights are off: a load
+/// change would rebuild the model and resolve again by itself, hiding a missing refresh.
+#[test]
+fn a_nodes_new_mac_reaches_the_maps_within_the_refresh() -> Result<()> {
+    // A bounded wait measured against the refresh period.
+    let _timing = sluice_tests::timing_lock();
+    let mut c = Cluster::start_with(&["--load-aware=false"])?;
+    c.converge("l2")?;
+    let old = c.mac_in_maps(0, 2)?;
+    ensure!(old != NEW_MAC, "node 2 already has {NEW_MAC}");
+    let ns = c.lab.backend_ns(2).to_owned();
+    c.lab
+        .exec_ok(&ns, &["sysctl", "-qw", "net.ipv4.conf.eth0.arp_notify=1"])?;
+    c.lab.exec_ok(
+        &ns,
+        &["ip", "link", "set", "dev", "eth0", "address", NEW_MAC],
+    )?;
+    let changed = Instant::now();
+    loop {
+        check_agents(c.agents.iter_mut().map(Some))?;
+        let now = c.mac_in_maps(0, 2)?;
+        if now == NEW_MAC {
+            break;
+        }
+        ensure!(
+            changed.elapsed() < REFRESH_BOUND,
+            "node 0's maps still send node 2's connections to {now} (was {old}) {REFRESH_BOUND:?} after its MAC became {NEW_MAC}"
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+    let took = changed.elapsed();
+    check_spread_and_single_balancing(&c)?;
+    eprintln!(
+        "node 0's maps took node 2's new MAC {NEW_MAC} (was {old}) after {:.1} s; {REQUESTS} connections answered by every node again",
+        took.as_secs_f64()
     );
     Ok(())
 }

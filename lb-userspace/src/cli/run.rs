@@ -5,7 +5,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, anyhow};
@@ -14,7 +14,7 @@ use lb_userspace::{
     dataplane::{self, PASS_PROGRAM, PinLayout},
     health::metrics::HealthMetrics,
     model::Desired,
-    net::Interface,
+    net::{Interface, NextHopRefresh},
     observe::metrics,
     reconcile::{
         Unreachable,
@@ -56,8 +56,6 @@ fn prepare(config: &Path, iface: &str) -> anyhow::Result<(Desired, Interface)> {
     Ok((desired, iface))
 }
 
-/// How often `run` re-resolves backends' MACs and routes.
-const NEXT_HOP_REFRESH: Duration = Duration::from_secs(30);
 /// How often `run` looks at pending signals.
 const SIGNAL_POLL: Duration = Duration::from_millis(100);
 
@@ -109,7 +107,7 @@ pub(crate) fn run(
     );
     let mut flow_table_size = desired.settings.flow_table_size;
     let mut running = desired;
-    let mut refreshed = Instant::now();
+    let mut refresh = NextHopRefresh::default();
     'serve: loop {
         for signal in signals.pending() {
             if signal != SIGHUP {
@@ -134,8 +132,6 @@ pub(crate) fn run(
                 }
             }
         }
-        // Neighbours and routes move (a next hop's MAC, a failed-over gateway): resolve them
-        // again now and then; only what changed is written.
         if checks.take_changed() {
             match reconciler.apply(&checks.overlay(&running)) {
                 Ok(s) if !s.is_empty() => info!("health checks changed the maps: {s}"),
@@ -143,8 +139,8 @@ pub(crate) fn run(
                 Err(e) => warn!("applying a health change failed (retrying on the next): {e:#}"),
             }
         }
-        if refreshed.elapsed() >= NEXT_HOP_REFRESH {
-            refreshed = Instant::now();
+        // Next hops move under the same model: resolved again now and then.
+        if refresh.due() {
             match reconciler.apply(&checks.overlay(&running)) {
                 Ok(s) if !s.is_empty() => info!("next hops refreshed: {s}"),
                 Ok(_) => {}

@@ -36,6 +36,7 @@ use super::watch_metrics::WatchMetrics;
 use super::watch_probe::WatchProbeLayer;
 use crate::http;
 use crate::model::{Desired, Settings};
+use crate::net::NextHopRefresh;
 use crate::reconcile::Summary;
 
 /// Quiet time after the last event before the model is rebuilt: one rebuild per burst.
@@ -621,15 +622,19 @@ fn healthz_reply(beat: Option<Instant>, timers_beat: Option<Instant>, now: Insta
     http::Reply::text(200, "ok\n")
 }
 
-/// Applies the newest model; retries failures with backoff, keeping the last applied state.
+/// Applies the newest model; retries failures with backoff, keeping the last applied state; applies
+/// the running one again every [`crate::net::NEXT_HOP_REFRESH`] (next hops move under it).
 fn reconcile_loop(rx: mpsc::Receiver<Desired>, mut apply: ApplyFn, health: &Health) {
     let mut pending: Option<Desired> = None;
+    // The model in the maps: applied again when next hops are due a refresh.
+    let mut applied: Option<Desired> = None;
+    let mut refresh = NextHopRefresh::default();
     let mut retry = RETRY_FIRST;
     let mut unresolved: BTreeSet<IpAddr> = BTreeSet::new();
     let mut left_out = Vec::new();
     loop {
         let next = match &pending {
-            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+            None => rx.recv_timeout(refresh.wait()),
             Some(_) => rx.recv_timeout(retry),
         };
         match next {
@@ -644,10 +649,14 @@ fn reconcile_loop(rx: mpsc::Receiver<Desired>, mut apply: ApplyFn, health: &Heal
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
+        if pending.is_none() && refresh.due() {
+            pending = applied.take();
+        }
         let Some(desired) = &pending else { continue };
         let started = Instant::now();
         match apply(desired) {
             Ok(summary) => {
+                refresh.resolved();
                 if !summary.is_empty() {
                     info!("maps updated in {:?}: {summary}", started.elapsed());
                 }
@@ -695,7 +704,7 @@ fn reconcile_loop(rx: mpsc::Receiver<Desired>, mut apply: ApplyFn, health: &Heal
                 }
                 health.ready.store(true, Ordering::Relaxed);
                 if unresolved.is_empty() {
-                    pending = None;
+                    applied = pending.take();
                 } else {
                     retry = UNRESOLVED_RETRY;
                 }
