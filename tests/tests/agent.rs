@@ -921,67 +921,12 @@ fn announce_moves_an_ipv6_vip_by_neighbour_advertisement_on_takeover() -> Result
 /// one wins, SIGTERM hands over at once, a dead holder's lease is taken when it expires; the
 /// client's neighbour entry follows each time.
 fn announce_takeover(env: &Env, vip: IpAddr) -> Result<()> {
-    // Only pool addresses are announced: a pool of the Service's addresses (every family it
-    // holds: a dual-stack Service keeps both only when both are in a pool), without
-    // auto-assign: the test wrote the status, as MetalLB would.
-    let status = env
-        .kube
-        .api("GET", "/api/v1/namespaces/default/services/web", None)?;
-    let held: Vec<String> = status["status"]["loadBalancer"]["ingress"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i["ip"].as_str().map(str::to_owned))
-        .collect();
-    ensure!(
-        held.contains(&vip.to_string()),
-        "the Service's status does not hold {vip}: {held:?}"
-    );
-    env.kube.pool("lab", &held, false, false)?;
-    // Two load-balancer "nodes" on the segment: eth0 and eth1 of the lb namespace, each with
-    // its own agent, XDP program, pins and MAC.
+    let watch = Announcing::new(env, vip)?;
     let eth1 = env.lab.add_lb_port(1)?;
     let (mac_a, mac_b) = (env.lab.lb_port_mac(0), env.lab.lb_port_mac(1));
-    let lease = lb_userspace::k8s::announce::lease_name(vip);
-    let holder = || -> Result<String> {
-        let out = env.kube.kubectl_on(
-            0,
-            &[
-                "get",
-                "lease",
-                "-n",
-                AGENT_NAMESPACE,
-                &lease,
-                "-o",
-                "jsonpath={.spec.holderIdentity}",
-            ],
-            Duration::from_secs(30),
-        )?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    };
-    let announced = |iface: &str| -> Result<Vec<(String, String)>> {
-        let out = env
-            .lab
-            .sluice_ok(&["inspect", "announce", "--iface", iface, "-o", "json"])?;
-        let v: Value = serde_json::from_slice(&out.stdout)?;
-        Ok(v["announced"]
-            .as_array()
-            .context("inspect announce: no list")?
-            .iter()
-            .map(|e| {
-                (
-                    e["address"].as_str().unwrap_or("").to_owned(),
-                    e["mac"].as_str().unwrap_or("").to_owned(),
-                )
-            })
-            // A dual-stack Service's other VIP has an election of its own.
-            .filter(|(address, _)| *address == vip.to_string())
-            .collect())
-    };
-    let neighbour_is = |mac: &str| -> Result<(Option<()>, Neighbour)> {
-        let n = env.lab.client_neighbour(vip)?;
-        Ok((n.as_ref().filter(|(m, _)| m == mac).map(|_| ()), n))
-    };
+    let holder = || watch.holder();
+    let announced = |iface: &str| watch.announced(iface);
+    let neighbour_is = |mac: &str| watch.neighbour_is(mac);
     let announce = ["--announce", "--lease-namespace", AGENT_NAMESPACE];
 
     // Node A alone: it wins the VIP's Lease, its ANNOUNCE holds the VIP with its MAC, and the
@@ -1112,6 +1057,192 @@ fn announce_takeover(env: &Env, vip: IpAddr) -> Result<()> {
         "the lease is released on SIGTERM: {}",
         holder()?
     );
+    Ok(())
+}
+
+/// The L2 announcement of one VIP as the tests watch it: its Lease's holder, what each
+/// interface's ANNOUNCE map holds for it, the client's neighbour entry. Only pool addresses are
+/// announced: [`Announcing::new`] puts the Service's addresses (every family it holds: a
+/// dual-stack Service keeps both only when both are in a pool) in a pool, without auto-assign:
+/// the test wrote the status, as MetalLB would.
+struct Announcing<'a> {
+    env: &'a Env,
+    vip: IpAddr,
+    lease: String,
+}
+
+impl<'a> Announcing<'a> {
+    fn new(env: &'a Env, vip: IpAddr) -> Result<Self> {
+        let status = env
+            .kube
+            .api("GET", "/api/v1/namespaces/default/services/web", None)?;
+        let held: Vec<String> = status["status"]["loadBalancer"]["ingress"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["ip"].as_str().map(str::to_owned))
+            .collect();
+        ensure!(
+            held.contains(&vip.to_string()),
+            "the Service's status does not hold {vip}: {held:?}"
+        );
+        env.kube.pool("lab", &held, false, false)?;
+        Ok(Self {
+            env,
+            vip,
+            lease: lb_userspace::k8s::announce::lease_name(vip),
+        })
+    }
+
+    /// The Lease's holder ("" when released).
+    fn holder(&self) -> Result<String> {
+        let out = self.env.kube.kubectl_on(
+            0,
+            &[
+                "get",
+                "lease",
+                "-n",
+                AGENT_NAMESPACE,
+                &self.lease,
+                "-o",
+                "jsonpath={.spec.holderIdentity}",
+            ],
+            Duration::from_secs(30),
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// (address, MAC) entries of `iface`'s ANNOUNCE map for this VIP (a dual-stack Service's
+    /// other VIP has an election of its own).
+    fn announced(&self, iface: &str) -> Result<Vec<(String, String)>> {
+        let out = self
+            .env
+            .lab
+            .sluice_ok(&["inspect", "announce", "--iface", iface, "-o", "json"])?;
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v["announced"]
+            .as_array()
+            .context("inspect announce: no list")?
+            .iter()
+            .map(|e| {
+                (
+                    e["address"].as_str().unwrap_or("").to_owned(),
+                    e["mac"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .filter(|(address, _)| *address == self.vip.to_string())
+            .collect())
+    }
+
+    /// `Some` once the client's neighbour entry for the VIP holds `mac`.
+    fn neighbour_is(&self, mac: &str) -> Result<(Option<()>, Neighbour)> {
+        let n = self.env.lab.client_neighbour(self.vip)?;
+        Ok((n.as_ref().filter(|(m, _)| m == mac).map(|_| ()), n))
+    }
+}
+
+/// A holder whose Node is cordoned stops contending and releases its lease at once: the other
+/// node takes the VIP within the renew rounds, not the lease duration (measured at the client's
+/// neighbour entry). With the other node labelled exclude-from-external-load-balancers too,
+/// nobody answers for the VIP; uncordoned, the first node takes it again.
+#[test]
+fn announce_leaves_cordoned_and_excluded_nodes() -> Result<()> {
+    // Takeovers are asserted within renew rounds.
+    let _timing = sluice_tests::timing_lock();
+    let env = Env::start();
+    env.service("Cluster")?;
+    env.slice(&[(0, true, true, false)])?;
+    env.lab.client_vip_on_link()?;
+    let vip: IpAddr = env.lab.vip().into();
+    let watch = Announcing::new(&env, vip)?;
+    let eth1 = env.lab.add_lb_port(1)?;
+    let (mac_a, mac_b) = (env.lab.lb_port_mac(0), env.lab.lb_port_mac(1));
+    // The two announcing agents' Nodes (no InternalIP: they are not backends, only holders).
+    env.kube.node_with("lb-a", &[], true)?;
+    env.kube.node_with("lb-b", &[], true)?;
+    let announce = ["--announce", "--lease-namespace", AGENT_NAMESPACE];
+    let a = env.spawn_agent(env.lab.lb_iface(), "lb-a", HEALTH_ADDR, &announce)?;
+    wait_for("lease held by lb-a", CONVERGE, || {
+        let h = watch.holder().unwrap_or_default();
+        Ok(((h == "lb-a").then_some(()), h))
+    })?;
+    wait_for("the client resolves the VIP to lb-a", CONVERGE, || {
+        env.answers_at(vip, 1)?;
+        watch.neighbour_is(&mac_a)
+    })?;
+    let b = env.spawn_agent(&eth1, "lb-b", "127.0.0.1:9942", &announce)?;
+    wait_for("lb-b runs its election", CONVERGE, || {
+        let log = b.log_text();
+        Ok((log.contains("announcing VIPs").then_some(()), log.len()))
+    })?;
+
+    let cordoned = Instant::now();
+    env.kube.kubectl_ok(&["cordon", "lb-a"])?;
+    let (_, moved) = wait_for("the client's entry moves to lb-b", CONVERGE, || {
+        watch.neighbour_is(&mac_b)
+    })?;
+    println!("{vip}: lb-a cordoned: the client moved to lb-b's MAC {moved:?} after the cordon");
+    ensure!(
+        cordoned.elapsed() <= 2 * RENEW_EVERY && cordoned.elapsed() < LEASE_DURATION,
+        "the VIP left the cordoned node after {:?}: more than two renew rounds ({:?})",
+        cordoned.elapsed(),
+        2 * RENEW_EVERY
+    );
+    ensure!(
+        watch.holder()? == "lb-b",
+        "lease holder {}",
+        watch.holder()?
+    );
+    ensure!(
+        watch.announced("eth0")?.is_empty(),
+        "the cordoned node still announces: {:?}",
+        watch.announced("eth0")?
+    );
+    ensure!(
+        a.log_text()
+            .contains("not announcing any VIP: node lb-a is cordoned"),
+        "lb-a does not say why it stopped: {}",
+        a.log_text()
+    );
+
+    // Both blocked: nobody holds the lease, nobody answers ARP for the VIP.
+    env.kube.kubectl_ok(&[
+        "label",
+        "node",
+        "lb-b",
+        "node.kubernetes.io/exclude-from-external-load-balancers=true",
+    ])?;
+    wait_for("nobody holds the lease", CONVERGE, || {
+        let h = watch.holder()?;
+        let none = h.is_empty() && watch.announced(&eth1)?.is_empty();
+        Ok((none.then_some(()), h))
+    })?;
+    ensure!(
+        b.log_text()
+            .contains("is labelled node.kubernetes.io/exclude-from-external-load-balancers"),
+        "lb-b does not say why it stopped: {}",
+        b.log_text()
+    );
+
+    // lb-a uncordoned: it may announce again, takes the VIP and moves the client back.
+    env.kube.kubectl_ok(&["uncordon", "lb-a"])?;
+    wait_for("the client's entry moves back to lb-a", CONVERGE, || {
+        watch.neighbour_is(&mac_a)
+    })?;
+    ensure!(
+        watch.holder()? == "lb-a",
+        "lease holder {}",
+        watch.holder()?
+    );
+    let answers = env.answers_at(vip, 10)?;
+    ensure!(
+        answers.values().sum::<usize>() == 10,
+        "through lb-a again: {answers:?}"
+    );
+    for agent in [a, b] {
+        let status = agent.stop(Duration::from_secs(10))?;
+        ensure!(status.success(), "an agent exited with {status}");
+    }
     Ok(())
 }
 

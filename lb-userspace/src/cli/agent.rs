@@ -55,6 +55,10 @@ pub(crate) struct AgentArgs {
     /// Needs --node-name.
     #[arg(long)]
     announce: bool,
+    /// How long an announcement Lease lasts without renewal (3s to 5m; renewed every 30 %):
+    /// a dead holder's addresses move after this long. Shorter costs more API writes.
+    #[arg(long, default_value = "10s", value_parser = parse_lease_duration)]
+    announce_lease_duration: Duration,
     /// Serve LoadBalancer Services without a `spec.loadBalancerClass` (besides those of class
     /// sluice.io/lb); false beside another implementation that takes those.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -192,6 +196,19 @@ impl BgpArgs {
 #[derive(Clone, Copy, Debug)]
 struct TableSize(Option<u32>);
 
+fn parse_lease_duration(text: &str) -> Result<Duration, String> {
+    let d = lb_userspace::model::parse_duration(text)?;
+    let range = k8s::announce::LEASE_DURATION_RANGE;
+    if !range.contains(&d) {
+        return Err(format!(
+            "lease duration {text:?} is outside {:?}..={:?}",
+            range.start(),
+            range.end()
+        ));
+    }
+    Ok(d)
+}
+
 fn parse_table_size(s: &str) -> Result<TableSize, String> {
     match s {
         "auto" => Ok(TableSize(None)),
@@ -309,6 +326,7 @@ pub(crate) fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
         node_name,
         iface: iface.clone(),
         pins: pins.clone(),
+        lease_duration: args.announce_lease_duration,
     });
     let announcing = announce.is_some();
     // Attached on the first complete model, so a restart never applies a partial view.

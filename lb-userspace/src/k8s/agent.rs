@@ -433,7 +433,7 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
     };
 
     // The announcer follows the served addresses; `stop` makes it release its leases.
-    let (addrs_tx, addrs_rx) = tokio::sync::watch::channel(BTreeSet::<IpAddr>::new());
+    let (addrs_tx, addrs_rx) = tokio::sync::watch::channel(announce::Announceable::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let announcer = config
         .announce
@@ -517,20 +517,32 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
                     "{change}"
                 );
             }
-            let announceable = built.announceable();
-            let addrs: BTreeSet<IpAddr> = built
-                .desired
-                .vips
-                .iter()
-                .map(|v| v.key.addr)
-                .filter(|a| announceable.contains(a))
-                .collect();
-            addrs_tx.send_if_modified(|old| std::mem::replace(old, addrs) != *old);
             if tx.send(built.desired.clone()).is_err() {
                 // The reconcile thread is gone (it logged why): let the DaemonSet restart us.
                 break;
             }
         }
+        // What the L2 announcer contends for: only pool addresses, and none while this node's
+        // own Node says it must not attract VIP traffic (a node missing from the API, as in
+        // the labs, may announce).
+        let announceable = built.announceable();
+        let wanted = announce::Announceable {
+            addrs: built
+                .desired
+                .vips
+                .iter()
+                .map(|v| v.key.addr)
+                .filter(|a| announceable.contains(a))
+                .collect(),
+            blocked: config.node_name.as_deref().and_then(|me| {
+                nodes
+                    .state()
+                    .iter()
+                    .find(|n| n.metadata.name.as_deref() == Some(me))
+                    .and_then(|n| super::node_state::announce_block(n))
+            }),
+        };
+        addrs_tx.send_if_modified(|old| std::mem::replace(old, wanted) != *old);
         if let (Some(speaker), Some(node)) = (&speaker, &config.node_name) {
             let mut intent =
                 super::bgp_select::intent(&services.state(), &nodes.state(), &built, node);

@@ -6,7 +6,10 @@
 //! switches move to its MAC at once.
 //!
 //! The election is `lease::Elector`'s (compare-and-swap on the Lease, expiry by this agent's
-//! own clock).
+//! own clock). A node that must not attract VIP traffic (cordoned, NotReady, or labelled
+//! `node.kubernetes.io/exclude-from-external-load-balancers`: [`Announceable::blocked`]) does
+//! not contend, and releases what it holds at once, so another node takes over within one
+//! renew round instead of the lease duration.
 //!
 //! While the API server cannot be reached the holder keeps answering: nobody else can win the
 //! lease meanwhile, and should two nodes answer for a while both forward identically (the same
@@ -24,10 +27,21 @@ use super::lease::{Attempt, Elector};
 use crate::dataplane::{AnnounceMap, PinLayout};
 use crate::net::{self, Interface};
 
-/// How long a lease lasts without renewal.
+/// How long a lease lasts without renewal unless `--announce-lease-duration` says otherwise.
 pub const LEASE_DURATION: Duration = Duration::from_secs(10);
-/// How often the holder renews and the others look whether a lease became free.
+/// How often the holder renews and the others look whether a lease became free, with the
+/// default lease duration ([`renew_every`]).
 pub const RENEW_EVERY: Duration = Duration::from_secs(3);
+/// The lease durations `--announce-lease-duration` accepts: a shorter one fails over faster on
+/// a dead node and costs more API writes (one per address per renew round).
+pub const LEASE_DURATION_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(3)..=Duration::from_secs(300);
+
+/// The renew period of a lease of `duration`: under a third of it, so that two renewals may
+/// fail (a slow API server) before the lease expires.
+pub fn renew_every(duration: Duration) -> Duration {
+    (duration * 3 / 10).max(Duration::from_millis(900))
+}
 /// How soon to look again for the ANNOUNCE map before the first attach.
 const MAP_RETRY: Duration = Duration::from_millis(200);
 /// Gratuitous ARPs (IPv6: unsolicited neighbour advertisements, RFC 4861 allows up to 3) sent
@@ -50,6 +64,16 @@ pub struct AnnounceConfig {
     pub iface: Interface,
     /// Where the attachment's maps are pinned (ANNOUNCE is opened from there).
     pub pins: PinLayout,
+    /// How long a lease lasts without renewal ([`LEASE_DURATION`] by default).
+    pub lease_duration: Duration,
+}
+
+/// What the announcer should contend for: the addresses this node may announce, and why it
+/// must announce none of them right now (its Node is cordoned, NotReady or excluded).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Announceable {
+    pub addrs: BTreeSet<IpAddr>,
+    pub blocked: Option<String>,
 }
 
 /// The namespace of the Leases: `flag`, else the pod's own namespace, else [`DEFAULT_NAMESPACE`].
@@ -87,6 +111,8 @@ struct Announcer {
     held: BTreeSet<IpAddr>,
     /// Addresses whose last attempt failed (logged once per streak).
     failing: BTreeSet<IpAddr>,
+    /// Why this node does not contend now (logged once per change).
+    blocked: Option<String>,
 }
 
 /// Runs the elections for the addresses in `addrs` until `stop` turns true; then removes this
@@ -94,33 +120,41 @@ struct Announcer {
 pub async fn run(
     client: Client,
     config: AnnounceConfig,
-    mut addrs: watch::Receiver<BTreeSet<IpAddr>>,
+    mut addrs: watch::Receiver<Announceable>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut a = Announcer {
         elector: Elector::new(
             Api::namespaced(client, &config.namespace),
             config.node_name.clone(),
-            LEASE_DURATION,
+            config.lease_duration,
         ),
         config,
         map: None,
         held: BTreeSet::new(),
         failing: BTreeSet::new(),
+        blocked: None,
     };
+    let renew = renew_every(a.config.lease_duration);
     info!(
-        "announcing VIPs: one node per address by Lease in namespace {} (as {}, ARP and neighbour solicitations answered from {} {})",
-        a.config.namespace, a.config.node_name, a.config.iface.name, a.config.iface.mac
+        "announcing VIPs: one node per address by Lease in namespace {} (as {}, ARP and neighbour solicitations answered from {} {}; leases of {:?}, renewed every {renew:?})",
+        a.config.namespace,
+        a.config.node_name,
+        a.config.iface.name,
+        a.config.iface.mac,
+        a.config.lease_duration
     );
     loop {
         let wanted = addrs.borrow_and_update().clone();
-        a.tick(&wanted).await;
-        // Until the reconcile thread has attached (ANNOUNCE pinned), look again soon.
-        let next = if a.map.is_some() {
-            RENEW_EVERY
+        a.set_blocked(wanted.blocked.clone());
+        let contended = if a.blocked.is_some() {
+            BTreeSet::new()
         } else {
-            MAP_RETRY
+            wanted.addrs
         };
+        a.tick(&contended).await;
+        // Until the reconcile thread has attached (ANNOUNCE pinned), look again soon.
+        let next = if a.map.is_some() { renew } else { MAP_RETRY };
         tokio::select! {
             _ = tokio::time::sleep(next) => {}
             changed = addrs.changed() => { if changed.is_err() { break; } }
@@ -134,6 +168,21 @@ pub async fn run(
 }
 
 impl Announcer {
+    /// Records why this node does not contend (`None`: it does), logging each change.
+    fn set_blocked(&mut self, blocked: Option<String>) {
+        if blocked == self.blocked {
+            return;
+        }
+        match &blocked {
+            Some(why) => info!(
+                "not announcing any VIP: {why}: releasing the {} leases held",
+                self.held.len()
+            ),
+            None => info!("announcing VIPs again: this node may attract VIP traffic"),
+        }
+        self.blocked = blocked;
+    }
+
     /// One round: the ANNOUNCE map opened (once the reconcile thread has attached), every wanted
     /// address's lease acquired or renewed, addresses no longer served released.
     async fn tick(&mut self, wanted: &BTreeSet<IpAddr>) {
@@ -184,8 +233,9 @@ impl Announcer {
                     // Unknown outcome (API unreachable): keep what we have, see the module doc.
                     if self.failing.insert(*addr) {
                         warn!(
-                            "VIP {addr}: lease {} could not be renewed or acquired (retrying every {RENEW_EVERY:?}, {}): {e}",
+                            "VIP {addr}: lease {} could not be renewed or acquired (retrying every {:?}, {}): {e}",
                             lease_name(*addr),
+                            renew_every(self.config.lease_duration),
                             if self.held.contains(addr) {
                                 "still answering ARP"
                             } else {
@@ -198,7 +248,9 @@ impl Announcer {
         }
         let gone: Vec<IpAddr> = self.held.difference(wanted).copied().collect();
         for addr in gone {
-            info!("VIP {addr}: no longer served: releasing its lease");
+            if self.blocked.is_none() {
+                info!("VIP {addr}: no longer served: releasing its lease");
+            }
             self.give_up(addr);
             self.release(addr).await;
         }
@@ -272,7 +324,8 @@ impl Announcer {
         match self.elector.release(&name).await {
             Ok(()) => info!("VIP {addr}: lease {name} released"),
             Err(e) => warn!(
-                "VIP {addr}: releasing lease {name} failed (it expires in {LEASE_DURATION:?}): {e}"
+                "VIP {addr}: releasing lease {name} failed (it expires in {:?}): {e}",
+                self.config.lease_duration
             ),
         }
     }
@@ -306,6 +359,21 @@ mod tests {
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             );
             assert!(!name.ends_with('-'));
+        }
+    }
+
+    /// Two renewals may fail before a lease expires, at every accepted duration.
+    #[test]
+    fn renewals_fit_the_lease_three_times() {
+        assert_eq!(renew_every(LEASE_DURATION), RENEW_EVERY);
+        for secs in [3, 5, 10, 30, 300] {
+            let d = Duration::from_secs(secs);
+            assert!(LEASE_DURATION_RANGE.contains(&d));
+            assert!(
+                renew_every(d) * 3 < d,
+                "{d:?}: renew every {:?}",
+                renew_every(d)
+            );
         }
     }
 

@@ -18,8 +18,8 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use super::desired::Built;
 use crate::bgp::Intent;
 
-/// Nodes with this label are left out of external load balancing.
-pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+pub use super::node_state::EXCLUDE_LABEL;
+use super::node_state::{is_cordoned, is_excluded};
 
 /// What node `node_name` should announce given the objects and the model built from them.
 pub fn intent(
@@ -33,17 +33,8 @@ pub fn intent(
         .find(|n| n.metadata.name.as_deref() == Some(node_name));
     let drain = match node {
         None => Some(format!("node {node_name} is not in the API")),
-        Some(n)
-            if n.metadata
-                .labels
-                .as_ref()
-                .is_some_and(|l| l.contains_key(EXCLUDE_LABEL)) =>
-        {
-            Some(format!("node {node_name} is labelled {EXCLUDE_LABEL}"))
-        }
-        Some(n) if n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) => {
-            Some(format!("node {node_name} is cordoned"))
-        }
+        Some(n) if is_excluded(n) => Some(format!("node {node_name} is labelled {EXCLUDE_LABEL}")),
+        Some(n) if is_cordoned(n) => Some(format!("node {node_name} is cordoned")),
         Some(_) => None,
     };
     let me: Option<IpAddr> = built

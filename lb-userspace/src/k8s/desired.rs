@@ -16,7 +16,8 @@
 //!   family's (IPIP carries IPv6, IP6IP6 carries IPv4); in mode `l2` such a node is left out of
 //!   that VIP and reported. `externalTrafficPolicy: Cluster`: every node, active when Ready and schedulable.
 //!   `Local`: only nodes with an endpoint of the Service, weighted by their ready endpoints.
-//! - Draining (keeps its flows, takes no new ones): a NotReady or unschedulable (cordoned) node,
+//! - Draining (keeps its flows, takes no new ones): a NotReady or unschedulable (cordoned) node, a
+//!   node labelled `node.kubernetes.io/exclude-from-external-load-balancers`,
 //!   and under `Local` a node whose only endpoints are serving but terminating.
 //! - A node's `sluice.io/weight` annotation multiplies its share.
 
@@ -27,6 +28,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use super::node_state;
 use super::options::{
     MAX_WEIGHT_OVER_MEDIAN, VipOptions, WEIGHT_ANNOTATION, cap_weights, node_weight,
     service_options,
@@ -107,7 +109,7 @@ struct NodeInfo {
     /// Its first InternalIP of each family (at least one of the two).
     v4: Option<Ipv4Addr>,
     v6: Option<Ipv6Addr>,
-    /// Ready and schedulable: may take new flows.
+    /// Ready, schedulable and not excluded from external load balancing: may take new flows.
     healthy: bool,
     weight: u32,
 }
@@ -250,16 +252,11 @@ fn node_infos(nodes: &[Arc<Node>], built: &mut Built) -> Vec<NodeInfo> {
             ));
             continue;
         }
-        let ready = status
-            .and_then(|s| s.conditions.as_ref())
-            .into_iter()
-            .flatten()
-            .any(|c| c.type_ == "Ready" && c.status == "True");
-        let schedulable = !node
-            .spec
-            .as_ref()
-            .and_then(|s| s.unschedulable)
-            .unwrap_or(false);
+        // A node excluded from external load balancing drains as a cordoned one does: it keeps
+        // its established flows and takes no new ones.
+        let takes_new_flows = node_state::is_ready(node)
+            && !node_state::is_cordoned(node)
+            && !node_state::is_excluded(node);
         let weight = node_weight(node).unwrap_or_else(|e| {
             built
                 .problems
@@ -273,7 +270,7 @@ fn node_infos(nodes: &[Arc<Node>], built: &mut Built) -> Vec<NodeInfo> {
             name,
             v4,
             v6,
-            healthy: ready && schedulable,
+            healthy: takes_new_flows,
             weight,
         });
     }
@@ -800,6 +797,39 @@ mod tests {
 
     fn bk(addr: &str, weight: u32, drain: bool) -> (String, u32, bool) {
         (addr.to_owned(), weight, drain)
+    }
+
+    /// `node.kubernetes.io/exclude-from-external-load-balancers` drains the node as a backend
+    /// (its flows stay, no new ones), whatever its value, beside nodes without the label.
+    #[test]
+    fn a_node_excluded_from_external_load_balancers_drains() {
+        let mut excluded = (*node("n2", "10.0.0.2", true, false, None)).clone();
+        excluded.metadata.labels = Some(
+            [(
+                super::node_state::EXCLUDE_LABEL.to_owned(),
+                "true".to_owned(),
+            )]
+            .into_iter()
+            .collect(),
+        );
+        let nodes = vec![
+            node("n1", "10.0.0.1", true, false, None),
+            Arc::new(excluded),
+        ];
+        let b = run(
+            &[svc(
+                "default",
+                "web",
+                lb(http(), "Cluster"),
+                &["192.0.2.10"],
+            )],
+            &[],
+            &nodes,
+        );
+        assert_eq!(
+            backends(&b, "192.0.2.10:80/tcp"),
+            [bk("10.0.0.1", 1, false), bk("10.0.0.2", 1, true)]
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod announce;
 pub mod bgp_select;
 pub mod desired;
 mod lease;
+pub mod node_state;
 pub mod options;
 pub mod overlay;
 pub mod pools;

@@ -560,12 +560,20 @@ fn colocation_plan_lists_peers_decap_sets_and_settings() {
     let alone = plan_colocation(&desired, &resolved);
     assert!(alone.decap_allow.is_empty() && alone.decap_local.is_empty());
     assert_eq!(alone.settings.max_new_flows_per_cpu, 1234);
-    assert_eq!(alone.peers.len(), 1, "resolved peer MACs are written as found");
+    assert_eq!(
+        alone.peers.len(),
+        1,
+        "resolved peer MACs are written as found"
+    );
 
     desired.peers = (2..4).map(backend_ip).collect();
     desired.settings.encap_source_v4 = Some("192.0.2.0/24".parse().unwrap());
     let with_peers = plan_colocation(&desired, &resolved);
-    let allow: Vec<String> = with_peers.decap_allow.iter().map(ToString::to_string).collect();
+    let allow: Vec<String> = with_peers
+        .decap_allow
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     assert_eq!(allow, ["10.1.0.2/32", "10.1.0.3/32", "192.0.2.0/24"]);
     assert_eq!(with_peers.decap_local, vec![backend_ip(1)]);
 
@@ -573,9 +581,14 @@ fn colocation_plan_lists_peers_decap_sets_and_settings() {
     resolved.peer_macs = (0..MAX_PEERS + 5)
         .map(|i| MacAddr([2, 1, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]))
         .collect();
-    desired.peers = (0..MAX_DECAP_ADDRS + 3).map(|i| backend_ip(100 + i)).collect();
+    desired.peers = (0..MAX_DECAP_ADDRS + 3)
+        .map(|i| backend_ip(100 + i))
+        .collect();
     let full = plan_colocation(&desired, &resolved);
     assert_eq!(full.peers.len(), MAX_PEERS as usize);
     assert_eq!(full.decap_allow.len(), MAX_DECAP_ADDRS as usize);
-    assert!(full.decap_local.is_empty(), "no room left for local addresses");
+    assert!(
+        full.decap_local.is_empty(),
+        "no room left for local addresses"
+    );
 }
