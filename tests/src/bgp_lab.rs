@@ -473,6 +473,37 @@ impl BgpLab {
         )
     }
 
+    /// Node `i`'s agent's `/metrics` (scraped in its namespace): `name{labels}` -> value.
+    pub fn agent_metrics(&self, i: usize) -> Result<std::collections::BTreeMap<String, f64>> {
+        let out = self.lab.exec_ok(
+            self.lab.backend_ns(i),
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                "--fail",
+                "http://127.0.0.1:9477/metrics",
+            ],
+        )?;
+        crate::lab::parse_metrics(&out.stdout)
+    }
+
+    /// Node `i`'s agent's `/readyz` body.
+    pub fn agent_readyz(&self, i: usize) -> Result<String> {
+        let out = self.lab.exec_ok(
+            self.lab.backend_ns(i),
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                "http://127.0.0.1:9941/readyz",
+            ],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     pub fn node_addr(&self, i: usize) -> Ipv4Addr {
         self.lab.backend_addr(i)
     }

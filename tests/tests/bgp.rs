@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 use sluice_tests::LongConn;
 use sluice_tests::bgp_lab::{BgpLab, DRAIN_WAIT, HOLD_TIME, NODES, RouterKind, node_name};
@@ -269,6 +269,77 @@ fn check_cut_off(b: &mut BgpLab, i: usize, limit: Duration) -> Result<()> {
     Ok(())
 }
 
+/// The one sample of `name` (its only peer's) in node `i`'s `/metrics`.
+fn session_sample(b: &BgpLab, i: usize, name: &str) -> Result<f64> {
+    let metrics = b.agent_metrics(i)?;
+    let mut samples = metrics
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{name}{{peer=")));
+    let (Some((_, v)), None) = (samples.next(), samples.next()) else {
+        bail!("node {i}'s /metrics has not exactly one {name} sample (one peer)");
+    };
+    Ok(*v)
+}
+
+/// `/metrics` and `/readyz` say how node `i`'s session is: established with the VIP announced;
+/// cut off from the router, down with the failure counted and its last error named in
+/// `/readyz`; reconnected, up again.
+fn check_session_state(b: &mut BgpLab, i: usize) -> Result<()> {
+    ensure!(
+        session_sample(b, i, "sluice_bgp_session_up")? == 1.0,
+        "node {i}'s session is not up in /metrics"
+    );
+    ensure!(
+        session_sample(b, i, "sluice_bgp_prefixes_announced")? == 1.0,
+        "node {i} announces other than its one VIP prefix"
+    );
+    let failures = session_sample(b, i, "sluice_bgp_session_failures_total")?;
+    b.cut_off(i, true)?;
+    let start = Instant::now();
+    let down = loop {
+        let up = session_sample(b, i, "sluice_bgp_session_up")?;
+        let readyz = b.agent_readyz(i)?;
+        if up == 0.0 && readyz.contains("BGP peer") && readyz.contains("last error:") {
+            break readyz;
+        }
+        if start.elapsed() > HOLD_TIME * 4 {
+            b.cut_off(i, false)?;
+            bail!(
+                "node {i} cut off: /metrics up {up}, /readyz {readyz:?} after {:?}",
+                start.elapsed()
+            );
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    b.cut_off(i, false)?;
+    let counted = session_sample(b, i, "sluice_bgp_session_failures_total")?;
+    ensure!(
+        counted > failures,
+        "node {i}'s failed session is not counted ({failures} before, {counted} after)"
+    );
+    println!(
+        "node {i} cut off: session down in /metrics after {:?}; /readyz: {}",
+        start.elapsed(),
+        down.lines().find(|l| l.contains("BGP peer")).unwrap_or("")
+    );
+    let all = b.all_nodes();
+    b.wait_route(&all, CONVERGE)?;
+    let start = Instant::now();
+    while session_sample(b, i, "sluice_bgp_session_up")? != 1.0 {
+        ensure!(
+            start.elapsed() < CONVERGE,
+            "node {i}'s session is in the route but not up in /metrics"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(
+        !b.agent_readyz(i)?.contains("BGP peer"),
+        "/readyz still lists the session: {}",
+        b.agent_readyz(i)?
+    );
+    Ok(())
+}
+
 /// A restarted agent announces what is served now, not what was: the VIP moves while node
 /// `i`'s agent is down; afterwards the old address has no route and the new one all nodes.
 fn check_no_stale_route(b: &mut BgpLab, i: usize) -> Result<()> {
@@ -416,6 +487,7 @@ fn frr_ecmp_drain_failover_restart() -> Result<()> {
         "FRR's BGP paths: {paths:?}"
     );
     check_spread(&b)?;
+    check_session_state(&mut b, 0)?;
     check_drain(&mut b, 1)?;
     restart(&mut b, 1)?;
     check_sigkill(&mut b, 2)?;

@@ -1,26 +1,133 @@
-//! The BGP speaker's instruments: BFD datagrams dropped, by reason (`sluice_bfd_drops_total`).
-//! The BFD task counts them as they happen; `/metrics` composes them on each scrape.
+//! The BGP speaker's instruments: each session's state by peer (`sluice_bgp_session_up`,
+//! `_uptime_seconds`, `_failures_total`, `sluice_bgp_prefixes_announced`, and for `/readyz` the
+//! last error of a session that is down), and BFD datagrams dropped, by reason
+//! (`sluice_bfd_drops_total`). The sessions and the BFD task keep them as they happen;
+//! `/metrics` composes them on each scrape.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::{
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
+use tokio::sync::watch;
 
 use super::bfd::Drops;
+use super::session::Status;
+
+type Labels = Vec<(&'static str, String)>;
 
 /// What the speaker counts for `/metrics`. Clones share their counts.
 #[derive(Clone, Debug, Default)]
 pub struct BgpMetrics {
     /// BFD's drop counters (the BFD task counts into these).
     pub bfd_drops: Arc<Drops>,
+    /// Each session's status, by peer (as `ADDRESS=ASN`), once the speaker has started.
+    sessions: Arc<Mutex<Vec<(String, watch::Receiver<Status>)>>>,
+}
+
+/// One session as `/metrics` and `/readyz` show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionView {
+    pub peer: String,
+    pub established: bool,
+    pub uptime_secs: u64,
+    pub prefixes: usize,
+    pub failures: u64,
+    pub last_error: Option<String>,
 }
 
 impl BgpMetrics {
-    /// Registers `bfd_drops` (a counter by `reason`: `ttl`, `malformed`, `unknown_source`,
+    /// Follows a session's status from now on (the speaker calls it once per peer).
+    pub(super) fn add_session(&self, peer: String, status: watch::Receiver<Status>) {
+        if let Ok(mut sessions) = self.sessions.lock() {
+            sessions.push((peer, status));
+        }
+    }
+
+    /// Every session as it is now, in the peers' order.
+    pub fn sessions(&self) -> Vec<SessionView> {
+        let Ok(sessions) = self.sessions.lock() else {
+            return Vec::new();
+        };
+        sessions
+            .iter()
+            .map(|(peer, status)| {
+                let s = status.borrow();
+                SessionView {
+                    peer: peer.clone(),
+                    established: s.established,
+                    uptime_secs: s.up_since.map_or(0, |t| t.elapsed().as_secs()),
+                    prefixes: s.sent.as_ref().map_or(0, |r| r.0.len()),
+                    failures: s.failures,
+                    last_error: s.last_error.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// `/readyz` lines: one per session that is not established, with its last error. The
+    /// agent stays ready (its dataplane forwards; a router's outage is not the node's), but the
+    /// line says why the routes are not where they should be.
+    pub fn degraded_lines(&self) -> Vec<String> {
+        self.sessions()
+            .into_iter()
+            .filter(|s| !s.established)
+            .map(|s| {
+                format!(
+                    "BGP peer {}: not established ({} failed sessions; last error: {})",
+                    s.peer,
+                    s.failures,
+                    s.last_error.as_deref().unwrap_or("none yet")
+                )
+            })
+            .collect()
+    }
+
+    /// Registers the sessions' gauges and counters by `peer` (one label value per configured
+    /// peer) and `bfd_drops` (a counter by `reason`: `ttl`, `malformed`, `unknown_source`,
     /// `wrong_discriminator`; four label values at most).
     pub fn register(&self, registry: &mut Registry) {
+        let up = Family::<Labels, Gauge>::default();
+        let uptime = Family::<Labels, Gauge>::default();
+        let prefixes = Family::<Labels, Gauge>::default();
+        let failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "bgp_session_up",
+            "1 while the BGP session with the peer is established",
+            up.clone(),
+        );
+        registry.register(
+            "bgp_session_uptime_seconds",
+            "Seconds since the BGP session was established (0 while it is not)",
+            uptime.clone(),
+        );
+        registry.register(
+            "bgp_prefixes_announced",
+            "Prefixes this node announces to the peer (sent and in its table)",
+            prefixes.clone(),
+        );
+        registry.register(
+            "bgp_session_failures",
+            "BGP sessions with the peer that failed (connection refused or lost, hold timer, \
+             NOTIFICATION, BFD) since the agent started",
+            failures.clone(),
+        );
+        for s in self.sessions() {
+            let labels = vec![("peer", s.peer.clone())];
+            up.get_or_create(&labels).set(i64::from(s.established));
+            uptime
+                .get_or_create(&labels)
+                .set(i64::try_from(s.uptime_secs).unwrap_or(i64::MAX));
+            prefixes
+                .get_or_create(&labels)
+                .set(i64::try_from(s.prefixes).unwrap_or(i64::MAX));
+            failures.get_or_create(&labels).inc_by(s.failures);
+        }
+        self.register_bfd(registry);
+    }
+
+    fn register_bfd(&self, registry: &mut Registry) {
         let family = Family::<Vec<(&'static str, String)>, Counter>::default();
         registry.register(
             "bfd_drops",
@@ -45,6 +152,54 @@ impl BgpMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One series per peer: up, uptime, prefixes and failures from the session's status; a
+    /// session that is down is a `/readyz` line with its last error, an established one none.
+    #[test]
+    fn sessions_are_exported_by_peer_and_down_ones_named_for_readyz() {
+        let metrics = BgpMetrics::default();
+        let mut routes = super::super::Routes::new();
+        for net in ["192.0.2.10/32", "192.0.2.11/32"] {
+            routes
+                .0
+                .insert(net.parse().unwrap(), super::super::RouteAttrs::default());
+        }
+        let (_up_tx, up) = watch::channel(Status {
+            established: true,
+            up_since: Some(tokio::time::Instant::now()),
+            failures: 1,
+            sent: Some(routes),
+            ..Status::default()
+        });
+        let (_down_tx, down) = watch::channel(Status {
+            failures: 4,
+            last_error: Some("connecting: connection refused".into()),
+            ..Status::default()
+        });
+        metrics.add_session("192.0.2.1=65000".into(), up);
+        metrics.add_session("192.0.2.2=65000".into(), down);
+        let mut registry = Registry::with_prefix("sluice");
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            "sluice_bgp_session_up{peer=\"192.0.2.1=65000\"} 1",
+            "sluice_bgp_session_up{peer=\"192.0.2.2=65000\"} 0",
+            "sluice_bgp_prefixes_announced{peer=\"192.0.2.1=65000\"} 2",
+            "sluice_bgp_prefixes_announced{peer=\"192.0.2.2=65000\"} 0",
+            "sluice_bgp_session_failures_total{peer=\"192.0.2.1=65000\"} 1",
+            "sluice_bgp_session_failures_total{peer=\"192.0.2.2=65000\"} 4",
+            "sluice_bgp_session_uptime_seconds{peer=\"192.0.2.2=65000\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        assert_eq!(
+            metrics.degraded_lines(),
+            [
+                "BGP peer 192.0.2.2=65000: not established (4 failed sessions; last error: connecting: connection refused)"
+            ]
+        );
+    }
 
     #[test]
     fn drops_are_exported_by_reason() {

@@ -309,6 +309,9 @@ impl Speaker {
                 status_tx,
                 bfd_link,
             ));
+            config
+                .metrics
+                .add_session(peer.to_string(), status_rx.clone());
             sessions.push((cmd_tx, status_rx));
         }
         let mut bfd_drops = None;

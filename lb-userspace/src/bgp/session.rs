@@ -55,6 +55,12 @@ pub enum Command {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Status {
     pub established: bool,
+    /// When the session last became established (`None` while it is not).
+    pub up_since: Option<Instant>,
+    /// Sessions that failed (ended other than by `Close`) since the speaker started.
+    pub failures: u64,
+    /// Why the last one failed.
+    pub last_error: Option<String>,
     /// The routes the peer has been sent (equal to the last `Run` once synced).
     pub sent: Option<Routes>,
     /// The session has closed for good (after `Close`).
@@ -89,7 +95,10 @@ pub async fn run(
                 let was_up = status.borrow().established;
                 status.send_modify(|s| {
                     s.established = false;
+                    s.up_since = None;
                     s.sent = None;
+                    s.failures += 1;
+                    s.last_error = Some(why.clone());
                 });
                 // Once per outage at warn (the session was up, or this is the first attempt);
                 // the retries of a peer that stays unreachable at debug.
@@ -119,6 +128,7 @@ pub async fn run(
     }
     status.send_modify(|s| {
         s.established = false;
+        s.up_since = None;
         s.closed = true;
     });
 }
@@ -361,7 +371,10 @@ async fn session(
                 match m {
                     Message::Keepalive if !established => {
                         established = true;
-                        status.send_modify(|s| s.established = true);
+                        status.send_modify(|s| {
+                            s.established = true;
+                            s.up_since = Some(Instant::now());
+                        });
                         info!(
                             "BGP peer {} (AS {}, id {}): established from {local}, hold time {hold}s",
                             peer.addr, theirs.asn(), theirs.router_id

@@ -267,8 +267,8 @@ pub(crate) fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
             let h = health_metrics.clone();
             move |r| h.register(r)
         });
-    // The BGP speaker's (BFD's drops), when BFD runs.
-    let instruments = match bgp.as_ref().filter(|b| b.bfd.is_some()) {
+    // The BGP speaker's: its sessions, and BFD's drops when BFD runs.
+    let instruments = match bgp.as_ref() {
         Some(b) => instruments.with({
             let m = b.metrics.clone();
             move |r| m.register(r)

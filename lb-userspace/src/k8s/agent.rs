@@ -307,7 +307,11 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
     let health = Arc::new(Health::default());
     // Answered until the agent returns.
     let _health_server = match config.health_addr {
-        Some(addr) => Some(serve_health(addr, health.clone())?),
+        Some(addr) => Some(serve_health(
+            addr,
+            health.clone(),
+            config.bgp.as_ref().map(|b| b.metrics.clone()),
+        )?),
         None => None,
     };
     // The heartbeat `/healthz` reads: it beats only while this runtime gets to run its tasks.
@@ -736,8 +740,13 @@ fn reconcile_loop(rx: mpsc::Receiver<Desired>, mut apply: ApplyFn, health: &Heal
 /// (each beat within [`HEALTHZ_STALL`]), 503 naming how long it has not once it is stuck. It says nothing of the
 /// API server or the maps: a lost API keeps the dataplane forwarding with the last state, and a
 /// restart would not bring the API back. `GET /readyz`: 200 once the model from the API is in
-/// the maps and the last apply succeeded, else 503.
-fn serve_health(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<http::Server> {
+/// the maps and the last apply succeeded, else 503; its body lists what is degraded (what the
+/// last apply could not do, BGP sessions that are not established with their last error).
+fn serve_health(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    bgp: Option<crate::bgp::BgpMetrics>,
+) -> anyhow::Result<http::Server> {
     let healthz: http::Handler = {
         let health = health.clone();
         Box::new(move || {
@@ -754,6 +763,10 @@ fn serve_health(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<http::S
                     body.push_str(line);
                     body.push('\n');
                 }
+            }
+            for line in bgp.iter().flat_map(|b| b.degraded_lines()) {
+                body.push_str(&line);
+                body.push('\n');
             }
             http::Reply::text(200, body)
         } else {
