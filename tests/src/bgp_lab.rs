@@ -571,13 +571,14 @@ impl BgpLab {
     }
 
     /// Cuts node `i` off the segment without closing anything (every packet dropped in its
-    /// namespace), or (`false`) restores it.
+    /// namespace but on loopback, where its agent's `/metrics` and `/readyz` still answer), or
+    /// (`false`) restores it.
     pub fn cut_off(&self, i: usize, cut: bool) -> Result<()> {
         let ns = self.lab.backend_ns(i);
         if cut {
             let rules = "table inet bgpcut {
-  chain in { type filter hook input priority -300; policy drop; }
-  chain out { type filter hook output priority -300; policy drop; }
+  chain in { type filter hook input priority -300; policy drop; iifname \"lo\" accept; }
+  chain out { type filter hook output priority -300; policy drop; oifname \"lo\" accept; }
 }
 ";
             let file = self.lab.dir().join(format!("bgpcut-{i}.nft"));

@@ -16,6 +16,8 @@ use super::bfd::Drops;
 use super::session::Status;
 
 type Labels = Vec<(&'static str, String)>;
+/// The sessions followed: each peer (as `ADDRESS=ASN`) with its status channel.
+type Followed = Arc<Mutex<Vec<(String, watch::Receiver<Status>)>>>;
 
 /// What the speaker counts for `/metrics`. Clones share their counts.
 #[derive(Clone, Debug, Default)]
@@ -23,7 +25,7 @@ pub struct BgpMetrics {
     /// BFD's drop counters (the BFD task counts into these).
     pub bfd_drops: Arc<Drops>,
     /// Each session's status, by peer (as `ADDRESS=ASN`), once the speaker has started.
-    sessions: Arc<Mutex<Vec<(String, watch::Receiver<Status>)>>>,
+    sessions: Followed,
 }
 
 /// One session as `/metrics` and `/readyz` show it.
