@@ -15,6 +15,10 @@ pub mod control;
 pub mod load;
 pub mod metrics;
 pub mod probe;
+pub mod ring;
+#[cfg(test)]
+mod sim;
+pub mod votes;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;

@@ -331,6 +331,22 @@ impl Prober {
         }
     }
 
+    /// The targets whose verdict is down now.
+    pub fn down_targets(&self) -> Vec<Target> {
+        let Ok(p) = self.probes.lock() else {
+            return Vec::new();
+        };
+        p.probes
+            .iter()
+            .filter(|(_, p)| {
+                p.tracker
+                    .lock()
+                    .is_ok_and(|t| t.verdict().health == Health::Down)
+            })
+            .map(|(t, _)| t.clone())
+            .collect()
+    }
+
     /// The verdict of a target (unknown if it is not probed).
     pub fn verdict(&self, addr: IpAddr, check: &HealthCheck) -> Verdict {
         self.probes
