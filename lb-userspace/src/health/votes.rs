@@ -29,6 +29,8 @@ use tokio::sync::{Notify, watch};
 use super::load::{HEARTBEAT, LEASE_PREFIX, LeaseClock, is_fresh, lease_name, patch_own_lease};
 use super::probe::Prober;
 use super::ring::Ring;
+use super::{Health, Verdict};
+use crate::model::HealthCheck;
 
 /// The annotation of a node's Lease that lists what it finds down: a JSON object, node name ->
 /// the checks (as `HealthCheck` shows them, `http:10256/healthz`) failing on that node.
@@ -167,6 +169,49 @@ pub fn tally(ring: &Ring, ballots: &Ballots) -> Drained {
     }
     said.retain(|_, writers| writers.len() >= quorum);
     said
+}
+
+/// What this agent shows and applies for `check` of `node`: down when a quorum of its watchers
+/// say so (the same on every node); otherwise this node's own verdict when it probes the node
+/// (`own`), a failing one shown but not applied.
+pub fn shared_verdict(
+    node: &str,
+    check: &HealthCheck,
+    ring: &Ring,
+    drained: &Drained,
+    own: Option<Verdict>,
+) -> Verdict {
+    let quorum = ring.quorum().unwrap_or(0);
+    if let Some(writers) = drained.get(&(node.to_owned(), check.to_string())) {
+        return Verdict {
+            health: Health::Down,
+            reason: format!(
+                "down for {} of its watchers (quorum {quorum}): {}",
+                writers.len(),
+                writers.join(", ")
+            ),
+        };
+    }
+    if !ring.contains(node) {
+        return Verdict {
+            health: Health::Unknown,
+            reason: "not Ready: no watchers (its Node status drains it)".into(),
+        };
+    }
+    match own {
+        Some(v) if v.health == Health::Down => Verdict {
+            health: Health::Up,
+            reason: format!(
+                "this node's probes fail ({}), but fewer than {quorum} of its watchers say so",
+                v.reason
+            ),
+        },
+        Some(v) => v,
+        None => Verdict {
+            health: Health::Up,
+            reason: format!("probed by its watchers: fewer than {quorum} say down"),
+        },
+    }
 }
 
 /// What [`follow`] last counted, for the overlay.
