@@ -165,6 +165,8 @@ pub fn overlay(
                     }
                 } else if v.health == Health::Unchecked {
                     why.push(format!("not checked: {}", v.reason));
+                } else if v.health == Health::Unknown {
+                    why.push(format!("health unknown: {}", v.reason));
                 }
             }
             let l = load(&vip.key, b.addr);
@@ -385,6 +387,16 @@ mod tests {
             &|_, _| None,
         );
         assert!(d.vips[0].backends.iter().all(|b| !b.drain), "fail open");
+        // Unknown (e.g. disputed) drains nothing and says why.
+        let mut d = model(Some(HealthCheck::new(CheckProtocol::Tcp, 80, "/")), &[1, 1]);
+        let rows = overlay(
+            &mut d,
+            &BTreeMap::new(),
+            &|_, _| verdict(Health::Unknown),
+            &|_, _| None,
+        );
+        assert!(d.vips[0].backends.iter().all(|b| !b.drain));
+        assert!(rows[0].why.contains("health unknown: test"), "{rows:?}");
     }
 
     #[test]

@@ -199,10 +199,11 @@ pub fn shared_verdict(
         };
     }
     match own {
+        // Disputed: shown (health unknown, the reason in WHY), never applied on one opinion.
         Some(v) if v.health == Health::Down => Verdict {
-            health: Health::Up,
+            health: Health::Unknown,
             reason: format!(
-                "this node's probes fail ({}), but fewer than {quorum} of its watchers say so",
+                "this node's probes fail ({}), but fewer than {quorum} of its watchers say so: not drained",
                 v.reason
             ),
         },
@@ -482,6 +483,32 @@ mod tests {
         assert_eq!(at(t0).len(), 1);
         // Nobody rewrote them for longer than STALE_AFTER: their writers may be dead.
         assert!(at(t0 + super::super::load::STALE_AFTER).is_empty());
+    }
+
+    #[test]
+    fn one_nodes_own_failure_is_shown_not_applied() {
+        let r = ring(3);
+        let check = HealthCheck::new(crate::model::CheckProtocol::Http, 10256, "/healthz");
+        let own = Verdict {
+            health: Health::Down,
+            reason: "3 failed checks in a row".into(),
+        };
+        let v = shared_verdict("node-2", &check, &r, &Drained::new(), Some(own));
+        assert_eq!(v.health, Health::Unknown, "{v:?}");
+        assert!(
+            v.reason.contains("3 failed checks") && v.reason.contains("fewer than 2"),
+            "{v:?}"
+        );
+        let drained = Drained::from([(
+            ("node-2".to_owned(), check.to_string()),
+            vec!["node-0".to_owned(), "node-1".to_owned()],
+        )]);
+        let v = shared_verdict("node-2", &check, &r, &drained, None);
+        assert_eq!(v.health, Health::Down);
+        assert!(v.reason.contains("node-0, node-1"), "{v:?}");
+        // Nobody says down, and this node does not probe it: up by its watchers' word.
+        let v = shared_verdict("node-1", &check, &r, &drained, None);
+        assert_eq!(v.health, Health::Up);
     }
 
     #[test]
