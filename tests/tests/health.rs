@@ -27,6 +27,8 @@ use sluice_tests::{HTTP_PORT, Lab, LabConfig, SluiceProcess, require_root};
 const CONVERGE: Duration = Duration::from_secs(60);
 /// The issue's bound for a loaded node's share to fall.
 const SHED_WITHIN: Duration = Duration::from_secs(30);
+/// The promise for a dead node: drained everywhere within 3 s (default interval, timeout, fall).
+const DRAIN_WITHIN: Duration = Duration::from_secs(3);
 
 struct Cluster {
     /// Declared first: the agents stop before the API server and the namespaces go.
@@ -317,10 +319,11 @@ fn a_busy_node_sheds_new_flows_and_a_dead_one_drains() -> Result<()> {
             c.backends(0)
         );
     };
-    // The target is 3 s (README); the bound is looser, for a loaded 2-core machine.
+    // The promise (README, issue 27): drained everywhere within 3 s. Here that is two votes
+    // (nodes 0 and 1, the quorum of three nodes) published and read back through the API.
     ensure!(
-        d0.max(d1) < Duration::from_secs(8),
-        "drained after {d0:?} / {d1:?}"
+        d0.max(d1) <= DRAIN_WITHIN,
+        "drained after {d0:?} / {d1:?}, more than {DRAIN_WITHIN:?}"
     );
     // No new connection is sent into the dead link: every one is answered.
     let spread = c.spread(60)?;
@@ -408,8 +411,8 @@ fn static_config_health_check_drains_a_dead_backend() -> Result<()> {
     })?;
     println!("sluice run: backend 2's link down -> drained after {drained:?}");
     ensure!(
-        drained < Duration::from_secs(8),
-        "drained after {drained:?}"
+        drained <= DRAIN_WITHIN,
+        "drained after {drained:?}, more than {DRAIN_WITHIN:?}"
     );
     let bodies = lab.curl_vip(30)?;
     ensure!(

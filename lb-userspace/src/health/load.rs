@@ -193,7 +193,7 @@ pub struct LeaseClock {
 impl LeaseClock {
     /// Notes what `leases` say at `now`; returns when each last changed. Leases gone are
     /// forgotten.
-    fn observe(&self, leases: &[Arc<Lease>], now: Instant) -> BTreeMap<String, Instant> {
+    pub(super) fn observe(&self, leases: &[Arc<Lease>], now: Instant) -> BTreeMap<String, Instant> {
         let Ok(mut seen) = self.seen.lock() else {
             return BTreeMap::new();
         };
@@ -219,6 +219,31 @@ impl LeaseClock {
         seen.retain(|name, _| out.contains_key(name));
         out
     }
+}
+
+/// Whether a Lease counts as fresh for this reader: it has seen it change within
+/// [`STALE_AFTER`] by its own clock (`changed`, from [`LeaseClock::observe`]) and its
+/// `renewTime` is not older than that by this node's wall clock.
+pub(super) fn is_fresh(
+    lease: &Lease,
+    changed: &BTreeMap<String, Instant>,
+    wall: Timestamp,
+    now: Instant,
+) -> bool {
+    let renewed = lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.renew_time.as_ref())
+        .is_some_and(|t| {
+            (wall.as_millisecond() - t.0.as_millisecond()) < STALE_AFTER.as_millis() as i64
+        });
+    let seen_change = lease
+        .metadata
+        .name
+        .as_ref()
+        .and_then(|n| changed.get(n))
+        .is_some_and(|at| now.saturating_duration_since(*at) < STALE_AFTER);
+    renewed && seen_change
 }
 
 /// What the Leases say: the loads that count, and why the others do not.
@@ -284,22 +309,12 @@ pub fn node_loads(
             ));
             continue;
         };
-        let renewed = lease
-            .spec
-            .as_ref()
-            .and_then(|s| s.renew_time.as_ref())
-            .is_some_and(|t| {
-                (wall.as_millisecond() - t.0.as_millisecond()) < STALE_AFTER.as_millis() as i64
-            });
-        let seen_change = changed
-            .get(name)
-            .is_some_and(|at| now.saturating_duration_since(*at) < STALE_AFTER);
         out.loads.insert(
             node.to_owned(),
             NodeLoad {
                 load,
                 multiplier: multiplier.clamp(control::FLOOR, 100),
-                fresh: renewed && seen_change,
+                fresh: is_fresh(lease, &changed, wall, now),
             },
         );
     }
@@ -485,16 +500,28 @@ async fn publish(
     load: f64,
     multiplier: u32,
 ) -> Result<(), kube::Error> {
+    let annotations = json!({
+        LOAD_ANNOTATION: format!("{load:.3}"),
+        MULTIPLIER_ANNOTATION: multiplier.to_string(),
+    });
+    patch_own_lease(api, name, node, annotations).await
+}
+
+/// Renews this node's Lease `name` with `annotations` (a merge patch: the other annotations,
+/// written by the other publisher, stay), creating it if there is none.
+pub(super) async fn patch_own_lease(
+    api: &Api<Lease>,
+    name: &str,
+    node: &str,
+    annotations: serde_json::Value,
+) -> Result<(), kube::Error> {
     let body = json!({
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
         "metadata": {
             "name": name,
             "labels": {LEASE_LABEL: LEASE_LABEL_VALUE, "app.kubernetes.io/name": "sluice"},
-            "annotations": {
-                LOAD_ANNOTATION: format!("{load:.3}"),
-                MULTIPLIER_ANNOTATION: multiplier.to_string(),
-            },
+            "annotations": annotations,
         },
         "spec": {
             "holderIdentity": node,
@@ -508,8 +535,16 @@ async fn publish(
     {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.code == 404 => {
-            let lease: Lease = serde_json::from_value(body).map_err(kube::Error::SerdeError)?;
-            api.create(&PostParams::default(), &lease).await.map(drop)
+            let lease: Lease =
+                serde_json::from_value(body.clone()).map_err(kube::Error::SerdeError)?;
+            match api.create(&PostParams::default(), &lease).await {
+                // The other publisher created it meanwhile: patch that one.
+                Err(kube::Error::Api(status)) if status.code == 409 => api
+                    .patch(name, &PatchParams::default(), &Patch::Merge(&body))
+                    .await
+                    .map(drop),
+                other => other.map(drop),
+            }
         }
         Err(e) => Err(e),
     }

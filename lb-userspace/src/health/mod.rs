@@ -6,15 +6,21 @@
 //! and the agent's overlay of its Kubernetes model is `k8s::overlay`. Below `k8s` and `observe`:
 //! this module imports only `model` and `http`.
 //!
-//! Every node must build the SAME Maglev tables (co-location relies on it), so the multipliers
-//! applied are only those read from the API server (each node's agent publishes its own on its
-//! Lease; every agent, that one included, applies what the Leases say). Health verdicts are each
-//! observer's own: tables differ only while observers disagree about a backend.
+//! Every node must build the SAME Maglev tables (co-location relies on it), so what is applied
+//! is only what is read from the API server: each node's agent publishes its multiplier and its
+//! health votes on its Lease, and every agent, that one included, applies what the Leases say.
+//! A node is probed only by its watchers on the health ring (`ring`: itself and 8 others), and
+//! drained when a quorum of them vote it down (`votes`); `sim` is the simulation (N = 1,000 and
+//! 5,000, loss, churn) that chose the numbers and tests the bounds.
 
 pub mod control;
 pub mod load;
 pub mod metrics;
 pub mod probe;
+pub mod ring;
+#[cfg(test)]
+mod sim;
+pub mod votes;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -159,6 +165,8 @@ pub fn overlay(
                     }
                 } else if v.health == Health::Unchecked {
                     why.push(format!("not checked: {}", v.reason));
+                } else if v.health == Health::Unknown {
+                    why.push(format!("health unknown: {}", v.reason));
                 }
             }
             let l = load(&vip.key, b.addr);
@@ -379,6 +387,16 @@ mod tests {
             &|_, _| None,
         );
         assert!(d.vips[0].backends.iter().all(|b| !b.drain), "fail open");
+        // Unknown (e.g. disputed) drains nothing and says why.
+        let mut d = model(Some(HealthCheck::new(CheckProtocol::Tcp, 80, "/")), &[1, 1]);
+        let rows = overlay(
+            &mut d,
+            &BTreeMap::new(),
+            &|_, _| verdict(Health::Unknown),
+            &|_, _| None,
+        );
+        assert!(d.vips[0].backends.iter().all(|b| !b.drain));
+        assert!(rows[0].why.contains("health unknown: test"), "{rows:?}");
     }
 
     #[test]

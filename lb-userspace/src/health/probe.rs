@@ -331,6 +331,30 @@ impl Prober {
         }
     }
 
+    /// The targets probed now.
+    pub fn targets(&self) -> Vec<Target> {
+        self.probes
+            .lock()
+            .map(|p| p.probes.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The targets whose verdict is down now.
+    pub fn down_targets(&self) -> Vec<Target> {
+        let Ok(p) = self.probes.lock() else {
+            return Vec::new();
+        };
+        p.probes
+            .iter()
+            .filter(|(_, p)| {
+                p.tracker
+                    .lock()
+                    .is_ok_and(|t| t.verdict().health == Health::Down)
+            })
+            .map(|(t, _)| t.clone())
+            .collect()
+    }
+
     /// The verdict of a target (unknown if it is not probed).
     pub fn verdict(&self, addr: IpAddr, check: &HealthCheck) -> Verdict {
         self.probes
@@ -429,6 +453,29 @@ mod tests {
         assert!(t.observe(Ok(()), t0).is_none());
         let later = t0 + HOLD_DOWN;
         assert_eq!(t.observe(Ok(()), later).unwrap().health, Health::Up);
+    }
+
+    /// Issue 30 item 6: a Down backend that answers again needs `rise` passes in a row after
+    /// its hold-down, not one; a failure in between starts the count again.
+    #[test]
+    fn a_down_backend_returns_only_after_rise_passes_in_a_row() {
+        let mut check = HealthCheck::new(CheckProtocol::Tcp, 80, "/");
+        check.fall = 1;
+        check.rise = 3;
+        let mut t = Tracker::new(&check);
+        let t0 = Instant::now();
+        assert_eq!(t.observe(err(false), t0).unwrap().health, Health::Down);
+        // Long past the hold-down: only the rise count holds it.
+        let later = t0 + HOLD_DOWN * 2;
+        assert!(t.observe(Ok(()), later).is_none(), "one pass brought it up");
+        assert!(t.observe(Ok(()), later).is_none(), "two passes of three");
+        assert!(t.observe(err(false), later).is_none());
+        assert!(t.observe(Ok(()), later).is_none(), "the count starts again");
+        assert!(t.observe(Ok(()), later).is_none());
+        assert_eq!(t.verdict().health, Health::Down);
+        let up = t.observe(Ok(()), later).unwrap();
+        assert_eq!(up.health, Health::Up);
+        assert_eq!(up.reason, "3 checks passed in a row");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! rebuilt from the fresh lists. Nothing is applied before all three lists are complete, so a
 //! restarted agent never shrinks the maps it adopts to a partial view.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -376,13 +376,24 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
             }
         }
     });
-    // Health: probes of the backends; the nodes' load Leases (and this node's publisher).
-    let prober = crate::health::probe::Prober::new(
+    // Health: probes of this node's share of the backends; the nodes' Leases (their loads and
+    // their health votes) and this node's publishers.
+    let checks = config.health.checks;
+    // With a name to vote under, a verdict change goes to the votes' publisher first (it wakes
+    // `changed` after); without one, this agent only reads the others' votes.
+    let voter = config.node_name.clone().filter(|_| checks);
+    let probe_changed = if voter.is_some() {
+        Arc::new(Notify::new())
+    } else {
+        changed.clone()
+    };
+    let prober = Arc::new(crate::health::probe::Prober::new(
         timers.handle().clone(),
-        changed.clone(),
+        probe_changed.clone(),
         config.health.metrics.clone(),
-    );
-    let leases = config.health.load_aware.then(|| {
+    ));
+    let lease_events = Arc::new(Notify::new());
+    let leases = (config.health.load_aware || checks).then(|| {
         watch(
             Api::<Lease>::namespaced(client.clone(), &config.health.namespace),
             watcher::Config::default().labels(&format!(
@@ -390,32 +401,52 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
                 crate::health::load::LEASE_LABEL,
                 crate::health::load::LEASE_LABEL_VALUE
             )),
-            // Not `changed`: heartbeats alone must not rebuild; `follow` looks at what they say.
-            Arc::new(Notify::new()),
+            // Not `changed`: heartbeats alone must not rebuild; `follow` and `votes::follow`
+            // look at what they say.
+            lease_events.clone(),
             None,
         )
     });
     // When each Lease last changed, by this agent's clock (the reader judges freshness).
     let lease_clock = Arc::new(crate::health::load::LeaseClock::default());
+    let votes = checks.then(crate::health::votes::SharedDrained::default);
+    let (names_tx, names_rx) = tokio::sync::watch::channel(BTreeMap::<IpAddr, String>::new());
     if let Some(store) = &leases {
         if tokio::time::timeout(LEASES_FIRST_LIST, store.wait_until_ready())
             .await
             .is_err()
         {
             warn!(
-                "no list of the load Leases in namespace {} within {LEASES_FIRST_LIST:?}: starting with neutral weights",
+                "no list of the nodes' Leases in namespace {} within {LEASES_FIRST_LIST:?}: starting with neutral weights and no node drained by vote",
                 config.health.namespace
             );
         }
-        tokio::spawn(crate::health::load::follow(
-            store.clone(),
-            nodes.clone(),
-            lease_clock.clone(),
-            changed.clone(),
-            config.health.follow_every,
-            config.health.metrics.clone(),
-        ));
-        if let Some(load) = config.health.load.clone() {
+        if let Some(votes) = &votes {
+            tokio::spawn(crate::health::votes::follow(
+                store.clone(),
+                nodes.clone(),
+                lease_clock.clone(),
+                lease_events.clone(),
+                votes.clone(),
+                changed.clone(),
+            ));
+        }
+        if config.health.load_aware {
+            tokio::spawn(crate::health::load::follow(
+                store.clone(),
+                nodes.clone(),
+                lease_clock.clone(),
+                changed.clone(),
+                config.health.follow_every,
+                config.health.metrics.clone(),
+            ));
+        }
+        if let Some(load) = config
+            .health
+            .load
+            .clone()
+            .filter(|_| config.health.load_aware)
+        {
             tokio::spawn(crate::health::load::run(
                 client.clone(),
                 load,
@@ -425,6 +456,19 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
                 config.health.metrics.clone(),
             ));
         }
+    }
+    if let Some(node) = voter.clone() {
+        tokio::spawn(crate::health::votes::publish(
+            client.clone(),
+            config.health.namespace.clone(),
+            node,
+            prober.clone(),
+            names_rx,
+            probe_changed.clone(),
+            changed.clone(),
+        ));
+    } else if checks {
+        warn!("no --node-name: this agent probes no node and applies the others' verdicts");
     }
 
     let (tx, rx) = mpsc::channel::<Desired>();
@@ -497,6 +541,9 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
             let is_node = built.node_names.values().any(|n| *n == load.node_name);
             load.is_node.store(is_node, Ordering::Relaxed);
         }
+        names_tx.send_if_modified(|old| {
+            std::mem::replace(old, built.node_names.clone()) != built.node_names
+        });
         let lease_state = leases.as_ref().map(Store::state);
         super::overlay::agent_overlay(
             &mut built,
@@ -504,6 +551,8 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
             lease_state.as_deref(),
             &lease_clock,
             &config.health,
+            config.node_name.as_deref(),
+            votes.as_ref(),
         );
         for problem in built.problems.difference(&logged_problems) {
             warn!("{problem}");
