@@ -472,6 +472,7 @@ fn every_yaml_example_parses() -> Result<()> {
 const PLACEHOLDERS: &[(&str, &str)] = &[
     ("ADDR", "192.0.2.1"),
     ("ASN", "64512"),
+    ("CLIENT", "192.0.2.7"),
     ("CLIENT_IP", "192.0.2.7"),
     ("F", "/run/sluice/load"),
     ("FILE", "/etc/sluice/kubeconfig"),
