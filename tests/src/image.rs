@@ -129,7 +129,9 @@ impl Platform {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut c = Command::new(cargo);
         // `--target` right after the subcommand: before any `--` of the caller's.
-        let (subcommand, rest) = args.split_first().map_or((None, args), |(s, r)| (Some(s), r));
+        let (subcommand, rest) = args
+            .split_first()
+            .map_or((None, args), |(s, r)| (Some(s), r));
         c.current_dir(repo_root())
             .args(subcommand)
             .args(["--target", self.target])

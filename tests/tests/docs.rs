@@ -500,7 +500,10 @@ struct CommandExample {
 fn command_examples(page: &str, text: &str) -> Vec<CommandExample> {
     // The arguments after the `sluice` a line runs, if it runs it.
     fn after_sluice(line: &str) -> Option<&str> {
-        let line = line.trim_start().trim_start_matches("$ ").trim_start_matches("sudo ");
+        let line = line
+            .trim_start()
+            .trim_start_matches("$ ")
+            .trim_start_matches("sudo ");
         if let Some(rest) = line.strip_prefix("sluice ") {
             return Some(rest);
         }
@@ -537,13 +540,14 @@ fn command_examples(page: &str, text: &str) -> Vec<CommandExample> {
             Some(_) => None,
             None => {
                 for span in line.split('`').skip(1).step_by(2) {
-                    if span.contains("exec") && !span.contains("...") {
-                        if let Some(args) = after_sluice(span) {
-                            found.push(CommandExample {
-                                origin: format!("{page}:{}", i + 1),
-                                args: args.to_owned(),
-                            });
-                        }
+                    if span.contains("exec")
+                        && !span.contains("...")
+                        && let Some(args) = after_sluice(span)
+                    {
+                        found.push(CommandExample {
+                            origin: format!("{page}:{}", i + 1),
+                            args: args.to_owned(),
+                        });
                     }
                 }
                 None

@@ -105,11 +105,11 @@ fn the_image_index_holds_amd64_and_arm64_and_the_arm64_binary_runs() -> Result<(
             )
         })
         .collect();
-    let want: Vec<String> = PLATFORMS.iter().map(|p| format!("linux/{}", p.arch)).collect();
-    ensure!(
-        listed == want,
-        "the index lists {listed:?}, want {want:?}"
-    );
+    let want: Vec<String> = PLATFORMS
+        .iter()
+        .map(|p| format!("linux/{}", p.arch))
+        .collect();
+    ensure!(listed == want, "the index lists {listed:?}, want {want:?}");
     let scratch = Scratch::new("index")?;
     for (platform, entry) in PLATFORMS.iter().zip(&entries) {
         let manifest = blob_json(&archive, entry)?;
@@ -122,14 +122,28 @@ fn the_image_index_holds_amd64_and_arm64_and_the_arm64_binary_runs() -> Result<(
             config["architecture"]
         );
         let layers = manifest["layers"].as_array().context("no layers")?;
-        ensure!(layers.len() == 1, "linux/{}: {} layers", platform.arch, layers.len());
+        ensure!(
+            layers.len() == 1,
+            "linux/{}: {} layers",
+            platform.arch,
+            layers.len()
+        );
         let dir = scratch.0.join(platform.arch);
         fs::create_dir_all(&dir)?;
         let layer = dir.join("layer.tar");
-        let digest = layers[0]["digest"].as_str().context("a layer without digest")?;
-        fs::write(&layer, tar_file(&archive, &format!("blobs/{}", digest.replacen(':', "/", 1)))?)?;
+        let digest = layers[0]["digest"]
+            .as_str()
+            .context("a layer without digest")?;
+        fs::write(
+            &layer,
+            tar_file(&archive, &format!("blobs/{}", digest.replacen(':', "/", 1)))?,
+        )?;
         cmd::run_ok(
-            Command::new("tar").arg("-xf").arg(&layer).arg("-C").arg(&dir),
+            Command::new("tar")
+                .arg("-xf")
+                .arg(&layer)
+                .arg("-C")
+                .arg(&dir),
             cmd::DEFAULT_TIMEOUT,
         )?;
         let binary = dir.join("sluice");
@@ -147,7 +161,11 @@ fn the_image_index_holds_amd64_and_arm64_and_the_arm64_binary_runs() -> Result<(
             platform.arch,
             elf_machine(platform)
         );
-        println!("linux/{}: /sluice, {} bytes, ELF machine {machine}", platform.arch, elf.len());
+        println!(
+            "linux/{}: /sluice, {} bytes, ELF machine {machine}",
+            platform.arch,
+            elf.len()
+        );
     }
     let cross = ARM64.cross.as_ref().context("arm64 is cross-built")?;
     let out = cmd::run_ok(
@@ -189,7 +207,11 @@ fn arm64_tests(args: &[&str]) -> Result<usize> {
         passed += line
             .split(';')
             .find_map(|part| part.trim().strip_suffix(" passed"))
-            .and_then(|n| n.trim_start_matches("test result: ok. ").parse::<usize>().ok())
+            .and_then(|n| {
+                n.trim_start_matches("test result: ok. ")
+                    .parse::<usize>()
+                    .ok()
+            })
             .with_context(|| format!("`{what}`: no count in {line:?}"))?;
     }
     Ok(passed)
@@ -202,6 +224,9 @@ fn the_unit_tests_pass_on_arm64_under_qemu() -> Result<()> {
     println!("arm64 under qemu: lb-common {common} tests passed, lb-userspace {userspace}");
     // Far fewer would mean the tests were not found, not that they passed.
     ensure!(common >= 6, "only {common} lb-common tests ran");
-    ensure!(userspace >= 150, "only {userspace} lb-userspace unit tests ran");
+    ensure!(
+        userspace >= 150,
+        "only {userspace} lb-userspace unit tests ran"
+    );
     Ok(())
 }
