@@ -36,6 +36,8 @@ test_packages=(
   containerd runc containernetworking-plugins         # cluster test: one container runtime per node
   buildah busybox-static ipset                        # cluster test: offline images; kube-proxy --cleanup
   musl-tools                                          # the image: a static sluice (x86_64-unknown-linux-musl)
+  gcc-aarch64-linux-gnu libc6-dev-arm64-cross         # the image's arm64 sluice (aarch64-unknown-linux-musl)
+  qemu-user-static                                    # the arm64 sluice and unit tests run under qemu-user
   frr bird2                                           # BGP tests: real routers in a namespace (started by the tests only)
 )
 apt_packages=("${demo_packages[@]}")
@@ -71,9 +73,12 @@ install_toolchains() {
     grep -q "^$c" <<<"$installed" || rustup component add --toolchain "$NIGHTLY" "$c"
   done
   [ "$PROFILE" = demo ] && return 0
-  # The image's binary is static (musl), so the image needs nothing but it.
-  rustup target list --toolchain "$STABLE" --installed | grep -q '^x86_64-unknown-linux-musl$' ||
-    rustup target add --toolchain "$STABLE" x86_64-unknown-linux-musl
+  # The image's binary is static (musl), so the image needs nothing but it; amd64 and arm64.
+  local targets t
+  targets=$(rustup target list --toolchain "$STABLE" --installed)
+  for t in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
+    grep -q "^$t\$" <<<"$targets" || rustup target add --toolchain "$STABLE" "$t"
+  done
 }
 
 install_bpf_linker() {

@@ -181,8 +181,16 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Set (to anything) in the environment: parse the arguments, exit 0 when they are valid (clap's
+/// usage error and exit 2 otherwise), and do nothing else. Hidden; tests/tests/docs.rs uses it
+/// to check every `sluice ...` example of the docs against the real command line.
+const PARSE_ONLY_VAR: &str = "SLUICE_PARSE_ONLY";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if std::env::var_os(PARSE_ONLY_VAR).is_some() {
+        return ExitCode::SUCCESS;
+    }
     let format = cli.log_format;
     init_logging(format);
     match execute(cli) {

@@ -3,7 +3,11 @@
 //! with `ctr images import`.
 //!
 //! - the sluice image (`cargo xtask image`): the static (musl) `sluice` binary alone, at `/sluice`,
-//!   which embeds its XDP object. The published image (Containerfile) has the same layout.
+//!   which embeds its XDP object. The published image (Containerfile) has the same layout. Two
+//!   archives: linux/amd64 alone ([`sluice_archive`], what the cluster test imports), and an OCI
+//!   image index holding linux/amd64 and linux/arm64 ([`sluice_index_archive`]). The arm64
+//!   binary is cross-compiled ([`Platform`]); the eBPF object embedded in both is the same BPF
+//!   bytecode (the build script compiles it for bpfel on the host, whatever the binary's target).
 //! - a tiny web image for the cluster test's pods ([`build_web_image`]): busybox-static with its
 //!   applets, `httpd` on port 80 with a CGI that names the pod, its node and the client address
 //!   it sees, and a line echo on port 7000 (`<pod> <line>`, what [`crate::conn::LongConn`] reads).
@@ -22,8 +26,44 @@ use anyhow::{Context, Result, bail, ensure};
 use crate::cmd;
 use crate::kube::repo_root;
 
-/// The musl target the image's binary is built for.
-pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+/// A platform of the sluice image: the static binary's Rust target and how it is cross-built.
+pub struct Platform {
+    /// The OCI architecture name (`linux/<arch>`).
+    pub arch: &'static str,
+    /// The musl target its binary is built for.
+    pub target: &'static str,
+    /// Cross-compiling: the C compiler and linker (Debian's gcc-<triple>) and the user-mode
+    /// emulator that runs its programs on this machine (Debian's qemu-user-static); None for
+    /// the host's own architecture.
+    pub cross: Option<Cross>,
+}
+
+/// See [`Platform::cross`].
+pub struct Cross {
+    pub gcc: &'static str,
+    pub qemu: &'static str,
+}
+
+/// The host's platform, the one the cluster test runs.
+pub const AMD64: Platform = Platform {
+    arch: "amd64",
+    target: "x86_64-unknown-linux-musl",
+    cross: None,
+};
+/// Home clusters' boards (Raspberry Pi 4/5 and the like).
+pub const ARM64: Platform = Platform {
+    arch: "arm64",
+    target: "aarch64-unknown-linux-musl",
+    cross: Some(Cross {
+        gcc: "aarch64-linux-gnu-gcc",
+        qemu: "qemu-aarch64-static",
+    }),
+};
+/// Every platform of the image index.
+pub const PLATFORMS: [&Platform; 2] = [&AMD64, &ARM64];
+
+/// The musl target the amd64 image's binary is built for.
+pub const MUSL_TARGET: &str = AMD64.target;
 /// The sluice image's repository name (the DaemonSet in deploy/ names it with the crate version).
 pub const SLUICE_IMAGE: &str = "localhost/sluice";
 /// The cluster test's web image.
@@ -53,46 +93,86 @@ pub fn image_dir() -> PathBuf {
     target_dir().join("image")
 }
 
-/// The archive of the sluice image with `tag`.
+/// The archive of the sluice image with `tag`, linux/amd64 alone.
 pub fn sluice_archive(tag: &str) -> PathBuf {
     image_dir().join(format!("sluice-{tag}.oci.tar"))
 }
 
-/// The static sluice binary (`cargo build --release --target x86_64-unknown-linux-musl`).
-pub fn musl_binary() -> PathBuf {
-    target_dir()
-        .join(MUSL_TARGET)
-        .join("release")
-        .join("sluice")
+/// The archive of the sluice image index with `tag`: linux/amd64 and linux/arm64.
+pub fn sluice_index_archive(tag: &str) -> PathBuf {
+    image_dir().join(format!("sluice-{tag}.multiarch.oci.tar"))
 }
 
-/// Builds the static sluice binary with cargo (quick when it is up to date).
+/// The static amd64 sluice binary (`cargo build --release --target x86_64-unknown-linux-musl`).
+pub fn musl_binary() -> PathBuf {
+    AMD64.binary()
+}
+
+/// Builds the static amd64 sluice binary with cargo (quick when it is up to date).
 pub fn build_musl_binary() -> Result<PathBuf> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut c = Command::new(cargo);
-    c.current_dir(repo_root()).args([
-        "build",
-        "--release",
-        "--locked",
-        "--target",
-        MUSL_TARGET,
-        "--package",
-        "lb-userspace",
-        "--bin",
-        "sluice",
-    ]);
-    eprintln!("+ {}", cmd::describe(&c));
-    let status = c
-        .status()
-        .context("running cargo to build the static sluice")?;
-    ensure!(
-        status.success(),
-        "building the static sluice failed ({status}); the musl target comes from \
-         `rustup target add {MUSL_TARGET}` and the C compiler from musl-tools (scripts/bootstrap.sh)"
-    );
-    let bin = musl_binary();
-    ensure!(bin.is_file(), "cargo built no {}", bin.display());
-    Ok(bin)
+    AMD64.build_binary()
+}
+
+impl Platform {
+    /// Its static sluice binary in the target directory.
+    pub fn binary(&self) -> PathBuf {
+        target_dir()
+            .join(self.target)
+            .join("release")
+            .join("sluice")
+    }
+
+    /// `cargo <args> --target <its target>` in the repository, with the cross compiler and, for
+    /// `cargo test` and `cargo run`, the emulator as the runner. Every cargo call for the target
+    /// gets the same environment, so none of them rebuilds what another built.
+    pub fn cargo(&self, args: &[&str]) -> Command {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut c = Command::new(cargo);
+        // `--target` right after the subcommand: before any `--` of the caller's.
+        let (subcommand, rest) = args
+            .split_first()
+            .map_or((None, args), |(s, r)| (Some(s), r));
+        c.current_dir(repo_root())
+            .args(subcommand)
+            .args(["--target", self.target])
+            .args(rest);
+        if let Some(cross) = &self.cross {
+            let triple = self.target.replace('-', "_");
+            let upper = triple.to_uppercase();
+            c.env(format!("CC_{triple}"), cross.gcc)
+                .env(format!("CARGO_TARGET_{upper}_LINKER"), cross.gcc)
+                .env(format!("CARGO_TARGET_{upper}_RUNNER"), cross.qemu);
+        }
+        c
+    }
+
+    /// Builds its static sluice binary with cargo (quick when it is up to date).
+    pub fn build_binary(&self) -> Result<PathBuf> {
+        let mut c = self.cargo(&[
+            "build",
+            "--release",
+            "--locked",
+            "--package",
+            "lb-userspace",
+            "--bin",
+            "sluice",
+        ]);
+        eprintln!("+ {}", cmd::describe(&c));
+        let status = c
+            .status()
+            .context("running cargo to build the static sluice")?;
+        ensure!(
+            status.success(),
+            "building the static sluice for {} failed ({status}); the target comes from \
+             `rustup target add {}`, the C compiler from musl-tools (amd64) or \
+             gcc-aarch64-linux-gnu (arm64; scripts/bootstrap.sh installs both)",
+            self.arch,
+            self.target
+        );
+        let bin = self.binary();
+        ensure!(bin.is_file(), "cargo built no {}", bin.display());
+        Ok(bin)
+    }
 }
 
 /// One image: files copied into an empty (`scratch`) root, entrypoint, committed and exported.
@@ -101,6 +181,8 @@ struct Spec<'a> {
     reference: String,
     /// A directory whose contents become the image's root (symlinks kept).
     rootfs: &'a Path,
+    /// The OCI architecture its binaries are for (the OS is linux).
+    arch: &'a str,
     entrypoint: &'a [&'a str],
     cmd: &'a [&'a str],
     env: &'a [&'a str],
@@ -124,14 +206,19 @@ fn buildah(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// Builds `spec` and writes it to `archive` (an OCI archive naming the image `spec.reference`).
-fn build(spec: &Spec, archive: &Path) -> Result<()> {
+/// Holds buildah's store for one build at a time (released when dropped).
+fn lock_store() -> Result<fs::File> {
     fs::create_dir_all(buildah_root())?;
     let lock = fs::File::create(buildah_root().join(".lock"))?;
     // SAFETY: flock on an fd we own; released when `lock` is dropped.
     if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
         bail!("locking {}", buildah_root().display());
     }
+    Ok(lock)
+}
+
+/// Builds `spec` into the store as `spec.reference` (the caller holds [`lock_store`]).
+fn commit(spec: &Spec) -> Result<()> {
     let name = format!("sluice-build-{}", std::process::id());
     let _ = buildah(&["rm", &name]);
     let container = buildah(&["from", "--name", &name, "scratch"])?;
@@ -148,6 +235,7 @@ fn build(spec: &Spec, archive: &Path) -> Result<()> {
         for e in spec.env {
             config.extend(["--env", e]);
         }
+        config.extend(["--os", "linux", "--arch", spec.arch]);
         config.extend(["--label", "org.opencontainers.image.source=sluice"]);
         config.push(&container);
         buildah(&config)?;
@@ -157,21 +245,35 @@ fn build(spec: &Spec, archive: &Path) -> Result<()> {
     if result.is_err() {
         let _ = buildah(&["rm", &container]);
     }
-    result?;
+    result
+}
+
+/// Writes the image (or, with `index`, the image index and all its images) `source` of the
+/// store to `archive`, an OCI archive naming it `name`; written whole or not at all.
+fn export(source: &str, archive: &Path, name: &str, index: bool) -> Result<()> {
     if let Some(d) = archive.parent() {
         fs::create_dir_all(d)?;
     }
     let tmp = archive.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
-    buildah(&[
-        "push",
-        &spec.reference,
-        &format!("oci-archive:{}:{}", tmp.display(), spec.reference),
-    ])?;
+    let dest = format!("oci-archive:{}:{name}", tmp.display());
+    if index {
+        buildah(&["manifest", "push", "--all", source, &dest])?;
+    } else {
+        buildah(&["push", source, &dest])?;
+    }
     fs::rename(&tmp, archive)?;
+    Ok(())
+}
+
+/// Builds `spec` and writes it to `archive` (an OCI archive naming the image `spec.reference`).
+fn build(spec: &Spec, archive: &Path) -> Result<()> {
+    let _lock = lock_store()?;
+    commit(spec)?;
+    let result = export(&spec.reference, archive, &spec.reference, false);
     // The archive is the product; the store keeps no copies (vfs copies every layer).
     let _ = buildah(&["rmi", "--force", &spec.reference]);
-    Ok(())
+    result
 }
 
 fn fresh_dir(d: &Path) -> Result<()> {
@@ -194,31 +296,87 @@ fn write_exec(dst: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-/// The sluice image `localhost/sluice:<tag>` from the static binary `binary`, written to
-/// [`sluice_archive`]; returns the archive.
-pub fn build_sluice_image(binary: &Path, tag: &str) -> Result<PathBuf> {
-    let rootfs = image_dir().join("rootfs-sluice");
+/// The sluice image's root for `platform`: its static binary alone, at /sluice.
+fn sluice_rootfs(platform: &Platform, binary: &Path) -> Result<PathBuf> {
+    let rootfs = image_dir().join(format!("rootfs-sluice-{}", platform.arch));
     fresh_dir(&rootfs)?;
     install(binary, &rootfs.join("sluice"), 0o755)?;
+    Ok(rootfs)
+}
+
+/// The sluice image's spec: `reference` for `platform`, from `rootfs`.
+fn sluice_spec<'a>(reference: String, platform: &'a Platform, rootfs: &'a Path) -> Spec<'a> {
+    Spec {
+        reference,
+        rootfs,
+        arch: platform.arch,
+        entrypoint: &["/sluice"],
+        cmd: &["agent", "--help"],
+        env: &[],
+    }
+}
+
+/// The amd64 sluice image `localhost/sluice:<tag>` from the static binary `binary`, written to
+/// [`sluice_archive`]; returns the archive.
+pub fn build_sluice_image(binary: &Path, tag: &str) -> Result<PathBuf> {
+    let rootfs = sluice_rootfs(&AMD64, binary)?;
     let archive = sluice_archive(tag);
     build(
-        &Spec {
-            reference: format!("{SLUICE_IMAGE}:{tag}"),
-            rootfs: &rootfs,
-            entrypoint: &["/sluice"],
-            cmd: &["agent", "--help"],
-            env: &[],
-        },
+        &sluice_spec(format!("{SLUICE_IMAGE}:{tag}"), &AMD64, &rootfs),
         &archive,
     )
     .with_context(|| format!("building the image {SLUICE_IMAGE}:{tag}"))?;
     Ok(archive)
 }
 
-/// The static sluice binary and its image: what `cargo xtask image` does.
+/// The static amd64 sluice binary and its image (the cluster benchmark's).
 pub fn build_sluice_image_from_source(tag: &str) -> Result<PathBuf> {
     let bin = build_musl_binary()?;
     build_sluice_image(&bin, tag)
+}
+
+/// The archives `cargo xtask image` writes.
+pub struct SluiceImages {
+    /// linux/amd64 alone: [`sluice_archive`].
+    pub amd64: PathBuf,
+    /// The index of every platform: [`sluice_index_archive`].
+    pub index: PathBuf,
+}
+
+/// What `cargo xtask image` does: the static binary of every platform (cross-compiled), an
+/// image of each, the amd64 one exported alone and all of them as one OCI image index, both
+/// archives naming `localhost/sluice:<tag>`.
+pub fn build_sluice_images_from_source(tag: &str) -> Result<SluiceImages> {
+    let binaries = PLATFORMS
+        .iter()
+        .map(|p| p.build_binary())
+        .collect::<Result<Vec<_>>>()?;
+    let reference = format!("{SLUICE_IMAGE}:{tag}");
+    // In the store under per-platform names: the index takes the image's own name.
+    let per_platform = |p: &Platform| format!("{reference}-{}", p.arch);
+    let list = format!("{reference}-index");
+    let images = SluiceImages {
+        amd64: sluice_archive(tag),
+        index: sluice_index_archive(tag),
+    };
+    let _lock = lock_store()?;
+    let result = (|| -> Result<()> {
+        let _ = buildah(&["manifest", "rm", &list]);
+        buildah(&["manifest", "create", &list])?;
+        for (platform, binary) in PLATFORMS.iter().zip(&binaries) {
+            let rootfs = sluice_rootfs(platform, binary)?;
+            commit(&sluice_spec(per_platform(platform), platform, &rootfs))?;
+            buildah(&["manifest", "add", &list, &per_platform(platform)])?;
+        }
+        export(&per_platform(&AMD64), &images.amd64, &reference, false)?;
+        export(&list, &images.index, &reference, true)
+    })();
+    let _ = buildah(&["manifest", "rm", &list]);
+    for platform in PLATFORMS {
+        let _ = buildah(&["rmi", "--force", &per_platform(platform)]);
+    }
+    result.with_context(|| format!("building the image index {reference}"))?;
+    Ok(images)
 }
 
 /// The test web image `localhost/sluice-test-web:<tag>` (see the module documentation): built
@@ -252,6 +410,7 @@ pub fn build_web_image(tag: &str) -> Result<PathBuf> {
         &Spec {
             reference: format!("{WEB_IMAGE}:{tag}"),
             rootfs: &rootfs,
+            arch: AMD64.arch,
             entrypoint: &["/bin/httpd", "-f", "-p", "80", "-h", "/www"],
             cmd: &[],
             env: &["PATH=/bin"],
@@ -281,6 +440,7 @@ pub fn build_pause_image(pause: &Path) -> Result<PathBuf> {
         &Spec {
             reference: "localhost/sluice-test-pause:3.2".into(),
             rootfs: &rootfs,
+            arch: AMD64.arch,
             entrypoint: &["/pause"],
             cmd: &[],
             env: &[],

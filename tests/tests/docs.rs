@@ -3,8 +3,9 @@
 //! fields) are what the code and the manifests say now; every `sluice.io/` name and config-file
 //! key the code knows is documented, and every one the docs name exists; every YAML example in
 //! the README and docs/ parses (a sluice config through sluice's own parser, Kubernetes objects
-//! against the CRD); every kustomize overlay renders with the image tagged with the version; the
-//! docs' relative links resolve.
+//! against the CRD); every `sluice ...` command example (synopses expanded) parses with sluice's
+//! own command line (its hidden parse-only mode, SLUICE_PARSE_ONLY); every kustomize overlay
+//! renders with the image tagged with the version; the docs' relative links resolve.
 //!
 //! `SLUICE_UPDATE_DOCS=1 cargo test -p sluice-tests --test docs` rewrites the generated sections.
 //! Needs the built `sluice` (`cargo build -p lb-userspace --bin sluice`) and kubectl
@@ -461,6 +462,241 @@ fn every_yaml_example_parses() -> Result<()> {
         configs >= 1 && objects >= 1,
         "found {configs} configs and {objects} objects"
     );
+    Ok(())
+}
+
+// ----- command examples -----
+
+/// Values for the placeholders the docs' synopses use (`--iface IF`, `--allow PREFIX`, ...): an
+/// example is parsed once with each. A placeholder missing here fails the test, naming it.
+const PLACEHOLDERS: &[(&str, &str)] = &[
+    ("ADDR", "192.0.2.1"),
+    ("ASN", "64512"),
+    ("CLIENT", "192.0.2.7"),
+    ("CLIENT_IP", "192.0.2.7"),
+    ("F", "/run/sluice/load"),
+    ("FILE", "/etc/sluice/kubeconfig"),
+    ("IF", "eth0"),
+    ("N", "3"),
+    ("NAME", "node-1"),
+    ("NS", "sluice-system"),
+    ("PORT", "40312"),
+    ("PREFIX", "10.0.0.0/24"),
+    ("PRIME", "65537"),
+    ("PROTO", "tcp"),
+    ("VIP", "10.0.0.10"),
+];
+
+/// A `sluice ...` command line of the docs: where it is and its text (after `sluice`).
+struct CommandExample {
+    origin: String,
+    args: String,
+}
+
+/// The `sluice` command lines of a page: every line of a ```sh block that runs `sluice` (also
+/// through `kubectl exec ... -- /sluice`), every `$ sluice` line of an unlabelled block, and
+/// every inline code span that runs it through `kubectl exec`. `\` continuations are joined,
+/// `# comments` dropped; spans with `...` (elided arguments) are prose, not examples.
+fn command_examples(page: &str, text: &str) -> Vec<CommandExample> {
+    // The arguments after the `sluice` a line runs, if it runs it.
+    fn after_sluice(line: &str) -> Option<&str> {
+        let line = line
+            .trim_start()
+            .trim_start_matches("$ ")
+            .trim_start_matches("sudo ");
+        if let Some(rest) = line.strip_prefix("sluice ") {
+            return Some(rest);
+        }
+        ["-- /sluice ", "-- sluice "]
+            .iter()
+            .find_map(|m| line.find(m).map(|i| &line[i + m.len()..]))
+    }
+    let mut found = Vec::new();
+    let mut block: Option<&str> = None;
+    let mut pending: Option<(usize, String)> = None;
+    for (i, line) in text.lines().enumerate() {
+        let trimmed = line.trim_start();
+        if let Some(lang) = trimmed.strip_prefix("```") {
+            block = if block.is_some() { None } else { Some(lang) };
+            continue;
+        }
+        let code = line.split(" #").next().unwrap_or("").trim_end();
+        if let Some((start, mut joined)) = pending.take() {
+            joined.push(' ');
+            joined.push_str(code.trim_start().trim_end_matches('\\'));
+            if code.ends_with('\\') {
+                pending = Some((start, joined));
+            } else {
+                found.push(CommandExample {
+                    origin: format!("{page}:{start}"),
+                    args: joined,
+                });
+            }
+            continue;
+        }
+        let runs = match block {
+            Some("sh") => after_sluice(code),
+            Some("") if trimmed.starts_with("$ sluice ") => after_sluice(code),
+            Some(_) => None,
+            None => {
+                for span in line.split('`').skip(1).step_by(2) {
+                    if span.contains("exec")
+                        && !span.contains("...")
+                        && let Some(args) = after_sluice(span)
+                    {
+                        found.push(CommandExample {
+                            origin: format!("{page}:{}", i + 1),
+                            args: args.to_owned(),
+                        });
+                    }
+                }
+                None
+            }
+        };
+        if let Some(args) = runs {
+            let args = args.trim_end_matches('\\').to_owned();
+            if code.ends_with('\\') {
+                pending = Some((i + 1, args));
+            } else {
+                found.push(CommandExample {
+                    origin: format!("{page}:{}", i + 1),
+                    args,
+                });
+            }
+        }
+    }
+    found
+}
+
+/// A synopsis word: alternatives (`auto|PRIME`), or an optional group (`[--iface eth0]`).
+enum Synopsis {
+    Word(Vec<String>),
+    Optional(Vec<Synopsis>),
+}
+
+/// `a [b c|d [e]] f...` as a tree; `...` (more of the same) is dropped.
+fn synopsis(text: &str) -> Result<Vec<Synopsis>> {
+    let spaced = text.replace('[', " [ ").replace(']', " ] ");
+    let mut stack: Vec<Vec<Synopsis>> = vec![Vec::new()];
+    for token in spaced.split_whitespace() {
+        match token {
+            "[" => stack.push(Vec::new()),
+            "]" => {
+                let group = stack.pop().context("a `]` without `[`")?;
+                stack
+                    .last_mut()
+                    .context("a `]` without `[`")?
+                    .push(Synopsis::Optional(group));
+            }
+            "..." => {}
+            word => {
+                let word = word.trim_end_matches("...").trim_end_matches(',');
+                let alternatives = word.split('|').map(substitute).collect::<Result<_>>()?;
+                stack
+                    .last_mut()
+                    .context("unbalanced brackets")?
+                    .push(Synopsis::Word(alternatives));
+            }
+        }
+    }
+    ensure!(stack.len() == 1, "a `[` without `]`");
+    Ok(stack.pop().unwrap_or_default())
+}
+
+/// A word with its placeholders (upper-case names) replaced by [`PLACEHOLDERS`]' values.
+fn substitute(word: &str) -> Result<String> {
+    let mut out = String::new();
+    let mut rest = word;
+    while let Some(start) = rest.find(|c: char| c.is_ascii_uppercase()) {
+        let (before, from) = rest.split_at(start);
+        out.push_str(before);
+        let end = from
+            .find(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(from.len());
+        let name = &from[..end];
+        let value = PLACEHOLDERS
+            .iter()
+            .find(|(p, _)| *p == name)
+            .map(|(_, v)| *v)
+            .with_context(|| format!("placeholder {name} has no value in PLACEHOLDERS"))?;
+        out.push_str(value);
+        rest = &from[end..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The concrete command lines a synopsis stands for, enough to try every word: the k-th
+/// alternative of each word (the last one when it has fewer), with every optional group left
+/// out, and with every one put in.
+fn expansions(tree: &[Synopsis]) -> Vec<Vec<String>> {
+    fn widest(tree: &[Synopsis]) -> usize {
+        tree.iter()
+            .map(|s| match s {
+                Synopsis::Word(alternatives) => alternatives.len(),
+                Synopsis::Optional(group) => widest(group),
+            })
+            .max()
+            .unwrap_or(1)
+    }
+    fn expand(tree: &[Synopsis], k: usize, optional: bool, args: &mut Vec<String>) {
+        for s in tree {
+            match s {
+                Synopsis::Word(alternatives) => {
+                    let chosen = alternatives.get(k).or(alternatives.last());
+                    args.extend(chosen.filter(|a| !a.is_empty()).cloned());
+                }
+                Synopsis::Optional(group) if optional => expand(group, k, optional, args),
+                Synopsis::Optional(_) => {}
+            }
+        }
+    }
+    let mut all = Vec::new();
+    for k in 0..widest(tree) {
+        for optional in [false, true] {
+            let mut args = Vec::new();
+            expand(tree, k, optional, &mut args);
+            if !all.contains(&args) {
+                all.push(args);
+            }
+        }
+    }
+    all
+}
+
+#[test]
+fn every_sluice_command_example_parses() -> Result<()> {
+    let sluice = sluice_binary()?;
+    let mut checked = 0;
+    let mut failures = Vec::new();
+    for (page, text) in pages()? {
+        for example in command_examples(&page, &text) {
+            let tree = synopsis(&example.args)
+                .with_context(|| format!("{}: `sluice {}`", example.origin, example.args))?;
+            for args in expansions(&tree) {
+                // The binary's parse-only mode: clap's own checks (subcommands, flags, values
+                // through their parsers), then exit; nothing is attached or read.
+                let out = Command::new(&sluice)
+                    .args(&args)
+                    .env("SLUICE_PARSE_ONLY", "1")
+                    .env_remove("SLUICE_PIN_DIR")
+                    .output()?;
+                checked += 1;
+                if !out.status.success() {
+                    failures.push(format!(
+                        "{}: `sluice {}` does not parse: {}",
+                        example.origin,
+                        args.join(" "),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ));
+                }
+            }
+        }
+    }
+    ensure!(failures.is_empty(), "{}", failures.join("\n\n"));
+    // The docs hold a few dozen; far fewer means the scan above stopped finding them.
+    ensure!(checked >= 20, "only {checked} sluice command lines found");
+    println!("{checked} sluice command lines parse");
     Ok(())
 }
 

@@ -32,7 +32,9 @@ enum Cmd {
     /// multi-node cluster running the image.
     Test,
     /// Build the sluice image offline: a static (musl) sluice in an empty (`scratch`) image,
-    /// exported as an OCI archive, target/image/sluice-<tag>.oci.tar, image localhost/sluice:<tag>.
+    /// image localhost/sluice:<tag>, exported as OCI archives: linux/amd64 alone in
+    /// target/image/sluice-<tag>.oci.tar, and an image index of linux/amd64 and linux/arm64
+    /// (cross-compiled) in target/image/sluice-<tag>.multiarch.oci.tar.
     Image {
         /// The image tag (default: the crate version, which deploy/ names).
         #[arg(long)]
@@ -118,12 +120,13 @@ fn build_sluice() -> anyhow::Result<()> {
 fn image(tag: Option<&str>) -> anyhow::Result<()> {
     require_root();
     let tag = tag.unwrap_or(sluice_tests::image::default_tag());
-    let archive = sluice_tests::image::build_sluice_image_from_source(tag)?;
+    let images = sluice_tests::image::build_sluice_images_from_source(tag)?;
     println!(
-        "{}:{tag} -> {} (load it with `ctr -n k8s.io images import {}`)",
+        "{}:{tag}\n  linux/amd64:             {}\n  linux/amd64+linux/arm64: {}\n\
+         (load one on a node with `ctr -n k8s.io images import FILE`: ctr takes the node's platform)",
         sluice_tests::image::SLUICE_IMAGE,
-        archive.display(),
-        archive.display()
+        images.amd64.display(),
+        images.index.display(),
     );
     Ok(())
 }
@@ -144,8 +147,9 @@ fn test() -> anyhow::Result<()> {
     ])?;
     clippy_ebpf()?;
     build_sluice()?;
-    // The image the cluster test deploys (tests/tests/cluster.rs).
-    sluice_tests::image::build_sluice_image_from_source(sluice_tests::image::default_tag())?;
+    // The images: the amd64 one the cluster test deploys (tests/tests/cluster.rs), and the
+    // index of every platform that tests/tests/multiarch.rs checks.
+    sluice_tests::image::build_sluice_images_from_source(sluice_tests::image::default_tag())?;
     cargo(&[
         "test",
         "--workspace",
