@@ -6,7 +6,8 @@
 //! The modules form layers, bottom first; a module imports only from lower layers, so there is
 //! no import cycle (`tests/layers.rs` checks it):
 //!
-//! 1. `model` (the vocabulary), `maglev` (the table builder), `http` (server and client)
+//! 1. `model` (the vocabulary), `maglev` (the table builder), `http` (server and client),
+//!    `ipam` (address pools), `node_state` (what a Node object says)
 //! 2. `net` (rtnetlink), `memory` (a model's kernel memory)
 //! 3. `dataplane` (the maps), `resolve` (where backends are)
 //! 4. `reconcile` (model -> maps, and its `driver`), `health` (checks, load, the overlay),
@@ -26,6 +27,7 @@ pub mod maglev;
 pub mod memory;
 pub mod model;
 pub mod net;
+pub mod node_state;
 pub mod observe;
 pub mod reconcile;
 pub mod resolve;

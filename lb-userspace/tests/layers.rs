@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 /// Bottom first. A module may import only modules of strictly lower layers.
 const LAYERS: &[&[&str]] = &[
     // The vocabulary and pure tools: import nothing of ours.
-    &["model", "maglev", "http", "ipam"],
+    &["model", "maglev", "http", "ipam", "node_state"],
     // The kernel's network state (rtnetlink); the model's memory estimate.
     &["net", "memory"],
     // The BPF maps; where backends are.

@@ -475,31 +475,16 @@ impl BgpLab {
 
     /// Node `i`'s agent's `/metrics` (scraped in its namespace): `name{labels}` -> value.
     pub fn agent_metrics(&self, i: usize) -> Result<std::collections::BTreeMap<String, f64>> {
-        let out = self.lab.exec_ok(
-            self.lab.backend_ns(i),
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "10",
-                "--fail",
-                "http://127.0.0.1:9477/metrics",
-            ],
-        )?;
-        crate::lab::parse_metrics(&out.stdout)
+        self.lab
+            .metrics_in(self.lab.backend_ns(i), "127.0.0.1:9477")
     }
 
-    /// Node `i`'s agent's `/readyz` body.
+    /// Node `i`'s agent's `/readyz` body (whatever its status).
     pub fn agent_readyz(&self, i: usize) -> Result<String> {
+        let url = "http://127.0.0.1:9941/readyz";
         let out = self.lab.exec_ok(
             self.lab.backend_ns(i),
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "10",
-                "http://127.0.0.1:9941/readyz",
-            ],
+            &["curl", "-sS", "--max-time", "10", url],
         )?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }

@@ -71,6 +71,15 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// The kustomize overlays under deploy/overlays/, by name.
+pub fn overlays() -> Result<Vec<String>> {
+    let mut names: Vec<String> = fs::read_dir(repo_root().join("deploy/overlays"))?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_>>()?;
+    names.sort();
+    Ok(names)
+}
+
 /// The directory holding `kube-apiserver` and `kubectl`: builds them on first use (minutes, once
 /// per machine) with scripts/kube-apiserver.sh, which answers at once when they are cached.
 pub fn binaries() -> Result<PathBuf> {
@@ -552,6 +561,21 @@ impl Kube {
     /// kubectl as admin on API server 0; fails with its stderr unless it exits 0.
     pub fn kubectl_ok(&self, args: &[&str]) -> Result<Output> {
         self.kubectl_ok_on(0, args)
+    }
+
+    /// The holder of Lease `name` in `namespace` ("" when it is released or not created yet).
+    pub fn lease_holder(&self, namespace: &str, name: &str) -> Result<String> {
+        let out = self.kubectl_ok(&[
+            "get",
+            "lease",
+            "--ignore-not-found",
+            "-n",
+            namespace,
+            name,
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
     /// Like [`Kube::kubectl_ok`] on API server `i`.

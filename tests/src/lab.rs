@@ -1056,12 +1056,36 @@ http {{
     /// Scrapes `sluice run`'s or `sluice agent`'s `/metrics` at `addr` from inside the lb
     /// namespace (where it listens, on loopback by default): every sample, `name{labels}` -> value.
     pub fn metrics(&self, addr: &str) -> Result<std::collections::BTreeMap<String, f64>> {
+        self.metrics_in(&self.lb, addr)
+    }
+
+    /// [`Lab::metrics`] of a sluice listening at `addr` in namespace `ns`.
+    pub fn metrics_in(
+        &self,
+        ns: &str,
+        addr: &str,
+    ) -> Result<std::collections::BTreeMap<String, f64>> {
         let url = format!("http://{addr}/metrics");
-        let out = self.exec_ok(
-            &self.lb,
-            &["curl", "-sS", "--max-time", "10", "--fail", &url],
-        )?;
+        let out = self.exec_ok(ns, &["curl", "-sS", "--max-time", "10", "--fail", &url])?;
         parse_metrics(&out.stdout)
+    }
+
+    /// `sluice inspect announce` on `iface` (lb namespace): (address, MAC) of every address
+    /// this node answers ARP or neighbour solicitations for.
+    pub fn announced(&self, iface: &str) -> Result<Vec<(String, String)>> {
+        let out = self.sluice_ok(&["inspect", "announce", "--iface", iface, "-o", "json"])?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v["announced"]
+            .as_array()
+            .context("inspect announce: no list")?
+            .iter()
+            .map(|e| {
+                (
+                    e["address"].as_str().unwrap_or("").to_owned(),
+                    e["mac"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect())
     }
 
     /// The series (`sluice_…` names) deploy/grafana/sluice-dashboard.json queries.

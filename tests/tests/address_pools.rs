@@ -209,29 +209,16 @@ impl Env {
 
     /// `inspect announce` on `iface`: the addresses answered for.
     fn announced(&self, iface: &str) -> Result<BTreeSet<String>> {
-        let out = self
+        Ok(self
             .lab
-            .sluice_ok(&["inspect", "announce", "--iface", iface, "-o", "json"])?;
-        let v: Value = serde_json::from_slice(&out.stdout)?;
-        Ok(v["announced"]
-            .as_array()
-            .context("inspect announce: no list")?
-            .iter()
-            .filter_map(|e| e["address"].as_str().map(str::to_owned))
+            .announced(iface)?
+            .into_iter()
+            .map(|(address, _)| address)
             .collect())
     }
 
     fn holder(&self) -> Result<String> {
-        let out = self.kube.kubectl_ok(&[
-            "get",
-            "lease",
-            "-n",
-            AGENT_NAMESPACE,
-            LEASE,
-            "-o",
-            "jsonpath={.spec.holderIdentity}",
-        ])?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        self.kube.lease_holder(AGENT_NAMESPACE, LEASE)
     }
 }
 

@@ -1096,40 +1096,17 @@ impl<'a> Announcing<'a> {
 
     /// The Lease's holder ("" when released).
     fn holder(&self) -> Result<String> {
-        let out = self.env.kube.kubectl_on(
-            0,
-            &[
-                "get",
-                "lease",
-                "-n",
-                AGENT_NAMESPACE,
-                &self.lease,
-                "-o",
-                "jsonpath={.spec.holderIdentity}",
-            ],
-            Duration::from_secs(30),
-        )?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        self.env.kube.lease_holder(AGENT_NAMESPACE, &self.lease)
     }
 
     /// (address, MAC) entries of `iface`'s ANNOUNCE map for this VIP (a dual-stack Service's
     /// other VIP has an election of its own).
     fn announced(&self, iface: &str) -> Result<Vec<(String, String)>> {
-        let out = self
+        Ok(self
             .env
             .lab
-            .sluice_ok(&["inspect", "announce", "--iface", iface, "-o", "json"])?;
-        let v: Value = serde_json::from_slice(&out.stdout)?;
-        Ok(v["announced"]
-            .as_array()
-            .context("inspect announce: no list")?
-            .iter()
-            .map(|e| {
-                (
-                    e["address"].as_str().unwrap_or("").to_owned(),
-                    e["mac"].as_str().unwrap_or("").to_owned(),
-                )
-            })
+            .announced(iface)?
+            .into_iter()
             .filter(|(address, _)| *address == self.vip.to_string())
             .collect())
     }

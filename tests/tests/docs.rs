@@ -18,7 +18,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
 use marked_yaml::Node;
-use sluice_tests::kube::{binaries, repo_root};
+use sluice_tests::kube::{binaries, overlays, repo_root};
 use sluice_tests::lab::sluice_binary;
 
 const REFERENCE: &str = "docs/configuration.md";
@@ -701,15 +701,6 @@ fn every_sluice_command_example_parses() -> Result<()> {
 }
 
 // ----- the install surface -----
-
-/// The kustomize overlays under deploy/overlays/.
-fn overlays() -> Result<Vec<String>> {
-    let mut names: Vec<String> = fs::read_dir(repo_root().join("deploy/overlays"))?
-        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
-        .collect::<Result<_>>()?;
-    names.sort();
-    Ok(names)
-}
 
 /// `kubectl kustomize` of every kubectl at hand: the 1.20 build the tests run (kustomize 2.0.3)
 /// and a newer one on PATH if any (kustomize 5: the dialect must suit both).

@@ -15,7 +15,7 @@ use std::fs;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
-use sluice_tests::kube::{Kube, repo_root};
+use sluice_tests::kube::{Kube, overlays, repo_root};
 use sluice_tests::require_root;
 
 const PAGE: &str = "docs/install.md";
@@ -44,15 +44,6 @@ fn install_block() -> Result<Vec<(usize, String)>> {
         }
     }
     anyhow::bail!("{PAGE} has no ```sh block with `kubectl apply -k {DOCUMENTED_OVERLAY}`")
-}
-
-/// The overlays under deploy/overlays/.
-fn overlays() -> Result<Vec<String>> {
-    let mut names: Vec<String> = fs::read_dir(repo_root().join("deploy/overlays"))?
-        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
-        .collect::<Result<_>>()?;
-    names.sort();
-    Ok(names)
 }
 
 /// `kubectl ARGS` in the repository (the docs' paths are relative to it); its output.

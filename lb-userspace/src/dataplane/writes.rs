@@ -182,11 +182,11 @@ impl Maps {
 
     /// Per-CPU zeros, one value per possible CPU (what a per-CPU array's element holds).
     fn per_cpu_zeros(&self) -> anyhow::Result<PerCpuValues<Counters>> {
-        let cpus = self
-            .vip_stats
-            .get(&0, 0)
-            .context("reading VIP_STATS")?
-            .len();
+        // aya reads the possible CPUs once per thread: a reconcile adding thousands of slots
+        // does not pay a map read for each.
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(path, e)| anyhow::anyhow!("reading {path}: {e}"))?
+            .get() as usize;
         PerCpuValues::try_from(vec![Counters::default(); cpus]).context("building per-CPU zeros")
     }
 }

@@ -31,6 +31,7 @@ use super::probe::Prober;
 use super::ring::Ring;
 use super::{Health, Verdict};
 use crate::model::HealthCheck;
+use crate::node_state;
 
 /// The annotation of a node's Lease that lists what it finds down: a JSON object, node name ->
 /// the checks (as `HealthCheck` shows them, `http:10256/healthz`) failing on that node.
@@ -74,18 +75,9 @@ pub fn ready_ring(nodes: &[Arc<Node>]) -> Ring {
     Ring::new(
         nodes
             .iter()
-            .filter(|n| is_ready(n))
+            .filter(|n| node_state::is_ready(n))
             .filter_map(|n| n.metadata.name.as_deref()),
     )
-}
-
-fn is_ready(node: &Node) -> bool {
-    node.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .into_iter()
-        .flatten()
-        .any(|c| c.type_ == "Ready" && c.status == "True")
 }
 
 /// What the Leases say about health: the fresh, valid votes by writer, and why others do not

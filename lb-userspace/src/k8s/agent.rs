@@ -592,7 +592,7 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
                     .state()
                     .iter()
                     .find(|n| n.metadata.name.as_deref() == Some(me))
-                    .and_then(|n| super::node_state::announce_block(n))
+                    .and_then(|n| crate::node_state::announce_block(n))
             }),
         };
         addrs_tx.send_if_modified(|old| std::mem::replace(old, wanted) != *old);

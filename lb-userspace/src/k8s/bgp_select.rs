@@ -18,8 +18,8 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use super::desired::Built;
 use crate::bgp::Intent;
 
-pub use super::node_state::EXCLUDE_LABEL;
-use super::node_state::{is_cordoned, is_excluded};
+pub use crate::node_state::EXCLUDE_LABEL;
+use crate::node_state::operator_block;
 
 /// What node `node_name` should announce given the objects and the model built from them.
 pub fn intent(
@@ -33,9 +33,7 @@ pub fn intent(
         .find(|n| n.metadata.name.as_deref() == Some(node_name));
     let drain = match node {
         None => Some(format!("node {node_name} is not in the API")),
-        Some(n) if is_excluded(n) => Some(format!("node {node_name} is labelled {EXCLUDE_LABEL}")),
-        Some(n) if is_cordoned(n) => Some(format!("node {node_name} is cordoned")),
-        Some(_) => None,
+        Some(n) => operator_block(n),
     };
     let me: Option<IpAddr> = built
         .node_names

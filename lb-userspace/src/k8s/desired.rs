@@ -28,7 +28,6 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::node_state;
 use super::options::{
     MAX_WEIGHT_OVER_MEDIAN, VipOptions, WEIGHT_ANNOTATION, cap_weights, node_weight,
     service_options,
@@ -38,6 +37,7 @@ use crate::ipam::{self, Allocation, PoolSpec, Pools};
 use crate::model::{
     Backend, DEFAULT_WEIGHT, Desired, ForwardingMode, MAX_WEIGHT, Protocol, Settings, Vip, VipAddr,
 };
+use crate::node_state;
 
 /// The label the EndpointSlice controller puts on a Service's slices.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -806,7 +806,7 @@ mod tests {
         let mut excluded = (*node("n2", "10.0.0.2", true, false, None)).clone();
         excluded.metadata.labels = Some(
             [(
-                super::node_state::EXCLUDE_LABEL.to_owned(),
+                crate::node_state::EXCLUDE_LABEL.to_owned(),
                 "true".to_owned(),
             )]
             .into_iter()

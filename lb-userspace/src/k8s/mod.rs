@@ -13,7 +13,6 @@ pub mod announce;
 pub mod bgp_select;
 pub mod desired;
 mod lease;
-pub mod node_state;
 pub mod options;
 pub mod overlay;
 pub mod pools;

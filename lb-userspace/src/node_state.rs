@@ -1,5 +1,6 @@
 //! What a Node object says about taking VIP traffic, read the same way by the model (which
-//! nodes take new flows), the BGP selection and the L2 announcer (which nodes may attract it).
+//! nodes take new flows), the health ring (which nodes are probed), the BGP selection and the L2
+//! announcer (which nodes may attract it).
 
 use k8s_openapi::api::core::v1::Node;
 
@@ -33,19 +34,28 @@ pub fn is_excluded(node: &Node) -> bool {
         .is_some_and(|l| l.contains_key(EXCLUDE_LABEL))
 }
 
-/// Why the node must not attract VIP traffic by announcing (cordoned, excluded or NotReady),
-/// `None` when it may.
-pub fn announce_block(node: &Node) -> Option<String> {
+/// Why the node's operator keeps it out of VIP traffic (labelled excluded, or cordoned),
+/// `None` when they do not: what BGP withdraws for.
+pub fn operator_block(node: &Node) -> Option<String> {
     let name = node.metadata.name.as_deref().unwrap_or("");
     if is_excluded(node) {
         Some(format!("node {name} is labelled {EXCLUDE_LABEL}"))
     } else if is_cordoned(node) {
         Some(format!("node {name} is cordoned"))
-    } else if !is_ready(node) {
-        Some(format!("node {name} is not Ready"))
     } else {
         None
     }
+}
+
+/// Why the node must not attract VIP traffic by announcing ([`operator_block`], or NotReady),
+/// `None` when it may.
+pub fn announce_block(node: &Node) -> Option<String> {
+    operator_block(node).or_else(|| {
+        (!is_ready(node)).then(|| {
+            let name = node.metadata.name.as_deref().unwrap_or("");
+            format!("node {name} is not Ready")
+        })
+    })
 }
 
 #[cfg(test)]
