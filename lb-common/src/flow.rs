@@ -10,6 +10,9 @@ pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
 /// does not take a lock shared by all CPUs.
 pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
+/// `BPF_F_NO_PREALLOC`: a hash map that allocates its elements as they are inserted.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+
 /// Key of the `FLOWS` connection table (network order, as in the packet).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -85,11 +88,17 @@ pub const MIN_FLOW_TABLE_SIZE: u32 = 1024;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
-    /// Index into `BACKENDS`.
-    pub backend: u32,
-    /// The slot's [`Backend::generation`](crate::Backend::generation) when the flow was recorded.
+    /// Index into `BACKENDS` (below [`MAX_BACKENDS`](crate::MAX_BACKENDS)).
+    pub backend: u16,
+    /// The VIP's id (below [`MAX_VIPS`](crate::MAX_VIPS)): its `VIP_BY_ID` entry says whether
+    /// the id still names this flow's VIP and which table's members it may reach.
+    pub vip: u16,
+    /// The backend's [`Backend::generation`](crate::Backend::generation) when the flow was
+    /// recorded.
     pub generation: u32,
 }
+
+const _: () = assert!(crate::MAX_BACKENDS <= 1 << 16 && crate::MAX_VIPS <= 1 << 16);
 
 /// Seed of the flow hash. Every load balancer must use the same one so that they all pick the
 /// same backend for a flow (a fixed constant, not a per-boot random).

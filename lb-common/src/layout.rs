@@ -3,15 +3,19 @@
 
 use crate::{
     Announce, Backend, Counters, FLOW_HASH_SEED, FlowKey, FlowKey4, FlowValue, GlobalCounter,
-    MAX_BACKENDS, MAX_DECAP_ADDRS, MAX_PEERS, MAX_SOURCE_RANGES, MAX_TX_PORTS, MAX_VIPS,
-    PeerFilter, PeerKey, RateWindow, ScopedAddr, Settings, TraceEvent, TraceFilter, VipFilter,
-    VipInfo, VipKey, hash_finish, hash_round, map_names,
+    MAX_BACKENDS, MAX_DECAP_ADDRS, MAX_PEERS, MAX_SOURCE_RANGES, MAX_TABLE_MEMBERS, MAX_TABLES,
+    MAX_TX_PORTS, MAX_VIPS, MemberKey, PeerFilter, PeerKey, RateWindow, ScopedAddr, Settings,
+    TableInfo, TraceEvent, TraceFilter, VipFilter, VipInfo, VipKey, VipRef, hash_finish,
+    hash_round, map_names,
 };
 
 // The layouts are an ABI between two compilers: pin them.
 const _: () = assert!(size_of::<VipKey>() == 20);
-const _: () = assert!(size_of::<VipInfo>() == 16);
-const _: () = assert!(size_of::<Backend>() == 92);
+const _: () = assert!(size_of::<VipInfo>() == 20);
+const _: () = assert!(size_of::<VipRef>() == 24);
+const _: () = assert!(size_of::<TableInfo>() == 16 + MAX_BACKENDS as usize / 8);
+const _: () = assert!(size_of::<MemberKey>() == 8);
+const _: () = assert!(size_of::<Backend>() == 64);
 const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(size_of::<FlowKey4>() == 16);
 const _: () = assert!(size_of::<ScopedAddr>() == 20);
@@ -31,7 +35,9 @@ const _: () = assert!(size_of::<PeerFilter>() == 64);
 /// 4: `SETTINGS` and `NEW_FLOWS` (the flood guard).
 /// 5: Maglev tables hold two slots per 8-byte element.
 /// 6: `TRACE`, `TRACE_EVENTS`, `TRACE_RATE` (`sluice trace`).
-const MAP_LAYOUT_REVISION: u32 = 6;
+/// 7: backends shared by all VIPs, Maglev tables by content (`VIP_BY_ID`, `TABLES`,
+///    `TABLE_MEMBERS`); `FlowValue` names the VIP.
+const MAP_LAYOUT_REVISION: u32 = 7;
 
 /// Fingerprint of everything a pinned map's contents depend on: struct sizes, limits, counter
 /// slots. A program whose fingerprint differs must not adopt maps pinned by another: it would
@@ -42,6 +48,9 @@ pub const MAP_LAYOUT: u32 = {
         size_of::<VipKey>() as u32,
         size_of::<VipInfo>() as u32,
         size_of::<Backend>() as u32,
+        size_of::<VipRef>() as u32,
+        size_of::<TableInfo>() as u32,
+        size_of::<MemberKey>() as u32,
         size_of::<FlowKey>() as u32,
         size_of::<FlowKey4>() as u32,
         size_of::<FlowValue>() as u32,
@@ -60,6 +69,8 @@ pub const MAP_LAYOUT: u32 = {
         GlobalCounter::COUNT,
         MAX_VIPS,
         MAX_BACKENDS,
+        MAX_TABLES,
+        MAX_TABLE_MEMBERS,
         MAX_SOURCE_RANGES,
         MAX_TX_PORTS,
         map_names::ALL.len() as u32,

@@ -1,10 +1,19 @@
 //! How much one load balancer holds: the sizes of its maps.
 
-/// Most VIPs (address, port, protocol) one load balancer serves.
-pub const MAX_VIPS: u32 = 1024;
-/// Most backend slots in all. A slot is one backend of one VIP, so that removing a backend from
-/// one VIP re-hashes exactly that VIP's flows and nothing else.
-pub const MAX_BACKENDS: u32 = 16384;
+/// Most VIPs (address, port, protocol) one load balancer serves (Cilium's default too). A VIP
+/// id fits the 16 bits a connection-table entry keeps for it.
+pub const MAX_VIPS: u32 = 65536;
+/// Most distinct backends (a node's address and how it is reached), shared by every VIP that
+/// has them: a 1,000-node cluster's `externalTrafficPolicy: Cluster` VIPs all use the same
+/// 1,000. A multiple of 64 (tables keep one membership bit per backend).
+pub const MAX_BACKENDS: u32 = 8192;
+/// Most distinct Maglev tables. A table is addressed by its content (members, weights,
+/// drains, size): VIPs with the same inputs share one, so this bounds distinct backend sets,
+/// not VIPs.
+pub const MAX_TABLES: u32 = 4096;
+/// Most (table, backend) memberships over all tables: what `TABLE_MEMBERS` describes for the
+/// readers (allocated as used).
+pub const MAX_TABLE_MEMBERS: u32 = 1 << 18;
 /// Most client prefixes over all VIPs' source ranges.
 pub const MAX_SOURCE_RANGES: u32 = 16384;
 /// Most load-balancer source prefixes and local addresses a decapsulator accepts.

@@ -6,6 +6,11 @@ pub mod map_names {
     pub const VIPS: &str = "VIPS";
     pub const MAGLEV: &str = "MAGLEV";
     pub const BACKENDS: &str = "BACKENDS";
+    /// VIP id -> its key and table (what an established packet checks).
+    pub const VIP_BY_ID: &str = "VIP_BY_ID";
+    /// Table id -> its description and members' bits; (table, backend) -> weight.
+    pub const TABLES: &str = "TABLES";
+    pub const TABLE_MEMBERS: &str = "TABLE_MEMBERS";
     pub const FLOWS: &str = "FLOWS";
     pub const FLOWS6: &str = "FLOWS6";
     pub const TX_PORTS: &str = "TX_PORTS";
@@ -31,7 +36,7 @@ pub mod map_names {
     pub const TRACE: &str = "TRACE";
     pub const TRACE_EVENTS: &str = "TRACE_EVENTS";
     pub const TRACE_RATE: &str = "TRACE_RATE";
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 25] = [
         FLOWS6,
         VIP_FILTER,
         VIP_ADDRS,
@@ -39,6 +44,9 @@ pub mod map_names {
         VIPS,
         MAGLEV,
         BACKENDS,
+        VIP_BY_ID,
+        TABLES,
+        TABLE_MEMBERS,
         FLOWS,
         TX_PORTS,
         VIP_STATS,

@@ -4,6 +4,9 @@
 unsafe impl aya::Pod for crate::VipKey {}
 unsafe impl aya::Pod for crate::VipInfo {}
 unsafe impl aya::Pod for crate::Backend {}
+unsafe impl aya::Pod for crate::VipRef {}
+unsafe impl aya::Pod for crate::TableInfo {}
+unsafe impl aya::Pod for crate::MemberKey {}
 unsafe impl aya::Pod for crate::FlowKey {}
 unsafe impl aya::Pod for crate::FlowKey4 {}
 unsafe impl aya::Pod for crate::FlowValue {}

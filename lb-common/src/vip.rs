@@ -76,17 +76,95 @@ pub mod vip_flags {
     pub const SOURCE_RANGES: u32 = 2;
 }
 
-/// Value of the `VIPS` hash.
+/// Value of the `VIPS` hash. Replaced whole when the VIP moves to another table, so a packet
+/// reads the table and its size together.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipInfo {
-    /// Index into `MAGLEV` and `VIP_STATS`.
+    /// Index into `VIP_BY_ID` and `VIP_STATS`.
     pub id: u32,
-    /// Size of this VIP's Maglev table (the inner map's max_entries).
+    /// Index into `MAGLEV` and `TABLES`: the table this VIP's new flows are picked from.
+    pub table: u32,
+    /// Size of that Maglev table (the inner map's slots).
     pub table_size: u32,
     /// Backends that take new flows; 0 drops new flows (established ones keep going).
     pub live_backends: u32,
     pub flags: u32,
+}
+
+/// Value of the `VIP_BY_ID` array: what an established packet checks instead of the `VIPS`
+/// lookup. Its flow entry names a VIP id; the id still names the flow's VIP when `key` is the
+/// packet's (address, port, protocol), and the entry's backend is still one of the VIP's when
+/// it is a member of `table`. Cleared (key zero) when the VIP goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipRef {
+    pub key: VipKey,
+    pub table: u32,
+}
+
+/// Value of the `TABLES` array: a Maglev table's description, addressed by content. Written
+/// before any VIP points at the table and never changed while one does: a change of members,
+/// weights or size is another table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableInfo {
+    /// Of what the table was built from (0: none, the id is free).
+    pub fingerprint: u64,
+    pub size: u32,
+    /// Members, draining ones included (their flows still reach them).
+    pub members: u32,
+    /// One bit per backend id: set for every member, active or draining.
+    pub bits: [u64; (crate::MAX_BACKENDS / 64) as usize],
+}
+
+impl Default for TableInfo {
+    fn default() -> Self {
+        Self {
+            fingerprint: 0,
+            size: 0,
+            members: 0,
+            bits: [0; (crate::MAX_BACKENDS / 64) as usize],
+        }
+    }
+}
+
+impl TableInfo {
+    /// Is backend `id` a member (active or draining)?
+    #[inline(always)]
+    pub const fn has(&self, id: u32) -> bool {
+        let word = (id / 64) as usize;
+        word < self.bits.len() && self.bits[word] & (1 << (id % 64)) != 0
+    }
+
+    pub fn add(&mut self, id: u32) {
+        if let Some(word) = self.bits.get_mut((id / 64) as usize) {
+            *word |= 1 << (id % 64);
+        }
+    }
+}
+
+/// Key of `TABLE_MEMBERS`: a backend of a table, described for the readers (`inspect`,
+/// `explain`, `/metrics`); the program never reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MemberKey {
+    pub table: u32,
+    pub backend: u32,
+}
+
+/// Value of `TABLE_MEMBERS`: the backend's weight in the table, with [`MEMBER_DRAINING`] set
+/// when it takes no new flows (its weight is then what it would be when it comes back).
+pub type MemberWeight = u32;
+pub const MEMBER_DRAINING: u32 = 1 << 31;
+
+/// The weight a member has in its table's picks: 0 while draining.
+pub const fn member_pick_weight(weight: MemberWeight) -> u32 {
+    if weight & MEMBER_DRAINING != 0 {
+        0
+    } else {
+        weight
+    }
 }
 
 /// Value of the `ANNOUNCE` hash (key: a VIP address, [`VipKey::address_only`]): this node won
@@ -98,13 +176,13 @@ pub struct Announce {
     pub _pad: [u8; 2],
 }
 
-/// Backend slot states. The program only forwards to a slot that is not `EMPTY`.
+/// Backend entry states. The program only forwards to an entry that is not `EMPTY`; whether
+/// a backend takes a VIP's new flows is its table's business (members with weight 0 or
+/// draining are not in the picks).
 pub mod backend_state {
     pub const EMPTY: u32 = 0;
-    /// In the Maglev table: takes new flows.
-    pub const ACTIVE: u32 = 1;
-    /// Out of the Maglev table but still serving its established flows.
-    pub const DRAINING: u32 = 2;
+    /// Held by a backend that at least one table has as a member.
+    pub const IN_USE: u32 = 1;
 }
 
 /// [`Backend::mode`]: how a backend's packets are forwarded.
@@ -120,7 +198,8 @@ pub mod forward_mode {
     pub const LOCAL: u8 = 3;
 }
 
-/// Value of the `BACKENDS` array: where and how to send a packet of this backend.
+/// Value of the `BACKENDS` array: where and how to send a packet of this backend. One entry
+/// per backend, shared by every VIP and table that has it (Katran's reals).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
@@ -131,15 +210,10 @@ pub struct Backend {
     /// Host-order mask of the last 32 bits of `encap_src` that vary per flow, so that the
     /// backend's NIC spreads the flows over its receive queues (RSS hashes the outer header).
     pub encap_src_vary: u32,
-    /// The VIP this slot belongs to: a flow entry pointing at a slot reused by another VIP
-    /// must not follow it.
-    pub vip_id: u32,
     /// Egress interface: `XDP_TX` when it is the ingress one, else `XDP_REDIRECT` via `TX_PORTS`.
     pub ifindex: u32,
     /// One of [`backend_state`].
     pub state: u32,
-    /// Maglev weight as configured (the program ignores it; the control plane diffs on it).
-    pub weight: u32,
     /// One of [`forward_mode`].
     pub mode: u8,
     /// [`FAMILY_V4`](crate::FAMILY_V4) or [`FAMILY_V6`](crate::FAMILY_V6) of `addr`.
@@ -149,10 +223,7 @@ pub struct Backend {
     /// Next hop's MAC (the backend's own in L2 mode).
     pub dst_mac: [u8; 6],
     pub src_mac: [u8; 6],
-    /// The VIP this slot serves: an established packet is forwarded only when its own
-    /// (address, port, protocol) matches, which lets it skip the VIP lookup safely.
-    pub vip: VipKey,
-    /// Bumped each time the slot is given to another backend. A connection-table entry
+    /// Bumped each time the entry is given to another backend. A connection-table entry
     /// carries the generation it was recorded with: an entry of an earlier holder of the slot
     /// does not match, so its flow re-hashes instead of following the slot.
     pub generation: u32,

@@ -67,7 +67,8 @@ use balancer::encap::encapsulate;
 use balancer::icmp::{echo_reply, too_big};
 use balancer::maps::{
     BACKEND_STATS, BACKENDS, DECAP_LOCAL, DECAP_SOURCES, FLOWS, FLOWS6, GLOBAL_STATS, MAGLEV,
-    PEER_FILTER, PEERS, SOURCE_RANGES, TX_PORTS, VIP_ADDRS, VIP_FILTER, VIP_STATS, VIPS,
+    PEER_FILTER, PEERS, SOURCE_RANGES, TABLES, TX_PORTS, VIP_ADDRS, VIP_BY_ID, VIP_FILTER,
+    VIP_STATS, VIPS,
 };
 use balancer::neighbour::{arp_reply, neighbor_advert};
 use balancer::rate::new_flow_admitted;
@@ -181,11 +182,11 @@ fn balance_flow(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, GlobalCou
     // cycle ports) never follows a stale entry to a backend that takes no new flows, and a
     // retransmitted SYN gets the same pick as long as the table is unchanged.
     if !flow.syn
-        && let Some((id, backend)) = established_backend(&flow.key, &vip_key)
+        && let Some((vip_id, id, backend)) = established_backend(&flow.key, &vip_key)
     {
         why.chose(trace_source::CONN_TABLE, id, backend);
         count(GlobalCounter::FlowHit);
-        add(&VIP_STATS, backend.vip_id, bytes);
+        add(&VIP_STATS, vip_id, bytes);
         add(&BACKEND_STATS, id, bytes);
         return forward(ctx, &flow.l3, &flow.key, backend, true);
     }
@@ -204,7 +205,7 @@ fn balance_flow(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, GlobalCou
         return (xdp_action::XDP_DROP, GlobalCounter::DropNoBackend);
     };
     why.chose(trace_source::MAGLEV, id, backend);
-    if !record_flow(&flow.key, id, backend, flow.syn) {
+    if !record_flow(&flow.key, vip.id, id, backend, flow.syn) {
         why.flags |= trace_flags::NOT_RECORDED;
     }
     add(&BACKEND_STATS, id, bytes);
@@ -271,12 +272,13 @@ fn source_admitted(key: &FlowKey, vip_id: u32) -> bool {
     SOURCE_RANGES.get(&lookup).is_some()
 }
 
-/// The connection table's backend for this flow, if its slot still holds the backend it was
-/// recorded with, for this VIP. A slot that was freed (backend or VIP removed) or given to
-/// another backend since (another generation) does not match: the flow takes the slow path
-/// and re-hashes (or passes, if its VIP is gone).
+/// The connection table's VIP id and backend for this flow, if both still hold: the entry's
+/// VIP id still names this flow's VIP (`VIP_BY_ID`), the backend is still a member (active or
+/// draining) of that VIP's table, and its entry still holds the backend the flow was recorded
+/// with (its generation). Otherwise the flow takes the slow path and re-hashes (or passes, if
+/// its VIP is gone). Array reads only: no `VIPS` lookup on this path.
 #[inline(always)]
-fn established_backend(key: &FlowKey, vip_key: &VipKey) -> Option<(u32, &'static Backend)> {
+fn established_backend(key: &FlowKey, vip_key: &VipKey) -> Option<(u32, u32, &'static Backend)> {
     let entry = if key.family == FAMILY_V4 {
         FLOWS.get_ptr(&key.narrow())?
     } else {
@@ -285,14 +287,18 @@ fn established_backend(key: &FlowKey, vip_key: &VipKey) -> Option<(u32, &'static
     // SAFETY: read once, by value; a concurrent LRU eviction only makes it stale.
     let FlowValue {
         backend: id,
+        vip: vip_id,
         generation,
     } = unsafe { *entry };
-    // An array value lives as long as the map; it is read in place, not copied.
+    let (id, vip_id) = (u32::from(id), u32::from(vip_id));
+    // Array values live as long as their maps; they are read in place, not copied.
+    let vip = VIP_BY_ID.get(vip_id)?;
+    if vip.key != *vip_key || !TABLES.get(vip.table)?.has(id) {
+        return None;
+    }
     let backend = BACKENDS.get(id)?;
-    (backend.state != backend_state::EMPTY
-        && backend.generation == generation
-        && backend.vip == *vip_key)
-        .then_some((id, backend))
+    (backend.state != backend_state::EMPTY && backend.generation == generation)
+        .then_some((vip_id, id, backend))
 }
 
 /// The Maglev pick for the flow: the backend every node's table gives it.
@@ -309,16 +315,15 @@ fn pick_backend(key: &FlowKey, vip: &VipInfo, why: &mut Why) -> Option<(u32, &'s
         why.flags |= trace_flags::AFFINITY;
     }
     // Two slots per element (`MAGLEV_SLOTS_PER_ELEMENT`): the even one in the low half.
-    let pair = *MAGLEV.get_value(vip.id, &(slot / 2))?;
+    let pair = *MAGLEV.get_value(vip.table, &(slot / 2))?;
     let id = (pair >> ((slot & 1) * 32)) as u32;
     if id == NO_BACKEND {
         return None;
     }
+    // A table's picks are its active members, fixed while any VIP points at it; a backend's
+    // entry is freed only once no table has it.
     let backend = BACKENDS.get(id)?;
-    if backend.state != backend_state::ACTIVE || backend.vip_id != vip.id {
-        return None;
-    }
-    Some((id, backend))
+    (backend.state != backend_state::EMPTY).then_some((id, backend))
 }
 
 /// Records a new flow's pick in the connection table, unless the flood guard holds this CPU
@@ -326,7 +331,7 @@ fn pick_backend(key: &FlowKey, vip: &VipInfo, why: &mut Why) -> Option<(u32, &'s
 /// backend while the table is unchanged), and a SYN's stale entry, if any, is removed so that
 /// the connection's later packets follow the SYN and not the entry. False when not recorded.
 #[inline(always)]
-fn record_flow(key: &FlowKey, id: u32, backend: &Backend, syn: bool) -> bool {
+fn record_flow(key: &FlowKey, vip_id: u32, id: u32, backend: &Backend, syn: bool) -> bool {
     if !new_flow_admitted() {
         count(GlobalCounter::FlowsNotRecorded);
         // A lookup first: it takes no lock, a removal does, and a forged SYN has no entry.
@@ -340,8 +345,10 @@ fn record_flow(key: &FlowKey, id: u32, backend: &Backend, syn: bool) -> bool {
         }
         return false;
     }
+    // Ids fit 16 bits (`MAX_BACKENDS`, `MAX_VIPS`: checked in lb-common).
     let value = FlowValue {
-        backend: id,
+        backend: id as u16,
+        vip: vip_id as u16,
         generation: backend.generation,
     };
     // A full table evicts its least recently used entry; insert fails only on memory
@@ -418,7 +425,7 @@ fn icmp_error(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, GlobalCount
     }
     let vip_key = vip_key_of(&flow.key);
     let backend = match established_backend(&flow.key, &vip_key) {
-        Some((id, backend)) => {
+        Some((_, id, backend)) => {
             why.chose(trace_source::CONN_TABLE, id, backend);
             backend
         }

@@ -59,6 +59,7 @@ fn scrape_beside_full_table(pins: &PinLayout) {
             &key.widen(),
             &FlowValue {
                 backend: 1,
+                vip: 0,
                 generation: 1,
             },
         )

@@ -195,7 +195,7 @@ impl Harness {
 
     /// The IPv4 connection table as the packets left it: client port -> the backend index (as
     /// in [`backend_addr`]) its entry sends the flow to, by the backend's MAC (`None`: the
-    /// entry's backend slot holds no fixture backend). Fixtures send from one client, so the
+    /// entry's backend entry holds no fixture backend). Fixtures send from one client, so the
     /// port names the flow.
     pub fn flow_entries(&self) -> anyhow::Result<BTreeMap<u16, Option<u8>>> {
         let mut out = BTreeMap::new();
@@ -206,7 +206,7 @@ impl Harness {
             }
             let backend = self
                 .maps
-                .slot(value.backend)
+                .backend(u32::from(value.backend))
                 .ok()
                 .and_then(|b| Self::backend_of(&b.dst_mac));
             out.insert(u16::from_be(key.sport), backend);
@@ -241,20 +241,31 @@ impl Runner<'_> {
     }
 }
 
+/// One backend of a VIP as packets see it: its entry (without the per-node generation) and
+/// its weight in the VIP's table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemberView {
+    pub backend: lb_common::Backend,
+    pub weight: u32,
+    pub draining: bool,
+}
+
 /// One VIP as packets see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VipView {
     pub table_size: u32,
     pub live_backends: u32,
     pub flags: u32,
-    /// Slots by backend address, without the per-node numbering (VIP id, generation).
-    pub backends: BTreeMap<IpAddr, lb_common::Backend>,
-    /// The Maglev table as backend addresses (`None`: no backend, or an empty slot).
+    /// The members of its table by backend address, without the per-node numbering (ids,
+    /// generations).
+    pub backends: BTreeMap<IpAddr, MemberView>,
+    /// The Maglev table as backend addresses (`None`: no backend, or an empty entry).
     pub table: Vec<Option<IpAddr>>,
 }
 
-/// The maps' contents without what differs between two equally correct histories (VIP ids,
-/// slot numbers, generations): two snapshots are equal when every packet meets the same fate.
+/// The maps' contents without what differs between two equally correct histories (VIP,
+/// backend and table ids, generations): two snapshots are equal when every packet meets the
+/// same fate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Snapshot {
     pub vips: BTreeMap<VipKey, VipView>,
@@ -262,34 +273,51 @@ pub struct Snapshot {
     /// (the VIP of the range's scope, if any; the scope's bits above the VIP id; prefix
     /// length; address).
     pub source_ranges: BTreeSet<(Option<VipKey>, u32, u32, [u8; 16])>,
-    /// Occupied slots of no VIP.
-    pub orphan_slots: usize,
+    /// Occupied backend entries that no VIP's table has.
+    pub orphan_backends: usize,
+    /// `VIP_BY_ID` entries that do not say what `VIPS` says (a VIP's key and table), or that
+    /// name no VIP.
+    pub wrong_refs: usize,
     pub filter: VipFilter,
 }
 
 impl Snapshot {
     pub fn read(maps: &Maps) -> anyhow::Result<Self> {
         let current = lb_userspace::dataplane::Snapshot::read(maps)?;
+        let members = lb_userspace::dataplane::members_by_table(maps, &current.backends)?;
         let by_id: BTreeMap<u32, VipKey> =
             current.vips.iter().map(|(k, info)| (info.id, *k)).collect();
         let mut vips = BTreeMap::new();
+        let mut used = BTreeSet::new();
+        let mut wrong_refs = 0;
         for (key, info) in &current.vips {
-            let backends = current
-                .slots
-                .values()
-                .filter(|s| s.vip_id == info.id)
-                .map(|s| (addr_from_raw(&s.addr, s.family), normalised(s)))
+            let ours = members.get(&info.table).cloned().unwrap_or_default();
+            used.extend(ours.iter().map(|m| m.id));
+            let wanted = lb_common::VipRef {
+                key: *key,
+                table: info.table,
+            };
+            if maps.vip_ref(info.id)? != wanted {
+                wrong_refs += 1;
+            }
+            let backends = ours
+                .iter()
+                .map(|m| {
+                    let view = MemberView {
+                        backend: lb_common::Backend {
+                            generation: 0,
+                            ..m.backend
+                        },
+                        weight: m.weight,
+                        draining: m.draining,
+                    };
+                    (m.addr(), view)
+                })
                 .collect();
             let table = maps
-                .maglev_table(info.id, info.table_size)?
+                .maglev_table(info.table, info.table_size)?
                 .iter()
-                .map(|slot| {
-                    current
-                        .slots
-                        .get(slot)
-                        .filter(|s| s.vip_id == info.id)
-                        .map(|s| addr_from_raw(&s.addr, s.family))
-                })
+                .map(|id| ours.iter().find(|m| m.id == *id).map(|m| m.addr()))
                 .collect();
             vips.insert(
                 *key,
@@ -301,6 +329,12 @@ impl Snapshot {
                     table,
                 },
             );
+        }
+        let empty = lb_common::VipRef::default();
+        for id in 0..lb_common::MAX_VIPS {
+            if !by_id.contains_key(&id) && maps.vip_ref(id)? != empty {
+                wrong_refs += 1;
+            }
         }
         let source_ranges = current
             .source_ranges
@@ -316,11 +350,12 @@ impl Snapshot {
             })
             .collect();
         Ok(Self {
-            orphan_slots: current
-                .slots
-                .values()
-                .filter(|s| !by_id.contains_key(&s.vip_id))
+            orphan_backends: current
+                .backends
+                .keys()
+                .filter(|id| !used.contains(*id))
                 .count(),
+            wrong_refs,
             vips,
             vip_addrs: current.vip_addrs.clone(),
             source_ranges,
@@ -350,11 +385,11 @@ impl Snapshot {
                             "VIP {vip}: backends {:?} vs {:?}",
                             a.backends
                                 .iter()
-                                .map(|(ip, s)| (ip, s.state, s.weight))
+                                .map(|(ip, m)| (ip, m.weight, m.draining))
                                 .collect::<Vec<_>>(),
                             b.backends
                                 .iter()
-                                .map(|(ip, s)| (ip, s.state, s.weight))
+                                .map(|(ip, m)| (ip, m.weight, m.draining))
                                 .collect::<Vec<_>>()
                         ));
                     }
@@ -387,25 +422,22 @@ impl Snapshot {
                 self.source_ranges, other.source_ranges
             ));
         }
-        if self.orphan_slots != other.orphan_slots {
+        if self.orphan_backends != other.orphan_backends {
             out.push(format!(
-                "slots of no VIP: {} vs {}",
-                self.orphan_slots, other.orphan_slots
+                "backend entries of no table: {} vs {}",
+                self.orphan_backends, other.orphan_backends
+            ));
+        }
+        if self.wrong_refs != other.wrong_refs {
+            out.push(format!(
+                "VIP_BY_ID entries that disagree with VIPS: {} vs {}",
+                self.wrong_refs, other.wrong_refs
             ));
         }
         if self.filter != other.filter {
             out.push("VIP_FILTER differs".into());
         }
         out
-    }
-}
-
-/// A slot without its per-node numbering.
-fn normalised(slot: &lb_common::Backend) -> lb_common::Backend {
-    lb_common::Backend {
-        vip_id: 0,
-        generation: 0,
-        ..*slot
     }
 }
 

@@ -434,16 +434,17 @@ fn a_failed_reconcile_changes_nothing() {
     assert!(err.contains("192.0.2.77") && err.contains("mac"), "{err}");
     let after = Snapshot::read(&h.maps).unwrap();
     assert_eq!(before.vips, after.vips);
-    assert_eq!(before.slots, after.slots);
+    assert_eq!(before.backends, after.backends);
+    assert_eq!(before.tables, after.tables);
     assert_eq!(assert_forwarded(&mut h, &syn), b);
 }
 
 #[test]
-fn batched_backend_read_matches_slot_by_slot_reads() {
+fn batched_backend_read_matches_entry_by_entry_reads() {
     let h = harness(Protocol::Tcp, &[(0, 1, false), (1, 3, true), (2, 2, false)]);
     let batched = h.maps.read_backends().expect("batched read of BACKENDS");
-    let one_by_one: Vec<lb_common::Backend> = (0..h.maps.slot_count())
-        .map(|i| h.maps.slot(i).expect("reading a BACKENDS slot"))
+    let one_by_one: Vec<lb_common::Backend> = (0..h.maps.backend_capacity())
+        .map(|i| h.maps.backend(i).expect("reading a BACKENDS entry"))
         .collect();
     assert_eq!(batched.len(), one_by_one.len());
     assert_eq!(batched, one_by_one);

@@ -107,13 +107,13 @@ fn a_frame_from_another_node_is_never_balanced_twice() {
     assert_eq!(h.counter(GlobalCounter::FromPeer).unwrap(), 600);
 }
 
-/// A VIP's table as backend addresses (slot ids are per node; addresses are what must agree).
+/// A VIP's table as backend addresses (backend ids are per node; addresses are what must agree).
 fn table_by_address(h: &Harness, d: &Desired) -> Vec<IpAddr> {
     let key = vip_key(&d.vips[0].key);
     let info = h.maps.vip(&key).unwrap().expect("the VIP is in VIPS");
     let slots = h.maps.read_backends().unwrap();
     h.maps
-        .maglev_table(info.id, info.table_size)
+        .maglev_table(info.table, info.table_size)
         .unwrap()
         .iter()
         .map(|id| {
@@ -134,7 +134,7 @@ fn every_node_builds_the_same_maglev_table() {
     assert!(tables.iter().all(|t| *t == tables[0]), "tables differ");
     let owners: BTreeSet<IpAddr> = tables[0].iter().copied().collect();
     assert_eq!(owners.len(), 3, "every node owns slots, this one included");
-    // And so does a node whose slot ids were allocated in another order (a restarted agent
+    // And so does a node whose backend ids were allocated in another order (a restarted agent
     // that saw the nodes arrive one by one).
     let mut late = node(
         &{

@@ -47,15 +47,15 @@ fn events(session: &mut TraceSession) -> Vec<TraceEvent> {
         .expect("read the trace ring")
 }
 
-/// The BACKENDS id of the slot that holds `addr`.
+/// The BACKENDS id and generation of the entry that holds `addr`.
 fn slot_of(h: &Harness, addr: IpAddr) -> (u32, u32) {
     let snapshot = Snapshot::read(&h.maps).expect("read the maps");
     snapshot
-        .slots
+        .backends
         .iter()
         .find(|(_, b)| lb_common::addr_from_raw(&b.addr, b.family) == addr)
         .map(|(id, b)| (*id, b.generation))
-        .expect("a slot holds the backend")
+        .expect("an entry holds the backend")
 }
 
 fn table_size(h: &Harness) -> u32 {

@@ -369,21 +369,11 @@ fn metrics_match_the_clients_and_the_backends_counts() -> Result<()> {
             c.ttl_other == 0,
             "b{i}: packets that XDP did not forward: {c:?}"
         );
-        let mut sent = 0;
-        for port in ["80/tcp", "7000/tcp", "5353/udp"] {
-            let key =
-                format!("sluice_backend_packets_total{{vip=\"{vip}:{port}\",backend=\"{addr}\"}}");
-            sent += delta(&m, &key)?;
-        }
-        let ranged = format!(
-            "sluice_backend_packets_total{{vip=\"{vip}:{RANGED_PORT}/udp\",backend=\"{addr}\"}}"
-        );
-        if m.contains_key(&ranged) {
-            ensure!(
-                delta(&m, &ranged)? == 0,
-                "b{i} got refused datagrams: {ranged}"
-            );
-        }
+        // Over every VIP it serves (backends are shared; refused datagrams reach none).
+        let sent = delta(
+            &m,
+            &format!("sluice_backend_packets_total{{backend=\"{addr}\"}}"),
+        )?;
         println!("b{i}: /metrics says {sent} packets sent to it, nftables there counted {c:?}");
         ensure!(
             sent == c.ttl64,

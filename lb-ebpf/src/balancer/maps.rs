@@ -10,9 +10,10 @@ use aya_ebpf::{
 use lb_common::{
     Announce, BPF_F_NO_COMMON_LRU, Backend, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE,
     FlowKey, FlowKey4, FlowValue, GlobalCounter, MAGLEV_INNER_FLAGS, MAX_BACKENDS, MAX_DECAP_ADDRS,
-    MAX_PEERS, MAX_SOURCE_RANGES, MAX_TX_PORTS, MAX_VIPS, PeerFilter, PeerKey, RateWindow,
-    ScopedAddr, Settings, TRACE_RING_BYTES, TraceEvent, TraceFilter, VipFilter, VipInfo, VipKey,
-    flow_table_size_v6, maglev_elements,
+    MAX_PEERS, MAX_SOURCE_RANGES, MAX_TABLE_MEMBERS, MAX_TABLES, MAX_TX_PORTS, MAX_VIPS, MemberKey,
+    MemberWeight, PeerFilter, PeerKey, RateWindow, ScopedAddr, Settings, TRACE_RING_BYTES,
+    TableInfo, TraceEvent, TraceFilter, VipFilter, VipInfo, VipKey, VipRef, flow_table_size_v6,
+    maglev_elements,
 };
 
 pub(crate) const MAX_VIPS_: usize = MAX_VIPS as usize;
@@ -21,16 +22,36 @@ pub(crate) const MAX_VIPS_: usize = MAX_VIPS as usize;
 #[btf_map]
 pub(crate) static VIPS: HashMap<VipKey, VipInfo, MAX_VIPS_> = HashMap::new();
 
-/// VIP id -> that VIP's Maglev table (slot -> backend id). User space builds a new inner array
-/// and swaps it in with one update of the outer slot: a packet sees the old table or the new
-/// one, never a half-written one. Maps are pinned (or not) by user space, not here.
+/// Table id -> a Maglev table (slot -> backend id), shared by every VIP with the same inputs
+/// (`TABLES` describes it). User space fills a new inner array at a free id and points the
+/// VIPs at it (`VipInfo::table`): a packet sees the old table or the new one, never a
+/// half-written one. Maps are pinned (or not) by user space, not here.
 #[btf_map]
 pub(crate) static MAGLEV: ArrayOfMaps<
     Array<u64, { maglev_elements(DEFAULT_MAGLEV_SIZE) as usize }, { MAGLEV_INNER_FLAGS as usize }>,
-    MAX_VIPS_,
+    { MAX_TABLES as usize },
 > = ArrayOfMaps::new();
 
-/// Backend id -> where to send its packets.
+/// Table id -> its description and the bits of its members (active and draining).
+#[btf_map]
+pub(crate) static TABLES: Array<TableInfo, { MAX_TABLES as usize }> = Array::new();
+
+/// (table, backend) -> weight, for the readers only (the program never reads it; it is
+/// declared here so that it is created and pinned with the others). Allocated as used.
+#[btf_map]
+pub(crate) static TABLE_MEMBERS: HashMap<
+    MemberKey,
+    MemberWeight,
+    { MAX_TABLE_MEMBERS as usize },
+    { lb_common::BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// VIP id -> its key and table: an established packet's check that its entry's VIP and
+/// backend still hold, without the `VIPS` lookup.
+#[btf_map]
+pub(crate) static VIP_BY_ID: Array<VipRef, MAX_VIPS_> = Array::new();
+
+/// Backend id -> where to send its packets (one entry per backend, shared by all VIPs).
 #[btf_map]
 pub(crate) static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use lb_common::{DEFAULT_FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_VIPS};
+use lb_common::{DEFAULT_FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_TABLES, MAX_VIPS};
 use marked_yaml::Node;
 
 use super::yaml::{Checker, Field, node_line};
@@ -100,7 +100,7 @@ impl Checker<'_> {
         let items = self.list(&vips_field, "write one `- address: ...` entry per VIP")?;
         let mut vips = Vec::with_capacity(items.len());
         let mut seen = HashMap::new();
-        let mut total_backends = 0;
+        let mut room = Room::default();
         for item in &items {
             if vips.len() == MAX_VIPS as usize {
                 return Err(self.error_at(
@@ -109,7 +109,7 @@ impl Checker<'_> {
                     "that is all one load balancer serves; spread the VIPs over several",
                 ));
             }
-            let vip = self.vip(item, &settings, &mut total_backends)?;
+            let vip = self.vip(item, &settings, &mut room)?;
             self.unique(
                 &mut seen,
                 vip.key,
@@ -130,7 +130,7 @@ impl Checker<'_> {
         &self,
         item: &Field<'_>,
         settings: &Settings,
-        total_backends: &mut u32,
+        room: &mut Room,
     ) -> Result<Vip> {
         let fields = self.fields(item, VIP_KEYS)?;
         let addr = self.unicast_addr(&self.require(
@@ -212,15 +212,17 @@ impl Checker<'_> {
         let mut taking_new_flows = 0;
         for item in &items {
             let backend = self.backend(item)?;
-            *total_backends += 1;
-            if *total_backends > MAX_BACKENDS {
+            if room.backends.len() == MAX_BACKENDS as usize
+                && !room.backends.contains(&(backend.addr, mode))
+            {
                 return Err(self.error_at(
                     item,
-                    format!("more than {MAX_BACKENDS} backends over all VIPs"),
-                    "that is the size of the backend table; spread the VIPs over several \
-                     load balancers",
+                    format!("more than {MAX_BACKENDS} distinct backends"),
+                    "that is the size of the backend table (VIPs share a backend's entry); \
+                     spread the VIPs over several load balancers",
                 ));
             }
+            room.backends.insert((backend.addr, mode));
             self.unique(
                 &mut seen,
                 backend.addr,
@@ -256,6 +258,23 @@ impl Checker<'_> {
             backends.push(backend);
         }
         backends.sort_unstable_by_key(|backend| backend.addr);
+        // VIPs with the same backends and weights share a Maglev table.
+        let set: BackendSet = (
+            mode,
+            backends
+                .iter()
+                .map(|b| (b.addr, b.weight, b.takes_new_flows()))
+                .collect(),
+        );
+        if room.tables.len() == MAX_TABLES as usize && !room.tables.contains(&set) {
+            return Err(self.error_at(
+                item,
+                format!("more than {MAX_TABLES} distinct sets of backends and weights"),
+                "VIPs with the same backends and weights share a Maglev table, other sets need \
+                 their own; spread the VIPs over several load balancers",
+            ));
+        }
+        room.tables.insert(set);
         let health_check = fields
             .get("health_check")
             .map(|field| self.health_check(&field))
@@ -345,3 +364,15 @@ impl Checker<'_> {
         })
     }
 }
+
+/// What one load balancer's maps hold, counted over the VIPs read so far: distinct backends
+/// (one entry each, shared by the VIPs) and distinct backend sets (one Maglev table each).
+#[derive(Default)]
+pub(super) struct Room {
+    backends: std::collections::HashSet<(std::net::IpAddr, ForwardingMode)>,
+    tables: std::collections::HashSet<BackendSet>,
+}
+
+/// A VIP's table inputs as the config gives them: its mode and (address, weight, takes new
+/// flows) per backend, by address.
+type BackendSet = (ForwardingMode, Vec<(std::net::IpAddr, u32, bool)>);

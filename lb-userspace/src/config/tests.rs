@@ -1,7 +1,7 @@
 //! The static config's tests: parsing, validation and the errors users see.
 
 use super::*;
-use lb_common::{DEFAULT_FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_VIPS};
+use lb_common::{DEFAULT_FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_TABLES, MAX_VIPS};
 
 use crate::model::{
     Backend, DEFAULT_WEIGHT, ForwardingMode, MAX_WEIGHT, MacAddr, Protocol, Vip, VipAddr,
@@ -647,12 +647,12 @@ fn more_live_backends_than_slots() {
 
 #[test]
 fn limits_on_vips_and_backends() {
+    let vip_address = |i: u32| format!("10.{}.{}.{}", i / 65536 + 1, (i / 256) % 256, i % 256);
     let mut text = String::from("vips:\n");
     for i in 0..=MAX_VIPS {
         text += &format!(
-            "  - {{address: 10.{}.{}.1, port: 80, backends: []}}\n",
-            i / 256 + 1,
-            i % 256
+            "  - {{address: {}, port: 80, backends: []}}\n",
+            vip_address(i)
         );
     }
     let error = parse(&text, "lab.yaml").unwrap_err();
@@ -660,31 +660,63 @@ fn limits_on_vips_and_backends() {
         (error.line(), error.field()),
         (Some(MAX_VIPS as usize + 2), &*format!("vips[{MAX_VIPS}]"))
     );
-    assert!(error.to_string().contains("more than 1024 VIPs"));
+    assert!(error.to_string().contains("more than 65536 VIPs"));
 
-    // 16 backends for each of the 1024 VIPs fill the backend table; one more overflows it.
-    let per_vip = MAX_BACKENDS / MAX_VIPS;
+    // Backends are counted once however many VIPs have them: 64 VIPs sharing 100 backends
+    // take 100 entries and one table.
+    let shared: String = (0..100)
+        .map(|j| format!("      - {{address: 172.16.0.{}}}\n", j + 1))
+        .collect();
     let mut text = String::from("vips:\n");
-    for i in 0..MAX_VIPS {
+    for i in 0..64 {
         text += &format!(
-            "  - address: 10.{}.{}.1\n    port: 80\n    backends:\n",
-            i / 256 + 1,
-            i % 256
+            "  - address: {}\n    port: 80\n    backends:\n{shared}",
+            vip_address(i)
         );
-        for j in 0..(per_vip + u32::from(i == MAX_VIPS - 1)) {
-            text += &format!("      - {{address: 172.16.{}.{}}}\n", j, 1 + i % 250);
+    }
+    assert!(parse(&text, "lab.yaml").is_ok());
+
+    // MAX_BACKENDS distinct backends fill the backend table; one more overflows it.
+    let per_vip = 128;
+    let vips = MAX_BACKENDS / per_vip;
+    let mut text = String::from("vips:\n");
+    for i in 0..vips {
+        text += &format!(
+            "  - address: {}\n    port: 80\n    backends:\n",
+            vip_address(i)
+        );
+        for j in 0..(per_vip + u32::from(i == vips - 1)) {
+            text += &format!("      - {{address: 172.{}.{}.1}}\n", 16 + i, j);
         }
     }
     let error = parse(&text, "lab.yaml").unwrap_err();
     assert_eq!(
         error.field(),
-        format!("vips[{}].backends[{per_vip}]", MAX_VIPS - 1)
+        format!("vips[{}].backends[{per_vip}]", vips - 1)
     );
     assert_eq!(error.line(), Some(text.lines().count()));
     assert!(
         error
             .to_string()
-            .contains("more than 16384 backends over all VIPs")
+            .contains("more than 8192 distinct backends")
+    );
+
+    // MAX_TABLES distinct sets of backends fill the tables; one more overflows them.
+    let mut text = String::from("vips:\n");
+    for i in 0..=MAX_TABLES {
+        text += &format!(
+            "  - address: {}\n    port: 80\n    backends:\n      - {{address: 172.16.{}.{}}}\n",
+            vip_address(i),
+            i / 250,
+            i % 250 + 1
+        );
+    }
+    let error = parse(&text, "lab.yaml").unwrap_err();
+    assert_eq!(error.field(), format!("vips[{MAX_TABLES}]"));
+    assert!(
+        error
+            .to_string()
+            .contains("more than 4096 distinct sets of backends")
     );
 }
 

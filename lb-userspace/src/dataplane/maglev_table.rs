@@ -6,78 +6,123 @@ use std::ptr;
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::maps::MapData;
-use lb_common::MAGLEV_INNER_FLAGS;
+use lb_common::{MAGLEV_INNER_FLAGS, MemberKey, MemberWeight, NO_BACKEND, TableInfo};
 
 use super::maps::Maps;
 use super::sys::update_batch;
 
-/// One VIP's table for [`install_maglev_tables`]: slot i holds `backends[picks[i]]`, or
-/// `NO_BACKEND` where `picks[i]` names no backend. VIPs with the same backends and weights share
-/// `picks` (a Maglev table of indices), so no per-VIP copy of a table is ever held in memory.
+/// One table for [`install_maglev_tables`]: slot i holds `backends[picks[i]]`, or `NO_BACKEND`
+/// where `picks[i]` names no backend. Tables with the same weights share `picks` (a Maglev table
+/// of indices), so no copy of a table is held in memory per table id.
 pub struct TableWrite<'a> {
-    pub vip_id: u32,
+    pub table: u32,
     pub picks: &'a [u32],
     pub backends: &'a [u32],
-    /// Of what the table is built from (see [`Maps::maglev_fingerprint`]).
-    pub fingerprint: u64,
+    /// What `TABLES` says of it (fingerprint, size, member bits).
+    pub info: TableInfo,
+    /// Every member with its weight, for `TABLE_MEMBERS`.
+    pub members: &'a [(u32, MemberWeight)],
 }
 
-/// Elements after a Maglev table's slots, holding the fingerprint of what the table was built
-/// from. Written into the new inner map before it is swapped in, so it always describes the
-/// table that is installed, whatever happened to a reconcile since. The program never reads it
-/// (it picks a slot modulo the VIP's table size).
-pub const FINGERPRINT_ELEMENTS: u32 = 1;
-
-/// Elements of the inner array of a table of `slots` slots, with its fingerprint.
-pub(super) fn inner_elements(slots: u32) -> Option<u32> {
-    lb_common::maglev_elements(slots).checked_add(FINGERPRINT_ELEMENTS)
+/// Elements of the inner array of a table of `slots` slots.
+pub(super) fn inner_elements(slots: u32) -> u32 {
+    lb_common::maglev_elements(slots)
 }
 
-/// VIPs per batched update: bounds the descriptors held open at once (inner maps) well below
+/// Tables per batched update: bounds the descriptors held open at once (inner maps) well below
 /// the usual 1024 limit.
 pub(super) const TABLE_BATCH: usize = 256;
 
-/// Creates each VIP's Maglev table (filled through mmap in one copy, its fingerprint after it)
-/// and swaps it into the VIP's outer slot: the one atomic step packets can observe. The tables
-/// are created and filled, then swapped in with one batched update per [`TABLE_BATCH`] VIPs. The kernel waits for an RCU grace period
-/// after each update of an outer map (so that no program still uses an old table when the call
-/// returns), ~14 ms here: one wait per batch instead of one per VIP is what makes a sync of a
-/// thousand VIPs take half a second instead of fourteen. Each VIP's swap is still atomic.
+/// Installs tables at free ids (no VIP points at them yet): for each, its description and
+/// members without a fingerprint (so that an interrupted install is never taken for a complete
+/// table), then its Maglev picks (filled through mmap in one copy) swapped into the outer slot,
+/// then the fingerprint. The kernel waits for an RCU grace period after each update of an outer
+/// map, ~14 ms here: one wait per batch of [`TABLE_BATCH`] tables instead of one per table.
 pub fn install_maglev_tables(maps: &mut Maps, tables: &[TableWrite<'_>]) -> anyhow::Result<()> {
     for chunk in tables.chunks(TABLE_BATCH) {
         let mut inners = Vec::with_capacity(chunk.len());
         for t in chunk {
+            forget_members(maps, t.table)?;
+            let unfinished = TableInfo {
+                fingerprint: 0,
+                ..t.info
+            };
+            maps.write_table_info(t.table, &unfinished)?;
+            for (backend, weight) in t.members {
+                let key = MemberKey {
+                    table: t.table,
+                    backend: *backend,
+                };
+                maps.write_member(&key, *weight)?;
+            }
             let size = u32::try_from(t.picks.len()).context("Maglev table too large")?;
-            let total = inner_elements(size).context("Maglev table too large")?;
-            let inner = new_maglev_table(total)
-                .with_context(|| format!("building the Maglev table of VIP #{}", t.vip_id))?;
+            let inner = new_maglev_table(inner_elements(size))
+                .with_context(|| format!("building Maglev table #{}", t.table))?;
             let mut mapping = MaglevMapping::new(&inner, size, libc::PROT_READ | libc::PROT_WRITE)?;
             mapping.write_picks(t.picks, t.backends);
-            mapping.write_fingerprint(t.fingerprint);
             drop(mapping);
             inners.push(inner);
         }
-        let keys: Vec<u32> = chunk.iter().map(|t| t.vip_id).collect();
-        let fds: Vec<u32> = inners
-            .iter()
-            .map(|m| m.fd().as_fd().as_raw_fd() as u32)
-            .collect();
-        // Until a swap is known to have happened, the VIP's table is unknown here.
+        swap_in(maps, chunk.iter().map(|t| t.table), &inners)?;
         for t in chunk {
-            maps.swapped_in.remove(&t.vip_id);
+            maps.write_table_info(t.table, &t.info)?;
         }
-        let record = |t: &TableWrite<'_>| (t.vip_id, (t.picks.len() as u32, t.fingerprint));
-        if chunk.len() > 1 && update_batch(&maps.maglev_fd, &keys, &fds).is_ok() {
-            maps.swapped_in.extend(chunk.iter().map(record));
-            continue;
+    }
+    Ok(())
+}
+
+/// Releases tables no VIP points at any more: their description and members go, and a
+/// one-slot empty table stands in at their ids until reused (freeing the picks' memory).
+pub fn free_maglev_tables(maps: &mut Maps, tables: &[u32]) -> anyhow::Result<()> {
+    for chunk in tables.chunks(TABLE_BATCH) {
+        let mut inners = Vec::with_capacity(chunk.len());
+        for id in chunk {
+            forget_members(maps, *id)?;
+            maps.write_table_info(*id, &TableInfo::default())?;
+            let inner = new_maglev_table(1)?;
+            let mut mapping = MaglevMapping::new(&inner, 1, libc::PROT_READ | libc::PROT_WRITE)?;
+            mapping.write_picks(&[NO_BACKEND], &[]);
+            drop(mapping);
+            inners.push(inner);
         }
-        // One VIP, or a kernel without batched updates of this map type: one at a time.
-        for (t, inner) in chunk.iter().zip(&inners) {
-            maps.maglev
-                .set(t.vip_id, inner, 0)
-                .map_err(|e| anyhow!("swapping in the Maglev table of VIP #{}: {e}", t.vip_id))?;
-            maps.swapped_in.extend([record(t)]);
+        swap_in(maps, chunk.iter().copied(), &inners)?;
+    }
+    Ok(())
+}
+
+/// Removes the `TABLE_MEMBERS` entries of table `id`, as its bits in `TABLES` list them (an
+/// interrupted install writes the bits before the members, so none is missed).
+fn forget_members(maps: &mut Maps, id: u32) -> anyhow::Result<()> {
+    let Some(old) = maps.table_bits(id)? else {
+        return Ok(());
+    };
+    for backend in 0..lb_common::MAX_BACKENDS {
+        if old.has(backend) {
+            maps.remove_member(&MemberKey { table: id, backend })?;
         }
+    }
+    Ok(())
+}
+
+/// Points the outer `MAGLEV` slots `ids` at `inners`: one batched update, or one at a time on a
+/// kernel without batched updates of this map type. Each slot's swap is atomic.
+fn swap_in(
+    maps: &mut Maps,
+    ids: impl Iterator<Item = u32>,
+    inners: &[MapData],
+) -> anyhow::Result<()> {
+    let keys: Vec<u32> = ids.collect();
+    let fds: Vec<u32> = inners
+        .iter()
+        .map(|m| m.fd().as_fd().as_raw_fd() as u32)
+        .collect();
+    if keys.len() > 1 && update_batch(&maps.maglev_fd, &keys, &fds).is_ok() {
+        return Ok(());
+    }
+    for (id, inner) in keys.iter().zip(inners) {
+        maps.maglev
+            .set(*id, inner, 0)
+            .map_err(|e| anyhow!("swapping in Maglev table #{id}: {e}"))?;
     }
     Ok(())
 }
@@ -96,11 +141,11 @@ pub(super) fn new_maglev_table(elements: u32) -> anyhow::Result<MapData> {
 
 /// An mmap of a Maglev inner array (`BPF_F_MMAPABLE`): its 8-byte elements hold two 4-byte
 /// slots each (`lb_common::MAGLEV_SLOTS_PER_ELEMENT`), so the slots are a plain `u32` array in
-/// the mapping, followed by the fingerprint element.
+/// the mapping.
 pub(super) struct MaglevMapping {
     addr: *mut libc::c_void,
     len: usize,
-    /// Table slots; the fingerprint is the element after them.
+    /// Table slots.
     slots: usize,
 }
 
@@ -110,7 +155,7 @@ pub(super) const ARRAY_STRIDE: usize = 8;
 impl MaglevMapping {
     /// Maps the value area of `map`, the inner array of a table of `slots` slots.
     pub(super) fn new(map: &MapData, slots: u32, prot: libc::c_int) -> anyhow::Result<Self> {
-        let elements = inner_elements(slots).context("Maglev table too large")? as usize;
+        let elements = inner_elements(slots) as usize;
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
         let len = (elements * ARRAY_STRIDE).div_ceil(page) * page;
@@ -136,11 +181,6 @@ impl MaglevMapping {
         unsafe { std::slice::from_raw_parts(self.addr as *const u32, self.slots) }
     }
 
-    /// Offset of the fingerprint element, in bytes.
-    fn fingerprint_offset(&self) -> usize {
-        lb_common::maglev_elements(self.slots as u32) as usize * ARRAY_STRIDE
-    }
-
     pub(super) fn read(&self) -> Vec<u32> {
         self.slots().to_vec()
     }
@@ -155,24 +195,6 @@ impl MaglevMapping {
                 .copied()
                 .unwrap_or(lb_common::NO_BACKEND);
         }
-    }
-
-    /// The element after the slots := `fingerprint`.
-    pub(super) fn write_fingerprint(&mut self, fingerprint: u64) {
-        // SAFETY: the fingerprint element lies within the mapping (see `new`), 8-aligned.
-        unsafe {
-            let at = (self.addr as *mut u8).add(self.fingerprint_offset()) as *mut u64;
-            at.write(fingerprint);
-        }
-    }
-
-    /// The fingerprint written by [`Self::write_fingerprint`].
-    pub(super) fn fingerprint(&self) -> Option<u64> {
-        // SAFETY: as in `write_fingerprint`.
-        Some(unsafe {
-            let at = (self.addr as *const u8).add(self.fingerprint_offset()) as *const u64;
-            at.read()
-        })
     }
 }
 

@@ -13,11 +13,12 @@ use aya::maps::{
 use ipnet::IpNet;
 use lb_common::{
     Announce, Backend, Counters, FAMILY_V4, FAMILY_V6, FlowKey, FlowKey4, FlowValue, GlobalCounter,
-    PeerFilter, PeerKey, RateWindow, ScopedAddr, Settings as DataplaneSettings, VipFilter, VipInfo,
-    VipKey, decap_map_names, map_names,
+    MemberKey, MemberWeight, PeerFilter, PeerKey, RateWindow, ScopedAddr,
+    Settings as DataplaneSettings, TableInfo, VipFilter, VipInfo, VipKey, VipRef, decap_map_names,
+    map_names,
 };
 
-use super::maglev_table::{MaglevMapping, inner_elements};
+use super::maglev_table::MaglevMapping;
 use super::pins::PinLayout;
 use super::sys::lookup_batch;
 
@@ -28,6 +29,9 @@ pub struct Maps {
     pub(super) vips: HashMap<MapData, VipKey, VipInfo>,
     pub(super) maglev: ArrayOfMaps<MapData>,
     pub(super) backends: Array<MapData, Backend>,
+    pub(super) vip_by_id: Array<MapData, VipRef>,
+    pub(super) tables: Array<MapData, TableInfo>,
+    pub(super) table_members: HashMap<MapData, MemberKey, MemberWeight>,
     pub(super) flows: HashMap<MapData, FlowKey4, FlowValue>,
     pub(super) flows6: HashMap<MapData, FlowKey, FlowValue>,
     pub(super) tx_ports: DevMapHash<MapData>,
@@ -47,12 +51,23 @@ pub struct Maps {
     pub(super) new_flows: PerCpuArray<MapData, RateWindow>,
     /// The inline decapsulator's address sets.
     pub(super) decap: DecapSets,
-    /// (size, fingerprint) of each table this process swapped in, by VIP id: what
-    /// [`Maps::maglev_fingerprint`] answers where an installed table cannot be opened.
-    pub(super) swapped_in: std::collections::BTreeMap<u32, (u32, u64)>,
-    /// Second descriptors of MAGLEV and BACKENDS, for batched calls (aya has no batch API).
+    /// Second descriptors of MAGLEV, BACKENDS and VIP_BY_ID, for batched calls (aya has no
+    /// batch API).
     pub(super) maglev_fd: OwnedFd,
     pub(super) backends_fd: OwnedFd,
+    pub(super) vip_by_id_fd: OwnedFd,
+}
+
+/// A second descriptor of an array map (of maps or of values), for the batched calls.
+fn second_fd(map: &Map, name: &str) -> anyhow::Result<OwnedFd> {
+    let data = match map {
+        Map::Array(data) | Map::ArrayOfMaps(data) => data,
+        _ => bail!("map {name} is not an array"),
+    };
+    data.fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .with_context(|| format!("duplicating the {name} map's descriptor"))
 }
 
 impl Maps {
@@ -69,33 +84,27 @@ impl Maps {
 
     fn open(mut take: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
         let maglev = take(map_names::MAGLEV)?;
-        let maglev_fd = match &maglev {
-            Map::ArrayOfMaps(data) => data
-                .fd()
-                .as_fd()
-                .try_clone_to_owned()
-                .context("duplicating the MAGLEV map's descriptor")?,
-            _ => bail!("map {} is not an array of maps", map_names::MAGLEV),
-        };
+        let maglev_fd = second_fd(&maglev, map_names::MAGLEV)?;
         let backends = take(map_names::BACKENDS)?;
-        let backends_fd = match &backends {
-            Map::Array(data) => data
-                .fd()
-                .as_fd()
-                .try_clone_to_owned()
-                .context("duplicating the BACKENDS map's descriptor")?,
-            _ => bail!("map {} is not an array", map_names::BACKENDS),
-        };
+        let backends_fd = second_fd(&backends, map_names::BACKENDS)?;
+        let vip_by_id = take(map_names::VIP_BY_ID)?;
+        let vip_by_id_fd = second_fd(&vip_by_id, map_names::VIP_BY_ID)?;
+        let layout = |name: &str, e| anyhow!("map {name} has an unexpected layout: {e}");
         Ok(Self {
-            swapped_in: Default::default(),
             maglev_fd,
             backends_fd,
-            backends: backends.try_into().map_err(|e| {
-                anyhow!("map {} has an unexpected layout: {e}", map_names::BACKENDS)
-            })?,
+            vip_by_id_fd,
+            backends: backends
+                .try_into()
+                .map_err(|e| layout(map_names::BACKENDS, e))?,
             maglev: maglev
                 .try_into()
-                .map_err(|e| anyhow!("map {} has an unexpected layout: {e}", map_names::MAGLEV))?,
+                .map_err(|e| layout(map_names::MAGLEV, e))?,
+            vip_by_id: vip_by_id
+                .try_into()
+                .map_err(|e| layout(map_names::VIP_BY_ID, e))?,
+            tables: typed!(take, map_names::TABLES),
+            table_members: typed!(take, map_names::TABLE_MEMBERS),
             vips: typed!(take, map_names::VIPS),
             flows: typed!(take, map_names::FLOWS),
             flows6: typed!(take, map_names::FLOWS6),
@@ -118,63 +127,90 @@ impl Maps {
         })
     }
 
-    /// Every BACKENDS slot, in slot order: one batched lookup instead of one syscall per slot
-    /// (16,384 of them, ~14 ms), falling back to that on kernels without batched array lookups.
+    /// Every BACKENDS entry, in id order: one batched lookup instead of one syscall per entry,
+    /// falling back to those on kernels without batched array lookups.
     pub fn read_backends(&self) -> anyhow::Result<Vec<Backend>> {
-        let n = self.backends.len() as usize;
-        let mut keys = vec![0u32; n];
-        let mut values = vec![Backend::default(); n];
-        if let Ok(count) = lookup_batch(&self.backends_fd, &mut keys, &mut values)
-            && count == n
-            && keys.iter().enumerate().all(|(i, k)| *k as usize == i)
-        {
-            return Ok(values);
-        }
-        self.backends
-            .iter()
-            .map(|v| v.context("reading the BACKENDS map"))
-            .collect()
+        read_array(&self.backends_fd, &self.backends, map_names::BACKENDS)
     }
 
-    /// The fingerprint stored beside VIP `vip_id`'s installed Maglev table of `size` slots
-    /// ([`FINGERPRINT_ELEMENTS`]); `None` when the VIP has no table, one of another size, or
-    /// one without a fingerprint. A lookup, a descriptor and one mapped page per VIP: cheap
-    /// enough to check every VIP on every reconcile.
-    ///
-    /// Opening an installed table takes its id to a descriptor (BPF_MAP_GET_FD_BY_ID), which
-    /// needs CAP_SYS_ADMIN: the agent's pod has not got it. There, what this process swapped
-    /// in itself answers, so that a reconcile rebuilds only what changed (a restarted agent
-    /// rebuilds each table once, to the same contents).
-    pub fn maglev_fingerprint(&self, vip_id: u32, size: u32) -> Option<u64> {
-        let inner: MapData = match self.maglev.get(&vip_id, 0) {
-            Ok(inner) => inner,
-            Err(MapError::KeyNotFound) => return None,
-            Err(_) => {
-                return self
-                    .swapped_in
-                    .get(&vip_id)
-                    .filter(|(swapped_size, _)| *swapped_size == size)
-                    .map(|(_, fingerprint)| *fingerprint);
-            }
-        };
-        let info = inner.info().ok()?;
-        if info.max_entries() != inner_elements(size)? || info.value_size() != 8 {
-            return None;
-        }
-        MaglevMapping::new(&inner, size, libc::PROT_READ)
-            .ok()?
-            .fingerprint()
+    /// Every VIP_BY_ID entry, in VIP id order (cleared ones included).
+    pub fn read_vip_refs(&self) -> anyhow::Result<Vec<VipRef>> {
+        read_array(&self.vip_by_id_fd, &self.vip_by_id, map_names::VIP_BY_ID)
     }
 
-    /// Reads a VIP's Maglev table (slot -> backend id).
-    pub fn maglev_table(&self, vip_id: u32, size: u32) -> anyhow::Result<Vec<u32>> {
+    /// Table `id`'s description, `None` when the id holds no table (fingerprint 0).
+    pub fn table(&self, id: u32) -> anyhow::Result<Option<TableInfo>> {
+        let info = self
+            .tables
+            .get(&id, 0)
+            .with_context(|| format!("reading table #{id} of TABLES"))?;
+        Ok((info.fingerprint != 0).then_some(info))
+    }
+
+    /// Every table's members with their weights ([`lb_common::MEMBER_DRAINING`] set on the
+    /// draining ones), by table id, in backend id order.
+    pub fn table_members(&self) -> anyhow::Result<BTreeMap<u32, BTreeMap<u32, MemberWeight>>> {
+        let mut members: BTreeMap<u32, BTreeMap<u32, MemberWeight>> = BTreeMap::new();
+        for entry in self.table_members.iter() {
+            let (key, weight) = entry.context("reading the TABLE_MEMBERS map")?;
+            members
+                .entry(key.table)
+                .or_default()
+                .insert(key.backend, weight);
+        }
+        Ok(members)
+    }
+
+    /// Backend `backend`'s weight in table `table` (`TABLE_MEMBERS`), `None` when it is no
+    /// member: one lookup, for pollers that wait for a change to reach the maps.
+    pub fn member_weight(&self, table: u32, backend: u32) -> anyhow::Result<Option<MemberWeight>> {
+        match self.table_members.get(&MemberKey { table, backend }, 0) {
+            Ok(w) => Ok(Some(w)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(anyhow!("reading the TABLE_MEMBERS map: {e}")),
+        }
+    }
+
+    /// Reads table `id`'s Maglev picks (slot -> backend id), `size` slots. Opening an inner map
+    /// by its id (BPF_MAP_GET_FD_BY_ID) needs CAP_SYS_ADMIN, which the agent's pod has not got:
+    /// readers there rebuild the table from `TABLE_MEMBERS` instead.
+    pub fn maglev_table(&self, id: u32, size: u32) -> anyhow::Result<Vec<u32>> {
         let inner: MapData = self
             .maglev
-            .get(&vip_id, 0)
-            .map_err(|e| anyhow!("reading the Maglev table of VIP #{vip_id}: {e}"))?;
+            .get(&id, 0)
+            .map_err(|e| anyhow!("reading Maglev table #{id}: {e}"))?;
+        let info = inner.info().context("reading a Maglev table's info")?;
+        if info.max_entries() != lb_common::maglev_elements(size) {
+            bail!(
+                "Maglev table #{id} has {} elements, not the {} of {size} slots (changed meanwhile)",
+                info.max_entries(),
+                lb_common::maglev_elements(size)
+            );
+        }
         let mapping = MaglevMapping::new(&inner, size, libc::PROT_READ)?;
         Ok(mapping.read())
     }
+}
+
+/// A whole u32-keyed array map by one batched lookup, else entry by entry.
+fn read_array<V: aya::Pod + Default>(
+    fd: &OwnedFd,
+    array: &Array<MapData, V>,
+    name: &str,
+) -> anyhow::Result<Vec<V>> {
+    let n = array.len() as usize;
+    let mut keys = vec![0u32; n];
+    let mut values = vec![V::default(); n];
+    if let Ok(count) = lookup_batch(fd, &mut keys, &mut values)
+        && count == n
+        && keys.iter().enumerate().all(|(i, k)| *k as usize == i)
+    {
+        return Ok(values);
+    }
+    array
+        .iter()
+        .map(|v| v.with_context(|| format!("reading the {name} map")))
+        .collect()
 }
 
 /// Typed reads for the observers (observe/): what they need of the maps, in lb-common's types
@@ -243,16 +279,23 @@ impl Maps {
             .collect()
     }
 
-    /// One backend slot as written.
-    pub fn slot(&self, slot: u32) -> anyhow::Result<Backend> {
+    /// One backend entry as written.
+    pub fn backend(&self, id: u32) -> anyhow::Result<Backend> {
         self.backends
-            .get(&slot, 0)
-            .with_context(|| format!("reading backend slot {slot}"))
+            .get(&id, 0)
+            .with_context(|| format!("reading backend #{id}"))
     }
 
-    /// How many backend slots `BACKENDS` has (used or not).
-    pub fn slot_count(&self) -> u32 {
+    /// How many backend entries `BACKENDS` has (used or not).
+    pub fn backend_capacity(&self) -> u32 {
         self.backends.len()
+    }
+
+    /// VIP id `id`'s `VIP_BY_ID` entry.
+    pub fn vip_ref(&self, id: u32) -> anyhow::Result<VipRef> {
+        self.vip_by_id
+            .get(&id, 0)
+            .with_context(|| format!("reading VIP #{id} of VIP_BY_ID"))
     }
 
     /// How many entries `SOURCE_RANGES` holds.
@@ -282,11 +325,11 @@ impl Maps {
         Ok(sum_counters(values.iter()))
     }
 
-    /// A backend slot's counters (`BACKEND_STATS`), summed over CPUs.
-    pub fn slot_counters(&self, slot: u32) -> anyhow::Result<Counters> {
+    /// A backend's counters (`BACKEND_STATS`, over every VIP it serves), summed over CPUs.
+    pub fn backend_counters(&self, id: u32) -> anyhow::Result<Counters> {
         let values = self
             .backend_stats
-            .get(&slot, 0)
+            .get(&id, 0)
             .context("reading BACKEND_STATS")?;
         Ok(sum_counters(values.iter()))
     }

@@ -7,30 +7,32 @@ use std::{
 };
 
 use anyhow::Context as _;
-use lb_common::{Backend as SlotValue, ScopedAddr, VipInfo, VipKey, addr_from_raw, backend_state};
+use lb_common::{
+    Backend, MemberWeight, ScopedAddr, TableInfo, VipInfo, VipKey, VipRef, addr_from_raw,
+    backend_state,
+};
 
 use super::Maps;
 
 /// A `SOURCE_RANGES` entry: (prefix length, scoped address).
 pub type RangeKey = (u32, ScopedAddr);
 
-/// The maps' view of the world: VIPs by key, occupied backend slots by id, VIP addresses and
-/// source ranges; for a reconcile also the fingerprint of each VIP's installed Maglev table and
-/// the generation of every slot.
+/// The maps' view of the world: VIPs by key, occupied backend entries by id, the tables the
+/// VIPs point at, VIP addresses and source ranges; for a reconcile also the generation of every
+/// backend entry and the `VIP_BY_ID` entries that hold a key.
 #[derive(Default)]
 pub struct Snapshot {
     pub vips: BTreeMap<VipKey, VipInfo>,
-    pub slots: BTreeMap<u32, SlotValue>,
+    pub backends: BTreeMap<u32, Backend>,
     pub vip_addrs: BTreeMap<VipKey, u32>,
     pub source_ranges: BTreeSet<RangeKey>,
-    /// The occupied slots of each VIP id, by backend address (so that a plan over N VIPs reads
-    /// each VIP's slots directly instead of scanning all of them N times).
-    pub(crate) by_vip: BTreeMap<u32, BTreeMap<IpAddr, (u32, SlotValue)>>,
-    /// The generation of every slot that ever held a backend, empty ones included.
+    /// The tables some VIP points at, by id, as `TABLES` describes them (complete ones only:
+    /// an interrupted install has no fingerprint and is not here).
+    pub tables: BTreeMap<u32, TableInfo>,
+    /// The generation of every backend entry that ever held a backend, empty ones included.
     pub(crate) generations: BTreeMap<u32, u32>,
-    /// The fingerprint stored beside each VIP's installed table, by VIP id (none: no table, or
-    /// one without it). Filled by [`Snapshot::read_tables`].
-    pub(crate) tables: BTreeMap<u32, u64>,
+    /// `VIP_BY_ID` entries with a key, by VIP id.
+    pub(crate) vip_refs: BTreeMap<u32, VipRef>,
 }
 
 impl Snapshot {
@@ -40,7 +42,19 @@ impl Snapshot {
             ..Self::default()
         };
         for (id, value) in maps.read_backends()?.into_iter().enumerate() {
-            current.add_slot(id as u32, value);
+            current.add_backend(id as u32, value);
+        }
+        let empty = VipRef::default();
+        for (id, value) in maps.read_vip_refs()?.into_iter().enumerate() {
+            if value != empty {
+                current.vip_refs.insert(id as u32, value);
+            }
+        }
+        let in_use: BTreeSet<u32> = current.vips.values().map(|i| i.table).collect();
+        for id in in_use {
+            if let Some(info) = maps.table(id)? {
+                current.tables.insert(id, info);
+            }
         }
         for entry in maps.vip_addrs.iter() {
             let (key, count) = entry.context("reading the VIP_ADDRS map")?;
@@ -53,32 +67,75 @@ impl Snapshot {
         Ok(current)
     }
 
-    /// Reads the fingerprint of every VIP's installed Maglev table: whether a table must be
-    /// rebuilt is decided from what is installed, not from slot values (which an interrupted
-    /// reconcile may have written without the table that goes with them).
-    pub fn read_tables(&mut self, maps: &Maps) {
-        for info in self.vips.values() {
-            if let Some(fingerprint) = maps.maglev_fingerprint(info.id, info.table_size) {
-                self.tables.insert(info.id, fingerprint);
-            }
-        }
-    }
-
-    pub(crate) fn add_slot(&mut self, id: u32, value: SlotValue) {
+    pub(crate) fn add_backend(&mut self, id: u32, value: Backend) {
         if value.generation != 0 {
             self.generations.insert(id, value.generation);
         }
         if value.state != backend_state::EMPTY {
-            self.slots.insert(id, value);
-            self.by_vip
-                .entry(value.vip_id)
-                .or_default()
-                .insert(addr_from_raw(&value.addr, value.family), (id, value));
+            self.backends.insert(id, value);
         }
     }
 
-    /// The occupied slots of VIP `vip_id`, by backend address.
-    pub(crate) fn slots_of(&self, vip_id: u32) -> BTreeMap<IpAddr, (u32, SlotValue)> {
-        self.by_vip.get(&vip_id).cloned().unwrap_or_default()
+    /// Backend `id`'s address, if the entry is occupied.
+    pub fn backend_addr(&self, id: u32) -> Option<IpAddr> {
+        self.backends
+            .get(&id)
+            .map(|b| addr_from_raw(&b.addr, b.family))
+    }
+}
+
+/// One backend of a VIP as the readers show it: its entry, and its weight in the VIP's table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub id: u32,
+    pub backend: Backend,
+    /// The weight as configured (kept while draining).
+    pub weight: u32,
+    pub draining: bool,
+}
+
+impl Member {
+    /// The weight that counts in the Maglev table: 0 while draining.
+    pub fn effective_weight(&self) -> u32 {
+        lb_common::member_pick_weight(
+            self.weight
+                | if self.draining {
+                    lb_common::MEMBER_DRAINING
+                } else {
+                    0
+                },
+        )
+    }
+
+    pub fn addr(&self) -> IpAddr {
+        addr_from_raw(&self.backend.addr, self.backend.family)
+    }
+}
+
+/// Every table's members (`TABLE_MEMBERS` joined with `BACKENDS`), by table id, in backend id
+/// order: the order the control plane builds the table from.
+pub fn members_by_table(
+    maps: &Maps,
+    backends: &BTreeMap<u32, Backend>,
+) -> anyhow::Result<BTreeMap<u32, Vec<Member>>> {
+    Ok(maps
+        .table_members()?
+        .into_iter()
+        .map(|(table, members)| {
+            let members = members
+                .into_iter()
+                .filter_map(|(id, weight)| Some(member(id, *backends.get(&id)?, weight)))
+                .collect();
+            (table, members)
+        })
+        .collect())
+}
+
+pub(crate) fn member(id: u32, backend: Backend, weight: MemberWeight) -> Member {
+    Member {
+        id,
+        backend,
+        weight: weight & !lb_common::MEMBER_DRAINING,
+        draining: weight & lb_common::MEMBER_DRAINING != 0,
     }
 }

@@ -8,8 +8,8 @@ use anyhow::Context as _;
 use aya::maps::lpm_trie::Key as LpmKey;
 use aya::maps::{MapError, PerCpuValues};
 use lb_common::{
-    Backend, Counters, FlowKey, FlowValue, PeerFilter, PeerKey, Settings as DataplaneSettings,
-    VipFilter, VipInfo, VipKey,
+    Backend, Counters, FlowKey, FlowValue, MemberKey, MemberWeight, PeerFilter, PeerKey,
+    Settings as DataplaneSettings, TableInfo, VipFilter, VipInfo, VipKey, VipRef,
 };
 
 use super::{Maps, RangeKey};
@@ -30,19 +30,53 @@ impl Maps {
             .with_context(|| format!("adding ifindex {ifindex} to TX_PORTS"))
     }
 
-    /// Writes backend slot `slot`.
-    pub fn write_slot(&mut self, slot: u32, value: &Backend) -> anyhow::Result<()> {
+    /// Writes backend entry `id`.
+    pub fn write_backend(&mut self, id: u32, value: &Backend) -> anyhow::Result<()> {
         self.backends
-            .set(slot, value, 0)
-            .with_context(|| format!("writing backend slot {slot}"))
+            .set(id, value, 0)
+            .with_context(|| format!("writing backend #{id}"))
     }
 
-    /// Zeroes a slot's counters (a new backend starts from nothing).
-    pub fn reset_slot_counters(&mut self, slot: u32) -> anyhow::Result<()> {
+    /// Zeroes a backend's counters (a new backend starts from nothing).
+    pub fn reset_backend_counters(&mut self, id: u32) -> anyhow::Result<()> {
         let zeros = self.per_cpu_zeros()?;
         self.backend_stats
-            .set(slot, zeros, 0)
-            .with_context(|| format!("resetting counters of backend slot {slot}"))
+            .set(id, zeros, 0)
+            .with_context(|| format!("resetting counters of backend #{id}"))
+    }
+
+    /// Writes VIP id `id`'s `VIP_BY_ID` entry (a default one clears it).
+    pub fn write_vip_ref(&mut self, id: u32, value: &VipRef) -> anyhow::Result<()> {
+        self.vip_by_id
+            .set(id, value, 0)
+            .with_context(|| format!("writing VIP #{id} of VIP_BY_ID"))
+    }
+
+    /// Writes table `id`'s description (`TABLES`).
+    pub fn write_table_info(&mut self, id: u32, info: &TableInfo) -> anyhow::Result<()> {
+        self.tables
+            .set(id, info, 0)
+            .with_context(|| format!("writing table #{id} of TABLES"))
+    }
+
+    /// Table `id`'s entry in `TABLES` whatever its fingerprint, `None` when it has no members.
+    pub fn table_bits(&self, id: u32) -> anyhow::Result<Option<TableInfo>> {
+        let info = self
+            .tables
+            .get(&id, 0)
+            .with_context(|| format!("reading table #{id} of TABLES"))?;
+        Ok(info.bits.iter().any(|w| *w != 0).then_some(info))
+    }
+
+    pub fn write_member(&mut self, key: &MemberKey, weight: MemberWeight) -> anyhow::Result<()> {
+        self.table_members
+            .insert(key, &weight, 0)
+            .with_context(|| format!("writing member #{} of table #{}", key.backend, key.table))
+    }
+
+    pub fn remove_member(&mut self, key: &MemberKey) -> anyhow::Result<()> {
+        removed(self.table_members.remove(key))
+            .with_context(|| format!("removing member #{} of table #{}", key.backend, key.table))
     }
 
     /// Writes a VIP's entry.

@@ -3,8 +3,9 @@
 //! program's decision ([`explain`], pure, so its rules have unit tests without root) in the
 //! program's own order (lb-ebpf/src/main.rs `balance_flow`):
 //!
-//!   connection table (not for a TCP SYN; an entry counts only while its slot still holds the
-//!   backend it named: same generation, same VIP) -> VIP lookup -> source ranges -> Maglev pick
+//!   connection table (not for a TCP SYN; an entry counts only while its VIP id still names the
+//!   flow's VIP, its backend is still a member of that VIP's table and the backend's entry still
+//!   holds the backend it named: same generation) -> VIP lookup -> source ranges -> Maglev pick
 //!   (`flow_hash` % table size; affinity hashes without the ports) -> record (flood guard)
 //!   -> forward (this node: its own stack | L2 rewrite | IPIP encapsulation)
 //!
@@ -19,15 +20,17 @@ use std::{
 
 use anyhow::{anyhow, bail};
 use lb_common::{
-    Backend, FAMILY_V4, FlowKey, FlowValue, IPPROTO_TCP, NO_BACKEND, VipInfo, addr_bytes,
-    addr_from_raw, backend_state, forward_mode, raw_addr, source_range_scope, vip_flags,
+    Backend, FAMILY_V4, FlowKey, FlowValue, IPPROTO_TCP, NO_BACKEND, TableInfo, VipInfo, VipRef,
+    addr_bytes, addr_from_raw, forward_mode, raw_addr, source_range_scope, vip_flags,
 };
 use serde::Serialize;
 
-use super::read::{FloodGuard, SlotState, flood_guard, installed_or_rebuilt, mode_name, vip_addr};
+use super::read::{
+    FloodGuard, MemberState, flood_guard, installed_or_rebuilt, mode_name, vip_addr,
+};
 use super::render::render_table;
 use crate::{
-    dataplane::{Maps, RangeKey, Snapshot, announce_key},
+    dataplane::{Maps, Member, RangeKey, Snapshot, announce_key, members_by_table},
     health::BackendStatus,
     model::{MacAddr, Protocol, VipAddr, vip_key},
 };
@@ -81,10 +84,16 @@ pub struct Inputs {
     /// The VIP's Maglev table, slot -> backend index.
     pub table: Vec<u32>,
     /// Why the installed table could not be read, when [`Inputs::table`] was rebuilt from the
-    /// slots instead ([`super::read::rebuild_table`]).
+    /// table's members instead ([`super::read::rebuild_table`]).
     pub table_unreadable: Option<String>,
-    /// Every occupied `BACKENDS` slot (an index absent here is empty).
-    pub slots: BTreeMap<u32, Backend>,
+    /// The members of the VIP's table, with their weights.
+    pub members: Vec<Member>,
+    /// Every occupied `BACKENDS` entry (an id absent here is empty).
+    pub backends: BTreeMap<u32, Backend>,
+    /// `VIP_BY_ID` entries that hold a key, and the tables VIPs point at: what decides whether
+    /// the connection table's entry is followed.
+    pub vip_refs: BTreeMap<u32, VipRef>,
+    pub tables: BTreeMap<u32, TableInfo>,
     /// The connection table's entry for this 5-tuple.
     pub entry: Option<FlowValue>,
     pub source_ranges: BTreeSet<RangeKey>,
@@ -105,8 +114,14 @@ impl Inputs {
         let snapshot = Snapshot::read(maps)?;
         let key = flow.key();
         let vip = snapshot.vips.get(&vip_key(&flow.vip)).copied();
+        let members = match vip {
+            Some(info) => members_by_table(maps, &snapshot.backends)?
+                .remove(&info.table)
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
         let (table, table_unreadable) = match vip {
-            Some(info) if info.table_size > 0 => installed_or_rebuilt(maps, &snapshot.slots, &info),
+            Some(info) if info.table_size > 0 => installed_or_rebuilt(maps, &members, &info),
             _ => (Vec::new(), None),
         };
         let entry = maps.flow(&key)?;
@@ -117,7 +132,10 @@ impl Inputs {
             vips: snapshot.vips.keys().map(vip_addr).collect(),
             table,
             table_unreadable,
-            slots: snapshot.slots,
+            members,
+            backends: snapshot.backends,
+            vip_refs: snapshot.vip_refs,
+            tables: snapshot.tables,
             entry,
             source_ranges: snapshot.source_ranges,
             announce,
@@ -130,7 +148,7 @@ impl Inputs {
     }
 }
 
-/// One backend slot as `explain` shows it.
+/// One backend of the VIP as `explain` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BackendView {
     /// Index into `BACKENDS` (per node: addresses are what every node agrees on).
@@ -139,7 +157,7 @@ pub struct BackendView {
     pub address: String,
     pub mac: String,
     pub mode: &'static str,
-    pub state: SlotState,
+    pub state: MemberState,
     /// The weight as configured (after the agent's health and load overlay).
     pub weight: u32,
     /// Slots it holds in the VIP's Maglev table: the weight as installed.
@@ -178,10 +196,12 @@ pub struct Outcome {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct EntryView {
     pub backend_index: u32,
+    /// The VIP id the entry was recorded for.
+    pub vip_index: u32,
     pub generation: u32,
-    /// The address the slot holds now (`None`: the slot is empty).
+    /// The address the backend entry holds now (`None`: it is empty).
     pub backend: Option<String>,
-    /// Whether the program follows it (slot occupied, same generation, same VIP).
+    /// Whether the program follows it (same VIP, still a member, same generation).
     pub valid: bool,
     pub why: String,
     /// The connection table stores no timestamp: the age is unknown.
@@ -206,6 +226,8 @@ pub struct Explanation {
     pub vip: String,
     pub protocol: Protocol,
     pub vip_id: u32,
+    /// The Maglev table the VIP points at (shared by the VIPs with the same backends).
+    pub table_id: u32,
     pub table_size: u32,
     pub live_backends: u32,
     pub affinity: bool,
@@ -219,8 +241,8 @@ pub struct Explanation {
     pub slot: Option<u32>,
     /// The backend index the slot holds (`None`: no table, or an empty slot).
     pub slot_backend: Option<u32>,
-    /// `installed` (read from the map) or `rebuilt` (from the slots, when the installed table
-    /// cannot be read: see the notes).
+    /// `installed` (read from the map) or `rebuilt` (from the table's members, when the
+    /// installed table cannot be read: see the notes).
     pub table: &'static str,
     /// A new connection: a TCP SYN (Maglev decides, whatever the connection table holds, and
     /// the entry is written anew), or a UDP packet of a flow not in the connection table.
@@ -266,8 +288,9 @@ pub fn explain(flow: &Flow, inputs: &Inputs) -> anyhow::Result<Explanation> {
         *held.entry(*id).or_default() += 1;
     }
     let total_slots = inputs.table.len().max(1) as f64;
-    let view = |id: u32, b: &Backend| {
-        let address = addr_from_raw(&b.addr, b.family).to_string();
+    let view = |m: &Member| {
+        let (id, b) = (m.id, &m.backend);
+        let address = m.addr().to_string();
         let overlay = inputs.health.as_ref().and_then(|rows| {
             rows.iter()
                 .find(|r| r.vip == flow.vip.to_string() && r.backend == address)
@@ -279,8 +302,8 @@ pub fn explain(flow: &Flow, inputs: &Inputs) -> anyhow::Result<Explanation> {
             address,
             mac: MacAddr(b.dst_mac).to_string(),
             mode: mode_name(b.mode),
-            state: SlotState::of(b.state),
-            weight: b.weight,
+            state: MemberState::of(m),
+            weight: m.weight,
             table_slots: slots,
             share: slots as f64 / total_slots,
             local: b.mode == forward_mode::LOCAL,
@@ -292,12 +315,7 @@ pub fn explain(flow: &Flow, inputs: &Inputs) -> anyhow::Result<Explanation> {
             why: overlay.map(|o| o.why.clone()),
         }
     };
-    let mut backends: Vec<BackendView> = inputs
-        .slots
-        .iter()
-        .filter(|(_, b)| b.vip_id == vip.id && b.state != backend_state::EMPTY)
-        .map(|(id, b)| view(*id, b))
-        .collect();
+    let mut backends: Vec<BackendView> = inputs.members.iter().map(view).collect();
     backends.sort_by_key(|b| b.address.parse::<IpAddr>().ok());
 
     let sources = source_ranges(flow, &vip, &inputs.source_ranges);
@@ -375,20 +393,10 @@ pub fn explain(flow: &Flow, inputs: &Inputs) -> anyhow::Result<Explanation> {
                 slot.unwrap_or_default()
             ));
         };
-        let b = match inputs.slots.get(&id) {
-            Some(b) if b.state == backend_state::ACTIVE && b.vip_id == vip.id => b,
-            Some(b) => {
-                return no_backend(format!(
-                    "Maglev slot {slot} names backend #{id}, which is {} (for VIP #{}), not active for this VIP: the table is being replaced",
-                    SlotState::of(b.state).name(),
-                    b.vip_id
-                ));
-            }
-            None => {
-                return no_backend(format!(
-                    "Maglev slot {slot} names backend #{id}, an empty slot: the table is being replaced"
-                ));
-            }
+        let Some(b) = inputs.backends.get(&id) else {
+            return no_backend(format!(
+                "Maglev slot {slot} names backend #{id}, an empty entry: the table is being replaced"
+            ));
         };
         let mut out = forward(
             "maglev",
@@ -420,11 +428,11 @@ pub fn explain(flow: &Flow, inputs: &Inputs) -> anyhow::Result<Explanation> {
     let followed = inputs
         .entry
         .filter(|_| entry.as_ref().is_some_and(|v| v.valid))
-        .and_then(|e| Some((e, inputs.slots.get(&e.backend)?)));
+        .and_then(|e| Some((e, inputs.backends.get(&u32::from(e.backend))?)));
     let next_packet = match followed {
         Some((e, b)) => forward(
             "connection_table",
-            e.backend,
+            u32::from(e.backend),
             b,
             format!(
                 "the connection table names backend #{} (generation {})",
@@ -443,7 +451,7 @@ pub fn explain(flow: &Flow, inputs: &Inputs) -> anyhow::Result<Explanation> {
     ];
     if let Some(e) = &inputs.table_unreadable {
         notes.push(format!(
-            "the installed Maglev table could not be read ({e}: opening it takes CAP_SYS_ADMIN, which the agent's pod does not have); slots and shares are from the table rebuilt from the BACKENDS slots as the agent builds it, which is the installed one unless a reconcile is under way"
+            "the installed Maglev table could not be read ({e}: opening it takes CAP_SYS_ADMIN, which the agent's pod does not have); slots and shares are from the table rebuilt from its members (TABLE_MEMBERS) as the agent builds it, which is the installed one unless a reconcile is under way"
         ));
     }
     if inputs.peers > 0 {
@@ -470,6 +478,7 @@ pub fn explain(flow: &Flow, inputs: &Inputs) -> anyhow::Result<Explanation> {
         vip: flow.vip.to_string(),
         protocol: flow.vip.protocol,
         vip_id: vip.id,
+        table_id: vip.table,
         table_size: vip.table_size,
         live_backends: vip.live_backends,
         affinity,
@@ -494,44 +503,46 @@ pub fn explain(flow: &Flow, inputs: &Inputs) -> anyhow::Result<Explanation> {
     })
 }
 
-/// Whether the program follows a connection-table entry (`established_backend`).
+/// Whether the program follows a connection-table entry (`established_backend`): the entry's
+/// VIP id still names this VIP, its backend is still a member of the VIP's table, and the
+/// backend's entry has the generation the flow was recorded with.
 fn entry_view(e: &FlowValue, inputs: &Inputs, vip_key: &lb_common::VipKey) -> EntryView {
-    let slot = inputs.slots.get(&e.backend);
-    let (valid, why) = match slot {
-        None => (
+    let (id, vip_id) = (u32::from(e.backend), u32::from(e.vip));
+    let backend = inputs.backends.get(&id);
+    let vip_ref = inputs.vip_refs.get(&vip_id).filter(|r| r.key == *vip_key);
+    let member = vip_ref
+        .and_then(|r| inputs.tables.get(&r.table))
+        .is_some_and(|t| t.has(id));
+    let (valid, why) = match (vip_ref, backend) {
+        (None, _) => (
+            false,
+            format!("VIP #{vip_id} names another VIP now (or none): the flow re-hashes"),
+        ),
+        (_, None) => (
+            false,
+            format!("backend #{id} is empty now (its backend was removed): the flow re-hashes"),
+        ),
+        (_, Some(b)) if b.generation != e.generation => (
             false,
             format!(
-                "slot #{} is empty now (its backend was removed): the flow re-hashes",
-                e.backend
+                "backend #{id} was given to another backend since (generation {} now, {} recorded): the flow re-hashes",
+                b.generation, e.generation
             ),
         ),
-        Some(b) if b.generation != e.generation => (
+        _ if !member => (
             false,
-            format!(
-                "slot #{} was given to another backend since (generation {} now, {} recorded): the flow re-hashes",
-                e.backend, b.generation, e.generation
-            ),
+            format!("backend #{id} is no longer one of this VIP's backends: the flow re-hashes"),
         ),
-        Some(b) if b.vip != *vip_key => (
-            false,
-            format!(
-                "slot #{} serves another VIP now: the flow re-hashes",
-                e.backend
-            ),
-        ),
-        Some(b) => (
+        _ => (
             true,
-            format!(
-                "slot #{} still holds the backend it was recorded with ({})",
-                e.backend,
-                SlotState::of(b.state).name()
-            ),
+            format!("backend #{id} is still the one it was recorded with, and one of the VIP's"),
         ),
     };
     EntryView {
-        backend_index: e.backend,
+        backend_index: id,
+        vip_index: vip_id,
         generation: e.generation,
-        backend: slot.map(|b| addr_from_raw(&b.addr, b.family).to_string()),
+        backend: backend.map(|b| addr_from_raw(&b.addr, b.family).to_string()),
         valid,
         why,
         age_seconds: None,
@@ -762,41 +773,59 @@ mod tests {
 
     const VIP: &str = "10.0.0.10:80/tcp";
 
-    fn backend(addr: &str, vip: &VipAddr, vip_id: u32, generation: u32) -> Backend {
+    fn backend(addr: &str, generation: u32) -> Backend {
         let (raw, family) = raw_addr(addr.parse().unwrap());
         Backend {
             addr: raw,
             family,
-            vip_id,
             ifindex: 2,
-            state: backend_state::ACTIVE,
-            weight: 1,
+            state: lb_common::backend_state::IN_USE,
             mode: forward_mode::L2,
             dst_mac: [2, 0, 0, 0, 0, raw[0].to_ne_bytes()[3]],
-            vip: vip_key(vip),
             generation,
             ..Backend::default()
         }
     }
 
-    /// A VIP of 7 slots over backends #0 (10.0.1.1) and #1 (10.0.1.2), alternating.
+    /// Adds backend entry `id` to the inputs' table with `weight` (drain flag included).
+    fn add_member(i: &mut Inputs, id: u32, b: Backend, weight: u32) {
+        i.backends.insert(id, b);
+        i.members.retain(|m| m.id != id);
+        i.members.push(crate::dataplane::Member {
+            id,
+            backend: b,
+            weight: weight & !lb_common::MEMBER_DRAINING,
+            draining: weight & lb_common::MEMBER_DRAINING != 0,
+        });
+        i.members.sort_by_key(|m| m.id);
+        i.tables.entry(5).or_default().add(id);
+    }
+
+    /// VIP #3 on table #5 of 7 slots over backends #0 (10.0.1.1) and #1 (10.0.1.2), alternating.
     fn inputs(vip: &VipAddr, flags: u32) -> Inputs {
-        let mut slots = BTreeMap::new();
-        slots.insert(0, backend("10.0.1.1", vip, 3, 1));
-        slots.insert(1, backend("10.0.1.2", vip, 3, 1));
-        Inputs {
+        let mut i = Inputs {
             vip: Some(VipInfo {
                 id: 3,
+                table: 5,
                 table_size: 7,
                 live_backends: 2,
                 flags,
             }),
             vips: vec![*vip],
             table: vec![0, 1, 0, 1, 0, 1, 0],
-            slots,
             ingress_ifindex: Some(2),
             ..Inputs::default()
-        }
+        };
+        i.vip_refs.insert(
+            3,
+            VipRef {
+                key: vip_key(vip),
+                table: 5,
+            },
+        );
+        add_member(&mut i, 0, backend("10.0.1.1", 1), 1);
+        add_member(&mut i, 1, backend("10.0.1.2", 1), 1);
+        i
     }
 
     fn flow(client: &str, vip: &str) -> Flow {
@@ -831,13 +860,16 @@ mod tests {
         let vip: VipAddr = VIP.parse().unwrap();
         let mut i = inputs(&vip, 0);
         i.vip.as_mut().unwrap().table_size = 251;
-        // Another VIP's slot and a draining one take no part.
-        i.slots.insert(7, backend("10.0.1.3", &vip, 4, 1));
-        let mut draining = backend("10.0.1.4", &vip, 3, 1);
-        draining.state = backend_state::DRAINING;
-        i.slots.insert(9, draining);
-        i.slots.get_mut(&1).unwrap().weight = 3;
-        let rebuilt = rebuild_table(&i.slots, i.vip.as_ref().unwrap());
+        // Another table's backend and a draining member take no part.
+        i.backends.insert(7, backend("10.0.1.3", 1));
+        add_member(
+            &mut i,
+            9,
+            backend("10.0.1.4", 1),
+            1 | lb_common::MEMBER_DRAINING,
+        );
+        add_member(&mut i, 1, backend("10.0.1.2", 1), 3);
+        let rebuilt = rebuild_table(&i.members, 251);
         let want = build_table(
             &[
                 MaglevBackend {
@@ -851,7 +883,7 @@ mod tests {
             ],
             251,
         );
-        // Indices 0 and 1 of the inputs are slots 0 and 1.
+        // Indices 0 and 1 of the inputs are backends #0 and #1.
         assert_eq!(rebuilt, want);
         let ones = rebuilt.iter().filter(|s| **s == 1).count();
         assert!((185..=192).contains(&ones), "{ones}");
@@ -884,7 +916,8 @@ mod tests {
             .unwrap();
         let other = 1 - pick;
         i.entry = Some(FlowValue {
-            backend: other,
+            backend: other as u16,
+            vip: 3,
             generation: 1,
         });
         let e = explain(&f, &i).unwrap();
@@ -897,14 +930,16 @@ mod tests {
         // UDP has no SYN: every packet follows a valid entry; "new" is the Maglev path.
         let u = flow("192.0.2.7:40312", "10.0.0.10:80/udp");
         let mut iu = inputs(&u.vip, 0);
-        iu.slots.values_mut().for_each(|b| b.vip = vip_key(&u.vip));
         iu.entry = i.entry;
         let e = explain(&u, &iu).unwrap();
         assert_eq!(e.next_packet.decided_by, "connection_table");
-        // A draining backend keeps its established flows (the program checks "not empty").
-        i.slots
-            .values_mut()
-            .for_each(|b| b.state = backend_state::DRAINING);
+        // A draining member keeps its established flows (it is still in the table's bits); a
+        // table of draining members only has no pick.
+        for id in [0, 1] {
+            let b = i.backends[&id];
+            add_member(&mut i, id, b, 1 | lb_common::MEMBER_DRAINING);
+        }
+        i.vip.as_mut().unwrap().live_backends = 0;
         let e = explain(&f, &i).unwrap();
         assert!(e.connection_table.as_ref().unwrap().valid);
         assert_eq!(e.next_packet.backend_index, Some(other));
@@ -916,44 +951,48 @@ mod tests {
         let f = flow("192.0.2.7:40312", VIP);
         let i = inputs(&f.vip, 0);
         let pick = explain(&f, &i).unwrap().new_connection.backend_index;
-        for (entry, slot_change) in [
-            // The slot was given to another backend since (generation bumped).
+        let entry = |backend: u16, vip: u16, generation: u32| FlowValue {
+            backend,
+            vip,
+            generation,
+        };
+        let no_longer_member = |j: &mut Inputs| {
+            j.tables.insert(5, TableInfo::default());
+            j.tables.get_mut(&5).unwrap().add(0);
+        };
+        let other_vip = |j: &mut Inputs| {
+            j.vip_refs.get_mut(&3).unwrap().key = VipKey::default();
+        };
+        for (name, entry, change) in [
+            // The entry was given to another backend since (generation bumped).
+            ("generation", entry(0, 3, 0), None),
+            // The entry is empty now.
+            ("empty", entry(5, 3, 1), None),
+            // The backend left the VIP's table.
             (
-                FlowValue {
-                    backend: 0,
-                    generation: 0,
-                },
-                None,
+                "member",
+                entry(1, 3, 1),
+                Some(no_longer_member as fn(&mut Inputs)),
             ),
-            // The slot is empty now.
-            (
-                FlowValue {
-                    backend: 5,
-                    generation: 1,
-                },
-                None,
-            ),
-            // The slot serves another VIP.
-            (
-                FlowValue {
-                    backend: 1,
-                    generation: 1,
-                },
-                Some(VipKey::default()),
-            ),
+            // The VIP id names another VIP now.
+            ("vip", entry(1, 3, 1), Some(other_vip as fn(&mut Inputs))),
+            // ... or none at all.
+            ("no vip", entry(1, 4, 1), None),
         ] {
             let mut j = i.clone();
-            if let Some(other) = slot_change {
-                j.slots.get_mut(&1).unwrap().vip = other;
+            if let Some(change) = change {
+                change(&mut j);
             }
             j.entry = Some(entry);
             let e = explain(&f, &j).unwrap();
-            assert!(!e.connection_table.as_ref().unwrap().valid, "{entry:?}");
-            assert_eq!(e.next_packet.decided_by, "maglev");
-            if slot_change.is_none() {
-                assert_eq!(e.next_packet.backend_index, pick);
-            }
+            assert!(!e.connection_table.as_ref().unwrap().valid, "{name}");
+            assert_eq!(e.next_packet.decided_by, "maglev", "{name}");
+            assert_eq!(e.next_packet.backend_index, pick, "{name}");
         }
+        // And the entry of the tests above is valid as it stands.
+        let mut j = i.clone();
+        j.entry = Some(entry(1, 3, 1));
+        assert!(explain(&f, &j).unwrap().connection_table.unwrap().valid);
     }
 
     #[test]
@@ -995,7 +1034,7 @@ mod tests {
     fn local_backend_empty_slot_and_no_live_backends() {
         let f = flow("192.0.2.7:40312", VIP);
         let mut i = inputs(&f.vip, 0);
-        for b in i.slots.values_mut() {
+        for b in i.backends.values_mut() {
             b.mode = forward_mode::LOCAL;
         }
         let e = explain(&f, &i).unwrap();
@@ -1013,11 +1052,9 @@ mod tests {
             explain(&f, &k).unwrap().new_connection.counter,
             "drop_no_backend"
         );
-        // A draining backend in the slot (mid-replacement) takes no new flow.
+        // An empty backend entry in the slot (a table being replaced) takes no new flow.
         let mut d = inputs(&f.vip, 0);
-        d.slots
-            .values_mut()
-            .for_each(|b| b.state = backend_state::DRAINING);
+        d.backends.clear();
         assert_eq!(
             explain(&f, &d).unwrap().new_connection.counter,
             "drop_no_backend"

@@ -14,7 +14,7 @@ use super::read::{
 };
 use super::render::{View, render_table};
 use crate::{
-    dataplane::{DecapMaps, Maps, Snapshot},
+    dataplane::{DecapMaps, Maps, Snapshot, members_by_table},
     model::{MacAddr, VipAddr, vip_key},
 };
 
@@ -56,14 +56,13 @@ pub fn backends(maps: &Maps) -> anyhow::Result<View> {
     let rows: Vec<BackendRow> = collect(maps)?.into_iter().flat_map(|(_, b)| b).collect();
     let table = render_table(
         &[
-            "VIP", "BACKEND", "SLOT", "STATE", "WEIGHT", "MODE", "MAC", "IFINDEX", "PACKETS",
-            "BYTES",
+            "VIP", "BACKEND", "ID", "STATE", "WEIGHT", "MODE", "MAC", "IFINDEX", "PACKETS", "BYTES",
         ],
         rows.iter().map(|r| {
             vec![
                 r.vip.clone(),
                 r.address.clone(),
-                r.slot.to_string(),
+                r.backend_id.to_string(),
                 r.state.name().to_owned(),
                 r.weight.to_string(),
                 r.mode.to_owned(),
@@ -113,14 +112,14 @@ pub fn backends_with_health(maps: &Maps, agent: String) -> anyhow::Result<View> 
     };
     view.table = render_table(
         &[
-            "VIP", "BACKEND", "SLOT", "STATE", "WEIGHT", "MODE", "MAC", "IFINDEX", "PACKETS",
+            "VIP", "BACKEND", "ID", "STATE", "WEIGHT", "MODE", "MAC", "IFINDEX", "PACKETS",
             "BYTES", "BASE", "CHECK", "HEALTH", "LOAD", "MULT%", "WHY",
         ],
         merged.iter().map(|r| {
             [
                 "vip",
                 "address",
-                "slot",
+                "backend_id",
                 "state",
                 "weight",
                 "mode",
@@ -320,20 +319,23 @@ pub fn maglev(maps: &Maps, vip: &VipAddr) -> anyhow::Result<View> {
         .vip(&vip_key(vip))?
         .ok_or_else(|| anyhow!("VIP {vip} is not configured (`sluice inspect vips` lists them)"))?;
     let current = Snapshot::read(maps)?;
-    let (table, unreadable) = installed_or_rebuilt(maps, &current.slots, &info);
+    let members = members_by_table(maps, &current.backends)?
+        .remove(&info.table)
+        .unwrap_or_default();
+    let (table, unreadable) = installed_or_rebuilt(maps, &members, &info);
     let mut counts: BTreeMap<u32, u64> = BTreeMap::new();
-    for slot in &table {
-        *counts.entry(*slot).or_default() += 1;
+    for id in &table {
+        *counts.entry(*id).or_default() += 1;
     }
     let mut rows = Vec::new();
-    for (slot, count) in &counts {
-        let (address, weight) = match current.slots.get(slot) {
-            Some(b) => (addr_from_raw(&b.addr, b.family).to_string(), b.weight),
+    for (id, count) in &counts {
+        let (address, weight) = match members.iter().find(|m| m.id == *id) {
+            Some(m) => (m.addr().to_string(), m.weight),
             None => ("(none)".to_owned(), 0),
         };
         rows.push(json!({
             "backend": address,
-            "slot": slot,
+            "backend_id": id,
             "weight": weight,
             "table_slots": count,
             "share": *count as f64 / table.len().max(1) as f64,
@@ -351,10 +353,10 @@ pub fn maglev(maps: &Maps, vip: &VipAddr) -> anyhow::Result<View> {
         }),
     );
     // The table as backend addresses in slot order, hashed: every node given the same state must
-    // show the same value (slot ids are per node; addresses are what packets see).
+    // show the same value (backend ids are per node; addresses are what packets see).
     let mut fingerprint = lb_common::FLOW_HASH_SEED as u64 | 0xcbf2_9ce4_0000_0000;
-    for slot in &table {
-        let address = current.slots.get(slot).map(|b| b.addr).unwrap_or_default();
+    for id in &table {
+        let address = current.backends.get(id).map(|b| b.addr).unwrap_or_default();
         for word in address {
             for byte in word.to_ne_bytes() {
                 fingerprint = (fingerprint ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
@@ -364,6 +366,7 @@ pub fn maglev(maps: &Maps, vip: &VipAddr) -> anyhow::Result<View> {
     Ok(View {
         json: json!({
             "vip": vip.to_string(),
+            "table_id": info.table,
             "table_size": info.table_size,
             "table_fingerprint": format!("{fingerprint:016x}"),
             "table": if unreadable.is_some() { "rebuilt" } else { "installed" },
@@ -373,7 +376,7 @@ pub fn maglev(maps: &Maps, vip: &VipAddr) -> anyhow::Result<View> {
             "{vip}: Maglev table of {} slots{}\n{text}",
             info.table_size,
             unreadable.map_or(String::new(), |e| format!(
-                " (rebuilt from the backend slots as the agent builds it: the installed one \
+                " (rebuilt from the table's members as the agent builds it: the installed one \
                  cannot be opened here, {e})"
             ))
         ),
@@ -391,10 +394,7 @@ pub fn flows(maps: &Maps, limit: usize, filter: &FlowFilter) -> anyhow::Result<V
             continue; // evicted while we walked the table
         };
         total += 1;
-        let backend_addr = current
-            .slots
-            .get(&value.backend)
-            .map(|b| addr_from_raw(&b.addr, b.family));
+        let backend_addr = current.backend_addr(u32::from(value.backend));
         if !filter.matches(&key, backend_addr) {
             continue;
         }

@@ -27,7 +27,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::read::{self, SlotState};
+use super::read::{self, MemberState};
 use crate::{
     dataplane::{Maps, PinLayout},
     http,
@@ -243,13 +243,23 @@ fn register_dataplane(
         "vip_live_backends",
         "Backends of a VIP that take new flows",
     );
-    let backend_packets = counter_family(registry, "backend_packets", "Packets sent to a backend");
-    let backend_bytes = counter_family(registry, "backend_bytes", "Bytes sent to a backend");
+    let backend_packets = counter_family(
+        registry,
+        "backend_packets",
+        "Packets sent to a backend, over every VIP it serves",
+    );
+    let backend_bytes = counter_family(
+        registry,
+        "backend_bytes",
+        "Bytes sent to a backend, over every VIP it serves",
+    );
     let draining = gauge_family(
         registry,
         "backend_draining",
         "1 if the backend keeps its established flows but takes no new ones",
     );
+    // Backends are shared by the VIPs (one counter each): counted once per backend entry.
+    let mut per_backend: std::collections::BTreeMap<u32, (String, u64, u64)> = Default::default();
     for (vip, backends) in read::collect(maps)? {
         let labels = vec![("vip", vip.vip.clone())];
         vip_packets.get_or_create(&labels).inc_by(vip.packets);
@@ -257,13 +267,17 @@ fn register_dataplane(
         live.get_or_create(&labels)
             .set(i64::from(vip.live_backends));
         for b in backends {
+            per_backend.insert(b.backend_id, (b.address.clone(), b.packets, b.bytes));
             let labels = vec![("vip", b.vip), ("backend", b.address)];
-            backend_packets.get_or_create(&labels).inc_by(b.packets);
-            backend_bytes.get_or_create(&labels).inc_by(b.bytes);
             draining
                 .get_or_create(&labels)
-                .set(i64::from(b.state == SlotState::Draining));
+                .set(i64::from(b.state == MemberState::Draining));
         }
+    }
+    for (address, packets, bytes) in per_backend.into_values() {
+        let labels = vec![("backend", address)];
+        backend_packets.get_or_create(&labels).inc_by(packets);
+        backend_bytes.get_or_create(&labels).inc_by(bytes);
     }
 
     let guard = read::flood_guard(maps)?;

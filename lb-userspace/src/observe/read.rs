@@ -6,14 +6,13 @@
 use std::collections::BTreeMap;
 
 use lb_common::{
-    Backend, GlobalCounter, IPPROTO_UDP, NO_BACKEND, VipInfo, addr_from_raw, backend_state,
-    forward_mode, vip_flags,
+    GlobalCounter, IPPROTO_UDP, NO_BACKEND, VipInfo, addr_from_raw, forward_mode, vip_flags,
 };
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
-    dataplane::{Maps, Snapshot},
+    dataplane::{Maps, Member, Snapshot, members_by_table},
     health::BackendStatus,
     http,
     maglev::{MaglevBackend, build_table},
@@ -42,21 +41,20 @@ pub fn mode_name(mode: u8) -> &'static str {
     }
 }
 
-/// A backend slot's state as readers show it (`active`, `draining`, `empty` in JSON).
+/// A backend's state in a VIP's table as readers show it (`active`, `draining` in JSON).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum SlotState {
+pub enum MemberState {
     Active,
     Draining,
-    Empty,
 }
 
-impl SlotState {
-    pub fn of(state: u32) -> Self {
-        match state {
-            backend_state::ACTIVE => Self::Active,
-            backend_state::DRAINING => Self::Draining,
-            _ => Self::Empty,
+impl MemberState {
+    pub fn of(member: &Member) -> Self {
+        if member.draining {
+            Self::Draining
+        } else {
+            Self::Active
         }
     }
 
@@ -64,17 +62,19 @@ impl SlotState {
         match self {
             Self::Active => "active",
             Self::Draining => "draining",
-            Self::Empty => "empty",
         }
     }
 }
 
+/// One backend of one VIP. The counters are the backend's over every VIP it serves (backends
+/// are shared: `BACKEND_STATS` counts per backend).
 #[derive(Serialize)]
 pub struct BackendRow {
     pub vip: String,
     pub address: String,
-    pub slot: u32,
-    pub state: SlotState,
+    /// The backend's entry in `BACKENDS`, shared by every VIP that has it.
+    pub backend_id: u32,
+    pub state: MemberState,
     pub weight: u32,
     pub mode: &'static str,
     pub mac: String,
@@ -89,6 +89,8 @@ pub struct VipRow {
     pub id: u32,
     pub live_backends: u32,
     pub backends: usize,
+    /// The Maglev table it points at (shared by every VIP with the same backends and weights).
+    pub table: u32,
     pub table_size: u32,
     /// "affinity", "source_ranges": the options the program acts on.
     pub options: Vec<&'static str>,
@@ -99,31 +101,36 @@ pub struct VipRow {
 /// VIP rows and, per VIP, its backend rows, in VIP order (also what `/metrics` exports).
 pub fn collect(maps: &Maps) -> anyhow::Result<Vec<(VipRow, Vec<BackendRow>)>> {
     let current = Snapshot::read(maps)?;
-    let mut by_vip: BTreeMap<u32, Vec<BackendRow>> = BTreeMap::new();
-    for (slot, value) in &current.slots {
-        let c = maps.slot_counters(*slot)?;
-        by_vip.entry(value.vip_id).or_default().push(BackendRow {
-            vip: String::new(),
-            address: addr_from_raw(&value.addr, value.family).to_string(),
-            slot: *slot,
-            state: SlotState::of(value.state),
-            weight: value.weight,
-            mode: mode_name(value.mode),
-            mac: MacAddr(value.dst_mac).to_string(),
-            ifindex: value.ifindex,
-            packets: c.packets,
-            bytes: c.bytes,
-        });
+    let members = members_by_table(maps, &current.backends)?;
+    let mut counters = BTreeMap::new();
+    for id in current.backends.keys() {
+        counters.insert(*id, maps.backend_counters(*id)?);
     }
     let mut rows: Vec<(VipAddr, VipRow, Vec<BackendRow>)> = Vec::new();
     for (key, info) in &current.vips {
         let vip = vip_addr(key);
         let c = maps.vip_counters(info.id)?;
-        let mut backends = by_vip.remove(&info.id).unwrap_or_default();
+        let mut backends: Vec<BackendRow> = members
+            .get(&info.table)
+            .into_iter()
+            .flatten()
+            .map(|m| {
+                let c = counters.get(&m.id).copied().unwrap_or_default();
+                BackendRow {
+                    vip: vip.to_string(),
+                    address: m.addr().to_string(),
+                    backend_id: m.id,
+                    state: MemberState::of(m),
+                    weight: m.weight,
+                    mode: mode_name(m.backend.mode),
+                    mac: MacAddr(m.backend.dst_mac).to_string(),
+                    ifindex: m.backend.ifindex,
+                    packets: c.packets,
+                    bytes: c.bytes,
+                }
+            })
+            .collect();
         backends.sort_by_key(|b| b.address.parse::<std::net::IpAddr>().ok());
-        for b in &mut backends {
-            b.vip = vip.to_string();
-        }
         rows.push((
             vip,
             VipRow {
@@ -131,6 +138,7 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Vec<(VipRow, Vec<BackendRow>)>> {
                 id: info.id,
                 live_backends: info.live_backends,
                 backends: backends.len(),
+                table: info.table,
                 table_size: info.table_size,
                 options: [
                     (vip_flags::AFFINITY, "affinity"),
@@ -244,37 +252,36 @@ pub fn agent_health(agent: &str) -> anyhow::Result<Option<Vec<BackendStatus>>> {
 }
 
 /// The VIP's installed Maglev table, or, where it cannot be read, the one rebuilt from its
-/// slots with why. Opening an inner map by its id (BPF_MAP_GET_FD_BY_ID) takes CAP_SYS_ADMIN,
-/// which the agent's pod does not have: there the table is rebuilt the way the agent built it.
+/// table's members with why. Opening an inner map by its id (BPF_MAP_GET_FD_BY_ID) takes
+/// CAP_SYS_ADMIN, which the agent's pod does not have: there the table is rebuilt the way the
+/// agent built it.
 pub fn installed_or_rebuilt(
     maps: &Maps,
-    slots: &BTreeMap<u32, Backend>,
+    members: &[Member],
     vip: &VipInfo,
 ) -> (Vec<u32>, Option<String>) {
-    match maps.maglev_table(vip.id, vip.table_size) {
+    match maps.maglev_table(vip.table, vip.table_size) {
         Ok(table) => (table, None),
-        Err(e) => (rebuild_table(slots, vip), Some(format!("{e:#}"))),
+        Err(e) => (
+            rebuild_table(members, vip.table_size),
+            Some(format!("{e:#}")),
+        ),
     }
 }
 
-/// The Maglev table of `vip` as the control plane builds it from the VIP's occupied slots
-/// (reconcile's inputs: each backend's Maglev id and effective weight; slot ids in the table).
-/// The installed table is this one unless a reconcile is under way.
-pub fn rebuild_table(slots: &BTreeMap<u32, Backend>, vip: &VipInfo) -> Vec<u32> {
-    let ours: Vec<(u32, &Backend)> = slots
+/// The Maglev table of `size` slots the control plane builds from a table's members (each
+/// backend's Maglev id and effective weight; backend ids in the table). The installed table is
+/// this one unless a reconcile is under way.
+pub fn rebuild_table(members: &[Member], size: u32) -> Vec<u32> {
+    let inputs: Vec<MaglevBackend> = members
         .iter()
-        .filter(|(_, b)| b.vip_id == vip.id && b.state != backend_state::EMPTY)
-        .map(|(id, b)| (*id, b))
-        .collect();
-    let inputs: Vec<MaglevBackend> = ours
-        .iter()
-        .map(|(_, b)| MaglevBackend {
-            id: lb_common::maglev_id(addr_from_raw(&b.addr, b.family)),
-            weight: crate::reconcile::effective_weight(b),
+        .map(|m| MaglevBackend {
+            id: lb_common::maglev_id(m.addr()),
+            weight: m.effective_weight(),
         })
         .collect();
-    build_table(&inputs, vip.table_size)
+    build_table(&inputs, size)
         .into_iter()
-        .map(|pick| ours.get(pick as usize).map_or(NO_BACKEND, |(id, _)| *id))
+        .map(|pick| members.get(pick as usize).map_or(NO_BACKEND, |m| m.id))
         .collect()
 }

@@ -54,11 +54,12 @@ pub fn kernel_filter(filter: &FlowFilter, slots: &Snapshot, rate: u32) -> TraceF
         f.client_family = family;
     }
     if let Some(backend) = filter.backend {
+        // One entry per backend and way of reaching it, shared by every VIP: the kernel filters
+        // by id when the address has one entry, else user space filters by address.
         let ids: Vec<u32> = slots
-            .slots
+            .backends
             .iter()
             .filter(|(_, b)| addr_from_raw(&b.addr, b.family) == backend)
-            .filter(|(_, b)| filter.vip.is_none_or(|v| b.vip == vip_key(&v)))
             .map(|(id, _)| *id)
             .collect();
         if let [id] = ids[..] {
@@ -105,11 +106,11 @@ pub fn run(iface: &str, pins: &PinLayout, args: &TraceArgs, format: Format) -> a
         for event in session.poll(Duration::from_millis(200))? {
             if event.backend != NO_BACKEND
                 && slots
-                    .slots
+                    .backends
                     .get(&event.backend)
                     .is_none_or(|b| b.generation != event.generation)
             {
-                // A slot given to another backend since the snapshot: read it afresh.
+                // An entry given to another backend since the snapshot: read it afresh.
                 slots = Snapshot::read(&maps)?;
             }
             let described = describe(&event, &slots, &clock);
@@ -232,7 +233,7 @@ pub fn describe(event: &TraceEvent, slots: &Snapshot, clock: &Clock) -> Describe
     .to_string();
     let backend_id = (event.backend != NO_BACKEND).then_some(event.backend);
     let backend = backend_id.map(|id| {
-        slots.slots.get(&id).map_or_else(
+        slots.backends.get(&id).map_or_else(
             || format!("#{id}"),
             |b| addr_from_raw(&b.addr, b.family).to_string(),
         )

@@ -3,11 +3,11 @@
 
 use std::collections::HashMap;
 
-use lb_common::{Backend as SlotValue, NO_BACKEND, VipFilter, VipInfo, VipKey};
+use lb_common::{Backend as BackendValue, VipFilter, VipKey, VipRef};
 
-use super::plan::{Colocation, Plan, TableInputs, VipPlan};
+use super::plan::{Colocation, Plan, TableInputs};
 use super::{Hook, Phase, Summary};
-use crate::dataplane::{Maps, Snapshot, TableWrite, install_maglev_tables};
+use crate::dataplane::{Maps, Snapshot, TableWrite, free_maglev_tables, install_maglev_tables};
 use crate::maglev;
 
 pub(super) fn apply(
@@ -20,6 +20,7 @@ pub(super) fn apply(
         vips: current_vips,
         vip_addrs: current_vip_addrs,
         source_ranges: current_ranges,
+        vip_refs: current_refs,
         ..
     } = current;
     let mut summary = Summary {
@@ -33,18 +34,18 @@ pub(super) fn apply(
     }
     hook(Phase::TxPorts)?;
 
-    // Backend slots the new tables point at: new ones are not referenced by any table yet;
-    // changed ones take effect for the flows that already point at them.
-    for (slot, value, is_new) in &plan.slots_before {
+    // Backend entries the new tables have: new ones are in no table yet; changed ones (a new
+    // MAC) take effect for the flows that already reach them.
+    for (id, value, is_new) in &plan.backends {
         if *is_new {
-            maps.reset_slot_counters(*slot)?;
+            maps.reset_backend_counters(*id)?;
             summary.backends_added += 1;
         } else {
             summary.backends_changed += 1;
         }
-        maps.write_slot(*slot, value)?;
+        maps.write_backend(*id, value)?;
     }
-    hook(Phase::NewSlots)?;
+    hook(Phase::NewBackends)?;
 
     // The address filter admits every VIP address, old and new, before any VIP is added...
     let desired_filter = vip_filter(plan.vips.iter().map(|v| &v.key));
@@ -72,60 +73,53 @@ pub(super) fn apply(
     }
     hook(Phase::AddressesAndRanges)?;
 
-    // A table that shrinks (its VIP lost backends and with them a tier): the entry's smaller
-    // size goes first, so that no packet indexes the smaller table with the larger size (a
-    // slot beyond it: a drop). Meanwhile the old, larger table is read within its first slots:
-    // backends it still lists, all still in place. A table that grows is swapped in first
-    // (below), for the same reason the other way round.
-    for vip in &plan.vips {
-        if let Some(old) = current_vips.get(&vip.key)
-            && vip.info.table_size < old.table_size
-        {
-            let narrowed = VipInfo {
-                table_size: vip.info.table_size,
-                ..*old
-            };
-            maps.write_vip(&vip.key, &narrowed)?;
-        }
-    }
-    hook(Phase::SizesShrunk)?;
-
-    // Tables (one atomic swap each), each with the fingerprint of its inputs. VIPs with the
-    // same backends and weights (every VIP of a Kubernetes cluster's nodes, for one) have the
-    // same table: it is built once per reconcile.
+    // New tables, each whole before any VIP points at it. Tables whose picks are the same
+    // (the same Maglev ids and weights at the same size, on other backend ids) are computed once.
     let mut built: HashMap<TableInputs, Vec<u32>> = HashMap::new();
-    let mut rebuilt: Vec<(&VipPlan, TableInputs, Vec<u32>)> = Vec::new();
-    for vip in plan.vips.iter().filter(|v| v.rebuild_table) {
+    for table in &plan.tables {
         let key: TableInputs = (
-            vip.inputs.iter().map(|b| (b.id, b.weight)).collect(),
-            vip.info.table_size,
+            table.inputs.iter().map(|b| (b.id, b.weight)).collect(),
+            table.info.size,
         );
         built
-            .entry(key.clone())
-            .or_insert_with(|| maglev::build_table(&vip.inputs, vip.info.table_size));
-        let slots = vip.backends.iter().map(|(slot, _)| *slot).collect();
-        rebuilt.push((vip, key, slots));
+            .entry(key)
+            .or_insert_with(|| maglev::build_table(&table.inputs, table.info.size));
     }
-    let tables: Vec<TableWrite<'_>> = rebuilt
+    let writes: Vec<TableWrite<'_>> = plan
+        .tables
         .iter()
-        .filter_map(|(vip, key, slots)| {
+        .filter_map(|table| {
+            let key: TableInputs = (
+                table.inputs.iter().map(|b| (b.id, b.weight)).collect(),
+                table.info.size,
+            );
             Some(TableWrite {
-                vip_id: vip.id,
-                picks: built.get(key)?,
-                backends: slots,
-                fingerprint: vip.fingerprint,
+                table: table.id,
+                picks: built.get(&key)?,
+                backends: &table.backends,
+                info: table.info,
+                members: &table.members,
             })
         })
         .collect();
-    summary.tables_rebuilt += tables.len();
-    install_maglev_tables(maps, &tables)?;
+    summary.tables_rebuilt += writes.len();
+    install_maglev_tables(maps, &writes)?;
     hook(Phase::Tables)?;
 
-    // ... then the VIP entries that point at them.
+    // ... then the VIPs point at them: an established flow's check (VIP_BY_ID) first, so that
+    // a new VIP's first flows find it; a VIP's entry (key, table and size) is one atomic write.
     for vip in &plan.vips {
+        let id = vip.info.id;
         if vip.is_new {
-            maps.reset_vip_counters(vip.id)?;
+            maps.reset_vip_counters(id)?;
             summary.vips_added += 1;
+        }
+        let vip_ref = VipRef {
+            key: vip.key,
+            table: vip.info.table,
+        };
+        if current_refs.get(&id) != Some(&vip_ref) {
+            maps.write_vip_ref(id, &vip_ref)?;
         }
         if current_vips.get(&vip.key) != Some(&vip.info) {
             maps.write_vip(&vip.key, &vip.info)?;
@@ -133,41 +127,29 @@ pub(super) fn apply(
     }
     hook(Phase::VipEntries)?;
 
-    // Slots that take no new flows any more: only now that no table sends them any.
-    for (slot, value) in &plan.slots_after {
-        maps.write_slot(*slot, value)?;
-        summary.backends_changed += 1;
+    // What is gone: a removed VIP's established flows stop matching first (they take the slow
+    // path, still balanced by its entry), then the entry goes.
+    for id in &plan.cleared_refs {
+        maps.write_vip_ref(*id, &VipRef::default())?;
     }
-    hook(Phase::DrainedSlots)?;
-
-    // What is gone: VIP entries first (no packet can reach their tables after this), then
-    // the slots (flows pointing at them re-hash on their next packet).
     for (key, id) in &plan.removed_vips {
         maps.remove_vip(key, *id)?;
         summary.vips_removed += 1;
     }
-    // Release the tables' memory: a one-slot empty table stands in until the id is reused.
-    let empty: Vec<TableWrite<'_>> = plan
-        .emptied_tables
-        .iter()
-        .map(|id| TableWrite {
-            vip_id: *id,
-            picks: &[NO_BACKEND],
-            backends: &[],
-            fingerprint: 0,
-        })
-        .collect();
-    install_maglev_tables(maps, &empty)?;
     hook(Phase::VipsRemoved)?;
-    for (slot, generation) in &plan.removed_slots {
-        let cleared = SlotValue {
+    let freed: Vec<u32> = plan.freed_tables.iter().copied().collect();
+    free_maglev_tables(maps, &freed)?;
+    hook(Phase::TablesFreed)?;
+    // Backends no table has: flows still naming them re-hash on their next packet.
+    for (id, generation) in &plan.freed_backends {
+        let cleared = BackendValue {
             generation: *generation,
-            ..SlotValue::default()
+            ..BackendValue::default()
         };
-        maps.write_slot(*slot, &cleared)?;
+        maps.write_backend(*id, &cleared)?;
         summary.backends_removed += 1;
     }
-    hook(Phase::SlotsFreed)?;
+    hook(Phase::BackendsFreed)?;
 
     // Source ranges and addresses no VIP refers to any more.
     for range in current_ranges.difference(&plan.source_ranges) {

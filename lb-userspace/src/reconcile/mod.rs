@@ -2,9 +2,9 @@
 //! asks the kernel), reads what the maps hold (the installed Maglev tables' fingerprints
 //! included), plans every write (a pure function of both, fitting what the maps have room
 //! for) before the first one, then writes in an order that packets can never observe
-//! half-done ([`Phase`]): new backend slots, address sets and source ranges, then the new
-//! Maglev table (one atomic swap), then the VIP entry, then slots that stop taking new flows,
-//! and only then frees what is gone. A reconcile stopped between any two phases leaves a
+//! half-done ([`Phase`]): new backend entries, address sets and source ranges, then the new
+//! Maglev tables (at ids no VIP points at), then the VIP entries (one atomic write each moves
+//! a VIP to its new table), and only then frees what is gone. A reconcile stopped between any two phases leaves a
 //! state the next one completes. The connection table is never flushed.
 //!
 //! [`driver`] is what both sources drive: the first apply loads and attaches, every later one
@@ -13,7 +13,7 @@
 use std::{collections::BTreeSet, net::IpAddr};
 
 use anyhow::bail;
-use lb_common::{MAX_BACKENDS, MAX_SOURCE_RANGES, MAX_VIPS};
+use lb_common::{MAX_BACKENDS, MAX_SOURCE_RANGES, MAX_TABLES, MAX_VIPS};
 
 use crate::{
     dataplane::{Maps, Snapshot},
@@ -117,24 +117,22 @@ impl std::fmt::Display for Summary {
 pub enum Phase {
     /// `TX_PORTS` entries for backends behind other interfaces.
     TxPorts,
-    /// New backend slots, and changes of slots the new tables still point at.
-    NewSlots,
+    /// New backend entries, and changes (a new MAC) of those that stay.
+    NewBackends,
     /// The address filter admits every VIP address, old and new.
     FilterWidened,
     /// `VIP_ADDRS` and `SOURCE_RANGES` the new VIP entries rely on.
     AddressesAndRanges,
-    /// The smaller size of VIPs whose tables shrink, before their tables.
-    SizesShrunk,
-    /// New Maglev tables swapped in.
+    /// Tables with new contents installed at ids no VIP points at.
     Tables,
-    /// VIP entries written.
+    /// VIP entries written: each VIP moves to its table in one write.
     VipEntries,
-    /// Slots that stopped taking new flows (draining, weight 0) marked so.
-    DrainedSlots,
-    /// Removed VIPs' entries gone, their tables emptied.
+    /// Removed VIPs' entries gone.
     VipsRemoved,
-    /// Slots of removed backends cleared.
-    SlotsFreed,
+    /// Tables no VIP points at any more released.
+    TablesFreed,
+    /// Entries of backends no table has any more cleared.
+    BackendsFreed,
     /// Addresses and source ranges no VIP refers to any more removed.
     StaleAddressesAndRanges,
     /// The address filter narrowed to the remaining VIPs.
@@ -144,17 +142,16 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 13] = [
+    pub const ALL: [Phase; 12] = [
         Phase::TxPorts,
-        Phase::NewSlots,
+        Phase::NewBackends,
         Phase::FilterWidened,
         Phase::AddressesAndRanges,
-        Phase::SizesShrunk,
         Phase::Tables,
         Phase::VipEntries,
-        Phase::DrainedSlots,
         Phase::VipsRemoved,
-        Phase::SlotsFreed,
+        Phase::TablesFreed,
+        Phase::BackendsFreed,
         Phase::StaleAddressesAndRanges,
         Phase::FilterNarrowed,
         Phase::Colocation,
@@ -165,8 +162,6 @@ impl Phase {
 type Hook<'a> = &'a mut dyn FnMut(Phase) -> anyhow::Result<()>;
 
 pub use crate::model::vip_key;
-/// The weight a slot's backend has in its VIP's Maglev table (`sluice explain` rebuilds tables).
-pub(crate) use plan::effective_weight;
 
 pub use lb_common::{addr_from_raw, maglev_id, raw_addr};
 
@@ -178,8 +173,11 @@ pub enum LeftOut {
     /// A new VIP: no free VIP entry (at most `MAX_VIPS`), VIP address or room for its source
     /// ranges.
     Vip { vip: VipAddr },
-    /// A new backend of a VIP: no free backend slot (at most `MAX_BACKENDS` over all VIPs).
+    /// A new backend of a VIP: no free backend entry (at most `MAX_BACKENDS` distinct ones).
     Backend { vip: VipAddr, backend: IpAddr },
+    /// A VIP's new set of backends: no free table (at most `MAX_TABLES` distinct ones); it keeps
+    /// the table it has (a new VIP waits).
+    Table { vip: VipAddr },
     /// New source ranges of a VIP (at most `MAX_SOURCE_RANGES` over all VIPs): it admits only
     /// the clients of those it had that are still listed.
     SourceRanges { vip: VipAddr },
@@ -191,7 +189,11 @@ impl std::fmt::Display for LeftOut {
             Self::Vip { vip } => write!(f, "VIP {vip} (at most {MAX_VIPS} VIPs)"),
             Self::Backend { vip, backend } => write!(
                 f,
-                "backend {backend} of {vip} (at most {MAX_BACKENDS} backends over all VIPs)"
+                "backend {backend} of {vip} (at most {MAX_BACKENDS} distinct backends)"
+            ),
+            Self::Table { vip } => write!(
+                f,
+                "the new backends of {vip} (at most {MAX_TABLES} distinct backend sets; it keeps its old ones)"
             ),
             Self::SourceRanges { vip } => write!(
                 f,
@@ -260,7 +262,7 @@ fn reconcile_with(
     let (mut summary, freed) = reconcile_pass(maps, iface, desired, resolved, hook)?;
     if !summary.left_out.is_empty() && freed {
         // Removals make room only once they are done (old and new entries coexist during an
-        // apply, and a freed slot is never reused in the apply that frees it): one more pass
+        // apply, and a freed id is never reused in the apply that frees it): one more pass
         // uses it.
         let (second, _) = reconcile_pass(maps, iface, desired, resolved, hook)?;
         summary.add(second);
@@ -278,8 +280,7 @@ fn reconcile_pass(
     resolved: &Resolved,
     hook: Hook<'_>,
 ) -> anyhow::Result<(Summary, bool)> {
-    let mut current = Snapshot::read(maps)?;
-    current.read_tables(maps);
+    let current = Snapshot::read(maps)?;
     let plan = plan(&current, iface, desired, resolved)?;
     let freed = plan.frees;
     Ok((apply(maps, current, plan, hook)?, freed))

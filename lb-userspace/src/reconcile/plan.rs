@@ -1,15 +1,20 @@
 //! The plan: a pure function of the desired state, where its backends are (`Resolved`) and
-//! what the maps hold (`Snapshot`): every write, its slot and VIP ids, what does not fit.
-//! No kernel, no I/O, so every rule has a unit test without root.
+//! what the maps hold (`Snapshot`): every write, its backend, table and VIP ids, what does not
+//! fit. No kernel, no I/O, so every rule has a unit test without root.
+//!
+//! Backends are shared by every VIP (one entry per address and way of reaching it), and Maglev
+//! tables by content (members, weights, drains, size): the VIPs of a cluster's nodes all point
+//! at one table, so per-node state grows with the nodes plus the VIPs, not their product.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use anyhow::{anyhow, bail};
 use lb_common::{
-    Addr, Backend as SlotValue, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_DECAP_ADDRS, MAX_PEERS,
-    MAX_SOURCE_RANGES, MAX_VIPS, PeerKey, Settings as DataplaneSettings, VipInfo, VipKey,
-    addr_from_raw, backend_state, forward_mode, maglev_id, raw_addr, source_range_scope, vip_flags,
+    Addr, Backend as BackendValue, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_DECAP_ADDRS, MAX_PEERS,
+    MAX_SOURCE_RANGES, MAX_TABLES, MAX_VIPS, MEMBER_DRAINING, MemberWeight, PeerKey,
+    Settings as DataplaneSettings, TableInfo, VipInfo, VipKey, addr_from_raw, backend_state,
+    forward_mode, maglev_id, member_pick_weight, raw_addr, source_range_scope, vip_flags,
 };
 
 use super::LeftOut;
@@ -19,38 +24,41 @@ use crate::model::{Backend, Desired, ForwardingMode, IpNet, Settings, Vip, vip_k
 use crate::net::Interface;
 use crate::resolve::{Resolved, Target};
 
-/// One VIP's planned state.
+/// One VIP's planned entry.
 pub(super) struct VipPlan {
     pub(super) key: VipKey,
-    pub(super) id: u32,
     pub(super) is_new: bool,
-    /// Backends in desired order with their slot ids and slot values.
-    pub(super) backends: Vec<(u32, SlotValue)>,
-    /// What its table is built from, and whether the installed one is something else.
-    pub(super) inputs: Vec<MaglevBackend>,
-    pub(super) fingerprint: u64,
-    pub(super) rebuild_table: bool,
+    /// Its `VIPS` value: id, table and the table's size.
     pub(super) info: VipInfo,
+}
+
+/// A table to install at a free id, before any VIP points at it.
+pub(super) struct TablePlan {
+    pub(super) id: u32,
+    /// Members in backend id order, with their Maglev inputs and `TABLE_MEMBERS` weights.
+    pub(super) backends: Vec<u32>,
+    pub(super) inputs: Vec<MaglevBackend>,
+    pub(super) members: Vec<(u32, MemberWeight)>,
+    pub(super) info: TableInfo,
 }
 
 /// Everything to write, computed without touching a map.
 #[derive(Default)]
 pub(super) struct Plan {
     pub(super) vips: Vec<VipPlan>,
-    /// Slot writes before the tables (with whether each slot is new): new slots, and slots the
-    /// new tables point at (active: they take new flows from the swap on).
-    pub(super) slots_before: Vec<(u32, SlotValue, bool)>,
-    /// Slot writes after the tables: slots that stop taking new flows (draining, weight 0).
-    /// Until the table that no longer points at them is in, they must still accept the flows
-    /// the old one sends them.
-    pub(super) slots_after: Vec<(u32, SlotValue)>,
+    /// Backend entries written before the tables (with whether each is new): no table points
+    /// at a new one yet, and a changed one (a new MAC) serves its flows from then on.
+    pub(super) backends: Vec<(u32, BackendValue, bool)>,
+    /// Tables with new contents, at ids no VIP points at.
+    pub(super) tables: Vec<TablePlan>,
     pub(super) tx_ports: BTreeSet<u32>,
     pub(super) removed_vips: Vec<(VipKey, u32)>,
-    /// Slots to clear, with the generation they keep.
-    pub(super) removed_slots: BTreeMap<u32, u32>,
-    /// Tables to release (a one-slot empty table): removed VIPs', and those of VIP ids no VIP
-    /// has (an interrupted reconcile's).
-    pub(super) emptied_tables: BTreeSet<u32>,
+    /// `VIP_BY_ID` entries to clear: removed VIPs', and those no VIP has (an interrupted run's).
+    pub(super) cleared_refs: BTreeSet<u32>,
+    /// Tables no VIP points at once the VIP entries are written.
+    pub(super) freed_tables: BTreeSet<u32>,
+    /// Backend entries no table has any more, with the generation they keep.
+    pub(super) freed_backends: BTreeMap<u32, u32>,
     /// `VIP_ADDRS` as it must end up.
     pub(super) vip_addrs: BTreeMap<VipKey, u32>,
     /// `SOURCE_RANGES` as it must end up.
@@ -59,8 +67,8 @@ pub(super) struct Plan {
     /// written, so that a VIP admits only what it lists from then on. Other stale ranges go
     /// with the removals.
     pub(super) early_stale_ranges: BTreeSet<RangeKey>,
-    /// Whether this plan frees anything (a VIP id, slot, address or range) that a second pass
-    /// could use for what was left out.
+    /// Whether this plan frees anything (a VIP id, backend, table, address or range) that a
+    /// second pass could use for what was left out.
     pub(super) frees: bool,
     pub(super) left_out: Vec<LeftOut>,
 }
@@ -116,12 +124,13 @@ pub(super) fn range_vip(key: &RangeKey) -> u32 {
 
 /// Everything a reconcile writes, from what the maps hold and where the backends are. Pure.
 ///
-/// Order rules (each has a unit test): a slot is written before any table points at it, and
-/// marked as taking no new flows (draining, weight 0) only after the table that leaves it out
-/// is in; a table is rebuilt whenever the installed one was built from other inputs (its
-/// fingerprint), whatever the slots say; removals and drains need no room and are always
-/// planned; what does not fit (VIPs, slots, addresses, source ranges, counted while old and
-/// new entries coexist) is left out and listed, never failing the rest.
+/// Order rules (each has a unit test): a backend entry is written before any table has it; a
+/// table is installed whole at an id no VIP points at, then the VIPs are pointed at it (one
+/// atomic write each), and only then are the tables and backends no VIP uses any more freed;
+/// a table is reused whenever an installed one has the same contents (its fingerprint), so a
+/// change rebuilds each distinct table once; removals and drains need no room and are always
+/// planned; what does not fit (VIPs, backends, tables, addresses, source ranges, counted while
+/// old and new entries coexist) is left out and listed, never failing the rest.
 pub(super) fn plan(
     current: &Snapshot,
     iface: &Interface,
@@ -130,11 +139,23 @@ pub(super) fn plan(
 ) -> anyhow::Result<Plan> {
     let desired_keys: BTreeSet<VipKey> = desired.vips.iter().map(|v| vip_key(&v.key)).collect();
 
-    // Ids kept by surviving VIPs and slots; new ones come from what is free now (ids and slots
+    // Ids kept by surviving VIPs, backends and tables; new ones come from what is free now (ids
     // freed by this reconcile are not reused in it: their old flows must re-hash, not follow,
-    // and old tables may still point at them).
+    // and packets may still read what they point at).
     let mut vip_ids = Ids::new(current.vips.values().map(|i| i.id), MAX_VIPS);
-    let mut slot_ids = Ids::new(current.slots.keys().copied(), MAX_BACKENDS);
+    let mut backend_ids = Ids::new(current.backends.keys().copied(), MAX_BACKENDS);
+    let mut table_ids = Ids::new(current.vips.values().map(|i| i.table), MAX_TABLES);
+    let installed: BTreeMap<(IpAddr, u8), u32> = current
+        .backends
+        .iter()
+        .map(|(id, b)| ((addr_from_raw(&b.addr, b.family), b.mode), *id))
+        .collect();
+    let mut by_fingerprint: BTreeMap<u64, u32> = current
+        .tables
+        .iter()
+        .map(|(id, t)| (t.fingerprint, *id))
+        .collect();
+    let mut planned_backends: BTreeMap<(IpAddr, u8), u32> = BTreeMap::new();
     // Room while the old entries are still there (they go last).
     let mut addr_room = (MAX_VIPS as usize).saturating_sub(current.vip_addrs.len());
     let mut range_room = (MAX_SOURCE_RANGES as usize).saturating_sub(current.source_ranges.len());
@@ -154,6 +175,7 @@ pub(super) fn plan(
                 }
             },
         };
+
         let addr_key = key.address_only();
         let new_addr =
             !current.vip_addrs.contains_key(&addr_key) && !plan.vip_addrs.contains_key(&addr_key);
@@ -165,6 +187,95 @@ pub(super) fn plan(
             plan.left_out.push(LeftOut::Vip { vip: vip.key });
             continue;
         }
+
+        // Its members: each backend's shared entry (written once, whatever the VIPs that have
+        // it) and its weight in this VIP's table.
+        let mut members: Vec<(u32, IpAddr, MemberWeight)> = Vec::with_capacity(vip.backends.len());
+        for backend in &vip.backends {
+            let mut weight = backend.weight & !MEMBER_DRAINING;
+            if !backend.takes_new_flows() {
+                weight |= MEMBER_DRAINING;
+            }
+            let id = match resolved.targets.get(&(backend.addr, vip.mode)) {
+                Some(target) => {
+                    let value = backend_value(iface, &desired.settings, target, vip, backend)?;
+                    let target_key = (backend.addr, value.mode);
+                    if let Some(id) = planned_backends.get(&target_key) {
+                        *id
+                    } else {
+                        let id = match installed.get(&target_key) {
+                            Some(id) => {
+                                let old = current.backends[id];
+                                let value = BackendValue {
+                                    generation: old.generation,
+                                    ..value
+                                };
+                                if value != old {
+                                    plan.backends.push((*id, value, false));
+                                }
+                                *id
+                            }
+                            None => {
+                                let Some(id) = backend_ids.take() else {
+                                    plan.left_out.push(LeftOut::Backend {
+                                        vip: vip.key,
+                                        backend: backend.addr,
+                                    });
+                                    continue;
+                                };
+                                // A new holder of the entry: flows of earlier ones do not match it.
+                                let previous = current.generations.get(&id).copied().unwrap_or(0);
+                                let value = BackendValue {
+                                    generation: previous.wrapping_add(1).max(1),
+                                    ..value
+                                };
+                                plan.backends.push((id, value, true));
+                                id
+                            }
+                        };
+                        if value.mode != forward_mode::LOCAL && value.ifindex != iface.index {
+                            plan.tx_ports.insert(value.ifindex);
+                        }
+                        planned_backends.insert(target_key, id);
+                        id
+                    }
+                }
+                // Not resolvable now: its last known entry, draining (its flows stay), or left
+                // out when it never had one.
+                None => match last_known(&installed, backend.addr, vip.mode) {
+                    Some(id) => {
+                        weight |= MEMBER_DRAINING;
+                        id
+                    }
+                    None => continue,
+                },
+            };
+            members.push((id, backend.addr, weight));
+        }
+        members.sort_by_key(|(id, _, _)| *id);
+        members.dedup_by_key(|(id, _, _)| *id);
+        let table_size = desired.settings.maglev_table_size_for(vip.backends.len());
+        let fingerprint = table_fingerprint(&members, table_size);
+
+        // Its table: one with these contents if installed or planned already, else a new one.
+        let table = match by_fingerprint.get(&fingerprint) {
+            Some(table) => Some(*table),
+            None => table_ids.take().inspect(|table| {
+                plan.tables
+                    .push(table_plan(*table, &members, table_size, fingerprint));
+                by_fingerprint.insert(fingerprint, *table);
+            }),
+        };
+        let Some(table) = table else {
+            plan.left_out.push(LeftOut::Table { vip: vip.key });
+            match old_info {
+                // Keeps the table it has until there is room.
+                Some(info) => plan.vips.push(VipPlan { key, is_new, info }),
+                None => vip_ids.give_back(id),
+            }
+            continue;
+        };
+
         if new_addr {
             addr_room = addr_room.saturating_sub(1);
         }
@@ -182,90 +293,6 @@ pub(super) fn plan(
         plan.source_ranges.extend(ranges);
         *plan.vip_addrs.entry(addr_key).or_insert(0) += 1;
 
-        let existing = if is_new {
-            BTreeMap::new()
-        } else {
-            current.slots_of(id)
-        };
-        let mut backends = Vec::with_capacity(vip.backends.len());
-        let mut kept = BTreeSet::new();
-        for backend in &vip.backends {
-            let resolved_value = match resolved.targets.get(&(backend.addr, vip.mode)) {
-                Some(target) => Some(slot_value(
-                    iface,
-                    &desired.settings,
-                    target,
-                    vip,
-                    backend,
-                    id,
-                )?),
-                None => None,
-            };
-            let (slot, value) = match (existing.get(&backend.addr), resolved_value) {
-                (Some((slot, old)), Some(value)) => (
-                    *slot,
-                    SlotValue {
-                        generation: old.generation,
-                        ..value
-                    },
-                ),
-                // Not resolvable now: its last known slot, draining (its flows stay).
-                (Some((slot, old)), None) => (
-                    *slot,
-                    SlotValue {
-                        state: backend_state::DRAINING,
-                        ..*old
-                    },
-                ),
-                // ... or left out when it never had one.
-                (None, None) => continue,
-                (None, Some(value)) => {
-                    let Some(slot) = slot_ids.take() else {
-                        plan.left_out.push(LeftOut::Backend {
-                            vip: vip.key,
-                            backend: backend.addr,
-                        });
-                        continue;
-                    };
-                    // A new holder of the slot: flows of earlier ones do not match it.
-                    let previous = current.generations.get(&slot).copied().unwrap_or(0);
-                    let value = SlotValue {
-                        generation: previous.wrapping_add(1).max(1),
-                        ..value
-                    };
-                    plan.slots_before.push((slot, value, true));
-                    (slot, value)
-                }
-            };
-            if let Some((_, old)) = existing.get(&backend.addr)
-                && *old != value
-            {
-                if effective_weight(&value) > 0 {
-                    plan.slots_before.push((slot, value, false));
-                } else {
-                    plan.slots_after.push((slot, value));
-                }
-            }
-            kept.insert(backend.addr);
-            if value.mode != forward_mode::LOCAL && value.ifindex != iface.index {
-                plan.tx_ports.insert(value.ifindex);
-            }
-            backends.push((slot, value));
-        }
-        for (addr, (slot, old)) in &existing {
-            if !kept.contains(addr) {
-                plan.removed_slots.insert(*slot, old.generation);
-            }
-        }
-        let inputs: Vec<MaglevBackend> = backends
-            .iter()
-            .map(|(_, v)| MaglevBackend {
-                id: maglev_id(addr_from_raw(&v.addr, v.family)),
-                weight: effective_weight(v),
-            })
-            .collect();
-        let table_size = desired.settings.maglev_table_size_for(vip.backends.len());
-        let fingerprint = table_fingerprint(&backends, &inputs, table_size);
         let mut flags = 0;
         if vip.client_affinity {
             flags |= vip_flags::AFFINITY;
@@ -273,53 +300,68 @@ pub(super) fn plan(
         if !vip.source_ranges.is_empty() {
             flags |= vip_flags::SOURCE_RANGES;
         }
-        let info = VipInfo {
-            id,
-            table_size,
-            live_backends: inputs.iter().filter(|b| b.weight > 0).count() as u32,
-            flags,
-        };
+        let live_backends = members
+            .iter()
+            .filter(|(_, _, w)| *w != 0 && w & MEMBER_DRAINING == 0)
+            .count() as u32;
         plan.vips.push(VipPlan {
             key,
-            id,
             is_new,
-            rebuild_table: is_new || current.tables.get(&id) != Some(&fingerprint),
-            backends,
-            inputs,
-            fingerprint,
-            info,
+            info: VipInfo {
+                id,
+                table,
+                table_size,
+                live_backends,
+                flags,
+            },
         });
     }
 
-    let planned_ids: BTreeSet<u32> = plan.vips.iter().map(|v| v.id).collect();
     for (key, info) in &current.vips {
         if !desired_keys.contains(key) {
             plan.removed_vips.push((*key, info.id));
-            plan.emptied_tables.insert(info.id);
-            plan.removed_slots.extend(
-                current
-                    .slots_of(info.id)
-                    .values()
-                    .map(|(slot, v)| (*slot, v.generation)),
-            );
+            plan.cleared_refs.insert(info.id);
         }
     }
-    // Slots whose VIP no longer exists at all (left by an interrupted run): free them, and the
-    // table of their VIP id unless a VIP of this plan has it.
-    let live_ids: BTreeSet<u32> = current.vips.values().map(|i| i.id).collect();
-    for (slot, value) in &current.slots {
-        if !live_ids.contains(&value.vip_id) {
-            plan.removed_slots.insert(*slot, value.generation);
-            if !planned_ids.contains(&value.vip_id) {
-                plan.emptied_tables.insert(value.vip_id);
-            }
+    let planned_ids: BTreeSet<u32> = plan.vips.iter().map(|v| v.info.id).collect();
+    plan.cleared_refs.extend(
+        current
+            .vip_refs
+            .keys()
+            .filter(|id| !planned_ids.contains(id)),
+    );
+
+    // What the VIPs use once pointed at their tables; the rest is freed after that.
+    let final_tables: BTreeSet<u32> = plan.vips.iter().map(|v| v.info.table).collect();
+    plan.freed_tables = current
+        .vips
+        .values()
+        .map(|i| i.table)
+        .filter(|t| !final_tables.contains(t))
+        .collect();
+    let mut used = BTreeSet::new();
+    for table in &plan.tables {
+        used.extend(table.backends.iter().copied());
+    }
+    for table in &final_tables {
+        if let Some(info) = current.tables.get(table) {
+            used.extend((0..MAX_BACKENDS).filter(|b| info.has(*b)));
         }
     }
+    // A backend taken for a VIP that was then left out is not written at all.
+    plan.backends.retain(|(id, _, _)| used.contains(id));
+    plan.freed_backends = current
+        .backends
+        .iter()
+        .filter(|(id, _)| !used.contains(id))
+        .map(|(id, b)| (*id, b.generation))
+        .collect();
+
     let filtering: BTreeSet<u32> = plan
         .vips
         .iter()
         .filter(|v| v.info.flags & vip_flags::SOURCE_RANGES != 0)
-        .map(|v| v.id)
+        .map(|v| v.info.id)
         .collect();
     plan.early_stale_ranges = current
         .source_ranges
@@ -328,7 +370,8 @@ pub(super) fn plan(
         .copied()
         .collect();
     plan.frees = !plan.removed_vips.is_empty()
-        || !plan.removed_slots.is_empty()
+        || !plan.freed_backends.is_empty()
+        || !plan.freed_tables.is_empty()
         || current
             .vip_addrs
             .keys()
@@ -337,29 +380,69 @@ pub(super) fn plan(
     Ok(plan)
 }
 
-/// The weight that counts for the Maglev table: zero when draining.
-pub(crate) fn effective_weight(slot: &SlotValue) -> u32 {
-    if slot.state == backend_state::ACTIVE {
-        slot.weight
-    } else {
-        0
+/// The installed entry of a backend that cannot be resolved now, reached the way `mode` asks
+/// (or this node itself).
+fn last_known(
+    installed: &BTreeMap<(IpAddr, u8), u32>,
+    addr: IpAddr,
+    mode: ForwardingMode,
+) -> Option<u32> {
+    let modes: &[u8] = match mode {
+        ForwardingMode::L2 => &[forward_mode::L2, forward_mode::LOCAL],
+        ForwardingMode::Ipip => &[
+            forward_mode::IPIP_V4,
+            forward_mode::IPIP_V6,
+            forward_mode::LOCAL,
+        ],
+    };
+    modes
+        .iter()
+        .find_map(|m| installed.get(&(addr, *m)).copied())
+}
+
+/// A table of `members` (in backend id order) at id `id`.
+fn table_plan(
+    id: u32,
+    members: &[(u32, IpAddr, MemberWeight)],
+    size: u32,
+    fingerprint: u64,
+) -> TablePlan {
+    let mut info = TableInfo {
+        fingerprint,
+        size,
+        members: members.len() as u32,
+        ..TableInfo::default()
+    };
+    for (backend, _, _) in members {
+        info.add(*backend);
+    }
+    TablePlan {
+        id,
+        backends: members.iter().map(|(b, _, _)| *b).collect(),
+        inputs: members
+            .iter()
+            .map(|(_, addr, weight)| MaglevBackend {
+                id: maglev_id(*addr),
+                weight: member_pick_weight(*weight),
+            })
+            .collect(),
+        members: members.iter().map(|(b, _, w)| (*b, *w)).collect(),
+        info,
     }
 }
 
 /// Bumped when the Maglev builder changes what it builds from the same inputs.
-pub(super) const TABLE_FORMAT: u64 = 1;
+/// 2: tables shared by content, members in backend id order.
+pub(super) const TABLE_FORMAT: u64 = 2;
 
-/// Of everything a VIP's installed table is a function of: the builder, the size, and each
-/// backend's slot, Maglev id and weight in order (FNV-1a, never 0: 0 is "no fingerprint").
-pub(super) fn table_fingerprint(
-    backends: &[(u32, SlotValue)],
-    inputs: &[MaglevBackend],
-    size: u32,
-) -> u64 {
-    let mut words = vec![TABLE_FORMAT, u64::from(size), backends.len() as u64];
-    for ((slot, _), input) in backends.iter().zip(inputs) {
-        words.push(u64::from(*slot));
-        words.push(u64::from(input.id) << 32 | u64::from(input.weight));
+/// Of everything a table is a function of: the builder, the size, and each member's backend
+/// id, Maglev id and weight with its drain flag, in backend id order (FNV-1a, never 0: 0 is "no
+/// table"). Equal fingerprints: one table serves both.
+pub(super) fn table_fingerprint(members: &[(u32, IpAddr, MemberWeight)], size: u32) -> u64 {
+    let mut words = vec![TABLE_FORMAT, u64::from(size), members.len() as u64];
+    for (backend, addr, weight) in members {
+        words.push(u64::from(*backend));
+        words.push(u64::from(maglev_id(*addr)) << 32 | u64::from(*weight));
     }
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for word in words {
@@ -370,29 +453,21 @@ pub(super) fn table_fingerprint(
     h.max(1)
 }
 
-/// Where and how the program sends this backend's packets, from where it was resolved.
-pub(super) fn slot_value(
+/// Where and how the program sends this backend's packets, from where it was resolved: the
+/// entry every VIP that has the backend shares.
+pub(super) fn backend_value(
     iface: &Interface,
     settings: &Settings,
     target: &Target,
     vip: &Vip,
     backend: &Backend,
-    vip_id: u32,
-) -> anyhow::Result<SlotValue> {
+) -> anyhow::Result<BackendValue> {
     let (addr, family) = raw_addr(backend.addr);
-    let state = if backend.takes_new_flows() {
-        backend_state::ACTIVE
-    } else {
-        backend_state::DRAINING
-    };
-    let mut value = SlotValue {
+    let mut value = BackendValue {
         addr,
-        vip_id,
-        state,
-        weight: backend.weight,
+        state: backend_state::IN_USE,
         family,
-        vip: vip_key(&vip.key),
-        ..SlotValue::default()
+        ..BackendValue::default()
     };
     let (mac, egress, source) = match target {
         Target::Local => {
@@ -466,7 +541,7 @@ pub(super) fn encap_source(
     Ok((raw_addr(base).0, vary))
 }
 
-/// What a Maglev table is a function of: (backend id, weight) pairs and the size.
+/// What a Maglev table's picks are a function of: (Maglev id, weight) pairs and the size.
 pub(super) type TableInputs = (Vec<(u32, u32)>, u32);
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::net::Ipv4Addr;
 
 use super::*;
 use crate::model::{MacAddr, Protocol, VipAddr};
+use lb_common::VipRef;
 
 fn iface() -> Interface {
     Interface {
@@ -76,54 +77,65 @@ fn plan_for(current: &Snapshot, desired: &Desired) -> Plan {
 
 /// The maps after `plan` was applied in full (the model of `apply`).
 fn applied(current: &Snapshot, plan: &Plan) -> Snapshot {
-    let mut all: BTreeMap<u32, SlotValue> = current
+    let mut all: BTreeMap<u32, BackendValue> = current
         .generations
         .iter()
-        .map(|(slot, generation)| {
+        .map(|(id, generation)| {
             (
-                *slot,
-                SlotValue {
+                *id,
+                BackendValue {
                     generation: *generation,
-                    ..SlotValue::default()
+                    ..BackendValue::default()
                 },
             )
         })
         .collect();
-    all.extend(current.slots.iter().map(|(s, v)| (*s, *v)));
-    for (slot, value, _) in &plan.slots_before {
-        all.insert(*slot, *value);
+    all.extend(current.backends.iter().map(|(s, v)| (*s, *v)));
+    for (id, value, _) in &plan.backends {
+        all.insert(*id, *value);
     }
-    for (slot, value) in &plan.slots_after {
-        all.insert(*slot, *value);
-    }
-    for (slot, generation) in &plan.removed_slots {
+    for (id, generation) in &plan.freed_backends {
         all.insert(
-            *slot,
-            SlotValue {
+            *id,
+            BackendValue {
                 generation: *generation,
-                ..SlotValue::default()
+                ..BackendValue::default()
             },
         );
     }
     let mut next = Snapshot::default();
-    for (slot, value) in all {
-        next.add_slot(slot, value);
+    for (id, value) in all {
+        next.add_backend(id, value);
     }
     next.vips = current.vips.clone();
-    next.tables = current.tables.clone();
-    for (key, id) in &plan.removed_vips {
+    next.vip_refs = current.vip_refs.clone();
+    for (key, _) in &plan.removed_vips {
         next.vips.remove(key);
-        next.tables.remove(id);
     }
-    for id in &plan.emptied_tables {
-        next.tables.remove(id);
+    for id in &plan.cleared_refs {
+        next.vip_refs.remove(id);
     }
+    let mut tables = current.tables.clone();
+    for id in &plan.freed_tables {
+        tables.remove(id);
+    }
+    tables.extend(plan.tables.iter().map(|t| (t.id, t.info)));
     for vip in &plan.vips {
         next.vips.insert(vip.key, vip.info);
-        if vip.rebuild_table {
-            next.tables.insert(vip.id, vip.fingerprint);
-        }
+        next.vip_refs.insert(
+            vip.info.id,
+            VipRef {
+                key: vip.key,
+                table: vip.info.table,
+            },
+        );
     }
+    // As `Snapshot::read`: the tables some VIP points at.
+    let in_use: BTreeSet<u32> = next.vips.values().map(|i| i.table).collect();
+    next.tables = tables
+        .into_iter()
+        .filter(|(id, _)| in_use.contains(id))
+        .collect();
     next.vip_addrs = plan.vip_addrs.clone();
     next.source_ranges = plan.source_ranges.clone();
     next
@@ -136,13 +148,23 @@ fn step(current: &Snapshot, desired: &Desired) -> (Plan, Snapshot) {
     (plan, next)
 }
 
-fn slot_of(current: &Snapshot, i: u32) -> u32 {
+/// The backend entry of backend `i`.
+fn id_of(current: &Snapshot, i: u32) -> u32 {
     current
-        .slots
+        .backends
         .iter()
         .find(|(_, v)| addr_from_raw(&v.addr, v.family) == backend_ip(i))
-        .map(|(slot, _)| *slot)
+        .map(|(id, _)| *id)
         .unwrap()
+}
+
+/// Table `plan`'s weight of backend entry `id` as `TABLE_MEMBERS` gets it.
+fn member_of(table: &TablePlan, id: u32) -> Option<MemberWeight> {
+    table
+        .members
+        .iter()
+        .find(|(b, _)| *b == id)
+        .map(|(_, w)| *w)
 }
 
 fn three() -> Desired {
@@ -160,98 +182,153 @@ fn with_backend_1(backend: Backend) -> Desired {
 fn an_unchanged_state_plans_no_write() {
     let (_, maps) = step(&Snapshot::default(), &three());
     let plan = plan_for(&maps, &three());
-    assert!(plan.slots_before.is_empty() && plan.slots_after.is_empty());
-    assert!(plan.removed_slots.is_empty() && plan.removed_vips.is_empty());
-    assert!(!plan.vips[0].rebuild_table);
+    assert!(plan.backends.is_empty() && plan.tables.is_empty());
+    assert!(plan.freed_backends.is_empty() && plan.freed_tables.is_empty());
+    assert!(plan.removed_vips.is_empty() && plan.cleared_refs.is_empty());
     assert!(plan.left_out.is_empty() && !plan.frees);
 }
 
 #[test]
-fn a_drain_is_written_after_the_table_that_leaves_the_backend_out() {
-    let (_, maps) = step(&Snapshot::default(), &three());
-    let slot = slot_of(&maps, 1);
-    for (label, changed) in [("drain", b(1, 1, true)), ("weight 0", b(1, 0, false))] {
-        let plan = plan_for(&maps, &with_backend_1(changed));
-        assert!(
-            plan.slots_before.iter().all(|(s, _, _)| *s != slot),
-            "{label}: written before the table"
-        );
-        assert_eq!(plan.slots_after.len(), 1, "{label}");
-        assert_eq!(plan.slots_after[0].0, slot, "{label}");
-        assert_eq!(effective_weight(&plan.slots_after[0].1), 0, "{label}");
-        let vip = &plan.vips[0];
-        assert!(vip.rebuild_table, "{label}");
-        assert_eq!(
-            vip.inputs[1].weight, 0,
-            "{label}: the new table leaves it out"
-        );
-        assert_eq!(vip.info.live_backends, 2, "{label}");
+fn vips_with_the_same_backends_share_their_entries_and_one_table() {
+    let same = |n: u32| vip(n, vec![b(0, 1, false), b(1, 1, false), b(2, 1, false)]);
+    let mut vips: Vec<Vip> = (0..100).map(same).collect();
+    vips.push(vip(100, vec![b(0, 1, false), b(3, 1, false)]));
+    let (plan, maps) = step(&Snapshot::default(), &state(vips.clone()));
+    assert_eq!(
+        plan.backends.len(),
+        4,
+        "one entry per backend, whatever the VIPs"
+    );
+    assert_eq!(
+        plan.tables.len(),
+        2,
+        "one table per distinct set of backends"
+    );
+    let shared = plan.vips[0].info.table;
+    assert!(plan.vips[..100].iter().all(|v| v.info.table == shared));
+    assert_ne!(plan.vips[100].info.table, shared);
+    assert_eq!(plan.tables[0].info.members, 3);
+    // A backend added to the hundred: one new entry, one new table, the old one freed; the
+    // other VIP's table stays.
+    for v in &mut vips[..100] {
+        v.backends.push(b(4, 1, false));
     }
+    let (plan, after) = step(&maps, &state(vips));
+    assert_eq!(plan.backends.len(), 1);
+    assert!(plan.backends[0].2, "new");
+    assert_eq!(plan.tables.len(), 1);
+    assert_eq!(plan.freed_tables, BTreeSet::from([shared]));
+    assert!(plan.freed_backends.is_empty());
+    assert_eq!(after.tables.len(), 2);
+    assert_eq!(after.backends.len(), 5);
 }
 
 #[test]
-fn an_unresolved_backend_drains_after_the_table_on_its_last_mac() {
+fn a_drain_is_a_new_table_that_keeps_the_backend_a_member() {
     let (_, maps) = step(&Snapshot::default(), &three());
-    let slot = slot_of(&maps, 1);
+    let id = id_of(&maps, 1);
+    let old_table = maps.vips.values().next().unwrap().table;
+    for (label, changed) in [("drain", b(1, 1, true)), ("weight 0", b(1, 0, false))] {
+        let plan = plan_for(&maps, &with_backend_1(changed));
+        assert!(plan.backends.is_empty(), "{label}: its entry is unchanged");
+        assert_eq!(plan.tables.len(), 1, "{label}");
+        let table = &plan.tables[0];
+        assert!(
+            table.info.has(id),
+            "{label}: still a member: its flows stay"
+        );
+        assert_eq!(
+            member_pick_weight(member_of(table, id).unwrap()),
+            0,
+            "{label}"
+        );
+        assert_eq!(plan.vips[0].info.table, table.id, "{label}");
+        assert_ne!(table.id, old_table, "{label}: at an id no VIP points at");
+        assert_eq!(plan.vips[0].info.live_backends, 2, "{label}");
+        assert_eq!(plan.freed_tables, BTreeSet::from([old_table]), "{label}");
+        assert!(plan.freed_backends.is_empty(), "{label}");
+    }
+    let drained = plan_for(&maps, &with_backend_1(b(1, 1, true)));
+    assert_eq!(
+        member_of(&drained.tables[0], id),
+        Some(1 | MEMBER_DRAINING),
+        "the weight it comes back with is kept"
+    );
+}
+
+#[test]
+fn an_unresolved_backend_drains_on_its_last_entry() {
+    let (_, maps) = step(&Snapshot::default(), &three());
+    let id = id_of(&maps, 1);
     let desired = three();
     let mut lookups = resolved(&desired);
     lookups
         .targets
         .retain(|(addr, _), _| *addr != backend_ip(1));
-    let plan = plan(&maps, &iface(), &desired, &lookups).unwrap();
-    assert_eq!(plan.slots_after.len(), 1);
-    let (s, value) = plan.slots_after[0];
-    assert_eq!(s, slot);
-    assert_eq!(value.state, backend_state::DRAINING);
-    assert_eq!(
-        value.dst_mac, maps.slots[&slot].dst_mac,
-        "its last known MAC"
+    let drained = plan(&maps, &iface(), &desired, &lookups).unwrap();
+    assert!(
+        drained.backends.is_empty(),
+        "its entry (last known MAC) stays"
     );
-    assert!(plan.slots_before.is_empty());
-    assert!(plan.vips[0].rebuild_table);
+    assert!(drained.freed_backends.is_empty());
+    let table = &drained.tables[0];
+    assert_eq!(member_of(table, id), Some(1 | MEMBER_DRAINING));
+    assert!(table.info.has(id));
+    // Never resolved: left out.
+    let mut fresh = resolved(&desired);
+    fresh.targets.retain(|(addr, _), _| *addr != backend_ip(1));
+    let never = plan(&Snapshot::default(), &iface(), &desired, &fresh).unwrap();
+    assert_eq!(never.tables[0].info.members, 2);
 }
 
 #[test]
-fn an_undrain_and_weight_changes_are_written_before_the_table_that_uses_them() {
+fn undrains_and_weight_changes_are_new_tables_and_a_new_mac_rewrites_the_entry() {
     let (_, drained) = step(&Snapshot::default(), &with_backend_1(b(1, 1, true)));
-    let slot = slot_of(&drained, 1);
-    for (label, changed) in [("undrain", b(1, 1, false)), ("weight 3", b(1, 3, false))] {
+    let id = id_of(&drained, 1);
+    for (label, changed, weight) in [
+        ("undrain", b(1, 1, false), 1),
+        ("weight 3", b(1, 3, false), 3),
+    ] {
         let plan = plan_for(&drained, &with_backend_1(changed));
-        assert_eq!(plan.slots_before.len(), 1, "{label}");
-        let (s, value, is_new) = plan.slots_before[0];
-        assert_eq!((s, is_new), (slot, false), "{label}");
-        assert_eq!(value.state, backend_state::ACTIVE, "{label}");
-        assert!(plan.slots_after.is_empty(), "{label}");
-        assert!(plan.vips[0].rebuild_table, "{label}");
+        assert!(plan.backends.is_empty(), "{label}");
+        assert_eq!(plan.tables.len(), 1, "{label}");
+        assert_eq!(member_of(&plan.tables[0], id), Some(weight), "{label}");
+        assert_eq!(plan.vips[0].info.live_backends, 3, "{label}");
     }
-    // A weight change of an active backend: before too, and the table is rebuilt.
-    let (_, active) = step(&Snapshot::default(), &three());
-    let plan = plan_for(&active, &with_backend_1(b(1, 5, false)));
-    assert_eq!(plan.slots_before.len(), 1);
-    assert_eq!(plan.slots_before[0].1.weight, 5);
-    assert!(plan.vips[0].rebuild_table);
-    assert_eq!(plan.vips[0].inputs[1].weight, 5);
+    let mut moved = b(1, 1, true);
+    moved.mac = Some(MacAddr([2, 0xbe, 0, 0, 9, 9]));
+    let plan = plan_for(&drained, &with_backend_1(moved));
+    assert_eq!(plan.backends.len(), 1, "the entry takes the new MAC");
+    let (written, value, is_new) = plan.backends[0];
+    assert_eq!((written, is_new), (id, false));
+    assert_eq!(value.dst_mac, [2, 0xbe, 0, 0, 9, 9]);
+    assert_eq!(
+        value.generation, drained.backends[&id].generation,
+        "same backend"
+    );
+    assert!(plan.tables.is_empty(), "the table does not change");
 }
 
 #[test]
-fn removals_free_slots_after_the_tables_and_never_reuse_them_in_the_same_plan() {
+fn removals_free_entries_after_the_tables_and_never_reuse_them_in_the_same_plan() {
     let (_, maps) = step(&Snapshot::default(), &three());
-    let freed = slot_of(&maps, 1);
-    let generation = maps.slots[&freed].generation;
-    assert_ne!(generation, 0, "a slot in use has a generation");
-    // Backend 1 goes and backend 3 comes in one reconcile: 3 gets another slot.
+    let freed = id_of(&maps, 1);
+    let generation = maps.backends[&freed].generation;
+    assert_ne!(generation, 0, "an entry in use has a generation");
+    // Backend 1 goes and backend 3 comes in one reconcile: 3 gets another entry.
     let swap = state(vec![vip(
         1,
         vec![b(0, 1, false), b(2, 1, false), b(3, 1, false)],
     )]);
     let (plan, maps) = step(&maps, &swap);
-    assert_eq!(plan.removed_slots.get(&freed), Some(&generation));
-    let (new_slot, value, is_new) = plan.slots_before[0];
-    assert!(is_new && new_slot != freed);
+    assert_eq!(plan.freed_backends.get(&freed), Some(&generation));
+    let (new_id, value, is_new) = plan.backends[0];
+    assert!(is_new && new_id != freed);
     assert_eq!(value.generation, 1);
-    assert!(plan.vips[0].rebuild_table && plan.frees);
-    // One reconcile later the freed slot goes to a new backend, of a new generation:
-    // flows recorded with the old one do not follow it.
+    assert!(!plan.tables[0].info.has(freed), "its flows re-hash");
+    assert!(plan.frees);
+    // One reconcile later the freed entry goes to a new backend, of a new generation: flows
+    // recorded with the old one do not follow it.
     let (plan, _) = step(
         &maps,
         &state(vec![vip(
@@ -264,94 +341,81 @@ fn removals_free_slots_after_the_tables_and_never_reuse_them_in_the_same_plan() 
             ],
         )]),
     );
-    let (slot, value, is_new) = plan.slots_before[0];
+    let (id, value, is_new) = plan.backends[0];
     assert!(is_new);
-    assert_eq!(slot, freed);
+    assert_eq!(id, freed);
     assert_eq!(value.generation, generation + 1);
 }
 
 #[test]
-fn a_removed_vip_goes_with_its_slots_and_table() {
+fn a_removed_vip_goes_with_its_table_and_the_backends_only_it_had() {
     let two = state(vec![
         vip(1, vec![b(0, 1, false)]),
-        vip(2, vec![b(1, 1, false)]),
+        vip(2, vec![b(0, 1, false), b(1, 1, false)]),
     ]);
     let (_, maps) = step(&Snapshot::default(), &two);
-    let id = maps.vips[&vip_key(&vip_at(2))].id;
-    let slot = slot_of(&maps, 1);
+    let gone = maps.vips[&vip_key(&vip_at(2))];
     let (plan, after) = step(&maps, &state(vec![vip(1, vec![b(0, 1, false)])]));
-    assert_eq!(plan.removed_vips, vec![(vip_key(&vip_at(2)), id)]);
-    assert!(plan.removed_slots.contains_key(&slot));
-    assert!(plan.emptied_tables.contains(&id));
-    assert!(!plan.vips[0].rebuild_table, "the other VIP's table stays");
+    assert_eq!(plan.removed_vips, vec![(vip_key(&vip_at(2)), gone.id)]);
+    assert_eq!(plan.cleared_refs, BTreeSet::from([gone.id]));
+    assert_eq!(plan.freed_tables, BTreeSet::from([gone.table]));
+    assert_eq!(
+        plan.freed_backends.keys().copied().collect::<Vec<_>>(),
+        vec![id_of(&maps, 1)],
+        "backend 0 stays: VIP 1 has it"
+    );
+    assert!(plan.tables.is_empty(), "the other VIP's table stays");
     assert_eq!(after.vip_addrs.len(), 1);
 }
 
 #[test]
-fn a_table_is_rebuilt_from_what_is_installed_not_from_the_slots() {
+fn a_table_is_reused_by_its_installed_contents_and_rebuilt_when_not_installed() {
     let (_, before) = step(&Snapshot::default(), &three());
     let scaled = state(vec![
         vip(1, vec![b(0, 1, false), b(1, 1, true), b(2, 1, false)]),
         vip(2, vec![b(3, 1, false)]),
     ]);
-    // An apply stopped after its slots were written, before the tables: the slots say
-    // what the desired state says, the installed tables do not.
+    // An apply stopped after its tables were installed, before the VIPs pointed at them: the
+    // tables are not the VIPs' yet, so they are installed again (at ids no VIP points at).
     let plan = plan_for(&before, &scaled);
+    assert_eq!(plan.tables.len(), 2);
     let mut stopped = applied(&before, &plan);
-    stopped.tables = before.tables.clone();
     stopped.vips = before.vips.clone();
+    stopped.vip_refs = before.vip_refs.clone();
+    stopped.tables = before.tables.clone();
     let retry = plan_for(&stopped, &scaled);
-    assert!(
-        retry.vips.iter().all(|v| v.rebuild_table),
-        "stale tables are rebuilt"
-    );
-    // A table installed without a fingerprint (an older sluice): rebuilt once.
-    let mut unmarked = applied(&before, &plan);
-    unmarked.tables.clear();
-    assert!(
-        plan_for(&unmarked, &scaled)
-            .vips
-            .iter()
-            .all(|v| v.rebuild_table)
-    );
+    assert_eq!(retry.tables.len(), 2, "not pointed at: installed again");
     // Installed as planned: nothing to rebuild.
     let done = applied(&before, &plan);
-    assert!(
-        plan_for(&done, &scaled)
-            .vips
-            .iter()
-            .all(|v| !v.rebuild_table)
-    );
+    assert!(plan_for(&done, &scaled).tables.is_empty());
+    // A VIP moving to contents another VIP has: it takes that table.
+    let joined = state(vec![
+        vip(1, vec![b(0, 1, false), b(1, 1, true), b(2, 1, false)]),
+        vip(2, vec![b(0, 1, false), b(1, 1, true), b(2, 1, false)]),
+    ]);
+    let plan = plan_for(&done, &joined);
+    assert!(plan.tables.is_empty());
+    assert_eq!(plan.vips[0].info.table, plan.vips[1].info.table);
+    assert_eq!(plan.freed_tables.len(), 1, "VIP 2's old table");
 }
 
 #[test]
-fn slots_of_no_vip_are_freed_and_their_table_released_unless_reused() {
+fn refs_of_no_vip_are_cleared_unless_a_new_vip_takes_the_id() {
     let (_, mut maps) = step(&Snapshot::default(), &three());
-    // An interrupted run left slots of VIP ids 7 and 0 (the lowest free id is 1).
-    let orphan = |vip_id: u32, i: u32| SlotValue {
-        vip_id,
-        state: backend_state::ACTIVE,
-        addr: raw_addr(backend_ip(i)).0,
-        family: FAMILY_V4,
-        generation: 1,
-        ..SlotValue::default()
+    // An interrupted run left VIP_BY_ID entries of ids 7 and 1 (the lowest free id is 1).
+    let stale = VipRef {
+        key: vip_key(&vip_at(50)),
+        table: 3,
     };
-    maps.add_slot(100, orphan(7, 50));
-    let vip_1_id = maps.vips.values().next().unwrap().id;
-    assert_eq!(vip_1_id, 0);
-    maps.add_slot(101, orphan(1, 51));
+    maps.vip_refs.insert(7, stale);
+    maps.vip_refs.insert(1, stale);
     let desired = state(vec![
         vip(1, vec![b(0, 1, false), b(1, 1, false), b(2, 1, false)]),
         vip(2, vec![b(5, 1, false)]),
     ]);
     let plan = plan_for(&maps, &desired);
-    assert!(plan.removed_slots.contains_key(&100) && plan.removed_slots.contains_key(&101));
-    assert_eq!(plan.vips[1].id, 1, "the new VIP takes the orphans' id");
-    assert!(plan.emptied_tables.contains(&7));
-    assert!(
-        !plan.emptied_tables.contains(&1),
-        "the new VIP's table is not emptied behind it"
-    );
+    assert_eq!(plan.vips[1].info.id, 1, "the new VIP takes the free id");
+    assert_eq!(plan.cleared_refs, BTreeSet::from([7]));
 }
 
 #[test]
@@ -369,7 +433,7 @@ fn source_range_keys_carry_the_family_and_any_list_filters() {
         .iter()
         .map(|r| (range_vip(r), u32::from_be(r.1.scope_be) >> 24))
         .collect();
-    let id = |n: usize| plan.vips[n].id;
+    let id = |n: usize| plan.vips[n].info.id;
     assert_eq!(
         scopes,
         BTreeSet::from([
@@ -406,6 +470,7 @@ fn over_max_vips_removals_apply_and_new_vips_wait_for_room() {
     let (plan, maps) = step(&Snapshot::default(), &full);
     assert!(plan.left_out.is_empty());
     assert_eq!(maps.vips.len(), MAX_VIPS as usize);
+    assert_eq!(plan.tables.len(), 1, "one empty table for all");
     // VIP 0 goes, two come.
     let next = state((1..MAX_VIPS + 2).map(|n| vip(n, vec![])).collect());
     let (plan, maps) = step(&maps, &next);
@@ -439,8 +504,10 @@ fn over_max_vips_removals_apply_and_new_vips_wait_for_room() {
 #[test]
 fn over_max_backends_drains_and_removals_apply_and_new_backends_wait() {
     let per_vip = MAX_BACKENDS / 16;
+    // 16 VIPs with distinct backends fill every entry.
     let full = |n: u32, extra: Option<Backend>, drop_first: bool| {
-        let mut backends: Vec<Backend> = (0..per_vip).map(|i| b(i, 1, false)).collect();
+        let mut backends: Vec<Backend> =
+            (0..per_vip).map(|i| b(n * per_vip + i, 1, false)).collect();
         if n == 0 {
             if drop_first {
                 backends.remove(0);
@@ -452,40 +519,77 @@ fn over_max_backends_drains_and_removals_apply_and_new_backends_wait() {
     };
     let start = state((0..16).map(|n| full(n, None, false)).collect());
     let (plan, mut maps) = step(&Snapshot::default(), &start);
-    // Leave the generations of the slots out of the comparison below.
+    // Leave the generations of the entries out of the comparison below.
     maps.generations.clear();
     assert!(plan.left_out.is_empty());
-    assert_eq!(maps.slots.len(), MAX_BACKENDS as usize);
-    let removed = slot_of(&maps, 0);
+    assert_eq!(maps.backends.len(), MAX_BACKENDS as usize);
+    let removed = id_of(&maps, 0);
+    let newcomer = b(MAX_BACKENDS, 1, false);
     let next = state(
         (0..16)
-            .map(|n| full(n, Some(b(per_vip, 1, false)), true))
+            .map(|n| full(n, Some(newcomer.clone()), true))
             .collect(),
     );
     let (plan, maps) = step(&maps, &next);
     assert!(
-        plan.removed_slots.contains_key(&removed),
+        plan.freed_backends.contains_key(&removed),
         "the removal is applied"
     );
-    assert_eq!(plan.slots_after.len(), 1, "the drain is applied");
     assert_eq!(
         plan.left_out,
         vec![LeftOut::Backend {
             vip: vip_at(0),
-            backend: backend_ip(per_vip)
+            backend: backend_ip(MAX_BACKENDS)
         }]
     );
-    let vip0 = &plan.vips[0];
-    assert!(vip0.rebuild_table);
+    assert_eq!(plan.tables.len(), 1, "the drain is applied");
     assert_eq!(
-        vip0.backends.len(),
-        per_vip as usize - 1,
-        "built without it"
+        plan.tables[0].info.members,
+        per_vip - 1,
+        "built without the newcomer"
     );
     let (plan, _) = step(&maps, &next);
     assert!(plan.left_out.is_empty());
-    assert_eq!(plan.slots_before.len(), 1);
-    assert_eq!(plan.slots_before[0].0, removed, "it takes the freed slot");
+    assert_eq!(plan.backends.len(), 1);
+    assert_eq!(plan.backends[0].0, removed, "it takes the freed entry");
+}
+
+#[test]
+fn over_max_tables_a_changed_vip_keeps_its_table_and_a_new_one_waits() {
+    let own = |n: u32| vip(n, vec![b(n, 1, false)]);
+    let start = state((0..MAX_TABLES).map(own).collect());
+    let (plan, maps) = step(&Snapshot::default(), &start);
+    assert!(plan.left_out.is_empty());
+    assert_eq!(maps.tables.len(), MAX_TABLES as usize);
+    // VIP 0 gets a second backend (a new set), VIP 1 goes, VIP MAX_TABLES comes with its own.
+    let mut vips: Vec<Vip> = (2..=MAX_TABLES).map(own).collect();
+    vips.insert(0, vip(0, vec![b(0, 1, false), b(1, 1, false)]));
+    let next = state(vips);
+    let (plan, maps) = step(&maps, &next);
+    assert_eq!(
+        plan.left_out,
+        vec![
+            LeftOut::Table { vip: vip_at(0) },
+            LeftOut::Table {
+                vip: vip_at(MAX_TABLES)
+            }
+        ]
+    );
+    let kept = &plan.vips[0];
+    assert_eq!(
+        kept.info,
+        maps.vips[&vip_key(&vip_at(0))],
+        "VIP 0 keeps its table"
+    );
+    assert!(plan.frees, "VIP 1's table is freed");
+    let (plan, _) = step(&maps, &next);
+    assert_eq!(
+        plan.left_out,
+        vec![LeftOut::Table {
+            vip: vip_at(MAX_TABLES)
+        }],
+        "one freed table: the first VIP in order takes it"
+    );
 }
 
 #[test]
@@ -534,16 +638,24 @@ fn over_max_source_ranges_new_vips_wait_and_changed_lists_fail_closed() {
 #[test]
 fn the_fingerprint_follows_every_input_of_a_table() {
     let (_, maps) = step(&Snapshot::default(), &three());
-    let base = plan_for(&maps, &three()).vips[0].fingerprint;
+    let base = maps.tables.values().next().unwrap().fingerprint;
     let mut other_size = three();
     other_size.settings.maglev_table_size = Some(257);
     for desired in [
         with_backend_1(b(1, 2, false)),
+        with_backend_1(b(1, 1, true)),
         with_backend_1(b(7, 1, false)),
         other_size,
     ] {
-        assert_ne!(plan_for(&maps, &desired).vips[0].fingerprint, base);
+        let plan = plan_for(&maps, &desired);
+        assert_ne!(plan.tables[0].info.fingerprint, base);
     }
+    // The backends' order in the desired state is not an input.
+    let reordered = state(vec![vip(
+        1,
+        vec![b(2, 1, false), b(0, 1, false), b(1, 1, false)],
+    )]);
+    assert!(plan_for(&maps, &reordered).tables.is_empty());
 }
 
 /// The co-location step: the peers' MACs (at most `MAX_PEERS`), the decapsulator's sets only
