@@ -63,3 +63,43 @@ where
         .join()
         .map_err(|_| anyhow!("a thread working in network namespace {ns} panicked"))?
 }
+
+/// A network namespace with a veth pair (`memt0` 10.9.0.1/24, `memt1`) and a bpffs mount for
+/// sluice's pins, for tests that attach sluice alone; removed on drop.
+pub struct Sandbox {
+    pub ns: String,
+    pub bpffs: PathBuf,
+}
+
+impl Sandbox {
+    /// `prefix` and this process's id name the namespace and the mount.
+    pub fn new(prefix: &str) -> Result<Self> {
+        let ns = format!("{prefix}{}", std::process::id());
+        let bpffs = std::env::temp_dir().join(format!("sluice-{ns}"));
+        let _ = crate::cmd::sh(&["ip", "netns", "del", &ns]);
+        crate::cmd::sh(&["ip", "netns", "add", &ns])?;
+        let sb = Self { ns, bpffs };
+        let ip = |args: &[&str]| {
+            let mut argv = vec!["ip", "-n", &sb.ns];
+            argv.extend_from_slice(args);
+            crate::cmd::sh(&argv)
+        };
+        ip(&[
+            "link", "add", "name", "memt0", "type", "veth", "peer", "name", "memt1",
+        ])?;
+        ip(&["link", "set", "memt0", "up"])?;
+        ip(&["link", "set", "memt1", "up"])?;
+        ip(&["addr", "add", "10.9.0.1/24", "dev", "memt0"])?;
+        std::fs::create_dir_all(&sb.bpffs)?;
+        crate::cmd::sh(&["mount", "-t", "bpf", "bpf", &sb.bpffs.to_string_lossy()])?;
+        Ok(sb)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = crate::cmd::sh(&["umount", &self.bpffs.to_string_lossy()]);
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+        let _ = crate::cmd::sh(&["ip", "netns", "del", &self.ns]);
+    }
+}

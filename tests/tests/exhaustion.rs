@@ -167,8 +167,9 @@ fn a_reconcile_past_the_vip_limit_applies_what_fits_and_reports_the_rest() {
     // Every id is taken, one VIP waits, and it is named.
     assert_eq!(h.maps.read_vips().unwrap().len(), MAX_VIPS as usize);
     assert_eq!(summary.left_out.len(), 1, "{summary}");
+    let last = Ipv4Addr::from(0x0a64_0000 + MAX_VIPS);
     assert!(
-        summary.to_string().contains("10.100.4.0:80/tcp"),
+        summary.to_string().contains(&format!("{last}:80/tcp")),
         "{summary}"
     );
     // Never frozen: going back to one VIP frees the rest, and the one still forwards.

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use sluice_tests::kube::repo_root;
+use sluice_tests::netns::Sandbox;
 use sluice_tests::{cmd, require_root, sluice_binary};
 
 /// Services (VIPs, each with 3 nodes) the test creates under the limit.
@@ -94,44 +95,6 @@ impl Drop for MemCgroup {
     }
 }
 
-/// A network namespace with a veth pair and a bpffs mount for the pins, removed on drop.
-struct Sandbox {
-    ns: String,
-    bpffs: PathBuf,
-}
-
-impl Sandbox {
-    fn new() -> Result<Self> {
-        let ns = format!("slmem{}", std::process::id());
-        let bpffs = std::env::temp_dir().join(format!("sluice-memtest-{}", std::process::id()));
-        let _ = cmd::sh(&["ip", "netns", "del", &ns]);
-        cmd::sh(&["ip", "netns", "add", &ns])?;
-        let sb = Self { ns, bpffs };
-        let ip = |args: &[&str]| {
-            let mut argv = vec!["ip", "-n", &sb.ns];
-            argv.extend_from_slice(args);
-            cmd::sh(&argv)
-        };
-        ip(&[
-            "link", "add", "name", "memt0", "type", "veth", "peer", "name", "memt1",
-        ])?;
-        ip(&["link", "set", "memt0", "up"])?;
-        ip(&["link", "set", "memt1", "up"])?;
-        ip(&["addr", "add", "10.9.0.1/24", "dev", "memt0"])?;
-        fs::create_dir_all(&sb.bpffs)?;
-        cmd::sh(&["mount", "-t", "bpf", "bpf", &sb.bpffs.to_string_lossy()])?;
-        Ok(sb)
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        let _ = cmd::sh(&["umount", &self.bpffs.to_string_lossy()]);
-        let _ = fs::remove_dir_all(&self.bpffs);
-        let _ = cmd::sh(&["ip", "netns", "del", &self.ns]);
-    }
-}
-
 /// `maglev`: the ConfigMap's `maglev-table-size`, a number or "auto" (the config's default).
 fn config(services: usize, flows: u64, maglev: &str) -> String {
     let mut c = format!("flow_table_size: {flows}\n");
@@ -158,7 +121,7 @@ fn config(services: usize, flows: u64, maglev: &str) -> String {
 /// Attaches sluice with `services` VIPs inside a cgroup limited to `limit`; returns the memory
 /// charged after the attach (the maps), or the attach's error.
 fn attach_under(limit: u64, services: usize, flows: u64, maglev: &str) -> Result<u64> {
-    let sb = Sandbox::new()?;
+    let sb = Sandbox::new("slmem")?;
     let cg = MemCgroup::new(&format!("sluice-memtest-{}", std::process::id()), limit)?;
     let file = sb.bpffs.with_extension("yaml");
     fs::write(&file, config(services, flows, maglev))?;

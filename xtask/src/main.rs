@@ -52,7 +52,7 @@ enum Cmd {
         repeat: Option<u32>,
         /// Only these contenders (comma-separated: sluice,iptables,nft,nginx,haproxy) and/or
         /// `cluster` (the cluster path beside kube-proxy alone); `--only cluster`: that section
-        /// alone.
+        /// alone; `--only xdp`: the XDP program's ns/packet alone.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// EndpointSlice changes timed in the agent section (default 200; 100 with --quick).
@@ -83,13 +83,16 @@ fn main() -> anyhow::Result<()> {
             agent_services,
             agent_only,
         } => {
-            build_sluice()?;
             let plan = bench::Plan::new(quick, repeat, only);
+            if !plan.xdp_only() {
+                // The ns/packet section loads the object itself; the rest runs the binary.
+                build_sluice()?;
+            }
             if !agent_only {
                 bench::run(plan.clone())?;
             }
-            if !plan.lab_wanted() {
-                // `--only cluster`: no agent section either.
+            if !plan.lab_wanted() || plan.xdp_only() {
+                // `--only cluster` or `--only xdp`: no agent section either.
                 return Ok(());
             }
             let changes = agent_changes.unwrap_or(if quick { 100 } else { 200 });

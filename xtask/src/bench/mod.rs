@@ -100,6 +100,12 @@ impl Plan {
         self.only.is_empty() || self.only.iter().any(|k| k != CLUSTER_KEY)
     }
 
+    /// Whether only the ns/packet section runs (`--only xdp`: the XDP program's paths, to
+    /// compare two builds side by side in a minute).
+    pub fn xdp_only(&self) -> bool {
+        !self.only.is_empty() && self.only.iter().all(|k| k == XDP_KEY)
+    }
+
     /// Whether the cluster section runs.
     pub fn cluster_wanted(&self) -> bool {
         self.only.is_empty() || self.only.iter().any(|k| k == CLUSTER_KEY)
@@ -108,6 +114,8 @@ impl Plan {
 
 /// The `--only` key of the cluster section.
 pub const CLUSTER_KEY: &str = "cluster";
+/// The `--only` key of the ns/packet section alone.
+pub const XDP_KEY: &str = "xdp";
 
 /// Where the report files go: `target/bench/` of the workspace.
 fn out_dir() -> PathBuf {
@@ -116,6 +124,14 @@ fn out_dir() -> PathBuf {
 
 pub fn run(plan: Plan) -> anyhow::Result<()> {
     require_root();
+    if plan.xdp_only() {
+        eprintln!(
+            "[bench] ns/packet with BPF_PROG_TEST_RUN ({} runs)",
+            plan.repeat
+        );
+        testrun::print(&testrun::run(plan.repeat)?);
+        return Ok(());
+    }
     let tools: &[&str] = if plan.lab_wanted() {
         &["k6", "iptables", "conntrack", "haproxy", "bpftool"]
     } else {
