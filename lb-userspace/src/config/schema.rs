@@ -259,13 +259,7 @@ impl Checker<'_> {
         }
         backends.sort_unstable_by_key(|backend| backend.addr);
         // VIPs with the same backends and weights share a Maglev table.
-        let set: BackendSet = (
-            mode,
-            backends
-                .iter()
-                .map(|b| (b.addr, b.weight, b.takes_new_flows()))
-                .collect(),
-        );
+        let set = crate::model::table_key(mode, &backends);
         if room.tables.len() == MAX_TABLES as usize && !room.tables.contains(&set) {
             return Err(self.error_at(
                 item,
@@ -370,9 +364,5 @@ impl Checker<'_> {
 #[derive(Default)]
 pub(super) struct Room {
     backends: std::collections::HashSet<(std::net::IpAddr, ForwardingMode)>,
-    tables: std::collections::HashSet<BackendSet>,
+    tables: std::collections::HashSet<crate::model::TableKey>,
 }
-
-/// A VIP's table inputs as the config gives them: its mode and (address, weight, takes new
-/// flows) per backend, by address.
-type BackendSet = (ForwardingMode, Vec<(std::net::IpAddr, u32, bool)>);

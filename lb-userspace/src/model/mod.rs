@@ -297,6 +297,26 @@ impl Vip {
             health_check: None,
         }
     }
+
+    /// What its Maglev table is built from, as the model says it: VIPs with equal keys share
+    /// one table in the maps.
+    pub fn table_key(&self) -> TableKey {
+        table_key(self.mode, &self.backends)
+    }
+}
+
+/// A VIP's table inputs as the model gives them: its mode and (address, weight, takes new
+/// flows) per backend, in the backends' order (by address).
+pub type TableKey = (ForwardingMode, Vec<(IpAddr, u32, bool)>);
+
+pub fn table_key(mode: ForwardingMode, backends: &[Backend]) -> TableKey {
+    (
+        mode,
+        backends
+            .iter()
+            .map(|b| (b.addr, b.weight, b.takes_new_flows()))
+            .collect(),
+    )
 }
 
 /// Settings of the whole load balancer (table sizes: changing one rebuilds every table).

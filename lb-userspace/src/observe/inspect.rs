@@ -35,7 +35,8 @@ pub fn vips(maps: &Maps) -> anyhow::Result<View> {
                 r.vip.clone(),
                 r.id.to_string(),
                 format!("{}/{}", r.live_backends, r.backends),
-                r.table_size.to_string(),
+                // The table id: VIPs with the same backends and weights share one.
+                format!("#{} ({} slots)", r.table, r.table_size),
                 if r.options.is_empty() {
                     "-".to_owned()
                 } else {
