@@ -527,7 +527,8 @@ fn metric_sum(m: &BTreeMap<String, f64>, prefix: &str) -> u64 {
         .sum()
 }
 
-/// Backend slots in use and the highest slot id, from `sluice inspect backends -o json`.
+/// Backend rows (VIP x backend) and the highest backend entry id, from `sluice inspect
+/// backends -o json`: the ids must stay bounded through churn (entries are reused).
 fn backend_slots(lab: &Lab) -> Result<(usize, u64)> {
     let out = lab.sluice_ok(&["inspect", "backends", "--iface", NS_IFACE, "-o", "json"])?;
     let v: Value = serde_json::from_slice(&out.stdout)
@@ -535,7 +536,7 @@ fn backend_slots(lab: &Lab) -> Result<(usize, u64)> {
     let rows = v["backends"]
         .as_array()
         .context("`sluice inspect backends -o json`: no backends array")?;
-    let max_slot = rows.iter().filter_map(|r| r["slot"].as_u64()).max();
+    let max_slot = rows.iter().filter_map(|r| r["backend_id"].as_u64()).max();
     Ok((rows.len(), max_slot.unwrap_or(0)))
 }
 
