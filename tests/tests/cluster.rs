@@ -702,9 +702,15 @@ fn sluice_deployed_on_a_real_cluster() {
                 "{pod} does not say {want:?}"
             );
         }
-        Ok(format!("every agent on {} by its InternalIP", cluster::IFACE))
+        Ok(format!(
+            "every agent on {} by its InternalIP",
+            cluster::IFACE
+        ))
     })();
-    checks.result("--iface auto attaches where the Node's InternalIP is", attached);
+    checks.result(
+        "--iface auto attaches where the Node's InternalIP is",
+        attached,
+    );
     let web_ready = c.wait_for("web pods ready", Duration::from_secs(90), || {
         let pods = c.pods("default", "app%3Dweb")?;
         let nodes: std::collections::BTreeSet<_> = pods

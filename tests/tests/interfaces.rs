@@ -40,6 +40,11 @@ fn each_agent_attaches_where_its_node_says_and_says_why() -> Result<()> {
         .kubectl_ok(&["annotate", "node", "node-1", "sluice.io/iface=eth0"])?;
     // node-2's InternalIP is on none of its interfaces: auto takes the default route's.
     lab.kube.node("node-2", "192.0.2.99".parse()?, true)?;
+    let via = lab.lab.lb_addr().to_string();
+    lab.lab.exec_ok(
+        lab.lab.backend_ns(2),
+        &["ip", "route", "add", "default", "via", &via],
+    )?;
     let mut agents = vec![
         lab.spawn_agent_on(0, "auto", &[])?,
         lab.spawn_agent_on(1, "nosuch0", &[])?,
@@ -75,12 +80,8 @@ fn each_agent_attaches_where_its_node_says_and_says_why() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn an_interface_that_is_nowhere_is_refused_by_name() -> Result<()> {
-    let lab = AgentsLab::start(WebService::default())?;
-    lab.kube
-        .kubectl_ok(&["annotate", "node", "node-0", "sluice.io/iface=bond7"])?;
-    let mut agent = lab.spawn_agent_on(0, "auto", &[])?;
+/// The agent's log once it has exited (it must, within 30 s).
+fn exit_log(mut agent: SluiceProcess) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while agent.try_wait()?.is_none() {
         ensure!(
@@ -90,10 +91,29 @@ fn an_interface_that_is_nowhere_is_refused_by_name() -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let log = agent.log_text();
+    Ok(agent.log_text())
+}
+
+#[test]
+fn no_interface_to_attach_to_is_an_error_that_says_what_to_set() -> Result<()> {
+    let lab = AgentsLab::start(WebService::default())?;
+    // An annotation naming an interface the node has not: refused by name, and by whom.
+    lab.kube
+        .kubectl_ok(&["annotate", "node", "node-0", "sluice.io/iface=bond7"])?;
+    let log = exit_log(lab.spawn_agent_on(0, "auto", &[])?)?;
     ensure!(
         log.contains("interface \"bond7\" not found") && log.contains("sluice.io/iface"),
         "the error names neither the interface nor who chose it: {log}"
+    );
+    // auto, with the InternalIP on no interface and no default route (the lab's nodes have
+    // none): the error says what to set.
+    lab.kube.node("node-1", "192.0.2.98".parse()?, true)?;
+    let log = exit_log(lab.spawn_agent_on(1, "auto", &[])?)?;
+    ensure!(
+        log.contains(
+            "no interface carries the node's InternalIP (192.0.2.98) and there is no default route"
+        ) && log.contains("set --iface"),
+        "{log}"
     );
     Ok(())
 }
