@@ -2,6 +2,7 @@
 //! rtnetlink (see [`rtnl`]) in the calling thread's network namespace: no external program, so
 //! the static binary works in an image that holds nothing else.
 
+pub mod choose;
 mod rtnl;
 
 use std::{

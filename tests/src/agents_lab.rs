@@ -112,12 +112,17 @@ impl AgentsLab {
     /// Starts `sluice agent` on node `i` (its namespace, `eth0`, its own pin directory, health
     /// on 127.0.0.1:9941, metrics on 127.0.0.1:9477) with `extra` arguments after those.
     pub fn spawn_agent(&self, i: usize, extra: &[&str]) -> Result<SluiceProcess> {
+        self.spawn_agent_on(i, "eth0", extra)
+    }
+
+    /// As [`AgentsLab::spawn_agent`] with `--iface IFACE` (a name or `auto`).
+    pub fn spawn_agent_on(&self, i: usize, iface: &str, extra: &[&str]) -> Result<SluiceProcess> {
         let kubeconfig = self.kubeconfig.to_string_lossy().into_owned();
         let name = node_name(i);
         let mut args = vec![
             "agent",
             "--iface",
-            "eth0",
+            iface,
             "--kubeconfig",
             &kubeconfig,
             "--node-name",
@@ -130,6 +135,21 @@ impl AgentsLab {
         args.extend_from_slice(extra);
         self.lab
             .spawn_sluice_in(self.lab.backend_ns(i), &self.pin_dir(i), &args)
+    }
+
+    /// Node `i`'s agent's `/readyz` body, whatever its status.
+    pub fn agent_readyz(&self, i: usize) -> Result<String> {
+        let out = self.lab.exec_ok(
+            self.lab.backend_ns(i),
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                "http://127.0.0.1:9941/readyz",
+            ],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Runs `sluice --pin-dir <node i's> <args> --iface eth0 -o json` in node `i`'s namespace

@@ -679,6 +679,38 @@ fn sluice_deployed_on_a_real_cluster() {
             hold_for_inspection(&c);
         }
     }
+    // The ConfigMap says `iface: auto`: each agent attached to the interface that carries its
+    // Node's InternalIP, and said so.
+    let attached = (|| -> Result<String> {
+        let pods = agent_pods(&c)?;
+        for i in 0..c.nodes() {
+            let (pod, _, _) = pods
+                .get(c.node_name(i))
+                .with_context(|| format!("no agent pod on {}", c.node_name(i)))?;
+            let logs = c.kube().kubectl_on(
+                0,
+                &["logs", "-n", AGENT_NAMESPACE, pod],
+                Duration::from_secs(20),
+            )?;
+            let want = format!(
+                "attaching to {}: --iface auto: it carries the node's InternalIP {}",
+                cluster::IFACE,
+                c.node_addr(i)
+            );
+            ensure!(
+                String::from_utf8_lossy(&logs.stdout).contains(&want),
+                "{pod} does not say {want:?}"
+            );
+        }
+        Ok(format!(
+            "every agent on {} by its InternalIP",
+            cluster::IFACE
+        ))
+    })();
+    checks.result(
+        "--iface auto attaches where the Node's InternalIP is",
+        attached,
+    );
     let web_ready = c.wait_for("web pods ready", Duration::from_secs(90), || {
         let pods = c.pods("default", "app%3Dweb")?;
         let nodes: std::collections::BTreeSet<_> = pods

@@ -14,14 +14,14 @@ use lb_userspace::{
     k8s,
     k8s::watch_metrics::WatchMetrics,
     model::Settings,
-    net::Interface,
+    net::{self, Interface},
     observe::metrics,
     reconcile::{
         Unreachable,
         driver::{ReconcileMetrics, Reconciler},
     },
 };
-use log::warn;
+use log::{info, warn};
 
 use super::{parse_interval, require_root, run::IfaceArgs};
 
@@ -247,7 +247,20 @@ pub(crate) fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
         );
     }
     require_root()?;
-    let iface = Interface::by_name(&args.at.iface)?;
+    // Which interface: the node's annotation, --iface, or (auto) the one of its InternalIP.
+    let node_facts = match &args.node_name {
+        Some(name) => match k8s::agent::own_node_addressing(args.kubeconfig.as_deref(), name) {
+            Ok(found) => found,
+            Err(e) => {
+                warn!("choosing the interface without the Node's say: {e:#}");
+                (None, Vec::new())
+            }
+        },
+        None => (None, Vec::new()),
+    };
+    let facts = net::choose::facts(node_facts.0, node_facts.1)?;
+    let (iface, choice) = net::choose::open(&args.at.iface, &facts)?;
+    info!("attaching to {}: {}", iface.name, choice.why);
     let bgp = args.bgp.config(&iface)?;
     let pins = PinLayout::new(pin_root, &iface.name);
     let health_metrics = HealthMetrics::default();
@@ -355,6 +368,7 @@ pub(crate) fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
             health,
             class,
             allocator,
+            interface: format!("interface {}: {}", choice.name, choice.why),
         },
         apply,
     )

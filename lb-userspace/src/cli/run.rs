@@ -32,6 +32,9 @@ use super::require_root;
 /// Where to attach: what `run`, `attach` and `agent` all take.
 #[derive(clap::Args)]
 pub(crate) struct IfaceArgs {
+    /// The interface to attach to, or `auto`: the agent takes the one that carries the Node's
+    /// InternalIP (`run` and `attach`: the default route's); a Node annotated
+    /// `sluice.io/iface=NAME` uses NAME whatever this says.
     #[arg(long)]
     pub(crate) iface: String,
     /// Use generic (skb) XDP when the driver has no native XDP: slower, but works anywhere.
@@ -52,7 +55,7 @@ pub(crate) struct AttachArgs {
 fn prepare(config: &Path, iface: &str) -> anyhow::Result<(Desired, Interface)> {
     let desired = config::load(config)?;
     require_root()?;
-    let iface = Interface::by_name(iface)?;
+    let iface = open_iface(iface)?;
     Ok((desired, iface))
 }
 
@@ -179,7 +182,7 @@ pub(crate) fn xdp_pass(pin_root: &Path, iface_name: &str, detach: bool) -> anyho
     if detach {
         return dataplane::detach_pinned(&pins);
     }
-    let iface = Interface::by_name(iface_name)?;
+    let iface = open_iface(iface_name)?;
     pins.prepare()?;
     // A minimal connection table: this object only lends its pass program.
     let mut ebpf = dataplane::load(None, lb_common::MIN_FLOW_TABLE_SIZE)?;
@@ -196,4 +199,15 @@ pub(crate) fn detach(pin_root: &Path, iface: &str) -> anyhow::Result<()> {
     dataplane::detach_pinned(&PinLayout::new(pin_root, iface))?;
     info!("detached sluice from {iface}");
     Ok(())
+}
+
+/// `--iface` of `run` and `attach`: a name, or `auto` (the default route's interface: no Node
+/// to ask).
+fn open_iface(flag: &str) -> anyhow::Result<Interface> {
+    let facts = lb_userspace::net::choose::facts(None, Vec::new())?;
+    let (iface, choice) = lb_userspace::net::choose::open(flag, &facts)?;
+    if flag != iface.name {
+        log::info!("attaching to {}: {}", iface.name, choice.why);
+    }
+    Ok(iface)
 }

@@ -77,6 +77,8 @@ pub struct AgentConfig {
     /// (`None`: this agent never allocates).
     pub class: ClassPolicy,
     pub allocator: Option<AllocatorConfig>,
+    /// The attached interface and why it was chosen, as `/readyz` says it.
+    pub interface: String,
 }
 
 /// How long the first apply waits for the nodes' load Leases (after the other lists).
@@ -181,7 +183,14 @@ pub fn run(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
 }
 
 async fn client(config: &AgentConfig) -> anyhow::Result<Client> {
-    let kube_config = match &config.kubeconfig {
+    client_for(config.kubeconfig.as_deref(), config.watches.as_ref()).await
+}
+
+async fn client_for(
+    kubeconfig: Option<&std::path::Path>,
+    watches: Option<&WatchMetrics>,
+) -> anyhow::Result<Client> {
+    let kube_config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -196,11 +205,47 @@ async fn client(config: &AgentConfig) -> anyhow::Result<Client> {
     info!("API server {}", kube_config.cluster_url);
     let builder = kube::client::ClientBuilder::try_from(kube_config)
         .context("building the Kubernetes client")?;
-    Ok(match &config.watches {
+    Ok(match watches {
         Some(watches) => builder
             .with_layer(&WatchProbeLayer(watches.clone()))
             .build(),
         None => builder.build(),
+    })
+}
+
+/// What this node's Node object says about its interface, read once before attaching: its
+/// `sluice.io/iface` annotation and its InternalIP addresses (`net::choose` decides).
+pub fn own_node_addressing(
+    kubeconfig: Option<&std::path::Path>,
+    node_name: &str,
+) -> anyhow::Result<(Option<String>, Vec<std::net::IpAddr>)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let client = client_for(kubeconfig, None).await?;
+        let nodes: Api<Node> = Api::all(client);
+        let node = tokio::time::timeout(Duration::from_secs(10), nodes.get(node_name))
+            .await
+            .map_err(|_| anyhow::anyhow!("reading node {node_name}: no answer in 10 s"))?
+            .with_context(|| format!("reading node {node_name}"))?;
+        let annotation = node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(crate::net::choose::IFACE_ANNOTATION))
+            .cloned();
+        let ips = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect();
+        Ok((annotation, ips))
     })
 }
 
@@ -311,6 +356,7 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
             addr,
             health.clone(),
             config.bgp.as_ref().map(|b| b.metrics.clone()),
+            config.interface.clone(),
         )?),
         None => None,
     };
@@ -795,6 +841,7 @@ fn serve_health(
     addr: SocketAddr,
     health: Arc<Health>,
     bgp: Option<crate::bgp::BgpMetrics>,
+    interface: String,
 ) -> anyhow::Result<http::Server> {
     let healthz: http::Handler = {
         let health = health.clone();
@@ -806,7 +853,7 @@ fn serve_health(
     };
     let readyz: http::Handler = Box::new(move || {
         if health.ready.load(Ordering::Relaxed) {
-            let mut body = String::from("ready\n");
+            let mut body = format!("ready\n{interface}\n");
             if let Ok(degraded) = health.degraded.lock() {
                 for line in degraded.iter() {
                     body.push_str(line);
