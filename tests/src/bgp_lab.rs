@@ -119,7 +119,12 @@ impl Router {
         Ok(router)
     }
 
-    fn start_frr(&mut self, id: Ipv4Addr, nodes: &[Ipv4Addr], options: &RouterOptions) -> Result<()> {
+    fn start_frr(
+        &mut self,
+        id: Ipv4Addr,
+        nodes: &[Ipv4Addr],
+        options: &RouterOptions,
+    ) -> Result<()> {
         remove_stale_frr_dirs();
         let etc = Path::new(FRR_ETC).join(&self.ns);
         let run = Path::new(FRR_RUN).join(&self.ns);
@@ -316,7 +321,11 @@ template bgp nodes {{
     /// FRR: the BGP paths of `addr`/32 as (peer, its communities as FRR writes them, its
     /// LOCAL_PREF).
     pub fn frr_path_attributes(&self, addr: Ipv4Addr) -> Result<Vec<(Ipv4Addr, String, u64)>> {
-        ensure!(self.kind == RouterKind::Frr, "frr_path_attributes on {:?}", self.kind);
+        ensure!(
+            self.kind == RouterKind::Frr,
+            "frr_path_attributes on {:?}",
+            self.kind
+        );
         let v = self.vtysh_json(&format!("show bgp ipv4 unicast {addr}/32 json"))?;
         let mut out = Vec::new();
         for p in v["paths"].as_array().into_iter().flatten() {
@@ -338,7 +347,11 @@ template bgp nodes {{
 
     /// FRR: the neighbours whose session is Established.
     pub fn frr_established(&self) -> Result<BTreeSet<Ipv4Addr>> {
-        ensure!(self.kind == RouterKind::Frr, "frr_established on {:?}", self.kind);
+        ensure!(
+            self.kind == RouterKind::Frr,
+            "frr_established on {:?}",
+            self.kind
+        );
         let v = self.vtysh_json("show bgp neighbors json")?;
         Ok(v.as_object()
             .into_iter()
@@ -349,7 +362,11 @@ template bgp nodes {{
     }
 
     /// FRR: polls until the Established neighbours are `want`.
-    pub fn wait_established(&self, want: &BTreeSet<Ipv4Addr>, timeout: Duration) -> Result<Duration> {
+    pub fn wait_established(
+        &self,
+        want: &BTreeSet<Ipv4Addr>,
+        timeout: Duration,
+    ) -> Result<Duration> {
         let start = Instant::now();
         loop {
             let now = self.frr_established()?;
@@ -430,6 +447,96 @@ impl Drop for Router {
                     cmd::terminate(child, Duration::from_secs(5));
                 }
             }
+        }
+    }
+}
+
+/// A second FRR router on the lab's segment, in a namespace of its own (`<lab id>-r<n>`, so
+/// that a killed test's leftovers are removed like the lab's): a second rack's top-of-rack
+/// router. Dropping it stops FRR, then removes the namespace.
+pub struct ExtraRouter {
+    pub router: Router,
+    pub addr: Ipv4Addr,
+    ns: String,
+}
+
+impl ExtraRouter {
+    /// Router `n` (1 to 9) at the segment's address .250 - n + 1, passive towards `nodes`.
+    pub fn start(
+        lab: &crate::lab::Lab,
+        n: u8,
+        nodes: &[Ipv4Addr],
+        options: &RouterOptions,
+    ) -> Result<ExtraRouter> {
+        ensure!((1..=9).contains(&n), "extra router {n}: 1 to 9");
+        let ns = format!("{}-r{n}", lab.id());
+        let o = lab.lb_addr().octets();
+        let addr = Ipv4Addr::new(o[0], o[1], o[2], 251 - n);
+        let sw_if = format!("sw-r{n}");
+        let ip = |netns: &str, args: &[&str]| -> Result<()> {
+            let mut argv = vec!["ip", "-n", netns];
+            argv.extend_from_slice(args);
+            cmd::run_ok(Command::new(argv[0]).args(&argv[1..]), cmd::DEFAULT_TIMEOUT).map(|_| ())
+        };
+        cmd::run_ok(
+            Command::new("ip").args(["netns", "add", &ns]),
+            cmd::DEFAULT_TIMEOUT,
+        )?;
+        // From here on the namespace is removed on error too.
+        let mut extra = ExtraRouterNs { ns: ns.clone() };
+        let sw = lab.switch_ns();
+        ip(
+            sw,
+            &[
+                "link", "add", &sw_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ],
+        )?;
+        ip(sw, &["link", "set", &sw_if, "master", "br0"])?;
+        ip(sw, &["link", "set", &sw_if, "up"])?;
+        ip(&ns, &["link", "set", "lo", "up"])?;
+        ip(&ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ip(&ns, &["link", "set", "eth0", "up"])?;
+        let dir = lab.dir().join(format!("r{n}"));
+        fs::create_dir_all(&dir)?;
+        let router = Router::start_with(RouterKind::Frr, &ns, addr, nodes, options, &dir)?;
+        extra.ns.clear(); // the router's drop order takes over
+        Ok(ExtraRouter { router, addr, ns })
+    }
+}
+
+impl Drop for ExtraRouter {
+    fn drop(&mut self) {
+        // The router's own drop stops FRR first (fields drop after this body: stop it here).
+        let _ = cmd::run(
+            Command::new("ip").args([
+                "netns",
+                "exec",
+                &self.ns,
+                "/usr/lib/frr/frrinit.sh",
+                "stop",
+                &self.ns,
+            ]),
+            Duration::from_secs(30),
+        );
+        let _ = cmd::run(
+            Command::new("ip").args(["netns", "del", &self.ns]),
+            Duration::from_secs(10),
+        );
+    }
+}
+
+/// Removes a half-built extra router's namespace (start failed before the router ran).
+struct ExtraRouterNs {
+    ns: String,
+}
+
+impl Drop for ExtraRouterNs {
+    fn drop(&mut self) {
+        if !self.ns.is_empty() {
+            let _ = cmd::run(
+                Command::new("ip").args(["netns", "del", &self.ns]),
+                Duration::from_secs(10),
+            );
         }
     }
 }

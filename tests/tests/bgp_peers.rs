@@ -3,15 +3,22 @@
 //!   Established and its route in the router, a wrong password and none keep the session down,
 //!   and the agent says why in its log, `/readyz` and `/metrics`; given the right password the
 //!   node comes in.
+//! - BGPPeer resources: two racks, two FRR routers, nodes split by a label; each node peers
+//!   only with its rack's router (the rack's password from a Secret), and follows a relabel.
 //!
 //! Needs root and frr.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
-use sluice_tests::bgp_lab::{BgpLab, BgpSetup, RouterKind};
+use serde_json::json;
+use sluice_tests::bgp_lab::{
+    BgpLab, BgpSetup, ExtraRouter, NODES, ROUTER_ASN, RouterKind, RouterOptions, node_name,
+};
+use sluice_tests::kube::AGENT_NAMESPACE;
 
 /// First routes: the agents sync, attach and connect; FRR starts its sessions.
 const CONVERGE: Duration = Duration::from_secs(90);
@@ -73,7 +80,10 @@ fn tcp_md5_right_password_up_wrong_or_none_down_and_said_why() -> Result<()> {
         readyz.contains("not established") && readyz.contains("TCP-MD5"),
         "node 1's /readyz does not name the password: {readyz}"
     );
-    let log = b.agents[1].as_ref().map(|a| a.log_text()).unwrap_or_default();
+    let log = b.agents[1]
+        .as_ref()
+        .map(|a| a.log_text())
+        .unwrap_or_default();
     ensure!(
         log.lines()
             .any(|l| l.contains("BGP peer") && l.contains("TCP-MD5")),
@@ -99,5 +109,116 @@ fn tcp_md5_right_password_up_wrong_or_none_down_and_said_why() -> Result<()> {
         !b.router.frr_established()?.contains(&n2),
         "node 2 (no password) established"
     );
+    Ok(())
+}
+
+/// Applies a BGPPeer for the rack `rack` (nodes labelled `rack=<rack>`) at `addr`.
+fn apply_rack_peer(b: &BgpLab, rack: &str, addr: Ipv4Addr, secret: Option<&str>) -> Result<()> {
+    let mut spec = json!({
+        "peerAddress": addr.to_string(),
+        "peerASN": ROUTER_ASN,
+        "nodeSelector": {"matchLabels": {"rack": rack}},
+    });
+    if let Some(name) = secret {
+        spec["passwordSecretRef"] = json!({"name": name});
+    }
+    b.kube.kubectl_ok(&[
+        "wait",
+        "--for=condition=established",
+        "--timeout=30s",
+        "crd/bgppeers.sluice.io",
+    ])?;
+    b.kube.apply_yaml(
+        &json!({
+            "apiVersion": "sluice.io/v1alpha1",
+            "kind": "BGPPeer",
+            "metadata": {"name": format!("rack-{rack}")},
+            "spec": spec,
+        })
+        .to_string(),
+    )
+}
+
+fn label_rack(b: &BgpLab, i: usize, rack: &str) -> Result<()> {
+    b.kube.kubectl_ok(&[
+        "label",
+        "node",
+        &node_name(i),
+        &format!("rack={rack}"),
+        "--overwrite",
+    ])?;
+    Ok(())
+}
+
+/// Two racks, two routers: nodes 0 and 1 are in rack a (the lab's router, with a TCP-MD5
+/// password from a Secret), node 2 in rack b (a second FRR). Both routers would accept every
+/// node, so only the agents' choice keeps each node to its rack's router. Moving node 1 to
+/// rack b moves its session.
+#[test]
+fn bgppeers_per_rack_each_node_peers_only_with_its_racks_router() -> Result<()> {
+    let mut b = BgpLab::start_with(
+        RouterKind::Frr,
+        BgpSetup {
+            router_passwords: (0..NODES).map(|i| (i, PASSWORD.to_owned())).collect(),
+            peers_from_resources: true,
+            ..BgpSetup::default()
+        },
+    )?;
+    let nodes = b.lab.backend_addrs();
+    let rack_b = ExtraRouter::start(&b.lab, 1, &nodes, &RouterOptions::default())?;
+    let (n0, n1, n2) = (nodes[0], nodes[1], nodes[2]);
+    for (i, rack) in [(0, "a"), (1, "a"), (2, "b")] {
+        label_rack(&b, i, rack)?;
+    }
+    b.kube.kubectl_ok(&[
+        "-n",
+        AGENT_NAMESPACE,
+        "create",
+        "secret",
+        "generic",
+        "rack-a-auth",
+        &format!("--from-literal=password={PASSWORD}"),
+    ])?;
+    apply_rack_peer(&b, "a", b.lab.lb_addr(), Some("rack-a-auth"))?;
+    apply_rack_peer(&b, "b", rack_b.addr, None)?;
+
+    let took = b.wait_route(&BTreeSet::from([n0, n1]), CONVERGE)?;
+    println!("rack a (MD5 from a Secret): nodes 0 and 1 in the lab router's route after {took:?}");
+    b.router
+        .wait_established(&BTreeSet::from([n0, n1]), CONVERGE)?;
+    rack_b
+        .router
+        .wait_established(&BTreeSet::from([n2]), CONVERGE)?;
+    let (hops, _) =
+        rack_b
+            .router
+            .wait_nexthops(b.lab.vip(), CONVERGE, "node 2's route in rack b", |h| {
+                *h == BTreeSet::from([n2])
+            })?;
+    println!("rack b: next hops {hops:?}");
+    // Each node has one session: to its own rack's router.
+    for i in 0..NODES {
+        let metrics = b.agent_metrics(i)?;
+        let peers: Vec<&String> = metrics
+            .keys()
+            .filter(|k| k.starts_with("sluice_bgp_session_up{"))
+            .collect();
+        ensure!(peers.len() == 1, "node {i} has sessions {peers:?}");
+    }
+
+    // Node 1 moves to rack b: its session follows.
+    label_rack(&b, 1, "b")?;
+    b.router.wait_established(&BTreeSet::from([n0]), CONVERGE)?;
+    rack_b
+        .router
+        .wait_established(&BTreeSet::from([n1, n2]), CONVERGE)?;
+    let took = b.wait_route(&BTreeSet::from([n0]), CONVERGE)?;
+    println!("node 1 relabelled to rack b: gone from rack a's route after {took:?}");
+    rack_b
+        .router
+        .wait_nexthops(b.lab.vip(), CONVERGE, "nodes 1 and 2 in rack b", |h| {
+            *h == BTreeSet::from([n1, n2])
+        })?;
+    drop(rack_b);
     Ok(())
 }

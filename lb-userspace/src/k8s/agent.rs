@@ -206,7 +206,7 @@ async fn client(config: &AgentConfig) -> anyhow::Result<Client> {
 
 /// Starts a list+watch of `api` into a store; every change wakes `changed`. Plain list+watch:
 /// streaming lists need Kubernetes >= 1.27 and gain little for an agent's few object kinds.
-fn watch<K>(
+pub(super) fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
     changed: Arc<Notify>,
@@ -350,6 +350,20 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
         config.node_name.as_deref().unwrap_or("(unnamed)")
     );
     let pools = watch_pools(&client, changed.clone(), config.watches.clone()).await;
+    // BGP: the BGPPeers (and the Secrets with their passwords) pick this node's routers.
+    let bgp_peers = match &config.bgp {
+        Some(_) => {
+            super::bgp_peers::watch_resources(
+                &client,
+                &config.health.namespace,
+                changed.clone(),
+                config.watches.clone(),
+            )
+            .await
+        }
+        None => None,
+    };
+    let mut peer_selection = super::bgp_peers::PeerSelection::default();
     let ready = async {
         services.wait_until_ready().await?;
         slices.wait_until_ready().await?;
@@ -603,6 +617,17 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
             let announceable = built.announceable();
             intent.addrs.retain(|a| announceable.contains(a));
             speaker.set(intent);
+            if let Some(resources) = &bgp_peers {
+                let nodes = nodes.state();
+                let me = nodes
+                    .iter()
+                    .find(|n| n.metadata.name.as_deref() == Some(node.as_str()));
+                speaker.set_extra_peers(peer_selection.peers(
+                    &resources.peers.state(),
+                    me.map(|n| &**n),
+                    &resources.secrets.state(),
+                ));
+            }
         }
         last = built;
 
