@@ -61,6 +61,8 @@ pub struct RouterOptions {
     pub bfd: Vec<usize>,
     /// The TCP-MD5 password it expects of each node (`neighbor X password Y`), by index.
     pub passwords: BTreeMap<usize, String>,
+    /// Its AS [default: [`ROUTER_ASN`]]; [`NODE_ASN`] makes the sessions iBGP.
+    pub asn: Option<u32>,
 }
 
 impl Router {
@@ -136,6 +138,12 @@ impl Router {
             .replace("bfdd=no", "bfdd=yes");
         fs::write(etc.join("daemons"), daemons)?;
         fs::write(etc.join("vtysh.conf"), "service integrated-vtysh-config\n")?;
+        let asn = options.asn.unwrap_or(ROUTER_ASN);
+        let (remote_as, multipath) = if asn == NODE_ASN {
+            ("internal", "maximum-paths ibgp 16")
+        } else {
+            ("external", "maximum-paths 16")
+        };
         let mut conf = format!(
             "frr defaults traditional
 hostname {ns}
@@ -148,12 +156,12 @@ bfd
   detect-multiplier 3
  !
 !
-router bgp {ROUTER_ASN}
+router bgp {asn}
  bgp router-id {id}
  no bgp ebgp-requires-policy
  bgp bestpath as-path multipath-relax
  neighbor nodes peer-group
- neighbor nodes remote-as external
+ neighbor nodes remote-as {remote_as}
  neighbor nodes passive
  neighbor nodes timers 1 3
 ",
@@ -169,9 +177,9 @@ router bgp {ROUTER_ASN}
                 conf.push_str(&format!(" neighbor {n} password {password}\n"));
             }
         }
-        conf.push_str(
-            " address-family ipv4 unicast\n  maximum-paths 16\n exit-address-family\n!\n",
-        );
+        conf.push_str(&format!(
+            " address-family ipv4 unicast\n  {multipath}\n exit-address-family\n!\n"
+        ));
         fs::write(etc.join("frr.conf"), conf)?;
         for d in [&etc, &run] {
             cmd::run_ok(
@@ -651,6 +659,7 @@ impl BgpLab {
             &RouterOptions {
                 bfd: setup.bfd.clone(),
                 passwords: setup.router_passwords.clone(),
+                asn: None,
             },
             lab.dir(),
         )?;

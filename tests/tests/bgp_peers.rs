@@ -4,7 +4,8 @@
 //!   and the agent says why in its log, `/readyz` and `/metrics`; given the right password the
 //!   node comes in.
 //! - BGPPeer resources: two racks, two FRR routers, nodes split by a label; each node peers
-//!   only with its rack's router (the rack's password from a Secret), and follows a relabel.
+//!   only with its rack's router (the rack's password from a Secret), and follows a relabel;
+//!   the pool's communities and LOCAL_PREF (iBGP only) are in both routers' tables.
 //!
 //! Needs root and frr.
 
@@ -16,7 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail, ensure};
 use serde_json::json;
 use sluice_tests::bgp_lab::{
-    BgpLab, BgpSetup, ExtraRouter, NODES, ROUTER_ASN, RouterKind, RouterOptions, node_name,
+    BgpLab, BgpSetup, ExtraRouter, NODE_ASN, NODES, ROUTER_ASN, Router, RouterKind, RouterOptions,
+    node_name,
 };
 use sluice_tests::kube::AGENT_NAMESPACE;
 
@@ -113,10 +115,16 @@ fn tcp_md5_right_password_up_wrong_or_none_down_and_said_why() -> Result<()> {
 }
 
 /// Applies a BGPPeer for the rack `rack` (nodes labelled `rack=<rack>`) at `addr`.
-fn apply_rack_peer(b: &BgpLab, rack: &str, addr: Ipv4Addr, secret: Option<&str>) -> Result<()> {
+fn apply_rack_peer(
+    b: &BgpLab,
+    rack: &str,
+    addr: Ipv4Addr,
+    asn: u32,
+    secret: Option<&str>,
+) -> Result<()> {
     let mut spec = json!({
         "peerAddress": addr.to_string(),
-        "peerASN": ROUTER_ASN,
+        "peerASN": asn,
         "nodeSelector": {"matchLabels": {"rack": rack}},
     });
     if let Some(name) = secret {
@@ -150,6 +158,50 @@ fn label_rack(b: &BgpLab, i: usize, rack: &str) -> Result<()> {
     Ok(())
 }
 
+/// Polls `router`'s BGP table for the VIP until every path satisfies `done`.
+fn wait_paths(
+    b: &BgpLab,
+    router: &Router,
+    what: &str,
+    done: impl Fn(&[(Ipv4Addr, String, u64)]) -> bool,
+) -> Result<Vec<(Ipv4Addr, String, u64)>> {
+    let start = Instant::now();
+    loop {
+        let paths = router.frr_path_attributes(b.lab.vip())?;
+        if !paths.is_empty() && done(&paths) {
+            return Ok(paths);
+        }
+        if start.elapsed() > CONVERGE {
+            bail!("{what}: not within {CONVERGE:?}; paths {paths:?}");
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The pool's communities and LOCAL_PREF reach both routers' tables: the communities on
+/// every path, LOCAL_PREF as set over iBGP (rack b). (That eBGP peers get no LOCAL_PREF is a
+/// unit test: FRR ignores one from an eBGP peer, so its table could not tell.)
+fn check_pool_communities(b: &BgpLab, rack_b: &Router) -> Result<()> {
+    b.kube.kubectl_ok(&[
+        "patch",
+        "ipaddresspool",
+        "lab",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"bgp":{"communities":["64512:100","64512:200"],"localPref":300}}}"#,
+    ])?;
+    let has = |c: &str| c.split(' ').any(|x| x == "64512:100") && c.contains("64512:200");
+    let a = wait_paths(b, &b.router, "rack a: the pool's communities", |p| {
+        p.len() == 2 && p.iter().all(|(_, c, _)| has(c))
+    })?;
+    let rb = wait_paths(b, rack_b, "rack b: communities and LOCAL_PREF 300", |p| {
+        p.iter().all(|(_, c, lp)| has(c) && *lp == 300)
+    })?;
+    println!("pool communities in FRR: rack a {a:?}; rack b {rb:?}");
+    Ok(())
+}
+
 /// Two racks, two routers: nodes 0 and 1 are in rack a (the lab's router, with a TCP-MD5
 /// password from a Secret), node 2 in rack b (a second FRR). Both routers would accept every
 /// node, so only the agents' choice keeps each node to its rack's router. Moving node 1 to
@@ -165,7 +217,16 @@ fn bgppeers_per_rack_each_node_peers_only_with_its_racks_router() -> Result<()> 
         },
     )?;
     let nodes = b.lab.backend_addrs();
-    let rack_b = ExtraRouter::start(&b.lab, 1, &nodes, &RouterOptions::default())?;
+    // Rack b's router is in the nodes' AS: iBGP, where LOCAL_PREF goes.
+    let rack_b = ExtraRouter::start(
+        &b.lab,
+        1,
+        &nodes,
+        &RouterOptions {
+            asn: Some(NODE_ASN),
+            ..RouterOptions::default()
+        },
+    )?;
     let (n0, n1, n2) = (nodes[0], nodes[1], nodes[2]);
     for (i, rack) in [(0, "a"), (1, "a"), (2, "b")] {
         label_rack(&b, i, rack)?;
@@ -179,8 +240,8 @@ fn bgppeers_per_rack_each_node_peers_only_with_its_racks_router() -> Result<()> 
         "rack-a-auth",
         &format!("--from-literal=password={PASSWORD}"),
     ])?;
-    apply_rack_peer(&b, "a", b.lab.lb_addr(), Some("rack-a-auth"))?;
-    apply_rack_peer(&b, "b", rack_b.addr, None)?;
+    apply_rack_peer(&b, "a", b.lab.lb_addr(), ROUTER_ASN, Some("rack-a-auth"))?;
+    apply_rack_peer(&b, "b", rack_b.addr, NODE_ASN, None)?;
 
     let took = b.wait_route(&BTreeSet::from([n0, n1]), CONVERGE)?;
     println!("rack a (MD5 from a Secret): nodes 0 and 1 in the lab router's route after {took:?}");
@@ -205,6 +266,8 @@ fn bgppeers_per_rack_each_node_peers_only_with_its_racks_router() -> Result<()> 
             .collect();
         ensure!(peers.len() == 1, "node {i} has sessions {peers:?}");
     }
+
+    check_pool_communities(&b, &rack_b.router)?;
 
     // Node 1 moves to rack b: its session follows.
     label_rack(&b, 1, "b")?;

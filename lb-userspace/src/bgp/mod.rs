@@ -304,11 +304,27 @@ impl SpeakerConfig {
     }
 }
 
+/// What an address pool adds to the routes of its addresses (`IPAddressPool.spec.bgp`), so
+/// that operators can steer traffic per class of Service.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PoolAdvert {
+    /// Standard communities, after `--bgp-communities`.
+    pub communities: Vec<u32>,
+    /// LOCAL_PREF towards iBGP peers [default: 100]; never sent to eBGP peers (RFC 4271).
+    pub local_pref: Option<u32>,
+}
+
+/// At most this many communities per pool: with `MAX_COMMUNITIES` of the flag and graceful
+/// shutdown an UPDATE still has room for prefixes (`communities_limit_leaves_room_for_prefixes`).
+pub const MAX_POOL_COMMUNITIES: usize = 32;
+
 /// How one route is announced.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RouteAttrs {
     /// With the RFC 8326 community 65535:0 (draining).
     pub graceful_shutdown: bool,
+    /// Its pool's communities and LOCAL_PREF.
+    pub pool: PoolAdvert,
 }
 
 /// The routes a session keeps announced.
@@ -330,12 +346,25 @@ impl Routes {
             self.0
                 .iter()
                 .filter(|(p, _)| keep(p))
-                .map(|(p, a)| (*p, *a))
+                .map(|(p, a)| (*p, a.clone()))
                 .collect(),
         )
     }
-    fn of(addrs: &BTreeSet<IpAddr>, attrs: RouteAttrs) -> Self {
-        Self(addrs.iter().map(|a| (IpNet::from(*a), attrs)).collect())
+    /// The routes of `intent`'s addresses, each with its pool's attributes.
+    fn of(intent: &Intent, graceful_shutdown: bool) -> Self {
+        Self(
+            intent
+                .addrs
+                .iter()
+                .map(|a| {
+                    let attrs = RouteAttrs {
+                        graceful_shutdown,
+                        pool: intent.adverts.get(a).cloned().unwrap_or_default(),
+                    };
+                    (IpNet::from(*a), attrs)
+                })
+                .collect(),
+        )
     }
 }
 
@@ -345,6 +374,8 @@ impl Routes {
 pub struct Intent {
     pub addrs: BTreeSet<IpAddr>,
     pub drain: Option<String>,
+    /// The attributes of the addresses whose pool sets some.
+    pub adverts: BTreeMap<IpAddr, PoolAdvert>,
 }
 
 /// The running speaker: one session task per peer and the task that turns intents into routes.
@@ -629,7 +660,7 @@ async fn manage(
                 if draining.take().is_some() {
                     info!("BGP: no longer draining: announcing again");
                 }
-                routes = Routes::of(&intent.addrs, RouteAttrs::default());
+                routes = Routes::of(&intent, false);
             }
             Some(why) => {
                 let since = *draining.get_or_insert_with(|| {
@@ -640,12 +671,7 @@ async fn manage(
                     now
                 });
                 routes = if now < since + config.drain_wait {
-                    Routes::of(
-                        &intent.addrs,
-                        RouteAttrs {
-                            graceful_shutdown: true,
-                        },
-                    )
+                    Routes::of(&intent, true)
                 } else {
                     Routes::new()
                 };
@@ -672,14 +698,13 @@ async fn manage(
         let gshut = Routes(
             routes
                 .0
-                .keys()
-                .map(|p| {
-                    (
-                        *p,
-                        RouteAttrs {
-                            graceful_shutdown: true,
-                        },
-                    )
+                .iter()
+                .map(|(p, a)| {
+                    let attrs = RouteAttrs {
+                        graceful_shutdown: true,
+                        ..a.clone()
+                    };
+                    (*p, attrs)
                 })
                 .collect(),
         );
@@ -770,7 +795,7 @@ mod tests {
     #[test]
     fn communities_limit_leaves_room_for_prefixes() {
         use wire::{AFI_IPV6, Attribute, Context, SAFI_UNICAST, Segment};
-        let mut communities = vec![0xfc00_0001; MAX_COMMUNITIES];
+        let mut communities = vec![0xfc00_0001; MAX_COMMUNITIES + MAX_POOL_COMMUNITIES];
         communities.push(wire::GRACEFUL_SHUTDOWN);
         let path = vec![Segment {
             kind: wire::AS_SEQUENCE,

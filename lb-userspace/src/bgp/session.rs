@@ -540,9 +540,14 @@ fn attributes(
         out.push(Attribute::NextHop(v4));
     }
     if ibgp {
-        out.push(Attribute::LocalPref(100));
+        out.push(Attribute::LocalPref(attrs.pool.local_pref.unwrap_or(100)));
     }
     let mut communities = config.communities.clone();
+    for c in &attrs.pool.communities {
+        if !communities.contains(c) {
+            communities.push(*c);
+        }
+    }
     if attrs.graceful_shutdown {
         communities.push(wire::GRACEFUL_SHUTDOWN);
     }
@@ -576,7 +581,7 @@ async fn sync(
     let mut groups: BTreeMap<RouteAttrs, Vec<IpNet>> = BTreeMap::new();
     for (p, a) in &wanted.0 {
         if rib_out.0.get(p) != Some(a) {
-            groups.entry(*a).or_default().push(*p);
+            groups.entry(a.clone()).or_default().push(*p);
         }
     }
     let budget = |overhead: usize| wire::MAX_MESSAGE_LEN - overhead;
@@ -649,7 +654,7 @@ async fn sync(
             }
         }
         for p in prefixes {
-            rib_out.0.insert(*p, *a);
+            rib_out.0.insert(*p, a.clone());
         }
     }
     if eor {
@@ -738,6 +743,48 @@ mod tests {
         assert!(chunks(&[], 100).is_empty());
     }
 
+    /// A pool's communities follow the flag's (no duplicate), graceful shutdown last; its
+    /// LOCAL_PREF goes to iBGP peers only, 100 without one.
+    #[test]
+    fn pool_communities_and_local_pref_are_carried() {
+        let mut config = SpeakerConfig::for_tests(64512);
+        config.communities = vec![(64512 << 16) | 1];
+        let ctx = Context {
+            four_octet_as: true,
+        };
+        let local = "192.0.2.10".parse().unwrap();
+        let gold = RouteAttrs {
+            graceful_shutdown: true,
+            pool: super::super::PoolAdvert {
+                communities: vec![(64512 << 16) | 100, (64512 << 16) | 1],
+                local_pref: Some(200),
+            },
+        };
+        let ebgp = Peer::new("192.0.2.1".parse().unwrap(), 179, 65000);
+        let a = attributes(&config, &ebgp, local, &gold, ctx);
+        assert!(
+            a.contains(&Attribute::Communities(vec![
+                (64512 << 16) | 1,
+                (64512 << 16) | 100,
+                wire::GRACEFUL_SHUTDOWN
+            ])),
+            "{a:?}"
+        );
+        assert!(
+            !a.iter().any(|x| matches!(x, Attribute::LocalPref(_))),
+            "{a:?}"
+        );
+        let ibgp = Peer::new("192.0.2.1".parse().unwrap(), 179, 64512);
+        let a = attributes(&config, &ibgp, local, &gold, ctx);
+        assert!(a.contains(&Attribute::LocalPref(200)), "{a:?}");
+        let a = attributes(&config, &ibgp, local, &RouteAttrs::default(), ctx);
+        assert!(a.contains(&Attribute::LocalPref(100)), "{a:?}");
+        assert!(
+            a.contains(&Attribute::Communities(vec![(64512 << 16) | 1])),
+            "{a:?}"
+        );
+    }
+
     #[test]
     fn every_node_sends_identical_attributes() {
         let config = SpeakerConfig::for_tests(64512);
@@ -773,6 +820,7 @@ mod tests {
             "192.0.2.10".parse().unwrap(),
             &RouteAttrs {
                 graceful_shutdown: true,
+                ..RouteAttrs::default()
             },
             ctx,
         );

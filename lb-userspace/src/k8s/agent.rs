@@ -364,6 +364,7 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
         None => None,
     };
     let mut peer_selection = super::bgp_peers::PeerSelection::default();
+    let mut pool_adverts = super::bgp_select::PoolAdverts::default();
     let ready = async {
         services.wait_until_ready().await?;
         slices.wait_until_ready().await?;
@@ -616,6 +617,9 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
             // Only pool addresses are ever announced.
             let announceable = built.announceable();
             intent.addrs.retain(|a| announceable.contains(a));
+            if let Some(p) = &pools {
+                intent.adverts = pool_adverts.of(&p.state(), &built, &intent.addrs);
+            }
             speaker.set(intent);
             if let Some(resources) = &bgp_peers {
                 let nodes = nodes.state();
