@@ -202,15 +202,46 @@ mod tests {
         );
         let wrong = connect(&peer(port, Some("other")), Duration::from_millis(700))
             .await
-            .err()
-            .expect("a wrong key connected");
+            .expect_err("a wrong key connected");
         assert_eq!(wrong.reason, super::super::metrics::Reason::NoAnswerWithMd5);
         assert!(wrong.text.contains("TCP-MD5"), "{}", wrong.text);
         let none = connect(&peer(port, None), Duration::from_millis(700))
             .await
-            .err()
-            .expect("no key connected");
+            .expect_err("no key connected");
         assert_eq!(none.reason, super::super::metrics::Reason::NoAnswer);
+    }
+
+    /// GTSM: a peer that sends with TTL 255 connects; one that sends with the default TTL
+    /// (64) is dropped by the kernel (its SYN-ACK never arrives).
+    #[tokio::test]
+    async fn ttl_security_accepts_only_ttl_255() {
+        let listener = |ttl: Option<i32>| {
+            let socket = TcpSocket::new_v4().unwrap();
+            if let Some(ttl) = ttl {
+                set_ttl(socket.as_raw_fd(), "127.0.0.1".parse().unwrap(), ttl).unwrap();
+            }
+            socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            socket.listen(8).unwrap()
+        };
+        let gtsm = |port: u16| {
+            let mut p = Peer::new("127.0.0.1".parse().unwrap(), port, 65000);
+            p.options.ttl_security_hops = Some(1);
+            p
+        };
+        let at_255 = listener(Some(255));
+        let port = at_255.local_addr().unwrap().port();
+        let ok = connect(&gtsm(port), Duration::from_secs(5)).await;
+        assert!(
+            ok.is_ok(),
+            "{}",
+            ok.err().map(|e| e.text).unwrap_or_default()
+        );
+        let at_64 = listener(None);
+        let port = at_64.local_addr().unwrap().port();
+        let far = connect(&gtsm(port), Duration::from_millis(700))
+            .await
+            .expect_err("a peer sending with TTL 64 got through TTL security");
+        assert_eq!(far.reason, super::super::metrics::Reason::NoAnswer);
     }
 
     /// The struct the kernel reads has linux/tcp.h's layout (216 bytes, the key at 136).
