@@ -750,6 +750,55 @@ mod tests {
         }
     }
 
+    /// Passwords: 1 to 80 bytes (TCP_MD5SIG_MAXKEYLEN), a file's newline trimmed, never shown.
+    #[test]
+    fn passwords_are_checked_and_never_shown() {
+        assert!(Password::new(&"x".repeat(80)).is_ok());
+        assert!(Password::new(&"x".repeat(81)).is_err());
+        assert!(Password::new(" \n").is_err());
+        let p = Password::new("s3cret\n").unwrap();
+        assert_eq!(p.bytes(), b"s3cret");
+        assert_eq!(format!("{p:?}"), "Password(6 bytes)");
+        let mut peer = Peer::new("192.0.2.1".parse().unwrap(), 179, 65000);
+        peer.options.password = Some(p);
+        assert!(!format!("{peer:?}").contains("s3cret"));
+    }
+
+    /// A peer's own settings are checked: hold time, one TTL rule, the source's family.
+    #[test]
+    fn peer_options_are_checked() {
+        let peer = |o: PeerOptions| Peer {
+            options: o,
+            ..Peer::new("192.0.2.1".parse().unwrap(), 179, 65000)
+        };
+        assert!(peer(PeerOptions::default()).check().is_ok());
+        for bad in [
+            PeerOptions {
+                hold_time_secs: Some(2),
+                ..PeerOptions::default()
+            },
+            PeerOptions {
+                ebgp_multihop: Some(2),
+                ttl_security_hops: Some(1),
+                ..PeerOptions::default()
+            },
+            PeerOptions {
+                ttl_security_hops: Some(0),
+                ..PeerOptions::default()
+            },
+            PeerOptions {
+                source: Some("2001:db8::1".parse().unwrap()),
+                ..PeerOptions::default()
+            },
+            PeerOptions {
+                local_asn: Some(0),
+                ..PeerOptions::default()
+            },
+        ] {
+            assert!(peer(bad.clone()).check().is_err(), "{bad:?}");
+        }
+    }
+
     #[test]
     fn communities_parse() {
         assert_eq!(
