@@ -244,6 +244,23 @@ mod tests {
         assert_eq!(far.reason, super::super::metrics::Reason::NoAnswer);
     }
 
+    /// The source address and the eBGP multihop TTL are the connection's.
+    #[tokio::test]
+    async fn source_address_and_multihop_ttl_are_applied() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut peer = Peer::new("127.0.0.1".parse().unwrap(), port, 65000);
+        peer.options.source = Some("127.0.0.2".parse().unwrap());
+        peer.options.ebgp_multihop = Some(3);
+        let stream = connect(&peer, Duration::from_secs(5))
+            .await
+            .map_err(|e| e.text)
+            .unwrap();
+        assert_eq!(stream.ttl().unwrap(), 3);
+        let (_, from) = listener.accept().await.unwrap();
+        assert_eq!(from.ip(), "127.0.0.2".parse::<IpAddr>().unwrap());
+    }
+
     /// The struct the kernel reads has linux/tcp.h's layout (216 bytes, the key at 136).
     #[test]
     fn md5sig_layout_is_the_kernels() {
