@@ -13,7 +13,7 @@
 //! and removes that directory and `/var/run/frr/<namespace>`, and starting a router removes
 //! the ones a killed test process left behind.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::net::Ipv4Addr;
 use std::ops::Deref;
@@ -54,6 +54,17 @@ pub struct Router {
     bird: Option<Child>,
 }
 
+/// What a router asks of the nodes besides a session (FRR only).
+#[derive(Clone, Debug, Default)]
+pub struct RouterOptions {
+    /// The nodes (indexes into the router's `nodes`) it runs BFD with.
+    pub bfd: Vec<usize>,
+    /// The TCP-MD5 password it expects of each node (`neighbor X password Y`), by index.
+    pub passwords: BTreeMap<usize, String>,
+    /// Its AS [default: [`ROUTER_ASN`]]; [`NODE_ASN`] makes the sessions iBGP.
+    pub asn: Option<u32>,
+}
+
 impl Router {
     /// Starts `kind` in namespace `ns` (address `id`), passive towards `nodes`.
     /// `bfd`: the nodes (indexes into `nodes`) the router runs BFD with (FRR only).
@@ -63,6 +74,22 @@ impl Router {
         id: Ipv4Addr,
         nodes: &[Ipv4Addr],
         bfd: &[usize],
+        dir: &Path,
+    ) -> Result<Router> {
+        let options = RouterOptions {
+            bfd: bfd.to_vec(),
+            ..RouterOptions::default()
+        };
+        Self::start_with(kind, ns, id, nodes, &options, dir)
+    }
+
+    /// [`Router::start`] with BFD and passwords per node.
+    pub fn start_with(
+        kind: RouterKind,
+        ns: &str,
+        id: Ipv4Addr,
+        nodes: &[Ipv4Addr],
+        options: &RouterOptions,
         dir: &Path,
     ) -> Result<Router> {
         for sysctl in [
@@ -82,16 +109,24 @@ impl Router {
             bird: None,
         };
         match kind {
-            RouterKind::Frr => router.start_frr(id, nodes, bfd)?,
+            RouterKind::Frr => router.start_frr(id, nodes, options)?,
             RouterKind::Bird => {
-                ensure!(bfd.is_empty(), "the BIRD lab runs without BFD");
+                ensure!(
+                    options.bfd.is_empty() && options.passwords.is_empty(),
+                    "the BIRD lab runs without BFD and passwords"
+                );
                 router.start_bird(id, nodes, dir)?
             }
         }
         Ok(router)
     }
 
-    fn start_frr(&mut self, id: Ipv4Addr, nodes: &[Ipv4Addr], bfd: &[usize]) -> Result<()> {
+    fn start_frr(
+        &mut self,
+        id: Ipv4Addr,
+        nodes: &[Ipv4Addr],
+        options: &RouterOptions,
+    ) -> Result<()> {
         remove_stale_frr_dirs();
         let etc = Path::new(FRR_ETC).join(&self.ns);
         let run = Path::new(FRR_RUN).join(&self.ns);
@@ -103,6 +138,12 @@ impl Router {
             .replace("bfdd=no", "bfdd=yes");
         fs::write(etc.join("daemons"), daemons)?;
         fs::write(etc.join("vtysh.conf"), "service integrated-vtysh-config\n")?;
+        let asn = options.asn.unwrap_or(ROUTER_ASN);
+        let (remote_as, multipath) = if asn == NODE_ASN {
+            ("internal", "maximum-paths ibgp 16")
+        } else {
+            ("external", "maximum-paths 16")
+        };
         let mut conf = format!(
             "frr defaults traditional
 hostname {ns}
@@ -115,12 +156,12 @@ bfd
   detect-multiplier 3
  !
 !
-router bgp {ROUTER_ASN}
+router bgp {asn}
  bgp router-id {id}
  no bgp ebgp-requires-policy
  bgp bestpath as-path multipath-relax
  neighbor nodes peer-group
- neighbor nodes remote-as external
+ neighbor nodes remote-as {remote_as}
  neighbor nodes passive
  neighbor nodes timers 1 3
 ",
@@ -129,13 +170,16 @@ router bgp {ROUTER_ASN}
         );
         for (i, n) in nodes.iter().enumerate() {
             conf.push_str(&format!(" neighbor {n} peer-group nodes\n"));
-            if bfd.contains(&i) {
+            if options.bfd.contains(&i) {
                 conf.push_str(&format!(" neighbor {n} bfd profile fast\n"));
             }
+            if let Some(password) = options.passwords.get(&i) {
+                conf.push_str(&format!(" neighbor {n} password {password}\n"));
+            }
         }
-        conf.push_str(
-            " address-family ipv4 unicast\n  maximum-paths 16\n exit-address-family\n!\n",
-        );
+        conf.push_str(&format!(
+            " address-family ipv4 unicast\n  {multipath}\n exit-address-family\n!\n"
+        ));
         fs::write(etc.join("frr.conf"), conf)?;
         for d in [&etc, &run] {
             cmd::run_ok(
@@ -282,6 +326,72 @@ template bgp nodes {{
         Ok(out)
     }
 
+    /// FRR: the BGP paths of `addr`/32 as (peer, its communities as FRR writes them, its
+    /// LOCAL_PREF).
+    pub fn frr_path_attributes(&self, addr: Ipv4Addr) -> Result<Vec<(Ipv4Addr, String, u64)>> {
+        ensure!(
+            self.kind == RouterKind::Frr,
+            "frr_path_attributes on {:?}",
+            self.kind
+        );
+        let v = self.vtysh_json(&format!("show bgp ipv4 unicast {addr}/32 json"))?;
+        let mut out = Vec::new();
+        for p in v["paths"].as_array().into_iter().flatten() {
+            let peer = p
+                .pointer("/peer/peerId")
+                .and_then(Value::as_str)
+                .and_then(|s| s.parse().ok())
+                .with_context(|| format!("a path without peer: {p}"))?;
+            let community = p
+                .pointer("/community/string")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            let local_pref = p.get("locPrf").and_then(Value::as_u64).unwrap_or(100);
+            out.push((peer, community, local_pref));
+        }
+        Ok(out)
+    }
+
+    /// FRR: the neighbours whose session is Established.
+    pub fn frr_established(&self) -> Result<BTreeSet<Ipv4Addr>> {
+        ensure!(
+            self.kind == RouterKind::Frr,
+            "frr_established on {:?}",
+            self.kind
+        );
+        let v = self.vtysh_json("show bgp neighbors json")?;
+        Ok(v.as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, n)| n.get("bgpState").and_then(Value::as_str) == Some("Established"))
+            .filter_map(|(addr, _)| addr.parse().ok())
+            .collect())
+    }
+
+    /// FRR: polls until the Established neighbours are `want`.
+    pub fn wait_established(
+        &self,
+        want: &BTreeSet<Ipv4Addr>,
+        timeout: Duration,
+    ) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            let now = self.frr_established()?;
+            if &now == want {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "router {}: established {now:?}, want {want:?} within {timeout:?}; {}",
+                    self.ns,
+                    self.diagnostics()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn vtysh_json(&self, command: &str) -> Result<Value> {
         let out = cmd::run_ok(
             Command::new("ip").args([
@@ -349,6 +459,96 @@ impl Drop for Router {
     }
 }
 
+/// A second FRR router on the lab's segment, in a namespace of its own (`<lab id>-r<n>`, so
+/// that a killed test's leftovers are removed like the lab's): a second rack's top-of-rack
+/// router. Dropping it stops FRR, then removes the namespace.
+pub struct ExtraRouter {
+    pub router: Router,
+    pub addr: Ipv4Addr,
+    ns: String,
+}
+
+impl ExtraRouter {
+    /// Router `n` (1 to 9) at the segment's address .250 - n + 1, passive towards `nodes`.
+    pub fn start(
+        lab: &crate::lab::Lab,
+        n: u8,
+        nodes: &[Ipv4Addr],
+        options: &RouterOptions,
+    ) -> Result<ExtraRouter> {
+        ensure!((1..=9).contains(&n), "extra router {n}: 1 to 9");
+        let ns = format!("{}-r{n}", lab.id());
+        let o = lab.lb_addr().octets();
+        let addr = Ipv4Addr::new(o[0], o[1], o[2], 251 - n);
+        let sw_if = format!("sw-r{n}");
+        let ip = |netns: &str, args: &[&str]| -> Result<()> {
+            let mut argv = vec!["ip", "-n", netns];
+            argv.extend_from_slice(args);
+            cmd::run_ok(Command::new(argv[0]).args(&argv[1..]), cmd::DEFAULT_TIMEOUT).map(|_| ())
+        };
+        cmd::run_ok(
+            Command::new("ip").args(["netns", "add", &ns]),
+            cmd::DEFAULT_TIMEOUT,
+        )?;
+        // From here on the namespace is removed on error too.
+        let mut extra = ExtraRouterNs { ns: ns.clone() };
+        let sw = lab.switch_ns();
+        ip(
+            sw,
+            &[
+                "link", "add", &sw_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ],
+        )?;
+        ip(sw, &["link", "set", &sw_if, "master", "br0"])?;
+        ip(sw, &["link", "set", &sw_if, "up"])?;
+        ip(&ns, &["link", "set", "lo", "up"])?;
+        ip(&ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ip(&ns, &["link", "set", "eth0", "up"])?;
+        let dir = lab.dir().join(format!("r{n}"));
+        fs::create_dir_all(&dir)?;
+        let router = Router::start_with(RouterKind::Frr, &ns, addr, nodes, options, &dir)?;
+        extra.ns.clear(); // the router's drop order takes over
+        Ok(ExtraRouter { router, addr, ns })
+    }
+}
+
+impl Drop for ExtraRouter {
+    fn drop(&mut self) {
+        // The router's own drop stops FRR first (fields drop after this body: stop it here).
+        let _ = cmd::run(
+            Command::new("ip").args([
+                "netns",
+                "exec",
+                &self.ns,
+                "/usr/lib/frr/frrinit.sh",
+                "stop",
+                &self.ns,
+            ]),
+            Duration::from_secs(30),
+        );
+        let _ = cmd::run(
+            Command::new("ip").args(["netns", "del", &self.ns]),
+            Duration::from_secs(10),
+        );
+    }
+}
+
+/// Removes a half-built extra router's namespace (start failed before the router ran).
+struct ExtraRouterNs {
+    ns: String,
+}
+
+impl Drop for ExtraRouterNs {
+    fn drop(&mut self) {
+        if !self.ns.is_empty() {
+            let _ = cmd::run(
+                Command::new("ip").args(["netns", "del", &self.ns]),
+                Duration::from_secs(10),
+            );
+        }
+    }
+}
+
 /// `/etc/frr/<ns>` of lab namespaces ("sl<pid>-...") that no longer exist: left by a killed test.
 fn remove_stale_frr_dirs() {
     let Ok(entries) = fs::read_dir(FRR_ETC) else {
@@ -393,10 +593,24 @@ pub fn parse_nexthops(json_text: &str) -> Result<BTreeSet<Ipv4Addr>> {
     Ok(hops)
 }
 
+/// How the lab's router and agents are set up beyond the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct BgpSetup {
+    /// The nodes whose agent runs BFD with the router (and the router with them).
+    pub bfd: Vec<usize>,
+    /// The TCP-MD5 password the router expects of each node, by index.
+    pub router_passwords: BTreeMap<usize, String>,
+    /// The password each node's agent is given (`--bgp-password-file`), by index.
+    pub agent_passwords: BTreeMap<usize, String>,
+    /// The agents get no `--bgp-peers`: `BGPPeer` resources name their routers.
+    pub peers_from_resources: bool,
+}
+
 /// The agents lab (API server, nodes, `web`), the router and one agent per node.
 pub struct BgpLab {
     /// The nodes whose agent runs BFD.
     pub bfd: Vec<usize>,
+    pub setup: BgpSetup,
     /// Dropped first: the agents, then the router, then the API server and the namespaces.
     pub agents: Vec<Option<SluiceProcess>>,
     pub router: Router,
@@ -414,6 +628,17 @@ impl BgpLab {
     /// Builds the lab with `kind` as the router and starts the three agents with `--bgp`;
     /// the nodes in `bfd` run BFD with the router too.
     pub fn start(kind: RouterKind, bfd: &[usize]) -> Result<BgpLab> {
+        Self::start_with(
+            kind,
+            BgpSetup {
+                bfd: bfd.to_vec(),
+                ..BgpSetup::default()
+            },
+        )
+    }
+
+    /// [`BgpLab::start`] with passwords, or with the peers from `BGPPeer`s.
+    pub fn start_with(kind: RouterKind, setup: BgpSetup) -> Result<BgpLab> {
         // The router's namespace is the lab's lb (the client already routes the VIP there).
         let nodes = AgentsLab::start(WebService {
             echo: true,
@@ -426,16 +651,21 @@ impl BgpLab {
         nodes
             .kube
             .pool("lab", &[format!("{}-{last}", lab.vip())], false, false)?;
-        let router = Router::start(
+        let router = Router::start_with(
             kind,
             lab.lb_ns(),
             lab.lb_addr(),
             &lab.backend_addrs(),
-            bfd,
+            &RouterOptions {
+                bfd: setup.bfd.clone(),
+                passwords: setup.router_passwords.clone(),
+                asn: None,
+            },
             lab.dir(),
         )?;
         let mut bgp = BgpLab {
-            bfd: bfd.to_vec(),
+            bfd: setup.bfd.clone(),
+            setup,
             agents: Vec::new(),
             router,
             nodes,
@@ -448,9 +678,14 @@ impl BgpLab {
         Ok(bgp)
     }
 
-    /// Starts node `i`'s agent (again).
+    /// Starts node `i`'s agent (again), with its password file as [`BgpSetup`] says (written
+    /// anew on each start).
     pub fn spawn_agent(&self, i: usize) -> Result<SluiceProcess> {
-        let peer = format!("{}={ROUTER_ASN}", self.lab.lb_addr());
+        let peer = if self.setup.peers_from_resources {
+            String::new()
+        } else {
+            format!("{}={ROUTER_ASN}", self.lab.lb_addr())
+        };
         let asn = NODE_ASN.to_string();
         let drain = DRAIN_WAIT.as_secs().to_string();
         let bfd = if self.bfd.contains(&i) {
@@ -458,19 +693,32 @@ impl BgpLab {
         } else {
             "--bgp-bfd=false"
         };
-        self.nodes.spawn_agent(
-            i,
-            &[
-                "--bgp",
-                "--bgp-asn",
-                &asn,
-                "--bgp-peers",
-                &peer,
-                "--bgp-drain-wait",
-                &drain,
-                bfd,
-            ],
-        )
+        let mut args = vec![
+            "--bgp",
+            "--bgp-asn",
+            &asn,
+            "--bgp-peers",
+            &peer,
+            "--bgp-drain-wait",
+            &drain,
+            bfd,
+        ];
+        let file = self.lab.dir().join(format!("bgp-password-{i}"));
+        let file = file.to_string_lossy().into_owned();
+        if let Some(password) = self.setup.agent_passwords.get(&i) {
+            fs::write(&file, format!("{password}\n"))?;
+            args.extend(["--bgp-password-file", &file]);
+        }
+        self.nodes.spawn_agent(i, &args)
+    }
+
+    /// Stops node `i`'s agent (SIGTERM, waits for it) and starts it again.
+    pub fn restart_agent(&mut self, i: usize) -> Result<()> {
+        if let Some(agent) = self.agents[i].take() {
+            agent.stop(Duration::from_secs(15))?;
+        }
+        self.agents[i] = Some(self.spawn_agent(i)?);
+        Ok(())
     }
 
     /// Node `i`'s agent's `/metrics` (scraped in its namespace): `name{labels}` -> value.

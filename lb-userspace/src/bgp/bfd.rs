@@ -127,10 +127,21 @@ impl Packet {
 }
 
 /// Timers of every session.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BfdConfig {
     pub interval: Duration,
     pub multiplier: u8,
+}
+
+/// The flags' defaults (`--bgp-bfd-interval 100 --bgp-bfd-multiplier 3`): a silent peer is
+/// noticed in 300 ms.
+impl Default for BfdConfig {
+    fn default() -> Self {
+        BfdConfig {
+            interval: Duration::from_millis(100),
+            multiplier: 3,
+        }
+    }
 }
 
 /// What a BFD session tells its BGP session.
@@ -375,7 +386,7 @@ fn discriminators(n: usize) -> io::Result<Vec<u32>> {
     Ok(out)
 }
 
-fn set_int_opt(
+pub(super) fn set_int_opt(
     fd: RawFd,
     level: libc::c_int,
     name: libc::c_int,

@@ -16,6 +16,57 @@ use super::bfd::Drops;
 use super::session::Status;
 
 type Labels = Vec<(&'static str, String)>;
+
+/// Why a session failed last, as `sluice_bgp_session_last_error`'s `reason` label: a fixed
+/// set, so that the series stay few whatever the peer does (the words are in the log and
+/// `/readyz`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The socket could not be set up (source address, TCP-MD5 key, TTL).
+    SocketSetup,
+    ConnectRefused,
+    ConnectFailed,
+    /// No answer to the SYN within the connect timeout.
+    NoAnswer,
+    /// The same with a TCP-MD5 password configured: the mark of a password mismatch (the
+    /// kernels drop segments signed with another key, or unsigned, without a word).
+    NoAnswerWithMd5,
+    NoOpen,
+    /// The peer sent a NOTIFICATION instead of its OPEN (its configuration refuses ours).
+    PeerRefused,
+    /// We refused the peer's OPEN (AS, version, hold time).
+    OpenRefused,
+    HoldTimer,
+    Bfd,
+    /// The peer ended an established session with a NOTIFICATION.
+    PeerClosed,
+    ConnectionLost,
+    Malformed,
+    SendFailed,
+    Unexpected,
+}
+
+impl Reason {
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::SocketSetup => "socket_setup",
+            Reason::ConnectRefused => "connect_refused",
+            Reason::ConnectFailed => "connect_failed",
+            Reason::NoAnswer => "no_answer",
+            Reason::NoAnswerWithMd5 => "no_answer_tcp_md5",
+            Reason::NoOpen => "no_open",
+            Reason::PeerRefused => "peer_refused",
+            Reason::OpenRefused => "open_refused",
+            Reason::HoldTimer => "hold_timer",
+            Reason::Bfd => "bfd",
+            Reason::PeerClosed => "peer_closed",
+            Reason::ConnectionLost => "connection_lost",
+            Reason::Malformed => "malformed",
+            Reason::SendFailed => "send_failed",
+            Reason::Unexpected => "unexpected",
+        }
+    }
+}
 /// The sessions followed: each peer (as `ADDRESS=ASN`) with its status channel.
 type Followed = Arc<Mutex<Vec<(String, watch::Receiver<Status>)>>>;
 
@@ -37,6 +88,7 @@ pub struct SessionView {
     pub prefixes: usize,
     pub failures: u64,
     pub last_error: Option<String>,
+    pub last_reason: Option<Reason>,
 }
 
 impl BgpMetrics {
@@ -44,6 +96,13 @@ impl BgpMetrics {
     pub(super) fn add_session(&self, peer: String, status: watch::Receiver<Status>) {
         if let Ok(mut sessions) = self.sessions.lock() {
             sessions.push((peer, status));
+        }
+    }
+
+    /// Stops following a peer's session (it was closed for good).
+    pub(super) fn remove_session(&self, peer: &str) {
+        if let Ok(mut sessions) = self.sessions.lock() {
+            sessions.retain(|(p, _)| p != peer);
         }
     }
 
@@ -63,6 +122,7 @@ impl BgpMetrics {
                     prefixes: s.sent.as_ref().map_or(0, |r| r.0.len()),
                     failures: s.failures,
                     last_error: s.last_error.clone(),
+                    last_reason: s.last_reason,
                 }
             })
             .collect()
@@ -94,6 +154,7 @@ impl BgpMetrics {
         let uptime = Family::<Labels, Gauge>::default();
         let prefixes = Family::<Labels, Gauge>::default();
         let failures = Family::<Labels, Counter>::default();
+        let last_error = Family::<Labels, Gauge>::default();
         registry.register(
             "bgp_session_up",
             "1 while the BGP session with the peer is established",
@@ -115,6 +176,13 @@ impl BgpMetrics {
              NOTIFICATION, BFD) since the agent started",
             failures.clone(),
         );
+        registry.register(
+            "bgp_session_last_error",
+            "1 with the reason the last failed BGP session with the peer failed (one series per \
+             peer that has failed: no_answer_tcp_md5 is a TCP-MD5 password mismatch or a silent \
+             peer; the words are in the log and /readyz)",
+            last_error.clone(),
+        );
         for s in self.sessions() {
             let labels = vec![("peer", s.peer.clone())];
             up.get_or_create(&labels).set(i64::from(s.established));
@@ -125,6 +193,13 @@ impl BgpMetrics {
                 .get_or_create(&labels)
                 .set(i64::try_from(s.prefixes).unwrap_or(i64::MAX));
             failures.get_or_create(&labels).inc_by(s.failures);
+            if let Some(reason) = s.last_reason {
+                let labels = vec![
+                    ("peer", s.peer.clone()),
+                    ("reason", reason.label().to_owned()),
+                ];
+                last_error.get_or_create(&labels).set(1);
+            }
         }
         self.register_bfd(registry);
     }
@@ -176,6 +251,7 @@ mod tests {
         let (_down_tx, down) = watch::channel(Status {
             failures: 4,
             last_error: Some("connecting: connection refused".into()),
+            last_reason: Some(Reason::ConnectRefused),
             ..Status::default()
         });
         metrics.add_session("192.0.2.1=65000".into(), up);
@@ -192,9 +268,12 @@ mod tests {
             "sluice_bgp_session_failures_total{peer=\"192.0.2.1=65000\"} 1",
             "sluice_bgp_session_failures_total{peer=\"192.0.2.2=65000\"} 4",
             "sluice_bgp_session_uptime_seconds{peer=\"192.0.2.2=65000\"} 0",
+            "sluice_bgp_session_last_error{peer=\"192.0.2.2=65000\",reason=\"connect_refused\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
+        // The established peer never failed with a reason: no series.
+        assert!(!text.contains("last_error{peer=\"192.0.2.1"), "{text}");
         assert_eq!(
             metrics.degraded_lines(),
             [

@@ -6,18 +6,19 @@
 //! session).
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use ipnet::{IpNet, Ipv4Net};
 use log::{debug, info, warn};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout};
 
 use super::bfd::Link;
+use super::metrics::Reason;
+use super::socket;
 use super::wire::{
     self, AFI_IPV4, AFI_IPV6, AS_SEQUENCE, AS_TRANS, Attribute, Capability, Context, Message,
     Notification, Open, SAFI_UNICAST, Segment, Update, code,
@@ -59,8 +60,9 @@ pub struct Status {
     pub up_since: Option<Instant>,
     /// Sessions that failed (ended other than by `Close`) since the speaker started.
     pub failures: u64,
-    /// Why the last one failed.
+    /// Why the last one failed, in words and as a `/metrics` label.
     pub last_error: Option<String>,
+    pub last_reason: Option<Reason>,
     /// The routes the peer has been sent (equal to the last `Run` once synced).
     pub sent: Option<Routes>,
     /// The session has closed for good (after `Close`).
@@ -72,7 +74,7 @@ enum End {
     /// `Close` was asked for and done.
     Closed,
     /// Anything else: retried.
-    Failed(String),
+    Failed(Reason, String),
 }
 
 pub async fn run(
@@ -91,7 +93,7 @@ pub async fn run(
         let started = Instant::now();
         match session(&config, &peer, &mut commands, &status, &mut bfd).await {
             End::Closed => break,
-            End::Failed(why) => {
+            End::Failed(reason, why) => {
                 let was_up = status.borrow().established;
                 status.send_modify(|s| {
                     s.established = false;
@@ -99,6 +101,7 @@ pub async fn run(
                     s.sent = None;
                     s.failures += 1;
                     s.last_error = Some(why.clone());
+                    s.last_reason = Some(reason);
                 });
                 // Once per outage at warn (the session was up, or this is the first attempt);
                 // the retries of a peer that stays unreachable at debug.
@@ -157,10 +160,15 @@ enum ReadError {
 }
 
 impl ReadError {
-    fn describe(&self) -> String {
+    fn failed(&self) -> End {
         match self {
-            ReadError::Io(e) => format!("connection lost: {e}"),
-            ReadError::Bad(e) => format!("malformed message from the peer: {e}"),
+            ReadError::Io(e) => {
+                End::Failed(Reason::ConnectionLost, format!("connection lost: {e}"))
+            }
+            ReadError::Bad(e) => End::Failed(
+                Reason::Malformed,
+                format!("malformed message from the peer: {e}"),
+            ),
         }
     }
 }
@@ -224,21 +232,19 @@ async fn session(
     status: &watch::Sender<Status>,
     bfd: &mut Option<watch::Receiver<Link>>,
 ) -> End {
-    let target = SocketAddr::new(peer.addr, peer.port);
-    let stream = match timeout(config.connect_timeout, TcpStream::connect(target)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return End::Failed(format!("connecting to {target}: {e}")),
-        Err(_) => {
-            return End::Failed(format!(
-                "connecting to {target}: no answer in {:?}",
-                config.connect_timeout
-            ));
-        }
+    let stream = match socket::connect(peer, config.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => return End::Failed(e.reason, e.text),
     };
     let _ = stream.set_nodelay(true);
     let local = match stream.local_addr() {
         Ok(a) => a.ip(),
-        Err(e) => return End::Failed(format!("local address of the connection: {e}")),
+        Err(e) => {
+            return End::Failed(
+                Reason::ConnectionLost,
+                format!("local address of the connection: {e}"),
+            );
+        }
     };
     let (rd, wr) = stream.into_split();
     // Until the OPENs are exchanged: 2-octet AS numbers (only OPEN and NOTIFICATION pass).
@@ -249,7 +255,7 @@ async fn session(
     let mut writer = Writer {
         half: wr,
         ctx,
-        deadline: write_deadline(config.hold_time_secs),
+        deadline: write_deadline(peer.hold_time_secs(config)),
     };
     // What BFD did between sessions is no news to this one.
     if let Some(rx) = bfd.as_mut() {
@@ -257,11 +263,12 @@ async fn session(
     }
     debug!("BGP peer {}: connected from {local}", peer.addr);
 
-    let my_as = u16::try_from(config.asn).unwrap_or(AS_TRANS);
+    let local_asn = peer.local_asn(config);
+    let my_as = u16::try_from(local_asn).unwrap_or(AS_TRANS);
     let open = Open {
         version: 4,
         my_as,
-        hold_time: config.hold_time_secs,
+        hold_time: peer.hold_time_secs(config),
         router_id: config.router_id,
         capabilities: vec![
             Capability::Multiprotocol {
@@ -273,11 +280,11 @@ async fn session(
                 safi: SAFI_UNICAST,
             },
             Capability::RouteRefresh,
-            Capability::FourOctetAs(config.asn),
+            Capability::FourOctetAs(local_asn),
         ],
     };
     if let Err(e) = writer.send(&Message::Open(open)).await {
-        return End::Failed(e);
+        return End::Failed(Reason::SendFailed, e);
     }
     // OpenSent: the peer's OPEN.
     let theirs = match timeout(OPEN_WAIT, reader.next()).await {
@@ -289,17 +296,20 @@ async fn session(
                     data: Vec::new(),
                 })
                 .await;
-            return End::Failed(format!("no OPEN in {OPEN_WAIT:?}"));
+            return End::Failed(Reason::NoOpen, format!("no OPEN in {OPEN_WAIT:?}"));
         }
         Ok(Err(e)) => {
             if let ReadError::Bad(bad) = &e {
                 writer.notify(bad.notification()).await;
             }
-            return End::Failed(e.describe());
+            return e.failed();
         }
         Ok(Ok(Message::Open(o))) => o,
         Ok(Ok(Message::Notification(n))) => {
-            return End::Failed(format!("the peer refused the session: {n}"));
+            return End::Failed(
+                Reason::PeerRefused,
+                format!("the peer refused the session: {n}"),
+            );
         }
         Ok(Ok(other)) => {
             writer
@@ -309,15 +319,15 @@ async fn session(
                     data: Vec::new(),
                 })
                 .await;
-            return End::Failed(format!("expected OPEN, got {other:?}"));
+            return End::Failed(Reason::Unexpected, format!("expected OPEN, got {other:?}"));
         }
     };
     if let Err(n) = check_open(&theirs, peer, config) {
         let why = format!("refusing the peer's OPEN: {n}");
         writer.notify(n).await;
-        return End::Failed(why);
+        return End::Failed(Reason::OpenRefused, why);
     }
-    let hold = theirs.hold_time.min(config.hold_time_secs);
+    let hold = theirs.hold_time.min(peer.hold_time_secs(config));
     let ctx = Context {
         four_octet_as: theirs.four_octet_as(),
     };
@@ -327,7 +337,7 @@ async fn session(
     let hold_time = (hold > 0).then(|| Duration::from_secs(u64::from(hold)));
     let keepalive_every = hold_time.map(|h| h / 3);
     if let Err(e) = writer.send(&Message::Keepalive).await {
-        return End::Failed(e);
+        return End::Failed(Reason::SendFailed, e);
     }
 
     // OpenConfirm -> Established on the peer's KEEPALIVE; messages are read by one task so that
@@ -357,14 +367,14 @@ async fn session(
         let far = Instant::now() + Duration::from_secs(3600);
         tokio::select! {
             m = msgs.recv() => {
-                let Some(m) = m else { return End::Failed("connection lost".into()) };
+                let Some(m) = m else { return End::Failed(Reason::ConnectionLost, "connection lost".into()) };
                 let m = match m {
                     Ok(m) => m,
                     Err(e) => {
                         if let ReadError::Bad(bad) = &e {
                             writer.notify(bad.notification()).await;
                         }
-                        return End::Failed(e.describe());
+                        return e.failed();
                     }
                 };
                 hold_deadline = hold_time.map(|h| Instant::now() + h);
@@ -381,7 +391,7 @@ async fn session(
                         );
                         let wanted = current(commands).filtered(family_ok);
                         if let Err(e) = sync(&mut writer, config, peer, local, &mut rib_out, &wanted, true).await {
-                            return End::Failed(e);
+                            return End::Failed(Reason::SendFailed, e);
                         }
                         status.send_modify(|s| s.sent = Some(wanted));
                     }
@@ -391,29 +401,29 @@ async fn session(
                         let all = rib_out.clone();
                         rib_out.clear();
                         if let Err(e) = sync(&mut writer, config, peer, local, &mut rib_out, &all, false).await {
-                            return End::Failed(e);
+                            return End::Failed(Reason::SendFailed, e);
                         }
                     }
                     Message::Notification(n) => {
-                        return End::Failed(format!("the peer closed the session: {n}"));
+                        return End::Failed(Reason::PeerClosed, format!("the peer closed the session: {n}"));
                     }
                     other => {
                         writer.notify(Notification { code: code::FSM, subcode: if established { 3 } else { 2 }, data: Vec::new() }).await;
-                        return End::Failed(format!("unexpected {other:?}"));
+                        return End::Failed(Reason::Unexpected, format!("unexpected {other:?}"));
                     }
                 }
             }
             _ = bfd_down(bfd) => {
                 let _ = writer.half.shutdown().await;
-                return End::Failed("BFD: the peer stopped answering".into());
+                return End::Failed(Reason::Bfd, "BFD: the peer stopped answering".into());
             }
             _ = sleep_until(hold_deadline.unwrap_or(far)), if hold_deadline.is_some() => {
                 writer.notify(Notification { code: code::HOLD_TIMER, subcode: 0, data: Vec::new() }).await;
-                return End::Failed(format!("hold timer expired ({hold}s without a message)"));
+                return End::Failed(Reason::HoldTimer, format!("hold timer expired ({hold}s without a message)"));
             }
             _ = sleep_until(keepalive_at.unwrap_or(far)), if keepalive_at.is_some() => {
                 if let Err(e) = writer.send(&Message::Keepalive).await {
-                    return End::Failed(e);
+                    return End::Failed(Reason::SendFailed, e);
                 }
                 keepalive_at = keepalive_every.map(|k| Instant::now() + k);
             }
@@ -426,7 +436,7 @@ async fn session(
                     Command::Run(routes) if established => {
                         let wanted = routes.filtered(family_ok);
                         if let Err(e) = sync(&mut writer, config, peer, local, &mut rib_out, &wanted, false).await {
-                            return End::Failed(e);
+                            return End::Failed(Reason::SendFailed, e);
                         }
                         status.send_modify(|s| s.sent = Some(wanted));
                     }
@@ -498,7 +508,7 @@ fn check_open(o: &Open, peer: &Peer, config: &SpeakerConfig) -> Result<(), Notif
     if o.hold_time == 1 || o.hold_time == 2 {
         return Err(n(6, Vec::new()));
     }
-    if o.router_id == config.router_id && peer.asn == config.asn {
+    if o.router_id == config.router_id && peer.asn == peer.local_asn(config) {
         return Err(n(3, Vec::new()));
     }
     Ok(())
@@ -513,25 +523,31 @@ fn attributes(
     attrs: &RouteAttrs,
     ctx: Context,
 ) -> Vec<Attribute> {
-    let ibgp = peer.asn == config.asn;
+    let local_asn = peer.local_asn(config);
+    let ibgp = peer.asn == local_asn;
     let mut out = vec![Attribute::Origin(0)];
     let path = if ibgp {
         Vec::new()
     } else {
         vec![Segment {
             kind: AS_SEQUENCE,
-            asns: vec![config.asn],
+            asns: vec![local_asn],
         }]
     };
-    let two_octet_overflow = !ctx.four_octet_as && config.asn > u32::from(u16::MAX);
+    let two_octet_overflow = !ctx.four_octet_as && local_asn > u32::from(u16::MAX);
     out.push(Attribute::AsPath(path.clone()));
     if let IpAddr::V4(v4) = local {
         out.push(Attribute::NextHop(v4));
     }
     if ibgp {
-        out.push(Attribute::LocalPref(100));
+        out.push(Attribute::LocalPref(attrs.pool.local_pref.unwrap_or(100)));
     }
     let mut communities = config.communities.clone();
+    for c in &attrs.pool.communities {
+        if !communities.contains(c) {
+            communities.push(*c);
+        }
+    }
     if attrs.graceful_shutdown {
         communities.push(wire::GRACEFUL_SHUTDOWN);
     }
@@ -565,7 +581,7 @@ async fn sync(
     let mut groups: BTreeMap<RouteAttrs, Vec<IpNet>> = BTreeMap::new();
     for (p, a) in &wanted.0 {
         if rib_out.0.get(p) != Some(a) {
-            groups.entry(*a).or_default().push(*p);
+            groups.entry(a.clone()).or_default().push(*p);
         }
     }
     let budget = |overhead: usize| wire::MAX_MESSAGE_LEN - overhead;
@@ -638,7 +654,7 @@ async fn sync(
             }
         }
         for p in prefixes {
-            rib_out.0.insert(*p, *a);
+            rib_out.0.insert(*p, a.clone());
         }
     }
     if eor {
@@ -727,14 +743,52 @@ mod tests {
         assert!(chunks(&[], 100).is_empty());
     }
 
+    /// A pool's communities follow the flag's (no duplicate), graceful shutdown last; its
+    /// LOCAL_PREF goes to iBGP peers only, 100 without one.
+    #[test]
+    fn pool_communities_and_local_pref_are_carried() {
+        let mut config = SpeakerConfig::for_tests(64512);
+        config.communities = vec![(64512 << 16) | 1];
+        let ctx = Context {
+            four_octet_as: true,
+        };
+        let local = "192.0.2.10".parse().unwrap();
+        let gold = RouteAttrs {
+            graceful_shutdown: true,
+            pool: super::super::PoolAdvert {
+                communities: vec![(64512 << 16) | 100, (64512 << 16) | 1],
+                local_pref: Some(200),
+            },
+        };
+        let ebgp = Peer::new("192.0.2.1".parse().unwrap(), 179, 65000);
+        let a = attributes(&config, &ebgp, local, &gold, ctx);
+        assert!(
+            a.contains(&Attribute::Communities(vec![
+                (64512 << 16) | 1,
+                (64512 << 16) | 100,
+                wire::GRACEFUL_SHUTDOWN
+            ])),
+            "{a:?}"
+        );
+        assert!(
+            !a.iter().any(|x| matches!(x, Attribute::LocalPref(_))),
+            "{a:?}"
+        );
+        let ibgp = Peer::new("192.0.2.1".parse().unwrap(), 179, 64512);
+        let a = attributes(&config, &ibgp, local, &gold, ctx);
+        assert!(a.contains(&Attribute::LocalPref(200)), "{a:?}");
+        let a = attributes(&config, &ibgp, local, &RouteAttrs::default(), ctx);
+        assert!(a.contains(&Attribute::LocalPref(100)), "{a:?}");
+        assert!(
+            a.contains(&Attribute::Communities(vec![(64512 << 16) | 1])),
+            "{a:?}"
+        );
+    }
+
     #[test]
     fn every_node_sends_identical_attributes() {
         let config = SpeakerConfig::for_tests(64512);
-        let peer = Peer {
-            addr: "192.0.2.1".parse().unwrap(),
-            port: 179,
-            asn: 65000,
-        };
+        let peer = Peer::new("192.0.2.1".parse().unwrap(), 179, 65000);
         let ctx = Context {
             four_octet_as: true,
         };
@@ -766,6 +820,7 @@ mod tests {
             "192.0.2.10".parse().unwrap(),
             &RouteAttrs {
                 graceful_shutdown: true,
+                ..RouteAttrs::default()
             },
             ctx,
         );
@@ -827,11 +882,11 @@ mod tests {
         assert_eq!(rc, 0);
         listener.set_nonblocking(true).unwrap();
         let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-        let peer = Peer {
-            addr: Ipv4Addr::LOCALHOST.into(),
-            port: listener.local_addr().unwrap().port(),
-            asn: 65000,
-        };
+        let peer = Peer::new(
+            Ipv4Addr::LOCALHOST.into(),
+            listener.local_addr().unwrap().port(),
+            65000,
+        );
         let config = SpeakerConfig::for_tests(64512);
         let hold = Duration::from_secs(u64::from(config.hold_time_secs));
         // More UPDATEs (about 5 MB) than loopback's socket buffers take (about 3 MB here).
@@ -898,12 +953,8 @@ mod tests {
     /// The configured peer behind a fresh loopback listener.
     async fn fake_router(asn: u32) -> (tokio::net::TcpListener, Peer) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let peer = Peer {
-            addr: Ipv4Addr::LOCALHOST.into(),
-            port: listener.local_addr().unwrap().port(),
-            asn,
-        };
-        (listener, peer)
+        let port = listener.local_addr().unwrap().port();
+        (listener, Peer::new(Ipv4Addr::LOCALHOST.into(), port, asn))
     }
 
     /// The context of messages after OPENs with the 4-octet capability on both sides.

@@ -1027,6 +1027,38 @@ mod tests {
         assert!(accepted_mutants > 1_000, "{accepted_mutants}");
     }
 
+    /// LOCAL_PREF (type 5, well-known: flags 0x40) and COMMUNITIES (type 8, optional
+    /// transitive: flags 0xc0) as RFC 4271 and RFC 1997 lay them out.
+    #[test]
+    fn known_bytes_of_local_pref_and_communities() {
+        let ctx = Context {
+            four_octet_as: true,
+        };
+        let update = Message::Update(Update {
+            withdrawn: Vec::new(),
+            attributes: vec![
+                Attribute::LocalPref(200),
+                Attribute::Communities(vec![(64512 << 16) | 100, GRACEFUL_SHUTDOWN]),
+            ],
+            nlri: vec!["203.0.113.7/32".parse().unwrap()],
+        });
+        let bytes = encode(&update, ctx);
+        assert_eq!(
+            &bytes[19..],
+            &[
+                0, 0, // no withdrawn routes
+                0, 18, // path attributes: 7 + 11 bytes
+                0x40, 5, 4, 0, 0, 0, 200, // LOCAL_PREF 200
+                0xc0, 8, 8, 0xfc, 0x00, 0, 100, 0xff, 0xff, 0, 0, // 64512:100, 65535:0
+                32, 203, 0, 113, 7, // NLRI
+            ]
+        );
+        let Ok(decoded) = decode(&bytes, ctx) else {
+            panic!("update")
+        };
+        assert_eq!(decoded, update);
+    }
+
     #[test]
     fn known_bytes_of_a_keepalive_and_an_open() {
         let ctx = Context {

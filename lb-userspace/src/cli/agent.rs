@@ -131,6 +131,10 @@ struct BgpArgs {
     /// BFD detection multiplier: missed packets before the peer counts as down.
     #[arg(long, default_value_t = 3)]
     bgp_bfd_multiplier: u8,
+    /// A file holding the TCP-MD5 password (RFC 2385, 1 to 80 bytes; a final newline is not
+    /// part of it) of every --bgp-peers peer. BGPPeer resources name a Secret instead.
+    #[arg(long)]
+    bgp_password_file: Option<PathBuf>,
 }
 
 impl BgpArgs {
@@ -141,7 +145,17 @@ impl BgpArgs {
         let asn = self
             .bgp_asn
             .ok_or_else(|| anyhow!("--bgp needs --bgp-asn NUMBER (this cluster's AS)"))?;
-        let peers = bgp::parse_peers(&self.bgp_peers).map_err(|e| anyhow!("--bgp-peers: {e}"))?;
+        let mut peers =
+            bgp::parse_peers(&self.bgp_peers).map_err(|e| anyhow!("--bgp-peers: {e}"))?;
+        if let Some(file) = &self.bgp_password_file {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| anyhow!("--bgp-password-file {}: {e}", file.display()))?;
+            let password = bgp::Password::new(&text)
+                .map_err(|e| anyhow!("--bgp-password-file {}: {e}", file.display()))?;
+            for p in &mut peers {
+                p.options.password = Some(password.clone());
+            }
+        }
         let communities = bgp::parse_communities(&self.bgp_communities)
             .map_err(|e| anyhow!("--bgp-communities: {e}"))?;
         let router_id = match self.bgp_router_id {
@@ -175,18 +189,20 @@ impl BgpArgs {
             Duration::from_secs_f64(self.bgp_drain_wait),
         )
         .map_err(|e| anyhow!("{e}"))?;
-        if self.bgp_bfd {
-            if !(10..=10_000).contains(&self.bgp_bfd_interval) || self.bgp_bfd_multiplier == 0 {
-                bail!(
-                    "--bgp-bfd-interval {} / --bgp-bfd-multiplier {}: expected 10 to 10000 ms and 1 to 255",
-                    self.bgp_bfd_interval,
-                    self.bgp_bfd_multiplier
-                );
-            }
-            config.bfd = Some(bgp::bfd::BfdConfig {
-                interval: Duration::from_millis(u64::from(self.bgp_bfd_interval)),
-                multiplier: self.bgp_bfd_multiplier,
-            });
+        // The timing holds for BGPPeers with BFD on too; --bgp-bfd turns it on for --bgp-peers.
+        if !(10..=10_000).contains(&self.bgp_bfd_interval) || self.bgp_bfd_multiplier == 0 {
+            bail!(
+                "--bgp-bfd-interval {} / --bgp-bfd-multiplier {}: expected 10 to 10000 ms and 1 to 255",
+                self.bgp_bfd_interval,
+                self.bgp_bfd_multiplier
+            );
+        }
+        config.bfd = bgp::bfd::BfdConfig {
+            interval: Duration::from_millis(u64::from(self.bgp_bfd_interval)),
+            multiplier: self.bgp_bfd_multiplier,
+        };
+        for p in &mut config.peers {
+            p.options.bfd = self.bgp_bfd;
         }
         Ok(Some(config))
     }

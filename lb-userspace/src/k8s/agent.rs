@@ -251,7 +251,7 @@ pub fn own_node_addressing(
 
 /// Starts a list+watch of `api` into a store; every change wakes `changed`. Plain list+watch:
 /// streaming lists need Kubernetes >= 1.27 and gain little for an agent's few object kinds.
-fn watch<K>(
+pub(super) fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
     changed: Arc<Notify>,
@@ -396,6 +396,21 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
         config.node_name.as_deref().unwrap_or("(unnamed)")
     );
     let pools = watch_pools(&client, changed.clone(), config.watches.clone()).await;
+    // BGP: the BGPPeers (and the Secrets with their passwords) pick this node's routers.
+    let bgp_peers = match &config.bgp {
+        Some(_) => {
+            super::bgp_peers::watch_resources(
+                &client,
+                &config.health.namespace,
+                changed.clone(),
+                config.watches.clone(),
+            )
+            .await
+        }
+        None => None,
+    };
+    let mut peer_selection = super::bgp_peers::PeerSelection::default();
+    let mut pool_adverts = super::bgp_select::PoolAdverts::default();
     let ready = async {
         services.wait_until_ready().await?;
         slices.wait_until_ready().await?;
@@ -648,7 +663,21 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
             // Only pool addresses are ever announced.
             let announceable = built.announceable();
             intent.addrs.retain(|a| announceable.contains(a));
+            if let Some(p) = &pools {
+                intent.adverts = pool_adverts.of(&p.state(), &built, &intent.addrs);
+            }
             speaker.set(intent);
+            if let Some(resources) = &bgp_peers {
+                let nodes = nodes.state();
+                let me = nodes
+                    .iter()
+                    .find(|n| n.metadata.name.as_deref() == Some(node.as_str()));
+                speaker.set_extra_peers(peer_selection.peers(
+                    &resources.peers.state(),
+                    me.map(|n| &**n),
+                    &resources.secrets.state(),
+                ));
+            }
         }
         last = built;
 

@@ -9,14 +9,16 @@
 //!   `node.kubernetes.io/exclude-from-external-load-balancers` (as MetalLB and cloud load
 //!   balancers honour it), or is missing from the API.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
+use log::warn;
 
 use super::desired::Built;
-use crate::bgp::Intent;
+use super::pools::IPAddressPool;
+use crate::bgp::{Intent, PoolAdvert};
 
 pub use crate::node_state::EXCLUDE_LABEL;
 use crate::node_state::operator_block;
@@ -75,7 +77,63 @@ pub fn intent(
             addrs.insert(vip.key.addr);
         }
     }
-    Intent { addrs, drain }
+    Intent {
+        addrs,
+        drain,
+        adverts: BTreeMap::new(),
+    }
+}
+
+/// The pools' BGP attributes (`IPAddressPool.spec.bgp`) of the addresses announced, followed
+/// across rebuilds: a pool with unusable attributes is logged when that changes, and its
+/// routes go out without them.
+#[derive(Default)]
+pub struct PoolAdverts {
+    problems: BTreeSet<String>,
+}
+
+impl PoolAdverts {
+    /// Each of `addrs` whose (valid) pool sets BGP attributes, with them.
+    pub fn of(
+        &mut self,
+        pools: &[Arc<IPAddressPool>],
+        built: &Built,
+        addrs: &BTreeSet<IpAddr>,
+    ) -> BTreeMap<IpAddr, PoolAdvert> {
+        let mut problems = BTreeSet::new();
+        let mut by_name = BTreeMap::new();
+        for p in pools {
+            let (Some(name), Some(bgp)) = (p.metadata.name.as_deref(), &p.spec.bgp) else {
+                continue;
+            };
+            match bgp.advert() {
+                Ok(a) => {
+                    by_name.insert(name, a);
+                }
+                Err(e) => {
+                    problems.insert(format!(
+                        "IPAddressPool {name}: spec.bgp: {e}: its routes go out without them"
+                    ));
+                }
+            }
+        }
+        if problems != self.problems {
+            for line in problems.difference(&self.problems) {
+                warn!("{line}");
+            }
+            self.problems = problems;
+        }
+        let Some(addressing) = &built.addressing else {
+            return BTreeMap::new();
+        };
+        addrs
+            .iter()
+            .filter_map(|a| {
+                let pool = addressing.pools.pool_of(*a)?;
+                Some((*a, by_name.get(pool.spec.name.as_str())?.clone()))
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -122,6 +180,67 @@ mod tests {
             }))
             .unwrap(),
         )
+    }
+
+    fn pool(name: &str, cidr: &str, bgp: serde_json::Value) -> Arc<IPAddressPool> {
+        let mut spec = json!({"addresses": [cidr]});
+        if !bgp.is_null() {
+            spec["bgp"] = bgp;
+        }
+        Arc::new(IPAddressPool::new(
+            name,
+            serde_json::from_value(spec).unwrap(),
+        ))
+    }
+
+    /// An address carries its own pool's communities and LOCAL_PREF; a pool without them, or
+    /// with unusable ones (logged), adds nothing.
+    #[test]
+    fn each_address_gets_its_pools_communities() {
+        let pools = vec![
+            pool(
+                "gold",
+                "203.0.113.0/28",
+                json!({"communities": ["64512:100", "64512:200"], "localPref": 300}),
+            ),
+            pool("plain", "203.0.113.16/28", serde_json::Value::Null),
+            pool(
+                "typo",
+                "203.0.113.32/28",
+                json!({"communities": ["64512-1"]}),
+            ),
+        ];
+        let policy = crate::k8s::desired::AddressPolicy {
+            pools: pools
+                .iter()
+                .map(|p| crate::k8s::pools::pool_spec(p))
+                .collect(),
+            class: Default::default(),
+        };
+        let built = crate::k8s::build(&[], &[], &[], Settings::default(), &policy);
+        let addr = |s: &str| s.parse::<IpAddr>().unwrap();
+        let addrs = BTreeSet::from([
+            addr("203.0.113.1"),
+            addr("203.0.113.17"),
+            addr("203.0.113.33"),
+        ]);
+        let mut adverts = PoolAdverts::default();
+        let got = adverts.of(&pools, &built, &addrs);
+        assert_eq!(
+            got,
+            BTreeMap::from([(
+                addr("203.0.113.1"),
+                PoolAdvert {
+                    communities: vec![(64512 << 16) | 100, (64512 << 16) | 200],
+                    local_pref: Some(300),
+                }
+            )])
+        );
+        assert!(
+            adverts.problems.iter().any(|p| p.contains("typo")),
+            "{:?}",
+            adverts.problems
+        );
     }
 
     #[test]

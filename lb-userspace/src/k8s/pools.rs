@@ -50,6 +50,40 @@ pub struct IPAddressPoolSpec {
     /// Which Services may use the pool (all when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_allocation: Option<ServiceAllocation>,
+    /// What BGP announces with this pool's addresses (with `--bgp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<PoolBgp>,
+}
+
+/// The BGP attributes of a pool's routes: steer traffic per class of Service.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolBgp {
+    /// Standard communities `HIGH:LOW` (each 0 to 65535, at most 32), after the agent's
+    /// `--bgp-communities`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub communities: Vec<String>,
+    /// LOCAL_PREF sent to iBGP peers (the same AS) [default: 100]; eBGP peers get none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_pref: Option<u32>,
+}
+
+impl PoolBgp {
+    /// The pool's attributes as the speaker takes them, or why they are unusable.
+    pub fn advert(&self) -> Result<crate::bgp::PoolAdvert, String> {
+        let communities = crate::bgp::parse_communities(&self.communities.join(","))?;
+        if communities.len() > crate::bgp::MAX_POOL_COMMUNITIES {
+            return Err(format!(
+                "{} communities, at most {}",
+                communities.len(),
+                crate::bgp::MAX_POOL_COMMUNITIES
+            ));
+        }
+        Ok(crate::bgp::PoolAdvert {
+            communities,
+            local_pref: self.local_pref,
+        })
+    }
 }
 
 fn default_true() -> bool {
