@@ -651,6 +651,13 @@ impl BgpLab {
         nodes
             .kube
             .pool("lab", &[format!("{}-{last}", lab.vip())], false, false)?;
+        if setup.peers_from_resources {
+            // Reading the passwords' Secrets is the bgp overlay's grant, not the base's.
+            let grant = crate::kube::repo_root().join("deploy/overlays/bgp/secrets-rbac.yaml");
+            nodes
+                .kube
+                .kubectl_ok(&["apply", "-f", &grant.to_string_lossy()])?;
+        }
         let router = Router::start_with(
             kind,
             lab.lb_ns(),

@@ -675,7 +675,7 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
                 speaker.set_extra_peers(peer_selection.peers(
                     &resources.peers.state(),
                     me.map(|n| &**n),
-                    &resources.secrets.state(),
+                    resources.secrets.as_ref().map(|s| s.state()).as_deref(),
                 ));
             }
         }

@@ -133,7 +133,8 @@ impl NodeSelector {
 /// The watched BGPPeers and the Secrets of the agent's namespace.
 pub struct PeerResources {
     pub peers: Store<BGPPeer>,
-    pub secrets: Store<Secret>,
+    /// `None` when this agent may not read them (only the bgp overlay grants it).
+    pub secrets: Option<Store<Secret>>,
 }
 
 /// Watches the BGPPeers and the Secrets of `namespace` when the resource is installed;
@@ -167,12 +168,21 @@ pub async fn watch_resources(
         changed.clone(),
         metrics.clone(),
     );
-    let secrets = watch(
-        Api::<Secret>::namespaced(client.clone(), namespace),
-        watcher::Config::default(),
-        changed,
-        metrics,
-    );
+    let secrets_api = Api::<Secret>::namespaced(client.clone(), namespace);
+    let secrets = match secrets_api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Some(watch(
+            secrets_api,
+            watcher::Config::default(),
+            changed,
+            metrics,
+        )),
+        Err(e) => {
+            info!(
+                "cannot read the Secrets of {namespace} ({e}): BGPPeers with a passwordSecretRef stay down (deploy/overlays/bgp grants reading them)"
+            );
+            None
+        }
+    };
     Some(PeerResources { peers, secrets })
 }
 
@@ -180,7 +190,7 @@ pub async fn watch_resources(
 fn peer_of(
     p: &BGPPeer,
     node_labels: &BTreeMap<String, String>,
-    secrets: &[Arc<Secret>],
+    secrets: Option<&[Arc<Secret>]>,
 ) -> Result<Peer, String> {
     let spec = &p.spec;
     let addr: IpAddr = spec
@@ -219,7 +229,13 @@ fn peer_of(
     Ok(peer)
 }
 
-fn secret_password(secrets: &[Arc<Secret>], r: &SecretKeyRef) -> Result<Password, String> {
+fn secret_password(secrets: Option<&[Arc<Secret>]>, r: &SecretKeyRef) -> Result<Password, String> {
+    let secrets = secrets.ok_or_else(|| {
+        format!(
+            "passwordSecretRef {:?}: this agent may not read the Secrets of its namespace (deploy/overlays/bgp grants it)",
+            r.name
+        )
+    })?;
     let secret = secrets
         .iter()
         .find(|s| s.metadata.name.as_deref() == Some(r.name.as_str()))
@@ -270,7 +286,7 @@ impl PeerSelection {
         &mut self,
         bgp_peers: &[Arc<BGPPeer>],
         node: Option<&Node>,
-        secrets: &[Arc<Secret>],
+        secrets: Option<&[Arc<Secret>]>,
     ) -> Vec<Peer> {
         let empty = BTreeMap::new();
         let Some(labels) = node.map(|n| n.metadata.labels.as_ref().unwrap_or(&empty)) else {
@@ -427,7 +443,7 @@ mod tests {
         let secrets = vec![secret("bgp-auth", "password", "s3cret")];
         let mut selection = PeerSelection::default();
         let a = node(json!({"rack": "a", NODE_ASN_LABEL: "64601"}));
-        let got = selection.peers(&peers, Some(&a), &secrets);
+        let got = selection.peers(&peers, Some(&a), Some(&secrets));
         let addrs: Vec<String> = got.iter().map(|p| p.addr.to_string()).collect();
         assert_eq!(addrs, ["2001:db8::1", "192.0.2.1"]);
         let rack_a = &got[1];
@@ -444,17 +460,26 @@ mod tests {
         assert_eq!(selection.problems.len(), 1, "{:?}", selection.problems);
 
         let b = node(json!({"rack": "b", NODE_ASN_LABEL: "64602"}));
-        let got = selection.peers(&peers, Some(&b), &secrets);
+        let got = selection.peers(&peers, Some(&b), Some(&secrets));
         let rack_b = got.iter().find(|p| p.asn == 65002).unwrap();
         // myASN wins over the node's label.
         assert_eq!(rack_b.options.local_asn, Some(64999));
         assert!(!got.iter().any(|p| p.asn == 65001));
         // No Node: no labels known, no peers.
-        assert!(selection.peers(&peers, None, &secrets).is_empty());
+        assert!(selection.peers(&peers, None, Some(&secrets)).is_empty());
         // Without its Secret the rack's peer is skipped (a session without the password
         // would only fail at the router).
-        let got = selection.peers(&peers, Some(&a), &[]);
+        let got = selection.peers(&peers, Some(&a), Some(&[]));
         assert!(!got.iter().any(|p| p.asn == 65001));
         assert!(selection.problems.iter().any(|p| p.contains("bgp-auth")));
+        // Without the right to read Secrets (no bgp overlay): skipped too, and it says why.
+        let got = selection.peers(&peers, Some(&a), None);
+        assert!(!got.iter().any(|p| p.asn == 65001));
+        assert!(
+            selection
+                .problems
+                .iter()
+                .any(|p| p.contains("may not read the Secrets"))
+        );
     }
 }
