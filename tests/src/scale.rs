@@ -98,6 +98,8 @@ pub struct Figures {
     /// EndpointSlice change -> maps, from the PATCH sent and from its answer.
     pub slice_from_sent: Vec<Duration>,
     pub slice_from_answer: Vec<Duration>,
+    /// The agent's own model -> maps step of those changes (its log's "maps updated in").
+    pub slice_applies: Vec<Duration>,
     /// `node_burst` nodes NotReady -> no VIP takes new flows to them; and Ready again -> all
     /// back.
     pub burst_down: Duration,
@@ -142,6 +144,10 @@ impl Figures {
         out.push(format!(
             "  EndpointSlice change -> maps, from the PATCH answered: {}",
             percentiles(&self.slice_from_answer)
+        ));
+        out.push(format!(
+            "    of which the agent's model -> maps step (its log): {}",
+            percentiles(&self.slice_applies)
         ));
         out.push(format!(
             "  {} nodes NotReady at once -> out of every VIP's table: {:.2} s; Ready again -> back: {:.2} s",
@@ -210,6 +216,28 @@ pub fn wait_ready(agent: &mut SluiceProcess, health: SocketAddr, timeout: Durati
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// The agent's own "maps updated in X" times (model -> maps) from its log, after `skip` lines.
+pub fn apply_times(log: &str, skip: usize) -> Vec<Duration> {
+    log.lines()
+        .filter_map(|l| l.split_once("maps updated in ").map(|(_, rest)| rest))
+        .skip(skip)
+        .filter_map(|rest| {
+            let d = rest.split(':').next()?;
+            let unit_at = d.find(|c: char| c.is_ascii_alphabetic() || c == 'µ')?;
+            let (value, unit) = d.split_at(unit_at);
+            let value: f64 = value.parse().ok()?;
+            let scale = match unit {
+                "ns" => 1e-9,
+                "µs" => 1e-6,
+                "ms" => 1e-3,
+                "s" => 1.0,
+                _ => return None,
+            };
+            Some(Duration::from_secs_f64(value * scale))
+        })
+        .collect()
 }
 
 /// The last lines of an agent's log, each cut short: at scale a line lists thousands of nodes.
@@ -588,8 +616,10 @@ async fn measure(
     let (rss, peak_rss) = rss(agent.pid())?;
     let (map_bytes, map_count) = map_memory(pins)?;
 
+    let applies_before = apply_times(&agent.log_text(), 0).len();
     let (slice_from_sent, slice_from_answer) =
         slice_changes(&slices, &maps, size.slice_changes).await?;
+    let slice_applies = apply_times(&agent.log_text(), applies_before);
 
     // Nodes 2.. (not the probe's): NotReady all at once, then Ready again.
     let burst = 2..2 + size.node_burst;
@@ -615,6 +645,7 @@ async fn measure(
         maps: map_count,
         slice_from_sent,
         slice_from_answer,
+        slice_applies,
         burst_down,
         burst_up,
     })
