@@ -1,9 +1,9 @@
 //! Issue 27's scale run (`sluice_tests::scale`) at a size that keeps `./x test` short: Node
 //! objects, Services of two ports under `externalTrafficPolicy: Cluster` and their slices on
-//! the real API server, one agent. It fails when the agent leaves anything out of the maps
-//! (a VIP without all its nodes, or `sluice_reconcile_left_out` above 0), or when a slice change
-//! or a burst of NotReady nodes does not reach the maps within 30 s; it prints the figures and
-//! asserts no timing (`cargo xtask bench --scale-only` gives the full size's figures).
+//! the real API server, one agent. It fails when the agent leaves anything out of the maps (a
+//! VIP without all its nodes, or an item `/readyz` lists as left out for lack of room), or when
+//! a slice change or a burst of NotReady nodes does not reach the maps within 30 s; it prints
+//! the figures and asserts no timing (`cargo xtask bench --scale-only` gives the full size's figures).
 //!
 //! `SLUICE_SCALE=NODESxSERVICES` (e.g. `1000x5000`) runs another size. Needs root; run it
 //! under the lab lock: `flock /tmp/sluice-lab.lock cargo test -p sluice-tests --test scale`.
