@@ -115,6 +115,8 @@ pub struct Kube {
     cluster: bool,
     /// Dual-stack Services allowed: see [`Kube::start_dual_stack`].
     dual_stack: bool,
+    /// `--service-node-port-range`, when not the default 30000-32767: see [`Kube::start_many_ports`].
+    node_port_range: Option<&'static str>,
     dir: PathBuf,
     bin: PathBuf,
     etcd_port: u16,
@@ -162,6 +164,16 @@ impl Kube {
         Ok(kube)
     }
 
+    /// As [`Kube::start`], with room for tens of thousands of LoadBalancer Service ports: each
+    /// takes a NodePort, and the default range holds 2,768 of them (nothing in the lab listens
+    /// on NodePorts: no kube-proxy runs there).
+    pub fn start_many_ports(netns: Option<&str>) -> Result<Kube> {
+        let mut kube = Self::new(netns, None)?;
+        kube.node_port_range = Some("20000-65000");
+        kube.setup().context("starting etcd and kube-apiserver")?;
+        Ok(kube)
+    }
+
     fn start_with(netns: Option<&str>, listen: Option<Ipv4Addr>) -> Result<Kube> {
         let mut kube = Self::new(netns, listen)?;
         kube.setup().context("starting etcd and kube-apiserver")?;
@@ -182,6 +194,7 @@ impl Kube {
             listen,
             cluster: false,
             dual_stack: false,
+            node_port_range: None,
             dir,
             bin,
             etcd_port: ports[0],
@@ -400,6 +413,10 @@ impl Kube {
             .args(
                 self.dual_stack
                     .then_some("--feature-gates=IPv6DualStack=true"),
+            )
+            .args(
+                self.node_port_range
+                    .map(|r| format!("--service-node-port-range={r}")),
             )
             .arg("--runtime-config=discovery.k8s.io/v1beta1=false")
             .arg("--logtostderr=true")
@@ -777,6 +794,17 @@ fn cleanup_stale() {
         }
         let _ = fs::remove_dir_all(e.path());
     }
+}
+
+/// A kube-rs client from `kubeconfig` (e.g. [`Kube::admin_kubeconfig`]), for the many requests
+/// of a benchmark or a scale run that kubectl would send one process at a time. Call it on a
+/// thread inside the API server's namespace.
+pub async fn client(kubeconfig: &Path) -> Result<::kube::Client> {
+    let kc = ::kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let config =
+        ::kube::Config::from_custom_kubeconfig(kc, &::kube::config::KubeConfigOptions::default())
+            .await?;
+    Ok(::kube::Client::try_from(config)?)
 }
 
 fn kubeconfig_yaml(host: Ipv4Addr, port: u16, ca: &Path, token: &str) -> String {

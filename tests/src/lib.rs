@@ -17,6 +17,7 @@ pub mod nft;
 pub mod pktgen;
 pub mod routed_lab;
 pub mod runs;
+pub mod scale;
 pub mod servers;
 
 pub use conn::{LongConn, LongConnReport};

@@ -6,8 +6,7 @@
 //!   VIP of N Services x 10 endpoints in the maps;
 //! - the agent's RSS (and peak) after that sync.
 
-use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -20,7 +19,8 @@ use lb_common::backend_state;
 use lb_userspace::dataplane::{Maps, PinLayout};
 use lb_userspace::reconcile::raw_addr;
 use serde_json::json;
-use sluice_tests::kube::Kube;
+use sluice_tests::kube::{Kube, client as kube_client};
+use sluice_tests::scale::{apply_times, block_on, percentiles, rss, wait_ready};
 use sluice_tests::{Lab, LabConfig, SluiceProcess, netns, require_root};
 
 const HEALTH: &str = "127.0.0.1:9941";
@@ -29,19 +29,7 @@ const ENDPOINTS_PER_SERVICE: usize = 10;
 
 pub fn run(changes: usize, services: usize) -> Result<()> {
     require_root();
-    // Figures of the optimised agent, as deployed: the lab runs $SLUICE_BIN.
-    crate::cargo(&[
-        "build",
-        "--release",
-        "--package",
-        "lb-userspace",
-        "--bin",
-        "sluice",
-    ])?;
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/sluice");
-    // SAFETY: no other thread runs yet (the lab and the API server start below), so nothing
-    // reads the environment concurrently.
-    unsafe { std::env::set_var("SLUICE_BIN", &bin) };
+    use_release_sluice()?;
     println!(
         "\nagent: real kube-apiserver 1.20 + etcd in the lab's lb namespace, {NODES} nodes, agent with its ServiceAccount"
     );
@@ -74,9 +62,9 @@ pub fn run(changes: usize, services: usize) -> Result<()> {
     let small = std::thread::scope(|s| {
         s.spawn(|| -> Result<Latencies> {
             netns::enter(&ns)?;
-            wait_ready(&mut agent, Duration::from_secs(60))?;
+            wait_ready(&mut agent, HEALTH.parse()?, Duration::from_secs(60))?;
             block_on(async {
-                let client = client(&admin).await?;
+                let client = kube_client(&admin).await?;
                 create_service(&client, 0).await?;
                 latencies(&client, &pins, &lab, changes).await
             })
@@ -92,7 +80,7 @@ pub fn run(changes: usize, services: usize) -> Result<()> {
         s.spawn(|| -> Result<()> {
             netns::enter(&ns)?;
             block_on(async {
-                let client = client(&admin).await?;
+                let client = kube_client(&admin).await?;
                 create_many(&client, 1..services).await
             })
         })
@@ -109,7 +97,7 @@ pub fn run(changes: usize, services: usize) -> Result<()> {
     let (sync, big) = std::thread::scope(|s| {
         s.spawn(|| -> Result<(Duration, Latencies)> {
             netns::enter(&ns)?;
-            wait_ready(&mut agent, Duration::from_secs(300))?;
+            wait_ready(&mut agent, HEALTH.parse()?, Duration::from_secs(300))?;
             let sync = started.elapsed();
             let maps = Maps::from_pins(&pins)?;
             let vips = maps.read_vips()?.len();
@@ -118,7 +106,7 @@ pub fn run(changes: usize, services: usize) -> Result<()> {
                 "after the sync the maps hold {vips} VIPs, expected {services}"
             );
             let big = block_on(async {
-                let client = client(&admin).await?;
+                let client = kube_client(&admin).await?;
                 latencies(&client, &pins, &lab, changes).await
             })?;
             Ok((sync, big))
@@ -149,20 +137,22 @@ pub fn run(changes: usize, services: usize) -> Result<()> {
     Ok(())
 }
 
-fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting a tokio runtime")?
-        .block_on(f)
-}
-
-async fn client(kubeconfig: &Path) -> Result<Client> {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
-    let config =
-        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-            .await?;
-    Ok(Client::try_from(config)?)
+/// Figures of the optimised agent, as deployed: builds the release `sluice` and makes the lab
+/// run it ($SLUICE_BIN). Call it before any thread starts.
+pub fn use_release_sluice() -> Result<()> {
+    crate::cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "lb-userspace",
+        "--bin",
+        "sluice",
+    ])?;
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/sluice");
+    // SAFETY: no other thread runs yet (the lab and the API server start after), so nothing
+    // reads the environment concurrently.
+    unsafe { std::env::set_var("SLUICE_BIN", &bin) };
+    Ok(())
 }
 
 /// Service `bench-i`: externalTrafficPolicy Local, one address of its own, port 80.
@@ -231,28 +221,6 @@ async fn create_many(client: &Client, range: std::ops::Range<usize>) -> Result<(
 struct Latencies {
     from_sent: Vec<Duration>,
     from_answer: Vec<Duration>,
-}
-
-/// The agent's own "maps updated in X" times (model -> maps) from its log, after `skip` lines.
-fn apply_times(log: &str, skip: usize) -> Vec<Duration> {
-    log.lines()
-        .filter_map(|l| l.split_once("maps updated in ").map(|(_, rest)| rest))
-        .skip(skip)
-        .filter_map(|rest| {
-            let d = rest.split(':').next()?;
-            let unit_at = d.find(|c: char| c.is_ascii_alphabetic() || c == 'µ')?;
-            let (value, unit) = d.split_at(unit_at);
-            let value: f64 = value.parse().ok()?;
-            let scale = match unit {
-                "ns" => 1e-9,
-                "µs" => 1e-6,
-                "ms" => 1e-3,
-                "s" => 1.0,
-                _ => return None,
-            };
-            Some(Duration::from_secs_f64(value * scale))
-        })
-        .collect()
 }
 
 /// Changes node-1's endpoint count in slice `bench-0` `changes` times and times each until its
@@ -331,47 +299,6 @@ async fn find_backend(maps: &Maps, addr: lb_common::Addr) -> Result<u32> {
     }
 }
 
-/// Polls the agent's /readyz (from inside the lb namespace) until it answers 200.
-fn wait_ready(agent: &mut SluiceProcess, timeout: Duration) -> Result<()> {
-    let addr: SocketAddr = HEALTH.parse()?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = agent.try_wait()? {
-            bail!("the agent exited ({status}): {}", agent.log_text());
-        }
-        if let Ok(mut c) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
-            let _ = c.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
-            let mut answer = String::new();
-            let _ = c.read_to_string(&mut answer);
-            if answer.starts_with("HTTP/1.1 200") {
-                return Ok(());
-            }
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "the agent is not ready after {timeout:?}: {}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// (VmRSS, VmHWM) of a process, in bytes.
-fn rss(pid: u32) -> Result<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    };
-    Ok((field("VmRSS:"), field("VmHWM:")))
-}
-
 fn report_latencies(what: &str, l: &Latencies, applies: &[Duration]) {
     report(
         &format!("EndpointSlice change -> map update, {what}, from the PATCH sent"),
@@ -388,18 +315,5 @@ fn report_latencies(what: &str, l: &Latencies, applies: &[Duration]) {
 }
 
 fn report(what: &str, samples: &[Duration]) {
-    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-    ms.sort_by(f64::total_cmp);
-    if ms.is_empty() {
-        println!("{what}: no samples");
-        return;
-    }
-    let pct = |p: f64| ms[((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len()) - 1];
-    println!(
-        "{what}: {} samples, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        ms.len(),
-        pct(0.50),
-        pct(0.99),
-        pct(1.0)
-    );
+    println!("{what}: {}", percentiles(samples));
 }

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_agent;
+mod bench_scale;
 mod soak;
 
 use std::process::Command;
@@ -61,9 +62,25 @@ enum Cmd {
         /// Services (x 10 endpoints) of the agent's full-sync figure.
         #[arg(long, default_value_t = 1000)]
         agent_services: usize,
-        /// Only the agent section.
+        /// Only the agent section (and the scale section unless --no-scale).
         #[arg(long)]
         agent_only: bool,
+        /// The scale section's size: NODES x SERVICES (of 2 ports each), all under
+        /// externalTrafficPolicy Cluster (issue 27: 1,000 nodes x 10,000 Service ports).
+        #[arg(long, default_value = "1000x5000", value_parser = parse_scale)]
+        scale: (usize, usize),
+        /// EndpointSlice changes timed in the scale section.
+        #[arg(long, default_value_t = 50)]
+        scale_changes: usize,
+        /// Nodes made NotReady at once (then Ready again) in the scale section.
+        #[arg(long, default_value_t = 100)]
+        scale_burst: usize,
+        /// Only the scale section.
+        #[arg(long)]
+        scale_only: bool,
+        /// No scale section.
+        #[arg(long)]
+        no_scale: bool,
     },
     /// Minutes of mixed TCP/UDP/HTTP traffic through `sluice run` with backend churn every few
     /// seconds: lost connections, memory and map sizes (not part of `test`).
@@ -82,7 +99,21 @@ fn main() -> anyhow::Result<()> {
             agent_changes,
             agent_services,
             agent_only,
+            scale,
+            scale_changes,
+            scale_burst,
+            scale_only,
+            no_scale,
         } => {
+            let scale_size = sluice_tests::scale::Size {
+                nodes: scale.0,
+                services: scale.1,
+                slice_changes: scale_changes,
+                node_burst: scale_burst,
+            };
+            if scale_only {
+                return bench_scale::run(scale_size);
+            }
             let plan = bench::Plan::new(quick, repeat, only);
             if !plan.xdp_only() {
                 // The ns/packet section loads the object itself; the rest runs the binary.
@@ -92,14 +123,27 @@ fn main() -> anyhow::Result<()> {
                 bench::run(plan.clone())?;
             }
             if !plan.lab_wanted() || plan.xdp_only() {
-                // `--only cluster` or `--only xdp`: no agent section either.
+                // `--only cluster` or `--only xdp`: no agent or scale section either.
                 return Ok(());
             }
             let changes = agent_changes.unwrap_or(if quick { 100 } else { 200 });
-            bench_agent::run(changes, agent_services)
+            bench_agent::run(changes, agent_services)?;
+            if no_scale {
+                return Ok(());
+            }
+            bench_scale::run(scale_size)
         }
         Cmd::Soak(args) => soak::run(&args),
     }
+}
+
+/// `--scale NODESxSERVICES`.
+fn parse_scale(text: &str) -> Result<(usize, usize), String> {
+    let (nodes, services) = text
+        .split_once('x')
+        .ok_or_else(|| format!("{text:?}: expected NODESxSERVICES, e.g. 1000x5000"))?;
+    let number = |s: &str| s.trim().parse::<usize>().map_err(|e| format!("{s:?}: {e}"));
+    Ok((number(nodes)?, number(services)?))
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
