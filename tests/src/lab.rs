@@ -1590,7 +1590,10 @@ impl SluiceProcess {
     }
     /// What it printed so far.
     pub fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
+        // Lossy: a log cut mid-character (a panic, a kill) is still worth reading.
+        fs::read(&self.log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
     }
     /// Its exit status if it has exited.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {

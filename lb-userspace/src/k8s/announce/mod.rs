@@ -19,8 +19,9 @@
 //!   has been vacant for r x [`rank_step`], so that the preferred one wins when it is alive;
 //! - a holder that is not the preferred node hands the address over (stops answering, releases
 //!   the lease, the preferred takes it at once) once the preferred has been live for a renew
-//!   round, and each address at most once per [`handover_hold`], so that a preferred node that
-//!   does not take it (it does not serve the address yet) causes no flapping;
+//!   round; an address the preferred node did not take (it does not serve it yet) is taken
+//!   back after the rank's wait and not handed over again for [`handover_hold`], so nothing
+//!   flaps;
 //! - a node that stops contending releases what it holds at once, so another node takes over
 //!   within a round instead of the lease duration.
 //!
@@ -74,9 +75,9 @@ pub fn renew_every(duration: Duration) -> Duration {
 pub fn rank_step(duration: Duration) -> Duration {
     (duration / 10).max(Duration::from_millis(100))
 }
-/// A holder hands a given address over at most once in this time (3 lease durations): a
-/// preferred node that does not take it (it does not serve that address yet) makes the holder
-/// take it back after its rank's wait, and not hand it over again at once.
+/// A preferred node that does not take an address handed over to it (it does not serve that
+/// address yet) makes the holder take it back after its rank's wait; the holder then does not
+/// hand that address over again for this long (3 lease durations), so nothing flaps.
 pub fn handover_hold(duration: Duration) -> Duration {
     duration * 3
 }
@@ -194,8 +195,11 @@ struct Announcer {
     held: BTreeSet<IpAddr>,
     /// Lease name -> when this node last wrote it as holder (renewals are due a round later).
     renewed: BTreeMap<String, Instant>,
-    /// Addresses this node handed over, and when (see [`handover_hold`]).
+    /// Addresses this node handed over, and when.
     handed: BTreeMap<IpAddr, Instant>,
+    /// Addresses this node had to take back after handing them over (the preferred node did
+    /// not take them), and when: not handed over again within [`handover_hold`].
+    refused: BTreeMap<IpAddr, Instant>,
     /// The live candidates and since when each has been live, by this agent's clock.
     live: BTreeMap<String, Instant>,
     /// Addresses whose last attempt failed (logged once per streak).
@@ -230,6 +234,7 @@ pub async fn run(
         held: BTreeSet::new(),
         renewed: BTreeMap::new(),
         handed: BTreeMap::new(),
+        refused: BTreeMap::new(),
         live: BTreeMap::new(),
         failing: BTreeSet::new(),
         blocked: None,
@@ -363,6 +368,8 @@ impl Announcer {
                 || name == me
                 || contended.iter().any(|a| lease_name(*a) == name)
         });
+        self.handed.retain(|a, _| contended.contains(a));
+        self.refused.retain(|a, _| contended.contains(a));
         self.renewed
             .retain(|name, _| *name == me || contended.iter().any(|a| lease_name(*a) == *name));
     }
@@ -522,6 +529,8 @@ impl Announcer {
             }
             Standing::Held(other) => {
                 self.failing.remove(&addr);
+                // Handed over and taken: nothing to take back.
+                self.handed.remove(&addr);
                 if self.held.contains(&addr) {
                     info!("VIP {addr}: lease {name} lost to {other}: no longer answering ARP");
                     self.give_up(addr);
@@ -537,7 +546,7 @@ impl Announcer {
     }
 
     /// A holder hands `addr` over to `preferred` when that is another node, live for a renew
-    /// round, and `addr` was not handed over within [`handover_hold`].
+    /// round, and `addr` was not refused by it (taken back) within [`handover_hold`].
     fn should_hand_over(&self, addr: IpAddr, preferred: &str) -> bool {
         let renew = renew_every(self.config.lease_duration);
         preferred != self.config.node_name
@@ -546,7 +555,7 @@ impl Announcer {
                 .get(preferred)
                 .is_some_and(|since| since.elapsed() >= renew)
             && self
-                .handed
+                .refused
                 .get(&addr)
                 .is_none_or(|at| at.elapsed() >= handover_hold(self.config.lease_duration))
     }
@@ -567,6 +576,17 @@ impl Announcer {
                     info!("VIP {addr}: lease {name} reachable again");
                 }
                 if !self.held.contains(&addr) {
+                    let hold = handover_hold(self.config.lease_duration);
+                    if self
+                        .handed
+                        .remove(&addr)
+                        .is_some_and(|at| at.elapsed() < hold)
+                    {
+                        info!(
+                            "VIP {addr}: taken back: its preferred node did not take it; not handed over again for {hold:?}"
+                        );
+                        self.refused.insert(addr, Instant::now());
+                    }
                     self.announce(addr);
                 }
             }
