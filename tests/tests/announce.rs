@@ -221,6 +221,34 @@ impl Spread {
     }
 }
 
+/// The API server's count of Lease requests so far, by verb (GET, LIST, WATCH, POST, PUT,
+/// PATCH...), from its own `apiserver_request_total`.
+fn lease_requests(kube: &sluice_tests::kube::Kube) -> Result<BTreeMap<String, f64>> {
+    let out = kube.kubectl_ok(&["get", "--raw", "/metrics"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut by_verb = BTreeMap::new();
+    for line in text.lines() {
+        let Some(labels) = line.strip_prefix("apiserver_request_total{") else {
+            continue;
+        };
+        if !labels.contains("resource=\"leases\"") {
+            continue;
+        }
+        let verb = labels
+            .split("verb=\"")
+            .nth(1)
+            .and_then(|v| v.split('"').next())
+            .unwrap_or("");
+        let value: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        *by_verb.entry(verb.to_owned()).or_default() += value;
+    }
+    Ok(by_verb)
+}
+
 fn count(placed: &BTreeMap<IpAddr, usize>) -> BTreeMap<usize, usize> {
     let mut c = BTreeMap::new();
     for n in placed.values() {
@@ -266,6 +294,36 @@ fn announce_spreads_thirty_vips_and_moves_them_off_cordoned_and_link_down_nodes(
     ensure!(
         per_node.values().all(|c| *c <= MOST_PER_NODE),
         "a node holds more than {MOST_PER_NODE}: {per_node:?}"
+    );
+    // ---- Requests: the Leases are watched, so a settled election only writes renewals: per
+    // node and renew round its candidacy and the addresses it holds, (nodes + addresses) in
+    // all, whatever the number of nodes; it reads none (no GET per address and round). The
+    // address allocator's own election (one GET and at most one PUT per agent and 3 s) is
+    // counted in the bounds.
+    let window = 4 * RENEW_EVERY;
+    let before = lease_requests(&env.nodes.kube)?;
+    thread::sleep(window);
+    let after = lease_requests(&env.nodes.kube)?;
+    let delta = |verb: &str| {
+        after.get(verb).copied().unwrap_or(0.0) - before.get(verb).copied().unwrap_or(0.0)
+    };
+    let rounds = (window.as_secs_f64() / RENEW_EVERY.as_secs_f64()).ceil() + 1.0;
+    let allocator_rounds = (window.as_secs_f64() / 3.0).ceil() + 1.0;
+    let (gets, puts) = (delta("GET"), delta("PUT"));
+    println!(
+        "Lease requests in {window:?} (settled, {ADDRESSES} addresses, {NODES} nodes): GET {gets}, PUT {puts}, POST {}, PATCH {}, LIST {}, WATCH {}",
+        delta("POST"),
+        delta("PATCH"),
+        delta("LIST"),
+        delta("WATCH")
+    );
+    ensure!(
+        gets <= NODES as f64 * allocator_rounds,
+        "{gets} Lease GETs in {window:?}: the announcement Leases are read, not watched"
+    );
+    ensure!(
+        puts <= (NODES + ADDRESSES) as f64 * rounds + allocator_rounds,
+        "{puts} Lease PUTs in {window:?}: more than a renewal per Lease held and round"
     );
     env.nodes.lab.client_resolve(&env.addrs)?;
     let view = env.client_view()?;
