@@ -49,7 +49,8 @@ pub struct Elector {
     /// Lease name -> (resourceVersion last seen, when it was first seen by our clock).
     observed: BTreeMap<String, (Option<String>, Instant)>,
     /// Lease name -> (the resourceVersion our last write replaced, what it wrote): a watch
-    /// cache that still shows the replaced version is behind our own write.
+    /// cache that still shows the replaced version is behind our own write. Also (None, what a
+    /// GET found) for a Lease the watch does not show.
     written: BTreeMap<String, (Option<String>, Lease)>,
 }
 
@@ -99,6 +100,10 @@ impl Elector {
                     let Some(lease) = self.api.get_opt(name).await? else {
                         return Ok(Attempt::NotHeld);
                     };
+                    // Kept as if written: the watch may never show it (an older agent holds
+                    // it unlabelled), and it is judged by its record until then, not fetched
+                    // again every round.
+                    self.written.insert(name.to_owned(), (None, lease.clone()));
                     if let Standing::Held(_) = self.judge(name, Some(&lease)) {
                         return Ok(Attempt::NotHeld);
                     }
