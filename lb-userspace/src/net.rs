@@ -63,6 +63,13 @@ impl Interface {
         })
     }
 
+    /// Whether the interface can pass frames now: administratively up and with a carrier.
+    pub fn is_up(&self) -> anyhow::Result<bool> {
+        rtnl::link_by_index(self.index)
+            .map(|link| link.up)
+            .map_err(|e| anyhow!("reading interface {} over netlink: {e}", self.name))
+    }
+
     /// The interface's global-scope addresses of both families.
     pub fn addresses(&self) -> anyhow::Result<Vec<IpAddr>> {
         let all = rtnl::addresses(AddressFamily::Unspec).map_err(|e| {

@@ -13,6 +13,7 @@
 //!
 //! Everything (processes, temp dir) is removed when the [`Kube`] is dropped, also during a panic.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -593,6 +594,33 @@ impl Kube {
             "jsonpath={.spec.holderIdentity}",
         ])?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// The holders of the Leases in `namespace` labelled `selector`: name -> holder ("" when
+    /// released).
+    pub fn lease_holders(
+        &self,
+        namespace: &str,
+        selector: &str,
+    ) -> Result<BTreeMap<String, String>> {
+        let out = self.kubectl_ok(&[
+            "get", "leases", "-n", namespace, "-l", selector, "-o", "json",
+        ])?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("kubectl get leases: not JSON")?;
+        Ok(v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| {
+                let name = l["metadata"]["name"].as_str()?.to_owned();
+                let holder = l["spec"]["holderIdentity"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned();
+                Some((name, holder))
+            })
+            .collect())
     }
 
     /// Like [`Kube::kubectl_ok`] on API server `i`.

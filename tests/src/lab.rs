@@ -816,6 +816,52 @@ http {{
         Ok(())
     }
 
+    /// Makes the client resolve every address of `base/len` itself (an on-link route): the
+    /// client of announced pool addresses.
+    pub fn client_prefix_on_link(&self, base: Ipv4Addr, len: u8) -> Result<()> {
+        let p = format!("{base}/{len}");
+        self.ip(&self.client, &["route", "replace", &p, "dev", NS_IFACE])?;
+        Ok(())
+    }
+
+    /// Makes the client resolve each of `addrs` (one ping each, all at once, answered or not):
+    /// its neighbour table then holds the MAC that answered its ARP.
+    pub fn client_resolve(&self, addrs: &[IpAddr]) -> Result<()> {
+        let pings: Vec<String> = addrs
+            .iter()
+            .map(|a| format!("ping -c1 -W1 -q {a} >/dev/null 2>&1 &"))
+            .collect();
+        self.exec_ok(
+            &self.client,
+            &["sh", "-c", &format!("{} wait", pings.join(" "))],
+        )?;
+        Ok(())
+    }
+
+    /// The client's neighbour table: address -> (MAC, state), entries with a MAC only.
+    pub fn client_neighbours(
+        &self,
+    ) -> Result<std::collections::BTreeMap<IpAddr, (String, String)>> {
+        let out = self.ip(&self.client, &["-j", "neigh", "show", "dev", NS_IFACE])?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("ip -j neigh show: not JSON")?;
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| {
+                let addr: IpAddr = n.get("dst")?.as_str()?.parse().ok()?;
+                let mac = n.get("lladdr")?.as_str()?.to_owned();
+                let state = n
+                    .get("state")
+                    .and_then(|s| s.get(0))
+                    .and_then(|s| s.as_str())
+                    .unwrap_or("")
+                    .to_owned();
+                Some((addr, (mac, state)))
+            })
+            .collect())
+    }
+
     /// The client's neighbour entry for `addr`: (MAC, state), if any.
     pub fn client_neighbour(&self, addr: impl Into<IpAddr>) -> Result<Option<(String, String)>> {
         let out = self.ip(
@@ -1544,7 +1590,10 @@ impl SluiceProcess {
     }
     /// What it printed so far.
     pub fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
+        // Lossy: a log cut mid-character (a panic, a kill) is still worth reading.
+        fs::read(&self.log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
     }
     /// Its exit status if it has exited.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {

@@ -935,6 +935,7 @@ fn announce_moves_an_ipv6_vip_by_neighbour_advertisement_on_takeover() -> Result
 /// client's neighbour entry follows each time.
 fn announce_takeover(env: &Env, vip: IpAddr) -> Result<()> {
     let watch = Announcing::new(env, vip)?;
+    let (a_name, b_name) = preferred_first(vip);
     let eth1 = env.lab.add_lb_port(1)?;
     let (mac_a, mac_b) = (env.lab.lb_port_mac(0), env.lab.lb_port_mac(1));
     let holder = || watch.holder();
@@ -944,37 +945,37 @@ fn announce_takeover(env: &Env, vip: IpAddr) -> Result<()> {
 
     // Node A alone: it wins the VIP's Lease, its ANNOUNCE holds the VIP with its MAC, and the
     // client's ARP for the VIP is answered (by XDP: the lb namespace does not own the VIP) with it.
-    let a = env.spawn_agent(env.lab.lb_iface(), "lb-a", HEALTH_ADDR, &announce)?;
-    let (_, elected) = wait_for("lease held by lb-a", CONVERGE, || {
+    let a = env.spawn_agent(env.lab.lb_iface(), &a_name, HEALTH_ADDR, &announce)?;
+    let (_, elected) = wait_for("lease held by A", CONVERGE, || {
         let h = holder().unwrap_or_default();
-        Ok(((h == "lb-a").then_some(()), h))
+        Ok(((h == a_name).then_some(()), h))
     })?;
-    println!("{vip}: lb-a won the lease {elected:?} after it was ready");
+    println!("{vip}: A won the lease {elected:?} after it was ready");
     let want = vec![(vip.to_string(), mac_a.clone())];
     ensure!(
         announced("eth0")? == want,
         "eth0 announces {:?}",
         announced("eth0")?
     );
-    let b = env.spawn_agent(&eth1, "lb-b", "127.0.0.1:9942", &announce)?;
+    let b = env.spawn_agent(&eth1, &b_name, "127.0.0.1:9942", &announce)?;
     // Cluster policy: every node takes new flows; all ten requests must be answered.
     let all = |counts: &BTreeMap<String, usize>| counts.values().sum::<usize>() == 10;
     let a_answers = env.answers_at(vip, 10)?;
-    ensure!(all(&a_answers), "through lb-a: {a_answers:?}");
+    ensure!(all(&a_answers), "through A: {a_answers:?}");
     let n = env.lab.client_neighbour(vip)?;
     ensure!(
         n.as_ref().is_some_and(|(m, _)| *m == mac_a),
-        "the client resolved the VIP to {n:?}, expected lb-a's {mac_a}"
+        "the client resolved the VIP to {n:?}, expected A's {mac_a}"
     );
-    // lb-b runs its election (its own log says so), then gets two renew rounds to try: it
+    // B runs its election (its own log says so), then gets two renew rounds to try: it
     // loses every one, and answers nothing. (Proving that something does not happen takes
-    // waiting; the wait is counted from lb-b's own start, in its own period.)
-    wait_for("lb-b runs its election", CONVERGE, || {
+    // waiting; the wait is counted from B's own start, in its own period.)
+    wait_for("B runs its election", CONVERGE, || {
         let log = b.log_text();
         Ok((log.contains("announcing VIPs").then_some(()), log.len()))
     })?;
     thread::sleep(2 * RENEW_EVERY);
-    ensure!(holder()? == "lb-a", "the lease moved to {}", holder()?);
+    ensure!(holder()? == a_name, "the lease moved to {}", holder()?);
     ensure!(
         announced(&eth1)?.is_empty(),
         "eth1 announces {:?}",
@@ -982,26 +983,29 @@ fn announce_takeover(env: &Env, vip: IpAddr) -> Result<()> {
     );
     ensure!(
         b.log_text().contains("announcing VIPs"),
-        "lb-b does not announce: {}",
+        "B does not announce: {}",
         b.log_text()
     );
 
-    // lb-a stops (SIGTERM, as when its pod is deleted): it releases the lease, lb-b takes over
+    // A stops (SIGTERM, as when its pod is deleted): it releases the lease, B takes over
     // and its gratuitous ARP moves the client's neighbour entry with no traffic from the client.
     let stopped = Instant::now();
     let status = a.stop(Duration::from_secs(10))?;
-    ensure!(status.success(), "lb-a exited with {status}");
-    let (_, acquired) = wait_for("lb-b logs that it took the lease", CONVERGE, || {
+    ensure!(status.success(), "A exited with {status}");
+    let (_, acquired) = wait_for("B logs that it took the lease", CONVERGE, || {
         let log = b.log_text();
-        Ok((log.contains("acquired by lb-b").then_some(()), log.len()))
+        Ok((
+            log.contains(&format!("acquired by {b_name}")).then_some(()),
+            log.len(),
+        ))
     })?;
-    let (_, moved) = wait_for("the client's entry moves to lb-b", CONVERGE, || {
+    let (_, moved) = wait_for("the client's entry moves to B", CONVERGE, || {
         neighbour_is(&mac_b)
     })?;
     let takeover = stopped.elapsed();
     println!(
-        "{vip}: takeover after SIGTERM: client moved to lb-b's MAC {takeover:?} after the stop (lb-b \
-         acquired {acquired:?} and the client moved {moved:?} after lb-a exited)"
+        "{vip}: takeover after SIGTERM: client moved to B's MAC {takeover:?} after the stop (B \
+         acquired {acquired:?} and the client moved {moved:?} after A exited)"
     );
     // README: the released lease is taken within one renew round (measured 1.6 s); allow two
     // (a loaded machine delays a round, not the design).
@@ -1010,67 +1014,75 @@ fn announce_takeover(env: &Env, vip: IpAddr) -> Result<()> {
         "takeover after SIGTERM took {takeover:?}, more than two renew rounds ({:?})",
         2 * RENEW_EVERY
     );
-    ensure!(holder()? == "lb-b", "lease holder {}", holder()?);
+    ensure!(holder()? == b_name, "lease holder {}", holder()?);
     ensure!(announced(&eth1)? == vec![(vip.to_string(), mac_b.clone())]);
     ensure!(announced("eth0")?.is_empty(), "eth0 still announces");
     let b_answers = env.answers_at(vip, 10)?;
-    ensure!(all(&b_answers), "through lb-b: {b_answers:?}");
+    ensure!(all(&b_answers), "through B: {b_answers:?}");
 
-    // The requests left the client's entry in DELAY: let its probe of lb-b (alive) settle it
+    // The requests left the client's entry in DELAY: let its probe of B (alive) settle it
     // first. An entry whose probe fails turns FAILED, and IPv6 ignores advertisements for a
     // FAILED entry (the client re-solicits on its next packet instead, answered by XDP as at
     // the start); what is tested below is the unsolicited advertisement moving a valid entry.
-    wait_for("the client's entry settles on lb-b", CONVERGE, || {
+    wait_for("the client's entry settles on B", CONVERGE, || {
         let n = env.lab.client_neighbour(vip)?;
         let settled = n
             .as_ref()
             .filter(|(m, state)| *m == mac_b && (state == "REACHABLE" || state == "STALE"));
         Ok((settled.map(|_| ()), n))
     })?;
-    // lb-b's node dies: no agent (SIGKILL), no XDP program. Its lease is never released: lb-a,
+    // B's node dies: no agent (SIGKILL), no XDP program. Its lease is never released: A,
     // started again, takes over once the lease has gone unrenewed for its duration.
     sluice_tests::cmd::signal(b.pid(), libc::SIGKILL);
     drop(b);
     env.lab.sluice_ok(&["detach", "--iface", &eth1])?;
     let died = Instant::now();
-    let a = env.spawn_agent(env.lab.lb_iface(), "lb-a", HEALTH_ADDR, &announce)?;
-    wait_for("lb-a runs its election again", CONVERGE, || {
+    let a = env.spawn_agent(env.lab.lb_iface(), &a_name, HEALTH_ADDR, &announce)?;
+    wait_for("A runs its election again", CONVERGE, || {
         let log = a.log_text();
         Ok((log.contains("announcing VIPs").then_some(()), log.len()))
     })?;
     let a_electing = died.elapsed();
     let (_, _) = wait_for(
-        "the client's entry moves back to lb-a",
+        "the client's entry moves back to A",
         Duration::from_secs(30),
         || neighbour_is(&mac_a),
     )?;
     let expiry = died.elapsed();
     println!(
-        "{vip}: takeover after node death: client moved to lb-a's MAC {expiry:?} after lb-b died (lease 10 s; lb-a's election ran {a_electing:?} after)"
+        "{vip}: takeover after node death: client moved to A's MAC {expiry:?} after B died (lease 10 s; A's election ran {a_electing:?} after)"
     );
-    ensure!(holder()? == "lb-a", "lease holder {}", holder()?);
+    ensure!(holder()? == a_name, "lease holder {}", holder()?);
     ensure!(
         expiry >= LEASE_DURATION - Duration::from_secs(1),
-        "lb-a took a lease that lb-b renewed {expiry:?} ago: the lease duration is {LEASE_DURATION:?}"
+        "A took a lease that B renewed {expiry:?} ago: the lease duration is {LEASE_DURATION:?}"
     );
-    // lb-a, once its election runs, sees the record and takes it when it has gone unrenewed
+    // A, once its election runs, sees the record and takes it when it has gone unrenewed
     // for the lease duration by its own clock: within a round after that, plus a round of
-    // slack (lb-a's own start is not sluice's takeover time, so it is measured and left out).
+    // slack (A's own start is not sluice's takeover time, so it is measured and left out).
     ensure!(
         expiry <= a_electing + LEASE_DURATION + 2 * RENEW_EVERY,
-        "takeover after node death took {expiry:?}: more than lb-a's start ({a_electing:?}) + \
+        "takeover after node death took {expiry:?}: more than A's start ({a_electing:?}) + \
          lease {LEASE_DURATION:?} + two renew rounds"
     );
     let again = env.answers_at(vip, 10)?;
-    ensure!(all(&again), "through lb-a again: {again:?}");
+    ensure!(all(&again), "through A again: {again:?}");
     let status = a.stop(Duration::from_secs(10))?;
-    ensure!(status.success(), "lb-a exited with {status}");
+    ensure!(status.success(), "A exited with {status}");
     ensure!(
         holder()?.is_empty(),
         "the lease is released on SIGTERM: {}",
         holder()?
     );
     Ok(())
+}
+
+/// The names of the two announcing agents, A and B, for `vip`: A is the node the election
+/// prefers for it (rendezvous hashing), so that A, started first, keeps the address when B
+/// starts (a preferred node that starts later takes the address over).
+fn preferred_first(vip: IpAddr) -> (String, String) {
+    let ranked = lb_userspace::k8s::announce::rank::ranking(vip, ["lb-a", "lb-b"]);
+    (ranked[0].to_owned(), ranked[1].to_owned())
 }
 
 /// The L2 announcement of one VIP as the tests watch it: its Lease's holder, what each
@@ -1145,33 +1157,34 @@ fn announce_leaves_cordoned_and_excluded_nodes() -> Result<()> {
     env.lab.client_vip_on_link()?;
     let vip: IpAddr = env.lab.vip().into();
     let watch = Announcing::new(&env, vip)?;
+    let (a_name, b_name) = preferred_first(vip);
     let eth1 = env.lab.add_lb_port(1)?;
     let (mac_a, mac_b) = (env.lab.lb_port_mac(0), env.lab.lb_port_mac(1));
     // The two announcing agents' Nodes (no InternalIP: they are not backends, only holders).
-    env.kube.node_with("lb-a", &[], true)?;
-    env.kube.node_with("lb-b", &[], true)?;
+    env.kube.node_with(&a_name, &[], true)?;
+    env.kube.node_with(&b_name, &[], true)?;
     let announce = ["--announce", "--lease-namespace", AGENT_NAMESPACE];
-    let a = env.spawn_agent(env.lab.lb_iface(), "lb-a", HEALTH_ADDR, &announce)?;
-    wait_for("lease held by lb-a", CONVERGE, || {
+    let a = env.spawn_agent(env.lab.lb_iface(), &a_name, HEALTH_ADDR, &announce)?;
+    wait_for("lease held by A", CONVERGE, || {
         let h = watch.holder().unwrap_or_default();
-        Ok(((h == "lb-a").then_some(()), h))
+        Ok(((h == a_name).then_some(()), h))
     })?;
-    wait_for("the client resolves the VIP to lb-a", CONVERGE, || {
+    wait_for("the client resolves the VIP to A", CONVERGE, || {
         env.answers_at(vip, 1)?;
         watch.neighbour_is(&mac_a)
     })?;
-    let b = env.spawn_agent(&eth1, "lb-b", "127.0.0.1:9942", &announce)?;
-    wait_for("lb-b runs its election", CONVERGE, || {
+    let b = env.spawn_agent(&eth1, &b_name, "127.0.0.1:9942", &announce)?;
+    wait_for("B runs its election", CONVERGE, || {
         let log = b.log_text();
         Ok((log.contains("announcing VIPs").then_some(()), log.len()))
     })?;
 
     let cordoned = Instant::now();
-    env.kube.kubectl_ok(&["cordon", "lb-a"])?;
-    let (_, moved) = wait_for("the client's entry moves to lb-b", CONVERGE, || {
+    env.kube.kubectl_ok(&["cordon", &a_name])?;
+    let (_, moved) = wait_for("the client's entry moves to B", CONVERGE, || {
         watch.neighbour_is(&mac_b)
     })?;
-    println!("{vip}: lb-a cordoned: the client moved to lb-b's MAC {moved:?} after the cordon");
+    println!("{vip}: A cordoned: the client moved to B's MAC {moved:?} after the cordon");
     ensure!(
         cordoned.elapsed() <= 2 * RENEW_EVERY && cordoned.elapsed() < LEASE_DURATION,
         "the VIP left the cordoned node after {:?}: more than two renew rounds ({:?})",
@@ -1179,7 +1192,7 @@ fn announce_leaves_cordoned_and_excluded_nodes() -> Result<()> {
         2 * RENEW_EVERY
     );
     ensure!(
-        watch.holder()? == "lb-b",
+        watch.holder()? == b_name,
         "lease holder {}",
         watch.holder()?
     );
@@ -1189,9 +1202,10 @@ fn announce_leaves_cordoned_and_excluded_nodes() -> Result<()> {
         watch.announced("eth0")?
     );
     ensure!(
-        a.log_text()
-            .contains("not announcing any VIP: node lb-a is cordoned"),
-        "lb-a does not say why it stopped: {}",
+        a.log_text().contains(&format!(
+            "not announcing any VIP: node {a_name} is cordoned"
+        )),
+        "A does not say why it stopped: {}",
         a.log_text()
     );
 
@@ -1199,7 +1213,7 @@ fn announce_leaves_cordoned_and_excluded_nodes() -> Result<()> {
     env.kube.kubectl_ok(&[
         "label",
         "node",
-        "lb-b",
+        &b_name,
         "node.kubernetes.io/exclude-from-external-load-balancers=true",
     ])?;
     wait_for("nobody holds the lease", CONVERGE, || {
@@ -1210,24 +1224,24 @@ fn announce_leaves_cordoned_and_excluded_nodes() -> Result<()> {
     ensure!(
         b.log_text()
             .contains("is labelled node.kubernetes.io/exclude-from-external-load-balancers"),
-        "lb-b does not say why it stopped: {}",
+        "B does not say why it stopped: {}",
         b.log_text()
     );
 
-    // lb-a uncordoned: it may announce again, takes the VIP and moves the client back.
-    env.kube.kubectl_ok(&["uncordon", "lb-a"])?;
-    wait_for("the client's entry moves back to lb-a", CONVERGE, || {
+    // A uncordoned: it may announce again, takes the VIP and moves the client back.
+    env.kube.kubectl_ok(&["uncordon", &a_name])?;
+    wait_for("the client's entry moves back to A", CONVERGE, || {
         watch.neighbour_is(&mac_a)
     })?;
     ensure!(
-        watch.holder()? == "lb-a",
+        watch.holder()? == a_name,
         "lease holder {}",
         watch.holder()?
     );
     let answers = env.answers_at(vip, 10)?;
     ensure!(
         answers.values().sum::<usize>() == 10,
-        "through lb-a again: {answers:?}"
+        "through A again: {answers:?}"
     );
     for agent in [a, b] {
         let status = agent.stop(Duration::from_secs(10))?;

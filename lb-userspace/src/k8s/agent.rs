@@ -636,10 +636,11 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
                 break;
             }
         }
-        // What the L2 announcer contends for: only pool addresses, and none while this node's
-        // own Node says it must not attract VIP traffic (a node missing from the API, as in
-        // the labs, may announce).
+        // What the L2 announcer contends for: only pool addresses, and none while this node
+        // must not attract VIP traffic (a node missing from the API, as in the labs, may
+        // announce); which nodes must not, by the shared state every agent reads alike.
         let announceable = built.announceable();
+        let barred = announce::barred_nodes(&nodes.state(), votes.as_ref().map(|v| v.get().1));
         let wanted = announce::Announceable {
             addrs: built
                 .desired
@@ -648,13 +649,11 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
                 .map(|v| v.key.addr)
                 .filter(|a| announceable.contains(a))
                 .collect(),
-            blocked: config.node_name.as_deref().and_then(|me| {
-                nodes
-                    .state()
-                    .iter()
-                    .find(|n| n.metadata.name.as_deref() == Some(me))
-                    .and_then(|n| crate::node_state::announce_block(n))
-            }),
+            blocked: config
+                .node_name
+                .as_deref()
+                .and_then(|me| barred.get(me).cloned()),
+            barred,
         };
         addrs_tx.send_if_modified(|old| std::mem::replace(old, wanted) != *old);
         if let (Some(speaker), Some(node)) = (&speaker, &config.node_name) {

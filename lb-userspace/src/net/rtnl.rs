@@ -23,7 +23,7 @@ use netlink_packet_core::{
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressHeader, AddressMessage},
-    link::{LinkAttribute, LinkHeader, LinkMessage},
+    link::{LinkAttribute, LinkFlags, LinkHeader, LinkMessage},
     neighbour::{NeighbourHeader, NeighbourMessage},
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage},
 };
@@ -333,6 +333,8 @@ pub struct Link {
     /// The link-layer address (6 bytes on Ethernet).
     pub address: Option<Vec<u8>>,
     pub mtu: Option<u32>,
+    /// Administratively up (`IFF_UP`) and with a carrier (`IFF_LOWER_UP`): it can pass frames.
+    pub up: bool,
 }
 
 pub fn decode_link(payload: &[u8]) -> Result<Link, Error> {
@@ -342,6 +344,7 @@ pub fn decode_link(payload: &[u8]) -> Result<Link, Error> {
         name: None,
         address: None,
         mtu: None,
+        up: header.flags.contains(LinkFlags::Up | LinkFlags::LowerUp),
     };
     for nla in attributes(payload, header.buffer_len()) {
         match nla.kind() {
@@ -569,6 +572,7 @@ mod tests {
     fn link_name_mac_and_mtu() {
         let mut message = LinkMessage::default();
         message.header.index = 7;
+        message.header.flags = LinkFlags::Up | LinkFlags::LowerUp;
         message.attributes = vec![
             LinkAttribute::IfName("veth0".into()),
             LinkAttribute::Mtu(1500),
@@ -583,8 +587,12 @@ mod tests {
                 name: Some("veth0".into()),
                 address: Some(vec![2, 0x5c, 0, 0, 0, 1]),
                 mtu: Some(1500),
+                up: true,
             }
         );
+        // Up without a carrier (a cable out, a veth whose peer is down) passes no frame.
+        message.header.flags = LinkFlags::Up;
+        assert!(!decode_link(&emit(&message)).unwrap().up);
     }
 
     #[test]
