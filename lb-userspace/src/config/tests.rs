@@ -170,7 +170,7 @@ fn flow_state_is_table_unless_set_to_second_chance() {
         &["flow_state: conntrack", "vips: []"],
         1,
         "flow_state",
-        "unknown flow_state \"conntrack\"; use table
+        "unknown flow_state \"conntrack\"; use table",
     );
 }
 
