@@ -259,6 +259,10 @@ fn a_syn_never_takes_the_second_chance() {
         assert_eq!(new.out, syn);
         assert_eq!((new.hits, new.handed_on), (0, 0), "conntrack is not asked");
         assert_eq!(h.counter(GlobalCounter::Local).unwrap(), 1);
+        assert!(
+            h.flow_entries().unwrap().is_empty(),
+            "second chance records no new flow"
+        );
     });
 }
 
@@ -323,6 +327,7 @@ fn table_mode_is_unchanged_and_same_picks_never_ask() {
         assert_eq!(same.action, XDP_PASS);
         assert_eq!((same.hits, same.handed_on), (0, 0));
         assert_eq!(node0.counter(GlobalCounter::Local).unwrap(), 1);
+        assert!(node0.flow_entries().unwrap().is_empty(), "nothing recorded");
         // A VIP with no previous table (a first apply) is as today too.
         let mut fresh = Harness::new().unwrap();
         fresh.iface.mac = lb_userspace::model::MacAddr(backend_mac(JOINED));
