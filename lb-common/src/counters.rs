@@ -68,10 +68,16 @@ pub enum GlobalCounter {
     TraceLostRate = 24,
     /// `sluice trace`: matching packets not reported, the ring buffer full (a slow reader).
     TraceLostRing = 25,
+    /// Second-chance mode: a non-SYN whose pick changed with its VIP's table, picked for this
+    /// node, that this node's conntrack knows: to the stack (the flow is this node's).
+    SecondChanceHit = 26,
+    /// Second-chance mode: such a packet conntrack does not know: handed on to the previous
+    /// table's pick (which takes it as balanced by a peer, never hands it on again).
+    SecondChanceHandedOn = 27,
 }
 
 impl GlobalCounter {
-    pub const COUNT: u32 = 26;
+    pub const COUNT: u32 = 28;
     pub const ALL: [GlobalCounter; Self::COUNT as usize] = [
         Self::Passed,
         Self::Tx,
@@ -99,6 +105,8 @@ impl GlobalCounter {
         Self::TraceEvents,
         Self::TraceLostRate,
         Self::TraceLostRing,
+        Self::SecondChanceHit,
+        Self::SecondChanceHandedOn,
     ];
 
     /// Stable name, used by `sluice inspect stats` and its JSON.
@@ -130,6 +138,8 @@ impl GlobalCounter {
             Self::TraceEvents => "trace_events",
             Self::TraceLostRate => "trace_lost_rate",
             Self::TraceLostRing => "trace_lost_ring",
+            Self::SecondChanceHit => "second_chance_hit",
+            Self::SecondChanceHandedOn => "second_chance_handed_on",
         }
     }
 }

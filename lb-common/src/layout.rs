@@ -11,7 +11,7 @@ use crate::{
 
 // The layouts are an ABI between two compilers: pin them.
 const _: () = assert!(size_of::<VipKey>() == 20);
-const _: () = assert!(size_of::<VipInfo>() == 20);
+const _: () = assert!(size_of::<VipInfo>() == 24);
 const _: () = assert!(size_of::<VipRef>() == 24);
 const _: () = assert!(size_of::<TableInfo>() == 16 + MAX_BACKENDS as usize / 8);
 const _: () = assert!(size_of::<MemberKey>() == 8);
@@ -37,7 +37,8 @@ const _: () = assert!(size_of::<PeerFilter>() == 64);
 /// 6: `TRACE`, `TRACE_EVENTS`, `TRACE_RATE` (`sluice trace`).
 /// 7: backends shared by all VIPs, Maglev tables by content (`VIP_BY_ID`, `TABLES`,
 ///    `TABLE_MEMBERS`); `FlowValue` names the VIP.
-const MAP_LAYOUT_REVISION: u32 = 7;
+/// 8: `VipInfo::previous_table`, `Settings::flow_state` (second chance).
+const MAP_LAYOUT_REVISION: u32 = 8;
 
 /// Fingerprint of everything a pinned map's contents depend on: struct sizes, limits, counter
 /// slots. A program whose fingerprint differs must not adopt maps pinned by another: it would

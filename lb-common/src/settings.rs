@@ -12,7 +12,18 @@ pub struct Settings {
     /// The flood guard: new flows recorded in the connection table per second and CPU; above
     /// it, new flows are forwarded by Maglev's pick without an entry. 0: no limit.
     pub max_new_flows_per_cpu: u32,
-    pub _reserved: u32,
+    /// One of [`flow_state`]: how a node keeps a flow on its backend through table changes.
+    pub flow_state: u32,
+}
+
+/// [`Settings::flow_state`].
+pub mod flow_state {
+    /// Every new flow is recorded in the connection table (`FLOWS`), which then decides.
+    pub const TABLE: u32 = 0;
+    /// No flow is recorded: a node picks by its VIP's current table, and a non-SYN picked for
+    /// this node whose pick changed with the table is kept here when this node's conntrack
+    /// knows it, else handed on to the previous table's pick (once).
+    pub const SECOND_CHANCE: u32 = 1;
 }
 
 /// One CPU's flood-guard window (`NEW_FLOWS`): new flows seen since `start_ns`

@@ -87,14 +87,22 @@ pub mod trace_source {
     pub const CONN_TABLE: u8 = 1;
     /// The VIP's Maglev table (a new flow, a SYN, or an entry that no longer matched).
     pub const MAGLEV: u8 = 2;
+    /// Second chance: the VIP's previous table, whose pick the packet was handed on to (this
+    /// node's conntrack did not know the flow).
+    pub const PREVIOUS_TABLE: u8 = 3;
 }
 
 /// [`TraceEvent::flags`].
 pub mod trace_flags {
     /// A TCP SYN without ACK (balanced afresh, never by the connection table).
     pub const SYN: u8 = 1;
-    /// Maglev's pick was not recorded in the connection table: the flood guard held.
+    /// Maglev's pick was not recorded in the connection table: the flood guard held, or the
+    /// node runs in second-chance mode (records nothing).
     pub const NOT_RECORDED: u8 = 2;
     /// The VIP has session affinity (the hash ignored the ports).
     pub const AFFINITY: u8 = 4;
+    /// Second chance: this node's conntrack was asked (its answer: [`CONNTRACK_HIT`]).
+    pub const CONNTRACK_ASKED: u8 = 8;
+    /// Second chance: this node's conntrack knew the flow (kept here, not handed on).
+    pub const CONNTRACK_HIT: u8 = 16;
 }

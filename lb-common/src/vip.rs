@@ -79,7 +79,7 @@ pub mod vip_flags {
 /// Value of the `VIPS` hash. Replaced whole when the VIP moves to another table, so a packet
 /// reads the table and its size together.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VipInfo {
     /// Index into `VIP_BY_ID` and `VIP_STATS`.
     pub id: u32,
@@ -90,6 +90,26 @@ pub struct VipInfo {
     /// Backends that take new flows; 0 drops new flows (established ones keep going).
     pub live_backends: u32,
     pub flags: u32,
+    /// The table this VIP pointed at before `table` ([`NO_TABLE`] when none): kept (not freed)
+    /// while the VIP names it, so that second-chance mode can find a flow's previous pick.
+    /// One generation: it is replaced at the VIP's next table change.
+    pub previous_table: u32,
+}
+
+/// [`VipInfo::previous_table`] of a VIP that has none.
+pub const NO_TABLE: u32 = u32::MAX;
+
+impl Default for VipInfo {
+    fn default() -> Self {
+        Self {
+            id: 0,
+            table: 0,
+            table_size: 0,
+            live_backends: 0,
+            flags: 0,
+            previous_table: NO_TABLE,
+        }
+    }
 }
 
 /// Value of the `VIP_BY_ID` array: what an established packet checks instead of the `VIPS`

@@ -5,7 +5,7 @@
 //!
 //!   parse (Ethernet / IPv4|IPv6 / TCP|UDP|ICMP) -> VIP address filter -> from a peer?
 //!     -> connection table (not for a SYN) -> VIP lookup -> source ranges -> Maglev pick
-//!     -> record (flood guard) -> forward (this node: its own stack | L2 rewrite | IPIP/IP6IP6 encap)
+//!     -> record (flood guard) | second chance (conntrack, previous table) -> forward (this node: its own stack | L2 rewrite | IPIP/IP6IP6 encap)
 //!     -> trace (only while `sluice trace` runs: a matching packet's decision to `TRACE_EVENTS`)
 //!
 //! Every node balances AND serves (the agent is a DaemonSet), so a packet is balanced at most
@@ -35,6 +35,8 @@
 // The steps by concern, each in src/balancer/ (this program's own; the lib's modules are
 // shared with the decapsulator). The chain that calls them stays here.
 mod balancer {
+    /// This node's conntrack, asked on second chance's rare path.
+    pub mod conntrack;
     /// IPIP / IP6IP6 encapsulation.
     pub mod encap;
     /// ICMP written here: "too big", echo replies.
@@ -55,20 +57,22 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, Counters, FAMILY_V4, FlowKey, FlowValue, GlobalCounter, IP6IP6_OVERHEAD,
-    IPIP_OVERHEAD, IPPROTO_IPIP, IPPROTO_IPV6, NO_BACKEND, PeerKey, ScopedAddr, VipInfo, VipKey,
-    backend_state, forward_mode, source_range_scope, trace_flags, trace_source, vip_flags,
+    IPIP_OVERHEAD, IPPROTO_IPIP, IPPROTO_IPV6, NO_BACKEND, NO_TABLE, PeerKey, ScopedAddr, VipInfo,
+    VipKey, backend_state, flow_state, forward_mode, source_range_scope, trace_flags, trace_source,
+    vip_flags,
 };
 use lb_ebpf::{
     packet::{self, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, EthHdr, Flow, L3, Parsed},
     unwrap::{Unwrapped, unwrap},
 };
 
+use balancer::conntrack;
 use balancer::encap::encapsulate;
 use balancer::icmp::{echo_reply, too_big};
 use balancer::maps::{
     BACKEND_STATS, BACKENDS, DECAP_LOCAL, DECAP_SOURCES, FLOWS, FLOWS6, GLOBAL_STATS, MAGLEV,
-    PEER_FILTER, PEERS, SOURCE_RANGES, TABLES, TX_PORTS, VIP_ADDRS, VIP_BY_ID, VIP_FILTER,
-    VIP_STATS, VIPS,
+    PEER_FILTER, PEERS, SETTINGS, SOURCE_RANGES, TABLES, TX_PORTS, VIP_ADDRS, VIP_BY_ID,
+    VIP_FILTER, VIP_STATS, VIPS,
 };
 use balancer::neighbour::{arp_reply, neighbor_advert};
 use balancer::rate::new_flow_admitted;
@@ -205,11 +209,74 @@ fn balance_flow(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, GlobalCou
         return (xdp_action::XDP_DROP, GlobalCounter::DropNoBackend);
     };
     why.chose(trace_source::MAGLEV, id, backend);
-    if !record_flow(&flow.key, vip.id, id, backend, flow.syn) {
+    if second_chance_mode() {
+        why.flags |= trace_flags::NOT_RECORDED;
+        if !flow.syn
+            && let Some(verdict) = second_chance(ctx, flow, &vip, id, backend, bytes, why)
+        {
+            return verdict;
+        }
+    } else if !record_flow(&flow.key, vip.id, id, backend, flow.syn) {
         why.flags |= trace_flags::NOT_RECORDED;
     }
     add(&BACKEND_STATS, id, bytes);
     forward(ctx, &flow.l3, &flow.key, backend, true)
+}
+
+/// Does this node run in second-chance mode (`Settings::flow_state`): no flow recorded?
+/// Read after the connection table missed, so the established path never pays for it.
+#[inline(always)]
+fn second_chance_mode() -> bool {
+    SETTINGS
+        .get(0)
+        .is_some_and(|s| s.flow_state == flow_state::SECOND_CHANCE)
+}
+
+/// Second chance (docs/design.md): a non-SYN that no entry knows, picked for THIS node by a
+/// VIP table that changed, and whose previous table picks another node. This node keeps it
+/// when its own conntrack knows the flow (the connection is served here); else the flow
+/// began before the change on the previous pick, and the packet is handed on there. The
+/// previous pick takes it as a peer's frame (L2: from a `PEERS` MAC; IPIP: unwrapped inline)
+/// and passes it to its stack without balancing it again: one hop at most. `None`: as today
+/// (no previous table, the same pick both times, or a pick of another node, which decides).
+#[inline(always)]
+fn second_chance(
+    ctx: &XdpContext,
+    flow: &Flow,
+    vip: &VipInfo,
+    id: u32,
+    backend: &Backend,
+    bytes: u64,
+    why: &mut Why,
+) -> Option<(u32, GlobalCounter)> {
+    if backend.mode != forward_mode::LOCAL || vip.previous_table == NO_TABLE {
+        return None;
+    }
+    let (previous_id, previous) = previous_pick(&flow.key, vip)?;
+    if previous_id == id || previous.mode == forward_mode::LOCAL {
+        return None;
+    }
+    why.flags |= trace_flags::CONNTRACK_ASKED;
+    if conntrack::knows(ctx, &flow.key) {
+        why.flags |= trace_flags::CONNTRACK_HIT;
+        add(&BACKEND_STATS, id, bytes);
+        return Some((xdp_action::XDP_PASS, GlobalCounter::SecondChanceHit));
+    }
+    why.chose(trace_source::PREVIOUS_TABLE, previous_id, previous);
+    count(GlobalCounter::SecondChanceHandedOn);
+    add(&BACKEND_STATS, previous_id, bytes);
+    Some(forward(ctx, &flow.l3, &flow.key, previous, true))
+}
+
+/// The pick the VIP's previous table gives the flow (its own size: tables differ in size).
+#[inline(always)]
+fn previous_pick(key: &FlowKey, vip: &VipInfo) -> Option<(u32, &'static Backend)> {
+    let size = TABLES.get(vip.previous_table)?.size;
+    if size == 0 {
+        return None;
+    }
+    let affinity = vip.flags & vip_flags::AFFINITY != 0;
+    pick_in(vip.previous_table, key.hash(affinity) % size)
 }
 
 /// Was the frame sent by another sluice node (which balanced it already)?
@@ -314,8 +381,14 @@ fn pick_backend(key: &FlowKey, vip: &VipInfo, why: &mut Why) -> Option<(u32, &'s
     if affinity {
         why.flags |= trace_flags::AFFINITY;
     }
+    pick_in(vip.table, slot)
+}
+
+/// Table `table`'s backend at `slot`, if any and in use.
+#[inline(always)]
+fn pick_in(table: u32, slot: u32) -> Option<(u32, &'static Backend)> {
     // Two slots per element (`MAGLEV_SLOTS_PER_ELEMENT`): the even one in the low half.
-    let pair = *MAGLEV.get_value(vip.table, &(slot / 2))?;
+    let pair = *MAGLEV.get_value(table, &(slot / 2))?;
     let id = (pair >> ((slot & 1) * 32)) as u32;
     if id == NO_BACKEND {
         return None;

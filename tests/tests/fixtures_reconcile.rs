@@ -11,7 +11,7 @@ use anyhow::bail;
 use lb_common::{GlobalCounter, MAX_VIPS};
 use lb_userspace::{
     dataplane::Snapshot,
-    model::{Backend, Desired, IpNet, MacAddr, Protocol, Settings, Vip, VipAddr},
+    model::{Backend, Desired, FlowState, IpNet, MacAddr, Protocol, Settings, Vip, VipAddr},
     reconcile::{Phase, addr_from_raw},
 };
 use sluice_tests::fixtures::{
@@ -163,8 +163,34 @@ fn fresh(desired: &Desired) -> Harness {
 /// packets go where the desired state says.
 #[test]
 fn a_reconcile_stopped_after_any_phase_is_completed_by_the_next() {
-    let (old, new) = (before(), after());
-    let reference = fresh(&new).snapshot().unwrap();
+    stopped_after_any_phase(FlowState::Table);
+}
+
+/// The same in second-chance mode, where a VIP keeps the table it leaves as its previous one
+/// (and that table's backends): the retry ends where an uninterrupted change ends.
+#[test]
+fn a_reconcile_stopped_after_any_phase_is_completed_by_the_next_in_second_chance_mode() {
+    stopped_after_any_phase(FlowState::SecondChance);
+}
+
+fn stopped_after_any_phase(flow_state: FlowState) {
+    let (mut old, mut new) = (before(), after());
+    old.settings.flow_state = flow_state;
+    new.settings.flow_state = flow_state;
+    let reference = match flow_state {
+        FlowState::Table => fresh(&new).snapshot().unwrap(),
+        FlowState::SecondChance => {
+            let mut h = fresh(&old);
+            h.apply_as_node_with(&new, &[]).unwrap();
+            let snapshot = h.snapshot().unwrap();
+            // Backend 2, removed from VIP 1, stays for VIP 1's previous table.
+            assert_eq!(
+                snapshot.orphan_backends, 1,
+                "the previous table keeps its members"
+            );
+            snapshot
+        }
+    };
     let mut failures = Vec::new();
     for stop in Phase::ALL {
         let mut h = fresh(&old);

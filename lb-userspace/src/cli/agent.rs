@@ -13,7 +13,7 @@ use lb_userspace::{
     health::metrics::HealthMetrics,
     k8s,
     k8s::watch_metrics::WatchMetrics,
-    model::Settings,
+    model::{FlowState, Settings},
     net::{self, Interface},
     observe::metrics,
     reconcile::{
@@ -47,6 +47,10 @@ pub(crate) struct AgentArgs {
     /// it, new flows are forwarded by Maglev's pick alone. 0: no limit.
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_NEW_FLOWS_PER_CPU)]
     max_new_flows_per_cpu: u32,
+    /// How flows keep their backends through table changes: table (a connection-table entry
+    /// per flow) or second-chance (none; this node's conntrack decides, docs/design.md).
+    #[arg(long, default_value = "table")]
+    flow_state: FlowState,
     /// Address of the health endpoints (GET /healthz, /readyz); "off" for none.
     #[arg(long, default_value = "127.0.0.1:9941")]
     health_addr: String,
@@ -240,6 +244,7 @@ pub(crate) fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
         maglev_table_size: args.maglev_table_size.0,
         flow_table_size: args.flow_table_size,
         max_new_flows_per_cpu: args.max_new_flows_per_cpu,
+        flow_state: args.flow_state,
         ..Settings::default()
     };
     config::validate_settings(&settings).map_err(|e| anyhow!("{e}"))?;

@@ -9,7 +9,7 @@ use marked_yaml::Node;
 use super::yaml::{Checker, Field, node_line};
 use super::{FLOW_TABLE_HINT, FLOW_TABLE_SIZES, NEW_FLOWS_HINT, PORT_HINT, Result, WEIGHT_HINT};
 use crate::model::{
-    Backend, CheckProtocol, DEFAULT_WEIGHT, Desired, ForwardingMode, HealthCheck, IpNet,
+    Backend, CheckProtocol, DEFAULT_WEIGHT, Desired, FlowState, ForwardingMode, HealthCheck, IpNet,
     KUBE_PROXY_HEALTHZ_PORT, MAX_WEIGHT, Protocol, Settings, Vip, VipAddr, parse_duration,
 };
 
@@ -19,6 +19,7 @@ pub(super) const TOP_KEYS: &[&str] = &[
     "encap_source_v4",
     "encap_source_v6",
     "max_new_flows_per_cpu",
+    "flow_state",
     "peers",
     "vips",
 ];
@@ -78,6 +79,17 @@ impl Checker<'_> {
             max_new_flows_per_cpu: match top.get("max_new_flows_per_cpu") {
                 Some(field) => self.number(&field, 0..=u32::MAX, NEW_FLOWS_HINT)?,
                 None => lb_common::DEFAULT_MAX_NEW_FLOWS_PER_CPU,
+            },
+            flow_state: match top.get("flow_state") {
+                Some(field) => {
+                    const HINT: &str = "use table (a connection-table entry per flow) or \
+                         second-chance (no entry; needs conntrack on every node)";
+                    let text = self.text(&field, "table or second-chance", HINT)?;
+                    text.parse::<FlowState>().map_err(|_| {
+                        self.error_at(&field, format!("unknown flow_state {text:?}"), HINT)
+                    })?
+                }
+                None => FlowState::Table,
             },
         };
 

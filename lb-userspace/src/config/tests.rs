@@ -4,7 +4,7 @@ use super::*;
 use lb_common::{DEFAULT_FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_TABLES, MAX_VIPS};
 
 use crate::model::{
-    Backend, DEFAULT_WEIGHT, ForwardingMode, MAX_WEIGHT, MacAddr, Protocol, Vip, VipAddr,
+    Backend, DEFAULT_WEIGHT, FlowState, ForwardingMode, MAX_WEIGHT, MacAddr, Protocol, Vip, VipAddr,
 };
 
 /// A config from its lines, so that a test's line numbers are its indices + 1.
@@ -157,6 +157,24 @@ fn defaults() {
 }
 
 #[test]
+fn flow_state_is_table_unless_set_to_second_chance() {
+    let table = parse(&yaml(&["vips: []"]), "lab.yaml").unwrap();
+    assert_eq!(table.settings.flow_state, FlowState::Table);
+    let chance = parse(
+        &yaml(&["flow_state: second-chance", "vips: []"]),
+        "lab.yaml",
+    )
+    .unwrap();
+    assert_eq!(chance.settings.flow_state, FlowState::SecondChance);
+    assert_error(
+        &["flow_state: conntrack", "vips: []"],
+        1,
+        "flow_state",
+        "unknown flow_state \"conntrack\"; use table",
+    );
+}
+
+#[test]
 fn empty_vips_are_allowed_but_not_a_missing_list() {
     assert_eq!(parse("vips: []\n", "lab.yaml").unwrap(), Desired::default());
     assert_eq!(parse("vips:\n", "lab.yaml").unwrap(), Desired::default());
@@ -197,7 +215,7 @@ fn unknown_key() {
         &["vips: []", "maglev_size: 7"],
         2,
         "maglev_size",
-        "valid keys here are maglev_table_size, flow_table_size, encap_source_v4, encap_source_v6, max_new_flows_per_cpu, peers, vips",
+        "valid keys here are maglev_table_size, flow_table_size, encap_source_v4, encap_source_v6, max_new_flows_per_cpu, flow_state, peers, vips",
     );
     assert_error(
         &with(3, &["    proto: udp"]),

@@ -50,7 +50,13 @@ impl Snapshot {
                 current.vip_refs.insert(id as u32, value);
             }
         }
-        let in_use: BTreeSet<u32> = current.vips.values().map(|i| i.table).collect();
+        // Their previous tables too: kept whole while a VIP names one (second chance).
+        let in_use: BTreeSet<u32> = current
+            .vips
+            .values()
+            .flat_map(|i| [i.table, i.previous_table])
+            .filter(|t| *t != lb_common::NO_TABLE)
+            .collect();
         for id in in_use {
             if let Some(info) = maps.table(id)? {
                 current.tables.insert(id, info);

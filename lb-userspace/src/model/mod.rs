@@ -266,6 +266,55 @@ impl FromStr for ForwardingMode {
     }
 }
 
+/// How a node keeps a connection on its backend when a VIP's table changes (`flow_state`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FlowState {
+    /// Every new flow is recorded in the connection table (the default; works in front of any
+    /// server and with any CNI).
+    #[default]
+    Table,
+    /// No flow is recorded: the node the current table picks keeps a packet its own conntrack
+    /// knows and hands an unknown non-SYN on to the previous table's pick (docs/design.md,
+    /// "Second chance"). Needs netfilter conntrack on every node (kube-proxy's rules).
+    SecondChance,
+}
+
+impl FlowState {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Table => "table",
+            Self::SecondChance => "second-chance",
+        }
+    }
+
+    /// [`lb_common::Settings::flow_state`].
+    pub const fn raw(self) -> u32 {
+        match self {
+            Self::Table => lb_common::flow_state::TABLE,
+            Self::SecondChance => lb_common::flow_state::SECOND_CHANCE,
+        }
+    }
+}
+
+impl fmt::Display for FlowState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for FlowState {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "table" => Ok(Self::Table),
+            "second-chance" => Ok(Self::SecondChance),
+            _ => Err(ParseError::new("flow state", s, "table or second-chance")),
+        }
+    }
+}
+
 /// A VIP and the backends that serve it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Vip {
@@ -336,6 +385,8 @@ pub struct Settings {
     /// The flood guard: connection-table inserts per second and CPU; above it new flows ride
     /// on Maglev's pick alone (`flows_not_recorded`). 0: no limit.
     pub max_new_flows_per_cpu: u32,
+    /// How flows keep their backends through table changes.
+    pub flow_state: FlowState,
 }
 
 impl Settings {
@@ -354,6 +405,7 @@ impl Default for Settings {
             encap_source_v4: None,
             encap_source_v6: None,
             max_new_flows_per_cpu: lb_common::DEFAULT_MAX_NEW_FLOWS_PER_CPU,
+            flow_state: FlowState::Table,
         }
     }
 }
@@ -546,7 +598,7 @@ mod tests {
             serde_json::json!({
                 "settings": {"maglev_table_size": null, "flow_table_size": 1048576,
                              "encap_source_v4": null, "encap_source_v6": null,
-                             "max_new_flows_per_cpu": 125000},
+                             "max_new_flows_per_cpu": 125000, "flow_state": "table"},
                 "vips": [{
                     "key": {"addr": "10.0.0.10", "port": 80, "protocol": "tcp"},
                     "backends": [

@@ -810,6 +810,7 @@ mod tests {
                 table_size: 7,
                 live_backends: 2,
                 flags,
+                previous_table: lb_common::NO_TABLE,
             }),
             vips: vec![*vip],
             table: vec![0, 1, 0, 1, 0, 1, 0],

@@ -241,6 +241,8 @@ pub fn describe(event: &TraceEvent, slots: &Snapshot, clock: &Clock) -> Describe
     let decided_by = match event.source {
         trace_source::CONN_TABLE => "conn_table",
         trace_source::MAGLEV => "maglev",
+        // Second chance: handed on to the VIP's previous table's pick.
+        trace_source::PREVIOUS_TABLE => "previous_table",
         _ => "none",
     };
     Described {

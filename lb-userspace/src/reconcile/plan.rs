@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use anyhow::{anyhow, bail};
 use lb_common::{
     Addr, Backend as BackendValue, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_DECAP_ADDRS, MAX_PEERS,
-    MAX_SOURCE_RANGES, MAX_TABLES, MAX_VIPS, MEMBER_DRAINING, MemberWeight, PeerKey,
+    MAX_SOURCE_RANGES, MAX_TABLES, MAX_VIPS, MEMBER_DRAINING, MemberWeight, NO_TABLE, PeerKey,
     Settings as DataplaneSettings, TableInfo, VipInfo, VipKey, addr_from_raw, backend_state,
     forward_mode, maglev_id, member_pick_weight, raw_addr, source_range_scope, vip_flags,
 };
@@ -20,7 +20,7 @@ use lb_common::{
 use super::LeftOut;
 use crate::dataplane::{RangeKey, Snapshot, scoped_prefix};
 use crate::maglev::MaglevBackend;
-use crate::model::{Backend, Desired, ForwardingMode, IpNet, Settings, Vip, vip_key};
+use crate::model::{Backend, Desired, FlowState, ForwardingMode, IpNet, Settings, Vip, vip_key};
 use crate::net::Interface;
 use crate::resolve::{Resolved, Target};
 
@@ -144,7 +144,7 @@ pub(super) fn plan(
     // and packets may still read what they point at).
     let mut vip_ids = Ids::new(current.vips.values().map(|i| i.id), MAX_VIPS);
     let mut backend_ids = Ids::new(current.backends.keys().copied(), MAX_BACKENDS);
-    let mut table_ids = Ids::new(current.vips.values().map(|i| i.table), MAX_TABLES);
+    let mut table_ids = Ids::new(named_tables(current.vips.values()), MAX_TABLES);
     let installed: BTreeMap<(IpAddr, u8), u32> = current
         .backends
         .iter()
@@ -313,6 +313,11 @@ pub(super) fn plan(
                 table_size,
                 live_backends,
                 flags,
+                previous_table: match desired.settings.flow_state {
+                    FlowState::SecondChance => previous_table(current, old_info, table),
+                    // Nothing reads it: the connection table keeps the flows.
+                    FlowState::Table => NO_TABLE,
+                },
             },
         });
     }
@@ -331,13 +336,12 @@ pub(super) fn plan(
             .filter(|id| !planned_ids.contains(id)),
     );
 
-    // What the VIPs use once pointed at their tables; the rest is freed after that.
-    let final_tables: BTreeSet<u32> = plan.vips.iter().map(|v| v.info.table).collect();
-    plan.freed_tables = current
-        .vips
-        .values()
-        .map(|i| i.table)
-        .filter(|t| !final_tables.contains(t))
+    // What the VIPs use once pointed at their tables (previous tables included); the rest is
+    // freed after that.
+    let final_tables = named_tables(plan.vips.iter().map(|v| &v.info));
+    plan.freed_tables = named_tables(current.vips.values())
+        .difference(&final_tables)
+        .copied()
         .collect();
     let mut used = BTreeSet::new();
     for table in &plan.tables {
@@ -378,6 +382,30 @@ pub(super) fn plan(
             .any(|k| !plan.vip_addrs.contains_key(k))
         || !current.source_ranges.is_subset(&plan.source_ranges);
     Ok(plan)
+}
+
+/// Every table the VIPs name: the ones they pick from and their previous ones. None of them
+/// is freed or given new contents while a VIP names it.
+pub(super) fn named_tables<'a>(vips: impl Iterator<Item = &'a VipInfo>) -> BTreeSet<u32> {
+    vips.flat_map(|info| [info.table, info.previous_table])
+        .filter(|table| *table != NO_TABLE)
+        .collect()
+}
+
+/// A VIP's previous table once it points at `table` (second-chance mode): the one it leaves
+/// when it moves, else the one it had (one generation: a move replaces it). Only a table that
+/// is installed whole is named ([`NO_TABLE`] otherwise, e.g. for a new VIP).
+fn previous_table(current: &Snapshot, old: Option<VipInfo>, table: u32) -> u32 {
+    let previous = match old {
+        Some(old) if old.table != table => old.table,
+        Some(old) if old.previous_table != table => old.previous_table,
+        _ => NO_TABLE,
+    };
+    if current.tables.contains_key(&previous) {
+        previous
+    } else {
+        NO_TABLE
+    }
 }
 
 /// The installed entry of a backend that cannot be resolved now, reached the way `mode` asks
@@ -585,7 +613,7 @@ pub(super) fn plan_colocation(desired: &Desired, resolved: &Resolved) -> Colocat
         decap_local,
         settings: DataplaneSettings {
             max_new_flows_per_cpu: desired.settings.max_new_flows_per_cpu,
-            _reserved: 0,
+            flow_state: desired.settings.flow_state.raw(),
         },
     }
 }

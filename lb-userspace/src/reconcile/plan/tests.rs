@@ -4,7 +4,7 @@
 use std::net::Ipv4Addr;
 
 use super::*;
-use crate::model::{MacAddr, Protocol, VipAddr};
+use crate::model::{FlowState, MacAddr, Protocol, VipAddr};
 use lb_common::VipRef;
 
 fn iface() -> Interface {
@@ -130,8 +130,8 @@ fn applied(current: &Snapshot, plan: &Plan) -> Snapshot {
             },
         );
     }
-    // As `Snapshot::read`: the tables some VIP points at.
-    let in_use: BTreeSet<u32> = next.vips.values().map(|i| i.table).collect();
+    // As `Snapshot::read`: the tables some VIP names (its current and previous ones).
+    let in_use = named_tables(next.vips.values());
     next.tables = tables
         .into_iter()
         .filter(|(id, _)| in_use.contains(id))
@@ -397,6 +397,99 @@ fn a_table_is_reused_by_its_installed_contents_and_rebuilt_when_not_installed() 
     assert!(plan.tables.is_empty());
     assert_eq!(plan.vips[0].info.table, plan.vips[1].info.table);
     assert_eq!(plan.freed_tables.len(), 1, "VIP 2's old table");
+}
+
+fn second_chance(mut desired: Desired) -> Desired {
+    desired.settings.flow_state = FlowState::SecondChance;
+    desired
+}
+
+#[test]
+fn a_vip_keeps_the_table_it_left_as_its_previous_until_its_next_change() {
+    let (plan, first) = step(&Snapshot::default(), &second_chance(three()));
+    assert_eq!(
+        plan.vips[0].info.previous_table, NO_TABLE,
+        "a new VIP has none"
+    );
+    let t0 = first.vips[&vip_key(&vip_at(1))].table;
+
+    // A change: the table it leaves is its previous one, kept whole (not freed, its members'
+    // entries kept, even one no current table has).
+    let without_2 = second_chance(state(vec![vip(1, vec![b(0, 1, false), b(1, 1, false)])]));
+    let (plan, second) = step(&first, &without_2);
+    let info = plan.vips[0].info;
+    assert_ne!(info.table, t0);
+    assert_eq!(info.previous_table, t0);
+    assert!(plan.freed_tables.is_empty());
+    assert!(
+        plan.freed_backends.is_empty(),
+        "backend 2 is in the previous table"
+    );
+    assert!(second.tables.contains_key(&t0));
+    let t1 = info.table;
+
+    // No change: the previous table stays.
+    let (plan, _) = step(&second, &without_2);
+    assert!(plan.vips.iter().all(|v| v.info.previous_table == t0));
+    assert!(plan.freed_tables.is_empty() && plan.tables.is_empty());
+
+    // The next change replaces it (one generation): the table before that is freed, and the
+    // backend only it had goes with it.
+    let with_3 = second_chance(state(vec![vip(
+        1,
+        vec![b(0, 1, false), b(1, 1, false), b(3, 1, false)],
+    )]));
+    let (plan, third) = step(&second, &with_3);
+    assert_eq!(plan.vips[0].info.previous_table, t1);
+    assert_eq!(plan.freed_tables, BTreeSet::from([t0]));
+    assert_eq!(
+        plan.freed_backends.keys().copied().collect::<Vec<_>>(),
+        vec![id_of(&second, 2)]
+    );
+    // A table a VIP names as previous is never given new contents in the meantime.
+    assert!(plan.tables.iter().all(|t| t.id != t1));
+
+    // Back to the table it left: reused (installed, its previous), and the other one becomes
+    // its previous.
+    let (plan, _) = step(&third, &without_2);
+    assert!(plan.tables.is_empty(), "its previous table is reused");
+    assert_eq!(plan.vips[0].info.table, t1);
+    assert_ne!(plan.vips[0].info.previous_table, t1);
+    assert!(plan.freed_tables.is_empty());
+
+    // A removed VIP frees both.
+    let (plan, _) = step(&third, &second_chance(state(vec![])));
+    assert_eq!(
+        plan.freed_tables,
+        BTreeSet::from([t1, third.vips[&vip_key(&vip_at(1))].table])
+    );
+    // Back to table mode: nothing reads a previous table, it is freed at once.
+    let (plan, _) = step(&third, &state(with_3.vips.clone()));
+    assert_eq!(plan.vips[0].info.previous_table, NO_TABLE);
+    assert_eq!(plan.freed_tables, BTreeSet::from([t1]));
+}
+
+#[test]
+fn table_mode_names_no_previous_table() {
+    let (_, first) = step(&Snapshot::default(), &three());
+    let old = first.vips[&vip_key(&vip_at(1))].table;
+    let plan = plan_for(&first, &with_backend_1(b(1, 1, true)));
+    assert_eq!(plan.vips[0].info.previous_table, NO_TABLE);
+    assert_eq!(plan.freed_tables, BTreeSet::from([old]));
+}
+
+#[test]
+fn a_previous_table_that_is_not_installed_whole_is_not_named() {
+    let (_, first) = step(&Snapshot::default(), &second_chance(three()));
+    let mut broken = first;
+    // An interrupted install's table has no fingerprint: `Snapshot::read` leaves it out.
+    let t0 = broken.vips[&vip_key(&vip_at(1))].table;
+    broken.tables.remove(&t0);
+    let plan = plan_for(
+        &broken,
+        &second_chance(state(vec![vip(1, vec![b(0, 1, false), b(1, 1, false)])])),
+    );
+    assert_eq!(plan.vips[0].info.previous_table, NO_TABLE);
 }
 
 #[test]

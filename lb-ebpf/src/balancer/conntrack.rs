@@ -1,0 +1,108 @@
+//! Does this node's own stack know a flow? `bpf_xdp_ct_lookup` on the kernel's conntrack,
+//! through the shim `ksyms_wrap.ll` (see lb-ebpf/build.rs). +35-50 ns a call: asked only on
+//! second chance's rare path, never per packet.
+
+use core::ffi::c_void;
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{FAMILY_V4, FlowKey};
+
+/// `struct bpf_ct_opts` in its 12-byte form (the kernel takes 12 or 16; at 12 the zone is
+/// the default one). Every field is written: the verifier wants initialised memory, and a
+/// `[u8; N]` reserved field compiles into a memset call.
+#[repr(C)]
+struct CtOpts {
+    netns_id: i32,
+    error: i32,
+    l4proto: u8,
+    dir: u8,
+    reserved: u16,
+}
+const CT_OPTS_SIZE: u32 = 12;
+const _: () = assert!(size_of::<CtOpts>() == CT_OPTS_SIZE as usize);
+/// `BPF_F_CURRENT_NETNS`: the receiving device's namespace.
+const CURRENT_NETNS: i32 = -1;
+
+/// `struct bpf_sock_tuple`'s IPv4 and IPv6 forms (network order, as in the packet).
+#[repr(C)]
+struct Tuple4 {
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+}
+#[repr(C)]
+struct Tuple6 {
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+    sport: u16,
+    dport: u16,
+}
+const _: () = assert!(size_of::<Tuple4>() == 12 && size_of::<Tuple6>() == 36);
+
+unsafe extern "C" {
+    /// `bpf_xdp_ct_lookup`: a referenced `struct nf_conn *`, or null.
+    fn sluice_ct_lookup(
+        ctx: *mut c_void,
+        tuple: *mut c_void,
+        tuple_size: u32,
+        opts: *mut CtOpts,
+        opts_size: u32,
+    ) -> *mut c_void;
+    /// `bpf_ct_release`: every non-null lookup result must be released on every path.
+    fn sluice_ct_release(ct: *mut c_void);
+}
+
+/// Does this node's conntrack hold the flow (client -> VIP, either direction of an entry)?
+/// A SYN never is (conntrack sees it only after XDP passed it); a connection this node's
+/// stack serves is (kube-proxy's DNAT or a local listener recorded it).
+#[inline(always)]
+pub(crate) fn knows(ctx: &XdpContext, key: &FlowKey) -> bool {
+    let mut opts = CtOpts {
+        netns_id: CURRENT_NETNS,
+        error: 0,
+        l4proto: key.proto,
+        dir: 0,
+        reserved: 0,
+    };
+    let ctx = ctx.ctx.cast::<c_void>();
+    // SAFETY: the kfunc reads `size` bytes of a tuple on this stack frame and writes `opts`;
+    // the result is released below.
+    let ct = unsafe {
+        if key.family == FAMILY_V4 {
+            let mut tuple = Tuple4 {
+                saddr: key.src[0],
+                daddr: key.dst[0],
+                sport: key.sport,
+                dport: key.dport,
+            };
+            sluice_ct_lookup(
+                ctx,
+                (&raw mut tuple).cast(),
+                size_of::<Tuple4>() as u32,
+                &raw mut opts,
+                CT_OPTS_SIZE,
+            )
+        } else {
+            let mut tuple = Tuple6 {
+                saddr: key.src,
+                daddr: key.dst,
+                sport: key.sport,
+                dport: key.dport,
+            };
+            sluice_ct_lookup(
+                ctx,
+                (&raw mut tuple).cast(),
+                size_of::<Tuple6>() as u32,
+                &raw mut opts,
+                CT_OPTS_SIZE,
+            )
+        }
+    };
+    if ct.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null result of the lookup, released once.
+    unsafe { sluice_ct_release(ct) };
+    true
+}

@@ -1,0 +1,344 @@
+//! Packet fixtures for second chance (`flow_state: second-chance`, docs/design.md): a node
+//! that records no flow keeps a mid-flow packet its own conntrack knows and hands one it does
+//! not know to the VIP's previous table's pick, once.
+//!
+//! The scene: three nodes serve a VIP (table A), then node 3 joins (table B); the program runs
+//! as node 3. Its conntrack is a real one: each test runs on a thread inside a network
+//! namespace of its own where conntrack is active (an nft `ct` rule) and a real TCP connection
+//! from the client to the VIP is open, so `bpf_xdp_ct_lookup` (which asks the caller's
+//! namespace in a test run) finds that connection and nothing else.
+//! Needs root; creates a namespace: run under the lab lock.
+
+use std::io;
+use std::net::{IpAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use lb_common::GlobalCounter;
+use lb_userspace::model::{Desired, FlowState, Protocol};
+use sluice_tests::cmd::sh;
+use sluice_tests::fixtures::{
+    CLIENT, Frame, Harness, TCP_ACK, TCP_SYN, VIP, XDP_PASS, XDP_TX, backend_addr, backend_mac,
+    desired, harness_with,
+};
+
+/// Node 3 joins nodes 0-2: every flow node 3 now takes had another pick before.
+const JOINED: u8 = 3;
+const BEFORE: &[(u8, u32, bool)] = &[(0, 1, false), (1, 1, false), (2, 1, false)];
+const AFTER: &[(u8, u32, bool)] = &[(0, 1, false), (1, 1, false), (2, 1, false), (3, 1, false)];
+
+/// A cluster's state: the VIP's backends are nodes, all of nodes 0-3 run sluice.
+fn cluster(backends: &[(u8, u32, bool)], flow_state: FlowState) -> Desired {
+    let mut d = desired(Protocol::Tcp, backends);
+    d.peers = (0..=JOINED).map(|i| IpAddr::V4(backend_addr(i))).collect();
+    d.settings.flow_state = flow_state;
+    d
+}
+
+/// Node `i` through the change (table A, then B): its VIP has A as its previous table. Its
+/// frames leave with its own MAC, as a real node's do (what the other nodes know it by).
+fn node_after_change(i: u8, flow_state: FlowState) -> Harness {
+    let mut h = Harness::new().expect("load the XDP object");
+    h.iface.mac = lb_userspace::model::MacAddr(backend_mac(i));
+    let this = IpAddr::V4(backend_addr(i));
+    h.apply_as_node(&cluster(BEFORE, flow_state), this)
+        .expect("table A");
+    h.apply_as_node(&cluster(AFTER, flow_state), this)
+        .expect("table B");
+    h
+}
+
+/// The backend a plain balancer with `backends` picks for client port `sport`.
+fn pick(backends: &[(u8, u32, bool)], sport: u16) -> u8 {
+    let mut plain = harness_with(&desired(Protocol::Tcp, backends));
+    let (action, out) = plain.run(&Frame::tcp(sport, TCP_SYN).bytes()).unwrap();
+    assert_eq!(action, XDP_TX);
+    Harness::backend_of(&out).unwrap()
+}
+
+/// Client ports (from 40000) whose flows table B gives to node 3: (port, table A's pick).
+fn moved_to_joined(count: usize) -> Vec<(u16, u8)> {
+    let mut before = harness_with(&desired(Protocol::Tcp, BEFORE));
+    let mut after = harness_with(&desired(Protocol::Tcp, AFTER));
+    let mut found = Vec::new();
+    for sport in 40000..41000u16 {
+        let frame = Frame::tcp(sport, TCP_SYN).bytes();
+        let now = Harness::backend_of(&after.run(&frame).unwrap().1).unwrap();
+        if now == JOINED {
+            let then = Harness::backend_of(&before.run(&frame).unwrap().1).unwrap();
+            found.push((sport, then));
+            if found.len() == count {
+                return found;
+            }
+        }
+    }
+    panic!("fewer than {count} of 1000 client ports moved to node {JOINED}");
+}
+
+/// A network namespace where conntrack is active, with the VIP and the client on its
+/// loopback; removed on drop.
+struct ConntrackNs {
+    name: String,
+}
+
+impl ConntrackNs {
+    fn new() -> Self {
+        sluice_tests::require_root();
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "sc{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let _ = sh(&["ip", "netns", "del", &name]);
+        sh(&["ip", "netns", "add", &name]).expect("ip netns add");
+        let ns = Self { name };
+        let run = |argv: &[&str]| {
+            let mut full = vec!["ip", "netns", "exec", &ns.name];
+            full.extend_from_slice(argv);
+            sh(&full).unwrap_or_else(|e| panic!("{argv:?}: {e:#}"));
+        };
+        run(&["ip", "link", "set", "lo", "up"]);
+        for addr in [VIP, CLIENT] {
+            run(&["ip", "addr", "add", &format!("{addr}/32"), "dev", "lo"]);
+        }
+        // Any rule with a `ct` expression turns conntrack on in the namespace (kube-proxy's
+        // rules do it on a real node).
+        run(&["nft", "add", "table", "ip", "sc"]);
+        run(&[
+            "nft",
+            "add chain ip sc out { type filter hook output priority 0 ; }",
+        ]);
+        run(&[
+            "nft", "add", "rule", "ip", "sc", "out", "ct", "state", "new", "counter",
+        ]);
+        ns
+    }
+
+    /// Runs `f` on a thread inside the namespace (sockets and test runs both see it).
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        sluice_tests::netns::run_in(&self.name, move || Ok(f())).expect("thread in the namespace")
+    }
+
+    /// The namespace's conntrack entries, as `conntrack -L` prints them.
+    fn entries(&self) -> String {
+        let out =
+            sh(&["ip", "netns", "exec", &self.name, "conntrack", "-L"]).expect("conntrack -L");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for ConntrackNs {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+/// A real TCP connection from CLIENT:`sport` to VIP:80 (conntrack records it as the client ->
+/// VIP tuple, as kube-proxy's node records a VIP flow it serves): (client, server) sockets.
+fn connect_from(sport: u16, listener: &TcpListener) -> (TcpStream, TcpStream) {
+    let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a new socket, owned by the TcpStream at once; the addresses live on this stack.
+    let client = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+        let stream = TcpStream::from_raw_fd(fd);
+        let from = sockaddr(SocketAddrV4::new(CLIENT, sport));
+        let rc = libc::bind(fd, (&raw const from).cast(), len);
+        assert_eq!(
+            rc,
+            0,
+            "bind {CLIENT}:{sport}: {}",
+            io::Error::last_os_error()
+        );
+        let to = sockaddr(SocketAddrV4::new(VIP, 80));
+        let rc = libc::connect(stream.as_raw_fd(), (&raw const to).cast(), len);
+        assert_eq!(rc, 0, "connect {VIP}:80: {}", io::Error::last_os_error());
+        stream
+    };
+    let (server, _) = listener.accept().expect("accept");
+    (client, server)
+}
+
+/// What node 3 did with one frame: verdict, output, and the second-chance counters.
+struct Outcome {
+    action: u32,
+    out: Vec<u8>,
+    hits: u64,
+    handed_on: u64,
+}
+
+fn send(h: &mut Harness, frame: &[u8]) -> Outcome {
+    let (hits0, handed0) = counters(h);
+    let (action, out) = h.run(frame).expect("test run");
+    let (hits, handed_on) = counters(h);
+    Outcome {
+        action,
+        out,
+        hits: hits - hits0,
+        handed_on: handed_on - handed0,
+    }
+}
+
+fn counters(h: &Harness) -> (u64, u64) {
+    (
+        h.counter(GlobalCounter::SecondChanceHit).unwrap(),
+        h.counter(GlobalCounter::SecondChanceHandedOn).unwrap(),
+    )
+}
+
+/// Asserts `out` is `input` sent from node 3's MAC to node `to`'s, nothing else changed.
+fn assert_handed_to(out: &[u8], input: &[u8], to: u8) {
+    assert_eq!(Harness::backend_of(out), Some(to), "to the previous pick");
+    assert_eq!(out[6..12], backend_mac(JOINED), "from node 3's own MAC");
+    assert_eq!(out[12..], input[12..], "only the MACs change");
+}
+
+#[test]
+fn a_known_flow_stays_and_an_unknown_one_goes_to_the_previous_pick() {
+    let ns = ConntrackNs::new();
+    let moved = moved_to_joined(2);
+    let ((known, _), (unknown, unknown_before)) = (moved[0], moved[1]);
+    ns.run(move || {
+        let listener = TcpListener::bind(SocketAddrV4::new(VIP, 80)).expect("listen on the VIP");
+        let _connection = connect_from(known, &listener);
+        let mut h = node_after_change(JOINED, FlowState::SecondChance);
+
+        // The connection this node serves: its conntrack knows it, the packet stays here.
+        let ack = Frame::tcp(known, TCP_ACK).bytes();
+        let kept = send(&mut h, &ack);
+        assert_eq!(
+            kept.action, XDP_PASS,
+            "a flow conntrack knows goes to this stack"
+        );
+        assert_eq!(kept.out, ack, "untouched");
+        assert_eq!((kept.hits, kept.handed_on), (1, 0));
+
+        // A flow it does not know began on table A's pick: handed on there, once.
+        let ack = Frame::tcp(unknown, TCP_ACK).bytes();
+        let handed = send(&mut h, &ack);
+        assert_eq!(handed.action, XDP_TX);
+        assert_handed_to(&handed.out, &ack, unknown_before);
+        assert_eq!((handed.hits, handed.handed_on), (0, 1));
+        assert!(
+            h.flow_entries().unwrap().is_empty(),
+            "second chance records no flow"
+        );
+    });
+    let table = ns.entries();
+    assert!(
+        table.contains(&format!("sport={known} dport=80")),
+        "the known flow is in conntrack: {table}"
+    );
+    assert!(
+        !table.contains(&format!("sport={unknown} ")),
+        "the unknown flow is not: {table}"
+    );
+}
+
+#[test]
+fn a_syn_never_takes_the_second_chance() {
+    let ns = ConntrackNs::new();
+    let (sport, _) = moved_to_joined(1)[0];
+    ns.run(move || {
+        let mut h = node_after_change(JOINED, FlowState::SecondChance);
+        let syn = Frame::tcp(sport, TCP_SYN).bytes();
+        let new = send(&mut h, &syn);
+        assert_eq!(
+            new.action, XDP_PASS,
+            "a new connection is this node's (table B)"
+        );
+        assert_eq!(new.out, syn);
+        assert_eq!((new.hits, new.handed_on), (0, 0), "conntrack is not asked");
+        assert_eq!(h.counter(GlobalCounter::Local).unwrap(), 1);
+        assert!(
+            h.flow_entries().unwrap().is_empty(),
+            "second chance records no new flow"
+        );
+    });
+}
+
+#[test]
+fn a_handed_on_packet_is_never_handed_on_again() {
+    let ns = ConntrackNs::new();
+    let (sport, before) = moved_to_joined(1)[0];
+    ns.run(move || {
+        let mut joined = node_after_change(JOINED, FlowState::SecondChance);
+        let ack = Frame::tcp(sport, TCP_ACK).bytes();
+        let handed = send(&mut joined, &ack);
+        assert_eq!(handed.handed_on, 1);
+        assert_handed_to(&handed.out, &ack, before);
+
+        // At the previous pick (same tables, its conntrack does not know the flow either):
+        // a frame from node 3's MAC was balanced by a peer, so it goes to its stack as is.
+        let mut previous = node_after_change(before, FlowState::SecondChance);
+        let there = send(&mut previous, &handed.out);
+        assert_eq!(there.action, XDP_PASS, "the previous pick keeps it");
+        assert_eq!(there.out, handed.out, "untouched");
+        assert_eq!((there.hits, there.handed_on), (0, 0));
+        assert_eq!(previous.counter(GlobalCounter::FromPeer).unwrap(), 1);
+
+        // The same packet from a client's MAC is balanced there: table B sends it to node 3.
+        // That is the hop the peer rule forbids (it would bounce back and forth).
+        let mut from_client = handed.out.clone();
+        from_client[6..12].copy_from_slice(&sluice_tests::fixtures::CLIENT_MAC);
+        let balanced = send(&mut previous, &from_client);
+        assert_eq!(balanced.action, XDP_TX);
+        assert_eq!(Harness::backend_of(&balanced.out), Some(JOINED));
+    });
+}
+
+#[test]
+fn table_mode_is_unchanged_and_same_picks_never_ask() {
+    let ns = ConntrackNs::new();
+    let moved = moved_to_joined(1);
+    let (sport, _) = moved[0];
+    // A flow that stays on node 0 through the change.
+    let stays = (40000..41000u16)
+        .find(|p| pick(BEFORE, *p) == 0 && pick(AFTER, *p) == 0)
+        .expect("a flow node 0 keeps");
+    ns.run(move || {
+        // Table mode: the flow is node 3's by table B and recorded; no question, no hand-on.
+        let mut table = node_after_change(JOINED, FlowState::Table);
+        let ack = Frame::tcp(sport, TCP_ACK).bytes();
+        let local = send(&mut table, &ack);
+        assert_eq!(local.action, XDP_PASS);
+        assert_eq!(local.out, ack);
+        assert_eq!((local.hits, local.handed_on), (0, 0));
+        assert_eq!(
+            table.flow_entries().unwrap().get(&sport),
+            Some(&None),
+            "recorded"
+        );
+
+        // Second-chance mode, the same pick before and after (node 0, the node itself):
+        // to its stack as today, conntrack not asked although it does not know the flow.
+        let mut node0 = node_after_change(0, FlowState::SecondChance);
+        let ack = Frame::tcp(stays, TCP_ACK).bytes();
+        let same = send(&mut node0, &ack);
+        assert_eq!(same.action, XDP_PASS);
+        assert_eq!((same.hits, same.handed_on), (0, 0));
+        assert_eq!(node0.counter(GlobalCounter::Local).unwrap(), 1);
+        assert!(node0.flow_entries().unwrap().is_empty(), "nothing recorded");
+        // A VIP with no previous table (a first apply) is as today too.
+        let mut fresh = Harness::new().unwrap();
+        fresh.iface.mac = lb_userspace::model::MacAddr(backend_mac(JOINED));
+        fresh
+            .apply_as_node(
+                &cluster(AFTER, FlowState::SecondChance),
+                IpAddr::V4(backend_addr(JOINED)),
+            )
+            .unwrap();
+        let first = send(&mut fresh, &Frame::tcp(sport, TCP_ACK).bytes());
+        assert_eq!(first.action, XDP_PASS);
+        assert_eq!((first.hits, first.handed_on), (0, 0));
+    });
+}
