@@ -36,7 +36,9 @@ pub mod map_names {
     pub const TRACE: &str = "TRACE";
     pub const TRACE_EVENTS: &str = "TRACE_EVENTS";
     pub const TRACE_RATE: &str = "TRACE_RATE";
-    pub const ALL: [&str; 25] = [
+    /// The second chance's per-CPU scratch for its conntrack lookups.
+    pub const CT_SCRATCH: &str = "CT_SCRATCH";
+    pub const ALL: [&str; 26] = [
         FLOWS6,
         VIP_FILTER,
         VIP_ADDRS,
@@ -62,6 +64,7 @@ pub mod map_names {
         TRACE,
         TRACE_EVENTS,
         TRACE_RATE,
+        CT_SCRATCH,
     ];
 }
 

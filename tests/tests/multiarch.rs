@@ -220,8 +220,18 @@ fn arm64_tests(args: &[&str]) -> Result<usize> {
 #[test]
 fn the_unit_tests_pass_on_arm64_under_qemu() -> Result<()> {
     let common = arm64_tests(&["--package", "lb-common"])?;
-    let userspace = arm64_tests(&["--package", "lb-userspace", "--lib"])?;
-    println!("arm64 under qemu: lb-common {common} tests passed, lb-userspace {userspace}");
+    // Left out by name, and said: the BGP socket tests set TCP_MD5SIG and IP_MINTTL on real
+    // loopback sockets, options qemu-user does not translate for the host kernel (setsockopt
+    // answers EINVAL); they run natively in `cargo test -p lb-userspace`.
+    let qemu_cannot = ["bgp::socket::tests::"];
+    let mut args = vec!["--package", "lb-userspace", "--lib", "--"];
+    for t in qemu_cannot {
+        args.extend(["--skip", t]);
+    }
+    let userspace = arm64_tests(&args)?;
+    println!(
+        "arm64 under qemu: lb-common {common} tests passed, lb-userspace {userspace} (not run here: {qemu_cannot:?}, kernel socket options qemu-user does not translate)"
+    );
     // Far fewer would mean the tests were not found, not that they passed.
     ensure!(common >= 6, "only {common} lb-common tests ran");
     ensure!(

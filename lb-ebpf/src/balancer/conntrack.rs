@@ -53,51 +53,56 @@ unsafe extern "C" {
     fn sluice_ct_release(ct: *mut c_void);
 }
 
+/// The lookup's arguments, in a per-CPU map value instead of on the stack: the balancer's
+/// stack is at the verifier's limit (tests/tests/stack.rs), and the kfunc takes any memory of
+/// the sizes passed.
+#[repr(C)]
+pub(crate) struct CtScratch {
+    tuple: Tuple6,
+    opts: CtOpts,
+}
+
 /// Does this node's conntrack hold the flow (client -> VIP, either direction of an entry)?
 /// A SYN never is (conntrack sees it only after XDP passed it); a connection this node's
 /// stack serves is (kube-proxy's DNAT or a local listener recorded it).
 #[inline(always)]
 pub(crate) fn knows(ctx: &XdpContext, key: &FlowKey) -> bool {
-    let mut opts = CtOpts {
-        netns_id: CURRENT_NETNS,
-        error: 0,
-        l4proto: key.proto,
-        dir: 0,
-        reserved: 0,
+    let Some(scratch) = super::maps::CT_SCRATCH.get_ptr_mut(0) else {
+        return false;
     };
-    let ctx = ctx.ctx.cast::<c_void>();
-    // SAFETY: the kfunc reads `size` bytes of a tuple on this stack frame and writes `opts`;
-    // the result is released below.
+    // SAFETY: this CPU's element, used only for the duration of this call (no other program
+    // run on this CPU meanwhile); every byte the kfunc reads is written first.
     let ct = unsafe {
-        if key.family == FAMILY_V4 {
-            let mut tuple = Tuple4 {
-                saddr: key.src[0],
-                daddr: key.dst[0],
-                sport: key.sport,
-                dport: key.dport,
-            };
-            sluice_ct_lookup(
-                ctx,
-                (&raw mut tuple).cast(),
-                size_of::<Tuple4>() as u32,
-                &raw mut opts,
-                CT_OPTS_SIZE,
-            )
+        (*scratch).opts = CtOpts {
+            netns_id: CURRENT_NETNS,
+            error: 0,
+            l4proto: key.proto,
+            dir: 0,
+            reserved: 0,
+        };
+        let size = if key.family == FAMILY_V4 {
+            let tuple = scratch.cast::<Tuple4>();
+            (*tuple).saddr = key.src[0];
+            (*tuple).daddr = key.dst[0];
+            (*tuple).sport = key.sport;
+            (*tuple).dport = key.dport;
+            size_of::<Tuple4>() as u32
         } else {
-            let mut tuple = Tuple6 {
+            (*scratch).tuple = Tuple6 {
                 saddr: key.src,
                 daddr: key.dst,
                 sport: key.sport,
                 dport: key.dport,
             };
-            sluice_ct_lookup(
-                ctx,
-                (&raw mut tuple).cast(),
-                size_of::<Tuple6>() as u32,
-                &raw mut opts,
-                CT_OPTS_SIZE,
-            )
-        }
+            size_of::<Tuple6>() as u32
+        };
+        sluice_ct_lookup(
+            ctx.ctx.cast::<c_void>(),
+            (&raw mut (*scratch).tuple).cast(),
+            size,
+            &raw mut (*scratch).opts,
+            CT_OPTS_SIZE,
+        )
     };
     if ct.is_null() {
         return false;

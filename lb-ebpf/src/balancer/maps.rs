@@ -147,3 +147,7 @@ pub(crate) static TRACE_EVENTS: RingBuf<TraceEvent, { TRACE_RING_BYTES as usize 
 /// Per-CPU windows of `TraceFilter::max_per_sec`.
 #[btf_map]
 pub(crate) static TRACE_RATE: PerCpuArray<RateWindow, 1> = PerCpuArray::new();
+
+/// The second chance's conntrack lookup arguments (one element per CPU): off the stack.
+#[btf_map]
+pub(crate) static CT_SCRATCH: PerCpuArray<super::conntrack::CtScratch, 1> = PerCpuArray::new();
