@@ -159,8 +159,9 @@ fn load_object(
     pins: Option<&PinLayout>,
     configure: impl FnOnce(&mut EbpfLoader),
 ) -> anyhow::Result<Ebpf> {
-    let paths: Vec<(&str, PathBuf)> = match pins {
-        Some(p) => kind.map_names().iter().map(|n| (*n, p.map(n))).collect(),
+    let load_dir = pins.map(PinLayout::load_dir).transpose()?;
+    let paths: Vec<(&str, PathBuf)> = match &load_dir {
+        Some(dir) => kind.map_names().iter().map(|n| (*n, dir.join(n))).collect(),
         None => Vec::new(),
     };
     let mut loader = EbpfLoader::new();
@@ -179,6 +180,9 @@ fn load_object(
         xdp_program(&mut ebpf, name)?
             .load()
             .map_err(|e| anyhow!("verifying {name}: {}", program_error(&e)))?;
+    }
+    if let (Some(pins), Some(dir)) = (pins, &load_dir) {
+        pins.publish(dir)?;
     }
     Ok(ebpf)
 }

@@ -92,6 +92,42 @@ impl PinLayout {
     pub fn has_maps(&self) -> bool {
         self.map(self.kind.map_names()[0]).exists()
     }
+    fn has_any_map(&self) -> bool {
+        self.kind.map_names().iter().any(|n| self.map(n).exists())
+    }
+    fn staging_dir(&self) -> PathBuf {
+        // bpffs refuses names with a dot.
+        self.dir.join("maps-staging")
+    }
+
+    /// Where a load pins the maps: in place when some are pinned already (they are adopted),
+    /// else in a staging directory that [`Self::publish`] renames to `maps/` once every map is
+    /// pinned, so a reader (`inspect`, a `/metrics` scrape) sees no maps or all of them.
+    pub(super) fn load_dir(&self) -> anyhow::Result<PathBuf> {
+        if self.has_any_map() {
+            return Ok(self.maps_dir());
+        }
+        let staging = self.staging_dir();
+        // Left by a load that died before publishing: no program uses those maps.
+        remove_pins_in(&staging)?;
+        fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+        Ok(staging)
+    }
+
+    /// Makes the maps a load pinned in `loaded_in` visible at `maps/` with one rename.
+    pub(super) fn publish(&self, loaded_in: &Path) -> anyhow::Result<()> {
+        if loaded_in == self.maps_dir() {
+            return Ok(());
+        }
+        // `prepare` made an empty `maps/`: rename replaces an empty directory.
+        fs::rename(loaded_in, self.maps_dir()).with_context(|| {
+            format!(
+                "publishing the maps pinned in {} at {}",
+                loaded_in.display(),
+                self.maps_dir().display()
+            )
+        })
+    }
 
     /// Every map of the object is pinned: an attach pins them one by one, and a reader in
     /// between (a `/metrics` scrape during the agent's first attach) would find some missing.
@@ -127,6 +163,7 @@ impl PinLayout {
                 fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
             }
         }
+        remove_pins_in(&self.staging_dir())?;
         let mark = self.dir.join(Self::layout_mark(lb_common::MAP_LAYOUT));
         for dir in [self.maps_dir(), mark, self.dir.clone()] {
             if dir.exists() {
@@ -135,6 +172,18 @@ impl PinLayout {
         }
         Ok(())
     }
+}
+
+/// Unpins everything in `dir` and removes it (nothing when it does not exist).
+fn remove_pins_in(dir: &Path) -> anyhow::Result<()> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+    }
+    fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))
 }
 
 pub(super) fn is_bpffs(path: &Path) -> bool {
