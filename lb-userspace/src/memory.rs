@@ -45,11 +45,11 @@ pub fn estimate(settings: &Settings, tables: &Tables, cpus: usize) -> u64 {
 pub fn tables(desired: &Desired) -> Tables {
     let mut seen = std::collections::HashSet::new();
     let mut out = Tables::default();
-    for vip in &desired.vips {
-        if seen.insert(vip.table_key()) {
+    for (list, mode) in desired.distinct_backend_lists() {
+        if seen.insert(crate::model::table_key(mode, list)) {
             out.sizes
-                .push(desired.settings.maglev_table_size_for(vip.backends.len()));
-            out.members += vip.backends.len();
+                .push(desired.settings.maglev_table_size_for(list.len()));
+            out.members += list.len();
         }
     }
     out

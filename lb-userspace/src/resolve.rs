@@ -62,9 +62,9 @@ pub fn resolve(iface: &Interface, desired: &Desired) -> anyhow::Result<Resolved>
     };
     let mut egress_by_name: HashMap<String, Interface> = HashMap::new();
     egress_by_name.insert(iface.name.clone(), iface.clone());
-    for vip in &desired.vips {
-        for backend in &vip.backends {
-            let key = (backend.addr, vip.mode);
+    for (list, mode) in desired.distinct_backend_lists() {
+        for backend in list {
+            let key = (backend.addr, mode);
             if out.targets.contains_key(&key) || out.failures.contains_key(&key) {
                 continue;
             }
@@ -72,7 +72,7 @@ pub fn resolve(iface: &Interface, desired: &Desired) -> anyhow::Result<Resolved>
                 out.targets.insert(key, Target::Local);
                 continue;
             }
-            let found = match (backend.mac, vip.mode) {
+            let found = match (backend.mac, mode) {
                 // A configured MAC is on the attached interface's segment (in ipip mode: the
                 // next hop's).
                 (Some(mac), mode) => Ok((mac, iface.clone(), None, mode)),

@@ -564,7 +564,7 @@ pub fn desired_at(vip: IpAddr, protocol: Protocol, backends: &[(u8, u32, bool)])
             weight,
             drain,
         })
-        .collect();
+        .collect::<Vec<_>>();
     Desired {
         settings: Settings {
             encap_source_v4: Some(ENCAP_SOURCE_V4.parse().expect("constant prefix")),

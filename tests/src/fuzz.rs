@@ -123,14 +123,18 @@ pub fn fuzz_desired() -> Desired {
         v.mode = ForwardingMode::Ipip
     });
     add(IpAddr::V4(VIP_EMPTY), 80, Protocol::Tcp, &|v| {
-        for b in &mut v.backends {
-            b.weight = 0;
-        }
+        v.backends = v.backends.map(|b| Backend {
+            weight: 0,
+            ..b.clone()
+        });
     });
     add(IpAddr::V4(VIP_LOCAL), 80, Protocol::Tcp, &|v| {
-        v.backends.truncate(1);
-        v.backends[0].addr = IpAddr::V4(NODE_SELF);
-        v.backends[0].mac = Some(lb_userspace::model::MacAddr(NODE_SELF_MAC));
+        v.backends = vec![Backend {
+            addr: IpAddr::V4(NODE_SELF),
+            mac: Some(lb_userspace::model::MacAddr(NODE_SELF_MAC)),
+            ..v.backends[0].clone()
+        }]
+        .into();
     });
     desired.peers = (0..3).map(|i| IpAddr::V4(backend_addr(i))).collect();
     desired.vips.sort_by_key(|v| v.key);

@@ -139,9 +139,12 @@ fn every_node_builds_the_same_maglev_table() {
     let mut late = node(
         &{
             let mut first = d.clone();
-            first.vips[0]
+            first.vips[0].backends = first.vips[0]
                 .backends
-                .retain(|b| b.addr == IpAddr::V4(backend_addr(2)));
+                .iter()
+                .filter(|b| b.addr == IpAddr::V4(backend_addr(2)))
+                .cloned()
+                .collect();
             first
         },
         1,

@@ -441,7 +441,7 @@ fn a_syn_under_the_flood_guard_removes_its_stale_entry() {
     let mut d = desired(Protocol::Tcp, THREE);
     let mut h = harness_with(&d);
     let ports = ports_of(&mut h, 1, 10);
-    d.vips[0].backends[1].drain = true;
+    d.vips[0].backends.make_mut()[1].drain = true;
     // A guard that records nothing more in this window.
     d.settings.max_new_flows_per_cpu = 1;
     h.apply(&d).unwrap();

@@ -287,7 +287,7 @@ impl Checker<'_> {
             .transpose()?;
         Ok(Vip {
             key,
-            backends,
+            backends: backends.into(),
             mode,
             client_affinity,
             source_ranges,

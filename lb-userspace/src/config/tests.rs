@@ -141,7 +141,7 @@ fn defaults() {
     let vip = &desired.vips[0];
     assert_eq!(vip.key.protocol, Protocol::Tcp);
     assert_eq!(
-        vip.backends,
+        vip.backends[..],
         [backend([10, 200, 1, 2], None, DEFAULT_WEIGHT, false)]
     );
     // Empty values are absent ones.

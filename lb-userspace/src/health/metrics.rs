@@ -7,8 +7,13 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::{Health, NodeLoad, StatusBoard};
+use super::{Health, NodeLoad, StatusBoard, StatusGroup};
 use crate::http;
+
+/// Series per (VIP, backend) family: beyond it a scrape would grow with VIPs x nodes (10
+/// million at 10,000 VIP ports on 1,000 nodes); the rest is counted in
+/// `sluice_backend_series_omitted` and every row stays at `/health/backends`.
+pub const MAX_BACKEND_SERIES: i64 = 20_000;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -105,7 +110,15 @@ impl HealthMetrics {
             "backend_load_multiplier_percent",
             "The load multiplier applied to the backend's base weight, percent (100: neutral)",
         );
-        for row in self.board.rows() {
+        let groups = self.board.groups();
+        let mut room = MAX_BACKEND_SERIES;
+        let mut omitted = 0;
+        for row in groups.iter().flat_map(StatusGroup::expand) {
+            if room == 0 {
+                omitted += 1;
+                continue;
+            }
+            room -= 1;
             let labels = vec![("vip", row.vip.clone()), ("backend", row.backend.clone())];
             healthy
                 .get_or_create(&labels)
@@ -118,6 +131,13 @@ impl HealthMetrics {
                 .get_or_create(&labels)
                 .set(i64::from(row.multiplier));
         }
+        gauge_family(
+            registry,
+            "backend_series_omitted",
+            "(VIP, backend) pairs over the limit of series per family above (their rows are at /health/backends)",
+        )
+        .get_or_create(&Vec::new())
+        .set(omitted);
         let load = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         registry.register(
             "node_load",
@@ -149,7 +169,7 @@ impl HealthMetrics {
         let backends: http::Handler = Box::new(move || http::Reply {
             status: 200,
             content_type: "application/json",
-            body: serde_json::to_string(&board.rows()).unwrap_or_else(|_| "[]".into()),
+            body: serde_json::to_string(&board.groups()).unwrap_or_else(|_| "[]".into()),
         });
         (http::HEALTH_BACKENDS_PATH, backends)
     }

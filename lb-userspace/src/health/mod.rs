@@ -22,14 +22,14 @@ pub mod ring;
 mod sim;
 pub mod votes;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Desired, HealthCheck, Vip, VipAddr};
+use crate::model::{Backend, Backends, Desired, HealthCheck, ListId, Vip, VipAddr};
 
 /// What a check says about a backend now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,21 +90,47 @@ pub struct BackendStatus {
     pub why: String,
 }
 
-/// The last overlay's rows (shared with `/metrics` and `/health/backends`).
+/// The rows of the VIPs that share one backend list, check and load-awareness (their `vip`
+/// left empty: [`StatusGroup::expand`] fills it): a cluster's 10,000 VIP ports on 1,000 nodes
+/// are a few groups of 1,000 rows, not 10 million.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusGroup {
+    pub vips: Vec<String>,
+    pub rows: Vec<BackendStatus>,
+}
+
+impl StatusGroup {
+    /// One row per (VIP, backend).
+    pub fn expand(&self) -> impl Iterator<Item = BackendStatus> + '_ {
+        self.vips.iter().flat_map(|vip| {
+            self.rows.iter().map(|row| BackendStatus {
+                vip: vip.clone(),
+                ..row.clone()
+            })
+        })
+    }
+
+    /// How many (VIP, backend) rows the group stands for.
+    pub fn memberships(&self) -> usize {
+        self.vips.len() * self.rows.len()
+    }
+}
+
+/// The last overlay's groups (shared with `/metrics` and `/health/backends`).
 #[derive(Clone, Debug, Default)]
-pub struct StatusBoard(Arc<Mutex<Vec<BackendStatus>>>);
+pub struct StatusBoard(Arc<Mutex<Vec<StatusGroup>>>);
 
 impl StatusBoard {
-    pub fn set(&self, rows: Vec<BackendStatus>) {
-        if let Ok(mut r) = self.0.lock() {
-            *r = rows;
+    pub fn set(&self, groups: Vec<StatusGroup>) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = groups;
         }
     }
 
     /// Updates the rows' load column from fresh readings (the weights change only by overlay).
     pub fn refresh_loads(&self, loads: &BTreeMap<String, NodeLoad>) {
-        if let Ok(mut rows) = self.0.lock() {
-            for row in rows.iter_mut() {
+        if let Ok(mut groups) = self.0.lock() {
+            for row in groups.iter_mut().flat_map(|g| g.rows.iter_mut()) {
                 if let Some(l) = row.node.as_ref().and_then(|n| loads.get(n)) {
                     row.load = l.fresh.then_some(l.load);
                 }
@@ -112,8 +138,8 @@ impl StatusBoard {
         }
     }
 
-    pub fn rows(&self) -> Vec<BackendStatus> {
-        self.0.lock().map(|r| r.clone()).unwrap_or_default()
+    pub fn groups(&self) -> Vec<StatusGroup> {
+        self.0.lock().map(|g| g.clone()).unwrap_or_default()
     }
 }
 
@@ -125,108 +151,155 @@ impl StatusBoard {
 ///   VIP's weights are divided by their greatest common divisor (Maglev depends only on the
 ///   ratios); when every multiplier is neutral the base weights stay exactly as they were.
 ///
-/// `verdict(addr, check)` and `load(vip, addr)` (`None`: no multiplier, neutral) are the
-/// caller's. Pure: the same inputs give the same model on every node.
+/// `verdict(addr, check)`, `load_aware(vip)` and `load(addr)` (`None`: no multiplier, neutral)
+/// are the caller's. Pure: the same inputs give the same model on every node. Worked once per
+/// group of VIPs with the same backend list, check and load-awareness (every
+/// `externalTrafficPolicy: Cluster` VIP of a family is one group), and those VIPs keep sharing
+/// one list.
 pub fn overlay(
     desired: &mut Desired,
     node_names: &BTreeMap<IpAddr, String>,
     verdict: &dyn Fn(IpAddr, &HealthCheck) -> Verdict,
-    load: &dyn Fn(&VipAddr, IpAddr) -> Option<NodeLoad>,
-) -> Vec<BackendStatus> {
-    let mut rows = Vec::new();
+    load_aware: &dyn Fn(&VipAddr) -> bool,
+    load: &dyn Fn(IpAddr) -> Option<NodeLoad>,
+) -> Vec<StatusGroup> {
+    type GroupKey = (ListId, Option<HealthCheck>, bool);
+    let mut groups: Vec<(Backends, StatusGroup)> = Vec::new();
+    let mut index: HashMap<GroupKey, usize> = HashMap::new();
     for vip in &mut desired.vips {
-        let verdicts: Vec<Option<Verdict>> = vip
-            .backends
-            .iter()
-            .map(|b| vip.health_check.as_ref().map(|c| verdict(b.addr, c)))
-            .collect();
-        let all_down = !verdicts.is_empty()
-            && verdicts
-                .iter()
-                .all(|v| v.as_ref().is_some_and(|v| v.health == Health::Down));
-        let mut effective: Vec<u64> = Vec::with_capacity(vip.backends.len());
-        let mut whys: Vec<Vec<String>> = Vec::with_capacity(vip.backends.len());
-        let mut loads = Vec::with_capacity(vip.backends.len());
-        for (b, v) in vip.backends.iter_mut().zip(&verdicts) {
-            let mut why = Vec::new();
-            if b.drain {
-                why.push("drained by its source (API or config)".to_owned());
-            }
-            if let Some(v) = v {
-                if v.health == Health::Down {
-                    if all_down {
-                        why.push(format!(
-                            "check down ({}), but every backend is down: failing open",
-                            v.reason
-                        ));
-                    } else {
-                        b.drain = true;
-                        why.push(format!("check down: {}", v.reason));
-                    }
-                } else if v.health == Health::Unchecked {
-                    why.push(format!("not checked: {}", v.reason));
-                } else if v.health == Health::Unknown {
-                    why.push(format!("health unknown: {}", v.reason));
-                }
-            }
-            let l = load(&vip.key, b.addr);
-            let multiplier = match &l {
-                Some(l) if l.fresh => {
-                    if l.multiplier < 100 {
-                        why.push(format!(
-                            "node load {:.2}: weight x{}%",
-                            l.load, l.multiplier
-                        ));
-                    }
-                    l.multiplier.clamp(control::FLOOR, 100)
-                }
-                Some(_) => {
-                    why.push("load unknown (stale Lease): neutral".to_owned());
-                    100
-                }
-                None => 100,
-            };
-            effective.push(u64::from(b.weight) * u64::from(multiplier));
-            whys.push(why);
-            loads.push((l, multiplier));
-        }
-        // All neutral: the base weights exactly as they were (nothing to scale).
-        let neutral = loads.iter().all(|(_, m)| *m == 100);
-        let divisor = if neutral {
-            100
-        } else {
-            effective
-                .iter()
-                .copied()
-                .filter(|w| *w > 0)
-                .fold(0, gcd)
-                .max(1)
-        };
-        for (i, b) in vip.backends.iter_mut().enumerate() {
-            let base = b.weight;
-            b.weight = u32::try_from(effective[i] / divisor).unwrap_or(u32::MAX);
-            let (l, multiplier) = &loads[i];
-            let why = if whys[i].is_empty() {
-                "base weight".to_owned()
-            } else {
-                whys[i].join("; ")
-            };
-            rows.push(BackendStatus {
-                vip: vip.key.to_string(),
-                backend: b.addr.to_string(),
-                node: node_names.get(&b.addr).cloned(),
-                base_weight: base,
-                check: vip.health_check.as_ref().map(ToString::to_string),
-                health: verdicts[i].as_ref().map_or(Health::Unchecked, |v| v.health),
-                load: l.as_ref().filter(|l| l.fresh).map(|l| l.load),
-                multiplier: *multiplier,
-                effective_weight: if b.drain { 0 } else { b.weight },
-                drain: b.drain,
-                why,
-            });
-        }
+        let aware = load_aware(&vip.key);
+        let key = (vip.backends.id(), vip.health_check.clone(), aware);
+        let at = *index.entry(key).or_insert_with(|| {
+            let load = |addr| if aware { load(addr) } else { None };
+            let (backends, rows) = overlay_list(
+                &vip.backends,
+                vip.health_check.as_ref(),
+                node_names,
+                verdict,
+                &load,
+            );
+            groups.push((
+                backends,
+                StatusGroup {
+                    vips: Vec::new(),
+                    rows,
+                },
+            ));
+            groups.len() - 1
+        });
+        let (backends, group) = &mut groups[at];
+        vip.backends = backends.clone();
+        group.vips.push(vip.key.to_string());
     }
-    rows
+    groups.into_iter().map(|(_, group)| group).collect()
+}
+
+/// [`overlay`] of one backend list: the list as the VIPs that have it get it, and its rows.
+fn overlay_list(
+    list: &Backends,
+    check: Option<&HealthCheck>,
+    node_names: &BTreeMap<IpAddr, String>,
+    verdict: &dyn Fn(IpAddr, &HealthCheck) -> Verdict,
+    load: &dyn Fn(IpAddr) -> Option<NodeLoad>,
+) -> (Backends, Vec<BackendStatus>) {
+    let verdicts: Vec<Option<Verdict>> = list
+        .iter()
+        .map(|b| check.map(|c| verdict(b.addr, c)))
+        .collect();
+    let all_down = !verdicts.is_empty()
+        && verdicts
+            .iter()
+            .all(|v| v.as_ref().is_some_and(|v| v.health == Health::Down));
+    let mut backends: Vec<Backend> = list.to_vec();
+    let mut effective: Vec<u64> = Vec::with_capacity(list.len());
+    let mut whys: Vec<Vec<String>> = Vec::with_capacity(list.len());
+    let mut loads = Vec::with_capacity(list.len());
+    for (b, v) in backends.iter_mut().zip(&verdicts) {
+        let mut why = Vec::new();
+        if b.drain {
+            why.push("drained by its source (API or config)".to_owned());
+        }
+        if let Some(v) = v {
+            if v.health == Health::Down {
+                if all_down {
+                    why.push(format!(
+                        "check down ({}), but every backend is down: failing open",
+                        v.reason
+                    ));
+                } else {
+                    b.drain = true;
+                    why.push(format!("check down: {}", v.reason));
+                }
+            } else if v.health == Health::Unchecked {
+                why.push(format!("not checked: {}", v.reason));
+            } else if v.health == Health::Unknown {
+                why.push(format!("health unknown: {}", v.reason));
+            }
+        }
+        let l = load(b.addr);
+        let multiplier = match &l {
+            Some(l) if l.fresh => {
+                if l.multiplier < 100 {
+                    why.push(format!(
+                        "node load {:.2}: weight x{}%",
+                        l.load, l.multiplier
+                    ));
+                }
+                l.multiplier.clamp(control::FLOOR, 100)
+            }
+            Some(_) => {
+                why.push("load unknown (stale Lease): neutral".to_owned());
+                100
+            }
+            None => 100,
+        };
+        effective.push(u64::from(b.weight) * u64::from(multiplier));
+        whys.push(why);
+        loads.push((l, multiplier));
+    }
+    // All neutral: the base weights exactly as they were (nothing to scale).
+    let neutral = loads.iter().all(|(_, m)| *m == 100);
+    let divisor = if neutral {
+        100
+    } else {
+        effective
+            .iter()
+            .copied()
+            .filter(|w| *w > 0)
+            .fold(0, gcd)
+            .max(1)
+    };
+    let mut rows = Vec::with_capacity(backends.len());
+    for (i, b) in backends.iter_mut().enumerate() {
+        let base = b.weight;
+        b.weight = u32::try_from(effective[i] / divisor).unwrap_or(u32::MAX);
+        let (l, multiplier) = &loads[i];
+        let why = if whys[i].is_empty() {
+            "base weight".to_owned()
+        } else {
+            whys[i].join("; ")
+        };
+        rows.push(BackendStatus {
+            vip: String::new(),
+            backend: b.addr.to_string(),
+            node: node_names.get(&b.addr).cloned(),
+            base_weight: base,
+            check: check.map(ToString::to_string),
+            health: verdicts[i].as_ref().map_or(Health::Unchecked, |v| v.health),
+            load: l.as_ref().filter(|l| l.fresh).map(|l| l.load),
+            multiplier: *multiplier,
+            effective_weight: if b.drain { 0 } else { b.weight },
+            drain: b.drain,
+            why,
+        });
+    }
+    // Unchanged: the same allocation, so the VIPs keep sharing it with the last model.
+    let backends = if backends[..] == list[..] {
+        list.clone()
+    } else {
+        backends.into()
+    };
+    (backends, rows)
 }
 
 /// What the agent does about health and load (its flags).
@@ -295,14 +368,15 @@ impl StaticChecks {
         let mut out = desired.clone();
         self.prober
             .set_targets(&targets(&out, &|vip| vip.key.to_string()));
-        let rows = overlay(
+        let groups = overlay(
             &mut out,
             &BTreeMap::new(),
             &|addr, check| self.prober.verdict(addr, check),
-            &|_, _| None,
+            &|_| false,
+            &|_| None,
         );
         if let Some(m) = &self.metrics {
-            m.board.set(rows);
+            m.board.set(groups);
         }
         out
     }
@@ -319,16 +393,25 @@ pub fn targets(
     desired: &Desired,
     group: &dyn Fn(&Vip) -> probe::Group,
 ) -> BTreeMap<probe::Target, BTreeSet<probe::Group>> {
-    let mut out: BTreeMap<probe::Target, BTreeSet<probe::Group>> = BTreeMap::new();
+    // The groups per (list, check) first: a list shared by every VIP is walked once.
+    let mut per_list: HashMap<(ListId, &HealthCheck), (&Backends, BTreeSet<probe::Group>)> =
+        HashMap::new();
     for vip in &desired.vips {
         let Some(check) = vip.health_check.as_ref() else {
             continue;
         };
-        let owner = group(vip);
-        for b in &vip.backends {
+        per_list
+            .entry((vip.backends.id(), check))
+            .or_insert_with(|| (&vip.backends, BTreeSet::new()))
+            .1
+            .insert(group(vip));
+    }
+    let mut out: BTreeMap<probe::Target, BTreeSet<probe::Group>> = BTreeMap::new();
+    for ((_, check), (list, groups)) in per_list {
+        for b in list {
             out.entry((b.addr, check.clone()))
                 .or_default()
-                .insert(owner.clone());
+                .extend(groups.iter().cloned());
         }
     }
     out
@@ -349,7 +432,7 @@ mod tests {
                 weight: *w,
                 drain: false,
             })
-            .collect();
+            .collect::<Vec<_>>();
         let mut vip = Vip::new("10.9.0.1:80/tcp".parse().unwrap(), backends);
         vip.health_check = check;
         Desired {
@@ -374,8 +457,11 @@ mod tests {
             &mut d,
             &BTreeMap::new(),
             &|a, _| verdict(if a == down { Health::Down } else { Health::Up }),
-            &|_, _| None,
-        );
+            &|_| false,
+            &|_| None,
+        )
+        .remove(0)
+        .rows;
         let drains: Vec<bool> = d.vips[0].backends.iter().map(|b| b.drain).collect();
         assert_eq!(drains, [false, true, false]);
         assert!(rows[1].why.contains("check down"), "{rows:?}");
@@ -384,7 +470,8 @@ mod tests {
             &mut d,
             &BTreeMap::new(),
             &|_, _| verdict(Health::Down),
-            &|_, _| None,
+            &|_| false,
+            &|_| None,
         );
         assert!(d.vips[0].backends.iter().all(|b| !b.drain), "fail open");
         // Unknown (e.g. disputed) drains nothing and says why.
@@ -393,8 +480,11 @@ mod tests {
             &mut d,
             &BTreeMap::new(),
             &|_, _| verdict(Health::Unknown),
-            &|_, _| None,
-        );
+            &|_| false,
+            &|_| None,
+        )
+        .remove(0)
+        .rows;
         assert!(d.vips[0].backends.iter().all(|b| !b.drain));
         assert!(rows[0].why.contains("health unknown: test"), "{rows:?}");
     }
@@ -402,35 +492,90 @@ mod tests {
     #[test]
     fn multipliers_scale_weights_and_neutral_keeps_them() {
         let mut d = model(None, &[1, 1, 1]);
-        overlay(&mut d, &BTreeMap::new(), &|_, _| unreachable!(), &|_, _| {
-            Some(NodeLoad {
-                load: 0.1,
-                multiplier: 100,
-                fresh: true,
-            })
-        });
+        overlay(
+            &mut d,
+            &BTreeMap::new(),
+            &|_, _| unreachable!(),
+            &|_| true,
+            &|_| {
+                Some(NodeLoad {
+                    load: 0.1,
+                    multiplier: 100,
+                    fresh: true,
+                })
+            },
+        );
         let w: Vec<u32> = d.vips[0].backends.iter().map(|b| b.weight).collect();
         assert_eq!(w, [1, 1, 1]);
         // Neutral keeps base weights as they are, common divisor and all.
         let mut d = model(None, &[4, 2, 2]);
-        overlay(&mut d, &BTreeMap::new(), &|_, _| unreachable!(), &|_, _| {
-            None
-        });
+        overlay(
+            &mut d,
+            &BTreeMap::new(),
+            &|_, _| unreachable!(),
+            &|_| true,
+            &|_| None,
+        );
         let w: Vec<u32> = d.vips[0].backends.iter().map(|b| b.weight).collect();
         assert_eq!(w, [4, 2, 2]);
         let mut d = model(None, &[2, 2, 1]);
         let busy = IpAddr::from([10, 0, 0, 1]);
         let stale = IpAddr::from([10, 0, 0, 3]);
-        let rows = overlay(&mut d, &BTreeMap::new(), &|_, _| unreachable!(), &|_, a| {
-            Some(NodeLoad {
-                load: 0.9,
-                multiplier: if a == busy { 10 } else { 40 },
-                fresh: a != stale,
-            })
-        });
+        let rows = overlay(
+            &mut d,
+            &BTreeMap::new(),
+            &|_, _| unreachable!(),
+            &|_| true,
+            &|a| {
+                Some(NodeLoad {
+                    load: 0.9,
+                    multiplier: if a == busy { 10 } else { 40 },
+                    fresh: a != stale,
+                })
+            },
+        )
+        .remove(0)
+        .rows;
         let w: Vec<u32> = d.vips[0].backends.iter().map(|b| b.weight).collect();
         // 2x10, 2x40, 1x100 (stale: neutral) -> 20:80:100 -> /20.
         assert_eq!(w, [1, 4, 5]);
         assert!(rows[2].why.contains("stale"), "{rows:?}");
+    }
+
+    #[test]
+    fn vips_sharing_a_list_are_worked_once_and_keep_sharing_it() {
+        let check = HealthCheck::new(CheckProtocol::Tcp, 80, "/");
+        let mut d = model(Some(check.clone()), &[1, 1, 1]);
+        let mut second = d.vips[0].clone();
+        second.key = "10.9.0.2:80/tcp".parse().unwrap();
+        let mut unchecked = d.vips[0].clone();
+        unchecked.key = "10.9.0.3:80/tcp".parse().unwrap();
+        unchecked.health_check = None;
+        d.vips.extend([second, unchecked]);
+        let down = IpAddr::from([10, 0, 0, 2]);
+        let asked = std::cell::Cell::new(0);
+        let groups = overlay(
+            &mut d,
+            &BTreeMap::new(),
+            &|a, _| {
+                asked.set(asked.get() + 1);
+                verdict(if a == down { Health::Down } else { Health::Up })
+            },
+            &|_| false,
+            &|_| None,
+        );
+        // Once per backend of the one checked list, not once per VIP.
+        assert_eq!(asked.get(), 3);
+        assert_eq!(groups.len(), 2, "{groups:?}");
+        assert_eq!(groups[0].vips, ["10.9.0.1:80/tcp", "10.9.0.2:80/tcp"]);
+        assert_eq!(groups[0].memberships(), 6);
+        let expanded: Vec<BackendStatus> = groups[0].expand().collect();
+        assert_eq!(expanded[4].vip, "10.9.0.2:80/tcp");
+        assert!(expanded[4].drain, "{expanded:?}");
+        assert!(d.vips[0].backends.same(&d.vips[1].backends));
+        assert!(d.vips[1].backends[1].drain);
+        // Without a check nothing changed: the list is the one it had.
+        assert!(!d.vips[2].backends.same(&d.vips[0].backends));
+        assert!(d.vips[2].backends.iter().all(|b| !b.drain));
     }
 }

@@ -615,6 +615,9 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
             config.node_name.as_deref(),
             votes.as_ref(),
         );
+        // Unchanged lists keep the last model's allocations: the comparison below, the change
+        // log and the plan then cost a pointer compare per unchanged VIP.
+        built.desired.share_backends_with(&last.desired);
         for problem in built.problems.difference(&logged_problems) {
             warn!("{problem}");
         }

@@ -35,7 +35,8 @@ use super::options::{
 use super::pools::{ClassPolicy, claim, ingress_ips};
 use crate::ipam::{self, Allocation, PoolSpec, Pools};
 use crate::model::{
-    Backend, DEFAULT_WEIGHT, Desired, ForwardingMode, MAX_WEIGHT, Protocol, Settings, Vip, VipAddr,
+    Backend, Backends, DEFAULT_WEIGHT, Desired, ForwardingMode, ListId, MAX_WEIGHT, Protocol,
+    Settings, Vip, VipAddr,
 };
 use crate::node_state;
 
@@ -201,13 +202,14 @@ pub fn build(
         }
     }
     let mut vips: BTreeMap<VipAddr, Vip> = BTreeMap::new();
+    let mut per_family = PerFamily::default();
     for svc in services {
         let key = (
             svc.metadata.namespace.as_deref().unwrap_or(""),
             svc.metadata.name.as_deref().unwrap_or(""),
         );
         let own = by_service.get(&key).map(Vec::as_slice).unwrap_or_default();
-        add_service(svc, own, &nodes, &mut vips, &mut built);
+        add_service(svc, own, &nodes, &mut per_family, &mut vips, &mut built);
     }
     built.desired.vips = vips.into_values().collect();
     built
@@ -359,6 +361,7 @@ fn add_service(
     svc: &Service,
     slices: &[&EndpointSlice],
     nodes: &[NodeInfo],
+    per_family: &mut PerFamily,
     vips: &mut BTreeMap<VipAddr, Vip>,
     built: &mut Built,
 ) {
@@ -419,23 +422,19 @@ fn add_service(
             ]
         });
         for addr in &addrs {
-            // Nodes without an address the VIP's family and mode can reach.
-            let unreachable = nodes
-                .iter()
-                .filter(|n| n.backend_addr(*addr, options.mode).is_none());
-            for n in unreachable {
+            let (all_nodes, unreachable) = per_family.get(nodes, *addr, options.mode);
+            for name in unreachable {
                 let family = if addr.is_ipv4() { 4 } else { 6 };
                 built.problems.insert(format!(
-                    "service {who}: node {} has no IPv{family} InternalIP, which mode l2 needs for the IPv{family} VIPs: not their backend (use mode ipip to reach it by its other address)",
-                    n.name,
+                    "service {who}: node {name} has no IPv{family} InternalIP, which mode l2 needs for the IPv{family} VIPs: not their backend (use mode ipip to reach it by its other address)",
                 ));
             }
-            let backends = match &endpoints {
+            let backends: Backends = match &endpoints {
                 Some([v4, v6]) => {
                     let endpoints = if addr.is_ipv4() { v4 } else { v6 };
-                    local_backends(endpoints, nodes, *addr, options.mode)
+                    local_backends(endpoints, nodes, *addr, options.mode).into()
                 }
-                None => cluster_backends(nodes, *addr, options.mode),
+                None => all_nodes,
             };
             let key = VipAddr {
                 addr: *addr,
@@ -462,6 +461,31 @@ fn add_service(
             );
             vips.insert(key, vip);
         }
+    }
+}
+
+/// What every VIP of one family and mode has under `externalTrafficPolicy: Cluster` (every
+/// node, one shared list) and the nodes it cannot reach: worked out once per build, not once per
+/// VIP (10,000 VIP ports on 1,000 nodes would be 10 million backends built and compared).
+#[derive(Default)]
+struct PerFamily(HashMap<(bool, ForwardingMode), (Backends, Vec<String>)>);
+
+impl PerFamily {
+    fn get(
+        &mut self,
+        nodes: &[NodeInfo],
+        vip: IpAddr,
+        mode: ForwardingMode,
+    ) -> (Backends, &[String]) {
+        let (list, unreachable) = self.0.entry((vip.is_ipv4(), mode)).or_insert_with(|| {
+            let unreachable = nodes
+                .iter()
+                .filter(|n| n.backend_addr(vip, mode).is_none())
+                .map(|n| n.name.clone())
+                .collect();
+            (cluster_backends(nodes, vip, mode).into(), unreachable)
+        });
+        (list.clone(), unreachable)
     }
 }
 
@@ -582,26 +606,20 @@ impl std::fmt::Display for Change {
     }
 }
 
+/// The VIPs (Service, key) whose list went from one list to another, and that change's
+/// (node, line) pairs.
+type Moved = (Vec<(String, VipAddr)>, Vec<(String, String)>);
+
+/// Beyond this many backends, an added VIP's line gives their count, not the list.
+const LISTED_BACKENDS: usize = 8;
+/// Beyond this many VIPs with the same change of their shared list, one line per change
+/// counts them (a node joining 10,000 VIPs is one line, not 10,000).
+const LISTED_VIPS: usize = 3;
+
 /// One [`Change`] per change between two builds, naming the Service and the node: what the
-/// agent logs at info, once per change.
+/// agent logs at info, once per change. A list shared by many VIPs is compared once.
 pub fn changes(old: &Built, new: &Built) -> Vec<Change> {
     let mut out = Vec::new();
-    let node_name = |built: &Built, b: &Backend| {
-        built
-            .node_names
-            .get(&b.addr)
-            .cloned()
-            .unwrap_or_else(|| "?".to_owned())
-    };
-    let show = |built: &Built, b: &Backend| {
-        let state = if b.drain { "draining" } else { "active" };
-        format!(
-            "node {} ({}) {state} weight {}",
-            node_name(built, b),
-            b.addr,
-            b.weight
-        )
-    };
     let owner = |built: &Built, key: &VipAddr| {
         built
             .sources
@@ -622,19 +640,22 @@ pub fn changes(old: &Built, new: &Built) -> Vec<Change> {
             push(&owner(old, &vip.key), &vip.key, None, " removed".to_owned());
         }
     }
+    // VIPs whose list changed, by (old list, new list): each pair is compared once.
+    let mut moved: BTreeMap<(ListId, ListId), Moved> = BTreeMap::new();
     for vip in &new.desired.vips {
         let who = owner(new, &vip.key);
         let Some(before) = old.desired.vip(&vip.key) else {
-            let list: Vec<String> = vip.backends.iter().map(|b| show(new, b)).collect();
+            let listed = if vip.backends.len() <= LISTED_BACKENDS {
+                let list: Vec<String> = vip.backends.iter().map(|b| show(new, b)).collect();
+                format!(" [{}]", list.join(", "))
+            } else {
+                String::new()
+            };
             push(
                 &who,
                 &vip.key,
                 None,
-                format!(
-                    " added with {} backends [{}]",
-                    vip.backends.len(),
-                    list.join(", ")
-                ),
+                format!(" added with {} backends{listed}", vip.backends.len()),
             );
             continue;
         };
@@ -646,29 +667,96 @@ pub fn changes(old: &Built, new: &Built) -> Vec<Change> {
         {
             push(&who, &vip.key, None, " options changed".to_owned());
         }
-        for b in &before.backends {
-            if !vip.backends.iter().any(|n| n.addr == b.addr) {
-                let node = Some(node_name(old, b));
-                push(&who, &vip.key, node, format!(": {} removed", show(old, b)));
+        if before.backends.same(&vip.backends) {
+            continue;
+        }
+        moved
+            .entry((before.backends.id(), vip.backends.id()))
+            .or_insert_with(|| {
+                (
+                    Vec::new(),
+                    list_changes(old, new, &before.backends, &vip.backends),
+                )
+            })
+            .0
+            .push((who, vip.key));
+    }
+    // In the order of the new model's VIPs.
+    let mut moved: Vec<_> = moved.into_values().collect();
+    moved.sort_by_key(|(vips, _)| vips[0].1);
+    for (vips, lines) in moved {
+        if vips.len() <= LISTED_VIPS {
+            for (who, key) in &vips {
+                for (node, line) in &lines {
+                    push(who, key, Some(node.clone()), line.clone());
+                }
+            }
+        } else {
+            let (who, key) = &vips[0];
+            let others = format!(" and {} more VIPs", vips.len() - 1);
+            for (node, line) in &lines {
+                push(who, key, Some(node.clone()), format!("{others}{line}"));
             }
         }
-        for b in &vip.backends {
-            let node = Some(node_name(new, b));
-            match before.backends.iter().find(|o| o.addr == b.addr) {
-                None => push(&who, &vip.key, node, format!(": {} added", show(new, b))),
-                Some(o) if o != b => push(
-                    &who,
-                    &vip.key,
-                    node,
-                    format!(
-                        ": {} (was {} weight {})",
-                        show(new, b),
-                        if o.drain { "draining" } else { "active" },
-                        o.weight
-                    ),
-                ),
-                Some(_) => {}
+    }
+    out
+}
+
+fn node_name(built: &Built, b: &Backend) -> String {
+    built
+        .node_names
+        .get(&b.addr)
+        .cloned()
+        .unwrap_or_else(|| "?".to_owned())
+}
+
+fn show(built: &Built, b: &Backend) -> String {
+    let state = if b.drain { "draining" } else { "active" };
+    format!(
+        "node {} ({}) {state} weight {}",
+        node_name(built, b),
+        b.addr,
+        b.weight
+    )
+}
+
+/// (node, line) per backend added, removed or changed from `before` to `after` (both sorted
+/// by address: one merge walk).
+fn list_changes(
+    old: &Built,
+    new: &Built,
+    before: &[Backend],
+    after: &[Backend],
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < before.len() || j < after.len() {
+        let (o, n) = (before.get(i), after.get(j));
+        match (o, n) {
+            (Some(o), Some(n)) if o.addr == n.addr => {
+                if o != n {
+                    out.push((
+                        node_name(new, n),
+                        format!(
+                            ": {} (was {} weight {})",
+                            show(new, n),
+                            if o.drain { "draining" } else { "active" },
+                            o.weight
+                        ),
+                    ));
+                }
+                i += 1;
+                j += 1;
             }
+            (Some(o), n) if n.is_none_or(|n| o.addr < n.addr) => {
+                out.push((node_name(old, o), format!(": {} removed", show(old, o))));
+                i += 1;
+            }
+            (_, Some(n)) => {
+                out.push((node_name(new, n), format!(": {} added", show(new, n))));
+                j += 1;
+            }
+            (_, None) => i += 1,
         }
     }
     out
@@ -1537,6 +1625,59 @@ mod tests {
         assert_eq!(
             (first.vip.to_string(), first.node.as_deref()),
             ("192.0.2.10:80/tcp".to_owned(), Some("n1"))
+        );
+    }
+
+    #[test]
+    fn a_node_joining_many_vips_is_one_line_and_their_list_is_shared() {
+        let services: Vec<Arc<Service>> = (0..5)
+            .map(|i| {
+                svc(
+                    "shop",
+                    &format!("web{i}"),
+                    lb(http(), "Cluster"),
+                    &[&format!("192.0.2.{}", 10 + i)],
+                )
+            })
+            .collect();
+        let before = run(&services, &[], &nodes3());
+        // One list for every Cluster VIP of the family.
+        let first = &before.desired.vips[0].backends;
+        assert!(before.desired.vips.iter().all(|v| v.backends.same(first)));
+        let mut four = nodes3();
+        four.push(node("n4", "10.0.0.4", true, false, None));
+        let mut after = run(&services, &[], &four);
+        after.desired.share_backends_with(&before.desired);
+        let lines: Vec<String> = changes(&before, &after)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "service shop/web0: VIP 192.0.2.10:80/tcp and 4 more VIPs: node n4 (10.0.0.4) active weight 1 added"
+            ]
+        );
+        // The same nodes again: every list is the last model's own.
+        let mut again = run(&services, &[], &four);
+        again.desired.share_backends_with(&after.desired);
+        assert!(
+            again
+                .desired
+                .vips
+                .iter()
+                .zip(&after.desired.vips)
+                .all(|(a, b)| a.backends.same(&b.backends))
+        );
+        assert!(changes(&after, &again).is_empty());
+        // Many backends: an added VIP's line counts them.
+        let many: Vec<Arc<Node>> = (1..=9)
+            .map(|i| node(&format!("n{i}"), &format!("10.0.0.{i}"), true, false, None))
+            .collect();
+        let added = changes(&Built::default(), &run(&services[..1], &[], &many));
+        assert_eq!(
+            added[0].line,
+            "service shop/web0: VIP 192.0.2.10:80/tcp added with 9 backends"
         );
     }
 }

@@ -69,7 +69,7 @@ pub fn agent_overlay(
     if let Some(m) = &config.metrics {
         m.set_nodes(loads.iter().map(|(n, l)| (n.clone(), l.clone())).collect());
     }
-    let rows = overlay(
+    let groups = overlay(
         desired,
         node_names,
         &|addr, check| {
@@ -85,15 +85,11 @@ pub fn agent_overlay(
                 _ => prober.verdict(addr, check),
             }
         },
-        &|vip, addr| {
-            if !sources.get(vip).is_none_or(|s| s.options.load_aware) {
-                return None;
-            }
-            node_names.get(&addr).and_then(|n| loads.get(n)).cloned()
-        },
+        &|vip| sources.get(vip).is_none_or(|s| s.options.load_aware),
+        &|addr| node_names.get(&addr).and_then(|n| loads.get(n)).cloned(),
     );
     if let Some(m) = &config.metrics {
-        m.board.set(rows);
+        m.board.set(groups);
     }
 }
 

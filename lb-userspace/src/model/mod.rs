@@ -10,7 +10,9 @@ pub use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use lb_common::{DEFAULT_FLOW_TABLE_SIZE, IPPROTO_TCP, IPPROTO_UDP};
 use serde::{Serialize, Serializer};
 
+mod backends;
 mod health_check;
+pub use backends::{Backends, ListId};
 pub use health_check::{CheckProtocol, HealthCheck, KUBE_PROXY_HEALTHZ_PORT, parse_duration};
 
 /// A string that is not a valid [`Protocol`], [`MacAddr`] or [`VipAddr`].
@@ -208,7 +210,7 @@ pub const MAX_WEIGHT: u32 = 10_000;
 pub const DEFAULT_WEIGHT: u32 = 1;
 
 /// One real server behind a VIP.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct Backend {
     pub addr: IpAddr,
     /// Next-hop MAC; `None` means resolve it from the kernel's neighbour table.
@@ -320,8 +322,9 @@ impl FromStr for FlowState {
 pub struct Vip {
     pub key: VipAddr,
     /// Sorted by address, one entry per address. May be empty: the VIP's traffic is then
-    /// dropped and counted rather than passed to the host.
-    pub backends: Vec<Backend>,
+    /// dropped and counted rather than passed to the host. Shared with the VIPs that have the
+    /// same list.
+    pub backends: Backends,
     pub mode: ForwardingMode,
     /// Session affinity by client address: every connection of a client lands on one backend.
     pub client_affinity: bool,
@@ -336,10 +339,10 @@ pub struct Vip {
 
 impl Vip {
     /// A VIP with the defaults every source starts from: L2, no affinity, open to all.
-    pub fn new(key: VipAddr, backends: Vec<Backend>) -> Self {
+    pub fn new(key: VipAddr, backends: impl Into<Backends>) -> Self {
         Self {
             key,
-            backends,
+            backends: backends.into(),
             mode: ForwardingMode::L2,
             client_affinity: false,
             source_ranges: Vec::new(),
@@ -428,6 +431,28 @@ impl Desired {
             .binary_search_by(|vip| vip.key.cmp(key))
             .ok()
             .map(|i| &self.vips[i])
+    }
+
+    /// Points every backend list equal to one of `old`'s at `old`'s: lists that did not
+    /// change stay the same allocation from model to model, so comparing two models, listing
+    /// their changes and planning cost one pointer compare per unchanged VIP.
+    pub fn share_backends_with(&mut self, old: &Desired) {
+        let mut known = backends::Interner::default();
+        for vip in &old.vips {
+            known.learn(&vip.backends);
+        }
+        for vip in &mut self.vips {
+            vip.backends = known.intern(&vip.backends);
+        }
+    }
+
+    /// Each distinct backend list once (by allocation), with the modes its VIPs reach it by.
+    pub fn distinct_backend_lists(&self) -> impl Iterator<Item = (&Backends, ForwardingMode)> {
+        let mut seen = std::collections::HashSet::new();
+        self.vips
+            .iter()
+            .filter(move |vip| seen.insert((vip.backends.id(), vip.mode)))
+            .map(|vip| (&vip.backends, vip.mode))
     }
 }
 

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::{
     dataplane::{Maps, Member, Snapshot, members_by_table},
-    health::BackendStatus,
+    health::{BackendStatus, StatusGroup},
     http,
     maglev::{MaglevBackend, build_table},
     model::{IpNet, MacAddr, Protocol, VipAddr, vip_key},
@@ -237,11 +237,13 @@ pub fn agent_health(agent: &str) -> anyhow::Result<Option<Vec<BackendStatus>>> {
     )
     .and_then(|body| Ok(serde_json::from_str::<Value>(&body)?))
     {
+        // Groups of VIPs that share their rows (`StatusGroup`), expanded here.
         Ok(v) => Ok(Some(
             serde_json::from_value::<Vec<Value>>(v)
                 .unwrap_or_default()
                 .into_iter()
-                .filter_map(|r| serde_json::from_value(r).ok())
+                .filter_map(|g| serde_json::from_value::<StatusGroup>(g).ok())
+                .flat_map(|g| g.expand().collect::<Vec<_>>())
                 .collect(),
         )),
         Err(e) => {

@@ -6,7 +6,7 @@
 //! tables by content (members, weights, drains, size): the VIPs of a cluster's nodes all point
 //! at one table, so per-node state grows with the nodes plus the VIPs, not their product.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, hash_map::Entry};
 use std::net::IpAddr;
 
 use anyhow::{anyhow, bail};
@@ -20,7 +20,9 @@ use lb_common::{
 use super::LeftOut;
 use crate::dataplane::{RangeKey, Snapshot, scoped_prefix};
 use crate::maglev::MaglevBackend;
-use crate::model::{Backend, Desired, FlowState, ForwardingMode, IpNet, Settings, Vip, vip_key};
+use crate::model::{
+    Backend, Desired, FlowState, ForwardingMode, IpNet, ListId, Settings, Vip, vip_key,
+};
 use crate::net::Interface;
 use crate::resolve::{Resolved, Target};
 
@@ -131,6 +133,16 @@ pub(super) fn range_vip(key: &RangeKey) -> u32 {
 /// change rebuilds each distinct table once; removals and drains need no room and are always
 /// planned; what does not fit (VIPs, backends, tables, addresses, source ranges, counted while
 /// old and new entries coexist) is left out and listed, never failing the rest.
+/// What a backend list comes to in the maps: planned once per list, shared by its VIPs.
+struct ListPlan {
+    /// (backend id, address, weight with the drain flag), in backend id order.
+    members: Vec<(u32, IpAddr, MemberWeight)>,
+    /// Backends that found no free entry (left out).
+    missing: Vec<IpAddr>,
+    table_size: u32,
+    fingerprint: u64,
+}
+
 pub(super) fn plan(
     current: &Snapshot,
     iface: &Interface,
@@ -160,6 +172,7 @@ pub(super) fn plan(
     let mut addr_room = (MAX_VIPS as usize).saturating_sub(current.vip_addrs.len());
     let mut range_room = (MAX_SOURCE_RANGES as usize).saturating_sub(current.source_ranges.len());
     let mut plan = Plan::default();
+    let mut lists: HashMap<(ListId, ForwardingMode), ListPlan> = HashMap::new();
 
     for vip in &desired.vips {
         let key = vip_key(&vip.key);
@@ -189,80 +202,102 @@ pub(super) fn plan(
         }
 
         // Its members: each backend's shared entry (written once, whatever the VIPs that have
-        // it) and its weight in this VIP's table.
-        let mut members: Vec<(u32, IpAddr, MemberWeight)> = Vec::with_capacity(vip.backends.len());
-        for backend in &vip.backends {
-            let mut weight = backend.weight & !MEMBER_DRAINING;
-            if !backend.takes_new_flows() {
-                weight |= MEMBER_DRAINING;
-            }
-            let id = match resolved.targets.get(&(backend.addr, vip.mode)) {
-                Some(target) => {
-                    let value = backend_value(iface, &desired.settings, target, vip, backend)?;
-                    let target_key = (backend.addr, value.mode);
-                    if let Some(id) = planned_backends.get(&target_key) {
-                        *id
-                    } else {
-                        let id = match installed.get(&target_key) {
-                            Some(id) => {
-                                let old = current.backends[id];
-                                let value = BackendValue {
-                                    generation: old.generation,
-                                    ..value
-                                };
-                                if value != old {
-                                    plan.backends.push((*id, value, false));
-                                }
-                                *id
-                            }
-                            None => {
-                                let Some(id) = backend_ids.take() else {
-                                    plan.left_out.push(LeftOut::Backend {
-                                        vip: vip.key,
-                                        backend: backend.addr,
-                                    });
-                                    continue;
-                                };
-                                // A new holder of the entry: flows of earlier ones do not match it.
-                                let previous = current.generations.get(&id).copied().unwrap_or(0);
-                                let value = BackendValue {
-                                    generation: previous.wrapping_add(1).max(1),
-                                    ..value
-                                };
-                                plan.backends.push((id, value, true));
-                                id
-                            }
-                        };
-                        if value.mode != forward_mode::LOCAL && value.ifindex != iface.index {
-                            plan.tx_ports.insert(value.ifindex);
-                        }
-                        planned_backends.insert(target_key, id);
-                        id
-                    }
+        // it) and its weight in this VIP's table; worked out once per list (and mode).
+        let list_key = (vip.backends.id(), vip.mode);
+        if let Entry::Vacant(slot) = lists.entry(list_key) {
+            let mut members: Vec<(u32, IpAddr, MemberWeight)> =
+                Vec::with_capacity(vip.backends.len());
+            let mut missing = Vec::new();
+            for backend in &vip.backends {
+                let mut weight = backend.weight & !MEMBER_DRAINING;
+                if !backend.takes_new_flows() {
+                    weight |= MEMBER_DRAINING;
                 }
-                // Not resolvable now: its last known entry, draining (its flows stay), or left
-                // out when it never had one.
-                None => match last_known(&installed, backend.addr, vip.mode) {
-                    Some(id) => {
-                        weight |= MEMBER_DRAINING;
-                        id
+                let id = match resolved.targets.get(&(backend.addr, vip.mode)) {
+                    Some(target) => {
+                        let value = backend_value(iface, &desired.settings, target, vip, backend)?;
+                        let target_key = (backend.addr, value.mode);
+                        if let Some(id) = planned_backends.get(&target_key) {
+                            *id
+                        } else {
+                            let id = match installed.get(&target_key) {
+                                Some(id) => {
+                                    let old = current.backends[id];
+                                    let value = BackendValue {
+                                        generation: old.generation,
+                                        ..value
+                                    };
+                                    if value != old {
+                                        plan.backends.push((*id, value, false));
+                                    }
+                                    *id
+                                }
+                                None => {
+                                    let Some(id) = backend_ids.take() else {
+                                        missing.push(backend.addr);
+                                        continue;
+                                    };
+                                    // A new holder of the entry: flows of earlier ones do not match it.
+                                    let previous =
+                                        current.generations.get(&id).copied().unwrap_or(0);
+                                    let value = BackendValue {
+                                        generation: previous.wrapping_add(1).max(1),
+                                        ..value
+                                    };
+                                    plan.backends.push((id, value, true));
+                                    id
+                                }
+                            };
+                            if value.mode != forward_mode::LOCAL && value.ifindex != iface.index {
+                                plan.tx_ports.insert(value.ifindex);
+                            }
+                            planned_backends.insert(target_key, id);
+                            id
+                        }
                     }
-                    None => continue,
-                },
-            };
-            members.push((id, backend.addr, weight));
+                    // Not resolvable now: its last known entry, draining (its flows stay), or left
+                    // out when it never had one.
+                    None => match last_known(&installed, backend.addr, vip.mode) {
+                        Some(id) => {
+                            weight |= MEMBER_DRAINING;
+                            id
+                        }
+                        None => continue,
+                    },
+                };
+                members.push((id, backend.addr, weight));
+            }
+            members.sort_by_key(|(id, _, _)| *id);
+            members.dedup_by_key(|(id, _, _)| *id);
+            let table_size = desired.settings.maglev_table_size_for(vip.backends.len());
+            let fingerprint = table_fingerprint(&members, table_size);
+            slot.insert(ListPlan {
+                members,
+                missing,
+                table_size,
+                fingerprint,
+            });
         }
-        members.sort_by_key(|(id, _, _)| *id);
-        members.dedup_by_key(|(id, _, _)| *id);
-        let table_size = desired.settings.maglev_table_size_for(vip.backends.len());
-        let fingerprint = table_fingerprint(&members, table_size);
+        let ListPlan {
+            members,
+            missing,
+            table_size,
+            fingerprint,
+        } = &lists[&list_key];
+        let (table_size, fingerprint) = (*table_size, *fingerprint);
+        for backend in missing {
+            plan.left_out.push(LeftOut::Backend {
+                vip: vip.key,
+                backend: *backend,
+            });
+        }
 
         // Its table: one with these contents if installed or planned already, else a new one.
         let table = match by_fingerprint.get(&fingerprint) {
             Some(table) => Some(*table),
             None => table_ids.take().inspect(|table| {
                 plan.tables
-                    .push(table_plan(*table, &members, table_size, fingerprint));
+                    .push(table_plan(*table, members, table_size, fingerprint));
                 by_fingerprint.insert(fingerprint, *table);
             }),
         };

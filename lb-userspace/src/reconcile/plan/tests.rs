@@ -56,10 +56,10 @@ fn state(vips: Vec<Vip>) -> Desired {
 /// Every backend resolved on the attached interface at its configured MAC.
 fn resolved(desired: &Desired) -> Resolved {
     let mut out = Resolved::default();
-    for vip in &desired.vips {
-        for b in &vip.backends {
+    for (list, mode) in desired.distinct_backend_lists() {
+        for b in list {
             out.targets.insert(
-                (b.addr, vip.mode),
+                (b.addr, mode),
                 Target::Remote {
                     mac: b.mac.unwrap_or_default(),
                     egress: iface(),
@@ -211,7 +211,9 @@ fn vips_with_the_same_backends_share_their_entries_and_one_table() {
     // A backend added to the hundred: one new entry, one new table, the old one freed; the
     // other VIP's table stays.
     for v in &mut vips[..100] {
-        v.backends.push(b(4, 1, false));
+        let mut more = v.backends.to_vec();
+        more.push(b(4, 1, false));
+        v.backends = more.into();
     }
     let (plan, after) = step(&maps, &state(vips));
     assert_eq!(plan.backends.len(), 1);
