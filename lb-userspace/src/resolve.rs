@@ -62,6 +62,7 @@ pub fn resolve(iface: &Interface, desired: &Desired) -> anyhow::Result<Resolved>
     };
     let mut egress_by_name: HashMap<String, Interface> = HashMap::new();
     egress_by_name.insert(iface.name.clone(), iface.clone());
+    let mut addresses_by_name: HashMap<String, Vec<IpAddr>> = HashMap::new();
     for (list, mode) in desired.distinct_backend_lists() {
         for backend in list {
             let key = (backend.addr, mode);
@@ -101,11 +102,20 @@ pub fn resolve(iface: &Interface, desired: &Desired) -> anyhow::Result<Resolved>
             match found {
                 Ok((mac, egress, mut source, mode)) => {
                     if mode == ForwardingMode::Ipip && source.is_none() {
-                        // The outer source defaults to the egress interface's own address.
-                        source = egress
-                            .addresses()
-                            .map_err(|e| anyhow!("backend {}: {e}", backend.addr))?
-                            .into_iter()
+                        // The outer source defaults to the egress interface's own address
+                        // (asked once per interface, not once per backend).
+                        let own = match addresses_by_name.get(&egress.name) {
+                            Some(own) => own,
+                            None => {
+                                let own = egress
+                                    .addresses()
+                                    .map_err(|e| anyhow!("backend {}: {e}", backend.addr))?;
+                                addresses_by_name.entry(egress.name.clone()).or_insert(own)
+                            }
+                        };
+                        source = own
+                            .iter()
+                            .copied()
                             .find(|a| a.is_ipv4() == backend.addr.is_ipv4());
                     }
                     out.targets.insert(

@@ -27,9 +27,9 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::read::{self, MemberState};
+use super::read;
 use crate::{
-    dataplane::{Maps, PinLayout},
+    dataplane::{Maps, PinLayout, Snapshot, members_by_table},
     http,
 };
 
@@ -253,31 +253,45 @@ fn register_dataplane(
         "backend_bytes",
         "Bytes sent to a backend, over every VIP it serves",
     );
+    let vip_table = gauge_family(
+        registry,
+        "vip_table",
+        "The Maglev table a VIP picks from (VIPs with the same backends and weights share one)",
+    );
     let draining = gauge_family(
         registry,
-        "backend_draining",
-        "1 if the backend keeps its established flows but takes no new ones",
+        "table_backend_draining",
+        "1 if the backend, a member of the table, keeps its established flows there but takes no new ones",
     );
-    // Backends are shared by the VIPs (one counter each): counted once per backend entry.
-    let mut per_backend: std::collections::BTreeMap<u32, (String, u64, u64)> = Default::default();
-    for (vip, backends) in read::collect(maps)? {
-        let labels = vec![("vip", vip.vip.clone())];
-        vip_packets.get_or_create(&labels).inc_by(vip.packets);
-        vip_bytes.get_or_create(&labels).inc_by(vip.bytes);
+    // Per VIP, per table, per backend: never per (VIP, backend), which grows with VIPs x nodes
+    // (10 million series at 10,000 VIP ports on 1,000 nodes).
+    let current = Snapshot::read(maps)?;
+    for (key, info) in &current.vips {
+        let labels = vec![("vip", read::vip_addr(key).to_string())];
+        let c = maps.vip_counters(info.id)?;
+        vip_packets.get_or_create(&labels).inc_by(c.packets);
+        vip_bytes.get_or_create(&labels).inc_by(c.bytes);
         live.get_or_create(&labels)
-            .set(i64::from(vip.live_backends));
-        for b in backends {
-            per_backend.insert(b.backend_id, (b.address.clone(), b.packets, b.bytes));
-            let labels = vec![("vip", b.vip), ("backend", b.address)];
-            draining
-                .get_or_create(&labels)
-                .set(i64::from(b.state == MemberState::Draining));
+            .set(i64::from(info.live_backends));
+        vip_table.get_or_create(&labels).set(i64::from(info.table));
+    }
+    for (table, members) in members_by_table(maps, &current.backends)? {
+        for m in members {
+            let labels = vec![
+                ("table", table.to_string()),
+                ("backend", m.addr().to_string()),
+            ];
+            draining.get_or_create(&labels).set(i64::from(m.draining));
         }
     }
-    for (address, packets, bytes) in per_backend.into_values() {
-        let labels = vec![("backend", address)];
-        backend_packets.get_or_create(&labels).inc_by(packets);
-        backend_bytes.get_or_create(&labels).inc_by(bytes);
+    for (id, backend) in &current.backends {
+        let c = maps.backend_counters(*id)?;
+        let labels = vec![(
+            "backend",
+            lb_common::addr_from_raw(&backend.addr, backend.family).to_string(),
+        )];
+        backend_packets.get_or_create(&labels).inc_by(c.packets);
+        backend_bytes.get_or_create(&labels).inc_by(c.bytes);
     }
 
     let guard = read::flood_guard(maps)?;
