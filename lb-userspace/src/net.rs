@@ -220,8 +220,13 @@ pub fn resolve_next_hop(addr: IpAddr, timeout: Duration) -> anyhow::Result<(Rout
 /// this is how long the maps may lag behind it.
 pub const NEXT_HOP_REFRESH: Duration = Duration::from_secs(30);
 
-/// When the running model is due to be applied again ([`NEXT_HOP_REFRESH`]); any apply
-/// resolves every next hop, so each restarts the period.
+/// How long a next hop found by one apply is used by the next ones before the kernel is asked
+/// again ([`crate::resolve::Found`]); with the running model applied again this often
+/// ([`NextHopRefresh`]), the maps lag the kernel by at most [`NEXT_HOP_REFRESH`].
+pub const NEXT_HOP_MAX_AGE: Duration = Duration::from_secs(NEXT_HOP_REFRESH.as_secs() / 2);
+
+/// When the running model is due to be applied again: every [`NEXT_HOP_MAX_AGE`], whatever
+/// other applies ran meanwhile (they reuse next hops found within that age).
 #[derive(Debug)]
 pub struct NextHopRefresh {
     last: Instant,
@@ -238,7 +243,7 @@ impl Default for NextHopRefresh {
 impl NextHopRefresh {
     /// How long until a refresh is due (zero: it is).
     pub fn wait(&self) -> Duration {
-        NEXT_HOP_REFRESH.saturating_sub(self.last.elapsed())
+        NEXT_HOP_MAX_AGE.saturating_sub(self.last.elapsed())
     }
 
     /// Whether a refresh is due; one that is restarts the period.
@@ -250,8 +255,7 @@ impl NextHopRefresh {
         due
     }
 
-    /// An apply just resolved every next hop.
-    pub fn resolved(&mut self) {
+    fn resolved(&mut self) {
         self.last = Instant::now();
     }
 }

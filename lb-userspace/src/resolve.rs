@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::anyhow;
@@ -53,8 +53,38 @@ impl Resolved {
     }
 }
 
+/// What earlier passes found, each with when: reused for [`net::NEXT_HOP_MAX_AGE`], so that an
+/// apply asks the kernel only about backends and peers it has not found recently (at 1,000
+/// nodes every EndpointSlice change would otherwise be 1,000 route and neighbour lookups).
+/// What did not answer is never kept: it is asked again at every pass.
+#[derive(Debug, Default)]
+pub struct Found {
+    targets: HashMap<(IpAddr, ForwardingMode), (Target, Instant)>,
+    /// A peer's MAC, or `None` for one behind a router (it never sends with its own MAC).
+    peers: HashMap<IpAddr, (Option<MacAddr>, Instant)>,
+}
+
+impl Found {
+    fn forget_old(&mut self) {
+        self.targets
+            .retain(|_, (_, at)| at.elapsed() < net::NEXT_HOP_MAX_AGE);
+        self.peers
+            .retain(|_, (_, at)| at.elapsed() < net::NEXT_HOP_MAX_AGE);
+    }
+}
+
 /// Resolves every backend and peer of `desired` as seen from `iface`.
 pub fn resolve(iface: &Interface, desired: &Desired) -> anyhow::Result<Resolved> {
+    resolve_with(iface, desired, &mut Found::default())
+}
+
+/// [`resolve`], reusing what `found` holds from earlier passes and adding what this one finds.
+pub fn resolve_with(
+    iface: &Interface,
+    desired: &Desired,
+    found: &mut Found,
+) -> anyhow::Result<Resolved> {
+    found.forget_old();
     let local: BTreeSet<IpAddr> = net::local_addresses()?.into_iter().collect();
     let mut out = Resolved {
         local,
@@ -73,7 +103,11 @@ pub fn resolve(iface: &Interface, desired: &Desired) -> anyhow::Result<Resolved>
                 out.targets.insert(key, Target::Local);
                 continue;
             }
-            let found = match (backend.mac, mode) {
+            if let Some((target, _)) = found.targets.get(&key) {
+                out.targets.insert(key, target.clone());
+                continue;
+            }
+            let looked_up = match (backend.mac, mode) {
                 // A configured MAC is on the attached interface's segment (in ipip mode: the
                 // next hop's).
                 (Some(mac), mode) => Ok((mac, iface.clone(), None, mode)),
@@ -99,7 +133,7 @@ pub fn resolve(iface: &Interface, desired: &Desired) -> anyhow::Result<Resolved>
                         Ok((hop.mac, egress, route.source, ForwardingMode::Ipip))
                     }),
             };
-            match found {
+            match looked_up {
                 Ok((mac, egress, mut source, mode)) => {
                     if mode == ForwardingMode::Ipip && source.is_none() {
                         // The outer source defaults to the egress interface's own address
@@ -118,14 +152,13 @@ pub fn resolve(iface: &Interface, desired: &Desired) -> anyhow::Result<Resolved>
                             .copied()
                             .find(|a| a.is_ipv4() == backend.addr.is_ipv4());
                     }
-                    out.targets.insert(
-                        key,
-                        Target::Remote {
-                            mac,
-                            egress,
-                            source,
-                        },
-                    );
+                    let target = Target::Remote {
+                        mac,
+                        egress,
+                        source,
+                    };
+                    found.targets.insert(key, (target.clone(), Instant::now()));
+                    out.targets.insert(key, target);
                 }
                 Err(why) => {
                     out.failures.insert(key, why);
@@ -142,14 +175,24 @@ pub fn resolve(iface: &Interface, desired: &Desired) -> anyhow::Result<Resolved>
             Some(Target::Remote { mac, .. }) => Some(*mac),
             // Asked already in this pass, as a backend, and it did not answer.
             _ if out.failures.contains_key(&key) => None,
-            // Only a peer on a directly connected network sends frames with its own MAC;
-            // one behind a router is never waited for.
-            _ if net::route_to(*peer).is_ok_and(|r| r.gateway.is_none()) => {
-                net::resolve_neighbour(*peer, NEIGHBOUR_TIMEOUT)
-                    .ok()
-                    .map(|n| n.mac)
-            }
-            _ => None,
+            _ => match found.peers.get(peer) {
+                Some((mac, _)) => *mac,
+                // Only a peer on a directly connected network sends frames with its own MAC;
+                // one behind a router is never waited for.
+                None if net::route_to(*peer).is_ok_and(|r| r.gateway.is_none()) => {
+                    let mac = net::resolve_neighbour(*peer, NEIGHBOUR_TIMEOUT)
+                        .ok()
+                        .map(|n| n.mac);
+                    if mac.is_some() {
+                        found.peers.insert(*peer, (mac, Instant::now()));
+                    }
+                    mac
+                }
+                None => {
+                    found.peers.insert(*peer, (None, Instant::now()));
+                    None
+                }
+            },
         };
         // A peer that does not answer sends nothing either; it is added once it does.
         out.peer_macs.extend(mac);

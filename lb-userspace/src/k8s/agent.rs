@@ -798,7 +798,6 @@ fn reconcile_loop(rx: mpsc::Receiver<Desired>, mut apply: ApplyFn, health: &Heal
         let started = Instant::now();
         match apply(desired) {
             Ok(summary) => {
-                refresh.resolved();
                 if !summary.is_empty() {
                     info!("maps updated in {:?}: {summary}", started.elapsed());
                 }

@@ -23,6 +23,7 @@ use crate::{
     model::Desired,
     net::Interface,
     reconcile::{self, Summary, Unreachable},
+    resolve::Found,
 };
 
 pub struct Reconciler {
@@ -33,6 +34,8 @@ pub struct Reconciler {
     control: ReconcileMetrics,
     /// The loaded object and its maps, once attached.
     attached: Option<(dataplane::Ebpf, Maps)>,
+    /// Next hops found by recent applies.
+    found: Found,
 }
 
 impl Reconciler {
@@ -51,6 +54,7 @@ impl Reconciler {
             unreachable,
             control,
             attached: None,
+            found: Found::default(),
         }
     }
 
@@ -58,7 +62,13 @@ impl Reconciler {
     pub fn apply(&mut self, desired: &Desired) -> anyhow::Result<Summary> {
         if let Some((_, maps)) = &mut self.attached {
             let started = Instant::now();
-            let result = reconcile::reconcile(maps, &self.iface, desired, self.unreachable);
+            let result = reconcile::reconcile_reusing(
+                maps,
+                &self.iface,
+                desired,
+                self.unreachable,
+                &mut self.found,
+            );
             self.control.record(started, &result);
             return result;
         }
@@ -75,7 +85,13 @@ impl Reconciler {
         let mut ebpf = dataplane::load(Some(&self.pins), desired.settings.flow_table_size)?;
         let mut maps = Maps::from_ebpf(&mut ebpf)?;
         let started = Instant::now();
-        let summary = reconcile::reconcile(&mut maps, &self.iface, desired, self.unreachable);
+        let summary = reconcile::reconcile_reusing(
+            &mut maps,
+            &self.iface,
+            desired,
+            self.unreachable,
+            &mut self.found,
+        );
         self.control.record(started, &summary);
         let summary = summary?;
         // The link is pinned too: a process killed with SIGKILL leaves the dataplane

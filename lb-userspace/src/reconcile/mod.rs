@@ -19,7 +19,7 @@ use crate::{
     dataplane::{Maps, Snapshot},
     model::{Desired, VipAddr},
     net::Interface,
-    resolve::{Resolved, resolve},
+    resolve::{Found, Resolved, resolve_with},
 };
 
 mod apply;
@@ -214,7 +214,18 @@ pub fn reconcile(
     desired: &Desired,
     unreachable: Unreachable,
 ) -> anyhow::Result<Summary> {
-    let resolved = resolve(iface, desired)?;
+    reconcile_reusing(maps, iface, desired, unreachable, &mut Found::default())
+}
+
+/// [`reconcile`], reusing the next hops `found` by recent passes (see [`Found`]).
+pub fn reconcile_reusing(
+    maps: &mut Maps,
+    iface: &Interface,
+    desired: &Desired,
+    unreachable: Unreachable,
+    found: &mut Found,
+) -> anyhow::Result<Summary> {
+    let resolved = resolve_with(iface, desired, found)?;
     if unreachable == Unreachable::Fail
         && let Some(((addr, mode), why)) = resolved.failures.iter().next()
     {
