@@ -37,19 +37,21 @@ pub fn agent_overlay(
     }
     let shared = votes.map(SharedDrained::get);
     // Each Service probes on its own share: one Service's silent ports stall none of the others.
-    let mut probed = targets(desired, &|vip| {
-        sources
-            .get(&vip.key)
-            .map_or_else(|| vip.key.to_string(), |s| s.service.clone())
-    });
-    if let Some((ring, _)) = &shared {
+    let probed = targets(
+        desired,
+        &|vip| {
+            sources
+                .get(&vip.key)
+                .map_or_else(|| vip.key.to_string(), |s| s.service.clone())
+        },
         // A node is probed by its watchers only (the others read their votes).
-        probed.retain(|(addr, _), _| {
-            node_names
-                .get(addr)
-                .is_none_or(|node| me.is_some_and(|me| ring.watches(me, node)))
-        });
-    }
+        &|addr, _| match &shared {
+            Some((ring, _)) => node_names
+                .get(&addr)
+                .is_none_or(|node| me.is_some_and(|me| ring.watches(me, node))),
+            None => true,
+        },
+    );
     prober.set_targets(&probed);
     let loads = match leases {
         Some(l) if config.load_aware => {
