@@ -124,15 +124,6 @@ pub(super) fn range_vip(key: &RangeKey) -> u32 {
     u32::from_be(key.1.scope_be) & 0x00ff_ffff
 }
 
-/// Everything a reconcile writes, from what the maps hold and where the backends are. Pure.
-///
-/// Order rules (each has a unit test): a backend entry is written before any table has it; a
-/// table is installed whole at an id no VIP points at, then the VIPs are pointed at it (one
-/// atomic write each), and only then are the tables and backends no VIP uses any more freed;
-/// a table is reused whenever an installed one has the same contents (its fingerprint), so a
-/// change rebuilds each distinct table once; removals and drains need no room and are always
-/// planned; what does not fit (VIPs, backends, tables, addresses, source ranges, counted while
-/// old and new entries coexist) is left out and listed, never failing the rest.
 /// What a backend list comes to in the maps: planned once per list, shared by its VIPs.
 struct ListPlan {
     /// (backend id, address, weight with the drain flag), in backend id order.
@@ -143,6 +134,15 @@ struct ListPlan {
     fingerprint: u64,
 }
 
+/// Everything a reconcile writes, from what the maps hold and where the backends are. Pure.
+///
+/// Order rules (each has a unit test): a backend entry is written before any table has it; a
+/// table is installed whole at an id no VIP points at, then the VIPs are pointed at it (one
+/// atomic write each), and only then are the tables and backends no VIP uses any more freed;
+/// a table is reused whenever an installed one has the same contents (its fingerprint), so a
+/// change rebuilds each distinct table once; removals and drains need no room and are always
+/// planned; what does not fit (VIPs, backends, tables, addresses, source ranges, counted while
+/// old and new entries coexist) is left out and listed, never failing the rest.
 pub(super) fn plan(
     current: &Snapshot,
     iface: &Interface,
