@@ -62,10 +62,7 @@ impl Snapshot {
                 current.tables.insert(id, info);
             }
         }
-        for entry in maps.vip_addrs.iter() {
-            let (key, count) = entry.context("reading the VIP_ADDRS map")?;
-            current.vip_addrs.insert(key, count);
-        }
+        current.vip_addrs = maps.read_vip_addrs()?;
         for key in maps.source_ranges.keys() {
             let key = key.context("reading the SOURCE_RANGES map")?;
             current.source_ranges.insert((key.prefix_len(), key.data()));

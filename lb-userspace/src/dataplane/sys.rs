@@ -46,6 +46,44 @@ pub(super) fn lookup_batch<V: Copy>(
     Ok(attr.count as usize)
 }
 
+/// Every entry of a hash map, `chunk` at a time (`BPF_MAP_LOOKUP_BATCH` with the kernel's
+/// bucket token: one syscall per chunk where iterating costs two per entry). `K` and `V` are
+/// the map's key and value types (`#[repr(C)]`, plain data).
+pub(super) fn lookup_hash_all<K: Copy + Default, V: Copy + Default>(
+    map: &OwnedFd,
+    chunk: usize,
+) -> std::io::Result<Vec<(K, V)>> {
+    let mut keys = vec![K::default(); chunk];
+    let mut values = vec![V::default(); chunk];
+    let mut out = Vec::new();
+    let mut token: Option<u32> = None;
+    loop {
+        let mut next = 0u32;
+        let mut attr = BatchAttr {
+            in_batch: token.as_mut().map_or(0, |t| t as *mut u32 as u64),
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: map.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // The attribute points at `chunk` keys and values and at the two 4-byte tokens (a hash
+        // map's token is a bucket index), all outliving the call.
+        let rc = bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let error = (rc < 0).then(std::io::Error::last_os_error);
+        let n = (attr.count as usize).min(chunk);
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match error {
+            None => token = Some(next),
+            // The end of the map.
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Some(e) => return Err(e),
+        }
+    }
+}
+
 /// `BPF_MAP_UPDATE_BATCH` of u32 keys and u32 values (here: inner map descriptors).
 pub(super) fn update_batch(map: &OwnedFd, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
     let mut attr = BatchAttr {
