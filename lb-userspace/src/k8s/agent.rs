@@ -565,6 +565,8 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
     };
 
     let mut last = Built::default();
+    // Each Service's VIPs, rebuilt only when its objects change.
+    let mut build_cache = desired::BuildCache::default();
     let mut logged_problems = BTreeSet::new();
     let mut logged_mode = None;
     // The first model is always sent, even an empty one: its apply attaches.
@@ -577,7 +579,8 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
                 .unwrap_or_default(),
             class: config.class,
         };
-        let mut built = desired::build(
+        let mut built = desired::build_with(
+            &mut build_cache,
             &services.state(),
             &slices.state(),
             &nodes.state(),

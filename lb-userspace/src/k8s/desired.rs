@@ -104,7 +104,7 @@ fn apply_options(vip: &mut Vip, options: &VipOptions) {
 }
 
 /// What the balancer needs to know of a node.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Hash)]
 struct NodeInfo {
     name: String,
     /// Its first InternalIP of each family (at least one of the two).
@@ -159,6 +159,42 @@ pub fn build(
     settings: Settings,
     policy: &AddressPolicy,
 ) -> Built {
+    build_with(
+        &mut BuildCache::default(),
+        services,
+        slices,
+        nodes,
+        settings,
+        policy,
+    )
+}
+
+/// What each Service gave the last build, reused while its inputs are the same: its own and
+/// its slices' resource versions, its addresses and the nodes. An EndpointSlice change then
+/// rebuilds one Service, not 5,000. Objects without a resource version (built by hand, not
+/// read from the API) are never reused.
+#[derive(Default)]
+pub struct BuildCache {
+    services: HashMap<String, (u64, ServiceVips)>,
+}
+
+/// One Service's VIPs and what was wrong with it, before the VIPs meet other Services'.
+#[derive(Clone, Default)]
+struct ServiceVips {
+    vips: Vec<Vip>,
+    options: VipOptions,
+    problems: Vec<String>,
+}
+
+/// [`build`], reusing what `cache` holds from the last builds (and keeping this one's).
+pub fn build_with(
+    cache: &mut BuildCache,
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
+    nodes: &[Arc<Node>],
+    settings: Settings,
+    policy: &AddressPolicy,
+) -> Built {
     let mut built = Built {
         desired: Desired {
             settings,
@@ -203,16 +239,69 @@ pub fn build(
     }
     let mut vips: BTreeMap<VipAddr, Vip> = BTreeMap::new();
     let mut per_family = PerFamily::default();
+    let nodes_print = fingerprint(&nodes);
+    let mut kept = HashMap::with_capacity(services.len());
     for svc in services {
         let key = (
             svc.metadata.namespace.as_deref().unwrap_or(""),
             svc.metadata.name.as_deref().unwrap_or(""),
         );
         let own = by_service.get(&key).map(Vec::as_slice).unwrap_or_default();
-        add_service(svc, own, &nodes, &mut per_family, &mut vips, &mut built);
+        let who = object_name(
+            svc.metadata.namespace.as_deref(),
+            svc.metadata.name.as_deref(),
+        );
+        let Some(addrs) = served_addresses(svc, &who, &mut built) else {
+            continue;
+        };
+        let inputs = inputs_print(svc, own, &addrs, nodes_print);
+        let made = match (inputs, cache.services.remove(&who)) {
+            (Some(print), Some((was, made))) if print == was => made,
+            _ => service_vips(svc, &who, own, &nodes, &addrs, &mut per_family),
+        };
+        add_service(&who, &made, &mut vips, &mut built);
+        if let Some(print) = inputs {
+            kept.insert(who, (print, made));
+        }
     }
+    // Services gone (or changed beyond reuse) leave the cache with this build.
+    cache.services = kept;
     built.desired.vips = vips.into_values().collect();
     built
+}
+
+/// Of everything a Service's VIPs are a function of, besides the nodes' `nodes_print`: the
+/// Service's and its slices' identities and resource versions, and its addresses. `None` when
+/// an object has no resource version (never reused).
+fn inputs_print(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    addrs: &[IpAddr],
+    nodes_print: u64,
+) -> Option<u64> {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    nodes_print.hash(&mut h);
+    addrs.hash(&mut h);
+    svc.metadata.uid.hash(&mut h);
+    svc.metadata.resource_version.as_ref()?.hash(&mut h);
+    let mut own: Vec<(&str, &str)> = Vec::with_capacity(slices.len());
+    for slice in slices {
+        own.push((
+            slice.metadata.name.as_deref().unwrap_or(""),
+            slice.metadata.resource_version.as_deref()?,
+        ));
+    }
+    own.sort_unstable();
+    own.hash(&mut h);
+    Some(h.finish())
+}
+
+fn fingerprint(nodes: &[NodeInfo]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    nodes.hash(&mut h);
+    h.finish()
 }
 
 fn node_infos(nodes: &[Arc<Node>], built: &mut Built) -> Vec<NodeInfo> {
@@ -244,13 +333,11 @@ fn node_infos(nodes: &[Arc<Node>], built: &mut Built) -> Vec<NodeInfo> {
             continue;
         }
         let mine = || v4.map(IpAddr::V4).into_iter().chain(v6.map(IpAddr::V6));
-        if let Some((other, addr)) = infos
-            .iter()
-            .find_map(|i| mine().find(|a| i.addrs().any(|b| b == *a)).map(|a| (i, a)))
+        if let Some((other, addr)) =
+            mine().find_map(|a| built.node_names.get(&a).map(|other| (other.clone(), a)))
         {
             built.problems.insert(format!(
-                "node {name}: InternalIP {addr} is also node {}'s, not a backend",
-                other.name
+                "node {name}: InternalIP {addr} is also node {other}'s, not a backend"
             ));
             continue;
         }
@@ -357,49 +444,51 @@ fn service_addresses(svc: &Service, who: &str, problems: &mut BTreeSet<String>) 
     addrs.into_iter().collect()
 }
 
-fn add_service(
-    svc: &Service,
-    slices: &[&EndpointSlice],
-    nodes: &[NodeInfo],
-    per_family: &mut PerFamily,
-    vips: &mut BTreeMap<VipAddr, Vip>,
-    built: &mut Built,
-) {
-    let ns = svc.metadata.namespace.as_deref();
-    let name = svc.metadata.name.as_deref();
-    let who = object_name(ns, name);
-    let Some(spec) = svc.spec.as_ref() else {
-        return;
-    };
+/// The addresses a Service's VIPs are served at (none: it has no VIP).
+fn served_addresses(svc: &Service, who: &str, built: &mut Built) -> Option<Vec<IpAddr>> {
+    let spec = svc.spec.as_ref()?;
     if spec.type_.as_deref() == Some("ExternalName") {
-        return;
+        return None;
     }
     let addrs = match &built.addressing {
-        None => service_addresses(svc, &who, &mut built.problems),
+        None => service_addresses(svc, who, &mut built.problems),
         Some(a) => a.allocation.served(
-            &who,
-            a.status.get(&who).map(Vec::as_slice).unwrap_or_default(),
+            who,
+            a.status.get(who).map(Vec::as_slice).unwrap_or_default(),
         ),
     };
-    if addrs.is_empty() {
-        return;
-    }
-    let options = match service_options(svc) {
+    (!addrs.is_empty()).then_some(addrs)
+}
+
+/// One Service's VIPs at `addrs`, alone (what other Services claim is [`add_service`]'s).
+fn service_vips(
+    svc: &Service,
+    who: &str,
+    slices: &[&EndpointSlice],
+    nodes: &[NodeInfo],
+    addrs: &[IpAddr],
+    per_family: &mut PerFamily,
+) -> ServiceVips {
+    let mut out = ServiceVips::default();
+    let Some(spec) = svc.spec.as_ref() else {
+        return out;
+    };
+    out.options = match service_options(svc) {
         Ok(o) => o,
         Err(e) => {
-            built
-                .problems
-                .insert(format!("service {who}: {e}; its VIPs are not served"));
-            return;
+            out.problems
+                .push(format!("service {who}: {e}; its VIPs are not served"));
+            return out;
         }
     };
+    let options = &out.options;
     let local = spec.external_traffic_policy.as_deref() == Some("Local");
     for port in spec.ports.as_deref().unwrap_or_default() {
         let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
             "TCP" => Protocol::Tcp,
             "UDP" => Protocol::Udp,
             other => {
-                built.problems.insert(format!(
+                out.problems.push(format!(
                     "service {who}: port {}: protocol {other} is not balanced (TCP and UDP are)",
                     port.port
                 ));
@@ -421,11 +510,11 @@ fn add_service(
                 local_endpoints(slices, port_name, "IPv6"),
             ]
         });
-        for addr in &addrs {
+        for addr in addrs {
             let (all_nodes, unreachable) = per_family.get(nodes, *addr, options.mode);
             for name in unreachable {
                 let family = if addr.is_ipv4() { 4 } else { 6 };
-                built.problems.insert(format!(
+                out.problems.push(format!(
                     "service {who}: node {name} has no IPv{family} InternalIP, which mode l2 needs for the IPv{family} VIPs: not their backend (use mode ipip to reach it by its other address)",
                 ));
             }
@@ -441,26 +530,41 @@ fn add_service(
                 port: number,
                 protocol,
             };
-            if let Some(owner) = built.sources.get(&key) {
-                if owner.service != who {
-                    built.problems.insert(format!(
-                        "service {who}: VIP {key} is already served for {}",
-                        owner.service
-                    ));
-                }
-                continue;
-            }
             let mut vip = Vip::new(key, backends);
-            apply_options(&mut vip, &options);
-            built.sources.insert(
-                key,
-                VipSource {
-                    service: who.clone(),
-                    options: options.clone(),
-                },
-            );
-            vips.insert(key, vip);
+            apply_options(&mut vip, options);
+            out.vips.push(vip);
         }
+    }
+    out
+}
+
+/// A Service's VIPs into the model, each unless an older Service has it already.
+fn add_service(
+    who: &str,
+    made: &ServiceVips,
+    vips: &mut BTreeMap<VipAddr, Vip>,
+    built: &mut Built,
+) {
+    built.problems.extend(made.problems.iter().cloned());
+    for vip in &made.vips {
+        let key = vip.key;
+        if let Some(owner) = built.sources.get(&key) {
+            if owner.service != who {
+                built.problems.insert(format!(
+                    "service {who}: VIP {key} is already served for {}",
+                    owner.service
+                ));
+            }
+            continue;
+        }
+        built.sources.insert(
+            key,
+            VipSource {
+                service: who.to_owned(),
+                options: made.options.clone(),
+            },
+        );
+        vips.insert(key, vip.clone());
     }
 }
 
@@ -620,13 +724,6 @@ const LISTED_VIPS: usize = 3;
 /// agent logs at info, once per change. A list shared by many VIPs is compared once.
 pub fn changes(old: &Built, new: &Built) -> Vec<Change> {
     let mut out = Vec::new();
-    let owner = |built: &Built, key: &VipAddr| {
-        built
-            .sources
-            .get(key)
-            .map(|s| s.service.clone())
-            .unwrap_or_default()
-    };
     let mut push = |service: &str, vip: &VipAddr, node: Option<String>, line: String| {
         out.push(Change {
             service: service.to_owned(),
@@ -637,7 +734,7 @@ pub fn changes(old: &Built, new: &Built) -> Vec<Change> {
     };
     for vip in &old.desired.vips {
         if new.desired.vip(&vip.key).is_none() {
-            push(&owner(old, &vip.key), &vip.key, None, " removed".to_owned());
+            push(owner(old, &vip.key), &vip.key, None, " removed".to_owned());
         }
     }
     // VIPs whose list changed, by (old list, new list): each pair is compared once.
@@ -652,7 +749,7 @@ pub fn changes(old: &Built, new: &Built) -> Vec<Change> {
                 String::new()
             };
             push(
-                &who,
+                who,
                 &vip.key,
                 None,
                 format!(" added with {} backends{listed}", vip.backends.len()),
@@ -660,12 +757,12 @@ pub fn changes(old: &Built, new: &Built) -> Vec<Change> {
             continue;
         };
         if owner(old, &vip.key) != who {
-            push(&who, &vip.key, None, " taken over".to_owned());
+            push(who, &vip.key, None, " taken over".to_owned());
         }
         if old.sources.get(&vip.key).map(|s| &s.options)
             != new.sources.get(&vip.key).map(|s| &s.options)
         {
-            push(&who, &vip.key, None, " options changed".to_owned());
+            push(who, &vip.key, None, " options changed".to_owned());
         }
         if before.backends.same(&vip.backends) {
             continue;
@@ -679,7 +776,7 @@ pub fn changes(old: &Built, new: &Built) -> Vec<Change> {
                 )
             })
             .0
-            .push((who, vip.key));
+            .push((who.to_owned(), vip.key));
     }
     // In the order of the new model's VIPs.
     let mut moved: Vec<_> = moved.into_values().collect();
@@ -700,6 +797,11 @@ pub fn changes(old: &Built, new: &Built) -> Vec<Change> {
         }
     }
     out
+}
+
+/// The Service ("namespace/name") a VIP of `built` comes from ("" when unknown).
+fn owner<'a>(built: &'a Built, key: &VipAddr) -> &'a str {
+    built.sources.get(key).map_or("", |s| s.service.as_str())
 }
 
 fn node_name(built: &Built, b: &Backend) -> String {
@@ -1678,6 +1780,80 @@ mod tests {
         assert_eq!(
             added[0].line,
             "service shop/web0: VIP 192.0.2.10:80/tcp added with 9 backends"
+        );
+    }
+
+    /// `obj` as read from the API: with a resource version.
+    fn at_version<T: kube::Resource + Clone>(obj: &Arc<T>, version: &str) -> Arc<T> {
+        let mut obj = (**obj).clone();
+        obj.meta_mut().resource_version = Some(version.to_owned());
+        Arc::new(obj)
+    }
+
+    #[test]
+    fn a_slice_change_rebuilds_its_service_alone() {
+        let services: Vec<Arc<Service>> = ["a", "b"]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                at_version(
+                    &svc(
+                        "shop",
+                        n,
+                        lb(http(), "Local"),
+                        &[&format!("192.0.2.{}", 10 + i)],
+                    ),
+                    "1",
+                )
+            })
+            .collect();
+        let slices = |b_ready: &[Ep], b_version: &str| {
+            vec![
+                at_version(
+                    &slice("shop", "a", "a1", Some("http"), &[ready("n1", "10.1.0.1")]),
+                    "1",
+                ),
+                at_version(&slice("shop", "b", "b1", Some("http"), b_ready), b_version),
+            ]
+        };
+        let mut cache = BuildCache::default();
+        let policy = AddressPolicy::default();
+        let mut build_at = |slices: &[Arc<EndpointSlice>], nodes: &[Arc<Node>]| {
+            build_with(
+                &mut cache,
+                &services,
+                slices,
+                nodes,
+                Settings::default(),
+                &policy,
+            )
+        };
+        let first = build_at(&slices(&[ready("n1", "10.1.0.2")], "1"), &nodes3());
+        // b's slice moves to n2: b is rebuilt, a is the last build's.
+        let second = build_at(&slices(&[ready("n2", "10.1.0.2")], "2"), &nodes3());
+        let (a1, b1) = (&first.desired.vips[0], &first.desired.vips[1]);
+        let (a2, b2) = (&second.desired.vips[0], &second.desired.vips[1]);
+        assert!(a2.backends.same(&a1.backends), "a reused");
+        assert_eq!(
+            backends(&second, "192.0.2.11:80/tcp"),
+            [bk("10.0.0.2", 1, false)]
+        );
+        assert!(!b2.backends.same(&b1.backends));
+        // The same objects again: both reused.
+        let third = build_at(&slices(&[ready("n2", "10.1.0.2")], "2"), &nodes3());
+        assert!(third.desired.vips[1].backends.same(&b2.backends));
+        // Another node set: everything is rebuilt (a's node n1 now drains).
+        let mut nodes = nodes3();
+        nodes[0] = node("n1", "10.0.0.1", true, true, None);
+        let fourth = build_at(&slices(&[ready("n2", "10.1.0.2")], "2"), &nodes);
+        assert_eq!(
+            backends(&fourth, "192.0.2.10:80/tcp"),
+            [bk("10.0.0.1", 1, true)]
+        );
+        // Whatever was reused, the model is the one a fresh build makes.
+        assert_eq!(
+            fourth,
+            run(&services, &slices(&[ready("n2", "10.1.0.2")], "2"), &nodes)
         );
     }
 }
