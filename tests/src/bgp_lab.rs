@@ -744,6 +744,29 @@ impl BgpLab {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Runs `sluice inspect bgp <args>` in node `i`'s namespace (it asks the agent's health
+    /// address there) and returns its output whatever the exit status.
+    pub fn inspect_bgp(&self, i: usize, args: &[&str]) -> Result<std::process::Output> {
+        let bin = crate::lab::sluice_binary()?;
+        let bin = bin.to_string_lossy();
+        let mut argv = vec![bin.as_ref(), "inspect", "bgp"];
+        argv.extend(args);
+        self.lab.exec(self.lab.backend_ns(i), &argv)
+    }
+
+    /// `sluice inspect bgp -o json`'s peers for node `i`, failing unless it exits 0.
+    pub fn inspect_bgp_peers(&self, i: usize) -> Result<Vec<Value>> {
+        let out = self.inspect_bgp(i, &["-o", "json"])?;
+        ensure!(
+            out.status.success(),
+            "node {i}: sluice inspect bgp failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value =
+            serde_json::from_slice(&out.stdout).context("sluice inspect bgp -o json: not JSON")?;
+        Ok(v["peers"].as_array().cloned().unwrap_or_default())
+    }
+
     pub fn node_addr(&self, i: usize) -> Ipv4Addr {
         self.lab.backend_addr(i)
     }
