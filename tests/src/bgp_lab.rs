@@ -63,6 +63,8 @@ pub struct RouterOptions {
     pub passwords: BTreeMap<usize, String>,
     /// Its AS [default: [`ROUTER_ASN`]]; [`NODE_ASN`] makes the sessions iBGP.
     pub asn: Option<u32>,
+    /// Nodes it also peers with over IPv6 (IPv6 unicast, with BFD), by their IPv6 address.
+    pub ipv6_nodes: Vec<std::net::Ipv6Addr>,
 }
 
 impl Router {
@@ -177,9 +179,20 @@ router bgp {asn}
                 conf.push_str(&format!(" neighbor {n} password {password}\n"));
             }
         }
+        for n in &options.ipv6_nodes {
+            conf.push_str(&format!(
+                " neighbor {n} peer-group nodes\n neighbor {n} bfd profile fast\n"
+            ));
+        }
         conf.push_str(&format!(
-            " address-family ipv4 unicast\n  {multipath}\n exit-address-family\n!\n"
+            " address-family ipv4 unicast\n  {multipath}\n exit-address-family\n"
         ));
+        if !options.ipv6_nodes.is_empty() {
+            conf.push_str(&format!(
+                " address-family ipv6 unicast\n  neighbor nodes activate\n  {multipath}\n exit-address-family\n"
+            ));
+        }
+        conf.push_str("!\n");
         fs::write(etc.join("frr.conf"), conf)?;
         for d in [&etc, &run] {
             cmd::run_ok(
@@ -390,6 +403,27 @@ template bgp nodes {{
             }
             thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// FRR's BGP route to `addr` (`show ip route` or `show ipv6 route`, by its family): the
+    /// next hops of the route zebra installed in the kernel (none: no such route).
+    pub fn frr_installed_nexthops(
+        &self,
+        addr: std::net::IpAddr,
+    ) -> Result<BTreeSet<std::net::IpAddr>> {
+        let (show, len) = match addr {
+            std::net::IpAddr::V4(_) => ("ip", 32),
+            std::net::IpAddr::V6(_) => ("ipv6", 128),
+        };
+        let v = self.vtysh_json(&format!("show {show} route {addr}/{len} json"))?;
+        Ok(v.as_object()
+            .into_iter()
+            .flatten()
+            .flat_map(|(_, routes)| routes.as_array().into_iter().flatten())
+            .filter(|r| r["protocol"] == "bgp" && r["installed"] == true)
+            .flat_map(|r| r["nexthops"].as_array().into_iter().flatten())
+            .filter_map(|h| h["ip"].as_str()?.parse().ok())
+            .collect())
     }
 
     fn vtysh_json(&self, command: &str) -> Result<Value> {
@@ -666,7 +700,7 @@ impl BgpLab {
             &RouterOptions {
                 bfd: setup.bfd.clone(),
                 passwords: setup.router_passwords.clone(),
-                asn: None,
+                ..RouterOptions::default()
             },
             lab.dir(),
         )?;
@@ -742,6 +776,29 @@ impl BgpLab {
             &["curl", "-sS", "--max-time", "10", url],
         )?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `sluice inspect bgp <args>` in node `i`'s namespace (it asks the agent's health
+    /// address there) and returns its output whatever the exit status.
+    pub fn inspect_bgp(&self, i: usize, args: &[&str]) -> Result<std::process::Output> {
+        let bin = crate::lab::sluice_binary()?;
+        let bin = bin.to_string_lossy();
+        let mut argv = vec![bin.as_ref(), "inspect", "bgp"];
+        argv.extend(args);
+        self.lab.exec(self.lab.backend_ns(i), &argv)
+    }
+
+    /// `sluice inspect bgp -o json`'s peers for node `i`, failing unless it exits 0.
+    pub fn inspect_bgp_peers(&self, i: usize) -> Result<Vec<Value>> {
+        let out = self.inspect_bgp(i, &["-o", "json"])?;
+        ensure!(
+            out.status.success(),
+            "node {i}: sluice inspect bgp failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value =
+            serde_json::from_slice(&out.stdout).context("sluice inspect bgp -o json: not JSON")?;
+        Ok(v["peers"].as_array().cloned().unwrap_or_default())
     }
 
     pub fn node_addr(&self, i: usize) -> Ipv4Addr {

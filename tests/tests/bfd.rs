@@ -1,18 +1,21 @@
 //! The agent's BFD against a real router's (FRR bfdd) across network namespaces, with a forger
-//! on the same link. Needs root and FRR (scripts/bootstrap.sh).
+//! on the same link, over IPv4 and over IPv6. Needs root and FRR (scripts/bootstrap.sh).
 //!
 //! ```text
 //!   r  (FRR bfdd, 192.0.2.1 on bridge br0) --+-- lb: the agent's BFD (192.0.2.10)
 //!                                           +-- c:  the forger (192.0.2.66, raw socket)
+//!   (IPv6: 2001:db8::1, 2001:db8::10, 2001:db8::66)
 //! ```
 //!
-//! The forger knows both discriminators (read from FRR) and sends AdminDown from the router's
-//! own address, but with TTL 64 (as a host further away would have to): dropped and counted,
-//! the session stays Up. From its own address with TTL 255: dropped too. The router's real
-//! AdminDown takes BFD Down without a failure (BGP would stay); cutting the link is a failure.
+//! The session comes Up only if FRR takes our packets: single-hop BFD (RFC 5881) sends with TTL
+//! / hop limit 255 and FRR drops anything less. The forger knows both discriminators (read from
+//! FRR) and sends AdminDown from the router's own address, but with TTL 64 (as a host further
+//! away would have to): dropped and counted, the session stays Up. From its own address with
+//! TTL 255: dropped too. The router's real AdminDown takes BFD Down without a failure (BGP
+//! would stay); cutting the link is a failure, detected within the detect time (3 x 100 ms).
 
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -25,13 +28,43 @@ use lb_userspace::bgp::bfd::{
 use sluice_tests::{cmd, netns, require_root};
 use tokio::sync::watch;
 
-const ROUTER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
-const FORGER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 66);
+/// One address family's link: its addresses, and the `<n>` of its namespaces' names (the two
+/// tests may run at once).
+#[derive(Clone, Copy, Debug)]
+struct Family {
+    router: IpAddr,
+    node: IpAddr,
+    forger: IpAddr,
+    prefix_len: u8,
+    n: u8,
+}
+
+const V4: Family = Family {
+    router: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+    node: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
+    forger: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 66)),
+    prefix_len: 24,
+    n: 0,
+};
+
+const V6: Family = Family {
+    router: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
+    node: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10)),
+    forger: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x66)),
+    prefix_len: 64,
+    n: 1,
+};
+
+/// Both ends' timing: a dead peer is detected after 3 x 100 ms.
+const BFD: BfdConfig = BfdConfig {
+    interval: Duration::from_millis(100),
+    multiplier: 3,
+};
 
 /// The namespaces ("sl<pid>-<n>-<role>", the lab naming, so that a killed run's are removed by
 /// the next lab) and FRR's pathspace, removed on drop.
 struct Topology {
+    f: Family,
     r: String,
     lb: String,
     c: String,
@@ -43,9 +76,10 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 impl Topology {
-    fn build() -> Result<Topology> {
-        let id = format!("sl{}-0", std::process::id());
+    fn build(f: Family) -> Result<Topology> {
+        let id = format!("sl{}-{}", std::process::id(), f.n);
         let t = Topology {
+            f,
             r: format!("{id}-r"),
             lb: format!("{id}-lb"),
             c: format!("{id}-c"),
@@ -56,26 +90,28 @@ impl Topology {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
         ip(&["-n", &t.r, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &t.r, "addr", "add", "192.0.2.1/24", "dev", "br0"])?;
+        t.add_addr(&t.r, f.router, "br0")?;
         ip(&["-n", &t.r, "link", "set", "br0", "up"])?;
-        for (port, ns, addr) in [("p0", &t.lb, NODE), ("p1", &t.c, FORGER)] {
+        for (port, ns, addr) in [("p0", &t.lb, f.node), ("p1", &t.c, f.forger)] {
             ip(&[
                 "-n", &t.r, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns",
                 ns,
             ])?;
             ip(&["-n", &t.r, "link", "set", port, "master", "br0", "up"])?;
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{addr}/24"),
-                "dev",
-                "eth0",
-            ])?;
+            t.add_addr(ns, addr, "eth0")?;
             ip(&["-n", ns, "link", "set", "eth0", "up"])?;
         }
         Ok(t)
+    }
+
+    /// IPv6 without duplicate address detection: usable at once.
+    fn add_addr(&self, ns: &str, addr: IpAddr, dev: &str) -> Result<()> {
+        let net = format!("{addr}/{}", self.f.prefix_len);
+        let mut args = vec!["-n", ns, "addr", "add", &net, "dev", dev];
+        if addr.is_ipv6() {
+            args.push("nodad");
+        }
+        ip(&args)
     }
 
     fn start_frr(&mut self) -> Result<()> {
@@ -96,15 +132,19 @@ hostname {ns}
 log file {run}/frr.log
 !
 bfd
- peer {NODE} local-address {ROUTER}
-  receive-interval 100
-  transmit-interval 100
-  detect-multiplier 3
+ peer {node} local-address {router}
+  receive-interval {ms}
+  transmit-interval {ms}
+  detect-multiplier {mult}
  !
 !
 ",
                 ns = self.r,
-                run = run.display()
+                run = run.display(),
+                node = self.f.node,
+                router = self.f.router,
+                ms = BFD.interval.as_millis(),
+                mult = BFD.multiplier,
             ),
         )?;
         for d in [&etc, &run] {
@@ -144,7 +184,7 @@ bfd
         let v: serde_json::Value = serde_json::from_str(&self.vtysh(&["show bfd peers json"])?)?;
         let peer = v
             .as_array()
-            .and_then(|a| a.iter().find(|p| p["peer"] == NODE.to_string()))
+            .and_then(|a| a.iter().find(|p| p["peer"] == self.f.node.to_string()))
             .context("FRR shows no BFD peer for the node")?;
         let get = |k: &str| peer[k].as_u64().and_then(|d| u32::try_from(d).ok());
         match (get("id"), get("remote-id")) {
@@ -154,7 +194,7 @@ bfd
     }
 
     fn frr_peer(&self, shutdown: bool) -> Result<()> {
-        let peer = format!("peer {NODE} local-address {ROUTER}");
+        let peer = format!("peer {} local-address {}", self.f.node, self.f.router);
         let what = if shutdown { "shutdown" } else { "no shutdown" };
         self.vtysh(&["configure terminal", "bfd", &peer, what])
             .map(|_| ())
@@ -196,7 +236,7 @@ struct Node {
 }
 
 impl Node {
-    fn start(ns: &str) -> Result<Node> {
+    fn start(ns: &str, f: Family) -> Result<Node> {
         let (link_tx, link) = watch::channel(Link::Waiting);
         let (stop, stop_rx) = watch::channel(false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -206,22 +246,18 @@ impl Node {
                 .build()?;
             rt.block_on(async move {
                 let started = (|| {
-                    let sockets = Sockets::for_peers(&[IpAddr::V4(ROUTER)])?;
+                    let sockets = Sockets::for_peers(&[f.router])?;
                     let at = sockets.local_addrs();
                     ensure!(
-                        at == [SocketAddr::new(NODE.into(), BFD_PORT)],
+                        at == [SocketAddr::new(f.node, BFD_PORT)],
                         "BFD receives on {at:?}, not on the node's address towards the router"
                     );
-                    let cfg = BfdConfig {
-                        interval: Duration::from_millis(100),
-                        multiplier: 3,
-                    };
                     let peer = BfdPeer {
-                        addr: ROUTER.into(),
+                        addr: f.router,
                         port: BFD_PORT,
                         link: link_tx,
                     };
-                    Bfd::new(cfg, sockets, vec![peer])
+                    Bfd::new(BFD, sockets, vec![peer])
                 })();
                 match started {
                     Ok(bfd) => {
@@ -285,43 +321,55 @@ impl Drop for Node {
     }
 }
 
-/// An IPv4/UDP datagram with a BFD control packet, any source, any TTL, from a raw socket in
-/// the forger's namespace.
-fn forge(ns: &str, src: Ipv4Addr, ttl: u8, p: Packet, count: usize) -> Result<()> {
+/// A BFD control packet in UDP in IPv4 or IPv6 from `src` to `dst` with TTL / hop limit `ttl`,
+/// sent `count` times from a raw socket in the forger's namespace (any source address).
+fn forge(ns: &str, src: IpAddr, dst: IpAddr, ttl: u8, p: Packet, count: usize) -> Result<()> {
+    let datagram = ip_datagram(src, dst, ttl, &udp(src, dst, &p.encode()));
     netns::run_in(ns, move || {
-        let bfd = p.encode();
-        let total = 20 + 8 + bfd.len();
-        let mut b = Vec::with_capacity(total);
-        b.extend_from_slice(&[0x45, 0xc0]);
-        b.extend_from_slice(&(total as u16).to_be_bytes());
-        b.extend_from_slice(&[0, 0, 0x40, 0, ttl, libc::IPPROTO_UDP as u8, 0, 0]);
-        b.extend_from_slice(&src.octets());
-        b.extend_from_slice(&NODE.octets());
-        b.extend_from_slice(&49152u16.to_be_bytes());
-        b.extend_from_slice(&BFD_PORT.to_be_bytes());
-        b.extend_from_slice(&((8 + bfd.len()) as u16).to_be_bytes());
-        b.extend_from_slice(&[0, 0]); // no UDP checksum (IPv4 allows it)
-        b.extend_from_slice(&bfd);
+        // SAFETY: all-zero is a valid sockaddr_storage.
+        let mut to: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let (family, len) = match dst {
+            IpAddr::V4(d) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: 0,
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(d).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: sockaddr_storage is larger than sockaddr_in and suitably aligned.
+                unsafe { (&raw mut to).cast::<libc::sockaddr_in>().write(sin) };
+                (libc::AF_INET, std::mem::size_of::<libc::sockaddr_in>())
+            }
+            IpAddr::V6(d) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: 0,
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: d.octets(),
+                    },
+                    sin6_scope_id: 0,
+                };
+                // SAFETY: sockaddr_storage is larger than sockaddr_in6 and suitably aligned.
+                unsafe { (&raw mut to).cast::<libc::sockaddr_in6>().write(sin6) };
+                (libc::AF_INET6, std::mem::size_of::<libc::sockaddr_in6>())
+            }
+        };
         // SAFETY: plain socket calls on a descriptor closed below; the buffers live throughout.
+        // IPPROTO_RAW: we write the IP header (IPv6 too, on Linux).
         unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+            let fd = libc::socket(family, libc::SOCK_RAW, libc::IPPROTO_RAW);
             ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-            let to = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: 0,
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(NODE).to_be(),
-                },
-                sin_zero: [0; 8],
-            };
             for _ in 0..count {
                 let n = libc::sendto(
                     fd,
-                    b.as_ptr().cast(),
-                    b.len(),
+                    datagram.as_ptr().cast(),
+                    datagram.len(),
                     0,
                     (&raw const to).cast(),
-                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    len as libc::socklen_t,
                 );
                 if n < 0 {
                     let e = std::io::Error::last_os_error();
@@ -334,6 +382,83 @@ fn forge(ns: &str, src: Ipv4Addr, ttl: u8, p: Packet, count: usize) -> Result<()
         }
         Ok(())
     })
+}
+
+/// A UDP datagram to BFD's port with its checksum (IPv6 requires one; IPv4 takes it too).
+fn udp(src: IpAddr, dst: IpAddr, payload: &[u8]) -> Vec<u8> {
+    let len = (8 + payload.len()) as u16;
+    let mut u = Vec::with_capacity(len.into());
+    u.extend_from_slice(&49152u16.to_be_bytes());
+    u.extend_from_slice(&BFD_PORT.to_be_bytes());
+    u.extend_from_slice(&len.to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    let mut pseudo = Vec::new();
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&[0, libc::IPPROTO_UDP as u8]);
+            pseudo.extend_from_slice(&len.to_be_bytes());
+        }
+        (s, d) => {
+            pseudo.extend_from_slice(&v6_octets(s));
+            pseudo.extend_from_slice(&v6_octets(d));
+            pseudo.extend_from_slice(&u32::from(len).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, libc::IPPROTO_UDP as u8]);
+        }
+    }
+    pseudo.extend_from_slice(&u);
+    let sum = match checksum(&pseudo) {
+        0 => 0xffff,
+        c => c,
+    };
+    u[6..8].copy_from_slice(&sum.to_be_bytes());
+    u
+}
+
+fn v6_octets(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V6(a) => a.octets(),
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+    }
+}
+
+/// The Internet checksum (RFC 1071).
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// `l4` in an IPv4 header (the kernel fills its checksum) or an IPv6 header.
+fn ip_datagram(src: IpAddr, dst: IpAddr, ttl: u8, l4: &[u8]) -> Vec<u8> {
+    let mut b = Vec::new();
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let total = (20 + l4.len()) as u16;
+            b.extend_from_slice(&[0x45, 0xc0]);
+            b.extend_from_slice(&total.to_be_bytes());
+            b.extend_from_slice(&[0, 0, 0x40, 0, ttl, libc::IPPROTO_UDP as u8, 0, 0]);
+            b.extend_from_slice(&s.octets());
+            b.extend_from_slice(&d.octets());
+        }
+        (s, d) => {
+            // Version 6, traffic class 0xc0 (network control, as BFD sends).
+            b.extend_from_slice(&[0x6c, 0, 0, 0]);
+            b.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            b.extend_from_slice(&[libc::IPPROTO_UDP as u8, ttl]);
+            b.extend_from_slice(&v6_octets(s));
+            b.extend_from_slice(&v6_octets(d));
+        }
+    }
+    b.extend_from_slice(l4);
+    b
 }
 
 fn admin_down(frr_disc: u32, node_disc: u32) -> Packet {
@@ -350,18 +475,19 @@ fn admin_down(frr_disc: u32, node_disc: u32) -> Packet {
     }
 }
 
-#[test]
-fn bfd_with_frr_ignores_forged_packets_and_admin_down_is_no_failure() -> Result<()> {
+/// The scenario of the module's header over one address family.
+fn bfd_with_frr(f: Family) -> Result<()> {
     require_root();
     ensure!(
         Path::new("/usr/lib/frr/bfdd").exists(),
         "FRR is not installed (scripts/bootstrap.sh installs frr)"
     );
-    let mut t = Topology::build()?;
+    let mut t = Topology::build(f)?;
     t.start_frr()?;
-    let mut node = Node::start(&t.lb)?;
+    let mut node = Node::start(&t.lb, f)?;
+    // Up only if FRR takes our packets (it drops those below TTL / hop limit 255).
     let took = node.wait_link(Link::Up, Duration::from_secs(20))?;
-    eprintln!("BFD with FRR up in {took:?}");
+    eprintln!("{f:?}: BFD with FRR up in {took:?}");
     let (frr_disc, node_disc) = {
         let t0 = Instant::now();
         loop {
@@ -373,16 +499,25 @@ fn bfd_with_frr_ignores_forged_packets_and_admin_down_is_no_failure() -> Result<
         }
     };
 
+    // The forger resolves the node's link address first: its forged datagrams then leave at
+    // once instead of waiting in the neighbour queue (seen lost once, both tests at once).
+    cmd::run_ok(
+        Command::new("ip")
+            .args(["netns", "exec", &t.c, "ping", "-c", "1", "-W", "5"])
+            .arg(f.node.to_string()),
+        Duration::from_secs(10),
+    )?;
     // A forged AdminDown with the right discriminators from the router's address, TTL 64.
     assert_eq!(node.link(), Link::Up);
     node.stayed_up(); // from here on
-    forge(&t.c, ROUTER, 64, admin_down(frr_disc, node_disc), 5)?;
+    let forged = admin_down(frr_disc, node_disc);
+    forge(&t.c, f.router, f.node, 64, forged, 5)?;
     std::thread::sleep(Duration::from_millis(300));
     assert!(node.stayed_up(), "a forged AdminDown (TTL 64) was taken");
     assert_eq!(node.drops().ttl, 5, "{}", node.drops());
 
     // TTL 255 but from the forger's own address.
-    forge(&t.c, FORGER, 255, admin_down(frr_disc, node_disc), 3)?;
+    forge(&t.c, f.forger, f.node, 255, forged, 3)?;
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         node.stayed_up(),
@@ -397,9 +532,29 @@ fn bfd_with_frr_ignores_forged_packets_and_admin_down_is_no_failure() -> Result<
     t.frr_peer(false)?;
     node.wait_link(Link::Up, Duration::from_secs(10))?;
 
-    // A real failure: the link to the router is cut.
+    // A real failure: the link to the router is cut. Detected once the detect time has passed
+    // since the router's last packet, counted here from the cut (up to an interval later):
+    // within the detect time, plus a margin for this thread's polling on a busy machine.
+    let detect = BFD.interval * u32::from(BFD.multiplier);
     ip(&["-n", &t.r, "link", "set", "p0", "down"])?;
     let took = node.wait_link(Link::Failed, Duration::from_secs(3))?;
-    eprintln!("link cut: BFD failed after {took:?}");
+    eprintln!("{f:?}: link cut: BFD failed after {took:?} (detect time {detect:?})");
+    ensure!(
+        took <= detect + DETECT_MARGIN,
+        "the dead router was detected after {took:?}, detect time {detect:?}"
+    );
     Ok(())
+}
+
+/// Scheduling slack over the detect time for the dead router's detection.
+const DETECT_MARGIN: Duration = Duration::from_millis(200);
+
+#[test]
+fn bfd_with_frr_ignores_forged_packets_and_admin_down_is_no_failure() -> Result<()> {
+    bfd_with_frr(V4)
+}
+
+#[test]
+fn bfd_over_ipv6_with_frr_ignores_forged_packets_and_admin_down_is_no_failure() -> Result<()> {
+    bfd_with_frr(V6)
 }

@@ -1,8 +1,8 @@
 //! BGP for real routers (issue 29), against FRR in the lab (tests/src/bgp_lab.rs):
 //! - TCP-MD5: the router expects a password of every node; the node with the right one is
 //!   Established and its route in the router, a wrong password and none keep the session down,
-//!   and the agent says why in its log, `/readyz` and `/metrics`; given the right password the
-//!   node comes in.
+//!   and the agent says why in its log, `/readyz`, `/metrics` and `sluice inspect bgp`; given
+//!   the right password the node comes in.
 //! - BGPPeer resources: two racks, two FRR routers, nodes split by a label; each node peers
 //!   only with its rack's router (the rack's password from a Secret), and follows a relabel;
 //!   the pool's communities and LOCAL_PREF (iBGP only) are in both routers' tables.
@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::json;
 use sluice_tests::bgp_lab::{
     BgpLab, BgpSetup, ExtraRouter, NODE_ASN, NODES, ROUTER_ASN, Router, RouterKind, RouterOptions,
@@ -91,6 +91,8 @@ fn tcp_md5_right_password_up_wrong_or_none_down_and_said_why() -> Result<()> {
             .any(|l| l.contains("BGP peer") && l.contains("TCP-MD5")),
         "node 1's log does not say TCP-MD5:\n{log}"
     );
+    check_inspect_bgp(&b)?;
+
     // Still down after several attempts: the router keeps refusing the wrong password.
     ensure!(
         b.router.frr_established()? == BTreeSet::from([n0]),
@@ -110,6 +112,73 @@ fn tcp_md5_right_password_up_wrong_or_none_down_and_said_why() -> Result<()> {
     ensure!(
         !b.router.frr_established()?.contains(&n2),
         "node 2 (no password) established"
+    );
+    Ok(())
+}
+
+/// `sluice inspect bgp` in the nodes' namespaces: node 0 established with its one prefix,
+/// node 1 down with the password mismatch's reason; MD5 on for both, the password nowhere; a
+/// wrong `--agent` names the address nobody answers at.
+fn check_inspect_bgp(b: &BgpLab) -> Result<()> {
+    let router = b.lab.lb_addr().to_string();
+    let up = b.inspect_bgp_peers(0)?;
+    ensure!(up.len() == 1, "node 0: peers {up:?}");
+    let p = &up[0];
+    ensure!(
+        p["address"] == router.as_str()
+            && p["asn"] == ROUTER_ASN
+            && p["local_asn"] == NODE_ASN
+            && p["state"] == "established"
+            && p["prefixes_announced"] == 1
+            && p["uptime_seconds"].as_u64().is_some()
+            && p["md5"] == true
+            && p["bfd"] == "off",
+        "node 0: {p}"
+    );
+    let down = b.inspect_bgp_peers(1)?;
+    ensure!(down.len() == 1, "node 1: peers {down:?}");
+    let p = &down[0];
+    ensure!(
+        p["state"] == "down"
+            && p["prefixes_announced"] == 0
+            && p["md5"] == true
+            && p["last_reason"] == "no_answer_tcp_md5"
+            && p["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("TCP-MD5")),
+        "node 1: {p}"
+    );
+    // The table for humans: the same row, in words.
+    let out = b.inspect_bgp(1, &[])?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&format!("{router}:179")))
+        .with_context(|| format!("node 1: no row for the router in\n{table}"))?;
+    for cell in ["64512", "down", "on", "no_answer_tcp_md5: "] {
+        ensure!(row.contains(cell), "node 1: no {cell:?} in {row:?}");
+    }
+    println!("sluice inspect bgp on node 1:\n{table}");
+    for i in 0..2 {
+        let all = String::from_utf8_lossy(&b.inspect_bgp(i, &["-o", "json"])?.stdout).into_owned()
+            + &String::from_utf8_lossy(&b.inspect_bgp(i, &[])?.stdout);
+        ensure!(
+            !all.contains(PASSWORD) && !all.contains("not-the-password"),
+            "node {i}: sluice inspect bgp shows a password:\n{all}"
+        );
+    }
+    // Nobody at the address asked: an error that names it.
+    let out = b.inspect_bgp(0, &["--agent", "127.0.0.1:1"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("no agent answers at http://127.0.0.1:1/bgp"),
+        "inspect bgp with nobody at --agent: {:?} {err}",
+        out.status
     );
     Ok(())
 }

@@ -12,7 +12,8 @@ use prometheus_client::{
 };
 use tokio::sync::watch;
 
-use super::bfd::Drops;
+use super::Peer;
+use super::bfd::{Drops, Link};
 use super::session::Status;
 
 type Labels = Vec<(&'static str, String)>;
@@ -67,23 +68,39 @@ impl Reason {
         }
     }
 }
-/// The sessions followed: each peer (as `ADDRESS=ASN`) with its status channel.
-type Followed = Arc<Mutex<Vec<(String, watch::Receiver<Status>)>>>;
+/// A session followed: its peer's settings, its status channel and its BFD link's.
+#[derive(Debug)]
+struct Followed {
+    peer: Peer,
+    /// This node's AS towards the peer (the peer's or the speaker's).
+    local_asn: u32,
+    status: watch::Receiver<Status>,
+    /// BFD's verdict on the path (`None`: no BFD with this peer).
+    bfd: Option<watch::Receiver<Link>>,
+}
 
 /// What the speaker counts for `/metrics`. Clones share their counts.
 #[derive(Clone, Debug, Default)]
 pub struct BgpMetrics {
     /// BFD's drop counters (the BFD task counts into these).
     pub bfd_drops: Arc<Drops>,
-    /// Each session's status, by peer (as `ADDRESS=ASN`), once the speaker has started.
-    sessions: Followed,
+    /// Each session, in the order the speaker started them.
+    sessions: Arc<Mutex<Vec<Followed>>>,
 }
 
-/// One session as `/metrics` and `/readyz` show it.
+/// One session as `/metrics`, `/readyz` and `/bgp` show it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SessionView {
+    /// The peer as the `peer` label and the log write it (`ADDRESS:PORT (AS N)`).
     pub peer: String,
+    /// The peer's settings (its password stays hidden: [`super::Password`]).
+    pub settings: Peer,
+    pub local_asn: u32,
+    /// BFD's verdict on the path; `None`: no BFD with this peer.
+    pub bfd: Option<Link>,
     pub established: bool,
+    /// Closed for good (the peer is no longer configured, or the agent stops).
+    pub closed: bool,
     pub uptime_secs: u64,
     pub prefixes: usize,
     pub failures: u64,
@@ -93,16 +110,27 @@ pub struct SessionView {
 
 impl BgpMetrics {
     /// Follows a session's status from now on (the speaker calls it once per peer).
-    pub(super) fn add_session(&self, peer: String, status: watch::Receiver<Status>) {
+    pub(super) fn add_session(
+        &self,
+        peer: &Peer,
+        local_asn: u32,
+        status: watch::Receiver<Status>,
+        bfd: Option<watch::Receiver<Link>>,
+    ) {
         if let Ok(mut sessions) = self.sessions.lock() {
-            sessions.push((peer, status));
+            sessions.push(Followed {
+                peer: peer.clone(),
+                local_asn,
+                status,
+                bfd,
+            });
         }
     }
 
     /// Stops following a peer's session (it was closed for good).
-    pub(super) fn remove_session(&self, peer: &str) {
+    pub(super) fn remove_session(&self, peer: &Peer) {
         if let Ok(mut sessions) = self.sessions.lock() {
-            sessions.retain(|(p, _)| p != peer);
+            sessions.retain(|f| f.peer != *peer);
         }
     }
 
@@ -113,11 +141,15 @@ impl BgpMetrics {
         };
         sessions
             .iter()
-            .map(|(peer, status)| {
-                let s = status.borrow();
+            .map(|f| {
+                let s = f.status.borrow();
                 SessionView {
-                    peer: peer.clone(),
+                    peer: f.peer.to_string(),
+                    settings: f.peer.clone(),
+                    local_asn: f.local_asn,
+                    bfd: f.bfd.as_ref().map(|l| *l.borrow()),
                     established: s.established,
+                    closed: s.closed,
                     uptime_secs: s.up_since.map_or(0, |t| t.elapsed().as_secs()),
                     prefixes: s.sent.as_ref().map_or(0, |r| r.0.len()),
                     failures: s.failures,
@@ -230,6 +262,10 @@ impl BgpMetrics {
 mod tests {
     use super::*;
 
+    fn test_peer(addr: &str) -> Peer {
+        Peer::new(addr.parse().unwrap(), 179, 65000)
+    }
+
     /// One series per peer: up, uptime, prefixes and failures from the session's status; a
     /// session that is down is a `/readyz` line with its last error, an established one none.
     #[test]
@@ -254,21 +290,21 @@ mod tests {
             last_reason: Some(Reason::ConnectRefused),
             ..Status::default()
         });
-        metrics.add_session("192.0.2.1=65000".into(), up);
-        metrics.add_session("192.0.2.2=65000".into(), down);
+        metrics.add_session(&test_peer("192.0.2.1"), 64512, up, None);
+        metrics.add_session(&test_peer("192.0.2.2"), 64512, down, None);
         let mut registry = Registry::with_prefix("sluice");
         metrics.register(&mut registry);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         for line in [
-            "sluice_bgp_session_up{peer=\"192.0.2.1=65000\"} 1",
-            "sluice_bgp_session_up{peer=\"192.0.2.2=65000\"} 0",
-            "sluice_bgp_prefixes_announced{peer=\"192.0.2.1=65000\"} 2",
-            "sluice_bgp_prefixes_announced{peer=\"192.0.2.2=65000\"} 0",
-            "sluice_bgp_session_failures_total{peer=\"192.0.2.1=65000\"} 1",
-            "sluice_bgp_session_failures_total{peer=\"192.0.2.2=65000\"} 4",
-            "sluice_bgp_session_uptime_seconds{peer=\"192.0.2.2=65000\"} 0",
-            "sluice_bgp_session_last_error{peer=\"192.0.2.2=65000\",reason=\"connect_refused\"} 1",
+            "sluice_bgp_session_up{peer=\"192.0.2.1:179 (AS 65000)\"} 1",
+            "sluice_bgp_session_up{peer=\"192.0.2.2:179 (AS 65000)\"} 0",
+            "sluice_bgp_prefixes_announced{peer=\"192.0.2.1:179 (AS 65000)\"} 2",
+            "sluice_bgp_prefixes_announced{peer=\"192.0.2.2:179 (AS 65000)\"} 0",
+            "sluice_bgp_session_failures_total{peer=\"192.0.2.1:179 (AS 65000)\"} 1",
+            "sluice_bgp_session_failures_total{peer=\"192.0.2.2:179 (AS 65000)\"} 4",
+            "sluice_bgp_session_uptime_seconds{peer=\"192.0.2.2:179 (AS 65000)\"} 0",
+            "sluice_bgp_session_last_error{peer=\"192.0.2.2:179 (AS 65000)\",reason=\"connect_refused\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
@@ -277,7 +313,7 @@ mod tests {
         assert_eq!(
             metrics.degraded_lines(),
             [
-                "BGP peer 192.0.2.2=65000: not established (4 failed sessions; last error: connecting: connection refused)"
+                "BGP peer 192.0.2.2:179 (AS 65000): not established (4 failed sessions; last error: connecting: connection refused)"
             ]
         );
     }

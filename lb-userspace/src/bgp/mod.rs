@@ -21,6 +21,7 @@ mod metrics;
 pub use metrics::BgpMetrics;
 mod session;
 mod socket;
+pub mod view;
 pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -515,7 +516,7 @@ impl Sessions {
             if let Some(h) = self.running.remove(&peer) {
                 info!("BGP peer {peer}: no longer configured here: closing the session");
                 let _ = h.commands.send(Command::Close);
-                config.metrics.remove_session(&peer.to_string());
+                config.metrics.remove_session(&peer);
             }
         }
         if bfd_changed {
@@ -544,6 +545,9 @@ impl Sessions {
                 .as_ref()
                 .filter(|_| peer.options.bfd)
                 .and_then(|b| b.links.get(&peer.addr).cloned());
+            config
+                .metrics
+                .add_session(peer, peer.local_asn(config), status.clone(), link.clone());
             tokio::spawn(session::run(
                 config.clone(),
                 peer.clone(),
@@ -551,7 +555,6 @@ impl Sessions {
                 status_tx,
                 link,
             ));
-            config.metrics.add_session(peer.to_string(), status.clone());
             self.running
                 .insert(peer.clone(), Handle { commands, status });
         }

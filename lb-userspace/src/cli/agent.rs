@@ -52,7 +52,7 @@ pub(crate) struct AgentArgs {
     #[arg(long, default_value = "table")]
     flow_state: FlowState,
     /// Address of the health endpoints (GET /healthz, /readyz); "off" for none.
-    #[arg(long, default_value = "127.0.0.1:9941")]
+    #[arg(long, default_value = super::DEFAULT_HEALTH_ADDR)]
     health_addr: String,
     /// Announce the VIPs on the L2 segment: one node per address, elected by a Lease, answers
     /// ARP for it from XDP (and only forwards). Off: announce them with MetalLB or BGP instead.

@@ -10,6 +10,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use clap::Subcommand;
 use lb_userspace::{
+    bgp,
     dataplane::{self, DecapMaps, Maps, PinLayout},
     decap,
     model::{IpNet, VipAddr},
@@ -69,6 +70,13 @@ pub(crate) enum InspectWhat {
     Decap,
     /// The addresses this node answers ARP for (`sluice agent --announce`).
     Announce,
+    /// The agent's BGP sessions (`sluice agent --bgp`): state, uptime, prefixes, last error,
+    /// BFD and the peers' settings, read from the agent's health address (no root needed).
+    Bgp {
+        /// Where the agent serves its health endpoints (its --health-addr).
+        #[arg(long, default_value = super::DEFAULT_HEALTH_ADDR)]
+        agent: String,
+    },
 }
 
 /// `sluice explain`: the arguments first (a typo needs no root), then the pins.
@@ -165,6 +173,11 @@ pub(crate) fn inspect(
     format: Format,
     what: InspectWhat,
 ) -> anyhow::Result<()> {
+    if let InspectWhat::Bgp { agent } = &what {
+        // In the agent's memory, not in maps: no root, no pins.
+        println!("{}", bgp::view::fetch(agent)?.render(format).trim_end());
+        return Ok(());
+    }
     require_root()?;
     if let InspectWhat::Decap = what {
         let decap_root = pin_root.join("decap");
@@ -203,7 +216,7 @@ pub(crate) fn inspect(
         } => return watch_stats(&maps, format, interval, count),
         InspectWhat::Stats { .. } => inspect::stats(&maps)?,
         InspectWhat::Announce => inspect::announce(&maps)?,
-        InspectWhat::Decap => unreachable!("handled above"),
+        InspectWhat::Decap | InspectWhat::Bgp { .. } => unreachable!("handled above"),
     };
     println!("{}", view.render(format).trim_end());
     Ok(())

@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use anyhow::bail;
 
+/// `sluice agent --health-addr`'s default, where `sluice inspect bgp` asks too.
+pub(crate) const DEFAULT_HEALTH_ADDR: &str = "127.0.0.1:9941";
+
 /// `500ms`, `1s`, `2.5s` (the model's one duration grammar, as config and annotations write
 /// it): at least 100 ms.
 pub(crate) fn parse_interval(text: &str) -> Result<Duration, String> {

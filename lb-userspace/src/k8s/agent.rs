@@ -884,6 +884,7 @@ fn serve_health(
             healthz_reply(beat, timers_beat, Instant::now())
         })
     };
+    let bgp_view = crate::bgp::view::handler(bgp.clone());
     let readyz: http::Handler = Box::new(move || {
         if health.ready.load(Ordering::Relaxed) {
             let mut body = format!("ready\n{interface}\n");
@@ -906,9 +907,13 @@ fn serve_health(
         addr,
         "health",
         "--health-addr",
-        vec![("/healthz", healthz), ("/readyz", readyz)],
+        vec![
+            ("/healthz", healthz),
+            ("/readyz", readyz),
+            (crate::bgp::view::PATH, bgp_view),
+        ],
     )?;
-    info!("health probes on http://{addr}/healthz and /readyz");
+    info!("health probes on http://{addr}/healthz and /readyz, BGP sessions on /bgp");
     Ok(server)
 }
 
