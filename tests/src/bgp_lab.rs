@@ -52,6 +52,8 @@ pub struct Router {
     /// BIRD: its control socket; the process is `bird`.
     bird_ctl: PathBuf,
     bird: Option<Child>,
+    /// FRR: [`Router::stop`] ran.
+    frr_stopped: bool,
 }
 
 /// What a router asks of the nodes besides a session (FRR only).
@@ -107,6 +109,7 @@ impl Router {
             ns: ns.to_owned(),
             bird_ctl: dir.join("bird.ctl"),
             bird: None,
+            frr_stopped: false,
         };
         match kind {
             RouterKind::Frr => router.start_frr(id, nodes, options)?,
@@ -432,10 +435,15 @@ template bgp nodes {{
     }
 }
 
-impl Drop for Router {
-    fn drop(&mut self) {
+impl Router {
+    /// Stops the router (FRR: and removes its host state); a second call does nothing.
+    pub fn stop(&mut self) {
         match self.kind {
             RouterKind::Frr => {
+                if self.frr_stopped {
+                    return;
+                }
+                self.frr_stopped = true;
                 let _ = cmd::run(
                     Command::new("ip").args([
                         "netns",
@@ -451,11 +459,17 @@ impl Drop for Router {
                 let _ = fs::remove_dir_all(Path::new(FRR_RUN).join(&self.ns));
             }
             RouterKind::Bird => {
-                if let Some(child) = &mut self.bird {
-                    cmd::terminate(child, Duration::from_secs(5));
+                if let Some(mut child) = self.bird.take() {
+                    cmd::terminate(&mut child, Duration::from_secs(5));
                 }
             }
         }
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -514,18 +528,8 @@ impl ExtraRouter {
 
 impl Drop for ExtraRouter {
     fn drop(&mut self) {
-        // The router's own drop stops FRR first (fields drop after this body: stop it here).
-        let _ = cmd::run(
-            Command::new("ip").args([
-                "netns",
-                "exec",
-                &self.ns,
-                "/usr/lib/frr/frrinit.sh",
-                "stop",
-                &self.ns,
-            ]),
-            Duration::from_secs(30),
-        );
+        // FRR must stop before its namespace goes (fields drop after this body: stop it here).
+        self.router.stop();
         let _ = cmd::run(
             Command::new("ip").args(["netns", "del", &self.ns]),
             Duration::from_secs(10),
@@ -726,22 +730,6 @@ impl BgpLab {
         }
         self.agents[i] = Some(self.spawn_agent(i)?);
         Ok(())
-    }
-
-    /// Node `i`'s agent's `/metrics` (scraped in its namespace): `name{labels}` -> value.
-    pub fn agent_metrics(&self, i: usize) -> Result<std::collections::BTreeMap<String, f64>> {
-        self.lab
-            .metrics_in(self.lab.backend_ns(i), "127.0.0.1:9477")
-    }
-
-    /// Node `i`'s agent's `/readyz` body (whatever its status).
-    pub fn agent_readyz(&self, i: usize) -> Result<String> {
-        let url = "http://127.0.0.1:9941/readyz";
-        let out = self.lab.exec_ok(
-            self.lab.backend_ns(i),
-            &["curl", "-sS", "--max-time", "10", url],
-        )?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     pub fn node_addr(&self, i: usize) -> Ipv4Addr {

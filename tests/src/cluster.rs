@@ -1026,15 +1026,11 @@ featureGates: {{IPv6DualStack: true}}
 
     /// The client's neighbour entry for `addr`: its MAC, if any.
     pub fn client_neighbour(&self, addr: impl Into<IpAddr>) -> Result<Option<String>> {
-        let out = ip(
-            &self.client,
-            &["-j", "neigh", "show", &addr.into().to_string()],
-        )?;
-        let v: Value = serde_json::from_slice(&out.stdout).context("ip -j neigh: not JSON")?;
-        Ok(v.get(0)
-            .and_then(|n| n.get("lladdr"))
-            .and_then(Value::as_str)
-            .map(str::to_owned))
+        let addr = addr.into();
+        let out = ip(&self.client, &["-j", "neigh", "show", &addr.to_string()])?;
+        Ok(crate::lab::parse_neighbours(&out.stdout)?
+            .remove(&addr)
+            .map(|(mac, _state)| mac))
     }
 
     /// The MAC of node `i`'s eth0.

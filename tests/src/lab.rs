@@ -17,6 +17,7 @@
 //! bpffs mount, the temp dir) is removed when the [`Lab`] is dropped, also during a panic. Labs left by
 //! a killed test process are removed by the next [`Lab::build`] of any process.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, UdpSocket};
@@ -161,6 +162,28 @@ pub fn parse_metrics(body: &[u8]) -> Result<std::collections::BTreeMap<String, f
             Ok((name.to_owned(), value))
         })
         .collect()
+}
+
+/// `ip -j neigh show` output as address -> (MAC, state): the entries with a MAC only (an
+/// INCOMPLETE or FAILED one has none); the state is the first of its flags ("" when none).
+pub fn parse_neighbours(json: &[u8]) -> Result<BTreeMap<IpAddr, (String, String)>> {
+    let v: serde_json::Value =
+        serde_json::from_slice(json).context("ip -j neigh show: not JSON")?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| {
+            let addr: IpAddr = n.get("dst")?.as_str()?.parse().ok()?;
+            let mac = n.get("lladdr")?.as_str()?.to_owned();
+            let state = n
+                .get("state")
+                .and_then(|s| s.get(0))
+                .and_then(|s| s.as_str())
+                .unwrap_or("")
+                .to_owned();
+            Some((addr, (mac, state)))
+        })
+        .collect())
 }
 
 /// Panics with an explanation unless this process can build labs (root, `ip netns`). The lab tests
@@ -839,47 +862,16 @@ http {{
     }
 
     /// The client's neighbour table: address -> (MAC, state), entries with a MAC only.
-    pub fn client_neighbours(
-        &self,
-    ) -> Result<std::collections::BTreeMap<IpAddr, (String, String)>> {
+    pub fn client_neighbours(&self) -> Result<BTreeMap<IpAddr, (String, String)>> {
         let out = self.ip(&self.client, &["-j", "neigh", "show", "dev", NS_IFACE])?;
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).context("ip -j neigh show: not JSON")?;
-        Ok(v.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|n| {
-                let addr: IpAddr = n.get("dst")?.as_str()?.parse().ok()?;
-                let mac = n.get("lladdr")?.as_str()?.to_owned();
-                let state = n
-                    .get("state")
-                    .and_then(|s| s.get(0))
-                    .and_then(|s| s.as_str())
-                    .unwrap_or("")
-                    .to_owned();
-                Some((addr, (mac, state)))
-            })
-            .collect())
+        parse_neighbours(&out.stdout)
     }
 
     /// The client's neighbour entry for `addr`: (MAC, state), if any.
     pub fn client_neighbour(&self, addr: impl Into<IpAddr>) -> Result<Option<(String, String)>> {
-        let out = self.ip(
-            &self.client,
-            &["-j", "neigh", "show", &addr.into().to_string()],
-        )?;
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).context("ip -j neigh show: not JSON")?;
-        Ok(v.get(0).and_then(|n| {
-            let mac = n.get("lladdr")?.as_str()?.to_owned();
-            let state = n
-                .get("state")
-                .and_then(|s| s.get(0))
-                .and_then(|s| s.as_str())
-                .unwrap_or("")
-                .to_owned();
-            Some((mac, state))
-        }))
+        let addr = addr.into();
+        let out = self.ip(&self.client, &["-j", "neigh", "show", &addr.to_string()])?;
+        Ok(parse_neighbours(&out.stdout)?.remove(&addr))
     }
 
     /// Runs `sluice --pin-dir <pin_dir> <args>` in the lb namespace (after making sure the peer has
@@ -943,6 +935,20 @@ http {{
     /// when the guard is dropped.
     pub fn spawn_sluice(&self, args: &[&str]) -> Result<SluiceProcess> {
         self.spawn_sluice_under(&[], args)
+    }
+
+    /// Starts `sluice agent` on the lb node (its lb interface, nothing more than a kubeconfig
+    /// and `/readyz` at `health`): the agent the benchmarks and the scale run time.
+    pub fn spawn_lb_agent(&self, kubeconfig: &Path, health: &str) -> Result<SluiceProcess> {
+        self.spawn_sluice(&[
+            "agent",
+            "--iface",
+            self.lb_iface(),
+            "--kubeconfig",
+            &kubeconfig.to_string_lossy(),
+            "--health-addr",
+            health,
+        ])
     }
 
     /// The HTTP status of an agent's `GET /readyz` at `health` (in the lb namespace), as curl
@@ -1753,5 +1759,32 @@ mod tests {
         assert_eq!(lab_ns_pid("other"), None);
         assert_eq!(lab_dir_pid("sluice-lab-99-3"), Some(99));
         assert_eq!(lab_dir_pid("sluice-lab-99"), None);
+    }
+
+    #[test]
+    fn neighbours_with_a_mac_only() {
+        // As iproute2 prints them: a resolved entry, a failed one (no MAC), a stale IPv6 one.
+        let json = br#"[{"dst":"10.0.0.5","dev":"eth0","lladdr":"02:00:00:00:00:05","state":["REACHABLE"]},
+            {"dst":"10.0.0.6","dev":"eth0","state":["FAILED"]},
+            {"dst":"fd00::7","dev":"eth0","lladdr":"02:00:00:00:00:07","router":null,"state":["STALE"]}]"#;
+        let table = parse_neighbours(json).unwrap();
+        let entry = |mac: &str, state: &str| (mac.to_owned(), state.to_owned());
+        assert_eq!(
+            table,
+            BTreeMap::from([
+                (
+                    "10.0.0.5".parse().unwrap(),
+                    entry("02:00:00:00:00:05", "REACHABLE")
+                ),
+                (
+                    "fd00::7".parse().unwrap(),
+                    entry("02:00:00:00:00:07", "STALE")
+                ),
+            ])
+        );
+        assert!(
+            parse_neighbours(b"").is_err(),
+            "no output is not an empty table"
+        );
     }
 }
