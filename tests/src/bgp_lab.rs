@@ -94,16 +94,14 @@ impl Router {
         options: &RouterOptions,
         dir: &Path,
     ) -> Result<Router> {
-        for sysctl in [
-            "net.ipv4.ip_forward=1",
-            // Hash on ports too: connections from one client spread over the nodes.
-            "net.ipv4.fib_multipath_hash_policy=1",
-        ] {
-            cmd::run_ok(
-                Command::new("ip").args(["netns", "exec", ns, "sysctl", "-qw", sysctl]),
-                cmd::DEFAULT_TIMEOUT,
-            )?;
-        }
+        cmd::sysctl_in(
+            ns,
+            &[
+                "net.ipv4.ip_forward=1",
+                // Hash on ports too: connections from one client spread over the nodes.
+                "net.ipv4.fib_multipath_hash_policy=1",
+            ],
+        )?;
         let mut router = Router {
             kind,
             ns: ns.to_owned(),
