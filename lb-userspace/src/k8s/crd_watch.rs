@@ -41,8 +41,7 @@ impl<T: Clone> WhenInstalled<T> {
     /// Waits until the resource is there; `None` if it never can be (the prober is gone).
     pub async fn installed(&self) -> Option<T> {
         let mut started = self.started.clone();
-        let got = started.wait_for(Option::is_some).await.ok()?.clone();
-        got
+        started.wait_for(Option::is_some).await.ok()?.clone()
     }
 }
 
