@@ -151,10 +151,10 @@ pub async fn watch_resources(
         meanwhile: "peering with --bgp-peers only",
         install: "apply deploy/base/06-crd-bgppeers.yaml for per-rack routers",
     };
-    let (client_, namespace) = (client.clone(), namespace.to_owned());
+    let namespace = namespace.to_owned();
     let on_change = changed.clone();
-    watch_when_installed::<BGPPeer, _, _, _>(client, absent, changed, move || async move {
-        start_watches(client_, &namespace, on_change, metrics).await
+    watch_when_installed::<BGPPeer, _, _, _>(client, absent, changed, |client| async move {
+        start_watches(client, &namespace, on_change, metrics).await
     })
     .await
 }

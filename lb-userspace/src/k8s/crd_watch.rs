@@ -45,8 +45,9 @@ impl<T: Clone> WhenInstalled<T> {
     }
 }
 
-/// Probes resource `K`; when it is there, runs `start` (its watches) at once, otherwise (logged)
-/// again every [`REPROBE_EVERY`] until it is, then wakes `changed` so that the caller reads it.
+/// Probes resource `K`; when it is there, runs `start` (its watches, on the client given) at
+/// once, otherwise (logged) again every [`REPROBE_EVERY`] until it is, then wakes `changed` so
+/// that the caller reads it.
 pub async fn watch_when_installed<K, T, F, Fut>(
     client: &Client,
     absent: Absent,
@@ -56,17 +57,18 @@ pub async fn watch_when_installed<K, T, F, Fut>(
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     T: Clone + Send + Sync + 'static,
-    F: FnOnce() -> Fut + Send + 'static,
+    F: FnOnce(Client) -> Fut + Send + 'static,
     Fut: Future<Output = T> + Send,
 {
     let api: Api<K> = Api::all(client.clone());
     let first = probe(&api).await;
     let (tx, started) = watch::channel(None);
     let Err(mut why) = first else {
-        tx.send_replace(Some(start().await));
+        tx.send_replace(Some(start(client.clone()).await));
         return WhenInstalled { started };
     };
     log_absent::<K>(&why, &absent);
+    let client = client.clone();
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(REPROBE_EVERY).await;
@@ -76,7 +78,7 @@ where
             match probe(&api).await {
                 Ok(()) => {
                     info!("the {} resource is there now: watching it", K::kind(&()));
-                    tx.send_replace(Some(start().await));
+                    tx.send_replace(Some(start(client).await));
                     changed.notify_one();
                     return;
                 }

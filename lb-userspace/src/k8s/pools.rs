@@ -26,13 +26,13 @@ pub async fn watch_pools(
     changed: Arc<Notify>,
     metrics: Option<WatchMetrics>,
 ) -> WhenInstalled<Store<IPAddressPool>> {
-    let api: Api<IPAddressPool> = Api::all(client.clone());
     let absent = Absent {
         meanwhile: "sluice owns no address",
         install: "apply deploy/base/05-crd-ipaddresspools.yaml and a pool to let it assign and announce",
     };
     let on_change = changed.clone();
-    watch_when_installed::<IPAddressPool, _, _, _>(client, absent, changed, move || async move {
+    watch_when_installed::<IPAddressPool, _, _, _>(client, absent, changed, |client| async move {
+        let api: Api<IPAddressPool> = Api::all(client);
         watch(api, watcher::Config::default(), on_change, metrics)
     })
     .await
