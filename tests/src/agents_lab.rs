@@ -8,6 +8,7 @@
 //! Dropping it stops the API server, then removes the namespaces: hold the agents in a field
 //! declared before it, so that they stop first.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -19,6 +20,10 @@ use crate::servers::ECHO_PORT;
 
 /// The lab's nodes (the namespace lab's backends).
 pub const NODES: usize = 3;
+
+/// Where each node's agent answers `/readyz` and `/metrics` (on its namespace's loopback).
+const HEALTH_ADDR: &str = "127.0.0.1:9941";
+const METRICS_ADDR: &str = "127.0.0.1:9477";
 
 /// Node `i`'s name in the API (and the agent's `--node-name`).
 pub fn node_name(i: usize) -> String {
@@ -128,9 +133,9 @@ impl AgentsLab {
             "--node-name",
             &name,
             "--health-addr",
-            "127.0.0.1:9941",
+            HEALTH_ADDR,
             "--metrics-addr",
-            "127.0.0.1:9477",
+            METRICS_ADDR,
         ];
         args.extend_from_slice(extra);
         self.lab
@@ -139,17 +144,17 @@ impl AgentsLab {
 
     /// Node `i`'s agent's `/readyz` body, whatever its status.
     pub fn agent_readyz(&self, i: usize) -> Result<String> {
+        let url = format!("http://{HEALTH_ADDR}/readyz");
         let out = self.lab.exec_ok(
             self.lab.backend_ns(i),
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "10",
-                "http://127.0.0.1:9941/readyz",
-            ],
+            &["curl", "-sS", "--max-time", "10", &url],
         )?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Node `i`'s agent's `/metrics` (scraped in its namespace): `name{labels}` -> value.
+    pub fn agent_metrics(&self, i: usize) -> Result<BTreeMap<String, f64>> {
+        self.lab.metrics_in(self.lab.backend_ns(i), METRICS_ADDR)
     }
 
     /// Runs `sluice --pin-dir <node i's> <args> --iface eth0 -o json` in node `i`'s namespace

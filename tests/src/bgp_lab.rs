@@ -52,6 +52,8 @@ pub struct Router {
     /// BIRD: its control socket; the process is `bird`.
     bird_ctl: PathBuf,
     bird: Option<Child>,
+    /// FRR: [`Router::stop`] ran.
+    frr_stopped: bool,
 }
 
 /// What a router asks of the nodes besides a session (FRR only).
@@ -94,21 +96,20 @@ impl Router {
         options: &RouterOptions,
         dir: &Path,
     ) -> Result<Router> {
-        for sysctl in [
-            "net.ipv4.ip_forward=1",
-            // Hash on ports too: connections from one client spread over the nodes.
-            "net.ipv4.fib_multipath_hash_policy=1",
-        ] {
-            cmd::run_ok(
-                Command::new("ip").args(["netns", "exec", ns, "sysctl", "-qw", sysctl]),
-                cmd::DEFAULT_TIMEOUT,
-            )?;
-        }
+        cmd::sysctl_in(
+            ns,
+            &[
+                "net.ipv4.ip_forward=1",
+                // Hash on ports too: connections from one client spread over the nodes.
+                "net.ipv4.fib_multipath_hash_policy=1",
+            ],
+        )?;
         let mut router = Router {
             kind,
             ns: ns.to_owned(),
             bird_ctl: dir.join("bird.ctl"),
             bird: None,
+            frr_stopped: false,
         };
         match kind {
             RouterKind::Frr => router.start_frr(id, nodes, options)?,
@@ -466,10 +467,15 @@ template bgp nodes {{
     }
 }
 
-impl Drop for Router {
-    fn drop(&mut self) {
+impl Router {
+    /// Stops the router (FRR: and removes its host state); a second call does nothing.
+    pub fn stop(&mut self) {
         match self.kind {
             RouterKind::Frr => {
+                if self.frr_stopped {
+                    return;
+                }
+                self.frr_stopped = true;
                 let _ = cmd::run(
                     Command::new("ip").args([
                         "netns",
@@ -485,11 +491,17 @@ impl Drop for Router {
                 let _ = fs::remove_dir_all(Path::new(FRR_RUN).join(&self.ns));
             }
             RouterKind::Bird => {
-                if let Some(child) = &mut self.bird {
-                    cmd::terminate(child, Duration::from_secs(5));
+                if let Some(mut child) = self.bird.take() {
+                    cmd::terminate(&mut child, Duration::from_secs(5));
                 }
             }
         }
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -548,18 +560,8 @@ impl ExtraRouter {
 
 impl Drop for ExtraRouter {
     fn drop(&mut self) {
-        // The router's own drop stops FRR first (fields drop after this body: stop it here).
-        let _ = cmd::run(
-            Command::new("ip").args([
-                "netns",
-                "exec",
-                &self.ns,
-                "/usr/lib/frr/frrinit.sh",
-                "stop",
-                &self.ns,
-            ]),
-            Duration::from_secs(30),
-        );
+        // FRR must stop before its namespace goes (fields drop after this body: stop it here).
+        self.router.stop();
         let _ = cmd::run(
             Command::new("ip").args(["netns", "del", &self.ns]),
             Duration::from_secs(10),
@@ -760,22 +762,6 @@ impl BgpLab {
         }
         self.agents[i] = Some(self.spawn_agent(i)?);
         Ok(())
-    }
-
-    /// Node `i`'s agent's `/metrics` (scraped in its namespace): `name{labels}` -> value.
-    pub fn agent_metrics(&self, i: usize) -> Result<std::collections::BTreeMap<String, f64>> {
-        self.lab
-            .metrics_in(self.lab.backend_ns(i), "127.0.0.1:9477")
-    }
-
-    /// Node `i`'s agent's `/readyz` body (whatever its status).
-    pub fn agent_readyz(&self, i: usize) -> Result<String> {
-        let url = "http://127.0.0.1:9941/readyz";
-        let out = self.lab.exec_ok(
-            self.lab.backend_ns(i),
-            &["curl", "-sS", "--max-time", "10", url],
-        )?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Runs `sluice inspect bgp <args>` in node `i`'s namespace (it asks the agent's health

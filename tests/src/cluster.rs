@@ -41,7 +41,7 @@ use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Once};
 use std::thread::{self, JoinHandle};
@@ -54,7 +54,10 @@ use crate::cmd::{self, DEFAULT_TIMEOUT};
 use crate::conn::LongConn;
 use crate::image;
 use crate::kube::Kube;
-use crate::lab::{kill_ns_processes, sluice_binary, unmount};
+use crate::lab::{
+    kill_ns_processes, remove_dead_namespaces, sluice_binary, temp_dir_pid, unmount,
+    unmount_dead_temp_dirs,
+};
 
 /// The segment's /24: client .1, control plane .2, node i .10+i.
 const NET: [u8; 3] = [10, 80, 0];
@@ -548,15 +551,9 @@ impl Cluster {
 
     fn spawn_control(&mut self, name: &str, argv: &[String]) -> Result<()> {
         let log = self.dir.join(format!("{name}.log"));
-        let f = fs::File::create(&log)?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.cp])
-            .args(argv)
-            .stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.cp]).args(argv);
+        let child = cmd::spawn_logged(c, &log)?;
         self.control.push((name.to_owned(), child));
         Ok(())
     }
@@ -735,7 +732,7 @@ mount --bind {d}/container-logs /var/log/containers
         let log = n.dir.join("containerd.log");
         let mut c = self.node_command(i, "containerd");
         c.arg("--config").arg(&path);
-        let child = spawn_logged(c, &log)?;
+        let child = cmd::spawn_logged(c, &log)?;
         let name = n.name.clone();
         self.nodes[i].containerd = Some(child);
         let sock = self.containerd_sock(i);
@@ -805,7 +802,7 @@ featureGates: {{IPv6DualStack: true}}
             .arg(format!("--root-dir={}/kubelet", n.dir.display()))
             .arg(format!("--cert-dir={}/kubelet-pki", n.dir.display()))
             .args(["--logtostderr=true", "-v=1"]);
-        let child = spawn_logged(c, &n.dir.join("kubelet.log"))?;
+        let child = cmd::spawn_logged(c, &n.dir.join("kubelet.log"))?;
         self.nodes[i].kubelet = Some(child);
         Ok(())
     }
@@ -842,7 +839,7 @@ featureGates: {{IPv6DualStack: true}}
         let mut c = self.node_command(i, crate::kube::binaries()?.join("kube-proxy"));
         c.arg(format!("--config={}", config.display()))
             .args(["--logtostderr=true", "-v=1"]);
-        let child = spawn_logged(c, &n.dir.join("kube-proxy.log"))?;
+        let child = cmd::spawn_logged(c, &n.dir.join("kube-proxy.log"))?;
         self.nodes[i].proxy = Some(child);
         Ok(())
     }
@@ -1026,15 +1023,11 @@ featureGates: {{IPv6DualStack: true}}
 
     /// The client's neighbour entry for `addr`: its MAC, if any.
     pub fn client_neighbour(&self, addr: impl Into<IpAddr>) -> Result<Option<String>> {
-        let out = ip(
-            &self.client,
-            &["-j", "neigh", "show", &addr.into().to_string()],
-        )?;
-        let v: Value = serde_json::from_slice(&out.stdout).context("ip -j neigh: not JSON")?;
-        Ok(v.get(0)
-            .and_then(|n| n.get("lladdr"))
-            .and_then(Value::as_str)
-            .map(str::to_owned))
+        let addr = addr.into();
+        let out = ip(&self.client, &["-j", "neigh", "show", &addr.to_string()])?;
+        Ok(crate::lab::parse_neighbours(&out.stdout)?
+            .remove(&addr)
+            .map(|(mac, _state)| mac))
     }
 
     /// The MAC of node `i`'s eth0.
@@ -1357,16 +1350,6 @@ fn counter(counters: &HashMap<String, u64>, name: &str) -> Result<u64> {
     })
 }
 
-fn spawn_logged(mut c: Command, log: &Path) -> Result<Child> {
-    let f = fs::File::create(log)?;
-    let what = cmd::describe(&c);
-    c.stdin(Stdio::null())
-        .stdout(f.try_clone()?)
-        .stderr(f)
-        .spawn()
-        .with_context(|| format!("starting `{what}`"))
-}
-
 fn which(tool: &str) -> bool {
     std::env::var_os("PATH")
         .map(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
@@ -1589,9 +1572,7 @@ fn cluster_name_pid(name: &str) -> Option<u32> {
 
 /// Parses "sluice-cluster-<pid>-<n>" (a cluster's temp dir) into the pid.
 fn cluster_dir_pid(name: &str) -> Option<u32> {
-    let (pid, n) = name.strip_prefix("sluice-cluster-")?.split_once('-')?;
-    n.parse::<u32>().ok()?;
-    pid.parse().ok()
+    temp_dir_pid(name, "sluice-cluster-")
 }
 
 /// Removes what clusters of dead processes left: processes (daemons, shims, containers), mount
@@ -1625,42 +1606,8 @@ fn cleanup_stale() {
             }
         }
     }
-    if let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") {
-        let mut mps: Vec<&str> = mountinfo
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|mp| {
-                Path::new(mp)
-                    .strip_prefix(&tmp)
-                    .ok()
-                    .and_then(|r| r.components().next())
-                    .is_some_and(|c| {
-                        cluster_dir_pid(&c.as_os_str().to_string_lossy()).is_some_and(dead)
-                    })
-            })
-            .collect();
-        mps.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for mp in mps {
-            unmount(Path::new(mp));
-        }
-    }
-    if let Ok(out) = cmd::run(
-        Command::new("ip").args(["netns", "list"]),
-        Duration::from_secs(10),
-    ) {
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let Some(name) = line.split_whitespace().next() else {
-                continue;
-            };
-            if cluster_name_pid(name).is_some_and(dead) {
-                kill_ns_processes(name, me);
-                let _ = cmd::run(
-                    Command::new("ip").args(["netns", "del", name]),
-                    Duration::from_secs(10),
-                );
-            }
-        }
-    }
+    unmount_dead_temp_dirs(cluster_dir_pid, dead);
+    remove_dead_namespaces(cluster_name_pid, dead, me);
     for d in &dirs {
         if let Ok(text) = fs::read_to_string(d.join("host-sysctls")) {
             for line in text.lines() {

@@ -1,6 +1,7 @@
 //! Running external commands with a bounded lifetime, and stopping the ones that run in the background.
 
 use std::io::Read;
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -113,6 +114,28 @@ pub fn signal(pid: u32, sig: libc::c_int) {
     unsafe {
         libc::kill(pid as libc::pid_t, sig);
     }
+}
+
+/// Starts `c` with its output (stdout and stderr) into the file `log`, no stdin.
+pub fn spawn_logged(mut c: Command, log: &Path) -> Result<Child> {
+    let f = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let what = describe(&c);
+    c.stdin(Stdio::null())
+        .stdout(f.try_clone()?)
+        .stderr(f)
+        .spawn()
+        .with_context(|| format!("starting `{what}`"))
+}
+
+/// `sysctl -q -w` of `settings` ("key=value") in namespace `ns`.
+pub fn sysctl_in(ns: &str, settings: &[&str]) -> Result<()> {
+    run_ok(
+        Command::new("ip")
+            .args(["netns", "exec", ns, "sysctl", "-q", "-w"])
+            .args(settings),
+        DEFAULT_TIMEOUT,
+    )?;
+    Ok(())
 }
 
 /// Stops a child we started: SIGTERM, then SIGKILL after `grace`, and reaps it.

@@ -255,8 +255,8 @@ impl World {
 /// One generated input: the frame, and whether the program must forward it (an unmutated,
 /// well-formed packet of a VIP with live backends, or an echo request / ICMP error about one)
 /// or must hand it to this node's stack (a pick of this node, a peer's frame, what a peer
-/// encapsulated to this node).
-#[derive(Clone, Debug)]
+/// encapsulated to this node). The default promises nothing: any verdict will do.
+#[derive(Clone, Debug, Default)]
 pub struct Case {
     pub frame: Vec<u8>,
     pub must_forward: bool,
@@ -299,9 +299,7 @@ fn base(rng: &mut Rng) -> Case {
         0..=3 => Case {
             frame: flow(v6).bytes(),
             must_forward: true,
-            must_pass: false,
-            must_pass_untouched: false,
-            must_drop: None,
+            ..Case::default()
         },
         // To a VIP address on another port, or to no VIP at all.
         4 => {
@@ -317,10 +315,8 @@ fn base(rng: &mut Rng) -> Case {
             }
             Case {
                 frame: f.bytes(),
-                must_forward: false,
-                must_pass: false,
                 must_pass_untouched: true,
-                must_drop: None,
+                ..Case::default()
             }
         }
         // An ipip VIP: encapsulated, or answered with "too big" (DF set / IPv6), or dropped
@@ -343,9 +339,7 @@ fn base(rng: &mut Rng) -> Case {
             Case {
                 frame: f.bytes(),
                 must_forward: df || !big,
-                must_pass: false,
-                must_pass_untouched: false,
-                must_drop: None,
+                ..Case::default()
             }
         }
         // No live backend, or outside the source ranges: dropped.
@@ -360,10 +354,8 @@ fn base(rng: &mut Rng) -> Case {
             };
             Case {
                 frame: f.bytes(),
-                must_forward: false,
-                must_pass: false,
-                must_pass_untouched: false,
                 must_drop: Some(why),
+                ..Case::default()
             }
         }
         // Echo request to a VIP address (or another address).
@@ -383,9 +375,8 @@ fn base(rng: &mut Rng) -> Case {
             Case {
                 frame: f.bytes(),
                 must_forward: to_vip,
-                must_pass: false,
                 must_pass_untouched: !to_vip,
-                must_drop: None,
+                ..Case::default()
             }
         }
         // ICMP error quoting a VIP flow's reply (or garbage).
@@ -414,9 +405,7 @@ fn base(rng: &mut Rng) -> Case {
             Case {
                 frame: f.bytes(),
                 must_forward: !garbage,
-                must_pass: false,
-                must_pass_untouched: false,
-                must_drop: None,
+                ..Case::default()
             }
         }
         // IPv6 extension header chains, up to past the walked bound.
@@ -436,10 +425,7 @@ fn base(rng: &mut Rng) -> Case {
             }
             Case {
                 frame: f.bytes(),
-                must_forward: false,
-                must_pass: false,
-                must_pass_untouched: false,
-                must_drop: None,
+                ..Case::default()
             }
         }
         // Fragments, first or later.
@@ -455,10 +441,7 @@ fn base(rng: &mut Rng) -> Case {
             }
             Case {
                 frame: f.bytes(),
-                must_forward: false,
-                must_pass: false,
-                must_pass_untouched: false,
-                must_drop: None,
+                ..Case::default()
             }
         }
         // Encapsulated packets (IPIP / IP6IP6 / mixed) arriving at the balancer.
@@ -466,10 +449,7 @@ fn base(rng: &mut Rng) -> Case {
             let f = wrapped(flow(rng.chance(50)), flow(v6));
             Case {
                 frame: f.bytes(),
-                must_forward: false,
-                must_pass: false,
-                must_pass_untouched: false,
-                must_drop: None,
+                ..Case::default()
             }
         }
         // IPv4 with options.
@@ -479,9 +459,7 @@ fn base(rng: &mut Rng) -> Case {
             Case {
                 frame: f.bytes(),
                 must_forward: true,
-                must_pass: false,
-                must_pass_untouched: false,
-                must_drop: None,
+                ..Case::default()
             }
         }
         // An ARP request: for the announced address (answered), another VIP or a client.
@@ -490,9 +468,8 @@ fn base(rng: &mut Rng) -> Case {
             Case {
                 frame: Arp::request(target).bytes(),
                 must_forward: target == ANNOUNCED,
-                must_pass: false,
                 must_pass_untouched: target != ANNOUNCED,
-                must_drop: None,
+                ..Case::default()
             }
         }
         // A flow to the VIP whose only backend is this node: to the stack, untouched.
@@ -502,10 +479,8 @@ fn base(rng: &mut Rng) -> Case {
             f.dst = IpAddr::V4(VIP_LOCAL);
             Case {
                 frame: f.bytes(),
-                must_forward: false,
                 must_pass: true,
-                must_pass_untouched: false,
-                must_drop: None,
+                ..Case::default()
             }
         }
         // A VIP frame another node balanced (its MAC as the source): to the stack, untouched.
@@ -514,10 +489,8 @@ fn base(rng: &mut Rng) -> Case {
             frame[6..12].copy_from_slice(&backend_mac(rng.below(3) as u8));
             Case {
                 frame,
-                must_forward: false,
                 must_pass: true,
-                must_pass_untouched: false,
-                must_drop: None,
+                ..Case::default()
             }
         }
         // IPIP / IP6IP6 from a peer (or its encap prefix, or a stranger) to this node.
@@ -536,20 +509,16 @@ fn base(rng: &mut Rng) -> Case {
             };
             Case {
                 frame: f.bytes(),
-                must_forward: false,
                 must_pass: !stranger,
-                must_pass_untouched: false,
-                must_drop: None,
+                ..Case::default()
             }
         }
         // Well-formed traffic of others: for no VIP address, of a protocol sluice does not
         // balance, ARP about addresses this node does not announce, other ethertypes.
         18 => Case {
             frame: not_for_a_vip(rng, v6, flow(v6)),
-            must_forward: false,
-            must_pass: false,
             must_pass_untouched: true,
-            must_drop: None,
+            ..Case::default()
         },
         // Not IP, or noise.
         _ => {
@@ -563,10 +532,7 @@ fn base(rng: &mut Rng) -> Case {
             frame.extend(rng.bytes(n));
             Case {
                 frame,
-                must_forward: false,
-                must_pass: false,
-                must_pass_untouched: false,
-                must_drop: None,
+                ..Case::default()
             }
         }
     }
@@ -1403,7 +1369,7 @@ fn neighbor_solicitation(rng: &mut Rng) -> Case {
         must_pass: !answered,
         // A solicitation the program does not answer is the kernel's, byte for byte.
         must_pass_untouched: !answered,
-        must_drop: None,
+        ..Case::default()
     }
 }
 

@@ -280,16 +280,6 @@ impl Kube {
         }
     }
 
-    fn spawn(&self, mut c: Command, log: &Path) -> Result<Child> {
-        let f = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let what = cmd::describe(&c);
-        c.stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f)
-            .spawn()
-            .with_context(|| format!("starting `{what}`"))
-    }
-
     fn etcd_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.etcd_port)
     }
@@ -306,7 +296,7 @@ impl Kube {
             .args(["--initial-cluster", &format!("sluice={peer}")])
             .args(["--log-level", "warn"]);
         let log = self.dir.join("etcd.log");
-        self.etcd = Some(self.spawn(c, &log)?);
+        self.etcd = Some(cmd::spawn_logged(c, &log)?);
         let deadline = Instant::now() + Duration::from_secs(30);
         while !self.port_open(self.etcd_port)? {
             if let Some(Some(status)) = self.etcd.as_mut().map(|c| c.try_wait().ok().flatten()) {

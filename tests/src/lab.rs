@@ -17,6 +17,7 @@
 //! bpffs mount, the temp dir) is removed when the [`Lab`] is dropped, also during a panic. Labs left by
 //! a killed test process are removed by the next [`Lab::build`] of any process.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, UdpSocket};
@@ -161,6 +162,28 @@ pub fn parse_metrics(body: &[u8]) -> Result<std::collections::BTreeMap<String, f
             Ok((name.to_owned(), value))
         })
         .collect()
+}
+
+/// `ip -j neigh show` output as address -> (MAC, state): the entries with a MAC only (an
+/// INCOMPLETE or FAILED one has none); the state is the first of its flags ("" when none).
+pub fn parse_neighbours(json: &[u8]) -> Result<BTreeMap<IpAddr, (String, String)>> {
+    let v: serde_json::Value =
+        serde_json::from_slice(json).context("ip -j neigh show: not JSON")?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| {
+            let addr: IpAddr = n.get("dst")?.as_str()?.parse().ok()?;
+            let mac = n.get("lladdr")?.as_str()?.to_owned();
+            let state = n
+                .get("state")
+                .and_then(|s| s.get(0))
+                .and_then(|s| s.as_str())
+                .unwrap_or("")
+                .to_owned();
+            Some((addr, (mac, state)))
+        })
+        .collect())
 }
 
 /// Panics with an explanation unless this process can build labs (root, `ip netns`). The lab tests
@@ -352,7 +375,7 @@ impl Lab {
             "net.ipv4.conf.default.rp_filter=0",
             "net.ipv4.conf.eth0.rp_filter=0",
         ];
-        self.sysctl(
+        cmd::sysctl_in(
             &sw,
             &[
                 "net.ipv4.conf.all.rp_filter=0",
@@ -360,7 +383,7 @@ impl Lab {
             ],
         )?;
         let client = self.client.clone();
-        self.sysctl(
+        cmd::sysctl_in(
             &client,
             &[
                 &common[..],
@@ -373,7 +396,7 @@ impl Lab {
         )?;
         // Only XDP may move VIP packets on: with ip_forward=0 the lb's kernel drops them.
         let lb = self.lb.clone();
-        self.sysctl(
+        cmd::sysctl_in(
             &lb,
             &[
                 &common[..],
@@ -402,7 +425,7 @@ impl Lab {
         for i in 0..self.cfg.backends {
             let ns = self.backends[i].clone();
             // The VIP on lo, never answered for in ARP: the lb owns it on the wire.
-            self.sysctl(
+            cmd::sysctl_in(
                 &ns,
                 &[
                     &common[..],
@@ -639,13 +662,6 @@ http {{
         )
     }
 
-    fn sysctl(&self, ns: &str, settings: &[&str]) -> Result<()> {
-        let mut argv = vec!["sysctl", "-q", "-w"];
-        argv.extend_from_slice(settings);
-        self.exec_ok(ns, &argv)?;
-        Ok(())
-    }
-
     // ----- sluice -----
 
     /// The sluice config for the lab's VIP: tcp/80 (nginx), tcp/7000 (echo) and, when `cfg.udp`,
@@ -839,47 +855,16 @@ http {{
     }
 
     /// The client's neighbour table: address -> (MAC, state), entries with a MAC only.
-    pub fn client_neighbours(
-        &self,
-    ) -> Result<std::collections::BTreeMap<IpAddr, (String, String)>> {
+    pub fn client_neighbours(&self) -> Result<BTreeMap<IpAddr, (String, String)>> {
         let out = self.ip(&self.client, &["-j", "neigh", "show", "dev", NS_IFACE])?;
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).context("ip -j neigh show: not JSON")?;
-        Ok(v.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|n| {
-                let addr: IpAddr = n.get("dst")?.as_str()?.parse().ok()?;
-                let mac = n.get("lladdr")?.as_str()?.to_owned();
-                let state = n
-                    .get("state")
-                    .and_then(|s| s.get(0))
-                    .and_then(|s| s.as_str())
-                    .unwrap_or("")
-                    .to_owned();
-                Some((addr, (mac, state)))
-            })
-            .collect())
+        parse_neighbours(&out.stdout)
     }
 
     /// The client's neighbour entry for `addr`: (MAC, state), if any.
     pub fn client_neighbour(&self, addr: impl Into<IpAddr>) -> Result<Option<(String, String)>> {
-        let out = self.ip(
-            &self.client,
-            &["-j", "neigh", "show", &addr.into().to_string()],
-        )?;
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).context("ip -j neigh show: not JSON")?;
-        Ok(v.get(0).and_then(|n| {
-            let mac = n.get("lladdr")?.as_str()?.to_owned();
-            let state = n
-                .get("state")
-                .and_then(|s| s.get(0))
-                .and_then(|s| s.as_str())
-                .unwrap_or("")
-                .to_owned();
-            Some((mac, state))
-        }))
+        let addr = addr.into();
+        let out = self.ip(&self.client, &["-j", "neigh", "show", &addr.to_string()])?;
+        Ok(parse_neighbours(&out.stdout)?.remove(&addr))
     }
 
     /// Runs `sluice --pin-dir <pin_dir> <args>` in the lb namespace (after making sure the peer has
@@ -943,6 +928,20 @@ http {{
     /// when the guard is dropped.
     pub fn spawn_sluice(&self, args: &[&str]) -> Result<SluiceProcess> {
         self.spawn_sluice_under(&[], args)
+    }
+
+    /// Starts `sluice agent` on the lb node (its lb interface, nothing more than a kubeconfig
+    /// and `/readyz` at `health`): the agent the benchmarks and the scale run time.
+    pub fn spawn_lb_agent(&self, kubeconfig: &Path, health: &str) -> Result<SluiceProcess> {
+        self.spawn_sluice(&[
+            "agent",
+            "--iface",
+            self.lb_iface(),
+            "--kubeconfig",
+            &kubeconfig.to_string_lossy(),
+            "--health-addr",
+            health,
+        ])
     }
 
     /// The HTTP status of an agent's `GET /readyz` at `health` (in the lb namespace), as curl
@@ -1368,14 +1367,14 @@ http {{
     /// Lets the lb's KERNEL route the VIP to backend i (ip_forward=1 and a /32 route): for checking
     /// the harness without sluice. Such packets reach the backend with TTL 63.
     pub fn kernel_route_vip_via(&self, i: usize) -> Result<()> {
-        self.sysctl(&self.lb, &["net.ipv4.ip_forward=1"])?;
+        cmd::sysctl_in(&self.lb, &["net.ipv4.ip_forward=1"])?;
         self.route_vip_via(&self.lb, i)
     }
 
     /// Undoes [`Lab::kernel_route_vip_via`].
     pub fn kernel_route_vip_off(&self) -> Result<()> {
         let _ = self.ip(&self.lb, &["route", "del", &format!("{}/32", self.vip)]);
-        self.sysctl(&self.lb, &["net.ipv4.ip_forward=0"])
+        cmd::sysctl_in(&self.lb, &["net.ipv4.ip_forward=0"])
     }
 
     // ----- IPv6 (dual-stack labs) -----
@@ -1430,7 +1429,7 @@ http {{
             ends.push((self.backends[i].clone(), self.backend_addr6(i)));
         }
         for (ns, addr) in &ends {
-            self.sysctl(ns, &["net.ipv6.conf.all.disable_ipv6=0"])?;
+            cmd::sysctl_in(ns, &["net.ipv6.conf.all.disable_ipv6=0"])?;
             self.ip(
                 ns,
                 &[
@@ -1444,7 +1443,7 @@ http {{
             )?;
         }
         // Only XDP may move VIP packets on (as for IPv4, ip_forward=0).
-        self.sysctl(&self.lb, &["net.ipv6.conf.all.forwarding=0"])?;
+        cmd::sysctl_in(&self.lb, &["net.ipv6.conf.all.forwarding=0"])?;
         let vip128 = format!("{}/128", self.vip6());
         for ns in &self.backends {
             self.ip(ns, &["addr", "add", &vip128, "dev", "lo", "nodad"])?;
@@ -1566,15 +1565,9 @@ pub struct SluiceProcess {
 
 impl SluiceProcess {
     /// Starts `command` with its output going to `log`.
-    pub(crate) fn spawn(mut command: Command, log: PathBuf) -> Result<SluiceProcess> {
-        let f = fs::File::create(&log)?;
+    pub(crate) fn spawn(command: Command, log: PathBuf) -> Result<SluiceProcess> {
         let what = cmd::describe(&command);
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f)
-            .spawn()
-            .with_context(|| format!("starting `{what}`"))?;
+        let child = cmd::spawn_logged(command, &log)?;
         Ok(SluiceProcess { child, log, what })
     }
 
@@ -1679,10 +1672,69 @@ fn lab_ns_pid(name: &str) -> Option<u32> {
 
 /// Parses "sluice-lab-<pid>-<n>" (a lab temp dir name) into the pid.
 fn lab_dir_pid(name: &str) -> Option<u32> {
-    let rest = name.strip_prefix("sluice-lab-")?;
-    let (pid, n) = rest.split_once('-')?;
+    temp_dir_pid(name, "sluice-lab-")
+}
+
+/// Parses "<prefix><pid>-<n>" (a lab's or a cluster's temp dir name) into the pid.
+pub(crate) fn temp_dir_pid(name: &str, prefix: &str) -> Option<u32> {
+    let (pid, n) = name.strip_prefix(prefix)?.split_once('-')?;
     n.parse::<u32>().ok()?;
     pid.parse().ok()
+}
+
+/// Deletes the network namespaces whose name `owner` parses to a pid that is `dead`, after
+/// killing the processes in them (but `me`).
+pub(crate) fn remove_dead_namespaces(
+    owner: impl Fn(&str) -> Option<u32>,
+    dead: impl Fn(u32) -> bool,
+    me: u32,
+) {
+    let Ok(out) = cmd::run(
+        Command::new("ip").args(["netns", "list"]),
+        Duration::from_secs(10),
+    ) else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        if owner(name).is_some_and(&dead) {
+            eprintln!("sluice: removing namespace {name} left by a dead test process");
+            kill_ns_processes(name, me);
+            let _ = cmd::run(
+                Command::new("ip").args(["netns", "del", name]),
+                Duration::from_secs(10),
+            );
+        }
+    }
+}
+
+/// Unmounts what is mounted in the temp dirs whose name `owner` parses to a pid that is
+/// `dead`, deepest first.
+pub(crate) fn unmount_dead_temp_dirs(
+    owner: impl Fn(&str) -> Option<u32>,
+    dead: impl Fn(u32) -> bool,
+) {
+    let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let tmp = std::env::temp_dir();
+    let mut mount_points: Vec<&str> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|mp| {
+            Path::new(mp)
+                .strip_prefix(&tmp)
+                .ok()
+                .and_then(|r| r.components().next())
+                .is_some_and(|c| owner(&c.as_os_str().to_string_lossy()).is_some_and(&dead))
+        })
+        .collect();
+    mount_points.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for mp in mount_points {
+        unmount(Path::new(mp));
+    }
 }
 
 /// Removes what labs of dead processes left behind (a test killed before its Drop ran): their
@@ -1691,42 +1743,9 @@ fn lab_dir_pid(name: &str) -> Option<u32> {
 fn cleanup_stale() {
     let me = std::process::id();
     let dead = |pid: u32| pid != me && !cmd::pid_alive(pid);
-    if let Ok(out) = cmd::run(
-        Command::new("ip").args(["netns", "list"]),
-        Duration::from_secs(10),
-    ) {
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let Some(name) = line.split_whitespace().next() else {
-                continue;
-            };
-            if lab_ns_pid(name).is_some_and(dead) {
-                eprintln!("sluice lab: removing namespace {name} left by a dead test process");
-                kill_ns_processes(name, me);
-                let _ = cmd::run(
-                    Command::new("ip").args(["netns", "del", name]),
-                    Duration::from_secs(10),
-                );
-            }
-        }
-    }
+    remove_dead_namespaces(lab_ns_pid, dead, me);
+    unmount_dead_temp_dirs(lab_dir_pid, dead);
     let tmp = std::env::temp_dir();
-    if let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") {
-        for line in mountinfo.lines() {
-            let Some(mp) = line.split(' ').nth(4) else {
-                continue;
-            };
-            let mp = Path::new(mp);
-            let Ok(rel) = mp.strip_prefix(&tmp) else {
-                continue;
-            };
-            let Some(first) = rel.components().next() else {
-                continue;
-            };
-            if lab_dir_pid(&first.as_os_str().to_string_lossy()).is_some_and(dead) {
-                unmount(mp);
-            }
-        }
-    }
     if let Ok(entries) = fs::read_dir(&tmp) {
         for e in entries.flatten() {
             if lab_dir_pid(&e.file_name().to_string_lossy()).is_some_and(dead) {
@@ -1753,5 +1772,32 @@ mod tests {
         assert_eq!(lab_ns_pid("other"), None);
         assert_eq!(lab_dir_pid("sluice-lab-99-3"), Some(99));
         assert_eq!(lab_dir_pid("sluice-lab-99"), None);
+    }
+
+    #[test]
+    fn neighbours_with_a_mac_only() {
+        // As iproute2 prints them: a resolved entry, a failed one (no MAC), a stale IPv6 one.
+        let json = br#"[{"dst":"10.0.0.5","dev":"eth0","lladdr":"02:00:00:00:00:05","state":["REACHABLE"]},
+            {"dst":"10.0.0.6","dev":"eth0","state":["FAILED"]},
+            {"dst":"fd00::7","dev":"eth0","lladdr":"02:00:00:00:00:07","router":null,"state":["STALE"]}]"#;
+        let table = parse_neighbours(json).unwrap();
+        let entry = |mac: &str, state: &str| (mac.to_owned(), state.to_owned());
+        assert_eq!(
+            table,
+            BTreeMap::from([
+                (
+                    "10.0.0.5".parse().unwrap(),
+                    entry("02:00:00:00:00:05", "REACHABLE")
+                ),
+                (
+                    "fd00::7".parse().unwrap(),
+                    entry("02:00:00:00:00:07", "STALE")
+                ),
+            ])
+        );
+        assert!(
+            parse_neighbours(b"").is_err(),
+            "no output is not an empty table"
+        );
     }
 }

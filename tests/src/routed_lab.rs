@@ -144,13 +144,6 @@ impl RoutedLab {
         )
     }
 
-    fn sysctl(&self, ns: &str, settings: &[&str]) -> Result<()> {
-        let mut argv = vec!["sysctl", "-q", "-w"];
-        argv.extend_from_slice(settings);
-        self.exec_ok(ns, &argv)?;
-        Ok(())
-    }
-
     /// A veth from bridge `bridge` of the router to `ns` (named eth0/eth1 there), checksum
     /// offload off on both ends, with the given addresses (no DAD) and MTU.
     fn wire(
@@ -198,7 +191,7 @@ impl RoutedLab {
             cmd::sh(&["ip", "netns", "add", ns])?;
             self.namespaces.push(ns.clone());
             self.ip(ns, &["link", "set", "lo", "up"])?;
-            self.sysctl(
+            cmd::sysctl_in(
                 ns,
                 &[
                     "net.ipv4.conf.all.rp_filter=0",
@@ -207,7 +200,7 @@ impl RoutedLab {
             )?;
         }
         let r = self.router_ns();
-        self.sysctl(
+        cmd::sysctl_in(
             &r,
             &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
         )?;
@@ -234,7 +227,7 @@ impl RoutedLab {
         )?;
         self.ip(&c, &["route", "add", "default", "via", "10.1.0.254"])?;
         self.ip(&c, &["-6", "route", "add", "default", "via", "fd00:a::fe"])?;
-        self.sysctl(
+        cmd::sysctl_in(
             &c,
             &[
                 "net.ipv4.fib_multipath_hash_policy=1",
@@ -289,7 +282,7 @@ impl RoutedLab {
                 ],
             )?;
             // Only XDP may move VIP packets on.
-            self.sysctl(
+            cmd::sysctl_in(
                 &lb,
                 &["net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0"],
             )?;

@@ -602,15 +602,7 @@ async fn measure(
 
     // A fresh node's agent: nothing pinned.
     let started = Instant::now();
-    let mut agent = lab.spawn_sluice(&[
-        "agent",
-        "--iface",
-        lab.lb_iface(),
-        "--kubeconfig",
-        &kubeconfig.to_string_lossy(),
-        "--health-addr",
-        HEALTH,
-    ])?;
+    let mut agent = lab.spawn_lb_agent(kubeconfig, HEALTH)?;
     let readyz = wait_ready(&mut agent, HEALTH.parse()?, SYNC_TIMEOUT)?;
     let ready = started.elapsed();
     // Ready: the first full model is applied. Looked at at once (the clock runs); then what it

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
-use sluice_tests::kube::{AGENT_NAMESPACE, Kube};
+use sluice_tests::kube::{AGENT_NAMESPACE, Kube, repo_root};
 use sluice_tests::{ECHO_PORT, HTTP_PORT, Lab, LabConfig, SluiceProcess, cmd, require_root};
 
 /// The pool: 32 addresses (a /27) beside the lab's VIP, for the `default` namespace.
@@ -207,6 +207,24 @@ impl Env {
             .collect())
     }
 
+    /// Waits (within [`CONVERGE`]) until `addr` is a VIP in the lb interface's maps.
+    fn wait_vip(&self, addr: IpAddr) -> Result<()> {
+        let start = Instant::now();
+        while self
+            .vips(self.lab.lb_iface())?
+            .iter()
+            .all(|v| !v.starts_with(&format!("{addr}:")))
+        {
+            ensure!(
+                start.elapsed() < CONVERGE,
+                "{addr} never became a VIP: {:?}",
+                self.vips(self.lab.lb_iface())?
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
     /// `inspect announce` on `iface`: the addresses answered for.
     fn announced(&self, iface: &str) -> Result<BTreeSet<String>> {
         Ok(self
@@ -285,19 +303,7 @@ fn pools_assign_request_share_free_and_survive_a_leader_change() -> Result<()> {
     );
     env.wait_event("web-3", "IPAllocated", "assigned")?;
     let first = a["web-0"][0];
-    let start = Instant::now();
-    while env
-        .vips(env.lab.lb_iface())?
-        .iter()
-        .all(|v| !v.starts_with(&format!("{first}:")))
-    {
-        ensure!(
-            start.elapsed() < CONVERGE,
-            "{first} never became a VIP: {:?}",
-            env.vips(env.lab.lb_iface())?
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    env.wait_vip(first)?;
     let answers = curl_answers(&env.lab, first)?;
     ensure!(
         answers == 5,
@@ -485,6 +491,56 @@ fn pools_assign_request_share_free_and_survive_a_leader_change() -> Result<()> {
     );
     println!(
         "allocator {holder} SIGKILLed during a burst of 20: {survivor} took over, all 20 addressed in {took:.1?}, no address held twice"
+    );
+    Ok(())
+}
+
+/// The IPAddressPool resource installed after the agent started (issue: it was never watched
+/// until a restart): the agent probes again every 30 s, starts the watch, and the Service that
+/// waited gets a pool address and becomes a VIP, from the same agent process.
+#[test]
+fn a_pool_resource_installed_later_is_watched_without_a_restart() -> Result<()> {
+    /// The agent's re-probe period (lb-userspace's crd_watch::REPROBE_EVERY).
+    const REPROBE: Duration = Duration::from_secs(30);
+    let mut env = Env::start()?;
+    // deploy/ (applied with the agent's RBAC) installs the resource: take it away first.
+    env.kube
+        .kubectl_ok(&["delete", "crd", "ipaddresspools.sluice.io", "--wait=true"])?;
+    env.services(&[("late".to_owned(), HTTP_PORT, vec![])])?;
+    let eth0 = env.lab.lb_iface().to_owned();
+    env.spawn("lb-a", &eth0, "127.0.0.1:9941")?;
+    let log = env.logs();
+    ensure!(
+        log.contains("the IPAddressPool resource (sluice.io) is not installed"),
+        "the agent did not say the resource is missing:\n{log}"
+    );
+
+    let crd = repo_root().join("deploy/base/05-crd-ipaddresspools.yaml");
+    env.kube
+        .kubectl_ok(&["apply", "-f", &crd.to_string_lossy()])?;
+    let base = env.lab.pool_base();
+    let last = Ipv4Addr::from(u32::from(base) + (1 << (32 - POOL_LEN)) - 1);
+    env.kube
+        .pool("lab", &[format!("{base}-{last}")], true, false)?;
+    let (a, took) = env.wait_addresses("late's pool address", REPROBE + CONVERGE, |a| {
+        a.get("late").is_some_and(|v| v.len() == 1)
+    })?;
+    let addr = a["late"][0];
+    ensure!(in_pool(&env.lab, &addr), "{addr}: not in the pool");
+    env.wait_vip(addr)?;
+    let agent = env.agents.get_mut("lb-a").context("no agent lb-a")?;
+    ensure!(
+        agent.try_wait()?.is_none(),
+        "the agent exited: {}",
+        agent.log_text()
+    );
+    let log = agent.log_text();
+    ensure!(
+        log.contains("the IPAddressPool resource is there now: watching it"),
+        "the agent did not say it found the resource:\n{log}"
+    );
+    println!(
+        "the resource and a pool installed after the agent started: {addr} assigned in {took:.1?} (re-probe every {REPROBE:?}) and a VIP, same agent process"
     );
     Ok(())
 }

@@ -21,7 +21,7 @@ use lb_userspace::reconcile::raw_addr;
 use serde_json::json;
 use sluice_tests::kube::{Kube, client as kube_client};
 use sluice_tests::scale::{apply_times, block_on, percentiles, rss, wait_ready};
-use sluice_tests::{Lab, LabConfig, SluiceProcess, netns, require_root};
+use sluice_tests::{Lab, LabConfig, netns, require_root};
 
 const HEALTH: &str = "127.0.0.1:9941";
 const NODES: usize = 3;
@@ -44,17 +44,7 @@ pub fn run(changes: usize, services: usize) -> Result<()> {
     let kubeconfig = kube.agent_kubeconfig()?;
     let admin = kube.admin_kubeconfig(0).to_path_buf();
     let pins = PinLayout::new(lab.pin_dir(), lab.lb_iface());
-    let start_agent = || -> Result<SluiceProcess> {
-        lab.spawn_sluice(&[
-            "agent",
-            "--iface",
-            lab.lb_iface(),
-            "--kubeconfig",
-            &kubeconfig.to_string_lossy(),
-            "--health-addr",
-            HEALTH,
-        ])
-    };
+    let start_agent = || lab.spawn_lb_agent(&kubeconfig, HEALTH);
 
     let mut agent = start_agent()?;
     // The API client and the health probe run in the lb namespace, where the API server is.

@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 use super::allocator::{self, AllocatorConfig};
 use super::announce::{self, AnnounceConfig};
 use super::desired::{self, AddressPolicy, Built, SERVICE_NAME_LABEL};
-use super::pools::{ClassPolicy, IPAddressPool, pool_spec};
+use super::pools::{ClassPolicy, pool_spec};
 use super::watch_metrics::WatchMetrics;
 use super::watch_probe::WatchProbeLayer;
 use crate::http;
@@ -321,31 +321,6 @@ where
     reader
 }
 
-/// Watches the IPAddressPools when the resource is installed; `None` (logged) when it is not,
-/// or when this agent may not read it: sluice then owns no address.
-async fn watch_pools(
-    client: &Client,
-    changed: Arc<Notify>,
-    metrics: Option<WatchMetrics>,
-) -> Option<Store<IPAddressPool>> {
-    let api: Api<IPAddressPool> = Api::all(client.clone());
-    match api.list(&kube::api::ListParams::default().limit(1)).await {
-        Ok(_) => Some(watch(api, watcher::Config::default(), changed, metrics)),
-        Err(kube::Error::Api(s)) if s.code == 404 => {
-            info!(
-                "the IPAddressPool resource (sluice.io) is not installed: sluice owns no address (apply deploy/base/05-crd-ipaddresspools.yaml and a pool to let it assign and announce)"
-            );
-            None
-        }
-        Err(e) => {
-            warn!(
-                "cannot list IPAddressPools ({e}): sluice owns no address until it can (check the ClusterRole)"
-            );
-            None
-        }
-    }
-}
-
 async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
@@ -395,18 +370,18 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
         "node {}: waiting for the first lists of Services, EndpointSlices and Nodes",
         config.node_name.as_deref().unwrap_or("(unnamed)")
     );
-    let pools = watch_pools(&client, changed.clone(), config.watches.clone()).await;
+    let pools = super::pools::watch_pools(&client, changed.clone(), config.watches.clone()).await;
     // BGP: the BGPPeers (and the Secrets with their passwords) pick this node's routers.
     let bgp_peers = match &config.bgp {
-        Some(_) => {
+        Some(_) => Some(
             super::bgp_peers::watch_resources(
                 &client,
                 &config.health.namespace,
                 changed.clone(),
                 config.watches.clone(),
             )
-            .await
-        }
+            .await,
+        ),
         None => None,
     };
     let mut peer_selection = super::bgp_peers::PeerSelection::default();
@@ -414,7 +389,7 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
     let ready = async {
         services.wait_until_ready().await?;
         slices.wait_until_ready().await?;
-        if let Some(p) = &pools {
+        if let Some(p) = pools.get() {
             p.wait_until_ready().await?;
         }
         nodes.wait_until_ready().await
@@ -553,16 +528,15 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
 
     // The address allocator: elected on one agent, it writes the Services' status.
     let alloc_changed = Arc::new(Notify::new());
-    let allocator = match (&pools, config.allocator.clone()) {
-        (Some(store), Some(a)) => Some(tokio::spawn(allocator::run(
+    let allocator = config.allocator.clone().map(|a| {
+        tokio::spawn(allocator::run(
             client.clone(),
             a,
-            store.clone(),
+            pools.clone(),
             alloc_changed.clone(),
             stop_rx.clone(),
-        ))),
-        _ => None,
-    };
+        ))
+    });
 
     let mut last = Built::default();
     // Each Service's VIPs, rebuilt only when its objects change.
@@ -574,7 +548,7 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
     loop {
         let policy = AddressPolicy {
             pools: pools
-                .as_ref()
+                .get()
                 .map(|p| p.state().iter().map(|p| pool_spec(p)).collect())
                 .unwrap_or_default(),
             class: config.class,
@@ -668,11 +642,11 @@ async fn run_async(config: AgentConfig, apply: ApplyFn) -> anyhow::Result<()> {
             // Only pool addresses are ever announced.
             let announceable = built.announceable();
             intent.addrs.retain(|a| announceable.contains(a));
-            if let Some(p) = &pools {
+            if let Some(p) = pools.get() {
                 intent.adverts = pool_adverts.of(&p.state(), &built, &intent.addrs);
             }
             speaker.set(intent);
-            if let Some(resources) = &bgp_peers {
+            if let Some(resources) = bgp_peers.as_ref().and_then(|r| r.get()) {
                 let nodes = nodes.state();
                 let me = nodes
                     .iter()

@@ -23,6 +23,7 @@ use log::{debug, info, warn};
 use serde_json::json;
 use tokio::sync::{Notify, watch};
 
+use super::crd_watch::WhenInstalled;
 use super::lease::{Attempt, Elector};
 use super::pools::{ClassPolicy, IPAddressPool, PoolCondition, claim, pool_spec};
 use crate::ipam::{self, Claim, Notice, Pools};
@@ -52,10 +53,18 @@ pub struct AllocatorConfig {
 pub async fn run(
     client: Client,
     config: AllocatorConfig,
-    pools: Store<IPAddressPool>,
+    pools: WhenInstalled<Store<IPAddressPool>>,
     changed: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // No pool resource, nothing to allocate: no election until it is installed.
+    let pools = tokio::select! {
+        pools = pools.installed() => match pools {
+            Some(pools) => pools,
+            None => return,
+        },
+        _ = stop.changed() => return,
+    };
     let mut elector = Elector::new(
         Api::namespaced(client.clone(), &config.namespace),
         config.node_name.clone(),

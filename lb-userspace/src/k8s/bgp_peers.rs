@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use super::agent::watch;
+use super::crd_watch::{Absent, WhenInstalled, watch_when_installed};
 use super::watch_metrics::WatchMetrics;
 use crate::bgp::{Password, Peer, PeerOptions};
 
@@ -131,44 +132,47 @@ impl NodeSelector {
 }
 
 /// The watched BGPPeers and the Secrets of the agent's namespace.
+#[derive(Clone)]
 pub struct PeerResources {
     pub peers: Store<BGPPeer>,
     /// `None` when this agent may not read them (only the bgp overlay grants it).
     pub secrets: Option<Store<Secret>>,
 }
 
-/// Watches the BGPPeers and the Secrets of `namespace` when the resource is installed;
-/// `None` (logged) when it is not, or when this agent may not read them: then only
-/// `--bgp-peers` are peers.
+/// Watches the BGPPeers and the Secrets of `namespace` once the resource is installed (and
+/// this agent may list it): until then only `--bgp-peers` are peers.
 pub async fn watch_resources(
     client: &Client,
     namespace: &str,
     changed: Arc<Notify>,
     metrics: Option<WatchMetrics>,
-) -> Option<PeerResources> {
-    let api: Api<BGPPeer> = Api::all(client.clone());
-    match api.list(&ListParams::default().limit(1)).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 404 => {
-            info!(
-                "the BGPPeer resource (sluice.io) is not installed: peering with --bgp-peers only (apply deploy/base/06-crd-bgppeers.yaml for per-rack routers)"
-            );
-            return None;
-        }
-        Err(e) => {
-            warn!(
-                "cannot list BGPPeers ({e}): peering with --bgp-peers only (check the ClusterRole)"
-            );
-            return None;
-        }
-    }
+) -> WhenInstalled<PeerResources> {
+    let absent = Absent {
+        meanwhile: "peering with --bgp-peers only",
+        install: "apply deploy/base/06-crd-bgppeers.yaml for per-rack routers",
+    };
+    let namespace = namespace.to_owned();
+    let on_change = changed.clone();
+    watch_when_installed::<BGPPeer, _, _, _>(client, absent, changed, |client| async move {
+        start_watches(client, &namespace, on_change, metrics).await
+    })
+    .await
+}
+
+/// The BGPPeers' watch, and the Secrets' when this agent may read them.
+async fn start_watches(
+    client: Client,
+    namespace: &str,
+    changed: Arc<Notify>,
+    metrics: Option<WatchMetrics>,
+) -> PeerResources {
     let peers = watch(
-        api,
+        Api::<BGPPeer>::all(client.clone()),
         watcher::Config::default(),
         changed.clone(),
         metrics.clone(),
     );
-    let secrets_api = Api::<Secret>::namespaced(client.clone(), namespace);
+    let secrets_api = Api::<Secret>::namespaced(client, namespace);
     let secrets = match secrets_api.list(&ListParams::default().limit(1)).await {
         Ok(_) => Some(watch(
             secrets_api,
@@ -183,7 +187,7 @@ pub async fn watch_resources(
             None
         }
     };
-    Some(PeerResources { peers, secrets })
+    PeerResources { peers, secrets }
 }
 
 /// The peers of one BGPPeer for a node, or why it cannot be one.
@@ -328,28 +332,15 @@ impl PeerSelection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kube::CustomResourceExt as _;
     use serde_json::json;
 
     /// The CRD in deploy/ is what these types generate: the schema cannot drift.
     #[test]
     fn the_deployed_bgppeer_crd_is_the_generated_one() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../deploy/base/06-crd-bgppeers.yaml"
-        );
-        let generated = format!(
-            "# Generated from lb-userspace/src/k8s/bgp_peers.rs (BGPPeer): do not edit; the test\n\
-             # the_deployed_bgppeer_crd_is_the_generated_one rewrites it with SLUICE_WRITE_CRD=1.\n{}\n",
-            serde_json::to_string_pretty(&BGPPeer::crd()).unwrap()
-        );
-        if std::env::var_os("SLUICE_WRITE_CRD").is_some() {
-            std::fs::write(path, &generated).unwrap();
-        }
-        let deployed = std::fs::read_to_string(path).unwrap_or_default();
-        assert!(
-            deployed == generated,
-            "{path} is not what BGPPeer generates: run `SLUICE_WRITE_CRD=1 cargo test -p lb-userspace the_deployed_bgppeer_crd` and commit it"
+        crate::k8s::crd_watch::assert_deployed_crd_is_generated::<BGPPeer>(
+            "06-crd-bgppeers.yaml",
+            "bgp_peers.rs",
+            "the_deployed_bgppeer_crd_is_the_generated_one",
         );
     }
 

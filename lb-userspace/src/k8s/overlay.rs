@@ -221,6 +221,29 @@ mod tests {
         )
     }
 
+    /// [`built`] with the overlay as node `me` lays it (the Leases read now).
+    fn overlaid(
+        nodes: &[Arc<Node>],
+        prober: &probe::Prober,
+        leases: &[Arc<Lease>],
+        config: &AgentHealth,
+        me: &str,
+        votes: Option<&SharedDrained>,
+    ) -> Built {
+        let mut b = built(nodes);
+        let clock = load::LeaseClock::default();
+        agent_overlay(
+            &mut b,
+            prober,
+            Some(leases),
+            &clock,
+            config,
+            Some(me),
+            votes,
+        );
+        b
+    }
+
     #[test]
     fn load_multipliers_the_opt_out_the_flag_and_stale_leases() {
         let nodes: Vec<Arc<Node>> = (0..3).map(node).collect();
@@ -231,17 +254,14 @@ mod tests {
         ];
         let (_rt, prober) = idle_prober();
         let run = |load_aware: bool| {
-            let mut b = built(&nodes);
-            agent_overlay(
-                &mut b,
+            overlaid(
+                &nodes,
                 &prober,
-                Some(&leases),
-                &load::LeaseClock::default(),
+                &leases,
                 &config(true, load_aware),
-                Some("n0"),
+                "n0",
                 None,
-            );
-            b
+            )
         };
         let on = run(true);
         let w = |n: &str, weight: u32| (n.to_owned(), weight, false);
@@ -282,17 +302,14 @@ mod tests {
         shared.set(ring, counted);
         let (_rt, prober) = idle_prober();
         let run = |checks: bool| {
-            let mut b = built(&nodes);
-            agent_overlay(
-                &mut b,
+            overlaid(
+                &nodes,
                 &prober,
-                Some(&leases),
-                &load::LeaseClock::default(),
+                &leases,
                 &config(checks, false),
-                Some("n0"),
+                "n0",
                 Some(&shared),
-            );
-            b
+            )
         };
         let drains =
             |b: &Built| -> Vec<bool> { weights(b, SHAPED).iter().map(|(_, _, d)| *d).collect() };
@@ -312,14 +329,12 @@ mod tests {
         let shared = votes::SharedDrained::default();
         shared.set(ring.clone(), votes::Drained::new());
         let (_rt, prober) = idle_prober();
-        let mut b = built(&nodes);
-        agent_overlay(
-            &mut b,
+        let b = overlaid(
+            &nodes,
             &prober,
-            Some(&[]),
-            &load::LeaseClock::default(),
+            &[],
             &config(true, false),
-            Some("n7"),
+            "n7",
             Some(&shared),
         );
         let probed: BTreeSet<String> = prober

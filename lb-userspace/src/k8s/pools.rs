@@ -4,13 +4,39 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
-use kube::CustomResource;
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::{Api, Client, CustomResource};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 
+use super::agent::watch;
+use super::crd_watch::{Absent, WhenInstalled, watch_when_installed};
+use super::watch_metrics::WatchMetrics;
 use crate::ipam::{Claim, Family, PoolSpec, PortProto};
+
+/// Watches the IPAddressPools once the resource is installed (and this agent may list it):
+/// until then sluice owns no address.
+pub async fn watch_pools(
+    client: &Client,
+    changed: Arc<Notify>,
+    metrics: Option<WatchMetrics>,
+) -> WhenInstalled<Store<IPAddressPool>> {
+    let absent = Absent {
+        meanwhile: "sluice owns no address",
+        install: "apply deploy/base/05-crd-ipaddresspools.yaml and a pool to let it assign and announce",
+    };
+    let on_change = changed.clone();
+    watch_when_installed::<IPAddressPool, _, _, _>(client, absent, changed, |client| async move {
+        let api: Api<IPAddressPool> = Api::all(client);
+        watch(api, watcher::Config::default(), on_change, metrics)
+    })
+    .await
+}
 
 /// The `spec.loadBalancerClass` sluice serves (and, unless told otherwise, Services with none).
 pub const LOAD_BALANCER_CLASS: &str = "sluice.io/lb";
@@ -270,7 +296,6 @@ pub fn claim(svc: &Service) -> Result<Claim, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kube::CustomResourceExt as _;
     use serde_json::json;
 
     fn svc(v: serde_json::Value) -> Service {
@@ -280,22 +305,10 @@ mod tests {
     /// The CRD in deploy/ is what these types generate: the schema cannot drift.
     #[test]
     fn the_deployed_crd_is_the_generated_one() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../deploy/base/05-crd-ipaddresspools.yaml"
-        );
-        let generated = format!(
-            "# Generated from lb-userspace/src/k8s/pools.rs (IPAddressPool): do not edit; the test\n\
-             # the_deployed_crd_is_the_generated_one rewrites it with SLUICE_WRITE_CRD=1.\n{}\n",
-            serde_json::to_string_pretty(&IPAddressPool::crd()).unwrap()
-        );
-        if std::env::var_os("SLUICE_WRITE_CRD").is_some() {
-            std::fs::write(path, &generated).unwrap();
-        }
-        let deployed = std::fs::read_to_string(path).unwrap_or_default();
-        assert!(
-            deployed == generated,
-            "{path} is not what IPAddressPool generates: run `SLUICE_WRITE_CRD=1 cargo test -p lb-userspace the_deployed_crd` and commit it"
+        crate::k8s::crd_watch::assert_deployed_crd_is_generated::<IPAddressPool>(
+            "05-crd-ipaddresspools.yaml",
+            "pools.rs",
+            "the_deployed_crd_is_the_generated_one",
         );
     }
 
