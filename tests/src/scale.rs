@@ -54,6 +54,8 @@ pub const NODE_NET: &str = "172.20.0.0/16";
 const CONCURRENCY: usize = 32;
 const NAMESPACE: &str = "default";
 const HEALTH: &str = "127.0.0.1:9941";
+/// The agent's metrics address (its default).
+const METRICS: &str = lb_userspace::observe::metrics::DEFAULT_METRICS_ADDR;
 /// How long the agent may take from start to ready.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long one slice change or node burst may take to reach the maps before the run fails.
@@ -105,6 +107,11 @@ pub struct Figures {
     /// back.
     pub burst_down: Duration,
     pub burst_up: Duration,
+    /// One scrape of the agent's `/metrics` after the sync: how long, how big, and the
+    /// agent's peak RSS after it.
+    pub scrape: Duration,
+    pub scrape_bytes: usize,
+    pub peak_rss_after_scrape: u64,
 }
 
 impl Figures {
@@ -152,6 +159,12 @@ impl Figures {
         out.push(format!(
             "    of which the agent's model -> maps step (its log): {}",
             percentiles(&self.slice_applies)
+        ));
+        out.push(format!(
+            "  one /metrics scrape: {:.2} s, {:.1} MB of text; agent peak RSS after it {:.1} MB",
+            self.scrape.as_secs_f64(),
+            self.scrape_bytes as f64 / 1e6,
+            self.peak_rss_after_scrape as f64 / 1e6
         ));
         out.push(format!(
             "  {} nodes NotReady at once -> out of every VIP's table: {:.2} s; Ready again -> back: {:.2} s",
@@ -629,6 +642,11 @@ async fn measure(
     }
     let (rss, peak_rss) = rss(agent.pid())?;
     let (map_bytes, map_count) = map_memory(pins)?;
+    let t0 = Instant::now();
+    let text = lb_userspace::http::fetch(METRICS.parse()?, "/metrics", CHANGE_TIMEOUT)
+        .context("scraping the agent's /metrics")?;
+    let scrape = t0.elapsed();
+    let (_, peak_rss_after_scrape) = self::rss(agent.pid())?;
 
     let applies_before = apply_times(&agent.log_text(), 0).len();
     let (slice_from_sent, slice_from_answer) =
@@ -663,6 +681,9 @@ async fn measure(
         slice_applies,
         burst_down,
         burst_up,
+        scrape,
+        scrape_bytes: text.len(),
+        peak_rss_after_scrape,
     })
 }
 
