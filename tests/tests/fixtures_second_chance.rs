@@ -3,7 +3,9 @@
 //! not know to the VIP's previous table's pick, once.
 //!
 //! The scene: three nodes serve a VIP (table A), then node 3 joins (table B); the program runs
-//! as node 3. Its conntrack is a real one: each test runs on a thread inside a network
+//! as node 3, and as the first hop that sends it a flow (another node: a peer's frame) and as
+//! the previous pick the flow is handed on to. A frame leaves a node from its own MAC when it
+//! was balanced there, from that MAC's twin (`handed_on_mac`) when it was handed on. Its conntrack is a real one: each test runs on a thread inside a network
 //! namespace of its own where conntrack is active (an nft `ct` rule) and a real TCP connection
 //! from the client to the VIP is open, so `bpf_xdp_ct_lookup` (which asks the caller's
 //! namespace in a test run) finds that connection and nothing else.
@@ -14,7 +16,7 @@ use std::net::{IpAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use lb_common::GlobalCounter;
+use lb_common::{GlobalCounter, handed_on_mac};
 use lb_userspace::model::{Desired, FlowState, Protocol};
 use sluice_tests::cmd::sh;
 use sluice_tests::fixtures::{
@@ -195,11 +197,44 @@ fn counters(h: &Harness) -> (u64, u64) {
     )
 }
 
-/// Asserts `out` is `input` sent from node 3's MAC to node `to`'s, nothing else changed.
+/// Asserts `out` is `input` sent from node 3's handed-on MAC to node `to`'s, nothing else
+/// changed.
 fn assert_handed_to(out: &[u8], input: &[u8], to: u8) {
     assert_eq!(Harness::backend_of(out), Some(to), "to the previous pick");
-    assert_eq!(out[6..12], backend_mac(JOINED), "from node 3's own MAC");
+    assert_eq!(
+        out[6..12],
+        handed_on_mac(backend_mac(JOINED)),
+        "from node 3's handed-on MAC (its own with the 0x02 bit flipped)"
+    );
     assert_eq!(out[12..], input[12..], "only the MACs change");
+}
+
+/// A node other than node 3 and than `previous` (the flow's first hop, neither its current
+/// nor its previous pick).
+fn other_node(previous: u8) -> u8 {
+    (0..JOINED)
+        .find(|i| *i != previous)
+        .expect("three nodes before the join")
+}
+
+/// The frame first hop `node` sends node 3 for a client's `frame` (table B picks node 3):
+/// balanced there, so from `node`'s own MAC to node 3's, the client's packet unchanged.
+fn through_first_hop(node: u8, frame: &[u8], flow_state: FlowState) -> Vec<u8> {
+    let mut first = node_after_change(node, flow_state);
+    let sent = send(&mut first, frame);
+    assert_eq!(sent.action, XDP_TX, "the first hop forwards to the pick");
+    assert_eq!(Harness::backend_of(&sent.out), Some(JOINED));
+    assert_eq!(sent.out[6..12], backend_mac(node), "from its own MAC");
+    assert_eq!((sent.hits, sent.handed_on), (0, 0), "not its flow to check");
+    sent.out
+}
+
+/// `frame` as node `from`'s handed-on MAC sends it to node 3.
+fn handed_on_by(from: u8, frame: &[u8]) -> Vec<u8> {
+    let mut frame = frame.to_vec();
+    frame[..6].copy_from_slice(&backend_mac(JOINED));
+    frame[6..12].copy_from_slice(&handed_on_mac(backend_mac(from)));
+    frame
 }
 
 #[test]
@@ -245,6 +280,49 @@ fn a_known_flow_stays_and_an_unknown_one_goes_to_the_previous_pick() {
 }
 
 #[test]
+fn a_peers_frame_goes_on_to_the_previous_pick_marked_unless_conntrack_knows_it() {
+    let ns = ConntrackNs::new();
+    let moved = moved_to_joined(2);
+    let ((known, _), (unknown, unknown_before)) = (moved[0], moved[1]);
+    ns.run(move || {
+        let listener = TcpListener::bind(SocketAddrV4::new(VIP, 80)).expect("listen on the VIP");
+        let _connection = connect_from(known, &listener);
+        let mut joined = node_after_change(JOINED, FlowState::SecondChance);
+        let first_hop = other_node(unknown_before);
+
+        // A flow that began on table A's pick reaches node 3 through another node: node 3
+        // runs the check the first hop could not (it is not the pick) and hands it on.
+        let client = Frame::tcp(unknown, TCP_ACK).bytes();
+        let from_peer = through_first_hop(first_hop, &client, FlowState::SecondChance);
+        let handed = send(&mut joined, &from_peer);
+        assert_eq!(handed.action, XDP_TX, "handed on from the peer's frame");
+        assert_handed_to(&handed.out, &from_peer, unknown_before);
+        assert_eq!((handed.hits, handed.handed_on), (0, 1));
+        assert_eq!(joined.counter(GlobalCounter::FromPeer).unwrap(), 0);
+
+        // The previous pick takes the marked frame to its stack, untouched.
+        let mut previous = node_after_change(unknown_before, FlowState::SecondChance);
+        let there = send(&mut previous, &handed.out);
+        assert_eq!(there.action, XDP_PASS, "the previous pick keeps it");
+        assert_eq!(there.out, handed.out, "untouched");
+        assert_eq!((there.hits, there.handed_on), (0, 0));
+        assert_eq!(previous.counter(GlobalCounter::FromPeer).unwrap(), 1);
+
+        // The connection node 3 serves, through the same first hop: its conntrack knows it.
+        let client = Frame::tcp(known, TCP_ACK).bytes();
+        let from_peer = through_first_hop(first_hop, &client, FlowState::SecondChance);
+        let kept = send(&mut joined, &from_peer);
+        assert_eq!(kept.action, XDP_PASS, "a flow conntrack knows stays here");
+        assert_eq!(kept.out, from_peer, "untouched");
+        assert_eq!((kept.hits, kept.handed_on), (1, 0));
+        assert!(
+            joined.flow_entries().unwrap().is_empty(),
+            "second chance records no flow"
+        );
+    });
+}
+
+#[test]
 fn a_syn_never_takes_the_second_chance() {
     let ns = ConntrackNs::new();
     let (sport, _) = moved_to_joined(1)[0];
@@ -263,6 +341,14 @@ fn a_syn_never_takes_the_second_chance() {
             h.flow_entries().unwrap().is_empty(),
             "second chance records no new flow"
         );
+
+        // The same SYN through another node: to this stack as a peer's frame, unasked.
+        let from_peer = through_first_hop(0, &syn, FlowState::SecondChance);
+        let new = send(&mut h, &from_peer);
+        assert_eq!(new.action, XDP_PASS);
+        assert_eq!(new.out, from_peer, "untouched");
+        assert_eq!((new.hits, new.handed_on), (0, 0), "conntrack is not asked");
+        assert_eq!(h.counter(GlobalCounter::FromPeer).unwrap(), 1);
     });
 }
 
@@ -278,7 +364,7 @@ fn a_handed_on_packet_is_never_handed_on_again() {
         assert_handed_to(&handed.out, &ack, before);
 
         // At the previous pick (same tables, its conntrack does not know the flow either):
-        // a frame from node 3's MAC was balanced by a peer, so it goes to its stack as is.
+        // a frame from node 3's handed-on MAC goes to its stack as is.
         let mut previous = node_after_change(before, FlowState::SecondChance);
         let there = send(&mut previous, &handed.out);
         assert_eq!(there.action, XDP_PASS, "the previous pick keeps it");
@@ -293,6 +379,22 @@ fn a_handed_on_packet_is_never_handed_on_again() {
         let balanced = send(&mut previous, &from_client);
         assert_eq!(balanced.action, XDP_TX);
         assert_eq!(Harness::backend_of(&balanced.out), Some(JOINED));
+
+        // Node 3 itself, which would hand this flow on: a frame from a peer's handed-on MAC
+        // goes to its stack (tables that disagree for a moment cannot bounce a packet).
+        let peer = other_node(before);
+        let marked = handed_on_by(peer, &ack);
+        let kept = send(&mut joined, &marked);
+        assert_eq!(
+            kept.action, XDP_PASS,
+            "a handed-on frame is never handed on"
+        );
+        assert_eq!(kept.out, marked, "untouched");
+        assert_eq!((kept.hits, kept.handed_on), (0, 0));
+        // The mark decides: the same frame from that peer's own MAC is handed on.
+        let mut first_hop = marked.clone();
+        first_hop[6..12].copy_from_slice(&backend_mac(peer));
+        assert_eq!(send(&mut joined, &first_hop).handed_on, 1);
     });
 }
 
@@ -319,6 +421,22 @@ fn table_mode_is_unchanged_and_same_picks_never_ask() {
             "recorded"
         );
 
+        // A first hop's frame is the same bytes in both modes (only a handed-on one differs),
+        // and in table mode node 3 passes a peer's frame as before, marked or not.
+        let first_hop = through_first_hop(0, &ack, FlowState::Table);
+        assert_eq!(
+            first_hop,
+            through_first_hop(0, &ack, FlowState::SecondChance),
+            "second-chance mode's first hop sends what table mode does"
+        );
+        for frame in [first_hop.clone(), handed_on_by(0, &ack)] {
+            let passed = send(&mut table, &frame);
+            assert_eq!(passed.action, XDP_PASS);
+            assert_eq!(passed.out, frame, "untouched");
+            assert_eq!((passed.hits, passed.handed_on), (0, 0));
+        }
+        assert_eq!(table.counter(GlobalCounter::FromPeer).unwrap(), 2);
+
         // Second-chance mode, the same pick before and after (node 0, the node itself):
         // to its stack as today, conntrack not asked although it does not know the flow.
         let mut node0 = node_after_change(0, FlowState::SecondChance);
@@ -340,5 +458,11 @@ fn table_mode_is_unchanged_and_same_picks_never_ask() {
         let first = send(&mut fresh, &Frame::tcp(sport, TCP_ACK).bytes());
         assert_eq!(first.action, XDP_PASS);
         assert_eq!((first.hits, first.handed_on), (0, 0));
+        let from_peer = send(&mut fresh, &first_hop);
+        assert_eq!(
+            from_peer.action, XDP_PASS,
+            "a peer's frame, no previous table"
+        );
+        assert_eq!((from_peer.hits, from_peer.handed_on), (0, 0));
     });
 }
