@@ -15,8 +15,9 @@ use std::io;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
-use lb_common::{GlobalCounter, handed_on_mac};
+use lb_common::{GlobalCounter, TraceFilter, handed_on_mac, trace_flags, trace_source};
 use lb_userspace::model::{Desired, FlowState, Protocol};
 use sluice_tests::cmd::sh;
 use sluice_tests::fixtures::{
@@ -375,6 +376,9 @@ fn peers_frame_goes_on_unless_known(family: Family) {
         let listener = TcpListener::bind(vip).expect("listen on the VIP");
         let _connection = connect_from(family, known, &listener);
         let mut joined = node_after_change(family, JOINED, FlowState::SecondChance);
+        let mut trace = joined
+            .start_trace(TraceFilter::default())
+            .expect("start a trace");
         let first_hop = other_node(unknown_before);
 
         // A flow that began on table A's pick reaches node 3 through another node: node 3
@@ -405,6 +409,28 @@ fn peers_frame_goes_on_unless_known(family: Family) {
         assert!(
             joined.flow_entries().unwrap().is_empty(),
             "second chance records no flow"
+        );
+
+        // `sluice trace` tells both: a peer's frame, conntrack asked, and what it answered.
+        let events = trace
+            .poll(Duration::from_millis(50))
+            .expect("read the trace");
+        let seen: Vec<(u8, u8, u8)> = events
+            .iter()
+            .map(|e| (e.source, e.flags, e.counter))
+            .collect();
+        let asked = trace_flags::FROM_PEER | trace_flags::CONNTRACK_ASKED;
+        assert_eq!(
+            seen,
+            [
+                (trace_source::PREVIOUS_TABLE, asked, GlobalCounter::Tx as u8),
+                (
+                    trace_source::MAGLEV,
+                    asked | trace_flags::CONNTRACK_HIT,
+                    GlobalCounter::SecondChanceHit as u8
+                ),
+            ],
+            "handed on, then kept"
         );
     });
 }
