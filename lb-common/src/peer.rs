@@ -1,5 +1,10 @@
 //! The other sluice nodes on the segment (`PEERS`, `PEER_FILTER`): their frames were
 //! balanced already.
+//!
+//! Each peer is there twice, by the two source MACs its frames may carry (the `PEERS` value
+//! says which, [`peer_frame`]): its own MAC on a frame it balanced (the first hop), and that
+//! MAC's locally-administered twin ([`handed_on_mac`]) on a frame it handed on to the
+//! previous table's pick (second chance, docs/design.md).
 
 /// Bits of the peer filter: far more than the nodes of one segment, so a client's frame almost
 /// never needs the exact `PEERS` lookup.
@@ -30,6 +35,26 @@ impl PeerFilter {
         let bit = Self::bit(mac);
         self.words[(bit / 64) as usize] |= 1 << (bit % 64);
     }
+}
+
+/// The `PEERS` value: what a frame from that source MAC is.
+pub mod peer_frame {
+    /// Balanced by the peer (the first hop) by its current table: the receiver, if it is the
+    /// pick and runs in second-chance mode, may still hand it on once.
+    pub const FIRST_HOP: u8 = 1;
+    /// Handed on by second chance: the receiver passes it to its stack, never hands it on.
+    pub const HANDED_ON: u8 = 2;
+}
+
+/// The source MAC of a frame second chance hands on: the node's MAC with the
+/// locally-administered bit (0x02 of the first byte) flipped. Only the rare handed-on frame
+/// carries it, so a network that drops frames from MACs it did not learn (port security,
+/// a cloud fabric) loses those, never the first hop's every frame.
+#[inline(always)]
+pub const fn handed_on_mac(mac: [u8; 6]) -> [u8; 6] {
+    let mut twin = mac;
+    twin[0] ^= 0x02;
+    twin
 }
 
 /// Key of the `PEERS` map: the MAC of another sluice node on the attached segment.

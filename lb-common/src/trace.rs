@@ -105,4 +105,7 @@ pub mod trace_flags {
     pub const CONNTRACK_ASKED: u8 = 8;
     /// Second chance: this node's conntrack knew the flow (kept here, not handed on).
     pub const CONNTRACK_HIT: u8 = 16;
+    /// A peer's frame (balanced there, the first hop) that this node, its pick, checked for
+    /// second chance.
+    pub const FROM_PEER: u8 = 32;
 }

@@ -12,7 +12,10 @@
 //! once: a pick of this node itself goes to its own stack (`XDP_PASS`, counted `local`), a VIP
 //! frame from another sluice node's MAC (`PEERS`) was balanced there and goes to the stack too
 //! (`from_peer`), whatever this node's connection table holds, and IPIP/IP6IP6 from another
-//! node is unwrapped inline (`DECAP_*`, the stand-alone decapsulator's logic) and passed.
+//! node is unwrapped inline (`DECAP_*`, the stand-alone decapsulator's logic) and passed. In
+//! second-chance mode a peer's frame that this node's VIP table change concerns runs the
+//! second-chance check here, and may be handed on once (marked: `PEERS` says which frame is
+//! which, lb-common `peer_frame`).
 //!
 //! A TCP SYN skips the connection table: a new connection is balanced afresh, whatever an old
 //! one on the same 5-tuple left there. A new flow is recorded unless the flood guard holds
@@ -58,8 +61,8 @@ use aya_ebpf::{
 use lb_common::{
     Backend, Counters, FAMILY_V4, FlowKey, FlowValue, GlobalCounter, IP6IP6_OVERHEAD,
     IPIP_OVERHEAD, IPPROTO_IPIP, IPPROTO_IPV6, NO_BACKEND, NO_TABLE, PeerKey, ScopedAddr, VipInfo,
-    VipKey, backend_state, flow_state, forward_mode, source_range_scope, trace_flags, trace_source,
-    vip_flags,
+    VipKey, backend_state, flow_state, forward_mode, handed_on_mac, peer_frame, source_range_scope,
+    trace_flags, trace_source, vip_flags,
 };
 use lb_ebpf::{
     packet::{self, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, EthHdr, Flow, L3, Parsed},
@@ -135,15 +138,17 @@ fn balance_ip(ctx: &XdpContext, ip: Result<(L3, bool), Parsed>) -> (u32, GlobalC
     match packet::parse_l4(ctx, ip, may_be_ours, vip_addressed) {
         Parsed::Flow(flow) => {
             let mut why = Why::NONE;
-            let verdict = if from_peer(ctx) {
-                (xdp_action::XDP_PASS, GlobalCounter::FromPeer)
-            } else {
-                balance_flow(ctx, &flow, &mut why)
+            let verdict = match peer_frame(ctx) {
+                None => balance_flow(ctx, &flow, &mut why),
+                Some(peer_frame::FIRST_HOP) => first_hop_from_peer(ctx, &flow, &mut why),
+                Some(_) => (xdp_action::XDP_PASS, GlobalCounter::FromPeer),
             };
             trace(ctx, &flow, verdict, &why);
             verdict
         }
-        Parsed::IcmpError(_) if from_peer(ctx) => (xdp_action::XDP_PASS, GlobalCounter::FromPeer),
+        Parsed::IcmpError(_) if peer_frame(ctx).is_some() => {
+            (xdp_action::XDP_PASS, GlobalCounter::FromPeer)
+        }
         Parsed::EchoRequest(l3) if is_vip_address(&l3) => echo_reply(ctx, &l3),
         // Traced by the flow it quotes (client -> VIP); its counter says it was ICMP.
         Parsed::IcmpError(flow) => {
@@ -192,7 +197,7 @@ fn balance_flow(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, GlobalCou
         count(GlobalCounter::FlowHit);
         add(&VIP_STATS, vip_id, bytes);
         add(&BACKEND_STATS, id, bytes);
-        return forward(ctx, &flow.l3, &flow.key, backend, true);
+        return forward(ctx, &flow.l3, &flow.key, backend, Sent::Balanced);
     }
 
     let Some(vip) = VIPS.get_ptr(&vip_key) else {
@@ -211,16 +216,55 @@ fn balance_flow(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, GlobalCou
     why.chose(trace_source::MAGLEV, id, backend);
     if second_chance_mode() {
         why.flags |= trace_flags::NOT_RECORDED;
-        if !flow.syn
-            && let Some(verdict) = second_chance(ctx, flow, &vip, id, backend, bytes, why)
-        {
-            return verdict;
+        if !flow.syn {
+            match second_chance(ctx, flow, &vip, id, backend, why) {
+                SecondChance::NotAsked => {}
+                SecondChance::Kept => {
+                    add(&BACKEND_STATS, id, bytes);
+                    return (xdp_action::XDP_PASS, GlobalCounter::SecondChanceHit);
+                }
+                SecondChance::HandedOn(previous_id, previous) => {
+                    add(&BACKEND_STATS, previous_id, bytes);
+                    return hand_on(ctx, flow, previous);
+                }
+            }
         }
     } else if !record_flow(&flow.key, vip.id, id, backend, flow.syn) {
         why.flags |= trace_flags::NOT_RECORDED;
     }
     add(&BACKEND_STATS, id, bytes);
-    forward(ctx, &flow.l3, &flow.key, backend, true)
+    forward(ctx, &flow.l3, &flow.key, backend, Sent::Balanced)
+}
+
+/// A frame another node balanced (its source MAC is that peer's own, `PEERS`): by the current
+/// table, so this node is its pick. In second-chance mode this node runs the check a first hop
+/// that picks itself runs (`second_chance`), else and whatever the check leaves alone: to its
+/// stack, unbalanced. No statistics: the first hop counted the packet for its VIP and pick.
+#[inline(always)]
+fn first_hop_from_peer(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, GlobalCounter) {
+    let passed = (xdp_action::XDP_PASS, GlobalCounter::FromPeer);
+    if flow.syn || flow.l3.first_fragment || !second_chance_mode() {
+        return passed;
+    }
+    let Some(vip) = VIPS.get_ptr(&vip_key_of(&flow.key)) else {
+        return passed;
+    };
+    // SAFETY: a hash value pointer stays valid for this program run (RCU).
+    let vip = unsafe { *vip };
+    // A VIP whose table has not changed (the common case) costs this node one lookup.
+    if vip.previous_table == NO_TABLE {
+        return passed;
+    }
+    let Some((id, backend)) = pick_backend(&flow.key, &vip, why) else {
+        return passed;
+    };
+    why.chose(trace_source::MAGLEV, id, backend);
+    why.flags |= trace_flags::FROM_PEER;
+    match second_chance(ctx, flow, &vip, id, backend, why) {
+        SecondChance::NotAsked => passed,
+        SecondChance::Kept => (xdp_action::XDP_PASS, GlobalCounter::SecondChanceHit),
+        SecondChance::HandedOn(_, previous) => hand_on(ctx, flow, previous),
+    }
 }
 
 /// Does this node run in second-chance mode (`Settings::flow_state`): no flow recorded?
@@ -232,13 +276,20 @@ fn second_chance_mode() -> bool {
         .is_some_and(|s| s.flow_state == flow_state::SECOND_CHANCE)
 }
 
+/// What second chance decided for a non-SYN.
+enum SecondChance {
+    /// Not asked: as without it (no previous table, the same pick both times, or a pick of
+    /// another node, which decides).
+    NotAsked,
+    /// This node's conntrack knows the flow: it is served here.
+    Kept,
+    /// Not known here: the flow began before the change on the previous table's pick.
+    HandedOn(u32, &'static Backend),
+}
+
 /// Second chance (docs/design.md): a non-SYN that no entry knows, picked for THIS node by a
 /// VIP table that changed, and whose previous table picks another node. This node keeps it
-/// when its own conntrack knows the flow (the connection is served here); else the flow
-/// began before the change on the previous pick, and the packet is handed on there. The
-/// previous pick takes it as a peer's frame (L2: from a `PEERS` MAC; IPIP: unwrapped inline)
-/// and passes it to its stack without balancing it again: one hop at most. `None`: as today
-/// (no previous table, the same pick both times, or a pick of another node, which decides).
+/// when its own conntrack knows the flow; else it goes to the previous pick (`hand_on`).
 #[inline(always)]
 fn second_chance(
     ctx: &XdpContext,
@@ -246,26 +297,33 @@ fn second_chance(
     vip: &VipInfo,
     id: u32,
     backend: &Backend,
-    bytes: u64,
     why: &mut Why,
-) -> Option<(u32, GlobalCounter)> {
+) -> SecondChance {
     if backend.mode != forward_mode::LOCAL || vip.previous_table == NO_TABLE {
-        return None;
+        return SecondChance::NotAsked;
     }
-    let (previous_id, previous) = previous_pick(&flow.key, vip)?;
+    let Some((previous_id, previous)) = previous_pick(&flow.key, vip) else {
+        return SecondChance::NotAsked;
+    };
     if previous_id == id || previous.mode == forward_mode::LOCAL {
-        return None;
+        return SecondChance::NotAsked;
     }
     why.flags |= trace_flags::CONNTRACK_ASKED;
     if conntrack::knows(ctx, &flow.key) {
         why.flags |= trace_flags::CONNTRACK_HIT;
-        add(&BACKEND_STATS, id, bytes);
-        return Some((xdp_action::XDP_PASS, GlobalCounter::SecondChanceHit));
+        return SecondChance::Kept;
     }
     why.chose(trace_source::PREVIOUS_TABLE, previous_id, previous);
+    SecondChance::HandedOn(previous_id, previous)
+}
+
+/// Sends a packet second chance did not keep to the previous table's pick, marked as handed
+/// on (`Sent::HandedOn`): the receiver passes it to its stack and never hands it on again,
+/// so no packet makes more than two hops after the first hop.
+#[inline(always)]
+fn hand_on(ctx: &XdpContext, flow: &Flow, previous: &Backend) -> (u32, GlobalCounter) {
     count(GlobalCounter::SecondChanceHandedOn);
-    add(&BACKEND_STATS, previous_id, bytes);
-    Some(forward(ctx, &flow.l3, &flow.key, previous, true))
+    forward(ctx, &flow.l3, &flow.key, previous, Sent::HandedOn)
 }
 
 /// The pick the VIP's previous table gives the flow (its own size: tables differ in size).
@@ -279,9 +337,10 @@ fn previous_pick(key: &FlowKey, vip: &VipInfo) -> Option<(u32, &'static Backend)
     pick_in(vip.previous_table, key.hash(affinity) % size)
 }
 
-/// Was the frame sent by another sluice node (which balanced it already)?
+/// Was the frame sent by another sluice node, and as what (`peer_frame`: balanced there, or
+/// handed on)? `None`: not a peer's frame.
 #[inline(always)]
-fn from_peer(ctx: &XdpContext) -> bool {
+fn peer_frame(ctx: &XdpContext) -> Option<u8> {
     // The frame's bounds are read afresh (volatile): LLVM would otherwise reuse what it proved
     // while parsing and drop the check, which the verifier needs on this new pointer.
     // SAFETY: `ctx.ctx` is the program's context, valid for this run.
@@ -292,12 +351,17 @@ fn from_peer(ctx: &XdpContext) -> bool {
         )
     };
     if data + ETH_HLEN > end {
-        return false;
+        return None;
     }
     // SAFETY: the Ethernet header lies within the frame, checked above.
     let src = unsafe { (*(data as *const EthHdr)).src };
-    PEER_FILTER.get(0).is_some_and(|f| f.may_contain(&src))
-        && PEERS.get_ptr(&PeerKey::new(src)).is_some()
+    if !PEER_FILTER.get(0).is_some_and(|f| f.may_contain(&src)) {
+        return None;
+    }
+    // SAFETY: a hash value pointer stays valid for this program run (RCU).
+    PEERS
+        .get_ptr(&PeerKey::new(src))
+        .map(|kind| unsafe { *kind })
 }
 
 #[inline(always)]
@@ -434,16 +498,28 @@ fn record_flow(key: &FlowKey, vip_id: u32, id: u32, backend: &Backend, syn: bool
     true
 }
 
+/// What a packet `forward` sends on is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    /// A packet balanced here (a flow's packet).
+    Balanced,
+    /// An ICMP error about a flow: never answered with one.
+    IcmpError,
+    /// Handed on by second chance: in L2 mode it leaves from this node's MAC's twin
+    /// (`handed_on_mac`), which the receiver's `PEERS` knows as `peer_frame::HANDED_ON`.
+    /// Encapsulated, it needs no mark: a node never balances what it unwraps.
+    HandedOn,
+}
+
 /// Sends the packet on to `backend`: L2 rewrite or encapsulation, then out. A packet too big to
-/// encapsulate is answered with ICMP "too big" when `may_answer`, else dropped: an ICMP error
-/// is never answered with one.
+/// encapsulate is answered with ICMP "too big", except an ICMP error (dropped).
 #[inline(always)]
 fn forward(
     ctx: &XdpContext,
     l3: &L3,
     key: &FlowKey,
     backend: &Backend,
-    may_answer: bool,
+    sent: Sent,
 ) -> (u32, GlobalCounter) {
     if backend.mode == forward_mode::LOCAL {
         return (xdp_action::XDP_PASS, GlobalCounter::Local);
@@ -457,7 +533,7 @@ fn forward(
         };
         let mtu = backend.mtu as u32;
         if mtu != 0 && l3.len as u32 + overhead > mtu {
-            if !may_answer {
+            if sent == Sent::IcmpError {
                 return (xdp_action::XDP_DROP, GlobalCounter::DropTooBig);
             }
             return too_big(ctx, l3, mtu - overhead);
@@ -469,10 +545,15 @@ fn forward(
     let Some(eth) = packet::ptr_at_mut::<EthHdr>(ctx, 0) else {
         return (xdp_action::XDP_DROP, GlobalCounter::DropMalformed);
     };
+    let src = if sent == Sent::HandedOn && backend.mode == forward_mode::L2 {
+        handed_on_mac(backend.src_mac)
+    } else {
+        backend.src_mac
+    };
     // SAFETY: bounds checked by ptr_at_mut.
     unsafe {
         (*eth).dst = backend.dst_mac;
-        (*eth).src = backend.src_mac;
+        (*eth).src = src;
     }
     if backend.ifindex == ctx.ingress_ifindex() as u32 {
         return (xdp_action::XDP_TX, GlobalCounter::Tx);
@@ -519,7 +600,7 @@ fn icmp_error(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, GlobalCount
             }
         }
     };
-    match forward(ctx, &flow.l3, &flow.key, backend, false) {
+    match forward(ctx, &flow.l3, &flow.key, backend, Sent::IcmpError) {
         (xdp_action::XDP_DROP, reason) => (xdp_action::XDP_DROP, reason),
         (action, _) => (action, GlobalCounter::IcmpErrorForwarded),
     }

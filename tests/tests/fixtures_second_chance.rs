@@ -3,23 +3,26 @@
 //! not know to the VIP's previous table's pick, once.
 //!
 //! The scene: three nodes serve a VIP (table A), then node 3 joins (table B); the program runs
-//! as node 3. Its conntrack is a real one: each test runs on a thread inside a network
+//! as node 3, and as the first hop that sends it a flow (another node: a peer's frame) and as
+//! the previous pick the flow is handed on to. A frame leaves a node from its own MAC when it
+//! was balanced there, from that MAC's twin (`handed_on_mac`) when it was handed on. Its conntrack is a real one: each test runs on a thread inside a network
 //! namespace of its own where conntrack is active (an nft `ct` rule) and a real TCP connection
 //! from the client to the VIP is open, so `bpf_xdp_ct_lookup` (which asks the caller's
 //! namespace in a test run) finds that connection and nothing else.
 //! Needs root; creates a namespace: run under the lab lock.
 
 use std::io;
-use std::net::{IpAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
-use lb_common::GlobalCounter;
+use lb_common::{GlobalCounter, TraceFilter, handed_on_mac, trace_flags, trace_source};
 use lb_userspace::model::{Desired, FlowState, Protocol};
 use sluice_tests::cmd::sh;
 use sluice_tests::fixtures::{
-    CLIENT, Frame, Harness, TCP_ACK, TCP_SYN, VIP, XDP_PASS, XDP_TX, backend_addr, backend_mac,
-    desired, harness_with,
+    CLIENT, CLIENT6, Frame, Harness, TCP_ACK, TCP_SYN, VIP, VIP6, XDP_PASS, XDP_TX, backend_addr,
+    backend_addr6, backend_mac, desired, desired_at, harness_with,
 };
 
 /// Node 3 joins nodes 0-2: every flow node 3 now takes had another pick before.
@@ -27,23 +30,60 @@ const JOINED: u8 = 3;
 const BEFORE: &[(u8, u32, bool)] = &[(0, 1, false), (1, 1, false), (2, 1, false)];
 const AFTER: &[(u8, u32, bool)] = &[(0, 1, false), (1, 1, false), (2, 1, false), (3, 1, false)];
 
+/// The family of a scene's VIP, nodes and client (the nodes of an IPv6 VIP are known by
+/// their IPv6 addresses, as a dual-stack cluster's are).
+#[derive(Clone, Copy)]
+enum Family {
+    V4,
+    V6,
+}
+use Family::{V4, V6};
+
+impl Family {
+    fn vip(self) -> IpAddr {
+        match self {
+            V4 => IpAddr::V4(VIP),
+            V6 => IpAddr::V6(VIP6),
+        }
+    }
+
+    fn node(self, i: u8) -> IpAddr {
+        match self {
+            V4 => IpAddr::V4(backend_addr(i)),
+            V6 => IpAddr::V6(backend_addr6(i)),
+        }
+    }
+
+    /// A client's TCP frame from port `sport` to the VIP.
+    fn frame(self, sport: u16, flags: u8) -> Vec<u8> {
+        match self {
+            V4 => Frame::tcp(sport, flags).bytes(),
+            V6 => Frame::tcp(sport, flags).v6().bytes(),
+        }
+    }
+
+    fn desired(self, backends: &[(u8, u32, bool)]) -> Desired {
+        desired_at(self.vip(), Protocol::Tcp, backends)
+    }
+}
+
 /// A cluster's state: the VIP's backends are nodes, all of nodes 0-3 run sluice.
-fn cluster(backends: &[(u8, u32, bool)], flow_state: FlowState) -> Desired {
-    let mut d = desired(Protocol::Tcp, backends);
-    d.peers = (0..=JOINED).map(|i| IpAddr::V4(backend_addr(i))).collect();
+fn cluster(family: Family, backends: &[(u8, u32, bool)], flow_state: FlowState) -> Desired {
+    let mut d = family.desired(backends);
+    d.peers = (0..=JOINED).map(|i| family.node(i)).collect();
     d.settings.flow_state = flow_state;
     d
 }
 
 /// Node `i` through the change (table A, then B): its VIP has A as its previous table. Its
 /// frames leave with its own MAC, as a real node's do (what the other nodes know it by).
-fn node_after_change(i: u8, flow_state: FlowState) -> Harness {
+fn node_after_change(family: Family, i: u8, flow_state: FlowState) -> Harness {
     let mut h = Harness::new().expect("load the XDP object");
     h.iface.mac = lb_userspace::model::MacAddr(backend_mac(i));
-    let this = IpAddr::V4(backend_addr(i));
-    h.apply_as_node(&cluster(BEFORE, flow_state), this)
+    let this = family.node(i);
+    h.apply_as_node(&cluster(family, BEFORE, flow_state), this)
         .expect("table A");
-    h.apply_as_node(&cluster(AFTER, flow_state), this)
+    h.apply_as_node(&cluster(family, AFTER, flow_state), this)
         .expect("table B");
     h
 }
@@ -57,12 +97,12 @@ fn pick(backends: &[(u8, u32, bool)], sport: u16) -> u8 {
 }
 
 /// Client ports (from 40000) whose flows table B gives to node 3: (port, table A's pick).
-fn moved_to_joined(count: usize) -> Vec<(u16, u8)> {
-    let mut before = harness_with(&desired(Protocol::Tcp, BEFORE));
-    let mut after = harness_with(&desired(Protocol::Tcp, AFTER));
+fn moved_to_joined(family: Family, count: usize) -> Vec<(u16, u8)> {
+    let mut before = harness_with(&family.desired(BEFORE));
+    let mut after = harness_with(&family.desired(AFTER));
     let mut found = Vec::new();
     for sport in 40000..41000u16 {
-        let frame = Frame::tcp(sport, TCP_SYN).bytes();
+        let frame = family.frame(sport, TCP_SYN);
         let now = Harness::backend_of(&after.run(&frame).unwrap().1).unwrap();
         if now == JOINED {
             let then = Harness::backend_of(&before.run(&frame).unwrap().1).unwrap();
@@ -102,15 +142,26 @@ impl ConntrackNs {
         for addr in [VIP, CLIENT] {
             run(&["ip", "addr", "add", &format!("{addr}/32"), "dev", "lo"]);
         }
+        for addr in [VIP6, CLIENT6] {
+            run(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{addr}/128"),
+                "dev",
+                "lo",
+            ]);
+        }
         // Any rule with a `ct` expression turns conntrack on in the namespace (kube-proxy's
         // rules do it on a real node).
-        run(&["nft", "add", "table", "ip", "sc"]);
+        run(&["nft", "add", "table", "inet", "sc"]);
         run(&[
             "nft",
-            "add chain ip sc out { type filter hook output priority 0 ; }",
+            "add chain inet sc out { type filter hook output priority 0 ; }",
         ]);
         run(&[
-            "nft", "add", "rule", "ip", "sc", "out", "ct", "state", "new", "counter",
+            "nft", "add", "rule", "inet", "sc", "out", "ct", "state", "new", "counter",
         ]);
         ns
     }
@@ -134,34 +185,62 @@ impl Drop for ConntrackNs {
     }
 }
 
-/// A real TCP connection from CLIENT:`sport` to VIP:80 (conntrack records it as the client ->
-/// VIP tuple, as kube-proxy's node records a VIP flow it serves): (client, server) sockets.
-fn connect_from(sport: u16, listener: &TcpListener) -> (TcpStream, TcpStream) {
-    let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
+/// `addr` as the kernel's socket address (`sockaddr_in` or `sockaddr_in6`) and its length.
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage; each form fits in it and is written whole.
+    unsafe {
+        let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+        let len = match addr {
+            SocketAddr::V4(a) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(*a.ip()).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                std::ptr::write((&raw mut storage).cast(), sin);
+                size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(a) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
+                    sin6_scope_id: 0,
+                };
+                std::ptr::write((&raw mut storage).cast(), sin6);
+                size_of::<libc::sockaddr_in6>()
+            }
+        };
+        (storage, len as libc::socklen_t)
+    }
+}
+
+/// A real TCP connection from the client's `sport` to VIP:80 (conntrack records it as the
+/// client -> VIP tuple, as kube-proxy's node records a VIP flow it serves): (client, server).
+fn connect_from(family: Family, sport: u16, listener: &TcpListener) -> (TcpStream, TcpStream) {
+    let (domain, client) = match family {
+        V4 => (libc::AF_INET, IpAddr::V4(CLIENT)),
+        V6 => (libc::AF_INET6, IpAddr::V6(CLIENT6)),
     };
-    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let from = SocketAddr::new(client, sport);
+    let to = SocketAddr::new(family.vip(), 80);
     // SAFETY: a new socket, owned by the TcpStream at once; the addresses live on this stack.
     let client = unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
         let stream = TcpStream::from_raw_fd(fd);
-        let from = sockaddr(SocketAddrV4::new(CLIENT, sport));
-        let rc = libc::bind(fd, (&raw const from).cast(), len);
-        assert_eq!(
-            rc,
-            0,
-            "bind {CLIENT}:{sport}: {}",
-            io::Error::last_os_error()
-        );
-        let to = sockaddr(SocketAddrV4::new(VIP, 80));
-        let rc = libc::connect(stream.as_raw_fd(), (&raw const to).cast(), len);
-        assert_eq!(rc, 0, "connect {VIP}:80: {}", io::Error::last_os_error());
+        let (addr, len) = sockaddr(from);
+        let rc = libc::bind(fd, (&raw const addr).cast(), len);
+        assert_eq!(rc, 0, "bind {from}: {}", io::Error::last_os_error());
+        let (addr, len) = sockaddr(to);
+        let rc = libc::connect(stream.as_raw_fd(), (&raw const addr).cast(), len);
+        assert_eq!(rc, 0, "connect {to}: {}", io::Error::last_os_error());
         stream
     };
     let (server, _) = listener.accept().expect("accept");
@@ -195,22 +274,55 @@ fn counters(h: &Harness) -> (u64, u64) {
     )
 }
 
-/// Asserts `out` is `input` sent from node 3's MAC to node `to`'s, nothing else changed.
+/// Asserts `out` is `input` sent from node 3's handed-on MAC to node `to`'s, nothing else
+/// changed.
 fn assert_handed_to(out: &[u8], input: &[u8], to: u8) {
     assert_eq!(Harness::backend_of(out), Some(to), "to the previous pick");
-    assert_eq!(out[6..12], backend_mac(JOINED), "from node 3's own MAC");
+    assert_eq!(
+        out[6..12],
+        handed_on_mac(backend_mac(JOINED)),
+        "from node 3's handed-on MAC (its own with the 0x02 bit flipped)"
+    );
     assert_eq!(out[12..], input[12..], "only the MACs change");
+}
+
+/// A node other than node 3 and than `previous` (the flow's first hop, neither its current
+/// nor its previous pick).
+fn other_node(previous: u8) -> u8 {
+    (0..JOINED)
+        .find(|i| *i != previous)
+        .expect("three nodes before the join")
+}
+
+/// The frame first hop `node` sends node 3 for a client's `frame` (table B picks node 3):
+/// balanced there, so from `node`'s own MAC to node 3's, the client's packet unchanged.
+fn through_first_hop(family: Family, node: u8, frame: &[u8], flow_state: FlowState) -> Vec<u8> {
+    let mut first = node_after_change(family, node, flow_state);
+    let sent = send(&mut first, frame);
+    assert_eq!(sent.action, XDP_TX, "the first hop forwards to the pick");
+    assert_eq!(Harness::backend_of(&sent.out), Some(JOINED));
+    assert_eq!(sent.out[6..12], backend_mac(node), "from its own MAC");
+    assert_eq!((sent.hits, sent.handed_on), (0, 0), "not its flow to check");
+    sent.out
+}
+
+/// `frame` as node `from`'s handed-on MAC sends it to node 3.
+fn handed_on_by(from: u8, frame: &[u8]) -> Vec<u8> {
+    let mut frame = frame.to_vec();
+    frame[..6].copy_from_slice(&backend_mac(JOINED));
+    frame[6..12].copy_from_slice(&handed_on_mac(backend_mac(from)));
+    frame
 }
 
 #[test]
 fn a_known_flow_stays_and_an_unknown_one_goes_to_the_previous_pick() {
     let ns = ConntrackNs::new();
-    let moved = moved_to_joined(2);
+    let moved = moved_to_joined(V4, 2);
     let ((known, _), (unknown, unknown_before)) = (moved[0], moved[1]);
     ns.run(move || {
         let listener = TcpListener::bind(SocketAddrV4::new(VIP, 80)).expect("listen on the VIP");
-        let _connection = connect_from(known, &listener);
-        let mut h = node_after_change(JOINED, FlowState::SecondChance);
+        let _connection = connect_from(V4, known, &listener);
+        let mut h = node_after_change(V4, JOINED, FlowState::SecondChance);
 
         // The connection this node serves: its conntrack knows it, the packet stays here.
         let ack = Frame::tcp(known, TCP_ACK).bytes();
@@ -245,11 +357,90 @@ fn a_known_flow_stays_and_an_unknown_one_goes_to_the_previous_pick() {
 }
 
 #[test]
+fn a_peers_frame_goes_on_to_the_previous_pick_marked_unless_conntrack_knows_it() {
+    peers_frame_goes_on_unless_known(V4);
+}
+
+#[test]
+fn ipv6_a_peers_frame_goes_on_to_the_previous_pick_marked_unless_conntrack_knows_it() {
+    peers_frame_goes_on_unless_known(V6);
+}
+
+/// Node 3 as the pick of a peer's frame (the first hop is another node) in `family`.
+fn peers_frame_goes_on_unless_known(family: Family) {
+    let ns = ConntrackNs::new();
+    let moved = moved_to_joined(family, 2);
+    let ((known, _), (unknown, unknown_before)) = (moved[0], moved[1]);
+    ns.run(move || {
+        let vip = SocketAddr::new(family.vip(), 80);
+        let listener = TcpListener::bind(vip).expect("listen on the VIP");
+        let _connection = connect_from(family, known, &listener);
+        let mut joined = node_after_change(family, JOINED, FlowState::SecondChance);
+        let mut trace = joined
+            .start_trace(TraceFilter::default())
+            .expect("start a trace");
+        let first_hop = other_node(unknown_before);
+
+        // A flow that began on table A's pick reaches node 3 through another node: node 3
+        // runs the check the first hop could not (it is not the pick) and hands it on.
+        let client = family.frame(unknown, TCP_ACK);
+        let from_peer = through_first_hop(family, first_hop, &client, FlowState::SecondChance);
+        let handed = send(&mut joined, &from_peer);
+        assert_eq!(handed.action, XDP_TX, "handed on from the peer's frame");
+        assert_handed_to(&handed.out, &from_peer, unknown_before);
+        assert_eq!((handed.hits, handed.handed_on), (0, 1));
+        assert_eq!(joined.counter(GlobalCounter::FromPeer).unwrap(), 0);
+
+        // The previous pick takes the marked frame to its stack, untouched.
+        let mut previous = node_after_change(family, unknown_before, FlowState::SecondChance);
+        let there = send(&mut previous, &handed.out);
+        assert_eq!(there.action, XDP_PASS, "the previous pick keeps it");
+        assert_eq!(there.out, handed.out, "untouched");
+        assert_eq!((there.hits, there.handed_on), (0, 0));
+        assert_eq!(previous.counter(GlobalCounter::FromPeer).unwrap(), 1);
+
+        // The connection node 3 serves, through the same first hop: its conntrack knows it.
+        let client = family.frame(known, TCP_ACK);
+        let from_peer = through_first_hop(family, first_hop, &client, FlowState::SecondChance);
+        let kept = send(&mut joined, &from_peer);
+        assert_eq!(kept.action, XDP_PASS, "a flow conntrack knows stays here");
+        assert_eq!(kept.out, from_peer, "untouched");
+        assert_eq!((kept.hits, kept.handed_on), (1, 0));
+        assert!(
+            joined.flow_entries().unwrap().is_empty(),
+            "second chance records no flow"
+        );
+
+        // `sluice trace` tells both: a peer's frame, conntrack asked, and what it answered.
+        let events = trace
+            .poll(Duration::from_millis(50))
+            .expect("read the trace");
+        let seen: Vec<(u8, u8, u8)> = events
+            .iter()
+            .map(|e| (e.source, e.flags, e.counter))
+            .collect();
+        let asked = trace_flags::FROM_PEER | trace_flags::CONNTRACK_ASKED;
+        assert_eq!(
+            seen,
+            [
+                (trace_source::PREVIOUS_TABLE, asked, GlobalCounter::Tx as u8),
+                (
+                    trace_source::MAGLEV,
+                    asked | trace_flags::CONNTRACK_HIT,
+                    GlobalCounter::SecondChanceHit as u8
+                ),
+            ],
+            "handed on, then kept"
+        );
+    });
+}
+
+#[test]
 fn a_syn_never_takes_the_second_chance() {
     let ns = ConntrackNs::new();
-    let (sport, _) = moved_to_joined(1)[0];
+    let (sport, _) = moved_to_joined(V4, 1)[0];
     ns.run(move || {
-        let mut h = node_after_change(JOINED, FlowState::SecondChance);
+        let mut h = node_after_change(V4, JOINED, FlowState::SecondChance);
         let syn = Frame::tcp(sport, TCP_SYN).bytes();
         let new = send(&mut h, &syn);
         assert_eq!(
@@ -263,23 +454,31 @@ fn a_syn_never_takes_the_second_chance() {
             h.flow_entries().unwrap().is_empty(),
             "second chance records no new flow"
         );
+
+        // The same SYN through another node: to this stack as a peer's frame, unasked.
+        let from_peer = through_first_hop(V4, 0, &syn, FlowState::SecondChance);
+        let new = send(&mut h, &from_peer);
+        assert_eq!(new.action, XDP_PASS);
+        assert_eq!(new.out, from_peer, "untouched");
+        assert_eq!((new.hits, new.handed_on), (0, 0), "conntrack is not asked");
+        assert_eq!(h.counter(GlobalCounter::FromPeer).unwrap(), 1);
     });
 }
 
 #[test]
 fn a_handed_on_packet_is_never_handed_on_again() {
     let ns = ConntrackNs::new();
-    let (sport, before) = moved_to_joined(1)[0];
+    let (sport, before) = moved_to_joined(V4, 1)[0];
     ns.run(move || {
-        let mut joined = node_after_change(JOINED, FlowState::SecondChance);
+        let mut joined = node_after_change(V4, JOINED, FlowState::SecondChance);
         let ack = Frame::tcp(sport, TCP_ACK).bytes();
         let handed = send(&mut joined, &ack);
         assert_eq!(handed.handed_on, 1);
         assert_handed_to(&handed.out, &ack, before);
 
         // At the previous pick (same tables, its conntrack does not know the flow either):
-        // a frame from node 3's MAC was balanced by a peer, so it goes to its stack as is.
-        let mut previous = node_after_change(before, FlowState::SecondChance);
+        // a frame from node 3's handed-on MAC goes to its stack as is.
+        let mut previous = node_after_change(V4, before, FlowState::SecondChance);
         let there = send(&mut previous, &handed.out);
         assert_eq!(there.action, XDP_PASS, "the previous pick keeps it");
         assert_eq!(there.out, handed.out, "untouched");
@@ -293,13 +492,29 @@ fn a_handed_on_packet_is_never_handed_on_again() {
         let balanced = send(&mut previous, &from_client);
         assert_eq!(balanced.action, XDP_TX);
         assert_eq!(Harness::backend_of(&balanced.out), Some(JOINED));
+
+        // Node 3 itself, which would hand this flow on: a frame from a peer's handed-on MAC
+        // goes to its stack (tables that disagree for a moment cannot bounce a packet).
+        let peer = other_node(before);
+        let marked = handed_on_by(peer, &ack);
+        let kept = send(&mut joined, &marked);
+        assert_eq!(
+            kept.action, XDP_PASS,
+            "a handed-on frame is never handed on"
+        );
+        assert_eq!(kept.out, marked, "untouched");
+        assert_eq!((kept.hits, kept.handed_on), (0, 0));
+        // The mark decides: the same frame from that peer's own MAC is handed on.
+        let mut first_hop = marked.clone();
+        first_hop[6..12].copy_from_slice(&backend_mac(peer));
+        assert_eq!(send(&mut joined, &first_hop).handed_on, 1);
     });
 }
 
 #[test]
 fn table_mode_is_unchanged_and_same_picks_never_ask() {
     let ns = ConntrackNs::new();
-    let moved = moved_to_joined(1);
+    let moved = moved_to_joined(V4, 1);
     let (sport, _) = moved[0];
     // A flow that stays on node 0 through the change.
     let stays = (40000..41000u16)
@@ -307,7 +522,7 @@ fn table_mode_is_unchanged_and_same_picks_never_ask() {
         .expect("a flow node 0 keeps");
     ns.run(move || {
         // Table mode: the flow is node 3's by table B and recorded; no question, no hand-on.
-        let mut table = node_after_change(JOINED, FlowState::Table);
+        let mut table = node_after_change(V4, JOINED, FlowState::Table);
         let ack = Frame::tcp(sport, TCP_ACK).bytes();
         let local = send(&mut table, &ack);
         assert_eq!(local.action, XDP_PASS);
@@ -319,9 +534,25 @@ fn table_mode_is_unchanged_and_same_picks_never_ask() {
             "recorded"
         );
 
+        // A first hop's frame is the same bytes in both modes (only a handed-on one differs),
+        // and in table mode node 3 passes a peer's frame as before, marked or not.
+        let first_hop = through_first_hop(V4, 0, &ack, FlowState::Table);
+        assert_eq!(
+            first_hop,
+            through_first_hop(V4, 0, &ack, FlowState::SecondChance),
+            "second-chance mode's first hop sends what table mode does"
+        );
+        for frame in [first_hop.clone(), handed_on_by(0, &ack)] {
+            let passed = send(&mut table, &frame);
+            assert_eq!(passed.action, XDP_PASS);
+            assert_eq!(passed.out, frame, "untouched");
+            assert_eq!((passed.hits, passed.handed_on), (0, 0));
+        }
+        assert_eq!(table.counter(GlobalCounter::FromPeer).unwrap(), 2);
+
         // Second-chance mode, the same pick before and after (node 0, the node itself):
         // to its stack as today, conntrack not asked although it does not know the flow.
-        let mut node0 = node_after_change(0, FlowState::SecondChance);
+        let mut node0 = node_after_change(V4, 0, FlowState::SecondChance);
         let ack = Frame::tcp(stays, TCP_ACK).bytes();
         let same = send(&mut node0, &ack);
         assert_eq!(same.action, XDP_PASS);
@@ -333,12 +564,18 @@ fn table_mode_is_unchanged_and_same_picks_never_ask() {
         fresh.iface.mac = lb_userspace::model::MacAddr(backend_mac(JOINED));
         fresh
             .apply_as_node(
-                &cluster(AFTER, FlowState::SecondChance),
+                &cluster(V4, AFTER, FlowState::SecondChance),
                 IpAddr::V4(backend_addr(JOINED)),
             )
             .unwrap();
         let first = send(&mut fresh, &Frame::tcp(sport, TCP_ACK).bytes());
         assert_eq!(first.action, XDP_PASS);
         assert_eq!((first.hits, first.handed_on), (0, 0));
+        let from_peer = send(&mut fresh, &first_hop);
+        assert_eq!(
+            from_peer.action, XDP_PASS,
+            "a peer's frame, no previous table"
+        );
+        assert_eq!((from_peer.hits, from_peer.handed_on), (0, 0));
     });
 }

@@ -2,14 +2,15 @@
 //! in which order (`reconcile::apply`), these say how, so that no aya type leaves `dataplane`.
 //! Removals of entries already gone succeed: an interrupted reconcile may have made them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context as _;
 use aya::maps::lpm_trie::Key as LpmKey;
 use aya::maps::{MapError, PerCpuValues};
 use lb_common::{
-    Backend, Counters, FlowKey, FlowValue, MemberKey, MemberWeight, PeerFilter, PeerKey,
-    Settings as DataplaneSettings, TableInfo, VipFilter, VipInfo, VipKey, VipRef,
+    Backend, Counters, FlowKey, FlowValue, MAX_PEERS, MemberKey, MemberWeight, PeerFilter, PeerKey,
+    Settings as DataplaneSettings, TableInfo, VipFilter, VipInfo, VipKey, VipRef, handed_on_mac,
+    peer_frame,
 };
 
 use super::{Maps, RangeKey};
@@ -139,27 +140,33 @@ impl Maps {
         self.settings.set(0, &want, 0).context("writing SETTINGS")
     }
 
-    /// Brings `PEERS` and its filter to `want`. New peers are in `PEERS` before their filter
-    /// bits are set, and gone peers' bits are cleared before they leave: a peer's frame never
-    /// misses both.
+    /// Brings `PEERS` and its filter to `want`: each peer by its own MAC (a frame it balanced)
+    /// and by that MAC's twin (a frame it handed on, `handed_on_mac`). New entries are in
+    /// `PEERS` before their filter bits are set, and gone ones' bits are cleared before they
+    /// leave: a peer's frame never misses both.
     pub fn sync_peers(&mut self, want: &BTreeSet<PeerKey>) -> anyhow::Result<()> {
-        let mut have = BTreeSet::new();
+        let want = peer_entries(want);
+        let mut have = BTreeMap::new();
         for key in self.peers.keys() {
-            have.insert(key.context("reading the PEERS map")?);
+            let key = key.context("reading the PEERS map")?;
+            let kind = self.peers.get(&key, 0).context("reading the PEERS map")?;
+            have.insert(key, kind);
         }
         let mut filter = PeerFilter::default();
-        for key in want {
+        for key in want.keys() {
             filter.insert(&key.mac);
         }
-        for key in want.difference(&have) {
-            self.peers.insert(key, &1, 0).context("writing PEERS")?;
+        for (key, kind) in &want {
+            if have.get(key) != Some(kind) {
+                self.peers.insert(key, kind, 0).context("writing PEERS")?;
+            }
         }
         if self.peer_filter.get(&0, 0).ok() != Some(filter) {
             self.peer_filter
                 .set(0, &filter, 0)
                 .context("writing PEER_FILTER")?;
         }
-        for key in have.difference(want) {
+        for key in have.keys().filter(|key| !want.contains_key(key)) {
             removed(self.peers.remove(key)).context("removing from PEERS")?;
         }
         Ok(())
@@ -223,4 +230,18 @@ impl Maps {
             .get() as usize;
         PerCpuValues::try_from(vec![Counters::default(); cpus]).context("building per-CPU zeros")
     }
+}
+
+/// The `PEERS` entries for these peers: each MAC as a first hop, its twin as handed on. A twin
+/// that is another peer's own MAC (two MACs one bit apart) stays that peer's first hop: its
+/// frames are every packet, the twin's only the rare handed-on one. Two entries per peer: the
+/// peers beyond half of `MAX_PEERS` are cut.
+fn peer_entries(peers: &BTreeSet<PeerKey>) -> BTreeMap<PeerKey, u8> {
+    let peers = || peers.iter().take(MAX_PEERS as usize / 2);
+    let twins = peers().map(|key| {
+        let twin = PeerKey::new(handed_on_mac(key.mac));
+        (twin, peer_frame::HANDED_ON)
+    });
+    let own = peers().map(|key| (*key, peer_frame::FIRST_HOP));
+    twins.chain(own).collect()
 }
