@@ -221,7 +221,7 @@ pub fn resolve_next_hop(addr: IpAddr, timeout: Duration) -> anyhow::Result<(Rout
 pub const NEXT_HOP_REFRESH: Duration = Duration::from_secs(30);
 
 /// How long a next hop found by one apply is used by the next ones before the kernel is asked
-/// again ([`crate::resolve::Found`]); with the running model applied again this often
+/// again (the resolver's `Found`); with the running model applied again this often
 /// ([`NextHopRefresh`]), the maps lag the kernel by at most [`NEXT_HOP_REFRESH`].
 pub const NEXT_HOP_MAX_AGE: Duration = Duration::from_secs(NEXT_HOP_REFRESH.as_secs() / 2);
 
