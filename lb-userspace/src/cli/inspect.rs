@@ -10,7 +10,6 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use clap::Subcommand;
 use lb_userspace::{
-    bgp,
     dataplane::{self, DecapMaps, Maps, PinLayout},
     decap,
     model::{IpNet, VipAddr},
@@ -175,7 +174,12 @@ pub(crate) fn inspect(
 ) -> anyhow::Result<()> {
     if let InspectWhat::Bgp { agent } = &what {
         // In the agent's memory, not in maps: no root, no pins.
-        println!("{}", bgp::view::fetch(agent)?.render(format).trim_end());
+        println!(
+            "{}",
+            lb_userspace::observe::bgp::fetch(agent)?
+                .render(format)
+                .trim_end()
+        );
         return Ok(());
     }
     require_root()?;

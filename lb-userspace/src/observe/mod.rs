@@ -7,6 +7,7 @@
 //! Layering: observe reads `dataplane`, `model`, `health`'s rows and `reconcile`'s read-only
 //! helpers; nothing below it imports it (only `main.rs`, `k8s` and the reconcile driver may).
 
+pub mod bgp;
 pub mod explain;
 pub mod inspect;
 pub mod metrics;

@@ -22,8 +22,7 @@ use crate::{
     memory,
     model::Desired,
     net::Interface,
-    reconcile::{self, Summary, Unreachable},
-    resolve::Found,
+    reconcile::{self, Carry, Summary, Unreachable},
 };
 
 pub struct Reconciler {
@@ -34,8 +33,8 @@ pub struct Reconciler {
     control: ReconcileMetrics,
     /// The loaded object and its maps, once attached.
     attached: Option<(dataplane::Ebpf, Maps)>,
-    /// Next hops found by recent applies.
-    found: Found,
+    /// What the last applies leave for the next ones (next hops, co-location written).
+    carry: Carry,
 }
 
 impl Reconciler {
@@ -54,7 +53,7 @@ impl Reconciler {
             unreachable,
             control,
             attached: None,
-            found: Found::default(),
+            carry: Carry::default(),
         }
     }
 
@@ -67,7 +66,7 @@ impl Reconciler {
                 &self.iface,
                 desired,
                 self.unreachable,
-                &mut self.found,
+                &mut self.carry,
             );
             self.control.record(started, &result);
             return result;
@@ -90,7 +89,7 @@ impl Reconciler {
             &self.iface,
             desired,
             self.unreachable,
-            &mut self.found,
+            &mut self.carry,
         );
         self.control.record(started, &summary);
         let summary = summary?;

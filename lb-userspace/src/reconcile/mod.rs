@@ -214,18 +214,28 @@ pub fn reconcile(
     desired: &Desired,
     unreachable: Unreachable,
 ) -> anyhow::Result<Summary> {
-    reconcile_reusing(maps, iface, desired, unreachable, &mut Found::default())
+    reconcile_reusing(maps, iface, desired, unreachable, &mut Carry::default())
 }
 
-/// [`reconcile`], reusing the next hops `found` by recent passes (see [`Found`]).
+/// What a reconcile leaves for the next ones of the same process: the next hops found
+/// recently ([`Found`]) and the co-location sets it wrote last, written again only when they
+/// change (a new process writes them once; at 1,000 nodes re-reading the peers' prefixes from
+/// an LPM trie costs every apply tens of milliseconds).
+#[derive(Debug, Default)]
+pub struct Carry {
+    found: Found,
+    colocation: Option<plan::Colocation>,
+}
+
+/// [`reconcile`], reusing what `carry` kept from the earlier passes of this process.
 pub fn reconcile_reusing(
     maps: &mut Maps,
     iface: &Interface,
     desired: &Desired,
     unreachable: Unreachable,
-    found: &mut Found,
+    carry: &mut Carry,
 ) -> anyhow::Result<Summary> {
-    let resolved = resolve_with(iface, desired, found)?;
+    let resolved = resolve_with(iface, desired, &mut carry.found)?;
     if unreachable == Unreachable::Fail
         && let Some(((addr, mode), why)) = resolved.failures.iter().next()
     {
@@ -237,7 +247,14 @@ pub fn reconcile_reusing(
             .unwrap_or_default();
         bail!("{vip}: backend {addr}: {why}");
     }
-    reconcile_resolved(maps, iface, desired, &resolved)
+    reconcile_with(
+        maps,
+        iface,
+        desired,
+        &resolved,
+        &mut carry.colocation,
+        &mut |_| Ok(()),
+    )
 }
 
 /// [`reconcile`] after the resolve step: plan (pure) and apply.
@@ -247,7 +264,7 @@ pub fn reconcile_resolved(
     desired: &Desired,
     resolved: &Resolved,
 ) -> anyhow::Result<Summary> {
-    reconcile_with(maps, iface, desired, resolved, &mut |_| Ok(()))
+    reconcile_with(maps, iface, desired, resolved, &mut None, &mut |_| Ok(()))
 }
 
 /// Test builds only (`test-hooks`): [`reconcile_resolved`] calling `hook` after each phase of
@@ -260,14 +277,17 @@ pub fn reconcile_resolved_with_hook(
     resolved: &Resolved,
     hook: &mut dyn FnMut(Phase) -> anyhow::Result<()>,
 ) -> anyhow::Result<Summary> {
-    reconcile_with(maps, iface, desired, resolved, hook)
+    reconcile_with(maps, iface, desired, resolved, &mut None, hook)
 }
 
+/// `written` is the co-location the maps hold (from this process's last reconcile), `None`
+/// when unknown: it is written then.
 fn reconcile_with(
     maps: &mut Maps,
     iface: &Interface,
     desired: &Desired,
     resolved: &Resolved,
+    written: &mut Option<plan::Colocation>,
     hook: Hook<'_>,
 ) -> anyhow::Result<Summary> {
     let (mut summary, freed) = reconcile_pass(maps, iface, desired, resolved, hook)?;
@@ -278,7 +298,13 @@ fn reconcile_with(
         let (second, _) = reconcile_pass(maps, iface, desired, resolved, hook)?;
         summary.add(second);
     }
-    apply_colocation(maps, &plan_colocation(desired, resolved))?;
+    let colocation = plan_colocation(desired, resolved);
+    if written.as_ref() != Some(&colocation) {
+        // Forgotten first: a write that fails midway is redone in full.
+        *written = None;
+        apply_colocation(maps, &colocation)?;
+        *written = Some(colocation);
+    }
     hook(Phase::Colocation)?;
     summary.unresolved = resolved.unresolved();
     Ok(summary)

@@ -614,8 +614,8 @@ mod tests;
 /// nodes' MACs: their VIP frames were balanced already), the inline decapsulator's sets (this
 /// node's addresses; the peers and the configured encap source prefixes as allowed outer
 /// sources; both empty without peers) and `SETTINGS` (the flood guard's limit).
-#[derive(Debug, Default, PartialEq, Eq)]
-pub(super) struct Colocation {
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Colocation {
     pub(super) peers: BTreeSet<PeerKey>,
     pub(super) decap_allow: Vec<IpNet>,
     pub(super) decap_local: Vec<IpAddr>,
