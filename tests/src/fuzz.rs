@@ -188,7 +188,14 @@ impl World {
             .iter()
             .flat_map(|v| v.backends.iter().map(|b| b.addr))
             .collect();
-        let peer_macs = (0..3).map(|i| backend_mac(i).to_vec()).collect();
+        // A peer's frames come from its own MAC (balanced there) or from that MAC's
+        // handed-on twin (second chance): either way they are its.
+        let peer_macs = (0..3)
+            .flat_map(|i| {
+                let mac = backend_mac(i);
+                [mac.to_vec(), lb_common::handed_on_mac(mac).to_vec()]
+            })
+            .collect();
         Self {
             desired,
             tables,
