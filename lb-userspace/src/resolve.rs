@@ -73,12 +73,8 @@ impl Found {
     }
 }
 
-/// Resolves every backend and peer of `desired` as seen from `iface`.
-pub fn resolve(iface: &Interface, desired: &Desired) -> anyhow::Result<Resolved> {
-    resolve_with(iface, desired, &mut Found::default())
-}
-
-/// [`resolve`], reusing what `found` holds from earlier passes and adding what this one finds.
+/// Resolves every backend and peer of `desired` as seen from `iface`, reusing what `found`
+/// holds from earlier passes and adding what this one finds.
 pub fn resolve_with(
     iface: &Interface,
     desired: &Desired,

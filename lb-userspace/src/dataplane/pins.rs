@@ -129,12 +129,6 @@ impl PinLayout {
         })
     }
 
-    /// Every map of the object is pinned: an attach pins them one by one, and a reader in
-    /// between (a `/metrics` scrape during the agent's first attach) would find some missing.
-    pub fn has_all_maps(&self) -> bool {
-        self.kind.map_names().iter().all(|n| self.map(n).exists())
-    }
-
     /// Checks that the root is on a bpffs and creates the directories.
     pub fn prepare(&self) -> anyhow::Result<()> {
         // The nearest existing ancestor must be on a bpffs.

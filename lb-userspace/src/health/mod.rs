@@ -294,12 +294,7 @@ fn overlay_list(
         });
     }
     // Unchanged: the same allocation, so the VIPs keep sharing it with the last model.
-    let backends = if backends[..] == list[..] {
-        list.clone()
-    } else {
-        backends.into()
-    };
-    (backends, rows)
+    (list.replaced_by(backends), rows)
 }
 
 /// What the agent does about health and load (its flags).

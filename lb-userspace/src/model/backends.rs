@@ -39,12 +39,16 @@ impl Backends {
 
     /// This list with `f` applied to each backend, sharing the allocation when `f` changed
     /// nothing.
-    pub fn map(&self, mut f: impl FnMut(&Backend) -> Backend) -> Backends {
-        let mapped: Vec<Backend> = self.0.iter().map(&mut f).collect();
-        if mapped[..] == self.0[..] {
+    pub fn map(&self, f: impl FnMut(&Backend) -> Backend) -> Backends {
+        self.replaced_by(self.0.iter().map(f).collect())
+    }
+
+    /// `new` as a list, or this one (its allocation shared) when `new` has the same backends.
+    pub fn replaced_by(&self, new: Vec<Backend>) -> Backends {
+        if new[..] == self.0[..] {
             self.clone()
         } else {
-            mapped.into()
+            new.into()
         }
     }
 }

@@ -340,8 +340,8 @@ pub fn serve(
     let pins = pins.clone();
     let flows = FlowCounter::default();
     let scrape = move || {
-        // Until the first attach has pinned every map: the figures without the dataplane's.
-        if !pins.has_all_maps() {
+        // Until the first attach has published its maps: the figures without the dataplane's.
+        if !pins.has_maps() {
             return render(None, None, &instruments);
         }
         let maps = Maps::from_pins(&pins)
