@@ -220,13 +220,13 @@ pub fn resolve_next_hop(addr: IpAddr, timeout: Duration) -> anyhow::Result<(Rout
 /// this is how long the maps may lag behind it.
 pub const NEXT_HOP_REFRESH: Duration = Duration::from_secs(30);
 
-/// How long a next hop found by one apply is used by the next ones before the kernel is asked
-/// again (the resolver's `Found`); with the running model applied again this often
-/// ([`NextHopRefresh`]), the maps lag the kernel by at most [`NEXT_HOP_REFRESH`].
+/// How often the next hops found by earlier applies are forgotten and asked of the kernel
+/// again ([`NextHopRefresh`]: the refresh pass pays for that, not the applies of changes,
+/// which reuse them); the maps lag the kernel by at most [`NEXT_HOP_REFRESH`].
 pub const NEXT_HOP_MAX_AGE: Duration = Duration::from_secs(NEXT_HOP_REFRESH.as_secs() / 2);
 
-/// When the running model is due to be applied again: every [`NEXT_HOP_MAX_AGE`], whatever
-/// other applies ran meanwhile (they reuse next hops found within that age).
+/// When the running model is due to be applied again, afresh (next hops asked again, the maps
+/// read back): every [`NEXT_HOP_MAX_AGE`], whatever other applies ran meanwhile.
 #[derive(Debug)]
 pub struct NextHopRefresh {
     last: Instant,

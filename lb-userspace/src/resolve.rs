@@ -53,9 +53,11 @@ impl Resolved {
     }
 }
 
-/// What earlier passes found, each with when: reused for [`net::NEXT_HOP_MAX_AGE`], so that an
-/// apply asks the kernel only about backends and peers it has not found recently (at 1,000
-/// nodes every EndpointSlice change would otherwise be 1,000 route and neighbour lookups).
+/// What earlier passes found, each with when: reused until the periodic refresh forgets it all
+/// (every [`net::NEXT_HOP_MAX_AGE`]; `reconcile::Carry::renew`), and never beyond
+/// [`net::NEXT_HOP_REFRESH`], so that an apply asks the kernel only about backends and peers
+/// it has not found recently (at 1,000 nodes every EndpointSlice change would otherwise be
+/// 1,000 route and neighbour lookups; the refresh pass pays for them, not a change).
 /// What did not answer is never kept: it is asked again at every pass.
 #[derive(Debug, Default)]
 pub struct Found {
@@ -67,9 +69,9 @@ pub struct Found {
 impl Found {
     fn forget_old(&mut self) {
         self.targets
-            .retain(|_, (_, at)| at.elapsed() < net::NEXT_HOP_MAX_AGE);
+            .retain(|_, (_, at)| at.elapsed() < net::NEXT_HOP_REFRESH);
         self.peers
-            .retain(|_, (_, at)| at.elapsed() < net::NEXT_HOP_MAX_AGE);
+            .retain(|_, (_, at)| at.elapsed() < net::NEXT_HOP_REFRESH);
     }
 }
 

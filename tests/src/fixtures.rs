@@ -105,6 +105,24 @@ impl Harness {
         reconcile::reconcile_resolved(&mut self.maps, &self.iface, desired, &resolved)
     }
 
+    /// [`Self::apply_as_node_with`] as one process's later reconciles run it: planned from what
+    /// `carry` says its last apply left in the maps, not from a read of them.
+    pub fn apply_carrying(
+        &mut self,
+        desired: &Desired,
+        own: &[IpAddr],
+        carry: &mut reconcile::Carry,
+    ) -> anyhow::Result<reconcile::Summary> {
+        let resolved = self.resolved_as_node(desired, own)?;
+        reconcile::reconcile_resolved_carrying(
+            &mut self.maps,
+            &self.iface,
+            desired,
+            &resolved,
+            carry,
+        )
+    }
+
     /// [`Self::apply_as_node_with`], calling `hook` after each phase of the apply with a
     /// [`Runner`] that sends packets through the program meanwhile; an error from the hook
     /// stops the apply there, as a killed or failed reconcile would.

@@ -365,9 +365,12 @@ pub(crate) fn agent(pin_root: &Path, args: AgentArgs) -> anyhow::Result<()> {
     let announcing = announce.is_some();
     // Attached on the first complete model, so a restart never applies a partial view.
     let mut reconciler = Reconciler::new(iface, pins, generic, Unreachable::Drain, control.clone());
-    let apply: k8s::ApplyFn = Box::new(move |desired| {
+    let apply: k8s::ApplyFn = Box::new(move |desired, pass| {
         let first = reconciler.maps_mut().is_none();
-        let summary = reconciler.apply(desired)?;
+        let summary = match pass {
+            k8s::Pass::Change => reconciler.apply(desired)?,
+            k8s::Pass::Refresh => reconciler.refresh(desired)?,
+        };
         if first
             && !announcing
             && let Some(maps) = reconciler.maps_mut()

@@ -144,7 +144,7 @@ pub(crate) fn run(
         }
         // Next hops move under the same model: resolved again now and then.
         if refresh.due() {
-            match reconciler.apply(&checks.overlay(&running)) {
+            match reconciler.refresh(&checks.overlay(&running)) {
                 Ok(s) if !s.is_empty() => info!("next hops refreshed: {s}"),
                 Ok(_) => {}
                 Err(e) => warn!("refreshing next hops failed (keeping the old ones): {e:#}"),

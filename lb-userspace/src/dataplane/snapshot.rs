@@ -20,7 +20,7 @@ pub type RangeKey = (u32, ScopedAddr);
 /// The maps' view of the world: VIPs by key, occupied backend entries by id, the tables the
 /// VIPs point at, VIP addresses and source ranges; for a reconcile also the generation of every
 /// backend entry and the `VIP_BY_ID` entries that hold a key.
-#[derive(Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub vips: BTreeMap<VipKey, VipInfo>,
     pub backends: BTreeMap<u32, Backend>,

@@ -361,8 +361,11 @@ impl StaticChecks {
     /// `desired` with failing backends drained (the probes follow its checks).
     pub fn overlay(&self, desired: &Desired) -> Desired {
         let mut out = desired.clone();
-        self.prober
-            .set_targets(&targets(&out, &|vip| vip.key.to_string(), &|_, _| true));
+        self.prober.set_targets(&targets(
+            &out,
+            &|vip| vip.key.to_string().into(),
+            &|_, _| true,
+        ));
         let groups = overlay(
             &mut out,
             &BTreeMap::new(),

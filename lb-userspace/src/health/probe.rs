@@ -224,7 +224,7 @@ impl Tracker {
 pub type Target = (IpAddr, HealthCheck);
 /// Who asks for a probe: a Service (`namespace/name`) or a static VIP. Each has its own share of
 /// the probe concurrency.
-pub type Group = String;
+pub type Group = Arc<str>;
 
 /// The semaphores a probe may take its permit from (those of the groups that ask for it).
 type Shares = Arc<Mutex<Vec<Arc<Semaphore>>>>;
@@ -291,7 +291,8 @@ impl Prober {
         });
         // A group keeps its semaphore while it asks for anything (its probes in flight hold
         // permits of it); a group that went is forgotten.
-        shares.retain(|g, _| targets.values().any(|gs| gs.contains(g)));
+        let asking: BTreeSet<&Group> = targets.values().flatten().collect();
+        shares.retain(|g, _| asking.contains(g));
         for (i, (target, groups)) in targets.iter().enumerate() {
             let own: Vec<Arc<Semaphore>> = groups
                 .iter()
@@ -582,7 +583,7 @@ mod tests {
             check.interval = Duration::from_secs(5);
             check.timeout = Duration::from_secs(5);
             check.validate().unwrap();
-            targets.insert((lo, check), BTreeSet::from(["a/silent".to_owned()]));
+            targets.insert((lo, check), BTreeSet::from(["a/silent".into()]));
             held.push((listener, filler));
         }
         // The silent ports are silent.
@@ -599,7 +600,7 @@ mod tests {
             backend.local_addr().unwrap().port(),
             "/",
         );
-        targets.insert((lo, check.clone()), BTreeSet::from(["b/web".to_owned()]));
+        targets.insert((lo, check.clone()), BTreeSet::from(["b/web".into()]));
         let accepting = tokio::spawn(async move {
             while let Ok((s, _)) = backend.accept().await {
                 drop(s);

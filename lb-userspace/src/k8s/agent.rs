@@ -87,7 +87,16 @@ const LEASES_FIRST_LIST: Duration = Duration::from_secs(5);
 /// Applies one model to the dataplane (backends that cannot be resolved drain on their last
 /// known MAC, or wait); returns what changed. Runs on the reconcile thread, which owns it (and
 /// the maps inside it).
-pub type ApplyFn = Box<dyn FnMut(&Desired) -> anyhow::Result<Summary> + Send>;
+pub type ApplyFn = Box<dyn FnMut(&Desired, Pass) -> anyhow::Result<Summary> + Send>;
+
+/// Why the reconcile thread applies a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// A new model: what earlier applies found (next hops, what the maps hold) is reused.
+    Change,
+    /// The periodic refresh ([`NextHopRefresh`]): everything asked of the kernel afresh.
+    Refresh,
+}
 
 #[derive(Default)]
 struct Health {
@@ -768,12 +777,18 @@ fn reconcile_loop(rx: mpsc::Receiver<Desired>, mut apply: ApplyFn, health: &Heal
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
-        if pending.is_none() && refresh.due() {
+        // Due also while changes keep coming: one of them then refreshes.
+        let pass = if refresh.due() {
+            Pass::Refresh
+        } else {
+            Pass::Change
+        };
+        if pending.is_none() && pass == Pass::Refresh {
             pending = applied.take();
         }
         let Some(desired) = &pending else { continue };
         let started = Instant::now();
-        match apply(desired) {
+        match apply(desired, pass) {
             Ok(summary) => {
                 if !summary.is_empty() {
                     info!("maps updated in {:?}: {summary}", started.elapsed());
@@ -1175,7 +1190,7 @@ mod tests {
         check.interval = PROBE_EVERY;
         prober.set_targets(&std::collections::BTreeMap::from([(
             (IpAddr::from(Ipv4Addr::LOCALHOST), check),
-            BTreeSet::from(["load/svc0".to_owned()]),
+            BTreeSet::from(["load/svc0".into()]),
         )]));
         let up = tokio::time::timeout(Duration::from_secs(5), link.wait_for(|l| *l == Link::Up))
             .await

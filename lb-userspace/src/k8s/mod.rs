@@ -22,7 +22,7 @@ pub mod pools;
 pub mod watch_metrics;
 mod watch_probe;
 
-pub use agent::{AgentConfig, ApplyFn, run};
+pub use agent::{AgentConfig, ApplyFn, Pass, run};
 pub use announce::AnnounceConfig;
 pub use desired::{Built, build, changes};
 pub use options::VipOptions;

@@ -42,7 +42,7 @@ pub fn agent_overlay(
         &|vip| {
             sources
                 .get(&vip.key)
-                .map_or_else(|| vip.key.to_string(), |s| s.service.clone())
+                .map_or_else(|| vip.key.to_string().into(), |s| s.service.clone())
         },
         // A node is probed by its watchers only (the others read their votes).
         &|addr, _| match &shared {
@@ -87,7 +87,8 @@ pub fn agent_overlay(
                 _ => prober.verdict(addr, check),
             }
         },
-        &|vip| sources.get(vip).is_none_or(|s| s.options.load_aware),
+        // Without any load a VIP's opt-out changes nothing: not looked up per VIP.
+        &|vip| !loads.is_empty() && sources.get(vip).is_none_or(|s| s.options.load_aware),
         &|addr| node_names.get(&addr).and_then(|n| loads.get(n)).cloned(),
     );
     if let Some(m) = &config.metrics {

@@ -4,6 +4,7 @@
 //! Checking is `health`'s job; this is the vocabulary.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -23,8 +24,9 @@ pub enum CheckProtocol {
 pub struct HealthCheck {
     pub protocol: CheckProtocol,
     pub port: u16,
-    /// HTTP only.
-    pub path: String,
+    /// HTTP only. Shared: every VIP of a Service (and every model pass) has a copy.
+    #[serde(serialize_with = "as_str")]
+    pub path: Arc<str>,
     #[serde(serialize_with = "as_millis")]
     pub interval: Duration,
     #[serde(serialize_with = "as_millis")]
@@ -38,6 +40,10 @@ pub struct HealthCheck {
     /// against the node.
     #[serde(skip)]
     pub implicit: bool,
+}
+
+fn as_str<S: serde::Serializer>(text: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(text)
 }
 
 fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

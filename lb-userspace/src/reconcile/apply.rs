@@ -12,8 +12,8 @@ use crate::maglev;
 
 pub(super) fn apply(
     maps: &mut Maps,
-    current: Snapshot,
-    plan: Plan,
+    current: &Snapshot,
+    plan: &Plan,
     hook: Hook<'_>,
 ) -> anyhow::Result<Summary> {
     let Snapshot {
@@ -65,7 +65,7 @@ pub(super) fn apply(
             maps.write_vip_addr(key, *count)?;
         }
     }
-    for range in plan.source_ranges.difference(&current_ranges) {
+    for range in plan.source_ranges.difference(current_ranges) {
         maps.add_source_range(range)?;
     }
     for range in &plan.early_stale_ranges {

@@ -117,6 +117,15 @@ impl Reconciler {
         Ok(summary)
     }
 
+    /// [`Reconciler::apply`] afresh: every next hop asked of the kernel again and the maps read
+    /// back, not taken from the earlier applies (the periodic refresh, [`NextHopRefresh`]).
+    ///
+    /// [`NextHopRefresh`]: crate::net::NextHopRefresh
+    pub fn refresh(&mut self, desired: &Desired) -> anyhow::Result<Summary> {
+        self.carry.renew();
+        self.apply(desired)
+    }
+
     /// The maps, once attached.
     pub fn maps_mut(&mut self) -> Option<&mut Maps> {
         self.attached.as_mut().map(|(_, maps)| maps)

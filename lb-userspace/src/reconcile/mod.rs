@@ -225,6 +225,26 @@ pub fn reconcile(
 pub struct Carry {
     found: Found,
     colocation: Option<plan::Colocation>,
+    /// What the maps hold after this process's last apply, which wrote them whole (`None`
+    /// after a failed one, or once renewed): the next plan starts from it, not from a read.
+    /// Nothing else writes the balancer's maps.
+    maps_hold: Option<Snapshot>,
+}
+
+impl Carry {
+    /// Forgets what the earlier passes found and wrote: the next one asks the kernel for
+    /// every next hop and reads the maps back (the periodic refresh: what the kernel or
+    /// anything else changed under the process is seen within a refresh period).
+    pub fn renew(&mut self) {
+        self.found = Found::default();
+        self.maps_hold = None;
+    }
+
+    /// Test builds only: what this carry says the maps hold.
+    #[cfg(feature = "test-hooks")]
+    pub fn maps_hold(&self) -> Option<&Snapshot> {
+        self.maps_hold.as_ref()
+    }
 }
 
 /// [`reconcile`], reusing what `carry` kept from the earlier passes of this process.
@@ -253,6 +273,28 @@ pub fn reconcile_reusing(
         desired,
         &resolved,
         &mut carry.colocation,
+        &mut carry.maps_hold,
+        &mut |_| Ok(()),
+    )
+}
+
+/// Test builds only (`test-hooks`): [`reconcile_resolved`] carrying what it wrote from one call
+/// to the next, as [`reconcile_reusing`] does (its next hops come from `resolved`).
+#[cfg(feature = "test-hooks")]
+pub fn reconcile_resolved_carrying(
+    maps: &mut Maps,
+    iface: &Interface,
+    desired: &Desired,
+    resolved: &Resolved,
+    carry: &mut Carry,
+) -> anyhow::Result<Summary> {
+    reconcile_with(
+        maps,
+        iface,
+        desired,
+        resolved,
+        &mut carry.colocation,
+        &mut carry.maps_hold,
         &mut |_| Ok(()),
     )
 }
@@ -264,7 +306,15 @@ pub fn reconcile_resolved(
     desired: &Desired,
     resolved: &Resolved,
 ) -> anyhow::Result<Summary> {
-    reconcile_with(maps, iface, desired, resolved, &mut None, &mut |_| Ok(()))
+    reconcile_with(
+        maps,
+        iface,
+        desired,
+        resolved,
+        &mut None,
+        &mut None,
+        &mut |_| Ok(()),
+    )
 }
 
 /// Test builds only (`test-hooks`): [`reconcile_resolved`] calling `hook` after each phase of
@@ -277,25 +327,27 @@ pub fn reconcile_resolved_with_hook(
     resolved: &Resolved,
     hook: &mut dyn FnMut(Phase) -> anyhow::Result<()>,
 ) -> anyhow::Result<Summary> {
-    reconcile_with(maps, iface, desired, resolved, &mut None, hook)
+    reconcile_with(maps, iface, desired, resolved, &mut None, &mut None, hook)
 }
 
 /// `written` is the co-location the maps hold (from this process's last reconcile), `None`
-/// when unknown: it is written then.
+/// when unknown: it is written then. `maps_hold` is what the other maps hold, as the last
+/// apply left them, `None` when unknown: they are read then.
 fn reconcile_with(
     maps: &mut Maps,
     iface: &Interface,
     desired: &Desired,
     resolved: &Resolved,
     written: &mut Option<plan::Colocation>,
+    maps_hold: &mut Option<Snapshot>,
     hook: Hook<'_>,
 ) -> anyhow::Result<Summary> {
-    let (mut summary, freed) = reconcile_pass(maps, iface, desired, resolved, hook)?;
+    let (mut summary, freed) = reconcile_pass(maps, iface, desired, resolved, maps_hold, hook)?;
     if !summary.left_out.is_empty() && freed {
         // Removals make room only once they are done (old and new entries coexist during an
         // apply, and a freed id is never reused in the apply that frees it): one more pass
         // uses it.
-        let (second, _) = reconcile_pass(maps, iface, desired, resolved, hook)?;
+        let (second, _) = reconcile_pass(maps, iface, desired, resolved, maps_hold, hook)?;
         summary.add(second);
     }
     let colocation = plan_colocation(desired, resolved);
@@ -315,10 +367,23 @@ fn reconcile_pass(
     iface: &Interface,
     desired: &Desired,
     resolved: &Resolved,
+    maps_hold: &mut Option<Snapshot>,
     hook: Hook<'_>,
 ) -> anyhow::Result<(Summary, bool)> {
-    let current = Snapshot::read(maps)?;
-    let plan = plan(&current, iface, desired, resolved)?;
-    let freed = plan.frees;
-    Ok((apply(maps, current, plan, hook)?, freed))
+    let current = match maps_hold.take() {
+        Some(known) => known,
+        None => Snapshot::read(maps)?,
+    };
+    let plan = match plan(&current, iface, desired, resolved) {
+        Ok(plan) => plan,
+        Err(e) => {
+            // Nothing was written.
+            *maps_hold = Some(current);
+            return Err(e);
+        }
+    };
+    // An apply that fails midway leaves `maps_hold` unknown: the next one reads the maps.
+    let summary = apply(maps, &current, &plan, hook)?;
+    *maps_hold = Some(plan.applied_to(current));
+    Ok((summary, plan.frees))
 }

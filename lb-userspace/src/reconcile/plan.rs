@@ -13,8 +13,9 @@ use anyhow::{anyhow, bail};
 use lb_common::{
     Addr, Backend as BackendValue, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_DECAP_ADDRS, MAX_PEERS,
     MAX_SOURCE_RANGES, MAX_TABLES, MAX_VIPS, MEMBER_DRAINING, MemberWeight, NO_TABLE, PeerKey,
-    Settings as DataplaneSettings, TableInfo, VipInfo, VipKey, addr_from_raw, backend_state,
-    forward_mode, maglev_id, member_pick_weight, raw_addr, source_range_scope, vip_flags,
+    Settings as DataplaneSettings, TableInfo, VipInfo, VipKey, VipRef, addr_from_raw,
+    backend_state, forward_mode, maglev_id, member_pick_weight, raw_addr, source_range_scope,
+    vip_flags,
 };
 
 use super::LeftOut;
@@ -75,6 +76,70 @@ pub(super) struct Plan {
     pub(super) left_out: Vec<LeftOut>,
 }
 
+impl Plan {
+    /// What the maps hold once this plan, made against `current`, is applied in full (the
+    /// apply's own model): the next reconcile of the same process plans against it instead of
+    /// reading 10,000 VIPs back from the kernel.
+    pub(super) fn applied_to(&self, current: Snapshot) -> Snapshot {
+        let Snapshot {
+            vips,
+            backends,
+            tables,
+            generations,
+            vip_refs,
+            ..
+        } = current;
+        let mut next = Snapshot {
+            vips,
+            vip_refs,
+            generations,
+            vip_addrs: self.vip_addrs.clone(),
+            source_ranges: self.source_ranges.clone(),
+            ..Snapshot::default()
+        };
+        // Backends: written and freed entries change, the rest stay.
+        let mut backends = backends;
+        for (id, value, _) in &self.backends {
+            backends.insert(*id, *value);
+        }
+        for id in self.freed_backends.keys() {
+            backends.remove(id);
+        }
+        for (id, value) in backends {
+            next.add_backend(id, value);
+        }
+        for (id, generation) in &self.freed_backends {
+            next.generations.insert(*id, *generation);
+        }
+        for (key, _) in &self.removed_vips {
+            next.vips.remove(key);
+        }
+        for id in &self.cleared_refs {
+            next.vip_refs.remove(id);
+        }
+        for vip in &self.vips {
+            next.vips.insert(vip.key, vip.info);
+            next.vip_refs.insert(
+                vip.info.id,
+                VipRef {
+                    key: vip.key,
+                    table: vip.info.table,
+                },
+            );
+        }
+        // As `Snapshot::read`: the tables some VIP names (its current and previous ones).
+        let mut tables = tables;
+        for id in &self.freed_tables {
+            tables.remove(id);
+        }
+        tables.extend(self.tables.iter().map(|t| (t.id, t.info)));
+        let in_use = named_tables(next.vips.values());
+        tables.retain(|id, _| in_use.contains(id));
+        next.tables = tables;
+        next
+    }
+}
+
 /// Ids handed out lowest first, below a limit; ids in use (or freed by this plan) are skipped.
 pub(super) struct Ids {
     pub(super) used: BTreeSet<u32>,
@@ -132,6 +197,8 @@ struct ListPlan {
     missing: Vec<IpAddr>,
     table_size: u32,
     fingerprint: u64,
+    /// Members that take new flows (the VIP entry's `live_backends`).
+    live: u32,
 }
 
 /// Everything a reconcile writes, from what the maps hold and where the backends are. Pure.
@@ -271,11 +338,16 @@ pub(super) fn plan(
             members.dedup_by_key(|(id, _, _)| *id);
             let table_size = desired.settings.maglev_table_size_for(vip.backends.len());
             let fingerprint = table_fingerprint(&members, table_size);
+            let live = members
+                .iter()
+                .filter(|(_, _, w)| *w != 0 && w & MEMBER_DRAINING == 0)
+                .count() as u32;
             slot.insert(ListPlan {
                 members,
                 missing,
                 table_size,
                 fingerprint,
+                live,
             });
         }
         let ListPlan {
@@ -283,8 +355,9 @@ pub(super) fn plan(
             missing,
             table_size,
             fingerprint,
+            live,
         } = &lists[&list_key];
-        let (table_size, fingerprint) = (*table_size, *fingerprint);
+        let (table_size, fingerprint, live_backends) = (*table_size, *fingerprint, *live);
         for backend in missing {
             plan.left_out.push(LeftOut::Backend {
                 vip: vip.key,
@@ -335,10 +408,6 @@ pub(super) fn plan(
         if !vip.source_ranges.is_empty() {
             flags |= vip_flags::SOURCE_RANGES;
         }
-        let live_backends = members
-            .iter()
-            .filter(|(_, _, w)| *w != 0 && w & MEMBER_DRAINING == 0)
-            .count() as u32;
         plan.vips.push(VipPlan {
             key,
             is_new,

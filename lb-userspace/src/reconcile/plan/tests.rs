@@ -75,70 +75,9 @@ fn plan_for(current: &Snapshot, desired: &Desired) -> Plan {
     plan(current, &iface(), desired, &resolved(desired)).unwrap()
 }
 
-/// The maps after `plan` was applied in full (the model of `apply`).
+/// The maps after `plan` was applied in full.
 fn applied(current: &Snapshot, plan: &Plan) -> Snapshot {
-    let mut all: BTreeMap<u32, BackendValue> = current
-        .generations
-        .iter()
-        .map(|(id, generation)| {
-            (
-                *id,
-                BackendValue {
-                    generation: *generation,
-                    ..BackendValue::default()
-                },
-            )
-        })
-        .collect();
-    all.extend(current.backends.iter().map(|(s, v)| (*s, *v)));
-    for (id, value, _) in &plan.backends {
-        all.insert(*id, *value);
-    }
-    for (id, generation) in &plan.freed_backends {
-        all.insert(
-            *id,
-            BackendValue {
-                generation: *generation,
-                ..BackendValue::default()
-            },
-        );
-    }
-    let mut next = Snapshot::default();
-    for (id, value) in all {
-        next.add_backend(id, value);
-    }
-    next.vips = current.vips.clone();
-    next.vip_refs = current.vip_refs.clone();
-    for (key, _) in &plan.removed_vips {
-        next.vips.remove(key);
-    }
-    for id in &plan.cleared_refs {
-        next.vip_refs.remove(id);
-    }
-    let mut tables = current.tables.clone();
-    for id in &plan.freed_tables {
-        tables.remove(id);
-    }
-    tables.extend(plan.tables.iter().map(|t| (t.id, t.info)));
-    for vip in &plan.vips {
-        next.vips.insert(vip.key, vip.info);
-        next.vip_refs.insert(
-            vip.info.id,
-            VipRef {
-                key: vip.key,
-                table: vip.info.table,
-            },
-        );
-    }
-    // As `Snapshot::read`: the tables some VIP names (its current and previous ones).
-    let in_use = named_tables(next.vips.values());
-    next.tables = tables
-        .into_iter()
-        .filter(|(id, _)| in_use.contains(id))
-        .collect();
-    next.vip_addrs = plan.vip_addrs.clone();
-    next.source_ranges = plan.source_ranges.clone();
-    next
+    plan.applied_to(current.clone())
 }
 
 /// Plans `desired` from `current` and applies it: (plan, maps after).
