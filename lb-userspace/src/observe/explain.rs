@@ -1265,18 +1265,19 @@ mod tests {
             "{text}"
         );
 
-        // This node is the pick: it asks its own conntrack.
-        i.backends.get_mut(&current).unwrap().mode = forward_mode::LOCAL;
-        let sc = explain(&f, &i).unwrap().second_chance.unwrap();
-        assert_eq!(sc.checked_at.as_deref(), Some("this node"));
-
-        // The same pick both times: not asked.
+        // The same pick both times (another node): not asked.
         i.previous_table = vec![current; 5];
         let sc = explain(&f, &i).unwrap().second_chance.unwrap();
         assert!(
             !sc.conntrack_asked && sc.why.contains("same node"),
             "{sc:?}"
         );
+
+        // This node is the pick, the previous table another: it asks its own conntrack.
+        i.previous_table = vec![other; 5];
+        i.backends.get_mut(&current).unwrap().mode = forward_mode::LOCAL;
+        let sc = explain(&f, &i).unwrap().second_chance.unwrap();
+        assert_eq!(sc.checked_at.as_deref(), Some("this node"));
 
         // Table mode: no second-chance view, the flow is recorded.
         i.second_chance_mode = false;
