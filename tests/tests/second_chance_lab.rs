@@ -11,8 +11,9 @@
 //!   (neither as first hop nor as backend: it drains), and then node 2 becomes Ready, so the
 //!   node that now receives the flows has a changed table and no record of them.
 //!
-//! Each change gets its own flows (one opened before a change and still open at the next would
-//! need two generations of tables: not built, docs/design.md). A flow "moved" is one whose
+//! Each change gets its own flows and its own cluster (a flow opened before a change and still
+//! open at the next would need two generations of tables: not built, docs/design.md; a UDP
+//! stream opened after a change lives on the previous table's pick: see the drained check). A flow "moved" is one whose
 //! current pick (`sluice explain` on the first hop) is not the backend that serves it: each
 //! check requires some TCP connections and some UDP streams moved, so the hand-on is what kept
 //! them. With the hand-on off (the mutation, docs/design.md) every check fails.
@@ -355,13 +356,12 @@ fn delta(after: &[u64], before: &[u64]) -> Vec<u64> {
 }
 
 #[test]
-fn long_lived_flows_survive_a_node_added_and_a_node_drained() -> Result<()> {
+fn long_lived_flows_survive_a_node_added() -> Result<()> {
     sluice_tests::require_root();
     let _one = one_cluster();
     let mut c = Cluster::start(Some(2))?;
-
-    // A node added: node 2 takes slots from nodes 0 and 1. The flows that move are sent by
-    // node 0 to node 2, which does not know them and hands them back.
+    // Node 2 takes slots from nodes 0 and 1. The flows that move are sent by node 0 to node
+    // 2, which does not know them and hands them back.
     let added = c.through("node 2 added", |c| {
         c.set_ready(2, true)?;
         c.converge(["active", "active", "active"])
@@ -376,9 +376,21 @@ fn long_lived_flows_survive_a_node_added_and_a_node_drained() -> Result<()> {
         "a connection opened while node 2 drained was served by it: {:?}",
         added.tcp_backends
     );
+    Ok(())
+}
 
-    // A node drained: node 1's slots go to nodes 0 and 2, it keeps serving its flows. Node 0
-    // hands on those it now picks itself, node 2 those node 0 sends it.
+/// In a cluster of its own: its UDP streams must be opened before any change. A UDP stream
+/// that begins after a change lands on the previous table's pick (its first datagram is
+/// unknown to the pick's conntrack, as a moved flow's would be) and does not survive the next
+/// change that gives it to its current pick: docs/design.md "UDP" (found by this check when it
+/// followed the node-added one in the same cluster).
+#[test]
+fn long_lived_flows_survive_a_node_drained() -> Result<()> {
+    sluice_tests::require_root();
+    let _one = one_cluster();
+    let mut c = Cluster::start(None)?;
+    // Node 1's slots go to nodes 0 and 2, it keeps serving its flows. Node 0 hands on those
+    // it now picks itself, node 2 those node 0 sends it.
     let drained = c.through("node 1 drained", |c| {
         c.set_ready(1, false)?;
         c.converge(["active", "draining", "active"])
