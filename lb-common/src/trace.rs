@@ -108,4 +108,11 @@ pub mod trace_flags {
     /// A peer's frame (balanced there, the first hop) that this node, its pick, checked for
     /// second chance.
     pub const FROM_PEER: u8 = 32;
+    /// A frame another node handed on to this one (second chance, from that node's handed-on
+    /// MAC): passed to this node's stack, never handed on again.
+    pub const HANDED_ON: u8 = 64;
+    /// A peer's first-hop frame whose sender's table picked this node while this node's picks
+    /// another (one agent applied a change before the other): conntrack asked, a miss handed
+    /// on to this node's own pick.
+    pub const TABLES_DISAGREE: u8 = 128;
 }

@@ -141,7 +141,10 @@ fn balance_ip(ctx: &XdpContext, ip: Result<(L3, bool), Parsed>) -> (u32, GlobalC
             let verdict = match peer_frame(ctx) {
                 None => balance_flow(ctx, &flow, &mut why),
                 Some(peer_frame::FIRST_HOP) => first_hop_from_peer(ctx, &flow, &mut why),
-                Some(_) => (xdp_action::XDP_PASS, GlobalCounter::FromPeer),
+                Some(_) => {
+                    why.flags |= trace_flags::HANDED_ON;
+                    (xdp_action::XDP_PASS, GlobalCounter::FromPeer)
+                }
             };
             trace(ctx, &flow, verdict, &why);
             verdict
@@ -238,8 +241,10 @@ fn balance_flow(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, GlobalCou
 
 /// A frame another node balanced (its source MAC is that peer's own, `PEERS`): by the current
 /// table, so this node is its pick. In second-chance mode this node runs the check a first hop
-/// that picks itself runs (`second_chance`), else and whatever the check leaves alone: to its
-/// stack, unbalanced. No statistics: the first hop counted the packet for its VIP and pick.
+/// that picks itself runs (`second_chance`), and the one for tables that disagree while a
+/// change spreads (its own pick is another node); else and whatever the checks leave alone:
+/// to its stack, unbalanced. No statistics: the first hop counted the packet for its VIP and
+/// pick.
 #[inline(always)]
 fn first_hop_from_peer(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, GlobalCounter) {
     let passed = (xdp_action::XDP_PASS, GlobalCounter::FromPeer);
@@ -251,15 +256,27 @@ fn first_hop_from_peer(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, Gl
     };
     // SAFETY: a hash value pointer stays valid for this program run (RCU).
     let vip = unsafe { *vip };
-    // A VIP whose table has not changed (the common case) costs this node one lookup.
-    if vip.previous_table == NO_TABLE {
-        return passed;
-    }
     let Some((id, backend)) = pick_backend(&flow.key, &vip, why) else {
         return passed;
     };
     why.chose(trace_source::MAGLEV, id, backend);
     why.flags |= trace_flags::FROM_PEER;
+    // The sender's table picked this node, this node's picks another: the two tables disagree
+    // for a moment (one agent applied a change before the other). The flow is this node's if
+    // its conntrack knows it, else its own table's pick's (the sender's table is the newer:
+    // this one still names the flow's node; or the older: this node is that node).
+    if backend.mode != forward_mode::LOCAL {
+        why.flags |= trace_flags::CONNTRACK_ASKED | trace_flags::TABLES_DISAGREE;
+        if conntrack::knows(ctx, &flow.key) {
+            why.flags |= trace_flags::CONNTRACK_HIT;
+            return (xdp_action::XDP_PASS, GlobalCounter::SecondChanceHit);
+        }
+        return hand_on(ctx, flow, backend);
+    }
+    // A VIP whose table has not changed (the common case) costs this node a pick.
+    if vip.previous_table == NO_TABLE {
+        return passed;
+    }
     match second_chance(ctx, flow, &vip, id, backend, why) {
         SecondChance::NotAsked => passed,
         SecondChance::Kept => (xdp_action::XDP_PASS, GlobalCounter::SecondChanceHit),

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use crate::kube::Kube;
 use crate::lab::{HTTP_PORT, Lab, LabConfig, SluiceProcess, require_root, sluice_binary};
-use crate::servers::ECHO_PORT;
+use crate::servers::{ECHO_PORT, UDP_PORT};
 
 /// The lab's nodes (the namespace lab's backends).
 pub const NODES: usize = 3;
@@ -38,6 +38,9 @@ pub struct WebService<'a> {
     pub annotations: &'a [(&'a str, &'a str)],
     /// Also a port `echo` = [`ECHO_PORT`]/TCP.
     pub echo: bool,
+    /// Also the Service `who`, port [`UDP_PORT`]/UDP (the backends' "who are you" server) on
+    /// the same VIP: one LoadBalancer Service may not mix protocols (this API server's rule).
+    pub udp: bool,
 }
 
 impl WebService<'_> {
@@ -71,6 +74,24 @@ metadata:
 {echo}"
         )
     }
+
+    /// The `who` Service (see [`WebService::udp`]).
+    fn who_yaml() -> String {
+        format!(
+            "apiVersion: v1
+kind: Service
+metadata:
+  name: who
+  namespace: default
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Cluster
+  selector: {{app: web}}
+  ports:
+    - {{name: who, port: {UDP_PORT}, protocol: UDP}}
+"
+        )
+    }
 }
 
 /// The namespace lab and the API server, with the Nodes and the `web` Service in it.
@@ -97,11 +118,14 @@ impl AgentsLab {
         for i in 0..NODES {
             kube.node(&node_name(i), lab.backend_addr(i), true)?;
         }
+        let ingress =
+            json!({"status": {"loadBalancer": {"ingress": [{"ip": lab.vip().to_string()}]}}});
         kube.apply_yaml(&web.yaml())?;
-        kube.patch_status(
-            "/api/v1/namespaces/default/services/web",
-            &json!({"status": {"loadBalancer": {"ingress": [{"ip": lab.vip().to_string()}]}}}),
-        )?;
+        kube.patch_status("/api/v1/namespaces/default/services/web", &ingress)?;
+        if web.udp {
+            kube.apply_yaml(&WebService::who_yaml())?;
+            kube.patch_status("/api/v1/namespaces/default/services/who", &ingress)?;
+        }
         Ok(AgentsLab {
             kube,
             lab,

@@ -2,9 +2,13 @@
 //! [`crate::servers`]), sending one line every `interval` and checking every echo. It tells which
 //! backend holds the connection (the echo starts with the backend's name) and records every failure:
 //! a reset, a timeout, a wrong or missing echo, a change of backend.
+//!
+//! A UDP stream ([`LongConn::open_udp`]) is the same client over one UDP socket (one source
+//! port: one flow) to the backends' "who are you" server: each datagram's answer names the
+//! backend that got it, so a datagram that reached another backend is a change of backend.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -19,6 +23,9 @@ use crate::netns;
 /// retransmits arrives late but intact; neither is a broken connection. A reset or a wrong
 /// echo is still recorded at once, and a connection that stays black-holed still fails here.
 pub const ECHO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a UDP stream waits for a datagram's answer before counting it lost (an error):
+/// shorter than TCP's, as nothing retransmits it and the stream waits meanwhile.
+pub const UDP_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The state of a [`LongConn`] at one moment.
 #[derive(Debug, Clone, Default)]
@@ -48,6 +55,8 @@ impl LongConnReport {
 /// it too. It stops by itself after `max_duration`, or when `stop_flag` is raised (the lab raises
 /// every flag it handed out when it is torn down).
 pub struct LongConn {
+    /// The client's own endpoint (its source address and port: the flow).
+    local: SocketAddr,
     stop: Arc<AtomicBool>,
     state: Arc<Mutex<LongConnReport>>,
     handle: Option<JoinHandle<()>>,
@@ -71,20 +80,66 @@ impl LongConn {
         .with_context(|| format!("opening a long-lived connection from {ns} to {target}"))?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_millis(50)))?;
-        let local = stream
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let local = stream.local_addr()?;
         let state = Arc::new(Mutex::new(LongConnReport {
             target: format!("{local} -> {target}"),
             running: true,
             ..Default::default()
         }));
-        let mut client = Client {
+        let client = Client {
             stream,
             buf: Vec::new(),
             seq: 0,
         };
+        Self::run(client, local, state, interval, max_duration, stop_flag)
+    }
+
+    /// As [`LongConn::open`] for a UDP stream: one socket bound in `ns` (its source port: one
+    /// flow) sends a datagram every `interval` to `target`, a backend's "who are you" server
+    /// ([`crate::servers`]), and waits for each answer (at most [`UDP_ANSWER_TIMEOUT`]). Its
+    /// report counts datagrams as lines: `sent`, `echoed` (answered), the backends that
+    /// answered, and each unanswered datagram as an error.
+    pub fn open_udp(
+        ns: &str,
+        target: impl Into<SocketAddr>,
+        interval: Duration,
+        max_duration: Duration,
+        stop_flag: Arc<AtomicBool>,
+    ) -> Result<LongConn> {
+        let target: SocketAddr = target.into();
+        let socket = netns::run_in(ns, move || {
+            let any: SocketAddr = if target.is_ipv4() {
+                (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let socket = UdpSocket::bind(any).context("bind a UDP socket")?;
+            socket
+                .connect(target)
+                .with_context(|| format!("connect UDP to {target}"))?;
+            Ok(socket)
+        })
+        .with_context(|| format!("opening a UDP stream from {ns} to {target}"))?;
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let local = socket.local_addr()?;
+        let state = Arc::new(Mutex::new(LongConnReport {
+            target: format!("udp {local} -> {target}"),
+            running: true,
+            ..Default::default()
+        }));
+        let client = UdpClient { socket, seq: 0 };
+        Self::run(client, local, state, interval, max_duration, stop_flag)
+    }
+
+    /// Checks the first echo, then runs `client` on its own thread (see [`LongConn::open`]).
+    fn run(
+        mut client: impl Step + Send + 'static,
+        local: SocketAddr,
+        state: Arc<Mutex<LongConnReport>>,
+        interval: Duration,
+        max_duration: Duration,
+        stop_flag: Arc<AtomicBool>,
+    ) -> Result<LongConn> {
         // The first echo is synchronous so that the caller knows the backend on return.
         client.step(&state);
         {
@@ -117,10 +172,16 @@ impl LongConn {
                 s.elapsed = started.elapsed();
             })?;
         Ok(LongConn {
+            local,
             stop,
             state,
             handle: Some(handle),
         })
+    }
+
+    /// The client's endpoint (source address and port).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
     }
 
     /// The backend that answered the first echo.
@@ -206,13 +267,73 @@ fn sleep_unless(stop: &AtomicBool, d: Duration) {
     }
 }
 
+/// One request and its answer, recorded in the report.
+trait Step {
+    /// Returns false when the flow is unusable (the stream stops).
+    fn step(&mut self, state: &Mutex<LongConnReport>) -> bool;
+}
+
+/// Records `backend` as the answer's: a backend other than the first is an error.
+fn record_backend(s: &mut LongConnReport, seq: u64, backend: &str) {
+    if !s.backends.iter().any(|b| b == backend) {
+        if let Some(first) = s.backends.first() {
+            let msg = format!("seq {seq}: backend changed from {first} to {backend}");
+            s.errors.push(msg);
+        }
+        s.backends.push(backend.to_string());
+    }
+    s.echoed += 1;
+}
+
+struct UdpClient {
+    socket: UdpSocket,
+    seq: u64,
+}
+
+impl Step for UdpClient {
+    fn step(&mut self, state: &Mutex<LongConnReport>) -> bool {
+        self.seq += 1;
+        state.lock().unwrap().sent += 1;
+        if let Err(e) = self.socket.send(format!("seq {}", self.seq).as_bytes()) {
+            let msg = format!("seq {}: send failed: {e}", self.seq);
+            state.lock().unwrap().errors.push(msg);
+            return false;
+        }
+        let deadline = Instant::now() + UDP_ANSWER_TIMEOUT;
+        let mut buf = [0u8; 256];
+        while Instant::now() < deadline {
+            match self.socket.recv(&mut buf) {
+                Ok(n) => {
+                    let backend = String::from_utf8_lossy(&buf[..n]).trim().to_owned();
+                    record_backend(&mut state.lock().unwrap(), self.seq, &backend);
+                    return true;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) => {}
+                // An ICMP port unreachable (no server) and the like: recorded, the stream goes on.
+                Err(e) => {
+                    let msg = format!("seq {}: receive failed: {e}", self.seq);
+                    state.lock().unwrap().errors.push(msg);
+                    return true;
+                }
+            }
+        }
+        let msg = format!("seq {}: no answer within {UDP_ANSWER_TIMEOUT:?}", self.seq);
+        state.lock().unwrap().errors.push(msg);
+        true
+    }
+}
+
 struct Client {
     stream: TcpStream,
     buf: Vec<u8>,
     seq: u64,
 }
 
-impl Client {
+impl Step for Client {
     /// Sends one line and waits for its echo. Returns false when the connection is unusable.
     fn step(&mut self, state: &Mutex<LongConnReport>) -> bool {
         self.seq += 1;
@@ -271,17 +392,7 @@ impl Client {
         let expected_tail = format!(" seq {}\n", self.seq);
         match reply.strip_suffix(&expected_tail) {
             Some(backend) if !backend.is_empty() && !backend.contains(' ') => {
-                if s.backends.is_empty() || !s.backends.iter().any(|b| b == backend) {
-                    if !s.backends.is_empty() {
-                        let msg = format!(
-                            "seq {}: backend changed from {} to {backend}",
-                            self.seq, s.backends[0]
-                        );
-                        s.errors.push(msg);
-                    }
-                    s.backends.push(backend.to_string());
-                }
-                s.echoed += 1;
+                record_backend(&mut s, self.seq, backend);
             }
             _ => {
                 let msg = format!("seq {}: unexpected echo {:?}", self.seq, reply);

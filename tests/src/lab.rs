@@ -1334,6 +1334,21 @@ http {{
         self.long_conn(SocketAddrV4::new(self.vip, ECHO_PORT))
     }
 
+    /// A UDP stream from the client namespace to VIP:5353 (one source port, a datagram every
+    /// 100 ms, at most 5 minutes; see [`LongConn::open_udp`]). Torn down with the lab at the
+    /// latest.
+    pub fn udp_stream_vip(&self) -> Result<LongConn> {
+        let stop = Arc::new(AtomicBool::new(false));
+        self.stop_flags.lock().unwrap().push(stop.clone());
+        LongConn::open_udp(
+            &self.client,
+            SocketAddrV4::new(self.vip, UDP_PORT),
+            Duration::from_millis(100),
+            Duration::from_secs(300),
+            stop,
+        )
+    }
+
     // ----- counters -----
 
     /// Backend i's VIP counters (TTL 64 / other, SYNs, UDP).

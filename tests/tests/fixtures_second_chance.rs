@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use lb_common::{GlobalCounter, TraceFilter, handed_on_mac, trace_flags, trace_source};
+use lb_userspace::dataplane::TraceSession;
 use lb_userspace::model::{Desired, FlowState, Protocol};
+use lb_userspace::observe::trace;
 use sluice_tests::cmd::sh;
 use sluice_tests::fixtures::{
     CLIENT, CLIENT6, Frame, Harness, TCP_ACK, TCP_SYN, VIP, VIP6, XDP_PASS, XDP_TX, backend_addr,
@@ -391,13 +393,30 @@ fn peers_frame_goes_on_unless_known(family: Family) {
         assert_eq!((handed.hits, handed.handed_on), (0, 1));
         assert_eq!(joined.counter(GlobalCounter::FromPeer).unwrap(), 0);
 
-        // The previous pick takes the marked frame to its stack, untouched.
+        // The previous pick takes the marked frame to its stack, untouched, and its trace
+        // says it was handed on to it.
         let mut previous = node_after_change(family, unknown_before, FlowState::SecondChance);
+        let mut previous_trace = previous
+            .start_trace(TraceFilter::default())
+            .expect("start a trace");
         let there = send(&mut previous, &handed.out);
         assert_eq!(there.action, XDP_PASS, "the previous pick keeps it");
         assert_eq!(there.out, handed.out, "untouched");
         assert_eq!((there.hits, there.handed_on), (0, 0));
         assert_eq!(previous.counter(GlobalCounter::FromPeer).unwrap(), 1);
+        let received = described(&previous, &mut previous_trace);
+        assert_eq!(received.len(), 1, "{received:?}");
+        let hop = received[0]
+            .second_chance
+            .as_ref()
+            .expect("a second-chance hop");
+        assert_eq!((hop.role, hop.conntrack), ("received", None));
+        assert_eq!(received[0].verdict, "from_peer");
+        assert!(
+            received[0].line().contains("handed on to this node"),
+            "{}",
+            received[0].line()
+        );
 
         // The connection node 3 serves, through the same first hop: its conntrack knows it.
         let client = family.frame(known, TCP_ACK);
@@ -419,6 +438,33 @@ fn peers_frame_goes_on_unless_known(family: Family) {
             .iter()
             .map(|e| (e.source, e.flags, e.counter))
             .collect();
+        // Named as `sluice trace` prints them: the tables, the answer, where it went.
+        let slots = lb_userspace::dataplane::Snapshot::read(&joined.maps).expect("snapshot");
+        let clock = trace::Clock::now().expect("clock");
+        let lines: Vec<String> = events
+            .iter()
+            .map(|e| trace::describe(e, &slots, &clock).line())
+            .collect();
+        let vip = slots.vips.values().next().expect("the VIP");
+        let hop = format!(
+            "second chance: a peer's frame, current table #{} picked this node, conntrack",
+            vip.table
+        );
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(
+            lines[0].contains(&format!(
+                "of the current table -> {} ",
+                family.node(unknown_before)
+            )) && lines[0].ends_with(&format!(
+                "{hop} miss: handed on by the previous table #{}",
+                vip.previous_table
+            )),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[1].ends_with(&format!("{hop} hit: kept here")),
+            "{lines:#?}"
+        );
         let asked = trace_flags::FROM_PEER | trace_flags::CONNTRACK_ASKED;
         assert_eq!(
             seen,
@@ -433,6 +479,74 @@ fn peers_frame_goes_on_unless_known(family: Family) {
             "handed on, then kept"
         );
     });
+}
+
+#[test]
+fn a_peers_frame_that_this_nodes_older_table_gives_another_node_goes_there_unless_known() {
+    let ns = ConntrackNs::new();
+    let moved = moved_to_joined(V4, 2);
+    let ((known, known_before), (unknown, unknown_before)) = (moved[0], moved[1]);
+    ns.run(move || {
+        let listener = TcpListener::bind(SocketAddrV4::new(VIP, 80)).expect("listen on the VIP");
+        let _connection = connect_from(V4, known, &listener);
+        // Node 3's agent has not applied the change yet (table A only: node 3 is in no
+        // table), the first hop's has: it sends node 3 the flows table B gives node 3.
+        let mut late = Harness::new().expect("load the XDP object");
+        late.iface.mac = lb_userspace::model::MacAddr(backend_mac(JOINED));
+        late.apply_as_node(
+            &cluster(V4, BEFORE, FlowState::SecondChance),
+            V4.node(JOINED),
+        )
+        .expect("table A");
+        let mut session = late
+            .start_trace(TraceFilter::default())
+            .expect("start a trace");
+
+        // Unknown here: to the node its own table names (where the flow began), once.
+        let client = Frame::tcp(unknown, TCP_ACK).bytes();
+        let first_hop = other_node(unknown_before);
+        let from_peer = through_first_hop(V4, first_hop, &client, FlowState::SecondChance);
+        let handed = send(&mut late, &from_peer);
+        assert_eq!(handed.action, XDP_TX, "handed on, not to this stack");
+        assert_handed_to(&handed.out, &from_peer, unknown_before);
+        assert_eq!((handed.hits, handed.handed_on), (0, 1));
+
+        // Known here (the flow began on this node): kept, whatever its table says.
+        let client = Frame::tcp(known, TCP_ACK).bytes();
+        let from_peer = through_first_hop(
+            V4,
+            other_node(known_before),
+            &client,
+            FlowState::SecondChance,
+        );
+        let kept = send(&mut late, &from_peer);
+        assert_eq!(kept.action, XDP_PASS, "a flow conntrack knows stays here");
+        assert_eq!(kept.out, from_peer, "untouched");
+        assert_eq!((kept.hits, kept.handed_on), (1, 0));
+
+        let lines: Vec<String> = described(&late, &mut session)
+            .iter()
+            .map(trace::Described::line)
+            .collect();
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(
+            lines[0].ends_with("picks another, conntrack miss: handed on to this node's pick")
+                && lines[1].ends_with("picks another, conntrack hit: kept here"),
+            "{lines:#?}"
+        );
+    });
+}
+
+/// The events of `session` on `h`, named as `sluice trace` names them.
+fn described(h: &Harness, session: &mut TraceSession) -> Vec<trace::Described> {
+    let slots = lb_userspace::dataplane::Snapshot::read(&h.maps).expect("snapshot");
+    let clock = trace::Clock::now().expect("clock");
+    session
+        .poll(Duration::from_millis(50))
+        .expect("read the trace")
+        .iter()
+        .map(|e| trace::describe(e, &slots, &clock))
+        .collect()
 }
 
 #[test]

@@ -49,6 +49,7 @@ impl Cluster {
         let nodes = AgentsLab::start(WebService {
             annotations: &[("sluice.io/health-check", &check)],
             echo: true,
+            ..Default::default()
         })?;
         let mut agents = Vec::new();
         for i in 0..NODES {

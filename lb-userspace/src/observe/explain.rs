@@ -11,6 +11,12 @@
 //!
 //! A frame from another sluice node's MAC (`PEERS`) is passed unbalanced whatever this shows:
 //! `explain` takes a client address, not a MAC, and says so when peers are known.
+//!
+//! In second-chance mode (`flow_state: second-chance`) no flow is recorded, and a non-SYN
+//! whose pick changed with its VIP's table meets the second-chance check at its pick
+//! ([`SecondChanceView`]): the previous table's pick, and whether that node's conntrack is
+//! asked (a hit stays, a miss is handed on to the previous pick). `explain` does not ask
+//! conntrack itself: it says what each answer does.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -20,8 +26,9 @@ use std::{
 
 use anyhow::{anyhow, bail};
 use lb_common::{
-    Backend, FAMILY_V4, FlowKey, FlowValue, IPPROTO_TCP, NO_BACKEND, TableInfo, VipInfo, VipRef,
-    addr_bytes, addr_from_raw, forward_mode, raw_addr, source_range_scope, vip_flags,
+    Backend, FAMILY_V4, FlowKey, FlowValue, IPPROTO_TCP, NO_BACKEND, NO_TABLE, TableInfo, VipInfo,
+    VipRef, addr_bytes, addr_from_raw, flow_state, forward_mode, raw_addr, source_range_scope,
+    vip_flags,
 };
 use serde::Serialize;
 
@@ -106,6 +113,11 @@ pub struct Inputs {
     pub ingress_ifindex: Option<u32>,
     /// The agent's health overlay (`/health/backends`), when it answered.
     pub health: Option<Vec<BackendStatus>>,
+    /// `Settings::flow_state` is second-chance: no flow recorded, the check below decides.
+    pub second_chance_mode: bool,
+    /// The VIP's previous table (`VipInfo::previous_table`), slot -> backend index, as
+    /// installed or rebuilt from its members; empty when the VIP has none.
+    pub previous_table: Vec<u32>,
 }
 
 impl Inputs {
@@ -114,11 +126,30 @@ impl Inputs {
         let snapshot = Snapshot::read(maps)?;
         let key = flow.key();
         let vip = snapshot.vips.get(&vip_key(&flow.vip)).copied();
-        let members = match vip {
-            Some(info) => members_by_table(maps, &snapshot.backends)?
-                .remove(&info.table)
-                .unwrap_or_default(),
-            None => Vec::new(),
+        let mut by_table = match vip {
+            Some(_) => members_by_table(maps, &snapshot.backends)?,
+            None => BTreeMap::new(),
+        };
+        let members = vip
+            .and_then(|info| by_table.remove(&info.table))
+            .unwrap_or_default();
+        // The previous table, read as the program reads it (its own size).
+        let previous_table = match (vip, &snapshot.tables) {
+            (Some(info), tables) if info.previous_table != NO_TABLE => {
+                let size = tables.get(&info.previous_table).map_or(0, |t| t.size);
+                let previous = VipInfo {
+                    table: info.previous_table,
+                    table_size: size,
+                    ..info
+                };
+                let members = by_table.remove(&info.previous_table).unwrap_or_default();
+                if size > 0 {
+                    installed_or_rebuilt(maps, &members, &previous).0
+                } else {
+                    Vec::new()
+                }
+            }
+            _ => Vec::new(),
         };
         let (table, table_unreadable) = match vip {
             Some(info) if info.table_size > 0 => installed_or_rebuilt(maps, &members, &info),
@@ -144,6 +175,10 @@ impl Inputs {
             peers,
             ingress_ifindex: None,
             health: None,
+            second_chance_mode: maps
+                .settings()
+                .is_ok_and(|s| s.flow_state == flow_state::SECOND_CHANCE),
+            previous_table,
         })
     }
 }
@@ -219,6 +254,30 @@ pub struct SourceRanges {
     pub matched: Option<String>,
 }
 
+/// Second-chance mode: what a non-SYN of the flow that no entry knows meets at its pick
+/// (lb-ebpf `second_chance`, docs/design.md "Second chance").
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SecondChanceView {
+    /// The VIP's table the pick is from (`current`) and the one kept from before its last
+    /// change (`previous`, one generation back: `None` when the VIP has none).
+    pub current_table_id: u32,
+    pub previous_table_id: Option<u32>,
+    /// The previous table's slot for the flow (its own size) and the backend it holds.
+    pub previous_slot: Option<u32>,
+    pub previous_backend_index: Option<u32>,
+    pub previous_backend: Option<String>,
+    /// The current pick asks its conntrack: the VIP has a previous table whose pick is
+    /// another node than the current pick.
+    pub conntrack_asked: bool,
+    /// Where the check runs: `this node` (the current pick is this node) or the pick's address
+    /// (this node forwards the packet there unchanged and that node checks).
+    pub checked_at: Option<String>,
+    /// What a conntrack hit and a miss do there.
+    pub on_hit: Option<String>,
+    pub on_miss: Option<String>,
+    pub why: String,
+}
+
 /// Everything `explain` says about a flow (`-o json` prints it as is: a stable schema).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Explanation {
@@ -250,6 +309,8 @@ pub struct Explanation {
     pub connection_table: Option<EntryView>,
     /// A TCP packet without SYN, or any UDP packet, of this 5-tuple now.
     pub next_packet: Outcome,
+    /// Second-chance mode only: the check the next packet meets at its pick.
+    pub second_chance: Option<SecondChanceView>,
     /// The VIP's backends with their weights as installed, by address.
     pub backends: Vec<BackendView>,
     pub flood_guard: Option<FloodGuard>,
@@ -407,6 +468,12 @@ pub fn explain(flow: &Flow, inputs: &Inputs) -> anyhow::Result<Explanation> {
                 vip.table_size
             ),
         );
+        if inputs.second_chance_mode {
+            out.recorded = Some(false);
+            out.why
+                .push_str("; not recorded (second-chance mode records no flow)");
+            return out;
+        }
         out.recorded = Some(!guard_holds);
         if guard_holds {
             out.why.push_str(
@@ -445,6 +512,10 @@ pub fn explain(flow: &Flow, inputs: &Inputs) -> anyhow::Result<Explanation> {
             out
         }
     };
+
+    let second_chance = inputs
+        .second_chance_mode
+        .then(|| second_chance_view(&key, &vip, &next_packet, inputs));
 
     let mut notes = vec![
         "the connection table stores no timestamp: an entry's age is unknown (it is evicted least recently used first)".to_owned(),
@@ -496,11 +567,90 @@ pub fn explain(flow: &Flow, inputs: &Inputs) -> anyhow::Result<Explanation> {
         new_connection,
         connection_table: entry,
         next_packet,
+        second_chance,
         backends,
         flood_guard: inputs.flood_guard,
         peers: inputs.peers,
         notes,
     })
+}
+
+/// The second-chance check the next packet meets at its pick (lb-ebpf `second_chance`): asked
+/// only when the VIP has a previous table whose pick is another node than the current pick.
+fn second_chance_view(
+    key: &FlowKey,
+    vip: &VipInfo,
+    next: &Outcome,
+    inputs: &Inputs,
+) -> SecondChanceView {
+    let address = |id: u32| {
+        inputs
+            .backends
+            .get(&id)
+            .map(|b| addr_from_raw(&b.addr, b.family).to_string())
+    };
+    let is_local = |id: u32| {
+        inputs
+            .backends
+            .get(&id)
+            .is_some_and(|b| b.mode == forward_mode::LOCAL)
+    };
+    let has_previous = vip.previous_table != NO_TABLE && !inputs.previous_table.is_empty();
+    let previous_slot = has_previous.then(|| {
+        let affinity = vip.flags & vip_flags::AFFINITY != 0;
+        key.hash(affinity) % inputs.previous_table.len() as u32
+    });
+    let previous_id = previous_slot
+        .and_then(|s| inputs.previous_table.get(s as usize).copied())
+        .filter(|id| *id != NO_BACKEND);
+    let current = (next.decided_by == "maglev")
+        .then_some(next.backend_index)
+        .flatten();
+    let mut view = SecondChanceView {
+        current_table_id: vip.table,
+        previous_table_id: has_previous.then_some(vip.previous_table),
+        previous_slot,
+        previous_backend_index: previous_id,
+        previous_backend: previous_id.and_then(address),
+        conntrack_asked: false,
+        checked_at: None,
+        on_hit: None,
+        on_miss: None,
+        why: String::new(),
+    };
+    let (Some(current), Some(previous)) = (current, previous_id) else {
+        view.why = if has_previous {
+            "not asked: no pick in one of the tables".to_owned()
+        } else {
+            "not asked: the VIP's table has not changed since its previous one was released (no previous table)".to_owned()
+        };
+        return view;
+    };
+    if previous == current || (is_local(current) && is_local(previous)) {
+        view.why = "not asked: the previous table picks the same node".to_owned();
+        return view;
+    }
+    let previous_addr = view.previous_backend.clone().unwrap_or_default();
+    view.conntrack_asked = true;
+    view.checked_at = Some(if is_local(current) {
+        "this node".to_owned()
+    } else {
+        address(current).unwrap_or_default()
+    });
+    view.on_hit = Some(
+        "its stack takes it (second_chance_hit): the connection is the current pick's".to_owned(),
+    );
+    view.on_miss = Some(format!(
+        "handed on to {previous_addr}, the previous table's pick (second_chance_handed_on), from the handed-on MAC: that node passes it to its stack and never hands it on again"
+    ));
+    view.why = format!(
+        "the previous table (#{}) picks {previous_addr} (slot {}), the current (#{}) {}: the pick asks its conntrack whether the flow began there",
+        vip.previous_table,
+        previous_slot.unwrap_or_default(),
+        vip.table,
+        view.checked_at.as_deref().unwrap_or_default(),
+    );
+    view
 }
 
 /// Whether the program follows a connection-table entry (`established_backend`): the entry's
@@ -719,6 +869,14 @@ pub fn render_text(e: &Explanation) -> String {
             e.next_packet.backend.as_deref().unwrap_or("-"),
             e.new_connection.backend.as_deref().unwrap_or("-")
         );
+    }
+    if let Some(sc) = &e.second_chance {
+        let _ = writeln!(out, "2nd chance  {}", sc.why);
+        if let (Some(hit), Some(miss)) = (&sc.on_hit, &sc.on_miss) {
+            let at = sc.checked_at.as_deref().unwrap_or("-");
+            let _ = writeln!(out, "            conntrack hit at {at}: {hit}");
+            let _ = writeln!(out, "            conntrack miss at {at}: {miss}");
+        }
     }
     if let Some(g) = &e.flood_guard {
         let _ = writeln!(
@@ -1060,6 +1218,72 @@ mod tests {
             explain(&f, &d).unwrap().new_connection.counter,
             "drop_no_backend"
         );
+    }
+
+    #[test]
+    fn second_chance_shows_the_previous_pick_and_where_conntrack_is_asked() {
+        let f = flow("192.0.2.7:40312", VIP);
+        let mut i = inputs(&f.vip, 0);
+        i.second_chance_mode = true;
+        // No previous table: nothing is asked, nothing recorded.
+        let e = explain(&f, &i).unwrap();
+        let sc = e.second_chance.clone().unwrap();
+        assert!(
+            !sc.conntrack_asked && sc.previous_table_id.is_none(),
+            "{sc:?}"
+        );
+        assert!(sc.why.contains("no previous table"), "{}", sc.why);
+        assert_eq!(e.next_packet.recorded, Some(false));
+        assert!(
+            e.next_packet.why.contains("records no flow"),
+            "{}",
+            e.next_packet.why
+        );
+
+        // A previous table (#4, 5 slots) that picks the other backend: the pick is asked.
+        let current = e.next_packet.backend_index.unwrap();
+        let other = 1 - current;
+        i.vip.as_mut().unwrap().previous_table = 4;
+        i.previous_table = vec![other; 5];
+        let e = explain(&f, &i).unwrap();
+        let sc = e.second_chance.clone().unwrap();
+        let other_addr = ["10.0.1.1", "10.0.1.2"][other as usize];
+        assert!(sc.conntrack_asked, "{sc:?}");
+        assert_eq!(sc.previous_table_id, Some(4));
+        assert_eq!(sc.current_table_id, 5);
+        assert_eq!(sc.previous_slot, Some(f.key().hash(false) % 5));
+        assert_eq!(sc.previous_backend.as_deref(), Some(other_addr));
+        assert_eq!(sc.checked_at, e.next_packet.backend, "a peer checks it");
+        assert!(sc.on_miss.as_deref().unwrap().contains(other_addr));
+        let text = render_text(&e);
+        assert!(
+            text.contains("2nd chance  the previous table (#4)")
+                && text.contains(&format!(
+                    "conntrack miss at {}",
+                    e.next_packet.backend.as_deref().unwrap()
+                )),
+            "{text}"
+        );
+
+        // The same pick both times (another node): not asked.
+        i.previous_table = vec![current; 5];
+        let sc = explain(&f, &i).unwrap().second_chance.unwrap();
+        assert!(
+            !sc.conntrack_asked && sc.why.contains("same node"),
+            "{sc:?}"
+        );
+
+        // This node is the pick, the previous table another: it asks its own conntrack.
+        i.previous_table = vec![other; 5];
+        i.backends.get_mut(&current).unwrap().mode = forward_mode::LOCAL;
+        let sc = explain(&f, &i).unwrap().second_chance.unwrap();
+        assert_eq!(sc.checked_at.as_deref(), Some("this node"));
+
+        // Table mode: no second-chance view, the flow is recorded.
+        i.second_chance_mode = false;
+        let e = explain(&f, &i).unwrap();
+        assert!(e.second_chance.is_none());
+        assert_eq!(e.next_packet.recorded, Some(true));
     }
 
     #[test]

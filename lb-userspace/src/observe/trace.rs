@@ -208,7 +208,8 @@ pub struct Described {
     /// The counter that recorded the fate (e.g. `tx`, `local`, `drop_source_range`).
     pub verdict: &'static str,
     pub action: &'static str,
-    /// `conn_table`, `maglev` or `none`.
+    /// `conn_table`, `maglev`, `previous_table` (second chance: handed on to the VIP's
+    /// previous table's pick) or `none`.
     pub decided_by: &'static str,
     pub slot: Option<(u32, u32)>,
     pub backend: Option<String>,
@@ -216,6 +217,28 @@ pub struct Described {
     pub generation: u32,
     pub affinity: bool,
     pub recorded: bool,
+    /// The second-chance hop, when this node's check ran or it received a handed-on frame.
+    pub second_chance: Option<SecondChanceHop>,
+}
+
+/// What second chance did with the packet at this node (docs/design.md "Second chance").
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecondChanceHop {
+    /// `checked` (the VIP's current table picked this node and its previous table another:
+    /// conntrack asked) or `received` (a frame another node handed on: to this stack).
+    pub role: &'static str,
+    /// A peer's first-hop frame that this node, its pick, checked (else the client's own).
+    pub from_peer: bool,
+    /// The sender's table picked this node, this node's picks another (a change not yet
+    /// applied on both): a miss goes to this node's own pick, not the previous table's.
+    pub tables_disagree: bool,
+    /// `hit` (kept here) or `miss` (handed on to the previous table's pick); `None` when
+    /// received.
+    pub conntrack: Option<&'static str>,
+    /// The VIP's tables when the event was read: the current one (whose pick was this node)
+    /// and the previous one (one change back, whose pick the packet was handed on to).
+    pub current_table: Option<u32>,
+    pub previous_table: Option<u32>,
 }
 
 pub fn describe(event: &TraceEvent, slots: &Snapshot, clock: &Clock) -> Described {
@@ -238,6 +261,13 @@ pub fn describe(event: &TraceEvent, slots: &Snapshot, clock: &Clock) -> Describe
             |b| addr_from_raw(&b.addr, b.family).to_string(),
         )
     });
+    let vip_info = slots.vips.get(&lb_common::VipKey {
+        addr: flow.dst,
+        port: flow.dport,
+        proto: flow.proto,
+        family: flow.family,
+    });
+    let second_chance = second_chance_hop(event.flags, vip_info);
     let decided_by = match event.source {
         trace_source::CONN_TABLE => "conn_table",
         trace_source::MAGLEV => "maglev",
@@ -265,6 +295,82 @@ pub fn describe(event: &TraceEvent, slots: &Snapshot, clock: &Clock) -> Describe
         affinity: event.flags & trace_flags::AFFINITY != 0,
         recorded: event.source == trace_source::MAGLEV
             && event.flags & trace_flags::NOT_RECORDED == 0,
+        second_chance,
+    }
+}
+
+/// The second-chance hop the event's flags record, with the VIP's tables as read now.
+fn second_chance_hop(flags: u8, vip: Option<&lb_common::VipInfo>) -> Option<SecondChanceHop> {
+    let (checked, received) = (
+        flags & trace_flags::CONNTRACK_ASKED != 0,
+        flags & trace_flags::HANDED_ON != 0,
+    );
+    if !checked && !received {
+        return None;
+    }
+    let conntrack = checked.then_some(if flags & trace_flags::CONNTRACK_HIT != 0 {
+        "hit"
+    } else {
+        "miss"
+    });
+    Some(SecondChanceHop {
+        role: if checked { "checked" } else { "received" },
+        from_peer: flags & trace_flags::FROM_PEER != 0,
+        tables_disagree: flags & trace_flags::TABLES_DISAGREE != 0,
+        conntrack,
+        current_table: vip.map(|v| v.table),
+        previous_table: vip
+            .map(|v| v.previous_table)
+            .filter(|t| *t != lb_common::NO_TABLE),
+    })
+}
+
+impl SecondChanceHop {
+    /// E.g. `second chance: a peer's frame, current table #5 picked this node, conntrack
+    /// miss: handed on by the previous table #4`.
+    fn text(&self) -> String {
+        let table = |t: Option<u32>| t.map_or("?".to_owned(), |t| format!("#{t}"));
+        if self.role == "received" {
+            return "second chance: handed on to this node by another (its previous pick): to this stack, never handed on again".to_owned();
+        }
+        let mut text = if self.tables_disagree {
+            format!(
+                "second chance: a peer's frame its table gave this node, this node's table {} picks another, conntrack ",
+                table(self.current_table)
+            )
+        } else {
+            let peer = if self.from_peer {
+                "a peer's frame, "
+            } else {
+                ""
+            };
+            format!(
+                "second chance: {peer}current table {} picked this node, conntrack ",
+                table(self.current_table)
+            )
+        };
+        if self.conntrack == Some("hit") {
+            text += "hit: kept here";
+        } else if self.tables_disagree {
+            text += "miss: handed on to this node's pick";
+        } else {
+            text += &format!(
+                "miss: handed on by the previous table {}",
+                table(self.previous_table)
+            );
+        }
+        text
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "role": self.role,
+            "from_peer": self.from_peer,
+            "tables_disagree": self.tables_disagree,
+            "conntrack": self.conntrack,
+            "current_table": self.current_table,
+            "previous_table": self.previous_table,
+        })
     }
 }
 
@@ -296,13 +402,23 @@ impl Described {
             line += &format!(" by {}", self.decided_by);
         }
         if let Some((slot, size)) = self.slot {
-            line += &format!(" slot {slot}/{size}");
+            // The current table's slot (the previous table's has its own size).
+            let table = if self.decided_by == "previous_table" {
+                " of the current table"
+            } else {
+                ""
+            };
+            line += &format!(" slot {slot}/{size}{table}");
         }
         if let (Some(addr), Some(id)) = (&self.backend, self.backend_id) {
             line += &format!(" -> {addr} (#{id} gen {})", self.generation);
         }
-        if self.decided_by == "maglev" && !self.recorded {
-            line += " not recorded (flood guard)";
+        // Second-chance mode records nothing by design: only the table mode's guard is news.
+        if self.decided_by == "maglev" && !self.recorded && self.second_chance.is_none() {
+            line += " not recorded (flood guard or second-chance mode)";
+        }
+        if let Some(hop) = &self.second_chance {
+            line += &format!("; {}", hop.text());
         }
         line
     }
@@ -327,6 +443,7 @@ impl Described {
             "generation": self.generation,
             "affinity": self.affinity,
             "recorded": self.recorded,
+            "second_chance": self.second_chance.as_ref().map(SecondChanceHop::json),
         })
     }
 }
@@ -424,6 +541,54 @@ mod tests {
         );
         let err = parse_client("10.0.0").unwrap_err();
         assert!(err.contains("10.0.0") && err.contains("prefix"), "{err}");
+    }
+
+    #[test]
+    fn the_second_chance_hop_is_named() {
+        let vip = lb_common::VipInfo {
+            table: 5,
+            previous_table: 4,
+            ..Default::default()
+        };
+        let asked = trace_flags::CONNTRACK_ASKED;
+        assert_eq!(
+            second_chance_hop(trace_flags::NOT_RECORDED, Some(&vip)),
+            None
+        );
+        let miss = second_chance_hop(asked | trace_flags::FROM_PEER, Some(&vip)).unwrap();
+        assert_eq!(
+            (miss.role, miss.conntrack, miss.from_peer),
+            ("checked", Some("miss"), true)
+        );
+        assert_eq!(
+            (miss.current_table, miss.previous_table),
+            (Some(5), Some(4))
+        );
+        assert_eq!(
+            miss.text(),
+            "second chance: a peer's frame, current table #5 picked this node, conntrack miss: handed on by the previous table #4"
+        );
+        let hit = second_chance_hop(asked | trace_flags::CONNTRACK_HIT, Some(&vip)).unwrap();
+        assert_eq!(hit.conntrack, Some("hit"));
+        assert!(
+            hit.text().ends_with("conntrack hit: kept here"),
+            "{}",
+            hit.text()
+        );
+        let disagree = asked | trace_flags::FROM_PEER | trace_flags::TABLES_DISAGREE;
+        let disagree = second_chance_hop(disagree, Some(&vip)).unwrap();
+        assert!(disagree.tables_disagree);
+        assert!(
+            disagree
+                .text()
+                .ends_with("table #5 picks another, conntrack miss: handed on to this node's pick"),
+            "{}",
+            disagree.text()
+        );
+        let received = second_chance_hop(trace_flags::HANDED_ON, None).unwrap();
+        assert_eq!((received.role, received.conntrack), ("received", None));
+        assert_eq!(received.json()["previous_table"], Value::Null);
+        assert!(received.text().contains("never handed on again"));
     }
 
     #[test]
