@@ -1631,13 +1631,6 @@ fn bgp_ipv4_rack_router(c: &mut Cluster, router: &sluice_tests::bgp_lab::Router)
     let nodes: Vec<Ipv4Addr> = (0..c.nodes()).map(|i| c.node_addr(i)).collect();
     let all: BTreeSet<Ipv4Addr> = nodes.iter().copied().collect();
     let rack: BTreeSet<Ipv4Addr> = BTreeSet::from([nodes[0], nodes[1]]);
-    let (_, took) = router.wait_nexthops(
-        VIP_CLUSTER,
-        Duration::from_secs(60),
-        "the rack's nodes (node-0, node-1) in the VIP's route",
-        |h| *h == rack,
-    )?;
-    router.wait_established(&rack, Duration::from_secs(10))?;
     let session = |addr: IpAddr| {
         format!(
             "peer=\"{} (AS {ROUTER_ASN})\"",
@@ -1654,6 +1647,8 @@ fn bgp_ipv4_rack_router(c: &mut Cluster, router: &sluice_tests::bgp_lab::Router)
             .filter(|k| k.starts_with("sluice_bgp_session_up{"))
             .collect())
     };
+    // Node-2 (unlabelled) first: its agent has the IPv6 router's session, so it read the
+    // BGPPeers, and none with tor-a.
     c.wait_for(
         "node-2's agent has its session with the IPv6 router",
         Duration::from_secs(30),
@@ -1664,6 +1659,13 @@ fn bgp_ipv4_rack_router(c: &mut Cluster, router: &sluice_tests::bgp_lab::Router)
         !node2.iter().any(|k| k.contains(&to_v4)),
         "node-2 is not in rack a, yet its agent has a session with tor-a: {node2:?}"
     );
+    let (_, took) = router.wait_nexthops(
+        VIP_CLUSTER,
+        Duration::from_secs(60),
+        "the rack's nodes (node-0, node-1) in the VIP's route",
+        |h| *h == rack,
+    )?;
+    router.wait_established(&rack, Duration::from_secs(10))?;
     // Labelled into the rack, node-2 peers too (the agent watches its Node: no restart).
     c.kubectl(&[
         "label",
@@ -1728,7 +1730,7 @@ fn bgp_ipv4_rack_router(c: &mut Cluster, router: &sluice_tests::bgp_lab::Router)
         |h| *h == all,
     )?;
     Ok(format!(
-        "node-0 and node-1 (rack a) in FRR's ECMP route {:.1} s after the rollout, their MD5 sessions Established, node-2 (unlabelled) with no session to tor-a (its /metrics: {node2:?}); labelled, node-2 in the route after {:.1} s; 120 of 120 answered, SYNs entering by node {entered:?}; node-1 out of the route {:.2} s after its pod's deletion, 12 of 12 long-lived connections unbroken, node-1 back with its new pod",
+        "node-0 and node-1 (rack a) in FRR's ECMP route {:.1} s after node-2's check, their MD5 sessions Established, node-2 (unlabelled) with no session to tor-a (its /metrics: {node2:?}); labelled, node-2 in the route after {:.1} s; 120 of 120 answered, SYNs entering by node {entered:?}; node-1 out of the route {:.2} s after its pod's deletion, 12 of 12 long-lived connections unbroken, node-1 back with its new pod",
         took.as_secs_f64(),
         joined.as_secs_f64(),
         left.as_secs_f64()
