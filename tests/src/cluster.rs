@@ -5,12 +5,12 @@
 //!   client ─┐                       switch namespace: bridge br0, one port per namespace
 //!   cp ─────┤ br0 (10.80.0.0/24)    cp: etcd, kube-apiserver, controller-manager, scheduler
 //!   node-0 ─┤                       node-i: its own network AND mount namespace, running its
-//!   node-1 ─┤                         containerd, kubelet and kube-proxy; interface eth0 (the
-//!   node-2 ─┘                         name deploy/base/20-configmap.yaml gives), pods on 10.244.i.0/24
+//!   node-1 ─┤                         containerd, kubelet and kube-proxy; its interface on the
+//!   node-2 ─┘                         bridge (eth0, or a name per node), pods on 10.244.i.0/24
 //! ```
 //!
-//! Every node is a network namespace (`eth0` on the bridge, routes to the other nodes' pod
-//! CIDRs) and a mount namespace of its own, in which the node's bpffs is mounted on /sys/fs/bpf
+//! Every node is a network namespace (its interface on the bridge, routes to the other nodes'
+//! pod CIDRs) and a mount namespace of its own, in which the node's bpffs is mounted on /sys/fs/bpf
 //! (so the agents' pins do not meet, as on separate machines) and tmpfs over /run/containerd,
 //! /run/netns and /var/lib/cni (containerd's and the CNI plugins' state). Its daemons are started
 //! with `nsenter --mount --net` (not `ip netns exec`, whose private /sys would hide the cgroups).
@@ -29,6 +29,10 @@
 //! control plane ::2, node i ::10+i hex), node i's pods also fd44:0:0:i::/64, each kubelet
 //! `--node-ip=<IPv4>,<IPv6>` (a Node InternalIP of each family), each kube-proxy an iptables and
 //! an ip6tables proxier. Services are IPv4 unless they ask for IPv6 (`ipFamilies`).
+//!
+//! Nodes' interfaces are `eth0` unless [`Cluster::start_with_node_ifaces`] names them per node
+//! (`eno1`, `enp3s0`, ...: as on a real cluster, where the agents' `--iface auto` must find each
+//! one by the Node's InternalIP).
 //!
 //! The host network namespace is not touched: the bridge is in a namespace of its own. Host-wide
 //! state the kubelet writes (vm.overcommit_memory, kernel.panic, kernel.panic_on_oops) is saved
@@ -67,8 +71,12 @@ pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 const NET6: u16 = 0xfd80;
 /// The pods of node i, IPv6: fd44:0:0:i::/64.
 pub const CLUSTER_CIDR6: &str = "fd44::/48";
-/// The interface of every namespace on the bridge (deploy/base/20-configmap.yaml's `iface`).
+/// The client's and control plane's interface on the bridge, and every node's unless
+/// [`Cluster::start_with_node_ifaces`] names them.
 pub const IFACE: &str = "eth0";
+/// Interface names as a real cluster mixes them (onboard, PCI slot, classic): node i gets the
+/// i-th (the cluster test's nodes).
+pub const MIXED_IFACES: [&str; 3] = ["eno1", "enp3s0", "eth0"];
 /// The pause image's reference (containerd's sandbox_image).
 const PAUSE_IMAGE: &str = "localhost/sluice-test-pause:3.2";
 /// Host-wide sysctls the kubelet sets on start; saved before and restored after.
@@ -99,7 +107,9 @@ pub struct ClusterConfig {
 struct NodeState {
     name: String,
     ns: String,
-    /// Switch-side port of its eth0.
+    /// Its interface on the bridge.
+    iface: String,
+    /// Switch-side port of its interface.
     port: String,
     addr: Ipv4Addr,
     addr6: Ipv6Addr,
@@ -200,12 +210,28 @@ fn tail(path: &Path, n: usize) -> String {
 
 impl Cluster {
     /// Builds and starts the whole cluster; nodes are Ready when it returns. Whatever was built
-    /// is removed again on error.
+    /// is removed again on error. Every node's interface is [`IFACE`].
     pub fn start(cfg: ClusterConfig) -> Result<Cluster> {
+        Self::start_with_node_ifaces(cfg, &[])
+    }
+
+    /// [`Cluster::start`] with node i's interface named `ifaces[i]` ([`IFACE`] past the end;
+    /// at most 15 characters, as `ip link` takes).
+    pub fn start_with_node_ifaces(cfg: ClusterConfig, ifaces: &[&str]) -> Result<Cluster> {
         ensure!(
             (1..=20).contains(&cfg.nodes),
             "ClusterConfig.nodes must be 1 to 20"
         );
+        for name in ifaces {
+            ensure!(
+                (1..=15).contains(&name.len())
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b)),
+                // No '.': the name goes into sysctl keys (net.ipv4.conf.NAME.rp_filter).
+                "interface name {name:?}: 1 to 15 of [A-Za-z0-9_-]"
+            );
+        }
         crate::lab::require_root();
         for tool in ["containerd", "ctr", "runc", "nsenter", "unshare", "buildah"] {
             ensure!(
@@ -236,6 +262,7 @@ impl Cluster {
                 let ndir = dir.join(&name);
                 NodeState {
                     ns: format!("{id}-n{i}"),
+                    iface: ifaces.get(i).copied().unwrap_or(IFACE).to_owned(),
                     port: format!("sw-n{i}"),
                     addr: node_addr(i),
                     addr6: node_addr6(i),
@@ -346,6 +373,7 @@ impl Cluster {
         let mut ends = vec![
             (
                 self.client.clone(),
+                IFACE.to_owned(),
                 "sw-c".to_owned(),
                 client_addr(),
                 client_addr6(),
@@ -353,6 +381,7 @@ impl Cluster {
             ),
             (
                 self.cp.clone(),
+                IFACE.to_owned(),
                 "sw-cp".to_owned(),
                 cp_addr(),
                 cp_addr6(),
@@ -360,29 +389,36 @@ impl Cluster {
             ),
         ];
         for (i, n) in self.nodes.iter().enumerate() {
-            ends.push((n.ns.clone(), n.port.clone(), n.addr, n.addr6, 10 + i as u8));
+            ends.push((
+                n.ns.clone(),
+                n.iface.clone(),
+                n.port.clone(),
+                n.addr,
+                n.addr6,
+                10 + i as u8,
+            ));
         }
-        for (ns, port, addr, addr6, k) in &ends {
+        for (ns, iface, port, addr, addr6, k) in &ends {
             let mac = format!("02:5c:50:00:00:{k:02x}");
             ip(
                 &sw,
                 &[
-                    "link", "add", port, "type", "veth", "peer", "name", IFACE, "address", &mac,
+                    "link", "add", port, "type", "veth", "peer", "name", iface, "address", &mac,
                     "netns", ns,
                 ],
             )?;
             ip(&sw, &["link", "set", port, "master", "br0"])?;
             // A veth that sends into a native XDP path must compute checksums itself.
             in_ns(&sw, &["ethtool", "-K", port, "tx", "off"])?;
-            in_ns(ns, &["ethtool", "-K", IFACE, "tx", "off"])?;
-            ip(ns, &["addr", "add", &format!("{addr}/24"), "dev", IFACE])?;
+            in_ns(ns, &["ethtool", "-K", iface, "tx", "off"])?;
+            ip(ns, &["addr", "add", &format!("{addr}/24"), "dev", iface])?;
             // Dual-stack segment; nodad: usable at once, no duplicate detection to wait for.
             ip(
                 ns,
-                &["addr", "add", &format!("{addr6}/64"), "dev", IFACE, "nodad"],
+                &["addr", "add", &format!("{addr6}/64"), "dev", iface, "nodad"],
             )?;
             ip(&sw, &["link", "set", port, "up"])?;
-            ip(ns, &["link", "set", IFACE, "up"])?;
+            ip(ns, &["link", "set", iface, "up"])?;
         }
         in_ns(
             &sw,
@@ -407,6 +443,7 @@ impl Cluster {
             ],
         )?;
         for (i, n) in self.nodes.iter().enumerate() {
+            let iface = n.iface.as_str();
             in_ns(
                 &n.ns,
                 &[
@@ -416,10 +453,10 @@ impl Cluster {
                     "net.ipv4.ip_forward=1",
                     "net.ipv4.conf.all.rp_filter=0",
                     "net.ipv4.conf.default.rp_filter=0",
-                    "net.ipv4.conf.eth0.rp_filter=0",
+                    &format!("net.ipv4.conf.{iface}.rp_filter=0"),
                     // Forwarded traffic leaves by the port it came in on: no redirects.
                     "net.ipv4.conf.all.send_redirects=0",
-                    "net.ipv4.conf.eth0.send_redirects=0",
+                    &format!("net.ipv4.conf.{iface}.send_redirects=0"),
                     "net.ipv6.conf.all.forwarding=1",
                 ],
             )?;
@@ -439,7 +476,7 @@ impl Cluster {
                     "via",
                     &cp_addr().to_string(),
                     "dev",
-                    IFACE,
+                    iface,
                 ],
             )?;
             ip(
@@ -452,7 +489,7 @@ impl Cluster {
                     "via",
                     &cp_addr6().to_string(),
                     "dev",
-                    IFACE,
+                    iface,
                 ],
             )?;
             for j in 0..self.nodes.len() {
@@ -461,12 +498,12 @@ impl Cluster {
                         (format!("10.244.{j}.0/24"), node_addr(j).to_string()),
                         (pod_cidr6(j), node_addr6(j).to_string()),
                     ] {
-                        ip(&n.ns, &["route", "add", &cidr, "via", &via, "dev", IFACE])?;
+                        ip(&n.ns, &["route", "add", &cidr, "via", &via, "dev", iface])?;
                     }
                 }
             }
         }
-        // XDP_TX out of a node's eth0 lands on its switch port, which needs an XDP program.
+        // XDP_TX out of a node's interface lands on its switch port, which needs an XDP program.
         fs::create_dir_all(&self.bpffs)?;
         cmd::sh(&["mount", "-t", "bpf", "bpf", &self.bpffs.to_string_lossy()])?;
         self.bpffs_mounted = true;
@@ -960,7 +997,11 @@ featureGates: {{IPv6DualStack: true}}
     pub fn node_ns(&self, i: usize) -> &str {
         &self.nodes[i].ns
     }
-    /// The switch-side port of node `i`'s eth0.
+    /// Node `i`'s interface on the bridge (where its agent attaches).
+    pub fn node_iface(&self, i: usize) -> &str {
+        &self.nodes[i].iface
+    }
+    /// The switch-side port of node `i`'s interface.
     pub fn node_port(&self, i: usize) -> &str {
         &self.nodes[i].port
     }
@@ -1030,7 +1071,7 @@ featureGates: {{IPv6DualStack: true}}
             .map(|(mac, _state)| mac))
     }
 
-    /// The MAC of node `i`'s eth0.
+    /// The MAC of node `i`'s interface.
     pub fn node_mac(&self, i: usize) -> String {
         format!("02:5c:50:00:00:{:02x}", 10 + i)
     }
@@ -1208,6 +1249,22 @@ featureGates: {{IPv6DualStack: true}}
         )?;
         crate::lab::parse_metrics(&out.stdout)
             .with_context(|| format!("the agent's /metrics on {}", self.node_name(i)))
+    }
+
+    /// Node `i`'s agent's `/readyz` body (the DaemonSet's health address, 127.0.0.1:9941): the
+    /// attached interface and why, then what is degraded.
+    pub fn agent_readyz(&self, i: usize) -> Result<String> {
+        let out = self.node_exec(
+            i,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                "http://127.0.0.1:9941/readyz",
+            ],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     // ----- waiting -----

@@ -6,6 +6,8 @@
 //! One test (one cluster start, ~30 s; ~6 minutes in all) checks in order, and reports every
 //! check's result before failing on any:
 //! - the DaemonSet's pod is Running and ready on every node;
+//! - each node's interface has its own name (`eno1`, `enp3s0`, `eth0`) and the ConfigMap says
+//!   `iface: auto`: each agent attached to its node's, by the Node's InternalIP (log, `/readyz`);
 //! - the client routes the VIP to one node (as a BGP router would): many new connections reach
 //!   pods on every node; each SYN crosses the segment at most twice (client -> node, node ->
 //!   chosen node): nothing is balanced twice;
@@ -18,10 +20,14 @@
 //!   through kube-proxy (iptables / ip6tables); its on-link IPv6 VIP (`--announce`: NDP answered
 //!   from XDP) resolves to the elected node's MAC, which moves to another node's when the
 //!   elected node's agent pod is deleted;
-//! - BGP through the DaemonSet (ConfigMap `bgp: "true"`): a real FRR in the client's namespace
-//!   gets the VIP from every node and routes it by ECMP; new connections enter by every node;
+//! - BGP through the DaemonSet (ConfigMap `bgp: "true"`) and BGPPeer resources: a real FRR in
+//!   the client's namespace; the IPv4 BGPPeer selects nodes by a label and carries a TCP-MD5
+//!   password from a Secret that FRR checks: only the labelled nodes peer, the third joins once
+//!   labelled; FRR routes the VIP by ECMP over every node; new connections enter by every node;
 //!   a node's agent pod deleted (SIGTERM: graceful shutdown, withdraw) leaves the route while
-//!   long-lived connections through it go on, none broken;
+//!   long-lived connections through it go on, none broken. The IPv6 BGPPeer: the IPv6 VIP's
+//!   /128 reaches FRR's IPv6 table via every node, and the client's connections through it are
+//!   answered;
 //! - the receiving node's link down: how long new connections fail, and how soon another
 //!   node's agent drained it by its health check (reported).
 //!
@@ -570,10 +576,14 @@ fn sluice_deployed_on_a_real_cluster() {
     let next = image::build_sluice_image(&image::musl_binary(), &next_tag)
         .expect("building the second image tag");
     let web = image::build_web_image(WEB_TAG).expect("building the web image");
-    let mut c = Cluster::start(ClusterConfig {
-        nodes: NODES,
-        images: vec![archive, next, web],
-    })
+    // Each node's interface has its own name (eno1, enp3s0, eth0), as in a mixed cluster.
+    let mut c = Cluster::start_with_node_ifaces(
+        ClusterConfig {
+            nodes: NODES,
+            images: vec![archive, next, web],
+        },
+        &cluster::MIXED_IFACES,
+    )
     .expect("starting the cluster");
     let cluster_start = c.age();
     let mut checks = Checks::default();
@@ -679,36 +689,11 @@ fn sluice_deployed_on_a_real_cluster() {
             hold_for_inspection(&c);
         }
     }
-    // The ConfigMap says `iface: auto`: each agent attached to the interface that carries its
-    // Node's InternalIP, and said so.
-    let attached = (|| -> Result<String> {
-        let pods = agent_pods(&c)?;
-        for i in 0..c.nodes() {
-            let (pod, _, _) = pods
-                .get(c.node_name(i))
-                .with_context(|| format!("no agent pod on {}", c.node_name(i)))?;
-            let logs = c.kube().kubectl_on(
-                0,
-                &["logs", "-n", AGENT_NAMESPACE, pod],
-                Duration::from_secs(20),
-            )?;
-            let want = format!(
-                "attaching to {}: --iface auto: it carries the node's InternalIP {}",
-                cluster::IFACE,
-                c.node_addr(i)
-            );
-            ensure!(
-                String::from_utf8_lossy(&logs.stdout).contains(&want),
-                "{pod} does not say {want:?}"
-            );
-        }
-        Ok(format!(
-            "every agent on {} by its InternalIP",
-            cluster::IFACE
-        ))
-    })();
+    // The ConfigMap says `iface: auto` and every node's interface has another name: each agent
+    // attached to its own node's, found by the Node's InternalIP, and says so.
+    let attached = iface_auto_per_node(&c);
     checks.result(
-        "--iface auto attaches where the Node's InternalIP is",
+        "--iface auto attaches where the Node's InternalIP is, a different name on each node",
         attached,
     );
     let web_ready = c.wait_for("web pods ready", Duration::from_secs(90), || {
@@ -1086,10 +1071,14 @@ fn sluice_deployed_on_a_real_cluster() {
     );
 
     // ----- BGP through the DaemonSet: FRR in the client announces ECMP over every node -----
-    let r = bgp_through_the_daemonset(&mut c);
+    let (v4, v6) = bgp_through_the_daemonset(&mut c);
     checks.result(
-        "BGP via the DaemonSet: every node in the router's ECMP route, connections spread and survive a node's drain",
-        r,
+        "BGP via the DaemonSet and BGPPeers: only the selected nodes peer, with the MD5 password from a Secret; every node in the router's ECMP route once labelled, connections spread and survive a node's drain",
+        v4,
+    );
+    checks.result(
+        "BGP over IPv6 via a BGPPeer: the IPv6 VIP's /128 in FRR's table via every node, the client answered through it",
+        v6,
     );
 
     // ----- the receiving node's link down: sluice drains it, then how long new connections fail -----
@@ -1117,6 +1106,50 @@ fn sluice_deployed_on_a_real_cluster() {
 /// agent holding the allocator's Lease writes 20 distinct pool addresses into their status
 /// within 5 s, and one of them answers through sluice (the client routes it to node-0). The
 /// Services and the pool are deleted after.
+/// `iface: auto` on nodes whose interfaces have different names: on each node the agent's XDP
+/// program is on that node's interface (the kernel says so), and its log and `/readyz` name it
+/// with the reason (it carries the Node's InternalIP).
+fn iface_auto_per_node(c: &Cluster) -> Result<String> {
+    let pods = agent_pods(c)?;
+    let mut seen = Vec::new();
+    for i in 0..c.nodes() {
+        let (node, iface) = (c.node_name(i), c.node_iface(i));
+        let (pod, _, _) = pods
+            .get(node)
+            .with_context(|| format!("no agent pod on {node}"))?;
+        let why = format!(
+            "--iface auto: it carries the node's InternalIP {}",
+            c.node_addr(i)
+        );
+        let link = c.node_exec(i, &["ip", "-d", "link", "show", "dev", iface])?;
+        ensure!(
+            String::from_utf8_lossy(&link.stdout).contains("prog/xdp"),
+            "{node}'s {iface} has no XDP program"
+        );
+        let logs = c.kube().kubectl_on(
+            0,
+            &["logs", "-n", AGENT_NAMESPACE, pod],
+            Duration::from_secs(20),
+        )?;
+        let want = format!("attaching to {iface}: {why}");
+        ensure!(
+            String::from_utf8_lossy(&logs.stdout).contains(&want),
+            "{pod} on {node} does not log {want:?}"
+        );
+        let readyz = c.agent_readyz(i)?;
+        let want = format!("interface {iface}: {why}");
+        ensure!(
+            readyz.contains(&want),
+            "{node}'s /readyz does not say {want:?}: {readyz:?}"
+        );
+        seen.push(format!("{node} {iface}"));
+    }
+    Ok(format!(
+        "XDP on, log and /readyz naming each node's own interface by its InternalIP: {}",
+        seen.join(", ")
+    ))
+}
+
 /// Installs sluice from one of deploy/'s kustomize overlays with `kubectl apply -k`, as the
 /// README tells users to, and checks that every object the overlay renders now exists and
 /// that the DaemonSet runs the image tagged with the version (deploy/base's one tag).
@@ -1438,105 +1471,352 @@ fn node_link_down(c: &Cluster) -> Result<String> {
     result
 }
 
-/// FRR in the client's namespace (the client is its own router), the agents switched to BGP
-/// through the ConfigMap and a rolling restart of the DaemonSet: the kernel route of the VIP
-/// gets a next hop per node; new connections enter by every node (SYNs from the client per
-/// node MAC, counted on the bridge); then node-1's agent pod is deleted (SIGTERM: it re-announces
-/// with graceful shutdown, withdraws, keeps XDP) while long-lived connections run: node-1
-/// leaves the route and no connection breaks (whichever node they now enter by picks the same
-/// node behind it, and that node's kube-proxy the same pod). The client's static route and
-/// BGP off are restored after.
-fn bgp_through_the_daemonset(c: &mut Cluster) -> Result<String> {
-    use sluice_tests::bgp_lab::{Router, RouterKind};
+/// The Node label the IPv4 BGPPeer selects by (a rack's top-of-rack router).
+const RACK_LABEL: &str = "sluice-test/rack";
+/// The Secret (in the agent's namespace) with the IPv4 BGPPeer's TCP-MD5 password.
+const BGP_SECRET: &str = "bgp-tor-a";
+/// The password FRR expects of every node (`neighbor X password`) and the Secret holds.
+const BGP_PASSWORD: &str = "tor-a-s3cret";
+
+/// FRR in the client's namespace (the client is its own router) and two BGPPeer resources, as a
+/// user writes them: `tor-a` (IPv4, TCP-MD5 password from a Secret, nodes labelled
+/// `sluice-test/rack=a`) and `tor-a-v6` (IPv6, every node). One rolling restart turns BGP on
+/// (the ConfigMap, no `bgp-peers`). Returns the IPv4 scenario's result and the IPv6 one's,
+/// each checked even when the other fails:
+/// - IPv4 ([`bgp_ipv4_rack_router`]): only the labelled nodes peer, with the password FRR
+///   checks; labelling the third brings it in; ECMP over every node, connections enter by
+///   every node, node-1's pod deleted while long-lived connections run (none broken), back.
+/// - IPv6 ([`bgp_ipv6_router`]): the IPv6 VIP's /128 in FRR's IPv6 table and the client's
+///   kernel with every node as next hop, and the client's connections to it answered, entering
+///   by every node.
+///
+/// BGP off, the client's static routes and the nodes' labels are restored after.
+fn bgp_through_the_daemonset(c: &mut Cluster) -> (Result<String>, Result<String>) {
+    use sluice_tests::bgp_lab::{Router, RouterKind, RouterOptions};
+    let started = Instant::now();
     let nodes: Vec<Ipv4Addr> = (0..c.nodes()).map(|i| c.node_addr(i)).collect();
     let client = cluster::client_addr();
-    let router = Router::start(RouterKind::Frr, c.client_ns(), client, &nodes, &[], c.dir())?;
-    let result = (|| -> Result<String> {
-        configure_bgp(c, Some(client))?;
-        // The static route gives way to what the router learns.
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "exec", c.client_ns(), "ip", "route", "del"])
-            .arg(format!("{VIP_CLUSTER}/32"))
-            .status();
-        let all: std::collections::BTreeSet<Ipv4Addr> = nodes.iter().copied().collect();
-        let (_, took) = router.wait_nexthops(
-            VIP_CLUSTER,
-            Duration::from_secs(60),
-            "every node in the VIP's route",
-            |h| *h == all,
-        )?;
-        // SYNs from the client, by the node MAC they are sent to (ECMP's choice).
-        let macs: Vec<String> = (0..c.nodes()).map(|i| c.node_mac(i)).collect();
-        count_client_syns(c, &macs)?;
-        let s = spread(c, VIP_CLUSTER, 120)?;
-        let entered = client_syns(c, c.nodes())?;
-        ensure!(s.failed == 0, "{} of 120 failed through ECMP", s.failed);
-        ensure!(
-            entered.iter().all(|n| *n > 0),
-            "new connections did not enter by every node: {entered:?}"
-        );
-        // Long-lived connections, then node-1's agent pod deleted.
-        let echo = SocketAddrV4::new(VIP_CLUSTER, image::WEB_ECHO_PORT);
-        let conns: Vec<_> = (0..12).map(|_| c.long_conn(echo)).collect::<Result<_>>()?;
-        for conn in &conns {
-            conn.wait_echoes(3, Duration::from_secs(20))?;
+    let router = match Router::start_with(
+        RouterKind::Frr,
+        c.client_ns(),
+        client,
+        &nodes,
+        &RouterOptions {
+            passwords: (0..c.nodes())
+                .map(|i| (i, BGP_PASSWORD.to_owned()))
+                .collect(),
+            ipv6_nodes: (0..c.nodes()).map(|i| c.node_addr6(i)).collect(),
+            ..RouterOptions::default()
+        },
+        c.dir(),
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            return (Err(e), Err(anyhow::anyhow!("no router: {msg}")));
         }
-        let pod = agent_pods(c)?
-            .get(c.node_name(1))
-            .map(|(name, _, _)| name.clone())
-            .context("no agent pod on node-1")?;
-        c.kubectl(&["delete", "pod", "-n", AGENT_NAMESPACE, &pod, "--wait=false"])?;
-        let without1: std::collections::BTreeSet<Ipv4Addr> =
-            all.iter().copied().filter(|a| *a != nodes[1]).collect();
-        let (_, left) = router.wait_nexthops(
-            VIP_CLUSTER,
-            Duration::from_secs(30),
-            "node-1 leaves the route after its pod's SIGTERM",
-            |h| *h == without1,
-        )?;
-        for conn in &conns {
-            conn.wait_echoes(5, Duration::from_secs(30))?;
+    };
+    let results = match bgp_peers_through_the_daemonset(c) {
+        Ok(restart) => {
+            let v4 = bgp_ipv4_rack_router(c, &router).map(|d| format!("{restart}; {d}"));
+            let v6 = bgp_ipv6_router(c, &router);
+            (v4, v6)
         }
-        let hurt: Vec<_> = conns
-            .into_iter()
-            .map(|conn| conn.finish())
-            .filter(|r| !r.is_clean())
-            .collect();
-        ensure!(
-            hurt.is_empty(),
-            "{} of 12 connections broke or moved while node-1 drained: {hurt:?}",
-            hurt.len()
-        );
-        // The DaemonSet brings node-1's agent back, and with it its route.
-        router.wait_nexthops(
-            VIP_CLUSTER,
-            Duration::from_secs(120),
-            "node-1 back in the route with its new pod",
-            |h| *h == all,
-        )?;
-        Ok(format!(
-            "all 3 nodes in FRR's ECMP route {:.1} s after the rollout; 120 of 120 answered, SYNs entering by node {entered:?}; node-1 out of the route {:.2} s after its pod's deletion, 12 of 12 long-lived connections unbroken, node-1 back with its new pod",
-            took.as_secs_f64(),
-            left.as_secs_f64()
-        ))
-    })();
-    // Back to the static route and BGP off, for the checks after this one.
+        Err(e) => {
+            let msg = format!("{e:#}");
+            (Err(e), Err(anyhow::anyhow!("BGP not configured: {msg}")))
+        }
+    };
+    // Back to the static routes, BGP off and no rack label, for the checks after this one.
     drop(router);
-    let restored = configure_bgp(c, None).and_then(|()| c.route_vip_via(VIP_CLUSTER, 0));
-    let out = result?;
-    restored?;
-    Ok(out)
+    let restored = configure_bgp(c, false)
+        .and_then(|()| c.route_vip_via(VIP_CLUSTER, 0))
+        .and_then(|()| c.route_vip_via(VIP_DUAL6, 0));
+    for i in 0..c.nodes() {
+        // Cleanup only (the label may be absent after an early failure).
+        let _ = c.kubectl(&["label", "node", c.node_name(i), &format!("{RACK_LABEL}-")]);
+    }
+    let took = started.elapsed();
+    match restored {
+        Ok(()) => (
+            results
+                .0
+                .map(|d| format!("{d}; BGP part {:.1} s in all", took.as_secs_f64())),
+            results.1,
+        ),
+        Err(e) => (
+            results.0.and(Err(e.context("restoring after BGP"))),
+            results.1,
+        ),
+    }
 }
 
-/// BGP on (peering with the router at `router`) or off in the agents' ConfigMap, then a rolling
-/// restart of the DaemonSet so that the pods take it (flags come from the ConfigMap).
-fn configure_bgp(c: &Cluster, router: Option<Ipv4Addr>) -> Result<()> {
-    use sluice_tests::bgp_lab::{NODE_ASN, ROUTER_ASN};
-    let patch = match router {
-        Some(r) => format!(
-            r#"{{"data": {{"bgp": "true", "bgp-asn": "{NODE_ASN}", "bgp-peers": "{r}={ROUTER_ASN}"}}}}"#
-        ),
-        None => r#"{"data": {"bgp": "false", "bgp-peers": ""}}"#.to_owned(),
+/// The BGPPeers, their Secret and the grant to read it (`deploy/overlays/bgp/secrets-rbac.yaml`:
+/// the beside-metallb overlay installed here has none), node-0 and node-1 labelled into the
+/// rack, then BGP on by one rolling restart; the client's static routes of the two VIPs give
+/// way to what FRR learns. Returns what it did.
+fn bgp_peers_through_the_daemonset(c: &Cluster) -> Result<String> {
+    use sluice_tests::bgp_lab::ROUTER_ASN;
+    let grant = repo_root().join("deploy/overlays/bgp/secrets-rbac.yaml");
+    c.kubectl(&["apply", "-f", &grant.to_string_lossy()])?;
+    c.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        BGP_SECRET,
+        "-n",
+        AGENT_NAMESPACE,
+        &format!("--from-literal=password={BGP_PASSWORD}"),
+    ])?;
+    for i in [0, 1] {
+        c.kubectl(&[
+            "label",
+            "node",
+            c.node_name(i),
+            &format!("{RACK_LABEL}=a"),
+            "--overwrite",
+        ])?;
+    }
+    c.kube().apply_yaml(&format!(
+        r#"apiVersion: sluice.io/v1alpha1
+kind: BGPPeer
+metadata: {{name: tor-a}}
+spec:
+  peerAddress: "{client}"
+  peerASN: {ROUTER_ASN}
+  passwordSecretRef: {{name: {BGP_SECRET}}}
+  nodeSelector: {{matchLabels: {{{RACK_LABEL}: a}}}}
+---
+apiVersion: sluice.io/v1alpha1
+kind: BGPPeer
+metadata: {{name: tor-a-v6}}
+spec:
+  peerAddress: "{client6}"
+  peerASN: {ROUTER_ASN}
+"#,
+        client = cluster::client_addr(),
+        client6 = cluster::client_addr6(),
+    ))?;
+    let t = Instant::now();
+    configure_bgp(c, true)?;
+    let restart = t.elapsed();
+    // The static routes give way to what the router learns; IPv6 ECMP hashes on ports too.
+    for (family, host) in [
+        ("-4", format!("{VIP_CLUSTER}/32")),
+        ("-6", format!("{VIP_DUAL6}/128")),
+    ] {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "exec", c.client_ns(), "ip", family, "route", "del"])
+            .arg(host)
+            .status();
+    }
+    let ok = std::process::Command::new("ip")
+        .args(["netns", "exec", c.client_ns()])
+        .args(["sysctl", "-q", "-w", "net.ipv6.fib_multipath_hash_policy=1"])
+        .status()?
+        .success();
+    ensure!(ok, "setting the client's IPv6 multipath hash policy");
+    Ok(format!(
+        "BGPPeers tor-a (IPv4, password from Secret {BGP_SECRET}, {RACK_LABEL}=a) and tor-a-v6 (IPv6, every node), BGP on by a rolling restart of {:.1} s",
+        restart.as_secs_f64()
+    ))
+}
+
+/// The IPv4 rack router `tor-a`: see [`bgp_through_the_daemonset`]. Node-2 (unlabelled) has a
+/// session with the IPv6 router and none with `tor-a` in its own `/metrics` (it read the
+/// BGPPeers and left `tor-a` out), and FRR has only node-0's and node-1's sessions, which carry
+/// the password FRR checks (FRR drops the SYNs of a session without it).
+fn bgp_ipv4_rack_router(c: &mut Cluster, router: &sluice_tests::bgp_lab::Router) -> Result<String> {
+    use sluice_tests::bgp_lab::ROUTER_ASN;
+    let nodes: Vec<Ipv4Addr> = (0..c.nodes()).map(|i| c.node_addr(i)).collect();
+    let all: BTreeSet<Ipv4Addr> = nodes.iter().copied().collect();
+    let rack: BTreeSet<Ipv4Addr> = BTreeSet::from([nodes[0], nodes[1]]);
+    let session = |addr: IpAddr| {
+        format!(
+            "peer=\"{} (AS {ROUTER_ASN})\"",
+            std::net::SocketAddr::new(addr, 179)
+        )
+    };
+    let (to_v4, to_v6) = (
+        session(cluster::client_addr().into()),
+        session(cluster::client_addr6().into()),
+    );
+    let sessions_of_node2 = || -> Result<Vec<String>> {
+        Ok(c.agent_metrics(2)?
+            .into_keys()
+            .filter(|k| k.starts_with("sluice_bgp_session_up{"))
+            .collect())
+    };
+    // Node-2 (unlabelled) first: its agent has the IPv6 router's session, so it read the
+    // BGPPeers, and none with tor-a.
+    c.wait_for(
+        "node-2's agent has its session with the IPv6 router",
+        Duration::from_secs(30),
+        || Ok(sessions_of_node2()?.iter().any(|k| k.contains(&to_v6))),
+    )?;
+    let node2 = sessions_of_node2()?;
+    ensure!(
+        !node2.iter().any(|k| k.contains(&to_v4)),
+        "node-2 is not in rack a, yet its agent has a session with tor-a: {node2:?}"
+    );
+    let (_, took) = router.wait_nexthops(
+        VIP_CLUSTER,
+        Duration::from_secs(60),
+        "the rack's nodes (node-0, node-1) in the VIP's route",
+        |h| *h == rack,
+    )?;
+    router.wait_established(&rack, Duration::from_secs(10))?;
+    // Labelled into the rack, node-2 peers too (the agent watches its Node: no restart).
+    c.kubectl(&[
+        "label",
+        "node",
+        c.node_name(2),
+        &format!("{RACK_LABEL}=a"),
+        "--overwrite",
+    ])?;
+    let (_, joined) = router.wait_nexthops(
+        VIP_CLUSTER,
+        Duration::from_secs(60),
+        "node-2 in the VIP's route once labelled into the rack",
+        |h| *h == all,
+    )?;
+    router.wait_established(&all, Duration::from_secs(10))?;
+    // SYNs from the client, by the node MAC they are sent to (ECMP's choice).
+    let macs: Vec<String> = (0..c.nodes()).map(|i| c.node_mac(i)).collect();
+    count_client_syns(c, &macs, VIP_CLUSTER.into())?;
+    let s = spread(c, VIP_CLUSTER, 120)?;
+    let entered = client_syns(c, c.nodes())?;
+    ensure!(s.failed == 0, "{} of 120 failed through ECMP", s.failed);
+    ensure!(
+        entered.iter().all(|n| *n > 0),
+        "new connections did not enter by every node: {entered:?}"
+    );
+    // Long-lived connections, then node-1's agent pod deleted.
+    let echo = SocketAddrV4::new(VIP_CLUSTER, image::WEB_ECHO_PORT);
+    let conns: Vec<_> = (0..12).map(|_| c.long_conn(echo)).collect::<Result<_>>()?;
+    for conn in &conns {
+        conn.wait_echoes(3, Duration::from_secs(20))?;
+    }
+    let pod = agent_pods(c)?
+        .get(c.node_name(1))
+        .map(|(name, _, _)| name.clone())
+        .context("no agent pod on node-1")?;
+    c.kubectl(&["delete", "pod", "-n", AGENT_NAMESPACE, &pod, "--wait=false"])?;
+    let without1: BTreeSet<Ipv4Addr> = all.iter().copied().filter(|a| *a != nodes[1]).collect();
+    let (_, left) = router.wait_nexthops(
+        VIP_CLUSTER,
+        Duration::from_secs(30),
+        "node-1 leaves the route after its pod's SIGTERM",
+        |h| *h == without1,
+    )?;
+    for conn in &conns {
+        conn.wait_echoes(5, Duration::from_secs(30))?;
+    }
+    let hurt: Vec<_> = conns
+        .into_iter()
+        .map(|conn| conn.finish())
+        .filter(|r| !r.is_clean())
+        .collect();
+    ensure!(
+        hurt.is_empty(),
+        "{} of 12 connections broke or moved while node-1 drained: {hurt:?}",
+        hurt.len()
+    );
+    // The DaemonSet brings node-1's agent back, and with it its route.
+    router.wait_nexthops(
+        VIP_CLUSTER,
+        Duration::from_secs(120),
+        "node-1 back in the route with its new pod",
+        |h| *h == all,
+    )?;
+    Ok(format!(
+        "node-0 and node-1 (rack a) in FRR's ECMP route {:.1} s after node-2's check, their MD5 sessions Established, node-2 (unlabelled) with no session to tor-a (its /metrics: {node2:?}); labelled, node-2 in the route after {:.1} s; 120 of 120 answered, SYNs entering by node {entered:?}; node-1 out of the route {:.2} s after its pod's deletion, 12 of 12 long-lived connections unbroken, node-1 back with its new pod",
+        took.as_secs_f64(),
+        joined.as_secs_f64(),
+        left.as_secs_f64()
+    ))
+}
+
+/// The IPv6 router `tor-a-v6`: see [`bgp_through_the_daemonset`].
+fn bgp_ipv6_router(c: &Cluster, router: &sluice_tests::bgp_lab::Router) -> Result<String> {
+    let vip = IpAddr::from(VIP_DUAL6);
+    let all: BTreeSet<IpAddr> = (0..c.nodes())
+        .map(|i| IpAddr::from(c.node_addr6(i)))
+        .collect();
+    let took = c.wait_for(
+        "the IPv6 VIP's /128 in FRR's IPv6 table via every node",
+        Duration::from_secs(60),
+        || Ok(router.frr_installed_nexthops(vip)? == all),
+    )?;
+    let kernel = c.wait_for(
+        "the IPv6 VIP's route in the client's kernel via every node",
+        Duration::from_secs(10),
+        || Ok(client_gateways(c, vip)? == all),
+    );
+    kernel.with_context(|| format!("FRR's table says {all:?}"))?;
+    let macs: Vec<String> = (0..c.nodes()).map(|i| c.node_mac(i)).collect();
+    count_client_syns(c, &macs, vip)?;
+    let n = 90;
+    let s = spread(c, vip, n)?;
+    let entered = client_syns(c, c.nodes())?;
+    ensure!(
+        s.failed == 0 && every_node(c, &s.by_node),
+        "{vip} through FRR's route: {} of {n} failed; pods by node {:?}",
+        s.failed,
+        s.by_node
+    );
+    ensure!(
+        entered.iter().all(|k| *k > 0),
+        "new connections to {vip} did not enter by every node: {entered:?}"
+    );
+    Ok(format!(
+        "{vip}/128 in FRR's IPv6 table and the client's kernel via every node ({all:?}) {:.1} s after the IPv4 checks; {n} of {n} answered, SYNs entering by node {entered:?}, pods by node {:?}",
+        took.as_secs_f64(),
+        s.by_node
+    ))
+}
+
+/// The gateways of the client's kernel route to `vip` (its host route; none: no route).
+fn client_gateways(c: &Cluster, vip: IpAddr) -> Result<BTreeSet<IpAddr>> {
+    let (family, host) = match vip {
+        IpAddr::V4(v) => ("-4", format!("{v}/32")),
+        IpAddr::V6(v) => ("-6", format!("{v}/128")),
+    };
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", c.client_ns(), "ip", family, "-j", "route"])
+        .args(["show", "exact", &host])
+        .output()?;
+    ensure!(out.status.success(), "ip route show exact {host}");
+    let routes: Value = serde_json::from_slice(&out.stdout)?;
+    // One gateway, or a `nexthops` list (ECMP).
+    Ok(routes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|r| {
+            std::iter::once(&r["gateway"])
+                .chain(
+                    r["nexthops"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|h| &h["gateway"]),
+                )
+                .filter_map(|g| g.as_str()?.parse().ok())
+                .collect::<Vec<IpAddr>>()
+        })
+        .collect())
+}
+
+/// BGP on (the routers are the BGPPeer resources: no `bgp-peers`) or off in the agents'
+/// ConfigMap, then a rolling restart of the DaemonSet so that the pods take it (flags come from
+/// the ConfigMap).
+fn configure_bgp(c: &Cluster, on: bool) -> Result<()> {
+    use sluice_tests::bgp_lab::NODE_ASN;
+    let patch = if on {
+        format!(r#"{{"data": {{"bgp": "true", "bgp-asn": "{NODE_ASN}", "bgp-peers": ""}}}}"#)
+    } else {
+        r#"{"data": {"bgp": "false", "bgp-peers": ""}}"#.to_owned()
     };
     c.kubectl(&[
         "patch",
@@ -1578,8 +1858,9 @@ fn configure_bgp(c: &Cluster, router: Option<Ipv4Addr>) -> Result<()> {
     Ok(())
 }
 
-/// Counters on the bridge: SYNs to the VIP from the client's port, per destination node MAC.
-fn count_client_syns(c: &Cluster, macs: &[String]) -> Result<()> {
+/// Counters on the bridge: SYNs to `vip` from the client's port, per destination node MAC.
+fn count_client_syns(c: &Cluster, macs: &[String], vip: IpAddr) -> Result<()> {
+    let family = if vip.is_ipv6() { "ip6" } else { "ip" };
     let mut rules = String::new();
     for i in 0..macs.len() {
         rules.push_str(&format!("  counter n{i} {{ }}\n"));
@@ -1587,7 +1868,7 @@ fn count_client_syns(c: &Cluster, macs: &[String]) -> Result<()> {
     rules.push_str("  chain syns {\n    type filter hook forward priority 0; policy accept;\n");
     for (i, mac) in macs.iter().enumerate() {
         rules.push_str(&format!(
-            "    iifname \"sw-c\" ether daddr {mac} ip daddr {VIP_CLUSTER} tcp flags & (syn | ack) == syn counter name n{i}\n"
+            "    iifname \"sw-c\" ether daddr {mac} {family} daddr {vip} tcp flags & (syn | ack) == syn counter name n{i}\n"
         ));
     }
     rules.push_str("  }\n");
