@@ -17,7 +17,7 @@ use lb_common::{Addr, FAMILY_V6, GlobalCounter, IPPROTO_ICMPV6, VipKey};
 
 use crate::{
     csum,
-    packet::{self, ETH_HLEN, EthHdr, IPV6_HLEN, Ipv6Hdr, L3},
+    packet::{self, EthHdr, IPV6_HLEN, Ipv6Hdr, L3},
 };
 
 pub const ICMPV6_NEIGHBOR_SOLICIT: u8 = 135;
@@ -34,9 +34,8 @@ pub const OPT_TARGET_LL: u8 = 2;
 const NDP_MSG_LEN: usize = 24;
 /// ... and with one link-layer address option.
 const NDP_MSG_OPT_LEN: usize = 32;
-/// The advertisement's ICMPv6 offset and the whole frame's length.
-const ICMP_OFF: usize = ETH_HLEN + IPV6_HLEN;
-pub const NA_FRAME_LEN: usize = ICMP_OFF + NDP_MSG_OPT_LEN;
+/// The advertisement's length after the link layer (14 bytes, or 18 with an 802.1Q tag).
+const NA_LEN: usize = IPV6_HLEN + NDP_MSG_OPT_LEN;
 
 /// A Neighbor Solicitation or Advertisement with one link-layer address option.
 #[repr(C, packed(2))]
@@ -63,15 +62,19 @@ pub fn neighbor_advert(
     l3: &L3,
     announced: impl Fn(&VipKey) -> Option<[u8; 6]>,
 ) -> Option<(u32, GlobalCounter)> {
-    if l3.proto != IPPROTO_ICMPV6 || l3.l4_off != ICMP_OFF {
+    // No extension headers: the message right after the IPv6 header. A tagged solicitation
+    // is answered in place, so on its own VLAN.
+    let ip_off = l3.ip_offset();
+    let icmp_off = ip_off + IPV6_HLEN;
+    if l3.proto != IPPROTO_ICMPV6 || l3.l4_off != icmp_off {
         return None;
     }
     let icmp_len = l3.len - IPV6_HLEN;
     if icmp_len != NDP_MSG_LEN && icmp_len != NDP_MSG_OPT_LEN {
         return None;
     }
-    let ip = packet::ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN)?;
-    let head = packet::ptr_at::<[u16; NDP_MSG_LEN / 2]>(ctx, ICMP_OFF)?;
+    let ip = packet::ptr_at::<Ipv6Hdr>(ctx, ip_off)?;
+    let head = packet::ptr_at::<[u16; NDP_MSG_LEN / 2]>(ctx, icmp_off)?;
     // SAFETY: bounds checked by ptr_at; read by value.
     let (hop_limit, head) = unsafe { ((*ip).hop_limit, *head) };
     let [kind, code] = head[0].to_ne_bytes();
@@ -96,7 +99,7 @@ pub fn neighbor_advert(
         sum += w as u64;
     }
     if icmp_len == NDP_MSG_OPT_LEN {
-        let opt = packet::ptr_at::<[u16; 4]>(ctx, ICMP_OFF + NDP_MSG_LEN)?;
+        let opt = packet::ptr_at::<[u16; 4]>(ctx, icmp_off + NDP_MSG_LEN)?;
         // SAFETY: bounds checked by ptr_at.
         let opt = unsafe { *opt };
         // An option's length (in 8 bytes) must not be 0 (7.1.1); this one is the last 8 bytes.
@@ -117,26 +120,34 @@ pub fn neighbor_advert(
         family: FAMILY_V6,
     };
     let mac = announced(&key)?;
-    Some(match advertise(ctx, &l3.src, &t, mac) {
+    Some(match advertise(ctx, ip_off, &l3.src, &t, mac) {
         Some(()) => (xdp_action::XDP_TX, GlobalCounter::NeighborAdvert),
         None => (xdp_action::XDP_DROP, GlobalCounter::DropInternal),
     })
 }
 
-/// Rewrites the solicitation into the advertisement of `target` at `mac`, to `to`.
+/// Rewrites the solicitation (its IPv6 header at `ip_off`) into the advertisement of `target`
+/// at `mac`, to `to`.
 #[inline(always)]
-fn advertise(ctx: &XdpContext, to: &Addr, target: &Addr, mac: [u8; 6]) -> Option<()> {
+fn advertise(
+    ctx: &XdpContext,
+    ip_off: usize,
+    to: &Addr,
+    target: &Addr,
+    mac: [u8; 6],
+) -> Option<()> {
     let len = ctx.data_end() - ctx.data();
+    let frame_len = ip_off + NA_LEN;
     // A solicitation without the option is 8 bytes short of the advertisement.
     // SAFETY: the helper only moves data's end; pointers are derived after it.
-    if len != NA_FRAME_LEN
-        && unsafe { bpf_xdp_adjust_tail(ctx.ctx, NA_FRAME_LEN as i32 - len as i32) } != 0
+    if len != frame_len
+        && unsafe { bpf_xdp_adjust_tail(ctx.ctx, frame_len as i32 - len as i32) } != 0
     {
         return None;
     }
     let eth = packet::ptr_at_mut::<EthHdr>(ctx, 0)?;
-    let ip = packet::ptr_at_mut::<Ipv6Hdr>(ctx, ETH_HLEN)?;
-    let msg = packet::ptr_at_mut::<NdpMsg>(ctx, ICMP_OFF)?;
+    let ip = packet::ptr_at_mut::<Ipv6Hdr>(ctx, ip_off)?;
+    let msg = packet::ptr_at_mut::<NdpMsg>(ctx, ip_off + IPV6_HLEN)?;
     let mut na = NdpMsg {
         kind: ICMPV6_NEIGHBOR_ADVERT,
         code: 0,

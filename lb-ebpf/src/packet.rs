@@ -12,6 +12,12 @@ pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_ARP: u16 = 0x0806;
+/// IEEE 802.1Q: a VLAN tag (TPID 0x8100, then the 16-bit TCI) between the source MAC and the
+/// carried protocol. One tag is parsed; a second one (QinQ: 0x88a8 outside, or 0x8100 twice)
+/// is a protocol sluice does not know, and the frame passes untouched (docs/design.md).
+pub const ETH_P_8021Q: u16 = 0x8100;
+/// The Ethernet header with one 802.1Q tag.
+pub const VLAN_ETH_HLEN: usize = ETH_HLEN + 4;
 const ARP_HTYPE_ETHERNET: u16 = 1;
 const ARP_OP_REQUEST: u16 = 1;
 pub const ARP_OP_REPLY: u16 = 2;
@@ -175,11 +181,14 @@ const TCP_ACK: u8 = 0x10;
 #[derive(Clone, Copy)]
 pub struct L3 {
     pub family: u8,
+    /// Offset of the IP header: the link layer's length, 14, or 18 after an 802.1Q tag.
+    /// (A byte: it fits the struct's padding, and the stack is near the verifier's limit.)
+    pub ip_off: u8,
     pub src: Addr,
     pub dst: Addr,
     /// The L4 protocol (after any IPv6 extension headers).
     pub proto: u8,
-    /// Offset of the IP header and of the L4 header from the frame's start.
+    /// Offset of the L4 header from the frame's start.
     pub l4_off: usize,
     /// Length of the IP packet, header included (Ethernet padding excluded).
     pub len: usize,
@@ -195,6 +204,12 @@ pub struct L3 {
 const FRAME_OFFSET_MASK: usize = 0xfff;
 
 impl L3 {
+    /// `ip_off`: the IP header's offset, also the link-layer header's length.
+    #[inline(always)]
+    pub fn ip_offset(&self) -> usize {
+        self.ip_off as usize
+    }
+
     /// `l4_off`, visibly below 4096 to the verifier. In a BPF subprogram the offset arrives
     /// through the caller's stack, where the verifier may have lost its bounds; masking keeps
     /// packet-pointer arithmetic provably bounded and changes no real offset (parsing checked
@@ -253,12 +268,44 @@ pub fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     ptr_at::<T>(ctx, offset).map(|p| p as *mut T)
 }
 
-/// The Ethernet protocol of the frame, or `None` if it is shorter than an Ethernet header.
+/// The protocol the frame carries and the offset of its header (the link layer's length):
+/// after the Ethernet header, or after its one 802.1Q tag. `None` if the frame is shorter than
+/// that (a truncated tag included): not a frame sluice acts on.
 #[inline(always)]
-pub fn eth_proto(ctx: &XdpContext) -> Option<u16> {
+pub fn link_layer(ctx: &XdpContext) -> Option<(u16, usize)> {
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at.
-    Some(u16::from_be(unsafe { (*eth).proto }))
+    let proto = u16::from_be(unsafe { (*eth).proto });
+    if proto != ETH_P_8021Q {
+        return Some((proto, ETH_HLEN));
+    }
+    // The tag: TCI, then the carried protocol.
+    let inner = ptr_at::<[u16; 2]>(ctx, ETH_HLEN)?;
+    // SAFETY: bounds checked by ptr_at.
+    Some((u16::from_be(unsafe { (*inner)[1] }), VLAN_ETH_HLEN))
+}
+
+/// Rewrites, for a frame whose head moved (`bpf_xdp_adjust_head`), what follows the MACs of
+/// the link-layer header now at `new_at`: the 802.1Q tag of the one at `old_at` if it had one
+/// (`l2`, its length, says so), then `proto`. So a frame keeps its VLAN whatever headers sluice
+/// adds or removes after the link layer. The tag is read before anything is written, and the
+/// caller calls this before overwriting the old header. The MACs are the caller's.
+#[inline(always)]
+pub fn relink(ctx: &XdpContext, old_at: usize, new_at: usize, l2: usize, proto: u16) -> Option<()> {
+    let after_macs = new_at + ETH_HLEN - 2;
+    if l2 == ETH_HLEN {
+        let field = ptr_at_mut::<u16>(ctx, after_macs)?;
+        // SAFETY: bounds checked by ptr_at_mut; the offset is even.
+        unsafe { *field = proto.to_be() };
+        return Some(());
+    }
+    let tci = ptr_at::<u16>(ctx, old_at + ETH_HLEN)?;
+    // SAFETY: bounds checked by ptr_at.
+    let tci = unsafe { *tci };
+    let fields = ptr_at_mut::<[u16; 3]>(ctx, after_macs)?;
+    // SAFETY: bounds checked by ptr_at_mut; the offset is even.
+    unsafe { *fields = [ETH_P_8021Q.to_be(), tci, proto.to_be()] };
+    Some(())
 }
 
 /// Returns the L3 facts and whether the L4 header is present (not a later fragment).
@@ -299,6 +346,7 @@ pub fn parse_ipv4(
     let fragment = frag_off & IP_MF_OFFSET != 0;
     let l3 = L3 {
         family: FAMILY_V4,
+        ip_off: offset as u8,
         src: [saddr, 0, 0, 0],
         dst: [daddr, 0, 0, 0],
         proto: protocol,
@@ -342,6 +390,7 @@ pub fn parse_ipv6(
     }
     let mut l3 = L3 {
         family: FAMILY_V6,
+        ip_off: offset as u8,
         src: saddr,
         dst: daddr,
         proto: next,
@@ -490,7 +539,7 @@ pub fn parse_l4(
         };
     }
     // IPv4 header length was checked against tot_len; IPv6 l4_off against the payload.
-    let l4_len = l3.len - (l3.l4_off - ETH_HLEN);
+    let l4_len = l3.len - (l3.l4_off - l3.ip_offset());
     match (l3.family, l3.proto) {
         (_, IPPROTO_TCP | IPPROTO_UDP) => match parse_ports(ctx, &l3, l4_len) {
             Some((sport, dport, syn)) => Parsed::Flow(Flow {

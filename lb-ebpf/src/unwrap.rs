@@ -16,8 +16,8 @@ use lb_common::{Addr, FAMILY_V4, FAMILY_V6, IPPROTO_IPIP, IPPROTO_IPV6, ScopedAd
 
 use crate::csum;
 use crate::packet::{
-    self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IP_MF_OFFSET, IPV4_HLEN, IPV4_VERSION_IHL,
-    IPV6_HLEN, Ipv4Hdr, Ipv6Hdr,
+    self, ETH_P_IP, ETH_P_IPV6, EthHdr, IP_MF_OFFSET, IPV4_HLEN, IPV4_VERSION_IHL, IPV6_HLEN,
+    Ipv4Hdr, Ipv6Hdr,
 };
 
 /// What became of a frame.
@@ -35,6 +35,9 @@ pub enum Unwrapped {
 
 /// The outer header: (family, source, destination, inner protocol, header length).
 struct Outer {
+    /// The link layer's length (14, or 18 with an 802.1Q tag): where the outer header starts.
+    /// (A byte: it fits the struct's padding; the balancer's stack is near its limit.)
+    l2: u8,
     family: u8,
     src: Addr,
     dst: Addr,
@@ -52,9 +55,9 @@ pub fn unwrap<const S: usize, const L: usize>(
     sources: &LpmTrie<ScopedAddr, u8, S>,
     local: &HashMap<ScopedAddr, u8, L>,
 ) -> Unwrapped {
-    let outer = match packet::eth_proto(ctx) {
-        Some(ETH_P_IP) => outer_v4(ctx),
-        Some(ETH_P_IPV6) => outer_v6(ctx),
+    let outer = match packet::link_layer(ctx) {
+        Some((ETH_P_IP, l2)) => outer_v4(ctx, l2),
+        Some((ETH_P_IPV6, l2)) => outer_v6(ctx, l2),
         _ => None,
     };
     let Some(outer) = outer else {
@@ -91,8 +94,8 @@ fn scoped(family: u8, addr: &Addr) -> ScopedAddr {
 }
 
 #[inline(always)]
-fn outer_v4(ctx: &XdpContext) -> Option<Outer> {
-    let ip = packet::ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+fn outer_v4(ctx: &XdpContext, l2: usize) -> Option<Outer> {
+    let ip = packet::ptr_at::<Ipv4Hdr>(ctx, l2)?;
     // SAFETY: bounds checked by ptr_at; fields read by value from a packed struct.
     let (version_ihl, tos, frag_off, protocol, saddr, daddr) = unsafe {
         (
@@ -110,6 +113,7 @@ fn outer_v4(ctx: &XdpContext) -> Option<Outer> {
         return None;
     }
     Some(Outer {
+        l2: l2 as u8,
         family: FAMILY_V4,
         src: [saddr, 0, 0, 0],
         dst: [daddr, 0, 0, 0],
@@ -120,8 +124,8 @@ fn outer_v4(ctx: &XdpContext) -> Option<Outer> {
 }
 
 #[inline(always)]
-fn outer_v6(ctx: &XdpContext) -> Option<Outer> {
-    let ip = packet::ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN)?;
+fn outer_v6(ctx: &XdpContext, l2: usize) -> Option<Outer> {
+    let ip = packet::ptr_at::<Ipv6Hdr>(ctx, l2)?;
     // SAFETY: bounds checked by ptr_at; fields read by value from a packed struct.
     let (vtc_flow, nexthdr, saddr, daddr) =
         unsafe { ((*ip).vtc_flow, (*ip).nexthdr, (*ip).saddr, (*ip).daddr) };
@@ -129,6 +133,7 @@ fn outer_v6(ctx: &XdpContext) -> Option<Outer> {
         return None;
     }
     Some(Outer {
+        l2: l2 as u8,
         family: FAMILY_V6,
         src: saddr,
         dst: daddr,
@@ -174,8 +179,9 @@ fn mark_congestion(ctx: &XdpContext, inner_off: usize, version: u8) -> Option<()
     Some(())
 }
 
-/// Moves the Ethernet header forward over the outer IP header and trims the frame's head.
-/// The inner header must be there and of the announced version.
+/// Moves the Ethernet header (and its 802.1Q tag: the inner packet stays on its VLAN) forward
+/// over the outer IP header and trims the frame's head. The inner header must be there and of
+/// the announced version.
 #[inline(always)]
 fn strip(ctx: &XdpContext, outer: &Outer) -> Option<()> {
     let (inner_proto, version) = if outer.inner == IPPROTO_IPIP {
@@ -183,23 +189,25 @@ fn strip(ctx: &XdpContext, outer: &Outer) -> Option<()> {
     } else {
         (ETH_P_IPV6, 6)
     };
-    let inner_first = packet::ptr_at::<u8>(ctx, ETH_HLEN + outer.len)?;
+    let l2 = outer.l2 as usize;
+    let inner_off = l2 + outer.len;
+    let inner_first = packet::ptr_at::<u8>(ctx, inner_off)?;
     // SAFETY: bounds checked by ptr_at.
     if unsafe { *inner_first } >> 4 != version {
         return None;
     }
     if outer.ecn == ECN_CE {
-        mark_congestion(ctx, ETH_HLEN + outer.len, version)?;
+        mark_congestion(ctx, inner_off, version)?;
     }
     let eth = packet::ptr_at::<EthHdr>(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at.
     let (dst, src) = unsafe { ((*eth).dst, (*eth).src) };
+    packet::relink(ctx, 0, outer.len, l2, inner_proto)?;
     let moved = packet::ptr_at_mut::<EthHdr>(ctx, outer.len)?;
     // SAFETY: bounds checked by ptr_at_mut; the new header overlaps only the outer IP header.
     unsafe {
         (*moved).dst = dst;
         (*moved).src = src;
-        (*moved).proto = inner_proto.to_be();
     }
     // SAFETY: the helper only moves data's start.
     (unsafe { bpf_xdp_adjust_head(ctx.ctx, outer.len as i32) } == 0).then_some(())

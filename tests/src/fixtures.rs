@@ -1099,3 +1099,32 @@ pub fn predicted_backend(
     let slot = table[(key.hash(affinity) % table_size) as usize];
     backends.get(slot as usize).map(|&(addr, _)| addr)
 }
+
+/// The 802.1Q tag protocol identifier, and QinQ's outer one (802.1ad).
+pub const TPID_8021Q: u16 = 0x8100;
+pub const TPID_8021AD: u16 = 0x88a8;
+
+/// `frame` with a VLAN tag (protocol identifier `tpid`, then `tci`) after its MACs, as a
+/// VLAN's frame arrives on the parent interface.
+pub fn with_tag(frame: &[u8], tpid: u16, tci: u16) -> Vec<u8> {
+    let mut tagged = frame[..12].to_vec();
+    tagged.extend_from_slice(&tpid.to_be_bytes());
+    tagged.extend_from_slice(&tci.to_be_bytes());
+    tagged.extend_from_slice(&frame[12..]);
+    tagged
+}
+
+/// `frame` with one 802.1Q tag carrying `tci` (priority, DEI and VLAN id).
+pub fn vlan_tagged(frame: &[u8], tci: u16) -> Vec<u8> {
+    with_tag(frame, TPID_8021Q, tci)
+}
+
+/// `frame` without its 802.1Q tag, after asserting that the tag is there and carries `tci`.
+pub fn vlan_untagged(frame: &[u8], tci: u16) -> Vec<u8> {
+    let mut tag = TPID_8021Q.to_be_bytes().to_vec();
+    tag.extend_from_slice(&tci.to_be_bytes());
+    assert_eq!(&frame[12..16], &tag[..], "the frame keeps its 802.1Q tag");
+    let mut untagged = frame[..12].to_vec();
+    untagged.extend_from_slice(&frame[16..]);
+    untagged
+}

@@ -16,8 +16,8 @@ use lb_userspace::model::{
 
 use crate::fixtures::{
     ARP_REPLY, Arp, CLIENT, CLIENT_MAC, CLIENT6, FIXTURE_MTU, Frame, IP_DF, LB_MAC, TCP_ACK,
-    TCP_SYN, VIP, VIP6, XDP_DROP, XDP_PASS, XDP_TX, backend_addr, backend_mac, checksum_ok,
-    desired_at, pseudo_sum_v6,
+    TCP_SYN, TPID_8021AD, TPID_8021Q, VIP, VIP6, XDP_DROP, XDP_PASS, XDP_TX, backend_addr,
+    backend_mac, checksum_ok, desired_at, pseudo_sum_v6, vlan_tagged,
 };
 use crate::fixtures::{ND_SOLICIT, Ndp, Snapshot, VipView};
 
@@ -659,7 +659,22 @@ fn wrapped(inner: Frame, mut outer: Frame) -> Frame {
 }
 
 /// A frame to test: a valid one, then (mostly) mutated.
+/// A random case. One frame in ten arrives with an 802.1Q tag (a random TCI), now and then cut
+/// inside the tag: `check` holds a tagged frame to what its untagged twin must get, tag kept.
+/// The tag is drawn from a side stream, so a seed's frames are otherwise the ones it always made.
 pub fn generate(rng: &mut Rng) -> Case {
+    let mut side = Rng::new(rng.0);
+    let mut case = generate_untagged(rng);
+    if side.chance(10) {
+        case.frame = vlan_tagged(&case.frame, side.next_u64() as u16);
+        if side.chance(5) {
+            case.frame.truncate(14 + side.below(4));
+        }
+    }
+    case
+}
+
+fn generate_untagged(rng: &mut Rng) -> Case {
     let mut case = if rng.chance(4) {
         neighbor_solicitation(rng)
     } else {
@@ -919,6 +934,42 @@ fn ref_icmp_error(f: &[u8]) -> Option<(IpAddr, u16, IpAddr, u16, u8)> {
 
 /// Why an output broke an invariant, or `Ok`.
 pub fn check(world: &World, case: &Case, verdict: u32, out: &[u8]) -> Result<(), String> {
+    let input = &case.frame;
+    if input.len() < 14 || be16(input, 12) != TPID_8021Q as usize {
+        return check_untagged(world, case, verdict, out);
+    }
+    // 802.1Q: a tag cut short, or a second tag (QinQ), is the kernel's; one tag, and the frame
+    // fares as its untagged twin and keeps its tag.
+    let qinq = input.len() >= 18 && matches!(be16(input, 16) as u16, TPID_8021Q | TPID_8021AD);
+    if input.len() < 18 || qinq {
+        return if verdict == XDP_PASS && out == input.as_slice() {
+            Ok(())
+        } else {
+            Err(format!(
+                "a truncated or doubly tagged 802.1Q frame got verdict {verdict}, not XDP_PASS untouched"
+            ))
+        };
+    }
+    if verdict != XDP_DROP && out.get(12..16) != input.get(12..16) {
+        return Err(format!("verdict {verdict} lost or changed the 802.1Q tag"));
+    }
+    let untag = |f: &[u8]| [&f[..12], &f[16..]].concat();
+    let twin = Case {
+        frame: untag(input),
+        must_forward: case.must_forward,
+        must_pass: case.must_pass,
+        must_pass_untouched: case.must_pass_untouched,
+        must_drop: case.must_drop,
+    };
+    let out = if verdict == XDP_DROP {
+        out.to_vec()
+    } else {
+        untag(out)
+    };
+    check_untagged(world, &twin, verdict, &out).map_err(|why| format!("{why} (802.1Q-tagged)"))
+}
+
+fn check_untagged(world: &World, case: &Case, verdict: u32, out: &[u8]) -> Result<(), String> {
     let input = &case.frame;
     let flow = ref_flow(input);
     let flow_vip = flow.and_then(|(_, _, dst, dport, proto)| world.vip(dst, dport, proto));

@@ -4,8 +4,7 @@
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{Backend, FAMILY_V4, FlowKey, IPPROTO_IPIP, IPPROTO_IPV6};
 use lb_ebpf::packet::{
-    self, DEFAULT_TTL, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr,
-    Ipv6Hdr, L3,
+    self, DEFAULT_TTL, ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, L3,
 };
 
 /// Per-flow entropy for the outer header: the outer source's varied bits and the IPv6 flow
@@ -22,8 +21,8 @@ fn flow_entropy(key: &FlowKey) -> u32 {
     h ^ (h >> 16)
 }
 
-/// Puts an outer IPv4 or IPv6 header in front of the IP packet (the Ethernet header is
-/// rewritten by the caller). `None` if the headroom could not grow.
+/// Puts an outer IPv4 or IPv6 header in front of the IP packet, after the link layer and its
+/// 802.1Q tag if any (the MACs are written by the caller). `None` if the headroom could not grow.
 #[inline(always)]
 pub(crate) fn encapsulate(
     ctx: &XdpContext,
@@ -37,6 +36,11 @@ pub(crate) fn encapsulate(
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(overhead as i32)) } != 0 {
         return None;
     }
+    // The outer header goes after the link layer, 802.1Q tag included (the old one is now
+    // `overhead` bytes in, and the outer header will overwrite it).
+    let l2 = l3.ip_offset();
+    let outer_proto = if outer_v4 { ETH_P_IP } else { ETH_P_IPV6 };
+    packet::relink(ctx, overhead, 0, l2, outer_proto)?;
     let entropy = flow_entropy(key);
     let inner_proto = if l3.family == FAMILY_V4 {
         IPPROTO_IPIP
@@ -48,19 +52,15 @@ pub(crate) fn encapsulate(
     let base = u32::from_be(src[last]);
     src[last] = ((base & !backend.encap_src_vary) | (entropy & backend.encap_src_vary)).to_be();
 
-    let eth = packet::ptr_at_mut::<EthHdr>(ctx, 0)?;
     // RFC 6040 normal mode: the outer header carries the inner DSCP and ECN, so ECN marks
     // and QoS survive the tunnel; DF as the inner packet asks (IPv6 is never fragmented on
     // the path), so PMTU discovery keeps working through it.
     if outer_v4 {
         let mut ip = Ipv4Hdr::new(l3.len + IPV4_HLEN, inner_proto, src[0], backend.addr[0]);
         ip.set_tos_df(l3.tos, l3.dont_fragment);
-        let out = packet::ptr_at_mut::<Ipv4Hdr>(ctx, ETH_HLEN)?;
-        // SAFETY: bounds checked by ptr_at_mut; unaligned-safe writes.
-        unsafe {
-            (*eth).proto = ETH_P_IP.to_be();
-            core::ptr::write_unaligned(out, ip);
-        }
+        let out = packet::ptr_at_mut::<Ipv4Hdr>(ctx, l2)?;
+        // SAFETY: bounds checked by ptr_at_mut; unaligned-safe write.
+        unsafe { core::ptr::write_unaligned(out, ip) };
     } else {
         let ip = Ipv6Hdr {
             vtc_flow: ((6u32 << 28) | ((l3.tos as u32) << 20) | (entropy >> 12)).to_be(),
@@ -70,12 +70,9 @@ pub(crate) fn encapsulate(
             saddr: src,
             daddr: backend.addr,
         };
-        let out = packet::ptr_at_mut::<Ipv6Hdr>(ctx, ETH_HLEN)?;
-        // SAFETY: bounds checked by ptr_at_mut; unaligned-safe writes.
-        unsafe {
-            (*eth).proto = ETH_P_IPV6.to_be();
-            core::ptr::write_unaligned(out, ip);
-        }
+        let out = packet::ptr_at_mut::<Ipv6Hdr>(ctx, l2)?;
+        // SAFETY: bounds checked by ptr_at_mut; unaligned-safe write.
+        unsafe { core::ptr::write_unaligned(out, ip) };
     }
     Some(())
 }

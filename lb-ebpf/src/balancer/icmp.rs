@@ -11,9 +11,9 @@ use lb_common::{FAMILY_V4, GlobalCounter, IPPROTO_ICMP, IPPROTO_ICMPV6};
 use lb_ebpf::{
     csum,
     packet::{
-        self, DEFAULT_TTL, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, ICMP_DEST_UNREACH,
-        ICMP_ECHO_REPLY, ICMP_FRAG_NEEDED, ICMP_HLEN, ICMPV6_ECHO_REPLY, ICMPV6_PKT_TOOBIG,
-        IPV4_HLEN, IPV6_HLEN, IcmpHdr, Ipv4Hdr, Ipv6Hdr, L3,
+        self, DEFAULT_TTL, ETH_P_IP, ETH_P_IPV6, EthHdr, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY,
+        ICMP_FRAG_NEEDED, ICMP_HLEN, ICMPV6_ECHO_REPLY, ICMPV6_PKT_TOOBIG, IPV4_HLEN, IPV6_HLEN,
+        IcmpHdr, Ipv4Hdr, Ipv6Hdr, L3,
     },
 };
 
@@ -41,37 +41,36 @@ pub(crate) fn too_big(ctx: &XdpContext, l3: &L3, mtu: u32) -> (u32, GlobalCounte
 }
 
 /// Reuses the frame for the ICMP message: grows the head by the new IP and ICMP headers, so
-/// the offending IP packet's start lands right after them as the quote, then trims the tail.
-/// Returns the MACs to swap in.
+/// the offending IP packet's start lands right after them (and the link layer) as the quote,
+/// then trims the tail. Writes the reply's link layer: the MACs swapped, the 802.1Q tag kept
+/// (the reply goes back on the client's VLAN), `proto`.
 #[inline(always)]
 fn make_room_for_icmp(
     ctx: &XdpContext,
+    l2: usize,
     headers: usize,
     quote: usize,
-) -> Option<([u8; 6], [u8; 6])> {
+    proto: u16,
+) -> Option<()> {
     let eth = packet::ptr_at::<EthHdr>(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at.
-    let macs = unsafe { ((*eth).dst, (*eth).src) };
+    let (dst, src) = unsafe { ((*eth).dst, (*eth).src) };
     // SAFETY: the helpers only move data's start and end; pointers are re-derived after.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(headers as i32)) } != 0 {
         return None;
     }
     let len = ctx.data_end() - ctx.data();
-    let want = ETH_HLEN + headers + quote;
+    let want = l2 + headers + quote;
     if len < want || unsafe { bpf_xdp_adjust_tail(ctx.ctx, want as i32 - len as i32) } != 0 {
         return None;
     }
-    Some(macs)
-}
-
-#[inline(always)]
-fn write_reply_eth(ctx: &XdpContext, macs: ([u8; 6], [u8; 6]), proto: u16) -> Option<()> {
+    // The old link layer is `headers` bytes in, to be overwritten by the new headers.
+    packet::relink(ctx, headers, 0, l2, proto)?;
     let eth = packet::ptr_at_mut::<EthHdr>(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at_mut.
     unsafe {
-        (*eth).dst = macs.1;
-        (*eth).src = macs.0;
-        (*eth).proto = proto.to_be();
+        (*eth).dst = src;
+        (*eth).src = dst;
     }
     Some(())
 }
@@ -79,10 +78,10 @@ fn write_reply_eth(ctx: &XdpContext, macs: ([u8; 6], [u8; 6]), proto: u16) -> Op
 #[inline(always)]
 fn too_big_v4(ctx: &XdpContext, l3: &L3, mtu: u32) -> Option<()> {
     const HEADERS: usize = IPV4_HLEN + ICMP_HLEN;
-    let macs = make_room_for_icmp(ctx, HEADERS, QUOTE_V4)?;
-    write_reply_eth(ctx, macs, ETH_P_IP)?;
+    let l2 = l3.ip_offset();
+    make_room_for_icmp(ctx, l2, HEADERS, QUOTE_V4, ETH_P_IP)?;
     let ip = Ipv4Hdr::new(HEADERS + QUOTE_V4, IPPROTO_ICMP, l3.dst[0], l3.src[0]);
-    let out = packet::ptr_at_mut::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+    let out = packet::ptr_at_mut::<Ipv4Hdr>(ctx, l2)?;
     // SAFETY: bounds checked by ptr_at_mut.
     unsafe { core::ptr::write_unaligned(out, ip) };
     let icmp = IcmpHdr {
@@ -91,14 +90,14 @@ fn too_big_v4(ctx: &XdpContext, l3: &L3, mtu: u32) -> Option<()> {
         checksum: 0,
         rest: [0, (mtu as u16).to_be()],
     };
-    icmp_sum::<{ ICMP_HLEN + QUOTE_V4 }>(ctx, ETH_HLEN + IPV4_HLEN, icmp, 0)
+    icmp_sum::<{ ICMP_HLEN + QUOTE_V4 }>(ctx, l2 + IPV4_HLEN, icmp, 0)
 }
 
 #[inline(always)]
 fn too_big_v6(ctx: &XdpContext, l3: &L3, mtu: u32) -> Option<()> {
     const HEADERS: usize = IPV6_HLEN + ICMP_HLEN;
-    let macs = make_room_for_icmp(ctx, HEADERS, QUOTE_V6)?;
-    write_reply_eth(ctx, macs, ETH_P_IPV6)?;
+    let l2 = l3.ip_offset();
+    make_room_for_icmp(ctx, l2, HEADERS, QUOTE_V6, ETH_P_IPV6)?;
     let ip = Ipv6Hdr {
         vtc_flow: (6u32 << 28).to_be(),
         payload_len: ((ICMP_HLEN + QUOTE_V6) as u16).to_be(),
@@ -107,7 +106,7 @@ fn too_big_v6(ctx: &XdpContext, l3: &L3, mtu: u32) -> Option<()> {
         saddr: l3.dst,
         daddr: l3.src,
     };
-    let out = packet::ptr_at_mut::<Ipv6Hdr>(ctx, ETH_HLEN)?;
+    let out = packet::ptr_at_mut::<Ipv6Hdr>(ctx, l2)?;
     // SAFETY: bounds checked by ptr_at_mut.
     unsafe { core::ptr::write_unaligned(out, ip) };
     let icmp = IcmpHdr {
@@ -123,7 +122,7 @@ fn too_big_v6(ctx: &XdpContext, l3: &L3, mtu: u32) -> Option<()> {
     pseudo += d[0] as u64 + d[1] as u64 + d[2] as u64 + d[3] as u64;
     pseudo += (((ICMP_HLEN + QUOTE_V6) as u32).to_be()) as u64;
     pseudo += ((IPPROTO_ICMPV6 as u32).to_be()) as u64;
-    icmp_sum::<{ ICMP_HLEN + QUOTE_V6 }>(ctx, ETH_HLEN + IPV6_HLEN, icmp, pseudo)
+    icmp_sum::<{ ICMP_HLEN + QUOTE_V6 }>(ctx, l2 + IPV6_HLEN, icmp, pseudo)
 }
 
 /// Writes the ICMP header at `off` and its checksum over the header and the `N - 8` quoted
@@ -170,7 +169,7 @@ fn echo_rewrite(ctx: &XdpContext, l3: &L3) -> Option<()> {
         (*eth).dst = src;
         (*eth).src = dst;
         let reply = if l3.family == FAMILY_V4 {
-            let ip = packet::ptr_at_mut::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+            let ip = packet::ptr_at_mut::<Ipv4Hdr>(ctx, l3.ip_offset())?;
             (*ip).saddr = l3.dst[0];
             (*ip).daddr = l3.src[0];
             // TTL shares a 16-bit word with the protocol.
@@ -180,7 +179,7 @@ fn echo_rewrite(ctx: &XdpContext, l3: &L3) -> Option<()> {
             (*ip).check = csum::replace16((*ip).check, old, new);
             ICMP_ECHO_REPLY
         } else {
-            let ip = packet::ptr_at_mut::<Ipv6Hdr>(ctx, ETH_HLEN)?;
+            let ip = packet::ptr_at_mut::<Ipv6Hdr>(ctx, l3.ip_offset())?;
             (*ip).saddr = l3.dst;
             (*ip).daddr = l3.src;
             (*ip).hop_limit = DEFAULT_TTL;

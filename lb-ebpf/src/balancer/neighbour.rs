@@ -5,7 +5,7 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{FAMILY_V4, GlobalCounter, VipKey};
 use lb_ebpf::{
     ndp,
-    packet::{self, ARP_OP_REPLY, ArpHdr, ETH_HLEN, EthHdr, L3},
+    packet::{self, ARP_OP_REPLY, ArpHdr, EthHdr, L3},
 };
 
 use super::maps::ANNOUNCE;
@@ -27,13 +27,14 @@ fn announced_mac(key: &VipKey) -> Option<[u8; 6]> {
 
 /// An ARP request for an announced address becomes, in place, the reply: "VIP is at our MAC",
 /// sent back to the requester. Anything else ARP (other addresses, replies, other hardware or
-/// protocol types, truncated) goes to the kernel untouched.
+/// protocol types, truncated) goes to the kernel untouched. `l2`: the link layer's length; a
+/// tagged request is answered in place, so on its own VLAN.
 #[inline(always)]
-pub(crate) fn arp_reply(ctx: &XdpContext) -> (u32, GlobalCounter) {
+pub(crate) fn arp_reply(ctx: &XdpContext, l2: usize) -> (u32, GlobalCounter) {
     let pass = (xdp_action::XDP_PASS, GlobalCounter::Passed);
     let (Some(eth), Some(arp)) = (
         packet::ptr_at_mut::<EthHdr>(ctx, 0),
-        packet::ptr_at_mut::<ArpHdr>(ctx, ETH_HLEN),
+        packet::ptr_at_mut::<ArpHdr>(ctx, l2),
     ) else {
         return pass;
     };
