@@ -65,9 +65,7 @@ use lb_common::{
     trace_flags, trace_source, vip_flags,
 };
 use lb_ebpf::{
-    packet::{
-        self, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, EthHdr, Flow, L3, Parsed, VLAN_ETH_HLEN,
-    },
+    packet::{self, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, EthHdr, Flow, L3, Parsed},
     unwrap::{Unwrapped, unwrap},
 };
 
@@ -106,14 +104,10 @@ fn balance(ctx: &XdpContext) -> (u32, GlobalCounter) {
         // Shorter than its link-layer header: not a frame sluice forwards.
         return (xdp_action::XDP_PASS, GlobalCounter::Passed);
     };
-    // One instance per link-layer length, each with its offsets as constants: untagged
-    // traffic pays nothing for the tag in IPv4 (measured, docs/design.md: a shared variable
-    // offset cost established IPv4 flows ~2 ns).
-    if l2 == ETH_HLEN {
-        balance_l2(ctx, proto, ETH_HLEN)
-    } else {
-        balance_l2(ctx, proto, VLAN_ETH_HLEN)
-    }
+    // One instance for both link-layer lengths: an instance per length (offsets constant in
+    // each, ~2 ns less per established IPv4 packet) makes the program too long for BPF's
+    // 16-bit jumps once second chance is in it ("Branch target out of insn range").
+    balance_l2(ctx, proto, l2)
 }
 
 /// What follows the link layer (`l2` bytes) of a frame carrying `proto`.
