@@ -85,6 +85,21 @@ impl Interface {
     }
 }
 
+/// The index of the interface that VLAN device `name` is on (its 802.1Q parent); `None` for any
+/// other kind of interface (sysfs: `DEVTYPE=vlan` in its `uevent`, the parent in `iflink`).
+pub fn vlan_parent(name: &str) -> Option<u32> {
+    let dir = std::path::Path::new("/sys/class/net").join(name);
+    let uevent = std::fs::read_to_string(dir.join("uevent")).ok()?;
+    if !uevent.lines().any(|l| l == "DEVTYPE=vlan") {
+        return None;
+    }
+    std::fs::read_to_string(dir.join("iflink"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Every global-scope address of this network namespace.
 pub fn local_addresses() -> anyhow::Result<Vec<IpAddr>> {
     let all = rtnl::addresses(AddressFamily::Unspec)

@@ -150,9 +150,12 @@ pub fn resolve_with(
                             .copied()
                             .find(|a| a.is_ipv4() == backend.addr.is_ipv4());
                     }
+                    let parent = (egress.index != iface.index)
+                        .then(|| net::vlan_parent(&egress.name))
+                        .flatten();
                     let target = Target::Remote {
                         mac,
-                        egress,
+                        egress: through_parent(iface, egress, parent),
                         source,
                     };
                     found.targets.insert(key, (target.clone(), Instant::now()));
@@ -198,6 +201,18 @@ pub fn resolve_with(
     Ok(out)
 }
 
+/// The interface a next hop found on `egress` is reached through: `attached` itself when
+/// `egress` is a VLAN device on it (`vlan_parent`: its parent's index). The program sees that
+/// VLAN's frames on the parent with their 802.1Q tag and sends them back out with it; a
+/// redirect to the VLAN device would be dropped (it has no XDP transmit).
+fn through_parent(attached: &Interface, egress: Interface, vlan_parent: Option<u32>) -> Interface {
+    if vlan_parent == Some(attached.index) {
+        attached.clone()
+    } else {
+        egress
+    }
+}
+
 /// The interface named `name`, read once per resolve.
 fn interface(known: &mut HashMap<String, Interface>, name: &str) -> Result<Interface, String> {
     if let Some(found) = known.get(name) {
@@ -206,4 +221,34 @@ fn interface(known: &mut HashMap<String, Interface>, name: &str) -> Result<Inter
     let found = Interface::by_name(name).map_err(|e| e.to_string())?;
     known.insert(name.to_owned(), found.clone());
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(name: &str, index: u32) -> Interface {
+        Interface {
+            name: name.into(),
+            index,
+            mac: MacAddr([2, 0, 0, 0, 0, index as u8]),
+            mtu: 1500,
+        }
+    }
+
+    #[test]
+    fn a_next_hop_on_a_vlan_of_the_attached_interface_is_reached_through_it() {
+        let eth0 = link("eth0", 2);
+        // eth0.100 on eth0: sent back out of eth0, the frame's tag kept.
+        assert_eq!(
+            through_parent(&eth0, link("eth0.100", 7), Some(2)).name,
+            "eth0"
+        );
+        // A VLAN on another interface, and any other device: their own (a TX port).
+        assert_eq!(
+            through_parent(&eth0, link("eth1.100", 8), Some(3)).name,
+            "eth1.100"
+        );
+        assert_eq!(through_parent(&eth0, link("eth1", 3), None).name, "eth1");
+    }
 }
