@@ -367,9 +367,11 @@ fn long_lived_flows_survive_a_node_added() -> Result<()> {
         c.converge(["active", "active", "active"])
     })?;
     let on = &added.handed_on;
+    // Node 2, the new pick, hands on; the first hop never does. Node 1 may too, while its table
+    // is newer than node 0's (a peer's frame its own table gives node 2 is checked there).
     ensure!(
-        on[2] > 0 && on[0] == 0 && on[1] == 0,
-        "only node 2, the new pick and not the first hop, hands on: {on:?}"
+        on[2] > 0 && on[0] == 0,
+        "node 2, the new pick, hands on and node 0, the first hop, does not: {on:?}"
     );
     ensure!(
         !added.tcp_backends.iter().any(|b| b == "b2"),
