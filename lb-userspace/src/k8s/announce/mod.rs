@@ -186,6 +186,16 @@ fn link_block(iface: &Interface) -> Option<String> {
     }
 }
 
+/// How often a contending node reads its interface's state.
+const LINK_POLL: Duration = Duration::from_millis(100);
+
+/// Returns once `iface` cannot carry announcements (down, without a carrier, or unreadable).
+async fn link_lost(iface: &Interface) {
+    while link_block(iface).is_none() {
+        tokio::time::sleep(LINK_POLL).await;
+    }
+}
+
 /// The per-address election loop and what it holds.
 struct Announcer {
     elector: Elector,
@@ -258,6 +268,7 @@ pub async fn run(
         _ = leases.wait_until_ready() => {}
         _ = stop.changed() => return,
     }
+    let iface = a.config.iface.clone();
     loop {
         let wanted = addrs.borrow_and_update().clone();
         a.set_blocked(
@@ -267,13 +278,24 @@ pub async fn run(
                 .or_else(|| link_block(&a.config.iface)),
         );
         a.set_barred(&wanted.barred);
-        a.tick(&wanted, &cached_leases(&leases)).await;
+        // A round's API requests may each wait up to a renewal (and go through the very link
+        // that went down): the link is watched beside the round, and its loss ends the round
+        // so that the next one stops answering at once. A request cut short leaves at worst a
+        // lease this node does not know it holds: it expires.
+        let contending = a.blocked.is_none();
+        let cache = cached_leases(&leases);
+        tokio::select! {
+            _ = a.tick(&wanted, &cache) => {}
+            _ = link_lost(&iface), if contending => continue,
+        }
         // Until the reconcile thread has attached (ANNOUNCE pinned), look again soon.
         let next = if a.map.is_some() { tick } else { MAP_RETRY };
+        let contending = a.blocked.is_none();
         tokio::select! {
             _ = tokio::time::sleep(next) => {}
             _ = lease_events.notified() => {}
             changed = addrs.changed() => { if changed.is_err() { break; } }
+            _ = link_lost(&iface), if contending => {}
             _ = stop.changed() => break,
         }
         if *stop.borrow() {
