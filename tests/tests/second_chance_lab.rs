@@ -69,6 +69,8 @@ struct Outcome {
     handed_on: Vec<u64>,
     /// Flows whose backend is not their current pick: (TCP, UDP).
     moved: (usize, usize),
+    /// Per node: the flows (TCP and UDP) whose current pick it is and whose backend another.
+    moved_to: Vec<usize>,
     /// The backends that served the TCP connections, in order.
     tcp_backends: Vec<String>,
 }
@@ -249,8 +251,8 @@ impl Cluster {
         Ok(())
     }
 
-    /// The backend (lab name) the first hop's table picks for `flow` now (`sluice explain`).
-    fn current_pick(&self, flow: &LongConn, port: &str) -> Result<String> {
+    /// The node the first hop's table picks for `flow` now (`sluice explain`).
+    fn current_pick(&self, flow: &LongConn, port: &str) -> Result<usize> {
         let client = flow.local_addr().to_string();
         let v = self.nodes.sluice(
             self.first_hop,
@@ -259,10 +261,8 @@ impl Cluster {
         let addr = v["next_packet"]["backend"]
             .as_str()
             .with_context(|| format!("explain {client} {port}: no backend: {v}"))?;
-        let lab = &self.nodes.lab;
         (0..NODES)
-            .find(|i| lab.backend_addr(*i).to_string() == addr)
-            .map(|i| lab.backend_name(i))
+            .find(|i| self.nodes.lab.backend_addr(*i).to_string() == addr)
             .with_context(|| format!("explain {client} {port}: {addr} is no node"))
     }
 
@@ -284,11 +284,19 @@ impl Cluster {
         }
         let [tcp_port, udp_port] = self.vip_ports();
         let mut moved = (0, 0);
-        for f in &flows.tcp {
-            moved.0 += usize::from(self.current_pick(f, &tcp_port)? != f.backend());
-        }
-        for f in &flows.udp {
-            moved.1 += usize::from(self.current_pick(f, &udp_port)? != f.backend());
+        let mut moved_to = vec![0; NODES];
+        for (kind, list, port) in [(0, &flows.tcp, &tcp_port), (1, &flows.udp, &udp_port)] {
+            for f in list {
+                let pick = self.current_pick(f, port)?;
+                if self.nodes.lab.backend_name(pick) != f.backend() {
+                    moved_to[pick] += 1;
+                    if kind == 0 {
+                        moved.0 += 1;
+                    } else {
+                        moved.1 += 1;
+                    }
+                }
+            }
         }
         let handed_on = delta(&self.handed_on()?, &before);
         let mut tcp_backends = Vec::new();
@@ -304,8 +312,8 @@ impl Cluster {
         }
         println!(
             "{what}: {CONNECTIONS} TCP connections (on {tcp_backends:?}) and {UDP_STREAMS} UDP \
-             streams, {} broken; moved (not on their current pick): {} TCP, {} UDP; handed on \
-             by node: {handed_on:?}",
+             streams, {} broken; moved (not on their current pick): {} TCP, {} UDP, to nodes \
+             {moved_to:?}; handed on by node: {handed_on:?}",
             broken.len(),
             moved.0,
             moved.1
@@ -320,9 +328,20 @@ impl Cluster {
             moved.0 > 0 && moved.1 > 0,
             "{what} moved no TCP connection or no UDP stream ({moved:?}): it did not test the hand-on"
         );
+        // Only a node that some moved flow's table now picks sees a flow it does not know.
+        // Maglev moves a few slots between the nodes a change does not touch too, so that
+        // node may be any, the first hop included (a flow of node 1 that node 0 now picks is
+        // handed on by node 0).
+        for (i, (on, to)) in handed_on.iter().zip(&moved_to).enumerate() {
+            ensure!(
+                *on == 0 || *to > 0,
+                "{what}: node {i} handed on {on} packets, yet no moved flow is its: moved to {moved_to:?}"
+            );
+        }
         Ok(Outcome {
             handed_on,
             moved,
+            moved_to,
             tcp_backends,
         })
     }
@@ -367,11 +386,12 @@ fn long_lived_flows_survive_a_node_added() -> Result<()> {
         c.converge(["active", "active", "active"])
     })?;
     let on = &added.handed_on;
-    // Node 2, the new pick, hands on; the first hop never does. Node 1 may too, while its table
-    // is newer than node 0's (a peer's frame its own table gives node 2 is checked there).
+    // Node 2, the new pick of most moved flows, hands them on (the others only those that
+    // moved to them: `through`).
     ensure!(
-        on[2] > 0 && on[0] == 0,
-        "node 2, the new pick, hands on and node 0, the first hop, does not: {on:?}"
+        on[2] > 0 && added.moved_to[2] > 0,
+        "node 2, the new pick, hands on: {on:?}, moved to {:?}",
+        added.moved_to
     );
     ensure!(
         !added.tcp_backends.iter().any(|b| b == "b2"),
@@ -412,12 +432,13 @@ fn long_lived_flows_survive_a_weight_change() -> Result<()> {
     let _one = one_cluster();
     let mut c = Cluster::start(None)?;
     // Node 0's share goes from 1/3 to 2/3: the flows that move were on nodes 1 and 2 and are
-    // now node 0's, the first hop, which hands them back itself. Nobody else moves.
+    // now node 0's, the first hop, which hands them back itself (Maglev may also move a few
+    // between nodes 1 and 2: those nodes 0 sends to their new pick, which hands them on).
     let changed = c.through("node 0's weight 1 -> 4", |c| c.set_weight(0, 4))?;
     let on = &changed.handed_on;
     ensure!(
-        on[0] > 0 && on[1] == 0 && on[2] == 0,
-        "only node 0, the first hop and the flows' new pick, hands on: {on:?}"
+        on[0] > 0,
+        "node 0, the first hop and most moved flows' new pick, hands on: {on:?}"
     );
     Ok(())
 }
@@ -438,8 +459,8 @@ fn long_lived_flows_survive_an_ecmp_shift_to_a_node_that_never_saw_them() -> Res
     })?;
     let on = &shifted.handed_on;
     ensure!(
-        on[2] > 0 && on[0] == 0 && on[1] == 0,
-        "only node 2, the new first hop and the moved flows' pick, hands on: {on:?}"
+        on[2] > 0,
+        "node 2, the new first hop and most moved flows' pick, hands on: {on:?}"
     );
     ensure!(
         shifted.moved.0 < CONNECTIONS,
