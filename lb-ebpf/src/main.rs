@@ -204,11 +204,15 @@ fn balance_flow(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, GlobalCou
     let vip_key = vip_key_of(&flow.key);
     let bytes = (ctx.data_end() - ctx.data()) as u64;
 
+    // Second chance records no flow, so it never looks one up either: a miss in the
+    // connection table cost its mid-flow packets more than the rest of their path.
+    let second_chance_mode = second_chance_mode();
     // Fast path: an established flow whose backend still serves this very VIP. A SYN opens a
     // new connection and is balanced afresh (Katran's rule): a reused 5-tuple (NAT gateways
     // cycle ports) never follows a stale entry to a backend that takes no new flows, and a
     // retransmitted SYN gets the same pick as long as the table is unchanged.
     if !flow.syn
+        && !second_chance_mode
         && let Some((vip_id, id, backend)) = established_backend(&flow.key, &vip_key)
     {
         why.chose(trace_source::CONN_TABLE, id, backend);
@@ -232,7 +236,7 @@ fn balance_flow(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, GlobalCou
         return (xdp_action::XDP_DROP, GlobalCounter::DropNoBackend);
     };
     why.chose(trace_source::MAGLEV, id, backend);
-    if second_chance_mode() {
+    if second_chance_mode {
         why.flags |= trace_flags::NOT_RECORDED;
         if !flow.syn {
             match second_chance(ctx, flow, &vip, id, backend, why) {
@@ -299,8 +303,8 @@ fn first_hop_from_peer(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, Gl
     }
 }
 
-/// Does this node run in second-chance mode (`Settings::flow_state`): no flow recorded?
-/// Read after the connection table missed, so the established path never pays for it.
+/// Does this node run in second-chance mode (`Settings::flow_state`): no flow recorded or
+/// looked up?
 #[inline(always)]
 fn second_chance_mode() -> bool {
     SETTINGS

@@ -23,8 +23,8 @@ use lb_userspace::model::{Desired, FlowState, Protocol};
 use lb_userspace::observe::trace;
 use sluice_tests::cmd::sh;
 use sluice_tests::fixtures::{
-    CLIENT, CLIENT6, Frame, Harness, TCP_ACK, TCP_SYN, VIP, VIP6, XDP_PASS, XDP_TX, backend_addr,
-    backend_addr6, backend_mac, desired, desired_at, harness_with,
+    CLIENT, CLIENT6, Frame, Harness, TCP_ACK, TCP_SYN, VIP, VIP6, XDP_PASS, XDP_TX,
+    assert_forwarded, backend_addr, backend_addr6, backend_mac, desired, desired_at, harness_with,
 };
 
 /// Node 3 joins nodes 0-2: every flow node 3 now takes had another pick before.
@@ -692,4 +692,28 @@ fn table_mode_is_unchanged_and_same_picks_never_ask() {
         );
         assert_eq!((from_peer.hits, from_peer.handed_on), (0, 0));
     });
+}
+
+/// Second chance looks no flow up: an entry left from table mode is not followed, the
+/// current table picks, as for every packet in that mode (a miss cost a mid-flow packet more
+/// than the rest of its path).
+#[test]
+fn second_chance_follows_no_entry_left_from_table_mode() {
+    let (sport, before) = moved_to_joined(V4, 1)[0];
+    let mut h = harness_with(&V4.desired(BEFORE));
+    let ack = Frame::tcp(sport, TCP_ACK).bytes();
+    assert_eq!(assert_forwarded(&mut h, &ack), before);
+    assert_eq!(
+        h.flow_entries().unwrap().get(&sport),
+        Some(&Some(before)),
+        "table mode recorded the flow"
+    );
+    let mut after = V4.desired(AFTER);
+    after.settings.flow_state = FlowState::SecondChance;
+    h.apply(&after).unwrap();
+    assert_eq!(
+        assert_forwarded(&mut h, &ack),
+        JOINED,
+        "second-chance mode followed the entry table mode left"
+    );
 }

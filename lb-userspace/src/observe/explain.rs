@@ -492,9 +492,10 @@ pub fn explain(flow: &Flow, inputs: &Inputs) -> anyhow::Result<Explanation> {
     let entry = inputs.entry.map(|e| entry_view(&e, inputs, &vip_key));
     // A TCP SYN is balanced afresh whatever the table holds; UDP has no such mark.
     let new_connection = maglev_path(tcp);
+    // Second chance looks no entry up (one left from table mode is not followed).
     let followed = inputs
         .entry
-        .filter(|_| entry.as_ref().is_some_and(|v| v.valid))
+        .filter(|_| !inputs.second_chance_mode && entry.as_ref().is_some_and(|v| v.valid))
         .and_then(|e| Some((e, inputs.backends.get(&u32::from(e.backend))?)));
     let next_packet = match followed {
         Some((e, b)) => forward(
@@ -508,7 +509,14 @@ pub fn explain(flow: &Flow, inputs: &Inputs) -> anyhow::Result<Explanation> {
         ),
         _ => {
             let mut out = maglev_path(false);
-            out.why = format!("no valid connection-table entry: {}", out.why);
+            out.why = if inputs.second_chance_mode {
+                format!(
+                    "second-chance mode looks up no connection-table entry: {}",
+                    out.why
+                )
+            } else {
+                format!("no valid connection-table entry: {}", out.why)
+            };
             out
         }
     };

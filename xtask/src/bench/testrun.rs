@@ -6,9 +6,8 @@ use std::net::IpAddr;
 use anyhow::{bail, ensure};
 use lb_userspace::{
     dataplane::PASS_PROGRAM,
-    model::{ForwardingMode, Protocol},
+    model::{FlowState, ForwardingMode, Protocol},
 };
-use lb_userspace::model::FlowState;
 use sluice_tests::fixtures::{
     CLIENT, CLIENT6, Frame, Harness, TCP_ACK, TCP_SYN, VIP, VIP6, XDP_PASS, XDP_TX, backend_addr,
     backend_mac, desired, desired_at,
@@ -162,7 +161,11 @@ pub fn run(repeat: u32) -> anyhow::Result<Vec<TestRunRow>> {
         row("established, trace of another client", trace_other, "-"),
         row("established, traced (event each)", traced, "-"),
         row("second chance: mid-flow packet", sc.mid_flow, "<= 48"),
-        row("second chance: new flow (SYN)", sc.new_flow, "<= 1.2x mid-flow"),
+        row(
+            "second chance: new flow (SYN)",
+            sc.new_flow,
+            "<= 1.2x mid-flow",
+        ),
         row(
             "second chance: moved flow handed on",
             established + sc.handed_on_extra,
