@@ -78,5 +78,8 @@ pub mod decap_map_names {
 
 /// Name of the balancer's XDP entry point in the object file.
 pub const BALANCER_PROGRAM: &str = "sluice_balancer";
+/// Name of the balancer object's conntrack probe (never attached: run with
+/// BPF_PROG_TEST_RUN on a frame that is a [`crate::FlowKey`]; `flow_state: auto`).
+pub const CONNTRACK_PROBE_PROGRAM: &str = "sluice_conntrack_probe";
 /// Name of the backend-side decapsulator's XDP entry point (in its own object).
 pub const DECAP_PROGRAM: &str = "sluice_decap";

@@ -31,7 +31,8 @@
 //! per-packet state belongs in a per-CPU map, not on the stack.
 //!
 //! `sluice_pass`: returns `XDP_PASS`. A veth only delivers `XDP_TX` frames when its peer has an
-//! XDP program; labs attach this one there (`sluice xdp-pass`).
+//! XDP program; labs attach this one there (`sluice xdp-pass`). `sluice_conntrack_probe`: asks
+//! conntrack about one flow, for the agent (never attached).
 #![no_std]
 #![no_main]
 
@@ -91,6 +92,26 @@ pub fn sluice_balancer(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn sluice_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// Does this namespace's conntrack know the flow whose [`FlowKey`] the frame's first bytes
+/// are? `XDP_PASS` yes, `XDP_DROP` no, `XDP_ABORTED` a frame too short. Never attached: the
+/// agent runs it (BPF_PROG_TEST_RUN, which asks the caller's namespace) on a loopback
+/// connection of its own, to learn whether conntrack tracks this node's connections, with
+/// the very lookup second chance makes (`flow_state: auto`).
+#[xdp]
+pub fn sluice_conntrack_probe(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    if start + size_of::<FlowKey>() > ctx.data_end() {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: within the frame, checked above; read unaligned, by value.
+    let key = unsafe { core::ptr::read_unaligned(start as *const FlowKey) };
+    if conntrack::knows(&ctx, &key) {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    }
 }
 
 /// The whole decision: the XDP action and the global counter that records why.

@@ -12,7 +12,7 @@ use std::{
 use anyhow::anyhow;
 
 use crate::{
-    model::{Desired, ForwardingMode, MacAddr},
+    model::{Desired, FlowState, ForwardingMode, MacAddr},
     net::{self, Interface},
 };
 
@@ -44,9 +44,16 @@ pub struct Resolved {
     pub local: BTreeSet<IpAddr>,
     /// MACs of the other sluice nodes (`Desired::peers`) on the attached segment.
     pub peer_macs: BTreeSet<MacAddr>,
+    /// Whether this node's conntrack tracks its connections (`None`: not asked).
+    pub conntrack_tracks: Option<bool>,
 }
 
 impl Resolved {
+    /// The mode this node runs: `desired`'s, with `auto` decided by its conntrack.
+    pub fn flow_state(&self, desired: &Desired) -> FlowState {
+        desired.settings.flow_state.effective(self.conntrack_tracks)
+    }
+
     /// Addresses of the backends that could not be resolved.
     pub fn unresolved(&self) -> BTreeSet<IpAddr> {
         self.failures.keys().map(|(addr, _)| *addr).collect()
@@ -64,6 +71,9 @@ pub struct Found {
     targets: HashMap<(IpAddr, ForwardingMode), (Target, Instant)>,
     /// A peer's MAC, or `None` for one behind a router (it never sends with its own MAC).
     peers: HashMap<IpAddr, (Option<MacAddr>, Instant)>,
+    /// What the conntrack probe answered (`dataplane::conntrack_tracks`), asked by the
+    /// reconcile driver, which holds the program: again after each refresh.
+    pub conntrack_tracks: Option<bool>,
 }
 
 impl Found {
@@ -86,6 +96,7 @@ pub fn resolve_with(
     let local: BTreeSet<IpAddr> = net::local_addresses()?.into_iter().collect();
     let mut out = Resolved {
         local,
+        conntrack_tracks: found.conntrack_tracks,
         ..Resolved::default()
     };
     let mut egress_by_name: HashMap<String, Interface> = HashMap::new();

@@ -211,6 +211,12 @@ impl Harness {
         self.maps.global_counter(counter)
     }
 
+    /// Whether this namespace's conntrack tracks a loopback connection (the agent's probe for
+    /// `flow_state: auto`, through this object's `sluice_conntrack_probe`).
+    pub fn conntrack_tracks(&mut self) -> anyhow::Result<bool> {
+        dataplane::conntrack_tracks(&mut self.ebpf)
+    }
+
     /// The IPv4 connection table as the packets left it: client port -> the backend index (as
     /// in [`backend_addr`]) its entry sends the flow to, by the backend's MAC (`None`: the
     /// entry's backend entry holds no fixture backend). Fixtures send from one client, so the

@@ -125,6 +125,11 @@ struct ConntrackNs {
 
 impl ConntrackNs {
     fn new() -> Self {
+        Self::tracking(true)
+    }
+
+    /// The same namespace; `tracking` false leaves out the rule that turns conntrack on.
+    fn tracking(tracking: bool) -> Self {
         sluice_tests::require_root();
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let name = format!(
@@ -154,6 +159,9 @@ impl ConntrackNs {
                 "dev",
                 "lo",
             ]);
+        }
+        if !tracking {
+            return ns;
         }
         // Any rule with a `ct` expression turns conntrack on in the namespace (kube-proxy's
         // rules do it on a real node).
@@ -716,4 +724,24 @@ fn second_chance_follows_no_entry_left_from_table_mode() {
         JOINED,
         "second-chance mode followed the entry table mode left"
     );
+}
+
+/// `flow_state: auto` asks the kernel the dataplane's own question (`bpf_xdp_ct_lookup`) about
+/// a loopback connection of its own: found where a rule turns conntrack on, not found where
+/// nothing in the namespace uses conntrack.
+#[test]
+fn the_conntrack_probe_tells_a_tracking_namespace_from_one_that_does_not_track() {
+    for tracking in [true, false] {
+        let ns = ConntrackNs::tracking(tracking);
+        let answer = ns.run(|| {
+            let mut h = Harness::new().expect("load the XDP object");
+            h.conntrack_tracks().expect("the probe runs")
+        });
+        assert_eq!(
+            answer,
+            tracking,
+            "the probe in a namespace where conntrack is {}",
+            if tracking { "on" } else { "off" }
+        );
+    }
 }

@@ -95,7 +95,8 @@ impl Cluster {
             conntrack_on(&nodes, i)?;
             // Load-aware weights off: the tables change only when a check changes them (a
             // load-shaped weight would be a change of its own, and a second one breaks).
-            let args = ["--flow-state", "second-chance", "--load-aware", "false"];
+            // `auto`: each agent finds its conntrack on (the rule above) and runs second chance.
+            let args = ["--flow-state", "auto", "--load-aware", "false"];
             agents.push(nodes.spawn_agent(i, &args)?);
         }
         nodes.lab.client_route_vip_via_backend(0)?;
@@ -109,6 +110,14 @@ impl Cluster {
             states[i] = "draining";
         }
         c.converge(states)?;
+        for (i, agent) in c.agents.iter().enumerate() {
+            let log = agent.log_text();
+            ensure!(
+                log.contains("flow_state auto: this node's conntrack tracks its connections")
+                    && log.contains("running second-chance"),
+                "node {i}'s agent did not find its conntrack on: {log}"
+            );
+        }
         Ok(c)
     }
 

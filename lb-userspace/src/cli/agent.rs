@@ -48,7 +48,8 @@ pub(crate) struct AgentArgs {
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_NEW_FLOWS_PER_CPU)]
     max_new_flows_per_cpu: u32,
     /// How flows keep their backends through table changes: table (a connection-table entry
-    /// per flow) or second-chance (none; this node's conntrack decides, docs/design.md).
+    /// per flow), second-chance (none; this node's conntrack decides, docs/design.md) or auto
+    /// (second chance where this node's conntrack tracks its connections, else table).
     #[arg(long, default_value = "table")]
     flow_state: FlowState,
     /// Address of the health endpoints (GET /healthz, /readyz); "off" for none.

@@ -10,7 +10,8 @@
 //! max_new_flows_per_cpu: 125000   # optional; the flood guard (new flows recorded per second
 //!                                 #   and CPU; above it Maglev's pick alone); 0: no limit
 //! flow_state: table               # optional; table (default: a connection-table entry per
-//!                                 #   flow) or second-chance (none; conntrack decides)
+//!                                 #   flow), second-chance (none; conntrack decides) or auto
+//!                                 #   (second chance where conntrack tracks this node's flows)
 //! peers: [10.200.1.2, 10.200.1.3] # optional; the nodes that run sluice too (every node
 //!                                 #   balances and serves): their VIP frames were balanced already
 //! vips:                           # required; `vips: []` serves nothing

@@ -82,9 +82,10 @@ impl Checker<'_> {
             },
             flow_state: match top.get("flow_state") {
                 Some(field) => {
-                    const HINT: &str = "use table (a connection-table entry per flow) or \
-                         second-chance (no entry; needs conntrack on every node)";
-                    let text = self.text(&field, "table or second-chance", HINT)?;
+                    const HINT: &str = "use table (a connection-table entry per flow), \
+                         second-chance (no entry; needs conntrack on every node) or auto \
+                         (second chance where this node's conntrack tracks its connections)";
+                    let text = self.text(&field, "table, second-chance or auto", HINT)?;
                     text.parse::<FlowState>().map_err(|_| {
                         self.error_at(&field, format!("unknown flow_state {text:?}"), HINT)
                     })?

@@ -160,6 +160,21 @@ fn defaults() {
 fn flow_state_is_table_unless_set_to_second_chance() {
     let table = parse(&yaml(&["vips: []"]), "lab.yaml").unwrap();
     assert_eq!(table.settings.flow_state, FlowState::Table);
+    let auto = parse(&yaml(&["flow_state: auto", "vips: []"]), "lab.yaml").unwrap();
+    assert_eq!(auto.settings.flow_state, FlowState::Auto);
+    // Auto is second chance on a known yes from the node's conntrack only.
+    assert_eq!(
+        FlowState::Auto.effective(Some(true)),
+        FlowState::SecondChance
+    );
+    for unknown_or_no in [None, Some(false)] {
+        assert_eq!(FlowState::Auto.effective(unknown_or_no), FlowState::Table);
+    }
+    assert_eq!(
+        FlowState::SecondChance.effective(Some(false)),
+        FlowState::SecondChance,
+        "an explicit mode is kept (and warned about)"
+    );
     let chance = parse(
         &yaml(&["flow_state: second-chance", "vips: []"]),
         "lab.yaml",

@@ -14,7 +14,10 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use lb_common::{BALANCER_PROGRAM, DECAP_PROGRAM, decap_map_names, flow_table_size_v6, map_names};
+use lb_common::{
+    BALANCER_PROGRAM, CONNTRACK_PROBE_PROGRAM, DECAP_PROGRAM, decap_map_names, flow_table_size_v6,
+    map_names,
+};
 
 use crate::net::Interface;
 
@@ -60,7 +63,7 @@ impl ObjectKind {
     }
     fn programs(self) -> &'static [&'static str] {
         match self {
-            Self::Balancer => &[BALANCER_PROGRAM, PASS_PROGRAM],
+            Self::Balancer => &[BALANCER_PROGRAM, PASS_PROGRAM, CONNTRACK_PROBE_PROGRAM],
             Self::Decap => &[DECAP_PROGRAM],
             // The bench loads (and verifies) the one it uses.
             #[cfg(feature = "bench")]
@@ -85,6 +88,7 @@ macro_rules! typed {
     };
 }
 
+mod conntrack_probe;
 mod maglev_table;
 mod maps;
 mod pins;
@@ -93,6 +97,7 @@ mod sys;
 mod trace;
 mod writes;
 
+pub use conntrack_probe::conntrack_tracks;
 pub use maglev_table::{TableWrite, free_maglev_tables, install_maglev_tables};
 pub use maps::{AnnounceMap, DecapMaps, DecapSets, Maps, announce_key, scoped_prefix};
 pub use pins::PinLayout;

@@ -280,6 +280,9 @@ pub enum FlowState {
     /// knows and hands an unknown non-SYN on to the previous table's pick (docs/design.md,
     /// "Second chance"). Needs netfilter conntrack on every node (kube-proxy's rules).
     SecondChance,
+    /// Second chance where this node's conntrack tracks its connections (asked of the kernel
+    /// at attach and at every refresh: `dataplane::conntrack_tracks`), table elsewhere.
+    Auto,
 }
 
 impl FlowState {
@@ -287,13 +290,25 @@ impl FlowState {
         match self {
             Self::Table => "table",
             Self::SecondChance => "second-chance",
+            Self::Auto => "auto",
         }
     }
 
-    /// [`lb_common::Settings::flow_state`].
+    /// The mode a node runs, given whether its conntrack tracks its connections (`None`: not
+    /// asked, or the question failed): `auto` is second chance only on a known yes.
+    pub const fn effective(self, conntrack_tracks: Option<bool>) -> Self {
+        match (self, conntrack_tracks) {
+            (Self::Auto, Some(true)) => Self::SecondChance,
+            (Self::Auto, _) => Self::Table,
+            (other, _) => other,
+        }
+    }
+
+    /// [`lb_common::Settings::flow_state`] of the [`Self::effective`] mode (`auto` unresolved
+    /// is table).
     pub const fn raw(self) -> u32 {
         match self {
-            Self::Table => lb_common::flow_state::TABLE,
+            Self::Table | Self::Auto => lb_common::flow_state::TABLE,
             Self::SecondChance => lb_common::flow_state::SECOND_CHANCE,
         }
     }
@@ -312,7 +327,12 @@ impl FromStr for FlowState {
         match s {
             "table" => Ok(Self::Table),
             "second-chance" => Ok(Self::SecondChance),
-            _ => Err(ParseError::new("flow state", s, "table or second-chance")),
+            "auto" => Ok(Self::Auto),
+            _ => Err(ParseError::new(
+                "flow state",
+                s,
+                "table, second-chance or auto",
+            )),
         }
     }
 }

@@ -20,7 +20,7 @@ use prometheus_client::{
 use crate::{
     dataplane::{self, Maps, PinLayout},
     memory,
-    model::Desired,
+    model::{Desired, FlowState},
     net::Interface,
     reconcile::{self, Carry, Summary, Unreachable},
 };
@@ -35,6 +35,7 @@ pub struct Reconciler {
     attached: Option<(dataplane::Ebpf, Maps)>,
     /// What the last applies leave for the next ones (next hops, co-location written).
     carry: Carry,
+    conntrack: ConntrackProbe,
 }
 
 impl Reconciler {
@@ -54,12 +55,14 @@ impl Reconciler {
             control,
             attached: None,
             carry: Carry::default(),
+            conntrack: ConntrackProbe::default(),
         }
     }
 
     /// Brings the dataplane to `desired`; attaches first if this process has not yet.
     pub fn apply(&mut self, desired: &Desired) -> anyhow::Result<Summary> {
-        if let Some((_, maps)) = &mut self.attached {
+        if let Some((ebpf, maps)) = &mut self.attached {
+            self.conntrack.ask(ebpf, desired, &mut self.carry);
             let started = Instant::now();
             let result = reconcile::reconcile_reusing(
                 maps,
@@ -83,6 +86,7 @@ impl Reconciler {
         }
         let mut ebpf = dataplane::load(Some(&self.pins), desired.settings.flow_table_size)?;
         let mut maps = Maps::from_ebpf(&mut ebpf)?;
+        self.conntrack.ask(&mut ebpf, desired, &mut self.carry);
         let started = Instant::now();
         let summary = reconcile::reconcile_reusing(
             &mut maps,
@@ -123,6 +127,7 @@ impl Reconciler {
     /// [`NextHopRefresh`]: crate::net::NextHopRefresh
     pub fn refresh(&mut self, desired: &Desired) -> anyhow::Result<Summary> {
         self.carry.renew();
+        self.conntrack.asked = false;
         self.apply(desired)
     }
 
@@ -134,6 +139,52 @@ impl Reconciler {
     /// Lets go of the program and maps (their pins stay, and keep forwarding).
     pub fn release(&mut self) {
         self.attached = None;
+    }
+}
+
+/// Whether conntrack tracks this node's connections, asked once per refresh period when the
+/// mode depends on it (`auto`; `second-chance`, which is warned about when it does not): a
+/// kube-proxy that starts after the agent turns `auto` to second chance within a refresh.
+#[derive(Debug, Default)]
+struct ConntrackProbe {
+    asked: bool,
+    /// The mode and answer last logged.
+    told: Option<(FlowState, Option<bool>)>,
+}
+
+impl ConntrackProbe {
+    fn ask(&mut self, ebpf: &mut dataplane::Ebpf, desired: &Desired, carry: &mut Carry) {
+        let wanted = desired.settings.flow_state;
+        if wanted == FlowState::Table || self.asked {
+            return;
+        }
+        self.asked = true;
+        let tracks = match dataplane::conntrack_tracks(ebpf) {
+            Ok(tracks) => Some(tracks),
+            Err(e) => {
+                warn!(
+                    "{e:#}: flow_state {wanted} runs as if conntrack did not track this node's connections"
+                );
+                None
+            }
+        };
+        carry.set_conntrack_tracks(tracks);
+        if self.told == Some((wanted, tracks)) {
+            return;
+        }
+        self.told = Some((wanted, tracks));
+        let mode = wanted.effective(tracks);
+        match (wanted, tracks) {
+            (_, Some(true)) => info!(
+                "flow_state {wanted}: this node's conntrack tracks its connections (a loopback connection of the agent's, found by bpf_xdp_ct_lookup): running {mode}"
+            ),
+            (FlowState::Auto, _) => info!(
+                "flow_state auto: this node's conntrack does not track its connections (no netfilter rule uses it in this namespace): running {mode}"
+            ),
+            _ => warn!(
+                "flow_state {wanted}: this node's conntrack does not track its connections: a mid-flow packet of a VIP whose table changed is handed on even when its connection is this node's (reset there); use auto or table, or a netfilter rule that uses conntrack (kube-proxy's do)"
+            ),
+        }
     }
 }
 

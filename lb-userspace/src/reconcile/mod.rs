@@ -240,6 +240,16 @@ impl Carry {
         self.maps_hold = None;
     }
 
+    /// What the conntrack probe answered since the last renewal (`None`: not asked).
+    pub fn conntrack_tracks(&self) -> Option<bool> {
+        self.found.conntrack_tracks
+    }
+
+    /// Records the conntrack probe's answer (`None`: it failed), for `flow_state: auto`.
+    pub fn set_conntrack_tracks(&mut self, tracks: Option<bool>) {
+        self.found.conntrack_tracks = tracks;
+    }
+
     /// Test builds only: what this carry says the maps hold.
     #[cfg(feature = "test-hooks")]
     pub fn maps_hold(&self) -> Option<&Snapshot> {
@@ -267,20 +277,11 @@ pub fn reconcile_reusing(
             .unwrap_or_default();
         bail!("{vip}: backend {addr}: {why}");
     }
-    reconcile_with(
-        maps,
-        iface,
-        desired,
-        &resolved,
-        &mut carry.colocation,
-        &mut carry.maps_hold,
-        &mut |_| Ok(()),
-    )
+    reconcile_resolved_carrying(maps, iface, desired, &resolved, carry)
 }
 
-/// Test builds only (`test-hooks`): [`reconcile_resolved`] carrying what it wrote from one call
-/// to the next, as [`reconcile_reusing`] does (its next hops come from `resolved`).
-#[cfg(feature = "test-hooks")]
+/// [`reconcile_resolved`] carrying what it wrote from one call to the next: what
+/// [`reconcile_reusing`] does after resolving (the harness's next hops come from `resolved`).
 pub fn reconcile_resolved_carrying(
     maps: &mut Maps,
     iface: &Interface,

@@ -217,6 +217,7 @@ pub(super) fn plan(
     resolved: &Resolved,
 ) -> anyhow::Result<Plan> {
     let desired_keys: BTreeSet<VipKey> = desired.vips.iter().map(|v| vip_key(&v.key)).collect();
+    let flow_state = resolved.flow_state(desired);
 
     // Ids kept by surviving VIPs, backends and tables; new ones come from what is free now (ids
     // freed by this reconcile are not reused in it: their old flows must re-hash, not follow,
@@ -417,10 +418,10 @@ pub(super) fn plan(
                 table_size,
                 live_backends,
                 flags,
-                previous_table: match desired.settings.flow_state {
+                previous_table: match flow_state {
                     FlowState::SecondChance => previous_table(current, old_info, table),
                     // Nothing reads it: the connection table keeps the flows.
-                    FlowState::Table => NO_TABLE,
+                    FlowState::Table | FlowState::Auto => NO_TABLE,
                 },
             },
         });
@@ -717,7 +718,7 @@ pub(super) fn plan_colocation(desired: &Desired, resolved: &Resolved) -> Colocat
         decap_local,
         settings: DataplaneSettings {
             max_new_flows_per_cpu: desired.settings.max_new_flows_per_cpu,
-            flow_state: desired.settings.flow_state.raw(),
+            flow_state: resolved.flow_state(desired).raw(),
         },
     }
 }
