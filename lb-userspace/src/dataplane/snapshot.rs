@@ -29,6 +29,10 @@ pub struct Snapshot {
     /// The tables some VIP points at, by id, as `TABLES` describes them (complete ones only:
     /// an interrupted install has no fingerprint and is not here).
     pub tables: BTreeMap<u32, TableInfo>,
+    /// Of the tables some VIP points at now: what their picks are a function of
+    /// ([`table_picks`], from `TABLE_MEMBERS`). Two tables with the same send every flow to
+    /// the same backend (they differ at most in draining members).
+    pub(crate) picks: BTreeMap<u32, u64>,
     /// The generation of every backend entry that ever held a backend, empty ones included.
     pub(crate) generations: BTreeMap<u32, u32>,
     /// `VIP_BY_ID` entries with a key, by VIP id.
@@ -62,6 +66,19 @@ impl Snapshot {
                 current.tables.insert(id, info);
             }
         }
+        let current_tables: BTreeSet<u32> = current.vips.values().map(|i| i.table).collect();
+        for id in current_tables {
+            let Some(info) = current.tables.get(&id) else {
+                continue;
+            };
+            let mut members = Vec::new();
+            for backend in (0..lb_common::MAX_BACKENDS).filter(|b| info.has(*b)) {
+                if let Some(weight) = maps.member_weight(id, backend)? {
+                    members.push((backend, weight));
+                }
+            }
+            current.picks.insert(id, table_picks(&members, info.size));
+        }
         current.vip_addrs = maps.read_vip_addrs()?;
         for key in maps.source_ranges.keys() {
             let key = key.context("reading the SOURCE_RANGES map")?;
@@ -85,6 +102,24 @@ impl Snapshot {
             .get(&id)
             .map(|b| addr_from_raw(&b.addr, b.family))
     }
+}
+
+/// What a table's picks are a function of: its size and, in backend id order, each member
+/// that takes new flows with its weight (draining members have no slot). FNV-1a.
+pub fn table_picks(members: &[(u32, MemberWeight)], size: u32) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let picking = members
+        .iter()
+        .map(|(backend, weight)| (*backend, lb_common::member_pick_weight(*weight)))
+        .filter(|(_, weight)| *weight > 0);
+    for word in std::iter::once(u64::from(size))
+        .chain(picking.map(|(backend, weight)| u64::from(backend) << 32 | u64::from(weight)))
+    {
+        for byte in word.to_le_bytes() {
+            h = (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
 }
 
 /// One backend of a VIP as the readers show it: its entry, and its weight in the VIP's table.

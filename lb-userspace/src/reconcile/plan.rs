@@ -19,7 +19,7 @@ use lb_common::{
 };
 
 use super::LeftOut;
-use crate::dataplane::{RangeKey, Snapshot, scoped_prefix};
+use crate::dataplane::{RangeKey, Snapshot, scoped_prefix, table_picks};
 use crate::maglev::MaglevBackend;
 use crate::model::{
     Backend, Desired, FlowState, ForwardingMode, IpNet, ListId, Settings, Vip, vip_key,
@@ -85,6 +85,7 @@ impl Plan {
             vips,
             backends,
             tables,
+            picks,
             generations,
             vip_refs,
             ..
@@ -136,6 +137,16 @@ impl Plan {
         let in_use = named_tables(next.vips.values());
         tables.retain(|id, _| in_use.contains(id));
         next.tables = tables;
+        // As `Snapshot::read`: the picks of the tables some VIP points at now.
+        let mut picks = picks;
+        picks.extend(
+            self.tables
+                .iter()
+                .map(|t| (t.id, table_picks(&t.members, t.info.size))),
+        );
+        let current: BTreeSet<u32> = next.vips.values().map(|i| i.table).collect();
+        picks.retain(|id, _| current.contains(id) && next.tables.contains_key(id));
+        next.picks = picks;
         next
     }
 }
@@ -197,6 +208,8 @@ struct ListPlan {
     missing: Vec<IpAddr>,
     table_size: u32,
     fingerprint: u64,
+    /// What its picks are a function of ([`table_picks`]).
+    picks: u64,
     /// Members that take new flows (the VIP entry's `live_backends`).
     live: u32,
 }
@@ -339,6 +352,9 @@ pub(super) fn plan(
             members.dedup_by_key(|(id, _, _)| *id);
             let table_size = desired.settings.maglev_table_size_for(vip.backends.len());
             let fingerprint = table_fingerprint(&members, table_size);
+            let weights: Vec<(u32, MemberWeight)> =
+                members.iter().map(|(b, _, w)| (*b, *w)).collect();
+            let picks = table_picks(&weights, table_size);
             let live = members
                 .iter()
                 .filter(|(_, _, w)| *w != 0 && w & MEMBER_DRAINING == 0)
@@ -348,6 +364,7 @@ pub(super) fn plan(
                 missing,
                 table_size,
                 fingerprint,
+                picks,
                 live,
             });
         }
@@ -356,9 +373,11 @@ pub(super) fn plan(
             missing,
             table_size,
             fingerprint,
+            picks,
             live,
         } = &lists[&list_key];
-        let (table_size, fingerprint, live_backends) = (*table_size, *fingerprint, *live);
+        let (table_size, fingerprint, picks, live_backends) =
+            (*table_size, *fingerprint, *picks, *live);
         for backend in missing {
             plan.left_out.push(LeftOut::Backend {
                 vip: vip.key,
@@ -419,7 +438,7 @@ pub(super) fn plan(
                 live_backends,
                 flags,
                 previous_table: match flow_state {
-                    FlowState::SecondChance => previous_table(current, old_info, table),
+                    FlowState::SecondChance => previous_table(current, old_info, table, picks),
                     // Nothing reads it: the connection table keeps the flows.
                     FlowState::Table | FlowState::Auto => NO_TABLE,
                 },
@@ -497,12 +516,17 @@ pub(super) fn named_tables<'a>(vips: impl Iterator<Item = &'a VipInfo>) -> BTree
         .collect()
 }
 
-/// A VIP's previous table once it points at `table` (second-chance mode): the one it leaves
-/// when it moves, else the one it had (one generation: a move replaces it). Only a table that
-/// is installed whole is named ([`NO_TABLE`] otherwise, e.g. for a new VIP).
-fn previous_table(current: &Snapshot, old: Option<VipInfo>, table: u32) -> u32 {
+/// A VIP's previous table once it points at `table`, whose picks are `picks` (second-chance
+/// mode): the one it leaves when it moves, else the one it had (one generation: a move
+/// replaces it). A move to a table with the same picks (a draining member removed, or one
+/// draining that had no slot) moved no flow: the previous table stays, still naming where
+/// the last change's flows began (a node drained, then removed, keeps its connections). Only
+/// a table that is installed whole is named ([`NO_TABLE`] otherwise, e.g. for a new VIP).
+fn previous_table(current: &Snapshot, old: Option<VipInfo>, table: u32, picks: u64) -> u32 {
     let previous = match old {
-        Some(old) if old.table != table => old.table,
+        Some(old) if old.table != table && current.picks.get(&old.table) != Some(&picks) => {
+            old.table
+        }
         Some(old) if old.previous_table != table => old.previous_table,
         _ => NO_TABLE,
     };

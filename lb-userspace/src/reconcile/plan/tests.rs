@@ -410,6 +410,34 @@ fn a_vip_keeps_the_table_it_left_as_its_previous_until_its_next_change() {
     assert_eq!(plan.freed_tables, BTreeSet::from([t1]));
 }
 
+/// A move that changes no pick (a drained member removed) keeps the previous table: it still
+/// names where the drain's moved flows began (a node drained, then removed, keeps them).
+#[test]
+fn a_move_that_changes_no_pick_keeps_the_previous_table() {
+    let (_, first) = step(&Snapshot::default(), &second_chance(three()));
+    let t0 = first.vips[&vip_key(&vip_at(1))].table;
+    let (plan, drained) = step(&first, &second_chance(with_backend_1(b(1, 1, true))));
+    let t1 = plan.vips[0].info.table;
+    assert_eq!(plan.vips[0].info.previous_table, t0);
+
+    let removed = second_chance(state(vec![vip(1, vec![b(0, 1, false), b(2, 1, false)])]));
+    let (plan, gone) = step(&drained, &removed);
+    let info = plan.vips[0].info;
+    assert_ne!(info.table, t1, "its members differ: another table");
+    assert_eq!(info.previous_table, t0, "the drain's previous table stays");
+    assert_eq!(plan.freed_tables, BTreeSet::from([t1]));
+    assert!(
+        plan.freed_backends.is_empty(),
+        "node 1's entry stays: the previous table has it"
+    );
+
+    // A change that moves flows replaces it, as ever.
+    let weighted = second_chance(state(vec![vip(1, vec![b(0, 3, false), b(2, 1, false)])]));
+    let (plan, _) = step(&gone, &weighted);
+    assert_eq!(plan.vips[0].info.previous_table, info.table);
+    assert_eq!(plan.freed_tables, BTreeSet::from([t0]));
+}
+
 #[test]
 fn table_mode_names_no_previous_table() {
     let (_, first) = step(&Snapshot::default(), &three());
