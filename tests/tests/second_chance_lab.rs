@@ -38,6 +38,8 @@ const UDP_STREAMS: usize = 16;
 const CONVERGE: Duration = Duration::from_secs(60);
 /// Echoes (answers) every flow must get after a change (one every 100 ms).
 const ECHOES_AFTER: u64 = 10;
+/// `converge`'s state of a node that is no backend of the VIP any more.
+const GONE: &str = "gone";
 
 /// One cluster at a time: three at once (nine agents, three API servers, 150 flows) on the
 /// machine's two cores would make the flows' deadlines the scheduler's.
@@ -174,13 +176,16 @@ impl Cluster {
         self.wait_all(&format!("{states:?}"), &["inspect", "backends"], |_, v| {
             let rows = v["backends"].as_array().cloned().unwrap_or_default();
             wanted.iter().all(|(vip, addr, want)| {
-                rows.iter().any(|b| {
+                let row = |b: &&Value| {
                     b["vip"]
                         .as_str()
                         .is_some_and(|s| s.starts_with(vip.as_str()))
                         && b["address"].as_str() == Some(addr.as_str())
-                        && b["state"] == *want
-                })
+                };
+                match rows.iter().find(row) {
+                    Some(b) => b["state"] == *want,
+                    None => *want == GONE,
+                }
             })
         })
     }
@@ -432,6 +437,31 @@ fn long_lived_flows_survive_a_node_drained() -> Result<()> {
         "both node 0 (first hop) and node 2 hand node 1's flows on: {on:?}"
     );
     ensure!(on[1] == 0, "node 1 keeps what it receives: {on:?}");
+    Ok(())
+}
+
+/// A node leaving the way nodes leave (`kubectl drain`, then `kubectl delete node`): two
+/// changes of the VIP's table, the second moves no flow (node 1 had no slot left), so the
+/// previous table stays the one before the drain and node 1 keeps its connections while it
+/// is up to serve them.
+#[test]
+fn long_lived_flows_survive_a_node_drained_then_removed() -> Result<()> {
+    sluice_tests::require_root();
+    let _one = one_cluster();
+    let mut c = Cluster::start(None)?;
+    let removed = c.through("node 1 drained, then removed", |c| {
+        c.set_ready(1, false)?;
+        c.converge(["active", "draining", "active"])?;
+        c.nodes
+            .kube
+            .kubectl_ok(&["delete", "node", &node_name(1)])?;
+        c.converge(["active", GONE, "active"])
+    })?;
+    let on = &removed.handed_on;
+    ensure!(
+        on[0] > 0 && on[2] > 0 && on[1] == 0,
+        "nodes 0 and 2 hand node 1's flows on, node 1 keeps what it receives: {on:?}"
+    );
     Ok(())
 }
 

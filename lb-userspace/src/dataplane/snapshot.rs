@@ -29,7 +29,7 @@ pub struct Snapshot {
     /// The tables some VIP points at, by id, as `TABLES` describes them (complete ones only:
     /// an interrupted install has no fingerprint and is not here).
     pub tables: BTreeMap<u32, TableInfo>,
-    /// Of the tables some VIP points at now: what their picks are a function of
+    /// Of the same tables: what their picks are a function of
     /// ([`table_picks`], from `TABLE_MEMBERS`). Two tables with the same send every flow to
     /// the same backend (they differ at most in draining members).
     pub(crate) picks: BTreeMap<u32, u64>,
@@ -66,18 +66,15 @@ impl Snapshot {
                 current.tables.insert(id, info);
             }
         }
-        let current_tables: BTreeSet<u32> = current.vips.values().map(|i| i.table).collect();
-        for id in current_tables {
-            let Some(info) = current.tables.get(&id) else {
-                continue;
-            };
+        // A VIP that moves back to its previous table makes it current again.
+        for (id, info) in &current.tables {
             let mut members = Vec::new();
             for backend in (0..lb_common::MAX_BACKENDS).filter(|b| info.has(*b)) {
-                if let Some(weight) = maps.member_weight(id, backend)? {
+                if let Some(weight) = maps.member_weight(*id, backend)? {
                     members.push((backend, weight));
                 }
             }
-            current.picks.insert(id, table_picks(&members, info.size));
+            current.picks.insert(*id, table_picks(&members, info.size));
         }
         current.vip_addrs = maps.read_vip_addrs()?;
         for key in maps.source_ranges.keys() {

@@ -766,3 +766,53 @@ fn colocation_plan_lists_peers_decap_sets_and_settings() {
         "no room left for local addresses"
     );
 }
+
+/// One tier of hysteresis: a table one tier larger than its backends need is kept, so a node
+/// drained and then removed does not change the modulus (which moves nearly every flow);
+/// two tiers down, or up, the size follows the backends.
+#[test]
+fn a_table_one_tier_larger_than_needed_keeps_its_size() {
+    let auto = Settings::default();
+    assert_eq!(table_size_for(&auto, 3, None), 4093);
+    assert_eq!(table_size_for(&auto, 2, None), 2039);
+    assert_eq!(table_size_for(&auto, 2, Some(4093)), 4093, "kept");
+    assert_eq!(
+        table_size_for(&auto, 2, Some(8191)),
+        2039,
+        "two tiers: shrinks"
+    );
+    assert_eq!(table_size_for(&auto, 3, Some(2039)), 4093, "grows");
+    let fixed = Settings {
+        maglev_table_size: Some(251),
+        ..Settings::default()
+    };
+    assert_eq!(table_size_for(&fixed, 2, Some(4093)), 251);
+
+    // The lab's sequence at automatic sizes: drained, then removed, the previous table stays.
+    let sized = |vips| {
+        let mut d = second_chance(state(vips));
+        d.settings.maglev_table_size = None;
+        d
+    };
+    let (_, first) = step(
+        &Snapshot::default(),
+        &sized(vec![vip(
+            1,
+            vec![b(0, 1, false), b(1, 1, false), b(2, 1, false)],
+        )]),
+    );
+    let t0 = first.vips[&vip_key(&vip_at(1))].table;
+    let (_, drained) = step(
+        &first,
+        &sized(vec![vip(
+            1,
+            vec![b(0, 1, false), b(1, 1, true), b(2, 1, false)],
+        )]),
+    );
+    let (plan, _) = step(
+        &drained,
+        &sized(vec![vip(1, vec![b(0, 1, false), b(2, 1, false)])]),
+    );
+    assert_eq!(plan.vips[0].info.table_size, 4093);
+    assert_eq!(plan.vips[0].info.previous_table, t0);
+}
