@@ -252,7 +252,7 @@ pub(super) fn plan(
     let mut addr_room = (MAX_VIPS as usize).saturating_sub(current.vip_addrs.len());
     let mut range_room = (MAX_SOURCE_RANGES as usize).saturating_sub(current.source_ranges.len());
     let mut plan = Plan::default();
-    let mut lists: HashMap<(ListId, ForwardingMode, u32), ListPlan> = HashMap::new();
+    let mut lists: HashMap<(ListId, ForwardingMode), ListPlan> = HashMap::new();
 
     for vip in &desired.vips {
         let key = vip_key(&vip.key);
@@ -282,13 +282,8 @@ pub(super) fn plan(
         }
 
         // Its members: each backend's shared entry (written once, whatever the VIPs that have
-        // it) and its weight in this VIP's table; worked out once per list (and mode and size).
-        let table_size = table_size_for(
-            &desired.settings,
-            vip.backends.len(),
-            old_info.map(|i| i.table_size),
-        );
-        let list_key = (vip.backends.id(), vip.mode, table_size);
+        // it) and its weight in this VIP's table; worked out once per list (and mode).
+        let list_key = (vip.backends.id(), vip.mode);
         if let Entry::Vacant(slot) = lists.entry(list_key) {
             let mut members: Vec<(u32, IpAddr, MemberWeight)> =
                 Vec::with_capacity(vip.backends.len());
@@ -354,6 +349,7 @@ pub(super) fn plan(
             }
             members.sort_by_key(|(id, _, _)| *id);
             members.dedup_by_key(|(id, _, _)| *id);
+            let table_size = desired.settings.maglev_table_size_for(vip.backends.len());
             let fingerprint = table_fingerprint(&members, table_size);
             let weights: Vec<(u32, MemberWeight)> =
                 members.iter().map(|(b, _, w)| (*b, *w)).collect();
@@ -517,27 +513,6 @@ pub(super) fn named_tables<'a>(vips: impl Iterator<Item = &'a VipInfo>) -> BTree
     vips.flat_map(|info| [info.table, info.previous_table])
         .filter(|table| *table != NO_TABLE)
         .collect()
-}
-
-/// A VIP's table size: the tier its backends need (or the configured size), except that a
-/// table one tier larger, which it has now, is kept (hysteresis). A size change is a new
-/// modulus that moves nearly every flow; with it, a node drained and then removed (3 nodes to
-/// 2: 4093 slots to 2039) moved every flow at the removal, so second chance's previous table
-/// (the drain's) no longer named where node 1's flows began. Two tiers down, it shrinks.
-fn table_size_for(settings: &Settings, backends: usize, current: Option<u32>) -> u32 {
-    let size = settings.maglev_table_size_for(backends);
-    if settings.maglev_table_size.is_some() {
-        return size;
-    }
-    let one_tier_up = lb_common::MAGLEV_TIERS
-        .iter()
-        .skip_while(|tier| **tier <= size)
-        .copied()
-        .next();
-    match current {
-        Some(current) if Some(current) == one_tier_up => current,
-        _ => size,
-    }
 }
 
 /// A VIP's previous table once it points at `table`, whose picks are `picks` (second-chance
