@@ -1088,6 +1088,14 @@ fn sluice_deployed_on_a_real_cluster() {
         r,
     );
 
+    // ----- second chance through the DaemonSet: 50 connections through a rolling restart,
+    // a drain and the node's return -----
+    let r = second_chance_through_the_daemonset(&mut c);
+    checks.result(
+        "flow-state auto via the ConfigMap: every agent finds kube-proxy's conntrack and runs second chance; 50 long-lived connections survive a rolling restart, a node's drain and its return",
+        r,
+    );
+
     checks.check(
         "test time",
         true,
@@ -1829,6 +1837,11 @@ fn configure_bgp(c: &Cluster, on: bool) -> Result<()> {
         "-p",
         &patch,
     ])?;
+    rolling_restart(c)
+}
+
+/// `kubectl rollout restart` of the agents' DaemonSet, waited for.
+fn rolling_restart(c: &Cluster) -> Result<()> {
     c.kubectl(&[
         "rollout",
         "restart",
@@ -1922,4 +1935,126 @@ fn client_syns(c: &Cluster, nodes: usize) -> Result<Vec<u64>> {
         .enumerate()
         .map(|(i, n)| n.with_context(|| format!("no SYN counter n{i} on the bridge: {v}")))
         .collect()
+}
+
+/// Long-lived connections of the second-chance check.
+const SECOND_CHANCE_CONNECTIONS: usize = 50;
+
+/// `flow-state: auto` in the ConfigMap and a rolling restart: each agent asks its node's
+/// conntrack (kube-proxy's rules turn it on) and runs second chance. Then 50 long-lived
+/// connections to the Cluster VIP's echo port through a rolling restart of the agents, a
+/// cordon of node-2 (its slots go to the others: the connections it serves are handed back to
+/// it) and its uncordon (back to the first table: the connections that began on node-2 are
+/// its again): every one clean. Left in second chance (the last check of the run).
+fn second_chance_through_the_daemonset(c: &mut Cluster) -> Result<String> {
+    c.kubectl(&[
+        "patch",
+        "configmap",
+        "-n",
+        AGENT_NAMESPACE,
+        "sluice-agent",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"data": {"flow-state": "auto"}}"#,
+    ])?;
+    rolling_restart(c)?;
+    c.wait_for(
+        "every agent says it runs second chance",
+        Duration::from_secs(60),
+        || {
+            let pods = agent_pods(c)?;
+            for (pod, _, _) in pods.values() {
+                let out = c.kubectl(&["logs", "-n", AGENT_NAMESPACE, pod])?;
+                let log = String::from_utf8_lossy(&out.stdout);
+                if !log.contains("flow_state auto: this node's conntrack tracks its connections")
+                    || !log.contains("running second-chance")
+                {
+                    return Ok(false);
+                }
+            }
+            Ok(pods.len() == c.nodes())
+        },
+    )?;
+    let echo_port = format!("{VIP_CLUSTER}:{}/tcp", image::WEB_ECHO_PORT);
+    let states = |c: &Cluster| -> Result<Vec<String>> {
+        let v = sluice_in_agent_pod(c, 0, &["inspect", "backends"])?;
+        let rows = v["backends"]
+            .as_array()
+            .context("inspect backends: no rows")?;
+        (0..c.nodes())
+            .map(|i| {
+                let addr = c.node_addr(i).to_string();
+                rows.iter()
+                    .find(|b| b["address"] == addr.as_str() && b["vip"] == echo_port.as_str())
+                    .and_then(|b| b["state"].as_str().map(str::to_owned))
+                    .with_context(|| format!("no row of {addr} for {echo_port}: {v}"))
+            })
+            .collect()
+    };
+    let all_active = |c: &Cluster| -> Result<bool> { Ok(states(c)?.iter().all(|s| s == "active")) };
+    // The link-down check before this one drained node-0 by its health check for a while.
+    c.wait_for(
+        "node-0's maps: every node active",
+        Duration::from_secs(60),
+        || all_active(c),
+    )?;
+    let handed_on = |c: &Cluster| -> Result<u64> {
+        (0..c.nodes())
+            .map(|i| {
+                let v = sluice_in_agent_pod(c, i, &["inspect", "stats"])?;
+                v.pointer("/global/second_chance_handed_on")
+                    .and_then(Value::as_u64)
+                    .with_context(|| format!("node {i}: no second_chance_handed_on: {v}"))
+            })
+            .sum()
+    };
+    let echo = SocketAddrV4::new(VIP_CLUSTER, image::WEB_ECHO_PORT);
+    let conns: Vec<_> = (0..SECOND_CHANCE_CONNECTIONS)
+        .map(|_| c.long_conn(echo))
+        .collect::<Result<_>>()?;
+    let clean = |what: &str| -> Result<()> {
+        for conn in &conns {
+            conn.wait_echoes(5, Duration::from_secs(30))
+                .with_context(|| format!("after {what}"))?;
+            let report = conn.snapshot();
+            ensure!(report.is_clean(), "after {what}: {report:?}");
+        }
+        Ok(())
+    };
+    clean("opening")?;
+    let before = handed_on(c)?;
+
+    let t = Instant::now();
+    rolling_restart(c)?;
+    clean("a rolling restart")?;
+    let restarted = t.elapsed();
+
+    c.kubectl(&["cordon", c.node_name(2)])?;
+    let drained = c.wait_for(
+        "node-0's maps drain the cordoned node-2",
+        Duration::from_secs(30),
+        || Ok(states(c)?.get(2).is_some_and(|s| s == "draining")),
+    );
+    let after_drain = drained.and_then(|_| clean("node-2's drain"));
+    c.kubectl(&["uncordon", c.node_name(2)])?;
+    after_drain?;
+    c.wait_for("node-2 active again", Duration::from_secs(30), || {
+        all_active(c)
+    })?;
+    clean("node-2's return")?;
+    let handed = handed_on(c)? - before;
+    let backends: BTreeSet<String> = conns
+        .iter()
+        .filter_map(|conn| conn.snapshot().backends.first().cloned())
+        .collect();
+    ensure!(
+        handed > 0,
+        "no packet was handed on: nothing tested the second chance"
+    );
+    Ok(format!(
+        "{SECOND_CHANCE_CONNECTIONS} connections (served by {} pods) clean through a rolling restart of {:.1} s, node-2's drain and its return; {handed} packets handed on",
+        backends.len(),
+        restarted.as_secs_f64()
+    ))
 }
