@@ -159,21 +159,21 @@ impl ConntrackProbe {
             return;
         }
         self.asked = true;
-        let tracks = match dataplane::conntrack_tracks(ebpf) {
-            Ok(tracks) => Some(tracks),
-            Err(e) => {
-                warn!(
-                    "{e:#}: flow_state {wanted} runs as if conntrack did not track this node's connections"
-                );
-                None
-            }
-        };
+        let answer = dataplane::conntrack_tracks(ebpf);
+        let tracks = answer.as_ref().ok().copied();
         carry.set_conntrack_tracks(tracks);
+        // Logged when the mode or the answer changes, not at every refresh.
         if self.told == Some((wanted, tracks)) {
             return;
         }
         self.told = Some((wanted, tracks));
         let mode = wanted.effective(tracks);
+        if let Err(e) = &answer {
+            warn!(
+                "{e:#}: flow_state {wanted} runs as if conntrack did not track this node's connections: running {mode}"
+            );
+            return;
+        }
         match (wanted, tracks) {
             (_, Some(true)) => info!(
                 "flow_state {wanted}: this node's conntrack tracks its connections (a loopback connection of the agent's, found by bpf_xdp_ct_lookup): running {mode}"
