@@ -202,6 +202,37 @@ fn in_ns(ns: &str, argv: &[&str]) -> Result<Output> {
     )
 }
 
+/// A cluster component (containerd, kubelet, kube-proxy) exited while the cluster came up.
+#[derive(Debug)]
+struct ComponentExited(String);
+
+impl std::fmt::Display for ComponentExited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ComponentExited {}
+
+/// Why a component's log says it exited: its first fatal line (klog's `F` lines, a Go
+/// `panic:` or `fatal error:`, which a goroutine dump buries), then the log's last lines.
+fn exit_reason(path: &Path) -> String {
+    let log = fs::read_to_string(path).unwrap_or_default();
+    let fatal = log.lines().find(|l| {
+        l.starts_with("panic: ")
+            || l.starts_with("fatal error: ")
+            || (l.len() > 5
+                && l.starts_with('F')
+                && l.as_bytes()[1..5].iter().all(u8::is_ascii_digit))
+    });
+    format!(
+        "{}\n... (last lines of {}:)\n{}",
+        fatal.unwrap_or("no fatal line"),
+        path.display(),
+        tail(path, 12)
+    )
+}
+
 fn tail(path: &Path, n: usize) -> String {
     let t = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = t.lines().collect();
@@ -217,7 +248,21 @@ impl Cluster {
 
     /// [`Cluster::start`] with node i's interface named `ifaces[i]` ([`IFACE`] past the end;
     /// at most 15 characters, as `ip link` takes).
+    ///
+    /// A component that exits while the cluster comes up (a kubelet crashed at start once in a
+    /// full run: a Go runtime dump, sluice not yet deployed) gets one more bring-up from
+    /// scratch; its reason is printed, and a second exit fails.
     pub fn start_with_node_ifaces(cfg: ClusterConfig, ifaces: &[&str]) -> Result<Cluster> {
+        match Self::start_once(&cfg, ifaces) {
+            Err(e) if e.chain().any(|cause| cause.is::<ComponentExited>()) => {
+                eprintln!("the cluster did not come up, once more from scratch: {e:#}");
+                Self::start_once(&cfg, ifaces)
+            }
+            started => started,
+        }
+    }
+
+    fn start_once(cfg: &ClusterConfig, ifaces: &[&str]) -> Result<Cluster> {
         ensure!(
             (1..=20).contains(&cfg.nodes),
             "ClusterConfig.nodes must be 1 to 20"
@@ -297,7 +342,7 @@ impl Cluster {
             started: Instant::now(),
             _lock: lock,
         };
-        c.setup(&cfg)
+        c.setup(cfg)
             .with_context(|| format!("starting cluster {} (files in {})", c.id, c.dir.display()))?;
         eprintln!(
             "cluster {}: {} nodes Ready after {:.1} s",
@@ -780,7 +825,11 @@ mount --bind {d}/container-logs /var/log/containers
                 .as_mut()
                 .map(|c| c.try_wait().ok().flatten())
             {
-                bail!("containerd of {name} exited ({s}): {}", tail(&log, 20));
+                return Err(ComponentExited(format!(
+                    "containerd of {name} exited ({s}): {}",
+                    exit_reason(&log)
+                ))
+                .into());
             }
             ensure!(
                 Instant::now() < deadline,
@@ -891,11 +940,12 @@ featureGates: {{IPv6DualStack: true}}
                     ("kube-proxy", &mut n.proxy),
                 ] {
                     if let Some(Some(s)) = c.as_mut().map(|c| c.try_wait().ok().flatten()) {
-                        bail!(
+                        return Err(ComponentExited(format!(
                             "{what} of {} exited ({s}): {}",
                             n.name,
-                            tail(&n.dir.join(format!("{what}.log")), 25)
-                        );
+                            exit_reason(&n.dir.join(format!("{what}.log")))
+                        ))
+                        .into());
                     }
                 }
             }
@@ -1935,5 +1985,21 @@ mod tests {
         assert_eq!(cluster_name_pid("sl42-0-c"), None);
         assert_eq!(cluster_dir_pid("sluice-cluster-42-0"), Some(42));
         assert_eq!(cluster_dir_pid("sluice-cluster-42"), None);
+    }
+
+    #[test]
+    fn an_exit_reason_is_the_first_fatal_line_not_the_dump_s_end() {
+        let path = std::env::temp_dir().join(format!("exit-reason-{}.log", std::process::id()));
+        let log = "I1207 19:40:01 starting\nF1207 19:40:02 failed to run Kubelet: no cgroup\n\
+                   goroutine 1 [running]:\n\tmain.go:70 +0x8c\ngoroutine 332 [select]:\n";
+        fs::write(&path, log).unwrap();
+        let reason = exit_reason(&path);
+        assert!(
+            reason.starts_with("F1207 19:40:02 failed to run Kubelet: no cgroup"),
+            "{reason}"
+        );
+        fs::write(&path, "goroutine 1 [running]:\n").unwrap();
+        assert!(exit_reason(&path).starts_with("no fatal line"));
+        let _ = fs::remove_file(&path);
     }
 }
