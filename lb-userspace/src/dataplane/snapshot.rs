@@ -69,7 +69,7 @@ impl Snapshot {
         // A VIP that moves back to its previous table makes it current again.
         for (id, info) in &current.tables {
             let mut members = Vec::new();
-            for backend in (0..lb_common::MAX_BACKENDS).filter(|b| info.has(*b)) {
+            for backend in member_ids(info) {
                 if let Some(weight) = maps.member_weight(*id, backend)? {
                     members.push((backend, weight));
                 }
@@ -99,6 +99,21 @@ impl Snapshot {
             .get(&id)
             .map(|b| addr_from_raw(&b.addr, b.family))
     }
+}
+
+/// The backend ids of a table's members, in order (its set bits: a word at a time, not a
+/// test per possible id).
+fn member_ids(info: &TableInfo) -> impl Iterator<Item = u32> + '_ {
+    info.bits.iter().enumerate().flat_map(|(word, bits)| {
+        let mut rest = *bits;
+        std::iter::from_fn(move || {
+            (rest != 0).then(|| {
+                let bit = rest.trailing_zeros();
+                rest &= rest - 1;
+                word as u32 * 64 + bit
+            })
+        })
+    })
 }
 
 /// What a table's picks are a function of: its size and, in backend id order, each member
@@ -172,5 +187,23 @@ pub(crate) fn member(id: u32, backend: Backend, weight: MemberWeight) -> Member 
         backend,
         weight: weight & !lb_common::MEMBER_DRAINING,
         draining: weight & lb_common::MEMBER_DRAINING != 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_ids_are_the_set_bits_in_order() {
+        let mut info = TableInfo::default();
+        for id in [0, 5, 63, 64, 700, lb_common::MAX_BACKENDS - 1] {
+            info.add(id);
+        }
+        assert_eq!(
+            member_ids(&info).collect::<Vec<_>>(),
+            vec![0, 5, 63, 64, 700, lb_common::MAX_BACKENDS - 1]
+        );
+        assert_eq!(member_ids(&TableInfo::default()).count(), 0);
     }
 }
