@@ -1826,6 +1826,12 @@ fn configure_bgp(c: &Cluster, on: bool) -> Result<()> {
     } else {
         r#"{"data": {"bgp": "false", "bgp-peers": ""}}"#.to_owned()
     };
+    reconfigure_agents(c, &patch)
+}
+
+/// Merges `patch` into the agents' ConfigMap and restarts them so that they take it (their
+/// flags come from it).
+fn reconfigure_agents(c: &Cluster, patch: &str) -> Result<()> {
     c.kubectl(&[
         "patch",
         "configmap",
@@ -1835,7 +1841,7 @@ fn configure_bgp(c: &Cluster, on: bool) -> Result<()> {
         "--type",
         "merge",
         "-p",
-        &patch,
+        patch,
     ])?;
     rolling_restart(c)
 }
@@ -1947,18 +1953,7 @@ const SECOND_CHANCE_CONNECTIONS: usize = 50;
 /// it) and its uncordon (back to the first table: the connections that began on node-2 are
 /// its again): every one clean. Left in second chance (the last check of the run).
 fn second_chance_through_the_daemonset(c: &mut Cluster) -> Result<String> {
-    c.kubectl(&[
-        "patch",
-        "configmap",
-        "-n",
-        AGENT_NAMESPACE,
-        "sluice-agent",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"data": {"flow-state": "auto"}}"#,
-    ])?;
-    rolling_restart(c)?;
+    reconfigure_agents(c, r#"{"data": {"flow-state": "auto"}}"#)?;
     c.wait_for(
         "every agent says it runs second chance",
         Duration::from_secs(60),

@@ -305,16 +305,15 @@ impl Cluster {
         let [tcp_port, udp_port] = self.vip_ports();
         let mut moved = (0, 0);
         let mut moved_to = vec![0; NODES];
-        for (kind, list, port) in [(0, &flows.tcp, &tcp_port), (1, &flows.udp, &udp_port)] {
+        for (list, port, count) in [
+            (&flows.tcp, &tcp_port, &mut moved.0),
+            (&flows.udp, &udp_port, &mut moved.1),
+        ] {
             for f in list {
                 let pick = self.current_pick(f, port)?;
                 if self.nodes.lab.backend_name(pick) != f.backend() {
                     moved_to[pick] += 1;
-                    if kind == 0 {
-                        moved.0 += 1;
-                    } else {
-                        moved.1 += 1;
-                    }
+                    *count += 1;
                 }
             }
         }

@@ -101,7 +101,7 @@ pub use conntrack_probe::conntrack_tracks;
 pub use maglev_table::{TableWrite, free_maglev_tables, install_maglev_tables};
 pub use maps::{AnnounceMap, DecapMaps, DecapSets, Maps, announce_key, scoped_prefix};
 pub use pins::PinLayout;
-pub use snapshot::{Member, RangeKey, Snapshot, members_by_table, table_picks};
+pub use snapshot::{Member, RangeKey, Snapshot, fnv1a, members_by_table, table_picks};
 pub use trace::{TRACE_LEASE, TraceMaps, TraceSession, monotonic_ns};
 
 /// Loads the balancer (maps created, or reused from `pins` after a layout check; programs

@@ -74,7 +74,7 @@ impl Snapshot {
                     members.push((backend, weight));
                 }
             }
-            current.picks.insert(*id, table_picks(&members, info.size));
+            current.picks.insert(*id, table_picks(members, info.size));
         }
         current.vip_addrs = maps.read_vip_addrs()?;
         for key in maps.source_ranges.keys() {
@@ -117,16 +117,22 @@ fn member_ids(info: &TableInfo) -> impl Iterator<Item = u32> + '_ {
 }
 
 /// What a table's picks are a function of: its size and, in backend id order, each member
-/// that takes new flows with its weight (draining members have no slot). FNV-1a.
-pub fn table_picks(members: &[(u32, MemberWeight)], size: u32) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+/// that takes new flows with its weight (draining members have no slot).
+pub fn table_picks(members: impl IntoIterator<Item = (u32, MemberWeight)>, size: u32) -> u64 {
     let picking = members
-        .iter()
-        .map(|(backend, weight)| (*backend, lb_common::member_pick_weight(*weight)))
+        .into_iter()
+        .map(|(backend, weight)| (backend, lb_common::member_pick_weight(weight)))
         .filter(|(_, weight)| *weight > 0);
-    for word in std::iter::once(u64::from(size))
-        .chain(picking.map(|(backend, weight)| u64::from(backend) << 32 | u64::from(weight)))
-    {
+    fnv1a(
+        std::iter::once(u64::from(size))
+            .chain(picking.map(|(backend, weight)| u64::from(backend) << 32 | u64::from(weight))),
+    )
+}
+
+/// FNV-1a over the little-endian bytes of `words` (the tables' fingerprints).
+pub fn fnv1a(words: impl IntoIterator<Item = u64>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for word in words {
         for byte in word.to_le_bytes() {
             h = (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
         }

@@ -19,7 +19,7 @@ use lb_common::{
 };
 
 use super::LeftOut;
-use crate::dataplane::{RangeKey, Snapshot, scoped_prefix, table_picks};
+use crate::dataplane::{RangeKey, Snapshot, fnv1a, scoped_prefix, table_picks};
 use crate::maglev::MaglevBackend;
 use crate::model::{
     Backend, Desired, FlowState, ForwardingMode, IpNet, ListId, Settings, Vip, vip_key,
@@ -142,7 +142,7 @@ impl Plan {
         picks.extend(
             self.tables
                 .iter()
-                .map(|t| (t.id, table_picks(&t.members, t.info.size))),
+                .map(|t| (t.id, table_picks(t.members.iter().copied(), t.info.size))),
         );
         picks.retain(|id, _| next.tables.contains_key(id));
         next.picks = picks;
@@ -351,9 +351,7 @@ pub(super) fn plan(
             members.dedup_by_key(|(id, _, _)| *id);
             let table_size = desired.settings.maglev_table_size_for(vip.backends.len());
             let fingerprint = table_fingerprint(&members, table_size);
-            let weights: Vec<(u32, MemberWeight)> =
-                members.iter().map(|(b, _, w)| (*b, *w)).collect();
-            let picks = table_picks(&weights, table_size);
+            let picks = table_picks(members.iter().map(|(b, _, w)| (*b, *w)), table_size);
             let live = members
                 .iter()
                 .filter(|(_, _, w)| *w != 0 && w & MEMBER_DRAINING == 0)
@@ -600,13 +598,7 @@ pub(super) fn table_fingerprint(members: &[(u32, IpAddr, MemberWeight)], size: u
         words.push(u64::from(*backend));
         words.push(u64::from(maglev_id(*addr)) << 32 | u64::from(*weight));
     }
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for word in words {
-        for byte in word.to_le_bytes() {
-            h = (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    h.max(1)
+    fnv1a(words).max(1)
 }
 
 /// Where and how the program sends this backend's packets, from where it was resolved: the
