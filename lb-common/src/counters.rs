@@ -74,10 +74,16 @@ pub enum GlobalCounter {
     /// Second-chance mode: such a packet conntrack does not know: handed on to the previous
     /// table's pick (which takes it as balanced by a peer, never hands it on again).
     SecondChanceHandedOn = 27,
+    /// Second-chance mode: a packet of a flow this node handed on at an earlier change
+    /// (`HANDED_FLOWS`), sent on to that node again, marked handed on.
+    SecondChanceRecordFollowed = 28,
+    /// Second-chance mode: a record would have sent the packet on, but its hop limit was down
+    /// to 1 (records that form a cycle): passed to this node's stack instead.
+    SecondChanceHopLimit = 29,
 }
 
 impl GlobalCounter {
-    pub const COUNT: u32 = 28;
+    pub const COUNT: u32 = 30;
     pub const ALL: [GlobalCounter; Self::COUNT as usize] = [
         Self::Passed,
         Self::Tx,
@@ -107,6 +113,8 @@ impl GlobalCounter {
         Self::TraceLostRing,
         Self::SecondChanceHit,
         Self::SecondChanceHandedOn,
+        Self::SecondChanceRecordFollowed,
+        Self::SecondChanceHopLimit,
     ];
 
     /// Stable name, used by `sluice inspect stats` and its JSON.
@@ -140,6 +148,8 @@ impl GlobalCounter {
             Self::TraceLostRing => "trace_lost_ring",
             Self::SecondChanceHit => "second_chance_hit",
             Self::SecondChanceHandedOn => "second_chance_handed_on",
+            Self::SecondChanceRecordFollowed => "second_chance_record_followed",
+            Self::SecondChanceHopLimit => "second_chance_hop_limit",
         }
     }
 }

@@ -3,10 +3,10 @@
 
 use crate::{
     Announce, Backend, Counters, FLOW_HASH_SEED, FlowKey, FlowKey4, FlowValue, GlobalCounter,
-    MAX_BACKENDS, MAX_DECAP_ADDRS, MAX_PEERS, MAX_SOURCE_RANGES, MAX_TABLE_MEMBERS, MAX_TABLES,
-    MAX_TX_PORTS, MAX_VIPS, MemberKey, PeerFilter, PeerKey, RateWindow, ScopedAddr, Settings,
-    TableInfo, TraceEvent, TraceFilter, VipFilter, VipInfo, VipKey, VipRef, hash_finish,
-    hash_round, map_names,
+    HANDED_FLOWS_SIZE, MAX_BACKENDS, MAX_DECAP_ADDRS, MAX_PEERS, MAX_SOURCE_RANGES,
+    MAX_TABLE_MEMBERS, MAX_TABLES, MAX_TX_PORTS, MAX_VIPS, MemberKey, PeerFilter, PeerKey,
+    RateWindow, ScopedAddr, Settings, TableInfo, TraceEvent, TraceFilter, VipFilter, VipInfo,
+    VipKey, VipRef, hash_finish, hash_round, map_names,
 };
 
 // The layouts are an ABI between two compilers: pin them.
@@ -38,7 +38,8 @@ const _: () = assert!(size_of::<PeerFilter>() == 64);
 /// 7: backends shared by all VIPs, Maglev tables by content (`VIP_BY_ID`, `TABLES`,
 ///    `TABLE_MEMBERS`); `FlowValue` names the VIP.
 /// 8: `VipInfo::previous_table`, `Settings::flow_state` (second chance).
-const MAP_LAYOUT_REVISION: u32 = 8;
+/// 9: `HANDED_FLOWS` (second chance over several changes), `CT_SCRATCH` holds its value.
+const MAP_LAYOUT_REVISION: u32 = 9;
 
 /// Fingerprint of everything a pinned map's contents depend on: struct sizes, limits, counter
 /// slots. A program whose fingerprint differs must not adopt maps pinned by another: it would
@@ -74,6 +75,7 @@ pub const MAP_LAYOUT: u32 = {
         MAX_TABLE_MEMBERS,
         MAX_SOURCE_RANGES,
         MAX_TX_PORTS,
+        HANDED_FLOWS_SIZE,
         map_names::ALL.len() as u32,
     ];
     let mut h = FLOW_HASH_SEED;

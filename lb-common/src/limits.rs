@@ -22,3 +22,7 @@ pub const MAX_DECAP_ADDRS: u32 = 256;
 pub const MAX_PEERS: u32 = 1024;
 /// Most interfaces a backend can be reached through by `XDP_REDIRECT`.
 pub const MAX_TX_PORTS: u32 = 64;
+/// Records of the flows a node handed on (`HANDED_FLOWS`, an LRU hash, second chance over
+/// several changes): about 1/N of the flows a change moves, each recorded once, at the node
+/// that handed it on. ~100 bytes an entry (6.5 MB), allocated in every mode.
+pub const HANDED_FLOWS_SIZE: u32 = 65536;

@@ -38,7 +38,9 @@ pub mod map_names {
     pub const TRACE_RATE: &str = "TRACE_RATE";
     /// The second chance's per-CPU scratch for its conntrack lookups.
     pub const CT_SCRATCH: &str = "CT_SCRATCH";
-    pub const ALL: [&str; 26] = [
+    /// Second chance over several changes: flow -> the node this node handed it on to.
+    pub const HANDED_FLOWS: &str = "HANDED_FLOWS";
+    pub const ALL: [&str; 27] = [
         FLOWS6,
         VIP_FILTER,
         VIP_ADDRS,
@@ -65,6 +67,7 @@ pub mod map_names {
         TRACE_EVENTS,
         TRACE_RATE,
         CT_SCRATCH,
+        HANDED_FLOWS,
     ];
 }
 

@@ -90,6 +90,9 @@ pub mod trace_source {
     /// Second chance: the VIP's previous table, whose pick the packet was handed on to (this
     /// node's conntrack did not know the flow).
     pub const PREVIOUS_TABLE: u8 = 3;
+    /// Second chance over several changes: this node's record of a flow it handed on at an
+    /// earlier change (`HANDED_FLOWS`), followed again (this node's conntrack did not know it).
+    pub const HANDED_RECORD: u8 = 4;
 }
 
 /// [`TraceEvent::flags`].

@@ -5,7 +5,8 @@
 //!
 //!   parse (Ethernet [802.1Q tag] / IPv4|IPv6 / TCP|UDP|ICMP) -> VIP address filter -> from a peer?
 //!     -> connection table (not for a SYN) -> VIP lookup -> source ranges -> Maglev pick
-//!     -> record (flood guard) | second chance (conntrack, previous table) -> forward (this node: its own stack | L2 rewrite | IPIP/IP6IP6 encap)
+//!     -> record (flood guard) | second chance (records of flows handed on, conntrack, previous table)
+//!     -> forward (this node: its own stack | L2 rewrite | IPIP/IP6IP6 encap)
 //!     -> trace (only while `sluice trace` runs: a matching packet's decision to `TRACE_EVENTS`)
 //!
 //! Every node balances AND serves (the agent is a DaemonSet), so a packet is balanced at most
@@ -15,7 +16,8 @@
 //! node is unwrapped inline (`DECAP_*`, the stand-alone decapsulator's logic) and passed. In
 //! second-chance mode a peer's frame that this node's VIP table change concerns runs the
 //! second-chance check here, and may be handed on once (marked: `PEERS` says which frame is
-//! which, lb-common `peer_frame`).
+//! which, lb-common `peer_frame`); a handed-on frame goes to the stack unless this node
+//! handed that flow on itself at an earlier change (`HANDED_FLOWS`): then on to where it went.
 //!
 //! A TCP SYN skips the connection table: a new connection is balanced afresh, whatever an old
 //! one on the same 5-tuple left there. A new flow is recorded unless the flood guard holds
@@ -43,6 +45,8 @@ mod balancer {
     pub mod conntrack;
     /// IPIP / IP6IP6 encapsulation.
     pub mod encap;
+    /// Second chance over several changes: the records of the flows this node handed on.
+    pub mod handed;
     /// ICMP written here: "too big", echo replies.
     pub mod icmp;
     /// The BPF maps (user space finds them by name).
@@ -72,6 +76,7 @@ use lb_ebpf::{
 
 use balancer::conntrack;
 use balancer::encap::encapsulate;
+use balancer::handed::{self, Record};
 use balancer::icmp::{echo_reply, too_big};
 use balancer::maps::{
     BACKEND_STATS, BACKENDS, DECAP_LOCAL, DECAP_SOURCES, FLOWS, FLOWS6, GLOBAL_STATS, MAGLEV,
@@ -177,10 +182,7 @@ fn balance_ip(ctx: &XdpContext, ip: Result<(L3, bool), Parsed>) -> (u32, GlobalC
             let verdict = match peer_frame(ctx) {
                 None => balance_flow(ctx, &flow, &mut why),
                 Some(peer_frame::FIRST_HOP) => first_hop_from_peer(ctx, &flow, &mut why),
-                Some(_) => {
-                    why.flags |= trace_flags::HANDED_ON;
-                    (xdp_action::XDP_PASS, GlobalCounter::FromPeer)
-                }
+                Some(_) => handed_on_frame(ctx, &flow, &mut why),
             };
             trace(ctx, &flow, verdict, &why);
             verdict
@@ -270,6 +272,10 @@ fn balance_flow(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, GlobalCou
                     add(&BACKEND_STATS, previous_id, bytes);
                     return hand_on(ctx, flow, previous);
                 }
+                SecondChance::Followed(to_id, to) => {
+                    add(&BACKEND_STATS, to_id, bytes);
+                    return follow_record(ctx, flow, to);
+                }
             }
         }
     } else if !record_flow(&flow.key, vip.id, id, backend, flow.syn) {
@@ -306,7 +312,15 @@ fn first_hop_from_peer(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, Gl
     // its conntrack knows it, else its own table's pick's (the sender's table is the newer:
     // this one still names the flow's node; or the older: this node is that node).
     if backend.mode != forward_mode::LOCAL {
-        why.flags |= trace_flags::CONNTRACK_ASKED | trace_flags::TABLES_DISAGREE;
+        why.flags |= trace_flags::TABLES_DISAGREE;
+        // A flow this node handed on at an earlier change goes where it went then. Nothing is
+        // recorded in this window: which table is the newer is not known here.
+        match handed::record_of(ctx, &flow.key, why) {
+            Record::To(_, to) => return follow_record(ctx, flow, to),
+            Record::Known => return (xdp_action::XDP_PASS, GlobalCounter::SecondChanceHit),
+            Record::None => {}
+        }
+        why.flags |= trace_flags::CONNTRACK_ASKED;
         if conntrack::knows(ctx, &flow.key) {
             why.flags |= trace_flags::CONNTRACK_HIT;
             return (xdp_action::XDP_PASS, GlobalCounter::SecondChanceHit);
@@ -321,7 +335,37 @@ fn first_hop_from_peer(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, Gl
         SecondChance::NotAsked => passed,
         SecondChance::Kept => (xdp_action::XDP_PASS, GlobalCounter::SecondChanceHit),
         SecondChance::HandedOn(_, previous) => hand_on(ctx, flow, previous),
+        SecondChance::Followed(_, to) => follow_record(ctx, flow, to),
     }
+}
+
+/// A frame another node handed on to this one (from its handed-on MAC): to this node's stack,
+/// never balanced and never handed on by a table; unless this node handed the flow on itself
+/// at an earlier change (a record in `HANDED_FLOWS`) and its conntrack does not know it: then
+/// on to the node it went to, one hop fewer. That node is the next link of a chain that ends
+/// at the flow's owner (docs/design.md, "Several changes").
+#[inline(always)]
+fn handed_on_frame(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, GlobalCounter) {
+    why.flags |= trace_flags::HANDED_ON;
+    if !flow.syn
+        && !flow.l3.first_fragment
+        && let Record::To(_, to) = handed::record_of(ctx, &flow.key, why)
+    {
+        return follow_record(ctx, flow, to);
+    }
+    (xdp_action::XDP_PASS, GlobalCounter::FromPeer)
+}
+
+/// Sends a packet on along this node's record (the node it handed the flow on to), marked
+/// handed on, one hop fewer: at a hop limit of 1 (a cycle of records) it goes to this node's
+/// stack instead.
+#[inline(always)]
+fn follow_record(ctx: &XdpContext, flow: &Flow, to: &Backend) -> (u32, GlobalCounter) {
+    if !handed::take_a_hop(ctx, flow) {
+        return (xdp_action::XDP_PASS, GlobalCounter::SecondChanceHopLimit);
+    }
+    count(GlobalCounter::SecondChanceRecordFollowed);
+    forward(ctx, &flow.l3, &flow.key, to, Sent::HandedOn)
 }
 
 /// Does this node run in second-chance mode (`Settings::flow_state`): no flow recorded or
@@ -342,11 +386,15 @@ enum SecondChance {
     Kept,
     /// Not known here: the flow began before the change on the previous table's pick.
     HandedOn(u32, &'static Backend),
+    /// Handed on by this node at an earlier change (its record): to that node again.
+    Followed(u32, &'static Backend),
 }
 
 /// Second chance (docs/design.md): a non-SYN that no entry knows, picked for THIS node by a
-/// VIP table that changed, and whose previous table picks another node. This node keeps it
-/// when its own conntrack knows the flow; else it goes to the previous pick (`hand_on`).
+/// VIP table that changed. A flow this node handed on at an earlier change follows its record
+/// (unless conntrack knows it now). Else, when the previous table picks another node, this
+/// node keeps it if its own conntrack knows the flow, or hands it on to the previous pick
+/// (`hand_on`) and records that.
 #[inline(always)]
 fn second_chance(
     ctx: &XdpContext,
@@ -358,6 +406,13 @@ fn second_chance(
 ) -> SecondChance {
     if backend.mode != forward_mode::LOCAL || vip.previous_table == NO_TABLE {
         return SecondChance::NotAsked;
+    }
+    // Before the previous table: this node may be the pick again (or still), and the flow
+    // one it handed on at an earlier change.
+    match handed::record_of(ctx, &flow.key, why) {
+        Record::To(to_id, to) => return SecondChance::Followed(to_id, to),
+        Record::Known => return SecondChance::Kept,
+        Record::None => {}
     }
     let Some((previous_id, previous)) = previous_pick(&flow.key, vip) else {
         return SecondChance::NotAsked;
@@ -371,12 +426,13 @@ fn second_chance(
         return SecondChance::Kept;
     }
     why.chose(trace_source::PREVIOUS_TABLE, previous_id, previous);
+    handed::record(&flow.key, vip.id, previous_id, previous);
     SecondChance::HandedOn(previous_id, previous)
 }
 
 /// Sends a packet second chance did not keep to the previous table's pick, marked as handed
-/// on (`Sent::HandedOn`): the receiver passes it to its stack and never hands it on again,
-/// so no packet makes more than two hops after the first hop.
+/// on (`Sent::HandedOn`): the receiver passes it to its stack, or follows its own record of
+/// the flow; no table hands it on again.
 #[inline(always)]
 fn hand_on(ctx: &XdpContext, flow: &Flow, previous: &Backend) -> (u32, GlobalCounter) {
     count(GlobalCounter::SecondChanceHandedOn);

@@ -11,6 +11,7 @@
 //! namespace in a test run) finds that connection and nothing else.
 //! Needs root; creates a namespace: run under the lab lock.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -31,6 +32,17 @@ use sluice_tests::fixtures::{
 const JOINED: u8 = 3;
 const BEFORE: &[(u8, u32, bool)] = &[(0, 1, false), (1, 1, false), (2, 1, false)];
 const AFTER: &[(u8, u32, bool)] = &[(0, 1, false), (1, 1, false), (2, 1, false), (3, 1, false)];
+/// Then node 4 joins (table C): a second change, for the records that outlive several.
+const FOURTH: u8 = 4;
+const AFTER_FOURTH: &[(u8, u32, bool)] = &[
+    (0, 1, false),
+    (1, 1, false),
+    (2, 1, false),
+    (3, 1, false),
+    (4, 1, false),
+];
+/// Every node of the scenes runs sluice (each knows the others as peers).
+const NODES: u8 = 5;
 
 /// The family of a scene's VIP, nodes and client (the nodes of an IPv6 VIP are known by
 /// their IPv6 addresses, as a dual-stack cluster's are).
@@ -72,7 +84,7 @@ impl Family {
 /// A cluster's state: the VIP's backends are nodes, all of nodes 0-3 run sluice.
 fn cluster(family: Family, backends: &[(u8, u32, bool)], flow_state: FlowState) -> Desired {
     let mut d = family.desired(backends);
-    d.peers = (0..=JOINED).map(|i| family.node(i)).collect();
+    d.peers = (0..NODES).map(|i| family.node(i)).collect();
     d.settings.flow_state = flow_state;
     d
 }
@@ -88,6 +100,108 @@ fn node_after_change(family: Family, i: u8, flow_state: FlowState) -> Harness {
     h.apply_as_node(&cluster(family, AFTER, flow_state), this)
         .expect("table B");
     h
+}
+
+/// Node `i` through `tables`, applied in order: its VIP's previous table is the last but one.
+fn node_through(family: Family, i: u8, tables: &[&[(u8, u32, bool)]]) -> Harness {
+    let mut h = Harness::new().expect("load the XDP object");
+    h.iface.mac = lb_userspace::model::MacAddr(backend_mac(i));
+    for backends in tables {
+        h.apply_as_node(
+            &cluster(family, backends, FlowState::SecondChance),
+            family.node(i),
+        )
+        .expect("apply a table");
+    }
+    h
+}
+
+/// The first `count` client ports (from 40000) whose picks by `tables` (one per table, in
+/// order) `want` accepts, with those picks.
+fn ports_picked(
+    family: Family,
+    tables: &[&[(u8, u32, bool)]],
+    want: impl Fn(&[u8]) -> bool,
+    count: usize,
+) -> Vec<(u16, Vec<u8>)> {
+    let mut plain: Vec<Harness> = tables
+        .iter()
+        .map(|t| harness_with(&family.desired(t)))
+        .collect();
+    let mut found = Vec::new();
+    for sport in 40000..42000u16 {
+        let frame = family.frame(sport, TCP_SYN);
+        let picks: Vec<u8> = plain
+            .iter_mut()
+            .map(|h| Harness::backend_of(&h.run(&frame).unwrap().1).unwrap())
+            .collect();
+        if want(&picks) {
+            found.push((sport, picks));
+            if found.len() == count {
+                return found;
+            }
+        }
+    }
+    panic!("fewer than {count} of 2000 client ports have the picks wanted");
+}
+
+/// A node's records of the flows it handed on: client port -> the node it sent the flow to.
+fn records(h: &Harness, family: Family) -> BTreeMap<u16, u8> {
+    h.maps
+        .handed_flows()
+        .map(|entry| {
+            let (key, value) = entry.expect("a record read whole");
+            let backend = h.maps.backend(u32::from(value.backend)).unwrap();
+            let addr = lb_common::addr_from_raw(&backend.addr, backend.family);
+            let node = (0..NODES)
+                .find(|i| family.node(*i) == addr)
+                .expect("a record names a node");
+            (u16::from_be(key.sport), node)
+        })
+        .collect()
+}
+
+/// The IPv4 TTL or IPv6 hop limit of an untagged frame.
+fn hops_left(frame: &[u8]) -> u8 {
+    if frame[12..14] == [0x08, 0x00] {
+        frame[14 + 8]
+    } else {
+        frame[14 + 7]
+    }
+}
+
+/// Asserts that `out` is `input` sent on along a record by node `by` to node `to`: from
+/// `by`'s handed-on MAC, one hop fewer (an IPv4 header checksum that still verifies),
+/// nothing else changed.
+fn assert_followed(out: &[u8], input: &[u8], by: u8, to: u8) {
+    assert_eq!(Harness::backend_of(out), Some(to), "along the record");
+    assert_eq!(out[6..12], handed_on_mac(backend_mac(by)), "still marked");
+    assert_eq!(hops_left(out), hops_left(input) - 1, "one hop fewer");
+    let (ip_header, ttl_at) = if out[12..14] == [0x08, 0x00] {
+        assert!(
+            sluice_tests::fixtures::checksum_ok(&out[14..34], 0),
+            "the IPv4 header checksum verifies"
+        );
+        (14..34, 14 + 8)
+    } else {
+        (14..54, 14 + 7)
+    };
+    let (mut a, mut b) = (
+        out[ip_header.clone()].to_vec(),
+        input[ip_header.clone()].to_vec(),
+    );
+    for header in [&mut a, &mut b] {
+        header[ttl_at - 14] = 0;
+        if out[12..14] == [0x08, 0x00] {
+            header[10..12].fill(0);
+        }
+    }
+    assert_eq!(a, b, "the IP header changes only in its hop count");
+    assert_eq!(
+        out[ip_header.end..],
+        input[ip_header.end..],
+        "the rest is the client's"
+    );
 }
 
 /// The backend a plain balancer with `backends` picks for client port `sport`.
@@ -588,9 +702,10 @@ fn a_syn_never_takes_the_second_chance() {
 }
 
 #[test]
-fn a_handed_on_packet_is_never_handed_on_again() {
+fn a_handed_on_packet_is_never_handed_on_again_by_a_table() {
     let ns = ConntrackNs::new();
-    let (sport, before) = moved_to_joined(V4, 1)[0];
+    let moved = moved_to_joined(V4, 2);
+    let ((sport, before), (other_sport, other_before)) = (moved[0], moved[1]);
     ns.run(move || {
         let mut joined = node_after_change(V4, JOINED, FlowState::SecondChance);
         let ack = Frame::tcp(sport, TCP_ACK).bytes();
@@ -615,9 +730,11 @@ fn a_handed_on_packet_is_never_handed_on_again() {
         assert_eq!(balanced.action, XDP_TX);
         assert_eq!(Harness::backend_of(&balanced.out), Some(JOINED));
 
-        // Node 3 itself, which would hand this flow on: a frame from a peer's handed-on MAC
-        // goes to its stack (tables that disagree for a moment cannot bounce a packet).
-        let peer = other_node(before);
+        // Node 3 itself, which would hand another flow on (one it never handed on, so holds
+        // no record of): a frame from a peer's handed-on MAC goes to its stack (tables that
+        // disagree for a moment cannot bounce a packet).
+        let ack = Frame::tcp(other_sport, TCP_ACK).bytes();
+        let peer = other_node(other_before);
         let marked = handed_on_by(peer, &ack);
         let kept = send(&mut joined, &marked);
         assert_eq!(
@@ -630,6 +747,170 @@ fn a_handed_on_packet_is_never_handed_on_again() {
         let mut first_hop = marked.clone();
         first_hop[6..12].copy_from_slice(&backend_mac(peer));
         assert_eq!(send(&mut joined, &first_hop).handed_on, 1);
+    });
+}
+
+#[test]
+fn records_carry_a_flow_through_several_changes() {
+    let ns = ConntrackNs::new();
+    let tables = [BEFORE, AFTER, AFTER_FOURTH];
+    // A flow that moves twice (its owner, then node 3, then node 4), and one that moves to
+    // node 3 and stays there at the second change.
+    let twice = ports_picked(
+        V4,
+        &tables,
+        |p| p[0] != JOINED && p[1] == JOINED && p[2] == FOURTH,
+        1,
+    )
+    .remove(0);
+    let stays = ports_picked(
+        V4,
+        &tables,
+        |p| p[0] != JOINED && p[1] == JOINED && p[2] == JOINED,
+        1,
+    )
+    .remove(0);
+    ns.run(move || {
+        // Change 1 (node 3 joins): node 3 hands both flows on to their owners, and records it.
+        let mut joined = node_through(V4, JOINED, &tables[..2]);
+        for (sport, picks) in [&twice, &stays] {
+            let ack = Frame::tcp(*sport, TCP_ACK).bytes();
+            let handed = send(&mut joined, &ack);
+            assert_handed_to(&handed.out, &ack, picks[0]);
+        }
+        let want: BTreeMap<u16, u8> = [(twice.0, twice.1[0]), (stays.0, stays.1[0])].into();
+        assert_eq!(records(&joined, V4), want, "node 3 recorded where each went");
+
+        // Change 2 (node 4 joins). Node 4, the new pick, does not know the first flow: it
+        // hands it on to its previous pick, node 3, and records that.
+        joined
+            .apply_as_node(
+                &cluster(V4, AFTER_FOURTH, FlowState::SecondChance),
+                V4.node(JOINED),
+            )
+            .expect("table C");
+        let mut fourth = node_through(V4, FOURTH, &tables[1..]);
+        let ack = Frame::tcp(twice.0, TCP_ACK).bytes();
+        let at_fourth = send(&mut fourth, &ack);
+        assert_eq!(at_fourth.action, XDP_TX);
+        assert_eq!(Harness::backend_of(&at_fourth.out), Some(JOINED));
+        assert_eq!(at_fourth.out[6..12], handed_on_mac(backend_mac(FOURTH)));
+        assert_eq!(records(&fourth, V4), [(twice.0, JOINED)].into());
+
+        // Node 3 did not begin it either: its record sends it on to the owner, marked.
+        let mut trace = joined
+            .start_trace(TraceFilter::default())
+            .expect("start a trace");
+        let relayed = send(&mut joined, &at_fourth.out);
+        assert_eq!(relayed.action, XDP_TX, "on along node 3's record");
+        assert_followed(&relayed.out, &at_fourth.out, JOINED, twice.1[0]);
+        assert_eq!((relayed.hits, relayed.handed_on), (0, 0), "no table hands it on");
+        assert_eq!(joined.counter(GlobalCounter::SecondChanceRecordFollowed).unwrap(), 1);
+
+        // The owner holds no record: its stack takes it, untouched.
+        let mut owner = node_through(V4, twice.1[0], &tables);
+        let there = send(&mut owner, &relayed.out);
+        assert_eq!(there.action, XDP_PASS, "the owner keeps it");
+        assert_eq!(there.out, relayed.out, "untouched");
+        assert_eq!(owner.counter(GlobalCounter::FromPeer).unwrap(), 1);
+
+        // The second flow: node 3 is its pick by both tables now, so no table asks about it;
+        // node 3's record still sends it to its owner.
+        let ack = Frame::tcp(stays.0, TCP_ACK).bytes();
+        let followed = send(&mut joined, &ack);
+        assert_eq!(followed.action, XDP_TX, "not to node 3's stack");
+        assert_followed(&followed.out, &ack, JOINED, stays.1[0]);
+
+        let lines: Vec<String> = described(&joined, &mut trace)
+            .iter()
+            .map(trace::Described::line)
+            .collect();
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        let along = "its record of the flow (this node handed it on at an earlier change), conntrack miss: on along the record";
+        assert!(
+            lines[0].contains("by handed_record")
+                && lines[0].ends_with(&format!("handed on to this node by another, {along}"))
+                && lines[1].ends_with(&format!("picked this node, {along}")),
+            "{lines:#?}"
+        );
+    });
+}
+
+#[test]
+fn a_record_gives_way_to_a_connection_its_conntrack_knows() {
+    let ns = ConntrackNs::new();
+    let (sport, before) = moved_to_joined(V4, 1)[0];
+    ns.run(move || {
+        let mut joined = node_after_change(V4, JOINED, FlowState::SecondChance);
+        let ack = Frame::tcp(sport, TCP_ACK).bytes();
+        assert_handed_to(&send(&mut joined, &ack).out, &ack, before);
+        assert_eq!(records(&joined, V4), [(sport, before)].into());
+
+        // The 5-tuple is reused by a new connection that this node serves (a NAT gateway
+        // cycles its ports): conntrack knows it, the stale record goes.
+        let listener = TcpListener::bind(SocketAddrV4::new(VIP, 80)).expect("listen on the VIP");
+        let _connection = connect_from(V4, sport, &listener);
+        let kept = send(&mut joined, &ack);
+        assert_eq!(kept.action, XDP_PASS, "the new connection is this node's");
+        assert_eq!(kept.out, ack, "untouched");
+        assert_eq!((kept.hits, kept.handed_on), (1, 0));
+        assert!(records(&joined, V4).is_empty(), "the record is gone");
+    });
+}
+
+#[test]
+fn records_that_form_a_cycle_stop_at_the_hop_limit() {
+    records_cycle_until_the_hop_limit(V4);
+}
+
+#[test]
+fn ipv6_records_that_form_a_cycle_stop_at_the_hop_limit() {
+    records_cycle_until_the_hop_limit(V6);
+}
+
+/// Node 3 records a flow as its owner's; the owner, whose conntrack no longer knows it (here:
+/// never did) and which picks it again once node 3 leaves, records it as node 3's. The frame
+/// then goes round the two records, one hop fewer each time, and stops at a hop limit of 1.
+fn records_cycle_until_the_hop_limit(family: Family) {
+    let ns = ConntrackNs::new();
+    let (sport, owner) = moved_to_joined(family, 1)[0];
+    ns.run(move || {
+        let mut joined = node_after_change(family, JOINED, FlowState::SecondChance);
+        let ack = family.frame(sport, TCP_ACK);
+        assert_handed_to(&send(&mut joined, &ack).out, &ack, owner);
+        let mut back = node_through(family, owner, &[BEFORE, AFTER, BEFORE]);
+        let handed = send(&mut back, &ack);
+        assert_eq!(Harness::backend_of(&handed.out), Some(JOINED));
+        assert_eq!(records(&back, family), [(sport, JOINED)].into());
+
+        let start = hops_left(&handed.out);
+        let mut frame = handed.out;
+        let mut forwards = 0u8;
+        for _ in 0..=u8::MAX {
+            let (node, by) = match Harness::backend_of(&frame) {
+                Some(JOINED) => (&mut joined, JOINED),
+                _ => (&mut back, owner),
+            };
+            let sent = send(node, &frame);
+            if sent.action == XDP_PASS {
+                assert_eq!(sent.out, frame, "passed untouched");
+                break;
+            }
+            assert_eq!(sent.action, XDP_TX);
+            assert_followed(
+                &sent.out,
+                &frame,
+                by,
+                if by == JOINED { owner } else { JOINED },
+            );
+            forwards += 1;
+            frame = sent.out;
+        }
+        assert_eq!(forwards, start - 1, "one forward per hop until the last");
+        assert_eq!(hops_left(&frame), 1);
+        let limited = joined.counter(GlobalCounter::SecondChanceHopLimit).unwrap()
+            + back.counter(GlobalCounter::SecondChanceHopLimit).unwrap();
+        assert_eq!(limited, 1, "stopped once, at the hop limit");
     });
 }
 

@@ -5,7 +5,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{FAMILY_V4, FlowKey};
+use lb_common::{FAMILY_V4, FlowKey, FlowValue};
 
 /// `struct bpf_ct_opts` in its 12-byte form (the kernel takes 12 or 16; at 12 the zone is
 /// the default one). Every field is written: the verifier wants initialised memory, and a
@@ -55,11 +55,13 @@ unsafe extern "C" {
 
 /// The lookup's arguments, in a per-CPU map value instead of on the stack: the balancer's
 /// stack is at the verifier's limit (tests/tests/stack.rs), and the kfunc takes any memory of
-/// the sizes passed.
+/// the sizes passed. Also the value of a record of a handed-on flow (`handed.rs`), for the
+/// same reason.
 #[repr(C)]
 pub(crate) struct CtScratch {
     tuple: Tuple6,
     opts: CtOpts,
+    pub(crate) record: FlowValue,
 }
 
 /// Does this node's conntrack hold the flow (client -> VIP, either direction of an entry)?

@@ -9,11 +9,11 @@ use aya_ebpf::{
 };
 use lb_common::{
     Announce, BPF_F_NO_COMMON_LRU, Backend, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE,
-    FlowKey, FlowKey4, FlowValue, GlobalCounter, MAGLEV_INNER_FLAGS, MAX_BACKENDS, MAX_DECAP_ADDRS,
-    MAX_PEERS, MAX_SOURCE_RANGES, MAX_TABLE_MEMBERS, MAX_TABLES, MAX_TX_PORTS, MAX_VIPS, MemberKey,
-    MemberWeight, PeerFilter, PeerKey, RateWindow, ScopedAddr, Settings, TRACE_RING_BYTES,
-    TableInfo, TraceEvent, TraceFilter, VipFilter, VipInfo, VipKey, VipRef, flow_table_size_v6,
-    maglev_elements,
+    FlowKey, FlowKey4, FlowValue, GlobalCounter, HANDED_FLOWS_SIZE, MAGLEV_INNER_FLAGS,
+    MAX_BACKENDS, MAX_DECAP_ADDRS, MAX_PEERS, MAX_SOURCE_RANGES, MAX_TABLE_MEMBERS, MAX_TABLES,
+    MAX_TX_PORTS, MAX_VIPS, MemberKey, MemberWeight, PeerFilter, PeerKey, RateWindow, ScopedAddr,
+    Settings, TRACE_RING_BYTES, TableInfo, TraceEvent, TraceFilter, VipFilter, VipInfo, VipKey,
+    VipRef, flow_table_size_v6, maglev_elements,
 };
 
 pub(crate) const MAX_VIPS_: usize = MAX_VIPS as usize;
@@ -148,6 +148,14 @@ pub(crate) static TRACE_EVENTS: RingBuf<TraceEvent, { TRACE_RING_BYTES as usize 
 #[btf_map]
 pub(crate) static TRACE_RATE: PerCpuArray<RateWindow, 1> = PerCpuArray::new();
 
-/// The second chance's conntrack lookup arguments (one element per CPU): off the stack.
+/// The second chance's scratch (one element per CPU): its conntrack lookups' arguments and a
+/// record's value, off the stack.
 #[btf_map]
 pub(crate) static CT_SCRATCH: PerCpuArray<super::conntrack::CtScratch, 1> = PerCpuArray::new();
+
+/// Second chance over several changes (`handed.rs`): flow (client -> VIP) -> the backend this
+/// node handed it on to, with that VIP's id and the backend's generation. Written only by the
+/// program, on the rare path; the least recently used record goes when it is full.
+#[btf_map]
+pub(crate) static HANDED_FLOWS: LruHashMap<FlowKey, FlowValue, { HANDED_FLOWS_SIZE as usize }> =
+    LruHashMap::new();

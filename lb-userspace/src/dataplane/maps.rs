@@ -34,6 +34,8 @@ pub struct Maps {
     pub(super) table_members: HashMap<MapData, MemberKey, MemberWeight>,
     pub(super) flows: HashMap<MapData, FlowKey4, FlowValue>,
     pub(super) flows6: HashMap<MapData, FlowKey, FlowValue>,
+    /// Second chance's records of the flows this node handed on (the program writes them).
+    pub(super) handed_flows: HashMap<MapData, FlowKey, FlowValue>,
     pub(super) tx_ports: DevMapHash<MapData>,
     pub(super) vip_stats: PerCpuArray<MapData, Counters>,
     pub(super) backend_stats: PerCpuArray<MapData, Counters>,
@@ -117,6 +119,7 @@ impl Maps {
             vips: vips.try_into().map_err(|e| layout(map_names::VIPS, e))?,
             flows: typed!(take, map_names::FLOWS),
             flows6: typed!(take, map_names::FLOWS6),
+            handed_flows: typed!(take, map_names::HANDED_FLOWS),
             tx_ports: typed!(take, map_names::TX_PORTS),
             vip_stats: typed!(take, map_names::VIP_STATS),
             backend_stats: typed!(take, map_names::BACKEND_STATS),
@@ -264,6 +267,22 @@ impl Maps {
     pub fn flow_entries(&self) -> impl Iterator<Item = Option<(FlowKey, FlowValue)>> + '_ {
         let v4 = self.flows.iter().map(|e| e.map(|(k, v)| (k.widen(), v)));
         v4.chain(self.flows6.iter()).map(Result::ok)
+    }
+
+    /// This node's record of a flow it handed on (second chance over several changes): the
+    /// backend it went to, with the VIP's id and the backend's generation then. `None`: no
+    /// record. Read without touching the LRU's recency.
+    pub fn handed_flow(&self, key: &FlowKey) -> anyhow::Result<Option<FlowValue>> {
+        match self.handed_flows.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(anyhow!("reading the HANDED_FLOWS map: {e}")),
+        }
+    }
+
+    /// Every record of a flow this node handed on (`None`: one evicted while walked).
+    pub fn handed_flows(&self) -> impl Iterator<Item = Option<(FlowKey, FlowValue)>> + '_ {
+        self.handed_flows.iter().map(Result::ok)
     }
 
     /// The MAC this node answers ARP and Neighbor Solicitations with for `key` (an

@@ -118,6 +118,9 @@ pub struct Inputs {
     /// The VIP's previous table (`VipInfo::previous_table`), slot -> backend index, as
     /// installed or rebuilt from its members; empty when the VIP has none.
     pub previous_table: Vec<u32>,
+    /// This node's record of the flow (`HANDED_FLOWS`): it handed the flow on at an earlier
+    /// change, to this backend.
+    pub handed: Option<FlowValue>,
 }
 
 impl Inputs {
@@ -156,6 +159,7 @@ impl Inputs {
             _ => (Vec::new(), None),
         };
         let entry = maps.flow(&key)?;
+        let handed = maps.handed_flow(&key)?;
         let announce = maps.announced_mac(&announce_key(flow.vip.addr))?;
         let peers = maps.peer_count();
         Ok(Self {
@@ -179,6 +183,7 @@ impl Inputs {
                 .settings()
                 .is_ok_and(|s| s.flow_state == flow_state::SECOND_CHANCE),
             previous_table,
+            handed,
         })
     }
 }
@@ -276,6 +281,10 @@ pub struct SecondChanceView {
     pub on_hit: Option<String>,
     pub on_miss: Option<String>,
     pub why: String,
+    /// This node handed the flow on at an earlier change, to this node (its record in
+    /// `HANDED_FLOWS`, while that backend's entry is the one recorded): a frame of the flow
+    /// handed on to this node, or picked for it, goes there unless its conntrack knows it.
+    pub handed_to: Option<String>,
 }
 
 /// Everything `explain` says about a flow (`-o json` prints it as is: a stable schema).
@@ -625,7 +634,34 @@ fn second_chance_view(
         on_hit: None,
         on_miss: None,
         why: String::new(),
+        handed_to: inputs.handed.and_then(|r| {
+            let id = u32::from(r.backend);
+            inputs
+                .backends
+                .get(&id)
+                .filter(|b| b.generation == r.generation && b.mode != forward_mode::LOCAL)
+                .and_then(|_| address(id))
+        }),
     };
+    // The program reads this node's record before the previous table (lb-ebpf
+    // `second_chance`), when it is the pick of a VIP whose table changed.
+    if let (Some(to), Some(current)) = (view.handed_to.clone(), current)
+        && is_local(current)
+        && vip.previous_table != NO_TABLE
+    {
+        view.conntrack_asked = true;
+        view.checked_at = Some("this node".to_owned());
+        view.on_hit = Some(
+            "its stack takes it (second_chance_hit), and the record is removed: the 5-tuple is a new connection's here".to_owned(),
+        );
+        view.on_miss = Some(format!(
+            "on to {to} along the record (second_chance_record_followed), from the handed-on MAC, one IP hop fewer"
+        ));
+        view.why = format!(
+            "this node handed the flow on to {to} at an earlier change (HANDED_FLOWS): its record comes before the previous table"
+        );
+        return view;
+    }
     let (Some(current), Some(previous)) = (current, previous_id) else {
         view.why = if has_previous {
             "not asked: no pick in one of the tables".to_owned()
@@ -884,6 +920,12 @@ pub fn render_text(e: &Explanation) -> String {
             let at = sc.checked_at.as_deref().unwrap_or("-");
             let _ = writeln!(out, "            conntrack hit at {at}: {hit}");
             let _ = writeln!(out, "            conntrack miss at {at}: {miss}");
+        }
+        if let Some(to) = &sc.handed_to {
+            let _ = writeln!(
+                out,
+                "            this node's record: it handed the flow on to {to} at an earlier change; a frame of it handed on to this node goes there too, unless its conntrack knows it"
+            );
         }
     }
     if let Some(g) = &e.flood_guard {
@@ -1286,6 +1328,34 @@ mod tests {
         i.backends.get_mut(&current).unwrap().mode = forward_mode::LOCAL;
         let sc = explain(&f, &i).unwrap().second_chance.unwrap();
         assert_eq!(sc.checked_at.as_deref(), Some("this node"));
+
+        // A record of this node's (it handed the flow on to the other backend at an earlier
+        // change): followed before the previous table.
+        i.previous_table = vec![current; 5];
+        i.handed = Some(FlowValue {
+            backend: other as u16,
+            vip: 0,
+            generation: i.backends[&other].generation,
+        });
+        let e = explain(&f, &i).unwrap();
+        let sc = e.second_chance.clone().unwrap();
+        assert_eq!(sc.handed_to.as_deref(), Some(other_addr));
+        assert!(sc.conntrack_asked && sc.why.contains("record"), "{sc:?}");
+        assert!(
+            sc.on_miss.as_deref().unwrap().contains("along the record"),
+            "{sc:?}"
+        );
+        assert!(
+            render_text(&e).contains("this node's record"),
+            "{}",
+            render_text(&e)
+        );
+        // A record whose backend's entry holds another backend now (its generation): dead.
+        i.handed.as_mut().unwrap().generation += 1;
+        let sc = explain(&f, &i).unwrap().second_chance.unwrap();
+        assert_eq!(sc.handed_to, None);
+        assert!(sc.why.contains("same node"), "{sc:?}");
+        i.handed = None;
 
         // Table mode: no second-chance view, the flow is recorded.
         i.second_chance_mode = false;

@@ -209,7 +209,8 @@ pub struct Described {
     pub verdict: &'static str,
     pub action: &'static str,
     /// `conn_table`, `maglev`, `previous_table` (second chance: handed on to the VIP's
-    /// previous table's pick) or `none`.
+    /// previous table's pick), `handed_record` (second chance: on along this node's record of
+    /// a flow it handed on at an earlier change) or `none`.
     pub decided_by: &'static str,
     pub slot: Option<(u32, u32)>,
     pub backend: Option<String>,
@@ -232,9 +233,12 @@ pub struct SecondChanceHop {
     /// The sender's table picked this node, this node's picks another (a change not yet
     /// applied on both): a miss goes to this node's own pick, not the previous table's.
     pub tables_disagree: bool,
-    /// `hit` (kept here) or `miss` (handed on to the previous table's pick); `None` when
-    /// received.
+    /// `hit` (kept here) or `miss` (handed on to the previous table's pick, or along the
+    /// record); `None` when not asked (a frame received, this node holding no record of it).
     pub conntrack: Option<&'static str>,
+    /// This node had handed the flow on at an earlier change (`HANDED_FLOWS`) and sent it on
+    /// to that node again (conntrack did not know it).
+    pub record: bool,
     /// The VIP's tables when the event was read: the current one (whose pick was this node)
     /// and the previous one (one change back, whose pick the packet was handed on to).
     pub current_table: Option<u32>,
@@ -267,12 +271,14 @@ pub fn describe(event: &TraceEvent, slots: &Snapshot, clock: &Clock) -> Describe
         proto: flow.proto,
         family: flow.family,
     });
-    let second_chance = second_chance_hop(event.flags, vip_info);
+    let second_chance = second_chance_hop(event.flags, event.source, vip_info);
     let decided_by = match event.source {
         trace_source::CONN_TABLE => "conn_table",
         trace_source::MAGLEV => "maglev",
         // Second chance: handed on to the VIP's previous table's pick.
         trace_source::PREVIOUS_TABLE => "previous_table",
+        // Second chance: on along this node's record of a flow it handed on before.
+        trace_source::HANDED_RECORD => "handed_record",
         _ => "none",
     };
     Described {
@@ -300,7 +306,11 @@ pub fn describe(event: &TraceEvent, slots: &Snapshot, clock: &Clock) -> Describe
 }
 
 /// The second-chance hop the event's flags record, with the VIP's tables as read now.
-fn second_chance_hop(flags: u8, vip: Option<&lb_common::VipInfo>) -> Option<SecondChanceHop> {
+fn second_chance_hop(
+    flags: u8,
+    source: u8,
+    vip: Option<&lb_common::VipInfo>,
+) -> Option<SecondChanceHop> {
     let (checked, received) = (
         flags & trace_flags::CONNTRACK_ASKED != 0,
         flags & trace_flags::HANDED_ON != 0,
@@ -314,10 +324,11 @@ fn second_chance_hop(flags: u8, vip: Option<&lb_common::VipInfo>) -> Option<Seco
         "miss"
     });
     Some(SecondChanceHop {
-        role: if checked { "checked" } else { "received" },
+        role: if received { "received" } else { "checked" },
         from_peer: flags & trace_flags::FROM_PEER != 0,
         tables_disagree: flags & trace_flags::TABLES_DISAGREE != 0,
         conntrack,
+        record: source == trace_source::HANDED_RECORD,
         current_table: vip.map(|v| v.table),
         previous_table: vip
             .map(|v| v.previous_table)
@@ -330,8 +341,17 @@ impl SecondChanceHop {
     /// miss: handed on by the previous table #4`.
     fn text(&self) -> String {
         let table = |t: Option<u32>| t.map_or("?".to_owned(), |t| format!("#{t}"));
+        let along = "its record of the flow (this node handed it on at an earlier change), conntrack miss: on along the record";
         if self.role == "received" {
-            return "second chance: handed on to this node by another (its previous pick): to this stack, never handed on again".to_owned();
+            let head = "second chance: handed on to this node by another";
+            return match self.conntrack {
+                None => format!("{head}: no record of its own, to this stack"),
+                Some("hit") => {
+                    format!("{head}, with a record of its own, conntrack hit: kept here")
+                }
+                Some(_) if self.record => format!("{head}, {along}"),
+                Some(_) => format!("{head}, with a dead record: to this stack"),
+            };
         }
         let mut text = if self.tables_disagree {
             format!(
@@ -351,6 +371,8 @@ impl SecondChanceHop {
         };
         if self.conntrack == Some("hit") {
             text += "hit: kept here";
+        } else if self.record {
+            text = text.trim_end_matches(", conntrack ").to_owned() + ", " + along;
         } else if self.tables_disagree {
             text += "miss: handed on to this node's pick";
         } else {
@@ -368,6 +390,7 @@ impl SecondChanceHop {
             "from_peer": self.from_peer,
             "tables_disagree": self.tables_disagree,
             "conntrack": self.conntrack,
+            "record": self.record,
             "current_table": self.current_table,
             "previous_table": self.previous_table,
         })
@@ -552,10 +575,15 @@ mod tests {
         };
         let asked = trace_flags::CONNTRACK_ASKED;
         assert_eq!(
-            second_chance_hop(trace_flags::NOT_RECORDED, Some(&vip)),
+            second_chance_hop(trace_flags::NOT_RECORDED, trace_source::MAGLEV, Some(&vip)),
             None
         );
-        let miss = second_chance_hop(asked | trace_flags::FROM_PEER, Some(&vip)).unwrap();
+        let miss = second_chance_hop(
+            asked | trace_flags::FROM_PEER,
+            trace_source::MAGLEV,
+            Some(&vip),
+        )
+        .unwrap();
         assert_eq!(
             (miss.role, miss.conntrack, miss.from_peer),
             ("checked", Some("miss"), true)
@@ -568,7 +596,12 @@ mod tests {
             miss.text(),
             "second chance: a peer's frame, current table #5 picked this node, conntrack miss: handed on by the previous table #4"
         );
-        let hit = second_chance_hop(asked | trace_flags::CONNTRACK_HIT, Some(&vip)).unwrap();
+        let hit = second_chance_hop(
+            asked | trace_flags::CONNTRACK_HIT,
+            trace_source::MAGLEV,
+            Some(&vip),
+        )
+        .unwrap();
         assert_eq!(hit.conntrack, Some("hit"));
         assert!(
             hit.text().ends_with("conntrack hit: kept here"),
@@ -576,7 +609,7 @@ mod tests {
             hit.text()
         );
         let disagree = asked | trace_flags::FROM_PEER | trace_flags::TABLES_DISAGREE;
-        let disagree = second_chance_hop(disagree, Some(&vip)).unwrap();
+        let disagree = second_chance_hop(disagree, trace_source::MAGLEV, Some(&vip)).unwrap();
         assert!(disagree.tables_disagree);
         assert!(
             disagree
@@ -585,10 +618,33 @@ mod tests {
             "{}",
             disagree.text()
         );
-        let received = second_chance_hop(trace_flags::HANDED_ON, None).unwrap();
+        let received =
+            second_chance_hop(trace_flags::HANDED_ON, trace_source::MAGLEV, None).unwrap();
         assert_eq!((received.role, received.conntrack), ("received", None));
         assert_eq!(received.json()["previous_table"], Value::Null);
-        assert!(received.text().contains("never handed on again"));
+        assert!(
+            received
+                .text()
+                .ends_with("no record of its own, to this stack")
+        );
+
+        // This node's record of a flow it handed on at an earlier change, followed: as the
+        // pick, and on receiving a handed-on frame.
+        let along = "its record of the flow (this node handed it on at an earlier change), conntrack miss: on along the record";
+        let pick = second_chance_hop(asked, trace_source::HANDED_RECORD, Some(&vip)).unwrap();
+        assert!(pick.record);
+        assert_eq!(
+            pick.text(),
+            format!("second chance: current table #5 picked this node, {along}")
+        );
+        let relay = asked | trace_flags::HANDED_ON;
+        let relay = second_chance_hop(relay, trace_source::HANDED_RECORD, Some(&vip)).unwrap();
+        assert_eq!((relay.role, relay.conntrack), ("received", Some("miss")));
+        assert_eq!(
+            relay.text(),
+            format!("second chance: handed on to this node by another, {along}")
+        );
+        assert_eq!(relay.json()["record"], true);
     }
 
     #[test]
