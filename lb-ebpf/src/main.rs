@@ -274,7 +274,7 @@ fn balance_flow(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, GlobalCou
                 }
                 SecondChance::Followed(to_id, to) => {
                     add(&BACKEND_STATS, to_id, bytes);
-                    return follow_record(ctx, flow, to);
+                    return follow_record(ctx, flow, to, Hop::First);
                 }
             }
         }
@@ -316,7 +316,7 @@ fn first_hop_from_peer(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, Gl
         // A flow this node handed on at an earlier change goes where it went then. Nothing is
         // recorded in this window: which table is the newer is not known here.
         match handed::record_of(ctx, &flow.key, why) {
-            Record::To(_, to) => return follow_record(ctx, flow, to),
+            Record::To(_, to) => return follow_record(ctx, flow, to, Hop::First),
             Record::Known => return (xdp_action::XDP_PASS, GlobalCounter::SecondChanceHit),
             Record::None => {}
         }
@@ -335,7 +335,7 @@ fn first_hop_from_peer(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, Gl
         SecondChance::NotAsked => passed,
         SecondChance::Kept => (xdp_action::XDP_PASS, GlobalCounter::SecondChanceHit),
         SecondChance::HandedOn(_, previous) => hand_on(ctx, flow, previous),
-        SecondChance::Followed(_, to) => follow_record(ctx, flow, to),
+        SecondChance::Followed(_, to) => follow_record(ctx, flow, to, Hop::First),
     }
 }
 
@@ -351,17 +351,28 @@ fn handed_on_frame(ctx: &XdpContext, flow: &Flow, why: &mut Why) -> (u32, Global
         && !flow.l3.first_fragment
         && let Record::To(_, to) = handed::record_of(ctx, &flow.key, why)
     {
-        return follow_record(ctx, flow, to);
+        return follow_record(ctx, flow, to, Hop::Relay);
     }
     (xdp_action::XDP_PASS, GlobalCounter::FromPeer)
 }
 
+/// Which record hop a packet is at.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hop {
+    /// The first hand-on of a packet, by its pick (from a client or a first hop's frame):
+    /// once per packet, so its bytes stay the client's (only the MACs change).
+    First,
+    /// A handed-on frame sent on again: records can form a cycle, so each such hop takes one
+    /// off the IP TTL / hop limit.
+    Relay,
+}
+
 /// Sends a packet on along this node's record (the node it handed the flow on to), marked
-/// handed on, one hop fewer: at a hop limit of 1 (a cycle of records) it goes to this node's
-/// stack instead.
+/// handed on; a relay one hop fewer, and at a hop limit of 1 (a cycle of records) to this
+/// node's stack instead.
 #[inline(always)]
-fn follow_record(ctx: &XdpContext, flow: &Flow, to: &Backend) -> (u32, GlobalCounter) {
-    if !handed::take_a_hop(ctx, flow) {
+fn follow_record(ctx: &XdpContext, flow: &Flow, to: &Backend, hop: Hop) -> (u32, GlobalCounter) {
+    if hop == Hop::Relay && !handed::take_a_hop(ctx, flow) {
         return (xdp_action::XDP_PASS, GlobalCounter::SecondChanceHopLimit);
     }
     count(GlobalCounter::SecondChanceRecordFollowed);

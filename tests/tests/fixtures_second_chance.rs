@@ -171,12 +171,21 @@ fn hops_left(frame: &[u8]) -> u8 {
 }
 
 /// Asserts that `out` is `input` sent on along a record by node `by` to node `to`: from
-/// `by`'s handed-on MAC, one hop fewer (an IPv4 header checksum that still verifies),
-/// nothing else changed.
-fn assert_followed(out: &[u8], input: &[u8], by: u8, to: u8) {
+/// `by`'s handed-on MAC, one hop fewer when `relay` (a handed-on frame sent on again; an
+/// IPv4 header checksum that still verifies), nothing else changed.
+fn assert_followed(out: &[u8], input: &[u8], by: u8, to: u8, relay: bool) {
     assert_eq!(Harness::backend_of(out), Some(to), "along the record");
-    assert_eq!(out[6..12], handed_on_mac(backend_mac(by)), "still marked");
-    assert_eq!(hops_left(out), hops_left(input) - 1, "one hop fewer");
+    assert_eq!(
+        out[6..12],
+        handed_on_mac(backend_mac(by)),
+        "marked handed on"
+    );
+    let fewer = u8::from(relay);
+    assert_eq!(
+        hops_left(out),
+        hops_left(input) - fewer,
+        "hops taken off: {fewer}"
+    );
     let (ip_header, ttl_at) = if out[12..14] == [0x08, 0x00] {
         assert!(
             sluice_tests::fixtures::checksum_ok(&out[14..34], 0),
@@ -803,7 +812,7 @@ fn records_carry_a_flow_through_several_changes() {
             .expect("start a trace");
         let relayed = send(&mut joined, &at_fourth.out);
         assert_eq!(relayed.action, XDP_TX, "on along node 3's record");
-        assert_followed(&relayed.out, &at_fourth.out, JOINED, twice.1[0]);
+        assert_followed(&relayed.out, &at_fourth.out, JOINED, twice.1[0], true);
         assert_eq!((relayed.hits, relayed.handed_on), (0, 0), "no table hands it on");
         assert_eq!(joined.counter(GlobalCounter::SecondChanceRecordFollowed).unwrap(), 1);
 
@@ -815,11 +824,12 @@ fn records_carry_a_flow_through_several_changes() {
         assert_eq!(owner.counter(GlobalCounter::FromPeer).unwrap(), 1);
 
         // The second flow: node 3 is its pick by both tables now, so no table asks about it;
-        // node 3's record still sends it to its owner.
+        // node 3's record still sends it to its owner (a packet's first hand-on: its IP
+        // header untouched).
         let ack = Frame::tcp(stays.0, TCP_ACK).bytes();
         let followed = send(&mut joined, &ack);
         assert_eq!(followed.action, XDP_TX, "not to node 3's stack");
-        assert_followed(&followed.out, &ack, JOINED, stays.1[0]);
+        assert_followed(&followed.out, &ack, JOINED, stays.1[0], false);
 
         let lines: Vec<String> = described(&joined, &mut trace)
             .iter()
@@ -869,7 +879,7 @@ fn ipv6_records_that_form_a_cycle_stop_at_the_hop_limit() {
 }
 
 /// Node 3 records a flow as its owner's; the owner, whose conntrack no longer knows it (here:
-/// never did) and which picks it again once node 3 leaves, records it as node 3's. The frame
+/// never did) and which picks it again once node 3 drains, records it as node 3's. The frame
 /// then goes round the two records, one hop fewer each time, and stops at a hop limit of 1.
 fn records_cycle_until_the_hop_limit(family: Family) {
     let ns = ConntrackNs::new();
@@ -878,7 +888,11 @@ fn records_cycle_until_the_hop_limit(family: Family) {
         let mut joined = node_after_change(family, JOINED, FlowState::SecondChance);
         let ack = family.frame(sport, TCP_ACK);
         assert_handed_to(&send(&mut joined, &ack).out, &ack, owner);
-        let mut back = node_through(family, owner, &[BEFORE, AFTER, BEFORE]);
+        // Node 3 drained (no slot: table A's picks again). Drained rather than removed: the
+        // harness knows a peer's MAC from the VIP's backends.
+        let drained: &[(u8, u32, bool)] =
+            &[(0, 1, false), (1, 1, false), (2, 1, false), (3, 1, true)];
+        let mut back = node_through(family, owner, &[BEFORE, AFTER, drained]);
         let handed = send(&mut back, &ack);
         assert_eq!(Harness::backend_of(&handed.out), Some(JOINED));
         assert_eq!(records(&back, family), [(sport, JOINED)].into());
@@ -897,12 +911,8 @@ fn records_cycle_until_the_hop_limit(family: Family) {
                 break;
             }
             assert_eq!(sent.action, XDP_TX);
-            assert_followed(
-                &sent.out,
-                &frame,
-                by,
-                if by == JOINED { owner } else { JOINED },
-            );
+            let to = if by == JOINED { owner } else { JOINED };
+            assert_followed(&sent.out, &frame, by, to, true);
             forwards += 1;
             frame = sent.out;
         }

@@ -95,6 +95,7 @@ fn worker(seed: u64, worker: u64, count: u64) -> (Vec<u64>, u64) {
                     | GlobalCounter::TraceLostRate
                     | GlobalCounter::TraceLostRing
                     | GlobalCounter::SecondChanceHandedOn
+                    | GlobalCounter::SecondChanceRecordFollowed
             )
         })
         .map(|(_, n)| n)
@@ -160,6 +161,8 @@ fn a_million_random_and_mutated_frames_keep_the_invariants() {
                     // Second-chance mode (and a conntrack entry): fixtures_second_chance.rs.
                     | GlobalCounter::SecondChanceHit
                     | GlobalCounter::SecondChanceHandedOn
+                    | GlobalCounter::SecondChanceRecordFollowed
+                    | GlobalCounter::SecondChanceHopLimit
             ) || (*counter == GlobalCounter::TraceLostRate && workers < 2);
             assert!(
                 unreachable_here || *n > 0,

@@ -9,11 +9,11 @@
 //! - weights changed: node 0's `sluice.io/weight` goes from 1 to 4 (its share from 1/3 to 2/3);
 //! - an ECMP shift: the client's route moves from node 0 to node 2, which never saw the flows
 //!   (neither as first hop nor as backend: it drains), and then node 2 becomes Ready, so the
-//!   node that now receives the flows has a changed table and no record of them.
+//!   node that now receives the flows has a changed table and no record of them;
+//! - 20 changes in a row under the same flows (one node's weight each): a flow moved twice
+//!   or more is carried by the records of the nodes that handed it on.
 //!
-//! Each change gets its own flows and its own cluster (a flow opened before a change and still
-//! open at the next would need two generations of tables: not built, docs/design.md; a UDP
-//! stream opened after a change lives on the previous table's pick: see the drained check). A flow "moved" is one whose
+//! Each check gets its own flows and its own cluster. A flow "moved" is one whose
 //! current pick (`sluice explain` on the first hop) is not the backend that serves it: each
 //! check requires some TCP connections and some UDP streams moved, so the hand-on is what kept
 //! them. With the hand-on off (the mutation, docs/design.md) every check fails.
@@ -38,6 +38,8 @@ const UDP_STREAMS: usize = 16;
 const CONVERGE: Duration = Duration::from_secs(60);
 /// Echoes (answers) every flow must get after a change (one every 100 ms).
 const ECHOES_AFTER: u64 = 10;
+/// Table changes in a row in the several-changes check.
+const CHANGES: usize = 20;
 /// `converge`'s state of a node that is no backend of the VIP any more.
 const GONE: &str = "gone";
 
@@ -66,6 +68,7 @@ struct Flows {
 }
 
 /// What a change did to its flows (all clean, else the check failed).
+#[derive(Debug)]
 struct Outcome {
     /// Per node: `second_chance_handed_on` during the change.
     handed_on: Vec<u64>,
@@ -228,6 +231,40 @@ impl Cluster {
         Ok(())
     }
 
+    /// Sets node `i`'s `sluice.io/weight` to `weight` (another value than it had) and waits
+    /// until every node's tables of both VIP ports give it that weight.
+    fn set_weight_to(&mut self, i: usize, weight: u32) -> Result<()> {
+        let annotation = format!("sluice.io/weight={weight}");
+        self.nodes.kube.kubectl_ok(&[
+            "annotate",
+            "node",
+            &node_name(i),
+            &annotation,
+            "--overwrite",
+        ])?;
+        let addr = self.nodes.lab.backend_addr(i).to_string();
+        for port in self.vip_ports() {
+            self.wait_all(
+                &format!("weight {weight} for node {i} on {port}"),
+                &["inspect", "maglev", &port],
+                |_, v| {
+                    v["backends"].as_array().is_some_and(|rows| {
+                        rows.iter().any(|r| {
+                            r["backend"].as_str() == Some(addr.as_str())
+                                && r["weight"].as_u64() == Some(u64::from(weight))
+                        })
+                    })
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Every node's global counter `name`.
+    fn counters(&self, name: &str) -> Result<Vec<u64>> {
+        (0..NODES).map(|i| self.counter(i, name)).collect()
+    }
+
     /// Node `i`'s global counter `name`.
     fn counter(&self, i: usize, name: &str) -> Result<u64> {
         let v = self.nodes.sluice(i, &["inspect", "stats"])?;
@@ -238,9 +275,7 @@ impl Cluster {
 
     /// Every node's `second_chance_handed_on`.
     fn handed_on(&self) -> Result<Vec<u64>> {
-        (0..NODES)
-            .map(|i| self.counter(i, "second_chance_handed_on"))
-            .collect()
+        self.counters("second_chance_handed_on")
     }
 
     /// `CONNECTIONS` long-lived connections to the VIP's echo port and `UDP_STREAMS` UDP
@@ -271,6 +306,24 @@ impl Cluster {
         Ok(())
     }
 
+    /// How many nodes hold a record of `flow` (each sends it one node on: its chain's length),
+    /// by `sluice explain` on every node.
+    fn chain_length(&self, flow: &LongConn, port: &str) -> Result<usize> {
+        let client = flow.local_addr().to_string();
+        let mut length = 0;
+        for node in 0..NODES {
+            let v = self
+                .nodes
+                .sluice(node, &["explain", &client, port, "--agent", "off"])?;
+            if v.pointer("/second_chance/handed_to")
+                .is_some_and(|t| !t.is_null())
+            {
+                length += 1;
+            }
+        }
+        Ok(length)
+    }
+
     /// The node the first hop's table picks for `flow` now (`sluice explain`).
     fn current_pick(&self, flow: &LongConn, port: &str) -> Result<usize> {
         let client = flow.local_addr().to_string();
@@ -293,6 +346,29 @@ impl Cluster {
         &mut self,
         what: &str,
         change: impl FnOnce(&mut Cluster) -> Result<()>,
+    ) -> Result<Outcome> {
+        let outcome = self.through_changes(what, change, |_, _| Ok(()))?;
+        // One change: only a node that some moved flow's table now picks sees a flow it does
+        // not know. Maglev moves a few slots between the nodes a change does not touch too,
+        // so that node may be any, the first hop included (a flow of node 1 that node 0 now
+        // picks is handed on by node 0).
+        for (i, (on, to)) in outcome.handed_on.iter().zip(&outcome.moved_to).enumerate() {
+            ensure!(
+                *on == 0 || *to > 0,
+                "{what}: node {i} handed on {on} packets, yet no moved flow is its: moved to {:?}",
+                outcome.moved_to
+            );
+        }
+        Ok(outcome)
+    }
+
+    /// [`Cluster::through`] for any number of changes; `inspect` sees the flows (their
+    /// current picks known) before they stop.
+    fn through_changes(
+        &mut self,
+        what: &str,
+        change: impl FnOnce(&mut Cluster) -> Result<()>,
+        inspect: impl FnOnce(&Cluster, &Flows) -> Result<()>,
     ) -> Result<Outcome> {
         let flows = self.open()?;
         let before = self.handed_on()?;
@@ -318,6 +394,7 @@ impl Cluster {
             }
         }
         let handed_on = delta(&self.handed_on()?, &before);
+        inspect(self, &flows)?;
         let mut tcp_backends = Vec::new();
         let mut broken = Vec::new();
         for f in flows.tcp.into_iter().chain(flows.udp) {
@@ -347,16 +424,6 @@ impl Cluster {
             moved.0 > 0 && moved.1 > 0,
             "{what} moved no TCP connection or no UDP stream ({moved:?}): it did not test the hand-on"
         );
-        // Only a node that some moved flow's table now picks sees a flow it does not know.
-        // Maglev moves a few slots between the nodes a change does not touch too, so that
-        // node may be any, the first hop included (a flow of node 1 that node 0 now picks is
-        // handed on by node 0).
-        for (i, (on, to)) in handed_on.iter().zip(&moved_to).enumerate() {
-            ensure!(
-                *on == 0 || *to > 0,
-                "{what}: node {i} handed on {on} packets, yet no moved flow is its: moved to {moved_to:?}"
-            );
-        }
         Ok(Outcome {
             handed_on,
             moved,
@@ -511,6 +578,63 @@ fn long_lived_flows_survive_an_ecmp_shift_to_a_node_that_never_saw_them() -> Res
     ensure!(
         shifted.moved.0 < CONNECTIONS,
         "every connection moved: the flows node 2 forwards unchanged were not tested"
+    );
+    Ok(())
+}
+
+/// 20 changes of the VIP's tables in a row under the same flows: one node's weight a change,
+/// cycling over the three nodes (1 -> 4 -> 2 -> 1 -> 3 ...), the flows answered between two
+/// changes. A flow moved by a change and again by a later one is carried by the records of
+/// the nodes that handed it on (docs/design.md, "Several changes"); without them it reaches a
+/// node that never served it (the mutation: no record followed, and this check fails).
+#[test]
+fn long_lived_flows_survive_twenty_table_changes() -> Result<()> {
+    sluice_tests::require_root();
+    let _one = one_cluster();
+    let mut c = Cluster::start(None)?;
+    let followed_before = c.counters("second_chance_record_followed")?;
+    let mut chains = vec![0usize; NODES + 1];
+    let outcome = c.through_changes(
+        &format!("{CHANGES} table changes"),
+        |c| {
+            for k in 0..CHANGES {
+                let weight = [4, 2, 1, 3][(k / NODES) % 4];
+                c.set_weight_to(k % NODES, weight)?;
+                // Every flow's packets cross each table: the moved ones are handed on (and
+                // recorded) under it, as a flow that is never idle would be.
+                thread::sleep(Duration::from_millis(700));
+            }
+            Ok(())
+        },
+        |c, flows| {
+            let [tcp_port, udp_port] = c.vip_ports();
+            for (list, port) in [(&flows.tcp, &tcp_port), (&flows.udp, &udp_port)] {
+                for f in list {
+                    chains[c.chain_length(f, port)?] += 1;
+                }
+            }
+            Ok(())
+        },
+    )?;
+    let followed = delta(
+        &c.counters("second_chance_record_followed")?,
+        &followed_before,
+    );
+    let records = (0..NODES)
+        .map(|i| {
+            let v = c.nodes.sluice(i, &["inspect", "stats"])?;
+            v["handed_flows"]
+                .as_u64()
+                .with_context(|| format!("node {i}: no handed_flows in inspect stats: {v}"))
+        })
+        .collect::<Result<Vec<u64>>>()?;
+    println!(
+        "{CHANGES} table changes: flows by chain length (records held of them, 0..={NODES}): {chains:?}; records held by node {records:?}; packets sent on along a record by node {followed:?}; handed on by node {:?}",
+        outcome.handed_on
+    );
+    ensure!(
+        followed.iter().sum::<u64>() > 0 && chains[1..].iter().sum::<usize>() > 0,
+        "no flow was carried by a record: none moved twice? {outcome:?}"
     );
     Ok(())
 }

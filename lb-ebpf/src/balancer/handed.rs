@@ -90,9 +90,9 @@ pub(crate) fn record(key: &FlowKey, vip_id: u32, id: u32, backend: &Backend) {
     }
 }
 
-/// Takes one hop off the packet's IP TTL / hop limit before a record sends it on again: records
-/// can form a cycle (an owner whose conntrack entry expired records the node that holds its
-/// record), and this bounds it. False, the packet untouched, when the hop limit is down to 1
+/// Takes one hop off the packet's IP TTL / hop limit before a record sends a handed-on frame on
+/// again: records can form a cycle (an owner whose conntrack entry expired records the node
+/// that holds its record), and this bounds it. False, the packet untouched, when the hop limit is down to 1
 /// (or the header is not there): the packet then goes to this node's stack.
 #[inline(always)]
 pub(crate) fn take_a_hop(ctx: &XdpContext, flow: &Flow) -> bool {

@@ -187,6 +187,15 @@ pub fn stats(maps: &Maps) -> anyhow::Result<View> {
             guard.cpus_holding, guard.cpus
         ),
     });
+    // Second chance's records of the flows this node handed on (one per moved flow it did
+    // not know): how many chains pass through this node.
+    let handed_flows = maps.handed_flows().flatten().count();
+    if handed_flows > 0 {
+        table.push_str(&format!(
+            "second chance: {handed_flows} records of flows this node handed on (HANDED_FLOWS, of {})\n",
+            lb_common::HANDED_FLOWS_SIZE
+        ));
+    }
     table.push('\n');
 
     let rows = collect(maps)?;
@@ -234,7 +243,12 @@ pub fn stats(maps: &Maps) -> anyhow::Result<View> {
         lines.into_iter(),
     ));
     Ok(View {
-        json: json!({ "global": global, "flood_guard": guard, "vips": vips_json }),
+        json: json!({
+            "global": global,
+            "flood_guard": guard,
+            "handed_flows": handed_flows,
+            "vips": vips_json,
+        }),
         table,
     })
 }
