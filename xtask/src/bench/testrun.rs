@@ -169,11 +169,7 @@ pub fn run(repeat: u32) -> anyhow::Result<Vec<TestRunRow>> {
             sc.new_flow,
             "<= 1.2x mid-flow",
         ),
-        row(
-            "second chance: own flow, VIP changed",
-            sc.own_flow,
-            "-",
-        ),
+        row("second chance: own flow, VIP changed", sc.own_flow, "-"),
         row(
             "second chance: moved flow at its pick",
             established + sc.handed_on_extra,
