@@ -34,7 +34,7 @@ pub struct Tables {
 /// Memory the maps take with `settings` and these tables, on `cpus` possible CPUs.
 pub fn estimate(settings: &Settings, tables: &Tables, cpus: usize) -> u64 {
     let slots: u64 = tables.sizes.iter().map(|s| u64::from(*s)).sum();
-    BASE + u64::from(settings.flow_table_size) * PER_FLOW
+    BASE + u64::from(settings.connection_table_size()) * PER_FLOW
         + slots * PER_MAGLEV_SLOT
         + tables.sizes.len() as u64 * PER_MAGLEV_TABLE
         + tables.members as u64 * PER_MEMBER
@@ -104,7 +104,7 @@ pub fn check(desired: &Desired) -> Option<String> {
             limit >> 20,
             desired.vips.len(),
             need >> 20,
-            desired.settings.flow_table_size,
+            desired.settings.connection_table_size(),
             tables.sizes.len(),
         )
     })
@@ -129,6 +129,23 @@ mod tests {
         // Without VIPs, the connection table dominates: ~111 MiB for 1M entries.
         let flows = (estimate(&Settings::default(), &Tables::default(), 0) - BASE) >> 20;
         assert!((105..=120).contains(&flows), "{flows} MiB");
+        // Second chance records no flow: the smallest table, whatever the size says; `auto`
+        // may run table mode and keeps it.
+        let with = |flow_state| Settings {
+            flow_state,
+            ..Settings::default()
+        };
+        let none = estimate(
+            &with(crate::model::FlowState::SecondChance),
+            &Tables::default(),
+            0,
+        );
+        assert_eq!(
+            none - BASE,
+            u64::from(lb_common::MIN_FLOW_TABLE_SIZE) * PER_FLOW
+        );
+        let auto = estimate(&with(crate::model::FlowState::Auto), &Tables::default(), 0);
+        assert_eq!((auto - BASE) >> 20, flows);
     }
 
     #[test]

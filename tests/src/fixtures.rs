@@ -69,7 +69,16 @@ impl Harness {
 
     /// A harness whose connection table (IPv4; IPv6 gets its share) has `flow_table_size` entries.
     pub fn with_flow_table(flow_table_size: u32) -> anyhow::Result<Self> {
-        let mut ebpf = dataplane::load(None, flow_table_size)?;
+        Self::loaded(dataplane::load(None, flow_table_size)?)
+    }
+
+    /// A harness whose maps are pinned in `pins` (adopted when pinned already, as an agent's
+    /// restart adopts them), with connection tables of `flow_table_size` entries.
+    pub fn pinned(pins: &dataplane::PinLayout, flow_table_size: u32) -> anyhow::Result<Self> {
+        Self::loaded(dataplane::load(Some(pins), flow_table_size)?)
+    }
+
+    fn loaded(mut ebpf: Ebpf) -> anyhow::Result<Self> {
         let maps = Maps::from_ebpf(&mut ebpf)?;
         Ok(Self {
             ebpf,

@@ -95,9 +95,10 @@ impl Drop for MemCgroup {
     }
 }
 
-/// `maglev`: the ConfigMap's `maglev-table-size`, a number or "auto" (the config's default).
-fn config(services: usize, flows: u64, maglev: &str) -> String {
-    let mut c = format!("flow_table_size: {flows}\n");
+/// `maglev`: the ConfigMap's `maglev-table-size`, a number or "auto" (the config's default);
+/// `flow_state`: `table` or `second-chance`.
+fn config(services: usize, flows: u64, maglev: &str, flow_state: &str) -> String {
+    let mut c = format!("flow_table_size: {flows}\nflow_state: {flow_state}\n");
     if maglev != "auto" {
         c.push_str(&format!("maglev_table_size: {maglev}\n"));
     }
@@ -118,13 +119,30 @@ fn config(services: usize, flows: u64, maglev: &str) -> String {
     c
 }
 
-/// Attaches sluice with `services` VIPs inside a cgroup limited to `limit`; returns the memory
-/// charged after the attach (the maps), or the attach's error.
-fn attach_under(limit: u64, services: usize, flows: u64, maglev: &str) -> Result<u64> {
-    let sb = Sandbox::new("slmem")?;
-    let cg = MemCgroup::new(&format!("sluice-memtest-{}", std::process::id()), limit)?;
+/// What one attach is given: a sandbox prefix of its own (tests run side by side), the
+/// ConfigMap's table sizes and the flow state.
+struct Attach<'a> {
+    sandbox: &'a str,
+    services: usize,
+    flows: u64,
+    maglev: &'a str,
+    flow_state: &'a str,
+}
+
+/// Attaches sluice with `a.services` VIPs inside a cgroup limited to `limit`; returns the
+/// memory charged after the attach (the maps), or the attach's error.
+fn attach_under(limit: u64, a: &Attach) -> Result<u64> {
+    let Attach {
+        sandbox,
+        services,
+        flows,
+        maglev,
+        flow_state,
+    } = *a;
+    let sb = Sandbox::new(sandbox)?;
+    let cg = MemCgroup::new(&format!("sluice-{sandbox}-{}", std::process::id()), limit)?;
     let file = sb.bpffs.with_extension("yaml");
-    fs::write(&file, config(services, flows, maglev))?;
+    fs::write(&file, config(services, flows, maglev, flow_state))?;
     let bin = sluice_binary()?;
     let script = format!(
         // nsenter, not `ip netns exec`: that one remounts /sys, hiding the cgroup hierarchy
@@ -158,16 +176,15 @@ fn attach_under(limit: u64, services: usize, flows: u64, maglev: &str) -> Result
         );
     }
     println!(
-        "memory: {services} VIPs, {flows} flows, maglev {maglev}: {} MiB charged after attach (peak {} MiB)",
+        "memory: {services} VIPs, {flows} flows, maglev {maglev}, {flow_state}: {} MiB charged after attach (peak {} MiB)",
         now >> 20,
         peak >> 20
     );
     Ok(now)
 }
 
-#[test]
-fn the_daemonsets_limit_holds_a_few_hundred_services() -> Result<()> {
-    require_root();
+/// The DaemonSet's memory limit and the ConfigMap's table sizes.
+fn deployed() -> Result<(u64, u64, String)> {
     let deploy = repo_root().join("deploy/base");
     let ds = fs::read_to_string(deploy.join("30-daemonset.yaml"))?;
     let cm = fs::read_to_string(deploy.join("20-configmap.yaml"))?;
@@ -189,7 +206,21 @@ fn the_daemonsets_limit_holds_a_few_hundred_services() -> Result<()> {
         .parse()?;
     let maglev =
         yaml_value(&cm, "maglev-table-size").context("maglev-table-size in the ConfigMap")?;
-    let charged = attach_under(limit, SERVICES, flows, &maglev)?;
+    Ok((limit, flows, maglev))
+}
+
+#[test]
+fn the_daemonsets_limit_holds_a_few_hundred_services() -> Result<()> {
+    require_root();
+    let (limit, flows, maglev) = deployed()?;
+    let attach = Attach {
+        sandbox: "slmem",
+        services: SERVICES,
+        flows,
+        maglev: &maglev,
+        flow_state: "table",
+    };
+    let charged = attach_under(limit, &attach)?;
     ensure!(
         charged + PROCESS_BUDGET <= limit,
         "{SERVICES} Services take {} MiB of maps: with the agent's {} MiB that is over the DaemonSet's {} MiB limit",
@@ -199,7 +230,7 @@ fn the_daemonsets_limit_holds_a_few_hundred_services() -> Result<()> {
     );
     // The limit is real: under a quarter of it the same Services do not fit, and sluice said
     // why before the kernel stopped it.
-    let err = attach_under(limit / 4, SERVICES, flows, &maglev)
+    let err = attach_under(limit / 4, &attach)
         .err()
         .context("attach under a quarter of the limit succeeded: is the cgroup charged at all?")?;
     println!("memory: under {} MiB: {err:#}", (limit / 4) >> 20);
@@ -207,5 +238,108 @@ fn the_daemonsets_limit_holds_a_few_hundred_services() -> Result<()> {
         format!("{err:#}").contains("is below what the maps need"),
         "no memory warning before the failure: {err:#}"
     );
+    Ok(())
+}
+
+/// Second chance records no flow: its node creates the smallest connection tables (1,024
+/// entries each), not the configured ones. Measured side by side: the same Services attached
+/// in table mode and in second-chance mode, under the DaemonSet's limit.
+#[test]
+fn second_chance_leaves_the_connection_table_memory_out() -> Result<()> {
+    require_root();
+    let (limit, flows, maglev) = deployed()?;
+    let mut attach = Attach {
+        sandbox: "slsc",
+        services: SERVICES,
+        flows,
+        maglev: &maglev,
+        flow_state: "table",
+    };
+    let table = attach_under(limit, &attach)?;
+    attach.flow_state = "second-chance";
+    let second_chance = attach_under(limit, &attach)?;
+    // An entry costs ~116 bytes (IPv4 and its IPv6 share; lb-userspace memory.rs).
+    let tables = flows * 100;
+    println!(
+        "memory: second chance {} MiB, table mode {} MiB: {} MiB less (the connection tables of {flows} flows: ~{} MiB)",
+        second_chance >> 20,
+        table >> 20,
+        (table.saturating_sub(second_chance)) >> 20,
+        (flows * 116) >> 20
+    );
+    ensure!(
+        second_chance + tables <= table,
+        "second chance took {} MiB, table mode {} MiB: not the connection tables' ~{} MiB less",
+        second_chance >> 20,
+        table >> 20,
+        tables >> 20
+    );
+    Ok(())
+}
+
+/// A restart with another connection-table size (`flow_table_size` changed, or the flow
+/// state: second chance keeps the smallest) replaces the pinned tables with tables of the new
+/// size and carries their flows over, without a detach: shrunk, grown, and left alone when
+/// the size is the same.
+#[test]
+fn a_pinned_connection_table_is_resized_with_its_flows() -> Result<()> {
+    use lb_userspace::dataplane::PinLayout;
+    use sluice_tests::fixtures::{Frame, Harness, TCP_SYN, desired};
+    require_root();
+    let sb = Sandbox::new("slrsz")?;
+    let pins = PinLayout::new(&sb.bpffs, "rsz0");
+    pins.prepare()?;
+    let entries = |name: &str| -> Result<u32> {
+        let map = aya::maps::MapData::from_pin(pins.map(name))?;
+        Ok(map.info()?.max_entries())
+    };
+    let three = &[(0, 1, false), (1, 1, false), (2, 1, false)];
+    let recorded = {
+        let mut h = Harness::pinned(&pins, 4096)?;
+        h.apply(&desired(lb_userspace::model::Protocol::Tcp, three))?;
+        for sport in 1000..1100 {
+            h.run(&Frame::tcp(sport, TCP_SYN).bytes())?;
+        }
+        h.flow_entries()?
+    };
+    ensure!(
+        recorded.len() == 100,
+        "100 flows recorded: {}",
+        recorded.len()
+    );
+    // (IPv4 entries, IPv6's, the pinned IPv4 table kept): shrunk, grown, the same again.
+    for (size, ipv6, kept) in [(1024, 1024, false), (8192, 2048, false), (8192, 2048, true)] {
+        let before = aya::maps::MapData::from_pin(pins.map("FLOWS"))?
+            .info()?
+            .id();
+        let h = Harness::pinned(&pins, size)?;
+        ensure!(
+            (entries("FLOWS")?, entries("FLOWS6")?) == (size, ipv6),
+            "the pinned tables have {} and {} entries, not {size} and {ipv6}",
+            entries("FLOWS")?,
+            entries("FLOWS6")?
+        );
+        ensure!(
+            h.flow_entries()? == recorded,
+            "the flows were not carried over to {size} entries"
+        );
+        let after = aya::maps::MapData::from_pin(pins.map("FLOWS"))?
+            .info()?
+            .id();
+        ensure!(
+            (before == after) == kept,
+            "at {size} entries the pinned table was {} (map id {before} -> {after})",
+            if before == after { "kept" } else { "replaced" }
+        );
+        let left: Vec<String> = fs::read_dir(pins.maps_dir())?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("resized"))
+            .collect();
+        ensure!(
+            left.is_empty(),
+            "tables set aside are left pinned: {left:?}"
+        );
+    }
     Ok(())
 }

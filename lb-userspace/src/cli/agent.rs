@@ -40,7 +40,8 @@ pub(crate) struct AgentArgs {
     /// 509, ..., 65537 over 1000 slots per backend.
     #[arg(long, default_value = "auto", value_parser = parse_table_size)]
     maglev_table_size: TableSize,
-    /// Entries of the connection table (applies when the maps are first created).
+    /// Entries of the connection table (table mode; second-chance mode creates the smallest,
+    /// 1024). A change applies at the next start, the recorded flows carried over.
     #[arg(long, default_value_t = lb_common::DEFAULT_FLOW_TABLE_SIZE)]
     flow_table_size: u32,
     /// The flood guard: new flows recorded in the connection table per second and CPU; above

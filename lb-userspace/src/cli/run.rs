@@ -108,7 +108,7 @@ pub(crate) fn run(
         desired.vips.len(),
         config.display()
     );
-    let mut flow_table_size = desired.settings.flow_table_size;
+    let mut flow_table_size = desired.settings.connection_table_size();
     let mut running = desired;
     let mut refresh = NextHopRefresh::default();
     'serve: loop {
@@ -120,12 +120,13 @@ pub(crate) fn run(
             match config::load(config) {
                 Err(e) => error!("reload refused, keeping the running config: {e}"),
                 Ok(new) => {
-                    if new.settings.flow_table_size != flow_table_size {
+                    // The flow state decides it too (second chance keeps the smallest).
+                    let wanted = new.settings.connection_table_size();
+                    if wanted != flow_table_size {
                         warn!(
-                            "flow_table_size {} -> {} takes effect only on restart",
-                            flow_table_size, new.settings.flow_table_size
+                            "the connection table's size {flow_table_size} -> {wanted} takes effect at the next start (its entries are carried over)"
                         );
-                        flow_table_size = new.settings.flow_table_size;
+                        flow_table_size = wanted;
                     }
                     match reconciler.apply(&checks.overlay(&new)) {
                         Ok(s) => info!("reloaded {}: {s}", config.display()),

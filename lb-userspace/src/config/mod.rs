@@ -5,6 +5,7 @@
 //!                                 #   per VIP, the smallest of 251, 509, ..., 65537 over 1000 x
 //!                                 #   its backends
 //! flow_table_size: 1048576        # optional; 1024 to 67108864 entries; default 1048576
+//!                                 #   (second-chance mode creates 1024: it records no flow)
 //! encap_source_v4: 10.99.0.0/24   # optional; outer sources of IPIP packets (host part varies
 //! encap_source_v6: fd99::/120     #   per flow); default: the egress interface's address
 //! max_new_flows_per_cpu: 125000   # optional; the flood guard (new flows recorded per second

@@ -92,6 +92,7 @@ mod conntrack_probe;
 mod maglev_table;
 mod maps;
 mod pins;
+mod resize;
 mod snapshot;
 mod sys;
 mod trace;
@@ -105,15 +106,39 @@ pub use snapshot::{Member, RangeKey, Snapshot, fnv1a, members_by_table, table_pi
 pub use trace::{TRACE_LEASE, TraceMaps, TraceSession, monotonic_ns};
 
 /// Loads the balancer (maps created, or reused from `pins` after a layout check; programs
-/// verified, not attached).
+/// verified, not attached), with connection tables of `flow_table_size` entries (IPv4; IPv6's
+/// from it): pinned ones of another size are replaced, their entries carried over (`resize`).
 pub fn load(pins: Option<&PinLayout>, flow_table_size: u32) -> anyhow::Result<Ebpf> {
-    if let Some(pins) = pins {
-        pins.check_layout()?;
+    let sizes = [
+        (map_names::FLOWS, flow_table_size),
+        (map_names::FLOWS6, flow_table_size_v6(flow_table_size)),
+    ];
+    let set_aside = match pins {
+        Some(pins) => {
+            pins.check_layout()?;
+            resize::set_aside(pins, sizes)?
+        }
+        None => Vec::new(),
+    };
+    let loaded = load_object(ObjectKind::Balancer, pins, |loader| {
+        for (name, entries) in sizes {
+            loader.map_max_entries(name, entries);
+        }
+    });
+    let mut ebpf = match loaded {
+        Ok(ebpf) => ebpf,
+        Err(e) => {
+            resize::restore(&set_aside);
+            return Err(e);
+        }
+    };
+    let resized: Vec<(&str, u32, u32)> = set_aside.iter().map(|t| (t.name, t.from, t.to)).collect();
+    let carried = resize::carry_over(&mut ebpf, set_aside)?;
+    for ((name, from, to), n) in resized.iter().zip(carried) {
+        log::info!(
+            "connection table {name} resized from {from} to {to} entries ({n} flows carried over)"
+        );
     }
-    let ebpf = load_object(ObjectKind::Balancer, pins, |loader| {
-        loader.map_max_entries(map_names::FLOWS, flow_table_size);
-        loader.map_max_entries(map_names::FLOWS6, flow_table_size_v6(flow_table_size));
-    })?;
     if let Some(pins) = pins {
         pins.mark_layout()?;
     }

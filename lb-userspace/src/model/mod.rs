@@ -413,6 +413,17 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Entries of the connection table this node creates (IPv4; IPv6's from it):
+    /// `flow_table_size`, but in second-chance mode, which records no flow, the smallest table
+    /// sluice creates (kept so that a node switched to table mode before its next restart still
+    /// has one; that restart resizes it). `auto` may run either: the full table.
+    pub fn connection_table_size(&self) -> u32 {
+        match self.flow_state {
+            FlowState::SecondChance => lb_common::MIN_FLOW_TABLE_SIZE,
+            FlowState::Table | FlowState::Auto => self.flow_table_size,
+        }
+    }
+
     /// The Maglev table size of a VIP with `backends` backends.
     pub fn maglev_table_size_for(&self, backends: usize) -> u32 {
         self.maglev_table_size

@@ -84,7 +84,7 @@ impl Reconciler {
         if let Some(warning) = memory::check(desired) {
             warn!("{warning}");
         }
-        let mut ebpf = dataplane::load(Some(&self.pins), desired.settings.flow_table_size)?;
+        let mut ebpf = dataplane::load(Some(&self.pins), desired.settings.connection_table_size())?;
         let mut maps = Maps::from_ebpf(&mut ebpf)?;
         self.conntrack.ask(&mut ebpf, desired, &mut self.carry);
         let started = Instant::now();
