@@ -10,9 +10,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{FlowKey, MAGLEV_SLOTS_PER_BACKEND, MAGLEV_TIERS, maglev_tier, raw_addr};
-use lb_userspace::model::{Desired, Protocol, Settings};
+use lb_userspace::model::{Desired, FlowState, Protocol, Settings};
 use sluice_tests::fixtures::{
-    Frame, TCP_SYN, VIP, VIP6, assert_forwarded, desired_at, harness_with,
+    Frame, TCP_ACK, TCP_SYN, VIP, VIP6, assert_forwarded, desired_at, harness_with,
 };
 
 /// The table sizes the golden tables below were generated with (the defaults then: each VIP
@@ -66,8 +66,10 @@ impl Scenario {
         &self.desired.vips[0]
     }
 
-    fn frame(&self, (src, sport): (IpAddr, u16)) -> Vec<u8> {
+    /// The tuple's first packet (a SYN for TCP), or with `mid_flow` a later one (an ACK).
+    fn frame(&self, (src, sport): (IpAddr, u16), mid_flow: bool) -> Vec<u8> {
         let mut f = match self.vip().key.protocol {
+            Protocol::Tcp if mid_flow => Frame::tcp(sport, TCP_ACK),
             Protocol::Tcp => Frame::tcp(sport, TCP_SYN),
             Protocol::Udp => Frame::udp(sport, b"golden"),
         };
@@ -179,7 +181,13 @@ fn flows_land_on_the_pinned_backends() {
              set GOLDEN_TIERS, GOLDEN_SLOTS_PER_BACKEND and the tables below."
         ));
     }
-    for s in scenarios() {
+    // Both flow states: a connection table or none (second chance), the same picks, for a
+    // connection's first packet and its next (the entry's, or the table's again).
+    for (flow_state, mut s) in [FlowState::Table, FlowState::SecondChance]
+        .into_iter()
+        .flat_map(|f| scenarios().into_iter().map(move |s| (f, s)))
+    {
+        s.desired.settings.flow_state = flow_state;
         let mut h = harness_with(&s.desired);
         let snapshot = h.snapshot().expect("read the maps");
         let view = snapshot.vips.values().next().expect("the scenario's VIP");
@@ -191,7 +199,13 @@ fn flows_land_on_the_pinned_backends() {
         );
         let mut now = String::new();
         for &client in &s.clients {
-            let b = assert_forwarded(&mut h, &s.frame(client));
+            let b = assert_forwarded(&mut h, &s.frame(client, false));
+            let next = assert_forwarded(&mut h, &s.frame(client, true));
+            assert_eq!(
+                next, b,
+                "{} ({flow_state:?}): {client:?}'s next packet went to b{next}, its first to b{b}",
+                s.name
+            );
             // The program picks exactly the slot user space predicts with lb_common's hash.
             let predicted = view.table[s.slot(client, view.table_size)];
             assert_eq!(
@@ -219,7 +233,7 @@ fn flows_land_on_the_pinned_backends() {
                 .map(|(i, (g, n))| format!("#{i} b{} -> b{}", g - b'0', n - b'0'))
                 .collect();
             failures.push(format!(
-                "{}: {} of {TUPLES} flows land elsewhere ({}); if deliberate:\n            golden: \"{now}\",",
+                "{} ({flow_state:?}): {} of {TUPLES} flows land elsewhere ({}); if deliberate:\n            golden: \"{now}\",",
                 s.name,
                 moved.len(),
                 moved.join(", ")
