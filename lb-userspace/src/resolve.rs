@@ -49,9 +49,13 @@ pub struct Resolved {
 }
 
 impl Resolved {
-    /// The mode this node runs: `desired`'s, with `auto` decided by its conntrack.
+    /// The mode this node runs: `desired`'s, with `auto` decided by its conntrack and its
+    /// VIPs' forwarding.
     pub fn flow_state(&self, desired: &Desired) -> FlowState {
-        desired.settings.flow_state.effective(self.conntrack_tracks)
+        desired
+            .settings
+            .flow_state
+            .effective(self.conntrack_tracks, desired.encapsulates())
     }
 
     /// Addresses of the backends that could not be resolved.

@@ -162,19 +162,29 @@ fn flow_state_is_table_unless_set_to_second_chance() {
     assert_eq!(table.settings.flow_state, FlowState::Table);
     let auto = parse(&yaml(&["flow_state: auto", "vips: []"]), "lab.yaml").unwrap();
     assert_eq!(auto.settings.flow_state, FlowState::Auto);
-    // Auto is second chance on a known yes from the node's conntrack only.
+    // Auto is second chance on a known yes from the node's conntrack only, and while no VIP
+    // is forwarded encapsulated (whose receivers do not check).
     assert_eq!(
-        FlowState::Auto.effective(Some(true)),
+        FlowState::Auto.effective(Some(true), false),
         FlowState::SecondChance
     );
-    for unknown_or_no in [None, Some(false)] {
-        assert_eq!(FlowState::Auto.effective(unknown_or_no), FlowState::Table);
-    }
     assert_eq!(
-        FlowState::SecondChance.effective(Some(false)),
-        FlowState::SecondChance,
-        "an explicit mode is kept (and warned about)"
+        FlowState::Auto.effective(Some(true), true),
+        FlowState::Table
     );
+    for unknown_or_no in [None, Some(false)] {
+        assert_eq!(
+            FlowState::Auto.effective(unknown_or_no, false),
+            FlowState::Table
+        );
+    }
+    for encapsulates in [false, true] {
+        assert_eq!(
+            FlowState::SecondChance.effective(Some(false), encapsulates),
+            FlowState::SecondChance,
+            "an explicit mode is kept (and warned about)"
+        );
+    }
     let chance = parse(
         &yaml(&["flow_state: second-chance", "vips: []"]),
         "lab.yaml",

@@ -295,10 +295,12 @@ impl FlowState {
     }
 
     /// The mode a node runs, given whether its conntrack tracks its connections (`None`: not
-    /// asked, or the question failed): `auto` is second chance only on a known yes.
-    pub const fn effective(self, conntrack_tracks: Option<bool>) -> Self {
+    /// asked, or the question failed) and whether a VIP of its encapsulates (IPIP/IP6IP6,
+    /// whose receivers unwrap and pass without the second-chance check): `auto` is second
+    /// chance only on a known yes and no encapsulating VIP.
+    pub const fn effective(self, conntrack_tracks: Option<bool>, encapsulates: bool) -> Self {
         match (self, conntrack_tracks) {
-            (Self::Auto, Some(true)) => Self::SecondChance,
+            (Self::Auto, Some(true)) if !encapsulates => Self::SecondChance,
             (Self::Auto, _) => Self::Table,
             (other, _) => other,
         }
@@ -478,6 +480,11 @@ impl Desired {
     }
 
     /// Each distinct backend list once (by allocation), with the modes its VIPs reach it by.
+    /// Whether a VIP is forwarded encapsulated (IPIP/IP6IP6): `auto` keeps the table then.
+    pub fn encapsulates(&self) -> bool {
+        self.vips.iter().any(|v| v.mode != ForwardingMode::L2)
+    }
+
     pub fn distinct_backend_lists(&self) -> impl Iterator<Item = (&Backends, ForwardingMode)> {
         let mut seen = std::collections::HashSet::new();
         self.vips

@@ -148,8 +148,8 @@ impl Reconciler {
 #[derive(Debug, Default)]
 struct ConntrackProbe {
     asked: bool,
-    /// The mode and answer last logged.
-    told: Option<(FlowState, Option<bool>)>,
+    /// The mode, answer and forwarding (a VIP encapsulates) last logged.
+    told: Option<(FlowState, Option<bool>, bool)>,
 }
 
 impl ConntrackProbe {
@@ -163,11 +163,12 @@ impl ConntrackProbe {
         let tracks = answer.as_ref().ok().copied();
         carry.set_conntrack_tracks(tracks);
         // Logged when the mode or the answer changes, not at every refresh.
-        if self.told == Some((wanted, tracks)) {
+        let encapsulates = desired.encapsulates();
+        if self.told == Some((wanted, tracks, encapsulates)) {
             return;
         }
-        self.told = Some((wanted, tracks));
-        let mode = wanted.effective(tracks);
+        self.told = Some((wanted, tracks, encapsulates));
+        let mode = wanted.effective(tracks, encapsulates);
         if let Err(e) = &answer {
             warn!(
                 "{e:#}: flow_state {wanted} runs as if conntrack did not track this node's connections: running {mode}"
@@ -175,6 +176,14 @@ impl ConntrackProbe {
             return;
         }
         match (wanted, tracks) {
+            (_, Some(true)) if encapsulates => warn!(
+                "flow_state {wanted}: this node's conntrack tracks its connections, but a VIP is forwarded encapsulated (IPIP/IP6IP6), whose receivers do not run the second-chance check: running {mode}{}",
+                if mode == FlowState::SecondChance {
+                    " (a moved connection of such a VIP whose first hop is not its pick is reset at a table change; use auto)"
+                } else {
+                    ""
+                }
+            ),
             (_, Some(true)) => info!(
                 "flow_state {wanted}: this node's conntrack tracks its connections (a loopback connection of the agent's, found by bpf_xdp_ct_lookup): running {mode}"
             ),
