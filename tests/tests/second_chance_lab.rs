@@ -199,41 +199,9 @@ impl Cluster {
         })
     }
 
-    /// Sets node `i`'s `sluice.io/weight` (more than the others' 1) and waits until every
-    /// node's tables of both VIP ports weigh it more than each other member.
-    fn set_weight(&mut self, i: usize, weight: u32) -> Result<()> {
-        let annotation = format!("sluice.io/weight={weight}");
-        self.nodes.kube.kubectl_ok(&[
-            "annotate",
-            "node",
-            &node_name(i),
-            &annotation,
-            "--overwrite",
-        ])?;
-        let addr = self.nodes.lab.backend_addr(i).to_string();
-        for port in self.vip_ports() {
-            self.wait_all(
-                &format!("weight {weight} for node {i} on {port}"),
-                &["inspect", "maglev", &port],
-                |_, v| {
-                    let rows = v["backends"].as_array().cloned().unwrap_or_default();
-                    let weight_of = |r: &Value| r["weight"].as_u64().unwrap_or(0);
-                    let (its, others): (Vec<&Value>, Vec<&Value>) = rows
-                        .iter()
-                        .partition(|r| r["backend"].as_str() == Some(addr.as_str()));
-                    its.first().is_some_and(|r| {
-                        others.len() == NODES - 1
-                            && others.iter().all(|o| weight_of(o) < weight_of(r))
-                    })
-                },
-            )?;
-        }
-        Ok(())
-    }
-
     /// Sets node `i`'s `sluice.io/weight` to `weight` (another value than it had) and waits
     /// until every node's tables of both VIP ports give it that weight.
-    fn set_weight_to(&mut self, i: usize, weight: u32) -> Result<()> {
+    fn set_weight(&mut self, i: usize, weight: u32) -> Result<()> {
         let annotation = format!("sluice.io/weight={weight}");
         self.nodes.kube.kubectl_ok(&[
             "annotate",
@@ -599,7 +567,7 @@ fn long_lived_flows_survive_twenty_table_changes() -> Result<()> {
         |c| {
             for k in 0..CHANGES {
                 let weight = [4, 2, 1, 3][(k / NODES) % 4];
-                c.set_weight_to(k % NODES, weight)?;
+                c.set_weight(k % NODES, weight)?;
                 // Every flow's packets cross each table: the moved ones are handed on (and
                 // recorded) under it, as a flow that is never idle would be.
                 thread::sleep(Duration::from_millis(700));
