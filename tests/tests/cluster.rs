@@ -1997,15 +1997,23 @@ fn second_chance_through_the_daemonset(c: &mut Cluster) -> Result<String> {
         Duration::from_secs(60),
         || all_active(c),
     )?;
-    let handed_on = |c: &Cluster| -> Result<u64> {
-        (0..c.nodes())
-            .map(|i| {
-                let v = sluice_in_agent_pod(c, i, &["inspect", "stats"])?;
-                v.pointer("/global/second_chance_handed_on")
+    // Packets handed on by a table (a moved flow's first at each node) and sent on along a
+    // record (its next ones), over the nodes.
+    let handed_on = |c: &Cluster| -> Result<[u64; 2]> {
+        let mut sums = [0; 2];
+        for i in 0..c.nodes() {
+            let v = sluice_in_agent_pod(c, i, &["inspect", "stats"])?;
+            for (sum, name) in sums
+                .iter_mut()
+                .zip(["second_chance_handed_on", "second_chance_record_followed"])
+            {
+                *sum += v
+                    .pointer(&format!("/global/{name}"))
                     .and_then(Value::as_u64)
-                    .with_context(|| format!("node {i}: no second_chance_handed_on: {v}"))
-            })
-            .sum()
+                    .with_context(|| format!("node {i}: no {name}: {v}"))?;
+            }
+        }
+        Ok(sums)
     };
     let echo = SocketAddrV4::new(VIP_CLUSTER, image::WEB_ECHO_PORT);
     let conns: Vec<_> = (0..SECOND_CHANCE_CONNECTIONS)
@@ -2041,7 +2049,8 @@ fn second_chance_through_the_daemonset(c: &mut Cluster) -> Result<String> {
         all_active(c)
     })?;
     clean("node-2's return")?;
-    let handed = handed_on(c)? - before;
+    let after = handed_on(c)?;
+    let (handed, followed) = (after[0] - before[0], after[1] - before[1]);
     let backends: BTreeSet<String> = conns
         .iter()
         .filter_map(|conn| conn.snapshot().backends.first().cloned())
@@ -2051,7 +2060,7 @@ fn second_chance_through_the_daemonset(c: &mut Cluster) -> Result<String> {
         "no packet was handed on: nothing tested the second chance"
     );
     Ok(format!(
-        "{SECOND_CHANCE_CONNECTIONS} connections (served by {} pods) clean through a rolling restart of {:.1} s, node-2's drain and its return; {handed} packets handed on",
+        "{SECOND_CHANCE_CONNECTIONS} connections (served by {} pods) clean through a rolling restart of {:.1} s, node-2's drain and its return; {handed} packets handed on by a table, {followed} sent on along a record",
         backends.len(),
         restarted.as_secs_f64()
     ))
