@@ -132,13 +132,7 @@ pub fn load(pins: Option<&PinLayout>, flow_table_size: u32) -> anyhow::Result<Eb
             return Err(e);
         }
     };
-    let resized: Vec<(&str, u32, u32)> = set_aside.iter().map(|t| (t.name, t.from, t.to)).collect();
-    let carried = resize::carry_over(&mut ebpf, set_aside)?;
-    for ((name, from, to), n) in resized.iter().zip(carried) {
-        log::info!(
-            "connection table {name} resized from {from} to {to} entries ({n} flows carried over)"
-        );
-    }
+    resize::carry_over(&mut ebpf, set_aside)?;
     if let Some(pins) = pins {
         pins.mark_layout()?;
     }

@@ -22,13 +22,13 @@ use super::pins::PinLayout;
 
 /// A pinned connection table set aside for one of another size.
 pub(super) struct SetAside {
-    pub(super) name: &'static str,
+    name: &'static str,
     pinned: PathBuf,
     aside: PathBuf,
     old: MapData,
     /// Entries: the old table's (as the kernel made it) and the one wanted.
-    pub(super) from: u32,
-    pub(super) to: u32,
+    from: u32,
+    to: u32,
 }
 
 impl SetAside {
@@ -94,9 +94,8 @@ pub(super) fn restore(set_aside: &[SetAside]) {
 }
 
 /// Copies each old table's entries into the new one of the same name in `ebpf` (at most the
-/// new one's size), then removes the old pin. Returns the entries carried, per table.
-pub(super) fn carry_over(ebpf: &mut Ebpf, set_aside: Vec<SetAside>) -> anyhow::Result<Vec<u64>> {
-    let mut carried = Vec::new();
+/// new one's size), then removes the old pin; logs each table resized.
+pub(super) fn carry_over(ebpf: &mut Ebpf, set_aside: Vec<SetAside>) -> anyhow::Result<()> {
     for table in set_aside {
         let new = ebpf
             .map_mut(table.name)
@@ -110,9 +109,14 @@ pub(super) fn carry_over(ebpf: &mut Ebpf, set_aside: Vec<SetAside>) -> anyhow::R
         .with_context(|| format!("carrying the {} entries over", table.name))?;
         fs::remove_file(&table.aside)
             .with_context(|| format!("unpinning {}", table.aside.display()))?;
-        carried.push(n);
+        log::info!(
+            "connection table {} resized from {} to {} entries ({n} flows carried over)",
+            table.name,
+            table.from,
+            table.to
+        );
     }
-    Ok(carried)
+    Ok(())
 }
 
 /// Copies up to `limit` entries of `old` into `new`; an entry evicted meanwhile is skipped.

@@ -479,12 +479,12 @@ impl Desired {
         }
     }
 
-    /// Each distinct backend list once (by allocation), with the modes its VIPs reach it by.
     /// Whether a VIP is forwarded encapsulated (IPIP/IP6IP6): `auto` keeps the table then.
     pub fn encapsulates(&self) -> bool {
         self.vips.iter().any(|v| v.mode != ForwardingMode::L2)
     }
 
+    /// Each distinct backend list once (by allocation), with the modes its VIPs reach it by.
     pub fn distinct_backend_lists(&self) -> impl Iterator<Item = (&Backends, ForwardingMode)> {
         let mut seen = std::collections::HashSet::new();
         self.vips

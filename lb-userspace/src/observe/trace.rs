@@ -353,9 +353,9 @@ impl SecondChanceHop {
                 Some(_) => format!("{head}, with a dead record: to this stack"),
             };
         }
-        let mut text = if self.tables_disagree {
+        let situation = if self.tables_disagree {
             format!(
-                "second chance: a peer's frame its table gave this node, this node's table {} picks another, conntrack ",
+                "second chance: a peer's frame its table gave this node, this node's table {} picks another",
                 table(self.current_table)
             )
         } else {
@@ -365,23 +365,23 @@ impl SecondChanceHop {
                 ""
             };
             format!(
-                "second chance: {peer}current table {} picked this node, conntrack ",
+                "second chance: {peer}current table {} picked this node",
                 table(self.current_table)
             )
         };
-        if self.conntrack == Some("hit") {
-            text += "hit: kept here";
+        let outcome = if self.conntrack == Some("hit") {
+            "conntrack hit: kept here".to_owned()
         } else if self.record {
-            text = text.trim_end_matches(", conntrack ").to_owned() + ", " + along;
+            along.to_owned()
         } else if self.tables_disagree {
-            text += "miss: handed on to this node's pick";
+            "conntrack miss: handed on to this node's pick".to_owned()
         } else {
-            text += &format!(
-                "miss: handed on by the previous table {}",
+            format!(
+                "conntrack miss: handed on by the previous table {}",
                 table(self.previous_table)
-            );
-        }
-        text
+            )
+        };
+        format!("{situation}, {outcome}")
     }
 
     fn json(&self) -> Value {
